@@ -1,0 +1,145 @@
+"""The composition root: builds the repository, pipeline and gRPC server, and owns start, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.server.pipeline.handler import InferenceHandler
+from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc.servicer import InferenceServicer
+from tensorgate.server.settings import ServerSettings
+
+log = logging.getLogger("tensorgate")
+
+
+def _register_in_pool(*serialized: bytes) -> None:
+    """Reflection answers from our private pool, so the health and reflection services must be in it too."""
+    from google.protobuf import descriptor_pb2
+
+    for data in serialized:
+        proto = descriptor_pb2.FileDescriptorProto.FromString(data)
+        try:
+            POOL.FindFileByName(proto.name)
+        except KeyError:
+            POOL.Add(proto)
+
+
+class TensorgateServer:
+    """One server: `await start()` returns the bound port; `await stop()` drains and stops."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(
+            settings.model_repository, default_max_batch_size=settings.default_max_batch_size
+        )
+        self._handler = InferenceHandler(self.repository)
+        self._health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._draining = False
+        self._started = False
+        self.port = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._draining and self.repository.all_ready()
+
+    def _options(self) -> list[tuple[str, int]]:
+        s = self.settings
+        return [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def start(self) -> int:
+        """Listen first (liveness answers during long loads), then load models, then report ready."""
+        s = self.settings
+        if not s.model_repository.is_dir():
+            raise FileNotFoundError(f"model repository {s.model_repository} is not a directory")
+        server = aio.server(options=self._options())
+        servicer = InferenceServicer(
+            self.repository, self._handler, model_control=s.model_control_mode, is_ready=lambda: self.ready
+        )
+        add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        _register_in_pool(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
+        )
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d (gRPC)", s.host, self.port)
+        if s.model_control_mode == "explicit":
+            names = self.repository.names_on_disk() if "*" in s.load_model else list(s.load_model)
+        else:
+            names = self.repository.names_on_disk()
+        await self.repository.load_many(names)
+        if s.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll_forever())
+        self._started = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
+        return self.port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)  # type: ignore[arg-type]
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.repository.poll()
+            except Exception:  # noqa: BLE001 - one failed scan must not stop polling
+                log.exception("repository poll failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Mark not ready, stop accepting calls, let in-flight calls finish within `grace`, release models."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        self._draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.repository.close()
+        log.info("stopped")
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return (the process exits 0)."""
+    app = TensorgateServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests (grace %.0fs)", settings.shutdown_grace_s)
+    finally:
+        await app.stop()
+
+
+__all__ = ["TensorgateServer", "serve"]

@@ -1,0 +1,198 @@
+"""ONNX Runtime backend: session options from config, execution provider choice with a CPU fallback.
+
+The provider decision is a pure function (`choose_providers`) so that it is tested on machines without a GPU;
+whether CUDA really took is then read back from the session, because ONNX Runtime silently drops providers it
+cannot initialise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# ONNX type strings as reported by onnxruntime's NodeArg.type -> ModelConfig data types.
+ONNX_TYPES: dict[str, int] = {
+    "tensor(bool)": mc.TYPE_BOOL,
+    "tensor(uint8)": mc.TYPE_UINT8,
+    "tensor(uint16)": mc.TYPE_UINT16,
+    "tensor(uint32)": mc.TYPE_UINT32,
+    "tensor(uint64)": mc.TYPE_UINT64,
+    "tensor(int8)": mc.TYPE_INT8,
+    "tensor(int16)": mc.TYPE_INT16,
+    "tensor(int32)": mc.TYPE_INT32,
+    "tensor(int64)": mc.TYPE_INT64,
+    "tensor(float16)": mc.TYPE_FP16,
+    "tensor(float)": mc.TYPE_FP32,
+    "tensor(double)": mc.TYPE_FP64,
+    "tensor(string)": mc.TYPE_STRING,
+    "tensor(bfloat16)": mc.TYPE_BF16,
+}
+
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChoice:
+    """The providers to ask ONNX Runtime for, and a warning to log when the request cannot be honoured."""
+
+    providers: list[str | tuple[str, dict[str, str]]]
+    wants_gpu: bool
+    warning: str | None = None
+
+
+def choose_providers(
+    kind: int, gpus: Sequence[int], available: Sequence[str], *, model: str
+) -> ProviderChoice:
+    """Pick providers for an instance group kind.
+
+    KIND_GPU asks for CUDA and warns when it is missing; KIND_AUTO takes CUDA when present and CPU quietly
+    otherwise; KIND_CPU (and KIND_MODEL) use the CPU.
+    """
+    if kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and CUDA in available:
+        device = str(gpus[0]) if gpus else "0"
+        return ProviderChoice([(CUDA, {"device_id": device}), CPU], wants_gpu=True)
+    if kind == mc.ModelInstanceGroup.KIND_GPU:
+        return ProviderChoice(
+            [CPU],
+            wants_gpu=False,
+            warning=(
+                f"model '{model}' asks for a GPU (KIND_GPU) but this onnxruntime build has no {CUDA} "
+                f"(available: {', '.join(available)}); running on the CPU"
+            ),
+        )
+    return ProviderChoice([CPU], wants_gpu=False)
+
+
+def _string_param(config: mc.ModelConfig, key: str) -> str | None:
+    p = config.parameters.get(key)
+    return p.string_value if p is not None and p.string_value != "" else None
+
+
+def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
+    """Threads and graph optimisation from config, using the keys of Triton's onnxruntime backend."""
+    opts = ort.SessionOptions()
+    for key, attr in (("intra_op_thread_count", "intra_op_num_threads"), ("inter_op_thread_count", "inter_op_num_threads")):
+        value = _string_param(config, key)
+        if value is not None:
+            try:
+                setattr(opts, attr, int(value))
+            except ValueError as exc:
+                raise ModelLoadError(config.name, None, f"parameter '{key}' must be an integer, got '{value}'") from exc
+    level_name = _string_param(config, "tensorgate.graph_optimization_level")
+    if level_name is not None:
+        if level_name not in _GRAPH_LEVELS:
+            raise ModelLoadError(
+                config.name, None, f"tensorgate.graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}"
+            )
+        opts.graph_optimization_level = _GRAPH_LEVELS[level_name]
+    elif config.optimization.graph.level < 0:
+        # Triton's convention: level -1 keeps only the basic rewrites.
+        opts.graph_optimization_level = _GRAPH_LEVELS["basic"]
+    else:
+        opts.graph_optimization_level = _GRAPH_LEVELS["all"]
+    return opts
+
+
+class OnnxBackend:
+    """One ONNX Runtime session; `execute` may be called from several threads at once (sessions allow it)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        config: mc.ModelConfig,
+        *,
+        version: int | None = None,
+        available_providers: Sequence[str] | None = None,
+    ) -> None:
+        self._model = config.name
+        self._version = version
+        available = list(available_providers if available_providers is not None else ort.get_available_providers())
+        group = config.instance_group[0] if config.instance_group else mc.ModelInstanceGroup()
+        choice = choose_providers(group.kind, list(group.gpus), available, model=config.name)
+        if choice.warning:
+            log.warning("%s", choice.warning)
+        opts = session_options(config)
+        try:
+            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=choice.providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
+            if not choice.wants_gpu:
+                raise ModelLoadError(config.name, version, f"onnxruntime could not load {model_path.name}: {exc}") from exc
+            log.warning(
+                "model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc
+            )
+            self._session = self._cpu_session(model_path, opts, config.name, version)
+        used = self._session.get_providers()
+        if choice.wants_gpu and CUDA not in used:
+            log.warning(
+                "model '%s': %s was requested but onnxruntime did not enable it (providers in use: %s); "
+                "running on the CPU",
+                config.name,
+                CUDA,
+                ", ".join(used),
+            )
+        self._provider = used[0] if used else CPU
+        self.inputs = {a.name: a for a in self._session.get_inputs()}
+        self.outputs = {a.name: a for a in self._session.get_outputs()}
+        self._string_inputs = {n for n, a in self.inputs.items() if a.type == "tensor(string)"}
+        log.info(
+            "model '%s' version %s loaded on %s", config.name, version if version is not None else "-", self._provider
+        )
+
+    @staticmethod
+    def _cpu_session(path: Path, opts: ort.SessionOptions, model: str, version: int | None) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {exc}") from exc
+
+    @property
+    def execution_provider(self) -> str:
+        return self._provider
+
+    def _feed(self, name: str, array: np.ndarray) -> np.ndarray:
+        if name not in self._string_inputs:
+            return array
+        # ONNX string tensors take Python str; BYTES that are not UTF-8 cannot be represented, so refuse them.
+        flat = array.reshape(-1)
+        out = np.empty(flat.shape, dtype=object)
+        for i, item in enumerate(flat):
+            try:
+                out[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            except UnicodeDecodeError as exc:
+                raise InvalidRequestError(
+                    self._model,
+                    self._version,
+                    f"element {i} is not valid UTF-8; ONNX string tensors carry text only",
+                    tensor=name,
+                ) from exc
+        return out.reshape(array.shape)
+
+    def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        feed = {name: self._feed(name, arr) for name, arr in inputs.items()}
+        try:
+            results = self._session.run(list(outputs), feed)
+        except Exception as exc:  # noqa: BLE001 - translate onnxruntime's errors at the boundary
+            raise BackendError(self._model, self._version, f"onnxruntime: {exc}") from exc
+        return dict(zip(outputs, results, strict=True))
+
+    def close(self) -> None:
+        # Dropping the session releases its memory (and GPU allocations) once running calls return.
+        del self._session

@@ -1,0 +1,140 @@
+"""`tensorgate` command line: `serve` runs the server, `health` probes one (for container health checks).
+
+Every `serve` option can also come from the environment as TENSORGATE_<OPTION> (e.g. TENSORGATE_GRPC_PORT);
+a flag on the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tensorgate.server.settings import MODEL_CONTROL_MODES, ServerSettings
+
+_D = ServerSettings.__dataclass_fields__
+
+
+def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    raw = os.environ.get("TENSORGATE_" + name.upper().replace("-", "_"))
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise SystemExit(f"tensorgate: TENSORGATE_{name.upper()}={raw!r}: {exc}") from exc
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC (KServe V2 / Triton protocol)")
+
+    def opt(flag: str, convert: Callable[[str], Any], help_text: str, **kw: Any) -> None:
+        name = flag.removeprefix("--")
+        field = name.replace("-", "_")
+        default = _D[field].default if field in _D else None
+        if callable(_D[field].default_factory) if field in _D else False:  # type: ignore[misc]
+            default = _D[field].default_factory()  # type: ignore[misc]
+        env_default = _env(name, default, convert)
+        p.add_argument(flag, type=convert, default=env_default, help=f"{help_text} [env TENSORGATE_{field.upper()}]", **kw)
+
+    opt("--model-repository", Path, "model repository directory (Triton layout)")
+    opt("--host", str, "address to listen on (default 127.0.0.1)")
+    opt("--grpc-port", int, "gRPC port; 0 picks a free one (default 8001)")
+    opt("--model-control-mode", str, "none | poll | explicit (default none)", choices=MODEL_CONTROL_MODES)
+    p.add_argument(
+        "--load-model",
+        action="append",
+        default=_env("load-model", [], lambda v: [x for x in v.split(",") if x]),
+        help="model to load at start in explicit mode; repeatable, '*' for all [env TENSORGATE_LOAD_MODEL, comma-separated]",
+    )
+    opt("--repository-poll-secs", float, "seconds between repository scans in poll mode (default 15)")
+    opt("--default-max-batch-size", int, "max_batch_size for ONNX models whose config omits it (default 4)")
+    opt("--max-message-bytes", int, "largest request/response in bytes (default 256 MiB)")
+    opt("--keepalive-time-s", float, "server keepalive ping interval (default 7200)")
+    opt("--keepalive-timeout-s", float, "keepalive ping timeout (default 20)")
+    opt("--min-client-ping-interval-s", float, "shortest client ping interval tolerated (default 5)")
+    opt("--shutdown-grace-s", float, "seconds in-flight requests get on SIGTERM (default 30)")
+    opt("--log-level", str, "DEBUG | INFO | WARNING | ERROR (default INFO)")
+
+
+def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("health", help="probe a server's grpc.health.v1 service; exit 0 when SERVING")
+    p.add_argument("--server", default=_env("server", "127.0.0.1:8001"), help="host:port (default 127.0.0.1:8001)")
+    p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _health_parser(sub)
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from tensorgate.server.app import serve
+
+    if args.model_repository is None:
+        print("tensorgate serve: --model-repository (or TENSORGATE_MODEL_REPOSITORY) is required", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        settings = ServerSettings(
+            model_repository=args.model_repository,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            model_control_mode=args.model_control_mode,
+            load_model=list(args.load_model),
+            repository_poll_secs=args.repository_poll_secs,
+            default_max_batch_size=args.default_max_batch_size,
+            max_message_bytes=args.max_message_bytes,
+            keepalive_time_s=args.keepalive_time_s,
+            keepalive_timeout_s=args.keepalive_timeout_s,
+            min_client_ping_interval_s=args.min_client_ping_interval_s,
+            shutdown_grace_s=args.shutdown_grace_s,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        print(f"tensorgate serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except (FileNotFoundError, OSError) as exc:
+        logging.getLogger("tensorgate").error("%s", exc)
+        return 1
+    return 0
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.server}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
+    return _run_health(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

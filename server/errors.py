@@ -1,0 +1,104 @@
+"""tensorgate's exceptions: each one knows its gRPC status and builds its message from structured fields.
+
+    TensorgateError                       (INTERNAL)
+    ├── ModelNotFoundError                (NOT_FOUND)          unknown model, or unknown version of a model
+    ├── ModelUnavailableError             (UNAVAILABLE)        known model that is not ready (loading, failed, unloaded)
+    ├── InvalidRequestError               (INVALID_ARGUMENT)   a request that breaks the model's schema or the protocol
+    ├── ResourceExhaustedError            (RESOURCE_EXHAUSTED) a limit was hit (queue full, size limit)
+    ├── DeadlineExceededError             (DEADLINE_EXCEEDED)
+    ├── ServerUnavailableError            (UNAVAILABLE)        the server is draining or model control is off
+    ├── ModelLoadError                    (UNAVAILABLE)        a model could not be loaded; the reason is kept
+    ├── InvalidConfigError                (INVALID_ARGUMENT)   config.pbtxt is malformed or contradicts the model
+    ├── BackendError                      (INTERNAL)           the model itself failed while running
+    └── UnimplementedError                (UNIMPLEMENTED)
+
+The RPC layer maps these to statuses in one place (server/rpc/errors.py); anything else that escapes becomes
+INTERNAL with a generic message, and only the log carries the details.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+def model_ref(model: str, version: str | int | None = None) -> str:
+    """How every message names a model: `'digits'` or `'digits' version 2`."""
+    return f"model '{model}'" if version in (None, "") else f"model '{model}' version {version}"
+
+
+class TensorgateError(Exception):
+    """Base class; `code` is the gRPC status the caller receives."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelNotFoundError(TensorgateError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, model: str, version: str | int | None = None, detail: str = "") -> None:
+        what = f"version {version} of model '{model}'" if version not in (None, "") else f"model '{model}'"
+        super().__init__(f"{what} is not found in the repository" + (f": {detail}" if detail else ""))
+        self.model, self.version = model, version
+
+
+class ModelUnavailableError(TensorgateError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, model: str, version: str | int | None, reason: str) -> None:
+        super().__init__(f"{model_ref(model, version)} is not ready: {reason}")
+        self.model, self.version, self.reason = model, version, reason
+
+
+class InvalidRequestError(TensorgateError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(
+        self, model: str, version: str | int | None, problem: str, *, tensor: str | None = None
+    ) -> None:
+        where = f"{model_ref(model, version)}" + (f", tensor '{tensor}'" if tensor is not None else "")
+        super().__init__(f"{where}: {problem}")
+        self.model, self.version, self.tensor, self.problem = model, version, tensor, problem
+
+
+class ResourceExhaustedError(TensorgateError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(TensorgateError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ServerUnavailableError(TensorgateError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadError(TensorgateError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, model: str, version: str | int | None, reason: str) -> None:
+        super().__init__(f"failed to load {model_ref(model, version)}: {reason}")
+        self.model, self.version, self.reason = model, version, reason
+
+
+class InvalidConfigError(TensorgateError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, model: str, problem: str) -> None:
+        super().__init__(f"invalid configuration for {model_ref(model)}: {problem}")
+        self.model, self.problem = model, problem
+
+
+class BackendError(TensorgateError):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, model: str, version: str | int | None, detail: str) -> None:
+        super().__init__(f"{model_ref(model, version)} failed during execution: {detail}")
+        self.model, self.version = model, version
+
+
+class UnimplementedError(TensorgateError):
+    code = grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,95 @@
+"""A request against its model's schema: names, datatypes, ranks, dims, batch size.
+
+Each failure names the model, version, tensor and rule, so a caller can fix the request from the message alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.pipeline.types import InferRequest
+from tensorgate.server.repository.schema import ModelSchema, TensorSpec
+
+
+def _dims_match(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
+
+
+def validate_request(
+    schema: ModelSchema, req: InferRequest, version: str
+) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Check `req`; return the inputs as the model takes them (reshaped), the batch size and the outputs to compute.
+
+    The batch size is the shared first dimension when the model batches, else 1.
+    """
+    model = req.model
+    batch: int | None = None
+    inputs: dict[str, np.ndarray] = {}
+    for name, array in req.inputs.items():
+        spec = schema.inputs.get(name)
+        if spec is None:
+            raise InvalidRequestError(
+                model, version, f"unexpected input; the model's inputs are {sorted(schema.inputs)}", tensor=name
+            )
+        datatype = req.datatypes[name]
+        if datatype != spec.datatype.name:
+            raise InvalidRequestError(
+                model, version, f"datatype {datatype} does not match the model's {spec.datatype.name}", tensor=name
+            )
+        shape = array.shape
+        if schema.max_batch_size > 0:
+            if len(shape) != len(spec.dims) + 1 or not _dims_match(shape[1:], spec.dims):
+                raise InvalidRequestError(
+                    model,
+                    version,
+                    f"shape {list(shape)} does not match the model's {spec.shape_text(schema.max_batch_size)}",
+                    tensor=name,
+                )
+            rows = shape[0]
+            if rows < 1 or rows > schema.max_batch_size:
+                raise InvalidRequestError(
+                    model,
+                    version,
+                    f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size)",
+                    tensor=name,
+                )
+            if batch is not None and rows != batch:
+                raise InvalidRequestError(
+                    model, version, f"batch size {rows} differs from other inputs' {batch}", tensor=name
+                )
+            batch = rows
+        elif not _dims_match(shape, spec.dims):
+            raise InvalidRequestError(
+                model,
+                version,
+                f"shape {list(shape)} does not match the model's {spec.shape_text(0)}",
+                tensor=name,
+            )
+        inputs[name] = _reshape_in(array, spec, schema.max_batch_size)
+    missing = [n for n, s in schema.inputs.items() if n not in inputs and not s.optional]
+    if missing:
+        raise InvalidRequestError(model, version, f"missing required input(s) {missing}")
+    outputs = req.requested_outputs or list(schema.outputs)
+    for name in req.requested_outputs:
+        if name not in schema.outputs:
+            raise InvalidRequestError(
+                model, version, f"unknown output requested; the model's outputs are {sorted(schema.outputs)}",
+                tensor=name,
+            )
+    return inputs, batch if batch is not None else 1, outputs
+
+
+def _reshape_in(array: np.ndarray, spec: TensorSpec, max_batch_size: int) -> np.ndarray:
+    if spec.reshape is None:
+        return array
+    lead = array.shape[:1] if max_batch_size > 0 else ()
+    return array.reshape(lead + spec.reshape)
+
+
+def reshape_out(array: np.ndarray, spec: TensorSpec, max_batch_size: int) -> np.ndarray:
+    """Undo an output `reshape`: the caller sees the config's dims, not the model's shape."""
+    if spec.reshape is None:
+        return array
+    lead = array.shape[:1] if max_batch_size > 0 else ()
+    return array.reshape(lead + spec.dims)

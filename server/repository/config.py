@@ -1,0 +1,187 @@
+"""Reading `config.pbtxt` and completing it from the model file, as Triton's onnxruntime backend does.
+
+The ModelConfig protobuf is the config format itself, so the repository keeps it as the model's effective
+configuration (returned verbatim by the ModelConfig RPC) instead of copying it into look-alike classes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import InvalidConfigError
+
+CONFIG_FILE = "config.pbtxt"
+ONNX_PLATFORM = "onnxruntime_onnx"
+ONNX_BACKEND = "onnxruntime"
+DEFAULT_ONNX_FILENAME = "model.onnx"
+
+_MAX_BATCH_KEY = re.compile(r"(^|[\s{,])max_batch_size\s*:", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A model file's view of one input or output: element type and shape (None for a dynamic dimension)."""
+
+    name: str
+    data_type: int
+    shape: tuple[int | None, ...]
+
+
+def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
+    """Parse config text; also says whether `max_batch_size` was written (proto3 cannot tell 0 from unset)."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise InvalidConfigError(model, f"{CONFIG_FILE}: {exc}") from exc
+    if config.name and config.name != model:
+        raise InvalidConfigError(model, f"config names the model '{config.name}' but its directory is '{model}'")
+    config.name = model
+    return config, bool(_MAX_BATCH_KEY.search(text))
+
+
+def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
+    """The model's config.pbtxt, or an empty config to be completed from the model file."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        config = mc.ModelConfig(name=model_dir.name)
+        return config, False
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidConfigError(model_dir.name, f"cannot read {CONFIG_FILE}: {exc}") from exc
+    return parse_config(model_dir.name, text)
+
+
+def check_backend(config: mc.ModelConfig) -> None:
+    """Only ONNX models run locally for now; say so clearly for anything else."""
+    if config.backend in ("", ONNX_BACKEND) and config.platform in ("", ONNX_PLATFORM):
+        config.backend = ONNX_BACKEND
+        config.platform = ONNX_PLATFORM
+        return
+    raise InvalidConfigError(
+        config.name,
+        f"unsupported backend '{config.backend or config.platform}' (supported: backend \"{ONNX_BACKEND}\" "
+        f"or platform \"{ONNX_PLATFORM}\")",
+    )
+
+
+def _can_batch(tensors: Sequence[TensorInfo]) -> bool:
+    return all(len(t.shape) >= 1 and t.shape[0] is None for t in tensors)
+
+
+def _complete_tensors(
+    model: str,
+    kind: str,
+    declared: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput],
+    actual: Sequence[TensorInfo],
+    batching: bool,
+    add: object,
+) -> None:
+    by_name = {t.name: t for t in actual}
+    for entry in declared:
+        if entry.name not in by_name:
+            raise InvalidConfigError(
+                model, f"{kind} '{entry.name}' is not in the model (it has: {', '.join(sorted(by_name))})"
+            )
+    declared_by_name = {e.name: e for e in declared}
+    for info in actual:
+        entry = declared_by_name.get(info.name)
+        if entry is None:
+            entry = add()  # type: ignore[operator]
+            entry.name = info.name
+        if entry.data_type == mc.TYPE_INVALID:
+            entry.data_type = info.data_type
+        elif entry.data_type != info.data_type:
+            raise InvalidConfigError(
+                model,
+                f"{kind} '{info.name}' is {mc.DataType.Name(entry.data_type)} in config but "
+                f"{mc.DataType.Name(info.data_type)} in the model",
+            )
+        model_dims = info.shape[1:] if batching else info.shape
+        if not entry.dims:
+            if model_dims:
+                entry.dims.extend(-1 if d is None else d for d in model_dims)
+            else:
+                # A [batch]-shaped tensor: Triton writes it as dims [1] reshaped to [].
+                entry.dims.append(1)
+                entry.reshape.SetInParent()
+        config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
+        if len(config_dims) != len(model_dims) or any(
+            m is not None and c not in (-1, m) for c, m in zip(config_dims, model_dims, strict=False)
+        ):
+            shown = ["-1" if d is None else str(d) for d in model_dims]
+            raise InvalidConfigError(
+                model,
+                f"{kind} '{info.name}' has dims {config_dims} in config but the model's "
+                f"{'per-row ' if batching else ''}shape is [{', '.join(shown)}]",
+            )
+
+
+def autocomplete(
+    config: mc.ModelConfig,
+    inputs: Sequence[TensorInfo],
+    outputs: Sequence[TensorInfo],
+    *,
+    max_batch_size_given: bool,
+    default_max_batch_size: int,
+) -> mc.ModelConfig:
+    """Fill what config.pbtxt leaves out from the model file and check what it states against it."""
+    model = config.name
+    can_batch = _can_batch([*inputs, *outputs])
+    if not max_batch_size_given and not config.input and not config.output:
+        config.max_batch_size = default_max_batch_size if can_batch else 0
+        if config.max_batch_size > 0 and not config.HasField("dynamic_batching") and not config.HasField(
+            "sequence_batching"
+        ):
+            config.dynamic_batching.SetInParent()
+    if config.max_batch_size < 0:
+        raise InvalidConfigError(model, f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    if config.max_batch_size > 0 and not can_batch:
+        fixed = [t.name for t in (*inputs, *outputs) if not t.shape or t.shape[0] is not None]
+        raise InvalidConfigError(
+            model,
+            f"max_batch_size is {config.max_batch_size} but the first dimension of {', '.join(fixed)} is not "
+            "dynamic; set max_batch_size: 0",
+        )
+    batching = config.max_batch_size > 0
+    _complete_tensors(model, "input", config.input, inputs, batching, config.input.add)
+    _complete_tensors(model, "output", config.output, outputs, batching, config.output.add)
+    if not config.instance_group:
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
+    for group in config.instance_group:
+        if group.count == 0:
+            group.count = 1
+        if group.count < 0:
+            raise InvalidConfigError(model, f"instance_group count must be positive, got {group.count}")
+    if not config.default_model_filename:
+        config.default_model_filename = DEFAULT_ONNX_FILENAME
+    return config
+
+
+def select_versions(policy: mc.ModelVersionPolicy, available: Sequence[int]) -> list[int]:
+    """Versions to serve under Triton's version_policy (latest 1 by default), ascending."""
+    ordered = sorted(available)
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return ordered
+    if choice == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in ordered if v in wanted]
+    n = policy.latest.num_versions if choice == "latest" and policy.latest.num_versions > 0 else 1
+    return ordered[-n:]
+
+
+def version_dirs(model_dir: Path) -> list[int]:
+    """Numbered version sub-directories; anything else in the model directory is ignored, as in Triton."""
+    out: list[int] = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and child.name == str(int(child.name)):
+            out.append(int(child.name))
+    return sorted(out)

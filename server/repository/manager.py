@@ -1,0 +1,396 @@
+"""The model repository: which models and versions are loaded, their states, and load/unload/poll.
+
+Loading happens on a worker thread and the new versions replace the old ones in one step, so requests never see
+a half-loaded model; versions that are replaced finish their in-flight requests before they are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
+from tensorgate.server.errors import (
+    InvalidConfigError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    TensorgateError,
+)
+from tensorgate.server.repository.config import (
+    TensorInfo,
+    autocomplete,
+    check_backend,
+    parse_config,
+    read_config,
+    select_versions,
+    version_dirs,
+)
+from tensorgate.server.repository.schema import ModelSchema
+from tensorgate.server.repository.warmup import run_warmup
+from tensorgate.server.scheduling.scheduler import Scheduler
+from tensorgate.server.telemetry.statistics import ModelStats
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+
+PROVIDER_PARAMETER = "tensorgate.execution_provider"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """One servable version: config as served, schema for validation, backend, scheduler, counters."""
+
+    name: str
+    version: int
+    config: mc.ModelConfig
+    schema: ModelSchema
+    backend: OnnxBackend
+    scheduler: Scheduler
+    stats: ModelStats
+    signature: str
+
+
+@dataclass(slots=True)
+class IndexRow:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    versions: dict[int, LoadedModel] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    state: str = LOADING
+    reason: str = ""
+    attempted: str | None = None
+    """Signature of the files last tried, so that polling does not retry an unchanged broken model."""
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A version built on a worker thread; the scheduler is added on the event loop."""
+
+    version: int
+    config: mc.ModelConfig
+    schema: ModelSchema
+    backend: OnnxBackend
+    signature: str
+
+
+def _file_signature(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+class ModelRepository:
+    """Owns every loaded model; all methods run on the event loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        default_max_batch_size: int = 4,
+        available_providers: Sequence[str] | None = None,
+        unload_grace: float = 30.0,
+    ) -> None:
+        self.root = root.resolve()
+        self._default_mbs = default_max_batch_size
+        self._providers = available_providers
+        self._grace = unload_grace
+        self._entries: dict[str, _Entry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # ----- lookup (hot path) -------------------------------------------------------------------------------
+
+    def get(self, name: str, version: str) -> LoadedModel:
+        """The version to serve; NOT_FOUND for unknown models/versions, UNAVAILABLE for ones not ready."""
+        entry = self._entries.get(name)
+        if entry is None:
+            if self._model_dir(name, must_exist=False) is not None:
+                raise ModelUnavailableError(name, version, "the model is not loaded")
+            raise ModelNotFoundError(name, version)
+        if version == "":
+            if entry.versions:
+                return entry.versions[max(entry.versions)]
+            raise ModelUnavailableError(name, None, entry.reason or entry.state.lower())
+        try:
+            number = int(version)
+        except ValueError:
+            raise ModelNotFoundError(name, version, "versions are positive integers") from None
+        found = entry.versions.get(number)
+        if found is not None:
+            return found
+        if number in entry.failed:
+            raise ModelUnavailableError(name, version, entry.failed[number])
+        if not entry.versions:
+            raise ModelUnavailableError(name, version, entry.reason or entry.state.lower())
+        raise ModelNotFoundError(name, version, f"served versions are {sorted(entry.versions)}")
+
+    def loaded(self) -> list[LoadedModel]:
+        return [m for e in self._entries.values() for m in e.versions.values()]
+
+    def versions(self, name: str) -> list[LoadedModel]:
+        """Every ready version of a model (for statistics), NOT_FOUND if unknown."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(name)
+        return [entry.versions[v] for v in sorted(entry.versions)]
+
+    def all_ready(self) -> bool:
+        """Server readiness: every model that should be loaded is, and none failed."""
+        return all(e.state == READY for e in self._entries.values() if e.reason != "unloaded")
+
+    # ----- the repository on disk --------------------------------------------------------------------------
+
+    def _model_dir(self, name: str, *, must_exist: bool = True) -> Path | None:
+        """Map a model name to its directory without letting it leave the repository."""
+        if not _NAME.match(name) or name in (".", ".."):
+            if must_exist:
+                raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
+            return None
+        path = self.root / name
+        try:
+            resolved = path.resolve(strict=True)
+        except (FileNotFoundError, RuntimeError, OSError):
+            return None
+        if resolved.parent != self.root or not resolved.is_dir():
+            if must_exist:
+                raise InvalidRequestError(name, None, "the model directory leaves the model repository")
+            return None
+        return resolved
+
+    def names_on_disk(self) -> list[str]:
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False)
+        )
+
+    def signature(self, name: str) -> str | None:
+        """A digest of a model's directory listing (names, sizes, mtimes); None when it is gone."""
+        model_dir = self._model_dir(name, must_exist=False)
+        return None if model_dir is None else _file_signature(model_dir)
+
+    # ----- loading -----------------------------------------------------------------------------------------
+
+    def _prepare(
+        self, model_dir: Path, override: str | None, reuse: dict[int, LoadedModel]
+    ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str]]:
+        """Blocking: read config, build each version's session, complete the config, warm up."""
+        name = model_dir.name
+        if override is not None:
+            base, mbs_given = parse_config(name, override)
+        else:
+            base, mbs_given = read_config(model_dir)
+        check_backend(base)
+        base_text = base.SerializeToString(deterministic=True).hex()
+        on_disk = version_dirs(model_dir)
+        wanted = select_versions(base.version_policy, on_disk)
+        if not wanted:
+            raise ModelLoadError(
+                name, None, f"no version directory matches the version policy (found {on_disk or 'none'})"
+            )
+        ready: dict[int, _Prepared | LoadedModel] = {}
+        failed: dict[int, str] = {}
+        for v in wanted:
+            vdir = model_dir / str(v)
+            sig = hashlib.sha256((base_text + _file_signature(vdir)).encode()).hexdigest()
+            old = reuse.get(v)
+            if old is not None and old.signature == sig:
+                ready[v] = old
+                continue
+            try:
+                ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
+            except TensorgateError as exc:
+                failed[v] = exc.message
+                log.error("%s", exc.message)
+        return ready, failed
+
+    def _prepare_version(
+        self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str
+    ) -> _Prepared:
+        config = copy.deepcopy(base)
+        name = config.name
+        if not config.instance_group:
+            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
+        model_file = vdir / (config.default_model_filename or "model.onnx")
+        if not model_file.is_file():
+            raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
+        backend = OnnxBackend(model_file, config, version=version, available_providers=self._providers)
+        try:
+            infos = [
+                [TensorInfo(a.name, ONNX_TYPES.get(a.type, mc.TYPE_INVALID), tuple(
+                    d if isinstance(d, int) else None for d in a.shape
+                )) for a in args.values()]
+                for args in (backend.inputs, backend.outputs)
+            ]
+            for info in (*infos[0], *infos[1]):
+                if info.data_type == mc.TYPE_INVALID:
+                    raise InvalidConfigError(name, f"tensor '{info.name}' has a type tensorgate cannot serve")
+            autocomplete(
+                config,
+                infos[0],
+                infos[1],
+                max_batch_size_given=mbs_given,
+                default_max_batch_size=self._default_mbs,
+            )
+            on_gpu = backend.execution_provider == "CUDAExecutionProvider"
+            for group in config.instance_group:
+                if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+                    group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+            config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
+            schema = ModelSchema.from_config(config)
+            run_warmup(config, schema, backend, vdir.parent, version)
+        except InvalidConfigError as exc:
+            backend.close()
+            raise ModelLoadError(name, version, exc.message) from exc
+        except TensorgateError:
+            backend.close()
+            raise
+        return _Prepared(version, config, schema, backend, sig)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        """Load or reload a model; unchanged versions keep serving, changed ones are swapped in atomically.
+
+        Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
+        serving keep serving in that case.
+        """
+        async with self._lock(name):
+            model_dir = self._model_dir(name)
+            if model_dir is None:
+                raise ModelNotFoundError(name)
+            entry = self._entries.setdefault(name, _Entry(name))
+            entry.attempted = _file_signature(model_dir)
+            if not entry.versions:
+                entry.state = LOADING
+            try:
+                ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, entry.versions)
+            except TensorgateError as exc:
+                reason = exc.message
+                log.error("%s", reason)
+                if not entry.versions:
+                    entry.state, entry.reason = UNAVAILABLE, reason
+                else:
+                    entry.reason = f"reload failed, still serving the previous versions: {reason}"
+                raise ModelLoadError(name, None, reason) from exc
+            if not ready:
+                reason = "; ".join(failed.values())
+                if not entry.versions:
+                    entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
+                raise ModelLoadError(name, None, reason)
+            new_versions: dict[int, LoadedModel] = {}
+            for v, item in ready.items():
+                if isinstance(item, LoadedModel):
+                    new_versions[v] = item
+                else:
+                    stats = ModelStats()
+                    count = sum(g.count for g in item.config.instance_group) or 1
+                    scheduler = Scheduler(name, v, item.backend, stats, count)
+                    new_versions[v] = LoadedModel(
+                        name, v, item.config, item.schema, item.backend, scheduler, stats, item.signature
+                    )
+            retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
+            entry.versions, entry.failed = new_versions, failed
+            entry.state, entry.reason = READY, ""
+            log.info("model '%s' ready (versions %s)", name, sorted(new_versions))
+            for old in retired:
+                self._retire(old)
+
+    def _retire(self, model: LoadedModel) -> None:
+        async def close() -> None:
+            await model.scheduler.close(self._grace)
+            model.backend.close()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; its in-flight requests finish first."""
+        async with self._lock(name):
+            entry = self._entries.get(name)
+            if entry is None:
+                if self._model_dir(name) is None:
+                    raise ModelNotFoundError(name)
+                self._entries[name] = _Entry(name, state=UNAVAILABLE, reason="unloaded")
+                return
+            retired = list(entry.versions.values())
+            entry.versions, entry.failed = {}, {}
+            entry.state, entry.reason, entry.attempted = UNAVAILABLE, "unloaded", None
+            for model in retired:
+                self._retire(model)
+            log.info("model '%s' unloaded", name)
+
+    async def load_many(self, names: Sequence[str]) -> None:
+        """Load several models concurrently; failures are recorded per model and logged, not raised."""
+        async def one(name: str) -> None:
+            try:
+                await self.load(name)
+            except TensorgateError:
+                pass  # recorded in the entry and logged by load()
+
+        await asyncio.gather(*(one(n) for n in names))
+
+    async def poll(self) -> None:
+        """Bring the served set in line with the disk: new models load, removed ones unload, changed ones reload."""
+        on_disk = set(self.names_on_disk())
+        for name in sorted(set(self._entries) - on_disk):
+            if self._entries[name].versions or self._entries[name].state != UNAVAILABLE:
+                await self.unload(name)
+            self._entries.pop(name, None)
+        changed = [
+            n for n in sorted(on_disk)
+            if n not in self._entries or self._entries[n].attempted != self.signature(n)
+        ]
+        await self.load_many(changed)
+
+    def index(self, ready_only: bool = False) -> list[IndexRow]:
+        rows: list[IndexRow] = []
+        for name in sorted(set(self.names_on_disk()) | set(self._entries)):
+            entry = self._entries.get(name)
+            if entry is None:
+                if not ready_only:
+                    rows.append(IndexRow(name, "", "", ""))
+                continue
+            for v in sorted(entry.versions):
+                rows.append(IndexRow(name, str(v), READY, ""))
+            if ready_only:
+                continue
+            for v, reason in sorted(entry.failed.items()):
+                rows.append(IndexRow(name, str(v), UNAVAILABLE, reason))
+            if not entry.versions and not entry.failed:
+                rows.append(IndexRow(name, "", entry.state, entry.reason))
+        return rows
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            for model in entry.versions.values():
+                self._retire(model)
+            entry.versions = {}
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,48 @@
+"""A model's tensor schema, precomputed from its effective config so validation does no config lookups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server import datatypes
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output: `dims` as the caller sees them (per row when batching), -1 for any size."""
+
+    name: str
+    datatype: datatypes.DataType
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None
+    optional: bool = False
+
+    def shape_text(self, max_batch_size: int) -> str:
+        """The full shape as ModelMetadata reports it: -1 first when the model batches."""
+        full = ((-1,) if max_batch_size > 0 else ()) + self.dims
+        return str(list(full))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSchema:
+    max_batch_size: int
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> ModelSchema:
+        def spec(t: mc.ModelInput | mc.ModelOutput, optional: bool) -> TensorSpec:
+            return TensorSpec(
+                name=t.name,
+                datatype=datatypes.BY_CONFIG_TYPE[t.data_type],
+                dims=tuple(t.dims),
+                reshape=tuple(t.reshape.shape) if t.HasField("reshape") else None,
+                optional=optional,
+            )
+
+        return cls(
+            max_batch_size=config.max_batch_size,
+            inputs={t.name: spec(t, t.optional) for t in config.input},
+            outputs={t.name: spec(t, False) for t in config.output},
+        )

@@ -1,0 +1,299 @@
+"""Protobuf <-> numpy for inference messages: the only place that knows the tensor wire format.
+
+Raw contents become numpy views with `np.frombuffer` (no copy); BYTES tensors are framed as a 4-byte
+little-endian length followed by the bytes of each element, in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from google.protobuf import json_format, text_format
+
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server import datatypes
+from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.pipeline.types import InferRequest, InferResponse, ParamValue
+from tensorgate.server.repository.manager import IndexRow, LoadedModel
+from tensorgate.server.telemetry.statistics import Duration
+
+_LEN = struct.Struct("<I")
+
+# Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
+_UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
+
+
+def decode_parameters(params: pb.InferParameter | object) -> dict[str, ParamValue]:
+    """A protobuf parameter map as plain Python values; unknown keys are kept, not rejected."""
+    out: dict[str, ParamValue] = {}
+    for key, value in params.items():  # type: ignore[attr-defined]
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(value, choice)
+    return out
+
+
+def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, tensor: str) -> np.ndarray:
+    """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
+    out = np.empty(count, dtype=object)
+    view = memoryview(buf)
+    offset, size = 0, len(buf)
+    for i in range(count):
+        if offset + 4 > size:
+            raise InvalidRequestError(
+                model, version, f"malformed BYTES data: expected {count} elements, found {i}", tensor=tensor
+            )
+        (length,) = _LEN.unpack_from(view, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidRequestError(
+                model,
+                version,
+                f"malformed BYTES data: element {i} declares {length} bytes but only {size - offset} remain",
+                tensor=tensor,
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != size:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"malformed BYTES data: {size - offset} bytes left over after {count} elements",
+            tensor=tensor,
+        )
+    return out
+
+
+def encode_bytes_tensor(array: np.ndarray) -> bytes:
+    """Length-prefix every element (bytes as is, str as UTF-8, anything else via str())."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _decode_raw(
+    raw: bytes, dt: datatypes.DataType, shape: tuple[int, ...], model: str, version: str, name: str
+) -> np.ndarray:
+    count = math.prod(shape)
+    if dt.name == "BYTES":
+        return decode_bytes_tensor(raw, count, model=model, version=version, tensor=name).reshape(shape)
+    expected = count * dt.itemsize
+    if len(raw) != expected:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"raw content has {len(raw)} bytes but shape {list(shape)} of {dt.name} needs {expected}",
+            tensor=name,
+        )
+    return np.frombuffer(raw, dtype=dt.np_dtype).reshape(shape)
+
+
+def _decode_contents(
+    tensor: pb.InferInputTensor, dt: datatypes.DataType, shape: tuple[int, ...], model: str, version: str
+) -> np.ndarray:
+    if dt.contents_field is None:
+        raise InvalidRequestError(
+            model, version, f"{dt.name} data must be sent in raw_input_contents", tensor=tensor.name
+        )
+    values = getattr(tensor.contents, dt.contents_field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"{dt.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}",
+            tensor=tensor.name,
+        )
+    if dt.name == "BYTES":
+        flat = np.empty(count, dtype=object)
+        flat[:] = list(values)
+        return flat.reshape(shape)
+    try:
+        return np.asarray(values, dtype=dt.np_dtype).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidRequestError(model, version, f"value out of range for {dt.name}", tensor=tensor.name) from exc
+
+
+def decode_infer_request(msg: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
+    """Build the pipeline's request; checks only what the protocol itself requires, not the model schema."""
+    model, version = msg.model_name, msg.model_version
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidRequestError(
+            model, version, f"request has {len(msg.inputs)} inputs but {len(raw)} raw_input_contents entries"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for i, tensor in enumerate(msg.inputs):
+        name = tensor.name
+        if name in inputs:
+            raise InvalidRequestError(model, version, "input given more than once", tensor=name)
+        if "shared_memory_region" in tensor.parameters:
+            raise InvalidRequestError(model, version, "shared-memory inputs are not supported", tensor=name)
+        dt = datatypes.BY_NAME.get(tensor.datatype)
+        if dt is None:
+            raise InvalidRequestError(model, version, f"unknown datatype '{tensor.datatype}'", tensor=name)
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidRequestError(model, version, f"shape {list(shape)} has a negative dimension", tensor=name)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidRequestError(
+                    model, version, "data given both in contents and in raw_input_contents", tensor=name
+                )
+            inputs[name] = _decode_raw(raw[i], dt, shape, model, version, name)
+        else:
+            inputs[name] = _decode_contents(tensor, dt, shape, model, version)
+        dtypes[name] = dt.name
+    requested: list[str] = []
+    for out in msg.outputs:
+        if out.name in requested:
+            raise InvalidRequestError(model, version, "output requested more than once", tensor=out.name)
+        for key in _UNSUPPORTED_OUTPUT_PARAMETERS:
+            if key in out.parameters:
+                raise InvalidRequestError(model, version, f"output parameter '{key}' is not supported", tensor=out.name)
+        requested.append(out.name)
+    return InferRequest(
+        model=model,
+        version=version,
+        id=msg.id,
+        inputs=inputs,
+        datatypes=dtypes,
+        requested_outputs=requested,
+        parameters=decode_parameters(msg.parameters),
+        deadline=deadline,
+    )
+
+
+def encode_array(array: np.ndarray, datatype: str) -> bytes:
+    """The raw wire bytes of one output tensor."""
+    if datatype == "BYTES":
+        return encode_bytes_tensor(array)
+    dt = datatypes.BY_NAME[datatype].np_dtype
+    if array.dtype != dt:
+        array = array.astype(dt)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    """One raw_output_contents entry per output, in the same order as `outputs`."""
+    msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
+    for name, datatype, array in resp.outputs:
+        msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        msg.raw_output_contents.append(encode_array(array, datatype))
+    return msg
+
+
+def encode_infer_request(
+    model: str,
+    inputs: Iterable[tuple[str, np.ndarray]],
+    *,
+    version: str = "",
+    request_id: str = "",
+    outputs: Sequence[str] = (),
+) -> pb.ModelInferRequest:
+    """The client side of the codec (raw contents), shared by our client, warm-up and benchmarks."""
+    msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, array in inputs:
+        dt = datatypes.from_numpy(array.dtype)
+        msg.inputs.add(name=name, datatype=dt.name, shape=array.shape)
+        msg.raw_input_contents.append(encode_array(array, dt.name))
+    for name in outputs:
+        msg.outputs.add(name=name)
+    return msg
+
+
+def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Outputs of a response as numpy arrays (BYTES as object arrays of bytes)."""
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(msg.outputs):
+        dt = datatypes.BY_NAME[tensor.datatype]
+        out[tensor.name] = _decode_raw(
+            msg.raw_output_contents[i], dt, tuple(tensor.shape), msg.model_name, msg.model_version, tensor.name
+        )
+    return out
+
+
+def monotonic_deadline(time_remaining: float | None) -> float | None:
+    """Convert grpc's `context.time_remaining()` to an absolute monotonic deadline."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+# ----- model-level messages ----------------------------------------------------------------------------------
+
+
+def encode_model_metadata(model: LoadedModel, versions: Sequence[int]) -> pb.ModelMetadataResponse:
+    """ModelMetadata: shapes start with -1 when the model batches, as Triton reports them."""
+    schema = model.schema
+    lead = [-1] if schema.max_batch_size > 0 else []
+    msg = pb.ModelMetadataResponse(
+        name=model.name, versions=[str(v) for v in versions], platform=model.config.platform
+    )
+    for spec in schema.inputs.values():
+        msg.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=lead + list(spec.dims))
+    for spec in schema.outputs.values():
+        msg.outputs.add(name=spec.name, datatype=spec.datatype.name, shape=lead + list(spec.dims))
+    return msg
+
+
+def _duration(target: pb.StatisticDuration, d: Duration) -> None:
+    target.count, target.ns = d.count, d.ns
+
+
+def encode_model_statistics(models: Sequence[LoadedModel]) -> pb.ModelStatisticsResponse:
+    msg = pb.ModelStatisticsResponse()
+    for model in models:
+        s = model.stats
+        out = msg.model_stats.add(
+            name=model.name,
+            version=str(model.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        st = out.inference_stats
+        for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(st, field_name), getattr(s, field_name))
+        for size in sorted(s.batch):
+            b = s.batch[size]
+            entry = out.batch_stats.add(batch_size=size)
+            _duration(entry.compute_input, b.compute_input)
+            _duration(entry.compute_infer, b.compute_infer)
+            _duration(entry.compute_output, b.compute_output)
+    return msg
+
+
+def encode_repository_index(rows: Sequence[IndexRow]) -> pb.RepositoryIndexResponse:
+    msg = pb.RepositoryIndexResponse()
+    for row in rows:
+        msg.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+    return msg
+
+
+def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
+    """RepositoryModelLoad's optional "config" parameter: a ModelConfig in JSON, turned into text format.
+
+    Returns None when absent; "file:" overrides (model files sent in the request) are refused.
+    """
+    for key in msg.parameters:
+        if key.startswith("file:"):
+            raise InvalidRequestError(
+                msg.model_name, None, "loading model files sent in the request ('file:' parameters) is not supported"
+            )
+    if "config" not in msg.parameters:
+        return None
+    text = msg.parameters["config"].string_param
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise InvalidRequestError(msg.model_name, None, f"the 'config' parameter is not a valid ModelConfig: {exc}") from exc
+    return text_format.MessageToString(config)

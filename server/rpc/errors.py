@@ -1,0 +1,76 @@
+"""The one place where exceptions become gRPC statuses, for unary and streaming RPCs alike.
+
+Domain errors carry their own status code and message. Anything else is a bug: it is logged with a reference id
+and the caller gets INTERNAL with that id only, never a stack trace or an internal message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from grpc import aio
+
+from tensorgate.server.errors import TensorgateError
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+S = TypeVar("S")
+
+
+def internal_message(exc: BaseException, where: str) -> str:
+    """Log an unexpected exception and return the generic text the caller may see."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (ref %s)", where, ref, exc_info=exc)
+    return f"internal error (ref {ref}); details are in the server log"
+
+
+def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, TensorgateError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, internal_message(exc, where)
+
+
+def unary(
+    fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary
+            code, message = status_of(exc, fn.__name__)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def stream(
+    fn: Callable[[S, AsyncIterator[Req], aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[S, AsyncIterator[Req], aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(
+        self: S, requests: AsyncIterator[Req], context: aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, requests, context):
+                yield item
+        except aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            code, message = status_of(exc, fn.__name__)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+__all__ = ["internal_message", "status_of", "stream", "unary"]

@@ -1,0 +1,190 @@
+"""GRPCInferenceService: each RPC decodes, calls the pipeline or repository, and encodes; nothing more.
+
+Every method goes through one error mapper (server/rpc/errors.py). RPCs that tensorgate does not implement
+(shared memory, trace and log settings) are inherited from the generated base and answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from grpc import aio
+
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos.service import GRPCInferenceServiceServicer
+from tensorgate.server import __version__
+from tensorgate.server.errors import (
+    ModelNotFoundError,
+    ModelUnavailableError,
+    ServerUnavailableError,
+)
+from tensorgate.server.pipeline.handler import InferenceHandler
+from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc import codec, errors
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "tensorgate"
+# Only what is really implemented: perf_analyzer reads this list to decide what to call.
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer(GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        handler: InferenceHandler,
+        *,
+        model_control: str,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self._repository = repository
+        self._handler = handler
+        self._model_control = model_control
+        self._is_ready = is_ready
+
+    # ----- health and metadata -----------------------------------------------------------------------------
+
+    @errors.unary
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @errors.unary
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @errors.unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except (ModelNotFoundError, ModelUnavailableError):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @errors.unary
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    @errors.unary
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        model = self._repository.get(request.name, request.version)
+        versions = [m.version for m in self._repository.versions(request.name)]
+        return codec.encode_model_metadata(model, versions)
+
+    @errors.unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        model = self._repository.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config)
+
+    @errors.unary
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        if not request.name:
+            models = sorted(self._repository.loaded(), key=lambda m: (m.name, m.version))
+        elif request.version:
+            models = [self._repository.get(request.name, request.version)]
+        else:
+            models = self._repository.versions(request.name)
+        return codec.encode_model_statistics(models)
+
+    # ----- inference ---------------------------------------------------------------------------------------
+
+    @errors.unary
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()))
+        return codec.encode_infer_response(await self._handler.infer(req))
+
+    async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
+        try:
+            req = codec.decode_infer_request(request, deadline)
+            return pb.ModelStreamInferResponse(
+                infer_response=codec.encode_infer_response(await self._handler.infer(req))
+            )
+        except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
+            _, message = errors.status_of(exc, "ModelStreamInfer")
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                ),
+            )
+
+    @errors.stream
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of one stream run concurrently; each response goes out as soon as it is ready.
+
+        perf_analyzer and tritonclient match responses to requests by `id`, as with Triton.
+        """
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(request: pb.ModelInferRequest) -> None:
+            results.put_nowait(await self._stream_one(request, codec.monotonic_deadline(context.time_remaining())))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(run(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                results.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+            await reader  # surfaces a failure of the request stream itself
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ----- repository --------------------------------------------------------------------------------------
+
+    def _require_control(self, rpc: str) -> None:
+        if self._model_control != "explicit":
+            raise ServerUnavailableError(
+                f"{rpc} needs --model-control-mode explicit (this server runs in '{self._model_control}' mode)"
+            )
+
+    @errors.unary
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name not in ("", self._repository.root.name):
+            raise ModelNotFoundError(request.repository_name, None, "no such repository")
+        return codec.encode_repository_index(self._repository.index(request.ready))
+
+    @errors.unary
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        self._require_control("RepositoryModelLoad")
+        await self._repository.load(request.model_name, codec.load_config_override(request))
+        return pb.RepositoryModelLoadResponse()
+
+    @errors.unary
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._require_control("RepositoryModelUnload")
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+__all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer"]

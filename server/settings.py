@@ -1,0 +1,47 @@
+"""Server settings: one dataclass, filled from the command line, each option also from a TENSORGATE_* variable.
+
+Per-model settings live in the model repository (config.pbtxt), never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    model_repository: Path
+    """Directory in Triton's layout: <model>/config.pbtxt and <model>/<version>/model.onnx."""
+    host: str = "127.0.0.1"
+    """Address to listen on; the default keeps an unconfigured server off the network."""
+    grpc_port: int = 8001
+    """0 picks a free port; the bound port is logged on the 'listening' line."""
+    model_control_mode: str = "none"
+    """none: load everything at start; poll: also follow changes on disk; explicit: load/unload by RPC only."""
+    load_model: list[str] = field(default_factory=list)
+    """Models to load at start in explicit mode ('*' for all)."""
+    repository_poll_secs: float = 15.0
+    default_max_batch_size: int = 4
+    """max_batch_size given to ONNX models whose config leaves it out and whose first dimension is dynamic."""
+    max_message_bytes: int = 256 * 1024 * 1024
+    """Largest request or response; bigger messages get RESOURCE_EXHAUSTED before they are decoded."""
+    keepalive_time_s: float = 7200.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 5.0
+    """Clients may ping this often without being disconnected (gRPC's own default is 5 minutes)."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, in-flight requests get this long to finish."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
+        if self.repository_poll_secs <= 0:
+            raise ValueError("repository_poll_secs must be positive")
+        if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
+            raise ValueError("max_message_bytes must be in 1..2147483647")

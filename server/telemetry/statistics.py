@@ -1,0 +1,75 @@
+"""Per model-version counters with Triton's ModelStatistics semantics.
+
+Counts are per request except `execution_count` and `batch_stats`, which count model executions. Durations are
+cumulative nanoseconds. All updates happen on the event loop thread, so no locking is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class BatchDurations:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class ExecutionTimes:
+    """What one model execution cost, measured on the worker thread."""
+
+    queue_ns: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+
+
+@dataclass(slots=True)
+class ModelStats:
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batch: dict[int, BatchDurations] = field(default_factory=dict)
+
+    def record_execution(self, batch_size: int, t: ExecutionTimes) -> None:
+        """One model execution of `batch_size` rows."""
+        self.execution_count += 1
+        b = self.batch.get(batch_size)
+        if b is None:
+            b = self.batch[batch_size] = BatchDurations()
+        b.compute_input.add(t.compute_input_ns)
+        b.compute_infer.add(t.compute_infer_ns)
+        b.compute_output.add(t.compute_output_ns)
+
+    def record_request(self, rows: int, total_ns: int, t: ExecutionTimes) -> None:
+        """A request that reached the model and succeeded; its share of the execution it ran in."""
+        self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.success.add(total_ns)
+        self.queue.add(t.queue_ns)
+        self.compute_input.add(t.compute_input_ns)
+        self.compute_infer.add(t.compute_infer_ns)
+        self.compute_output.add(t.compute_output_ns)
+
+    def record_failure(self, total_ns: int) -> None:
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.fail.add(total_ns)
