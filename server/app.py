@@ -27,9 +27,9 @@ def _register_in_pool(*serialized: bytes) -> None:
     for data in serialized:
         proto = descriptor_pb2.FileDescriptorProto.FromString(data)
         try:
-            POOL.FindFileByName(proto.name)
+            POOL.FindFileByName(proto.name)  # type: ignore[no-untyped-call]
         except KeyError:
-            POOL.Add(proto)
+            POOL.Add(proto)  # type: ignore[no-untyped-call]
 
 
 class TensorgateServer:
@@ -102,7 +102,7 @@ class TensorgateServer:
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
-            await self._health.set(name, status)  # type: ignore[arg-type]
+            await self._health.set(name, status)
 
     async def _poll_forever(self) -> None:
         while True:

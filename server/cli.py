@@ -37,10 +37,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         name = flag.removeprefix("--")
         field = name.replace("-", "_")
         default = _D[field].default if field in _D else None
-        if callable(_D[field].default_factory) if field in _D else False:  # type: ignore[misc]
-            default = _D[field].default_factory()  # type: ignore[misc]
         env_default = _env(name, default, convert)
-        p.add_argument(flag, type=convert, default=env_default, help=f"{help_text} [env TENSORGATE_{field.upper()}]", **kw)
+        p.add_argument(
+            flag,
+            type=convert,
+            default=env_default,
+            help=f"{help_text} [env TENSORGATE_{field.upper()}]",
+            **kw,
+        )
 
     opt("--model-repository", Path, "model repository directory (Triton layout)")
     opt("--host", str, "address to listen on (default 127.0.0.1)")
@@ -50,7 +54,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--load-model",
         action="append",
         default=_env("load-model", [], lambda v: [x for x in v.split(",") if x]),
-        help="model to load at start in explicit mode; repeatable, '*' for all [env TENSORGATE_LOAD_MODEL, comma-separated]",
+        help="model to load at start in explicit mode; repeatable, '*' for all "
+        "[env TENSORGATE_LOAD_MODEL, comma-separated]",
     )
     opt("--repository-poll-secs", float, "seconds between repository scans in poll mode (default 15)")
     opt("--default-max-batch-size", int, "max_batch_size for ONNX models whose config omits it (default 4)")
@@ -81,10 +86,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     from tensorgate.server.app import serve
 
     if args.model_repository is None:
-        print("tensorgate serve: --model-repository (or TENSORGATE_MODEL_REPOSITORY) is required", file=sys.stderr)
+        print(
+            "tensorgate serve: --model-repository (or TENSORGATE_MODEL_REPOSITORY) is required",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         settings = ServerSettings(

@@ -56,9 +56,7 @@ class ModelUnavailableError(TensorgateError):
 class InvalidRequestError(TensorgateError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(
-        self, model: str, version: str | int | None, problem: str, *, tensor: str | None = None
-    ) -> None:
+    def __init__(self, model: str, version: str | int | None, problem: str, *, tensor: str | None = None) -> None:
         where = f"{model_ref(model, version)}" + (f", tensor '{tensor}'" if tensor is not None else "")
         super().__init__(f"{where}: {problem}")
         self.model, self.version, self.tensor, self.problem = model, version, tensor, problem

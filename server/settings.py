@@ -38,7 +38,9 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
-            raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}")
+            raise ValueError(
+                f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
+            )
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.repository_poll_secs <= 0:

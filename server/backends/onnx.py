@@ -58,9 +58,7 @@ class ProviderChoice:
     warning: str | None = None
 
 
-def choose_providers(
-    kind: int, gpus: Sequence[int], available: Sequence[str], *, model: str
-) -> ProviderChoice:
+def choose_providers(kind: int, gpus: Sequence[int], available: Sequence[str], *, model: str) -> ProviderChoice:
     """Pick providers for an instance group kind.
 
     KIND_GPU asks for CUDA and warns when it is missing; KIND_AUTO takes CUDA when present and CPU quietly
@@ -89,7 +87,10 @@ def _string_param(config: mc.ModelConfig, key: str) -> str | None:
 def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
     """Threads and graph optimisation from config, using the keys of Triton's onnxruntime backend."""
     opts = ort.SessionOptions()
-    for key, attr in (("intra_op_thread_count", "intra_op_num_threads"), ("inter_op_thread_count", "inter_op_num_threads")):
+    for key, attr in (
+        ("intra_op_thread_count", "intra_op_num_threads"),
+        ("inter_op_thread_count", "inter_op_num_threads"),
+    ):
         value = _string_param(config, key)
         if value is not None:
             try:
@@ -100,7 +101,9 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
     if level_name is not None:
         if level_name not in _GRAPH_LEVELS:
             raise ModelLoadError(
-                config.name, None, f"tensorgate.graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}"
+                config.name,
+                None,
+                f"tensorgate.graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}",
             )
         opts.graph_optimization_level = _GRAPH_LEVELS[level_name]
     elif config.optimization.graph.level < 0:
@@ -134,10 +137,10 @@ class OnnxBackend:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=choice.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
             if not choice.wants_gpu:
-                raise ModelLoadError(config.name, version, f"onnxruntime could not load {model_path.name}: {exc}") from exc
-            log.warning(
-                "model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc
-            )
+                raise ModelLoadError(
+                    config.name, version, f"onnxruntime could not load {model_path.name}: {exc}"
+                ) from exc
+            log.warning("model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc)
             self._session = self._cpu_session(model_path, opts, config.name, version)
         used = self._session.get_providers()
         if choice.wants_gpu and CUDA not in used:
@@ -153,7 +156,10 @@ class OnnxBackend:
         self.outputs = {a.name: a for a in self._session.get_outputs()}
         self._string_inputs = {n for n, a in self.inputs.items() if a.type == "tensor(string)"}
         log.info(
-            "model '%s' version %s loaded on %s", config.name, version if version is not None else "-", self._provider
+            "model '%s' version %s loaded on %s",
+            config.name,
+            version if version is not None else "-",
+            self._provider,
         )
 
     @staticmethod

@@ -30,12 +30,18 @@ def validate_request(
         spec = schema.inputs.get(name)
         if spec is None:
             raise InvalidRequestError(
-                model, version, f"unexpected input; the model's inputs are {sorted(schema.inputs)}", tensor=name
+                model,
+                version,
+                f"unexpected input; the model's inputs are {sorted(schema.inputs)}",
+                tensor=name,
             )
         datatype = req.datatypes[name]
         if datatype != spec.datatype.name:
             raise InvalidRequestError(
-                model, version, f"datatype {datatype} does not match the model's {spec.datatype.name}", tensor=name
+                model,
+                version,
+                f"datatype {datatype} does not match the model's {spec.datatype.name}",
+                tensor=name,
             )
         shape = array.shape
         if schema.max_batch_size > 0:
@@ -74,7 +80,9 @@ def validate_request(
     for name in req.requested_outputs:
         if name not in schema.outputs:
             raise InvalidRequestError(
-                model, version, f"unknown output requested; the model's outputs are {sorted(schema.outputs)}",
+                model,
+                version,
+                f"unknown output requested; the model's outputs are {sorted(schema.outputs)}",
                 tensor=name,
             )
     return inputs, batch if batch is not None else 1, outputs

@@ -7,7 +7,7 @@ configuration (returned verbatim by the ModelConfig RPC) instead of copying it i
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ def check_backend(config: mc.ModelConfig) -> None:
     raise InvalidConfigError(
         config.name,
         f"unsupported backend '{config.backend or config.platform}' (supported: backend \"{ONNX_BACKEND}\" "
-        f"or platform \"{ONNX_PLATFORM}\")",
+        f'or platform "{ONNX_PLATFORM}")',
     )
 
 
@@ -82,7 +82,7 @@ def _complete_tensors(
     declared: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput],
     actual: Sequence[TensorInfo],
     batching: bool,
-    add: object,
+    add: Callable[[], mc.ModelInput | mc.ModelOutput],
 ) -> None:
     by_name = {t.name: t for t in actual}
     for entry in declared:
@@ -90,14 +90,15 @@ def _complete_tensors(
             raise InvalidConfigError(
                 model, f"{kind} '{entry.name}' is not in the model (it has: {', '.join(sorted(by_name))})"
             )
-    declared_by_name = {e.name: e for e in declared}
+    declared_by_name: dict[str, mc.ModelInput | mc.ModelOutput] = {e.name: e for e in declared}
     for info in actual:
-        entry = declared_by_name.get(info.name)
-        if entry is None:
-            entry = add()  # type: ignore[operator]
+        if info.name in declared_by_name:
+            entry = declared_by_name[info.name]
+        else:
+            entry = add()
             entry.name = info.name
         if entry.data_type == mc.TYPE_INVALID:
-            entry.data_type = info.data_type
+            entry.data_type = info.data_type  # type: ignore[assignment]
         elif entry.data_type != info.data_type:
             raise InvalidConfigError(
                 model,
@@ -137,8 +138,10 @@ def autocomplete(
     can_batch = _can_batch([*inputs, *outputs])
     if not max_batch_size_given and not config.input and not config.output:
         config.max_batch_size = default_max_batch_size if can_batch else 0
-        if config.max_batch_size > 0 and not config.HasField("dynamic_batching") and not config.HasField(
-            "sequence_batching"
+        if (
+            config.max_batch_size > 0
+            and not config.HasField("dynamic_batching")
+            and not config.HasField("sequence_batching")
         ):
             config.dynamic_batching.SetInParent()
     if config.max_batch_size < 0:

@@ -181,9 +181,7 @@ class ModelRepository:
         return resolved
 
     def names_on_disk(self) -> list[str]:
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False)
-        )
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False))
 
     def signature(self, name: str) -> str | None:
         """A digest of a model's directory listing (names, sizes, mtimes); None when it is gone."""
@@ -225,9 +223,7 @@ class ModelRepository:
                 log.error("%s", exc.message)
         return ready, failed
 
-    def _prepare_version(
-        self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str
-    ) -> _Prepared:
+    def _prepare_version(self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str) -> _Prepared:
         config = copy.deepcopy(base)
         name = config.name
         if not config.instance_group:
@@ -238,9 +234,14 @@ class ModelRepository:
         backend = OnnxBackend(model_file, config, version=version, available_providers=self._providers)
         try:
             infos = [
-                [TensorInfo(a.name, ONNX_TYPES.get(a.type, mc.TYPE_INVALID), tuple(
-                    d if isinstance(d, int) else None for d in a.shape
-                )) for a in args.values()]
+                [
+                    TensorInfo(
+                        a.name,
+                        ONNX_TYPES.get(a.type, mc.TYPE_INVALID),
+                        tuple(d if isinstance(d, int) else None for d in a.shape),
+                    )
+                    for a in args.values()
+                ]
                 for args in (backend.inputs, backend.outputs)
             ]
             for info in (*infos[0], *infos[1]):
@@ -348,6 +349,7 @@ class ModelRepository:
 
     async def load_many(self, names: Sequence[str]) -> None:
         """Load several models concurrently; failures are recorded per model and logged, not raised."""
+
         async def one(name: str) -> None:
             try:
                 await self.load(name)
@@ -364,8 +366,7 @@ class ModelRepository:
                 await self.unload(name)
             self._entries.pop(name, None)
         changed = [
-            n for n in sorted(on_disk)
-            if n not in self._entries or self._entries[n].attempted != self.signature(n)
+            n for n in sorted(on_disk) if n not in self._entries or self._entries[n].attempted != self.signature(n)
         ]
         await self.load_many(changed)
 

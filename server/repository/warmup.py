@@ -39,9 +39,7 @@ def _sample(
     return np.zeros(shape, dtype=dt.np_dtype)
 
 
-def run_warmup(
-    config: mc.ModelConfig, schema: ModelSchema, backend: Backend, model_dir: Path, version: int
-) -> None:
+def run_warmup(config: mc.ModelConfig, schema: ModelSchema, backend: Backend, model_dir: Path, version: int) -> None:
     """Run every warm-up sample `count` times; a failure makes the load fail with the sample's name."""
     rng = np.random.default_rng(0)
     outputs = list(schema.outputs)

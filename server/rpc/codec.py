@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from google.protobuf import json_format, text_format
@@ -28,10 +28,10 @@ _LEN = struct.Struct("<I")
 _UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
 
 
-def decode_parameters(params: pb.InferParameter | object) -> dict[str, ParamValue]:
+def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
     """A protobuf parameter map as plain Python values; unknown keys are kept, not rejected."""
     out: dict[str, ParamValue] = {}
-    for key, value in params.items():  # type: ignore[attr-defined]
+    for key, value in params.items():
         choice = value.WhichOneof("parameter_choice")
         if choice is not None:
             out[key] = getattr(value, choice)
@@ -97,7 +97,11 @@ def _decode_raw(
 
 
 def _decode_contents(
-    tensor: pb.InferInputTensor, dt: datatypes.DataType, shape: tuple[int, ...], model: str, version: str
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    dt: datatypes.DataType,
+    shape: tuple[int, ...],
+    model: str,
+    version: str,
 ) -> np.ndarray:
     if dt.contents_field is None:
         raise InvalidRequestError(
@@ -217,7 +221,12 @@ def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     for i, tensor in enumerate(msg.outputs):
         dt = datatypes.BY_NAME[tensor.datatype]
         out[tensor.name] = _decode_raw(
-            msg.raw_output_contents[i], dt, tuple(tensor.shape), msg.model_name, msg.model_version, tensor.name
+            msg.raw_output_contents[i],
+            dt,
+            tuple(tensor.shape),
+            msg.model_name,
+            msg.model_version,
+            tensor.name,
         )
     return out
 
@@ -234,9 +243,7 @@ def encode_model_metadata(model: LoadedModel, versions: Sequence[int]) -> pb.Mod
     """ModelMetadata: shapes start with -1 when the model batches, as Triton reports them."""
     schema = model.schema
     lead = [-1] if schema.max_batch_size > 0 else []
-    msg = pb.ModelMetadataResponse(
-        name=model.name, versions=[str(v) for v in versions], platform=model.config.platform
-    )
+    msg = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in versions], platform=model.config.platform)
     for spec in schema.inputs.values():
         msg.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=lead + list(spec.dims))
     for spec in schema.outputs.values():
@@ -286,7 +293,9 @@ def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
     for key in msg.parameters:
         if key.startswith("file:"):
             raise InvalidRequestError(
-                msg.model_name, None, "loading model files sent in the request ('file:' parameters) is not supported"
+                msg.model_name,
+                None,
+                "loading model files sent in the request ('file:' parameters) is not supported",
             )
     if "config" not in msg.parameters:
         return None
@@ -295,5 +304,7 @@ def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
     try:
         json_format.Parse(text, config)
     except json_format.ParseError as exc:
-        raise InvalidRequestError(msg.model_name, None, f"the 'config' parameter is not a valid ModelConfig: {exc}") from exc
+        raise InvalidRequestError(
+            msg.model_name, None, f"the 'config' parameter is not a valid ModelConfig: {exc}"
+        ) from exc
     return text_format.MessageToString(config)

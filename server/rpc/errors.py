@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -38,8 +38,8 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
 
 
 def unary(
-    fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
-) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]],
+) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]]:
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
         try:

@@ -67,15 +67,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     @errors.unary
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Context
-    ) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     @errors.unary
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: Context
-    ) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
         versions = [m.version for m in self._repository.versions(request.name)]
         return codec.encode_model_metadata(model, versions)
@@ -86,9 +82,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=model.config)
 
     @errors.unary
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: Context
-    ) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if not request.name:
             models = sorted(self._repository.loaded(), key=lambda m: (m.name, m.version))
         elif request.version:
@@ -163,9 +157,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             )
 
     @errors.unary
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Context
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         if request.repository_name not in ("", self._repository.root.name):
             raise ModelNotFoundError(request.repository_name, None, "no such repository")
         return codec.encode_repository_index(self._repository.index(request.ready))

@@ -1,0 +1,104 @@
+"""Small ONNX models built with onnx.helper for tests, and a writer for Triton-style repositories."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+# V2 datatype -> ONNX element type, for the types ONNX Identity carries.
+ONNX_ELEM = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+Dim = int | str | None
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def identity_model(path: Path, datatype: str, shape: Sequence[Dim] = ("batch", 4)) -> Path:
+    """INPUT0 -> Identity -> OUTPUT0, of one element type (any V2 type, BYTES as ONNX string)."""
+    elem = ONNX_ELEM[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("INPUT0", elem, list(shape))],
+        [helper.make_tensor_value_info("OUTPUT0", elem, list(shape))],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def add_sub_model(path: Path, shape: Sequence[Dim] = ("batch", 16), datatype: str = "FP32") -> Path:
+    """Triton's classic "simple" model: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
+    elem = ONNX_ELEM[datatype]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "add_sub",
+        [helper.make_tensor_value_info(n, elem, list(shape)) for n in ("INPUT0", "INPUT1")],
+        [helper.make_tensor_value_info(n, elem, list(shape)) for n in ("OUTPUT0", "OUTPUT1")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def scale_model(path: Path, factor: float, width: int = 4) -> Path:
+    """OUTPUT0 = INPUT0 * factor: versions of "the same" model that answer differently."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["INPUT0", "k"], ["OUTPUT0"])],
+        "scale",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(np.array([factor], dtype=np.float32), "k")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def slow_model(path: Path, size: int = 512, repeats: int = 24) -> Path:
+    """A chain of [size x size] MatMuls: tens of milliseconds per call, for drain and deadline tests."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    nodes = []
+    prev = "INPUT0"
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [prev, "W"], [f"h{i}"]))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["OUTPUT0"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", size])],
+        initializer=[numpy_helper.from_array(w, "W")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def write_config(repo: Path, name: str, text: str) -> Path:
+    path = repo / name / "config.pbtxt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
