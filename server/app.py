@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.settings import ServerSettings
 
@@ -44,13 +45,14 @@ class TensorgateServer:
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._draining = False
+        self._gate: DrainGate | None = None
         self._started = False
         self.port = 0
 
     @property
     def ready(self) -> bool:
-        return self._started and not self._draining and self.repository.all_ready()
+        draining = self._gate is not None and self._gate.draining
+        return self._started and not draining and self.repository.all_ready()
 
     def _options(self) -> list[tuple[str, int]]:
         s = self.settings
@@ -71,8 +73,13 @@ class TensorgateServer:
         if not s.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {s.model_repository} is not a directory")
         server = aio.server(options=self._options())
+        self._gate = DrainGate()
         servicer = InferenceServicer(
-            self.repository, self._handler, model_control=s.model_control_mode, is_ready=lambda: self.ready
+            self.repository,
+            self._handler,
+            model_control=s.model_control_mode,
+            is_ready=lambda: self.ready,
+            gate=self._gate,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -113,16 +120,19 @@ class TensorgateServer:
                 log.exception("repository poll failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Mark not ready, stop accepting calls, let in-flight calls finish within `grace`, release models."""
+        """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        self._draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        if self._gate is not None:
+            log.info("refusing new calls; draining %d in-flight call(s) (grace %.0fs)", self._gate.in_flight, grace)
+            if not await self._gate.drain(grace):
+                log.warning("grace period over with %d call(s) still running; cancelling them", self._gate.in_flight)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(0.5)
         await self.repository.close()
         log.info("stopped")
 
@@ -137,7 +147,7 @@ async def serve(settings: ServerSettings) -> None:
     try:
         await app.start()
         await stop.wait()
-        log.info("shutting down: draining in-flight requests (grace %.0fs)", settings.shutdown_grace_s)
+        log.info("shutting down on signal")
     finally:
         await app.stop()
 

@@ -36,7 +36,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     def opt(flag: str, convert: Callable[[str], Any], help_text: str, **kw: Any) -> None:
         name = flag.removeprefix("--")
         field = name.replace("-", "_")
-        default = _D[field].default if field in _D else None
+        default = _D[field].default if field in _D and field != "model_repository" else None
         env_default = _env(name, default, convert)
         p.add_argument(
             flag,

@@ -1,4 +1,4 @@
-"""The one place where exceptions become gRPC statuses, for unary and streaming RPCs alike.
+"""The boundary every inference-service RPC passes: the drain gate, then mapping exceptions to gRPC statuses.
 
 Domain errors carry their own status code and message. Anything else is a bug: it is logged with a reference id
 and the caller gets INTERNAL with that id only, never a stack trace or an internal message.
@@ -10,18 +10,27 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc import aio
 
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.rpc.drain import DrainGate
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-S = TypeVar("S")
+
+
+class Gated(Protocol):
+    """A servicer whose RPCs are counted for graceful drain."""
+
+    gate: DrainGate
+
+
+S = TypeVar("S", bound=Gated)
 
 
 def internal_message(exc: BaseException, where: str) -> str:
@@ -43,6 +52,10 @@ def unary(
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
         try:
+            self.gate.enter()
+        except TensorgateError as exc:
+            await context.abort(exc.code, exc.message)
+        try:
             return await fn(self, request, context)
         except aio.AbortError:
             raise
@@ -50,6 +63,8 @@ def unary(
             code, message = status_of(exc, fn.__name__)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        finally:
+            self.gate.exit()
 
     return wrapper
 
@@ -62,6 +77,10 @@ def stream(
         self: S, requests: AsyncIterator[Req], context: aio.ServicerContext[Req, Resp]
     ) -> AsyncIterator[Resp]:
         try:
+            self.gate.enter()
+        except TensorgateError as exc:
+            await context.abort(exc.code, exc.message)
+        try:
             async for item in fn(self, requests, context):
                 yield item
         except aio.AbortError:
@@ -69,6 +88,8 @@ def stream(
         except Exception as exc:  # noqa: BLE001
             code, message = status_of(exc, fn.__name__)
             await context.abort(code, message)
+        finally:
+            self.gate.exit()
 
     return wrapper
 

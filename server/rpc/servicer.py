@@ -24,6 +24,7 @@ from tensorgate.server.errors import (
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
+from tensorgate.server.rpc.drain import DrainGate
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         *,
         model_control: str,
         is_ready: Callable[[], bool],
+        gate: DrainGate,
     ) -> None:
+        self.gate = gate
         self._repository = repository
         self._handler = handler
         self._model_control = model_control

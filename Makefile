@@ -1,0 +1,48 @@
+# The two entry points of the README: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+MODELS := examples/models
+PORT   ?= 8001
+
+.PHONY: serve test lint typecheck install examples clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tensorgate needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --editable '.[cpu,dev]'
+	@touch $@
+
+install: $(STAMP)
+
+$(MODELS)/.built: $(STAMP) examples/build_models.py
+	$(BIN)/python examples/build_models.py --out $(MODELS)
+	@touch $@
+
+examples: $(MODELS)/.built
+
+serve: examples
+	$(BIN)/tensorgate serve --model-repository $(MODELS) --host 127.0.0.1 --grpc-port $(PORT)
+
+# mypy cannot follow setuptools' package-dir mapping, so it reads the packages through symlinks named as imported.
+build/mypy/tensorgate:
+	mkdir -p $@
+	for p in server client protos; do ln -sfn ../../../$$p $@/$$p; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m tensorgate.protos.generate --check
+
+typecheck: $(STAMP) build/mypy/tensorgate
+	$(BIN)/mypy -p tensorgate.server -p tensorgate.client -p tensorgate.protos
+	$(BIN)/mypy tests examples
+
+test: lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build $(MODELS) .mypy_cache .ruff_cache .pytest_cache

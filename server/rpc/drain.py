@@ -1,0 +1,45 @@
+"""Graceful drain: count RPCs in flight and refuse new ones with UNAVAILABLE once the server is stopping.
+
+grpc's own `server.stop(grace)` cancels new calls (CANCELLED, which clients do not retry); refusing them here
+with UNAVAILABLE first lets clients and load balancers retry on another replica while running calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tensorgate.server.errors import ServerUnavailableError
+
+
+class DrainGate:
+    """Created on the event loop; `enter()`/`exit()` bracket every RPC of the inference service."""
+
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def enter(self) -> None:
+        if self.draining:
+            raise ServerUnavailableError("the server is shutting down; retry on another replica")
+        self._in_flight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new RPCs and wait up to `timeout` seconds for running ones; True when all finished."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,90 @@
+"""`tensorgate serve` as a real child process, as a user or a container runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TENSORGATE = str(Path(sys.executable).parent / "tensorgate")
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class ServeProcess:
+    """Starts `tensorgate serve`, learns the port from its first "listening" log line, keeps all its output."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [TENSORGATE, "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+        )
+        self.lines: list[str] = []
+        self._port: int | None = None
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line)
+                m = _LISTENING.search(line)
+                if m and self._port is None:
+                    self._port = int(m.group(2))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> str:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                for line in self.lines:
+                    if rx.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output}")
+                self._seen.wait(min(left, 0.5))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def address(self) -> str:
+        self.wait_for_line("listening on")
+        return f"127.0.0.1:{self._port}"
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait for the exit code (killing it only if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"tensorgate did not exit within {timeout}s of SIGTERM:\n{self.output}") from None
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

@@ -1,0 +1,160 @@
+"""The `tensorgate` command as users and containers run it: serve, environment variables, SIGTERM, health."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server.rpc.codec import decode_infer_response, encode_infer_request
+from tests.onnx_models import slow_model, write_config
+from tests.process import TENSORGATE, ServeProcess
+
+
+def _wait_ready(address: str, timeout: float = 60.0) -> tc.InferenceServerClient:
+    client = tc.InferenceServerClient(address)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if client.is_server_ready():
+                return client
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{address} not ready within {timeout}s")
+
+
+def test_serve_with_flags_logs_port_serves_and_exits_zero_on_sigterm(repo: Path) -> None:
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        client = _wait_ready(server.address)
+        x = np.arange(32, dtype=np.float32).reshape(2, 16)
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            t = tc.InferInput(name, [2, 16], "FP32")
+            t.set_data_from_numpy(x)
+            inputs.append(t)
+        np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), x + x)
+        client.close()
+        assert server.terminate() == 0
+        assert "stopped" in server.output
+
+
+def test_every_option_can_come_from_the_environment(repo: Path) -> None:
+    env = {
+        "TENSORGATE_MODEL_REPOSITORY": str(repo),
+        "TENSORGATE_GRPC_PORT": "0",
+        "TENSORGATE_MODEL_CONTROL_MODE": "explicit",
+        "TENSORGATE_LOAD_MODEL": "add_sub",
+    }
+    with ServeProcess([], env=env) as server:
+        client = _wait_ready(server.address)
+        assert client.is_model_ready("add_sub")
+        assert not client.is_model_ready("identity_fp32")  # explicit mode loads only what it was told
+        client.close()
+        assert server.terminate() == 0
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+    """A request accepted before SIGTERM is answered; the server then exits 0 and refuses new work."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    write_config(repo, "slow", "max_batch_size: 256\ninstance_group [{ kind: KIND_CPU count: 1 }]\n")
+    slow_model(repo / "fast" / "1" / "model.onnx", size=8, repeats=1)
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "60"]) as server:
+        _wait_ready(server.address).close()
+
+        async def scenario() -> tuple[np.ndarray, grpc.StatusCode | None]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = GRPCInferenceServiceStub(channel)
+                x = np.full((256, 512), 0.01, dtype=np.float32)
+                # Created first, so its frames go out on the connection before the fast call's.
+                slow_call = stub.ModelInfer(encode_infer_request("slow", [("INPUT0", x)]), timeout=120)
+                fast = encode_infer_request("fast", [("INPUT0", np.ones((1, 8), np.float32))])
+                await stub.ModelInfer(fast, timeout=30)
+                server.proc.terminate()  # SIGTERM while `slow` is being computed
+                server.wait_for_line("refusing new calls")
+                refused: grpc.StatusCode | None = None
+                try:
+                    await stub.ModelInfer(fast, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc.code()
+                result = decode_infer_response(await slow_call)
+                return result["OUTPUT0"], refused
+
+        out, refused = asyncio.run(scenario())
+        assert out.shape == (256, 512)
+        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert server.proc.wait(60) == 0
+
+
+def test_stream_open_at_sigterm_keeps_working_until_closed(repo: Path) -> None:
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        _wait_ready(server.address).close()
+
+        async def scenario() -> list[str]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(timeout=60)
+                request = encode_infer_request("identity_fp32", [("INPUT0", np.ones((1, 4), np.float32))])
+                errors: list[str] = []
+                request.id = "before"
+                await stream.write(request)
+                errors.append((await stream.read()).error_message)
+                server.proc.terminate()
+                server.wait_for_line("refusing new calls")
+                request.id = "after"
+                await stream.write(request)
+                reply = await stream.read()
+                errors.append(reply.error_message)
+                assert reply.infer_response.id == "after"
+                await stream.done_writing()
+                return errors
+
+        assert asyncio.run(scenario()) == ["", ""]
+        assert server.proc.wait(60) == 0
+
+
+def test_health_command(repo: Path) -> None:
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        _wait_ready(server.address).close()
+        ok = subprocess.run([TENSORGATE, "health", "--server", server.address], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stderr
+        assert "SERVING" in ok.stdout
+        assert server.terminate() == 0
+    down = subprocess.run(
+        [TENSORGATE, "health", "--server", server.address, "--timeout", "1"], capture_output=True, text=True
+    )
+    assert down.returncode == 1
+    assert "UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--grpc-port", "0"], "--model-repository", id="no-repository"),
+        pytest.param(
+            ["--model-repository", "/nonexistent/models", "--grpc-port", "0"], "not a directory", id="missing-dir"
+        ),
+        pytest.param(["--model-repository", ".", "--model-control-mode", "sometimes"], "invalid choice", id="bad-mode"),
+    ],
+)
+def test_bad_command_lines_fail_clearly(args: list[str], message: str) -> None:
+    result = subprocess.run([TENSORGATE, "serve", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+
+
+def test_server_info_over_raw_stub(repo: Path) -> None:
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        _wait_ready(server.address).close()
+        with grpc.insecure_channel(server.address) as channel:
+            meta = GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+        assert meta.name == "tensorgate"
+        assert server.terminate() == 0
