@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("onnxruntime") is None:
+        print(
+            "tensorgate serve: ONNX Runtime is not installed; install tensorgate[cpu] or tensorgate[gpu]",
+            file=sys.stderr,
+        )
+        return 2
     from tensorgate.server.app import serve
 
     if args.model_repository is None:
