@@ -1,0 +1,59 @@
+"""The README's examples run as written against a real server on the example repository."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import runpy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.serving import ServerThread
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        build_models = __import__("build_models")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    repo = tmp_path_factory.mktemp("readme") / "models"
+    build_models.write_repository(repo)
+    with ServerThread(repo) as server:
+        yield server
+
+
+def test_readme_has_exactly_two_setup_commands() -> None:
+    setup = README.split("## Set-up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```sh\n(.*?)```", setup, re.DOTALL)
+    assert len(commands) == 1
+    lines = [line.split("#")[0].strip() for line in commands[0].splitlines() if line.strip()]
+    assert lines == ["make serve", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
+def test_readme_python_snippets_run(example_server: ServerThread, index: int, tmp_path: Path) -> None:
+    repo = example_server.settings.model_repository
+    code = SNIPPETS[index].replace("127.0.0.1:8001", example_server.address).replace("examples/models", str(repo))
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(str(script), run_name="__main__")
+    printed = out.getvalue().strip()
+    assert printed, "the snippet printed nothing"
+    if "digits" in code:
+        expected = np.load(repo / "digits" / "test_data.npz")["y_test"][:4]
+        assert printed == str(expected), "the README's digits example should print the true labels"
