@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import time
 
+from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.manager import ModelRepository
+
+
+def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
+    """Scheduling parameters arrive as int64 or uint64 (tritonclient sends uint64); anything else is a mistake."""
+    value = req.parameters.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a non-negative integer")
+    return value
 
 
 class InferenceHandler:
@@ -23,7 +34,14 @@ class InferenceHandler:
         version = str(model.version)
         try:
             inputs, rows, outputs = validate_request(model.schema, req, version)
-            results, times = await model.scheduler.submit(inputs, outputs, rows, req.deadline)
+            results, times = await model.scheduler.submit(
+                inputs,
+                outputs,
+                rows,
+                req.deadline,
+                priority=_int_parameter(req, "priority", version),
+                timeout_us=_int_parameter(req, "timeout", version),
+            )
         except Exception:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise

@@ -36,6 +36,7 @@ from tensorgate.server.repository.config import (
 )
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.warmup import run_warmup
+from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.telemetry.statistics import ModelStats
 
@@ -90,6 +91,7 @@ class _Prepared:
     config: mc.ModelConfig
     schema: ModelSchema
     backend: OnnxBackend
+    policy: SchedulingPolicy
     signature: str
 
 
@@ -255,11 +257,14 @@ class ModelRepository:
                 default_max_batch_size=self._default_mbs,
             )
             on_gpu = backend.execution_provider == "CUDAExecutionProvider"
+            # The served config says where the model really runs: KIND_AUTO is resolved, and a KIND_GPU group
+            # that onnxruntime could not put on a GPU reads KIND_CPU, as tensorgate.execution_provider does.
             for group in config.instance_group:
-                if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+                if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
                     group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
             schema = ModelSchema.from_config(config)
+            policy = SchedulingPolicy.from_config(config)
             run_warmup(config, schema, backend, vdir.parent, version)
         except InvalidConfigError as exc:
             backend.close()
@@ -267,7 +272,7 @@ class ModelRepository:
         except TensorgateError:
             backend.close()
             raise
-        return _Prepared(version, config, schema, backend, sig)
+        return _Prepared(version, config, schema, backend, policy, sig)
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -303,6 +308,8 @@ class ModelRepository:
                 reason = "; ".join(failed.values())
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
+                else:
+                    entry.reason = f"reload failed, still serving the previous versions: {reason}"
                 raise ModelLoadError(name, None, reason)
             new_versions: dict[int, LoadedModel] = {}
             for v, item in ready.items():
@@ -311,7 +318,7 @@ class ModelRepository:
                 else:
                     stats = ModelStats()
                     count = sum(g.count for g in item.config.instance_group) or 1
-                    scheduler = Scheduler(name, v, item.backend, stats, count)
+                    scheduler = Scheduler(name, v, item.backend, stats, count, item.policy)
                     new_versions[v] = LoadedModel(
                         name, v, item.config, item.schema, item.backend, scheduler, stats, item.signature
                     )
@@ -379,7 +386,8 @@ class ModelRepository:
                     rows.append(IndexRow(name, "", "", ""))
                 continue
             for v in sorted(entry.versions):
-                rows.append(IndexRow(name, str(v), READY, ""))
+                # Empty unless a reload failed: the rows still serving then say why they were not replaced.
+                rows.append(IndexRow(name, str(v), READY, entry.reason))
             if ready_only:
                 continue
             for v, reason in sorted(entry.failed.items()):

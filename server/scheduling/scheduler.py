@@ -1,52 +1,112 @@
-"""Per model-version scheduler: runs requests on the model's own worker threads, never on the event loop.
+"""Per model-version scheduler and dynamic batcher, with Triton's `dynamic_batching` semantics.
 
-Each model version owns a thread pool sized by its `instance_group` count, so a busy model never blocks another
-one. Requests whose deadline passes while they wait are dropped before they reach the model.
+All queue work happens on the event loop, in plain callbacks (no task per request or per batch): a request is
+queued, `_dispatch` forms batches while an instance is free, and each batch runs on the model's own thread pool,
+where the inputs are stacked, the model runs and the outputs are split. The loop only resolves futures.
+
+A request leaves the queue without running when its caller cancels or its gRPC deadline passes (it never takes a
+batch slot), when its queue timeout passes with timeout_action REJECT, or when the queue is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tensorgate.server.backends.base import Backend
-from tensorgate.server.errors import DeadlineExceededError, ServerUnavailableError, model_ref
+from tensorgate.server.errors import (
+    BackendError,
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+    model_ref,
+)
+from tensorgate.server.scheduling.batch import plan_batch, split_outputs, stack_inputs
+from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.telemetry.statistics import ExecutionTimes, ModelStats
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """One queued request, carrying its own future."""
+
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[str]
+    rows: int
+    shape_key: tuple[tuple[str, tuple[int, ...]], ...]
+    future: asyncio.Future[tuple[Outputs, ExecutionTimes]]
+    enqueued_ns: int
+    deadline: float | None
+    """Absolute time.monotonic() when the caller stops waiting (gRPC deadline)."""
+    queue_deadline: float | None
+    """Absolute time.monotonic() when the queue policy's timeout passes."""
+    level: int
+    delayed: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    requests: list[_Pending]
+    started_ns: int = 0
+    times: ExecutionTimes | None = None
+    results: list[Outputs] = field(default_factory=list)
+
+
+def _shape_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Requests batch together only when their inputs match in name and per-row shape."""
+    if not batching:
+        return ()
+    return tuple((name, a.shape[1:]) for name, a in inputs.items())
 
 
 class Scheduler:
-    """Runs one request per model execution, up to `instances` at a time."""
+    """Queues requests for one model version and runs them, batched when the config asks for it."""
 
-    def __init__(self, model: str, version: int, backend: Backend, stats: ModelStats, instances: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        backend: Backend,
+        stats: ModelStats,
+        instances: int,
+        policy: SchedulingPolicy,
+    ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         self._model = model
         self._version = version
         self._backend = backend
         self._stats = stats
+        self._policy = policy
         self._pool = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"tg-{model}-{version}")
-        self._in_flight = 0
+        self._free = instances
+        # One FIFO per priority level (index 0 = level 1), then the lane of requests delayed by timeout_action DELAY.
+        self._lanes: list[collections.deque[_Pending]] = [
+            collections.deque() for _ in range(policy.priority_levels + 1)
+        ]
+        self._queued = 0
+        self._running = 0
+        self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._ref = model_ref(model, version)
 
-    def _run(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], enqueued: int, deadline: float | None
-    ) -> tuple[dict[str, np.ndarray], ExecutionTimes]:
-        start = time.perf_counter_ns()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceededError(
-                f"{model_ref(self._model, self._version)}: deadline passed while the request was queued"
-            )
-        result = self._backend.execute(inputs, outputs)
-        done = time.perf_counter_ns()
-        return result, ExecutionTimes(
-            queue_ns=start - enqueued, compute_input_ns=0, compute_infer_ns=done - start, compute_output_ns=0
-        )
+    # ----- intake ------------------------------------------------------------------------------------------
+
+    def _level(self, priority: int | None) -> int:
+        """As in Triton: 0, a missing priority or one beyond priority_levels means the default level."""
+        if priority is None or not 1 <= priority <= self._policy.priority_levels:
+            return self._policy.default_priority
+        return priority
 
     async def submit(
         self,
@@ -54,29 +114,212 @@ class Scheduler:
         outputs: Sequence[str],
         rows: int,
         deadline: float | None = None,
-    ) -> tuple[dict[str, np.ndarray], ExecutionTimes]:
-        """Execute once; raises the backend's error, DeadlineExceededError, or ServerUnavailableError when closed."""
+        *,
+        priority: int | None = None,
+        timeout_us: int | None = None,
+    ) -> tuple[Outputs, ExecutionTimes]:
+        """Queue one request and wait for its outputs.
+
+        Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when a timeout
+        passes while it is queued, UNAVAILABLE when the model is being unloaded, and the backend's own errors.
+        """
         if self._closed:
-            raise ServerUnavailableError(f"{model_ref(self._model, self._version)} is being unloaded")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            loop = asyncio.get_running_loop()
-            result, times = await loop.run_in_executor(
-                self._pool, self._run, inputs, outputs, time.perf_counter_ns(), deadline
+            raise ServerUnavailableError(f"{self._ref} is being unloaded")
+        level = self._level(priority)
+        qp = self._policy.queue_policies[level - 1]
+        lane = self._lanes[level - 1]
+        if qp.max_queue_size and len(lane) >= qp.max_queue_size:
+            raise ResourceExhaustedError(
+                f"{self._ref}: queue for priority level {level} is full (max_queue_size {qp.max_queue_size})"
             )
-            self._stats.record_execution(rows, times)
-            return result, times
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        timeout_ns = qp.timeout_ns
+        if timeout_us is not None and timeout_us > 0 and qp.allow_timeout_override:
+            timeout_ns = min(timeout_ns, timeout_us * 1000) if timeout_ns else timeout_us * 1000
+        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            inputs=inputs,
+            outputs=outputs,
+            rows=rows,
+            shape_key=_shape_key(inputs, self._policy.batching),
+            future=loop.create_future(),
+            enqueued_ns=time.perf_counter_ns(),
+            deadline=deadline,
+            queue_deadline=now + timeout_ns / 1e9 if timeout_ns else None,
+            level=level,
+        )
+        lane.append(pending)
+        self._queued += 1
+        self._idle.clear()
+        if pending.queue_deadline is not None:
+            loop.call_at(loop.time() + timeout_ns / 1e9, self._queue_timeout, pending)
+        self._dispatch()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller went away: the dispatcher drops the request (a done future) before it takes a slot.
+            pending.future.cancel()
+            raise
+
+    def _queue_timeout(self, pending: _Pending) -> None:
+        if pending.future.done() or pending.delayed:
+            return
+        qp = self._policy.queue_policies[pending.level - 1]
+        if qp.delay_on_timeout:
+            lane = self._lanes[pending.level - 1]
+            try:
+                lane.remove(pending)
+            except ValueError:
+                return  # already in a batch
+            pending.delayed = True
+            self._lanes[-1].append(pending)
+            return
+        self._reject(pending, "queue timeout")
+        self._dispatch()
+
+    def _reject(self, pending: _Pending, why: str) -> None:
+        for lane in self._lanes:
+            try:
+                lane.remove(pending)
+            except ValueError:
+                continue
+            self._queued -= 1
+            break
+        if not pending.future.done():
+            pending.future.set_exception(
+                DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued")
+            )
+        self._maybe_idle()
+
+    # ----- batch formation (event loop) --------------------------------------------------------------------
+
+    def _candidates(self, now: float) -> list[_Pending]:
+        """Live queued requests in service order; drops cancelled and expired ones on the way."""
+        out: list[_Pending] = []
+        for lane in self._lanes:
+            for p in list(lane):
+                if p.future.done():
+                    lane.remove(p)
+                    self._queued -= 1
+                elif p.deadline is not None and now >= p.deadline:
+                    lane.remove(p)
+                    self._queued -= 1
+                    p.future.set_exception(
+                        DeadlineExceededError(f"{self._ref}: the call's deadline passed while it was queued")
+                    )
+                else:
+                    out.append(p)
+        return out
+
+    def _dispatch(self) -> None:
+        """Send batches while an instance is free; arm a timer when the batch should wait for more requests."""
+        policy = self._policy
+        while self._free > 0 and self._queued > 0:
+            now = time.monotonic()
+            queue = self._candidates(now)
+            if not queue:
+                break
+            first = queue[0]
+            if policy.batching:
+                same = [p for p in queue if p.shape_key == first.shape_key]
+                waited = time.perf_counter_ns() - first.enqueued_ns
+                count = plan_batch(
+                    [p.rows for p in same],
+                    policy.max_batch_size,
+                    policy.preferred_batch_sizes,
+                    waited >= policy.max_queue_delay_ns,
+                )
+                if count == 0:
+                    self._arm_timer((policy.max_queue_delay_ns - waited) / 1e9)
+                    break
+                chosen = same[:count]
+            else:
+                chosen = [first]
+            for p in chosen:
+                self._lanes[-1 if p.delayed else p.level - 1].remove(p)
+            self._queued -= len(chosen)
+            self._start(_Batch(chosen))
+        self._maybe_idle()
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    # ----- execution (worker thread) -----------------------------------------------------------------------
+
+    def _start(self, batch: _Batch) -> None:
+        self._free -= 1
+        self._running += 1
+        batch.started_ns = time.perf_counter_ns()
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._execute, batch)
+        fut.add_done_callback(lambda f: self._finish(batch, f))
+
+    def _execute(self, batch: _Batch) -> None:
+        """Stack, run, split: everything that touches tensors happens here, off the event loop."""
+        t0 = time.perf_counter_ns()
+        requests = batch.requests
+        wanted: list[str] = []
+        for p in requests:
+            for name in p.outputs:
+                if name not in wanted:
+                    wanted.append(name)
+        inputs = stack_inputs([p.inputs for p in requests])
+        t1 = time.perf_counter_ns()
+        outputs = self._backend.execute(inputs, wanted)
+        t2 = time.perf_counter_ns()
+        try:
+            batch.results = split_outputs(outputs, [p.rows for p in requests], [p.outputs for p in requests])
+        except ValueError as exc:
+            raise BackendError(self._model, self._version, f"batched output is malformed: {exc}") from exc
+        t3 = time.perf_counter_ns()
+        batch.times = ExecutionTimes(0, t1 - t0, t2 - t1, t3 - t2)
+
+    def _finish(self, batch: _Batch, fut: asyncio.Future[None]) -> None:
+        self._free += 1
+        self._running -= 1
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled():
+            exc = ServerUnavailableError(f"{self._ref} was unloaded before the request ran")
+        if exc is None and batch.times is not None:
+            rows = sum(p.rows for p in batch.requests)
+            self._stats.record_execution(rows, batch.times)
+            t = batch.times
+            for p, result in zip(batch.requests, batch.results, strict=True):
+                if not p.future.done():
+                    times = ExecutionTimes(
+                        batch.started_ns - p.enqueued_ns, t.compute_input_ns, t.compute_infer_ns, t.compute_output_ns
+                    )
+                    p.future.set_result((result, times))
+        else:
+            for p in batch.requests:
+                if not p.future.done():
+                    p.future.set_exception(exc if exc is not None else RuntimeError("batch produced no result"))
+        self._dispatch()
+
+    # ----- lifecycle ---------------------------------------------------------------------------------------
+
+    def _maybe_idle(self) -> None:
+        if self._queued == 0 and self._running == 0:
+            self._idle.set()
 
     async def close(self, grace: float | None = None) -> None:
-        """Refuse new work, let running requests finish (up to `grace` seconds), then stop the threads."""
+        """Refuse new work, let queued and running requests finish (up to `grace` seconds), then stop the threads."""
         self._closed = True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             pass
+        if self._timer is not None:
+            self._timer.cancel()
+        for lane in self._lanes:
+            while lane:
+                p = lane.popleft()
+                if not p.future.done():
+                    p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+        self._queued = 0
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,75 @@
+"""Scheduling settings read once from a model's config (Triton's `dynamic_batching` block) and checked eagerly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import InvalidConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    max_queue_size: int = 0
+    """0 = unbounded."""
+    timeout_ns: int = 0
+    """Default time a request may wait in the queue; 0 = no limit."""
+    delay_on_timeout: bool = False
+    """timeout_action DELAY: a timed-out request moves behind everything else instead of being rejected."""
+    allow_timeout_override: bool = False
+
+    @classmethod
+    def from_proto(cls, p: mc.ModelQueuePolicy) -> QueuePolicy:
+        return cls(
+            max_queue_size=max(p.max_queue_size, 0),
+            timeout_ns=p.default_timeout_microseconds * 1000,
+            delay_on_timeout=p.timeout_action == mc.ModelQueuePolicy.DELAY,
+            allow_timeout_override=p.allow_timeout_override,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingPolicy:
+    batching: bool
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_delay_ns: int
+    priority_levels: int
+    default_priority: int
+    queue_policies: tuple[QueuePolicy, ...]
+    """One per priority level, index 0 = level 1 (the highest)."""
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> SchedulingPolicy:
+        """Without `dynamic_batching` (or with max_batch_size 0) each request executes on its own."""
+        db = config.dynamic_batching
+        batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
+        levels = max(db.priority_levels, 1)
+        default = db.default_priority_level if db.priority_levels > 0 else 1
+        if db.priority_levels > 0 and not 1 <= default <= levels:
+            raise InvalidConfigError(
+                config.name, f"default_priority_level {default} is outside 1..{levels} (priority_levels)"
+            )
+        preferred = tuple(sorted(set(db.preferred_batch_size)))
+        for size in preferred:
+            if size < 1 or size > config.max_batch_size:
+                raise InvalidConfigError(
+                    config.name, f"preferred_batch_size {size} is outside 1..{config.max_batch_size} (max_batch_size)"
+                )
+        for level in db.priority_queue_policy:
+            if not 1 <= level <= levels:
+                raise InvalidConfigError(config.name, f"priority_queue_policy level {level} is outside 1..{levels}")
+        default_policy = QueuePolicy.from_proto(db.default_queue_policy)
+        policies = tuple(
+            QueuePolicy.from_proto(db.priority_queue_policy[lvl]) if lvl in db.priority_queue_policy else default_policy
+            for lvl in range(1, levels + 1)
+        )
+        return cls(
+            batching=batching,
+            max_batch_size=max(config.max_batch_size, 1),
+            preferred_batch_sizes=preferred if batching else (),
+            max_queue_delay_ns=db.max_queue_delay_microseconds * 1000 if batching else 0,
+            priority_levels=levels,
+            default_priority=default,
+            queue_policies=policies,
+        )
