@@ -80,6 +80,7 @@ class TensorgateServer:
             model_control=s.model_control_mode,
             is_ready=lambda: self.ready,
             gate=self._gate,
+            max_message_bytes=s.max_message_bytes,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -102,3 +102,45 @@ def write_config(repo: Path, name: str, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def row_sum_model(path: Path, width: int = 4) -> Path:
+    """INPUT0 [batch, width] -> OUTPUT0 [batch]: the sum of each row, for outputs with no dims past the batch."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["INPUT0", "axes"], ["OUTPUT0"], keepdims=0)],
+        "row_sum",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch"])],
+        initializer=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def broadcast_add_model(path: Path) -> Path:
+    """OUTPUT0 = INPUT0 + INPUT1 over 1-D tensors of independent length.
+
+    Any two lengths pass schema validation (dims [-1] each) but onnxruntime fails at run time unless they are
+    equal or one is 1: a model that breaks inside the runtime for some requests and works for others.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"])],
+        "broadcast_add",
+        [
+            helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["a"]),
+            helper.make_tensor_value_info("INPUT1", TensorProto.FLOAT, ["b"]),
+        ],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["c"])],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def tile_model(path: Path, width: int = 16, repeats: int = 4096) -> Path:
+    """OUTPUT0 [batch, width * repeats] = INPUT0 [batch, width] tiled: a small request with a large response."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["INPUT0", "repeats"], ["OUTPUT0"])],
+        "tile",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width * repeats])],
+        initializer=[numpy_helper.from_array(np.array([1, repeats], dtype=np.int64), "repeats")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -294,7 +294,7 @@ def _class(module: Any, full_name: str) -> type[Message]:
     cls: Any = module
     for part in full_name.removeprefix("inference.").split("."):
         cls = getattr(cls, part)
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 @pytest.mark.parametrize(("file_name", "full_name", "choices"), _round_trip_cases())

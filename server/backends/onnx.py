@@ -47,6 +47,10 @@ _GRAPH_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Triton's onnxruntime backend reads `optimization { graph { level } }` this way; any other level means "all".
+_TRITON_GRAPH_LEVELS = {-1: "basic", 1: "extended", 2: "disable"}
+# More threads than this per session is a typo, not a tuning choice; onnxruntime would try to start them all.
+_MAX_THREADS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +97,19 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
     ):
         value = _string_param(config, key)
         if value is not None:
+            # Checked here: onnxruntime takes a negative count silently and rejects a huge one with a TypeError.
             try:
-                setattr(opts, attr, int(value))
-            except ValueError as exc:
-                raise ModelLoadError(config.name, None, f"parameter '{key}' must be an integer, got '{value}'") from exc
+                count = int(value)
+            except ValueError:
+                count = -1
+            if not 0 <= count <= _MAX_THREADS:
+                raise ModelLoadError(
+                    config.name,
+                    None,
+                    f"parameter '{key}' must be an integer in 0..{_MAX_THREADS} (0: onnxruntime's default), "
+                    f"got '{value}'",
+                )
+            setattr(opts, attr, count)
     level_name = _string_param(config, "tensorgate.graph_optimization_level")
     if level_name is not None:
         if level_name not in _GRAPH_LEVELS:
@@ -106,12 +119,17 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
                 f"tensorgate.graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}",
             )
         opts.graph_optimization_level = _GRAPH_LEVELS[level_name]
-    elif config.optimization.graph.level < 0:
-        # Triton's convention: level -1 keeps only the basic rewrites.
-        opts.graph_optimization_level = _GRAPH_LEVELS["basic"]
     else:
-        opts.graph_optimization_level = _GRAPH_LEVELS["all"]
+        level = _TRITON_GRAPH_LEVELS.get(config.optimization.graph.level, "all")
+        opts.graph_optimization_level = _GRAPH_LEVELS[level]
     return opts
+
+
+def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
+    """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get the file
+    name only (the message already names model and version), never the server's directory layout."""
+    detail = str(exc).replace(str(path), path.name)
+    return ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {detail}")
 
 
 class OnnxBackend:
@@ -133,17 +151,21 @@ class OnnxBackend:
         if choice.warning:
             log.warning("%s", choice.warning)
         opts = session_options(config)
+        # Ask onnxruntime only for providers this build has: it would warn about any other one on its own (a Python
+        # UserWarning, an exception under `-W error`) before dropping it, and the read-back below says it once.
+        built = set(ort.get_available_providers())
+        providers = [p for p in choice.providers if (p[0] if isinstance(p, tuple) else p) in built]
+        fell_back = False
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=choice.providers)
+            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
             if not choice.wants_gpu:
-                raise ModelLoadError(
-                    config.name, version, f"onnxruntime could not load {model_path.name}: {exc}"
-                ) from exc
+                raise _load_error(config.name, version, model_path, exc) from exc
             log.warning("model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc)
             self._session = self._cpu_session(model_path, opts, config.name, version)
+            fell_back = True
         used = self._session.get_providers()
-        if choice.wants_gpu and CUDA not in used:
+        if choice.wants_gpu and CUDA not in used and not fell_back:
             log.warning(
                 "model '%s': %s was requested but onnxruntime did not enable it (providers in use: %s); "
                 "running on the CPU",
@@ -167,7 +189,7 @@ class OnnxBackend:
         try:
             return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {exc}") from exc
+            raise _load_error(model, version, path, exc) from exc
 
     @property
     def execution_provider(self) -> str:

@@ -39,7 +39,12 @@ def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise InvalidConfigError(model, f"{CONFIG_FILE}: {exc}") from exc
+        # protobuf prefixes its message with a bare "3:57 : "; spell the position out for whoever edits the file.
+        detail, where = str(exc), CONFIG_FILE
+        if exc.GetLine() is not None:
+            detail = detail.removeprefix(f"{exc.GetLine()}:{exc.GetColumn()} : ")
+            where = f"{CONFIG_FILE} line {exc.GetLine()}, column {exc.GetColumn()}"
+        raise InvalidConfigError(model, f"{where}: {detail}") from exc
     if config.name and config.name != model:
         raise InvalidConfigError(model, f"config names the model '{config.name}' but its directory is '{model}'")
     config.name = model

@@ -95,6 +95,15 @@ class _Prepared:
     signature: str
 
 
+def _reason(exc: TensorgateError) -> str:
+    """The cause alone, without the "failed to load model ..." framing that the final error adds once."""
+    if isinstance(exc, ModelLoadError):
+        return exc.reason
+    if isinstance(exc, InvalidConfigError):
+        return exc.problem
+    return exc.message
+
+
 def _file_signature(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -136,10 +145,9 @@ class ModelRepository:
             if entry.versions:
                 return entry.versions[max(entry.versions)]
             raise ModelUnavailableError(name, None, entry.reason or entry.state.lower())
-        try:
-            number = int(version)
-        except ValueError:
-            raise ModelNotFoundError(name, version, "versions are positive integers") from None
+        if not version.isdigit() or version != str(int(version)):
+            raise ModelNotFoundError(name, version, "versions are written as plain decimal numbers")
+        number = int(version)
         found = entry.versions.get(number)
         if found is not None:
             return found
@@ -221,7 +229,7 @@ class ModelRepository:
             try:
                 ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
             except TensorgateError as exc:
-                failed[v] = exc.message
+                failed[v] = _reason(exc)
                 log.error("%s", exc.message)
         return ready, failed
 
@@ -268,7 +276,7 @@ class ModelRepository:
             run_warmup(config, schema, backend, vdir.parent, version)
         except InvalidConfigError as exc:
             backend.close()
-            raise ModelLoadError(name, version, exc.message) from exc
+            raise ModelLoadError(name, version, exc.problem) from exc
         except TensorgateError:
             backend.close()
             raise
@@ -286,10 +294,10 @@ class ModelRepository:
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case.
         """
+        model_dir = self._model_dir(name)  # validates the name before it can own a lock
+        if model_dir is None:
+            raise ModelNotFoundError(name)
         async with self._lock(name):
-            model_dir = self._model_dir(name)
-            if model_dir is None:
-                raise ModelNotFoundError(name)
             entry = self._entries.setdefault(name, _Entry(name))
             entry.attempted = _file_signature(model_dir)
             if not entry.versions:
@@ -297,8 +305,8 @@ class ModelRepository:
             try:
                 ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, entry.versions)
             except TensorgateError as exc:
-                reason = exc.message
-                log.error("%s", reason)
+                reason = _reason(exc)
+                log.error("failed to load model '%s': %s", name, reason)
                 if not entry.versions:
                     entry.state, entry.reason = UNAVAILABLE, reason
                 else:
@@ -340,11 +348,11 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; its in-flight requests finish first."""
+        if name not in self._entries and self._model_dir(name) is None:
+            raise ModelNotFoundError(name)
         async with self._lock(name):
             entry = self._entries.get(name)
             if entry is None:
-                if self._model_dir(name) is None:
-                    raise ModelNotFoundError(name)
                 self._entries[name] = _Entry(name, state=UNAVAILABLE, reason="unloaded")
                 return
             retired = list(entry.versions.values())

@@ -40,9 +40,18 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
 
 def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, tensor: str) -> np.ndarray:
     """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
+    offset, size = 0, len(buf)
+    if count > size // _LEN.size:
+        # Checked before allocating: every element takes at least its 4-byte length, so a shape far larger than
+        # the data is refused here instead of reserving memory for it (or failing inside numpy as INTERNAL).
+        raise InvalidRequestError(
+            model,
+            version,
+            f"malformed BYTES data: the shape needs {count} elements but {size} bytes hold at most {size // 4}",
+            tensor=tensor,
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(buf)
-    offset, size = 0, len(buf)
     for i in range(count):
         if offset + 4 > size:
             raise InvalidRequestError(

@@ -19,7 +19,9 @@ from tensorgate.server import __version__
 from tensorgate.server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
+    ResourceExhaustedError,
     ServerUnavailableError,
+    model_ref,
 )
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
@@ -44,8 +46,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         model_control: str,
         is_ready: Callable[[], bool],
         gate: DrainGate,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.gate = gate
+        self._max_message_bytes = max_message_bytes
         self._repository = repository
         self._handler = handler
         self._model_control = model_control
@@ -96,17 +100,32 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
+    def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
+        """Refuse a response over the message limit before gRPC does: gRPC's own refusal names no model and, on
+        ModelStreamInfer, ends the whole stream with every other request on it."""
+        if self._max_message_bytes is None:
+            return
+        size = msg.ByteSize()
+        if size > self._max_message_bytes:
+            raise ResourceExhaustedError(
+                f"{model_ref(model, version)}: the response takes {size} bytes, over the server's message limit "
+                f"of {self._max_message_bytes} bytes"
+            )
+
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()))
-        return codec.encode_infer_response(await self._handler.infer(req))
+        response = codec.encode_infer_response(await self._handler.infer(req))
+        self._check_size(response, response.model_name, response.model_version)
+        return response
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
             req = codec.decode_infer_request(request, deadline)
-            return pb.ModelStreamInferResponse(
-                infer_response=codec.encode_infer_response(await self._handler.infer(req))
-            )
+            result = codec.encode_infer_response(await self._handler.infer(req))
+            response = pb.ModelStreamInferResponse(infer_response=result)
+            self._check_size(response, result.model_name, result.model_version)
+            return response
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
             _, message = errors.status_of(exc, "ModelStreamInfer")
             return pb.ModelStreamInferResponse(

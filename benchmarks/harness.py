@@ -1,0 +1,298 @@
+"""Shared pieces of the benchmarks: start servers on loopback, drive them with perf_analyzer (or a small
+Python load generator where perf_analyzer is missing), read server statistics and CPU use, write reports.
+
+Every run is bounded (perf_analyzer's measurement windows and trial cap, or a fixed duration) and targets
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+PA = ROOT / "benchmarks" / "perf_analyzer.sh"
+RESULTS = ROOT / "benchmarks" / "results"
+_PORT = re.compile(r"listening on \S+:(\d+)")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@contextmanager
+def start_server(cmd: Sequence[str], ready_pattern: str = "ready", timeout: float = 120.0) -> Iterator[Server]:
+    """Run a server command that logs `listening on HOST:PORT`; stop it with SIGTERM afterwards."""
+    log = Path(tempfile.mkstemp(prefix="bench-server-", suffix=".log")[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            list(cmd), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        port = None
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            m = _PORT.search(text)
+            if m:
+                port = int(m.group(1))
+            if port is not None and ready_pattern in text:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{text}")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"server not ready within {timeout}s:\n{log.read_text(errors='replace')}")
+        yield Server(proc, port, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def perf_analyzer_available() -> bool:
+    if os.environ.get("TENSORGATE_BENCH_NO_PA"):
+        return False
+    try:
+        return subprocess.run([str(PA), "--version"], capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@dataclass
+class Measurement:
+    """One load run, as the client saw it; latencies in microseconds."""
+
+    infer_per_s: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    server_queue_us: float = 0.0
+    server_compute_us: float = 0.0
+    server_cpu_cores: float = 0.0
+    client_cpu_cores: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    tool: str = "perf_analyzer"
+
+
+def run_perf_analyzer(
+    address: str, model: str, concurrency: int, rows: int, streaming: bool, window_ms: int = 2000
+) -> Measurement:
+    """One perf_analyzer run (closed loop at `concurrency`), its CSV row parsed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        args = [
+            str(PA),
+            "-i",
+            "grpc",
+            "-u",
+            address,
+            "-m",
+            model,
+            "-b",
+            str(rows),
+            "--concurrency-range",
+            f"{concurrency}:{concurrency}",
+            "--measurement-interval",
+            str(window_ms),
+            "--stability-percentage",
+            "100",
+            "--max-trials",
+            "4",
+            "-f",
+            str(out),
+        ]
+        if streaming:
+            args += ["--async", "--streaming"]
+        before = os.times()
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        after = os.times()
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+            )
+        row = next(csv.DictReader(out.open()))
+    client_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    # perf_analyzer reports per batch; with -b ROWS, Inferences/Second already counts rows.
+    return Measurement(
+        infer_per_s=float(row["Inferences/Second"]),
+        p50_us=float(row["p50 latency"]),
+        p90_us=float(row["p90 latency"]),
+        p99_us=float(row["p99 latency"]),
+        # The server columns exist only when the server lists the `statistics` extension.
+        server_queue_us=float(row.get("Server Queue", 0)),
+        server_compute_us=sum(
+            float(row.get(k, 0)) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
+        ),
+        client_cpu_cores=client_cpu,  # divided by wall time by the caller
+    )
+
+
+def run_python_load(
+    address: str,
+    model: str,
+    concurrency: int,
+    rows: int,
+    streaming: bool,
+    duration: float = 4.0,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> Measurement:
+    """A small closed-loop grpc.aio load generator: the fallback where perf_analyzer cannot run."""
+
+    async def main() -> tuple[list[float], float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10)
+            request = pb.ModelInferRequest(model_name=model)
+            for t in meta.inputs:
+                shape = [rows if d == -1 and i == 0 else max(d, 1) for i, d in enumerate(t.shape)]
+                data = (inputs or {}).get(t.name)
+                if data is None:
+                    data = np.zeros(shape, np.float32)
+                request.inputs.add(name=t.name, datatype=t.datatype, shape=shape)
+                request.raw_input_contents.append(data.tobytes())
+            latencies: list[float] = []
+            stop = time.perf_counter() + duration
+
+            async def unary_worker() -> None:
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    await stub.ModelInfer(request, timeout=30)
+                    latencies.append(time.perf_counter() - t0)
+
+            async def stream_worker() -> None:
+                call = stub.ModelStreamInfer(timeout=duration + 30)
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    await call.write(request)
+                    reply = await call.read()
+                    if reply.error_message:
+                        raise RuntimeError(reply.error_message)
+                    latencies.append(time.perf_counter() - t0)
+                await call.done_writing()
+
+            start = time.perf_counter()
+            await asyncio.gather(*((stream_worker if streaming else unary_worker)() for _ in range(concurrency)))
+            return latencies, time.perf_counter() - start
+
+    before = time.process_time()
+    latencies, wall = asyncio.run(main())
+    client_cpu = time.process_time() - before
+    us = np.array(latencies) * 1e6
+    return Measurement(
+        infer_per_s=len(latencies) * rows / wall,
+        p50_us=float(np.percentile(us, 50)),
+        p90_us=float(np.percentile(us, 90)),
+        p99_us=float(np.percentile(us, 99)),
+        client_cpu_cores=client_cpu / wall,
+        tool="python-grpc.aio",
+    )
+
+
+def batch_histogram(address: str, model: str) -> dict[int, int]:
+    """Executed batch sizes so far, from ModelStatistics (Triton's batch_stats)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+    hist: dict[int, int] = {}
+    for ms in stats.model_stats:
+        for b in ms.batch_stats:
+            hist[b.batch_size] = hist.get(b.batch_size, 0) + b.compute_infer.count
+    return hist
+
+
+def measure(
+    server: Server, model: str, concurrency: int, rows: int, streaming: bool, use_pa: bool, stats: bool = True
+) -> Measurement:
+    """One run with server CPU and executed batch sizes attached."""
+    hist0 = batch_histogram(server.address, model) if stats else {}
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    if use_pa:
+        m = run_perf_analyzer(server.address, model, concurrency, rows, streaming)
+    else:
+        m = run_python_load(server.address, model, concurrency, rows, streaming)
+    wall = time.perf_counter() - t0
+    m.server_cpu_cores = (server.cpu_seconds() - cpu0) / wall
+    if use_pa:
+        m.client_cpu_cores /= wall
+    if stats:
+        hist1 = batch_histogram(server.address, model)
+        m.batch_sizes = {k: v - hist0.get(k, 0) for k, v in sorted(hist1.items()) if v - hist0.get(k, 0)}
+    return m
+
+
+def median_of(runs: Sequence[Measurement]) -> dict[str, object]:
+    """Medians over repeats; the batch-size histograms are summed."""
+    keys = [
+        "infer_per_s",
+        "p50_us",
+        "p90_us",
+        "p99_us",
+        "server_queue_us",
+        "server_compute_us",
+        "server_cpu_cores",
+        "client_cpu_cores",
+    ]
+    out: dict[str, object] = {k: statistics.median(getattr(r, k) for r in runs) for k in keys}
+    hist: dict[int, int] = {}
+    for r in runs:
+        for k, v in r.batch_sizes.items():
+            hist[k] = hist.get(k, 0) + v
+    out["batch_sizes"] = hist
+    out["mean_batch"] = (sum(k * v for k, v in hist.items()) / sum(hist.values())) if hist else None
+    out["repeats"] = len(runs)
+    out["tool"] = runs[0].tool
+    out["runs"] = [asdict(r) for r in runs]
+    return out
+
+
+def write_report(name: str, payload: dict[str, object], markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    js = RESULTS / f"{name}.json"
+    md = RESULTS / f"{name}.md"
+    js.write_text(json.dumps(payload, indent=2, default=str))
+    md.write_text(markdown)
+    return js, md
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable]
+
+
+def tensorgate_cmd(repo: Path, *extra: str) -> list[str]:
+    exe = shutil.which("tensorgate", path=str(Path(sys.executable).parent)) or "tensorgate"
+    return [exe, "serve", "--model-repository", str(repo), "--grpc-port", "0", *extra]

@@ -1,0 +1,318 @@
+"""The ONNX Runtime backend: provider choice, the CPU fallback, session options, strings and runtime failures.
+
+`choose_providers` is pure and tested as such. Everything else runs real ONNX Runtime sessions on models built
+here; the fallback is the real one of this CPU-only onnxruntime build, told (through the `available_providers`
+constructor parameter) that CUDA is there, as an onnxruntime-gpu wheel on a machine without a usable GPU would.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as triton_mc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.onnx import CPU, CUDA, OnnxBackend, choose_providers, session_options
+from tensorgate.server.errors import ModelLoadError
+from tensorgate.server.repository.manager import ModelRepository
+from tests.onnx_models import broadcast_add_model, identity_model, scale_model, write_config
+from tests.serving import ServerThread
+
+KIND = mc.ModelInstanceGroup
+BACKEND_LOGGER = "tensorgate.server.backends.onnx"
+
+# ----- choose_providers (pure) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "gpus", "available", "providers", "wants_gpu"),
+    [
+        pytest.param(KIND.KIND_CPU, [], [CUDA, CPU], [CPU], False, id="cpu-ignores-cuda"),
+        pytest.param(KIND.KIND_AUTO, [], [CUDA, CPU], [(CUDA, {"device_id": "0"}), CPU], True, id="auto-with-cuda"),
+        pytest.param(KIND.KIND_AUTO, [], [CPU], [CPU], False, id="auto-without-cuda"),
+        pytest.param(KIND.KIND_GPU, [], [CUDA, CPU], [(CUDA, {"device_id": "0"}), CPU], True, id="gpu-default-0"),
+        pytest.param(KIND.KIND_GPU, [2, 3], [CUDA, CPU], [(CUDA, {"device_id": "2"}), CPU], True, id="gpu-from-gpus"),
+        pytest.param(KIND.KIND_MODEL, [], [CUDA, CPU], [CPU], False, id="model-kind-on-cpu"),
+    ],
+)
+def test_choose_providers(
+    kind: int, gpus: list[int], available: list[str], providers: list[object], wants_gpu: bool
+) -> None:
+    choice = choose_providers(kind, gpus, available, model="m")
+    assert choice.providers == providers
+    assert choice.wants_gpu is wants_gpu
+    assert choice.warning is None
+
+
+def test_choose_providers_gpu_without_cuda_warns() -> None:
+    choice = choose_providers(KIND.KIND_GPU, [0], [CPU, "AzureExecutionProvider"], model="digits")
+    assert choice.providers == [CPU]
+    assert not choice.wants_gpu
+    assert choice.warning is not None
+    assert "'digits'" in choice.warning
+    assert CUDA in choice.warning
+    assert "KIND_GPU" in choice.warning
+
+
+# ----- the real CPU fallback --------------------------------------------------------------------------------------
+
+
+def _gpu_config(name: str) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name)
+    config.instance_group.add(kind=KIND.KIND_GPU, count=1, gpus=[0])
+    return config
+
+
+@pytest.mark.parametrize(
+    "available",
+    [
+        pytest.param([CUDA, CPU], id="cuda-listed-but-not-enabled"),
+        pytest.param([CPU], id="cuda-not-listed"),
+    ],
+)
+def test_gpu_request_falls_back_to_cpu_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, available: list[str]
+) -> None:
+    path = scale_model(tmp_path / "scaler" / "1" / "model.onnx", 3.0)
+    caplog.set_level(logging.WARNING, logger=BACKEND_LOGGER)
+    backend = OnnxBackend(path, _gpu_config("scaler"), version=1, available_providers=available)
+    try:
+        assert backend.execution_provider == CPU
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        message = warnings[0].getMessage()
+        assert "'scaler'" in message
+        assert CUDA in message
+        assert "CPU" in message
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        np.testing.assert_array_equal(backend.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x * 3.0)
+    finally:
+        backend.close()
+
+
+async def test_repository_reports_where_a_gpu_model_really_runs(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    scale_model(root / "scaler" / "1" / "model.onnx", 2.0)
+    write_config(root, "scaler", "instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0 ] } ]\n")
+    repository = ModelRepository(root, available_providers=[CUDA, CPU])
+    try:
+        await repository.load("scaler")
+        model = repository.get("scaler", "")
+        assert [(g.kind, g.count) for g in model.config.instance_group] == [(KIND.KIND_CPU, 2)]
+        assert model.config.parameters["tensorgate.execution_provider"].string_value == CPU
+        assert model.backend.execution_provider == CPU
+    finally:
+        await repository.close()
+
+
+def test_server_reports_cpu_for_a_gpu_config(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    scale_model(root / "scaler" / "1" / "model.onnx", 2.0)
+    write_config(root, "scaler", 'name: "scaler"\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n')
+    with ServerThread(root) as s:
+        client = grpcclient.InferenceServerClient(s.address)
+        try:
+            config = client.get_model_config("scaler").config
+            assert config.instance_group[0].kind == triton_mc.ModelInstanceGroup.KIND_CPU
+            assert config.parameters["tensorgate.execution_provider"].string_value == CPU
+            inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            np.testing.assert_array_equal(client.infer("scaler", [inp]).as_numpy("OUTPUT0"), np.full((1, 4), 2.0))
+        finally:
+            client.close()
+
+
+# ----- session options --------------------------------------------------------------------------------------------
+
+
+def _config_with(
+    parameters: dict[str, str] | None = None, graph_level: int | None = None, name: str = "tuned"
+) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
+    if graph_level is not None:
+        config.optimization.graph.level = graph_level
+    return config
+
+
+def test_thread_counts_are_applied() -> None:
+    opts = session_options(_config_with({"intra_op_thread_count": "3", "inter_op_thread_count": "2"}))
+    assert opts.intra_op_num_threads == 3
+    assert opts.inter_op_num_threads == 2
+    defaults = session_options(_config_with())
+    assert defaults.intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        pytest.param("intra_op_thread_count", "two", id="intra-not-a-number"),
+        pytest.param("intra_op_thread_count", "1.5", id="intra-fraction"),
+        pytest.param("inter_op_thread_count", "-1", id="inter-negative"),
+        pytest.param("inter_op_thread_count", "99999999999999", id="inter-huge"),
+    ],
+)
+def test_bad_thread_counts_name_the_parameter(key: str, value: str) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        session_options(_config_with({key: value}))
+    assert f"parameter '{key}'" in info.value.message
+    assert f"'{value}'" in info.value.message
+    assert "'tuned'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("parameters", "graph_level", "expected"),
+    [
+        pytest.param({}, None, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, id="default-all"),
+        pytest.param({}, -1, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, id="triton-level-minus-1"),
+        pytest.param({}, 0, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, id="triton-level-0"),
+        pytest.param({}, 1, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, id="triton-level-1"),
+        pytest.param({}, 2, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, id="triton-level-2"),
+        pytest.param(
+            {"tensorgate.graph_optimization_level": "disable"},
+            None,
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            id="param-disable",
+        ),
+        pytest.param(
+            {"tensorgate.graph_optimization_level": "basic"},
+            None,
+            ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            id="param-basic",
+        ),
+        pytest.param(
+            {"tensorgate.graph_optimization_level": "extended"},
+            None,
+            ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            id="param-extended",
+        ),
+        pytest.param(
+            {"tensorgate.graph_optimization_level": "all"},
+            -1,
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            id="param-wins-over-triton-level",
+        ),
+    ],
+)
+def test_graph_optimization_level(
+    parameters: dict[str, str], graph_level: int | None, expected: ort.GraphOptimizationLevel
+) -> None:
+    assert session_options(_config_with(parameters, graph_level)).graph_optimization_level == expected
+
+
+def test_unknown_graph_optimization_level_names_the_parameter() -> None:
+    with pytest.raises(ModelLoadError) as info:
+        session_options(_config_with({"tensorgate.graph_optimization_level": "fastest"}))
+    assert "tensorgate.graph_optimization_level" in info.value.message
+    assert "'extended'" in info.value.message
+
+
+def test_session_options_reach_the_session(tmp_path: Path) -> None:
+    path = identity_model(tmp_path / "tuned" / "1" / "model.onnx", "FP32")
+    config = _config_with({"intra_op_thread_count": "1", "tensorgate.graph_optimization_level": "basic"})
+    backend = OnnxBackend(path, config, version=1)
+    try:
+        x = np.ones((2, 4), dtype=np.float32)
+        np.testing.assert_array_equal(backend.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x)
+    finally:
+        backend.close()
+
+
+# ----- through a server: load errors, strings, runtime failures -------------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[grpcclient.InferenceServerClient]:
+    root = tmp_path / "models"
+    identity_model(root / "text" / "1" / "model.onnx", "BYTES")
+    broadcast_add_model(root / "broadcast" / "1" / "model.onnx")
+    write_config(root, "broadcast", "max_batch_size: 0\n")
+    identity_model(root / "bad_threads" / "1" / "model.onnx", "FP32")
+    write_config(root, "bad_threads", 'parameters { key: "intra_op_thread_count" value: { string_value: "many" } }\n')
+    with ServerThread(root, model_control_mode="explicit", load_model=["text", "broadcast"]) as s:
+        client = grpcclient.InferenceServerClient(s.address)
+        yield client
+        client.close()
+
+
+def _status_and_message(call: object) -> tuple[str | None, str]:
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return info.value.status(), str(info.value.message())
+
+
+def test_bad_session_parameter_fails_the_load(served: grpcclient.InferenceServerClient) -> None:
+    status, message = _status_and_message(lambda: served.load_model("bad_threads"))
+    assert status == str(grpc.StatusCode.UNAVAILABLE)
+    assert "parameter 'intra_op_thread_count'" in message
+    assert "'many'" in message
+
+
+def _text_input(values: list[bytes]) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("INPUT0", [1, len(values)], "BYTES")
+    inp.set_data_from_numpy(np.array([values], dtype=object))
+    return inp
+
+
+def test_utf8_strings_round_trip(served: grpcclient.InferenceServerClient) -> None:
+    values = ["héllo".encode(), "日本語".encode(), b"", b"plain ascii"]
+    out = served.infer("text", [_text_input(values)]).as_numpy("OUTPUT0")
+    assert out is not None
+    assert out.shape == (1, 4)
+    assert list(out[0]) == values
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"\xff\xfe", id="invalid-start-byte"),
+        pytest.param("é".encode()[:1], id="truncated-sequence"),
+        pytest.param("é".encode("latin-1"), id="latin-1"),
+    ],
+)
+def test_non_utf8_bytes_into_a_string_model_are_invalid(served: grpcclient.InferenceServerClient, bad: bytes) -> None:
+    status, message = _status_and_message(lambda: served.infer("text", [_text_input([b"ok", bad, b"a", b"b"])]))
+    assert status == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "model 'text'" in message
+    assert "tensor 'INPUT0'" in message
+    assert "UTF-8" in message
+    out = served.infer("text", [_text_input([b"ok", b"fine", b"a", b"b"])]).as_numpy("OUTPUT0")
+    assert out is not None and list(out[0]) == [b"ok", b"fine", b"a", b"b"]
+
+
+def _add(client: grpcclient.InferenceServerClient, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inputs = [grpcclient.InferInput(n, list(x.shape), "FP32") for n, x in (("INPUT0", a), ("INPUT1", b))]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    out: np.ndarray | None = client.infer("broadcast", inputs).as_numpy("OUTPUT0")
+    assert out is not None
+    return out
+
+
+def test_failure_inside_onnxruntime_is_internal_and_the_model_keeps_serving(
+    served: grpcclient.InferenceServerClient,
+) -> None:
+    a = np.arange(3, dtype=np.float32)
+    config = served.get_model_config("broadcast").config
+    assert config.max_batch_size == 0
+    assert [list(t.dims) for t in config.input] == [[-1], [-1]]  # both lengths pass schema validation
+
+    status, message = _status_and_message(lambda: _add(served, a, np.ones(2, dtype=np.float32)))
+    assert status == str(grpc.StatusCode.INTERNAL)
+    assert "model 'broadcast' version 1 failed during execution" in message
+    assert "onnxruntime" in message
+
+    np.testing.assert_array_equal(_add(served, a, np.ones(3, dtype=np.float32)), a + 1)
+    np.testing.assert_array_equal(_add(served, a, np.full(1, 2.0, dtype=np.float32)), a + 2)
+    stats = served.get_inference_statistics("broadcast").model_stats[0].inference_stats
+    assert (stats.success.count, stats.fail.count) == (2, 1)

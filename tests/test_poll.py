@@ -1,0 +1,310 @@
+"""Poll mode: the server follows the repository on disk while clients keep calling it.
+
+A client thread sends requests the whole time a change is made and counts every failure; the checks wait (bounded)
+for the change to show on the wire and then require that no request failed. Files are moved into place with
+renames, as deployment tools do, so that a scan never sees half a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.onnx_models import identity_model, scale_model
+from tests.serving import ServerThread
+
+POLL_SECS = 0.2
+WAIT_S = 20.0
+ROW = np.ones((1, 4), dtype=np.float32)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _infer(client: grpcclient.InferenceServerClient, model: str, version: str = "") -> np.ndarray:
+    inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_data_from_numpy(ROW)
+    out: np.ndarray | None = client.infer(model, [inp], model_version=version).as_numpy("OUTPUT0")
+    assert out is not None
+    return out
+
+
+def _factor(client: grpcclient.InferenceServerClient, model: str, version: str = "") -> float:
+    return float(_infer(client, model, version)[0, 0])
+
+
+def _status(call: Callable[[], object]) -> str | None:
+    """The gRPC status a call ends with, as tritonclient spells it; None when it succeeds."""
+    try:
+        call()
+    except InferenceServerException as exc:
+        return str(exc.status())
+    return None
+
+
+def _place(staged: Path, target: Path) -> None:
+    """Move a prepared file or directory into the repository in one rename."""
+    os.replace(staged, target)
+
+
+def _stage_version(tmp: Path, factor: float) -> Path:
+    staged = tmp / f"staged-{factor}-{time.monotonic_ns()}"
+    scale_model(staged / "model.onnx", factor)
+    return staged
+
+
+def _stage_config(tmp: Path, text: str) -> Path:
+    staged = tmp / f"config-{time.monotonic_ns()}.pbtxt"
+    staged.write_text(text)
+    return staged
+
+
+class Traffic:
+    """A client thread that calls one model in a loop until stopped (or 30 s), recording what it saw."""
+
+    def __init__(self, address: str, model: str) -> None:
+        self._address = address
+        self._model = model
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"traffic-{model}", daemon=True)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.failures: list[str] = []
+        self.last_factor: float | None = None
+
+    def _loop(self) -> None:
+        client = grpcclient.InferenceServerClient(self._address)
+        deadline = time.monotonic() + 30.0
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    factor = _factor(client, self._model)
+                except Exception as exc:  # noqa: BLE001 - every failure is recorded and asserted on
+                    with self._lock:
+                        self.requests += 1
+                        self.failures.append(repr(exc))
+                    continue
+                with self._lock:
+                    self.requests += 1
+                    self.last_factor = factor
+        finally:
+            client.close()
+
+    def factor(self) -> float | None:
+        with self._lock:
+            return self.last_factor
+
+    def count(self) -> int:
+        with self._lock:
+            return self.requests
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        _wait_for("the first answer", lambda: self.count() > 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(35)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """One model, `scale`, version 1 answering with factor 1."""
+    root = tmp_path / "models"
+    scale_model(root / "scale" / "1" / "model.onnx", 1.0)
+    return root
+
+
+@pytest.fixture
+def server(repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(repo, model_control_mode="poll", repository_poll_secs=POLL_SECS) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(server.address)
+    yield c
+    c.close()
+
+
+def test_new_version_swaps_in_without_failing_requests(
+    server: ServerThread, client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    model_dir = repo / "scale"
+    with Traffic(server.address, "scale") as traffic:
+        assert traffic.factor() == 1.0
+
+        _place(_stage_version(tmp_path, 2.0), model_dir / "2")
+        _wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
+        assert _factor(client, "scale") == 2.0
+        assert _factor(client, "scale", "2") == 2.0
+        assert _status(lambda: _infer(client, "scale", "1")) == str(grpc.StatusCode.NOT_FOUND)  # latest 1
+
+        # Rolling back: take version 2 away again and version 1 is served once more.
+        _place(model_dir / "2", tmp_path / "retired-2")
+        _wait_for("version 1 to answer again", lambda: traffic.factor() == 1.0)
+        swapped_back_at = traffic.count()
+
+        # Removing a version that is not served changes nothing for callers.
+        _place(_stage_version(tmp_path, 3.0), model_dir / "3")
+        _wait_for("version 3 to answer", lambda: traffic.factor() == 3.0)
+        _place(model_dir / "1", tmp_path / "retired-1")
+        _wait_for("more requests", lambda: traffic.count() > swapped_back_at + 20)
+        _wait_for("an index without version 1", lambda: _versions(client, "scale") == ["3"])
+        assert traffic.factor() == 3.0
+
+    assert traffic.count() > 0
+    assert traffic.failures == []
+
+
+def test_broken_new_version_leaves_the_old_one_serving(
+    server: ServerThread, client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    def reason() -> str:
+        return " ".join(m.reason for m in client.get_model_repository_index().models if m.name == "scale")
+
+    with Traffic(server.address, "scale") as traffic:
+        staged = tmp_path / "corrupt"
+        staged.mkdir()
+        (staged / "model.onnx").write_bytes(b"this is not an onnx model")
+        _place(staged, repo / "scale" / "2")
+        _wait_for("the index to give the reason", lambda: "onnxruntime could not load model.onnx" in reason())
+        assert "still serving the previous versions" in reason()
+        assert str(tmp_path) not in reason()  # the server's paths stay in its log
+        assert _factor(client, "scale") == 1.0
+
+        _place(_stage_version(tmp_path, 2.0), tmp_path / "good-2")
+        shutil.rmtree(repo / "scale" / "2")
+        _place(tmp_path / "good-2", repo / "scale" / "2")
+        _wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
+        assert reason() == ""
+    assert traffic.failures == []
+
+
+def _versions(client: grpcclient.InferenceServerClient, model: str) -> list[str]:
+    return sorted(m.version for m in client.get_model_repository_index().models if m.name == model)
+
+
+def test_model_directories_appearing_and_disappearing(
+    client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    assert _status(lambda: _infer(client, "late")) == str(grpc.StatusCode.NOT_FOUND)
+    staged = tmp_path / "late"
+    identity_model(staged / "1" / "model.onnx", "FP32")
+    _place(staged, repo / "late")
+    _wait_for("the new model to be ready", lambda: client.is_model_ready("late"))
+    np.testing.assert_array_equal(_infer(client, "late"), ROW)
+
+    _place(repo / "late", tmp_path / "gone")
+    _wait_for("the removed model to stop serving", lambda: not client.is_model_ready("late"))
+    assert _status(lambda: _infer(client, "late")) == str(grpc.StatusCode.NOT_FOUND)
+    assert "late" not in {m.name for m in client.get_model_repository_index().models}
+    assert _factor(client, "scale") == 1.0  # the other model was never touched
+
+
+def test_changed_config_reloads_without_failing_requests(
+    server: ServerThread, client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    assert client.get_model_config("scale").config.max_batch_size == 4  # auto-completed default
+    with Traffic(server.address, "scale") as traffic:
+        _place(_stage_config(tmp_path, "max_batch_size: 2\n"), repo / "scale" / "config.pbtxt")
+        _wait_for("max_batch_size 2", lambda: client.get_model_config("scale").config.max_batch_size == 2)
+        _place(_stage_config(tmp_path, "max_batch_size: 3\n"), repo / "scale" / "config.pbtxt")
+        _wait_for("max_batch_size 3", lambda: client.get_model_config("scale").config.max_batch_size == 3)
+        before = traffic.count()
+        _wait_for("more requests", lambda: traffic.count() > before + 20)
+    assert traffic.failures == []
+
+
+def test_broken_config_keeps_the_old_version_serving(
+    server: ServerThread,
+    client: grpcclient.InferenceServerClient,
+    repo: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tensorgate")
+
+    def reason() -> str:
+        return " ".join(m.reason for m in client.get_model_repository_index().models if m.name == "scale")
+
+    with Traffic(server.address, "scale") as traffic:
+        _place(_stage_config(tmp_path, "max_batch_size: [ 2\n"), repo / "scale" / "config.pbtxt")
+        _wait_for("the index to give the reason", lambda: "config.pbtxt line 1" in reason())
+        assert "still serving the previous versions" in reason()
+        assert any("config.pbtxt line 1" in r.getMessage() for r in caplog.records)
+        assert client.is_model_ready("scale")
+        assert client.get_model_config("scale").config.max_batch_size == 4
+        assert _factor(client, "scale") == 1.0
+
+        _place(_stage_config(tmp_path, "max_batch_size: 2\n"), repo / "scale" / "config.pbtxt")
+        _wait_for("the fixed config", lambda: client.get_model_config("scale").config.max_batch_size == 2)
+        assert reason() == ""
+    assert traffic.failures == []
+
+
+def test_broken_new_model_is_unavailable_until_fixed(
+    client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    staged = tmp_path / "fresh"
+    identity_model(staged / "1" / "model.onnx", "FP32")
+    (staged / "config.pbtxt").write_text('backend: "python"\n')
+    _place(staged, repo / "fresh")
+
+    def failure() -> str:
+        rows = [m for m in client.get_model_repository_index().models if m.name == "fresh"]
+        return rows[0].reason if rows and rows[0].state == "UNAVAILABLE" else ""
+
+    _wait_for("the failure in the index", lambda: "unsupported backend 'python'" in failure())
+    assert _status(lambda: _infer(client, "fresh")) == str(grpc.StatusCode.UNAVAILABLE)
+    assert not client.is_server_ready()
+    _place(_stage_config(tmp_path, 'backend: "onnxruntime"\n'), repo / "fresh" / "config.pbtxt")
+    _wait_for("the fixed model", lambda: client.is_model_ready("fresh"))
+    assert client.is_server_ready()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda c: c.load_model("scale"), id="load"),
+        pytest.param(lambda c: c.unload_model("scale"), id="unload"),
+    ],
+)
+def test_model_control_rpcs_need_explicit_mode(
+    client: grpcclient.InferenceServerClient, call: Callable[[grpcclient.InferenceServerClient], None]
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        call(client)
+    assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+    assert "explicit" in str(info.value.message())
+    assert client.is_model_ready("scale")
+
+
+def test_removing_the_whole_repository_content_unloads(
+    client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+) -> None:
+    shutil.move(str(repo / "scale"), str(tmp_path / "scale-gone"))
+    _wait_for("the model to go", lambda: not client.is_model_ready("scale"))
+    assert _status(lambda: _infer(client, "scale")) == str(grpc.StatusCode.NOT_FOUND)
+    assert client.get_model_repository_index().models == []
+    assert client.is_server_ready()
