@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import grpc
@@ -255,36 +255,57 @@ def measure(
     return m
 
 
-def median_of(runs: Sequence[Measurement]) -> dict[str, object]:
-    """Medians over repeats; the batch-size histograms are summed."""
-    keys = [
-        "infer_per_s",
-        "p50_us",
-        "p90_us",
-        "p99_us",
-        "server_queue_us",
-        "server_compute_us",
-        "server_cpu_cores",
-        "client_cpu_cores",
-    ]
-    out: dict[str, object] = {k: statistics.median(getattr(r, k) for r in runs) for k in keys}
+@dataclass
+class Summary:
+    """Medians over repeats of one configuration; batch-size histograms are summed."""
+
+    infer_per_s: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    server_queue_us: float
+    server_compute_us: float
+    server_cpu_cores: float
+    client_cpu_cores: float
+    batch_sizes: dict[int, int]
+    mean_batch: float | None
+    tool: str
+    runs: list[Measurement]
+
+
+def median_of(runs: Sequence[Measurement]) -> Summary:
+    med = {
+        k: statistics.median(getattr(r, k) for r in runs)
+        for k in (
+            "infer_per_s",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "server_queue_us",
+            "server_compute_us",
+            "server_cpu_cores",
+            "client_cpu_cores",
+        )
+    }
     hist: dict[int, int] = {}
     for r in runs:
         for k, v in r.batch_sizes.items():
             hist[k] = hist.get(k, 0) + v
-    out["batch_sizes"] = hist
-    out["mean_batch"] = (sum(k * v for k, v in hist.items()) / sum(hist.values())) if hist else None
-    out["repeats"] = len(runs)
-    out["tool"] = runs[0].tool
-    out["runs"] = [asdict(r) for r in runs]
-    return out
+    mean = (sum(k * v for k, v in hist.items()) / sum(hist.values())) if hist else None
+    return Summary(**med, batch_sizes=dict(sorted(hist.items())), mean_batch=mean, tool=runs[0].tool, runs=list(runs))
 
 
-def write_report(name: str, payload: dict[str, object], markdown: str) -> tuple[Path, Path]:
+def _jsonable(o: object) -> object:
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    return str(o)
+
+
+def write_report(name: str, payload: object, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     js = RESULTS / f"{name}.json"
     md = RESULTS / f"{name}.md"
-    js.write_text(json.dumps(payload, indent=2, default=str))
+    js.write_text(json.dumps(payload, indent=2, default=_jsonable))
     md.write_text(markdown)
     return js, md
 

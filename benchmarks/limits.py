@@ -72,8 +72,8 @@ def main() -> None:
     for name, by_c in protocol.items():
         for c, r in by_c.items():
             lines.append(
-                f"| {name} | {c} | {r['infer_per_s']:,.0f} | {float(r['p50_us']) / 1000:.2f} | "  # type: ignore[arg-type]
-                f"{float(r['p99_us']) / 1000:.2f} | {r['server_cpu_cores']:.2f} | {r['client_cpu_cores']:.2f} |"  # type: ignore[arg-type]
+                f"| {name} | {c} | {r.infer_per_s:,.0f} | {r.p50_us / 1000:.2f} | {r.p99_us / 1000:.2f} | "
+                f"{r.server_cpu_cores:.2f} | {r.client_cpu_cores:.2f} |"
             )
     js, md = write_report(
         "limits", {"tool": tool, "compute_rows_per_s": compute, "protocol": protocol}, "\n".join(lines) + "\n"
