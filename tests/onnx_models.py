@@ -144,3 +144,54 @@ def tile_model(path: Path, width: int = 16, repeats: int = 4096) -> Path:
         initializer=[numpy_helper.from_array(np.array([1, repeats], dtype=np.int64), "repeats")],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def busy_model(path: Path, iterations: int = 200, width: int = 4, size: int = 256) -> Path:
+    """OUTPUT0 = INPUT0 * 2, after a Loop of `iterations` [1 x size] MatMuls: a fixed cost per execution whatever
+    the batch size (as on a GPU), so concurrent requests queue behind a busy instance and batch together.
+
+    The loop state starts from the input's mean and feeds the output (times 0), so ONNX Runtime can neither fold
+    the loop into a constant nor prune it.
+    """
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state_in", "W"], ["prod"]),
+            helper.make_node("Tanh", ["prod"], ["state_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "busy_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [1, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, size]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["INPUT0"], ["mean"], keepdims=1),
+            helper.make_node("Expand", ["mean", "state_shape"], ["state0"]),
+            helper.make_node("Loop", ["trips", "cond", "state0"], ["state"], body=body),
+            helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Mul", ["INPUT0", "two"], ["doubled"]),
+            helper.make_node("Add", ["doubled", "nothing"], ["OUTPUT0"]),
+        ],
+        "busy",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+        initializer=[
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.array([1, size], dtype=np.int64), "state_shape"),
+            numpy_helper.from_array(np.array(iterations, dtype=np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "cond"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+            numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -8,6 +8,7 @@ constructor parameter) that CUDA is there, as an onnxruntime-gpu wheel on a mach
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.backends.onnx import CPU, CUDA, OnnxBackend, choose_providers, session_options
+from tensorgate.server.backends.onnx import (
+    CPU,
+    CUDA,
+    OnnxBackend,
+    choose_providers,
+    default_intra_op_threads,
+    session_options,
+)
 from tensorgate.server.errors import ModelLoadError
 from tensorgate.server.repository.manager import ModelRepository
 from tests.onnx_models import broadcast_add_model, identity_model, scale_model, write_config
@@ -149,7 +157,25 @@ def test_thread_counts_are_applied() -> None:
     assert opts.intra_op_num_threads == 3
     assert opts.inter_op_num_threads == 2
     defaults = session_options(_config_with())
-    assert defaults.intra_op_num_threads == ort.SessionOptions().intra_op_num_threads
+    # Unconfigured, the intra-op pool leaves one core to the event loop.
+    cores = len(os.sched_getaffinity(0))
+    assert defaults.intra_op_num_threads == max(1, cores - 1) == default_intra_op_threads()
+    assert defaults.inter_op_num_threads == ort.SessionOptions().inter_op_num_threads
+
+
+@pytest.mark.parametrize(
+    ("value", "entry"), [pytest.param(None, "0", id="default-off"), pytest.param("true", "1", id="on")]
+)
+def test_intra_op_spinning_is_off_unless_asked(value: str | None, entry: str) -> None:
+    params = {} if value is None else {"tensorgate.intra_op_spinning": value}
+    opts = session_options(_config_with(params))
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
+def test_bad_spinning_value_is_refused() -> None:
+    with pytest.raises(ModelLoadError) as info:
+        session_options(_config_with({"tensorgate.intra_op_spinning": "sometimes"}))
+    assert "tensorgate.intra_op_spinning" in info.value.message
 
 
 @pytest.mark.parametrize(

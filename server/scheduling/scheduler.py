@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,11 @@ def _shape_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[tuple[
     if not batching:
         return ()
     return tuple((name, a.shape[1:]) for name, a in inputs.items())
+
+
+def _cancel_timers(timers: list[asyncio.TimerHandle], _done: object) -> None:
+    for timer in timers:
+        timer.cancel()
 
 
 class Scheduler:
@@ -151,45 +157,58 @@ class Scheduler:
         lane.append(pending)
         self._queued += 1
         self._idle.clear()
+        timers: list[asyncio.TimerHandle] = []
         if pending.queue_deadline is not None:
-            loop.call_at(loop.time() + timeout_ns / 1e9, self._queue_timeout, pending)
+            timers.append(loop.call_later(timeout_ns / 1e9, self._queue_timeout, pending))
+        if deadline is not None:
+            # Answer at the deadline itself, not when an instance frees up and the dispatcher looks again.
+            timers.append(loop.call_later(max(deadline - now, 0.0), self._deadline_passed, pending))
+        if timers:
+            # A long queue timeout must not keep a served request's inputs alive until it fires.
+            pending.future.add_done_callback(functools.partial(_cancel_timers, timers))
         self._dispatch()
         try:
             return await pending.future
         except asyncio.CancelledError:
-            # The caller went away: the dispatcher drops the request (a done future) before it takes a slot.
+            # The caller went away: leave the queue now, so the request frees its place under max_queue_size and
+            # the head of the queue (and with it the batch timer) is recomputed. In a batch, it just gets no result.
             pending.future.cancel()
+            if self._remove(pending):
+                self._dispatch()
             raise
+
+    def _remove(self, pending: _Pending) -> bool:
+        """Take a request out of its lane; False when it already left the queue (it is in a batch)."""
+        lane = self._lanes[-1 if pending.delayed else pending.level - 1]
+        try:
+            lane.remove(pending)
+        except ValueError:
+            return False
+        self._queued -= 1
+        return True
+
+    def _deadline_passed(self, pending: _Pending) -> None:
+        self._reject(pending, "the call's deadline")
 
     def _queue_timeout(self, pending: _Pending) -> None:
         if pending.future.done() or pending.delayed:
             return
         qp = self._policy.queue_policies[pending.level - 1]
         if qp.delay_on_timeout:
-            lane = self._lanes[pending.level - 1]
-            try:
-                lane.remove(pending)
-            except ValueError:
-                return  # already in a batch
-            pending.delayed = True
-            self._lanes[-1].append(pending)
+            if self._remove(pending):
+                pending.delayed = True
+                self._lanes[-1].append(pending)
+                self._queued += 1
             return
         self._reject(pending, "queue timeout")
-        self._dispatch()
 
     def _reject(self, pending: _Pending, why: str) -> None:
-        for lane in self._lanes:
-            try:
-                lane.remove(pending)
-            except ValueError:
-                continue
-            self._queued -= 1
-            break
-        if not pending.future.done():
-            pending.future.set_exception(
-                DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued")
-            )
-        self._maybe_idle()
+        """Fail a request that is still queued; one already in a batch runs to the end (its timeout was for the
+        queue, and failing it now would report DEADLINE_EXCEEDED for work that is being done anyway)."""
+        if pending.future.done() or not self._remove(pending):
+            return
+        pending.future.set_exception(DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued"))
+        self._dispatch()
 
     # ----- batch formation (event loop) --------------------------------------------------------------------
 
@@ -322,4 +341,5 @@ class Scheduler:
                 if not p.future.done():
                     p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
         self._queued = 0
+        self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,702 @@
+"""The timing half of dynamic batching: the per model-version queue, priorities, queue policies and instances.
+
+Most tests drive a Scheduler directly with a FunctionBackend whose function blocks on a threading.Event (`Gate`),
+so each test decides when an execution finishes and reads back the rows of every call. Waits are bounded (10 s),
+so a batcher that holds a batch it should send fails instead of hanging; no test asserts a tight timing. The last
+tests go through a real server and real ONNX models, as a client sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from google.protobuf import text_format
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.function import FunctionBackend
+from tensorgate.server.errors import (
+    BackendError,
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+)
+from tensorgate.server.scheduling.policy import SchedulingPolicy
+from tensorgate.server.scheduling.scheduler import Scheduler
+from tensorgate.server.telemetry.statistics import ModelStats
+from tests.onnx_models import add_sub_model, busy_model, write_config
+from tests.serving import ServerThread
+
+WAIT = 10.0
+"""Upper bound for anything that should happen "at once" or after a short delay (the machine is shared)."""
+
+# ----- helpers ---------------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A model function: Y = X * 2, Z = X + 1. It records every call and blocks until `open()`.
+
+    Request `i` sends X rows `[i, 0], [i, 1], ...`, so `requests` tells which requests shared each call.
+    """
+
+    def __init__(self) -> None:
+        self._opened = threading.Event()
+        self._lock = threading.Lock()
+        self.rows: list[int] = []
+        """Rows of each call, in call order."""
+        self.requests: list[list[int]] = []
+        """Request ids in each call, in batch order."""
+        self.active = 0
+        """Calls inside the function right now."""
+
+    def open(self) -> None:
+        self._opened.set()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        x = inputs["X"]
+        with self._lock:
+            self.rows.append(x.shape[0])
+            self.requests.append(list(dict.fromkeys(int(v) for v in x[:, 0])))
+            self.active += 1
+        try:
+            if not self._opened.wait(WAIT):
+                raise TimeoutError("the test never opened the gate")
+        finally:
+            with self._lock:
+                self.active -= 1
+        return {name: {"Y": x * 2, "Z": x + 1}[name] for name in outputs}
+
+
+def request(i: int, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"X": np.stack([np.full(rows, i), np.arange(rows)], axis=1).astype(np.float32)}
+
+
+async def infer(s: Scheduler, i: int, rows: int = 1, deadline: float | None = None, **kw: Any) -> np.ndarray:
+    """Submit request `i` and check that its caller gets exactly its own rows back."""
+    x = request(i, rows)
+    outputs, times = await s.submit(x, ["Y"], rows, deadline, **kw)
+    assert list(outputs) == ["Y"]
+    np.testing.assert_array_equal(outputs["Y"], x["X"] * 2)
+    assert times.queue_ns >= 0
+    return outputs["Y"]
+
+
+async def until(cond: Callable[[], bool], what: str) -> None:
+    limit = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > limit:
+            raise AssertionError(f"not within {WAIT} s: {what}")
+        await asyncio.sleep(0.002)
+
+
+async def queued() -> None:
+    """Let every task created so far run up to its first wait: each submit() is then in the queue."""
+    await asyncio.sleep(0)
+
+
+def spawn(coro: Any) -> asyncio.Task[Any]:
+    return asyncio.ensure_future(coro)
+
+
+async def block(s: Scheduler, gate: Gate, i: int = 0, rows: int = 1, busy: int = 1) -> asyncio.Task[Any]:
+    """Occupy an instance with request `i` (it runs and waits in the gate)."""
+    task = spawn(infer(s, i, rows))
+    await until(lambda: gate.active == busy, f"{busy} execution(s) in the gate")
+    return task
+
+
+Factory = Callable[..., tuple[Scheduler, FunctionBackend, ModelStats]]
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.open()
+
+
+@pytest.fixture
+async def make(gate: Gate) -> AsyncIterator[Factory]:
+    """Builds schedulers from config text, as the repository does; they are closed after the test."""
+    made: list[Scheduler] = []
+
+    def factory(
+        dynamic_batching: str | None = "",
+        max_batch_size: int = 8,
+        instances: int = 1,
+        fn: Callable[..., dict[str, np.ndarray]] | None = None,
+    ) -> tuple[Scheduler, FunctionBackend, ModelStats]:
+        text = f'name: "m" max_batch_size: {max_batch_size}'
+        if dynamic_batching is not None:
+            text += f" dynamic_batching {{ {dynamic_batching} }}"
+        policy = SchedulingPolicy.from_config(text_format.Parse(text, mc.ModelConfig()))
+        backend = FunctionBackend(fn or gate)
+        stats = ModelStats()
+        s = Scheduler("m", 1, backend, stats, instances, policy)
+        made.append(s)
+        return s, backend, stats
+
+    yield factory
+    gate.open()
+    for s in made:
+        await s.close(grace=WAIT)
+
+
+async def gather(*tasks: asyncio.Future[Any]) -> list[Any]:
+    return await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+
+
+# ----- batch formation -------------------------------------------------------------------------------------------
+
+
+async def test_full_batches_form_while_the_instance_is_busy(make: Factory, gate: Gate) -> None:
+    s, backend, stats = make("max_queue_delay_microseconds: 0", max_batch_size=4)
+    first = await block(s, gate, 0)
+    rest = [spawn(infer(s, i)) for i in range(1, 7)]
+    await queued()
+    assert gate.rows == [1]
+    gate.open()
+    await gather(first, *rest)
+    assert gate.rows == [1, 4, 2]
+    assert gate.requests == [[0], [1, 2, 3, 4], [5, 6]]
+    assert backend.calls == 3
+    assert stats.execution_count == 3 and sorted(stats.batch) == [1, 2, 4]
+
+
+async def test_full_batch_sends_without_waiting_for_the_delay(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("max_queue_delay_microseconds: 60000000", max_batch_size=4)
+    gate.open()
+    await gather(*(spawn(infer(s, i)) for i in range(4)))
+    assert gate.rows == [4]
+
+
+async def test_partial_batch_leaves_after_the_delay(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("max_queue_delay_microseconds: 100000", max_batch_size=8)
+    gate.open()
+    started = time.monotonic()
+    await gather(*(spawn(infer(s, i)) for i in range(3)))
+    assert gate.rows == [3], "the three requests waited together for the delay, then left as one batch"
+    assert time.monotonic() - started < WAIT
+
+
+async def test_no_delay_never_holds_a_batch_for_a_preferred_size(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 0", max_batch_size=8)
+    gate.open()
+    await gather(spawn(infer(s, 0)))
+    assert gate.rows == [1]
+
+
+async def test_preferred_size_cuts_early(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("preferred_batch_size: [ 2, 4 ] max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    first = await block(s, gate, 0, rows=8)  # a full batch leaves at once
+    rest = [spawn(infer(s, i)) for i in range(1, 7)]
+    await queued()
+    gate.open()
+    await gather(first, *rest[:4])
+    assert gate.rows == [8, 4], "the largest preferred size is cut from the queue"
+    # Two requests are left: 2 is a preferred size but not the largest, so (as in Triton) they wait for the delay.
+    await asyncio.sleep(0.05)
+    assert gate.rows == [8, 4] and not any(t.done() for t in rest[4:])
+    await s.close(grace=0)
+    for t in rest[4:]:
+        with pytest.raises(ServerUnavailableError):
+            await t
+
+
+async def test_multi_row_requests_reach_a_preferred_size(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    gate.open()
+    await gather(spawn(infer(s, 1, rows=3)), spawn(infer(s, 2, rows=1)))
+    assert gate.rows == [4]
+
+
+async def test_multi_row_requests_overshoot_a_preferred_size(make: Factory, gate: Gate) -> None:
+    """3 + 3 rows cannot form preferred size 4 exactly and waiting cannot help: they leave together."""
+    s, _, _ = make("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    gate.open()
+    await gather(spawn(infer(s, 1, rows=3)), spawn(infer(s, 2, rows=3)))
+    assert gate.rows == [6]
+
+
+async def test_multi_row_requests_are_never_split(make: Factory, gate: Gate) -> None:
+    s, _, stats = make("max_queue_delay_microseconds: 0", max_batch_size=4)
+    first = await block(s, gate, 0)
+    rest = [spawn(infer(s, i, rows)) for i, rows in [(1, 3), (2, 2), (3, 2), (4, 1), (5, 4)]]
+    await queued()
+    gate.open()
+    await gather(first, *rest)
+    assert gate.requests == [[0], [1], [2, 3], [4], [5]]
+    assert gate.rows == [1, 3, 4, 1, 4]
+    assert {size: b.compute_infer.count for size, b in stats.batch.items()} == {1: 2, 3: 1, 4: 2}
+
+
+async def test_requests_of_different_shapes_batch_apart(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("max_queue_delay_microseconds: 0", max_batch_size=8)
+    first = await block(s, gate, 0)
+    wide = {"X": np.zeros((1, 3), np.float32)}
+    odd = spawn(s.submit(wide, ["Y"], 1))
+    same = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    gate.open()
+    (out, _), *_ = await gather(odd, first, *same)
+    assert out["Y"].shape == (1, 3)
+    assert sorted(gate.rows) == [1, 1, 2]
+
+
+async def test_without_dynamic_batching_each_request_runs_alone(make: Factory, gate: Gate) -> None:
+    s, backend, _ = make(None, max_batch_size=8)
+    first = await block(s, gate, 0)
+    rest = [spawn(infer(s, i, rows)) for i, rows in [(1, 1), (2, 3), (3, 1)]]
+    await queued()
+    gate.open()
+    await gather(first, *rest)
+    assert gate.requests == [[0], [1], [2], [3]]
+    assert gate.rows == [1, 1, 3, 1]
+    assert backend.calls == 4
+
+
+@pytest.mark.parametrize("dynamic_batching", [pytest.param(None, id="no-batching"), pytest.param("", id="batching")])
+async def test_instances_run_batches_at_once(make: Factory, gate: Gate, dynamic_batching: str | None) -> None:
+    s, _, _ = make(dynamic_batching, max_batch_size=1, instances=2)
+    first = spawn(infer(s, 0))
+    second = spawn(infer(s, 1))
+    third = spawn(infer(s, 2))
+    await until(lambda: gate.active == 2, "both instances inside the model at once")
+    await asyncio.sleep(0.02)
+    assert len(gate.rows) == 2, "a third execution waits for a free instance"
+    gate.open()
+    await gather(first, second, third)
+    assert sorted(r for call in gate.requests for r in call) == [0, 1, 2]
+
+
+async def test_busy_model_does_not_block_another(make: Factory, gate: Gate) -> None:
+    busy, _, _ = make("")
+    other, _, _ = make("", fn=lambda inputs, outputs: {"Y": inputs["X"] * 2})
+    blocked = await block(busy, gate, 0)
+    await gather(*(spawn(infer(other, i)) for i in range(1, 4)))
+    assert not blocked.done()
+    gate.open()
+    await gather(blocked)
+
+
+# ----- priorities and queue policies -----------------------------------------------------------------------------
+
+
+async def test_priorities_order_service(make: Factory, gate: Gate) -> None:
+    """Level 1 first; priority 0 and priorities past priority_levels take the default level, as in Triton."""
+    s, _, _ = make("priority_levels: 3 default_priority_level: 2", max_batch_size=1)
+    first = await block(s, gate, 0)
+    rest = [spawn(infer(s, i, priority=p)) for i, p in [(1, 3), (2, 2), (3, 0), (4, 1), (5, None), (6, 99)]]
+    await queued()
+    gate.open()
+    await gather(first, *rest)
+    assert gate.requests == [[0], [4], [2], [3], [5], [6], [1]]
+
+
+async def test_full_queue_rejects_at_once(make: Factory, gate: Gate) -> None:
+    s, backend, _ = make("default_queue_policy { max_queue_size: 2 }")
+    first = await block(s, gate, 0)
+    waiting = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    with pytest.raises(ResourceExhaustedError) as info:
+        await asyncio.wait_for(infer(s, 3), WAIT)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'m'" in info.value.message and "max_queue_size 2" in info.value.message
+    gate.open()
+    await gather(first, *waiting)
+    assert backend.calls == 2 and gate.requests == [[0], [1, 2]]
+
+
+async def test_queue_limits_are_per_priority_level(make: Factory, gate: Gate) -> None:
+    s, _, _ = make(
+        "priority_levels: 2 default_priority_level: 2 default_queue_policy { max_queue_size: 1 }", max_batch_size=1
+    )
+    first = await block(s, gate, 0)
+    low = spawn(infer(s, 1))
+    high = spawn(infer(s, 2, priority=1))
+    await queued()
+    with pytest.raises(ResourceExhaustedError, match="priority level 2"):
+        await infer(s, 3, priority=2)
+    gate.open()
+    await gather(first, low, high)
+
+
+async def test_cancelled_requests_free_their_queue_places(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("default_queue_policy { max_queue_size: 2 }")
+    first = await block(s, gate, 0)
+    gone = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    for t in gone:
+        t.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    later = [spawn(infer(s, i)) for i in (3, 4)]
+    await queued()
+    gate.open()
+    await gather(first, *later)
+    assert gate.requests == [[0], [3, 4]]
+
+
+async def test_expired_deadlines_never_reach_the_model(make: Factory, gate: Gate) -> None:
+    s, backend, stats = make("max_queue_delay_microseconds: 0")
+    first = await block(s, gate, 0)
+    soon = time.monotonic() + 0.05
+    expiring = [spawn(infer(s, i, 2, soon)) for i in (1, 2)]
+    kept = spawn(infer(s, 3, 1, time.monotonic() + 3 * WAIT))
+    await queued()
+    for t in expiring:
+        # The callers hear it at their deadline, not when an instance frees up.
+        with pytest.raises(DeadlineExceededError, match="deadline"):
+            await asyncio.wait_for(t, WAIT)
+    assert gate.active == 1
+    gate.open()
+    await gather(first, kept)
+    assert gate.requests == [[0], [3]] and gate.rows == [1, 1]
+    assert backend.calls == 2 and stats.execution_count == 2
+
+
+async def test_cancelled_caller_is_dropped_from_its_batch(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("max_queue_delay_microseconds: 0")
+    first = await block(s, gate, 0)
+    tasks = {i: spawn(infer(s, i)) for i in (1, 2, 3)}
+    await queued()
+    tasks[2].cancel()
+    await asyncio.sleep(0)
+    gate.open()
+    await gather(first, tasks[1], tasks[3])
+    assert tasks[2].cancelled()
+    assert gate.requests == [[0], [1, 3]]
+
+
+async def test_caller_cancelled_while_running_does_not_break_the_batch(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("max_queue_delay_microseconds: 0")
+    first = await block(s, gate, 0)
+    tasks = [spawn(infer(s, i)) for i in (1, 2, 3)]
+    await queued()
+    gate.open()
+    await gather(first)
+    await until(lambda: len(gate.rows) == 2, "the second batch started")
+    tasks[1].cancel()
+    await gather(tasks[0], tasks[2])
+    assert gate.requests == [[0], [1, 2, 3]]
+    second, _, _ = make("max_queue_delay_microseconds: 0")
+    await gather(spawn(infer(second, 9)))
+
+
+async def test_failing_batch_fails_every_request(make: Factory, gate: Gate) -> None:
+    def model(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        x = inputs["X"]
+        if (x[:, 0] < 0).any():
+            raise RuntimeError("a negative request poisons its batch")
+        return gate(inputs, outputs)
+
+    s, _, _ = make("max_queue_delay_microseconds: 0", fn=model)
+    first = await block(s, gate, 0)
+    doomed = [spawn(infer(s, i)) for i in (1, -2, 3)]
+    await queued()
+    gate.open()
+    await gather(first)
+    errors = await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True), WAIT)
+    assert all(isinstance(e, RuntimeError) for e in errors)
+    assert errors[0] is errors[1] is errors[2]
+    await gather(spawn(infer(s, 4)), spawn(infer(s, 5)))
+    assert sorted(r for call in gate.requests[1:] for r in call) == [4, 5]
+
+
+async def test_malformed_batched_output_fails_every_request(make: Factory, gate: Gate) -> None:
+    calls: list[int] = []
+
+    def model(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["X"]))
+        if len(calls) == 1:
+            return gate(inputs, outputs)
+        return {"Y": inputs["X"][:1] * 2}
+
+    s, _, _ = make("max_queue_delay_microseconds: 0", fn=model)
+    first = await block(s, gate, 0)
+    doomed = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    gate.open()
+    await gather(first)
+    errors = await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True), WAIT)
+    assert all(isinstance(e, BackendError) and "malformed" in e.message for e in errors)
+    assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("delay_us", [pytest.param(0, id="no-delay"), pytest.param(50_000, id="delay")])
+async def test_queue_timeout_reject(make: Factory, gate: Gate, delay_us: int) -> None:
+    s, backend, _ = make(
+        f"max_queue_delay_microseconds: {delay_us}"
+        " default_queue_policy { default_timeout_microseconds: 100000 timeout_action: REJECT }"
+    )
+    first = await block(s, gate, 0, rows=8)
+    late = spawn(infer(s, 1))
+    with pytest.raises(DeadlineExceededError, match="queue timeout") as info:
+        await asyncio.wait_for(late, WAIT)
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert gate.active == 1, "rejected while the instance was still busy"
+    gate.open()
+    await gather(first, spawn(infer(s, 2)))
+    assert gate.requests == [[0], [2]] and backend.calls == 2
+
+
+@pytest.mark.parametrize("action", ["REJECT", "DELAY"])
+async def test_queue_timeout_spares_a_running_request(make: Factory, gate: Gate, action: str) -> None:
+    s, _, _ = make(f"default_queue_policy {{ default_timeout_microseconds: 50000 timeout_action: {action} }}")
+    running = await block(s, gate, 0)
+    await asyncio.sleep(0.2)  # the 50 ms queue timeout passes while the request is in the model
+    gate.open()
+    await gather(running)
+
+
+async def test_queue_timeout_delay_moves_behind_the_others(make: Factory, gate: Gate) -> None:
+    """Level 1 times out after 50 ms with DELAY; level 2 never times out. The delayed request goes last."""
+    s, _, _ = make(
+        "priority_levels: 2 default_priority_level: 2"
+        " priority_queue_policy { key: 1 value { default_timeout_microseconds: 50000 timeout_action: DELAY } }",
+        max_batch_size=1,
+    )
+    first = await block(s, gate, 0)
+    delayed = spawn(infer(s, 1, priority=1))
+    await asyncio.sleep(0.2)  # its 50 ms queue timeout (an earlier timer) has fired
+    assert not delayed.done()
+    others = [spawn(infer(s, i, priority=2)) for i in (2, 3)]
+    await queued()
+    gate.open()
+    await gather(first, delayed, *others)
+    assert gate.requests == [[0], [2], [3], [1]]
+
+
+@pytest.mark.parametrize(
+    ("policy", "timeout_us", "rejected"),
+    [
+        pytest.param("default_timeout_microseconds: 60000000", 50_000, True, id="lowers"),
+        pytest.param("default_timeout_microseconds: 50000", 60_000_000, True, id="never-raises"),
+        pytest.param("", 50_000, True, id="sets-when-no-default"),
+        pytest.param("default_timeout_microseconds: 60000000", 0, False, id="zero-keeps-default"),
+    ],
+)
+async def test_timeout_override(make: Factory, gate: Gate, policy: str, timeout_us: int, rejected: bool) -> None:
+    s, _, _ = make(f"default_queue_policy {{ allow_timeout_override: true {policy} }}")
+    first = await block(s, gate, 0, rows=8)
+    task = spawn(infer(s, 1, timeout_us=timeout_us))
+    if rejected:
+        with pytest.raises(DeadlineExceededError):
+            await asyncio.wait_for(task, WAIT)
+        assert gate.active == 1
+        gate.open()
+        await gather(first)
+    else:
+        await asyncio.sleep(0.1)
+        gate.open()
+        await gather(first, task)
+
+
+async def test_timeout_override_needs_allow(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("default_queue_policy { default_timeout_microseconds: 60000000 }")
+    first = await block(s, gate, 0, rows=8)
+    task = spawn(infer(s, 1, timeout_us=1))
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    gate.open()
+    await gather(first, task)
+
+
+# ----- lifecycle -------------------------------------------------------------------------------------------------
+
+
+async def test_close_fails_queued_requests(make: Factory, gate: Gate) -> None:
+    s, backend, _ = make("max_queue_delay_microseconds: 0", max_batch_size=1)
+    first = await block(s, gate, 0)
+    waiting = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    await asyncio.wait_for(s.close(grace=0.05), WAIT)
+    for t in waiting:
+        with pytest.raises(ServerUnavailableError) as info:
+            await asyncio.wait_for(t, WAIT)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ServerUnavailableError, match="unloaded"):
+        await infer(s, 3)
+    gate.open()
+    await gather(first)  # the execution that was running still completes
+    assert backend.calls == 1
+
+
+async def test_close_waits_for_queued_requests_within_grace(make: Factory, gate: Gate) -> None:
+    s, backend, _ = make("max_queue_delay_microseconds: 0", max_batch_size=1)
+    first = await block(s, gate, 0)
+    waiting = [spawn(infer(s, i)) for i in (1, 2)]
+    await queued()
+    closing = spawn(s.close(grace=WAIT))
+    await asyncio.sleep(0.02)
+    assert not closing.done()
+    gate.open()
+    await gather(first, *waiting, closing)
+    assert backend.calls == 3
+
+
+# ----- end to end: a real server, real ONNX models ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sched") / "models"
+    busy_model(root / "batched" / "1" / "model.onnx", iterations=20_000)
+    write_config(
+        root,
+        "batched",
+        """
+name: "batched"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching { max_queue_delay_microseconds: 20000 }
+""",
+    )
+    busy_model(root / "held" / "1" / "model.onnx", iterations=10)
+    write_config(
+        root,
+        "held",
+        """
+name: "held"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 1500000 default_queue_policy { max_queue_size: 2 } }
+""",
+    )
+    busy_model(root / "waiting" / "1" / "model.onnx", iterations=10)
+    write_config(
+        root,
+        "waiting",
+        """
+name: "waiting"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 800000 }
+""",
+    )
+    busy_model(root / "hog" / "1" / "model.onnx", iterations=40_000)
+    write_config(
+        root,
+        "hog",
+        """
+name: "hog"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+""",
+    )
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 4))
+    return root
+
+
+@pytest.fixture(scope="module")
+def e2e_server(e2e_repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(e2e_repo) as s:
+        yield s
+
+
+def rows_of(i: int, rows: int = 1) -> np.ndarray:
+    return (np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) + 100 * i) / 7
+
+
+def tc_input(x: np.ndarray, name: str = "INPUT0") -> tc.InferInput:
+    inp = tc.InferInput(name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def statistics(server: ServerThread, model: str) -> Any:
+    with tc.InferenceServerClient(server.address) as client:
+        return client.get_inference_statistics(model, as_json=False).model_stats[0]
+
+
+async def test_e2e_concurrent_requests_batch_on_a_busy_instance(e2e_server: ServerThread, e2e_repo: Path) -> None:
+    session = ort.InferenceSession(str(e2e_repo / "batched" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    n = 12
+
+    async def one(client: tca.InferenceServerClient, i: int) -> None:
+        x = rows_of(i)
+        result = await client.infer("batched", [tc_input(x)], request_id=str(i), client_timeout=WAIT)
+        assert result.get_response().id == str(i)
+        [expected] = session.run(["OUTPUT0"], {"INPUT0": x})
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), expected, rtol=1e-6)
+
+    async with tca.InferenceServerClient(e2e_server.address) as client:
+        await asyncio.wait_for(asyncio.gather(*(one(client, i) for i in range(n))), 3 * WAIT)
+    stats = statistics(e2e_server, "batched")
+    sizes = {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+    assert stats.inference_count == n
+    assert sum(size * count for size, count in sizes.items()) == n
+    assert stats.execution_count == sum(sizes.values()) < n
+    assert max(sizes) > 1, f"no request shared an execution: {sizes}"
+
+
+async def test_e2e_full_queue_answers_resource_exhausted(e2e_server: ServerThread) -> None:
+    """`held` keeps a partial batch for 1.5 s: two requests fill its queue, a third is refused at once."""
+    async with tca.InferenceServerClient(e2e_server.address) as client:
+        held = [
+            asyncio.ensure_future(client.infer("held", [tc_input(rows_of(i))], client_timeout=WAIT)) for i in (1, 2)
+        ]
+        await asyncio.sleep(0.5)  # both are in the queue, where the 1.5 s delay keeps them
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            await client.infer("held", [tc_input(rows_of(3))], client_timeout=WAIT)
+        refused_after = time.monotonic() - started
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "'held'" in info.value.message() and "max_queue_size 2" in info.value.message()
+        assert not any(t.done() for t in held), "refused while the others were still queued"
+        results = await asyncio.wait_for(asyncio.gather(*held), WAIT)
+    for i, result in zip((1, 2), results, strict=True):
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), rows_of(i) * 2)
+    assert refused_after < WAIT
+
+
+async def test_e2e_deadline_while_queued_never_runs(e2e_server: ServerThread) -> None:
+    """`waiting` holds a partial batch for 0.8 s; a call with a 0.2 s deadline leaves the queue without running."""
+    async with grpc.aio.insecure_channel(e2e_server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        x = rows_of(1)
+        req = pb.ModelInferRequest(model_name="waiting", id="late")
+        req.inputs.add(name="INPUT0", datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(x.tobytes())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(req, timeout=0.2)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        req.id = "patient"
+        response = await stub.ModelInfer(req, timeout=WAIT)
+        assert response.id == "patient"
+    stats = statistics(e2e_server, "waiting")
+    assert stats.execution_count == 1 and stats.inference_count == 1
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(1, 1)]
+
+
+async def test_e2e_other_models_are_served_while_one_is_busy(e2e_server: ServerThread) -> None:
+    async with tca.InferenceServerClient(e2e_server.address) as client:
+        hog = [
+            asyncio.ensure_future(client.infer("hog", [tc_input(rows_of(i, 8))], client_timeout=3 * WAIT))
+            for i in range(6)
+        ]
+        await asyncio.sleep(0.05)
+        a, b = rows_of(1, 2), rows_of(2, 2)
+        for _ in range(3):
+            result = await client.infer("add_sub", [tc_input(a, "INPUT0"), tc_input(b, "INPUT1")], client_timeout=WAIT)
+            np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b)
+        assert not all(t.done() for t in hog), "add_sub waited for the busy model"
+        await asyncio.wait_for(asyncio.gather(*hog), 3 * WAIT)
