@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.onnx_models import add_sub_model, identity_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, write_config
 from tests.serving import ServerThread
 
 
@@ -14,19 +14,7 @@ def repo(tmp_path: Path) -> Path:
     """A repository with `add_sub` (FP32 [-1,16], config.pbtxt given) and `identity_fp32` (no config)."""
     root = tmp_path / "models"
     add_sub_model(root / "add_sub" / "1" / "model.onnx")
-    write_config(
-        root,
-        "add_sub",
-        """
-name: "add_sub"
-backend: "onnxruntime"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-""",
-    )
+    write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
     identity_model(root / "identity_fp32" / "1" / "model.onnx", "FP32")
     return root
 

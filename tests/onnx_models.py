@@ -30,6 +30,16 @@ ONNX_ELEM = {
 
 Dim = int | str | None
 
+# Triton's classic "simple" model (add_sub_model) with batching, as most tests serve it.
+ADD_SUB_CONFIG = """
+backend: "onnxruntime"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
+"""
+
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.checker.check_model(model)

@@ -19,18 +19,10 @@ from tritonclient.utils import InferenceServerException
 import tensorgate.server
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
-from tests.onnx_models import add_sub_model, identity_model, tile_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, tile_model, write_config
 from tests.serving import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-ADD_SUB_CONFIG = """
-backend: "onnxruntime"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-"""
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from tritonclient.utils import (
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
-from tests.onnx_models import add_sub_model, identity_model, scale_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, scale_model, write_config
 from tests.serving import ServerThread
 
 DATATYPES = [
@@ -67,14 +67,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-ADD_SUB_CONFIG = """
-backend: "onnxruntime"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-        { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-         { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]
-"""
 # Models the module's server loads, one directory each.
 MODELS = [*(f"identity_{dt.lower()}" for dt in DATATYPES), "add_sub", "fixed", "scale", "stats"]
 
