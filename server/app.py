@@ -12,6 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.server.auth.policy import Authorizer
+from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc.drain import DrainGate
@@ -42,6 +44,8 @@ class TensorgateServer:
             settings.model_repository, default_max_batch_size=settings.default_max_batch_size
         )
         self._handler = InferenceHandler(self.repository)
+        self.tls: ReloadingCredentials | None = None
+        self.auth: Authorizer | None = None
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -65,6 +69,8 @@ class TensorgateServer:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.so_reuseport", 0),
+            # Advertised in HTTP/2 SETTINGS: one connection cannot make the server juggle unbounded streams.
+            ("grpc.max_concurrent_streams", s.max_streams_per_connection),
         ]
 
     async def start(self) -> int:
@@ -72,6 +78,12 @@ class TensorgateServer:
         s = self.settings
         if not s.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {s.model_repository} is not a directory")
+        # Certificates and policy are read before anything listens: a bad file stops the start with its reason.
+        if s.tls_cert is not None and s.tls_key is not None:
+            self.tls = ReloadingCredentials(TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca))
+        self.auth = Authorizer(
+            s.auth_policy, mtls=s.tls_client_ca is not None, max_in_flight=s.max_in_flight_per_identity
+        )
         server = aio.server(options=self._options())
         self._gate = DrainGate()
         servicer = InferenceServicer(
@@ -81,6 +93,7 @@ class TensorgateServer:
             is_ready=lambda: self.ready,
             gate=self._gate,
             max_message_bytes=s.max_message_bytes,
+            auth=self.auth,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -89,13 +102,17 @@ class TensorgateServer:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
         )
         address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
-        self.port = server.add_insecure_port(address)
+        if self.tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, self.tls.server_credentials())
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (gRPC)", s.host, self.port)
+        security = "plaintext" if self.tls is None else "mutual TLS" if self.tls.files.mutual else "TLS"
+        log.info("listening on %s:%d (gRPC, %s)", s.host, self.port, security)
         if s.model_control_mode == "explicit":
             names = self.repository.names_on_disk() if "*" in s.load_model else list(s.load_model)
         else:

@@ -66,13 +66,39 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--min-client-ping-interval-s", float, "shortest client ping interval tolerated (default 5)")
     opt("--shutdown-grace-s", float, "seconds in-flight requests get on SIGTERM (default 30)")
     opt("--log-level", str, "DEBUG | INFO | WARNING | ERROR (default INFO)")
+    opt("--tls-cert", Path, "PEM server certificate chain; with --tls-key the port speaks TLS only (re-read on change)")
+    opt("--tls-key", Path, "PEM private key of --tls-cert")
+    opt("--tls-client-ca", Path, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    opt("--auth-policy", Path, "YAML/JSON authorization policy mapping identities to models and APIs")
+    opt("--max-streams-per-connection", int, "concurrent calls per client connection (default 1024)")
+    opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
 
 
 def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from tensorgate.client._cli import add_connection_arguments
+
     p = sub.add_parser("health", help="probe a server's grpc.health.v1 service; exit 0 when SERVING")
-    p.add_argument("--server", default=_env("server", "127.0.0.1:8001"), help="host:port (default 127.0.0.1:8001)")
+    add_connection_arguments(p, timeout=3.0)
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+
+def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("certs", help="create development certificates: a CA, a server cert and client certs")
+    p.add_argument("directory", type=Path, help="where to write the PEM files (created if missing)")
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a client certificate for spiffe://tensorgate.local/NAME (CN NAME); repeatable",
+    )
+
+
+def _infer_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The command belongs to the client package; only the entry point is shared with the server.
+    from tensorgate.client import _cli
+
+    _cli.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _health_parser(sub)
+    _certs_parser(sub)
+    _infer_parser(sub)
     return parser
 
 
@@ -118,38 +146,68 @@ def _run_serve(args: argparse.Namespace) -> int:
             min_client_ping_interval_s=args.min_client_ping_interval_s,
             shutdown_grace_s=args.shutdown_grace_s,
             log_level=args.log_level,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_policy=args.auth_policy,
+            max_streams_per_connection=args.max_streams_per_connection,
+            max_in_flight_per_identity=args.max_in_flight_per_identity,
         )
     except ValueError as exc:
         print(f"tensorgate serve: {exc}", file=sys.stderr)
         return 2
+    from tensorgate.server.auth import CertificateError, PolicyError
+
     try:
         asyncio.run(serve(settings))
-    except (FileNotFoundError, OSError) as exc:
+    except (FileNotFoundError, OSError, CertificateError, PolicyError) as exc:
         logging.getLogger("tensorgate").error("%s", exc)
         return 1
     return 0
 
 
 def _run_health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tensorgate.client import InferenceClient, TensorgateClientError
+    from tensorgate.client._cli import UsageError, tls_from_args
 
-    with grpc.insecure_channel(args.server) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    try:
+        tls = tls_from_args(args)
+    except UsageError as exc:
+        print(f"tensorgate health: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+            status = client.health(args.service)
+    except TensorgateClientError as exc:
+        print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
     print(f"{args.server}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == "SERVING" else 1
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from tensorgate.server.auth.certs import write_dev_certs
+
+    try:
+        written = write_dev_certs(args.directory, args.client)
+    except (ValueError, OSError) as exc:
+        print(f"tensorgate certs: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "certs":
+        return _run_certs(args)
+    if args.command == "infer":
+        from tensorgate.client import _cli
+
+        return _cli.run(args)
     return _run_health(args)
 
 

@@ -7,6 +7,8 @@
     ├── ResourceExhaustedError            (RESOURCE_EXHAUSTED) a limit was hit (queue full, size limit)
     ├── DeadlineExceededError             (DEADLINE_EXCEEDED)
     ├── ServerUnavailableError            (UNAVAILABLE)        the server is draining or model control is off
+    ├── PermissionDeniedError             (PERMISSION_DENIED)  the authorization policy does not allow this call
+    ├── UnauthenticatedError              (UNAUTHENTICATED)    a bearer token is required and missing or invalid
     ├── ModelLoadError                    (UNAVAILABLE)        a model could not be loaded; the reason is kept
     ├── InvalidConfigError                (INVALID_ARGUMENT)   config.pbtxt is malformed or contradicts the model
     ├── BackendError                      (INTERNAL)           the model itself failed while running
@@ -72,6 +74,19 @@ class DeadlineExceededError(TensorgateError):
 
 class ServerUnavailableError(TensorgateError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class PermissionDeniedError(TensorgateError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, identity: str, rpc: str, model: str | None = None, version: str | int | None = None) -> None:
+        what = f" on {model_ref(model, version)}" if model else ""
+        super().__init__(f"identity '{identity}' may not call {rpc}{what}")
+        self.identity, self.rpc, self.model, self.version = identity, rpc, model, version
+
+
+class UnauthenticatedError(TensorgateError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class ModelLoadError(TensorgateError):

@@ -35,6 +35,18 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0
     """On SIGTERM, in-flight requests get this long to finish."""
     log_level: str = "INFO"
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, the gRPC port speaks TLS only. Re-read when it changes."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert (unencrypted)."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate that chains to it (mutual TLS). Re-read when it changes."""
+    auth_policy: Path | None = None
+    """YAML/JSON authorization policy (identities -> models and API groups); re-read when it changes."""
+    max_streams_per_connection: int = 1024
+    """HTTP/2 streams (calls) one connection may have open at once; clients queue calls beyond it."""
+    max_in_flight_per_identity: int = 0
+    """Calls one identity may have running at once (a stream counts as one); 0: no limit. RESOURCE_EXHAUSTED past it."""
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -45,5 +57,13 @@ class ServerSettings:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        if self.max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
+        if self.max_in_flight_per_identity < 0:
+            raise ValueError("max_in_flight_per_identity must be >= 0 (0: no limit)")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

@@ -17,7 +17,9 @@ from tests.serving import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+# The Security section's example needs an mTLS server; tests/test_tls.py runs it against one.
+_PLAINTEXT_PART = re.sub(r"\n## Security\n.*?(?=\n## )", "\n", README, flags=re.DOTALL)
+SNIPPETS = re.findall(r"```python\n(.*?)```", _PLAINTEXT_PART, re.DOTALL)
 
 
 @pytest.fixture(scope="module")

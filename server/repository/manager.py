@@ -47,6 +47,10 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 
 PROVIDER_PARAMETER = "tensorgate.execution_provider"
+# config.pbtxt: parameters { key: "sha256" value { string_value: "<hex>" } } pins the model file's digest;
+# "sha256:<version>" pins one version's file and wins over "sha256" for that version.
+SHA256_PARAMETER = "sha256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -241,6 +245,7 @@ class ModelRepository:
         model_file = vdir / (config.default_model_filename or "model.onnx")
         if not model_file.is_file():
             raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
+        self._check_artifact(config, model_file, version)
         backend = OnnxBackend(model_file, config, version=version, available_providers=self._providers)
         try:
             infos = [
@@ -281,6 +286,29 @@ class ModelRepository:
             backend.close()
             raise
         return _Prepared(version, config, schema, backend, policy, sig)
+
+    def _check_artifact(self, config: mc.ModelConfig, model_file: Path, version: int) -> None:
+        """Refuse a model file that resolves outside the repository, or whose digest is not the pinned one."""
+        name, rel = config.name, model_file.relative_to(self.root)
+        resolved = model_file.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
+        key = next((k for k in (f"{SHA256_PARAMETER}:{version}", SHA256_PARAMETER) if k in config.parameters), None)
+        if key is None:
+            return
+        expected = config.parameters[key].string_value.strip().lower()
+        if not _SHA256_HEX.fullmatch(expected):
+            raise ModelLoadError(name, version, f"parameter '{key}' must be 64 hex digits, got {expected!r}")
+        digest = hashlib.sha256()
+        with resolved.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise ModelLoadError(
+                name,
+                version,
+                f"{rel} has sha256 {digest.hexdigest()} but parameter '{key}' pins {expected}; not loading it",
+            )
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -16,6 +16,7 @@ from grpc import aio
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
 from tensorgate.server import __version__
+from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
@@ -47,8 +48,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         gate: DrainGate,
         max_message_bytes: int | None = None,
+        auth: Authorizer | None = None,
     ) -> None:
         self.gate = gate
+        self.auth = auth or Authorizer()
         self._max_message_bytes = max_message_bytes
         self._repository = repository
         self._handler = handler
@@ -121,6 +124,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
+            if self.auth.enabled:
+                self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
             req = codec.decode_infer_request(request, deadline)
             result = codec.encode_infer_response(await self._handler.infer(req))
             response = pb.ModelStreamInferResponse(infer_response=result)

@@ -1,0 +1,378 @@
+"""Authorization: which identity may call which API group on which models.
+
+A policy file (YAML or JSON) lists rules; a call is allowed when one rule matches its identity, its API group and
+its model. Identities and model names are exact strings or fnmatch globs (`spiffe://tensorgate.local/team-a/*`,
+`fraud-*`); a model entry may pin versions.
+
+    rules:
+      - identities: ["spiffe://tensorgate.local/admin"]
+        apis: [inference, metadata, statistics, repository, health]
+        models: ["*"]
+      - identities: ["spiffe://tensorgate.local/scorer", "scorer-*.svc.cluster.local"]
+        apis: [inference, metadata, health]
+        models: ["add_sub", {name: "fraud-*", versions: [2, 3]}]
+
+API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer), metadata (ServerMetadata,
+ModelMetadata, ModelConfig), statistics (ModelStatistics), repository (RepositoryIndex, RepositoryModelLoad,
+RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection
+services are not subject to the policy.
+
+Calls that name no model: health and metadata ones (ServerLive, ServerMetadata, ...) need the group only;
+RepositoryIndex and ModelStatistics for all models list every model, so they need a rule whose models include
+`*` without versions. A rule with `versions` matches only requests that name one of those versions.
+
+With mTLS and no policy file, `DEFAULT_MTLS_POLICY` applies: any verified client may infer and read metadata,
+statistics and health; the repository group is denied. Without mTLS and without a policy nothing is checked.
+Without mTLS but with a policy, every caller is `anonymous`.
+
+Bearer tokens, for deployments that terminate TLS elsewhere: the policy may map SHA-256 hashes of tokens to
+identities. Then a caller without a verified client certificate must send `authorization: Bearer TOKEN`
+metadata; a missing or unknown token answers UNAUTHENTICATED. Only hashes are stored and tokens are never logged.
+A verified client certificate (mTLS) takes precedence: tokens are not consulted.
+
+    tokens:
+      - sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"   # printf %s TOKEN | sha256sum
+        identity: "batch-job"
+
+The file is re-read when its mtime or size changes, checked at most once a second from the request path; a file
+that no longer parses is logged and the previous policy stays in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY, identity_of_auth_context
+from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, model_ref
+
+log = logging.getLogger(__name__)
+
+API_GROUPS = ("inference", "metadata", "statistics", "repository", "health")
+RPC_GROUPS: dict[str, str] = {
+    "ModelInfer": "inference",
+    "ModelStreamInfer": "inference",
+    "ServerMetadata": "metadata",
+    "ModelMetadata": "metadata",
+    "ModelConfig": "metadata",
+    "ModelStatistics": "statistics",
+    "RepositoryIndex": "repository",
+    "RepositoryModelLoad": "repository",
+    "RepositoryModelUnload": "repository",
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "ModelReady": "health",
+}
+_MODEL_LESS_OK = frozenset({"health", "metadata"})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPattern:
+    name: str
+    versions: frozenset[str] | None = None
+
+    def matches(self, model: str, version: str) -> bool:
+        return fnmatchcase(model, self.name) and (self.versions is None or version in self.versions)
+
+    @property
+    def covers_all(self) -> bool:
+        return self.name == "*" and self.versions is None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    identities: tuple[str, ...]
+    apis: frozenset[str]
+    models: tuple[ModelPattern, ...] = (ModelPattern("*"),)
+
+    def allows(self, identity: str, group: str, model: str | None, version: str) -> bool:
+        if group not in self.apis or not any(fnmatchcase(identity, p) for p in self.identities):
+            return False
+        if model is None:
+            return group in _MODEL_LESS_OK or any(m.covers_all for m in self.models)
+        return any(m.matches(model, version) for m in self.models)
+
+
+class Policy:
+    """An immutable list of rules; `allows` answers from a small cache after the first call of each kind."""
+
+    def __init__(
+        self, rules: Iterable[Rule], source: str = "<built-in>", tokens: Mapping[str, str] | None = None
+    ) -> None:
+        self.rules = tuple(rules)
+        self.source = source
+        self.tokens: Mapping[str, str] = dict(tokens or {})
+        """SHA-256 hex digest of a bearer token -> the identity it stands for."""
+        self._cache: dict[tuple[str, str, str | None, str], bool] = {}
+
+    def allows(self, identity: str, group: str, model: str | None = None, version: str = "") -> bool:
+        key = (identity, group, model, version)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = any(rule.allows(identity, group, model, version) for rule in self.rules)
+            if len(self._cache) >= 4096:  # callers choose model names: keep the cache bounded
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+
+DEFAULT_MTLS_POLICY = Policy(
+    [Rule(identities=("*",), apis=frozenset({"inference", "metadata", "statistics", "health"}))],
+    source="default mTLS policy (no --auth-policy)",
+)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str | int) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str | int) for v in items):
+        raise PolicyError(f"{where}: expected a string or a non-empty list of strings, got {value!r}")
+    return tuple(str(v) for v in items)
+
+
+def _model(entry: Any, where: str) -> ModelPattern:
+    if isinstance(entry, str):
+        return ModelPattern(entry)
+    if isinstance(entry, dict) and "name" in entry and set(entry) <= {"name", "versions"}:
+        name = _strings(entry["name"], f"{where}.name")
+        if len(name) != 1:
+            raise PolicyError(f"{where}.name: one name or glob per entry")
+        versions = frozenset(_strings(entry["versions"], f"{where}.versions")) if "versions" in entry else None
+        return ModelPattern(name[0], versions)
+    raise PolicyError(f"{where}: expected a model name/glob or {{name: ..., versions: [...]}}, got {entry!r}")
+
+
+def parse_policy(data: Any, source: str) -> Policy:
+    """Build a Policy from decoded YAML/JSON, refusing anything it does not understand."""
+    if not isinstance(data, dict) or not {"rules"} <= set(data) <= {"rules", "tokens"}:
+        raise PolicyError(f"{source}: expected a mapping with 'rules' (a list) and optionally 'tokens'")
+    if not isinstance(data["rules"], list):
+        raise PolicyError(f"{source}: 'rules' must be a list")
+    rules = []
+    for i, raw in enumerate(data["rules"]):
+        where = f"{source}: rules[{i}]"
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{where}: expected a mapping")
+        unknown = set(raw) - {"identities", "apis", "models"}
+        if unknown or not {"identities", "apis"} <= set(raw):
+            raise PolicyError(f"{where}: needs 'identities' and 'apis', may have 'models'; unknown {sorted(unknown)}")
+        apis = _strings(raw["apis"], f"{where}.apis")
+        apis = API_GROUPS if apis == ("*",) else apis
+        bad = [a for a in apis if a not in API_GROUPS]
+        if bad:
+            raise PolicyError(f"{where}.apis: unknown group(s) {bad}; groups are {list(API_GROUPS)} or '*'")
+        models = raw.get("models", ["*"])
+        if not isinstance(models, list) or not models:
+            raise PolicyError(f"{where}.models: expected a non-empty list")
+        rules.append(
+            Rule(
+                identities=_strings(raw["identities"], f"{where}.identities"),
+                apis=frozenset(apis),
+                models=tuple(_model(m, f"{where}.models[{j}]") for j, m in enumerate(models)),
+            )
+        )
+    return Policy(rules, source, _tokens(data.get("tokens", []), source))
+
+
+def _tokens(raw: Any, source: str) -> dict[str, str]:
+    if not isinstance(raw, list):
+        raise PolicyError(f"{source}: 'tokens' must be a list of {{sha256: ..., identity: ...}}")
+    out: dict[str, str] = {}
+    for i, entry in enumerate(raw):
+        where = f"{source}: tokens[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"sha256", "identity"}:
+            raise PolicyError(f"{where}: expected exactly 'sha256' and 'identity'")
+        digest, identity = entry["sha256"], entry["identity"]
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest.lower()):
+            raise PolicyError(f"{where}.sha256: expected 64 hex digits (the SHA-256 of the token, not the token)")
+        if not isinstance(identity, str) or not identity:
+            raise PolicyError(f"{where}.identity: expected a non-empty string")
+        if digest.lower() in out:
+            raise PolicyError(f"{where}: the same token hash appears twice")
+        out[digest.lower()] = identity
+    return out
+
+
+def load_policy(path: Path) -> Policy:
+    """Read a policy file: JSON when it ends in .json, YAML otherwise."""
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    return parse_policy(data, str(path))
+
+
+class PolicyFile:
+    """A policy that follows its file: `current()` re-stats it at most every `interval` seconds."""
+
+    def __init__(self, path: Path, *, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._interval, self._clock = interval, clock
+        self._stamp = self._stat()
+        self._policy = load_policy(path)  # a bad file at start stops the server
+        self._next = clock() + interval
+        self._lock = threading.Lock()
+        self.reloads = 0
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_mtime_ns, st.st_size
+
+    def current(self) -> Policy:
+        now = self._clock()
+        if now < self._next or not self._lock.acquire(blocking=False):
+            return self._policy
+        try:
+            self._next = now + self._interval
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._policy = load_policy(self.path)
+                self.reloads += 1
+                log.info("authorization policy reloaded from %s (%d rule(s))", self.path, len(self._policy.rules))
+        except (OSError, PolicyError) as exc:
+            log.error("authorization policy %s not reloaded, the previous one stays in force: %s", self.path, exc)
+        finally:
+            self._lock.release()
+        return self._policy
+
+
+class CallContext(Protocol):
+    """What the authorizer reads from a call: grpc's ServicerContext has both."""
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]: ...
+
+    def invocation_metadata(self) -> Iterable[tuple[str, str | bytes]] | None: ...
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of `authorization: Bearer TOKEN`; '' for an authorization value of another form; None if absent."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, token = text.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+class Authorizer:
+    """The check every RPC makes: who is calling (from the TLS session) and whether the policy allows the call.
+
+    `enabled` is False without mTLS, policy file and in-flight limit; then the RPC boundary skips it entirely.
+    `max_in_flight` (0: no limit) caps the calls one identity has running at once; a stream counts as one call
+    for as long as it is open. Without mTLS or tokens every caller is `anonymous`, so the cap is server-wide.
+    """
+
+    def __init__(
+        self,
+        policy_path: Path | None = None,
+        *,
+        mtls: bool = False,
+        interval: float = 1.0,
+        max_in_flight: int = 0,
+    ) -> None:
+        if max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0 (0: no limit)")
+        self.mtls = mtls
+        self._file = PolicyFile(policy_path, interval=interval) if policy_path is not None else None
+        self.max_in_flight = max_in_flight
+        self._in_flight: dict[str, int] = {}
+        self.enabled = mtls or self._file is not None or max_in_flight > 0
+        self.denials: Counter[tuple[str, str]] = Counter()
+        """Denied calls per (identity, RPC), for metrics."""
+
+    def policy(self) -> Policy | None:
+        if self._file is not None:
+            return self._file.current()
+        return DEFAULT_MTLS_POLICY if self.mtls else None
+
+    def identify(self, context: CallContext) -> str:
+        """The caller's identity: its verified certificate's under mTLS, else its bearer token's when the policy
+        has tokens, else ANONYMOUS. Raises UnauthenticatedError for a missing or unknown token."""
+        if self.mtls:
+            return identity_of_auth_context(context.auth_context())
+        policy = self.policy()
+        if policy is None or not policy.tokens:
+            return ANONYMOUS
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            raise UnauthenticatedError("this server needs 'authorization: Bearer <token>' metadata")
+        identity = policy.tokens.get(hashlib.sha256(token.encode()).hexdigest()) if token else None
+        if identity is None:
+            self.denials[(ANONYMOUS, "invalid token")] += 1
+            log.warning("refused a call with an invalid bearer token (%s)", policy.source)  # never the token
+            raise UnauthenticatedError("invalid bearer token")
+        return identity
+
+    def admit(self, identity: str) -> bool:
+        """Count a call against the identity's in-flight cap; True when the caller must `release` it later."""
+        if not self.max_in_flight:
+            return False
+        running = self._in_flight.get(identity, 0)
+        if running >= self.max_in_flight:
+            self.denials[(identity, "in-flight limit")] += 1
+            raise ResourceExhaustedError(
+                f"identity '{identity}' already has {running} call(s) in flight, the most allowed per identity"
+            )
+        self._in_flight[identity] = running + 1
+        return True
+
+    def release(self, identity: str) -> None:
+        left = self._in_flight[identity] - 1
+        if left:
+            self._in_flight[identity] = left
+        else:
+            del self._in_flight[identity]  # keep the map as small as the set of active callers
+
+    def check(self, rpc: str, model: str | None = None, version: str = "") -> None:
+        """Raise PermissionDeniedError unless the policy lets the current identity make this call."""
+        policy = self.policy()
+        if policy is None:
+            return
+        identity = CURRENT_IDENTITY.get()
+        if policy.allows(identity, RPC_GROUPS[rpc], model or None, version):
+            return
+        self.denials[(identity, rpc)] += 1
+        log.warning(
+            "denied %s%s to identity '%s' (%s)",
+            rpc,
+            f" on {model_ref(model, version)}" if model else "",
+            identity,
+            policy.source,
+        )
+        raise PermissionDeniedError(identity, rpc, model or None, version or None)
+
+
+__all__ = [
+    "API_GROUPS",
+    "DEFAULT_MTLS_POLICY",
+    "RPC_GROUPS",
+    "Authorizer",
+    "CallContext",
+    "ModelPattern",
+    "Policy",
+    "PolicyError",
+    "PolicyFile",
+    "Rule",
+    "bearer_token",
+    "load_policy",
+    "parse_policy",
+]

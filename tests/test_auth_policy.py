@@ -1,0 +1,437 @@
+"""Identity from client certificates, the authorization policy, and its enforcement over real mTLS."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import queue
+import re
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server import ServerSettings
+from tensorgate.server.auth import certs
+from tensorgate.server.auth.identity import identity_of_auth_context, identity_of_certificate
+from tensorgate.server.auth.policy import DEFAULT_MTLS_POLICY, PolicyError, PolicyFile, load_policy, parse_policy
+from tests.pki import CHANNEL_OPTIONS, Pki, add_sub_request, identity_request, infer_add_sub, secure_channel
+from tests.serving import ServerThread
+
+SCORER = certs.spiffe_id("scorer")
+ADMIN = certs.spiffe_id("admin")
+POLICY = {
+    "rules": [
+        {"identities": [ADMIN], "apis": ["*"]},
+        {
+            "identities": ["spiffe://tensorgate.local/score*"],
+            "apis": ["inference", "metadata", "health"],
+            "models": ["add_sub"],
+        },
+    ]
+}
+
+# ----- identity ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> certs.Issued:
+    return certs.make_ca()
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        pytest.param(
+            {"common_name": "cn-name", "dns": ("svc.example",), "uris": ("spiffe://org/ns/svc",)},
+            "spiffe://org/ns/svc",
+            id="uri-san-first",
+        ),
+        pytest.param({"common_name": "cn-name", "dns": ("svc.example", "b.example")}, "svc.example", id="dns-san-next"),
+        pytest.param({"common_name": "cn-name", "ips": ("10.0.0.1",)}, "cn-name", id="cn-last"),
+        pytest.param({"common_name": None, "ips": ("10.0.0.1",)}, None, id="nothing"),
+    ],
+)
+def test_identity_order_uri_then_dns_then_cn(ca: certs.Issued, kwargs: dict, expected: str | None) -> None:
+    leaf = certs.make_leaf(ca, **kwargs)
+    assert identity_of_certificate(leaf.certificate) == expected
+
+
+def test_identity_of_auth_context_reads_the_verified_pem(ca: certs.Issued) -> None:
+    leaf = certs.make_client_cert(ca, "scorer")
+    assert identity_of_auth_context({"x509_pem_cert": [leaf.cert]}) == SCORER
+    assert identity_of_auth_context({"transport_security_type": [b"ssl"]}) == "anonymous"
+
+
+# ----- policy --------------------------------------------------------------------------------------------
+
+
+def test_policy_rules_match_identity_group_model_and_version() -> None:
+    policy = parse_policy(
+        {
+            "rules": [
+                {
+                    "identities": "team-*",
+                    "apis": ["inference"],
+                    "models": ["fraud-*", {"name": "digits", "versions": [2]}],
+                },
+                {"identities": ["ops"], "apis": ["statistics", "repository"]},
+            ]
+        },
+        "test",
+    )
+    assert policy.allows("team-a", "inference", "fraud-eu", "")
+    assert policy.allows("team-a", "inference", "digits", "2")
+    assert not policy.allows("team-a", "inference", "digits", "1")
+    assert not policy.allows("team-a", "inference", "digits", "")  # pinned versions need an explicit version
+    assert not policy.allows("team-a", "metadata", "fraud-eu", "")
+    assert not policy.allows("other", "inference", "fraud-eu", "")
+    assert not policy.allows("team-a", "inference", None)  # model-less inference needs a rule covering '*'
+    assert policy.allows("ops", "statistics", None)
+    assert policy.allows("ops", "repository", "anything")
+
+
+def test_default_mtls_policy_allows_data_plane_and_denies_repository() -> None:
+    for group in ("inference", "metadata", "statistics", "health"):
+        assert DEFAULT_MTLS_POLICY.allows("anyone", group, "m", "")
+    assert not DEFAULT_MTLS_POLICY.allows("anyone", "repository", "m", "")
+    assert not DEFAULT_MTLS_POLICY.allows("anyone", "repository", None)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        pytest.param([], "a mapping with 'rules'", id="not-a-mapping"),
+        pytest.param({"rules": [], "extra": 1}, "a mapping with 'rules'", id="unknown-top-level-key"),
+        pytest.param({"rules": [], "tokens": [{"sha256": "secret", "identity": "a"}]}, "64 hex digits", id="raw-token"),
+        pytest.param({"rules": [], "tokens": [{"sha256": "0" * 64}]}, "exactly 'sha256' and 'identity'", id="no-id"),
+        pytest.param({"rules": [{"identities": ["a"]}]}, "needs 'identities' and 'apis'", id="no-apis"),
+        pytest.param({"rules": [{"identities": ["a"], "apis": ["admin"]}]}, "unknown group", id="unknown-group"),
+        pytest.param({"rules": [{"identities": [], "apis": ["health"]}]}, "non-empty list", id="no-identities"),
+        pytest.param({"rules": [{"identities": "a", "apis": "health", "model": ["x"]}]}, "unknown", id="typo-key"),
+        pytest.param(
+            {"rules": [{"identities": "a", "apis": "health", "models": [{"versions": [1]}]}]}, "name", id="no-name"
+        ),
+    ],
+)
+def test_malformed_policies_are_refused(data: object, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_policy(data, "test")
+
+
+def test_policy_files_in_yaml_and_json_are_the_same(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "p.json").write_text(json.dumps(POLICY))
+    a, b = load_policy(tmp_path / "p.yaml"), load_policy(tmp_path / "p.json")
+    assert a.rules == b.rules
+    (tmp_path / "bad.json").write_text("{rules: ")
+    with pytest.raises(PolicyError, match="bad.json"):
+        load_policy(tmp_path / "bad.json")
+
+
+def test_policy_file_is_reread_on_change_at_most_once_per_interval(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"rules": [{"identities": "a", "apis": "inference"}]}))
+    now = [0.0]
+    source = PolicyFile(path, interval=1.0, clock=lambda: now[0])
+    assert source.current().allows("a", "inference", "m")
+
+    path.write_text(yaml.safe_dump({"rules": [{"identities": "b", "apis": "inference"}]}))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    now[0] = 0.5
+    assert source.current().allows("a", "inference", "m")  # not checked again within the interval
+    now[0] = 1.5
+    assert source.current().allows("b", "inference", "m") and not source.current().allows("a", "inference", "m")
+
+    path.write_text("rules: [ {identities: b")  # broken: the last good policy stays
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000))
+    now[0] = 3.0
+    assert source.current().allows("b", "inference", "m")
+    assert source.reloads == 1
+
+
+# ----- enforcement over mTLS -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(POLICY))
+    return path
+
+
+@pytest.fixture
+def guarded(repo: Path, pki: Pki, policy_file: Path):
+    settings = {
+        **pki.server_settings(),
+        "auth_policy": policy_file,
+        "model_control_mode": "explicit",
+        "load_model": ["*"],
+    }
+    with ServerThread(repo, **settings) as s:
+        yield s
+
+
+def _denied(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    return info.value.details() or ""
+
+
+def test_identity_allowed_for_one_model_is_denied_another(
+    guarded: ServerThread, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    with secure_channel(guarded.address, pki.ca_path, pki.client("scorer")) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        np.testing.assert_array_equal(infer_add_sub(channel), np.arange(16, dtype=np.float32) * 2)
+        assert stub.ModelMetadata(pb.ModelMetadataRequest(name="add_sub"), timeout=5).name == "add_sub"
+        with caplog.at_level(logging.WARNING, logger="tensorgate.server.auth.policy"):
+            details = _denied(lambda: stub.ModelInfer(identity_request(), timeout=5))
+        assert details == f"identity '{SCORER}' may not call ModelInfer on model 'identity_fp32'"
+        denial = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
+        assert denial == [
+            f"denied ModelInfer on model 'identity_fp32' to identity '{SCORER}' ({guarded.settings.auth_policy})"
+        ]
+        stats = _denied(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="add_sub"), timeout=5))
+        assert stats == f"identity '{SCORER}' may not call ModelStatistics on model 'add_sub'"  # group not granted
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # health group
+        assert stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5).name == "tensorgate"
+
+
+def test_stream_checks_each_message(guarded: ServerThread, pki: Pki) -> None:
+    requests = [add_sub_request(), identity_request(), add_sub_request()]
+    for i, r in enumerate(requests):
+        r.id = f"r{i}"
+    with secure_channel(guarded.address, pki.ca_path, pki.client("scorer")) as channel:
+        replies = list(GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=10))
+    by_id = {r.infer_response.id: r for r in replies}
+    assert by_id["r0"].error_message == "" and by_id["r2"].error_message == ""
+    assert by_id["r1"].error_message == f"identity '{SCORER}' may not call ModelStreamInfer on model 'identity_fp32'"
+
+
+@pytest.mark.parametrize(
+    "rpc, request_",
+    [
+        pytest.param("RepositoryIndex", pb.RepositoryIndexRequest(), id="index"),
+        pytest.param("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="add_sub"), id="unload"),
+        pytest.param("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="add_sub"), id="load"),
+    ],
+)
+def test_repository_rpcs_are_for_admins_only(guarded: ServerThread, pki: Pki, rpc: str, request_) -> None:
+    with secure_channel(guarded.address, pki.ca_path, pki.client("scorer")) as channel:
+        details = _denied(lambda: getattr(GRPCInferenceServiceStub(channel), rpc)(request_, timeout=10))
+    assert details.startswith(f"identity '{SCORER}' may not call {rpc}")
+    with secure_channel(guarded.address, pki.ca_path, pki.client("admin")) as channel:
+        getattr(GRPCInferenceServiceStub(channel), rpc)(request_, timeout=30)
+
+
+def test_default_policy_with_mtls_denies_repository_management(repo: Path, pki: Pki) -> None:
+    with ServerThread(repo, **pki.server_settings()) as s:
+        with secure_channel(s.address, pki.ca_path, pki.client("anyone")) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            np.testing.assert_array_equal(infer_add_sub(channel), np.arange(16, dtype=np.float32) * 2)
+            stub.ModelInfer(identity_request(), timeout=5)
+            assert len(stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5).model_stats) == 2
+            details = _denied(lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5))
+    assert details == f"identity '{certs.spiffe_id('anyone')}' may not call RepositoryIndex"
+
+
+def test_policy_change_on_disk_applies_without_restart(guarded: ServerThread, pki: Pki, policy_file: Path) -> None:
+    with secure_channel(guarded.address, pki.ca_path, pki.client("scorer")) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        _denied(lambda: stub.ModelInfer(identity_request(), timeout=5))
+        widened = {"rules": [*POLICY["rules"], {"identities": SCORER, "apis": "inference", "models": ["identity_*"]}]}
+        policy_file.write_text(yaml.safe_dump(widened))
+        allowed = False
+        for _ in range(100):  # the file is checked at most once a second: allow up to ~10 s
+            try:
+                stub.ModelInfer(identity_request(), timeout=5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                time.sleep(0.1)
+            else:
+                allowed = True
+                break
+        assert allowed
+        np.testing.assert_array_equal(infer_add_sub(channel), np.arange(16, dtype=np.float32) * 2)
+
+
+def test_auth_package_public_names() -> None:
+    import tensorgate.server.auth as auth
+
+    public = {
+        name
+        for name, value in vars(auth).items()
+        if not name.startswith("_") and not inspect.ismodule(value) and name != "annotations"
+    }
+    assert sorted(auth.__all__) == sorted(public)
+
+
+# ----- bearer tokens -------------------------------------------------------------------------------------
+
+TOKEN = "s3cr3t-batch-token"
+BATCH_RULE = {"identities": "batch-job", "apis": ["inference", "health"], "models": ["add_sub"]}
+TOKEN_POLICY = {
+    "rules": [BATCH_RULE],
+    "tokens": [{"sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "identity": "batch-job"}],
+}
+
+
+@pytest.fixture
+def token_server(repo: Path, tmp_path: Path):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(TOKEN_POLICY))
+    with ServerThread(repo, auth_policy=path) as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    "metadata, details",
+    [
+        pytest.param((), "this server needs 'authorization: Bearer <token>' metadata", id="missing"),
+        pytest.param((("authorization", "Bearer wrong"),), "invalid bearer token", id="unknown-token"),
+        pytest.param((("authorization", f"Basic {TOKEN}"),), "invalid bearer token", id="other-scheme"),
+    ],
+)
+def test_missing_or_invalid_token_is_unauthenticated(
+    token_server: ServerThread, metadata: tuple, details: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with grpc.insecure_channel(token_server.address) as channel, caplog.at_level(logging.DEBUG):
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(add_sub_request(), metadata=metadata, timeout=5)
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, details)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ModelStreamInfer(iter([add_sub_request()]), metadata=metadata, timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "wrong" not in caplog.text and TOKEN not in caplog.text
+
+
+def test_valid_token_maps_to_its_identity(token_server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(token_server.address) as channel, caplog.at_level(logging.DEBUG):
+        stub = GRPCInferenceServiceStub(channel)
+        reply = stub.ModelInfer(add_sub_request(), metadata=metadata, timeout=5)
+        assert reply.model_name == "add_sub"
+        details = _denied(lambda: stub.ModelInfer(identity_request(), metadata=metadata, timeout=5))
+        assert details == "identity 'batch-job' may not call ModelInfer on model 'identity_fp32'"
+    assert TOKEN not in caplog.text
+
+
+def test_unmodified_tritonclient_sends_a_bearer_token(token_server: ServerThread) -> None:
+    client = tc.InferenceServerClient(token_server.address)
+    try:
+        headers = {"authorization": f"Bearer {TOKEN}"}
+        x = np.ones((1, 16), np.float32)
+        inputs = [tc.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+        for i in inputs:
+            i.set_data_from_numpy(x)
+        assert client.infer("add_sub", inputs, headers=headers).as_numpy("OUTPUT0").tolist() == (x * 2).tolist()
+        with pytest.raises(InferenceServerException, match="invalid bearer token"):
+            client.infer("add_sub", inputs, headers={"authorization": "Bearer nope"})
+    finally:
+        client.close()
+
+
+def test_verified_certificate_takes_precedence_over_tokens(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    policy = {**TOKEN_POLICY, "rules": [BATCH_RULE, {"identities": SCORER, "apis": ["inference"]}]}
+    path.write_text(json.dumps(policy))
+    with ServerThread(repo, **pki.server_settings(), auth_policy=path) as s:
+        with secure_channel(s.address, pki.ca_path, pki.client("scorer")) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(identity_request(), timeout=5)  # scorer may; batch-job may not
+            stub.ModelInfer(identity_request(), metadata=(("authorization", "Bearer nope"),), timeout=5)
+
+
+def test_readme_policy_examples_parse() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Security", 1)[1].split("\n## ", 1)[0]
+    rules, tokens = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL))
+    policy = parse_policy({**rules, **tokens}, "README")
+    assert policy.allows("spiffe://tensorgate.local/admin", "repository", None)
+    assert policy.allows("a.scoring.svc.cluster.local", "inference", "fraud-eu", "2")
+    assert not policy.allows("a.scoring.svc.cluster.local", "inference", "fraud-eu", "1")
+    assert policy.tokens == {hashlib.sha256(b"test").hexdigest(): "batch-job"}
+
+
+# ----- in-flight cap per identity ------------------------------------------------------------------------
+
+
+class _OpenStream:
+    """A ModelStreamInfer kept open (one answered message) until `close()`: one call in flight, no timing."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+        self._requests.put(add_sub_request())
+        self._replies = GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(self._requests.get, None), timeout=30)
+        first = next(self._replies)
+        assert first.error_message == "", first.error_message
+
+    def close(self) -> None:
+        self._requests.put(None)
+        assert list(self._replies) == []
+
+
+def test_in_flight_cap_applies_per_identity(repo: Path, pki: Pki) -> None:
+    with ServerThread(repo, **pki.server_settings(), max_in_flight_per_identity=1) as s:
+        a, b = pki.client("scorer"), pki.client("other")
+        with secure_channel(s.address, pki.ca_path, a) as ch_a, secure_channel(s.address, pki.ca_path, b) as ch_b:
+            stream = _OpenStream(ch_a)
+            with pytest.raises(grpc.RpcError) as info:
+                infer_add_sub(ch_a, timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details() == (
+                f"identity '{SCORER}' already has 1 call(s) in flight, the most allowed per identity"
+            )
+            infer_add_sub(ch_b)  # another identity is not affected
+            stream.close()
+            infer_add_sub(ch_a)  # the slot came back when the stream ended
+            infer_add_sub(ch_a)
+
+
+def test_in_flight_cap_without_identities_is_server_wide(repo: Path) -> None:
+    with ServerThread(repo, max_in_flight_per_identity=1) as s, grpc.insecure_channel(s.address) as channel:
+        stream = _OpenStream(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            infer_add_sub(channel, timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "identity 'anonymous'" in (info.value.details() or "")
+        stream.close()
+        infer_add_sub(channel)
+
+
+def test_negative_in_flight_cap_is_refused(repo: Path) -> None:
+    with pytest.raises(ValueError, match="max_in_flight_per_identity"):
+        ServerSettings(model_repository=repo, max_in_flight_per_identity=-1)
+    with pytest.raises(ValueError, match="max_streams_per_connection"):
+        ServerSettings(model_repository=repo, max_streams_per_connection=0)
+
+
+def test_streams_per_connection_are_capped_and_extra_calls_wait(repo: Path) -> None:
+    with ServerThread(repo, max_streams_per_connection=1) as s:
+        with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as busy:
+            stream = _OpenStream(busy)
+            with pytest.raises(grpc.RpcError) as info:
+                infer_add_sub(busy, timeout=1.0)  # queued by the client behind the open stream until its deadline
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with grpc.insecure_channel(s.address, options=CHANNEL_OPTIONS) as other:
+                infer_add_sub(other)  # the limit is per connection
+            stream.close()
+            infer_add_sub(busy)
