@@ -1,7 +1,66 @@
-"""tensorgate's Python client (sync and grpc.aio) over the generated stubs in `tensorgate.protos`.
+"""tensorgate's Python client: sync (``InferenceClient``) and asyncio (``AsyncInferenceClient``) over the stubs in
+``tensorgate.protos``, with numpy in and out, a deadline on every call, typed errors, opt-in retries and TLS.
 
-Until the client lands, `tensorgate.protos.GRPCInferenceServiceStub` and unmodified `tritonclient.grpc` are the
-ways to call the server; both are shown in the README.
+Usage::
+
+    import numpy as np
+    from tensorgate.client import InferenceClient, NotFound
+
+    with InferenceClient("127.0.0.1:8001", timeout=10) as client:
+        result = client.infer("mlp", {"INPUT0": np.zeros((1, 256), np.float32)})
+        print(result["OUTPUT0"])
+
+It works with any KServe V2 / Triton gRPC server; it does not import the server package.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from tensorgate.client._common import InferResult, ModelMetadata, StreamRequest, TensorMetadata
+from tensorgate.client.aio import AsyncInferenceClient
+from tensorgate.client.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, RetryPolicy, TLSConfig
+from tensorgate.client.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ResponseFormatError,
+    StreamItemError,
+    TensorgateClientError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from tensorgate.client.sync import InferenceClient
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TIMEOUT_S",
+    "AlreadyExists",
+    "AsyncInferenceClient",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InferResult",
+    "InferenceClient",
+    "Internal",
+    "InvalidArgument",
+    "ModelMetadata",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ResponseFormatError",
+    "RetryPolicy",
+    "StreamItemError",
+    "StreamRequest",
+    "TLSConfig",
+    "TensorMetadata",
+    "TensorgateClientError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]

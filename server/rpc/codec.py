@@ -1,28 +1,27 @@
-"""Protobuf <-> numpy for inference messages: the only place that knows the tensor wire format.
+"""Protobuf <-> numpy for the server's messages, errors naming model, version and tensor.
 
-Raw contents become numpy views with `np.frombuffer` (no copy); BYTES tensors are framed as a 4-byte
-little-endian length followed by the bytes of each element, in row-major order.
+The tensor wire format itself (raw contents as `np.frombuffer` views, BYTES framing, the datatype table) lives in
+`tensorgate.protos.tensors`, shared with the client; this module wraps its `TensorFormatError` into the server's
+`InvalidRequestError`. The client-side helpers (`encode_infer_request`, `decode_infer_response`) are re-exported.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from google.protobuf import json_format, text_format
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos import tensors
 from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.pipeline.types import InferRequest, InferResponse, ParamValue
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
 from tensorgate.server.telemetry.statistics import Duration
-
-_LEN = struct.Struct("<I")
 
 # Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
 _UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
@@ -40,69 +39,22 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
 
 def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, tensor: str) -> np.ndarray:
     """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
-    offset, size = 0, len(buf)
-    if count > size // _LEN.size:
-        # Checked before allocating: every element takes at least its 4-byte length, so a shape far larger than
-        # the data is refused here instead of reserving memory for it (or failing inside numpy as INTERNAL).
-        raise InvalidRequestError(
-            model,
-            version,
-            f"malformed BYTES data: the shape needs {count} elements but {size} bytes hold at most {size // 4}",
-            tensor=tensor,
-        )
-    out = np.empty(count, dtype=object)
-    view = memoryview(buf)
-    for i in range(count):
-        if offset + 4 > size:
-            raise InvalidRequestError(
-                model, version, f"malformed BYTES data: expected {count} elements, found {i}", tensor=tensor
-            )
-        (length,) = _LEN.unpack_from(view, offset)
-        offset += 4
-        if offset + length > size:
-            raise InvalidRequestError(
-                model,
-                version,
-                f"malformed BYTES data: element {i} declares {length} bytes but only {size - offset} remain",
-                tensor=tensor,
-            )
-        out[i] = bytes(view[offset : offset + length])
-        offset += length
-    if offset != size:
-        raise InvalidRequestError(
-            model,
-            version,
-            f"malformed BYTES data: {size - offset} bytes left over after {count} elements",
-            tensor=tensor,
-        )
-    return out
+    try:
+        return tensors.decode_bytes_tensor(buf, count)
+    except tensors.TensorFormatError as exc:
+        raise InvalidRequestError(model, version, str(exc), tensor=tensor) from exc
 
 
-def encode_bytes_tensor(array: np.ndarray) -> bytes:
-    """Length-prefix every element (bytes as is, str as UTF-8, anything else via str())."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+encode_bytes_tensor = tensors.encode_bytes_tensor
 
 
 def _decode_raw(
     raw: bytes, dt: datatypes.DataType, shape: tuple[int, ...], model: str, version: str, name: str
 ) -> np.ndarray:
-    count = math.prod(shape)
-    if dt.name == "BYTES":
-        return decode_bytes_tensor(raw, count, model=model, version=version, tensor=name).reshape(shape)
-    expected = count * dt.itemsize
-    if len(raw) != expected:
-        raise InvalidRequestError(
-            model,
-            version,
-            f"raw content has {len(raw)} bytes but shape {list(shape)} of {dt.name} needs {expected}",
-            tensor=name,
-        )
-    return np.frombuffer(raw, dtype=dt.np_dtype).reshape(shape)
+    try:
+        return tensors.decode_raw(raw, dt, shape)
+    except tensors.TensorFormatError as exc:
+        raise InvalidRequestError(model, version, str(exc), tensor=name) from exc
 
 
 def _decode_contents(
@@ -186,14 +138,7 @@ def decode_infer_request(msg: pb.ModelInferRequest, deadline: float | None = Non
     )
 
 
-def encode_array(array: np.ndarray, datatype: str) -> bytes:
-    """The raw wire bytes of one output tensor."""
-    if datatype == "BYTES":
-        return encode_bytes_tensor(array)
-    dt = datatypes.BY_NAME[datatype].np_dtype
-    if array.dtype != dt:
-        array = array.astype(dt)
-    return np.ascontiguousarray(array).tobytes()
+encode_array = tensors.encode_array
 
 
 def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
@@ -205,39 +150,9 @@ def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
     return msg
 
 
-def encode_infer_request(
-    model: str,
-    inputs: Iterable[tuple[str, np.ndarray]],
-    *,
-    version: str = "",
-    request_id: str = "",
-    outputs: Sequence[str] = (),
-) -> pb.ModelInferRequest:
-    """The client side of the codec (raw contents), shared by our client, warm-up and benchmarks."""
-    msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    for name, array in inputs:
-        dt = datatypes.from_numpy(array.dtype)
-        msg.inputs.add(name=name, datatype=dt.name, shape=array.shape)
-        msg.raw_input_contents.append(encode_array(array, dt.name))
-    for name in outputs:
-        msg.outputs.add(name=name)
-    return msg
-
-
-def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Outputs of a response as numpy arrays (BYTES as object arrays of bytes)."""
-    out: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(msg.outputs):
-        dt = datatypes.BY_NAME[tensor.datatype]
-        out[tensor.name] = _decode_raw(
-            msg.raw_output_contents[i],
-            dt,
-            tuple(tensor.shape),
-            msg.model_name,
-            msg.model_version,
-            tensor.name,
-        )
-    return out
+# The client side of the codec (raw contents), shared with the client, warm-up and benchmarks.
+encode_infer_request = tensors.encode_infer_request
+decode_infer_response = tensors.decode_infer_response
 
 
 def monotonic_deadline(time_remaining: float | None) -> float | None:

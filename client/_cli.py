@@ -1,0 +1,183 @@
+"""`tensorgate infer`: one inference from the command line, for quick manual calls.
+
+    tensorgate infer add_sub --input INPUT0=x.npy --input 'INPUT1=[[1, 2, 3, 4]]' --server 127.0.0.1:8001
+
+An input is NAME=FILE.npy (sent with the array's dtype), NAME=FILE.json or NAME=JSON (a nested list, cast to the
+datatype the model's metadata declares for that input). Outputs print as one JSON object, or go to NAME.npy files
+with --npy-out DIR. A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorgate.client.config import DEFAULT_TIMEOUT_S, TLSConfig
+from tensorgate.client.errors import TensorgateClientError
+from tensorgate.client.sync import InferenceClient
+from tensorgate.protos import tensors
+
+PROG = "tensorgate infer"
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("infer", help="run one inference on a server and print the outputs as JSON")
+    p.add_argument("model", help="model name")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input: NAME=file.npy, NAME=file.json or NAME=<JSON list>; repeat for each input",
+    )
+    p.add_argument("--output", action="append", default=[], metavar="NAME", help="output to return (default: all)")
+    p.add_argument("--model-version", default=None, help="model version (default: the server's choice)")
+    p.add_argument("--request-id", default=None, help="request id sent with the call")
+    add_connection_arguments(p, DEFAULT_TIMEOUT_S)
+    p.add_argument("--npy-out", type=Path, default=None, metavar="DIR", help="write each output to DIR/NAME.npy")
+
+
+def add_connection_arguments(p: argparse.ArgumentParser, timeout: float) -> None:
+    """--server, --timeout and the TLS options, shared by the commands that call a server."""
+    p.add_argument(
+        "--server",
+        default=os.environ.get("TENSORGATE_SERVER") or "127.0.0.1:8001",
+        help="host:port (default 127.0.0.1:8001) [env TENSORGATE_SERVER]",
+    )
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA bundle that signed the server's certificate")
+    p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mTLS), with --tls-key")
+    p.add_argument("--tls-key", type=Path, default=None, help="client private key (mTLS)")
+    p.add_argument("--tls-server-name", default=None, help="check the server certificate for this name")
+
+
+def tls_from_args(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings given by add_connection_arguments' options; raises UsageError for a bad combination."""
+    if not any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)):
+        return None
+    try:
+        return TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("cert_file and key_file", "--tls-cert and --tls-key")) from None
+
+
+def _parse_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays from .npy files, and JSON values still waiting for the model's datatypes."""
+    arrays: dict[str, np.ndarray] = {}
+    pending: dict[str, Any] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--input {spec!r}: expected NAME=FILE.npy, NAME=FILE.json or NAME=JSON")
+        if name in arrays or name in pending:
+            raise UsageError(f"--input {name}: given more than once")
+        try:
+            if value.endswith(".npy"):
+                arrays[name] = np.load(value, allow_pickle=False)
+            elif value.endswith(".json"):
+                pending[name] = json.loads(Path(value).read_text())
+            else:
+                pending[name] = json.loads(value)
+        except OSError as exc:
+            raise UsageError(f"--input {name}: {exc.strerror or exc}: {value}") from None
+        except ValueError as exc:
+            raise UsageError(f"--input {name}: not valid JSON or .npy data: {exc}") from None
+    return arrays, pending
+
+
+def _as_array(name: str, value: Any, datatype: str | None) -> np.ndarray:
+    try:
+        if datatype == "BYTES" or (datatype is None and _all_strings(value)):
+            raw = np.asarray(value, dtype=object)
+            encoded: np.ndarray = np.vectorize(
+                lambda v: v.encode() if isinstance(v, str) else str(v).encode(), otypes=[object]
+            )(raw)
+            return encoded
+        if datatype is None:
+            return np.asarray(value)
+        return np.asarray(value, dtype=tensors.BY_NAME[datatype].np_dtype)
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise UsageError(f"--input {name}: cannot make a {datatype or 'numpy'} tensor of it: {exc}") from None
+
+
+def _all_strings(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_all_strings(v) for v in value)
+    return isinstance(value, str)
+
+
+def _jsonable(array: np.ndarray) -> Any:
+    if array.dtype == object:
+        decoded = [v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+        return np.array(decoded, dtype=object).reshape(array.shape).tolist()
+    return array.tolist()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        arrays, pending = _parse_inputs(args.input)
+        if not arrays and not pending:
+            raise UsageError("give at least one --input NAME=VALUE")
+        tls = tls_from_args(args)
+        if args.timeout <= 0:
+            raise UsageError("--timeout must be positive")
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+            if pending:
+                meta = client.metadata(args.model, args.model_version)
+                declared = {t.name: t.datatype for t in meta.inputs}
+                for name, value in pending.items():
+                    arrays[name] = _as_array(name, value, declared.get(name))
+            result = client.infer(
+                args.model,
+                arrays,
+                outputs=args.output or None,
+                version=args.model_version,
+                request_id=args.request_id,
+            )
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except TensorgateClientError as exc:
+        details = " ".join(exc.details.split())  # one line, whatever the server sent
+        where = f"cannot reach {args.server}: " if exc.code.name == "UNAVAILABLE" else ""
+        print(f"{PROG}: {where}{exc.code.name}: {details}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:  # unreadable TLS files
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    if args.npy_out is not None:
+        args.npy_out.mkdir(parents=True, exist_ok=True)
+        for name, array in result.outputs.items():
+            path = args.npy_out / f"{name}.npy"
+            np.save(path, array, allow_pickle=array.dtype == object)
+            print(path)
+        return 0
+    body = {
+        "model": result.model,
+        "version": result.version,
+        "id": result.id,
+        "outputs": {
+            name: {
+                "datatype": tensors.from_numpy(array.dtype).name,
+                "shape": list(array.shape),
+                "data": _jsonable(array),
+            }
+            for name, array in result.outputs.items()
+        },
+    }
+    print(json.dumps(body))
+    return 0

@@ -1,0 +1,189 @@
+"""What the sync and the asyncio client share: building requests, decoding responses, result types.
+
+Both clients only differ in how they call the stub (blocking or awaiting); every message they send is built here
+and every response is read here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from tensorgate.client.errors import ResponseFormatError
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos import tensors
+
+__all__ = ["InferResult", "ModelMetadata", "TensorMetadata"]
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One inference's outputs as numpy arrays (BYTES as object arrays of ``bytes``), by output name.
+
+    ``result["OUTPUT0"]`` is ``result.outputs["OUTPUT0"]``. Fixed-size outputs are read-only views of the
+    response bytes; ``.copy()`` one to modify it.
+    """
+
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: str
+    id: str
+    parameters: dict[str, tensors.ParamValue] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a variable dimension (the batch dimension first when the model batches)."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+def params_of(params: Mapping[str, pb.InferParameter]) -> dict[str, tensors.ParamValue]:
+    out: dict[str, tensors.ParamValue] = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(value, choice)
+    return out
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    outputs: Sequence[str] | None = None,
+    version: str | int | None = None,
+    request_id: str | None = None,
+    priority: int | None = None,
+) -> pb.ModelInferRequest:
+    """ModelInferRequest with raw contents; the datatype of each input comes from its numpy dtype.
+
+    Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry.
+    """
+    arrays: list[tuple[str, np.ndarray]] = []
+    for name, value in inputs.items():
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"input '{name}': expected a numpy array, got {type(value).__name__}")
+        try:
+            tensors.from_numpy(value.dtype)
+        except KeyError as exc:
+            raise TypeError(f"input '{name}': {exc.args[0]}") from None
+        arrays.append((name, value))
+    parameters: dict[str, tensors.ParamValue] = {}
+    if priority is not None:
+        parameters["priority"] = int(priority)
+    return tensors.encode_infer_request(
+        model,
+        arrays,
+        version="" if version is None else str(version),
+        request_id=request_id or "",
+        outputs=list(outputs or ()),
+        parameters=parameters,
+    )
+
+
+def infer_result(msg: pb.ModelInferResponse) -> InferResult:
+    try:
+        outputs = tensors.decode_infer_response(msg)
+    except (tensors.TensorFormatError, KeyError) as exc:
+        raise ResponseFormatError(f"model '{msg.model_name}': {exc}", method="ModelInfer") from exc
+    return InferResult(
+        outputs=outputs,
+        model=msg.model_name,
+        version=msg.model_version,
+        id=msg.id,
+        parameters=params_of(msg.parameters),
+    )
+
+
+def model_metadata(msg: pb.ModelMetadataResponse) -> ModelMetadata:
+    def tensor(t: pb.ModelMetadataResponse.TensorMetadata) -> TensorMetadata:
+        return TensorMetadata(name=t.name, datatype=t.datatype, shape=tuple(t.shape))
+
+    return ModelMetadata(
+        name=msg.name,
+        versions=tuple(msg.versions),
+        platform=msg.platform,
+        inputs=tuple(tensor(t) for t in msg.inputs),
+        outputs=tuple(tensor(t) for t in msg.outputs),
+    )
+
+
+def load_request(model: str, config: mc.ModelConfig | Mapping[str, Any] | str | None) -> pb.RepositoryModelLoadRequest:
+    """RepositoryModelLoad, with Triton's optional "config" parameter: a ModelConfig as JSON."""
+    msg = pb.RepositoryModelLoadRequest(model_name=model)
+    if config is not None:
+        if isinstance(config, mc.ModelConfig):
+            text = json_format.MessageToJson(config)
+        elif isinstance(config, str):
+            text = config
+        else:
+            text = json.dumps(dict(config))
+        msg.parameters["config"].string_param = text
+    return msg
+
+
+def version_str(version: str | int | None) -> str:
+    return "" if version is None else str(version)
+
+
+# ----- construction shared by both clients -----------------------------------------------------------------------
+
+
+def check_timeout(timeout: float) -> float:
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+StreamRequest = Mapping[str, Any] | tuple[str, Mapping[str, np.ndarray]]
+"""One request of ``stream_infer``: ``(model, inputs)`` or a dict with the keyword arguments of ``infer``
+(``model``, ``inputs``, and optionally ``outputs``, ``version``, ``request_id``, ``priority``)."""
+
+_STREAM_KEYS = frozenset({"model", "inputs", "outputs", "version", "request_id", "priority"})
+
+
+def stream_request(item: StreamRequest, index: int) -> pb.ModelInferRequest:
+    """A stream item as a request; one without ``request_id`` gets its index in the stream ("0", "1", ...)."""
+    if isinstance(item, tuple):
+        model, inputs = item
+        kwargs: dict[str, Any] = {}
+    elif isinstance(item, Mapping):
+        unknown = set(item) - _STREAM_KEYS
+        if unknown or "model" not in item or "inputs" not in item:
+            raise TypeError(
+                f"stream request {index}: needs 'model' and 'inputs', may have {sorted(_STREAM_KEYS)}; "
+                f"got {sorted(item)}"
+            )
+        kwargs = {k: v for k, v in item.items() if k not in ("model", "inputs")}
+        model, inputs = item["model"], item["inputs"]
+    else:
+        raise TypeError(f"stream request {index}: expected (model, inputs) or a dict, got {type(item).__name__}")
+    if kwargs.get("request_id") is None:
+        kwargs["request_id"] = str(index)
+    return infer_request(model, inputs, **kwargs)

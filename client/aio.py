@@ -1,0 +1,218 @@
+"""The asyncio client, over a ``grpc.aio.Channel``: the same calls as ``InferenceClient``, awaited, plus streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorgate.client import _common
+from tensorgate.client._common import InferResult, ModelMetadata, StreamRequest
+from tensorgate.client.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT_S,
+    ChannelSettings,
+    RetryPolicy,
+    TLSConfig,
+)
+from tensorgate.client.errors import StreamItemError, from_rpc_error
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+
+__all__ = ["AsyncInferenceClient"]
+
+
+class AsyncInferenceClient:
+    """The asyncio twin of ``InferenceClient``; create it inside a running event loop.
+
+    Usage::
+
+        async with AsyncInferenceClient("127.0.0.1:8001") as client:
+            result = await client.infer("add_sub", {"INPUT0": x, "INPUT1": y})
+            async for item in client.stream_infer([("add_sub", inputs) for inputs in batches]):
+                ...
+
+    Deadlines, typed errors, retries and TLS work as in ``InferenceClient``.
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TLSConfig | None = None,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_time_s: float | None = 60.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.url = url
+        self.timeout = _common.check_timeout(timeout)
+        settings = ChannelSettings(
+            tls=tls,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+            keepalive_time_s=keepalive_time_s,
+            extra_options=tuple(channel_options),
+        )
+        options = settings.options()
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(url, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(url, tls.credentials(), options=options)
+        self._stub = GRPCInferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ----- plumbing ------------------------------------------------------------------------------------------
+
+    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        multicallable = getattr(self._stub, method)
+        try:
+            return await multicallable(request, timeout=self._deadline(timeout))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, method) from exc
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else _common.check_timeout(timeout)
+
+    async def close(self) -> None:
+        """Close the channel; calls still running fail with CANCELLED."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----- inference -----------------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        version: str | int | None = None,
+        request_id: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> InferResult:
+        """See ``InferenceClient.infer``."""
+        request = _common.infer_request(
+            model, inputs, outputs=outputs, version=version, request_id=request_id, priority=priority
+        )
+        return _common.infer_result(await self._call("ModelInfer", request, timeout))
+
+    async def stream_infer(
+        self,
+        requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest],
+        timeout: float | None = None,
+    ) -> AsyncIterator[InferResult | StreamItemError]:
+        """Send ``requests`` over one ModelStreamInfer stream; yield a result per request as it completes.
+
+        Each request is ``(model, inputs)`` or a dict of ``infer``'s arguments. Results may come out of order:
+        match them by ``.id`` (a request without ``request_id`` gets its index in the stream, "0", "1", ...).
+
+        A request that fails is *yielded* as a ``StreamItemError`` (with ``.request_id``), not raised, because
+        raising would end the iteration and lose the results still on their way; the stream goes on. A failure
+        of the stream itself (server down, deadline of the whole stream, which is ``timeout`` or the client's
+        default) is raised as the typed error of its status. A request item that cannot be encoded (TypeError)
+        ends the request stream: the results of the requests before it are yielded, then it is raised.
+        """
+        bad: list[Exception] = []
+
+        async def messages() -> AsyncIterator[pb.ModelInferRequest]:
+            index = 0
+            try:
+                if isinstance(requests, AsyncIterable):
+                    async for item in requests:
+                        yield _common.stream_request(item, index)
+                        index += 1
+                else:
+                    for item in requests:
+                        yield _common.stream_request(item, index)
+                        index += 1
+            except Exception as exc:  # noqa: BLE001 - grpc would swallow it; re-raised after the responses
+                bad.append(exc)
+
+        call = self._stub.ModelStreamInfer(messages(), timeout=self._deadline(timeout))
+        try:
+            async for response in call:
+                reply = response.infer_response
+                if response.error_message:
+                    yield StreamItemError(
+                        response.error_message, request_id=reply.id, model=reply.model_name, version=reply.model_version
+                    )
+                else:
+                    yield _common.infer_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "ModelStreamInfer") from exc
+        finally:
+            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+        if bad:
+            raise bad[0]
+
+    # ----- health, metadata, statistics ----------------------------------------------------------------------
+
+    async def live(self, timeout: float | None = None) -> bool:
+        return bool((await self._call("ServerLive", pb.ServerLiveRequest(), timeout)).live)
+
+    async def ready(
+        self, model: str | None = None, version: str | int | None = None, timeout: float | None = None
+    ) -> bool:
+        """Whether the server (``model=None``) or a model version can serve; an unknown model is not ready."""
+        if model is None:
+            return bool((await self._call("ServerReady", pb.ServerReadyRequest(), timeout)).ready)
+        request = pb.ModelReadyRequest(name=model, version=_common.version_str(version))
+        return bool((await self._call("ModelReady", request, timeout)).ready)
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "Health.Check") from exc
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def metadata(
+        self, model: str, version: str | int | None = None, timeout: float | None = None
+    ) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=_common.version_str(version))
+        return _common.model_metadata(await self._call("ModelMetadata", request, timeout))
+
+    async def config(
+        self, model: str, version: str | int | None = None, timeout: float | None = None
+    ) -> mc.ModelConfig:
+        """The model's effective Triton ``ModelConfig`` (a protobuf message)."""
+        request = pb.ModelConfigRequest(name=model, version=_common.version_str(version))
+        config: mc.ModelConfig = (await self._call("ModelConfig", request, timeout)).config
+        return config
+
+    async def statistics(
+        self, model: str | None = None, version: str | int | None = None, timeout: float | None = None
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's ``ModelStatisticsResponse`` for one model, or every loaded model with ``model=None``."""
+        request = pb.ModelStatisticsRequest(name=model or "", version=_common.version_str(version))
+        response: pb.ModelStatisticsResponse = await self._call("ModelStatistics", request, timeout)
+        return response
+
+    # ----- repository ----------------------------------------------------------------------------------------
+
+    async def load(
+        self,
+        model: str,
+        config: mc.ModelConfig | Mapping[str, Any] | str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Load (or reload) a model; ``config`` overrides its config.pbtxt (a ModelConfig, dict or JSON text)."""
+        await self._call("RepositoryModelLoad", _common.load_request(model, config), timeout)
+
+    async def unload(self, model: str, timeout: float | None = None) -> None:
+        await self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model), timeout)

@@ -1,0 +1,152 @@
+"""Channel settings of the client: TLS/mTLS, opt-in retries, message size, keepalive.
+
+Usage::
+
+    tls = TLSConfig(ca_file="ca.pem", cert_file="client.pem", key_file="client.key")
+    retry = RetryPolicy(max_attempts=4)
+    client = InferenceClient("models.internal:8001", tls=tls, retry=retry)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tensorgate.protos.service import SERVICE_NAME, methods
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_TIMEOUT_S", "ChannelSettings", "RetryPolicy", "TLSConfig"]
+
+DEFAULT_TIMEOUT_S = 30.0
+"""The deadline of every call that names none (tritonclient's default is no deadline at all)."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""As the server's default ``--max-message-bytes``; gRPC's own receive limit (4 MiB) is too small for tensors."""
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server authentication (``ca_file``) and, with ``cert_file`` + ``key_file``, client authentication (mTLS).
+
+    ``ca_file=None`` trusts the system roots. ``server_name_override`` checks the server's certificate against
+    this name instead of the host in the address (e.g. when connecting to an IP); for tests and odd networks.
+    """
+
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
+    server_name_override: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLSConfig: cert_file and key_file go together (both for mTLS, or neither)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """``grpc.ssl_channel_credentials`` from the files (read now, so a missing file fails here)."""
+
+        def read(path: str | Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        if self.server_name_override is None:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name_override)]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Opt-in retries with exponential backoff, done by gRPC itself from the channel's service config.
+
+    Only codes that tensorgate answers *before* a request runs are retried: UNAVAILABLE (server starting or
+    draining, model not ready, connection refused) and RESOURCE_EXHAUSTED (the model's queue is full). A call
+    that failed any other way (DEADLINE_EXCEEDED, INTERNAL, CANCELLED, ...) is never sent again, since the model
+    may have run. gRPC also retries transparently, without this policy, a call that never left the client.
+    Retries apply to the unary RPCs and the health check, not to ModelStreamInfer (a stream is not replayed).
+    The pause before attempt n is random in [0, min(initial_backoff_s * multiplier**(n-1), max_backoff_s)];
+    gRPC caps ``max_attempts`` at 5 and the whole call still ends at its deadline.
+    """
+
+    max_attempts: int = 3
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    backoff_multiplier: float = 2.0
+    retryable_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_attempts <= 5:
+            raise ValueError(f"RetryPolicy: max_attempts must be 2..5 (gRPC's limit), not {self.max_attempts}")
+        if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("RetryPolicy: backoff times and multiplier must be positive")
+        if not self.retryable_codes:
+            raise ValueError("RetryPolicy: retryable_codes must not be empty")
+
+    def service_config(self) -> dict[str, Any]:
+        """The ``grpc.service_config`` document: one retryPolicy over every unary RPC and the health check."""
+        names: list[dict[str, str]] = [
+            {"service": SERVICE_NAME, "method": spec.name}
+            for spec in methods(SERVICE_NAME)
+            if not (spec.client_streaming or spec.server_streaming)
+        ]
+        names.append({"service": HEALTH_SERVICE, "method": "Check"})
+        return {
+            "methodConfig": [
+                {
+                    "name": names,
+                    "retryPolicy": {
+                        "maxAttempts": self.max_attempts,
+                        "initialBackoff": _seconds(self.initial_backoff_s),
+                        "maxBackoff": _seconds(self.max_backoff_s),
+                        "backoffMultiplier": self.backoff_multiplier,
+                        "retryableStatusCodes": [code.name for code in self.retryable_codes],
+                    },
+                }
+            ]
+        }
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """Everything that shapes the channel; the clients build one from their keyword arguments."""
+
+    tls: TLSConfig | None = None
+    retry: RetryPolicy | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    keepalive_time_s: float | None = 60.0
+    """Ping an idle connection while calls are open, to notice a dead peer; None turns pings off. Pings only run
+    while calls are open, since servers (tensorgate, Triton) close connections that ping too often without any."""
+    keepalive_timeout_s: float = 20.0
+    extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    """Raw grpc channel arguments, added last (they win over the settings above)."""
+
+    def options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        if self.keepalive_time_s is not None:
+            opts += [
+                ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 0),
+            ]
+        if self.retry is not None:
+            opts += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(self.retry.service_config()))]
+        if self.tls is not None:
+            opts += self.tls.options()
+        opts += list(self.extra_options)
+        return opts

@@ -1,0 +1,179 @@
+"""The client's exceptions: one per gRPC status a caller handles differently, mapped in one place.
+
+Tree::
+
+    TensorgateClientError            .code (grpc.StatusCode), .details (the server's message), .retry_safe
+    ├── InvalidArgument              INVALID_ARGUMENT: the request breaks the model's schema; fix the request
+    ├── NotFound                     NOT_FOUND: no such model or version
+    ├── AlreadyExists                ALREADY_EXISTS
+    ├── FailedPrecondition           FAILED_PRECONDITION
+    ├── PermissionDenied             PERMISSION_DENIED: the client's identity may not call this
+    ├── Unauthenticated              UNAUTHENTICATED: no or bad credentials
+    ├── ResourceExhausted            RESOURCE_EXHAUSTED: model queue full, or a message over the size limit
+    ├── Unavailable                  UNAVAILABLE: server down or draining, model not ready
+    ├── DeadlineExceeded             DEADLINE_EXCEEDED: the call's deadline passed
+    ├── Cancelled                    CANCELLED
+    ├── Unimplemented                UNIMPLEMENTED: the server lacks this RPC
+    ├── Internal                     INTERNAL / UNKNOWN / DATA_LOSS: the model or the server failed
+    ├── StreamItemError              one failed request of a ModelStreamInfer stream (the stream goes on)
+    └── ResponseFormatError          a response the client cannot decode (a server bug)
+
+``retry_safe`` is True only where sending the same request again can neither run it twice nor be pointless:
+UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED, which tensorgate answers before a request runs (not ready, draining,
+queue full). After DEADLINE_EXCEEDED, CANCELLED or INTERNAL the model may have run; after INVALID_ARGUMENT or
+NOT_FOUND the same request fails again.
+
+Usage::
+
+    try:
+        result = client.infer("add_sub", inputs)
+    except NotFound:
+        ...
+    except TensorgateClientError as exc:
+        log.warning("%s (%s), retry safe: %s", exc.details, exc.code.name, exc.retry_safe)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "AlreadyExists",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ResponseFormatError",
+    "StreamItemError",
+    "TensorgateClientError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "from_rpc_error",
+]
+
+_RETRY_SAFE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+
+
+class TensorgateClientError(Exception):
+    """A failed call: the gRPC status code, the server's message, and whether sending it again is safe."""
+
+    code_default: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, *, method: str = "") -> None:
+        self.code: grpc.StatusCode = code if code is not None else self.code_default
+        self.details = details
+        self.method = method
+        """The RPC that failed (e.g. "ModelInfer"), when known."""
+        where = f"{method}: " if method else ""
+        super().__init__(f"{where}{self.code.name}: {details}")
+
+    @property
+    def retry_safe(self) -> bool:
+        """True when a retry may succeed and cannot make the server run the request twice."""
+        return self.code in _RETRY_SAFE
+
+
+class InvalidArgument(TensorgateClientError):
+    code_default = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(TensorgateClientError):
+    code_default = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(TensorgateClientError):
+    code_default = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(TensorgateClientError):
+    code_default = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(TensorgateClientError):
+    code_default = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(TensorgateClientError):
+    code_default = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(TensorgateClientError):
+    code_default = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(TensorgateClientError):
+    code_default = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(TensorgateClientError):
+    code_default = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(TensorgateClientError):
+    code_default = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(TensorgateClientError):
+    code_default = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(TensorgateClientError):
+    code_default = grpc.StatusCode.INTERNAL
+
+
+class StreamItemError(TensorgateClientError):
+    """One request of a stream failed; the stream and its other requests go on.
+
+    ModelStreamInfer carries a failed request's message but no status code, so ``code`` is UNKNOWN and
+    ``retry_safe`` False. ``request_id``, ``model`` and ``version`` say which request it was.
+    """
+
+    def __init__(self, details: str, *, request_id: str, model: str, version: str) -> None:
+        super().__init__(details, grpc.StatusCode.UNKNOWN, method="ModelStreamInfer")
+        self.request_id = request_id
+        self.model = model
+        self.version = version
+
+
+class ResponseFormatError(TensorgateClientError):
+    """The server answered, but its response breaks the protocol (e.g. tensor bytes not matching the shape)."""
+
+    code_default = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TensorgateClientError]] = {
+    cls.code_default: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Unimplemented,
+        Internal,
+    )
+}
+_BY_CODE[grpc.StatusCode.UNKNOWN] = Internal
+_BY_CODE[grpc.StatusCode.DATA_LOSS] = Internal
+
+
+def from_rpc_error(exc: grpc.RpcError, method: str = "") -> TensorgateClientError:
+    """The typed exception for a failed grpc call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+    code_fn = getattr(exc, "code", None)
+    details_fn = getattr(exc, "details", None)
+    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    details = (details_fn() if callable(details_fn) else None) or "(the server sent no details)"
+    cls = _BY_CODE.get(code, TensorgateClientError)
+    return cls(details, code, method=method)

@@ -1,0 +1,165 @@
+"""The blocking client, over a ``grpc.Channel``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tensorgate.client import _common
+from tensorgate.client._common import InferResult, ModelMetadata
+from tensorgate.client.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT_S,
+    ChannelSettings,
+    RetryPolicy,
+    TLSConfig,
+)
+from tensorgate.client.errors import from_rpc_error
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+
+__all__ = ["InferenceClient"]
+
+
+class InferenceClient:
+    """A blocking client of a KServe V2 / Triton gRPC server (tensorgate, Triton, MLServer).
+
+    Usage::
+
+        with InferenceClient("127.0.0.1:8001") as client:
+            result = client.infer("add_sub", {"INPUT0": x, "INPUT1": y})
+            print(result["OUTPUT0"])
+
+    Every call has a deadline: ``timeout`` seconds per call, else the client's ``timeout`` (30 s by default).
+    Failed calls raise a ``TensorgateClientError`` subclass (``tensorgate.client.errors``). ``retry`` turns on
+    gRPC's retries of UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``); ``tls`` a TLS or mTLS channel.
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        tls: TLSConfig | None = None,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_time_s: float | None = 60.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.url = url
+        self.timeout = _common.check_timeout(timeout)
+        settings = ChannelSettings(
+            tls=tls,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+            keepalive_time_s=keepalive_time_s,
+            extra_options=tuple(channel_options),
+        )
+        options = settings.options()
+        if tls is None:
+            self._channel = grpc.insecure_channel(url, options=options)
+        else:
+            self._channel = grpc.secure_channel(url, tls.credentials(), options=options)
+        self._stub = GRPCInferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # ----- plumbing ------------------------------------------------------------------------------------------
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        multicallable = getattr(self._stub, method)
+        try:
+            return multicallable(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, method) from exc
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else _common.check_timeout(timeout)
+
+    def close(self) -> None:
+        """Close the channel; calls still running fail with CANCELLED."""
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- inference -----------------------------------------------------------------------------------------
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        version: str | int | None = None,
+        request_id: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> InferResult:
+        """Run ``model`` on ``inputs`` (datatypes from the numpy dtypes; str/bytes/object arrays are BYTES).
+
+        ``outputs`` names the outputs to return (default: all); ``version`` picks a version (default: the
+        server's choice); ``priority`` is the request parameter of Triton's priority levels (1 highest).
+        """
+        request = _common.infer_request(
+            model, inputs, outputs=outputs, version=version, request_id=request_id, priority=priority
+        )
+        return _common.infer_result(self._call("ModelInfer", request, timeout))
+
+    # ----- health, metadata, statistics ----------------------------------------------------------------------
+
+    def live(self, timeout: float | None = None) -> bool:
+        return bool(self._call("ServerLive", pb.ServerLiveRequest(), timeout).live)
+
+    def ready(self, model: str | None = None, version: str | int | None = None, timeout: float | None = None) -> bool:
+        """Whether the server (``model=None``) or a model version can serve; an unknown model is not ready."""
+        if model is None:
+            return bool(self._call("ServerReady", pb.ServerReadyRequest(), timeout).ready)
+        request = pb.ModelReadyRequest(name=model, version=_common.version_str(version))
+        return bool(self._call("ModelReady", request, timeout).ready)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "Health.Check") from exc
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def metadata(self, model: str, version: str | int | None = None, timeout: float | None = None) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=_common.version_str(version))
+        return _common.model_metadata(self._call("ModelMetadata", request, timeout))
+
+    def config(self, model: str, version: str | int | None = None, timeout: float | None = None) -> mc.ModelConfig:
+        """The model's effective Triton ``ModelConfig`` (a protobuf message)."""
+        request = pb.ModelConfigRequest(name=model, version=_common.version_str(version))
+        config: mc.ModelConfig = self._call("ModelConfig", request, timeout).config
+        return config
+
+    def statistics(
+        self, model: str | None = None, version: str | int | None = None, timeout: float | None = None
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's ``ModelStatisticsResponse`` for one model, or every loaded model with ``model=None``."""
+        request = pb.ModelStatisticsRequest(name=model or "", version=_common.version_str(version))
+        response: pb.ModelStatisticsResponse = self._call("ModelStatistics", request, timeout)
+        return response
+
+    # ----- repository ----------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        model: str,
+        config: mc.ModelConfig | Mapping[str, Any] | str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Load (or reload) a model; ``config`` overrides its config.pbtxt (a ModelConfig, dict or JSON text)."""
+        self._call("RepositoryModelLoad", _common.load_request(model, config), timeout)
+
+    def unload(self, model: str, timeout: float | None = None) -> None:
+        self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model), timeout)

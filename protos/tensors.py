@@ -1,0 +1,239 @@
+"""Tensor wire format shared by the server and the client: datatypes, raw contents, BYTES framing.
+
+Three spellings of an element type meet here: the wire name ("FP32"), Triton's ModelConfig enum (TYPE_FP32) and
+the numpy dtype; everything that converts between them goes through one table so they never drift apart. Raw
+contents decode to numpy views with ``np.frombuffer`` (no copy); a BYTES tensor is framed as a 4-byte
+little-endian length followed by the bytes of each element, in row-major order.
+
+It lives in ``tensorgate.protos`` so that the client can use it without importing the server. Malformed data
+raises ``TensorFormatError`` (a ``ValueError``) with the rule broken; the server wraps it into its own
+``InvalidRequestError`` naming model, version and tensor (``tensorgate.server.rpc.codec``).
+
+Usage::
+
+    request = encode_infer_request("add_sub", [("INPUT0", x), ("INPUT1", y)], outputs=["OUTPUT0"])
+    outputs = decode_infer_response(await stub.ModelInfer(request, timeout=5))
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import grpc_service_pb2 as pb
+from . import model_config_pb2 as mc
+
+__all__ = [
+    "BY_CONFIG_TYPE",
+    "BY_NAME",
+    "DataType",
+    "ParamValue",
+    "TensorFormatError",
+    "config_type_name",
+    "decode_bytes_tensor",
+    "decode_infer_response",
+    "decode_raw",
+    "encode_array",
+    "encode_bytes_tensor",
+    "encode_infer_request",
+    "from_numpy",
+    "set_parameter",
+]
+
+ParamValue = bool | int | str | float
+"""What an ``InferParameter`` holds, as a plain Python value."""
+
+_LEN = struct.Struct("<I")
+
+
+class TensorFormatError(ValueError):
+    """Tensor data that does not match its datatype and shape; the message states the rule broken."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataType:
+    """One element type in all its spellings; `np_dtype` is little-endian, as the wire format is."""
+
+    name: str
+    config_type: int
+    np_dtype: np.dtype[np.generic]
+    contents_field: str | None
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element in `raw_*_contents`; BYTES has none (length-prefixed, variable)."""
+        return 0 if self.name == "BYTES" else self.np_dtype.itemsize
+
+
+def _dt(name: str, config_type: int, dtype: str, contents_field: str | None) -> DataType:
+    return DataType(name, config_type, np.dtype(dtype), contents_field)
+
+
+_ALL = (
+    _dt("BOOL", mc.TYPE_BOOL, "?", "bool_contents"),
+    _dt("UINT8", mc.TYPE_UINT8, "u1", "uint_contents"),
+    _dt("UINT16", mc.TYPE_UINT16, "<u2", "uint_contents"),
+    _dt("UINT32", mc.TYPE_UINT32, "<u4", "uint_contents"),
+    _dt("UINT64", mc.TYPE_UINT64, "<u8", "uint64_contents"),
+    _dt("INT8", mc.TYPE_INT8, "i1", "int_contents"),
+    _dt("INT16", mc.TYPE_INT16, "<i2", "int_contents"),
+    _dt("INT32", mc.TYPE_INT32, "<i4", "int_contents"),
+    _dt("INT64", mc.TYPE_INT64, "<i8", "int64_contents"),
+    # FP16 has no typed `contents` field in the protocol: it travels only as raw bytes.
+    _dt("FP16", mc.TYPE_FP16, "<f2", None),
+    _dt("FP32", mc.TYPE_FP32, "<f4", "fp32_contents"),
+    _dt("FP64", mc.TYPE_FP64, "<f8", "fp64_contents"),
+    _dt("BYTES", mc.TYPE_STRING, "O", "bytes_contents"),
+)
+
+BY_NAME: dict[str, DataType] = {d.name: d for d in _ALL}
+BY_CONFIG_TYPE: dict[int, DataType] = {d.config_type: d for d in _ALL}
+
+
+def from_numpy(dtype: np.dtype[np.generic]) -> DataType:
+    """The wire type for a numpy dtype; str/bytes/object arrays are BYTES.
+
+    Raises KeyError for dtypes the protocol cannot carry (complex, datetime, ...).
+    """
+    if dtype.kind in "OUS":
+        return BY_NAME["BYTES"]
+    for d in _ALL:
+        if d.name != "BYTES" and d.np_dtype == dtype.newbyteorder("<"):
+            return d
+    raise KeyError(f"numpy dtype {dtype} has no V2 datatype")
+
+
+def config_type_name(config_type: int) -> str:
+    """The wire name for a ModelConfig data type (TYPE_STRING -> BYTES), or the enum name when unsupported."""
+    d = BY_CONFIG_TYPE.get(config_type)
+    if d is not None:
+        return d.name
+    return str(mc.DataType.Name(config_type)).removeprefix("TYPE_")
+
+
+# ----- raw contents ----------------------------------------------------------------------------------------------
+
+
+def decode_bytes_tensor(buf: bytes, count: int) -> np.ndarray:
+    """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
+    offset, size = 0, len(buf)
+    if count > size // _LEN.size:
+        # Checked before allocating: every element takes at least its 4-byte length, so a shape far larger than
+        # the data is refused here instead of reserving memory for it.
+        raise TensorFormatError(
+            f"malformed BYTES data: the shape needs {count} elements but {size} bytes hold at most {size // 4}"
+        )
+    out = np.empty(count, dtype=object)
+    view = memoryview(buf)
+    for i in range(count):
+        if offset + 4 > size:
+            raise TensorFormatError(f"malformed BYTES data: expected {count} elements, found {i}")
+        (length,) = _LEN.unpack_from(view, offset)
+        offset += 4
+        if offset + length > size:
+            raise TensorFormatError(
+                f"malformed BYTES data: element {i} declares {length} bytes but only {size - offset} remain"
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != size:
+        raise TensorFormatError(f"malformed BYTES data: {size - offset} bytes left over after {count} elements")
+    return out
+
+
+def encode_bytes_tensor(array: np.ndarray) -> bytes:
+    """Length-prefix every element (bytes as is, str as UTF-8, anything else via str())."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts.append(_LEN.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_raw(raw: bytes, dt: DataType, shape: tuple[int, ...]) -> np.ndarray:
+    """One tensor's raw contents as an array of `shape` (a read-only view for fixed-size types)."""
+    count = math.prod(shape)
+    if dt.name == "BYTES":
+        return decode_bytes_tensor(raw, count).reshape(shape)
+    expected = count * dt.itemsize
+    if len(raw) != expected:
+        raise TensorFormatError(
+            f"raw content has {len(raw)} bytes but shape {list(shape)} of {dt.name} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dt.np_dtype).reshape(shape)
+
+
+def encode_array(array: np.ndarray, datatype: str) -> bytes:
+    """The raw wire bytes of one tensor."""
+    if datatype == "BYTES":
+        return encode_bytes_tensor(array)
+    dt = BY_NAME[datatype].np_dtype
+    if array.dtype != dt:
+        array = array.astype(dt)
+    return np.ascontiguousarray(array).tobytes()
+
+
+# ----- inference messages (the client side) ----------------------------------------------------------------------
+
+
+def set_parameter(params: Mapping[str, pb.InferParameter], key: str, value: ParamValue) -> None:
+    """Store a plain value in a protobuf parameter map under the matching oneof field."""
+    target = params[key]  # protobuf message maps create the entry on access
+    if isinstance(value, bool):  # before int: bool is an int
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = value
+
+
+def encode_infer_request(
+    model: str,
+    inputs: Iterable[tuple[str, np.ndarray]],
+    *,
+    version: str = "",
+    request_id: str = "",
+    outputs: Sequence[str] = (),
+    parameters: Mapping[str, ParamValue] | None = None,
+) -> pb.ModelInferRequest:
+    """A ModelInferRequest with raw contents, the datatype of each input read from its numpy dtype.
+
+    Raises KeyError for a dtype the protocol cannot carry.
+    """
+    msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, array in inputs:
+        dt = from_numpy(array.dtype)
+        msg.inputs.add(name=name, datatype=dt.name, shape=array.shape)
+        msg.raw_input_contents.append(encode_array(array, dt.name))
+    for name in outputs:
+        msg.outputs.add(name=name)
+    for key, value in (parameters or {}).items():
+        set_parameter(msg.parameters, key, value)
+    return msg
+
+
+def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Outputs of a response as numpy arrays (BYTES as object arrays of bytes).
+
+    Raises TensorFormatError (naming the output) for contents that do not match the declared shape, and
+    KeyError for an unknown datatype.
+    """
+    out: dict[str, np.ndarray] = {}
+    if len(msg.raw_output_contents) != len(msg.outputs):
+        raise TensorFormatError(
+            f"response has {len(msg.outputs)} outputs but {len(msg.raw_output_contents)} raw_output_contents entries"
+        )
+    for i, tensor in enumerate(msg.outputs):
+        dt = BY_NAME[tensor.datatype]
+        try:
+            out[tensor.name] = decode_raw(msg.raw_output_contents[i], dt, tuple(tensor.shape))
+        except TensorFormatError as exc:
+            raise TensorFormatError(f"output '{tensor.name}': {exc}") from exc
+    return out

@@ -1,0 +1,122 @@
+"""`tensorgate infer` as a user runs it: a child process against a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.certificates import SERVER_NAME, make_pki
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, write_config
+from tests.process import TENSORGATE
+from tests.serving import ServerThread
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("cli") / "models"
+    add_sub_model(root / "add_sub" / "1" / "model.onnx")
+    write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
+    identity_model(root / "identity_bytes" / "1" / "model.onnx", "BYTES")
+    with ServerThread(root) as s:
+        yield s
+
+
+def infer(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TENSORGATE, "infer", *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+ROW = list(range(16))
+
+
+def test_json_and_npy_inputs_print_json(server: ServerThread, tmp_path: Path) -> None:
+    np.save(tmp_path / "b.npy", np.ones((1, 16), np.float32))
+    done = infer(
+        "add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--input", f"INPUT1={tmp_path / 'b.npy'}",
+        "--server", server.address, "--request-id", "cli-1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert (body["model"], body["version"], body["id"]) == ("add_sub", "1", "cli-1")
+    out0 = body["outputs"]["OUTPUT0"]
+    assert out0["datatype"] == "FP32" and out0["shape"] == [1, 16]
+    assert out0["data"] == [[v + 1.0 for v in ROW]]
+    assert body["outputs"]["OUTPUT1"]["data"] == [[v - 1.0 for v in ROW]]
+
+
+def test_json_file_selected_output_and_npy_out(server: ServerThread, tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps([ROW, ROW]))
+    out_dir = tmp_path / "out"
+    done = infer(
+        "add_sub", "--input", f"INPUT0={tmp_path / 'x.json'}", "--input", f"INPUT1={json.dumps([ROW, ROW])}",
+        "--output", "OUTPUT1", "--server", server.address, "--npy-out", out_dir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(out_dir / "OUTPUT1.npy")]
+    out = np.load(out_dir / "OUTPUT1.npy")
+    assert out.dtype == np.float32 and out.shape == (2, 16) and not out.any()
+
+
+def test_bytes_tensors(server: ServerThread) -> None:
+    done = infer("identity_bytes", "--input", 'INPUT0=[["a", "b", "", "é"]]', "--server", server.address)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)["outputs"]["OUTPUT0"]
+    assert out == {"datatype": "BYTES", "shape": [1, 4], "data": [["a", "b", "", "é"]]}
+
+
+def test_unknown_model_is_one_clear_line(server: ServerThread) -> None:
+    done = infer("no_such_model", "--input", "INPUT0=[[1]]", "--server", server.address)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("tensorgate infer: NOT_FOUND: ") and "'no_such_model'" in done.stderr
+
+
+def test_server_down_is_one_clear_line() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    done = infer("add_sub", "--input", "INPUT0=[[1]]", "--server", address, "--timeout", "5")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"tensorgate infer: cannot reach {address}: UNAVAILABLE: ")
+
+
+def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
+    done = infer("add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--server", server.address)
+    assert done.returncode == 1
+    assert done.stderr.startswith("tensorgate infer: INVALID_ARGUMENT: ") and "INPUT1" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--input", "INPUT0"], "expected NAME=FILE.npy", id="no-equals"),
+        pytest.param(["--input", "INPUT0=[1,"], "not valid JSON", id="bad-json"),
+        pytest.param(["--input", "INPUT0=missing.npy"], "missing.npy", id="missing-file"),
+        pytest.param([], "at least one --input", id="no-inputs"),
+        pytest.param(["--input", "A=[1]", "--tls-cert", "c.pem"], "--tls-cert and --tls-key", id="cert-without-key"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str) -> None:
+    done = infer("add_sub", *args, "--server", "127.0.0.1:1")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("tensorgate infer: ") and message in done.stderr
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    root = tmp_path / "models"
+    identity_model(root / "identity_fp32" / "1" / "model.onnx", "FP32")
+    with ServerThread(root, tls_cert=pki["server"], tls_key=pki["server-key"], tls_client_ca=pki["ca"]) as s:
+        common: list[str | Path] = ["identity_fp32", "--input", "INPUT0=[[1, 2, 3, 4]]", "--server", s.address]
+        tls: list[str | Path] = ["--tls-ca", pki["ca"], "--tls-server-name", SERVER_NAME]
+        done = infer(*common, *tls, "--tls-cert", pki["client"], "--tls-key", pki["client-key"])
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["outputs"]["OUTPUT0"]["data"] == [[1.0, 2.0, 3.0, 4.0]]
+        refused = infer(*common, *tls, "--timeout", "5")  # no client certificate
+        assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
