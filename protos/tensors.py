@@ -33,6 +33,7 @@ __all__ = [
     "DataType",
     "ParamValue",
     "TensorFormatError",
+    "TensorLimitError",
     "config_type_name",
     "decode_bytes_tensor",
     "decode_infer_response",
@@ -52,6 +53,10 @@ _LEN = struct.Struct("<I")
 
 class TensorFormatError(ValueError):
     """Tensor data that does not match its datatype and shape; the message states the rule broken."""
+
+
+class TensorLimitError(TensorFormatError):
+    """Well-formed tensor data over a size limit the reader set (a server refuses it as RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +123,11 @@ def config_type_name(config_type: int) -> str:
 # ----- raw contents ----------------------------------------------------------------------------------------------
 
 
-def decode_bytes_tensor(buf: bytes, count: int) -> np.ndarray:
-    """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
+def decode_bytes_tensor(buf: bytes, count: int, max_element_bytes: int | None = None) -> np.ndarray:
+    """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects.
+
+    `max_element_bytes` refuses (TensorLimitError) an element longer than that before copying it.
+    """
     offset, size = 0, len(buf)
     if count > size // _LEN.size:
         # Checked before allocating: every element takes at least its 4-byte length, so a shape far larger than
@@ -134,6 +142,8 @@ def decode_bytes_tensor(buf: bytes, count: int) -> np.ndarray:
             raise TensorFormatError(f"malformed BYTES data: expected {count} elements, found {i}")
         (length,) = _LEN.unpack_from(view, offset)
         offset += 4
+        if max_element_bytes is not None and length > max_element_bytes:
+            raise TensorLimitError(f"BYTES element {i} has {length} bytes, over the limit of {max_element_bytes}")
         if offset + length > size:
             raise TensorFormatError(
                 f"malformed BYTES data: element {i} declares {length} bytes but only {size - offset} remain"
@@ -155,11 +165,11 @@ def encode_bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_raw(raw: bytes, dt: DataType, shape: tuple[int, ...]) -> np.ndarray:
+def decode_raw(raw: bytes, dt: DataType, shape: tuple[int, ...], max_element_bytes: int | None = None) -> np.ndarray:
     """One tensor's raw contents as an array of `shape` (a read-only view for fixed-size types)."""
     count = math.prod(shape)
     if dt.name == "BYTES":
-        return decode_bytes_tensor(raw, count).reshape(shape)
+        return decode_bytes_tensor(raw, count, max_element_bytes).reshape(shape)
     expected = count * dt.itemsize
     if len(raw) != expected:
         raise TensorFormatError(

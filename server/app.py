@@ -16,6 +16,7 @@ from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.settings import ServerSettings
@@ -93,6 +94,7 @@ class TensorgateServer:
             is_ready=lambda: self.ready,
             gate=self._gate,
             max_message_bytes=s.max_message_bytes,
+            limits=RequestLimits(s.max_tensor_elements, s.max_bytes_element),
             auth=self.auth,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -61,6 +61,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--repository-poll-secs", float, "seconds between repository scans in poll mode (default 15)")
     opt("--default-max-batch-size", int, "max_batch_size for ONNX models whose config omits it (default 4)")
     opt("--max-message-bytes", int, "largest request/response in bytes (default 256 MiB)")
+    opt("--max-tensor-elements", int, "elements in one input tensor (default 64Mi); more is RESOURCE_EXHAUSTED")
+    opt("--max-bytes-element", int, "bytes in one BYTES element (default 16 MiB); more is RESOURCE_EXHAUSTED")
     opt("--keepalive-time-s", float, "server keepalive ping interval (default 7200)")
     opt("--keepalive-timeout-s", float, "keepalive ping timeout (default 20)")
     opt("--min-client-ping-interval-s", float, "shortest client ping interval tolerated (default 5)")
@@ -141,6 +143,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             repository_poll_secs=args.repository_poll_secs,
             default_max_batch_size=args.default_max_batch_size,
             max_message_bytes=args.max_message_bytes,
+            max_tensor_elements=args.max_tensor_elements,
+            max_bytes_element=args.max_bytes_element,
             keepalive_time_s=args.keepalive_time_s,
             keepalive_timeout_s=args.keepalive_timeout_s,
             min_client_ping_interval_s=args.min_client_ping_interval_s,

@@ -43,6 +43,10 @@ class ServerSettings:
     """PEM CA bundle: clients must present a certificate that chains to it (mutual TLS). Re-read when it changes."""
     auth_policy: Path | None = None
     """YAML/JSON authorization policy (identities -> models and API groups); re-read when it changes."""
+    max_tensor_elements: int = 64 * 1024 * 1024
+    """Elements in one input tensor; more is RESOURCE_EXHAUSTED before the data is decoded."""
+    max_bytes_element: int = 16 * 1024 * 1024
+    """Bytes in one BYTES element."""
     max_streams_per_connection: int = 1024
     """HTTP/2 streams (calls) one connection may have open at once; clients queue calls beyond it."""
     max_in_flight_per_identity: int = 0
@@ -61,6 +65,8 @@ class ServerSettings:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        if self.max_tensor_elements < 1 or self.max_bytes_element < 0:
+            raise ValueError("max_tensor_elements must be >= 1 and max_bytes_element >= 0")
         if self.max_streams_per_connection < 1:
             raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_in_flight_per_identity < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from google.protobuf import json_format, text_format
@@ -18,7 +19,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
 from tensorgate.server import datatypes
-from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse, ParamValue
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
 from tensorgate.server.telemetry.statistics import Duration
@@ -37,6 +38,25 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-tensor limits checked while decoding, before memory is spent on the data (RESOURCE_EXHAUSTED).
+
+    The message size limit alone does not bound memory: 256 MiB of empty BYTES elements become 64 million
+    Python objects, so element counts and lengths have limits of their own.
+    """
+
+    max_tensor_elements: int = 64 * 1024 * 1024
+    max_bytes_element: int = 16 * 1024 * 1024
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def _limit_error(model: str, version: str, tensor: str, detail: str) -> ResourceExhaustedError:
+    return ResourceExhaustedError(f"{model_ref(model, version)}, tensor '{tensor}': {detail}")
+
+
 def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, tensor: str) -> np.ndarray:
     """Split length-prefixed BYTES elements into a flat object array of `count` bytes objects."""
     try:
@@ -49,10 +69,18 @@ encode_bytes_tensor = tensors.encode_bytes_tensor
 
 
 def _decode_raw(
-    raw: bytes, dt: datatypes.DataType, shape: tuple[int, ...], model: str, version: str, name: str
+    raw: bytes,
+    dt: datatypes.DataType,
+    shape: tuple[int, ...],
+    model: str,
+    version: str,
+    name: str,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     try:
-        return tensors.decode_raw(raw, dt, shape)
+        return tensors.decode_raw(raw, dt, shape, limits.max_bytes_element)
+    except tensors.TensorLimitError as exc:
+        raise _limit_error(model, version, name, f"{exc} (--max-bytes-element)") from exc
     except tensors.TensorFormatError as exc:
         raise InvalidRequestError(model, version, str(exc), tensor=name) from exc
 
@@ -63,6 +91,7 @@ def _decode_contents(
     shape: tuple[int, ...],
     model: str,
     version: str,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     if dt.contents_field is None:
         raise InvalidRequestError(
@@ -78,6 +107,15 @@ def _decode_contents(
             tensor=tensor.name,
         )
     if dt.name == "BYTES":
+        longest = max(map(len, values), default=0)
+        if longest > limits.max_bytes_element:
+            raise _limit_error(
+                model,
+                version,
+                tensor.name,
+                f"a BYTES element has {longest} bytes, over the limit of {limits.max_bytes_element} "
+                "(--max-bytes-element)",
+            )
         flat = np.empty(count, dtype=object)
         flat[:] = list(values)
         return flat.reshape(shape)
@@ -87,8 +125,10 @@ def _decode_contents(
         raise InvalidRequestError(model, version, f"value out of range for {dt.name}", tensor=tensor.name) from exc
 
 
-def decode_infer_request(msg: pb.ModelInferRequest, deadline: float | None = None) -> InferRequest:
-    """Build the pipeline's request; checks only what the protocol itself requires, not the model schema."""
+def decode_infer_request(
+    msg: pb.ModelInferRequest, deadline: float | None = None, limits: RequestLimits = DEFAULT_LIMITS
+) -> InferRequest:
+    """Build the pipeline's request; checks what the protocol and the size limits require, not the model schema."""
     model, version = msg.model_name, msg.model_version
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
@@ -109,14 +149,23 @@ def decode_infer_request(msg: pb.ModelInferRequest, deadline: float | None = Non
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidRequestError(model, version, f"shape {list(shape)} has a negative dimension", tensor=name)
+        count = math.prod(shape)
+        if count > limits.max_tensor_elements:
+            raise _limit_error(
+                model,
+                version,
+                name,
+                f"shape {list(shape)} has {count} elements, over the limit of {limits.max_tensor_elements} "
+                "(--max-tensor-elements)",
+            )
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidRequestError(
                     model, version, "data given both in contents and in raw_input_contents", tensor=name
                 )
-            inputs[name] = _decode_raw(raw[i], dt, shape, model, version, name)
+            inputs[name] = _decode_raw(raw[i], dt, shape, model, version, name, limits)
         else:
-            inputs[name] = _decode_contents(tensor, dt, shape, model, version)
+            inputs[name] = _decode_contents(tensor, dt, shape, model, version, limits)
         dtypes[name] = dt.name
     requested: list[str] = []
     for out in msg.outputs:

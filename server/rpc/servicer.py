@@ -48,11 +48,13 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         gate: DrainGate,
         max_message_bytes: int | None = None,
+        limits: codec.RequestLimits = codec.DEFAULT_LIMITS,
         auth: Authorizer | None = None,
     ) -> None:
         self.gate = gate
         self.auth = auth or Authorizer()
         self._max_message_bytes = max_message_bytes
+        self._limits = limits
         self._repository = repository
         self._handler = handler
         self._model_control = model_control
@@ -117,7 +119,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()))
+        req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()), self._limits)
         response = codec.encode_infer_response(await self._handler.infer(req))
         self._check_size(response, response.model_name, response.model_version)
         return response
@@ -126,7 +128,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             if self.auth.enabled:
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-            req = codec.decode_infer_request(request, deadline)
+            req = codec.decode_infer_request(request, deadline, self._limits)
             result = codec.encode_infer_response(await self._handler.infer(req))
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
