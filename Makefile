@@ -31,15 +31,18 @@ build/mypy/tensorgate:
 	mkdir -p $@
 	for p in server client protos; do ln -sfn ../../../$$p $@/$$p; done
 
+build/mypy/tensorgate/loadtest: | build/mypy/tensorgate
+	ln -sfn ../../../benchmarks/loadtest $@
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m tensorgate.protos.generate --check
 
-typecheck: $(STAMP) build/mypy/tensorgate
-	$(BIN)/mypy -p tensorgate.server -p tensorgate.client -p tensorgate.protos
-	$(BIN)/mypy tests examples
+typecheck: $(STAMP) build/mypy/tensorgate build/mypy/tensorgate/loadtest
+	$(BIN)/mypy -p tensorgate.server -p tensorgate.client -p tensorgate.protos -p tensorgate.loadtest
+	$(BIN)/mypy tests examples benchmarks
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider

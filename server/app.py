@@ -10,6 +10,7 @@ import signal
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
 
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
 from tensorgate.server.auth.policy import Authorizer
@@ -20,6 +21,7 @@ from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.settings import ServerSettings
+from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("tensorgate")
 
@@ -37,13 +39,23 @@ def _register_in_pool(*serialized: bytes) -> None:
 
 
 class TensorgateServer:
-    """One server: `await start()` returns the bound port; `await stop()` drains and stops."""
+    """One server: `await start()` returns the bound port; `await stop()` drains and stops.
 
-    def __init__(self, settings: ServerSettings) -> None:
+    `registry` receives the /metrics collectors (a fresh one when not given; never prometheus_client's global).
+    """
+
+    def __init__(self, settings: ServerSettings, *, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
+        self._metrics_on = settings.metrics_port >= 0
         self.repository = ModelRepository(
-            settings.model_repository, default_max_batch_size=settings.default_max_batch_size
+            settings.model_repository,
+            default_max_batch_size=settings.default_max_batch_size,
+            latency_histograms=self._metrics_on,
         )
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics: Metrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_port = 0
         self._handler = InferenceHandler(self.repository)
         self.tls: ReloadingCredentials | None = None
         self.auth: Authorizer | None = None
@@ -87,6 +99,10 @@ class TensorgateServer:
         )
         server = aio.server(options=self._options())
         self._gate = DrainGate()
+        if self._metrics_on:
+            self.metrics = Metrics(
+                self.registry, self.repository, gate=self._gate, auth=self.auth, loop=asyncio.get_running_loop()
+            )
         servicer = InferenceServicer(
             self.repository,
             self._handler,
@@ -96,6 +112,7 @@ class TensorgateServer:
             max_message_bytes=s.max_message_bytes,
             limits=RequestLimits(s.max_tensor_elements, s.max_bytes_element),
             auth=self.auth,
+            requests=self.metrics.requests if self.metrics is not None else None,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -115,6 +132,8 @@ class TensorgateServer:
         self._server = server
         security = "plaintext" if self.tls is None else "mutual TLS" if self.tls.files.mutual else "TLS"
         log.info("listening on %s:%d (gRPC, %s)", s.host, self.port, security)
+        if self.metrics is not None:
+            await self._start_metrics()
         if s.model_control_mode == "explicit":
             names = self.repository.names_on_disk() if "*" in s.load_model else list(s.load_model)
         else:
@@ -126,6 +145,17 @@ class TensorgateServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
         return self.port
+
+    async def _start_metrics(self) -> None:
+        """/metrics on its own port, with the gRPC port's certificate (and client CA) when that one uses TLS."""
+        s = self.settings
+        assert self.metrics is not None
+        tls = None if self.tls is None else self.tls.files
+        host = s.host if s.metrics_host is None else s.metrics_host
+        self._metrics_server = MetricsServer(self.metrics.registry, host, s.metrics_port, tls)
+        # Binding resolves the host name (getaddrinfo, getfqdn): off the event loop.
+        self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
+        log.info("metrics listening on %s:%d (%s)", host, self.metrics_port, self._metrics_server.scheme)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -154,6 +184,9 @@ class TensorgateServer:
         if self._server is not None:
             await self._server.stop(0.5)
         await self.repository.close()
+        if self._metrics_server is not None:  # last: a scrape can still watch the drain
+            await asyncio.to_thread(self._metrics_server.stop)
+            self._metrics_server = None
         log.info("stopped")
 
 

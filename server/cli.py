@@ -1,4 +1,5 @@
-"""`tensorgate` command line: `serve` runs the server, `health` probes one (for container health checks).
+"""`tensorgate` command line: `serve` runs the server, `health` probes one (for container health checks), `infer`
+makes one call and `bench` load-tests a server.
 
 Every `serve` option can also come from the environment as TENSORGATE_<OPTION> (e.g. TENSORGATE_GRPC_PORT);
 a flag on the command line wins over the variable.
@@ -74,6 +75,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--auth-policy", Path, "YAML/JSON authorization policy mapping identities to models and APIs")
     opt("--max-streams-per-connection", int, "concurrent calls per client connection (default 1024)")
     opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
+    opt("--metrics-port", int, "Prometheus /metrics port, HTTPS with --tls-cert; 0 picks a free one, -1 is off (8002)")
+    opt("--metrics-host", str, "address of the metrics port (default: --host)")
 
 
 def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,6 +106,13 @@ def _infer_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _cli.add_parser(sub)
 
 
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The load-test harness is a package of its own (tensorgate.loadtest); only the entry point is shared.
+    from tensorgate.loadtest import cli
+
+    cli.add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _health_parser(sub)
     _certs_parser(sub)
     _infer_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -156,6 +167,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             auth_policy=args.auth_policy,
             max_streams_per_connection=args.max_streams_per_connection,
             max_in_flight_per_identity=args.max_in_flight_per_identity,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except ValueError as exc:
         print(f"tensorgate serve: {exc}", file=sys.stderr)
@@ -212,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tensorgate.client import _cli
 
         return _cli.run(args)
+    if args.command == "bench":
+        from tensorgate.loadtest import cli as bench_cli
+
+        return bench_cli.run(args)
     return _run_health(args)
 
 

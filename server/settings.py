@@ -51,6 +51,10 @@ class ServerSettings:
     """HTTP/2 streams (calls) one connection may have open at once; clients queue calls beyond it."""
     max_in_flight_per_identity: int = 0
     """Calls one identity may have running at once (a stream counts as one); 0: no limit. RESOURCE_EXHAUSTED past it."""
+    metrics_port: int = 8002
+    """Prometheus /metrics over HTTP (HTTPS with tls_cert); 0 picks a free port, -1 turns metrics off."""
+    metrics_host: str | None = None
+    """Address of the metrics port; None: the same as `host`."""
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -71,5 +75,7 @@ class ServerSettings:
             raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_in_flight_per_identity < 0:
             raise ValueError("max_in_flight_per_identity must be >= 0 (0: no limit)")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, or -1 to turn metrics off; got {self.metrics_port}")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

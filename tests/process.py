@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 
 TENSORGATE = str(Path(sys.executable).parent / "tensorgate")
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"(?<!metrics )listening on (\S+):(\d+)")
 
 
 class ServeProcess:
     """Starts `tensorgate serve`, learns the port from its first "listening" log line, keeps all its output."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A free metrics port unless the test says otherwise: the default 8002 would collide between tests.
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TENSORGATE_METRICS_PORT": "0", **(env or {})}
         self.proc = subprocess.Popen(
             [TENSORGATE, "serve", *args],
             stdout=subprocess.PIPE,

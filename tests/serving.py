@@ -24,6 +24,7 @@ class ServerThread:
     def __init__(self, repository: Path, **settings: Any) -> None:
         settings.setdefault("grpc_port", 0)
         settings.setdefault("shutdown_grace_s", 5.0)
+        settings.setdefault("metrics_port", 0)  # never the fixed default: tests run side by side
         self.settings = ServerSettings(model_repository=repository, **settings)
         self.app = TensorgateServer(self.settings)
         self._loop = asyncio.new_event_loop()

@@ -127,6 +127,8 @@ BAD_ROWS = [
     pytest.param(
         add_sub(model_version="latest"), grpc.StatusCode.NOT_FOUND, ["add_sub", "latest"], id="non-numeric-version"
     ),
+    pytest.param(add_sub(model_version="01"), grpc.StatusCode.NOT_FOUND, ["add_sub", "01"], id="zero-padded-version"),
+    pytest.param(add_sub(model_version="9" * 5000), grpc.StatusCode.NOT_FOUND, ["add_sub"], id="5000-digit-version"),
     pytest.param(
         pb.ModelInferRequest(model_name="bad_config"),
         grpc.StatusCode.UNAVAILABLE,

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
-from tensorgate.server.telemetry.statistics import ModelStats
+from tensorgate.server.telemetry.statistics import LatencyHistograms, ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class LoadedModel:
     scheduler: Scheduler
     stats: ModelStats
     signature: str
+    load_seconds: float = 0.0
+    """How long reading, building and warming up this version took."""
 
 
 @dataclass(slots=True)
@@ -97,6 +100,7 @@ class _Prepared:
     backend: OnnxBackend
     policy: SchedulingPolicy
     signature: str
+    load_seconds: float = 0.0
 
 
 def _reason(exc: TensorgateError) -> str:
@@ -127,8 +131,10 @@ class ModelRepository:
         default_max_batch_size: int = 4,
         available_providers: Sequence[str] | None = None,
         unload_grace: float = 30.0,
+        latency_histograms: bool = False,
     ) -> None:
         self.root = root.resolve()
+        self._latency_histograms = latency_histograms
         self._default_mbs = default_max_batch_size
         self._providers = available_providers
         self._grace = unload_grace
@@ -149,7 +155,8 @@ class ModelRepository:
             if entry.versions:
                 return entry.versions[max(entry.versions)]
             raise ModelUnavailableError(name, None, entry.reason or entry.state.lower())
-        if not version.isdigit() or version != str(int(version)):
+        # Length first: int() refuses strings of thousands of digits with a ValueError (INTERNAL otherwise).
+        if len(version) > 18 or not version.isdigit() or version != str(int(version)):
             raise ModelNotFoundError(name, version, "versions are written as plain decimal numbers")
         number = int(version)
         found = entry.versions.get(number)
@@ -170,6 +177,31 @@ class ModelRepository:
         if entry is None:
             raise ModelNotFoundError(name)
         return [entry.versions[v] for v in sorted(entry.versions)]
+
+    def metric_labels(self, name: str, version: str) -> tuple[str, str]:
+        """(model, version) labels for a request that did not succeed, bounded by what the repository knows: a
+        name or version it has never loaded becomes "" so that callers cannot mint new time series."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return "", ""
+        if version == "":
+            return name, str(max(entry.versions)) if entry.versions else ""
+        if len(version) <= 18 and version.isdigit() and version == str(int(version)):
+            number = int(version)
+            if number in entry.versions or number in entry.failed:
+                return name, version
+        return name, ""
+
+    def states(self) -> list[IndexRow]:
+        """What every model the server has tried to load is doing now, without looking at the disk (for metrics):
+        READY versions, failed versions, and one versionless row for a model that is loading, failed or unloaded."""
+        rows: list[IndexRow] = []
+        for name, entry in list(self._entries.items()):
+            rows.extend(IndexRow(name, str(v), READY, "") for v in entry.versions)
+            rows.extend(IndexRow(name, str(v), UNAVAILABLE, reason) for v, reason in entry.failed.items())
+            if not entry.versions and not entry.failed:
+                rows.append(IndexRow(name, "", entry.state, entry.reason))
+        return rows
 
     def all_ready(self) -> bool:
         """Server readiness: every model that should be loaded is, and none failed."""
@@ -238,6 +270,7 @@ class ModelRepository:
         return ready, failed
 
     def _prepare_version(self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str) -> _Prepared:
+        started = time.perf_counter()
         config = copy.deepcopy(base)
         name = config.name
         if not config.instance_group:
@@ -285,7 +318,7 @@ class ModelRepository:
         except TensorgateError:
             backend.close()
             raise
-        return _Prepared(version, config, schema, backend, policy, sig)
+        return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
 
     def _check_artifact(self, config: mc.ModelConfig, model_file: Path, version: int) -> None:
         """Refuse a model file that resolves outside the repository, or whose digest is not the pinned one."""
@@ -352,11 +385,19 @@ class ModelRepository:
                 if isinstance(item, LoadedModel):
                     new_versions[v] = item
                 else:
-                    stats = ModelStats()
+                    stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
                     count = sum(g.count for g in item.config.instance_group) or 1
                     scheduler = Scheduler(name, v, item.backend, stats, count, item.policy)
                     new_versions[v] = LoadedModel(
-                        name, v, item.config, item.schema, item.backend, scheduler, stats, item.signature
+                        name,
+                        v,
+                        item.config,
+                        item.schema,
+                        item.backend,
+                        scheduler,
+                        stats,
+                        item.signature,
+                        item.load_seconds,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             entry.versions, entry.failed = new_versions, failed

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 
@@ -28,6 +28,9 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DrainGate
+
+if TYPE_CHECKING:
+    from tensorgate.server.telemetry.metrics import RequestCounts
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         max_message_bytes: int | None = None,
         limits: codec.RequestLimits = codec.DEFAULT_LIMITS,
         auth: Authorizer | None = None,
+        requests: RequestCounts | None = None,
     ) -> None:
         self.gate = gate
+        self._requests = requests
         self.auth = auth or Authorizer()
         self._max_message_bytes = max_message_bytes
         self._limits = limits
@@ -117,22 +122,42 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 f"of {self._max_message_bytes} bytes"
             )
 
+    # Requests are counted for /metrics (tensorgate_inference_requests_total) once they are past the RPC boundary's
+    # admission (drain, identity, authorization, in-flight cap): refusals there have their own counters.
+
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()), self._limits)
-        response = codec.encode_infer_response(await self._handler.infer(req))
-        self._check_size(response, response.model_name, response.model_version)
+        try:
+            req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()), self._limits)
+            response = codec.encode_infer_response(await self._handler.infer(req))
+            self._check_size(response, response.model_name, response.model_version)
+        except BaseException as exc:
+            if self._requests is not None:
+                self._requests.failed(request.model_name, request.model_version, exc)
+            raise
+        if self._requests is not None:
+            self._requests.ok(response.model_name, response.model_version)
+        return response
+
+    async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
+        try:
+            req = codec.decode_infer_request(request, deadline, self._limits)
+            result = codec.encode_infer_response(await self._handler.infer(req))
+            response = pb.ModelStreamInferResponse(infer_response=result)
+            self._check_size(response, result.model_name, result.model_version)
+        except BaseException as exc:
+            if self._requests is not None:
+                self._requests.failed(request.model_name, request.model_version, exc)
+            raise
+        if self._requests is not None:
+            self._requests.ok(result.model_name, result.model_version)
         return response
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
             if self.auth.enabled:
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-            req = codec.decode_infer_request(request, deadline, self._limits)
-            result = codec.encode_infer_response(await self._handler.infer(req))
-            response = pb.ModelStreamInferResponse(infer_response=result)
-            self._check_size(response, result.model_name, result.model_version)
-            return response
+            return await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
             _, message = errors.status_of(exc, "ModelStreamInfer")
             return pb.ModelStreamInferResponse(

@@ -117,6 +117,11 @@ class Scheduler:
         self._closed = False
         self._ref = model_ref(model, version)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch slot (not those running); read on the event loop."""
+        return self._queued
+
     # ----- intake ------------------------------------------------------------------------------------------
 
     def _level(self, priority: int | None) -> int:

@@ -6,8 +6,44 @@ cumulative nanoseconds. All updates happen on the event loop thread, so no locki
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
+
+# Upper bounds of the latency histograms, in nanoseconds: 100 us to 10 s, about three per decade.
+LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
+    int(ms * 1_000_000) for ms in (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-at-read histogram of nanosecond values: one `bisect` and two additions per observation.
+
+    Updated on the event loop only (no lock); /metrics copies it on the loop too. `counts` has one slot per bound
+    plus the +Inf slot; they are per bucket, not cumulative (the exporter sums them).
+    """
+
+    bounds_ns: tuple[int, ...] = LATENCY_BOUNDS_NS
+    counts: list[int] = field(default_factory=list)
+    sum_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds_ns) + 1)
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect.bisect_left(self.bounds_ns, ns)] += 1
+        self.sum_ns += ns
+
+
+@dataclass(slots=True)
+class LatencyHistograms:
+    """Per model version, for successful requests: end to end in the pipeline, queue wait, and compute."""
+
+    total: Histogram = field(default_factory=Histogram)
+    queue: Histogram = field(default_factory=Histogram)
+    compute: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(slots=True)
@@ -49,6 +85,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batch: dict[int, BatchDurations] = field(default_factory=dict)
+    latency: LatencyHistograms | None = None
+    """Kept only when the server exports metrics; None costs one attribute test per request."""
 
     def record_execution(self, batch_size: int, t: ExecutionTimes) -> None:
         """One model execution of `batch_size` rows."""
@@ -69,6 +107,11 @@ class ModelStats:
         self.compute_input.add(t.compute_input_ns)
         self.compute_infer.add(t.compute_infer_ns)
         self.compute_output.add(t.compute_output_ns)
+        latency = self.latency
+        if latency is not None:
+            latency.total.observe(total_ns)
+            latency.queue.observe(t.queue_ns)
+            latency.compute.observe(t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns)
 
     def record_failure(self, total_ns: int) -> None:
         self.last_inference_ms = time.time_ns() // 1_000_000

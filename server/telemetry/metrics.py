@@ -1,0 +1,423 @@
+"""Prometheus metrics on `--metrics-port` (`/metrics`, text format), on a registry the server owns.
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, repository, gate=gate, auth=auth, loop=asyncio.get_running_loop())
+    server = MetricsServer(registry, "127.0.0.1", 0, tls=None)
+    port = server.start()   # a thread serves /metrics; server.stop() closes it
+
+Nothing here touches prometheus_client on the request path. Requests add to plain dicts and histograms that live
+on the event loop (RequestCounts, statistics.LatencyHistograms), as ModelStatistics' counters already do, so a
+request pays a dict update and three `bisect`s and no lock. A scrape asks the loop for a snapshot of those
+counters, the repository, the drain gate and the authorizer (one callback on the loop, so nothing is read while
+it changes), then builds the metric families on the HTTP thread.
+
+With TLS the port speaks HTTPS with the gRPC port's certificate and key (and requires a client certificate when
+the gRPC port does); the files are re-read when they change, as for gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tensorgate.server import __version__
+from tensorgate.server.auth.tls import CertificateError, TlsFiles, load_files
+from tensorgate.server.errors import TensorgateError
+from tensorgate.server.telemetry.statistics import Histogram
+
+if TYPE_CHECKING:
+    from tensorgate.server.auth.policy import Authorizer
+    from tensorgate.server.repository.manager import ModelRepository
+    from tensorgate.server.rpc.drain import DrainGate
+
+log = logging.getLogger(__name__)
+
+# Executed batch sizes (rows per model execution).
+BATCH_SIZE_BOUNDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Repository states as the model state gauge names them.
+MODEL_STATES = ("loading", "ready", "failed", "unloaded")
+SNAPSHOT_TIMEOUT_S = 5.0
+
+RequestKey = tuple[str, str, str]
+
+
+class RequestCounts:
+    """Inference requests per (model, version, status code name); updated on the event loop only."""
+
+    __slots__ = ("counts", "_repository")
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.counts: dict[RequestKey, int] = {}
+        self._repository = repository
+
+    def ok(self, model: str, version: str) -> None:
+        """A request that succeeded on the served `model`/`version` (from the response: bounded by construction)."""
+        key = (model, version, "OK")
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def failed(self, model: str, version: str, exc: BaseException) -> None:
+        """A request that failed; the names are the request's, so unknown ones are folded into "" labels."""
+        if isinstance(exc, TensorgateError):
+            code = exc.code.name
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            code = "INTERNAL"
+        key = (*self._repository.metric_labels(model, version), code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+@dataclass(slots=True)
+class _HistogramCopy:
+    counts: list[int]
+    sum: float
+
+    @classmethod
+    def of(cls, h: Histogram) -> _HistogramCopy:
+        return cls(list(h.counts), h.sum_ns / 1e9)
+
+
+@dataclass(slots=True)
+class _ModelSnapshot:
+    model: str
+    version: str
+    queued: int
+    load_seconds: float
+    batches: dict[int, int]
+    latency: tuple[_HistogramCopy, _HistogramCopy, _HistogramCopy] | None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What one scrape exports, copied on the event loop."""
+
+    requests: dict[RequestKey, int]
+    models: list[_ModelSnapshot]
+    states: list[tuple[str, str, str]]
+    in_flight: int
+    denials: dict[tuple[str, str], int]
+
+
+def _state_name(state: str, reason: str) -> str:
+    if state == "READY":
+        return "ready"
+    if state == "LOADING":
+        return "loading"
+    return "unloaded" if reason == "unloaded" else "failed"
+
+
+def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        out.append((repr(float(bound)), running))
+    out.append(("+Inf", sum(counts)))
+    return out
+
+
+_LATENCY_BOUNDS_S = tuple(ns / 1e9 for ns in Histogram().bounds_ns)
+
+
+class _ServerCollector(Collector):
+    """Builds the tensorgate_* families from a snapshot taken on the event loop."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], loop: asyncio.AbstractEventLoop) -> None:
+        self._snapshot = snapshot
+        self._loop = loop
+
+    def _take(self) -> Snapshot | None:
+        future: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                future.set_result(self._snapshot())
+            except BaseException as exc:  # noqa: BLE001 - handed to the scraping thread
+                future.set_exception(exc)
+
+        try:
+            self._loop.call_soon_threadsafe(take)
+            return future.result(SNAPSHOT_TIMEOUT_S)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            return None
+        except concurrent.futures.TimeoutError:
+            log.warning(
+                "metrics: the event loop did not answer within %.0fs; scrape without server metrics", SNAPSHOT_TIMEOUT_S
+            )
+            return None
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily("tensorgate_build_info", "tensorgate's version (always 1)", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        snap = self._take()
+        if snap is None:
+            return
+        requests = CounterMetricFamily(
+            "tensorgate_inference_requests",
+            "Inference requests (ModelInfer calls and ModelStreamInfer messages) by model, version and gRPC status "
+            'code; names the server does not know are counted under model="" or version=""',
+            labels=["model", "version", "code"],
+        )
+        for (model, version, code), n in sorted(snap.requests.items()):
+            requests.add_metric([model, version, code], n)
+        yield requests
+        labels = ["model", "version"]
+        histograms = [
+            HistogramMetricFamily(
+                "tensorgate_request_duration_seconds",
+                "Successful requests: time from model lookup to response, in the server",
+                labels=labels,
+            ),
+            HistogramMetricFamily(
+                "tensorgate_queue_duration_seconds", "Successful requests: time spent queued for a batch", labels=labels
+            ),
+            HistogramMetricFamily(
+                "tensorgate_compute_duration_seconds",
+                "Successful requests: compute time of the execution they ran in (input, infer, output)",
+                labels=labels,
+            ),
+        ]
+        batch = HistogramMetricFamily(
+            "tensorgate_batch_size", "Rows per model execution (executed batch size)", labels=labels
+        )
+        depth = GaugeMetricFamily("tensorgate_queue_depth", "Requests waiting in the model's queue", labels=labels)
+        load = GaugeMetricFamily(
+            "tensorgate_model_load_duration_seconds",
+            "How long loading the served version took (read, build session, warm up)",
+            labels=labels,
+        )
+        for m in snap.models:
+            key = [m.model, m.version]
+            if m.latency is not None:
+                for family, h in zip(histograms, m.latency, strict=True):
+                    family.add_metric(key, _buckets(_LATENCY_BOUNDS_S, h.counts), h.sum)
+            per_bucket = [0] * (len(BATCH_SIZE_BOUNDS) + 1)
+            for size, n in m.batches.items():
+                per_bucket[next((i for i, b in enumerate(BATCH_SIZE_BOUNDS) if size <= b), -1)] += n
+            batch.add_metric(
+                key, _buckets(BATCH_SIZE_BOUNDS, per_bucket), sum(size * n for size, n in m.batches.items())
+            )
+            depth.add_metric(key, m.queued)
+            load.add_metric(key, m.load_seconds)
+        yield from histograms
+        yield batch
+        yield depth
+        yield load
+        states = GaugeMetricFamily(
+            "tensorgate_model_state",
+            '1 for the state each model version is in, 0 for the others; version="" when a whole model is '
+            "loading, failed or unloaded",
+            labels=["model", "version", "state"],
+        )
+        for model, version, state in snap.states:
+            for name in MODEL_STATES:
+                states.add_metric([model, version, name], 1 if name == state else 0)
+        yield states
+        yield GaugeMetricFamily(
+            "tensorgate_inflight_requests",
+            "Inference-service RPCs running now (an open ModelStreamInfer counts as one)",
+            value=snap.in_flight,
+        )
+        denials = CounterMetricFamily(
+            "tensorgate_auth_denials",
+            "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token or in_flight_limit",
+            labels=["identity", "reason", "rpc"],
+        )
+        for (identity, what), n in sorted(snap.denials.items()):
+            if what == "invalid token":
+                denials.add_metric([identity, "invalid_token", ""], n)
+            elif what == "in-flight limit":
+                denials.add_metric([identity, "in_flight_limit", ""], n)
+            else:
+                denials.add_metric([identity, "policy", what], n)
+        yield denials
+
+
+class Metrics:
+    """The server's metrics on an injected registry: `requests` is counted by the servicer, the rest is read
+    from the repository, the drain gate and the authorizer when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        repository: ModelRepository,
+        *,
+        gate: DrainGate,
+        auth: Authorizer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.registry = registry
+        self.requests = RequestCounts(repository)
+        self._repository = repository
+        self._gate = gate
+        self._auth = auth
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        registry.register(_ServerCollector(self.snapshot, loop))
+
+    def snapshot(self) -> Snapshot:
+        """Copy everything a scrape exports; call on the event loop."""
+        models = []
+        for m in self._repository.loaded():
+            latency = m.stats.latency
+            models.append(
+                _ModelSnapshot(
+                    m.name,
+                    str(m.version),
+                    m.scheduler.queued,
+                    m.load_seconds,
+                    {size: b.compute_infer.count for size, b in m.stats.batch.items()},
+                    None
+                    if latency is None
+                    else (
+                        _HistogramCopy.of(latency.total),
+                        _HistogramCopy.of(latency.queue),
+                        _HistogramCopy.of(latency.compute),
+                    ),
+                )
+            )
+        return Snapshot(
+            requests=dict(self.requests.counts),
+            models=sorted(models, key=lambda s: (s.model, int(s.version))),
+            states=sorted((r.name, r.version, _state_name(r.state, r.reason)) for r in self._repository.states()),
+            in_flight=self._gate.in_flight,
+            denials=dict(self._auth.denials),
+        )
+
+
+# ----- the HTTP(S) endpoint ------------------------------------------------------------------------------------
+
+Stamp = tuple[tuple[int, int], ...]
+
+
+class _ReloadingContext:
+    """An SSLContext that is rebuilt when the certificate, key or client CA change on disk (checked per connection:
+    a few `stat` calls per scrape); a broken set is logged once and the previous context keeps serving."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._stamp = self._stat()
+        self.context = self._build()  # a bad set at start is an error, as for gRPC
+        self._failed: Stamp | None = None
+
+    def _stat(self) -> Stamp:
+        return tuple((st.st_mtime_ns, st.st_size) for st in (os.stat(p) for p in self.files.paths))
+
+    def _build(self) -> ssl.SSLContext:
+        load_files(self.files)  # the same checks, and messages, as the gRPC port
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.files.cert, self.files.key)
+        if self.files.client_ca is not None:
+            context.load_verify_locations(cafile=self.files.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def current(self) -> ssl.SSLContext:
+        stamp: Stamp | None = None
+        try:
+            stamp = self._stat()
+            if stamp != self._stamp and stamp != self._failed:
+                self.context = self._build()
+                self._stamp, self._failed = stamp, None
+                log.info("metrics: TLS files reloaded")
+        except (OSError, CertificateError, ssl.SSLError) as exc:
+            if stamp is None or stamp != self._failed:
+                log.warning("metrics: TLS files changed but cannot be used yet; keeping the previous ones: %s", exc)
+            self._failed = stamp
+        return self.context
+
+
+class _Handler(WSGIRequestHandler):
+    # A client that connects and goes quiet holds one thread for this long, not forever.
+    timeout = 10.0
+
+    def setup(self) -> None:
+        self.request.settimeout(self.timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # on this connection's thread, so a slow handshake blocks no other scrape
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        """Scrapes are not logged."""
+
+
+class _HttpServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    tls: _ReloadingContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        if self.tls is None:
+            return sock, address
+        try:
+            wrapped = self.tls.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            sock.close()
+            raise OSError("TLS setup failed") from None
+        return wrapped, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Failed handshakes (plaintext clients, wrong certificates) and dropped connections: nothing to act on.
+        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+
+class MetricsServer:
+    """`/metrics` over HTTP, or HTTPS with `tls`; `start()` binds and returns the port, `stop()` closes it."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, tls: TlsFiles | None = None) -> None:
+        self._registry = registry
+        self._host = host
+        self._port = port
+        self._tls = _ReloadingContext(tls) if tls is not None else None
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self._tls is None else "https"
+
+    def start(self) -> int:
+        family, *_, sockaddr = socket.getaddrinfo(
+            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        server_class = type("_BoundHttpServer", (_HttpServer,), {"address_family": family, "tls": self._tls})
+        httpd: WSGIServer = make_server(
+            str(sockaddr[0]), self._port, make_wsgi_app(self._registry), server_class, _Handler
+        )
+        self._httpd = httpd
+        self.port = int(httpd.server_address[1])
+        # serve_forever notices shutdown() once per poll interval: 0.1 s keeps stop() quick for ten idle wake-ups
+        # a second.
+        self._thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), name="tensorgate-metrics", daemon=True)
+        self._thread.start()
+        return self.port
+
+    def stop(self) -> None:
+        """Blocking: stop accepting, close the socket; scrapes in progress end on their own threads."""
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._httpd = None
+
+
+__all__ = ["BATCH_SIZE_BOUNDS", "MODEL_STATES", "Metrics", "MetricsServer", "RequestCounts", "Snapshot"]

@@ -1,0 +1,300 @@
+"""/metrics as Prometheus scrapes it: real HTTP(S) from a real server after known traffic, exact counts."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server import ServerSettings
+from tensorgate.server.auth import certs
+from tensorgate.server.telemetry.metrics import MODEL_STATES
+from tests.onnx_models import identity_model, write_config
+from tests.pki import Pki, add_sub_request, identity_request, secure_channel
+from tests.process import ServeProcess
+from tests.serving import ServerThread
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+MAX_ELEMENTS = 1000  # add_sub rows have 16 elements: 63 rows pass, 100 rows are RESOURCE_EXHAUSTED
+SUCCESSES = 5
+
+
+def scrape(url: str, context: ssl.SSLContext | None = None) -> Samples:
+    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
+        assert reply.status == 200
+        text = reply.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def _metrics_url(server: ServerThread, scheme: str = "http") -> str:
+    return f"{scheme}://127.0.0.1:{server.app.metrics_port}/metrics"
+
+
+@pytest.fixture
+def served(repo: Path) -> Iterator[ServerThread]:
+    identity_model(repo / "broken" / "1" / "model.onnx", "FP32")
+    write_config(
+        repo, "broken", 'name: "broken"\nmax_batch_size: 4\ninput [ { name: "INPUT0" data_type: TYPE_BOOL } ]\n'
+    )
+    with ServerThread(repo, max_tensor_elements=MAX_ELEMENTS) as server:
+        yield server
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_scrape_after_known_traffic_counts_exactly(served: ServerThread) -> None:
+    with grpc.insecure_channel(served.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for rows in (1, 2, 3, 1, 4)[:SUCCESSES]:
+            stub.ModelInfer(add_sub_request(rows=rows), timeout=10)
+        assert _code(lambda: stub.ModelInfer(add_sub_request("no_such_model"), timeout=10)) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        assert _code(lambda: stub.ModelInfer(add_sub_request(rows=100), timeout=10)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        wrong_version = add_sub_request()
+        wrong_version.model_version = "7"
+        assert _code(lambda: stub.ModelInfer(wrong_version, timeout=10)) == grpc.StatusCode.NOT_FOUND
+        # A stream: each message is one request, counted with its own status.
+        ok, missing = add_sub_request(), add_sub_request("also_missing")
+        ok.id, missing.id = "ok", "missing"
+        replies = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter([ok, missing]), timeout=10)}
+        assert replies["ok"].error_message == "" and replies["missing"].error_message
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="add_sub", version="1"), timeout=10)
+    (model_stats,) = stats.model_stats
+
+    samples = scrape(_metrics_url(served))
+
+    requests = {labels: v for (name, labels), v in samples.items() if name == "tensorgate_inference_requests_total"}
+    add_sub = {"model": "add_sub", "version": "1"}
+    assert requests == {
+        frozenset({**add_sub, "code": "OK"}.items()): SUCCESSES + 1,
+        frozenset({**add_sub, "code": "RESOURCE_EXHAUSTED"}.items()): 1,
+        # Names the server does not know never become label values (unbounded series otherwise).
+        frozenset({"model": "", "version": "", "code": "NOT_FOUND"}.items()): 2,
+        frozenset({"model": "add_sub", "version": "", "code": "NOT_FOUND"}.items()): 1,
+    }
+    for kind in ("request", "queue", "compute"):
+        name = f"tensorgate_{kind}_duration_seconds"
+        assert value(samples, f"{name}_count", **add_sub) == SUCCESSES + 1
+        assert value(samples, f"{name}_bucket", **add_sub, le="+Inf") == SUCCESSES + 1
+        assert value(samples, f"{name}_bucket", **add_sub, le="0.0001") <= value(
+            samples, f"{name}_bucket", **add_sub, le="10.0"
+        )
+        assert value(samples, f"{name}_sum", **add_sub) > 0 or kind == "queue"
+    assert value(samples, "tensorgate_request_duration_seconds_count", model="identity_fp32", version="1") == 0
+
+    assert value(samples, "tensorgate_batch_size_count", **add_sub) == model_stats.execution_count
+    assert (
+        value(samples, "tensorgate_batch_size_sum", **add_sub) == model_stats.inference_count == 1 + 2 + 3 + 1 + 4 + 1
+    )
+    assert value(samples, "tensorgate_batch_size_bucket", **add_sub, le="+Inf") == model_stats.execution_count
+
+    assert value(samples, "tensorgate_queue_depth", **add_sub) == 0
+    assert value(samples, "tensorgate_inflight_requests") == 0
+    assert value(samples, "tensorgate_model_load_duration_seconds", **add_sub) > 0
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "process_cpu_seconds_total") > 0
+
+
+def test_model_state_gauge_shows_ready_and_failed_versions(served: ServerThread) -> None:
+    samples = scrape(_metrics_url(served))
+    states = {
+        (dict(labels)["model"], dict(labels)["version"], dict(labels)["state"]): v
+        for (name, labels), v in samples.items()
+        if name == "tensorgate_model_state"
+    }
+    expected = {("add_sub", "1"): "ready", ("identity_fp32", "1"): "ready", ("broken", "1"): "failed"}
+    assert states == {(m, v, state): float(state == expected[(m, v)]) for (m, v) in expected for state in MODEL_STATES}
+
+    served.run(served.app.repository.unload("add_sub"))
+    samples = scrape(_metrics_url(served))
+    assert value(samples, "tensorgate_model_state", model="add_sub", version="", state="unloaded") == 1
+    assert ("tensorgate_queue_depth", frozenset({"model": "add_sub", "version": "1"}.items())) not in samples
+
+
+def test_in_flight_and_queue_depth_read_live_state(repo: Path) -> None:
+    """A stream held open counts as one RPC in flight while the scrape runs."""
+    with ServerThread(repo) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            release = threading.Event()
+
+            def requests() -> Iterator[pb.ModelInferRequest]:
+                yield add_sub_request()
+                release.wait(10)
+
+            stream = stub.ModelStreamInfer(requests(), timeout=20)
+            next(stream)  # the stream is open and its first reply is out
+            try:
+                assert value(scrape(_metrics_url(server)), "tensorgate_inflight_requests") == 1
+            finally:
+                release.set()
+            list(stream)
+        assert value(scrape(_metrics_url(server)), "tensorgate_inflight_requests") == 0
+
+
+QUEUED_CONFIG = """
+name: "queued"
+max_batch_size: 4
+dynamic_batching {
+  max_queue_delay_microseconds: 60000000
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy { max_queue_size: 3 }
+}
+"""
+
+
+def test_queue_depth_full_queue_and_batch_size(repo: Path) -> None:
+    """Three 1-row requests wait for a 4-row batch (the delay is a minute): the queue holds 3, a fourth is
+    RESOURCE_EXHAUSTED, and a priority-1 request completes the batch, which runs once with 4 rows."""
+    identity_model(repo / "queued" / "1" / "model.onnx", "FP32")
+    write_config(repo, "queued", QUEUED_CONFIG)
+    queued = {"model": "queued", "version": "1"}
+    with ServerThread(repo) as server, grpc.insecure_channel(server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        waiting = [stub.ModelInfer.future(identity_request("queued"), timeout=30) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while value(samples := scrape(_metrics_url(server)), "tensorgate_queue_depth", **queued) < 3:
+            assert time.monotonic() < deadline, "the three requests never queued"
+            time.sleep(0.02)
+        assert value(samples, "tensorgate_inflight_requests") == 3
+        assert value(samples, "tensorgate_batch_size_count", **queued) == 0
+        full = _code(lambda: stub.ModelInfer(identity_request("queued"), timeout=10))
+        assert full == grpc.StatusCode.RESOURCE_EXHAUSTED
+        urgent = identity_request("queued")
+        urgent.parameters["priority"].uint64_param = 1
+        stub.ModelInfer(urgent, timeout=10)
+        for future in waiting:
+            future.result()
+        samples = scrape(_metrics_url(server))
+    assert value(samples, "tensorgate_queue_depth", **queued) == 0
+    assert value(samples, "tensorgate_inference_requests_total", **queued, code="OK") == 4
+    assert value(samples, "tensorgate_inference_requests_total", **queued, code="RESOURCE_EXHAUSTED") == 1
+    assert value(samples, "tensorgate_batch_size_count", **queued) == 1
+    assert value(samples, "tensorgate_batch_size_sum", **queued) == 4
+    assert value(samples, "tensorgate_batch_size_bucket", **queued, le="2.0") == 0
+    assert value(samples, "tensorgate_batch_size_bucket", **queued, le="4.0") == 1
+    assert value(samples, "tensorgate_queue_duration_seconds_count", **queued) == 4
+
+
+def _https(pki: Pki, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca_path)
+    if client is not None:
+        context.load_cert_chain(client[0], client[1])
+    return context
+
+
+def test_metrics_over_tls_use_the_grpc_certificate(repo: Path, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    with ServerThread(repo, **pki.server_settings(mutual=False)) as server:
+        samples = scrape(_metrics_url(server, "https"), _https(pki))
+        assert value(samples, "tensorgate_model_state", model="add_sub", version="1", state="ready") == 1
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            scrape(_metrics_url(server, "http"))  # plaintext to a TLS port
+
+
+def test_metrics_tls_follows_certificate_rotation(repo: Path, tmp_path: Path) -> None:
+    old = Pki(tmp_path / "old")
+    with ServerThread(repo, **old.server_settings(mutual=False)) as server:
+        scrape(_metrics_url(server, "https"), _https(old))
+        new = Pki(tmp_path / "new", ca_name="new CA")
+        shutil.copyfile(new.server_key, old.server_key)
+        shutil.copyfile(new.server_cert, old.server_cert)
+        scrape(_metrics_url(server, "https"), _https(new))  # the next connection uses the new certificate
+        with pytest.raises(urllib.error.URLError):
+            scrape(_metrics_url(server, "https"), _https(old))
+
+
+def test_metrics_over_mtls_need_a_client_certificate_and_count_denials(repo: Path, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    with ServerThread(repo, **pki.server_settings()) as server:
+        with secure_channel(server.address, pki.ca_path, pki.client("anyone")) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(add_sub_request(), timeout=10)
+            for _ in range(2):  # the default mTLS policy keeps repository management from every identity
+                assert _code(lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)) == (
+                    grpc.StatusCode.PERMISSION_DENIED
+                )
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            scrape(_metrics_url(server, "https"), _https(pki))  # no client certificate
+        samples = scrape(_metrics_url(server, "https"), _https(pki, pki.client("prometheus")))
+    identity = certs.spiffe_id("anyone")
+    assert (
+        value(samples, "tensorgate_auth_denials_total", identity=identity, reason="policy", rpc="RepositoryIndex") == 2
+    )
+    assert value(samples, "tensorgate_inference_requests_total", model="add_sub", version="1", code="OK") == 1
+
+
+def test_metrics_off_binds_no_port_and_registers_nothing(repo: Path) -> None:
+    with ServerThread(repo, metrics_port=-1) as server:
+        assert server.app.metrics is None and server.app.metrics_port == 0
+        assert list(server.app.registry.collect()) == []
+        assert not [t for t in threading.enumerate() if t.name == "tensorgate-metrics"]
+        with grpc.insecure_channel(server.address) as channel:
+            GRPCInferenceServiceStub(channel).ModelInfer(add_sub_request(), timeout=10)
+        assert all(m.stats.latency is None for m in server.app.repository.loaded())
+
+
+def test_settings_refuse_a_bad_metrics_port(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="metrics_port"):
+        ServerSettings(model_repository=tmp_path, metrics_port=-2)
+
+
+@pytest.mark.slow
+def test_serve_logs_the_metrics_port_and_serves_it(repo: Path) -> None:
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0"]) as server:
+        line = server.wait_for_line(r"metrics listening on 127\.0\.0\.1:\d+ \(http\)")
+        port = int(line.rsplit(":", 1)[1].split()[0])
+        server.wait_for_line("ready:")
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert value(samples, "tensorgate_model_state", model="add_sub", version="1", state="ready") == 1
+        assert server.terminate() == 0
+    with ServeProcess(
+        ["--model-repository", str(repo), "--grpc-port", "0"], env={"TENSORGATE_METRICS_PORT": "-1"}
+    ) as s:
+        s.wait_for_line("ready:")
+        assert "metrics listening" not in s.output
+        assert s.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "labels"),
+    [
+        pytest.param("add_sub", "", ("add_sub", "1"), id="latest"),
+        pytest.param("add_sub", "1", ("add_sub", "1"), id="served"),
+        pytest.param("add_sub", "01", ("add_sub", ""), id="not-canonical"),
+        pytest.param("add_sub", "9" * 5000, ("add_sub", ""), id="huge"),
+        pytest.param("broken", "1", ("broken", "1"), id="failed-version"),
+        pytest.param("nope", "1", ("", ""), id="unknown-model"),
+    ],
+)
+def test_failure_labels_are_bounded_by_the_repository(
+    served: ServerThread, model: str, version: str, labels: tuple[str, str]
+) -> None:
+    assert served.app.repository.metric_labels(model, version) == labels
