@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: start servers on loopback, drive them with perf_analyzer (or a small
-Python load generator where perf_analyzer is missing), read server statistics and CPU use, write reports.
+"""Shared pieces of the benchmarks: start servers on loopback, drive them with perf_analyzer (or, where it is
+missing, one closed-loop level of the load-test harness, tensorgate.loadtest), read server statistics and CPU
+use, write reports.
 
 Every run is bounded (perf_analyzer's measurement windows and trial cap, or a fixed duration) and targets
 127.0.0.1 only.
@@ -7,7 +8,6 @@ Every run is bounded (perf_analyzer's measurement windows and trial cap, or a fi
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import os
@@ -172,55 +172,36 @@ def run_python_load(
     duration: float = 4.0,
     inputs: dict[str, np.ndarray] | None = None,
 ) -> Measurement:
-    """A small closed-loop grpc.aio load generator: the fallback where perf_analyzer cannot run."""
+    """The fallback where perf_analyzer cannot run: one closed-loop level of `tensorgate bench`
+    (tensorgate.loadtest), one load process with its own grpc.aio channel, zero-filled inputs unless given."""
+    from tensorgate.loadtest import BenchConfig, run_sweep
+    from tensorgate.loadtest.report import level_dict
 
-    async def main() -> tuple[list[float], float]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = GRPCInferenceServiceStub(channel)
-            meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10)
-            request = pb.ModelInferRequest(model_name=model)
-            for t in meta.inputs:
-                shape = [rows if d == -1 and i == 0 else max(d, 1) for i, d in enumerate(t.shape)]
-                data = (inputs or {}).get(t.name)
-                if data is None:
-                    data = np.zeros(shape, np.float32)
-                request.inputs.add(name=t.name, datatype=t.datatype, shape=shape)
-                request.raw_input_contents.append(data.tobytes())
-            latencies: list[float] = []
-            stop = time.perf_counter() + duration
-
-            async def unary_worker() -> None:
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    await stub.ModelInfer(request, timeout=30)
-                    latencies.append(time.perf_counter() - t0)
-
-            async def stream_worker() -> None:
-                call = stub.ModelStreamInfer(timeout=duration + 30)
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    await call.write(request)
-                    reply = await call.read()
-                    if reply.error_message:
-                        raise RuntimeError(reply.error_message)
-                    latencies.append(time.perf_counter() - t0)
-                await call.done_writing()
-
-            start = time.perf_counter()
-            await asyncio.gather(*((stream_worker if streaming else unary_worker)() for _ in range(concurrency)))
-            return latencies, time.perf_counter() - start
-
-    before = time.process_time()
-    latencies, wall = asyncio.run(main())
-    client_cpu = time.process_time() - before
-    us = np.array(latencies) * 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, array in (inputs or {}).items():
+            np.save(Path(tmp) / f"{name}.npy", array)
+        config = BenchConfig(
+            model=model,
+            server=address,
+            concurrency=(concurrency,),
+            duration_s=duration,
+            warmup_s=0.5,
+            batch=rows,
+            inputs=tmp if inputs else "zeros",
+            streaming=streaming,
+            workers=1,
+        )
+        (level,) = (level_dict(lv) for lv in run_sweep(config, progress=lambda line: None).levels)
+    if level["failed"] or not level["succeeded"]:
+        raise RuntimeError(f"python load run failed: {level['failed']}")
+    lat = level["latency_ms"]
     return Measurement(
-        infer_per_s=len(latencies) * rows / wall,
-        p50_us=float(np.percentile(us, 50)),
-        p90_us=float(np.percentile(us, 90)),
-        p99_us=float(np.percentile(us, 99)),
-        client_cpu_cores=client_cpu / wall,
-        tool="python-grpc.aio",
+        infer_per_s=level["rows_per_s"],
+        p50_us=lat["p50"] * 1000,
+        p90_us=lat["p90"] * 1000,
+        p99_us=lat["p99"] * 1000,
+        client_cpu_cores=level["client_cpu_cores"],
+        tool="tensorgate-bench",
     )
 
 

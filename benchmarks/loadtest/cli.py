@@ -1,0 +1,160 @@
+"""`tensorgate bench`: load-test a KServe V2 / Triton gRPC server, closed loop or open loop.
+
+    tensorgate bench mlp --server 127.0.0.1:8001 --concurrency 1,8,32 --duration 10 --workers 2 --out bench/
+    tensorgate bench mlp --rate 500,1000 --arrival poisson --duration 10 --out bench-open/
+    tensorgate bench compare before/results.json after/results.json
+
+Writes results.json, results.csv, report.md and PNG plots into --out, prints the table, and exits 0 (130 after
+Ctrl-C, with a partial report of the levels measured so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tensorgate.client import TensorgateClientError
+from tensorgate.client._cli import UsageError, add_connection_arguments, tls_from_args
+from tensorgate.loadtest.inputs import InputError
+from tensorgate.loadtest.plots import MatplotlibMissing, write_plots
+from tensorgate.loadtest.report import compare_table, load_report, markdown_table, sweep_dict, write_reports
+from tensorgate.loadtest.runner import BenchConfig, run_sweep
+
+__all__ = ["add_parser", "run"]
+
+PROG = "tensorgate bench"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="load-test a model: closed loop (--concurrency) or open loop (--rate); 'bench compare A.json B.json'",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model name, or 'compare' followed by result JSON files")
+    p.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model-version", default="", help="model version (default: the server's choice)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default=None, help="closed loop: requests in flight, a sweep (default 1,8,32)")
+    load.add_argument("--rate", default=None, help="open loop: requests/s, a sweep (e.g. 500,1000)")
+    p.add_argument("--arrival", choices=("poisson", "constant"), default="poisson", help="open-loop inter-arrivals")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level (default 2)")
+    p.add_argument("--max-requests", type=int, default=None, help="end a level after N measured requests")
+    p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    p.add_argument("--inputs", default="random", help="random | zeros | a folder of NAME.npy files (default random)")
+    p.add_argument("--streaming", action="store_true", help="send over ModelStreamInfer instead of ModelInfer")
+    p.add_argument("--priority", type=int, default=None, help="request 'priority' parameter")
+    p.add_argument("--timeout-param", type=int, default=None, metavar="US", help="request 'timeout' parameter (us)")
+    p.add_argument("--workers", type=int, default=1, help="load processes, each with its own loop and channel")
+    p.add_argument("--max-in-flight", type=int, default=1000, help="open loop: cap on requests in flight (dropped)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random inputs and Poisson arrivals")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench-MODEL-TIME)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_connection_arguments(p, timeout=30.0)
+
+
+def _numbers(text: str, flag: str, kind: type[Any]) -> tuple[Any, ...]:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{flag} {text!r}: expected positive numbers")
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    if args.files:
+        raise UsageError(f"unexpected arguments: {' '.join(map(str, args.files))}")
+    if args.duration <= 0 or args.warmup < 0:
+        raise UsageError("--duration must be positive and --warmup not negative")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if args.workers < 1 or args.max_in_flight < 1:
+        raise UsageError("--workers and --max-in-flight must be at least 1")
+    if args.max_requests is not None and args.max_requests < 1:
+        raise UsageError("--max-requests must be at least 1")
+    common: dict[str, Any] = dict(
+        model=args.model,
+        server=args.server,
+        version=args.model_version,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        max_requests=args.max_requests,
+        batch=args.batch,
+        inputs=args.inputs,
+        streaming=args.streaming,
+        priority=args.priority,
+        timeout_param_us=args.timeout_param,
+        deadline_s=args.timeout,
+        tls=tls_from_args(args),
+        workers=args.workers,
+        max_in_flight=args.max_in_flight,
+        seed=args.seed,
+        arrival=args.arrival,
+    )
+    if args.rate is not None:
+        return BenchConfig(mode="open", rates=_numbers(args.rate, "--rate", float), **common)
+    return BenchConfig(
+        mode="closed", concurrency=_numbers(args.concurrency or "1,8,32", "--concurrency", int), **common
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model == "compare":
+        return _compare(args.files)
+    try:
+        config = config_from_args(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    out: Path = args.out or Path(f"bench-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        result = run_sweep(config)
+    except InputError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except TensorgateClientError as exc:
+        where = f"cannot reach {config.server}: " if exc.code.name == "UNAVAILABLE" else ""
+        print(f"{PROG}: {where}{exc.code.name}: {' '.join(exc.details.split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: aborted", file=sys.stderr)
+        return 130
+    doc = sweep_dict(result)
+    written = write_reports(doc, out)
+    if not args.no_plots and doc["levels"]:
+        try:
+            written += write_plots(doc, out)
+        except MatplotlibMissing as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+    print(markdown_table(doc))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 130 if result.interrupted else 0
+
+
+def _compare(files: list[Path]) -> int:
+    if len(files) < 2:
+        print(f"{PROG} compare: give two or more results.json files", file=sys.stderr)
+        return 2
+    try:
+        docs = [(_name(path, files), load_report(path)) for path in files]
+    except (OSError, ValueError) as exc:
+        print(f"{PROG} compare: {exc}", file=sys.stderr)
+        return 2
+    print(compare_table(docs))
+    return 0
+
+
+def _name(path: Path, files: list[Path]) -> str:
+    """A short column name: the folder name when files are all called results.json, else the file stem."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) < len(stems):
+        return path.parent.name or path.stem
+    return path.stem

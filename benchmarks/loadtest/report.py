@@ -1,0 +1,191 @@
+"""Reports of a sweep: a JSON document (the format ``compare`` reads), a CSV row per level and a Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tensorgate.loadtest.runner import LevelResult, SweepResult
+from tensorgate.loadtest.samples import latency_summary_ms, percentile_keys, timeline
+
+__all__ = ["compare_table", "level_dict", "load_report", "markdown_table", "sweep_dict", "write_reports"]
+
+FORMAT = "tensorgate-bench/1"
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
+
+
+def level_dict(level: LevelResult) -> dict[str, Any]:
+    s = level.samples
+    window = s.window_s
+    out: dict[str, Any] = {
+        "mode": level.mode,
+        "concurrency": int(level.level) if level.mode == "closed" else None,
+        "rate": level.level if level.mode == "open" else None,
+        "sent": s.sent,
+        "succeeded": s.succeeded,
+        "failed": s.failed,
+        "failed_total": s.failed_total,
+        "dropped": s.dropped,
+        "window_s": round(window, 4),
+        "throughput_rps": round(s.succeeded / window, 3) if window > 0 else 0.0,
+        "rows_per_s": round(s.succeeded * level.rows_per_request / window, 3) if window > 0 else 0.0,
+        "latency_ms": {k: _num(v) for k, v in latency_summary_ms(s.latency_us).items()},
+        "client_cpu_cores": round(s.cpu_s / window, 3) if window > 0 else 0.0,
+        "interrupted": level.interrupted,
+        "server": None,
+        "timeline": timeline(s),
+    }
+    if level.server is not None:
+        st = level.server
+        out["server"] = {
+            "requests": st.requests,
+            "executions": st.executions,
+            "inferences": st.inferences,
+            "mean_batch": None if st.mean_batch is None else round(st.mean_batch, 3),
+            "queue_us": round(st.queue_us, 1),
+            "compute_us": round(st.compute_us, 1),
+            "compute_input_us": round(st.compute_input_us, 1),
+            "compute_infer_us": round(st.compute_infer_us, 1),
+            "compute_output_us": round(st.compute_output_us, 1),
+            "batch_sizes": {str(k): v for k, v in st.batch_sizes.items()},
+        }
+    return out
+
+
+def sweep_dict(result: SweepResult) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "started_at": result.started_at,
+        "config": result.config.describe(),
+        "interrupted": result.interrupted,
+        "levels": [level_dict(level) for level in result.levels],
+    }
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(path.read_text())
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tensorgate bench result (format {doc.get('format')!r})")
+    return doc
+
+
+def _label(level: dict[str, Any]) -> str:
+    return f"c={level['concurrency']}" if level["mode"] == "closed" else f"{level['rate']:g}/s"
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+CSV_FIELDS = (
+    "mode",
+    "concurrency",
+    "rate",
+    "sent",
+    "succeeded",
+    "failed_total",
+    "dropped",
+    "window_s",
+    "throughput_rps",
+    "rows_per_s",
+    *(f"{k}_ms" for k in (*percentile_keys(), "max", "mean")),
+    "server_queue_us",
+    "server_compute_us",
+    "server_mean_batch",
+    "client_cpu_cores",
+    "errors",
+)
+
+
+def csv_text(doc: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for lv in doc["levels"]:
+        row = {k: lv.get(k) for k in CSV_FIELDS if k in lv}
+        row.update({f"{k}_ms": v for k, v in lv["latency_ms"].items()})
+        server = lv["server"] or {}
+        row["server_queue_us"] = server.get("queue_us")
+        row["server_compute_us"] = server.get("compute_us")
+        row["server_mean_batch"] = server.get("mean_batch")
+        row["errors"] = ";".join(f"{code}={n}" for code, n in lv["failed"].items())
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    head = (
+        f"**{cfg['model']}** @ {cfg['server']}: {cfg['mode']} loop, batch {cfg['batch']}, "
+        f"{'stream' if cfg['streaming'] else 'unary'}, {cfg['workers']} worker(s), "
+        f"{cfg['duration_s']:g}s per level after {cfg['warmup_s']:g}s warm-up"
+        + (" — INTERRUPTED, partial report" if doc["interrupted"] else "")
+    )
+    cols = ["load", "sent", "ok", "errors", "dropped", "req/s", "rows/s"]
+    cols += [f"{k.replace('_', '.')} ms" for k in percentile_keys()] + ["max ms", "srv queue us", "srv compute us"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for lv in doc["levels"]:
+        lat = lv["latency_ms"]
+        server = lv["server"] or {}
+        errors = ", ".join(f"{code} {n}" for code, n in lv["failed"].items()) or "0"
+        cells = [
+            _label(lv) + (" (partial)" if lv["interrupted"] else ""),
+            str(lv["sent"]),
+            str(lv["succeeded"]),
+            errors,
+            str(lv["dropped"]),
+            _f(lv["throughput_rps"], 1),
+            _f(lv["rows_per_s"], 1),
+            *(_f(lat[k]) for k in percentile_keys()),
+            _f(lat["max"]),
+            _f(server.get("queue_us"), 0),
+            _f(server.get("compute_us"), 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(doc: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.csv", out / "report.md"]
+    paths[0].write_text(json.dumps(doc, indent=2) + "\n")
+    paths[1].write_text(csv_text(doc))
+    paths[2].write_text(markdown_table(doc))
+    return paths
+
+
+def compare_table(docs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Side by side, level by level (matched by concurrency or rate): throughput, p50, p99, with ratios to the
+    first result (throughput: higher is better; latency: lower is better)."""
+    if len(docs) < 2:
+        raise ValueError("compare needs two or more results")
+    base_name, base = docs[0]
+    cols = ["load", "metric", base_name] + [c for name, _ in docs[1:] for c in (name, f"{name} / {base_name}")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    keyed = [{_label(lv): lv for lv in doc["levels"]} for _, doc in docs]
+    labels = list(keyed[0]) + [k for d in keyed[1:] for k in d if k not in keyed[0]]
+    metrics: tuple[tuple[str, Callable[[dict[str, Any]], float | None]], ...] = (
+        ("req/s", lambda lv: lv["throughput_rps"]),
+        ("rows/s", lambda lv: lv["rows_per_s"]),
+        ("p50 ms", lambda lv: lv["latency_ms"]["p50"]),
+        ("p99 ms", lambda lv: lv["latency_ms"]["p99"]),
+        ("errors + dropped", lambda lv: lv["failed_total"] + lv["dropped"]),
+    )
+    for label in labels:
+        for name, get in metrics:
+            values = [None if label not in d else get(d[label]) for d in keyed]
+            first = values[0]
+            cells = [label, name, _f(first)]
+            for v in values[1:]:
+                ratio = f"{v / first:.2f}x" if v is not None and first else "-"
+                cells += [_f(v), ratio]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,294 @@
+"""`tensorgate bench` (tensorgate.loadtest) against a real tensorgate on loopback: closed and open loop with two
+load processes, reports and plots, queueing seen by the open loop, the exact merge of samples, compare, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tensorgate.client import InferenceClient
+from tensorgate.loadtest import PERCENTILES, Samples, merge, percentile
+from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
+from tensorgate.loadtest.samples import latency_summary_ms
+from tensorgate.server.cli import main
+from tests.onnx_models import busy_model, write_config
+from tests.serving import ServerThread
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SHORT = ["--duration", "1", "--warmup", "0.2", "--workers", "2"]
+
+
+def bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "out"
+    assert main(["bench", *args, "--out", str(out)]) == 0
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return doc
+
+
+def assert_consistent(doc: dict[str, Any]) -> None:
+    for level in doc["levels"]:
+        assert level["sent"] > 0
+        assert level["sent"] == level["succeeded"] + sum(level["failed"].values()) + level["dropped"]
+        assert level["failed_total"] == sum(level["failed"].values())
+        lat = level["latency_ms"]
+        chain = [lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["p99_9"], lat["max"]]
+        assert chain == sorted(chain), chain
+        assert 0 < lat["p50"]
+        assert level["throughput_rps"] > 0
+        assert level["rows_per_s"] == pytest.approx(level["throughput_rps"] * doc["config"]["batch"], rel=1e-3)
+        assert sum(p["requests"] for p in level["timeline"]) == level["succeeded"]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (640, 400)
+    assert len(data) > 10_000  # axes, lines and labels, not an empty canvas
+
+
+def assert_outputs(out: Path, levels: int) -> None:
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("mode,concurrency,rate,sent,succeeded")
+    assert len(rows) == 1 + levels
+    assert (out / "report.md").read_text().count("\n| ") == 1 + levels
+    for name in ("latency_vs_throughput.png", "latency_over_time.png"):
+        assert_png(out / name)
+
+
+# ----- both modes, two load processes ----------------------------------------------------------------------------
+
+
+def test_closed_loop_sweep_with_two_workers(server: ServerThread, tmp_path: Path, capsys: Any) -> None:
+    doc = bench(tmp_path, "add_sub", "--server", server.address, "--concurrency", "1,4", "--batch", "2", *SHORT)
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1, 4]
+    assert_consistent(doc)
+    for level in doc["levels"]:
+        assert level["failed"] == {} and level["dropped"] == 0
+        # tensorgate answers ModelStatistics: the split of the window as the server saw it.
+        st = level["server"]
+        assert st is not None and st["requests"] > 0 and st["compute_us"] > 0 and st["queue_us"] >= 0
+        assert st["inferences"] >= 2 * st["requests"] * 0.9  # 2 rows a request (a few may fall outside the window)
+    assert_outputs(tmp_path / "out", 2)
+    captured = capsys.readouterr()
+    assert "| c=1 |" in captured.out and "| c=4 |" in captured.out
+    assert "sent" in captured.err  # the progress line
+
+
+def test_closed_loop_streaming_stops_at_max_requests(server: ServerThread, tmp_path: Path) -> None:
+    doc = bench(
+        tmp_path, "add_sub", "--server", server.address, "--concurrency", "3", "--streaming", "--max-requests", "40",
+        "--priority", "1", "--timeout-param", "5000000", "--inputs", "zeros", *SHORT,
+    )  # fmt: skip
+    (level,) = doc["levels"]
+    assert level["sent"] == level["succeeded"] == 40
+    assert_consistent(doc)
+
+
+def test_open_loop_sweep_with_two_workers(server: ServerThread, tmp_path: Path) -> None:
+    doc = bench(tmp_path, "add_sub", "--server", server.address, "--rate", "100,200", "--arrival", "constant", *SHORT)
+    assert [lv["rate"] for lv in doc["levels"]] == [100.0, 200.0]
+    assert_consistent(doc)
+    for level in doc["levels"]:
+        # Constant arrivals from two interleaved workers: the intended count, whatever the responses.
+        assert level["sent"] == pytest.approx(level["rate"] * 1.0, abs=3)
+    assert_outputs(tmp_path / "out", 2)
+
+
+def test_open_loop_streaming_poisson(server: ServerThread, tmp_path: Path) -> None:
+    doc = bench(tmp_path, "add_sub", "--server", server.address, "--rate", "150", "--streaming", *SHORT, "--no-plots")
+    assert_consistent(doc)
+    assert not (tmp_path / "out" / "latency_over_time.png").exists()
+
+
+# ----- an open loop above capacity sees the queue ----------------------------------------------------------------
+
+SLOW_CONFIG = """
+name: "slow"
+backend: "onnxruntime"
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
+    repo = tmp_path / "slow_models"
+    busy_model(repo / "slow" / "1" / "model.onnx", iterations=4000)
+    write_config(repo, "slow", SLOW_CONFIG)
+    with ServerThread(repo) as s:
+        yield s
+
+
+def test_open_loop_latency_includes_queueing(slow_server: ServerThread, tmp_path: Path) -> None:
+    x = np.ones((1, 4), np.float32)
+    with InferenceClient(slow_server.address, timeout=30) as client:
+        client.infer("slow", {"INPUT0": x})
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            client.infer("slow", {"INPUT0": x})
+            times.append(time.perf_counter() - t0)
+    service_ms = float(np.median(times)) * 1000
+    # Twice what one instance can serve: requests wait behind each other, and the open loop must show it.
+    rate = 2.0 * 1000.0 / service_ms
+    doc = bench(tmp_path, "slow", "--server", slow_server.address, "--rate", f"{rate:.0f}", *SHORT, "--no-plots")
+    assert_consistent(doc)
+    (level,) = doc["levels"]
+    assert level["dropped"] == 0 and level["failed"] == {}
+    assert level["latency_ms"]["p99"] > 5 * service_ms, (level["latency_ms"], service_ms)
+    assert level["throughput_rps"] < 0.8 * rate  # the server cannot keep up, whatever was sent
+    assert level["server"]["queue_us"] / 1000 > service_ms  # and its own statistics agree
+
+
+# ----- pieces ------------------------------------------------------------------------------------------------------
+
+
+def test_merge_of_worker_samples_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    latencies = rng.lognormal(7, 1, 5001)
+    sends = np.sort(rng.uniform(0, 2, 5001))
+    cuts = [0, 17, 17, 2500, 5001]  # uneven parts, one of them empty
+    parts = [
+        Samples(sends[a:b], latencies[a:b], sent=b - a + 2, failed={"UNAVAILABLE": 1, f"X{i}": 1}, dropped=i,
+                window_s=1.5 + i, cpu_s=0.5)
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))
+    ]  # fmt: skip
+    merged = merge(parts)
+    assert merged.succeeded == 5001
+    assert sorted(merged.latency_us) == sorted(latencies)
+    assert merged.sent == 5001 + 8 and merged.dropped == 0 + 1 + 2 + 3
+    assert merged.failed == {"UNAVAILABLE": 4, "X0": 1, "X1": 1, "X2": 1, "X3": 1}
+    assert merged.window_s == 4.5 and merged.cpu_s == 2.0
+    ordered = np.sort(latencies)
+    for p in PERCENTILES:
+        # Nearest rank on the union: exactly numpy's inverted-CDF percentile of all samples.
+        assert percentile(np.sort(merged.latency_us), p) == np.percentile(ordered, p, method="inverted_cdf")
+    summary = latency_summary_ms(merged.latency_us)
+    assert summary["max"] == ordered[-1] / 1000
+    assert merge([]).succeeded == 0
+
+
+def test_nearest_rank_percentile() -> None:
+    values = np.arange(1.0, 101.0)
+    assert [percentile(values, p) for p in (50, 90, 99, 99.9, 100)] == [50, 90, 99, 100, 100]
+    assert percentile(np.array([7.0]), 99.9) == 7.0
+    assert np.isnan(percentile(np.array([]), 50))
+
+
+@pytest.mark.parametrize(
+    "datatype",
+    [pytest.param(d, id=d) for d in ("FP32", "FP16", "INT8", "UINT64", "BOOL", "BYTES")],
+)
+def test_random_inputs_follow_the_metadata(datatype: str) -> None:
+    shape = ModelShape("m", (("X", datatype, (-1, 3)),), max_batch_size=8)
+    (x,) = make_inputs(shape, 5, "random").values()
+    assert x.shape == (5, 3)
+    if datatype == "BYTES":
+        assert x.dtype == object and all(isinstance(v, bytes) and len(v) == 8 for v in x.ravel())
+    assert make_inputs(shape, 5, "zeros")["X"].shape == (5, 3)
+
+
+def test_inputs_from_npy_files(tmp_path: Path) -> None:
+    shape = ModelShape("m", (("A", "FP32", (-1, 3)), ("B", "INT32", (-1, 2))), max_batch_size=8)
+    np.save(tmp_path / "A.npy", np.arange(3, dtype=np.float64))  # one row: repeated
+    np.save(tmp_path / "B.npy", np.arange(20).reshape(10, 2))  # more rows: the first ones
+    arrays = make_inputs(shape, 4, str(tmp_path))
+    assert arrays["A"].dtype == np.float32 and arrays["A"].shape == (4, 3)
+    assert arrays["B"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(InputError, match="max_batch_size 8"):
+        make_inputs(shape, 9, "zeros")
+    with pytest.raises(InputError, match="does not batch"):
+        make_inputs(ModelShape("m", (("A", "FP32", (3,)),), max_batch_size=0), 2, "zeros")
+    (tmp_path / "A.npy").unlink()
+    with pytest.raises(InputError, match="input 'A'"):
+        make_inputs(shape, 4, str(tmp_path))
+
+
+def test_compare_shows_ratios_against_the_first(tmp_path: Path, capsys: Any) -> None:
+    level = {
+        "mode": "closed", "concurrency": 8, "rate": None, "throughput_rps": 1000.0, "rows_per_s": 1000.0,
+        "latency_ms": {"p50": 2.0, "p99": 8.0}, "failed_total": 0, "dropped": 0,
+    }  # fmt: skip
+    faster = {**level, "throughput_rps": 1500.0, "rows_per_s": 1500.0, "latency_ms": {"p50": 1.0, "p99": 4.0}}
+    for name, lv in (("before", level), ("after", faster)):
+        (tmp_path / name).mkdir()
+        doc = {"format": "tensorgate-bench/1", "levels": [lv]}
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+    args = ["bench", "compare", str(tmp_path / "before" / "results.json"), str(tmp_path / "after" / "results.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| load | metric | before | after | after / before |" in out
+    assert "| c=8 | req/s | 1,000.00 | 1,500.00 | 1.50x |" in out
+    assert "| c=8 | p99 ms | 8.00 | 4.00 | 0.50x |" in out
+    assert main(["bench", "compare", str(tmp_path / "before" / "results.json")]) == 2
+
+
+def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None:
+    out = str(tmp_path / "o")
+    assert main(["bench", "add_sub", "--server", server.address, "--batch", "9", "--out", out]) == 2
+    assert "max_batch_size 8" in capsys.readouterr().err
+    assert main(["bench", "nope", "--server", server.address, "--out", out]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["bench", "add_sub", "--server", server.address, "--concurrency", "0", "--out", out]) == 2
+
+
+def test_public_names() -> None:
+    import tensorgate.loadtest as loadtest
+
+    public = {name for name in vars(loadtest) if not name.startswith("_")}
+    modules = {"cli", "inputs", "plots", "report", "runner", "samples", "worker", "annotations"}
+    assert set(loadtest.__all__) == public - modules
+
+
+def test_bench_help(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--concurrency", "--rate", "--arrival", "--workers", "--max-requests", "--tls-ca", "--streaming"):
+        assert flag in out
+
+
+# ----- Ctrl-C ---------------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_writes_a_partial_report(server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tensorgate.server.cli", "bench", "add_sub", "--server", server.address,
+           "--concurrency", "2,4", "--duration", "60", "--warmup", "0.2", "--workers", "2", "--no-plots",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:  # the first progress line: measuring has started
+            if " sent " in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["interrupted"] is True
+    (level,) = doc["levels"]  # the second level never started
+    assert level["interrupted"] is True and level["concurrency"] == 2
+    assert_consistent(doc)
+    assert "partial" in stdout
