@@ -57,16 +57,20 @@ def _load_error(client: tc.InferenceServerClient, name: str) -> str:
 def test_matching_sha256_loads(repo: Path, explicit) -> None:
     _, client = explicit
     (path,) = _add(repo, "pinned", "")
-    write_config(repo, "pinned", 'name: "pinned"\n' + ADD_SUB_CONFIG + _param("sha256", _digest(path).upper()))
+    write_config(
+        repo, "pinned", 'name: "pinned"\n' + ADD_SUB_CONFIG + _param("tensorgate.sha256", _digest(path).upper())
+    )
     client.load_model("pinned")
     assert _infer(client, "pinned").tolist() == [[2.0] * 16]
 
 
 def test_mismatching_sha256_refuses_to_load_and_the_server_keeps_serving(repo: Path, explicit) -> None:
     _, client = explicit
-    (path,) = _add(repo, "tampered", _param("sha256", "0" * 64))
+    (path,) = _add(repo, "tampered", _param("tensorgate.sha256", "0" * 64))
     message = _load_error(client, "tampered")
-    assert f"tampered/1/model.onnx has sha256 {_digest(path)} but parameter 'sha256' pins {'0' * 64}" in message
+    assert (
+        f"tampered/1/model.onnx has sha256 {_digest(path)} but parameter 'tensorgate.sha256' pins {'0' * 64}" in message
+    )
     assert not client.is_model_ready("tampered")
     client.load_model("add_sub")
     assert _infer(client, "add_sub").tolist() == [[2.0] * 16]
@@ -76,7 +80,7 @@ def test_per_version_digest_wins_over_the_model_wide_one(repo: Path, explicit) -
     _, client = explicit
     one, two = _add(repo, "versioned", "", versions=(1, 2))
     two.write_bytes(two.read_bytes() + b"\0")  # version 2's file no longer matches anything pinned below
-    params = _param("sha256", _digest(one)) + _param("sha256:2", "f" * 64)
+    params = _param("tensorgate.sha256", _digest(one)) + _param("tensorgate.sha256:2", "f" * 64)
     write_config(repo, "versioned", 'name: "versioned"\nversion_policy { all {} }\n' + ADD_SUB_CONFIG + params)
     client.load_model("versioned")  # version 1 loads; version 2 fails its own pin
     assert client.is_model_ready("versioned", "1") and not client.is_model_ready("versioned", "2")
@@ -84,8 +88,8 @@ def test_per_version_digest_wins_over_the_model_wide_one(repo: Path, explicit) -
 
 def test_malformed_digest_is_a_load_error(repo: Path, explicit) -> None:
     _, client = explicit
-    _add(repo, "badpin", _param("sha256", "not-a-digest"))
-    assert "parameter 'sha256' must be 64 hex digits, got 'not-a-digest'" in _load_error(client, "badpin")
+    _add(repo, "badpin", _param("tensorgate.sha256", "not-a-digest"))
+    assert "parameter 'tensorgate.sha256' must be 64 hex digits, got 'not-a-digest'" in _load_error(client, "badpin")
 
 
 def test_model_file_symlinked_outside_the_repository_is_refused(repo: Path, explicit, tmp_path: Path) -> None:

@@ -48,9 +48,10 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 
 PROVIDER_PARAMETER = "tensorgate.execution_provider"
-# config.pbtxt: parameters { key: "sha256" value { string_value: "<hex>" } } pins the model file's digest;
-# "sha256:<version>" pins one version's file and wins over "sha256" for that version.
-SHA256_PARAMETER = "sha256"
+# config.pbtxt: parameters { key: "tensorgate.sha256" value { string_value: "<hex>" } } pins the model file's
+# digest; "tensorgate.sha256:<version>" pins one version's file and wins for that version. Prefixed, as every
+# tensorgate-only setting, so that the file stays valid for Triton.
+SHA256_PARAMETER = "tensorgate.sha256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
