@@ -396,10 +396,13 @@ def test_unknown_parameters_over_stream(stub: GRPCInferenceServiceStub) -> None:
     req = raw_request("add_sub", arrays, id="s")
     req.parameters["triton_enable_empty_final_response"].bool_param = True
     req.parameters["priority"].int64_param = 5
-    responses = list(stub.ModelStreamInfer(iter([req]), timeout=10))
-    assert len(responses) == 1
-    assert responses[0].error_message == ""
-    assert responses[0].infer_response.id == "s"
+    plain = raw_request("add_sub", arrays, id="plain")
+    responses = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter([req, plain]), timeout=10)}
+    assert len(responses) == 2
+    assert responses["s"].error_message == ""
+    # Asked for a final flag: the only response is the final one, as Triton marks it for non-decoupled models.
+    assert responses["s"].infer_response.parameters["triton_final_response"].bool_param is True
+    assert "triton_final_response" not in responses["plain"].infer_response.parameters
 
 
 def test_tritonclient_parameters(client: tc.InferenceServerClient, server: ServerThread) -> None:

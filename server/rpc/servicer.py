@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "tensorgate"
 # Only what is really implemented: perf_analyzer reads this list to decide what to call.
+FINAL_RESPONSE_REQUEST = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
 Context = aio.ServicerContext[Any, Any]
@@ -157,7 +159,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             if self.auth.enabled:
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-            return await self._stream_infer(request, deadline)
+            response = await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
             _, message = errors.status_of(exc, "ModelStreamInfer")
             return pb.ModelStreamInferResponse(
@@ -166,6 +168,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 ),
             )
+        final = request.parameters.get(FINAL_RESPONSE_REQUEST)
+        if final is not None and final.bool_param:
+            # As Triton does for a model that answers once: its only response is also the final one, marked so
+            # that clients waiting for the final flag (tritonclient's enable_empty_final_response) stop waiting.
+            response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+        return response
 
     @errors.stream
     async def ModelStreamInfer(
