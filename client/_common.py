@@ -63,15 +63,6 @@ class ModelMetadata:
     outputs: tuple[TensorMetadata, ...]
 
 
-def params_of(params: Mapping[str, pb.InferParameter]) -> dict[str, tensors.ParamValue]:
-    out: dict[str, tensors.ParamValue] = {}
-    for key, value in params.items():
-        choice = value.WhichOneof("parameter_choice")
-        if choice is not None:
-            out[key] = getattr(value, choice)
-    return out
-
-
 def infer_request(
     model: str,
     inputs: Mapping[str, np.ndarray],
@@ -117,7 +108,7 @@ def infer_result(msg: pb.ModelInferResponse) -> InferResult:
         model=msg.model_name,
         version=msg.model_version,
         id=msg.id,
-        parameters=params_of(msg.parameters),
+        parameters=tensors.parameters_of(msg.parameters),
     )
 
 

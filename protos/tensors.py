@@ -42,6 +42,7 @@ __all__ = [
     "encode_bytes_tensor",
     "encode_infer_request",
     "from_numpy",
+    "parameters_of",
     "set_parameter",
 ]
 
@@ -189,6 +190,16 @@ def encode_array(array: np.ndarray, datatype: str) -> bytes:
 
 
 # ----- inference messages (the client side) ----------------------------------------------------------------------
+
+
+def parameters_of(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
+    """A protobuf parameter map as plain values (set_parameter's inverse); unknown keys are kept."""
+    out: dict[str, ParamValue] = {}
+    for key, value in params.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(value, choice)
+    return out
 
 
 def set_parameter(params: Mapping[str, pb.InferParameter], key: str, value: ParamValue) -> None:

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# The protocol's InferParameter oneof: bool, int64, uint64, double or string.
-ParamValue = bool | int | float | str
+from tensorgate.protos.tensors import ParamValue
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,22 +20,12 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
 from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, model_ref
-from tensorgate.server.pipeline.types import InferRequest, InferResponse, ParamValue
+from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
 from tensorgate.server.telemetry.statistics import Duration
 
 # Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
 _UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
-
-
-def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
-    """A protobuf parameter map as plain Python values; unknown keys are kept, not rejected."""
-    out: dict[str, ParamValue] = {}
-    for key, value in params.items():
-        choice = value.WhichOneof("parameter_choice")
-        if choice is not None:
-            out[key] = getattr(value, choice)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +172,7 @@ def decode_infer_request(
         inputs=inputs,
         datatypes=dtypes,
         requested_outputs=requested,
-        parameters=decode_parameters(msg.parameters),
+        parameters=tensors.parameters_of(msg.parameters),
         deadline=deadline,
     )
 
