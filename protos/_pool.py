@@ -16,7 +16,7 @@ from typing import Protocol, cast
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 
-__all__ = ["DESCRIPTOR_SET", "POOL", "file_descriptor", "pb2_module_name", "service_descriptor"]
+__all__ = ["DESCRIPTOR_SET", "POOL", "add_files", "file_descriptor", "pb2_module_name", "service_descriptor"]
 
 # Written by generate.py (which keeps its own copy of the name: it must run without importing this package,
 # so that a broken descriptor set can always be regenerated; a test keeps the two equal).
@@ -46,6 +46,19 @@ def _load(pool: descriptor_pool.DescriptorPool) -> descriptor_pool.DescriptorPoo
 
 POOL: descriptor_pool.DescriptorPool = _load(descriptor_pool.DescriptorPool())
 """All of tensorgate's proto files; never the default pool (see the module docstring)."""
+
+
+def add_files(*serialized: bytes) -> None:
+    """Add serialized FileDescriptorProtos (e.g. another package's ``DESCRIPTOR.serialized_pb``) to ``POOL``,
+    skipping files it already holds: server reflection answers from this pool, so the other services a server
+    offers (health, reflection) must be described here too."""
+    typed = cast(_TypedPool, POOL)
+    for data in serialized:
+        name = descriptor_pb2.FileDescriptorProto.FromString(data).name
+        try:
+            typed.FindFileByName(name)
+        except KeyError:
+            typed.AddSerializedFile(data)
 
 
 def file_descriptor(name: str) -> FileDescriptor:

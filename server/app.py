@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.protos._pool import add_files
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.pipeline.handler import InferenceHandler
@@ -24,18 +25,6 @@ from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("tensorgate")
-
-
-def _register_in_pool(*serialized: bytes) -> None:
-    """Reflection answers from our private pool, so the health and reflection services must be in it too."""
-    from google.protobuf import descriptor_pb2
-
-    for data in serialized:
-        proto = descriptor_pb2.FileDescriptorProto.FromString(data)
-        try:
-            POOL.FindFileByName(proto.name)  # type: ignore[no-untyped-call]
-        except KeyError:
-            POOL.Add(proto)  # type: ignore[no-untyped-call]
 
 
 class TensorgateServer:
@@ -116,7 +105,7 @@ class TensorgateServer:
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        _register_in_pool(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
+        add_files(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
         )
