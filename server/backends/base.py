@@ -7,9 +7,26 @@ never on the event loop. Backends are built by the repository from a model's eff
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+
+@dataclass(slots=True, frozen=True)
+class BatchContext:
+    """What a backend may want to know about the batch it runs, beyond its tensors.
+
+    A remote backend passes the deadline and the trace context on to its upstream; a local one ignores both.
+    """
+
+    deadline: float | None = None
+    """Absolute `time.monotonic()` after which no caller of the batch waits any more; None: some caller has none."""
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
+    """W3C `traceparent`/`tracestate` of the batch's span, to send upstream (empty when the batch is not traced)."""
+
+
+NO_CONTEXT = BatchContext()
 
 
 class Backend(Protocol):
@@ -20,7 +37,9 @@ class Backend(Protocol):
         """Where the model really runs (e.g. "CPUExecutionProvider"), for logs, config and statistics."""
         ...
 
-    def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def execute(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
+    ) -> dict[str, np.ndarray]:
         """Run the model; `outputs` names what to compute (never empty). Called from a worker thread."""
         ...
 

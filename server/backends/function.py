@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
+
 ModelFn = Callable[[Mapping[str, np.ndarray], Sequence[str]], dict[str, np.ndarray]]
 
 
@@ -23,7 +25,9 @@ class FunctionBackend:
     def execution_provider(self) -> str:
         return self._provider
 
-    def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def execute(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
+    ) -> dict[str, np.ndarray]:
         self.calls += 1
         return self._fn(inputs, outputs)
 

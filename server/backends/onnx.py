@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
 from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,9 @@ class OnnxBackend:
                 ) from exc
         return out.reshape(array.shape)
 
-    def execute(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def execute(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
+    ) -> dict[str, np.ndarray]:
         feed = {name: self._feed(name, arr) for name, arr in inputs.items()}
         try:
             results = self._session.run(list(outputs), feed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tensorgate.server.backends.base import Backend
+from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -68,6 +68,14 @@ def _shape_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[tuple[
     if not batching:
         return ()
     return tuple((name, a.shape[1:]) for name, a in inputs.items())
+
+
+def _context(requests: Sequence[_Pending]) -> BatchContext:
+    """The batch is worth finishing until its most patient caller gives up; a caller without deadline has none."""
+    deadlines = [p.deadline for p in requests]
+    if any(d is None for d in deadlines):
+        return NO_CONTEXT
+    return BatchContext(deadline=max(d for d in deadlines if d is not None))
 
 
 def _cancel_timers(timers: list[asyncio.TimerHandle], _done: object) -> None:
@@ -316,7 +324,7 @@ class Scheduler:
                     wanted.append(name)
         inputs = stack_inputs([p.inputs for p in requests])
         t1 = time.perf_counter_ns()
-        outputs = self._backend.execute(inputs, wanted)
+        outputs = self._backend.execute(inputs, wanted, _context(requests))
         t2 = time.perf_counter_ns()
         try:
             batch.results = split_outputs(outputs, [p.rows for p in requests], [p.outputs for p in requests])
