@@ -10,6 +10,16 @@
 #
 # Base images and onnxruntime-gpu are pinned together: onnxruntime-gpu 1.31 wheels are built for CUDA 13 and
 # cuDNN 9, which the cuda 13.0 "cudnn-runtime" image provides. Bump them together.
+#
+# The HEALTHCHECK runs `tensorgate health` against TENSORGATE_SERVER (127.0.0.1:8001; change it with the gRPC
+# port). When the server speaks TLS, give the probe its files through the environment, for example:
+#   docker run -v "$PWD/certs:/certs:ro" \
+#     -e TENSORGATE_TLS_CERT=/certs/server.pem -e TENSORGATE_TLS_KEY=/certs/server-key.pem \
+#     -e TENSORGATE_TLS_CLIENT_CA=/certs/ca.pem \
+#     -e TENSORGATE_HEALTH_TLS_CA=/certs/ca.pem \
+#     -e TENSORGATE_HEALTH_TLS_CERT=/certs/probe.pem -e TENSORGATE_HEALTH_TLS_KEY=/certs/probe-key.pem ...
+# (_CERT/_KEY only with mutual TLS; TENSORGATE_HEALTH_TLS_SERVER_NAME when the server certificate does not name
+# 127.0.0.1). With --auth-probes policy the probe's identity needs the `health` API group.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
@@ -27,7 +37,8 @@ FROM ${PYTHON_IMAGE} AS cpu
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    TENSORGATE_SERVER=127.0.0.1:8001
 COPY --from=builder /wheels /wheels
 RUN python -m venv /opt/venv \
     && pip install --no-cache-dir --requirement /wheels/requirements-cpu.txt \
@@ -38,7 +49,7 @@ RUN python -m venv /opt/venv \
 USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["tensorgate", "health", "--server", "127.0.0.1:8001"]
+    CMD ["tensorgate", "health"]
 ENTRYPOINT ["tensorgate", "serve"]
 CMD ["--model-repository", "/models", "--host", "0.0.0.0"]
 
@@ -48,7 +59,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DEBIAN_FRONTEND=noninteractive \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    TENSORGATE_SERVER=127.0.0.1:8001
 COPY --from=builder /wheels /wheels
 # The `gpu` extra brings onnxruntime-gpu alone (ONNX Runtime is an extra, never a base dependency, because
 # the CPU and GPU wheels write the same `onnxruntime` package); the check fails the build if CUDA is missing.
@@ -65,6 +77,6 @@ RUN apt-get update \
 USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["tensorgate", "health", "--server", "127.0.0.1:8001"]
+    CMD ["tensorgate", "health"]
 ENTRYPOINT ["tensorgate", "serve"]
 CMD ["--model-repository", "/models", "--host", "0.0.0.0"]

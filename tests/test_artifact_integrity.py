@@ -9,11 +9,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
 from tests.serving import ServerThread
 
 
@@ -100,3 +101,70 @@ def test_model_file_symlinked_outside_the_repository_is_refused(repo: Path, expl
     write_config(repo, "escape", 'name: "escape"\n' + ADD_SUB_CONFIG)
     assert "escape/1/model.onnx resolves outside the model repository" in _load_error(client, "escape")
     assert not client.is_model_ready("escape")
+
+
+# ----- the bytes that were hashed are the bytes that run --------------------------------------------------
+
+
+def _scale(client: tc.InferenceServerClient, model: str) -> list[float]:
+    x = tc.InferInput("INPUT0", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), np.float32))
+    return client.infer(model, [x]).as_numpy("OUTPUT0").ravel().tolist()
+
+
+def _external(path: Path) -> Path:
+    """Re-save an ONNX file with its initializers in `weights.bin` beside it (ONNX external data)."""
+    onnx.save_model(onnx.load(path), path, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert (path.parent / "weights.bin").is_file()
+    return path
+
+
+def test_file_swapped_after_hashing_is_not_served(repo: Path, explicit, tmp_path: Path) -> None:
+    server, client = explicit
+    path = scale_model(repo / "scaled" / "1" / "model.onnx", 2.0)
+    pinned = _digest(path)
+    write_config(repo, "scaled", 'name: "scaled"\n' + _param("tensorgate.sha256", pinned))
+    impostor = scale_model(tmp_path / "impostor.onnx", 1000.0).read_bytes()
+    swapped: list[Path] = []
+
+    def swap(model_file: Path) -> None:  # runs after the bytes were read and hashed, before the session is built
+        model_file.write_bytes(impostor)
+        swapped.append(model_file)
+
+    server.app.repository.after_artifact_read = swap
+    client.load_model("scaled")
+    assert swapped == [path] and path.read_bytes() == impostor
+    assert _scale(client, "scaled") == [2.0] * 4  # the hashed bytes run, not the file now on disk
+    # The swapped file is what a reload reads: it fails its pin and the version that passed keeps serving.
+    server.app.repository.after_artifact_read = None
+    message = _load_error(client, "scaled")
+    assert f"scaled/1/model.onnx has sha256 {_digest(path)} but parameter 'tensorgate.sha256' pins {pinned}" in message
+    assert _scale(client, "scaled") == [2.0] * 4
+
+
+def test_unpinned_model_with_external_data_loads_from_its_version_directory(repo: Path, explicit) -> None:
+    _, client = explicit
+    _external(scale_model(repo / "ext" / "1" / "model.onnx", 3.0))
+    write_config(repo, "ext", 'name: "ext"\n')
+    client.load_model("ext")
+    assert _scale(client, "ext") == [3.0] * 4
+
+
+def test_pinned_model_with_external_data_is_refused(repo: Path, explicit) -> None:
+    _, client = explicit
+    path = _external(scale_model(repo / "extpin" / "1" / "model.onnx", 3.0))
+    write_config(repo, "extpin", 'name: "extpin"\n' + _param("tensorgate.sha256", _digest(path)))
+    message = _load_error(client, "extpin")
+    assert "extpin/1/model.onnx keeps tensors in external data files, which its pinned sha256 does not cover" in message
+    assert not client.is_model_ready("extpin")
+
+
+def test_external_data_symlinked_outside_the_repository_is_refused(repo: Path, explicit, tmp_path: Path) -> None:
+    _, client = explicit
+    path = _external(scale_model(repo / "extlink" / "1" / "model.onnx", 3.0))
+    outside = tmp_path / "weights.bin"
+    (path.parent / "weights.bin").rename(outside)
+    (path.parent / "weights.bin").symlink_to(outside)
+    write_config(repo, "extlink", 'name: "extlink"\n')
+    assert "External data path escapes model directory" in _load_error(client, "extlink")
+    assert not client.is_model_ready("extlink")

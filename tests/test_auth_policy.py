@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,15 +18,18 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server import ServerSettings
 from tensorgate.server.auth import certs
 from tensorgate.server.auth.identity import identity_of_auth_context, identity_of_certificate
 from tensorgate.server.auth.policy import DEFAULT_MTLS_POLICY, PolicyError, PolicyFile, load_policy, parse_policy
 from tests.pki import CHANNEL_OPTIONS, Pki, add_sub_request, identity_request, infer_add_sub, secure_channel
+from tests.process import TENSORGATE, ServeProcess
 from tests.serving import ServerThread
 
 SCORER = certs.spiffe_id("scorer")
@@ -435,3 +439,125 @@ def test_streams_per_connection_are_capped_and_extra_calls_wait(repo: Path) -> N
                 infer_add_sub(other)  # the limit is per connection
             stream.close()
             infer_add_sub(busy)
+
+
+# ----- health and reflection under --auth-probes ---------------------------------------------------------
+
+OUTSIDER = certs.spiffe_id("outsider")  # a verified client that no rule of POLICY names
+
+
+def _health(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def _services(channel: grpc.Channel) -> list[str]:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]), timeout=5)
+    return [s.name for s in reply.list_services_response.service]
+
+
+def _health_cli(server: ServerThread, pki: Pki, client: str, env: dict[str, str] | None = None):
+    cert, key = pki.client(client)
+    args = ["--tls-ca", str(pki.ca_path), "--tls-cert", str(cert), "--tls-key", str(key)] if env is None else []
+    return subprocess.run(
+        [TENSORGATE, "health", "--server", server.address, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+@pytest.fixture(params=["open", "policy"])
+def probed(request: pytest.FixtureRequest, repo: Path, pki: Pki, policy_file: Path):
+    probes = {} if request.param == "open" else {"auth_probes": request.param}  # open is the default
+    with ServerThread(repo, **pki.server_settings(), auth_policy=policy_file, **probes) as s:
+        yield s
+
+
+def test_probes_follow_the_policy_only_when_asked(probed: ServerThread, pki: Pki) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with secure_channel(probed.address, pki.ca_path, pki.client("outsider")) as channel:
+        if probed.settings.auth_probes == "open":
+            assert _health(channel) == serving
+            assert SERVICE_NAME in _services(channel)
+        else:
+            assert _denied(lambda: _health(channel)) == f"identity '{OUTSIDER}' may not call Health.Check"
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            assert _denied(lambda: next(watch)) == f"identity '{OUTSIDER}' may not call Health.Watch"
+            assert _denied(lambda: _services(channel)) == f"identity '{OUTSIDER}' may not call ServerReflectionInfo"
+        # The inference service's own rules are the same in both modes.
+        details = _denied(lambda: GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5))
+        assert details == f"identity '{OUTSIDER}' may not call ServerLive"
+    with secure_channel(probed.address, pki.ca_path, pki.client("scorer")) as channel:  # health and metadata
+        assert _health(channel) == serving
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert next(watch).status == serving
+        watch.cancel()
+        assert SERVICE_NAME in _services(channel)
+    if probed.settings.auth_probes == "policy":
+        assert probed.app.auth is not None
+        assert probed.app.auth.denials[(OUTSIDER, "Health.Check")] == 1
+
+
+def test_health_command_against_open_and_policy_probes(probed: ServerThread, pki: Pki) -> None:
+    scorer = _health_cli(probed, pki, "scorer")
+    assert (scorer.returncode, scorer.stdout.strip()) == (0, f"{probed.address}: SERVING"), scorer.stderr
+    outsider = _health_cli(probed, pki, "outsider")
+    if probed.settings.auth_probes == "open":
+        assert outsider.returncode == 0, outsider.stderr
+    else:
+        assert outsider.returncode == 1
+        assert f"PERMISSION_DENIED: identity '{OUTSIDER}' may not call Health.Check" in outsider.stderr
+    # The same probe with its TLS files from the environment, as a container HEALTHCHECK runs it.
+    cert, key = pki.client("scorer")
+    env = {"TENSORGATE_HEALTH_TLS_CA": str(pki.ca_path)}
+    env |= {"TENSORGATE_HEALTH_TLS_CERT": str(cert), "TENSORGATE_HEALTH_TLS_KEY": str(key)}
+    from_env = _health_cli(probed, pki, "scorer", env)
+    assert from_env.returncode == 0, from_env.stderr
+
+
+def test_probes_under_policy_need_a_bearer_token(repo: Path, tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(TOKEN_POLICY))
+    with ServerThread(repo, auth_policy=path, auth_probes="policy") as s, grpc.insecure_channel(s.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _health(channel)
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "this server needs 'authorization: Bearer <token>' metadata",
+        )
+        stub = health_pb2_grpc.HealthStub(channel)
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        reply = stub.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # batch-job has the health group but not metadata: reflection stays closed to it.
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([request]), metadata=metadata, timeout=5
+        )
+        assert _denied(lambda: list(replies)) == "identity 'batch-job' may not call ServerReflectionInfo"
+
+
+def test_auth_probes_setting_is_checked(repo: Path) -> None:
+    with pytest.raises(ValueError, match="auth_probes must be one of"):
+        ServerSettings(model_repository=repo, auth_probes="closed")
+
+
+def test_auth_probes_comes_from_the_environment(repo: Path, pki: Pki, policy_file: Path) -> None:
+    env = {
+        "TENSORGATE_MODEL_REPOSITORY": str(repo),
+        "TENSORGATE_GRPC_PORT": "0",
+        "TENSORGATE_TLS_CERT": str(pki.server_cert),
+        "TENSORGATE_TLS_KEY": str(pki.server_key),
+        "TENSORGATE_TLS_CLIENT_CA": str(pki.ca_path),
+        "TENSORGATE_AUTH_POLICY": str(policy_file),
+        "TENSORGATE_AUTH_PROBES": "policy",
+    }
+    with ServeProcess([], env=env) as server:
+        server.wait_for_line(r"ready: \d+ model version")
+        with secure_channel(server.address, pki.ca_path, pki.client("outsider")) as channel:
+            assert _denied(lambda: _health(channel)) == f"identity '{OUTSIDER}' may not call Health.Check"
+        with secure_channel(server.address, pki.ca_path, pki.client("scorer")) as channel:
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert server.terminate() == 0

@@ -144,7 +144,7 @@ BAD_ROWS = [
     pytest.param(
         pb.ModelInferRequest(model_name="corrupt"),
         grpc.StatusCode.UNAVAILABLE,
-        ["corrupt", "model.onnx", "Protobuf parsing failed"],
+        ["corrupt", "model.onnx", "protobuf parsing failed"],
         id="load-failed-corrupt",
     ),
     pytest.param(

@@ -15,7 +15,8 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
 API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer), metadata (ServerMetadata,
 ModelMetadata, ModelConfig), statistics (ModelStatistics), repository (RepositoryIndex, RepositoryModelLoad,
 RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection
-services are not subject to the policy.
+services answer probes without a check by default; with `--auth-probes policy` they are checked too (server/rpc/
+probes.py), as `Health.Check`/`Health.Watch` in the health group and `ServerReflectionInfo` in the metadata group.
 
 Calls that name no model: health and metadata ones (ServerLive, ServerMetadata, ...) need the group only;
 RepositoryIndex and ModelStatistics for all models list every model, so they need a rule whose models include
@@ -75,6 +76,10 @@ RPC_GROUPS: dict[str, str] = {
     "ServerLive": "health",
     "ServerReady": "health",
     "ModelReady": "health",
+    # The standard probe services, checked only with --auth-probes policy (server/rpc/probes.py).
+    "Health.Check": "health",
+    "Health.Watch": "health",
+    "ServerReflectionInfo": "metadata",
 }
 _MODEL_LESS_OK = frozenset({"health", "metadata"})
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")

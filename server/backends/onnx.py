@@ -7,9 +7,11 @@ cannot initialise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,8 +153,23 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
 def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
     """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get the file
     name only (the message already names model and version), never the server's directory layout."""
-    detail = str(exc).replace(str(path), path.name)
+    detail = str(exc).replace(str(path), path.name).replace(str(path.parent), path.parent.name)
     return ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {detail}")
+
+
+@contextlib.contextmanager
+def _external_data_folder(opts: ort.SessionOptions, folder: Path | None) -> Iterator[None]:
+    """Tell onnxruntime where a model built from bytes finds its external tensors: `folder`, or, for a model that
+    must have none, a fresh empty directory (without one, onnxruntime would look in the working directory).
+    onnxruntime (1.32) refuses external paths that leave the folder, absolute ones and symlinks out of it."""
+    key = "session.model_external_initializers_file_folder_path"
+    if folder is not None:
+        opts.add_session_config_entry(key, str(folder))
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tensorgate-no-external-data-") as empty:
+        opts.add_session_config_entry(key, empty)
+        yield
 
 
 class OnnxBackend:
@@ -165,7 +182,13 @@ class OnnxBackend:
         *,
         version: int | None = None,
         available_providers: Sequence[str] | None = None,
+        model_bytes: bytes | None = None,
+        external_data: Path | None = None,
     ) -> None:
+        """Build the session from `model_bytes` when given (the bytes the repository read and hashed, so that
+        what runs is what was checked; `model_path` then only names the file in messages), else from the file.
+        `external_data` is the only directory a model built from bytes may read external tensors from; None
+        means it may not have any."""
         self._model = config.name
         self._version = version
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
@@ -179,14 +202,18 @@ class OnnxBackend:
         built = set(ort.get_available_providers())
         providers = [p for p in choice.providers if (p[0] if isinstance(p, tuple) else p) in built]
         fell_back = False
-        try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
-            if not choice.wants_gpu:
-                raise _load_error(config.name, version, model_path, exc) from exc
-            log.warning("model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc)
-            self._session = self._cpu_session(model_path, opts, config.name, version)
-            fell_back = True
+        source: str | bytes = str(model_path) if model_bytes is None else model_bytes
+        with contextlib.ExitStack() as stack:
+            if model_bytes is not None:
+                stack.enter_context(_external_data_folder(opts, external_data))
+            try:
+                self._session = ort.InferenceSession(source, sess_options=opts, providers=providers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
+                if not choice.wants_gpu:
+                    raise _load_error(config.name, version, model_path, exc) from exc
+                log.warning("model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc)
+                self._session = self._cpu_session(source, model_path, opts, config.name, version)
+                fell_back = True
         used = self._session.get_providers()
         if choice.wants_gpu and CUDA not in used and not fell_back:
             log.warning(
@@ -208,9 +235,11 @@ class OnnxBackend:
         )
 
     @staticmethod
-    def _cpu_session(path: Path, opts: ort.SessionOptions, model: str, version: int | None) -> ort.InferenceSession:
+    def _cpu_session(
+        source: str | bytes, path: Path, opts: ort.SessionOptions, model: str, version: int | None
+    ) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
+            return ort.InferenceSession(source, sess_options=opts, providers=[CPU])
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model, version, path, exc) from exc
 
