@@ -2,51 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import ssl
+import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server import ServerSettings
 from tensorgate.server.auth import certs
-from tensorgate.server.telemetry.metrics import MODEL_STATES
+from tensorgate.server.telemetry.gpu import (
+    GPU_FAMILIES,
+    GpuCollector,
+    GpuReading,
+    GpuUnavailable,
+    NvmlReader,
+    visible_devices,
+)
+from tensorgate.server.telemetry.metrics import MODEL_STATES, reference, reference_markdown
 from tests.onnx_models import identity_model, write_config
 from tests.pki import Pki, add_sub_request, identity_request, secure_channel
 from tests.process import ServeProcess
+from tests.scraping import families_of, metrics_url, samples_of, scrape, scrape_text, value
 from tests.serving import ServerThread
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 MAX_ELEMENTS = 1000  # add_sub rows have 16 elements: 63 rows pass, 100 rows are RESOURCE_EXHAUSTED
 SUCCESSES = 5
-
-
-def scrape(url: str, context: ssl.SSLContext | None = None) -> Samples:
-    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-def _metrics_url(server: ServerThread, scheme: str = "http") -> str:
-    return f"{scheme}://127.0.0.1:{server.app.metrics_port}/metrics"
 
 
 @pytest.fixture
@@ -87,7 +77,7 @@ def test_scrape_after_known_traffic_counts_exactly(served: ServerThread) -> None
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="add_sub", version="1"), timeout=10)
     (model_stats,) = stats.model_stats
 
-    samples = scrape(_metrics_url(served))
+    samples = scrape(metrics_url(served))
 
     requests = {labels: v for (name, labels), v in samples.items() if name == "tensorgate_inference_requests_total"}
     add_sub = {"model": "add_sub", "version": "1"}
@@ -122,7 +112,7 @@ def test_scrape_after_known_traffic_counts_exactly(served: ServerThread) -> None
 
 
 def test_model_state_gauge_shows_ready_and_failed_versions(served: ServerThread) -> None:
-    samples = scrape(_metrics_url(served))
+    samples = scrape(metrics_url(served))
     states = {
         (dict(labels)["model"], dict(labels)["version"], dict(labels)["state"]): v
         for (name, labels), v in samples.items()
@@ -132,7 +122,7 @@ def test_model_state_gauge_shows_ready_and_failed_versions(served: ServerThread)
     assert states == {(m, v, state): float(state == expected[(m, v)]) for (m, v) in expected for state in MODEL_STATES}
 
     served.run(served.app.repository.unload("add_sub"))
-    samples = scrape(_metrics_url(served))
+    samples = scrape(metrics_url(served))
     assert value(samples, "tensorgate_model_state", model="add_sub", version="", state="unloaded") == 1
     assert ("tensorgate_queue_depth", frozenset({"model": "add_sub", "version": "1"}.items())) not in samples
 
@@ -151,11 +141,11 @@ def test_in_flight_and_queue_depth_read_live_state(repo: Path) -> None:
             stream = stub.ModelStreamInfer(requests(), timeout=20)
             next(stream)  # the stream is open and its first reply is out
             try:
-                assert value(scrape(_metrics_url(server)), "tensorgate_inflight_requests") == 1
+                assert value(scrape(metrics_url(server)), "tensorgate_inflight_requests") == 1
             finally:
                 release.set()
             list(stream)
-        assert value(scrape(_metrics_url(server)), "tensorgate_inflight_requests") == 0
+        assert value(scrape(metrics_url(server)), "tensorgate_inflight_requests") == 0
 
 
 QUEUED_CONFIG = """
@@ -180,7 +170,7 @@ def test_queue_depth_full_queue_and_batch_size(repo: Path) -> None:
         stub = GRPCInferenceServiceStub(channel)
         waiting = [stub.ModelInfer.future(identity_request("queued"), timeout=30) for _ in range(3)]
         deadline = time.monotonic() + 10
-        while value(samples := scrape(_metrics_url(server)), "tensorgate_queue_depth", **queued) < 3:
+        while value(samples := scrape(metrics_url(server)), "tensorgate_queue_depth", **queued) < 3:
             assert time.monotonic() < deadline, "the three requests never queued"
             time.sleep(0.02)
         assert value(samples, "tensorgate_inflight_requests") == 3
@@ -192,7 +182,7 @@ def test_queue_depth_full_queue_and_batch_size(repo: Path) -> None:
         stub.ModelInfer(urgent, timeout=10)
         for future in waiting:
             future.result()
-        samples = scrape(_metrics_url(server))
+        samples = scrape(metrics_url(server))
     assert value(samples, "tensorgate_queue_depth", **queued) == 0
     assert value(samples, "tensorgate_inference_requests_total", **queued, code="OK") == 4
     assert value(samples, "tensorgate_inference_requests_total", **queued, code="RESOURCE_EXHAUSTED") == 1
@@ -213,22 +203,22 @@ def _https(pki: Pki, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
 def test_metrics_over_tls_use_the_grpc_certificate(repo: Path, tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     with ServerThread(repo, **pki.server_settings(mutual=False)) as server:
-        samples = scrape(_metrics_url(server, "https"), _https(pki))
+        samples = scrape(metrics_url(server, "https"), _https(pki))
         assert value(samples, "tensorgate_model_state", model="add_sub", version="1", state="ready") == 1
         with pytest.raises((urllib.error.URLError, ConnectionError)):
-            scrape(_metrics_url(server, "http"))  # plaintext to a TLS port
+            scrape(metrics_url(server, "http"))  # plaintext to a TLS port
 
 
 def test_metrics_tls_follows_certificate_rotation(repo: Path, tmp_path: Path) -> None:
     old = Pki(tmp_path / "old")
     with ServerThread(repo, **old.server_settings(mutual=False)) as server:
-        scrape(_metrics_url(server, "https"), _https(old))
+        scrape(metrics_url(server, "https"), _https(old))
         new = Pki(tmp_path / "new", ca_name="new CA")
         shutil.copyfile(new.server_key, old.server_key)
         shutil.copyfile(new.server_cert, old.server_cert)
-        scrape(_metrics_url(server, "https"), _https(new))  # the next connection uses the new certificate
+        scrape(metrics_url(server, "https"), _https(new))  # the next connection uses the new certificate
         with pytest.raises(urllib.error.URLError):
-            scrape(_metrics_url(server, "https"), _https(old))
+            scrape(metrics_url(server, "https"), _https(old))
 
 
 def test_metrics_over_mtls_need_a_client_certificate_and_count_denials(repo: Path, tmp_path: Path) -> None:
@@ -242,8 +232,8 @@ def test_metrics_over_mtls_need_a_client_certificate_and_count_denials(repo: Pat
                     grpc.StatusCode.PERMISSION_DENIED
                 )
         with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
-            scrape(_metrics_url(server, "https"), _https(pki))  # no client certificate
-        samples = scrape(_metrics_url(server, "https"), _https(pki, pki.client("prometheus")))
+            scrape(metrics_url(server, "https"), _https(pki))  # no client certificate
+        samples = scrape(metrics_url(server, "https"), _https(pki, pki.client("prometheus")))
     identity = certs.spiffe_id("anyone")
     assert (
         value(samples, "tensorgate_auth_denials_total", identity=identity, reason="policy", rpc="RepositoryIndex") == 2
@@ -298,3 +288,129 @@ def test_failure_labels_are_bounded_by_the_repository(
     served: ServerThread, model: str, version: str, labels: tuple[str, str]
 ) -> None:
     assert served.app.repository.metric_labels(model, version) == labels
+
+
+# ----- GPU metrics: NVML where there is one, readings -> families everywhere ------------------------------------
+
+H100 = GpuReading(0, "GPU-6c9d1d4e", "NVIDIA H100 80GB HBM3", 2 * 2**30, 80 * 2**30, 0.75, 0.5)
+MIG_SLICE = GpuReading(3, "GPU-00aa", "NVIDIA A100-SXM4-40GB", 1024, 4096, None, None)
+
+
+def test_gpu_readings_become_gauges_with_exact_values() -> None:
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(lambda: [H100, MIG_SLICE]))
+    samples = samples_of(generate_latest(registry).decode())
+    h100 = {"gpu": "0", "uuid": "GPU-6c9d1d4e", "name": "NVIDIA H100 80GB HBM3"}
+    mig = {"gpu": "3", "uuid": "GPU-00aa", "name": "NVIDIA A100-SXM4-40GB"}
+    assert samples == {
+        ("tensorgate_gpu_memory_used_bytes", frozenset(h100.items())): 2 * 2**30,
+        ("tensorgate_gpu_memory_total_bytes", frozenset(h100.items())): 80 * 2**30,
+        ("tensorgate_gpu_utilization_ratio", frozenset(h100.items())): 0.75,
+        ("tensorgate_gpu_memory_utilization_ratio", frozenset(h100.items())): 0.5,
+        # Utilisation NVML does not support on a device is left out, not reported as 0.
+        ("tensorgate_gpu_memory_used_bytes", frozenset(mig.items())): 1024,
+        ("tensorgate_gpu_memory_total_bytes", frozenset(mig.items())): 4096,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param(None, [0, 1, 2], id="unset-all"),
+        pytest.param("", [], id="empty-none"),
+        pytest.param("-1", [], id="minus-one-none"),
+        pytest.param("2,0", [2, 0], id="indices-in-order"),
+        pytest.param("1, 7, 0", [1], id="stops-at-unknown-index"),
+        pytest.param("GPU-bbb", [1], id="uuid-prefix"),
+        pytest.param("GPU-a", [], id="ambiguous-prefix-stops"),
+        pytest.param("0,0", [0], id="repeat-stops"),
+        pytest.param("MIG-1234,0", [], id="mig-stops"),
+    ],
+)
+def test_cuda_visible_devices_picks_devices_as_cuda_does(spec: str | None, expected: list[int]) -> None:
+    devices = [(0, "GPU-aaa1"), (1, "GPU-bbb2"), (2, "GPU-aaa3")]
+    assert visible_devices(devices, spec) == expected
+
+
+def test_nvml_reads_the_gpus_or_says_why_not() -> None:
+    """Here (no driver) the reason names the missing driver; on a GPU machine the real readings are sane."""
+    try:
+        reader = NvmlReader()
+    except GpuUnavailable as exc:
+        assert "no NVIDIA driver" in str(exc) or "no GPU" in str(exc), exc
+        return
+    try:
+        readings = reader.read()
+        assert readings and all(r.uuid.startswith("GPU-") for r in readings)
+        for r in readings:
+            assert r.memory_total_bytes is None or 0 <= (r.memory_used_bytes or 0) <= r.memory_total_bytes
+            assert r.utilization is None or 0 <= r.utilization <= 1
+    finally:
+        reader.close()
+    assert reader.read() == []
+
+
+def test_without_pynvml_the_reason_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # what `import pynvml` meets where it is not installed
+    with pytest.raises(GpuUnavailable, match=r"nvidia-ml-py is not installed \(pip install 'tensorgate\[gpu\]'\)"):
+        NvmlReader()
+
+
+def test_a_server_without_a_gpu_exports_no_gpu_families_and_logs_why_once(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if (reader := _gpu_here()) is not None:
+        reader.close()
+        pytest.skip("this machine has a GPU: test_nvml_reads_the_gpus_or_says_why_not reads it")
+    with caplog.at_level(logging.INFO, logger="tensorgate.server.telemetry.gpu"), ServerThread(repo) as server:
+        families = families_of(scrape_text(metrics_url(server)))
+        families_of(scrape_text(metrics_url(server)))
+    assert not [name for name in families if name.startswith("tensorgate_gpu_")]
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"} <= families.keys()
+    said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.telemetry.gpu"]
+    assert len(said) == 1 and said[0].startswith("GPU metrics off: "), said
+
+
+def _gpu_here() -> NvmlReader | None:
+    try:
+        return NvmlReader()
+    except GpuUnavailable:
+        return None
+
+
+# ----- README: the metrics table is generated from the code and matches a real scrape -----------------------------
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _readme_table() -> str:
+    section = README.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    lines = section.splitlines()
+    start = lines.index("| Name | Type | Labels | Meaning |")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def test_readme_metrics_table_is_the_generated_one() -> None:
+    assert _readme_table() == reference_markdown(), (
+        "regenerate README's metrics table: python -c "
+        "'from tensorgate.server.telemetry.metrics import reference_markdown as r; print(r())'"
+    )
+
+
+def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThread) -> None:
+    with grpc.insecure_channel(served.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(add_sub_request(rows=2), timeout=10)
+        assert _code(lambda: stub.ModelInfer(add_sub_request("no_such_model"), timeout=10)) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+    scraped = families_of(scrape_text(metrics_url(served)))
+    listed = {line.split("`")[1] for line in _readme_table().splitlines()[2:]}
+    gpu = set(GPU_FAMILIES)  # present only where NVML reads a GPU; their format is tested with readings above
+    assert listed == scraped.keys() | gpu
+    specs = {s.name: s for s in reference()}
+    for name, (kind, samples) in scraped.items():
+        assert kind == specs[name].type, name
+        for sample in samples:
+            assert set(sample.labels) - {"le"} == set(specs[name].labels), (name, sample)

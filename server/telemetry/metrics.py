@@ -11,6 +11,11 @@ request pays a dict update and three `bisect`s and no lock. A scrape asks the lo
 counters, the repository, the drain gate and the authorizer (one callback on the loop, so nothing is read while
 it changes), then builds the metric families on the HTTP thread.
 
+Besides tensorgate_*: prometheus_client's process and platform collectors (CPU, memory, fds, Python version) and,
+when NVML can read a GPU this process can use, the tensorgate_gpu_* families (gpu.py), all on the same injected
+registry. `reference()` lists every family /metrics can show; README's metrics table is generated from it
+(`reference_markdown()`), and tests check both against a real scrape.
+
 With TLS the port speaks HTTPS with the gRPC port's certificate and key (and requires a client certificate when
 the gRPC port does); the files are re-read when they change, as for gRPC.
 """
@@ -30,13 +35,14 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tensorgate.server import __version__
 from tensorgate.server.auth.tls import CertificateError, TlsFiles, load_files
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
 from tensorgate.server.telemetry.statistics import Histogram
 
 if TYPE_CHECKING:
@@ -134,6 +140,118 @@ def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, floa
 _LATENCY_BOUNDS_S = tuple(ns / 1e9 for ns in Histogram().bounds_ns)
 
 
+@dataclass(frozen=True, slots=True)
+class FamilySpec:
+    """One metric family as /metrics exposes it (counters with their `_total`); the collector builds its families
+    from these and README's table is generated from them, so names, labels and meanings have one source."""
+
+    name: str
+    type: str
+    labels: tuple[str, ...]
+    help: str
+
+    def family(self) -> Any:
+        """An empty family to add samples to (Any: each family type's add_metric takes different values)."""
+        cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+        return cls[self.type](self.name, self.help, labels=list(self.labels))
+
+
+_MV = ("model", "version")
+BUILD_INFO = FamilySpec("tensorgate_build_info", "gauge", ("version",), "tensorgate's version (always 1)")
+REQUESTS = FamilySpec(
+    "tensorgate_inference_requests_total",
+    "counter",
+    (*_MV, "code"),
+    "Inference requests (ModelInfer calls and ModelStreamInfer messages) by model, version and gRPC status code "
+    'name; names the server does not know are counted under model="" or version=""',
+)
+REQUEST_DURATION = FamilySpec(
+    "tensorgate_request_duration_seconds",
+    "histogram",
+    _MV,
+    "Successful requests: time from model lookup to response, in the server (buckets 100 us to 10 s)",
+)
+QUEUE_DURATION = FamilySpec(
+    "tensorgate_queue_duration_seconds",
+    "histogram",
+    _MV,
+    "Successful requests: time spent queued before their batch started (buckets 100 us to 10 s)",
+)
+COMPUTE_DURATION = FamilySpec(
+    "tensorgate_compute_duration_seconds",
+    "histogram",
+    _MV,
+    "Successful requests: compute time (input, infer, output) of the execution they ran in (buckets 100 us to 10 s)",
+)
+BATCH_SIZE = FamilySpec(
+    "tensorgate_batch_size",
+    "histogram",
+    _MV,
+    "Rows per model execution (executed batch size, buckets 1 to 1024); _count is ModelStatistics' execution_count",
+)
+QUEUE_DEPTH = FamilySpec("tensorgate_queue_depth", "gauge", _MV, "Requests waiting in the model's queue")
+LOAD_DURATION = FamilySpec(
+    "tensorgate_model_load_duration_seconds",
+    "gauge",
+    _MV,
+    "How long loading the served version took (read, build session, warm up)",
+)
+MODEL_STATE = FamilySpec(
+    "tensorgate_model_state",
+    "gauge",
+    (*_MV, "state"),
+    "1 for the state each model version is in (loading, ready, failed, unloaded), 0 for the others; "
+    'version="" when a whole model is loading, failed or unloaded',
+)
+IN_FLIGHT = FamilySpec(
+    "tensorgate_inflight_requests",
+    "gauge",
+    (),
+    "Inference-service RPCs running now (an open ModelStreamInfer counts as one)",
+)
+AUTH_DENIALS = FamilySpec(
+    "tensorgate_auth_denials_total",
+    "counter",
+    ("identity", "reason", "rpc"),
+    "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token or in_flight_limit",
+)
+SERVER_FAMILIES: tuple[FamilySpec, ...] = (
+    REQUESTS,
+    REQUEST_DURATION,
+    QUEUE_DURATION,
+    COMPUTE_DURATION,
+    BATCH_SIZE,
+    QUEUE_DEPTH,
+    IN_FLIGHT,
+    MODEL_STATE,
+    LOAD_DURATION,
+    AUTH_DENIALS,
+    BUILD_INFO,
+)
+
+
+def reference() -> list[FamilySpec]:
+    """Every family /metrics can show: tensorgate's, the GPU's (only where a GPU is read), then those of
+    prometheus_client's process and platform collectors, read from the collectors so the text is theirs."""
+    specs = list(SERVER_FAMILIES)
+    specs += [FamilySpec(name, "gauge", GPU_LABELS, text) for name, text in GPU_FAMILIES.items()]
+    for collector in (ProcessCollector(registry=None), PlatformCollector(registry=None)):
+        for f in collector.collect():
+            labels = tuple(sorted({k for sample in f.samples for k in sample.labels}))
+            specs.append(
+                FamilySpec(f.name + "_total" if f.type == "counter" else f.name, f.type, labels, f.documentation)
+            )
+    return specs
+
+
+def reference_markdown() -> str:
+    """README's metrics table; regenerate it with
+    `python -c 'from tensorgate.server.telemetry.metrics import reference_markdown as r; print(r())'`."""
+    rows = ["| Name | Type | Labels | Meaning |", "|---|---|---|---|"]
+    rows += [f"| `{s.name}` | {s.type} | {', '.join(s.labels)} | {s.help.rstrip('.')}. |" for s in reference()]
+    return "\n".join(rows) + "\n"
+
+
 class _ServerCollector(Collector):
     """Builds the tensorgate_* families from a snapshot taken on the event loop."""
 
@@ -162,46 +280,20 @@ class _ServerCollector(Collector):
             return None
 
     def collect(self) -> Iterable[Metric]:
-        info = GaugeMetricFamily("tensorgate_build_info", "tensorgate's version (always 1)", labels=["version"])
+        info = BUILD_INFO.family()
         info.add_metric([__version__], 1)
         yield info
         snap = self._take()
         if snap is None:
             return
-        requests = CounterMetricFamily(
-            "tensorgate_inference_requests",
-            "Inference requests (ModelInfer calls and ModelStreamInfer messages) by model, version and gRPC status "
-            'code; names the server does not know are counted under model="" or version=""',
-            labels=["model", "version", "code"],
-        )
+        requests = REQUESTS.family()
         for (model, version, code), n in sorted(snap.requests.items()):
             requests.add_metric([model, version, code], n)
         yield requests
-        labels = ["model", "version"]
-        histograms = [
-            HistogramMetricFamily(
-                "tensorgate_request_duration_seconds",
-                "Successful requests: time from model lookup to response, in the server",
-                labels=labels,
-            ),
-            HistogramMetricFamily(
-                "tensorgate_queue_duration_seconds", "Successful requests: time spent queued for a batch", labels=labels
-            ),
-            HistogramMetricFamily(
-                "tensorgate_compute_duration_seconds",
-                "Successful requests: compute time of the execution they ran in (input, infer, output)",
-                labels=labels,
-            ),
-        ]
-        batch = HistogramMetricFamily(
-            "tensorgate_batch_size", "Rows per model execution (executed batch size)", labels=labels
-        )
-        depth = GaugeMetricFamily("tensorgate_queue_depth", "Requests waiting in the model's queue", labels=labels)
-        load = GaugeMetricFamily(
-            "tensorgate_model_load_duration_seconds",
-            "How long loading the served version took (read, build session, warm up)",
-            labels=labels,
-        )
+        histograms = [REQUEST_DURATION.family(), QUEUE_DURATION.family(), COMPUTE_DURATION.family()]
+        batch = BATCH_SIZE.family()
+        depth = QUEUE_DEPTH.family()
+        load = LOAD_DURATION.family()
         for m in snap.models:
             key = [m.model, m.version]
             if m.latency is not None:
@@ -219,26 +311,15 @@ class _ServerCollector(Collector):
         yield batch
         yield depth
         yield load
-        states = GaugeMetricFamily(
-            "tensorgate_model_state",
-            '1 for the state each model version is in, 0 for the others; version="" when a whole model is '
-            "loading, failed or unloaded",
-            labels=["model", "version", "state"],
-        )
+        states = MODEL_STATE.family()
         for model, version, state in snap.states:
             for name in MODEL_STATES:
                 states.add_metric([model, version, name], 1 if name == state else 0)
         yield states
-        yield GaugeMetricFamily(
-            "tensorgate_inflight_requests",
-            "Inference-service RPCs running now (an open ModelStreamInfer counts as one)",
-            value=snap.in_flight,
-        )
-        denials = CounterMetricFamily(
-            "tensorgate_auth_denials",
-            "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token or in_flight_limit",
-            labels=["identity", "reason", "rpc"],
-        )
+        in_flight = IN_FLIGHT.family()
+        in_flight.add_metric([], snap.in_flight)
+        yield in_flight
+        denials = AUTH_DENIALS.family()
         for (identity, what), n in sorted(snap.denials.items()):
             if what == "invalid token":
                 denials.add_metric([identity, "invalid_token", ""], n)
@@ -251,7 +332,8 @@ class _ServerCollector(Collector):
 
 class Metrics:
     """The server's metrics on an injected registry: `requests` is counted by the servicer, the rest is read
-    from the repository, the drain gate and the authorizer when Prometheus scrapes."""
+    from the repository, the drain gate, the authorizer, the process and the GPUs when Prometheus scrapes.
+    `close()` releases NVML."""
 
     def __init__(
         self,
@@ -268,7 +350,16 @@ class Metrics:
         self._gate = gate
         self._auth = auth
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=registry)  # python_info
         registry.register(_ServerCollector(self.snapshot, loop))
+        # NVML starts in well under a second, once, before the gRPC port serves anything.
+        self._gpu: NvmlReader | None = open_gpu_metrics(registry)
+
+    def close(self) -> None:
+        """Release NVML (the GPU families then come back empty)."""
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
 
     def snapshot(self) -> Snapshot:
         """Copy everything a scrape exports; call on the event loop."""
@@ -420,4 +511,15 @@ class MetricsServer:
         self._httpd = None
 
 
-__all__ = ["BATCH_SIZE_BOUNDS", "MODEL_STATES", "Metrics", "MetricsServer", "RequestCounts", "Snapshot"]
+__all__ = [
+    "BATCH_SIZE_BOUNDS",
+    "MODEL_STATES",
+    "SERVER_FAMILIES",
+    "FamilySpec",
+    "Metrics",
+    "MetricsServer",
+    "RequestCounts",
+    "Snapshot",
+    "reference",
+    "reference_markdown",
+]

@@ -1,0 +1,285 @@
+"""deploy/observability: every file parses, every metric and label its PromQL names is one a real tensorgate
+scrape shows, and the collector, Prometheus, Grafana and compose files refer to each other correctly.
+
+The stack itself is not started here (no Docker daemon); the parts that can be checked without it are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.server.auth.certs import SERVER_NAMES, write_dev_certs
+from tensorgate.server.telemetry.gpu import GpuCollector, GpuReading
+from tensorgate.server.telemetry.metrics import MODEL_STATES, reference
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, write_config
+from tests.pki import add_sub_request
+from tests.scraping import families_of, metrics_url, scrape_text
+from tests.serving import ServerThread
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "observability"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tensorgate.json"
+# Series Prometheus makes itself for every target, not read from /metrics.
+PROMETHEUS_OWN = {"up"}
+# Labels Prometheus adds to every scraped series.
+TARGET_LABELS = {"instance", "job"}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
+PROMQL_WORDS |= {"offset", "inf", "nan"}
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+
+
+def test_every_file_parses() -> None:
+    files = _files()
+    assert {p.suffix for p in files} <= {".yaml", ".yml", ".json"}, "a file type this test does not parse"
+    for path in files:
+        loaded = json.loads(path.read_text()) if path.suffix == ".json" else _yaml(path)
+        assert isinstance(loaded, dict) and loaded, path
+
+
+# ----- PromQL against a real scrape ---------------------------------------------------------------------------
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"])
+        assert match, variable["query"]
+        queries.append(f"count by ({match[2]}) ({match[1]})")  # the same metric and label, as PromQL
+    return queries
+
+
+def _alert_queries() -> list[str]:
+    return [rule["expr"] for group in _yaml(DEPLOY / "alerts.yaml")["groups"] for rule in group["rules"]]
+
+
+def _metrics_in(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers left once strings, matchers, ranges, grouping clauses
+    and Grafana variables are gone, that are neither functions (followed by "(") nor keywords."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\w+", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][\w:]*", e):
+        if not e[m.end() :].lstrip().startswith("(") and m[0].lower() not in PROMQL_WORDS:
+            names.add(m[0])
+    return names
+
+
+def _matchers(expr: str) -> list[tuple[str, str, str, str]]:
+    """(metric, label, operator, value) for every `metric{label op "value"}` matcher."""
+    out = []
+    for m in re.finditer(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}", expr):
+        for label, op, v in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', m[2]):
+            out.append((m[1], label, op, v))
+    return out
+
+
+def _grouping_labels(expr: str) -> set[str]:
+    groups = re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
+    return {label.strip() for g in groups for label in g.split(",") if label.strip()}
+
+
+@pytest.fixture(scope="module")
+def exposed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """Sample name (`_total`, `_bucket`, ...) -> labels, for every family a real server shows after traffic, plus
+    the GPU families from the readings seam (a real scrape shows them only where NVML reads a GPU)."""
+    repo = tmp_path_factory.mktemp("deploy") / "models"
+    add_sub_model(repo / "add_sub" / "1" / "model.onnx")
+    write_config(repo, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
+    with ServerThread(repo) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(add_sub_request(rows=3), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(add_sub_request("no_such_model"), timeout=10)
+        families = families_of(scrape_text(metrics_url(server)))
+    gpu = CollectorRegistry()
+    gpu.register(GpuCollector(lambda: [GpuReading(0, "GPU-1", "NVIDIA H100", 1, 2, 0.5, 0.25)]))
+    families |= families_of(generate_latest(gpu).decode())
+    labels = {s.name: set(s.labels) for s in reference()}
+    out: dict[str, set[str]] = {}
+    for name, (kind, _) in families.items():
+        if kind == "histogram":
+            for suffix in ("_bucket", "_count", "_sum"):
+                out[name + suffix] = labels[name] | ({"le"} if suffix == "_bucket" else set())
+        else:
+            out[name] = labels[name]
+    return out
+
+
+QUERIES = [pytest.param(q, id=f"dashboard{i}") for i, q in enumerate(_dashboard_queries())]
+QUERIES += [pytest.param(q, id=f"alert{i}") for i, q in enumerate(_alert_queries())]
+
+
+@pytest.mark.parametrize("expr", QUERIES)
+def test_promql_names_only_metrics_and_labels_a_real_scrape_shows(expr: str, exposed: dict[str, set[str]]) -> None:
+    names = _metrics_in(expr)
+    assert names, f"no metric found in {expr!r}"
+    assert names - PROMETHEUS_OWN <= exposed.keys(), f"not on /metrics: {sorted(names - exposed.keys())}"
+    known = TARGET_LABELS | {label for n in names - PROMETHEUS_OWN for label in exposed[n]}
+    assert _grouping_labels(expr) <= known | {"le"}, expr
+    for metric, label, op, v in _matchers(expr):
+        if metric in PROMETHEUS_OWN:
+            continue
+        assert label in exposed[metric] | TARGET_LABELS, (metric, label)
+        values = {"code": {c.name for c in grpc.StatusCode}, "state": set(MODEL_STATES)}.get(label)
+        if values is not None and "$" not in v:
+            wanted = set(v.split("|")) if op in ("=~", "!~") else {v}
+            assert wanted <= values, (metric, label, v)
+
+
+def test_the_metric_finder_finds_what_it_should() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, model) (rate(tensorgate_request_duration_seconds_bucket{model=~"a"}'
+        "[5m]))) / ignoring(le) up offset 5m > 1e3 and on (model) tensorgate_queue_depth"
+    )
+    assert _metrics_in(expr) == {"tensorgate_request_duration_seconds_bucket", "up", "tensorgate_queue_depth"}
+    assert _grouping_labels(expr) == {"le", "model"}
+
+
+def test_dashboard_legends_name_labels_their_query_has(exposed: dict[str, set[str]]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            grouped = _grouping_labels(re.sub(r"\bby\s*\(le,?\s*", "by (", expr))
+            labels = grouped or TARGET_LABELS | {label for n in _metrics_in(expr) for label in exposed[n]}
+            used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]))
+            assert used <= labels, (panel["title"], used - labels)
+
+
+def test_dashboard_covers_the_metrics_the_issue_asks_for() -> None:
+    used = {name for q in _dashboard_queries() for name in _metrics_in(q)}
+    for name in (
+        "tensorgate_inference_requests_total",
+        "tensorgate_request_duration_seconds_bucket",
+        "tensorgate_queue_duration_seconds_bucket",
+        "tensorgate_compute_duration_seconds_bucket",
+        "tensorgate_batch_size_bucket",
+        "tensorgate_queue_depth",
+        "tensorgate_inflight_requests",
+        "tensorgate_model_state",
+        "tensorgate_model_load_duration_seconds",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "tensorgate_gpu_memory_used_bytes",
+        "tensorgate_gpu_utilization_ratio",
+    ):
+        assert name in used, name
+
+
+def test_dashboard_layout_and_data_source() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for p in panels:
+        grid = p["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, p["title"]
+    sources = _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml")["datasources"]
+    prometheus = next(s for s in sources if s["type"] == "prometheus")
+    uids = {t["datasource"]["uid"] for p in panels for t in p.get("targets", [])}
+    uids |= {p["datasource"]["uid"] for p in panels if "datasource" in p}
+    assert uids == {prometheus["uid"]}
+
+
+# ----- the collector, Prometheus and compose wiring -----------------------------------------------------------
+
+
+def test_collector_pipelines_use_only_defined_components_and_every_defined_one_is_used() -> None:
+    config = _yaml(DEPLOY / "otel-collector.yaml")
+    used: dict[str, set[str]] = {"receivers": set(), "processors": set(), "exporters": set()}
+    pipelines = config["service"]["pipelines"]
+    assert pipelines
+    for name, pipeline in pipelines.items():
+        assert name.split("/")[0] in ("traces", "metrics", "logs"), name
+        assert pipeline["receivers"] and pipeline["exporters"], name
+        for kind in used:
+            for component in pipeline.get(kind, []):
+                assert component in config[kind], f"pipeline {name} names undefined {kind[:-1]} {component}"
+                used[kind].add(component)
+    for kind, names in used.items():
+        assert names == set(config[kind]), f"{kind} defined but in no pipeline: {set(config[kind]) - names}"
+    assert set(config["service"].get("extensions", [])) <= set(config.get("extensions", {}))
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    traces = pipelines["traces"]
+    assert traces["processors"][0] == "memory_limiter", "the memory limiter goes first"
+    assert {"otlp/jaeger", "otlp/tempo", "debug"} <= set(traces["exporters"])
+
+
+def _host(endpoint: str) -> str:
+    return re.sub(r"^\w+://", "", endpoint).split(":")[0]
+
+
+def test_compose_mounts_files_that_exist_and_services_reach_each_other_by_name() -> None:
+    compose = _yaml(DEPLOY / "docker-compose.yaml")
+    services = compose["services"]
+    assert {"otel-collector", "jaeger", "tempo", "prometheus", "grafana"} <= services.keys()
+    for name, service in services.items():
+        assert ":" in service["image"] and not service["image"].endswith(":latest"), f"{name}: pin the image"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith("./") and (DEPLOY / source).exists(), (name, volume)
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, (name, dependency)
+    collector = _yaml(DEPLOY / "otel-collector.yaml")
+    for name, exporter in collector["exporters"].items():
+        if "endpoint" in exporter:
+            assert _host(exporter["endpoint"]) in services, name
+    for source in _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml")["datasources"]:
+        assert _host(source["url"]) in services, source["name"]
+    mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
+    for rule_file in _yaml(DEPLOY / "prometheus.yml")["rule_files"]:
+        assert (DEPLOY / rule_file).is_file() and f"/etc/prometheus/{rule_file}" in mounted, rule_file
+    dashboards = _yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml")["providers"][0]
+    assert any(v.endswith(":" + dashboards["options"]["path"] + ":ro") for v in services["grafana"]["volumes"])
+
+
+def _commented_job() -> Any:
+    """The HTTPS/mTLS job that prometheus.yml carries commented out, uncommented and parsed."""
+    lines = (DEPLOY / "prometheus.yml").read_text().splitlines()
+    start = lines.index("  # - job_name: tensorgate")
+    block: list[str] = []
+    for line in lines[start:]:
+        if not line.startswith("  # "):
+            break
+        block.append(line[:2] + line[4:])
+    return yaml.safe_load("\n".join(block))[0]
+
+
+@pytest.fixture
+def dev_certs(tmp_path: Path) -> Iterator[set[str]]:
+    yield {p.name for p in write_dev_certs(tmp_path, ["prometheus"])}
+
+
+def test_prometheus_scrapes_tensorgate_over_http_and_the_mtls_variant_is_complete(dev_certs: set[str]) -> None:
+    config = _yaml(DEPLOY / "prometheus.yml")
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "tensorgate" and job["metrics_path"] == "/metrics"
+    assert job.get("scheme", "http") == "http"
+    (target,) = job["static_configs"][0]["targets"]
+    assert target.endswith(":8002")  # the --metrics-port default
+    mtls = _commented_job()
+    assert mtls["scheme"] == "https" and mtls["static_configs"] == job["static_configs"]
+    tls = mtls["tls_config"]
+    # The files `tensorgate certs DIR --client prometheus` writes, and a name the server certificate carries.
+    assert {Path(tls[k]).name for k in ("ca_file", "cert_file", "key_file")} <= dev_certs
+    assert tls["server_name"] in SERVER_NAMES
