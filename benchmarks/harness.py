@@ -297,4 +297,5 @@ def python_cmd() -> list[str]:
 
 def tensorgate_cmd(repo: Path, *extra: str) -> list[str]:
     exe = shutil.which("tensorgate", path=str(Path(sys.executable).parent)) or "tensorgate"
-    return [exe, "serve", "--model-repository", str(repo), "--grpc-port", "0", *extra]
+    # A free metrics port too: benchmarks run several servers side by side (a later flag in `extra` wins).
+    return [exe, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0", *extra]

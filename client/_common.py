@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
+from opentelemetry import propagate
 
 from tensorgate.client.errors import ResponseFormatError
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -137,6 +138,17 @@ def load_request(model: str, config: mc.ModelConfig | Mapping[str, Any] | str | 
             text = json.dumps(dict(config))
         msg.parameters["config"].string_param = text
     return msg
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The caller's current OpenTelemetry context as gRPC metadata (W3C `traceparent`, `tracestate`, `baggage`,
+    through the application's global propagator), so that the server's spans join the caller's trace.
+
+    None outside a span: an application without OpenTelemetry sends nothing extra.
+    """
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items()) or None
 
 
 def version_str(version: str | int | None) -> str:

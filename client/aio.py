@@ -73,7 +73,7 @@ class AsyncInferenceClient:
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         multicallable = getattr(self._stub, method)
         try:
-            return await multicallable(request, timeout=self._deadline(timeout))
+            return await multicallable(request, timeout=self._deadline(timeout), metadata=_common.trace_metadata())
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, method) from exc
 
@@ -140,7 +140,9 @@ class AsyncInferenceClient:
             except Exception as exc:  # noqa: BLE001 - grpc would swallow it; re-raised after the responses
                 bad.append(exc)
 
-        call = self._stub.ModelStreamInfer(messages(), timeout=self._deadline(timeout))
+        call = self._stub.ModelStreamInfer(
+            messages(), timeout=self._deadline(timeout), metadata=_common.trace_metadata()
+        )
         try:
             async for response in call:
                 reply = response.infer_response

@@ -73,7 +73,7 @@ class InferenceClient:
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         multicallable = getattr(self._stub, method)
         try:
-            return multicallable(request, timeout=self._deadline(timeout))
+            return multicallable(request, timeout=self._deadline(timeout), metadata=_common.trace_metadata())
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method) from exc
 

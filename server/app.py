@@ -10,6 +10,7 @@ import signal
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
@@ -20,32 +21,60 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.rpc.probes import ProbeAuthorization
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
+from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, from_settings, parse_headers
 
 log = logging.getLogger("tensorgate")
+
+
+def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Tracing | None:
+    """An injected provider is the caller's to shut down; one built from the settings is ours."""
+    if provider is not None:
+        return Tracing(provider)
+    return from_settings(
+        TracingSettings(
+            otlp_endpoint=settings.otlp_endpoint,
+            otlp_protocol=settings.otlp_protocol,
+            otlp_headers=parse_headers(settings.otlp_headers),
+            otlp_ca=settings.otlp_ca,
+            otlp_insecure=settings.otlp_insecure,
+            sample_rate=settings.trace_sample_rate,
+        )
+    )
 
 
 class TensorgateServer:
     """One server: `await start()` returns the bound port; `await stop()` drains and stops.
 
     `registry` receives the /metrics collectors (a fresh one when not given; never prometheus_client's global).
+    `tracer_provider` receives the spans (never OpenTelemetry's global); without it, one is built when the
+    settings name an OTLP endpoint, and flushed and shut down by `stop()`.
     """
 
-    def __init__(self, settings: ServerSettings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
         self._metrics_on = settings.metrics_port >= 0
+        self.tracing = _tracing(settings, tracer_provider)
         self.repository = ModelRepository(
             settings.model_repository,
             default_max_batch_size=settings.default_max_batch_size,
             latency_histograms=self._metrics_on,
+            tracing=self.tracing,
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
-        self._handler = InferenceHandler(self.repository)
+        self._handler = InferenceHandler(self.repository, self.tracing)
         self.tls: ReloadingCredentials | None = None
         self.auth: Authorizer | None = None
         self._health = health.aio.HealthServicer()
@@ -86,7 +115,9 @@ class TensorgateServer:
         self.auth = Authorizer(
             s.auth_policy, mtls=s.tls_client_ca is not None, max_in_flight=s.max_in_flight_per_identity
         )
-        server = aio.server(options=self._options())
+        # --auth-probes policy: health and reflection are authorized like the inference service (rpc/probes.py).
+        probes = s.auth_probes == "policy" and self.auth.enabled
+        server = aio.server(options=self._options(), interceptors=[ProbeAuthorization(self.auth)] if probes else None)
         self._gate = DrainGate()
         if self._metrics_on:
             self.metrics = Metrics(
@@ -102,6 +133,7 @@ class TensorgateServer:
             limits=RequestLimits(s.max_tensor_elements, s.max_bytes_element),
             auth=self.auth,
             requests=self.metrics.requests if self.metrics is not None else None,
+            tracing=self.tracing,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -173,9 +205,14 @@ class TensorgateServer:
         if self._server is not None:
             await self._server.stop(0.5)
         await self.repository.close()
+        if self.tracing is not None:
+            # Spans of the drained calls are buffered: export them before the process goes.
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._metrics_server is not None:  # last: a scrape can still watch the drain
             await asyncio.to_thread(self._metrics_server.stop)
             self._metrics_server = None
+        if self.metrics is not None:
+            self.metrics.close()  # releases NVML when GPU metrics were on
         log.info("stopped")
 
 

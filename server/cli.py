@@ -2,7 +2,8 @@
 makes one call and `bench` load-tests a server.
 
 Every `serve` option can also come from the environment as TENSORGATE_<OPTION> (e.g. TENSORGATE_GRPC_PORT);
-a flag on the command line wins over the variable.
+a flag on the command line wins over the variable. `health` takes its TLS files from TENSORGATE_HEALTH_TLS_CA,
+_CERT, _KEY and _SERVER_NAME the same way, for a container HEALTHCHECK whose command line is fixed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorgate.server.settings import MODEL_CONTROL_MODES, ServerSettings
+from tensorgate.server.settings import AUTH_PROBES_MODES, MODEL_CONTROL_MODES, ServerSettings
 
 _D = ServerSettings.__dataclass_fields__
 
@@ -30,6 +31,15 @@ def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
         return convert(raw)
     except ValueError as exc:
         raise SystemExit(f"tensorgate: TENSORGATE_{name.upper()}={raw!r}: {exc}") from exc
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,10 +83,23 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--tls-key", Path, "PEM private key of --tls-cert")
     opt("--tls-client-ca", Path, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
     opt("--auth-policy", Path, "YAML/JSON authorization policy mapping identities to models and APIs")
+    opt(
+        "--auth-probes",
+        str,
+        "open: health and reflection answer every caller; policy: they are authorized too (default open)",
+        choices=AUTH_PROBES_MODES,
+    )
     opt("--max-streams-per-connection", int, "concurrent calls per client connection (default 1024)")
     opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
     opt("--metrics-port", int, "Prometheus /metrics port, HTTPS with --tls-cert; 0 picks a free one, -1 is off (8002)")
     opt("--metrics-host", str, "address of the metrics port (default: --host)")
+    opt("--log-format", str, "text | json (default text)", choices=("text", "json"))
+    opt("--otlp-endpoint", str, "OpenTelemetry collector for traces (off without it; OTEL_EXPORTER_OTLP_* also work)")
+    opt("--otlp-protocol", str, "grpc | http/protobuf (default grpc)", choices=("grpc", "http/protobuf"))
+    opt("--otlp-headers", str, "key=value,... headers sent to the collector")
+    opt("--otlp-ca", Path, "PEM CA bundle of the collector's TLS certificate")
+    opt("--otlp-insecure", _flag, "true: plaintext gRPC to the collector (default false)", nargs="?", const=True)
+    opt("--trace-sample-rate", float, "share of new traces kept, 0..1 (default 1; a sampled caller is always traced)")
 
 
 def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,6 +108,19 @@ def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser("health", help="probe a server's grpc.health.v1 service; exit 0 when SERVING")
     add_connection_arguments(p, timeout=3.0)
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    # A container's HEALTHCHECK has a fixed command line: the probe's TLS files come from the environment
+    # (TENSORGATE_HEALTH_TLS_CA, _CERT, _KEY, _SERVER_NAME); a flag wins over its variable.
+    p.set_defaults(
+        **{
+            dest: _env(f"health-{dest}", None, convert)
+            for dest, convert in (
+                ("tls_ca", Path),
+                ("tls_cert", Path),
+                ("tls_key", Path),
+                ("tls_server_name", str),
+            )
+        }
+    )
 
 
 def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -139,11 +175,6 @@ def _run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         settings = ServerSettings(
             model_repository=args.model_repository,
@@ -165,14 +196,25 @@ def _run_serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             auth_policy=args.auth_policy,
+            auth_probes=args.auth_probes,
             max_streams_per_connection=args.max_streams_per_connection,
             max_in_flight_per_identity=args.max_in_flight_per_identity,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            log_format=args.log_format,
+            otlp_endpoint=args.otlp_endpoint,
+            otlp_protocol=args.otlp_protocol,
+            otlp_headers=args.otlp_headers,
+            otlp_ca=args.otlp_ca,
+            otlp_insecure=args.otlp_insecure,
+            trace_sample_rate=args.trace_sample_rate,
         )
     except ValueError as exc:
         print(f"tensorgate serve: {exc}", file=sys.stderr)
         return 2
+    from tensorgate.server.telemetry.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     from tensorgate.server.auth import CertificateError, PolicyError
 
     try:

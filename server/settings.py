@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+AUTH_PROBES_MODES = ("open", "policy")
 
 
 @dataclass(slots=True)
@@ -43,6 +44,9 @@ class ServerSettings:
     """PEM CA bundle: clients must present a certificate that chains to it (mutual TLS). Re-read when it changes."""
     auth_policy: Path | None = None
     """YAML/JSON authorization policy (identities -> models and API groups); re-read when it changes."""
+    auth_probes: str = "open"
+    """open: grpc.health.v1 and reflection answer every caller (probes); policy: they are authorized like the
+    inference service (health group; reflection in the metadata group)."""
     max_tensor_elements: int = 64 * 1024 * 1024
     """Elements in one input tensor; more is RESOURCE_EXHAUSTED before the data is decoded."""
     max_bytes_element: int = 16 * 1024 * 1024
@@ -55,12 +59,29 @@ class ServerSettings:
     """Prometheus /metrics over HTTP (HTTPS with tls_cert); 0 picks a free port, -1 turns metrics off."""
     metrics_host: str | None = None
     """Address of the metrics port; None: the same as `host`."""
+    log_format: str = "text"
+    """text, or json (one object per line); records inside a request carry its trace and span ids."""
+    otlp_endpoint: str | None = None
+    """OpenTelemetry collector for traces (grpc: host:port; http/protobuf: http(s)://host:port/v1/traces); tracing
+    is off without it unless the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variable is set."""
+    otlp_protocol: str | None = None
+    """grpc or http/protobuf (None: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else grpc)."""
+    otlp_headers: str = ""
+    """key=value,key2=value2 sent with every export (e.g. a collector's API key)."""
+    otlp_ca: Path | None = None
+    """PEM CA bundle for the collector's TLS certificate."""
+    otlp_insecure: bool = False
+    """Plaintext gRPC to the collector (e.g. a sidecar on localhost)."""
+    trace_sample_rate: float | None = None
+    """Share of new traces sampled, 0..1 (None: OTEL_TRACES_SAMPLER_ARG, else 1); a sampled caller is always traced."""
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(
                 f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
             )
+        if self.auth_probes not in AUTH_PROBES_MODES:
+            raise ValueError(f"auth_probes must be one of {AUTH_PROBES_MODES}, got {self.auth_probes!r}")
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.repository_poll_secs <= 0:
@@ -77,5 +98,14 @@ class ServerSettings:
             raise ValueError("max_in_flight_per_identity must be >= 0 (0: no limit)")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, or -1 to turn metrics off; got {self.metrics_port}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.otlp_protocol not in (None, "grpc", "http/protobuf"):
+            raise ValueError(f"otlp_protocol must be grpc or http/protobuf, got {self.otlp_protocol!r}")
+        bad = [h for h in self.otlp_headers.split(",") if h.strip() and "=" not in h]
+        if bad:
+            raise ValueError(f"otlp_headers must be key=value pairs separated by commas; {bad[0].strip()!r} is not")
+        if self.trace_sample_rate is not None and not 0.0 <= self.trace_sample_rate <= 1.0:
+            raise ValueError(f"trace_sample_rate must be in 0..1, got {self.trace_sample_rate}")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
 from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import reshape_out, validate_request
-from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.repository.manager import LoadedModel, ModelRepository
+from tensorgate.server.telemetry.tracing import Tracing
 
 
 def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
@@ -24,8 +29,29 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
 
 
 class InferenceHandler:
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, tracing: Tracing | None = None) -> None:
         self._repository = repository
+        self._tracing = tracing
+
+    def _validate(
+        self, model: LoadedModel, req: InferRequest, version: str
+    ) -> tuple[dict[str, np.ndarray], int, list[str]]:
+        """Validation in its own span, under the request's, with what identifies the request."""
+        tracing = self._tracing
+        if tracing is None:
+            return validate_request(model.schema, req, version)
+        request_span = trace.get_current_span()
+        request_span.set_attributes(
+            {"tensorgate.model.name": model.name, "tensorgate.model.version": version, "tensorgate.request.id": req.id}
+        )
+        span = tracing.start_child("validate")
+        try:
+            return validate_request(model.schema, req, version)
+        except Exception as exc:
+            span.set_status(StatusCode.ERROR, type(exc).__qualname__)
+            raise
+        finally:
+            span.end()
 
     async def infer(self, req: InferRequest) -> InferResponse:
         """Run one request; raises TensorgateError subclasses that carry their gRPC status."""
@@ -33,7 +59,7 @@ class InferenceHandler:
         model = self._repository.get(req.model, req.version)
         version = str(model.version)
         try:
-            inputs, rows, outputs = validate_request(model.schema, req, version)
+            inputs, rows, outputs = self._validate(model, req, version)
             results, times = await model.scheduler.submit(
                 inputs,
                 outputs,
@@ -60,4 +86,11 @@ class InferenceHandler:
             ],
         )
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)
+        if self._tracing is not None:
+            trace.get_current_span().set_attributes(
+                {
+                    "tensorgate.batch.size": times.batch_rows,
+                    "tensorgate.execution_provider": model.backend.execution_provider,
+                }
+            )
         return response

@@ -10,9 +10,11 @@ import asyncio
 import copy
 import hashlib
 import logging
+import os
 import re
+import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,7 @@ from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.telemetry.statistics import LatencyHistograms, ModelStats
+from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +136,20 @@ class ModelRepository:
         available_providers: Sequence[str] | None = None,
         unload_grace: float = 30.0,
         latency_histograms: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.root = root.resolve()
         self._latency_histograms = latency_histograms
+        self._tracing = tracing
         self._default_mbs = default_max_batch_size
         self._providers = available_providers
         self._grace = unload_grace
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.after_artifact_read: Callable[[Path], None] | None = None
+        """Called on the loading thread with a model file's path once its bytes are read and checked, before the
+        session is built from them (tests/test_artifact_integrity.py swaps the file there)."""
 
     # ----- lookup (hot path) -------------------------------------------------------------------------------
 
@@ -279,8 +287,9 @@ class ModelRepository:
         model_file = vdir / (config.default_model_filename or "model.onnx")
         if not model_file.is_file():
             raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
-        self._check_artifact(config, model_file, version)
-        backend = OnnxBackend(model_file, config, version=version, available_providers=self._providers)
+        model_bytes, external_data = self._read_artifact(config, model_file, version)
+        backend = self._onnx_backend(config, model_file, version, model_bytes, external_data)
+        del model_bytes  # onnxruntime keeps its own copy
         try:
             infos = [
                 [
@@ -321,28 +330,66 @@ class ModelRepository:
             raise
         return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
 
-    def _check_artifact(self, config: mc.ModelConfig, model_file: Path, version: int) -> None:
-        """Refuse a model file that resolves outside the repository, or whose digest is not the pinned one."""
+    def _read_artifact(self, config: mc.ModelConfig, model_file: Path, version: int) -> tuple[bytes, Path | None]:
+        """Read the model file once, refusing one that resolves outside the repository or whose digest is not the
+        pinned one; return its bytes (the session is built from them, never from the path again, so the file
+        cannot be swapped between the check and the load) and the directory its external tensors may come from
+        (None when a digest is pinned: the pin covers this one file, so the model may have no other)."""
         name, rel = config.name, model_file.relative_to(self.root)
+        key = next((k for k in (f"{SHA256_PARAMETER}:{version}", SHA256_PARAMETER) if k in config.parameters), None)
+        expected = config.parameters[key].string_value.strip().lower() if key is not None else None
+        if expected is not None and not _SHA256_HEX.fullmatch(expected):
+            raise ModelLoadError(name, version, f"parameter '{key}' must be 64 hex digits, got {expected!r}")
         resolved = model_file.resolve()
         if not resolved.is_relative_to(self.root):
             raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
-        key = next((k for k in (f"{SHA256_PARAMETER}:{version}", SHA256_PARAMETER) if k in config.parameters), None)
-        if key is None:
-            return
-        expected = config.parameters[key].string_value.strip().lower()
-        if not _SHA256_HEX.fullmatch(expected):
-            raise ModelLoadError(name, version, f"parameter '{key}' must be 64 hex digits, got {expected!r}")
-        digest = hashlib.sha256()
-        with resolved.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != expected:
-            raise ModelLoadError(
-                name,
-                version,
-                f"{rel} has sha256 {digest.hexdigest()} but parameter '{key}' pins {expected}; not loading it",
+        # O_NOFOLLOW: a symlink put in place of the file after resolve() is refused; O_NONBLOCK: a FIFO put there
+        # cannot hang the loader (it is refused below as not a regular file).
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(resolved, flags)
+        except OSError as exc:
+            raise ModelLoadError(name, version, f"{rel} cannot be read: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as f:
+            # Check where the opened file really is (a directory above it could have become a symlink since).
+            proc = Path(f"/proc/self/fd/{fd}")
+            opened = Path(os.readlink(proc)) if proc.is_symlink() else resolved
+            if not opened.is_relative_to(self.root):
+                raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ModelLoadError(name, version, f"{rel} is not a regular file")
+            data = f.read()
+        if expected is not None:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != expected:
+                raise ModelLoadError(
+                    name, version, f"{rel} has sha256 {digest} but parameter '{key}' pins {expected}; not loading it"
+                )
+        if self.after_artifact_read is not None:
+            self.after_artifact_read(model_file)
+        return data, None if expected is not None else opened.parent
+
+    def _onnx_backend(
+        self, config: mc.ModelConfig, model_file: Path, version: int, model_bytes: bytes, external_data: Path | None
+    ) -> OnnxBackend:
+        try:
+            return OnnxBackend(
+                model_file,
+                config,
+                version=version,
+                available_providers=self._providers,
+                model_bytes=model_bytes,
+                external_data=external_data,
             )
+        except ModelLoadError as exc:
+            if external_data is None and "external data" in str(exc.__cause__).lower():
+                raise ModelLoadError(
+                    config.name,
+                    version,
+                    f"{model_file.relative_to(self.root)} keeps tensors in external data files, which its pinned "
+                    f"sha256 does not cover; not loading it (pin a model saved as one file)",
+                ) from exc
+            raise
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
@@ -388,7 +435,7 @@ class ModelRepository:
                 else:
                     stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
                     count = sum(g.count for g in item.config.instance_group) or 1
-                    scheduler = Scheduler(name, v, item.backend, stats, count, item.policy)
+                    scheduler = Scheduler(name, v, item.backend, stats, count, item.policy, self._tracing)
                     new_versions[v] = LoadedModel(
                         name,
                         v,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -21,8 +22,10 @@ from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("tensorgate.access")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -75,28 +78,65 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, internal_message(exc, where)
 
 
+def _aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
+    status = context.code()
+    return status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+
+
+def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> None:
+    """One debug line per call: who asked for what, how it ended and how long it took; never the payload."""
+    fields = _MODEL_FIELDS.get(rpc)
+    model = getattr(request, fields[0], "") if fields else ""
+    version = getattr(request, fields[1], "") if fields and fields[1] else ""
+    access_log.debug(
+        "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
+        rpc,
+        model or "-",
+        version or "-",
+        getattr(request, "id", "") or "-",
+        code,
+        (time.perf_counter_ns() - started_ns) / 1e6,
+    )
+
+
 def unary(
     fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]],
 ) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]]:
+    rpc = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
+        started = time.perf_counter_ns()
         try:
             self.gate.enter()
         except TensorgateError as exc:
             await context.abort(exc.code, exc.message)
         token, admitted = None, None
+        tracing: Tracing | None = getattr(self, "tracing", None)
+        span = span_token = None
+        code, error = "OK", cast(BaseException | None, None)
+        if tracing is not None:
+            span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
         try:
             if self.auth.enabled:
                 identity = self.auth.identify(context)
                 token = CURRENT_IDENTITY.set(identity)
-                authorize(self.auth, fn.__name__, request)
+                if span is not None:
+                    span.set_attribute("enduser.id", identity)
+                authorize(self.auth, rpc, request)
                 admitted = identity if self.auth.admit(identity) else None
             return await fn(self, request, context)
-        except aio.AbortError:
+        except aio.AbortError as exc:
+            code, error = _aborted_code(context), exc
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the boundary
-            code, message = status_of(exc, fn.__name__)
-            await context.abort(code, message)
+        except BaseException as exc:  # noqa: BLE001 - this is the boundary
+            error = exc
+            if not isinstance(exc, Exception):  # cancelled: the caller went away
+                code = "CANCELLED"
+                raise
+            status, message = status_of(exc, rpc)
+            code = status.name
+            await context.abort(status, message)
             raise  # unreachable: abort raises
         finally:
             if admitted is not None:
@@ -104,6 +144,10 @@ def unary(
             if token is not None:
                 CURRENT_IDENTITY.reset(token)
             self.gate.exit()
+            if access_log.isEnabledFor(logging.DEBUG):  # while the span is current: the line carries its ids
+                access_log_line(rpc, request, code, started)
+            if span is not None:
+                Tracing.end_rpc(span, span_token, code, error)
 
     return wrapper
 
@@ -111,28 +155,45 @@ def unary(
 def stream(
     fn: Callable[[S, AsyncIterator[Req], aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
 ) -> Callable[[S, AsyncIterator[Req], aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    rpc = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(
         self: S, requests: AsyncIterator[Req], context: aio.ServicerContext[Req, Resp]
     ) -> AsyncIterator[Resp]:
+        started = time.perf_counter_ns()
         try:
             self.gate.enter()
         except TensorgateError as exc:
             await context.abort(exc.code, exc.message)
         token, admitted = None, None
+        tracing: Tracing | None = getattr(self, "tracing", None)
+        span = span_token = None
+        code, error = "OK", cast(BaseException | None, None)
+        if tracing is not None:
+            # Current for the whole stream: the tasks the servicer starts per message put their spans under it.
+            span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
         try:
             if self.auth.enabled:
                 identity = self.auth.identify(context)
                 # Set for the whole stream: tasks the servicer starts per message copy the context and see it too.
                 token = CURRENT_IDENTITY.set(identity)
+                if span is not None:
+                    span.set_attribute("enduser.id", identity)
                 admitted = identity if self.auth.admit(identity) else None
             async for item in fn(self, requests, context):
                 yield item
-        except aio.AbortError:
+        except aio.AbortError as exc:
+            code, error = _aborted_code(context), exc
             raise
-        except Exception as exc:  # noqa: BLE001
-            code, message = status_of(exc, fn.__name__)
-            await context.abort(code, message)
+        except BaseException as exc:  # noqa: BLE001 - this is the boundary
+            error = exc
+            if not isinstance(exc, Exception):
+                code = "CANCELLED"
+                raise
+            status, message = status_of(exc, rpc)
+            code = status.name
+            await context.abort(status, message)
         finally:
             if admitted is not None:
                 self.auth.release(admitted)
@@ -141,8 +202,13 @@ def stream(
                 with contextlib.suppress(ValueError):
                     CURRENT_IDENTITY.reset(token)
             self.gate.exit()
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log_line(rpc, None, code, started)
+            if span is not None:
+                with contextlib.suppress(ValueError):  # same as above, for the span's context token
+                    Tracing.end_rpc(span, span_token, code, error)
 
     return wrapper
 
 
-__all__ = ["authorize", "internal_message", "status_of", "stream", "unary"]
+__all__ = ["access_log", "access_log_line", "authorize", "internal_message", "status_of", "stream", "unary"]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from grpc import aio
+from opentelemetry.trace import StatusCode
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
@@ -28,6 +30,7 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from tensorgate.server.telemetry.metrics import RequestCounts
@@ -56,8 +59,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         limits: codec.RequestLimits = codec.DEFAULT_LIMITS,
         auth: Authorizer | None = None,
         requests: RequestCounts | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.gate = gate
+        self.tracing = tracing
         self._requests = requests
         self.auth = auth or Authorizer()
         self._max_message_bytes = max_message_bytes
@@ -156,6 +161,29 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return response
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
+        """One request of a stream, in its own task; traced as a child span of the stream's server span."""
+        started = time.perf_counter_ns()
+        tracing = self.tracing
+        if tracing is None:
+            response = await self._stream_answer(request, deadline)
+        else:
+            span = tracing.start_child("ModelStreamInfer request")
+            token = tracing.use(span)
+            try:
+                response = await self._stream_answer(request, deadline)
+                if response.error_message:
+                    span.set_status(StatusCode.ERROR, "error response")
+            finally:
+                Tracing.release(token)
+                span.end()
+        if errors.access_log.isEnabledFor(logging.DEBUG):
+            status = "ERROR" if response.error_message else "OK"
+            errors.access_log_line("ModelStreamInfer", request, status, started)
+        return response
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelStreamInferResponse:
         try:
             if self.auth.enabled:
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry.trace import SpanContext, StatusCode
 
 from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext
 from tensorgate.server.errors import (
@@ -32,6 +33,7 @@ from tensorgate.server.errors import (
 from tensorgate.server.scheduling.batch import plan_batch, split_outputs, stack_inputs
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.telemetry.statistics import ExecutionTimes, ModelStats
+from tensorgate.server.telemetry.tracing import Tracing
 
 Outputs = dict[str, np.ndarray]
 
@@ -52,6 +54,8 @@ class _Pending:
     """Absolute time.monotonic() when the queue policy's timeout passes."""
     level: int
     delayed: bool = False
+    span: SpanContext | None = None
+    """The caller's request span when it is traced, for the batch span to link to."""
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class _Batch:
     started_ns: int = 0
     times: ExecutionTimes | None = None
     results: list[Outputs] = field(default_factory=list)
+    outputs: Outputs = field(default_factory=dict)
     error: BaseException | None = None
 
 
@@ -94,6 +99,7 @@ class Scheduler:
         stats: ModelStats,
         instances: int,
         policy: SchedulingPolicy,
+        tracing: Tracing | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
@@ -102,6 +108,7 @@ class Scheduler:
         self._backend = backend
         self._stats = stats
         self._policy = policy
+        self._tracing = tracing
         self._loop = asyncio.get_running_loop()
         # One thread per instance, fed by one queue: a batch costs a queue put and a call_soon_threadsafe, not the
         # futures and callbacks of run_in_executor (measured: the hand-off, not the model, bounds 1-row serving).
@@ -177,6 +184,7 @@ class Scheduler:
             deadline=deadline,
             queue_deadline=now + timeout_ns / 1e9 if timeout_ns else None,
             level=level,
+            span=self._tracing.current() if self._tracing is not None else None,
         )
         lane.append(pending)
         self._queued += 1
@@ -324,14 +332,55 @@ class Scheduler:
                     wanted.append(name)
         inputs = stack_inputs([p.inputs for p in requests])
         t1 = time.perf_counter_ns()
-        outputs = self._backend.execute(inputs, wanted, _context(requests))
+        context = _context(requests)
+        traced = [p for p in requests if p.span is not None] if self._tracing is not None else None
+        if traced:
+            self._execute_traced(batch, inputs, wanted, context, traced)
+        else:
+            batch.outputs = self._backend.execute(inputs, wanted, context)
         t2 = time.perf_counter_ns()
         try:
-            batch.results = split_outputs(outputs, [p.rows for p in requests], [p.outputs for p in requests])
+            batch.results = split_outputs(batch.outputs, [p.rows for p in requests], [p.outputs for p in requests])
         except ValueError as exc:
             raise BackendError(self._model, self._version, f"batched output is malformed: {exc}") from exc
+        batch.outputs = {}
         t3 = time.perf_counter_ns()
-        batch.times = ExecutionTimes(0, t1 - t0, t2 - t1, t3 - t2)
+        batch.times = ExecutionTimes(0, t1 - t0, t2 - t1, t3 - t2, sum(p.rows for p in requests))
+
+    def _execute_traced(
+        self,
+        batch: _Batch,
+        inputs: Mapping[str, np.ndarray],
+        wanted: list[str],
+        context: BatchContext,
+        traced: list[_Pending],
+    ) -> None:
+        """The model run inside a batch span that links every traced request; then each request's queue and
+        execute spans, with the times already measured."""
+        assert self._tracing is not None
+        rows = sum(p.rows for p in batch.requests)
+        provider = self._backend.execution_provider
+        offset = time.time_ns() - time.perf_counter_ns()  # perf_counter stamps -> epoch ns
+        spans = [p.span for p in traced if p.span is not None]
+        span, headers = self._tracing.start_batch(
+            self._model, self._version, spans, rows, provider, batch.started_ns + offset
+        )
+        try:
+            batch.outputs = self._backend.execute(
+                inputs, wanted, BatchContext(deadline=context.deadline, trace_headers=headers)
+            )
+        except BaseException as exc:
+            span.set_status(StatusCode.ERROR, type(exc).__qualname__)
+            raise
+        finally:
+            span.end()
+            ended = time.perf_counter_ns() + offset
+            batch_ctx = span.get_span_context()
+            for p in traced:
+                assert p.span is not None
+                self._tracing.request_spans(
+                    p.span, p.enqueued_ns + offset, batch.started_ns + offset, ended, batch_ctx, rows, provider
+                )
 
     def _finish(self, batch: _Batch) -> None:
         self._free += 1
@@ -344,7 +393,11 @@ class Scheduler:
             for p, result in zip(batch.requests, batch.results, strict=True):
                 if not p.future.done():
                     times = ExecutionTimes(
-                        batch.started_ns - p.enqueued_ns, t.compute_input_ns, t.compute_infer_ns, t.compute_output_ns
+                        batch.started_ns - p.enqueued_ns,
+                        t.compute_input_ns,
+                        t.compute_infer_ns,
+                        t.compute_output_ns,
+                        t.batch_rows,
                     )
                     p.future.set_result((result, times))
         else:

@@ -71,6 +71,8 @@ class ExecutionTimes:
     compute_input_ns: int
     compute_infer_ns: int
     compute_output_ns: int
+    batch_rows: int = 0
+    """Rows of the whole batch the request ran in (its own rows included)."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,147 @@
+"""What tracing costs: the batching benchmark's tensorgate runs with tracing off and on (sample rate 1.0, every
+span exported over OTLP/gRPC to a collector on loopback), side by side in one run.
+
+Two servers start once, same repository; each repeat measures every (configuration, concurrency) pair on both in
+turn. The collector is a sink in a separate process that accepts export requests without decoding them (it
+counts requests and bytes), so that the figures show tensorgate's cost, not a collector's.
+
+    .venv/bin/python benchmarks/tracing.py [--repeats 3] [--concurrency 8,32]
+
+Writes benchmarks/results/tracing.json and tracing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import multiprocessing.connection
+import multiprocessing.synchronize
+import sys
+import tempfile
+from concurrent import futures
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+
+from benchmarks.batching import EXAMPLE, build_repository  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Measurement,
+    Summary,
+    measure,
+    median_of,
+    perf_analyzer_available,
+    start_server,
+    tensorgate_cmd,
+    write_report,
+)
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def _sink(port_out: mp.connection.Connection, stop: mp.synchronize.Event) -> None:
+    """An OTLP/gRPC trace endpoint that answers every export with an empty (successful) response."""
+    received = {"requests": 0, "bytes": 0}
+
+    def export(request: bytes, context: grpc.ServicerContext) -> bytes:
+        received["requests"] += 1
+        received["bytes"] += len(request)
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(export)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port_out.send(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait(3600)
+    server.stop(0)
+    port_out.send(received)
+
+
+def _cpu_us(r: Summary) -> float:
+    """Server CPU microseconds per inference (per row for multi-row requests)."""
+    return r.server_cpu_cores / r.infer_per_s * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", default="8,32")
+    parser.add_argument(
+        "--python-load", action="store_true", help="drive with the Python load generator even if perf_analyzer exists"
+    )
+    args = parser.parse_args()
+    if not EXAMPLE.exists():
+        raise SystemExit("build the examples first: make examples")
+    use_pa = perf_analyzer_available() and not args.python_load
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    parent, child = mp.Pipe()
+    stop = mp.Event()
+    sink = mp.Process(target=_sink, args=(child, stop), daemon=True)
+    sink.start()
+    sink_port = parent.recv()
+    traced_flags = ("--otlp-endpoint", f"127.0.0.1:{sink_port}", "--otlp-insecure", "--trace-sample-rate", "1.0")
+
+    runs: dict[str, list[Measurement]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build_repository(Path(tmp))
+        with start_server(tensorgate_cmd(repo)) as off, start_server(tensorgate_cmd(repo, *traced_flags)) as on:
+            # (label, model, rows, streaming, concurrency levels)
+            configs = [
+                ("batching on, unary, 1-row", "mlp", 1, False, levels),
+                ("batching on, stream, 1-row", "mlp", 1, True, levels),
+                ("batching on, unary, 32-row", "mlp", 32, False, [8]),
+            ]
+            for _ in range(args.repeats):
+                for label, model, rows, streaming, cs in configs:
+                    for c in cs:
+                        for state, server in (("off", off), ("on", on)):
+                            m = measure(server, model, c, rows, streaming, use_pa)
+                            runs.setdefault(f"{label} @ c={c}, tracing {state}", []).append(m)
+    stop.set()
+    exported = parent.recv()
+    sink.join(10)
+
+    results = {key: median_of(ms) for key, ms in runs.items()}
+    ratios: dict[str, tuple[float, float]] = {}
+    for key in results:
+        if key.endswith("tracing on"):
+            on, off = results[key], results[key.removesuffix("tracing on") + "tracing off"]
+            # Server CPU per request is steadier than throughput on a shared machine: both are reported.
+            ratios[key.removesuffix(", tracing on")] = (
+                on.infer_per_s / off.infer_per_s,
+                _cpu_us(on) / _cpu_us(off),
+            )
+    tool = "perf_analyzer 2.41 (C++)" if use_pa else "python grpc.aio load generator (perf_analyzer unavailable)"
+    lines = [
+        "# Tracing overhead: example MLP, CPU",
+        "",
+        f"Load generator: {tool}. Medians over {args.repeats} repeats; tracing off and on measured in turn.",
+        f"Tracing on: sample rate 1.0, OTLP/gRPC to a loopback sink ({exported['requests']} export requests,",
+        f"{exported['bytes'] / 1e6:.1f} MB received).",
+        "",
+        "| run | infer/s | p50 ms | p99 ms | server cores | server CPU us / request |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {k} | {r.infer_per_s:,.0f} | {r.p50_us / 1000:.2f} | {r.p99_us / 1000:.2f} "
+            f"| {r.server_cpu_cores:.2f} | {_cpu_us(r):.0f} |"
+            for k, r in results.items()
+        ],
+        "",
+        "| tracing on / off | throughput (target >= 0.90) | server CPU per request |",
+        "|---|---|---|",
+        *[f"| {k} | {t:.2f} | {c:.2f} |" for k, (t, c) in ratios.items()],
+    ]
+    payload = {"tool": tool, "results": results, "ratios": ratios, "exported": exported}
+    js, md = write_report("tracing", payload, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main()

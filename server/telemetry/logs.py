@@ -1,0 +1,81 @@
+"""Log records that can be joined with traces: every record made inside a request carries its trace and span ids
+and the caller's identity; `json` format writes one JSON object per line for log shippers.
+
+Access lines (logger `tensorgate.access`, DEBUG) are written by the RPC boundary, server/rpc/errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from opentelemetry import trace
+
+from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_context)s"
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds `trace_id`, `span_id` and `identity` to each record (empty outside a traced request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        identity = CURRENT_IDENTITY.get()
+        identity = "" if identity == ANONYMOUS else identity
+        trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        span_id = format(ctx.span_id, "016x") if ctx.is_valid else ""
+        parts = []
+        if trace_id:
+            parts.append(f"trace_id={trace_id} span_id={span_id}")
+        if identity:
+            parts.append(f"identity={identity}")
+        record.__dict__.update(
+            trace_id=trace_id,
+            span_id=span_id,
+            identity=identity,
+            request_context=f" [{' '.join(parts)}]" if parts else "",
+        )
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, trace/span ids, identity, exception text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("trace_id", "span_id", "identity"):
+            value = getattr(record, key, "")
+            if value:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Set up the root logger for `tensorgate serve` (UTC timestamps, request context on every record)."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RequestContextFilter())
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "RequestContextFilter", "configure_logging"]

@@ -1,0 +1,264 @@
+"""OpenTelemetry tracing: the injected TracerProvider, W3C propagation, and the spans of the request path.
+
+Nothing here touches OpenTelemetry's global state: the server owns one `Tracing` (or None when tracing is off, so
+that the request path pays one `is None` test). The caller's `traceparent`/`tracestate`/`baggage` gRPC metadata
+makes the server span a child of the caller's span; a batch span (see server/scheduling/scheduler.py) links to
+every request span it served and passes its own context upstream to remote backends.
+
+Spans carry names, ids, sizes and status codes, never tensor values or error texts that could quote them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tensorgate.server import __version__
+
+log = logging.getLogger(__name__)
+
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+
+
+@dataclass(slots=True)
+class TracingSettings:
+    """Where spans go and how many are kept; every field also has its standard OTEL_* variable."""
+
+    otlp_endpoint: str | None = None
+    """Collector address (grpc: host:port or http(s)://host:port; http/protobuf: the full /v1/traces URL)."""
+    otlp_protocol: str | None = None
+    """grpc (default) or http/protobuf; OTEL_EXPORTER_OTLP_PROTOCOL when not given."""
+    otlp_headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every export (e.g. an API key for a hosted collector); OTEL_EXPORTER_OTLP_HEADERS otherwise."""
+    otlp_ca: Path | None = None
+    """PEM CA bundle to verify the collector's certificate."""
+    otlp_insecure: bool = False
+    """Plaintext gRPC to the collector (a sidecar on localhost); https:// endpoints always use TLS."""
+    sample_rate: float | None = None
+    """Share of new traces kept (parent-based: a sampled caller is always traced); OTEL_TRACES_SAMPLER_ARG or 1."""
+
+    @property
+    def enabled(self) -> bool:
+        """On with an endpoint, from the flag or OTel's own variables; OTEL_SDK_DISABLED=true wins."""
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return False
+        return bool(
+            self.otlp_endpoint
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+
+    def rate(self) -> float:
+        if self.sample_rate is not None:
+            return self.sample_rate
+        raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
+        try:
+            return 1.0 if raw is None else float(raw)
+        except ValueError:
+            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; sampling every trace", raw)
+            return 1.0
+
+    def protocol(self) -> str:
+        protocol = self.otlp_protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or "grpc"
+        if protocol not in OTLP_PROTOCOLS:
+            raise ValueError(f"OTLP protocol must be one of {OTLP_PROTOCOLS}, got {protocol!r}")
+        return protocol
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """`key=value,key2=value2`, as OTEL_EXPORTER_OTLP_HEADERS writes them."""
+    headers: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"OTLP header {item.strip()!r} is not key=value")
+        headers[key.strip().lower()] = value.strip()
+    return headers
+
+
+def _exporter(s: TracingSettings) -> SpanExporter:
+    headers = s.otlp_headers or None
+    if s.protocol() == "grpc":
+        import grpc
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        credentials = None
+        if s.otlp_ca is not None:
+            credentials = grpc.ssl_channel_credentials(s.otlp_ca.read_bytes())
+        return GrpcExporter(
+            endpoint=s.otlp_endpoint,
+            insecure=True if s.otlp_insecure else None,
+            credentials=credentials,
+            headers=headers,
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(
+        endpoint=s.otlp_endpoint,
+        certificate_file=str(s.otlp_ca) if s.otlp_ca is not None else None,
+        headers=headers,
+    )
+
+
+def build_provider(s: TracingSettings, processors: Iterable[SpanProcessor] = ()) -> TracerProvider:
+    """A provider exporting over OTLP in batches; `service.name`, version and host as resource attributes.
+
+    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply (Resource.create reads them); ours are defaults.
+    """
+    rate = s.rate()
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"trace sample rate must be in 0..1, got {rate}")
+    resource = Resource.create(
+        {"service.name": "tensorgate", "service.version": __version__, "host.name": socket.gethostname()}
+    )
+    if "OTEL_SERVICE_NAME" not in os.environ and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        # Resource.create puts the SDK's "unknown_service" over a default given in code.
+        resource = resource.merge(Resource({"service.name": "tensorgate"}))
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(rate)))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(s)))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+class Tracing:
+    """The spans tensorgate makes, from one injected TracerProvider."""
+
+    def __init__(self, provider: trace.TracerProvider, *, owned: bool = False) -> None:
+        self.provider = provider
+        self._owned = owned
+        self.tracer = provider.get_tracer("tensorgate", __version__)
+
+    # ----- RPC spans (event loop) --------------------------------------------------------------------------
+
+    def start_rpc(
+        self, method: str, metadata: Iterable[tuple[str, Any]] | None, identity: str | None
+    ) -> tuple[Span, object]:
+        """The server span of one RPC, child of the caller's span when its metadata carries one; made current
+        for the rest of the call (returns the token to `end_rpc`)."""
+        carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        attributes: dict[str, str] = {
+            "rpc.system": "grpc",
+            "rpc.service": INFERENCE_SERVICE,
+            "rpc.method": method,
+        }
+        if identity is not None:
+            attributes["enduser.id"] = identity
+        span = self.tracer.start_span(
+            f"{INFERENCE_SERVICE}/{method}", context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, token
+
+    @staticmethod
+    def end_rpc(span: Span, token: object, code: str, error: BaseException | None = None) -> None:
+        """Record the gRPC status (and the exception's type, never its message) and end the span."""
+        span.set_attribute("rpc.grpc.status_code", code)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, code))
+            span.set_attribute("error.type", type(error).__qualname__)
+        span.end()
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+    def start_child(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Span:
+        """A span under the current one (the RPC's), e.g. one request of a stream or the validation step."""
+        return self.tracer.start_span(name, attributes=attributes)
+
+    @staticmethod
+    def current() -> SpanContext | None:
+        """The current span's context when it is sampled, for the scheduler to link its batch to."""
+        ctx = trace.get_current_span().get_span_context()
+        return ctx if ctx.trace_flags.sampled else None
+
+    @staticmethod
+    def use(span: Span) -> object:
+        return otel_context.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def release(token: object) -> None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+    # ----- batch spans (worker threads) --------------------------------------------------------------------
+
+    def start_batch(
+        self, model: str, version: int, requests: Sequence[SpanContext], rows: int, provider: str, start_ns: int
+    ) -> tuple[Span, dict[str, str]]:
+        """One span per executed batch, a child of its first traced request, linked to every traced request;
+        returns it with the W3C headers that put a remote backend's spans under it."""
+        parent = trace.set_span_in_context(NonRecordingSpan(requests[0]))
+        span = self.tracer.start_span(
+            f"batch {model}",
+            context=parent,
+            links=[Link(ctx) for ctx in requests],
+            attributes={
+                "tensorgate.model.name": model,
+                "tensorgate.model.version": str(version),
+                "tensorgate.batch.size": rows,
+                "tensorgate.batch.requests": len(requests),
+                "tensorgate.execution_provider": provider,
+            },
+            start_time=start_ns,
+        )
+        headers: dict[str, str] = {}
+        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+        return span, headers
+
+    def request_spans(
+        self,
+        request: SpanContext,
+        enqueued_ns: int,
+        started_ns: int,
+        ended_ns: int,
+        batch: SpanContext | None,
+        rows: int,
+        provider: str,
+    ) -> None:
+        """After the batch: the request's queue wait and its share of the execution, as two child spans with the
+        times already measured (epoch ns), the second linked to the batch span."""
+        parent = trace.set_span_in_context(NonRecordingSpan(request))
+        self.tracer.start_span("queue", context=parent, start_time=enqueued_ns).end(end_time=started_ns)
+        self.tracer.start_span(
+            "execute",
+            context=parent,
+            links=[Link(batch)] if batch is not None else None,
+            attributes={"tensorgate.batch.size": rows, "tensorgate.execution_provider": provider},
+            start_time=started_ns,
+        ).end(end_time=ended_ns)
+
+    def shutdown(self) -> None:
+        """Flush what is buffered and stop exporting; only for a provider the server built itself."""
+        if self._owned and isinstance(self.provider, TracerProvider):
+            self.provider.shutdown()
+        elif isinstance(self.provider, TracerProvider):
+            self.provider.force_flush()
+
+
+def from_settings(s: TracingSettings) -> Tracing | None:
+    """The server's tracing, or None when no endpoint is configured (tracing off costs nothing)."""
+    if not s.enabled:
+        return None
+    return Tracing(build_provider(s), owned=True)
+
+
+__all__ = ["OTLP_PROTOCOLS", "Tracing", "TracingSettings", "build_provider", "from_settings", "parse_headers"]

@@ -1,0 +1,469 @@
+"""Traces as an operator's collector receives them: a real OTLP receiver (gRPC and HTTP) on loopback, a real
+server exporting to it, callers that send W3C trace context from tritonclient, our client and raw stubs."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tests.onnx_models import identity_model, write_config
+from tests.pki import Pki, identity_request, secure_channel
+from tests.process import ServeProcess
+from tests.serving import ServerThread
+
+SECRET = 1234.5678  # an input value that must never show up in an export
+BATCHED = """name: "batched"
+max_batch_size: 8
+dynamic_batching { preferred_batch_size: [4] max_queue_delay_microseconds: 2000000 }
+"""
+
+
+@dataclass
+class Caller:
+    """A span of some service calling tensorgate, as its W3C header carries it."""
+
+    trace_id: str
+    span_id: str
+    sampled: bool = True
+
+    @classmethod
+    def new(cls, sampled: bool = True) -> Caller:
+        return cls(secrets.token_hex(16), secrets.token_hex(8), sampled)
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+
+class Collector(otlp_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver keeping every export request (and its raw bytes)."""
+
+    def __init__(self) -> None:
+        self.requests: list[otlp.ExportTraceServiceRequest] = []
+        self.raw = bytearray()
+        self.metadata: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+
+    def Export(  # noqa: N802 - the generated servicer's name
+        self, request: otlp.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> otlp.ExportTraceServiceResponse:
+        self.keep(request, {k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        return otlp.ExportTraceServiceResponse()
+
+    def keep(self, request: otlp.ExportTraceServiceRequest, metadata: dict[str, str]) -> None:
+        with self._lock:
+            self.requests.append(request)
+            self.raw += request.SerializeToString()
+            self.metadata.append(metadata)
+
+    def spans(self) -> list[trace_pb2.Span]:
+        with self._lock:
+            return [s for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+    def resource(self) -> dict[str, str]:
+        with self._lock:
+            attrs = self.requests[0].resource_spans[0].resource.attributes
+        return {a.key: a.value.string_value for a in attrs}
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, int]]:
+    receiver = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    otlp_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, port
+    finally:
+        server.stop(0)
+
+
+def attrs(span: trace_pb2.Span) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for a in span.attributes:
+        kind = a.value.WhichOneof("value")
+        out[a.key] = getattr(a.value, kind) if kind else None
+    return out
+
+
+def hexid(raw: bytes) -> str:
+    return raw.hex()
+
+
+def server_spans(c: Collector, method: str) -> list[trace_pb2.Span]:
+    return [s for s in c.spans() if s.name == f"inference.GRPCInferenceService/{method}"]
+
+
+def children(c: Collector, parent: trace_pb2.Span) -> dict[str, trace_pb2.Span]:
+    return {s.name: s for s in c.spans() if s.parent_span_id == parent.span_id and s.trace_id == parent.trace_id}
+
+
+def traced(repo: Path, port: int, **settings: object) -> ServerThread:
+    return ServerThread(repo, otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True, **settings)
+
+
+def secret_request(model: str = "identity_fp32") -> pb.ModelInferRequest:
+    request = identity_request(model)
+    request.raw_input_contents[0] = np.full((1, 4), SECRET, dtype=np.float32).tobytes()
+    request.id = "req-42"
+    return request
+
+
+def test_caller_context_from_tritonclient_is_the_parent_of_the_server_span(
+    repo: Path, collector: tuple[Collector, int]
+) -> None:
+    c, port = collector
+    caller = Caller.new()
+    with traced(repo, port) as server:
+        client = triton.InferenceServerClient(server.address)
+        x = np.full((1, 4), SECRET, dtype=np.float32)
+        inp = triton.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("identity_fp32", [inp], request_id="req-42", headers={"traceparent": caller.traceparent})
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
+        client.close()
+    # stop() flushed the batch processor: every span is at the collector now.
+    (span,) = server_spans(c, "ModelInfer")
+    assert hexid(span.trace_id) == caller.trace_id
+    assert hexid(span.parent_span_id) == caller.span_id
+    assert span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    a = attrs(span)
+    assert a["rpc.system"] == "grpc"
+    assert a["rpc.service"] == "inference.GRPCInferenceService"
+    assert a["rpc.method"] == "ModelInfer"
+    assert a["rpc.grpc.status_code"] == "OK"
+    assert a["tensorgate.model.name"] == "identity_fp32"
+    assert a["tensorgate.model.version"] == "1"
+    assert a["tensorgate.request.id"] == "req-42"
+    assert a["tensorgate.batch.size"] == 1
+    assert a["tensorgate.execution_provider"] == "CPUExecutionProvider"
+    kids = children(c, span)
+    assert set(kids) >= {"validate", "queue", "execute", "batch identity_fp32"}
+    # The steps happen in order, inside the server span.
+    assert span.start_time_unix_nano <= kids["validate"].start_time_unix_nano
+    assert kids["queue"].end_time_unix_nano <= kids["execute"].end_time_unix_nano <= span.end_time_unix_nano
+    assert attrs(kids["execute"])["tensorgate.batch.size"] == 1
+    resource = c.resource()
+    assert resource["service.name"] == "tensorgate"
+    assert resource["service.version"]
+    assert resource["host.name"]
+    assert struct.pack("<f", SECRET) not in c.raw
+    assert str(SECRET).encode() not in c.raw
+
+
+def test_our_client_propagates_the_current_span(repo: Path, collector: tuple[Collector, int]) -> None:
+    """An application with its own TracerProvider: our client sends its current span as traceparent."""
+    c, port = collector
+    app_provider = TracerProvider()
+    caller = app_provider.get_tracer("backend").start_span("checkout")
+    ctx = caller.get_span_context()
+    with traced(repo, port) as server, InferenceClient(server.address) as client:
+        token = trace.set_span_in_context(caller)
+        from opentelemetry import context as otel_context
+
+        attached = otel_context.attach(token)
+        try:
+            client.infer("identity_fp32", {"INPUT0": np.ones((1, 4), np.float32)})
+        finally:
+            otel_context.detach(attached)
+        client.infer("identity_fp32", {"INPUT0": np.ones((1, 4), np.float32)})  # outside the span: a new trace
+    caller.end()
+    first, second = sorted(server_spans(c, "ModelInfer"), key=lambda s: s.start_time_unix_nano)
+    assert int.from_bytes(first.trace_id, "big") == ctx.trace_id
+    assert int.from_bytes(first.parent_span_id, "big") == ctx.span_id
+    assert int.from_bytes(second.trace_id, "big") != ctx.trace_id
+    assert second.parent_span_id == b""
+
+
+def test_batch_span_links_every_request_it_served(tmp_path: Path, collector: tuple[Collector, int]) -> None:
+    c, port = collector
+    repo = tmp_path / "models"
+    identity_model(repo / "batched" / "1" / "model.onnx", "FP32")
+    write_config(repo, "batched", BATCHED)
+    callers = [Caller.new() for _ in range(4)]
+    with traced(repo, port) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = GRPCInferenceServiceStub(channel)
+        calls = [
+            stub.ModelInfer.future(
+                secret_request("batched"), metadata=[("traceparent", caller.traceparent)], timeout=30
+            )
+            for caller in callers
+        ]
+        for call in calls:
+            call.result()
+        channel.close()
+    requests = {hexid(s.trace_id): s for s in server_spans(c, "ModelInfer")}
+    assert set(requests) == {caller.trace_id for caller in callers}
+    (batch,) = [s for s in c.spans() if s.name == "batch batched"]
+    linked = {(hexid(link.trace_id), hexid(link.span_id)) for link in batch.links}
+    assert linked == {(hexid(s.trace_id), hexid(s.span_id)) for s in requests.values()}
+    a = attrs(batch)
+    assert a["tensorgate.batch.size"] == 4
+    assert a["tensorgate.batch.requests"] == 4
+    # A child of one of the requests it served, so that its trace shows the execution itself.
+    assert hexid(batch.trace_id) in requests
+    for span in requests.values():
+        assert attrs(span)["tensorgate.batch.size"] == 4
+        kids = children(c, span)
+        assert {"validate", "queue", "execute"} <= set(kids)
+        (link,) = kids["execute"].links
+        assert link.span_id == batch.span_id
+
+
+def test_errors_set_status_without_the_message(repo: Path, collector: tuple[Collector, int]) -> None:
+    c, port = collector
+    caller = Caller.new()
+    with traced(repo, port) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.ModelInfer(secret_request("no_such_model"), metadata=[("traceparent", caller.traceparent)])
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        bad = secret_request()
+        bad.inputs[0].name = "NOT_AN_INPUT"
+        with pytest.raises(grpc.RpcError) as invalid:
+            stub.ModelInfer(bad)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        channel.close()
+    spans = {hexid(s.trace_id) == caller.trace_id: s for s in server_spans(c, "ModelInfer")}
+    for span, code in ((spans[True], "NOT_FOUND"), (spans[False], "INVALID_ARGUMENT")):
+        assert span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+        assert span.status.message == code
+        assert attrs(span)["rpc.grpc.status_code"] == code
+        assert attrs(span)["error.type"]
+    (validate,) = [s for s in c.spans() if s.name == "validate"]
+    assert validate.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert b"no_such_model\x00" not in c.raw  # names appear as attributes, never inside error texts
+    for span in c.spans():
+        assert "shape" not in span.status.message
+
+
+def test_sampling_is_parent_based(repo: Path, collector: tuple[Collector, int]) -> None:
+    """Rate 0 keeps no new trace, but a sampled caller is always traced and an unsampled one never is."""
+    c, port = collector
+    sampled, unsampled = Caller.new(), Caller.new(sampled=False)
+    with traced(repo, port, trace_sample_rate=0.0) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(identity_request(), metadata=[("traceparent", sampled.traceparent)])
+        stub.ModelInfer(identity_request(), metadata=[("traceparent", unsampled.traceparent)])
+        stub.ModelInfer(identity_request())
+        channel.close()
+    assert {hexid(s.trace_id) for s in c.spans()} == {sampled.trace_id}
+
+
+def test_streams_trace_each_request_and_health_is_not_traced(repo: Path, collector: tuple[Collector, int]) -> None:
+    c, port = collector
+    caller = Caller.new()
+
+    async def stream(address: str) -> None:
+        async with AsyncInferenceClient(address) as client:
+            provider = TracerProvider()
+            span = provider.get_tracer("t").start_span(
+                "caller", context=trace.set_span_in_context(NonRecordingSpan(_context(caller)))
+            )
+            from opentelemetry import context as otel_context
+
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                items = [("identity_fp32", {"INPUT0": np.ones((1, 4), np.float32)})] * 3
+                results = [r async for r in client.stream_infer(items)]
+            finally:
+                otel_context.detach(token)
+            assert len(results) == 3
+
+    with traced(repo, port) as server:
+        server.run(stream(server.address))
+        channel = grpc.insecure_channel(server.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+    (rpc,) = server_spans(c, "ModelStreamInfer")
+    assert hexid(rpc.trace_id) == caller.trace_id
+    per_request = [s for s in c.spans() if s.name == "ModelStreamInfer request"]
+    assert len(per_request) == 3
+    assert all(s.parent_span_id == rpc.span_id for s in per_request)
+    for span in per_request:
+        assert {"validate", "queue", "execute"} <= set(children(c, span))
+        assert attrs(span)["tensorgate.model.name"] == "identity_fp32"
+    assert not [s for s in c.spans() if "Health" in s.name]
+
+
+def _context(caller: Caller) -> SpanContext:
+    return SpanContext(int(caller.trace_id, 16), int(caller.span_id, 16), is_remote=True, trace_flags=TraceFlags(1))
+
+
+def test_identity_from_mtls_is_a_span_attribute(repo: Path, tmp_path: Path, collector: tuple[Collector, int]) -> None:
+    c, port = collector
+    pki = Pki(tmp_path / "pki")
+    with traced(repo, port, **pki.server_settings()) as server:
+        channel = secure_channel(server.address, pki.ca_path, pki.client("checkout"))
+        GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+        channel.close()
+    (span,) = server_spans(c, "ModelInfer")
+    assert attrs(span)["enduser.id"] == "spiffe://tensorgate.local/checkout"
+
+
+def test_injected_provider_and_tracing_off(repo: Path) -> None:
+    """No endpoint: no tracing object at all; an injected provider is used as it is and left running."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tensorgate.server import ServerSettings, TensorgateServer
+
+    env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OTEL_EXPORTER_OTLP")}
+    try:
+        assert TensorgateServer(ServerSettings(model_repository=repo)).tracing is None
+    finally:
+        os.environ.update(env)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = ServerThread(repo)
+    server.app = TensorgateServer(server.settings, tracer_provider=provider)
+    with server:
+        channel = grpc.insecure_channel(server.address)
+        GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+        channel.close()
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert "inference.GRPCInferenceService/ModelInfer" in names
+    provider.get_tracer("still").start_span("open").end()  # not shut down by the server
+    assert "open" in {s.name for s in exporter.get_finished_spans()}
+
+
+class _HttpReceiver(BaseHTTPRequestHandler):
+    collector: Collector
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = otlp.ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        self.collector.keep(request, {k.lower(): v for k, v in self.headers.items()} | {"path": self.path})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(otlp.ExportTraceServiceResponse().SerializeToString())
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_otlp_over_http_with_headers(repo: Path) -> None:
+    receiver = Collector()
+    handler = type("Handler", (_HttpReceiver,), {"collector": receiver})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces"
+        with ServerThread(
+            repo, otlp_endpoint=endpoint, otlp_protocol="http/protobuf", otlp_headers="x-api-key=k123"
+        ) as server:
+            channel = grpc.insecure_channel(server.address)
+            GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+            channel.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert server_spans(receiver, "ModelInfer")
+    assert receiver.metadata[0]["x-api-key"] == "k123"
+    assert receiver.metadata[0]["path"] == "/v1/traces"
+
+
+def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Collector, int]) -> None:
+    """`tensorgate serve --log-format json --log-level DEBUG`: one access line per request with its trace id."""
+    _, port = collector
+    caller = Caller.new()
+    proc = ServeProcess(
+        [
+            "--model-repository",
+            str(repo),
+            "--grpc-port",
+            "0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "DEBUG",
+            "--otlp-endpoint",
+            f"127.0.0.1:{port}",
+            "--otlp-insecure",
+        ]
+    )
+    try:
+        channel = grpc.insecure_channel(proc.address)
+        stub = GRPCInferenceServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        proc.wait_for_line("ready:")
+        stub.ModelInfer(secret_request(), metadata=[("traceparent", caller.traceparent)], timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(secret_request("missing"), timeout=10)
+        channel.close()
+        proc.wait_for_line("status=NOT_FOUND")
+    finally:
+        proc.terminate()
+        proc.__exit__()
+    records = [json.loads(line) for line in proc.lines if line.startswith("{")]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    access = [r for r in records if r["logger"] == "tensorgate.access"]
+    ok = [r for r in access if "model=identity_fp32" in r["message"]]
+    assert len(ok) == 1
+    assert ok[0]["trace_id"] == caller.trace_id
+    assert ok[0]["level"] == "DEBUG"
+    assert "id=req-42" in ok[0]["message"] and "status=OK" in ok[0]["message"]
+    assert "latency_ms=" in ok[0]["message"]
+    assert any("model=missing" in r["message"] and "status=NOT_FOUND" in r["message"] for r in access)
+    assert str(SECRET) not in proc.output
+
+
+def test_bad_tracing_settings_stop_the_start(repo: Path) -> None:
+    for flag, value, field in (("--otlp-headers", "novalue", "otlp_headers"), ("--trace-sample-rate", "2", "rate")):
+        with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", flag, value]) as proc:
+            assert proc.proc.wait(60) == 2
+            proc.wait_for_line(field)
+
+
+def test_otlp_grpc_over_tls_to_the_collector(repo: Path, tmp_path: Path) -> None:
+    """--otlp-ca: the collector's certificate is verified (a collector the CA did not sign gets nothing)."""
+    pki, other = Pki(tmp_path / "pki"), Pki(tmp_path / "other", ca_name="other CA")
+    receiver = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    otlp_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    credentials = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        for ca in (other.ca_path, pki.ca_path):
+            with ServerThread(repo, otlp_endpoint=f"https://127.0.0.1:{port}", otlp_ca=ca) as tg:
+                channel = grpc.insecure_channel(tg.address)
+                GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+                channel.close()
+            if ca == other.ca_path:
+                assert receiver.spans() == []
+    finally:
+        server.stop(0)
+    assert len(server_spans(receiver, "ModelInfer")) == 1
