@@ -1,11 +1,12 @@
-"""What tracing costs: the batching benchmark's tensorgate runs with tracing off and on (sample rate 1.0, every
-span exported over OTLP/gRPC to a collector on loopback), side by side in one run.
+"""What tracing costs: the batching benchmark's tensorgate runs with tracing off and on (sample rate 1.0 by default,
+every sampled span exported over OTLP/gRPC to a collector on loopback), side by side in one run.
 
-Two servers start once, same repository; each repeat measures every (configuration, concurrency) pair on both in
-turn. The collector is a sink in a separate process that accepts export requests without decoding them (it
-counts requests and bytes), so that the figures show tensorgate's cost, not a collector's.
+The servers (tracing off, and one per sample rate) start once on the same repository; each repeat measures every
+(configuration, concurrency) pair on all of them in turn. The collector is a sink in a separate process that
+accepts export requests without decoding them (it counts requests and bytes), so that the figures show
+tensorgate's cost, not a collector's.
 
-    .venv/bin/python benchmarks/tracing.py [--repeats 3] [--concurrency 8,32]
+    .venv/bin/python benchmarks/tracing.py [--repeats 3] [--concurrency 8,32] [--sample-rates 1.0,0.1]
 
 Writes benchmarks/results/tracing.json and tracing.md.
 """
@@ -13,6 +14,7 @@ Writes benchmarks/results/tracing.json and tracing.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
 import multiprocessing.synchronize
@@ -71,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", default="8,32")
+    parser.add_argument("--sample-rates", default="1.0", help="tracing-on servers to compare, e.g. 1.0,0.1")
     parser.add_argument(
         "--python-load", action="store_true", help="drive with the Python load generator even if perf_analyzer exists"
     )
@@ -85,24 +88,29 @@ def main() -> None:
     sink = mp.Process(target=_sink, args=(child, stop), daemon=True)
     sink.start()
     sink_port = parent.recv()
-    traced_flags = ("--otlp-endpoint", f"127.0.0.1:{sink_port}", "--otlp-insecure", "--trace-sample-rate", "1.0")
+    rates = [float(r) for r in args.sample_rates.split(",")]
+    states = ["off", *[f"on at rate {r:g}" for r in rates]]
+
+    def flags(rate: float) -> tuple[str, ...]:
+        return ("--otlp-endpoint", f"127.0.0.1:{sink_port}", "--otlp-insecure", "--trace-sample-rate", str(rate))
 
     runs: dict[str, list[Measurement]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repo = build_repository(Path(tmp))
-        with start_server(tensorgate_cmd(repo)) as off, start_server(tensorgate_cmd(repo, *traced_flags)) as on:
-            # (label, model, rows, streaming, concurrency levels)
-            configs = [
-                ("batching on, unary, 1-row", "mlp", 1, False, levels),
-                ("batching on, stream, 1-row", "mlp", 1, True, levels),
-                ("batching on, unary, 32-row", "mlp", 32, False, [8]),
-            ]
-            for _ in range(args.repeats):
-                for label, model, rows, streaming, cs in configs:
-                    for c in cs:
-                        for state, server in (("off", off), ("on", on)):
-                            m = measure(server, model, c, rows, streaming, use_pa)
-                            runs.setdefault(f"{label} @ c={c}, tracing {state}", []).append(m)
+        servers = [stack.enter_context(start_server(tensorgate_cmd(repo)))]
+        servers += [stack.enter_context(start_server(tensorgate_cmd(repo, *flags(r)))) for r in rates]
+        # (label, model, rows, streaming, concurrency levels)
+        configs = [
+            ("batching on, unary, 1-row", "mlp", 1, False, levels),
+            ("batching on, stream, 1-row", "mlp", 1, True, levels),
+            ("batching on, unary, 32-row", "mlp", 32, False, [8]),
+        ]
+        for _ in range(args.repeats):
+            for label, model, rows, streaming, cs in configs:
+                for c in cs:
+                    for state, server in zip(states, servers, strict=True):
+                        m = measure(server, model, c, rows, streaming, use_pa)
+                        runs.setdefault(f"{label} @ c={c}, tracing {state}", []).append(m)
     stop.set()
     exported = parent.recv()
     sink.join(10)
@@ -110,20 +118,18 @@ def main() -> None:
     results = {key: median_of(ms) for key, ms in runs.items()}
     ratios: dict[str, tuple[float, float]] = {}
     for key in results:
-        if key.endswith("tracing on"):
-            on, off = results[key], results[key.removesuffix("tracing on") + "tracing off"]
+        if ", tracing on" in key:
+            base, _, state = key.partition(", tracing ")
+            on, off = results[key], results[f"{base}, tracing off"]
             # Server CPU per request is steadier than throughput on a shared machine: both are reported.
-            ratios[key.removesuffix(", tracing on")] = (
-                on.infer_per_s / off.infer_per_s,
-                _cpu_us(on) / _cpu_us(off),
-            )
+            ratios[f"{base}, {state}"] = (on.infer_per_s / off.infer_per_s, _cpu_us(on) / _cpu_us(off))
     tool = "perf_analyzer 2.41 (C++)" if use_pa else "python grpc.aio load generator (perf_analyzer unavailable)"
     lines = [
         "# Tracing overhead: example MLP, CPU",
         "",
         f"Load generator: {tool}. Medians over {args.repeats} repeats; tracing off and on measured in turn.",
-        f"Tracing on: sample rate 1.0, OTLP/gRPC to a loopback sink ({exported['requests']} export requests,",
-        f"{exported['bytes'] / 1e6:.1f} MB received).",
+        f"Tracing on: sample rates {args.sample_rates}, OTLP/gRPC to a loopback sink",
+        f"({exported['requests']} export requests, {exported['bytes'] / 1e6:.1f} MB received).",
         "",
         "| run | infer/s | p50 ms | p99 ms | server cores | server CPU us / request |",
         "|---|---|---|---|---|---|",

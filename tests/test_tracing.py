@@ -4,6 +4,7 @@ server exporting to it, callers that send W3C trace context from tritonclient, o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import struct
@@ -252,15 +253,43 @@ def test_errors_set_status_without_the_message(repo: Path, collector: tuple[Coll
         channel.close()
     spans = {hexid(s.trace_id) == caller.trace_id: s for s in server_spans(c, "ModelInfer")}
     for span, code in ((spans[True], "NOT_FOUND"), (spans[False], "INVALID_ARGUMENT")):
-        assert span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
-        assert span.status.message == code
+        # The caller's mistakes: recorded, but the server span's status stays unset (OpenTelemetry's RPC rules).
+        assert span.status.code == trace_pb2.Status.STATUS_CODE_UNSET
         assert attrs(span)["rpc.grpc.status_code"] == code
-        assert attrs(span)["error.type"]
+        assert attrs(span)["error.type"] in ("ModelNotFoundError", "InvalidRequestError")
+    # A call that fails before validation still names what it asked for.
+    assert attrs(spans[True])["tensorgate.model.name"] == "no_such_model"
+    assert attrs(spans[True])["tensorgate.request.id"] == "req-42"
     (validate,) = [s for s in c.spans() if s.name == "validate"]
     assert validate.status.code == trace_pb2.Status.STATUS_CODE_ERROR
-    assert b"no_such_model\x00" not in c.raw  # names appear as attributes, never inside error texts
-    for span in c.spans():
-        assert "shape" not in span.status.message
+    # Names appear as attributes; the error texts sent to the callers appear nowhere.
+    for details in (missing.value.details(), invalid.value.details()):
+        assert details and details.encode() not in c.raw
+
+
+def test_server_errors_mark_the_span_failed() -> None:
+    """Only the codes that mean the server failed set the span status to ERROR, with the code as description."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from tensorgate.server.telemetry.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    for code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OK"):
+        span, token = tracing.start_rpc("ModelInfer", [], None)
+        Tracing.end_rpc(span, token, code, None if code == "OK" else RuntimeError("secret detail"))
+    got = {s.attributes["rpc.grpc.status_code"]: s for s in exporter.get_finished_spans()}  # type: ignore[index]
+    for code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        assert got[code].status.status_code == StatusCode.ERROR
+        assert got[code].status.description == code
+        assert got[code].attributes["error.type"] == "RuntimeError"  # type: ignore[index]
+    for code in ("NOT_FOUND", "RESOURCE_EXHAUSTED", "OK"):
+        assert got[code].status.status_code == StatusCode.UNSET
+    assert "secret" not in repr([s.to_json() for s in exporter.get_finished_spans()])
 
 
 def test_sampling_is_parent_based(repo: Path, collector: tuple[Collector, int]) -> None:
@@ -302,6 +331,12 @@ def test_streams_trace_each_request_and_health_is_not_traced(repo: Path, collect
         channel = grpc.insecure_channel(server.address)
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        # KServe's health RPCs are probes too, even when the caller sends a sampled traceparent.
+        stub = GRPCInferenceServiceStub(channel)
+        probe = [("traceparent", Caller.new().traceparent)]
+        assert stub.ServerLive(pb.ServerLiveRequest(), metadata=probe).live
+        assert stub.ServerReady(pb.ServerReadyRequest(), metadata=probe).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="identity_fp32"), metadata=probe).ready
         channel.close()
     (rpc,) = server_spans(c, "ModelStreamInfer")
     assert hexid(rpc.trace_id) == caller.trace_id
@@ -311,7 +346,7 @@ def test_streams_trace_each_request_and_health_is_not_traced(repo: Path, collect
     for span in per_request:
         assert {"validate", "queue", "execute"} <= set(children(c, span))
         assert attrs(span)["tensorgate.model.name"] == "identity_fp32"
-    assert not [s for s in c.spans() if "Health" in s.name]
+    assert not [s for s in c.spans() if "Health" in s.name or s.name.endswith(("Live", "Ready"))]
 
 
 def _context(caller: Caller) -> SpanContext:
@@ -467,3 +502,45 @@ def test_otlp_grpc_over_tls_to_the_collector(repo: Path, tmp_path: Path) -> None
     finally:
         server.stop(0)
     assert len(server_spans(receiver, "ModelInfer")) == 1
+
+
+def test_a_stream_the_client_abandons_ends_its_span_cleanly(
+    repo: Path, collector: tuple[Collector, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that cancels an open ModelStreamInfer leaves grpc to close the handler's generator from another
+    task: the server span still ends and is exported, and no context token is detached in the wrong context."""
+    import asyncio
+
+    c, port = collector
+    caller = Caller.new()
+
+    async def abandon(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer(metadata=[("traceparent", caller.traceparent)], timeout=30)
+            await call.write(identity_request())
+            reply = await call.read()
+            assert not reply.error_message
+            call.cancel()
+        await asyncio.sleep(0.2)  # let the server see the cancellation before it stops
+
+    with caplog.at_level(logging.ERROR), traced(repo, port) as server:
+        asyncio.run(abandon(server.address))
+    assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+    (span,) = server_spans(c, "ModelStreamInfer")
+    assert hexid(span.trace_id) == caller.trace_id
+    assert attrs(span)["rpc.grpc.status_code"] in ("CANCELLED", "OK")
+
+
+def test_a_large_batch_span_keeps_every_link(collector: tuple[Collector, int]) -> None:
+    """The SDK keeps 128 links per span by default; a batch of up to max_batch_size traced requests needs all."""
+    from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, build_provider
+
+    c, port = collector
+    provider = build_provider(TracingSettings(otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True))
+    requests = [_context(Caller.new()) for _ in range(300)]
+    span, _ = Tracing(provider).start_batch("m", 1, requests, 300, "CPUExecutionProvider", 0)
+    span.end()
+    provider.shutdown()
+    (batch,) = [s for s in c.spans() if s.name == "batch m"]
+    assert len(batch.links) == 300 and batch.dropped_links_count == 0

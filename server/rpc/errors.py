@@ -17,9 +17,10 @@ from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from grpc import aio
+from opentelemetry import context as otel_context
 
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
-from tensorgate.server.auth.policy import Authorizer
+from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.telemetry.tracing import Tracing
@@ -48,6 +49,12 @@ _MODEL_FIELDS: dict[str, tuple[str, str | None]] = {
     "ModelStatistics": ("name", "version"),
     "RepositoryModelLoad": ("model_name", None),
     "RepositoryModelUnload": ("model_name", None),
+    # tensorgate.v1.Monitoring (server/rpc/monitoring.py)
+    "SubmitFeedback": ("model", None),
+    "SubmitFeedbackBatch": ("model", None),
+    "GetModelQuality": ("model", "version"),
+    "GetModelDrift": ("model", "version"),
+    "ListAlerts": ("model", None),
 }
 
 
@@ -83,6 +90,17 @@ def _aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
     return status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
 
 
+def request_attributes(rpc: str, request: object) -> dict[str, str]:
+    """What the request names (model, version, request id), for its span from the start: a call that fails before
+    validation (NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED) is still found by model. Never tensor values."""
+    fields = _MODEL_FIELDS.get(rpc)
+    model = getattr(request, fields[0], "") if fields else ""
+    version = getattr(request, fields[1], "") if fields and fields[1] else ""
+    request_id = getattr(request, "id", "")
+    out = {"tensorgate.model.name": model, "tensorgate.model.version": version, "tensorgate.request.id": request_id}
+    return {k: v for k, v in out.items() if v and isinstance(v, str)}
+
+
 def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> None:
     """One debug line per call: who asked for what, how it ended and how long it took; never the payload."""
     fields = _MODEL_FIELDS.get(rpc)
@@ -103,6 +121,8 @@ def unary(
     fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]],
 ) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]]:
     rpc = fn.__name__
+    # Health checks (ServerLive, ServerReady, ModelReady) are probes, polled every few seconds: never traced.
+    untraced = RPC_GROUPS.get(rpc) == "health"
 
     @functools.wraps(fn)
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
@@ -112,12 +132,13 @@ def unary(
         except TensorgateError as exc:
             await context.abort(exc.code, exc.message)
         token, admitted = None, None
-        tracing: Tracing | None = getattr(self, "tracing", None)
+        tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
         span = span_token = None
         code, error = "OK", cast(BaseException | None, None)
-        if tracing is not None:
-            span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
         try:
+            if tracing is not None:
+                span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
+                span.set_attributes(request_attributes(rpc, request))
             if self.auth.enabled:
                 identity = self.auth.identify(context)
                 token = CURRENT_IDENTITY.set(identity)
@@ -139,13 +160,13 @@ def unary(
             await context.abort(status, message)
             raise  # unreachable: abort raises
         finally:
+            if access_log.isEnabledFor(logging.DEBUG):  # while span and identity are current: the line has both
+                access_log_line(rpc, request, code, started)
             if admitted is not None:
                 self.auth.release(admitted)
             if token is not None:
                 CURRENT_IDENTITY.reset(token)
             self.gate.exit()
-            if access_log.isEnabledFor(logging.DEBUG):  # while the span is current: the line carries its ids
-                access_log_line(rpc, request, code, started)
             if span is not None:
                 Tracing.end_rpc(span, span_token, code, error)
 
@@ -168,11 +189,16 @@ def stream(
             await context.abort(exc.code, exc.message)
         token, admitted = None, None
         tracing: Tracing | None = getattr(self, "tracing", None)
-        span = span_token = None
+        span, rpc_context = None, None
         code, error = "OK", cast(BaseException | None, None)
         if tracing is not None:
-            # Current for the whole stream: the tasks the servicer starts per message put their spans under it.
+            # The span is made current around each step of the handler, never across a yield: this generator may be
+            # closed from another task's context (finalised after the client went away), where a token attached
+            # before a yield cannot be detached (OpenTelemetry logs an error). The tasks the servicer starts per
+            # message are created inside a step, so they copy the span and put their own spans under it.
             span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
+            rpc_context = otel_context.get_current()
+            Tracing.release(span_token)
         try:
             if self.auth.enabled:
                 identity = self.auth.identify(context)
@@ -181,8 +207,20 @@ def stream(
                 if span is not None:
                     span.set_attribute("enduser.id", identity)
                 admitted = identity if self.auth.admit(identity) else None
-            async for item in fn(self, requests, context):
-                yield item
+            responses = fn(self, requests, context)
+            if rpc_context is None:
+                async for item in responses:
+                    yield item
+            else:
+                while True:
+                    step = otel_context.attach(rpc_context)
+                    try:
+                        item = await anext(responses)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        otel_context.detach(step)
+                    yield item
         except aio.AbortError as exc:
             code, error = _aborted_code(context), exc
             raise
@@ -205,10 +243,18 @@ def stream(
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log_line(rpc, None, code, started)
             if span is not None:
-                with contextlib.suppress(ValueError):  # same as above, for the span's context token
-                    Tracing.end_rpc(span, span_token, code, error)
+                Tracing.end_rpc(span, None, code, error)
 
     return wrapper
 
 
-__all__ = ["access_log", "access_log_line", "authorize", "internal_message", "status_of", "stream", "unary"]
+__all__ = [
+    "access_log",
+    "access_log_line",
+    "authorize",
+    "internal_message",
+    "request_attributes",
+    "status_of",
+    "stream",
+    "unary",
+]

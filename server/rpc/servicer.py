@@ -19,6 +19,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
 from tensorgate.server import __version__
 from tensorgate.server.auth.policy import Authorizer
+from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
@@ -85,10 +86,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @errors.unary
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
-            self._repository.get(request.name, request.version)
+            model = self._repository.get(request.name, request.version)
         except (ModelNotFoundError, ModelUnavailableError):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=backend_ready(model.backend))  # a remote model's upstream may be down
 
     @errors.unary
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
@@ -167,7 +168,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if tracing is None:
             response = await self._stream_answer(request, deadline)
         else:
-            span = tracing.start_child("ModelStreamInfer request")
+            span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
             token = tracing.use(span)
             try:
                 response = await self._stream_answer(request, deadline)

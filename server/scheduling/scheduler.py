@@ -55,7 +55,7 @@ class _Pending:
     level: int
     delayed: bool = False
     span: SpanContext | None = None
-    """The caller's request span when it is traced, for the batch span to link to."""
+    """The request's span when tracing is on (sampled or not): the batch span links the sampled ones."""
 
 
 @dataclass(slots=True)
@@ -127,6 +127,7 @@ class Scheduler:
         self._queued = 0
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._dispatch_soon = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -198,7 +199,12 @@ class Scheduler:
         if timers:
             # A long queue timeout must not keep a served request's inputs alive until it fires.
             pending.future.add_done_callback(functools.partial(_cancel_timers, timers))
-        self._dispatch()
+        if not self._dispatch_soon:
+            # Batches form once the requests that arrived in this loop iteration are all queued, not on the first:
+            # gRPC hands the loop several requests at a time, and a batch per request would pay the thread hand-off
+            # (the cost that bounds 1-row serving) per request. No timer: the batch leaves in this iteration.
+            self._dispatch_soon = True
+            loop.call_soon(self._dispatch_queued)
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -292,6 +298,10 @@ class Scheduler:
             self._start(_Batch(chosen))
         self._maybe_idle()
 
+    def _dispatch_queued(self) -> None:
+        self._dispatch_soon = False
+        self._dispatch()
+
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -333,7 +343,12 @@ class Scheduler:
         inputs = stack_inputs([p.inputs for p in requests])
         t1 = time.perf_counter_ns()
         context = _context(requests)
-        traced = [p for p in requests if p.span is not None] if self._tracing is not None else None
+        traced = None
+        if self._tracing is not None:
+            traced = [p for p in requests if p.span is not None and p.span.trace_flags.sampled]
+            if not traced and requests[0].span is not None:
+                # Nobody in the batch is sampled: a remote backend still hears that, and records nothing either.
+                context = BatchContext(context.deadline, Tracing.headers(requests[0].span))
         if traced:
             self._execute_traced(batch, inputs, wanted, context, traced)
         else:
@@ -365,6 +380,8 @@ class Scheduler:
         span, headers = self._tracing.start_batch(
             self._model, self._version, spans, rows, provider, batch.started_ns + offset
         )
+        # Current on this worker thread while the backend runs: its log records carry the batch's trace ids.
+        token = self._tracing.use(span)
         try:
             batch.outputs = self._backend.execute(
                 inputs, wanted, BatchContext(deadline=context.deadline, trace_headers=headers)
@@ -373,6 +390,7 @@ class Scheduler:
             span.set_status(StatusCode.ERROR, type(exc).__qualname__)
             raise
         finally:
+            Tracing.release(token)
             span.end()
             ended = time.perf_counter_ns() + offset
             batch_ctx = span.get_span_context()

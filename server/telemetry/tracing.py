@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+# OpenTelemetry's RPC conventions for server spans: only these codes mark the server's span as failed; the others
+# (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED...) are the caller's mistakes or the server
+# protecting itself, recorded in rpc.grpc.status_code and error.type with the span status left unset.
+SERVER_ERROR_CODES = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
 
@@ -134,7 +140,10 @@ def build_provider(s: TracingSettings, processors: Iterable[SpanProcessor] = ())
     if "OTEL_SERVICE_NAME" not in os.environ and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         # Resource.create puts the SDK's "unknown_service" over a default given in code.
         resource = resource.merge(Resource({"service.name": "tensorgate"}))
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(rate)))
+    # A batch span links every traced request it served, up to max_batch_size of them; the SDK's default keeps 128
+    # links and silently drops the rest. OTEL_SPAN_LINK_COUNT_LIMIT, when set, still wins.
+    limits = SpanLimits() if "OTEL_SPAN_LINK_COUNT_LIMIT" in os.environ else SpanLimits(max_links=SpanLimits.UNSET)
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(rate)), span_limits=limits)
     provider.add_span_processor(BatchSpanProcessor(_exporter(s)))
     for processor in processors:
         provider.add_span_processor(processor)
@@ -172,14 +181,17 @@ class Tracing:
         return span, token
 
     @staticmethod
-    def end_rpc(span: Span, token: object, code: str, error: BaseException | None = None) -> None:
-        """Record the gRPC status (and the exception's type, never its message) and end the span."""
+    def end_rpc(span: Span, token: object | None, code: str, error: BaseException | None = None) -> None:
+        """Record the gRPC status (and the exception's type, never its message) and end the span; `token` is
+        start_rpc's, or None when the caller already released it (a stream attaches the span step by step)."""
         span.set_attribute("rpc.grpc.status_code", code)
         if error is not None:
-            span.set_status(Status(StatusCode.ERROR, code))
             span.set_attribute("error.type", type(error).__qualname__)
+            if code in SERVER_ERROR_CODES:
+                span.set_status(Status(StatusCode.ERROR, code))
         span.end()
-        otel_context.detach(token)  # type: ignore[arg-type]
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
 
     def start_child(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Span:
         """A span under the current one (the RPC's), e.g. one request of a stream or the validation step."""
@@ -187,9 +199,17 @@ class Tracing:
 
     @staticmethod
     def current() -> SpanContext | None:
-        """The current span's context when it is sampled, for the scheduler to link its batch to."""
+        """The current span's context, sampled or not: the scheduler links its batch to the sampled ones, and
+        passes an unsampled caller's decision on to a remote backend."""
         ctx = trace.get_current_span().get_span_context()
-        return ctx if ctx.trace_flags.sampled else None
+        return ctx if ctx.is_valid else None
+
+    @staticmethod
+    def headers(ctx: SpanContext) -> dict[str, str]:
+        """W3C headers carrying `ctx` as it is (an unsampled trace stays unsampled upstream)."""
+        headers: dict[str, str] = {}
+        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(NonRecordingSpan(ctx)))
+        return headers
 
     @staticmethod
     def use(span: Span) -> object:
