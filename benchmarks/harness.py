@@ -111,9 +111,18 @@ class Measurement:
 
 
 def run_perf_analyzer(
-    address: str, model: str, concurrency: int, rows: int, streaming: bool, window_ms: int = 2000
+    address: str,
+    model: str,
+    concurrency: int,
+    rows: int,
+    streaming: bool,
+    window_ms: int = 2000,
+    stability_percent: float = 100,
 ) -> Measurement:
-    """One perf_analyzer run (closed loop at `concurrency`), its CSV row parsed."""
+    """One perf_analyzer run (closed loop at `concurrency`), its CSV row parsed.
+
+    perf_analyzer fails when no window is within `stability_percent` of its neighbours; on a busy shared machine a
+    larger value (e.g. 1000) lets it report the last windows instead of failing."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pa.csv"
         args = [
@@ -131,7 +140,7 @@ def run_perf_analyzer(
             "--measurement-interval",
             str(window_ms),
             "--stability-percentage",
-            "100",
+            str(stability_percent),
             "--max-trials",
             "4",
             "-f",
@@ -217,13 +226,20 @@ def batch_histogram(address: str, model: str) -> dict[int, int]:
 
 
 def measure(
-    server: Server, model: str, concurrency: int, rows: int, streaming: bool, use_pa: bool, stats: bool = True
+    server: Server,
+    model: str,
+    concurrency: int,
+    rows: int,
+    streaming: bool,
+    use_pa: bool,
+    stats: bool = True,
+    stability_percent: float = 100,
 ) -> Measurement:
     """One run with server CPU and executed batch sizes attached."""
     hist0 = batch_histogram(server.address, model) if stats else {}
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     if use_pa:
-        m = run_perf_analyzer(server.address, model, concurrency, rows, streaming)
+        m = run_perf_analyzer(server.address, model, concurrency, rows, streaming, stability_percent=stability_percent)
     else:
         m = run_python_load(server.address, model, concurrency, rows, streaming)
     wall = time.perf_counter() - t0
