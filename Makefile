@@ -17,6 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# PyTriton (a real tritonserver on the CPU, the upstream of tests/test_triton_backend.py) in its own environment:
+# its pins are not the project's. If it cannot be installed here, those tests skip and say why.
+TRITON_STAMP := .venv-triton/.installed-stamp
+$(TRITON_STAMP):
+	$(PYTHON) -m venv .venv-triton
+	.venv-triton/bin/python -m pip install --quiet 'nvidia-pytriton==0.7.0' \
+		|| echo "nvidia-pytriton cannot be installed here: the remote Triton tests will skip"
+	@touch $@
+
 $(MODELS)/.built: $(STAMP) examples/build_models.py
 	$(BIN)/python examples/build_models.py --out $(MODELS)
 	@touch $@
@@ -44,8 +53,8 @@ typecheck: $(STAMP) build/mypy/tensorgate build/mypy/tensorgate/loadtest
 	$(BIN)/mypy -p tensorgate.server -p tensorgate.client -p tensorgate.protos -p tensorgate.loadtest
 	$(BIN)/mypy tests examples benchmarks
 
-test: lint typecheck
+test: lint typecheck $(TRITON_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) build $(MODELS) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-triton build $(MODELS) .mypy_cache .ruff_cache .pytest_cache

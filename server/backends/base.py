@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,3 +46,18 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the model's resources once no request can reach it any more."""
         ...
+
+
+@runtime_checkable
+class ReportsReadiness(Protocol):
+    """A backend whose readiness can change after loading (a remote one: its upstream may go away and return)."""
+
+    @property
+    def ready(self) -> bool:
+        """Cheap and non-blocking: read on the event loop by ModelReady and ServerReady."""
+        ...
+
+
+def backend_ready(backend: Backend) -> bool:
+    """Whether a loaded backend can serve now; local backends always can."""
+    return backend.ready if isinstance(backend, ReportsReadiness) else True

@@ -19,6 +19,8 @@ from tensorgate.server.errors import InvalidConfigError
 CONFIG_FILE = "config.pbtxt"
 ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
+TRITON_BACKEND = "tensorgate_triton"
+"""A model run by an upstream Triton Inference Server (server/backends/triton.py)."""
 DEFAULT_ONNX_FILENAME = "model.onnx"
 
 _MAX_BATCH_KEY = re.compile(r"(^|[\s{,])max_batch_size\s*:", re.MULTILINE)
@@ -65,7 +67,9 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 
 def check_backend(config: mc.ModelConfig) -> None:
-    """Only ONNX models run locally for now; say so clearly for anything else."""
+    """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton; say so clearly for anything else."""
+    if config.backend == TRITON_BACKEND and config.platform == "":
+        return
     if config.backend in ("", ONNX_BACKEND) and config.platform in ("", ONNX_PLATFORM):
         config.backend = ONNX_BACKEND
         config.platform = ONNX_PLATFORM
@@ -73,7 +77,7 @@ def check_backend(config: mc.ModelConfig) -> None:
     raise InvalidConfigError(
         config.name,
         f"unsupported backend '{config.backend or config.platform}' (supported: backend \"{ONNX_BACKEND}\" "
-        f'or platform "{ONNX_PLATFORM}")',
+        f'or platform "{ONNX_PLATFORM}", and backend "{TRITON_BACKEND}" for a model on an upstream Triton)',
     )
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.base import Backend, backend_ready
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
+from tensorgate.server.backends.triton import DEFAULT_REMOTE_INSTANCES, REMOTE_VERSION, TritonBackend, complete_config
 from tensorgate.server.errors import (
     InvalidConfigError,
     InvalidRequestError,
@@ -29,6 +31,7 @@ from tensorgate.server.errors import (
     TensorgateError,
 )
 from tensorgate.server.repository.config import (
+    TRITON_BACKEND,
     TensorInfo,
     autocomplete,
     check_backend,
@@ -67,7 +70,7 @@ class LoadedModel:
     version: int
     config: mc.ModelConfig
     schema: ModelSchema
-    backend: OnnxBackend
+    backend: Backend
     scheduler: Scheduler
     stats: ModelStats
     signature: str
@@ -101,7 +104,7 @@ class _Prepared:
     version: int
     config: mc.ModelConfig
     schema: ModelSchema
-    backend: OnnxBackend
+    backend: Backend
     policy: SchedulingPolicy
     signature: str
     load_seconds: float = 0.0
@@ -213,8 +216,12 @@ class ModelRepository:
         return rows
 
     def all_ready(self) -> bool:
-        """Server readiness: every model that should be loaded is, and none failed."""
-        return all(e.state == READY for e in self._entries.values() if e.reason != "unloaded")
+        """Server readiness: every model that should be loaded is, none failed, and every upstream is ready."""
+        return all(
+            e.state == READY and all(backend_ready(m.backend) for m in e.versions.values())
+            for e in self._entries.values()
+            if e.reason != "unloaded"
+        )
 
     # ----- the repository on disk --------------------------------------------------------------------------
 
@@ -257,7 +264,8 @@ class ModelRepository:
         check_backend(base)
         base_text = base.SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)
-        wanted = select_versions(base.version_policy, on_disk)
+        # A model on an upstream Triton has no files to version: it serves as one version (backends/triton.py).
+        wanted = [REMOTE_VERSION] if base.backend == TRITON_BACKEND else select_versions(base.version_policy, on_disk)
         if not wanted:
             raise ModelLoadError(
                 name, None, f"no version directory matches the version policy (found {on_disk or 'none'})"
@@ -282,6 +290,8 @@ class ModelRepository:
         started = time.perf_counter()
         config = copy.deepcopy(base)
         name = config.name
+        if config.backend == TRITON_BACKEND:
+            return self._prepare_remote(config, mbs_given, vdir.parent, version, sig, started)
         if not config.instance_group:
             config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
         model_file = vdir / (config.default_model_filename or "model.onnx")
@@ -326,6 +336,39 @@ class ModelRepository:
             backend.close()
             raise ModelLoadError(name, version, exc.problem) from exc
         except TensorgateError:
+            backend.close()
+            raise
+        return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
+
+    def _prepare_remote(
+        self, config: mc.ModelConfig, mbs_given: bool, model_dir: Path, version: int, sig: str, started: float
+    ) -> _Prepared:
+        """A model on an upstream Triton: its tensors and max_batch_size come from the upstream when config.pbtxt
+        leaves them out; its instances are threads waiting on upstream calls (KIND_MODEL: the upstream places it)."""
+        if not config.instance_group:
+            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_MODEL, count=DEFAULT_REMOTE_INSTANCES)
+        backend = TritonBackend(config, model_dir, version=version)
+        try:
+            complete_config(config, backend.upstream, max_batch_size_given=mbs_given)
+            autocomplete(
+                config,
+                backend.upstream.inputs,
+                backend.upstream.outputs,
+                max_batch_size_given=True,
+                default_max_batch_size=self._default_mbs,
+            )
+            config.ClearField("default_model_filename")  # no model file: autocomplete's ONNX default does not apply
+            for group in config.instance_group:
+                if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+                    group.kind = mc.ModelInstanceGroup.KIND_MODEL
+            config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
+            schema = ModelSchema.from_config(config)
+            policy = SchedulingPolicy.from_config(config)
+            run_warmup(config, schema, backend, model_dir, version)
+        except InvalidConfigError as exc:
+            backend.close()
+            raise ModelLoadError(config.name, version, exc.problem) from exc
+        except BaseException:
             backend.close()
             raise
         return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)

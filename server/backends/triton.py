@@ -1,0 +1,468 @@
+"""Remote Triton backend: a model whose execution happens on an upstream Triton Inference Server.
+
+tensorgate keeps the caller-facing side (the V2 API, mTLS and authorization, dynamic batching across callers,
+tracing, metrics); the upstream only runs batches. A model directory needs only a `config.pbtxt`::
+
+    backend: "tensorgate_triton"
+    parameters { key: "tensorgate.triton.url" value { string_value: "triton.internal:8001" } }
+
+Inputs, outputs and `max_batch_size` are read from the upstream's ModelMetadata and ModelConfig when the file does
+not state them. Such a model has no version directories: it is served as version 1 (REMOTE_VERSION), whatever
+upstream version it maps to. Parameters (all optional but the url; values are strings, as Triton writes them):
+
+    tensorgate.triton.url                 host:port of the upstream's gRPC endpoint
+    tensorgate.triton.model_name          upstream model (default: this model's name)
+    tensorgate.triton.model_version       upstream version (default: "", the upstream's choice)
+    tensorgate.triton.tls                 "true" for TLS to the upstream (implied by any of the three files)
+    tensorgate.triton.ca_file             PEM roots to verify the upstream (default: the system's)
+    tensorgate.triton.cert_file / key_file    client certificate and key, for mutual TLS
+    tensorgate.triton.server_name         TLS name to verify when it differs from the url's host
+    tensorgate.triton.timeout_s           per-call limit when the caller sets no deadline (default 60)
+    tensorgate.triton.deadline_margin_ms  taken off the caller's deadline before it is sent upstream (default 5)
+    tensorgate.triton.connections         gRPC connections to the upstream, used in turn (default 1)
+    tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
+    tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token)
+
+File paths may be relative to the model directory. Without an `instance_group`, a remote model gets
+DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance is a worker thread that waits on one upstream
+call, so that several batches are in flight upstream while tensorgate forms the next ones.
+
+Threads: `execute` runs on the scheduler's worker threads and is synchronous; the tritonclient.grpc.aio clients
+live on one event loop thread owned by the backend, and `execute` hands each call to it with
+`run_coroutine_threadsafe`. Encoding and decoding tensors happen on the worker thread, not on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tca
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
+from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
+from tensorgate.server.errors import (
+    BackendError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelUnavailableError,
+    ResourceExhaustedError,
+    TensorgateError,
+    model_ref,
+)
+from tensorgate.server.repository.config import TensorInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PREFIX = "tensorgate.triton."
+REMOTE_VERSION = 1
+"""The version a remote model is served as: it has no version directories."""
+DEFAULT_REMOTE_INSTANCES = 4
+"""Batches in flight upstream per model when config.pbtxt has no instance_group (see the module docstring)."""
+REDACTED = "<redacted>"
+_MAX_MESSAGE = 2**31 - 1
+# Reconnect quickly once the upstream is back: gRPC's default backoff grows to two minutes between attempts, so a
+# restarted Triton would stay unreachable that long. At most one attempt a second per connection costs nothing.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Without it, channels with the same target and options share one connection: `connections` would not add any.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+# Codes an upstream answers with that mean "the upstream cannot serve now", not "this request is wrong".
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED"}
+_CLOSED_BY_PEER = "Socket closed"
+"""grpc's words when the upstream closes a connection it accepted (see TritonSettings.closed_hint)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TritonSettings:
+    """The upstream as a model's config.pbtxt describes it (see the module docstring for the parameters)."""
+
+    url: str
+    model_name: str
+    model_version: str = ""
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+    timeout_s: float = 60.0
+    deadline_margin_s: float = 0.005
+    connections: int = 1
+    health_interval_s: float = 2.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig, model_dir: Path) -> TritonSettings:
+        """Read and check the `tensorgate.triton.*` parameters; ModelLoadError names the bad one."""
+        name = config.name
+        params = {k: v.string_value for k, v in config.parameters.items() if k.startswith(PREFIX)}
+        known = {
+            "url",
+            "model_name",
+            "model_version",
+            "tls",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "server_name",
+            "timeout_s",
+            "deadline_margin_ms",
+            "connections",
+            "health_interval_s",
+        }
+        headers: dict[str, str] = {}
+        for key, value in params.items():
+            short = key.removeprefix(PREFIX)
+            if short.startswith("header."):
+                header = short.removeprefix("header.").lower()
+                if not header or header.startswith("grpc-") or header.endswith("-bin"):
+                    raise ModelLoadError(name, None, f"parameter '{key}' does not name a usable gRPC header")
+                headers[header] = value
+            elif short not in known:
+                raise ModelLoadError(name, None, f"unknown parameter '{key}' (known: {', '.join(sorted(known))})")
+
+        def number(key: str, default: float, low: float, high: float) -> float:
+            text = params.get(PREFIX + key, "").strip()
+            if not text:
+                return default
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not low <= value <= high:  # also refuses nan
+                raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}' must be a number in {low}..{high}")
+            return value
+
+        def path(key: str) -> Path | None:
+            text = params.get(PREFIX + key, "").strip()
+            if not text:
+                return None
+            p = Path(text) if Path(text).is_absolute() else model_dir / text
+            if not p.is_file():
+                raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}': {text} is not a readable file")
+            return p
+
+        url = params.get(PREFIX + "url", "").strip()
+        if not url or "://" in url or ":" not in url:
+            raise ModelLoadError(name, None, f"parameter '{PREFIX}url' must be the upstream's gRPC host:port")
+        tls_text = params.get(PREFIX + "tls", "").strip().lower()
+        if tls_text not in ("", "true", "false"):
+            raise ModelLoadError(name, None, f"parameter '{PREFIX}tls' must be true or false, got '{tls_text}'")
+        ca, cert, private_key = path("ca_file"), path("cert_file"), path("key_file")
+        if (cert is None) != (private_key is None):
+            raise ModelLoadError(name, None, f"'{PREFIX}cert_file' and '{PREFIX}key_file' go together")
+        return cls(
+            url=url,
+            model_name=params.get(PREFIX + "model_name", "").strip() or name,
+            model_version=params.get(PREFIX + "model_version", "").strip(),
+            tls=tls_text == "true" or any(p is not None for p in (ca, cert, private_key)),
+            ca_file=ca,
+            cert_file=cert,
+            key_file=private_key,
+            server_name=params.get(PREFIX + "server_name", "").strip() or None,
+            timeout_s=number("timeout_s", 60.0, 0.001, 86_400.0),
+            deadline_margin_s=number("deadline_margin_ms", 5.0, 0.0, 10_000.0) / 1000,
+            connections=int(number("connections", 1, 1, 64)),
+            health_interval_s=number("health_interval_s", 2.0, 0.05, 3600.0),
+            headers=headers,
+        )
+
+    def closed_hint(self) -> str:
+        """What to check when the upstream accepted the connection and closed it before answering: grpc says
+        only "Socket closed" when the two sides disagree on TLS, or when a TLS upstream refuses the client."""
+        if not self.tls:
+            return f" (a TLS upstream does that to plaintext: set '{PREFIX}tls' or '{PREFIX}ca_file')"
+        if self.cert_file is None:
+            return (
+                f" (during the TLS handshake: an upstream that requires client certificates does that; set "
+                f"'{PREFIX}cert_file' and '{PREFIX}key_file')"
+            )
+        return f" (during the TLS handshake: does the upstream trust the certificate in '{PREFIX}cert_file'?)"
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+
+        def read(p: Path | None) -> bytes | None:
+            return p.read_bytes() if p is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamModel:
+    """What the upstream says about the model: its tensors (shape as in ModelMetadata) and max_batch_size."""
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int
+    """0 when the upstream does not batch, or would not say (a deployment that restricts ModelConfig)."""
+
+
+class TritonBackend:
+    """Runs batches on an upstream Triton over long-lived gRPC connections; see the module docstring.
+
+    Usage (what the repository does)::
+
+        backend = TritonBackend(config, model_dir)      # connects, reads the upstream model; ModelLoadError if not
+        backend.upstream.inputs, backend.upstream.max_batch_size   # to complete config.pbtxt
+        outputs = backend.execute({"INPUT0": x, "INPUT1": y}, ["OUTPUT0"], context)   # on a worker thread
+        backend.close()
+    """
+
+    def __init__(self, config: mc.ModelConfig, model_dir: Path, *, version: int = REMOTE_VERSION) -> None:
+        self._model, self._version = config.name, version
+        self.settings = TritonSettings.from_config(config, model_dir)
+        s = self.settings
+        self._where = f"upstream Triton {s.url} (model '{s.model_name}')"
+        self._ready = False
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"tg-triton-{config.name}", daemon=True)
+        self._thread.start()
+        self._probe: Future[None] | None = None
+        try:
+            self._clients = self._run(self._connect(), 10.0)
+            self._next = itertools.cycle(self._clients)
+            self.upstream = self._run(self._describe(), min(s.timeout_s, 30.0) + 1.0)
+        except ModelLoadError:
+            self.close()
+            raise
+        except TensorgateError as exc:
+            self.close()
+            reason = exc.reason if isinstance(exc, ModelUnavailableError) else exc.message
+            if _CLOSED_BY_PEER in reason:
+                reason += self.settings.closed_hint()
+            raise ModelLoadError(self._model, version, reason) from exc
+        except BaseException:
+            self.close()
+            raise
+        self._ready = True
+        self._types = {t.name: BY_CONFIG_TYPE[t.data_type].name for t in self.upstream.inputs}
+        self._probe = asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
+        log.info("model '%s' fronts %s over %d connection(s)", self._model, self._where, s.connections)
+
+    # ----- the backend protocol ----------------------------------------------------------------------------
+
+    @property
+    def execution_provider(self) -> str:
+        return f"triton:{self.settings.url}"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the upstream model answered ready the last time it was asked (or served the last call)."""
+        return self._ready and not self._closed
+
+    def execute(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
+    ) -> dict[str, np.ndarray]:
+        """One upstream ModelInfer for the whole batch; tensors travel as raw contents both ways."""
+        s = self.settings
+        timeout = s.timeout_s
+        if context.deadline is not None:
+            timeout = min(timeout, context.deadline - time.monotonic() - s.deadline_margin_s)
+            if timeout <= 0:
+                raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
+        infer_inputs = []
+        for name, array in inputs.items():
+            item = tc.InferInput(name, list(array.shape), self._types.get(name, "BYTES"))
+            try:
+                item.set_data_from_numpy(array)
+            except InferenceServerException as exc:
+                raise InvalidRequestError(self._model, self._version, exc.message(), tensor=name) from exc
+            infer_inputs.append(item)
+        wanted = [tc.InferRequestedOutput(name) for name in outputs]
+        headers = {**s.headers, **context.trace_headers}
+        client = next(self._next)
+        coro = client.infer(
+            s.model_name,
+            infer_inputs,
+            model_version=s.model_version,
+            outputs=wanted,
+            client_timeout=timeout,
+            headers=headers or None,
+        )
+        result = self._run(coro, timeout + 1.0, timeout_error=timeout)
+        self._ready = True
+        response = result.get_response()
+        out: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(response.outputs):
+            try:
+                out[tensor.name] = decode_raw(
+                    response.raw_output_contents[i], BY_NAME[tensor.datatype], tuple(tensor.shape)
+                )
+            except (IndexError, KeyError, TensorFormatError) as exc:
+                raise BackendError(self._model, self._version, f"{self._where} sent a malformed output: {exc}") from exc
+        missing = [name for name in outputs if name not in out]
+        if missing:
+            raise BackendError(self._model, self._version, f"{self._where} did not return {', '.join(missing)}")
+        return out
+
+    def close(self) -> None:
+        """Stop the readiness probe, close the connections, stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+        clients = getattr(self, "_clients", [])
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close_clients(clients), self._loop).result(5.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # ----- on the backend's loop ---------------------------------------------------------------------------
+
+    async def _connect(self) -> list[Any]:
+        """Clients are made on the loop that will use them: a grpc.aio channel belongs to its loop."""
+        s = self.settings
+        options = list(_CHANNEL_OPTIONS)
+        if s.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", s.server_name))
+        creds = s.credentials()
+        return [
+            tca.InferenceServerClient(s.url, creds=creds, channel_args=options + [("tensorgate.connection", i)])
+            for i in range(s.connections)
+        ]
+
+    async def _describe(self) -> UpstreamModel:
+        s = self.settings
+        client = self._clients[0]
+        call = {"model_version": s.model_version, "headers": s.headers or None, "client_timeout": s.timeout_s}
+        with self._errors():
+            meta = await client.get_model_metadata(s.model_name, as_json=True, **call)
+        try:
+            with self._errors():
+                upstream_config = (await client.get_model_config(s.model_name, as_json=True, **call)).get("config", {})
+            mbs = int(upstream_config.get("max_batch_size", 0))
+        except ModelUnavailableError:
+            raise
+        except TensorgateError as exc:
+            # Some deployments restrict ModelConfig; the metadata alone still describes the tensors.
+            log.warning("model '%s': %s; taking the upstream model as not batching", self._model, exc.message)
+            mbs = 0
+
+        def infos(key: str) -> list[TensorInfo]:
+            found: list[TensorInfo] = []
+            for t in meta.get(key, []):
+                datatype = BY_NAME.get(t.get("datatype", ""))
+                if datatype is None:
+                    raise ModelLoadError(
+                        self._model,
+                        self._version,
+                        f"{self._where}: tensor '{t.get('name')}' has datatype "
+                        f"{t.get('datatype')}, which tensorgate cannot serve",
+                    )
+                shape = tuple(None if int(d) < 0 else int(d) for d in t.get("shape", []))
+                found.append(TensorInfo(t["name"], datatype.config_type, shape))
+            return found
+
+        return UpstreamModel(infos("inputs"), infos("outputs"), mbs)
+
+    async def _watch(self) -> None:
+        """Ask the upstream whether the model is ready, for ModelReady and ServerReady; this also keeps a
+        connection being re-tried while the upstream is down, so that it is back soon after the upstream is."""
+        s = self.settings
+        for client in itertools.cycle(self._clients):
+            try:
+                self._ready = bool(
+                    await client.is_model_ready(
+                        s.model_name, s.model_version, headers=s.headers or None, client_timeout=s.health_interval_s
+                    )
+                )
+            except InferenceServerException as exc:
+                if self._ready:
+                    log.warning("model '%s': %s is not ready: %s", self._model, self._where, exc.message())
+                self._ready = False
+            await asyncio.sleep(s.health_interval_s)
+
+    @staticmethod
+    async def _close_clients(clients: Sequence[Any]) -> None:
+        for client in clients:
+            await client.close()
+
+    # ----- helpers -----------------------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine[Any, Any, T], wait: float, *, timeout_error: float | None = None) -> T:
+        """Run a coroutine on the backend's loop from another thread, translating tritonclient's errors."""
+        if self._closed:
+            coro.close()
+            raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._errors(timeout_error):
+            try:
+                return future.result(wait)
+            except FutureTimeout:
+                future.cancel()
+                raise DeadlineExceededError(
+                    f"{model_ref(self._model, self._version)}: {self._where} did not answer within {wait:.3f}s"
+                ) from None
+
+    @contextlib.contextmanager
+    def _errors(self, timeout: float | None = None) -> Iterator[None]:
+        """Map tritonclient's exceptions to tensorgate's: the caller sees the upstream's code where it means the
+        same to them, and UNAVAILABLE (the model is not ready) where the upstream cannot be reached."""
+        try:
+            yield
+        except InferenceServerException as exc:
+            status, message = exc.status() or "", exc.message() or str(exc)
+            ref = model_ref(self._model, self._version)
+            if status == "StatusCode.DEADLINE_EXCEEDED":
+                within = f" within {timeout:.3f}s" if timeout is not None else ""
+                raise DeadlineExceededError(f"{ref}: {self._where} did not answer{within}") from exc
+            if status == "StatusCode.INVALID_ARGUMENT":
+                raise InvalidRequestError(self._model, self._version, f"{self._where}: {message}") from exc
+            if status == "StatusCode.RESOURCE_EXHAUSTED":
+                raise ResourceExhaustedError(f"{ref}: {self._where}: {message}") from exc
+            if status in _UNAVAILABLE:
+                self._ready = False
+                raise ModelUnavailableError(self._model, self._version, f"{self._where}: {message}") from exc
+            raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
+
+
+def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batch_size_given: bool) -> None:
+    """Make the config to serve: take the upstream's max_batch_size (and dynamic batching) unless config.pbtxt
+    says otherwise (a local max_batch_size larger than the upstream's would send batches the upstream refuses),
+    and hide the values of `header.*` parameters, which may be credentials, from the ModelConfig RPC. Then
+    `autocomplete` completes the tensors, with max_batch_size counted as given."""
+    for key, value in config.parameters.items():
+        if key.startswith(PREFIX + "header."):
+            value.string_value = REDACTED
+    if not max_batch_size_given:
+        config.max_batch_size = upstream.max_batch_size
+        if upstream.max_batch_size > 0 and not config.HasField("dynamic_batching"):
+            config.dynamic_batching.SetInParent()
+    elif upstream.max_batch_size > 0 and config.max_batch_size > upstream.max_batch_size:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            f"max_batch_size is {config.max_batch_size} but the upstream model's is {upstream.max_batch_size}",
+        )

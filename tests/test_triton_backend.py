@@ -1,0 +1,309 @@
+"""The remote Triton backend against a real Triton Inference Server on loopback (PyTriton's bundled tritonserver,
+run from `.venv-triton` by tests/pytriton_upstream.py): what callers get through tensorgate equals what Triton
+answers directly; config auto-completion; upstream errors, deadlines, restarts; mTLS in front; streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import decode_infer_response, encode_infer_request
+from tensorgate.server.backends.base import BatchContext
+from tensorgate.server.backends.triton import TritonBackend
+from tensorgate.server.errors import DeadlineExceededError, ModelLoadError
+from tests.pki import Pki, secure_channel
+from tests.pytriton_upstream import TOKEN, TOKEN_HEADER, Upstream, unavailable_reason
+from tests.serving import ServerThread
+
+_REASON = unavailable_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"PyTriton cannot run here: {_REASON}")
+
+
+def remote_config(url: str, *extra: str) -> str:
+    """The config.pbtxt of a model fronting `url`; `extra` adds lines (more parameters, tensors...)."""
+    lines = [
+        'backend: "tensorgate_triton"',
+        f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{url}" }} }}',
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_remote(root: Path, name: str, url: str, *extra: str) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "config.pbtxt").write_text(remote_config(url, *extra))
+
+
+LOOSE_ADD_SUB = (
+    'parameters { key: "tensorgate.triton.model_name" value { string_value: "add_sub" } }',
+    "max_batch_size: 16",
+    'input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [-1] }, { name: "INPUT1" data_type: TYPE_FP32 dims: [-1] }]',
+)
+"""A model that lets any row length through tensorgate's own checks, so that the upstream is the one to refuse."""
+
+
+BATCH_WAIT = "dynamic_batching { max_queue_delay_microseconds: 300000 }"
+"""Long enough for the concurrent callers of a test to meet in one batch."""
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    with Upstream(tmp_path_factory.mktemp("pytriton")) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def front(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """tensorgate fronting every upstream model with a one-line config (plus the access token header)."""
+    root = tmp_path_factory.mktemp("remote-models")
+    token = f'parameters {{ key: "tensorgate.triton.header.{TOKEN_HEADER}" value {{ string_value: "{TOKEN}" }} }}'
+    for name in ("add_sub", "int_ops", "bytes_op", "slow"):
+        write_remote(root, name, upstream.url, token)
+    write_remote(root, "add_sub_loose", upstream.url, *LOOSE_ADD_SUB)
+    write_remote(root, "add_sub_batched", upstream.url, LOOSE_ADD_SUB[0], BATCH_WAIT)
+    with ServerThread(root) as s:
+        yield s
+
+
+def infer_both(
+    front: ServerThread, upstream: Upstream, model: str, arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The same request to tensorgate and straight to Triton, with tritonclient; outputs of each."""
+    results = []
+    for url in (front.address, upstream.url):
+        with tc.InferenceServerClient(url) as client:
+            inputs = []
+            for name, array in arrays.items():
+                item = tc.InferInput(name, list(array.shape), tc.np_to_triton_dtype(array.dtype))
+                item.set_data_from_numpy(array)
+                inputs.append(item)
+            result = client.infer(model, inputs, client_timeout=30)
+            response = result.get_response()
+            results.append({o.name: result.as_numpy(o.name) for o in response.outputs})
+    return results[0], results[1]
+
+
+CASES = [
+    pytest.param(
+        "add_sub",
+        {
+            "INPUT0": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "INPUT1": np.full((3, 4), 0.5, dtype=np.float32),
+        },
+        id="fp32",
+    ),
+    pytest.param(
+        "int_ops",
+        {
+            "A": np.array([[1, -2, 3], [2**30, 0, -7]], dtype=np.int32),
+            "B": np.array([[2**40, -1, 0], [5, 6, 7]], dtype=np.int64),
+        },
+        id="int32-int64",
+    ),
+    pytest.param(
+        "bytes_op",
+        {"TEXT": np.array([[b"hello"], [b""], [b"\xff\x00bin"]], dtype=object)},
+        id="bytes-with-non-utf8",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model", "arrays"), CASES)
+def test_inference_through_tensorgate_equals_triton(
+    front: ServerThread, upstream: Upstream, model: str, arrays: dict[str, np.ndarray]
+) -> None:
+    through, direct = infer_both(front, upstream, model, arrays)
+    assert set(through) == set(direct)
+    for name in direct:
+        assert through[name].dtype == direct[name].dtype, name
+        np.testing.assert_array_equal(through[name], direct[name])
+
+
+def test_config_is_completed_from_the_upstream(front: ServerThread, upstream: Upstream) -> None:
+    with tc.InferenceServerClient(front.address) as client:
+        config = client.get_model_config("add_sub", as_json=True)["config"]
+        meta = client.get_model_metadata("bytes_op", as_json=True)
+        assert client.is_model_ready("add_sub")
+    assert config["max_batch_size"] == 16  # the upstream's, not tensorgate's default
+    assert "dynamic_batching" in config
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("INPUT0", "TYPE_FP32", ["4"]),
+        ("INPUT1", "TYPE_FP32", ["4"]),
+    ]
+    assert config["instance_group"][0]["kind"] == "KIND_MODEL"
+    assert config["parameters"]["tensorgate.execution_provider"]["string_value"] == f"triton:{upstream.url}"
+    # The access token is a credential: the served config does not show it.
+    assert config["parameters"][f"tensorgate.triton.header.{TOKEN_HEADER}"]["string_value"] == "<redacted>"
+    assert meta["versions"] == ["1"]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("TEXT", "BYTES", ["-1", "1"])]
+    assert [(t["name"], t["datatype"]) for t in meta["outputs"]] == [("UPPER", "BYTES"), ("LEN", "INT32")]
+
+
+def _stats(url: str, model: str, headers: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(inference_count, execution_count, successful requests) of a model, as ModelStatistics reports them."""
+    with tc.InferenceServerClient(url) as client:
+        (stats,) = client.get_inference_statistics(model, headers=headers, as_json=True)["model_stats"]
+    success = stats.get("inference_stats", {}).get("success", {}).get("count", 0)
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), int(success)
+
+
+def test_each_batch_is_one_upstream_request(front: ServerThread, upstream: Upstream) -> None:
+    token = {TOKEN_HEADER: TOKEN}  # PyTriton restricts statistics to holders of its access token
+    up0, tg0 = _stats(upstream.url, "add_sub", token), _stats(front.address, "add_sub_batched")
+    x = np.ones((1, 4), dtype=np.float32)
+    request = encode_infer_request("add_sub_batched", [("INPUT0", x), ("INPUT1", x)])
+    with grpc.insecure_channel(front.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(request, timeout=30) for _ in range(6)]
+        for call in calls:
+            np.testing.assert_array_equal(decode_infer_response(call.result())["OUTPUT0"], x * 2)
+    up1, tg1 = _stats(upstream.url, "add_sub", token), _stats(front.address, "add_sub_batched")
+    tg_rows, tg_batches = tg1[0] - tg0[0], tg1[1] - tg0[1]
+    assert tg_rows == 6 and up1[0] - up0[0] == 6  # every row reached the upstream once
+    assert up1[2] - up0[2] == tg_batches  # one upstream request per batch tensorgate ran
+    assert tg_batches < 6  # the callers were batched (they all wait up to 300 ms for each other)
+
+
+def test_upstream_invalid_argument_reaches_the_caller(front: ServerThread) -> None:
+    x = np.ones((1, 3), dtype=np.float32)  # the upstream wants 4 per row; tensorgate's config lets any through
+    request = encode_infer_request("add_sub_loose", [("INPUT0", x), ("INPUT1", x)])
+    with grpc.insecure_channel(front.address) as channel, pytest.raises(grpc.RpcError) as info:
+        GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model 'add_sub_loose' version 1: upstream Triton" in info.value.details()
+    assert "unexpected shape for input" in info.value.details()  # Triton's own words
+
+
+def test_deadline_shorter_than_the_upstream_is_deadline_exceeded(front: ServerThread) -> None:
+    request = encode_infer_request("slow", [("X", np.ones((1, 1), dtype=np.float32))])
+    with grpc.insecure_channel(front.address) as channel, pytest.raises(grpc.RpcError) as info:
+        GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=0.3)  # the upstream takes 1 s
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_backend_sends_the_deadline_upstream(upstream: Upstream, tmp_path: Path) -> None:
+    """Without tensorgate's own timer in the way: the upstream call itself ends at the batch's deadline."""
+    config = mc.ModelConfig(name="slow", backend="tensorgate_triton")
+    config.parameters["tensorgate.triton.url"].string_value = upstream.url
+    backend = TritonBackend(config, tmp_path)
+    try:
+        context = BatchContext(
+            deadline=time.monotonic() + 0.2, trace_headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+        )
+        with pytest.raises(DeadlineExceededError, match="upstream Triton .* did not answer within"):
+            backend.execute({"X": np.ones((1, 1), dtype=np.float32)}, ["Y"], context)
+        out = backend.execute({"X": np.full((2, 1), 3.0, dtype=np.float32)}, ["Y"])  # no deadline: waits
+        np.testing.assert_array_equal(out["Y"], np.full((2, 1), 3.0, dtype=np.float32))
+    finally:
+        backend.close()
+
+
+def test_stream_infer_through_tensorgate(front: ServerThread) -> None:
+    requests = []
+    for i in range(4):
+        x = np.full((1, 4), float(i), dtype=np.float32)
+        req = encode_infer_request("add_sub", [("INPUT0", x), ("INPUT1", x)], request_id=f"r{i}")
+        requests.append(req)
+    with grpc.insecure_channel(front.address) as channel:
+        replies = list(GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=30))
+    assert [r.error_message for r in replies] == [""] * 4
+    by_id = {r.infer_response.id: decode_infer_response(r.infer_response) for r in replies}
+    for i in range(4):
+        np.testing.assert_array_equal(by_id[f"r{i}"]["OUTPUT0"], np.full((1, 4), 2.0 * i, dtype=np.float32))
+        np.testing.assert_array_equal(by_id[f"r{i}"]["OUTPUT1"], np.zeros((1, 4), dtype=np.float32))
+
+
+def test_mtls_in_front_of_a_plaintext_upstream(upstream: Upstream, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    root = tmp_path / "models"
+    write_remote(root, "add_sub", upstream.url)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    request = encode_infer_request("add_sub", [("INPUT0", x), ("INPUT1", x)])
+    with ServerThread(root, **pki.server_settings()) as s:
+        with secure_channel(s.address, pki.ca_path, pki.client("scorer")) as channel:
+            reply = GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        np.testing.assert_array_equal(decode_infer_response(reply)["OUTPUT0"], x * 2)
+        with secure_channel(s.address, pki.ca_path, None) as channel, pytest.raises(grpc.RpcError) as info:
+            GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # no client certificate: no handshake
+
+
+def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    own = Upstream(tmp_path / "pytriton")
+    own.start()
+    try:
+        root = tmp_path / "models"
+        write_remote(
+            root,
+            "add_sub",
+            own.url,
+            'parameters { key: "tensorgate.triton.health_interval_s" value { string_value: "0.2" } }',
+        )
+        x = np.ones((1, 4), dtype=np.float32)
+        request = encode_infer_request("add_sub", [("INPUT0", x), ("INPUT1", x)])
+        with ServerThread(root) as s, grpc.insecure_channel(s.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            ready = lambda: stub.ModelReady(pb.ModelReadyRequest(name="add_sub"), timeout=10).ready  # noqa: E731
+            server_ready = lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready  # noqa: E731
+            assert ready() and server_ready()
+            stub.ModelInfer(request, timeout=30)
+            own.stop()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=20)  # a slow failure would be DEADLINE_EXCEEDED
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "model 'add_sub' version 1 is not ready: upstream Triton" in info.value.details()
+            wait_for("ModelReady false", lambda: not ready())
+            assert not server_ready()
+            own.start()
+            wait_for("ModelReady true after the upstream restarted", ready)
+            reply = stub.ModelInfer(request, timeout=30)
+            np.testing.assert_array_equal(decode_infer_response(reply)["OUTPUT0"], x * 2)
+            assert server_ready()
+    finally:
+        own.stop()
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        pytest.param(("url", ""), "must be the upstream's gRPC host:port", id="no-url"),
+        pytest.param(
+            ("connections", "0"), "'tensorgate.triton.connections' must be a number in 1..64", id="connections"
+        ),
+        pytest.param(("colour", "red"), "unknown parameter 'tensorgate.triton.colour'", id="unknown-parameter"),
+        pytest.param(("ca_file", "missing.pem"), "missing.pem is not a readable file", id="missing-ca"),
+    ],
+)
+def test_bad_parameters_fail_the_load_with_the_reason(tmp_path: Path, extra: tuple[str, str], reason: str) -> None:
+    config = mc.ModelConfig(name="m", backend="tensorgate_triton")
+    config.parameters["tensorgate.triton.url"].string_value = "127.0.0.1:1"
+    config.parameters[f"tensorgate.triton.{extra[0]}"].string_value = extra[1]
+    with pytest.raises(ModelLoadError, match=reason.replace("(", r"\(").replace(".", r"\.")):
+        TritonBackend(config, tmp_path)
+
+
+def test_unreachable_upstream_fails_the_load(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_remote(root, "add_sub", "127.0.0.1:1")
+    with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert index[0]["state"] == "UNAVAILABLE"
+        assert "upstream Triton 127.0.0.1:1 (model 'add_sub')" in index[0]["reason"]
