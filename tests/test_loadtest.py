@@ -1,10 +1,12 @@
 """`tensorgate bench` (tensorgate.loadtest) against a real tensorgate on loopback: closed and open loop with two
-load processes, reports and plots, queueing seen by the open loop, the exact merge of samples, compare, Ctrl-C."""
+load processes, reports and plots, queueing seen by the open loop, the exact merge of samples, compare, Ctrl-C,
+no matplotlib, and an open-loop stream that outlives a server restart."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -23,6 +25,7 @@ from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.samples import latency_summary_ms
 from tensorgate.server.cli import main
 from tests.onnx_models import busy_model, write_config
+from tests.process import ServeProcess
 from tests.serving import ServerThread
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -72,8 +75,10 @@ def assert_outputs(out: Path, levels: int) -> None:
 
 
 def test_closed_loop_sweep_with_two_workers(server: ServerThread, tmp_path: Path, capsys: Any) -> None:
-    doc = bench(tmp_path, "add_sub", "--server", server.address, "--concurrency", "1,4", "--batch", "2", *SHORT)
+    args = ("--concurrency", "1,4", "--batch", "2", "--nice", "1")
+    doc = bench(tmp_path, "add_sub", "--server", server.address, *args, *SHORT)
     assert [lv["concurrency"] for lv in doc["levels"]] == [1, 4]
+    assert doc["config"]["nice"] == 1
     assert_consistent(doc)
     for level in doc["levels"]:
         assert level["failed"] == {} and level["dropped"] == 0
@@ -245,6 +250,8 @@ def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None
     assert main(["bench", "nope", "--server", server.address, "--out", out]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["bench", "add_sub", "--server", server.address, "--concurrency", "0", "--out", out]) == 2
+    assert main(["bench", "add_sub", "--server", server.address, "--nice", "20", "--out", out]) == 2
+    assert "--nice must be between 0 and 19" in capsys.readouterr().err
 
 
 def test_public_names() -> None:
@@ -292,3 +299,102 @@ def test_ctrl_c_writes_a_partial_report(server: ServerThread, tmp_path: Path) ->
     assert level["interrupted"] is True and level["concurrency"] == 2
     assert_consistent(doc)
     assert "partial" in stdout
+
+
+def bench_process(server: str, out: Path, *args: str, python: list[str] | None = None) -> subprocess.Popen[str]:
+    """`tensorgate bench` in a child process (its stdout the table, its stderr the progress lines)."""
+    cmd = [*(python or [sys.executable, "-m", "tensorgate.server.cli"]), "bench", *args, "--server", server,
+           "--out", str(out)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+# ----- no matplotlib ----------------------------------------------------------------------------------------------
+
+# An interpreter on which `import matplotlib` fails as it does where the package is not installed: a meta-path
+# finder ahead of the real ones refuses it, then the CLI runs as `python -m tensorgate.server.cli` would.
+WITHOUT_MATPLOTLIB = """
+import sys
+class NoMatplotlib:
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoMatplotlib())
+from tensorgate.server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_plots_without_matplotlib_say_so_and_keep_the_reports(server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = bench_process(
+        server.address, out, "add_sub", "--concurrency", "2", "--duration", "0.5", "--warmup", "0.1",
+        python=[sys.executable, "-c", WITHOUT_MATPLOTLIB],
+    )  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "matplotlib is not installed, so no plots: pip install 'tensorgate[bench]'" in stderr
+    assert "| c=2 |" in stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert_consistent(doc)
+    assert (out / "report.md").read_text().count("\n| ") == 2
+    assert len((out / "results.csv").read_text().splitlines()) == 2
+    assert not list(out.glob("*.png"))
+
+
+# ----- open-loop streaming across a server restart ------------------------------------------------------------------
+
+_PROGRESS = re.compile(r" sent (\d+) ok (\d+) failed (\d+)")
+
+
+def test_open_loop_stream_reopens_after_a_server_restart(repo: Path, tmp_path: Path) -> None:
+    """The stream breaks when the server goes; requests pending or due while it is down count as failures by
+    code, and a new stream carries the load once the server is back on the same port."""
+    serve = ["--model-repository", str(repo), "--shutdown-grace-s", "0.5"]
+    first = ServeProcess([*serve, "--grpc-port", "0"])
+    second: ServeProcess | None = None
+    out = tmp_path / "out"
+    proc = None
+    try:
+        address = first.address
+        proc = bench_process(
+            address, out, "add_sub", "--rate", "50", "--arrival", "constant", "--streaming", "--duration", "120",
+            "--warmup", "0.2", "--no-plots",
+        )  # fmt: skip
+        assert proc.stderr is not None
+        progress: list[tuple[int, int, int]] = []
+
+        def wait_for(done: Any) -> None:
+            """Read progress lines until ``done(sent, ok, failed)``; bounded by the lines of a 120 s level."""
+            assert proc is not None and proc.stderr is not None
+            for line in proc.stderr:
+                m = _PROGRESS.search(line)
+                if m:
+                    progress.append((int(m[1]), int(m[2]), int(m[3])))
+                    if done(*progress[-1]):
+                        return
+            raise AssertionError(f"bench ended early: {progress}")
+
+        wait_for(lambda sent, ok, failed: ok >= 10)
+        assert first.terminate() == 0  # SIGTERM: drain for 0.5 s, then the stream is cut and the port closes
+        second = ServeProcess([*serve, "--grpc-port", address.rsplit(":", 1)[1]])
+        second.wait_for_line("ready:")
+        wait_for(lambda sent, ok, failed: failed > 0)
+        ok_after_restart = progress[-1][1]
+        wait_for(lambda sent, ok, failed: ok >= ok_after_restart + 10)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for s in (first, second):
+            if s is not None:
+                s.__exit__(None, None, None)
+    doc = json.loads((out / "results.json").read_text())
+    (level,) = doc["levels"]
+    assert_consistent(doc)
+    assert level["succeeded"] >= ok_after_restart + 10
+    # Only the codes of a server going away (pending requests cut, new streams refused, the port closed).
+    assert level["failed"] and set(level["failed"]) <= {"CANCELLED", "UNAVAILABLE", "UNKNOWN"}, level["failed"]

@@ -50,9 +50,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--streaming", action="store_true", help="send over ModelStreamInfer instead of ModelInfer")
     p.add_argument("--priority", type=int, default=None, help="request 'priority' parameter")
     p.add_argument("--timeout-param", type=int, default=None, metavar="US", help="request 'timeout' parameter (us)")
-    p.add_argument("--workers", type=int, default=1, help="load processes, each with its own loop and channel")
+    p.add_argument("--workers", type=int, default=1, help="load processes, each with its own loop and channels")
     p.add_argument("--max-in-flight", type=int, default=1000, help="open loop: cap on requests in flight (dropped)")
     p.add_argument("--seed", type=int, default=0, help="seed of random inputs and Poisson arrivals")
+    p.add_argument(
+        "--nice", type=int, default=0, help="niceness added to the load processes, so a server on the same cores wins"
+    )
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-MODEL-TIME)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     add_connection_arguments(p, timeout=30.0)
@@ -79,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError("--workers and --max-in-flight must be at least 1")
     if args.max_requests is not None and args.max_requests < 1:
         raise UsageError("--max-requests must be at least 1")
+    if not 0 <= args.nice <= 19:
+        raise UsageError("--nice must be between 0 and 19")
     common: dict[str, Any] = dict(
         model=args.model,
         server=args.server,
@@ -96,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         seed=args.seed,
+        nice=args.nice,
         arrival=args.arrival,
     )
     if args.rate is not None:

@@ -49,6 +49,7 @@ class BenchConfig:
     workers: int = 1
     max_in_flight: int = 1000
     seed: int = 0
+    nice: int = 0
 
     def levels(self) -> tuple[float, ...]:
         return tuple(float(c) for c in self.concurrency) if self.mode == "closed" else self.rates
@@ -74,6 +75,7 @@ class BenchConfig:
                 "workers",
                 "max_in_flight",
                 "seed",
+                "nice",
             )
         }
         out["concurrency"] = list(self.concurrency) if self.mode == "closed" else []
@@ -247,6 +249,7 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
         timeout_param_us=config.timeout_param_us,
         deadline_s=config.deadline_s,
         tls=config.tls,
+        nice=config.nice,
     )
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ctx = mp.get_context("spawn")

@@ -35,7 +35,7 @@ class Samples:
     window_s: float = 0.0
     """Seconds from the start of the measurement window to the last measured response."""
     cpu_s: float = 0.0
-    """CPU seconds the load process(es) used during the level."""
+    """CPU seconds the load process(es) used in the measurement window (and the answers still due after it)."""
 
     @property
     def succeeded(self) -> int:
