@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorgate.client import _common
+from tensorgate.client import _common, _monitoring
 from tensorgate.client._common import InferResult, ModelMetadata
 from tensorgate.client.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -22,6 +22,7 @@ from tensorgate.client.errors import from_rpc_error
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos import monitoring_pb2 as mpb
 
 __all__ = ["InferenceClient"]
 
@@ -66,12 +67,13 @@ class InferenceClient:
         else:
             self._channel = grpc.secure_channel(url, tls.credentials(), options=options)
         self._stub = GRPCInferenceServiceStub(self._channel)
+        self._monitoring = _monitoring.MonitoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ----- plumbing ------------------------------------------------------------------------------------------
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        multicallable = getattr(self._stub, method)
+        multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
         try:
             return multicallable(request, timeout=self._deadline(timeout), metadata=_common.trace_metadata())
         except grpc.RpcError as exc:
@@ -163,3 +165,58 @@ class InferenceClient:
 
     def unload(self, model: str, timeout: float | None = None) -> None:
         self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model), timeout)
+
+    # ----- monitoring (tensorgate.v1.Monitoring; the server needs --data-dir) --------------------------------
+
+    def submit_feedback(
+        self, model: str, request_id: str, label: _monitoring.Label, timeout: float | None = None
+    ) -> None:
+        """Join the ground truth of one answered request (``InferResult.id``): one label, or one per row.
+
+        Returns once the server has committed it; an unknown id raises ``NotFoundError``.
+        """
+        request = mpb.SubmitFeedbackRequest(model=model, feedback=_monitoring.feedback(request_id, label))
+        self._call("SubmitFeedback", request, timeout)
+
+    def submit_feedback_batch(
+        self, model: str, items: Iterable[tuple[str, _monitoring.Label]], timeout: float | None = None
+    ) -> list[_monitoring.FeedbackStatus]:
+        """Many ``(request_id, label)`` at once; one status per item (an unknown id fails only its own item)."""
+        reply = self._call("SubmitFeedbackBatch", _monitoring.batch_request(model, items), timeout)
+        return _monitoring.statuses(reply)
+
+    def model_quality(
+        self,
+        model: str,
+        version: str | int | None = None,
+        *,
+        count: int | None = None,
+        seconds: float | None = None,
+        timeout: float | None = None,
+    ) -> _monitoring.ModelQuality:
+        """Quality over the last ``count`` predictions and/or ``seconds`` (neither: the server's default window)."""
+        request = mpb.GetModelQualityRequest(
+            model=model, version=_common.version_str(version), window=_monitoring.window(count, seconds)
+        )
+        return _monitoring.quality_result(self._call("GetModelQuality", request, timeout))
+
+    def model_drift(
+        self,
+        model: str,
+        version: str | int | None = None,
+        *,
+        count: int | None = None,
+        seconds: float | None = None,
+        timeout: float | None = None,
+    ) -> mpb.ModelDrift:
+        """Drift of a window against the model's reference profile (FAILED_PRECONDITION without one)."""
+        request = mpb.GetModelDriftRequest(
+            model=model, version=_common.version_str(version), window=_monitoring.window(count, seconds)
+        )
+        drift: mpb.ModelDrift = self._call("GetModelDrift", request, timeout)
+        return drift
+
+    def alerts(self, model: str | None = None, timeout: float | None = None) -> list[mpb.Alert]:
+        """The alerts firing now (of one model, or all)."""
+        reply = self._call("ListAlerts", mpb.ListAlertsRequest(model=model or ""), timeout)
+        return list(reply.alerts)

@@ -84,6 +84,26 @@ parameters {
   key: "tensorgate.task"
   value: { string_value: "classification" }
 }
+parameters {
+  key: "tensorgate.prediction.output"
+  value: { string_value: "label" }
+}
+parameters {
+  key: "tensorgate.prediction.kind"
+  value: { string_value: "label" }
+}
+parameters {
+  key: "tensorgate.capture.sample_rate"
+  value: { string_value: "1.0" }
+}
+parameters {
+  key: "tensorgate.capture.inputs"
+  value: { string_value: "true" }
+}
+parameters {
+  key: "tensorgate.alert.accuracy_low"
+  value: { string_value: "accuracy < 0.8 min_samples=50" }
+}
 """
 
 # No `optimization { graph { level } }`: in Triton's onnxruntime backend any explicit level is *below* the

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,9 @@ from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
 from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, from_settings, parse_headers
+
+if TYPE_CHECKING:
+    from tensorgate.server.monitoring import Capture, Monitor, PredictionStore
 
 log = logging.getLogger("tensorgate")
 
@@ -83,6 +87,10 @@ class TensorgateServer:
         self._gate: DrainGate | None = None
         self._started = False
         self.port = 0
+        # Monitoring (--data-dir): the prediction store, the capture writer and the periodic monitor.
+        self.store: PredictionStore | None = None
+        self.capture: Capture | None = None
+        self.monitor: Monitor | None = None
 
     @property
     def ready(self) -> bool:
@@ -136,11 +144,12 @@ class TensorgateServer:
             tracing=self.tracing,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if s.data_dir is not None:
+            services.append(self._add_monitoring(server))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_files(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
-        )
+        reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
         if self.tls is None:
             self.port = server.add_insecure_port(address)
@@ -162,10 +171,41 @@ class TensorgateServer:
         await self.repository.load_many(names)
         if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever())
+        if self.monitor is not None:
+            self.monitor.start()
         self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
         return self.port
+
+    def _add_monitoring(self, server: aio.Server) -> str:
+        """Open the store under --data-dir, start the capture writer, serve tensorgate.v1.Monitoring."""
+        from tensorgate.server.monitoring import DB_NAME, Capture, Monitor, MonitoringCollector, PredictionStore
+        from tensorgate.server.rpc.monitoring import SERVICE_NAME as MONITORING
+        from tensorgate.server.rpc.monitoring import MonitoringServicer, add_monitoring_servicer
+
+        s = self.settings
+        assert s.data_dir is not None and self._gate is not None
+        self.store = PredictionStore(s.data_dir / DB_NAME, retention=s.capture_retention)
+        self.capture = Capture(self.store, queue_size=s.capture_queue_size)
+        self.capture.start()
+        self._handler.capture = self.capture
+        self.monitor = Monitor(
+            self.store,
+            self.capture,
+            self.repository,
+            data_dir=s.data_dir,
+            interval_s=s.monitor_interval_s,
+            alert_rules=s.alert_rules,
+            alert_webhook=s.alert_webhook,
+            tracing=self.tracing,
+        )
+        if self.metrics is not None:
+            self.registry.register(MonitoringCollector(self.monitor, self.capture))
+        servicer = MonitoringServicer(self.monitor, self.capture, gate=self._gate, auth=self.auth, tracing=self.tracing)
+        add_monitoring_servicer(servicer, server)
+        log.info("monitoring on: predictions captured to %s", self.store.path)
+        return MONITORING
 
     async def _start_metrics(self) -> None:
         """/metrics on its own port, with the gRPC port's certificate (and client CA) when that one uses TLS."""
@@ -204,6 +244,13 @@ class TensorgateServer:
                 log.warning("grace period over with %d call(s) still running; cancelling them", self._gate.in_flight)
         if self._server is not None:
             await self._server.stop(0.5)
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.capture is not None:  # store what was captured before the process goes
+            self._handler.capture = None
+            await asyncio.to_thread(self.capture.close)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         await self.repository.close()
         if self.tracing is not None:
             # Spans of the drained calls are buffered: export them before the process goes.

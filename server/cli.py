@@ -100,6 +100,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--otlp-ca", Path, "PEM CA bundle of the collector's TLS certificate")
     opt("--otlp-insecure", _flag, "true: plaintext gRPC to the collector (default false)", nargs="?", const=True)
     opt("--trace-sample-rate", float, "share of new traces kept, 0..1 (default 1; a sampled caller is always traced)")
+    opt("--data-dir", Path, "turns monitoring on: prediction capture, feedback, quality, drift and alerts stored here")
+    opt("--alert-rules", Path, "YAML alert rules for every model (needs --data-dir)")
+    opt("--alert-webhook", str, "URL POSTed a JSON object per alert transition (needs --data-dir)")
+    opt("--monitor-interval-s", float, "seconds between quality/drift/alert evaluations (default 10)")
+    opt("--capture-queue-size", int, "captured predictions waiting to be stored; beyond it they are dropped (10000)")
+    opt("--capture-retention", int, "captured predictions kept per model; the oldest go first (default 1000000)")
 
 
 def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -149,6 +155,20 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     cli.add_parser(sub)
 
 
+def _feedback_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Ground-truth feedback is a client command (tensorgate.client._feedback_cli); only the entry point is shared.
+    from tensorgate.client import _feedback_cli
+
+    _feedback_cli.add_parser(sub)
+
+
+def _monitoring_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # profile, export and monitor live with the monitoring package; only the entry point is shared.
+    from tensorgate.server.monitoring import cli
+
+    cli.add_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     _certs_parser(sub)
     _infer_parser(sub)
     _bench_parser(sub)
+    _feedback_parser(sub)
+    _monitoring_parsers(sub)
     return parser
 
 
@@ -208,6 +230,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             otlp_ca=args.otlp_ca,
             otlp_insecure=args.otlp_insecure,
             trace_sample_rate=args.trace_sample_rate,
+            data_dir=args.data_dir,
+            alert_rules=args.alert_rules,
+            alert_webhook=args.alert_webhook,
+            monitor_interval_s=args.monitor_interval_s,
+            capture_queue_size=args.capture_queue_size,
+            capture_retention=args.capture_retention,
         )
     except ValueError as exc:
         print(f"tensorgate serve: {exc}", file=sys.stderr)
@@ -217,9 +245,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     from tensorgate.server.auth import CertificateError, PolicyError
 
+    stops: tuple[type[Exception], ...] = (FileNotFoundError, OSError, CertificateError, PolicyError)
+    if settings.alert_rules is not None:  # imported only then: the monitoring package loads scipy
+        from tensorgate.server.monitoring.alerts import AlertRuleError
+
+        stops += (AlertRuleError,)
     try:
         asyncio.run(serve(settings))
-    except (FileNotFoundError, OSError, CertificateError, PolicyError) as exc:
+    except stops as exc:
         logging.getLogger("tensorgate").error("%s", exc)
         return 1
     return 0
@@ -267,10 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tensorgate.client import _cli
 
         return _cli.run(args)
+    if args.command == "feedback":
+        from tensorgate.client import _feedback_cli
+
+        return _feedback_cli.run(args)
     if args.command == "bench":
         from tensorgate.loadtest import cli as bench_cli
 
         return bench_cli.run(args)
+    if args.command in ("profile", "export", "monitor"):
+        from tensorgate.server.monitoring import cli as monitoring_cli
+
+        return monitoring_cli.run(args)
     return _run_health(args)
 
 

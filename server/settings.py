@@ -74,6 +74,18 @@ class ServerSettings:
     """Plaintext gRPC to the collector (e.g. a sidecar on localhost)."""
     trace_sample_rate: float | None = None
     """Share of new traces sampled, 0..1 (None: OTEL_TRACES_SAMPLER_ARG, else 1); a sampled caller is always traced."""
+    data_dir: Path | None = None
+    """Monitoring on: captured predictions, feedback and reference profiles live here (SQLite, WAL); off without it."""
+    alert_rules: Path | None = None
+    """YAML file of alert rules applied to every model (besides each model's tensorgate.alert.* parameters)."""
+    alert_webhook: str | None = None
+    """URL that receives a JSON POST per alert transition (fired, resolved)."""
+    monitor_interval_s: float = 10.0
+    """Seconds between two evaluations of quality, drift and alerts."""
+    capture_queue_size: int = 10_000
+    """Predictions waiting to be stored; past it samples are dropped (and counted), never requests."""
+    capture_retention: int = 1_000_000
+    """Predictions kept per model in the store; the oldest go first."""
 
     def __post_init__(self) -> None:
         if self.model_control_mode not in MODEL_CONTROL_MODES:
@@ -107,5 +119,11 @@ class ServerSettings:
             raise ValueError(f"otlp_headers must be key=value pairs separated by commas; {bad[0].strip()!r} is not")
         if self.trace_sample_rate is not None and not 0.0 <= self.trace_sample_rate <= 1.0:
             raise ValueError(f"trace_sample_rate must be in 0..1, got {self.trace_sample_rate}")
+        if self.monitor_interval_s <= 0:
+            raise ValueError(f"monitor_interval_s must be positive, got {self.monitor_interval_s}")
+        if self.capture_queue_size < 1 or self.capture_retention < 1:
+            raise ValueError("capture_queue_size and capture_retention must be at least 1")
+        if (self.alert_rules is not None or self.alert_webhook) and self.data_dir is None:
+            raise ValueError("alert_rules and alert_webhook need data_dir (monitoring is off without it)")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

@@ -348,7 +348,8 @@ def test_generator_needs_no_package_import() -> None:
 
 
 def test_generator_takes_every_proto() -> None:
-    assert generate.find_protos() == sorted(TRITON_FILES)
+    # Triton's two files and tensorgate's own tensorgate.v1 service (monitoring.proto).
+    assert generate.find_protos() == sorted([*TRITON_FILES, "monitoring.proto"])
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
         apis: [inference, metadata, health]
         models: ["add_sub", {name: "fraud-*", versions: [2, 3]}]
 
-API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer), metadata (ServerMetadata,
-ModelMetadata, ModelConfig), statistics (ModelStatistics), repository (RepositoryIndex, RepositoryModelLoad,
+API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, and tensorgate.v1.Monitoring's
+SubmitFeedback/SubmitFeedbackBatch), metadata (ServerMetadata, ModelMetadata, ModelConfig), statistics
+(ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex, RepositoryModelLoad,
 RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection
 services answer probes without a check by default; with `--auth-probes policy` they are checked too (server/rpc/
 probes.py), as `Health.Check`/`Health.Watch` in the health group and `ServerReflectionInfo` in the metadata group.
@@ -76,6 +77,12 @@ RPC_GROUPS: dict[str, str] = {
     "ServerLive": "health",
     "ServerReady": "health",
     "ModelReady": "health",
+    # tensorgate.v1.Monitoring: labelling a model's traffic is a write like inference; quality reads are statistics.
+    "SubmitFeedback": "inference",
+    "SubmitFeedbackBatch": "inference",
+    "GetModelQuality": "statistics",
+    "GetModelDrift": "statistics",
+    "ListAlerts": "statistics",
     # The standard probe services, checked only with --auth-probes policy (server/rpc/probes.py).
     "Health.Check": "health",
     "Health.Watch": "health",

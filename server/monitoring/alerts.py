@@ -1,0 +1,292 @@
+"""Alert rules on a model's quality and drift metrics, and the engine that fires and resolves them.
+
+A rule is "metric op threshold": ``accuracy < 0.9``, ``drift.drifted_share > 0.1``. It is evaluated once per
+monitoring window (the monitor loop calls ``AlertEngine.evaluate`` with that window's values):
+
+- windows with fewer than ``min_samples`` samples, or without the metric, change nothing (too little to judge);
+- the rule fires after ``for_windows`` consecutive breaching windows, and resolves at the first window that no
+  longer breaches; each change is one AlertTransition, handed to ``on_transition`` and the webhook.
+
+Rules come from a model's config.pbtxt, one parameter per rule::
+
+    parameters { key: "tensorgate.alert.low_accuracy" value: { string_value: "accuracy < 0.9 min_samples=200 for=2" } }
+
+or from a YAML file (``--alert-rules``)::
+
+    rules:
+      - name: digits_input_drift
+        model: digits            # optional, default "*" (every model)
+        metric: drift.drifted_share
+        op: ">"
+        threshold: 0.1
+        min_samples: 200         # optional, default 100
+        for_windows: 1           # optional, default 1
+
+deploy/monitoring/prometheus-alerts.yaml holds the same conditions as Prometheus rules on the exported gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tensorgate.server.monitoring.webhook import WebhookSender
+
+__all__ = [
+    "ALERT_PARAMETER_PREFIX",
+    "DRIFT_METRICS",
+    "METRICS",
+    "QUALITY_METRICS",
+    "AlertEngine",
+    "AlertRule",
+    "AlertRuleError",
+    "AlertTransition",
+    "WebhookSender",
+    "load_rules_file",
+    "parse_rule",
+    "rules_from_config",
+]
+
+logger = logging.getLogger("tensorgate.monitoring.alerts")
+
+ALERT_PARAMETER_PREFIX = "tensorgate.alert."
+QUALITY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mae", "rmse", "label_coverage")
+DRIFT_METRICS = ("drift.psi_max", "drift.psi_mean", "drift.drifted_share", "drift.score_psi")
+METRICS = QUALITY_METRICS + DRIFT_METRICS
+"""The metric names the monitor loop passes to ``evaluate``; a rule naming anything else is refused."""
+OPS = ("<", ">")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class AlertRuleError(ValueError):
+    """A rule that cannot be parsed or makes no sense; the message names the rule and the problem."""
+
+
+@dataclass(slots=True, frozen=True)
+class AlertRule:
+    """``metric op threshold``, judged on windows of at least ``min_samples``, firing after ``for_windows``."""
+
+    name: str
+    metric: str
+    op: str  # "<" | ">"
+    threshold: float
+    min_samples: int = 100
+    for_windows: int = 1
+    model: str = "*"
+
+    def __post_init__(self) -> None:
+        where = f"alert rule '{self.name}'"
+        if not _NAME.match(self.name):
+            raise AlertRuleError(f"{where}: a name is letters, digits, '_', '.' or '-'")
+        if self.metric not in METRICS:
+            raise AlertRuleError(f"{where}: unknown metric '{self.metric}' (one of: {', '.join(METRICS)})")
+        if self.op not in OPS:
+            raise AlertRuleError(f"{where}: operator must be '<' or '>', got '{self.op}'")
+        if not math.isfinite(self.threshold):
+            raise AlertRuleError(f"{where}: threshold must be a finite number, got {self.threshold}")
+        if self.min_samples < 1:
+            raise AlertRuleError(f"{where}: min_samples must be at least 1, got {self.min_samples}")
+        if self.for_windows < 1:
+            raise AlertRuleError(f"{where}: for_windows must be at least 1, got {self.for_windows}")
+        if not self.model:
+            raise AlertRuleError(f"{where}: model must be a model name or '*'")
+
+    def applies_to(self, model: str) -> bool:
+        return self.model in ("*", model)
+
+    def breached(self, value: float) -> bool:
+        return value < self.threshold if self.op == "<" else value > self.threshold
+
+    def expression(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g} min_samples={self.min_samples} for={self.for_windows}"
+
+
+@dataclass(slots=True, frozen=True)
+class AlertTransition:
+    """A rule starting ("firing") or stopping ("resolved") for one model version; ``value`` is the window's."""
+
+    rule: str
+    model: str
+    version: str
+    state: str  # "firing" | "resolved"
+    value: float
+    threshold: float
+    timestamp: float
+
+
+def _int_option(rule: str, key: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise AlertRuleError(f"alert rule '{rule}': {key}={raw!r} is not an integer") from None
+
+
+def parse_rule(name: str, text: str, *, model: str = "*") -> AlertRule:
+    """``"<metric> <op> <threshold> [min_samples=N] [for=N]"`` -> AlertRule (the config.pbtxt form)."""
+    parts = text.split()
+    if len(parts) < 3:
+        raise AlertRuleError(
+            f"alert rule '{name}': expected '<metric> <op> <threshold> [min_samples=N] [for=N]', got {text!r}"
+        )
+    metric, op, raw_threshold, *options = parts
+    try:
+        threshold = float(raw_threshold)
+    except ValueError:
+        raise AlertRuleError(f"alert rule '{name}': threshold {raw_threshold!r} is not a number") from None
+    kwargs: dict[str, int] = {}
+    for option in options:
+        key, sep, raw = option.partition("=")
+        if not sep or key not in ("min_samples", "for"):
+            raise AlertRuleError(f"alert rule '{name}': unknown option {option!r} (min_samples=N or for=N)")
+        kwargs["for_windows" if key == "for" else key] = _int_option(name, key, raw)
+    return AlertRule(name=name, metric=metric, op=op, threshold=threshold, model=model, **kwargs)
+
+
+def rules_from_config(parameters: Mapping[str, str], *, model: str = "*") -> list[AlertRule]:
+    """The rules among a model's config.pbtxt parameters ("tensorgate.alert.<name>"), scoped to ``model``."""
+    return [
+        parse_rule(key.removeprefix(ALERT_PARAMETER_PREFIX), value, model=model)
+        for key, value in sorted(parameters.items())
+        if key.startswith(ALERT_PARAMETER_PREFIX)
+    ]
+
+
+_FILE_KEYS = {"name", "metric", "op", "threshold", "min_samples", "for_windows", "model"}
+
+
+def _rule_from_mapping(path: Path, index: int, item: Any) -> AlertRule:
+    where = f"{path}: rules[{index}]"
+    if not isinstance(item, dict):
+        raise AlertRuleError(f"{where}: a rule is a mapping with name, metric, op and threshold")
+    unknown = sorted(set(item) - _FILE_KEYS)
+    if unknown:
+        raise AlertRuleError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (allowed: {sorted(_FILE_KEYS)})")
+    missing = [k for k in ("name", "metric", "op", "threshold") if k not in item]
+    if missing:
+        raise AlertRuleError(f"{where}: missing {', '.join(missing)}")
+    try:
+        return AlertRule(
+            name=str(item["name"]),
+            metric=str(item["metric"]),
+            op=str(item["op"]),
+            threshold=float(item["threshold"]),
+            min_samples=int(item.get("min_samples", 100)),
+            for_windows=int(item.get("for_windows", 1)),
+            model=str(item.get("model", "*")),
+        )
+    except AlertRuleError as exc:
+        raise AlertRuleError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise AlertRuleError(f"{where}: {exc}") from None
+
+
+def load_rules_file(path: Path) -> list[AlertRule]:
+    """Rules from a YAML (or JSON) file with a top-level ``rules:`` list; see the module docstring."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        # One line (PyYAML's messages span several): `tensorgate serve` logs it as the reason it stopped.
+        raise AlertRuleError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+        raise AlertRuleError(f"{path}: expected a mapping with a 'rules' list")
+    rules = [_rule_from_mapping(Path(path), i, item) for i, item in enumerate(data["rules"])]
+    seen: set[tuple[str, str]] = set()
+    for rule in rules:
+        if (rule.name, rule.model) in seen:
+            raise AlertRuleError(f"{path}: rule '{rule.name}' for model '{rule.model}' is defined twice")
+        seen.add((rule.name, rule.model))
+    return rules
+
+
+class AlertEngine:
+    """Holds each (rule, model, version)'s state between windows; thread-safe.
+
+    Usage::
+
+        engine = AlertEngine(rules, webhook=WebhookSender(url), on_transition=log_and_count)
+        engine.evaluate("digits", "1", {"accuracy": 0.82, "drift.drifted_share": 0.4}, samples=500)
+        engine.active()   # the transitions of the rules firing now
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[AlertRule],
+        *,
+        webhook: WebhookSender | None = None,
+        on_transition: Callable[[AlertTransition], None] | None = None,
+    ) -> None:
+        self.rules = list(rules)
+        self._webhook = webhook
+        self._on_transition = on_transition
+        self._lock = threading.Lock()
+        self._streak: dict[tuple[str, str, str], int] = {}
+        self._firing: dict[tuple[str, str, str], AlertTransition] = {}
+
+    def evaluate(
+        self,
+        model: str,
+        version: str,
+        values: Mapping[str, float],
+        samples: int,
+        now: float | None = None,
+    ) -> list[AlertTransition]:
+        """Judge one window of ``model`` ``version``; returns (and dispatches) the transitions it caused."""
+        timestamp = time.time() if now is None else now
+        transitions: list[AlertTransition] = []
+        with self._lock:
+            for rule in self.rules:
+                if not rule.applies_to(model) or samples < rule.min_samples:
+                    continue
+                raw = values.get(rule.metric)
+                if raw is None or not math.isfinite(raw):
+                    continue
+                value = float(raw)
+                key = (rule.name, model, version)
+                if rule.breached(value):
+                    self._streak[key] = self._streak.get(key, 0) + 1
+                    if self._streak[key] >= rule.for_windows and key not in self._firing:
+                        fired = AlertTransition(rule.name, model, version, "firing", value, rule.threshold, timestamp)
+                        self._firing[key] = fired
+                        transitions.append(fired)
+                else:
+                    self._streak[key] = 0
+                    if self._firing.pop(key, None) is not None:
+                        transitions.append(
+                            AlertTransition(rule.name, model, version, "resolved", value, rule.threshold, timestamp)
+                        )
+        for transition in transitions:
+            self._dispatch(transition)
+        return transitions
+
+    def active(self) -> list[AlertTransition]:
+        """The firing transitions of the rules that have not resolved yet, oldest first."""
+        with self._lock:
+            return sorted(self._firing.values(), key=lambda t: t.timestamp)
+
+    def _dispatch(self, transition: AlertTransition) -> None:
+        # The monitor's on_transition logs, counts and traces each transition; this line is for debugging only.
+        logger.debug(
+            "alert %s %s: model '%s' version %s value %g threshold %g",
+            transition.rule,
+            transition.state,
+            transition.model,
+            transition.version,
+            transition.value,
+            transition.threshold,
+        )
+        if self._on_transition is not None:
+            try:
+                self._on_transition(transition)
+            except Exception:  # one broken observer must not stop the others or the monitor loop
+                logger.exception("alert transition callback failed")
+        if self._webhook is not None:
+            self._webhook.send(transition)

@@ -1,0 +1,209 @@
+"""Prediction capture: the request path hands answered requests to a bounded queue; one thread writes them.
+
+    capture = Capture(store, queue_size=10_000)
+    capture.start()
+    capture.submit(model, request_id, inputs, outputs)   # on the event loop: never blocks, never raises
+    capture.flush()                                      # wait until everything queued so far is stored
+    capture.close()
+
+Why a thread and a bounded queue: SQLite writes block and take milliseconds, and inference must never wait on
+them. ``submit`` samples (per model ``tensorgate.capture.sample_rate``), then appends; when the queue is
+full the sample is dropped and counted in ``dropped`` (exported as ``tensorgate_capture_dropped_total``), the
+request itself is unaffected. The writer drains up to ``batch_size`` items per transaction, so a busy server pays
+one commit per batch rather than per request.
+
+The arrays handed in are numpy views of the request and response buffers; they are only read (serialized) on the
+writer thread, so capture copies nothing on the request path.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.monitoring.store import Prediction, PredictionStore
+
+__all__ = ["Capture", "CaptureConfig"]
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = "tensorgate.capture.sample_rate"
+CAPTURE_INPUTS = "tensorgate.capture.inputs"
+
+
+def parameter(config: mc.ModelConfig, key: str) -> str | None:
+    """A config.pbtxt ``parameters`` string value, stripped; None when absent."""
+    if key not in config.parameters:
+        return None
+    return config.parameters[key].string_value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """Per-model capture settings from config.pbtxt parameters."""
+
+    sample_rate: float = 1.0
+    inputs: bool = True
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> CaptureConfig:
+        """Read the parameters; a malformed value is logged and replaced by the default (the model still serves)."""
+        rate, inputs = 1.0, True
+        raw = parameter(config, SAMPLE_RATE)
+        if raw is not None:
+            try:
+                rate = float(raw)
+                if not 0.0 <= rate <= 1.0:
+                    raise ValueError
+            except ValueError:
+                log.warning(
+                    "model '%s': parameter '%s' must be a number in 0..1, got %r; using 1.0",
+                    config.name,
+                    SAMPLE_RATE,
+                    raw,
+                )
+                rate = 1.0
+        raw = parameter(config, CAPTURE_INPUTS)
+        if raw is not None:
+            if raw.lower() in ("true", "1", "yes"):
+                inputs = True
+            elif raw.lower() in ("false", "0", "no"):
+                inputs = False
+            else:
+                log.warning(
+                    "model '%s': parameter '%s' must be true or false, got %r; using true",
+                    config.name,
+                    CAPTURE_INPUTS,
+                    raw,
+                )
+        return cls(rate, inputs)
+
+
+class Capture:
+    """Samples answered requests into a bounded queue that a writer thread stores in batches."""
+
+    def __init__(
+        self, store: PredictionStore, *, queue_size: int = 10_000, batch_size: int = 256, poll_s: float = 0.05
+    ) -> None:
+        if queue_size < 1 or batch_size < 1:
+            raise ValueError(f"queue_size and batch_size must be at least 1, got {queue_size} and {batch_size}")
+        self.store = store
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        # NOTE: a deque, not queue.Queue: append/popleft are atomic and cost ~50 ns, where Queue.put_nowait takes
+        # a lock and notifies a condition (~1-2 us) on every request. The writer polls every `poll_s` instead of
+        # being woken per item; flush() and close() wake it at once.
+        self._queue: collections.deque[object] = collections.deque()
+        self._wake = threading.Event()
+        self._configs: dict[tuple[str, int], tuple[mc.ModelConfig, CaptureConfig]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._random = random.random
+        self.dropped = 0
+        """Samples dropped because the queue was full (read by the metrics collector; only the loop writes it)."""
+        self.captured = 0
+        """Samples the writer stored."""
+        self.failed = 0
+        """Samples lost to a store error (logged)."""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tensorgate-capture", daemon=True)
+        self._thread.start()
+
+    def config_of(self, name: str, version: int, config: mc.ModelConfig) -> CaptureConfig:
+        """The capture settings of a loaded version, parsed once per config object (a reload brings a new one)."""
+        key = (name, version)
+        cached = self._configs.get(key)
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        parsed = CaptureConfig.from_config(config)
+        self._configs[key] = (config, parsed)
+        return parsed
+
+    def submit(
+        self,
+        model: str,
+        version: int,
+        config: mc.ModelConfig,
+        request_id: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
+        """Queue one answered request if sampled; drops (and counts) it when the queue is full. Never blocks.
+
+        Called from the event loop only (one producer), so the length check and the append cannot race.
+        """
+        settings = self.config_of(model, version, config)
+        rate = settings.sample_rate
+        if rate <= 0.0 or (rate < 1.0 and self._random() >= rate):
+            return
+        if len(self._queue) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._queue.append((request_id, model, str(version), time.time(), inputs if settings.inputs else None, outputs))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every sample queued before this call is stored (blocking: call it off the event loop).
+
+        Feedback calls it first, so that a label sent right after its prediction finds the prediction stored.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return not self._queue
+        done = threading.Event()
+        self._queue.append(done)  # a marker, not a sample: it does not count against the size
+        self._wake.set()
+        return done.wait(timeout)
+
+    def _take(self) -> list[object]:
+        items: list[object] = []
+        queue = self._queue
+        while queue and len(items) < self.batch_size:
+            items.append(queue.popleft())
+        return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._take()
+            if not items:
+                if self._stopping:
+                    return
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            batch = [
+                Prediction(i[0], i[1], i[2], i[3], None if i[4] is None else dict(i[4]), dict(i[5]))
+                for i in items
+                if isinstance(i, tuple)
+            ]
+            try:
+                self.store.insert(batch)
+                self.captured += len(batch)
+            except Exception:  # noqa: BLE001 - the writer must outlive one bad batch
+                self.failed += len(batch)
+                log.exception("capture: storing %d prediction(s) failed; they are lost", len(batch))
+            for i in items:
+                if isinstance(i, threading.Event):
+                    i.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Store what is queued, then stop the writer (the store stays open: its owner closes it)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning(
+                "capture: the writer did not finish within %.0fs; %d sample(s) unsaved", timeout, len(self._queue)
+            )
+        self._thread = None

@@ -1,0 +1,473 @@
+"""Input and score drift: a reference profile per model, and per-window PSI, KS and chi-square against it.
+
+A profile holds, per feature, quantile bin edges with the reference counts in each bin (for PSI) and a bounded
+random sample of the reference values (for the two-sample Kolmogorov-Smirnov test); categorical features keep
+their category counts (for PSI and chi-square). Features are named after the tensors they come from:
+
+    "input"          an input with one element per row ([N] or [N, 1])
+    "input[12]"      element 12 of a vector input, row-major after the batch axis ([N, 64] -> 64 features)
+    "input.mean"     inputs wider than MAX_VECTOR_FEATURES elements per row are summarised by their per-row
+    "input.std"      mean and standard deviation rather than tested element by element
+
+Inputs are "numeric" (float, int) or "categorical" (BYTES/str, or named in ``categorical``); outputs are
+"score" features (float outputs, e.g. class probabilities) or "categorical" (integer outputs, e.g. a class
+label). The window summary (``psi_max``, ``psi_mean``, ``drifted_share``) is over input features;
+``score_drift`` is the largest PSI over output features; ``drifted`` is true when any feature, input or output,
+rejects "same distribution" at ``alpha`` after a Bonferroni correction over every feature tested.
+
+Constant features (the always-zero border pixels of the digits) are safe: their bins collapse to one edge, PSI
+uses floored proportions, and KS on two identical constants gives statistic 0 and p-value 1, so they neither
+produce NaN nor raise false alarms; a window where such a feature moves is real drift and is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "KS_METHOD",
+    "MAX_VECTOR_FEATURES",
+    "DriftReport",
+    "FeatureDrift",
+    "FeatureProfile",
+    "ProfileError",
+    "ReferenceProfile",
+    "build_profile",
+    "compare",
+    "load_profile",
+    "population_stability_index",
+    "profile_path",
+    "save_profile",
+]
+
+PROFILE_FORMAT = 1
+MAX_VECTOR_FEATURES = 4096
+"""Per-row elements above which an input is summarised (mean, std) instead of tested element by element."""
+SAMPLE_SIZE = 1000
+"""Reference values kept per feature for KS: enough for the test's power, small enough for a JSON file."""
+KS_METHOD = "asymp"
+"""scipy's two-sample KS p-value method. Not its default "auto": that tries the exact method (O(n1 * n2)) up to
+10,000 values a side, and when its arithmetic fails (tied values such as the digits' pixels, even 5 against 5
+values) falls back to "asymp" with a RuntimeWarning from whichever thread runs the monitor. "asymp" is what
+windows of hundreds of rows get anyway, in a fraction of the time, and never warns."""
+PSI_FLOOR = 1e-4
+"""Proportion an empty bin counts as in PSI, so that ln(a/e) stays finite (the usual convention)."""
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ProfileError(ValueError):
+    """A reference profile that cannot be built, read or used (the message names the model and the problem)."""
+
+
+@dataclass(slots=True)
+class FeatureDrift:
+    """One feature's drift in a window. ``statistic``/``p_value`` are KS (numeric/score) or chi-square."""
+
+    name: str
+    kind: str  # "numeric" | "categorical" | "score"
+    psi: float
+    statistic: float
+    p_value: float
+    drifted: bool
+
+
+@dataclass(slots=True)
+class DriftReport:
+    """A window compared with the reference; see the module docstring for how the summary is computed."""
+
+    model: str
+    samples: int
+    features: list[FeatureDrift]
+    psi_max: float
+    psi_mean: float
+    drifted_share: float
+    drifted: bool
+    score_drift: float
+
+
+@dataclass(slots=True)
+class FeatureProfile:
+    """The reference of one feature. ``edges`` are the interior bin edges (bins are [e_i, e_i+1), open at
+    both ends), ``counts`` the reference rows per bin; categorical features keep ``categories`` instead."""
+
+    name: str
+    source: str  # the tensor's name
+    role: str  # "input" | "output"
+    kind: str  # "numeric" | "categorical" | "score"
+    selector: int | str  # flattened element index, -1 for a one-element row, "mean"/"std" for a summary
+    edges: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    sample: list[float] = field(default_factory=list)
+    categories: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "source": self.source,
+            "role": self.role,
+            "kind": self.kind,
+            "selector": self.selector,
+        }
+        if self.kind == "categorical":
+            out["categories"] = self.categories
+        else:
+            out.update(edges=self.edges, counts=self.counts, sample=self.sample)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureProfile:
+        kind = str(data["kind"])
+        if kind not in ("numeric", "categorical", "score"):
+            raise ProfileError(f"feature {data.get('name')!r}: unknown kind {kind!r}")
+        role = str(data["role"])
+        if role not in ("input", "output"):
+            raise ProfileError(f"feature {data.get('name')!r}: unknown role {role!r}")
+        selector = data["selector"]
+        if not isinstance(selector, int | str):
+            raise ProfileError(f"feature {data.get('name')!r}: bad selector {selector!r}")
+        feature = cls(
+            name=str(data["name"]),
+            source=str(data["source"]),
+            role=role,
+            kind=kind,
+            selector=selector,
+            edges=[float(v) for v in data.get("edges", [])],
+            counts=[int(v) for v in data.get("counts", [])],
+            sample=[float(v) for v in data.get("sample", [])],
+            categories={str(k): int(v) for k, v in data.get("categories", {}).items()},
+        )
+        if kind != "categorical" and len(feature.counts) != len(feature.edges) + 1:
+            raise ProfileError(f"feature {feature.name!r}: {len(feature.counts)} counts for {len(feature.edges)} edges")
+        return feature
+
+
+class ReferenceProfile:
+    """What "normal" looks like for one model: one FeatureProfile per input feature and output score.
+
+    Usage::
+
+        profile = build_profile("digits", {"input": x_train}, {"probabilities": p_train})
+        save_profile(profile, data_dir)                      # <data_dir>/profiles/digits.json
+        report = compare(load_profile(data_dir, model_dir, "digits"), {"input": x_window}, {"probabilities": p})
+    """
+
+    __slots__ = ("bins", "features", "model", "samples")
+
+    def __init__(self, model: str, samples: int, bins: int, features: list[FeatureProfile]) -> None:
+        self.model = model
+        self.samples = samples
+        self.bins = bins
+        self.features = features
+
+    def feature(self, name: str) -> FeatureProfile:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": PROFILE_FORMAT,
+                "model": self.model,
+                "samples": self.samples,
+                "bins": self.bins,
+                "features": [f.to_dict() for f in self.features],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ReferenceProfile:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ProfileError("a reference profile is a JSON object")
+            if data.get("format") != PROFILE_FORMAT:
+                raise ProfileError(f"unsupported profile format {data.get('format')!r} (expected {PROFILE_FORMAT})")
+            return cls(
+                model=str(data["model"]),
+                samples=int(data["samples"]),
+                bins=int(data["bins"]),
+                features=[FeatureProfile.from_dict(f) for f in data["features"]],
+            )
+        except ProfileError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProfileError(f"not a tensorgate reference profile: {exc!r}") from None
+
+
+# ----- feature extraction ------------------------------------------------------------------------------------
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """[N, ...] -> [N, width] (a 0-d or 1-d array is N rows of one element)."""
+    a = np.asarray(array)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    width = int(np.prod(a.shape[1:], dtype=np.int64))
+    return a.reshape(a.shape[0], width)
+
+
+def _is_text(a: np.ndarray) -> bool:
+    return a.dtype.kind in "OSU"
+
+
+def _category_keys(values: np.ndarray) -> list[str]:
+    """Category names as JSON keys: integral numbers without ".0", bytes decoded, everything else str()."""
+    keys: list[str] = []
+    for v in values.tolist():
+        if isinstance(v, bytes):
+            keys.append(v.decode("utf-8", errors="replace"))
+        elif isinstance(v, float) and v.is_integer():
+            keys.append(str(int(v)))
+        else:
+            keys.append(str(v))
+    return keys
+
+
+def _specs(name: str, array: np.ndarray, role: str, categorical: Collection[str]) -> list[FeatureProfile]:
+    rows = _rows(array)
+    width = rows.shape[1]
+    if role == "input":
+        kind = "categorical" if (name in categorical or _is_text(rows)) else "numeric"
+    else:
+        kind = "score" if rows.dtype.kind == "f" else "categorical"
+    if width == 1:
+        return [FeatureProfile(name, name, role, kind, -1)]
+    if width > MAX_VECTOR_FEATURES and kind != "categorical":
+        return [FeatureProfile(f"{name}.{s}", name, role, kind, s) for s in ("mean", "std")]
+    if width > MAX_VECTOR_FEATURES:
+        raise ProfileError(
+            f"{role} '{name}' has {width} categorical elements per row (more than {MAX_VECTOR_FEATURES})"
+        )
+    return [FeatureProfile(f"{name}[{i}]", name, role, kind, i) for i in range(width)]
+
+
+def _values(feature: FeatureProfile, array: np.ndarray) -> np.ndarray | None:
+    """The feature's column in ``array`` (finite values only for numbers); None when the shape no longer has it."""
+    rows = _rows(array)
+    column: np.ndarray
+    if isinstance(feature.selector, str):
+        if _is_text(rows):
+            return None
+        data = rows.astype(np.float64)
+        column = data.mean(axis=1) if feature.selector == "mean" else data.std(axis=1)
+    elif feature.selector == -1:
+        if rows.shape[1] != 1:
+            return None
+        column = rows[:, 0]
+    else:
+        if feature.selector >= rows.shape[1]:
+            return None
+        column = rows[:, feature.selector]
+    if feature.kind == "categorical":
+        return column
+    if _is_text(column):
+        return None
+    numbers: np.ndarray = column.astype(np.float64)
+    finite: np.ndarray = numbers[np.isfinite(numbers)]
+    return finite
+
+
+def _bin_counts(edges: list[float], values: np.ndarray) -> np.ndarray:
+    # side="right": bin i holds edges[i-1] <= x < edges[i], np.histogram's convention.
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right")
+    return np.bincount(index, minlength=len(edges) + 1)
+
+
+def population_stability_index(expected: np.ndarray, actual: np.ndarray) -> float:
+    """PSI = sum((a - e) * ln(a / e)) over bins of two count vectors, proportions floored at PSI_FLOOR.
+
+    0 for identical distributions; rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a significant shift.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.sum() <= 0 or a.sum() <= 0:
+        return 0.0
+    pe = np.maximum(e / e.sum(), PSI_FLOOR)
+    pa = np.maximum(a / a.sum(), PSI_FLOOR)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def _edges(values: np.ndarray, bins: int) -> list[float]:
+    """Interior quantile edges; a value holding a whole bin's mass or more (a point mass: the zero pixels, a
+    constant feature) gets a bin of its own, [v, nextafter(v)), so that mass moving off it shows in PSI."""
+    quantiles = np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    unique, repeats = np.unique(quantiles, return_counts=True)
+    points = unique[(repeats > 1) | (unique.size == 1)]
+    return [float(v) for v in np.unique(np.concatenate([unique, np.nextafter(points, np.inf)]))]
+
+
+def _fill(feature: FeatureProfile, values: np.ndarray, bins: int, rng: np.random.Generator, sample_size: int) -> None:
+    if feature.kind == "categorical":
+        keys, counts = np.unique(np.asarray(_category_keys(values), dtype=object), return_counts=True)
+        feature.categories = {str(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True)}
+        return
+    if values.size == 0:
+        feature.edges, feature.counts, feature.sample = [], [0], []
+        return
+    feature.edges = _edges(values, bins)
+    feature.counts = [int(c) for c in _bin_counts(feature.edges, values)]
+    keep = values if values.size <= sample_size else rng.choice(values, size=sample_size, replace=False)
+    feature.sample = [float(v) for v in keep]
+
+
+def build_profile(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    bins: int = 10,
+    categorical: Collection[str] = (),
+    sample_size: int = SAMPLE_SIZE,
+    seed: int = 0,
+) -> ReferenceProfile:
+    """Profile reference rows (the first axis of every array is the batch); outputs add score features.
+
+    ``bins`` quantile bins per numeric feature (fewer when values repeat, e.g. one for a constant feature);
+    ``sample_size`` reference values are kept per feature for KS (a seeded random subset when there are more).
+    """
+    if bins < 2:
+        raise ProfileError(f"model '{model}': bins must be at least 2, got {bins}")
+    if sample_size < 1:
+        raise ProfileError(f"model '{model}': sample_size must be at least 1, got {sample_size}")
+    if not inputs and not outputs:
+        raise ProfileError(f"model '{model}': no inputs or outputs to profile")
+    rng = np.random.default_rng(seed)
+    features: list[FeatureProfile] = []
+    samples = 0
+    for role, tensors in (("input", inputs), ("output", outputs or {})):
+        for name, array in tensors.items():
+            rows = _rows(array)
+            if rows.shape[0] == 0:
+                raise ProfileError(f"model '{model}': {role} '{name}' has no rows")
+            samples = max(samples, rows.shape[0])
+            for feature in _specs(name, rows, role, categorical):
+                values = _values(feature, rows)
+                assert values is not None  # the spec came from this very array
+                _fill(feature, values, bins, rng, sample_size)
+                features.append(feature)
+    return ReferenceProfile(model=model, samples=samples, bins=bins, features=features)
+
+
+# ----- comparison --------------------------------------------------------------------------------------------
+
+
+def _test(feature: FeatureProfile, values: np.ndarray) -> tuple[float, float, float] | None:
+    """(psi, statistic, p_value) of a window's values against the reference, None when nothing is comparable."""
+    if feature.kind == "categorical":
+        current = dict(
+            zip(*np.unique(np.asarray(_category_keys(values), dtype=object), return_counts=True), strict=True)
+        )
+        if not current or not feature.categories:
+            return None
+        keys = sorted(set(feature.categories) | {str(k) for k in current})
+        ref = np.array([feature.categories.get(k, 0) for k in keys], dtype=np.float64)
+        cur = np.array([int(current.get(k, 0)) for k in keys], dtype=np.float64)
+        psi = population_stability_index(ref, cur)
+        if len(keys) < 2:
+            return psi, 0.0, 1.0
+        chi2, p_value, _, _ = stats.chi2_contingency(np.vstack([ref, cur]))
+        return psi, float(chi2), float(p_value)
+    if values.size == 0 or not feature.sample:
+        return None
+    psi = population_stability_index(np.asarray(feature.counts), _bin_counts(feature.edges, values))
+    result = stats.ks_2samp(np.asarray(feature.sample), values, method=KS_METHOD)
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    if not (math.isfinite(statistic) and math.isfinite(p_value)):
+        statistic, p_value = 0.0, 1.0
+    return psi, statistic, p_value
+
+
+def compare(
+    profile: ReferenceProfile,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    alpha: float = 0.05,
+) -> DriftReport:
+    """Compare one window (rows concatenated) with the reference profile.
+
+    Features whose tensor is missing from the window (e.g. input capture is off) are left out, not failed.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ProfileError(f"model '{profile.model}': alpha must be in (0, 1), got {alpha}")
+    tensors = {"input": dict(inputs), "output": dict(outputs or {})}
+    samples = max((_rows(a).shape[0] for group in tensors.values() for a in group.values()), default=0)
+    tested: list[tuple[FeatureProfile, tuple[float, float, float]]] = []
+    for feature in profile.features:
+        array = tensors[feature.role].get(feature.source)
+        if array is None or samples == 0:
+            continue
+        values = _values(feature, array)
+        result = None if values is None else _test(feature, values)
+        if result is not None:
+            tested.append((feature, result))
+    threshold = alpha / max(len(tested), 1)  # Bonferroni over every feature tested
+    drifts = [
+        FeatureDrift(f.name, f.kind, psi, statistic, p_value, p_value < threshold)
+        for f, (psi, statistic, p_value) in tested
+    ]
+    input_drifts = [d for (f, _), d in zip(tested, drifts, strict=True) if f.role == "input"]
+    output_psi = [d.psi for (f, _), d in zip(tested, drifts, strict=True) if f.role == "output"]
+    input_psi = [d.psi for d in input_drifts]
+    return DriftReport(
+        model=profile.model,
+        samples=samples,
+        features=drifts,
+        psi_max=max(input_psi, default=0.0),
+        psi_mean=float(np.mean(input_psi)) if input_psi else 0.0,
+        drifted_share=(sum(d.drifted for d in input_drifts) / len(input_drifts)) if input_drifts else 0.0,
+        drifted=any(d.drifted for d in drifts),
+        score_drift=max(output_psi, default=0.0),
+    )
+
+
+# ----- storage -----------------------------------------------------------------------------------------------
+
+
+def _check_name(model: str) -> str:
+    # A model name becomes a file name here: never let it climb out of the profiles directory.
+    if not _MODEL_NAME.match(model) or model in (".", ".."):
+        raise ProfileError(f"model name {model!r} cannot name a profile file (letters, digits, '_', '.', '-' only)")
+    return model
+
+
+def profile_path(data_dir: Path, model: str) -> Path:
+    """Where ``tensorgate profile`` writes, and load_profile looks first: <data_dir>/profiles/<model>.json."""
+    return Path(data_dir) / "profiles" / f"{_check_name(model)}.json"
+
+
+def save_profile(profile: ReferenceProfile, path: Path) -> Path:
+    """Write the profile atomically (a monitor reading it never sees half a file); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(profile.to_json())
+    tmp.replace(path)
+    return path
+
+
+def load_profile(data_dir: Path | None, model_dir: Path, model: str) -> ReferenceProfile | None:
+    """<data_dir>/profiles/<model>.json first, else <model_dir>/reference_profile.json; None when neither exists."""
+    candidates = [profile_path(data_dir, model)] if data_dir is not None else []
+    candidates.append(Path(model_dir) / "reference_profile.json")
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        try:
+            return ReferenceProfile.from_json(text)
+        except ProfileError as exc:
+            raise ProfileError(f"model '{model}': {path}: {exc}") from None
+    return None

@@ -1,0 +1,155 @@
+"""Export captured predictions for retraining: inputs, outputs and joined ground truth, one record per row.
+
+    tensorgate export digits --data-dir /var/lib/tensorgate --since -1h --format jsonl --out digits.jsonl
+
+A captured request with a batch of N rows becomes N records, so a record is one training example::
+
+    {"request_id": "4f3a...", "row": 0, "model": "digits", "version": "1", "timestamp": 1764220000.1,
+     "inputs": {"input": [0.0, 3.0, ...]}, "outputs": {"label": 7, "probabilities": [...]},
+     "label": 7, "label_timestamp": 1764220002.5}
+
+A tensor with one element per row is a scalar, a wider row is a flat list (row-major); ``inputs`` is null when
+input capture is off for the model and ``label`` null when no feedback came. A label with one value per row is
+split over the rows; any other label shape is repeated whole on each row of its request.
+
+Parquet (``--format parquet``) has the same fields as columns (``input.<name>``, ``output.<name>``); it needs
+pyarrow, from the ``tensorgate[export]`` extra. The store is read through engineer A's PredictionStore (the
+SQLite file under the data directory), which WAL mode lets us read while a server is writing to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
+
+__all__ = ["FORMATS", "ExportError", "export", "open_store", "parse_time", "records"]
+
+FORMATS = ("jsonl", "parquet")
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ExportError(Exception):
+    """Something the user can fix (a bad --since, a missing store, pyarrow not installed); one line, exit 2."""
+
+
+def parse_time(text: str, now: float) -> float:
+    """``-30m``/``-1h``/``-2d`` (before ``now``) or an ISO 8601 time (UTC when it has no offset) -> epoch seconds."""
+    match = _RELATIVE.match(text.strip())
+    if match:
+        return now - float(match[1]) * _UNIT_S[match[2]]
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ExportError(
+            f"time {text!r}: expected ISO 8601 (2026-11-27T06:00:00Z) or relative (-30m, -1h, -2d)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def open_store(data_dir: Path) -> PredictionStore:
+    """The store of a data directory; an error (not a new empty database) when there is none."""
+    path = Path(data_dir) / DB_NAME
+    if not path.is_file():
+        raise ExportError(f"{path}: no prediction store (is this the server's --data-dir?)")
+    return PredictionStore(path)
+
+
+def _value(row: np.ndarray) -> Any:
+    """One row of a tensor as JSON: a scalar when it has one element, else a flat list."""
+    flat = np.asarray(row).reshape(-1)
+    values = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in flat.tolist()]
+    return values[0] if len(values) == 1 else values
+
+
+def _rows_of(p: Prediction) -> int:
+    first = next(iter(p.outputs.values()), None)
+    return 1 if first is None or np.ndim(first) == 0 else int(np.shape(first)[0])
+
+
+def _row(array: np.ndarray, i: int) -> Any:
+    a = np.asarray(array)
+    return _value(a if a.ndim == 0 else a[i])
+
+
+def records(predictions: Iterable[Prediction]) -> Iterator[dict[str, Any]]:
+    """One dict per row of each captured request (see the module docstring for the fields)."""
+    for p in predictions:
+        n = _rows_of(p)
+        label = None if p.label is None else np.asarray(p.label)
+        per_row = label is not None and label.ndim > 0 and label.shape[0] == n
+        for i in range(n):
+            yield {
+                "request_id": p.id,
+                "row": i,
+                "model": p.model,
+                "version": p.version,
+                "timestamp": p.timestamp,
+                "inputs": None if p.inputs is None else {k: _row(v, i) for k, v in p.inputs.items()},
+                "outputs": {k: _row(v, i) for k, v in p.outputs.items()},
+                "label": None if label is None else (_row(label, i) if per_row else _value(label)),
+                "label_timestamp": p.label_timestamp,
+            }
+
+
+def _write_jsonl(rows: Iterable[dict[str, Any]], out: Path) -> int:
+    n = 0
+    with out.open("w", encoding="utf-8") as f:
+        for record in rows:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            n += 1
+    return n
+
+
+def _write_parquet(rows: Iterable[dict[str, Any]], out: Path) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ExportError(
+            "--format parquet needs pyarrow: pip install 'tensorgate[export]' (or use --format jsonl)"
+        ) from None
+    columns: dict[str, list[Any]] = {}
+    n = 0
+    for record in rows:
+        flat = {k: v for k, v in record.items() if k not in ("inputs", "outputs")}
+        for prefix, group in (("input", record["inputs"]), ("output", record["outputs"])):
+            for name, value in (group or {}).items():
+                flat[f"{prefix}.{name}"] = value
+        for key in columns.keys() | flat.keys():
+            columns.setdefault(key, [None] * n).append(flat.get(key))
+        n += 1
+    pq.write_table(pa.table(columns), out)
+    return n
+
+
+def export(
+    store: PredictionStore,
+    model: str,
+    out: Path,
+    *,
+    fmt: str = "jsonl",
+    version: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    labelled_only: bool = False,
+) -> int:
+    """Write the model's captured predictions (oldest first) to ``out``; returns the number of records (rows)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r} (one of: {', '.join(FORMATS)})")
+    predictions = store.predictions(
+        model, version, since=since, until=until, labelled_only=labelled_only, newest_first=False
+    )
+    rows = records(predictions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _write_jsonl(rows, out) if fmt == "jsonl" else _write_parquet(rows, out)

@@ -1,0 +1,430 @@
+"""The background monitor: every ``--monitor-interval-s`` it computes quality and drift per loaded model version,
+updates the Prometheus gauges, feeds the alert engine and records its transitions.
+
+    monitor = Monitor(store, capture, repository, data_dir=path, interval_s=10.0)
+    monitor.start()                      # on the event loop; the work itself runs in a worker thread
+    monitor.quality(monitor.target("digits", "1"), Window(count=500))   # GetModelQuality's answer (blocking)
+    await monitor.stop()
+
+The server (server/app.py) builds it when ``--data-dir`` is given. Everything heavy (SQLite reads, metrics,
+statistical tests) runs through ``asyncio.to_thread``: the event loop only snapshots which models are loaded.
+
+Alert transitions are logged, counted (``tensorgate_alert_transitions_total``), POSTed to the optional webhook and,
+when the server traces, recorded as a short span ``alert <rule>`` with an ``alert.firing``/``alert.resolved`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from opentelemetry import context as otel_context
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import InvalidRequestError, ModelNotFoundError
+from tensorgate.server.monitoring import drift as drift_stats
+from tensorgate.server.monitoring.alerts import (
+    QUALITY_METRICS,
+    AlertEngine,
+    AlertRule,
+    AlertTransition,
+    WebhookSender,
+    load_rules_file,
+    rules_from_config,
+)
+from tensorgate.server.monitoring.capture import Capture, parameter
+from tensorgate.server.monitoring.drift import DriftReport, ReferenceProfile
+from tensorgate.server.monitoring.errors import NoReferenceError
+from tensorgate.server.monitoring.quality import QualityReport, TaskSpec, TaskSpecError, compute_quality
+from tensorgate.server.monitoring.store import Prediction, PredictionStore
+from tensorgate.server.telemetry.metrics import FamilySpec, markdown_table
+
+if TYPE_CHECKING:
+    from tensorgate.server.repository.manager import ModelRepository
+    from tensorgate.server.telemetry.tracing import Tracing
+
+__all__ = ["MONITORING_FAMILIES", "Monitor", "MonitoringCollector", "Window", "reference_markdown", "trace_transition"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_COUNT = 1000
+
+_MV = ("model", "version")
+QUALITY = FamilySpec(
+    "tensorgate_model_quality",
+    "gauge",
+    (*_MV, "metric"),
+    "Quality over the monitor's window (last 1000 predictions): accuracy, precision/recall/f1_macro, mae, rmse, "
+    "label_coverage",
+)
+DRIFT = FamilySpec(
+    "tensorgate_model_drift",
+    "gauge",
+    (*_MV, "metric"),
+    "Drift of the monitor's window against the reference profile: psi_max, psi_mean, drifted_share, score_psi, "
+    "and samples (the rows compared)",
+)
+ALERTS_FIRING = FamilySpec("tensorgate_alerts_firing", "gauge", (*_MV, "rule"), "1 while an alert rule fires")
+ALERT_TRANSITIONS = FamilySpec(
+    "tensorgate_alert_transitions_total", "counter", ("model", "rule", "state"), "Alert rules that fired or resolved"
+)
+CAPTURE_DROPPED = FamilySpec(
+    "tensorgate_capture_dropped_total",
+    "counter",
+    (),
+    "Prediction samples dropped because the capture queue was full (the requests themselves were answered)",
+)
+CAPTURED = FamilySpec("tensorgate_captured_total", "counter", (), "Prediction samples stored by the capture writer")
+MONITORING_FAMILIES = (QUALITY, DRIFT, ALERTS_FIRING, ALERT_TRANSITIONS, CAPTURE_DROPPED, CAPTURED)
+"""What MonitoringCollector adds to /metrics with --data-dir (README's monitoring section lists them)."""
+
+
+def reference_markdown() -> str:
+    """The metrics table of README's monitoring section; regenerate it with
+    `python -c 'from tensorgate.server.monitoring.monitor import reference_markdown as r; print(r())'`."""
+    return markdown_table(MONITORING_FAMILIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The last ``count`` predictions and/or those of the last ``seconds``; neither: the default count."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def bounds(self, now: float) -> tuple[float | None, int | None]:
+        """(since, limit) for ``PredictionStore.predictions``."""
+        count = self.count if self.count > 0 else (DEFAULT_WINDOW_COUNT if self.seconds <= 0 else None)
+        since = now - self.seconds if self.seconds > 0 else None
+        return since, count
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    name: str
+    version: str
+    config: mc.ModelConfig
+    model_dir: Path
+
+
+@dataclass(slots=True)
+class _Engine:
+    config: mc.ModelConfig
+    engine: AlertEngine
+
+
+@dataclass(slots=True)
+class _State:
+    """What the gauges show; replaced as a whole after each evaluation (the scraping thread reads it)."""
+
+    quality: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    drift: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    firing: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+
+
+def _stack(window: Sequence[Prediction], attr: str) -> dict[str, np.ndarray]:
+    """Concatenate one side (inputs or outputs) of a window along the rows; requests without it are skipped."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for p in window:
+        arrays = getattr(p, attr)
+        if arrays is None:
+            continue
+        for name, array in arrays.items():
+            parts.setdefault(name, []).append(np.asarray(array))
+    out: dict[str, np.ndarray] = {}
+    for name, arrays in parts.items():
+        with contextlib.suppress(ValueError):  # shapes that do not line up (variable dims) are left out
+            out[name] = np.concatenate(arrays, axis=0)
+    return out
+
+
+def trace_transition(tracing: Tracing, transition: AlertTransition) -> None:
+    """One alert transition as OpenTelemetry sees it: a short root span ``alert <rule>`` holding an
+    ``alert.firing`` or ``alert.resolved`` event, both with the model, version, rule, state, value and threshold."""
+    attributes: dict[str, str | float] = {
+        "tensorgate.model.name": transition.model,
+        "tensorgate.model.version": transition.version,
+        "tensorgate.alert.rule": transition.rule,
+        "tensorgate.alert.state": transition.state,
+        "tensorgate.alert.value": float(transition.value),
+        "tensorgate.alert.threshold": float(transition.threshold),
+    }
+    # A new trace (the monitor runs outside any request), whatever span the calling thread has current.
+    span = tracing.tracer.start_span(f"alert {transition.rule}", context=otel_context.Context(), attributes=attributes)
+    span.add_event(f"alert.{transition.state}", attributes=attributes)
+    span.end()
+
+
+class Monitor:
+    """Quality, drift and alerts of every loaded model, computed off the event loop."""
+
+    def __init__(
+        self,
+        store: PredictionStore,
+        capture: Capture | None,
+        repository: ModelRepository,
+        *,
+        data_dir: Path,
+        interval_s: float = 10.0,
+        alert_rules: Path | None = None,
+        alert_webhook: str | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"monitor interval must be positive, got {interval_s}")
+        self.store = store
+        self.capture = capture
+        self.repository = repository
+        self.data_dir = data_dir
+        self.interval_s = interval_s
+        self.tracing = tracing
+        # A malformed rules file raises AlertRuleError here, before anything else is started.
+        self._file_rules: list[AlertRule] = [] if alert_rules is None else load_rules_file(alert_rules)
+        self._webhook = WebhookSender(alert_webhook) if alert_webhook else None
+        self._engines: dict[tuple[str, str], _Engine] = {}
+        self._lock = threading.Lock()
+        self.state = _State()
+        self.transitions: Counter[tuple[str, str, str]] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        self.evaluations = 0
+
+    # ----- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic evaluation on the running loop."""
+        self._task = asyncio.create_task(self._loop(), name="tensorgate-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._webhook is not None:
+            await asyncio.to_thread(self._webhook.close)
+
+    def targets(self, model: str | None = None) -> list[_Target]:
+        """The loaded versions (call on the event loop: the repository lives there)."""
+        root = Path(self.repository.root)
+        return [
+            _Target(m.name, str(m.version), m.config, root / m.name)
+            for m in self.repository.loaded()
+            if model is None or m.name == model
+        ]
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            targets = self.targets()
+            try:
+                await asyncio.to_thread(self.evaluate, targets)
+            except Exception:  # noqa: BLE001 - one failed evaluation must not stop monitoring
+                log.exception("monitor: evaluation failed")
+
+    # ----- one evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, targets: Iterable[_Target], now: float | None = None) -> None:
+        """Compute quality and drift of each target, update the gauges and feed the alert engine (blocking)."""
+        now = time.time() if now is None else now
+        state = _State()
+        for t in targets:
+            key = (t.name, t.version)
+            try:
+                quality = self._quality(t, Window(), now)
+            except TaskSpecError as exc:
+                log.warning("monitor: %s", exc)
+                quality = None
+            if quality is not None:
+                state.quality[key] = {m: v for m, v in quality.metrics.items() if m in QUALITY_METRICS}
+            drift: DriftReport | None = None
+            try:
+                drift = self._drift(t, Window(), now)
+            except Exception:  # noqa: BLE001 - drift of one model must not stop the others
+                log.exception("monitor: drift of model '%s' version %s failed", t.name, t.version)
+            if drift is not None:
+                state.drift[key] = {
+                    "psi_max": float(drift.psi_max),
+                    "psi_mean": float(drift.psi_mean),
+                    "drifted_share": float(drift.drifted_share),
+                    "score_psi": float(drift.score_drift),
+                    "samples": float(drift.samples),
+                }
+            engine = self._engine(t)
+            if quality is not None and state.quality.get(key):
+                engine.evaluate(t.name, t.version, state.quality[key], quality.rows, now)
+            if drift is not None:
+                values = {f"drift.{k}": v for k, v in state.drift[key].items() if k != "samples"}
+                engine.evaluate(t.name, t.version, values, int(drift.samples), now)
+            state.firing[key] = {a.rule for a in engine.active() if a.model == t.name and a.version == t.version}
+        self.state = state
+        self.evaluations += 1
+
+    def _engine(self, t: _Target) -> AlertEngine:
+        """The alert engine of a model version: rules file + the model's ``tensorgate.alert.*`` parameters.
+
+        Rebuilt when the version's config changes (a reload), which resets its consecutive-window counts.
+        """
+        key = (t.name, t.version)
+        with self._lock:
+            cached = self._engines.get(key)
+            if cached is not None and cached.config is t.config:
+                return cached.engine
+            params = {k: v.string_value for k, v in t.config.parameters.items()}
+            rules = [r for r in self._file_rules if r.applies_to(t.name)]
+            rules += rules_from_config(params, model=t.name)
+            engine = AlertEngine(rules, webhook=self._webhook, on_transition=self._on_transition)
+            self._engines[key] = _Engine(t.config, engine)
+            return engine
+
+    def _on_transition(self, transition: AlertTransition) -> None:
+        """Log, count and (when the server traces) record one alert transition as an OpenTelemetry span + event."""
+        self.transitions[(transition.model, transition.rule, transition.state)] += 1
+        log.warning(
+            "alert %s %s: model '%s' version %s value %.4g threshold %.4g",
+            transition.rule,
+            transition.state,
+            transition.model,
+            transition.version,
+            transition.value,
+            transition.threshold,
+        )
+        if self.tracing is not None:
+            trace_transition(self.tracing, transition)
+
+    # ----- what the RPCs answer (blocking: call through asyncio.to_thread) -----------------------------------
+
+    def _window(self, t: _Target, window: Window, now: float) -> list[Prediction]:
+        since, limit = window.bounds(now)
+        return self.store.predictions(t.name, t.version, since=since, limit=limit)
+
+    def _quality(self, t: _Target, window: Window, now: float) -> QualityReport:
+        spec = TaskSpec.from_config(t.config)
+        return compute_quality(spec, self._window(t, window, now), t.version)
+
+    def _flush(self) -> None:
+        """An RPC reads its caller's writes: the predictions queued before it are stored first (bounded wait)."""
+        if self.capture is not None and not self.capture.flush():
+            log.warning("monitor: the capture queue did not drain in time; answering from what is stored")
+
+    def quality(self, t: _Target, window: Window) -> QualityReport:
+        """GetModelQuality: a malformed task/prediction parameter is INVALID_ARGUMENT naming the model."""
+        self._flush()
+        try:
+            return self._quality(t, window, time.time())
+        except TaskSpecError as exc:
+            raise InvalidRequestError(t.name, t.version, str(exc)) from exc
+
+    def profile(self, t: _Target) -> ReferenceProfile | None:
+        """The reference profile: from the data dir or the model dir, else built from the first N captured
+        requests when ``tensorgate.drift.reference_requests`` asks for it (and saved to the data dir)."""
+        profile = drift_stats.load_profile(self.data_dir, t.model_dir, t.name)
+        if profile is not None:
+            return profile
+        raw = parameter(t.config, "tensorgate.drift.reference_requests")
+        if not raw or not raw.isdigit() or int(raw) < 1:
+            return None
+        n = int(raw)
+        if self.store.count(t.name) < n:
+            return None
+        first = self.store.predictions(t.name, limit=n, newest_first=False)
+        inputs = _stack(first, "inputs")
+        categorical = [c.strip() for c in (parameter(t.config, "tensorgate.drift.categorical") or "").split(",")]
+        profile = drift_stats.build_profile(
+            t.name, inputs, _stack(first, "outputs"), categorical=[c for c in categorical if c]
+        )
+        path = drift_stats.save_profile(profile, drift_stats.profile_path(self.data_dir, t.name))
+        log.info("monitor: reference profile of model '%s' built from its first %d requests: %s", t.name, n, path)
+        return profile
+
+    def _drift(self, t: _Target, window: Window, now: float) -> DriftReport | None:
+        profile = self.profile(t)
+        if profile is None:
+            return None
+        predictions = self._window(t, window, now)
+        inputs = _stack(predictions, "inputs")
+        if not inputs and not predictions:
+            return None
+        return drift_stats.compare(profile, inputs, _stack(predictions, "outputs"))
+
+    def drift(self, t: _Target, window: Window) -> DriftReport:
+        """GetModelDrift: FAILED_PRECONDITION when the model has no reference profile or nothing captured."""
+        self._flush()
+        report = self._drift(t, window, time.time())
+        if report is None:
+            raise NoReferenceError(
+                t.name,
+                t.version,
+                "no reference profile (run `tensorgate profile`, or set tensorgate.drift.reference_requests) "
+                "or no captured predictions in the window",
+            )
+        return report
+
+    def alerts(self, model: str = "") -> list[AlertTransition]:
+        """The alerts firing now, of one model or all."""
+        with self._lock:
+            engines = [e.engine for e in self._engines.values()]
+        active = [a for e in engines for a in e.active()]
+        return [a for a in active if not model or a.model == model]
+
+    def target(self, model: str, version: str) -> _Target:
+        """The loaded version an RPC names (on the event loop); NOT_FOUND names the model."""
+        found = self.targets(model)
+        if not found:
+            raise ModelNotFoundError(model, version or None, "the model is not loaded")
+        if version:
+            for t in found:
+                if t.version == version:
+                    return t
+            raise ModelNotFoundError(model, version, f"loaded versions are {sorted(int(t.version) for t in found)}")
+        return max(found, key=lambda t: int(t.version))
+
+
+class MonitoringCollector(Collector):
+    """The monitoring families on the server's registry, read from the monitor's last evaluation."""
+
+    def __init__(self, monitor: Monitor | None, capture: Capture | None) -> None:
+        self._monitor = monitor
+        self._capture = capture
+
+    def collect(self) -> Iterable[Metric]:
+        if self._capture is not None:
+            dropped = CAPTURE_DROPPED.family()
+            dropped.add_metric([], self._capture.dropped)
+            yield dropped
+            captured = CAPTURED.family()
+            captured.add_metric([], self._capture.captured)
+            yield captured
+        monitor = self._monitor
+        if monitor is None:
+            return
+        state = monitor.state
+        quality = QUALITY.family()
+        for (model, version), metrics in sorted(state.quality.items()):
+            for name, value in sorted(metrics.items()):
+                quality.add_metric([model, version, name], value)
+        yield quality
+        drift = DRIFT.family()
+        for (model, version), metrics in sorted(state.drift.items()):
+            for name, value in sorted(metrics.items()):
+                drift.add_metric([model, version, name], value)
+        yield drift
+        firing = ALERTS_FIRING.family()
+        for (model, version), rules in sorted(state.firing.items()):
+            for rule in sorted(rules):
+                firing.add_metric([model, version, rule], 1)
+        yield firing
+        transitions = ALERT_TRANSITIONS.family()
+        for (model, rule, what), n in sorted(monitor.transitions.items()):
+            transitions.add_metric([model, rule, what], n)
+        yield transitions

@@ -1,0 +1,198 @@
+"""Quality of a model over a window of captured predictions joined with their ground truth.
+
+    spec = TaskSpec.from_config(config)              # task and how to read a prediction, from config.pbtxt
+    report = compute_quality(spec, store.predictions("digits", "1", limit=1000))
+    report.metrics["accuracy"], report.metrics["f1_macro"], report.confusion
+
+How a prediction is read (parameters ``tensorgate.prediction.output`` / ``.kind`` / ``.threshold``):
+``label`` takes the output's values as they are (e.g. the digits model's INT64 ``label``); ``argmax`` takes the
+index of the largest score per row (class probabilities or logits); ``threshold`` turns one score per row (or
+the second column of a two-column output) into 1 when it is at least the threshold, else 0. Without parameters the
+first output is used, as a label when it holds integers and by argmax when it holds floats with several columns.
+
+The classification metrics follow scikit-learn's definitions exactly (``accuracy_score``,
+``precision_recall_fscore_support`` with ``average="macro"`` over the labels seen in truth or prediction, and 0 for
+a class with no predicted or no true samples), so tests can compare the two on the same pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.monitoring.capture import parameter
+from tensorgate.server.monitoring.store import Prediction
+
+__all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "predicted_values"]
+
+TASKS = ("classification", "regression")
+KINDS = ("argmax", "label", "threshold")
+
+
+class TaskSpecError(ValueError):
+    """A prediction that cannot be read as the model's parameters say; the message names model and parameter."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    model: str
+    task: str = "classification"
+    output: str | None = None
+    """None: the first captured output."""
+    kind: str | None = None
+    """None: label for integer outputs, argmax for multi-column float outputs, the value itself otherwise."""
+    threshold: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: mc.ModelConfig) -> TaskSpec:
+        """Read ``tensorgate.task`` and ``tensorgate.prediction.*``; raises TaskSpecError on malformed values."""
+        name = config.name
+        task = (parameter(config, "tensorgate.task") or "classification").lower()
+        if task not in TASKS:
+            raise TaskSpecError(f"model '{name}': parameter 'tensorgate.task' must be one of {TASKS}, got {task!r}")
+        kind = parameter(config, "tensorgate.prediction.kind")
+        if kind is not None and kind not in KINDS:
+            raise TaskSpecError(
+                f"model '{name}': parameter 'tensorgate.prediction.kind' must be one of {KINDS}, got {kind!r}"
+            )
+        raw = parameter(config, "tensorgate.prediction.threshold")
+        threshold = 0.5
+        if raw is not None:
+            try:
+                threshold = float(raw)
+            except ValueError:
+                raise TaskSpecError(
+                    f"model '{name}': parameter 'tensorgate.prediction.threshold' must be a number, got {raw!r}"
+                ) from None
+        output = parameter(config, "tensorgate.prediction.output") or None
+        return cls(name, task, output, kind, threshold)
+
+
+def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """One predicted value per row (1-D), read from a prediction's outputs as ``spec`` says."""
+    if not outputs:
+        raise TaskSpecError(f"model '{spec.model}': the prediction has no outputs")
+    name = spec.output if spec.output is not None else next(iter(outputs))
+    if name not in outputs:
+        raise TaskSpecError(
+            f"model '{spec.model}': prediction output '{name}' (tensorgate.prediction.output) was not captured; "
+            f"captured: {sorted(outputs)}"
+        )
+    value = np.asarray(outputs[name])
+    if value.ndim == 0:
+        value = value.reshape(1)
+    rows = value.reshape(value.shape[0], -1)
+    kind = spec.kind
+    if kind is None:
+        if spec.task == "classification" and rows.shape[1] > 1 and value.dtype.kind == "f":
+            kind = "argmax"
+        else:
+            kind = "label"
+    if kind == "argmax":
+        return np.asarray(rows.argmax(axis=1))
+    if kind == "threshold":
+        scores = rows[:, 1] if rows.shape[1] == 2 else rows[:, 0]
+        return (scores.astype(np.float64) >= spec.threshold).astype(np.int64)
+    return rows[:, 0]
+
+
+def _key(value: object) -> object:
+    """A hashable class key: numbers that are whole become ints, so 3.0 (feedback) equals 3 (an INT64 output)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+@dataclass(slots=True)
+class ClassQuality:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(slots=True)
+class QualityReport:
+    model: str
+    version: str
+    task: str
+    predictions: int
+    """Captured requests in the window."""
+    labelled: int
+    """Of those, requests with joined ground truth."""
+    rows: int = 0
+    """Labelled rows (prediction/label pairs) the metrics are computed on."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    classes: list[ClassQuality] = field(default_factory=list)
+    class_labels: list[str] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+    """Rows: true class, columns: predicted class, both in ``class_labels`` order."""
+
+
+def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], list[object]]:
+    """(true, predicted) per labelled row in window order; a label whose row count differs is skipped."""
+    y_true: list[object] = []
+    y_pred: list[object] = []
+    for p in window:
+        if p.label is None:
+            continue
+        predicted = predicted_values(spec, p.outputs)
+        truth = np.asarray(p.label).reshape(-1)
+        if truth.shape[0] != predicted.shape[0]:
+            continue
+        y_true.extend(truth.tolist())
+        y_pred.extend(predicted.tolist())
+    return y_true, y_pred
+
+
+def compute_quality(spec: TaskSpec, window: Sequence[Prediction], version: str = "") -> QualityReport:
+    """The quality metrics of one window (see the module docstring for the definitions)."""
+    labelled = sum(1 for p in window if p.label is not None)
+    report = QualityReport(spec.model, version, spec.task, len(window), labelled)
+    if window:
+        report.metrics["label_coverage"] = labelled / len(window)
+    y_true, y_pred = pairs(spec, window)
+    report.rows = len(y_true)
+    if not y_true:
+        return report
+    if spec.task == "regression":
+        t = np.asarray(y_true, dtype=np.float64)
+        e = np.asarray(y_pred, dtype=np.float64) - t
+        report.metrics["mae"] = float(np.mean(np.abs(e)))
+        report.metrics["rmse"] = float(math.sqrt(float(np.mean(e * e))))
+        return report
+    truth = [_key(v) for v in y_true]
+    pred = [_key(v) for v in y_pred]
+    labels = sorted(set(truth) | set(pred), key=lambda v: (isinstance(v, str), v))  # numbers, then text
+    index = {label: i for i, label in enumerate(labels)}
+    n = len(labels)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, ([index[v] for v in truth], [index[v] for v in pred]), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0).astype(np.float64)
+    actual = confusion.sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        denominator = predicted + actual
+        f1 = np.where(denominator > 0, 2 * tp / denominator, 0.0)
+    report.metrics["accuracy"] = float(tp.sum() / len(truth))
+    report.metrics["precision_macro"] = float(precision.mean())
+    report.metrics["recall_macro"] = float(recall.mean())
+    report.metrics["f1_macro"] = float(f1.mean())
+    report.class_labels = [str(v) for v in labels]
+    report.confusion = confusion.tolist()
+    report.classes = [
+        ClassQuality(str(label), float(precision[i]), float(recall[i]), float(f1[i]), int(actual[i]))
+        for i, label in enumerate(labels)
+    ]
+    return report

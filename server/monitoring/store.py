@@ -1,0 +1,289 @@
+"""The prediction log: captured requests and their joined ground truth, in SQLite (WAL) under ``--data-dir``.
+
+    store = PredictionStore(data_dir / "tensorgate.sqlite3", retention=100_000)
+    store.insert([Prediction("id-1", "digits", "1", time.time(), {"input": x}, {"label": y})])
+    store.set_labels("digits", [("id-1", np.array([3]))])   # committed before it returns
+    window = store.predictions("digits", "1", limit=1000, labelled_only=True)
+
+Why SQLite in WAL mode: it is in the standard library, survives restarts, and lets the monitor and the export
+read while the capture writer appends. One connection behind a lock keeps it thread-safe without a pool: the
+writes are batched by the capture thread, so the lock is held for one transaction per batch.
+
+Tensors are stored as raw bytes behind a small header (a name -> array mapping per column, see ``encode_arrays``),
+which keeps dtype and shape exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays"]
+
+DB_NAME = "tensorgate.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    ts REAL NOT NULL,
+    inputs BLOB,
+    outputs BLOB NOT NULL,
+    label BLOB,
+    label_ts REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS predictions_model_id ON predictions (model, id);
+CREATE INDEX IF NOT EXISTS predictions_model_seq ON predictions (model, seq);
+CREATE INDEX IF NOT EXISTS predictions_model_version_seq ON predictions (model, version, seq);
+CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
+"""
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One captured request: its outputs (and inputs when captured) with rows on the first axis."""
+
+    id: str
+    model: str
+    version: str
+    timestamp: float
+    """``time.time()`` at capture."""
+    inputs: dict[str, np.ndarray] | None
+    """None when input capture is off for the model."""
+    outputs: dict[str, np.ndarray]
+    label: np.ndarray | None = None
+    label_timestamp: float | None = None
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """name -> array as one blob: a text header (name, dtype, shape per array) and the raw bytes, C order.
+
+    Not ``np.save``: its header costs ~10 us per array, which the capture writer would pay per request. BYTES
+    (object) arrays are stored as fixed-width ``bytes_`` arrays.
+    """
+    header: list[str] = []
+    bodies: list[bytes] = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype == object:
+            array = array.astype(np.bytes_)
+        data = np.ascontiguousarray(array).tobytes()
+        header.append(f"{name}\t{array.dtype.str}\t{','.join(map(str, array.shape))}\t{len(data)}")
+        bodies.append(data)
+    head = "\n".join(header).encode()
+    return len(head).to_bytes(4, "little") + head + b"".join(bodies)
+
+
+def decode_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """The inverse of ``encode_arrays`` (arrays are read-only views of the blob)."""
+    n = int.from_bytes(blob[:4], "little")
+    pos = 4 + n
+    arrays: dict[str, np.ndarray] = {}
+    for line in blob[4 : 4 + n].decode().split("\n") if n else []:
+        name, dtype, shape, size = line.split("\t")
+        dims = tuple(int(d) for d in shape.split(",")) if shape else ()
+        arrays[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=int(np.prod(dims)), offset=pos).reshape(dims)
+        pos += int(size)
+    return arrays
+
+
+def _label_blob(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(label), allow_pickle=False)
+    return buf.getvalue()
+
+
+class PredictionStore:
+    """SQLite (WAL) log of predictions, thread-safe; keeps at most ``retention`` rows per model (oldest go)."""
+
+    def __init__(self, path: Path, *, retention: int = 1_000_000) -> None:
+        if retention < 1:
+            raise ValueError(f"retention must be at least 1 prediction per model, got {retention}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.retention = retention
+        self._lock = threading.Lock()
+        # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode (only an OS crash may lose the last commits);
+        # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._rows: dict[str, int] = {}
+        """Rows per model as far as this store knows (counted once, then kept up to date by insert)."""
+
+    # ----- writes ------------------------------------------------------------------------------------------
+
+    def insert(self, predictions: Sequence[Prediction]) -> None:
+        """Append predictions in one transaction, then trim every touched model to the retention limit.
+
+        A repeated (model, id) replaces the earlier capture: the newest answer is the one feedback refers to.
+        """
+        if not predictions:
+            return
+        rows = [
+            (
+                p.id,
+                p.model,
+                p.version,
+                p.timestamp,
+                None if p.inputs is None else encode_arrays(p.inputs),
+                encode_arrays(p.outputs),
+            )
+            for p in predictions
+        ]
+        models = {p.model for p in predictions}
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO predictions (id, model, version, ts, inputs, outputs)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                for model in models:
+                    self._trim(model, sum(1 for p in predictions if p.model == model))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _trim(self, model: str, added: int) -> None:
+        """Delete the oldest rows beyond the retention limit, in O(rows deleted) through the (model, seq) index.
+
+        The count is kept in memory rather than re-counted per batch (COUNT(*) scans). A capture that replaced an
+        earlier one with the same id is counted as new, so trimming may remove a row early in that rare case.
+        """
+        rows = self._rows.get(model)
+        if rows is None:
+            rows = self._db.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0]
+        else:
+            rows += added
+        excess = rows - self.retention
+        if excess > 0:
+            self._db.execute(
+                "DELETE FROM predictions WHERE seq IN "
+                "(SELECT seq FROM predictions WHERE model = ? ORDER BY seq ASC LIMIT ?)",
+                (model, excess),
+            )
+            rows = self.retention
+        self._rows[model] = rows
+
+    def set_labels(self, model: str, labels: Iterable[tuple[str, np.ndarray]], timestamp: float) -> list[bool]:
+        """Join ground truth to captured predictions by id; one flag per item: False when the id is unknown.
+
+        Committed with ``synchronous=FULL`` before returning, so an acknowledged label survives a power cut too.
+        """
+        found: list[bool] = []
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for request_id, label in labels:
+                        cur = self._db.execute(
+                            "UPDATE predictions SET label = ?, label_ts = ? WHERE model = ? AND id = ?",
+                            (_label_blob(label), timestamp, model, request_id),
+                        )
+                        found.append(cur.rowcount > 0)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        return found
+
+    def rows_of(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
+        """How many rows (first-axis length of the first output) each known request id captured."""
+        result: dict[str, int] = {}
+        with self._lock:
+            for request_id in request_ids:
+                row = self._db.execute(
+                    "SELECT outputs FROM predictions WHERE model = ? AND id = ?", (model, request_id)
+                ).fetchone()
+                if row is not None:
+                    outputs = decode_arrays(row[0])
+                    first = next(iter(outputs.values()), None)
+                    result[request_id] = 1 if first is None or first.ndim == 0 else int(first.shape[0])
+        return result
+
+    # ----- reads -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _where(
+        model: str, version: str | None, since: float | None, until: float | None, labelled_only: bool
+    ) -> tuple[str, list[object]]:
+        clauses: list[str] = ["model = ?"]
+        args: list[object] = [model]
+        if version:
+            clauses.append("version = ?")
+            args.append(version)
+        if since is not None:
+            clauses.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("ts < ?")
+            args.append(until)
+        if labelled_only:
+            clauses.append("label IS NOT NULL")
+        return " AND ".join(clauses), args
+
+    def predictions(
+        self,
+        model: str,
+        version: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+        labelled_only: bool = False,
+        newest_first: bool = True,
+    ) -> list[Prediction]:
+        """Captured predictions of a model (one version, or all with None), in capture order or its reverse."""
+        where, args = self._where(model, version, since, until, labelled_only)
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT id, model, version, ts, inputs, outputs, label, label_ts FROM predictions WHERE {where}"
+        sql += f" ORDER BY seq {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [
+            Prediction(
+                id=r[0],
+                model=r[1],
+                version=r[2],
+                timestamp=r[3],
+                inputs=None if r[4] is None else decode_arrays(r[4]),
+                outputs=decode_arrays(r[5]),
+                label=None if r[6] is None else np.load(io.BytesIO(r[6]), allow_pickle=False),
+                label_timestamp=r[7],
+            )
+            for r in rows
+        ]
+
+    def count(self, model: str, version: str | None = None, *, since: float | None = None) -> int:
+        """How many predictions of the model (version) are stored, optionally since a time."""
+        where, args = self._where(model, version, since, None, False)
+        with self._lock:
+            row = self._db.execute(f"SELECT COUNT(*) FROM predictions WHERE {where}", args).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close; the store is unusable afterwards."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()

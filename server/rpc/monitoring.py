@@ -1,0 +1,237 @@
+"""tensorgate.v1.Monitoring: feedback, quality, drift and alerts over gRPC; each RPC decodes, calls the monitoring
+package off the event loop, and encodes.
+
+The RPCs pass the same boundary as the inference service (server/rpc/errors.py: drain gate, identity, policy,
+status mapping). Authorization groups (server/auth/policy.py): feedback is a write about a model's traffic, so
+``SubmitFeedback``/``SubmitFeedbackBatch`` need ``inference`` on that model (whoever may infer may label); the
+reads (``GetModelQuality``, ``GetModelDrift``, ``ListAlerts``) need ``statistics``, like ModelStatistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+
+from tensorgate.protos import monitoring_pb2 as mpb
+from tensorgate.protos.service import add_servicer_to_server
+from tensorgate.server.auth.policy import Authorizer
+from tensorgate.server.errors import InvalidRequestError, TensorgateError
+from tensorgate.server.monitoring.alerts import AlertTransition
+from tensorgate.server.monitoring.capture import Capture
+from tensorgate.server.monitoring.drift import DriftReport
+from tensorgate.server.monitoring.errors import PredictionNotFoundError
+from tensorgate.server.monitoring.monitor import Monitor, Window
+from tensorgate.server.monitoring.quality import QualityReport
+from tensorgate.server.rpc import errors
+from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.telemetry.tracing import Tracing
+
+__all__ = ["SERVICE_NAME", "MonitoringServicer", "add_monitoring_servicer"]
+
+SERVICE_NAME = "tensorgate.v1.Monitoring"
+MAX_BATCH_ITEMS = 10_000
+MAX_ID_CHARS = 256
+
+Context = aio.ServicerContext[Any, Any]
+
+
+# ----- codec: proto <-> monitoring types --------------------------------------------------------------------
+
+
+def decode_label(model: str, item: mpb.Feedback) -> np.ndarray:
+    """The ground truth of one item as an array (one value per request row); INVALID_ARGUMENT names the problem."""
+    if not item.request_id:
+        raise InvalidRequestError(model, None, "feedback needs the request_id that the inference response carried")
+    if len(item.request_id) > MAX_ID_CHARS:
+        raise InvalidRequestError(model, None, f"request_id is longer than {MAX_ID_CHARS} characters")
+    if bool(item.values) == bool(item.labels):
+        raise InvalidRequestError(
+            model, None, f"feedback for request '{item.request_id}' needs either values or labels (exactly one)"
+        )
+    if item.values:
+        values = np.asarray(item.values, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise InvalidRequestError(model, None, f"feedback for request '{item.request_id}' has a NaN or infinity")
+        return values
+    return np.asarray(list(item.labels), dtype=np.str_)
+
+
+def decode_window(model: str, window: mpb.Window) -> Window:
+    if not math.isfinite(window.seconds) or window.seconds < 0:
+        raise InvalidRequestError(model, None, f"window.seconds must be a finite number >= 0, got {window.seconds}")
+    return Window(count=int(window.count), seconds=float(window.seconds))
+
+
+def encode_quality(report: QualityReport) -> mpb.ModelQuality:
+    msg = mpb.ModelQuality(
+        model=report.model,
+        version=report.version,
+        task=report.task,
+        predictions=report.predictions,
+        labelled=report.labelled,
+        rows=report.rows,
+        metrics=report.metrics,
+        class_labels=report.class_labels,
+        confusion=[n for row in report.confusion for n in row],
+    )
+    for c in report.classes:
+        msg.classes.add(label=c.label, precision=c.precision, recall=c.recall, f1=c.f1, support=c.support)
+    return msg
+
+
+def encode_drift(model: str, version: str, report: DriftReport) -> mpb.ModelDrift:
+    msg = mpb.ModelDrift(
+        model=model,
+        version=version,
+        samples=int(report.samples),
+        drifted=bool(report.drifted),
+        psi_max=float(report.psi_max),
+        psi_mean=float(report.psi_mean),
+        drifted_share=float(report.drifted_share),
+        score_drift=float(report.score_drift),
+    )
+    for f in report.features:
+        msg.features.add(
+            name=f.name,
+            kind=f.kind,
+            psi=float(f.psi),
+            statistic=float(f.statistic),
+            p_value=float(f.p_value),
+            drifted=bool(f.drifted),
+        )
+    return msg
+
+
+def encode_alert(a: AlertTransition) -> mpb.Alert:
+    return mpb.Alert(
+        rule=a.rule,
+        model=a.model,
+        version=a.version,
+        state=a.state,
+        value=float(a.value),
+        threshold=float(a.threshold),
+        timestamp=float(a.timestamp),
+    )
+
+
+# ----- the servicer ------------------------------------------------------------------------------------------
+
+
+class MonitoringServicer:
+    """The ``tensorgate.v1.Monitoring`` RPCs; registered by ``add_monitoring_servicer``."""
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        capture: Capture | None,
+        *,
+        gate: DrainGate,
+        auth: Authorizer | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.gate = gate
+        self.auth = auth or Authorizer()
+        self.tracing = tracing
+        self._monitor = monitor
+        self._capture = capture
+
+    def _join(self, model: str, items: list[tuple[str, np.ndarray]]) -> list[TensorgateError | None]:
+        """Blocking: wait for queued captures, check row counts, commit the labels; one error (or None) per item."""
+        if self._capture is not None:
+            self._capture.flush()
+        store = self._monitor.store
+        rows = store.rows_of(model, [request_id for request_id, _ in items])
+        outcome: list[TensorgateError | None] = []
+        accepted: list[tuple[str, np.ndarray]] = []
+        for request_id, label in items:
+            n = rows.get(request_id)
+            if n is None:
+                outcome.append(PredictionNotFoundError(model, request_id))
+            elif label.shape[0] != n:
+                outcome.append(
+                    InvalidRequestError(
+                        model,
+                        None,
+                        f"request '{request_id}' had {n} row(s) but the feedback has {label.shape[0]} label(s)",
+                    )
+                )
+            else:
+                outcome.append(None)
+                accepted.append((request_id, label))
+        found = store.set_labels(model, accepted, time.time())
+        # An id pruned by retention between the two statements: NOT_FOUND after all.
+        gone = {rid for (rid, _), ok in zip(accepted, found, strict=True) if not ok}
+        return [
+            PredictionNotFoundError(model, rid) if err is None and rid in gone else err
+            for (rid, _), err in zip(items, outcome, strict=True)
+        ]
+
+    @errors.unary
+    async def SubmitFeedback(self, request: mpb.SubmitFeedbackRequest, context: Context) -> mpb.SubmitFeedbackResponse:
+        model = request.model
+        if not model:
+            raise InvalidRequestError("", None, "SubmitFeedback needs the model name")
+        label = decode_label(model, request.feedback)
+        (error,) = await asyncio.to_thread(self._join, model, [(request.feedback.request_id, label)])
+        if error is not None:
+            raise error
+        return mpb.SubmitFeedbackResponse(request_id=request.feedback.request_id)
+
+    @errors.unary
+    async def SubmitFeedbackBatch(
+        self, request: mpb.SubmitFeedbackBatchRequest, context: Context
+    ) -> mpb.SubmitFeedbackBatchResponse:
+        model = request.model
+        if not model:
+            raise InvalidRequestError("", None, "SubmitFeedbackBatch needs the model name")
+        if len(request.items) > MAX_BATCH_ITEMS:
+            raise InvalidRequestError(
+                model, None, f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}"
+            )
+        statuses: list[mpb.FeedbackStatus | None] = []
+        valid: list[tuple[int, str, np.ndarray]] = []
+        for i, item in enumerate(request.items):
+            try:
+                valid.append((i, item.request_id, decode_label(model, item)))
+                statuses.append(None)
+            except TensorgateError as exc:
+                statuses.append(
+                    mpb.FeedbackStatus(request_id=item.request_id, code=exc.code.value[0], message=exc.message)
+                )
+        results = await asyncio.to_thread(self._join, model, [(rid, label) for _, rid, label in valid])
+        accepted = 0
+        for (i, rid, _), err in zip(valid, results, strict=True):
+            if err is None:
+                accepted += 1
+                statuses[i] = mpb.FeedbackStatus(request_id=rid, code=grpc.StatusCode.OK.value[0])
+            else:
+                statuses[i] = mpb.FeedbackStatus(request_id=rid, code=err.code.value[0], message=err.message)
+        return mpb.SubmitFeedbackBatchResponse(statuses=[s for s in statuses if s is not None], accepted=accepted)
+
+    @errors.unary
+    async def GetModelQuality(self, request: mpb.GetModelQualityRequest, context: Context) -> mpb.ModelQuality:
+        window = decode_window(request.model, request.window)
+        target = self._monitor.target(request.model, request.version)
+        report = await asyncio.to_thread(self._monitor.quality, target, window)
+        return encode_quality(report)
+
+    @errors.unary
+    async def GetModelDrift(self, request: mpb.GetModelDriftRequest, context: Context) -> mpb.ModelDrift:
+        window = decode_window(request.model, request.window)
+        target = self._monitor.target(request.model, request.version)
+        report = await asyncio.to_thread(self._monitor.drift, target, window)
+        return encode_drift(target.name, target.version, report)
+
+    @errors.unary
+    async def ListAlerts(self, request: mpb.ListAlertsRequest, context: Context) -> mpb.ListAlertsResponse:
+        return mpb.ListAlertsResponse(alerts=[encode_alert(a) for a in self._monitor.alerts(request.model)])
+
+
+def add_monitoring_servicer(servicer: MonitoringServicer, server: aio.Server) -> None:
+    add_servicer_to_server(SERVICE_NAME, servicer, server)

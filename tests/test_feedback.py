@@ -1,0 +1,193 @@
+"""Feedback: labels join captured predictions by request id, durably, per item in a batch; the CLI sends files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.client._monitoring import MonitoringStub
+from tensorgate.client.errors import InvalidArgument, NotFound
+from tensorgate.protos import monitoring_pb2 as mpb
+from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
+from tests.monitoring import digits_repository
+from tests.serving import ServerThread
+
+TENSORGATE = str(Path(sys.executable).parent / "tensorgate")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    return digits_repository(tmp_path_factory.mktemp("feedback"))
+
+
+@pytest.fixture
+def served(digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(digits[0], data_dir=tmp_path / "data") as s:
+        yield s
+
+
+def test_unknown_id_is_not_found_for_its_item_only(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    _, x, y = digits
+    with InferenceClient(served.address) as client:
+        a = client.infer("digits", {"input": x[:1]}, request_id="a")
+        b = client.infer("digits", {"input": x[1:3]})
+        statuses = client.submit_feedback_batch("digits", [(a.id, int(y[0])), ("missing", 1), (b.id, y[1:3])])
+        quality = client.model_quality("digits")
+    assert [s.request_id for s in statuses] == ["a", "missing", b.id]
+    assert [s.code for s in statuses] == [grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OK]
+    assert "model 'digits'" in statuses[1].message and "'missing'" in statuses[1].message
+    assert quality.labelled == 2 and quality.rows == 3
+
+
+def test_acknowledged_feedback_is_committed(served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]) -> None:
+    """Once SubmitFeedback answers OK, another connection to the database sees the label (no buffering)."""
+    _, x, y = digits
+    with InferenceClient(served.address) as client:
+        result = client.infer("digits", {"input": x[:4]})
+        client.submit_feedback("digits", result.id, y[:4])
+        data_dir = served.settings.data_dir
+        assert data_dir is not None
+        reader = PredictionStore(data_dir / DB_NAME)
+        try:
+            (stored,) = reader.predictions("digits", labelled_only=True)
+        finally:
+            reader.close()
+    assert stored.id == result.id
+    assert stored.label is not None
+    np.testing.assert_array_equal(stored.label, y[:4])
+    np.testing.assert_array_equal(stored.outputs["label"], result["label"])
+
+
+async def test_async_client_feedback_and_late_labels(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    """Labels may come long after the prediction and be corrected: the last one counts."""
+    _, x, y = digits
+    async with AsyncInferenceClient(served.address) as client:
+        results = [await client.infer("digits", {"input": x[i : i + 1]}) for i in range(10)]
+        wrong = (y[:10] + 1) % 10
+        for r, label in zip(results, wrong, strict=True):
+            await client.submit_feedback("digits", r.id, int(label))
+        first = await client.model_quality("digits")
+        await client.submit_feedback_batch("digits", [(r.id, int(v)) for r, v in zip(results, y[:10], strict=True)])
+        second = await client.model_quality("digits")
+        assert await client.alerts("digits") == []
+    predicted = np.array([int(r["label"][0, 0]) for r in results])
+    assert first.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == wrong)))
+    assert second.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == y[:10])))
+
+
+@pytest.mark.parametrize(
+    ("feedback", "needle"),
+    [
+        pytest.param(mpb.Feedback(values=[1.0]), "needs the request_id", id="no-id"),
+        pytest.param(mpb.Feedback(request_id="r"), "needs either values or labels", id="no-label"),
+        pytest.param(mpb.Feedback(request_id="r", values=[1.0], labels=["a"]), "exactly one", id="both"),
+        pytest.param(mpb.Feedback(request_id="r", values=[float("nan")]), "NaN", id="nan"),
+        pytest.param(mpb.Feedback(request_id="r", values=[1.0, 2.0]), "had 1 row(s) but the feedback has 2", id="rows"),
+    ],
+)
+def test_bad_feedback_is_invalid_argument_naming_model_and_problem(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray], feedback: mpb.Feedback, needle: str
+) -> None:
+    _, x, _ = digits
+    with InferenceClient(served.address) as client:
+        client.infer("digits", {"input": x[:1]}, request_id="r")
+        with pytest.raises(InvalidArgument) as caught:
+            client._call("SubmitFeedback", mpb.SubmitFeedbackRequest(model="digits", feedback=feedback), None)
+        # In a batch the same problem fails only its own item.
+        (status,) = client._call(
+            "SubmitFeedbackBatch", mpb.SubmitFeedbackBatchRequest(model="digits", items=[feedback]), None
+        ).statuses
+    assert "model 'digits'" in str(caught.value) and needle in str(caught.value)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and needle in status.message
+
+
+def test_unknown_id_alone_is_not_found(served: ServerThread) -> None:
+    with InferenceClient(served.address) as client, pytest.raises(NotFound, match="request id 'nope'"):
+        client.submit_feedback("digits", "nope", 3)
+
+
+def test_cli_sends_one_label_and_files(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    _, x, y = digits
+    with InferenceClient(served.address) as client:
+        ids = [client.infer("digits", {"input": x[i : i + 1]}).id for i in range(6)]
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": rid, "label": int(y[i])}) + "\n" for i, rid in enumerate(ids[:3])))
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("id,label\n" + "".join(f"{rid},{int(y[3 + i])}\n" for i, rid in enumerate(ids[3:5])))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [TENSORGATE, "feedback", "digits", "--server", served.address, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    single = cli("--id", ids[5], "--label", str(int(y[5])))
+    assert single.returncode == 0, single.stderr
+    assert "accepted 1 of 1" in single.stdout
+    from_jsonl = cli("--file", str(jsonl))
+    assert from_jsonl.returncode == 0 and "accepted 3 of 3" in from_jsonl.stdout, from_jsonl.stderr
+    from_csv = cli("--file", str(csv_file))
+    assert from_csv.returncode == 0 and "accepted 2 of 2" in from_csv.stdout, from_csv.stderr
+    unknown = cli("--id", "nope", "--label", "1")
+    assert unknown.returncode == 1 and "nope: NOT_FOUND" in unknown.stderr
+    usage = cli("--label", "1")
+    assert usage.returncode == 2 and "give --id and --label, or --file" in usage.stderr
+    with InferenceClient(served.address) as client:
+        assert client.model_quality("digits").labelled == 6
+
+
+# ----- authorization: feedback is in the inference group, quality reads in the statistics group -------------------
+
+
+def _token(name: str) -> tuple[str, str]:
+    return ("authorization", f"Bearer {name}-token")
+
+
+def test_feedback_and_quality_rpcs_follow_the_policy_groups(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    policy = {
+        "rules": [
+            {"identities": "labeller", "apis": ["inference"], "models": ["digits"]},
+            {"identities": "reader", "apis": ["statistics"], "models": ["digits"]},
+        ],
+        "tokens": [
+            {"sha256": hashlib.sha256(f"{who}-token".encode()).hexdigest(), "identity": who}
+            for who in ("labeller", "reader")
+        ],
+    }
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    feedback = mpb.SubmitFeedbackRequest(model="digits", feedback=mpb.Feedback(request_id="nope", values=[1.0]))
+    quality = mpb.GetModelQualityRequest(model="digits")
+    with (
+        ServerThread(digits[0], data_dir=tmp_path / "data", auth_policy=path) as s,
+        grpc.insecure_channel(s.address) as channel,
+    ):
+        stub = MonitoringStub(channel)
+
+        def code(method: str, request: object, who: str) -> grpc.StatusCode:
+            try:
+                getattr(stub, method)(request, metadata=(_token(who),), timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        # NOT_FOUND: past the policy, refused by the store (the id was never captured).
+        assert code("SubmitFeedback", feedback, "labeller") == grpc.StatusCode.NOT_FOUND
+        assert code("GetModelQuality", quality, "labeller") == grpc.StatusCode.PERMISSION_DENIED
+        assert code("SubmitFeedback", feedback, "reader") == grpc.StatusCode.PERMISSION_DENIED
+        assert code("GetModelQuality", quality, "reader") == grpc.StatusCode.OK

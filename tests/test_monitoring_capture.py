@@ -1,0 +1,157 @@
+"""Prediction capture: request ids on every response, sampling, a bounded queue that drops samples (never requests),
+retention, and a store that survives a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
+from tests.monitoring import digits_repository
+from tests.process import ServeProcess
+from tests.scraping import scrape
+from tests.serving import ServerThread
+
+DROPPED: tuple[str, frozenset[tuple[str, str]]] = ("tensorgate_capture_dropped_total", frozenset())
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    return digits_repository(tmp_path_factory.mktemp("capture"))
+
+
+def _stored(data_dir: Path, model: str = "digits") -> int:
+    store = PredictionStore(data_dir / DB_NAME)
+    try:
+        return store.count(model)
+    finally:
+        store.close()
+
+
+def test_every_response_carries_an_id(digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """The caller's id comes back unchanged; without one the server makes a UUID (also without --data-dir)."""
+    repo, x, _ = digits
+    with ServerThread(repo) as s, InferenceClient(s.address) as client:
+        given = client.infer("digits", {"input": x[:1]}, request_id="my-id")
+        made = client.infer("digits", {"input": x[:1]})
+        other = client.infer("digits", {"input": x[:1]})
+    assert given.id == "my-id"
+    assert str(uuid.UUID(made.id)) == made.id
+    assert made.id != other.id
+
+
+def test_capture_survives_a_restart(digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """Two `tensorgate serve` processes, one after the other, on the same --data-dir."""
+    repo, x, y = digits
+    data = tmp_path / "data"
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--data-dir", str(data)]
+    with ServeProcess(args) as first:
+        first.wait_for_line("ready")
+        with InferenceClient(first.address) as client:
+            ids = [client.infer("digits", {"input": x[i : i + 2]}).id for i in range(0, 40, 2)]
+            client.submit_feedback("digits", ids[0], y[0:2])
+        assert first.terminate() == 0
+    assert _stored(data) == len(ids)
+    with ServeProcess(args) as second:
+        second.wait_for_line("ready")
+        with InferenceClient(second.address) as client:
+            # A label for a prediction the first process captured joins after the restart.
+            client.submit_feedback("digits", ids[1], y[2:4])
+            quality = client.model_quality("digits")
+        assert second.terminate() == 0
+    assert quality.predictions == len(ids)
+    assert quality.labelled == 2
+    assert quality.rows == 4
+
+
+def test_saturated_queue_drops_samples_not_requests(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    repo, x, _ = digits
+
+    async def burst(address: str, n: int) -> list[str]:
+        async with AsyncInferenceClient(address) as client:
+            results = await asyncio.gather(
+                *(client.infer("digits", {"input": x[i % 64 : i % 64 + 1]}) for i in range(n))
+            )
+        return [r.id for r in results]
+
+    with ServerThread(repo, data_dir=tmp_path / "data", capture_queue_size=1) as s:
+        url = f"http://127.0.0.1:{s.app.metrics_port}/metrics"
+        answered = 0
+        for _ in range(20):  # bounded: a queue of one fills within the first bursts
+            ids = asyncio.run(burst(s.address, 200))
+            assert len(ids) == 200 and all(ids)
+            answered += len(ids)
+            if scrape(url).get(DROPPED, 0) > 0:
+                break
+        dropped = scrape(url)[DROPPED]
+        captured = scrape(url)[("tensorgate_captured_total", frozenset())]
+    assert dropped > 0
+    # Stopping the server stores what was still queued: every answered request was either stored or dropped.
+    assert _stored(tmp_path / "data") + dropped == answered
+    assert captured + dropped <= answered
+
+
+def _with_parameters(repo: Path, dst: Path, **parameters: str) -> Path:
+    """A copy of the repository whose digits config.pbtxt has these parameter values instead of its own."""
+    shutil.copytree(repo, dst)
+    config = dst / "digits" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        head = f'key: "{key}"\n  value: {{ string_value: "'
+        start = text.index(head) + len(head)
+        text = text[:start] + value + text[text.index('"', start) :]
+    config.write_text(text)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("rate", "inputs", "expect_rows", "expect_inputs"),
+    [
+        pytest.param("0", "true", 0, None, id="rate-0"),
+        pytest.param("1", "false", 30, False, id="outputs-only"),
+    ],
+)
+def test_per_model_capture_settings(
+    digits: tuple[Path, np.ndarray, np.ndarray],
+    tmp_path: Path,
+    rate: str,
+    inputs: str,
+    expect_rows: int,
+    expect_inputs: bool | None,
+) -> None:
+    repo = _with_parameters(
+        digits[0], tmp_path / "models", **{"tensorgate.capture.sample_rate": rate, "tensorgate.capture.inputs": inputs}
+    )
+    x = digits[1]
+    with ServerThread(repo, data_dir=tmp_path / "data") as s, InferenceClient(s.address) as client:
+        for i in range(30):
+            client.infer("digits", {"input": x[i : i + 1]})
+        assert s.app.capture is not None and s.app.capture.flush()
+        quality = client.model_quality("digits", count=100)
+    assert quality.predictions == expect_rows
+    if expect_inputs is not None:
+        store = PredictionStore(tmp_path / "data" / DB_NAME)
+        try:
+            assert all((p.inputs is not None) == expect_inputs for p in store.predictions("digits"))
+        finally:
+            store.close()
+
+
+def test_retention_keeps_the_newest(digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    repo, x, _ = digits
+    with ServerThread(repo, data_dir=tmp_path / "data", capture_retention=5) as s, InferenceClient(s.address) as c:
+        ids = [c.infer("digits", {"input": x[i : i + 1]}).id for i in range(12)]
+    store = PredictionStore(tmp_path / "data" / DB_NAME)
+    try:
+        kept = [p.id for p in store.predictions("digits", newest_first=False)]
+    finally:
+        store.close()
+    assert kept == ids[-5:]
