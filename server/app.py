@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tensorgate.server.monitoring import Capture, Monitor, PredictionStore
 
 log = logging.getLogger("tensorgate")
+READINESS_POLL_S = 0.5
 
 
 def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Tracing | None:
@@ -84,6 +85,7 @@ class TensorgateServer:
         self._health = health.aio.HealthServicer()
         self._server: aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._readiness: asyncio.Task[None] | None = None
         self._gate: DrainGate | None = None
         self._started = False
         self.port = 0
@@ -175,6 +177,7 @@ class TensorgateServer:
             self.monitor.start()
         self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._readiness = asyncio.create_task(self._follow_readiness())
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
         return self.port
 
@@ -222,6 +225,21 @@ class TensorgateServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
+    async def _follow_readiness(self) -> None:
+        """grpc.health.v1 for the inference service follows ServerReady (a failed model, an upstream Triton that
+        is down); the whole server ("") stays SERVING until drain, so a liveness probe on "" does not restart a
+        replica whose upstream is away, while a readiness probe on the service name takes it out of rotation."""
+        serving = True
+        while True:
+            await asyncio.sleep(READINESS_POLL_S)
+            if self.ready != serving:
+                serving = not serving
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self._health.set(SERVICE_NAME, status)
+                log.info("inference service health: %s", "SERVING" if serving else "NOT_SERVING")
+
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.repository_poll_secs)
@@ -233,6 +251,10 @@ class TensorgateServer:
     async def stop(self, grace: float | None = None) -> None:
         """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._poller is not None:
             self._poller.cancel()

@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import decode_infer_response, encode_infer_request
@@ -263,7 +264,13 @@ def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path) -> None:
             stub = GRPCInferenceServiceStub(channel)
             ready = lambda: stub.ModelReady(pb.ModelReadyRequest(name="add_sub"), timeout=10).ready  # noqa: E731
             server_ready = lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready  # noqa: E731
-            assert ready() and server_ready()
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving(service: str) -> bool:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            assert ready() and server_ready() and serving(SERVICE_NAME)
             stub.ModelInfer(request, timeout=30)
             own.stop()
             with pytest.raises(grpc.RpcError) as info:
@@ -272,11 +279,15 @@ def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path) -> None:
             assert "model 'add_sub' version 1 is not ready: upstream Triton" in info.value.details()
             wait_for("ModelReady false", lambda: not ready())
             assert not server_ready()
+            # Readiness probes on the inference service see it; liveness on the whole server ("") does not.
+            wait_for("health of the inference service NOT_SERVING", lambda: not serving(SERVICE_NAME))
+            assert serving("")
             own.start()
             wait_for("ModelReady true after the upstream restarted", ready)
             reply = stub.ModelInfer(request, timeout=30)
             np.testing.assert_array_equal(decode_infer_response(reply)["OUTPUT0"], x * 2)
             assert server_ready()
+            wait_for("health of the inference service SERVING again", lambda: serving(SERVICE_NAME))
     finally:
         own.stop()
 
