@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
+REMOTE_RETRY_MIN_S = 2.0
+REMOTE_RETRY_MAX_S = 60.0
 
 
 def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Tracing | None:
@@ -86,6 +88,7 @@ class TensorgateServer:
         self._server: aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._readiness: asyncio.Task[None] | None = None
+        self._remote_retry: asyncio.Task[None] | None = None
         self._gate: DrainGate | None = None
         self._started = False
         self.port = 0
@@ -178,6 +181,7 @@ class TensorgateServer:
         self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._readiness = asyncio.create_task(self._follow_readiness())
+        self._remote_retry = asyncio.create_task(self._retry_remote_forever())
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
         return self.port
 
@@ -240,6 +244,19 @@ class TensorgateServer:
                 await self._health.set(SERVICE_NAME, status)
                 log.info("inference service health: %s", "SERVING" if serving else "NOT_SERVING")
 
+    async def _retry_remote_forever(self) -> None:
+        """Remote models whose upstream was unreachable at load time are tried again, backing off from 2 s to
+        60 s while they keep failing, so that start order between tensorgate and Triton does not matter."""
+        delay = REMOTE_RETRY_MIN_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                loaded = await self.repository.retry_remote()
+            except Exception:  # noqa: BLE001 - a failed round must not stop the retries
+                log.exception("retrying remote models failed")
+                loaded = []
+            delay = REMOTE_RETRY_MIN_S if loaded else min(delay * 2, REMOTE_RETRY_MAX_S)
+
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.repository_poll_secs)
@@ -251,10 +268,11 @@ class TensorgateServer:
     async def stop(self, grace: float | None = None) -> None:
         """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        if self._readiness is not None:
-            self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+        for task in (self._readiness, self._remote_retry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._poller is not None:
             self._poller.cancel()

@@ -311,6 +311,30 @@ def test_bad_parameters_fail_the_load_with_the_reason(tmp_path: Path, extra: tup
         TritonBackend(config, tmp_path)
 
 
+def test_upstream_started_after_tensorgate_is_picked_up(tmp_path: Path) -> None:
+    """Start order does not matter: a remote model whose upstream is down at start loads once it comes up."""
+    own = Upstream(tmp_path / "pytriton")
+    try:
+        root = tmp_path / "models"
+        write_remote(root, "add_sub", own.url)
+        x = np.ones((1, 4), dtype=np.float32)
+        request = encode_infer_request("add_sub", [("INPUT0", x), ("INPUT1", x)])
+        with ServerThread(root) as s, grpc.insecure_channel(s.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="add_sub"), timeout=10).ready
+            own.start()
+            wait_for(
+                "the remote model to load after its upstream started",
+                lambda: stub.ModelReady(pb.ModelReadyRequest(name="add_sub"), timeout=10).ready,
+                timeout=120,
+            )
+            reply = stub.ModelInfer(request, timeout=30)
+            np.testing.assert_array_equal(decode_infer_response(reply)["OUTPUT0"], x * 2)
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    finally:
+        own.stop()
+
+
 def test_unreachable_upstream_fails_the_load(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_remote(root, "add_sub", "127.0.0.1:1")

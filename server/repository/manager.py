@@ -533,6 +533,35 @@ class ModelRepository:
 
         await asyncio.gather(*(one(n) for n in names))
 
+    def _is_remote(self, name: str) -> bool:
+        model_dir = self._model_dir(name, must_exist=False)
+        if model_dir is None or not model_dir.is_dir():
+            return False
+        try:
+            return read_config(model_dir)[0].backend == TRITON_BACKEND
+        except TensorgateError:
+            return False
+
+    async def retry_remote(self) -> list[str]:
+        """Load again the remote models that failed and serve nothing (e.g. their upstream Triton was down when
+        this server started): a replica must not depend on starting after its upstream. Returns those that
+        loaded; an unloaded model is left alone."""
+        failed = [
+            name
+            for name, e in sorted(self._entries.items())
+            if e.state == UNAVAILABLE and not e.versions and e.reason != "unloaded"
+        ]
+        loaded = []
+        for name in failed:
+            if not await asyncio.to_thread(self._is_remote, name):
+                continue
+            try:
+                await self.load(name)
+            except TensorgateError:
+                continue  # still down: its reason is updated, the next round tries again
+            loaded.append(name)
+        return loaded
+
     async def poll(self) -> None:
         """Bring the served set in line with the disk: new models load, removed ones unload, changed ones reload."""
         on_disk = set(self.names_on_disk())
