@@ -304,13 +304,13 @@ class Monitor:
 
     # ----- what the RPCs answer (blocking: call through asyncio.to_thread) -----------------------------------
 
-    def _window(self, t: _Target, window: Window, now: float) -> list[Prediction]:
+    def _window(self, t: _Target, window: Window, now: float, *, with_inputs: bool = True) -> list[Prediction]:
         since, limit = window.bounds(now)
-        return self.store.predictions(t.name, t.version, since=since, limit=limit)
+        return self.store.predictions(t.name, t.version, since=since, limit=limit, with_inputs=with_inputs)
 
     def _quality(self, t: _Target, window: Window, now: float) -> QualityReport:
         spec = TaskSpec.from_config(t.config)
-        return compute_quality(spec, self._window(t, window, now), t.version)
+        return compute_quality(spec, self._window(t, window, now, with_inputs=False), t.version)
 
     def _flush(self) -> None:
         """An RPC reads its caller's writes: the predictions queued before it are stored first (bounded wait)."""

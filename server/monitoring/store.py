@@ -248,11 +248,16 @@ class PredictionStore:
         limit: int | None = None,
         labelled_only: bool = False,
         newest_first: bool = True,
+        with_inputs: bool = True,
     ) -> list[Prediction]:
-        """Captured predictions of a model (one version, or all with None), in capture order or its reverse."""
+        """Captured predictions of a model (one version, or all with None), in capture order or its reverse.
+
+        `with_inputs=False` leaves the inputs out (None): quality needs only outputs and labels, and decoding a
+        window of inputs is most of the cost of reading it."""
         where, args = self._where(model, version, since, until, labelled_only)
         order = "DESC" if newest_first else "ASC"
-        sql = f"SELECT id, model, version, ts, inputs, outputs, label, label_ts FROM predictions WHERE {where}"
+        inputs = "inputs" if with_inputs else "NULL"
+        sql = f"SELECT id, model, version, ts, {inputs}, outputs, label, label_ts FROM predictions WHERE {where}"
         sql += f" ORDER BY seq {order}"
         if limit is not None:
             sql += " LIMIT ?"
