@@ -4,6 +4,9 @@
     tensorgate feedback digits --file labels.jsonl      # {"id": "7f0c...", "label": 3} per line
     tensorgate feedback digits --file labels.csv        # header "id,label"; one row per request
 
+The labels go over one SubmitFeedbackStream call, each acknowledged once the server has committed it; --timeout
+is the deadline per 1000 labels.
+
 Exit status: 0 when every label was accepted, 1 when some were refused (each refusal is printed to stderr),
 2 for a usage error.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from tensorgate.client.sync import InferenceClient
 __all__ = ["add_parser", "read_labels", "run"]
 
 CHUNK = 1000
+"""--timeout is the deadline per this many labels: the stream's deadline grows with the file."""
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -94,13 +99,13 @@ def run(args: argparse.Namespace) -> int:
     accepted = refused = 0
     try:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
-            for start in range(0, len(items), CHUNK):
-                for status in client.submit_feedback_batch(args.model, items[start : start + CHUNK]):
-                    if status.ok:
-                        accepted += 1
-                    else:
-                        refused += 1
-                        print(f"{status.request_id}: {status.code.name}: {status.message}", file=sys.stderr)
+            timeout = args.timeout * max(1, math.ceil(len(items) / CHUNK))
+            for status in client.submit_feedback_stream(args.model, items, timeout=timeout):
+                if status.ok:
+                    accepted += 1
+                else:
+                    refused += 1
+                    print(f"{status.request_id}: {status.code.name}: {status.message}", file=sys.stderr)
     except TypeError as exc:
         print(f"tensorgate feedback: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +39,45 @@ def batch_request(model: str, items: Iterable[tuple[str, Label]]) -> mpb.SubmitF
     return mpb.SubmitFeedbackBatchRequest(model=model, items=[feedback(rid, label) for rid, label in items])
 
 
+def stream_method(stub: Any) -> Any:
+    """The SubmitFeedbackStream multicallable of a ``MonitoringStub`` (its attributes are made at run time)."""
+    return stub.SubmitFeedbackStream
+
+
+def stream_requests(
+    model: str, items: Iterable[tuple[str, Label]], bad: list[Exception]
+) -> Iterator[mpb.SubmitFeedbackRequest]:
+    """The messages of SubmitFeedbackStream. An item that cannot be encoded ends the request stream and lands in
+    ``bad``, to be raised once the statuses of the items before it are in (gRPC would swallow it)."""
+    try:
+        for request_id, label in items:
+            yield mpb.SubmitFeedbackRequest(model=model, feedback=feedback(request_id, label))
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller after the responses
+        bad.append(exc)
+
+
+async def astream_requests(
+    model: str, items: Iterable[tuple[str, Label]] | AsyncIterable[tuple[str, Label]], bad: list[Exception]
+) -> AsyncIterator[mpb.SubmitFeedbackRequest]:
+    """``stream_requests`` for the asyncio client: ``items`` may also be an async iterable."""
+    try:
+        if isinstance(items, AsyncIterable):
+            async for request_id, label in items:
+                yield mpb.SubmitFeedbackRequest(model=model, feedback=feedback(request_id, label))
+        else:
+            for request_id, label in items:
+                yield mpb.SubmitFeedbackRequest(model=model, feedback=feedback(request_id, label))
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller after the responses
+        bad.append(exc)
+
+
 def window(count: int | None, seconds: float | None) -> mpb.Window:
     return mpb.Window(count=count or 0, seconds=seconds or 0.0)
 
 
 @dataclass(frozen=True)
 class FeedbackStatus:
-    """The outcome of one batch item: ``code`` OK, NOT_FOUND (unknown id) or INVALID_ARGUMENT."""
+    """The outcome of one batch or stream item: ``code`` OK, NOT_FOUND (unknown id) or INVALID_ARGUMENT."""
 
     request_id: str
     code: grpc.StatusCode
@@ -59,8 +91,12 @@ class FeedbackStatus:
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+def status(msg: mpb.FeedbackStatus) -> FeedbackStatus:
+    return FeedbackStatus(msg.request_id, _CODES.get(msg.code, grpc.StatusCode.UNKNOWN), msg.message)
+
+
 def statuses(msg: mpb.SubmitFeedbackBatchResponse) -> list[FeedbackStatus]:
-    return [FeedbackStatus(s.request_id, _CODES.get(s.code, grpc.StatusCode.UNKNOWN), s.message) for s in msg.statuses]
+    return [status(s) for s in msg.statuses]
 
 
 @dataclass(frozen=True)

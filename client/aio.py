@@ -240,6 +240,29 @@ class AsyncInferenceClient:
         reply = await self._call("SubmitFeedbackBatch", _monitoring.batch_request(model, items), timeout)
         return _monitoring.statuses(reply)
 
+    async def submit_feedback_stream(
+        self,
+        model: str,
+        items: Iterable[tuple[str, _monitoring.Label]] | AsyncIterable[tuple[str, _monitoring.Label]],
+        timeout: float | None = None,
+    ) -> AsyncIterator[_monitoring.FeedbackStatus]:
+        """See ``InferenceClient.submit_feedback_stream``; ``items`` may also be an async iterable."""
+        bad: list[Exception] = []
+        call = _monitoring.stream_method(self._monitoring)(
+            _monitoring.astream_requests(model, items, bad),
+            timeout=self._deadline(timeout),
+            metadata=_common.trace_metadata(),
+        )
+        try:
+            async for msg in call:
+                yield _monitoring.status(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "SubmitFeedbackStream") from exc
+        finally:
+            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+        if bad:
+            raise bad[0]
+
     async def model_quality(
         self,
         model: str,

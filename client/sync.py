@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -184,6 +184,32 @@ class InferenceClient:
         """Many ``(request_id, label)`` at once; one status per item (an unknown id fails only its own item)."""
         reply = self._call("SubmitFeedbackBatch", _monitoring.batch_request(model, items), timeout)
         return _monitoring.statuses(reply)
+
+    def submit_feedback_stream(
+        self, model: str, items: Iterable[tuple[str, _monitoring.Label]], timeout: float | None = None
+    ) -> Iterator[_monitoring.FeedbackStatus]:
+        """Stream ``(request_id, label)`` items (a generator is read as the call goes); yield one status per item,
+        in order, each once the server has committed it (an unknown id or a bad label fails only its own item).
+
+        ``timeout`` (or the client's default) is the deadline of the whole stream. A failure of the stream itself is
+        raised as the typed error of its status; an item that cannot be encoded (TypeError) ends the stream: the
+        statuses of the items before it are yielded, then it is raised.
+        """
+        bad: list[Exception] = []
+        call = _monitoring.stream_method(self._monitoring)(
+            _monitoring.stream_requests(model, items, bad),
+            timeout=self._deadline(timeout),
+            metadata=_common.trace_metadata(),
+        )
+        try:
+            for msg in call:
+                yield _monitoring.status(msg)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "SubmitFeedbackStream") from exc
+        finally:
+            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+        if bad:
+            raise bad[0]
 
     def model_quality(
         self,

@@ -1,12 +1,14 @@
-"""Feedback: labels join captured predictions by request id, durably, per item in a batch; the CLI sends files."""
+"""Feedback: labels join captured predictions by request id, durably, per item in a batch or a stream; the CLI
+sends files."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,14 +16,17 @@ import numpy as np
 import pytest
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
-from tensorgate.client._monitoring import MonitoringStub
+from tensorgate.client._monitoring import FeedbackStatus, Label, MonitoringStub, stream_method
 from tensorgate.client.errors import InvalidArgument, NotFound
 from tensorgate.protos import monitoring_pb2 as mpb
+from tensorgate.protos.service import methods
+from tensorgate.server.auth.policy import RPC_GROUPS
 from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
 from tests.monitoring import digits_repository
 from tests.serving import ServerThread
 
 TENSORGATE = str(Path(sys.executable).parent / "tensorgate")
+CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +115,113 @@ def test_bad_feedback_is_invalid_argument_naming_model_and_problem(
         (status,) = client._call(
             "SubmitFeedbackBatch", mpb.SubmitFeedbackBatchRequest(model="digits", items=[feedback]), None
         ).statuses
+        # In a stream too, and the stream goes on: the good label after it is accepted.
+        good = mpb.Feedback(request_id="r", values=[1.0])
+        streamed = list(
+            stream_method(client._monitoring)(
+                iter([mpb.SubmitFeedbackRequest(model="digits", feedback=f) for f in (feedback, good)]), timeout=10
+            )
+        )
     assert "model 'digits'" in str(caught.value) and needle in str(caught.value)
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and needle in status.message
+    assert [s.code for s in streamed] == [grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.OK.value[0]]
+    assert "model 'digits'" in streamed[0].message and needle in streamed[0].message
 
 
 def test_unknown_id_alone_is_not_found(served: ServerThread) -> None:
     with InferenceClient(served.address) as client, pytest.raises(NotFound, match="request id 'nope'"):
         client.submit_feedback("digits", "nope", 3)
+
+
+# ----- SubmitFeedbackStream: one status per item, in order, each once committed ------------------------------------
+
+
+def test_stream_answers_each_item_in_order_once_committed(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    """An unknown id and a bad label in the middle fail only their own items; every OK is already in the database
+    when it arrives (checked through a second SQLite connection at each acknowledgement)."""
+    _, x, y = digits
+    data_dir = served.settings.data_dir
+    assert data_dir is not None
+    with InferenceClient(served.address) as client:
+        ids = [client.infer("digits", {"input": x[2 * i : 2 * i + 2]}).id for i in range(20)]
+        items: list[tuple[str, Label]] = [(rid, y[2 * i : 2 * i + 2]) for i, rid in enumerate(ids)]
+        items[7] = ("missing", 1)
+        items[12] = (ids[12], [1.0, 2.0, 3.0])  # three labels for a two-row request
+        items.insert(15, (ids[0], float("nan")))
+        reader = PredictionStore(data_dir / DB_NAME)
+        statuses: list[FeedbackStatus] = []
+        try:
+            for status in client.submit_feedback_stream("digits", iter(items)):
+                statuses.append(status)
+                if status.ok:
+                    labelled = {p.id: p.label for p in reader.predictions("digits", labelled_only=True)}
+                    assert status.request_id in labelled, f"{status.request_id} acknowledged but not committed"
+            stored = {p.id: p.label for p in reader.predictions("digits", labelled_only=True)}
+        finally:
+            reader.close()
+        quality = client.model_quality("digits")
+    assert [s.request_id for s in statuses] == [rid for rid, _ in items]
+    refused = {i: s.code for i, s in enumerate(statuses) if not s.ok}
+    assert refused == {
+        7: grpc.StatusCode.NOT_FOUND,
+        12: grpc.StatusCode.INVALID_ARGUMENT,
+        15: grpc.StatusCode.INVALID_ARGUMENT,
+    }
+    assert "'missing'" in statuses[7].message
+    assert "had 2 row(s) but the feedback has 3" in statuses[12].message and "NaN" in statuses[15].message
+    accepted = {i: rid for i, rid in enumerate(ids) if i not in (7, 12)}
+    assert set(stored) == set(accepted.values())
+    for i, rid in accepted.items():
+        label = stored[rid]
+        assert label is not None
+        np.testing.assert_array_equal(label, y[2 * i : 2 * i + 2])
+    assert quality.labelled == 18 and quality.rows == 36
+
+
+async def test_async_stream_acknowledges_each_item_before_the_next_is_sent(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    """Lock-step over one stream: the next label is only sent once the previous one is acknowledged, which works only
+    if acknowledgements come per item, not at the end of the stream."""
+    _, x, y = digits
+    async with AsyncInferenceClient(served.address) as client:
+        ids = [(await client.infer("digits", {"input": x[i : i + 1]})).id for i in range(5)]
+        acked: asyncio.Queue[FeedbackStatus] = asyncio.Queue()
+
+        async def items() -> AsyncIterator[tuple[str, Label]]:
+            for i, rid in enumerate([*ids[:2], "missing", *ids[2:]]):
+                if i:
+                    await asyncio.wait_for(acked.get(), 10)
+                yield rid, int(y[ids.index(rid)]) if rid in ids else 0
+
+        statuses = []
+        async for status in client.submit_feedback_stream("digits", items(), timeout=30):
+            statuses.append(status)
+            acked.put_nowait(status)
+        quality = await client.model_quality("digits")
+    assert [s.request_id for s in statuses] == [*ids[:2], "missing", *ids[2:]]
+    assert [s.ok for s in statuses] == [True, True, False, True, True, True]
+    assert statuses[2].code == grpc.StatusCode.NOT_FOUND
+    assert quality.labelled == 5
+
+
+def test_stream_item_that_cannot_be_encoded_ends_it_after_the_items_before(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    _, x, y = digits
+    with InferenceClient(served.address) as client:
+        rid = client.infer("digits", {"input": x[:1]}).id
+        statuses: list[FeedbackStatus] = []
+        with pytest.raises(TypeError, match="labels must be numbers or text"):
+            for status in client.submit_feedback_stream("digits", [(rid, int(y[0])), ("x", {"a": 1})]):  # type: ignore[list-item]
+                statuses.append(status)
+        assert [s.code for s in statuses] == [grpc.StatusCode.OK]
+        # A stream that names no model answers INVALID_ARGUMENT per item.
+        (status,) = client.submit_feedback_stream("", [(rid, 1)])
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT and "model name" in status.message
+        assert client.model_quality("digits").labelled == 1
 
 
 def test_cli_sends_one_label_and_files(
@@ -143,6 +248,10 @@ def test_cli_sends_one_label_and_files(
     assert from_csv.returncode == 0 and "accepted 2 of 2" in from_csv.stdout, from_csv.stderr
     unknown = cli("--id", "nope", "--label", "1")
     assert unknown.returncode == 1 and "nope: NOT_FOUND" in unknown.stderr
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"id": rid, "label": 1}) + "\n" for rid in (ids[0], "gone", ids[1])))
+    refused = cli("--file", str(mixed))
+    assert refused.returncode == 1 and "accepted 2 of 3" in refused.stdout and "gone: NOT_FOUND" in refused.stderr
     usage = cli("--label", "1")
     assert usage.returncode == 2 and "give --id and --label, or --file" in usage.stderr
     with InferenceClient(served.address) as client:
@@ -154,6 +263,18 @@ def test_cli_sends_one_label_and_files(
 
 def _token(name: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {name}-token")
+
+
+def test_every_monitoring_rpc_has_a_policy_group() -> None:
+    groups = {spec.name: RPC_GROUPS.get(spec.name) for spec in methods("tensorgate.v1.Monitoring")}
+    assert groups == {
+        "SubmitFeedback": "inference",
+        "SubmitFeedbackBatch": "inference",
+        "SubmitFeedbackStream": "inference",
+        "GetModelQuality": "statistics",
+        "GetModelDrift": "statistics",
+        "ListAlerts": "statistics",
+    }
 
 
 def test_feedback_and_quality_rpcs_follow_the_policy_groups(
@@ -191,3 +312,20 @@ def test_feedback_and_quality_rpcs_follow_the_policy_groups(
         assert code("GetModelQuality", quality, "labeller") == grpc.StatusCode.PERMISSION_DENIED
         assert code("SubmitFeedback", feedback, "reader") == grpc.StatusCode.PERMISSION_DENIED
         assert code("GetModelQuality", quality, "reader") == grpc.StatusCode.OK
+
+        def streamed(who: str | None, *models: str) -> list[grpc.StatusCode]:
+            """Each message's model is checked: a refusal is that item's status, the stream goes on."""
+            messages = [
+                mpb.SubmitFeedbackRequest(model=m, feedback=mpb.Feedback(request_id="nope", values=[1.0]))
+                for m in models
+            ]
+            metadata = () if who is None else (_token(who),)
+            replies = stream_method(stub)(iter(messages), metadata=metadata, timeout=10)
+            return [CODES[r.code] for r in replies]
+
+        not_found, denied = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED
+        assert streamed("labeller", "digits", "other", "digits") == [not_found, denied, not_found]
+        assert streamed("reader", "digits") == [denied]
+        with pytest.raises(grpc.RpcError) as caught:
+            streamed(None, "digits")
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -13,7 +13,7 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
         models: ["add_sub", {name: "fraud-*", versions: [2, 3]}]
 
 API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, and tensorgate.v1.Monitoring's
-SubmitFeedback/SubmitFeedbackBatch), metadata (ServerMetadata, ModelMetadata, ModelConfig), statistics
+SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig), statistics
 (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex, RepositoryModelLoad,
 RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection
 services answer probes without a check by default; with `--auth-probes policy` they are checked too (server/rpc/
@@ -80,6 +80,7 @@ RPC_GROUPS: dict[str, str] = {
     # tensorgate.v1.Monitoring: labelling a model's traffic is a write like inference; quality reads are statistics.
     "SubmitFeedback": "inference",
     "SubmitFeedbackBatch": "inference",
+    "SubmitFeedbackStream": "inference",
     "GetModelQuality": "statistics",
     "GetModelDrift": "statistics",
     "ListAlerts": "statistics",

@@ -3,8 +3,9 @@ package off the event loop, and encodes.
 
 The RPCs pass the same boundary as the inference service (server/rpc/errors.py: drain gate, identity, policy,
 status mapping). Authorization groups (server/auth/policy.py): feedback is a write about a model's traffic, so
-``SubmitFeedback``/``SubmitFeedbackBatch`` need ``inference`` on that model (whoever may infer may label); the
-reads (``GetModelQuality``, ``GetModelDrift``, ``ListAlerts``) need ``statistics``, like ModelStatistics.
+``SubmitFeedback``/``SubmitFeedbackBatch``/``SubmitFeedbackStream`` need ``inference`` on that model (whoever may
+infer may label; the stream checks each message's model, as ModelStreamInfer does); the reads
+(``GetModelQuality``, ``GetModelDrift``, ``ListAlerts``) need ``statistics``, like ModelStatistics.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -37,6 +39,8 @@ __all__ = ["SERVICE_NAME", "MonitoringServicer", "add_monitoring_servicer"]
 SERVICE_NAME = "tensorgate.v1.Monitoring"
 MAX_BATCH_ITEMS = 10_000
 MAX_ID_CHARS = 256
+# SubmitFeedbackStream commits the items that have arrived while the previous commit ran together, up to this many.
+STREAM_COMMIT_ITEMS = 1000
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -213,6 +217,86 @@ class MonitoringServicer:
             else:
                 statuses[i] = mpb.FeedbackStatus(request_id=rid, code=err.code.value[0], message=err.message)
         return mpb.SubmitFeedbackBatchResponse(statuses=[s for s in statuses if s is not None], accepted=accepted)
+
+    def _status(self, request_id: str, error: TensorgateError | None) -> mpb.FeedbackStatus:
+        if error is None:
+            return mpb.FeedbackStatus(request_id=request_id, code=grpc.StatusCode.OK.value[0])
+        return mpb.FeedbackStatus(request_id=request_id, code=error.code.value[0], message=error.message)
+
+    def _commit_stream_items(self, items: list[tuple[str, str, np.ndarray]]) -> list[TensorgateError | None]:
+        """Blocking: ``_join`` per model, for (model, request id, label) items; one outcome per item, in order."""
+        by_model: dict[str, list[int]] = {}
+        for i, (model, _, _) in enumerate(items):
+            by_model.setdefault(model, []).append(i)
+        outcome: list[TensorgateError | None] = [None] * len(items)
+        for model, indices in by_model.items():
+            results = self._join(model, [(items[i][1], items[i][2]) for i in indices])
+            for i, err in zip(indices, results, strict=True):
+                outcome[i] = err
+        return outcome
+
+    @errors.stream
+    async def SubmitFeedbackStream(
+        self, request_iterator: AsyncIterator[mpb.SubmitFeedbackRequest], context: Context
+    ) -> AsyncIterator[mpb.FeedbackStatus]:
+        """One status per item, in the order sent, each once its label is committed (or refused).
+
+        Items that arrive while a commit runs are committed together in the next one (group commit, at most
+        ``STREAM_COMMIT_ITEMS``), so a fast sender pays one SQLite fsync per group, not per item. An item's own
+        problem (no model, not allowed, bad label, unknown id) is its status; the stream goes on.
+        """
+        pending: asyncio.Queue[mpb.SubmitFeedbackRequest | None] = asyncio.Queue(maxsize=STREAM_COMMIT_ITEMS)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(request)
+            except Exception:
+                # The request stream failed: the loop below ends, then `await reader` raises it.
+                await pending.put(None)
+                raise
+            await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            done = False
+            while not done:
+                group: list[mpb.SubmitFeedbackRequest] = []
+                first = await pending.get()
+                if first is None:
+                    break
+                group.append(first)
+                while len(group) < STREAM_COMMIT_ITEMS and not pending.empty():
+                    request = pending.get_nowait()
+                    if request is None:
+                        done = True
+                        break
+                    group.append(request)
+                statuses: list[mpb.FeedbackStatus | None] = []
+                valid: list[tuple[int, tuple[str, str, np.ndarray]]] = []
+                for i, request in enumerate(group):
+                    rid = request.feedback.request_id
+                    try:
+                        if not request.model:
+                            raise InvalidRequestError(
+                                "", None, "SubmitFeedbackStream needs the model name in each message"
+                            )
+                        if self.auth.enabled:
+                            self.auth.check("SubmitFeedbackStream", request.model)
+                        valid.append((i, (request.model, rid, decode_label(request.model, request.feedback))))
+                        statuses.append(None)
+                    except TensorgateError as exc:
+                        statuses.append(self._status(rid, exc))
+                if valid:
+                    results = await asyncio.to_thread(self._commit_stream_items, [item for _, item in valid])
+                    for (i, (_, rid, _)), err in zip(valid, results, strict=True):
+                        statuses[i] = self._status(rid, err)
+                for status in statuses:
+                    assert status is not None
+                    yield status
+            await reader  # surfaces a failure of the request stream itself
+        finally:
+            reader.cancel()
 
     @errors.unary
     async def GetModelQuality(self, request: mpb.GetModelQualityRequest, context: Context) -> mpb.ModelQuality:
