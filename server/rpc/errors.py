@@ -58,15 +58,22 @@ _MODEL_FIELDS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def authorize(auth: Authorizer, rpc: str, request: object) -> None:
-    """Check a unary call against the policy, before anything in its request is decoded."""
+def model_of(rpc: str, request: object) -> tuple[str, str] | None:
+    """(model, version) that a call's request names, or None for an RPC that names no model."""
     fields = _MODEL_FIELDS.get(rpc)
     if fields is None:
+        return None
+    model_field, version_field = fields
+    return getattr(request, model_field, ""), getattr(request, version_field, "") if version_field else ""
+
+
+def authorize(auth: Authorizer, rpc: str, request: object) -> None:
+    """Check a unary call against the policy, before anything in its request is decoded."""
+    named = model_of(rpc, request)
+    if named is None:
         auth.check(rpc)
         return
-    model_field, version_field = fields
-    version = getattr(request, version_field) if version_field else ""
-    auth.check(rpc, getattr(request, model_field), version)
+    auth.check(rpc, *named)
 
 
 S = TypeVar("S", bound=Gated)
@@ -93,9 +100,7 @@ def _aborted_code(context: aio.ServicerContext[Any, Any]) -> str:
 def request_attributes(rpc: str, request: object) -> dict[str, str]:
     """What the request names (model, version, request id), for its span from the start: a call that fails before
     validation (NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED) is still found by model. Never tensor values."""
-    fields = _MODEL_FIELDS.get(rpc)
-    model = getattr(request, fields[0], "") if fields else ""
-    version = getattr(request, fields[1], "") if fields and fields[1] else ""
+    model, version = model_of(rpc, request) or ("", "")
     request_id = getattr(request, "id", "")
     out = {"tensorgate.model.name": model, "tensorgate.model.version": version, "tensorgate.request.id": request_id}
     return {k: v for k, v in out.items() if v and isinstance(v, str)}
@@ -103,9 +108,7 @@ def request_attributes(rpc: str, request: object) -> dict[str, str]:
 
 def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> None:
     """One debug line per call: who asked for what, how it ended and how long it took; never the payload."""
-    fields = _MODEL_FIELDS.get(rpc)
-    model = getattr(request, fields[0], "") if fields else ""
-    version = getattr(request, fields[1], "") if fields and fields[1] else ""
+    model, version = model_of(rpc, request) or ("", "")
     access_log.debug(
         "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
         rpc,
