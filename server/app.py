@@ -134,7 +134,12 @@ class TensorgateServer:
         self._gate = DrainGate()
         if self._metrics_on:
             self.metrics = Metrics(
-                self.registry, self.repository, gate=self._gate, auth=self.auth, loop=asyncio.get_running_loop()
+                self.registry,
+                self.repository,
+                gate=self._gate,
+                auth=self.auth,
+                loop=asyncio.get_running_loop(),
+                tracing=self.tracing,
             )
         servicer = InferenceServicer(
             self.repository,

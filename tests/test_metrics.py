@@ -408,7 +408,8 @@ def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThr
     scraped = families_of(scrape_text(metrics_url(served)))
     listed = {line.split("`")[1] for line in _readme_table().splitlines()[2:]}
     gpu = set(GPU_FAMILIES)  # present only where NVML reads a GPU; their format is tested with readings above
-    assert listed == scraped.keys() | gpu
+    traced = {"tensorgate_trace_spans_dropped_total"}  # only with tracing on: tests/test_tracing.py scrapes it
+    assert listed == scraped.keys() | gpu | traced
     specs = {s.name: s for s in reference()}
     for name, (kind, samples) in scraped.items():
         assert kind == specs[name].type, name

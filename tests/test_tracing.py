@@ -9,6 +9,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tests.onnx_models import identity_model, write_config
 from tests.pki import Pki, identity_request, secure_channel
 from tests.process import ServeProcess
+from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 
 SECRET = 1234.5678  # an input value that must never show up in an export
@@ -476,8 +478,8 @@ def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Coll
 
 
 def test_bad_tracing_settings_stop_the_start(repo: Path) -> None:
-    for flag, value, field in (("--otlp-headers", "novalue", "otlp_headers"), ("--trace-sample-rate", "2", "rate")):
-        with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", flag, value]) as proc:
+    for flag, given, field in (("--otlp-headers", "novalue", "otlp_headers"), ("--trace-sample-rate", "2", "rate")):
+        with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", flag, given]) as proc:
             assert proc.proc.wait(60) == 2
             proc.wait_for_line(field)
 
@@ -533,14 +535,41 @@ def test_a_stream_the_client_abandons_ends_its_span_cleanly(
 
 
 def test_a_large_batch_span_keeps_every_link(collector: tuple[Collector, int]) -> None:
-    """The SDK keeps 128 links per span by default; a batch of up to max_batch_size traced requests needs all."""
-    from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, build_provider
+    """A batch of up to max_batch_size traced requests links all of them (the SDK's default limit is 128)."""
+    from tensorgate.server.telemetry.tracing import TracingSettings, from_settings
 
     c, port = collector
-    provider = build_provider(TracingSettings(otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True))
+    tracing = from_settings(TracingSettings(otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True))
+    assert tracing is not None
     requests = [_context(Caller.new()) for _ in range(300)]
-    span, _ = Tracing(provider).start_batch("m", 1, requests, 300, "CPUExecutionProvider", 0)
+    span, _ = tracing.start_batch("m", 1, requests, 300, "CPUExecutionProvider", 0)
     span.end()
-    provider.shutdown()
+    tracing.shutdown()
     (batch,) = [s for s in c.spans() if s.name == "batch m"]
     assert len(batch.links) == 300 and batch.dropped_links_count == 0
+    assert {hexid(link.trace_id) for link in batch.links} == {format(r.trace_id, "032x") for r in requests}
+    assert hexid(batch.trace_id) == format(requests[0].trace_id, "032x")
+    assert batch.parent_span_id == requests[0].span_id.to_bytes(8, "big")
+
+
+def test_spans_dropped_are_a_metric_of_a_traced_server(repo: Path, collector: tuple[Collector, int]) -> None:
+    """tensorgate_trace_spans_dropped_total is scraped when tracing is on: 0 while the exporter keeps up, the
+    count of lost spans once its process is gone (the requests themselves go on being served)."""
+    c, port = collector
+    with traced(repo, port) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(identity_request(), timeout=10)
+        assert value(scrape(metrics_url(server)), "tensorgate_trace_spans_dropped_total") == 0
+        pipe = server.app.tracing.pipe
+        assert pipe is not None
+        pipe._process.kill()  # noqa: SLF001 - the exporter process crashing
+        pipe._process.join(10)  # noqa: SLF001
+        for _ in range(3):
+            stub.ModelInfer(identity_request(), timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pipe.dropped == 0:
+            time.sleep(0.05)
+        assert pipe.dropped >= 3  # a server span, validate, queue and execute per request
+        assert value(scrape(metrics_url(server)), "tensorgate_trace_spans_dropped_total") == pipe.dropped
+        channel.close()

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
     from tensorgate.server.repository.manager import ModelRepository
     from tensorgate.server.rpc.drain import DrainGate
+    from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class Snapshot:
     states: list[tuple[str, str, str]]
     in_flight: int
     denials: dict[tuple[str, str], int]
+    spans_dropped: int | None = None
+    """Spans the exporter process could not take (None: tracing off, or through an injected provider)."""
 
 
 def _state_name(state: str, reason: str) -> str:
@@ -215,6 +218,12 @@ AUTH_DENIALS = FamilySpec(
     ("identity", "reason", "rpc"),
     "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token or in_flight_limit",
 )
+SPANS_DROPPED = FamilySpec(
+    "tensorgate_trace_spans_dropped_total",
+    "counter",
+    (),
+    "Finished spans dropped because the span exporter process was behind or not running (tracing on only)",
+)
 SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -226,6 +235,7 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     MODEL_STATE,
     LOAD_DURATION,
     AUTH_DENIALS,
+    SPANS_DROPPED,
     BUILD_INFO,
 )
 
@@ -335,6 +345,10 @@ class _ServerCollector(Collector):
             else:
                 denials.add_metric([identity, "policy", what], n)
         yield denials
+        if snap.spans_dropped is not None:
+            dropped = SPANS_DROPPED.family()
+            dropped.add_metric([], snap.spans_dropped)
+            yield dropped
 
 
 class Metrics:
@@ -350,8 +364,10 @@ class Metrics:
         gate: DrainGate,
         auth: Authorizer,
         loop: asyncio.AbstractEventLoop,
+        tracing: Tracing | None = None,
     ) -> None:
         self.registry = registry
+        self._tracing = tracing
         self.requests = RequestCounts(repository)
         self._repository = repository
         self._gate = gate
@@ -395,6 +411,7 @@ class Metrics:
             states=sorted((r.name, r.version, _state_name(r.state, r.reason)) for r in self._repository.states()),
             in_flight=self._gate.in_flight,
             denials=dict(self._auth.denials),
+            spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,
         )
 
 

@@ -23,13 +23,13 @@ from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tensorgate.server import __version__
+from tensorgate.server.telemetry.span_pipe import SpanPipe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def parse_headers(text: str) -> dict[str, str]:
     return headers
 
 
-def _exporter(s: TracingSettings) -> SpanExporter:
+def build_exporter(s: TracingSettings) -> SpanExporter:
+    """The SDK's OTLP exporter for these settings (gRPC or HTTP), with its retries and TLS."""
     headers = s.otlp_headers or None
     if s.protocol() == "grpc":
         import grpc
@@ -126,37 +127,38 @@ def _exporter(s: TracingSettings) -> SpanExporter:
     )
 
 
-def build_provider(s: TracingSettings, processors: Iterable[SpanProcessor] = ()) -> TracerProvider:
-    """A provider exporting over OTLP in batches; `service.name`, version and host as resource attributes.
-
-    OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply (Resource.create reads them); ours are defaults.
-    """
-    rate = s.rate()
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"trace sample rate must be in 0..1, got {rate}")
+def build_resource() -> Resource:
+    """`service.name`, version and host; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply
+    (Resource.create reads them), ours are defaults."""
     resource = Resource.create(
         {"service.name": "tensorgate", "service.version": __version__, "host.name": socket.gethostname()}
     )
     if "OTEL_SERVICE_NAME" not in os.environ and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         # Resource.create puts the SDK's "unknown_service" over a default given in code.
         resource = resource.merge(Resource({"service.name": "tensorgate"}))
-    # A batch span links every traced request it served, up to max_batch_size of them; the SDK's default keeps 128
-    # links and silently drops the rest. OTEL_SPAN_LINK_COUNT_LIMIT, when set, still wins.
-    limits = SpanLimits() if "OTEL_SPAN_LINK_COUNT_LIMIT" in os.environ else SpanLimits(max_links=SpanLimits.UNSET)
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(rate)), span_limits=limits)
-    provider.add_span_processor(BatchSpanProcessor(_exporter(s)))
-    for processor in processors:
-        provider.add_span_processor(processor)
-    return provider
+    return resource
+
+
+def check(s: TracingSettings) -> None:
+    """What would only fail in the exporter process fails here, at start, with its reason."""
+    rate = s.rate()
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"trace sample rate must be in 0..1, got {rate}")
+    s.protocol()
+    if s.otlp_ca is not None:
+        s.otlp_ca.read_bytes()  # a missing or unreadable CA bundle stops the start
 
 
 class Tracing:
-    """The spans tensorgate makes, from one injected TracerProvider."""
+    """The spans tensorgate makes: through an injected TracerProvider, or through a SpanPipe to an exporter process
+    (what the server builds from its settings; see span_pipe.py for why)."""
 
-    def __init__(self, provider: trace.TracerProvider, *, owned: bool = False) -> None:
+    def __init__(self, provider: trace.TracerProvider | None = None, *, pipe: SpanPipe | None = None) -> None:
+        if (provider is None) == (pipe is None):
+            raise ValueError("Tracing needs a TracerProvider or a SpanPipe, not both")
         self.provider = provider
-        self._owned = owned
-        self.tracer = provider.get_tracer("tensorgate", __version__)
+        self.pipe = pipe
+        self.tracer: trace.Tracer = pipe.tracer if pipe is not None else provider.get_tracer("tensorgate", __version__)  # type: ignore[union-attr]
 
     # ----- RPC spans (event loop) --------------------------------------------------------------------------
 
@@ -267,9 +269,10 @@ class Tracing:
         ).end(end_time=ended_ns)
 
     def shutdown(self) -> None:
-        """Flush what is buffered and stop exporting; only for a provider the server built itself."""
-        if self._owned and isinstance(self.provider, TracerProvider):
-            self.provider.shutdown()
+        """Export what is buffered: the pipe's exporter process sends it and stops; an injected provider is
+        flushed and left to its owner."""
+        if self.pipe is not None:
+            self.pipe.close()
         elif isinstance(self.provider, TracerProvider):
             self.provider.force_flush()
 
@@ -278,7 +281,16 @@ def from_settings(s: TracingSettings) -> Tracing | None:
     """The server's tracing, or None when no endpoint is configured (tracing off costs nothing)."""
     if not s.enabled:
         return None
-    return Tracing(build_provider(s), owned=True)
+    check(s)
+    return Tracing(pipe=SpanPipe(s))
 
 
-__all__ = ["OTLP_PROTOCOLS", "Tracing", "TracingSettings", "build_provider", "from_settings", "parse_headers"]
+__all__ = [
+    "OTLP_PROTOCOLS",
+    "Tracing",
+    "TracingSettings",
+    "build_exporter",
+    "build_resource",
+    "from_settings",
+    "parse_headers",
+]

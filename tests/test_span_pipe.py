@@ -1,0 +1,107 @@
+"""The span pipe on its own: sampling decisions as the SDK's ParentBased(TraceIdRatioBased) makes them, what a
+finished span records, and a pipe whose exporter process is gone (spans dropped and counted, never waited on).
+End to end through a real OTLP receiver: tests/test_tracing.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+
+from tensorgate.server.telemetry.span_pipe import LightSpan, LightTracer, SpanPipe, SpanRecord
+from tensorgate.server.telemetry.tracing import TracingSettings
+
+
+def _parent(sampled: bool, state: TraceState | None = None) -> otel_context.Context:
+    ctx = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1 if sampled else 0), trace_state=state)
+    return trace.set_span_in_context(NonRecordingSpan(ctx))
+
+
+def test_a_caller_decides_for_its_trace_whatever_the_rate() -> None:
+    sink: list[SpanRecord] = []
+    for rate in (0.0, 1.0):
+        tracer = LightTracer(sink, rate)
+        kept = tracer.start_span("kept", context=_parent(True, TraceState([("vendor", "x")])))
+        assert isinstance(kept, LightSpan)
+        ctx = kept.get_span_context()
+        assert ctx.trace_id == 0xABC and ctx.span_id != 0xDEF and ctx.trace_flags.sampled
+        assert ctx.trace_state == TraceState([("vendor", "x")])  # carried on to the child, as the SDK does
+        dropped = tracer.start_span("dropped", context=_parent(False))
+        assert not dropped.is_recording() and dropped.get_span_context().trace_id == 0xABC
+        assert not dropped.get_span_context().trace_flags.sampled
+
+
+def test_new_traces_are_sampled_by_trace_id_like_the_sdk() -> None:
+    sink: list[SpanRecord] = []
+    assert not LightTracer(sink, 0.0).start_span("x").is_recording()
+    assert LightTracer(sink, 1.0).start_span("x").is_recording()
+    half, sdk = LightTracer(sink, 0.5), TraceIdRatioBased(0.5)
+    decisions = []
+    for _ in range(2000):
+        span = half.start_span("x", context=otel_context.Context())  # an empty context: a new trace
+        ctx = span.get_span_context()
+        assert ctx.is_valid
+        # The same trace id gets the same decision from the SDK's sampler.
+        sdk_sampled = sdk.should_sample(None, ctx.trace_id, "x").decision.is_sampled()
+        assert span.is_recording() == sdk_sampled
+        decisions.append(span.is_recording())
+    assert 800 < sum(decisions) < 1200
+
+
+def test_a_span_records_once_with_its_parent_links_status_and_events() -> None:
+    sink: list[SpanRecord] = []
+    tracer = LightTracer(sink, 1.0)
+    parent = tracer.start_span("rpc", kind=SpanKind.SERVER, attributes={"a": 1})
+    linked = SpanContext(0x1, 0x2, is_remote=True, trace_flags=TraceFlags(1))
+    child = tracer.start_span(
+        "execute", context=trace.set_span_in_context(parent), links=[Link(linked)], start_time=100
+    )
+    child.set_attribute("b", "two")
+    child.set_status(StatusCode.ERROR, "INTERNAL")
+    try:
+        raise ValueError("tensor value 1234.5")
+    except ValueError as exc:
+        child.record_exception(exc)
+    child.end(end_time=200)
+    child.end(end_time=300)  # a second end is ignored
+    assert not child.is_recording()
+    parent.end()
+    assert len(sink) == 2
+    name, trace_id, span_id, _state, up, kind, start, end, attrs, links, events, status = sink[0]
+    assert (name, start, end, kind) == ("execute", 100, 200, SpanKind.INTERNAL.value)
+    assert trace_id == parent.get_span_context().trace_id and up == (parent.get_span_context().span_id, False)
+    assert attrs == {"b": "two"} and links == [(0x1, 0x2, 1, ())] and status == (StatusCode.ERROR.value, "INTERNAL")
+    assert [(e[0], e[2]) for e in events] == [("exception", {"exception.type": "ValueError"})]
+    assert "1234.5" not in repr(sink)
+    assert sink[1][0] == "rpc" and sink[1][4] is None and sink[1][8] == {"a": 1}
+
+
+def test_spans_are_dropped_and_counted_when_the_exporter_process_is_gone() -> None:
+    pipe = SpanPipe(TracingSettings(otlp_endpoint="127.0.0.1:9", otlp_insecure=True), queue_batches=1)
+    try:
+        process = pipe._process  # noqa: SLF001 - the test plays the exporter crashing
+        process.kill()
+        process.join(10)
+        deadline = time.monotonic() + 10
+        while pipe.dropped == 0 and time.monotonic() < deadline:
+            pipe.tracer.start_span("lost").end()  # the request path goes on; never blocks
+            time.sleep(0.02)
+        assert pipe.dropped > 0
+    finally:
+        started = time.monotonic()
+        pipe.close()
+    assert time.monotonic() - started < 5  # no wait on a process that is gone
+
+
+def test_tracing_needs_one_source_of_spans() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tensorgate.server.telemetry.tracing import Tracing
+
+    with pytest.raises(ValueError, match="TracerProvider or a SpanPipe"):
+        Tracing()
+    assert Tracing(TracerProvider()).pipe is None
