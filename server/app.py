@@ -112,7 +112,9 @@ class TensorgateServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
             ("grpc.http2.max_ping_strikes", 0),
-            ("grpc.so_reuseport", 0),
+            # Off unless asked: a second server started on the same port by mistake fails instead of silently
+            # taking half the connections.
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
             # Advertised in HTTP/2 SETTINGS: one connection cannot make the server juggle unbounded streams.
             ("grpc.max_concurrent_streams", s.max_streams_per_connection),
         ]

@@ -61,6 +61,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--model-repository", Path, "model repository directory (Triton layout)")
     opt("--host", str, "address to listen on (default 127.0.0.1)")
     opt("--grpc-port", int, "gRPC port; 0 picks a free one (default 8001)")
+    opt(
+        "--reuse-port",
+        _flag,
+        "true: several tensorgate processes may share --grpc-port, the kernel spreading connections (default false)",
+        nargs="?",
+        const=True,
+    )
     opt("--model-control-mode", str, "none | poll | explicit (default none)", choices=MODEL_CONTROL_MODES)
     p.add_argument(
         "--load-model",
@@ -202,6 +209,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             model_repository=args.model_repository,
             host=args.host,
             grpc_port=args.grpc_port,
+            reuse_port=args.reuse_port,
             model_control_mode=args.model_control_mode,
             load_model=list(args.load_model),
             repository_poll_secs=args.repository_poll_secs,

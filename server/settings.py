@@ -20,6 +20,9 @@ class ServerSettings:
     """Address to listen on; the default keeps an unconfigured server off the network."""
     grpc_port: int = 8001
     """0 picks a free port; the bound port is logged on the 'listening' line."""
+    reuse_port: bool = False
+    """Let several tensorgate processes on this host listen on grpc_port together (SO_REUSEPORT): the kernel
+    spreads new connections across them, each with its own GIL. Off, a second server on the port fails to start."""
     model_control_mode: str = "none"
     """none: load everything at start; poll: also follow changes on disk; explicit: load/unload by RPC only."""
     load_model: list[str] = field(default_factory=list)
@@ -96,6 +99,8 @@ class ServerSettings:
             raise ValueError(f"auth_probes must be one of {AUTH_PROBES_MODES}, got {self.auth_probes!r}")
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
+        if self.reuse_port and self.grpc_port == 0:
+            raise ValueError("reuse_port needs a fixed grpc_port: with port 0 every process gets a port of its own")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):

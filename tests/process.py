@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,14 @@ from pathlib import Path
 
 TENSORGATE = str(Path(sys.executable).parent / "tensorgate")
 _LISTENING = re.compile(r"(?<!metrics )listening on (\S+):(\d+)")
+
+
+def free_port() -> int:
+    """A loopback port free right now, for servers that take fixed ports only (bind, read, release: another
+    process may take it meanwhile, which is possible, not likely)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ServeProcess:

@@ -51,6 +51,7 @@ def unavailable_reason() -> str | None:
 
 def _free_port() -> int:
     # tritonserver takes fixed ports only: bind, read, release (a race with other tests is possible, not likely).
+    # Its own copy of tests.process.free_port: this file also runs as a script in PyTriton's environment.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

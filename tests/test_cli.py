@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.rpc.codec import decode_infer_response, encode_infer_request
 from tests.onnx_models import slow_model, write_config
-from tests.process import TENSORGATE, ServeProcess
+from tests.pki import add_sub_request
+from tests.process import TENSORGATE, ServeProcess, free_port
+from tests.scraping import scrape
 
 
 def _wait_ready(address: str, timeout: float = 60.0) -> tc.InferenceServerClient:
@@ -158,3 +161,50 @@ def test_server_info_over_raw_stub(repo: Path) -> None:
             meta = GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
         assert meta.name == "tensorgate"
         assert server.terminate() == 0
+
+
+def _served_ok(server: ServeProcess) -> float:
+    """add_sub requests this process answered, from its own /metrics."""
+    port = re.search(r"metrics listening on \S+:(\d+)", server.wait_for_line("metrics listening on"))
+    assert port is not None
+    samples = scrape(f"http://127.0.0.1:{port.group(1)}/metrics")
+    key = frozenset({"model": "add_sub", "version": "1", "code": "OK"}.items())
+    return samples.get(("tensorgate_inference_requests_total", key), 0.0)
+
+
+def test_reuse_port_spreads_connections_over_processes(repo: Path) -> None:
+    """Two servers started with --reuse-port share one port and the kernel gives each some of 24 connections;
+    a third without the flag cannot take the port and stops with the reason."""
+    port = free_port()
+    args = ["--model-repository", str(repo), "--grpc-port", str(port), "--reuse-port"]
+    with ServeProcess(args) as first, ServeProcess(args) as second:
+        for server in (first, second):
+            server.wait_for_line("ready:")
+        channels = [
+            grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(24)  # one connection each; all 24 on one process: probability 2**-23
+        ]
+        for channel in channels:
+            GRPCInferenceServiceStub(channel).ModelInfer(add_sub_request(), timeout=30)
+            channel.close()
+        counts = [_served_ok(first), _served_ok(second)]
+        assert sum(counts) == 24 and min(counts) > 0, counts
+        taken = subprocess.run(
+            [TENSORGATE, "serve", "--model-repository", str(repo), "--grpc-port", str(port), "--metrics-port", "-1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode != 0
+        assert f"127.0.0.1:{port}" in taken.stderr + taken.stdout
+        assert first.terminate() == 0 and second.terminate() == 0
+
+
+def test_reuse_port_needs_a_fixed_port(repo: Path) -> None:
+    result = subprocess.run(
+        [TENSORGATE, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--reuse-port"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "reuse_port needs a fixed grpc_port" in result.stderr
