@@ -3,13 +3,16 @@ the same server, the same model, the same concurrency, runs alternated (A B, the
 machine falls on both, medians over repeats and the spread of the per-repeat ratios.
 
     .venv/bin/python benchmarks/crosscheck.py [--target tensorgate|noop] [--concurrency 1,8,32] [--repeats 5]
-                                              [--duration 4] [--workers 2] [--nice 0]
+                                              [--duration 4] [--workers 1] [--nice 0]
 
 --target tensorgate serves examples/models (`make examples`) and loads `mlp`; --target noop is
 benchmarks/bare_server.py, which answers without work, so the harness's own ceiling shows beside
-perf_analyzer's. The harness runs 2 load processes by default: perf_analyzer has a thread per request in
-flight, and on cores shared with other work the scheduler shares CPU out per thread, so one load process gets
-starved there (runs here at load average 7-11: c=32 ratio 0.53 with 1 process, 1.02 and 1.12 with 2).
+perf_analyzer's. The harness runs 1 load process by default, as `tensorgate bench` does: on a quiet 2-core
+machine that the server shares, each extra process costs CPU the server would have used (per request 123 us of
+load-process CPU with 1 process, 146-156 us with 2, 183-229 us with 4; harness / perf_analyzer 0.91-0.93 with 1,
+0.78-0.83 with 2, 0.68-0.75 with 4). On a machine busy with other work (load average 7-11) the kernel shares
+CPU out per thread, and one load process against perf_analyzer's thread per request in flight was starved
+there (c=32 ratio 0.53 with 1 process, 1.02 and 1.12 with 2): pass --workers 2 on such a machine.
 --nice lowers the priority of both load generators alike (this process is reniced once the server runs;
 perf_analyzer and the harness's load processes inherit it). Writes benchmarks/results/crosscheck-TARGET.json
 and .md.
@@ -159,7 +162,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per run (both tools)")
     parser.add_argument("--warmup", type=float, default=1.0, help="harness warm-up seconds per run")
-    parser.add_argument("--workers", type=int, default=2, help="harness load processes")
+    parser.add_argument("--workers", type=int, default=1, help="harness load processes")
     parser.add_argument("--nice", type=int, default=0, help="niceness added to both load generators")
     args = parser.parse_args()
     command = shlex.join([".venv/bin/python", "benchmarks/crosscheck.py", *sys.argv[1:]])
