@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
 from tensorgate.protos._pool import add_files
+from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.pipeline.handler import InferenceHandler
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
+HEAP_POLL_S = 1.0
+"""How often the server looks whether the served models changed, to settle its heap (server/heap.py)."""
 REMOTE_RETRY_MIN_S = 2.0
 REMOTE_RETRY_MAX_S = 60.0
 
@@ -89,6 +92,7 @@ class TensorgateServer:
         self._poller: asyncio.Task[None] | None = None
         self._readiness: asyncio.Task[None] | None = None
         self._remote_retry: asyncio.Task[None] | None = None
+        self._heap: asyncio.Task[None] | None = None
         self._gate: DrainGate | None = None
         self._started = False
         self.port = 0
@@ -181,6 +185,7 @@ class TensorgateServer:
         else:
             names = self.repository.names_on_disk()
         await self.repository.load_many(names)
+        heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever())
         if self.monitor is not None:
@@ -189,6 +194,7 @@ class TensorgateServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._readiness = asyncio.create_task(self._follow_readiness())
         self._remote_retry = asyncio.create_task(self._retry_remote_forever())
+        self._heap = asyncio.create_task(self._settle_heap_forever())
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
         return self.port
 
@@ -251,6 +257,15 @@ class TensorgateServer:
                 await self._health.set(SERVICE_NAME, status)
                 log.info("inference service health: %s", "SERVING" if serving else "NOT_SERVING")
 
+    async def _settle_heap_forever(self) -> None:
+        """After a model loaded, reloaded or unloaded, once: the long-lived objects changed (server/heap.py)."""
+        settled = self.repository.changes
+        while True:
+            await asyncio.sleep(HEAP_POLL_S)
+            if self.repository.changes != settled:
+                settled = self.repository.changes
+                heap.settle()
+
     async def _retry_remote_forever(self) -> None:
         """Remote models whose upstream was unreachable at load time are tried again, backing off from 2 s to
         60 s while they keep failing, so that start order between tensorgate and Triton does not matter."""
@@ -275,7 +290,7 @@ class TensorgateServer:
     async def stop(self, grace: float | None = None) -> None:
         """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        for task in (self._readiness, self._remote_retry):
+        for task in (self._readiness, self._remote_retry, self._heap):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -150,6 +150,9 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.changes = 0
+        """Counts changes to the served set (a load, an unload, a retired version closed): what lives as long as
+        the models do has changed (the server settles its heap then; server/heap.py)."""
         self.after_artifact_read: Callable[[Path], None] | None = None
         """Called on the loading thread with a model file's path once its bytes are read and checked, before the
         session is built from them (tests/test_artifact_integrity.py swaps the file there)."""
@@ -496,11 +499,13 @@ class ModelRepository:
             log.info("model '%s' ready (versions %s)", name, sorted(new_versions))
             for old in retired:
                 self._retire(old)
+            self.changes += 1
 
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:
             await model.scheduler.close(self._grace)
             model.backend.close()
+            self.changes += 1
 
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
@@ -520,6 +525,7 @@ class ModelRepository:
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, "unloaded", None
             for model in retired:
                 self._retire(model)
+            self.changes += 1
             log.info("model '%s' unloaded", name)
 
     async def load_many(self, names: Sequence[str]) -> None:
