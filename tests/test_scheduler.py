@@ -367,6 +367,33 @@ async def test_expired_deadlines_never_reach_the_model(make: Factory, gate: Gate
     assert backend.calls == 2 and stats.execution_count == 2
 
 
+@pytest.mark.parametrize("leaves", ["deadline", "cancel"])
+async def test_a_full_batch_waits_staged_and_its_callers_may_still_leave(
+    make: Factory, gate: Gate, leaves: str
+) -> None:
+    """While the instance is busy, a batch that is already full (max_batch_size rows) is handed to it in advance,
+    so that it starts the moment the instance is free; a batch that could still grow is not. A caller of the
+    staged batch whose deadline passes hears DEADLINE_EXCEEDED at that deadline, and one that goes away is
+    forgotten: neither reaches the model."""
+    s, backend, _ = make("max_queue_delay_microseconds: 0", max_batch_size=2)
+    first = await block(s, gate, 0)
+    leaving = spawn(infer(s, 1, 1, time.monotonic() + 0.05 if leaves == "deadline" else None))
+    staying = spawn(infer(s, 2))
+    later = [spawn(infer(s, i)) for i in (3, 4)]  # a second full batch: queued, one staged batch per instance
+    await until(lambda: s.queued == 2, "[1, 2] staged, [3, 4] queued")
+    if leaves == "deadline":
+        with pytest.raises(DeadlineExceededError, match="deadline"):
+            await asyncio.wait_for(leaving, WAIT)
+        assert gate.active == 1  # heard at its deadline, while the instance was still busy
+    else:
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+    gate.open()
+    await gather(first, staying, *later)
+    # Staged, [1, 2] stayed one batch: 2 ran alone rather than with 3, which joined 4.
+    assert gate.requests == [[0], [2], [3, 4]] and backend.calls == 3
+
+
 async def test_cancelled_caller_is_dropped_from_its_batch(make: Factory, gate: Gate) -> None:
     s, _, _ = make("max_queue_delay_microseconds: 0")
     first = await block(s, gate, 0)
