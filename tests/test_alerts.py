@@ -68,6 +68,34 @@ def test_bad_config_rules_name_the_rule_and_the_problem(text: str, problem: str)
     assert "alert rule 'my_rule'" in str(info.value)
 
 
+def test_a_model_with_a_malformed_alert_rule_does_not_load(tmp_path: Path) -> None:
+    """A rule that cannot be read would never fire: the load fails, naming the model, the rule and the problem,
+    and the other models serve."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from tests.onnx_models import identity_model, write_config
+    from tests.serving import ServerThread
+
+    repo = tmp_path / "models"
+    for name, rule in (("watched", "acuracy < 0.9"), ("fine", "accuracy < 0.9 for=2")):
+        identity_model(repo / name / "1" / "model.onnx", "FP32")
+        write_config(
+            repo,
+            name,
+            f'name: "{name}" parameters {{ key: "tensorgate.alert.low" value: {{ string_value: "{rule}" }} }}',
+        )
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+        with pytest.raises(InferenceServerException, match=re.escape("unknown metric 'acuracy'")) as info:
+            client.load_model("watched")
+        assert "watched" in str(info.value) and "alert rule 'low'" in str(info.value)
+        assert not client.is_model_ready("watched")
+        client.load_model("fine")
+        assert client.is_model_ready("fine")
+        client.close()
+
+
 def test_rules_file(tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text(

@@ -128,6 +128,20 @@ def _file_signature(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_alert_rules(config: mc.ModelConfig) -> None:
+    """A malformed ``tensorgate.alert.*`` parameter fails the load with its reason: a rule that could not be read
+    would otherwise never fire, which is worse than a model that does not load."""
+    # The monitoring package (scipy and all) is imported only for a model that has alert rules.
+    if not any(key.startswith("tensorgate.alert.") for key in config.parameters):
+        return
+    from tensorgate.server.monitoring.alerts import AlertRuleError, rules_from_config
+
+    try:
+        rules_from_config({k: v.string_value for k, v in config.parameters.items()}, model=config.name)
+    except AlertRuleError as exc:
+        raise ModelLoadError(config.name, None, str(exc)) from exc
+
+
 class ModelRepository:
     """Owns every loaded model; all methods run on the event loop."""
 
@@ -265,6 +279,7 @@ class ModelRepository:
         else:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
+        _check_alert_rules(base)
         base_text = base.SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)
         # A model on an upstream Triton has no files to version: it serves as one version (backends/triton.py).
