@@ -105,3 +105,40 @@ def test_tracing_needs_one_source_of_spans() -> None:
     with pytest.raises(ValueError, match="TracerProvider or a SpanPipe"):
         Tracing()
     assert Tracing(TracerProvider()).pipe is None
+
+
+def test_the_wire_encoder_writes_what_the_sdk_encoder_writes() -> None:
+    """otlp_wire.py's request for a set of span records equals, field by field, the SDK encoder's for the same
+    spans as ReadableSpans: kinds, parents local and remote, trace state, every attribute type, events, links,
+    status with and without a description, the flags."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
+    from tensorgate.server.telemetry.span_pipe import readable
+
+    sink: list[SpanRecord] = []
+    tracer = LightTracer(sink, 1.0)
+    remote = _parent(True, TraceState([("vendor", "x"), ("other", "y")]))
+    server = tracer.start_span("rpc", context=remote, kind=SpanKind.SERVER, attributes={"s": "text", "i": -3})
+    server.set_attributes({"b": True, "f": 0.25, "big": 2**40, "seq": ("a", "b"), "ints": [1, 2], "raw": b"\x00"})
+    server.set_status(StatusCode.ERROR, "INTERNAL")
+    child = tracer.start_span("execute", context=trace.set_span_in_context(server), links=[Link(_context())])
+    child.add_event("exception", {"exception.type": "ValueError"}, timestamp=123)
+    child.set_status(StatusCode.OK)
+    child.end(end_time=2**62)
+    server.end()
+    root = tracer.start_span("alert", context=otel_context.Context(), kind=SpanKind.CLIENT)
+    root.end()
+    resource = Resource({"service.name": "tensorgate", "service.version": "1.2.3", "host.name": "h"})
+    ours = ExportTraceServiceRequest.FromString(TraceRequestWriter(resource, "tensorgate", "1.2.3").write(sink))
+    scope = InstrumentationScope("tensorgate", "1.2.3")
+    sdk = encode_spans([readable(r, resource, scope) for r in sink])
+    assert len(ours.resource_spans[0].scope_spans[0].spans) == 3
+    assert ours == sdk
+
+
+def _context() -> SpanContext:
+    return SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))

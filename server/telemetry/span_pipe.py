@@ -22,7 +22,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,10 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
+
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from tensorgate.server.telemetry.tracing import TracingSettings
 
@@ -283,62 +287,80 @@ class SpanPipe:
 # ----- the exporter process --------------------------------------------------------------------------------
 
 
-def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[SpanRecord] | None]) -> None:
-    """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None."""
-    import signal
-
+def readable(record: SpanRecord, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
+    """The SDK's view of a span record (for an exporter that takes ReadableSpans)."""
     from opentelemetry.sdk.trace import Event, ReadableSpan
+
+    name, trace_id, span_id, state, parent, kind, start, end, attrs, links, events, status = record
+
+    def context(tid: int, sid: int, flags: int, trace_state: Sequence[tuple[str, str]], remote: bool) -> SpanContext:
+        return SpanContext(tid, sid, remote, TraceFlags(flags), TraceState(list(trace_state)) if trace_state else None)
+
+    return ReadableSpan(
+        name=name,
+        context=context(trace_id, span_id, TraceFlags.SAMPLED, state, False),
+        parent=None if parent is None else context(trace_id, parent[0], TraceFlags.SAMPLED, (), parent[1]),
+        resource=resource,
+        attributes=attrs,
+        events=[Event(n, a, t) for n, t, a in events],
+        links=[Link(context(lt, ls, lf, lstate, False)) for lt, ls, lf, lstate in links],
+        kind=SpanKind(kind),
+        status=Status(StatusCode(status[0]), status[1]) if status is not None else Status(StatusCode.UNSET),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
+def _sender(settings: TracingSettings) -> tuple[Callable[[list[SpanRecord]], object], Callable[[], None]]:
+    """How the exporter process sends a chunk of records, and how it shuts its exporter down.
+
+    Over gRPC the SDK exporter's request is written from the records directly (otlp_wire.py): its retries,
+    headers, TLS and timeouts stay the SDK's, only the encoding is ours, through the exporter's
+    `_translate_data` hook (checked here; without it, and over HTTP, records become ReadableSpans for the
+    SDK's own encoder)."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from tensorgate.server import __version__
+    from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
     from tensorgate.server.telemetry.tracing import build_exporter, build_resource
+
+    resource = build_resource()
+    exporter = build_exporter(settings)
+    if isinstance(exporter, GrpcExporter) and callable(getattr(exporter, "_translate_data", None)):
+        writer = TraceRequestWriter(resource, "tensorgate", __version__)
+        hooked: Any = exporter  # records go where the SDK passes ReadableSpans
+        hooked._translate_data = lambda records: ExportTraceServiceRequest.FromString(writer.write(records))
+        hooked._count_data = len
+        return hooked.export, exporter.shutdown
+    scope = InstrumentationScope("tensorgate", __version__)
+    return (lambda records: exporter.export([readable(r, resource, scope) for r in records])), exporter.shutdown
+
+
+def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[SpanRecord] | None]) -> None:
+    """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None."""
+    import signal
 
     # The server decides when this process ends (None on the queue, after its drain); Ctrl-C reaches the whole
     # process group and must not cut the last export short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    resource = build_resource()
-    scope = InstrumentationScope("tensorgate", __version__)
-    exporter = build_exporter(settings)
-    kinds = {k.value: k for k in SpanKind}
-    codes = {c.value: c for c in StatusCode}
-
-    def context(
-        trace_id: int, span_id: int, flags: int, state: tuple[tuple[str, str], ...], remote: bool = False
-    ) -> SpanContext:
-        return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)) if state else None)
-
-    def rebuild(r: SpanRecord) -> ReadableSpan:
-        name, trace_id, span_id, state, parent, kind, start, end, attrs, links, events, status = r
-        return ReadableSpan(
-            name=name,
-            context=context(trace_id, span_id, TraceFlags.SAMPLED, state),
-            parent=None if parent is None else context(trace_id, parent[0], TraceFlags.SAMPLED, (), parent[1]),
-            resource=resource,
-            attributes=attrs,
-            events=[Event(n, a, t) for n, t, a in events],
-            links=[Link(context(*link)) for link in links],
-            kind=kinds[kind],
-            status=Status(codes[status[0]], status[1]) if status is not None else Status(StatusCode.UNSET),
-            start_time=start,
-            end_time=end,
-            instrumentation_scope=scope,
-        )
-
+    send, shutdown = _sender(settings)
     try:
         while True:
             shipment = spans.get()
             if shipment is None:
                 return
-            readable = [rebuild(r) for r in shipment]
-            for i in range(0, len(readable), EXPORT_CHUNK):
+            for i in range(0, len(shipment), EXPORT_CHUNK):
                 try:
-                    exporter.export(readable[i : i + EXPORT_CHUNK])
+                    send(shipment[i : i + EXPORT_CHUNK])
                 except Exception:  # noqa: BLE001 - one failed export must not end the process
                     log.exception("span export failed")
     finally:
-        exporter.shutdown()
+        shutdown()
 
 
-__all__ = ["LightSpan", "LightTracer", "SpanPipe", "export_main"]
+__all__ = ["LightSpan", "LightTracer", "SpanPipe", "export_main", "readable"]
