@@ -67,7 +67,9 @@ def test_a_span_records_once_with_its_parent_links_status_and_events() -> None:
     except ValueError as exc:
         child.record_exception(exc)
     child.end(end_time=200)
-    child.end(end_time=300)  # a second end is ignored
+    child.end(end_time=300)  # a second end is ignored, and so are changes after the end
+    child.set_attribute("late", 1)
+    child.set_status(StatusCode.OK)
     assert not child.is_recording()
     parent.end()
     assert len(sink) == 2

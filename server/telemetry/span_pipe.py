@@ -113,22 +113,31 @@ class LightSpan(trace.Span):
     def is_recording(self) -> bool:
         return self._sink is not None
 
+    # After end() the record belongs to the shipper (it may be pickling it): changes are ignored, as the SDK does.
+
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        self._attrs[key] = value
+        if self._sink is not None:
+            self._attrs[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        self._attrs.update(attributes)
+        if self._sink is not None:
+            self._attrs.update(attributes)
 
     def add_event(self, name: str, attributes: Attributes = None, timestamp: int | None = None) -> None:
-        self._events.append((name, timestamp or time.time_ns(), dict(attributes) if attributes else {}))
+        if self._sink is not None:
+            self._events.append((name, timestamp or time.time_ns(), dict(attributes) if attributes else {}))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
-        self._links.append((context.trace_id, context.span_id, int(context.trace_flags), _state(context)))
+        if self._sink is not None:
+            self._links.append((context.trace_id, context.span_id, int(context.trace_flags), _state(context)))
 
     def update_name(self, name: str) -> None:
-        self._name = name
+        if self._sink is not None:
+            self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._sink is None:
+            return
         if isinstance(status, Status):
             self._status = (status.status_code.value, status.description)
         else:
