@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
+from tensorgate.client._common import version_str
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.protos.service import make_stub_class
 
-__all__ = ["FeedbackStatus", "ModelQuality", "MonitoringStub", "feedback", "quality_result", "window"]
+__all__ = ["FeedbackStatus", "ModelQuality", "MonitoringStub", "feedback", "quality_result", "window_request"]
 
 MONITORING_SERVICE = "tensorgate.v1.Monitoring"
 MonitoringStub = make_stub_class(MONITORING_SERVICE)
@@ -71,8 +72,15 @@ async def astream_requests(
         bad.append(exc)
 
 
-def window(count: int | None, seconds: float | None) -> mpb.Window:
-    return mpb.Window(count=count or 0, seconds=seconds or 0.0)
+WindowRequest = TypeVar("WindowRequest", mpb.GetModelQualityRequest, mpb.GetModelDriftRequest)
+
+
+def window_request(
+    kind: type[WindowRequest], model: str, version: str | int | None, count: int | None, seconds: float | None
+) -> WindowRequest:
+    """GetModelQuality's or GetModelDrift's request: a model version and a window of its last predictions."""
+    window = mpb.Window(count=count or 0, seconds=seconds or 0.0)
+    return kind(model=model, version=version_str(version), window=window)
 
 
 @dataclass(frozen=True)

@@ -273,9 +273,7 @@ class AsyncInferenceClient:
         timeout: float | None = None,
     ) -> _monitoring.ModelQuality:
         """Quality over the last ``count`` predictions and/or ``seconds`` (neither: the server's default window)."""
-        request = mpb.GetModelQualityRequest(
-            model=model, version=_common.version_str(version), window=_monitoring.window(count, seconds)
-        )
+        request = _monitoring.window_request(mpb.GetModelQualityRequest, model, version, count, seconds)
         return _monitoring.quality_result(await self._call("GetModelQuality", request, timeout))
 
     async def model_drift(
@@ -288,9 +286,7 @@ class AsyncInferenceClient:
         timeout: float | None = None,
     ) -> mpb.ModelDrift:
         """Drift of a window against the model's reference profile (FAILED_PRECONDITION without one)."""
-        request = mpb.GetModelDriftRequest(
-            model=model, version=_common.version_str(version), window=_monitoring.window(count, seconds)
-        )
+        request = _monitoring.window_request(mpb.GetModelDriftRequest, model, version, count, seconds)
         drift: mpb.ModelDrift = await self._call("GetModelDrift", request, timeout)
         return drift
 
