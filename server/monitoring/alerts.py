@@ -122,6 +122,13 @@ class AlertTransition:
     threshold: float
     timestamp: float
 
+    def describe(self) -> str:
+        """The one-line account the logs give of it."""
+        return (
+            f"alert {self.rule} {self.state}: model '{self.model}' version {self.version} "
+            f"value {self.value:.4g} threshold {self.threshold:.4g}"
+        )
+
 
 def _int_option(rule: str, key: str, raw: str) -> int:
     try:
@@ -274,15 +281,7 @@ class AlertEngine:
 
     def _dispatch(self, transition: AlertTransition) -> None:
         # The monitor's on_transition logs, counts and traces each transition; this line is for debugging only.
-        logger.debug(
-            "alert %s %s: model '%s' version %s value %g threshold %g",
-            transition.rule,
-            transition.state,
-            transition.model,
-            transition.version,
-            transition.value,
-            transition.threshold,
-        )
+        logger.debug("%s", transition.describe())
         if self._on_transition is not None:
             try:
                 self._on_transition(transition)

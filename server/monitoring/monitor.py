@@ -290,15 +290,7 @@ class Monitor:
     def _on_transition(self, transition: AlertTransition) -> None:
         """Log, count and (when the server traces) record one alert transition as an OpenTelemetry span + event."""
         self.transitions[(transition.model, transition.rule, transition.state)] += 1
-        log.warning(
-            "alert %s %s: model '%s' version %s value %.4g threshold %.4g",
-            transition.rule,
-            transition.state,
-            transition.model,
-            transition.version,
-            transition.value,
-            transition.threshold,
-        )
+        log.warning("%s", transition.describe())
         if self.tracing is not None:
             trace_transition(self.tracing, transition)
 
