@@ -296,23 +296,26 @@ class SpanPipe:
 # ----- the exporter process --------------------------------------------------------------------------------
 
 
+def _span_context(
+    trace_id: int, span_id: int, flags: int, state: Sequence[tuple[str, str]], remote: bool
+) -> SpanContext:
+    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)) if state else None)
+
+
 def readable(record: SpanRecord, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
     """The SDK's view of a span record (for an exporter that takes ReadableSpans)."""
     from opentelemetry.sdk.trace import Event, ReadableSpan
 
     name, trace_id, span_id, state, parent, kind, start, end, attrs, links, events, status = record
-
-    def context(tid: int, sid: int, flags: int, trace_state: Sequence[tuple[str, str]], remote: bool) -> SpanContext:
-        return SpanContext(tid, sid, remote, TraceFlags(flags), TraceState(list(trace_state)) if trace_state else None)
-
+    sampled = TraceFlags.SAMPLED
     return ReadableSpan(
         name=name,
-        context=context(trace_id, span_id, TraceFlags.SAMPLED, state, False),
-        parent=None if parent is None else context(trace_id, parent[0], TraceFlags.SAMPLED, (), parent[1]),
+        context=_span_context(trace_id, span_id, sampled, state, False),
+        parent=None if parent is None else _span_context(trace_id, parent[0], sampled, (), parent[1]),
         resource=resource,
         attributes=attrs,
         events=[Event(n, a, t) for n, t, a in events],
-        links=[Link(context(lt, ls, lf, lstate, False)) for lt, ls, lf, lstate in links],
+        links=[Link(_span_context(lt, ls, lf, lstate, False)) for lt, ls, lf, lstate in links],
         kind=SpanKind(kind),
         status=Status(StatusCode(status[0]), status[1]) if status is not None else Status(StatusCode.UNSET),
         start_time=start,
