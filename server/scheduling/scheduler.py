@@ -268,6 +268,10 @@ class Scheduler:
         pending.future.set_exception(DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued"))
         self._dispatch()
 
+    def _deadline_error(self) -> DeadlineExceededError:
+        """For a request found past its gRPC deadline before it ran (in the queue, or in a staged batch)."""
+        return DeadlineExceededError(f"{self._ref}: the call's deadline passed while it was queued")
+
     def _staged(self, pending: _Pending) -> bool:
         """Whether the request waits in a staged batch that no instance has taken yet (the instance skips it)."""
         return any(pending in batch.requests for batch in list(self._handed.values()))
@@ -285,9 +289,7 @@ class Scheduler:
                 elif p.deadline is not None and now >= p.deadline:
                     lane.remove(p)
                     self._queued -= 1
-                    p.future.set_exception(
-                        DeadlineExceededError(f"{self._ref}: the call's deadline passed while it was queued")
-                    )
+                    p.future.set_exception(self._deadline_error())
                 else:
                     out.append(p)
         return out
@@ -454,9 +456,7 @@ class Scheduler:
         self._running -= 1
         for p in batch.expired:
             if not p.future.done():
-                p.future.set_exception(
-                    DeadlineExceededError(f"{self._ref}: the call's deadline passed while it was queued")
-                )
+                p.future.set_exception(self._deadline_error())
         exc = batch.error
         if exc is None and batch.times is not None:
             rows = sum(p.rows for p in batch.requests)
