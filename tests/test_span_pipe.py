@@ -127,7 +127,12 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes() -> None:
     server = tracer.start_span("rpc", context=remote, kind=SpanKind.SERVER, attributes={"s": "text", "i": -3})
     server.set_attributes({"b": True, "f": 0.25, "big": 2**40, "seq": ("a", "b"), "ints": [1, 2], "raw": b"\x00"})
     server.set_status(StatusCode.ERROR, "INTERNAL")
-    child = tracer.start_span("execute", context=trace.set_span_in_context(server), links=[Link(_context())])
+    child = tracer.start_span(
+        "execute",
+        context=trace.set_span_in_context(server),
+        links=[Link(_context())],
+        attributes={"b": 1, "s": "text"},  # 1 == True, yet an int: the encoder must not mix them up
+    )
     child.add_event("exception", {"exception.type": "ValueError"}, timestamp=123)
     child.set_status(StatusCode.OK)
     child.end(end_time=2**62)
