@@ -12,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
-from tensorgate.server.telemetry.span_pipe import LightSpan, LightTracer, SpanPipe, SpanRecord
+from tensorgate.server.telemetry.span_pipe import LightSpan, LightTracer, SpanPipe, SpanRecord, steps_record
 from tensorgate.server.telemetry.tracing import TracingSettings
 
 
@@ -88,11 +88,13 @@ def test_spans_are_dropped_and_counted_when_the_exporter_process_is_gone() -> No
         process = pipe._process  # noqa: SLF001 - the test plays the exporter crashing
         process.kill()
         process.join(10)
+        pipe.tracer.start_span("lost").end()  # the request path goes on; never blocks
+        request = _context()
+        pipe.record(steps_record(request, 1, 2, 3, request, 1, "CPUExecutionProvider"))  # one record, two spans
         deadline = time.monotonic() + 10
-        while pipe.dropped == 0 and time.monotonic() < deadline:
-            pipe.tracer.start_span("lost").end()  # the request path goes on; never blocks
+        while pipe.dropped < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert pipe.dropped > 0
+        assert pipe.dropped == 3
     finally:
         started = time.monotonic()
         pipe.close()
@@ -149,3 +151,40 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes() -> None:
 
 def _context() -> SpanContext:
     return SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))
+
+
+def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes() -> None:
+    """The pipe sends a request's queue and execute spans as one record, expanded in the exporter process; the
+    export must equal, span ids aside, what Tracing.request_spans makes through an SDK TracerProvider."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tensorgate.server import __version__
+    from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
+    from tensorgate.server.telemetry.span_pipe import expand
+    from tensorgate.server.telemetry.tracing import Tracing
+
+    request = SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("vendor", "x")]))
+    batch = SpanContext(0x123, 0x456, False, TraceFlags(1), TraceState([("b", "y")]))
+    resource = Resource({"service.name": "tensorgate"})
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    writer = TraceRequestWriter(resource, "tensorgate", __version__)
+    for link in (batch, None):
+        memory.clear()
+        Tracing(provider).request_spans(request, 10, 20, 30, link, 5, "CPUExecutionProvider")
+        sdk = encode_spans(memory.get_finished_spans())
+        records = expand([steps_record(request, 10, 20, 30, link, 5, "CPUExecutionProvider")])
+        ours = ExportTraceServiceRequest.FromString(writer.write(records))
+        for message in (sdk, ours):
+            spans = message.resource_spans[0].scope_spans[0].spans
+            assert [s.name for s in spans] == ["queue", "execute"]
+            assert all(s.span_id for s in spans) and spans[0].span_id != spans[1].span_id
+            for s in spans:
+                s.ClearField("span_id")
+        assert ours == sdk

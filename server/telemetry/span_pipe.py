@@ -70,6 +70,20 @@ _ids = random.Random()
 # events: [(name, time_ns, attributes)]; status: (StatusCode value, description) or None.
 SpanRecord = tuple[Any, ...]
 
+# A request's queue wait and its share of a batch's execution, both known once the batch has run, cross as one
+# record; the exporter process makes the two spans (and their ids: nothing in the server refers to them). Half
+# the objects to build, pickle and unpickle, on the worker thread that holds the GIL for it.
+# (STEPS, trace_id, trace_state, request span_id, enqueued_ns, started_ns, ended_ns, batch link or None, rows,
+# provider); batch link: (trace_id, span_id, flags, trace_state).
+STEPS = 0
+"""A STEPS record's first field, where a span record has its name (a string)."""
+QUEUE_SPAN, EXECUTE_SPAN = "queue", "execute"
+
+
+def execute_attributes(rows: int, provider: str) -> dict[str, AttributeValue]:
+    """What a request's execute span says about the batch it ran in."""
+    return {"tensorgate.batch.size": rows, "tensorgate.execution_provider": provider}
+
 
 def _new_id(bits: int) -> int:
     while True:
@@ -169,11 +183,35 @@ class LightSpan(trace.Span):
                 self._start,
                 end_time or time.time_ns(),
                 self._attrs,
-                self._links,
-                self._events,
+                self._links or (),  # the shared empty tuple: nothing to build when unpickled
+                self._events or (),
                 self._status,
             )
         )
+
+
+def steps_record(
+    request: SpanContext,
+    enqueued_ns: int,
+    started_ns: int,
+    ended_ns: int,
+    batch: SpanContext | None,
+    rows: int,
+    provider: str,
+) -> SpanRecord:
+    link = None if batch is None else (batch.trace_id, batch.span_id, int(batch.trace_flags), _state(batch))
+    return (
+        STEPS,
+        request.trace_id,
+        _state(request),
+        request.span_id,
+        enqueued_ns,
+        started_ns,
+        ended_ns,
+        link,
+        rows,
+        provider,
+    )
 
 
 def _state(ctx: SpanContext) -> tuple[tuple[str, str], ...]:
@@ -247,6 +285,10 @@ class SpanPipe:
         self._thread = threading.Thread(target=self._ship_forever, name="tensorgate-span-ship", daemon=True)
         self._thread.start()
 
+    def record(self, record: SpanRecord) -> None:
+        """A record made outside a LightSpan (a STEPS record), shipped with the spans."""
+        self._sink.append(record)
+
     def _take(self) -> list[SpanRecord]:
         """The finished spans so far; `end()` may append meanwhile from other threads, so slice, then delete."""
         n = len(self._sink)
@@ -263,7 +305,7 @@ class SpanPipe:
                 raise queue.Full
             self._queue.put(spans, block=block, timeout=CLOSE_TIMEOUT_S if block else None)
         except (queue.Full, ValueError, OSError):  # behind, or gone
-            self.dropped += len(spans)
+            self.dropped += len(spans) + sum(1 for r in spans if r[0] == STEPS)  # a STEPS record is two spans
             now = time.monotonic()
             if now - self._warned_at > 60:
                 self._warned_at = now
@@ -300,6 +342,37 @@ def _span_context(
     trace_id: int, span_id: int, flags: int, state: Sequence[tuple[str, str]], remote: bool
 ) -> SpanContext:
     return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)) if state else None)
+
+
+def expand(records: list[SpanRecord]) -> list[SpanRecord]:
+    """Span records only: each STEPS record becomes its queue and execute spans, with new span ids."""
+    if not any(r[0] == STEPS for r in records):
+        return records
+    spans: list[SpanRecord] = []
+    for r in records:
+        if r[0] != STEPS:
+            spans.append(r)
+            continue
+        _, trace_id, state, parent_id, enqueued, started, ended, link, rows, provider = r
+        parent = (parent_id, False)
+        spans.append((QUEUE_SPAN, trace_id, _new_id(64), state, parent, 0, enqueued, started, {}, (), (), None))
+        spans.append(
+            (
+                EXECUTE_SPAN,
+                trace_id,
+                _new_id(64),
+                state,
+                parent,
+                0,
+                started,
+                ended,
+                execute_attributes(rows, provider),
+                () if link is None else (link,),
+                (),
+                None,
+            )
+        )
+    return spans
 
 
 def readable(record: SpanRecord, resource: Resource, scope: InstrumentationScope) -> ReadableSpan:
@@ -366,13 +439,23 @@ def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[Spa
             shipment = spans.get()
             if shipment is None:
                 return
-            for i in range(0, len(shipment), EXPORT_CHUNK):
+            records = expand(shipment)
+            for i in range(0, len(records), EXPORT_CHUNK):
                 try:
-                    send(shipment[i : i + EXPORT_CHUNK])
+                    send(records[i : i + EXPORT_CHUNK])
                 except Exception:  # noqa: BLE001 - one failed export must not end the process
                     log.exception("span export failed")
     finally:
         shutdown()
 
 
-__all__ = ["LightSpan", "LightTracer", "SpanPipe", "export_main", "readable"]
+__all__ = [
+    "LightSpan",
+    "LightTracer",
+    "SpanPipe",
+    "execute_attributes",
+    "expand",
+    "export_main",
+    "readable",
+    "steps_record",
+]

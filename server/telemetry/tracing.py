@@ -29,7 +29,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tensorgate.server import __version__
-from tensorgate.server.telemetry.span_pipe import SpanPipe
+from tensorgate.server.telemetry.span_pipe import EXECUTE_SPAN, QUEUE_SPAN, SpanPipe, execute_attributes, steps_record
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,16 @@ class Tracing:
     ) -> None:
         """After the batch: the request's queue wait and its share of the execution, as two child spans with the
         times already measured (epoch ns), the second linked to the batch span."""
+        if self.pipe is not None:  # the same two spans, made in the exporter process from one record
+            self.pipe.record(steps_record(request, enqueued_ns, started_ns, ended_ns, batch, rows, provider))
+            return
         parent = trace.set_span_in_context(NonRecordingSpan(request))
-        self.tracer.start_span("queue", context=parent, start_time=enqueued_ns).end(end_time=started_ns)
+        self.tracer.start_span(QUEUE_SPAN, context=parent, start_time=enqueued_ns).end(end_time=started_ns)
         self.tracer.start_span(
-            "execute",
+            EXECUTE_SPAN,
             context=parent,
             links=[Link(batch)] if batch is not None else None,
-            attributes={"tensorgate.batch.size": rows, "tensorgate.execution_provider": provider},
+            attributes=execute_attributes(rows, provider),
             start_time=started_ns,
         ).end(end_time=ended_ns)
 
