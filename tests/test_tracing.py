@@ -304,6 +304,12 @@ def test_sampling_is_parent_based(repo: Path, collector: tuple[Collector, int]) 
         stub.ModelInfer(identity_request(), metadata=[("traceparent", sampled.traceparent)])
         stub.ModelInfer(identity_request(), metadata=[("traceparent", unsampled.traceparent)])
         stub.ModelInfer(identity_request())
+        # A stream sampled out answers each request as usual and records nothing either.
+        replies = list(
+            stub.ModelStreamInfer(iter([identity_request()] * 2), metadata=[("traceparent", unsampled.traceparent)])
+        )
+        assert [r.error_message for r in replies] == ["", ""]
+        assert all(r.infer_response.raw_output_contents for r in replies)
         channel.close()
     assert {hexid(s.trace_id) for s in c.spans()} == {sampled.trace_id}
 

@@ -59,6 +59,8 @@ class InferenceHandler:
         if tracing is None:
             return validate_request(model.schema, req, version)
         request_span = trace.get_current_span()
+        if not request_span.is_recording():  # not sampled: its children would not be either
+            return validate_request(model.schema, req, version)
         request_span.set_attributes(
             {"tensorgate.model.name": model.name, "tensorgate.model.version": version, "tensorgate.request.id": req.id}
         )

@@ -141,7 +141,8 @@ def unary(
         try:
             if tracing is not None:
                 span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
-                span.set_attributes(request_attributes(rpc, request))
+                if span.is_recording():
+                    span.set_attributes(request_attributes(rpc, request))
             if self.auth.enabled:
                 identity = self.auth.identify(context)
                 token = CURRENT_IDENTITY.set(identity)

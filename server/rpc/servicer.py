@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from grpc import aio
+from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -165,7 +166,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """One request of a stream, in its own task; traced as a child span of the stream's server span."""
         started = time.perf_counter_ns()
         tracing = self.tracing
-        if tracing is None:
+        if tracing is None or not trace.get_current_span().is_recording():
+            # Untraced, or the stream is not sampled: a child would not be, and the stream's span already carries
+            # that decision to the scheduler and to a remote backend.
             response = await self._stream_answer(request, deadline)
         else:
             span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
