@@ -5,6 +5,7 @@ End to end through a real OTLP receiver: tests/test_tracing.py."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -153,34 +154,74 @@ def _context() -> SpanContext:
     return SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))
 
 
-def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes() -> None:
-    """The pipe sends a request's queue and execute spans as one record, expanded in the exporter process; the
-    export must equal, span ids aside, what Tracing.request_spans makes through an SDK TracerProvider."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+def _sdk_and_pipe() -> tuple[Any, Any, Any]:
+    """Tracing through an SDK provider that keeps its spans in memory, and through a pipe's sink (no process)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+    from tensorgate.server.telemetry.tracing import Tracing
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "tensorgate"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    sink: list[SpanRecord] = []
+    pipe = SpanPipe.__new__(SpanPipe)  # the recording half only: no shipper thread, no exporter process
+    pipe._sink = sink  # noqa: SLF001
+    piped = Tracing.__new__(Tracing)
+    piped.provider, piped.pipe, piped.tracer = None, pipe, LightTracer(sink, 1.0)
+    return (Tracing(provider), memory), (piped, sink), provider.resource
+
+
+def _exported(records: list[SpanRecord], resource: Any) -> Any:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
     from tensorgate.server import __version__
     from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
     from tensorgate.server.telemetry.span_pipe import expand
-    from tensorgate.server.telemetry.tracing import Tracing
 
+    writer = TraceRequestWriter(resource, "tensorgate", __version__)
+    return ExportTraceServiceRequest.FromString(writer.write(expand(records)))
+
+
+def test_a_child_recorded_after_the_fact_is_the_span_an_sdk_tracer_makes() -> None:
+    """Validation is recorded once it is over, as one record with the pipe; the export must equal, span id and
+    end time aside, what the same call makes through an SDK TracerProvider, failed or not."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    (sdk_tracing, memory), (piped, sink), resource = _sdk_and_pipe()
+    parent = NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("vendor", "x")])))
+    for error in (None, ValueError("the caller's text")):
+        memory.clear()
+        sink.clear()
+        sdk_tracing.record_child(parent, "validate", 10, error)
+        piped.record_child(parent, "validate", 10, error)
+        sdk, ours = encode_spans(memory.get_finished_spans()), _exported(sink, resource)
+        for message in (sdk, ours):
+            (span,) = message.resource_spans[0].scope_spans[0].spans
+            assert span.span_id and span.end_time_unix_nano >= 10
+            span.ClearField("span_id")
+            span.ClearField("end_time_unix_nano")
+        assert ours == sdk
+        assert "caller's text" not in str(ours)
+
+
+def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes() -> None:
+    """The pipe sends a request's queue and execute spans as one record, expanded in the exporter process; the
+    export must equal, span ids aside, what Tracing.request_spans makes through an SDK TracerProvider."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    (sdk_tracing, memory), (piped, sink), resource = _sdk_and_pipe()
     request = SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("vendor", "x")]))
     batch = SpanContext(0x123, 0x456, False, TraceFlags(1), TraceState([("b", "y")]))
-    resource = Resource({"service.name": "tensorgate"})
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    writer = TraceRequestWriter(resource, "tensorgate", __version__)
     for link in (batch, None):
         memory.clear()
-        Tracing(provider).request_spans(request, 10, 20, 30, link, 5, "CPUExecutionProvider")
-        sdk = encode_spans(memory.get_finished_spans())
-        records = expand([steps_record(request, 10, 20, 30, link, 5, "CPUExecutionProvider")])
-        ours = ExportTraceServiceRequest.FromString(writer.write(records))
+        sink.clear()
+        sdk_tracing.request_spans(request, 10, 20, 30, link, 5, "CPUExecutionProvider")
+        piped.request_spans(request, 10, 20, 30, link, 5, "CPUExecutionProvider")
+        assert len(sink) == 1  # one STEPS record
+        sdk, ours = encode_spans(memory.get_finished_spans()), _exported(sink, resource)
         for message in (sdk, ours):
             spans = message.resource_spans[0].scope_spans[0].spans
             assert [s.name for s in spans] == ["queue", "execute"]

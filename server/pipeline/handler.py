@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from opentelemetry import trace
-from opentelemetry.trace import StatusCode
 
 from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
@@ -64,14 +63,15 @@ class InferenceHandler:
         request_span.set_attributes(
             {"tensorgate.model.name": model.name, "tensorgate.model.version": version, "tensorgate.request.id": req.id}
         )
-        span = tracing.start_child("validate")
+        started = time.time_ns()
+        error: Exception | None = None
         try:
             return validate_request(model.schema, req, version)
         except Exception as exc:
-            span.set_status(StatusCode.ERROR, type(exc).__qualname__)
+            error = exc
             raise
         finally:
-            span.end()
+            tracing.record_child(request_span, "validate", started, error)
 
     async def infer(self, req: InferRequest) -> InferResponse:
         """Run one request; raises TensorgateError subclasses that carry their gRPC status."""

@@ -214,6 +214,26 @@ def steps_record(
     )
 
 
+def child_record(parent: SpanContext, name: str, start_ns: int, end_ns: int, error: str | None) -> SpanRecord:
+    """A finished child of a sampled span, with the times already measured: what a LightSpan started and ended at
+    those times records, without the span object (validation, once per request)."""
+    status = None if error is None else (StatusCode.ERROR.value, error)
+    return (
+        name,
+        parent.trace_id,
+        _new_id(64),
+        _state(parent),
+        (parent.span_id, False),
+        0,
+        start_ns,
+        end_ns,
+        {},
+        (),
+        (),
+        status,
+    )
+
+
 def _state(ctx: SpanContext) -> tuple[tuple[str, str], ...]:
     return tuple(ctx.trace_state.items()) if ctx.trace_state else ()
 
@@ -453,6 +473,7 @@ __all__ = [
     "LightSpan",
     "LightTracer",
     "SpanPipe",
+    "child_record",
     "execute_attributes",
     "expand",
     "export_main",

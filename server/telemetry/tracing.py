@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,14 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tensorgate.server import __version__
-from tensorgate.server.telemetry.span_pipe import EXECUTE_SPAN, QUEUE_SPAN, SpanPipe, execute_attributes, steps_record
+from tensorgate.server.telemetry.span_pipe import (
+    EXECUTE_SPAN,
+    QUEUE_SPAN,
+    SpanPipe,
+    child_record,
+    execute_attributes,
+    steps_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ SERVER_ERROR_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+_FIELDS = frozenset(_PROPAGATOR.fields)
+"""The metadata keys the propagator reads: a call without any (most calls) skips extraction."""
 
 
 @dataclass(slots=True)
@@ -167,7 +177,7 @@ class Tracing:
     ) -> tuple[Span, object]:
         """The server span of one RPC, child of the caller's span when its metadata carries one; made current
         for the rest of the call (returns the token to `end_rpc`)."""
-        carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
+        carrier = {k: v for k, v in metadata or () if k in _FIELDS and isinstance(v, str)}
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         attributes: dict[str, str] = {
             "rpc.system": "grpc",
@@ -194,6 +204,18 @@ class Tracing:
         span.end()
         if token is not None:
             otel_context.detach(token)  # type: ignore[arg-type]
+
+    def record_child(self, parent: Span, name: str, start_ns: int, error: BaseException | None = None) -> None:
+        """A child of `parent` (sampled) that started at `start_ns` (epoch) and ends now, failed by `error`'s type
+        when given: a step timed by its caller, such as validation."""
+        failure = None if error is None else type(error).__qualname__
+        if self.pipe is not None:  # the record such a span would make, without making the span
+            self.pipe.record(child_record(parent.get_span_context(), name, start_ns, time.time_ns(), failure))
+            return
+        span = self.tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=start_ns)
+        if failure is not None:
+            span.set_status(StatusCode.ERROR, failure)
+        span.end()
 
     def start_child(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Span:
         """A span under the current one (the RPC's), e.g. one request of a stream or the validation step."""
