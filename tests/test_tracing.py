@@ -548,7 +548,7 @@ def test_a_large_batch_span_keeps_every_link(collector: tuple[Collector, int]) -
     tracing = from_settings(TracingSettings(otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True))
     assert tracing is not None
     requests = [_context(Caller.new()) for _ in range(300)]
-    span, _ = tracing.start_batch("m", 1, requests, 300, "CPUExecutionProvider", 0)
+    span = tracing.start_batch("m", 1, requests, 300, "CPUExecutionProvider", 0)
     span.end()
     tracing.shutdown()
     (batch,) = [s for s in c.spans() if s.name == "batch m"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import SpanContext, TraceFlags
 
 from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -206,9 +207,8 @@ def test_backend_sends_the_deadline_upstream(upstream: Upstream, tmp_path: Path)
     config.parameters["tensorgate.triton.url"].string_value = upstream.url
     backend = TritonBackend(config, tmp_path)
     try:
-        context = BatchContext(
-            deadline=time.monotonic() + 0.2, trace_headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
-        )
+        batch_span = SpanContext(0x1111, 0x2222, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        context = BatchContext(deadline=time.monotonic() + 0.2, trace=batch_span)
         with pytest.raises(DeadlineExceededError, match="upstream Triton .* did not answer within"):
             backend.execute({"X": np.ones((1, 1), dtype=np.float32)}, ["Y"], context)
         out = backend.execute({"X": np.full((2, 1), 3.0, dtype=np.float32)}, ["Y"])  # no deadline: waits

@@ -7,23 +7,27 @@ never on the event loop. Backends are built by the repository from a model's eff
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
 
 
 @dataclass(slots=True, frozen=True)
 class BatchContext:
     """What a backend may want to know about the batch it runs, beyond its tensors.
 
-    A remote backend passes the deadline and the trace context on to its upstream; a local one ignores both.
+    A remote backend passes the deadline and the trace context on to its upstream; a local one ignores both (so
+    the W3C headers are written only by the backend that sends them).
     """
 
     deadline: float | None = None
     """Absolute `time.monotonic()` after which no caller of the batch waits any more; None: some caller has none."""
-    trace_headers: Mapping[str, str] = field(default_factory=dict)
-    """W3C `traceparent`/`tracestate` of the batch's span, to send upstream (empty when the batch is not traced)."""
+    trace: SpanContext | None = None
+    """The batch's span, or an unsampled caller's context, to carry upstream (None when the batch is not traced)."""
 
 
 NO_CONTEXT = BatchContext()

@@ -67,6 +67,7 @@ from tensorgate.server.errors import (
     model_ref,
 )
 from tensorgate.server.repository.config import TensorInfo
+from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class TritonBackend:
                 raise InvalidRequestError(self._model, self._version, exc.message(), tensor=name) from exc
             infer_inputs.append(item)
         wanted = [tc.InferRequestedOutput(name) for name in outputs]
-        headers = {**s.headers, **context.trace_headers}
+        headers = s.headers if context.trace is None else {**s.headers, **Tracing.headers(context.trace)}
         client = next(self._next)
         coro = client.infer(
             s.model_name,

@@ -399,7 +399,7 @@ class Scheduler:
             traced = [p for p in requests if p.span is not None and p.span.trace_flags.sampled]
             if not traced and requests[0].span is not None:
                 # Nobody in the batch is sampled: a remote backend still hears that, and records nothing either.
-                context = BatchContext(context.deadline, Tracing.headers(requests[0].span))
+                context = BatchContext(context.deadline, requests[0].span)
         if traced:
             self._execute_traced(batch, inputs, wanted, context, traced)
         else:
@@ -428,14 +428,12 @@ class Scheduler:
         provider = self._backend.execution_provider
         offset = time.time_ns() - time.perf_counter_ns()  # perf_counter stamps -> epoch ns
         spans = [p.span for p in traced if p.span is not None]
-        span, headers = self._tracing.start_batch(
-            self._model, self._version, spans, rows, provider, batch.started_ns + offset
-        )
+        span = self._tracing.start_batch(self._model, self._version, spans, rows, provider, batch.started_ns + offset)
         # Current on this worker thread while the backend runs: its log records carry the batch's trace ids.
         token = self._tracing.use(span)
         try:
             batch.outputs = self._backend.execute(
-                inputs, wanted, BatchContext(deadline=context.deadline, trace_headers=headers)
+                inputs, wanted, BatchContext(deadline=context.deadline, trace=span.get_span_context())
             )
         except BaseException as exc:
             span.set_status(StatusCode.ERROR, type(exc).__qualname__)

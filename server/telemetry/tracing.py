@@ -247,11 +247,10 @@ class Tracing:
 
     def start_batch(
         self, model: str, version: int, requests: Sequence[SpanContext], rows: int, provider: str, start_ns: int
-    ) -> tuple[Span, dict[str, str]]:
-        """One span per executed batch, a child of its first traced request, linked to every traced request;
-        returns it with the W3C headers that put a remote backend's spans under it."""
+    ) -> Span:
+        """One span per executed batch, a child of its first traced request, linked to every traced request."""
         parent = trace.set_span_in_context(NonRecordingSpan(requests[0]))
-        span = self.tracer.start_span(
+        return self.tracer.start_span(
             f"batch {model}",
             context=parent,
             links=[Link(ctx) for ctx in requests],
@@ -264,9 +263,6 @@ class Tracing:
             },
             start_time=start_ns,
         )
-        headers: dict[str, str] = {}
-        _PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
-        return span, headers
 
     def request_spans(
         self,
