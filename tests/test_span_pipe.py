@@ -77,7 +77,8 @@ def test_a_span_records_once_with_its_parent_links_status_and_events() -> None:
     name, trace_id, span_id, _state, up, kind, start, end, attrs, links, events, status = sink[0]
     assert (name, start, end, kind) == ("execute", 100, 200, SpanKind.INTERNAL.value)
     assert trace_id == parent.get_span_context().trace_id and up == (parent.get_span_context().span_id, False)
-    assert attrs == {"b": "two"} and links == [(0x1, 0x2, 1, ())] and status == (StatusCode.ERROR.value, "INTERNAL")
+    assert attrs == {"b": "two"} and links == [(0x1, 0x2, 1, (), True)]
+    assert status == (StatusCode.ERROR.value, "INTERNAL")
     assert [(e[0], e[2]) for e in events] == [("exception", {"exception.type": "ValueError"})]
     assert "1234.5" not in repr(sink)
     assert sink[1][0] == "rpc" and sink[1][4] is None and sink[1][8] == {"a": 1}
@@ -129,15 +130,18 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes() -> None:
     remote = _parent(True, TraceState([("vendor", "x"), ("other", "y")]))
     server = tracer.start_span("rpc", context=remote, kind=SpanKind.SERVER, attributes={"s": "text", "i": -3})
     server.set_attributes({"b": True, "f": 0.25, "big": 2**40, "seq": ("a", "b"), "ints": [1, 2], "raw": b"\x00"})
+    server.set_attributes({"pair": (1, 0), "zero": 0.0, "nan": float("nan")})
     server.set_status(StatusCode.ERROR, "INTERNAL")
     child = tracer.start_span(
         "execute",
         context=trace.set_span_in_context(server),
-        links=[Link(_context())],
-        attributes={"b": 1, "s": "text"},  # 1 == True, yet an int: the encoder must not mix them up
+        links=[Link(_context()), Link(SpanContext(0x9, 0xA, is_remote=False, trace_flags=TraceFlags(1)))],
+        # Equal to the server's values, yet of other types (1 == True, (1.0, 0.0) == (1, 0), -0.0 == 0.0): the
+        # encoder must not mix them up.
+        attributes={"b": 1, "s": "text", "pair": (1.0, 0.0), "zero": -0.0, "nan": float("nan")},
     )
     child.add_event("exception", {"exception.type": "ValueError"}, timestamp=123)
-    child.set_status(StatusCode.OK)
+    child.set_status(StatusCode.OK, "an OK has no description")
     child.end(end_time=2**62)
     server.end()
     root = tracer.start_span("alert", context=otel_context.Context(), kind=SpanKind.CLIENT)
@@ -147,7 +151,9 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes() -> None:
     scope = InstrumentationScope("tensorgate", "1.2.3")
     sdk = encode_spans([readable(r, resource, scope) for r in sink])
     assert len(ours.resource_spans[0].scope_spans[0].spans) == 3
-    assert ours == sdk
+    assert sink[0][11] == (StatusCode.OK.value, None)  # as the SDK's Status: only an error has a description
+    # As bytes: message equality takes -0.0 for 0.0 and never NaN for NaN.
+    assert ours.SerializeToString(deterministic=True) == sdk.SerializeToString(deterministic=True)
 
 
 def _context() -> SpanContext:
@@ -187,24 +193,32 @@ def _exported(records: list[SpanRecord], resource: Any) -> Any:
 
 def test_a_child_recorded_after_the_fact_is_the_span_an_sdk_tracer_makes() -> None:
     """Validation is recorded once it is over, as one record with the pipe; the export must equal, span id and
-    end time aside, what the same call makes through an SDK TracerProvider, failed or not."""
+    end time aside, what the same call makes through an SDK TracerProvider: failed or not, under a local or a
+    remote parent, and nothing at all under a parent sampled out."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
     (sdk_tracing, memory), (piped, sink), resource = _sdk_and_pipe()
-    parent = NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("vendor", "x")])))
-    for error in (None, ValueError("the caller's text")):
-        memory.clear()
-        sink.clear()
-        sdk_tracing.record_child(parent, "validate", 10, error)
-        piped.record_child(parent, "validate", 10, error)
-        sdk, ours = encode_spans(memory.get_finished_spans()), _exported(sink, resource)
-        for message in (sdk, ours):
-            (span,) = message.resource_spans[0].scope_spans[0].spans
-            assert span.span_id and span.end_time_unix_nano >= 10
-            span.ClearField("span_id")
-            span.ClearField("end_time_unix_nano")
-        assert ours == sdk
-        assert "caller's text" not in str(ours)
+    state = TraceState([("vendor", "x")])
+    for remote in (False, True):
+        parent = NonRecordingSpan(SpanContext(0xABC, 0xDEF, remote, TraceFlags(1), state))
+        for error in (None, ValueError("the caller's text")):
+            memory.clear()
+            sink.clear()
+            sdk_tracing.record_child(parent, "validate", 10, error)
+            piped.record_child(parent, "validate", 10, error)
+            sdk, ours = encode_spans(memory.get_finished_spans()), _exported(sink, resource)
+            for message in (sdk, ours):
+                (span,) = message.resource_spans[0].scope_spans[0].spans
+                assert span.span_id
+                span.ClearField("span_id")
+                span.ClearField("end_time_unix_nano")
+            assert ours == sdk
+    unsampled = NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(0)))
+    memory.clear()
+    sink.clear()
+    sdk_tracing.record_child(unsampled, "validate", 10)
+    piped.record_child(unsampled, "validate", 10)
+    assert not memory.get_finished_spans() and not sink
 
 
 def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes() -> None:
@@ -213,9 +227,9 @@ def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes(
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
     (sdk_tracing, memory), (piped, sink), resource = _sdk_and_pipe()
-    request = SpanContext(0xABC, 0xDEF, False, TraceFlags(1), TraceState([("vendor", "x")]))
     batch = SpanContext(0x123, 0x456, False, TraceFlags(1), TraceState([("b", "y")]))
-    for link in (batch, None):
+    for remote, link in ((False, batch), (False, None), (True, batch)):
+        request = SpanContext(0xABC, 0xDEF, remote, TraceFlags(1), TraceState([("vendor", "x")]))
         memory.clear()
         sink.clear()
         sdk_tracing.request_spans(request, 10, 20, 30, link, 5, "CPUExecutionProvider")

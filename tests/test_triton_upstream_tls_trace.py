@@ -259,10 +259,21 @@ def test_the_callers_deadline_reaches_the_upstream(pair: dict[str, Any]) -> None
     assert abs(upstream_deadline - (started + timeout)) < 0.25
 
 
-def test_an_unsampled_callers_decision_reaches_the_upstream(pair: dict[str, Any]) -> None:
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelStreamInfer"])
+def test_an_unsampled_callers_decision_reaches_the_upstream(pair: dict[str, Any], rpc: str) -> None:
+    """Unsampled, the front records nothing and tells the upstream so; over a stream, the front makes no
+    per-request span at all, and the stream's own context carries the decision."""
     before = {s.context.trace_id for s in pair["upstream_spans"].get_finished_spans() if s.context is not None}
     trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
-    front_infer(pair["front"], metadata=[("traceparent", f"00-{trace_id}-{caller_span}-00")])
+    metadata = [("traceparent", f"00-{trace_id}-{caller_span}-00")]
+    if rpc == "ModelInfer":
+        front_infer(pair["front"], metadata=metadata)
+    else:
+        with grpc.insecure_channel(pair["front"].address) as channel:
+            stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter([add_sub_request("add_sub", rows=3)] * 2), timeout=30, metadata=metadata
+            )
+            assert [r.error_message for r in stream] == ["", ""]
     time.sleep(0.5)  # the upstream's span, if any, ends just after the reply
     assert not spans_of(pair["front_spans"], int(trace_id, 16), RPC_SPAN)  # the front honours the caller
     new = [

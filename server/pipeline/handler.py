@@ -58,7 +58,9 @@ class InferenceHandler:
         if tracing is None:
             return validate_request(model.schema, req, version)
         request_span = trace.get_current_span()
-        if not request_span.is_recording():  # not sampled: its children would not be either
+        # Not sampled: under ParentBased sampling (the server's, and an SDK TracerProvider's default) its children
+        # would not be either.
+        if not request_span.is_recording():
             return validate_request(model.schema, req, version)
         request_span.set_attributes(
             {"tensorgate.model.name": model.name, "tensorgate.model.version": version, "tensorgate.request.id": req.id}

@@ -167,8 +167,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         started = time.perf_counter_ns()
         tracing = self.tracing
         if tracing is None or not trace.get_current_span().is_recording():
-            # Untraced, or the stream is not sampled: a child would not be, and the stream's span already carries
-            # that decision to the scheduler and to a remote backend.
+            # Untraced, or the stream is not sampled: under ParentBased sampling a child would not be, and the
+            # stream's span already carries that decision to the scheduler and to a remote backend.
             response = await self._stream_answer(request, deadline)
         else:
             span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))

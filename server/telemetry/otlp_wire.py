@@ -69,6 +69,9 @@ def _any_value(value: Any) -> bytes:
 
 
 _CACHE_LIMIT = 4096
+_CACHED_TYPES = frozenset((str, int, bool))
+"""Values cached by (type, value). Not floats (0.0 == -0.0, and every NaN is a new key) nor sequences ((1, 2) ==
+(1.0, 2.0) and (1, 0) == (True, False), whatever the outer type): those are encoded every time."""
 _attribute_fields: dict[tuple[int, str, type, Any], bytes] = {}
 """(field number, key, value type, value) -> the KeyValue as that field. Most pairs repeat from span to span (RPC
 system, model, provider); the few that do not (request ids) are why the cache starts over when full."""
@@ -77,19 +80,17 @@ system, model, provider); the few that do not (request ids) are why the cache st
 def _attributes(number: int, attributes: dict[str, Any]) -> bytes:
     parts = []
     for key, value in attributes.items():
-        cache_key = (number, key, type(value), value)  # the type: True, 1 and 1.0 are equal keys, not equal values
-        try:
-            parts.append(_attribute_fields[cache_key])
-            continue
-        except KeyError:
-            pass
-        except TypeError:  # unhashable (a list): not cached
+        kind = type(value)
+        if kind not in _CACHED_TYPES:
             parts.append(_field(number, _field(1, key.encode()) + _field(2, _any_value(value))))
             continue
-        encoded = _field(number, _field(1, key.encode()) + _field(2, _any_value(value)))
-        if len(_attribute_fields) >= _CACHE_LIMIT:
-            _attribute_fields.clear()
-        _attribute_fields[cache_key] = encoded
+        cache_key = (number, key, kind, value)  # the type: True and 1 are equal keys, not equal values
+        encoded = _attribute_fields.get(cache_key)
+        if encoded is None:
+            encoded = _field(number, _field(1, key.encode()) + _field(2, _any_value(value)))
+            if len(_attribute_fields) >= _CACHE_LIMIT:
+                _attribute_fields.clear()
+            _attribute_fields[cache_key] = encoded
         parts.append(encoded)
     return b"".join(parts)
 
@@ -109,7 +110,8 @@ _NO_STATUS = _field(15, b"")
 _LOCAL_FLAGS = _tag(16, 5) + _FIXED32.pack(_HAS_IS_REMOTE)
 _REMOTE_FLAGS = _tag(16, 5) + _FIXED32.pack(_HAS_IS_REMOTE | _IS_REMOTE)
 # A link (13): trace_id (1), span_id (2), flags (6: fixed32), 33 bytes in all.
-_LINK_FLAGS = _tag(6, 5) + _FIXED32.pack(_HAS_IS_REMOTE)
+_LOCAL_LINK_FLAGS = _tag(6, 5) + _FIXED32.pack(_HAS_IS_REMOTE)
+_REMOTE_LINK_FLAGS = _tag(6, 5) + _FIXED32.pack(_HAS_IS_REMOTE | _IS_REMOTE)
 _LINK_HEAD = _field(13, b"\0" * 33)[:-33] + _TRACE_ID
 
 
@@ -126,9 +128,9 @@ def _span(record: tuple[Any, ...]) -> bytes:
     for event_name, time_ns, event_attrs in events:
         body = _tag(1, 1) + _FIXED64.pack(time_ns) + _field(2, event_name.encode()) + _attributes(3, event_attrs)
         out.append(_field(11, body))
-    for link_trace, link_span, _flags, _state in links:
-        # As the SDK: a link's context counts as local.
-        out += (_LINK_HEAD, link_trace.to_bytes(16, "big"), _SPAN_ID, link_span.to_bytes(8, "big"), _LINK_FLAGS)
+    for link_trace, link_span, _flags, _state, remote in links:
+        flags = _REMOTE_LINK_FLAGS if remote else _LOCAL_LINK_FLAGS
+        out += (_LINK_HEAD, link_trace.to_bytes(16, "big"), _SPAN_ID, link_span.to_bytes(8, "big"), flags)
     if status is None or not (status[0] or status[1]):
         out.append(_NO_STATUS)
     else:

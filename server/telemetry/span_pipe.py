@@ -66,15 +66,15 @@ _ids = random.Random()
 
 # One finished span, as it crosses to the exporter process:
 # (name, trace_id, span_id, trace_state, parent, kind, start_ns, end_ns, attributes, links, events, status)
-# parent: (span_id, is_remote) or None; links: [(trace_id, span_id, flags, trace_state)];
+# parent: (span_id, is_remote) or None; links: [(trace_id, span_id, flags, trace_state, is_remote)];
 # events: [(name, time_ns, attributes)]; status: (StatusCode value, description) or None.
 SpanRecord = tuple[Any, ...]
 
 # A request's queue wait and its share of a batch's execution, both known once the batch has run, cross as one
 # record; the exporter process makes the two spans (and their ids: nothing in the server refers to them). Half
 # the objects to build, pickle and unpickle, on the worker thread that holds the GIL for it.
-# (STEPS, trace_id, trace_state, request span_id, enqueued_ns, started_ns, ended_ns, batch link or None, rows,
-# provider); batch link: (trace_id, span_id, flags, trace_state).
+# (STEPS, trace_id, trace_state, (request span_id, is_remote), enqueued_ns, started_ns, ended_ns, batch link or
+# None, rows, provider); the batch link as in a span record's links.
 STEPS = 0
 """A STEPS record's first field, where a span record has its name (a string)."""
 QUEUE_SPAN, EXECUTE_SPAN = "queue", "execute"
@@ -115,9 +115,7 @@ class LightSpan(trace.Span):
         self._kind = kind
         self._start = start_ns
         self._attrs: dict[str, AttributeValue] = dict(attributes) if attributes else {}
-        self._links = [
-            (x.context.trace_id, x.context.span_id, int(x.context.trace_flags), _state(x.context)) for x in links or ()
-        ]
+        self._links = [_link(x.context) for x in links or ()]
         self._events: list[tuple[str, int, dict[str, AttributeValue]]] = []
         self._status: tuple[int, str | None] | None = None
 
@@ -143,7 +141,7 @@ class LightSpan(trace.Span):
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         if self._sink is not None:
-            self._links.append((context.trace_id, context.span_id, int(context.trace_flags), _state(context)))
+            self._links.append(_link(context))
 
     def update_name(self, name: str) -> None:
         if self._sink is not None:
@@ -153,9 +151,11 @@ class LightSpan(trace.Span):
         if self._sink is None:
             return
         if isinstance(status, Status):
-            self._status = (status.status_code.value, status.description)
+            code, description = status.status_code, status.description
         else:
-            self._status = (status.value, description)
+            code = status
+        # As the SDK's Status: only an error has a description.
+        self._status = (code.value, description if code is StatusCode.ERROR else None)
 
     def record_exception(
         self,
@@ -199,12 +199,12 @@ def steps_record(
     rows: int,
     provider: str,
 ) -> SpanRecord:
-    link = None if batch is None else (batch.trace_id, batch.span_id, int(batch.trace_flags), _state(batch))
+    link = None if batch is None else _link(batch)
     return (
         STEPS,
         request.trace_id,
         _state(request),
-        request.span_id,
+        (request.span_id, request.is_remote),
         enqueued_ns,
         started_ns,
         ended_ns,
@@ -223,7 +223,7 @@ def child_record(parent: SpanContext, name: str, start_ns: int, end_ns: int, err
         parent.trace_id,
         _new_id(64),
         _state(parent),
-        (parent.span_id, False),
+        (parent.span_id, parent.is_remote),
         0,
         start_ns,
         end_ns,
@@ -232,6 +232,10 @@ def child_record(parent: SpanContext, name: str, start_ns: int, end_ns: int, err
         (),
         status,
     )
+
+
+def _link(ctx: SpanContext) -> tuple[int, int, int, tuple[tuple[str, str], ...], bool]:
+    return (ctx.trace_id, ctx.span_id, int(ctx.trace_flags), _state(ctx), ctx.is_remote)
 
 
 def _state(ctx: SpanContext) -> tuple[tuple[str, str], ...]:
@@ -373,8 +377,7 @@ def expand(records: list[SpanRecord]) -> list[SpanRecord]:
         if r[0] != STEPS:
             spans.append(r)
             continue
-        _, trace_id, state, parent_id, enqueued, started, ended, link, rows, provider = r
-        parent = (parent_id, False)
+        _, trace_id, state, parent, enqueued, started, ended, link, rows, provider = r
         spans.append((QUEUE_SPAN, trace_id, _new_id(64), state, parent, 0, enqueued, started, {}, (), (), None))
         spans.append(
             (
@@ -408,7 +411,7 @@ def readable(record: SpanRecord, resource: Resource, scope: InstrumentationScope
         resource=resource,
         attributes=attrs,
         events=[Event(n, a, t) for n, t, a in events],
-        links=[Link(_span_context(lt, ls, lf, lstate, False)) for lt, ls, lf, lstate in links],
+        links=[Link(_span_context(lt, ls, lf, lstate, remote)) for lt, ls, lf, lstate, remote in links],
         kind=SpanKind(kind),
         status=Status(StatusCode(status[0]), status[1]) if status is not None else Status(StatusCode.UNSET),
         start_time=start,

@@ -210,7 +210,9 @@ class Tracing:
         when given: a step timed by its caller, such as validation."""
         failure = None if error is None else type(error).__qualname__
         if self.pipe is not None:  # the record such a span would make, without making the span
-            self.pipe.record(child_record(parent.get_span_context(), name, start_ns, time.time_ns(), failure))
+            ctx = parent.get_span_context()
+            if ctx.trace_flags.sampled:  # ParentBased, as the LightTracer: no record under a parent sampled out
+                self.pipe.record(child_record(ctx, name, start_ns, time.time_ns(), failure))
             return
         span = self.tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=start_ns)
         if failure is not None:
