@@ -49,7 +49,13 @@ class Server:
     def cpu_seconds(self) -> float:
         """User + system CPU time so far of the server process and its live descendants (Linux /proc): a server
         that hands work to a child process (tensorgate's span exporter) is charged for it."""
-        return sum(_cpu_seconds(pid) for pid in _tree(self.proc.pid))
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """cpu_seconds as (the server process, its live descendants): what a child process costs is work that a
+        machine with spare cores would run beside the server rather than in its place."""
+        own, *descendants = _tree(self.proc.pid)
+        return _cpu_seconds(own), sum(_cpu_seconds(pid) for pid in descendants)
 
 
 def _stat(pid: int) -> list[str]:
@@ -142,6 +148,8 @@ class Measurement:
     server_queue_us: float = 0.0
     server_compute_us: float = 0.0
     server_cpu_cores: float = 0.0
+    server_child_cpu_cores: float = 0.0
+    """The part of server_cpu_cores used by the server's child processes (tensorgate's span exporter)."""
     client_cpu_cores: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     tool: str = "perf_analyzer"
@@ -274,13 +282,15 @@ def measure(
 ) -> Measurement:
     """One run with server CPU and executed batch sizes attached."""
     hist0 = batch_histogram(server.address, model) if stats else {}
-    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    (own0, child0), t0 = server.cpu_split(), time.perf_counter()
     if use_pa:
         m = run_perf_analyzer(server.address, model, concurrency, rows, streaming, stability_percent=stability_percent)
     else:
         m = run_python_load(server.address, model, concurrency, rows, streaming)
     wall = time.perf_counter() - t0
-    m.server_cpu_cores = (server.cpu_seconds() - cpu0) / wall
+    own1, child1 = server.cpu_split()
+    m.server_cpu_cores = (own1 - own0 + child1 - child0) / wall
+    m.server_child_cpu_cores = (child1 - child0) / wall
     if use_pa:
         m.client_cpu_cores /= wall
     if stats:
@@ -300,6 +310,7 @@ class Summary:
     server_queue_us: float
     server_compute_us: float
     server_cpu_cores: float
+    server_child_cpu_cores: float
     client_cpu_cores: float
     batch_sizes: dict[int, int]
     mean_batch: float | None
@@ -318,6 +329,7 @@ def median_of(runs: Sequence[Measurement]) -> Summary:
             "server_queue_us",
             "server_compute_us",
             "server_cpu_cores",
+            "server_child_cpu_cores",
             "client_cpu_cores",
         )
     }
