@@ -491,15 +491,14 @@ class Scheduler:
             pass
         if self._timer is not None:
             self._timer.cancel()
-        for batch in list(self._handed.values()):  # staged: still waiting, so failed like the queued ones
-            for p in batch.requests:
-                if not p.future.done():
-                    p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+        # Queued, or staged in a batch no instance has taken yet: never run, so failed alike.
+        waiting = [p for batch in list(self._handed.values()) for p in batch.requests]
         for lane in self._lanes:
-            while lane:
-                p = lane.popleft()
-                if not p.future.done():
-                    p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+            waiting.extend(lane)
+            lane.clear()
+        for p in waiting:
+            if not p.future.done():
+                p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
         self._queued = 0
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
         for _ in self._threads:
