@@ -43,7 +43,8 @@ def _varint(n: int) -> bytes:
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (strings, bytes, messages)."""
+    """A length-delimited field (strings, bytes, messages); `_varint` written inline, as this runs about ten times
+    a span."""
     n = len(payload)
     return _SHORT_VARINTS[number << 3 | 2] + (_SHORT_VARINTS[n] if n < 16384 else _varint_long(n)) + payload
 

@@ -310,7 +310,8 @@ class SpanPipe:
         self._thread.start()
 
     def record(self, record: SpanRecord) -> None:
-        """A record made outside a LightSpan (a STEPS record), shipped with the spans."""
+        """A record made outside a LightSpan (a STEPS record, or a finished child from `child_record`), shipped
+        with the spans."""
         self._sink.append(record)
 
     def _take(self) -> list[SpanRecord]:
@@ -370,8 +371,6 @@ def _span_context(
 
 def expand(records: list[SpanRecord]) -> list[SpanRecord]:
     """Span records only: each STEPS record becomes its queue and execute spans, with new span ids."""
-    if not any(r[0] == STEPS for r in records):
-        return records
     spans: list[SpanRecord] = []
     for r in records:
         if r[0] != STEPS:

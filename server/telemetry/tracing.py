@@ -220,7 +220,7 @@ class Tracing:
         span.end()
 
     def start_child(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Span:
-        """A span under the current one (the RPC's), e.g. one request of a stream or the validation step."""
+        """A span under the current one (the RPC's), e.g. one request of a stream."""
         return self.tracer.start_span(name, attributes=attributes)
 
     @staticmethod
