@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -118,14 +117,6 @@ def start_server(cmd: Sequence[str], ready_pattern: str = "ready", timeout: floa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def free_port() -> int:
-    """A loopback port free right now, for a command that needs a fixed one (another process may take it
-    meanwhile: possible, not likely)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def perf_analyzer_available() -> bool:

@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.batching import build_repository  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     Measurement,
-    free_port,
     perf_analyzer_available,
     run_perf_analyzer,
     start_server,
     tensorgate_cmd,
     write_report,
 )
+from tests.process import free_port  # noqa: E402
 
 
 def measure(repo: Path, processes: int, concurrency: int) -> Measurement:

@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from tests.onnx_models import (
     scale_model,
     write_config,
 )
+from tests.process import free_port
 from tests.serving import ServerThread
 
 WAIT = 10.0
@@ -115,9 +115,7 @@ def add_sub_inputs(rows: int = 2) -> dict[str, np.ndarray]:
 
 def closed_port() -> str:
     """An address where nothing listens: a port the OS just handed out and took back."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 # ----- the package -----------------------------------------------------------------------------------------------

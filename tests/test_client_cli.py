@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from tests.certificates import SERVER_NAME, make_pki
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, write_config
-from tests.process import TENSORGATE
+from tests.process import TENSORGATE, free_port
 from tests.serving import ServerThread
 
 
@@ -77,9 +76,7 @@ def test_unknown_model_is_one_clear_line(server: ServerThread) -> None:
 
 
 def test_server_down_is_one_clear_line() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     done = infer("add_sub", "--input", "INPUT0=[[1]]", "--server", address, "--timeout", "5")
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1
