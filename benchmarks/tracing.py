@@ -1,5 +1,6 @@
 """What tracing costs: the batching benchmark's tensorgate runs with tracing off and on (sample rate 1.0 by default,
-every sampled span exported over OTLP/gRPC to a collector on loopback), side by side in one run.
+every sampled span exported over OTLP, gRPC by default or HTTP, to a collector on loopback), side by side in one
+run.
 
 The servers (tracing off, and one per sample rate) start once on the same repository; each repeat measures every
 (configuration, concurrency) pair on all of them in turn. The collector is a sink in a separate process that
@@ -8,6 +9,7 @@ tensorgate's cost, not a collector's. Server CPU counts the span exporter (a chi
 without it: on a machine with a spare core the exporter runs beside the server, not in its place.
 
     .venv/bin/python benchmarks/tracing.py [--repeats 3] [--concurrency 8,32] [--sample-rates 1.0,0.1]
+        [--protocol grpc|http/protobuf]
 
 Writes benchmarks/results/tracing.json and tracing.md.
 """
@@ -21,12 +23,9 @@ import multiprocessing.connection
 import multiprocessing.synchronize
 import sys
 import tempfile
-from concurrent import futures
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import grpc  # noqa: E402
 
 from benchmarks.batching import EXAMPLE, build_repository  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
@@ -39,29 +38,21 @@ from benchmarks.harness import (  # noqa: E402
     tensorgate_cmd,
     write_report,
 )
+from tensorgate.server.telemetry.tracing import OTLP_PROTOCOLS  # noqa: E402
+from tests.otlp_sinks import grpc_sink, http_sink  # noqa: E402
 
-EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
-
-def _sink(port_out: mp.connection.Connection, stop: mp.synchronize.Event) -> None:
-    """An OTLP/gRPC trace endpoint that answers every export with an empty (successful) response."""
+def _sink(port_out: mp.connection.Connection, stop: mp.synchronize.Event, protocol: str) -> None:
+    """An OTLP trace endpoint (gRPC, or HTTP at /v1/traces) that counts export requests and their bytes."""
     received = {"requests": 0, "bytes": 0}
 
-    def export(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def keep(body: bytes, headers: dict[str, str]) -> None:
         received["requests"] += 1
-        received["bytes"] += len(request)
-        return b""
+        received["bytes"] += len(body)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.method_handlers_generic_handler(
-        "opentelemetry.proto.collector.trace.v1.TraceService",
-        {"Export": grpc.unary_unary_rpc_method_handler(export)},
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port_out.send(server.add_insecure_port("127.0.0.1:0"))
-    server.start()
-    stop.wait(3600)
-    server.stop(0)
+    with (grpc_sink if protocol == "grpc" else http_sink)(keep) as endpoint:
+        port_out.send(endpoint)
+        stop.wait(3600)
     port_out.send(received)
 
 
@@ -80,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", default="8,32")
     parser.add_argument("--sample-rates", default="1.0", help="tracing-on servers to compare, e.g. 1.0,0.1")
+    parser.add_argument("--protocol", choices=OTLP_PROTOCOLS, default="grpc", help="OTLP transport to the sink")
     parser.add_argument(
         "--python-load", action="store_true", help="drive with the Python load generator even if perf_analyzer exists"
     )
@@ -91,14 +83,22 @@ def main() -> None:
 
     parent, child = mp.Pipe()
     stop = mp.Event()
-    sink = mp.Process(target=_sink, args=(child, stop), daemon=True)
+    sink = mp.Process(target=_sink, args=(child, stop, args.protocol), daemon=True)
     sink.start()
-    sink_port = parent.recv()
+    endpoint = parent.recv()
     rates = [float(r) for r in args.sample_rates.split(",")]
     states = ["off", *[f"on at rate {r:g}" for r in rates]]
 
     def flags(rate: float) -> tuple[str, ...]:
-        return ("--otlp-endpoint", f"127.0.0.1:{sink_port}", "--otlp-insecure", "--trace-sample-rate", str(rate))
+        return (
+            "--otlp-endpoint",
+            endpoint,
+            "--otlp-protocol",
+            args.protocol,
+            "--otlp-insecure",
+            "--trace-sample-rate",
+            str(rate),
+        )
 
     runs: dict[str, list[Measurement]] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -138,7 +138,7 @@ def main() -> None:
         "# Tracing overhead: example MLP, CPU",
         "",
         f"Load generator: {tool}. Medians over {args.repeats} repeats; tracing off and on measured in turn.",
-        f"Tracing on: sample rates {args.sample_rates}, OTLP/gRPC to a loopback sink",
+        f"Tracing on: sample rates {args.sample_rates}, OTLP over {args.protocol} to a loopback sink",
         f"({exported['requests']} export requests, {exported['bytes'] / 1e6:.1f} MB received).",
         "",
         "| run | infer/s | p50 ms | p99 ms | server cores | of which exporter process | server CPU us / request |",
@@ -153,7 +153,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {k} | {t:.2f} | {c:.2f} | {o:.2f} |" for k, (t, c, o) in ratios.items()],
     ]
-    payload = {"tool": tool, "results": results, "ratios": ratios, "exported": exported}
+    payload = {"tool": tool, "protocol": args.protocol, "results": results, "ratios": ratios, "exported": exported}
     js, md = write_report("tracing", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {js} and {md}")

@@ -243,3 +243,42 @@ def test_a_steps_record_exports_the_queue_and_execute_spans_an_sdk_tracer_makes(
             for s in spans:
                 s.ClearField("span_id")
         assert ours == sdk
+
+
+def _records() -> list[SpanRecord]:
+    sink: list[SpanRecord] = []
+    tracer = LightTracer(sink, 1.0)
+    span = tracer.start_span("rpc", context=_parent(True), kind=SpanKind.SERVER, attributes={"rpc.method": "M"})
+    span.end()
+    tracer.start_span("validate", context=trace.set_span_in_context(span)).end()
+    return sink
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str) -> None:
+    """The SDK's exporter, built as the exporter process builds it, sends our encoder's bytes as they are (its
+    hooks are private: an SDK release without them fails here, not silently back to the slow encoder), with the
+    configured headers, to a real receiver on loopback."""
+    from opentelemetry.sdk.resources import Resource
+
+    from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
+    from tensorgate.server.telemetry.span_pipe import wire_sender
+    from tensorgate.server.telemetry.tracing import build_exporter
+    from tests.otlp_sinks import grpc_sink, http_sink
+
+    received: list[tuple[bytes, dict[str, str]]] = []
+    sink = grpc_sink if protocol == "grpc" else http_sink
+    with sink(lambda body, headers: received.append((body, headers))) as endpoint:
+        settings = TracingSettings(
+            otlp_endpoint=endpoint, otlp_protocol=protocol, otlp_insecure=True, otlp_headers={"x-api-key": "k1"}
+        )
+        exporter = build_exporter(settings)
+        writer = TraceRequestWriter(Resource({"service.name": "tensorgate"}), "tensorgate", "1.2.3")
+        send = wire_sender(exporter, writer)
+        assert send is not None, f"{type(exporter).__name__} lost the hook tensorgate's encoder needs"
+        records = _records()
+        send(records)
+        exporter.shutdown()
+    ((body, headers),) = received
+    assert body == writer.write(records)
+    assert headers["x-api-key"] == "k1"

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -32,6 +31,7 @@ from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tests.onnx_models import identity_model, write_config
+from tests.otlp_sinks import http_sink
 from tests.pki import Pki, identity_request, secure_channel
 from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
@@ -399,40 +399,19 @@ def test_injected_provider_and_tracing_off(repo: Path) -> None:
     assert "open" in {s.name for s in exporter.get_finished_spans()}
 
 
-class _HttpReceiver(BaseHTTPRequestHandler):
-    collector: Collector
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = otlp.ExportTraceServiceRequest()
-        request.ParseFromString(body)
-        self.collector.keep(request, {k.lower(): v for k, v in self.headers.items()} | {"path": self.path})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-        self.wfile.write(otlp.ExportTraceServiceResponse().SerializeToString())
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 def test_otlp_over_http_with_headers(repo: Path) -> None:
     receiver = Collector()
-    handler = type("Handler", (_HttpReceiver,), {"collector": receiver})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        endpoint = f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces"
-        with ServerThread(
-            repo, otlp_endpoint=endpoint, otlp_protocol="http/protobuf", otlp_headers="x-api-key=k123"
-        ) as server:
-            channel = grpc.insecure_channel(server.address)
-            GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
-            channel.close()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+
+    def keep(body: bytes, headers: dict[str, str]) -> None:
+        receiver.keep(otlp.ExportTraceServiceRequest.FromString(body), headers)
+
+    with (
+        http_sink(keep) as endpoint,
+        ServerThread(repo, otlp_endpoint=endpoint, otlp_protocol="http/protobuf", otlp_headers="x-api-key=k123") as s,
+    ):
+        channel = grpc.insecure_channel(s.address)
+        GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+        channel.close()
     assert server_spans(receiver, "ModelInfer")
     assert receiver.metadata[0]["x-api-key"] == "k123"
     assert receiver.metadata[0]["path"] == "/v1/traces"
