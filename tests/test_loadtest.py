@@ -148,7 +148,9 @@ def test_open_loop_latency_includes_queueing(slow_server: ServerThread, tmp_path
             t0 = time.perf_counter()
             client.infer("slow", {"INPUT0": x})
             times.append(time.perf_counter() - t0)
-    service_ms = float(np.median(times)) * 1000
+    # The fastest of the eight: a busy neighbour on a shared machine can only make a call slower, and an inflated
+    # estimate would ask for a rate the server keeps up with.
+    service_ms = min(times) * 1000
     # Twice what one instance can serve: requests wait behind each other, and the open loop must show it.
     rate = 2.0 * 1000.0 / service_ms
     doc = bench(tmp_path, "slow", "--server", slow_server.address, "--rate", f"{rate:.0f}", *SHORT, "--no-plots")
