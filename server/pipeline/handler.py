@@ -51,17 +51,14 @@ class InferenceHandler:
         """Set by the server when monitoring is on: answered requests are sampled into it (never waits)."""
 
     def _validate(
-        self, model: LoadedModel, req: InferRequest, version: str
+        self, model: LoadedModel, req: InferRequest, version: str, request_span: trace.Span | None
     ) -> tuple[dict[str, np.ndarray], int, list[str]]:
         """Validation in its own span, under the request's, with what identifies the request."""
-        tracing = self._tracing
-        if tracing is None:
-            return validate_request(model.schema, req, version)
-        request_span = trace.get_current_span()
         # Not sampled: under ParentBased sampling (the server's, and an SDK TracerProvider's default) its children
         # would not be either.
-        if not request_span.is_recording():
+        if request_span is None or not request_span.is_recording():
             return validate_request(model.schema, req, version)
+        assert self._tracing is not None
         request_span.set_attributes(
             {"tensorgate.model.name": model.name, "tensorgate.model.version": version, "tensorgate.request.id": req.id}
         )
@@ -73,17 +70,20 @@ class InferenceHandler:
             error = exc
             raise
         finally:
-            tracing.record_child(request_span, "validate", started, error)
+            self._tracing.record_child(request_span, "validate", started, error)
 
     async def infer(self, req: InferRequest) -> InferResponse:
-        """Run one request; raises TensorgateError subclasses that carry their gRPC status."""
+        """Run one request (under its RPC's span, when tracing is on); raises TensorgateError subclasses that
+        carry their gRPC status."""
         started = time.perf_counter_ns()
         if not req.id:  # every response carries an id, so that feedback can name the prediction later
             req.id = _new_request_id()
         model = self._repository.get(req.model, req.version)
         version = str(model.version)
+        # The request's span, looked up once: the batch links to it and remote backends hear its decision.
+        span = trace.get_current_span() if self._tracing is not None else None
         try:
-            inputs, rows, outputs = self._validate(model, req, version)
+            inputs, rows, outputs = self._validate(model, req, version, span)
             results, times = await model.scheduler.submit(
                 inputs,
                 outputs,
@@ -91,6 +91,7 @@ class InferenceHandler:
                 req.deadline,
                 priority=_int_parameter(req, "priority", version),
                 timeout_us=_int_parameter(req, "timeout", version),
+                span=None if span is None else Tracing.context_of(span),
             )
         except Exception:
             model.stats.record_failure(time.perf_counter_ns() - started)
@@ -112,8 +113,8 @@ class InferenceHandler:
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         if self.capture is not None:
             self.capture.submit(model.name, model.version, model.config, req.id, inputs, results)
-        if self._tracing is not None:
-            trace.get_current_span().set_attributes(
+        if span is not None and span.is_recording():
+            span.set_attributes(
                 {
                     "tensorgate.batch.size": times.batch_rows,
                     "tensorgate.execution_provider": model.backend.execution_provider,

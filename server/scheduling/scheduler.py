@@ -175,10 +175,12 @@ class Scheduler:
         *,
         priority: int | None = None,
         timeout_us: int | None = None,
+        span: SpanContext | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """Queue one request and wait for its outputs.
 
-        Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when a timeout
+        `span` is the request span's context (`Tracing.context_of`), for the batch span's links and a remote
+        backend. Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when a timeout
         passes while it is queued, UNAVAILABLE when the model is being unloaded, and the backend's own errors.
         """
         if self._closed:
@@ -205,7 +207,7 @@ class Scheduler:
             deadline=deadline,
             queue_deadline=now + timeout_ns / 1e9 if timeout_ns else None,
             level=level,
-            span=self._tracing.current() if self._tracing is not None else None,
+            span=span if self._tracing is not None else None,
         )
         lane.append(pending)
         self._queued += 1

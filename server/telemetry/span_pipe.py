@@ -64,6 +64,7 @@ CLOSE_TIMEOUT_S = 30.0
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_NO_STATE = TraceState()  # immutable, so every new trace can start with this one
 _ids = random.Random()
 
 # One finished span, as it crosses to the exporter process:
@@ -268,7 +269,7 @@ class LightTracer(trace.Tracer):
             trace_id, sampled, state = current.trace_id, current.trace_flags.sampled, current.trace_state
         else:
             trace_id = _new_id(128)
-            sampled, state, parent = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, TraceState(), None
+            sampled, state, parent = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, _NO_STATE, None
         ctx = SpanContext(trace_id, _new_id(64), False, _SAMPLED if sampled else _UNSAMPLED, state)
         if not sampled:
             return NonRecordingSpan(ctx)

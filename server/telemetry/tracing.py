@@ -52,6 +52,7 @@ SERVER_ERROR_CODES = frozenset(
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 _FIELDS = frozenset(_PROPAGATOR.fields)
 """The metadata keys the propagator reads: a call without any (most calls) skips extraction."""
+_ROOT = otel_context.Context()
 
 
 @dataclass(slots=True)
@@ -178,7 +179,8 @@ class Tracing:
         """The server span of one RPC, child of the caller's span when its metadata carries one; made current
         for the rest of the call (returns the token to `end_rpc`)."""
         carrier = {k: v for k, v in metadata or () if k in _FIELDS and isinstance(v, str)}
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        # Without the caller's context the span is a new trace's root, whatever is current where it starts.
+        parent = _PROPAGATOR.extract(carrier) if carrier else _ROOT
         attributes: dict[str, str] = {
             "rpc.system": "grpc",
             "rpc.service": INFERENCE_SERVICE,
@@ -224,10 +226,10 @@ class Tracing:
         return self.tracer.start_span(name, attributes=attributes)
 
     @staticmethod
-    def current() -> SpanContext | None:
-        """The current span's context, sampled or not: the scheduler links its batch to the sampled ones, and
-        passes an unsampled caller's decision on to a remote backend."""
-        ctx = trace.get_current_span().get_span_context()
+    def context_of(span: Span) -> SpanContext | None:
+        """A request span's context, sampled or not, for the scheduler: it links its batch to the sampled ones,
+        and passes an unsampled caller's decision on to a remote backend."""
+        ctx = span.get_span_context()
         return ctx if ctx.is_valid else None
 
     @staticmethod
