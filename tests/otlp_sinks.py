@@ -35,7 +35,12 @@ def http_sink(keep: Keep) -> Iterator[str]:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    class Server(ThreadingHTTPServer):
+        # A client that keeps its connection open (keep-alive) must not hold up the shutdown.
+        daemon_threads = True
+        block_on_close = False
+
+    httpd = Server(("127.0.0.1", 0), Receiver)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

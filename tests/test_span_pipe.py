@@ -255,7 +255,7 @@ def _records() -> list[SpanRecord]:
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str) -> None:
+def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDK's exporter, built as the exporter process builds it, sends our encoder's bytes as they are (its
     hooks are private: an SDK release without them fails here, not silently back to the slow encoder), with the
     configured headers, to a real receiver on loopback."""
@@ -266,6 +266,8 @@ def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str) -
     from tensorgate.server.telemetry.tracing import build_exporter
     from tests.otlp_sinks import grpc_sink, http_sink
 
+    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
+        monkeypatch.delenv(name, raising=False)  # the body is compared as written, uncompressed
     received: list[tuple[bytes, dict[str, str]]] = []
     sink = grpc_sink if protocol == "grpc" else http_sink
     with sink(lambda body, headers: received.append((body, headers))) as endpoint:
