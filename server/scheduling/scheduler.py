@@ -207,7 +207,7 @@ class Scheduler:
             deadline=deadline,
             queue_deadline=now + timeout_ns / 1e9 if timeout_ns else None,
             level=level,
-            span=span if self._tracing is not None else None,
+            span=span,
         )
         lane.append(pending)
         self._queued += 1
