@@ -23,13 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import (  # noqa: E402
     ROOT,
+    SUMMARY_HEADER,
     Measurement,
     Server,
-    Summary,
     measure,
     median_of,
     perf_analyzer_available,
     start_server,
+    summary_cells,
     tensorgate_cmd,
     write_report,
 )
@@ -53,15 +54,6 @@ def build_repository(root: Path) -> Path:
     shutil.copy(EXAMPLE / "1" / "model.onnx", repo / "mlp_nobatch" / "1" / "model.onnx")
     (repo / "mlp_nobatch" / "config.pbtxt").write_text(NO_BATCHING)
     return repo
-
-
-def _fmt(r: Summary) -> str:
-    mean = "" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-    return (
-        f"{r.infer_per_s:,.0f} | {r.p50_us / 1000:.2f} | {r.p90_us / 1000:.2f} | {r.p99_us / 1000:.2f} | "
-        f"{r.server_queue_us:.0f} / {r.server_compute_us:.0f} | {mean} | "
-        f"{r.server_cpu_cores:.2f} / {r.client_cpu_cores:.2f}"
-    )
 
 
 def main() -> None:
@@ -140,9 +132,8 @@ def main() -> None:
         "repeat. Latencies in ms; server queue / compute in microseconds (server-side, from ModelStatistics);",
         "cores = CPU seconds per wall second of the server / the load generator.",
         "",
-        "| run | infer/s | p50 | p90 | p99 | queue / compute us | mean batch | cores server / client |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {key} | {_fmt(r)} |" for key, r in results.items()],
+        SUMMARY_HEADER,
+        *[f"| {key} | {summary_cells(r)} |" for key, r in results.items()],
         "",
         f"In-process ONNX Runtime at batch {executed}: {ort_at_executed:,.0f} rows/s.",
         "",

@@ -30,7 +30,9 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
-PA = ROOT / "benchmarks" / "perf_analyzer.sh"
+# TENSORGATE_PERF_ANALYZER names a perf_analyzer to run as it is (one from a Triton SDK image, or one carried to
+# a host with no package index); otherwise the wrapper installs and runs its pinned one.
+PA = Path(os.environ.get("TENSORGATE_PERF_ANALYZER") or ROOT / "benchmarks" / "perf_analyzer.sh")
 RESULTS = ROOT / "benchmarks" / "results"
 _PORT = re.compile(r"listening on \S+:(\d+)")
 
@@ -332,6 +334,23 @@ def median_of(runs: Sequence[Measurement]) -> Summary:
     return Summary(**med, batch_sizes=dict(sorted(hist.items())), mean_batch=mean, tool=runs[0].tool, runs=list(runs))
 
 
+SUMMARY_HEADER = (
+    "| run | infer/s | p50 | p90 | p99 | queue / compute us | mean batch | cores server / client |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def summary_cells(r: Summary) -> str:
+    """One Summary as the cells under SUMMARY_HEADER after the run's label: latencies in ms, server queue and
+    compute in microseconds, cores as CPU seconds per wall second."""
+    mean = "" if r.mean_batch is None else f"{r.mean_batch:.1f}"
+    return (
+        f"{r.infer_per_s:,.0f} | {r.p50_us / 1000:.2f} | {r.p90_us / 1000:.2f} | {r.p99_us / 1000:.2f} | "
+        f"{r.server_queue_us:.0f} / {r.server_compute_us:.0f} | {mean} | "
+        f"{r.server_cpu_cores:.2f} / {r.client_cpu_cores:.2f}"
+    )
+
+
 def _jsonable(o: object) -> object:
     if is_dataclass(o) and not isinstance(o, type):
         return asdict(o)
@@ -352,6 +371,8 @@ def python_cmd() -> list[str]:
 
 
 def tensorgate_cmd(repo: Path, *extra: str) -> list[str]:
-    exe = shutil.which("tensorgate", path=str(Path(sys.executable).parent)) or "tensorgate"
+    exe = shutil.which("tensorgate", path=str(Path(sys.executable).parent))
+    # Without the console script (a checkout on PYTHONPATH rather than installed) the module runs the same CLI.
+    cli = [exe] if exe else [sys.executable, "-m", "tensorgate.server.cli"]
     # A free metrics port too: benchmarks run several servers side by side (a later flag in `extra` wins).
-    return [exe, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0", *extra]
+    return [*cli, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0", *extra]

@@ -1,37 +1,56 @@
-"""The compute limit: ONNX Runtime in-process on the example MLP, no server, rows per second per batch size."""
+"""The compute limit: ONNX Runtime in-process, no server, rows per second per batch size."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from tensorgate.server.backends.onnx import default_intra_op_threads
+from tensorgate.server.backends.onnx import CPU, default_intra_op_threads, preload_cuda_libraries
+
+Provider = str | tuple[str, dict[str, str]]
+
+
+def ort_session(
+    model: Path, threads: int | None = None, providers: Sequence[Provider] = (CPU,)
+) -> ort.InferenceSession:
+    """A session set up as tensorgate sets up a model whose config names no threads, so that the comparison with
+    the server is like for like; `threads` 0 means onnxruntime's own default (all cores). Read
+    `get_providers()` on the result: ONNX Runtime drops a provider it cannot start."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = default_intra_op_threads() if threads is None else threads
+    if any((p[0] if isinstance(p, tuple) else p) != CPU for p in providers):
+        preload_cuda_libraries()
+    return ort.InferenceSession(str(model), opts, providers=list(providers))
 
 
 def ort_rows_per_s(
-    model: Path, batch: int, threads: int | None = None, seconds: float = 1.0, repeats: int = 3
+    model: Path,
+    batch: int,
+    threads: int | None = None,
+    seconds: float = 1.0,
+    repeats: int = 3,
+    session: ort.InferenceSession | None = None,
 ) -> float:
-    """Median over `repeats` of rows/s running `batch`-row inputs back to back for `seconds` (bounded).
-
-    `threads` defaults to what tensorgate gives a model whose config sets none, so that the comparison with the
-    server is like for like; 0 means onnxruntime's own default (all cores).
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = default_intra_op_threads() if threads is None else threads
-    session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((batch, 256), dtype=np.float32)
+    """Median over `repeats` of rows/s running `batch`-row random FP32 inputs (shaped as the model's inputs)
+    back to back for `seconds` (bounded), after a warm-up that also lets a GPU provider pick its kernels for
+    this batch size. `session` defaults to a CPU one from `ort_session(model, threads)`."""
+    if session is None:
+        session = ort_session(model, threads)
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.random((batch, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}
     for _ in range(10):
-        session.run(None, {"INPUT0": x})
+        session.run(None, feed)
     rates = []
     for _ in range(repeats):
         n = 0
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds and n < 1_000_000:
-            session.run(None, {"INPUT0": x})
+            session.run(None, feed)
             n += 1
         rates.append(n * batch / elapsed)
     return statistics.median(rates)

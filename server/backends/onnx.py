@@ -8,6 +8,8 @@ cannot initialise.
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import tempfile
@@ -55,6 +57,28 @@ _GRAPH_LEVELS = {
 _TRITON_GRAPH_LEVELS = {-1: "basic", 1: "extended", 2: "disable"}
 # More threads than this per session is a typo, not a tuning choice; onnxruntime would try to start them all.
 _MAX_THREADS = 1024
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip put beside onnxruntime-gpu (`onnxruntime-gpu[cuda,cudnn]`).
+
+    Its CUDA provider carries no search path for them, so without this step CUDA fails to start and every GPU
+    model falls back to the CPU. ONNX Runtime's `preload_dlls` prints what it cannot load; that text goes to this
+    module's log instead of the server's stdout. It is a no-op on a CPU build, and once per process is enough.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime before 1.21: CUDA must be on the loader's path
+        return
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - a failed preload leaves the loader's own search to decide
+            print(f"onnxruntime.preload_dlls failed: {exc}")
+    for line in said.getvalue().splitlines():
+        if line.strip():
+            log.info("CUDA libraries: %s", line.strip())
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +225,8 @@ class OnnxBackend:
         # UserWarning, an exception under `-W error`) before dropping it, and the read-back below says it once.
         built = set(ort.get_available_providers())
         providers = [p for p in choice.providers if (p[0] if isinstance(p, tuple) else p) in built]
+        if CUDA in built and choice.wants_gpu:
+            preload_cuda_libraries()
         fell_back = False
         source: str | bytes = str(model_path) if model_bytes is None else model_bytes
         with contextlib.ExitStack() as stack:

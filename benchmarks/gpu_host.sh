@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Run the GPU benchmark (and, for scale, the CPU batching and tracing benchmarks) on a GPU host that has Python,
+# PyTorch's CUDA libraries and no package index, from a checkout (not an installed tensorgate).
+#
+# What it expects beside the checkout, carried there (see ../shared/gpu/README.md):
+#   .gpu-1 .. .gpu-N   onnxruntime-gpu in parts plus the other wheels tensorgate needs (../shared/gpu/prepare.sh)
+#   .pa/               optional: perf_analyzer.gz, libcudart.so.12 and libb64.so.0d; without it the benchmarks
+#                      drive the load with tensorgate's own generator and say so. From a machine where
+#                      benchmarks/perf_analyzer.sh has run: gzip -9c benchmarks/.venv-pa/bin/perf_analyzer >
+#                      .pa/perf_analyzer.gz, and copy the two libraries that `ldd` shows it loading.
+#   examples/models    optional: the built example MLP, for the CPU benchmarks
+# Results land in $OUT (default benchmarks/results/gpu-host). Each step is bounded; a failed step does not stop
+# the ones after it, and the exit status says whether any failed.
+#
+#   bash benchmarks/gpu_host.sh
+set -uo pipefail
+out="${OUT:-benchmarks/results/gpu-host}"
+mkdir -p "$out"
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its log, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name" | tee -a "$out/steps.log"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc" | tee -a "$out/steps.log"
+    tail -n 40 "$out/$name.log"
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+bash .gpu-*/install.sh || exit 1
+# tensorgate.* maps server/, client/, protos/ and benchmarks/loadtest/ at install time; a folder of links does it
+# for a checkout on PYTHONPATH.
+ns=/tmp/tensorgate-ns/tensorgate
+mkdir -p "$ns"
+for pair in server:server client:client protos:protos loadtest:benchmarks/loadtest; do
+    ln -sfn "$PWD/${pair#*:}" "$ns/${pair%%:*}"
+done
+# Lay the CUDA libraries out as `pip install onnxruntime-gpu[cuda,cudnn]` would (beside onnxruntime), so that the
+# server's own preload finds them, with nothing on LD_LIBRARY_PATH.
+nvidia=$(python3 -c 'import nvidia, os; print(os.path.realpath(list(nvidia.__path__)[0]))' 2>/dev/null) \
+    && ln -sfn "$nvidia" /tmp/site/nvidia
+export PYTHONPATH="/tmp/site:${ns%/tensorgate}:$PWD"
+if [ -f .pa/perf_analyzer.gz ]; then
+    mkdir -p /tmp/pa/lib
+    gunzip -c .pa/perf_analyzer.gz > /tmp/pa/perf_analyzer && chmod +x /tmp/pa/perf_analyzer
+    cp .pa/*.so.* /tmp/pa/lib/
+    # Only perf_analyzer reads this variable's libraries: the CUDA 12 runtime it links is not the one ORT uses.
+    export TENSORGATE_PERF_ANALYZER=/tmp/pa/run
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=/tmp/pa/lib exec /tmp/pa/perf_analyzer "$@"\n' > /tmp/pa/run
+    chmod +x /tmp/pa/run
+fi
+{ nproc; nvidia-smi -L 2>&1; python3 --version; } > "$out/host.txt"
+
+# GPU_BENCH_ARGS: more flags for gpu_batching.py, e.g. "--provider cpu --width 16" to try this on a CPU machine.
+# shellcheck disable=SC2086
+step gpu_batching 240 python3 benchmarks/gpu_batching.py --repeats 2 ${GPU_BENCH_ARGS:-}
+cp benchmarks/results/gpu_batching.* "$out/" 2>/dev/null
+if [ -d examples/models/mlp ]; then
+    step batching 150 python3 benchmarks/batching.py --repeats 1 --concurrency 32
+    cp benchmarks/results/batching.md "$out/" 2>/dev/null
+    step tracing 150 python3 benchmarks/tracing.py --repeats 1 --concurrency 32 --sample-rates 1.0
+    cp benchmarks/results/tracing.md "$out/" 2>/dev/null
+fi
+exit "$failed"
