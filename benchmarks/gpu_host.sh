@@ -57,9 +57,9 @@ fi
 step gpu_batching 240 python3 benchmarks/gpu_batching.py --repeats 2 ${GPU_BENCH_ARGS:-}
 cp benchmarks/results/gpu_batching.* "$out/" 2>/dev/null
 if [ -d examples/models/mlp ]; then
-    step batching 150 python3 benchmarks/batching.py --repeats 1 --concurrency 32
+    step batching 120 python3 benchmarks/batching.py --repeats 1 --concurrency 32
     cp benchmarks/results/batching.md "$out/" 2>/dev/null
-    step tracing 150 python3 benchmarks/tracing.py --repeats 1 --concurrency 32 --sample-rates 1.0
+    step tracing 120 python3 benchmarks/tracing.py --repeats 1 --concurrency 32 --sample-rates 1.0
     cp benchmarks/results/tracing.md "$out/" 2>/dev/null
 fi
 exit "$failed"
