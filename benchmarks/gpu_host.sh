@@ -55,8 +55,15 @@ fi
 # GPU_BENCH_ARGS: more flags for gpu_batching.py, e.g. "--provider cpu --width 16" to try this on a CPU machine.
 # shellcheck disable=SC2086
 step gpu_batching 240 python3 benchmarks/gpu_batching.py --repeats 2 ${GPU_BENCH_ARGS:-}
-cp benchmarks/results/gpu_batching.* "$out/" 2>/dev/null
-if [ -d examples/models/mlp ]; then
+# ONNX Runtime's own default search, side by side: it benchmarks cuDNN again at every new batch size.
+# shellcheck disable=SC2086
+step gpu_batching_exhaustive 240 python3 benchmarks/gpu_batching.py --repeats 2 --conv-algo-search EXHAUSTIVE \
+    ${GPU_BENCH_ARGS:-}
+# Every run padded to max_batch_size (tensorgate.pad_batches): one input shape for cuDNN.
+# shellcheck disable=SC2086
+step gpu_batching_padded 240 python3 benchmarks/gpu_batching.py --repeats 2 --pad ${GPU_BENCH_ARGS:-}
+cp benchmarks/results/gpu_batching_* "$out/" 2>/dev/null
+if [ -d examples/models/mlp ] && [ -z "${GPU_ONLY:-}" ]; then  # GPU_ONLY=1 skips the CPU steps
     step batching 120 python3 benchmarks/batching.py --repeats 1 --concurrency 32
     cp benchmarks/results/batching.md "$out/" 2>/dev/null
     step tracing 120 python3 benchmarks/tracing.py --repeats 1 --concurrency 32 --sample-rates 1.0

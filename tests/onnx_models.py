@@ -205,3 +205,33 @@ def busy_model(path: Path, iterations: int = 200, width: int = 4, size: int = 25
         ],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def rows_seen_model(path: Path, width: int = 4) -> Path:
+    """OUTPUT0 = INPUT0 * 2, and ROWS: the batch size the session ran at, repeated on every row ([batch, 1]).
+
+    ROWS shows what the model really computed on, e.g. whether the server padded a batch before running it.
+    """
+    nodes = [
+        helper.make_node("Mul", ["INPUT0", "two"], ["OUTPUT0"]),
+        helper.make_node("Shape", ["INPUT0"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Cast", ["batch"], ["batch_f"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["batch", "one"], ["target"], axis=0),
+        helper.make_node("Expand", ["batch_f", "target"], ["ROWS"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rows_seen",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("ROWS", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([2.0], dtype=np.float32), "two"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

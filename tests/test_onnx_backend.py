@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -26,12 +27,14 @@ from tensorgate.server.backends.onnx import (
     CUDA,
     OnnxBackend,
     choose_providers,
+    cuda_options,
     default_intra_op_threads,
+    pad_feed,
     session_options,
 )
 from tensorgate.server.errors import ModelLoadError
 from tensorgate.server.repository.manager import ModelRepository
-from tests.onnx_models import broadcast_add_model, identity_model, scale_model, write_config
+from tests.onnx_models import broadcast_add_model, identity_model, rows_seen_model, scale_model, write_config
 from tests.serving import ServerThread
 
 KIND = mc.ModelInstanceGroup
@@ -242,6 +245,37 @@ def test_unknown_graph_optimization_level_names_the_parameter() -> None:
     assert "'extended'" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        pytest.param(None, "HEURISTIC", id="default-heuristic"),
+        pytest.param("0", "EXHAUSTIVE", id="triton-0"),
+        pytest.param("1", "HEURISTIC", id="triton-1"),
+        pytest.param("2", "DEFAULT", id="triton-2"),
+        pytest.param(" exhaustive ", "EXHAUSTIVE", id="by-name"),
+    ],
+)
+def test_cudnn_conv_algo_search(value: str | None, mode: str) -> None:
+    params = {} if value is None else {"cudnn_conv_algo_search": value}
+    options = cuda_options(_config_with(params))
+    assert options == {"cudnn_conv_algo_search": mode}
+    # ... and they reach the CUDA provider's options beside the device, never the CPU's.
+    choice = choose_providers(KIND.KIND_GPU, [1], [CUDA, CPU], model="m", cuda=options)
+    assert choice.providers == [(CUDA, {"device_id": "1", "cudnn_conv_algo_search": mode}), CPU]
+
+
+def test_bad_cudnn_conv_algo_search_fails_the_load_on_any_machine(tmp_path: Path) -> None:
+    """Checked where the config is read, so a typo shows on the CPU machine it was tested on too."""
+    path = identity_model(tmp_path / "convs" / "1" / "model.onnx", "FP32")
+    config = _config_with({"cudnn_conv_algo_search": "fastest"}, name="convs")
+    config.instance_group.add(kind=KIND.KIND_CPU, count=1)
+    with pytest.raises(ModelLoadError) as info:
+        OnnxBackend(path, config, version=1)
+    assert "'convs'" in str(info.value)
+    assert "cudnn_conv_algo_search" in info.value.message
+    assert "'fastest'" in info.value.message
+
+
 def test_session_options_reach_the_session(tmp_path: Path) -> None:
     path = identity_model(tmp_path / "tuned" / "1" / "model.onnx", "FP32")
     config = _config_with({"intra_op_thread_count": "1", "tensorgate.graph_optimization_level": "basic"})
@@ -251,6 +285,98 @@ def test_session_options_reach_the_session(tmp_path: Path) -> None:
         np.testing.assert_array_equal(backend.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x)
     finally:
         backend.close()
+
+
+# ----- padding batches to one shape (tensorgate.pad_batches) -----------------------------------------------------
+
+
+def _padding_config(pad: str | None, max_batch_size: int = 8) -> mc.ModelConfig:
+    config = _config_with({} if pad is None else {"tensorgate.pad_batches": pad}, name="rows")
+    config.max_batch_size = max_batch_size
+    return config
+
+
+@pytest.mark.parametrize(
+    ("pad", "rows", "seen"),
+    [
+        pytest.param(None, 3, 3, id="off-by-default"),
+        pytest.param("true", 3, 8, id="padded-to-max"),
+        pytest.param("true", 1, 8, id="one-row-padded"),
+        pytest.param("true", 8, 8, id="full-batch-as-is"),
+        pytest.param("false", 3, 3, id="off"),
+    ],
+)
+def test_padded_runs_compute_max_batch_size_rows_and_return_the_real_ones(
+    tmp_path: Path, pad: str | None, rows: int, seen: int
+) -> None:
+    path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
+    backend = OnnxBackend(path, _padding_config(pad), version=1)
+    try:
+        x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+        out = backend.execute({"INPUT0": x}, ["OUTPUT0", "ROWS"])
+    finally:
+        backend.close()
+    np.testing.assert_array_equal(out["OUTPUT0"], x * 2)
+    np.testing.assert_array_equal(out["ROWS"], np.full((rows, 1), seen, dtype=np.float32))
+
+
+def test_padding_repeats_the_last_row_for_any_type() -> None:
+    """Real rows, not zeros, so that the padding is valid input: BYTES tensors included."""
+    feed = {
+        "T": np.array([[b"a"], [b"b"]], dtype=object),
+        "X": np.array([[1.0, 2.0]], dtype=np.float32),
+    }
+    padded = pad_feed({"T": feed["T"]}, 4)["T"]
+    assert padded.tolist() == [[b"a"], [b"b"], [b"b"], [b"b"]]
+    x = pad_feed({"X": feed["X"]}, 3)["X"]
+    np.testing.assert_array_equal(x, [[1.0, 2.0]] * 3)
+    assert pad_feed(feed, 2)["T"] is feed["T"]  # already as long: no copy
+
+
+@pytest.mark.parametrize(
+    ("pad", "max_batch_size", "needle"),
+    [
+        pytest.param("yes", 8, "'yes'", id="not-a-boolean"),
+        pytest.param("true", 0, "max_batch_size > 0", id="no-batch-dimension"),
+    ],
+)
+def test_bad_padding_settings_fail_the_load(tmp_path: Path, pad: str, max_batch_size: int, needle: str) -> None:
+    path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
+    with pytest.raises(ModelLoadError) as info:
+        OnnxBackend(path, _padding_config(pad, max_batch_size), version=1)
+    assert "tensorgate.pad_batches" in info.value.message
+    assert needle in info.value.message
+
+
+def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
+    """Through the server and its dynamic batcher, concurrent callers of different sizes."""
+    root = tmp_path / "models"
+    rows_seen_model(root / "rows" / "1" / "model.onnx")
+    write_config(
+        root,
+        "rows",
+        'max_batch_size: 8\ndynamic_batching { }\nparameters { key: "tensorgate.pad_batches" '
+        'value: { string_value: "true" } }\n',
+    )
+    sizes = [1, 3, 2, 5, 1, 4, 8, 2] * 3
+    with ServerThread(root) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+
+        def call(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            x = np.full((sizes[i], 4), i, dtype=np.float32)
+            inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            res = client.infer("rows", [inp])
+            y, seen = res.as_numpy("OUTPUT0"), res.as_numpy("ROWS")
+            assert y is not None and seen is not None
+            return x, y, seen
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(call, range(len(sizes))))
+        client.close()
+    for x, y, seen in answers:
+        np.testing.assert_array_equal(y, x * 2)
+        np.testing.assert_array_equal(seen, np.full((x.shape[0], 1), 8, dtype=np.float32))
 
 
 # ----- through a server: load errors, strings, runtime failures -------------------------------------------------
