@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tensorgate.server.backends.onnx import CPU, default_intra_op_threads, preload_cuda_libraries
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.onnx import CPU, preload_cuda_libraries, session_options
 
 Provider = str | tuple[str, dict[str, str]]
 
@@ -18,11 +19,12 @@ Provider = str | tuple[str, dict[str, str]]
 def ort_session(
     model: Path, threads: int | None = None, providers: Sequence[Provider] = (CPU,)
 ) -> ort.InferenceSession:
-    """A session set up as tensorgate sets up a model whose config names no threads, so that the comparison with
-    the server is like for like; `threads` 0 means onnxruntime's own default (all cores). Read
-    `get_providers()` on the result: ONNX Runtime drops a provider it cannot start."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = default_intra_op_threads() if threads is None else threads
+    """A session with the options tensorgate gives a model whose config sets none (threads, no spinning, graph
+    optimisation), so that the comparison with the server is like for like; `threads` 0 means onnxruntime's own
+    default (all cores). Read `get_providers()` on the result: ONNX Runtime drops a provider it cannot start."""
+    opts = session_options(mc.ModelConfig(name="in-process"))
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     if any((p[0] if isinstance(p, tuple) else p) != CPU for p in providers):
         preload_cuda_libraries()
     return ort.InferenceSession(str(model), opts, providers=list(providers))
