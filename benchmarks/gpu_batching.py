@@ -13,7 +13,7 @@ matters on a GPU. In one run:
 
 `--provider cpu` runs the same steps on the CPU (KIND_CPU), to try the script on a machine without a GPU. The run
 stops with an error when CUDA was asked for and either side did not get it. Writes
-benchmarks/results/gpu_batching_<search>.json and .md.
+benchmarks/results/gpu_batching_<search, lower case>[_padded].json and .md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
 """The GPU benchmark's CNN (benchmarks/cnn.py), served on the CPU: its config loads as written, and 4-D image
-batches go through dynamic batching and come back row for row as in-process ONNX Runtime computes them.
+requests of several sizes, through whatever batches the dynamic batcher forms, come back row for row as
+in-process ONNX Runtime computes them. Also the CUDA library preload that GPU sessions run first.
 
 The benchmark itself runs where a GPU is lent; this keeps its model and config honest everywhere else.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from benchmarks.cnn import INPUT, OUTPUT, build_resnet_model, resnet_config
+from tensorgate.server.backends import onnx as onnx_backend
 from tensorgate.server.backends.onnx import CPU, preload_cuda_libraries
 from tests.serving import ServerThread
 
@@ -64,8 +70,58 @@ def test_cnn_batches_serve_row_for_row_as_in_process(tmp_path: Path) -> None:
     )
 
 
-def test_cuda_preload_is_silent_where_there_is_no_cuda_build(capsys: pytest.CaptureFixture[str]) -> None:
-    """The server calls it before a GPU session; on this CPU build it must neither fail nor write to stdout."""
-    preload_cuda_libraries.cache_clear()
-    preload_cuda_libraries()
+@pytest.fixture
+def fresh_preload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees a process that has not preloaded yet."""
+    monkeypatch.setattr(onnx_backend, "_preloaded", False)
+
+
+def test_cuda_preload_logs_what_onnxruntime_prints(
+    fresh_preload: None, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """preload_dlls reports on stdout; the server's stdout stays clean and the log gets it, failures as warnings."""
+
+    def preload() -> None:
+        print("Failed to load libcudart.so.13: cannot open shared object file")
+        print("loaded libcudnn.so.9")
+
+    caplog.set_level(logging.INFO, logger=onnx_backend.__name__)
+    preload_cuda_libraries(preload)
     assert capsys.readouterr().out == ""
+    levels = {r.getMessage(): r.levelno for r in caplog.records}
+    assert levels["CUDA libraries: Failed to load libcudart.so.13: cannot open shared object file"] == logging.WARNING
+    assert levels["CUDA libraries: loaded libcudnn.so.9"] == logging.INFO
+
+
+def test_a_failing_cuda_preload_is_logged_not_raised(fresh_preload: None, caplog: pytest.LogCaptureFixture) -> None:
+    def preload() -> None:
+        raise RuntimeError("no driver")
+
+    preload_cuda_libraries(preload)
+    assert any("preload_dlls failed: no driver" in r.getMessage() for r in caplog.records)
+
+
+def test_cuda_preload_runs_once_across_loading_threads(fresh_preload: None) -> None:
+    """Models load on several threads at once; stdout is swapped process-wide while preloading, so only one
+    thread may do it, once, and stdout must be the original afterwards."""
+    calls: list[int] = []
+    original = sys.stdout
+
+    def preload() -> None:
+        calls.append(1)
+        time.sleep(0.05)
+        print("slow preload")
+
+    start = threading.Barrier(8)
+
+    def load() -> None:
+        start.wait()
+        preload_cuda_libraries(preload)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert calls == [1]
+    assert sys.stdout is original

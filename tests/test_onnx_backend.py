@@ -337,15 +337,20 @@ def test_padding_repeats_the_last_row_for_any_type() -> None:
     ("pad", "max_batch_size", "needle"),
     [
         pytest.param("yes", 8, "'yes'", id="not-a-boolean"),
+        pytest.param("Yes please", 0, "'Yes please'", id="not-a-boolean-before-max-batch-size-is-known"),
         pytest.param("true", 0, "max_batch_size > 0", id="no-batch-dimension"),
     ],
 )
 def test_bad_padding_settings_fail_the_load(tmp_path: Path, pad: str, max_batch_size: int, needle: str) -> None:
+    """As the repository loads: the session first, then padding from the completed config."""
     path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
+    config = _padding_config(pad, max_batch_size)
     with pytest.raises(ModelLoadError) as info:
-        OnnxBackend(path, _padding_config(pad, max_batch_size), version=1)
+        backend = OnnxBackend(path, config, version=1)
+        backend.pad_to_max_batch_size(config)
     assert "tensorgate.pad_batches" in info.value.message
     assert needle in info.value.message
+    assert info.value.version == 1
 
 
 def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
@@ -377,6 +382,42 @@ def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
     for x, y, seen in answers:
         np.testing.assert_array_equal(y, x * 2)
         np.testing.assert_array_equal(seen, np.full((x.shape[0], 1), 8, dtype=np.float32))
+
+
+def test_padding_string_inputs(tmp_path: Path) -> None:
+    """ONNX string tensors are padded after their bytes become text, and come back row for row."""
+    path = identity_model(tmp_path / "rows" / "1" / "model.onnx", "BYTES")
+    backend = OnnxBackend(path, _padding_config("true"), version=1)
+    try:
+        x = np.array([[b"a", b"b", b"c", b"d"], ["é".encode(), b"", b"x", b"y"]], dtype=object)
+        out = backend.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"]
+    finally:
+        backend.close()
+    assert out.shape == (2, 4)
+    assert [[str(v) for v in row] for row in out] == [["a", "b", "c", "d"], ["é", "", "x", "y"]]
+
+
+def test_padding_takes_max_batch_size_from_the_model_when_the_config_leaves_it_out(tmp_path: Path) -> None:
+    """The repository completes max_batch_size (4, as in Triton) after the session exists; padding follows it.
+    A model without a batch dimension cannot pad, and says so."""
+    root = tmp_path / "models"
+    pad = 'parameters { key: "tensorgate.pad_batches" value: { string_value: "true" } }\n'
+    rows_seen_model(root / "auto" / "1" / "model.onnx")
+    write_config(root, "auto", pad)
+    rows_seen_model(root / "flat" / "1" / "model.onnx")
+    write_config(root, "flat", "max_batch_size: 0\n" + pad)
+    with ServerThread(root, model_control_mode="explicit", load_model=["auto"]) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+        try:
+            inp = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            seen = client.infer("auto", [inp]).as_numpy("ROWS")
+            status, message = _status_and_message(lambda: client.load_model("flat"))
+        finally:
+            client.close()
+    np.testing.assert_array_equal(seen, [[4.0]])
+    assert status == str(grpc.StatusCode.UNAVAILABLE)
+    assert "'flat'" in message and "tensorgate.pad_batches" in message and "max_batch_size > 0" in message
 
 
 # ----- through a server: load errors, strings, runtime failures -------------------------------------------------

@@ -8,12 +8,12 @@ cannot initialise.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,26 +59,37 @@ _TRITON_GRAPH_LEVELS = {-1: "basic", 1: "extended", 2: "disable"}
 _MAX_THREADS = 1024
 
 
-@functools.cache
-def preload_cuda_libraries() -> None:
-    """Load the CUDA and cuDNN libraries that pip put beside onnxruntime-gpu (`onnxruntime-gpu[cuda,cudnn]`).
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def preload_cuda_libraries(preload: Callable[[], object] | None = None) -> None:
+    """Load the CUDA and cuDNN libraries that pip put beside onnxruntime-gpu (`onnxruntime-gpu[cuda,cudnn]`),
+    once per process, with `preload` defaulting to ONNX Runtime's `preload_dlls` (1.21 and later).
 
     Its CUDA provider carries no search path for them, so without this step CUDA fails to start and every GPU
-    model falls back to the CPU. ONNX Runtime's `preload_dlls` prints what it cannot load; that text goes to this
-    module's log instead of the server's stdout. It is a no-op on a CPU build, and once per process is enough.
+    model falls back to the CPU. `preload_dlls` prints what it cannot load; that text goes to this module's log
+    (failures as warnings) instead of the server's stdout. Models load on several threads at once: the lock keeps
+    the stdout redirection, which is process-wide, to one thread at a time. A no-op on a CPU build.
     """
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is None:  # onnxruntime before 1.21: CUDA must be on the loader's path
-        return
-    said = io.StringIO()
-    with contextlib.redirect_stdout(said):
-        try:
-            preload()
-        except Exception as exc:  # noqa: BLE001 - a failed preload leaves the loader's own search to decide
-            print(f"onnxruntime.preload_dlls failed: {exc}")
-    for line in said.getvalue().splitlines():
-        if line.strip():
-            log.info("CUDA libraries: %s", line.strip())
+    global _preloaded
+    with _preload_lock:
+        if _preloaded:
+            return
+        _preloaded = True
+        run = preload if preload is not None else getattr(ort, "preload_dlls", None)
+        if run is None:  # onnxruntime before 1.21: CUDA must be on the loader's path
+            return
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - a failed preload leaves the loader's own search to decide
+                print(f"onnxruntime.preload_dlls failed: {exc}")
+    for line in (text.strip() for text in said.getvalue().splitlines()):
+        if line:
+            level = logging.WARNING if "fail" in line.lower() else logging.INFO
+            log.log(level, "CUDA libraries: %s", line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +139,14 @@ CONV_ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 DEFAULT_CONV_ALGO_SEARCH = "HEURISTIC"
 
 
-def cuda_options(config: mc.ModelConfig) -> dict[str, str]:
+def cuda_options(config: mc.ModelConfig, version: int | None = None) -> dict[str, str]:
     """CUDA provider options from config (Triton's key `cudnn_conv_algo_search`: 0/1/2 or the names).
 
-    The default is HEURISTIC, where ONNX Runtime and Triton default to EXHAUSTIVE: EXHAUSTIVE benchmarks every
-    cuDNN algorithm whenever a convolution's input shape changes, and a dynamic batcher changes the batch size
-    almost every call. Measured on an H200 (benchmarks/gpu_batching.py, a ResNet-style CNN, 32-row requests at
-    c=8): 7,205 rows/s with HEURISTIC against 1,297 with EXHAUSTIVE, which spent 83 ms per batch.
+    The default is HEURISTIC, where ONNX Runtime and Triton default to EXHAUSTIVE. ONNX Runtime's cuDNN
+    convolutions build a new plan whenever their input shape changes, and a dynamic batcher changes the batch
+    size almost every call; EXHAUSTIVE makes each plan far dearer. Measured on an H200 (benchmarks/gpu_batching.py,
+    a ResNet-style CNN, 32-row requests at c=8): 7,205 rows/s with HEURISTIC against 1,297 with EXHAUSTIVE, whose
+    batches took 83 ms against 15 ms. DEFAULT was not measured.
     Checked on every machine, so a typo fails the load where it is written, not only where a GPU is.
     """
     raw = _string_param(config, "cudnn_conv_algo_search")
@@ -144,29 +156,37 @@ def cuda_options(config: mc.ModelConfig) -> dict[str, str]:
     if mode not in CONV_ALGO_SEARCH.values():
         raise ModelLoadError(
             config.name,
-            None,
+            version,
             f"parameter 'cudnn_conv_algo_search' must be 0 (EXHAUSTIVE), 1 (HEURISTIC) or 2 (DEFAULT), got '{raw}'",
         )
     return {"cudnn_conv_algo_search": mode}
 
 
-def pad_rows(config: mc.ModelConfig) -> int:
-    """Rows to pad every run to (`tensorgate.pad_batches: "true"` -> max_batch_size), or 0 for none.
+def pad_requested(config: mc.ModelConfig, version: int | None = None) -> bool:
+    """Whether the config sets `tensorgate.pad_batches: "true"` (see `pad_rows`); any other value than true or
+    false fails the load."""
+    raw = _string_param(config, "tensorgate.pad_batches") or "false"
+    if raw.strip().lower() not in ("true", "false"):
+        raise ModelLoadError(config.name, version, f"tensorgate.pad_batches must be true or false, got '{raw}'")
+    return raw.strip().lower() == "true"
+
+
+def pad_rows(config: mc.ModelConfig, version: int | None = None) -> int:
+    """Rows to pad every run to (`tensorgate.pad_batches: "true"` -> max_batch_size), or 0 for none. Read it from
+    the completed config: a model whose config leaves max_batch_size out gets it from the model file.
 
     For convolutional models on CUDA: ONNX Runtime's cuDNN convolutions keep the plan of the last input shape
     only and build a new one whenever the batch size changes, which a dynamic batcher does almost every call
     (measured on an H200 with HEURISTIC search: about 15 ms per batch against 1.5 ms for the same batch run at one
     fixed size). Padding keeps one shape, at the price of computing the padding rows. Off by default: on the CPU
-    the padding rows are pure cost.
+    the padding rows are pure cost. Correct only for models whose rows are independent (each output row depends
+    on its input row alone), which is what batching already assumes. Statistics count the real rows.
     """
-    raw = (_string_param(config, "tensorgate.pad_batches") or "false").strip().lower()
-    if raw not in ("true", "false"):
-        raise ModelLoadError(config.name, None, f"tensorgate.pad_batches must be true or false, got '{raw}'")
-    if raw == "false":
+    if not pad_requested(config, version):
         return 0
     if config.max_batch_size <= 0:
         raise ModelLoadError(
-            config.name, None, "tensorgate.pad_batches needs a batch dimension (max_batch_size > 0) to pad"
+            config.name, version, "tensorgate.pad_batches needs a batch dimension (max_batch_size > 0) to pad"
         )
     return config.max_batch_size
 
@@ -285,11 +305,15 @@ class OnnxBackend:
         `external_data` is the only directory a model built from bytes may read external tensors from; None
         means it may not have any."""
         self._model = config.name
-        self._pad_to = pad_rows(config)
+        # A max_batch_size the repository completes later arrives through pad_to_max_batch_size().
+        self._pad_to = pad_rows(config, version) if config.max_batch_size > 0 else 0
+        pad_requested(config, version)
         self._version = version
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
         group = config.instance_group[0] if config.instance_group else mc.ModelInstanceGroup()
-        choice = choose_providers(group.kind, list(group.gpus), available, model=config.name, cuda=cuda_options(config))
+        choice = choose_providers(
+            group.kind, list(group.gpus), available, model=config.name, cuda=cuda_options(config, version)
+        )
         if choice.warning:
             log.warning("%s", choice.warning)
         opts = session_options(config)
@@ -340,6 +364,10 @@ class OnnxBackend:
             return ort.InferenceSession(source, sess_options=opts, providers=[CPU])
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model, version, path, exc) from exc
+
+    def pad_to_max_batch_size(self, config: mc.ModelConfig) -> None:
+        """Take `tensorgate.pad_batches` from the completed config (max_batch_size filled in)."""
+        self._pad_to = pad_rows(config, self._version)
 
     @property
     def execution_provider(self) -> str:

@@ -340,6 +340,7 @@ class ModelRepository:
                 max_batch_size_given=mbs_given,
                 default_max_batch_size=self._default_mbs,
             )
+            backend.pad_to_max_batch_size(config)
             on_gpu = backend.execution_provider == "CUDAExecutionProvider"
             # The served config says where the model really runs: KIND_AUTO is resolved, and a KIND_GPU group
             # that onnxruntime could not put on a GPU reads KIND_CPU, as tensorgate.execution_provider does.
