@@ -3,7 +3,8 @@
 The model is a ResNet-style CNN (benchmarks/cnn.py, built here with onnx.helper), large enough that batching
 matters on a GPU. In one run:
 
-- in-process ONNX Runtime with the CUDA provider at batch 1/8/32/64/128 (the compute limit);
+- in-process ONNX Runtime with the CUDA provider at batch 1/8/32/64/128 (the compute limit), and alternating
+  between two sizes (1 and 31, 96 and 128), as a batcher's batches do;
 - tensorgate serving the same file, 1-row requests at concurrency 32 with dynamic batching off and on (unary and
   ModelStreamInfer), and 32-row requests at concurrency 8;
 - the 32-row throughput over in-process rows/s at the batch size the server executed (the issue's ratio);
@@ -120,6 +121,11 @@ def main() -> None:
             b: ort_rows_per_s(model_file, b, repeats=args.repeats, session=session)
             for b in (int(x) for x in args.batches.split(","))
         }
+        # The batcher's batches change size from call to call; these show what that costs the runtime itself.
+        alternating = {
+            sizes: ort_rows_per_s(model_file, sizes, repeats=args.repeats, session=session)
+            for sizes in ((1, 31), (96, 128))
+        }
         print("in-process rows/s:", {b: round(v) for b, v in compute.items()}, flush=True)
 
         runs: dict[str, list[Measurement]] = {}
@@ -171,6 +177,7 @@ def main() -> None:
         "|---|---|",
         *[f"| {b} | {v:,.0f} |" for b, v in compute.items()],
         f"| {executed} (executed, measured after the server runs) | {at_executed:,.0f} |",
+        *[f"| {' and '.join(map(str, sizes))} in turn | {v:,.0f} |" for sizes, v in alternating.items()],
         "",
         SUMMARY_HEADER.replace("infer/s", "rows/s"),
         *[f"| {key} | {summary_cells(r)} |" for key, r in results.items()],
@@ -190,6 +197,7 @@ def main() -> None:
         "providers": {"in_process": inprocess_provider, "tensorgate": served_on},
         "in_process_rows_per_s": compute,
         "in_process_at_executed": {"batch": executed, "rows_per_s": at_executed},
+        "in_process_alternating_rows_per_s": {" and ".join(map(str, k)): v for k, v in alternating.items()},
         "results": results,
         "ratios": ratios,
         "gpu_metrics": gpu_lines,

@@ -32,27 +32,39 @@ def ort_session(
 
 def ort_rows_per_s(
     model: Path,
-    batch: int,
+    batch: int | Sequence[int],
     threads: int | None = None,
     seconds: float = 1.0,
     repeats: int = 3,
     session: ort.InferenceSession | None = None,
 ) -> float:
-    """Median over `repeats` of rows/s running `batch`-row random FP32 inputs (shaped as the model's inputs)
-    back to back for `seconds` (bounded), after a warm-up that also lets a GPU provider pick its kernels for
-    this batch size. `session` defaults to a CPU one from `ort_session(model, threads)`."""
+    """Median over `repeats` of rows/s running random FP32 inputs (shaped as the model's inputs) back to back
+    for `seconds` (bounded), after a warm-up that also lets a GPU provider pick its kernels for each batch size.
+
+    `batch` may be several sizes, run in turn (e.g. (1, 31)): a dynamic batcher's batches change size from one
+    call to the next, and a runtime that prepares work per input shape pays for that only when sizes alternate.
+    `session` defaults to a CPU one from `ort_session(model, threads)`.
+    """
     if session is None:
         session = ort_session(model, threads)
+    sizes = [batch] if isinstance(batch, int) else list(batch)
     rng = np.random.default_rng(0)
-    feed = {i.name: rng.random((batch, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}
+    feeds = [
+        ({i.name: rng.random((size, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}, size)
+        for size in sizes
+    ]
     for _ in range(10):
-        session.run(None, feed)
+        for feed, _size in feeds:
+            session.run(None, feed)
     rates = []
     for _ in range(repeats):
+        rows = 0
         n = 0
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds and n < 1_000_000:
+            feed, size = feeds[n % len(feeds)]
             session.run(None, feed)
+            rows += size
             n += 1
-        rates.append(n * batch / elapsed)
+        rates.append(rows / elapsed)
     return statistics.median(rates)
