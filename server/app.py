@@ -128,6 +128,20 @@ class TensorgateServer:
         s = self.settings
         if not s.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {s.model_repository} is not a directory")
+        if s.model_control_mode == "explicit" and "*" not in s.load_model:
+            # A mistyped name would otherwise leave the model out with nothing said and the server ready.
+            on_disk = self.repository.names_on_disk()
+            missing = sorted(set(s.load_model) - set(on_disk))
+            if missing:
+                raise FileNotFoundError(
+                    f"--load-model names {', '.join(repr(m) for m in missing)}, not in model repository "
+                    f"{s.model_repository} (it has: {', '.join(on_disk) or 'no models'})"
+                )
+        elif s.load_model and s.model_control_mode != "explicit":
+            log.warning(
+                "--load-model is for --model-control-mode explicit; in mode %s every model loads",
+                s.model_control_mode,
+            )
         # Certificates and policy are read before anything listens: a bad file stops the start with its reason.
         if s.tls_cert is not None and s.tls_key is not None:
             self.tls = ReloadingCredentials(TlsFiles(s.tls_cert, s.tls_key, s.tls_client_ca))

@@ -101,6 +101,8 @@ class ServerSettings:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.reuse_port and self.grpc_port == 0:
             raise ValueError("reuse_port needs a fixed grpc_port: with port 0 every process gets a port of its own")
+        if self.default_max_batch_size < 0:
+            raise ValueError(f"default_max_batch_size must be >= 0, got {self.default_max_batch_size}")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
         if (self.tls_cert is None) != (self.tls_key is None):

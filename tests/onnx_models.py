@@ -235,3 +235,14 @@ def rows_seen_model(path: Path, width: int = 4) -> Path:
         ],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def cast_model(path: Path, to: int, width: int = 4) -> Path:
+    """FP32 INPUT0 -> Cast(to) -> OUTPUT0: a model whose output has the given ONNX element type."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["INPUT0"], ["OUTPUT0"], to=to)],
+        "cast",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", to, ["batch", width])],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -8,8 +8,10 @@ per module and load their own model by name, so each case reads the status that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +19,22 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from onnx import TensorProto
 from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
-from tests.onnx_models import add_sub_model, identity_model, row_sum_model, scale_model, write_config
+from tensorgate.server import ServerSettings, TensorgateServer
+from tests.onnx_models import (
+    add_sub_model,
+    cast_model,
+    identity_model,
+    row_sum_model,
+    scale_model,
+    slow_model,
+    write_config,
+)
 from tests.serving import ServerThread
 
 # ----- helpers -------------------------------------------------------------------------------------------------
@@ -635,3 +647,103 @@ def test_failed_model_is_unavailable_while_others_serve(repo: Path) -> None:
             np.testing.assert_array_equal(c.infer("add_sub", inputs).as_numpy("OUTPUT0"), x + x)
         finally:
             c.close()
+
+
+# ----- loads that go wrong in unusual ways -----------------------------------------------------------------------
+
+
+def test_a_model_of_an_unservable_type_fails_alone(repo: Path) -> None:
+    """BF16 has no V2 codec here: the model fails its load with the tensor and type named, and the server starts
+    and serves the rest (it used to stop the whole start with a KeyError)."""
+    cast_model(repo / "bf16" / "1" / "model.onnx", TensorProto.BFLOAT16)
+    with ServerThread(repo) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            assert c.is_model_ready("identity_fp32")
+            assert not c.is_model_ready("bf16")
+            _assert_failed_in_index(c, "bf16", "tensor 'OUTPUT0' has a type tensorgate cannot serve (TYPE_BF16)")
+        finally:
+            c.close()
+
+
+def test_a_load_whose_caller_gives_up_still_completes(repo: Path) -> None:
+    """A client deadline on RepositoryModelLoad must not leave the model LOADING with the finished load lost."""
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    _config(
+        repo,
+        "slow",
+        """
+        max_batch_size: 64
+        model_warmup [ { name: "long" batch_size: 64 count: 400
+          inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 512 ] random_data: true } } } ]
+        """,
+    )
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model("slow", client_timeout=0.05)
+            assert info.value.status() == str(grpc.StatusCode.DEADLINE_EXCEEDED)
+            deadline = time.monotonic() + 60
+            while not c.is_model_ready("slow") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert c.is_model_ready("slow")
+            assert _index(c)[("slow", "1")] == ("READY", "")
+            assert c.is_server_ready()
+        finally:
+            c.close()
+
+
+def test_a_new_failure_replaces_the_old_reason(repo: Path) -> None:
+    """A model that failed for one reason and then for another shows the new one everywhere."""
+    model_dir = repo / "flaky"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            _error(grpc.StatusCode.UNAVAILABLE, c.load_model, "flaky")
+            identity_model(model_dir / "1" / "model.onnx", "FP32")
+            _config(repo, "flaky", "bogus_field: 1\n")
+            message = _error(grpc.StatusCode.UNAVAILABLE, c.load_model, "flaky")
+            assert "bogus_field" in message
+            _assert_failed_in_index(c, "flaky", "bogus_field")
+        finally:
+            c.close()
+
+
+def test_a_commented_out_max_batch_size_does_not_count(repo: Path) -> None:
+    """`# max_batch_size: 16` is a comment: the config leaves max_batch_size out, and auto-complete fills it."""
+    identity_model(repo / "commented" / "1" / "model.onnx", "FP32")
+    _config(
+        repo,
+        "commented",
+        '# max_batch_size: 16\nparameters { key: "note" value: { string_value: "max_batch_size: 9" } }\n',
+    )
+    with ServerThread(repo) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            assert c.get_model_config("commented").config.max_batch_size == 4
+        finally:
+            c.close()
+
+
+def test_a_config_override_may_say_max_batch_size_0(explicit_client: grpcclient.InferenceServerClient) -> None:
+    """Written as 0 on purpose (no batch dimension); text format would drop the 0 and auto-complete make it 4."""
+    explicit_client.load_model("identity_fp32", config=json.dumps({"max_batch_size": 0}))
+    config = explicit_client.get_model_config("identity_fp32").config
+    assert config.max_batch_size == 0
+    assert list(config.input[0].dims) == [-1, 4]
+
+
+def test_a_mistyped_load_model_stops_the_start(repo: Path) -> None:
+    settings = ServerSettings(model_repository=repo, model_control_mode="explicit", load_model=["add_sbu"], grpc_port=0)
+    with pytest.raises(FileNotFoundError) as info:
+        asyncio.run(TensorgateServer(settings).start())
+    assert "'add_sbu'" in str(info.value)
+    assert "add_sub, identity_fp32" in str(info.value)
+
+
+def test_negative_default_max_batch_size_is_refused(repo: Path) -> None:
+    with pytest.raises(ValueError, match="default_max_batch_size"):
+        ServerSettings(model_repository=repo, default_max_batch_size=-1)

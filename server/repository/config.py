@@ -6,7 +6,6 @@ configuration (returned verbatim by the ModelConfig RPC) instead of copying it i
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ ONNX_BACKEND = "onnxruntime"
 TRITON_BACKEND = "tensorgate_triton"
 """A model run by an upstream Triton Inference Server (server/backends/triton.py)."""
 DEFAULT_ONNX_FILENAME = "model.onnx"
-
-_MAX_BATCH_KEY = re.compile(r"(^|[\s{,])max_batch_size\s*:", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +47,24 @@ def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
     if config.name and config.name != model:
         raise InvalidConfigError(model, f"config names the model '{config.name}' but its directory is '{model}'")
     config.name = model
-    return config, bool(_MAX_BATCH_KEY.search(text))
+    return config, _writes_max_batch_size(text)
+
+
+def _writes_max_batch_size(text: str) -> bool:
+    """Whether the text sets the top-level max_batch_size, read with protobuf's own tokenizer so that comments
+    (`# max_batch_size: 16`) and strings do not count."""
+    tokens = text_format.Tokenizer(text.splitlines())
+    depth = 0
+    while not tokens.AtEnd():
+        token = tokens.token
+        if token in ("{", "<", "["):
+            depth += 1
+        elif token in ("}", ">", "]"):
+            depth -= 1
+        elif depth == 0 and token == "max_batch_size":
+            return True
+        tokens.NextToken()
+    return False
 
 
 def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.backends.base import Backend, backend_ready
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
 from tensorgate.server.backends.triton import DEFAULT_REMOTE_INSTANCES, REMOTE_VERSION, TritonBackend, complete_config
@@ -163,6 +164,8 @@ class ModelRepository:
         self._grace = unload_grace
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: set[asyncio.Task[None]] = set()
+        """Loads in progress, held so that a load whose caller went away is not collected before it ends."""
         self._closing: set[asyncio.Task[None]] = set()
         self.changes = 0
         """Counts changes to the served set (a load, an unload, a retired version closed): what lives as long as
@@ -331,8 +334,9 @@ class ModelRepository:
                 for args in (backend.inputs, backend.outputs)
             ]
             for info in (*infos[0], *infos[1]):
-                if info.data_type == mc.TYPE_INVALID:
-                    raise InvalidConfigError(name, f"tensor '{info.name}' has a type tensorgate cannot serve")
+                if info.data_type not in BY_CONFIG_TYPE:
+                    kind = "" if info.data_type == mc.TYPE_INVALID else f" ({mc.DataType.Name(info.data_type)})"
+                    raise InvalidConfigError(name, f"tensor '{info.name}' has a type tensorgate cannot serve{kind}")
             autocomplete(
                 config,
                 infos[0],
@@ -357,6 +361,11 @@ class ModelRepository:
         except TensorgateError:
             backend.close()
             raise
+        except Exception as exc:
+            # A bug here must fail this version's load, not escape and stop the server's start with every model.
+            backend.close()
+            log.exception("unexpected error preparing model '%s' version %d", name, version)
+            raise ModelLoadError(name, version, f"unexpected error: {type(exc).__name__}: {exc}") from exc
         return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
 
     def _prepare_remote(
@@ -468,6 +477,19 @@ class ModelRepository:
         model_dir = self._model_dir(name)  # validates the name before it can own a lock
         if model_dir is None:
             raise ModelNotFoundError(name)
+        # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
+        # must not leave the model marked LOADING with the finished load thrown away.
+        task = asyncio.get_running_loop().create_task(self._load(name, model_dir, config_override))
+        self._loading.add(task)
+        task.add_done_callback(self._load_done)
+        await asyncio.shield(task)
+
+    def _load_done(self, task: asyncio.Task[None]) -> None:
+        self._loading.discard(task)
+        if not task.cancelled():
+            task.exception()  # already logged and recorded by _load; retrieved here for a caller that went away
+
+    async def _load(self, name: str, model_dir: Path, config_override: str | None) -> None:
         async with self._lock(name):
             entry = self._entries.setdefault(name, _Entry(name))
             entry.attempted = _file_signature(model_dir)
@@ -475,11 +497,15 @@ class ModelRepository:
                 entry.state = LOADING
             try:
                 ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, entry.versions)
-            except TensorgateError as exc:
-                reason = _reason(exc)
-                log.error("failed to load model '%s': %s", name, reason)
+            except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
+                if isinstance(exc, TensorgateError):
+                    reason = _reason(exc)
+                    log.error("failed to load model '%s': %s", name, reason)
+                else:
+                    reason = f"unexpected error: {type(exc).__name__}: {exc}"
+                    log.exception("failed to load model '%s'", name)
                 if not entry.versions:
-                    entry.state, entry.reason = UNAVAILABLE, reason
+                    entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, {}
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
                 raise ModelLoadError(name, None, reason) from exc

@@ -7,6 +7,7 @@ The tensor wire format itself (raw contents as `np.frombuffer` views, BYTES fram
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -290,4 +291,8 @@ def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
         raise InvalidRequestError(
             msg.model_name, None, f"the 'config' parameter is not a valid ModelConfig: {exc}"
         ) from exc
-    return text_format.MessageToString(config)
+    text_out = text_format.MessageToString(config)
+    # Text format leaves a 0 out; written on purpose (no batch dimension), it must not be auto-completed to 4.
+    if config.max_batch_size == 0 and {"max_batch_size", "maxBatchSize"} & set(json.loads(text)):
+        text_out += "max_batch_size: 0\n"
+    return text_out
