@@ -23,6 +23,7 @@ from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, til
 from tests.serving import ServerThread
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+RESOURCE = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +314,24 @@ BAD_ROWS = [
         INVALID,
         ["identity_uint8", "INPUT0", "uint_contents has 0 elements"],
         id="contents-wrong-field",
+    ),
+    pytest.param(
+        request("add_sub", ("INPUT0", "FP32", [1] * 65, _f32(1).tobytes()), _row_16([1, 16])),
+        INVALID,
+        ["add_sub", "INPUT0", "65 dimensions", "64"],
+        id="too-many-dimensions",
+    ),
+    pytest.param(
+        request("add_sub", ("INPUT0", "FP32", [0, 2**62], b""), _row_16([1, 16])),
+        RESOURCE,
+        ["add_sub", "INPUT0", "[0, 4611686018427387904]", "--max-tensor-elements"],
+        id="empty-with-a-huge-dimension-raw",
+    ),
+    pytest.param(
+        contents_request("identity_uint8", "UINT8", [0, 2**62], "uint_contents", []),
+        RESOURCE,
+        ["identity_uint8", "INPUT0", "--max-tensor-elements"],
+        id="empty-with-a-huge-dimension-contents",
     ),
 ]
 

@@ -117,6 +117,10 @@ def _decode_contents(
         raise InvalidRequestError(model, version, f"value out of range for {dt.name}", tensor=tensor.name) from exc
 
 
+MAX_DIMS = 64
+"""numpy's limit on dimensions (NPY_MAXDIMS); a request over it is refused before any array is made."""
+
+
 def decode_infer_request(
     msg: pb.ModelInferRequest, deadline: float | None = None, limits: RequestLimits = DEFAULT_LIMITS
 ) -> InferRequest:
@@ -149,6 +153,10 @@ def decode_infer_request(
         shape = tuple(tensor.shape[:])
         if shape and min(shape) < 0:
             raise InvalidRequestError(model, version, f"shape {list(shape)} has a negative dimension", tensor=name)
+        if len(shape) > MAX_DIMS:
+            raise InvalidRequestError(
+                model, version, f"shape has {len(shape)} dimensions, more than the {MAX_DIMS} allowed", tensor=name
+            )
         count = math.prod(shape)
         if count > limits.max_tensor_elements:
             raise _limit_error(
@@ -156,6 +164,15 @@ def decode_infer_request(
                 version,
                 name,
                 f"shape {list(shape)} has {count} elements, over the limit of {limits.max_tensor_elements} "
+                "(--max-tensor-elements)",
+            )
+        if count == 0 and shape and max(shape) > limits.max_tensor_elements:
+            # Empty, yet no array can have this shape (numpy refuses it): say so rather than fail inside numpy.
+            raise _limit_error(
+                model,
+                version,
+                name,
+                f"shape {list(shape)} has a dimension over the limit of {limits.max_tensor_elements} elements "
                 "(--max-tensor-elements)",
             )
         if raw is not None:
