@@ -320,6 +320,23 @@ async def test_full_queue_rejects_at_once(make: Factory, gate: Gate) -> None:
     assert backend.calls == 2 and gate.requests == [[0], [1, 2]]
 
 
+async def test_delayed_requests_still_count_toward_the_queue_size(make: Factory, gate: Gate) -> None:
+    """timeout_action DELAY moves a request behind the others, not out of its queue."""
+    s, _, _ = make(
+        "default_queue_policy { max_queue_size: 2 default_timeout_microseconds: 50000 timeout_action: DELAY }",
+        max_batch_size=1,
+    )
+    first = await block(s, gate, 0)
+    delayed = [spawn(infer(s, i)) for i in (1, 2)]
+    await asyncio.sleep(0.2)  # their 50 ms queue timeouts have fired: both are in the delayed lane now
+    assert not any(t.done() for t in delayed)
+    with pytest.raises(ResourceExhaustedError) as info:
+        await asyncio.wait_for(infer(s, 3), WAIT)
+    assert "max_queue_size 2" in info.value.message
+    gate.open()
+    await gather(first, *delayed)
+
+
 async def test_queue_limits_are_per_priority_level(make: Factory, gate: Gate) -> None:
     s, _, _ = make(
         "priority_levels: 2 default_priority_level: 2 default_queue_policy { max_queue_size: 1 }", max_batch_size=1

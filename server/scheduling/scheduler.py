@@ -188,7 +188,7 @@ class Scheduler:
         level = self._level(priority)
         qp = self._policy.queue_policies[level - 1]
         lane = self._lanes[level - 1]
-        if qp.max_queue_size and len(lane) >= qp.max_queue_size:
+        if qp.max_queue_size and self._queued_at(level, lane) >= qp.max_queue_size:
             raise ResourceExhaustedError(
                 f"{self._ref}: queue for priority level {level} is full (max_queue_size {qp.max_queue_size})"
             )
@@ -246,6 +246,12 @@ class Scheduler:
             return False
         self._queued -= 1
         return True
+
+    def _queued_at(self, level: int, lane: collections.deque[_Pending]) -> int:
+        """Requests of a priority level waiting, those moved behind the others by timeout_action DELAY included:
+        they still wait in this level's queue, as Triton counts them."""
+        delayed = self._lanes[-1]
+        return len(lane) + (sum(1 for p in delayed if p.level == level) if delayed else 0)
 
     def _deadline_passed(self, pending: _Pending) -> None:
         self._reject(pending, "the call's deadline")
