@@ -509,3 +509,29 @@ def test_failure_inside_onnxruntime_is_internal_and_the_model_keeps_serving(
     np.testing.assert_array_equal(_add(served, a, np.full(1, 2.0, dtype=np.float32)), a + 2)
     stats = served.get_inference_statistics("broadcast").model_stats[0].inference_stats
     assert (stats.success.count, stats.fail.count) == (2, 1)
+
+
+def test_bad_text_fails_its_own_request_not_its_batch(tmp_path: Path) -> None:
+    """Non-UTF-8 bytes for an ONNX string input are refused before the request queues: a good request that the
+    batcher would have put in the same batch still succeeds, and the element index is the caller's own."""
+    root = tmp_path / "models"
+    identity_model(root / "text" / "1" / "model.onnx", "BYTES")
+    write_config(root, "text", "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 200000 }\n")
+    with ServerThread(root) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+
+        def call(values: list[bytes]) -> object:
+            try:
+                out = client.infer("text", [_text_input(values)]).as_numpy("OUTPUT0")
+                return None if out is None else list(out[0])
+            except InferenceServerException as exc:
+                return exc
+
+        with ThreadPoolExecutor(2) as pool:
+            good, bad = pool.map(call, [[b"a", b"b", b"c", b"d"], [b"w", b"\xff\xfe", b"y", b"z"]])
+        client.close()
+    assert good == [b"a", b"b", b"c", b"d"]
+    assert isinstance(bad, InferenceServerException)
+    assert bad.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "'text'" in str(bad.message()) and "'INPUT0'" in str(bad.message())
+    assert "element 1 is not valid UTF-8" in str(bad.message())

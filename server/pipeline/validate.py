@@ -43,6 +43,8 @@ def validate_request(
                 f"datatype {datatype} does not match the model's {spec.datatype.name}",
                 tensor=name,
             )
+        if spec.text:
+            _check_text(array, model, version, name)
         shape = array.shape
         if schema.max_batch_size > 0:
             if len(shape) != len(spec.dims) + 1 or not _dims_match(shape[1:], spec.dims):
@@ -86,6 +88,20 @@ def validate_request(
                 tensor=name,
             )
     return inputs, batch if batch is not None else 1, outputs
+
+
+def _check_text(array: np.ndarray, model: str, version: str, name: str) -> None:
+    for i, item in enumerate(array.reshape(-1)):
+        if isinstance(item, bytes):
+            try:
+                item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequestError(
+                    model,
+                    version,
+                    f"element {i} is not valid UTF-8; this model's string tensors carry text only",
+                    tensor=name,
+                ) from exc
 
 
 def _reshape_in(array: np.ndarray, spec: TensorSpec, max_batch_size: int) -> np.ndarray:

@@ -352,7 +352,7 @@ class ModelRepository:
                 if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
                     group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
-            schema = ModelSchema.from_config(config)
+            schema = ModelSchema.from_config(config, bytes_are_text=True)
             policy = SchedulingPolicy.from_config(config)
             run_warmup(config, schema, backend, vdir.parent, version)
         except InvalidConfigError as exc:

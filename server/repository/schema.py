@@ -17,6 +17,8 @@ class TensorSpec:
     dims: tuple[int, ...]
     reshape: tuple[int, ...] | None
     optional: bool = False
+    text: bool = False
+    """BYTES that the model takes as text (ONNX string tensors): each element must be UTF-8."""
 
     def shape_text(self, max_batch_size: int) -> str:
         """The full shape as ModelMetadata reports it: -1 first when the model batches."""
@@ -31,14 +33,20 @@ class ModelSchema:
     outputs: dict[str, TensorSpec]
 
     @classmethod
-    def from_config(cls, config: mc.ModelConfig) -> ModelSchema:
+    def from_config(cls, config: mc.ModelConfig, bytes_are_text: bool = False) -> ModelSchema:
+        """`bytes_are_text` for a backend whose BYTES tensors are strings (ONNX Runtime): requests are then checked
+        one by one for UTF-8 before they queue, so that one caller's bad bytes fail that caller alone, not every
+        request batched with it."""
+
         def spec(t: mc.ModelInput | mc.ModelOutput, optional: bool) -> TensorSpec:
+            datatype = datatypes.BY_CONFIG_TYPE[t.data_type]
             return TensorSpec(
                 name=t.name,
-                datatype=datatypes.BY_CONFIG_TYPE[t.data_type],
+                datatype=datatype,
                 dims=tuple(t.dims),
                 reshape=tuple(t.reshape.shape) if t.HasField("reshape") else None,
                 optional=optional,
+                text=bytes_are_text and datatype.name == "BYTES",
             )
 
         return cls(
