@@ -340,17 +340,31 @@ class TensorgateServer:
 
 
 async def serve(settings: ServerSettings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return (the process exits 0)."""
+    """Run until SIGTERM or SIGINT, then drain and return (the process exits 0).
+
+    A signal during start-up (models still loading) stops at once: an orchestrator that gives up on a slow start
+    must not wait for every model to load first.
+    """
     app = TensorgateServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await app.start()
-        await stop.wait()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("shutting down on signal while starting")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # a failed start raises here
+        await stopping
         log.info("shutting down on signal")
     finally:
+        stopping.cancel()
         await app.stop()
 
 

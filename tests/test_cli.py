@@ -65,6 +65,25 @@ def test_every_option_can_come_from_the_environment(repo: Path) -> None:
         assert server.terminate() == 0
 
 
+def test_sigterm_while_models_load_stops_without_waiting_for_them(tmp_path: Path) -> None:
+    """A signal during start-up ends the start: the server never reports ready, and exits 0."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    write_config(
+        repo,
+        "slow",
+        'max_batch_size: 64\nmodel_warmup [ { name: "long" batch_size: 64 count: 3000\n'
+        '  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 512 ] random_data: true } } } ]\n',
+    )
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        server.wait_for_line("listening on")
+        time.sleep(0.5)  # the warm-up (several seconds) is under way
+        assert server.terminate() == 0
+        assert "shutting down on signal while starting" in server.output
+        assert "ready:" not in server.output
+        assert "stopped" in server.output
+
+
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     """A request accepted before SIGTERM is answered; the server then exits 0 and refuses new work."""
     repo = tmp_path / "models"

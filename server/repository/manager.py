@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: set[asyncio.Task[None]] = set()
+        self._stopping = threading.Event()
+        """Set by close(): loads still running on threads give up at their next warm-up run."""
         """Loads in progress, held so that a load whose caller went away is not collected before it ends."""
         self._closing: set[asyncio.Task[None]] = set()
         self.changes = 0
@@ -354,7 +357,7 @@ class ModelRepository:
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
             schema = ModelSchema.from_config(config, bytes_are_text=True)
             policy = SchedulingPolicy.from_config(config)
-            run_warmup(config, schema, backend, vdir.parent, version)
+            run_warmup(config, schema, backend, vdir.parent, version, self._stopping.is_set)
         except InvalidConfigError as exc:
             backend.close()
             raise ModelLoadError(name, version, exc.problem) from exc
@@ -392,7 +395,7 @@ class ModelRepository:
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
             schema = ModelSchema.from_config(config)
             policy = SchedulingPolicy.from_config(config)
-            run_warmup(config, schema, backend, model_dir, version)
+            run_warmup(config, schema, backend, model_dir, version, self._stopping.is_set)
         except InvalidConfigError as exc:
             backend.close()
             raise ModelLoadError(config.name, version, exc.problem) from exc
@@ -642,6 +645,13 @@ class ModelRepository:
         return rows
 
     async def close(self) -> None:
+        # Loads still running (a stop during start-up) are abandoned: their sessions never serve.
+        self._stopping.set()
+        loading = list(self._loading)
+        for task in loading:
+            task.cancel()
+        if loading:
+            await asyncio.gather(*loading, return_exceptions=True)
         for entry in self._entries.values():
             for model in entry.versions.values():
                 self._retire(model)

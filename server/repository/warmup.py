@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,16 @@ def _sample(
     return np.zeros(shape, dtype=dt.np_dtype)
 
 
-def run_warmup(config: mc.ModelConfig, schema: ModelSchema, backend: Backend, model_dir: Path, version: int) -> None:
-    """Run every warm-up sample `count` times; a failure makes the load fail with the sample's name."""
+def run_warmup(
+    config: mc.ModelConfig,
+    schema: ModelSchema,
+    backend: Backend,
+    model_dir: Path,
+    version: int,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run every warm-up sample `count` times; a failure makes the load fail with the sample's name. Between
+    runs it asks `stopping`, so that a server told to stop does not first finish a long warm-up."""
     rng = np.random.default_rng(0)
     outputs = list(schema.outputs)
     for sample in config.model_warmup:
@@ -57,6 +66,8 @@ def run_warmup(config: mc.ModelConfig, schema: ModelSchema, backend: Backend, mo
                     array = array.reshape(lead + tensor.reshape)
                 inputs[name] = array
             for _ in range(max(sample.count, 1)):
+                if stopping():
+                    raise ModelLoadError(config.name, version, "the server is stopping")
                 backend.execute(inputs, outputs)
         except (TensorgateError, OSError, ValueError, KeyError) as exc:
             detail = exc.message if isinstance(exc, TensorgateError) else str(exc)
