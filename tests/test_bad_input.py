@@ -126,6 +126,18 @@ BAD_ROWS = [
     ),
     pytest.param(add_sub(model_version="7"), grpc.StatusCode.NOT_FOUND, ["add_sub", "7"], id="unknown-version"),
     pytest.param(
+        request("add_sbu", ("INPUT0", "FP32", [1, 16], b"\0" * 31)),
+        grpc.StatusCode.NOT_FOUND,
+        ["add_sbu"],
+        id="unknown-model-and-a-bad-tensor",
+    ),
+    pytest.param(
+        request("add_sub", ("INPUT0", "FP32", [1, 16], b"\0" * 31), model_version="9"),
+        grpc.StatusCode.NOT_FOUND,
+        ["add_sub", "9"],
+        id="unknown-version-and-a-bad-tensor",
+    ),
+    pytest.param(
         add_sub(model_version="latest"), grpc.StatusCode.NOT_FOUND, ["add_sub", "latest"], id="non-numeric-version"
     ),
     pytest.param(add_sub(model_version="01"), grpc.StatusCode.NOT_FOUND, ["add_sub", "01"], id="zero-padded-version"),

@@ -26,9 +26,11 @@ from tensorgate.server.errors import (
     ModelUnavailableError,
     ResourceExhaustedError,
     ServerUnavailableError,
+    TensorgateError,
     model_ref,
 )
 from tensorgate.server.pipeline.handler import InferenceHandler
+from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DrainGate
@@ -119,6 +121,15 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
+    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+        """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
+        tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does."""
+        try:
+            return codec.decode_infer_request(request, deadline, self._limits)
+        except TensorgateError:
+            self._handler.check_model(request.model_name, request.model_version)
+            raise
+
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
         """Refuse a response over the message limit before gRPC does: gRPC's own refusal names no model and, on
         ModelStreamInfer, ends the whole stream with every other request on it."""
@@ -137,7 +148,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         try:
-            req = codec.decode_infer_request(request, codec.monotonic_deadline(context.time_remaining()), self._limits)
+            req = self._decode(request, codec.monotonic_deadline(context.time_remaining()))
             response = codec.encode_infer_response(await self._handler.infer(req))
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
@@ -150,7 +161,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
-            req = codec.decode_infer_request(request, deadline, self._limits)
+            req = self._decode(request, deadline)
             result = codec.encode_infer_response(await self._handler.infer(req))
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
