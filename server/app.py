@@ -188,8 +188,8 @@ class TensorgateServer:
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = server  # before the await: a stop signal during it must still stop the server
         await server.start()
-        self._server = server
         security = "plaintext" if self.tls is None else "mutual TLS" if self.tls.files.mutual else "TLS"
         log.info("listening on %s:%d (gRPC, %s)", s.host, self.port, security)
         if self.metrics is not None:

@@ -345,6 +345,12 @@ BAD_ROWS = [
         ["identity_uint8", "INPUT0", "--max-tensor-elements"],
         id="empty-with-a-huge-dimension-contents",
     ),
+    pytest.param(
+        request("add_sub", ("INPUT0", "FP32", [0, 2**25, 2**25, 2**25], b""), _row_16([1, 16])),
+        RESOURCE,
+        ["add_sub", "INPUT0", "--max-tensor-elements"],
+        id="empty-with-dimensions-too-big-together",
+    ),
 ]
 
 

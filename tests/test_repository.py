@@ -712,18 +712,20 @@ def test_a_new_failure_replaces_the_old_reason(repo: Path) -> None:
             c.close()
 
 
-def test_a_commented_out_max_batch_size_does_not_count(repo: Path) -> None:
-    """`# max_batch_size: 16` is a comment: the config leaves max_batch_size out, and auto-complete fills it."""
+def test_max_batch_size_is_read_as_protobuf_reads_the_config(repo: Path) -> None:
+    """`# max_batch_size: 16` is a comment: that config leaves max_batch_size out, and auto-complete fills it.
+    A string holding a line separator other than newline does not hide a written `max_batch_size: 0`."""
     identity_model(repo / "commented" / "1" / "model.onnx", "FP32")
-    _config(
-        repo,
-        "commented",
-        '# max_batch_size: 16\nparameters { key: "note" value: { string_value: "max_batch_size: 9" } }\n',
-    )
+    _config(repo, "commented", "# max_batch_size: 16\n")
+    identity_model(repo / "separator" / "1" / "model.onnx", "FP32")
+    _config(repo, "separator", 'parameters { key: "note" value: { string_value: "a\u2028{" } }\nmax_batch_size: 0\n')
     with ServerThread(repo) as s:
         c = grpcclient.InferenceServerClient(s.address)
         try:
             assert c.get_model_config("commented").config.max_batch_size == 4
+            separator = c.get_model_config("separator").config
+            assert separator.max_batch_size == 0
+            assert list(separator.input[0].dims) == [-1, 4]
         finally:
             c.close()
 

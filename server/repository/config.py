@@ -53,7 +53,7 @@ def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
 def _writes_max_batch_size(text: str) -> bool:
     """Whether the text sets the top-level max_batch_size, read with protobuf's own tokenizer so that comments
     (`# max_batch_size: 16`) and strings do not count."""
-    tokens = text_format.Tokenizer(text.splitlines())
+    tokens = text_format.Tokenizer(text.split("\n"))  # as text_format.Parse splits it: "\n" only
     depth = 0
     while not tokens.AtEnd():
         token = tokens.token

@@ -166,9 +166,9 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: set[asyncio.Task[None]] = set()
-        self._stopping = threading.Event()
-        """Set by close(): loads still running on threads give up at their next warm-up run."""
         """Loads in progress, held so that a load whose caller went away is not collected before it ends."""
+        self._stopping = threading.Event()
+        """Set by close(): loads still running on threads give up between versions and warm-up runs."""
         self._closing: set[asyncio.Task[None]] = set()
         self.changes = 0
         """Counts changes to the served set (a load, an unload, a retired version closed): what lives as long as
@@ -297,6 +297,8 @@ class ModelRepository:
         ready: dict[int, _Prepared | LoadedModel] = {}
         failed: dict[int, str] = {}
         for v in wanted:
+            if self._stopping.is_set():
+                break
             vdir = model_dir / str(v)
             sig = hashlib.sha256((base_text + _file_signature(vdir)).encode()).hexdigest()
             old = reuse.get(v)
@@ -308,6 +310,14 @@ class ModelRepository:
             except TensorgateError as exc:
                 failed[v] = _reason(exc)
                 log.error("%s", exc.message)
+            except Exception as exc:  # noqa: BLE001 - a bug fails this version, not the model's other versions
+                failed[v] = f"unexpected error: {type(exc).__name__}: {exc}"
+                log.exception("unexpected error preparing model '%s' version %d", name, v)
+        if self._stopping.is_set():  # nobody will serve what was built: release it here
+            for item in ready.values():
+                if isinstance(item, _Prepared):
+                    item.backend.close()
+            raise ModelLoadError(name, None, "the server is stopping")
         return ready, failed
 
     def _prepare_version(self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str) -> _Prepared:

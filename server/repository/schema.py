@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server import datatypes
+from tensorgate.server.errors import InvalidConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,12 @@ class ModelSchema:
         request batched with it."""
 
         def spec(t: mc.ModelInput | mc.ModelOutput, optional: bool) -> TensorSpec:
-            datatype = datatypes.BY_CONFIG_TYPE[t.data_type]
+            datatype = datatypes.BY_CONFIG_TYPE.get(t.data_type)
+            if datatype is None:
+                raise InvalidConfigError(
+                    config.name,
+                    f"tensor '{t.name}' has a type tensorgate cannot serve ({mc.DataType.Name(t.data_type)})",
+                )
             return TensorSpec(
                 name=t.name,
                 datatype=datatype,

@@ -166,13 +166,14 @@ def decode_infer_request(
                 f"shape {list(shape)} has {count} elements, over the limit of {limits.max_tensor_elements} "
                 "(--max-tensor-elements)",
             )
-        if count == 0 and shape and max(shape) > limits.max_tensor_elements:
+        if count == 0 and math.prod(d for d in shape if d) > limits.max_tensor_elements:
             # Empty, yet no array can have this shape (numpy refuses it): say so rather than fail inside numpy.
             raise _limit_error(
                 model,
                 version,
                 name,
-                f"shape {list(shape)} has a dimension over the limit of {limits.max_tensor_elements} elements "
+                f"shape {list(shape)} is empty, but its other dimensions make more than the limit of "
+                f"{limits.max_tensor_elements} elements "
                 "(--max-tensor-elements)",
             )
         if raw is not None:

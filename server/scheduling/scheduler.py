@@ -139,6 +139,8 @@ class Scheduler:
         self._free = instances
         """Instances not running a batch; down to -instances while full batches wait staged for busy instances."""
         # One FIFO per priority level (index 0 = level 1), then the lane of requests delayed by timeout_action DELAY.
+        self._delayed_at = [0] * (policy.priority_levels + 1)
+        """Requests of each priority level (index = level) in the delayed lane, for max_queue_size."""
         self._lanes: list[collections.deque[_Pending]] = [
             collections.deque() for _ in range(policy.priority_levels + 1)
         ]
@@ -244,14 +246,18 @@ class Scheduler:
             lane.remove(pending)
         except ValueError:
             return False
-        self._queued -= 1
+        self._left_queue(pending)
         return True
+
+    def _left_queue(self, pending: _Pending) -> None:
+        self._queued -= 1
+        if pending.delayed:
+            self._delayed_at[pending.level] -= 1
 
     def _queued_at(self, level: int, lane: collections.deque[_Pending]) -> int:
         """Requests of a priority level waiting, those moved behind the others by timeout_action DELAY included:
         they still wait in this level's queue, as Triton counts them."""
-        delayed = self._lanes[-1]
-        return len(lane) + (sum(1 for p in delayed if p.level == level) if delayed else 0)
+        return len(lane) + self._delayed_at[level]
 
     def _deadline_passed(self, pending: _Pending) -> None:
         self._reject(pending, "the call's deadline")
@@ -265,6 +271,7 @@ class Scheduler:
                 pending.delayed = True
                 self._lanes[-1].append(pending)
                 self._queued += 1
+                self._delayed_at[pending.level] += 1
             return
         self._reject(pending, "queue timeout")
 
@@ -293,10 +300,10 @@ class Scheduler:
             for p in list(lane):
                 if p.future.done():
                     lane.remove(p)
-                    self._queued -= 1
+                    self._left_queue(p)
                 elif p.deadline is not None and now >= p.deadline:
                     lane.remove(p)
-                    self._queued -= 1
+                    self._left_queue(p)
                     p.future.set_exception(self._deadline_error())
                 else:
                     out.append(p)
@@ -338,7 +345,7 @@ class Scheduler:
                 chosen = [first]
             for p in chosen:
                 self._lanes[-1 if p.delayed else p.level - 1].remove(p)
-            self._queued -= len(chosen)
+                self._left_queue(p)
             self._start(_Batch(chosen))
         self._maybe_idle()
 
@@ -508,6 +515,7 @@ class Scheduler:
             if not p.future.done():
                 p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
         self._queued = 0
+        self._delayed_at = [0] * len(self._delayed_at)
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
         for _ in self._threads:
             self._work.put(None)  # each instance finishes its running batch, if any, then exits
