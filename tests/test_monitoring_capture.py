@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
-from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
+from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
 from tests.monitoring import digits_repository
+from tests.onnx_models import identity_model, write_config
 from tests.process import ServeProcess
 from tests.scraping import scrape
 from tests.serving import ServerThread
@@ -155,3 +156,51 @@ def test_retention_keeps_the_newest(digits: tuple[Path, np.ndarray, np.ndarray],
     finally:
         store.close()
     assert kept == ids[-5:]
+
+
+def _prediction(request_id: str, outputs: dict[str, np.ndarray], model: str = "m") -> Prediction:
+    return Prediction(request_id, model, "1", 1.0, None, outputs)
+
+
+def test_reused_ids_replace_rows_without_trimming_others(tmp_path: Path) -> None:
+    """A client that reuses ids replaces its own captures; it must not push real rows out of the retention window
+    (it used to empty the store, the replacement included)."""
+    store = PredictionStore(tmp_path / DB_NAME, retention=100)
+    out = {"y": np.zeros((1, 1), np.float32)}
+    store.insert([_prediction(f"id-{i}", out) for i in range(100)])
+    for _ in range(60):
+        store.insert([_prediction("id-7", out)])
+    store.insert([_prediction("id-3", out), _prediction("id-3", out), _prediction("new", out)])
+    kept = {p.id for p in store.predictions("m", None)}
+    assert len(kept) == 100
+    assert {"id-7", "id-3", "new"} <= kept and "id-0" not in kept
+    store.close()
+
+
+def test_text_and_bytes_outputs_are_stored_exactly(tmp_path: Path) -> None:
+    """Non-ASCII text (ONNX string outputs come back as str) and bytes with trailing NULs round-trip; one such
+    prediction used to fail its whole capture batch, other models' predictions included."""
+    store = PredictionStore(tmp_path / DB_NAME)
+    text = np.array([["café", "日本"]], dtype=object)
+    raw = np.array([[b"ab\x00\x00", b""]], dtype=object)
+    store.insert([_prediction("t", {"text": text, "raw": raw}), _prediction("n", {"y": np.ones((1, 2))}, "other")])
+    (got,) = store.predictions("m", None)
+    assert got.outputs["text"].tolist() == [["café".encode(), "日本".encode()]]
+    assert got.outputs["raw"].tolist() == [[b"ab\x00\x00", b""]]
+    assert len(store.predictions("other", None)) == 1
+    store.close()
+
+
+def test_a_model_without_a_batch_dimension_is_one_row_per_request(tmp_path: Path) -> None:
+    """max_batch_size 0: a request's first dimension is the model's own, so the request is one row (one label)."""
+    repo = tmp_path / "models"
+    identity_model(repo / "flat" / "1" / "model.onnx", "FP32", shape=(10,))
+    write_config(repo, "flat", "max_batch_size: 0\n")
+    with ServerThread(repo, data_dir=tmp_path / "data") as s, InferenceClient(s.address) as c:
+        result = c.infer("flat", {"INPUT0": np.arange(10, dtype=np.float32)})
+        c.submit_feedback_batch("flat", [(result.id, 3)])
+    store = PredictionStore(tmp_path / "data" / DB_NAME)
+    (captured,) = store.predictions("flat", None)
+    assert captured.outputs["OUTPUT0"].shape == (1, 10)
+    assert captured.label is not None
+    store.close()

@@ -27,7 +27,7 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.server.app import TensorgateServer
 from tensorgate.server.monitoring.monitor import MONITORING_FAMILIES, reference_markdown
-from tensorgate.server.monitoring.quality import TaskSpec, compute_quality
+from tensorgate.server.monitoring.quality import TaskSpec, TaskSpecError, compute_quality
 from tensorgate.server.monitoring.store import Prediction
 from tensorgate.server.telemetry.metrics import reference as metrics_reference
 from tests.monitoring import digits_repository
@@ -341,3 +341,58 @@ def test_drift_against_a_profile_of_the_first_requests(
     assert shifted.psi_max > same.psi_max
     assert shifted.drifted_share > same.drifted_share
     assert shifted.drifted
+
+
+# ----- odd windows and lifecycles (found by an audit, each once broke monitoring) ---------------------------------
+
+
+def test_a_labelled_request_without_the_prediction_output_is_skipped() -> None:
+    """One caller asked for other outputs only: its row is left out, not the whole model's quality."""
+    spec = TaskSpec.from_config(_config(tensorgate_task="classification", tensorgate_prediction_output="OUT"))
+    window = _window([np.array([[3]], np.int64)] * 4, [np.array([3.0]), np.array([3.0]), None, np.array([1.0])])
+    window.append(Prediction("other", "m", "1", 9.0, None, {"PROBS": np.zeros((1, 10), np.float32)}, np.array([3.0])))
+    report = compute_quality(spec, window)
+    assert report.rows == 3
+    assert report.metrics["accuracy"] == pytest.approx(2 / 3)
+    # When no labelled request has it, the spec names the wrong output: that is still an error.
+    with pytest.raises(TaskSpecError, match="was not captured"):
+        compute_quality(spec, window[-1:])
+
+
+def test_a_text_label_for_a_regression_model_is_skipped() -> None:
+    spec = TaskSpec.from_config(_config(tensorgate_task="regression"))
+    labels: list[np.ndarray | None] = [np.array([1.0]), np.array(["n/a"], dtype=object), np.array([3.0])]
+    report = compute_quality(spec, _window([np.array([[1.5]], np.float32)] * 3, labels))
+    assert report.rows == 2
+    assert report.metrics["mae"] == pytest.approx(1.0)
+
+
+def _with_rule(repo: Path, out: Path, rule: str) -> Path:
+    """A copy of the digits repository whose config adds the alert rule `coverage_low`."""
+    copy = shutil.copytree(repo, out)
+    config = copy / "digits" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + f'\nparameters {{ key: "tensorgate.alert.coverage_low" value: {{ string_value: "{rule}" }} }}\n'
+    )
+    return copy
+
+
+def test_label_coverage_alerts_fire_and_resolve_when_the_model_goes(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Coverage is judged on the predictions it is a share of (it never fired: it waited for labelled rows), and
+    an unloaded model's alerts resolve instead of firing for ever."""
+    repo, x, _ = digits
+    repo = _with_rule(repo, tmp_path / "models", "label_coverage < 0.5 min_samples=4")
+    served = ServerThread(
+        repo, data_dir=tmp_path / "data", monitor_interval_s=0.2, model_control_mode="explicit", load_model=["digits"]
+    )
+    with served, InferenceClient(served.address) as client:
+        _traffic(client, x, 40)  # no labels: coverage 0
+        assert _wait_for(lambda: [a.rule for a in client.alerts("digits")] == ["coverage_low"])
+        client.unload("digits")
+        assert _wait_for(lambda: client.alerts() == [])
+        monitor = served.app.monitor
+        assert monitor is not None
+        assert monitor.transitions[("digits", "coverage_low", "resolved")] == 1  # the webhook hears it too

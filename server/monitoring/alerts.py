@@ -274,6 +274,20 @@ class AlertEngine:
             self._dispatch(transition)
         return transitions
 
+    def resolve_all(self, now: float | None = None) -> list[AlertTransition]:
+        """Resolve every firing rule (its model version is no longer served); returns and dispatches them."""
+        timestamp = time.time() if now is None else now
+        with self._lock:
+            fired = list(self._firing.values())
+            self._firing.clear()
+            self._streak.clear()
+        transitions = [
+            AlertTransition(f.rule, f.model, f.version, "resolved", f.value, f.threshold, timestamp) for f in fired
+        ]
+        for transition in transitions:
+            self._dispatch(transition)
+        return transitions
+
     def active(self) -> list[AlertTransition]:
         """The firing transitions of the rules that have not resolved yet, oldest first."""
         with self._lock:

@@ -149,6 +149,10 @@ class Capture:
         if len(self._queue) >= self.queue_size:
             self.dropped += 1
             return
+        if config.max_batch_size <= 0:
+            # No batch axis: the whole request is one row (its first dimension is the model's own, not rows).
+            inputs = {name: a[None] for name, a in inputs.items()}
+            outputs = {name: a[None] for name, a in outputs.items()}
         self._queue.append((request_id, model, str(version), time.time(), inputs if settings.inputs else None, outputs))
 
     def flush(self, timeout: float = 10.0) -> bool:

@@ -238,13 +238,17 @@ class Monitor:
         """Compute quality and drift of each target, update the gauges and feed the alert engine (blocking)."""
         now = time.time() if now is None else now
         state = _State()
+        seen: set[tuple[str, str]] = set()
         for t in targets:
             key = (t.name, t.version)
+            seen.add(key)
+            quality: QualityReport | None = None
             try:
                 quality = self._quality(t, Window(), now)
             except TaskSpecError as exc:
                 log.warning("monitor: %s", exc)
-                quality = None
+            except Exception:  # noqa: BLE001 - quality of one model must not stop the others
+                log.exception("monitor: quality of model '%s' version %s failed", t.name, t.version)
             if quality is not None:
                 state.quality[key] = {m: v for m, v in quality.metrics.items() if m in QUALITY_METRICS}
             drift: DriftReport | None = None
@@ -262,11 +266,21 @@ class Monitor:
                 }
             engine = self._engine(t)
             if quality is not None and state.quality.get(key):
-                engine.evaluate(t.name, t.version, state.quality[key], quality.rows, now)
+                # Coverage is judged on the predictions it is a share of; the other metrics on labelled rows.
+                metrics = dict(state.quality[key])
+                if "label_coverage" in metrics:
+                    coverage = {"label_coverage": metrics.pop("label_coverage")}
+                    engine.evaluate(t.name, t.version, coverage, quality.predictions, now)
+                if metrics:
+                    engine.evaluate(t.name, t.version, metrics, quality.rows, now)
             if drift is not None:
                 values = {f"drift.{k}": v for k, v in state.drift[key].items() if k != "samples"}
                 engine.evaluate(t.name, t.version, values, int(drift.samples), now)
             state.firing[key] = {a.rule for a in engine.active() if a.model == t.name and a.version == t.version}
+        with self._lock:  # a version no longer served resolves its alerts instead of firing for ever
+            gone = {key: self._engines.pop(key) for key in list(self._engines) if key not in seen}
+        for cached in gone.values():
+            cached.engine.resolve_all(now)
         self.state = state
         self.evaluations += 1
 

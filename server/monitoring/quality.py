@@ -139,18 +139,35 @@ class QualityReport:
 
 
 def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], list[object]]:
-    """(true, predicted) per labelled row in window order; a label whose row count differs is skipped."""
+    """(true, predicted) per labelled row in window order. Skipped: a label whose row count differs, a request
+    that did not ask for the prediction output, and (regression) a label that is not a number. Only when no
+    labelled request has the output at all is that an error: then the task spec names the wrong output."""
     y_true: list[object] = []
     y_pred: list[object] = []
+    missing: TaskSpecError | None = None
+    found = False
     for p in window:
         if p.label is None:
             continue
-        predicted = predicted_values(spec, p.outputs)
+        try:
+            predicted = predicted_values(spec, p.outputs)
+        except TaskSpecError as exc:
+            missing = missing or exc
+            continue
+        found = True
         truth = np.asarray(p.label).reshape(-1)
         if truth.shape[0] != predicted.shape[0]:
             continue
+        if spec.task == "regression":
+            try:
+                truth = truth.astype(np.float64)
+                predicted = predicted.astype(np.float64)
+            except (TypeError, ValueError):
+                continue
         y_true.extend(truth.tolist())
         y_pred.extend(predicted.tolist())
+    if missing is not None and not found:
+        raise missing
     return y_true, y_pred
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorgate.protos.tensors import decode_bytes_tensor, encode_bytes_tensor
+
 __all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays"]
 
 DB_NAME = "tensorgate.sqlite3"
@@ -67,15 +69,17 @@ def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """name -> array as one blob: a text header (name, dtype, shape per array) and the raw bytes, C order.
 
     Not ``np.save``: its header costs ~10 us per array, which the capture writer would pay per request. BYTES
-    (object) arrays are stored as fixed-width ``bytes_`` arrays.
+    (object) arrays are stored as the V2 protocol sends them (each element length-prefixed, text as UTF-8), so that
+    any bytes survive, trailing NULs and non-ASCII text included; they read back as bytes.
     """
     header: list[str] = []
     bodies: list[bytes] = []
     for name, value in arrays.items():
         array = np.asarray(value)
         if array.dtype == object:
-            array = array.astype(np.bytes_)
-        data = np.ascontiguousarray(array).tobytes()
+            data = encode_bytes_tensor(array)
+        else:
+            data = np.ascontiguousarray(array).tobytes()
         header.append(f"{name}\t{array.dtype.str}\t{','.join(map(str, array.shape))}\t{len(data)}")
         bodies.append(data)
     head = "\n".join(header).encode()
@@ -90,7 +94,11 @@ def decode_arrays(blob: bytes) -> dict[str, np.ndarray]:
     for line in blob[4 : 4 + n].decode().split("\n") if n else []:
         name, dtype, shape, size = line.split("\t")
         dims = tuple(int(d) for d in shape.split(",")) if shape else ()
-        arrays[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=int(np.prod(dims)), offset=pos).reshape(dims)
+        count = int(np.prod(dims))
+        if dtype == "|O":
+            arrays[name] = decode_bytes_tensor(blob[pos : pos + int(size)], count).reshape(dims)
+        else:
+            arrays[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=count, offset=pos).reshape(dims)
         pos += int(size)
     return arrays
 
@@ -141,27 +149,44 @@ class PredictionStore:
             )
             for p in predictions
         ]
-        models = {p.model for p in predictions}
+        ids: dict[str, set[str]] = {}
+        for p in predictions:
+            ids.setdefault(p.model, set()).add(p.id)
         with self._lock:
             self._db.execute("BEGIN")
             try:
+                # A repeated id replaces its row rather than adding one: count only the ids not stored yet, or
+                # trimming would delete real rows (every one of them, with a client that reuses its ids).
+                added = {model: len(new) - self._stored(model, new) for model, new in ids.items()}
                 self._db.executemany(
                     "INSERT OR REPLACE INTO predictions (id, model, version, ts, inputs, outputs)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                for model in models:
-                    self._trim(model, sum(1 for p in predictions if p.model == model))
+                for model, count in added.items():
+                    self._trim(model, count)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def _stored(self, model: str, request_ids: set[str]) -> int:
+        """How many of these ids the model already has (through the unique (model, id) index)."""
+        found = 0
+        batch = sorted(request_ids)
+        for start in range(0, len(batch), 500):  # under SQLite's limit on bound parameters
+            chunk = batch[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found += self._db.execute(
+                f"SELECT COUNT(*) FROM predictions WHERE model = ? AND id IN ({marks})",  # noqa: S608 - only marks
+                (model, *chunk),
+            ).fetchone()[0]
+        return int(found)
+
     def _trim(self, model: str, added: int) -> None:
         """Delete the oldest rows beyond the retention limit, in O(rows deleted) through the (model, seq) index.
 
-        The count is kept in memory rather than re-counted per batch (COUNT(*) scans). A capture that replaced an
-        earlier one with the same id is counted as new, so trimming may remove a row early in that rare case.
+        The count is kept in memory rather than re-counted per batch (COUNT(*) scans); `added` counts new ids only.
         """
         rows = self._rows.get(model)
         if rows is None:
