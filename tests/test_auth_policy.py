@@ -561,3 +561,36 @@ def test_auth_probes_comes_from_the_environment(repo: Path, pki: Pki, policy_fil
         with secure_channel(server.address, pki.ca_path, pki.client("scorer")) as channel:
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         assert server.terminate() == 0
+
+
+def test_a_revoked_token_stops_working_on_a_stream_opened_with_it(repo: Path, tmp_path: Path) -> None:
+    """The identity of a stream is read when it opens; each later message checks that its bearer token still
+    names that identity, so revoking the token (a policy reload) shuts it out of open streams too."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(TOKEN_POLICY))
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with ServerThread(repo, auth_policy=path) as s, grpc.insecure_channel(s.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+        requests.put(add_sub_request())
+        replies = stub.ModelStreamInfer(iter(requests.get, None), metadata=metadata, timeout=60)
+        assert next(replies).error_message == ""
+
+        rotated = [{"sha256": hashlib.sha256(b"the-next-token").hexdigest(), "identity": "batch-job"}]
+        path.write_text(json.dumps({"rules": [BATCH_RULE], "tokens": rotated}))
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # bounded: the policy file is re-read about once a second
+            try:
+                stub.ModelInfer(add_sub_request(), metadata=metadata, timeout=5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the policy without the token never took effect")
+
+        requests.put(add_sub_request())
+        assert "bearer token is no longer valid" in next(replies).error_message
+        requests.put(None)
+        assert list(replies) == []

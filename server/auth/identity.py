@@ -23,6 +23,9 @@ ANONYMOUS = "anonymous"
 """The identity of a caller without a verified certificate (plaintext, or TLS without client certificates)."""
 
 CURRENT_IDENTITY: ContextVar[str] = ContextVar("tensorgate_identity", default=ANONYMOUS)
+CURRENT_TOKEN: ContextVar[str | None] = ContextVar("tensorgate_token", default=None)
+"""The SHA-256 of the bearer token the identity came from, if it came from one: a stream outlives policy
+reloads, so each of its messages checks that the token still names that identity."""
 
 
 def identity_of_certificate(cert: x509.Certificate) -> str | None:
@@ -56,4 +59,11 @@ def identity_of_auth_context(auth: Mapping[str, Iterable[bytes]]) -> str:
     return ANONYMOUS
 
 
-__all__ = ["ANONYMOUS", "CURRENT_IDENTITY", "identity_of_auth_context", "identity_of_certificate", "identity_of_pem"]
+__all__ = [
+    "ANONYMOUS",
+    "CURRENT_IDENTITY",
+    "CURRENT_TOKEN",
+    "identity_of_auth_context",
+    "identity_of_certificate",
+    "identity_of_pem",
+]

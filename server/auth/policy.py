@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY, identity_of_auth_context
+from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY, CURRENT_TOKEN, identity_of_auth_context
 from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, model_ref
 
 log = logging.getLogger(__name__)
@@ -328,11 +328,13 @@ class Authorizer:
         token = bearer_token(context.invocation_metadata())
         if token is None:
             raise UnauthenticatedError("this server needs 'authorization: Bearer <token>' metadata")
-        identity = policy.tokens.get(hashlib.sha256(token.encode()).hexdigest()) if token else None
+        digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
+        identity = policy.tokens.get(digest) if token else None
         if identity is None:
             self.denials[(ANONYMOUS, "invalid token")] += 1
             log.warning("refused a call with an invalid bearer token (%s)", policy.source)  # never the token
             raise UnauthenticatedError("invalid bearer token")
+        CURRENT_TOKEN.set(digest)  # in this call's own context, as CURRENT_IDENTITY is
         return identity
 
     def admit(self, identity: str) -> bool:
@@ -361,6 +363,12 @@ class Authorizer:
         if policy is None:
             return
         identity = CURRENT_IDENTITY.get()
+        digest = CURRENT_TOKEN.get()
+        if digest is not None and policy.tokens.get(digest) != identity:
+            # A stream opened with a token that a reloaded policy revoked (or gave to someone else) stops here.
+            self.denials[(identity, "revoked token")] += 1
+            log.warning("refused %s on a stream whose bearer token was revoked (%s)", rpc, policy.source)
+            raise UnauthenticatedError("the bearer token is no longer valid (the authorization policy changed)")
         if policy.allows(identity, RPC_GROUPS[rpc], model or None, version):
             return
         self.denials[(identity, rpc)] += 1
