@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import re
 import subprocess
 import time
@@ -117,11 +118,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         assert server.proc.wait(60) == 0
 
 
-def test_stream_open_at_sigterm_keeps_working_until_closed(repo: Path) -> None:
+def test_stream_open_at_sigterm_is_told_to_go_elsewhere_and_ends(repo: Path) -> None:
+    """After SIGTERM an open stream answers its next message with the shutting-down error (clients retry on another
+    replica) and ends, rather than taking work that the end of the grace period would cut off."""
     with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
         _wait_ready(server.address).close()
 
-        async def scenario() -> list[str]:
+        async def scenario() -> tuple[list[str], object]:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(timeout=60)
                 request = encode_infer_request("identity_fp32", [("INPUT0", np.ones((1, 4), np.float32))])
@@ -136,10 +139,11 @@ def test_stream_open_at_sigterm_keeps_working_until_closed(repo: Path) -> None:
                 reply = await stream.read()
                 errors.append(reply.error_message)
                 assert reply.infer_response.id == "after"
-                await stream.done_writing()
-                return errors
+                return errors, await stream.read()
 
-        assert asyncio.run(scenario()) == ["", ""]
+        errors, end = asyncio.run(scenario())
+        assert errors == ["", "the server is shutting down; retry on another replica"]
+        assert end is grpc.aio.EOF
         assert server.proc.wait(60) == 0
 
 
@@ -227,3 +231,37 @@ def test_reuse_port_needs_a_fixed_port(repo: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "reuse_port needs a fixed grpc_port" in result.stderr
+
+
+def test_a_stream_open_during_drain_refuses_new_work_and_ends(tmp_path: Path) -> None:
+    """Messages that reach an open stream after SIGTERM are refused (retry elsewhere) instead of being started and
+    then cut off at the end of the grace period; the stream ends once its running requests are answered, so the
+    server exits without waiting out its grace."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    write_config(repo, "slow", "max_batch_size: 256\n")
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "120"]
+    with ServeProcess(args) as server:
+        _wait_ready(server.address).close()
+        x = np.full((256, 512), 0.01, dtype=np.float32)
+        requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+        with grpc.insecure_channel(server.address) as channel:
+            replies = GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests.get, None), timeout=60)
+            requests.put(encode_infer_request("slow", [("INPUT0", x[:1])]))
+            assert next(replies).error_message == ""  # the stream is open and counted as a call in flight
+            first = encode_infer_request("slow", [("INPUT0", x)])
+            first.id = "before"
+            requests.put(first)
+            time.sleep(1.5)  # generous: the message reaches the server on loopback and starts (or even ends)
+            server.proc.terminate()
+            server.wait_for_line("refusing new calls")
+            late = encode_infer_request("slow", [("INPUT0", x)])
+            late.id = "during-drain"
+            requests.put(late)
+            answers = {r.infer_response.id: r for r in replies}  # ends when the server ends the stream
+            requests.put(None)
+        assert answers["before"].error_message == ""
+        assert decode_infer_response(answers["before"].infer_response)["OUTPUT0"].shape == (256, 512)
+        assert "shutting down" in answers["during-drain"].error_message
+        assert server.proc.wait(60) == 0
+        assert "grace period over" not in server.output

@@ -10,6 +10,8 @@ import asyncio
 
 from tensorgate.server.errors import ServerUnavailableError
 
+DRAINING = "the server is shutting down; retry on another replica"
+
 
 class DrainGate:
     """Created on the event loop; `enter()`/`exit()` bracket every RPC of the inference service."""
@@ -26,7 +28,7 @@ class DrainGate:
 
     def enter(self) -> None:
         if self.draining:
-            raise ServerUnavailableError("the server is shutting down; retry on another replica")
+            raise ServerUnavailableError(DRAINING)
         self._in_flight += 1
         self._idle.clear()
 

@@ -33,7 +33,7 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
-from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -48,6 +48,17 @@ FINAL_RESPONSE = "triton_final_response"
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
 Context = aio.ServicerContext[Any, Any]
+
+
+def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
+    """A stream's answer to one request that failed: the error travels in the message, the stream stays open."""
+    _, message = errors.status_of(exc, "ModelStreamInfer")
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -204,13 +215,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
             response = await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
-            _, message = errors.status_of(exc, "ModelStreamInfer")
-            return pb.ModelStreamInferResponse(
-                error_message=message,
-                infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                ),
-            )
+            return _stream_error(request, exc)
         final = request.parameters.get(FINAL_RESPONSE_REQUEST)
         if final is not None and final.bool_param:
             # As Triton does for a model that answers once: its only response is also the final one, marked so
@@ -235,6 +240,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    if self.gate.draining:
+                        # Shutting down: no new work on this stream, or the end of the grace period would cut it
+                        # off unanswered. This message is refused (retry elsewhere); the stream ends once the
+                        # requests it already runs are answered, so the drain need not wait out its grace.
+                        results.put_nowait(_stream_error(request, ServerUnavailableError(DRAINING)))
+                        break
                     task = asyncio.create_task(run(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
