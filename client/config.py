@@ -73,7 +73,9 @@ class RetryPolicy:
     """Opt-in retries with exponential backoff, done by gRPC itself from the channel's service config.
 
     Only codes that tensorgate answers *before* a request runs are retried: UNAVAILABLE (server starting or
-    draining, model not ready, connection refused) and RESOURCE_EXHAUSTED (the model's queue is full). A call
+    draining, model not ready, connection refused) and RESOURCE_EXHAUSTED (the model's queue is full). Where the
+    work was done before the error (a response over the server's size limit, a failed RepositoryModelLoad), the
+    server sends gRPC's retry pushback and the call is not retried either (``retry_safe`` is then False). A call
     that failed any other way (DEADLINE_EXCEEDED, INTERNAL, CANCELLED, ...) is never sent again, since the model
     may have run. gRPC also retries transparently, without this policy, a call that never left the client.
     Retries apply to the unary RPCs and the health check, not to ModelStreamInfer (a stream is not replayed).

@@ -66,10 +66,14 @@ class TensorgateClientError(Exception):
 
     code_default: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None, *, method: str = "") -> None:
+    def __init__(
+        self, details: str, code: grpc.StatusCode | None = None, *, method: str = "", ran: bool = False
+    ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.code_default
         self.details = details
         self.method = method
+        self.ran = ran
+        """The server said the work was done before it failed (gRPC retry pushback < 0): never send it again."""
         """The RPC that failed (e.g. "ModelInfer"), when known."""
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{self.code.name}: {details}")
@@ -77,7 +81,7 @@ class TensorgateClientError(Exception):
     @property
     def retry_safe(self) -> bool:
         """True when a retry may succeed and cannot make the server run the request twice."""
-        return self.code in _RETRY_SAFE
+        return self.code in _RETRY_SAFE and not self.ran
 
 
 class InvalidArgument(TensorgateClientError):
@@ -175,5 +179,8 @@ def from_rpc_error(exc: grpc.RpcError, method: str = "") -> TensorgateClientErro
     details_fn = getattr(exc, "details", None)
     code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
     details = (details_fn() if callable(details_fn) else None) or "(the server sent no details)"
+    trailing_fn = getattr(exc, "trailing_metadata", None)
+    trailing = (trailing_fn() if callable(trailing_fn) else None) or ()
+    ran = any(key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in trailing)
     cls = _BY_CODE.get(code, TensorgateClientError)
-    return cls(details, code, method=method)
+    return cls(details, code, method=method, ran=ran)

@@ -32,6 +32,9 @@ class TensorgateError(Exception):
     """Base class; `code` is the gRPC status the caller receives."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    ran: bool = False
+    """The work was done before the error (a response over the size limit, a load that failed): the caller is told
+    not to send it again, even for a code that is otherwise answered before anything runs."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -91,6 +94,7 @@ class UnauthenticatedError(TensorgateError):
 
 class ModelLoadError(TensorgateError):
     code = grpc.StatusCode.UNAVAILABLE
+    ran = True  # the load was attempted: sending RepositoryModelLoad again would only repeat it
 
     def __init__(self, model: str, version: str | int | None, reason: str) -> None:
         super().__init__(f"failed to load {model_ref(model, version)}: {reason}")

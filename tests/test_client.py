@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ from tests.onnx_models import (
     busy_model,
     identity_model,
     scale_model,
+    tile_model,
     write_config,
 )
 from tests.process import free_port
@@ -598,3 +600,23 @@ def test_mtls_against_tensorgate(pki: dict[str, Path], tmp_path: Path) -> None:
         with InferenceClient(s.address, tls=anonymous, timeout=WAIT, channel_options=OWN_CONNECTION) as c:
             with pytest.raises(Unavailable):
                 c.live()
+
+
+def test_work_already_done_is_not_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A response over the server's size limit (the model ran) and a failed RepositoryModelLoad (the load ran) come
+    with gRPC's retry pushback, so configured retries do not repeat the work, and `retry_safe` is False."""
+    repo = tmp_path / "models"
+    tile_model(repo / "tile" / "1" / "model.onnx", width=16, repeats=4096)  # [1, 16] in, 256 KiB out
+    identity_model(repo / "broken" / "1" / "model.onnx", "FP32")
+    write_config(repo, "broken", 'backend: "python"\n')
+    settings = {"max_message_bytes": 64 * 1024, "model_control_mode": "explicit", "load_model": ["tile"]}
+    with ServerThread(repo, **settings) as s, InferenceClient(s.address, timeout=WAIT, retry=FAST_RETRY) as c:
+        with pytest.raises(ResourceExhausted) as too_big:
+            c.infer("tile", {"INPUT0": np.ones((1, 16), np.float32)})
+        stats = c.statistics("tile").model_stats[0]
+        with caplog.at_level(logging.ERROR, logger="tensorgate"), pytest.raises(Unavailable) as load:
+            c.load("broken")
+    assert not too_big.value.retry_safe and "message limit" in too_big.value.details
+    assert stats.inference_count == 1  # ran once, not once per attempt
+    assert not load.value.retry_safe
+    assert sum("failed to load model 'broken'" in r.getMessage() for r in caplog.records) == 1

@@ -120,6 +120,10 @@ def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> No
     )
 
 
+NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+"""gRPC's server pushback (gRFC A6): a negative value stops a client's configured retries of this call."""
+
+
 def unary(
     fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]],
 ) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]]:
@@ -161,7 +165,7 @@ def unary(
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
-            await context.abort(status, message)
+            await context.abort(status, message, trailing_metadata=NO_RETRY if getattr(exc, "ran", False) else ())
             raise  # unreachable: abort raises
         finally:
             if access_log.isEnabledFor(logging.DEBUG):  # while span and identity are current: the line has both

@@ -148,10 +148,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             return
         size = msg.ByteSize()
         if size > self._max_message_bytes:
-            raise ResourceExhaustedError(
+            error = ResourceExhaustedError(
                 f"{model_ref(model, version)}: the response takes {size} bytes, over the server's message limit "
                 f"of {self._max_message_bytes} bytes"
             )
+            error.ran = True  # the model has run: a retry would run it again for the same refusal
+            raise error
 
     # Requests are counted for /metrics (tensorgate_inference_requests_total) once they are past the RPC boundary's
     # admission (drain, identity, authorization, in-flight cap): refusals there have their own counters.
