@@ -30,6 +30,19 @@ class UsageError(Exception):
     """A bad argument: printed as one line, exit status 2."""
 
 
+def unreachable_hint(args: argparse.Namespace, exc: TensorgateClientError) -> str:
+    """'cannot reach SERVER: ' only when the transport failed, not for a server that answered UNAVAILABLE (a model
+    not loaded, a drain); with TLS flags a dropped connection is likely a refused handshake, so say so."""
+    if exc.code.name != "UNAVAILABLE":
+        return ""
+    text = exc.details.lower()
+    if "failed to connect" not in text and "socket closed" not in text and "connection" not in text:
+        return ""
+    tls = any(getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    hint = " (TLS handshake refused? check --tls-ca/--tls-cert/--tls-key)" if tls else ""
+    return f"cannot reach {args.server}{hint}: "
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("infer", help="run one inference on a server and print the outputs as JSON")
     p.add_argument("model", help="model name")
@@ -153,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except TensorgateClientError as exc:
         details = " ".join(exc.details.split())  # one line, whatever the server sent
-        where = f"cannot reach {args.server}: " if exc.code.name == "UNAVAILABLE" else ""
-        print(f"{PROG}: {where}{exc.code.name}: {details}", file=sys.stderr)
+        print(f"{PROG}: {unreachable_hint(args, exc)}{exc.code.name}: {details}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # unreadable TLS files
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -281,6 +281,9 @@ def _run_health(args: argparse.Namespace) -> int:
     except TensorgateClientError as exc:
         print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as exc:  # unreadable TLS files: one line, as `tensorgate infer` says it
+        print(f"tensorgate health: {exc}", file=sys.stderr)
+        return 2
     print(f"{args.server}: {status}")
     return 0 if status == "SERVING" else 1
 

@@ -83,6 +83,28 @@ def test_server_down_is_one_clear_line() -> None:
     assert done.stderr.startswith(f"tensorgate infer: cannot reach {address}: UNAVAILABLE: ")
 
 
+def test_a_server_that_answers_unavailable_is_not_called_unreachable(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    add_sub_model(root / "add_sub" / "1" / "model.onnx")
+    with ServerThread(root, model_control_mode="explicit", load_model=[]) as s:
+        done = infer("add_sub", "--input", "INPUT0=[[1]]", "--server", s.address)
+    assert done.returncode == 1
+    assert done.stderr.startswith("tensorgate infer: UNAVAILABLE: ") and "not loaded" in done.stderr
+
+
+def test_health_with_an_unreadable_tls_file_is_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "ca.pem"
+    done = subprocess.run(
+        [TENSORGATE, "health", "--server", f"127.0.0.1:{free_port()}", "--tls-ca", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("tensorgate health: ")
+    assert "Traceback" not in done.stderr
+
+
 def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
     done = infer("add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--server", server.address)
     assert done.returncode == 1
