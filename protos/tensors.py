@@ -247,14 +247,31 @@ def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     KeyError for an unknown datatype.
     """
     out: dict[str, np.ndarray] = {}
-    if len(msg.raw_output_contents) != len(msg.outputs):
-        raise TensorFormatError(
-            f"response has {len(msg.outputs)} outputs but {len(msg.raw_output_contents)} raw_output_contents entries"
-        )
+    raw = msg.raw_output_contents
+    if len(raw) and len(raw) != len(msg.outputs):
+        raise TensorFormatError(f"response has {len(msg.outputs)} outputs but {len(raw)} raw_output_contents entries")
     for i, tensor in enumerate(msg.outputs):
         dt = BY_NAME[tensor.datatype]
+        shape = tuple(tensor.shape)
         try:
-            out[tensor.name] = decode_raw(msg.raw_output_contents[i], dt, tuple(tensor.shape))
+            if len(raw):
+                out[tensor.name] = decode_raw(raw[i], dt, shape)
+            else:  # the protocol also allows typed `contents` (MLServer answers that way)
+                out[tensor.name] = _decode_typed(tensor, dt, shape)
         except TensorFormatError as exc:
             raise TensorFormatError(f"output '{tensor.name}': {exc}") from exc
     return out
+
+
+def _decode_typed(tensor: pb.ModelInferResponse.InferOutputTensor, dt: DataType, shape: tuple[int, ...]) -> np.ndarray:
+    count = math.prod(shape)
+    if dt.contents_field is None:
+        raise TensorFormatError(f"{dt.name} travels only in raw_output_contents, and the response has none")
+    values = getattr(tensor.contents, dt.contents_field)
+    if len(values) != count:
+        raise TensorFormatError(f"{dt.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}")
+    if dt.name == "BYTES":
+        flat = np.empty(count, dtype=object)
+        flat[:] = list(values)
+        return flat.reshape(shape)
+    return np.asarray(values, dtype=dt.np_dtype).reshape(shape)

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
 from google.protobuf import descriptor_pb2, text_format
@@ -27,7 +28,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
 import tensorgate.protos as protos
-from tensorgate.protos import _pool, generate, service
+from tensorgate.protos import _pool, generate, service, tensors
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 
@@ -507,3 +508,20 @@ async def test_every_rpc_of_a_bare_servicer_is_unimplemented(make_servicer: Any)
                 assert spec.name in (caught.value.details() or ""), spec.name
     finally:
         await server.stop(None)
+
+
+def test_responses_with_typed_contents_decode() -> None:
+    """KServe V2 lets a server answer in typed `contents` instead of raw_output_contents (MLServer does)."""
+    msg = pb.ModelInferResponse(model_name="m")
+    y = msg.outputs.add(name="Y", datatype="FP32", shape=[1, 2])
+    y.contents.fp32_contents.extend([1.5, 2.5])
+    t = msg.outputs.add(name="T", datatype="BYTES", shape=[2])
+    t.contents.bytes_contents.extend([b"a", b"\x00b"])
+    out = tensors.decode_infer_response(msg)
+    np.testing.assert_array_equal(out["Y"], np.array([[1.5, 2.5]], np.float32))
+    assert out["Y"].dtype == np.float32
+    assert out["T"].tolist() == [b"a", b"\x00b"]
+    short = pb.ModelInferResponse()
+    short.outputs.add(name="Y", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1.0])
+    with pytest.raises(tensors.TensorFormatError, match="output 'Y': fp32_contents has 1 elements"):
+        tensors.decode_infer_response(short)

@@ -69,7 +69,8 @@ def percentile(sorted_values: np.ndarray, p: float) -> float:
     n = int(sorted_values.size)
     if n == 0:
         return math.nan
-    rank = max(1, math.ceil(p / 100.0 * n))
+    # Rounded first: 99.9 / 100 * 1000 is 999.0000000000001 in floating point, whose ceiling is one rank too high.
+    rank = max(1, math.ceil(round(p * n / 100.0, 9)))
     return float(sorted_values[min(rank, n) - 1])
 
 

@@ -15,6 +15,7 @@ that CPU is what the server loses. Open loop and streaming stay on grpc.aio, whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -205,8 +206,10 @@ class _LevelRun:
     def _record(self, t: float, done: float, code: str | None) -> None:
         if t < self.level.window_start:
             return
-        self.last_done = max(self.last_done, done)
         if code is None:
+            # Only answers mark the end of the window: one request that fails at its deadline, long after the
+            # level ended, would otherwise stretch the window and divide the throughput by it.
+            self.last_done = max(self.last_done, done)
             self.send_s.append(t - self.level.window_start)
             self.latency_us.append((done - t) * 1e6)
             self.counters[self.base + 1] += 1
@@ -335,7 +338,10 @@ class _LevelRun:
                 while True:
                     t = time.monotonic()
                     if not self._more(t) or not self._take(t):
-                        await call.done_writing()
+                        # A stream the server already broke (it went away) fails here with grpc's
+                        # ExecuteBatchError, not an AioRpcError: its failure is already counted.
+                        with contextlib.suppress(Exception):
+                            await call.done_writing()
                         return
                     try:
                         await call.write(self.request)
