@@ -30,6 +30,7 @@ from tensorgate.server.auth.identity import identity_of_auth_context, identity_o
 from tensorgate.server.auth.policy import DEFAULT_MTLS_POLICY, PolicyError, PolicyFile, load_policy, parse_policy
 from tests.pki import CHANNEL_OPTIONS, Pki, add_sub_request, identity_request, infer_add_sub, secure_channel
 from tests.process import TENSORGATE, ServeProcess
+from tests.scraping import scrape
 from tests.serving import ServerThread
 
 SCORER = certs.spiffe_id("scorer")
@@ -594,3 +595,7 @@ def test_a_revoked_token_stops_working_on_a_stream_opened_with_it(repo: Path, tm
         assert "bearer token is no longer valid" in next(replies).error_message
         requests.put(None)
         assert list(replies) == []
+        assert s.app.auth.denials[("batch-job", "revoked token")] == 1
+        metrics = scrape(f"http://127.0.0.1:{s.app.metrics_port}/metrics")
+        revoked = frozenset({("identity", "batch-job"), ("reason", "revoked_token"), ("rpc", "")})
+        assert metrics[("tensorgate_auth_denials_total", revoked)] == 1

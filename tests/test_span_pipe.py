@@ -4,6 +4,8 @@ End to end through a real OTLP receiver: tests/test_tracing.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
+from tensorgate.server.telemetry import span_pipe
 from tensorgate.server.telemetry.span_pipe import LightSpan, LightTracer, SpanPipe, SpanRecord, steps_record
 from tensorgate.server.telemetry.tracing import TracingSettings
 
@@ -284,3 +287,55 @@ def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str, m
     ((body, headers),) = received
     assert body == writer.write(records)
     assert headers["x-api-key"] == "k1"
+
+
+def test_an_exporter_stuck_on_a_down_collector_is_stopped_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the collector down every export waits out its retries; close() gives it CLOSE_TIMEOUT_S, then stops it
+    (it used to ignore SIGTERM, and the server process waited for it long after logging 'stopped')."""
+    monkeypatch.setattr(span_pipe, "CLOSE_TIMEOUT_S", 1.0)
+    pipe = SpanPipe(TracingSettings(otlp_endpoint="127.0.0.1:9", otlp_insecure=True))
+    pipe.tracer.start_span("waits").end()
+    time.sleep(0.5)  # shipped (every 0.1 s) and taken by the exporter, which is now retrying the dead collector
+    started = time.monotonic()
+    pipe.close()
+    assert not pipe._process.is_alive()  # noqa: SLF001
+    assert time.monotonic() - started < 15  # 1 s to finish, then SIGTERM (bounded by join timeouts)
+
+
+def test_the_exporter_ends_when_the_server_dies_without_closing_it() -> None:
+    """A server killed with SIGKILL cannot stop its exporter process; the exporter notices and ends by itself."""
+    script = (
+        "import sys, time\n"
+        "from tensorgate.server.telemetry.span_pipe import SpanPipe\n"
+        "from tensorgate.server.telemetry.tracing import TracingSettings\n"
+        "pipe = SpanPipe(TracingSettings(otlp_endpoint='127.0.0.1:9', otlp_insecure=True))\n"
+        "print(pipe._process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as server:
+        _kill_and_watch(server)
+
+
+def _kill_and_watch(server: subprocess.Popen[str]) -> None:
+    try:
+        assert server.stdout is not None
+        exporter = int(server.stdout.readline())
+        assert _alive(exporter)
+        server.kill()
+        server.wait(10)
+        deadline = time.monotonic() + 30
+        while _alive(exporter) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(exporter)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -216,7 +216,8 @@ AUTH_DENIALS = FamilySpec(
     "tensorgate_auth_denials_total",
     "counter",
     ("identity", "reason", "rpc"),
-    "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token or in_flight_limit",
+    "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token, revoked_token (a stream "
+    "whose bearer token a policy reload revoked) or in_flight_limit",
 )
 SPANS_DROPPED = FamilySpec(
     "tensorgate_trace_spans_dropped_total",
@@ -342,6 +343,8 @@ class _ServerCollector(Collector):
                 denials.add_metric([identity, "invalid_token", ""], n)
             elif what == "in-flight limit":
                 denials.add_metric([identity, "in_flight_limit", ""], n)
+            elif what == "revoked token":
+                denials.add_metric([identity, "revoked_token", ""], n)
             else:
                 denials.add_metric([identity, "policy", what], n)
         yield denials

@@ -61,6 +61,8 @@ EXPORT_CHUNK = 512
 """Spans per OTLP export request (the SDK's BatchSpanProcessor default)."""
 CLOSE_TIMEOUT_S = 30.0
 """On shutdown, how long the exporter process gets to send what is left."""
+PARENT_CHECK_S = 1.0
+"""How often an idle exporter process checks that the server is still alive (else it ends: no orphans)."""
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
@@ -359,6 +361,9 @@ class SpanPipe:
             log.warning("span export process did not finish in %.0f s; stopping it", CLOSE_TIMEOUT_S)
             self._process.terminate()
             self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
         self._queue.close()
         self._queue.cancel_join_thread()  # what the process did not read is gone with it
 
@@ -469,14 +474,20 @@ def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[Spa
     import signal
 
     # The server decides when this process ends (None on the queue, after its drain); Ctrl-C reaches the whole
-    # process group and must not cut the last export short.
+    # process group and must not cut the last export short. SIGTERM keeps its default: it is how the server stops
+    # an exporter that has not finished in time (a collector that is down makes every export wait).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     send, shutdown = _sender(settings)
+    parent = multiprocessing.parent_process()
     try:
         while True:
-            shipment = spans.get()
+            try:
+                shipment = spans.get(timeout=PARENT_CHECK_S)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    return  # the server died without saying so (SIGKILL): nothing more will come
+                continue
             if shipment is None:
                 return
             records = expand(shipment)
