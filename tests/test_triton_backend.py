@@ -15,6 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanContext, TraceFlags
+from tritonclient.utils import InferenceServerException
 
 from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -25,6 +26,7 @@ from tensorgate.server.backends.triton import TritonBackend
 from tensorgate.server.errors import DeadlineExceededError, ModelLoadError
 from tests.pki import Pki, secure_channel
 from tests.pytriton_upstream import TOKEN, TOKEN_HEADER, Upstream, unavailable_reason
+from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 
 _REASON = unavailable_reason()
@@ -342,3 +344,56 @@ def test_unreachable_upstream_fails_the_load(tmp_path: Path) -> None:
         index = client.get_model_repository_index(as_json=True)["models"]
         assert index[0]["state"] == "UNAVAILABLE"
         assert "upstream Triton 127.0.0.1:1 (model 'add_sub')" in index[0]["reason"]
+
+
+# ----- what a real Triton can answer, scripted (tests/scripted_upstream.py) -------------------------------------
+
+
+def _scripted_front(root: Path, url: str, *extra: str) -> None:
+    write_remote(
+        root, "front", url, 'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }', *extra
+    )
+
+
+def test_an_upstream_with_a_full_queue_leaves_the_model_ready(tmp_path: Path) -> None:
+    """Triton answers UNAVAILABLE when its queue is full; the upstream is there, so tensorgate must not report the
+    model (and the server) not ready, which would make load balancers pull the replica under load."""
+    x = np.ones((1, 2), np.float32)
+    with ScriptedUpstream() as up:
+        _scripted_front(tmp_path / "models", up.url)
+        with ServerThread(tmp_path / "models") as s:
+            client = tc.InferenceServerClient(s.address)
+            try:
+                up.script.error = (grpc.StatusCode.UNAVAILABLE, "Exceeds maximum queue size")
+                with pytest.raises(InferenceServerException) as info:
+                    client.infer("front", [_input(x)])
+                assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+                assert "Exceeds maximum queue size" in str(info.value.message())
+                assert client.is_model_ready("front") and client.is_server_ready()
+            finally:
+                client.close()
+
+
+def test_a_callers_deadline_longer_than_timeout_s_is_honoured(tmp_path: Path) -> None:
+    """tensorgate.triton.timeout_s limits calls without a deadline; a caller that allows longer gets longer."""
+    x = np.ones((1, 2), np.float32)
+    with ScriptedUpstream() as up:
+        _scripted_front(
+            tmp_path / "models",
+            up.url,
+            'parameters { key: "tensorgate.triton.timeout_s" value { string_value: "0.5" } }',
+        )
+        with ServerThread(tmp_path / "models") as s:
+            client = tc.InferenceServerClient(s.address)
+            try:
+                up.script.delay_s = 1.0
+                result = client.infer("front", [_input(x)], client_timeout=10)
+                np.testing.assert_array_equal(result.as_numpy("Y"), x)
+            finally:
+                client.close()
+
+
+def _input(x: np.ndarray) -> tc.InferInput:
+    item = tc.InferInput("X", list(x.shape), "FP32")
+    item.set_data_from_numpy(x)
+    return item

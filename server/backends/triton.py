@@ -284,9 +284,9 @@ class TritonBackend:
     ) -> dict[str, np.ndarray]:
         """One upstream ModelInfer for the whole batch; tensors travel as raw contents both ways."""
         s = self.settings
-        timeout = s.timeout_s
+        timeout = s.timeout_s  # the limit for a caller without a deadline; a caller's own deadline wins
         if context.deadline is not None:
-            timeout = min(timeout, context.deadline - time.monotonic() - s.deadline_margin_s)
+            timeout = context.deadline - time.monotonic() - s.deadline_margin_s
             if timeout <= 0:
                 raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
         infer_inputs = []
@@ -444,9 +444,20 @@ class TritonBackend:
             if status == "StatusCode.RESOURCE_EXHAUSTED":
                 raise ResourceExhaustedError(f"{ref}: {self._where}: {message}") from exc
             if status in _UNAVAILABLE:
-                self._ready = False
+                if status != "StatusCode.UNAVAILABLE" or _unreachable(message):
+                    # Gone or unreachable: not ready until the watcher sees it back. An upstream that answers
+                    # UNAVAILABLE itself (its queue is full, say) is still there, and stays ready.
+                    self._ready = False
                 raise ModelUnavailableError(self._model, self._version, f"{self._where}: {message}") from exc
             raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
+
+
+def _unreachable(message: str) -> bool:
+    """Whether an UNAVAILABLE came from the transport (no connection) rather than from the upstream server."""
+    text = message.lower()
+    return any(
+        words in text for words in ("failed to connect", "connection refused", "socket closed", "connect failed")
+    )
 
 
 def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batch_size_given: bool) -> None:

@@ -1,0 +1,93 @@
+"""A small upstream speaking the V2 protocol over a real grpc.aio server on loopback, whose answers a test scripts:
+a delay and an error status for ModelInfer. For the remote backend's reactions to what a real Triton can answer
+(its queue full, a slow model) without starting one; tests/pytriton_upstream.py runs the real thing.
+
+Model "m": X FP32 [-1, 2] -> Y = X, max_batch_size 8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from tensorgate.protos import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
+
+
+class _Servicer(GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+        self.error: tuple[grpc.StatusCode, str] | None = None
+        self.calls = 0
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=["1"],
+            platform="scripted",
+            inputs=[tensor(name="X", datatype="FP32", shape=[-1, 2])],
+            outputs=[tensor(name="Y", datatype="FP32", shape=[-1, 2])],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=mc.ModelConfig(name=request.name, max_batch_size=8))
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            await context.abort(*self.error)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        response.outputs.add(name="Y", datatype="FP32", shape=list(request.inputs[0].shape))
+        response.raw_output_contents.append(request.raw_input_contents[0])
+        return response
+
+
+class ScriptedUpstream:
+    """`with ScriptedUpstream() as up:` serves on `up.url`; set `up.script.delay_s` / `up.script.error`."""
+
+    def __init__(self) -> None:
+        self.script = _Servicer()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="scripted-upstream", daemon=True)
+        self._server: aio.Server | None = None
+        self.url = ""
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    def __enter__(self) -> ScriptedUpstream:
+        self._thread.start()
+
+        async def start() -> int:
+            self._server = aio.server()
+            add_GRPCInferenceServiceServicer_to_server(self.script, self._server)
+            port = self._server.add_insecure_port("127.0.0.1:0")
+            await self._server.start()
+            return port
+
+        self.url = f"127.0.0.1:{self._run(start())}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._run(self._server.stop(None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
