@@ -444,21 +444,27 @@ def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Coll
         stub.ModelInfer(secret_request(), metadata=[("traceparent", caller.traceparent)], timeout=10)
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(secret_request("missing"), timeout=10)
+        streamed = secret_request()
+        streamed.id = "stream-7"
+        assert [r.error_message for r in stub.ModelStreamInfer(iter([streamed]), timeout=10)] == [""]
         channel.close()
         proc.wait_for_line("status=NOT_FOUND")
+        proc.wait_for_line("id=stream-7")
     finally:
         proc.terminate()
         proc.__exit__()
     records = [json.loads(line) for line in proc.lines if line.startswith("{")]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     access = [r for r in records if r["logger"] == "tensorgate.access"]
-    ok = [r for r in access if "model=identity_fp32" in r["message"]]
+    ok = [r for r in access if r["message"].startswith("ModelInfer model=identity_fp32")]
     assert len(ok) == 1
     assert ok[0]["trace_id"] == caller.trace_id
     assert ok[0]["level"] == "DEBUG"
     assert "id=req-42" in ok[0]["message"] and "status=OK" in ok[0]["message"]
     assert "latency_ms=" in ok[0]["message"]
     assert any("model=missing" in r["message"] and "status=NOT_FOUND" in r["message"] for r in access)
+    # A stream's messages name their model as ModelInfer's do.
+    assert any(r["message"].startswith("ModelStreamInfer model=identity_fp32 version=- id=stream-7") for r in access)
     assert str(SECRET) not in proc.output
 
 

@@ -107,8 +107,9 @@ def request_attributes(rpc: str, request: object) -> dict[str, str]:
 
 
 def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> None:
-    """One debug line per call: who asked for what, how it ended and how long it took; never the payload."""
-    model, version = model_of(rpc, request) or ("", "")
+    """One debug line per call: who asked for what, how it ended and how long it took; never the payload. A
+    stream's messages are ModelInferRequests, named as ModelInfer's are."""
+    model, version = model_of("ModelInfer" if rpc == "ModelStreamInfer" else rpc, request) or ("", "")
     access_log.debug(
         "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
         rpc,
