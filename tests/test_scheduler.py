@@ -744,3 +744,51 @@ async def test_e2e_other_models_are_served_while_one_is_busy(e2e_server: ServerT
             np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b)
         assert not all(t.done() for t in hog), "add_sub waited for the busy model"
         await asyncio.wait_for(asyncio.gather(*hog), 3 * WAIT)
+
+
+# ----- model code that misbehaves (found by an audit) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), StopIteration()], ids=lambda e: type(e).__name__)
+async def test_a_model_raising_a_base_exception_fails_its_callers_only(make: Factory, error: BaseException) -> None:
+    """SystemExit or KeyboardInterrupt raised in a caller's task would stop the event loop, and a future refuses
+    StopIteration (the batch went unanswered): callers get a BackendError naming the model, the next batch runs."""
+    calls = []
+
+    def model(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return {"Y": inputs["X"] * 2}
+
+    s, _, _ = make(None, fn=model)
+    with pytest.raises(BackendError) as info:
+        await asyncio.wait_for(infer(s, 1), WAIT)
+    assert "'m'" in info.value.message and type(error).__name__ in info.value.message
+    await asyncio.wait_for(infer(s, 2), WAIT)
+
+
+async def test_the_delay_counts_from_the_oldest_request(make: Factory, gate: Gate) -> None:
+    """A later request of higher priority at the front of the queue must not restart the queue-delay clock of
+    one that has waited longer (Triton counts from the oldest)."""
+    s, _, _ = make("max_queue_delay_microseconds: 1000000 priority_levels: 2 default_priority_level: 2")
+    started = time.monotonic()
+    low = spawn(infer(s, 1))
+    await asyncio.sleep(0.8)
+    high = spawn(infer(s, 2, priority=1))
+    gate.open()
+    await gather(low, high)
+    assert gate.requests == [[2, 1]]
+    assert time.monotonic() - started < 1.5  # 1 s from the first request; 1.8 s if the second restarted the clock
+
+
+async def test_a_lone_request_is_checked_for_its_rows_too(make: Factory) -> None:
+    """A model that answers more rows than it was given fails the request alone as it would in a batch."""
+
+    def extra_row(inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        x = inputs["X"]
+        return {"Y": np.concatenate([x, x[:1]])}
+
+    s, _, _ = make(None, fn=extra_row)
+    with pytest.raises(BackendError, match="batched output is malformed"):
+        await asyncio.wait_for(infer(s, 1, rows=2), WAIT)

@@ -97,23 +97,23 @@ class InferenceHandler:
                 timeout_us=_int_parameter(req, "timeout", version),
                 span=None if span is None else Tracing.context_of(span),
             )
+            schema = model.schema
+            response = InferResponse(
+                model=model.name,
+                version=version,
+                id=req.id,
+                outputs=[
+                    (
+                        name,
+                        schema.outputs[name].datatype.name,
+                        reshape_out(results[name], schema.outputs[name], schema.max_batch_size),
+                    )
+                    for name in outputs
+                ],
+            )
         except Exception:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
-        schema = model.schema
-        response = InferResponse(
-            model=model.name,
-            version=version,
-            id=req.id,
-            outputs=[
-                (
-                    name,
-                    schema.outputs[name].datatype.name,
-                    reshape_out(results[name], schema.outputs[name], schema.max_batch_size),
-                )
-                for name in outputs
-            ],
-        )
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         if self.capture is not None:
             self.capture.submit(model.name, model.version, model.config, req.id, inputs, results)

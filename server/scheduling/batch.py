@@ -57,14 +57,19 @@ def stack_inputs(requests: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
 
 
 def split_outputs(
-    outputs: Mapping[str, np.ndarray], rows: Sequence[int], wanted: Sequence[Sequence[str]]
+    outputs: Mapping[str, np.ndarray],
+    rows: Sequence[int],
+    wanted: Sequence[Sequence[str]],
+    batch_dimension: bool = True,
 ) -> list[dict[str, np.ndarray]]:
     """Cut batch outputs back into per-request views (no copies), each with only the outputs it asked for.
 
     Raises ValueError when an output's first dimension does not add up to the rows sent: the model broke the
-    batching contract, and every request of the batch must fail rather than get someone else's rows.
+    batching contract, and every request of the batch must fail rather than get someone else's rows. A lone
+    request is checked too when the model has a batch dimension (`batch_dimension`); without one, its outputs'
+    first dimension is the model's own.
     """
-    if len(rows) == 1:
+    if len(rows) == 1 and not batch_dimension:
         return [{name: outputs[name] for name in wanted[0]}]
     total = sum(rows)
     for name, array in outputs.items():

@@ -38,6 +38,8 @@ class SchedulingPolicy:
     default_priority: int
     queue_policies: tuple[QueuePolicy, ...]
     """One per priority level, index 0 = level 1 (the highest)."""
+    batch_dimension: bool = True
+    """The model's tensors start with a batch dimension (max_batch_size > 0): outputs have one row per input row."""
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> SchedulingPolicy:
@@ -72,4 +74,5 @@ class SchedulingPolicy:
             priority_levels=levels,
             default_priority=default,
             queue_policies=policies,
+            batch_dimension=config.max_batch_size > 0,
         )

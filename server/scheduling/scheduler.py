@@ -328,7 +328,9 @@ class Scheduler:
             first = queue[0]
             if policy.batching:
                 same = [p for p in queue if p.shape_key == first.shape_key]
-                waited = time.perf_counter_ns() - first.enqueued_ns
+                # The delay counts from the oldest request that could go (as Triton's does): a later request of
+                # higher priority at the front must not restart the clock of one that has waited longer.
+                waited = time.perf_counter_ns() - min(p.enqueued_ns for p in same)
                 count = plan_batch(
                     [p.rows for p in same],
                     policy.max_batch_size,
@@ -391,7 +393,13 @@ class Scheduler:
                 if batch.requests:
                     self._execute(batch)
             except BaseException as exc:  # noqa: BLE001 - every error goes back to the batch's callers
-                batch.error = exc
+                if isinstance(exc, Exception) and not isinstance(exc, StopIteration | StopAsyncIteration):
+                    batch.error = exc
+                else:
+                    # SystemExit, KeyboardInterrupt... from model code would stop the event loop once raised in a
+                    # caller's task, and a future refuses StopIteration (the batch would go unanswered): the
+                    # callers get an error that names the model instead.
+                    batch.error = BackendError(self._model, self._version, f"the model raised {type(exc).__name__}")
             try:
                 self._loop.call_soon_threadsafe(self._finish, batch)
             except RuntimeError:  # the loop is closed: the server is gone, nobody waits for this batch
@@ -421,7 +429,12 @@ class Scheduler:
             batch.outputs = self._backend.execute(inputs, wanted, context)
         t2 = time.perf_counter_ns()
         try:
-            batch.results = split_outputs(batch.outputs, [p.rows for p in requests], [p.outputs for p in requests])
+            batch.results = split_outputs(
+                batch.outputs,
+                [p.rows for p in requests],
+                [p.outputs for p in requests],
+                self._policy.batch_dimension,
+            )
         except ValueError as exc:
             raise BackendError(self._model, self._version, f"batched output is malformed: {exc}") from exc
         batch.outputs = {}
