@@ -69,12 +69,13 @@ def split_outputs(
     request is checked too when the model has a batch dimension (`batch_dimension`); without one, its outputs'
     first dimension is the model's own.
     """
-    if len(rows) == 1 and not batch_dimension:
-        return [{name: outputs[name] for name in wanted[0]}]
     total = sum(rows)
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != total:
-            raise ValueError(f"output '{name}' has shape {list(array.shape)}, expected {total} rows")
+    if len(rows) > 1 or batch_dimension:
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise ValueError(f"output '{name}' has shape {list(array.shape)}, expected {total} rows")
+    if len(rows) == 1:  # the arrays as they are: no slicing for the common unbatched case
+        return [{name: outputs[name] for name in wanted[0]}]
     result: list[dict[str, np.ndarray]] = []
     start = 0
     for n, names in zip(rows, wanted, strict=True):
