@@ -29,6 +29,7 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY client/ client/
 COPY protos/ protos/
+COPY benchmarks/loadtest/ benchmarks/loadtest/
 # The requirements file names the wheel with its extra, so later stages need not know the version.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && for extra in cpu gpu; do printf '%s[%s]\n' /wheels/tensorgate-*.whl "$extra" > "/wheels/requirements-$extra.txt"; done

@@ -7,6 +7,7 @@ on 8001.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -153,3 +154,32 @@ def test_healthcheck_under_policy_probes_needs_an_identity_with_health(repo: Pat
             )
             assert result.returncode == code, result.stderr
         assert "PERMISSION_DENIED" in result.stderr
+
+
+def test_the_builder_stage_copies_everything_the_wheel_needs(tmp_path: Path) -> None:
+    """The builder builds the wheel from what its COPY lines bring: build one from exactly those paths (without
+    docker). A package the pyproject maps from a folder the stage does not copy fails here, as it would in
+    `docker build`."""
+    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("wheel") is None:
+        pytest.skip("building without isolation needs setuptools and wheel in this environment")
+    builder = DOCKERFILE.read_text().split(" AS builder", 1)[1].split("\nFROM ", 1)[0]
+    root = DOCKERFILE.parent
+    context = tmp_path / "context"
+    for line in builder.splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = shlex.split(line)[1:]
+            for source in sources:
+                src = root / source.rstrip("/")
+                dst = context / source.rstrip("/")
+                if src.is_dir():
+                    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, dst)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+         str(tmp_path / "wheels"), "."],
+        cwd=context, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "wheels").glob("tensorgate-*.whl"))
