@@ -181,10 +181,13 @@ class TensorgateServer:
         add_files(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
         reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
-        if self.tls is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, self.tls.server_credentials())
+        try:
+            if self.tls is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, self.tls.server_credentials())
+        except RuntimeError as exc:  # grpcio's words for a port in use or an address it cannot parse
+            raise OSError(f"could not bind {address}: {exc}") from exc
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -30,7 +30,7 @@ def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
     try:
         return convert(raw)
     except ValueError as exc:
-        raise SystemExit(f"tensorgate: TENSORGATE_{name.upper()}={raw!r}: {exc}") from exc
+        raise SystemExit(f"tensorgate: TENSORGATE_{name.upper().replace('-', '_')}={raw!r}: {exc}") from exc
 
 
 def _flag(text: str) -> bool:
@@ -72,7 +72,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--load-model",
         action="append",
-        default=_env("load-model", [], lambda v: [x for x in v.split(",") if x]),
+        default=None,  # None: no flag given, and TENSORGATE_LOAD_MODEL applies (a flag replaces it, not adds)
         help="model to load at start in explicit mode; repeatable, '*' for all "
         "[env TENSORGATE_LOAD_MODEL, comma-separated]",
     )
@@ -211,7 +211,11 @@ def _run_serve(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             reuse_port=args.reuse_port,
             model_control_mode=args.model_control_mode,
-            load_model=list(args.load_model),
+            load_model=list(
+                args.load_model
+                if args.load_model is not None
+                else _env("load-model", [], lambda v: [x for x in v.split(",") if x])
+            ),
             repository_poll_secs=args.repository_poll_secs,
             default_max_batch_size=args.default_max_batch_size,
             max_message_bytes=args.max_message_bytes,

@@ -12,6 +12,10 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
 
 
+_MAX_GRPC_SECONDS = 2_147_483
+"""gRPC takes keepalive times as int32 milliseconds: longer ones overflow when the server starts."""
+
+
 @dataclass(slots=True)
 class ServerSettings:
     model_repository: Path
@@ -101,6 +105,16 @@ class ServerSettings:
             raise ValueError(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.reuse_port and self.grpc_port == 0:
             raise ValueError("reuse_port needs a fixed grpc_port: with port 0 every process gets a port of its own")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s"):
+            value = getattr(self, name)
+            if not 0 < value <= _MAX_GRPC_SECONDS:
+                raise ValueError(f"{name} must be in (0, {_MAX_GRPC_SECONDS}] seconds, got {value}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
+        if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
+            raise ValueError(f"alert_webhook must be an http:// or https:// URL, got {self.alert_webhook!r}")
         if self.default_max_batch_size < 0:
             raise ValueError(f"default_max_batch_size must be >= 0, got {self.default_max_batch_size}")
         if self.repository_poll_secs <= 0:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -265,3 +267,51 @@ def test_a_stream_open_during_drain_refuses_new_work_and_ends(tmp_path: Path) ->
         assert "shutting down" in answers["during-drain"].error_message
         assert server.proc.wait(60) == 0
         assert "grace period over" not in server.output
+
+
+def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
+    env = {"TENSORGATE_LOAD_MODEL": "identity_fp32"}
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--model-control-mode", "explicit"]
+    with ServeProcess([*args, "--load-model", "add_sub"], env=env) as server:
+        client = _wait_ready(server.address)
+        assert client.is_model_ready("add_sub") and not client.is_model_ready("identity_fp32")
+        client.close()
+        assert server.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        pytest.param(["--log-level", "verbose"], {}, "log_level must be", id="log-level"),
+        pytest.param(["--keepalive-time-s", "3000000"], {}, "keepalive_time_s must be in", id="keepalive-overflow"),
+        pytest.param(["--shutdown-grace-s", "-5"], {}, "shutdown_grace_s must be >= 0", id="negative-grace"),
+        pytest.param([], {"TENSORGATE_GRPC_PORT": "abc"}, "TENSORGATE_GRPC_PORT='abc'", id="env-name"),
+    ],
+)
+def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env: dict[str, str], words: str) -> None:
+    done = subprocess.run(
+        [TENSORGATE, "serve", "--model-repository", str(repo), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert done.returncode != 0
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_stops_with_one_line(repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [TENSORGATE, "serve", "--model-repository", str(repo), "--grpc-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"could not bind 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
