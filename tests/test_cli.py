@@ -90,7 +90,7 @@ def test_sigterm_while_models_load_stops_without_waiting_for_them(tmp_path: Path
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     """A request accepted before SIGTERM is answered; the server then exits 0 and refuses new work."""
     repo = tmp_path / "models"
-    slow_model(repo / "slow" / "1" / "model.onnx")
+    slow_model(repo / "slow" / "1" / "model.onnx", repeats=2400)  # 100x the default: seconds per call
     write_config(repo, "slow", "max_batch_size: 256\ninstance_group [{ kind: KIND_CPU count: 1 }]\n")
     slow_model(repo / "fast" / "1" / "model.onnx", size=8, repeats=1)
     with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "60"]) as server:
@@ -104,6 +104,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
                 slow_call = stub.ModelInfer(encode_infer_request("slow", [("INPUT0", x)]), timeout=120)
                 fast = encode_infer_request("fast", [("INPUT0", np.ones((1, 8), np.float32))])
                 await stub.ModelInfer(fast, timeout=30)
+                # The slow request's 512 KiB may still be arriving after the small fast call has returned (it then
+                # counts as new work, refused once the drain starts): give it a generous moment to be accepted.
+                await asyncio.sleep(1.0)
                 server.proc.terminate()  # SIGTERM while `slow` is being computed
                 server.wait_for_line("refusing new calls")
                 refused: grpc.StatusCode | None = None
