@@ -36,6 +36,7 @@ __all__ = [
     "TensorLimitError",
     "config_type_name",
     "decode_bytes_tensor",
+    "decode_contents",
     "decode_infer_response",
     "decode_raw",
     "encode_array",
@@ -257,21 +258,39 @@ def decode_infer_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
             if len(raw):
                 out[tensor.name] = decode_raw(raw[i], dt, shape)
             else:  # the protocol also allows typed `contents` (MLServer answers that way)
-                out[tensor.name] = _decode_typed(tensor, dt, shape)
+                out[tensor.name] = decode_contents(tensor.contents, dt, shape, raw_field="raw_output_contents")
         except TensorFormatError as exc:
             raise TensorFormatError(f"output '{tensor.name}': {exc}") from exc
     return out
 
 
-def _decode_typed(tensor: pb.ModelInferResponse.InferOutputTensor, dt: DataType, shape: tuple[int, ...]) -> np.ndarray:
-    count = math.prod(shape)
+def decode_contents(
+    contents: pb.InferTensorContents,
+    dt: DataType,
+    shape: tuple[int, ...],
+    *,
+    raw_field: str,
+    max_element_bytes: int | None = None,
+) -> np.ndarray:
+    """One tensor's typed `contents` (the protocol's alternative to raw contents) as an array of `shape`.
+
+    `raw_field` names where a type without a typed field must travel instead, for the message. Raises
+    TensorFormatError, or TensorLimitError for a BYTES element longer than `max_element_bytes`.
+    """
     if dt.contents_field is None:
-        raise TensorFormatError(f"{dt.name} travels only in raw_output_contents, and the response has none")
-    values = getattr(tensor.contents, dt.contents_field)
+        raise TensorFormatError(f"{dt.name} data must be sent in {raw_field}")
+    values = getattr(contents, dt.contents_field)
+    count = math.prod(shape)
     if len(values) != count:
         raise TensorFormatError(f"{dt.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}")
     if dt.name == "BYTES":
+        longest = max(map(len, values), default=0)
+        if max_element_bytes is not None and longest > max_element_bytes:
+            raise TensorLimitError(f"a BYTES element has {longest} bytes, over the limit of {max_element_bytes}")
         flat = np.empty(count, dtype=object)
         flat[:] = list(values)
         return flat.reshape(shape)
-    return np.asarray(values, dtype=dt.np_dtype).reshape(shape)
+    try:
+        return np.asarray(values, dtype=dt.np_dtype).reshape(shape)
+    except OverflowError as exc:
+        raise TensorFormatError(f"value out of range for {dt.name}") from exc

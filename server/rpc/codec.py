@@ -7,10 +7,11 @@ The tensor wire format itself (raw contents as `np.frombuffer` views, BYTES fram
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,18 @@ def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, ten
 encode_bytes_tensor = tensors.encode_bytes_tensor
 
 
+@contextlib.contextmanager
+def _tensor_errors(model: str, version: str, name: str) -> Iterator[None]:
+    """The wire format's errors for one input tensor, as the caller's status: over a limit is RESOURCE_EXHAUSTED
+    naming the flag, anything else malformed INVALID_ARGUMENT."""
+    try:
+        yield
+    except tensors.TensorLimitError as exc:
+        raise _limit_error(model, version, name, f"{exc} (--max-bytes-element)") from exc
+    except tensors.TensorFormatError as exc:
+        raise InvalidRequestError(model, version, str(exc), tensor=name) from exc
+
+
 def _decode_raw(
     raw: bytes,
     dt: datatypes.DataType,
@@ -69,12 +82,8 @@ def _decode_raw(
     name: str,
     limits: RequestLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
-    try:
+    with _tensor_errors(model, version, name):
         return tensors.decode_raw(raw, dt, shape, limits.max_bytes_element)
-    except tensors.TensorLimitError as exc:
-        raise _limit_error(model, version, name, f"{exc} (--max-bytes-element)") from exc
-    except tensors.TensorFormatError as exc:
-        raise InvalidRequestError(model, version, str(exc), tensor=name) from exc
 
 
 def _decode_contents(
@@ -85,36 +94,10 @@ def _decode_contents(
     version: str,
     limits: RequestLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
-    if dt.contents_field is None:
-        raise InvalidRequestError(
-            model, version, f"{dt.name} data must be sent in raw_input_contents", tensor=tensor.name
+    with _tensor_errors(model, version, tensor.name):
+        return tensors.decode_contents(
+            tensor.contents, dt, shape, raw_field="raw_input_contents", max_element_bytes=limits.max_bytes_element
         )
-    values = getattr(tensor.contents, dt.contents_field)
-    count = math.prod(shape)
-    if len(values) != count:
-        raise InvalidRequestError(
-            model,
-            version,
-            f"{dt.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}",
-            tensor=tensor.name,
-        )
-    if dt.name == "BYTES":
-        longest = max(map(len, values), default=0)
-        if longest > limits.max_bytes_element:
-            raise _limit_error(
-                model,
-                version,
-                tensor.name,
-                f"a BYTES element has {longest} bytes, over the limit of {limits.max_bytes_element} "
-                "(--max-bytes-element)",
-            )
-        flat = np.empty(count, dtype=object)
-        flat[:] = list(values)
-        return flat.reshape(shape)
-    try:
-        return np.asarray(values, dtype=dt.np_dtype).reshape(shape)
-    except OverflowError as exc:
-        raise InvalidRequestError(model, version, f"value out of range for {dt.name}", tensor=tensor.name) from exc
 
 
 MAX_DIMS = 64
