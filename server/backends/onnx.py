@@ -305,9 +305,9 @@ class OnnxBackend:
         `external_data` is the only directory a model built from bytes may read external tensors from; None
         means it may not have any."""
         self._model = config.name
-        # A max_batch_size the repository completes later arrives through pad_to_max_batch_size().
-        self._pad_to = pad_rows(config, version) if config.max_batch_size > 0 else 0
-        pad_requested(config, version)
+        # A bad value fails the load at once; a max_batch_size the repository completes later arrives through
+        # pad_to_max_batch_size().
+        self._pad_to = config.max_batch_size if pad_requested(config, version) and config.max_batch_size > 0 else 0
         self._version = version
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
         group = config.instance_group[0] if config.instance_group else mc.ModelInstanceGroup()

@@ -72,10 +72,6 @@ class InferenceHandler:
         finally:
             self._tracing.record_child(request_span, "validate", started, error)
 
-    def check_model(self, name: str, version: str) -> None:
-        """Raise what a request for this model and version would get if it is not served (NOT_FOUND, UNAVAILABLE)."""
-        self._repository.get(name, version)
-
     async def infer(self, req: InferRequest) -> InferResponse:
         """Run one request (under its RPC's span, when tracing is on); raises TensorgateError subclasses that
         carry their gRPC status."""

@@ -138,7 +138,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             return codec.decode_infer_request(request, deadline, self._limits)
         except TensorgateError:
-            self._handler.check_model(request.model_name, request.model_version)
+            self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
             raise
 
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
