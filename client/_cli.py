@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tensorgate.client._common import check_headers
 from tensorgate.client.config import DEFAULT_TIMEOUT_S, TLSConfig
 from tensorgate.client.errors import TensorgateClientError
 from tensorgate.client.sync import InferenceClient
@@ -72,6 +73,13 @@ def add_connection_arguments(p: argparse.ArgumentParser, timeout: float) -> None
     p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (mTLS), with --tls-key")
     p.add_argument("--tls-key", type=Path, default=None, help="client private key (mTLS)")
     p.add_argument("--tls-server-name", default=None, help="check the server certificate for this name")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding a bearer token, sent as 'authorization: Bearer TOKEN' "
+        "[env TENSORGATE_TOKEN holds the token itself]",
+    )
 
 
 def tls_from_args(args: argparse.Namespace) -> TLSConfig | None:
@@ -82,6 +90,27 @@ def tls_from_args(args: argparse.Namespace) -> TLSConfig | None:
         return TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except ValueError as exc:
         raise UsageError(str(exc).replace("cert_file and key_file", "--tls-cert and --tls-key")) from None
+
+
+def headers_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The bearer token of --token-file, else of TENSORGATE_TOKEN, as an authorization header (a token is never
+    taken on the command line, where `ps` would show it); raises UsageError for an unreadable or empty file."""
+    token = os.environ.get("TENSORGATE_TOKEN", "").strip()
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--token-file {args.token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise UsageError(f"--token-file {args.token_file}: the file is empty")
+    if not token:
+        return {}
+    headers = {"authorization": f"Bearer {token}"}
+    try:
+        check_headers(headers)
+    except ValueError:
+        raise UsageError("the bearer token must be printable ASCII on one line") from None
+    return headers
 
 
 def _parse_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -142,13 +171,14 @@ def run(args: argparse.Namespace) -> int:
         if not arrays and not pending:
             raise UsageError("give at least one --input NAME=VALUE")
         tls = tls_from_args(args)
+        headers = headers_from_args(args)
         if args.timeout <= 0:
             raise UsageError("--timeout must be positive")
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     try:
-        with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+        with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             if pending:
                 meta = client.metadata(args.model, args.model_version)
                 declared = {t.name: t.datatype for t in meta.inputs}

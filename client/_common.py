@@ -7,6 +7,7 @@ and every response is read here.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,15 +141,44 @@ def load_request(model: str, config: mc.ModelConfig | Mapping[str, Any] | str | 
     return msg
 
 
-def trace_metadata() -> tuple[tuple[str, str], ...] | None:
-    """The caller's current OpenTelemetry context as gRPC metadata (W3C `traceparent`, `tracestate`, `baggage`,
-    through the application's global propagator), so that the server's spans join the caller's trace.
+Headers = tuple[tuple[str, str], ...]
 
-    None outside a span: an application without OpenTelemetry sends nothing extra.
+_HEADER_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
+def check_headers(headers: Mapping[str, str] | None) -> Headers:
+    """The client's ``headers`` as gRPC metadata, checked when the client is made: gRPC itself only refuses bad
+    metadata when a call is sent, with a message that does not name the header.
+
+    Keys are lowercased (gRPC metadata keys are); values must be printable ASCII, and keys ending in ``-bin`` or
+    starting with ``grpc-`` (binary and reserved metadata) are refused.
+    """
+    out: list[tuple[str, str]] = []
+    for key, value in (headers or {}).items():
+        name = str(key).lower()
+        if not _HEADER_KEY.fullmatch(name) or name.startswith("grpc-") or name.endswith("-bin"):
+            raise ValueError(
+                f"header {key!r}: not a gRPC metadata key (letters, digits, '-', '_', '.'; no grpc- prefix, no -bin)"
+            )
+        if not isinstance(value, str) or not all(" " <= c <= "~" for c in value):
+            # Never the value itself: it is likely a token.
+            raise ValueError(f"header {key!r}: the value must be a string of printable ASCII characters")
+        out.append((name, value))
+    return tuple(out)
+
+
+def call_metadata(headers: Headers) -> Headers | None:
+    """The metadata of one call: the client's headers, then the caller's current OpenTelemetry context (W3C
+    `traceparent`, `tracestate`, `baggage`, through the application's global propagator), so that the server's
+    spans join the caller's trace.
+
+    None when there is neither: an application without headers or OpenTelemetry sends nothing extra.
     """
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    return tuple(carrier.items()) or None
+    if not carrier:
+        return headers or None
+    return headers + tuple(carrier.items())
 
 
 def version_str(version: str | int | None) -> str:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tensorgate.client._cli import UsageError, add_connection_arguments, tls_from_args
+from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
 from tensorgate.client._monitoring import Label
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 from tensorgate.client.errors import TensorgateClientError
@@ -93,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise UsageError("give --id and --label, or --file")
         tls = tls_from_args(args)
+        headers = headers_from_args(args)
     except UsageError as exc:
         print(f"tensorgate feedback: {exc}", file=sys.stderr)
         return 2
     accepted = refused = 0
     try:
-        with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+        with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             timeout = args.timeout * max(1, math.ceil(len(items) / CHUNK))
             for status in client.submit_feedback_stream(args.model, items, timeout=timeout):
                 if status.ok:

@@ -10,7 +10,7 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorgate.client import _common, _monitoring
+from tensorgate.client import _common, _monitoring, _stream_writer
 from tensorgate.client._common import InferResult, ModelMetadata, StreamRequest
 from tensorgate.client.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -38,7 +38,7 @@ class AsyncInferenceClient:
             async for item in client.stream_infer([("add_sub", inputs) for inputs in batches]):
                 ...
 
-    Deadlines, typed errors, retries and TLS work as in ``InferenceClient``.
+    Deadlines, typed errors, retries, TLS and ``headers`` work as in ``InferenceClient``.
     """
 
     def __init__(
@@ -51,9 +51,11 @@ class AsyncInferenceClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_time_s: float | None = 60.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
         self.timeout = _common.check_timeout(timeout)
+        self._headers = _common.check_headers(headers)
         settings = ChannelSettings(
             tls=tls,
             retry=retry,
@@ -75,7 +77,9 @@ class AsyncInferenceClient:
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
         try:
-            return await multicallable(request, timeout=self._deadline(timeout), metadata=_common.trace_metadata())
+            return await multicallable(
+                request, timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
+            )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, method) from exc
 
@@ -143,8 +147,9 @@ class AsyncInferenceClient:
                 bad.append(exc)
 
         call = self._stub.ModelStreamInfer(
-            messages(), timeout=self._deadline(timeout), metadata=_common.trace_metadata()
+            timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
         )
+        writer = _stream_writer.start(call, messages())
         try:
             async for response in call:
                 reply = response.infer_response
@@ -157,7 +162,7 @@ class AsyncInferenceClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "ModelStreamInfer") from exc
         finally:
-            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+            await _stream_writer.stop(call, writer)
         if bad:
             raise bad[0]
 
@@ -179,7 +184,9 @@ class AsyncInferenceClient:
         """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
         try:
             reply = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout)
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._deadline(timeout),
+                metadata=_common.call_metadata(self._headers),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "Health.Check") from exc
@@ -249,17 +256,16 @@ class AsyncInferenceClient:
         """See ``InferenceClient.submit_feedback_stream``; ``items`` may also be an async iterable."""
         bad: list[Exception] = []
         call = _monitoring.stream_method(self._monitoring)(
-            _monitoring.astream_requests(model, items, bad),
-            timeout=self._deadline(timeout),
-            metadata=_common.trace_metadata(),
+            timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
         )
+        writer = _stream_writer.start(call, _monitoring.astream_requests(model, items, bad))
         try:
             async for msg in call:
                 yield _monitoring.status(msg)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "SubmitFeedbackStream") from exc
         finally:
-            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+            await _stream_writer.stop(call, writer)
         if bad:
             raise bad[0]
 

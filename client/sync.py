@@ -39,6 +39,8 @@ class InferenceClient:
     Every call has a deadline: ``timeout`` seconds per call, else the client's ``timeout`` (30 s by default).
     Failed calls raise a ``TensorgateClientError`` subclass (``tensorgate.client.errors``). ``retry`` turns on
     gRPC's retries of UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``); ``tls`` a TLS or mTLS channel.
+    ``headers`` go with every call as gRPC metadata, e.g. ``{"authorization": f"Bearer {token}"}`` for a server
+    whose authorization policy maps tokens to identities (without TLS the token crosses the network in clear).
     """
 
     def __init__(
@@ -51,9 +53,11 @@ class InferenceClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_time_s: float | None = 60.0,
         channel_options: Sequence[tuple[str, Any]] = (),
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
         self.timeout = _common.check_timeout(timeout)
+        self._headers = _common.check_headers(headers)
         settings = ChannelSettings(
             tls=tls,
             retry=retry,
@@ -75,7 +79,9 @@ class InferenceClient:
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
         try:
-            return multicallable(request, timeout=self._deadline(timeout), metadata=_common.trace_metadata())
+            return multicallable(
+                request, timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method) from exc
 
@@ -129,7 +135,11 @@ class InferenceClient:
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout))
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self._deadline(timeout),
+                metadata=_common.call_metadata(self._headers),
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, "Health.Check") from exc
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
@@ -199,7 +209,7 @@ class InferenceClient:
         call = _monitoring.stream_method(self._monitoring)(
             _monitoring.stream_requests(model, items, bad),
             timeout=self._deadline(timeout),
-            metadata=_common.trace_metadata(),
+            metadata=_common.call_metadata(self._headers),
         )
         try:
             for msg in call:

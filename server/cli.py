@@ -272,15 +272,16 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_health(args: argparse.Namespace) -> int:
     from tensorgate.client import InferenceClient, TensorgateClientError
-    from tensorgate.client._cli import UsageError, tls_from_args
+    from tensorgate.client._cli import UsageError, headers_from_args, tls_from_args
 
     try:
         tls = tls_from_args(args)
+        headers = headers_from_args(args)
     except UsageError as exc:
         print(f"tensorgate health: {exc}", file=sys.stderr)
         return 2
     try:
-        with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+        with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             status = client.health(args.service)
     except TensorgateClientError as exc:
         print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)

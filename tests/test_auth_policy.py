@@ -599,3 +599,119 @@ def test_a_revoked_token_stops_working_on_a_stream_opened_with_it(repo: Path, tm
         metrics = scrape(f"http://127.0.0.1:{s.app.metrics_port}/metrics")
         revoked = frozenset({("identity", "batch-job"), ("reason", "revoked_token"), ("rpc", "")})
         assert metrics[("tensorgate_auth_denials_total", revoked)] == 1
+
+
+# ----- our client and CLIs with a bearer token -----------------------------------------------------------
+
+
+def test_our_clients_send_their_headers_on_every_call(repo: Path, tmp_path: Path) -> None:
+    """Unary, health (probes under the policy), and the asyncio client's stream, all with the token; without it
+    the same calls are refused."""
+    import asyncio
+
+    from tensorgate.client import AsyncInferenceClient, InferenceClient, Unauthenticated
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(TOKEN_POLICY))
+    x = np.ones((1, 16), np.float32)
+    inputs = {"INPUT0": x, "INPUT1": x}
+    headers = {"Authorization": f"Bearer {TOKEN}"}  # any case: gRPC metadata keys go lowercase
+    with ServerThread(repo, auth_policy=path, auth_probes="policy") as s:
+        with InferenceClient(s.address, timeout=5, headers=headers) as client:
+            assert client.infer("add_sub", inputs)["OUTPUT0"].tolist() == (x * 2).tolist()
+            assert client.health() == "SERVING"
+        with InferenceClient(s.address, timeout=5) as client, pytest.raises(Unauthenticated):
+            client.health()
+
+        async def stream(with_headers: bool) -> list:
+            async with AsyncInferenceClient(s.address, timeout=5, headers=headers if with_headers else None) as aio:
+                return [item async for item in aio.stream_infer([("add_sub", inputs)] * 3)]
+
+        results = asyncio.run(stream(True))
+        assert [r["OUTPUT0"].tolist() for r in results] == [(x * 2).tolist()] * 3
+        # The server refuses the stream while the client is still writing; grpc.aio alone would report INTERNAL
+        # for about one such stream in five (grpc/grpc#36066), so the refusal is repeated.
+        for _ in range(20):
+            with pytest.raises(Unauthenticated, match="needs 'authorization: Bearer <token>'"):
+                asyncio.run(stream(False))
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        pytest.param({"x bad": "v"}, "header 'x bad': not a gRPC metadata key", id="space-in-key"),
+        pytest.param({"grpc-timeout": "1S"}, "header 'grpc-timeout': not a gRPC metadata key", id="reserved"),
+        pytest.param({"trace-bin": "v"}, "header 'trace-bin': not a gRPC metadata key", id="binary"),
+        pytest.param({"authorization": "Bearer a\nb"}, "header 'authorization': the value must be", id="newline"),
+        pytest.param({"authorization": "Bearer é"}, "header 'authorization': the value must be", id="non-ascii"),
+    ],
+)
+def test_bad_client_headers_are_refused_when_the_client_is_made(headers: dict, message: str) -> None:
+    from tensorgate.client import InferenceClient
+
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        InferenceClient("127.0.0.1:1", headers=headers)
+    assert "Bearer" not in str(info.value)  # a token is never echoed in the error
+
+
+@pytest.fixture
+def client_token_server(repo: Path, tmp_path: Path):
+    """The token's identity may also read metadata and statistics, as `tensorgate infer` and `bench` do."""
+    rule = {**BATCH_RULE, "apis": ["inference", "metadata", "statistics", "health"]}
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({**TOKEN_POLICY, "rules": [rule]}))
+    with ServerThread(repo, auth_policy=path) as s:
+        yield s
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "TENSORGATE_TOKEN"}
+    return subprocess.run(
+        [TENSORGATE, *args], capture_output=True, text=True, env={**environ, **(env or {})}, timeout=120
+    )
+
+
+def test_cli_commands_take_the_token_from_a_file_or_the_environment(
+    client_token_server: ServerThread, tmp_path: Path
+) -> None:
+    token_server = client_token_server
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")  # as `echo $TOKEN > file` writes it
+    infer = ["infer", "add_sub", "--server", token_server.address, "--input", f"INPUT0={[[1.0] * 16]}"]
+    infer += ["--input", f"INPUT1={[[2.0] * 16]}"]
+    from_file = _cli(*infer, "--token-file", str(token_file))
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["outputs"]["OUTPUT0"]["data"] == [[3.0] * 16]
+    from_env = _cli(*infer, env={"TENSORGATE_TOKEN": TOKEN})
+    assert from_env.returncode == 0, from_env.stderr
+    refused = _cli(*infer)
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED: this server needs 'authorization: Bearer <token>' metadata" in refused.stderr
+    health = _cli("health", "--server", token_server.address, "--token-file", str(token_file))
+    assert health.returncode == 0, health.stderr  # probes are open by default: the token does no harm
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    bad = _cli(*infer, "--token-file", str(empty))
+    assert (bad.returncode, bad.stderr.strip()) == (2, f"tensorgate infer: --token-file {empty}: the file is empty")
+    missing = _cli(*infer, "--token-file", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert f"--token-file {tmp_path / 'nope'}: No such file or directory" in missing.stderr
+
+
+def test_bench_sends_the_token_and_reports_only_its_name(client_token_server: ServerThread, tmp_path: Path) -> None:
+    token_server = client_token_server
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    out = tmp_path / "bench"
+    common = ["bench", "add_sub", "--server", token_server.address, "--concurrency", "2", "--duration", "1"]
+    common += ["--warmup", "0", "--max-requests", "50", "--out", str(out)]
+    run = _cli(*common, "--token-file", str(token_file), "--no-plots")
+    assert run.returncode == 0, run.stderr
+    report = (out / "results.json").read_text()
+    data = json.loads(report)
+    assert data["config"]["headers"] == ["authorization"]
+    assert TOKEN not in report
+    (level,) = data["levels"]
+    assert level["failed"] == {} and level["succeeded"] > 0
+    assert level["server"]["requests"] == level["sent"]  # the token reached ModelStatistics too
+

@@ -24,7 +24,7 @@ from tensorgate.client import InferenceClient
 from tensorgate.loadtest import PERCENTILES, Samples, merge, percentile
 from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.samples import latency_summary_ms
-from tensorgate.loadtest.worker import COUNTERS, Level, _LevelRun
+from tensorgate.loadtest.worker import COUNTERS, Level, Target, _LevelRun
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.cli import main
 from tests.onnx_models import busy_model, write_config
@@ -415,7 +415,8 @@ def test_a_late_failure_does_not_stretch_the_throughput_window() -> None:
     the level ended used to stretch that span (99 answers in 1 s read as 22.5/s)."""
     level = Level("closed", start=0.0, warmup_s=0.0, duration_s=1.0, max_requests=None, concurrency=1)
     calls = types.SimpleNamespace(aio=None, sync=None)
-    run = _LevelRun(0, None, level, None, calls, pb.ModelInferRequest(), [0] * COUNTERS, None)  # type: ignore[arg-type]
+    target = Target(server="127.0.0.1:1", model="m", version="", inputs={})
+    run = _LevelRun(0, target, level, None, calls, pb.ModelInferRequest(), [0] * COUNTERS, None)  # type: ignore[arg-type]
     for i in range(99):
         run._record(i / 100, i / 100 + 0.01, None)
     run._record(0.5, 30.5, "DEADLINE_EXCEEDED")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorgate.client import TensorgateClientError
-from tensorgate.client._cli import UsageError, add_connection_arguments, tls_from_args
+from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
 from tensorgate.loadtest.inputs import InputError
 from tensorgate.loadtest.plots import MatplotlibMissing, write_plots
 from tensorgate.loadtest.report import compare_table, load_report, markdown_table, sweep_dict, write_reports
@@ -98,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         timeout_param_us=args.timeout_param,
         deadline_s=args.timeout,
         tls=tls_from_args(args),
+        headers=tuple(headers_from_args(args).items()),
         workers=args.workers,
         max_in_flight=args.max_in_flight,
         seed=args.seed,

@@ -46,6 +46,8 @@ class BenchConfig:
     timeout_param_us: int | None = None
     deadline_s: float = 30.0
     tls: TLSConfig | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    """Metadata on every call (the bearer token of --token-file); only the names go into reports."""
     workers: int = 1
     max_in_flight: int = 1000
     seed: int = 0
@@ -81,6 +83,7 @@ class BenchConfig:
         out["concurrency"] = list(self.concurrency) if self.mode == "closed" else []
         out["rates"] = list(self.rates)
         out["tls"] = self.tls is not None
+        out["headers"] = [name for name, _ in self.headers]
         return out
 
 
@@ -166,7 +169,9 @@ def stats_delta(before: pb.ModelStatisticsResponse, after: pb.ModelStatisticsRes
 
 def describe_model(config: BenchConfig) -> ModelShape:
     """Metadata (required) and config (optional: MLServer has no ModelConfig RPC) of the model under test."""
-    with InferenceClient(config.server, timeout=config.deadline_s, tls=config.tls) as client:
+    with InferenceClient(
+        config.server, timeout=config.deadline_s, tls=config.tls, headers=dict(config.headers)
+    ) as client:
         meta = client.metadata(config.model, config.version or None)
         try:
             max_batch: int | None = client.config(config.model, config.version or None).max_batch_size
@@ -208,7 +213,9 @@ class _Stats:
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
-        self.client = InferenceClient(config.server, timeout=min(config.deadline_s, 10.0), tls=config.tls)
+        self.client = InferenceClient(
+            config.server, timeout=min(config.deadline_s, 10.0), tls=config.tls, headers=dict(config.headers)
+        )
         self.enabled = True
 
     def read(self) -> pb.ModelStatisticsResponse | None:
@@ -249,6 +256,7 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
         timeout_param_us=config.timeout_param_us,
         deadline_s=config.deadline_s,
         tls=config.tls,
+        headers=config.headers,
         nice=config.nice,
     )
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -33,6 +33,7 @@ import grpc.aio
 import numpy as np
 
 from tensorgate.client import TLSConfig
+from tensorgate.client import _stream_writer as stream_writer
 from tensorgate.client.config import ChannelSettings
 from tensorgate.loadtest.samples import Samples
 from tensorgate.protos import GRPCInferenceServiceStub, tensors
@@ -72,6 +73,8 @@ class Target:
     timeout_param_us: int | None = None
     deadline_s: float = 30.0
     tls: TLSConfig | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    """Metadata on every call (a bearer token)."""
     nice: int = 0
     """Added to the load process's niceness, so that where it shares cores with the server, the server wins."""
 
@@ -172,6 +175,7 @@ class _LevelRun:
         self.raw_infer = calls.aio
         self.sync_infer = calls.sync
         self.raw_request = request.SerializeToString()
+        self.metadata = target.headers or None
         self.target = target
         self.level = level
         self.stub = stub
@@ -278,7 +282,7 @@ class _LevelRun:
     async def _unary(self, t: float) -> None:
         code: str | None = None
         try:
-            await self.raw_infer(self.raw_request, timeout=self.target.deadline_s)
+            await self.raw_infer(self.raw_request, timeout=self.target.deadline_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
         except asyncio.CancelledError:
@@ -303,7 +307,7 @@ class _LevelRun:
                 if not in_flight:
                     idle.set()
                 return
-            future = self.sync_infer.future(self.raw_request, timeout=deadline)
+            future = self.sync_infer.future(self.raw_request, timeout=deadline, metadata=self.metadata)
             in_flight.add(future)
             future.add_done_callback(lambda f: answered(f, t))
 
@@ -333,7 +337,9 @@ class _LevelRun:
 
     async def _closed_stream(self) -> None:
         while True:
-            call = self.stub.ModelStreamInfer(timeout=self.level.end - time.monotonic() + self.target.deadline_s)
+            call = self.stub.ModelStreamInfer(
+                timeout=self.level.end - time.monotonic() + self.target.deadline_s, metadata=self.metadata
+            )
             try:
                 while True:
                     t = time.monotonic()
@@ -344,8 +350,11 @@ class _LevelRun:
                             await call.done_writing()
                         return
                     try:
-                        await call.write(self.request)
-                        reply = await call.read()
+                        if await stream_writer.write(call, self.request):
+                            reply = await call.read()
+                        else:  # the server ended the stream: its status, not grpc.aio's INTERNAL
+                            self._record(t, time.monotonic(), (await call.code()).name)
+                            break
                     except asyncio.CancelledError:
                         self._record(t, time.monotonic(), "CANCELLED")
                         raise
@@ -444,7 +453,7 @@ class _Stream:
 
     def __init__(self, run: _LevelRun, timeout: float) -> None:
         self.run = run
-        self.call = run.stub.ModelStreamInfer(timeout=timeout)
+        self.call = run.stub.ModelStreamInfer(timeout=timeout, metadata=run.metadata)
         self.pending: dict[str, float] = {}
         self.code = "UNKNOWN"
         """Why the stream ended: a status code name; UNKNOWN for requests the server closed without answering."""
@@ -476,9 +485,10 @@ class _Stream:
     async def send(self, message: pb.ModelInferRequest, t: float) -> None:
         self.pending[message.id] = t
         try:
-            await self.call.write(message)
+            # False once the stream is over: the reader counts what was pending with the server's status.
+            await stream_writer.write(self.call, message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the stream is over: the reader counts what was pending with its status
+            pass
 
     async def finish(self) -> None:
         """No more requests: wait for the answers still due (bounded by the call's deadline)."""

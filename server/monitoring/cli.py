@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorgate.client._cli import UsageError, add_connection_arguments, tls_from_args
+from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 
 __all__ = ["COMMANDS", "add_parsers", "run"]
@@ -153,7 +153,8 @@ def _through_server(
     from tensorgate.protos import tensors
 
     tls = tls_from_args(args)
-    with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+    headers = headers_from_args(args)
+    with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
         meta = client.metadata(args.model, args.model_version)
         if isinstance(data, np.ndarray):
             if len(meta.inputs) != 1:
@@ -221,9 +222,10 @@ def _monitor(args: argparse.Namespace) -> int:
     if args.watch < 1 or args.interval < 0:
         raise UsageError("--watch must be at least 1 and --interval not negative")
     tls = tls_from_args(args)
+    headers = headers_from_args(args)
     window: dict[str, Any] = {"count": args.window_count, "seconds": args.window_seconds}
     drift = None
-    with InferenceClient(args.server, timeout=args.timeout, tls=tls) as client:
+    with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
         for poll in range(args.watch):
             if poll:
                 time.sleep(args.interval)
