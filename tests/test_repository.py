@@ -637,6 +637,9 @@ def test_failed_model_is_unavailable_while_others_serve(repo: Path) -> None:
             message = _error(grpc.StatusCode.UNAVAILABLE, _infer, c, "broken", ROW)
             assert "TYPE_BOOL in config but TYPE_FP32 in the model" in message
             _assert_failed_in_index(c, "broken", "TYPE_BOOL in config")
+            # Its statistics say why there are none, instead of an empty answer.
+            message = _error(grpc.StatusCode.UNAVAILABLE, c.get_inference_statistics, "broken")
+            assert "TYPE_BOOL in config" in message
 
             assert c.is_model_ready("identity_fp32")
             np.testing.assert_array_equal(_infer(c, "identity_fp32", ROW), ROW)

@@ -634,6 +634,18 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 800000 }
 """,
     )
+    busy_model(root / "counted" / "1" / "model.onnx", iterations=10)
+    write_config(
+        root,
+        "counted",
+        """
+name: "counted"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 800000 }
+""",
+    )
     busy_model(root / "hog" / "1" / "model.onnx", iterations=40_000)
     write_config(
         root,
@@ -729,6 +741,41 @@ async def test_e2e_deadline_while_queued_never_runs(e2e_server: ServerThread) ->
     stats = statistics(e2e_server, "waiting")
     assert stats.execution_count == 1 and stats.inference_count == 1
     assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(1, 1)]
+
+
+async def test_e2e_statistics_count_what_triton_counts(e2e_server: ServerThread) -> None:
+    """`counted` holds a partial batch for 0.8 s. A request its caller cancels and one whose deadline passes while
+    queued are failures; an invalid request is no inference at all (Triton refuses it before its statistics), and
+    only an inference that ran moves last_inference."""
+    x = rows_of(1)
+
+    def request(rows: np.ndarray, request_id: str) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="counted", id=request_id)
+        req.inputs.add(name="INPUT0", datatype="FP32", shape=list(rows.shape))
+        req.raw_input_contents.append(rows.tobytes())
+        return req
+
+    async with grpc.aio.insecure_channel(e2e_server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(request(np.zeros((1, 5), np.float32), "bad"), timeout=WAIT)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        before = statistics(e2e_server, "counted")
+        assert (before.inference_stats.fail.count, before.last_inference) == (0, 0)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(request(x, "late"), timeout=0.2)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.ModelInfer(request(x, "gone"), timeout=WAIT)
+        await asyncio.sleep(0.2)
+        call.cancel()
+        response = await stub.ModelInfer(request(x, "patient"), timeout=WAIT)
+        assert response.id == "patient"
+    deadline = time.monotonic() + WAIT
+    while (stats := statistics(e2e_server, "counted")).inference_stats.fail.count < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the cancelled call's handler may finish after the patient one answered
+    assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 2)
+    assert (stats.inference_count, stats.execution_count) == (1, 1)
+    assert stats.last_inference > 0
 
 
 async def test_e2e_other_models_are_served_while_one_is_busy(e2e_server: ServerThread) -> None:

@@ -82,15 +82,19 @@ class InferenceHandler:
         version = str(model.version)
         # The request's span, looked up once: the batch links to it and remote backends hear its decision.
         span = trace.get_current_span() if self._tracing is not None else None
+        # A request refused as invalid is no inference: ModelStatistics leaves it out, as Triton's does (it fails
+        # before its statistics are taken); /metrics counts it by status code.
+        inputs, rows, outputs = self._validate(model, req, version, span)
+        priority = _int_parameter(req, "priority", version)
+        timeout_us = _int_parameter(req, "timeout", version)
         try:
-            inputs, rows, outputs = self._validate(model, req, version, span)
             results, times = await model.scheduler.submit(
                 inputs,
                 outputs,
                 rows,
                 req.deadline,
-                priority=_int_parameter(req, "priority", version),
-                timeout_us=_int_parameter(req, "timeout", version),
+                priority=priority,
+                timeout_us=timeout_us,
                 span=None if span is None else Tracing.context_of(span),
             )
             schema = model.schema
@@ -107,7 +111,9 @@ class InferenceHandler:
                     for name in outputs
                 ],
             )
-        except Exception:
+        except BaseException:
+            # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
+            # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)

@@ -128,6 +128,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             models = [self._repository.get(request.name, request.version)]
         else:
             models = self._repository.versions(request.name)
+            if not models:  # known, but no version is ready: say why (loading, failed, unloaded), not "no stats"
+                self._repository.get(request.name, "")
         return codec.encode_model_statistics(models)
 
     # ----- inference ---------------------------------------------------------------------------------------

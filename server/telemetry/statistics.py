@@ -116,5 +116,6 @@ class ModelStats:
             latency.compute.observe(t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns)
 
     def record_failure(self, total_ns: int) -> None:
-        self.last_inference_ms = time.time_ns() // 1_000_000
+        """A request that was queued (or past validation) and got no answer; `last_inference` stays, as Triton
+        moves it only for inferences that ran."""
         self.fail.add(total_ns)
