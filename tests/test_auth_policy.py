@@ -714,4 +714,3 @@ def test_bench_sends_the_token_and_reports_only_its_name(client_token_server: Se
     (level,) = data["levels"]
     assert level["failed"] == {} and level["succeeded"] > 0
     assert level["server"]["requests"] == level["sent"]  # the token reached ModelStatistics too
-

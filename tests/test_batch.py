@@ -36,13 +36,16 @@ from tensorgate.server.scheduling.policy import SchedulingPolicy
         pytest.param([1, 1], 8, (3,), False, 0, id="preferred-not-yet-reached"),
         pytest.param([1, 1, 1, 1, 1], 8, (3,), False, 3, id="preferred-cut-from-a-longer-queue"),
         pytest.param([1, 1, 1, 1, 1, 1], 8, (2, 4), False, 4, id="largest-preferred-wins"),
-        pytest.param([1, 1], 8, (2, 4), False, 0, id="smaller-preferred-waits-for-largest"),
+        pytest.param([1, 1], 8, (2, 4), False, 2, id="largest-preferred-the-queue-allows-leaves-at-once"),
         pytest.param([1, 1], 8, (2, 4), True, 2, id="smaller-preferred-after-delay"),
         pytest.param([1, 1, 1], 8, (2, 4), True, 3, id="no-preferred-fits-after-delay"),
-        pytest.param([3, 3], 8, (4,), False, 2, id="multi-row-overshoots-preferred"),
-        pytest.param([2, 3, 2], 8, (4,), False, 3, id="multi-row-past-preferred-no-exact-sends-all"),
+        pytest.param([3, 3], 8, (4,), False, 1, id="multi-row-cut-before-overshooting-preferred"),
+        pytest.param([3, 3], 8, (4,), True, 2, id="multi-row-after-delay-sends-what-fits"),
+        pytest.param([2, 3, 2], 8, (4,), False, 1, id="multi-row-past-preferred-no-exact-cuts-before"),
+        pytest.param([3, 3, 3], 16, (4, 8), False, 2, id="cut-before-passing-the-largest-preferred"),
         pytest.param([2, 2, 3], 8, (4, 6), False, 2, id="multi-row-exact-preferred-prefix"),
-        pytest.param([3, 1, 3], 4, (2,), False, 2, id="full-batch-no-preferred-prefix-sends-full"),
+        pytest.param([3, 1, 3], 4, (2,), False, 1, id="full-batch-no-preferred-prefix-cuts-before"),
+        pytest.param([6, 1], 8, (4,), False, 1, id="first-request-past-the-largest-preferred-leaves-alone"),
         pytest.param([3, 1, 1], 8, (2, 8), False, 0, id="multi-row-below-largest-waits"),
     ],
 )
@@ -50,19 +53,51 @@ def test_plan_batch(rows: list[int], max_batch_size: int, preferred: tuple[int, 
     assert plan_batch(rows, max_batch_size, preferred, expired) == expected
 
 
+@pytest.mark.parametrize(
+    ("rows", "max_batch_size", "preferred", "expected"),
+    [
+        pytest.param([1] * 6, 16, (4, 8), 4, id="preferred-cut-even-without-delay"),
+        pytest.param([1, 1], 8, (4,), 2, id="no-preferred-size-sends-what-is-there"),
+        pytest.param([1, 1], 8, (), 2, id="no-preferred-sizes"),
+        pytest.param([3, 3], 8, (4,), 1, id="cut-before-overshooting"),
+    ],
+)
+def test_plan_batch_without_a_delay(rows: list[int], max_batch_size: int, preferred: tuple[int, ...], expected: int):
+    """max_queue_delay 0: nothing waits, but a preferred size still cuts the batch (as in Triton)."""
+    for expired in (False, True):  # an expiry means nothing without a delay
+        assert plan_batch(rows, max_batch_size, preferred, expired, has_delay=False) == expected
+
+
+def test_a_request_of_another_shape_next_closes_the_batch() -> None:
+    assert plan_batch([1, 1], 8, (), False) == 0
+    assert plan_batch([1, 1], 8, (), False, closed=True) == 2
+    assert plan_batch([1, 1, 1, 1, 1], 8, (4,), False, closed=True) == 4, "a preferred cut still comes first"
+
+
 @given(
     rows=st.lists(st.integers(1, 16), max_size=24),
     max_batch_size=st.integers(1, 32),
     preferred=st.lists(st.integers(1, 32), max_size=4).map(lambda p: tuple(sorted(set(p)))),
     expired=st.booleans(),
+    has_delay=st.booleans(),
 )
-def test_plan_batch_properties(rows: list[int], max_batch_size: int, preferred: tuple[int, ...], expired: bool):
+def test_plan_batch_properties(
+    rows: list[int], max_batch_size: int, preferred: tuple[int, ...], expired: bool, has_delay: bool
+):
     preferred = tuple(p for p in preferred if p <= max_batch_size)
-    count = plan_batch(rows, max_batch_size, preferred, expired)
+    count = plan_batch(rows, max_batch_size, preferred, expired, has_delay=has_delay)
     assert 0 <= count <= len(rows)
     assert sum(rows[:count]) <= max_batch_size
-    if rows and rows[0] <= max_batch_size and expired:
-        assert count > 0, "an expired delay always sends what fits"
+    if rows and rows[0] <= max_batch_size and (expired or not has_delay):
+        assert count > 0, "an expired delay, or none at all, always sends something"
+    if count and (expired and has_delay):
+        fits = 0
+        while fits < len(rows) and sum(rows[: fits + 1]) <= max_batch_size:
+            fits += 1
+        assert count == fits, "once the delay is over, everything that fits leaves"
+    if count and not (expired and has_delay) and sum(rows[:count]) not in (preferred or (max_batch_size,)):
+        # Not a preferred size: a cut before passing the largest one, or all that fits.
+        assert count == len(rows) or sum(rows[: count + 1]) > max(preferred or (max_batch_size,))
     if count == 0 or not rows:
         return
     # The stacked batch splits back into each request's exact rows.

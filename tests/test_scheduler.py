@@ -205,15 +205,21 @@ async def test_preferred_size_cuts_early(make: Factory, gate: Gate) -> None:
     rest = [spawn(infer(s, i)) for i in range(1, 7)]
     await queued()
     gate.open()
-    await gather(first, *rest[:4])
-    assert gate.rows == [8, 4], "the largest preferred size is cut from the queue"
-    # Two requests are left: 2 is a preferred size but not the largest, so (as in Triton) they wait for the delay.
+    await gather(first, *rest)
+    # The largest preferred size the queue allows is cut from it, then (as in Triton's GetDynamicBatch) the two
+    # requests left make preferred size 2 and leave at once, without waiting out the 60 s delay.
+    assert gate.rows == [8, 4, 2]
+
+
+async def test_a_lone_request_below_every_preferred_size_waits_for_the_delay(make: Factory, gate: Gate) -> None:
+    s, _, _ = make("preferred_batch_size: [ 2, 4 ] max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    gate.open()
+    lone = spawn(infer(s, 0))
     await asyncio.sleep(0.05)
-    assert gate.rows == [8, 4] and not any(t.done() for t in rest[4:])
+    assert gate.rows == [] and not lone.done()
     await s.close(grace=0)
-    for t in rest[4:]:
-        with pytest.raises(ServerUnavailableError):
-            await t
+    with pytest.raises(ServerUnavailableError):
+        await lone
 
 
 async def test_multi_row_requests_reach_a_preferred_size(make: Factory, gate: Gate) -> None:
@@ -224,11 +230,15 @@ async def test_multi_row_requests_reach_a_preferred_size(make: Factory, gate: Ga
 
 
 async def test_multi_row_requests_overshoot_a_preferred_size(make: Factory, gate: Gate) -> None:
-    """3 + 3 rows cannot form preferred size 4 exactly and waiting cannot help: they leave together."""
-    s, _, _ = make("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    """3 + 3 rows would pass preferred size 4: the first request leaves alone at once (Triton's cut before the
+    largest preferred size), the second waits for company or the delay."""
+    s, _, _ = make("preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 100000", max_batch_size=8)
+    first = await block(s, gate, 0, rows=8)
+    rest = [spawn(infer(s, 1, rows=3)), spawn(infer(s, 2, rows=3))]
+    await queued()
     gate.open()
-    await gather(spawn(infer(s, 1, rows=3)), spawn(infer(s, 2, rows=3)))
-    assert gate.rows == [6]
+    await gather(first, *rest)
+    assert gate.rows == [8, 3, 3]
 
 
 async def test_multi_row_requests_are_never_split(make: Factory, gate: Gate) -> None:
@@ -254,6 +264,20 @@ async def test_requests_of_different_shapes_batch_apart(make: Factory, gate: Gat
     (out, _), *_ = await gather(odd, first, *same)
     assert out["Y"].shape == (1, 3)
     assert sorted(gate.rows) == [1, 1, 2]
+
+
+async def test_a_request_of_another_shape_is_not_overtaken(make: Factory, gate: Gate) -> None:
+    """As in Triton: the batch is the run of requests shaped as the first, so a request of another shape ends it
+    and goes next, before later requests of the first shape (a 60 s delay: only the other shape sends it)."""
+    s, _, _ = make("max_queue_delay_microseconds: 60000000", max_batch_size=8)
+    first = await block(s, gate, 0, rows=8)
+    before = spawn(infer(s, 1))
+    odd = spawn(s.submit({"X": np.full((1, 3), 7, np.float32)}, ["Y"], 1))
+    after = [spawn(infer(s, 2, rows=7)), spawn(infer(s, 3))]  # 8 rows together: a full batch
+    await queued()
+    gate.open()
+    await gather(first, before, odd, *after)
+    assert gate.requests == [[0], [1], [7], [2, 3]]
 
 
 async def test_without_dynamic_batching_each_request_runs_alone(make: Factory, gate: Gate) -> None:
@@ -505,22 +529,23 @@ async def test_queue_timeout_spares_a_running_request(make: Factory, gate: Gate,
     await gather(running)
 
 
-async def test_queue_timeout_delay_moves_behind_the_others(make: Factory, gate: Gate) -> None:
-    """Level 1 times out after 50 ms with DELAY; level 2 never times out. The delayed request goes last."""
+async def test_queue_timeout_delay_moves_behind_its_own_level(make: Factory, gate: Gate) -> None:
+    """Level 1 times out after 300 ms with DELAY; level 2 never times out. As in Triton, the delayed request goes
+    behind the other requests of its level, still ahead of the lower level."""
     s, _, _ = make(
         "priority_levels: 2 default_priority_level: 2"
-        " priority_queue_policy { key: 1 value { default_timeout_microseconds: 50000 timeout_action: DELAY } }",
+        " priority_queue_policy { key: 1 value { default_timeout_microseconds: 300000 timeout_action: DELAY } }",
         max_batch_size=1,
     )
     first = await block(s, gate, 0)
     delayed = spawn(infer(s, 1, priority=1))
-    await asyncio.sleep(0.2)  # its 50 ms queue timeout (an earlier timer) has fired
+    await asyncio.sleep(0.6)  # its queue timeout (an earlier timer) has fired
     assert not delayed.done()
-    others = [spawn(infer(s, i, priority=2)) for i in (2, 3)]
+    later = [spawn(infer(s, i, priority=2)) for i in (2, 3)] + [spawn(infer(s, 4, priority=1))]
     await queued()
     gate.open()
-    await gather(first, delayed, *others)
-    assert gate.requests == [[0], [2], [3], [1]]
+    await gather(first, delayed, *later)
+    assert gate.requests == [[0], [4], [1], [2], [3]]
 
 
 @pytest.mark.parametrize(

@@ -14,39 +14,49 @@ def plan_batch(
     max_batch_size: int,
     preferred: Sequence[int],
     delay_expired: bool,
+    *,
+    has_delay: bool = True,
+    closed: bool = False,
 ) -> int:
     """How many requests (from the front of `rows`, the queue in service order) to send now; 0 = keep waiting.
 
-    Sends at once when the batch is full (max_batch_size reached, or the next request does not fit), when a
-    preferred size can be formed, or when the queue delay of the oldest request is over. A request is never
-    split, so a full batch can hold fewer than max_batch_size rows.
+    Triton's dynamic batcher, pass for pass (core's `GetDynamicBatch`), so that a Triton config batches the same:
+
+    - Without preferred sizes, max_batch_size is the one preferred size (as Triton completes the config).
+    - The batch to cut is the longest prefix whose rows make a preferred size. When the next request would take
+      the batch past the largest preferred size before any was made, the rows so far are the cut instead. While
+      the delay runs (or with no delay at all) that cut leaves at once.
+    - Otherwise everything that fits leaves when the batch cannot grow (the next request does not fit, or one of
+      another shape is next: `closed`), when it has reached the largest preferred size, when the oldest request
+      has waited `max_queue_delay` (`delay_expired`), or at once when there is no delay (`has_delay` False).
+
+    A request is never split, so a full batch can hold fewer than max_batch_size rows.
     """
-    total = 0
-    count = 0
+    sizes = preferred or (max_batch_size,)
+    largest = max(sizes)
+    total = count = cut = 0
+    can_grow = not closed
     for r in rows:
-        if total + r > max_batch_size:
-            break
+        if count:
+            if not cut and total + r > largest:
+                cut = count
+            if total + r > max_batch_size:
+                can_grow = False
+                break
+        elif r > max_batch_size:
+            return 0  # refused by validation before it queues; never sent as an oversized batch
         total += r
         count += 1
+        if total in sizes:
+            cut = count
     if count == 0:
         return 0
-    full = total == max_batch_size or count < len(rows)
-    if preferred and (full or total >= preferred[-1]):
-        return _largest_preferred_prefix(rows[:count], preferred) or count
-    if full or delay_expired:
+    expired = has_delay and delay_expired
+    if cut and not expired:
+        return cut
+    if not can_grow or total >= largest or expired or not has_delay:
         return count
     return 0
-
-
-def _largest_preferred_prefix(rows: Sequence[int], preferred: Sequence[int]) -> int:
-    wanted = set(preferred)
-    best = 0
-    total = 0
-    for i, r in enumerate(rows, 1):
-        total += r
-        if total in wanted:
-            best = i
-    return best
 
 
 def stack_inputs(requests: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -138,11 +138,10 @@ class Scheduler:
         self._instances = instances
         self._free = instances
         """Instances not running a batch; down to -instances while full batches wait staged for busy instances."""
-        # One FIFO per priority level (index 0 = level 1), then the lane of requests delayed by timeout_action DELAY.
-        self._delayed_at = [0] * (policy.priority_levels + 1)
-        """Requests of each priority level (index = level) in the delayed lane, for max_queue_size."""
+        # Two FIFOs per priority level, in service order: its queue, then its requests delayed by timeout_action
+        # DELAY (as Triton's: behind their own level, ahead of lower levels). Level L's are at 2L-2 and 2L-1.
         self._lanes: list[collections.deque[_Pending]] = [
-            collections.deque() for _ in range(policy.priority_levels + 1)
+            collections.deque() for _ in range(2 * policy.priority_levels)
         ]
         self._queued = 0
         self._running = 0
@@ -189,8 +188,8 @@ class Scheduler:
             raise ServerUnavailableError(f"{self._ref} is being unloaded")
         level = self._level(priority)
         qp = self._policy.queue_policies[level - 1]
-        lane = self._lanes[level - 1]
-        if qp.max_queue_size and self._queued_at(level, lane) >= qp.max_queue_size:
+        lane = self._lanes[2 * level - 2]
+        if qp.max_queue_size and len(lane) + len(self._lanes[2 * level - 1]) >= qp.max_queue_size:
             raise ResourceExhaustedError(
                 f"{self._ref}: queue for priority level {level} is full (max_queue_size {qp.max_queue_size})"
             )
@@ -239,25 +238,19 @@ class Scheduler:
                 self._dispatch()
             raise
 
+    def _lane(self, pending: _Pending) -> collections.deque[_Pending]:
+        """The FIFO a queued request waits in. Both of its level's count toward that level's max_queue_size: a
+        request delayed by timeout_action DELAY still waits in its level's queue, as Triton counts it."""
+        return self._lanes[2 * pending.level - 2 + pending.delayed]
+
     def _remove(self, pending: _Pending) -> bool:
         """Take a request out of its lane; False when it already left the queue (it is in a batch)."""
-        lane = self._lanes[-1 if pending.delayed else pending.level - 1]
         try:
-            lane.remove(pending)
+            self._lane(pending).remove(pending)
         except ValueError:
             return False
-        self._left_queue(pending)
-        return True
-
-    def _left_queue(self, pending: _Pending) -> None:
         self._queued -= 1
-        if pending.delayed:
-            self._delayed_at[pending.level] -= 1
-
-    def _queued_at(self, level: int, lane: collections.deque[_Pending]) -> int:
-        """Requests of a priority level waiting, those moved behind the others by timeout_action DELAY included:
-        they still wait in this level's queue, as Triton counts them."""
-        return len(lane) + self._delayed_at[level]
+        return True
 
     def _deadline_passed(self, pending: _Pending) -> None:
         self._reject(pending, "the call's deadline")
@@ -269,9 +262,8 @@ class Scheduler:
         if qp.delay_on_timeout:
             if self._remove(pending):
                 pending.delayed = True
-                self._lanes[-1].append(pending)
+                self._lane(pending).append(pending)
                 self._queued += 1
-                self._delayed_at[pending.level] += 1
             return
         self._reject(pending, "queue timeout")
 
@@ -300,10 +292,10 @@ class Scheduler:
             for p in list(lane):
                 if p.future.done():
                     lane.remove(p)
-                    self._left_queue(p)
+                    self._queued -= 1
                 elif p.deadline is not None and now >= p.deadline:
                     lane.remove(p)
-                    self._left_queue(p)
+                    self._queued -= 1
                     p.future.set_exception(self._deadline_error())
                 else:
                     out.append(p)
@@ -327,7 +319,13 @@ class Scheduler:
                 break
             first = queue[0]
             if policy.batching:
-                same = [p for p in queue if p.shape_key == first.shape_key]
+                # As Triton's: the batch is the run of requests shaped as the first; one of another shape ends it
+                # (it goes next, in its turn, rather than being overtaken by later requests of the first's shape).
+                same: list[_Pending] = []
+                for p in queue:
+                    if p.shape_key != first.shape_key:
+                        break
+                    same.append(p)
                 # The delay counts from the oldest request that could go (as Triton's does): a later request of
                 # higher priority at the front must not restart the clock of one that has waited longer.
                 waited = time.perf_counter_ns() - min(p.enqueued_ns for p in same)
@@ -336,6 +334,8 @@ class Scheduler:
                     policy.max_batch_size,
                     policy.preferred_batch_sizes,
                     waited >= policy.max_queue_delay_ns,
+                    has_delay=policy.max_queue_delay_ns > 0,
+                    closed=len(same) < len(queue),
                 )
                 if busy and not self._may_stage(same[:count]):
                     break
@@ -346,8 +346,8 @@ class Scheduler:
             else:
                 chosen = [first]
             for p in chosen:
-                self._lanes[-1 if p.delayed else p.level - 1].remove(p)
-                self._left_queue(p)
+                self._lane(p).remove(p)
+                self._queued -= 1
             self._start(_Batch(chosen))
         self._maybe_idle()
 
@@ -528,7 +528,6 @@ class Scheduler:
             if not p.future.done():
                 p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
         self._queued = 0
-        self._delayed_at = [0] * len(self._delayed_at)
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
         for _ in self._threads:
             self._work.put(None)  # each instance finishes its running batch, if any, then exits
