@@ -1,5 +1,6 @@
 """deploy/observability: every file parses, every metric and label its PromQL names is one a real tensorgate
-scrape shows, and the collector, Prometheus, Grafana and compose files refer to each other correctly.
+scrape shows, and the collector, Prometheus, Grafana and compose files refer to each other correctly; the stack
+loads every Prometheus rules file under deploy/ (deploy/monitoring's model quality and drift rules included).
 
 The stack itself is not started here (no Docker daemon); the parts that can be checked without it are.
 """
@@ -21,12 +22,17 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.server.auth.certs import SERVER_NAMES, write_dev_certs
 from tensorgate.server.telemetry.gpu import GpuCollector, GpuReading
 from tensorgate.server.telemetry.metrics import MODEL_STATES, reference
+from tensorgate.server.telemetry.tracing import SERVER_ERROR_CODES
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, write_config
 from tests.pki import add_sub_request
 from tests.scraping import families_of, metrics_url, scrape_text
 from tests.serving import ServerThread
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "observability"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy" / "observability"
+MODEL_RULES = ROOT / "deploy" / "monitoring" / "prometheus-alerts.yaml"
+# Where the prometheus service of docker-compose.yaml reads its configuration: rule_files are relative to it.
+PROMETHEUS_DIR = "/etc/prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tensorgate.json"
 # Series Prometheus makes itself for every target, not read from /metrics.
 PROMETHEUS_OWN = {"up"}
@@ -65,8 +71,17 @@ def _dashboard_queries() -> list[str]:
     return queries
 
 
+def _alert_rules(path: Path = DEPLOY / "alerts.yaml") -> list[dict[str, Any]]:
+    return [rule for group in _yaml(path)["groups"] for rule in group["rules"]]
+
+
+def _alert_rule(name: str, path: Path = DEPLOY / "alerts.yaml") -> dict[str, Any]:
+    (rule,) = [rule for rule in _alert_rules(path) if rule["alert"] == name]
+    return rule
+
+
 def _alert_queries() -> list[str]:
-    return [rule["expr"] for group in _yaml(DEPLOY / "alerts.yaml")["groups"] for rule in group["rules"]]
+    return [rule["expr"] for rule in _alert_rules()]
 
 
 def _metrics_in(expr: str) -> set[str]:
@@ -237,7 +252,8 @@ def test_compose_mounts_files_that_exist_and_services_reach_each_other_by_name()
         assert ":" in service["image"] and not service["image"].endswith(":latest"), f"{name}: pin the image"
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert source.startswith("./") and (DEPLOY / source).exists(), (name, volume)
+            assert source.startswith(("./", "../")), f"{name}: {volume} is not a file of this repository"
+            assert (DEPLOY / source).resolve().is_relative_to(ROOT) and (DEPLOY / source).exists(), (name, volume)
         for dependency in service.get("depends_on", []):
             assert dependency in services, (name, dependency)
     collector = _yaml(DEPLOY / "otel-collector.yaml")
@@ -246,11 +262,115 @@ def test_compose_mounts_files_that_exist_and_services_reach_each_other_by_name()
             assert _host(exporter["endpoint"]) in services, name
     for source in _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml")["datasources"]:
         assert _host(source["url"]) in services, source["name"]
-    mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
-    for rule_file in _yaml(DEPLOY / "prometheus.yml")["rule_files"]:
-        assert (DEPLOY / rule_file).is_file() and f"/etc/prometheus/{rule_file}" in mounted, rule_file
+    loaded = _loaded_rule_files()
+    assert len(loaded) == len(_yaml(DEPLOY / "prometheus.yml")["rule_files"])
+    for path in loaded.values():
+        assert path.is_file() and isinstance(_yaml(path)["groups"], list), path
     dashboards = _yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml")["providers"][0]
     assert any(v.endswith(":" + dashboards["options"]["path"] + ":ro") for v in services["grafana"]["volumes"])
+
+
+def _prometheus_mounts() -> dict[str, Path]:
+    """Path in the prometheus container -> the file of this repository that docker-compose.yaml mounts there."""
+    volumes = _yaml(DEPLOY / "docker-compose.yaml")["services"]["prometheus"]["volumes"]
+    return {v.split(":")[1]: (DEPLOY / v.split(":")[0]).resolve() for v in volumes}
+
+
+def _loaded_rule_files() -> dict[str, Path]:
+    """Each rule file prometheus.yml names -> the repository file mounted at that path (it must be mounted)."""
+    mounts = _prometheus_mounts()
+    out = {}
+    for rule_file in _yaml(DEPLOY / "prometheus.yml")["rule_files"]:
+        path = rule_file if rule_file.startswith("/") else f"{PROMETHEUS_DIR}/{rule_file}"
+        assert path in mounts, f"prometheus.yml loads {rule_file}, but docker-compose.yaml mounts nothing at {path}"
+        out[rule_file] = mounts[path]
+    return out
+
+
+def _is_rules_file(path: Path) -> bool:
+    """A Prometheus rules file: `groups:` of named groups with `rules:` (alerting or recording)."""
+    loaded = _yaml(path)
+    groups = loaded.get("groups") if isinstance(loaded, dict) else None
+    return isinstance(groups, list) and all(isinstance(g, dict) and "rules" in g for g in groups)
+
+
+def test_the_stack_loads_every_rules_file_under_deploy() -> None:
+    rules_files = {p.resolve() for p in (ROOT / "deploy").rglob("*.y*ml") if _is_rules_file(p)}
+    assert {(DEPLOY / "alerts.yaml").resolve(), MODEL_RULES.resolve()} <= rules_files
+    missing = rules_files - set(_loaded_rule_files().values())
+    assert not missing, f"rules the compose stack never loads: {sorted(str(p.relative_to(ROOT)) for p in missing)}"
+
+
+# ----- what the alerts say ------------------------------------------------------------------------------------
+
+
+def _seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    match = re.fullmatch(r"(\d+)([smhdw])", duration)
+    assert match, duration
+    return int(match[1]) * units[match[2]]
+
+
+def test_server_errors_alert_counts_exactly_the_codes_that_are_the_servers_fault() -> None:
+    """The codes that fail a server span (OpenTelemetry's RPC conventions) and nothing else: RESOURCE_EXHAUSTED
+    is also the answer to a caller's tensor over --max-tensor-elements, which is no server error."""
+    expr = _alert_rule("TensorgateServerErrors")["expr"]
+    codes = [(metric, op, v) for metric, label, op, v in _matchers(expr) if label == "code"]
+    assert len(codes) == 1, codes
+    ((metric, op, regex),) = codes
+    assert metric == "tensorgate_inference_requests_total" and op == "=~"
+    assert set(regex.split("|")) == SERVER_ERROR_CODES
+    assert "RESOURCE_EXHAUSTED" not in SERVER_ERROR_CODES
+
+
+def test_queueing_alert_reads_the_queue_depth_over_the_window_of_its_rates() -> None:
+    """tensorgate_queue_depth is sampled once a scrape and a batching queue drains between scrapes: read bare, under
+    `for:`, it would have to be non-empty at every evaluation, and the alert would almost never fire. Seen
+    non-empty at some scrape of the rates' window (max or avg over it) is what "requests wait" can mean here;
+    min_over_time would ask for more than the bare gauge did."""
+    rule = _alert_rule("TensorgateQueueing")
+    expr = rule["expr"]
+    rate_windows = set(re.findall(r"\brate\([^\[]*\[(\w+)\]", expr))
+    assert len(rate_windows) == 1, rate_windows
+    reads = list(re.finditer(r"\btensorgate_queue_depth\b", expr))
+    assert reads, expr
+    for read in reads:
+        function = re.search(r"\b(\w+)\(\s*$", expr[: read.start()])
+        window = re.match(r"\s*(?:\{[^}]*\})?\s*\[(\w+)\]", expr[read.end() :])
+        assert function and function[1] in ("max_over_time", "avg_over_time"), expr
+        assert window and {window[1]} == rate_windows, expr
+    assert _seconds(rule["for"]) >= _seconds(rate_windows.pop())
+
+
+def test_label_coverage_alert_fires_only_for_models_that_had_labels() -> None:
+    """label_coverage is 0 for a model that never gets feedback: the alert must not fire for ever for it, only
+    when coverage fell below the threshold after being above it within the look-back window."""
+    rule = _alert_rule("TensorgateModelLabelCoverageLow", MODEL_RULES)
+    expr = " ".join(rule["expr"].split())
+    selector = re.escape('tensorgate_model_quality{metric="label_coverage"}')
+    match = re.fullmatch(
+        rf"{selector} < ([\d.]+) and max_over_time\({selector}\[(\w+)\]\) >= ([\d.]+)",
+        expr,
+    )
+    assert match, expr
+    assert float(match[1]) == float(match[3]) == 0.05, "one threshold, the one the rule always had"
+    # The look-back must outlast `for:`, or coverage that falls would leave it before the alert could fire.
+    assert _seconds(match[2]) > _seconds(rule["for"])
+    description = rule["annotations"]["description"]
+    assert "never get labels" in description and "5%" in description
+
+
+def test_readme_does_not_call_the_prometheus_model_rules_tensorgates_conditions() -> None:
+    """tensorgate's rules judge only windows of min_samples samples; the Prometheus quality rules cannot (no gauge
+    counts a window's labelled rows), so the README must not say they hold the same conditions."""
+    unguarded = [r["alert"] for r in _alert_rules(MODEL_RULES) if 'metric="samples"' not in r["expr"]]
+    assert "TensorgateModelAccuracyLow" in unguarded
+    readme = (ROOT / "README.md").read_text()
+    paragraphs = [" ".join(p.split()) for p in readme.split("\n\n") if "prometheus-alerts.yaml" in p]
+    assert paragraphs
+    for paragraph in paragraphs:
+        assert "same conditions" not in paragraph, paragraph
+    assert any("min_samples" in p and "quality rules have none" in p for p in paragraphs)
 
 
 def _commented_job() -> Any:

@@ -22,7 +22,8 @@ or from a YAML file (``--alert-rules``)::
         min_samples: 200         # optional, default 100
         for_windows: 1           # optional, default 1
 
-deploy/monitoring/prometheus-alerts.yaml holds the same conditions as Prometheus rules on the exported gauges.
+deploy/monitoring/prometheus-alerts.yaml holds similar conditions as Prometheus rules on the exported gauges (its
+quality rules have no min_samples guard: no gauge exports how many labels a quality value rests on).
 """
 
 from __future__ import annotations
