@@ -119,10 +119,11 @@ class AsyncInferenceClient:
         requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest],
         timeout: float | None = None,
     ) -> AsyncIterator[InferResult | StreamItemError]:
-        """Send ``requests`` over one ModelStreamInfer stream; yield a result per request as it completes.
+        """Send ``requests`` over one ModelStreamInfer stream; yield a result per request as the server answers.
 
-        Each request is ``(model, inputs)`` or a dict of ``infer``'s arguments. Results may come out of order:
-        match them by ``.id`` (a request without ``request_id`` gets its index in the stream, "0", "1", ...).
+        Each request is ``(model, inputs)`` or a dict of ``infer``'s arguments. tensorgate and Triton answer in
+        request order (for a model that is not decoupled); other servers may not, so ``.id`` is there to match
+        them (a request without ``request_id`` gets its index in the stream, "0", "1", ...).
 
         A request that fails is *yielded* as a ``StreamItemError`` (with ``.request_id``), not raised, because
         raising would end the iteration and lose the results still on their way; the stream goes on. A failure

@@ -400,9 +400,9 @@ def test_unknown_parameters_over_stream(stub: GRPCInferenceServiceStub) -> None:
     responses = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter([req, plain]), timeout=10)}
     assert len(responses) == 2
     assert responses["s"].error_message == ""
-    # Asked for a final flag: the only response is the final one, as Triton marks it for non-decoupled models.
+    # Every response is its request's final one, and says so as Triton's do, asked (the flag above) or not.
     assert responses["s"].infer_response.parameters["triton_final_response"].bool_param is True
-    assert "triton_final_response" not in responses["plain"].infer_response.parameters
+    assert responses["plain"].infer_response.parameters["triton_final_response"].bool_param is True
 
 
 def test_tritonclient_parameters(client: tc.InferenceServerClient, server: ServerThread) -> None:

@@ -803,6 +803,37 @@ async def test_e2e_statistics_count_what_triton_counts(e2e_server: ServerThread)
     assert stats.last_inference > 0
 
 
+async def test_e2e_stream_answers_in_request_order(e2e_server: ServerThread) -> None:
+    """As Triton answers a model that is not decoupled: a slow request first, then fast ones, come back in that
+    order (the fast ones run meanwhile), each marked as its request's final response; errors keep their place."""
+    slow = rows_of(1, 8)
+    fast_a, fast_b = rows_of(2, 2), rows_of(3, 2)
+
+    def request(model: str, request_id: str, inputs: dict[str, np.ndarray]) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name=model, id=request_id)
+        for name, x in inputs.items():
+            req.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
+            req.raw_input_contents.append(x.tobytes())
+        return req
+
+    sent = [
+        request("hog", "slow", {"INPUT0": slow}),
+        request("add_sub", "fast", {"INPUT0": fast_a, "INPUT1": fast_b}),
+        request("no_such_model", "missing", {"INPUT0": fast_a}),
+        request("add_sub", "", {"INPUT0": fast_b, "INPUT1": fast_a}),  # no id: matched by position
+    ]
+    async with grpc.aio.insecure_channel(e2e_server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        received = [r async for r in stub.ModelStreamInfer(iter(sent), timeout=3 * WAIT)]
+    assert [r.infer_response.id for r in received[:3]] == ["slow", "fast", "missing"]
+    assert received[3].infer_response.id != ""  # a generated id, for feedback
+    assert [bool(r.error_message) for r in received] == [False, False, True, False]
+    assert "no_such_model" in received[2].error_message
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in received)
+    out = np.frombuffer(received[3].infer_response.raw_output_contents[0], np.float32).reshape(2, 4)
+    np.testing.assert_allclose(out, fast_b + fast_a)
+
+
 async def test_e2e_other_models_are_served_while_one_is_busy(e2e_server: ServerThread) -> None:
     async with tca.InferenceServerClient(e2e_server.address) as client:
         hog = [

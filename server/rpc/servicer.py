@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "tensorgate"
-# Only what is really implemented: perf_analyzer reads this list to decide what to call.
-FINAL_RESPONSE_REQUEST = "triton_enable_empty_final_response"
 FINAL_RESPONSE = "triton_final_response"
+"""Set on every stream response, as Triton sets it: a model here answers each request once, so every response is
+its request's final one. Clients written for Triton read it to know a request is done."""
+# Only what is really implemented: perf_analyzer reads this list to decide what to call.
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 
 Context = aio.ServicerContext[Any, Any]
@@ -53,12 +54,14 @@ Context = aio.ServicerContext[Any, Any]
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
     """A stream's answer to one request that failed: the error travels in the message, the stream stays open."""
     _, message = errors.status_of(exc, "ModelStreamInfer")
-    return pb.ModelStreamInferResponse(
+    response = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+    return response
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -220,26 +223,18 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             response = await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
             return _stream_error(request, exc)
-        final = request.parameters.get(FINAL_RESPONSE_REQUEST)
-        if final is not None and final.bool_param:
-            # As Triton does for a model that answers once: its only response is also the final one, marked so
-            # that clients waiting for the final flag (tritonclient's enable_empty_final_response) stop waiting.
-            response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+        response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
         return response
 
     @errors.stream
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests of one stream run concurrently; each response goes out as soon as it is ready.
-
-        perf_analyzer and tritonclient match responses to requests by `id`, as with Triton.
-        """
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def run(request: pb.ModelInferRequest) -> None:
-            results.put_nowait(await self._stream_one(request, codec.monotonic_deadline(context.time_remaining())))
+        """Requests of one stream run concurrently (and batch together); responses go out in request order, as
+        Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`."""
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
 
         async def read() -> None:
             try:
@@ -248,20 +243,23 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
                         # requests it already runs are answered, so the drain need not wait out its grace.
-                        results.put_nowait(_stream_error(request, ServerUnavailableError(DRAINING)))
+                        refused = loop.create_future()
+                        refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING)))
+                        results.put_nowait(refused)
                         break
-                    task = asyncio.create_task(run(request))
+                    task = asyncio.create_task(
+                        self._stream_one(request, codec.monotonic_deadline(context.time_remaining()))
+                    )
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
+                    results.put_nowait(task)
             finally:
                 results.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await results.get()) is not None:
-                yield item
+                yield await item
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()
