@@ -4,8 +4,8 @@ grpc.aio (1.85 included) reports INTERNAL "Internal error from Core" for a clien
 ends the call while the client is still writing (an authorization refusal, a drain, an abort): the failed write
 overwrites the status the server sent (grpc/grpc#36066). grpc's sync API and other gRPC implementations report
 the server's own status, and so does this writer: a write that fails because the call is over ends the writing
-and leaves the status to the reader. Should no status come within `STATUS_GRACE_S` (the write was refused for
-another reason), the call ends with grpc's own INTERNAL, as grpc would end it, so that no reader waits for ever.
+and leaves the status to the reader. (A failed send means the call is ending: its status follows, once the reader
+has taken the responses buffered before it, so a slow reader must not be raced with a timeout of our own.)
 
 It uses two private attributes of grpc.aio's calls; with a grpcio that lacks them, it writes through the public
 ``write`` and the bug shows again (tests/test_auth_policy.py checks the status over repeated refusals).
@@ -21,9 +21,6 @@ import grpc.aio
 from google.protobuf.message import Message
 from grpc._cython import cygrpc  # type: ignore[attr-defined]
 
-STATUS_GRACE_S = 5.0
-"""How long a failed write waits for the server's status before the call ends as INTERNAL."""
-
 
 async def pump(call: grpc.aio.StreamStreamCall[Any, Any], messages: AsyncIterator[Message]) -> None:
     """Write every message on ``call``, then half-close it; return quietly once the call is over."""
@@ -34,6 +31,9 @@ async def pump(call: grpc.aio.StreamStreamCall[Any, Any], messages: AsyncIterato
         await call.done_writing()  # a no-op on a call that is over
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError, cygrpc.InternalError):
         return  # the call ended meanwhile: the reader has its status
+    except BaseException:
+        call.cancel()  # the requests themselves failed: end the call, as grpc's own request consumer does
+        raise
 
 
 async def write(call: grpc.aio.StreamStreamCall[Any, Any], message: Message) -> bool:
@@ -51,11 +51,7 @@ async def write(call: grpc.aio.StreamStreamCall[Any, Any], message: Message) -> 
             return False
     try:
         await cython_call.send_serialized_message(message.SerializeToString())
-    except cygrpc.InternalError as err:
-        try:
-            await asyncio.wait_for(asyncio.shield(call.code()), STATUS_GRACE_S)
-        except TimeoutError:
-            cython_call.set_internal_error(str(err))
+    except cygrpc.InternalError:
         return False
     return True
 
