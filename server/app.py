@@ -25,6 +25,7 @@ from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.rpc.probes import ProbeAuthorization
 from tensorgate.server.rpc.servicer import InferenceServicer
+from tensorgate.server.rpc.shared_memory import SystemSharedMemory
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
 from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, from_settings, parse_headers
@@ -172,6 +173,7 @@ class TensorgateServer:
             auth=self.auth,
             requests=self.metrics.requests if self.metrics is not None else None,
             tracing=self.tracing,
+            shared_memory=SystemSharedMemory(enabled=s.shared_memory == "system"),
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]

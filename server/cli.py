@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorgate.server.settings import AUTH_PROBES_MODES, MODEL_CONTROL_MODES, ServerSettings
+from tensorgate.server.settings import AUTH_PROBES_MODES, MODEL_CONTROL_MODES, SHARED_MEMORY_MODES, ServerSettings
 
 _D = ServerSettings.__dataclass_fields__
 
@@ -69,6 +69,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         const=True,
     )
     opt("--model-control-mode", str, "none | poll | explicit (default none)", choices=MODEL_CONTROL_MODES)
+    opt(
+        "--shared-memory",
+        str,
+        "off | system: let clients on this host pass tensors in POSIX shared memory regions (Triton's extension; "
+        "a region maps any /dev/shm segment the server may open, so only where local callers are trusted; "
+        "default off)",
+        choices=SHARED_MEMORY_MODES,
+    )
     p.add_argument(
         "--load-model",
         action="append",
@@ -210,6 +218,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             grpc_port=args.grpc_port,
             reuse_port=args.reuse_port,
+            shared_memory=args.shared_memory,
             model_control_mode=args.model_control_mode,
             load_model=list(
                 args.load_model

@@ -10,6 +10,7 @@ from pathlib import Path
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
+SHARED_MEMORY_MODES = ("off", "system")
 
 
 _MAX_GRPC_SECONDS = 2_147_483
@@ -24,6 +25,10 @@ class ServerSettings:
     """Address to listen on; the default keeps an unconfigured server off the network."""
     grpc_port: int = 8001
     """0 picks a free port; the bound port is logged on the 'listening' line."""
+    shared_memory: str = "off"
+    """"system": clients on this host may register POSIX shared memory regions and name them for inputs and outputs
+    (Triton's system shared memory extension). Off by default: a region maps any segment the server's user may
+    open in /dev/shm."""
     reuse_port: bool = False
     """Let several tensorgate processes on this host listen on grpc_port together (SO_REUSEPORT): the kernel
     spreads new connections across them, each with its own GIL. Off, a second server on the port fails to start."""
@@ -99,6 +104,8 @@ class ServerSettings:
             raise ValueError(
                 f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
             )
+        if self.shared_memory not in SHARED_MEMORY_MODES:
+            raise ValueError(f"shared_memory must be one of {SHARED_MEMORY_MODES}, got {self.shared_memory!r}")
         if self.auth_probes not in AUTH_PROBES_MODES:
             raise ValueError(f"auth_probes must be one of {AUTH_PROBES_MODES}, got {self.auth_probes!r}")
         if not 0 <= self.grpc_port <= 65535:

@@ -12,12 +12,13 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
         apis: [inference, metadata, health]
         models: ["add_sub", {name: "fraud-*", versions: [2, 3]}]
 
-API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, and tensorgate.v1.Monitoring's
-SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig), statistics
-(ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex, RepositoryModelLoad,
-RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection
-services answer probes without a check by default; with `--auth-probes policy` they are checked too (server/rpc/
-probes.py), as `Health.Check`/`Health.Watch` in the health group and `ServerReflectionInfo` in the metadata group.
+API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, SystemSharedMemory*, and
+tensorgate.v1.Monitoring's SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig),
+statistics (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard
+grpc.health.v1 and reflection services answer probes without a check by default; with `--auth-probes policy` they
+are checked too (server/rpc/probes.py), as `Health.Check`/`Health.Watch` in the health group and
+`ServerReflectionInfo` in the metadata group.
 
 Calls that name no model: health and metadata ones (ServerLive, ServerMetadata, ...) need the group only;
 RepositoryIndex and ModelStatistics for all models list every model, so they need a rule whose models include
@@ -67,6 +68,10 @@ API_GROUPS = ("inference", "metadata", "statistics", "repository", "health")
 RPC_GROUPS: dict[str, str] = {
     "ModelInfer": "inference",
     "ModelStreamInfer": "inference",
+    # Regions serve inference calls: whoever may infer may register the memory its requests name.
+    "SystemSharedMemoryStatus": "inference",
+    "SystemSharedMemoryRegister": "inference",
+    "SystemSharedMemoryUnregister": "inference",
     "ServerMetadata": "metadata",
     "ModelMetadata": "metadata",
     "ModelConfig": "metadata",

@@ -26,6 +26,8 @@ class InferRequest:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     deadline: float | None = None
     """Absolute `time.monotonic()` by which the caller stops waiting; None when the call has no deadline."""
+    shared_outputs: dict[str, memoryview] | None = None
+    """Outputs the caller asked for in shared memory: where the response encoder writes them."""
 
 
 @dataclass(slots=True)

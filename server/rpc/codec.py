@@ -24,10 +24,11 @@ from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
+from tensorgate.server.rpc.shared_memory import OFF_MESSAGE, REGION, SystemSharedMemory
 from tensorgate.server.telemetry.statistics import Duration
 
 # Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
-_UNSUPPORTED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
+_UNSUPPORTED_OUTPUT_PARAMETERS = ("classification",)
 _BY_NAME = datatypes.BY_NAME
 
 
@@ -104,23 +105,40 @@ MAX_DIMS = 64
 """numpy's limit on dimensions (NPY_MAXDIMS); a request over it is refused before any array is made."""
 
 
+def _shared(
+    shm: SystemSharedMemory | None, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str
+) -> memoryview:
+    """An input's bytes from its shared memory region, read-only."""
+    if shm is None:
+        raise InvalidRequestError(model, version, OFF_MESSAGE, tensor=tensor.name)
+    if tensor.HasField("contents"):
+        raise InvalidRequestError(
+            model, version, "data given both in contents and in shared memory", tensor=tensor.name
+        )
+    return shm.slice(tensor.parameters, model=model, version=version, tensor=tensor.name).toreadonly()
+
+
 def decode_infer_request(
-    msg: pb.ModelInferRequest, deadline: float | None = None, limits: RequestLimits = DEFAULT_LIMITS
+    msg: pb.ModelInferRequest,
+    deadline: float | None = None,
+    limits: RequestLimits = DEFAULT_LIMITS,
+    shm: SystemSharedMemory | None = None,
 ) -> InferRequest:
     """Build the pipeline's request; checks what the protocol and the size limits require, not the model schema.
 
     This runs once per request on the event loop, so it reads each protobuf field once and indexes repeated
     fields rather than iterating them (upb's iterators and `tuple(repeated)` cost microseconds each); measured
     with benchmarks/hotpath.py.
+
+    Inputs in shared memory (`shm`, when the server has it on) take no raw_input_contents entry: as in Triton,
+    the entries are for the other inputs, in order.
     """
     model, version = msg.model_name, msg.model_version
     tensors_in = msg.inputs
     n_inputs = len(tensors_in)
     raw: list[bytes] | None = msg.raw_input_contents[:] if len(msg.raw_input_contents) else None
-    if raw is not None and len(raw) != n_inputs:
-        raise InvalidRequestError(
-            model, version, f"request has {n_inputs} inputs but {len(raw)} raw_input_contents entries"
-        )
+    shared = 0
+    """Inputs so far read from shared memory: raw_input_contents[i - shared] holds input i's data."""
     inputs: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for i in range(n_inputs):
@@ -128,8 +146,6 @@ def decode_infer_request(
         name = tensor.name
         if name in inputs:
             raise InvalidRequestError(model, version, "input given more than once", tensor=name)
-        if "shared_memory_region" in tensor.parameters:
-            raise InvalidRequestError(model, version, "shared-memory inputs are not supported", tensor=name)
         dt = _BY_NAME.get(tensor.datatype)
         if dt is None:
             raise InvalidRequestError(model, version, f"unknown datatype '{tensor.datatype}'", tensor=name)
@@ -159,12 +175,31 @@ def decode_infer_request(
                 f"{limits.max_tensor_elements} elements "
                 "(--max-tensor-elements)",
             )
-        if raw is not None:
+        if REGION in tensor.parameters:
+            shared += 1
+            view = _shared(shm, tensor, model, version)
+            if dt.name == "BYTES":
+                inputs[name] = _decode_raw(bytes(view), dt, shape, model, version, name, limits)
+            elif len(view) == count * dt.itemsize:
+                inputs[name] = np.frombuffer(view, dtype=dt.np_dtype).reshape(shape)  # a view of the region
+            else:
+                raise InvalidRequestError(
+                    model,
+                    version,
+                    f"shared_memory_byte_size is {len(view)} but shape {list(shape)} of {dt.name} needs "
+                    f"{count * dt.itemsize} bytes",
+                    tensor=name,
+                )
+        elif raw is not None:
             if tensor.HasField("contents"):
                 raise InvalidRequestError(
                     model, version, "data given both in contents and in raw_input_contents", tensor=name
                 )
-            data = raw[i]
+            if i - shared >= len(raw):
+                raise InvalidRequestError(
+                    model, version, f"request has {n_inputs} inputs but {len(raw)} raw_input_contents entries"
+                )
+            data = raw[i - shared]
             if dt.name != "BYTES" and len(data) == count * dt.itemsize:
                 # The common case, inline: a view of the request bytes (what tensors.decode_raw returns too).
                 inputs[name] = np.frombuffer(data, dtype=dt.np_dtype).reshape(shape)
@@ -173,7 +208,14 @@ def decode_infer_request(
         else:
             inputs[name] = _decode_contents(tensor, dt, shape, model, version, limits)
         dtypes[name] = dt.name
+    if raw is not None and len(raw) != n_inputs - shared:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"request has {n_inputs - shared} inputs to read from raw_input_contents but {len(raw)} entries",
+        )
     requested: list[str] = []
+    shared_outputs: dict[str, memoryview] | None = None
     outs = msg.outputs
     for j in range(len(outs)):
         out = outs[j]
@@ -185,6 +227,12 @@ def decode_infer_request(
                     raise InvalidRequestError(
                         model, version, f"output parameter '{key}' is not supported", tensor=out.name
                     )
+            if REGION in out.parameters:
+                if shm is None:
+                    raise InvalidRequestError(model, version, OFF_MESSAGE, tensor=out.name)
+                if shared_outputs is None:
+                    shared_outputs = {}
+                shared_outputs[out.name] = shm.slice(out.parameters, model=model, version=version, tensor=out.name)
         requested.append(out.name)
     params = msg.parameters
     return InferRequest(
@@ -196,18 +244,36 @@ def decode_infer_request(
         requested_outputs=requested,
         parameters=tensors.parameters_of(params) if len(params) else {},
         deadline=deadline,
+        shared_outputs=shared_outputs,
     )
 
 
 encode_array = tensors.encode_array
 
 
-def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
-    """One raw_output_contents entry per output, in the same order as `outputs`."""
+def encode_infer_response(
+    resp: InferResponse, shared_outputs: dict[str, memoryview] | None = None
+) -> pb.ModelInferResponse:
+    """One raw_output_contents entry per output, in the same order as `outputs`; an output asked for in shared
+    memory is written there, and its entry is empty (as Triton's, so that entries stay aligned with outputs)."""
     msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
     for name, datatype, array in resp.outputs:
         msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        msg.raw_output_contents.append(encode_array(array, datatype))
+        data = encode_array(array, datatype)
+        if shared_outputs is not None and name in shared_outputs:
+            target = shared_outputs[name]
+            if len(data) > len(target):
+                error = InvalidRequestError(
+                    resp.model,
+                    resp.version,
+                    f"the output takes {len(data)} bytes, more than the {len(target)} given in shared memory",
+                    tensor=name,
+                )
+                error.ran = True  # the model has run: sending the same request again fails the same way
+                raise error
+            target[: len(data)] = data
+            data = b""
+        msg.raw_output_contents.append(data)
     return msg
 
 

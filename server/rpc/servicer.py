@@ -1,7 +1,7 @@
 """GRPCInferenceService: each RPC decodes, calls the pipeline or repository, and encodes; nothing more.
 
 Every method goes through one error mapper (server/rpc/errors.py). RPCs that tensorgate does not implement
-(shared memory, trace and log settings) are inherited from the generated base and answer UNIMPLEMENTED.
+(CUDA shared memory, trace and log settings) are inherited from the generated base and answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
+from tensorgate.server.rpc.shared_memory import SystemSharedMemory, encode_status
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -78,8 +79,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         auth: Authorizer | None = None,
         requests: RequestCounts | None = None,
         tracing: Tracing | None = None,
+        shared_memory: SystemSharedMemory | None = None,
     ) -> None:
         self.gate = gate
+        self.shared_memory = shared_memory or SystemSharedMemory(enabled=False)
+        self._shm = self.shared_memory if self.shared_memory.enabled else None
+        self._extensions = EXTENSIONS + (("system_shared_memory",) if self.shared_memory.enabled else ())
         self.tracing = tracing
         self._requests = requests
         self.auth = auth or Authorizer()
@@ -110,7 +115,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     @errors.unary
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=self._extensions)
 
     @errors.unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
@@ -141,7 +146,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
         tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does."""
         try:
-            return codec.decode_infer_request(request, deadline, self._limits)
+            return codec.decode_infer_request(request, deadline, self._limits, self._shm)
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
             raise
@@ -167,7 +172,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         try:
             req = self._decode(request, codec.monotonic_deadline(context.time_remaining()))
-            response = codec.encode_infer_response(await self._handler.infer(req))
+            response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
             if self._requests is not None:
@@ -180,7 +185,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
             req = self._decode(request, deadline)
-            result = codec.encode_infer_response(await self._handler.infer(req))
+            result = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
         except BaseException as exc:
@@ -265,6 +270,31 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    # ----- system shared memory (Triton's extension; off unless --shared-memory system) ----------------------
+
+    @errors.unary
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        self.shared_memory.require("SystemSharedMemoryStatus")
+        return encode_status(self.shared_memory.status(request.name))
+
+    @errors.unary
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shared_memory.require("SystemSharedMemoryRegister")
+        self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @errors.unary
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shared_memory.require("SystemSharedMemoryUnregister")
+        self.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     # ----- repository --------------------------------------------------------------------------------------
 

@@ -1,0 +1,168 @@
+"""System shared memory regions, Triton's extension: a client on the same host puts tensors in a POSIX shared
+memory segment, registers it once, and requests name the region instead of carrying the bytes.
+
+Inputs are read as numpy views of the mapped segment (no copy until a batch is stacked); outputs are written into
+it, and the response carries their shape and datatype with an empty raw_output_contents entry, as Triton's does.
+
+Off unless the server is started with `--shared-memory system`: a registered key maps any segment in /dev/shm that
+the server's user may open, and an identity allowed to infer could read it back through a model. Triton serves
+the extension to every caller; here an operator turns it on for hosts whose local clients are trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError
+
+REGION = "shared_memory_region"
+OFFSET = "shared_memory_offset"
+BYTE_SIZE = "shared_memory_byte_size"
+
+SHM_ROOT = Path("/dev/shm")
+"""Where Linux keeps POSIX shared memory: shm_open("/name") opens /dev/shm/name."""
+
+OFF_MESSAGE = "system shared memory is off on this server (start it with --shared-memory system)"
+
+
+class RegionError(TensorgateError):
+    """A region that cannot be registered: a bad key, offset or size."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RegionNotFoundError(TensorgateError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class RegionExistsError(TensorgateError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+def _integer(param: pb.InferParameter) -> int | None:
+    choice = param.WhichOneof("parameter_choice")
+    return int(getattr(param, choice)) if choice in ("int64_param", "uint64_param") else None
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    memory: memoryview
+    """The registered bytes (offset .. offset + byte_size of the segment), writable. Views taken from it keep the
+    mapping alive after an unregister, so a request in flight never reads unmapped memory."""
+
+
+def _segment_path(key: str) -> Path:
+    """shm_open's rules: one name, with or without a leading '/', and no other '/'."""
+    name = key[1:] if key.startswith("/") else key
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise RegionError(f"shared memory key {key!r} is not a POSIX shared memory name (like '/input0')")
+    return SHM_ROOT / name
+
+
+class SystemSharedMemory:
+    """The regions registered on this server, by name. Registration happens on the event loop; reads from the
+    request path take the current dict without a lock."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def require(self, rpc: str) -> None:
+        """The extension's RPCs answer UNIMPLEMENTED, naming the flag, while it is off."""
+        if not self.enabled:
+            raise UnimplementedError(f"{rpc}: {OFF_MESSAGE}")
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not name:
+            raise RegionError("a shared memory region needs a name")
+        if offset < 0 or byte_size <= 0:
+            raise RegionError(
+                f"shared memory region '{name}': offset {offset} and byte_size {byte_size} must be >= 0 and > 0"
+            )
+        path = _segment_path(key)
+        with self._lock:
+            if name in self._regions:
+                raise RegionExistsError(f"shared memory region '{name}' is already registered")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                reason = "no such segment" if exc.errno == errno.ENOENT else os.strerror(exc.errno or 0)
+                raise RegionError(f"shared memory region '{name}': cannot open key '{key}': {reason}") from exc
+            try:
+                size = os.fstat(fd).st_size
+                if offset + byte_size > size:
+                    raise RegionError(
+                        f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
+                        f"of key '{key}' ({size} bytes)"
+                    )
+                mapped = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(fd)
+            memory = memoryview(mapped)[offset : offset + byte_size]
+            self._regions = {**self._regions, name: Region(name, key, offset, byte_size, memory)}
+
+    def unregister(self, name: str) -> None:
+        """One region, or all of them for ""; an unknown name is no error (as in Triton)."""
+        with self._lock:
+            if not name:
+                self._regions = {}
+            elif name in self._regions:
+                self._regions = {k: v for k, v in self._regions.items() if k != name}
+
+    def status(self, name: str) -> list[Region]:
+        regions = self._regions
+        if not name:
+            return [regions[k] for k in sorted(regions)]
+        if name not in regions:
+            raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
+        return [regions[name]]
+
+    def slice(self, params: Mapping[str, pb.InferParameter], *, model: str, version: str, tensor: str) -> memoryview:
+        """The bytes a tensor's `shared_memory_*` parameters name; errors name the model and tensor."""
+
+        def bad(detail: str) -> InvalidRequestError:
+            return InvalidRequestError(model, version, detail, tensor=tensor)
+
+        if not self.enabled:
+            raise bad(OFF_MESSAGE)
+        region = params[REGION]
+        if region.WhichOneof("parameter_choice") != "string_param":
+            raise bad(f"parameter '{REGION}' must be a string")
+        if BYTE_SIZE not in params:
+            raise bad(f"parameter '{BYTE_SIZE}' must come with '{REGION}'")
+        byte_size = _integer(params[BYTE_SIZE])
+        offset = _integer(params[OFFSET]) if OFFSET in params else 0
+        if byte_size is None or offset is None:
+            raise bad(f"parameters '{OFFSET}' and '{BYTE_SIZE}' must be integers")
+        name = region.string_param
+        found = self._regions.get(name)
+        if found is None:
+            raise bad(f"shared memory region '{name}' is not registered")
+        if offset < 0 or byte_size < 0 or offset + byte_size > found.byte_size:
+            raise bad(
+                f"offset {offset} + byte_size {byte_size} is outside shared memory region '{name}' "
+                f"({found.byte_size} bytes)"
+            )
+        return found.memory[offset : offset + byte_size]
+
+
+def encode_status(regions: list[Region]) -> pb.SystemSharedMemoryStatusResponse:
+    msg = pb.SystemSharedMemoryStatusResponse()
+    for r in regions:
+        entry = msg.regions[r.name]
+        entry.name, entry.key, entry.offset, entry.byte_size = r.name, r.key, r.offset, r.byte_size
+    return msg

@@ -1,0 +1,279 @@
+"""System shared memory (Triton's extension) with unmodified tritonclient: its own shared memory utilities make
+the POSIX segments, and the server reads inputs from them and writes outputs into them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tests.onnx_models import add_sub_model, write_config
+from tests.serving import ServerThread
+
+ROW_BYTES = 16 * 4
+
+
+@pytest.fixture
+def served(repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(repo, shared_memory="system") as s:
+        yield s
+
+
+@pytest.fixture
+def client(served: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(served.address)
+    yield c
+    c.unregister_system_shared_memory()
+    c.close()
+
+
+class Segments:
+    """POSIX segments made by tritonclient's utilities, destroyed after the test."""
+
+    def __init__(self) -> None:
+        self.handles: list[object] = []
+
+    def make(self, byte_size: int) -> tuple[str, object]:
+        key = f"/tg-test-{uuid.uuid4().hex[:12]}"
+        handle = shm.create_shared_memory_region(key.lstrip("/"), key, byte_size)
+        self.handles.append(handle)
+        return key, handle
+
+    def close(self) -> None:
+        for handle in self.handles:
+            shm.destroy_shared_memory_region(handle)
+
+
+@pytest.fixture
+def segments() -> Iterator[Segments]:
+    s = Segments()
+    yield s
+    s.close()
+
+
+def _code(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+def test_inputs_and_outputs_in_shared_memory(client: tc.InferenceServerClient, segments: Segments) -> None:
+    rows = 3
+    a = np.arange(rows * 16, dtype=np.float32).reshape(rows, 16)
+    b = np.full((rows, 16), 0.5, np.float32)
+    size = rows * ROW_BYTES
+    in_key, in_handle = segments.make(2 * size)  # both inputs in one segment, at two offsets
+    out_key, out_handle = segments.make(2 * size)
+    shm.set_shared_memory_region(in_handle, [a, b])
+    client.register_system_shared_memory("in", in_key, 2 * size)
+    client.register_system_shared_memory("out", out_key, 2 * size)
+
+    inputs = [tc.InferInput("INPUT0", [rows, 16], "FP32"), tc.InferInput("INPUT1", [rows, 16], "FP32")]
+    inputs[0].set_shared_memory("in", size)
+    inputs[1].set_shared_memory("in", size, offset=size)
+    outputs = [tc.InferRequestedOutput("OUTPUT0"), tc.InferRequestedOutput("OUTPUT1")]
+    outputs[0].set_shared_memory("out", size)
+    outputs[1].set_shared_memory("out", size, offset=size)
+    result = client.infer("add_sub", inputs, outputs=outputs)
+
+    response = result.get_response()
+    assert [(o.name, list(o.shape), o.datatype) for o in response.outputs] == [
+        ("OUTPUT0", [rows, 16], "FP32"),
+        ("OUTPUT1", [rows, 16], "FP32"),
+    ]
+    assert list(response.raw_output_contents) == [b"", b""]  # the bytes went to shared memory, not the wire
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(out_handle, np.float32, [rows, 16]), a + b)
+    second = np.frombuffer(shm.get_contents_as_numpy(out_handle, np.uint8, [2 * size])[size:].tobytes(), np.float32)
+    np.testing.assert_array_equal(second.reshape(rows, 16), a - b)
+
+    status = client.get_system_shared_memory_status(as_json=True)
+    assert {r["name"]: (r["key"], r.get("byte_size")) for r in status["regions"].values()} == {
+        "in": (in_key, str(2 * size)),
+        "out": (out_key, str(2 * size)),
+    }
+    client.unregister_system_shared_memory("in")
+    assert set(client.get_system_shared_memory_status(as_json=True)["regions"]) == {"out"}
+    with pytest.raises(InferenceServerException, match="shared memory region 'in' is not registered") as info:
+        client.infer("add_sub", inputs, outputs=outputs)
+    assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_shared_and_raw_tensors_mix_as_in_triton(client: tc.InferenceServerClient, segments: Segments) -> None:
+    """raw_input_contents then holds only the other inputs' data, and the response keeps an (empty) entry for an
+    output in shared memory, so that tritonclient's as_numpy still finds the raw one by position."""
+    a, b = np.arange(16, dtype=np.float32).reshape(1, 16), np.ones((1, 16), np.float32)
+    key, handle = segments.make(2 * ROW_BYTES)
+    shm.set_shared_memory_region(handle, [a])
+    client.register_system_shared_memory("mixed", key, 2 * ROW_BYTES)
+    inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+    inputs[0].set_shared_memory("mixed", ROW_BYTES)
+    inputs[1].set_data_from_numpy(b)  # raw_input_contents[0], though it is the second input
+    outputs = [tc.InferRequestedOutput("OUTPUT0"), tc.InferRequestedOutput("OUTPUT1")]
+    outputs[0].set_shared_memory("mixed", ROW_BYTES, offset=ROW_BYTES)
+    result = client.infer("add_sub", inputs, outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    raw = shm.get_contents_as_numpy(handle, np.uint8, [2 * ROW_BYTES])[ROW_BYTES:].tobytes()
+    np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(1, 16), a + b)
+
+
+def test_requests_in_shared_memory_batch_together(repo: Path, segments: Segments) -> None:
+    write_config(
+        repo,
+        "batched",
+        'backend: "onnxruntime"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] }, '
+        '{ name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] }, '
+        '{ name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 20000 }\n",
+    )
+    add_sub_model(repo / "batched" / "1" / "model.onnx")
+    n = 8
+    key, handle = segments.make(n * 3 * ROW_BYTES)  # per request: INPUT0, INPUT1, OUTPUT0
+    data = [np.full((1, 16), i, np.float32) for i in range(n)]
+    shm.set_shared_memory_region(
+        handle, [x for i in range(n) for x in (data[i], data[i], np.zeros((1, 16), np.float32))]
+    )
+    with ServerThread(repo, shared_memory="system") as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            client.register_system_shared_memory("all", key, n * 3 * ROW_BYTES)
+
+            def one(i: int) -> None:
+                base = i * 3 * ROW_BYTES
+                inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+                inputs[0].set_shared_memory("all", ROW_BYTES, offset=base)
+                inputs[1].set_shared_memory("all", ROW_BYTES, offset=base + ROW_BYTES)
+                out = tc.InferRequestedOutput("OUTPUT0")
+                out.set_shared_memory("all", ROW_BYTES, offset=base + 2 * ROW_BYTES)
+                client.infer("batched", inputs, outputs=[out])
+
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                list(pool.map(one, range(n)))
+            stats = client.get_inference_statistics("batched").model_stats[0]
+            assert stats.inference_count == n and stats.execution_count < n, "the requests never shared a batch"
+            raw = shm.get_contents_as_numpy(handle, np.float32, [n, 3, 16])
+            for i in range(n):
+                np.testing.assert_array_equal(raw[i, 2], np.full(16, 2.0 * i, np.float32))
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()
+
+
+def test_bad_regions_and_requests_get_clear_errors(
+    client: tc.InferenceServerClient, segments: Segments, served: ServerThread
+) -> None:
+    key, handle = segments.make(ROW_BYTES)
+    client.register_system_shared_memory("r", key, ROW_BYTES)
+    cases = [
+        (lambda: client.register_system_shared_memory("r", key, ROW_BYTES), "ALREADY_EXISTS", "already registered"),
+        (
+            lambda: client.register_system_shared_memory("big", key, ROW_BYTES, offset=8),
+            "INVALID_ARGUMENT",
+            f"offset 8 + byte_size {ROW_BYTES} is past the end of key '{key}' ({ROW_BYTES} bytes)",
+        ),
+        (lambda: client.register_system_shared_memory("x", "/tg-no-such-segment", 4), "INVALID_ARGUMENT", "no such"),
+        (lambda: client.register_system_shared_memory("x", "/../etc", 4), "INVALID_ARGUMENT", "not a POSIX shared"),
+        (lambda: client.get_system_shared_memory_status("nope"), "NOT_FOUND", "'nope' is not registered"),
+    ]
+    for call, code, text in cases:
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert _code(info.value) == f"StatusCode.{code}" and text in info.value.message(), info.value.message()
+
+    def infer(in_size: int, offset: int = 0, out_size: int | None = None) -> None:
+        inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+        inputs[0].set_shared_memory("r", in_size, offset=offset)
+        inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+        outputs = None
+        if out_size is not None:
+            out = tc.InferRequestedOutput("OUTPUT0")
+            out.set_shared_memory("r", out_size)
+            outputs = [out]
+        client.infer("add_sub", inputs, outputs=outputs)
+
+    bad_requests = [
+        (lambda: infer(ROW_BYTES - 4), "tensor 'INPUT0'", "shared_memory_byte_size is 60 but shape [1, 16]"),
+        (lambda: infer(ROW_BYTES, offset=4), "tensor 'INPUT0'", "is outside shared memory region 'r' (64 bytes)"),
+        (lambda: infer(ROW_BYTES, out_size=8), "tensor 'OUTPUT0'", "takes 64 bytes, more than the 8 given"),
+    ]
+    for call, tensor, text in bad_requests:
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        message = info.value.message()
+        assert _code(info.value) == "StatusCode.INVALID_ARGUMENT", message
+        assert "model 'add_sub'" in message and tensor in message and text in message, message
+    infer(ROW_BYTES)  # the server goes on serving
+    with grpc.insecure_channel(served.address) as channel:
+        meta = GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=5)
+    assert "system_shared_memory" in meta.extensions
+
+
+def test_off_by_default(repo: Path, segments: Segments) -> None:
+    key, handle = segments.make(ROW_BYTES)
+    with ServerThread(repo) as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.register_system_shared_memory("r", key, ROW_BYTES)
+            assert _code(info.value) == "StatusCode.UNIMPLEMENTED"
+            assert "--shared-memory system" in info.value.message()
+            inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+            inputs[0].set_shared_memory("r", ROW_BYTES)
+            inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("add_sub", inputs)
+            assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+            assert "tensor 'INPUT0'" in info.value.message() and "--shared-memory system" in info.value.message()
+            assert "system_shared_memory" not in client.get_server_metadata().extensions
+        finally:
+            client.close()
+
+
+def test_shared_memory_setting_is_checked(repo: Path) -> None:
+    with pytest.raises(ValueError, match="shared_memory must be one of"):
+        ServerThread(repo, shared_memory="cuda")
+    assert os.path.isdir("/dev/shm")
+
+
+def test_registering_needs_inference_on_every_model(repo: Path, tmp_path: Path, segments: Segments) -> None:
+    """A region maps host memory and serves any model's requests: an identity limited to some models may not
+    register one (it still names regions that others registered, under its own models' rules)."""
+    import hashlib
+    import json
+
+    tokens = {"narrow": "t-narrow", "broad": "t-broad"}
+    policy = {
+        "rules": [
+            {"identities": "narrow", "apis": ["inference"], "models": ["add_sub"]},
+            {"identities": "broad", "apis": ["inference"]},
+        ],
+        "tokens": [{"sha256": hashlib.sha256(t.encode()).hexdigest(), "identity": i} for i, t in tokens.items()],
+    }
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    key, _ = segments.make(ROW_BYTES)
+    with ServerThread(repo, shared_memory="system", auth_policy=path) as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.register_system_shared_memory("r", key, ROW_BYTES, headers={"authorization": "Bearer t-narrow"})
+            assert _code(info.value) == "StatusCode.PERMISSION_DENIED"
+            assert "identity 'narrow' may not call SystemSharedMemoryRegister" in info.value.message()
+            client.register_system_shared_memory("r", key, ROW_BYTES, headers={"authorization": "Bearer t-broad"})
+            inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+            inputs[0].set_shared_memory("r", ROW_BYTES)
+            inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+            client.infer("add_sub", inputs, headers={"authorization": "Bearer t-narrow"})
+        finally:
+            client.unregister_system_shared_memory(headers={"authorization": "Bearer t-broad"})
+            client.close()
