@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tests.onnx_models import add_sub_model, write_config
+from tests.process import ServeProcess
 from tests.serving import ServerThread
 
 ROW_BYTES = 16 * 4
@@ -277,3 +278,44 @@ def test_registering_needs_inference_on_every_model(repo: Path, tmp_path: Path, 
         finally:
             client.unregister_system_shared_memory(headers={"authorization": "Bearer t-broad"})
             client.close()
+
+
+def test_a_segment_shrunk_by_its_client_fails_the_request_not_the_server(repo: Path, segments: Segments) -> None:
+    """The client owns the segment: shrinking it after registration must cost its own request, not the server (a
+    memory mapping read past the end of a shrunk file is SIGBUS, which ends the process). A real server process."""
+    key, handle = segments.make(2 * ROW_BYTES)
+    shm.set_shared_memory_region(handle, [np.ones((2, 16), np.float32)])
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shared-memory", "system"]
+    with ServeProcess(args) as server:
+        server.wait_for_line("ready")
+        client = tc.InferenceServerClient(server.address)
+        try:
+            client.register_system_shared_memory("r", key, 2 * ROW_BYTES)
+            os.truncate(shm_path(key), 0)
+            inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+            inputs[0].set_shared_memory("r", ROW_BYTES, offset=ROW_BYTES)
+            inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("add_sub", inputs)
+            assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+            assert "tensor 'INPUT0'" in info.value.message() and "was shrunk" in info.value.message()
+            assert client.is_server_live()
+        finally:
+            client.close()
+        assert server.terminate() == 0, server.output
+
+
+def test_a_fifo_in_dev_shm_is_refused_without_blocking(client: tc.InferenceServerClient) -> None:
+    key = f"/tg-test-fifo-{uuid.uuid4().hex[:12]}"
+    os.mkfifo(shm_path(key))
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            client.register_system_shared_memory("fifo", key, 4, client_timeout=10)
+        assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+        assert "is not a shared memory segment" in info.value.message()
+    finally:
+        os.unlink(shm_path(key))
+
+
+def shm_path(key: str) -> str:
+    return "/dev/shm/" + key.lstrip("/")

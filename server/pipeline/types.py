@@ -7,10 +7,14 @@ messages, so the pipeline, scheduler and backends can be tested and reused witho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tensorgate.protos.tensors import ParamValue
+
+if TYPE_CHECKING:
+    from tensorgate.server.rpc.shared_memory import Slice
 
 
 @dataclass(slots=True)
@@ -26,7 +30,7 @@ class InferRequest:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     deadline: float | None = None
     """Absolute `time.monotonic()` by which the caller stops waiting; None when the call has no deadline."""
-    shared_outputs: dict[str, memoryview] | None = None
+    shared_outputs: dict[str, Slice] | None = None
     """Outputs the caller asked for in shared memory: where the response encoder writes them."""
 
 

@@ -24,7 +24,7 @@ from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
-from tensorgate.server.rpc.shared_memory import OFF_MESSAGE, REGION, SystemSharedMemory
+from tensorgate.server.rpc.shared_memory import OFF_MESSAGE, REGION, RegionError, Slice, SystemSharedMemory
 from tensorgate.server.telemetry.statistics import Duration
 
 # Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
@@ -107,15 +107,19 @@ MAX_DIMS = 64
 
 def _shared(
     shm: SystemSharedMemory | None, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str
-) -> memoryview:
-    """An input's bytes from its shared memory region, read-only."""
+) -> bytes:
+    """An input's bytes, read from its shared memory region."""
     if shm is None:
         raise InvalidRequestError(model, version, OFF_MESSAGE, tensor=tensor.name)
     if tensor.HasField("contents"):
         raise InvalidRequestError(
             model, version, "data given both in contents and in shared memory", tensor=tensor.name
         )
-    return shm.slice(tensor.parameters, model=model, version=version, tensor=tensor.name).toreadonly()
+    piece = shm.slice(tensor.parameters, model=model, version=version, tensor=tensor.name)
+    try:
+        return piece.read()
+    except RegionError as exc:
+        raise InvalidRequestError(model, version, exc.message, tensor=tensor.name) from exc
 
 
 def decode_infer_request(
@@ -177,19 +181,16 @@ def decode_infer_request(
             )
         if REGION in tensor.parameters:
             shared += 1
-            view = _shared(shm, tensor, model, version)
-            if dt.name == "BYTES":
-                inputs[name] = _decode_raw(bytes(view), dt, shape, model, version, name, limits)
-            elif len(view) == count * dt.itemsize:
-                inputs[name] = np.frombuffer(view, dtype=dt.np_dtype).reshape(shape)  # a view of the region
-            else:
+            data = _shared(shm, tensor, model, version)
+            if dt.name != "BYTES" and len(data) != count * dt.itemsize:
                 raise InvalidRequestError(
                     model,
                     version,
-                    f"shared_memory_byte_size is {len(view)} but shape {list(shape)} of {dt.name} needs "
+                    f"shared_memory_byte_size is {len(data)} but shape {list(shape)} of {dt.name} needs "
                     f"{count * dt.itemsize} bytes",
                     tensor=name,
                 )
+            inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
         elif raw is not None:
             if tensor.HasField("contents"):
                 raise InvalidRequestError(
@@ -215,7 +216,7 @@ def decode_infer_request(
             f"request has {n_inputs - shared} inputs to read from raw_input_contents but {len(raw)} entries",
         )
     requested: list[str] = []
-    shared_outputs: dict[str, memoryview] | None = None
+    shared_outputs: dict[str, Slice] | None = None
     outs = msg.outputs
     for j in range(len(outs)):
         out = outs[j]
@@ -251,9 +252,7 @@ def decode_infer_request(
 encode_array = tensors.encode_array
 
 
-def encode_infer_response(
-    resp: InferResponse, shared_outputs: dict[str, memoryview] | None = None
-) -> pb.ModelInferResponse:
+def encode_infer_response(resp: InferResponse, shared_outputs: dict[str, Slice] | None = None) -> pb.ModelInferResponse:
     """One raw_output_contents entry per output, in the same order as `outputs`; an output asked for in shared
     memory is written there, and its entry is empty (as Triton's, so that entries stay aligned with outputs)."""
     msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
@@ -262,16 +261,16 @@ def encode_infer_response(
         data = encode_array(array, datatype)
         if shared_outputs is not None and name in shared_outputs:
             target = shared_outputs[name]
-            if len(data) > len(target):
+            if len(data) > target.size:
                 error = InvalidRequestError(
                     resp.model,
                     resp.version,
-                    f"the output takes {len(data)} bytes, more than the {len(target)} given in shared memory",
+                    f"the output takes {len(data)} bytes, more than the {target.size} given in shared memory",
                     tensor=name,
                 )
                 error.ran = True  # the model has run: sending the same request again fails the same way
                 raise error
-            target[: len(data)] = data
+            target.write(data)
             data = b""
         msg.raw_output_contents.append(data)
     return msg

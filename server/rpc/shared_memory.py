@@ -1,8 +1,10 @@
 """System shared memory regions, Triton's extension: a client on the same host puts tensors in a POSIX shared
 memory segment, registers it once, and requests name the region instead of carrying the bytes.
 
-Inputs are read as numpy views of the mapped segment (no copy until a batch is stacked); outputs are written into
-it, and the response carries their shape and datatype with an empty raw_output_contents entry, as Triton's does.
+Inputs are read from the segment and outputs written into it with pread/pwrite on a descriptor held per region,
+not through a memory mapping: the client owns the segment and may shrink it at any time, and touching a mapping
+past the end of a shrunk file kills the whole server with SIGBUS, where a short read is an error for one request.
+The response carries an output's shape and datatype with an empty raw_output_contents entry, as Triton's does.
 
 Off unless the server is started with `--shared-memory system`: a registered key maps any segment in /dev/shm that
 the server's user may open, and an identity allowed to infer could read it back through a model. Triton serves
@@ -12,8 +14,8 @@ the extension to every caller; here an operator turns it on for hosts whose loca
 from __future__ import annotations
 
 import errno
-import mmap
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,15 +55,45 @@ def _integer(param: pb.InferParameter) -> int | None:
     return int(getattr(param, choice)) if choice in ("int64_param", "uint64_param") else None
 
 
+class _Segment:
+    """An open segment. Closed when the last holder lets go (an unregistered region's requests still in flight keep
+    it open), so a descriptor number is never reused under a request that still writes to it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass(frozen=True, slots=True)
 class Region:
     name: str
     key: str
     offset: int
     byte_size: int
-    memory: memoryview
-    """The registered bytes (offset .. offset + byte_size of the segment), writable. Views taken from it keep the
-    mapping alive after an unregister, so a request in flight never reads unmapped memory."""
+    segment: _Segment
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """The bytes one tensor names: `size` bytes at `start` of the region's segment."""
+
+    region: Region
+    start: int
+    size: int
+
+    def read(self) -> bytes:
+        data = os.pread(self.region.segment.fd, self.size, self.start)
+        if len(data) < self.size:
+            raise RegionError(
+                f"shared memory region '{self.region.name}' holds fewer bytes than registered: key "
+                f"'{self.region.key}' was shrunk"
+            )
+        return data
+
+    def write(self, data: bytes) -> None:
+        os.pwrite(self.region.segment.fd, data, self.start)
 
 
 def _segment_path(key: str) -> Path:
@@ -98,22 +130,21 @@ class SystemSharedMemory:
             if name in self._regions:
                 raise RegionExistsError(f"shared memory region '{name}' is already registered")
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                # Non-blocking: a FIFO planted in /dev/shm must not hang the event loop in open().
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as exc:
                 reason = "no such segment" if exc.errno == errno.ENOENT else os.strerror(exc.errno or 0)
                 raise RegionError(f"shared memory region '{name}': cannot open key '{key}': {reason}") from exc
-            try:
-                size = os.fstat(fd).st_size
-                if offset + byte_size > size:
-                    raise RegionError(
-                        f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
-                        f"of key '{key}' ({size} bytes)"
-                    )
-                mapped = mmap.mmap(fd, offset + byte_size, access=mmap.ACCESS_WRITE)
-            finally:
-                os.close(fd)
-            memory = memoryview(mapped)[offset : offset + byte_size]
-            self._regions = {**self._regions, name: Region(name, key, offset, byte_size, memory)}
+            segment = _Segment(fd)  # closes the descriptor on any refusal below
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise RegionError(f"shared memory region '{name}': key '{key}' is not a shared memory segment")
+            if offset + byte_size > info.st_size:
+                raise RegionError(
+                    f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
+                    f"of key '{key}' ({info.st_size} bytes)"
+                )
+            self._regions = {**self._regions, name: Region(name, key, offset, byte_size, segment)}
 
     def unregister(self, name: str) -> None:
         """One region, or all of them for ""; an unknown name is no error (as in Triton)."""
@@ -131,7 +162,7 @@ class SystemSharedMemory:
             raise RegionNotFoundError(f"shared memory region '{name}' is not registered")
         return [regions[name]]
 
-    def slice(self, params: Mapping[str, pb.InferParameter], *, model: str, version: str, tensor: str) -> memoryview:
+    def slice(self, params: Mapping[str, pb.InferParameter], *, model: str, version: str, tensor: str) -> Slice:
         """The bytes a tensor's `shared_memory_*` parameters name; errors name the model and tensor."""
 
         def bad(detail: str) -> InvalidRequestError:
@@ -157,7 +188,7 @@ class SystemSharedMemory:
                 f"offset {offset} + byte_size {byte_size} is outside shared memory region '{name}' "
                 f"({found.byte_size} bytes)"
             )
-        return found.memory[offset : offset + byte_size]
+        return Slice(found, found.offset + offset, byte_size)
 
 
 def encode_status(regions: list[Region]) -> pb.SystemSharedMemoryStatusResponse:
