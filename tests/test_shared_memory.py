@@ -319,3 +319,134 @@ def test_a_fifo_in_dev_shm_is_refused_without_blocking(client: tc.InferenceServe
 
 def shm_path(key: str) -> str:
     return "/dev/shm/" + key.lstrip("/")
+
+
+def test_region_offsets_status_and_a_stream(client: tc.InferenceServerClient, segments: Segments) -> None:
+    """A region registered at an offset of its segment, as Status reports it, used over ModelStreamInfer."""
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    key, handle = segments.make(4 * ROW_BYTES)
+    shm.set_shared_memory_region(handle, [a], offset=ROW_BYTES)  # the region starts one row into the segment
+    client.register_system_shared_memory("late", key, 3 * ROW_BYTES, offset=ROW_BYTES)
+    (region,) = client.get_system_shared_memory_status("late").regions.values()
+    assert (region.key, region.offset, region.byte_size) == (key, ROW_BYTES, 3 * ROW_BYTES)
+    results: list[object] = []
+    client.start_stream(callback=lambda result, error: results.append(error or result))
+    try:
+        inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+        inputs[0].set_shared_memory("late", ROW_BYTES)  # region offset 0 = segment offset ROW_BYTES
+        inputs[1].set_data_from_numpy(a)
+        out = tc.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory("late", ROW_BYTES, offset=ROW_BYTES)
+        client.async_stream_infer("add_sub", inputs, outputs=[out], request_id="s")
+    finally:
+        client.stop_stream()  # waits for the answer
+    (result,) = results
+    assert isinstance(result, tc.InferResult), result
+    assert list(result.get_response().raw_output_contents) == [b""]
+    doubled = shm.get_contents_as_numpy(handle, np.float32, [4, 16])[2]
+    np.testing.assert_array_equal(doubled, (2 * a)[0])
+
+
+def test_text_tensors_in_shared_memory(repo: Path, segments: Segments) -> None:
+    from tests.onnx_models import identity_model
+
+    identity_model(repo / "text" / "1" / "model.onnx", "BYTES")
+    words = np.array([[b"a", b"", b"x\x00y", "é".encode()]], dtype=object)
+    framed: bytes = tc.serialize_byte_tensor(words).item()  # tritonclient's length-prefixed BYTES
+    key, handle = segments.make(2 * len(framed))
+    shm.set_shared_memory_region(handle, [np.frombuffer(framed, np.uint8)])
+    with ServerThread(repo, shared_memory="system") as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            client.register_system_shared_memory("text", key, 2 * len(framed))
+            inp = tc.InferInput("INPUT0", [1, 4], "BYTES")
+            inp.set_shared_memory("text", len(framed))
+            out = tc.InferRequestedOutput("OUTPUT0")
+            out.set_shared_memory("text", len(framed), offset=len(framed))
+            client.infer("text", [inp], outputs=[out])
+            back = shm.get_contents_as_numpy(handle, np.object_, [1, 4], offset=len(framed))
+            assert back.tolist() == words.tolist()
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()
+
+
+def _raw_request(region: str, byte_size: int, *, raw_entries: int, contents: bool = False) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="add_sub")
+    first = req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    first.parameters["shared_memory_region"].string_param = region
+    first.parameters["shared_memory_byte_size"].int64_param = byte_size
+    if contents:
+        first.contents.fp32_contents.extend([0.0] * 16)
+    req.inputs.add(name="INPUT1", datatype="FP32", shape=[1, 16])
+    for _ in range(raw_entries):
+        req.raw_input_contents.append(np.zeros((1, 16), np.float32).tobytes())
+    return req
+
+
+@pytest.mark.parametrize(
+    ("byte_size", "raw_entries", "contents", "text"),
+    [
+        pytest.param(ROW_BYTES, 2, False, "1 inputs to read from raw_input_contents but 2 entries", id="extra-raw"),
+        pytest.param(ROW_BYTES, 1, True, "data given both in contents and in shared memory", id="contents-too"),
+        pytest.param(-8, 1, False, "outside shared memory region 'r'", id="negative-size"),
+    ],
+)
+def test_malformed_shared_memory_requests(
+    client: tc.InferenceServerClient,
+    served: ServerThread,
+    segments: Segments,
+    byte_size: int,
+    raw_entries: int,
+    contents: bool,
+    text: str,
+) -> None:
+    key, _ = segments.make(ROW_BYTES)
+    client.register_system_shared_memory("r", key, ROW_BYTES)
+    with grpc.insecure_channel(served.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            GRPCInferenceServiceStub(channel).ModelInfer(
+                _raw_request("r", byte_size, raw_entries=raw_entries, contents=contents), timeout=10
+            )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert text in info.value.details() and "model 'add_sub'" in info.value.details(), info.value.details()
+
+
+def test_an_output_into_a_shrunk_segment_fails(client: tc.InferenceServerClient, segments: Segments) -> None:
+    key, _ = segments.make(2 * ROW_BYTES)
+    client.register_system_shared_memory("r", key, 2 * ROW_BYTES)
+    os.truncate(shm_path(key), ROW_BYTES)
+    inputs = [tc.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+    for i in inputs:
+        i.set_data_from_numpy(np.zeros((1, 16), np.float32))
+    out = tc.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("r", ROW_BYTES, offset=ROW_BYTES)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("add_sub", inputs, outputs=[out])
+    assert _code(info.value) == "StatusCode.INVALID_ARGUMENT" and "was shrunk" in info.value.message()
+    assert os.path.getsize(shm_path(key)) == ROW_BYTES, "the segment was grown back behind its owner's back"
+
+
+def test_regions_are_capped_and_share_their_segments_descriptor(
+    client: tc.InferenceServerClient, segments: Segments
+) -> None:
+    """Each open descriptor is one a new connection cannot have: regions of one segment share one, their number
+    is capped, and unregistering closes them."""
+    import gc
+
+    from tensorgate.server.rpc.shared_memory import MAX_REGIONS
+
+    key, _ = segments.make(ROW_BYTES)
+    before = len(os.listdir("/proc/self/fd"))  # the server runs in this process
+    for i in range(MAX_REGIONS):
+        client.register_system_shared_memory(f"r{i}", key, ROW_BYTES)
+    assert len(os.listdir("/proc/self/fd")) - before < 16, "a descriptor per region"
+    with pytest.raises(InferenceServerException) as info:
+        client.register_system_shared_memory("one-too-many", key, ROW_BYTES)
+    assert _code(info.value) == "StatusCode.RESOURCE_EXHAUSTED" and f"{MAX_REGIONS} regions" in info.value.message()
+    other, _ = segments.make(ROW_BYTES)
+    client.unregister_system_shared_memory()
+    client.register_system_shared_memory("other", other, ROW_BYTES)
+    client.unregister_system_shared_memory()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) < before + 16

@@ -21,7 +21,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
 from tensorgate.server import datatypes
-from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, model_ref
+from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, TensorgateError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
 from tensorgate.server.rpc.shared_memory import OFF_MESSAGE, REGION, RegionError, Slice, SystemSharedMemory
@@ -270,7 +270,17 @@ def encode_infer_response(resp: InferResponse, shared_outputs: dict[str, Slice] 
                 )
                 error.ran = True  # the model has run: sending the same request again fails the same way
                 raise error
-            target.write(data)
+            try:
+                target.write(data)
+            except (RegionError, OSError) as exc:
+                detail = exc.message if isinstance(exc, RegionError) else f"cannot write it: {exc.strerror}"
+                failed: TensorgateError = (
+                    InvalidRequestError(resp.model, resp.version, detail, tensor=name)
+                    if isinstance(exc, RegionError)
+                    else ResourceExhaustedError(f"{model_ref(resp.model, resp.version)}, tensor '{name}': {detail}")
+                )
+                failed.ran = True
+                raise failed from exc
             data = b""
         msg.raw_output_contents.append(data)
     return msg

@@ -17,6 +17,7 @@ import errno
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ import grpc
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError
+
+MAX_REGIONS = 256
+"""Regions registered at once: each holds a descriptor, and descriptors are also what new connections need."""
 
 REGION = "shared_memory_region"
 OFFSET = "shared_memory_offset"
@@ -50,14 +54,19 @@ class RegionExistsError(TensorgateError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class RegionLimitError(TensorgateError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def _integer(param: pb.InferParameter) -> int | None:
     choice = param.WhichOneof("parameter_choice")
     return int(getattr(param, choice)) if choice in ("int64_param", "uint64_param") else None
 
 
 class _Segment:
-    """An open segment. Closed when the last holder lets go (an unregistered region's requests still in flight keep
-    it open), so a descriptor number is never reused under a request that still writes to it."""
+    """An open segment, shared by the regions registered on it. Closed when the last holder lets go (an
+    unregistered region's requests still in flight keep it open), so a descriptor number is never reused under a
+    request that still writes to it."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -93,7 +102,17 @@ class Slice:
         return data
 
     def write(self, data: bytes) -> None:
-        os.pwrite(self.region.segment.fd, data, self.start)
+        """Into the segment as registered: a segment the client shrank is refused, not silently grown back."""
+        fd = self.region.segment.fd
+        end = self.start + len(data)
+        if end > os.fstat(fd).st_size:
+            raise RegionError(
+                f"shared memory region '{self.region.name}' holds fewer bytes than registered: key "
+                f"'{self.region.key}' was shrunk"
+            )
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], self.start + written)
 
 
 def _segment_path(key: str) -> Path:
@@ -111,6 +130,7 @@ class SystemSharedMemory:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._regions: dict[str, Region] = {}
+        self._segments: weakref.WeakValueDictionary[tuple[int, int], _Segment] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def require(self, rpc: str) -> None:
@@ -129,6 +149,11 @@ class SystemSharedMemory:
         with self._lock:
             if name in self._regions:
                 raise RegionExistsError(f"shared memory region '{name}' is already registered")
+            if len(self._regions) >= MAX_REGIONS:
+                raise RegionLimitError(
+                    f"shared memory region '{name}': {MAX_REGIONS} regions are registered, the most this server "
+                    "keeps; unregister some first"
+                )
             try:
                 # Non-blocking: a FIFO planted in /dev/shm must not hang the event loop in open().
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -144,6 +169,8 @@ class SystemSharedMemory:
                     f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
                     f"of key '{key}' ({info.st_size} bytes)"
                 )
+            # Regions of one segment share its descriptor.
+            segment = self._segments.setdefault((info.st_dev, info.st_ino), segment)
             self._regions = {**self._regions, name: Region(name, key, offset, byte_size, segment)}
 
     def unregister(self, name: str) -> None:
