@@ -301,8 +301,10 @@ def test_degenerate_columns_give_finite_numbers_and_no_false_alarm() -> None:
     profile = build_profile("m", {"x": reference})
     assert profile.feature("x[1]").counts == [0] and profile.feature("x[1]").sample == []
     window = np.column_stack([np.zeros(100), np.full(100, np.nan), rng.integers(0, 2, 100), rng.normal(size=100)])
+    window[::7, 3] = np.inf  # the reference's share of infinities
     report = compare(profile, {"x": window.astype(np.float32)})
-    assert [f.name for f in report.features] == ["x[0]", "x[2]", "x[3]"]  # the all-NaN column has nothing to test
+    assert [f.name for f in report.features] == ["x[0]", "x[1]", "x[2]", "x[3]"]
+    assert (report.features[1].psi, report.features[1].p_value) == (0.0, 1.0)  # all NaN, as in the reference
     for f in report.features:
         assert math.isfinite(f.psi) and math.isfinite(f.statistic) and math.isfinite(f.p_value), f
     assert not report.drifted and math.isfinite(report.psi_mean)
@@ -317,3 +319,37 @@ def test_report_formats_the_server_side_dataclasses(digits: Digits, profile: Ref
     assert lines[1].split() == ["feature", "kind", "psi", "statistic", "p_value", "drifted"]
     assert len(lines) == 7 and lines[-1] == "... 72 more features"
     assert all(line.split()[-1] == "yes" for line in lines[3:6])
+
+
+def test_values_turning_nan_or_infinite_are_drift() -> None:
+    """A feature that starts arriving as NaN (a broken join upstream) must not vanish from the drift test: the
+    share of non-finite values is compared with the reference's, and PSI gives them a bin."""
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(1000, 3))
+    reference[::10, 2] = np.nan  # a feature that is sometimes missing, 10%
+    profile = build_profile("m", {"x": reference})
+    assert [f.nonfinite for f in profile.features] == [0, 0, 100]
+    assert ReferenceProfile.from_json(profile.to_json()).feature("x[2]").nonfinite == 100
+
+    window = rng.normal(size=(300, 3))
+    window[::10, 2] = np.nan
+    steady = compare(profile, {"x": window})
+    assert not steady.drifted, [(f.name, f.p_value) for f in steady.features]
+
+    broken = window.copy()
+    broken[: len(broken) // 3, 0] = np.nan  # a third of x[0] lost
+    broken[:, 1] = np.inf  # x[1] entirely infinite: no finite value left to compare
+    report = compare(profile, {"x": broken})
+    drifted = {f.name: f for f in report.features}
+    assert drifted["x[0]"].drifted and drifted["x[0]"].psi > 0.25
+    assert drifted["x[1]"].drifted and drifted["x[1]"].psi > 1.0
+    assert not drifted["x[2]"].drifted
+    assert report.drifted and report.drifted_share == pytest.approx(2 / 3)
+
+
+def test_profiles_written_before_nonfinite_counts_still_load(profile: ReferenceProfile) -> None:
+    data = json.loads(profile.to_json())
+    for feature in data["features"]:
+        feature.pop("nonfinite", None)
+    again = ReferenceProfile.from_json(json.dumps(data))
+    assert all(f.nonfinite == 0 for f in again.features)

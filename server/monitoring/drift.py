@@ -15,6 +15,11 @@ label). The window summary (``psi_max``, ``psi_mean``, ``drifted_share``) is ove
 ``score_drift`` is the largest PSI over output features; ``drifted`` is true when any feature, input or output,
 rejects "same distribution" at ``alpha`` after a Bonferroni correction over every feature tested.
 
+NaN and infinities are a distribution of their own: a feature that starts arriving as NaN (a broken upstream join,
+a division by zero) is drift. Each numeric feature's profile counts its non-finite reference values; PSI gets a
+bin for them, and a window whose share of them differs from the reference's (a 2x2 chi-square test, beside KS on
+the finite values, the two Bonferroni-corrected within the feature) drifts.
+
 Constant features (the always-zero border pixels of the digits) are safe: their bins collapse to one edge, PSI
 uses floored proportions, and KS on two identical constants gives statistic 0 and p-value 1, so they neither
 produce NaN nor raise false alarms; a window where such a feature moves is real drift and is reported.
@@ -108,6 +113,8 @@ class FeatureProfile:
     counts: list[int] = field(default_factory=list)
     sample: list[float] = field(default_factory=list)
     categories: dict[str, int] = field(default_factory=dict)
+    nonfinite: int = 0
+    """Reference values that were NaN or infinite (not in ``counts``); profiles written before it read as 0."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -121,6 +128,8 @@ class FeatureProfile:
             out["categories"] = self.categories
         else:
             out.update(edges=self.edges, counts=self.counts, sample=self.sample)
+            if self.nonfinite:
+                out["nonfinite"] = self.nonfinite
         return out
 
     @classmethod
@@ -144,6 +153,7 @@ class FeatureProfile:
             counts=[int(v) for v in data.get("counts", [])],
             sample=[float(v) for v in data.get("sample", [])],
             categories={str(k): int(v) for k, v in data.get("categories", {}).items()},
+            nonfinite=int(data.get("nonfinite", 0)),
         )
         if kind != "categorical" and len(feature.counts) != len(feature.edges) + 1:
             raise ProfileError(f"feature {feature.name!r}: {len(feature.counts)} counts for {len(feature.edges)} edges")
@@ -254,7 +264,7 @@ def _specs(name: str, array: np.ndarray, role: str, categorical: Collection[str]
 
 
 def _values(feature: FeatureProfile, array: np.ndarray) -> np.ndarray | None:
-    """The feature's column in ``array`` (finite values only for numbers); None when the shape no longer has it."""
+    """The feature's column in ``array`` (floats for numbers, NaN included); None when the shape no longer has it."""
     rows = _rows(array)
     column: np.ndarray
     if isinstance(feature.selector, str):
@@ -275,8 +285,14 @@ def _values(feature: FeatureProfile, array: np.ndarray) -> np.ndarray | None:
     if _is_text(column):
         return None
     numbers: np.ndarray = column.astype(np.float64)
-    finite: np.ndarray = numbers[np.isfinite(numbers)]
-    return finite
+    return numbers
+
+
+def _finite(numbers: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the finite values, how many were NaN or infinite)."""
+    keep = np.isfinite(numbers)
+    finite: np.ndarray = numbers[keep]
+    return finite, int(numbers.size - finite.size)
 
 
 def _bin_counts(edges: list[float], values: np.ndarray) -> np.ndarray:
@@ -313,6 +329,7 @@ def _fill(feature: FeatureProfile, values: np.ndarray, bins: int, rng: np.random
         keys, counts = np.unique(np.asarray(_category_keys(values), dtype=object), return_counts=True)
         feature.categories = {str(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True)}
         return
+    values, feature.nonfinite = _finite(values)
     if values.size == 0:
         feature.edges, feature.counts, feature.sample = [], [0], []
         return
@@ -379,14 +396,32 @@ def _test(feature: FeatureProfile, values: np.ndarray) -> tuple[float, float, fl
             return psi, 0.0, 1.0
         chi2, p_value, _, _ = stats.chi2_contingency(np.vstack([ref, cur]))
         return psi, float(chi2), float(p_value)
-    if values.size == 0 or not feature.sample:
+    finite, nonfinite = _finite(values)
+    reference = sum(feature.counts)
+    if (finite.size == 0 and nonfinite == 0) or (reference == 0 and feature.nonfinite == 0):
         return None
-    psi = population_stability_index(np.asarray(feature.counts), _bin_counts(feature.edges, values))
-    result = stats.ks_2samp(np.asarray(feature.sample), values, method=KS_METHOD)
-    statistic, p_value = float(result.statistic), float(result.pvalue)
-    if not (math.isfinite(statistic) and math.isfinite(p_value)):
-        statistic, p_value = 0.0, 1.0
-    return psi, statistic, p_value
+    psi = population_stability_index(
+        np.asarray([*feature.counts, feature.nonfinite]), np.append(_bin_counts(feature.edges, finite), nonfinite)
+    )
+    tests: list[tuple[float, float]] = []  # (statistic, p_value)
+    if finite.size and feature.sample:
+        result = stats.ks_2samp(np.asarray(feature.sample), finite, method=KS_METHOD)
+        tests.append((float(result.statistic), float(result.pvalue)))
+    if nonfinite or feature.nonfinite:
+        tests.append(_nonfinite_share_test(reference, feature.nonfinite, finite.size, nonfinite))
+    tests = [(s, p) for s, p in tests if math.isfinite(s) and math.isfinite(p)]
+    if not tests:
+        return psi, 0.0, 1.0
+    statistic, p_value = min(tests, key=lambda t: t[1])
+    return psi, statistic, min(1.0, p_value * len(tests))  # Bonferroni over the feature's own tests
+
+
+def _nonfinite_share_test(ref_finite: int, ref_nonfinite: int, finite: int, nonfinite: int) -> tuple[float, float]:
+    """Chi-square on [finite, non-finite] counts, reference against window: does the NaN/inf share differ?"""
+    if ref_finite + finite == 0 or ref_nonfinite + nonfinite == 0:
+        return 0.0, 1.0  # every value on both sides finite, or none: the same share
+    chi2, p_value, _, _ = stats.chi2_contingency(np.array([[ref_finite, ref_nonfinite], [finite, nonfinite]]))
+    return float(chi2), float(p_value)
 
 
 def compare(
