@@ -11,6 +11,7 @@ from pathlib import Path
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
 SHARED_MEMORY_MODES = ("off", "system")
+_MONITORING_OPTIONS = ("alert_rules", "alert_webhook", "monitor_interval_s", "capture_queue_size", "capture_retention")
 
 
 _MAX_GRPC_SECONDS = 2_147_483
@@ -151,7 +152,12 @@ class ServerSettings:
             raise ValueError(f"monitor_interval_s must be positive, got {self.monitor_interval_s}")
         if self.capture_queue_size < 1 or self.capture_retention < 1:
             raise ValueError("capture_queue_size and capture_retention must be at least 1")
-        if (self.alert_rules is not None or self.alert_webhook) and self.data_dir is None:
-            raise ValueError("alert_rules and alert_webhook need data_dir (monitoring is off without it)")
+        if self.data_dir is None:
+            # Monitoring options without monitoring would be accepted and do nothing: most likely --data-dir was
+            # forgotten, and the operator believes predictions are watched.
+            fields = type(self).__dataclass_fields__
+            given = [name for name in _MONITORING_OPTIONS if getattr(self, name) != fields[name].default]
+            if given:
+                raise ValueError(f"{', '.join(given)} need data_dir (monitoring is off without it)")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

@@ -289,6 +289,15 @@ def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
         pytest.param(["--keepalive-time-s", "3000000"], {}, "keepalive_time_s must be in", id="keepalive-overflow"),
         pytest.param(["--shutdown-grace-s", "-5"], {}, "shutdown_grace_s must be >= 0", id="negative-grace"),
         pytest.param([], {"TENSORGATE_GRPC_PORT": "abc"}, "TENSORGATE_GRPC_PORT='abc'", id="env-name"),
+        pytest.param(
+            ["--capture-retention", "5000", "--monitor-interval-s", "2"],
+            {},
+            "monitor_interval_s, capture_retention need data_dir (monitoring is off without it)",
+            id="monitoring-without-data-dir",
+        ),
+        pytest.param(
+            ["--shared-memory", "cuda"], {}, "argument --shared-memory: invalid choice: 'cuda'", id="shared-memory"
+        ),
     ],
 )
 def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env: dict[str, str], words: str) -> None:
