@@ -1,6 +1,7 @@
 """`tensorgate bench` (tensorgate.loadtest) against a real tensorgate on loopback: closed and open loop with two
-load processes, reports and plots, queueing seen by the open loop, the exact merge of samples, compare, Ctrl-C,
-no matplotlib, and an open-loop stream that outlives a server restart."""
+load processes, reports and plots, queueing seen by the open loop, the exact merge of samples, the request budget
+split across load processes, inputs with variable dimensions, compare, Ctrl-C, a load process that dies, no
+matplotlib, and an open-loop stream that outlives a server restart."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import pytest
 from tensorgate.client import InferenceClient
 from tensorgate.loadtest import PERCENTILES, Samples, merge, percentile
 from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
+from tensorgate.loadtest.runner import BenchConfig, worker_levels
 from tensorgate.loadtest.samples import latency_summary_ms
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, _LevelRun
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.cli import main
-from tests.onnx_models import busy_model, write_config
+from tests.onnx_models import busy_model, identity_model, write_config
 from tests.process import ServeProcess
 from tests.serving import ServerThread
 
@@ -103,6 +105,53 @@ def test_closed_loop_streaming_stops_at_max_requests(server: ServerThread, tmp_p
     (level,) = doc["levels"]
     assert level["sent"] == level["succeeded"] == 40
     assert_consistent(doc)
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        pytest.param(("--concurrency", "1,2,4"), id="closed-loop-fewer-in-flight-than-workers"),
+        pytest.param(("--rate", "400", "--arrival", "constant"), id="open-loop"),
+    ],
+)
+def test_max_requests_is_the_total_across_workers(server: ServerThread, tmp_path: Path, load: tuple[str, ...]) -> None:
+    """Three load processes and c=1 or c=2: the processes without a call in flight must not hold part of the
+    budget (c=1 used to send a third of it)."""
+    doc = bench(
+        tmp_path, "add_sub", "--server", server.address, *load, "--max-requests", "31", "--workers", "3",
+        "--duration", "30", "--warmup", "0.2", "--no-plots",
+    )  # fmt: skip
+    assert len(doc["levels"]) == (3 if load[0] == "--concurrency" else 1)
+    for level in doc["levels"]:
+        assert level["sent"] == level["succeeded"] == 31, level
+    assert_consistent(doc)
+
+
+@pytest.mark.parametrize(
+    ("mode", "workers", "value", "budget"),
+    [
+        pytest.param("closed", 4, 1, 10, id="c1-4-workers"),
+        pytest.param("closed", 4, 3, 10, id="c3-4-workers"),
+        pytest.param("closed", 3, 7, 100, id="c7-3-workers"),
+        pytest.param("closed", 2, 2, 1, id="budget-below-workers"),
+        pytest.param("open", 3, 50, 2, id="open-budget-below-workers"),
+        pytest.param("open", 4, 100, 10, id="open-4-workers"),
+    ],
+)
+def test_request_budget_goes_to_the_workers_with_load(mode: str, workers: int, value: int, budget: int) -> None:
+    config = BenchConfig(model="m", mode=mode, workers=workers, max_requests=budget)  # type: ignore[arg-type]
+    levels = worker_levels(config, float(value), start=0.0)
+    budgets = [lv.max_requests or 0 for lv in levels]
+    assert sum(budgets) == budget
+    if mode == "closed":
+        assert sum(lv.concurrency for lv in levels) == value
+        assert all(b == 0 for lv, b in zip(levels, budgets, strict=True) if lv.concurrency == 0)
+        # In proportion to the calls in flight, so that the processes run out at about the same time.
+        for lv, b in zip(levels, budgets, strict=True):
+            assert abs(b - budget * lv.concurrency / value) < 1
+    else:
+        assert sum(lv.rate for lv in levels) == pytest.approx(value)
+        assert max(budgets) - min(budgets) <= 1
 
 
 def test_open_loop_sweep_with_two_workers(server: ServerThread, tmp_path: Path) -> None:
@@ -232,6 +281,105 @@ def test_inputs_from_npy_files(tmp_path: Path) -> None:
         make_inputs(shape, 4, str(tmp_path))
 
 
+def test_npy_files_give_the_variable_dimensions(tmp_path: Path) -> None:
+    """A variable dimension besides the batch takes the file's size; fixed ones and the datatype are checked."""
+    shape = ModelShape("m", (("A", "FP32", (-1, -1, 3)), ("B", "INT64", (-1, -1))), max_batch_size=8)
+    np.save(tmp_path / "A.npy", np.ones((5, 3), np.float32))  # one row of [5, 3]: repeated to the batch
+    np.save(tmp_path / "B.npy", np.arange(60, dtype=np.int32).reshape(6, 10))  # 6 rows of 10: the first 4
+    arrays = make_inputs(shape, 4, str(tmp_path))
+    assert arrays["A"].shape == (4, 5, 3) and arrays["A"].dtype == np.float32
+    assert arrays["B"].shape == (4, 10) and arrays["B"].dtype == np.int64
+    assert arrays["B"][3].tolist() == list(range(30, 40))
+    # A model that does not batch: the whole file is the request, its leading variable dimension included.
+    unbatched = ModelShape("m", (("A", "FP32", (-1, 3)),), max_batch_size=0)
+    np.save(tmp_path / "A.npy", np.ones((7, 3)))
+    assert make_inputs(unbatched, 1, str(tmp_path))["A"].shape == (7, 3)
+    np.save(tmp_path / "A.npy", np.ones(3))  # one row: a request of one
+    assert make_inputs(unbatched, 1, str(tmp_path))["A"].shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        pytest.param(np.ones((5, 4)), r"input 'A': .*A\.npy has shape \[5, 4\]; the model's dims are \[-1, -1, 3\]",
+                     id="fixed-dim"),
+        pytest.param(np.ones(3), r"input 'A': .*A\.npy has shape \[3\]; the model's dims are \[-1, -1, 3\]",
+                     id="rank"),
+        pytest.param(np.ones((2, 5, 3)), r"input 'A': .*A\.npy has 2 rows, fewer than --batch 4", id="rows"),
+        pytest.param(np.array([["x", "y", "z"]]), r"input 'A': .*A\.npy holds <U1 values, the model takes FP32",
+                     id="strings-for-floats"),
+        pytest.param(np.ones((1, 3), np.complex64), r"input 'A': .*holds complex64 values, the model takes FP32",
+                     id="complex-for-floats"),
+    ],
+)  # fmt: skip
+def test_npy_file_that_does_not_fit_names_the_input(tmp_path: Path, array: np.ndarray, match: str) -> None:
+    shape = ModelShape("m", (("A", "FP32", (-1, -1, 3)),), max_batch_size=8)
+    np.save(tmp_path / "A.npy", array)
+    with pytest.raises(InputError, match=match):
+        make_inputs(shape, 4, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("datatype", "array", "match"),
+    [
+        pytest.param("INT32", np.full((1, 2), 1.5), r"input 'X': .* holds float64 values, the model takes INT32",
+                     id="floats-for-ints"),
+        pytest.param("UINT8", np.array([[1, 300]]), r"input 'X': .* holds values from 1 to 300, outside UINT8",
+                     id="out-of-range"),
+        pytest.param("BOOL", np.array([[0, 1]]), r"input 'X': .* holds int64 values, the model takes BOOL",
+                     id="ints-for-bool"),
+        pytest.param("BYTES", np.array([[1, 2]]), r"input 'X': .* holds int64 values, the model takes BYTES",
+                     id="numbers-for-bytes"),
+    ],
+)  # fmt: skip
+def test_npy_file_datatype_is_checked(tmp_path: Path, datatype: str, array: np.ndarray, match: str) -> None:
+    shape = ModelShape("m", (("X", datatype, (-1, 2)),), max_batch_size=8)
+    np.save(tmp_path / "X.npy", array)
+    with pytest.raises(InputError, match=match):
+        make_inputs(shape, 1, str(tmp_path))
+
+
+def test_random_inputs_with_variable_dimensions_point_to_npy_files() -> None:
+    shape = ModelShape("m", (("X", "FP32", (-1, 3)), ("Y", "FP32", (-1, -1, 3))), max_batch_size=8)
+    for source in ("random", "zeros"):
+        with pytest.raises(InputError, match=r"input 'Y' has variable dims \[-1, -1, 3\].*--inputs DIR.*Y\.npy"):
+            make_inputs(shape, 2, source)
+    # A model that does not batch: a leading variable dimension is a request of one, as before.
+    unbatched = ModelShape("m", (("X", "FP32", (-1, 3)),), max_batch_size=0)
+    assert make_inputs(unbatched, 1, "random")["X"].shape == (1, 3)
+    with pytest.raises(InputError, match=r"input 'X' has variable dims \[-1, -1\]"):
+        make_inputs(ModelShape("m", (("X", "FP32", (-1, -1)),), max_batch_size=0), 1, "zeros")
+
+
+@pytest.fixture
+def variable_server(tmp_path: Path) -> Iterator[ServerThread]:
+    """`var`: an identity over FP32 [batch, n], n variable (no config: the server derives [-1, -1])."""
+    repo = tmp_path / "var_models"
+    identity_model(repo / "var" / "1" / "model.onnx", "FP32", shape=("batch", "n"))
+    with ServerThread(repo) as s:
+        yield s
+
+
+def test_bench_a_model_with_a_variable_dimension(variable_server: ServerThread, tmp_path: Path, capsys: Any) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    np.save(folder / "INPUT0.npy", np.arange(15, dtype=np.float32).reshape(3, 5))
+    doc = bench(
+        tmp_path, "var", "--server", variable_server.address, "--inputs", str(folder), "--batch", "2",
+        "--concurrency", "2", "--max-requests", "20", "--duration", "30", "--warmup", "0.1", "--no-plots",
+    )  # fmt: skip
+    (level,) = doc["levels"]
+    assert level["sent"] == level["succeeded"] == 20 and level["failed"] == {}
+    assert level["server"]["inferences"] == 2 * level["server"]["requests"]
+    out = str(tmp_path / "random")
+    assert main(["bench", "var", "--server", variable_server.address, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "input 'INPUT0' has variable dims [-1, -1]" in err and "--inputs DIR" in err
+    np.save(folder / "INPUT0.npy", np.ones((3, 5), np.complex64))
+    assert main(["bench", "var", "--server", variable_server.address, "--inputs", str(folder), "--out", out]) == 2
+    assert "input 'INPUT0'" in capsys.readouterr().err
+
+
 def test_compare_shows_ratios_against_the_first(tmp_path: Path, capsys: Any) -> None:
     level = {
         "mode": "closed", "concurrency": 8, "rate": None, "throughput_rps": 1000.0, "rows_per_s": 1000.0,
@@ -314,6 +462,67 @@ def bench_process(server: str, out: Path, *args: str, python: list[str] | None =
     cmd = [*(python or [sys.executable, "-m", "tensorgate.server.cli"]), "bench", *args, "--server", server,
            "--out", str(out)]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+def load_processes(pid: int) -> list[int]:
+    """The load processes of the `tensorgate bench` running as ``pid``: its children started by multiprocessing's
+    spawn (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_a_dead_load_process_stops_the_sweep_and_keeps_the_levels_measured(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """A load process killed during the second level (as the OOM killer would): the first level is reported and
+    written, the error names the process and how it ended, and the exit status is 1."""
+    out = tmp_path / "out"
+    proc = bench_process(
+        server.address, out, "add_sub", "--concurrency", "1,2,4", "--duration", "3", "--warmup", "0.2",
+        "--workers", "2", "--no-plots",
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first progress line of the second level: it is being measured
+            if line.startswith("[c=2]") and " sent " in line:
+                break
+        else:
+            raise AssertionError("bench ended before its second level")
+        workers = load_processes(proc.pid)
+        assert len(workers) == 2, workers
+        victim = workers[-1]
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    message = rf"load process [01] \(pid {victim}\) was killed by SIGKILL \(exit code -9"
+    assert re.search(message + r".*during c=2", stderr), stderr
+    assert "1 level measured before it" in stderr
+    assert "Traceback" not in stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1]
+    assert re.search(message, doc["error"])
+    assert_consistent(doc)
+    assert "| c=1 |" in stdout and "| c=2 |" not in stdout
+    assert len((out / "results.csv").read_text().splitlines()) == 2
+    assert "STOPPED" in (out / "report.md").read_text()
+    for pid in workers:  # the surviving load process ended with the sweep
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        assert not cmdline.exists() or b"spawn_main" not in cmdline.read_bytes()
 
 
 # ----- no matplotlib ----------------------------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from __future__ import annotations
 from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.plots import MatplotlibMissing, write_plots
 from tensorgate.loadtest.report import compare_table, load_report, markdown_table, sweep_dict, write_reports
-from tensorgate.loadtest.runner import BenchConfig, LevelResult, ServerStats, SweepResult, run_sweep, stats_delta
+from tensorgate.loadtest.runner import (
+    BenchConfig,
+    LevelResult,
+    ServerStats,
+    SweepResult,
+    WorkerDied,
+    run_sweep,
+    stats_delta,
+)
 from tensorgate.loadtest.samples import PERCENTILES, Samples, merge, percentile
 
 __all__ = [
@@ -30,6 +38,7 @@ __all__ = [
     "Samples",
     "ServerStats",
     "SweepResult",
+    "WorkerDied",
     "compare_table",
     "load_report",
     "make_inputs",

@@ -5,7 +5,8 @@
     tensorgate bench compare before/results.json after/results.json
 
 Writes results.json, results.csv, report.md and PNG plots into --out, prints the table, and exits 0 (130 after
-Ctrl-C, with a partial report of the levels measured so far).
+Ctrl-C, with a partial report of the levels measured so far; 1 when a load process dies, with the levels measured
+before it).
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(doc))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
+    if result.error is not None:
+        n = len(result.levels)
+        measured = f"{n} level{'' if n == 1 else 's'} measured before it"
+        print(f"{PROG}: {result.error}; the sweep stopped, {measured}", file=sys.stderr)
+        return 1
     return 130 if result.interrupted else 0
 
 

@@ -1,4 +1,9 @@
-"""Request tensors for a load test, made from the model's metadata and config: random, zeros or .npy files."""
+"""Request tensors for a load test, made from the model's metadata and config: random, zeros or .npy files.
+
+Random and zeros inputs need every size fixed by the model, the batch dimension aside (it is ``--batch``): they
+have no way to choose a variable one, and 1, the old guess, measured a request the model may never see. A .npy
+file gives its own sizes for the variable dimensions and is checked against the fixed ones and the datatype.
+"""
 
 from __future__ import annotations
 
@@ -40,12 +45,22 @@ class ModelShape:
             return self.max_batch_size > 0
         return all(dims and dims[0] == -1 for _, _, dims in self.inputs)
 
-    def request_shape(self, dims: Sequence[int], rows: int) -> tuple[int, ...]:
-        """Concrete shape of one request's tensor: the batch dimension is ``rows``, other variable dims 1."""
-        shape = [max(d, 1) for d in dims]
-        if self.batches and shape:
-            shape[0] = rows
-        return tuple(shape)
+    def leads(self, dims: Sequence[int]) -> bool:
+        """Whether ``dims[0]`` counts the request's rows: the batch dimension, or the leading -1 of a model that
+        does not batch (Triton's explicit batch dimension; a request of one row)."""
+        return bool(dims) and (self.batches or dims[0] == -1)
+
+    def request_shape(self, name: str, dims: Sequence[int], rows: int) -> tuple[int, ...]:
+        """Concrete shape of one request's tensor: the leading dimension is ``rows`` (see ``leads``), the others
+        as the model fixes them; InputError for a variable one, which only a .npy file can give."""
+        leads = self.leads(dims)
+        if any(d < 0 for d in dims[1 if leads else 0 :]):
+            first = " (the first is the batch)" if self.batches else ""
+            raise InputError(
+                f"input '{name}' has variable dims {list(dims)}{first}: random and zeros inputs cannot choose their "
+                f"sizes; use --inputs DIR with a {name}.npy of the shape to send"
+            )
+        return (rows, *dims[1:]) if leads else tuple(dims)
 
 
 def make_inputs(model: ModelShape, rows: int, source: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,13 +79,12 @@ def make_inputs(model: ModelShape, rows: int, source: str, seed: int = 0) -> dic
     for name, datatype, dims in model.inputs:
         if datatype not in tensors.BY_NAME:
             raise InputError(f"input '{name}': datatype {datatype} is not supported by the harness")
-        shape = model.request_shape(dims, rows)
         if folder is not None:
-            out[name] = _from_file(folder / f"{name}.npy", name, datatype, shape)
+            out[name] = _from_file(folder / f"{name}.npy", name, datatype, model, dims, rows)
         elif source == "zeros":
-            out[name] = _zeros(datatype, shape)
+            out[name] = _zeros(datatype, model.request_shape(name, dims, rows))
         else:
-            out[name] = _random(rng, datatype, shape)
+            out[name] = _random(rng, datatype, model.request_shape(name, dims, rows))
     return out
 
 
@@ -94,21 +108,58 @@ def _random(rng: np.random.Generator, datatype: str, shape: tuple[int, ...]) -> 
     return rng.integers(0, 100, size=shape).astype(dtype)
 
 
-def _from_file(path: Path, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+def _from_file(path: Path, name: str, datatype: str, model: ModelShape, dims: Sequence[int], rows: int) -> np.ndarray:
+    """The file's tensor as the request's: its own sizes for variable dims, the fixed ones checked; a batching
+    model takes the first ``rows`` rows, or one row (the file without the batch dimension) repeated."""
     try:
         array = np.load(path, allow_pickle=datatype == "BYTES")
     except OSError as exc:
         raise InputError(f"input '{name}': cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise InputError(f"input '{name}': {path} is not a .npy file: {exc}") from None
-    if array.shape == shape[1:] and len(shape) > array.ndim:  # one row: repeat it to the batch
-        array = np.broadcast_to(array, shape)
-    elif array.ndim == len(shape) and array.shape[1:] == shape[1:] and array.shape[0] >= shape[0]:
-        array = array[: shape[0]]
-    elif array.shape != shape:
-        raise InputError(f"input '{name}': {path} has shape {list(array.shape)}, the request needs {list(shape)}")
+    _check_datatype(array, path, name, datatype)
+    leads = model.leads(dims)
+    given = array.shape
+    one_row = leads and array.ndim == len(dims) - 1  # the file leaves out the leading dimension
+    if one_row:
+        array = array.reshape(1, *given)
+    fits = array.ndim == len(dims) and all(
+        d < 0 or d == n or (i == 0 and leads) for i, (d, n) in enumerate(zip(dims, array.shape, strict=True))
+    )
+    if not fits:
+        raise InputError(f"input '{name}': {path} has shape {list(given)}; the model's dims are {list(dims)}")
+    if model.batches:
+        if one_row:
+            array = np.broadcast_to(array, (rows, *array.shape[1:]))
+        elif array.shape[0] < rows:
+            raise InputError(f"input '{name}': {path} has {array.shape[0]} rows, fewer than --batch {rows}")
+        else:
+            array = array[:rows]
     if datatype == "BYTES":
         return np.array([v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()], object).reshape(
             array.shape
         )
     return np.ascontiguousarray(array, dtype=tensors.BY_NAME[datatype].np_dtype)
+
+
+def _check_datatype(array: np.ndarray, path: Path, name: str, datatype: str) -> None:
+    """Values that become ``datatype`` without loss of kind: strings or bytes for BYTES, booleans for BOOL,
+    integers in range for an integer type, integers or floats for a float type (a narrower float rounds)."""
+    kind = array.dtype.kind
+    if datatype == "BYTES":
+        ok = kind in "OSU"
+    elif datatype == "BOOL":
+        ok = kind == "b"
+    else:
+        target = np.dtype(tensors.BY_NAME[datatype].np_dtype)
+        ok = kind in "biu" or (kind == "f" and target.kind == "f")
+        if ok and target.kind in "iu" and array.size:
+            lo, hi = int(array.min()), int(array.max())
+            info = np.iinfo(target.name)
+            if lo < info.min or hi > info.max:
+                raise InputError(
+                    f"input '{name}': {path} holds values from {lo} to {hi}, outside {datatype}'s range "
+                    f"[{info.min}, {info.max}]"
+                )
+    if not ok:
+        raise InputError(f"input '{name}': {path} holds {array.dtype} values, the model takes {datatype}")

@@ -66,6 +66,7 @@ def sweep_dict(result: SweepResult) -> dict[str, Any]:
         "started_at": result.started_at,
         "config": result.config.describe(),
         "interrupted": result.interrupted,
+        "error": None if result.error is None else str(result.error),
         "levels": [level_dict(level) for level in result.levels],
     }
 
@@ -128,6 +129,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
         f"{'stream' if cfg['streaming'] else 'unary'}, {cfg['workers']} worker(s), "
         f"{cfg['duration_s']:g}s per level after {cfg['warmup_s']:g}s warm-up"
         + (" — INTERRUPTED, partial report" if doc["interrupted"] else "")
+        # .get: results written before the key existed have none
+        + (f" — STOPPED: {doc['error']}" if doc.get("error") else "")
     )
     cols = ["load", "sent", "ok", "errors", "dropped", "req/s", "rows/s"]
     cols += [f"{k.replace('_', '.')} ms" for k in percentile_keys()] + ["max ms", "srv queue us", "srv compute us"]

@@ -1,5 +1,10 @@
 """The sweep: start the load processes, run each level (concurrency or rate), merge their samples exactly, and
-read the server's ModelStatistics around each measurement window."""
+read the server's ModelStatistics around each measurement window.
+
+A load process that dies (the OOM killer, a signal, a crash) ends the sweep with ``SweepResult.error`` set: the
+levels measured before it are kept, since they are as valid as in a sweep that ran to the end, and the level it
+was part of is dropped, since its samples are missing that process's share.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,35 @@ from tensorgate.loadtest.samples import Samples, merge
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, worker_main
 from tensorgate.protos import grpc_service_pb2 as pb
 
-__all__ = ["BenchConfig", "LevelResult", "ServerStats", "SweepResult", "run_sweep", "stats_delta"]
+__all__ = ["BenchConfig", "LevelResult", "ServerStats", "SweepResult", "WorkerDied", "run_sweep", "stats_delta"]
 
 READY_TIMEOUT_S = 60.0
+
+
+class WorkerDied(RuntimeError):
+    """A load process ended in the middle of the sweep: killed (the OOM killer sends SIGKILL) or crashed."""
+
+    def __init__(self, index: int, pid: int | None, exitcode: int | None, during: str) -> None:
+        self.index = index
+        self.pid = pid
+        self.exitcode = exitcode
+        """As ``multiprocessing`` gives it: -N when signal N ended the process, None if it was not reaped."""
+        self.during = during
+        """The level it died in ("c=8", "rate=500/s"), or "start-up"."""
+        super().__init__(f"load process {index} (pid {pid}) {_how_it_ended(exitcode)} during {during}")
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "closed its pipe"
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    hint = "; the OOM killer sends SIGKILL" if exitcode == -signal.SIGKILL else ""
+    return f"was killed by {name} (exit code {exitcode}{hint})"
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,8 @@ class SweepResult:
     levels: list[LevelResult]
     interrupted: bool
     started_at: str
+    error: WorkerDied | None = None
+    """Why the sweep stopped early, if a load process died; ``levels`` are those measured before."""
 
 
 def _totals(response: pb.ModelStatisticsResponse) -> dict[str, Any]:
@@ -184,24 +217,44 @@ def _split(total: int, parts: int, index: int) -> int:
     return total // parts + (1 if index < total % parts else 0)
 
 
+def _shares(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` in whole parts proportional to ``weights`` that add up to it (largest remainders get the rest,
+    ties to the lower index); a zero weight gets nothing."""
+    whole = sum(weights)
+    if whole <= 0:
+        return [0] * len(weights)
+    out = [total * w // whole for w in weights]
+    by_remainder = sorted(range(len(weights)), key=lambda i: -(total * weights[i] % whole))
+    for i in by_remainder[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def worker_levels(config: BenchConfig, value: float, start: float) -> list[Level]:
-    """Each worker's share of one level: concurrency, rate, in-flight cap and request budget split evenly."""
+    """Each worker's share of one level: concurrency, rate and in-flight cap split evenly, and the request budget
+    in proportion to the load each worker sends.
+
+    The budget follows the load because a worker that sends nothing at this level (concurrency 1 over 4 workers)
+    would otherwise keep its share unused and the level would end short of ``--max-requests``; in proportion, the
+    workers also run out at about the same time.
+    """
     w = config.workers
+    concurrency = [_split(int(value), w, i) for i in range(w)] if config.mode == "closed" else [1] * w
+    budgets = None if config.max_requests is None else _shares(config.max_requests, concurrency)
     out = []
     for i in range(w):
-        budget = None if config.max_requests is None else _split(config.max_requests, w, i)
         base = Level(
             mode=config.mode,
             start=start,
             warmup_s=config.warmup_s,
             duration_s=config.duration_s,
-            max_requests=budget,
+            max_requests=None if budgets is None else budgets[i],
             max_in_flight=max(1, _split(config.max_in_flight, w, i)),
             arrival=config.arrival,
             seed=config.seed * 1000 + i * 7919 + int(value),
         )
         if config.mode == "closed":
-            out.append(replace(base, concurrency=_split(int(value), w, i)))
+            out.append(replace(base, concurrency=concurrency[i]))
         else:
             # Constant arrivals interleave: worker i starts i/rate after worker 0.
             out.append(replace(base, rate=value / w, phase_s=i / value))
@@ -231,6 +284,95 @@ class _Stats:
         self.client.close()
 
 
+class _Workers:
+    """The load processes and their pipes. A process found gone before it answered (its pipe at end of file, or
+    its sentinel ready) is raised as ``WorkerDied``, never as the pipe's EOFError."""
+
+    def __init__(self, ctx: Any, counters: Any, stop: Any) -> None:
+        self.ctx = ctx
+        self.counters = counters
+        self.stop = stop
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def start(self, count: int, target: Target) -> None:
+        for i in range(count):
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(
+                target=worker_main,
+                args=(i, child, self.counters, self.stop),
+                name=f"tensorgate-bench-{i}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+            self.send(i, target, "start-up")
+        for i in range(count):
+            if not mp.connection.wait([self.conns[i], self.procs[i].sentinel], READY_TIMEOUT_S):
+                raise RuntimeError("a load process did not start in time")
+            self.poll(i, "start-up")
+
+    def send(self, i: int, message: Any, during: str) -> None:
+        try:
+            self.conns[i].send(message)
+        except OSError:
+            raise self.died(i, during) from None
+
+    def poll(self, i: int, during: str) -> Any:
+        """Process ``i``'s message if one has come, else None; WorkerDied if the process is gone without one."""
+        # Alive first, then the pipe: what a process sent before it died is read, not lost.
+        alive = self.procs[i].is_alive()
+        conn = self.conns[i]
+        if conn.poll(0):
+            try:
+                return conn.recv()
+            except (EOFError, OSError):  # closed, or cut in the middle of a message
+                raise self.died(i, during) from None
+        if not alive:
+            raise self.died(i, during)
+        return None
+
+    def wait(self, pending: Sequence[int], timeout: float) -> None:
+        """Until one of ``pending`` has a message or has ended, or ``timeout``."""
+        objects: list[Any] = [self.conns[i] for i in pending] + [self.procs[i].sentinel for i in pending]
+        mp.connection.wait(objects, timeout=timeout)
+
+    def died(self, i: int, during: str) -> WorkerDied:
+        proc = self.procs[i]
+        proc.join(5)  # reaped: its exit code is known
+        return WorkerDied(i, proc.pid, proc.exitcode, during)
+
+    def close(self, abandon: bool) -> None:
+        """Ask each process to end and wait for it; ``abandon`` (after a death) ends them at once instead.
+
+        Abandoned processes are in a level whose results are dropped, and the shared stop event cannot end them:
+        its lock may have died with the dead process's hold on it, and setting it could then block forever.
+        """
+        if not abandon:
+            for conn in self.conns:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            for proc in self.procs:
+                proc.join(10)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+
+
 ProgressFn = Callable[[str], None]
 
 
@@ -242,7 +384,8 @@ def _stderr_progress(stream: TextIO | None = None) -> ProgressFn:
 
 
 def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepResult:
-    """Run every level of the sweep; Ctrl-C (SIGINT) ends the current level early and skips the rest."""
+    """Run every level of the sweep; Ctrl-C (SIGINT) ends the current level early and skips the rest, and a load
+    process that dies ends the sweep with the levels measured before (``SweepResult.error``)."""
     show = progress or _stderr_progress()
     model = describe_model(config)
     inputs = make_inputs(model, config.batch, config.inputs, config.seed)
@@ -263,8 +406,6 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     counters = ctx.Array("q", COUNTERS * config.workers, lock=False)
-    conns: list[Connection] = []
-    procs: list[Any] = []
     interrupted = False
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -280,48 +421,31 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
     previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     stats = _Stats(config)
     results: list[LevelResult] = []
+    workers = _Workers(ctx, counters, stop)
+    error: WorkerDied | None = None
     try:
-        for i in range(config.workers):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main, args=(i, child, counters, stop), name=f"tensorgate-bench-{i}", daemon=True
-            )
-            proc.start()
-            child.close()
-            parent.send(target)
-            conns.append(parent)
-            procs.append(proc)
-        for conn in conns:
-            if not conn.poll(READY_TIMEOUT_S):
-                raise RuntimeError("a load process did not start in time")
-            conn.recv()
-        for value in config.levels():
-            if interrupted:
-                break
-            results.append(_run_level(config, value, model, conns, counters, stats, show, lambda: interrupted))
-            results[-1].interrupted = interrupted
+        try:
+            workers.start(config.workers, target)
+            for value in config.levels():
+                if interrupted:
+                    break
+                results.append(_run_level(config, value, model, workers, counters, stats, show, lambda: interrupted))
+                results[-1].interrupted = interrupted
+        except WorkerDied as exc:
+            error = exc
     finally:
-        for conn in conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        workers.close(abandon=error is not None)
         stats.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
-    return SweepResult(config, model, results, interrupted, started_at)
+    return SweepResult(config, model, results, interrupted, started_at, error)
 
 
 def _run_level(
     config: BenchConfig,
     value: float,
     model: ModelShape,
-    conns: Sequence[Connection],
+    workers: _Workers,
     counters: Any,
     stats: _Stats,
     show: ProgressFn,
@@ -331,8 +455,8 @@ def _run_level(
     for i in range(len(counters)):
         counters[i] = 0
     start = time.monotonic() + 0.1
-    for conn, level in zip(conns, worker_levels(config, value, start), strict=True):
-        conn.send(level)
+    for i, level in enumerate(worker_levels(config, value, start)):
+        workers.send(i, level, label)
     window_start = start + config.warmup_s
     show(f"[{label}] warming up for {config.warmup_s:g}s")
     before = None
@@ -340,19 +464,19 @@ def _run_level(
     # A line a second; more often in short levels, so that each level shows at least one.
     every = min(1.0, max(0.25, config.duration_s / 4))
     next_line = window_start + every
-    while len(parts) < len(conns):
+    while len(parts) < len(workers):
         now = time.monotonic()
         if before is None and now >= window_start:
             before = stats.read()
             next_line = time.monotonic() + every
-        for i, conn in enumerate(conns):
-            if i not in parts and conn.poll(0):
-                parts[i] = conn.recv()
+        for i in range(len(workers)):
+            if i not in parts and (part := workers.poll(i, label)) is not None:
+                parts[i] = part
         if now >= next_line:
             show(_progress_line(label, now - window_start, config, counters))
             next_line += every
-        if len(parts) < len(conns):
-            mp.connection.wait([c for i, c in enumerate(conns) if i not in parts], timeout=0.05)
+        if len(parts) < len(workers):
+            workers.wait([i for i in range(len(workers)) if i not in parts], timeout=0.05)
     after = stats.read() if before is not None else None
     merged = merge(parts[i] for i in sorted(parts))
     server = stats_delta(before, after) if before is not None and after is not None else None
