@@ -23,6 +23,8 @@ class _Servicer(GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.delay_s = 0.0
         self.error: tuple[grpc.StatusCode, str] | None = None
+        self.config_error: tuple[grpc.StatusCode, str] | None = None
+        """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
@@ -45,6 +47,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        if self.config_error is not None:
+            await context.abort(*self.config_error)
         return pb.ModelConfigResponse(config=mc.ModelConfig(name=request.name, max_batch_size=8))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -60,7 +64,7 @@ class _Servicer(GRPCInferenceServiceServicer):
 
 
 class ScriptedUpstream:
-    """`with ScriptedUpstream() as up:` serves on `up.url`; set `up.script.delay_s` / `up.script.error`."""
+    """`with ScriptedUpstream() as up:` serves on `up.url`; set `up.script.delay_s` / `.error` / `.config_error`."""
 
     def __init__(self) -> None:
         self.script = _Servicer()

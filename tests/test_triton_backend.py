@@ -374,6 +374,27 @@ def test_an_upstream_with_a_full_queue_leaves_the_model_ready(tmp_path: Path) ->
                 client.close()
 
 
+def test_an_upstream_that_restricts_model_config_serves_without_batching(tmp_path: Path) -> None:
+    """Triton with `--grpc-restricted-protocol=model-config:...` answers ModelConfig UNAVAILABLE "This protocol is
+    restricted"; the metadata still describes the tensors, so the model loads unbatched (a warning says why and
+    how to batch), where the load used to fail."""
+    x = np.ones((1, 2), np.float32)
+    with ScriptedUpstream() as up:
+        up.script.config_error = (
+            grpc.StatusCode.UNAVAILABLE,
+            "This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'",
+        )
+        _scripted_front(tmp_path / "models", up.url)
+        with ServerThread(tmp_path / "models") as s:
+            client = tc.InferenceServerClient(s.address)
+            try:
+                assert client.is_model_ready("front")
+                assert client.get_model_config("front").config.max_batch_size == 0
+                np.testing.assert_array_equal(client.infer("front", [_input(x)]).as_numpy("Y"), x)
+            finally:
+                client.close()
+
+
 def test_a_callers_deadline_longer_than_timeout_s_is_honoured(tmp_path: Path) -> None:
     """tensorgate.triton.timeout_s limits calls without a deadline; a caller that allows longer gets longer."""
     x = np.ones((1, 2), np.float32)

@@ -364,11 +364,17 @@ class TritonBackend:
             with self._errors():
                 upstream_config = (await client.get_model_config(s.model_name, as_json=True, **call)).get("config", {})
             mbs = int(upstream_config.get("max_batch_size", 0))
-        except ModelUnavailableError:
-            raise
         except TensorgateError as exc:
-            # Some deployments restrict ModelConfig; the metadata alone still describes the tensors.
-            log.warning("model '%s': %s; taking the upstream model as not batching", self._model, exc.message)
+            if isinstance(exc, ModelUnavailableError) and not _restricted(exc.message):
+                raise  # the upstream model itself is not there (or not reachable): the load fails with why
+            # Some deployments restrict ModelConfig (Triton's --grpc-restricted-protocol answers UNAVAILABLE); the
+            # metadata alone still describes the tensors.
+            log.warning(
+                "model '%s': %s; taking the upstream model as not batching (give tensorgate.triton.header.* with "
+                "the key, or max_batch_size in config.pbtxt, to batch)",
+                self._model,
+                exc.message,
+            )
             mbs = 0
 
         def infos(key: str) -> list[TensorInfo]:
@@ -450,6 +456,11 @@ class TritonBackend:
                     self._ready = False
                 raise ModelUnavailableError(self._model, self._version, f"{self._where}: {message}") from exc
             raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
+
+
+def _restricted(message: str) -> bool:
+    """Triton's refusal of an RPC it restricts to holders of a header (--grpc-restricted-protocol)."""
+    return "protocol is restricted" in message.lower()
 
 
 def _unreachable(message: str) -> bool:
