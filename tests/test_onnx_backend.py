@@ -535,3 +535,17 @@ def test_bad_text_fails_its_own_request_not_its_batch(tmp_path: Path) -> None:
     assert bad.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
     assert "'text'" in str(bad.message()) and "'INPUT0'" in str(bad.message())
     assert "element 1 is not valid UTF-8" in str(bad.message())
+
+
+def test_text_is_checked_element_by_element(tmp_path: Path) -> None:
+    """The whole tensor is checked in one call (elements joined by NUL): a character cut between two elements
+    must not pass as the one it would make joined, and NUL inside an element is fine."""
+    root = tmp_path / "models"
+    identity_model(root / "text" / "1" / "model.onnx", "BYTES")
+    write_config(root, "text", "max_batch_size: 8\n")
+    with ServerThread(root) as server, grpcclient.InferenceServerClient(server.address) as client:
+        # Refused by the check before the queue (its words), not by the model's feed, which would fail a batch.
+        with pytest.raises(InferenceServerException, match="element 1 is not valid UTF-8; this model's string"):
+            client.infer("text", [_text_input([b"a", b"\xc3", b"\xa9", b"d"])])  # "é" cut in two
+        out = client.infer("text", [_text_input([b"a\x00b", "é".encode(), b"", b"d"])]).as_numpy("OUTPUT0")
+    assert out is not None and list(out[0]) == [b"a\x00b", "é".encode(), b"", b"d"]

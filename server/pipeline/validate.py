@@ -91,7 +91,15 @@ def validate_request(
 
 
 def _check_text(array: np.ndarray, model: str, version: str, name: str) -> None:
-    for i, item in enumerate(array.reshape(-1)):
+    items = array.reshape(-1).tolist()
+    try:
+        # One C call for the tensor: NUL cannot sit inside a multi-byte sequence, so the joined text is valid UTF-8
+        # exactly when every element is (a bare join would let a cut-off character be completed by the next one).
+        b"\0".join(items).decode("utf-8")
+        return
+    except (UnicodeDecodeError, TypeError):
+        pass  # an invalid element (found below, with its index), or str elements, which are text already
+    for i, item in enumerate(items):
         if isinstance(item, bytes):
             try:
                 item.decode("utf-8")
