@@ -81,7 +81,14 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 
 def check_backend(config: mc.ModelConfig) -> None:
-    """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton; say so clearly for anything else."""
+    """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton; say so clearly for anything else,
+    and for a scheduler tensorgate does not have (a stateful model served as stateless would answer wrongly)."""
+    if config.HasField("sequence_batching"):
+        raise InvalidConfigError(
+            config.name,
+            "sequence_batching is not supported: tensorgate has no sequence (stateful) scheduler, and would serve "
+            "each request of a sequence on its own",
+        )
     if config.backend == TRITON_BACKEND and config.platform == "":
         return
     if config.backend in ("", ONNX_BACKEND) and config.platform in ("", ONNX_PLATFORM):
@@ -161,12 +168,8 @@ def autocomplete(
     can_batch = _can_batch([*inputs, *outputs])
     if not max_batch_size_given and not config.input and not config.output:
         config.max_batch_size = default_max_batch_size if can_batch else 0
-        if (
-            config.max_batch_size > 0
-            and not config.HasField("dynamic_batching")
-            and not config.HasField("sequence_batching")
-        ):
-            config.dynamic_batching.SetInParent()
+        if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
+            config.dynamic_batching.SetInParent()  # sequence_batching never gets here: check_backend refuses it
     if config.max_batch_size < 0:
         raise InvalidConfigError(model, f"max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.max_batch_size > 0 and not can_batch:
