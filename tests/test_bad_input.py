@@ -554,7 +554,11 @@ def test_stream_errors_reach_tritonclient_callback(server: ServerThread) -> None
             pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=16),
             id="SystemSharedMemoryRegister",
         ),
-        pytest.param("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest(), id="CudaSharedMemoryStatus"),
+        pytest.param(
+            "CudaSharedMemoryRegister",
+            pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=16),
+            id="CudaSharedMemoryRegister",
+        ),
         pytest.param("TraceSetting", pb.TraceSettingRequest(), id="TraceSetting"),
         pytest.param("LogSettings", pb.LogSettingsRequest(), id="LogSettings"),
     ],

@@ -450,3 +450,21 @@ def test_regions_are_capped_and_share_their_segments_descriptor(
     client.unregister_system_shared_memory()
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) < before + 16
+
+
+def test_cuda_shared_memory_has_nothing_to_list_or_unregister(served: ServerThread) -> None:
+    """perf_analyzer unregisters CUDA regions too when it exits, and printed "Unable to unregister all shared
+    memory regions" after every --shared-memory run while those calls answered UNIMPLEMENTED."""
+    client = tc.InferenceServerClient(served.address)
+    try:
+        client.unregister_cuda_shared_memory()
+        client.unregister_cuda_shared_memory("never-registered")
+        assert client.get_cuda_shared_memory_status(as_json=True) == {}
+        with pytest.raises(InferenceServerException) as info:
+            client.get_cuda_shared_memory_status("r")
+        assert _code(info.value) == "StatusCode.NOT_FOUND" and "no CUDA shared memory" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:
+            client.register_cuda_shared_memory("r", b"aGFuZGxl", 0, 16)  # base64, as cudashm gives it
+        assert _code(info.value) == "StatusCode.UNIMPLEMENTED"
+    finally:
+        client.close()

@@ -72,6 +72,8 @@ RPC_GROUPS: dict[str, str] = {
     "SystemSharedMemoryStatus": "inference",
     "SystemSharedMemoryRegister": "inference",
     "SystemSharedMemoryUnregister": "inference",
+    "CudaSharedMemoryStatus": "inference",
+    "CudaSharedMemoryUnregister": "inference",
     "ServerMetadata": "metadata",
     "ModelMetadata": "metadata",
     "ModelConfig": "metadata",

@@ -1,7 +1,8 @@
 """GRPCInferenceService: each RPC decodes, calls the pipeline or repository, and encodes; nothing more.
 
 Every method goes through one error mapper (server/rpc/errors.py). RPCs that tensorgate does not implement
-(CUDA shared memory, trace and log settings) are inherited from the generated base and answer UNIMPLEMENTED.
+(CUDA shared memory registration, trace and log settings) are inherited from the generated base and answer
+UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
-from tensorgate.server.rpc.shared_memory import SystemSharedMemory, encode_status
+from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -295,6 +296,26 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self.shared_memory.require("SystemSharedMemoryUnregister")
         self.shared_memory.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    # CUDA shared memory: no region can be registered (CudaSharedMemoryRegister stays UNIMPLEMENTED), so there is
+    # none to list or unregister. Answering those two plainly matters: perf_analyzer unregisters both kinds when
+    # it exits and reports a failure of either, whatever kind it used.
+
+    @errors.unary
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        if request.name:
+            raise RegionNotFoundError(
+                f"CUDA shared memory region '{request.name}' is not registered (tensorgate has no CUDA shared memory)"
+            )
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @errors.unary
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # nothing registered; an unknown name is no error (Triton)
 
     # ----- repository --------------------------------------------------------------------------------------
 
