@@ -156,8 +156,14 @@ class ServerSettings:
             # Monitoring options without monitoring would be accepted and do nothing: most likely --data-dir was
             # forgotten, and the operator believes predictions are watched.
             fields = type(self).__dataclass_fields__
-            given = [name for name in _MONITORING_OPTIONS if getattr(self, name) != fields[name].default]
+            given = [
+                name
+                for name in _MONITORING_OPTIONS
+                # "" counts as not given: `--alert-webhook "$WEBHOOK"` with the variable unset
+                if getattr(self, name) not in (None, "", fields[name].default)
+            ]
             if given:
-                raise ValueError(f"{', '.join(given)} need data_dir (monitoring is off without it)")
+                need = "needs" if len(given) == 1 else "need"
+                raise ValueError(f"{', '.join(given)} {need} data_dir (monitoring is off without it)")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")

@@ -296,6 +296,9 @@ def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
             id="monitoring-without-data-dir",
         ),
         pytest.param(
+            ["--alert-rules", "rules.yaml"], {}, "alert_rules needs data_dir", id="alert-rules-without-data-dir"
+        ),
+        pytest.param(
             ["--shared-memory", "cuda"], {}, "argument --shared-memory: invalid choice: 'cuda'", id="shared-memory"
         ),
     ],
@@ -327,3 +330,12 @@ def test_a_port_in_use_stops_with_one_line(repo: Path) -> None:
     assert done.returncode == 1
     assert f"could not bind 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_empty_webhook_is_no_monitoring_option(repo: Path) -> None:
+    """`--alert-webhook "$WEBHOOK"` with the variable unset passes "": not given, so no --data-dir is needed."""
+    from tensorgate.server import ServerSettings
+
+    ServerSettings(model_repository=repo, alert_webhook="", monitor_interval_s=10.0)
+    with pytest.raises(ValueError, match="^alert_webhook needs data_dir"):
+        ServerSettings(model_repository=repo, alert_webhook="http://127.0.0.1:9/hook")
