@@ -24,7 +24,7 @@ from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, TensorgateError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
-from tensorgate.server.rpc.shared_memory import OFF_MESSAGE, REGION, RegionError, Slice, SystemSharedMemory
+from tensorgate.server.rpc.shared_memory import REGION, RegionError, Slice, SystemSharedMemory
 from tensorgate.server.telemetry.statistics import Duration
 
 # Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
@@ -105,12 +105,12 @@ MAX_DIMS = 64
 """numpy's limit on dimensions (NPY_MAXDIMS); a request over it is refused before any array is made."""
 
 
-def _shared(
-    shm: SystemSharedMemory | None, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str
-) -> bytes:
+NO_SHARED_MEMORY = SystemSharedMemory(enabled=False)
+"""What a request naming a region meets on a server without --shared-memory system: the registry's own refusal."""
+
+
+def _shared(shm: SystemSharedMemory, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str) -> bytes:
     """An input's bytes, read from its shared memory region."""
-    if shm is None:
-        raise InvalidRequestError(model, version, OFF_MESSAGE, tensor=tensor.name)
     if tensor.HasField("contents"):
         raise InvalidRequestError(
             model, version, "data given both in contents and in shared memory", tensor=tensor.name
@@ -126,7 +126,7 @@ def decode_infer_request(
     msg: pb.ModelInferRequest,
     deadline: float | None = None,
     limits: RequestLimits = DEFAULT_LIMITS,
-    shm: SystemSharedMemory | None = None,
+    shm: SystemSharedMemory = NO_SHARED_MEMORY,
 ) -> InferRequest:
     """Build the pipeline's request; checks what the protocol and the size limits require, not the model schema.
 
@@ -134,7 +134,7 @@ def decode_infer_request(
     fields rather than iterating them (upb's iterators and `tuple(repeated)` cost microseconds each); measured
     with benchmarks/hotpath.py.
 
-    Inputs in shared memory (`shm`, when the server has it on) take no raw_input_contents entry: as in Triton,
+    Inputs in shared memory (`shm`, the server's registry) take no raw_input_contents entry: as in Triton,
     the entries are for the other inputs, in order.
     """
     model, version = msg.model_name, msg.model_version
@@ -229,8 +229,6 @@ def decode_infer_request(
                         model, version, f"output parameter '{key}' is not supported", tensor=out.name
                     )
             if REGION in out.parameters:
-                if shm is None:
-                    raise InvalidRequestError(model, version, OFF_MESSAGE, tensor=out.name)
                 if shared_outputs is None:
                     shared_outputs = {}
                 shared_outputs[out.name] = shm.slice(out.parameters, model=model, version=version, tensor=out.name)
@@ -260,30 +258,27 @@ def encode_infer_response(resp: InferResponse, shared_outputs: dict[str, Slice] 
         msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
         data = encode_array(array, datatype)
         if shared_outputs is not None and name in shared_outputs:
-            target = shared_outputs[name]
-            if len(data) > target.size:
-                error = InvalidRequestError(
-                    resp.model,
-                    resp.version,
-                    f"the output takes {len(data)} bytes, more than the {target.size} given in shared memory",
-                    tensor=name,
-                )
-                error.ran = True  # the model has run: sending the same request again fails the same way
-                raise error
-            try:
-                target.write(data)
-            except (RegionError, OSError) as exc:
-                detail = exc.message if isinstance(exc, RegionError) else f"cannot write it: {exc.strerror}"
-                failed: TensorgateError = (
-                    InvalidRequestError(resp.model, resp.version, detail, tensor=name)
-                    if isinstance(exc, RegionError)
-                    else ResourceExhaustedError(f"{model_ref(resp.model, resp.version)}, tensor '{name}': {detail}")
-                )
-                failed.ran = True
-                raise failed from exc
+            _write_shared(shared_outputs[name], data, resp, name)
             data = b""
         msg.raw_output_contents.append(data)
     return msg
+
+
+def _write_shared(target: Slice, data: bytes, resp: InferResponse, name: str) -> None:
+    """An output into its shared memory region. The model has run, so an error is marked `ran`: sending the same
+    request again would fail the same way."""
+    failed: TensorgateError
+    try:
+        target.write(data)
+        return
+    except RegionError as exc:
+        failed = InvalidRequestError(resp.model, resp.version, exc.message, tensor=name)
+    except OSError as exc:
+        failed = ResourceExhaustedError(
+            f"{model_ref(resp.model, resp.version)}, tensor '{name}': cannot write it: {exc.strerror}"
+        )
+    failed.ran = True
+    raise failed
 
 
 # The client side of the codec (raw contents), shared with the client, warm-up and benchmarks.

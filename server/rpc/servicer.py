@@ -83,8 +83,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         shared_memory: SystemSharedMemory | None = None,
     ) -> None:
         self.gate = gate
-        self.shared_memory = shared_memory or SystemSharedMemory(enabled=False)
-        self._shm = self.shared_memory if self.shared_memory.enabled else None
+        self.shared_memory = shared_memory or codec.NO_SHARED_MEMORY
         self._extensions = EXTENSIONS + (("system_shared_memory",) if self.shared_memory.enabled else ())
         self.tracing = tracing
         self._requests = requests
@@ -147,7 +146,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
         tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does."""
         try:
-            return codec.decode_infer_request(request, deadline, self._limits, self._shm)
+            return codec.decode_infer_request(request, deadline, self._limits, self.shared_memory)
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
             raise

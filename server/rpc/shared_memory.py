@@ -1,13 +1,13 @@
 """System shared memory regions, Triton's extension: a client on the same host puts tensors in a POSIX shared
 memory segment, registers it once, and requests name the region instead of carrying the bytes.
 
-Inputs are read from the segment and outputs written into it with pread/pwrite on a descriptor held per region,
+Inputs are read from the segment and outputs written into it with pread/pwrite on a descriptor held per segment,
 not through a memory mapping: the client owns the segment and may shrink it at any time, and touching a mapping
 past the end of a shrunk file kills the whole server with SIGBUS, where a short read is an error for one request.
 The response carries an output's shape and datatype with an empty raw_output_contents entry, as Triton's does.
 
-Off unless the server is started with `--shared-memory system`: a registered key maps any segment in /dev/shm that
-the server's user may open, and an identity allowed to infer could read it back through a model. Triton serves
+Off unless the server is started with `--shared-memory system`: a registered key opens any segment in /dev/shm
+that the server's user may open, and an identity allowed to infer could read it back through a model. Triton serves
 the extension to every caller; here an operator turns it on for hosts whose local clients are trusted.
 """
 
@@ -41,7 +41,8 @@ OFF_MESSAGE = "system shared memory is off on this server (start it with --share
 
 
 class RegionError(TensorgateError):
-    """A region that cannot be registered: a bad key, offset or size."""
+    """A region that cannot be registered (a bad key, offset or size), or used (a shrunk segment, an output that
+    does not fit)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -103,6 +104,8 @@ class Slice:
 
     def write(self, data: bytes) -> None:
         """Into the segment as registered: a segment the client shrank is refused, not silently grown back."""
+        if len(data) > self.size:
+            raise RegionError(f"the output takes {len(data)} bytes, more than the {self.size} given in shared memory")
         fd = self.region.segment.fd
         end = self.start + len(data)
         if end > os.fstat(fd).st_size:
