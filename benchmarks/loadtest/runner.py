@@ -213,10 +213,6 @@ def describe_model(config: BenchConfig) -> ModelShape:
     return ModelShape.from_metadata(meta, max_batch)
 
 
-def _split(total: int, parts: int, index: int) -> int:
-    return total // parts + (1 if index < total % parts else 0)
-
-
 def _shares(total: int, weights: Sequence[int]) -> list[int]:
     """``total`` in whole parts proportional to ``weights`` that add up to it (largest remainders get the rest,
     ties to the lower index); a zero weight gets nothing."""
@@ -239,8 +235,10 @@ def worker_levels(config: BenchConfig, value: float, start: float) -> list[Level
     workers also run out at about the same time.
     """
     w = config.workers
-    concurrency = [_split(int(value), w, i) for i in range(w)] if config.mode == "closed" else [1] * w
+    even = [1] * w
+    concurrency = _shares(int(value), even) if config.mode == "closed" else even
     budgets = None if config.max_requests is None else _shares(config.max_requests, concurrency)
+    in_flight = _shares(config.max_in_flight, even)
     out = []
     for i in range(w):
         base = Level(
@@ -249,7 +247,7 @@ def worker_levels(config: BenchConfig, value: float, start: float) -> list[Level
             warmup_s=config.warmup_s,
             duration_s=config.duration_s,
             max_requests=None if budgets is None else budgets[i],
-            max_in_flight=max(1, _split(config.max_in_flight, w, i)),
+            max_in_flight=max(1, in_flight[i]),
             arrival=config.arrival,
             seed=config.seed * 1000 + i * 7919 + int(value),
         )
