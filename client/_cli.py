@@ -55,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="an input: NAME=file.npy, NAME=file.json or NAME=<JSON list>; repeat for each input",
     )
     p.add_argument("--output", action="append", default=[], metavar="NAME", help="output to return (default: all)")
+    p.add_argument(
+        "--class-count",
+        action="append",
+        default=[],
+        metavar="NAME=K",
+        help='return output NAME as its top K classes ("value:index[:label]"); repeat for each output',
+    )
     p.add_argument("--model-version", default=None, help="model version (default: the server's choice)")
     p.add_argument("--request-id", default=None, help="request id sent with the call")
     add_connection_arguments(p, DEFAULT_TIMEOUT_S)
@@ -165,8 +172,19 @@ def _jsonable(array: np.ndarray) -> Any:
     return array.tolist()
 
 
+def _class_counts(items: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        name, sep, k = item.partition("=")
+        if not sep or not name or not k.isdigit() or int(k) < 1:
+            raise UsageError(f"--class-count {item!r}: expected NAME=K with K a positive integer")
+        counts[name] = int(k)
+    return counts
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        class_counts = _class_counts(args.class_count)
         arrays, pending = _parse_inputs(args.input)
         if not arrays and not pending:
             raise UsageError("give at least one --input NAME=VALUE")
@@ -190,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 outputs=args.output or None,
                 version=args.model_version,
                 request_id=args.request_id,
+                class_counts=class_counts or None,
             )
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -73,10 +73,12 @@ def infer_request(
     version: str | int | None = None,
     request_id: str | None = None,
     priority: int | None = None,
+    class_counts: Mapping[str, int] | None = None,
 ) -> pb.ModelInferRequest:
     """ModelInferRequest with raw contents; the datatype of each input comes from its numpy dtype.
 
-    Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry.
+    Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry, ValueError
+    for a class count that is not a positive integer.
     """
     arrays: list[tuple[str, np.ndarray]] = []
     for name, value in inputs.items():
@@ -97,6 +99,7 @@ def infer_request(
         request_id=request_id or "",
         outputs=list(outputs or ()),
         parameters=parameters,
+        class_counts=class_counts,
     )
 
 

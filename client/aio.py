@@ -107,10 +107,17 @@ class AsyncInferenceClient:
         request_id: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        class_counts: Mapping[str, int] | None = None,
     ) -> InferResult:
         """See ``InferenceClient.infer``."""
         request = _common.infer_request(
-            model, inputs, outputs=outputs, version=version, request_id=request_id, priority=priority
+            model,
+            inputs,
+            outputs=outputs,
+            version=version,
+            request_id=request_id,
+            priority=priority,
+            class_counts=class_counts,
         )
         return _common.infer_result(await self._call("ModelInfer", request, timeout))
 

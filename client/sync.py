@@ -109,14 +109,24 @@ class InferenceClient:
         request_id: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        class_counts: Mapping[str, int] | None = None,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (datatypes from the numpy dtypes; str/bytes/object arrays are BYTES).
 
         ``outputs`` names the outputs to return (default: all); ``version`` picks a version (default: the
         server's choice); ``priority`` is the request parameter of Triton's priority levels (1 highest).
+        ``class_counts`` asks for outputs as their top k classes (Triton's classification extension): each comes
+        back as BYTES "value:index[:label]", best first, one row per batch row. Those outputs are requested
+        alongside ``outputs``; like ``outputs``, naming any output means only the named ones come back.
         """
         request = _common.infer_request(
-            model, inputs, outputs=outputs, version=version, request_id=request_id, priority=priority
+            model,
+            inputs,
+            outputs=outputs,
+            version=version,
+            request_id=request_id,
+            priority=priority,
+            class_counts=class_counts,
         )
         return _common.infer_result(self._call("ModelInfer", request, timeout))
 

@@ -9,6 +9,7 @@ The repository::
     digits/config.pbtxt    a real classifier: StandardScaler + LogisticRegression on scikit-learn's bundled
     digits/1/model.onnx    8x8 digits, exported with skl2onnx; "input" FP32 [N,64] -> "label" INT64 [N,1],
     digits/test_data.npz   "probabilities" FP32 [N,10]; the held-out split for quality/drift scripts
+    digits/labels.txt      the class names of "probabilities" ("zero" ... "nine"), for classification requests
     mlp/config.pbtxt       the performance model of shared/BENCHMARKING.md: "INPUT0" FP32 [N,256] -> 1024
     mlp/1/model.onnx       -> 1024 -> 10 (ReLU) -> "OUTPUT0" FP32 [N,10], seeded He-initialised weights
 
@@ -56,6 +57,9 @@ BATCH_DIM = "batch"
 
 MLP_IN, MLP_HIDDEN, MLP_OUT = 256, 1024, 10
 
+# Class i of "probabilities" is the digit i: what a classification request (class_count) names it.
+DIGITS_LABELS = "".join(f"{word}\n" for word in "zero one two three four five six seven eight nine".split())
+
 DIGITS_CONFIG = """\
 name: "digits"
 backend: "onnxruntime"
@@ -77,6 +81,7 @@ output [
     name: "probabilities"
     data_type: TYPE_FP32
     dims: [ 10 ]
+    label_filename: "labels.txt"
   }
 ]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
@@ -250,6 +255,7 @@ def build_digits(model_dir: Path, seed: int = 0) -> DigitsModel:
     """Write ``model_dir`` (config, version 1, held-out split) and return the trained model."""
     trained = train_digits(seed)
     _save_model(export_digits(trained.pipeline), model_dir / "1" / "model.onnx")
+    _write_bytes(model_dir / "labels.txt", DIGITS_LABELS.encode())  # before the config that names it
     _write_bytes(model_dir / "config.pbtxt", DIGITS_CONFIG.encode())
     tmp = model_dir / ".test_data.tmp.npz"
     np.savez_compressed(tmp, X_test=trained.x_test, y_test=trained.y_test)

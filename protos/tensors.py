@@ -224,18 +224,27 @@ def encode_infer_request(
     request_id: str = "",
     outputs: Sequence[str] = (),
     parameters: Mapping[str, ParamValue] | None = None,
+    class_counts: Mapping[str, int] | None = None,
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest with raw contents, the datatype of each input read from its numpy dtype.
 
-    Raises KeyError for a dtype the protocol cannot carry.
+    `class_counts` asks for outputs as their top k classes (Triton's classification extension); they are requested
+    alongside `outputs`. Raises KeyError for a dtype the protocol cannot carry, ValueError for a class count that is
+    not a positive integer.
     """
     msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, array in inputs:
         dt = from_numpy(array.dtype)
         msg.inputs.add(name=name, datatype=dt.name, shape=array.shape)
         msg.raw_input_contents.append(encode_array(array, dt.name))
-    for name in outputs:
-        msg.outputs.add(name=name)
+    counts = dict(class_counts or {})
+    for name, k in counts.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"output '{name}': the class count must be a positive integer, got {k!r}")
+    for name in [*outputs, *(n for n in counts if n not in outputs)]:
+        out = msg.outputs.add(name=name)
+        if name in counts:
+            out.parameters["classification"].int64_param = counts[name]
     for key, value in (parameters or {}).items():
         set_parameter(msg.parameters, key, value)
     return msg

@@ -105,6 +105,19 @@ def test_health_with_an_unreadable_tls_file_is_one_clear_line(tmp_path: Path) ->
     assert "Traceback" not in done.stderr
 
 
+def test_top_classes_of_an_output(server: ServerThread) -> None:
+    row = [0.0] * 16
+    row[5], row[9] = 3.0, 2.0
+    done = infer(
+        "add_sub", "--input", f"INPUT0={json.dumps([row])}", "--input", f"INPUT1={json.dumps([[0.0] * 16])}",
+        "--class-count", "OUTPUT0=2", "--server", server.address,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    outputs = json.loads(done.stdout)["outputs"]
+    assert list(outputs) == ["OUTPUT0"]  # naming an output returns only the named ones, as --output does
+    assert outputs["OUTPUT0"] == {"datatype": "BYTES", "shape": [1, 2], "data": [["3.000000:5", "2.000000:9"]]}
+
+
 def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
     done = infer("add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--server", server.address)
     assert done.returncode == 1
@@ -118,6 +131,7 @@ def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
         pytest.param(["--input", "INPUT0=[1,"], "not valid JSON", id="bad-json"),
         pytest.param(["--input", "INPUT0=missing.npy"], "missing.npy", id="missing-file"),
         pytest.param([], "at least one --input", id="no-inputs"),
+        pytest.param(["--input", "A=[1]", "--class-count", "OUT=0"], "K a positive integer", id="class-count"),
         pytest.param(["--input", "A=[1]", "--tls-cert", "c.pem"], "--tls-cert and --tls-key", id="cert-without-key"),
     ],
 )

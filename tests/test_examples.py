@@ -75,6 +75,7 @@ def test_repository_layout(repo: Path) -> None:
     assert files == [
         "digits/1/model.onnx",
         "digits/config.pbtxt",
+        "digits/labels.txt",
         "digits/test_data.npz",
         "mlp/1/model.onnx",
         "mlp/config.pbtxt",
@@ -108,6 +109,9 @@ def test_digits_config_details(repo: Path) -> None:
     assert config.max_batch_size == 64
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert config.parameters["tensorgate.task"].string_value == "classification"
+    assert config.output[1].label_filename == "labels.txt"
+    labels = (repo / "digits" / "labels.txt").read_text().splitlines()
+    assert labels[0] == "zero" and labels[9] == "nine" and len(labels) == 10
 
 
 def test_mlp_config_details(repo: Path) -> None:

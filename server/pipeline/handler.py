@@ -14,9 +14,11 @@ import numpy as np
 from opentelemetry import trace
 
 from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
+from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -41,6 +43,15 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a non-negative integer")
     return value
+
+
+def _classify(response: InferResponse, classifications: dict[str, int], schema: ModelSchema) -> None:
+    """Replace the outputs asked for as classes by their top k (validation has checked their datatypes)."""
+    for i, (name, _, array) in enumerate(response.outputs):
+        k = classifications.get(name)
+        if k is not None:
+            batched = schema.max_batch_size > 0
+            response.outputs[i] = (name, "BYTES", top_k(array, k, schema.outputs[name].labels, batched))
 
 
 class InferenceHandler:
@@ -111,6 +122,8 @@ class InferenceHandler:
                     for name in outputs
                 ],
             )
+            if req.classifications is not None:
+                _classify(response, req.classifications, schema)
         except BaseException:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).

@@ -32,6 +32,8 @@ class InferRequest:
     """Absolute `time.monotonic()` by which the caller stops waiting; None when the call has no deadline."""
     shared_outputs: dict[str, Slice] | None = None
     """Outputs the caller asked for in shared memory: where the response encoder writes them."""
+    classifications: dict[str, int] | None = None
+    """Outputs asked for as their top k classes (the `classification` output parameter), by name."""
 
 
 @dataclass(slots=True)

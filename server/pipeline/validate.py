@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.pipeline.classify import CLASSIFIABLE
 from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.schema import ModelSchema, TensorSpec
 
@@ -87,7 +88,22 @@ def validate_request(
                 f"unknown output requested; the model's outputs are {sorted(schema.outputs)}",
                 tensor=name,
             )
+    if req.classifications is not None:
+        _check_classifications(schema, req.classifications, model, version)
     return inputs, batch if batch is not None else 1, outputs
+
+
+def _check_classifications(schema: ModelSchema, classifications: dict[str, int], model: str, version: str) -> None:
+    """Refused before the model runs, as the caller would otherwise wait for compute it cannot use."""
+    for name in classifications:
+        spec = schema.outputs.get(name)
+        if spec is not None and spec.datatype.name not in CLASSIFIABLE:
+            raise InvalidRequestError(
+                model,
+                version,
+                f"classification is not available for datatype {spec.datatype.name}; it needs integers, FP32 or FP64",
+                tensor=name,
+            )
 
 
 def _check_text(array: np.ndarray, model: str, version: str, name: str) -> None:

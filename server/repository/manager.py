@@ -42,6 +42,7 @@ from tensorgate.server.repository.config import (
     select_versions,
     version_dirs,
 )
+from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
@@ -365,7 +366,7 @@ class ModelRepository:
                 if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
                     group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
-            schema = ModelSchema.from_config(config, bytes_are_text=True)
+            schema = ModelSchema.from_config(config, bytes_are_text=True, labels=read_labels(config, vdir.parent))
             policy = SchedulingPolicy.from_config(config)
             run_warmup(config, schema, backend, vdir.parent, version, self._stopping.is_set)
         except InvalidConfigError as exc:
@@ -403,7 +404,7 @@ class ModelRepository:
                 if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
                     group.kind = mc.ModelInstanceGroup.KIND_MODEL
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
-            schema = ModelSchema.from_config(config)
+            schema = ModelSchema.from_config(config, labels=read_labels(config, model_dir))
             policy = SchedulingPolicy.from_config(config)
             run_warmup(config, schema, backend, model_dir, version, self._stopping.is_set)
         except InvalidConfigError as exc:

@@ -20,6 +20,8 @@ class TensorSpec:
     optional: bool = False
     text: bool = False
     """BYTES that the model takes as text (ONNX string tensors): each element must be UTF-8."""
+    labels: tuple[str, ...] = ()
+    """An output's class labels (its `label_filename`), for classification results; () when it has none."""
 
     def shape_text(self, max_batch_size: int) -> str:
         """The full shape as ModelMetadata reports it: -1 first when the model batches."""
@@ -34,10 +36,15 @@ class ModelSchema:
     outputs: dict[str, TensorSpec]
 
     @classmethod
-    def from_config(cls, config: mc.ModelConfig, bytes_are_text: bool = False) -> ModelSchema:
+    def from_config(
+        cls,
+        config: mc.ModelConfig,
+        bytes_are_text: bool = False,
+        labels: dict[str, tuple[str, ...]] | None = None,
+    ) -> ModelSchema:
         """`bytes_are_text` for a backend whose BYTES tensors are strings (ONNX Runtime): requests are then checked
         one by one for UTF-8 before they queue, so that one caller's bad bytes fail that caller alone, not every
-        request batched with it."""
+        request batched with it. `labels` are the outputs' class labels (repository/labels.py)."""
 
         def spec(t: mc.ModelInput | mc.ModelOutput, optional: bool) -> TensorSpec:
             datatype = datatypes.BY_CONFIG_TYPE.get(t.data_type)
@@ -53,6 +60,7 @@ class ModelSchema:
                 reshape=tuple(t.reshape.shape) if t.HasField("reshape") else None,
                 optional=optional,
                 text=bytes_are_text and datatype.name == "BYTES",
+                labels=(labels or {}).get(t.name, ()) if isinstance(t, mc.ModelOutput) else (),
             )
 
         return cls(

@@ -27,8 +27,8 @@ from tensorgate.server.repository.manager import IndexRow, LoadedModel
 from tensorgate.server.rpc.shared_memory import REGION, RegionError, Slice, SystemSharedMemory
 from tensorgate.server.telemetry.statistics import Duration
 
-# Output parameters of Triton extensions we do not implement: refuse rather than silently ignore them.
-_UNSUPPORTED_OUTPUT_PARAMETERS = ("classification",)
+CLASSIFICATION = "classification"
+"""The output parameter of Triton's classification extension (pipeline/classify.py)."""
 _BY_NAME = datatypes.BY_NAME
 
 
@@ -217,18 +217,24 @@ def decode_infer_request(
         )
     requested: list[str] = []
     shared_outputs: dict[str, Slice] | None = None
+    classifications: dict[str, int] | None = None
     outs = msg.outputs
     for j in range(len(outs)):
         out = outs[j]
         if out.name in requested:
             raise InvalidRequestError(model, version, "output requested more than once", tensor=out.name)
         if len(out.parameters):
-            for key in _UNSUPPORTED_OUTPUT_PARAMETERS:
-                if key in out.parameters:
-                    raise InvalidRequestError(
-                        model, version, f"output parameter '{key}' is not supported", tensor=out.name
-                    )
+            if CLASSIFICATION in out.parameters:
+                k = _class_count(out, model, version)
+                if k:
+                    if classifications is None:
+                        classifications = {}
+                    classifications[out.name] = k
             if REGION in out.parameters:
+                if classifications is not None and out.name in classifications:
+                    raise InvalidRequestError(
+                        model, version, "classification results cannot be written to shared memory", tensor=out.name
+                    )
                 if shared_outputs is None:
                     shared_outputs = {}
                 shared_outputs[out.name] = shm.slice(out.parameters, model=model, version=version, tensor=out.name)
@@ -244,7 +250,21 @@ def decode_infer_request(
         parameters=tensors.parameters_of(params) if len(params) else {},
         deadline=deadline,
         shared_outputs=shared_outputs,
+        classifications=classifications,
     )
+
+
+def _class_count(out: pb.ModelInferRequest.InferRequestedOutputTensor, model: str, version: str) -> int:
+    """The `classification` parameter: how many classes to return (tritonclient's class_count, an int64; 0 asks
+    for the tensor itself, as in Triton)."""
+    param = out.parameters[CLASSIFICATION]
+    choice = param.WhichOneof("parameter_choice")
+    value = getattr(param, choice) if choice in ("int64_param", "uint64_param") else None
+    if value is None or value < 0:
+        raise InvalidRequestError(
+            model, version, "output parameter 'classification' must be a non-negative integer", tensor=out.name
+        )
+    return int(value)
 
 
 encode_array = tensors.encode_array

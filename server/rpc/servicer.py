@@ -48,7 +48,7 @@ FINAL_RESPONSE = "triton_final_response"
 """Set on every stream response, as Triton sets it: a model here answers each request once, so every response is
 its request's final one. Clients written for Triton read it to know a request is done."""
 # Only what is really implemented: perf_analyzer reads this list to decide what to call.
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 
 Context = aio.ServicerContext[Any, Any]
 
