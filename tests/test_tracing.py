@@ -36,6 +36,7 @@ from tests.pki import Pki, identity_request, secure_channel
 from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
+from tests.test_ensemble import ensemble_repository
 
 SECRET = 1234.5678  # an input value that must never show up in an export
 BATCHED = """name: "batched"
@@ -564,3 +565,31 @@ def test_spans_dropped_are_a_metric_of_a_traced_server(repo: Path, collector: tu
         assert pipe.dropped >= 3  # a server span, validate, queue and execute per request
         assert value(scrape(metrics_url(server)), "tensorgate_trace_spans_dropped_total") == pipe.dropped
         channel.close()
+
+
+def test_an_ensemble_request_traces_each_step(tmp_path: Path, collector: tuple[Collector, int]) -> None:
+    """Each step is a child of the caller's request span, and the composing models' batches link to that span."""
+    c, port = collector
+    caller = Caller.new()
+    with traced(ensemble_repository(tmp_path / "models"), port) as server:
+        client = triton.InferenceServerClient(server.address)
+        try:
+            a = np.full((1, 16), SECRET, np.float32)
+            inputs = [triton.InferInput(n, [1, 16], "FP32") for n in ("A", "B")]
+            for inp in inputs:
+                inp.set_data_from_numpy(a)
+            client.infer("pipeline", inputs, headers={"traceparent": caller.traceparent})
+        finally:
+            client.close()
+    (span,) = server_spans(c, "ModelInfer")
+    assert hexid(span.trace_id) == caller.trace_id
+    assert attrs(span)["tensorgate.model.name"] == "pipeline"
+    assert attrs(span)["tensorgate.execution_provider"] == "ensemble"
+    names = sorted(s.name for s in c.spans() if s.parent_span_id == span.span_id)
+    # The batches are children of a request they served too (here the only one), as for any model.
+    assert names == ["batch add_sub", "batch scale2", "ensemble step 0 scale2", "ensemble step 1 add_sub",
+                     "execute", "execute", "queue", "queue", "validate"]  # fmt: skip
+    for model in ("add_sub", "scale2"):
+        (batch,) = [s for s in c.spans() if s.name == f"batch {model}"]
+        assert [(link.trace_id, link.span_id) for link in batch.links] == [(span.trace_id, span.span_id)]
+    assert struct.pack("<f", SECRET) not in c.raw

@@ -13,12 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from opentelemetry import trace
 
+from tensorgate.protos.tensors import from_numpy
 from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.pipeline.classify import top_k
+from tensorgate.server.pipeline.ensemble import run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import reshape_out, validate_request
+from tensorgate.server.repository.ensemble import Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
+from tensorgate.server.telemetry.statistics import ExecutionTimes
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -99,15 +103,19 @@ class InferenceHandler:
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
         try:
-            results, times = await model.scheduler.submit(
-                inputs,
-                outputs,
-                rows,
-                req.deadline,
-                priority=priority,
-                timeout_us=timeout_us,
-                span=None if span is None else Tracing.context_of(span),
-            )
+            scheduler = model.scheduler
+            if scheduler is not None:
+                results, times = await scheduler.submit(
+                    inputs,
+                    outputs,
+                    rows,
+                    req.deadline,
+                    priority=priority,
+                    timeout_us=timeout_us,
+                    span=None if span is None else Tracing.context_of(span),
+                )
+            else:
+                results, times = await self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
             schema = model.schema
             response = InferResponse(
                 model=model.name,
@@ -140,3 +148,79 @@ class InferenceHandler:
                 }
             )
         return response
+
+    async def _run_ensemble(
+        self,
+        model: LoadedModel,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        rows: int,
+        req: InferRequest,
+        priority: int | None,
+        timeout_us: int | None,
+        span: trace.Span | None,
+    ) -> tuple[dict[str, np.ndarray], ExecutionTimes]:
+        """An ensemble's steps, each validated and queued as a request to its composing model, which batches it with
+        its other traffic and counts it in its own statistics. The ensemble's queue and compute times are the sums
+        of its steps'; each step is a child of the request's span."""
+        plan = model.plan
+        assert plan is not None
+        spent = [0, 0, 0, 0]
+        traced = span is not None and span.is_recording()
+        context = None if span is None else Tracing.context_of(span)
+
+        async def run_step(step: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            started_ns = time.time_ns()
+            error: BaseException | None = None
+            try:
+                composing = self._repository.get(step.model, step.version)
+                version = str(composing.version)
+                sub = InferRequest(
+                    model=step.model,
+                    version=version,
+                    id=req.id,
+                    inputs=feed,
+                    datatypes={name: from_numpy(array.dtype).name for name, array in feed.items()},
+                    requested_outputs=list(step.outputs),
+                )
+                step_inputs, step_rows, step_outputs = validate_request(composing.schema, sub, version)
+                started = time.perf_counter_ns()
+                try:
+                    scheduler = composing.scheduler
+                    if scheduler is not None:
+                        results, times = await scheduler.submit(
+                            step_inputs,
+                            step_outputs,
+                            step_rows,
+                            req.deadline,
+                            priority=priority,
+                            timeout_us=timeout_us,
+                            span=context,
+                        )
+                    else:  # an ensemble inside the ensemble
+                        results, times = await self._run_ensemble(
+                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
+                        )
+                except BaseException:
+                    composing.stats.record_failure(time.perf_counter_ns() - started)
+                    raise
+                composing.stats.record_request(step_rows, time.perf_counter_ns() - started, times)
+                spent[0] += times.queue_ns
+                spent[1] += times.compute_input_ns
+                spent[2] += times.compute_infer_ns
+                spent[3] += times.compute_output_ns
+                schema = composing.schema
+                return {
+                    step.outputs[name]: reshape_out(results[name], schema.outputs[name], schema.max_batch_size)
+                    for name in step_outputs
+                }
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if traced:
+                    assert span is not None and self._tracing is not None
+                    self._tracing.record_child(span, f"ensemble step {step.index} {step.model}", started_ns, error)
+
+        results = await run_plan(plan, inputs, outputs, run_step)
+        return results, ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)

@@ -14,6 +14,7 @@ from google.protobuf import text_format
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.errors import InvalidConfigError
+from tensorgate.server.repository.ensemble import ENSEMBLE_PLATFORM
 
 CONFIG_FILE = "config.pbtxt"
 ONNX_PLATFORM = "onnxruntime_onnx"
@@ -81,14 +82,19 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 
 def check_backend(config: mc.ModelConfig) -> None:
-    """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton; say so clearly for anything else,
-    and for a scheduler tensorgate does not have (a stateful model served as stateless would answer wrongly)."""
+    """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton, ensembles through their composing
+    models; say so clearly for anything else, and for a scheduler tensorgate does not have (a stateful model
+    served as stateless would answer wrongly)."""
     if config.HasField("sequence_batching"):
         raise InvalidConfigError(
             config.name,
             "sequence_batching is not supported: tensorgate has no sequence (stateful) scheduler, and would serve "
             "each request of a sequence on its own",
         )
+    if config.HasField("ensemble_scheduling") and config.platform != ENSEMBLE_PLATFORM:
+        raise InvalidConfigError(config.name, 'ensemble_scheduling needs platform "ensemble"')
+    if config.platform == ENSEMBLE_PLATFORM and config.backend == "":
+        return
     if config.backend == TRITON_BACKEND and config.platform == "":
         return
     if config.backend in ("", ONNX_BACKEND) and config.platform in ("", ONNX_PLATFORM):
@@ -98,7 +104,8 @@ def check_backend(config: mc.ModelConfig) -> None:
     raise InvalidConfigError(
         config.name,
         f"unsupported backend '{config.backend or config.platform}' (supported: backend \"{ONNX_BACKEND}\" "
-        f'or platform "{ONNX_PLATFORM}", and backend "{TRITON_BACKEND}" for a model on an upstream Triton)',
+        f'or platform "{ONNX_PLATFORM}", platform "{ENSEMBLE_PLATFORM}", and backend "{TRITON_BACKEND}" for a '
+        "model on an upstream Triton)",
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.backends.base import Backend, backend_ready
+from tensorgate.server.backends.ensemble import EnsembleBackend
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
 from tensorgate.server.backends.triton import DEFAULT_REMOTE_INSTANCES, REMOTE_VERSION, TritonBackend, complete_config
 from tensorgate.server.errors import (
@@ -33,6 +35,7 @@ from tensorgate.server.errors import (
     TensorgateError,
 )
 from tensorgate.server.repository.config import (
+    CONFIG_FILE,
     TRITON_BACKEND,
     TensorInfo,
     autocomplete,
@@ -42,6 +45,7 @@ from tensorgate.server.repository.config import (
     select_versions,
     version_dirs,
 )
+from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.warmup import run_warmup
@@ -74,11 +78,14 @@ class LoadedModel:
     config: mc.ModelConfig
     schema: ModelSchema
     backend: Backend
-    scheduler: Scheduler
+    scheduler: Scheduler | None
+    """None for an ensemble: its steps queue in their composing models' schedulers."""
     stats: ModelStats
     signature: str
     load_seconds: float = 0.0
     """How long reading, building and warming up this version took."""
+    plan: EnsemblePlan | None = None
+    """An ensemble's steps (repository/ensemble.py); None for a model that runs itself."""
 
 
 @dataclass(slots=True)
@@ -111,6 +118,7 @@ class _Prepared:
     policy: SchedulingPolicy
     signature: str
     load_seconds: float = 0.0
+    plan: EnsemblePlan | None = None
 
 
 def _reason(exc: TensorgateError) -> str:
@@ -287,6 +295,10 @@ class ModelRepository:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
         _check_alert_rules(base)
+        plan = None
+        if is_ensemble(base):
+            plan = plan_of(base)
+            self._check_no_cycle(name, plan)
         base_text = base.SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)
         # A model on an upstream Triton has no files to version: it serves as one version (backends/triton.py).
@@ -307,7 +319,10 @@ class ModelRepository:
                 ready[v] = old
                 continue
             try:
-                ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
+                if plan is not None:
+                    ready[v] = self._prepare_ensemble(base, plan, v, sig)
+                else:
+                    ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
             except TensorgateError as exc:
                 failed[v] = _reason(exc)
                 log.error("%s", exc.message)
@@ -320,6 +335,93 @@ class ModelRepository:
                     item.backend.close()
             raise ModelLoadError(name, None, "the server is stopping")
         return ready, failed
+
+    def _prepare_ensemble(self, base: mc.ModelConfig, plan: EnsemblePlan, version: int, sig: str) -> _Prepared:
+        """An ensemble version: nothing to build; its steps are checked against the composing models on the loop
+        (`_bind`), once those are loaded."""
+        config = copy.deepcopy(base)
+        try:
+            schema = ModelSchema.from_config(config, labels=read_labels(config, self.root / config.name))
+            policy = SchedulingPolicy.from_config(config)
+        except InvalidConfigError as exc:
+            raise ModelLoadError(config.name, version, exc.problem) from exc
+        backend = EnsembleBackend(ready=lambda: self._steps_ready(plan))
+        return _Prepared(version, config, schema, backend, policy, sig, 0.0, plan)
+
+    def _check_no_cycle(self, name: str, plan: EnsemblePlan) -> None:
+        """Refuse an ensemble that reaches itself through composing ensembles (read from disk): loading it would
+        wait for its own load."""
+        path = [name]
+
+        def visit(current: EnsemblePlan) -> None:
+            for model, _ in current.models:
+                if model in path:
+                    raise InvalidConfigError(name, f"ensemble steps form a cycle: {' -> '.join([*path, model])}")
+                model_dir = self._model_dir(model, must_exist=False)
+                if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
+                    continue
+                try:
+                    config = read_config(model_dir)[0]
+                    inner = plan_of(config) if is_ensemble(config) else None
+                except TensorgateError:
+                    continue  # its own load says what is wrong with it
+                if inner is not None:
+                    path.append(model)
+                    visit(inner)
+                    path.pop()
+
+        visit(plan)
+
+    def _steps_ready(self, plan: EnsemblePlan) -> bool:
+        """An ensemble is ready while every step's model has a ready version to run it."""
+        for model, version in plan.models:
+            try:
+                if not backend_ready(self.get(model, version).backend):
+                    return False
+            except TensorgateError:
+                return False
+        return True
+
+    async def _bind(self, name: str, ready: dict[int, _Prepared | LoadedModel]) -> None:
+        """Check new ensemble versions against their composing models, loading those not loaded yet (Triton loads
+        an ensemble's composing models with it) and waiting for those being loaded."""
+        # Versions kept from the last load count too: loading an ensemble again brings back unloaded steps.
+        plan = next((item.plan for item in ready.values() if item.plan is not None), None)
+        if plan is None:
+            return
+        for model, _ in plan.models:
+            entry = self._entries.get(model)
+            if entry is None or entry.reason == "unloaded":
+                try:
+                    await self.load(model)
+                except TensorgateError:
+                    pass  # its reason is recorded: the lookup below fails with it
+            elif entry.state == LOADING:
+                async with self._lock(model):
+                    pass  # its load has ended
+
+        def composing(step: Step) -> mc.ModelConfig:
+            try:
+                return self.get(step.model, step.version).config
+            except TensorgateError as exc:
+                raise ModelLoadError(name, None, f"{step.ref} cannot be served: {exc.message}") from exc
+
+        for item in ready.values():
+            if isinstance(item, _Prepared):
+                bind(item.config, plan, composing)
+                item.schema = self._inherit_labels(item.schema, plan)
+
+    def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan) -> ModelSchema:
+        """An ensemble output without a label_filename classifies with the labels of the step output that writes
+        it, as in Triton."""
+        outputs = dict(schema.outputs)
+        for step in plan.steps:
+            for model_output, tensor in step.outputs.items():
+                spec = outputs.get(tensor)
+                if spec is not None and not spec.labels:
+                    labels = self.get(step.model, step.version).schema.outputs[model_output].labels
+                    outputs[tensor] = dataclasses.replace(spec, labels=labels)
+        return dataclasses.replace(schema, outputs=outputs)
 
     def _prepare_version(self, base: mc.ModelConfig, mbs_given: bool, vdir: Path, version: int, sig: str) -> _Prepared:
         started = time.perf_counter()
@@ -511,6 +613,7 @@ class ModelRepository:
                 entry.state = LOADING
             try:
                 ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, entry.versions)
+                await self._bind(name, ready)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
                     reason = _reason(exc)
@@ -537,7 +640,11 @@ class ModelRepository:
                 else:
                     stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
                     count = sum(g.count for g in item.config.instance_group) or 1
-                    scheduler = Scheduler(name, v, item.backend, stats, count, item.policy, self._tracing)
+                    scheduler = (
+                        None
+                        if item.plan is not None
+                        else Scheduler(name, v, item.backend, stats, count, item.policy, self._tracing)
+                    )
                     new_versions[v] = LoadedModel(
                         name,
                         v,
@@ -548,6 +655,7 @@ class ModelRepository:
                         stats,
                         item.signature,
                         item.load_seconds,
+                        item.plan,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             entry.versions, entry.failed = new_versions, failed
@@ -559,7 +667,8 @@ class ModelRepository:
 
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:
-            await model.scheduler.close(self._grace)
+            if model.scheduler is not None:
+                await model.scheduler.close(self._grace)
             model.backend.close()
             self.changes += 1
 
@@ -593,7 +702,19 @@ class ModelRepository:
             except TensorgateError:
                 pass  # recorded in the entry and logged by load()
 
-        await asyncio.gather(*(one(n) for n in names))
+        # Ensembles after the rest, so that their composing models are loaded once, by this call.
+        ensembles = set(await asyncio.to_thread(lambda: [n for n in names if self._is_ensemble(n)]))
+        await asyncio.gather(*(one(n) for n in names if n not in ensembles))
+        await asyncio.gather(*(one(n) for n in names if n in ensembles))
+
+    def _is_ensemble(self, name: str) -> bool:
+        model_dir = self._model_dir(name, must_exist=False)
+        if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
+            return False
+        try:
+            return is_ensemble(read_config(model_dir)[0])
+        except TensorgateError:
+            return False
 
     def _is_remote(self, name: str) -> bool:
         model_dir = self._model_dir(name, must_exist=False)

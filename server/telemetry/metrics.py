@@ -396,7 +396,7 @@ class Metrics:
                 _ModelSnapshot(
                     m.name,
                     str(m.version),
-                    m.scheduler.queued,
+                    0 if m.scheduler is None else m.scheduler.queued,  # an ensemble's steps queue elsewhere
                     m.load_seconds,
                     {size: b.compute_infer.count for size, b in m.stats.batch.items()},
                     None

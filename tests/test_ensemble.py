@@ -1,0 +1,414 @@
+"""Triton ensembles: a repository's `platform: "ensemble"` models serve as Triton serves them.
+
+Each end-to-end test runs a real server on a repository of ONNX models built here and calls it with unmodified
+tritonclient. Expected values are computed with numpy from the inputs, never by the code under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import InvalidConfigError
+from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
+from tensorgate.server.repository.config import parse_config
+from tensorgate.server.repository.ensemble import Step, plan_of
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
+from tests.serving import ServerThread
+
+# A chain: OUT_SCALED = 2 * (A + B), DIFF = A - B. The steps are listed out of order on purpose.
+PIPELINE = """
+name: "pipeline"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 dims: [ 16 ] }, { name: "B" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUT_SCALED" data_type: TYPE_FP32 dims: [ 16 ] },
+         { name: "DIFF" data_type: TYPE_FP32 dims: [ 16 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "scale2" model_version: -1
+      input_map { key: "INPUT0" value: "sum" } output_map { key: "OUTPUT0" value: "OUT_SCALED" } },
+    { model_name: "add_sub" model_version: 1
+      input_map { key: "INPUT0" value: "A" } input_map { key: "INPUT1" value: "B" }
+      output_map { key: "OUTPUT0" value: "sum" } output_map { key: "OUTPUT1" value: "DIFF" } }
+  ]
+}
+"""
+
+# A diamond: two steps that can run at once, joined by a third; scale3 does not batch (dims [-1, 16]).
+DIAMOND = """
+name: "diamond"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 dims: [ 16 ] }, { name: "B" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "JOINED" data_type: TYPE_FP32 dims: [ 16 ] }, { name: "SPREAD" data_type: TYPE_FP32 dims: [ 16 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "add_sub" input_map { key: "INPUT0" value: "A" } input_map { key: "INPUT1" value: "B" }
+      output_map { key: "OUTPUT0" value: "s" } output_map { key: "OUTPUT1" value: "d" } },
+    { model_name: "scale2" model_version: -1
+      input_map { key: "INPUT0" value: "s" } output_map { key: "OUTPUT0" value: "s2" } },
+    { model_name: "scale3" model_version: -1
+      input_map { key: "INPUT0" value: "d" } output_map { key: "OUTPUT0" value: "d3" } },
+    { model_name: "add_sub" model_version: -1
+      input_map { key: "INPUT0" value: "s2" } input_map { key: "INPUT1" value: "d3" }
+      output_map { key: "OUTPUT0" value: "JOINED" } output_map { key: "OUTPUT1" value: "SPREAD" } }
+  ]
+}
+"""
+
+
+def _scale_config(name: str, mbs: int = 8) -> str:
+    dims = "[ 16 ]" if mbs else "[ -1, 16 ]"
+    return textwrap.dedent(f"""
+        name: "{name}"
+        backend: "onnxruntime"
+        max_batch_size: {mbs}
+        input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: {dims} }} ]
+        output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: {dims} }} ]
+    """)
+
+
+def _ensemble(root: Path, name: str, text: str) -> None:
+    (root / name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version directory is empty, as in Triton
+    write_config(root, name, textwrap.dedent(text).lstrip("\n"))
+
+
+def ensemble_repository(root: Path, add_sub_extra: str = "") -> Path:
+    add_sub_model(root / "add_sub" / "1" / "model.onnx")
+    write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG + add_sub_extra)
+    scale_model(root / "scale2" / "1" / "model.onnx", 2.0, width=16)
+    write_config(root, "scale2", _scale_config("scale2"))
+    scale_model(root / "scale3" / "1" / "model.onnx", 3.0, width=16)
+    write_config(root, "scale3", _scale_config("scale3", mbs=0))
+    _ensemble(root, "pipeline", PIPELINE)
+    _ensemble(root, "diamond", DIAMOND)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(ensemble_repository(tmp_path_factory.mktemp("ensemble") / "models")) as s:
+        yield s
+
+
+@pytest.fixture
+def client(served: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(served.address)
+    yield c
+    c.close()
+
+
+def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
+    out = []
+    for name, x in (("A", a), ("B", b)):
+        inp = tc.InferInput(name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out.append(inp)
+    return out
+
+
+def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 16)).astype(np.float32), rng.standard_normal((n, 16)).astype(np.float32)
+
+
+def _count(client: tc.InferenceServerClient, model: str) -> tuple[int, int]:
+    """(successful requests, inferences) of a model's only version."""
+    stats = client.get_inference_statistics(model).model_stats[0]
+    return stats.inference_stats.success.count, stats.inference_count
+
+
+def test_a_chain_and_a_diamond_answer_as_their_steps_compose(client: tc.InferenceServerClient) -> None:
+    a, b = _rows(3, 0)
+    result = client.infer("pipeline", _inputs(a, b))
+    np.testing.assert_allclose(result.as_numpy("OUT_SCALED"), 2 * (a + b), rtol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("DIFF"), a - b, rtol=1e-6)
+    assert result.get_response().model_name == "pipeline" and result.get_response().model_version == "1"
+
+    joined = client.infer("diamond", _inputs(a, b))
+    np.testing.assert_allclose(joined.as_numpy("JOINED"), 2 * (a + b) + 3 * (a - b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(joined.as_numpy("SPREAD"), 2 * (a + b) - 3 * (a - b), rtol=1e-5, atol=1e-6)
+
+
+def test_metadata_config_and_readiness_describe_the_ensemble(client: tc.InferenceServerClient) -> None:
+    meta = client.get_model_metadata("pipeline")
+    assert meta.platform == "ensemble"
+    assert [(t.name, list(t.shape)) for t in meta.inputs] == [("A", [-1, 16]), ("B", [-1, 16])]
+    config = client.get_model_config("pipeline").config
+    assert [s.model_name for s in config.ensemble_scheduling.step] == ["scale2", "add_sub"]
+    assert not config.instance_group
+    assert client.is_model_ready("pipeline") and client.is_server_ready()
+
+
+def test_statistics_count_the_ensemble_and_each_composing_model(client: tc.InferenceServerClient) -> None:
+    before = {m: _count(client, m) for m in ("pipeline", "add_sub", "scale2", "scale3")}
+    a, b = _rows(2, 1)
+    client.infer("pipeline", _inputs(a, b))
+    after = {m: _count(client, m) for m in before}
+    assert after["pipeline"] == (before["pipeline"][0] + 1, before["pipeline"][1] + 2)
+    assert after["add_sub"] == (before["add_sub"][0] + 1, before["add_sub"][1] + 2)
+    assert after["scale2"] == (before["scale2"][0] + 1, before["scale2"][1] + 2)
+    assert after["scale3"] == before["scale3"]
+
+    # Only the steps that lead to the outputs asked for run: DIFF needs add_sub alone.
+    result = client.infer("pipeline", _inputs(a, b), outputs=[tc.InferRequestedOutput("DIFF")])
+    np.testing.assert_allclose(result.as_numpy("DIFF"), a - b, rtol=1e-6)
+    assert result.as_numpy("OUT_SCALED") is None
+    assert _count(client, "scale2") == after["scale2"]
+    assert _count(client, "add_sub")[0] == after["add_sub"][0] + 1
+
+
+def test_a_step_that_refuses_its_input_fails_the_request_with_its_reason(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    # Variable dims in the ensemble pass the load (they may match at run time); 8 values do not fit add_sub's 16.
+    _ensemble(root, "loose", PIPELINE.replace('"pipeline"', '"loose"').replace("dims: [ 16 ]", "dims: [ -1 ]"))
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                c.infer("loose", _inputs(np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)))
+            assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+            assert "'add_sub'" in info.value.message() and "INPUT0" in info.value.message()
+            stats = c.get_inference_statistics("loose").model_stats[0].inference_stats
+            assert stats.fail.count == 1 and stats.success.count == 0
+            a, b = _rows(1, 3)
+            np.testing.assert_allclose(c.infer("loose", _inputs(a, b)).as_numpy("DIFF"), a - b, rtol=1e-6)
+        finally:
+            c.close()
+
+
+def test_steps_batch_with_each_other_across_ensemble_requests(tmp_path: Path) -> None:
+    """Four ensemble requests at once reach add_sub as one batch: its dynamic batcher waits (2 s at most) until
+    its preferred size of 4 rows is there."""
+    batcher = "dynamic_batching { max_queue_delay_microseconds: 2000000 preferred_batch_size: [ 4 ] }\n"
+    root = ensemble_repository(tmp_path / "models", add_sub_extra=batcher)
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            answers: dict[int, np.ndarray] = {}
+            inputs = {i: _rows(1, 10 + i) for i in range(4)}
+
+            def one(i: int) -> None:
+                answers[i] = c.infer(
+                    "pipeline", _inputs(*inputs[i]), outputs=[tc.InferRequestedOutput("DIFF")]
+                ).as_numpy("DIFF")
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for i, (a, b) in inputs.items():
+                np.testing.assert_allclose(answers[i], a - b, rtol=1e-6)
+            batches = {
+                b.batch_size: b.compute_infer.count
+                for b in c.get_inference_statistics("add_sub").model_stats[0].batch_stats
+            }
+            assert batches == {4: 1}
+        finally:
+            c.close()
+
+
+def test_explicit_mode_loads_the_composing_models_with_the_ensemble(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    with ServerThread(root, model_control_mode="explicit", load_model=["pipeline"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            assert c.is_model_ready("pipeline") and c.is_model_ready("add_sub") and c.is_model_ready("scale2")
+            assert not c.is_model_ready("scale3")  # not a step of the pipeline
+            c.unload_model("scale2")
+            # The ensemble cannot run without its step: not ready, and a request says which model is missing.
+            assert not c.is_model_ready("pipeline")
+            with pytest.raises(InferenceServerException) as info:
+                c.infer("pipeline", _inputs(*_rows(1, 4)))
+            assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+            assert "'scale2'" in info.value.message()
+            c.load_model("pipeline")  # loads scale2 again, as Triton does
+            assert c.is_model_ready("scale2") and c.is_model_ready("pipeline")
+            a, b = _rows(1, 5)
+            np.testing.assert_allclose(
+                c.infer("pipeline", _inputs(a, b)).as_numpy("OUT_SCALED"), 2 * (a + b), rtol=1e-6
+            )
+        finally:
+            c.close()
+
+
+# ----- configs that cannot serve fail their load, with the reason, and leave the rest serving ----------------
+
+_STEP = (
+    '{ model_name: "scale2" model_version: -1 input_map { key: "INPUT0" value: "X" } '
+    'output_map { key: "OUTPUT0" value: "Y" } }'
+)
+
+
+def _single(step: str = _STEP, *, x: str = "TYPE_FP32 dims: [ 16 ]", mbs: int = 8, extra: str = "") -> str:
+    return f"""
+        name: "bad"
+        platform: "ensemble"
+        max_batch_size: {mbs}
+        input [ {{ name: "X" data_type: {x} }} ]
+        output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 16 ] }} ]
+        ensemble_scheduling {{ step [ {step} ] }}
+        {extra}
+    """
+
+
+BAD = {
+    "unknown-model": (_single(_STEP.replace("scale2", "nope")), "step 0 (model 'nope') cannot be served"),
+    "no-such-input": (_single(_STEP.replace('key: "INPUT0"', 'key: "IN"')), "which is no input of it"),
+    "no-such-output": (_single(_STEP.replace('key: "OUTPUT0"', 'key: "OUT"')), "which the model does not have"),
+    "datatype": (_single(x="TYPE_INT32 dims: [ 16 ]"), "'X' is TYPE_INT32 in the ensemble but TYPE_FP32"),
+    "dims": (_single(x="TYPE_FP32 dims: [ 8 ]"), "'X' has shape [-1, 8] in the ensemble but [-1, 16]"),
+    "max-batch-size": (_single(mbs=16), "the ensemble's max_batch_size is 16 but the model's is 8"),
+    "instance-group": (_single(extra="instance_group [ { count: 2 } ]"), "no instance_group of its own"),
+    "output-not-written": (
+        _single(_STEP.replace('value: "Y"', 'value: "Z"')),
+        "ensemble output 'Y' is not written by any step",
+    ),
+    "step-cycle": (
+        _single(
+            _STEP.replace('value: "X"', 'value: "W"')
+            + ", "
+            + _STEP.replace('value: "X"', 'value: "Y"').replace('value: "Y" }', 'value: "W" }')
+        ),
+        "which no input or earlier step provides (or that form a cycle)",
+    ),
+    "written-twice": (_single(_STEP + ", " + _STEP), "ensemble tensor 'Y' is written by step 0 and step 1"),
+    "no-steps": (_single("").replace("ensemble_scheduling { step [  ] }", "ensemble_scheduling { }"), "has no step"),
+    "not-an-ensemble": (
+        _single().replace('platform: "ensemble"', 'backend: "onnxruntime"'),
+        'ensemble_scheduling needs platform "ensemble"',
+    ),
+}
+
+
+def test_ensembles_that_cannot_serve_fail_their_load_and_nothing_else(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    names = []
+    for case, (text, _) in BAD.items():
+        name = f"bad_{case.replace('-', '_')}"
+        _ensemble(root, name, textwrap.dedent(text).replace('name: "bad"', f'name: "{name}"'))
+        names.append(name)
+    # Two ensembles that include each other would wait for each other's load.
+    loop = (
+        '{ model_name: "%s" input_map { key: "A" value: "A" } input_map { key: "B" value: "B" } '
+        'output_map { key: "DIFF" value: "DIFF" } }'
+    )
+    for me, other in (("loop_a", "loop_b"), ("loop_b", "loop_a")):
+        _ensemble(
+            root,
+            me,
+            f"""
+            name: "{me}"
+            platform: "ensemble"
+            max_batch_size: 8
+            input [ {{ name: "A" data_type: TYPE_FP32 dims: [ 16 ] }},
+                    {{ name: "B" data_type: TYPE_FP32 dims: [ 16 ] }} ]
+            output [ {{ name: "DIFF" data_type: TYPE_FP32 dims: [ 16 ] }} ]
+            ensemble_scheduling {{ step [ {loop % other} ] }}
+            """,
+        )
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            rows = {m.name: m for m in c.get_model_repository_index().models}
+            for name, (case, (_, fragment)) in zip(names, BAD.items(), strict=True):
+                assert rows[name].state == "UNAVAILABLE", case
+                assert fragment in rows[name].reason, (case, rows[name].reason)
+            for name in ("loop_a", "loop_b"):
+                assert rows[name].state == "UNAVAILABLE"
+                assert "ensemble steps form a cycle" in rows[name].reason, rows[name].reason
+            a, b = _rows(1, 6)
+            np.testing.assert_allclose(c.infer("pipeline", _inputs(a, b)).as_numpy("DIFF"), a - b, rtol=1e-6)
+        finally:
+            c.close()
+
+
+# ----- the plan and its runner, without a server ---------------------------------------------------------------
+
+
+def _plan(text: str) -> mc.ModelConfig:
+    return parse_config("e", textwrap.dedent(text))[0]
+
+
+def test_needed_steps_follow_the_outputs_back() -> None:
+    plan = plan_of(_plan(DIAMOND.replace('"diamond"', '"e"')))
+    assert [s.index for s in needed_steps(plan, ["JOINED"])] == [0, 1, 2, 3]
+    chain = plan_of(_plan(PIPELINE.replace('"pipeline"', '"e"')))
+    assert [s.model for s in needed_steps(chain, ["DIFF"])] == ["add_sub"]
+    assert [s.model for s in needed_steps(chain, ["OUT_SCALED"])] == ["scale2", "add_sub"]
+
+
+def test_independent_steps_run_at_once_and_a_failure_cancels_the_rest() -> None:
+    plan = plan_of(_plan(DIAMOND.replace('"diamond"', '"e"')))
+    both_running = asyncio.Event()
+    running: set[int] = set()
+    cancelled: list[int] = []
+
+    async def step(s: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        running.add(s.index)
+        if {1, 2} <= running:
+            both_running.set()
+        if s.index in (1, 2):
+            await asyncio.wait_for(both_running.wait(), 5)  # only returns if the other one runs too
+        total = sum((v for v in feed.values()), np.zeros(1))
+        return {t: total + s.index for t in s.outputs.values()}
+
+    out = asyncio.run(run_plan(plan, {"A": np.ones(1), "B": np.ones(1)}, ["JOINED"], step))
+    assert out["JOINED"].tolist() == [(2 + 1) + (2 + 2) + 3]
+
+    async def failing(s: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if s.index == 2:
+            raise InvalidConfigError("e", "step 2 broke")
+        if s.index == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(1)
+                raise
+        return {t: np.zeros(1) for t in s.outputs.values()}
+
+    with pytest.raises(InvalidConfigError, match="step 2 broke"):
+        asyncio.run(asyncio.wait_for(run_plan(plan, {"A": np.ones(1), "B": np.ones(1)}, ["JOINED"], failing), 10))
+    assert cancelled == [1]
+
+
+def test_a_plan_is_refused_when_an_input_is_unused() -> None:
+    text = PIPELINE.replace('"pipeline"', '"e"').replace(
+        'input [ { name: "A"', 'input [ { name: "C" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "A"'
+    )
+    with pytest.raises(InvalidConfigError, match="ensemble input 'C' is not used by any step"):
+        plan_of(_plan(text))
+
+
+def test_an_ensemble_output_classifies_with_the_labels_of_the_step_that_writes_it(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    config = _scale_config("scale2").replace(
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]',
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] label_filename: "labels.txt" } ]',
+    )
+    assert "labels.txt" in config
+    write_config(root, "scale2", config)
+    (root / "scale2" / "labels.txt").write_text("".join(f"class{i}\n" for i in range(16)))
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            a = np.zeros((1, 16), np.float32)
+            a[0, 7] = 1.0
+            result = c.infer(
+                "pipeline", _inputs(a, np.zeros_like(a)), outputs=[tc.InferRequestedOutput("OUT_SCALED", class_count=1)]
+            )
+            assert result.as_numpy("OUT_SCALED").tolist() == [[b"2.000000:7:class7"]]
+        finally:
+            c.close()
