@@ -308,3 +308,45 @@ def test_removing_the_whole_repository_content_unloads(
     assert _status(lambda: _infer(client, "scale")) == str(grpc.StatusCode.NOT_FOUND)
     assert client.get_model_repository_index().models == []
     assert client.is_server_ready()
+
+
+def test_a_broken_version_of_a_multi_version_model_retires_no_served_version(tmp_path: Path) -> None:
+    """Serving versions 1 and 2 (latest 2), a broken version 3 must not push version 1 out, and a served version
+    whose file is broken in place keeps serving what it loaded: a reload that fails changes nothing served."""
+    root = tmp_path / "models"
+    scale_model(root / "scale" / "1" / "model.onnx", 1.0)
+    scale_model(root / "scale" / "2" / "model.onnx", 2.0)
+    (root / "scale" / "config.pbtxt").write_text("version_policy: { latest: { num_versions: 2 } }\n")
+    with ServerThread(root, model_control_mode="poll", repository_poll_secs=POLL_SECS) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+
+        def index() -> dict[str, tuple[str, str]]:
+            return {m.version: (m.state, m.reason) for m in c.get_model_repository_index().models}
+
+        try:
+            staged = tmp_path / "corrupt"
+            staged.mkdir()
+            (staged / "model.onnx").write_bytes(b"this is not an onnx model")
+            _place(staged, root / "scale" / "3")
+            _wait_for("version 3 to fail", lambda: index().get("3", ("", ""))[0] == "UNAVAILABLE")
+            assert "onnxruntime could not load model.onnx" in index()["3"][1]
+            assert index()["1"][0] == index()["2"][0] == "READY"
+            assert "still serving the previous versions" in index()["1"][1]
+            assert (_factor(c, "scale", "1"), _factor(c, "scale", "2"), _factor(c, "scale")) == (1.0, 2.0, 2.0)
+            assert c.is_model_ready("scale", "1") and c.is_server_ready()
+            assert _status(lambda: _infer(c, "scale", "3")) == str(grpc.StatusCode.UNAVAILABLE)
+
+            shutil.rmtree(root / "scale" / "3")
+            (tmp_path / "corrupt-2").write_bytes(b"this is not an onnx model either")
+            _place(tmp_path / "corrupt-2", root / "scale" / "2" / "model.onnx")
+            _wait_for("the reload to fail", lambda: "3" not in index() and "could not load" in index()["2"][1])
+            assert index()["2"][0] == "READY"  # still the session it loaded before the file broke
+            assert (_factor(c, "scale", "1"), _factor(c, "scale", "2"), _factor(c, "scale")) == (1.0, 2.0, 2.0)
+
+            _place(_stage_version(tmp_path, 3.0), root / "scale" / "3")
+            _place(_stage_version(tmp_path, 2.5) / "model.onnx", root / "scale" / "2" / "model.onnx")
+            _wait_for("versions 2 and 3", lambda: sorted(index()) == ["2", "3"])
+            assert (_factor(c, "scale", "2"), _factor(c, "scale", "3")) == (2.5, 3.0)
+            assert all(state == "READY" and reason == "" for state, reason in index().values())
+        finally:
+            c.close()

@@ -626,12 +626,19 @@ class ModelRepository:
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
                 raise ModelLoadError(name, None, reason) from exc
-            if not ready:
+            if not ready or (failed and entry.versions):
+                # A reload is all or nothing: had the versions that loaded replaced the served set, a broken new
+                # version would push a healthy one out of `latest N`, and a served version whose files broke in
+                # place would stop serving. The versions that failed get index rows, unless they are served.
                 reason = "; ".join(failed.values())
+                for item in ready.values():
+                    if isinstance(item, _Prepared):
+                        item.backend.close()
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
+                    entry.failed = {v: r for v, r in failed.items() if v not in entry.versions}
                 raise ModelLoadError(name, None, reason)
             new_versions: dict[int, LoadedModel] = {}
             for v, item in ready.items():
