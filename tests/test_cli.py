@@ -124,32 +124,33 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
 
 
 def test_stream_open_at_sigterm_is_told_to_go_elsewhere_and_ends(repo: Path) -> None:
-    """After SIGTERM an open stream answers its next message with the shutting-down error (clients retry on another
-    replica) and ends, rather than taking work that the end of the grace period would cut off."""
-    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+    """A client keeps its stream open between requests (tritonclient's start_stream). After SIGTERM such an idle
+    stream ends at once with UNAVAILABLE (clients retry on another replica), rather than hold the drain for its
+    whole grace period and then be cut off."""
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "120"]
+    with ServeProcess(args) as server:
         _wait_ready(server.address).close()
 
-        async def scenario() -> tuple[list[str], object]:
+        async def scenario() -> tuple[str, grpc.aio.AioRpcError]:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(timeout=60)
                 request = encode_infer_request("identity_fp32", [("INPUT0", np.ones((1, 4), np.float32))])
-                errors: list[str] = []
                 request.id = "before"
                 await stream.write(request)
-                errors.append((await stream.read()).error_message)
+                answered = (await stream.read()).error_message
                 server.proc.terminate()
-                server.wait_for_line("refusing new calls")
-                request.id = "after"
-                await stream.write(request)
-                reply = await stream.read()
-                errors.append(reply.error_message)
-                assert reply.infer_response.id == "after"
-                return errors, await stream.read()
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await stream.read()
+                return answered, ended.value
 
-        errors, end = asyncio.run(scenario())
-        assert errors == ["", "the server is shutting down; retry on another replica"]
-        assert end is grpc.aio.EOF
+        started = time.monotonic()
+        answered, ended = asyncio.run(scenario())
+        assert answered == ""
+        assert ended.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.details() == "the server is shutting down; retry on another replica"
         assert server.proc.wait(60) == 0
+        assert time.monotonic() - started < 60  # the grace is 120 s
+        assert "grace period over" not in server.output
 
 
 def test_health_command(repo: Path) -> None:
@@ -240,8 +241,8 @@ def test_reuse_port_needs_a_fixed_port(repo: Path) -> None:
 
 def test_a_stream_open_during_drain_refuses_new_work_and_ends(tmp_path: Path) -> None:
     """Messages that reach an open stream after SIGTERM are refused (retry elsewhere) instead of being started and
-    then cut off at the end of the grace period; the stream ends once its running requests are answered, so the
-    server exits without waiting out its grace."""
+    then cut off at the end of the grace period: the stream answers what it started, then ends with UNAVAILABLE,
+    so the server exits without waiting out its grace."""
     repo = tmp_path / "models"
     slow_model(repo / "slow" / "1" / "model.onnx")
     write_config(repo, "slow", "max_batch_size: 256\n")
@@ -263,11 +264,16 @@ def test_a_stream_open_during_drain_refuses_new_work_and_ends(tmp_path: Path) ->
             late = encode_infer_request("slow", [("INPUT0", x)])
             late.id = "during-drain"
             requests.put(late)
-            answers = {r.infer_response.id: r for r in replies}  # ends when the server ends the stream
+            answers = {}
+            with pytest.raises(grpc.RpcError) as ended:
+                for reply in replies:  # until the server ends the stream
+                    answers[reply.infer_response.id] = reply
             requests.put(None)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down; retry on another replica" in (ended.value.details() or "")
         assert answers["before"].error_message == ""
         assert decode_infer_response(answers["before"].infer_response)["OUTPUT0"].shape == (256, 512)
-        assert "shutting down" in answers["during-drain"].error_message
+        assert "during-drain" not in answers  # never started: the stream's status answers for it
         assert server.proc.wait(60) == 0
         assert "grace period over" not in server.output
 

@@ -20,6 +20,7 @@ class DrainGate:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drain_started = asyncio.Event()
         self.draining = False
 
     @property
@@ -37,9 +38,15 @@ class DrainGate:
         if self._in_flight == 0:
             self._idle.set()
 
+    async def started(self) -> None:
+        """Wait for the drain to start: an open stream then ends once it has answered what it started, rather than
+        wait for messages that would hold the drain for its whole grace."""
+        await self._drain_started.wait()
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new RPCs and wait up to `timeout` seconds for running ones; True when all finished."""
         self.draining = True
+        self._drain_started.set()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

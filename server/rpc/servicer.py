@@ -240,6 +240,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
+        drained: asyncio.Future[pb.ModelStreamInferResponse] = loop.create_future()
+        """Queued when the server starts draining: the stream ends there, after the answers queued before it."""
 
         async def read() -> None:
             try:
@@ -261,13 +263,24 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             finally:
                 results.put_nowait(None)
 
+        async def end_on_drain() -> None:
+            # A client keeps its stream open between requests: without this, an idle stream would hold the drain
+            # until its grace ran out and then be cut off. Messages not read yet get the stream's UNAVAILABLE.
+            await self.gate.started()
+            results.put_nowait(drained)  # before the reader's end (its None), which the reader puts when cancelled
+            reader.cancel()
+
         reader = asyncio.create_task(read())
+        watcher = asyncio.create_task(end_on_drain())
         try:
             while (item := await results.get()) is not None:
+                if item is drained:
+                    raise ServerUnavailableError(DRAINING)
                 yield await item
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()
+            watcher.cancel()
             for task in list(tasks):
                 task.cancel()
 
