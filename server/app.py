@@ -22,7 +22,7 @@ from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc.codec import RequestLimits
-from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.probes import ProbeAuthorization
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.rpc.shared_memory import SystemSharedMemory
@@ -323,6 +323,9 @@ class TensorgateServer:
             log.info("refusing new calls; draining %d in-flight call(s) (grace %.0fs)", self._gate.in_flight, grace)
             if not await self._gate.drain(grace):
                 log.warning("grace period over with %d call(s) still running; cancelling them", self._gate.in_flight)
+                # What has not started gets a status that says so (safe to send again elsewhere), rather than be
+                # cut off below with gRPC's bare "Cancelling all calls", which cannot tell it from work that ran.
+                self.repository.reject_waiting(f"did not run the request before the grace period ended; {DRAINING}")
         if self._server is not None:
             await self._server.stop(0.5)
         if self.monitor is not None:

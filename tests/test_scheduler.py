@@ -37,7 +37,7 @@ from tensorgate.server.errors import (
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.telemetry.statistics import ModelStats
-from tests.onnx_models import add_sub_model, busy_model, write_config
+from tests.onnx_models import add_sub_model, busy_model, slow_model, write_config
 from tests.serving import ServerThread
 
 WAIT = 10.0
@@ -895,3 +895,39 @@ async def test_a_lone_request_is_checked_for_its_rows_too(make: Factory) -> None
     s, _, _ = make(None, fn=extra_row)
     with pytest.raises(BackendError, match="batched output is malformed"):
         await asyncio.wait_for(infer(s, 1, rows=2), WAIT)
+
+
+def test_work_still_queued_when_the_grace_period_ends_is_told_it_never_ran(tmp_path: Path) -> None:
+    """A queue longer than the shutdown grace cannot all run. What has not started gets UNAVAILABLE saying it did not
+    run (safe to send elsewhere) instead of gRPC's bare "Cancelling all calls", which reads the same for a request
+    that was cut off mid-compute."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx", repeats=400)
+    write_config(repo, "slow", 'name: "slow"\nmax_batch_size: 256\n')  # no batching: one request at a time
+    x = np.full((256, 512), 0.01, np.float32)
+    outcomes: list[str] = []
+    done = threading.Semaphore(0)
+
+    def record(result: object, error: InferenceServerException | None) -> None:
+        outcomes.append("OK" if error is None else f"{error.status()} {error.message()}")
+        done.release()
+
+    with ServerThread(repo) as s:
+        client = tc.InferenceServerClient(s.address)
+        inp = tc.InferInput("INPUT0", [256, 512], "FP32")
+        inp.set_data_from_numpy(x)
+        for _ in range(8):
+            client.async_infer("slow", [inp], callback=record, client_timeout=60)
+        deadline = time.monotonic() + 30
+        while s.app.repository.get("slow", "").stats.execution_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s.run(s.app.stop(grace=0.05))
+        for _ in range(8):
+            assert done.acquire(timeout=30)
+        client.close()
+    never_ran = [o for o in outcomes if "did not run the request before the grace period ended" in o]
+    assert never_ran and all(o.startswith("StatusCode.UNAVAILABLE model 'slow' version 1") for o in never_ran)
+    assert "retry on another replica" in never_ran[0]
+    # Besides those: answers, and at most the one request that was computing when the server stopped.
+    others = [o for o in outcomes if o not in never_ran]
+    assert sum(o != "OK" for o in others) <= 1, others

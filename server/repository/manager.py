@@ -783,6 +783,12 @@ class ModelRepository:
                 rows.append(IndexRow(name, "", entry.state, entry.reason))
         return rows
 
+    def reject_waiting(self, why: str) -> None:
+        """Every model's requests that have not started fail with UNAVAILABLE (Scheduler.reject_waiting)."""
+        for model in self.loaded():
+            if model.scheduler is not None:
+                model.scheduler.reject_waiting(why)
+
     async def close(self) -> None:
         # Loads still running (a stop during start-up) are abandoned: their sessions never serve.
         self._stopping.set()

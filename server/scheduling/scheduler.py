@@ -510,6 +510,23 @@ class Scheduler:
         if self._queued == 0 and self._running == 0:
             self._idle.set()
 
+    def reject_waiting(self, why: str) -> None:
+        """Fail every request that has not started, queued or staged in a batch no instance has taken yet, with
+        UNAVAILABLE "<model> <why>": none of them ran, so their callers may send them again elsewhere. A staged
+        batch drops them when an instance takes it (their futures are done)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting = [p for batch in list(self._handed.values()) for p in batch.requests]
+        for lane in self._lanes:
+            waiting.extend(lane)
+            lane.clear()
+        for p in waiting:
+            if not p.future.done():
+                p.future.set_exception(ServerUnavailableError(f"{self._ref} {why}"))
+        self._queued = 0
+        self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
+
     async def close(self, grace: float | None = None) -> None:
         """Refuse new work, let queued and running requests finish (up to `grace` seconds), then stop the threads."""
         self._closed = True
@@ -517,17 +534,6 @@ class Scheduler:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             pass
-        if self._timer is not None:
-            self._timer.cancel()
-        # Queued, or staged in a batch no instance has taken yet: never run, so failed alike.
-        waiting = [p for batch in list(self._handed.values()) for p in batch.requests]
-        for lane in self._lanes:
-            waiting.extend(lane)
-            lane.clear()
-        for p in waiting:
-            if not p.future.done():
-                p.future.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
-        self._queued = 0
-        self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
+        self.reject_waiting("was unloaded before the request ran")
         for _ in self._threads:
             self._work.put(None)  # each instance finishes its running batch, if any, then exits
