@@ -3,6 +3,7 @@ server exporting to it, callers that send W3C trace context from tritonclient, o
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server.telemetry.logs import GRPC_CORE_LOGGER, configure_logging
 from tests.onnx_models import identity_model, write_config
 from tests.otlp_sinks import http_sink
 from tests.pki import Pki, identity_request, secure_channel
@@ -593,3 +595,29 @@ def test_an_ensemble_request_traces_each_step(tmp_path: Path, collector: tuple[C
         (batch,) = [s for s in c.spans() if s.name == f"batch {model}"]
         assert [(link.trace_id, link.span_id) for link in batch.links] == [(span.trace_id, span.span_id)]
     assert struct.pack("<f", SECRET) not in c.raw
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_an_answer_too_late_for_its_caller_is_not_logged_as_a_server_error(level: str) -> None:
+    """grpc.aio logs `ExecuteBatchError raised in core by servicer method [...]` at ERROR, with a traceback, when a
+    caller's deadline passes while its answer is being sent (an audit saw dozens a second under 20 ms deadlines).
+    That is a DEBUG line without the traceback; other records of that logger stay as they are."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging(level, stream=out)
+        core = logging.getLogger(GRPC_CORE_LOGGER)
+        try:
+            raise RuntimeError('Failed "execute_batch"')
+        except RuntimeError:
+            core.exception("ExecuteBatchError raised in core by servicer method [%s]", "/inference.X/ModelInfer")
+        core.error("something else broke")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    text = out.getvalue()
+    assert "ERROR grpc._cython.cygrpc: something else broke" in text
+    assert "Traceback" not in text and "ExecuteBatchError" not in text
+    late = "DEBUG grpc._cython.cygrpc: the call ended (deadline or cancel) before its answer was sent: /inference.X"
+    assert (late in text) == (level == "DEBUG")

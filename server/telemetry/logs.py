@@ -62,6 +62,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class CallAlreadyOverFilter(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when it cannot send an answer because the call has already ended
+    (the caller's deadline passed, or it cancelled, while the answer was on its way). The caller has its status
+    from gRPC already and the server is fine, so that is a DEBUG line without the traceback."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX)):
+            return True
+        record.msg = "the call ended (deadline or cancel) before its answer was sent: %s"
+        record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "",)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
 def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
     """Set up the root logger for `tensorgate serve` (UTC timestamps, request context on every record)."""
     if fmt not in LOG_FORMATS:
@@ -76,6 +96,16 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, CallAlreadyOverFilter) for f in core.filters):
+        core.addFilter(CallAlreadyOverFilter())
 
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "RequestContextFilter", "configure_logging"]
+__all__ = [
+    "GRPC_CORE_LOGGER",
+    "LOG_FORMATS",
+    "CallAlreadyOverFilter",
+    "JsonFormatter",
+    "RequestContextFilter",
+    "configure_logging",
+]
