@@ -307,15 +307,17 @@ def token_server(repo: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "metadata, details",
+    "metadata, details, reason",
     [
-        pytest.param((), "this server needs 'authorization: Bearer <token>' metadata", id="missing"),
-        pytest.param((("authorization", "Bearer wrong"),), "invalid bearer token", id="unknown-token"),
-        pytest.param((("authorization", f"Basic {TOKEN}"),), "invalid bearer token", id="other-scheme"),
+        pytest.param((), "this server needs 'authorization: Bearer <token>' metadata", "missing_token", id="missing"),
+        pytest.param((("authorization", "Bearer wrong"),), "invalid bearer token", "invalid_token", id="unknown-token"),
+        pytest.param(
+            (("authorization", f"Basic {TOKEN}"),), "invalid bearer token", "invalid_token", id="other-scheme"
+        ),
     ],
 )
 def test_missing_or_invalid_token_is_unauthenticated(
-    token_server: ServerThread, metadata: tuple, details: str, caplog: pytest.LogCaptureFixture
+    token_server: ServerThread, metadata: tuple, details: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with grpc.insecure_channel(token_server.address) as channel, caplog.at_level(logging.DEBUG):
         stub = GRPCInferenceServiceStub(channel)
@@ -326,6 +328,11 @@ def test_missing_or_invalid_token_is_unauthenticated(
             list(stub.ModelStreamInfer(iter([add_sub_request()]), metadata=metadata, timeout=5))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "wrong" not in caplog.text and TOKEN not in caplog.text
+    # Counted and logged like any other denial (a missing token was neither).
+    assert len([r for r in caplog.records if r.levelname == "WARNING" and "bearer token" in r.getMessage()]) == 2
+    metrics = scrape(f"http://127.0.0.1:{token_server.app.metrics_port}/metrics")
+    labels = frozenset({("identity", "anonymous"), ("reason", reason), ("rpc", "")})
+    assert metrics[("tensorgate_auth_denials_total", labels)] == 2
 
 
 def test_valid_token_maps_to_its_identity(token_server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:

@@ -334,6 +334,8 @@ class Authorizer:
             return ANONYMOUS
         token = bearer_token(context.invocation_metadata())
         if token is None:
+            self.denials[(ANONYMOUS, "missing token")] += 1
+            log.warning("refused a call without a bearer token (%s)", policy.source)
             raise UnauthenticatedError("this server needs 'authorization: Bearer <token>' metadata")
         digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
         identity = policy.tokens.get(digest) if token else None

@@ -216,8 +216,8 @@ AUTH_DENIALS = FamilySpec(
     "tensorgate_auth_denials_total",
     "counter",
     ("identity", "reason", "rpc"),
-    "Calls refused by authorization: reason policy (rpc names the RPC), invalid_token, revoked_token (a stream "
-    "whose bearer token a policy reload revoked) or in_flight_limit",
+    "Calls refused by authorization: reason policy (rpc names the RPC), missing_token, invalid_token, revoked_token "
+    "(a stream whose bearer token a policy reload revoked) or in_flight_limit",
 )
 SPANS_DROPPED = FamilySpec(
     "tensorgate_trace_spans_dropped_total",
@@ -341,6 +341,8 @@ class _ServerCollector(Collector):
         for (identity, what), n in sorted(snap.denials.items()):
             if what == "invalid token":
                 denials.add_metric([identity, "invalid_token", ""], n)
+            elif what == "missing token":
+                denials.add_metric([identity, "missing_token", ""], n)
             elif what == "in-flight limit":
                 denials.add_metric([identity, "in_flight_limit", ""], n)
             elif what == "revoked token":
