@@ -145,6 +145,11 @@ class StreamItemError(TensorgateClientError):
         self.model = model
         self.version = version
 
+    @property
+    def id(self) -> str:
+        """The request's id, as ``InferResult.id``: a loop over a stream's items reads it from either."""
+        return self.request_id
+
 
 class ResponseFormatError(TensorgateClientError):
     """The server answered, but its response breaks the protocol (e.g. tensor bytes not matching the shape)."""

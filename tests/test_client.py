@@ -353,7 +353,7 @@ async def test_stream_yields_results_and_item_errors(aio_client: AsyncInferenceC
         {"model": "scaled", "inputs": {"INPUT0": np.ones((1, 4), np.float32)}, "version": 1},
     ]
     items = [item async for item in aio_client.stream_infer(requests)]
-    by_id = {item.request_id if isinstance(item, StreamItemError) else item.id: item for item in items}
+    by_id = {item.id: item for item in items}  # results and errors alike
     assert sorted(by_id) == ["0", "3", "missing", "only-1"]
     ok = by_id["0"]
     assert isinstance(ok, InferResult)
@@ -363,6 +363,7 @@ async def test_stream_yields_results_and_item_errors(aio_client: AsyncInferenceC
     failed = by_id["missing"]
     assert isinstance(failed, StreamItemError) and isinstance(failed, TensorgateClientError)
     assert failed.model == "no_such_model" and "'no_such_model'" in failed.details and not failed.retry_safe
+    assert failed.id == failed.request_id == "missing"
 
 
 async def test_stream_takes_an_async_iterable(aio_client: AsyncInferenceClient) -> None:
