@@ -10,7 +10,7 @@ out=benchmarks/results
 mkdir -p "$out"
 log="$out/perf_smoke-server.log"
 
-.venv/bin/tensorgate serve --model-repository examples/models --grpc-port 0 >"$log" 2>&1 &
+.venv/bin/tensorgate serve --model-repository examples/models --grpc-port 0 --metrics-port -1 >"$log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do

@@ -254,7 +254,10 @@ class TensorgateServer:
         host = s.host if s.metrics_host is None else s.metrics_host
         self._metrics_server = MetricsServer(self.metrics.registry, host, s.metrics_port, tls)
         # Binding resolves the host name (getaddrinfo, getfqdn): off the event loop.
-        self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
+        try:
+            self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
+        except OSError as exc:  # the errno alone ("Address already in use") would not say which of the two ports
+            raise OSError(f"could not bind the metrics port {host}:{s.metrics_port} (--metrics-port): {exc}") from exc
         log.info("metrics listening on %s:%d (%s)", host, self.metrics_port, self._metrics_server.scheme)
 
     async def _set_health(self, status: int) -> None:

@@ -322,19 +322,21 @@ def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env:
     assert "Traceback" not in done.stderr
 
 
-def test_a_port_in_use_stops_with_one_line(repo: Path) -> None:
+@pytest.mark.parametrize(("flag", "words"), [("--grpc-port", "could not bind"), ("--metrics-port", "(--metrics-port)")])
+def test_a_port_in_use_stops_with_one_line(repo: Path, flag: str, words: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        ports = {"--grpc-port": "0", "--metrics-port": "0", flag: str(port)}
         done = subprocess.run(
-            [TENSORGATE, "serve", "--model-repository", str(repo), "--grpc-port", str(port)],
+            [TENSORGATE, "serve", "--model-repository", str(repo), *[a for kv in ports.items() for a in kv]],
             capture_output=True,
             text=True,
             timeout=60,
         )
     assert done.returncode == 1
-    assert f"could not bind 127.0.0.1:{port}" in done.stderr
+    assert any(f"127.0.0.1:{port}" in line and words in line for line in done.stderr.splitlines()), done.stderr
     assert "Traceback" not in done.stderr
 
 
