@@ -272,6 +272,8 @@ def test_inputs_from_npy_files(tmp_path: Path) -> None:
     arrays = make_inputs(shape, 4, str(tmp_path))
     assert arrays["A"].dtype == np.float32 and arrays["A"].shape == (4, 3)
     assert arrays["B"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    np.save(tmp_path / "A.npy", np.arange(3).reshape(1, 3))  # one row written with its batch dimension: repeated
+    assert make_inputs(shape, 4, str(tmp_path))["A"].tolist() == [[0.0, 1.0, 2.0]] * 4
     with pytest.raises(InputError, match="max_batch_size 8"):
         make_inputs(shape, 9, "zeros")
     with pytest.raises(InputError, match="does not batch"):

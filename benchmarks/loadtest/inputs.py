@@ -110,7 +110,7 @@ def _random(rng: np.random.Generator, datatype: str, shape: tuple[int, ...]) -> 
 
 def _from_file(path: Path, name: str, datatype: str, model: ModelShape, dims: Sequence[int], rows: int) -> np.ndarray:
     """The file's tensor as the request's: its own sizes for variable dims, the fixed ones checked; a batching
-    model takes the first ``rows`` rows, or one row (the file without the batch dimension) repeated."""
+    model takes the first ``rows`` rows, or one row (written with or without the batch dimension) repeated."""
     try:
         array = np.load(path, allow_pickle=datatype == "BYTES")
     except OSError as exc:
@@ -129,7 +129,7 @@ def _from_file(path: Path, name: str, datatype: str, model: ModelShape, dims: Se
     if not fits:
         raise InputError(f"input '{name}': {path} has shape {list(given)}; the model's dims are {list(dims)}")
     if model.batches:
-        if one_row:
+        if array.shape[0] == 1:  # one row, with or without its batch dimension: repeated
             array = np.broadcast_to(array, (rows, *array.shape[1:]))
         elif array.shape[0] < rows:
             raise InputError(f"input '{name}': {path} has {array.shape[0]} rows, fewer than --batch {rows}")
