@@ -53,14 +53,14 @@ def test_capture_survives_a_restart(digits: tuple[Path, np.ndarray, np.ndarray],
     data = tmp_path / "data"
     args = ["--model-repository", str(repo), "--grpc-port", "0", "--data-dir", str(data)]
     with ServeProcess(args) as first:
-        first.wait_for_line("ready")
+        first.wait_for_line(r"\bready: \d+ model")
         with InferenceClient(first.address) as client:
             ids = [client.infer("digits", {"input": x[i : i + 2]}).id for i in range(0, 40, 2)]
             client.submit_feedback("digits", ids[0], y[0:2])
         assert first.terminate() == 0
     assert _stored(data) == len(ids)
     with ServeProcess(args) as second:
-        second.wait_for_line("ready")
+        second.wait_for_line(r"\bready: \d+ model")
         with InferenceClient(second.address) as client:
             # A label for a prediction the first process captured joins after the restart.
             client.submit_feedback("digits", ids[1], y[2:4])

@@ -203,9 +203,17 @@ def test_bad_regions_and_requests_get_clear_errors(
         client.infer("add_sub", inputs, outputs=outputs)
 
     bad_requests = [
-        (lambda: infer(ROW_BYTES - 4), "tensor 'INPUT0'", "shared_memory_byte_size is 60 but shape [1, 16]"),
+        (
+            lambda: infer(ROW_BYTES - 4),
+            "tensor 'INPUT0'",
+            "shared_memory_byte_size of region 'r' is 60 but shape [1, 16]",
+        ),
         (lambda: infer(ROW_BYTES, offset=4), "tensor 'INPUT0'", "is outside shared memory region 'r' (64 bytes)"),
-        (lambda: infer(ROW_BYTES, out_size=8), "tensor 'OUTPUT0'", "takes 64 bytes, more than the 8 given"),
+        (
+            lambda: infer(ROW_BYTES, out_size=8),
+            "tensor 'OUTPUT0'",
+            "takes 64 bytes, more than the 8 given in shared memory region 'r'",
+        ),
     ]
     for call, tensor, text in bad_requests:
         with pytest.raises(InferenceServerException) as info:
@@ -287,7 +295,7 @@ def test_a_segment_shrunk_by_its_client_fails_the_request_not_the_server(repo: P
     shm.set_shared_memory_region(handle, [np.ones((2, 16), np.float32)])
     args = ["--model-repository", str(repo), "--grpc-port", "0", "--shared-memory", "system"]
     with ServeProcess(args) as server:
-        server.wait_for_line("ready")
+        server.wait_for_line(r"\bready: \d+ model")
         client = tc.InferenceServerClient(server.address)
         try:
             client.register_system_shared_memory("r", key, 2 * ROW_BYTES)

@@ -109,15 +109,17 @@ NO_SHARED_MEMORY = SystemSharedMemory(enabled=False)
 """What a request naming a region meets on a server without --shared-memory system: the registry's own refusal."""
 
 
-def _shared(shm: SystemSharedMemory, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str) -> bytes:
-    """An input's bytes, read from its shared memory region."""
+def _shared(
+    shm: SystemSharedMemory, tensor: pb.ModelInferRequest.InferInputTensor, model: str, version: str
+) -> tuple[bytes, str]:
+    """An input's bytes, read from its shared memory region, and the region's name."""
     if tensor.HasField("contents"):
         raise InvalidRequestError(
             model, version, "data given both in contents and in shared memory", tensor=tensor.name
         )
     piece = shm.slice(tensor.parameters, model=model, version=version, tensor=tensor.name)
     try:
-        return piece.read()
+        return piece.read(), piece.region.name
     except RegionError as exc:
         raise InvalidRequestError(model, version, exc.message, tensor=tensor.name) from exc
 
@@ -181,12 +183,13 @@ def decode_infer_request(
             )
         if REGION in tensor.parameters:
             shared += 1
-            data = _shared(shm, tensor, model, version)
+            data, region = _shared(shm, tensor, model, version)
             if dt.name != "BYTES" and len(data) != count * dt.itemsize:
                 raise InvalidRequestError(
                     model,
                     version,
-                    f"shared_memory_byte_size is {len(data)} but shape {list(shape)} of {dt.name} needs "
+                    f"shared_memory_byte_size of region '{region}' is {len(data)} but shape {list(shape)} of "
+                    f"{dt.name} needs "
                     f"{count * dt.itemsize} bytes",
                     tensor=name,
                 )

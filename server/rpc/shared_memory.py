@@ -105,7 +105,10 @@ class Slice:
     def write(self, data: bytes) -> None:
         """Into the segment as registered: a segment the client shrank is refused, not silently grown back."""
         if len(data) > self.size:
-            raise RegionError(f"the output takes {len(data)} bytes, more than the {self.size} given in shared memory")
+            raise RegionError(
+                f"the output takes {len(data)} bytes, more than the {self.size} given in shared memory region "
+                f"'{self.region.name}'"
+            )
         fd = self.region.segment.fd
         end = self.start + len(data)
         if end > os.fstat(fd).st_size:
