@@ -464,10 +464,11 @@ def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Coll
     assert ok[0]["trace_id"] == caller.trace_id
     assert ok[0]["level"] == "DEBUG"
     assert "id=req-42" in ok[0]["message"] and "status=OK" in ok[0]["message"]
+    assert "version=1 " in ok[0]["message"]  # the version that answered, though the request named none
     assert "latency_ms=" in ok[0]["message"]
-    assert any("model=missing" in r["message"] and "status=NOT_FOUND" in r["message"] for r in access)
-    # A stream's messages name their model as ModelInfer's do.
-    assert any(r["message"].startswith("ModelStreamInfer model=identity_fp32 version=- id=stream-7") for r in access)
+    assert any("model=missing version=- " in r["message"] and "status=NOT_FOUND" in r["message"] for r in access)
+    # A stream's messages name their model and the version that answered, as ModelInfer's do.
+    assert any(r["message"].startswith("ModelStreamInfer model=identity_fp32 version=1 id=stream-7") for r in access)
     assert str(SECRET) not in proc.output
 
 

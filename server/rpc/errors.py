@@ -106,10 +106,12 @@ def request_attributes(rpc: str, request: object) -> dict[str, str]:
     return {k: v for k, v in out.items() if v and isinstance(v, str)}
 
 
-def access_log_line(rpc: str, request: object, code: str, started_ns: int) -> None:
+def access_log_line(rpc: str, request: object, code: str, started_ns: int, response: object = None) -> None:
     """One debug line per call: who asked for what, how it ended and how long it took; never the payload. A
-    stream's messages are ModelInferRequests, named as ModelInfer's are."""
+    stream's messages are ModelInferRequests, named as ModelInfer's are. The version is the one that answered
+    (the response's) when the request left it to the server."""
     model, version = model_of("ModelInfer" if rpc == "ModelStreamInfer" else rpc, request) or ("", "")
+    version = version or getattr(response, "model_version", "")
     access_log.debug(
         "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
         rpc,
@@ -139,7 +141,7 @@ def unary(
             self.gate.enter()
         except TensorgateError as exc:
             await context.abort(exc.code, exc.message)
-        token, admitted = None, None
+        token, admitted, response = None, None, None
         tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
         span = span_token = None
         code, error = "OK", cast(BaseException | None, None)
@@ -155,7 +157,8 @@ def unary(
                     span.set_attribute("enduser.id", identity)
                 authorize(self.auth, rpc, request)
                 admitted = identity if self.auth.admit(identity) else None
-            return await fn(self, request, context)
+            response = await fn(self, request, context)
+            return response
         except aio.AbortError as exc:
             code, error = _aborted_code(context), exc
             raise
@@ -170,7 +173,7 @@ def unary(
             raise  # unreachable: abort raises
         finally:
             if access_log.isEnabledFor(logging.DEBUG):  # while span and identity are current: the line has both
-                access_log_line(rpc, request, code, started)
+                access_log_line(rpc, request, code, started, response)
             if admitted is not None:
                 self.auth.release(admitted)
             if token is not None:

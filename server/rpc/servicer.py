@@ -216,7 +216,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 span.end()
         if errors.access_log.isEnabledFor(logging.DEBUG):
             status = "ERROR" if response.error_message else "OK"
-            errors.access_log_line("ModelStreamInfer", request, status, started)
+            errors.access_log_line("ModelStreamInfer", request, status, started, response.infer_response)
         return response
 
     async def _stream_answer(
