@@ -1,5 +1,5 @@
-"""`tensorgate` command line: `serve` runs the server, `health` probes one (for container health checks), `infer`
-makes one call and `bench` load-tests a server.
+"""`tensorgate` command line: `serve` runs the server; `health`, `infer`, `bench`, `feedback` and the monitoring
+commands call one; `certs` makes development certificates.
 
 Every `serve` option can also come from the environment as TENSORGATE_<OPTION> (e.g. TENSORGATE_GRPC_PORT);
 a flag on the command line wins over the variable. `health` takes its TLS files from TENSORGATE_HEALTH_TLS_CA,
@@ -185,7 +185,7 @@ def _monitoring_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tensorgate", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _health_parser(sub)

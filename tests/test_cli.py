@@ -347,3 +347,13 @@ def test_an_empty_webhook_is_no_monitoring_option(repo: Path) -> None:
     ServerSettings(model_repository=repo, alert_webhook="", monitor_interval_s=10.0)
     with pytest.raises(ValueError, match="^alert_webhook needs data_dir"):
         ServerSettings(model_repository=repo, alert_webhook="http://127.0.0.1:9/hook")
+
+
+def test_help_describes_every_command() -> None:
+    """The description was cut off mid-sentence (only the docstring's first line was used)."""
+    done = subprocess.run([TENSORGATE, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    description = " ".join(done.stdout.split("\n\n")[1].split())
+    assert description.endswith("makes development certificates.")
+    for command in ("serve", "health", "infer", "bench", "feedback", "certs"):
+        assert f"`{command}`" in description
