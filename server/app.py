@@ -19,6 +19,7 @@ from tensorgate.protos._pool import add_files
 from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
+from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc.codec import RequestLimits
@@ -86,6 +87,8 @@ class TensorgateServer:
         self._metrics_server: MetricsServer | None = None
         self.metrics_port = 0
         self._handler = InferenceHandler(self.repository, self.tracing)
+        if settings.response_cache_bytes:
+            self._handler.cache = ResponseCache(settings.response_cache_bytes)
         self.tls: ReloadingCredentials | None = None
         self.auth: Authorizer | None = None
         self._health = health.aio.HealthServicer()

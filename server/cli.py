@@ -106,6 +106,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     opt("--max-streams-per-connection", int, "concurrent calls per client connection (default 1024)")
     opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
+    opt("--response-cache-bytes", int, "response cache size for models with response_cache enabled (0: none)")
     opt("--metrics-port", int, "Prometheus /metrics port, HTTPS with --tls-cert; 0 picks a free one, -1 is off (8002)")
     opt("--metrics-host", str, "address of the metrics port (default: --host)")
     opt("--log-format", str, "text | json (default text)", choices=("text", "json"))
@@ -242,6 +243,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             auth_probes=args.auth_probes,
             max_streams_per_connection=args.max_streams_per_connection,
             max_in_flight_per_identity=args.max_in_flight_per_identity,
+            response_cache_bytes=args.response_cache_bytes,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             log_format=args.log_format,

@@ -68,6 +68,9 @@ class ServerSettings:
     """HTTP/2 streams (calls) one connection may have open at once; clients queue calls beyond it."""
     max_in_flight_per_identity: int = 0
     """Calls one identity may have running at once (a stream counts as one); 0: no limit. RESOURCE_EXHAUSTED past it."""
+    response_cache_bytes: int = 0
+    """Size of the response cache (Triton's): answers of models whose config has response_cache { enable: true }
+    are kept and reused for identical requests. 0: no cache."""
     metrics_port: int = 8002
     """Prometheus /metrics over HTTP (HTTPS with tls_cert); 0 picks a free port, -1 turns metrics off."""
     metrics_host: str | None = None
@@ -137,6 +140,8 @@ class ServerSettings:
             raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_in_flight_per_identity < 0:
             raise ValueError("max_in_flight_per_identity must be >= 0 (0: no limit)")
+        if self.response_cache_bytes < 0:
+            raise ValueError("response_cache_bytes must be >= 0 (0: no cache)")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, or -1 to turn metrics off; got {self.metrics_port}")
         if self.log_format not in ("text", "json"):

@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 from tensorgate.protos.tensors import from_numpy
 from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
@@ -64,6 +65,8 @@ class InferenceHandler:
         self._tracing = tracing
         self.capture: Capture | None = None
         """Set by the server when monitoring is on: answered requests are sampled into it (never waits)."""
+        self.cache: ResponseCache | None = None
+        """Set by the server with --response-cache-bytes: answers of models whose config enables response_cache."""
 
     def _validate(
         self, model: LoadedModel, req: InferRequest, version: str, request_span: trace.Span | None
@@ -102,6 +105,18 @@ class InferenceHandler:
         inputs, rows, outputs = self._validate(model, req, version, span)
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
+        cache, key, lookup_ns = self.cache, None, 0
+        if cache is not None and model.config.response_cache.enable:
+            lookup = time.perf_counter_ns()
+            key = cache.key(self._identity(model), inputs, req.datatypes, outputs)
+            cached = cache.get(key)
+            if cached is not None:
+                response = self._respond(model, version, req, outputs, cached)
+                now = time.perf_counter_ns()
+                model.stats.record_cache_hit(now - started, now - lookup)
+                self._answered(model, req, inputs, cached, span, None)
+                return response
+            lookup_ns = time.perf_counter_ns() - lookup
         try:
             scheduler = model.scheduler
             if scheduler is not None:
@@ -116,38 +131,72 @@ class InferenceHandler:
                 )
             else:
                 results, times = await self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
-            schema = model.schema
-            response = InferResponse(
-                model=model.name,
-                version=version,
-                id=req.id,
-                outputs=[
-                    (
-                        name,
-                        schema.outputs[name].datatype.name,
-                        reshape_out(results[name], schema.outputs[name], schema.max_batch_size),
-                    )
-                    for name in outputs
-                ],
-            )
-            if req.classifications is not None:
-                _classify(response, req.classifications, schema)
+            response = self._respond(model, version, req, outputs, results)
         except BaseException:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)
+        if key is not None:
+            assert cache is not None
+            inserting = time.perf_counter_ns()
+            cache.put(key, results)
+            model.stats.record_cache_miss(lookup_ns + time.perf_counter_ns() - inserting)
+        self._answered(model, req, inputs, results, span, times)
+        return response
+
+    def _respond(
+        self, model: LoadedModel, version: str, req: InferRequest, outputs: list[str], results: dict[str, np.ndarray]
+    ) -> InferResponse:
+        schema = model.schema
+        response = InferResponse(
+            model=model.name,
+            version=version,
+            id=req.id,
+            outputs=[
+                (
+                    name,
+                    schema.outputs[name].datatype.name,
+                    reshape_out(results[name], schema.outputs[name], schema.max_batch_size),
+                )
+                for name in outputs
+            ],
+        )
+        if req.classifications is not None:
+            _classify(response, req.classifications, schema)
+        return response
+
+    def _answered(
+        self,
+        model: LoadedModel,
+        req: InferRequest,
+        inputs: dict[str, np.ndarray],
+        results: dict[str, np.ndarray],
+        span: trace.Span | None,
+        times: ExecutionTimes | None,
+    ) -> None:
+        """What follows an answer, from the model or the response cache (`times` None): capture and span."""
         if self.capture is not None:
             self.capture.submit(model.name, model.version, model.config, req.id, inputs, results)
         if span is not None and span.is_recording():
-            span.set_attributes(
-                {
-                    "tensorgate.batch.size": times.batch_rows,
-                    "tensorgate.execution_provider": model.backend.execution_provider,
-                }
-            )
-        return response
+            if times is None:
+                span.set_attribute("tensorgate.cache.hit", True)
+            else:
+                span.set_attributes(
+                    {
+                        "tensorgate.batch.size": times.batch_rows,
+                        "tensorgate.execution_provider": model.backend.execution_provider,
+                    }
+                )
+
+    def _identity(self, model: LoadedModel) -> tuple[str, int, str]:
+        """What a cached answer depends on besides the request: the model's files, and an ensemble's steps' too (a
+        composing model reloaded with new files must not be answered for by the old one's outputs)."""
+        if model.plan is None:
+            return model.name, model.version, model.signature
+        steps = [self._repository.get(name, version).signature for name, version in model.plan.models]
+        return model.name, model.version, "/".join([model.signature, *steps])
 
     async def _run_ensemble(
         self,

@@ -90,8 +90,9 @@ def plan_of(config: mc.ModelConfig) -> EnsemblePlan:
                 index=i,
                 model=step.model_name,
                 version="" if step.model_version <= 0 else str(step.model_version),
-                inputs=dict(step.input_map),
-                outputs=dict(step.output_map),
+                # Sorted: protobuf maps have no order, and a step's first bad input should be the same every time.
+                inputs=dict(sorted(step.input_map.items())),
+                outputs=dict(sorted(step.output_map.items())),
             )
         )
     if not steps:

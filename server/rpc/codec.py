@@ -345,7 +345,16 @@ def encode_model_statistics(models: Sequence[LoadedModel]) -> pb.ModelStatistics
             execution_count=s.execution_count,
         )
         st = out.inference_stats
-        for field_name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        for field_name in (
+            "success",
+            "fail",
+            "queue",
+            "compute_input",
+            "compute_infer",
+            "compute_output",
+            "cache_hit",
+            "cache_miss",
+        ):
             _duration(getattr(st, field_name), getattr(s, field_name))
         for size in sorted(s.batch):
             b = s.batch[size]

@@ -107,6 +107,8 @@ class _ModelSnapshot:
     load_seconds: float
     batches: dict[int, int]
     latency: tuple[_HistogramCopy, _HistogramCopy, _HistogramCopy] | None
+    cache: tuple[int, int] = (0, 0)
+    """Response cache hits and misses."""
 
 
 @dataclass(slots=True)
@@ -193,6 +195,13 @@ BATCH_SIZE = FamilySpec(
     "Rows per model execution (executed batch size, buckets 1 to 1024); _count is ModelStatistics' execution_count",
 )
 QUEUE_DEPTH = FamilySpec("tensorgate_queue_depth", "gauge", _MV, "Requests waiting in the model's queue")
+CACHE_LOOKUPS = FamilySpec(
+    "tensorgate_response_cache_lookups_total",
+    "counter",
+    (*_MV, "result"),
+    "Response cache lookups of models with response_cache enabled: result hit (answered without running the model) "
+    "or miss",
+)
 LOAD_DURATION = FamilySpec(
     "tensorgate_model_load_duration_seconds",
     "gauge",
@@ -232,6 +241,7 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     COMPUTE_DURATION,
     BATCH_SIZE,
     QUEUE_DEPTH,
+    CACHE_LOOKUPS,
     IN_FLIGHT,
     MODEL_STATE,
     LOAD_DURATION,
@@ -312,6 +322,7 @@ class _ServerCollector(Collector):
         batch = BATCH_SIZE.family()
         depth = QUEUE_DEPTH.family()
         load = LOAD_DURATION.family()
+        lookups = CACHE_LOOKUPS.family()
         for m in snap.models:
             key = [m.model, m.version]
             if m.latency is not None:
@@ -325,9 +336,13 @@ class _ServerCollector(Collector):
             )
             depth.add_metric(key, m.queued)
             load.add_metric(key, m.load_seconds)
+            if m.cache != (0, 0):
+                lookups.add_metric([*key, "hit"], m.cache[0])
+                lookups.add_metric([*key, "miss"], m.cache[1])
         yield from histograms
         yield batch
         yield depth
+        yield lookups
         yield load
         states = MODEL_STATE.family()
         for model, version, state in snap.states:
@@ -408,6 +423,7 @@ class Metrics:
                         _HistogramCopy.of(latency.queue),
                         _HistogramCopy.of(latency.compute),
                     ),
+                    (m.stats.cache_hit.count, m.stats.cache_miss.count),
                 )
             )
         return Snapshot(

@@ -86,6 +86,8 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     batch: dict[int, BatchDurations] = field(default_factory=dict)
     latency: LatencyHistograms | None = None
     """Kept only when the server exports metrics; None costs one attribute test per request."""
@@ -114,6 +116,20 @@ class ModelStats:
             latency.total.observe(total_ns)
             latency.queue.observe(t.queue_ns)
             latency.compute.observe(t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns)
+
+    def record_cache_hit(self, total_ns: int, lookup_ns: int) -> None:
+        """A request answered from the response cache: a success, with no inference, queue or compute (as Triton
+        counts it)."""
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.success.add(total_ns)
+        self.cache_hit.add(lookup_ns)
+        latency = self.latency
+        if latency is not None:
+            latency.total.observe(total_ns)
+
+    def record_cache_miss(self, ns: int) -> None:
+        """The lookup that missed and the insertion after the model ran."""
+        self.cache_miss.add(ns)
 
     def record_failure(self, total_ns: int) -> None:
         """A request that was queued (or past validation) and got no answer; `last_inference` stays, as Triton

@@ -1,0 +1,172 @@
+"""Triton's response cache: a repeated request is answered without running the model, and counted as Triton counts
+it. Real servers, real ONNX models, unmodified tritonclient; whether the model ran is read from ModelStatistics
+(execution_count), and a version reloaded with another model file shows whether an old answer leaks through."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from tensorgate.server.pipeline.cache import ResponseCache
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
+from tests.scraping import scrape
+from tests.serving import ServerThread
+from tests.test_ensemble import ensemble_repository
+
+CACHED = 'name: "cached"\n' + ADD_SUB_CONFIG + "response_cache { enable: true }\n"
+
+
+def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
+    out = []
+    for name, x in (("INPUT0", a), ("INPUT1", b)):
+        inp = tc.InferInput(name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out.append(inp)
+    return out
+
+
+def _stats(client: tc.InferenceServerClient, model: str) -> dict[str, int]:
+    s = client.get_inference_statistics(model).model_stats[0]
+    st = s.inference_stats
+    return {
+        "success": st.success.count,
+        "hit": st.cache_hit.count,
+        "miss": st.cache_miss.count,
+        "inferences": s.inference_count,
+        "executions": s.execution_count,
+    }
+
+
+def _repository(root: Path) -> Path:
+    add_sub_model(root / "cached" / "1" / "model.onnx")
+    write_config(root, "cached", CACHED)
+    add_sub_model(root / "plain" / "1" / "model.onnx")
+    write_config(root, "plain", 'name: "plain"\n' + ADD_SUB_CONFIG)
+    return root
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(_repository(tmp_path / "models"), response_cache_bytes=1 << 20) as s:
+        yield s
+
+
+def test_a_repeated_request_is_answered_without_running_the_model(served: ServerThread) -> None:
+    c = tc.InferenceServerClient(served.address)
+    try:
+        a, b = np.arange(32, dtype=np.float32).reshape(2, 16), np.ones((2, 16), np.float32)
+        first = c.infer("cached", _inputs(a, b))
+        again = c.infer("cached", _inputs(a, b))
+        for result in (first, again):
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+        assert _stats(c, "cached") == {"success": 2, "hit": 1, "miss": 1, "inferences": 2, "executions": 1}
+
+        # Other bytes, another shape with the same bytes, other outputs asked for: each its own entry.
+        c.infer("cached", _inputs(a, b + 1))
+        c.infer("cached", _inputs(a.reshape(1, 32)[:, :16], b[:1]))
+        only = c.infer("cached", _inputs(a, b), outputs=[tc.InferRequestedOutput("OUTPUT1")])
+        np.testing.assert_array_equal(only.as_numpy("OUTPUT1"), a - b)
+        assert only.as_numpy("OUTPUT0") is None
+        assert _stats(c, "cached")["miss"] == 4 and _stats(c, "cached")["hit"] == 1
+        # Classification of a cached answer (the classes are made from the cached tensor, not kept in the cache).
+        c.infer("cached", _inputs(a, b), outputs=[tc.InferRequestedOutput("OUTPUT0")])
+        top = c.infer("cached", _inputs(a, b), outputs=[tc.InferRequestedOutput("OUTPUT0", class_count=1)])
+        assert top.as_numpy("OUTPUT0").tolist() == [[b"16.000000:15"], [b"32.000000:15"]]
+        assert (_stats(c, "cached")["hit"], _stats(c, "cached")["miss"]) == (2, 5)
+
+        # A model whose config does not enable the cache runs every time.
+        for _ in range(2):
+            c.infer("plain", _inputs(a, b))
+        assert _stats(c, "plain")["executions"] == 2 and _stats(c, "plain")["hit"] == 0
+    finally:
+        c.close()
+    samples = scrape(f"http://127.0.0.1:{served.app.metrics_port}/metrics")
+    key = {("model", "cached"), ("version", "1")}
+    assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "hit")}))] == 2
+    assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "miss")}))] == 5
+
+
+def test_without_a_server_cache_the_setting_does_nothing(tmp_path: Path) -> None:
+    with ServerThread(_repository(tmp_path / "models")) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            a = np.ones((1, 16), np.float32)
+            for _ in range(2):
+                c.infer("cached", _inputs(a, a))
+            assert _stats(c, "cached")["executions"] == 2 and _stats(c, "cached")["miss"] == 0
+        finally:
+            c.close()
+
+
+def test_a_version_reloaded_with_new_files_never_answers_with_old_outputs(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    scale_model(root / "scale" / "1" / "model.onnx", 2.0)
+    write_config(root, "scale", "max_batch_size: 8\nresponse_cache { enable: true }\n")
+    with ServerThread(root, model_control_mode="poll", repository_poll_secs=0.2, response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            x = np.ones((1, 4), np.float32)
+            inp = tc.InferInput("INPUT0", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            assert c.infer("scale", [inp]).as_numpy("OUTPUT0").tolist() == [[2.0] * 4]
+            staged = tmp_path / "staged"
+            scale_model(staged / "model.onnx", 3.0)
+            shutil.move(str(staged / "model.onnx"), str(root / "scale" / "1" / "model.onnx"))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if c.infer("scale", [inp]).as_numpy("OUTPUT0").tolist() == [[3.0] * 4]:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the reloaded version kept answering from the old version's cache entry")
+        finally:
+            c.close()
+
+
+def test_the_least_recently_used_entries_make_room() -> None:
+    cache = ResponseCache(capacity_bytes=3 * 64)
+    row = {"OUT": np.zeros(16, np.float32)}  # 64 bytes
+    keys = [
+        ResponseCache.key(("m", 1, "s"), {"x": np.full(1, i, np.float32)}, {"x": "FP32"}, ["OUT"]) for i in range(4)
+    ]
+    for k in keys[:3]:
+        assert cache.put(k, row)
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    assert cache.put(keys[3], row)
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[3]) is not None
+    assert (cache.used, cache.evictions, len(cache)) == (3 * 64, 1, 3)
+    assert not cache.put(keys[1], {"OUT": np.zeros(64, np.float32)})  # larger than the whole cache
+    kept = cache.get(keys[0])
+    assert kept is not None and not kept["OUT"].flags.writeable
+    text = {"OUT": np.array([b"ab", b""], dtype=object)}
+    assert ResponseCache.key(("m", 1, "s"), text, {"OUT": "BYTES"}, []) != ResponseCache.key(
+        ("m", 1, "s"), {"OUT": np.array([b"a", b"b"], dtype=object)}, {"OUT": "BYTES"}, []
+    )
+
+
+def test_an_ensemble_answers_from_the_cache_without_running_its_steps(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    config = root / "pipeline" / "config.pbtxt"
+    config.write_text(config.read_text() + "response_cache { enable: true }\n")
+    with ServerThread(root, response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            a = np.arange(16, dtype=np.float32).reshape(1, 16)
+            inputs = []
+            for name in ("A", "B"):
+                inp = tc.InferInput(name, [1, 16], "FP32")
+                inp.set_data_from_numpy(a)
+                inputs.append(inp)
+            for _ in range(3):
+                np.testing.assert_array_equal(c.infer("pipeline", inputs).as_numpy("OUT_SCALED"), 4 * a)
+            assert _stats(c, "pipeline")["hit"] == 2
+            assert _stats(c, "add_sub")["executions"] == _stats(c, "scale2")["executions"] == 1
+        finally:
+            c.close()
