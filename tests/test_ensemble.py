@@ -7,15 +7,18 @@ tritonclient. Expected values are computed with numpy from the inputs, never by 
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from google.protobuf import json_format, text_format
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.protos import model_config_pb2 as mc
@@ -23,7 +26,7 @@ from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
 from tensorgate.server.repository.config import parse_config
 from tensorgate.server.repository.ensemble import Step, plan_of
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, busy_model, scale_model, write_config
 from tests.serving import ServerThread
 
 # A chain: OUT_SCALED = 2 * (A + B), DIFF = A - B. The steps are listed out of order on purpose.
@@ -412,3 +415,170 @@ def test_an_ensemble_output_classifies_with_the_labels_of_the_step_that_writes_i
             assert result.as_numpy("OUT_SCALED").tolist() == [[b"2.000000:7:class7"]]
         finally:
             c.close()
+
+
+# ----- composing models that change under a served ensemble ---------------------------------------------------
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _state(client: tc.InferenceServerClient, model: str) -> tuple[str, str]:
+    rows = [(m.state, m.reason) for m in client.get_model_repository_index().models if m.name == model]
+    return rows[0] if rows else ("", "")
+
+
+def test_an_ensemble_follows_its_step_models_as_they_load_and_change(tmp_path: Path) -> None:
+    """Triton reloads the ensembles that use a model when that model loads again. Here: an ensemble that failed
+    because its step's model was broken serves once the model is fixed, and one whose step's model changes so that
+    it no longer fits stops serving with the reason (rather than stay READY and answer every request with an
+    error that blames the caller's shapes)."""
+    root = ensemble_repository(tmp_path / "models")
+    write_config(root, "scale2", _scale_config("scale2").replace("TYPE_FP32", "TYPE_FP64"))
+    with ServerThread(root, model_control_mode="poll", repository_poll_secs=0.2) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            assert _state(c, "scale2")[0] == "UNAVAILABLE" and _state(c, "pipeline")[0] == "UNAVAILABLE"
+            assert not c.is_server_ready()
+            write_config(root, "scale2", _scale_config("scale2"))
+            _wait("the ensemble to load", lambda: _state(c, "pipeline")[0] == "READY")
+            a, b = _rows(1, 7)
+            np.testing.assert_allclose(
+                c.infer("pipeline", _inputs(a, b)).as_numpy("OUT_SCALED"), 2 * (a + b), rtol=1e-6
+            )
+            assert c.is_server_ready()
+
+            scale_model(tmp_path / "narrow" / "model.onnx", 2.0, width=8)
+            (root / "scale2" / "2").mkdir()
+            (tmp_path / "narrow" / "model.onnx").rename(root / "scale2" / "2" / "model.onnx")
+            write_config(root, "scale2", _scale_config("scale2").replace("[ 16 ]", "[ 8 ]"))
+            _wait("the ensemble to stop", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            reason = _state(c, "pipeline")[1]
+            assert "a step's model changed" in reason and "[-1, 8] in model 'scale2'" in reason, reason
+            with pytest.raises(InferenceServerException) as info:
+                c.infer("pipeline", _inputs(a, b))
+            assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+        finally:
+            c.close()
+
+
+def test_an_ensemble_request_keeps_its_step_models_until_it_ends(tmp_path: Path) -> None:
+    """Unloading a step's model while a request runs an earlier step must not fail the request (Triton holds the
+    models of an ensemble request for its lifetime); the ensemble is not ready afterwards."""
+    root = tmp_path / "models"
+    busy_model(root / "busy" / "1" / "model.onnx", iterations=200_000)
+    write_config(root, "busy", 'name: "busy"\nmax_batch_size: 4\n')
+    scale_model(root / "scale" / "1" / "model.onnx", 3.0)
+    write_config(root, "scale", 'name: "scale"\nmax_batch_size: 4\n')
+    _ensemble(
+        root,
+        "slow",
+        """
+        name: "slow"
+        platform: "ensemble"
+        max_batch_size: 4
+        input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+        output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+        ensemble_scheduling { step [
+          { model_name: "busy" input_map { key: "INPUT0" value: "X" } output_map { key: "OUTPUT0" value: "t" } },
+          { model_name: "scale" input_map { key: "INPUT0" value: "t" } output_map { key: "OUTPUT0" value: "Y" } } ] }
+        """,
+    )
+    with ServerThread(root, model_control_mode="explicit", load_model=["slow"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            x = np.ones((1, 4), np.float32)
+            inp = tc.InferInput("X", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            answers: list[object] = []
+            done = threading.Event()
+
+            def answered(result: object, error: object) -> None:
+                answers.append(error or result)
+                done.set()
+
+            c.async_infer("slow", [inp], callback=answered)
+            _wait("the first step to run", lambda: s.app.repository.get("busy", "").scheduler._running > 0)  # noqa: SLF001
+            c.unload_model("scale")
+            assert done.wait(30)
+            assert isinstance(answers[0], tc.InferResult), answers[0]
+            np.testing.assert_array_equal(answers[0].as_numpy("Y"), 6 * x)
+            _wait("scale to be gone", lambda: not c.is_model_ready("scale"))
+            assert not c.is_model_ready("slow")
+        finally:
+            c.close()
+
+
+def _add_sub_ensemble(name: str, step_model: str, version: int = -1) -> str:
+    return f"""
+        name: "{name}"
+        platform: "ensemble"
+        max_batch_size: 8
+        input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] }},
+                {{ name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }} ]
+        output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] }} ]
+        ensemble_scheduling {{ step [ {{ model_name: "{step_model}" model_version: {version}
+          input_map {{ key: "INPUT0" value: "INPUT0" }} input_map {{ key: "INPUT1" value: "INPUT1" }}
+          output_map {{ key: "OUTPUT0" value: "OUTPUT0" }} }} ] }}
+    """
+
+
+def test_configs_given_at_load_cannot_make_a_cycle(tmp_path: Path) -> None:
+    """The cycle check looked at other ensembles on disk only: configs given with RepositoryModelLoad could make
+    two ensembles name each other (a recursion on every readiness check), or, loaded at once, wait for each
+    other's load for ever."""
+    root = ensemble_repository(tmp_path / "models")
+    for name in ("e1", "e2", "e3", "e4"):
+        _ensemble(root, name, _add_sub_ensemble(name, "add_sub"))
+    with ServerThread(root, model_control_mode="explicit", load_model=["e1", "e2", "e3", "e4"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.load_model("e1", config=json.dumps(_json(_add_sub_ensemble("e1", "e2"))))
+            with pytest.raises(InferenceServerException, match="ensemble steps form a cycle: e2 -> e1 -> e2"):
+                c.load_model("e2", config=json.dumps(_json(_add_sub_ensemble("e2", "e1"))))
+            a, b = _rows(1, 8)
+            ins = [tc.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+            ins[0].set_data_from_numpy(a)
+            ins[1].set_data_from_numpy(b)
+            np.testing.assert_allclose(c.infer("e1", ins).as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+            assert c.is_server_ready()
+
+            errors: list[str] = []
+
+            def load(name: str, other: str) -> None:
+                client = tc.InferenceServerClient(s.address)
+                try:
+                    client.load_model(name, config=json.dumps(_json(_add_sub_ensemble(name, other))), client_timeout=30)
+                except InferenceServerException as exc:
+                    errors.append(str(exc.message()))
+                finally:
+                    client.close()
+
+            threads = [threading.Thread(target=load, args=p) for p in (("e3", "e4"), ("e4", "e3"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(40)
+            assert not any(t.is_alive() for t in threads)
+            assert len(errors) == 1 and "ensemble steps form a cycle" in errors[0], errors
+            assert c.is_model_ready("e3") and c.is_model_ready("e4")
+        finally:
+            c.close()
+
+
+def _json(text: str) -> dict[str, object]:
+    config = mc.ModelConfig()
+    text_format.Parse(textwrap.dedent(text), config)
+    return json.loads(json_format.MessageToJson(config))
+
+
+def test_a_step_without_model_version_is_served_as_the_latest(client: tc.InferenceServerClient) -> None:
+    """perf_analyzer reads the steps from ModelConfig and asks for version "0" when model_version is left out."""
+    steps = client.get_model_config("diamond").config.ensemble_scheduling.step
+    assert [s.model_version for s in steps] == [-1, -1, -1, -1]

@@ -217,12 +217,18 @@ class InferenceHandler:
         spent = [0, 0, 0, 0]
         traced = span is not None and span.is_recording()
         context = None if span is None else Tracing.context_of(span)
+        # Every step's model, found and held once, when the request starts (as Triton does): an unload or a version
+        # swap while it runs must neither fail a later step nor mix versions within one request.
+        models = {key: self._repository.get(*key) for key in plan.models}
+        held = [m.scheduler for m in models.values() if m.scheduler is not None]
+        for scheduler in held:
+            scheduler.hold()
 
         async def run_step(step: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             started_ns = time.time_ns()
             error: BaseException | None = None
             try:
-                composing = self._repository.get(step.model, step.version)
+                composing = models[(step.model, step.version)]
                 version = str(composing.version)
                 sub = InferRequest(
                     model=step.model,
@@ -271,5 +277,9 @@ class InferenceHandler:
                     assert span is not None and self._tracing is not None
                     self._tracing.record_child(span, f"ensemble step {step.index} {step.model}", started_ns, error)
 
-        results = await run_plan(plan, inputs, outputs, run_step)
+        try:
+            results = await run_plan(plan, inputs, outputs, run_step)
+        finally:
+            for scheduler in held:
+                scheduler.release()
         return results, ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)

@@ -179,6 +179,11 @@ class ModelRepository:
         self._stopping = threading.Event()
         """Set by close(): loads still running on threads give up between versions and warm-up runs."""
         self._closing: set[asyncio.Task[None]] = set()
+        self._loading_plans: dict[str, EnsemblePlan] = {}
+        """Ensembles whose steps are being checked, for the cycle check of others loaded at the same time."""
+        self._dependents: dict[str, set[str]] = {}
+        """Model -> the ensembles with a step on it: checked again when its versions change."""
+        self._checking_ready: set[str] = set()
         self.changes = 0
         """Counts changes to the served set (a load, an unload, a retired version closed): what lives as long as
         the models do has changed (the server settles its heap then; server/heap.py)."""
@@ -295,10 +300,7 @@ class ModelRepository:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
         _check_alert_rules(base)
-        plan = None
-        if is_ensemble(base):
-            plan = plan_of(base)
-            self._check_no_cycle(name, plan)
+        plan = plan_of(base) if is_ensemble(base) else None
         base_text = base.SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)
         # A model on an upstream Triton has no files to version: it serves as one version (backends/triton.py).
@@ -340,31 +342,45 @@ class ModelRepository:
         """An ensemble version: nothing to build; its steps are checked against the composing models on the loop
         (`_bind`), once those are loaded."""
         config = copy.deepcopy(base)
+        for step in config.ensemble_scheduling.step:
+            if step.model_version == 0:  # left out: served as Triton writes "the latest" (perf_analyzer reads it)
+                step.model_version = -1
         try:
             schema = ModelSchema.from_config(config, labels=read_labels(config, self.root / config.name))
             policy = SchedulingPolicy.from_config(config)
         except InvalidConfigError as exc:
             raise ModelLoadError(config.name, version, exc.problem) from exc
-        backend = EnsembleBackend(ready=lambda: self._steps_ready(plan))
+        name = config.name
+        backend = EnsembleBackend(ready=lambda: self._steps_ready(name, plan))
         return _Prepared(version, config, schema, backend, policy, sig, 0.0, plan)
 
+    def _plan_of(self, name: str) -> EnsemblePlan | None:
+        """The steps another ensemble has: the ones being loaded, else the ones served, else those on disk."""
+        plan = self._loading_plans.get(name)
+        if plan is not None:
+            return plan
+        entry = self._entries.get(name)
+        if entry is not None and entry.versions:
+            return next(iter(entry.versions.values())).plan
+        model_dir = self._model_dir(name, must_exist=False)
+        if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
+            return None
+        try:
+            config = read_config(model_dir)[0]
+            return plan_of(config) if is_ensemble(config) else None
+        except TensorgateError:
+            return None  # its own load says what is wrong with it
+
     def _check_no_cycle(self, name: str, plan: EnsemblePlan) -> None:
-        """Refuse an ensemble that reaches itself through composing ensembles (read from disk): loading it would
-        wait for its own load."""
+        """Refuse an ensemble that reaches itself through composing ensembles, as loaded, being loaded (a config
+        given with RepositoryModelLoad) or on disk: loading it would wait for its own load."""
         path = [name]
 
         def visit(current: EnsemblePlan) -> None:
             for model, _ in current.models:
                 if model in path:
                     raise InvalidConfigError(name, f"ensemble steps form a cycle: {' -> '.join([*path, model])}")
-                model_dir = self._model_dir(model, must_exist=False)
-                if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
-                    continue
-                try:
-                    config = read_config(model_dir)[0]
-                    inner = plan_of(config) if is_ensemble(config) else None
-                except TensorgateError:
-                    continue  # its own load says what is wrong with it
+                inner = self._plan_of(model)
                 if inner is not None:
                     path.append(model)
                     visit(inner)
@@ -372,15 +388,22 @@ class ModelRepository:
 
         visit(plan)
 
-    def _steps_ready(self, plan: EnsemblePlan) -> bool:
-        """An ensemble is ready while every step's model has a ready version to run it."""
-        for model, version in plan.models:
-            try:
-                if not backend_ready(self.get(model, version).backend):
+    def _steps_ready(self, name: str, plan: EnsemblePlan) -> bool:
+        """An ensemble is ready while every step's model has a ready version to run it (never on a cycle, which
+        loading refuses anyway)."""
+        if name in self._checking_ready:
+            return False
+        self._checking_ready.add(name)
+        try:
+            for model, version in plan.models:
+                try:
+                    if not backend_ready(self.get(model, version).backend):
+                        return False
+                except TensorgateError:
                     return False
-            except TensorgateError:
-                return False
-        return True
+            return True
+        finally:
+            self._checking_ready.discard(name)
 
     async def _bind(self, name: str, ready: dict[int, _Prepared | LoadedModel]) -> None:
         """Check new ensemble versions against their composing models, loading those not loaded yet (Triton loads
@@ -389,16 +412,30 @@ class ModelRepository:
         plan = next((item.plan for item in ready.values() if item.plan is not None), None)
         if plan is None:
             return
-        for model, _ in plan.models:
-            entry = self._entries.get(model)
-            if entry is None or entry.reason == "unloaded":
-                try:
-                    await self.load(model)
-                except TensorgateError:
-                    pass  # its reason is recorded: the lookup below fails with it
-            elif entry.state == LOADING:
-                async with self._lock(model):
-                    pass  # its load has ended
+        # On the loop, with no await between the check and the registration: of two ensembles loaded at once with
+        # configs that name each other, the second sees the first's steps.
+        self._check_no_cycle(name, plan)
+        self._loading_plans[name] = plan
+        try:
+            for model, _ in plan.models:
+                self._dependents.setdefault(model, set()).add(name)
+                entry = self._entries.get(model)
+                if entry is None or entry.reason == "unloaded":
+                    try:
+                        await self.load(model)
+                    except TensorgateError:
+                        pass  # its reason is recorded: the lookup below fails with it
+                elif entry.state == LOADING:
+                    async with self._lock(model):
+                        pass  # its load has ended
+            for item in ready.values():
+                if isinstance(item, _Prepared):
+                    self._check_steps(name, item, plan)
+        finally:
+            del self._loading_plans[name]
+
+    def _check_steps(self, name: str, item: _Prepared | LoadedModel, plan: EnsemblePlan) -> None:
+        """The steps against the composing models as served now; the ensemble's labels follow theirs."""
 
         def composing(step: Step) -> mc.ModelConfig:
             try:
@@ -406,10 +443,45 @@ class ModelRepository:
             except TensorgateError as exc:
                 raise ModelLoadError(name, None, f"{step.ref} cannot be served: {exc.message}") from exc
 
-        for item in ready.values():
-            if isinstance(item, _Prepared):
-                bind(item.config, plan, composing)
-                item.schema = self._inherit_labels(item.schema, plan)
+        bind(item.config, plan, composing)
+        item.schema = self._inherit_labels(item.schema, plan)
+
+    def _refresh_dependents(self, name: str) -> None:
+        """`name`'s served versions changed: the ensembles that use it are checked again, as Triton reloads them.
+        One that failed to load (say its step's model was not there yet) loads now; one that serves is checked
+        against the new versions, and stops serving, with the reason, if they no longer fit it."""
+        loop = asyncio.get_running_loop()
+        for ensemble in sorted(self._dependents.get(name, ())):
+            task = loop.create_task(self._refresh(ensemble))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _refresh(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None or entry.reason == "unloaded" or entry.state == LOADING:
+            return  # a load in progress binds against what is served when it gets there
+        if not entry.versions:
+            try:
+                await self.load(name)
+            except TensorgateError:
+                pass  # recorded and logged by the load
+            return
+        async with self._lock(name):
+            versions = list(entry.versions.values())
+            plan = next((m.plan for m in versions if m.plan is not None), None)
+            if plan is None:
+                return
+            try:
+                for model in versions:
+                    self._check_steps(name, model, plan)
+            except TensorgateError as exc:
+                reason = f"a step's model changed: {_reason(exc)}"
+                log.error("model '%s' no longer serves: %s", name, reason)
+                entry.versions, entry.failed = {}, {}
+                entry.state, entry.reason = UNAVAILABLE, reason
+                for model in versions:
+                    self._retire(model)
+                self.changes += 1
 
     def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan) -> ModelSchema:
         """An ensemble output without a label_filename classifies with the labels of the step output that writes
@@ -671,6 +743,7 @@ class ModelRepository:
             for old in retired:
                 self._retire(old)
             self.changes += 1
+            self._refresh_dependents(name)
 
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:

@@ -150,6 +150,9 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._holders = 0
+        self._unheld = asyncio.Event()
+        self._unheld.set()
         self._handed: dict[int, _Batch] = {}
         """Batches put on the instances' queue that no instance has taken yet (staged ones), by id."""
         self._ref = model_ref(model, version)
@@ -527,11 +530,31 @@ class Scheduler:
         self._queued = 0
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
 
+    def hold(self) -> None:
+        """An ensemble request that will send this model a step: until `release`, closing waits before it refuses
+        new work, as Triton keeps an ensemble's models for the lifetime of each of its requests (a step must not
+        fail because its model was unloaded after the request started)."""
+        self._holders += 1
+        self._unheld.clear()
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._unheld.set()
+
     async def close(self, grace: float | None = None) -> None:
-        """Refuse new work, let queued and running requests finish (up to `grace` seconds), then stop the threads."""
+        """Refuse new work, let queued and running requests finish (up to `grace` seconds), then stop the threads.
+        Ensemble requests that hold this model may still send it their steps until they let go (within `grace`)."""
+        deadline = None if grace is None else time.monotonic() + grace
+        try:
+            await asyncio.wait_for(self._unheld.wait(), grace)
+        except TimeoutError:
+            pass
         self._closed = True
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            await asyncio.wait_for(
+                self._idle.wait(), None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
         except TimeoutError:
             pass
         self.reject_waiting("was unloaded before the request ran")
