@@ -381,6 +381,36 @@ def test_bench_a_model_with_a_variable_dimension(variable_server: ServerThread, 
     assert main(["bench", "var", "--server", variable_server.address, "--inputs", str(folder), "--out", out]) == 2
     assert "input 'INPUT0'" in capsys.readouterr().err
 
+    # --shape, as perf_analyzer's, sets the variable dimension for random inputs.
+    doc = bench(
+        tmp_path, "var", "--server", variable_server.address, "--shape", "INPUT0:7", "--batch", "2",
+        "--concurrency", "1", "--max-requests", "5", "--duration", "30", "--warmup", "0.1", "--no-plots",
+    )  # fmt: skip
+    assert doc["config"]["shapes"] == {"INPUT0": [7]}
+    (level,) = doc["levels"]
+    assert level["sent"] == level["succeeded"] == 5
+    assert main(["bench", "var", "--server", variable_server.address, "--shape", "INPUT0", "--out", out]) == 2
+    assert "expected NAME:D1,D2,... with positive sizes" in capsys.readouterr().err
+
+
+def test_shapes_set_the_variable_dimensions_of_random_inputs(tmp_path: Path) -> None:
+    shape = ModelShape("m", (("X", "FP32", (-1, 3)), ("Y", "INT32", (-1, -1, 3))), max_batch_size=8)
+    for source in ("random", "zeros"):
+        arrays = make_inputs(shape, 2, source, shapes={"Y": (5, 3)})
+        assert arrays["Y"].shape == (2, 5, 3) and arrays["Y"].dtype == np.int32 and arrays["X"].shape == (2, 3)
+    unbatched = ModelShape("m", (("X", "FP32", (-1, -1)),), max_batch_size=0)
+    assert make_inputs(unbatched, 1, "zeros", shapes={"X": (4,)})["X"].shape == (1, 4)
+    for shapes, match in (
+        ({"Y": (5, 4)}, r"--shape Y:5,4 does not fit input 'Y', whose dims are \[-1, -1, 3\]"),
+        ({"Y": (5,)}, r"--shape Y:5 does not fit"),
+        ({"Z": (1,)}, r"--shape names \['Z'\], not inputs of model 'm'"),
+    ):
+        with pytest.raises(InputError, match=match):
+            make_inputs(shape, 2, "random", shapes=shapes)
+    np.save(tmp_path / "X.npy", np.ones(3))
+    with pytest.raises(InputError, match="a .npy file gives its own shape"):
+        make_inputs(shape, 2, str(tmp_path), shapes={"Y": (5, 3)})
+
 
 def test_compare_shows_ratios_against_the_first(tmp_path: Path, capsys: Any) -> None:
     level = {

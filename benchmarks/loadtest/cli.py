@@ -48,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-requests", type=int, default=None, help="end a level after N measured requests")
     p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     p.add_argument("--inputs", default="random", help="random | zeros | a folder of NAME.npy files (default random)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME:D1,D2",
+        help="sizes of an input's variable dims after the batch one, for random and zeros inputs (as perf_analyzer)",
+    )
     p.add_argument("--streaming", action="store_true", help="send over ModelStreamInfer instead of ModelInfer")
     p.add_argument("--priority", type=int, default=None, help="request 'priority' parameter")
     p.add_argument("--timeout-param", type=int, default=None, metavar="US", help="request 'timeout' parameter (us)")
@@ -72,6 +79,20 @@ def _numbers(text: str, flag: str, kind: type[Any]) -> tuple[Any, ...]:
     return values
 
 
+def _shapes(items: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        try:
+            sizes = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sizes = ()
+        if not sep or not name or not sizes or min(sizes) < 1:
+            raise UsageError(f"--shape {item!r}: expected NAME:D1,D2,... with positive sizes")
+        out[name] = sizes
+    return tuple(out.items())
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.files:
         raise UsageError(f"unexpected arguments: {' '.join(map(str, args.files))}")
@@ -94,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_requests=args.max_requests,
         batch=args.batch,
         inputs=args.inputs,
+        shapes=_shapes(args.shape),
         streaming=args.streaming,
         priority=args.priority,
         timeout_param_us=args.timeout_param,

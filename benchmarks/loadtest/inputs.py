@@ -7,7 +7,7 @@ file gives its own sizes for the variable dimensions and is checked against the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,21 +50,45 @@ class ModelShape:
         does not batch (Triton's explicit batch dimension; a request of one row)."""
         return bool(dims) and (self.batches or dims[0] == -1)
 
-    def request_shape(self, name: str, dims: Sequence[int], rows: int) -> tuple[int, ...]:
+    def request_shape(
+        self, name: str, dims: Sequence[int], rows: int, given: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
         """Concrete shape of one request's tensor: the leading dimension is ``rows`` (see ``leads``), the others
-        as the model fixes them; InputError for a variable one, which only a .npy file can give."""
+        as the model fixes them or as ``given`` (``--shape``, perf_analyzer's: the dims after the batch one) sets
+        them; InputError for a variable one that nothing sets."""
         leads = self.leads(dims)
-        if any(d < 0 for d in dims[1 if leads else 0 :]):
-            first = " (the first is the batch)" if self.batches else ""
+        rest = tuple(dims[1 if leads else 0 :])
+        first = " (the first is the batch)" if self.batches else ""
+        if given is not None:
+            fits = len(given) == len(rest) and all(g > 0 and d in (-1, g) for d, g in zip(rest, given, strict=True))
+            if not fits:
+                shown = ",".join(map(str, given))
+                raise InputError(
+                    f"--shape {name}:{shown} does not fit input '{name}', whose dims are {list(dims)}{first}"
+                )
+            rest = tuple(given)
+        elif any(d < 0 for d in rest):
             raise InputError(
                 f"input '{name}' has variable dims {list(dims)}{first}: random and zeros inputs cannot choose their "
-                f"sizes; use --inputs DIR with a {name}.npy of the shape to send"
+                f"sizes; give them with --shape {name}:D1,D2,... or use --inputs DIR with a {name}.npy of the shape "
+                "to send"
             )
-        return (rows, *dims[1:]) if leads else tuple(dims)
+        return (rows, *rest) if leads else rest
 
 
-def make_inputs(model: ModelShape, rows: int, source: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """One request's tensors with ``rows`` rows: ``source`` is "random", "zeros" or a folder of NAME.npy files."""
+def make_inputs(
+    model: ModelShape,
+    rows: int,
+    source: str,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """One request's tensors with ``rows`` rows: ``source`` is "random", "zeros" or a folder of NAME.npy files;
+    ``shapes`` (``--shape``) sets the variable dimensions of random and zeros inputs."""
+    shapes = shapes or {}
+    unknown = sorted(set(shapes) - {name for name, _, _ in model.inputs})
+    if unknown:
+        raise InputError(f"--shape names {unknown}, not inputs of model '{model.name}'")
     if rows < 1:
         raise InputError(f"--batch must be at least 1, not {rows}")
     if not model.batches and rows != 1:
@@ -75,6 +99,8 @@ def make_inputs(model: ModelShape, rows: int, source: str, seed: int = 0) -> dic
     folder = None if source in INPUT_SOURCES else Path(source)
     if folder is not None and not folder.is_dir():
         raise InputError(f"--inputs {source!r}: not 'random', 'zeros' or a folder of NAME.npy files")
+    if folder is not None and shapes:
+        raise InputError("--shape is for random and zeros inputs: a .npy file gives its own shape")
     out: dict[str, np.ndarray] = {}
     for name, datatype, dims in model.inputs:
         if datatype not in tensors.BY_NAME:
@@ -82,9 +108,9 @@ def make_inputs(model: ModelShape, rows: int, source: str, seed: int = 0) -> dic
         if folder is not None:
             out[name] = _from_file(folder / f"{name}.npy", name, datatype, model, dims, rows)
         elif source == "zeros":
-            out[name] = _zeros(datatype, model.request_shape(name, dims, rows))
+            out[name] = _zeros(datatype, model.request_shape(name, dims, rows, shapes.get(name)))
         else:
-            out[name] = _random(rng, datatype, model.request_shape(name, dims, rows))
+            out[name] = _random(rng, datatype, model.request_shape(name, dims, rows, shapes.get(name)))
     return out
 
 

@@ -72,6 +72,8 @@ class BenchConfig:
     max_requests: int | None = None
     batch: int = 1
     inputs: str = "random"
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """--shape NAME:D1,D2: the variable dimensions of random and zeros inputs (after the batch one)."""
     streaming: bool = False
     priority: int | None = None
     timeout_param_us: int | None = None
@@ -111,6 +113,7 @@ class BenchConfig:
                 "nice",
             )
         }
+        out["shapes"] = {name: list(dims) for name, dims in self.shapes}
         out["concurrency"] = list(self.concurrency) if self.mode == "closed" else []
         out["rates"] = list(self.rates)
         out["tls"] = self.tls is not None
@@ -386,7 +389,7 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
     process that dies ends the sweep with the levels measured before (``SweepResult.error``)."""
     show = progress or _stderr_progress()
     model = describe_model(config)
-    inputs = make_inputs(model, config.batch, config.inputs, config.seed)
+    inputs = make_inputs(model, config.batch, config.inputs, config.seed, dict(config.shapes))
     target = Target(
         server=config.server,
         model=config.model,
