@@ -34,6 +34,7 @@ def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
 def _stats(client: tc.InferenceServerClient, model: str) -> dict[str, int]:
     s = client.get_inference_statistics(model).model_stats[0]
     st = s.inference_stats
+    assert st.queue.count == st.success.count  # as Triton's (perf_analyzer relies on it)
     return {
         "success": st.success.count,
         "hit": st.cache_hit.count,

@@ -118,10 +118,13 @@ class ModelStats:
             latency.compute.observe(t.compute_input_ns + t.compute_infer_ns + t.compute_output_ns)
 
     def record_cache_hit(self, total_ns: int, lookup_ns: int) -> None:
-        """A request answered from the response cache: a success, with no inference, queue or compute (as Triton
-        counts it)."""
+        """A request answered from the response cache, as Triton counts it: a success, with no inference or
+        compute. It counts in `queue` (without time): Triton's queue count is its success count, and perf_analyzer
+        finds the model's version by the queue count that grew during a measurement (with every request a hit,
+        it found none and stopped)."""
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.success.add(total_ns)
+        self.queue.add(0)
         self.cache_hit.add(lookup_ns)
         latency = self.latency
         if latency is not None:
