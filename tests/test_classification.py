@@ -200,3 +200,25 @@ def test_rows_are_ranked_apart_and_extra_dims_flatten() -> None:
         [b"5.000000:5", b"4.000000:4"],
         [b"-6.000000:0:a", b"-7.000000:1:b"],
     ]
+
+
+def test_an_edited_label_file_is_read_again_when_the_model_reloads(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    identity_model(root / "animals" / "1" / "model.onnx", "FP32", ("batch", 5))
+    write_config(root, "animals", ANIMALS_CONFIG)
+    (root / "animals" / "labels.txt").write_text(LABELS)
+    with ServerThread(root, model_control_mode="explicit", load_model=["animals"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            x = np.array([[0.0, 9.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+            top = [tc.InferRequestedOutput("OUTPUT0", class_count=1)]
+            assert c.infer("animals", [_fp32_input(x)], outputs=top).as_numpy("OUTPUT0").tolist() == [
+                [b"9.000000:1:dog"]
+            ]
+            (root / "animals" / "labels.txt").write_text(LABELS.upper())
+            c.load_model("animals")
+            assert c.infer("animals", [_fp32_input(x)], outputs=top).as_numpy("OUTPUT0").tolist() == [
+                [b"9.000000:1:DOG"]
+            ]
+        finally:
+            c.close()

@@ -231,12 +231,19 @@ def test_explicit_mode_loads_the_composing_models_with_the_ensemble(tmp_path: Pa
             assert c.is_model_ready("pipeline") and c.is_model_ready("add_sub") and c.is_model_ready("scale2")
             assert not c.is_model_ready("scale3")  # not a step of the pipeline
             c.unload_model("scale2")
-            # The ensemble cannot run without its step: not ready, and a request says which model is missing.
-            assert not c.is_model_ready("pipeline")
+            # The ensemble cannot run without its step: it is unloaded with it, the index says why, a request says
+            # which model is missing, and the server stays ready (an unload on purpose is no failure).
+            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            assert _state(c, "pipeline")[1] == "unloaded with its step model 'scale2'"
+            assert not c.is_model_ready("pipeline") and c.is_server_ready()
             with pytest.raises(InferenceServerException) as info:
                 c.infer("pipeline", _inputs(*_rows(1, 4)))
             assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
             assert "'scale2'" in info.value.message()
+            c.load_model("scale2")  # the ensemble comes back with its step model
+            _wait("the ensemble to return", lambda: _state(c, "pipeline")[0] == "READY")
+            c.unload_model("scale2")
+            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
             c.load_model("pipeline")  # loads scale2 again, as Triton does
             assert c.is_model_ready("scale2") and c.is_model_ready("pipeline")
             a, b = _rows(1, 5)

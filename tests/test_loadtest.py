@@ -398,8 +398,10 @@ def test_shapes_set_the_variable_dimensions_of_random_inputs(tmp_path: Path) -> 
     for source in ("random", "zeros"):
         arrays = make_inputs(shape, 2, source, shapes={"Y": (5, 3)})
         assert arrays["Y"].shape == (2, 5, 3) and arrays["Y"].dtype == np.int32 and arrays["X"].shape == (2, 3)
-    unbatched = ModelShape("m", (("X", "FP32", (-1, -1)),), max_batch_size=0)
-    assert make_inputs(unbatched, 1, "zeros", shapes={"X": (4,)})["X"].shape == (1, 4)
+    # A model that does not batch: the shape is the whole tensor's, its leading dimension included (perf_analyzer).
+    unbatched = ModelShape("m", (("X", "FP32", (-1, -1)), ("L", "INT64", (-1,))), max_batch_size=0)
+    arrays = make_inputs(unbatched, 1, "zeros", shapes={"X": (2, 4), "L": (5,)})
+    assert arrays["X"].shape == (2, 4) and arrays["L"].shape == (5,)
     for shapes, match in (
         ({"Y": (5, 4)}, r"--shape Y:5,4 does not fit input 'Y', whose dims are \[-1, -1, 3\]"),
         ({"Y": (5,)}, r"--shape Y:5 does not fit"),

@@ -171,3 +171,38 @@ def test_an_ensemble_answers_from_the_cache_without_running_its_steps(tmp_path: 
             assert _stats(c, "add_sub")["executions"] == _stats(c, "scale2")["executions"] == 1
         finally:
             c.close()
+
+
+def test_a_model_inside_a_nested_ensemble_reloaded_is_not_answered_for_by_the_cache(tmp_path: Path) -> None:
+    root = ensemble_repository(tmp_path / "models")
+    (root / "outer" / "1").mkdir(parents=True)
+    write_config(
+        root,
+        "outer",
+        """name: "outer"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 dims: [ 16 ] }, { name: "B" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 16 ] } ]
+ensemble_scheduling { step [ { model_name: "pipeline" model_version: -1
+  input_map { key: "A" value: "A" } input_map { key: "B" value: "B" }
+  output_map { key: "OUT_SCALED" value: "OUT" } } ] }
+response_cache { enable: true }
+""",
+    )
+    with ServerThread(root, model_control_mode="explicit", load_model=["outer"], response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            a = np.ones((1, 16), np.float32)
+            ins = []
+            for name in ("A", "B"):
+                inp = tc.InferInput(name, [1, 16], "FP32")
+                inp.set_data_from_numpy(a)
+                ins.append(inp)
+            assert c.infer("outer", ins).as_numpy("OUT").tolist() == [[4.0] * 16]
+            scale_model(tmp_path / "x10" / "model.onnx", 10.0, width=16)
+            shutil.move(str(tmp_path / "x10" / "model.onnx"), str(root / "scale2" / "1" / "model.onnx"))
+            c.load_model("scale2")  # inside `pipeline`, itself a step of `outer`
+            assert c.infer("outer", ins).as_numpy("OUT").tolist() == [[20.0] * 16]
+        finally:
+            c.close()

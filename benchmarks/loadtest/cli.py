@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="NAME:D1,D2",
-        help="sizes of an input's variable dims after the batch one, for random and zeros inputs (as perf_analyzer)",
+        help="an input's dims after the batch one (all of them if the model does not batch), for random and zeros "
+        "inputs, as perf_analyzer's --shape",
     )
     p.add_argument("--streaming", action="store_true", help="send over ModelStreamInfer instead of ModelInfer")
     p.add_argument("--priority", type=int, default=None, help="request 'priority' parameter")

@@ -54,9 +54,10 @@ class ModelShape:
         self, name: str, dims: Sequence[int], rows: int, given: Sequence[int] | None = None
     ) -> tuple[int, ...]:
         """Concrete shape of one request's tensor: the leading dimension is ``rows`` (see ``leads``), the others
-        as the model fixes them or as ``given`` (``--shape``, perf_analyzer's: the dims after the batch one) sets
-        them; InputError for a variable one that nothing sets."""
-        leads = self.leads(dims)
+        as the model fixes them or as ``given`` (``--shape``, perf_analyzer's: the dims after the batch one, or all
+        of them for a model that does not batch) sets them; InputError for a variable one that nothing sets."""
+        # A shape given for a model that does not batch covers all its dims, as perf_analyzer's --shape does.
+        leads = self.leads(dims) and (given is None or self.batches)
         rest = tuple(dims[1 if leads else 0 :])
         first = " (the first is the batch)" if self.batches else ""
         if given is not None:

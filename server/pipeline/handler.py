@@ -14,7 +14,7 @@ import numpy as np
 from opentelemetry import trace
 
 from tensorgate.protos.tensors import from_numpy
-from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.errors import InvalidRequestError, TensorgateError
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import run_plan
@@ -106,9 +106,11 @@ class InferenceHandler:
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
         cache, key, lookup_ns = self.cache, None, 0
-        if cache is not None and model.config.response_cache.enable:
+        identity = self._identity(model) if cache is not None and model.config.response_cache.enable else None
+        if identity is not None:
+            assert cache is not None
             lookup = time.perf_counter_ns()
-            key = cache.key(self._identity(model), inputs, req.datatypes, outputs)
+            key = cache.key(identity, inputs, req.datatypes, outputs)
             cached = cache.get(key)
             if cached is not None:
                 response = self._respond(model, version, req, outputs, cached)
@@ -190,13 +192,23 @@ class InferenceHandler:
                     }
                 )
 
-    def _identity(self, model: LoadedModel) -> tuple[str, int, str]:
+    def _identity(self, model: LoadedModel) -> tuple[str, int, str] | None:
         """What a cached answer depends on besides the request: the model's files, and an ensemble's steps' too (a
-        composing model reloaded with new files must not be answered for by the old one's outputs)."""
+        composing model reloaded with new files must not be answered for by the old one's outputs). None when a
+        step's model is not there: the request goes on uncached and fails, counted, where any other would."""
+        try:
+            return model.name, model.version, "/".join(self._signatures(model))
+        except TensorgateError:
+            return None
+
+    def _signatures(self, model: LoadedModel) -> list[str]:
+        """The model's file signature, then those of every model its steps run, ensembles within it included."""
         if model.plan is None:
-            return model.name, model.version, model.signature
-        steps = [self._repository.get(name, version).signature for name, version in model.plan.models]
-        return model.name, model.version, "/".join([model.signature, *steps])
+            return [model.signature]
+        out = [model.signature]
+        for name, version in model.plan.models:
+            out.extend(self._signatures(self._repository.get(name, version)))
+        return out
 
     async def _run_ensemble(
         self,

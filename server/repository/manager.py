@@ -121,6 +121,15 @@ class _Prepared:
     plan: EnsemblePlan | None = None
 
 
+UNLOADED = "unloaded"
+
+
+def is_unloaded(reason: str) -> bool:
+    """Unloaded on purpose (RepositoryModelUnload, a directory removed in poll mode), or with a step model of an
+    ensemble that was: not a failure, so the server stays ready."""
+    return reason == UNLOADED or reason.startswith(f"{UNLOADED} with its step model ")
+
+
 def _reason(exc: TensorgateError) -> str:
     """The cause alone, without the "failed to load model ..." framing that the final error adds once."""
     if isinstance(exc, ModelLoadError):
@@ -257,7 +266,7 @@ class ModelRepository:
         return all(
             e.state == READY and all(backend_ready(m.backend) for m in e.versions.values())
             for e in self._entries.values()
-            if e.reason != "unloaded"
+            if not is_unloaded(e.reason)
         )
 
     # ----- the repository on disk --------------------------------------------------------------------------
@@ -311,11 +320,13 @@ class ModelRepository:
             )
         ready: dict[int, _Prepared | LoadedModel] = {}
         failed: dict[int, str] = {}
+        # Files beside the versions that a version is built from (label files): an edit must reload it too.
+        shared = "".join(_file_signature(model_dir / o.label_filename) for o in base.output if o.label_filename)
         for v in wanted:
             if self._stopping.is_set():
                 break
             vdir = model_dir / str(v)
-            sig = hashlib.sha256((base_text + _file_signature(vdir)).encode()).hexdigest()
+            sig = hashlib.sha256((base_text + shared + _file_signature(vdir)).encode()).hexdigest()
             old = reuse.get(v)
             if old is not None and old.signature == sig:
                 ready[v] = old
@@ -420,7 +431,7 @@ class ModelRepository:
             for model, _ in plan.models:
                 self._dependents.setdefault(model, set()).add(name)
                 entry = self._entries.get(model)
-                if entry is None or entry.reason == "unloaded":
+                if entry is None or is_unloaded(entry.reason):
                     try:
                         await self.load(model)
                     except TensorgateError:
@@ -444,21 +455,22 @@ class ModelRepository:
                 raise ModelLoadError(name, None, f"{step.ref} cannot be served: {exc.message}") from exc
 
         bind(item.config, plan, composing)
-        item.schema = self._inherit_labels(item.schema, plan)
+        item.schema = self._inherit_labels(item.schema, plan, item.config)
 
-    def _refresh_dependents(self, name: str) -> None:
+    def _refresh_dependents(self, name: str, unloaded: bool = False) -> None:
         """`name`'s served versions changed: the ensembles that use it are checked again, as Triton reloads them.
-        One that failed to load (say its step's model was not there yet) loads now; one that serves is checked
-        against the new versions, and stops serving, with the reason, if they no longer fit it."""
+        One that failed to load (say its step's model was not there yet), or that was unloaded with it, loads now;
+        one that serves is checked against the new versions, and stops serving, with the reason, if they no longer
+        fit it. When `name` was `unloaded`, so are they (the server stays ready, as for the model itself)."""
         loop = asyncio.get_running_loop()
         for ensemble in sorted(self._dependents.get(name, ())):
-            task = loop.create_task(self._refresh(ensemble))
+            task = loop.create_task(self._refresh(ensemble, name if unloaded else None))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _refresh(self, name: str) -> None:
+    async def _refresh(self, name: str, unloaded_step: str | None = None) -> None:
         entry = self._entries.get(name)
-        if entry is None or entry.reason == "unloaded" or entry.state == LOADING:
+        if entry is None or entry.reason == UNLOADED or entry.state == LOADING:
             return  # a load in progress binds against what is served when it gets there
         if not entry.versions:
             try:
@@ -475,22 +487,28 @@ class ModelRepository:
                 for model in versions:
                     self._check_steps(name, model, plan)
             except TensorgateError as exc:
-                reason = f"a step's model changed: {_reason(exc)}"
-                log.error("model '%s' no longer serves: %s", name, reason)
+                if unloaded_step is not None:
+                    reason = f"{UNLOADED} with its step model '{unloaded_step}'"
+                    log.info("model '%s' %s", name, reason)
+                else:
+                    reason = f"a step's model changed: {_reason(exc)}"
+                    log.error("model '%s' no longer serves: %s", name, reason)
                 entry.versions, entry.failed = {}, {}
                 entry.state, entry.reason = UNAVAILABLE, reason
                 for model in versions:
                     self._retire(model)
                 self.changes += 1
+                self._refresh_dependents(name, unloaded=unloaded_step is not None)  # ensembles of this ensemble
 
-    def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan) -> ModelSchema:
+    def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan, config: mc.ModelConfig) -> ModelSchema:
         """An ensemble output without a label_filename classifies with the labels of the step output that writes
-        it, as in Triton."""
+        it, as in Triton (taken again each time the steps are checked: they follow the step model's reloads)."""
+        own = {o.name for o in config.output if o.label_filename}
         outputs = dict(schema.outputs)
         for step in plan.steps:
             for model_output, tensor in step.outputs.items():
                 spec = outputs.get(tensor)
-                if spec is not None and not spec.labels:
+                if spec is not None and tensor not in own:
                     labels = self.get(step.model, step.version).schema.outputs[model_output].labels
                     outputs[tensor] = dataclasses.replace(spec, labels=labels)
         return dataclasses.replace(schema, outputs=outputs)
@@ -763,15 +781,16 @@ class ModelRepository:
         async with self._lock(name):
             entry = self._entries.get(name)
             if entry is None:
-                self._entries[name] = _Entry(name, state=UNAVAILABLE, reason="unloaded")
+                self._entries[name] = _Entry(name, state=UNAVAILABLE, reason=UNLOADED)
                 return
             retired = list(entry.versions.values())
             entry.versions, entry.failed = {}, {}
-            entry.state, entry.reason, entry.attempted = UNAVAILABLE, "unloaded", None
+            entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
             for model in retired:
                 self._retire(model)
             self.changes += 1
             log.info("model '%s' unloaded", name)
+            self._refresh_dependents(name, unloaded=True)
 
     async def load_many(self, names: Sequence[str]) -> None:
         """Load several models concurrently; failures are recorded per model and logged, not raised."""
@@ -812,7 +831,7 @@ class ModelRepository:
         failed = [
             name
             for name, e in sorted(self._entries.items())
-            if e.state == UNAVAILABLE and not e.versions and e.reason != "unloaded"
+            if e.state == UNAVAILABLE and not e.versions and not is_unloaded(e.reason)
         ]
         loaded = []
         for name in failed:

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from tensorgate.server import __version__
 from tensorgate.server.auth.tls import CertificateError, TlsFiles, load_files
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.repository.manager import is_unloaded
 from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
 from tensorgate.server.telemetry.statistics import Histogram
 
@@ -129,7 +130,7 @@ def _state_name(state: str, reason: str) -> str:
         return "ready"
     if state == "LOADING":
         return "loading"
-    return "unloaded" if reason == "unloaded" else "failed"
+    return "unloaded" if is_unloaded(reason) else "failed"
 
 
 def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
