@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -581,6 +582,76 @@ def test_bad_config_override_is_refused(
     message = _error(code, explicit_client.load_model, "identity_fp32", config=config)
     assert fragment in message
     assert not explicit_client.is_model_ready("identity_fp32")
+
+
+def test_load_with_model_files_sent_in_the_request(
+    explicit: ServerThread, explicit_client: grpcclient.InferenceServerClient, tmp_path: Path
+) -> None:
+    """tritonclient's load_model(files=...), as Triton: the files are the model directory to load from, the model
+    need not be in the repository, and a later load without files goes back to the repository's."""
+    c = explicit_client
+    staged_before = set(Path(tempfile.gettempdir()).glob("tensorgate-load-*"))
+    scale_model(tmp_path / "five" / "model.onnx", 5.0)
+    scale_model(tmp_path / "six" / "model.onnx", 6.0)
+    model = (tmp_path / "five" / "model.onnx").read_bytes()
+    config = json.dumps({"max_batch_size": 4})
+    c.load_model("uploaded", config=config, files={"file:1/model.onnx": model, "file:notes.txt": b"kept aside"})
+    assert _infer(c, "uploaded", ROW).tolist() == (ROW * 5).tolist()
+    assert c.get_model_config("uploaded").config.max_batch_size == 4
+    assert set(Path(tempfile.gettempdir()).glob("tensorgate-load-*")) == staged_before  # removed after the load
+    # Over a model of the repository; its own files come back with a load that sends none.
+    c.load_model(
+        "identity_fp32", config=config, files={"file:1/model.onnx": (tmp_path / "six" / "model.onnx").read_bytes()}
+    )
+    assert _infer(c, "identity_fp32", ROW).tolist() == (ROW * 6).tolist()
+    c.load_model("identity_fp32")
+    assert _infer(c, "identity_fp32", ROW).tolist() == ROW.tolist()
+    c.unload_model("uploaded")
+    assert not c.is_model_ready("uploaded")
+
+
+OUTSIDE = "is not a path inside the model directory"
+
+
+@pytest.mark.parametrize(
+    ("files", "config", "fragment"),
+    [
+        pytest.param(
+            {"file:../escape/model.onnx": b"x"}, "{}", "is not a path inside the model directory", id="dotdot"
+        ),
+        pytest.param({"file:/etc/model.onnx": b"x"}, "{}", "is not a path inside the model directory", id="absolute"),
+        pytest.param({"file:1//model.onnx": b"x"}, "{}", "is not a path inside the model directory", id="empty-part"),
+        pytest.param({"file:1/model.onnx": b"x"}, None, "need the 'config' parameter too", id="no-config"),
+    ],
+)
+def test_model_files_that_cannot_be_loaded_are_refused(
+    explicit: ServerThread,
+    explicit_client: grpcclient.InferenceServerClient,
+    files: dict[str, bytes],
+    config: str | None,
+    fragment: str,
+) -> None:
+    message = _error(
+        grpc.StatusCode.INVALID_ARGUMENT, explicit_client.load_model, "uploaded", config=config, files=files
+    )
+    assert fragment in message
+    with grpc.insecure_channel(explicit.address) as channel:
+        request = pb.RepositoryModelLoadRequest(model_name="uploaded")
+        request.parameters["config"].string_param = "{}"
+        request.parameters["file:1/model.onnx"].string_param = "not bytes"
+        with pytest.raises(grpc.RpcError) as info:
+            GRPCInferenceServiceStub(channel).RepositoryModelLoad(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must carry the file's content as bytes_param" in (info.value.details() or "")
+    # A file that is no model fails the load with the reason, as one in the repository would.
+    bad = _error(
+        grpc.StatusCode.UNAVAILABLE,
+        explicit_client.load_model,
+        "uploaded",
+        config="{}",
+        files={"file:1/model.onnx": b"no"},
+    )
+    assert "onnxruntime could not load" in bad
 
 
 def test_load_model_star_loads_everything(repo: Path) -> None:

@@ -13,7 +13,9 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +124,21 @@ class _Prepared:
 
 
 UNLOADED = "unloaded"
+
+
+def _stage_files(name: str, files: dict[str, bytes]) -> Path:
+    """Write files sent with RepositoryModelLoad (paths checked by the codec) as <tmp>/<name>/<path>, readable by
+    this process only; returns <tmp>."""
+    staging = Path(tempfile.mkdtemp(prefix="tensorgate-load-"))
+    try:
+        for rel, data in files.items():
+            target = staging / name / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
 
 
 def is_unloaded(reason: str) -> bool:
@@ -524,7 +541,7 @@ class ModelRepository:
         model_file = vdir / (config.default_model_filename or "model.onnx")
         if not model_file.is_file():
             raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
-        model_bytes, external_data = self._read_artifact(config, model_file, version)
+        model_bytes, external_data = self._read_artifact(config, vdir, model_file, version)
         backend = self._onnx_backend(config, model_file, version, model_bytes, external_data)
         del model_bytes  # onnxruntime keeps its own copy
         try:
@@ -607,18 +624,22 @@ class ModelRepository:
             raise
         return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
 
-    def _read_artifact(self, config: mc.ModelConfig, model_file: Path, version: int) -> tuple[bytes, Path | None]:
+    def _read_artifact(
+        self, config: mc.ModelConfig, vdir: Path, model_file: Path, version: int
+    ) -> tuple[bytes, Path | None]:
         """Read the model file once, refusing one that resolves outside the repository or whose digest is not the
         pinned one; return its bytes (the session is built from them, never from the path again, so the file
         cannot be swapped between the check and the load) and the directory its external tensors may come from
         (None when a digest is pinned: the pin covers this one file, so the model may have no other)."""
-        name, rel = config.name, model_file.relative_to(self.root)
+        # The repository, or the private directory of files sent with RepositoryModelLoad.
+        root = vdir.parent.parent.resolve()
+        name, rel = config.name, model_file.relative_to(vdir.parent.parent)
         key = next((k for k in (f"{SHA256_PARAMETER}:{version}", SHA256_PARAMETER) if k in config.parameters), None)
         expected = config.parameters[key].string_value.strip().lower() if key is not None else None
         if expected is not None and not _SHA256_HEX.fullmatch(expected):
             raise ModelLoadError(name, version, f"parameter '{key}' must be 64 hex digits, got {expected!r}")
         resolved = model_file.resolve()
-        if not resolved.is_relative_to(self.root):
+        if not resolved.is_relative_to(root):
             raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
         # O_NOFOLLOW: a symlink put in place of the file after resolve() is refused; O_NONBLOCK: a FIFO put there
         # cannot hang the loader (it is refused below as not a regular file).
@@ -631,7 +652,7 @@ class ModelRepository:
             # Check where the opened file really is (a directory above it could have become a symlink since).
             proc = Path(f"/proc/self/fd/{fd}")
             opened = Path(os.readlink(proc)) if proc.is_symlink() else resolved
-            if not opened.is_relative_to(self.root):
+            if not opened.is_relative_to(root):
                 raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ModelLoadError(name, version, f"{rel} is not a regular file")
@@ -663,8 +684,8 @@ class ModelRepository:
                 raise ModelLoadError(
                     config.name,
                     version,
-                    f"{model_file.relative_to(self.root)} keeps tensors in external data files, which its pinned "
-                    f"sha256 does not cover; not loading it (pin a model saved as one file)",
+                    f"{model_file.relative_to(model_file.parents[2])} keeps tensors in external data files, which "
+                    "its pinned sha256 does not cover; not loading it (pin a model saved as one file)",
                 ) from exc
             raise
 
@@ -674,18 +695,29 @@ class ModelRepository:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def load(self, name: str, config_override: str | None = None) -> None:
+    async def load(self, name: str, config_override: str | None = None, files: dict[str, bytes] | None = None) -> None:
         """Load or reload a model; unchanged versions keep serving, changed ones are swapped in atomically.
+
+        `files` (RepositoryModelLoad's "file:" parameters, with a `config_override`) are the whole model directory
+        to load from instead of the repository's, as in Triton; the model need not be in the repository. They are
+        written to a private temporary directory, removed once the load ends (what serves is in memory by then).
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case.
         """
-        model_dir = self._model_dir(name)  # validates the name before it can own a lock
+        staging: Path | None = None
+        if files is not None:
+            if not _NAME.match(name) or name in (".", ".."):
+                raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
+            staging = await asyncio.to_thread(_stage_files, name, files)
+            model_dir: Path | None = staging / name
+        else:
+            model_dir = self._model_dir(name)  # validates the name before it can own a lock
         if model_dir is None:
             raise ModelNotFoundError(name)
         # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
         # must not leave the model marked LOADING with the finished load thrown away.
-        task = asyncio.get_running_loop().create_task(self._load(name, model_dir, config_override))
+        task = asyncio.get_running_loop().create_task(self._load(name, model_dir, config_override, staging))
         self._loading.add(task)
         task.add_done_callback(self._load_done)
         await asyncio.shield(task)
@@ -695,7 +727,14 @@ class ModelRepository:
         if not task.cancelled():
             task.exception()  # already logged and recorded by _load; retrieved here for a caller that went away
 
-    async def _load(self, name: str, model_dir: Path, config_override: str | None) -> None:
+    async def _load(self, name: str, model_dir: Path, config_override: str | None, staging: Path | None = None) -> None:
+        try:
+            await self._load_locked(name, model_dir, config_override)
+        finally:
+            if staging is not None:
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _load_locked(self, name: str, model_dir: Path, config_override: str | None) -> None:
         async with self._lock(name):
             entry = self._entries.setdefault(name, _Entry(name))
             entry.attempted = _file_signature(model_dir)

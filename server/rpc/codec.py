@@ -372,18 +372,37 @@ def encode_repository_index(rows: Sequence[IndexRow]) -> pb.RepositoryIndexRespo
     return msg
 
 
+def load_files(msg: pb.RepositoryModelLoadRequest) -> dict[str, bytes] | None:
+    """RepositoryModelLoad's "file:<path>" parameters (tritonclient's `load_model(files=...)`): the model directory
+    to load from, path relative to it -> content. As in Triton they come with a "config". Each path must stay
+    inside the directory; None when there are none."""
+    files: dict[str, bytes] = {}
+    for key, param in msg.parameters.items():
+        if not key.startswith("file:"):
+            continue
+        path = key.removeprefix("file:")
+        parts = path.split("/")
+        if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path or "\0" in path:
+            raise InvalidRequestError(
+                msg.model_name, None, f"'{key}' is not a path inside the model directory (like 'file:1/model.onnx')"
+            )
+        if param.WhichOneof("parameter_choice") != "bytes_param":
+            raise InvalidRequestError(msg.model_name, None, f"'{key}' must carry the file's content as bytes_param")
+        files[path] = param.bytes_param
+    if not files:
+        return None
+    if "config" not in msg.parameters:
+        raise InvalidRequestError(
+            msg.model_name, None, "model files sent with RepositoryModelLoad need the 'config' parameter too"
+        )
+    return files
+
+
 def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
     """RepositoryModelLoad's optional "config" parameter: a ModelConfig in JSON, turned into text format.
 
-    Returns None when absent; "file:" overrides (model files sent in the request) are refused.
+    Returns None when absent.
     """
-    for key in msg.parameters:
-        if key.startswith("file:"):
-            raise InvalidRequestError(
-                msg.model_name,
-                None,
-                "loading model files sent in the request ('file:' parameters) is not supported",
-            )
     if "config" not in msg.parameters:
         return None
     text = msg.parameters["config"].string_param

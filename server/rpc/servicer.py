@@ -348,7 +348,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         self._require_control("RepositoryModelLoad")
-        await self._repository.load(request.model_name, codec.load_config_override(request))
+        files = codec.load_files(request)
+        await self._repository.load(request.model_name, codec.load_config_override(request), files)
         return pb.RepositoryModelLoadResponse()
 
     @errors.unary
