@@ -43,12 +43,13 @@ from benchmarks.harness import (  # noqa: E402
     tensorgate_cmd,
     write_report,
 )
-from benchmarks.inprocess import Provider, ort_rows_per_s, ort_session  # noqa: E402
+from benchmarks.inprocess import ort_rows_per_s, ort_session  # noqa: E402
 from tensorgate.server.backends.onnx import (  # noqa: E402
     CONV_ALGO_SEARCH,
     CPU,
     CUDA,
     DEFAULT_CONV_ALGO_SEARCH,
+    Provider,
 )
 
 _LOADED = re.compile(r"model '(\w+)' version \S+ loaded on (\w+)")

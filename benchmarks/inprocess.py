@@ -11,9 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.backends.onnx import CPU, preload_cuda_libraries, session_options
-
-Provider = str | tuple[str, dict[str, str]]
+from tensorgate.server.backends.onnx import CPU, Provider, preload_cuda_libraries, provider_name, session_options
 
 
 def ort_session(
@@ -25,7 +23,7 @@ def ort_session(
     opts = session_options(mc.ModelConfig(name="in-process"))
     if threads is not None:
         opts.intra_op_num_threads = threads
-    if any((p[0] if isinstance(p, tuple) else p) != CPU for p in providers):
+    if any(provider_name(p) != CPU for p in providers):
         preload_cuda_libraries()
     return ort.InferenceSession(str(model), opts, providers=list(providers))
 

@@ -92,11 +92,19 @@ def preload_cuda_libraries(preload: Callable[[], object] | None = None) -> None:
             log.log(level, "CUDA libraries: %s", line)
 
 
+Provider = str | tuple[str, dict[str, str]]
+"""An ONNX Runtime provider as InferenceSession takes it: its name, or its name and options."""
+
+
+def provider_name(provider: Provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderChoice:
     """The providers to ask ONNX Runtime for, and a warning to log when the request cannot be honoured."""
 
-    providers: list[str | tuple[str, dict[str, str]]]
+    providers: list[Provider]
     wants_gpu: bool
     warning: str | None = None
 
@@ -320,7 +328,7 @@ class OnnxBackend:
         # Ask onnxruntime only for providers this build has: it would warn about any other one on its own (a Python
         # UserWarning, an exception under `-W error`) before dropping it, and the read-back below says it once.
         built = set(ort.get_available_providers())
-        providers = [p for p in choice.providers if (p[0] if isinstance(p, tuple) else p) in built]
+        providers = [p for p in choice.providers if provider_name(p) in built]
         if CUDA in built and choice.wants_gpu:
             preload_cuda_libraries()
         fell_back = False
