@@ -721,3 +721,40 @@ def test_bench_sends_the_token_and_reports_only_its_name(client_token_server: Se
     (level,) = data["levels"]
     assert level["failed"] == {} and level["succeeded"] > 0
     assert level["server"]["requests"] == level["sent"]  # the token reached ModelStatistics too
+
+
+def test_an_ensemble_loaded_by_a_caller_loads_only_step_models_it_may_load(repo: Path, tmp_path: Path) -> None:
+    """Loading an ensemble loads its step models (as Triton does); a caller allowed the repository API on some
+    models only must not reach other models that way (it could upload an ensemble naming any of them)."""
+    policy = {
+        "rules": [{"identities": "deployer", "apis": ["repository", "inference", "metadata"], "models": ["dep-*"]}],
+        "tokens": [{"sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "identity": "deployer"}],
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    config = {
+        "platform": "ensemble",
+        "max_batch_size": 8,
+        "input": [{"name": n, "data_type": "TYPE_FP32", "dims": [16]} for n in ("INPUT0", "INPUT1")],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [16]}],
+        "ensemble_scheduling": {
+            "step": [
+                {
+                    "model_name": "add_sub",
+                    "model_version": -1,
+                    "input_map": {"INPUT0": "INPUT0", "INPUT1": "INPUT1"},
+                    "output_map": {"OUTPUT0": "OUTPUT0"},
+                }
+            ]
+        },
+    }
+    with ServerThread(repo, auth_policy=tmp_path / "policy.json", model_control_mode="explicit") as s:
+        c = tc.InferenceServerClient(s.address)
+        headers = {"authorization": f"Bearer {TOKEN}"}
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model("dep-ens", config=json.dumps(config), files={"file:1/.keep": b""}, headers=headers)
+            assert "step model 'add_sub' is not loaded, and the caller may not load it" in info.value.message()
+            assert not any(row.name == "add_sub" and row.state == "READY" for row in s.app.repository.states())
+            assert s.app.auth.denials[("deployer", "RepositoryModelLoad")] == 1
+        finally:
+            c.close()

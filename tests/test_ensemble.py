@@ -589,3 +589,34 @@ def test_a_step_without_model_version_is_served_as_the_latest(client: tc.Inferen
     """perf_analyzer reads the steps from ModelConfig and asks for version "0" when model_version is left out."""
     steps = client.get_model_config("diamond").config.ensemble_scheduling.step
     assert [s.model_version for s in steps] == [-1, -1, -1, -1]
+
+
+def test_an_ensemble_sent_with_its_files_keeps_them(tmp_path: Path) -> None:
+    """An ensemble loaded from files sent with RepositoryModelLoad reads its label file from them, and when it is
+    unloaded with its step model it is not replaced by the repository's own `pipeline` when the step returns."""
+    root = ensemble_repository(tmp_path / "models")
+    config = _json(
+        PIPELINE.replace(
+            'dims: [ 16 ] },\n         { name: "DIFF"',
+            'dims: [ 16 ] label_filename: "l.txt" },\n         { name: "DIFF"',
+        )
+    )
+    assert config["output"][0]["labelFilename"] == "l.txt"  # type: ignore[index]
+    labels = "".join(f"up{i}\n" for i in range(16)).encode()
+    with ServerThread(root, model_control_mode="explicit", load_model=["pipeline"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.load_model("pipeline", config=json.dumps(config), files={"file:1/.keep": b"", "file:l.txt": labels})
+            a = np.zeros((1, 16), np.float32)
+            a[0, 3] = 1.0
+            top = c.infer(
+                "pipeline", _inputs(a, np.zeros_like(a)), outputs=[tc.InferRequestedOutput("OUT_SCALED", class_count=1)]
+            )
+            assert top.as_numpy("OUT_SCALED").tolist() == [[b"2.000000:3:up3"]]
+            c.unload_model("scale2")
+            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            c.load_model("scale2")
+            time.sleep(1)  # a reload from the repository, were it to happen, would be done by now
+            assert _state(c, "pipeline") == ("UNAVAILABLE", "unloaded with its step model 'scale2'")
+        finally:
+            c.close()

@@ -9,6 +9,7 @@ per module and load their own model by name, so each case reads the status that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 import textwrap
@@ -839,3 +840,37 @@ def test_a_mistyped_load_model_stops_the_start(repo: Path) -> None:
 def test_negative_default_max_batch_size_is_refused(repo: Path) -> None:
     with pytest.raises(ValueError, match="default_max_batch_size"):
         ServerSettings(model_repository=repo, default_max_batch_size=-1)
+
+
+def test_files_staged_for_a_load_are_removed_whatever_happens(
+    explicit: ServerThread, explicit_client: grpcclient.InferenceServerClient, tmp_path: Path
+) -> None:
+    """A caller that goes away while its files are being written, a file the file system refuses, and a default
+    model file name that would leave the version directory: nothing stays behind in the temporary directory."""
+    staged_before = set(Path(tempfile.gettempdir()).glob("tensorgate-load-*"))
+    scale_model(tmp_path / "m" / "model.onnx", 2.0)
+    files = {"1/model.onnx": (tmp_path / "m" / "model.onnx").read_bytes()}
+    files.update({f"junk/{i // 100}/{i}": b"x" for i in range(3000)})
+
+    async def give_up_at_once() -> None:
+        task = asyncio.ensure_future(explicit.app.repository.load("big", "max_batch_size: 4\n", files))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(600):  # the load goes on in a task of its own: wait for it (bounded)
+            if not explicit.app.repository._loading:  # noqa: SLF001
+                return
+            await asyncio.sleep(0.05)
+
+    explicit.run(give_up_at_once())
+    assert explicit_client.is_model_ready("big")
+    assert set(Path(tempfile.gettempdir()).glob("tensorgate-load-*")) == staged_before
+
+    load = explicit_client.load_model
+    clash = {"file:1": b"a file", "file:1/model.onnx": files["1/model.onnx"]}
+    assert "cannot be written" in _error(grpc.StatusCode.INVALID_ARGUMENT, load, "clash", config="{}", files=clash)
+    outside = json.dumps({"default_model_filename": "../../../../etc/passwd"})
+    message = _error(grpc.StatusCode.UNAVAILABLE, load, "sneaky", config=outside, files={"file:1/x": b""})
+    assert "default_model_filename must be a file name" in message
+    assert set(Path(tempfile.gettempdir()).glob("tensorgate-load-*")) == staged_before

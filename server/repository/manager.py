@@ -7,6 +7,7 @@ a half-loaded model; versions that are replaced finish their in-flight requests 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -107,6 +108,8 @@ class _Entry:
     reason: str = ""
     attempted: str | None = None
     """Signature of the files last tried, so that polling does not retry an unchanged broken model."""
+    uploaded: bool = False
+    """Serving files sent with RepositoryModelLoad: nothing on disk to load it again from."""
 
 
 @dataclass(slots=True)
@@ -126,19 +129,27 @@ class _Prepared:
 UNLOADED = "unloaded"
 
 
-def _stage_files(name: str, files: dict[str, bytes]) -> Path:
-    """Write files sent with RepositoryModelLoad (paths checked by the codec) as <tmp>/<name>/<path>, readable by
-    this process only; returns <tmp>."""
-    staging = Path(tempfile.mkdtemp(prefix="tensorgate-load-"))
-    try:
-        for rel, data in files.items():
-            target = staging / name / rel
+def _write_files(name: str, model_dir: Path, files: dict[str, bytes]) -> None:
+    """Write files sent with RepositoryModelLoad (paths checked by the codec) under `model_dir`; a path the file
+    system refuses (too long, a file where a directory must be) is the caller's mistake."""
+    for rel, data in files.items():
+        target = model_dir / rel
+        try:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
+        except OSError as exc:
+            raise InvalidRequestError(name, None, f"'file:{rel}' cannot be written: {exc.strerror}") from exc
+
+
+def _label_signature(model_dir: Path, filename: str) -> str:
+    """A label file's part of a version's signature: only a file inside the model directory (anything else fails
+    the load, and must not be walked first)."""
+    path = model_dir / filename
+    try:
+        inside = path.resolve().is_relative_to(model_dir.resolve()) and path.is_file()
+    except OSError:
+        return ""
+    return _file_signature(path) if inside else ""
 
 
 def is_unloaded(reason: str) -> bool:
@@ -338,7 +349,7 @@ class ModelRepository:
         ready: dict[int, _Prepared | LoadedModel] = {}
         failed: dict[int, str] = {}
         # Files beside the versions that a version is built from (label files): an edit must reload it too.
-        shared = "".join(_file_signature(model_dir / o.label_filename) for o in base.output if o.label_filename)
+        shared = "".join(_label_signature(model_dir, o.label_filename) for o in base.output if o.label_filename)
         for v in wanted:
             if self._stopping.is_set():
                 break
@@ -350,7 +361,7 @@ class ModelRepository:
                 continue
             try:
                 if plan is not None:
-                    ready[v] = self._prepare_ensemble(base, plan, v, sig)
+                    ready[v] = self._prepare_ensemble(base, plan, model_dir, v, sig)
                 else:
                     ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
             except TensorgateError as exc:
@@ -366,7 +377,9 @@ class ModelRepository:
             raise ModelLoadError(name, None, "the server is stopping")
         return ready, failed
 
-    def _prepare_ensemble(self, base: mc.ModelConfig, plan: EnsemblePlan, version: int, sig: str) -> _Prepared:
+    def _prepare_ensemble(
+        self, base: mc.ModelConfig, plan: EnsemblePlan, model_dir: Path, version: int, sig: str
+    ) -> _Prepared:
         """An ensemble version: nothing to build; its steps are checked against the composing models on the loop
         (`_bind`), once those are loaded."""
         config = copy.deepcopy(base)
@@ -374,7 +387,7 @@ class ModelRepository:
             if step.model_version == 0:  # left out: served as Triton writes "the latest" (perf_analyzer reads it)
                 step.model_version = -1
         try:
-            schema = ModelSchema.from_config(config, labels=read_labels(config, self.root / config.name))
+            schema = ModelSchema.from_config(config, labels=read_labels(config, model_dir))
             policy = SchedulingPolicy.from_config(config)
         except InvalidConfigError as exc:
             raise ModelLoadError(config.name, version, exc.problem) from exc
@@ -433,7 +446,9 @@ class ModelRepository:
         finally:
             self._checking_ready.discard(name)
 
-    async def _bind(self, name: str, ready: dict[int, _Prepared | LoadedModel]) -> None:
+    async def _bind(
+        self, name: str, ready: dict[int, _Prepared | LoadedModel], may_load: Callable[[str], bool] | None = None
+    ) -> None:
         """Check new ensemble versions against their composing models, loading those not loaded yet (Triton loads
         an ensemble's composing models with it) and waiting for those being loaded."""
         # Versions kept from the last load count too: loading an ensemble again brings back unloaded steps.
@@ -449,6 +464,11 @@ class ModelRepository:
                 self._dependents.setdefault(model, set()).add(name)
                 entry = self._entries.get(model)
                 if entry is None or is_unloaded(entry.reason):
+                    if may_load is not None and not may_load(model):
+                        # The caller may not load it: its ensemble must not do so on its behalf (denied and logged).
+                        raise ModelLoadError(
+                            name, None, f"step model '{model}' is not loaded, and the caller may not load it"
+                        )
                     try:
                         await self.load(model)
                     except TensorgateError:
@@ -490,6 +510,8 @@ class ModelRepository:
         if entry is None or entry.reason == UNLOADED or entry.state == LOADING:
             return  # a load in progress binds against what is served when it gets there
         if not entry.versions:
+            if entry.uploaded:
+                return  # its files were sent with a load: the repository's, if any, are another model
             try:
                 await self.load(name)
             except TensorgateError:
@@ -538,7 +560,11 @@ class ModelRepository:
             return self._prepare_remote(config, mbs_given, vdir.parent, version, sig, started)
         if not config.instance_group:
             config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
-        model_file = vdir / (config.default_model_filename or "model.onnx")
+        filename = config.default_model_filename or "model.onnx"
+        if "/" in filename or "\\" in filename or filename in (".", ".."):
+            # Checked before the file is looked for: whether a path outside exists is none of the caller's business.
+            raise ModelLoadError(name, version, f"default_model_filename must be a file name, got {filename!r}")
+        model_file = vdir / filename
         if not model_file.is_file():
             raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
         model_bytes, external_data = self._read_artifact(config, vdir, model_file, version)
@@ -695,29 +721,35 @@ class ModelRepository:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def load(self, name: str, config_override: str | None = None, files: dict[str, bytes] | None = None) -> None:
+    async def load(
+        self,
+        name: str,
+        config_override: str | None = None,
+        files: dict[str, bytes] | None = None,
+        may_load: Callable[[str], bool] | None = None,
+    ) -> None:
         """Load or reload a model; unchanged versions keep serving, changed ones are swapped in atomically.
 
         `files` (RepositoryModelLoad's "file:" parameters, with a `config_override`) are the whole model directory
         to load from instead of the repository's, as in Triton; the model need not be in the repository. They are
         written to a private temporary directory, removed once the load ends (what serves is in memory by then).
+        `may_load` says whether the caller may load another model: an ensemble loads its step models only if so.
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case.
         """
-        staging: Path | None = None
         if files is not None:
             if not _NAME.match(name) or name in (".", ".."):
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
-            staging = await asyncio.to_thread(_stage_files, name, files)
-            model_dir: Path | None = staging / name
+            job = self._load_files(name, files, config_override, may_load)
         else:
             model_dir = self._model_dir(name)  # validates the name before it can own a lock
-        if model_dir is None:
-            raise ModelNotFoundError(name)
+            if model_dir is None:
+                raise ModelNotFoundError(name)
+            job = self._load(name, model_dir, config_override, may_load)
         # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
-        # must not leave the model marked LOADING with the finished load thrown away.
-        task = asyncio.get_running_loop().create_task(self._load(name, model_dir, config_override, staging))
+        # must not leave the model marked LOADING with the finished load thrown away (nor files staged for it).
+        task = asyncio.get_running_loop().create_task(job)
         self._loading.add(task)
         task.add_done_callback(self._load_done)
         await asyncio.shield(task)
@@ -727,22 +759,41 @@ class ModelRepository:
         if not task.cancelled():
             task.exception()  # already logged and recorded by _load; retrieved here for a caller that went away
 
-    async def _load(self, name: str, model_dir: Path, config_override: str | None, staging: Path | None = None) -> None:
+    async def _load_files(
+        self,
+        name: str,
+        files: dict[str, bytes],
+        config_override: str | None,
+        may_load: Callable[[str], bool] | None,
+    ) -> None:
+        staging = Path(tempfile.mkdtemp(prefix="tensorgate-load-"))
+        writing = asyncio.ensure_future(asyncio.to_thread(_write_files, name, staging / name, files))
         try:
-            await self._load_locked(name, model_dir, config_override)
+            await asyncio.shield(writing)
+            await self._load(name, staging / name, config_override, may_load, uploaded=True)
         finally:
-            if staging is not None:
-                await asyncio.to_thread(shutil.rmtree, staging, True)
+            with contextlib.suppress(BaseException):  # a write cut short by a stop finishes before the files go
+                await asyncio.shield(writing)
+            await asyncio.to_thread(shutil.rmtree, staging, True)
 
-    async def _load_locked(self, name: str, model_dir: Path, config_override: str | None) -> None:
+    async def _load(
+        self,
+        name: str,
+        model_dir: Path,
+        config_override: str | None,
+        may_load: Callable[[str], bool] | None = None,
+        uploaded: bool = False,
+    ) -> None:
         async with self._lock(name):
             entry = self._entries.setdefault(name, _Entry(name))
             entry.attempted = _file_signature(model_dir)
             if not entry.versions:
                 entry.state = LOADING
             try:
-                ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, entry.versions)
-                await self._bind(name, ready)
+                # Uploaded files are new files whatever their names and times: no version is kept as unchanged.
+                reuse = {} if uploaded or entry.uploaded else entry.versions
+                ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, reuse)
+                await self._bind(name, ready, may_load)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
                     reason = _reason(exc)
@@ -795,7 +846,7 @@ class ModelRepository:
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             entry.versions, entry.failed = new_versions, failed
-            entry.state, entry.reason = READY, ""
+            entry.state, entry.reason, entry.uploaded = READY, "", uploaded
             log.info("model '%s' ready (versions %s)", name, sorted(new_versions))
             for old in retired:
                 self._retire(old)

@@ -331,6 +331,16 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- repository --------------------------------------------------------------------------------------
 
+    def _may_load(self, model: str) -> bool:
+        """Whether the caller may load `model` (a step of an ensemble it loads); a denial is logged and counted."""
+        if not self.auth.enabled:
+            return True
+        try:
+            self.auth.check("RepositoryModelLoad", model)
+        except TensorgateError:
+            return False
+        return True
+
     def _require_control(self, rpc: str) -> None:
         if self._model_control != "explicit":
             raise ServerUnavailableError(
@@ -349,7 +359,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         self._require_control("RepositoryModelLoad")
         files = codec.load_files(request)
-        await self._repository.load(request.model_name, codec.load_config_override(request), files)
+        await self._repository.load(
+            request.model_name, codec.load_config_override(request), files, may_load=self._may_load
+        )
         return pb.RepositoryModelLoadResponse()
 
     @errors.unary
