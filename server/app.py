@@ -164,6 +164,7 @@ class TensorgateServer:
                 auth=self.auth,
                 loop=asyncio.get_running_loop(),
                 tracing=self.tracing,
+                cache=self._handler.cache,
             )
         servicer = InferenceServicer(
             self.repository,

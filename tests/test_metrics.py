@@ -408,8 +408,13 @@ def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThr
     scraped = families_of(scrape_text(metrics_url(served)))
     listed = {line.split("`")[1] for line in _readme_table().splitlines()[2:]}
     gpu = set(GPU_FAMILIES)  # present only where NVML reads a GPU; their format is tested with readings above
-    traced = {"tensorgate_trace_spans_dropped_total"}  # only with tracing on: tests/test_tracing.py scrapes it
-    assert listed == scraped.keys() | gpu | traced
+    # Only with tracing on (tests/test_tracing.py scrapes it) or the response cache (tests/test_response_cache.py).
+    optional = {
+        "tensorgate_trace_spans_dropped_total",
+        "tensorgate_response_cache_bytes",
+        "tensorgate_response_cache_evictions_total",
+    }
+    assert listed == scraped.keys() | gpu | optional
     specs = {s.name: s for s in reference()}
     for name, (kind, samples) in scraped.items():
         assert kind == specs[name].type, name

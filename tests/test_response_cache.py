@@ -92,6 +92,10 @@ def test_a_repeated_request_is_answered_without_running_the_model(served: Server
     key = {("model", "cached"), ("version", "1")}
     assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "hit")}))] == 2
     assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "miss")}))] == 5
+    # Five answers kept, nothing evicted: both [2, 16] FP32 outputs twice (2 x 256 bytes), both [1, 16] outputs
+    # (128), and one [2, 16] output twice (2 x 128).
+    assert samples[("tensorgate_response_cache_bytes", frozenset())] == 896
+    assert samples[("tensorgate_response_cache_evictions_total", frozenset())] == 0
 
 
 def test_without_a_server_cache_the_setting_does_nothing(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from tensorgate.server.telemetry.statistics import Histogram
 
 if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
+    from tensorgate.server.pipeline.cache import ResponseCache
     from tensorgate.server.repository.manager import ModelRepository
     from tensorgate.server.rpc.drain import DrainGate
     from tensorgate.server.telemetry.tracing import Tracing
@@ -123,6 +124,8 @@ class Snapshot:
     denials: dict[tuple[str, str], int]
     spans_dropped: int | None = None
     """Spans the exporter process could not take (None: tracing off, or through an injected provider)."""
+    cache: tuple[int, int] | None = None
+    """The response cache's bytes held and evictions (None: no cache)."""
 
 
 def _state_name(state: str, reason: str) -> str:
@@ -235,6 +238,18 @@ SPANS_DROPPED = FamilySpec(
     (),
     "Finished spans dropped because the span exporter process was behind or not running (tracing on only)",
 )
+CACHE_BYTES = FamilySpec(
+    "tensorgate_response_cache_bytes",
+    "gauge",
+    (),
+    "Bytes of answers held by the response cache, out of --response-cache-bytes (with the cache on only)",
+)
+CACHE_EVICTIONS = FamilySpec(
+    "tensorgate_response_cache_evictions_total",
+    "counter",
+    (),
+    "Answers the response cache dropped to make room (with the cache on only): many, and the cache is too small",
+)
 SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -243,6 +258,8 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     BATCH_SIZE,
     QUEUE_DEPTH,
     CACHE_LOOKUPS,
+    CACHE_BYTES,
+    CACHE_EVICTIONS,
     IN_FLIGHT,
     MODEL_STATE,
     LOAD_DURATION,
@@ -370,6 +387,12 @@ class _ServerCollector(Collector):
             dropped = SPANS_DROPPED.family()
             dropped.add_metric([], snap.spans_dropped)
             yield dropped
+        if snap.cache is not None:
+            held, evictions = CACHE_BYTES.family(), CACHE_EVICTIONS.family()
+            held.add_metric([], snap.cache[0])
+            evictions.add_metric([], snap.cache[1])
+            yield held
+            yield evictions
 
 
 class Metrics:
@@ -386,9 +409,11 @@ class Metrics:
         auth: Authorizer,
         loop: asyncio.AbstractEventLoop,
         tracing: Tracing | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.registry = registry
         self._tracing = tracing
+        self._cache = cache
         self.requests = RequestCounts(repository)
         self._repository = repository
         self._gate = gate
@@ -434,6 +459,7 @@ class Metrics:
             in_flight=self._gate.in_flight,
             denials=dict(self._auth.denials),
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,
+            cache=None if self._cache is None else (self._cache.used, self._cache.evictions),
         )
 
 
