@@ -8,7 +8,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from opentelemetry import trace
@@ -120,19 +121,7 @@ class InferenceHandler:
                 return response
             lookup_ns = time.perf_counter_ns() - lookup
         try:
-            scheduler = model.scheduler
-            if scheduler is not None:
-                results, times = await scheduler.submit(
-                    inputs,
-                    outputs,
-                    rows,
-                    req.deadline,
-                    priority=priority,
-                    timeout_us=timeout_us,
-                    span=None if span is None else Tracing.context_of(span),
-                )
-            else:
-                results, times = await self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
+            results, times = await self._execute(model, inputs, outputs, rows, req, priority, timeout_us, span)
             response = self._respond(model, version, req, outputs, results)
         except BaseException:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
@@ -210,6 +199,32 @@ class InferenceHandler:
             out.extend(self._signatures(self._repository.get(name, version)))
         return out
 
+    def _execute(
+        self,
+        model: LoadedModel,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str],
+        rows: int,
+        req: InferRequest,
+        priority: int | None,
+        timeout_us: int | None,
+        span: trace.Span | None,
+    ) -> Coroutine[Any, Any, tuple[dict[str, np.ndarray], ExecutionTimes]]:
+        """Validated inputs through the model's scheduler, or an ensemble's steps (for a request or a step). It
+        hands back the coroutine to await, adding no frame to the request path."""
+        scheduler = model.scheduler
+        if scheduler is None:
+            return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
+        return scheduler.submit(
+            inputs,
+            outputs,
+            rows,
+            req.deadline,
+            priority=priority,
+            timeout_us=timeout_us,
+            span=None if span is None else Tracing.context_of(span),
+        )
+
     async def _run_ensemble(
         self,
         model: LoadedModel,
@@ -228,7 +243,6 @@ class InferenceHandler:
         assert plan is not None
         spent = [0, 0, 0, 0]
         traced = span is not None and span.is_recording()
-        context = None if span is None else Tracing.context_of(span)
         # Every step's model, found and held once, when the request starts (as Triton does): an unload or a version
         # swap while it runs must neither fail a later step nor mix versions within one request.
         models = {key: self._repository.get(*key) for key in plan.models}
@@ -253,21 +267,9 @@ class InferenceHandler:
                 step_inputs, step_rows, step_outputs = validate_request(composing.schema, sub, version)
                 started = time.perf_counter_ns()
                 try:
-                    scheduler = composing.scheduler
-                    if scheduler is not None:
-                        results, times = await scheduler.submit(
-                            step_inputs,
-                            step_outputs,
-                            step_rows,
-                            req.deadline,
-                            priority=priority,
-                            timeout_us=timeout_us,
-                            span=context,
-                        )
-                    else:  # an ensemble inside the ensemble
-                        results, times = await self._run_ensemble(
-                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
-                        )
+                    results, times = await self._execute(
+                        composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
+                    )
                 except BaseException:
                     composing.stats.record_failure(time.perf_counter_ns() - started)
                     raise

@@ -403,14 +403,22 @@ class ModelRepository:
         entry = self._entries.get(name)
         if entry is not None and entry.versions:
             return next(iter(entry.versions.values())).plan
+        config = self._config_on_disk(name)
+        try:
+            return plan_of(config) if config is not None and is_ensemble(config) else None
+        except TensorgateError:
+            return None  # its own load says what is wrong with it
+
+    def _config_on_disk(self, name: str) -> mc.ModelConfig | None:
+        """A model's config.pbtxt as the repository holds it; None when it has none, or one that cannot be read
+        (its own load says why)."""
         model_dir = self._model_dir(name, must_exist=False)
         if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
             return None
         try:
-            config = read_config(model_dir)[0]
-            return plan_of(config) if is_ensemble(config) else None
+            return read_config(model_dir)[0]
         except TensorgateError:
-            return None  # its own load says what is wrong with it
+            return None
 
     def _check_no_cycle(self, name: str, plan: EnsemblePlan) -> None:
         """Refuse an ensemble that reaches itself through composing ensembles, as loaded, being loaded (a config
@@ -897,22 +905,12 @@ class ModelRepository:
         await asyncio.gather(*(one(n) for n in names if n in ensembles))
 
     def _is_ensemble(self, name: str) -> bool:
-        model_dir = self._model_dir(name, must_exist=False)
-        if model_dir is None or not (model_dir / CONFIG_FILE).is_file():
-            return False
-        try:
-            return is_ensemble(read_config(model_dir)[0])
-        except TensorgateError:
-            return False
+        config = self._config_on_disk(name)
+        return config is not None and is_ensemble(config)
 
     def _is_remote(self, name: str) -> bool:
-        model_dir = self._model_dir(name, must_exist=False)
-        if model_dir is None or not model_dir.is_dir():
-            return False
-        try:
-            return read_config(model_dir)[0].backend == TRITON_BACKEND
-        except TensorgateError:
-            return False
+        config = self._config_on_disk(name)
+        return config is not None and config.backend == TRITON_BACKEND
 
     async def retry_remote(self) -> list[str]:
         """Load again the remote models that failed and serve nothing (e.g. their upstream Triton was down when
