@@ -25,6 +25,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.pipeline.classify import top_k
 from tests.onnx_models import identity_model, write_config
 from tests.serving import ServerThread
+from tests.test_infer import triton_inputs
 
 LABELS = "cat\ndog\r\n\nbird\n"  # a CRLF line, an empty label (index 2) and a final newline
 ANIMALS_CONFIG = """
@@ -37,8 +38,7 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 5 ] label_filename: "lab
 
 
 def _fp32_input(x: np.ndarray) -> tc.InferInput:
-    inp = tc.InferInput("INPUT0", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
+    (inp,) = triton_inputs({"INPUT0": x})
     return inp
 
 

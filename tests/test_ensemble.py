@@ -11,7 +11,7 @@ import json
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -28,6 +28,8 @@ from tensorgate.server.repository.config import parse_config
 from tensorgate.server.repository.ensemble import Step, plan_of
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, busy_model, scale_model, write_config
 from tests.serving import ServerThread
+from tests.test_infer import triton_inputs
+from tests.test_poll import wait_for
 
 # A chain: OUT_SCALED = 2 * (A + B), DIFF = A - B. The steps are listed out of order on purpose.
 PIPELINE = """
@@ -113,12 +115,7 @@ def client(served: ServerThread) -> Iterator[tc.InferenceServerClient]:
 
 
 def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
-    out = []
-    for name, x in (("A", a), ("B", b)):
-        inp = tc.InferInput(name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        out.append(inp)
-    return out
+    return triton_inputs({"A": a, "B": b})
 
 
 def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +230,7 @@ def test_explicit_mode_loads_the_composing_models_with_the_ensemble(tmp_path: Pa
             c.unload_model("scale2")
             # The ensemble cannot run without its step: it is unloaded with it, the index says why, a request says
             # which model is missing, and the server stays ready (an unload on purpose is no failure).
-            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            wait_for("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
             assert _state(c, "pipeline")[1] == "unloaded with its step model 'scale2'"
             assert not c.is_model_ready("pipeline") and c.is_server_ready()
             with pytest.raises(InferenceServerException) as info:
@@ -241,9 +238,9 @@ def test_explicit_mode_loads_the_composing_models_with_the_ensemble(tmp_path: Pa
             assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE)
             assert "'scale2'" in info.value.message()
             c.load_model("scale2")  # the ensemble comes back with its step model
-            _wait("the ensemble to return", lambda: _state(c, "pipeline")[0] == "READY")
+            wait_for("the ensemble to return", lambda: _state(c, "pipeline")[0] == "READY")
             c.unload_model("scale2")
-            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            wait_for("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
             c.load_model("pipeline")  # loads scale2 again, as Triton does
             assert c.is_model_ready("scale2") and c.is_model_ready("pipeline")
             a, b = _rows(1, 5)
@@ -427,15 +424,6 @@ def test_an_ensemble_output_classifies_with_the_labels_of_the_step_that_writes_i
 # ----- composing models that change under a served ensemble ---------------------------------------------------
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _state(client: tc.InferenceServerClient, model: str) -> tuple[str, str]:
     rows = [(m.state, m.reason) for m in client.get_model_repository_index().models if m.name == model]
     return rows[0] if rows else ("", "")
@@ -454,7 +442,7 @@ def test_an_ensemble_follows_its_step_models_as_they_load_and_change(tmp_path: P
             assert _state(c, "scale2")[0] == "UNAVAILABLE" and _state(c, "pipeline")[0] == "UNAVAILABLE"
             assert not c.is_server_ready()
             write_config(root, "scale2", _scale_config("scale2"))
-            _wait("the ensemble to load", lambda: _state(c, "pipeline")[0] == "READY")
+            wait_for("the ensemble to load", lambda: _state(c, "pipeline")[0] == "READY")
             a, b = _rows(1, 7)
             np.testing.assert_allclose(
                 c.infer("pipeline", _inputs(a, b)).as_numpy("OUT_SCALED"), 2 * (a + b), rtol=1e-6
@@ -465,7 +453,7 @@ def test_an_ensemble_follows_its_step_models_as_they_load_and_change(tmp_path: P
             (root / "scale2" / "2").mkdir()
             (tmp_path / "narrow" / "model.onnx").rename(root / "scale2" / "2" / "model.onnx")
             write_config(root, "scale2", _scale_config("scale2").replace("[ 16 ]", "[ 8 ]"))
-            _wait("the ensemble to stop", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            wait_for("the ensemble to stop", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
             reason = _state(c, "pipeline")[1]
             assert "a step's model changed" in reason and "[-1, 8] in model 'scale2'" in reason, reason
             with pytest.raises(InferenceServerException) as info:
@@ -511,12 +499,12 @@ def test_an_ensemble_request_keeps_its_step_models_until_it_ends(tmp_path: Path)
                 done.set()
 
             c.async_infer("slow", [inp], callback=answered)
-            _wait("the first step to run", lambda: s.app.repository.get("busy", "").scheduler._running > 0)  # noqa: SLF001
+            wait_for("the first step to run", lambda: s.app.repository.get("busy", "").scheduler._running > 0)  # noqa: SLF001
             c.unload_model("scale")
             assert done.wait(30)
             assert isinstance(answers[0], tc.InferResult), answers[0]
             np.testing.assert_array_equal(answers[0].as_numpy("Y"), 6 * x)
-            _wait("scale to be gone", lambda: not c.is_model_ready("scale"))
+            wait_for("scale to be gone", lambda: not c.is_model_ready("scale"))
             assert not c.is_model_ready("slow")
         finally:
             c.close()
@@ -550,9 +538,7 @@ def test_configs_given_at_load_cannot_make_a_cycle(tmp_path: Path) -> None:
             with pytest.raises(InferenceServerException, match="ensemble steps form a cycle: e2 -> e1 -> e2"):
                 c.load_model("e2", config=json.dumps(_json(_add_sub_ensemble("e2", "e1"))))
             a, b = _rows(1, 8)
-            ins = [tc.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
-            ins[0].set_data_from_numpy(a)
-            ins[1].set_data_from_numpy(b)
+            ins = triton_inputs({"INPUT0": a, "INPUT1": b})
             np.testing.assert_allclose(c.infer("e1", ins).as_numpy("OUTPUT0"), a + b, rtol=1e-6)
             assert c.is_server_ready()
 
@@ -614,7 +600,7 @@ def test_an_ensemble_sent_with_its_files_keeps_them(tmp_path: Path) -> None:
             )
             assert top.as_numpy("OUT_SCALED").tolist() == [[b"2.000000:3:up3"]]
             c.unload_model("scale2")
-            _wait("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            wait_for("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
             c.load_model("scale2")
             time.sleep(1)  # a reload from the repository, were it to happen, would be done by now
             assert _state(c, "pipeline") == ("UNAVAILABLE", "unloaded with its step model 'scale2'")

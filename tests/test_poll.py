@@ -29,7 +29,7 @@ WAIT_S = 20.0
 ROW = np.ones((1, 4), dtype=np.float32)
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
+def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -117,7 +117,7 @@ class Traffic:
 
     def __enter__(self) -> Traffic:
         self._thread.start()
-        _wait_for("the first answer", lambda: self.count() > 0)
+        wait_for("the first answer", lambda: self.count() > 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -155,22 +155,22 @@ def test_new_version_swaps_in_without_failing_requests(
         assert traffic.factor() == 1.0
 
         _place(_stage_version(tmp_path, 2.0), model_dir / "2")
-        _wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
+        wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
         assert _factor(client, "scale") == 2.0
         assert _factor(client, "scale", "2") == 2.0
         assert _status(lambda: _infer(client, "scale", "1")) == str(grpc.StatusCode.NOT_FOUND)  # latest 1
 
         # Rolling back: take version 2 away again and version 1 is served once more.
         _place(model_dir / "2", tmp_path / "retired-2")
-        _wait_for("version 1 to answer again", lambda: traffic.factor() == 1.0)
+        wait_for("version 1 to answer again", lambda: traffic.factor() == 1.0)
         swapped_back_at = traffic.count()
 
         # Removing a version that is not served changes nothing for callers.
         _place(_stage_version(tmp_path, 3.0), model_dir / "3")
-        _wait_for("version 3 to answer", lambda: traffic.factor() == 3.0)
+        wait_for("version 3 to answer", lambda: traffic.factor() == 3.0)
         _place(model_dir / "1", tmp_path / "retired-1")
-        _wait_for("more requests", lambda: traffic.count() > swapped_back_at + 20)
-        _wait_for("an index without version 1", lambda: _versions(client, "scale") == ["3"])
+        wait_for("more requests", lambda: traffic.count() > swapped_back_at + 20)
+        wait_for("an index without version 1", lambda: _versions(client, "scale") == ["3"])
         assert traffic.factor() == 3.0
 
     assert traffic.count() > 0
@@ -188,7 +188,7 @@ def test_broken_new_version_leaves_the_old_one_serving(
         staged.mkdir()
         (staged / "model.onnx").write_bytes(b"this is not an onnx model")
         _place(staged, repo / "scale" / "2")
-        _wait_for("the index to give the reason", lambda: "onnxruntime could not load model.onnx" in reason())
+        wait_for("the index to give the reason", lambda: "onnxruntime could not load model.onnx" in reason())
         assert "still serving the previous versions" in reason()
         assert str(tmp_path) not in reason()  # the server's paths stay in its log
         assert _factor(client, "scale") == 1.0
@@ -196,7 +196,7 @@ def test_broken_new_version_leaves_the_old_one_serving(
         _place(_stage_version(tmp_path, 2.0), tmp_path / "good-2")
         shutil.rmtree(repo / "scale" / "2")
         _place(tmp_path / "good-2", repo / "scale" / "2")
-        _wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
+        wait_for("version 2 to answer", lambda: traffic.factor() == 2.0)
         assert reason() == ""
     assert traffic.failures == []
 
@@ -212,11 +212,11 @@ def test_model_directories_appearing_and_disappearing(
     staged = tmp_path / "late"
     identity_model(staged / "1" / "model.onnx", "FP32")
     _place(staged, repo / "late")
-    _wait_for("the new model to be ready", lambda: client.is_model_ready("late"))
+    wait_for("the new model to be ready", lambda: client.is_model_ready("late"))
     np.testing.assert_array_equal(_infer(client, "late"), ROW)
 
     _place(repo / "late", tmp_path / "gone")
-    _wait_for("the removed model to stop serving", lambda: not client.is_model_ready("late"))
+    wait_for("the removed model to stop serving", lambda: not client.is_model_ready("late"))
     assert _status(lambda: _infer(client, "late")) == str(grpc.StatusCode.NOT_FOUND)
     assert "late" not in {m.name for m in client.get_model_repository_index().models}
     assert _factor(client, "scale") == 1.0  # the other model was never touched
@@ -228,11 +228,11 @@ def test_changed_config_reloads_without_failing_requests(
     assert client.get_model_config("scale").config.max_batch_size == 4  # auto-completed default
     with Traffic(server.address, "scale") as traffic:
         _place(_stage_config(tmp_path, "max_batch_size: 2\n"), repo / "scale" / "config.pbtxt")
-        _wait_for("max_batch_size 2", lambda: client.get_model_config("scale").config.max_batch_size == 2)
+        wait_for("max_batch_size 2", lambda: client.get_model_config("scale").config.max_batch_size == 2)
         _place(_stage_config(tmp_path, "max_batch_size: 3\n"), repo / "scale" / "config.pbtxt")
-        _wait_for("max_batch_size 3", lambda: client.get_model_config("scale").config.max_batch_size == 3)
+        wait_for("max_batch_size 3", lambda: client.get_model_config("scale").config.max_batch_size == 3)
         before = traffic.count()
-        _wait_for("more requests", lambda: traffic.count() > before + 20)
+        wait_for("more requests", lambda: traffic.count() > before + 20)
     assert traffic.failures == []
 
 
@@ -250,7 +250,7 @@ def test_broken_config_keeps_the_old_version_serving(
 
     with Traffic(server.address, "scale") as traffic:
         _place(_stage_config(tmp_path, "max_batch_size: [ 2\n"), repo / "scale" / "config.pbtxt")
-        _wait_for("the index to give the reason", lambda: "config.pbtxt line 1" in reason())
+        wait_for("the index to give the reason", lambda: "config.pbtxt line 1" in reason())
         assert "still serving the previous versions" in reason()
         assert any("config.pbtxt line 1" in r.getMessage() for r in caplog.records)
         assert client.is_model_ready("scale")
@@ -258,7 +258,7 @@ def test_broken_config_keeps_the_old_version_serving(
         assert _factor(client, "scale") == 1.0
 
         _place(_stage_config(tmp_path, "max_batch_size: 2\n"), repo / "scale" / "config.pbtxt")
-        _wait_for("the fixed config", lambda: client.get_model_config("scale").config.max_batch_size == 2)
+        wait_for("the fixed config", lambda: client.get_model_config("scale").config.max_batch_size == 2)
         assert reason() == ""
     assert traffic.failures == []
 
@@ -275,11 +275,11 @@ def test_broken_new_model_is_unavailable_until_fixed(
         rows = [m for m in client.get_model_repository_index().models if m.name == "fresh"]
         return rows[0].reason if rows and rows[0].state == "UNAVAILABLE" else ""
 
-    _wait_for("the failure in the index", lambda: "unsupported backend 'python'" in failure())
+    wait_for("the failure in the index", lambda: "unsupported backend 'python'" in failure())
     assert _status(lambda: _infer(client, "fresh")) == str(grpc.StatusCode.UNAVAILABLE)
     assert not client.is_server_ready()
     _place(_stage_config(tmp_path, 'backend: "onnxruntime"\n'), repo / "fresh" / "config.pbtxt")
-    _wait_for("the fixed model", lambda: client.is_model_ready("fresh"))
+    wait_for("the fixed model", lambda: client.is_model_ready("fresh"))
     assert client.is_server_ready()
 
 
@@ -304,7 +304,7 @@ def test_removing_the_whole_repository_content_unloads(
     client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
 ) -> None:
     shutil.move(str(repo / "scale"), str(tmp_path / "scale-gone"))
-    _wait_for("the model to go", lambda: not client.is_model_ready("scale"))
+    wait_for("the model to go", lambda: not client.is_model_ready("scale"))
     assert _status(lambda: _infer(client, "scale")) == str(grpc.StatusCode.NOT_FOUND)
     assert client.get_model_repository_index().models == []
     assert client.is_server_ready()
@@ -328,7 +328,7 @@ def test_a_broken_version_of_a_multi_version_model_retires_no_served_version(tmp
             staged.mkdir()
             (staged / "model.onnx").write_bytes(b"this is not an onnx model")
             _place(staged, root / "scale" / "3")
-            _wait_for("version 3 to fail", lambda: index().get("3", ("", ""))[0] == "UNAVAILABLE")
+            wait_for("version 3 to fail", lambda: index().get("3", ("", ""))[0] == "UNAVAILABLE")
             assert "onnxruntime could not load model.onnx" in index()["3"][1]
             assert index()["1"][0] == index()["2"][0] == "READY"
             assert "still serving the previous versions" in index()["1"][1]
@@ -339,13 +339,13 @@ def test_a_broken_version_of_a_multi_version_model_retires_no_served_version(tmp
             shutil.rmtree(root / "scale" / "3")
             (tmp_path / "corrupt-2").write_bytes(b"this is not an onnx model either")
             _place(tmp_path / "corrupt-2", root / "scale" / "2" / "model.onnx")
-            _wait_for("the reload to fail", lambda: "3" not in index() and "could not load" in index()["2"][1])
+            wait_for("the reload to fail", lambda: "3" not in index() and "could not load" in index()["2"][1])
             assert index()["2"][0] == "READY"  # still the session it loaded before the file broke
             assert (_factor(c, "scale", "1"), _factor(c, "scale", "2"), _factor(c, "scale")) == (1.0, 2.0, 2.0)
 
             _place(_stage_version(tmp_path, 3.0), root / "scale" / "3")
             _place(_stage_version(tmp_path, 2.5) / "model.onnx", root / "scale" / "2" / "model.onnx")
-            _wait_for("versions 2 and 3", lambda: sorted(index()) == ["2", "3"])
+            wait_for("versions 2 and 3", lambda: sorted(index()) == ["2", "3"])
             assert (_factor(c, "scale", "2"), _factor(c, "scale", "3")) == (2.5, 3.0)
             assert all(state == "READY" and reason == "" for state, reason in index().values())
         finally:

@@ -18,17 +18,13 @@ from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_
 from tests.scraping import scrape
 from tests.serving import ServerThread
 from tests.test_ensemble import ensemble_repository
+from tests.test_infer import triton_inputs
 
 CACHED = 'name: "cached"\n' + ADD_SUB_CONFIG + "response_cache { enable: true }\n"
 
 
 def _inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
-    out = []
-    for name, x in (("INPUT0", a), ("INPUT1", b)):
-        inp = tc.InferInput(name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        out.append(inp)
-    return out
+    return triton_inputs({"INPUT0": a, "INPUT1": b})
 
 
 def _stats(client: tc.InferenceServerClient, model: str) -> dict[str, int]:
@@ -164,11 +160,7 @@ def test_an_ensemble_answers_from_the_cache_without_running_its_steps(tmp_path: 
         c = tc.InferenceServerClient(s.address)
         try:
             a = np.arange(16, dtype=np.float32).reshape(1, 16)
-            inputs = []
-            for name in ("A", "B"):
-                inp = tc.InferInput(name, [1, 16], "FP32")
-                inp.set_data_from_numpy(a)
-                inputs.append(inp)
+            inputs = triton_inputs({"A": a, "B": a})
             for _ in range(3):
                 np.testing.assert_array_equal(c.infer("pipeline", inputs).as_numpy("OUT_SCALED"), 4 * a)
             assert _stats(c, "pipeline")["hit"] == 2
@@ -198,11 +190,7 @@ response_cache { enable: true }
         c = tc.InferenceServerClient(s.address)
         try:
             a = np.ones((1, 16), np.float32)
-            ins = []
-            for name in ("A", "B"):
-                inp = tc.InferInput(name, [1, 16], "FP32")
-                inp.set_data_from_numpy(a)
-                ins.append(inp)
+            ins = triton_inputs({"A": a, "B": a})
             assert c.infer("outer", ins).as_numpy("OUT").tolist() == [[4.0] * 16]
             scale_model(tmp_path / "x10" / "model.onnx", 10.0, width=16)
             shutil.move(str(tmp_path / "x10" / "model.onnx"), str(root / "scale2" / "1" / "model.onnx"))

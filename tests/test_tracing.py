@@ -39,6 +39,7 @@ from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_ensemble import ensemble_repository
+from tests.test_infer import triton_inputs
 
 SECRET = 1234.5678  # an input value that must never show up in an export
 BATCHED = """name: "batched"
@@ -578,9 +579,7 @@ def test_an_ensemble_request_traces_each_step(tmp_path: Path, collector: tuple[C
         client = triton.InferenceServerClient(server.address)
         try:
             a = np.full((1, 16), SECRET, np.float32)
-            inputs = [triton.InferInput(n, [1, 16], "FP32") for n in ("A", "B")]
-            for inp in inputs:
-                inp.set_data_from_numpy(a)
+            inputs = triton_inputs({"A": a, "B": a})
             client.infer("pipeline", inputs, headers={"traceparent": caller.traceparent})
         finally:
             client.close()
