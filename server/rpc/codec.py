@@ -189,8 +189,7 @@ def decode_infer_request(
                     model,
                     version,
                     f"shared_memory_byte_size of region '{region}' is {len(data)} but shape {list(shape)} of "
-                    f"{dt.name} needs "
-                    f"{count * dt.itemsize} bytes",
+                    f"{dt.name} needs {count * dt.itemsize} bytes",
                     tensor=name,
                 )
             inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
