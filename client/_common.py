@@ -74,11 +74,14 @@ def infer_request(
     request_id: str | None = None,
     priority: int | None = None,
     class_counts: Mapping[str, int] | None = None,
+    sequence_id: int | str | None = None,
+    sequence_start: bool = False,
+    sequence_end: bool = False,
 ) -> pb.ModelInferRequest:
     """ModelInferRequest with raw contents; the datatype of each input comes from its numpy dtype.
 
     Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry, ValueError
-    for a class count that is not a positive integer.
+    for a class count that is not a positive integer, or sequence flags without a sequence ID.
     """
     arrays: list[tuple[str, np.ndarray]] = []
     for name, value in inputs.items():
@@ -92,6 +95,13 @@ def infer_request(
     parameters: dict[str, tensors.ParamValue] = {}
     if priority is not None:
         parameters["priority"] = int(priority)
+    if sequence_id is not None and sequence_id not in (0, ""):
+        # As tritonclient sends them: the ID as int64 or string, both flags always.
+        parameters["sequence_id"] = sequence_id if isinstance(sequence_id, str) else int(sequence_id)
+        parameters["sequence_start"] = bool(sequence_start)
+        parameters["sequence_end"] = bool(sequence_end)
+    elif sequence_start or sequence_end:
+        raise ValueError("sequence_start and sequence_end need a sequence_id")
     return tensors.encode_infer_request(
         model,
         arrays,
@@ -199,9 +209,12 @@ def check_timeout(timeout: float) -> float:
 
 StreamRequest = Mapping[str, Any] | tuple[str, Mapping[str, np.ndarray]]
 """One request of ``stream_infer``: ``(model, inputs)`` or a dict with the keyword arguments of ``infer``
-(``model``, ``inputs``, and optionally ``outputs``, ``version``, ``request_id``, ``priority``)."""
+(``model``, ``inputs``, and optionally ``outputs``, ``version``, ``request_id``, ``priority``, ``sequence_id``,
+``sequence_start``, ``sequence_end``)."""
 
-_STREAM_KEYS = frozenset({"model", "inputs", "outputs", "version", "request_id", "priority"})
+_STREAM_KEYS = frozenset(
+    {"model", "inputs", "outputs", "version", "request_id", "priority", "sequence_id", "sequence_start", "sequence_end"}
+)
 
 
 def stream_request(item: StreamRequest, index: int) -> pb.ModelInferRequest:

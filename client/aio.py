@@ -108,6 +108,9 @@ class AsyncInferenceClient:
         priority: int | None = None,
         timeout: float | None = None,
         class_counts: Mapping[str, int] | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> InferResult:
         """See ``InferenceClient.infer``."""
         request = _common.infer_request(
@@ -118,6 +121,9 @@ class AsyncInferenceClient:
             request_id=request_id,
             priority=priority,
             class_counts=class_counts,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
         )
         return _common.infer_result(await self._call("ModelInfer", request, timeout))
 

@@ -110,6 +110,9 @@ class InferenceClient:
         priority: int | None = None,
         timeout: float | None = None,
         class_counts: Mapping[str, int] | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (datatypes from the numpy dtypes; str/bytes/object arrays are BYTES).
 
@@ -118,6 +121,10 @@ class InferenceClient:
         ``class_counts`` asks for outputs as their top k classes (Triton's classification extension): each comes
         back as BYTES "value:index[:label]", best first, one row per batch row. Those outputs are requested
         alongside ``outputs``; like ``outputs``, naming any output means only the named ones come back.
+        ``sequence_id`` (an integer or a string), ``sequence_start`` and ``sequence_end`` place the request in a
+        sequence of a stateful model (Triton's sequence batcher): the first request sets ``sequence_start``, the
+        last ``sequence_end``. A sequence's requests run in the order the server receives them, so send them one
+        after another, or in order over ``stream_infer``.
         """
         request = _common.infer_request(
             model,
@@ -127,6 +134,9 @@ class InferenceClient:
             request_id=request_id,
             priority=priority,
             class_counts=class_counts,
+            sequence_id=sequence_id,
+            sequence_start=sequence_start,
+            sequence_end=sequence_end,
         )
         return _common.infer_result(self._call("ModelInfer", request, timeout))
 

@@ -246,3 +246,58 @@ def cast_model(path: Path, to: int, width: int = 4) -> Path:
         [helper.make_tensor_value_info("OUTPUT0", to, ["batch", width])],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64") -> Path:
+    """A stateful model for sequence batching: OUTPUT = ACC_IN + INPUT, carried to the next request as ACC_OUT
+    (implicit state). FLAGS echoes the START, END and READY controls as [start, end, ready] and CORRID_OUT the
+    correlation ID, so that tests see what the scheduler fed. `corrid` is the CORRID control's type."""
+    lead: list[Dim] = ["batch"] if batching else []
+    row = [*lead, 1]
+    nodes = [
+        helper.make_node("Add", ["ACC_IN", "INPUT"], ["OUTPUT"]),
+        helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
+        helper.make_node("Cast", ["END"], ["END_F"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["READY"], ["READY_F"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["START", "END_F", "READY_F"], ["FLAGS"], axis=-1),
+        helper.make_node("Identity", ["CORRID"], ["CORRID_OUT"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "accumulator",
+        [
+            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, row),
+            helper.make_tensor_value_info("START", TensorProto.FLOAT, row),
+            helper.make_tensor_value_info("END", TensorProto.INT32, row),
+            helper.make_tensor_value_info("READY", TensorProto.BOOL, row),
+            helper.make_tensor_value_info("CORRID", ONNX_ELEM[corrid], row),
+            helper.make_tensor_value_info("ACC_IN", TensorProto.FLOAT, row),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, row),
+            helper.make_tensor_value_info("ACC_OUT", TensorProto.FLOAT, row),
+            helper.make_tensor_value_info("FLAGS", TensorProto.FLOAT, [*lead, 3]),
+            helper.make_tensor_value_info("CORRID_OUT", ONNX_ELEM[corrid], row),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def accumulator_config(name: str, max_batch_size: int = 8, corrid: str = "TYPE_UINT64", extra: str = "") -> str:
+    """config.pbtxt for accumulator_model: the four controls and the ACC state; `extra` goes inside
+    sequence_batching (a strategy, max_sequence_idle_microseconds...)."""
+    return f"""
+name: "{name}"
+backend: "onnxruntime"
+max_batch_size: {max_batch_size}
+sequence_batching {{
+  {extra}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY bool_false_true: [ false, true ] }} ] }},
+    {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: {corrid} }} ] }}
+  ]
+  state [ {{ input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+}}
+"""

@@ -727,22 +727,6 @@ def test_failed_model_is_unavailable_while_others_serve(repo: Path) -> None:
 # ----- loads that go wrong in unusual ways -----------------------------------------------------------------------
 
 
-def test_a_sequence_model_is_refused_not_served_stateless(repo: Path) -> None:
-    """perf_analyzer --sequence-length and tritonclient's sequence_id ran against such a model as if it kept no
-    state, with nothing said; a stateful model answered request by request is wrong, so its load fails."""
-    identity_model(repo / "seq" / "1" / "model.onnx", "FP32")
-    _config(repo, "seq", 'name: "seq"\nmax_batch_size: 4\nsequence_batching { }\n')
-    with ServerThread(repo) as s:
-        c = grpcclient.InferenceServerClient(s.address)
-        try:
-            message = _error(grpc.StatusCode.UNAVAILABLE, _infer, c, "seq", ROW)
-            assert "sequence_batching is not supported" in message
-            _assert_failed_in_index(c, "seq", "no sequence (stateful) scheduler")
-            np.testing.assert_array_equal(_infer(c, "identity_fp32", ROW), ROW)
-        finally:
-            c.close()
-
-
 def test_a_model_of_an_unservable_type_fails_alone(repo: Path) -> None:
     """BF16 has no V2 codec here: the model fails its load with the tensor and type named, and the server starts
     and serves the rest (it used to stop the whole start with a KeyError)."""

@@ -24,6 +24,7 @@ from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.ensemble import Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
+from tensorgate.server.scheduling.sequencer import SequenceFlags
 from tensorgate.server.telemetry.statistics import ExecutionTimes
 from tensorgate.server.telemetry.tracing import Tracing
 
@@ -49,6 +50,24 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a non-negative integer")
     return value
+
+
+def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
+    """The request's `sequence_id` (int64, uint64 or string, as tritonclient and perf_analyzer send it) and its
+    `sequence_start` / `sequence_end` flags; None without a correlation ID (0 and "" mean none, as in Triton)."""
+    params = req.parameters
+    start, end = params.get("sequence_start", False), params.get("sequence_end", False)
+    for key, value in (("sequence_start", start), ("sequence_end", end)):
+        if not isinstance(value, bool):
+            raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a bool")
+    sequence_id = params.get("sequence_id")
+    if sequence_id is None or sequence_id == 0 or sequence_id == "":
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
+        raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must be an integer or a string")
+    if isinstance(sequence_id, int) and sequence_id < 0:
+        raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must not be negative")
+    return SequenceFlags(sequence_id, bool(start), bool(end))
 
 
 def _classify(response: InferResponse, classifications: dict[str, int], schema: ModelSchema) -> None:
@@ -215,6 +234,15 @@ class InferenceHandler:
         scheduler = model.scheduler
         if scheduler is None:
             return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
+        if model.sequencer is not None:
+            return model.sequencer.submit(
+                inputs,
+                outputs,
+                rows,
+                req.deadline,
+                _sequence_flags(req, str(model.version)),
+                span=None if span is None else Tracing.context_of(span),
+            )
         return scheduler.submit(
             inputs,
             outputs,

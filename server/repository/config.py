@@ -83,13 +83,16 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 def check_backend(config: mc.ModelConfig) -> None:
     """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton, ensembles through their composing
-    models; say so clearly for anything else, and for a scheduler tensorgate does not have (a stateful model
-    served as stateless would answer wrongly)."""
-    if config.HasField("sequence_batching"):
+    models; say so clearly for anything else. Sequence (stateful) models are served for ONNX only: a stateful model
+    on an upstream Triton would need its sequence parameters forwarded, which the remote backend does not do, and
+    served as stateless it would answer wrongly."""
+    if config.HasField("sequence_batching") and (
+        config.platform == ENSEMBLE_PLATFORM or config.backend not in ("", ONNX_BACKEND)
+    ):
         raise InvalidConfigError(
             config.name,
-            "sequence_batching is not supported: tensorgate has no sequence (stateful) scheduler, and would serve "
-            "each request of a sequence on its own",
+            'sequence_batching is supported for ONNX models only (backend "onnxruntime"), not for '
+            f"'{config.backend or config.platform}'",
         )
     if config.HasField("ensemble_scheduling") and config.platform != ENSEMBLE_PLATFORM:
         raise InvalidConfigError(config.name, 'ensemble_scheduling needs platform "ensemble"')
@@ -107,6 +110,18 @@ def check_backend(config: mc.ModelConfig) -> None:
         f'or platform "{ONNX_PLATFORM}", platform "{ENSEMBLE_PLATFORM}", and backend "{TRITON_BACKEND}" for a '
         "model on an upstream Triton)",
     )
+
+
+def dims_fit(config_dims: Sequence[int], model_dims: Sequence[int | None]) -> bool:
+    """Whether dims written in a config (-1 = any) describe a model file's shape (None = dynamic)."""
+    return len(config_dims) == len(model_dims) and all(
+        m is None or c in (-1, m) for c, m in zip(config_dims, model_dims, strict=True)
+    )
+
+
+def shape_text(model_dims: Sequence[int | None]) -> str:
+    """A model file's shape as a config would write it: [-1, 4]."""
+    return "[" + ", ".join("-1" if d is None else str(d) for d in model_dims) + "]"
 
 
 def _can_batch(tensors: Sequence[TensorInfo]) -> bool:
@@ -151,14 +166,11 @@ def _complete_tensors(
                 entry.dims.append(1)
                 entry.reshape.SetInParent()
         config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-        if len(config_dims) != len(model_dims) or any(
-            m is not None and c not in (-1, m) for c, m in zip(config_dims, model_dims, strict=False)
-        ):
-            shown = ["-1" if d is None else str(d) for d in model_dims]
+        if not dims_fit(config_dims, model_dims):
             raise InvalidConfigError(
                 model,
                 f"{kind} '{info.name}' has dims {config_dims} in config but the model's "
-                f"{'per-row ' if batching else ''}shape is [{', '.join(shown)}]",
+                f"{'per-row ' if batching else ''}shape is {shape_text(model_dims)}",
             )
 
 
@@ -176,7 +188,8 @@ def autocomplete(
     if not max_batch_size_given and not config.input and not config.output:
         config.max_batch_size = default_max_batch_size if can_batch else 0
         if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
-            config.dynamic_batching.SetInParent()  # sequence_batching never gets here: check_backend refuses it
+            if not config.HasField("sequence_batching"):  # a sequence model batches by its own strategy
+                config.dynamic_batching.SetInParent()
     if config.max_batch_size < 0:
         raise InvalidConfigError(model, f"max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.max_batch_size > 0 and not can_batch:

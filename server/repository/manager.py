@@ -51,9 +51,16 @@ from tensorgate.server.repository.config import (
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.schema import ModelSchema
+from tensorgate.server.repository.sequence import (
+    SequenceSpec,
+    check_sequence_config,
+    scheduler_tensors,
+    sequence_spec,
+)
 from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
+from tensorgate.server.scheduling.sequencer import Sequencer
 from tensorgate.server.telemetry.statistics import LatencyHistograms, ModelStats
 from tensorgate.server.telemetry.tracing import Tracing
 
@@ -89,6 +96,8 @@ class LoadedModel:
     """How long reading, building and warming up this version took."""
     plan: EnsemblePlan | None = None
     """An ensemble's steps (repository/ensemble.py); None for a model that runs itself."""
+    sequencer: Sequencer | None = None
+    """A sequence (stateful) model's sequences, in front of its scheduler; None for any other model."""
 
 
 @dataclass(slots=True)
@@ -124,6 +133,7 @@ class _Prepared:
     signature: str
     load_seconds: float = 0.0
     plan: EnsemblePlan | None = None
+    sequence: SequenceSpec | None = None
 
 
 UNLOADED = "unloaded"
@@ -594,13 +604,19 @@ class ModelRepository:
                 if info.data_type not in BY_CONFIG_TYPE:
                     kind = "" if info.data_type == mc.TYPE_INVALID else f" ({mc.DataType.Name(info.data_type)})"
                     raise InvalidConfigError(name, f"tensor '{info.name}' has a type tensorgate cannot serve{kind}")
+            stateful = config.HasField("sequence_batching")
+            # A sequence model's control and state tensors are the scheduler's to feed: not the callers'.
+            hidden_in, hidden_out = scheduler_tensors(config) if stateful else (frozenset(), frozenset())
+            if stateful:
+                check_sequence_config(config)
             autocomplete(
                 config,
-                infos[0],
-                infos[1],
+                [i for i in infos[0] if i.name not in hidden_in],
+                [o for o in infos[1] if o.name not in hidden_out],
                 max_batch_size_given=mbs_given,
                 default_max_batch_size=self._default_mbs,
             )
+            sequence = sequence_spec(config, infos[0], infos[1], vdir) if stateful else None
             backend.pad_to_max_batch_size(config)
             on_gpu = backend.execution_provider == "CUDAExecutionProvider"
             # The served config says where the model really runs: KIND_AUTO is resolved, and a KIND_GPU group
@@ -623,7 +639,8 @@ class ModelRepository:
             backend.close()
             log.exception("unexpected error preparing model '%s' version %d", name, version)
             raise ModelLoadError(name, version, f"unexpected error: {type(exc).__name__}: {exc}") from exc
-        return _Prepared(version, config, schema, backend, policy, sig, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return _Prepared(version, config, schema, backend, policy, sig, elapsed, sequence=sequence)
 
     def _prepare_remote(
         self, config: mc.ModelConfig, mbs_given: bool, model_dir: Path, version: int, sig: str, started: float
@@ -840,6 +857,11 @@ class ModelRepository:
                         if item.plan is not None
                         else Scheduler(name, v, item.backend, stats, count, item.policy, self._tracing)
                     )
+                    sequencer = (
+                        None
+                        if item.sequence is None or scheduler is None
+                        else Sequencer(name, v, scheduler, item.sequence, item.config.max_batch_size > 0)
+                    )
                     new_versions[v] = LoadedModel(
                         name,
                         v,
@@ -851,6 +873,7 @@ class ModelRepository:
                         item.signature,
                         item.load_seconds,
                         item.plan,
+                        sequencer,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             entry.versions, entry.failed = new_versions, failed
@@ -865,6 +888,8 @@ class ModelRepository:
         async def close() -> None:
             if model.scheduler is not None:
                 await model.scheduler.close(self._grace)
+            if model.sequencer is not None:
+                model.sequencer.close()
             model.backend.close()
             self.changes += 1
 

@@ -43,7 +43,33 @@ class SchedulingPolicy:
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> SchedulingPolicy:
-        """Without `dynamic_batching` (or with max_batch_size 0) each request executes on its own."""
+        """Without `dynamic_batching` (or with max_batch_size 0) each request executes on its own. A sequence
+        model batches its sequences' requests with its strategy's delay and preferred sizes (Direct has no
+        preferred sizes); its sequencer sends one request per sequence at a time."""
+        if config.HasField("sequence_batching"):
+            sb = config.sequence_batching
+            oldest = sb.WhichOneof("strategy_choice") == "oldest"
+            batching = config.max_batch_size > 0
+            preferred = tuple(sorted(set(sb.oldest.preferred_batch_size))) if oldest else ()
+            _check_preferred(config, preferred)
+            # Direct waits for a batch only with a minimum_slot_utilization to wait for, as in Triton.
+            delay_us = (
+                sb.oldest.max_queue_delay_microseconds
+                if oldest
+                else sb.direct.max_queue_delay_microseconds
+                if sb.direct.minimum_slot_utilization > 0
+                else 0
+            )
+            return cls(
+                batching=batching,
+                max_batch_size=max(config.max_batch_size, 1),
+                preferred_batch_sizes=preferred if batching else (),
+                max_queue_delay_ns=delay_us * 1000 if batching else 0,
+                priority_levels=1,
+                default_priority=1,
+                queue_policies=(QueuePolicy(),),
+                batch_dimension=batching,
+            )
         db = config.dynamic_batching
         batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
         levels = max(db.priority_levels, 1)
@@ -53,11 +79,7 @@ class SchedulingPolicy:
                 config.name, f"default_priority_level {default} is outside 1..{levels} (priority_levels)"
             )
         preferred = tuple(sorted(set(db.preferred_batch_size)))
-        for size in preferred:
-            if size < 1 or size > config.max_batch_size:
-                raise InvalidConfigError(
-                    config.name, f"preferred_batch_size {size} is outside 1..{config.max_batch_size} (max_batch_size)"
-                )
+        _check_preferred(config, preferred)
         for level in db.priority_queue_policy:
             if not 1 <= level <= levels:
                 raise InvalidConfigError(config.name, f"priority_queue_policy level {level} is outside 1..{levels}")
@@ -76,3 +98,11 @@ class SchedulingPolicy:
             queue_policies=policies,
             batch_dimension=config.max_batch_size > 0,
         )
+
+
+def _check_preferred(config: mc.ModelConfig, preferred: tuple[int, ...]) -> None:
+    for size in preferred:
+        if size < 1 or size > config.max_batch_size:
+            raise InvalidConfigError(
+                config.name, f"preferred_batch_size {size} is outside 1..{config.max_batch_size} (max_batch_size)"
+            )

@@ -1,0 +1,268 @@
+"""Sequences (stateful models) in front of a model's batcher, with Triton's sequence batcher semantics.
+
+A sequence's requests run one at a time, in the order they arrived: each waits for the one before it to finish,
+then goes to the model's Scheduler with its control tensors and the state its predecessor left. The Scheduler
+batches it with other sequences' requests, never with another of its own (a sequence has one request there at a
+time), so every batching and deadline rule of the Scheduler holds for sequences too.
+
+A request that fails leaves the state as it was; the sequence goes on. A sequence ends with its END request, or
+when it has had nothing to run for max_sequence_idle_microseconds; its state is dropped then, and a later request
+without START is refused. At most `max_sequences` hold a slot at once; a new sequence beyond that waits (backlog)
+until one ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from opentelemetry.trace import SpanContext
+
+from tensorgate.server.errors import InvalidRequestError, ServerUnavailableError, model_ref
+from tensorgate.server.repository.sequence import SequenceSpec
+from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
+from tensorgate.server.telemetry.statistics import ExecutionTimes
+
+log = logging.getLogger(__name__)
+
+SequenceId = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceFlags:
+    """A request's place in its sequence (the `sequence_id`, `sequence_start` and `sequence_end` parameters)."""
+
+    id: SequenceId
+    start: bool = False
+    end: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    id: SequenceId
+    state: dict[str, np.ndarray]
+    slot: asyncio.Future[None]
+    """Done once the sequence may run (it holds one of the max_sequences slots)."""
+    tail: asyncio.Future[None] | None = None
+    """Done when its latest request has finished: the next one waits for it."""
+    pending: int = 0
+    ended: bool = False
+    """Its END request has arrived: no request may follow it without START."""
+    idle: asyncio.TimerHandle | None = None
+    succeeded: bool = False
+    """Started again before it ended: its successor took its slot, which its release must not free."""
+
+
+class Sequencer:
+    """Orders, feeds and remembers the sequences of one model version; its Scheduler runs the requests."""
+
+    def __init__(self, model: str, version: int, scheduler: Scheduler, spec: SequenceSpec, batched: bool) -> None:
+        self._model = model
+        self._version = version
+        self._ref = model_ref(model, version)
+        self._scheduler = scheduler
+        self._spec = spec
+        self._batched = batched
+        self._loop = asyncio.get_running_loop()
+        self._sequences: dict[SequenceId, _Sequence] = {}
+        self._holding = 0
+        """Sequences holding a slot."""
+        self._backlog: collections.deque[_Sequence] = collections.deque()
+        self._state_outputs = [s.output_name for s in spec.states]
+        # Control tensors of one request, made once: a batch stacks them like any input.
+        lead = (1, 1) if batched else (1,)
+        self._flags: list[tuple[str, np.ndarray, np.ndarray]] = []
+        for c in spec.controls:
+            if c.kind in ("START", "END", "READY"):
+                false, true = np.full(lead, c.false, dtype=c.dtype), np.full(lead, c.true, dtype=c.dtype)
+                false.flags.writeable = true.flags.writeable = False
+                self._flags.append((c.kind, false, true))
+        self._corrid = next(((c.name, c.dtype) for c in spec.controls if c.kind == "CORRID"), None)
+        self._names = {c.kind: c.name for c in spec.controls}
+        self._lead = lead
+
+    @property
+    def active(self) -> int:
+        """Sequences started and not yet ended, backlogged ones included."""
+        return len(self._sequences)
+
+    # ----- requests ----------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        rows: int,
+        deadline: float | None,
+        flags: SequenceFlags | None,
+        *,
+        span: SpanContext | None = None,
+    ) -> tuple[Outputs, ExecutionTimes]:
+        """Run one request of a sequence once the sequence's earlier requests have run. Raises INVALID_ARGUMENT
+        for a request without correlation ID, a non-START request of a sequence that is not active, and a
+        request of more than one row to a batching model; the Scheduler's errors otherwise."""
+        feed = dict(inputs)
+        self._check(flags, rows, feed)
+        assert flags is not None
+        seq = self._begin(flags)
+        previous, done = seq.tail, self._loop.create_future()
+        seq.tail = done
+        seq.pending += 1
+        if seq.idle is not None:
+            seq.idle.cancel()
+            seq.idle = None
+        arrived = time.perf_counter_ns()
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+            if not seq.slot.done():
+                await asyncio.shield(seq.slot)
+            seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
+            waited = time.perf_counter_ns() - arrived
+            self._controls(feed, flags)
+            feed.update(seq.state)
+            results, times = await self._scheduler.submit(
+                feed, [*outputs, *self._state_outputs], rows, deadline, span=span
+            )
+            for state in self._spec.states:
+                # A copy: a view would keep the whole batch's output alive for as long as the sequence lasts.
+                value = results[state.output_name] if state.output_name in outputs else results.pop(state.output_name)
+                seq.state[state.input_name] = value.copy()
+            return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
+        finally:
+            if previous is None or previous.done():
+                self._finished(seq, done)
+            else:  # the caller left while an earlier request ran: the next one still waits for that one
+                previous.add_done_callback(lambda _: self._finished(seq, done))
+
+    def _check(self, flags: SequenceFlags | None, rows: int, feed: dict[str, np.ndarray]) -> None:
+        version = str(self._version)
+        if flags is None:
+            raise InvalidRequestError(
+                self._model, version, "a sequence model needs a non-zero or non-empty correlation ID (sequence_id)"
+            )
+        if self._batched and rows != 1:
+            raise InvalidRequestError(
+                self._model, version, f"a sequence model takes one row per request (batch size 1), got {rows}"
+            )
+        if self._spec.string_ids is not None and isinstance(flags.id, str) != self._spec.string_ids:
+            want = "a string" if self._spec.string_ids else "an integer"
+            raise InvalidRequestError(
+                self._model, version, f"sequence_id must be {want}: the model's CORRID control is typed so"
+            )
+        if self._corrid is not None and isinstance(flags.id, int):
+            info = np.iinfo(self._corrid[1])  # type: ignore[type-var]
+            if not info.min <= flags.id <= info.max:
+                raise InvalidRequestError(
+                    self._model, version, f"sequence_id {flags.id} does not fit the CORRID control ({self._corrid[1]})"
+                )
+
+    def _begin(self, flags: SequenceFlags) -> _Sequence:
+        seq = self._sequences.get(flags.id)
+        if flags.start:
+            initial = {s.input_name: s.initial[np.newaxis] if self._batched else s.initial for s in self._spec.states}
+            if seq is not None and not seq.ended:
+                # START again before END: as in Triton, the old sequence ends here, and the new one takes its slot
+                # with fresh state, behind the old one's requests.
+                log.warning(
+                    "%s: sequence %r started again before it ended; the previous one ends early", self._ref, flags.id
+                )
+                seq.ended = seq.succeeded = True
+                if seq.idle is not None:
+                    seq.idle.cancel()
+                    seq.idle = None
+                seq = _Sequence(flags.id, initial, seq.slot, seq.tail)
+                self._sequences[flags.id] = seq
+            else:
+                seq = _Sequence(flags.id, initial, self._loop.create_future())
+                self._sequences[flags.id] = seq
+                if self._holding < self._spec.max_sequences:
+                    self._holding += 1
+                    seq.slot.set_result(None)
+                else:
+                    self._backlog.append(seq)
+        elif seq is None or seq.ended:
+            raise InvalidRequestError(
+                self._model,
+                str(self._version),
+                f"sequence {flags.id!r} is not active: its first request must set sequence_start (it may have "
+                "ended, or gone idle past max_sequence_idle_microseconds)",
+            )
+        if flags.end:
+            seq.ended = True
+        return seq
+
+    def _controls(self, feed: dict[str, np.ndarray], flags: SequenceFlags) -> None:
+        for kind, false, true in self._flags:
+            on = flags.start if kind == "START" else flags.end if kind == "END" else True
+            feed[self._names[kind]] = true if on else false
+        if self._corrid is not None:
+            name, dtype = self._corrid
+            value = flags.id.encode() if isinstance(flags.id, str) else flags.id
+            feed[name] = np.full(self._lead, value, dtype=dtype)
+
+    # ----- sequence lifetime (event loop) ------------------------------------------------------------------
+
+    def _finished(self, seq: _Sequence, done: asyncio.Future[None]) -> None:
+        done.set_result(None)
+        seq.pending -= 1
+        if seq.pending:
+            return
+        if seq.ended:
+            self._release(seq)
+        else:
+            seq.idle = self._loop.call_later(self._spec.idle_ns / 1e9, self._expire, seq)
+
+    def _expire(self, seq: _Sequence) -> None:
+        seq.idle = None
+        if seq.pending == 0 and not seq.ended:
+            log.info(
+                "%s: sequence %r ended after %.3g s without requests (max_sequence_idle_microseconds)",
+                self._ref,
+                seq.id,
+                self._spec.idle_ns / 1e9,
+            )
+            seq.ended = True
+            self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Drop the sequence's state and give its slot to the oldest sequence in the backlog."""
+        if self._sequences.get(seq.id) is seq:
+            del self._sequences[seq.id]
+        seq.state.clear()
+        if seq.idle is not None:
+            seq.idle.cancel()
+            seq.idle = None
+        if seq.succeeded:
+            return
+        if not seq.slot.done():
+            # The backlog holds the sequence, or the one it succeeded (they share the slot they wait for).
+            for waiting in self._backlog:
+                if waiting.slot is seq.slot:
+                    self._backlog.remove(waiting)
+                    break
+            seq.slot.cancel()
+            return
+        self._holding -= 1
+        while self._backlog and self._holding < self._spec.max_sequences:
+            self._holding += 1
+            self._backlog.popleft().slot.set_result(None)
+
+    def close(self) -> None:
+        """The model is being unloaded: sequences end, and those still waiting for a slot fail (never ran)."""
+        for seq in list(self._sequences.values()):
+            if seq.idle is not None:
+                seq.idle.cancel()
+                seq.idle = None
+            if not seq.slot.done():
+                seq.slot.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+                seq.slot.exception()  # read here: a sequence whose requests all left has nobody to read it
+            seq.state.clear()
+        self._sequences.clear()
+        self._backlog.clear()

@@ -1,0 +1,327 @@
+"""Sequence (stateful) models, as Triton's sequence batcher serves them: control tensors and implicit state fed by
+the server, one request of a sequence at a time and in order, batched across sequences, idle sequences ended, a
+backlog beyond the slots. Real servers, a real stateful ONNX model (tests/onnx_models.py accumulator_model),
+unmodified tritonclient (unary and stream) and our client."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.serving import ServerThread
+
+
+def _x(value: float, rows: int = 1) -> list[tc.InferInput]:
+    inp = tc.InferInput("INPUT", [rows, 1], "FP32")
+    inp.set_data_from_numpy(np.full((rows, 1), value, np.float32))
+    return [inp]
+
+
+def _error(code: grpc.StatusCode, call: Callable[..., object], *args: object, **kwargs: object) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    assert info.value.status() == str(code), info.value.message()
+    return str(info.value.message())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("sequence") / "models"
+    models = {
+        # Oldest with a delay, so that concurrent sequences' requests meet in batches.
+        "acc": accumulator_config(
+            "acc", extra="oldest { max_candidate_sequences: 16 max_queue_delay_microseconds: 50000 }"
+        ),
+        "acc_direct": accumulator_config("acc_direct", extra="max_sequence_idle_microseconds: 200000"),
+        "acc_one": accumulator_config("acc_one", extra="oldest { max_candidate_sequences: 1 }"),
+        "acc_unbatched": accumulator_config("acc_unbatched", max_batch_size=0),
+    }
+    for name, config in models.items():
+        accumulator_model(root / name / "1" / "model.onnx", batching=name != "acc_unbatched")
+        write_config(root, name, config)
+    accumulator_model(root / "acc_text" / "1" / "model.onnx", corrid="BYTES")
+    write_config(root, "acc_text", accumulator_config("acc_text", corrid="TYPE_STRING"))
+    with ServerThread(root) as s:
+        yield s
+
+
+@pytest.fixture
+def client(served: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(served.address)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_sequences_keep_their_own_state_and_see_their_controls(client: tc.InferenceServerClient) -> None:
+    """Two interleaved sequences accumulate apart; the model sees START on the first request, END on the last,
+    READY on every one, and the correlation ID; callers see only INPUT and the non-state outputs."""
+    meta = client.get_model_metadata("acc")
+    assert [i.name for i in meta.inputs] == ["INPUT"]
+    assert sorted(o.name for o in meta.outputs) == ["CORRID_OUT", "FLAGS", "OUTPUT"]
+    steps = [(101, True, False, 1.0), (202, True, False, 10.0), (101, False, False, 2.0), (202, False, True, 20.0)]
+    steps.append((101, False, True, 3.0))
+    seen = []
+    for sid, start, end, value in steps:
+        r = client.infer("acc", _x(value), sequence_id=sid, sequence_start=start, sequence_end=end)
+        seen.append(
+            (float(r.as_numpy("OUTPUT")[0, 0]), r.as_numpy("FLAGS")[0].tolist(), int(r.as_numpy("CORRID_OUT")[0, 0]))
+        )
+    assert seen == [
+        (1.0, [1.0, 0.0, 1.0], 101),
+        (10.0, [1.0, 0.0, 1.0], 202),
+        (3.0, [0.0, 0.0, 1.0], 101),
+        (30.0, [0.0, 1.0, 1.0], 202),
+        (6.0, [0.0, 1.0, 1.0], 101),
+    ]
+    # Both ended: their state is gone.
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc", _x(1.0), sequence_id=101)
+    assert "model 'acc' version 1: sequence 101 is not active: its first request must set sequence_start" in msg
+
+
+def test_a_stream_runs_each_sequence_in_order_batched_with_the_others(served: ServerThread) -> None:
+    """Eight sequences of twelve requests each, all sent at once over one stream: every sequence's running sums
+    come back right (two of its requests in one batch would read the same state), and the requests of different
+    sequences ran together in batches."""
+    c = tc.InferenceServerClient(served.address)
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    before = c.get_inference_statistics("acc").model_stats[0]
+    sequences, length = 8, 12
+    try:
+        c.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for step in range(length):
+            for seq in range(sequences):
+                c.async_stream_infer(
+                    "acc",
+                    _x(float(seq * 100 + step)),
+                    request_id=f"{seq}:{step}",
+                    sequence_id=1000 + seq,
+                    sequence_start=step == 0,
+                    sequence_end=step == length - 1,
+                )
+        got: dict[int, list[float]] = {seq: [] for seq in range(sequences)}
+        for _ in range(sequences * length):
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            assert isinstance(result, tc.InferResult)
+            seq, step = map(int, result.get_response().id.split(":"))
+            assert len(got[seq]) == step  # each sequence answered in order
+            got[seq].append(float(result.as_numpy("OUTPUT")[0, 0]))
+        c.stop_stream()
+        for seq in range(sequences):
+            assert got[seq] == np.cumsum([seq * 100 + step for step in range(length)]).tolist()
+        after = c.get_inference_statistics("acc").model_stats[0]
+        inferences = after.inference_count - before.inference_count
+        executions = after.execution_count - before.execution_count
+        assert inferences == sequences * length
+        assert executions < inferences  # batched across sequences
+        assert max(b.batch_size for b in after.batch_stats) > 1
+    finally:
+        c.close()
+
+
+def test_string_correlation_ids_from_our_client(served: ServerThread) -> None:
+    """A TYPE_STRING CORRID takes string IDs (ours and tritonclient's send them as string_param); an integer ID
+    is refused for it, and a string one for a UINT64 CORRID."""
+    with InferenceClient(served.address, timeout=30) as c:
+        x = {"INPUT": np.array([[2.0]], np.float32)}
+        first = c.infer("acc_text", x, sequence_id="user-7", sequence_start=True)
+        assert first.outputs["CORRID_OUT"].tolist() == [[b"user-7"]]
+        last = c.infer("acc_text", x, sequence_id="user-7", sequence_end=True)
+        assert last.outputs["OUTPUT"].tolist() == [[4.0]]
+        with pytest.raises(Exception, match="sequence_id must be a string: the model's CORRID control is typed so"):
+            c.infer("acc_text", x, sequence_id=7, sequence_start=True)
+        with pytest.raises(Exception, match="sequence_id must be an integer"):
+            c.infer("acc", x, sequence_id="user-7", sequence_start=True)
+
+
+def test_our_asyncio_client_streams_a_sequence(served: ServerThread) -> None:
+    """Over ModelStreamInfer, to a model without a batch dimension (max_batch_size 0: controls shaped [1])."""
+
+    async def run() -> list[object]:
+        async with AsyncInferenceClient(served.address, timeout=30) as c:
+            items = [
+                {
+                    "model": "acc_unbatched",
+                    "inputs": {"INPUT": np.array([float(i)], np.float32)},
+                    "sequence_id": 77,
+                    "sequence_start": i == 1,
+                    "sequence_end": i == 4,
+                }
+                for i in range(1, 5)
+            ]
+            return [r async for r in c.stream_infer(items)]
+
+    results = asyncio.run(run())
+    assert [r.outputs["OUTPUT"].tolist() for r in results] == [[1.0], [3.0], [6.0], [10.0]]  # type: ignore[attr-defined]
+    assert [r.outputs["FLAGS"].tolist() for r in results][::3] == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]  # type: ignore[attr-defined]
+
+
+def test_requests_a_sequence_model_refuses(client: tc.InferenceServerClient) -> None:
+    """Each refusal is INVALID_ARGUMENT naming the model and the problem, and the server goes on serving."""
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc", _x(1.0))
+    assert "model 'acc' version 1: a sequence model needs a non-zero or non-empty correlation ID" in msg
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc", _x(1.0), sequence_id=5)
+    assert "sequence 5 is not active" in msg
+    msg = _error(
+        grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc", _x(1.0, rows=2), sequence_id=5, sequence_start=True
+    )
+    assert "a sequence model takes one row per request (batch size 1), got 2" in msg
+    # None of those started sequence 5: it still needs START, and works once it has it.
+    assert "sequence 5 is not active" in _error(
+        grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc", _x(1.0), sequence_id=5
+    )
+    r = client.infer("acc", _x(4.0), sequence_id=5, sequence_start=True, sequence_end=True)
+    assert r.as_numpy("OUTPUT").tolist() == [[4.0]]
+
+
+def test_start_again_begins_a_new_sequence(client: tc.InferenceServerClient) -> None:
+    client.infer("acc", _x(5.0), sequence_id=9, sequence_start=True)
+    assert client.infer("acc", _x(5.0), sequence_id=9).as_numpy("OUTPUT").tolist() == [[10.0]]
+    restarted = client.infer("acc", _x(1.0), sequence_id=9, sequence_start=True)
+    assert restarted.as_numpy("OUTPUT").tolist() == [[1.0]]
+    assert restarted.as_numpy("FLAGS").tolist() == [[1.0, 0.0, 1.0]]
+    assert client.infer("acc", _x(1.0), sequence_id=9, sequence_end=True).as_numpy("OUTPUT").tolist() == [[2.0]]
+
+
+def test_an_idle_sequence_ends(client: tc.InferenceServerClient) -> None:
+    """acc_direct ends a sequence after 0.2 s without requests (max_sequence_idle_microseconds): its state is
+    gone and its next request must start it again."""
+    client.infer("acc_direct", _x(1.0), sequence_id=31, sequence_start=True)
+    client.infer("acc_direct", _x(1.0), sequence_id=32, sequence_start=True)
+    assert client.infer("acc_direct", _x(1.0), sequence_id=31).as_numpy("OUTPUT").tolist() == [[2.0]]
+    time.sleep(1.0)
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc_direct", _x(1.0), sequence_id=31)
+    assert "sequence 31 is not active" in msg and "max_sequence_idle_microseconds" in msg
+    assert "sequence 32 is not active" in _error(
+        grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc_direct", _x(1.0), sequence_id=32
+    )
+
+
+def test_a_sequence_beyond_the_slots_waits_for_one(served: ServerThread, client: tc.InferenceServerClient) -> None:
+    """acc_one has one slot (oldest max_candidate_sequences 1, one instance): a second sequence's first request
+    waits in the backlog while the first sequence lasts, and runs once it ends."""
+    client.infer("acc_one", _x(1.0), sequence_id=41, sequence_start=True)
+    done: queue.Queue[object] = queue.Queue()
+
+    def second() -> None:
+        c = tc.InferenceServerClient(served.address)
+        try:
+            done.put(c.infer("acc_one", _x(7.0), sequence_id=42, sequence_start=True, sequence_end=True))
+        except Exception as exc:  # noqa: BLE001 - handed to the test thread
+            done.put(exc)
+        finally:
+            c.close()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        with pytest.raises(queue.Empty):
+            done.get(timeout=0.5)  # sequence 41 still holds the slot
+        assert client.infer("acc_one", _x(1.0), sequence_id=41, sequence_end=True).as_numpy("OUTPUT").tolist() == [
+            [2.0]
+        ]
+        result = done.get(timeout=30)
+        assert isinstance(result, tc.InferResult), result
+        assert result.as_numpy("OUTPUT").tolist() == [[7.0]]
+    finally:
+        thread.join(30)
+
+
+def test_initial_state_from_a_file_and_a_state_output_asked_for(tmp_path: Path) -> None:
+    """initial_state { data_file } is read from the version's initial_state/ directory; a state output listed in
+    the config's outputs may be asked for, as in Triton."""
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    (root / "acc" / "1" / "initial_state").mkdir()
+    np.array([100.0], np.float32).tofile(root / "acc" / "1" / "initial_state" / "hundred.bin")
+    config = accumulator_config("acc").replace(
+        "dims: [ 1 ] }",
+        'dims: [ 1 ] initial_state { name: "h" data_type: TYPE_FP32 dims: [ 1 ] data_file: "hundred.bin" } }',
+    )
+    config += 'output [ { name: "ACC_OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    write_config(root, "acc", config)
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            r = c.infer(
+                "acc", _x(1.0), sequence_id=1, sequence_start=True, outputs=[tc.InferRequestedOutput("ACC_OUT")]
+            )
+            assert r.as_numpy("ACC_OUT").tolist() == [[101.0]]
+            assert c.infer("acc", _x(1.0), sequence_id=1).as_numpy("OUTPUT").tolist() == [[102.0]]
+        finally:
+            c.close()
+
+
+BAD_CONFIGS = {
+    "no_start_input": (
+        lambda c: c.replace('name: "START"', 'name: "BEGIN"'),
+        "sequence_batching control_input 'BEGIN' is not an input of the model",
+    ),
+    "wrong_control_type": (
+        lambda c: c.replace("fp32_false_true: [ 0, 1 ]", "int32_false_true: [ 0, 1 ]"),
+        "control_input 'START' is FP32 in the model but its START control makes it INT32",
+    ),
+    "two_value_kinds": (
+        lambda c: c.replace("fp32_false_true: [ 0, 1 ]", "fp32_false_true: [ 0, 1 ] int32_false_true: [ 0, 1 ]"),
+        "a START control needs exactly one of fp32_false_true, int32_false_true or bool_false_true",
+    ),
+    "float_corrid": (
+        lambda c: c.replace("data_type: TYPE_UINT64", "data_type: TYPE_FP32"),
+        "CORRID data_type must be one of TYPE_UINT64",
+    ),
+    "state_dims": (lambda c: c.replace("dims: [ 1 ] }", "dims: [ 2 ] }"), "dims [2] do not fit input 'ACC_IN'"),
+    "cached": (
+        lambda c: c + "response_cache { enable: true }\n",
+        "response_cache cannot be enabled for a sequence model",
+    ),
+    "control_listed": (
+        lambda c: c + 'input [ { name: "START" data_type: TYPE_FP32 dims: [ 1 ] } ]\n',
+        "'START' is a sequence_batching control or state input, which the scheduler feeds",
+    ),
+    "missing_file": (
+        lambda c: c.replace(
+            "dims: [ 1 ] }", 'dims: [ 1 ] initial_state { data_type: TYPE_FP32 dims: [ 1 ] data_file: "../x" } }'
+        ),
+        "initial_state data_file '../x' is not a file in initial_state/",
+    ),
+}
+
+
+def test_a_sequence_config_that_does_not_fit_its_model_fails_its_load(tmp_path: Path) -> None:
+    """Each mistake fails that model's load with the reason in RepositoryIndex; the rest serve. A sequence model
+    on an upstream Triton is refused too: its sequence parameters would not be forwarded."""
+    root = tmp_path / "models"
+    for name, (edit, _) in BAD_CONFIGS.items():
+        accumulator_model(root / name / "1" / "model.onnx")
+        write_config(root, name, edit(accumulator_config(name)))
+    add_sub_model(root / "remote" / "1" / "model.onnx")
+    write_config(root, "remote", 'name: "remote"\nbackend: "tensorgate_triton"\nsequence_batching { }\n')
+    accumulator_model(root / "good" / "1" / "model.onnx")
+    write_config(root, "good", accumulator_config("good"))
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            reasons = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
+            for name, (_, fragment) in BAD_CONFIGS.items():
+                state, reason = reasons[name]
+                assert state == "UNAVAILABLE" and fragment in reason, (name, reason)
+            assert "sequence_batching is supported for ONNX models only" in reasons["remote"][1]
+            assert reasons["good"][0] == "READY"
+            r = c.infer("good", _x(3.0), sequence_id=1, sequence_start=True, sequence_end=True)
+            assert r.as_numpy("OUTPUT").tolist() == [[3.0]]
+        finally:
+            c.close()
