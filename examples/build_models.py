@@ -12,6 +12,8 @@ The repository::
     digits/labels.txt      the class names of "probabilities" ("zero" ... "nine"), for classification requests
     mlp/config.pbtxt       the performance model of shared/BENCHMARKING.md: "INPUT0" FP32 [N,256] -> 1024
     mlp/1/model.onnx       -> 1024 -> 10 (ReLU) -> "OUTPUT0" FP32 [N,10], seeded He-initialised weights
+    running_mean/...       a stateful (sequence) model: "reading" FP32 [N,4] -> "mean" FP32 [N,4], the mean of
+                           the readings its sequence has sent so far, kept in implicit state (sum and count)
 
 The builders are importable (``build_digits``, ``build_mlp``, ``write_repository``) so tests build the same
 files into a temporary directory instead of depending on a pre-built tree.
@@ -43,6 +45,7 @@ __all__ = [
     "build_digits",
     "build_mlp",
     "build_mlp_model",
+    "build_running_mean",
     "export_digits",
     "train_digits",
     "write_repository",
@@ -149,6 +152,36 @@ model_warmup [
     }
   }
 ]
+"""
+
+
+RUNNING_MEAN_CONFIG = """\
+name: "running_mean"
+backend: "onnxruntime"
+max_batch_size: 16
+input [ { name: "reading" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "mean" data_type: TYPE_FP32 dims: [ 4 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 60000000
+  oldest { max_candidate_sequences: 64 }
+  state [
+    {
+      input_name: "SUM_IN"
+      output_name: "SUM_OUT"
+      data_type: TYPE_FP32
+      dims: [ 4 ]
+      initial_state { name: "zeros" data_type: TYPE_FP32 dims: [ 4 ] zero_data: true }
+    },
+    {
+      input_name: "COUNT_IN"
+      output_name: "COUNT_OUT"
+      data_type: TYPE_FP32
+      dims: [ 1 ]
+      initial_state { name: "zero" data_type: TYPE_FP32 dims: [ 1 ] zero_data: true }
+    }
+  ]
+}
 """
 
 
@@ -311,11 +344,48 @@ def build_mlp(model_dir: Path, seed: int = 0) -> None:
     _write_bytes(model_dir / "config.pbtxt", MLP_CONFIG.encode())
 
 
+def build_running_mean_model() -> onnx.ModelProto:
+    """SUM_OUT = SUM_IN + reading, COUNT_OUT = COUNT_IN + 1, mean = SUM_OUT / COUNT_OUT: the server carries SUM and
+    COUNT from one request of a sequence to the next (implicit state), so the model itself holds nothing."""
+    row = [BATCH_DIM]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["SUM_IN", "reading"], ["SUM_OUT"]),
+            helper.make_node("Add", ["COUNT_IN", "one"], ["COUNT_OUT"]),
+            helper.make_node("Div", ["SUM_OUT", "COUNT_OUT"], ["mean"]),
+        ],
+        "running_mean",
+        [
+            helper.make_tensor_value_info("reading", TensorProto.FLOAT, [*row, 4]),
+            helper.make_tensor_value_info("SUM_IN", TensorProto.FLOAT, [*row, 4]),
+            helper.make_tensor_value_info("COUNT_IN", TensorProto.FLOAT, [*row, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("mean", TensorProto.FLOAT, [*row, 4]),
+            helper.make_tensor_value_info("SUM_OUT", TensorProto.FLOAT, [*row, 4]),
+            helper.make_tensor_value_info("COUNT_OUT", TensorProto.FLOAT, [*row, 1]),
+        ],
+        initializer=[numpy_helper.from_array(np.ones([1], np.float32), "one")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tensorgate-examples"
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+def build_running_mean(model_dir: Path) -> None:
+    """Write ``model_dir`` (config and version 1) for the stateful example."""
+    _save_model(build_running_mean_model(), model_dir / "1" / "model.onnx")
+    _write_bytes(model_dir / "config.pbtxt", RUNNING_MEAN_CONFIG.encode())
+
+
 def write_repository(out: Path, seed: int = 0) -> DigitsModel:
     """Build every example model under ``out``; returns the digits model so callers can report on it."""
     out.mkdir(parents=True, exist_ok=True)
     digits = build_digits(out / "digits", seed)
     build_mlp(out / "mlp", seed)
+    build_running_mean(out / "running_mean")
     return digits
 
 
@@ -330,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the data split and the MLP weights")
     args = parser.parse_args(argv)
     digits = write_repository(args.out, args.seed)
-    print(f"wrote {args.out}/digits and {args.out}/mlp")
+    print(f"wrote {args.out}/digits, {args.out}/mlp and {args.out}/running_mean")
     print(f"digits held-out accuracy: {digits.accuracy:.4f} on {len(digits.y_test)} samples")
 
 

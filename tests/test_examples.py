@@ -79,6 +79,8 @@ def test_repository_layout(repo: Path) -> None:
         "digits/test_data.npz",
         "mlp/1/model.onnx",
         "mlp/config.pbtxt",
+        "running_mean/1/model.onnx",
+        "running_mean/config.pbtxt",
     ]
 
 
@@ -174,3 +176,21 @@ def test_rebuild_is_idempotent(repo: Path, tmp_path: Path) -> None:
     build_models.write_repository(tmp_path)
     for rel in ("digits/1/model.onnx", "digits/config.pbtxt", "mlp/1/model.onnx", "mlp/config.pbtxt"):
         assert (tmp_path / rel).read_bytes() == (repo / rel).read_bytes(), rel
+    for rel in ("running_mean/1/model.onnx", "running_mean/config.pbtxt"):
+        assert (tmp_path / rel).read_bytes() == (repo / rel).read_bytes(), rel
+
+
+def test_running_mean_carries_its_state_through_the_outputs(repo: Path) -> None:
+    """The stateful example, run by hand as the sequence scheduler runs it: each request's SUM_OUT and COUNT_OUT
+    are the next one's SUM_IN and COUNT_IN, and `mean` is the mean of the readings so far."""
+    config = _config(repo, "running_mean")
+    assert config.HasField("sequence_batching") and not config.HasField("dynamic_batching")
+    assert [s.input_name for s in config.sequence_batching.state] == ["SUM_IN", "COUNT_IN"]
+    session = _session(repo / "running_mean" / "1" / "model.onnx")
+    readings = np.array([[1, 2, 3, 4], [3, 2, 1, 0], [5, 5, 5, 5]], np.float32)
+    total, count = np.zeros((1, 4), np.float32), np.zeros((1, 1), np.float32)
+    for i, reading in enumerate(readings):
+        mean, total, count = session.run(
+            ["mean", "SUM_OUT", "COUNT_OUT"], {"reading": reading[None], "SUM_IN": total, "COUNT_IN": count}
+        )
+        np.testing.assert_allclose(mean, readings[: i + 1].mean(axis=0, keepdims=True))

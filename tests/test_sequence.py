@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 
 
@@ -75,8 +76,8 @@ def test_sequences_keep_their_own_state_and_see_their_controls(client: tc.Infere
     steps = [(101, True, False, 1.0), (202, True, False, 10.0), (101, False, False, 2.0), (202, False, True, 20.0)]
     steps.append((101, False, True, 3.0))
     seen = []
-    for sid, start, end, value in steps:
-        r = client.infer("acc", _x(value), sequence_id=sid, sequence_start=start, sequence_end=end)
+    for sid, start, end, x in steps:
+        r = client.infer("acc", _x(x), sequence_id=sid, sequence_start=start, sequence_end=end)
         seen.append(
             (float(r.as_numpy("OUTPUT")[0, 0]), r.as_numpy("FLAGS")[0].tolist(), int(r.as_numpy("CORRID_OUT")[0, 0]))
         )
@@ -231,12 +232,19 @@ def test_a_sequence_beyond_the_slots_waits_for_one(served: ServerThread, client:
     try:
         with pytest.raises(queue.Empty):
             done.get(timeout=0.5)  # sequence 41 still holds the slot
+        one = {"model": "acc_one", "version": "1"}
+        samples = scrape(metrics_url(served))
+        assert value(samples, "tensorgate_sequences_active", **one) == 2
+        assert value(samples, "tensorgate_sequence_backlog", **one) == 1
         assert client.infer("acc_one", _x(1.0), sequence_id=41, sequence_end=True).as_numpy("OUTPUT").tolist() == [
             [2.0]
         ]
         result = done.get(timeout=30)
         assert isinstance(result, tc.InferResult), result
         assert result.as_numpy("OUTPUT").tolist() == [[7.0]]
+        samples = scrape(metrics_url(served))  # both ended: nothing held
+        assert value(samples, "tensorgate_sequences_active", **one) == 0
+        assert value(samples, "tensorgate_sequence_backlog", **one) == 0
     finally:
         thread.join(30)
 

@@ -92,6 +92,11 @@ class Sequencer:
         """Sequences started and not yet ended, backlogged ones included."""
         return len(self._sequences)
 
+    @property
+    def backlog(self) -> int:
+        """Sequences waiting for a slot."""
+        return len(self._backlog)
+
     # ----- requests ----------------------------------------------------------------------------------------
 
     async def submit(

@@ -111,6 +111,8 @@ class _ModelSnapshot:
     latency: tuple[_HistogramCopy, _HistogramCopy, _HistogramCopy] | None
     cache: tuple[int, int] = (0, 0)
     """Response cache hits and misses."""
+    sequences: tuple[int, int] | None = None
+    """A sequence model's active sequences and those of them waiting for a slot."""
 
 
 @dataclass(slots=True)
@@ -199,6 +201,18 @@ BATCH_SIZE = FamilySpec(
     "Rows per model execution (executed batch size, buckets 1 to 1024); _count is ModelStatistics' execution_count",
 )
 QUEUE_DEPTH = FamilySpec("tensorgate_queue_depth", "gauge", _MV, "Requests waiting in the model's queue")
+SEQUENCES_ACTIVE = FamilySpec(
+    "tensorgate_sequences_active",
+    "gauge",
+    _MV,
+    "Sequences of a sequence (stateful) model started and not yet ended, those waiting for a slot included",
+)
+SEQUENCE_BACKLOG = FamilySpec(
+    "tensorgate_sequence_backlog",
+    "gauge",
+    _MV,
+    "Sequences of a sequence model waiting for a slot (all slots held: raise max_candidate_sequences or instances)",
+)
 CACHE_LOOKUPS = FamilySpec(
     "tensorgate_response_cache_lookups_total",
     "counter",
@@ -257,6 +271,8 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     COMPUTE_DURATION,
     BATCH_SIZE,
     QUEUE_DEPTH,
+    SEQUENCES_ACTIVE,
+    SEQUENCE_BACKLOG,
     CACHE_LOOKUPS,
     CACHE_BYTES,
     CACHE_EVICTIONS,
@@ -339,6 +355,7 @@ class _ServerCollector(Collector):
         histograms = [REQUEST_DURATION.family(), QUEUE_DURATION.family(), COMPUTE_DURATION.family()]
         batch = BATCH_SIZE.family()
         depth = QUEUE_DEPTH.family()
+        active, backlog = SEQUENCES_ACTIVE.family(), SEQUENCE_BACKLOG.family()
         load = LOAD_DURATION.family()
         lookups = CACHE_LOOKUPS.family()
         for m in snap.models:
@@ -353,6 +370,9 @@ class _ServerCollector(Collector):
                 key, _buckets(BATCH_SIZE_BOUNDS, per_bucket), sum(size * n for size, n in m.batches.items())
             )
             depth.add_metric(key, m.queued)
+            if m.sequences is not None:
+                active.add_metric(key, m.sequences[0])
+                backlog.add_metric(key, m.sequences[1])
             load.add_metric(key, m.load_seconds)
             if m.cache != (0, 0):
                 lookups.add_metric([*key, "hit"], m.cache[0])
@@ -360,6 +380,8 @@ class _ServerCollector(Collector):
         yield from histograms
         yield batch
         yield depth
+        yield active
+        yield backlog
         yield lookups
         yield load
         states = MODEL_STATE.family()
@@ -450,6 +472,7 @@ class Metrics:
                         _HistogramCopy.of(latency.compute),
                     ),
                     (m.stats.cache_hit.count, m.stats.cache_miss.count),
+                    None if m.sequencer is None else (m.sequencer.active, m.sequencer.backlog),
                 )
             )
         return Snapshot(
