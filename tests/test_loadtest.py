@@ -29,7 +29,7 @@ from tensorgate.loadtest.samples import latency_summary_ms
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, _LevelRun
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.cli import main
-from tests.onnx_models import busy_model, identity_model, write_config
+from tests.onnx_models import accumulator_config, accumulator_model, busy_model, identity_model, write_config
 from tests.process import ServeProcess
 from tests.serving import ServerThread
 
@@ -442,6 +442,17 @@ def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None
     assert main(["bench", "add_sub", "--server", server.address, "--concurrency", "0", "--out", out]) == 2
     assert main(["bench", "add_sub", "--server", server.address, "--nice", "20", "--out", out]) == 2
     assert "--nice must be between 0 and 19" in capsys.readouterr().err
+
+
+def test_a_sequence_model_is_sent_to_perf_analyzer(tmp_path: Path, capsys: Any) -> None:
+    """Requests outside any sequence would all fail INVALID_ARGUMENT: bench says so before sending one."""
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    with ServerThread(root) as s:
+        assert main(["bench", "acc", "--server", s.address, "--out", str(tmp_path / "o"), *SHORT]) == 2
+    err = capsys.readouterr().err
+    assert "model 'acc' is a sequence (stateful) model" in err and "perf_analyzer (--sequence-length)" in err
 
 
 def test_public_names() -> None:

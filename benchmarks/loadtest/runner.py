@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any, Literal, TextIO
 
 from tensorgate.client import InferenceClient, TensorgateClientError, TLSConfig
-from tensorgate.loadtest.inputs import ModelShape, make_inputs
+from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.samples import Samples, merge
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, worker_main
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -210,9 +210,17 @@ def describe_model(config: BenchConfig) -> ModelShape:
     ) as client:
         meta = client.metadata(config.model, config.version or None)
         try:
-            max_batch: int | None = client.config(config.model, config.version or None).max_batch_size
+            model_config = client.config(config.model, config.version or None)
         except TensorgateClientError:
-            max_batch = None
+            max_batch: int | None = None
+        else:
+            if model_config.HasField("sequence_batching"):
+                raise InputError(
+                    f"model '{config.model}' is a sequence (stateful) model, and tensorgate bench sends requests "
+                    "outside any sequence; load-test it with perf_analyzer (--sequence-length), "
+                    "benchmarks/perf_analyzer.sh"
+                )
+            max_batch = model_config.max_batch_size
     return ModelShape.from_metadata(meta, max_batch)
 
 
