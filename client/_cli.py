@@ -64,6 +64,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--model-version", default=None, help="model version (default: the server's choice)")
     p.add_argument("--request-id", default=None, help="request id sent with the call")
+    p.add_argument(
+        "--sequence-id",
+        default=None,
+        metavar="ID",
+        help="correlation ID of a sequence model's request (digits: an integer ID, anything else: a string ID)",
+    )
+    p.add_argument("--sequence-start", action="store_true", help="the first request of the sequence")
+    p.add_argument("--sequence-end", action="store_true", help="the last request of the sequence")
     add_connection_arguments(p, DEFAULT_TIMEOUT_S)
     p.add_argument("--npy-out", type=Path, default=None, metavar="DIR", help="write each output to DIR/NAME.npy")
 
@@ -192,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
         headers = headers_from_args(args)
         if args.timeout <= 0:
             raise UsageError("--timeout must be positive")
+        sequence_id: int | str | None = args.sequence_id
+        if isinstance(sequence_id, str) and sequence_id.isdigit():
+            sequence_id = int(sequence_id)
+        if sequence_id in (None, 0, "") and (args.sequence_start or args.sequence_end):
+            raise UsageError("--sequence-start and --sequence-end need a non-zero --sequence-id")
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -209,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
                 version=args.model_version,
                 request_id=args.request_id,
                 class_counts=class_counts or None,
+                sequence_id=sequence_id,
+                sequence_start=args.sequence_start,
+                sequence_end=args.sequence_end,
             )
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

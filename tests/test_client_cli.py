@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from tests.certificates import SERVER_NAME, make_pki
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, write_config
+from tests.onnx_models import (
+    ADD_SUB_CONFIG,
+    accumulator_config,
+    accumulator_model,
+    add_sub_model,
+    identity_model,
+    write_config,
+)
 from tests.process import TENSORGATE, free_port
 from tests.serving import ServerThread
 
@@ -22,6 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     add_sub_model(root / "add_sub" / "1" / "model.onnx")
     write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
     identity_model(root / "identity_bytes" / "1" / "model.onnx", "BYTES")
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
     with ServerThread(root) as s:
         yield s
 
@@ -118,6 +127,18 @@ def test_top_classes_of_an_output(server: ServerThread) -> None:
     assert outputs["OUTPUT0"] == {"datatype": "BYTES", "shape": [1, 2], "data": [["3.000000:5", "2.000000:9"]]}
 
 
+def test_a_sequence_across_calls(server: ServerThread) -> None:
+    """The state of a sequence model lives in the server, so one sequence can span separate CLI calls."""
+    sums = []
+    for value, flags in ((2.0, ["--sequence-start"]), (3.0, []), (4.0, ["--sequence-end"])):
+        done = infer("acc", "--input", f"INPUT=[[{value}]]", "--sequence-id", "12", *flags, "--server", server.address)
+        assert done.returncode == 0, done.stderr
+        sums.append(json.loads(done.stdout)["outputs"]["OUTPUT"]["data"])
+    assert sums == [[[2.0]], [[5.0]], [[9.0]]]
+    done = infer("acc", "--input", "INPUT=[[1.0]]", "--sequence-id", "12", "--server", server.address)
+    assert done.returncode == 1 and "sequence 12 is not active" in done.stderr
+
+
 def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
     done = infer("add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--server", server.address)
     assert done.returncode == 1
@@ -132,6 +153,7 @@ def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
         pytest.param(["--input", "INPUT0=missing.npy"], "missing.npy", id="missing-file"),
         pytest.param([], "at least one --input", id="no-inputs"),
         pytest.param(["--input", "A=[1]", "--class-count", "OUT=0"], "K a positive integer", id="class-count"),
+        pytest.param(["--input", "A=[1]", "--sequence-start"], "need a non-zero --sequence-id", id="no-sequence-id"),
         pytest.param(["--input", "A=[1]", "--tls-cert", "c.pem"], "--tls-cert and --tls-key", id="cert-without-key"),
     ],
 )
