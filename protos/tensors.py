@@ -209,7 +209,10 @@ def set_parameter(params: Mapping[str, pb.InferParameter], key: str, value: Para
     if isinstance(value, bool):  # before int: bool is an int
         target.bool_param = value
     elif isinstance(value, int):
-        target.int64_param = value
+        if value > 2**63 - 1:  # only uint64 carries it (a sequence ID, say)
+            target.uint64_param = value
+        else:
+            target.int64_param = value
     elif isinstance(value, float):
         target.double_param = value
     else:

@@ -6,11 +6,13 @@ unmodified tritonclient (unary and stream) and our client."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,6 +24,7 @@ from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
+from tests.test_poll import wait_for
 
 
 def _x(value: float, rows: int = 1) -> list[tc.InferInput]:
@@ -147,6 +150,10 @@ def test_string_correlation_ids_from_our_client(served: ServerThread) -> None:
             c.infer("acc_text", x, sequence_id=7, sequence_start=True)
         with pytest.raises(Exception, match="sequence_id must be an integer"):
             c.infer("acc", x, sequence_id="user-7", sequence_start=True)
+        # Beyond int64: only uint64_param carries it, as perf_analyzer's IDs may need.
+        big = 2**63 + 5
+        r = c.infer("acc", x, sequence_id=big, sequence_start=True, sequence_end=True)
+        assert r.outputs["CORRID_OUT"].tolist() == [[big]]
 
 
 def test_our_asyncio_client_streams_a_sequence(served: ServerThread) -> None:
@@ -300,6 +307,10 @@ BAD_CONFIGS = {
         lambda c: c + 'input [ { name: "START" data_type: TYPE_FP32 dims: [ 1 ] } ]\n',
         "'START' is a sequence_batching control or state input, which the scheduler feeds",
     ),
+    "unbatched_controls": (
+        lambda c: c.replace("max_batch_size: 8", "max_batch_size: 0"),
+        "control_input 'START' has shape [-1, 1] in the model; a control takes [1]",
+    ),
     "missing_file": (
         lambda c: c.replace(
             "dims: [ 1 ] }", 'dims: [ 1 ] initial_state { data_type: TYPE_FP32 dims: [ 1 ] data_file: "../x" } }'
@@ -331,5 +342,135 @@ def test_a_sequence_config_that_does_not_fit_its_model_fails_its_load(tmp_path: 
             assert reasons["good"][0] == "READY"
             r = c.infer("good", _x(3.0), sequence_id=1, sequence_start=True, sequence_end=True)
             assert r.as_numpy("OUTPUT").tolist() == [[3.0]]
+        finally:
+            c.close()
+
+
+def _unload_repository(root: Path) -> Path:
+    """acc_slow waits up to 0.5 s to fill a batch (oldest max_queue_delay) and has one slot, so a test can catch a
+    sequence's second request waiting behind its first, and a second sequence in the backlog."""
+    accumulator_model(root / "acc_slow" / "1" / "model.onnx")
+    extra = "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }"
+    write_config(root, "acc_slow", accumulator_config("acc_slow", extra=extra))
+    return root
+
+
+def _in_thread(address: str, answers: dict[str, object], key: str, value: float, **kwargs: object) -> threading.Thread:
+    def call() -> None:
+        c = tc.InferenceServerClient(address)
+        try:
+            r = c.infer("acc_slow", _x(value), client_timeout=30, **kwargs)
+            answers[key] = float(r.as_numpy("OUTPUT")[0, 0])
+        except InferenceServerException as exc:
+            answers[key] = f"{exc.status()} {exc.message()}"
+        finally:
+            c.close()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread
+
+
+def _sequencer(served: ServerThread, model: str) -> Any:
+    return served.app.repository.get(model, "").sequencer
+
+
+def _accepted(sequencer: Any) -> int:
+    """Requests the sequencer has taken in and not finished (read from the test thread: a count, no mutation)."""
+    sequences = {id(q): q for q in [*list(sequencer._sequences.values()), *list(sequencer._backlog)]}
+    return sum(q.pending for q in sequences.values())
+
+
+def _has_accepted(sequencer: Any, n: int) -> bool:
+    return _accepted(sequencer) == n
+
+
+def _unloading_server(root: Path) -> ServerThread:
+    return ServerThread(_unload_repository(root), model_control_mode="explicit", load_model=["acc_slow"])
+
+
+UNLOADED = "StatusCode.UNAVAILABLE model 'acc_slow' version 1 was unloaded before the request ran"
+
+
+def test_an_unload_runs_what_it_accepted_and_refuses_the_backlog(tmp_path: Path) -> None:
+    """A request waiting behind an earlier one of its sequence was accepted: the unload lets it run (it used to
+    fail UNAVAILABLE "being unloaded"). A sequence waiting in the backlog can get no slot once the model is going:
+    it fails with UNAVAILABLE saying it never ran."""
+    with _unloading_server(tmp_path / "models") as s:
+        answers: dict[str, object] = {}
+        sequencer = _sequencer(s, "acc_slow")
+        threads = []
+        for key, value, flags in (("a1", 1.0, (1, True)), ("a2", 2.0, (1, False)), ("b1", 5.0, (2, True))):
+            threads.append(_in_thread(s.address, answers, key, value, sequence_id=flags[0], sequence_start=flags[1]))
+            wait_for(f"{key} accepted", functools.partial(_has_accepted, sequencer, len(threads)))
+        assert sequencer.backlog == 1
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.unload_model("acc_slow")
+            for thread in threads:
+                thread.join(30)
+        finally:
+            c.close()
+    assert answers == {"a1": 1.0, "a2": 3.0, "b1": UNLOADED}
+
+
+def test_an_unload_fails_a_sequence_started_again_in_the_backlog(tmp_path: Path) -> None:
+    """Sequence 2 waits in the backlog with START and END, then START again (a new sequence behind the old one):
+    the old one was no longer under its ID, and the unload left its callers waiting until their deadlines."""
+    with _unloading_server(tmp_path / "models") as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.infer("acc_slow", _x(1.0), sequence_id=1, sequence_start=True)  # holds the only slot
+            answers: dict[str, object] = {}
+            sequencer = _sequencer(s, "acc_slow")
+            threads = []
+            for key, start, end in (("start", True, False), ("end", False, True), ("again", True, False)):
+                threads.append(
+                    _in_thread(s.address, answers, key, 1.0, sequence_id=2, sequence_start=start, sequence_end=end)
+                )
+                wait_for(f"{key} accepted", functools.partial(_has_accepted, sequencer, len(threads)))
+            started = time.monotonic()
+            c.unload_model("acc_slow")
+            for thread in threads:
+                thread.join(30)
+            assert time.monotonic() - started < 20  # not the callers' 30 s deadlines
+        finally:
+            c.close()
+    assert answers == {"start": UNLOADED, "end": UNLOADED, "again": UNLOADED}
+
+
+def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> None:
+    """An ensemble over a sequence model may enable response_cache; requests of a sequence skip it (the answer
+    depends on the sequence's state), and the step sees each of them."""
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    (root / "wrapped" / "1").mkdir(parents=True)
+    write_config(
+        root,
+        "wrapped",
+        """
+name: "wrapped"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+response_cache { enable: true }
+ensemble_scheduling { step [ { model_name: "acc" model_version: -1
+  input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } } ] }
+""",
+    )
+    with ServerThread(root, response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            sums = []
+            for step in range(3):
+                x = tc.InferInput("X", [1, 1], "FP32")
+                x.set_data_from_numpy(np.array([[1.0]], np.float32))
+                r = c.infer("wrapped", [x], sequence_id=5, sequence_start=step == 0, sequence_end=step == 2)
+                sums.append(float(r.as_numpy("Y")[0, 0]))
+            assert sums == [1.0, 2.0, 3.0]
+            stats = c.get_inference_statistics("wrapped").model_stats[0].inference_stats
+            assert stats.cache_hit.count == 0 and stats.success.count == 3
         finally:
             c.close()

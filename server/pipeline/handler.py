@@ -126,7 +126,9 @@ class InferenceHandler:
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
         cache, key, lookup_ns = self.cache, None, 0
-        identity = self._identity(model) if cache is not None and model.config.response_cache.enable else None
+        # Never for a request of a sequence (an ensemble over a sequence model): its answer depends on the state.
+        cached_model = cache is not None and model.config.response_cache.enable and "sequence_id" not in req.parameters
+        identity = self._identity(model) if cached_model else None
         if identity is not None:
             assert cache is not None
             lookup = time.perf_counter_ns()

@@ -78,7 +78,9 @@ def scheduler_tensors(config: mc.ModelConfig) -> tuple[frozenset[str], frozenset
     return frozenset(inputs), frozenset(s.output_name for s in sb.state if s.output_name not in listed)
 
 
-def _control(model: str, entry: mc.ModelSequenceBatching.ControlInput, actual: TensorInfo | None) -> Control:
+def _control(
+    model: str, entry: mc.ModelSequenceBatching.ControlInput, actual: TensorInfo | None, batching: bool
+) -> Control:
     where = f"sequence_batching control_input '{entry.name}'"
     if len(entry.control) != 1:
         raise InvalidConfigError(model, f"{where} must have exactly one control, has {len(entry.control)}")
@@ -108,6 +110,14 @@ def _control(model: str, entry: mc.ModelSequenceBatching.ControlInput, actual: T
         config_type, (false, true) = given[0][0], given[0][1]
     if actual is None:
         raise InvalidConfigError(model, f"{where} is not an input of the model")
+    model_dims = actual.shape[1:] if batching else actual.shape
+    if not dims_fit([1], model_dims):
+        # The scheduler feeds one value per request: [batch, 1], or [1] for a model without a batch dimension.
+        raise InvalidConfigError(
+            model,
+            f"{where} has {'per-row ' if batching else ''}shape {shape_text(model_dims)} in the model; a control "
+            "takes [1]",
+        )
     if actual.data_type != config_type:
         raise InvalidConfigError(
             model,
@@ -235,12 +245,12 @@ def sequence_spec(
     model, sb = config.name, config.sequence_batching
     check_sequence_config(config)
     by_input = {t.name: t for t in inputs}
-    controls = tuple(_control(model, entry, by_input.get(entry.name)) for entry in sb.control_input)
+    batching = config.max_batch_size > 0
+    controls = tuple(_control(model, entry, by_input.get(entry.name), batching) for entry in sb.control_input)
     kinds = [c.kind for c in controls]
     for kind in set(kinds):
         if kinds.count(kind) > 1:
             raise InvalidConfigError(model, f"sequence_batching has {kinds.count(kind)} {kind} controls; at most one")
-    batching = config.max_batch_size > 0
     by_output = {t.name: t for t in outputs}
     states = tuple(_state(model, s, by_input, by_output, batching, version_dir) for s in sb.state)
     # As Triton's slots: per instance, max_batch_size (Direct: a batch slot per sequence), or Oldest's

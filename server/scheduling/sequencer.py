@@ -5,10 +5,15 @@ then goes to the model's Scheduler with its control tensors and the state its pr
 batches it with other sequences' requests, never with another of its own (a sequence has one request there at a
 time), so every batching and deadline rule of the Scheduler holds for sequences too.
 
-A request that fails leaves the state as it was; the sequence goes on. A sequence ends with its END request, or
-when it has had nothing to run for max_sequence_idle_microseconds; its state is dropped then, and a later request
-without START is refused. At most `max_sequences` hold a slot at once; a new sequence beyond that waits (backlog)
-until one ends.
+A request that fails leaves the state as it was; the sequence goes on. A sequence ends with its END request (when
+it arrives, as in Triton: a failed END ends it too), or when it has had nothing to run for
+max_sequence_idle_microseconds; its state is dropped then, and a later request without START is refused. At most
+`max_sequences` hold a slot at once; a new sequence beyond that waits (backlog) until one ends.
+
+While a request of a sequence that holds a slot waits here, the sequencer holds its Scheduler: an unload lets
+those requests run (within the grace period) even when they still wait behind an earlier request of their
+sequence. Requests in the backlog do not hold it: no slot frees for them once the model is going, so they fail
+with UNAVAILABLE when it has drained.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class Sequencer:
         self._holding = 0
         """Sequences holding a slot."""
         self._backlog: collections.deque[_Sequence] = collections.deque()
+        self._holding_requests = 0
+        """Requests of slot-holding sequences accepted and not finished: while > 0, the Scheduler is held."""
+        self._closed = False
         self._state_outputs = [s.output_name for s in spec.states]
         # Control tensors of one request, made once: a batch stacks them like any input.
         lead = (1, 1) if batched else (1,)
@@ -89,8 +97,8 @@ class Sequencer:
 
     @property
     def active(self) -> int:
-        """Sequences started and not yet ended, backlogged ones included."""
-        return len(self._sequences)
+        """Sequences holding a slot or waiting for one (a sequence started again before it ended counts once)."""
+        return self._holding + len(self._backlog)
 
     @property
     def backlog(self) -> int:
@@ -119,6 +127,11 @@ class Sequencer:
         previous, done = seq.tail, self._loop.create_future()
         seq.tail = done
         seq.pending += 1
+        holds = seq.slot.done()
+        if holds:
+            self._holding_requests += 1
+            if self._holding_requests == 1:
+                self._scheduler.hold()
         if seq.idle is not None:
             seq.idle.cancel()
             seq.idle = None
@@ -138,13 +151,14 @@ class Sequencer:
             for state in self._spec.states:
                 # A copy: a view would keep the whole batch's output alive for as long as the sequence lasts.
                 value = results[state.output_name] if state.output_name in outputs else results.pop(state.output_name)
-                seq.state[state.input_name] = value.copy()
+                if not self._closed:
+                    seq.state[state.input_name] = value.copy()
             return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
         finally:
             if previous is None or previous.done():
-                self._finished(seq, done)
+                self._finished(seq, done, holds)
             else:  # the caller left while an earlier request ran: the next one still waits for that one
-                previous.add_done_callback(lambda _: self._finished(seq, done))
+                previous.add_done_callback(lambda _: self._finished(seq, done, holds))
 
     def _check(self, flags: SequenceFlags | None, rows: int, feed: dict[str, np.ndarray]) -> None:
         version = str(self._version)
@@ -214,10 +228,14 @@ class Sequencer:
 
     # ----- sequence lifetime (event loop) ------------------------------------------------------------------
 
-    def _finished(self, seq: _Sequence, done: asyncio.Future[None]) -> None:
+    def _finished(self, seq: _Sequence, done: asyncio.Future[None], held: bool) -> None:
         done.set_result(None)
         seq.pending -= 1
-        if seq.pending:
+        if held:
+            self._holding_requests -= 1
+            if self._holding_requests == 0:
+                self._scheduler.release()
+        if seq.pending or self._closed:
             return
         if seq.ended:
             self._release(seq)
@@ -260,12 +278,14 @@ class Sequencer:
             self._backlog.popleft().slot.set_result(None)
 
     def close(self) -> None:
-        """The model is being unloaded: sequences end, and those still waiting for a slot fail (never ran)."""
-        for seq in list(self._sequences.values()):
+        """The model is being unloaded: sequences end, and those still waiting for a slot fail (never ran). A
+        sequence started again before it ended may wait in the backlog without being the one its ID names."""
+        self._closed = True
+        for seq in [*self._sequences.values(), *self._backlog]:
             if seq.idle is not None:
                 seq.idle.cancel()
                 seq.idle = None
-            if not seq.slot.done():
+            if not seq.slot.done():  # (a slot shared with a successor is failed once)
                 seq.slot.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
                 seq.slot.exception()  # read here: a sequence whose requests all left has nobody to read it
             seq.state.clear()
