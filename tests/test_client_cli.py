@@ -30,7 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
     identity_model(root / "identity_bytes" / "1" / "model.onnx", "BYTES")
     accumulator_model(root / "acc" / "1" / "model.onnx")
-    write_config(root, "acc", accumulator_config("acc"))
+    # Each call starts a process: the sequence must outlive the default second of idleness between them.
+    write_config(root, "acc", accumulator_config("acc", extra="max_sequence_idle_microseconds: 60000000"))
     with ServerThread(root) as s:
         yield s
 
