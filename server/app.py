@@ -178,6 +178,7 @@ class TensorgateServer:
             requests=self.metrics.requests if self.metrics is not None else None,
             tracing=self.tracing,
             shared_memory=SystemSharedMemory(enabled=s.shared_memory == "system"),
+            log_format=s.log_format,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -117,5 +117,11 @@ class BackendError(TensorgateError):
         self.model, self.version = model, version
 
 
+class InvalidSettingError(TensorgateError):
+    """A server setting (LogSettings) that cannot be changed as asked; names no model."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class UnimplementedError(TensorgateError):
     code = grpc.StatusCode.UNIMPLEMENTED

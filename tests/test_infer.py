@@ -511,7 +511,14 @@ def test_server_metadata(client: tc.InferenceServerClient, stub: GRPCInferenceSe
     meta = client.get_server_metadata()
     assert meta.name == "tensorgate"
     assert meta.version
-    assert sorted(meta.extensions) == ["classification", "model_configuration", "model_repository", "statistics"]
+    assert sorted(meta.extensions) == [
+        "classification",
+        "logging",
+        "model_configuration",
+        "model_repository",
+        "sequence",
+        "statistics",
+    ]
     assert client.is_server_live()
     assert client.is_server_ready()
     assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live

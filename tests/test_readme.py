@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import runpy
 import sys
@@ -52,8 +53,12 @@ def test_readme_python_snippets_run(example_server: ServerThread, index: int, tm
     script = tmp_path / "snippet.py"
     script.write_text(code)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        runpy.run_path(str(script), run_name="__main__")
+    level = logging.getLogger().level  # the LogSettings snippet changes the process's level
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        logging.getLogger().setLevel(level)
     printed = out.getvalue().strip()
     assert printed, "the snippet printed nothing"
     if "digits" in code:

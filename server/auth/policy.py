@@ -15,18 +15,19 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
 API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, SystemSharedMemory*, and
 tensorgate.v1.Monitoring's SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig),
 statistics (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex,
-RepositoryModelLoad, RepositoryModelUnload), health (ServerLive, ServerReady, ModelReady). The standard
-grpc.health.v1 and reflection services answer probes without a check by default; with `--auth-probes policy` they
-are checked too (server/rpc/probes.py), as `Health.Check`/`Health.Watch` in the health group and
-`ServerReflectionInfo` in the metadata group.
+RepositoryModelLoad, RepositoryModelUnload), settings (LogSettings), health (ServerLive, ServerReady,
+ModelReady). The standard grpc.health.v1 and reflection services answer probes without a check by default; with
+`--auth-probes policy` they are checked too (server/rpc/probes.py), as `Health.Check`/`Health.Watch` in the health
+group and `ServerReflectionInfo` in the metadata group.
 
 Calls that name no model: health and metadata ones (ServerLive, ServerMetadata, ...) need the group only;
-RepositoryIndex and ModelStatistics for all models list every model, so they need a rule whose models include
-`*` without versions. A rule with `versions` matches only requests that name one of those versions.
+RepositoryIndex and ModelStatistics for all models list every model, and settings apply to the whole server, so
+they need a rule whose models include `*` without versions. A rule with `versions` matches only requests that name
+one of those versions.
 
 With mTLS and no policy file, `DEFAULT_MTLS_POLICY` applies: any verified client may infer and read metadata,
-statistics and health; the repository group is denied. Without mTLS and without a policy nothing is checked.
-Without mTLS but with a policy, every caller is `anonymous`.
+statistics and health; the repository and settings groups are denied. Without mTLS and without a policy nothing
+is checked. Without mTLS but with a policy, every caller is `anonymous`.
 
 Bearer tokens, for deployments that terminate TLS elsewhere: the policy may map SHA-256 hashes of tokens to
 identities. Then a caller without a verified client certificate must send `authorization: Bearer TOKEN`
@@ -64,7 +65,7 @@ from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedErr
 
 log = logging.getLogger(__name__)
 
-API_GROUPS = ("inference", "metadata", "statistics", "repository", "health")
+API_GROUPS = ("inference", "metadata", "statistics", "repository", "settings", "health")
 RPC_GROUPS: dict[str, str] = {
     "ModelInfer": "inference",
     "ModelStreamInfer": "inference",
@@ -81,6 +82,8 @@ RPC_GROUPS: dict[str, str] = {
     "RepositoryIndex": "repository",
     "RepositoryModelLoad": "repository",
     "RepositoryModelUnload": "repository",
+    # A server-wide switch an operator flips while it runs: changing it is an administrator's call.
+    "LogSettings": "settings",
     "ServerLive": "health",
     "ServerReady": "health",
     "ModelReady": "health",

@@ -1,8 +1,7 @@
 """GRPCInferenceService: each RPC decodes, calls the pipeline or repository, and encodes; nothing more.
 
 Every method goes through one error mapper (server/rpc/errors.py). RPCs that tensorgate does not implement
-(CUDA shared memory registration, trace and log settings) are inherited from the generated base and answer
-UNIMPLEMENTED.
+(CUDA shared memory registration, trace settings) are inherited from the generated base and answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -20,9 +19,11 @@ from opentelemetry.trace import StatusCode
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
 from tensorgate.server import __version__
+from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import (
+    InvalidSettingError,
     ModelNotFoundError,
     ModelUnavailableError,
     ResourceExhaustedError,
@@ -36,6 +37,7 @@ from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
+from tensorgate.server.telemetry import log_settings
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ FINAL_RESPONSE = "triton_final_response"
 """Set on every stream response, as Triton sets it: a model here answers each request once, so every response is
 its request's final one. Clients written for Triton read it to know a request is done."""
 # Only what is really implemented: perf_analyzer reads this list to decide what to call.
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("classification", "logging", "model_configuration", "model_repository", "sequence", "statistics")
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -81,8 +83,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         requests: RequestCounts | None = None,
         tracing: Tracing | None = None,
         shared_memory: SystemSharedMemory | None = None,
+        log_format: str = "text",
     ) -> None:
         self.gate = gate
+        self._log_format = log_format
         self.shared_memory = shared_memory or codec.NO_SHARED_MEMORY
         self._extensions = EXTENSIONS + (("system_shared_memory",) if self.shared_memory.enabled else ())
         self.tracing = tracing
@@ -371,6 +375,38 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self._require_control("RepositoryModelUnload")
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # ----- settings ----------------------------------------------------------------------------------------
+
+    @errors.unary
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> pb.LogSettingsResponse:
+        """Triton's log settings: an empty request reads them, keys change them (the root log level). One
+        process's: with --reuse-port, each process sharing the port has its own."""
+        changes: dict[str, log_settings.LogValue] = {}
+        for key, value in request.settings.items():
+            choice = value.WhichOneof("parameter_choice")
+            if choice is None:
+                raise InvalidSettingError(f"log setting '{key}' has no value")
+            changes[key] = getattr(value, choice)
+        if changes:
+            try:
+                settings = log_settings.apply(changes, self._log_format)
+            except log_settings.LogSettingsError as exc:
+                raise InvalidSettingError(str(exc)) from exc
+            # WARNING: seen at any level, this one included, so that the log itself says why it changed.
+            log.warning("log settings changed by '%s': %s", CURRENT_IDENTITY.get(), changes)
+        else:
+            settings = log_settings.current(self._log_format)
+        response = pb.LogSettingsResponse()
+        for key, v in settings.items():
+            entry = response.settings[key]
+            if isinstance(v, bool):
+                entry.bool_param = v
+            elif isinstance(v, int):
+                entry.uint32_param = v
+            else:
+                entry.string_param = v
+        return response
 
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "InferenceServicer"]

@@ -1,0 +1,138 @@
+"""Triton's LogSettings RPC: an operator reads and changes the log level of a running server, with unmodified
+tritonclient, and only when the authorization policy lets it (the `settings` group)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.server.telemetry.log_settings import LogSettingsError, level_of
+from tests.serving import ServerThread
+from tests.test_infer import triton_inputs
+
+
+@pytest.fixture(autouse=True)
+def root_level() -> Iterator[None]:
+    """The RPC changes the process's root level: put it back for the tests that follow."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    yield
+    root.setLevel(before)
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(server.address)
+    yield c
+    c.close()
+
+
+def _settings(response: object) -> dict[str, object]:
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.settings.items()}  # type: ignore[attr-defined]
+
+
+def _infer(c: tc.InferenceServerClient) -> None:
+    row = np.ones((1, 16), np.float32)
+    c.infer("add_sub", triton_inputs({"INPUT0": row, "INPUT1": row}), request_id="seen")
+
+
+def test_read_then_turn_the_access_lines_on_and_off(
+    client: tc.InferenceServerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _settings(client.get_log_settings()) == {
+        "log_file": "",
+        "log_info": True,
+        "log_warning": True,
+        "log_error": True,
+        "log_verbose_level": 0,
+        "log_format": "text",
+    }
+    caplog.handler.setLevel(logging.NOTSET)  # the handler takes everything; the root level alone decides
+    _infer(client)
+    assert "id=seen" not in caplog.text  # access lines are DEBUG: off at INFO
+
+    now = _settings(client.update_log_settings({"log_verbose_level": 1}))
+    assert now["log_verbose_level"] == 1 and logging.getLogger().level == logging.DEBUG
+    assert "log settings changed by 'anonymous': {'log_verbose_level': 1}" in caplog.text
+    _infer(client)
+    assert "id=seen" in caplog.text
+
+    now = _settings(client.update_log_settings({"log_verbose_level": 0, "log_info": False}))
+    assert (now["log_verbose_level"], now["log_info"], now["log_warning"]) == (0, False, True)
+    # From WARNING, verbose alone turns every kind on (log_info was off).
+    assert _settings(client.update_log_settings({"log_verbose_level": 1}))["log_info"] is True
+    now = _settings(client.update_log_settings({"log_verbose_level": 0, "log_info": False}))
+    assert (now["log_verbose_level"], now["log_info"], now["log_warning"]) == (0, False, True)
+    assert logging.getLogger().level == logging.WARNING
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"log_colour": True}, "unknown log setting 'log_colour'", id="unknown"),
+        pytest.param({"log_file": "/tmp/x.log"}, "log_file cannot be set: tensorgate logs to stderr", id="file"),
+        pytest.param({"log_format": "ISO8601"}, "log_format is fixed at start (--log-format)", id="format"),
+        pytest.param({"log_warning": False}, "log_warning cannot be off while log_info is on", id="threshold"),
+        pytest.param({"log_info": False, "log_verbose_level": 2}, "log_verbose_level needs log_info on", id="verbose"),
+    ],
+)
+def test_changes_that_cannot_be_made_are_refused_whole(
+    client: tc.InferenceServerClient, settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.update_log_settings(settings)
+    assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert message in str(info.value.message())
+    assert logging.getLogger().level == logging.INFO  # nothing half applied
+
+
+def test_triton_s_default_format_name_is_ours(client: tc.InferenceServerClient) -> None:
+    assert _settings(client.update_log_settings({"log_format": "default"}))["log_format"] == "text"
+
+
+def test_levels_are_thresholds() -> None:
+    base = {"log_info": True, "log_warning": True, "log_error": True, "log_verbose_level": 0}
+    assert level_of(base) == logging.INFO
+    assert level_of({**base, "log_verbose_level": 3}) == logging.DEBUG
+    assert level_of({**base, "log_info": False}) == logging.WARNING
+    assert level_of({**base, "log_info": False, "log_warning": False}) == logging.ERROR
+    assert level_of({**base, "log_info": False, "log_warning": False, "log_error": False}) == logging.CRITICAL
+    with pytest.raises(LogSettingsError):
+        level_of({**base, "log_error": False})
+
+
+def test_only_the_settings_group_may_change_them(repo: Path, tmp_path: Path) -> None:
+    """Under a policy, a caller allowed everything but `settings` is refused; an administrator with `*` may.
+    Settings name no model, so the rule needs models `*` (the default)."""
+    tokens = {"scorer": "s3cret-scorer", "admin": "s3cret-admin"}
+    policy = {
+        "rules": [
+            {"identities": ["scorer"], "apis": ["inference", "metadata", "statistics", "repository", "health"]},
+            {"identities": ["admin"], "apis": ["*"]},
+        ],
+        "tokens": [{"sha256": hashlib.sha256(t.encode()).hexdigest(), "identity": who} for who, t in tokens.items()],
+    }
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    with ServerThread(repo, auth_policy=path) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                c.update_log_settings({"log_verbose_level": 1}, headers={"authorization": "Bearer s3cret-scorer"})
+            assert info.value.status() == str(grpc.StatusCode.PERMISSION_DENIED)
+            assert "identity 'scorer' may not call LogSettings" in str(info.value.message())
+            assert logging.getLogger().level == logging.INFO
+            c.update_log_settings({"log_verbose_level": 1}, headers={"authorization": "Bearer s3cret-admin"})
+            assert logging.getLogger().level == logging.DEBUG
+        finally:
+            c.close()
