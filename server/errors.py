@@ -118,9 +118,15 @@ class BackendError(TensorgateError):
 
 
 class InvalidSettingError(TensorgateError):
-    """A server setting (LogSettings) that cannot be changed as asked; names no model."""
+    """A server setting (LogSettings, TraceSetting) that cannot be changed as asked; names no model."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPreconditionError(TensorgateError):
+    """What was asked needs the server started otherwise (TraceSetting on a server started without tracing)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class UnimplementedError(TensorgateError):

@@ -518,6 +518,7 @@ def test_server_metadata(client: tc.InferenceServerClient, stub: GRPCInferenceSe
         "model_repository",
         "sequence",
         "statistics",
+        "trace",
     ]
     assert client.is_server_live()
     assert client.is_server_ready()

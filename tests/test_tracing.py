@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otl
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import GRPCInferenceServiceStub
@@ -621,3 +622,94 @@ def test_an_answer_too_late_for_its_caller_is_not_logged_as_a_server_error(level
     assert "Traceback" not in text and "ExecuteBatchError" not in text
     late = "DEBUG grpc._cython.cygrpc: the call ended (deadline or cancel) before its answer was sent: /inference.X"
     assert (late in text) == (level == "DEBUG")
+
+
+# ----- TraceSetting: sampling changed while the server runs ------------------------------------------------------
+
+
+def _trace_settings(response: object) -> dict[str, list[str]]:
+    return {k: list(v.value) for k, v in response.settings.items()}  # type: ignore[attr-defined]
+
+
+def _infer_as(client: triton.InferenceServerClient, request_id: str, caller: Caller | None = None) -> None:
+    inp = triton.InferInput("INPUT0", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    headers = {"traceparent": caller.traceparent} if caller is not None else None
+    client.infer("identity_fp32", [inp], request_id=request_id, headers=headers)
+
+
+def test_trace_settings_change_sampling_while_the_server_runs(repo: Path, collector: tuple[Collector, int]) -> None:
+    """tritonclient's update_trace_settings: OFF stops tracing (a sampled caller included), trace_rate N keeps one
+    new trace in N (a sampled caller still traced: parent-based), a key sent without a value goes back to the
+    start's setting."""
+    c, port = collector
+    with traced(repo, port) as server:
+        client = triton.InferenceServerClient(server.address)
+        try:
+            settings = _trace_settings(client.get_trace_settings())
+            assert settings["trace_level"] == ["TIMESTAMPS"] and settings["trace_rate"] == ["1"]
+            assert settings["tensorgate.sample_rate"] == ["1"] and settings["trace_mode"] == ["opentelemetry"]
+            _infer_as(client, "on-1")
+            off = _trace_settings(client.update_trace_settings(settings={"trace_level": "OFF"}))
+            assert off["trace_level"] == ["OFF"]
+            _infer_as(client, "off-new")
+            _infer_as(client, "off-sampled-caller", Caller.new())
+            rare = client.update_trace_settings(settings={"trace_level": "TIMESTAMPS", "trace_rate": "1000000000"})
+            assert _trace_settings(rare)["trace_rate"] == ["1000000000"]
+            _infer_as(client, "rare-new")
+            _infer_as(client, "rare-sampled-caller", Caller.new())
+            back = _trace_settings(client.update_trace_settings(settings={"trace_rate": None}))
+            assert back["trace_rate"] == ["1"]
+            _infer_as(client, "on-2")
+        finally:
+            client.close()
+    ids = {attrs(s).get("tensorgate.request.id") for s in server_spans(c, "ModelInfer")}
+    assert ids == {"on-1", "rare-sampled-caller", "on-2"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"trace_level": "TENSORS"}, "tensorgate never traces payloads", id="tensors"),
+        pytest.param({"trace_level": ["OFF", "TIMESTAMPS"]}, "trace_level must be OFF or TIMESTAMPS", id="both"),
+        pytest.param({"trace_rate": "0"}, "trace_rate must be a whole number >= 1", id="rate-0"),
+        pytest.param({"tensorgate.sample_rate": "2"}, "tensorgate.sample_rate must be a number in 0..1", id="share"),
+        pytest.param({"trace_count": "10"}, "trace_count can only be '-1' here", id="count"),
+        pytest.param({"trace_file": "/tmp/t.json"}, "trace_file can only be '' here", id="file"),
+        pytest.param({"trace_colour": "red"}, "unknown trace setting 'trace_colour'", id="unknown"),
+    ],
+)
+def test_trace_settings_that_cannot_be_made_are_refused(
+    repo: Path, collector: tuple[Collector, int], settings: dict[str, object], message: str
+) -> None:
+    _, port = collector
+    with traced(repo, port) as server:
+        client = triton.InferenceServerClient(server.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.update_trace_settings(settings={"trace_rate": "7", **settings})
+            assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
+            assert message in str(info.value.message())
+            # Refused whole: the valid trace_rate beside the bad key was not applied either.
+            assert _trace_settings(client.get_trace_settings())["trace_rate"] == ["1"]
+            with pytest.raises(InferenceServerException) as info:
+                client.update_trace_settings("identity_fp32", {"trace_rate": "2"})
+            assert "trace settings are the server's" in str(info.value.message())
+        finally:
+            client.close()
+
+
+def test_trace_settings_without_tracing_say_how_to_turn_it_on(server: ServerThread) -> None:
+    client = triton.InferenceServerClient(server.address)
+    try:
+        assert _trace_settings(client.get_trace_settings())["trace_level"] == ["OFF"]
+        assert _trace_settings(client.get_trace_settings("identity_fp32"))["trace_level"] == ["OFF"]
+        with pytest.raises(InferenceServerException) as info:
+            client.update_trace_settings(settings={"trace_level": "TIMESTAMPS"})
+        assert info.value.status() == str(grpc.StatusCode.FAILED_PRECONDITION)
+        assert "start the server with --otlp-endpoint" in str(info.value.message())
+        with pytest.raises(InferenceServerException) as info:
+            client.get_trace_settings("no_such_model")
+        assert info.value.status() == str(grpc.StatusCode.NOT_FOUND)
+    finally:
+        client.close()

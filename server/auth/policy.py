@@ -15,7 +15,7 @@ its model. Identities and model names are exact strings or fnmatch globs (`spiff
 API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, SystemSharedMemory*, and
 tensorgate.v1.Monitoring's SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig),
 statistics (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex,
-RepositoryModelLoad, RepositoryModelUnload), settings (LogSettings), health (ServerLive, ServerReady,
+RepositoryModelLoad, RepositoryModelUnload), settings (LogSettings, TraceSetting), health (ServerLive, ServerReady,
 ModelReady). The standard grpc.health.v1 and reflection services answer probes without a check by default; with
 `--auth-probes policy` they are checked too (server/rpc/probes.py), as `Health.Check`/`Health.Watch` in the health
 group and `ServerReflectionInfo` in the metadata group.
@@ -82,8 +82,9 @@ RPC_GROUPS: dict[str, str] = {
     "RepositoryIndex": "repository",
     "RepositoryModelLoad": "repository",
     "RepositoryModelUnload": "repository",
-    # A server-wide switch an operator flips while it runs: changing it is an administrator's call.
+    # Server-wide switches an operator flips while it runs: changing them is an administrator's call.
     "LogSettings": "settings",
+    "TraceSetting": "settings",
     "ServerLive": "health",
     "ServerReady": "health",
     "ModelReady": "health",

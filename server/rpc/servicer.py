@@ -1,7 +1,7 @@
 """GRPCInferenceService: each RPC decodes, calls the pipeline or repository, and encodes; nothing more.
 
-Every method goes through one error mapper (server/rpc/errors.py). RPCs that tensorgate does not implement
-(CUDA shared memory registration, trace settings) are inherited from the generated base and answer UNIMPLEMENTED.
+Every method goes through one error mapper (server/rpc/errors.py). The RPC that tensorgate does not implement
+(CUDA shared memory registration) is inherited from the generated base and answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import (
+    FailedPreconditionError,
     InvalidSettingError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -37,7 +38,7 @@ from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
-from tensorgate.server.telemetry import log_settings
+from tensorgate.server.telemetry import log_settings, trace_settings
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
@@ -50,7 +51,15 @@ FINAL_RESPONSE = "triton_final_response"
 """Set on every stream response, as Triton sets it: a model here answers each request once, so every response is
 its request's final one. Clients written for Triton read it to know a request is done."""
 # Only what is really implemented: perf_analyzer reads this list to decide what to call.
-EXTENSIONS = ("classification", "logging", "model_configuration", "model_repository", "sequence", "statistics")
+EXTENSIONS = (
+    "classification",
+    "logging",
+    "model_configuration",
+    "model_repository",
+    "sequence",
+    "statistics",
+    "trace",
+)
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -406,6 +415,35 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 entry.uint32_param = v
             else:
                 entry.string_param = v
+        return response
+
+    @errors.unary
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> pb.TraceSettingResponse:
+        """Triton's trace settings over the OpenTelemetry sampler: an empty request reads them, keys change them.
+        They are the server's: a model name reads them (they apply to it) but cannot change them for it alone."""
+        changes = {key: list(value.value) for key, value in request.settings.items()}
+        state = None if self.tracing is None else self.tracing.sampling
+        if changes:
+            if request.model_name:
+                raise InvalidSettingError(
+                    f"trace settings are the server's: they cannot be changed for {model_ref(request.model_name)} "
+                    "alone (send no model name)"
+                )
+            if self.tracing is None or state is None or self.tracing.initial_sampling is None:
+                raise FailedPreconditionError(
+                    "tracing is off: start the server with --otlp-endpoint to trace, then change the sampling here"
+                )
+            try:
+                state = trace_settings.apply(changes, state, self.tracing.initial_sampling)
+            except trace_settings.TraceSettingsError as exc:
+                raise InvalidSettingError(str(exc)) from exc
+            self.tracing.set_sampling(state)
+            log.warning("trace settings changed by '%s': %s", CURRENT_IDENTITY.get(), changes)
+        elif request.model_name:
+            self._repository.get(request.model_name, "")  # NOT_FOUND for a model the server does not have
+        response = pb.TraceSettingResponse()
+        for key, values in trace_settings.current(state).items():
+            response.settings[key].value.extend(values)
         return response
 
 

@@ -252,6 +252,18 @@ class LightTracer(trace.Tracer):
 
     def __init__(self, sink: list[SpanRecord], rate: float) -> None:
         self._sink = sink
+        self.enabled = True
+        """False: nothing is traced, sampled callers included (TraceSetting's trace_level OFF)."""
+        self.rate = rate
+
+    @property
+    def rate(self) -> float:
+        """The share of new traces kept; set at run time by TraceSetting (one int store, safe under the GIL)."""
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: float) -> None:
+        self._rate = rate
         self._bound = round(rate * (1 << 64))  # TraceIdRatioBased: the low 64 bits of the trace id under it
 
     def start_span(
@@ -269,9 +281,10 @@ class LightTracer(trace.Tracer):
         parent: SpanContext | None = current
         if current.is_valid:
             trace_id, sampled, state = current.trace_id, current.trace_flags.sampled, current.trace_state
+            sampled = sampled and self.enabled
         else:
             trace_id = _new_id(128)
-            sampled, state, parent = (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, _NO_STATE, None
+            sampled, state, parent = self.enabled and (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, _NO_STATE, None
         ctx = SpanContext(trace_id, _new_id(64), False, _SAMPLED if sampled else _UNSAMPLED, state)
         if not sampled:
             return NonRecordingSpan(ctx)

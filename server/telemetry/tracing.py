@@ -38,6 +38,7 @@ from tensorgate.server.telemetry.span_pipe import (
     execute_attributes,
     steps_record,
 )
+from tensorgate.server.telemetry.trace_settings import TraceState
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class Tracing:
         self.provider = provider
         self.pipe = pipe
         self.tracer: trace.Tracer = pipe.tracer if pipe is not None else provider.get_tracer("tensorgate", __version__)  # type: ignore[union-attr]
+        self.initial_sampling = self.sampling
+        """How the server started: what TraceSetting resets a setting to."""
 
     # ----- RPC spans (event loop) --------------------------------------------------------------------------
 
@@ -292,6 +295,20 @@ class Tracing:
             attributes=execute_attributes(rows, provider),
             start_time=started_ns,
         ).end(end_time=ended_ns)
+
+    @property
+    def sampling(self) -> TraceState | None:
+        """Whether tracing runs and the share of new traces kept; None when an injected TracerProvider samples
+        (its sampler is its owner's, not something TraceSetting may change)."""
+        if self.pipe is None:
+            return None
+        return TraceState(self.pipe.tracer.enabled, self.pipe.tracer.rate)
+
+    def set_sampling(self, state: TraceState) -> None:
+        if self.pipe is None:
+            raise ValueError("an injected TracerProvider's sampler is its owner's")
+        self.pipe.tracer.rate = state.rate
+        self.pipe.tracer.enabled = state.enabled
 
     def shutdown(self) -> None:
         """Export what is buffered: the pipe's exporter process sends it and stops; an injected provider is

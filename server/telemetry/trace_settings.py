@@ -1,0 +1,93 @@
+"""Triton's TraceSetting RPC over tensorgate's OpenTelemetry tracing: read and change sampling while the server runs.
+
+An operator raises the sample rate during an incident (or turns tracing off) without a restart. Triton's keys map
+onto ours: `trace_level` OFF stops tracing altogether (sampled callers included), TIMESTAMPS turns it back on;
+`trace_rate` N keeps one new trace in N (a share of 1/N; `tensorgate.sample_rate` sets the share itself); a key
+sent without a value goes back to the start's setting.
+TENSORS is refused (payloads are never traced), and so are settings tensorgate has no counterpart for
+(`trace_count`, `log_frequency`, `trace_file`, another `trace_mode`) unless they ask for what it already does.
+Where the spans go is fixed at start (`--otlp-endpoint`); a server started without it has nothing to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_mode", "tensorgate.sample_rate")
+_FIXED = {"trace_count": "-1", "log_frequency": "0", "trace_mode": "opentelemetry", "trace_file": ""}
+"""Settings with one value here: what Triton means by it is what tensorgate always does."""
+
+
+class TraceSettingsError(ValueError):
+    """A change that cannot be made; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceState:
+    """What the settings describe: whether tracing runs, and the share of new traces kept."""
+
+    enabled: bool
+    rate: float
+
+
+def current(state: TraceState | None) -> dict[str, list[str]]:
+    """Triton's view of `state` (None: tracing was not configured at start, so it is off)."""
+    level = ["TIMESTAMPS"] if state is not None and state.enabled else ["OFF"]
+    rate = 0.0 if state is None else state.rate
+    return {
+        "trace_level": level,
+        "trace_rate": [str(round(1 / rate)) if rate > 0 else "0"],
+        "trace_count": [_FIXED["trace_count"]],
+        "log_frequency": [_FIXED["log_frequency"]],
+        "trace_mode": [_FIXED["trace_mode"]],
+        "tensorgate.sample_rate": [f"{rate:g}"],
+    }
+
+
+def _one(key: str, values: Sequence[str]) -> str:
+    if len(values) != 1:
+        raise TraceSettingsError(f"trace setting '{key}' takes one value, got {len(values)}")
+    return values[0]
+
+
+def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: TraceState) -> TraceState:
+    """The state after `changes`, every one checked first (nothing is half applied). A key without values goes
+    back to how the server started (`initial`), as Triton resets a setting sent empty."""
+    enabled, rate = state.enabled, state.rate
+    for key, values in changes.items():
+        if not values and key in KEYS:
+            if key == "trace_level":
+                enabled = initial.enabled
+            elif key in ("trace_rate", "tensorgate.sample_rate"):
+                rate = initial.rate
+            continue
+        if key == "trace_level":
+            levels = set(values)
+            if "TENSORS" in levels:
+                raise TraceSettingsError("trace_level TENSORS is refused: tensorgate never traces payloads")
+            if not levels or not levels <= {"OFF", "TIMESTAMPS"} or levels == {"OFF", "TIMESTAMPS"}:
+                raise TraceSettingsError(f"trace_level must be OFF or TIMESTAMPS, got {sorted(levels)}")
+            enabled = levels == {"TIMESTAMPS"}
+        elif key == "trace_rate":
+            text = _one(key, values)
+            if not text.isdigit() or int(text) < 1:
+                raise TraceSettingsError(f"trace_rate must be a whole number >= 1 (one trace in N), got '{text}'")
+            rate = 1 / int(text)
+        elif key == "tensorgate.sample_rate":
+            text = _one(key, values)
+            try:
+                rate = float(text)
+            except ValueError:
+                rate = -1.0
+            if not 0.0 <= rate <= 1.0:
+                raise TraceSettingsError(f"tensorgate.sample_rate must be a number in 0..1, got '{text}'")
+        elif key in _FIXED:
+            if list(values) != [_FIXED[key]]:
+                raise TraceSettingsError(f"{key} can only be {_FIXED[key]!r} here")
+        else:
+            raise TraceSettingsError(f"unknown trace setting '{key}' (known: {', '.join(KEYS)})")
+    return TraceState(enabled, rate)
+
+
+__all__ = ["KEYS", "TraceSettingsError", "TraceState", "apply", "current"]
