@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tensorgate.client._common import check_headers
 from tensorgate.client.config import DEFAULT_TIMEOUT_S, TLSConfig
 from tensorgate.client.errors import TensorgateClientError
 from tensorgate.client.sync import InferenceClient
+from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
 
 PROG = "tensorgate infer"
@@ -184,10 +186,37 @@ def _class_counts(items: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for item in items:
         name, sep, k = item.partition("=")
-        if not sep or not name or not k.isdigit() or int(k) < 1:
+        if not sep or not name or not re.fullmatch(r"[0-9]+", k) or int(k) < 1:
             raise UsageError(f"--class-count {item!r}: expected NAME=K with K a positive integer")
         counts[name] = int(k)
     return counts
+
+
+def _sequence_id(text: str | None) -> int | str | None:
+    """ASCII digits are an integer ID (unless the model takes string IDs: `_takes_string_ids`), anything else a
+    string ID."""
+    if text is None or not re.fullmatch(r"-?[0-9]+", text):
+        return text
+    if text.startswith("-"):
+        raise UsageError(f"--sequence-id {text}: an integer ID cannot be negative")
+    if int(text) >= 2**64:
+        raise UsageError(f"--sequence-id {text}: an integer ID must be below 2**64")
+    return int(text)
+
+
+def _takes_string_ids(client: InferenceClient, model: str, version: str | None) -> bool:
+    """Whether the model's CORRID control is a string; False when its config cannot be read (then the server
+    says what it wants)."""
+    try:
+        config = client.config(model, version)
+    except TensorgateClientError:
+        return False
+    string = mc.TYPE_STRING
+    return any(
+        c.kind == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID and c.data_type == string
+        for entry in config.sequence_batching.control_input
+        for c in entry.control
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,9 +229,7 @@ def run(args: argparse.Namespace) -> int:
         headers = headers_from_args(args)
         if args.timeout <= 0:
             raise UsageError("--timeout must be positive")
-        sequence_id: int | str | None = args.sequence_id
-        if isinstance(sequence_id, str) and sequence_id.isdigit():
-            sequence_id = int(sequence_id)
+        sequence_id = _sequence_id(args.sequence_id)
         if sequence_id in (None, 0, "") and (args.sequence_start or args.sequence_end):
             raise UsageError("--sequence-start and --sequence-end need a non-zero --sequence-id")
     except UsageError as exc:
@@ -210,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
+            if isinstance(sequence_id, int) and _takes_string_ids(client, args.model, args.model_version):
+                sequence_id = args.sequence_id  # "007" for a model whose CORRID is a string stays "007"
             if pending:
                 meta = client.metadata(args.model, args.model_version)
                 declared = {t.name: t.datatype for t in meta.inputs}

@@ -32,6 +32,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     accumulator_model(root / "acc" / "1" / "model.onnx")
     # Each call starts a process: the sequence must outlive the default second of idleness between them.
     write_config(root, "acc", accumulator_config("acc", extra="max_sequence_idle_microseconds: 60000000"))
+    accumulator_model(root / "acc_text" / "1" / "model.onnx", corrid="BYTES")
+    write_config(root, "acc_text", accumulator_config("acc_text", corrid="TYPE_STRING"))
     with ServerThread(root) as s:
         yield s
 
@@ -140,6 +142,17 @@ def test_a_sequence_across_calls(server: ServerThread) -> None:
     assert done.returncode == 1 and "sequence 12 is not active" in done.stderr
 
 
+def test_a_digit_only_id_for_a_model_that_takes_string_ids(server: ServerThread) -> None:
+    """Digits are an integer ID, except for a model whose CORRID is a string: there "007" stays "007"."""
+    args = ["--input", "INPUT=[[1.0]]", "--sequence-id", "007", "--sequence-start", "--sequence-end"]
+    done = infer("acc_text", *args, "--server", server.address)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"]["CORRID_OUT"]["data"] == [["007"]]
+    done = infer("acc", *args, "--server", server.address)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"]["CORRID_OUT"]["data"] == [[7]]
+
+
 def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
     done = infer("add_sub", "--input", f"INPUT0={json.dumps([ROW])}", "--server", server.address)
     assert done.returncode == 1
@@ -155,6 +168,9 @@ def test_bad_request_is_invalid_argument(server: ServerThread) -> None:
         pytest.param([], "at least one --input", id="no-inputs"),
         pytest.param(["--input", "A=[1]", "--class-count", "OUT=0"], "K a positive integer", id="class-count"),
         pytest.param(["--input", "A=[1]", "--sequence-start"], "need a non-zero --sequence-id", id="no-sequence-id"),
+        pytest.param(["--input", "A=[1]", "--sequence-id", "-5"], "cannot be negative", id="negative-id"),
+        pytest.param(["--input", "A=[1]", "--sequence-id", str(2**64)], "must be below 2**64", id="huge-id"),
+        pytest.param(["--input", "A=[1]", "--class-count", "OUT=\u00b2"], "K a positive integer", id="superscript"),
         pytest.param(["--input", "A=[1]", "--tls-cert", "c.pem"], "--tls-cert and --tls-key", id="cert-without-key"),
     ],
 )

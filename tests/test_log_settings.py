@@ -75,6 +75,14 @@ def test_read_then_turn_the_access_lines_on_and_off(
     assert (now["log_verbose_level"], now["log_info"], now["log_warning"]) == (0, False, True)
     assert logging.getLogger().level == logging.WARNING
 
+    # The change that hides warnings still leaves its own line; turning a kind on turns the more severe ones on.
+    caplog.clear()
+    client.update_log_settings({"log_warning": False})
+    assert logging.getLogger().level == logging.ERROR
+    assert "log settings changed by 'anonymous': {'log_warning': False}" in caplog.text
+    now = _settings(client.update_log_settings({"log_verbose_level": 3, "log_info": True}))
+    assert (now["log_verbose_level"], now["log_warning"], now["log_error"]) == (3, True, True)
+
 
 @pytest.mark.parametrize(
     ("settings", "message"),

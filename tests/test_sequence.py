@@ -350,7 +350,10 @@ def _unload_repository(root: Path) -> Path:
     """acc_slow waits up to 0.5 s to fill a batch (oldest max_queue_delay) and has one slot, so a test can catch a
     sequence's second request waiting behind its first, and a second sequence in the backlog."""
     accumulator_model(root / "acc_slow" / "1" / "model.onnx")
-    extra = "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }"
+    extra = (
+        "max_sequence_idle_microseconds: 60000000 "
+        "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }"
+    )
     write_config(root, "acc_slow", accumulator_config("acc_slow", extra=extra))
     return root
 
@@ -394,14 +397,21 @@ UNLOADED = "StatusCode.UNAVAILABLE model 'acc_slow' version 1 was unloaded befor
 
 def test_an_unload_runs_what_it_accepted_and_refuses_the_backlog(tmp_path: Path) -> None:
     """A request waiting behind an earlier one of its sequence was accepted: the unload lets it run (it used to
-    fail UNAVAILABLE "being unloaded"). A sequence waiting in the backlog can get no slot once the model is going:
-    it fails with UNAVAILABLE saying it never ran."""
+    fail UNAVAILABLE "being unloaded"). A sequence waiting in the backlog gets no slot once the model is going,
+    even one freed during the drain: it fails at once with UNAVAILABLE saying it never ran."""
     with _unloading_server(tmp_path / "models") as s:
         answers: dict[str, object] = {}
         sequencer = _sequencer(s, "acc_slow")
         threads = []
-        for key, value, flags in (("a1", 1.0, (1, True)), ("a2", 2.0, (1, False)), ("b1", 5.0, (2, True))):
-            threads.append(_in_thread(s.address, answers, key, value, sequence_id=flags[0], sequence_start=flags[1]))
+        # a2 ends sequence 1 during the drain: its slot must not go to sequence 2, which the unload would cut short.
+        for key, value, (sid, start, end) in (
+            ("a1", 1.0, (1, True, False)),
+            ("a2", 2.0, (1, False, True)),
+            ("b1", 5.0, (2, True, False)),
+        ):
+            threads.append(
+                _in_thread(s.address, answers, key, value, sequence_id=sid, sequence_start=start, sequence_end=end)
+            )
             wait_for(f"{key} accepted", functools.partial(_has_accepted, sequencer, len(threads)))
         assert sequencer.backlog == 1
         c = tc.InferenceServerClient(s.address)
@@ -439,6 +449,52 @@ def test_an_unload_fails_a_sequence_started_again_in_the_backlog(tmp_path: Path)
     assert answers == {"start": UNLOADED, "end": UNLOADED, "again": UNLOADED}
 
 
+WRAPPED = """
+name: "wrapped"
+platform: "ensemble"
+max_batch_size: 8
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+ensemble_scheduling {{ step [ {{ model_name: "{step}" model_version: -1
+  input_map {{ key: "INPUT" value: "X" }} output_map {{ key: "OUTPUT" value: "Y" }} }} ] }}
+"""
+"""An ensemble of one step: a sequence model."""
+
+
+def test_an_unload_fails_an_ensemble_waiting_in_the_backlog_at_once(tmp_path: Path) -> None:
+    """An ensemble request holds its step model; its sequence waits for the one slot, held by an idle sequence
+    whose END can no longer come. The unload used to wait out its whole grace (30 s) before failing it."""
+    root = _unload_repository(tmp_path / "models")
+    (root / "wrapped" / "1").mkdir(parents=True)
+    write_config(root, "wrapped", WRAPPED.format(step="acc_slow"))
+    with ServerThread(root, model_control_mode="explicit", load_model=["acc_slow", "wrapped"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.infer("acc_slow", _x(1.0), sequence_id=1, sequence_start=True)  # holds the only slot, then idles
+            sequencer = _sequencer(s, "acc_slow")
+            answers: dict[str, object] = {}
+
+            def ensemble() -> None:
+                x = tc.InferInput("X", [1, 1], "FP32")
+                x.set_data_from_numpy(np.array([[2.0]], np.float32))
+                try:
+                    c.infer("wrapped", [x], sequence_id=2, sequence_start=True, client_timeout=60)
+                    answers["wrapped"] = "answered"
+                except InferenceServerException as exc:
+                    answers["wrapped"] = f"{exc.status()} {exc.message()}"
+
+            thread = threading.Thread(target=ensemble)
+            thread.start()
+            wait_for("the ensemble's sequence in the backlog", lambda: sequencer.backlog == 1)
+            started = time.monotonic()
+            c.unload_model("acc_slow")
+            thread.join(60)
+            assert time.monotonic() - started < 10
+        finally:
+            c.close()
+    assert answers == {"wrapped": UNLOADED}
+
+
 def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> None:
     """An ensemble over a sequence model may enable response_cache; requests of a sequence skip it (the answer
     depends on the sequence's state), and the step sees each of them."""
@@ -446,20 +502,7 @@ def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> 
     accumulator_model(root / "acc" / "1" / "model.onnx")
     write_config(root, "acc", accumulator_config("acc"))
     (root / "wrapped" / "1").mkdir(parents=True)
-    write_config(
-        root,
-        "wrapped",
-        """
-name: "wrapped"
-platform: "ensemble"
-max_batch_size: 8
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-response_cache { enable: true }
-ensemble_scheduling { step [ { model_name: "acc" model_version: -1
-  input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } } ] }
-""",
-    )
+    write_config(root, "wrapped", WRAPPED.format(step="acc") + "response_cache { enable: true }\n")
     with ServerThread(root, response_cache_bytes=1 << 20) as s:
         c = tc.InferenceServerClient(s.address)
         try:

@@ -886,6 +886,8 @@ class ModelRepository:
 
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:
+            if model.sequencer is not None:
+                model.sequencer.drain()
             if model.scheduler is not None:
                 await model.scheduler.close(self._grace)
             if model.sequencer is not None:

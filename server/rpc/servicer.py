@@ -399,13 +399,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             changes[key] = getattr(value, choice)
         if changes:
             try:
-                settings = log_settings.apply(changes, self._log_format)
+                level = log_settings.plan(changes, self._log_format)
             except log_settings.LogSettingsError as exc:
                 raise InvalidSettingError(str(exc)) from exc
-            # WARNING: seen at any level, this one included, so that the log itself says why it changed.
-            log.warning("log settings changed by '%s': %s", CURRENT_IDENTITY.get(), changes)
-        else:
-            settings = log_settings.current(self._log_format)
+            # Logged at whichever end of the change shows WARNING: a change to ERROR still leaves its own line.
+            shown_before = logging.getLogger().isEnabledFor(logging.WARNING)
+            if shown_before:
+                log.warning("log settings changed by '%s': %s", CURRENT_IDENTITY.get(), changes)
+            log_settings.apply(level, changes)
+            if not shown_before:
+                log.warning("log settings changed by '%s': %s", CURRENT_IDENTITY.get(), changes)
+        settings = log_settings.current(self._log_format)
         response = pb.LogSettingsResponse()
         for key, v in settings.items():
             entry = response.settings[key]

@@ -12,8 +12,8 @@ max_sequence_idle_microseconds; its state is dropped then, and a later request w
 
 While a request of a sequence that holds a slot waits here, the sequencer holds its Scheduler: an unload lets
 those requests run (within the grace period) even when they still wait behind an earlier request of their
-sequence. Requests in the backlog do not hold it: no slot frees for them once the model is going, so they fail
-with UNAVAILABLE when it has drained.
+sequence. An unload starts with `drain`: sequences in the backlog fail at once with UNAVAILABLE (they never ran),
+and no slot is handed out any more, so no sequence starts that the unload would then cut short.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class _Sequence:
     """Started again before it ended: its successor took its slot, which its release must not free."""
 
 
+def _holds_slot(seq: _Sequence) -> bool:
+    return seq.slot.done() and not seq.slot.cancelled() and seq.slot.exception() is None
+
+
 class Sequencer:
     """Orders, feeds and remembers the sequences of one model version; its Scheduler runs the requests."""
 
@@ -82,6 +86,7 @@ class Sequencer:
         self._holding_requests = 0
         """Requests of slot-holding sequences accepted and not finished: while > 0, the Scheduler is held."""
         self._closed = False
+        self._draining = False
         self._state_outputs = [s.output_name for s in spec.states]
         # Control tensors of one request, made once: a batch stacks them like any input.
         lead = (1, 1) if batched else (1,)
@@ -127,7 +132,7 @@ class Sequencer:
         previous, done = seq.tail, self._loop.create_future()
         seq.tail = done
         seq.pending += 1
-        holds = seq.slot.done()
+        holds = _holds_slot(seq)
         if holds:
             self._holding_requests += 1
             if self._holding_requests == 1:
@@ -204,6 +209,8 @@ class Sequencer:
                 if self._holding < self._spec.max_sequences:
                     self._holding += 1
                     seq.slot.set_result(None)
+                elif self._draining:
+                    self._fail_slot(seq)
                 else:
                     self._backlog.append(seq)
         elif seq is None or seq.ended:
@@ -264,6 +271,8 @@ class Sequencer:
             seq.idle = None
         if seq.succeeded:
             return
+        if seq.slot.done() and not _holds_slot(seq):  # failed by an unload before it got one
+            return
         if not seq.slot.done():
             # The backlog holds the sequence, or the one it succeeded (they share the slot they wait for).
             for waiting in self._backlog:
@@ -273,21 +282,30 @@ class Sequencer:
             seq.slot.cancel()
             return
         self._holding -= 1
-        while self._backlog and self._holding < self._spec.max_sequences:
+        while self._backlog and self._holding < self._spec.max_sequences and not self._draining:
             self._holding += 1
             self._backlog.popleft().slot.set_result(None)
 
+    def _fail_slot(self, seq: _Sequence) -> None:
+        if not seq.slot.done():  # (a slot shared with a successor is failed once)
+            seq.slot.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+            seq.slot.exception()  # read here: a sequence whose requests all left has nobody to read it
+
+    def drain(self) -> None:
+        """The model is being unloaded: the backlog fails now, and sequences holding a slot run what they have."""
+        self._draining = True
+        while self._backlog:
+            self._fail_slot(self._backlog.popleft())
+
     def close(self) -> None:
-        """The model is being unloaded: sequences end, and those still waiting for a slot fail (never ran). A
+        """The model is gone: sequences end, and those still waiting for a slot fail (never ran). A
         sequence started again before it ended may wait in the backlog without being the one its ID names."""
         self._closed = True
         for seq in [*self._sequences.values(), *self._backlog]:
             if seq.idle is not None:
                 seq.idle.cancel()
                 seq.idle = None
-            if not seq.slot.done():  # (a slot shared with a successor is failed once)
-                seq.slot.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
-                seq.slot.exception()  # read here: a sequence whose requests all left has nobody to read it
+            self._fail_slot(seq)
             seq.state.clear()
         self._sequences.clear()
         self._backlog.clear()

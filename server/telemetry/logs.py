@@ -79,6 +79,14 @@ class CallAlreadyOverFilter(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class LoopNoticeFilter(logging.Filter):
+    """grpc.aio logs `[_cygrpc] Loaded running loop` at DEBUG once per RPC: at DEBUG, where an operator turns on
+    one access line per request, it would double the lines and say nothing. Dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("[_cygrpc] Loaded running loop"))
+
+
 GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 
 
@@ -97,8 +105,9 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
     root.addHandler(handler)
     root.setLevel(level.upper())
     core = logging.getLogger(GRPC_CORE_LOGGER)
-    if not any(isinstance(f, CallAlreadyOverFilter) for f in core.filters):
-        core.addFilter(CallAlreadyOverFilter())
+    for kind in (CallAlreadyOverFilter, LoopNoticeFilter):
+        if not any(isinstance(f, kind) for f in core.filters):
+            core.addFilter(kind())
 
 
 __all__ = [
@@ -106,6 +115,7 @@ __all__ = [
     "LOG_FORMATS",
     "CallAlreadyOverFilter",
     "JsonFormatter",
+    "LoopNoticeFilter",
     "RequestContextFilter",
     "configure_logging",
 ]
