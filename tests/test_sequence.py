@@ -75,6 +75,8 @@ def test_sequences_keep_their_own_state_and_see_their_controls(client: tc.Infere
     READY on every one, and the correlation ID; callers see only INPUT and the non-state outputs."""
     meta = client.get_model_metadata("acc")
     assert [i.name for i in meta.inputs] == ["INPUT"]
+    # The served config says the idle time in force (Triton's default of 1 s), as Triton's does.
+    assert client.get_model_config("acc").config.sequence_batching.max_sequence_idle_microseconds == 1_000_000
     assert sorted(o.name for o in meta.outputs) == ["CORRID_OUT", "FLAGS", "OUTPUT"]
     steps = [(101, True, False, 1.0), (202, True, False, 10.0), (101, False, False, 2.0), (202, False, True, 20.0)]
     steps.append((101, False, True, 3.0))

@@ -241,9 +241,12 @@ def sequence_spec(
     outputs: Sequence[TensorInfo],
     version_dir: Path,
 ) -> SequenceSpec:
-    """The completed config's sequence batching, checked against the model file's tensors."""
+    """The completed config's sequence batching, checked against the model file's tensors. The served config gets
+    the idle time in force written in, as Triton's does."""
     model, sb = config.name, config.sequence_batching
     check_sequence_config(config)
+    if sb.max_sequence_idle_microseconds == 0:
+        sb.max_sequence_idle_microseconds = DEFAULT_IDLE_US
     by_input = {t.name: t for t in inputs}
     batching = config.max_batch_size > 0
     controls = tuple(_control(model, entry, by_input.get(entry.name), batching) for entry in sb.control_input)
@@ -261,7 +264,7 @@ def sequence_spec(
     max_sequences = per_instance * (sum(g.count for g in config.instance_group) or 1)
     corrid = next((c for c in controls if c.kind == "CORRID"), None)
     return SequenceSpec(
-        idle_ns=(sb.max_sequence_idle_microseconds or DEFAULT_IDLE_US) * 1000,
+        idle_ns=sb.max_sequence_idle_microseconds * 1000,
         controls=controls,
         states=states,
         max_sequences=max_sequences,
