@@ -559,8 +559,6 @@ def test_stream_errors_reach_tritonclient_callback(server: ServerThread) -> None
             pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=b"h", byte_size=16),
             id="CudaSharedMemoryRegister",
         ),
-        pytest.param("TraceSetting", pb.TraceSettingRequest(), id="TraceSetting"),
-        pytest.param("LogSettings", pb.LogSettingsRequest(), id="LogSettings"),
     ],
 )
 def test_unimplemented_rpc(stub: GRPCInferenceServiceStub, rpc: str, req) -> None:
