@@ -444,15 +444,43 @@ def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None
     assert "--nice must be between 0 and 19" in capsys.readouterr().err
 
 
-def test_a_sequence_model_is_sent_to_perf_analyzer(tmp_path: Path, capsys: Any) -> None:
-    """Requests outside any sequence would all fail INVALID_ARGUMENT: bench says so before sending one."""
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_a_sequence_model_is_loaded_in_sequences(tmp_path: Path, streaming: bool) -> None:
+    """Against a sequence model each request in flight runs its own sequences (as perf_analyzer does): nothing
+    fails, and each level ends its open sequences, so none is left holding one of the model's 8 slots."""
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc", extra="max_sequence_idle_microseconds: 60000000"))
+    with ServerThread(root) as s:
+        args = ["acc", "--server", s.address, "--concurrency", "4,8", "--sequence-length", "5", *SHORT]
+        doc = bench(tmp_path, *args, *(["--streaming"] if streaming else []))
+        assert_consistent(doc)
+        assert doc["config"]["sequence_length"] == 5
+        assert "sequences of 5, 2 worker(s)" in (tmp_path / "out" / "report.md").read_text()
+        for level in doc["levels"]:
+            assert level["succeeded"] > 0 and level["failed_total"] == 0, level
+        stats = s.run(_sequencer_counts(s))
+    assert stats == (0, 0)  # active, backlog
+
+
+async def _sequencer_counts(server: ServerThread) -> tuple[int, int]:
+    sequencer = server.app.repository.get("acc", "").sequencer
+    assert sequencer is not None
+    return sequencer.active, sequencer.backlog
+
+
+def test_sequence_load_that_cannot_be_sent(tmp_path: Path, server: ServerThread, capsys: Any) -> None:
     root = tmp_path / "models"
     accumulator_model(root / "acc" / "1" / "model.onnx")
     write_config(root, "acc", accumulator_config("acc"))
+    out = str(tmp_path / "o")
     with ServerThread(root) as s:
-        assert main(["bench", "acc", "--server", s.address, "--out", str(tmp_path / "o"), *SHORT]) == 2
-    err = capsys.readouterr().err
-    assert "model 'acc' is a sequence (stateful) model" in err and "perf_analyzer (--sequence-length)" in err
+        assert main(["bench", "acc", "--server", s.address, "--rate", "100", "--out", out, *SHORT]) == 2
+    assert "is a sequence (stateful) model" in capsys.readouterr().err
+    assert main(["bench", "add_sub", "--server", server.address, "--sequence-length", "4", "--out", out]) == 2
+    assert "is not a sequence model: --sequence-length is for those" in capsys.readouterr().err
+    assert main(["bench", "add_sub", "--server", server.address, "--sequence-length", "0", "--out", out]) == 2
+    assert "--sequence-length must be at least 1" in capsys.readouterr().err
 
 
 def test_public_names() -> None:

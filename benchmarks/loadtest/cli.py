@@ -57,6 +57,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "inputs, as perf_analyzer's --shape",
     )
     p.add_argument("--streaming", action="store_true", help="send over ModelStreamInfer instead of ModelInfer")
+    p.add_argument(
+        "--sequence-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a sequence model: requests per sequence, each request in flight running its own (default 20)",
+    )
     p.add_argument("--priority", type=int, default=None, help="request 'priority' parameter")
     p.add_argument("--timeout-param", type=int, default=None, metavar="US", help="request 'timeout' parameter (us)")
     p.add_argument("--workers", type=int, default=1, help="load processes, each with its own loop and channels")
@@ -103,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError("--timeout must be positive")
     if args.workers < 1 or args.max_in_flight < 1:
         raise UsageError("--workers and --max-in-flight must be at least 1")
+    if args.sequence_length is not None and args.sequence_length < 1:
+        raise UsageError("--sequence-length must be at least 1")
     if args.max_requests is not None and args.max_requests < 1:
         raise UsageError("--max-requests must be at least 1")
     if not 0 <= args.nice <= 19:
@@ -128,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         nice=args.nice,
         arrival=args.arrival,
+        sequence_length=args.sequence_length,
     )
     if args.rate is not None:
         return BenchConfig(mode="open", rates=_numbers(args.rate, "--rate", float), **common)

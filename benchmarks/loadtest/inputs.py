@@ -34,6 +34,8 @@ class ModelShape:
     """(name, datatype, dims as the metadata gives them: -1 for variable, the batch dimension first if any)."""
     max_batch_size: int | None
     """From ModelConfig; None when the server has no ModelConfig RPC (then a leading -1 is taken as the batch)."""
+    sequence: bool = False
+    """A sequence (stateful) model: its requests go in sequences (ModelConfig's sequence_batching)."""
 
     @classmethod
     def from_metadata(cls, meta: ModelMetadata, max_batch_size: int | None) -> ModelShape:

@@ -126,7 +126,10 @@ def markdown_table(doc: dict[str, Any]) -> str:
     cfg = doc["config"]
     head = (
         f"**{cfg['model']}** @ {cfg['server']}: {cfg['mode']} loop, batch {cfg['batch']}, "
-        f"{'stream' if cfg['streaming'] else 'unary'}, {cfg['workers']} worker(s), "
+        f"{'stream' if cfg['streaming'] else 'unary'}, "
+        # .get: results written before the key existed have none
+        + (f"sequences of {cfg['sequence_length']}, " if cfg.get("sequence_length") else "")
+        + f"{cfg['workers']} worker(s), "
         f"{cfg['duration_s']:g}s per level after {cfg['warmup_s']:g}s warm-up"
         + (" — INTERRUPTED, partial report" if doc["interrupted"] else "")
         # .get: results written before the key existed have none

@@ -85,6 +85,8 @@ class BenchConfig:
     max_in_flight: int = 1000
     seed: int = 0
     nice: int = 0
+    sequence_length: int | None = None
+    """Requests per sequence against a sequence model (None: DEFAULT_SEQUENCE_LENGTH)."""
 
     def levels(self) -> tuple[float, ...]:
         return tuple(float(c) for c in self.concurrency) if self.mode == "closed" else self.rates
@@ -111,6 +113,7 @@ class BenchConfig:
                 "max_in_flight",
                 "seed",
                 "nice",
+                "sequence_length",
             )
         }
         out["shapes"] = {name: list(dims) for name, dims in self.shapes}
@@ -212,16 +215,28 @@ def describe_model(config: BenchConfig) -> ModelShape:
         try:
             model_config = client.config(config.model, config.version or None)
         except TensorgateClientError:
-            max_batch: int | None = None
-        else:
-            if model_config.HasField("sequence_batching"):
-                raise InputError(
-                    f"model '{config.model}' is a sequence (stateful) model, and tensorgate bench sends requests "
-                    "outside any sequence; load-test it with perf_analyzer (--sequence-length), "
-                    "benchmarks/perf_analyzer.sh"
-                )
-            max_batch = model_config.max_batch_size
-    return ModelShape.from_metadata(meta, max_batch)
+            return ModelShape.from_metadata(meta, None)
+    shape = ModelShape.from_metadata(meta, model_config.max_batch_size)
+    return replace(shape, sequence=model_config.HasField("sequence_batching"))
+
+
+DEFAULT_SEQUENCE_LENGTH = 20
+"""Requests per sequence against a sequence model, unless --sequence-length says otherwise (perf_analyzer's)."""
+
+
+def sequence_length(config: BenchConfig, model: ModelShape) -> int:
+    """How many requests each sequence has (0: the requests are in no sequence); InputError for load that cannot
+    be sent in sequences."""
+    if not model.sequence:
+        if config.sequence_length is not None:
+            raise InputError(f"model '{config.model}' is not a sequence model: --sequence-length is for those")
+        return 0
+    if config.mode == "open":
+        raise InputError(
+            f"model '{config.model}' is a sequence (stateful) model: its requests go one after another in each "
+            "sequence, so load it in closed loop (--concurrency: one sequence per request in flight), not --rate"
+        )
+    return config.sequence_length or DEFAULT_SEQUENCE_LENGTH
 
 
 def _shares(total: int, weights: Sequence[int]) -> list[int]:
@@ -397,6 +412,8 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
     process that dies ends the sweep with the levels measured before (``SweepResult.error``)."""
     show = progress or _stderr_progress()
     model = describe_model(config)
+    length = sequence_length(config, model)
+    config = replace(config, sequence_length=length or None)
     inputs = make_inputs(model, config.batch, config.inputs, config.seed, dict(config.shapes))
     target = Target(
         server=config.server,
@@ -410,6 +427,7 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
         tls=config.tls,
         headers=config.headers,
         nice=config.nice,
+        sequence_length=length,
     )
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ctx = mp.get_context("spawn")

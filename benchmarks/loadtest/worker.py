@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import SynchronizedArray
@@ -77,6 +78,8 @@ class Target:
     """Metadata on every call (a bearer token)."""
     nice: int = 0
     """Added to the load process's niceness, so that where it shares cores with the server, the server wins."""
+    sequence_length: int = 0
+    """Against a sequence model: requests per sequence (closed loop only); 0 for requests in no sequence."""
 
     def request(self) -> pb.ModelInferRequest:
         params: dict[str, tensors.ParamValue] = {}
@@ -141,15 +144,68 @@ async def _serve(index: int, target: Target, conn: Connection, counters: Any, st
             # the status).
             calls = _RawInfer(channel.unary_unary(method), sync_channel.unary_unary(method))
             request = target.request()
+            ids = itertools.count((random.getrandbits(22) << 40) | (index << 32))  # < 2**63: an int64 parameter
             conn.send("ready")
             while True:
                 level: Level | None = await loop.run_in_executor(None, conn.recv)
                 if level is None:
                     return
-                run = _LevelRun(index, target, level, stub, calls, request, counters, stop)
+                sequences = _Sequences(request, target.sequence_length, ids) if target.sequence_length else None
+                run = _LevelRun(index, target, level, stub, calls, request, counters, stop, sequences)
                 conn.send(await run.run())
     finally:
         sync_channel.close()
+
+
+class _Sequences:
+    """Closed-loop sequences for a sequence (stateful) model: each request in flight (a slot) runs sequences of
+    `length` requests one after another, as perf_analyzer does. IDs are this process's own (a random prefix and its
+    worker index), so that runs and workers never share one. A request refused as INVALID_ARGUMENT (its sequence is
+    not active: its START failed, or it went idle) ends its sequence; the slot's next request starts a new one."""
+
+    def __init__(self, request: pb.ModelInferRequest, length: int, ids: Iterator[int]) -> None:
+        self._request = request
+        self._length = length
+        self._ids = ids
+        self._at: dict[int, tuple[int, int]] = {}
+        """slot -> (its sequence's ID, the position of its next request)."""
+
+    def next(self, slot: int) -> pb.ModelInferRequest:
+        sequence_id, position = self._at.get(slot) or (next(self._ids), 0)
+        end = position + 1 >= self._length
+        if end:
+            self._at.pop(slot, None)
+        else:
+            self._at[slot] = (sequence_id, position + 1)
+        return self._message(sequence_id, position == 0, end)
+
+    def open(self, slot: int) -> bool:
+        """Whether the slot's sequence has started and not ended."""
+        return slot in self._at
+
+    def failed(self, slot: int, code: str) -> None:
+        if code == "INVALID_ARGUMENT":
+            self._at.pop(slot, None)
+
+    def closing(self, slot: int) -> pb.ModelInferRequest:
+        """The END of the slot's open sequence, sent unmeasured when the level is over: an open sequence would
+        hold one of the model's slots until it went idle, and the next level would wait for it."""
+        sequence_id, _ = self._at.pop(slot)
+        return self._message(sequence_id, False, True)
+
+    def _message(self, sequence_id: int, start: bool, end: bool) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest()
+        message.CopyFrom(self._request)
+        message.parameters["sequence_id"].int64_param = sequence_id
+        message.parameters["sequence_start"].bool_param = start
+        message.parameters["sequence_end"].bool_param = end
+        return message
+
+
+def _not_in_sequence(error: str) -> bool:
+    """A stream's error carries no status code: whether its text says the sequence is not active (tensorgate's
+    words, or Triton's)."""
+    return "is not active" in error or "must specify the START flag" in error
 
 
 @dataclass(frozen=True)
@@ -171,7 +227,9 @@ class _LevelRun:
         request: pb.ModelInferRequest,
         counters: Any,
         stop: Event,
+        sequences: _Sequences | None = None,
     ) -> None:
+        self.sequences = sequences
         self.raw_infer = calls.aio
         self.sync_infer = calls.sync
         self.raw_request = request.SerializeToString()
@@ -247,7 +305,7 @@ class _LevelRun:
             if self.level.mode == "closed" and not self.target.streaming:
                 await asyncio.to_thread(self._closed_unary_callbacks)
             elif self.level.mode == "closed":
-                loops = [self._closed_stream() for _ in range(self.level.concurrency)]
+                loops = [self._closed_stream(slot) for slot in range(self.level.concurrency)]
                 await self._finish(asyncio.gather(*loops))
             elif self.target.streaming:
                 await self._finish(self._open_stream())
@@ -299,29 +357,45 @@ class _LevelRun:
         idle = threading.Event()
         in_flight: set[grpc.Future[bytes]] = set()
         deadline = self.target.deadline_s
+        sequences = self.sequences
 
-        def send() -> None:
-            """Under ``lock``: the next call, unless the level is over."""
+        def send(slot: int) -> None:
+            """Under ``lock``: the slot's next call, unless the level is over (then its open sequence's END)."""
             t = time.monotonic()
             if not self._more(t) or not self._take(t):
-                if not in_flight:
+                if sequences is not None and sequences.open(slot) and not self.stopped:
+                    end = self.sync_infer.future(
+                        sequences.closing(slot).SerializeToString(), timeout=deadline, metadata=self.metadata
+                    )
+                    in_flight.add(end)
+                    end.add_done_callback(closed)
+                elif not in_flight:
                     idle.set()
                 return
-            future = self.sync_infer.future(self.raw_request, timeout=deadline, metadata=self.metadata)
+            raw = self.raw_request if sequences is None else sequences.next(slot).SerializeToString()
+            future = self.sync_infer.future(raw, timeout=deadline, metadata=self.metadata)
             in_flight.add(future)
-            future.add_done_callback(lambda f: answered(f, t))
+            future.add_done_callback(lambda f: answered(f, t, slot))
 
-        def answered(future: grpc.Future[bytes], t: float) -> None:
+        def answered(future: grpc.Future[bytes], t: float, slot: int) -> None:
             done = time.monotonic()
             code = future.code()  # type: ignore[attr-defined]  # a call future is also a grpc.Call
             with lock:
                 in_flight.discard(future)
                 self._record(t, done, None if code is grpc.StatusCode.OK else code.name)
-                send()
+                if sequences is not None and code is not grpc.StatusCode.OK:
+                    sequences.failed(slot, code.name)
+                send(slot)
+
+        def closed(future: grpc.Future[bytes]) -> None:
+            with lock:
+                in_flight.discard(future)
+                if not in_flight:
+                    idle.set()
 
         with lock:
-            for _ in range(self.level.concurrency):
-                send()
+            for slot in range(self.level.concurrency):
+                send(slot)
             if not in_flight:
                 idle.set()
         while not idle.wait(0.1):
@@ -335,7 +409,8 @@ class _LevelRun:
                     idle.wait(10.0)
                 return
 
-    async def _closed_stream(self) -> None:
+    async def _closed_stream(self, slot: int = 0) -> None:
+        sequences = self.sequences
         while True:
             call = self.stub.ModelStreamInfer(
                 timeout=self.level.end - time.monotonic() + self.target.deadline_s, metadata=self.metadata
@@ -347,10 +422,14 @@ class _LevelRun:
                         # A stream the server already broke (it went away) fails here with grpc's
                         # ExecuteBatchError, not an AioRpcError: its failure is already counted.
                         with contextlib.suppress(Exception):
+                            if sequences is not None and sequences.open(slot) and not self.stopped:
+                                if await stream_writer.write(call, sequences.closing(slot)):  # unmeasured END
+                                    await call.read()
                             await call.done_writing()
                         return
+                    message = self.request if sequences is None else sequences.next(slot)
                     try:
-                        if await stream_writer.write(call, self.request):
+                        if await stream_writer.write(call, message):
                             reply = await call.read()
                         else:  # the server ended the stream: its status, not grpc.aio's INTERNAL
                             self._record(t, time.monotonic(), (await call.code()).name)
@@ -365,6 +444,8 @@ class _LevelRun:
                         self._record(t, time.monotonic(), "UNKNOWN")
                         break
                     self._record(t, time.monotonic(), STREAM_ERROR if reply.error_message else None)
+                    if sequences is not None and _not_in_sequence(reply.error_message):
+                        sequences.failed(slot, "INVALID_ARGUMENT")
             finally:
                 call.cancel()
 
