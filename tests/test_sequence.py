@@ -258,6 +258,32 @@ def test_a_sequence_beyond_the_slots_waits_for_one(served: ServerThread, client:
         thread.join(30)
 
 
+def test_a_backlogged_sequence_whose_callers_left_is_dropped(
+    served: ServerThread, client: tc.InferenceServerClient
+) -> None:
+    """Sequence 53 waits for acc_one's only slot and its caller gives up: it is dropped from the backlog, rather
+    than take the slot when 51 ends and hold it, idle, until max_sequence_idle_microseconds."""
+    client.infer("acc_one", _x(1.0), sequence_id=51, sequence_start=True)
+    msg = _error(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        client.infer,
+        "acc_one",
+        _x(1.0),
+        sequence_id=53,
+        sequence_start=True,
+        client_timeout=0.5,
+    )
+    assert "Deadline" in msg
+    sequencer = _sequencer(served, "acc_one")
+    wait_for("sequence 53 dropped from the backlog", lambda: sequencer.backlog == 0)
+    assert sequencer.active == 1
+    client.infer("acc_one", _x(1.0), sequence_id=51, sequence_end=True)
+    assert sequencer.active == 0
+    assert "sequence 53 is not active" in _error(
+        grpc.StatusCode.INVALID_ARGUMENT, client.infer, "acc_one", _x(1.0), sequence_id=53
+    )
+
+
 def test_initial_state_from_a_file_and_a_state_output_asked_for(tmp_path: Path) -> None:
     """initial_state { data_file } is read from the version's initial_state/ directory; a state output listed in
     the config's outputs may be asked for, as in Triton."""
@@ -349,12 +375,12 @@ def test_a_sequence_config_that_does_not_fit_its_model_fails_its_load(tmp_path: 
 
 
 def _unload_repository(root: Path) -> Path:
-    """acc_slow waits up to 0.5 s to fill a batch (oldest max_queue_delay) and has one slot, so a test can catch a
+    """acc_slow waits up to 1 s to fill a batch (oldest max_queue_delay) and has one slot, so a test can catch a
     sequence's second request waiting behind its first, and a second sequence in the backlog."""
     accumulator_model(root / "acc_slow" / "1" / "model.onnx")
     extra = (
         "max_sequence_idle_microseconds: 60000000 "
-        "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }"
+        "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 1000000 preferred_batch_size: [ 8 ] }"
     )
     write_config(root, "acc_slow", accumulator_config("acc_slow", extra=extra))
     return root

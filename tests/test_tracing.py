@@ -679,6 +679,9 @@ def test_trace_settings_change_sampling_while_the_server_runs(repo: Path, collec
         pytest.param({"trace_count": "10"}, "trace_count can only be '-1' here", id="count"),
         pytest.param({"trace_file": "/tmp/t.json"}, "trace_file can only be '' here", id="file"),
         pytest.param({"trace_colour": "red"}, "unknown trace setting 'trace_colour'", id="unknown"),
+        pytest.param(
+            {"trace_rate": "7", "tensorgate.sample_rate": "0.5"}, "trace_rate or tensorgate.sample_rate", id="two"
+        ),
     ],
 )
 def test_trace_settings_that_cannot_be_made_are_refused(
@@ -689,11 +692,11 @@ def test_trace_settings_that_cannot_be_made_are_refused(
         client = triton.InferenceServerClient(server.address)
         try:
             with pytest.raises(InferenceServerException) as info:
-                client.update_trace_settings(settings={"trace_rate": "7", **settings})
+                client.update_trace_settings(settings={"trace_level": "OFF", **settings})
             assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
             assert message in str(info.value.message())
-            # Refused whole: the valid trace_rate beside the bad key was not applied either.
-            assert _trace_settings(client.get_trace_settings())["trace_rate"] == ["1"]
+            # Refused whole: the valid trace_level beside the bad key was not applied either.
+            assert _trace_settings(client.get_trace_settings())["trace_level"] == ["TIMESTAMPS"]
             with pytest.raises(InferenceServerException) as info:
                 client.update_trace_settings("identity_fp32", {"trace_rate": "2"})
             assert "trace settings are the server's" in str(info.value.message())

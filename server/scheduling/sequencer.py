@@ -218,7 +218,7 @@ class Sequencer:
                 self._model,
                 str(self._version),
                 f"sequence {flags.id!r} is not active: its first request must set sequence_start (it may have "
-                "ended, or gone idle past max_sequence_idle_microseconds)",
+                "ended, gone idle past max_sequence_idle_microseconds, or been cut off by a reload of the model)",
             )
         if flags.end:
             seq.ended = True
@@ -243,6 +243,13 @@ class Sequencer:
             if self._holding_requests == 0:
                 self._scheduler.release()
         if seq.pending or self._closed:
+            return
+        if not seq.slot.done() and any(waiting is seq for waiting in self._backlog):
+            # Still in the backlog, and every caller has gone: nothing of it ran, so it is dropped rather than
+            # given a slot it would hold, idle, until max_sequence_idle_microseconds. (Not one started again
+            # behind a predecessor that shares its place: that one's requests still wait.)
+            seq.ended = True
+            self._release(seq)
             return
         if seq.ended:
             self._release(seq)

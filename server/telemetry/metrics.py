@@ -211,7 +211,8 @@ SEQUENCE_BACKLOG = FamilySpec(
     "tensorgate_sequence_backlog",
     "gauge",
     _MV,
-    "Sequences of a sequence model waiting for a slot (all slots held: raise max_candidate_sequences or instances)",
+    "Sequences of a sequence model waiting for a slot (all held: raise max_candidate_sequences, or max_batch_size "
+    "with the direct strategy, or the instance count)",
 )
 CACHE_LOOKUPS = FamilySpec(
     "tensorgate_response_cache_lookups_total",

@@ -55,6 +55,8 @@ def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: Trac
     """The state after `changes`, every one checked first (nothing is half applied). A key without values goes
     back to how the server started (`initial`), as Triton resets a setting sent empty."""
     enabled, rate = state.enabled, state.rate
+    if "trace_rate" in changes and "tensorgate.sample_rate" in changes:
+        raise TraceSettingsError("send trace_rate or tensorgate.sample_rate, not both: each sets the sample rate")
     for key, values in changes.items():
         if not values and key in KEYS:
             if key == "trace_level":
