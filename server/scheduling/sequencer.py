@@ -126,7 +126,7 @@ class Sequencer:
         for a request without correlation ID, a non-START request of a sequence that is not active, and a
         request of more than one row to a batching model; the Scheduler's errors otherwise."""
         feed = dict(inputs)
-        self._check(flags, rows, feed)
+        self._check(flags, rows)
         assert flags is not None
         seq = self._begin(flags)
         previous, done = seq.tail, self._loop.create_future()
@@ -165,7 +165,7 @@ class Sequencer:
             else:  # the caller left while an earlier request ran: the next one still waits for that one
                 previous.add_done_callback(lambda _: self._finished(seq, done, holds))
 
-    def _check(self, flags: SequenceFlags | None, rows: int, feed: dict[str, np.ndarray]) -> None:
+    def _check(self, flags: SequenceFlags | None, rows: int) -> None:
         version = str(self._version)
         if flags is None:
             raise InvalidRequestError(
