@@ -301,3 +301,49 @@ sequence_batching {{
   state [ {{ input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 }}
 """
+
+
+def paced_model(path: Path, iterations_per_unit: float = 2000.0, size: int = 256) -> Path:
+    """OUTPUT0 = INPUT0 ([batch, 1] FP32), after max(INPUT0) * iterations_per_unit rounds of a [1, size] matmul: a
+    model whose run time the request chooses, to make one request overtake another."""
+    rng = np.random.default_rng(0)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["s_in", "W"], ["p"]),
+            helper.make_node("Tanh", ["p"], ["s_out"]),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+        ],
+        "round",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, size]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, size]),
+        ],
+    )
+    initializers = {
+        "W": (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32),
+        "k": np.array(iterations_per_unit, np.float32),
+        "cond": np.array(True),
+        "s0": np.zeros((1, size), np.float32),
+        "zero": np.array(0.0, np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["INPUT0"], ["most"], keepdims=0),
+            helper.make_node("Mul", ["most", "k"], ["scaled"]),
+            helper.make_node("Cast", ["scaled"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "cond", "s0"], ["state"], body=body),
+            helper.make_node("ReduceSum", ["state"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["INPUT0", "nothing"], ["OUTPUT0"]),
+        ],
+        "paced",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

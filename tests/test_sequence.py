@@ -21,7 +21,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
-from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, paced_model, write_config
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -521,6 +521,51 @@ def test_an_unload_fails_an_ensemble_waiting_in_the_backlog_at_once(tmp_path: Pa
         finally:
             c.close()
     assert answers == {"wrapped": UNLOADED}
+
+
+def test_an_ensemble_keeps_a_sequence_in_the_order_its_requests_arrived(tmp_path: Path) -> None:
+    """A step whose run time the request chooses comes before the sequence model: the START request takes long
+    there, the next one little, so the second would reach the sequence model first (and be refused as not
+    started). The request's place in the sequence is taken when it reaches the server, so it waits its turn."""
+    root = tmp_path / "models"
+    paced_model(root / "paced" / "1" / "model.onnx")
+    write_config(root, "paced", 'name: "paced"\nmax_batch_size: 8\ninstance_group [ { count: 2 } ]\n')
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    (root / "paced_acc" / "1").mkdir(parents=True)
+    write_config(
+        root,
+        "paced_acc",
+        """
+name: "paced_acc"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+ensemble_scheduling { step [
+  { model_name: "paced" input_map { key: "INPUT0" value: "X" } output_map { key: "OUTPUT0" value: "paced_x" } },
+  { model_name: "acc" input_map { key: "INPUT" value: "paced_x" } output_map { key: "OUTPUT" value: "Y" } } ] }
+""",
+    )
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        answers: queue.Queue[tuple[object, object]] = queue.Queue()
+        try:
+            c.start_stream(callback=lambda result, error: answers.put((result, error)))
+            for request_id, value, start in (("slow-start", 40.0, True), ("quick-next", 0.5, False)):
+                x = tc.InferInput("X", [1, 1], "FP32")
+                x.set_data_from_numpy(np.array([[value]], np.float32))
+                c.async_stream_infer("paced_acc", [x], request_id=request_id, sequence_id=3, sequence_start=start)
+            got = {}
+            for _ in range(2):
+                result, error = answers.get(timeout=60)
+                assert error is None, error
+                assert isinstance(result, tc.InferResult)
+                got[result.get_response().id] = float(result.as_numpy("Y")[0, 0])
+            c.stop_stream()
+        finally:
+            c.close()
+    assert got == {"slow-start": 40.0, "quick-next": 40.5}
 
 
 def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> None:

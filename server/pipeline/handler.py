@@ -24,7 +24,7 @@ from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.ensemble import Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
-from tensorgate.server.scheduling.sequencer import SequenceFlags
+from tensorgate.server.scheduling.sequencer import Place, SequenceFlags
 from tensorgate.server.telemetry.statistics import ExecutionTimes
 from tensorgate.server.telemetry.tracing import Tracing
 
@@ -279,10 +279,23 @@ class InferenceHandler:
         held = [m.scheduler for m in models.values() if m.scheduler is not None]
         for scheduler in held:
             scheduler.hold()
+        # A sequence model's place for this request is taken now, as the request arrives: a sequence's requests
+        # reach that model in the order they reached the server, however long the steps before it take.
+        places: dict[tuple[str, str], Place] = {}
+        try:
+            for key, m in models.items():
+                if m.sequencer is not None:
+                    places[key] = m.sequencer.enter(_sequence_flags(req, str(m.version)), rows)
+        except BaseException:
+            self._leave(models, places)
+            for scheduler in held:
+                scheduler.release()
+            raise
 
         async def run_step(step: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             started_ns = time.time_ns()
             error: BaseException | None = None
+            place = places.pop((step.model, step.version), None)  # a model in two steps: the first has it
             try:
                 composing = models[(step.model, step.version)]
                 version = str(composing.version)
@@ -297,9 +310,16 @@ class InferenceHandler:
                 step_inputs, step_rows, step_outputs = validate_request(composing.schema, sub, version)
                 started = time.perf_counter_ns()
                 try:
-                    results, times = await self._execute(
-                        composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
-                    )
+                    if place is not None:
+                        assert composing.sequencer is not None
+                        context = None if span is None else Tracing.context_of(span)
+                        results, times = await composing.sequencer.run(
+                            place, step_inputs, step_outputs, step_rows, req.deadline, span=context
+                        )
+                    else:
+                        results, times = await self._execute(
+                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
+                        )
                 except BaseException:
                     composing.stats.record_failure(time.perf_counter_ns() - started)
                     raise
@@ -317,6 +337,8 @@ class InferenceHandler:
                 error = exc
                 raise
             finally:
+                if place is not None:
+                    self._leave(models, {(step.model, step.version): place})
                 if traced:
                     assert span is not None and self._tracing is not None
                     self._tracing.record_child(span, f"ensemble step {step.index} {step.model}", started_ns, error)
@@ -324,6 +346,14 @@ class InferenceHandler:
         try:
             results = await run_plan(plan, inputs, outputs, run_step)
         finally:
+            self._leave(models, places)  # the places of steps that never ran (an earlier step failed)
             for scheduler in held:
                 scheduler.release()
         return results, ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)
+
+    @staticmethod
+    def _leave(models: dict[tuple[str, str], LoadedModel], places: dict[tuple[str, str], Place]) -> None:
+        for key, place in places.items():
+            sequencer = models[key].sequencer
+            assert sequencer is not None
+            sequencer.leave(place)

@@ -68,6 +68,22 @@ def _holds_slot(seq: _Sequence) -> bool:
     return seq.slot.done() and not seq.slot.cancelled() and seq.slot.exception() is None
 
 
+@dataclass(slots=True, eq=False)
+class Place:
+    """A request's place in its sequence (`Sequencer.enter`)."""
+
+    seq: _Sequence
+    flags: SequenceFlags
+    previous: asyncio.Future[None] | None
+    """Done when the request before it in the sequence is over."""
+    done: asyncio.Future[None]
+    """Set once this request is over and the one before it too: what the next one waits for."""
+    holds: bool
+    """Its sequence held a slot when it arrived: it holds the Scheduler until it is over."""
+    arrived_ns: int
+    left: bool = False
+
+
 class Sequencer:
     """Orders, feeds and remembers the sequences of one model version; its Scheduler runs the requests."""
 
@@ -112,6 +128,68 @@ class Sequencer:
 
     # ----- requests ----------------------------------------------------------------------------------------
 
+    def enter(self, flags: SequenceFlags | None, rows: int) -> Place:
+        """Take a request's place in its sequence, when it arrives: a sequence runs its requests in the order of
+        their places. Every place must be left (`leave`), whether or not it ran. Raises INVALID_ARGUMENT for a
+        request without correlation ID, a non-START request of a sequence that is not active, and a request of
+        more than one row to a batching model."""
+        self._check(flags, rows)
+        assert flags is not None
+        seq = self._begin(flags)
+        place = Place(seq, flags, seq.tail, self._loop.create_future(), _holds_slot(seq), time.perf_counter_ns())
+        seq.tail = place.done
+        seq.pending += 1
+        if place.holds:
+            self._holding_requests += 1
+            if self._holding_requests == 1:
+                self._scheduler.hold()
+        if seq.idle is not None:
+            seq.idle.cancel()
+            seq.idle = None
+        return place
+
+    async def run(
+        self,
+        place: Place,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        rows: int,
+        deadline: float | None,
+        *,
+        span: SpanContext | None = None,
+    ) -> tuple[Outputs, ExecutionTimes]:
+        """Run the request at `place` once the requests before it in its sequence have run; the Scheduler's
+        errors, and UNAVAILABLE when the model was unloaded while the sequence waited for a slot."""
+        seq, previous = place.seq, place.previous
+        if previous is not None and not previous.done():
+            await asyncio.shield(previous)
+        if not seq.slot.done():
+            await asyncio.shield(seq.slot)
+        seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
+        waited = time.perf_counter_ns() - place.arrived_ns
+        feed = dict(inputs)
+        self._controls(feed, place.flags)
+        feed.update(seq.state)
+        results, times = await self._scheduler.submit(feed, [*outputs, *self._state_outputs], rows, deadline, span=span)
+        for state in self._spec.states:
+            # A copy: a view would keep the whole batch's output alive for as long as the sequence lasts.
+            value = results[state.output_name] if state.output_name in outputs else results.pop(state.output_name)
+            if not self._closed:
+                seq.state[state.input_name] = value.copy()
+        return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
+
+    def leave(self, place: Place) -> None:
+        """The request at `place` is over (answered, failed, or never run): the next one of its sequence may go,
+        once the ones before it have."""
+        if place.left:
+            return
+        place.left = True
+        seq, previous, done, held = place.seq, place.previous, place.done, place.holds
+        if previous is None or previous.done():
+            self._finished(seq, done, held)
+        else:  # the caller left while an earlier request ran: the next one still waits for that one
+            previous.add_done_callback(lambda _: self._finished(seq, done, held))
+
     async def submit(
         self,
         inputs: Mapping[str, np.ndarray],
@@ -122,48 +200,12 @@ class Sequencer:
         *,
         span: SpanContext | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
-        """Run one request of a sequence once the sequence's earlier requests have run. Raises INVALID_ARGUMENT
-        for a request without correlation ID, a non-START request of a sequence that is not active, and a
-        request of more than one row to a batching model; the Scheduler's errors otherwise."""
-        feed = dict(inputs)
-        self._check(flags, rows)
-        assert flags is not None
-        seq = self._begin(flags)
-        previous, done = seq.tail, self._loop.create_future()
-        seq.tail = done
-        seq.pending += 1
-        holds = _holds_slot(seq)
-        if holds:
-            self._holding_requests += 1
-            if self._holding_requests == 1:
-                self._scheduler.hold()
-        if seq.idle is not None:
-            seq.idle.cancel()
-            seq.idle = None
-        arrived = time.perf_counter_ns()
+        """A request sent to this model: its place, taken now, then its run (`enter`, `run`, `leave`)."""
+        place = self.enter(flags, rows)
         try:
-            if previous is not None and not previous.done():
-                await asyncio.shield(previous)
-            if not seq.slot.done():
-                await asyncio.shield(seq.slot)
-            seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
-            waited = time.perf_counter_ns() - arrived
-            self._controls(feed, flags)
-            feed.update(seq.state)
-            results, times = await self._scheduler.submit(
-                feed, [*outputs, *self._state_outputs], rows, deadline, span=span
-            )
-            for state in self._spec.states:
-                # A copy: a view would keep the whole batch's output alive for as long as the sequence lasts.
-                value = results[state.output_name] if state.output_name in outputs else results.pop(state.output_name)
-                if not self._closed:
-                    seq.state[state.input_name] = value.copy()
-            return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
+            return await self.run(place, inputs, outputs, rows, deadline, span=span)
         finally:
-            if previous is None or previous.done():
-                self._finished(seq, done, holds)
-            else:  # the caller left while an earlier request ran: the next one still waits for that one
-                previous.add_done_callback(lambda _: self._finished(seq, done, holds))
+            self.leave(place)
 
     def _check(self, flags: SequenceFlags | None, rows: int) -> None:
         version = str(self._version)
