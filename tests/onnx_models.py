@@ -156,22 +156,15 @@ def tile_model(path: Path, width: int = 16, repeats: int = 4096) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
 
 
-def busy_model(path: Path, iterations: int = 200, width: int = 4, size: int = 256) -> Path:
-    """OUTPUT0 = INPUT0 * 2, after a Loop of `iterations` [1 x size] MatMuls: a fixed cost per execution whatever
-    the batch size (as on a GPU), so concurrent requests queue behind a busy instance and batch together.
-
-    The loop state starts from the input's mean and feeds the output (times 0), so ONNX Runtime can neither fold
-    the loop into a constant nor prune it.
-    """
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
-    body = helper.make_graph(
+def _matmul_round(size: int) -> onnx.GraphProto:
+    """The body of a Loop that costs one [1 x size] MatMul per round (state through Tanh, reading outer `W`)."""
+    return helper.make_graph(
         [
             helper.make_node("MatMul", ["state_in", "W"], ["prod"]),
             helper.make_node("Tanh", ["prod"], ["state_out"]),
             helper.make_node("Identity", ["cond_in"], ["cond_out"]),
         ],
-        "busy_body",
+        "matmul_round",
         [
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
@@ -182,6 +175,18 @@ def busy_model(path: Path, iterations: int = 200, width: int = 4, size: int = 25
             helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, size]),
         ],
     )
+
+
+def busy_model(path: Path, iterations: int = 200, width: int = 4, size: int = 256) -> Path:
+    """OUTPUT0 = INPUT0 * 2, after a Loop of `iterations` [1 x size] MatMuls: a fixed cost per execution whatever
+    the batch size (as on a GPU), so concurrent requests queue behind a busy instance and batch together.
+
+    The loop state starts from the input's mean and feeds the output (times 0), so ONNX Runtime can neither fold
+    the loop into a constant nor prune it.
+    """
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    body = _matmul_round(size)
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["INPUT0"], ["mean"], keepdims=1),
@@ -307,23 +312,7 @@ def paced_model(path: Path, iterations_per_unit: float = 2000.0, size: int = 256
     """OUTPUT0 = INPUT0 ([batch, 1] FP32), after max(INPUT0) * iterations_per_unit rounds of a [1, size] matmul: a
     model whose run time the request chooses, to make one request overtake another."""
     rng = np.random.default_rng(0)
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["s_in", "W"], ["p"]),
-            helper.make_node("Tanh", ["p"], ["s_out"]),
-            helper.make_node("Identity", ["c_in"], ["c_out"]),
-        ],
-        "round",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, size]),
-        ],
-        [
-            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, size]),
-        ],
-    )
+    body = _matmul_round(size)
     initializers = {
         "W": (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32),
         "k": np.array(iterations_per_unit, np.float32),
