@@ -444,13 +444,19 @@ def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None
     assert "--nice must be between 0 and 19" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
-def test_a_sequence_model_is_loaded_in_sequences(tmp_path: Path, streaming: bool) -> None:
-    """Against a sequence model each request in flight runs its own sequences (as perf_analyzer does): nothing
-    fails, and each level ends its open sequences, so none is left holding one of the model's 8 slots."""
+@pytest.mark.parametrize(
+    ("streaming", "corrid"),
+    [(False, "UINT64"), (True, "UINT64"), (False, "INT32"), (False, "STRING")],
+    ids=["unary", "stream", "int32-ids", "string-ids"],
+)
+def test_a_sequence_model_is_loaded_in_sequences(tmp_path: Path, streaming: bool, corrid: str) -> None:
+    """Against a sequence model each request in flight runs its own sequences (as perf_analyzer does), with IDs
+    of the kind its CORRID takes: nothing fails, and each level ends its open sequences, so none is left holding
+    one of the model's 8 slots."""
     root = tmp_path / "models"
-    accumulator_model(root / "acc" / "1" / "model.onnx")
-    write_config(root, "acc", accumulator_config("acc", extra="max_sequence_idle_microseconds: 60000000"))
+    accumulator_model(root / "acc" / "1" / "model.onnx", corrid="BYTES" if corrid == "STRING" else corrid)
+    extra = "max_sequence_idle_microseconds: 60000000"
+    write_config(root, "acc", accumulator_config("acc", corrid=f"TYPE_{corrid}", extra=extra))
     with ServerThread(root) as s:
         args = ["acc", "--server", s.address, "--concurrency", "4,8", "--sequence-length", "5", *SHORT]
         doc = bench(tmp_path, *args, *(["--streaming"] if streaming else []))

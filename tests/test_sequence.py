@@ -568,6 +568,42 @@ ensemble_scheduling { step [
     assert got == {"slow-start": 40.0, "quick-next": 40.5}
 
 
+def test_an_ensemble_output_that_needs_no_sequence_step_needs_no_sequence(tmp_path: Path) -> None:
+    """Asking only for an output the sequence step does not feed: the request needs no correlation ID, and no
+    sequence of the step model is started (none would be ended)."""
+    root = tmp_path / "models"
+    paced_model(root / "paced" / "1" / "model.onnx")
+    write_config(root, "paced", 'name: "paced"\nmax_batch_size: 8\n')
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    (root / "both" / "1").mkdir(parents=True)
+    write_config(
+        root,
+        "both",
+        """
+name: "both"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "Z" data_type: TYPE_FP32 dims: [ 1 ] } ]
+ensemble_scheduling { step [
+  { model_name: "acc" input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } },
+  { model_name: "paced" input_map { key: "INPUT0" value: "X" } output_map { key: "OUTPUT0" value: "Z" } } ] }
+""",
+    )
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            x = tc.InferInput("X", [1, 1], "FP32")
+            x.set_data_from_numpy(np.array([[0.25]], np.float32))
+            r = c.infer("both", [x], outputs=[tc.InferRequestedOutput("Z")])
+            assert r.as_numpy("Z").tolist() == [[0.25]]
+            r = c.infer("both", [x], outputs=[tc.InferRequestedOutput("Z")], sequence_id=8, sequence_start=True)
+            assert _sequencer(s, "acc").active == 0
+        finally:
+            c.close()
+
+
 def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> None:
     """An ensemble over a sequence model may enable response_cache; requests of a sequence skip it (the answer
     depends on the sequence's state), and the step sees each of them."""

@@ -36,6 +36,8 @@ class ModelShape:
     """From ModelConfig; None when the server has no ModelConfig RPC (then a leading -1 is taken as the batch)."""
     sequence: bool = False
     """A sequence (stateful) model: its requests go in sequences (ModelConfig's sequence_batching)."""
+    sequence_ids: str = "int64"
+    """What its CORRID control takes: "int64" (also for UINT64, or no CORRID), "int32", "uint32" or "string"."""
 
     @classmethod
     def from_metadata(cls, meta: ModelMetadata, max_batch_size: int | None) -> ModelShape:

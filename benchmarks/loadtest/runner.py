@@ -24,6 +24,7 @@ from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.samples import Samples, merge
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, worker_main
 from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import model_config_pb2 as mc
 
 __all__ = ["BenchConfig", "LevelResult", "ServerStats", "SweepResult", "WorkerDied", "run_sweep", "stats_delta"]
 
@@ -217,7 +218,15 @@ def describe_model(config: BenchConfig) -> ModelShape:
         except TensorgateClientError:
             return ModelShape.from_metadata(meta, None)
     shape = ModelShape.from_metadata(meta, model_config.max_batch_size)
-    return replace(shape, sequence=model_config.HasField("sequence_batching"))
+    ids = "int64"
+    for entry in model_config.sequence_batching.control_input:
+        for control in entry.control:
+            if control.kind == mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID:
+                ids = _CORRID_IDS.get(control.data_type, "int64")
+    return replace(shape, sequence=model_config.HasField("sequence_batching"), sequence_ids=ids)
+
+
+_CORRID_IDS = {mc.TYPE_STRING: "string", mc.TYPE_INT32: "int32", mc.TYPE_UINT32: "uint32"}
 
 
 DEFAULT_SEQUENCE_LENGTH = 20
@@ -428,6 +437,7 @@ def run_sweep(config: BenchConfig, progress: ProgressFn | None = None) -> SweepR
         headers=config.headers,
         nice=config.nice,
         sequence_length=length,
+        sequence_ids=model.sequence_ids,
     )
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     ctx = mp.get_context("spawn")

@@ -80,6 +80,8 @@ class Target:
     """Added to the load process's niceness, so that where it shares cores with the server, the server wins."""
     sequence_length: int = 0
     """Against a sequence model: requests per sequence (closed loop only); 0 for requests in no sequence."""
+    sequence_ids: str = "int64"
+    """The kind of ID the model's CORRID takes (ModelShape.sequence_ids)."""
 
     def request(self) -> pb.ModelInferRequest:
         params: dict[str, tensors.ParamValue] = {}
@@ -144,7 +146,7 @@ async def _serve(index: int, target: Target, conn: Connection, counters: Any, st
             # the status).
             calls = _RawInfer(channel.unary_unary(method), sync_channel.unary_unary(method))
             request = target.request()
-            ids = itertools.count((random.getrandbits(22) << 40) | (index << 32))  # < 2**63: an int64 parameter
+            ids = _sequence_ids(index, target.sequence_ids)
             conn.send("ready")
             while True:
                 level: Level | None = await loop.run_in_executor(None, conn.recv)
@@ -163,11 +165,11 @@ class _Sequences:
     worker index), so that runs and workers never share one. A request refused as INVALID_ARGUMENT (its sequence is
     not active: its START failed, or it went idle) ends its sequence; the slot's next request starts a new one."""
 
-    def __init__(self, request: pb.ModelInferRequest, length: int, ids: Iterator[int]) -> None:
+    def __init__(self, request: pb.ModelInferRequest, length: int, ids: Iterator[int | str]) -> None:
         self._request = request
         self._length = length
         self._ids = ids
-        self._at: dict[int, tuple[int, int]] = {}
+        self._at: dict[int, tuple[int | str, int]] = {}
         """slot -> (its sequence's ID, the position of its next request)."""
 
     def next(self, slot: int) -> pb.ModelInferRequest:
@@ -193,13 +195,27 @@ class _Sequences:
         sequence_id, _ = self._at.pop(slot)
         return self._message(sequence_id, False, True)
 
-    def _message(self, sequence_id: int, start: bool, end: bool) -> pb.ModelInferRequest:
+    def _message(self, sequence_id: int | str, start: bool, end: bool) -> pb.ModelInferRequest:
         message = pb.ModelInferRequest()
         message.CopyFrom(self._request)
-        message.parameters["sequence_id"].int64_param = sequence_id
+        if isinstance(sequence_id, str):
+            message.parameters["sequence_id"].string_param = sequence_id
+        else:
+            message.parameters["sequence_id"].int64_param = sequence_id
         message.parameters["sequence_start"].bool_param = start
         message.parameters["sequence_end"].bool_param = end
         return message
+
+
+def _sequence_ids(index: int, kind: str) -> Iterator[int | str]:
+    """IDs for load process `index`, of the kind the model's CORRID takes: a random prefix (so that two runs do
+    not share IDs) and the process index, then a count; 32-bit IDs stay below 2**31 (up to 32 processes)."""
+    prefix = random.getrandbits(20)
+    if kind == "string":
+        return (f"bench-{prefix:05x}-{index}-{n}" for n in itertools.count(1))
+    if kind in ("int32", "uint32"):
+        return itertools.count(((index % 32) << 26) | prefix)
+    return itertools.count((prefix << 42) | (index << 32))  # < 2**63: an int64 parameter
 
 
 def _not_in_sequence(error: str) -> bool:

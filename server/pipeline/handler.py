@@ -18,7 +18,7 @@ from tensorgate.protos.tensors import from_numpy
 from tensorgate.server.errors import InvalidRequestError, TensorgateError
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
-from tensorgate.server.pipeline.ensemble import run_plan
+from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.ensemble import Step
@@ -281,10 +281,13 @@ class InferenceHandler:
             scheduler.hold()
         # A sequence model's place for this request is taken now, as the request arrives: a sequence's requests
         # reach that model in the order they reached the server, however long the steps before it take.
+        # Only for the steps that will run: a sequence model that the outputs asked for do not need is left alone.
         places: dict[tuple[str, str], Place] = {}
         try:
-            for key, m in models.items():
-                if m.sequencer is not None:
+            for step in needed_steps(plan, outputs):
+                key = (step.model, step.version)
+                m = models[key]
+                if m.sequencer is not None and key not in places:
                     places[key] = m.sequencer.enter(_sequence_flags(req, str(m.version)), rows)
         except BaseException:
             self._leave(models, places)

@@ -80,7 +80,6 @@ class Place:
     """Set once this request is over and the one before it too: what the next one waits for."""
     holds: bool
     """Its sequence held a slot when it arrived: it holds the Scheduler until it is over."""
-    arrived_ns: int
     left: bool = False
 
 
@@ -136,7 +135,7 @@ class Sequencer:
         self._check(flags, rows)
         assert flags is not None
         seq = self._begin(flags)
-        place = Place(seq, flags, seq.tail, self._loop.create_future(), _holds_slot(seq), time.perf_counter_ns())
+        place = Place(seq, flags, seq.tail, self._loop.create_future(), _holds_slot(seq))
         seq.tail = place.done
         seq.pending += 1
         if place.holds:
@@ -161,12 +160,15 @@ class Sequencer:
         """Run the request at `place` once the requests before it in its sequence have run; the Scheduler's
         errors, and UNAVAILABLE when the model was unloaded while the sequence waited for a slot."""
         seq, previous = place.seq, place.previous
+        # Queue time counts from here: an ensemble's step takes its place on arrival, and the ensemble counts the
+        # time of the steps before it on its own.
+        started = time.perf_counter_ns()
         if previous is not None and not previous.done():
             await asyncio.shield(previous)
         if not seq.slot.done():
             await asyncio.shield(seq.slot)
         seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
-        waited = time.perf_counter_ns() - place.arrived_ns
+        waited = time.perf_counter_ns() - started
         feed = dict(inputs)
         self._controls(feed, place.flags)
         feed.update(seq.state)
@@ -358,3 +360,4 @@ class Sequencer:
             seq.state.clear()
         self._sequences.clear()
         self._backlog.clear()
+        self._holding = 0
