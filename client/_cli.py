@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--sequence-id",
         default=None,
         metavar="ID",
-        help="correlation ID of a sequence model's request (digits: an integer ID, anything else: a string ID)",
+        help="correlation ID of a sequence model's request (digits: an integer ID, which cannot be negative; "
+        "anything else: a string ID)",
     )
     p.add_argument("--sequence-start", action="store_true", help="the first request of the sequence")
     p.add_argument("--sequence-end", action="store_true", help="the last request of the sequence")
@@ -193,8 +194,8 @@ def _class_counts(items: list[str]) -> dict[str, int]:
 
 
 def _sequence_id(text: str | None) -> int | str | None:
-    """ASCII digits are an integer ID (unless the model takes string IDs: `_takes_string_ids`), anything else a
-    string ID."""
+    """ASCII digits are an integer ID (unless the model takes string IDs: `_takes_string_ids`), a minus sign and
+    digits a usage error (IDs are not negative), anything else a string ID."""
     if text is None or not re.fullmatch(r"-?[0-9]+", text):
         return text
     if text.startswith("-"):

@@ -660,7 +660,7 @@ def test_trace_settings_change_sampling_while_the_server_runs(repo: Path, collec
             assert _trace_settings(rare)["trace_rate"] == ["1000000000"]
             _infer_as(client, "rare-new")
             _infer_as(client, "rare-sampled-caller", Caller.new())
-            back = _trace_settings(client.update_trace_settings(settings={"trace_rate": None}))
+            back = _trace_settings(client.update_trace_settings(settings={"trace_rate": None, "trace_file": None}))
             assert back["trace_rate"] == ["1"]
             _infer_as(client, "on-2")
         finally:
@@ -678,6 +678,7 @@ def test_trace_settings_change_sampling_while_the_server_runs(repo: Path, collec
         pytest.param({"tensorgate.sample_rate": "2"}, "tensorgate.sample_rate must be a number in 0..1", id="share"),
         pytest.param({"trace_count": "10"}, "trace_count can only be '-1' here", id="count"),
         pytest.param({"trace_file": "/tmp/t.json"}, "trace_file can only be '' here", id="file"),
+        pytest.param({"trace_file": ["a", "b"]}, "trace_file can only be '' here", id="files"),
         pytest.param({"trace_colour": "red"}, "unknown trace setting 'trace_colour'", id="unknown"),
         pytest.param(
             {"trace_rate": "7", "tensorgate.sample_rate": "0.5"}, "trace_rate or tensorgate.sample_rate", id="two"
@@ -718,3 +719,25 @@ def test_trace_settings_without_tracing_say_how_to_turn_it_on(server: ServerThre
         assert info.value.status() == str(grpc.StatusCode.NOT_FOUND)
     finally:
         client.close()
+
+
+def test_trace_settings_with_an_injected_provider_are_the_application_s(repo: Path) -> None:
+    """An embedding application's TracerProvider samples: TraceSetting says tracing is on (not OFF, which it said)
+    and refuses a change, naming whose sampler it is."""
+    from tensorgate.server import TensorgateServer
+
+    server = ServerThread(repo)
+    server.app = TensorgateServer(server.settings, tracer_provider=TracerProvider())
+    with server:
+        client = triton.InferenceServerClient(server.address)
+        try:
+            assert _trace_settings(client.get_trace_settings()) == {
+                "trace_level": ["TIMESTAMPS"],
+                "trace_mode": ["opentelemetry"],
+            }
+            with pytest.raises(InferenceServerException) as info:
+                client.update_trace_settings(settings={"trace_rate": "10"})
+            assert info.value.status() == str(grpc.StatusCode.FAILED_PRECONDITION)
+            assert "belongs to the TracerProvider the embedding application gave" in str(info.value.message())
+        finally:
+            client.close()

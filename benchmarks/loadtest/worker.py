@@ -162,8 +162,9 @@ async def _serve(index: int, target: Target, conn: Connection, counters: Any, st
 class _Sequences:
     """Closed-loop sequences for a sequence (stateful) model: each request in flight (a slot) runs sequences of
     `length` requests one after another, as perf_analyzer does. IDs are this process's own (a random prefix and its
-    worker index), so that runs and workers never share one. A request refused as INVALID_ARGUMENT (its sequence is
-    not active: its START failed, or it went idle) ends its sequence; the slot's next request starts a new one."""
+    worker index), so that runs and workers do not share one (for a 32-bit CORRID, up to 32 load processes). A
+    request refused as INVALID_ARGUMENT (its sequence is not active: its START failed, or it went idle) ends its
+    sequence; the slot's next request starts a new one."""
 
     def __init__(self, request: pb.ModelInferRequest, length: int, ids: Iterator[int | str]) -> None:
         self._request = request

@@ -433,6 +433,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     f"trace settings are the server's: they cannot be changed for {model_ref(request.model_name)} "
                     "alone (send no model name)"
                 )
+            if self.tracing is not None and state is None:
+                raise FailedPreconditionError(
+                    "trace sampling belongs to the TracerProvider the embedding application gave the server"
+                )
             if self.tracing is None or state is None or self.tracing.initial_sampling is None:
                 raise FailedPreconditionError(
                     "tracing is off: start the server with --otlp-endpoint to trace, then change the sampling here"
@@ -446,7 +450,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         elif request.model_name:
             self._repository.get(request.model_name, "")  # NOT_FOUND for a model the server does not have
         response = pb.TraceSettingResponse()
-        for key, values in trace_settings.current(state).items():
+        injected = self.tracing is not None and state is None
+        for key, values in trace_settings.current(state, injected=injected).items():
             response.settings[key].value.extend(values)
         return response
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_mode", "tensorgate.sample_rate")
+KEYS = (
+    "trace_level",
+    "trace_rate",
+    "trace_count",
+    "log_frequency",
+    "trace_mode",
+    "trace_file",
+    "tensorgate.sample_rate",
+)
 _FIXED = {"trace_count": "-1", "log_frequency": "0", "trace_mode": "opentelemetry", "trace_file": ""}
 """Settings with one value here: what Triton means by it is what tensorgate always does."""
 
@@ -31,8 +39,11 @@ class TraceState:
     rate: float
 
 
-def current(state: TraceState | None) -> dict[str, list[str]]:
-    """Triton's view of `state` (None: tracing was not configured at start, so it is off)."""
+def current(state: TraceState | None, *, injected: bool = False) -> dict[str, list[str]]:
+    """Triton's view of `state`. None: tracing was not configured at start, so it is off, or (`injected`) an
+    embedding application's TracerProvider samples, at a rate tensorgate does not know."""
+    if injected:
+        return {"trace_level": ["TIMESTAMPS"], "trace_mode": [_FIXED["trace_mode"]]}
     level = ["TIMESTAMPS"] if state is not None and state.enabled else ["OFF"]
     rate = 0.0 if state is None else state.rate
     return {
