@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.datatypes import BY_CONFIG_TYPE, config_type_name
+from tensorgate.server.datatypes import BY_CONFIG_TYPE, DataType, config_type_name
 from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.repository.config import TensorInfo, dims_fit, shape_text
 
@@ -136,8 +136,7 @@ def _initial(model: str, state: mc.ModelSequenceBatching.State, version_dir: Pat
     where = f"sequence_batching state '{state.input_name}'"
     dt = BY_CONFIG_TYPE[state.data_type]
     if not state.initial_state:
-        shape = [d if d >= 0 else 1 for d in state.dims]
-        return np.full(shape, b"", dtype=object) if dt.name == "BYTES" else np.zeros(shape, dtype=dt.np_dtype)
+        return _zeros([d if d >= 0 else 1 for d in state.dims], dt)
     if len(state.initial_state) > 1:
         raise InvalidConfigError(model, f"{where} has {len(state.initial_state)} initial_state entries; at most one")
     init = state.initial_state[0]
@@ -146,11 +145,7 @@ def _initial(model: str, state: mc.ModelSequenceBatching.State, version_dir: Pat
             model, f"{where}: initial_state is {config_type_name(init.data_type)}, the state is {dt.name}"
         )
     dims = list(init.dims)
-    if (
-        any(d < 0 for d in dims)
-        or len(dims) != len(state.dims)
-        or any(s >= 0 and s != d for s, d in zip(state.dims, dims, strict=True))
-    ):
+    if any(d < 0 for d in dims) or not dims_fit(state.dims, dims):
         raise InvalidConfigError(
             model, f"{where}: initial_state dims {dims} must be fixed and fit the state's dims {list(state.dims)}"
         )
@@ -175,9 +170,14 @@ def _initial(model: str, state: mc.ModelSequenceBatching.State, version_dir: Pat
         return np.frombuffer(data[:want], dtype=dt.np_dtype).reshape(dims).copy()
     if choice != "zero_data" or not init.zero_data:
         raise InvalidConfigError(model, f"{where}: initial_state needs zero_data: true or a data_file")
+    return _zeros(dims, dt)
+
+
+def _zeros(shape: list[int], dt: DataType) -> np.ndarray:
+    """A zero state; empty elements for BYTES."""
     if dt.name == "BYTES":
-        return np.full(dims, b"", dtype=object)
-    return np.zeros(dims, dtype=dt.np_dtype)
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype=dt.np_dtype)
 
 
 def _state(
@@ -241,10 +241,10 @@ def sequence_spec(
     outputs: Sequence[TensorInfo],
     version_dir: Path,
 ) -> SequenceSpec:
-    """The completed config's sequence batching, checked against the model file's tensors. The served config gets
-    the idle time in force written in, as Triton's does."""
+    """The completed config's sequence batching (`check_sequence_config` has passed it before autocomplete),
+    checked against the model file's tensors. The served config gets the idle time in force written in, as
+    Triton's does."""
     model, sb = config.name, config.sequence_batching
-    check_sequence_config(config)
     if sb.max_sequence_idle_microseconds == 0:
         sb.max_sequence_idle_microseconds = DEFAULT_IDLE_US
     by_input = {t.name: t for t in inputs}

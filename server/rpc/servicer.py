@@ -433,16 +433,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     f"trace settings are the server's: they cannot be changed for {model_ref(request.model_name)} "
                     "alone (send no model name)"
                 )
-            if self.tracing is not None and state is None:
-                raise FailedPreconditionError(
-                    "trace sampling belongs to the TracerProvider the embedding application gave the server"
-                )
-            if self.tracing is None or state is None or self.tracing.initial_sampling is None:
+            if self.tracing is None:
                 raise FailedPreconditionError(
                     "tracing is off: start the server with --otlp-endpoint to trace, then change the sampling here"
                 )
+            initial = self.tracing.initial_sampling
+            if state is None or initial is None:
+                raise FailedPreconditionError(
+                    "trace sampling belongs to the TracerProvider the embedding application gave the server"
+                )
             try:
-                state = trace_settings.apply(changes, state, self.tracing.initial_sampling)
+                state = trace_settings.apply(changes, state, initial)
             except trace_settings.TraceSettingsError as exc:
                 raise InvalidSettingError(str(exc)) from exc
             self.tracing.set_sampling(state)

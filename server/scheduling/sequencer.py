@@ -105,14 +105,14 @@ class Sequencer:
         self._state_outputs = [s.output_name for s in spec.states]
         # Control tensors of one request, made once: a batch stacks them like any input.
         lead = (1, 1) if batched else (1,)
-        self._flags: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self._flags: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+        """(kind, input name, false, true) of the START, END and READY controls."""
         for c in spec.controls:
             if c.kind in ("START", "END", "READY"):
                 false, true = np.full(lead, c.false, dtype=c.dtype), np.full(lead, c.true, dtype=c.dtype)
                 false.flags.writeable = true.flags.writeable = False
-                self._flags.append((c.kind, false, true))
+                self._flags.append((c.kind, c.name, false, true))
         self._corrid = next(((c.name, c.dtype) for c in spec.controls if c.kind == "CORRID"), None)
-        self._names = {c.kind: c.name for c in spec.controls}
         self._lead = lead
 
     @property
@@ -269,9 +269,9 @@ class Sequencer:
         return seq
 
     def _controls(self, feed: dict[str, np.ndarray], flags: SequenceFlags) -> None:
-        for kind, false, true in self._flags:
+        for kind, name, false, true in self._flags:
             on = flags.start if kind == "START" else flags.end if kind == "END" else True
-            feed[self._names[kind]] = true if on else false
+            feed[name] = true if on else false
         if self._corrid is not None:
             name, dtype = self._corrid
             value = flags.id.encode() if isinstance(flags.id, str) else flags.id
