@@ -2,7 +2,9 @@
 a delay and an error status for ModelInfer. For the remote backend's reactions to what a real Triton can answer
 (its queue full, a slow model) without starting one; tests/pytriton_upstream.py runs the real thing.
 
-Model "m": X FP32 [-1, 2] -> Y = X, max_batch_size 8.
+Model "m": X FP32 [-1, 2] -> Y = X, max_batch_size 8; a sequence model when `sequence` is set (its ModelConfig
+has sequence_batching), which records the sequence parameters each call brings and how many calls of one sequence
+it had at once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import threading
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc import aio
 
 from tensorgate.protos import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server
@@ -26,6 +29,12 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.config_error: tuple[grpc.StatusCode, str] | None = None
         """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
+        self.sequence = False
+        self.seen: list[tuple[object, bool, bool, list[float]]] = []
+        """Per call, in arrival order: sequence_id, sequence_start, sequence_end and the values of X."""
+        self.in_flight: dict[object, int] = {}
+        self.most_in_flight: dict[object, int] = {}
+        """Per sequence_id (None: calls without one), the most calls of it this upstream had at once."""
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -49,12 +58,27 @@ class _Servicer(GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         if self.config_error is not None:
             await context.abort(*self.config_error)
-        return pb.ModelConfigResponse(config=mc.ModelConfig(name=request.name, max_batch_size=8))
+        config = mc.ModelConfig(name=request.name, max_batch_size=8)
+        if self.sequence:
+            config.sequence_batching.SetInParent()
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         self.calls += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        params = request.parameters
+        key = None
+        if "sequence_id" in params:
+            key = params["sequence_id"].int64_param or params["sequence_id"].string_param
+        start = "sequence_start" in params and params["sequence_start"].bool_param
+        end = "sequence_end" in params and params["sequence_end"].bool_param
+        self.seen.append((key, start, end, np.frombuffer(request.raw_input_contents[0], np.float32).tolist()))
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        self.most_in_flight[key] = max(self.most_in_flight.get(key, 0), self.in_flight[key])
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight[key] -= 1
         if self.error is not None:
             await context.abort(*self.error)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)

@@ -21,7 +21,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
-from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, paced_model, write_config
+from tests.onnx_models import accumulator_config, accumulator_model, paced_model, write_config
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -349,14 +349,14 @@ BAD_CONFIGS = {
 
 
 def test_a_sequence_config_that_does_not_fit_its_model_fails_its_load(tmp_path: Path) -> None:
-    """Each mistake fails that model's load with the reason in RepositoryIndex; the rest serve. A sequence model
-    on an upstream Triton is refused too: its sequence parameters would not be forwarded."""
+    """Each mistake fails that model's load with the reason in RepositoryIndex; the rest serve. An ensemble with
+    sequence_batching is refused too: it is stateful through its steps, never itself."""
     root = tmp_path / "models"
     for name, (edit, _) in BAD_CONFIGS.items():
         accumulator_model(root / name / "1" / "model.onnx")
         write_config(root, name, edit(accumulator_config(name)))
-    add_sub_model(root / "remote" / "1" / "model.onnx")
-    write_config(root, "remote", 'name: "remote"\nbackend: "tensorgate_triton"\nsequence_batching { }\n')
+    (root / "stateful_ensemble" / "1").mkdir(parents=True)
+    write_config(root, "stateful_ensemble", 'name: "stateful_ensemble"\nplatform: "ensemble"\nsequence_batching { }\n')
     accumulator_model(root / "good" / "1" / "model.onnx")
     write_config(root, "good", accumulator_config("good"))
     with ServerThread(root) as s:
@@ -366,7 +366,8 @@ def test_a_sequence_config_that_does_not_fit_its_model_fails_its_load(tmp_path: 
             for name, (_, fragment) in BAD_CONFIGS.items():
                 state, reason = reasons[name]
                 assert state == "UNAVAILABLE" and fragment in reason, (name, reason)
-            assert "sequence_batching is supported for ONNX models only" in reasons["remote"][1]
+            state, reason = reasons["stateful_ensemble"]
+            assert state == "UNAVAILABLE" and "not for 'ensemble'" in reason, reason
             assert reasons["good"][0] == "READY"
             r = c.infer("good", _x(3.0), sequence_id=1, sequence_start=True, sequence_end=True)
             assert r.as_numpy("OUTPUT").tolist() == [[3.0]]

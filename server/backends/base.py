@@ -16,18 +16,32 @@ if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext
 
 
+SequenceId = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceFlags:
+    """A request's place in its sequence (the `sequence_id`, `sequence_start` and `sequence_end` parameters)."""
+
+    id: SequenceId
+    start: bool = False
+    end: bool = False
+
+
 @dataclass(slots=True, frozen=True)
 class BatchContext:
     """What a backend may want to know about the batch it runs, beyond its tensors.
 
-    A remote backend passes the deadline and the trace context on to its upstream; a local one ignores both (so
-    the W3C headers are written only by the backend that sends them).
+    A remote backend passes the deadline, the trace context and a sequence request's flags on to its upstream; a
+    local one ignores them (so the W3C headers are written only by the backend that sends them).
     """
 
     deadline: float | None = None
     """Absolute `time.monotonic()` after which no caller of the batch waits any more; None: some caller has none."""
     trace: SpanContext | None = None
     """The batch's span, or an unsampled caller's context, to carry upstream (None when the batch is not traced)."""
+    sequence: SequenceFlags | None = None
+    """A remote sequence model's request (a batch of one): its sequence parameters, which its upstream needs."""
 
 
 NO_CONTEXT = BatchContext()

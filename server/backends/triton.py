@@ -23,6 +23,9 @@ upstream version it maps to. Parameters (all optional but the url; values are st
     tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
     tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token)
 
+An upstream sequence model's `sequence_batching` is served as it is, and each request goes upstream on its own
+with its sequence parameters (BatchContext.sequence), in its sequence's order (server/scheduling/remote_sequences.py).
+
 File paths may be relative to the model directory. Without an `instance_group`, a remote model gets
 DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance is a worker thread that waits on one upstream
 call, so that several batches are in flight upstream while tensorgate forms the next ones.
@@ -51,11 +54,12 @@ import grpc
 import numpy as np
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
+from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
-from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
+from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -79,6 +83,10 @@ REMOTE_VERSION = 1
 DEFAULT_REMOTE_INSTANCES = 4
 """Batches in flight upstream per model when config.pbtxt has no instance_group (see the module docstring)."""
 REDACTED = "<redacted>"
+_NO_SEQUENCE = SequenceFlags(0)
+"""What a request outside any sequence sends: tritonclient, as Triton, reads correlation ID 0 as none."""
+MAX_FORWARDED_ID = 2**63 - 1
+"""tritonclient sends an integer correlation ID as int64: a larger one cannot be forwarded."""
 _MAX_MESSAGE = 2**31 - 1
 # Reconnect quickly once the upstream is back: gRPC's default backoff grows to two minutes between attempts, so a
 # restarted Triton would stay unreachable that long. At most one attempt a second per connection costs nothing.
@@ -223,6 +231,10 @@ class UpstreamModel:
     outputs: list[TensorInfo]
     max_batch_size: int
     """0 when the upstream does not batch, or would not say (a deployment that restricts ModelConfig)."""
+    sequence_batching: mc.ModelSequenceBatching | None = None
+    """The upstream model's sequence batcher: a stateful model, whose requests must carry their sequence."""
+    config_known: bool = True
+    """False when the upstream would not show its ModelConfig: max_batch_size and sequence_batching are unknown."""
 
 
 class TritonBackend:
@@ -300,11 +312,21 @@ class TritonBackend:
         wanted = [tc.InferRequestedOutput(name) for name in outputs]
         headers = s.headers if context.trace is None else {**s.headers, **Tracing.headers(context.trace)}
         client = next(self._next)
+        sequence = context.sequence or _NO_SEQUENCE
+        if isinstance(sequence.id, int) and sequence.id > MAX_FORWARDED_ID:
+            raise InvalidRequestError(
+                self._model,
+                self._version,
+                f"sequence_id {sequence.id} is over {MAX_FORWARDED_ID}: it cannot be forwarded to {self._where}",
+            )
         coro = client.infer(
             s.model_name,
             infer_inputs,
             model_version=s.model_version,
             outputs=wanted,
+            sequence_id=sequence.id,
+            sequence_start=sequence.start,
+            sequence_end=sequence.end,
             client_timeout=timeout,
             headers=headers or None,
         )
@@ -360,10 +382,15 @@ class TritonBackend:
         call = {"model_version": s.model_version, "headers": s.headers or None, "client_timeout": s.timeout_s}
         with self._errors():
             meta = await client.get_model_metadata(s.model_name, as_json=True, **call)
+        sequence, known = None, True
         try:
             with self._errors():
                 upstream_config = (await client.get_model_config(s.model_name, as_json=True, **call)).get("config", {})
             mbs = int(upstream_config.get("max_batch_size", 0))
+            if "sequence_batching" in upstream_config:
+                sequence = json_format.ParseDict(
+                    upstream_config["sequence_batching"], mc.ModelSequenceBatching(), ignore_unknown_fields=True
+                )
         except TensorgateError as exc:
             if isinstance(exc, ModelUnavailableError) and not _restricted(exc.message):
                 raise  # the upstream model itself is not there (or not reachable): the load fails with why
@@ -375,7 +402,7 @@ class TritonBackend:
                 self._model,
                 exc.message,
             )
-            mbs = 0
+            mbs, known = 0, False
 
         def infos(key: str) -> list[TensorInfo]:
             found: list[TensorInfo] = []
@@ -392,7 +419,7 @@ class TritonBackend:
                 found.append(TensorInfo(t["name"], datatype.config_type, shape))
             return found
 
-        return UpstreamModel(infos("inputs"), infos("outputs"), mbs)
+        return UpstreamModel(infos("inputs"), infos("outputs"), mbs, sequence, known)
 
     async def _watch(self) -> None:
         """Ask the upstream whether the model is ready, for ModelReady and ServerReady; this also keeps a
@@ -458,6 +485,29 @@ class TritonBackend:
             raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
 
 
+def _complete_sequence(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
+    """Take the upstream's sequence_batching when config.pbtxt has none; refuse a config that contradicts what
+    the upstream model is (a sequence model batched here, or sequence parameters sent to a stateless model)."""
+    if upstream.sequence_batching is not None and config.HasField("dynamic_batching"):
+        # Checked first: sequence_batching and dynamic_batching are one protobuf oneof, so taking the upstream's
+        # would drop dynamic_batching without a word.
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            "the upstream model is a sequence model: its own sequence batcher batches it, so config.pbtxt must not "
+            "ask for dynamic_batching",
+        )
+    if upstream.sequence_batching is not None and not config.HasField("sequence_batching"):
+        config.sequence_batching.CopyFrom(upstream.sequence_batching)
+    if config.HasField("sequence_batching") and upstream.config_known and upstream.sequence_batching is None:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            "config.pbtxt has sequence_batching, but the upstream model is not a sequence model (its ModelConfig "
+            "has no sequence_batching)",
+        )
+
+
 def _restricted(message: str) -> bool:
     """Triton's refusal of an RPC it restricts to holders of a header (--grpc-restricted-protocol)."""
     return "protocol is restricted" in message.lower()
@@ -475,13 +525,18 @@ def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batc
     """Make the config to serve: take the upstream's max_batch_size (and dynamic batching) unless config.pbtxt
     says otherwise (a local max_batch_size larger than the upstream's would send batches the upstream refuses),
     and hide the values of `header.*` parameters, which may be credentials, from the ModelConfig RPC. Then
-    `autocomplete` completes the tensors, with max_batch_size counted as given."""
+    `autocomplete` completes the tensors, with max_batch_size counted as given.
+
+    An upstream sequence model's `sequence_batching` is served as it is (clients such as perf_analyzer read it to
+    send sequences), and such a model is never batched here: its upstream batches sequences itself."""
     for key, value in config.parameters.items():
         if key.startswith(PREFIX + "header."):
             value.string_value = REDACTED
+    _complete_sequence(config, upstream)
+    stateful = config.HasField("sequence_batching")
     if not max_batch_size_given:
         config.max_batch_size = upstream.max_batch_size
-        if upstream.max_batch_size > 0 and not config.HasField("dynamic_batching"):
+        if upstream.max_batch_size > 0 and not config.HasField("dynamic_batching") and not stateful:
             config.dynamic_batching.SetInParent()
     elif upstream.max_batch_size > 0 and config.max_batch_size > upstream.max_batch_size:
         raise ModelLoadError(

@@ -15,6 +15,7 @@ import numpy as np
 from opentelemetry import trace
 
 from tensorgate.protos.tensors import from_numpy
+from tensorgate.server.backends.base import SequenceFlags
 from tensorgate.server.errors import InvalidRequestError, TensorgateError
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
@@ -24,7 +25,7 @@ from tensorgate.server.pipeline.validate import reshape_out, validate_request
 from tensorgate.server.repository.ensemble import Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
-from tensorgate.server.scheduling.sequencer import Place, SequenceFlags
+from tensorgate.server.scheduling.sequencer import Place
 from tensorgate.server.telemetry.statistics import ExecutionTimes
 from tensorgate.server.telemetry.tracing import Tracing
 
@@ -236,8 +237,9 @@ class InferenceHandler:
         scheduler = model.scheduler
         if scheduler is None:
             return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
-        if model.sequencer is not None:
-            return model.sequencer.submit(
+        sequences = model.sequencer or model.remote_sequences
+        if sequences is not None:
+            return sequences.submit(
                 inputs,
                 outputs,
                 rows,

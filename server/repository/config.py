@@ -83,16 +83,16 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 def check_backend(config: mc.ModelConfig) -> None:
     """ONNX models run locally, `tensorgate_triton` ones on an upstream Triton, ensembles through their composing
-    models; say so clearly for anything else. Sequence (stateful) models are served for ONNX only: a stateful model
-    on an upstream Triton would need its sequence parameters forwarded, which the remote backend does not do, and
-    served as stateless it would answer wrongly."""
+    models; say so clearly for anything else. Sequence (stateful) models are ONNX models, whose state tensorgate
+    keeps, or remote ones, whose upstream keeps it (tensorgate forwards their sequence parameters); an ensemble is
+    stateful through its steps, never itself."""
     if config.HasField("sequence_batching") and (
-        config.platform == ENSEMBLE_PLATFORM or config.backend not in ("", ONNX_BACKEND)
+        config.platform == ENSEMBLE_PLATFORM or config.backend not in ("", ONNX_BACKEND, TRITON_BACKEND)
     ):
         raise InvalidConfigError(
             config.name,
-            'sequence_batching is supported for ONNX models only (backend "onnxruntime"), not for '
-            f"'{config.backend or config.platform}'",
+            'sequence_batching is supported for ONNX models (backend "onnxruntime") and models on an upstream '
+            f"Triton (backend \"{TRITON_BACKEND}\"), not for '{config.backend or config.platform}'",
         )
     if config.HasField("ensemble_scheduling") and config.platform != ENSEMBLE_PLATFORM:
         raise InvalidConfigError(config.name, 'ensemble_scheduling needs platform "ensemble"')

@@ -59,6 +59,7 @@ from tensorgate.server.repository.sequence import (
 )
 from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
+from tensorgate.server.scheduling.remote_sequences import RemoteSequences
 from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.scheduling.sequencer import Sequencer
 from tensorgate.server.telemetry.statistics import LatencyHistograms, ModelStats
@@ -98,6 +99,8 @@ class LoadedModel:
     """An ensemble's steps (repository/ensemble.py); None for a model that runs itself."""
     sequencer: Sequencer | None = None
     """A sequence (stateful) model's sequences, in front of its scheduler; None for any other model."""
+    remote_sequences: RemoteSequences | None = None
+    """A sequence model on an upstream Triton: the order its sequences' requests go upstream in."""
 
 
 @dataclass(slots=True)
@@ -160,6 +163,12 @@ def _label_signature(model_dir: Path, filename: str) -> str:
     except OSError:
         return ""
     return _file_signature(path) if inside else ""
+
+
+def _remote_sequence_model(config: mc.ModelConfig) -> bool:
+    """A sequence model served by an upstream Triton, whose sequence batcher keeps the state: tensorgate forwards
+    its requests in order (server/scheduling/remote_sequences.py) instead of sequencing them itself."""
+    return config.backend == TRITON_BACKEND and config.HasField("sequence_batching")
 
 
 def is_unloaded(reason: str) -> bool:
@@ -652,6 +661,8 @@ class ModelRepository:
         backend = TritonBackend(config, model_dir, version=version)
         try:
             complete_config(config, backend.upstream, max_batch_size_given=mbs_given)
+            if config.HasField("sequence_batching"):
+                check_sequence_config(config)
             autocomplete(
                 config,
                 backend.upstream.inputs,
@@ -862,6 +873,11 @@ class ModelRepository:
                         if item.sequence is None or scheduler is None
                         else Sequencer(name, v, scheduler, item.sequence, item.config.max_batch_size > 0)
                     )
+                    remote_sequences = (
+                        RemoteSequences(name, v, scheduler)
+                        if scheduler is not None and _remote_sequence_model(item.config)
+                        else None
+                    )
                     new_versions[v] = LoadedModel(
                         name,
                         v,
@@ -874,6 +890,7 @@ class ModelRepository:
                         item.load_seconds,
                         item.plan,
                         sequencer,
+                        remote_sequences,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             entry.versions, entry.failed = new_versions, failed

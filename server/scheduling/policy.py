@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.errors import InvalidConfigError
+from tensorgate.server.repository.config import TRITON_BACKEND
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +46,13 @@ class SchedulingPolicy:
     def from_config(cls, config: mc.ModelConfig) -> SchedulingPolicy:
         """Without `dynamic_batching` (or with max_batch_size 0) each request executes on its own. A sequence
         model batches its sequences' requests with its strategy's delay and preferred sizes (Direct has no
-        preferred sizes); its sequencer sends one request per sequence at a time."""
+        preferred sizes); its sequencer sends one request per sequence at a time. A sequence model on an upstream
+        Triton never batches here: each request goes upstream on its own, with its sequence's parameters, and the
+        upstream's sequence batcher batches them."""
         if config.HasField("sequence_batching"):
             sb = config.sequence_batching
             oldest = sb.WhichOneof("strategy_choice") == "oldest"
-            batching = config.max_batch_size > 0
+            batching = config.max_batch_size > 0 and config.backend != TRITON_BACKEND
             preferred = tuple(sorted(set(sb.oldest.preferred_batch_size))) if oldest else ()
             _check_preferred(config, preferred)
             # Direct waits for a batch only with a minimum_slot_utilization to wait for, as in Triton.
@@ -68,7 +71,7 @@ class SchedulingPolicy:
                 priority_levels=1,
                 default_priority=1,
                 queue_policies=(QueuePolicy(),),
-                batch_dimension=batching,
+                batch_dimension=config.max_batch_size > 0,
             )
         db = config.dynamic_batching
         batching = config.HasField("dynamic_batching") and config.max_batch_size > 0

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from opentelemetry.trace import SpanContext, StatusCode
 
-from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext
+from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext, SequenceFlags
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -56,6 +56,8 @@ class _Pending:
     delayed: bool = False
     span: SpanContext | None = None
     """The request's span when tracing is on (sampled or not): the batch span links the sampled ones."""
+    sequence: SequenceFlags | None = None
+    """A remote sequence model's request: its flags go upstream with it (such a model never batches requests)."""
 
 
 @dataclass(slots=True)
@@ -92,11 +94,14 @@ def _shape_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[tuple[
 
 
 def _context(requests: Sequence[_Pending]) -> BatchContext:
-    """The batch is worth finishing until its most patient caller gives up; a caller without deadline has none."""
+    """The batch is worth finishing until its most patient caller gives up; a caller without deadline has none.
+    A remote sequence model's batch is one request, whose sequence flags go with it."""
     deadlines = [p.deadline for p in requests]
-    if any(d is None for d in deadlines):
+    deadline = None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
+    sequence = requests[0].sequence
+    if deadline is None and sequence is None:
         return NO_CONTEXT
-    return BatchContext(deadline=max(d for d in deadlines if d is not None))
+    return BatchContext(deadline=deadline, sequence=sequence)
 
 
 def _cancel_timers(timers: list[asyncio.TimerHandle], _done: object) -> None:
@@ -180,12 +185,15 @@ class Scheduler:
         priority: int | None = None,
         timeout_us: int | None = None,
         span: SpanContext | None = None,
+        sequence: SequenceFlags | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """Queue one request and wait for its outputs.
 
         `span` is the request span's context (`Tracing.context_of`), for the batch span's links and a remote
-        backend. Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when a timeout
-        passes while it is queued, UNAVAILABLE when the model is being unloaded, and the backend's own errors.
+        backend; `sequence` the flags of a request to a remote sequence model (scheduling/remote_sequences.py),
+        for its backend. Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when
+        a timeout passes while it is queued, UNAVAILABLE when the model is being unloaded, and the backend's own
+        errors.
         """
         if self._closed:
             raise ServerUnavailableError(f"{self._ref} is being unloaded")
@@ -212,6 +220,7 @@ class Scheduler:
             queue_deadline=now + timeout_ns / 1e9 if timeout_ns else None,
             level=level,
             span=span,
+            sequence=sequence,
         )
         lane.append(pending)
         self._queued += 1
@@ -425,7 +434,7 @@ class Scheduler:
             traced = [p for p in requests if p.span is not None and p.span.trace_flags.sampled]
             if not traced and requests[0].span is not None:
                 # Nobody in the batch is sampled: a remote backend still hears that, and records nothing either.
-                context = BatchContext(context.deadline, requests[0].span)
+                context = BatchContext(context.deadline, requests[0].span, context.sequence)
         if traced:
             self._execute_traced(batch, inputs, wanted, context, traced)
         else:
@@ -464,7 +473,7 @@ class Scheduler:
         token = self._tracing.use(span)
         try:
             batch.outputs = self._backend.execute(
-                inputs, wanted, BatchContext(deadline=context.deadline, trace=span.get_span_context())
+                inputs, wanted, BatchContext(context.deadline, span.get_span_context(), context.sequence)
             )
         except BaseException as exc:
             span.set_status(StatusCode.ERROR, type(exc).__qualname__)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry.trace import SpanContext
 
+from tensorgate.server.backends.base import SequenceFlags, SequenceId
 from tensorgate.server.errors import InvalidRequestError, ServerUnavailableError, model_ref
 from tensorgate.server.repository.sequence import SequenceSpec
 from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
@@ -36,16 +37,14 @@ from tensorgate.server.telemetry.statistics import ExecutionTimes
 
 log = logging.getLogger(__name__)
 
-SequenceId = int | str
 
-
-@dataclass(frozen=True, slots=True)
-class SequenceFlags:
-    """A request's place in its sequence (the `sequence_id`, `sequence_start` and `sequence_end` parameters)."""
-
-    id: SequenceId
-    start: bool = False
-    end: bool = False
+def require_id(model: str, version: int, flags: SequenceFlags | None) -> SequenceFlags:
+    """A request to a sequence model, local or remote, must name its sequence (0 and "" name none, as in Triton)."""
+    if flags is None:
+        raise InvalidRequestError(
+            model, str(version), "a sequence model needs a non-zero or non-empty correlation ID (sequence_id)"
+        )
+    return flags
 
 
 @dataclass(slots=True, eq=False)
@@ -211,10 +210,7 @@ class Sequencer:
 
     def _check(self, flags: SequenceFlags | None, rows: int) -> None:
         version = str(self._version)
-        if flags is None:
-            raise InvalidRequestError(
-                self._model, version, "a sequence model needs a non-zero or non-empty correlation ID (sequence_id)"
-            )
+        flags = require_id(self._model, self._version, flags)
         if self._batched and rows != 1:
             raise InvalidRequestError(
                 self._model, version, f"a sequence model takes one row per request (batch size 1), got {rows}"

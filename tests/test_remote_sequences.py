@@ -1,0 +1,263 @@
+"""Sequence (stateful) models on an upstream: tensorgate forwards each request's sequence parameters and keeps a
+sequence's requests in the order they arrived, and the upstream's sequence batcher keeps the state. The upstream
+here is a second tensorgate (it speaks Triton's protocol and serves sequence models as Triton does), serving the
+accumulator of tests/onnx_models.py; the front reaches it through the remote Triton backend, over real gRPC.
+Clients are unmodified tritonclient (unary and stream) and ours."""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.client import InferenceClient
+from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.scripted_upstream import ScriptedUpstream
+from tests.serving import ServerThread
+from tests.test_poll import wait_for
+from tests.test_sequence import _error, _x
+
+
+def _pause(us: int) -> str:
+    """A slow upstream's strategy: a request waits up to `us` there for others to batch with."""
+    return f"oldest {{ max_candidate_sequences: 16 max_queue_delay_microseconds: {us} preferred_batch_size: [ 16 ] }}"
+
+
+def _remote(root: Path, name: str, url: str, upstream_model: str, *extra: str) -> None:
+    lines = [
+        'backend: "tensorgate_triton"',
+        f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{url}" }} }}',
+        f'parameters {{ key: "tensorgate.triton.model_name" value {{ string_value: "{upstream_model}" }} }}',
+        *extra,
+    ]
+    (root / name).mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("upstream") / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc", max_batch_size=16))
+    accumulator_model(root / "acc_slow" / "1" / "model.onnx")
+    write_config(root, "acc_slow", accumulator_config("acc_slow", max_batch_size=16, extra=_pause(300_000)))
+    accumulator_model(root / "acc_pause" / "1" / "model.onnx")
+    write_config(root, "acc_pause", accumulator_config("acc_pause", max_batch_size=16, extra=_pause(3_000_000)))
+    accumulator_model(root / "acc_text" / "1" / "model.onnx", corrid="BYTES")
+    write_config(root, "acc_text", accumulator_config("acc_text", corrid="TYPE_STRING"))
+    add_sub_model(root / "add_sub" / "1" / "model.onnx")
+    with ServerThread(root) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def front(upstream: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("front") / "models"
+    url = upstream.address
+    _remote(root, "racc", url, "acc")
+    _remote(root, "racc_slow", url, "acc_slow")
+    _remote(root, "racc_text", url, "acc_text")
+    # Contradictions between config.pbtxt and what the upstream model is: each fails its own load, with why.
+    _remote(root, "stateless", url, "add_sub", "sequence_batching { }")
+    _remote(root, "batched", url, "acc", "max_batch_size: 16", "dynamic_batching { }")
+    with ServerThread(root, model_control_mode="explicit", load_model=["*"]) as s:
+        yield s
+
+
+@pytest.fixture
+def client(front: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(front.address)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_the_upstream_keeps_each_sequence_state(client: tc.InferenceServerClient) -> None:
+    """Two interleaved sequences through the front: the upstream saw START, END, READY and the correlation ID of
+    each request (the accumulator echoes them), so each sums on its own. The front serves the upstream's
+    sequence_batching (perf_analyzer reads it to send sequences) and batches nothing itself."""
+    config = client.get_model_config("racc").config
+    assert [c.name for c in config.sequence_batching.control_input] == ["START", "END", "READY", "CORRID"]
+    assert not config.HasField("dynamic_batching")
+    assert [i.name for i in client.get_model_metadata("racc").inputs] == ["INPUT"]
+    seen = []
+    for sid, start, end, x in [(101, True, False, 1.0), (202, True, False, 10.0), (101, False, False, 2.0)]:
+        r = client.infer("racc", _x(x), sequence_id=sid, sequence_start=start, sequence_end=end)
+        seen.append(
+            (float(r.as_numpy("OUTPUT")[0, 0]), r.as_numpy("FLAGS")[0].tolist(), int(r.as_numpy("CORRID_OUT")[0, 0]))
+        )
+    for sid, x in [(202, 20.0), (101, 3.0)]:
+        r = client.infer("racc", _x(x), sequence_id=sid, sequence_end=True)
+        seen.append(
+            (float(r.as_numpy("OUTPUT")[0, 0]), r.as_numpy("FLAGS")[0].tolist(), int(r.as_numpy("CORRID_OUT")[0, 0]))
+        )
+    assert seen == [
+        (1.0, [1.0, 0.0, 1.0], 101),
+        (10.0, [1.0, 0.0, 1.0], 202),
+        (3.0, [0.0, 0.0, 1.0], 101),
+        (30.0, [0.0, 1.0, 1.0], 202),
+        (6.0, [0.0, 1.0, 1.0], 101),
+    ]
+
+
+def test_refusals_name_the_model(client: tc.InferenceServerClient) -> None:
+    """No correlation ID: refused here, before anything goes upstream. An ended sequence: the upstream refuses it,
+    and the caller reads its reason under the front's model name. The front goes on serving."""
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "racc", _x(1.0))
+    assert "model 'racc' version 1: a sequence model needs a non-zero or non-empty correlation ID" in msg
+    msg = _error(grpc.StatusCode.INVALID_ARGUMENT, client.infer, "racc", _x(1.0), sequence_id=4242)
+    assert "model 'racc' version 1:" in msg and "sequence 4242 is not active" in msg
+    r = client.infer("racc", _x(4.0), sequence_id=4242, sequence_start=True, sequence_end=True)
+    assert r.as_numpy("OUTPUT").tolist() == [[4.0]]
+
+
+def test_string_ids_and_ids_that_cannot_be_forwarded(front: ServerThread) -> None:
+    """A string correlation ID goes upstream as a string; an integer over int64 (our client sends it as uint64)
+    cannot go through tritonclient, and is refused with why rather than sent as some other ID."""
+    with InferenceClient(front.address, timeout=30) as c:
+        x = {"INPUT": np.array([[2.0]], np.float32)}
+        assert c.infer("racc_text", x, sequence_id="user-7", sequence_start=True).outputs["CORRID_OUT"].tolist() == [
+            [b"user-7"]
+        ]
+        assert c.infer("racc_text", x, sequence_id="user-7", sequence_end=True).outputs["OUTPUT"].tolist() == [[4.0]]
+        with pytest.raises(Exception, match=r"model 'racc' version 1: sequence_id 9223372036854775813 is over"):
+            c.infer("racc", x, sequence_id=2**63 + 5, sequence_start=True)
+
+
+def test_a_sequence_has_one_request_upstream_at_a_time(front: ServerThread) -> None:
+    """Two sequences of four requests each, all sent at once over one stream to a front with four upstream calls
+    in flight, and an upstream that takes 0.2 s per call: the upstream never has two calls of one sequence at
+    once (four would go together otherwise, and could reach a real upstream in any order), it sees each
+    sequence's requests in the order they were sent, and the two sequences ran side by side."""
+    with ScriptedUpstream() as up:
+        up.script.sequence = True
+        up.script.delay_s = 0.2
+        root = front.settings.model_repository
+        _remote(root, "scripted", up.url, "m")
+        c = tc.InferenceServerClient(front.address)
+        answers: queue.Queue[tuple[object, object]] = queue.Queue()
+        try:
+            c.load_model("scripted")
+            assert c.get_model_config("scripted").config.HasField("sequence_batching")
+            c.start_stream(callback=lambda result, error: answers.put((result, error)))
+            for step in range(4):
+                for sid in (9, 10):
+                    x = tc.InferInput("X", [1, 2], "FP32")
+                    x.set_data_from_numpy(np.array([[sid, step]], np.float32))
+                    c.async_stream_infer(
+                        "scripted", [x], sequence_id=sid, sequence_start=step == 0, sequence_end=step == 3
+                    )
+            for _ in range(8):
+                _, error = answers.get(timeout=60)
+                assert error is None, error
+            c.stop_stream()
+            c.unload_model("scripted")
+        finally:
+            c.close()
+        assert up.script.most_in_flight == {9: 1, 10: 1}
+        for sid in (9, 10):
+            assert [(s, e, x) for k, s, e, x in up.script.seen if k == sid] == [
+                (step == 0, step == 3, [sid, step]) for step in range(4)
+            ]
+        # Side by side: had the sequences gone one after the other, the second's first call would come last.
+        assert [k for k, *_ in up.script.seen][:2] == [9, 10]
+
+
+def test_configs_that_contradict_the_upstream_fail_their_load(client: tc.InferenceServerClient) -> None:
+    reasons = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
+    state, reason = reasons["stateless"]
+    assert state == "UNAVAILABLE" and "the upstream model is not a sequence model" in reason, reason
+    state, reason = reasons["batched"]
+    assert state == "UNAVAILABLE" and "must not ask for dynamic_batching" in reason, reason
+    assert reasons["racc"][0] == "READY"
+
+
+def _taken_in(front: ServerThread, model: str, n: int) -> bool:
+    remote = front.app.repository.get(model, "").remote_sequences
+    return remote is not None and remote.requests == n
+
+
+def test_an_unload_runs_a_request_waiting_behind_its_sequence(upstream: ServerThread, tmp_path: Path) -> None:
+    """The second request of a sequence waits at the front while the first waits upstream (up to 3 s, for a batch
+    that never fills); an unload of the front's model lets both run (they were accepted) instead of failing the
+    second once the first is answered."""
+    root = tmp_path / "models"
+    _remote(root, "racc_pause", upstream.address, "acc_pause")
+    with ServerThread(root, model_control_mode="explicit", load_model=["racc_pause"]) as s:
+        answers: dict[str, object] = {}
+
+        def call(key: str, value: float, start: bool, end: bool) -> None:
+            c = tc.InferenceServerClient(s.address)
+            try:
+                r = c.infer(
+                    "racc_pause", _x(value), sequence_id=77, sequence_start=start, sequence_end=end, client_timeout=30
+                )
+                answers[key] = float(r.as_numpy("OUTPUT")[0, 0])
+            except InferenceServerException as exc:
+                answers[key] = f"{exc.status()} {exc.message()}"
+            finally:
+                c.close()
+
+        first = threading.Thread(target=call, args=("a1", 1.0, True, False))
+        first.start()
+        wait_for("the first request at the front", functools.partial(_taken_in, s, "racc_pause", 1))
+        second = threading.Thread(target=call, args=("a2", 2.0, False, True))
+        second.start()
+        wait_for("the second request behind the first", functools.partial(_taken_in, s, "racc_pause", 2))
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.unload_model("racc_pause")
+        finally:
+            c.close()
+        first.join(30)
+        second.join(30)
+    assert answers == {"a1": 1.0, "a2": 3.0}
+
+
+def test_a_caller_that_leaves_while_waiting_does_not_let_the_next_overtake(front: ServerThread) -> None:
+    """B waits behind A (0.5 s upstream) and its deadline passes there; C, sent after, still waits for A: the
+    upstream never has two calls of the sequence at once, and B never reaches it."""
+    with ScriptedUpstream() as up:
+        up.script.sequence = True
+        up.script.delay_s = 0.5
+        _remote(front.settings.model_repository, "scripted_slow", up.url, "m")
+        results: dict[str, str] = {}
+
+        def call(key: str, value: float, timeout: float) -> None:
+            x = tc.InferInput("X", [1, 2], "FP32")
+            x.set_data_from_numpy(np.full((1, 2), value, np.float32))
+            c = tc.InferenceServerClient(front.address)
+            try:
+                c.infer("scripted_slow", [x], sequence_id=5, sequence_start=key == "a", client_timeout=timeout)
+                results[key] = "OK"
+            except InferenceServerException as exc:
+                results[key] = str(exc.status())
+            finally:
+                c.close()
+
+        c = tc.InferenceServerClient(front.address)
+        try:
+            c.load_model("scripted_slow")
+            a = threading.Thread(target=call, args=("a", 1.0, 30.0))
+            a.start()
+            wait_for("a at the front", functools.partial(_taken_in, front, "scripted_slow", 1))
+            call("b", 2.0, 0.1)
+            c_thread = threading.Thread(target=call, args=("c", 3.0, 30.0))
+            c_thread.start()
+            a.join(30)
+            c_thread.join(30)
+            c.unload_model("scripted_slow")
+        finally:
+            c.close()
+    assert results == {"a": "OK", "b": "StatusCode.DEADLINE_EXCEEDED", "c": "OK"}
+    assert up.script.most_in_flight == {5: 1}
+    assert [x[0] for k, _, _, x in up.script.seen if k == 5] == [1.0, 3.0]
