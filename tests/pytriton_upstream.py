@@ -8,6 +8,8 @@ It runs with the interpreter of `.venv-triton` (PyTriton's pins stay out of the 
     int_ops   INT32 A [3], INT64 B [3] -> A2 = A * 2 (INT32), B1 = B + 1 (INT64)
     bytes_op  BYTES TEXT [1]           -> UPPER = TEXT upper-cased, LEN = byte length (INT32)
     slow      FP32 X [1]               -> Y = X, after `--slow-seconds`
+    countdown FP32 X [1]               -> decoupled, not batching: n = X responses, Y = X * i for i = 1..n (then
+                                          the final flag, on its own)
 
 Usage: python tests/pytriton_upstream.py --grpc-port P --http-port Q --metrics-port R --workspace DIR
 (or `Upstream(workspace)` below, from the project's environment).
@@ -24,6 +26,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +174,13 @@ def main() -> None:
         time.sleep(args.slow_seconds)
         return {"Y": X}
 
+    def countdown(requests: list[dict[str, np.ndarray]]) -> Iterator[list[dict[str, np.ndarray]]]:
+        # Decoupled: each yield is one response per request (one request: the model does not batch); PyTriton
+        # sends the final flag on its own afterwards.
+        n = int(requests[0]["X"].reshape(-1)[0])
+        for i in range(1, n + 1):
+            yield [{"Y": (r["X"] * i).astype(np.float32)} for r in requests]
+
     config = TritonConfig(
         grpc_port=args.grpc_port,
         http_port=args.http_port,
@@ -214,6 +224,13 @@ def main() -> None:
             inputs=[Tensor(name="X", dtype=np.float32, shape=(1,))],
             outputs=[Tensor(name="Y", dtype=np.float32, shape=(1,))],
             config=mbs,
+        )
+        triton.bind(
+            "countdown",
+            countdown,
+            inputs=[Tensor(name="X", dtype=np.float32, shape=(1,))],
+            outputs=[Tensor(name="Y", dtype=np.float32, shape=(1,))],
+            config=ModelConfig(batching=False, decoupled=True),
         )
         triton.run()
         stop = threading.Event()

@@ -4,13 +4,16 @@ a delay and an error status for ModelInfer. For the remote backend's reactions t
 
 Model "m": X FP32 [-1, 2] -> Y = X, max_batch_size 8; a sequence model when `sequence` is set (its ModelConfig
 has sequence_batching), which records the sequence parameters each call brings and how many calls of one sequence
-it had at once.
+it had at once. A decoupled model when `decoupled` is set: over ModelStreamInfer, a request whose first X value is
+n answers n responses, Y = X * i for i = 1..n (`delay_s` before each), then an empty final one when the request
+asks for it; n < 0 answers an error message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,6 +32,11 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.config_error: tuple[grpc.StatusCode, str] | None = None
         """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
+        self.decoupled = False
+        self.streaming = 0
+        """Decoupled requests being answered now."""
+        self.cancelled = 0
+        """Decoupled requests whose stream was cancelled before they were answered in full."""
         self.sequence = False
         self.seen: list[tuple[object, bool, bool, list[float]]] = []
         """Per call, in arrival order: sequence_id, sequence_start, sequence_end and the values of X."""
@@ -61,6 +69,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         config = mc.ModelConfig(name=request.name, max_batch_size=8)
         if self.sequence:
             config.sequence_batching.SetInParent()
+        if self.decoupled:
+            config.model_transaction_policy.decoupled = True
         return pb.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -85,6 +95,39 @@ class _Servicer(GRPCInferenceServiceServicer):
         response.outputs.add(name="Y", datatype="FP32", shape=list(request.inputs[0].shape))
         response.raw_output_contents.append(request.raw_input_contents[0])
         return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            x = np.frombuffer(request.raw_input_contents[0], np.float32)
+            n = int(x[0])
+            if n < 0:
+                yield pb.ModelStreamInferResponse(error_message=f"scripted failure for request '{request.id}'")
+                continue
+            self.streaming += 1
+            try:
+                for i in range(1, n + 1):
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+                    response.outputs.add(name="Y", datatype="FP32", shape=list(request.inputs[0].shape))
+                    response.raw_output_contents.append((x * i).tobytes())
+                    response.parameters["triton_final_response"].bool_param = False
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                params = request.parameters
+                if (
+                    "triton_enable_empty_final_response" in params
+                    and params["triton_enable_empty_final_response"].bool_param
+                ):
+                    final = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+                    final.parameters["triton_final_response"].bool_param = True
+                    yield pb.ModelStreamInferResponse(infer_response=final)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            finally:
+                self.streaming -= 1
 
 
 class ScriptedUpstream:

@@ -79,7 +79,7 @@ def front(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """tensorgate fronting every upstream model with a one-line config (plus the access token header)."""
     root = tmp_path_factory.mktemp("remote-models")
     token = f'parameters {{ key: "tensorgate.triton.header.{TOKEN_HEADER}" value {{ string_value: "{TOKEN}" }} }}'
-    for name in ("add_sub", "int_ops", "bytes_op", "slow"):
+    for name in ("add_sub", "int_ops", "bytes_op", "slow", "countdown"):
         write_remote(root, name, upstream.url, token)
     write_remote(root, "add_sub_loose", upstream.url, *LOOSE_ADD_SUB)
     write_remote(root, "add_sub_batched", upstream.url, LOOSE_ADD_SUB[0], BATCH_WAIT)
@@ -232,6 +232,51 @@ def test_stream_infer_through_tensorgate(front: ServerThread) -> None:
     for i in range(4):
         np.testing.assert_array_equal(by_id[f"r{i}"]["OUTPUT0"], np.full((1, 4), 2.0 * i, dtype=np.float32))
         np.testing.assert_array_equal(by_id[f"r{i}"]["OUTPUT1"], np.zeros((1, 4), dtype=np.float32))
+
+
+def _stream_replies(address: str, requests: list[pb.ModelInferRequest]) -> list[pb.ModelStreamInferResponse]:
+    with grpc.insecure_channel(address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        metadata = ((TOKEN_HEADER, TOKEN),)  # Triton direct restricts nothing for inference; harmless for us
+        return list(stub.ModelStreamInfer(iter(requests), timeout=30, metadata=metadata))
+
+
+def test_a_decoupled_model_streams_through_tensorgate_as_triton_streams_it(
+    front: ServerThread, upstream: Upstream
+) -> None:
+    """PyTriton's decoupled `countdown`: over ModelStreamInfer, tensorgate relays exactly what Triton sends, final
+    flags included (the empty final response only when asked for); over ModelInfer both refuse with
+    UNIMPLEMENTED; the served config says the model is decoupled."""
+    with tc.InferenceServerClient(front.address) as c:
+        assert c.get_model_config("countdown").config.model_transaction_policy.decoupled
+    requests = []
+    for n, empty in ((3, False), (2, True)):
+        req = encode_infer_request("countdown", [("X", np.full((1,), float(n), np.float32))], request_id=f"n{n}")
+        if empty:
+            req.parameters["triton_enable_empty_final_response"].bool_param = True
+        requests.append(req)
+    seen = []
+    for address in (front.address, upstream.url):
+        replies = _stream_replies(address, requests)
+        assert [r.error_message for r in replies] == [""] * len(replies)
+        per_request: dict[str, list[tuple[list[float] | None, bool]]] = {}
+        for r in replies:
+            response = r.infer_response
+            y = decode_infer_response(response)["Y"].reshape(-1).tolist() if response.outputs else None
+            final = response.parameters["triton_final_response"].bool_param
+            per_request.setdefault(response.id, []).append((y, final))
+        seen.append(per_request)
+    assert seen[0] == seen[1]
+    assert seen[0] == {
+        "n3": [([3.0], False), ([6.0], False), ([9.0], False)],
+        "n2": [([2.0], False), ([4.0], False), (None, True)],
+    }
+    for address in (front.address, upstream.url):
+        with tc.InferenceServerClient(address) as c, pytest.raises(InferenceServerException) as info:
+            x = tc.InferInput("X", [1], "FP32")
+            x.set_data_from_numpy(np.ones((1,), np.float32))
+            c.infer("countdown", [x])
+        assert info.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
 
 
 def test_mtls_in_front_of_a_plaintext_upstream(upstream: Upstream, tmp_path: Path) -> None:

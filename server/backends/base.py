@@ -6,7 +6,7 @@ never on the event loop. Backends are built by the repository from a model's eff
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -14,6 +14,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext
+
+    from tensorgate.protos import grpc_service_pb2 as pb
 
 
 SequenceId = int | str
@@ -73,6 +75,18 @@ class ReportsReadiness(Protocol):
     @property
     def ready(self) -> bool:
         """Cheap and non-blocking: read on the event loop by ModelReady and ServerReady."""
+        ...
+
+
+@runtime_checkable
+class StreamsResponses(Protocol):
+    """A backend that serves decoupled models (any number of responses per request): a remote one, whose upstream
+    model is decoupled. Its responses are the upstream's, relayed as they arrive."""
+
+    def stream(
+        self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
+    ) -> AsyncIterator[pb.ModelInferResponse]:
+        """Called on the server's event loop; ends when the request is complete."""
         ...
 
 

@@ -25,6 +25,8 @@ upstream version it maps to. Parameters (all optional but the url; values are st
 
 An upstream sequence model's `sequence_batching` is served as it is, and each request goes upstream on its own
 with its sequence parameters (BatchContext.sequence), in its sequence's order (server/scheduling/remote_sequences.py).
+A decoupled upstream model's requests bypass the scheduler: each goes upstream on a ModelStreamInfer stream of its
+own, and its responses are relayed as they come (`stream`).
 
 File paths may be relative to the model directory. Without an `instance_group`, a remote model gets
 DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance is a worker thread that waits on one upstream
@@ -43,7 +45,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -55,8 +57,11 @@ import numpy as np
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 from google.protobuf import json_format
+from opentelemetry.trace import SpanContext
 from tritonclient.utils import InferenceServerException
 
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags
@@ -233,8 +238,12 @@ class UpstreamModel:
     """0 when the upstream does not batch, or would not say (a deployment that restricts ModelConfig)."""
     sequence_batching: mc.ModelSequenceBatching | None = None
     """The upstream model's sequence batcher: a stateful model, whose requests must carry their sequence."""
+    decoupled: bool = False
+    """The upstream model answers a request with any number of responses (model_transaction_policy), over
+    ModelStreamInfer only."""
     config_known: bool = True
-    """False when the upstream would not show its ModelConfig: max_batch_size and sequence_batching are unknown."""
+    """False when the upstream would not show its ModelConfig: what it says (max_batch_size, sequence_batching,
+    decoupled) is unknown."""
 
 
 class TritonBackend:
@@ -259,6 +268,10 @@ class TritonBackend:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"tg-triton-{config.name}", daemon=True)
         self._thread.start()
         self._probe: Future[None] | None = None
+        self._stream_channel: grpc.aio.Channel | None = None
+        """For a decoupled model's streams (`stream`): made on first use, on the backend's loop."""
+        self._streams: set[Callable[[pb.ModelStreamInferResponse | BaseException | None], None]] = set()
+        """How to reach each stream's caller: `close` tells those still waiting that the model is gone."""
         try:
             self._clients = self._run(self._connect(), 10.0)
             self._next = itertools.cycle(self._clients)
@@ -346,6 +359,76 @@ class TritonBackend:
             raise BackendError(self._model, self._version, f"{self._where} did not return {', '.join(missing)}")
         return out
 
+    async def stream(
+        self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
+    ) -> AsyncIterator[pb.ModelInferResponse]:
+        """A decoupled model's request, as the caller sent it but for the model's name upstream: sent on a
+        ModelStreamInfer stream of its own, each response yielded as it arrives. The upstream ends the stream once
+        the request is complete (it waits for the model's final flag), so the end needs no final response.
+
+        Called on the server's event loop; the stream runs on the backend's, and its responses cross over."""
+        s = self.settings
+        timeout = s.timeout_s
+        if deadline is not None:
+            timeout = deadline - time.monotonic() - s.deadline_margin_s
+            if timeout <= 0:
+                raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
+        if self._closed:
+            raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+        upstream = pb.ModelInferRequest()
+        upstream.CopyFrom(request)
+        upstream.model_name, upstream.model_version = s.model_name, s.model_version
+        headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None] = asyncio.Queue()
+
+        def deliver(item: pb.ModelStreamInferResponse | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the server's loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
+        self._streams.add(deliver)
+        future = asyncio.run_coroutine_threadsafe(
+            self._pump(upstream, timeout, list(headers.items()), deliver), self._loop
+        )
+        try:
+            while (item := await items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item.error_message:
+                    raise BackendError(self._model, self._version, f"{self._where}: {item.error_message}")
+                yield item.infer_response
+        finally:
+            self._streams.discard(deliver)
+            future.cancel()  # the caller went away, or an error: the upstream call is cancelled
+
+    async def _pump(
+        self,
+        request: pb.ModelInferRequest,
+        timeout: float,
+        metadata: list[tuple[str, str]],
+        deliver: Callable[[pb.ModelStreamInferResponse | BaseException | None], None],
+    ) -> None:
+        """On the backend's loop: one upstream stream; every response, then None (or the error), to `deliver`."""
+        try:
+            with self._errors(timeout):
+                if self._stream_channel is None:
+                    self._stream_channel = self._channel()
+                call = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer(
+                    iter([request]), timeout=timeout, metadata=metadata or None
+                )
+                try:
+                    async for response in call:
+                        deliver(response)
+                except grpc.aio.AioRpcError as exc:  # as tritonclient reports it, for `_errors`
+                    raise InferenceServerException(msg=exc.details() or "", status=str(exc.code())) from exc
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - it belongs to the caller, on the other loop
+            deliver(exc)
+            return
+        self._ready = True
+        deliver(None)
+
     def close(self) -> None:
         """Stop the readiness probe, close the connections, stop the loop thread."""
         if self._closed:
@@ -361,20 +444,36 @@ class TritonBackend:
         self._thread.join(5.0)
         if not self._thread.is_alive():
             self._loop.close()
+        # Streams cut off (an unload whose grace ran out): their upstream calls are gone with the connections, and
+        # their callers hear it rather than wait for a loop that has stopped.
+        for deliver in list(self._streams):
+            deliver(ModelUnavailableError(self._model, self._version, "the model was unloaded while it answered"))
 
     # ----- on the backend's loop ---------------------------------------------------------------------------
+
+    def _options(self) -> list[tuple[str, Any]]:
+        options = list(_CHANNEL_OPTIONS)
+        if self.settings.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", self.settings.server_name))
+        return options
 
     async def _connect(self) -> list[Any]:
         """Clients are made on the loop that will use them: a grpc.aio channel belongs to its loop."""
         s = self.settings
-        options = list(_CHANNEL_OPTIONS)
-        if s.server_name is not None:
-            options.append(("grpc.ssl_target_name_override", s.server_name))
         creds = s.credentials()
         return [
-            tca.InferenceServerClient(s.url, creds=creds, channel_args=options + [("tensorgate.connection", i)])
+            tca.InferenceServerClient(s.url, creds=creds, channel_args=self._options() + [("tensorgate.connection", i)])
             for i in range(s.connections)
         ]
+
+    def _channel(self) -> grpc.aio.Channel:
+        """A channel of our own for streams (tritonclient's streams cannot carry every parameter a caller sends),
+        on the backend's loop, with the clients' settings."""
+        creds = self.settings.credentials()
+        options = self._options() + [("tensorgate.connection", "streams")]
+        if creds is None:
+            return grpc.aio.insecure_channel(self.settings.url, options=options)
+        return grpc.aio.secure_channel(self.settings.url, creds, options=options)
 
     async def _describe(self) -> UpstreamModel:
         s = self.settings
@@ -382,7 +481,7 @@ class TritonBackend:
         call = {"model_version": s.model_version, "headers": s.headers or None, "client_timeout": s.timeout_s}
         with self._errors():
             meta = await client.get_model_metadata(s.model_name, as_json=True, **call)
-        sequence, known = None, True
+        sequence, decoupled, known = None, False, True
         try:
             with self._errors():
                 upstream_config = (await client.get_model_config(s.model_name, as_json=True, **call)).get("config", {})
@@ -391,6 +490,7 @@ class TritonBackend:
                 sequence = json_format.ParseDict(
                     upstream_config["sequence_batching"], mc.ModelSequenceBatching(), ignore_unknown_fields=True
                 )
+            decoupled = bool(upstream_config.get("model_transaction_policy", {}).get("decoupled", False))
         except TensorgateError as exc:
             if isinstance(exc, ModelUnavailableError) and not _restricted(exc.message):
                 raise  # the upstream model itself is not there (or not reachable): the load fails with why
@@ -419,7 +519,7 @@ class TritonBackend:
                 found.append(TensorInfo(t["name"], datatype.config_type, shape))
             return found
 
-        return UpstreamModel(infos("inputs"), infos("outputs"), mbs, sequence, known)
+        return UpstreamModel(infos("inputs"), infos("outputs"), mbs, sequence, decoupled, known)
 
     async def _watch(self) -> None:
         """Ask the upstream whether the model is ready, for ModelReady and ServerReady; this also keeps a
@@ -438,10 +538,11 @@ class TritonBackend:
                 self._ready = False
             await asyncio.sleep(s.health_interval_s)
 
-    @staticmethod
-    async def _close_clients(clients: Sequence[Any]) -> None:
+    async def _close_clients(self, clients: Sequence[Any]) -> None:
         for client in clients:
             await client.close()
+        if self._stream_channel is not None:
+            await self._stream_channel.close()
 
     # ----- helpers -----------------------------------------------------------------------------------------
 
@@ -508,6 +609,30 @@ def _complete_sequence(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
         )
 
 
+def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
+    """Serve the upstream's decoupled transaction policy (clients read it to use ModelStreamInfer); refuse a
+    config that says otherwise, or asks to batch or sequence such a model here."""
+    if upstream.decoupled:
+        config.model_transaction_policy.decoupled = True
+    if not config.model_transaction_policy.decoupled:
+        return
+    if upstream.config_known and not upstream.decoupled:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            "config.pbtxt says the model is decoupled, but the upstream model is not (its ModelConfig has no "
+            "model_transaction_policy { decoupled: true })",
+        )
+    for block in ("dynamic_batching", "sequence_batching"):
+        if config.HasField(block):
+            raise ModelLoadError(
+                config.name,
+                REMOTE_VERSION,
+                f"the model is decoupled: tensorgate sends each of its requests upstream on its own, and neither "
+                f"batches nor sequences it ({block} is set)",
+            )
+
+
 def _restricted(message: str) -> bool:
     """Triton's refusal of an RPC it restricts to holders of a header (--grpc-restricted-protocol)."""
     return "protocol is restricted" in message.lower()
@@ -528,15 +653,17 @@ def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batc
     `autocomplete` completes the tensors, with max_batch_size counted as given.
 
     An upstream sequence model's `sequence_batching` is served as it is (clients such as perf_analyzer read it to
-    send sequences), and such a model is never batched here: its upstream batches sequences itself."""
+    send sequences), and such a model is never batched here: its upstream batches sequences itself. Nor is a
+    decoupled one: each of its requests goes upstream on a stream of its own (`TritonBackend.stream`)."""
     for key, value in config.parameters.items():
         if key.startswith(PREFIX + "header."):
             value.string_value = REDACTED
     _complete_sequence(config, upstream)
-    stateful = config.HasField("sequence_batching")
+    _complete_decoupled(config, upstream)
+    unbatched = config.HasField("sequence_batching") or config.model_transaction_policy.decoupled
     if not max_batch_size_given:
         config.max_batch_size = upstream.max_batch_size
-        if upstream.max_batch_size > 0 and not config.HasField("dynamic_batching") and not stateful:
+        if upstream.max_batch_size > 0 and not config.HasField("dynamic_batching") and not unbatched:
             config.dynamic_batching.SetInParent()
     elif upstream.max_batch_size > 0 and config.max_batch_size > upstream.max_batch_size:
         raise ModelLoadError(

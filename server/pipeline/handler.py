@@ -8,15 +8,16 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from opentelemetry import trace
 
+from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import from_numpy
-from tensorgate.server.backends.base import SequenceFlags
-from tensorgate.server.errors import InvalidRequestError, TensorgateError
+from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
+from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
@@ -159,6 +160,51 @@ class InferenceHandler:
         self._answered(model, req, inputs, results, span, times)
         return response
 
+    def decoupled(self, model: str, version: str) -> bool:
+        """Whether a stream's request goes to a decoupled model (`relay`); False for a model that is not served
+        (the request then fails on the usual path, with why)."""
+        try:
+            return self._repository.get(model, version).config.model_transaction_policy.decoupled
+        except TensorgateError:
+            return False
+
+    async def relay(
+        self, req: InferRequest, message: pb.ModelInferRequest
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
+        """A decoupled model's request (over ModelStreamInfer): validated as any other, then `message`, the
+        request as the caller sent it, goes to the backend, and each of the upstream's responses comes back as it
+        arrives, under this model's name. The model is held meanwhile, so that an unload waits for the request
+        (within its grace period). Statistics count the request once, with its whole time as compute."""
+        started = time.perf_counter_ns()
+        if not req.id:
+            req.id = message.id = _new_request_id()
+        model = self._repository.get(req.model, req.version)
+        version = str(model.version)
+        backend, scheduler = model.backend, model.scheduler
+        if not isinstance(backend, StreamsResponses) or scheduler is None:
+            raise UnimplementedError(f"{model_ref(model.name, version)} cannot answer a decoupled request")
+        span = trace.get_current_span() if self._tracing is not None else None
+        _, rows, _ = self._validate(model, req, version, span)
+        if req.shared_outputs or any("shared_memory_region" in t.parameters for t in message.inputs):
+            raise InvalidRequestError(
+                model.name, version, "shared memory is not supported for a decoupled model's tensors"
+            )
+        scheduler.hold()
+        try:
+            context = None if span is None else Tracing.context_of(span)
+            async for response in backend.stream(message, req.deadline, context):
+                response.model_name, response.model_version = model.name, version
+                yield response
+        except BaseException:
+            model.stats.record_failure(time.perf_counter_ns() - started)
+            raise
+        finally:
+            scheduler.release()
+        total = time.perf_counter_ns() - started
+        times = ExecutionTimes(0, 0, total, 0, rows)
+        model.stats.record_execution(rows, times)
+        model.stats.record_request(rows, total, times)
+
     def _respond(
         self, model: LoadedModel, version: str, req: InferRequest, outputs: list[str], results: dict[str, np.ndarray]
     ) -> InferResponse:
@@ -234,6 +280,11 @@ class InferenceHandler:
     ) -> Coroutine[Any, Any, tuple[dict[str, np.ndarray], ExecutionTimes]]:
         """Validated inputs through the model's scheduler, or an ensemble's steps (for a request or a step). It
         hands back the coroutine to await, adding no frame to the request path."""
+        if model.config.model_transaction_policy.decoupled:
+            raise UnimplementedError(
+                f"{model_ref(model.name, str(model.version))} is decoupled (any number of responses per request): "
+                "send its requests over ModelStreamInfer, not ModelInfer nor as an ensemble step"
+            )
         scheduler = model.scheduler
         if scheduler is None:
             return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)

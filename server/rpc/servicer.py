@@ -7,9 +7,10 @@ Every method goes through one error mapper (server/rpc/errors.py). The RPC that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from grpc import aio
@@ -62,6 +63,8 @@ EXTENSIONS = (
 )
 
 Context = aio.ServicerContext[Any, Any]
+_RELAYED = object()
+"""Queued on a stream when a decoupled model's request has sent its last response (or its error)."""
 
 
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
@@ -212,25 +215,77 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         """One request of a stream, in its own task; traced as a child span of the stream's server span."""
         started = time.perf_counter_ns()
-        tracing = self.tracing
-        if tracing is None or not trace.get_current_span().is_recording():
-            # Untraced, or the stream is not sampled: under ParentBased sampling a child would not be, and the
-            # stream's span already carries that decision to the scheduler and to a remote backend.
+        with self._request_span(request) as span:
             response = await self._stream_answer(request, deadline)
-        else:
-            span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
-            token = tracing.use(span)
-            try:
-                response = await self._stream_answer(request, deadline)
-                if response.error_message:
-                    span.set_status(StatusCode.ERROR, "error response")
-            finally:
-                Tracing.release(token)
-                span.end()
+            if span is not None and response.error_message:
+                span.set_status(StatusCode.ERROR, "error response")
         if errors.access_log.isEnabledFor(logging.DEBUG):
             status = "ERROR" if response.error_message else "OK"
             errors.access_log_line("ModelStreamInfer", request, status, started, response.infer_response)
         return response
+
+    @contextlib.contextmanager
+    def _request_span(self, request: pb.ModelInferRequest) -> Iterator[trace.Span | None]:
+        """The span of one request of a stream, current while it runs; None when untraced, or when the stream is
+        not sampled: under ParentBased sampling a child would not be, and the stream's span already carries that
+        decision to the scheduler and to a remote backend."""
+        tracing = self.tracing
+        if tracing is None or not trace.get_current_span().is_recording():
+            yield None
+            return
+        span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
+        token = tracing.use(span)
+        try:
+            yield span
+        finally:
+            Tracing.release(token)
+            span.end()
+
+    async def _relay(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        results: asyncio.Queue[Any],
+    ) -> None:
+        """A decoupled model's request of a stream, in its own task: each response goes on the stream as it
+        arrives, between the other requests' answers; then _RELAYED (the stream ends only after it)."""
+        started = time.perf_counter_ns()
+        loop = asyncio.get_running_loop()
+        status = "OK"
+
+        def send(message: pb.ModelStreamInferResponse) -> None:
+            answered: asyncio.Future[pb.ModelStreamInferResponse] = loop.create_future()
+            answered.set_result(message)
+            results.put_nowait(answered)
+
+        try:
+            with self._request_span(request) as span:
+                try:
+                    if self.auth.enabled:
+                        self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
+                    req = self._decode(request, deadline)
+                    version = request.model_version
+                    # Closed at once when a response fails here (too large): the upstream call ends with it.
+                    async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
+                        async for response in responses:
+                            message = pb.ModelStreamInferResponse(infer_response=response)
+                            version = response.model_version
+                            self._check_size(message, response.model_name, version)
+                            send(message)
+                except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
+                    status = "ERROR"
+                    if span is not None:
+                        span.set_status(StatusCode.ERROR, "error response")
+                    if self._requests is not None:
+                        self._requests.failed(request.model_name, request.model_version, exc)
+                    send(_stream_error(request, exc))
+                else:
+                    if self._requests is not None:
+                        self._requests.ok(req.model, version)
+        finally:
+            results.put_nowait(_RELAYED)
+            if errors.access_log.isEnabledFor(logging.DEBUG):
+                errors.access_log_line("ModelStreamInfer", request, status, started)
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, deadline: float | None
@@ -249,14 +304,19 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (and batch together); responses go out in request order, as
-        Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`."""
+        Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`.
+        A decoupled model's responses go out as they arrive, between the others' (match them by `id`)."""
         loop = asyncio.get_running_loop()
-        results: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        """Futures of answers in the order they go out; None (the reader's end), _RELAYED and `drained` marks."""
+        tasks: set[asyncio.Task[Any]] = set()
+        relaying = 0
+        """Decoupled requests whose responses may still come: the stream ends after them."""
         drained: asyncio.Future[pb.ModelStreamInferResponse] = loop.create_future()
         """Queued when the server starts draining: the stream ends there, after the answers queued before it."""
 
         async def read() -> None:
+            nonlocal relaying
             try:
                 async for request in request_iterator:
                     if self.gate.draining:
@@ -267,12 +327,15 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING)))
                         results.put_nowait(refused)
                         break
-                    task = asyncio.create_task(
-                        self._stream_one(request, codec.monotonic_deadline(context.time_remaining()))
-                    )
+                    deadline = codec.monotonic_deadline(context.time_remaining())
+                    if self._handler.decoupled(request.model_name, request.model_version):
+                        relaying += 1
+                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, results))
+                    else:
+                        task = asyncio.create_task(self._stream_one(request, deadline))
+                        results.put_nowait(task)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    results.put_nowait(task)
             finally:
                 results.put_nowait(None)
 
@@ -286,10 +349,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         watcher = asyncio.create_task(end_on_drain())
         try:
-            while (item := await results.get()) is not None:
-                if item is drained:
-                    raise ServerUnavailableError(DRAINING)
-                yield await item
+            reading, cut = True, False
+            while reading or relaying:
+                item = await results.get()
+                if item is None:
+                    reading = False
+                elif item is drained:
+                    # Shutting down: what was answered before goes out, and so do the decoupled requests' responses
+                    # still to come; then the stream ends with UNAVAILABLE, unless the caller had ended it already.
+                    cut, reading = reading, False
+                elif item is _RELAYED:
+                    relaying -= 1
+                else:
+                    yield await item
+            if cut:
+                raise ServerUnavailableError(DRAINING)
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()

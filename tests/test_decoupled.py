@@ -1,0 +1,222 @@
+"""Decoupled models (any number of responses per request) on an upstream Triton: tensorgate serves their
+transaction policy, refuses them over ModelInfer as Triton does, and over ModelStreamInfer relays each upstream
+response as it arrives. The upstream is tests/scripted_upstream.py on loopback (its decoupled mode); the real
+Triton's turn is in tests/test_triton_backend.py. Clients: unmodified tritonclient."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from tests.onnx_models import add_sub_model
+from tests.scripted_upstream import ScriptedUpstream
+from tests.serving import ServerThread
+from tests.test_poll import wait_for
+
+
+def _remote(root: Path, name: str, url: str, *extra: str) -> None:
+    lines = [
+        'backend: "tensorgate_triton"',
+        f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{url}" }} }}',
+        'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }',
+        *extra,
+    ]
+    (root / name).mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ScriptedUpstream]:
+    with ScriptedUpstream() as up:
+        up.script.decoupled = True
+        yield up
+
+
+@pytest.fixture(scope="module")
+def front(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("decoupled") / "models"
+    _remote(root, "gen", upstream.url)
+    _remote(root, "gen_batched", upstream.url, "max_batch_size: 8", "dynamic_batching { }")
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    with ServerThread(root) as s:
+        yield s
+
+
+def _x(value: float) -> list[tc.InferInput]:
+    x = tc.InferInput("X", [1, 2], "FP32")
+    x.set_data_from_numpy(np.full((1, 2), value, np.float32))
+    return [x]
+
+
+class Stream:
+    """tritonclient's stream to the front, its answers collected."""
+
+    def __init__(self, address: str) -> None:
+        self.client = tc.InferenceServerClient(address)
+        self.answers: queue.Queue[tuple[tc.InferResult | None, InferenceServerException | None]] = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
+
+    def take(self, n: int) -> list[tuple[tc.InferResult | None, InferenceServerException | None]]:
+        return [self.answers.get(timeout=30) for _ in range(n)]
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
+def _outputs(result: tc.InferResult | None) -> tuple[str, list[float] | None, bool]:
+    assert result is not None
+    response = result.get_response()
+    y = result.as_numpy("Y")
+    return response.id, None if y is None else y[0].tolist(), response.parameters["triton_final_response"].bool_param
+
+
+def test_the_front_serves_the_upstream_policy_and_refuses_model_infer(front: ServerThread) -> None:
+    """Clients read model_transaction_policy to know they must stream; ModelInfer is refused as Triton refuses
+    it (UNIMPLEMENTED), naming the model. A decoupled model is never batched by the front."""
+    with tc.InferenceServerClient(front.address) as c:
+        config = c.get_model_config("gen").config
+        assert config.model_transaction_policy.decoupled
+        assert not config.HasField("dynamic_batching")
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("gen", _x(3.0))
+        assert info.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
+        assert "model 'gen' version 1 is decoupled" in str(info.value.message())
+        reasons = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
+        state, reason = reasons["gen_batched"]
+        assert state == "UNAVAILABLE" and "neither batches nor sequences it (dynamic_batching is set)" in reason
+
+
+def test_responses_come_as_the_upstream_sends_them(front: ServerThread, upstream: ScriptedUpstream) -> None:
+    """Two requests on one stream: every response of each, in its own order, under the front's model name and
+    the request's id; an empty final response only for the request that asked for one. Statistics count each
+    request once."""
+    before = tc.InferenceServerClient(front.address).get_inference_statistics("gen").model_stats[0]
+    stream = Stream(front.address)
+    try:
+        stream.client.async_stream_infer("gen", _x(3.0), request_id="three")
+        stream.client.async_stream_infer("gen", _x(2.0), request_id="two", enable_empty_final_response=True)
+        answers = stream.take(6)
+    finally:
+        stream.close()
+    assert all(error is None for _, error in answers), answers
+    got: dict[str, list[tuple[list[float] | None, bool]]] = {}
+    for result, _ in answers:
+        request_id, y, final = _outputs(result)
+        assert result is not None and result.get_response().model_name == "gen"
+        got.setdefault(request_id, []).append((y, final))
+    assert got == {
+        "three": [([3.0, 3.0], False), ([6.0, 6.0], False), ([9.0, 9.0], False)],
+        "two": [([2.0, 2.0], False), ([4.0, 4.0], False), (None, True)],
+    }
+    after = tc.InferenceServerClient(front.address).get_inference_statistics("gen").model_stats[0]
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 2
+    assert after.inference_count - before.inference_count == 2
+
+
+def test_other_models_answers_on_the_stream_do_not_wait_for_a_decoupled_request(
+    front: ServerThread, upstream: ScriptedUpstream
+) -> None:
+    """A decoupled request (three responses 0.3 s apart) and then a request to a local model, on one stream: the
+    local model's answer goes out as soon as it is ready, between the decoupled responses; the stream ends only
+    after the last of those."""
+    upstream.script.delay_s = 0.3
+    stream = Stream(front.address)
+    try:
+        stream.client.async_stream_infer("gen", _x(3.0), request_id="slow")
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            item = tc.InferInput(name, [1, 2], "FP32")
+            item.set_data_from_numpy(np.ones((1, 2), np.float32))
+            inputs.append(item)
+        stream.client.async_stream_infer("add_sub", inputs, request_id="quick")
+        answers = stream.take(4)
+    finally:
+        upstream.script.delay_s = 0.0
+        stream.close()
+    assert all(error is None for _, error in answers), answers
+    ids = [result.get_response().id for result, _ in answers if result is not None]
+    assert ids[0] == "quick" and ids[1:] == ["slow"] * 3
+
+
+def test_errors_travel_on_the_stream_and_it_goes_on(front: ServerThread) -> None:
+    """A request the front finds wrong (an unknown input) and one the upstream fails each get an error message
+    that names the model; the stream stays open and answers the next request."""
+    stream = Stream(front.address)
+    try:
+        wrong = tc.InferInput("Z", [1, 2], "FP32")
+        wrong.set_data_from_numpy(np.ones((1, 2), np.float32))
+        stream.client.async_stream_infer("gen", [wrong], request_id="wrong")
+        [(_, error)] = stream.take(1)
+        assert error is not None and "model 'gen' version 1" in str(error.message()) and "'Z'" in str(error.message())
+        stream.client.async_stream_infer("gen", _x(-1.0), request_id="fails")
+        [(_, error)] = stream.take(1)
+        assert error is not None
+        assert "model 'gen' version 1" in str(error.message())
+        assert "scripted failure for request 'fails'" in str(error.message())
+        stream.client.async_stream_infer("gen", _x(1.0), request_id="after")
+        [(result, error)] = stream.take(1)
+        assert error is None and _outputs(result) == ("after", [1.0, 1.0], False)
+    finally:
+        stream.close()
+
+
+def test_a_caller_that_goes_away_cancels_the_upstream_call(front: ServerThread, upstream: ScriptedUpstream) -> None:
+    """The caller closes its stream two responses into ten (0.2 s apart): the upstream call is cancelled rather
+    than generating the rest for nobody."""
+    upstream.script.delay_s = 0.2
+    cancelled = upstream.script.cancelled
+    try:
+        stream = Stream(front.address)
+        stream.client.async_stream_infer("gen", _x(10.0), request_id="long")
+        stream.take(2)
+        stream.client.stop_stream(cancel_requests=True)
+        stream.client.close()
+        wait_for("the upstream call to be cancelled", lambda: upstream.script.cancelled == cancelled + 1, 10)
+        assert upstream.script.streaming == 0
+    finally:
+        upstream.script.delay_s = 0.0
+
+
+def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """A request two responses into five when its model is unloaded still gets the other three."""
+    root = tmp_path / "models"
+    _remote(root, "gen", upstream.url)
+    upstream.script.delay_s = 0.3
+    try:
+        with ServerThread(root, model_control_mode="explicit", load_model=["gen"]) as s:
+            stream = Stream(s.address)
+            try:
+                stream.client.async_stream_infer("gen", _x(5.0), request_id="five")
+                first = stream.take(2)
+                unload = threading.Thread(target=lambda: tc.InferenceServerClient(s.address).unload_model("gen"))
+                unload.start()
+                rest = stream.take(3)
+                unload.join(30)
+            finally:
+                stream.close()
+    finally:
+        upstream.script.delay_s = 0.0
+    assert [error for _, error in first + rest] == [None] * 5
+    assert [_outputs(result)[1] for result, _ in first + rest] == [[v, v] for v in (5.0, 10.0, 15.0, 20.0, 25.0)]
+
+
+def test_a_config_that_contradicts_the_upstream_fails_its_load(tmp_path: Path) -> None:
+    with ScriptedUpstream() as up:  # not decoupled
+        root = tmp_path / "models"
+        _remote(root, "claims", up.url, "model_transaction_policy { decoupled: true }")
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as c:
+            deadline = time.monotonic() + 30
+            while not (models := {m.name: m for m in c.get_model_repository_index().models}):
+                assert time.monotonic() < deadline
+            assert models["claims"].state == "UNAVAILABLE"
+            assert "config.pbtxt says the model is decoupled, but the upstream model is not" in models["claims"].reason
