@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from tests.onnx_models import add_sub_model
+from tests.onnx_models import add_sub_model, paced_model
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -47,6 +46,13 @@ def front(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) 
     _remote(root, "gen", upstream.url)
     _remote(root, "gen_batched", upstream.url, "max_batch_size: 8", "dynamic_batching { }")
     add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    paced_model(root / "paced" / "1" / "model.onnx")
+    _remote(
+        root,
+        "gen_patient",
+        upstream.url,
+        'parameters { key: "tensorgate.triton.timeout_s" value { string_value: "1" } }',
+    )
     with ServerThread(root) as s:
         yield s
 
@@ -87,13 +93,16 @@ def test_the_front_serves_the_upstream_policy_and_refuses_model_infer(front: Ser
         config = c.get_model_config("gen").config
         assert config.model_transaction_policy.decoupled
         assert not config.HasField("dynamic_batching")
+        before = c.get_inference_statistics("gen").model_stats[0].inference_stats
         with pytest.raises(InferenceServerException) as info:
             c.infer("gen", _x(3.0))
         assert info.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
         assert "model 'gen' version 1 is decoupled" in str(info.value.message())
+        # Refused before it counts, as Triton refuses it: no failed inference.
+        assert c.get_inference_statistics("gen").model_stats[0].inference_stats.fail.count == before.fail.count
         reasons = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
         state, reason = reasons["gen_batched"]
-        assert state == "UNAVAILABLE" and "neither batches nor sequences it (dynamic_batching is set)" in reason
+        assert state == "UNAVAILABLE" and "config.pbtxt must not ask for dynamic_batching" in reason
 
 
 def test_responses_come_as_the_upstream_sends_them(front: ServerThread, upstream: ScriptedUpstream) -> None:
@@ -146,6 +155,49 @@ def test_other_models_answers_on_the_stream_do_not_wait_for_a_decoupled_request(
     assert all(error is None for _, error in answers), answers
     ids = [result.get_response().id for result, _ in answers if result is not None]
     assert ids[0] == "quick" and ids[1:] == ["slow"] * 3
+
+
+def test_a_decoupled_request_does_not_wait_for_a_slower_answer_before_it(
+    front: ServerThread, upstream: ScriptedUpstream
+) -> None:
+    """A slow request to a local model (over a second of compute), then a decoupled request (three responses
+    0.05 s apart), on one stream: the decoupled responses go out as they come, not behind the slow answer, which
+    still goes out in its turn."""
+    upstream.script.delay_s = 0.05
+    stream = Stream(front.address)
+    try:
+        slow = tc.InferInput("INPUT0", [1, 1], "FP32")
+        slow.set_data_from_numpy(np.array([[300.0]], np.float32))
+        stream.client.async_stream_infer("paced", [slow], request_id="slow")
+        stream.client.async_stream_infer("gen", _x(3.0), request_id="tokens")
+        answers = stream.take(4)
+    finally:
+        upstream.script.delay_s = 0.0
+        stream.close()
+    assert all(error is None for _, error in answers), answers
+    assert [result.get_response().id for result, _ in answers if result is not None] == ["tokens"] * 3 + ["slow"]
+
+
+def test_timeout_s_bounds_the_wait_for_each_response_not_the_request(
+    front: ServerThread, upstream: ScriptedUpstream
+) -> None:
+    """With tensorgate.triton.timeout_s 1: five responses 0.4 s apart (2 s in all) all come; an upstream silent
+    for longer than 1 s is DEADLINE_EXCEEDED, saying so."""
+    upstream.script.delay_s = 0.4
+    stream = Stream(front.address)
+    try:
+        stream.client.async_stream_infer("gen_patient", _x(5.0), request_id="long")
+        answers = stream.take(5)
+        assert [error for _, error in answers] == [None] * 5
+        upstream.script.delay_s = 1.5
+        stream.client.async_stream_infer("gen_patient", _x(2.0), request_id="silent")
+        [(_, error)] = stream.take(1)
+    finally:
+        upstream.script.delay_s = 0.0
+        stream.close()
+    assert error is not None
+    assert "model 'gen_patient' version 1:" in str(error.message())
+    assert "sent no response for 1s (tensorgate.triton.timeout_s)" in str(error.message())
 
 
 def test_errors_travel_on_the_stream_and_it_goes_on(front: ServerThread) -> None:
@@ -210,13 +262,38 @@ def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream
     assert [_outputs(result)[1] for result, _ in first + rest] == [[v, v] for v in (5.0, 10.0, 15.0, 20.0, 25.0)]
 
 
-def test_a_config_that_contradicts_the_upstream_fails_its_load(tmp_path: Path) -> None:
-    with ScriptedUpstream() as up:  # not decoupled
-        root = tmp_path / "models"
-        _remote(root, "claims", up.url, "model_transaction_policy { decoupled: true }")
+def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """Each with its reason, the rest of the repository serving: a config that says decoupled for an upstream
+    model that is not; a local ONNX model that says decoupled (it answers once); an ensemble with a decoupled
+    step; an upstream model that is both decoupled and a sequence model."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as plain, ScriptedUpstream() as stateful:
+        stateful.script.decoupled = stateful.script.sequence = True
+        _remote(root, "claims", plain.url, "model_transaction_policy { decoupled: true }")
+        _remote(root, "stateful", stateful.url)
+        _remote(root, "gen", upstream.url)
+        add_sub_model(root / "local" / "1" / "model.onnx", shape=("batch", 2))
+        (root / "local" / "config.pbtxt").write_text("model_transaction_policy { decoupled: true }\n")
+        (root / "steps" / "1").mkdir(parents=True)
+        (root / "steps" / "config.pbtxt").write_text(
+            """
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+ensemble_scheduling { step [
+  { model_name: "gen" input_map { key: "X" value: "X" } output_map { key: "Y" value: "Y" } } ] }
+"""
+        )
         with ServerThread(root) as s, tc.InferenceServerClient(s.address) as c:
-            deadline = time.monotonic() + 30
-            while not (models := {m.name: m for m in c.get_model_repository_index().models}):
-                assert time.monotonic() < deadline
-            assert models["claims"].state == "UNAVAILABLE"
-            assert "config.pbtxt says the model is decoupled, but the upstream model is not" in models["claims"].reason
+            models = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
+    expected = {
+        "claims": "config.pbtxt says the model is decoupled, but the upstream model is not",
+        "stateful": "the upstream model is decoupled and a sequence model: tensorgate does not relay",
+        "local": 'a decoupled model is served for backend "tensorgate_triton" only',
+        "steps": "model 'gen' is decoupled (it answers over ModelStreamInfer only)",
+    }
+    for name, fragment in expected.items():
+        state, reason = models[name]
+        assert state == "UNAVAILABLE" and fragment in reason, (name, reason)
+    assert models["gen"][0] == "READY"

@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import InferenceClient
 from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -68,6 +69,8 @@ def front(upstream: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> I
     # Contradictions between config.pbtxt and what the upstream model is: each fails its own load, with why.
     _remote(root, "stateless", url, "add_sub", "sequence_batching { }")
     _remote(root, "batched", url, "acc", "max_batch_size: 16", "dynamic_batching { }")
+    # The upstream's preferred_batch_size [16] is its batcher's business, not a limit on a smaller front.
+    _remote(root, "racc_small", url, "acc_slow", "max_batch_size: 4")
     with ServerThread(root, model_control_mode="explicit", load_model=["*"]) as s:
         yield s
 
@@ -156,6 +159,9 @@ def test_a_sequence_has_one_request_upstream_at_a_time(front: ServerThread) -> N
                     c.async_stream_infer(
                         "scripted", [x], sequence_id=sid, sequence_start=step == 0, sequence_end=step == 3
                     )
+            # Three of each sequence wait behind the first: /metrics counts them as queued.
+            depth = {"model": "scripted", "version": "1"}
+            wait_for("6 queued", lambda: value(scrape(metrics_url(front)), "tensorgate_queue_depth", **depth) == 6)
             for _ in range(8):
                 _, error = answers.get(timeout=60)
                 assert error is None, error
@@ -179,6 +185,7 @@ def test_configs_that_contradict_the_upstream_fail_their_load(client: tc.Inferen
     state, reason = reasons["batched"]
     assert state == "UNAVAILABLE" and "must not ask for dynamic_batching" in reason, reason
     assert reasons["racc"][0] == "READY"
+    assert reasons["racc_small"][0] == "READY"
 
 
 def _taken_in(front: ServerThread, model: str, n: int) -> bool:
@@ -261,3 +268,73 @@ def test_a_caller_that_leaves_while_waiting_does_not_let_the_next_overtake(front
     assert results == {"a": "OK", "b": "StatusCode.DEADLINE_EXCEEDED", "c": "OK"}
     assert up.script.most_in_flight == {5: 1}
     assert [x[0] for k, _, _, x in up.script.seen if k == 5] == [1.0, 3.0]
+
+
+def test_a_sequence_keeps_its_order_across_a_reload(front: ServerThread) -> None:
+    """A0 is upstream (1 s) and A1 waits behind it when the model is reloaded (its config changed); A2, sent to
+    the new version, still waits for A1: the order belongs to the model, not to one of its versions."""
+    with ScriptedUpstream() as up:
+        up.script.sequence = True
+        up.script.delay_s = 1.0
+        root = front.settings.model_repository
+        _remote(root, "reloaded", up.url, "m")
+        results: dict[str, str] = {}
+
+        def call(key: str, value: float, start: bool = False, end: bool = False) -> None:
+            x = tc.InferInput("X", [1, 2], "FP32")
+            x.set_data_from_numpy(np.full((1, 2), value, np.float32))
+            with tc.InferenceServerClient(front.address) as c:
+                c.infer("reloaded", [x], sequence_id=8, sequence_start=start, sequence_end=end, client_timeout=30)
+                results[key] = "OK"
+
+        c = tc.InferenceServerClient(front.address)
+        try:
+            c.load_model("reloaded")
+            threads = [threading.Thread(target=call, args=("a0", 0.0, True))]
+            threads[0].start()
+            wait_for("a0 upstream", lambda: up.script.in_flight.get(8) == 1)
+            threads.append(threading.Thread(target=call, args=("a1", 1.0)))
+            threads[1].start()
+            wait_for("a1 behind a0", functools.partial(_taken_in, front, "reloaded", 2))
+            config = root / "reloaded" / "config.pbtxt"
+            config.write_text(
+                config.read_text() + 'parameters { key: "tensorgate.triton.timeout_s" value { string_value: "30" } }\n'
+            )
+            c.load_model("reloaded")
+            threads.append(threading.Thread(target=call, args=("a2", 2.0, False, True)))
+            threads[2].start()
+            for thread in threads:
+                thread.join(30)
+            c.unload_model("reloaded")
+        finally:
+            c.close()
+    assert results == {"a0": "OK", "a1": "OK", "a2": "OK"}
+    assert up.script.most_in_flight == {8: 1}
+    assert [x[0] for k, _, _, x in up.script.seen if k == 8] == [0.0, 1.0, 2.0]
+
+
+def test_a_request_whose_caller_left_while_it_ran_still_goes_first(front: ServerThread) -> None:
+    """A0 is upstream (1 s) when its caller cancels; A1, sent at once, goes upstream only after A0 is over there:
+    the caller left, but its request was on its way, and the upstream takes a sequence's requests in order."""
+    with ScriptedUpstream() as up:
+        up.script.sequence = True
+        up.script.delay_s = 1.0
+        _remote(front.settings.model_repository, "cancelled", up.url, "m")
+        c = tc.InferenceServerClient(front.address)
+        try:
+            c.load_model("cancelled")
+            first = tc.InferInput("X", [1, 2], "FP32")
+            first.set_data_from_numpy(np.zeros((1, 2), np.float32))
+            call = c.async_infer(
+                "cancelled", [first], callback=lambda result, error: None, sequence_id=6, sequence_start=True
+            )
+            wait_for("a0 upstream", lambda: up.script.in_flight.get(6) == 1)
+            call.cancel()
+            second = tc.InferInput("X", [1, 2], "FP32")
+            second.set_data_from_numpy(np.ones((1, 2), np.float32))
+            c.infer("cancelled", [second], sequence_id=6, sequence_end=True, client_timeout=30)
+            c.unload_model("cancelled")
+        finally:
+            c.close()
+    assert up.script.most_in_flight == {6: 1}
+    assert [x[0] for k, _, _, x in up.script.seen if k == 6] == [0.0, 1.0]

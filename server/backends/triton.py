@@ -366,13 +366,17 @@ class TritonBackend:
         ModelStreamInfer stream of its own, each response yielded as it arrives. The upstream ends the stream once
         the request is complete (it waits for the model's final flag), so the end needs no final response.
 
+        The caller's deadline (less the margin) bounds the whole request; `timeout_s` bounds the wait for each
+        response, so that a long generation is never cut while an upstream that went silent still is.
+
         Called on the server's event loop; the stream runs on the backend's, and its responses cross over."""
         s = self.settings
-        timeout = s.timeout_s
+        ref = model_ref(self._model, self._version)
+        timeout = None
         if deadline is not None:
             timeout = deadline - time.monotonic() - s.deadline_margin_s
             if timeout <= 0:
-                raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
+                raise DeadlineExceededError(f"{ref}: the call's deadline passed")
         if self._closed:
             raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
         upstream = pb.ModelInferRequest()
@@ -391,7 +395,15 @@ class TritonBackend:
             self._pump(upstream, timeout, list(headers.items()), deliver), self._loop
         )
         try:
-            while (item := await items.get()) is not None:
+            while True:
+                try:
+                    item = await asyncio.wait_for(items.get(), s.timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"{ref}: {self._where} sent no response for {s.timeout_s:g}s (tensorgate.triton.timeout_s)"
+                    ) from None
+                if item is None:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 if item.error_message:
@@ -399,12 +411,13 @@ class TritonBackend:
                 yield item.infer_response
         finally:
             self._streams.discard(deliver)
-            future.cancel()  # the caller went away, or an error: the upstream call is cancelled
+            if not self._closed:  # closed: the upstream call went with the connections, and the loop is stopping
+                future.cancel()  # the caller went away, or an error: the upstream call is cancelled
 
     async def _pump(
         self,
         request: pb.ModelInferRequest,
-        timeout: float,
+        timeout: float | None,
         metadata: list[tuple[str, str]],
         deliver: Callable[[pb.ModelStreamInferResponse | BaseException | None], None],
     ) -> None:
@@ -629,8 +642,14 @@ def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None
                 config.name,
                 REMOTE_VERSION,
                 f"the model is decoupled: tensorgate sends each of its requests upstream on its own, and neither "
-                f"batches nor sequences it ({block} is set)",
+                f"batches nor sequences it, so config.pbtxt must not ask for {block}",
             )
+    if upstream.sequence_batching is not None:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            "the upstream model is decoupled and a sequence model: tensorgate does not relay decoupled sequence models",
+        )
 
 
 def _restricted(message: str) -> bool:
@@ -658,8 +677,8 @@ def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batc
     for key, value in config.parameters.items():
         if key.startswith(PREFIX + "header."):
             value.string_value = REDACTED
-    _complete_sequence(config, upstream)
     _complete_decoupled(config, upstream)
+    _complete_sequence(config, upstream)
     unbatched = config.HasField("sequence_batching") or config.model_transaction_policy.decoupled
     if not max_batch_size_given:
         config.max_batch_size = upstream.max_batch_size

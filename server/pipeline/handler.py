@@ -120,6 +120,11 @@ class InferenceHandler:
             req.id = _new_request_id()
         model = self._repository.get(req.model, req.version)
         version = str(model.version)
+        if model.config.model_transaction_policy.decoupled:  # refused before it counts, as Triton refuses it
+            raise UnimplementedError(
+                f"{model_ref(model.name, version)} is decoupled (any number of responses per request): send its "
+                "requests over ModelStreamInfer"
+            )
         # The request's span, looked up once: the batch links to it and remote backends hear its decision.
         span = trace.get_current_span() if self._tracing is not None else None
         # A request refused as invalid is no inference: ModelStatistics leaves it out, as Triton's does (it fails
@@ -280,11 +285,6 @@ class InferenceHandler:
     ) -> Coroutine[Any, Any, tuple[dict[str, np.ndarray], ExecutionTimes]]:
         """Validated inputs through the model's scheduler, or an ensemble's steps (for a request or a step). It
         hands back the coroutine to await, adding no frame to the request path."""
-        if model.config.model_transaction_policy.decoupled:
-            raise UnimplementedError(
-                f"{model_ref(model.name, str(model.version))} is decoupled (any number of responses per request): "
-                "send its requests over ModelStreamInfer, not ModelInfer nor as an ensemble step"
-            )
         scheduler = model.scheduler
         if scheduler is None:
             return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)

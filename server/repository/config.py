@@ -94,6 +94,14 @@ def check_backend(config: mc.ModelConfig) -> None:
             'sequence_batching is supported for ONNX models (backend "onnxruntime") and models on an upstream '
             f"Triton (backend \"{TRITON_BACKEND}\"), not for '{config.backend or config.platform}'",
         )
+    if config.model_transaction_policy.decoupled and config.backend != TRITON_BACKEND:
+        # An ONNX model answers each request once, and an ensemble runs its steps once each: served as decoupled,
+        # neither could answer ModelInfer (which refuses decoupled models) nor stream more than one response.
+        raise InvalidConfigError(
+            config.name,
+            f'a decoupled model is served for backend "{TRITON_BACKEND}" only (an upstream Triton\'s decoupled '
+            f"model, relayed), not for '{config.backend or config.platform or ONNX_BACKEND}'",
+        )
     if config.HasField("ensemble_scheduling") and config.platform != ENSEMBLE_PLATFORM:
         raise InvalidConfigError(config.name, 'ensemble_scheduling needs platform "ensemble"')
     if config.platform == ENSEMBLE_PLATFORM and config.backend == "":

@@ -179,6 +179,10 @@ def bind(config: mc.ModelConfig, plan: EnsemblePlan, composing: Callable[[Step],
     for step in plan.steps:
         model = composing(step)
         source = f"model '{step.model}'"
+        if model.model_transaction_policy.decoupled:
+            raise InvalidConfigError(
+                name, f"{step.ref}: model '{step.model}' is decoupled (it answers over ModelStreamInfer only)"
+            )
         if model.max_batch_size != 0 and model.max_batch_size < mbs:
             raise InvalidConfigError(
                 name,

@@ -59,7 +59,7 @@ from tensorgate.server.repository.sequence import (
 )
 from tensorgate.server.repository.warmup import run_warmup
 from tensorgate.server.scheduling.policy import SchedulingPolicy
-from tensorgate.server.scheduling.remote_sequences import RemoteSequences
+from tensorgate.server.scheduling.remote_sequences import Order, RemoteSequences
 from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.scheduling.sequencer import Sequencer
 from tensorgate.server.telemetry.statistics import LatencyHistograms, ModelStats
@@ -235,6 +235,8 @@ class ModelRepository:
         self._stopping = threading.Event()
         """Set by close(): loads still running on threads give up between versions and warm-up runs."""
         self._closing: set[asyncio.Task[None]] = set()
+        self._sequence_order: dict[str, Order] = {}
+        """Per remote sequence model, the order its sequences' requests go upstream in, kept across reloads."""
         self._loading_plans: dict[str, EnsemblePlan] = {}
         """Ensembles whose steps are being checked, for the cycle check of others loaded at the same time."""
         self._dependents: dict[str, set[str]] = {}
@@ -874,7 +876,7 @@ class ModelRepository:
                         else Sequencer(name, v, scheduler, item.sequence, item.config.max_batch_size > 0)
                     )
                     remote_sequences = (
-                        RemoteSequences(name, v, scheduler)
+                        RemoteSequences(name, v, scheduler, self._sequence_order.setdefault(name, {}))
                         if scheduler is not None and _remote_sequence_model(item.config)
                         else None
                     )

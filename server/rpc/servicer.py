@@ -7,6 +7,7 @@ Every method goes through one error mapper (server/rpc/errors.py). The RPC that 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -65,6 +66,8 @@ EXTENSIONS = (
 Context = aio.ServicerContext[Any, Any]
 _RELAYED = object()
 """Queued on a stream when a decoupled model's request has sent its last response (or its error)."""
+_READY = object()
+"""Queued on a stream when an answer to a request of a model that is not decoupled is done."""
 
 
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
@@ -245,19 +248,13 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self,
         request: pb.ModelInferRequest,
         deadline: float | None,
-        results: asyncio.Queue[Any],
+        events: asyncio.Queue[Any],
     ) -> None:
         """A decoupled model's request of a stream, in its own task: each response goes on the stream as it
-        arrives, between the other requests' answers; then _RELAYED (the stream ends only after it)."""
+        arrives, whatever the other requests' answers wait for; then _RELAYED (the stream ends only after it)."""
         started = time.perf_counter_ns()
-        loop = asyncio.get_running_loop()
         status = "OK"
-
-        def send(message: pb.ModelStreamInferResponse) -> None:
-            answered: asyncio.Future[pb.ModelStreamInferResponse] = loop.create_future()
-            answered.set_result(message)
-            results.put_nowait(answered)
-
+        send = events.put_nowait
         try:
             with self._request_span(request) as span:
                 try:
@@ -283,7 +280,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     if self._requests is not None:
                         self._requests.ok(req.model, version)
         finally:
-            results.put_nowait(_RELAYED)
+            events.put_nowait(_RELAYED)
             if errors.access_log.isEnabledFor(logging.DEBUG):
                 errors.access_log_line("ModelStreamInfer", request, status, started)
 
@@ -305,15 +302,23 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (and batch together); responses go out in request order, as
         Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`.
-        A decoupled model's responses go out as they arrive, between the others' (match them by `id`)."""
+        A decoupled model's responses go out as they arrive, whatever the others wait for (match them by `id`)."""
         loop = asyncio.get_running_loop()
-        results: asyncio.Queue[Any] = asyncio.Queue()
-        """Futures of answers in the order they go out; None (the reader's end), _RELAYED and `drained` marks."""
+        ordered: collections.deque[asyncio.Future[pb.ModelStreamInferResponse]] = collections.deque()
+        """Answers to requests of models that are not decoupled, in request order: each goes out once it and those
+        before it are done."""
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        """What the writer wakes up for: _READY (an answer is done), a decoupled model's response (it goes out at
+        once), _RELAYED, None (the reader's end) and `drained`."""
         tasks: set[asyncio.Task[Any]] = set()
         relaying = 0
         """Decoupled requests whose responses may still come: the stream ends after them."""
-        drained: asyncio.Future[pb.ModelStreamInferResponse] = loop.create_future()
-        """Queued when the server starts draining: the stream ends there, after the answers queued before it."""
+        drained = object()
+        """Queued when the server starts draining: the stream ends after the answers to what it has read."""
+
+        def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
+            ordered.append(answer)
+            answer.add_done_callback(lambda _: events.put_nowait(_READY))
 
         async def read() -> None:
             nonlocal relaying
@@ -325,43 +330,47 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         # requests it already runs are answered, so the drain need not wait out its grace.
                         refused = loop.create_future()
                         refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING)))
-                        results.put_nowait(refused)
+                        answer_later(refused)
                         break
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     if self._handler.decoupled(request.model_name, request.model_version):
                         relaying += 1
-                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, results))
+                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, events))
                     else:
                         task = asyncio.create_task(self._stream_one(request, deadline))
-                        results.put_nowait(task)
+                        answer_later(task)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             finally:
-                results.put_nowait(None)
+                events.put_nowait(None)
 
         async def end_on_drain() -> None:
             # A client keeps its stream open between requests: without this, an idle stream would hold the drain
             # until its grace ran out and then be cut off. Messages not read yet get the stream's UNAVAILABLE.
             await self.gate.started()
-            results.put_nowait(drained)  # before the reader's end (its None), which the reader puts when cancelled
+            events.put_nowait(drained)  # before the reader's end (its None), which the reader puts when cancelled
             reader.cancel()
 
         reader = asyncio.create_task(read())
         watcher = asyncio.create_task(end_on_drain())
         try:
             reading, cut = True, False
-            while reading or relaying:
-                item = await results.get()
+            while True:
+                while ordered and ordered[0].done():
+                    yield ordered.popleft().result()
+                if not (reading or ordered or relaying):
+                    break
+                item = await events.get()
                 if item is None:
                     reading = False
                 elif item is drained:
-                    # Shutting down: what was answered before goes out, and so do the decoupled requests' responses
-                    # still to come; then the stream ends with UNAVAILABLE, unless the caller had ended it already.
+                    # Shutting down: the answers to what was read still go out, and so do the decoupled requests'
+                    # responses; then the stream ends with UNAVAILABLE, unless the caller had ended it already.
                     cut, reading = reading, False
                 elif item is _RELAYED:
                     relaying -= 1
-                else:
-                    yield await item
+                elif item is not _READY:
+                    yield item  # a decoupled model's response
             if cut:
                 raise ServerUnavailableError(DRAINING)
             await reader  # surfaces a failure of the request stream itself

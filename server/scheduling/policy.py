@@ -54,7 +54,8 @@ class SchedulingPolicy:
             oldest = sb.WhichOneof("strategy_choice") == "oldest"
             batching = config.max_batch_size > 0 and config.backend != TRITON_BACKEND
             preferred = tuple(sorted(set(sb.oldest.preferred_batch_size))) if oldest else ()
-            _check_preferred(config, preferred)
+            if config.backend != TRITON_BACKEND:  # a remote model's are its upstream's, whose batcher uses them
+                _check_preferred(config, preferred)
             # Direct waits for a batch only with a minimum_slot_utilization to wait for, as in Triton.
             delay_us = (
                 sb.oldest.max_queue_delay_microseconds

@@ -10,7 +10,9 @@ wrong order. Each request waits for the answer to the one before it in its seque
 sequences go concurrently, up to the model's instance count.
 
 While a request waits here, the Scheduler is held, so that an unload lets it run within the grace period rather
-than fail it after its predecessor was answered.
+than fail it after its predecessor was answered. The order outlives a reload: the versions of one model share it
+(`Order`), so a request sent to the new version waits for its sequence's requests still running in the old one.
+A request whose caller left while it ran lets the next go only once its batch is over (the Scheduler's `settled`).
 """
 
 from __future__ import annotations
@@ -28,22 +30,31 @@ from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
 from tensorgate.server.scheduling.sequencer import require_id
 from tensorgate.server.telemetry.statistics import ExecutionTimes
 
+Order = dict[SequenceId, "asyncio.Future[None]"]
+"""Per sequence with a request in the model, the future its last request resolves when it is over."""
+
 
 class RemoteSequences:
-    """The order of a remote sequence model's requests, per sequence; see the module docstring."""
+    """The order of a remote sequence model's requests, per sequence; see the module docstring. `order` is
+    shared by the model's successive versions (a new one when None)."""
 
-    def __init__(self, model: str, version: int, scheduler: Scheduler) -> None:
+    def __init__(self, model: str, version: int, scheduler: Scheduler, order: Order | None = None) -> None:
         self._model = model
         self._version = version
         self._scheduler = scheduler
-        self._tails: dict[SequenceId, asyncio.Future[None]] = {}
-        """Per sequence with a request here, the future its last request resolves when it is over."""
+        self._tails: Order = {} if order is None else order
         self._requests = 0
+        self._waiting = 0
 
     @property
     def requests(self) -> int:
         """Requests taken in and not over: running, or waiting behind an earlier request of their sequence."""
         return self._requests
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting behind an earlier request of their sequence (queued here, before the Scheduler's)."""
+        return self._waiting
 
     async def submit(
         self,
@@ -66,7 +77,11 @@ class RemoteSequences:
         started = time.perf_counter_ns()
         try:
             if previous is not None and not previous.done():
-                await asyncio.shield(previous)
+                self._waiting += 1
+                try:
+                    await asyncio.shield(previous)
+                finally:
+                    self._waiting -= 1
             waited = time.perf_counter_ns() - started
             results, times = await self._scheduler.submit(inputs, outputs, rows, deadline, span=span, sequence=flags)
             return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
@@ -84,4 +99,4 @@ class RemoteSequences:
             del self._tails[key]
 
 
-__all__ = ["RemoteSequences"]
+__all__ = ["Order", "RemoteSequences"]

@@ -58,6 +58,9 @@ class _Pending:
     """The request's span when tracing is on (sampled or not): the batch span links the sampled ones."""
     sequence: SequenceFlags | None = None
     """A remote sequence model's request: its flags go upstream with it (such a model never batches requests)."""
+    settled: asyncio.Future[None] | None = None
+    """A remote sequence model's request: resolved when its batch is over, even after its caller left, so that the
+    next request of its sequence does not go upstream while this one may still be on its way."""
 
 
 @dataclass(slots=True)
@@ -158,6 +161,8 @@ class Scheduler:
         self._holders = 0
         self._unheld = asyncio.Event()
         self._unheld.set()
+        self._settles = False
+        """Some request carried `settled` (a remote sequence model's): batches resolve them when over."""
         self._handed: dict[int, _Batch] = {}
         """Batches put on the instances' queue that no instance has taken yet (staged ones), by id."""
         self._ref = model_ref(model, version)
@@ -221,7 +226,10 @@ class Scheduler:
             level=level,
             span=span,
             sequence=sequence,
+            settled=None if sequence is None else loop.create_future(),
         )
+        if sequence is not None:
+            self._settles = True
         lane.append(pending)
         self._queued += 1
         self._idle.clear()
@@ -248,6 +256,8 @@ class Scheduler:
             pending.future.cancel()
             if self._remove(pending):
                 self._dispatch()
+            elif pending.settled is not None:
+                await asyncio.shield(pending.settled)  # in a batch already: it may still reach the upstream
             raise
 
     def _lane(self, pending: _Pending) -> collections.deque[_Pending]:
@@ -495,6 +505,10 @@ class Scheduler:
         for p in batch.expired:
             if not p.future.done():
                 p.future.set_exception(self._deadline_error())
+        if self._settles:
+            for p in (*batch.expired, *batch.requests):
+                if p.settled is not None and not p.settled.done():
+                    p.settled.set_result(None)
         exc = batch.error
         if exc is None and batch.times is not None:
             rows = sum(p.rows for p in batch.requests)

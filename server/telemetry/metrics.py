@@ -200,7 +200,13 @@ BATCH_SIZE = FamilySpec(
     _MV,
     "Rows per model execution (executed batch size, buckets 1 to 1024); _count is ModelStatistics' execution_count",
 )
-QUEUE_DEPTH = FamilySpec("tensorgate_queue_depth", "gauge", _MV, "Requests waiting in the model's queue")
+QUEUE_DEPTH = FamilySpec(
+    "tensorgate_queue_depth",
+    "gauge",
+    _MV,
+    "Requests waiting in the model's queue (a remote sequence model's: also those behind an earlier request of "
+    "their sequence)",
+)
 SEQUENCES_ACTIVE = FamilySpec(
     "tensorgate_sequences_active",
     "gauge",
@@ -462,7 +468,8 @@ class Metrics:
                 _ModelSnapshot(
                     m.name,
                     str(m.version),
-                    0 if m.scheduler is None else m.scheduler.queued,  # an ensemble's steps queue elsewhere
+                    (0 if m.scheduler is None else m.scheduler.queued)  # an ensemble's steps queue elsewhere
+                    + (0 if m.remote_sequences is None else m.remote_sequences.waiting),
                     m.load_seconds,
                     {size: b.compute_infer.count for size, b in m.stats.batch.items()},
                     None
