@@ -96,6 +96,8 @@ def infer_request(
     if priority is not None:
         parameters["priority"] = int(priority)
     if sequence_id is not None and sequence_id not in (0, ""):
+        if not isinstance(sequence_id, str) and not 0 < int(sequence_id) < 2**64:
+            raise ValueError(f"sequence_id must be a string or an integer in 1..2**64-1, got {sequence_id}")
         # As tritonclient sends them: the ID as int64 or string, both flags always.
         parameters["sequence_id"] = sequence_id if isinstance(sequence_id, str) else int(sequence_id)
         parameters["sequence_start"] = bool(sequence_start)

@@ -96,9 +96,12 @@ class ModelLoadError(TensorgateError):
     code = grpc.StatusCode.UNAVAILABLE
     ran = True  # the load was attempted: sending RepositoryModelLoad again would only repeat it
 
-    def __init__(self, model: str, version: str | int | None, reason: str) -> None:
+    def __init__(self, model: str, version: str | int | None, reason: str, *, transient: bool = False) -> None:
         super().__init__(f"failed to load {model_ref(model, version)}: {reason}")
         self.model, self.version, self.reason = model, version, reason
+        self.transient = transient
+        """The load failed on something outside the files that may change by itself (an upstream server that is
+        down, or that does not serve the model yet): worth trying again unasked."""
 
 
 class InvalidConfigError(TensorgateError):

@@ -32,12 +32,16 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.config_error: tuple[grpc.StatusCode, str] | None = None
         """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
+        self.described = 0
+        """ModelMetadata calls: one per load of a model in front of this upstream."""
         self.decoupled = False
         self.streaming = 0
         """Decoupled requests being answered now."""
         self.cancelled = 0
         """Decoupled requests whose stream was cancelled before they were answered in full."""
         self.sequence = False
+        self.max_batch_size = 8
+        """What ModelConfig says; 0: a model that does not batch (X and Y are still [-1, 2], rows or not)."""
         self.seen: list[tuple[object, bool, bool, list[float]]] = []
         """Per call, in arrival order: sequence_id, sequence_start, sequence_end and the values of X."""
         self.in_flight: dict[object, int] = {}
@@ -54,6 +58,7 @@ class _Servicer(GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        self.described += 1
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name,
@@ -66,7 +71,7 @@ class _Servicer(GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         if self.config_error is not None:
             await context.abort(*self.config_error)
-        config = mc.ModelConfig(name=request.name, max_batch_size=8)
+        config = mc.ModelConfig(name=request.name, max_batch_size=self.max_batch_size)
         if self.sequence:
             config.sequence_batching.SetInParent()
         if self.decoupled:

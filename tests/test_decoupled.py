@@ -9,6 +9,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +17,9 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from tensorgate.server.cli import main
 from tests.onnx_models import add_sub_model, paced_model
+from tests.scraping import metrics_url, scrape
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -239,6 +242,42 @@ def test_a_caller_that_goes_away_cancels_the_upstream_call(front: ServerThread, 
         upstream.script.delay_s = 0.0
 
 
+def test_relayed_requests_are_counted_under_the_version_that_served_them(
+    front: ServerThread, upstream: ScriptedUpstream
+) -> None:
+    """/metrics counts a relayed request once it ends: under version 1 even when no response named the version (a
+    request answered with none), and as CANCELLED when its caller went away before the end."""
+    url = metrics_url(front)
+
+    def counted(code: str) -> float:
+        labels = frozenset({"model": "gen", "version": "1", "code": code}.items())
+        return scrape(url).get(("tensorgate_inference_requests_total", labels), 0.0)
+
+    ok, cancelled = counted("OK"), counted("CANCELLED")
+    stream = Stream(front.address)
+    upstream.script.delay_s = 0.3
+    try:
+        stream.client.async_stream_infer("gen", _x(0.0), request_id="none")
+        wait_for("the request answered with no response to be counted", lambda: counted("OK") == ok + 1, 10)
+        stream.client.async_stream_infer("gen", _x(10.0), request_id="left")
+        stream.take(1)
+    finally:
+        stream.client.stop_stream(cancel_requests=True)
+        stream.client.close()
+        upstream.script.delay_s = 0.0
+    wait_for("the request whose caller left to be counted", lambda: counted("CANCELLED") == cancelled + 1, 10)
+    assert counted("OK") == ok + 1
+
+
+def test_bench_refuses_a_decoupled_model_up_front(front: ServerThread, tmp_path: Path, capsys: Any) -> None:
+    """Its requests are answered over ModelStreamInfer only, with any number of responses: `tensorgate bench`
+    says so at once rather than sending load that fails (unary) or waits (streaming) until its deadlines."""
+    for mode in ([], ["--streaming"]):
+        out = str(tmp_path / "o")
+        assert main(["bench", "gen", "--server", front.address, "--out", out, "--duration", "1", *mode]) == 2
+        assert "model 'gen' is decoupled" in capsys.readouterr().err
+
+
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """A request two responses into five when its model is unloaded still gets the other three."""
     root = tmp_path / "models"
@@ -264,12 +303,15 @@ def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream
 
 def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """Each with its reason, the rest of the repository serving: a config that says decoupled for an upstream
-    model that is not; a local ONNX model that says decoupled (it answers once); an ensemble with a decoupled
-    step; an upstream model that is both decoupled and a sequence model."""
+    model that is not, or not decoupled for one that is; a response cache for a decoupled model; a local ONNX
+    model that says decoupled (it answers once); an ensemble with a decoupled step; an upstream model that is both
+    decoupled and a sequence model."""
     root = tmp_path / "models"
     with ScriptedUpstream() as plain, ScriptedUpstream() as stateful:
         stateful.script.decoupled = stateful.script.sequence = True
         _remote(root, "claims", plain.url, "model_transaction_policy { decoupled: true }")
+        _remote(root, "denies", upstream.url, "model_transaction_policy { decoupled: false }")
+        _remote(root, "cached", upstream.url, "response_cache { enable: true }")
         _remote(root, "stateful", stateful.url)
         _remote(root, "gen", upstream.url)
         add_sub_model(root / "local" / "1" / "model.onnx", shape=("batch", 2))
@@ -289,6 +331,8 @@ ensemble_scheduling { step [
             models = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
     expected = {
         "claims": "config.pbtxt says the model is decoupled, but the upstream model is not",
+        "denies": "config.pbtxt says the model is not decoupled, but the upstream model is",
+        "cached": "the model is decoupled: its answer is a stream of responses, which the response cache does not",
         "stateful": "the upstream model is decoupled and a sequence model: tensorgate does not relay",
         "local": 'a decoupled model is served for backend "tensorgate_triton" only',
         "steps": "model 'gen' is decoupled (it answers over ModelStreamInfer only)",

@@ -69,6 +69,9 @@ def front(upstream: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> I
     # Contradictions between config.pbtxt and what the upstream model is: each fails its own load, with why.
     _remote(root, "stateless", url, "add_sub", "sequence_batching { }")
     _remote(root, "batched", url, "acc", "max_batch_size: 16", "dynamic_batching { }")
+    # config.pbtxt may repeat the upstream's sequence batcher, not contradict it (the upstream's is what runs).
+    _remote(root, "racc_same", url, "acc_slow", f"sequence_batching {{ {_pause(300_000)} }}")
+    _remote(root, "racc_idle", url, "acc", "sequence_batching { max_sequence_idle_microseconds: 5 }")
     # The upstream's preferred_batch_size [16] is its batcher's business, not a limit on a smaller front.
     _remote(root, "racc_small", url, "acc_slow", "max_batch_size: 4")
     with ServerThread(root, model_control_mode="explicit", load_model=["*"]) as s:
@@ -134,6 +137,9 @@ def test_string_ids_and_ids_that_cannot_be_forwarded(front: ServerThread) -> Non
         assert c.infer("racc_text", x, sequence_id="user-7", sequence_end=True).outputs["OUTPUT"].tolist() == [[4.0]]
         with pytest.raises(Exception, match=r"model 'racc' version 1: sequence_id 9223372036854775813 is over"):
             c.infer("racc", x, sequence_id=2**63 + 5, sequence_start=True)
+        for beyond in (2**64, -3):  # no protocol field carries these: refused before anything is sent
+            with pytest.raises(ValueError, match=r"sequence_id must be a string or an integer in 1\.\.2\*\*64-1"):
+                c.infer("racc", x, sequence_id=beyond, sequence_start=True)
 
 
 def test_a_sequence_has_one_request_upstream_at_a_time(front: ServerThread) -> None:
@@ -184,7 +190,15 @@ def test_configs_that_contradict_the_upstream_fail_their_load(client: tc.Inferen
     assert state == "UNAVAILABLE" and "the upstream model is not a sequence model" in reason, reason
     state, reason = reasons["batched"]
     assert state == "UNAVAILABLE" and "must not ask for dynamic_batching" in reason, reason
+    state, reason = reasons["racc_idle"]
+    assert state == "UNAVAILABLE", reason
+    assert "sets max_sequence_idle_microseconds other than the upstream model's sequence batcher" in reason, reason
     assert reasons["racc"][0] == "READY"
+    assert reasons["racc_same"][0] == "READY"
+    # What clients read is the upstream's batcher, controls and all, not the part config.pbtxt repeated.
+    served = client.get_model_config("racc_same").config.sequence_batching
+    assert served.oldest.max_queue_delay_microseconds == 300_000
+    assert [c.name for c in served.control_input] == ["START", "END", "READY", "CORRID"]
     assert reasons["racc_small"][0] == "READY"
 
 

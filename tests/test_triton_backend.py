@@ -22,8 +22,9 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import decode_infer_response, encode_infer_request
 from tensorgate.server.backends.base import BatchContext
-from tensorgate.server.backends.triton import TritonBackend
+from tensorgate.server.backends.triton import TritonBackend, UpstreamModel, complete_config
 from tensorgate.server.errors import DeadlineExceededError, ModelLoadError
+from tensorgate.server.repository.config import TensorInfo
 from tests.pki import Pki, secure_channel
 from tests.pytriton_upstream import TOKEN, TOKEN_HEADER, Upstream, unavailable_reason
 from tests.scripted_upstream import ScriptedUpstream
@@ -438,6 +439,49 @@ def test_an_upstream_that_restricts_model_config_serves_without_batching(tmp_pat
                 np.testing.assert_array_equal(client.infer("front", [_input(x)]).as_numpy("Y"), x)
             finally:
                 client.close()
+
+
+def test_only_loads_that_failed_on_the_upstream_are_retried(tmp_path: Path) -> None:
+    """A remote model whose upstream refused (here: would not describe the model) loads once the upstream
+    answers, unasked; one whose config.pbtxt contradicts the upstream is not loaded again and again for the same
+    refusal (the upstream sees no more of its loads)."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        up.script.config_error = (grpc.StatusCode.UNAVAILABLE, "the model is not ready")
+        _scripted_front(root, up.url)
+        write_remote(
+            root,
+            "contradicts",
+            up.url,
+            'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }',
+            "sequence_batching { }",
+        )
+        with ServerThread(root) as s:
+            with tc.InferenceServerClient(s.address) as client:
+                assert not client.is_model_ready("front") and not client.is_model_ready("contradicts")
+            up.script.config_error = None
+            with tc.InferenceServerClient(s.address) as client:
+                wait_for("the server's retries to load the model", lambda: client.is_model_ready("front"), 30)
+                loads = up.script.described
+                assert s.run(s.app.repository.retry_remote()) == []
+                assert up.script.described == loads  # "contradicts" was not tried again
+                [row] = [m for m in client.get_model_repository_index().models if m.name == "contradicts"]
+                assert "the upstream model is not a sequence model" in row.reason
+
+
+def test_batching_in_front_of_an_upstream_that_does_not(tmp_path: Path) -> None:
+    """An upstream with max_batch_size 0 whose tensors have a variable first dimension takes the rows of a batch
+    made here; one whose first dimension is fixed could not, and max_batch_size is refused with why."""
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with ScriptedUpstream() as up:
+        up.script.max_batch_size = 0
+        _scripted_front(tmp_path / "models", up.url, "max_batch_size: 4", "dynamic_batching { }")
+        with ServerThread(tmp_path / "models") as s, tc.InferenceServerClient(s.address) as client:
+            np.testing.assert_array_equal(client.infer("front", [_input(x)]).as_numpy("Y"), x)
+    fixed = UpstreamModel([TensorInfo("X", mc.TYPE_FP32, (3, 2))], [TensorInfo("Y", mc.TYPE_FP32, (3, 2))], 0)
+    config = mc.ModelConfig(name="front", max_batch_size=4)
+    with pytest.raises(ModelLoadError, match=r"does not batch, and its tensor 'X' has shape \[3, 2\]"):
+        complete_config(config, fixed, max_batch_size_given=True)
 
 
 def test_a_callers_deadline_longer_than_timeout_s_is_honoured(tmp_path: Path) -> None:

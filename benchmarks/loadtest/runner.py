@@ -217,6 +217,11 @@ def describe_model(config: BenchConfig) -> ModelShape:
             model_config = client.config(config.model, config.version or None)
         except TensorgateClientError:
             return ModelShape.from_metadata(meta, None)
+    if model_config.model_transaction_policy.decoupled:
+        raise InputError(
+            f"model '{config.model}' is decoupled: it answers a request with any number of responses, over "
+            "ModelStreamInfer only, which tensorgate bench does not measure (perf_analyzer --streaming does)"
+        )
     shape = ModelShape.from_metadata(meta, model_config.max_batch_size)
     ids = "int64"
     for entry in model_config.sequence_batching.control_input:

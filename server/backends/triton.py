@@ -284,7 +284,7 @@ class TritonBackend:
             reason = exc.reason if isinstance(exc, ModelUnavailableError) else exc.message
             if _CLOSED_BY_PEER in reason:
                 reason += self.settings.closed_hint()
-            raise ModelLoadError(self._model, version, reason) from exc
+            raise ModelLoadError(self._model, version, reason, transient=True) from exc
         except BaseException:
             self.close()
             raise
@@ -611,7 +611,10 @@ def _complete_sequence(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
             "the upstream model is a sequence model: its own sequence batcher batches it, so config.pbtxt must not "
             "ask for dynamic_batching",
         )
-    if upstream.sequence_batching is not None and not config.HasField("sequence_batching"):
+    if upstream.sequence_batching is not None:
+        if config.HasField("sequence_batching"):
+            _check_same_sequence(config, upstream.sequence_batching)
+        # The upstream's as it runs it (its defaults filled in): what clients read is what the upstream does.
         config.sequence_batching.CopyFrom(upstream.sequence_batching)
     if config.HasField("sequence_batching") and upstream.config_known and upstream.sequence_batching is None:
         raise ModelLoadError(
@@ -622,10 +625,34 @@ def _complete_sequence(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
         )
 
 
+def _check_same_sequence(config: mc.ModelConfig, upstream: mc.ModelSequenceBatching) -> None:
+    """A sequence_batching in config.pbtxt may repeat what the upstream's says, field by field, but not say
+    otherwise: tensorgate forwards the sequence parameters, and the upstream runs its own sequence batcher, so a
+    different control tensor, strategy or idle time here would be served to clients and not be what runs."""
+    for descriptor, value in config.sequence_batching.ListFields():
+        theirs = getattr(upstream, descriptor.name)
+        same = list(value) == list(theirs) if descriptor.is_repeated else value == theirs
+        if not same:
+            raise ModelLoadError(
+                config.name,
+                REMOTE_VERSION,
+                f"config.pbtxt's sequence_batching sets {descriptor.name} other than the upstream model's sequence "
+                "batcher, which is the one that runs: leave sequence_batching out of config.pbtxt to serve the "
+                "upstream's",
+            )
+
+
 def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
     """Serve the upstream's decoupled transaction policy (clients read it to use ModelStreamInfer); refuse a
-    config that says otherwise, or asks to batch or sequence such a model here."""
+    config that says otherwise, or asks to batch, sequence or cache such a model here."""
     if upstream.decoupled:
+        if config.HasField("model_transaction_policy") and not config.model_transaction_policy.decoupled:
+            raise ModelLoadError(
+                config.name,
+                REMOTE_VERSION,
+                "config.pbtxt says the model is not decoupled, but the upstream model is (its ModelConfig has "
+                "model_transaction_policy { decoupled: true }): it answers over ModelStreamInfer only",
+            )
         config.model_transaction_policy.decoupled = True
     if not config.model_transaction_policy.decoupled:
         return
@@ -644,6 +671,13 @@ def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None
                 f"the model is decoupled: tensorgate sends each of its requests upstream on its own, and neither "
                 f"batches nor sequences it, so config.pbtxt must not ask for {block}",
             )
+    if config.response_cache.enable:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            "the model is decoupled: its answer is a stream of responses, which the response cache does not keep, "
+            "so config.pbtxt must not enable response_cache",
+        )
     if upstream.sequence_batching is not None:
         raise ModelLoadError(
             config.name,
@@ -688,5 +722,19 @@ def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batc
         raise ModelLoadError(
             config.name,
             REMOTE_VERSION,
-            f"max_batch_size is {config.max_batch_size} but the upstream model's is {upstream.max_batch_size}",
+            f"max_batch_size is {config.max_batch_size} but the upstream model's is {upstream.max_batch_size}: "
+            "batches that large would be refused upstream",
         )
+    elif upstream.max_batch_size == 0 and config.max_batch_size > 0:
+        # Batching here in front of an upstream that does not batch works when every tensor's first dimension
+        # is variable there (rows go through as they are); a fixed one would refuse every batch.
+        for tensor in upstream.inputs + upstream.outputs:
+            if not tensor.shape or tensor.shape[0] is not None:
+                shape = [-1 if d is None else d for d in tensor.shape]
+                raise ModelLoadError(
+                    config.name,
+                    REMOTE_VERSION,
+                    f"max_batch_size is {config.max_batch_size} but the upstream model does not batch, and its "
+                    f"tensor '{tensor.name}' has shape {shape}, with no variable "
+                    "first dimension to carry the rows of a batch: leave max_batch_size out of config.pbtxt",
+                )

@@ -184,7 +184,7 @@ class InferenceHandler:
         if not req.id:
             req.id = message.id = _new_request_id()
         model = self._repository.get(req.model, req.version)
-        version = str(model.version)
+        version = req.version = str(model.version)  # the caller counts the request under the version that served
         backend, scheduler = model.backend, model.scheduler
         if not isinstance(backend, StreamsResponses) or scheduler is None:
             raise UnimplementedError(f"{model_ref(model.name, version)} cannot answer a decoupled request")

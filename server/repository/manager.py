@@ -122,6 +122,8 @@ class _Entry:
     """Signature of the files last tried, so that polling does not retry an unchanged broken model."""
     uploaded: bool = False
     """Serving files sent with RepositoryModelLoad: nothing on disk to load it again from."""
+    transient: bool = False
+    """Its last load failed only on what may change by itself (its upstream down): `retry_remote` tries again."""
 
 
 @dataclass(slots=True)
@@ -349,8 +351,9 @@ class ModelRepository:
 
     def _prepare(
         self, model_dir: Path, override: str | None, reuse: dict[int, LoadedModel]
-    ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str]]:
-        """Blocking: read config, build each version's session, complete the config, warm up."""
+    ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str], set[int]]:
+        """Blocking: read config, build each version's session, complete the config, warm up. Returns the
+        versions built, the reasons of those that failed, and which of those failed transiently."""
         name = model_dir.name
         if override is not None:
             base, mbs_given = parse_config(name, override)
@@ -369,6 +372,7 @@ class ModelRepository:
             )
         ready: dict[int, _Prepared | LoadedModel] = {}
         failed: dict[int, str] = {}
+        transient: set[int] = set()
         # Files beside the versions that a version is built from (label files): an edit must reload it too.
         shared = "".join(_label_signature(model_dir, o.label_filename) for o in base.output if o.label_filename)
         for v in wanted:
@@ -387,6 +391,8 @@ class ModelRepository:
                     ready[v] = self._prepare_version(base, mbs_given, vdir, v, sig)
             except TensorgateError as exc:
                 failed[v] = _reason(exc)
+                if isinstance(exc, ModelLoadError) and exc.transient:
+                    transient.add(v)
                 log.error("%s", exc.message)
             except Exception as exc:  # noqa: BLE001 - a bug fails this version, not the model's other versions
                 failed[v] = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -396,7 +402,7 @@ class ModelRepository:
                 if isinstance(item, _Prepared):
                     item.backend.close()
             raise ModelLoadError(name, None, "the server is stopping")
-        return ready, failed
+        return ready, failed, transient
 
     def _prepare_ensemble(
         self, base: mc.ModelConfig, plan: EnsemblePlan, model_dir: Path, version: int, sig: str
@@ -830,7 +836,8 @@ class ModelRepository:
             try:
                 # Uploaded files are new files whatever their names and times: no version is kept as unchanged.
                 reuse = {} if uploaded or entry.uploaded else entry.versions
-                ready, failed = await asyncio.to_thread(self._prepare, model_dir, config_override, reuse)
+                entry.transient = False
+                ready, failed, transient = await asyncio.to_thread(self._prepare, model_dir, config_override, reuse)
                 await self._bind(name, ready, may_load)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
@@ -854,6 +861,7 @@ class ModelRepository:
                         item.backend.close()
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
+                    entry.transient = bool(failed) and failed.keys() <= transient
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
                     entry.failed = {v: r for v, r in failed.items() if v not in entry.versions}
@@ -959,13 +967,14 @@ class ModelRepository:
         return config is not None and config.backend == TRITON_BACKEND
 
     async def retry_remote(self) -> list[str]:
-        """Load again the remote models that failed and serve nothing (e.g. their upstream Triton was down when
-        this server started): a replica must not depend on starting after its upstream. Returns those that
-        loaded; an unloaded model is left alone."""
+        """Load again the remote models that failed and serve nothing because of their upstream (e.g. their
+        Triton was down when this server started): a replica must not depend on starting after its upstream.
+        Returns those that loaded. An unloaded model is left alone, and so is one whose files are at fault (a bad
+        parameter, a config that contradicts the upstream's): only a changed file or a load request helps it."""
         failed = [
             name
             for name, e in sorted(self._entries.items())
-            if e.state == UNAVAILABLE and not e.versions and not is_unloaded(e.reason)
+            if e.state == UNAVAILABLE and e.transient and not e.versions and not is_unloaded(e.reason)
         ]
         loaded = []
         for name in failed:

@@ -261,14 +261,16 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     if self.auth.enabled:
                         self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
                     req = self._decode(request, deadline)
-                    version = request.model_version
                     # Closed at once when a response fails here (too large): the upstream call ends with it.
                     async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
                         async for response in responses:
                             message = pb.ModelStreamInferResponse(infer_response=response)
-                            version = response.model_version
-                            self._check_size(message, response.model_name, version)
+                            self._check_size(message, response.model_name, response.model_version)
                             send(message)
+                except asyncio.CancelledError as exc:  # the stream ended under it: counted, and the task ends
+                    if self._requests is not None:
+                        self._requests.failed(request.model_name, request.model_version, exc)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
                     status = "ERROR"
                     if span is not None:
@@ -278,7 +280,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     send(_stream_error(request, exc))
                 else:
                     if self._requests is not None:
-                        self._requests.ok(req.model, version)
+                        self._requests.ok(req.model, req.version)  # the version that served it, set by relay
         finally:
             events.put_nowait(_RELAYED)
             if errors.access_log.isEnabledFor(logging.DEBUG):
