@@ -5,11 +5,15 @@
 An input is NAME=FILE.npy (sent with the array's dtype), NAME=FILE.json or NAME=JSON (a nested list, cast to the
 datatype the model's metadata declares for that input). Outputs print as one JSON object, or go to NAME.npy files
 with --npy-out DIR. A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
+
+A decoupled model (any number of responses per request) is called over ModelStreamInfer, which is the only way it
+answers: each response prints as its own JSON line as it arrives (or goes to NAME.<i>.npy, i counting from 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -19,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from tensorgate.client._common import check_headers
+from tensorgate.client._common import InferResult, check_headers
+from tensorgate.client.aio import AsyncInferenceClient
 from tensorgate.client.config import DEFAULT_TIMEOUT_S, TLSConfig
-from tensorgate.client.errors import TensorgateClientError
+from tensorgate.client.errors import StreamItemError, TensorgateClientError, Unimplemented
 from tensorgate.client.sync import InferenceClient
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
@@ -245,17 +250,24 @@ def run(args: argparse.Namespace) -> int:
                 declared = {t.name: t.datatype for t in meta.inputs}
                 for name, value in pending.items():
                     arrays[name] = _as_array(name, value, declared.get(name))
-            result = client.infer(
-                args.model,
-                arrays,
-                outputs=args.output or None,
-                version=args.model_version,
-                request_id=args.request_id,
-                class_counts=class_counts or None,
-                sequence_id=sequence_id,
-                sequence_start=args.sequence_start,
-                sequence_end=args.sequence_end,
-            )
+            request: dict[str, Any] = {
+                "model": args.model,
+                "inputs": arrays,
+                "outputs": args.output or None,
+                "version": args.model_version,
+                "request_id": args.request_id,
+                "sequence_id": sequence_id,
+                "sequence_start": args.sequence_start,
+                "sequence_end": args.sequence_end,
+            }
+            try:
+                result = client.infer(**request, class_counts=class_counts or None)
+            except Unimplemented:
+                if not client.config(args.model, args.model_version).model_transaction_policy.decoupled:
+                    raise
+                if class_counts:
+                    raise UsageError("--class-count is not for a decoupled model") from None
+                return asyncio.run(_stream(args, tls, headers, request))
     except UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -266,13 +278,36 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # unreadable TLS files
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    _show(args, result)
+    return 0
+
+
+async def _stream(
+    args: argparse.Namespace, tls: TLSConfig | None, headers: dict[str, str], request: dict[str, Any]
+) -> int:
+    """A decoupled model's request: each response is shown as it arrives (a model streaming tokens shows them as
+    they are made); an empty final response, which only marks the end, shows nothing."""
+    async with AsyncInferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
+        index = 0
+        async for item in client.stream_infer([request]):
+            if isinstance(item, StreamItemError):
+                print(f"{PROG}: {' '.join(item.details.split())}", file=sys.stderr)
+                return 1
+            if item.outputs:
+                _show(args, item, index)
+                index += 1
+    return 0
+
+
+def _show(args: argparse.Namespace, result: InferResult, index: int | None = None) -> None:
+    """One response: a JSON line, or NAME.npy files (NAME.<index>.npy for a decoupled model's responses)."""
     if args.npy_out is not None:
         args.npy_out.mkdir(parents=True, exist_ok=True)
         for name, array in result.outputs.items():
-            path = args.npy_out / f"{name}.npy"
+            path = args.npy_out / (f"{name}.npy" if index is None else f"{name}.{index}.npy")
             np.save(path, array, allow_pickle=array.dtype == object)
-            print(path)
-        return 0
+            print(path, flush=True)
+        return
     body = {
         "model": result.model,
         "version": result.version,
@@ -286,5 +321,4 @@ def run(args: argparse.Namespace) -> int:
             for name, array in result.outputs.items()
         },
     }
-    print(json.dumps(body))
-    return 0
+    print(json.dumps(body), flush=True)

@@ -5,6 +5,7 @@ Triton's turn is in tests/test_triton_backend.py. Clients: unmodified tritonclie
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from tests.onnx_models import add_sub_model, paced_model
 from tests.scraping import metrics_url, scrape
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
+from tests.test_client_cli import infer
 from tests.test_poll import wait_for
 
 
@@ -276,6 +278,23 @@ def test_bench_refuses_a_decoupled_model_up_front(front: ServerThread, tmp_path:
         out = str(tmp_path / "o")
         assert main(["bench", "gen", "--server", front.address, "--out", out, "--duration", "1", *mode]) == 2
         assert "model 'gen' is decoupled" in capsys.readouterr().err
+
+
+def test_the_cli_prints_each_response_as_it_comes(front: ServerThread, tmp_path: Path) -> None:
+    """`tensorgate infer` on a decoupled model streams: one JSON line per response, NAME.<i>.npy files with
+    --npy-out, and the upstream's error as one line with exit status 1."""
+    done = infer("gen", "--input", "X=[[3, 1]]", "--server", front.address, "--request-id", "cli")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(b["model"], b["version"], b["id"]) for b in lines] == [("gen", "1", "cli")] * 3
+    assert [b["outputs"]["Y"]["data"] for b in lines] == [[[3.0, 1.0]], [[6.0, 2.0]], [[9.0, 3.0]]]
+    done = infer("gen", "--input", "X=[[2, 2]]", "--server", front.address, "--npy-out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "out" / f"Y.{i}.npy") for i in range(2)]
+    assert np.load(tmp_path / "out" / "Y.1.npy").tolist() == [[4.0, 4.0]]
+    done = infer("gen", "--input", "X=[[-1, 0]]", "--server", front.address, "--request-id", "bad")
+    assert done.returncode == 1 and not done.stdout
+    assert "scripted failure for request 'bad'" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:
