@@ -50,6 +50,7 @@ def front(upstream: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("decoupled") / "models"
     _remote(root, "gen", upstream.url)
     _remote(root, "gen_batched", upstream.url, "max_batch_size: 8", "dynamic_batching { }")
+    _remote(root, "gen_stats", upstream.url)  # only test_statistics_count_each_response_by_its_index calls it
     add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
     paced_model(root / "paced" / "1" / "model.onnx")
     _remote(
@@ -248,14 +249,20 @@ def test_relayed_requests_are_counted_under_the_version_that_served_them(
     front: ServerThread, upstream: ScriptedUpstream
 ) -> None:
     """/metrics counts a relayed request once it ends: under version 1 even when no response named the version (a
-    request answered with none), and as CANCELLED when its caller went away before the end."""
+    request answered with none), and as CANCELLED when its caller went away before the end (which
+    ModelStatistics counts at the index of the response that never came)."""
     url = metrics_url(front)
 
     def counted(code: str) -> float:
         labels = frozenset({"model": "gen", "version": "1", "code": code}.items())
         return scrape(url).get(("tensorgate_inference_requests_total", labels), 0.0)
 
-    ok, cancelled = counted("OK"), counted("CANCELLED")
+    def cancels_at_second_response() -> int:
+        with tc.InferenceServerClient(front.address) as client:
+            [stats] = client.get_inference_statistics("gen").model_stats
+        return int(stats.response_stats["1"].cancel.count) if "1" in stats.response_stats else 0
+
+    ok, cancelled, cancels = counted("OK"), counted("CANCELLED"), cancels_at_second_response()
     stream = Stream(front.address)
     upstream.script.delay_s = 0.3
     try:
@@ -269,6 +276,7 @@ def test_relayed_requests_are_counted_under_the_version_that_served_them(
         upstream.script.delay_s = 0.0
     wait_for("the request whose caller left to be counted", lambda: counted("CANCELLED") == cancelled + 1, 10)
     assert counted("OK") == ok + 1
+    assert cancels_at_second_response() == cancels + 1
 
 
 def test_bench_refuses_a_decoupled_model_up_front(front: ServerThread, tmp_path: Path, capsys: Any) -> None:
@@ -295,6 +303,32 @@ def test_the_cli_prints_each_response_as_it_comes(front: ServerThread, tmp_path:
     done = infer("gen", "--input", "X=[[-1, 0]]", "--server", front.address, "--request-id", "bad")
     assert done.returncode == 1 and not done.stdout
     assert "scripted failure for request 'bad'" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_statistics_count_each_response_by_its_index(front: ServerThread, upstream: ScriptedUpstream) -> None:
+    """ModelStatistics' response_stats, as Triton keeps them for a decoupled model: per response index, the
+    successes with the wait since the response before (for index 0, since the request came: the time to the
+    first response), the empty final response apart, and a failed request at the index where it failed."""
+    upstream.script.delay_s = 0.05
+    stream = Stream(front.address)
+    try:
+        stream.client.async_stream_infer("gen_stats", _x(3.0), request_id="three", enable_empty_final_response=True)
+        assert [error for _, error in stream.take(4)] == [None] * 4
+        stream.client.async_stream_infer("gen_stats", _x(-1.0), request_id="fails")
+        [(_, error)] = stream.take(1)
+        assert error is not None
+    finally:
+        stream.close()
+        upstream.script.delay_s = 0.0
+    with tc.InferenceServerClient(front.address) as client:
+        [stats] = client.get_inference_statistics("gen_stats").model_stats
+    assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (1, 1)
+    r = stats.response_stats
+    assert sorted(r) == ["0", "1", "2", "3"]
+    assert [(r[k].success.count, r[k].compute_infer.count) for k in "0123"] == [(1, 1), (1, 1), (1, 1), (0, 0)]
+    assert all(r[k].compute_infer.ns >= 40_000_000 for k in "012")  # each 0.05 s after the one before it
+    assert r["3"].empty_response.count == 1 and r["0"].empty_response.count == 0
+    assert (r["0"].fail.count, r["1"].fail.count, r["0"].cancel.count) == (1, 0, 0)
 
 
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ The servicer calls this with decoded requests; tests and future transports can t
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -179,7 +180,8 @@ class InferenceHandler:
         """A decoupled model's request (over ModelStreamInfer): validated as any other, then `message`, the
         request as the caller sent it, goes to the backend, and each of the upstream's responses comes back as it
         arrives, under this model's name. The model is held meanwhile, so that an unload waits for the request
-        (within its grace period). Statistics count the request once, with its whole time as compute."""
+        (within its grace period). Statistics count the request once, with its whole time as compute, and each
+        response by its index (Triton's response_stats)."""
         started = time.perf_counter_ns()
         if not req.id:
             req.id = message.id = _new_request_id()
@@ -194,14 +196,20 @@ class InferenceHandler:
             raise InvalidRequestError(
                 model.name, version, "shared memory is not supported for a decoupled model's tensors"
             )
+        stats, index, last = model.stats, 0, started
         scheduler.hold()
         try:
             context = None if span is None else Tracing.context_of(span)
             async for response in backend.stream(message, req.deadline, context):
+                now = time.perf_counter_ns()
+                stats.record_response(index, now - last, empty=not response.outputs)
+                index, last = index + 1, now
                 response.model_name, response.model_version = model.name, version
                 yield response
-        except BaseException:
-            model.stats.record_failure(time.perf_counter_ns() - started)
+        except BaseException as exc:
+            now = time.perf_counter_ns()
+            stats.record_response_failure(index, now - last, cancelled=isinstance(exc, asyncio.CancelledError))
+            stats.record_failure(now - started)
             raise
         finally:
             scheduler.release()

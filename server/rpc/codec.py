@@ -361,6 +361,10 @@ def encode_model_statistics(models: Sequence[LoadedModel]) -> pb.ModelStatistics
             _duration(entry.compute_input, b.compute_input)
             _duration(entry.compute_infer, b.compute_infer)
             _duration(entry.compute_output, b.compute_output)
+        for index in sorted(s.responses):
+            r, response = s.responses[index], out.response_stats[str(index)]
+            for field_name in ("compute_infer", "compute_output", "success", "fail", "empty_response", "cancel"):
+                _duration(getattr(response, field_name), getattr(r, field_name))
     return msg
 
 

@@ -64,6 +64,20 @@ class BatchDurations:
 
 
 @dataclass(slots=True)
+class ResponseDurations:
+    """The responses at one index (0 the first) of a decoupled model's requests: Triton's
+    InferResponseStatistics. Their compute_infer is the wait since the response before (since the request
+    arrived, for the first), so index 0 is the time to the first response and the rest the gaps between them."""
+
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    empty_response: Duration = field(default_factory=Duration)
+    cancel: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
 class ExecutionTimes:
     """What one model execution cost, measured on the worker thread."""
 
@@ -89,6 +103,8 @@ class ModelStats:
     cache_hit: Duration = field(default_factory=Duration)
     cache_miss: Duration = field(default_factory=Duration)
     batch: dict[int, BatchDurations] = field(default_factory=dict)
+    responses: dict[int, ResponseDurations] = field(default_factory=dict)
+    """Decoupled models only, by response index (`record_response`)."""
     latency: LatencyHistograms | None = None
     """Kept only when the server exports metrics; None costs one attribute test per request."""
 
@@ -138,3 +154,29 @@ class ModelStats:
         """A request that was queued (or past validation) and got no answer; `last_inference` stays, as Triton
         moves it only for inferences that ran."""
         self.fail.add(total_ns)
+
+    def record_response(self, index: int, ns: int, *, empty: bool) -> None:
+        """Response `index` of a decoupled model's request came `ns` after the one before it. An empty one (the
+        final flag alone) counts apart, as Triton counts it: it carries no outputs."""
+        r = self._response(index)
+        if empty:
+            r.empty_response.add(ns)
+            return
+        r.compute_infer.add(ns)
+        r.compute_output.add(0)  # relayed as it came: no output tensors to extract
+        r.success.add(ns)
+
+    def record_response_failure(self, index: int, ns: int, *, cancelled: bool) -> None:
+        """A decoupled model's request ended before its response `index`: it failed `ns` after the response before
+        it, or its caller went away (a cancellation, which here holds nothing to clean up)."""
+        r = self._response(index)
+        if cancelled:
+            r.cancel.add(0)
+        else:
+            r.fail.add(ns)
+
+    def _response(self, index: int) -> ResponseDurations:
+        r = self.responses.get(index)
+        if r is None:
+            r = self.responses[index] = ResponseDurations()
+        return r
