@@ -5,10 +5,14 @@ time to the first response and between responses, and how many responses per sec
 The upstream is PyTriton's tritonserver (tests/pytriton_upstream.py, `countdown`: a decoupled model answering
 X = n with n responses, not batching); tensorgate fronts it with a one-line config. Each of `--concurrency` callers
 keeps one ModelStreamInfer stream and sends its requests one after another (the next when the last response of
-the one before has come), for `--duration` seconds per run; the two targets take turns within each repeat.
+the one before has come), for `--duration` seconds per run; the targets take turns within each repeat.
+
+tensorgate's CPU per response (its process CPU time over the responses it relayed) is steadier than throughput on
+a shared machine: compare changes by it. `--before TREE` runs a second tensorgate from another checkout (as
+benchmarks/hotpath.py does) as one more target, so a change is measured before and after in one run.
 
     make .venv-triton/.installed-stamp    # once: PyTriton in its own environment
-    .venv/bin/python benchmarks/decoupled_front.py [--repeats 3] [--concurrency 1,8] [--responses 32]
+    .venv/bin/python benchmarks/decoupled_front.py [--repeats 3] [--concurrency 1,8] [--responses 32] [--before TREE]
 
 Writes benchmarks/results/decoupled_front.json and decoupled_front.md.
 """
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +36,7 @@ from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import start_server, tensorgate_cmd, write_report  # noqa: E402
+from benchmarks.harness import Server, start_server, tensorgate_cmd, tree_cmd, write_report  # noqa: E402
 from tensorgate.protos import GRPCInferenceServiceStub  # noqa: E402
 from tensorgate.protos import grpc_service_pb2 as pb  # noqa: E402
 from tests.pytriton_upstream import Upstream, unavailable_reason  # noqa: E402
@@ -48,6 +54,8 @@ class Run:
     first_p99_ms: float
     between_p50_ms: float
     between_p99_ms: float
+    cpu_us_per_response: float
+    """The tensorgate process's CPU per response relayed (nan for Triton direct)."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -86,14 +94,16 @@ async def _caller(address: str, responses: int, until: float, firsts: list[float
     return done
 
 
-async def _measure(address: str, concurrency: int, responses: int, duration: float) -> Run:
+async def _measure(address: str, server: Server | None, concurrency: int, responses: int, duration: float) -> Run:
     firsts: list[float] = []
     gaps: list[float] = []
+    cpu = server.cpu_seconds() if server is not None else 0.0
     started = time.perf_counter()
     until = time.monotonic() + duration
     counts = await asyncio.gather(*(_caller(address, responses, until, firsts, gaps) for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     total = sum(counts)
+    cpu_us = float("nan") if server is None else (server.cpu_seconds() - cpu) * 1e6 / max(total * responses, 1)
     return Run(
         requests=total,
         responses_per_s=total * responses / elapsed,
@@ -101,6 +111,7 @@ async def _measure(address: str, concurrency: int, responses: int, duration: flo
         first_p99_ms=_percentile(firsts, 99),
         between_p50_ms=_percentile(gaps, 50),
         between_p99_ms=_percentile(gaps, 99),
+        cpu_us_per_response=cpu_us,
     )
 
 
@@ -115,6 +126,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--responses", type=int, default=32, help="responses per request (tokens)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--before", type=Path, help="another checkout to measure side by side (the baseline)")
     args = parser.parse_args()
     reason = unavailable_reason()
     if reason is not None:
@@ -129,12 +141,18 @@ def main() -> None:
                 'backend: "tensorgate_triton"\n'
                 f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{upstream.url}" }} }}\n'
             )
-            with start_server(tensorgate_cmd(root)) as front:
-                targets = {"triton": upstream.url, "tensorgate": front.address}
+            with (
+                start_server(tensorgate_cmd(root)) as front,
+                start_server(tree_cmd(args.before, root)) if args.before else nullcontext() as before,
+            ):
+                targets: dict[str, tuple[str, Server | None]] = {"triton": (upstream.url, None)}
+                if before is not None:
+                    targets["before"] = (before.address, before)
+                targets["tensorgate"] = (front.address, front)
                 for _ in range(args.repeats):
                     for c in levels:
-                        for name, address in targets.items():
-                            run = asyncio.run(_measure(address, c, args.responses, args.duration))
+                        for name, (address, server) in targets.items():
+                            run = asyncio.run(_measure(address, server, c, args.responses, args.duration))
                             runs.setdefault((name, c), []).append(run)
     medians = {key: _median(value) for key, value in runs.items()}
     lines = [
@@ -143,13 +161,15 @@ def main() -> None:
         f"PyTriton `countdown`, {args.responses} responses per request; each caller one stream, requests one after "
         f"another; {args.duration:.0f} s per run, medians of {args.repeats} repeats. Times in ms.",
         "",
-        "| target | callers | requests | responses/s | first p50 | first p99 | between p50 | between p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | callers | requests | responses/s | first p50 | first p99 | between p50 | between p99 "
+        "| CPU us / response |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, c), r in medians.items():
+        cpu = "" if math.isnan(r.cpu_us_per_response) else f"{r.cpu_us_per_response:.0f}"
         lines.append(
             f"| {name} | {c} | {r.requests:,.0f} | {r.responses_per_s:,.0f} | {r.first_p50_ms:.2f} | "
-            f"{r.first_p99_ms:.2f} | {r.between_p50_ms:.3f} | {r.between_p99_ms:.3f} |"
+            f"{r.first_p99_ms:.2f} | {r.between_p50_ms:.3f} | {r.between_p99_ms:.3f} | {cpu} |"
         )
     lines += ["", "| callers | responses/s, tensorgate / Triton | first response p50, tensorgate - Triton (ms) |"]
     lines.append("|---|---|---|")
@@ -159,6 +179,14 @@ def main() -> None:
             f"| {c} | {relayed.responses_per_s / direct.responses_per_s:.2f} | "
             f"{relayed.first_p50_ms - direct.first_p50_ms:+.2f} |"
         )
+    if args.before:
+        lines += ["", "| callers | CPU per response, tensorgate / before (median of per-repeat ratios) |", "|---|---|"]
+        for c in levels:
+            ratios = [
+                a.cpu_us_per_response / b.cpu_us_per_response
+                for a, b in zip(runs[("tensorgate", c)], runs[("before", c)], strict=True)
+            ]
+            lines.append(f"| {c} | {statistics.median(ratios):.2f} ({', '.join(f'{r:.2f}' for r in ratios)}) |")
     payload = {f"{name}@{c}": [asdict(r) for r in rs] for (name, c), rs in runs.items()}
     js, md = write_report("decoupled_front", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -376,3 +376,13 @@ def tensorgate_cmd(repo: Path, *extra: str) -> list[str]:
     cli = [exe] if exe else [sys.executable, "-m", "tensorgate.server.cli"]
     # A free metrics port too: benchmarks run several servers side by side (a later flag in `extra` wins).
     return [*cli, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "0", *extra]
+
+
+def tree_cmd(tree: Path, repo: Path) -> list[str]:
+    """`tensorgate serve` from another checkout: its packages come first on the path, ahead of the editable
+    install of this one (setuptools' editable finder is consulted after the path)."""
+    mapped = tree / "build" / "mypy"
+    if not (mapped / "tensorgate" / "server").exists():
+        raise SystemExit(f"{mapped}/tensorgate/server is missing: run `make build/mypy/tensorgate` in {tree}")
+    serve = tensorgate_cmd(repo)[1:]
+    return ["env", f"PYTHONPATH={mapped}", sys.executable, "-m", "tensorgate.server.cli", *serve]

@@ -35,6 +35,7 @@ from benchmarks.harness import (  # noqa: E402
     perf_analyzer_available,
     start_server,
     tensorgate_cmd,
+    tree_cmd,
     write_report,
 )
 from benchmarks.inprocess import ort_rows_per_s  # noqa: E402
@@ -68,16 +69,6 @@ def _measure(
     """`measure` with perf_analyzer's stability check relaxed: on a busy shared machine it rarely finds three
     windows within 100% of each other and would fail; server CPU per request does not need stable windows."""
     return measure(server, model, c, rows, streaming, use_pa, stats=stats, stability_percent=1000)
-
-
-def tree_cmd(tree: Path, repo: Path) -> list[str]:
-    """`tensorgate serve` from another checkout: its packages come first on the path, ahead of the editable
-    install of this one (setuptools' editable finder is consulted after the path)."""
-    mapped = tree / "build" / "mypy"
-    if not (mapped / "tensorgate" / "server").exists():
-        raise SystemExit(f"{mapped}/tensorgate/server is missing: run `make build/mypy/tensorgate` in {tree}")
-    serve = tensorgate_cmd(repo)[1:]
-    return ["env", f"PYTHONPATH={mapped}", sys.executable, "-m", "tensorgate.server.cli", *serve]
 
 
 def main() -> None:

@@ -354,6 +354,37 @@ def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream
     assert [_outputs(result)[1] for result, _ in first + rest] == [[v, v] for v in (5.0, 10.0, 15.0, 20.0, 25.0)]
 
 
+def test_an_unload_past_its_grace_ends_the_request_with_why(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """A request still being answered when its model's unload grace runs out ends with an error that says so,
+    and its upstream call is cancelled, rather than the caller waiting on a model that is gone."""
+    root = tmp_path / "models"
+    _remote(root, "gen", upstream.url)
+    upstream.script.delay_s = 0.3
+    cancelled = upstream.script.cancelled
+    try:
+        with ServerThread(root, model_control_mode="explicit", load_model=["gen"]) as s:
+            s.app.repository._grace = 0.5  # the unload grace (30 s by default) runs out mid-request
+            stream = Stream(s.address)
+            try:
+                stream.client.async_stream_infer("gen", _x(50.0), request_id="long")
+                stream.take(1)
+                unload = threading.Thread(target=lambda: tc.InferenceServerClient(s.address).unload_model("gen"))
+                unload.start()
+                answers = [stream.answers.get(timeout=30)]
+                while answers[-1][1] is None and len(answers) < 10:  # a few responses, then the end
+                    answers.append(stream.answers.get(timeout=30))
+            finally:
+                stream.close()
+            unload.join(30)
+            wait_for("the upstream call to be cancelled", lambda: upstream.script.cancelled == cancelled + 1, 10)
+    finally:
+        upstream.script.delay_s = 0.0
+    errors = [error for _, error in answers if error is not None]
+    assert errors, "the request ran on past its model's unload"
+    assert "model 'gen' version 1" in str(errors[0].message())
+    assert "the model was unloaded while it answered" in str(errors[0].message())
+
+
 def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """Each with its reason, the rest of the repository serving: a config that says decoupled for an upstream
     model that is not, or not decoupled for one that is; a response cache for a decoupled model; a local ONNX

@@ -34,7 +34,8 @@ call, so that several batches are in flight upstream while tensorgate forms the 
 
 Threads: `execute` runs on the scheduler's worker threads and is synchronous; the tritonclient.grpc.aio clients
 live on one event loop thread owned by the backend, and `execute` hands each call to it with
-`run_coroutine_threadsafe`. Encoding and decoding tensors happen on the worker thread, not on that loop.
+`run_coroutine_threadsafe`. Encoding and decoding tensors happen on the worker thread, not on that loop. A decoupled
+model's streams are the exception: they run on the server's loop, which relays their responses as they come.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -269,9 +270,8 @@ class TritonBackend:
         self._thread.start()
         self._probe: Future[None] | None = None
         self._stream_channel: grpc.aio.Channel | None = None
-        """For a decoupled model's streams (`stream`): made on first use, on the backend's loop."""
-        self._streams: set[Callable[[pb.ModelStreamInferResponse | BaseException | None], None]] = set()
-        """How to reach each stream's caller: `close` tells those still waiting that the model is gone."""
+        """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
+        self._stream_loop: asyncio.AbstractEventLoop | None = None
         try:
             self._clients = self._run(self._connect(), 10.0)
             self._next = itertools.cycle(self._clients)
@@ -369,7 +369,9 @@ class TritonBackend:
         The caller's deadline (less the margin) bounds the whole request; `timeout_s` bounds the wait for each
         response, so that a long generation is never cut while an upstream that went silent still is.
 
-        Called on the server's event loop; the stream runs on the backend's, and its responses cross over."""
+        Called on the server's event loop, and the stream runs there too, on a channel made on that loop (a
+        grpc.aio channel belongs to the loop that made it): a response reaches its caller without crossing to
+        another thread, which on a busy machine cost a GIL hand-over per response."""
         s = self.settings
         ref = model_ref(self._model, self._version)
         timeout = None
@@ -383,64 +385,45 @@ class TritonBackend:
         upstream.CopyFrom(request)
         upstream.model_name, upstream.model_version = s.model_name, s.model_version
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None] = asyncio.Queue()
-
-        def deliver(item: pb.ModelStreamInferResponse | BaseException | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the server's loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(items.put_nowait, item)
-
-        self._streams.add(deliver)
-        future = asyncio.run_coroutine_threadsafe(
-            self._pump(upstream, timeout, list(headers.items()), deliver), self._loop
+        call = GRPCInferenceServiceStub(self._stream_channel_here()).ModelStreamInfer(
+            iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None
         )
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(items.get(), s.timeout_s)
-                except TimeoutError:
-                    raise DeadlineExceededError(
-                        f"{ref}: {self._where} sent no response for {s.timeout_s:g}s (tensorgate.triton.timeout_s)"
-                    ) from None
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item.error_message:
-                    raise BackendError(self._model, self._version, f"{self._where}: {item.error_message}")
-                yield item.infer_response
-        finally:
-            self._streams.discard(deliver)
-            if not self._closed:  # closed: the upstream call went with the connections, and the loop is stopping
-                future.cancel()  # the caller went away, or an error: the upstream call is cancelled
-
-    async def _pump(
-        self,
-        request: pb.ModelInferRequest,
-        timeout: float | None,
-        metadata: list[tuple[str, str]],
-        deliver: Callable[[pb.ModelStreamInferResponse | BaseException | None], None],
-    ) -> None:
-        """On the backend's loop: one upstream stream; every response, then None (or the error), to `deliver`."""
+        responses = call.__aiter__()
         try:
             with self._errors(timeout):
-                if self._stream_channel is None:
-                    self._stream_channel = self._channel()
-                call = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer(
-                    iter([request]), timeout=timeout, metadata=metadata or None
-                )
-                try:
-                    async for response in call:
-                        deliver(response)
-                except grpc.aio.AioRpcError as exc:  # as tritonclient reports it, for `_errors`
-                    raise InferenceServerException(msg=exc.details() or "", status=str(exc.code())) from exc
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - it belongs to the caller, on the other loop
-            deliver(exc)
-            return
-        self._ready = True
-        deliver(None)
+                while True:
+                    try:
+                        async with asyncio.timeout(s.timeout_s):
+                            response = await anext(responses)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise DeadlineExceededError(
+                            f"{ref}: {self._where} sent no response for {s.timeout_s:g}s (tensorgate.triton.timeout_s)"
+                        ) from None
+                    except grpc.aio.AioRpcError as exc:  # as tritonclient reports it, for `_errors`
+                        raise InferenceServerException(msg=exc.details() or "", status=str(exc.code())) from exc
+                    except asyncio.CancelledError:
+                        task = asyncio.current_task()
+                        if self._closed and task is not None and not task.cancelling():
+                            # The channel closed under the call (an unload whose grace ran out), not the caller.
+                            raise ModelUnavailableError(
+                                self._model, self._version, "the model was unloaded while it answered"
+                            ) from None
+                        raise
+                    if response.error_message:
+                        raise BackendError(self._model, self._version, f"{self._where}: {response.error_message}")
+                    yield response.infer_response
+            self._ready = True
+        finally:
+            call.cancel()  # the caller went away, or an error: the upstream call ends (nothing if it has)
+
+    def _stream_channel_here(self) -> grpc.aio.Channel:
+        """The channel for decoupled streams, on the running loop (the server's): made on first use."""
+        if self._stream_channel is None:
+            self._stream_channel = self._channel()
+            self._stream_loop = asyncio.get_running_loop()
+        return self._stream_channel
 
     def close(self) -> None:
         """Stop the readiness probe, close the connections, stop the loop thread."""
@@ -457,10 +440,12 @@ class TritonBackend:
         self._thread.join(5.0)
         if not self._thread.is_alive():
             self._loop.close()
-        # Streams cut off (an unload whose grace ran out): their upstream calls are gone with the connections, and
-        # their callers hear it rather than wait for a loop that has stopped.
-        for deliver in list(self._streams):
-            deliver(ModelUnavailableError(self._model, self._version, "the model was unloaded while it answered"))
+        # Streams still open (an unload whose grace ran out) end with their channel, closed on its own loop; their
+        # callers hear that the model was unloaded (`stream`).
+        channel, loop = self._stream_channel, self._stream_loop
+        if channel is not None and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile, and the channel's calls with it
+                loop.call_soon_threadsafe(_close_later, channel)
 
     # ----- on the backend's loop ---------------------------------------------------------------------------
 
@@ -481,7 +466,7 @@ class TritonBackend:
 
     def _channel(self) -> grpc.aio.Channel:
         """A channel of our own for streams (tritonclient's streams cannot carry every parameter a caller sends),
-        on the backend's loop, with the clients' settings."""
+        with the clients' settings, on the loop that calls this (`_stream_channel_here`)."""
         creds = self.settings.credentials()
         options = self._options() + [("tensorgate.connection", "streams")]
         if creds is None:
@@ -554,8 +539,6 @@ class TritonBackend:
     async def _close_clients(self, clients: Sequence[Any]) -> None:
         for client in clients:
             await client.close()
-        if self._stream_channel is not None:
-            await self._stream_channel.close()
 
     # ----- helpers -----------------------------------------------------------------------------------------
 
@@ -684,6 +667,17 @@ def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None
             REMOTE_VERSION,
             "the upstream model is decoupled and a sequence model: tensorgate does not relay decoupled sequence models",
         )
+
+
+_closing: set[asyncio.Task[None]] = set()
+"""Channels being closed by `_close_later`, kept referenced until they are."""
+
+
+def _close_later(channel: grpc.aio.Channel) -> None:
+    """On the channel's loop: close it (its calls end as cancelled) without waiting here."""
+    task = asyncio.get_running_loop().create_task(channel.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _restricted(message: str) -> bool:
