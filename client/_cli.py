@@ -7,7 +7,8 @@ datatype the model's metadata declares for that input). Outputs print as one JSO
 with --npy-out DIR. A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
 
 A decoupled model (any number of responses per request) is called over ModelStreamInfer, which is the only way it
-answers: each response prints as its own JSON line as it arrives (or goes to NAME.<i>.npy, i counting from 0).
+answers: each response prints as its own JSON line as it arrives (or goes to NAME.<i>.npy, i counting from 0), all
+within --timeout; an error on the stream prints "tensorgate infer: UNKNOWN: message" (streams carry no status code).
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 result = client.infer(**request, class_counts=class_counts or None)
             except Unimplemented:
-                if not client.config(args.model, args.model_version).model_transaction_policy.decoupled:
+                if not _decoupled(client, args.model, args.model_version):
                     raise
                 if class_counts:
                     raise UsageError("--class-count is not for a decoupled model") from None
@@ -290,13 +291,22 @@ async def _stream(
     async with AsyncInferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
         index = 0
         async for item in client.stream_infer([request]):
-            if isinstance(item, StreamItemError):
-                print(f"{PROG}: {' '.join(item.details.split())}", file=sys.stderr)
+            if isinstance(item, StreamItemError):  # the stream carries the message, not the status code
+                print(f"{PROG}: {item.code.name}: {' '.join(item.details.split())}", file=sys.stderr)
                 return 1
             if item.outputs:
                 _show(args, item, index)
                 index += 1
     return 0
+
+
+def _decoupled(client: InferenceClient, model: str, version: str | None) -> bool:
+    """Whether the model answers over ModelStreamInfer only; False when its config cannot be read (the caller
+    then reports the refusal it had)."""
+    try:
+        return client.config(model, version).model_transaction_policy.decoupled
+    except TensorgateClientError:
+        return False
 
 
 def _show(args: argparse.Namespace, result: InferResult, index: int | None = None) -> None:

@@ -29,6 +29,7 @@ from . import model_config_pb2 as mc
 
 __all__ = [
     "BY_CONFIG_TYPE",
+    "FINAL_RESPONSE",
     "BY_NAME",
     "DataType",
     "ParamValue",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 ParamValue = bool | int | str | float
+FINAL_RESPONSE = "triton_final_response"
+"""The response parameter that marks a request's last response on ModelStreamInfer, as Triton sets it."""
 """What an ``InferParameter`` holds, as a plain Python value."""
 
 _LEN = struct.Struct("<I")

@@ -29,6 +29,8 @@ class _Servicer(GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.delay_s = 0.0
         self.error: tuple[grpc.StatusCode, str] | None = None
+        self.metadata_error: tuple[grpc.StatusCode, str] | None = None
+        """What ModelMetadata answers instead of the metadata (e.g. a refused access token)."""
         self.config_error: tuple[grpc.StatusCode, str] | None = None
         """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
@@ -59,6 +61,8 @@ class _Servicer(GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         self.described += 1
+        if self.metadata_error is not None:
+            await context.abort(*self.metadata_error)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=request.name,

@@ -16,9 +16,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import InferenceClient
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.triton import UpstreamModel, complete_config
+from tensorgate.server.errors import ModelLoadError
 from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
 from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
@@ -200,6 +204,38 @@ def test_configs_that_contradict_the_upstream_fail_their_load(client: tc.Inferen
     assert served.oldest.max_queue_delay_microseconds == 300_000
     assert [c.name for c in served.control_input] == ["START", "END", "READY", "CORRID"]
     assert reasons["racc_small"][0] == "READY"
+
+
+UPSTREAM_SEQUENCE = """
+oldest { max_candidate_sequences: 4 preferred_batch_size: [ 8 ] }
+max_sequence_idle_microseconds: 1000000
+control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ]
+"""
+"""A sequence batcher as Triton's ModelConfig shows it: defaults its config.pbtxt left out filled in."""
+
+
+@pytest.mark.parametrize(
+    ("local", "field"),
+    [
+        pytest.param("oldest { max_candidate_sequences: 4 }", None, id="a-copy-of-the-upstreams-config-pbtxt"),
+        pytest.param(UPSTREAM_SEQUENCE, None, id="all-of-it"),
+        pytest.param("direct { }", "direct", id="another-strategy"),
+        pytest.param("oldest { max_candidate_sequences: 2 }", "oldest.max_candidate_sequences", id="strategy-field"),
+        pytest.param("max_sequence_idle_microseconds: 5", "max_sequence_idle_microseconds", id="idle-time"),
+        pytest.param('control_input [ { name: "BEGIN" } ]', "control_input", id="control-tensor"),
+    ],
+)
+def test_a_local_sequence_batching_may_repeat_the_upstreams_not_change_it(local: str, field: str | None) -> None:
+    """Only what config.pbtxt sets is compared (Triton fills in defaults its own config.pbtxt left out), the
+    strategy included; what is served is the upstream's batcher."""
+    upstream = UpstreamModel([], [], 8, text_format.Parse(UPSTREAM_SEQUENCE, mc.ModelSequenceBatching()))
+    config = text_format.Parse(f"sequence_batching {{ {local} }}", mc.ModelConfig(name="front"))
+    if field is not None:
+        with pytest.raises(ModelLoadError, match=f"sequence_batching sets {field} other than the upstream"):
+            complete_config(config, upstream, max_batch_size_given=False)
+        return
+    complete_config(config, upstream, max_batch_size_given=False)
+    assert config.sequence_batching == upstream.sequence_batching
 
 
 def _taken_in(front: ServerThread, model: str, n: int) -> bool:

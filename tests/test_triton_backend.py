@@ -5,6 +5,7 @@ answers directly; config auto-completion; upstream errors, deadlines, restarts; 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -442,12 +443,19 @@ def test_an_upstream_that_restricts_model_config_serves_without_batching(tmp_pat
 
 
 def test_only_loads_that_failed_on_the_upstream_are_retried(tmp_path: Path) -> None:
-    """A remote model whose upstream refused (here: would not describe the model) loads once the upstream
-    answers, unasked; one whose config.pbtxt contradicts the upstream is not loaded again and again for the same
-    refusal (the upstream sees no more of its loads)."""
+    """A remote model whose upstream could not serve it yet (here: would not describe the model) loads once the
+    upstream answers, unasked. One whose config.pbtxt contradicts the upstream, or whose upstream refused its
+    credentials, is not loaded again and again for the same refusal (the upstream sees no more of its loads)."""
     root = tmp_path / "models"
-    with ScriptedUpstream() as up:
+    with ScriptedUpstream() as up, ScriptedUpstream() as guarded:
         up.script.config_error = (grpc.StatusCode.UNAVAILABLE, "the model is not ready")
+        guarded.script.metadata_error = (grpc.StatusCode.UNAUTHENTICATED, "no valid access token")
+        write_remote(
+            root,
+            "refused",
+            guarded.url,
+            'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }',
+        )
         _scripted_front(root, up.url)
         write_remote(
             root,
@@ -462,11 +470,38 @@ def test_only_loads_that_failed_on_the_upstream_are_retried(tmp_path: Path) -> N
             up.script.config_error = None
             with tc.InferenceServerClient(s.address) as client:
                 wait_for("the server's retries to load the model", lambda: client.is_model_ready("front"), 30)
-                loads = up.script.described
+                loads, refusals = up.script.described, guarded.script.described
                 assert s.run(s.app.repository.retry_remote()) == []
                 assert up.script.described == loads  # "contradicts" was not tried again
+                assert guarded.script.described == refusals  # nor "refused"
                 [row] = [m for m in client.get_model_repository_index().models if m.name == "contradicts"]
                 assert "the upstream model is not a sequence model" in row.reason
+
+
+def test_a_load_with_its_own_config_is_not_retried_from_the_disk(tmp_path: Path) -> None:
+    """A RepositoryModelLoad that brought its own config and failed on the upstream is the caller's to repeat:
+    retrying it unasked would load the config on disk instead (here, one that batches at most 2 rows)."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        up.script.config_error = (grpc.StatusCode.UNAVAILABLE, "the model is not ready")
+        _scripted_front(root, up.url, "max_batch_size: 2")
+        config = json.dumps(
+            {
+                "backend": "tensorgate_triton",
+                "parameters": {
+                    "tensorgate.triton.url": {"string_value": up.url},
+                    "tensorgate.triton.model_name": {"string_value": "m"},
+                },
+            }
+        )
+        with ServerThread(root, model_control_mode="explicit") as s, tc.InferenceServerClient(s.address) as client:
+            with pytest.raises(InferenceServerException, match="the model is not ready"):
+                client.load_model("front", config=config)
+            up.script.config_error = None
+            assert s.run(s.app.repository.retry_remote()) == []
+            assert not client.is_model_ready("front")
+            client.load_model("front", config=config)  # the caller's retry
+            assert client.get_model_config("front").config.max_batch_size == 8  # the upstream's, not the disk's
 
 
 def test_batching_in_front_of_an_upstream_that_does_not(tmp_path: Path) -> None:

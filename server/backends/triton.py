@@ -58,6 +58,7 @@ import numpy as np
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 from google.protobuf import json_format
+from google.protobuf.message import Message
 from opentelemetry.trace import SpanContext
 from tritonclient.utils import InferenceServerException
 
@@ -284,7 +285,10 @@ class TritonBackend:
             reason = exc.reason if isinstance(exc, ModelUnavailableError) else exc.message
             if _CLOSED_BY_PEER in reason:
                 reason += self.settings.closed_hint()
-            raise ModelLoadError(self._model, version, reason, transient=True) from exc
+            # An upstream that cannot be reached, or does not serve the model yet, may by the next try; one
+            # that refused the call (a bad token or model_version here) will refuse it again.
+            transient = isinstance(exc, (ModelUnavailableError, DeadlineExceededError, ResourceExhaustedError))
+            raise ModelLoadError(self._model, version, reason, transient=transient) from exc
         except BaseException:
             self.close()
             raise
@@ -490,7 +494,7 @@ class TritonBackend:
                 )
             decoupled = bool(upstream_config.get("model_transaction_policy", {}).get("decoupled", False))
         except TensorgateError as exc:
-            if isinstance(exc, ModelUnavailableError) and not _restricted(exc.message):
+            if isinstance(exc, (ModelUnavailableError, DeadlineExceededError)) and not _restricted(exc.message):
                 raise  # the upstream model itself is not there (or not reachable): the load fails with why
             # Some deployments restrict ModelConfig (Triton's --grpc-restricted-protocol answers UNAVAILABLE); the
             # metadata alone still describes the tensors.
@@ -611,18 +615,42 @@ def _complete_sequence(config: mc.ModelConfig, upstream: UpstreamModel) -> None:
 def _check_same_sequence(config: mc.ModelConfig, upstream: mc.ModelSequenceBatching) -> None:
     """A sequence_batching in config.pbtxt may repeat what the upstream's says, field by field, but not say
     otherwise: tensorgate forwards the sequence parameters, and the upstream runs its own sequence batcher, so a
-    different control tensor, strategy or idle time here would be served to clients and not be what runs."""
-    for descriptor, value in config.sequence_batching.ListFields():
-        theirs = getattr(upstream, descriptor.name)
-        same = list(value) == list(theirs) if descriptor.is_repeated else value == theirs
-        if not same:
-            raise ModelLoadError(
-                config.name,
-                REMOTE_VERSION,
-                f"config.pbtxt's sequence_batching sets {descriptor.name} other than the upstream model's sequence "
-                "batcher, which is the one that runs: leave sequence_batching out of config.pbtxt to serve the "
-                "upstream's",
-            )
+    different control tensor, strategy or idle time here would be served to clients and not be what runs. Only
+    the fields config.pbtxt sets are compared: Triton fills in defaults (an `oldest` strategy's
+    preferred_batch_size, the idle time) that a copy of its config.pbtxt does not repeat."""
+    field = _first_difference(config.sequence_batching, upstream)
+    if field is not None:
+        raise ModelLoadError(
+            config.name,
+            REMOTE_VERSION,
+            f"config.pbtxt's sequence_batching sets {field} other than the upstream model's sequence batcher, "
+            "which is the one that runs: leave sequence_batching out of config.pbtxt to serve the upstream's",
+        )
+
+
+def _first_difference(local: Message, theirs: Message, path: str = "") -> str | None:
+    """The first field set in `local` that `theirs` does not have the same, as a dotted path; None when every
+    one matches. Messages compare by the fields `local` sets (one it leaves out claims nothing), so a strategy
+    `local` names must be the one `theirs` has; lists compare item by item, and must be as long."""
+    for descriptor, value in local.ListFields():
+        name: str = path + descriptor.name
+        other = getattr(theirs, descriptor.name)
+        composite = descriptor.message_type is not None
+        if descriptor.is_repeated:
+            if len(value) != len(other):
+                return name
+            for a, b in zip(value, other, strict=True):
+                if (_first_difference(a, b, name + ".") is not None) if composite else a != b:
+                    return name
+        elif composite:
+            if not theirs.HasField(descriptor.name):
+                return name
+            found = _first_difference(value, other, name + ".")
+            if found is not None:
+                return found
+        elif value != other:
+            return name
+    return None
 
 
 def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
-from tensorgate.protos.tensors import from_numpy
+from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
 from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
 from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref
 from tensorgate.server.pipeline.cache import ResponseCache
@@ -201,11 +201,12 @@ class InferenceHandler:
         try:
             context = None if span is None else Tracing.context_of(span)
             async for response in backend.stream(message, req.deadline, context):
-                now = time.perf_counter_ns()
-                stats.record_response(index, now - last, empty=not response.outputs)
-                index, last = index + 1, now
+                arrived = time.perf_counter_ns()
                 response.model_name, response.model_version = model.name, version
                 yield response
+                # Counted once the caller took it (a response too large to send fails at its own index).
+                stats.record_response(index, arrived - last, empty=_empty_final(response))
+                index, last = index + 1, arrived
         except BaseException as exc:
             now = time.perf_counter_ns()
             stats.record_response_failure(index, now - last, cancelled=isinstance(exc, asyncio.CancelledError))
@@ -421,3 +422,9 @@ class InferenceHandler:
             sequencer = models[key].sequencer
             assert sequencer is not None
             sequencer.leave(place)
+
+
+def _empty_final(response: pb.ModelInferResponse) -> bool:
+    """The response that only marks its request's end (the final flag, no outputs), which Triton counts apart."""
+    params = response.parameters
+    return not response.outputs and FINAL_RESPONSE in params and params[FINAL_RESPONSE].bool_param

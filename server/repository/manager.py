@@ -861,7 +861,9 @@ class ModelRepository:
                         item.backend.close()
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
-                    entry.transient = bool(failed) and failed.keys() <= transient
+                    # `retry_remote` loads what the disk has: not for a load that came with its own config or files.
+                    own = config_override is not None or uploaded
+                    entry.transient = bool(failed) and failed.keys() <= transient and not own
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
                     entry.failed = {v: r for v, r in failed.items() if v not in entry.versions}

@@ -20,6 +20,7 @@ from opentelemetry.trace import StatusCode
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
+from tensorgate.protos.tensors import FINAL_RESPONSE
 from tensorgate.server import __version__
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "tensorgate"
-FINAL_RESPONSE = "triton_final_response"
-"""Set on every stream response, as Triton sets it: a model here answers each request once, so every response is
-its request's final one. Clients written for Triton read it to know a request is done."""
 # Only what is really implemented: perf_analyzer reads this list to decide what to call.
 EXTENSIONS = (
     "classification",
@@ -79,7 +77,7 @@ def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStre
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
-    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True  # nothing follows an error
     return response
 
 
@@ -295,6 +293,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             response = await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
             return _stream_error(request, exc)
+        # As Triton sets it: a model that is not decoupled answers once, so this is its request's last response.
         response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
         return response
 

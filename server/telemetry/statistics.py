@@ -159,21 +159,22 @@ class ModelStats:
         """Response `index` of a decoupled model's request came `ns` after the one before it. An empty one (the
         final flag alone) counts apart, as Triton counts it: it carries no outputs."""
         r = self._response(index)
+        r.compute_infer.add(ns)
         if empty:
             r.empty_response.add(ns)
             return
-        r.compute_infer.add(ns)
         r.compute_output.add(0)  # relayed as it came: no output tensors to extract
         r.success.add(ns)
 
     def record_response_failure(self, index: int, ns: int, *, cancelled: bool) -> None:
-        """A decoupled model's request ended before its response `index`: it failed `ns` after the response before
-        it, or its caller went away (a cancellation, which here holds nothing to clean up)."""
+        """A decoupled model's request ended `ns` after its response `index - 1` (after it came, for index 0)
+        without response `index`: it failed, or its caller went away (a cancellation)."""
         r = self._response(index)
         if cancelled:
-            r.cancel.add(0)
-        else:
-            r.fail.add(ns)
+            r.cancel.add(ns)
+            return
+        r.compute_infer.add(ns)
+        r.fail.add(ns)
 
     def _response(self, index: int) -> ResponseDurations:
         r = self.responses.get(index)
