@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from tensorgate.server.cli import main
 from tests.onnx_models import add_sub_model, paced_model
-from tests.scraping import metrics_url, scrape
+from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 from tests.test_client_cli import infer
@@ -309,7 +309,8 @@ def test_the_cli_prints_each_response_as_it_comes(front: ServerThread, tmp_path:
 def test_statistics_count_each_response_by_its_index(front: ServerThread, upstream: ScriptedUpstream) -> None:
     """ModelStatistics' response_stats, as Triton keeps them for a decoupled model: per response index, the
     successes with the wait since the response before (for index 0, since the request came: the time to the
-    first response), the empty final response apart, and a failed request at the index where it failed."""
+    first response), the empty final response apart, and a failed request at the index where it failed. /metrics
+    has the same waits as histograms (time to first token and between tokens, for a model streaming them)."""
     upstream.script.delay_s = 0.05
     stream = Stream(front.address)
     try:
@@ -331,6 +332,14 @@ def test_statistics_count_each_response_by_its_index(front: ServerThread, upstre
     assert all(r[k].compute_infer.ns >= 40_000_000 for k in "012")  # each 0.05 s after the one before it
     assert r["3"].empty_response.count == 1 and r["0"].empty_response.count == 0
     assert (r["0"].fail.count, r["1"].fail.count, r["0"].cancel.count) == (1, 0, 0)
+    samples = scrape(metrics_url(front))
+    labels = {"model": "gen_stats", "version": "1"}
+    assert value(samples, "tensorgate_first_response_seconds_count", **labels) == 1
+    assert value(samples, "tensorgate_first_response_seconds_sum", **labels) >= 0.04
+    assert value(samples, "tensorgate_response_gap_seconds_count", **labels) == 2
+    assert value(samples, "tensorgate_response_gap_seconds_sum", **labels) >= 0.08
+    plain = frozenset({"model": "add_sub", "version": "1"}.items())  # not decoupled: no such series
+    assert ("tensorgate_first_response_seconds_count", plain) not in samples
 
 
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:

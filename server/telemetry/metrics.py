@@ -113,6 +113,8 @@ class _ModelSnapshot:
     """Response cache hits and misses."""
     sequences: tuple[int, int] | None = None
     """A sequence model's active sequences and those of them waiting for a slot."""
+    responses: tuple[_HistogramCopy, _HistogramCopy] | None = None
+    """A decoupled model's waits for the first response and between responses."""
 
 
 @dataclass(slots=True)
@@ -193,6 +195,20 @@ COMPUTE_DURATION = FamilySpec(
     "histogram",
     _MV,
     "Successful requests: compute time (input, infer, output) of the execution they ran in (buckets 100 us to 10 s)",
+)
+FIRST_RESPONSE = FamilySpec(
+    "tensorgate_first_response_seconds",
+    "histogram",
+    _MV,
+    "Decoupled models: time from a request's arrival to its first response, which for a model streaming tokens "
+    "is the time to first token (buckets 100 us to 10 s)",
+)
+RESPONSE_GAP = FamilySpec(
+    "tensorgate_response_gap_seconds",
+    "histogram",
+    _MV,
+    "Decoupled models: time between one response of a request and the next, the time between tokens of a model "
+    "streaming them (buckets 100 us to 10 s)",
 )
 BATCH_SIZE = FamilySpec(
     "tensorgate_batch_size",
@@ -276,6 +292,8 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     REQUEST_DURATION,
     QUEUE_DURATION,
     COMPUTE_DURATION,
+    FIRST_RESPONSE,
+    RESPONSE_GAP,
     BATCH_SIZE,
     QUEUE_DEPTH,
     SEQUENCES_ACTIVE,
@@ -360,6 +378,7 @@ class _ServerCollector(Collector):
             requests.add_metric([model, version, code], n)
         yield requests
         histograms = [REQUEST_DURATION.family(), QUEUE_DURATION.family(), COMPUTE_DURATION.family()]
+        responses = [FIRST_RESPONSE.family(), RESPONSE_GAP.family()]
         batch = BATCH_SIZE.family()
         depth = QUEUE_DEPTH.family()
         active, backlog = SEQUENCES_ACTIVE.family(), SEQUENCE_BACKLOG.family()
@@ -369,6 +388,9 @@ class _ServerCollector(Collector):
             key = [m.model, m.version]
             if m.latency is not None:
                 for family, h in zip(histograms, m.latency, strict=True):
+                    family.add_metric(key, _buckets(_LATENCY_BOUNDS_S, h.counts), h.sum)
+            if m.responses is not None:
+                for family, h in zip(responses, m.responses, strict=True):
                     family.add_metric(key, _buckets(_LATENCY_BOUNDS_S, h.counts), h.sum)
             per_bucket = [0] * (len(BATCH_SIZE_BOUNDS) + 1)
             for size, n in m.batches.items():
@@ -385,6 +407,7 @@ class _ServerCollector(Collector):
                 lookups.add_metric([*key, "hit"], m.cache[0])
                 lookups.add_metric([*key, "miss"], m.cache[1])
         yield from histograms
+        yield from responses
         yield batch
         yield depth
         yield active
@@ -481,6 +504,9 @@ class Metrics:
                     ),
                     (m.stats.cache_hit.count, m.stats.cache_miss.count),
                     None if m.sequencer is None else (m.sequencer.active, m.sequencer.backlog),
+                    None
+                    if latency is None or not m.config.model_transaction_policy.decoupled
+                    else (_HistogramCopy.of(latency.first_response), _HistogramCopy.of(latency.response_gap)),
                 )
             )
         return Snapshot(

@@ -39,11 +39,15 @@ class Histogram:
 
 @dataclass(slots=True)
 class LatencyHistograms:
-    """Per model version, for successful requests: end to end in the pipeline, queue wait, and compute."""
+    """Per model version, for successful requests: end to end in the pipeline, queue wait, and compute; for a
+    decoupled model's responses, the wait for the first and between the rest (time to first token, and between
+    tokens, for a model streaming them)."""
 
     total: Histogram = field(default_factory=Histogram)
     queue: Histogram = field(default_factory=Histogram)
     compute: Histogram = field(default_factory=Histogram)
+    first_response: Histogram = field(default_factory=Histogram)
+    response_gap: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(slots=True)
@@ -165,6 +169,9 @@ class ModelStats:
             return
         r.compute_output.add(0)  # relayed as it came: no output tensors to extract
         r.success.add(ns)
+        latency = self.latency
+        if latency is not None:
+            (latency.response_gap if index else latency.first_response).observe(ns)
 
     def record_response_failure(self, index: int, ns: int, *, cancelled: bool) -> None:
         """A decoupled model's request ended `ns` after its response `index - 1` (after it came, for index 0)
