@@ -166,6 +166,12 @@ class ScriptedUpstream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop serving, cutting off the calls in progress (an upstream that goes away); once only."""
+        if self._loop.is_closed():
+            return
         if self._server is not None:
             self._run(self._server.stop(None))
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -396,6 +396,40 @@ def test_an_unload_past_its_grace_ends_the_request_with_why(upstream: ScriptedUp
     assert "the model was unloaded while it answered" in str(errors[0].message())
 
 
+def test_an_upstream_that_goes_away_mid_request_fails_it_and_the_stream_goes_on(tmp_path: Path) -> None:
+    """The upstream stops two responses into twenty: the request ends with an error naming the model (not a hang
+    to its deadline), the caller's stream answers its next request, and the model reports not ready."""
+    root = tmp_path / "models"
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    interval = 'parameters { key: "tensorgate.triton.health_interval_s" value { string_value: "0.2" } }'
+    with ScriptedUpstream() as up:
+        up.script.decoupled, up.script.delay_s = True, 0.2
+        _remote(root, "gen", up.url, interval)
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            stream = Stream(s.address)
+            try:
+                stream.client.async_stream_infer("gen", _x(20.0), request_id="long")
+                stream.take(2)
+                up.stop()
+                answers = [stream.answers.get(timeout=30)]
+                while answers[-1][1] is None and len(answers) < 20:
+                    answers.append(stream.answers.get(timeout=30))
+                x = tc.InferInput("INPUT0", [1, 2], "FP32")
+                x.set_data_from_numpy(np.ones((1, 2), np.float32))
+                y = tc.InferInput("INPUT1", [1, 2], "FP32")
+                y.set_data_from_numpy(np.ones((1, 2), np.float32))
+                stream.client.async_stream_infer("add_sub", [x, y], request_id="next")
+                [(result, error)] = stream.take(1)
+            finally:
+                stream.close()
+            wait_for("the model to be reported not ready", lambda: not client.is_model_ready("gen"), 10)
+    error = answers[-1][1]
+    assert error is not None, "the request went on after its upstream stopped"
+    assert "model 'gen' version 1" in str(error.message()) and "upstream" in str(error.message()), error.message()
+    assert result is not None, error
+    assert result.get_response().id == "next" and result.as_numpy("OUTPUT0").tolist() == [[2.0, 2.0]]
+
+
 def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """Each with its reason, the rest of the repository serving: a config that says decoupled for an upstream
     model that is not, or not decoupled for one that is; a response cache for a decoupled model; a local ONNX
