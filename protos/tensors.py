@@ -49,9 +49,9 @@ __all__ = [
 ]
 
 ParamValue = bool | int | str | float
+"""What an ``InferParameter`` holds, as a plain Python value."""
 FINAL_RESPONSE = "triton_final_response"
 """The response parameter that marks a request's last response on ModelStreamInfer, as Triton sets it."""
-"""What an ``InferParameter`` holds, as a plain Python value."""
 
 _LEN = struct.Struct("<I")
 

@@ -445,17 +445,20 @@ def test_an_upstream_that_restricts_model_config_serves_without_batching(tmp_pat
 def test_only_loads_that_failed_on_the_upstream_are_retried(tmp_path: Path) -> None:
     """A remote model whose upstream could not serve it yet (here: would not describe the model) loads once the
     upstream answers, unasked. One whose config.pbtxt contradicts the upstream, or whose upstream refused its
-    credentials, is not loaded again and again for the same refusal (the upstream sees no more of its loads)."""
+    credentials or its restricted protocol's header, is not loaded again and again for the same refusal (the
+    upstream sees no more of its loads)."""
     root = tmp_path / "models"
-    with ScriptedUpstream() as up, ScriptedUpstream() as guarded:
+    named = 'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }'
+    with ScriptedUpstream() as up, ScriptedUpstream() as guarded, ScriptedUpstream() as restricted:
         up.script.config_error = (grpc.StatusCode.UNAVAILABLE, "the model is not ready")
         guarded.script.metadata_error = (grpc.StatusCode.UNAUTHENTICATED, "no valid access token")
-        write_remote(
-            root,
-            "refused",
-            guarded.url,
-            'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }',
+        # Triton's refusal of a restricted protocol without its header: UNAVAILABLE, and no less final for it.
+        restricted.script.metadata_error = (
+            grpc.StatusCode.UNAVAILABLE,
+            "This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'",
         )
+        write_remote(root, "refused", guarded.url, named)
+        write_remote(root, "restricted", restricted.url, named)
         _scripted_front(root, up.url)
         write_remote(
             root,
@@ -471,9 +474,11 @@ def test_only_loads_that_failed_on_the_upstream_are_retried(tmp_path: Path) -> N
             with tc.InferenceServerClient(s.address) as client:
                 wait_for("the server's retries to load the model", lambda: client.is_model_ready("front"), 30)
                 loads, refusals = up.script.described, guarded.script.described
+                restrictions = restricted.script.described
                 assert s.run(s.app.repository.retry_remote()) == []
                 assert up.script.described == loads  # "contradicts" was not tried again
                 assert guarded.script.described == refusals  # nor "refused"
+                assert restricted.script.described == restrictions  # nor "restricted"
                 [row] = [m for m in client.get_model_repository_index().models if m.name == "contradicts"]
                 assert "the upstream model is not a sequence model" in row.reason
 

@@ -6,7 +6,7 @@ never on the event loop. Backends are built by the repository from a model's eff
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -85,7 +85,7 @@ class StreamsResponses(Protocol):
 
     def stream(
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
-    ) -> AsyncIterator[pb.ModelInferResponse]:
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """Called on the server's event loop; ends when the request is complete."""
         ...
 

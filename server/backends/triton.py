@@ -46,7 +46,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -273,6 +273,7 @@ class TritonBackend:
         self._stream_channel: grpc.aio.Channel | None = None
         """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
         self._stream_loop: asyncio.AbstractEventLoop | None = None
+        self._stream_infer: Any = None
         try:
             self._clients = self._run(self._connect(), 10.0)
             self._next = itertools.cycle(self._clients)
@@ -286,8 +287,10 @@ class TritonBackend:
             if _CLOSED_BY_PEER in reason:
                 reason += self.settings.closed_hint()
             # An upstream that cannot be reached, or does not serve the model yet, may by the next try; one
-            # that refused the call (a bad token or model_version here) will refuse it again.
+            # that refused the call (a bad token or model_version here, or a restricted protocol's header, which
+            # Triton refuses as UNAVAILABLE) will refuse it again.
             transient = isinstance(exc, (ModelUnavailableError, DeadlineExceededError, ResourceExhaustedError))
+            transient = transient and not _restricted(reason)
             raise ModelLoadError(self._model, version, reason, transient=transient) from exc
         except BaseException:
             self.close()
@@ -365,7 +368,7 @@ class TritonBackend:
 
     async def stream(
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
-    ) -> AsyncIterator[pb.ModelInferResponse]:
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """A decoupled model's request, as the caller sent it but for the model's name upstream: sent on a
         ModelStreamInfer stream of its own, each response yielded as it arrives. The upstream ends the stream once
         the request is complete (it waits for the model's final flag), so the end needs no final response.
@@ -389,9 +392,7 @@ class TritonBackend:
         upstream.CopyFrom(request)
         upstream.model_name, upstream.model_version = s.model_name, s.model_version
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
-        call = GRPCInferenceServiceStub(self._stream_channel_here()).ModelStreamInfer(
-            iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None
-        )
+        call = self._stream_method()(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
         try:
             with self._errors(timeout):
@@ -422,12 +423,14 @@ class TritonBackend:
         finally:
             call.cancel()  # the caller went away, or an error: the upstream call ends (nothing if it has)
 
-    def _stream_channel_here(self) -> grpc.aio.Channel:
-        """The channel for decoupled streams, on the running loop (the server's): made on first use."""
-        if self._stream_channel is None:
+    def _stream_method(self) -> Any:
+        """ModelStreamInfer on the channel for decoupled streams, on the running loop (the server's): both made on
+        first use (a stub per request would build every method's callable each time)."""
+        if self._stream_infer is None:
             self._stream_channel = self._channel()
             self._stream_loop = asyncio.get_running_loop()
-        return self._stream_channel
+            self._stream_infer = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer
+        return self._stream_infer
 
     def close(self) -> None:
         """Stop the readiness probe, close the connections, stop the loop thread."""
@@ -470,7 +473,7 @@ class TritonBackend:
 
     def _channel(self) -> grpc.aio.Channel:
         """A channel of our own for streams (tritonclient's streams cannot carry every parameter a caller sends),
-        with the clients' settings, on the loop that calls this (`_stream_channel_here`)."""
+        with the clients' settings, on the loop that calls this (`_stream_method`)."""
         creds = self.settings.credentials()
         options = self._options() + [("tensorgate.connection", "streams")]
         if creds is None:

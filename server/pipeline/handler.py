@@ -6,6 +6,7 @@ The servicer calls this with decoded requests; tests and future transports can t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import uuid
@@ -200,13 +201,15 @@ class InferenceHandler:
         scheduler.hold()
         try:
             context = None if span is None else Tracing.context_of(span)
-            async for response in backend.stream(message, req.deadline, context):
-                arrived = time.perf_counter_ns()
-                response.model_name, response.model_version = model.name, version
-                yield response
-                # Counted once the caller took it (a response too large to send fails at its own index).
-                stats.record_response(index, arrived - last, empty=_empty_final(response))
-                index, last = index + 1, arrived
+            # Closed at once if the caller stops taking responses: its upstream call ends then, not at collection.
+            async with contextlib.aclosing(backend.stream(message, req.deadline, context)) as responses:
+                async for response in responses:
+                    arrived = time.perf_counter_ns()
+                    response.model_name, response.model_version = model.name, version
+                    yield response
+                    # Counted once the caller took it (a response too large to send fails at its own index).
+                    stats.record_response(index, arrived - last, empty=_empty_final(response))
+                    index, last = index + 1, arrived
         except BaseException as exc:
             now = time.perf_counter_ns()
             stats.record_response_failure(index, now - last, cancelled=isinstance(exc, asyncio.CancelledError))
