@@ -29,9 +29,9 @@ from . import model_config_pb2 as mc
 
 __all__ = [
     "BY_CONFIG_TYPE",
-    "FINAL_RESPONSE",
     "BY_NAME",
     "DataType",
+    "FINAL_RESPONSE",
     "ParamValue",
     "TensorFormatError",
     "TensorLimitError",

@@ -289,8 +289,9 @@ class TritonBackend:
             # An upstream that cannot be reached, or does not serve the model yet, may by the next try; one
             # that refused the call (a bad token or model_version here, or a restricted protocol's header, which
             # Triton refuses as UNAVAILABLE) will refuse it again.
-            transient = isinstance(exc, (ModelUnavailableError, DeadlineExceededError, ResourceExhaustedError))
-            transient = transient and not _restricted(reason)
+            transient = not _restricted(reason) and isinstance(
+                exc, (ModelUnavailableError, DeadlineExceededError, ResourceExhaustedError)
+            )
             raise ModelLoadError(self._model, version, reason, transient=transient) from exc
         except BaseException:
             self.close()
