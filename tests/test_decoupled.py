@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from tensorgate.server.backends.triton import TritonBackend
 from tensorgate.server.cli import main
 from tests.onnx_models import add_sub_model, paced_model
 from tests.scraping import metrics_url, scrape, value
@@ -394,6 +395,38 @@ def test_an_unload_past_its_grace_ends_the_request_with_why(upstream: ScriptedUp
     assert errors, "the request ran on past its model's unload"
     assert "model 'gen' version 1" in str(errors[0].message())
     assert "the model was unloaded while it answered" in str(errors[0].message())
+
+
+def test_an_unload_closes_the_backend_off_the_event_loop(
+    upstream: ScriptedUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote backend's close joins its thread and closes its connections, seconds when the upstream is slow to
+    let go. Here it is held up on purpose (the real close runs after): the server keeps answering meanwhile, since
+    the close runs on a thread of its own and not on the loop that serves every model."""
+    root = tmp_path / "models"
+    _remote(root, "gen", upstream.url)
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    closing, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+    close = TritonBackend.close
+
+    def held_close(self: TritonBackend) -> None:
+        threads.append(threading.current_thread().name)
+        closing.set()
+        release.wait(30)
+        close(self)
+
+    monkeypatch.setattr(TritonBackend, "close", held_close)
+    with ServerThread(root, model_control_mode="explicit", load_model=["gen", "add_sub"]) as s:
+        try:
+            with tc.InferenceServerClient(s.address) as c:
+                c.unload_model("gen")
+                assert closing.wait(30)
+                assert c.is_model_ready("add_sub", client_timeout=10)  # a blocked loop would not answer
+                assert not c.is_model_ready("gen", client_timeout=10)
+        finally:
+            release.set()
+    assert threads and "tensorgate-test-server" not in threads
 
 
 def test_an_upstream_that_goes_away_mid_request_fails_it_and_the_stream_goes_on(tmp_path: Path) -> None:

@@ -274,6 +274,9 @@ class TritonBackend:
         """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
         self._stream_loop: asyncio.AbstractEventLoop | None = None
         self._stream_infer: Any = None
+        self._closing = threading.Lock()
+        """`close` runs on a thread of its own (the repository's `_retire`) while `stream` makes the channel on the
+        server's loop: one of them sees the other's work, so a channel made as the model closes is closed too."""
         try:
             self._clients = self._run(self._connect(), 10.0)
             self._next = itertools.cycle(self._clients)
@@ -387,13 +390,12 @@ class TritonBackend:
             timeout = deadline - time.monotonic() - s.deadline_margin_s
             if timeout <= 0:
                 raise DeadlineExceededError(f"{ref}: the call's deadline passed")
-        if self._closed:
-            raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+        method = self._stream_method()
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
         upstream.model_name, upstream.model_version = s.model_name, s.model_version
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
-        call = self._stream_method()(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
+        call = method(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
         try:
             with self._errors(timeout):
@@ -427,17 +429,23 @@ class TritonBackend:
     def _stream_method(self) -> Any:
         """ModelStreamInfer on the channel for decoupled streams, on the running loop (the server's): both made on
         first use (a stub per request would build every method's callable each time)."""
-        if self._stream_infer is None:
-            self._stream_channel = self._channel()
-            self._stream_loop = asyncio.get_running_loop()
-            self._stream_infer = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer
-        return self._stream_infer
+        with self._closing:
+            if self._closed:
+                raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+            if self._stream_infer is None:
+                self._stream_channel = self._channel()
+                self._stream_loop = asyncio.get_running_loop()
+                self._stream_infer = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer
+            return self._stream_infer
 
     def close(self) -> None:
-        """Stop the readiness probe, close the connections, stop the loop thread."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the readiness probe, close the connections, stop the loop thread. Blocks for up to seconds: the
+        repository calls it on a thread of its own."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            channel, loop = self._stream_channel, self._stream_loop
         if self._probe is not None:
             self._probe.cancel()
         clients = getattr(self, "_clients", [])
@@ -450,7 +458,6 @@ class TritonBackend:
             self._loop.close()
         # Streams still open (an unload whose grace ran out) end with their channel, closed on its own loop; their
         # callers hear that the model was unloaded (`stream`).
-        channel, loop = self._stream_channel, self._stream_loop
         if channel is not None and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile, and the channel's calls with it
                 loop.call_soon_threadsafe(_close_later, channel)

@@ -858,7 +858,7 @@ class ModelRepository:
                 reason = "; ".join(failed.values())
                 for item in ready.values():
                     if isinstance(item, _Prepared):
-                        item.backend.close()
+                        await asyncio.to_thread(item.backend.close)  # as in `_retire`: off the loop
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
                     # `retry_remote` loads what the disk has: not for a load that came with its own config or files.
@@ -921,7 +921,9 @@ class ModelRepository:
                 await model.scheduler.close(self._grace)
             if model.sequencer is not None:
                 model.sequencer.close()
-            model.backend.close()
+            # Off the loop: a remote backend's close joins its thread and closes its connections (seconds when the
+            # upstream is slow to let go), and the loop serves every other model and relay meanwhile.
+            await asyncio.to_thread(model.backend.close)
             self.changes += 1
 
         task = asyncio.get_running_loop().create_task(close())
