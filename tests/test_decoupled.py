@@ -343,6 +343,45 @@ def test_statistics_count_each_response_by_its_index(front: ServerThread, upstre
     assert ("tensorgate_first_response_seconds_count", plain) not in samples
 
 
+def test_max_streams_refuses_a_request_past_the_limit(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """With `tensorgate.triton.max_streams` 1, a second request while one is being relayed is refused at once with
+    RESOURCE_EXHAUSTED naming the model and the parameter (counted as such in /metrics and as a failure in
+    ModelStatistics); the first goes on to its end, and a request after it is relayed again."""
+    root = tmp_path / "models"
+    _remote(
+        root, "gen", upstream.url, 'parameters { key: "tensorgate.triton.max_streams" value { string_value: "1" } }'
+    )
+    upstream.script.delay_s = 0.3
+    try:
+        with ServerThread(root) as s:
+            stream = Stream(s.address)
+            try:
+                stream.client.async_stream_infer("gen", _x(4.0), request_id="first")
+                first = stream.take(1)
+                stream.client.async_stream_infer("gen", _x(1.0), request_id="over")
+                refused = stream.take(1)
+                first += stream.take(3)
+                stream.client.async_stream_infer("gen", _x(1.0), request_id="after")
+                after = stream.take(1)
+            finally:
+                stream.close()
+            samples = scrape(metrics_url(s))
+            with tc.InferenceServerClient(s.address) as c:
+                [stats] = c.get_inference_statistics("gen").model_stats
+    finally:
+        upstream.script.delay_s = 0.0
+    assert [error for _, error in first] == [None] * 4
+    assert [_outputs(result)[1] for result, _ in first] == [[v, v] for v in (4.0, 8.0, 12.0, 16.0)]
+    [(_, error)] = refused
+    assert error is not None
+    assert "model 'gen' version 1" in str(error.message()) and "tensorgate.triton.max_streams" in str(error.message())
+    assert after[0][1] is None and _outputs(after[0][0])[:2] == ("after", [1.0, 1.0])
+    labels = {"model": "gen", "version": "1"}
+    assert value(samples, "tensorgate_inference_requests_total", code="RESOURCE_EXHAUSTED", **labels) == 1
+    assert value(samples, "tensorgate_inference_requests_total", code="OK", **labels) == 2
+    assert stats.inference_stats.fail.count == 1 and stats.inference_stats.success.count == 2
+
+
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """A request two responses into five when its model is unloaded still gets the other three."""
     root = tmp_path / "models"
@@ -467,7 +506,7 @@ def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: Sc
     """Each with its reason, the rest of the repository serving: a config that says decoupled for an upstream
     model that is not, or not decoupled for one that is; a response cache for a decoupled model; a local ONNX
     model that says decoupled (it answers once); an ensemble with a decoupled step; an upstream model that is both
-    decoupled and a sequence model."""
+    decoupled and a sequence model; a relay limit on a model that is not decoupled."""
     root = tmp_path / "models"
     with ScriptedUpstream() as plain, ScriptedUpstream() as stateful:
         stateful.script.decoupled = stateful.script.sequence = True
@@ -475,6 +514,9 @@ def test_configs_that_cannot_be_served_as_decoupled_fail_their_load(upstream: Sc
         _remote(root, "denies", upstream.url, "model_transaction_policy { decoupled: false }")
         _remote(root, "cached", upstream.url, "response_cache { enable: true }")
         _remote(root, "stateful", stateful.url)
+        _remote(
+            root, "capped", plain.url, 'parameters { key: "tensorgate.triton.max_streams" value { string_value: "4" } }'
+        )
         _remote(root, "gen", upstream.url)
         add_sub_model(root / "local" / "1" / "model.onnx", shape=("batch", 2))
         (root / "local" / "config.pbtxt").write_text("model_transaction_policy { decoupled: true }\n")
@@ -496,6 +538,7 @@ ensemble_scheduling { step [
         "denies": "config.pbtxt says the model is not decoupled, but the upstream model is",
         "cached": "the model is decoupled: its answer is a stream of responses, which the response cache does not",
         "stateful": "the upstream model is decoupled and a sequence model: tensorgate does not relay",
+        "capped": "parameter 'tensorgate.triton.max_streams' bounds a decoupled model's relayed requests, and this",
         "local": 'a decoupled model is served for backend "tensorgate_triton" only',
         "steps": "model 'gen' is decoupled (it answers over ModelStreamInfer only)",
     }

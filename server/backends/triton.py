@@ -22,6 +22,8 @@ upstream version it maps to. Parameters (all optional but the url; values are st
     tensorgate.triton.connections         gRPC connections to the upstream, used in turn (default 1)
     tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
     tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token)
+    tensorgate.triton.max_streams         a decoupled model's requests relayed at once; one more is refused with
+                                          RESOURCE_EXHAUSTED (default 0: no limit)
 
 An upstream sequence model's `sequence_batching` is served as it is, and each request goes upstream on its own
 with its sequence parameters (BatchContext.sequence), in its sequence's order (server/scheduling/remote_sequences.py).
@@ -130,6 +132,7 @@ class TritonSettings:
     deadline_margin_s: float = 0.005
     connections: int = 1
     health_interval_s: float = 2.0
+    max_streams: int = 0
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -150,6 +153,7 @@ class TritonSettings:
             "deadline_margin_ms",
             "connections",
             "health_interval_s",
+            "max_streams",
         }
         headers: dict[str, str] = {}
         for key, value in params.items():
@@ -205,6 +209,7 @@ class TritonSettings:
             deadline_margin_s=number("deadline_margin_ms", 5.0, 0.0, 10_000.0) / 1000,
             connections=int(number("connections", 1, 1, 64)),
             health_interval_s=number("health_interval_s", 2.0, 0.05, 3600.0),
+            max_streams=int(number("max_streams", 0, 0, 1_000_000)),
             headers=headers,
         )
 
@@ -274,6 +279,8 @@ class TritonBackend:
         """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
         self._stream_loop: asyncio.AbstractEventLoop | None = None
         self._stream_infer: Any = None
+        self._streams = 0
+        """Requests being relayed (`stream`, on the server's loop), for `max_streams`."""
         self._closing = threading.Lock()
         """`close` runs on a thread of its own (the repository's `_retire`) while `stream` makes the channel on the
         server's loop: one of them sees the other's work, so a channel made as the model closes is closed too."""
@@ -390,6 +397,13 @@ class TritonBackend:
             timeout = deadline - time.monotonic() - s.deadline_margin_s
             if timeout <= 0:
                 raise DeadlineExceededError(f"{ref}: the call's deadline passed")
+        if s.max_streams and self._streams >= s.max_streams:
+            # Refused rather than queued: each relayed request holds an upstream stream for as long as the
+            # upstream answers, so a queue here would grow without bound behind long generations.
+            raise ResourceExhaustedError(
+                f"{ref}: {self._streams} requests are being relayed, the most {PREFIX}max_streams allows; "
+                "retry once one has ended"
+            )
         method = self._stream_method()
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
@@ -397,6 +411,7 @@ class TritonBackend:
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
         call = method(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
+        self._streams += 1
         try:
             with self._errors(timeout):
                 while True:
@@ -424,6 +439,7 @@ class TritonBackend:
                     yield response.infer_response
             self._ready = True
         finally:
+            self._streams -= 1
             call.cancel()  # the caller went away, or an error: the upstream call ends (nothing if it has)
 
     def _stream_method(self) -> Any:
@@ -677,6 +693,14 @@ def _complete_decoupled(config: mc.ModelConfig, upstream: UpstreamModel) -> None
             )
         config.model_transaction_policy.decoupled = True
     if not config.model_transaction_policy.decoupled:
+        limit = config.parameters.get(PREFIX + "max_streams")
+        if limit is not None and limit.string_value.strip():
+            raise ModelLoadError(
+                config.name,
+                REMOTE_VERSION,
+                f"parameter '{PREFIX}max_streams' bounds a decoupled model's relayed requests, and this model is not "
+                "decoupled: bound its queue with dynamic_batching's default_queue_policy { max_queue_size }",
+            )
         return
     if upstream.config_known and not upstream.decoupled:
         raise ModelLoadError(
