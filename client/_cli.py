@@ -4,7 +4,8 @@
 
 An input is NAME=FILE.npy (sent with the array's dtype), NAME=FILE.json or NAME=JSON (a nested list, cast to the
 datatype the model's metadata declares for that input). Outputs print as one JSON object, or go to NAME.npy files
-with --npy-out DIR. A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
+with --npy-out DIR. .npy has no bfloat16: a float file for a BF16 input is rounded to it, and BF16 outputs are
+written as float32 (exactly). A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
 
 A decoupled model (any number of responses per request) is called over ModelStreamInfer, which is the only way it
 answers: each response prints as its own JSON line as it arrives (or goes to NAME.<i>.npy, i counting from 0), all
@@ -246,11 +247,15 @@ def run(args: argparse.Namespace) -> int:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             if isinstance(sequence_id, int) and _takes_string_ids(client, args.model, args.model_version):
                 sequence_id = args.sequence_id  # "007" for a model whose CORRID is a string stays "007"
-            if pending:
+            floats = [name for name, a in arrays.items() if a.dtype.kind == "f"]
+            if pending or floats:
                 meta = client.metadata(args.model, args.model_version)
                 declared = {t.name: t.datatype for t in meta.inputs}
                 for name, value in pending.items():
                     arrays[name] = _as_array(name, value, declared.get(name))
+                for name in floats:  # .npy has no bfloat16: a float file for a BF16 input is rounded to it
+                    if declared.get(name) == "BF16":
+                        arrays[name] = arrays[name].astype(tensors.BY_NAME["BF16"].np_dtype)
             request: dict[str, Any] = {
                 "model": args.model,
                 "inputs": arrays,
@@ -315,6 +320,8 @@ def _show(args: argparse.Namespace, result: InferResult, index: int | None = Non
         args.npy_out.mkdir(parents=True, exist_ok=True)
         for name, array in result.outputs.items():
             path = args.npy_out / (f"{name}.npy" if index is None else f"{name}.{index}.npy")
+            if array.dtype == tensors.BY_NAME["BF16"].np_dtype:
+                array = array.astype(np.float32)  # .npy has no bfloat16 (it reads back as bytes); float32 is exact
             np.save(path, array, allow_pickle=array.dtype == object)
             print(path, flush=True)
         return

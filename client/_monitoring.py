@@ -12,6 +12,7 @@ import numpy as np
 from tensorgate.client._common import version_str
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.protos.service import make_stub_class
+from tensorgate.protos.tensors import BY_NAME
 
 __all__ = ["FeedbackStatus", "ModelQuality", "MonitoringStub", "feedback", "quality_result", "window_request"]
 
@@ -27,7 +28,7 @@ def feedback(request_id: str, label: Label) -> mpb.Feedback:
     array = np.asarray(label).reshape(-1)
     if array.size == 0:
         raise TypeError(f"feedback for request '{request_id}': the label is empty")
-    if array.dtype.kind in "biuf":
+    if array.dtype.kind in "biuf" or array.dtype == BY_NAME["BF16"].np_dtype:
         return mpb.Feedback(request_id=request_id, values=array.astype(np.float64).tolist())
     if array.dtype.kind in "US" or array.dtype == object:
         texts = [v.decode() if isinstance(v, bytes) else v for v in array.tolist()]

@@ -22,7 +22,9 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from . import grpc_service_pb2 as pb
 from . import model_config_pb2 as mc
@@ -79,7 +81,7 @@ class DataType:
         return 0 if self.name == "BYTES" else self.np_dtype.itemsize
 
 
-def _dt(name: str, config_type: int, dtype: str, contents_field: str | None) -> DataType:
+def _dt(name: str, config_type: int, dtype: npt.DTypeLike, contents_field: str | None) -> DataType:
     return DataType(name, config_type, np.dtype(dtype), contents_field)
 
 
@@ -97,6 +99,8 @@ _ALL = (
     _dt("FP16", mc.TYPE_FP16, "<f2", None),
     _dt("FP32", mc.TYPE_FP32, "<f4", "fp32_contents"),
     _dt("FP64", mc.TYPE_FP64, "<f8", "fp64_contents"),
+    # BF16 as tritonclient (r26.06 on) and JAX hold it: ml_dtypes.bfloat16, two bytes per element; raw bytes only.
+    _dt("BF16", mc.TYPE_BF16, ml_dtypes.bfloat16, None),
     _dt("BYTES", mc.TYPE_STRING, "O", "bytes_contents"),
 )
 

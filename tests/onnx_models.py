@@ -26,6 +26,7 @@ ONNX_ELEM = {
     "FP32": TensorProto.FLOAT,
     "FP64": TensorProto.DOUBLE,
     "BYTES": TensorProto.STRING,
+    "BF16": TensorProto.BFLOAT16,
 }
 
 Dim = int | str | None
@@ -242,7 +243,7 @@ def rows_seen_model(path: Path, width: int = 4) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
 
 
-def cast_model(path: Path, to: int, width: int = 4) -> Path:
+def cast_model(path: Path, to: int, width: int = 4, opset: int = OPSET) -> Path:
     """FP32 INPUT0 -> Cast(to) -> OUTPUT0: a model whose output has the given ONNX element type."""
     graph = helper.make_graph(
         [helper.make_node("Cast", ["INPUT0"], ["OUTPUT0"], to=to)],
@@ -250,7 +251,55 @@ def cast_model(path: Path, to: int, width: int = 4) -> Path:
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("OUTPUT0", to, ["batch", width])],
     )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+def bf16_model(path: Path, width: int = 2) -> Path:
+    """BF16 X -> FP32 Y = 2X + 1 (computed in float32) and BF16 Z = Y rounded to bfloat16: a model with BF16
+    tensors on both sides and an FP32 output beside them."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["X"], ["XF"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["XF", "two"], ["X2"]),
+            helper.make_node("Add", ["X2", "one"], ["Y"]),
+            helper.make_node("Cast", ["Y"], ["Z"], to=TensorProto.BFLOAT16),
+        ],
+        "bf16",
+        [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, ["batch", width])],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("Z", TensorProto.BFLOAT16, ["batch", width]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        ],
+    )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+FLOAT_SUFFIX = "__fp32"
+
+
+def with_float_io(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with its BF16 inputs taken, and outputs given, as FP32 under the name + FLOAT_SUFFIX (both
+    casts exact): in-process ONNX Runtime, whose Python API has no bfloat16, computes references with it."""
+    g = model.graph
+
+    def is_bf16(vi: onnx.ValueInfoProto) -> bool:
+        return bool(vi.type.tensor_type.elem_type == TensorProto.BFLOAT16)
+
+    def twin(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+        dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+        return helper.make_tensor_value_info(vi.name + FLOAT_SUFFIX, TensorProto.FLOAT, dims)
+
+    inputs = [twin(vi) if is_bf16(vi) else vi for vi in g.input]
+    outputs = [twin(vi) if is_bf16(vi) else vi for vi in g.output]
+    cast = helper.make_node
+    before = [cast("Cast", [v.name + FLOAT_SUFFIX], [v.name], to=TensorProto.BFLOAT16) for v in g.input if is_bf16(v)]
+    after = [cast("Cast", [v.name], [v.name + FLOAT_SUFFIX], to=TensorProto.FLOAT) for v in g.output if is_bf16(v)]
+    graph = helper.make_graph([*before, *g.node, *after], g.name, inputs, outputs, initializer=list(g.initializer))
+    return helper.make_model(graph, opset_imports=list(model.opset_import))
 
 
 def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64") -> Path:

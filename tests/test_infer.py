@@ -15,7 +15,9 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
@@ -34,7 +36,15 @@ from tritonclient.utils import (
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, scale_model, write_config
+from tests.onnx_models import (
+    ADD_SUB_CONFIG,
+    FLOAT_SUFFIX,
+    add_sub_model,
+    identity_model,
+    scale_model,
+    with_float_io,
+    write_config,
+)
 from tests.serving import ServerThread
 
 DATATYPES = [
@@ -51,8 +61,9 @@ DATATYPES = [
     "FP32",
     "FP64",
     "BYTES",
+    "BF16",
 ]
-# The typed `contents` field of each V2 datatype (FP16 has none in the protocol).
+# The typed `contents` field of each V2 datatype (FP16 and BF16 have none in the protocol).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -127,6 +138,11 @@ def sample(dt: str, shape: tuple[int, ...] = (2, 4), seed: int = 0) -> np.ndarra
         pool = ["", "tensorgate", "naïve café", "日本語", "🙂 emoji", "a\x00b", "x" * 300, " "]
         return np.array([pool[i % len(pool)].encode("utf-8") for i in range(count)], dtype=object).reshape(shape)
     np_dtype = np.dtype(triton_to_np_dtype(dt))
+    if dt == "BF16":  # ml_dtypes.bfloat16 (tritonclient's type for it), not a numpy float kind
+        special = np.array([np.nan, np.inf, -np.inf, -0.0, ml_dtypes.finfo(np_dtype).max], dtype=np_dtype)
+        values = rng.standard_normal(count).astype(np_dtype)
+        values[: min(count, len(special))] = special[: min(count, len(special))]
+        return values.reshape(shape)
     if dt == "BOOL":
         return rng.integers(0, 2, count).astype(bool).reshape(shape)
     if np_dtype.kind == "f":
@@ -140,18 +156,41 @@ def sample(dt: str, shape: tuple[int, ...] = (2, 4), seed: int = 0) -> np.ndarra
     return values.reshape(shape)
 
 
+def assert_array_equal(actual: np.ndarray, desired: np.ndarray) -> None:
+    """numpy's, which reads no NaN in a bfloat16 array: BF16 is compared as the FP32 it converts to exactly."""
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert (np.asarray(actual).dtype == bf16) == (np.asarray(desired).dtype == bf16)
+    if np.asarray(actual).dtype == bf16:
+        actual, desired = np.asarray(actual).astype(np.float32), np.asarray(desired).astype(np.float32)
+    np.testing.assert_array_equal(actual, desired)
+
+
 def ort_reference(repo: Path, model: str, feed: dict[str, np.ndarray], version: int = 1) -> dict[str, np.ndarray]:
-    """What ONNX Runtime computes in-process for the same model file; strings come back as UTF-8 bytes."""
-    session = ort.InferenceSession(str(repo / model / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
-    ort_feed = {
-        k: (np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(v) if v.dtype == object else v)
-        for k, v in feed.items()
-    }
+    """What ONNX Runtime computes in-process for the same model file; strings come back as UTF-8 bytes. BF16
+    tensors go in and come out as FP32 around the same graph (`with_float_io`; exact both ways)."""
+    path = repo / model / str(version) / "model.onnx"
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    source = (
+        with_float_io(onnx.load(str(path))).SerializeToString()
+        if bf16 in {v.dtype for v in feed.values()}
+        else str(path)
+    )
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    ort_feed = {}
+    for k, v in feed.items():
+        if v.dtype == object:
+            ort_feed[k] = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(v)
+        elif v.dtype == bf16:
+            ort_feed[k + FLOAT_SUFFIX] = v.astype(np.float32)
+        else:
+            ort_feed[k] = v
     names = [o.name for o in session.get_outputs()]
     out: dict[str, np.ndarray] = {}
     for name, value in zip(names, session.run(names, ort_feed), strict=True):
         if value.dtype == object:
             value = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(value)
+        if name.endswith(FLOAT_SUFFIX):
+            name, value = name.removesuffix(FLOAT_SUFFIX), value.astype(bf16)
         out[name] = value
     return out
 
@@ -214,8 +253,8 @@ def test_identity_tritonclient_sync(client: tc.InferenceServerClient, repo: Path
     out = result.as_numpy("OUTPUT0")
     assert result.get_output("OUTPUT0").datatype == dt
     expected = ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"]
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(out, data)
+    assert_array_equal(out, expected)
+    assert_array_equal(out, data)
 
 
 @pytest.mark.parametrize("dt", [pytest.param(dt, id=dt) for dt in DATATYPES])
@@ -224,7 +263,7 @@ async def test_identity_tritonclient_aio(server: ServerThread, repo: Path, dt: s
     async with tca.InferenceServerClient(server.address) as client:
         result = await client.infer(_identity(dt), triton_inputs({"INPUT0": data}))
     out = result.as_numpy("OUTPUT0")
-    np.testing.assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
+    assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
 
 
 def _stream(
@@ -269,7 +308,7 @@ def test_identity_tritonclient_stream(server: ServerThread, repo: Path, dt: str)
         result = got[f"r{i}"]
         assert isinstance(result, tc.InferResult)
         expected = ort_reference(repo, _identity(dt), {"INPUT0": d})["OUTPUT0"]
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected)
+        assert_array_equal(result.as_numpy("OUTPUT0"), expected)
 
 
 @pytest.mark.parametrize("dt", [pytest.param(dt, id=dt) for dt in DATATYPES])
@@ -278,7 +317,7 @@ def test_identity_raw_stub(stub: GRPCInferenceServiceStub, repo: Path, dt: str) 
     resp = stub.ModelInfer(raw_request(_identity(dt), {"INPUT0": data}), timeout=10)
     assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [("OUTPUT0", dt, [2, 4])]
     out = decode_outputs(resp)["OUTPUT0"]
-    np.testing.assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
+    assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
 
 
 @pytest.mark.parametrize("dt", [pytest.param(dt, id=dt) for dt in CONTENTS_FIELD])
@@ -290,20 +329,21 @@ def test_identity_typed_contents(stub: GRPCInferenceServiceStub, repo: Path, dt:
     resp = stub.ModelInfer(req, timeout=10)
     assert len(resp.raw_output_contents) == 1  # outputs always travel raw
     out = decode_outputs(resp)["OUTPUT0"]
-    np.testing.assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
-    np.testing.assert_array_equal(out, data)
+    assert_array_equal(out, ort_reference(repo, _identity(dt), {"INPUT0": data})["OUTPUT0"])
+    assert_array_equal(out, data)
 
 
-def test_fp16_typed_contents_refused(stub: GRPCInferenceServiceStub) -> None:
-    req = pb.ModelInferRequest(model_name="identity_fp16")
-    tensor = req.inputs.add(name="INPUT0", datatype="FP16", shape=[1, 4])
+@pytest.mark.parametrize("dt", ["FP16", "BF16"])
+def test_typed_contents_refused_for_types_without_a_field(stub: GRPCInferenceServiceStub, dt: str) -> None:
+    req = pb.ModelInferRequest(model_name=_identity(dt))
+    tensor = req.inputs.add(name="INPUT0", datatype=dt, shape=[1, 4])
     tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(req, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = err.value.details()
-    assert "identity_fp16" in details and "INPUT0" in details
-    assert "FP16" in details and "raw_input_contents" in details
+    assert _identity(dt) in details and "INPUT0" in details
+    assert dt in details and "raw_input_contents" in details
 
 
 # ----- response fields -----------------------------------------------------------------------------------------
@@ -320,7 +360,7 @@ def test_response_fields(stub: GRPCInferenceServiceStub, repo: Path) -> None:
     assert len(resp.raw_output_contents) == 2
     expected = ort_reference(repo, "add_sub", arrays)
     for name, value in decode_outputs(resp).items():
-        np.testing.assert_array_equal(value, expected[name])
+        assert_array_equal(value, expected[name])
 
 
 def test_tritonclient_sees_id_and_version(client: tc.InferenceServerClient) -> None:
@@ -336,7 +376,7 @@ def test_only_requested_output(stub: GRPCInferenceServiceStub, client: tc.Infere
     resp = stub.ModelInfer(req, timeout=10)
     assert [o.name for o in resp.outputs] == ["OUTPUT1"]
     assert len(resp.raw_output_contents) == 1
-    np.testing.assert_array_equal(decode_outputs(resp)["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
+    assert_array_equal(decode_outputs(resp)["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
 
     result = client.infer("add_sub", triton_inputs(arrays), outputs=[tc.InferRequestedOutput("OUTPUT1")])
     assert [o.name for o in result.get_response().outputs] == ["OUTPUT1"]
@@ -351,8 +391,8 @@ def test_output_order_follows_request(stub: GRPCInferenceServiceStub) -> None:
     resp = stub.ModelInfer(req, timeout=10)
     assert [o.name for o in resp.outputs] == ["OUTPUT1", "OUTPUT0"]
     out = decode_outputs(resp)
-    np.testing.assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
-    np.testing.assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
+    assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
+    assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
 
 
 # ----- request parameters and compression ------------------------------------------------------------------------
@@ -388,7 +428,7 @@ def test_unknown_parameters_accepted(stub: GRPCInferenceServiceStub, params: dic
         req.parameters[key].CopyFrom(value)
     resp = stub.ModelInfer(req, timeout=10)
     assert resp.id == "p"
-    np.testing.assert_array_equal(decode_outputs(resp)["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
+    assert_array_equal(decode_outputs(resp)["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
 
 
 def test_unknown_parameters_over_stream(stub: GRPCInferenceServiceStub) -> None:
@@ -413,7 +453,7 @@ def test_tritonclient_parameters(client: tc.InferenceServerClient, server: Serve
         priority=7,
         parameters={"custom_double": 0.5, "custom_string": "abc", "custom_int": -3, "custom_bool": True},
     )
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), arrays["INPUT0"] - arrays["INPUT1"])
+    assert_array_equal(result.as_numpy("OUTPUT1"), arrays["INPUT0"] - arrays["INPUT1"])
     got = _stream(
         client,
         [
@@ -429,14 +469,14 @@ def test_tritonclient_parameters(client: tc.InferenceServerClient, server: Serve
     )
     result = got["e"]
     assert isinstance(result, tc.InferResult)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
+    assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
 
 
 @pytest.mark.parametrize("algorithm", [pytest.param("gzip", id="gzip"), pytest.param("deflate", id="deflate")])
 def test_tritonclient_compression(client: tc.InferenceServerClient, algorithm: str) -> None:
     arrays = add_sub_inputs(rows=8)
     result = client.infer("add_sub", triton_inputs(arrays), compression_algorithm=algorithm)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
+    assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
 
 
 @pytest.mark.parametrize(
@@ -447,7 +487,7 @@ async def test_channel_compression(server: ServerThread, compression: grpc.Compr
     arrays = {"INPUT0": np.zeros((4, 16), np.float32), "INPUT1": np.ones((4, 16), np.float32)}
     async with grpc.aio.insecure_channel(server.address, compression=compression) as ch:
         resp = await GRPCInferenceServiceStub(ch).ModelInfer(raw_request("add_sub", arrays), timeout=10)
-    np.testing.assert_array_equal(decode_outputs(resp)["OUTPUT1"], -np.ones((4, 16), np.float32))
+    assert_array_equal(decode_outputs(resp)["OUTPUT1"], -np.ones((4, 16), np.float32))
 
 
 # ----- batching and shapes --------------------------------------------------------------------------------------
@@ -459,7 +499,7 @@ def test_multi_row_batch(client: tc.InferenceServerClient, repo: Path) -> None:
     expected = ort_reference(repo, "add_sub", arrays)
     for name in ("OUTPUT0", "OUTPUT1"):
         assert result.as_numpy(name).shape == (8, 16)
-        np.testing.assert_array_equal(result.as_numpy(name), expected[name])
+        assert_array_equal(result.as_numpy(name), expected[name])
 
 
 def test_no_batch_dimension(client: tc.InferenceServerClient, repo: Path) -> None:
@@ -473,8 +513,8 @@ def test_no_batch_dimension(client: tc.InferenceServerClient, repo: Path) -> Non
     }
     result = client.infer("fixed", triton_inputs(arrays))
     expected = ort_reference(repo, "fixed", arrays)
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), expected["OUTPUT0"])
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), expected["OUTPUT1"])
+    assert_array_equal(result.as_numpy("OUTPUT0"), expected["OUTPUT0"])
+    assert_array_equal(result.as_numpy("OUTPUT1"), expected["OUTPUT1"])
 
 
 # ----- versions -------------------------------------------------------------------------------------------------
@@ -492,7 +532,7 @@ def test_versions_serve(client: tc.InferenceServerClient, version: str, served: 
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     result = client.infer("scale", triton_inputs({"INPUT0": x}), model_version=version)
     assert result.get_response().model_version == served
-    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * np.float32(factor))
+    assert_array_equal(result.as_numpy("OUTPUT0"), x * np.float32(factor))
 
 
 def test_versions_metadata_and_ready(client: tc.InferenceServerClient) -> None:
@@ -657,8 +697,8 @@ async def test_many_concurrent_requests(server: ServerThread) -> None:
         async with limit:
             result = await client.infer("add_sub", triton_inputs(arrays), request_id=str(i))
         assert result.get_response().id == str(i)
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), arrays["INPUT0"] - arrays["INPUT1"])
+        assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"] + arrays["INPUT1"])
+        assert_array_equal(result.as_numpy("OUTPUT1"), arrays["INPUT0"] - arrays["INPUT1"])
 
     async with tca.InferenceServerClient(server.address) as client:
         await asyncio.gather(*(one(client, i) for i in range(64)))
@@ -675,7 +715,7 @@ async def test_many_concurrent_requests_dynamic_batching(server: ServerThread) -
         async with limit:
             result = await client.infer("identity_int64", triton_inputs({"INPUT0": data}), request_id=str(i))
         assert result.get_response().id == str(i)
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
     async with tca.InferenceServerClient(server.address) as client:
         await asyncio.gather(*(one(client, i) for i in range(64)))

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends import bf16
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
 from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError
 
@@ -357,6 +358,14 @@ class OnnxBackend:
         self.inputs = {a.name: a for a in self._session.get_inputs()}
         self.outputs = {a.name: a for a in self._session.get_outputs()}
         self._string_inputs = {n for n, a in self.inputs.items() if a.type == "tensor(string)"}
+        self._bf16 = any(a.type == bf16.ONNX_TYPE for a in (*self.inputs.values(), *self.outputs.values()))
+        if self._bf16 and self._string_inputs:
+            raise ModelLoadError(
+                config.name,
+                version,
+                "a model with both bfloat16 and string tensors is not served: onnxruntime's Python API takes "
+                f"bfloat16 only as OrtValues, which cannot hold strings (string inputs: {sorted(self._string_inputs)})",
+            )
         log.info(
             "model '%s' version %s loaded on %s",
             config.name,
@@ -408,7 +417,10 @@ class OnnxBackend:
         if padded:
             feed = pad_feed(feed, self._pad_to)
         try:
-            results = self._session.run(list(outputs), feed)
+            if self._bf16:
+                results = bf16.run(self._session, outputs, feed)
+            else:
+                results = self._session.run(list(outputs), feed)
         except Exception as exc:  # noqa: BLE001 - translate onnxruntime's errors at the boundary
             raise BackendError(self._model, self._version, f"onnxruntime: {exc}") from exc
         if padded:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorgate.protos.tensors import decode_bytes_tensor, encode_bytes_tensor
+from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
 __all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays"]
 
@@ -70,12 +70,15 @@ def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
 
     Not ``np.save``: its header costs ~10 us per array, which the capture writer would pay per request. BYTES
     (object) arrays are stored as the V2 protocol sends them (each element length-prefixed, text as UTF-8), so that
-    any bytes survive, trailing NULs and non-ASCII text included; they read back as bytes.
+    any bytes survive, trailing NULs and non-ASCII text included; they read back as bytes. BF16 is stored as FP32
+    (exactly): its dtype string ("<V2") would read back as opaque bytes, and drift would see categories.
     """
     header: list[str] = []
     bodies: list[bytes] = []
     for name, value in arrays.items():
         array = np.asarray(value)
+        if array.dtype == BY_NAME["BF16"].np_dtype:
+            array = array.astype(np.float32)
         if array.dtype == object:
             data = encode_bytes_tensor(array)
         else:

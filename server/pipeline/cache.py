@@ -57,7 +57,8 @@ class ResponseCache:
                     h.update(len(data).to_bytes(8, "little"))
                     h.update(data)
             elif array.size:  # the bytes in place, without a copy (an empty tensor has none: its shape says it all)
-                h.update(np.ascontiguousarray(array).data.cast("B"))
+                # As uint8: a bfloat16 array exports no buffer of its own.
+                h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         h.update("\0".join(outputs).encode())
         return h.digest()
 

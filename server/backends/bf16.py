@@ -1,0 +1,55 @@
+"""bfloat16 tensors across onnxruntime's Python API, which has no numpy type for them.
+
+tensorgate holds BF16 as `ml_dtypes.bfloat16` arrays (as tritonclient does). onnxruntime's `run` refuses those
+and returns no array for a bfloat16 output, so a model with BF16 tensors runs through an IOBinding instead: each
+input as an OrtValue over the same bytes, declared bfloat16, and each output bound to CPU memory and copied out
+from its buffer. Models without BF16 tensors keep `InferenceSession.run`, which costs less per call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+
+ONNX_TYPE = "tensor(bfloat16)"
+"""How onnxruntime's NodeArg.type names it."""
+_ELEMENT_TYPE = 16
+"""TensorProto.BFLOAT16 (onnx is not a runtime dependency of the server)."""
+DTYPE = np.dtype(ml_dtypes.bfloat16)
+
+
+def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """`session.run(outputs, feed)` for a model with BF16 tensors; the outputs are arrays that own their data."""
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, _ort_value(array))
+    for name in outputs:
+        binding.bind_output(name, "cpu")  # wherever the model ran: the copy out below reads host memory
+    session.run_with_iobinding(binding)
+    return [_array(value) for value in binding.get_outputs()]
+
+
+def _ort_value(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue over the array's bytes (no copy for a contiguous one); it keeps the array alive."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == DTYPE:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ELEMENT_TYPE)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _array(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() != ONNX_TYPE:
+        array: np.ndarray = value.numpy()
+        return array
+    shape = tuple(value.shape())
+    count = math.prod(shape)
+    if count == 0:
+        return np.empty(shape, DTYPE)
+    words = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    copied: np.ndarray = np.frombuffer(words, np.uint16).copy().view(DTYPE)
+    return copied.reshape(shape)

@@ -1,0 +1,201 @@
+"""BF16 tensors end to end: held as ml_dtypes.bfloat16 (as tritonclient holds them), batched, run on ONNX Runtime
+(whose Python API has no bfloat16), relayed to an upstream, captured for monitoring, and read and written by the
+CLI. The model computes Y = 2X + 1 in float32 and gives it back as FP32 (Y) and BF16 (Z)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from onnx import TensorProto, helper
+
+from tensorgate.client import InferenceClient
+from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
+from tests.onnx_models import OPSET, _save, bf16_model, write_config
+from tests.serving import ServerThread
+from tests.test_client_cli import infer
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def expected(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = 2 * x.astype(np.float32) + 1
+    return y, y.astype(BF16)
+
+
+def rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 2)).astype(BF16)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("bf16") / "models"
+    bf16_model(root / "bf16" / "1" / "model.onnx")
+    # Three callers of 1, 2 and 3 rows meet in one batch (preferred size 6 rows; the delay only bounds a test that
+    # went wrong), after a warm-up with random BF16 data.
+    write_config(
+        root,
+        "bf16",
+        """
+max_batch_size: 8
+dynamic_batching { preferred_batch_size: [ 6 ] max_queue_delay_microseconds: 10000000 }
+model_warmup [ { name: "random" batch_size: 2
+  inputs { key: "X" value: { data_type: TYPE_BF16 dims: [ 2 ] random_data: true } } } ]
+""",
+    )
+    bf16_model(root / "plain" / "1" / "model.onnx")
+    bf16_model(root / "cached" / "1" / "model.onnx")
+    write_config(root, "cached", "max_batch_size: 8\nresponse_cache { enable: true }\n")
+    with ServerThread(root, data_dir=tmp_path_factory.mktemp("data"), response_cache_bytes=1 << 20) as s:
+        yield s
+
+
+def test_metadata_and_config_say_bf16(server: ServerThread) -> None:
+    with tc.InferenceServerClient(server.address) as c:
+        meta = c.get_model_metadata("plain")
+        config = c.get_model_config("plain").config
+    assert [(t.name, t.datatype) for t in meta.inputs] == [("X", "BF16")]
+    assert [(t.name, t.datatype) for t in meta.outputs] == [("Y", "FP32"), ("Z", "BF16")]
+    assert [t.data_type for t in config.input] == [tc.model_config_pb2.TYPE_BF16]
+
+
+def test_requests_batch_together_and_split_back_exactly(server: ServerThread) -> None:
+    """Three callers of 1, 2 and 3 rows meet in one batch of 6 (batch_stats says so), and each gets its own rows
+    back: as tritonclient decodes them, BF16 and FP32 alike."""
+    inputs = [rows(n, seed) for seed, n in enumerate((1, 2, 3))]
+    answers: dict[int, tc.InferResult] = {}
+
+    def call(i: int) -> None:
+        x = tc.InferInput("X", list(inputs[i].shape), "BF16")
+        x.set_data_from_numpy(inputs[i])
+        with tc.InferenceServerClient(server.address) as c:
+            answers[i] = c.infer("bf16", [x], client_timeout=30)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(answers) == [0, 1, 2]
+    for i, x in enumerate(inputs):
+        y, z = expected(x)
+        got_z = answers[i].as_numpy("Z")
+        assert got_z.dtype == BF16 and got_z.tobytes() == z.tobytes()
+        np.testing.assert_array_equal(answers[i].as_numpy("Y"), y)
+    with tc.InferenceServerClient(server.address) as c:
+        [stats] = c.get_inference_statistics("bf16").model_stats
+    assert [(b.batch_size, b.compute_infer.count) for b in stats.batch_stats] == [(6, 1)]
+
+
+def test_our_client_sends_and_gets_bfloat16_arrays(server: ServerThread) -> None:
+    x = np.array([[1.5, -2.0], [np.inf, 0.1]], BF16)
+    with InferenceClient(server.address, timeout=10) as c:
+        result = c.infer("plain", {"X": x})
+    y, z = expected(x)
+    assert result["Z"].dtype == BF16 and result["Z"].tobytes() == z.tobytes()
+    np.testing.assert_array_equal(result["Y"], y)
+
+
+def test_raw_bytes_from_a_stub_are_read_as_bfloat16(server: ServerThread) -> None:
+    """Two bytes per element, the top half of the float32: 0x3FC0 is 1.5, 0xC000 is -2."""
+    from tensorgate.protos import GRPCInferenceServiceStub
+    from tensorgate.protos import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="plain")
+    req.inputs.add(name="X", datatype="BF16", shape=[1, 2])
+    req.raw_input_contents.append(b"\xc0\x3f\x00\xc0")
+    with grpc.insecure_channel(server.address) as channel:
+        resp = GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=10)
+    z = resp.raw_output_contents[[o.name for o in resp.outputs].index("Z")]
+    assert np.frombuffer(z, BF16).tolist() == [4.0, -3.0]
+
+
+def test_the_response_cache_keys_bf16_inputs_by_their_bytes(server: ServerThread) -> None:
+    """The same BF16 request twice is one execution and one cache hit; another value is a miss."""
+    x = np.array([[1.0, 2.0]], BF16)
+    with InferenceClient(server.address, timeout=10) as c:
+        answers = [c.infer("cached", {"X": a}) for a in (x, x, x + 1)]
+        [stats] = c.statistics("cached").model_stats
+    assert [a["Z"].tolist() for a in answers] == [[[3.0, 5.0]], [[3.0, 5.0]], [[5.0, 7.0]]]
+    assert (stats.inference_stats.cache_hit.count, stats.inference_stats.cache_miss.count) == (1, 2)
+    assert stats.execution_count == 2
+
+
+def test_the_cli_reads_json_and_npy_and_writes_float32_npy(server: ServerThread, tmp_path: Path) -> None:
+    """JSON is cast to the declared BF16; a float32 .npy is rounded to it; BF16 outputs go to .npy as float32,
+    since .npy has no bfloat16 (it would read back as raw bytes)."""
+    done = infer("plain", "--input", "X=[[1.5, -2.0]]", "--server", server.address)
+    assert done.returncode == 0, done.stderr
+    z = json.loads(done.stdout)["outputs"]["Z"]
+    assert (z["datatype"], z["data"]) == ("BF16", [[4.0, -3.0]])
+    np.save(tmp_path / "x.npy", np.array([[0.5, 3.0]], np.float32))
+    done = infer(
+        "plain", "--input", f"X={tmp_path / 'x.npy'}", "--npy-out", tmp_path / "out", "--server", server.address
+    )
+    assert done.returncode == 0, done.stderr
+    out = np.load(tmp_path / "out" / "Z.npy", allow_pickle=False)
+    assert out.dtype == np.float32 and out.tolist() == [[2.0, 7.0]]
+
+
+def test_captured_bf16_is_stored_as_fp32(server: ServerThread) -> None:
+    """Monitoring reads captured values as numbers: BF16 is stored as the FP32 it converts to exactly."""
+    x = np.array([[0.25, 8.0]], BF16)
+    with InferenceClient(server.address, timeout=10) as c:
+        request_id = c.infer("plain", {"X": x}).id
+    assert server.app.capture is not None and server.app.capture.flush()
+    store = PredictionStore(server.settings.data_dir / DB_NAME)
+    try:
+        [captured] = [p for p in store.predictions("plain", None) if p.id == request_id]
+    finally:
+        store.close()
+    assert captured.outputs["Z"].dtype == np.float32 and captured.outputs["Z"].tolist() == [[1.5, 17.0]]
+    assert captured.inputs is not None  # inputs are captured by default
+    assert captured.inputs["X"].dtype == np.float32 and captured.inputs["X"].tolist() == [[0.25, 8.0]]
+
+
+def test_a_remote_model_relays_bf16(server: ServerThread, tmp_path: Path) -> None:
+    """tensorgate in front of an upstream V2 server (here another tensorgate): BF16 both ways, bit for bit."""
+    root = tmp_path / "front"
+    (root / "remote").mkdir(parents=True)
+    (root / "remote" / "config.pbtxt").write_text(
+        'backend: "tensorgate_triton"\n'
+        f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{server.address}" }} }}\n'
+        'parameters { key: "tensorgate.triton.model_name" value { string_value: "plain" } }\n'
+    )
+    x = rows(4, seed=7)
+    with ServerThread(root) as front, InferenceClient(front.address, timeout=10) as c:
+        result = c.infer("remote", {"X": x})
+    y, z = expected(x)
+    assert result["Z"].tobytes() == z.tobytes()
+    np.testing.assert_array_equal(result["Y"], y)
+
+
+def test_a_model_with_bf16_and_string_inputs_fails_its_load(tmp_path: Path) -> None:
+    """onnxruntime takes bfloat16 only as OrtValues, which hold no strings: such a model fails alone, saying why."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"]), helper.make_node("Identity", ["S"], ["T"])],
+        "mixed",
+        [
+            helper.make_tensor_value_info("X", TensorProto.BFLOAT16, ["batch", 2]),
+            helper.make_tensor_value_info("S", TensorProto.STRING, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, ["batch", 2]),
+            helper.make_tensor_value_info("T", TensorProto.STRING, ["batch", 1]),
+        ],
+    )
+    root = tmp_path / "models"
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), root / "mixed" / "1" / "model.onnx")
+    bf16_model(root / "plain" / "1" / "model.onnx")
+    with ServerThread(root) as s, tc.InferenceServerClient(s.address) as c:
+        index = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
+    assert index["plain"][0] == "READY"
+    state, reason = index["mixed"]
+    assert state == "UNAVAILABLE" and "both bfloat16 and string tensors" in reason and "'S'" in reason
