@@ -76,6 +76,11 @@ class DataType:
     contents_field: str | None
 
     @property
+    def floating(self) -> bool:
+        """FP16/32/64 and BF16: ml_dtypes.bfloat16 is no numpy float kind (`dtype.kind` is "V"), so ask this."""
+        return self.np_dtype.kind == "f" or self.name == "BF16"
+
+    @property
     def itemsize(self) -> int:
         """Bytes per element in `raw_*_contents`; BYTES has none (length-prefixed, variable)."""
         return 0 if self.name == "BYTES" else self.np_dtype.itemsize

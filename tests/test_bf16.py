@@ -21,6 +21,7 @@ from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
 from tests.onnx_models import OPSET, _save, bf16_model, write_config
 from tests.serving import ServerThread
 from tests.test_client_cli import infer
+from tests.test_loadtest import bench
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -142,6 +143,14 @@ def test_the_cli_reads_json_and_npy_and_writes_float32_npy(server: ServerThread,
     assert done.returncode == 0, done.stderr
     out = np.load(tmp_path / "out" / "Z.npy", allow_pickle=False)
     assert out.dtype == np.float32 and out.tolist() == [[2.0, 7.0]]
+
+
+def test_tensorgate_bench_loads_a_bf16_model(server: ServerThread, tmp_path: Path) -> None:
+    """Random BF16 inputs from the model's metadata, every request answered."""
+    doc = bench(tmp_path, "plain", "--server", server.address, "--concurrency", "2", "--duration", "0.5",
+                "--warmup", "0.1", "--workers", "1", "--no-plots")  # fmt: skip
+    [level] = doc["levels"]
+    assert level["succeeded"] > 0 and level["failed"] == {}
 
 
 def test_captured_bf16_is_stored_as_fp32(server: ServerThread) -> None:

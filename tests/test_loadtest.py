@@ -28,6 +28,7 @@ from tensorgate.loadtest.runner import BenchConfig, worker_levels
 from tensorgate.loadtest.samples import latency_summary_ms
 from tensorgate.loadtest.worker import COUNTERS, Level, Target, _LevelRun
 from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import tensors
 from tensorgate.server.cli import main
 from tests.onnx_models import accumulator_config, accumulator_model, busy_model, identity_model, write_config
 from tests.process import ServeProcess
@@ -254,7 +255,7 @@ def test_nearest_rank_percentile() -> None:
 
 @pytest.mark.parametrize(
     "datatype",
-    [pytest.param(d, id=d) for d in ("FP32", "FP16", "INT8", "UINT64", "BOOL", "BYTES")],
+    [pytest.param(d, id=d) for d in ("FP32", "FP16", "BF16", "INT8", "UINT64", "BOOL", "BYTES")],
 )
 def test_random_inputs_follow_the_metadata(datatype: str) -> None:
     shape = ModelShape("m", (("X", datatype, (-1, 3)),), max_batch_size=8)
@@ -262,7 +263,19 @@ def test_random_inputs_follow_the_metadata(datatype: str) -> None:
     assert x.shape == (5, 3)
     if datatype == "BYTES":
         assert x.dtype == object and all(isinstance(v, bytes) and len(v) == 8 for v in x.ravel())
+    else:
+        assert x.dtype == tensors.BY_NAME[datatype].np_dtype
+    if tensors.BY_NAME[datatype].floating:  # normal values, not the small integers other types get
+        assert (x.astype(np.float64) % 1 != 0).any()
     assert make_inputs(shape, 5, "zeros")["X"].shape == (5, 3)
+
+
+def test_a_float_npy_file_feeds_a_bf16_input(tmp_path: Path) -> None:
+    """.npy has no bfloat16: a float file for a BF16 input is rounded to it, as for FP16."""
+    shape = ModelShape("m", (("X", "BF16", (-1, 2)),), max_batch_size=8)
+    np.save(tmp_path / "X.npy", np.array([[1.5, 1 / 3]], np.float32))
+    x = make_inputs(shape, 2, str(tmp_path))["X"]
+    assert x.dtype == tensors.BY_NAME["BF16"].np_dtype and x.tolist() == [[1.5, 0.333984375]] * 2
 
 
 def test_inputs_from_npy_files(tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def _random(rng: np.random.Generator, datatype: str, shape: tuple[int, ...]) -> 
         return np.array(flat, dtype=object).reshape(shape)
     if datatype == "BOOL":
         return rng.integers(0, 2, size=shape).astype(bool)
-    if dtype.kind == "f":
+    if tensors.BY_NAME[datatype].floating:
         return rng.standard_normal(shape).astype(dtype)
     # Small non-negative integers: valid for every integer type, and as indices or ids for most models.
     return rng.integers(0, 100, size=shape).astype(dtype)
@@ -183,7 +183,7 @@ def _check_datatype(array: np.ndarray, path: Path, name: str, datatype: str) -> 
         ok = kind == "b"
     else:
         target = np.dtype(tensors.BY_NAME[datatype].np_dtype)
-        ok = kind in "biu" or (kind == "f" and target.kind == "f")
+        ok = kind in "biu" or (kind == "f" and tensors.BY_NAME[datatype].floating)
         if ok and target.kind in "iu" and array.size:
             lo, hi = int(array.min()), int(array.max())
             info = np.iinfo(target.name)

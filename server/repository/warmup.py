@@ -32,7 +32,7 @@ def _sample(
         fill = b"" if choice == "zero_data" else b"tensorgate"
         return np.array([fill] * count, dtype=object).reshape(shape)
     if choice == "random_data":
-        if dt.np_dtype.kind == "f" or dt.name == "BF16":  # bfloat16 is not a numpy float kind
+        if dt.floating:
             return rng.random(shape).astype(dt.np_dtype)
         if dt.np_dtype.kind == "b":
             return rng.integers(0, 2, shape).astype(bool)
