@@ -345,41 +345,50 @@ def test_statistics_count_each_response_by_its_index(front: ServerThread, upstre
 
 def test_max_streams_refuses_a_request_past_the_limit(upstream: ScriptedUpstream, tmp_path: Path) -> None:
     """With `tensorgate.triton.max_streams` 1, a second request while one is being relayed is refused at once with
-    RESOURCE_EXHAUSTED naming the model and the parameter (counted as such in /metrics and as a failure in
-    ModelStatistics); the first goes on to its end, and a request after it is relayed again."""
+    RESOURCE_EXHAUSTED naming the model and the parameter: counted as such in /metrics, and as a failed request
+    but no failed response in ModelStatistics (it asked the upstream for none). The first goes on to its end, and
+    a request after it is relayed again."""
     root = tmp_path / "models"
     _remote(
         root, "gen", upstream.url, 'parameters { key: "tensorgate.triton.max_streams" value { string_value: "1" } }'
     )
     upstream.script.delay_s = 0.3
+
+    def stats() -> Any:
+        with tc.InferenceServerClient(s.address) as c:
+            return c.get_inference_statistics("gen").model_stats[0]
+
     try:
         with ServerThread(root) as s:
             stream = Stream(s.address)
             try:
                 stream.client.async_stream_infer("gen", _x(4.0), request_id="first")
-                first = stream.take(1)
+                answers = stream.take(1)  # the first is being relayed
                 stream.client.async_stream_infer("gen", _x(1.0), request_id="over")
-                refused = stream.take(1)
-                first += stream.take(3)
+                answers += stream.take(4)  # in whatever order the refusal and the first's responses come
+                # The first's stream has ended once it is counted; only then is its place free.
+                wait_for("the first request to end", lambda: stats().inference_stats.success.count == 1, 10)
                 stream.client.async_stream_infer("gen", _x(1.0), request_id="after")
                 after = stream.take(1)
             finally:
                 stream.close()
             samples = scrape(metrics_url(s))
-            with tc.InferenceServerClient(s.address) as c:
-                [stats] = c.get_inference_statistics("gen").model_stats
+            final = stats()
     finally:
         upstream.script.delay_s = 0.0
-    assert [error for _, error in first] == [None] * 4
-    assert [_outputs(result)[1] for result, _ in first] == [[v, v] for v in (4.0, 8.0, 12.0, 16.0)]
-    [(_, error)] = refused
-    assert error is not None
-    assert "model 'gen' version 1" in str(error.message()) and "tensorgate.triton.max_streams" in str(error.message())
+    first = [result for result, error in answers if error is None]
+    refused = [error for _, error in answers if error is not None]
+    assert [_outputs(result)[:2] for result in first] == [("first", [v, v]) for v in (4.0, 8.0, 12.0, 16.0)]
+    [error] = refused
+    message = str(error.message())
+    assert "model 'gen' version 1" in message and "tensorgate.triton.max_streams (1)" in message, message
     assert after[0][1] is None and _outputs(after[0][0])[:2] == ("after", [1.0, 1.0])
     labels = {"model": "gen", "version": "1"}
     assert value(samples, "tensorgate_inference_requests_total", code="RESOURCE_EXHAUSTED", **labels) == 1
     assert value(samples, "tensorgate_inference_requests_total", code="OK", **labels) == 2
-    assert stats.inference_stats.fail.count == 1 and stats.inference_stats.success.count == 2
+    assert final.inference_stats.fail.count == 1 and final.inference_stats.success.count == 2
+    assert sum(r.fail.count for r in final.response_stats.values()) == 0
+    assert final.response_stats["0"].success.count == 2  # the first response of each relayed request
 
 
 def test_an_unload_waits_for_a_request_being_answered(upstream: ScriptedUpstream, tmp_path: Path) -> None:

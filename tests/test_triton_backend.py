@@ -348,6 +348,11 @@ def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path) -> None:
         pytest.param(
             ("connections", "0"), "'tensorgate.triton.connections' must be a number in 1..64", id="connections"
         ),
+        pytest.param(  # not read as 0, which would mean no limit
+            ("max_streams", "0.5"),
+            "'tensorgate.triton.max_streams' must be a whole number in 0..1000000",
+            id="fraction",
+        ),
         pytest.param(("colour", "red"), "unknown parameter 'tensorgate.triton.colour'", id="unknown-parameter"),
         pytest.param(("ca_file", "missing.pem"), "missing.pem is not a readable file", id="missing-ca"),
     ],

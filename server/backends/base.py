@@ -83,6 +83,10 @@ class StreamsResponses(Protocol):
     """A backend that serves decoupled models (any number of responses per request): a remote one, whose upstream
     model is decoupled. Its responses are the upstream's, relayed as they arrive."""
 
+    def admit(self, deadline: float | None) -> None:
+        """Raise (a TensorgateError) if a request cannot start now; called right before `stream`."""
+        ...
+
     def stream(
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:

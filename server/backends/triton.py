@@ -22,8 +22,8 @@ upstream version it maps to. Parameters (all optional but the url; values are st
     tensorgate.triton.connections         gRPC connections to the upstream, used in turn (default 1)
     tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
     tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token)
-    tensorgate.triton.max_streams         a decoupled model's requests relayed at once; one more is refused with
-                                          RESOURCE_EXHAUSTED (default 0: no limit)
+    tensorgate.triton.max_streams         decoupled models only: requests relayed at once; one more is refused
+                                          with RESOURCE_EXHAUSTED (default 0: no limit)
 
 An upstream sequence model's `sequence_batching` is served as it is, and each request goes upstream on its own
 with its sequence parameters (BatchContext.sequence), in its sequence's order (server/scheduling/remote_sequences.py).
@@ -178,6 +178,12 @@ class TritonSettings:
                 raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}' must be a number in {low}..{high}")
             return value
 
+        def whole(key: str, default: int, low: int, high: int) -> int:
+            value = number(key, default, low, high)
+            if not float(value).is_integer():  # "0.5" must not read as 0 (for max_streams: no limit at all)
+                raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}' must be a whole number in {low}..{high}")
+            return int(value)
+
         def path(key: str) -> Path | None:
             text = params.get(PREFIX + key, "").strip()
             if not text:
@@ -207,9 +213,9 @@ class TritonSettings:
             server_name=params.get(PREFIX + "server_name", "").strip() or None,
             timeout_s=number("timeout_s", 60.0, 0.001, 86_400.0),
             deadline_margin_s=number("deadline_margin_ms", 5.0, 0.0, 10_000.0) / 1000,
-            connections=int(number("connections", 1, 1, 64)),
+            connections=whole("connections", 1, 1, 64),
             health_interval_s=number("health_interval_s", 2.0, 0.05, 3600.0),
-            max_streams=int(number("max_streams", 0, 0, 1_000_000)),
+            max_streams=whole("max_streams", 0, 0, 1_000_000),
             headers=headers,
         )
 
@@ -281,7 +287,7 @@ class TritonBackend:
         self._stream_infer: Any = None
         self._streams = 0
         """Requests being relayed (`stream`, on the server's loop), for `max_streams`."""
-        self._closing = threading.Lock()
+        self._close_lock = threading.Lock()
         """`close` runs on a thread of its own (the repository's `_retire`) while `stream` makes the channel on the
         server's loop: one of them sees the other's work, so a channel made as the model closes is closed too."""
         try:
@@ -377,6 +383,25 @@ class TritonBackend:
             raise BackendError(self._model, self._version, f"{self._where} did not return {', '.join(missing)}")
         return out
 
+    def admit(self, deadline: float | None) -> None:
+        """Refuse a decoupled model's request before it starts, so that the refusal is no response of its: the
+        model is being unloaded, the call's deadline has passed, or `max_streams` requests are being relayed.
+        Called on the server's loop right before `stream`, with no await between them, so the count it reads is
+        the one `stream` adds to."""
+        s = self.settings
+        ref = model_ref(self._model, self._version)
+        if self._closed:
+            raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+        if deadline is not None and deadline - time.monotonic() - s.deadline_margin_s <= 0:
+            raise DeadlineExceededError(f"{ref}: the call's deadline passed")
+        if s.max_streams and self._streams >= s.max_streams:
+            # Refused rather than queued: each relayed request holds an upstream stream for as long as the
+            # upstream answers, so a queue here would grow without bound behind long generations.
+            raise ResourceExhaustedError(
+                f"{ref}: {self._streams} requests are being relayed, the most {PREFIX}max_streams "
+                f"({s.max_streams}) allows; retry once one has ended"
+            )
+
     async def stream(
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
@@ -397,13 +422,6 @@ class TritonBackend:
             timeout = deadline - time.monotonic() - s.deadline_margin_s
             if timeout <= 0:
                 raise DeadlineExceededError(f"{ref}: the call's deadline passed")
-        if s.max_streams and self._streams >= s.max_streams:
-            # Refused rather than queued: each relayed request holds an upstream stream for as long as the
-            # upstream answers, so a queue here would grow without bound behind long generations.
-            raise ResourceExhaustedError(
-                f"{ref}: {self._streams} requests are being relayed, the most {PREFIX}max_streams allows; "
-                "retry once one has ended"
-            )
         method = self._stream_method()
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
@@ -445,7 +463,7 @@ class TritonBackend:
     def _stream_method(self) -> Any:
         """ModelStreamInfer on the channel for decoupled streams, on the running loop (the server's): both made on
         first use (a stub per request would build every method's callable each time)."""
-        with self._closing:
+        with self._close_lock:
             if self._closed:
                 raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
             if self._stream_infer is None:
@@ -457,7 +475,7 @@ class TritonBackend:
     def close(self) -> None:
         """Stop the readiness probe, close the connections, stop the loop thread. Blocks for up to seconds: the
         repository calls it on a thread of its own."""
-        with self._closing:
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True

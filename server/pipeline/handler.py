@@ -198,6 +198,13 @@ class InferenceHandler:
                 model.name, version, "shared memory is not supported for a decoupled model's tensors"
             )
         stats, index, last = model.stats, 0, started
+        try:
+            backend.admit(req.deadline)
+        except TensorgateError:
+            # A failed request, as one refused by a full queue is, but no response of its failed: none was asked
+            # of the upstream, and a refusal counted at index 0 would shorten the time to first response.
+            stats.record_failure(time.perf_counter_ns() - started)
+            raise
         scheduler.hold()
         try:
             context = None if span is None else Tracing.context_of(span)

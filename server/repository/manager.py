@@ -188,6 +188,12 @@ def _reason(exc: TensorgateError) -> str:
     return exc.message
 
 
+def _close_all(backends: list[Backend]) -> None:
+    """On a worker thread: a remote backend's close can take seconds."""
+    for backend in backends:
+        backend.close()
+
+
 def _file_signature(path: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -856,9 +862,8 @@ class ModelRepository:
                 # version would push a healthy one out of `latest N`, and a served version whose files broke in
                 # place would stop serving. The versions that failed get index rows, unless they are served.
                 reason = "; ".join(failed.values())
-                for item in ready.values():
-                    if isinstance(item, _Prepared):
-                        await asyncio.to_thread(item.backend.close)  # as in `_retire`: off the loop
+                # As in `_retire`, off the loop; one call closes them all, even if a stop cancels this wait.
+                await asyncio.to_thread(_close_all, [i.backend for i in ready.values() if isinstance(i, _Prepared)])
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
                     # `retry_remote` loads what the disk has: not for a load that came with its own config or files.
