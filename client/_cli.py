@@ -138,6 +138,10 @@ def headers_from_args(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
+_RAW_16 = np.dtype("V2")
+"""How np.save writes a bfloat16 array, and np.load reads it back."""
+
+
 def _parse_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays from .npy files, and JSON values still waiting for the model's datatypes."""
     arrays: dict[str, np.ndarray] = {}
@@ -247,15 +251,19 @@ def run(args: argparse.Namespace) -> int:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             if isinstance(sequence_id, int) and _takes_string_ids(client, args.model, args.model_version):
                 sequence_id = args.sequence_id  # "007" for a model whose CORRID is a string stays "007"
-            floats = [name for name, a in arrays.items() if a.dtype.kind == "f"]
-            if pending or floats:
+            # .npy has no bfloat16: for a BF16 input a float file is rounded to it, and a bfloat16 array saved as
+            # it is (two raw bytes an element, "|V2") is read as one.
+            maybe_bf16 = [name for name, a in arrays.items() if a.dtype.kind == "f" or a.dtype == _RAW_16]
+            if pending or maybe_bf16:
                 meta = client.metadata(args.model, args.model_version)
                 declared = {t.name: t.datatype for t in meta.inputs}
                 for name, value in pending.items():
                     arrays[name] = _as_array(name, value, declared.get(name))
-                for name in floats:  # .npy has no bfloat16: a float file for a BF16 input is rounded to it
+                bf16 = tensors.BY_NAME["BF16"].np_dtype
+                for name in maybe_bf16:
                     if declared.get(name) == "BF16":
-                        arrays[name] = arrays[name].astype(tensors.BY_NAME["BF16"].np_dtype)
+                        a = arrays[name]
+                        arrays[name] = a.view(bf16) if a.dtype == _RAW_16 else a.astype(bf16)
             request: dict[str, Any] = {
                 "model": args.model,
                 "inputs": arrays,
@@ -281,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         details = " ".join(exc.details.split())  # one line, whatever the server sent
         print(f"{PROG}: {unreachable_hint(args, exc)}{exc.code.name}: {details}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:  # unreadable TLS files
+    except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files; an array the protocol cannot carry
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     _show(args, result)

@@ -290,7 +290,11 @@ def with_float_io(model: onnx.ModelProto) -> onnx.ModelProto:
         return bool(vi.type.tensor_type.elem_type == TensorProto.BFLOAT16)
 
     def twin(vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
-        dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in vi.type.tensor_type.shape.dim
+        ]
+        if not vi.type.tensor_type.HasField("shape"):  # no shape at all, rather than a scalar's empty one
+            return helper.make_tensor_value_info(vi.name + FLOAT_SUFFIX, TensorProto.FLOAT, None)
         return helper.make_tensor_value_info(vi.name + FLOAT_SUFFIX, TensorProto.FLOAT, dims)
 
     inputs = [twin(vi) if is_bf16(vi) else vi for vi in g.input]

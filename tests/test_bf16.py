@@ -12,11 +12,15 @@ from pathlib import Path
 import grpc
 import ml_dtypes
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 from onnx import TensorProto, helper
 
 from tensorgate.client import InferenceClient
+from tensorgate.server.backends import bf16
+from tensorgate.server.cli import main
+from tensorgate.server.monitoring.drift import ReferenceProfile
 from tensorgate.server.monitoring.store import DB_NAME, PredictionStore
 from tests.onnx_models import OPSET, _save, bf16_model, write_config
 from tests.serving import ServerThread
@@ -143,6 +147,10 @@ def test_the_cli_reads_json_and_npy_and_writes_float32_npy(server: ServerThread,
     assert done.returncode == 0, done.stderr
     out = np.load(tmp_path / "out" / "Z.npy", allow_pickle=False)
     assert out.dtype == np.float32 and out.tolist() == [[2.0, 7.0]]
+    np.save(tmp_path / "raw.npy", np.array([[1.5, -2.0]], BF16))  # as np.save writes bfloat16: "|V2"
+    done = infer("plain", "--input", f"X={tmp_path / 'raw.npy'}", "--server", server.address)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outputs"]["Z"]["data"] == [[4.0, -3.0]]
 
 
 def test_tensorgate_bench_loads_a_bf16_model(server: ServerThread, tmp_path: Path) -> None:
@@ -167,6 +175,45 @@ def test_captured_bf16_is_stored_as_fp32(server: ServerThread) -> None:
     assert captured.outputs["Z"].dtype == np.float32 and captured.outputs["Z"].tolist() == [[1.5, 17.0]]
     assert captured.inputs is not None  # inputs are captured by default
     assert captured.inputs["X"].dtype == np.float32 and captured.inputs["X"].tolist() == [[0.25, 8.0]]
+
+
+def test_a_reference_profile_reads_bf16_as_numbers(server: ServerThread, tmp_path: Path) -> None:
+    """`tensorgate profile --server` profiles a BF16 score output as a score, as it does an FP32 one (bfloat16 is
+    no numpy float kind: it was profiled as categories)."""
+    np.save(tmp_path / "ref.npy", np.random.default_rng(3).standard_normal((200, 2)).astype(np.float32))
+    out = tmp_path / "profile.json"
+    argv = ["profile", "plain", "--data", str(tmp_path / "ref.npy"), "--server", server.address, "--out", str(out)]
+    assert main(argv) == 0
+    profile = ReferenceProfile.from_json(out.read_text())
+    assert profile.feature("Z[0]").kind == profile.feature("Y[0]").kind == "score"
+    assert profile.feature("X[0]").kind == "numeric"
+
+
+def test_the_binding_keeps_scalar_and_strided_inputs_as_they_are() -> None:
+    """In process, on ONNX Runtime: a 0-d input stays 0-d (not made one-dimensional), and a strided view goes in as
+    its own values (its contiguous copy lives until the run is over)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"]), helper.make_node("Identity", ["S"], ["T"])],
+        "identity",
+        [
+            helper.make_tensor_value_info("X", TensorProto.BFLOAT16, ["rows", "cols"]),
+            helper.make_tensor_value_info("S", TensorProto.BFLOAT16, []),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, ["rows", "cols"]),
+            helper.make_tensor_value_info("T", TensorProto.BFLOAT16, []),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wide = np.arange(4096, dtype=np.float32).reshape(64, 64).astype(BF16)
+    for _ in range(20):  # allocations between runs would reuse freed memory
+        x, scalar = wide[::3, 1::2], np.array(1.5, BF16)
+        y, t = bf16.run(session, ["Y", "T"], {"X": x, "S": scalar})
+        junk = [np.full(x.shape, 7.0, BF16) for _ in range(8)]
+        assert y.shape == x.shape and y.tobytes() == np.ascontiguousarray(x).tobytes()
+        assert t.shape == () and t.tolist() == 1.5
+        del junk
 
 
 def test_a_remote_model_relays_bf16(server: ServerThread, tmp_path: Path) -> None:
@@ -207,4 +254,4 @@ def test_a_model_with_bf16_and_string_inputs_fails_its_load(tmp_path: Path) -> N
         index = {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
     assert index["plain"][0] == "READY"
     state, reason = index["mixed"]
-    assert state == "UNAVAILABLE" and "both bfloat16 and string tensors" in reason and "'S'" in reason
+    assert state == "UNAVAILABLE" and "bfloat16 tensors and string inputs" in reason and "'S'" in reason

@@ -170,11 +170,10 @@ def ort_reference(repo: Path, model: str, feed: dict[str, np.ndarray], version: 
     tensors go in and come out as FP32 around the same graph (`with_float_io`; exact both ways)."""
     path = repo / model / str(version) / "model.onnx"
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    source = (
-        with_float_io(onnx.load(str(path))).SerializeToString()
-        if bf16 in {v.dtype for v in feed.values()}
-        else str(path)
-    )
+    proto = onnx.load(str(path))
+    values = [*proto.graph.input, *proto.graph.output]
+    has_bf16 = any(v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in values)
+    source = with_float_io(proto).SerializeToString() if has_bf16 else str(path)
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     ort_feed = {}
     for k, v in feed.items():

@@ -276,6 +276,8 @@ def test_a_float_npy_file_feeds_a_bf16_input(tmp_path: Path) -> None:
     np.save(tmp_path / "X.npy", np.array([[1.5, 1 / 3]], np.float32))
     x = make_inputs(shape, 2, str(tmp_path))["X"]
     assert x.dtype == tensors.BY_NAME["BF16"].np_dtype and x.tolist() == [[1.5, 0.333984375]] * 2
+    np.save(tmp_path / "X.npy", x[:1])  # bfloat16 as np.save writes it: raw "|V2", read as bfloat16 again
+    assert make_inputs(shape, 2, str(tmp_path))["X"].tolist() == [[1.5, 0.333984375]] * 2
 
 
 def test_inputs_from_npy_files(tmp_path: Path) -> None:

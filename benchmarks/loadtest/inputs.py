@@ -148,6 +148,8 @@ def _from_file(path: Path, name: str, datatype: str, model: ModelShape, dims: Se
         raise InputError(f"input '{name}': cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise InputError(f"input '{name}': {path} is not a .npy file: {exc}") from None
+    if datatype == "BF16" and array.dtype == np.dtype("V2"):  # a bfloat16 array as np.save writes it
+        array = array.view(tensors.BY_NAME["BF16"].np_dtype)
     _check_datatype(array, path, name, datatype)
     leads = model.leads(dims)
     given = array.shape
@@ -183,7 +185,7 @@ def _check_datatype(array: np.ndarray, path: Path, name: str, datatype: str) -> 
         ok = kind == "b"
     else:
         target = np.dtype(tensors.BY_NAME[datatype].np_dtype)
-        ok = kind in "biu" or (kind == "f" and tensors.BY_NAME[datatype].floating)
+        ok = kind in "biu" or (tensors.BY_NAME[datatype].floating and (kind == "f" or array.dtype == target))
         if ok and target.kind in "iu" and array.size:
             lo, hi = int(array.min()), int(array.max())
             info = np.iinfo(target.name)

@@ -25,8 +25,11 @@ DTYPE = np.dtype(ml_dtypes.bfloat16)
 def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """`session.run(outputs, feed)` for a model with BF16 tensors; the outputs are arrays that own their data."""
     binding = session.io_binding()
-    for name, array in feed.items():
-        binding.bind_ortvalue_input(name, _ort_value(array))
+    # Held until the run returns: an OrtValue over an array's bytes does not keep the array alive, and before
+    # onnxruntime 1.32 neither did the binding (a contiguous copy made here would be freed under the run).
+    values = {name: _ort_value(array) for name, array in feed.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
     for name in outputs:
         binding.bind_output(name, "cpu")  # wherever the model ran: the copy out below reads host memory
     session.run_with_iobinding(binding)
@@ -34,8 +37,9 @@ def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str
 
 
 def _ort_value(array: np.ndarray) -> ort.OrtValue:
-    """An OrtValue over the array's bytes (no copy for a contiguous one); it keeps the array alive."""
-    array = np.ascontiguousarray(array)
+    """An OrtValue over the array's bytes (no copy for a C-contiguous one; the wrapper holds the array)."""
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # not np.ascontiguousarray, which makes a scalar (0-d) one-dimensional
     if array.dtype == DTYPE:
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ELEMENT_TYPE)
     return ort.OrtValue.ortvalue_from_numpy(array)

@@ -363,7 +363,7 @@ class OnnxBackend:
             raise ModelLoadError(
                 config.name,
                 version,
-                "a model with both bfloat16 and string tensors is not served: onnxruntime's Python API takes "
+                "a model with bfloat16 tensors and string inputs is not served: onnxruntime's Python API takes "
                 f"bfloat16 only as OrtValues, which cannot hold strings (string inputs: {sorted(self._string_inputs)})",
             )
         log.info(

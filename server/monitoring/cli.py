@@ -151,6 +151,7 @@ def _through_server(
     """Run the reference rows through the model in batches; (inputs as sent, outputs concatenated)."""
     from tensorgate.client.sync import InferenceClient
     from tensorgate.protos import tensors
+    from tensorgate.server.monitoring.store import as_numbers
 
     tls = tls_from_args(args)
     headers = headers_from_args(args)
@@ -181,7 +182,8 @@ def _through_server(
             )
             for name, array in result.outputs.items():
                 parts.setdefault(name, []).append(np.asarray(array))
-    return inputs, {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
+    outputs = {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
+    return {k: as_numbers(v) for k, v in inputs.items()}, {k: as_numbers(v) for k, v in outputs.items()}
 
 
 # ----- export ------------------------------------------------------------------------------------------------

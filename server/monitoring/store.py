@@ -65,20 +65,24 @@ class Prediction:
     label_timestamp: float | None = None
 
 
+def as_numbers(array: np.ndarray) -> np.ndarray:
+    """BF16 as the FP32 it converts to exactly, other arrays as they are: ml_dtypes.bfloat16 is no numpy float kind,
+    so drift would profile its values as categories, and its dtype string ("<V2") reads back as opaque bytes."""
+    return array.astype(np.float32) if array.dtype == BY_NAME["BF16"].np_dtype else array
+
+
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """name -> array as one blob: a text header (name, dtype, shape per array) and the raw bytes, C order.
 
     Not ``np.save``: its header costs ~10 us per array, which the capture writer would pay per request. BYTES
     (object) arrays are stored as the V2 protocol sends them (each element length-prefixed, text as UTF-8), so that
     any bytes survive, trailing NULs and non-ASCII text included; they read back as bytes. BF16 is stored as FP32
-    (exactly): its dtype string ("<V2") would read back as opaque bytes, and drift would see categories.
+    (`as_numbers`).
     """
     header: list[str] = []
     bodies: list[bytes] = []
     for name, value in arrays.items():
-        array = np.asarray(value)
-        if array.dtype == BY_NAME["BF16"].np_dtype:
-            array = array.astype(np.float32)
+        array = as_numbers(np.asarray(value))
         if array.dtype == object:
             data = encode_bytes_tensor(array)
         else:
