@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.utils.shared_memory as shm
 from onnx import TensorProto, helper
 
 from tensorgate.client import InferenceClient
@@ -58,7 +60,23 @@ model_warmup [ { name: "random" batch_size: 2
     bf16_model(root / "plain" / "1" / "model.onnx")
     bf16_model(root / "cached" / "1" / "model.onnx")
     write_config(root, "cached", "max_batch_size: 8\nresponse_cache { enable: true }\n")
-    with ServerThread(root, data_dir=tmp_path_factory.mktemp("data"), response_cache_bytes=1 << 20) as s:
+    # BF16 between two steps of an ensemble: OUT = Z(Z(X)).
+    (root / "twice" / "1").mkdir(parents=True)
+    write_config(
+        root,
+        "twice",
+        """
+platform: "ensemble"
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_BF16 dims: [ 2 ] } ]
+output [ { name: "OUT" data_type: TYPE_BF16 dims: [ 2 ] } ]
+ensemble_scheduling { step [
+  { model_name: "plain" input_map { key: "X" value: "X" } output_map { key: "Z" value: "MID" } },
+  { model_name: "plain" input_map { key: "X" value: "MID" } output_map { key: "Z" value: "OUT" } } ] }
+""",
+    )
+    settings = {"data_dir": tmp_path_factory.mktemp("data"), "response_cache_bytes": 1 << 20, "shared_memory": "system"}
+    with ServerThread(root, **settings) as s:
         yield s
 
 
@@ -131,6 +149,40 @@ def test_the_response_cache_keys_bf16_inputs_by_their_bytes(server: ServerThread
     assert [a["Z"].tolist() for a in answers] == [[[3.0, 5.0]], [[3.0, 5.0]], [[5.0, 7.0]]]
     assert (stats.inference_stats.cache_hit.count, stats.inference_stats.cache_miss.count) == (1, 2)
     assert stats.execution_count == 2
+
+
+def test_an_ensemble_passes_bf16_between_its_steps(server: ServerThread) -> None:
+    x = rows(3, seed=5)
+    with InferenceClient(server.address, timeout=10) as c:
+        out = c.infer("twice", {"X": x})["OUT"]
+    _, mid = expected(x)
+    assert out.dtype == BF16 and out.tobytes() == expected(mid)[1].tobytes()
+
+
+def test_bf16_in_and_out_of_system_shared_memory(server: ServerThread) -> None:
+    """The input read from a region and the BF16 output written to one, as tritonclient's utilities lay them out."""
+    x = rows(2, seed=6)
+    size = x.nbytes
+    keys = [f"/tg-bf16-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    handles = [shm.create_shared_memory_region(k.lstrip("/"), k, size) for k in keys]
+    try:
+        shm.set_shared_memory_region(handles[0], [x])
+        with tc.InferenceServerClient(server.address) as c:
+            c.register_system_shared_memory("bf16_in", keys[0], size)
+            c.register_system_shared_memory("bf16_out", keys[1], size)
+            try:
+                given = tc.InferInput("X", list(x.shape), "BF16")
+                given.set_shared_memory("bf16_in", size)
+                wanted = tc.InferRequestedOutput("Z")
+                wanted.set_shared_memory("bf16_out", size)
+                c.infer("plain", [given], outputs=[wanted])
+            finally:
+                c.unregister_system_shared_memory()
+        got = shm.get_contents_as_numpy(handles[1], np.uint16, list(x.shape)).view(BF16)
+        assert got.tobytes() == expected(x)[1].tobytes()
+    finally:
+        for handle in handles:
+            shm.destroy_shared_memory_region(handle)
 
 
 def test_the_cli_reads_json_and_npy_and_writes_float32_npy(server: ServerThread, tmp_path: Path) -> None:
