@@ -60,6 +60,9 @@ model_warmup [ { name: "random" batch_size: 2
     bf16_model(root / "plain" / "1" / "model.onnx")
     bf16_model(root / "cached" / "1" / "model.onnx")
     write_config(root, "cached", "max_batch_size: 8\nresponse_cache { enable: true }\n")
+    bf16_model(root / "padded" / "1" / "model.onnx")  # every run padded to 8 rows, for one shape on CUDA
+    padding = 'parameters { key: "tensorgate.pad_batches" value { string_value: "true" } }'
+    write_config(root, "padded", f"max_batch_size: 8\n{padding}\n")
     # BF16 between two steps of an ensemble: OUT = Z(Z(X)).
     (root / "twice" / "1").mkdir(parents=True)
     write_config(
@@ -149,6 +152,13 @@ def test_the_response_cache_keys_bf16_inputs_by_their_bytes(server: ServerThread
     assert [a["Z"].tolist() for a in answers] == [[[3.0, 5.0]], [[3.0, 5.0]], [[5.0, 7.0]]]
     assert (stats.inference_stats.cache_hit.count, stats.inference_stats.cache_miss.count) == (1, 2)
     assert stats.execution_count == 2
+
+
+def test_a_padded_model_pads_and_trims_bf16_rows(server: ServerThread) -> None:
+    x = rows(3, seed=8)
+    with InferenceClient(server.address, timeout=10) as c:
+        result = c.infer("padded", {"X": x})
+    assert result["Z"].shape == (3, 2) and result["Z"].tobytes() == expected(x)[1].tobytes()
 
 
 def test_an_ensemble_passes_bf16_between_its_steps(server: ServerThread) -> None:
