@@ -63,6 +63,33 @@ model_warmup [ { name: "random" batch_size: 2
     bf16_model(root / "padded" / "1" / "model.onnx")  # every run padded to 8 rows, for one shape on CUDA
     padding = 'parameters { key: "tensorgate.pad_batches" value { string_value: "true" } }'
     write_config(root, "padded", f"max_batch_size: 8\n{padding}\n")
+    # A sequence model whose implicit state is BF16: SUM = the sequence's running sum of X, kept in ACC.
+    sums = helper.make_graph(
+        [
+            helper.make_node("Cast", ["X"], ["XF"], to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["ACC_IN"], ["AF"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["XF", "AF"], ["SF"]),
+            helper.make_node("Cast", ["SF"], ["SUM"], to=TensorProto.BFLOAT16),
+            helper.make_node("Identity", ["SUM"], ["ACC_OUT"]),
+        ],
+        "running_sum",
+        [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, ["batch", 1]) for n in ("X", "ACC_IN")],
+        [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, ["batch", 1]) for n in ("SUM", "ACC_OUT")],
+    )
+    _save(helper.make_model(sums, opset_imports=[helper.make_opsetid("", OPSET)]), root / "sums" / "1" / "model.onnx")
+    write_config(
+        root,
+        "sums",
+        """
+max_batch_size: 4
+input [ { name: "X" data_type: TYPE_BF16 dims: [ 1 ] } ]
+output [ { name: "SUM" data_type: TYPE_BF16 dims: [ 1 ] } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 60000000
+  state [ { input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_BF16 dims: [ 1 ] } ]
+}
+""",
+    )
     # BF16 between two steps of an ensemble: OUT = Z(Z(X)).
     (root / "twice" / "1").mkdir(parents=True)
     write_config(
@@ -159,6 +186,26 @@ def test_a_padded_model_pads_and_trims_bf16_rows(server: ServerThread) -> None:
     with InferenceClient(server.address, timeout=10) as c:
         result = c.infer("padded", {"X": x})
     assert result["Z"].shape == (3, 2) and result["Z"].tobytes() == expected(x)[1].tobytes()
+
+
+def test_a_sequence_keeps_its_bf16_state(server: ServerThread) -> None:
+    """Implicit state in BF16: zeros at the start, carried between a sequence's requests, apart per sequence."""
+    steps = [(1.5, True, False), (2.0, False, False), (0.25, False, True)]
+    with InferenceClient(server.address, timeout=10) as c:
+        got = {
+            sid: [
+                c.infer(
+                    "sums",
+                    {"X": np.array([[v * sid]], BF16)},
+                    sequence_id=sid,
+                    sequence_start=start,
+                    sequence_end=end,
+                )["SUM"].tolist()
+                for v, start, end in steps
+            ]
+            for sid in (1, 2)
+        }
+    assert got == {1: [[[1.5]], [[3.5]], [[3.75]]], 2: [[[3.0]], [[7.0]], [[7.5]]]}
 
 
 def test_an_ensemble_passes_bf16_between_its_steps(server: ServerThread) -> None:
