@@ -6,6 +6,7 @@ Triton's turn is in tests/test_triton_backend.py. Clients: unmodified tritonclie
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -475,6 +476,40 @@ def test_an_unload_closes_the_backend_off_the_event_loop(
         finally:
             release.set()
     assert threads and "tensorgate-test-server" not in threads
+
+
+def test_slow_closes_do_not_hold_up_loads(
+    upstream: ScriptedUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More remote backends closing slowly at once than asyncio's default executor has threads (where model loads
+    run): a load still goes ahead, since closes run on threads of their own."""
+    root = tmp_path / "models"
+    many = min(32, (os.cpu_count() or 1) + 4) + 1  # asyncio's default executor size, plus one
+    names = [f"gen{i}" for i in range(many)]
+    for name in names:
+        _remote(root, name, upstream.url)
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    release = threading.Event()
+    held: list[str] = []
+    close = TritonBackend.close
+
+    def held_close(self: TritonBackend) -> None:
+        held.append(threading.current_thread().name)
+        release.wait(60)
+        close(self)
+
+    monkeypatch.setattr(TritonBackend, "close", held_close)
+    with ServerThread(root, model_control_mode="explicit", load_model=names) as s:
+        try:
+            with tc.InferenceServerClient(s.address) as c:
+                for name in names:
+                    c.unload_model(name)
+                wait_for("closes to start", lambda: len(held) >= 1, 10)
+                c.load_model("add_sub", client_timeout=30)  # on the default executor: free of the closes
+                assert c.is_model_ready("add_sub")
+        finally:
+            release.set()
+    assert len(held) == many and all(name.startswith("tensorgate-close") for name in held)
 
 
 def test_an_upstream_that_goes_away_mid_request_fails_it_and_the_stream_goes_on(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,8 +189,12 @@ def _reason(exc: TensorgateError) -> str:
     return exc.message
 
 
+CLOSE_THREADS = 4
+"""Backends closing at once (`ModelRepository._closer`); more wait their turn without holding up anything else."""
+
+
 def _close_all(backends: list[Backend]) -> None:
-    """On a worker thread: a remote backend's close can take seconds."""
+    """On a close thread: a remote backend's close can take seconds."""
     for backend in backends:
         backend.close()
 
@@ -243,6 +248,9 @@ class ModelRepository:
         self._stopping = threading.Event()
         """Set by close(): loads still running on threads give up between versions and warm-up runs."""
         self._closing: set[asyncio.Task[None]] = set()
+        self._closer = ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="tensorgate-close")
+        """Where retired backends close: a remote one's close takes seconds when its upstream is gone, and on the
+        default executor a few of those would hold up every model load behind them."""
         self._sequence_order: dict[str, Order] = {}
         """Per remote sequence model, the order its sequences' requests go upstream in, kept across reloads."""
         self._loading_plans: dict[str, EnsemblePlan] = {}
@@ -863,7 +871,7 @@ class ModelRepository:
                 # place would stop serving. The versions that failed get index rows, unless they are served.
                 reason = "; ".join(failed.values())
                 # As in `_retire`, off the loop; one call closes them all, even if a stop cancels this wait.
-                await asyncio.to_thread(_close_all, [i.backend for i in ready.values() if isinstance(i, _Prepared)])
+                await self._close_backends([i.backend for i in ready.values() if isinstance(i, _Prepared)])
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
                     # `retry_remote` loads what the disk has: not for a load that came with its own config or files.
@@ -918,6 +926,9 @@ class ModelRepository:
             self.changes += 1
             self._refresh_dependents(name)
 
+    async def _close_backends(self, backends: list[Backend]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)
+
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:
             if model.sequencer is not None:
@@ -928,7 +939,7 @@ class ModelRepository:
                 model.sequencer.close()
             # Off the loop: a remote backend's close joins its thread and closes its connections (seconds when the
             # upstream is slow to let go), and the loop serves every other model and relay meanwhile.
-            await asyncio.to_thread(model.backend.close)
+            await self._close_backends([model.backend])
             self.changes += 1
 
         task = asyncio.get_running_loop().create_task(close())
@@ -1047,3 +1058,4 @@ class ModelRepository:
             entry.versions = {}
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        self._closer.shutdown(wait=False)  # every close has returned: its threads end
