@@ -11,15 +11,16 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 import onnxruntime as ort
+
+from tensorgate.protos.tensors import BY_NAME
 
 ONNX_TYPE = "tensor(bfloat16)"
 """How onnxruntime's NodeArg.type names it."""
 _ELEMENT_TYPE = 16
 """TensorProto.BFLOAT16 (onnx is not a runtime dependency of the server)."""
-DTYPE = np.dtype(ml_dtypes.bfloat16)
+DTYPE = BY_NAME["BF16"].np_dtype
 
 
 def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:

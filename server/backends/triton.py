@@ -333,11 +333,8 @@ class TritonBackend:
     ) -> dict[str, np.ndarray]:
         """One upstream ModelInfer for the whole batch; tensors travel as raw contents both ways."""
         s = self.settings
-        timeout = s.timeout_s  # the limit for a caller without a deadline; a caller's own deadline wins
-        if context.deadline is not None:
-            timeout = context.deadline - time.monotonic() - s.deadline_margin_s
-            if timeout <= 0:
-                raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
+        left = self._time_left(context.deadline)
+        timeout = s.timeout_s if left is None else left  # a caller's own deadline wins over the default limit
         infer_inputs = []
         for name, array in inputs.items():
             item = tc.InferInput(name, list(array.shape), self._types.get(name, "BYTES"))
@@ -383,23 +380,31 @@ class TritonBackend:
             raise BackendError(self._model, self._version, f"{self._where} did not return {', '.join(missing)}")
         return out
 
+    def _time_left(self, deadline: float | None) -> float | None:
+        """Seconds to give the upstream call: the caller's deadline less the margin (None without a deadline);
+        DEADLINE_EXCEEDED when none is left."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic() - self.settings.deadline_margin_s
+        if left <= 0:
+            raise DeadlineExceededError(f"{model_ref(self._model, self._version)}: the call's deadline passed")
+        return left
+
     def admit(self, deadline: float | None) -> None:
         """Refuse a decoupled model's request before it starts, so that the refusal is no response of its: the
         model is being unloaded, the call's deadline has passed, or `max_streams` requests are being relayed.
         Called on the server's loop right before `stream`, with no await between them, so the count it reads is
         the one `stream` adds to."""
         s = self.settings
-        ref = model_ref(self._model, self._version)
         if self._closed:
             raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
-        if deadline is not None and deadline - time.monotonic() - s.deadline_margin_s <= 0:
-            raise DeadlineExceededError(f"{ref}: the call's deadline passed")
+        self._time_left(deadline)
         if s.max_streams and self._streams >= s.max_streams:
             # Refused rather than queued: each relayed request holds an upstream stream for as long as the
             # upstream answers, so a queue here would grow without bound behind long generations.
             raise ResourceExhaustedError(
-                f"{ref}: {self._streams} requests are being relayed, the most {PREFIX}max_streams "
-                f"({s.max_streams}) allows; retry once one has ended"
+                f"{model_ref(self._model, self._version)}: {self._streams} requests are being relayed, the most "
+                f"{PREFIX}max_streams ({s.max_streams}) allows; retry once one has ended"
             )
 
     async def stream(
@@ -417,11 +422,7 @@ class TritonBackend:
         another thread, which on a busy machine cost a GIL hand-over per response."""
         s = self.settings
         ref = model_ref(self._model, self._version)
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - time.monotonic() - s.deadline_margin_s
-            if timeout <= 0:
-                raise DeadlineExceededError(f"{ref}: the call's deadline passed")
+        timeout = self._time_left(deadline)
         method = self._stream_method()
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
