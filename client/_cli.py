@@ -138,10 +138,6 @@ def headers_from_args(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
-_RAW_16 = np.dtype("V2")
-"""How np.save writes a bfloat16 array, and np.load reads it back."""
-
-
 def _parse_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays from .npy files, and JSON values still waiting for the model's datatypes."""
     arrays: dict[str, np.ndarray] = {}
@@ -251,19 +247,15 @@ def run(args: argparse.Namespace) -> int:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             if isinstance(sequence_id, int) and _takes_string_ids(client, args.model, args.model_version):
                 sequence_id = args.sequence_id  # "007" for a model whose CORRID is a string stays "007"
-            # .npy has no bfloat16: for a BF16 input a float file is rounded to it, and a bfloat16 array saved as
-            # it is (two raw bytes an element, "|V2") is read as one.
-            maybe_bf16 = [name for name, a in arrays.items() if a.dtype.kind == "f" or a.dtype == _RAW_16]
+            # A float or raw ("|V2") file may be for a BF16 input, which .npy cannot hold (`tensors.from_npy`).
+            maybe_bf16 = [name for name, a in arrays.items() if a.dtype.kind in "fV"]
             if pending or maybe_bf16:
                 meta = client.metadata(args.model, args.model_version)
                 declared = {t.name: t.datatype for t in meta.inputs}
                 for name, value in pending.items():
                     arrays[name] = _as_array(name, value, declared.get(name))
-                bf16 = tensors.BY_NAME["BF16"].np_dtype
                 for name in maybe_bf16:
-                    if declared.get(name) == "BF16":
-                        a = arrays[name]
-                        arrays[name] = a.view(bf16) if a.dtype == _RAW_16 else a.astype(bf16)
+                    arrays[name] = tensors.from_npy(arrays[name], declared.get(name, ""))
             request: dict[str, Any] = {
                 "model": args.model,
                 "inputs": arrays,

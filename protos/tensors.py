@@ -45,6 +45,7 @@ __all__ = [
     "encode_array",
     "encode_bytes_tensor",
     "encode_infer_request",
+    "from_npy",
     "from_numpy",
     "parameters_of",
     "set_parameter",
@@ -124,6 +125,19 @@ def from_numpy(dtype: np.dtype[np.generic]) -> DataType:
         if d.name != "BYTES" and d.np_dtype == dtype.newbyteorder("<"):
             return d
     raise KeyError(f"numpy dtype {dtype} has no V2 datatype")
+
+
+def from_npy(array: np.ndarray, datatype: str) -> np.ndarray:
+    """An array read from a .npy file, for a tensor of `datatype`. .npy has no bfloat16: for BF16, a bfloat16 array
+    saved as it is (raw two-byte elements, "|V2") is viewed as one again, and a float array is rounded to one.
+    Other arrays come back as they are."""
+    if datatype != "BF16":
+        return array
+    if array.dtype == np.dtype("V2"):
+        return array.view(BY_NAME["BF16"].np_dtype)
+    if array.dtype.kind == "f":
+        return array.astype(BY_NAME["BF16"].np_dtype)
+    return array
 
 
 def config_type_name(config_type: int) -> str:

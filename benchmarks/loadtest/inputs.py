@@ -148,8 +148,7 @@ def _from_file(path: Path, name: str, datatype: str, model: ModelShape, dims: Se
         raise InputError(f"input '{name}': cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise InputError(f"input '{name}': {path} is not a .npy file: {exc}") from None
-    if datatype == "BF16" and array.dtype == np.dtype("V2"):  # a bfloat16 array as np.save writes it
-        array = array.view(tensors.BY_NAME["BF16"].np_dtype)
+    array = tensors.from_npy(array, datatype)  # .npy has no bfloat16
     _check_datatype(array, path, name, datatype)
     leads = model.leads(dims)
     given = array.shape
