@@ -17,8 +17,9 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 import tensorgate.server
-from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import GRPCInferenceServiceStub, tensors
 from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server.rpc import codec
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, tile_model, write_config
 from tests.serving import ServerThread
 
@@ -37,6 +38,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_config(root, "fixed", 'backend: "onnxruntime"\nmax_batch_size: 0\n')
     # Each input's second dimension is free, so shapes the schema accepts can still fail inside the model.
     add_sub_model(root / "free_dims" / "1" / "model.onnx", shape=("batch", "n"))
+    identity_model(root / "text_free" / "1" / "model.onnx", "BYTES", shape=("batch", "n"))
+    identity_model(root / "fp32_free" / "1" / "model.onnx", "FP32", shape=("batch", "n"))
     # On disk but failing to load: a config naming an input the model lacks, and a file that is not ONNX.
     add_sub_model(root / "bad_config" / "1" / "model.onnx")
     write_config(
@@ -142,6 +145,11 @@ BAD_ROWS = [
     ),
     pytest.param(add_sub(model_version="01"), grpc.StatusCode.NOT_FOUND, ["add_sub", "01"], id="zero-padded-version"),
     pytest.param(add_sub(model_version="9" * 5000), grpc.StatusCode.NOT_FOUND, ["add_sub"], id="5000-digit-version"),
+    # Digits to str.isdigit(), not to int() ("²", "①") or not ASCII ("١", Arabic-Indic one): not versions.
+    *(
+        pytest.param(add_sub(model_version=v), grpc.StatusCode.NOT_FOUND, ["add_sub", v], id=f"unicode-digit-{i}")
+        for i, v in enumerate(("\u00b2", "\u2460", "1\u00b2", "\u0661"))
+    ),
     pytest.param(
         pb.ModelInferRequest(model_name="bad_config"),
         grpc.StatusCode.UNAVAILABLE,
@@ -260,8 +268,31 @@ BAD_ROWS = [
         # elements than 16 bytes can frame: refused before anything is allocated for them.
         bytes_request(_framed(b"a", b"b", b"c", b"d"), shape=[2**20, 4]),
         INVALID,
-        ["identity_bytes", "INPUT0", "malformed BYTES"],
+        ["identity_bytes", "INPUT0", "batch size 1048576 is outside"],
         id="bytes-shape-far-beyond-data",
+    ),
+    pytest.param(
+        # A shape the model takes (its second dimension is free), far beyond what 16 bytes can frame: refused
+        # before anything is allocated for it, by the decode that large tensors get off the event loop.
+        request("text_free", ("INPUT0", "BYTES", [1, 2**20], _framed(b"a", b"b", b"c", b"d"))),
+        INVALID,
+        ["text_free", "INPUT0", "malformed BYTES", "needs 1048576 elements"],
+        id="bytes-free-shape-far-beyond-data",
+    ),
+    pytest.param(
+        # Large BYTES for an FP32 input, malformed too: the model's datatype is checked first, before the work per
+        # element that would find the framing wrong (seconds of the event loop at the size limits).
+        request("add_sub", ("INPUT0", "BYTES", [1, 2**15], b"\0" * 2**17 + b"x"), _row_16([1, 16])),
+        INVALID,
+        ["add_sub", "INPUT0", "datatype BYTES does not match the model's FP32"],
+        id="large-bytes-for-fp32-checked-before-decoding",
+    ),
+    pytest.param(
+        # As above for typed contents: 2**15 values where the shape needs one more, in a shape the model refuses.
+        contents_request("add_sub", "FP32", [1, 2**15], "fp32_contents", [0.0] * (2**15 - 1)),
+        INVALID,
+        ["add_sub", "INPUT0", "shape [1, 32768] does not match the model's"],
+        id="large-contents-shape-checked-before-decoding",
     ),
     pytest.param(
         bytes_request(_framed(b"ok", b"\xff\xfe", b"", b"")),
@@ -318,7 +349,7 @@ BAD_ROWS = [
     pytest.param(
         contents_request("identity_uint8", "UINT8", [1, 4], "uint_contents", [1, 2, 3, 4], raw=b"\1\2\3\4"),
         INVALID,
-        ["identity_uint8", "INPUT0", "both"],
+        ["identity_uint8", "INPUT0", "in contents, but the request carries raw_input_contents"],
         id="contents-and-raw",
     ),
     pytest.param(
@@ -380,6 +411,41 @@ def test_bad_request(
     stub: GRPCInferenceServiceStub, req: pb.ModelInferRequest, code: grpc.StatusCode, words: list[str]
 ) -> None:
     expect_error(stub.ModelInfer, req, code, words)
+    good_check(stub)
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u2460", "1\u00b2"])
+def test_unicode_digit_versions_are_not_found_on_every_rpc(stub: GRPCInferenceServiceStub, version: str) -> None:
+    """str.isdigit() takes these for digits and int() refuses them: each RPC that names a version says NOT_FOUND
+    (ModelReady: not ready), never INTERNAL."""
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="add_sub", version=version), timeout=5).ready
+    for call, req in (
+        (stub.ModelMetadata, pb.ModelMetadataRequest(name="add_sub", version=version)),
+        (stub.ModelConfig, pb.ModelConfigRequest(name="add_sub", version=version)),
+        (stub.ModelStatistics, pb.ModelStatisticsRequest(name="add_sub", version=version)),
+    ):
+        expect_error(call, req, grpc.StatusCode.NOT_FOUND, ["add_sub", version])
+    good_check(stub)
+
+
+def test_large_tensors_are_decoded_whole_off_the_event_loop(stub: GRPCInferenceServiceStub) -> None:
+    """Tensors over codec.LARGE_ELEMENTS that need work per element (BYTES framing, typed contents) are decoded
+    on a worker thread: their answers are exact, unary and on a stream, and the server answers others after."""
+    count = codec.LARGE_ELEMENTS + 3
+    words = np.array([[str(i).encode() * (i % 3) for i in range(count)]], dtype=object)
+    text = request("text_free", ("INPUT0", "BYTES", [1, count], _framed(*words[0])), id="text")
+    values = np.arange(count, dtype=np.float32).reshape(1, count) / 7
+    typed = contents_request("fp32_free", "FP32", [1, count], "fp32_contents", values[0].tolist())
+    stream = Stream(stub)
+    for req in (text, typed):
+        for resp in (stub.ModelInfer(req, timeout=30), stream.ask(req).infer_response):
+            assert list(resp.outputs[0].shape) == [1, count]
+            if req is text:
+                assert tensors.decode_bytes_tensor(resp.raw_output_contents[0], count).tolist() == words[0].tolist()
+            else:
+                np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], "<f4"), values[0])
+    _stream_good(stream)
+    stream.close()
     good_check(stub)
 
 
@@ -670,3 +736,27 @@ def test_response_within_default_limit(stub: GRPCInferenceServiceStub) -> None:
     resp = stub.ModelInfer(_tile_request(), timeout=10)
     out = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(1, 16 * 4096)
     np.testing.assert_array_equal(out, np.tile(_f32(1, 16), (1, 4096)))
+
+
+def test_only_large_tensors_that_need_work_per_element_leave_the_loop() -> None:
+    """The codec's rule, in process: over LARGE_ELEMENTS, BYTES and typed contents are checked against the model
+    first and (on the loop) handed off; fixed-size raw tensors of any size are views and stay."""
+    seen: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def check(model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
+        seen.append((tensor, datatype, shape))
+
+    n = codec.LARGE_ELEMENTS
+    small_text = request("m", ("T", "BYTES", [1, n], _framed(*[b"x"] * n)))
+    large_text = request("m", ("T", "BYTES", [1, n + 1], _framed(*[b"x"] * (n + 1))))
+    large_raw = request("m", ("F", "FP32", [1, 4 * n], b"\0" * 16 * n))
+    large_typed = contents_request("m", "FP32", [1, n + 1], "fp32_contents", [1.0] * (n + 1))
+    for req in (small_text, large_raw):
+        codec.decode_infer_request(req, check_input=check, on_loop=True)
+    assert seen == []
+    for req, name, datatype in ((large_text, "T", "BYTES"), (large_typed, "INPUT0", "FP32")):
+        with pytest.raises(codec.DecodeOffLoop):
+            codec.decode_infer_request(req, check_input=check, on_loop=True)
+        decoded = codec.decode_infer_request(req, check_input=check)
+        assert decoded.inputs[name].shape == (1, n + 1)
+        assert seen[-2:] == [(name, datatype, (1, n + 1))] * 2

@@ -476,3 +476,54 @@ def test_cuda_shared_memory_has_nothing_to_list_or_unregister(served: ServerThre
         assert _code(info.value) == "StatusCode.UNIMPLEMENTED"
     finally:
         client.close()
+
+
+def test_a_region_size_the_shape_cannot_take_is_refused_before_it_is_read(
+    client: tc.InferenceServerClient, segments: Segments
+) -> None:
+    """A region can name any number of bytes: one that the tensor's shape cannot take is refused from its size,
+    without reading it (a small request must not make the server read and hold hundreds of megabytes). The
+    segment is shrunk after registration, so a read would fail with another message: "was shrunk"."""
+    key, _ = segments.make(4 * ROW_BYTES)
+    client.register_system_shared_memory("r", key, 4 * ROW_BYTES)
+    os.truncate(shm_path(key), 0)
+    inputs = [tc.InferInput("INPUT0", [1, 16], "FP32"), tc.InferInput("INPUT1", [1, 16], "FP32")]
+    inputs[0].set_shared_memory("r", 4 * ROW_BYTES)
+    inputs[1].set_data_from_numpy(np.zeros((1, 16), np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("add_sub", inputs)
+    assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+    message = info.value.message()
+    assert f"shared_memory_byte_size of region 'r' is {4 * ROW_BYTES} but shape [1, 16] of FP32 needs" in message
+    assert "tensor 'INPUT0'" in message and "shrunk" not in message
+
+
+def test_a_text_region_larger_than_its_elements_can_be_is_refused_before_it_is_read(
+    repo: Path, segments: Segments
+) -> None:
+    """BYTES elements have no fixed size, but each is at most --max-bytes-element bytes after its 4-byte length:
+    a region larger than that for the shape is refused from its size, before it is read (shrunk, as above)."""
+    from tests.onnx_models import identity_model
+
+    identity_model(repo / "text" / "1" / "model.onnx", "BYTES")
+    key, _ = segments.make(4096)
+    with ServerThread(repo, shared_memory="system", max_bytes_element=100) as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            client.register_system_shared_memory("text", key, 4096)
+            os.truncate(shm_path(key), 0)
+            inp = tc.InferInput("INPUT0", [1, 4], "BYTES")
+            inp.set_shared_memory("text", 4 * 104 + 1)  # one byte more than 4 elements of 100 bytes take
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("text", [inp])
+            assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+            message = info.value.message()
+            assert "shared_memory_byte_size of region 'text' is 417, more than shape [1, 4] can hold" in message
+            assert "--max-bytes-element" in message and "shrunk" not in message
+            inp.set_shared_memory("text", 4 * 104)  # within the bound: read, and the shrunk segment is found
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("text", [inp])
+            assert "was shrunk" in info.value.message()
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()

@@ -675,6 +675,8 @@ def test_trace_settings_change_sampling_while_the_server_runs(repo: Path, collec
         pytest.param({"trace_level": "TENSORS"}, "tensorgate never traces payloads", id="tensors"),
         pytest.param({"trace_level": ["OFF", "TIMESTAMPS"]}, "trace_level must be OFF or TIMESTAMPS", id="both"),
         pytest.param({"trace_rate": "0"}, "trace_rate must be a whole number >= 1", id="rate-0"),
+        pytest.param({"trace_rate": "\u00b2"}, "trace_rate must be a whole number >= 1", id="rate-unicode-digit"),
+        pytest.param({"trace_rate": "9" * 5000}, "trace_rate must be a whole number >= 1", id="rate-5000-digits"),
         pytest.param({"tensorgate.sample_rate": "2"}, "tensorgate.sample_rate must be a number in 0..1", id="share"),
         pytest.param({"trace_count": "10"}, "trace_count can only be '-1' here", id="count"),
         pytest.param({"trace_file": "/tmp/t.json"}, "trace_file can only be '' here", id="file"),

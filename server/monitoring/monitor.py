@@ -32,6 +32,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.decimal_text import parse_decimal
 from tensorgate.server.errors import InvalidRequestError, ModelNotFoundError
 from tensorgate.server.monitoring import drift as drift_stats
 from tensorgate.server.monitoring.alerts import (
@@ -337,10 +338,9 @@ class Monitor:
         profile = drift_stats.load_profile(self.data_dir, t.model_dir, t.name)
         if profile is not None:
             return profile
-        raw = parameter(t.config, "tensorgate.drift.reference_requests")
-        if not raw or not raw.isdigit() or int(raw) < 1:
+        n = parse_decimal(parameter(t.config, "tensorgate.drift.reference_requests") or "")
+        if n is None or n < 1:
             return None
-        n = int(raw)
         if self.store.count(t.name) < n:
             return None
         first = self.store.predictions(t.name, limit=n, newest_first=False)

@@ -24,7 +24,7 @@ from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
-from tensorgate.server.pipeline.validate import reshape_out, validate_request
+from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
 from tensorgate.server.repository.ensemble import Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
@@ -166,6 +166,12 @@ class InferenceHandler:
             model.stats.record_cache_miss(lookup_ns + time.perf_counter_ns() - inserting)
         self._answered(model, req, inputs, results, span, times)
         return response
+
+    def check_input(self, model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """Before a large tensor is decoded (codec.LARGE_ELEMENTS): the model is served and takes it, so that a
+        request it cannot take costs no work per element."""
+        loaded = self._repository.get(model, version)
+        check_input(loaded.schema, loaded.name, str(loaded.version), tensor, datatype, shape)
 
     def decoupled(self, model: str, version: str) -> bool:
         """Whether a stream's request goes to a decoupled model (`relay`); False for a model that is not served

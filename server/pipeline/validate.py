@@ -17,6 +17,54 @@ def _dims_match(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
 
 
+def check_input(
+    schema: ModelSchema, model: str, version: str, name: str, datatype: str, shape: tuple[int, ...]
+) -> TensorSpec:
+    """One input's name, datatype and shape against the model's; a batching model's first dimension is the rows.
+
+    Also called before a large tensor is decoded (`InferenceHandler.check_input`), so that a request the model
+    cannot take does not cost per-element work first."""
+    spec = schema.inputs.get(name)
+    if spec is None:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"unexpected input; the model's inputs are {sorted(schema.inputs)}",
+            tensor=name,
+        )
+    if datatype != spec.datatype.name:
+        raise InvalidRequestError(
+            model,
+            version,
+            f"datatype {datatype} does not match the model's {spec.datatype.name}",
+            tensor=name,
+        )
+    if schema.max_batch_size > 0:
+        if len(shape) != len(spec.dims) + 1 or not _dims_match(shape[1:], spec.dims):
+            raise InvalidRequestError(
+                model,
+                version,
+                f"shape {list(shape)} does not match the model's {spec.shape_text(schema.max_batch_size)}",
+                tensor=name,
+            )
+        rows = shape[0]
+        if rows < 1 or rows > schema.max_batch_size:
+            raise InvalidRequestError(
+                model,
+                version,
+                f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size)",
+                tensor=name,
+            )
+    elif not _dims_match(shape, spec.dims):
+        raise InvalidRequestError(
+            model,
+            version,
+            f"shape {list(shape)} does not match the model's {spec.shape_text(0)}",
+            tensor=name,
+        )
+    return spec
+
+
 def validate_request(
     schema: ModelSchema, req: InferRequest, version: str
 ) -> tuple[dict[str, np.ndarray], int, list[str]]:
@@ -28,53 +76,16 @@ def validate_request(
     batch: int | None = None
     inputs: dict[str, np.ndarray] = {}
     for name, array in req.inputs.items():
-        spec = schema.inputs.get(name)
-        if spec is None:
-            raise InvalidRequestError(
-                model,
-                version,
-                f"unexpected input; the model's inputs are {sorted(schema.inputs)}",
-                tensor=name,
-            )
-        datatype = req.datatypes[name]
-        if datatype != spec.datatype.name:
-            raise InvalidRequestError(
-                model,
-                version,
-                f"datatype {datatype} does not match the model's {spec.datatype.name}",
-                tensor=name,
-            )
+        spec = check_input(schema, model, version, name, req.datatypes[name], array.shape)
         if spec.text:
             _check_text(array, model, version, name)
-        shape = array.shape
         if schema.max_batch_size > 0:
-            if len(shape) != len(spec.dims) + 1 or not _dims_match(shape[1:], spec.dims):
-                raise InvalidRequestError(
-                    model,
-                    version,
-                    f"shape {list(shape)} does not match the model's {spec.shape_text(schema.max_batch_size)}",
-                    tensor=name,
-                )
-            rows = shape[0]
-            if rows < 1 or rows > schema.max_batch_size:
-                raise InvalidRequestError(
-                    model,
-                    version,
-                    f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size)",
-                    tensor=name,
-                )
+            rows = array.shape[0]
             if batch is not None and rows != batch:
                 raise InvalidRequestError(
                     model, version, f"batch size {rows} differs from other inputs' {batch}", tensor=name
                 )
             batch = rows
-        elif not _dims_match(shape, spec.dims):
-            raise InvalidRequestError(
-                model,
-                version,
-                f"shape {list(shape)} does not match the model's {spec.shape_text(0)}",
-                tensor=name,
-            )
         inputs[name] = _reshape_in(array, spec, schema.max_batch_size)
     missing = [n for n, s in schema.inputs.items() if n not in inputs and not s.optional]
     if missing:

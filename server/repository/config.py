@@ -13,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.repository.ensemble import ENSEMBLE_PLATFORM
 
@@ -239,6 +240,7 @@ def version_dirs(model_dir: Path) -> list[int]:
     """Numbered version sub-directories; anything else in the model directory is ignored, as in Triton."""
     out: list[int] = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and child.name == str(int(child.name)):
-            out.append(int(child.name))
+        number = parse_canonical(child.name)
+        if number is not None and child.is_dir():
+            out.append(number)
     return sorted(out)

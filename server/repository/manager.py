@@ -30,6 +30,7 @@ from tensorgate.server.backends.base import Backend, backend_ready
 from tensorgate.server.backends.ensemble import EnsembleBackend
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
 from tensorgate.server.backends.triton import DEFAULT_REMOTE_INSTANCES, REMOTE_VERSION, TritonBackend, complete_config
+from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import (
     InvalidConfigError,
     InvalidRequestError,
@@ -278,10 +279,9 @@ class ModelRepository:
             if entry.versions:
                 return entry.versions[max(entry.versions)]
             raise ModelUnavailableError(name, None, entry.reason or entry.state.lower())
-        # Length first: int() refuses strings of thousands of digits with a ValueError (INTERNAL otherwise).
-        if len(version) > 18 or not version.isdigit() or version != str(int(version)):
+        number = parse_canonical(version)
+        if number is None:
             raise ModelNotFoundError(name, version, "versions are written as plain decimal numbers")
-        number = int(version)
         found = entry.versions.get(number)
         if found is not None:
             return found
@@ -309,8 +309,8 @@ class ModelRepository:
             return "", ""
         if version == "":
             return name, str(max(entry.versions)) if entry.versions else ""
-        if len(version) <= 18 and version.isdigit() and version == str(int(version)):
-            number = int(version)
+        number = parse_canonical(version)
+        if number is not None:
             if number in entry.versions or number in entry.failed:
                 return name, version
         return name, ""

@@ -159,11 +159,16 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
-    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+    async def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
         """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
-        tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does."""
+        tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does.
+        A large tensor that needs work per element is decoded on a worker thread (codec.LARGE_ELEMENTS)."""
+        limits, shm, check = self._limits, self.shared_memory, self._handler.check_input
         try:
-            return codec.decode_infer_request(request, deadline, self._limits, self.shared_memory)
+            try:
+                return codec.decode_infer_request(request, deadline, limits, shm, check, on_loop=True)
+            except codec.DecodeOffLoop:
+                return await asyncio.to_thread(codec.decode_infer_request, request, deadline, limits, shm, check)
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
             raise
@@ -188,7 +193,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         try:
-            req = self._decode(request, codec.monotonic_deadline(context.time_remaining()))
+            req = await self._decode(request, codec.monotonic_deadline(context.time_remaining()))
             response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
@@ -201,7 +206,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
-            req = self._decode(request, deadline)
+            req = await self._decode(request, deadline)
             result = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
@@ -258,7 +263,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 try:
                     if self.auth.enabled:
                         self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-                    req = self._decode(request, deadline)
+                    req = await self._decode(request, deadline)
                     # Closed at once when a response fails here (too large): the upstream call ends with it.
                     async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
                         async for response in responses:

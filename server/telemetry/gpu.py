@@ -24,6 +24,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from tensorgate.server.decimal_text import parse_decimal
+
 log = logging.getLogger(__name__)
 
 GPU_LABELS = ("gpu", "uuid", "name")
@@ -83,8 +85,9 @@ def visible_devices(devices: Sequence[tuple[int, str]], spec: str | None) -> lis
     chosen: list[int] = []
     for raw in spec.split(","):
         entry = raw.strip()
-        if entry.isdigit():
-            match = [index for index, _ in devices if index == int(entry)]
+        number = parse_decimal(entry)
+        if number is not None:
+            match = [index for index, _ in devices if index == number]
         elif entry.startswith("GPU-"):
             match = [index for index, uuid in devices if uuid.startswith(entry)]
         else:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tensorgate.server.decimal_text import parse_decimal
+
 KEYS = (
     "trace_level",
     "trace_rate",
@@ -84,9 +86,10 @@ def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: Trac
             enabled = levels == {"TIMESTAMPS"}
         elif key == "trace_rate":
             text = _one(key, values)
-            if not text.isdigit() or int(text) < 1:
+            every = parse_decimal(text)
+            if every is None or every < 1:
                 raise TraceSettingsError(f"trace_rate must be a whole number >= 1 (one trace in N), got '{text}'")
-            rate = 1 / int(text)
+            rate = 1 / every
         elif key == "tensorgate.sample_rate":
             text = _one(key, values)
             try:
