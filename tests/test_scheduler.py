@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.base import SequenceFlags
 from tensorgate.server.backends.function import FunctionBackend
 from tensorgate.server.errors import (
     BackendError,
@@ -406,6 +407,34 @@ async def test_expired_deadlines_never_reach_the_model(make: Factory, gate: Gate
     await gather(first, kept)
     assert gate.requests == [[0], [3]] and gate.rows == [1, 1]
     assert backend.calls == 2 and stats.execution_count == 2
+
+
+@pytest.mark.parametrize("fails", ["deadline", "unload"])
+async def test_a_remote_sequence_request_failed_while_queued_may_be_cancelled_at_once(
+    make: Factory, gate: Gate, fails: str
+) -> None:
+    """A remote sequence model's request (it carries `settled`) failed in the queue, by its deadline or an
+    unload, whose caller is cancelled in the same loop iteration (gRPC cancels the handler at the deadline too):
+    it never reached a batch, so the cancelled caller does not wait for one to settle it."""
+    s, backend, _ = make(None, max_batch_size=0)
+    flags = SequenceFlags(7, True, False)
+    loop = asyncio.get_running_loop()
+    if fails == "deadline":
+        task = spawn(s.submit(request(1), ["Y"], 1, time.monotonic() - 1.0, sequence=flags))
+        await queued()
+        loop.call_soon(task.cancel)  # right after the dispatcher drops it as past its deadline
+    else:
+        first = await block(s, gate, 0)
+        task = spawn(s.submit(request(1), ["Y"], 1, None, sequence=flags))
+        await queued()
+        s.reject_waiting("was unloaded before the request ran")
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    if fails == "unload":
+        gate.open()
+        await gather(first)
+    assert backend.calls == (0 if fails == "deadline" else 1) and s.queued == 0
 
 
 @pytest.mark.parametrize("leaves", ["deadline", "cancel"])

@@ -255,6 +255,7 @@ class Scheduler:
             # the head of the queue (and with it the batch timer) is recomputed. In a batch, it just gets no result.
             pending.future.cancel()
             if self._remove(pending):
+                self._fail_queued(pending, asyncio.CancelledError())
                 self._dispatch()
             elif pending.settled is not None:
                 await asyncio.shield(pending.settled)  # in a batch already: it may still reach the upstream
@@ -292,10 +293,26 @@ class Scheduler:
     def _reject(self, pending: _Pending, why: str) -> None:
         """Fail a request that is still queued; one already in a batch runs to the end (its timeout was for the
         queue, and failing it now would report DEADLINE_EXCEEDED for work that is being done anyway)."""
-        if pending.future.done() or not (self._remove(pending) or self._staged(pending)):
+        if pending.future.done():
             return
-        pending.future.set_exception(DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued"))
+        error = DeadlineExceededError(f"{self._ref}: {why} passed while the request was queued")
+        if self._remove(pending):
+            self._fail_queued(pending, error)
+        elif self._staged(pending):
+            pending.future.set_exception(error)  # the instance drops it, and `_finish` settles it
+        else:
+            return
         self._dispatch()
+
+    @staticmethod
+    def _fail_queued(pending: _Pending, error: BaseException) -> None:
+        """Fail a request taken out of its queue before any batch had it (unless its caller left already). It
+        never runs, so it is settled too: a remote sequence's next request, and this one's caller if it leaves
+        now, wait for `settled`, which only a batch's end would resolve otherwise."""
+        if not pending.future.done():
+            pending.future.set_exception(error)
+        if pending.settled is not None and not pending.settled.done():
+            pending.settled.set_result(None)
 
     def _deadline_error(self) -> DeadlineExceededError:
         """For a request found past its gRPC deadline before it ran (in the queue, or in a staged batch)."""
@@ -312,13 +329,10 @@ class Scheduler:
         out: list[_Pending] = []
         for lane in self._lanes:
             for p in list(lane):
-                if p.future.done():
+                if p.future.done() or (p.deadline is not None and now >= p.deadline):
                     lane.remove(p)
                     self._queued -= 1
-                elif p.deadline is not None and now >= p.deadline:
-                    lane.remove(p)
-                    self._queued -= 1
-                    p.future.set_exception(self._deadline_error())
+                    self._fail_queued(p, self._deadline_error())
                 else:
                     out.append(p)
         return out
@@ -543,13 +557,15 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiting = [p for batch in list(self._handed.values()) for p in batch.requests]
+        message = f"{self._ref} {why}"
+        for batch in list(self._handed.values()):
+            for p in batch.requests:
+                if not p.future.done():
+                    p.future.set_exception(ServerUnavailableError(message))
         for lane in self._lanes:
-            waiting.extend(lane)
+            for p in lane:
+                self._fail_queued(p, ServerUnavailableError(message))
             lane.clear()
-        for p in waiting:
-            if not p.future.done():
-                p.future.set_exception(ServerUnavailableError(f"{self._ref} {why}"))
         self._queued = 0
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
 
