@@ -627,3 +627,100 @@ def test_an_ensemble_response_cache_never_answers_a_sequence(tmp_path: Path) -> 
             assert stats.cache_hit.count == 0 and stats.success.count == 3
         finally:
             c.close()
+
+
+# ----- the Sequencer itself, in process: orders of events a client cannot pin down ---------------------------------
+
+
+class _Gated:
+    """A stateful model function that blocks each call until `release`: OUT = S_IN + X, S_OUT = OUT."""
+
+    def __init__(self) -> None:
+        self._calls = threading.Semaphore(0)
+        self.active = 0
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._calls.release()
+
+    def __call__(self, inputs: Any, outputs: Any) -> dict[str, np.ndarray]:
+        self.active += 1
+        try:
+            if not self._calls.acquire(timeout=10):
+                raise TimeoutError("the test never released the call")
+        finally:
+            self.active -= 1
+        total = inputs["S_IN"] + inputs["X"]
+        return {name: total for name in outputs}
+
+
+async def _sequencer_on(fn: _Gated, slots: int) -> tuple[Any, Any]:
+    from google.protobuf import text_format
+
+    from tensorgate.protos import model_config_pb2 as mc
+    from tensorgate.server.backends.function import FunctionBackend
+    from tensorgate.server.repository.sequence import SequenceSpec, State
+    from tensorgate.server.scheduling.policy import SchedulingPolicy
+    from tensorgate.server.scheduling.scheduler import Scheduler
+    from tensorgate.server.scheduling.sequencer import Sequencer
+    from tensorgate.server.telemetry.statistics import ModelStats
+
+    config = text_format.Parse('name: "m" max_batch_size: 4 sequence_batching { }', mc.ModelConfig())
+    scheduler = Scheduler("m", 1, FunctionBackend(fn), ModelStats(), 1, SchedulingPolicy.from_config(config))
+    spec = SequenceSpec(10**10, (), (State("S_IN", "S_OUT", np.zeros((1,), np.float32)),), slots, None)
+    return scheduler, Sequencer("m", 1, scheduler, spec, True)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    limit = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < limit, f"not within 10 s: {what}"
+        await asyncio.sleep(0.002)
+
+
+async def test_requests_of_a_sequence_that_waited_for_its_slot_run_through_an_unload() -> None:
+    """Sequence 2 waits in the backlog with two requests; it gets the slot, its first runs and its second waits
+    behind it when the unload begins: both were accepted, and both run (the second was refused "being unloaded"
+    when the places taken in the backlog did not hold the model's Scheduler once the slot came)."""
+    from tensorgate.server.backends.base import SequenceFlags
+
+    fn = _Gated()
+    scheduler, sequencer = await _sequencer_on(fn, slots=1)
+
+    def send(value: float, sid: int, start: bool, end: bool) -> asyncio.Task[Any]:
+        x = {"X": np.full((1, 1), value, np.float32)}
+        return asyncio.ensure_future(sequencer.submit(x, ["S_OUT"], 1, None, SequenceFlags(sid, start, end)))
+
+    a = send(1.0, 1, True, True)
+    await _until(lambda: fn.active == 1, "sequence 1 runs")
+    b1, b2 = send(10.0, 2, True, False), send(20.0, 2, False, True)
+    await asyncio.sleep(0.01)
+    assert sequencer.backlog == 1
+    fn.release()  # sequence 1 ends: sequence 2 takes the slot, and its first request runs
+    await a
+    await _until(lambda: fn.active == 1, "sequence 2's first request runs")
+    sequencer.drain()
+    closing = asyncio.ensure_future(scheduler.close(grace=10))
+    await asyncio.sleep(0.05)
+    fn.release(2)
+    await asyncio.wait_for(closing, 15)
+    sequencer.close()
+    results = [float(r[0]["S_OUT"][0, 0]) for r in await asyncio.gather(b1, b2)]
+    assert results == [10.0, 30.0]
+
+
+async def test_no_new_sequence_starts_once_the_unload_has_begun_even_with_a_free_slot() -> None:
+    """A START that reaches the sequencer after `drain` (an ensemble's later step, which took the old version
+    before the unload) is refused as never run, though a slot is free: the unload would cut the sequence short."""
+    from tensorgate.server.backends.base import SequenceFlags
+    from tensorgate.server.errors import ServerUnavailableError
+
+    fn = _Gated()
+    scheduler, sequencer = await _sequencer_on(fn, slots=2)
+    sequencer.drain()
+    with pytest.raises(ServerUnavailableError, match="unloaded before the request ran"):
+        x = {"X": np.ones((1, 1), np.float32)}
+        await asyncio.wait_for(sequencer.submit(x, ["S_OUT"], 1, None, SequenceFlags(5, True, False)), 10)
+    assert fn.active == 0 and sequencer.active == 0
+    await scheduler.close(grace=1)
+    sequencer.close()

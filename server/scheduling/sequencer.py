@@ -61,6 +61,9 @@ class _Sequence:
     idle: asyncio.TimerHandle | None = None
     succeeded: bool = False
     """Started again before it ended: its successor took its slot, which its release must not free."""
+    unheld: list[Place] = dataclasses.field(default_factory=list)
+    """Places taken while the sequence waited for its slot (they do not hold the Scheduler yet): they take their
+    hold when the slot is granted. Shared with a successor that waits for the same slot."""
 
 
 def _holds_slot(seq: _Sequence) -> bool:
@@ -134,13 +137,13 @@ class Sequencer:
         self._check(flags, rows)
         assert flags is not None
         seq = self._begin(flags)
-        place = Place(seq, flags, seq.tail, self._loop.create_future(), _holds_slot(seq))
+        place = Place(seq, flags, seq.tail, self._loop.create_future(), False)
         seq.tail = place.done
         seq.pending += 1
-        if place.holds:
-            self._holding_requests += 1
-            if self._holding_requests == 1:
-                self._scheduler.hold()
+        if _holds_slot(seq):
+            self._hold(place)
+        elif not seq.slot.done():
+            seq.unheld.append(place)
         if seq.idle is not None:
             seq.idle.cancel()
             seq.idle = None
@@ -178,6 +181,14 @@ class Sequencer:
             if not self._closed:
                 seq.state[state.input_name] = value.copy()
         return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
+
+    def _hold(self, place: Place) -> None:
+        """The request's sequence holds a slot: the Scheduler is held until the request is over, so that an unload
+        lets it run within the grace period."""
+        place.holds = True
+        self._holding_requests += 1
+        if self._holding_requests == 1:
+            self._scheduler.hold()
 
     def leave(self, place: Place) -> None:
         """The request at `place` is over (answered, failed, or never run): the next one of its sequence may go,
@@ -241,16 +252,16 @@ class Sequencer:
                 if seq.idle is not None:
                     seq.idle.cancel()
                     seq.idle = None
-                seq = _Sequence(flags.id, initial, seq.slot, seq.tail)
+                seq = _Sequence(flags.id, initial, seq.slot, seq.tail, unheld=seq.unheld)
                 self._sequences[flags.id] = seq
             else:
                 seq = _Sequence(flags.id, initial, self._loop.create_future())
                 self._sequences[flags.id] = seq
-                if self._holding < self._spec.max_sequences:
+                if self._draining:  # no slot is handed out once an unload has begun, even a free one
+                    self._fail_slot(seq)
+                elif self._holding < self._spec.max_sequences:
                     self._holding += 1
                     seq.slot.set_result(None)
-                elif self._draining:
-                    self._fail_slot(seq)
                 else:
                     self._backlog.append(seq)
         elif seq is None or seq.ended:
@@ -331,7 +342,12 @@ class Sequencer:
         self._holding -= 1
         while self._backlog and self._holding < self._spec.max_sequences and not self._draining:
             self._holding += 1
-            self._backlog.popleft().slot.set_result(None)
+            granted = self._backlog.popleft()
+            granted.slot.set_result(None)
+            for place in granted.unheld:
+                if not place.left:
+                    self._hold(place)
+            granted.unheld.clear()
 
     def _fail_slot(self, seq: _Sequence) -> None:
         if not seq.slot.done():  # (a slot shared with a successor is failed once)
