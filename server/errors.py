@@ -20,6 +20,9 @@ INTERNAL with a generic message, and only the log carries the details.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import grpc
 
 
@@ -134,3 +137,20 @@ class FailedPreconditionError(TensorgateError):
 
 class UnimplementedError(TensorgateError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def os_error_text(exc: OSError, base: Path) -> str:
+    """An OSError as clients may read it (load errors, RepositoryIndex): its own text carries the server's
+    absolute path, so the file is named relative to `base` (the model repository), or by its name alone."""
+    why = exc.strerror or type(exc).__name__
+    if exc.filename is None:
+        return why
+    path = Path(os.fsdecode(exc.filename))
+    shown = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
+    return f"{shown}: {why}"
+
+
+def unexpected_error_text(exc: Exception, base: Path) -> str:
+    """An error no check foresaw, for the reason a failed load records (the log has the traceback)."""
+    detail = os_error_text(exc, base) if isinstance(exc, OSError) else str(exc)
+    return f"unexpected error: {type(exc).__name__}: {detail}"

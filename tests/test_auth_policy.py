@@ -28,10 +28,12 @@ from tensorgate.server import ServerSettings
 from tensorgate.server.auth import certs
 from tensorgate.server.auth.identity import identity_of_auth_context, identity_of_certificate
 from tensorgate.server.auth.policy import DEFAULT_MTLS_POLICY, PolicyError, PolicyFile, load_policy, parse_policy
+from tests.onnx_models import add_sub_model, write_config
 from tests.pki import CHANNEL_OPTIONS, Pki, add_sub_request, identity_request, infer_add_sub, secure_channel
 from tests.process import TENSORGATE, ServeProcess
 from tests.scraping import scrape
 from tests.serving import ServerThread
+from tests.test_poll import wait_for
 
 SCORER = certs.spiffe_id("scorer")
 ADMIN = certs.spiffe_id("admin")
@@ -756,5 +758,60 @@ def test_an_ensemble_loaded_by_a_caller_loads_only_step_models_it_may_load(repo:
             assert "step model 'add_sub' is not loaded, and the caller may not load it" in info.value.message()
             assert not any(row.name == "add_sub" and row.state == "READY" for row in s.app.repository.states())
             assert s.app.auth.denials[("deployer", "RepositoryModelLoad")] == 1
+        finally:
+            c.close()
+
+
+def test_an_ensemble_refused_a_step_is_not_loaded_later_behind_the_callers_back(repo: Path, tmp_path: Path) -> None:
+    """The deployer may load dep-* only: its load of dep-ens (steps dep-a, then add_sub) is refused. When dep-a
+    loads again, the ensemble is tried again on behalf of whoever loaded dep-a: for the deployer it stays refused
+    (it used to load, add_sub with it, with no check), for an admin it loads, add_sub included."""
+    add_sub_model(repo / "dep-a" / "1" / "model.onnx")
+    ensemble = """
+        platform: "ensemble"
+        max_batch_size: 4
+        input [ { name: "X" data_type: TYPE_FP32 dims: [ 16 ] }, { name: "Y" data_type: TYPE_FP32 dims: [ 16 ] } ]
+        output [ { name: "Z" data_type: TYPE_FP32 dims: [ 16 ] } ]
+        ensemble_scheduling { step [
+          { model_name: "dep-a" model_version: -1
+            input_map { key: "INPUT0" value: "X" } input_map { key: "INPUT1" value: "Y" }
+            output_map { key: "OUTPUT0" value: "sum" } },
+          { model_name: "add_sub" model_version: -1
+            input_map { key: "INPUT0" value: "sum" } input_map { key: "INPUT1" value: "Y" }
+            output_map { key: "OUTPUT0" value: "Z" } } ] }
+    """
+    write_config(repo, "dep-ens", ensemble)
+    (repo / "dep-ens" / "1").mkdir()
+    admin_token = "admin-" + TOKEN
+    policy = {
+        "rules": [
+            {"identities": "deployer", "apis": ["repository", "inference", "metadata"], "models": ["dep-*"]},
+            {"identities": "admin", "apis": ["repository", "inference", "metadata"], "models": ["*"]},
+        ],
+        "tokens": [
+            {"sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "identity": "deployer"},
+            {"sha256": hashlib.sha256(admin_token.encode()).hexdigest(), "identity": "admin"},
+        ],
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+
+    def state(name: str) -> str:
+        return next((row.state for row in s.app.repository.states() if row.name == name), "")
+
+    with ServerThread(repo, auth_policy=tmp_path / "policy.json", model_control_mode="explicit") as s:
+        c = tc.InferenceServerClient(s.address)
+        deployer, admin = {"authorization": f"Bearer {TOKEN}"}, {"authorization": f"Bearer {admin_token}"}
+        denials = s.app.auth.denials
+        try:
+            with pytest.raises(InferenceServerException, match="the caller may not load it"):
+                c.load_model("dep-ens", headers=deployer)
+            assert denials[("deployer", "RepositoryModelLoad")] == 1 and state("dep-a") == "READY"
+            c.load_model("dep-a", headers=deployer)
+            # The ensemble is tried again for the deployer, and refused again: a second denial, nothing loaded.
+            wait_for("the ensemble's retry", lambda: denials[("deployer", "RepositoryModelLoad")] == 2)
+            assert state("add_sub") == "" and state("dep-ens") == "UNAVAILABLE"
+            c.load_model("dep-a", headers=admin)
+            wait_for("the ensemble to load for the admin", lambda: state("dep-ens") == "READY")
+            assert state("add_sub") == "READY" and denials[("deployer", "RepositoryModelLoad")] == 2
         finally:
             c.close()

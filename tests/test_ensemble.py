@@ -577,6 +577,25 @@ def test_a_step_without_model_version_is_served_as_the_latest(client: tc.Inferen
     assert [s.model_version for s in steps] == [-1, -1, -1, -1]
 
 
+def test_an_ensemble_loaded_with_a_config_comes_back_with_it(tmp_path: Path) -> None:
+    """An ensemble loaded with a config override, unloaded with its step model, comes back with that config when
+    the step returns, not with the repository's (it came back as the disk's, max_batch_size 8 here)."""
+    root = ensemble_repository(tmp_path / "models")
+    config = _json(PIPELINE.replace("max_batch_size: 8", "max_batch_size: 4"))
+    with ServerThread(root, model_control_mode="explicit", load_model=["pipeline"]) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.load_model("pipeline", config=json.dumps(config))
+            assert c.get_model_config("pipeline").config.max_batch_size == 4
+            c.unload_model("scale2")
+            wait_for("the ensemble to go", lambda: _state(c, "pipeline")[0] == "UNAVAILABLE")
+            c.load_model("scale2")
+            wait_for("the ensemble to come back", lambda: _state(c, "pipeline")[0] == "READY")
+            assert c.get_model_config("pipeline").config.max_batch_size == 4
+        finally:
+            c.close()
+
+
 def test_an_ensemble_sent_with_its_files_keeps_them(tmp_path: Path) -> None:
     """An ensemble loaded from files sent with RepositoryModelLoad reads its label file from them, and when it is
     unloaded with its step model it is not replaced by the repository's own `pipeline` when the step returns."""

@@ -350,3 +350,49 @@ def test_a_broken_version_of_a_multi_version_model_retires_no_served_version(tmp
             assert all(state == "READY" and reason == "" for state, reason in index().values())
         finally:
             c.close()
+
+
+def test_a_load_whose_files_cannot_be_listed_fails_with_its_reason(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files vanish while the repository is read (an rsync's temporary files): an error reading a model's
+    directory fails that load with a reason that names the file inside the repository. It used to escape the
+    load, leaving the model LOADING for good (and at start-up, ending the start), with the server's path in it."""
+    import tensorgate.server.repository.manager as manager
+
+    def vanished(path: Path) -> str:
+        gone = path / "1" / ".model.onnx.tmp"
+        raise FileNotFoundError(2, "No such file or directory", str(gone))
+
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as s:
+        monkeypatch.setattr(manager, "_file_signature", vanished)
+        client = grpcclient.InferenceServerClient(s.address)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.load_model("scale")
+            assert info.value.status() == "StatusCode.UNAVAILABLE"
+            detail = "unexpected error: FileNotFoundError: scale/1/.model.onnx.tmp: No such file or directory"
+            assert detail in info.value.message() and str(repo) not in info.value.message()
+            (row,) = client.get_model_repository_index().models
+            assert (row.state, row.reason) == ("UNAVAILABLE", detail)
+            monkeypatch.undo()
+            client.load_model("scale")  # the next load reads the directory again
+            assert _factor(client, "scale") == 1.0
+        finally:
+            client.close()
+
+
+def test_the_repository_is_read_off_the_event_loop(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing every file of a large repository takes a while (0.45 s for 20,000 files): a poll reads the disk
+    on a worker thread, so that no call waits for it."""
+    from tensorgate.server.repository.manager import ModelRepository
+
+    threads: set[str] = set()
+    signature = ModelRepository.signature
+
+    def recorded(self: ModelRepository, name: str) -> str | None:
+        threads.add(threading.current_thread().name)
+        return signature(self, name)
+
+    monkeypatch.setattr(ModelRepository, "signature", recorded)
+    with ServerThread(repo, model_control_mode="poll", repository_poll_secs=POLL_SECS) as s:
+        wait_for("a poll", lambda: bool(threads))
+        assert s._thread.name not in threads, threads

@@ -255,6 +255,15 @@ def _build_cases(root: Path) -> None:
     ):
         scale_model(root / model / "1" / "model.onnx", 2.0)
         _config(root, model, warm.format(name=sample, input=input_name, dims=dims, kind=kind))
+    from_file = warm.format(name="from_file", input="INPUT0", dims="[ 4 ]", kind="zero_data").replace(
+        "zero_data: true", 'input_data_file: "in.bin"'
+    )
+    for model in ("warm_missing_file", "warm_linked_out"):
+        scale_model(root / model / "1" / "model.onnx", 2.0)
+        _config(root, model, from_file)
+    (root / "warm_linked_out" / "warmup").mkdir()
+    (root.parent / "outside.bin").write_bytes(bytes(32))
+    (root / "warm_linked_out" / "warmup" / "in.bin").symlink_to(root.parent / "outside.bin")
 
 
 @pytest.fixture(scope="module")
@@ -452,6 +461,26 @@ def test_failing_warmup_fails_the_load_naming_the_sample(
     assert f"warm-up sample '{sample}' failed" in message
     assert f"'{model}'" in message
     assert not client.is_model_ready(model)
+
+
+@pytest.mark.parametrize(
+    ("model", "detail"),
+    [
+        pytest.param("warm_missing_file", "warm_missing_file/warmup/in.bin: No such file or directory", id="missing"),
+        pytest.param("warm_linked_out", "warmup/in.bin leaves the model's directory", id="link-out"),
+    ],
+)
+def test_a_warmup_file_that_cannot_be_read_is_named_without_server_paths(
+    cases: ServerThread, client: grpcclient.InferenceServerClient, model: str, detail: str
+) -> None:
+    """Clients read load errors (and RepositoryIndex): the file is named inside the repository, never by the
+    server's absolute path, which an OSError's own text carries; a warm-up file may not lead out of its model."""
+    message = _error(grpc.StatusCode.UNAVAILABLE, client.load_model, model)
+    assert f"warm-up sample 'from_file' failed: {detail}" in message
+    root = str(cases.settings.model_repository)
+    assert root not in message and str(Path(root).resolve()) not in message
+    (row,) = [m for m in client.get_model_repository_index().models if m.name == model]
+    assert detail in row.reason and root not in row.reason
 
 
 # ----- explicit model control -----------------------------------------------------------------------------------

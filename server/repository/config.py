@@ -77,7 +77,10 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
         return config, False
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__  # not str(exc): it holds the server's absolute path
+        raise InvalidConfigError(model_dir.name, f"cannot read {CONFIG_FILE}: {why}") from exc
+    except UnicodeDecodeError as exc:
         raise InvalidConfigError(model_dir.name, f"cannot read {CONFIG_FILE}: {exc}") from exc
     return parse_config(model_dir.name, text)
 

@@ -38,6 +38,7 @@ from tensorgate.server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     TensorgateError,
+    unexpected_error_text,
 )
 from tensorgate.server.repository.config import (
     CONFIG_FILE,
@@ -126,6 +127,9 @@ class _Entry:
     """Serving files sent with RepositoryModelLoad: nothing on disk to load it again from."""
     transient: bool = False
     """Its last load failed only on what may change by itself (its upstream down): `retry_remote` tries again."""
+    last_load: tuple[str | None, bool] = (None, False)
+    """The config override and whether files were uploaded, of the last load tried: an ensemble loaded again when
+    a step model comes back (`_refresh`) is loaded as it was, not as the disk has it."""
 
 
 @dataclass(slots=True)
@@ -201,10 +205,20 @@ def _close_all(backends: list[Backend]) -> None:
 
 
 def _file_signature(path: Path) -> str:
+    """Names, sizes and times of the files under `path`. Files come and go while it is read (an rsync's temporary
+    files, a version being copied in): one that vanishes is left out, and a directory that vanishes makes the
+    signature of what could be read; either way the next poll sees a change and loads again."""
     h = hashlib.sha256()
-    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if p.is_file():
+    try:
+        found = sorted(path.rglob("*")) if path.is_dir() else [path]
+    except FileNotFoundError:
+        found = []
+    for p in found:
+        try:
             st = p.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
             h.update(f"{p.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
@@ -409,7 +423,7 @@ class ModelRepository:
                     transient.add(v)
                 log.error("%s", exc.message)
             except Exception as exc:  # noqa: BLE001 - a bug fails this version, not the model's other versions
-                failed[v] = f"unexpected error: {type(exc).__name__}: {exc}"
+                failed[v] = unexpected_error_text(exc, model_dir.parent)
                 log.exception("unexpected error preparing model '%s' version %d", name, v)
         if self._stopping.is_set():  # nobody will serve what was built: release it here
             for item in ready.values():
@@ -543,26 +557,33 @@ class ModelRepository:
         bind(item.config, plan, composing)
         item.schema = self._inherit_labels(item.schema, plan, item.config)
 
-    def _refresh_dependents(self, name: str, unloaded: bool = False) -> None:
+    def _refresh_dependents(
+        self, name: str, unloaded: bool = False, may_load: Callable[[str], bool] | None = None
+    ) -> None:
         """`name`'s served versions changed: the ensembles that use it are checked again, as Triton reloads them.
         One that failed to load (say its step's model was not there yet), or that was unloaded with it, loads now;
         one that serves is checked against the new versions, and stops serving, with the reason, if they no longer
-        fit it. When `name` was `unloaded`, so are they (the server stays ready, as for the model itself)."""
+        fit it. When `name` was `unloaded`, so are they (the server stays ready, as for the model itself).
+        `may_load` is the caller's whose load of `name` set this off: an ensemble that loads now loads its other
+        step models only if that caller may (one whose load was refused for want of that right stays refused)."""
         loop = asyncio.get_running_loop()
         for ensemble in sorted(self._dependents.get(name, ())):
-            task = loop.create_task(self._refresh(ensemble, name if unloaded else None))
+            task = loop.create_task(self._refresh(ensemble, name if unloaded else None, may_load))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _refresh(self, name: str, unloaded_step: str | None = None) -> None:
+    async def _refresh(
+        self, name: str, unloaded_step: str | None = None, may_load: Callable[[str], bool] | None = None
+    ) -> None:
         entry = self._entries.get(name)
         if entry is None or entry.reason == UNLOADED or entry.state == LOADING:
             return  # a load in progress binds against what is served when it gets there
         if not entry.versions:
-            if entry.uploaded:
+            override, uploaded = entry.last_load
+            if uploaded:
                 return  # its files were sent with a load: the repository's, if any, are another model
             try:
-                await self.load(name)
+                await self.load(name, override, may_load=may_load)
             except TensorgateError:
                 pass  # recorded and logged by the load
             return
@@ -586,7 +607,7 @@ class ModelRepository:
                 for model in versions:
                     self._retire(model)
                 self.changes += 1
-                self._refresh_dependents(name, unloaded=unloaded_step is not None)  # ensembles of this ensemble
+                self._refresh_dependents(name, unloaded_step is not None, may_load)  # ensembles of this ensemble
 
     def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan, config: mc.ModelConfig) -> ModelSchema:
         """An ensemble output without a label_filename classifies with the labels of the step output that writes
@@ -669,7 +690,7 @@ class ModelRepository:
             # A bug here must fail this version's load, not escape and stop the server's start with every model.
             backend.close()
             log.exception("unexpected error preparing model '%s' version %d", name, version)
-            raise ModelLoadError(name, version, f"unexpected error: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(name, version, unexpected_error_text(exc, vdir.parent.parent)) from exc
         elapsed = time.perf_counter() - started
         return _Prepared(version, config, schema, backend, policy, sig, elapsed, sequence=sequence)
 
@@ -844,10 +865,11 @@ class ModelRepository:
     ) -> None:
         async with self._lock(name):
             entry = self._entries.setdefault(name, _Entry(name))
-            entry.attempted = _file_signature(model_dir)
+            entry.last_load = (config_override, uploaded)
             if not entry.versions:
                 entry.state = LOADING
             try:
+                entry.attempted = await asyncio.to_thread(_file_signature, model_dir)
                 # Uploaded files are new files whatever their names and times: no version is kept as unchanged.
                 reuse = {} if uploaded or entry.uploaded else entry.versions
                 entry.transient = False
@@ -858,7 +880,7 @@ class ModelRepository:
                     reason = _reason(exc)
                     log.error("failed to load model '%s': %s", name, reason)
                 else:
-                    reason = f"unexpected error: {type(exc).__name__}: {exc}"
+                    reason = unexpected_error_text(exc, model_dir.parent)
                     log.exception("failed to load model '%s'", name)
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, {}
@@ -924,7 +946,7 @@ class ModelRepository:
             for old in retired:
                 self._retire(old)
             self.changes += 1
-            self._refresh_dependents(name)
+            self._refresh_dependents(name, may_load=may_load)
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)
@@ -1008,15 +1030,17 @@ class ModelRepository:
         return loaded
 
     async def poll(self) -> None:
-        """Bring the served set in line with the disk: new models load, removed ones unload, changed ones reload."""
-        on_disk = set(self.names_on_disk())
+        """Bring the served set in line with the disk: new models load, removed ones unload, changed ones reload.
+        The disk is read on a worker thread: listing every file of a large repository takes long enough (0.45 s
+        for 20,000 files) that on the event loop every call would wait for it at each poll."""
+        on_disk = set(await asyncio.to_thread(self.names_on_disk))
         for name in sorted(set(self._entries) - on_disk):
-            if self._entries[name].versions or self._entries[name].state != UNAVAILABLE:
+            entry = self._entries.get(name)
+            if entry is not None and (entry.versions or entry.state != UNAVAILABLE):
                 await self.unload(name)
             self._entries.pop(name, None)
-        changed = [
-            n for n in sorted(on_disk) if n not in self._entries or self._entries[n].attempted != self.signature(n)
-        ]
+        signatures = await asyncio.to_thread(lambda: {n: self.signature(n) for n in on_disk})
+        changed = [n for n in sorted(on_disk) if n not in self._entries or self._entries[n].attempted != signatures[n]]
         await self.load_many(changed)
 
     def index(self, ready_only: bool = False) -> list[IndexRow]:

@@ -11,7 +11,7 @@ import numpy as np
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server import datatypes
 from tensorgate.server.backends.base import Backend
-from tensorgate.server.errors import ModelLoadError, TensorgateError
+from tensorgate.server.errors import ModelLoadError, TensorgateError, os_error_text
 from tensorgate.server.repository.schema import ModelSchema
 
 WARMUP_DIR = "warmup"
@@ -24,7 +24,11 @@ def _sample(
     count = math.prod(shape)
     choice = spec.WhichOneof("input_data_type")
     if choice == "input_data_file":
-        raw = (model_dir / WARMUP_DIR / Path(spec.input_data_file).name).read_bytes()
+        path = model_dir / WARMUP_DIR / Path(spec.input_data_file).name
+        if not path.resolve().is_relative_to(model_dir.resolve()):
+            # A link out of the model's directory: a load error could otherwise tell a client about other files.
+            raise ValueError(f"{WARMUP_DIR}/{path.name} leaves the model's directory")
+        raw = path.read_bytes()
         if dt.name == "BYTES":
             return np.array([raw] * count, dtype=object).reshape(shape)
         return np.frombuffer(raw, dtype=dt.np_dtype, count=count).reshape(shape)
@@ -70,5 +74,10 @@ def run_warmup(
                     raise ModelLoadError(config.name, version, "the server is stopping")
                 backend.execute(inputs, outputs)
         except (TensorgateError, OSError, ValueError, KeyError) as exc:
-            detail = exc.message if isinstance(exc, TensorgateError) else str(exc)
+            if isinstance(exc, TensorgateError):
+                detail = exc.message
+            elif isinstance(exc, OSError):
+                detail = os_error_text(exc, model_dir.parent)
+            else:
+                detail = str(exc)
             raise ModelLoadError(config.name, version, f"warm-up sample '{sample.name}' failed: {detail}") from exc
