@@ -154,3 +154,16 @@ def unexpected_error_text(exc: Exception, base: Path) -> str:
     """An error no check foresaw, for the reason a failed load records (the log has the traceback)."""
     detail = os_error_text(exc, base) if isinstance(exc, OSError) else str(exc)
     return f"unexpected error: {type(exc).__name__}: {detail}"
+
+
+def with_prefix(exc: TensorgateError, prefix: str) -> TensorgateError:
+    """A copy of `exc` (its class, status and fields) whose message starts with `prefix`, for an error passed up
+    with where it happened (an ensemble's step). A copy: a failed batch hands one exception to every request in it,
+    and the others must not read this request's context."""
+    cls = type(exc)
+    copy = cls.__new__(cls)
+    copy.__dict__.update(exc.__dict__)
+    message = prefix + exc.message
+    Exception.__init__(copy, message)
+    copy.message = message
+    return copy

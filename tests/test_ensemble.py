@@ -26,7 +26,7 @@ from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
 from tensorgate.server.repository.config import parse_config
 from tensorgate.server.repository.ensemble import Step, plan_of
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, busy_model, scale_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, busy_model, identity_model, scale_model, write_config
 from tests.serving import ServerThread
 from tests.test_infer import triton_inputs
 from tests.test_poll import wait_for
@@ -82,6 +82,18 @@ def _scale_config(name: str, mbs: int = 8) -> str:
         input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: {dims} }} ]
         output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: {dims} }} ]
     """)
+
+
+ONE_STEP = """
+    name: "{name}"
+    platform: "ensemble"
+    max_batch_size: {mbs}
+    input [ {{ name: "{x}" data_type: TYPE_FP32 dims: [ {width} ] }} ]
+    output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ {width} ] }} ]
+    ensemble_scheduling {{ step [ {{ model_name: "{step}"
+      input_map {{ key: "INPUT0" value: "{x}" }} output_map {{ key: "OUTPUT0" value: "Y" }} }} ] }}
+"""
+"""An ensemble of one step, `step`'s INPUT0 -> OUTPUT0, as {x} -> Y."""
 
 
 def _ensemble(root: Path, name: str, text: str) -> None:
@@ -179,7 +191,8 @@ def test_a_step_that_refuses_its_input_fails_the_request_with_its_reason(tmp_pat
             with pytest.raises(InferenceServerException) as info:
                 c.infer("loose", _inputs(np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)))
             assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT)
-            assert "'add_sub'" in info.value.message() and "INPUT0" in info.value.message()
+            # Named as Triton names it: the ensemble first, then the step's model and its own message.
+            assert info.value.message().startswith("in ensemble 'loose', model 'add_sub' version 1, tensor 'INPUT0'")
             stats = c.get_inference_statistics("loose").model_stats[0].inference_stats
             assert stats.fail.count == 1 and stats.success.count == 0
             a, b = _rows(1, 3)
@@ -463,9 +476,12 @@ def test_an_ensemble_follows_its_step_models_as_they_load_and_change(tmp_path: P
             c.close()
 
 
-def test_an_ensemble_request_keeps_its_step_models_until_it_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_an_ensemble_request_keeps_its_step_models_until_it_ends(tmp_path: Path, nested: bool) -> None:
     """Unloading a step's model while a request runs an earlier step must not fail the request (Triton holds the
-    models of an ensemble request for its lifetime); the ensemble is not ready afterwards."""
+    models of an ensemble request for its lifetime); the ensemble is not ready afterwards. Nested: the second step
+    is an ensemble over `scale`, whose model the request holds from its start too (it was looked up when the inner
+    ensemble's step began, and the request failed UNAVAILABLE)."""
     root = tmp_path / "models"
     busy_model(root / "busy" / "1" / "model.onnx", iterations=200_000)
     write_config(root, "busy", 'name: "busy"\nmax_batch_size: 4\n')
@@ -483,8 +499,14 @@ def test_an_ensemble_request_keeps_its_step_models_until_it_ends(tmp_path: Path)
         ensemble_scheduling { step [
           { model_name: "busy" input_map { key: "INPUT0" value: "X" } output_map { key: "OUTPUT0" value: "t" } },
           { model_name: "scale" input_map { key: "INPUT0" value: "t" } output_map { key: "OUTPUT0" value: "Y" } } ] }
-        """,
+        """.replace(
+            '"scale" input_map { key: "INPUT0" value: "t" } output_map { key: "OUTPUT0"',
+            '"inner" input_map { key: "I" value: "t" } output_map { key: "Y"'
+            if nested
+            else '"scale" input_map { key: "INPUT0" value: "t" } output_map { key: "OUTPUT0"',
+        ),
     )
+    _ensemble(root, "inner", ONE_STEP.format(name="inner", mbs=4, x="I", width=4, step="scale"))
     with ServerThread(root, model_control_mode="explicit", load_model=["slow"]) as s:
         c = tc.InferenceServerClient(s.address)
         try:
@@ -623,5 +645,36 @@ def test_an_ensemble_sent_with_its_files_keeps_them(tmp_path: Path) -> None:
             c.load_model("scale2")
             time.sleep(1)  # a reload from the repository, were it to happen, would be done by now
             assert _state(c, "pipeline") == ("UNAVAILABLE", "unloaded with its step model 'scale2'")
+        finally:
+            c.close()
+
+
+def test_tensors_pass_between_models_that_batch_and_models_that_do_not(tmp_path: Path) -> None:
+    """As Triton's ensembles do (ReshapeTensorDims): an ensemble that does not batch sends its [16] tensor to a
+    batching step as [1, 16] and answers [16]; one that batches sends a 1-row [1, 16] tensor to a step that does
+    not batch (dims [16]) as [16] and answers [1, 16]. Both loaded and then failed every request."""
+    root = ensemble_repository(tmp_path / "models")
+    identity_model(root / "ident" / "1" / "model.onnx", "FP32", shape=(16,))
+    write_config(
+        root,
+        "ident",
+        'name: "ident"\nmax_batch_size: 0\ninput [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n',
+    )
+    _ensemble(root, "unbatched", ONE_STEP.format(name="unbatched", mbs=0, x="X", width=16, step="scale2"))
+    _ensemble(root, "batched", ONE_STEP.format(name="batched", mbs=8, x="X", width=16, step="ident"))
+    x = np.arange(16, dtype=np.float32)
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            np.testing.assert_array_equal(c.infer("unbatched", triton_inputs({"X": x})).as_numpy("Y"), 2 * x)
+            one = c.infer("batched", triton_inputs({"X": x[np.newaxis]})).as_numpy("Y")
+            np.testing.assert_array_equal(one, x[np.newaxis])
+            # Two rows cannot go to a model that takes [16]: refused, naming the ensemble, the step and the shape.
+            with pytest.raises(InferenceServerException) as info:
+                c.infer("batched", triton_inputs({"X": np.stack([x, x])}))
+            assert info.value.message().startswith(
+                "in ensemble 'batched', model 'ident' version 1, tensor 'INPUT0': shape [2, 16] does not match"
+            )
         finally:
             c.close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from tensorgate.server.pipeline.cache import ResponseCache
+from tensorgate.server.pipeline.cache import ARRAY_BYTES, ENTRY_BYTES, ResponseCache
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
 from tests.scraping import scrape
 from tests.serving import ServerThread
@@ -89,8 +89,9 @@ def test_a_repeated_request_is_answered_without_running_the_model(served: Server
     assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "hit")}))] == 2
     assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "miss")}))] == 5
     # Five answers kept, nothing evicted: both [2, 16] FP32 outputs twice (2 x 256 bytes), both [1, 16] outputs
-    # (128), and one [2, 16] output twice (2 x 128).
-    assert samples[("tensorgate_response_cache_bytes", frozenset())] == 896
+    # (128), and one [2, 16] output twice (2 x 128); and the overhead of the 5 entries and their 8 arrays.
+    expected = 896 + 5 * ENTRY_BYTES + 8 * ARRAY_BYTES
+    assert samples[("tensorgate_response_cache_bytes", frozenset())] == expected
     assert samples[("tensorgate_response_cache_evictions_total", frozenset())] == 0
 
 
@@ -131,8 +132,20 @@ def test_a_version_reloaded_with_new_files_never_answers_with_old_outputs(tmp_pa
             c.close()
 
 
+def test_answers_without_elements_still_take_room() -> None:
+    """An entry costs memory beyond its tensors (key, node, arrays): that is counted, so answers with no elements
+    (a detector that found nothing, [0, 4]) are evicted like any other. They counted 0 bytes and piled up."""
+    cache = ResponseCache(capacity_bytes=10 * (ENTRY_BYTES + ARRAY_BYTES))
+    nothing = {"BOXES": np.zeros((0, 4), np.float32)}
+    for i in range(100):
+        key = ResponseCache.key(("m", 1, "s"), {"x": np.full(1, i, np.float32)}, {"x": "FP32"}, ["BOXES"])
+        assert cache.put(key, nothing)
+    assert (len(cache), cache.evictions, cache.used) == (10, 90, cache.capacity)
+
+
 def test_the_least_recently_used_entries_make_room() -> None:
-    cache = ResponseCache(capacity_bytes=3 * 64)
+    entry = ENTRY_BYTES + ARRAY_BYTES + 64
+    cache = ResponseCache(capacity_bytes=3 * entry)
     row = {"OUT": np.zeros(16, np.float32)}  # 64 bytes
     keys = [
         ResponseCache.key(("m", 1, "s"), {"x": np.full(1, i, np.float32)}, {"x": "FP32"}, ["OUT"]) for i in range(4)
@@ -142,8 +155,8 @@ def test_the_least_recently_used_entries_make_room() -> None:
     assert cache.get(keys[0]) is not None  # now the most recently used
     assert cache.put(keys[3], row)
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[3]) is not None
-    assert (cache.used, cache.evictions, len(cache)) == (3 * 64, 1, 3)
-    assert not cache.put(keys[1], {"OUT": np.zeros(64, np.float32)})  # larger than the whole cache
+    assert (cache.used, cache.evictions, len(cache)) == (3 * entry, 1, 3)
+    assert not cache.put(keys[1], {"OUT": np.zeros(1024, np.float32)})  # larger than the whole cache
     kept = cache.get(keys[0])
     assert kept is not None and not kept["OUT"].flags.writeable
     text = {"OUT": np.array([b"ab", b""], dtype=object)}

@@ -521,7 +521,7 @@ def test_an_unload_fails_an_ensemble_waiting_in_the_backlog_at_once(tmp_path: Pa
             assert time.monotonic() - started < 10
         finally:
             c.close()
-    assert answers == {"wrapped": UNLOADED}
+    assert answers == {"wrapped": UNLOADED.replace("model 'acc_slow'", "in ensemble 'wrapped', model 'acc_slow'")}
 
 
 def test_an_ensemble_keeps_a_sequence_in_the_order_its_requests_arrived(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Triton's response cache: outputs of models whose config says `response_cache { enable: true }`, reused for
 requests that repeat exactly, so the model does not run again.
 
-One least-recently-used cache for the server, bounded in bytes (`--response-cache-bytes`). The key is a digest of
+One least-recently-used cache for the server, bounded in bytes (`--response-cache-bytes`), the entries' own
+overhead counted with their tensors (ENTRY_BYTES, ARRAY_BYTES). The key is a digest of
 the model, its version and files (so a version reloaded with new files never answers with the old one's outputs),
 each input's name, datatype, shape and bytes, and the outputs asked for. Triton's own key leaves out datatypes,
 shapes and requested outputs, so two requests with the same bytes in other shapes, or asking for other outputs,
@@ -18,11 +19,18 @@ import numpy as np
 
 Outputs = dict[str, np.ndarray]
 
+ENTRY_BYTES = 384
+"""What an entry costs beside its tensors: its key, the LRU node, the tuple and the dict of outputs (measured with
+tracemalloc: about 370 bytes). Counted, so that --response-cache-bytes bounds the memory the cache holds: small
+answers cost mostly this, and answers with no elements cost nothing else (they would never be evicted)."""
+ARRAY_BYTES = 128
+"""What each output array costs beside its data (the numpy object; about 125 bytes)."""
+
 
 def _nbytes(array: np.ndarray) -> int:
     if array.dtype == object:  # BYTES: the elements' own bytes, plus a pointer each
-        return sum(len(v) for v in array.ravel().tolist()) + 8 * array.size
-    return array.nbytes
+        return sum(len(v) for v in array.ravel().tolist()) + 8 * array.size + ARRAY_BYTES
+    return array.nbytes + ARRAY_BYTES
 
 
 class ResponseCache:
@@ -72,7 +80,7 @@ class ResponseCache:
     def put(self, key: bytes, results: Outputs) -> bool:
         """Keep copies of `results` (they may be views into a whole batch's output); False when they alone are
         larger than the cache. The least recently used entries make room."""
-        size = sum(_nbytes(a) for a in results.values())
+        size = ENTRY_BYTES + sum(_nbytes(a) for a in results.values())
         if size > self.capacity:
             return False
         old = self._entries.pop(key, None)

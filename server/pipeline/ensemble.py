@@ -12,10 +12,27 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
+from tensorgate.server.pipeline.validate import dims_match
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 
 StepRunner = Callable[[Step, dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 """Runs one step on the tensors it reads (model input name -> array); returns ensemble tensor name -> array."""
+
+
+def fit_batching(array: np.ndarray, dims: tuple[int, ...], batching: bool, batch: int) -> np.ndarray:
+    """A tensor for a model input (or an ensemble output) of config `dims`, as Triton's ensembles pass tensors
+    between models that batch and models that do not (its ReshapeTensorDims). `batch` is the rows of the request
+    that made the tensor, 0 when that model did not batch. A tensor without a batch dimension for a batching model
+    gets one of 1, when its shape is the dims; a batched tensor of one row for a model that does not batch loses it,
+    when its shape is not the dims. Any other tensor is passed as it is (and validated as such)."""
+    if batching == (batch != 0):
+        return array
+    shape = array.shape
+    if batching:
+        return array.reshape((1, *shape)) if dims_match(shape, dims) else array
+    if batch == 1 and not dims_match(shape, dims):
+        return array.reshape(shape[1:])
+    return array
 
 
 def needed_steps(plan: EnsemblePlan, outputs: Sequence[str]) -> list[Step]:

@@ -19,13 +19,13 @@ from opentelemetry import trace
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
 from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
-from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref
+from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref, with_prefix
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.classify import top_k
-from tensorgate.server.pipeline.ensemble import needed_steps, run_plan
+from tensorgate.server.pipeline.ensemble import fit_batching, needed_steps, run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
-from tensorgate.server.repository.ensemble import Step
+from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.scheduling.sequencer import Place
@@ -343,18 +343,23 @@ class InferenceHandler:
         priority: int | None,
         timeout_us: int | None,
         span: trace.Span | None,
+        resolved: dict[tuple[str, str], LoadedModel] | None = None,
     ) -> tuple[dict[str, np.ndarray], ExecutionTimes]:
         """An ensemble's steps, each validated and queued as a request to its composing model, which batches it with
         its other traffic and counts it in its own statistics. The ensemble's queue and compute times are the sums
-        of its steps'; each step is a child of the request's span."""
+        of its steps'; each step is a child of the request's span. A step's error names the ensemble, as Triton's
+        does ("in ensemble 'name', ...").
+
+        `resolved`: for an ensemble that is a step of another, the models its request found when it started."""
         plan = model.plan
         assert plan is not None
         spent = [0, 0, 0, 0]
         traced = span is not None and span.is_recording()
-        # Every step's model, found and held once, when the request starts (as Triton does): an unload or a version
-        # swap while it runs must neither fail a later step nor mix versions within one request.
-        models = {key: self._repository.get(*key) for key in plan.models}
-        held = [m.scheduler for m in models.values() if m.scheduler is not None]
+        # Every step's model, found and held once, when the request starts (as Triton does), those of ensembles
+        # among the steps too: an unload or a version swap while it runs must neither fail a later step nor mix
+        # versions within one request.
+        models = resolved if resolved is not None else self._resolve(plan, {})
+        held = [] if resolved is not None else [m.scheduler for m in models.values() if m.scheduler is not None]
         for scheduler in held:
             scheduler.hold()
         # A sequence model's place for this request is taken now, as the request arrives: a sequence's requests
@@ -373,6 +378,9 @@ class InferenceHandler:
                 scheduler.release()
             raise
 
+        # Rows of the request that made each tensor, 0 when its model does not batch (fit_batching).
+        batches = dict.fromkeys(inputs, rows if model.schema.max_batch_size > 0 else 0)
+
         async def run_step(step: Step, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             started_ns = time.time_ns()
             error: BaseException | None = None
@@ -380,6 +388,12 @@ class InferenceHandler:
             try:
                 composing = models[(step.model, step.version)]
                 version = str(composing.version)
+                schema = composing.schema
+                batching = schema.max_batch_size > 0
+                for name, array in feed.items():
+                    spec = schema.inputs.get(name)
+                    if spec is not None:
+                        feed[name] = fit_batching(array, spec.dims, batching, batches[step.inputs[name]])
                 sub = InferRequest(
                     model=step.model,
                     version=version,
@@ -397,6 +411,10 @@ class InferenceHandler:
                         results, times = await composing.sequencer.run(
                             place, step_inputs, step_outputs, step_rows, req.deadline, span=context
                         )
+                    elif composing.plan is not None:
+                        results, times = await self._run_ensemble(
+                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span, models
+                        )
                     else:
                         results, times = await self._execute(
                             composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
@@ -409,11 +427,15 @@ class InferenceHandler:
                 spent[1] += times.compute_input_ns
                 spent[2] += times.compute_infer_ns
                 spent[3] += times.compute_output_ns
-                schema = composing.schema
+                for name in step_outputs:
+                    batches[step.outputs[name]] = step_rows if batching else 0
                 return {
                     step.outputs[name]: reshape_out(results[name], schema.outputs[name], schema.max_batch_size)
                     for name in step_outputs
                 }
+            except TensorgateError as exc:
+                error = exc
+                raise with_prefix(exc, f"in ensemble '{model.name}', ") from exc
             except BaseException as exc:
                 error = exc
                 raise
@@ -426,11 +448,25 @@ class InferenceHandler:
 
         try:
             results = await run_plan(plan, inputs, outputs, run_step)
+            batching = model.schema.max_batch_size > 0
+            for name, array in results.items():
+                results[name] = fit_batching(array, model.schema.outputs[name].dims, batching, batches[name])
         finally:
             self._leave(models, places)  # the places of steps that never ran (an earlier step failed)
             for scheduler in held:
                 scheduler.release()
         return results, ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)
+
+    def _resolve(
+        self, plan: EnsemblePlan, into: dict[tuple[str, str], LoadedModel]
+    ) -> dict[tuple[str, str], LoadedModel]:
+        """The models of an ensemble's steps, and of the steps of ensembles among them, as served now."""
+        for key in plan.models:
+            if key not in into:
+                found = into[key] = self._repository.get(*key)
+                if found.plan is not None:
+                    self._resolve(found.plan, into)
+        return into
 
     @staticmethod
     def _leave(models: dict[tuple[str, str], LoadedModel], places: dict[tuple[str, str], Place]) -> None:

@@ -13,7 +13,8 @@ from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.schema import ModelSchema, TensorSpec
 
 
-def _dims_match(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+def dims_match(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    """A shape against config dims, where -1 takes any size."""
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
 
 
@@ -40,7 +41,7 @@ def check_input(
             tensor=name,
         )
     if schema.max_batch_size > 0:
-        if len(shape) != len(spec.dims) + 1 or not _dims_match(shape[1:], spec.dims):
+        if len(shape) != len(spec.dims) + 1 or not dims_match(shape[1:], spec.dims):
             raise InvalidRequestError(
                 model,
                 version,
@@ -55,7 +56,7 @@ def check_input(
                 f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size)",
                 tensor=name,
             )
-    elif not _dims_match(shape, spec.dims):
+    elif not dims_match(shape, spec.dims):
         raise InvalidRequestError(
             model,
             version,
