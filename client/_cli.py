@@ -172,9 +172,30 @@ def _as_array(name: str, value: Any, datatype: str | None) -> np.ndarray:
             return encoded
         if datatype is None:
             return np.asarray(value)
-        return np.asarray(value, dtype=tensors.BY_NAME[datatype].np_dtype)
+        dt = tensors.BY_NAME[datatype]
+        with np.errstate(over="ignore", invalid="ignore"):  # what did not fit is refused below, with where it is
+            array = np.asarray(value, dtype=dt.np_dtype)
+        natural = np.asarray(value)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise UsageError(f"--input {name}: cannot make a {datatype or 'numpy'} tensor of it: {exc}") from None
+    _check_lossless(name, natural, array, datatype, dt.floating)
+    return array
+
+
+def _check_lossless(name: str, natural: np.ndarray, array: np.ndarray, datatype: str, floating: bool) -> None:
+    """JSON numbers that the datatype cannot hold are refused, not changed: 1.7 as INT32 would be sent as 1, 0.5 as
+    BOOL as true, 70000 as FP16 as infinity (rounding a number to a float type is what floats do, and allowed)."""
+    if natural.dtype.kind not in "biuf":
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        if floating:
+            wide = array.astype(np.float64)
+            lost = np.isfinite(natural.astype(np.float64)) & ~np.isfinite(wide)
+        else:
+            lost = array.astype(natural.dtype) != natural
+    if np.any(lost):
+        index = tuple(int(i) for i in np.argwhere(lost)[0])
+        raise UsageError(f"--input {name}: {natural[index].item()!r} at {list(index)} does not fit {datatype}")
 
 
 def _all_strings(value: Any) -> bool:
@@ -284,7 +305,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files; an array the protocol cannot carry
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    _show(args, result)
+    try:
+        _show(args, result)
+    except OSError as exc:  # --npy-out where nothing can be written
+        print(f"{PROG}: --npy-out: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

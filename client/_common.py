@@ -203,10 +203,15 @@ def version_str(version: str | int | None) -> str:
 # ----- construction shared by both clients -----------------------------------------------------------------------
 
 
+MAX_TIMEOUT_S = 1e8
+"""About three years: longer timeouts (math.inf included) are this long. gRPC takes a deadline much further out
+(1e10 s) for one that has already passed, and every call would fail at once with DEADLINE_EXCEEDED."""
+
+
 def check_timeout(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return float(timeout)
+    return min(float(timeout), MAX_TIMEOUT_S)
 
 
 StreamRequest = Mapping[str, Any] | tuple[str, Mapping[str, np.ndarray]]

@@ -107,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     refused += 1
                     print(f"{status.request_id}: {status.code.name}: {status.message}", file=sys.stderr)
-    except TypeError as exc:
-        print(f"tensorgate feedback: {exc}", file=sys.stderr)
-        return 2
     except TensorgateClientError as exc:
         print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
+    except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files, a timeout that is no number of seconds
+        print(f"tensorgate feedback: {exc}", file=sys.stderr)
+        return 2
     print(f"accepted {accepted} of {accepted + refused} label(s) for model '{args.model}'")
     return 0 if refused == 0 else 1

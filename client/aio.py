@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from tensorgate.client.config import (
     RetryPolicy,
     TLSConfig,
 )
-from tensorgate.client.errors import StreamItemError, from_rpc_error
+from tensorgate.client.errors import Cancelled, StreamItemError, from_rpc_error
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
@@ -68,6 +69,7 @@ class AsyncInferenceClient:
             self._channel = grpc.aio.insecure_channel(url, options=options)
         else:
             self._channel = grpc.aio.secure_channel(url, tls.credentials(), options=options)
+        self._closed = False
         self._stub = GRPCInferenceServiceStub(self._channel)
         self._monitoring = _monitoring.MonitoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -76,18 +78,28 @@ class AsyncInferenceClient:
 
     async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
+        if self._closed:
+            raise Cancelled("the client is closed", method=method)
         try:
             return await multicallable(
                 request, timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, method) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                # grpc.aio cancels the calls of a channel being closed: that is this call's failure (as the sync
+                # client reports it), not a cancellation of the caller's task, which `except Exception` would miss.
+                raise Cancelled("the client was closed while the call ran", method=method) from None
+            raise
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else _common.check_timeout(timeout)
 
     async def close(self) -> None:
-        """Close the channel; calls still running fail with CANCELLED."""
+        """Close the channel; calls still running, and any made later, raise Cancelled."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncInferenceClient:

@@ -35,6 +35,7 @@ Usage::
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import grpc
@@ -58,6 +59,8 @@ __all__ = [
     "from_rpc_error",
 ]
 
+_CLIENT_LIMIT = re.compile(r"(?:Stream removed \()?CLIENT: ")
+"""How gRPC's own refusals of a message over the client's limits begin (the sync client's say "Stream removed")."""
 _RETRY_SAFE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
 
@@ -80,8 +83,11 @@ class TensorgateClientError(Exception):
 
     @property
     def retry_safe(self) -> bool:
-        """True when a retry may succeed and cannot make the server run the request twice."""
-        return self.code in _RETRY_SAFE and not self.ran
+        """True when a retry may succeed and cannot make the server run the request twice. Not for a message over
+        the client's own size limits ("CLIENT: ..."): a request too large to send always will be, and a response
+        too large to receive means the server ran the request."""
+        client_side = self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and bool(_CLIENT_LIMIT.match(self.details))
+        return self.code in _RETRY_SAFE and not self.ran and not client_side
 
 
 class InvalidArgument(TensorgateClientError):

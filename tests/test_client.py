@@ -12,6 +12,7 @@ import concurrent.futures
 import inspect
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from hypothesis.extra import numpy as hnp
 import tensorgate.client as client_pkg
 from tensorgate.client import (
     AsyncInferenceClient,
+    Cancelled,
     DeadlineExceeded,
     InferenceClient,
     InferResult,
@@ -44,6 +46,7 @@ from tensorgate.client import (
     TLSConfig,
     Unavailable,
 )
+from tensorgate.client._common import MAX_TIMEOUT_S
 from tensorgate.protos import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server, tensors
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
@@ -343,6 +346,41 @@ def test_timeouts_must_be_positive(server: ServerThread) -> None:
         c.live(timeout=-1)
 
 
+async def test_timeouts_of_years_and_infinity_mean_no_deadline(server: ServerThread) -> None:
+    """gRPC takes a deadline of 1e10 s or more for one already passed: such timeouts (math.inf, the obvious way
+    to ask for none) failed every call at once with DEADLINE_EXCEEDED. They are capped at MAX_TIMEOUT_S."""
+    x = add_sub_inputs(1)
+    with InferenceClient(server.address, timeout=math.inf) as c:
+        assert c.live() and c.timeout == MAX_TIMEOUT_S
+        np.testing.assert_array_equal(c.infer("add_sub", x, timeout=1e11)["OUTPUT0"], x["INPUT0"] + x["INPUT1"])
+    async with AsyncInferenceClient(server.address, timeout=1e12) as ac:
+        assert await ac.live()
+        result = await ac.infer("add_sub", x, timeout=math.inf)
+        np.testing.assert_array_equal(result["OUTPUT0"], x["INPUT0"] + x["INPUT1"])
+
+
+async def test_closing_the_async_client_fails_its_calls_with_cancelled(server: ServerThread) -> None:
+    """As with the sync client: a call running when the client closes, and one made after, raise Cancelled (a
+    TensorgateClientError), not asyncio.CancelledError, which `except Exception` and TaskGroups read as the
+    task's own cancellation. A task that is itself cancelled still gets CancelledError."""
+    x = {"INPUT0": np.ones((1, 4), np.float32)}
+    c = AsyncInferenceClient(server.address, timeout=WAIT)
+    running = asyncio.ensure_future(c.infer("held", x))  # held: kept 1.5 s in the queue
+    await asyncio.sleep(0.3)
+    await c.close()
+    with pytest.raises(Cancelled, match="closed while the call ran"):
+        await asyncio.wait_for(running, WAIT)
+    with pytest.raises(Cancelled, match="the client is closed"):
+        await c.live()
+    async with AsyncInferenceClient(server.address, timeout=WAIT) as other:
+        task = asyncio.ensure_future(other.infer("held", x))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await asyncio.sleep(HELD_DELAY_S)  # let the abandoned requests leave the queue before other tests use it
+
+
 # ----- streams ---------------------------------------------------------------------------------------------------
 
 
@@ -603,6 +641,22 @@ def test_mtls_against_tensorgate(pki: dict[str, Path], tmp_path: Path) -> None:
         with InferenceClient(s.address, tls=anonymous, timeout=WAIT, channel_options=OWN_CONNECTION) as c:
             with pytest.raises(Unavailable):
                 c.live()
+
+
+def test_messages_over_the_clients_own_limits_are_not_retry_safe(tmp_path: Path) -> None:
+    """gRPC answers RESOURCE_EXHAUSTED ("CLIENT: ...") for a message over the client's own max_message_bytes: a
+    request too large to send always will be, and a response too large to receive was computed. Neither is safe
+    to send again, unlike the server's RESOURCE_EXHAUSTED (a full queue)."""
+    repo = tmp_path / "models"
+    tile_model(repo / "tile" / "1" / "model.onnx", width=16, repeats=4096)  # [1, 16] in, 256 KiB out
+    with ServerThread(repo) as s, InferenceClient(s.address, timeout=WAIT, max_message_bytes=64 * 1024) as c:
+        with pytest.raises(ResourceExhausted) as received:
+            c.infer("tile", {"INPUT0": np.ones((1, 16), np.float32)})
+        with pytest.raises(ResourceExhausted) as sent:
+            c.infer("tile", {"INPUT0": np.ones((1, 32 * 1024), np.float32)})
+        assert c.statistics("tile").model_stats[0].inference_count == 1  # the first ran, the second never left
+    for error in (received.value, sent.value):
+        assert "CLIENT: " in error.details and "larger than max" in error.details and not error.retry_safe
 
 
 def test_work_already_done_is_not_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

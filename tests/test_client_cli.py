@@ -29,6 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     add_sub_model(root / "add_sub" / "1" / "model.onnx")
     write_config(root, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
     identity_model(root / "identity_bytes" / "1" / "model.onnx", "BYTES")
+    for datatype in ("INT32", "BOOL", "FP16"):
+        identity_model(root / f"identity_{datatype.lower()}" / "1" / "model.onnx", datatype)
     accumulator_model(root / "acc" / "1" / "model.onnx")
     # Each call starts a process: the sequence must outlive the default second of idleness between them.
     write_config(root, "acc", accumulator_config("acc", extra="max_sequence_idle_microseconds: 60000000"))
@@ -178,6 +180,52 @@ def test_usage_errors(args: list[str], message: str) -> None:
     done = infer("add_sub", *args, "--server", "127.0.0.1:1")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("tensorgate infer: ") and message in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "message"),
+    [
+        pytest.param("identity_int32", "[[1.7, 2, 3, 4]]", "1.7 at [0, 0] does not fit INT32", id="fraction"),
+        pytest.param("identity_bool", "[[0, 1, 0.5, 1]]", "0.5 at [0, 2] does not fit BOOL", id="bool"),
+        pytest.param("identity_fp16", "[[1.5, 70000, 0, 0]]", "70000.0 at [0, 1] does not fit FP16", id="fp16-inf"),
+    ],
+)
+def test_json_numbers_a_datatype_cannot_hold_are_refused(
+    server: ServerThread, model: str, data: str, message: str
+) -> None:
+    """They were changed instead: 1.7 sent as 1, 0.5 as true, 70000 as FP16 infinity."""
+    done = infer(model, "--input", f"INPUT0={data}", "--server", server.address)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == f"tensorgate infer: --input INPUT0: {message}\n"
+
+
+def test_json_numbers_a_datatype_holds_are_sent(server: ServerThread) -> None:
+    """Whole numbers written as floats are integers, 0 and 1 are booleans, and FP16 rounds as floats do."""
+    for model, data, expected in (
+        ("identity_int32", "[[1.0, -2, 3, 4]]", [[1, -2, 3, 4]]),
+        ("identity_bool", "[[0, 1, true, false]]", [[False, True, True, False]]),
+        ("identity_fp16", "[[0.1, 65504, -1, Infinity]]", [[0.0999755859375, 65504.0, -1.0, float("inf")]]),
+    ):
+        done = infer(model, "--input", f"INPUT0={data}", "--server", server.address)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["outputs"]["OUTPUT0"]["data"] == expected
+
+
+def test_files_that_cannot_be_read_or_written_are_one_clear_line(server: ServerThread, tmp_path: Path) -> None:
+    """Usage errors, exit 2 with one line and no traceback, for every command (feedback and bench gave tracebacks,
+    and bench found its --out unwritable only after the whole sweep)."""
+    rows = ["--input", f"INPUT0={json.dumps([ROW])}", "--input", f"INPUT1={json.dumps([ROW])}"]
+    cases: list[tuple[list[str | Path], str]] = [
+        (["infer", "add_sub", *rows, "--npy-out", "/proc/no"], "--npy-out"),
+        (["feedback", "add_sub", "--id", "r1", "--label", "1", "--tls-ca", tmp_path / "missing.pem"], "missing.pem"),
+        (["bench", "add_sub", "--out", "/proc/no", "--duration", "1", "--concurrency", "1"], "--out /proc/no"),
+    ]
+    for args, message in cases:
+        done = subprocess.run(
+            [TENSORGATE, *map(str, args), "--server", server.address], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_mutual_tls(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ before it).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,8 +157,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out or Path(f"bench-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
+        # Before the sweep: a folder that cannot be written would otherwise lose its measurements at the end.
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"{out} is not writable")
+    except OSError as exc:
+        print(f"{PROG}: --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
         result = run_sweep(config)
     except InputError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable TLS files
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     except TensorgateClientError as exc:
