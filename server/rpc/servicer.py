@@ -109,6 +109,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self._limits = limits
         self._repository = repository
         self._handler = handler
+        self._check_input = handler.check_input
         self._model_control = model_control
         self._is_ready = is_ready
 
@@ -159,18 +160,29 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
-    async def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest | None:
         """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
         tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does.
-        A large tensor that needs work per element is decoded on a worker thread (codec.LARGE_ELEMENTS)."""
-        limits, shm, check = self._limits, self.shared_memory, self._handler.check_input
+        None when a large tensor needs work per element (codec.LARGE_ELEMENTS): the caller then awaits
+        `_decode_off_loop`. Written `self._decode(...) or await self._decode_off_loop(...)`, so that the hot
+        path makes no coroutine for it."""
         try:
-            try:
-                return codec.decode_infer_request(request, deadline, limits, shm, check, on_loop=True)
-            except codec.DecodeOffLoop:
-                return await asyncio.to_thread(codec.decode_infer_request, request, deadline, limits, shm, check)
+            return codec.decode_infer_request(
+                request, deadline, self._limits, self.shared_memory, self._check_input, on_loop=True
+            )
+        except codec.DecodeOffLoop:
+            return None
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
+            raise
+
+    async def _decode_off_loop(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+        try:
+            return await asyncio.to_thread(
+                codec.decode_infer_request, request, deadline, self._limits, self.shared_memory, self._check_input
+            )
+        except TensorgateError:
+            self._repository.get(request.model_name, request.model_version)
             raise
 
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
@@ -193,7 +205,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         try:
-            req = await self._decode(request, codec.monotonic_deadline(context.time_remaining()))
+            deadline = codec.monotonic_deadline(context.time_remaining())
+            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
             response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
@@ -206,7 +219,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         try:
-            req = await self._decode(request, deadline)
+            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
             result = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
@@ -263,7 +276,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 try:
                     if self.auth.enabled:
                         self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-                    req = await self._decode(request, deadline)
+                    req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
                     # Closed at once when a response fails here (too large): the upstream call ends with it.
                     async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
                         async for response in responses:
