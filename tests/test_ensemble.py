@@ -141,6 +141,12 @@ def _count(client: tc.InferenceServerClient, model: str) -> tuple[int, int]:
     return stats.inference_stats.success.count, stats.inference_count
 
 
+def _executions(client: tc.InferenceServerClient, model: str) -> tuple[int, int]:
+    """(executions, those of 2 rows in batch_stats) of a model's only version."""
+    stats = client.get_inference_statistics(model).model_stats[0]
+    return stats.execution_count, sum(b.compute_infer.count for b in stats.batch_stats if b.batch_size == 2)
+
+
 def test_a_chain_and_a_diamond_answer_as_their_steps_compose(client: tc.InferenceServerClient) -> None:
     a, b = _rows(3, 0)
     result = client.infer("pipeline", _inputs(a, b))
@@ -165,10 +171,13 @@ def test_metadata_config_and_readiness_describe_the_ensemble(client: tc.Inferenc
 
 def test_statistics_count_the_ensemble_and_each_composing_model(client: tc.InferenceServerClient) -> None:
     before = {m: _count(client, m) for m in ("pipeline", "add_sub", "scale2", "scale3")}
+    executions, of_two = _executions(client, "pipeline")
     a, b = _rows(2, 1)
     client.infer("pipeline", _inputs(a, b))
     after = {m: _count(client, m) for m in before}
     assert after["pipeline"] == (before["pipeline"][0] + 1, before["pipeline"][1] + 2)
+    # As Triton counts an ensemble: one execution per request, in batch_stats at the request's rows.
+    assert _executions(client, "pipeline") == (executions + 1, of_two + 1)
     assert after["add_sub"] == (before["add_sub"][0] + 1, before["add_sub"][1] + 2)
     assert after["scale2"] == (before["scale2"][0] + 1, before["scale2"][1] + 2)
     assert after["scale3"] == before["scale3"]

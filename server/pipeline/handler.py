@@ -455,7 +455,11 @@ class InferenceHandler:
             self._leave(models, places)  # the places of steps that never ran (an earlier step failed)
             for scheduler in held:
                 scheduler.release()
-        return results, ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)
+        times = ExecutionTimes(spent[0], spent[1], spent[2], spent[3], batch_rows=rows)
+        # As Triton's ensemble counts itself: one execution of the request's rows per request that succeeded, with
+        # the sums of its steps' compute times, so that ModelStatistics' batch_stats (perf_analyzer) show it too.
+        model.stats.record_execution(max(rows, 1), times)
+        return results, times
 
     def _resolve(
         self, plan: EnsemblePlan, into: dict[tuple[str, str], LoadedModel]
