@@ -127,6 +127,7 @@ def _shared(
     tensor: pb.ModelInferRequest.InferInputTensor,
     dt: datatypes.DataType,
     shape: tuple[int, ...],
+    count: int,
     model: str,
     version: str,
     limits: RequestLimits,
@@ -138,7 +139,6 @@ def _shared(
             model, version, "data given both in contents and in shared memory", tensor=tensor.name
         )
     piece = shm.slice(tensor.parameters, model=model, version=version, tensor=tensor.name)
-    count = math.prod(shape)
     if dt.name != "BYTES" and piece.size != count * dt.itemsize:
         raise InvalidRequestError(
             model,
@@ -231,7 +231,7 @@ def decode_infer_request(
                 raise DecodeOffLoop
         if REGION in tensor.parameters:
             shared += 1
-            data = _shared(shm, tensor, dt, shape, model, version, limits)
+            data = _shared(shm, tensor, dt, shape, count, model, version, limits)
             inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
         elif raw is not None:
             if tensor.HasField("contents"):
