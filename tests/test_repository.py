@@ -887,3 +887,31 @@ def test_files_staged_for_a_load_are_removed_whatever_happens(
     message = _error(grpc.StatusCode.UNAVAILABLE, load, "sneaky", config=outside, files={"file:1/x": b""})
     assert "default_model_filename must be a file name" in message
     assert set(Path(tempfile.gettempdir()).glob("tensorgate-load-*")) == staged_before
+
+
+def test_symlink_inside_the_repository_serves_under_its_own_name(
+    repo: Path, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    """A directory linked to another model's (an alias, as Triton serves one) is the model its link names: the
+    target's name would make metadata, statistics and errors name a model the caller did not ask for."""
+    (repo / "alias").symlink_to(repo / "identity_fp32", target_is_directory=True)
+    c = explicit_client
+    c.load_model("alias")
+    assert c.get_model_metadata("alias").name == "alias"
+    assert c.get_model_config("alias").config.name == "alias"
+    np.testing.assert_array_equal(_infer(c, "alias", np.ones((2, 4), np.float32)), np.ones((2, 4)))
+    assert not c.is_model_ready("identity_fp32")
+    assert [s.name for s in c.get_inference_statistics("alias").model_stats] == ["alias"]
+    assert _index(explicit_client)[("alias", "1")] == ("READY", "")
+
+
+def test_config_linked_out_of_the_model_directory_is_refused(
+    repo: Path, explicit_client: grpcclient.InferenceServerClient, tmp_path: Path
+) -> None:
+    """A parse error quotes the file it read: a config.pbtxt linked to a file elsewhere would show it to a caller."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password: hunter2\n")
+    (repo / "identity_fp32" / "config.pbtxt").symlink_to(secret)
+    message = _error(grpc.StatusCode.UNAVAILABLE, explicit_client.load_model, "identity_fp32")
+    assert "config.pbtxt leaves the model's directory" in message
+    assert "hunter2" not in message and "password" not in message

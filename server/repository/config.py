@@ -75,6 +75,9 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
     if not path.is_file():
         config = mc.ModelConfig(name=model_dir.name)
         return config, False
+    if not path.resolve().is_relative_to(model_dir.resolve()):
+        # A link out of the model's directory: a parse error quotes the file, and goes to whoever asked to load.
+        raise InvalidConfigError(model_dir.name, f"{CONFIG_FILE} leaves the model's directory")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -351,7 +351,9 @@ class ModelRepository:
     # ----- the repository on disk --------------------------------------------------------------------------
 
     def _model_dir(self, name: str, *, must_exist: bool = True) -> Path | None:
-        """Map a model name to its directory without letting it leave the repository."""
+        """Map a model name to its directory without letting it leave the repository. The path keeps the name
+        asked for: a link to another model's directory serves under the link's name (the name comes from the
+        directory), and every file read through it is checked again against the repository."""
         if not _NAME.match(name) or name in (".", ".."):
             if must_exist:
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
@@ -365,7 +367,7 @@ class ModelRepository:
             if must_exist:
                 raise InvalidRequestError(name, None, "the model directory leaves the model repository")
             return None
-        return resolved
+        return path
 
     def names_on_disk(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False))
