@@ -155,6 +155,19 @@ def test_request_budget_goes_to_the_workers_with_load(mode: str, workers: int, v
         assert max(budgets) - min(budgets) <= 1
 
 
+def test_open_loop_throughput_never_exceeds_the_rate_offered(server: ServerThread, tmp_path: Path) -> None:
+    """Four requests at 20/s span 0.2 s of schedule; measured to the last answer alone, the window was 0.15 s plus
+    one latency, and a server answering in 1 ms read as 26 req/s against the 20/s it was offered."""
+    doc = bench(
+        tmp_path, "add_sub", "--server", server.address, "--rate", "20", "--arrival", "constant",
+        "--max-requests", "4", "--workers", "2", "--duration", "30", "--warmup", "0.1", "--no-plots",
+    )  # fmt: skip
+    (level,) = doc["levels"]
+    assert level["succeeded"] == 4, level
+    assert level["window_s"] >= 0.2 - 1e-9
+    assert level["throughput_rps"] <= 20.0
+
+
 def test_open_loop_sweep_with_two_workers(server: ServerThread, tmp_path: Path) -> None:
     doc = bench(tmp_path, "add_sub", "--server", server.address, "--rate", "100,200", "--arrival", "constant", *SHORT)
     assert [lv["rate"] for lv in doc["levels"]] == [100.0, 200.0]
