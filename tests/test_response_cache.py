@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from tensorgate.server.pipeline.cache import ARRAY_BYTES, ENTRY_BYTES, ResponseCache
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, scale_model, write_config
+from tensorgate.server.pipeline.cache import ARRAY_BYTES, ENTRY_BYTES, HEAVY_COST, ResponseCache, heavy
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, scale_model, write_config
 from tests.scraping import scrape
 from tests.serving import ServerThread
 from tests.test_ensemble import ensemble_repository
@@ -139,7 +139,7 @@ def test_answers_without_elements_still_take_room() -> None:
     nothing = {"BOXES": np.zeros((0, 4), np.float32)}
     for i in range(100):
         key = ResponseCache.key(("m", 1, "s"), {"x": np.full(1, i, np.float32)}, {"x": "FP32"}, ["BOXES"])
-        assert cache.put(key, nothing)
+        assert cache.put(key, cache.entry(nothing))
     assert (len(cache), cache.evictions, cache.used) == (10, 90, cache.capacity)
 
 
@@ -151,18 +151,56 @@ def test_the_least_recently_used_entries_make_room() -> None:
         ResponseCache.key(("m", 1, "s"), {"x": np.full(1, i, np.float32)}, {"x": "FP32"}, ["OUT"]) for i in range(4)
     ]
     for k in keys[:3]:
-        assert cache.put(k, row)
+        assert cache.put(k, cache.entry(row))
     assert cache.get(keys[0]) is not None  # now the most recently used
-    assert cache.put(keys[3], row)
+    assert cache.put(keys[3], cache.entry(row))
     assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[3]) is not None
     assert (cache.used, cache.evictions, len(cache)) == (3 * entry, 1, 3)
-    assert not cache.put(keys[1], {"OUT": np.zeros(1024, np.float32)})  # larger than the whole cache
+    assert cache.entry({"OUT": np.zeros(1024, np.float32)}) is None  # larger than the whole cache
     kept = cache.get(keys[0])
     assert kept is not None and not kept["OUT"].flags.writeable
     text = {"OUT": np.array([b"ab", b""], dtype=object)}
     assert ResponseCache.key(("m", 1, "s"), text, {"OUT": "BYTES"}, []) != ResponseCache.key(
         ("m", 1, "s"), {"OUT": np.array([b"a", b"b"], dtype=object)}, {"OUT": "BYTES"}, []
     )
+
+
+def test_large_tensors_are_hashed_and_copied_off_the_event_loop() -> None:
+    """The rule, in process: BYTES count ~100 bytes an element (the work per element), fixed-size tensors their
+    bytes; past HEAVY_COST the key and the entry's copies go to a worker thread."""
+    elements = HEAVY_COST // 100
+    assert not heavy([np.empty(elements, object)]) and heavy([np.empty(elements + 1, object)])
+    assert not heavy([np.zeros(HEAVY_COST // 4, np.float32)]) and heavy([np.zeros(HEAVY_COST // 4 + 1, np.float32)])
+    assert heavy([np.zeros(HEAVY_COST // 8, np.float32), np.zeros(HEAVY_COST // 8 + 1, np.float32)])
+    # The key frames BYTES exactly whichever way it hashes them: str elements key as their UTF-8 bytes.
+    words = np.array([b"ab", b"", b"c"], dtype=object)
+    key = ResponseCache.key(("m", 1, "s"), {"T": words}, {"T": "BYTES"}, [])
+    assert key == ResponseCache.key(("m", 1, "s"), {"T": np.array(["ab", "", "c"], dtype=object)}, {"T": "BYTES"}, [])
+    assert key != ResponseCache.key(
+        ("m", 1, "s"), {"T": np.array([b"a", b"bc", b""], dtype=object)}, {"T": "BYTES"}, []
+    )
+
+
+def test_a_large_text_request_is_cached_exactly(tmp_path: Path) -> None:
+    """Over HEAVY_COST, the key and the kept copy are made on a worker thread: the answers stay exact, a repeat
+    is a hit, and a request differing in one element is not."""
+    root = tmp_path / "models"
+    identity_model(root / "text" / "1" / "model.onnx", "BYTES", shape=("batch", "n"))
+    write_config(root, "text", 'name: "text"\nmax_batch_size: 2\nresponse_cache { enable: true }\n')
+    count = HEAVY_COST // 100 + 7
+    words = np.array([[str(i).encode() * (i % 3) for i in range(count)]], dtype=object)
+    other = words.copy()
+    other[0, -1] = b"changed"
+    with ServerThread(root, response_cache_bytes=64 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            for sent in (words, words, other, other):
+                got = c.infer("text", triton_inputs({"INPUT0": sent}), client_timeout=60).as_numpy("OUTPUT0")
+                assert got.tolist() == sent.tolist()
+            stats = _stats(c, "text")
+            assert (stats["hit"], stats["miss"], stats["executions"]) == (2, 2, 2)
+        finally:
+            c.close()
 
 
 def test_an_ensemble_answers_from_the_cache_without_running_its_steps(tmp_path: Path) -> None:

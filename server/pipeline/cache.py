@@ -6,14 +6,15 @@ overhead counted with their tensors (ENTRY_BYTES, ARRAY_BYTES). The key is a dig
 the model, its version and files (so a version reloaded with new files never answers with the old one's outputs),
 each input's name, datatype, shape and bytes, and the outputs asked for. Triton's own key leaves out datatypes,
 shapes and requested outputs, so two requests with the same bytes in other shapes, or asking for other outputs,
-share an entry there; here they do not. The cache belongs on the event loop: no locks.
+share an entry there; here they do not. The cache belongs on the event loop: no locks. Its pure parts, the key
+and an entry's copies, run on a worker thread for large tensors (`heavy`).
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +26,20 @@ tracemalloc: about 370 bytes). Counted, so that --response-cache-bytes bounds th
 answers cost mostly this, and answers with no elements cost nothing else (they would never be evicted)."""
 ARRAY_BYTES = 128
 """What each output array costs beside its data (the numpy object; about 125 bytes)."""
+
+
+HEAVY_COST = 1 << 20
+"""Tensors costing more than this to hash or copy (bytes, and ~100 per BYTES element, which costs that much more)
+are hashed and copied on a worker thread: on the loop, the key of 1M BYTES elements held every other caller for
+120 ms, and 64 MiB of FP32 for 77 ms."""
+
+Entry = tuple[Outputs, int]
+"""Read-only copies of an answer's outputs, and the bytes they count for."""
+
+
+def heavy(arrays: Iterable[np.ndarray]) -> bool:
+    """Whether the key or entry of these tensors is work for a worker thread rather than the event loop."""
+    return sum(100 * a.size if a.dtype == object else a.nbytes for a in arrays) > HEAVY_COST
 
 
 def _nbytes(array: np.ndarray) -> int:
@@ -40,7 +55,7 @@ class ResponseCache:
         self.capacity = capacity_bytes
         self.used = 0
         self.evictions = 0
-        self._entries: collections.OrderedDict[bytes, tuple[Outputs, int]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,10 +75,15 @@ class ResponseCache:
             array = inputs[tensor]
             h.update(f"{tensor}\0{datatypes.get(tensor, '')}\0{array.shape}\0".encode())
             if array.dtype == object:
-                for item in array.ravel().tolist():
-                    data = item if isinstance(item, bytes) else str(item).encode()
-                    h.update(len(data).to_bytes(8, "little"))
-                    h.update(data)
+                # Every length, then every element: as exact as framing each, at a fraction of the calls.
+                items = array.ravel().tolist()
+                try:
+                    joined = b"".join(items)
+                except TypeError:  # str elements (an ensemble step's ONNX string output)
+                    items = [v if isinstance(v, bytes) else str(v).encode() for v in items]
+                    joined = b"".join(items)
+                h.update(np.fromiter(map(len, items), "<u8", len(items)).data)
+                h.update(joined)
             elif array.size:  # the bytes in place, without a copy (an empty tensor has none: its shape says it all)
                 # As uint8: a bfloat16 array exports no buffer of its own.
                 h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
@@ -77,12 +97,24 @@ class ResponseCache:
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: bytes, results: Outputs) -> bool:
-        """Keep copies of `results` (they may be views into a whole batch's output); False when they alone are
-        larger than the cache. The least recently used entries make room."""
+    def entry(self, results: Outputs) -> Entry | None:
+        """Copies of `results` to keep (they may be views into a whole batch's output), read-only since answers
+        share them; None when they alone are larger than the cache. Pure: it may run on a worker thread."""
         size = ENTRY_BYTES + sum(_nbytes(a) for a in results.values())
         if size > self.capacity:
+            return None
+        kept: Outputs = {}
+        for name, array in results.items():
+            copy = np.array(array, copy=True)
+            copy.flags.writeable = False
+            kept[name] = copy
+        return kept, size
+
+    def put(self, key: bytes, entry: Entry | None) -> bool:
+        """Keep `entry` (from `entry`); False for None. The least recently used entries make room."""
+        if entry is None:
             return False
+        size = entry[1]
         old = self._entries.pop(key, None)
         if old is not None:
             self.used -= old[1]
@@ -90,11 +122,6 @@ class ResponseCache:
             _, (_, freed) = self._entries.popitem(last=False)
             self.used -= freed
             self.evictions += 1
-        kept: Outputs = {}
-        for name, array in results.items():
-            copy = np.array(array, copy=True)
-            copy.flags.writeable = False  # answers share it: nothing may change it in place
-            kept[name] = copy
-        self._entries[key] = (kept, size)
+        self._entries[key] = entry
         self.used += size
         return True

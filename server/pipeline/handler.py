@@ -20,7 +20,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
 from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
 from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref, with_prefix
-from tensorgate.server.pipeline.cache import ResponseCache
+from tensorgate.server.pipeline.cache import ResponseCache, heavy
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import fit_batching, needed_steps, run_plan
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
@@ -141,7 +141,10 @@ class InferenceHandler:
         if identity is not None:
             assert cache is not None
             lookup = time.perf_counter_ns()
-            key = cache.key(identity, inputs, req.datatypes, outputs)
+            if heavy(inputs.values()):
+                key = await asyncio.to_thread(cache.key, identity, inputs, req.datatypes, outputs)
+            else:
+                key = cache.key(identity, inputs, req.datatypes, outputs)
             cached = cache.get(key)
             if cached is not None:
                 response = self._respond(model, version, req, outputs, cached)
@@ -162,7 +165,10 @@ class InferenceHandler:
         if key is not None:
             assert cache is not None
             inserting = time.perf_counter_ns()
-            cache.put(key, results)
+            if heavy(results.values()):
+                cache.put(key, await asyncio.to_thread(cache.entry, results))
+            else:
+                cache.put(key, cache.entry(results))
             model.stats.record_cache_miss(lookup_ns + time.perf_counter_ns() - inserting)
         self._answered(model, req, inputs, results, span, times)
         return response
