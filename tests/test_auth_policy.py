@@ -755,9 +755,22 @@ def test_an_ensemble_loaded_by_a_caller_loads_only_step_models_it_may_load(repo:
         try:
             with pytest.raises(InferenceServerException) as info:
                 c.load_model("dep-ens", config=json.dumps(config), files={"file:1/.keep": b""}, headers=headers)
-            assert "step model 'add_sub' is not loaded, and the caller may not load it" in info.value.message()
+            assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+            assert info.value.message() == (
+                "in ensemble 'dep-ens', identity 'deployer' may not call ModelInfer on model 'add_sub'"
+            )
             assert not any(row.name == "add_sub" and row.state == "READY" for row in s.app.repository.states())
-            assert s.app.auth.denials[("deployer", "RepositoryModelLoad")] == 1
+            assert s.app.auth.denials[("deployer", "ModelInfer")] == 1
+
+            # Loaded by someone else, add_sub is still out of the deployer's reach through an ensemble it uploads
+            # (its steps used to be checked only when the load would load them).
+            s.run(s.app.repository.load("add_sub"))
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model("dep-ens", config=json.dumps(config), files={"file:1/.keep": b""}, headers=headers)
+            assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+            assert "may not call ModelInfer on model 'add_sub'" in info.value.message()
+            assert s.app.auth.denials[("deployer", "ModelInfer")] == 2
+            assert [row.state for row in s.app.repository.states() if row.name == "dep-ens"] == ["UNAVAILABLE"]
         finally:
             c.close()
 
@@ -803,15 +816,15 @@ def test_an_ensemble_refused_a_step_is_not_loaded_later_behind_the_callers_back(
         deployer, admin = {"authorization": f"Bearer {TOKEN}"}, {"authorization": f"Bearer {admin_token}"}
         denials = s.app.auth.denials
         try:
-            with pytest.raises(InferenceServerException, match="the caller may not load it"):
+            with pytest.raises(InferenceServerException, match="may not call ModelInfer on model 'add_sub'"):
                 c.load_model("dep-ens", headers=deployer)
-            assert denials[("deployer", "RepositoryModelLoad")] == 1 and state("dep-a") == "READY"
+            assert denials[("deployer", "ModelInfer")] == 1 and state("dep-a") == "READY"
             c.load_model("dep-a", headers=deployer)
             # The ensemble is tried again for the deployer, and refused again: a second denial, nothing loaded.
-            wait_for("the ensemble's retry", lambda: denials[("deployer", "RepositoryModelLoad")] == 2)
+            wait_for("the ensemble's retry", lambda: denials[("deployer", "ModelInfer")] == 2)
             assert state("add_sub") == "" and state("dep-ens") == "UNAVAILABLE"
             c.load_model("dep-a", headers=admin)
             wait_for("the ensemble to load for the admin", lambda: state("dep-ens") == "READY")
-            assert state("add_sub") == "READY" and denials[("deployer", "RepositoryModelLoad")] == 2
+            assert state("add_sub") == "READY" and denials[("deployer", "ModelInfer")] == 2
         finally:
             c.close()

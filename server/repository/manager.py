@@ -37,8 +37,10 @@ from tensorgate.server.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ModelUnavailableError,
+    PermissionDeniedError,
     TensorgateError,
     unexpected_error_text,
+    with_prefix,
 )
 from tensorgate.server.repository.config import (
     CONFIG_FILE,
@@ -80,6 +82,11 @@ PROVIDER_PARAMETER = "tensorgate.execution_provider"
 # tensorgate-only setting, so that the file stays valid for Triton.
 SHA256_PARAMETER = "tensorgate.sha256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+StepCheck = Callable[[str, bool], None]
+"""The right of the caller loading an ensemble to one of its step models (the model, and whether this load would
+load it): raises PermissionDeniedError. An ensemble reaches its steps, so one uploaded by a caller must not expose
+a model that caller may not use."""
+
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
@@ -512,7 +519,7 @@ class ModelRepository:
             self._checking_ready.discard(name)
 
     async def _bind(
-        self, name: str, ready: dict[int, _Prepared | LoadedModel], may_load: Callable[[str], bool] | None = None
+        self, name: str, ready: dict[int, _Prepared | LoadedModel], check_step: StepCheck | None = None
     ) -> None:
         """Check new ensemble versions against their composing models, loading those not loaded yet (Triton loads
         an ensemble's composing models with it) and waiting for those being loaded."""
@@ -528,17 +535,20 @@ class ModelRepository:
             for model, _ in plan.models:
                 self._dependents.setdefault(model, set()).add(name)
                 entry = self._entries.get(model)
-                if entry is None or is_unloaded(entry.reason):
-                    if may_load is not None and not may_load(model):
-                        # The caller may not load it: its ensemble must not do so on its behalf (denied and logged).
-                        raise ModelLoadError(
-                            name, None, f"step model '{model}' is not loaded, and the caller may not load it"
-                        )
+                loading = entry is None or is_unloaded(entry.reason)
+                if check_step is not None:
                     try:
-                        await self.load(model)
+                        check_step(model, loading)
+                    except PermissionDeniedError as exc:
+                        raise with_prefix(exc, f"in ensemble '{name}', ") from None
+                if loading:
+                    try:
+                        await self.load(model, check_step=check_step)
+                    except PermissionDeniedError:
+                        raise  # a nested ensemble's step the caller may not reach
                     except TensorgateError:
                         pass  # its reason is recorded: the lookup below fails with it
-                elif entry.state == LOADING:
+                elif entry is not None and entry.state == LOADING:
                     async with self._lock(model):
                         pass  # its load has ended
             for item in ready.values():
@@ -559,24 +569,20 @@ class ModelRepository:
         bind(item.config, plan, composing)
         item.schema = self._inherit_labels(item.schema, plan, item.config)
 
-    def _refresh_dependents(
-        self, name: str, unloaded: bool = False, may_load: Callable[[str], bool] | None = None
-    ) -> None:
+    def _refresh_dependents(self, name: str, unloaded: bool = False, check_step: StepCheck | None = None) -> None:
         """`name`'s served versions changed: the ensembles that use it are checked again, as Triton reloads them.
         One that failed to load (say its step's model was not there yet), or that was unloaded with it, loads now;
         one that serves is checked against the new versions, and stops serving, with the reason, if they no longer
         fit it. When `name` was `unloaded`, so are they (the server stays ready, as for the model itself).
-        `may_load` is the caller's whose load of `name` set this off: an ensemble that loads now loads its other
-        step models only if that caller may (one whose load was refused for want of that right stays refused)."""
+        `check_step` is the caller's whose load of `name` set this off: an ensemble that loads now binds its step
+        models only if that caller may (one whose load was refused for want of that right stays refused)."""
         loop = asyncio.get_running_loop()
         for ensemble in sorted(self._dependents.get(name, ())):
-            task = loop.create_task(self._refresh(ensemble, name if unloaded else None, may_load))
+            task = loop.create_task(self._refresh(ensemble, name if unloaded else None, check_step))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _refresh(
-        self, name: str, unloaded_step: str | None = None, may_load: Callable[[str], bool] | None = None
-    ) -> None:
+    async def _refresh(self, name: str, unloaded_step: str | None = None, check_step: StepCheck | None = None) -> None:
         entry = self._entries.get(name)
         if entry is None or entry.reason == UNLOADED or entry.state == LOADING:
             return  # a load in progress binds against what is served when it gets there
@@ -585,7 +591,7 @@ class ModelRepository:
             if uploaded:
                 return  # its files were sent with a load: the repository's, if any, are another model
             try:
-                await self.load(name, override, may_load=may_load)
+                await self.load(name, override, check_step=check_step)
             except TensorgateError:
                 pass  # recorded and logged by the load
             return
@@ -609,7 +615,7 @@ class ModelRepository:
                 for model in versions:
                     self._retire(model)
                 self.changes += 1
-                self._refresh_dependents(name, unloaded_step is not None, may_load)  # ensembles of this ensemble
+                self._refresh_dependents(name, unloaded_step is not None, check_step)  # ensembles of this ensemble
 
     def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan, config: mc.ModelConfig) -> ModelSchema:
         """An ensemble output without a label_filename classifies with the labels of the step output that writes
@@ -807,14 +813,14 @@ class ModelRepository:
         name: str,
         config_override: str | None = None,
         files: dict[str, bytes] | None = None,
-        may_load: Callable[[str], bool] | None = None,
+        check_step: StepCheck | None = None,
     ) -> None:
         """Load or reload a model; unchanged versions keep serving, changed ones are swapped in atomically.
 
         `files` (RepositoryModelLoad's "file:" parameters, with a `config_override`) are the whole model directory
         to load from instead of the repository's, as in Triton; the model need not be in the repository. They are
         written to a private temporary directory, removed once the load ends (what serves is in memory by then).
-        `may_load` says whether the caller may load another model: an ensemble loads its step models only if so.
+        `check_step` is the caller's right to an ensemble's step models (StepCheck), checked when one is bound.
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case.
@@ -822,12 +828,12 @@ class ModelRepository:
         if files is not None:
             if not _NAME.match(name) or name in (".", ".."):
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
-            job = self._load_files(name, files, config_override, may_load)
+            job = self._load_files(name, files, config_override, check_step)
         else:
             model_dir = self._model_dir(name)  # validates the name before it can own a lock
             if model_dir is None:
                 raise ModelNotFoundError(name)
-            job = self._load(name, model_dir, config_override, may_load)
+            job = self._load(name, model_dir, config_override, check_step)
         # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
         # must not leave the model marked LOADING with the finished load thrown away (nor files staged for it).
         task = asyncio.get_running_loop().create_task(job)
@@ -845,13 +851,13 @@ class ModelRepository:
         name: str,
         files: dict[str, bytes],
         config_override: str | None,
-        may_load: Callable[[str], bool] | None,
+        check_step: StepCheck | None,
     ) -> None:
         staging = Path(tempfile.mkdtemp(prefix="tensorgate-load-"))
         writing = asyncio.ensure_future(asyncio.to_thread(_write_files, name, staging / name, files))
         try:
             await asyncio.shield(writing)
-            await self._load(name, staging / name, config_override, may_load, uploaded=True)
+            await self._load(name, staging / name, config_override, check_step, uploaded=True)
         finally:
             with contextlib.suppress(BaseException):  # a write cut short by a stop finishes before the files go
                 await asyncio.shield(writing)
@@ -862,7 +868,7 @@ class ModelRepository:
         name: str,
         model_dir: Path,
         config_override: str | None,
-        may_load: Callable[[str], bool] | None = None,
+        check_step: StepCheck | None = None,
         uploaded: bool = False,
     ) -> None:
         async with self._lock(name):
@@ -876,7 +882,7 @@ class ModelRepository:
                 reuse = {} if uploaded or entry.uploaded else entry.versions
                 entry.transient = False
                 ready, failed, transient = await asyncio.to_thread(self._prepare, model_dir, config_override, reuse)
-                await self._bind(name, ready, may_load)
+                await self._bind(name, ready, check_step)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
                     reason = _reason(exc)
@@ -888,6 +894,8 @@ class ModelRepository:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, {}
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"
+                if isinstance(exc, PermissionDeniedError):
+                    raise  # the caller's right, not the model, is what failed: PERMISSION_DENIED, not retried
                 raise ModelLoadError(name, None, reason) from exc
             if not ready or (failed and entry.versions):
                 # A reload is all or nothing: had the versions that loaded replaced the served set, a broken new
@@ -948,7 +956,7 @@ class ModelRepository:
             for old in retired:
                 self._retire(old)
             self.changes += 1
-            self._refresh_dependents(name, may_load=may_load)
+            self._refresh_dependents(name, check_step=check_step)
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)

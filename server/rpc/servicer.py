@@ -446,15 +446,15 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- repository --------------------------------------------------------------------------------------
 
-    def _may_load(self, model: str) -> bool:
-        """Whether the caller may load `model` (a step of an ensemble it loads); a denial is logged and counted."""
+    def _check_step(self, model: str, loading: bool) -> None:
+        """An ensemble the caller loads reaches its step models: the caller must be allowed inference on each (an
+        ensemble it uploads could otherwise expose any loaded model), and to load those its load would load.
+        A denial is logged and counted, and answers PERMISSION_DENIED."""
         if not self.auth.enabled:
-            return True
-        try:
+            return
+        self.auth.check("ModelInfer", model)
+        if loading:
             self.auth.check("RepositoryModelLoad", model)
-        except TensorgateError:
-            return False
-        return True
 
     def _require_control(self, rpc: str) -> None:
         if self._model_control != "explicit":
@@ -475,7 +475,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self._require_control("RepositoryModelLoad")
         files = codec.load_files(request)
         await self._repository.load(
-            request.model_name, codec.load_config_override(request), files, may_load=self._may_load
+            request.model_name, codec.load_config_override(request), files, check_step=self._check_step
         )
         return pb.RepositoryModelLoadResponse()
 
