@@ -3,18 +3,23 @@ receiver on 127.0.0.1, and the Prometheus rules shipped in deploy/monitoring/.""
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import queue
 import re
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
+from tensorgate.client import InferenceClient
 from tensorgate.server.monitoring.alerts import (
     DRIFT_METRICS,
     QUALITY_METRICS,
@@ -23,11 +28,14 @@ from tensorgate.server.monitoring.alerts import (
     AlertRuleError,
     AlertTransition,
     load_rules_file,
+    model_rules,
     parse_rule,
     rules_from_config,
 )
 from tensorgate.server.monitoring.webhook import WebhookSender
+from tests.monitoring import copy_repository, digits_repository
 from tests.process import ServeProcess
+from tests.serving import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_RULES = ROOT / "deploy" / "monitoring" / "prometheus-alerts.yaml"
@@ -198,6 +206,24 @@ def test_rules_are_per_model_and_version() -> None:
     assert [(t.rule, t.model, t.version) for t in engine.active()] == [("drift", "digits", "1"), ("mae", "house", "1")]
 
 
+def test_one_rule_per_name_and_model_the_most_specific_wins() -> None:
+    """Same-named rules would share one state and fire and resolve each other every window: the model's own rule
+    (config.pbtxt) overrides a rules-file rule naming the model, which overrides a '*' one."""
+    fleet = [
+        AlertRule("acc", "accuracy", "<", 0.99),
+        AlertRule("drift", "drift.psi_mean", ">", 0.2),
+        AlertRule("drift", "drift.psi_mean", ">", 0.5, model="digits"),
+        AlertRule("acc", "accuracy", "<", 0.5, model="house"),
+    ]
+    own = [AlertRule("acc", "accuracy", "<", 0.8, model="digits")]
+    assert model_rules("digits", fleet, own) == [own[0], fleet[2]]
+    assert model_rules("house", fleet, []) == [fleet[3], fleet[1]]
+    assert model_rules("other", fleet, []) == fleet[:2]
+    with pytest.raises(AlertRuleError, match="alert rule 'acc' is defined for model '\\*' and for model 'digits'"):
+        AlertEngine([fleet[0], own[0]])
+    AlertEngine([own[0], fleet[3]])  # one name for two different models is fine
+
+
 def test_a_failing_observer_does_not_stop_the_engine() -> None:
     def broken(_: AlertTransition) -> None:
         raise RuntimeError("observer bug")
@@ -210,24 +236,36 @@ def test_a_failing_observer_does_not_stop_the_engine() -> None:
 
 
 class Receiver:
-    """An HTTP server on 127.0.0.1 that records JSON bodies; the first ``fail`` requests get ``status``."""
+    """An HTTP server on 127.0.0.1 that records JSON bodies; the first ``fail`` requests get ``status`` (and
+    ``location``, for a redirect). ``requests`` holds each request's method, path and Authorization header."""
 
-    def __init__(self, fail: int = 0, status: int = 500) -> None:
+    def __init__(self, fail: int = 0, status: int = 500, location: str | None = None) -> None:
         self.bodies: queue.Queue[dict[str, Any]] = queue.Queue()
         self.attempts = 0
+        self.requests: list[tuple[str, str, str | None]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server hook's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.attempts += 1
+                receiver.requests.append(("POST", self.path, self.headers["Authorization"]))
                 if receiver.attempts <= fail:
                     self.send_response(status)
+                    if location is not None:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
                 assert self.headers["Content-Type"] == "application/json"
                 receiver.bodies.put(json.loads(body))
                 self.send_response(204)
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802 - what urllib sends when it follows a redirect
+                receiver.requests.append(("GET", self.path, self.headers["Authorization"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -311,6 +349,174 @@ def test_webhook_to_a_dead_port_never_blocks_the_caller() -> None:
         sender.send(AlertTransition("acc", "digits", "1", "firing", float(i), 0.9, 1.0))
     sender.close(timeout_s=30)
     assert sender.sent == 0 and sender.dropped >= 1 and sender.failed + sender.dropped == 50
+
+
+FIRED = AlertTransition("acc", "digits", "1", "firing", 0.5, 0.9, 1.0)
+
+
+def test_webhook_logs_no_secret_of_its_url(caplog: pytest.LogCaptureFixture) -> None:
+    """Slack-style webhook URLs carry their secret in the path or query: a failure names scheme://host:port only."""
+    with Receiver(fail=100, status=503) as receiver, caplog.at_level(logging.WARNING, "tensorgate.monitoring"):
+        sender = WebhookSender(f"{receiver.url}/T0001/SECRET-PATH?token=SECRET-TOKEN", retries=0)
+        sender.send(FIRED)
+        sender.close(timeout_s=30)
+    assert receiver.requests == [("POST", "/alerts/T0001/SECRET-PATH?token=SECRET-TOKEN", None)]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tensorgate.monitoring.webhook"]
+    assert line.startswith(f"alert webhook http://127.0.0.1:{receiver.server.server_port}: gave up"), line
+    assert "SECRET" not in line and "HTTP 503" in line
+    with pytest.raises(ValueError, match="expected an http:// or https:// URL") as info:
+        WebhookSender("ftp://user:SECRET@127.0.0.1/SECRET")
+    assert "SECRET" not in str(info.value)
+
+
+def test_webhook_sends_url_credentials_as_basic_auth_and_never_logs_them(caplog: pytest.LogCaptureFixture) -> None:
+    """urllib would take "user:password@host" for the host name: nothing would ever arrive, and the failure log
+    would print the password."""
+    with Receiver(fail=1, status=503) as receiver, caplog.at_level(logging.DEBUG, "tensorgate.monitoring"):
+        url = receiver.url.replace("http://", "http://alert%40ops:S3cr%3At@")
+        sender = WebhookSender(url, retries=1, backoff_s=0.01)
+        sender.send(FIRED)
+        assert receiver.next()["rule"] == "acc"
+        sender.close()
+    assert (sender.sent, sender.failed) == (1, 0)
+    basic = "Basic " + base64.b64encode(b"alert@ops:S3cr:t").decode()
+    assert receiver.requests == [("POST", "/alerts", basic)] * 2
+    assert not [r for r in caplog.records if "S3cr" in r.getMessage() or "alert%40ops" in r.getMessage()]
+
+
+def test_webhook_does_not_follow_a_redirect() -> None:
+    """urllib would repeat the POST as a GET without its body and count it delivered; a 3xx is a failure."""
+    with Receiver(fail=100, status=302, location="/login") as receiver:
+        sender = WebhookSender(receiver.url, retries=2, backoff_s=0.01)
+        sender.send(FIRED)
+        sender.close(timeout_s=30)
+    assert receiver.requests == [("POST", "/alerts", None)]  # not retried either: the URL is wrong
+    assert (sender.sent, sender.failed) == (0, 1)
+
+
+# ----- the monitor on a real server: reloads, rule names, what a window is --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    return digits_repository(tmp_path_factory.mktemp("alerts"))
+
+
+def _served(repo: Path, data: Path, **settings: Any) -> ServerThread:
+    """A monitoring server whose own loop never evaluates in a test: the test runs each evaluation itself."""
+    return ServerThread(repo, data_dir=data, monitor_interval_s=3600, **settings)
+
+
+def _evaluate(served: ServerThread) -> None:
+    """One monitor run over the loaded models, as the monitor's loop does it."""
+    monitor = served.app.monitor
+    assert monitor is not None
+
+    async def targets() -> list[Any]:  # the repository lives on the server's loop
+        return monitor.targets()
+
+    monitor.evaluate(served.run(targets()))
+
+
+def _labelled(client: InferenceClient, x: np.ndarray, label: Callable[[np.ndarray], np.ndarray]) -> None:
+    """One request of ``x``'s rows, then its labels: ``label(predicted)``."""
+    result = client.infer("digits", {"input": x})
+    client.submit_feedback("digits", result.id, label(result["label"].reshape(-1)))
+
+
+def _wrong(predicted: np.ndarray) -> np.ndarray:
+    return (predicted + 1) % 10
+
+
+def _fired(served: ServerThread) -> Counter[tuple[str, str, str]]:
+    assert served.app.monitor is not None
+    return served.app.monitor.transitions
+
+
+def test_a_reload_keeps_a_firing_alert_and_resolves_a_changed_rule(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The digits config's accuracy_low = "accuracy < 0.8 min_samples=50". A reload used to drop the firing state:
+    an unrelated change fired the alert a second time, a relaxed rule never sent "resolved"."""
+    repo, x, _ = digits
+    config = copy_repository(repo, tmp_path / "models") / "digits" / "config.pbtxt"
+    with Receiver() as receiver:
+        served = _served(
+            tmp_path / "models",
+            tmp_path / "data",
+            model_control_mode="explicit",
+            load_model=["digits"],
+            alert_webhook=receiver.url,
+        )
+        with served, InferenceClient(served.address) as client:
+            _labelled(client, x[:60], _wrong)
+            _evaluate(served)
+            assert (receiver.next()["state"], [a.rule for a in client.alerts("digits")]) == ("firing", ["accuracy_low"])
+            config.write_text(config.read_text().replace('string_value: "1.0"', 'string_value: "1"'))
+            client.load("digits")
+            _evaluate(served)
+            assert [a.rule for a in client.alerts("digits")] == ["accuracy_low"]  # still firing, and only once
+            config.write_text(config.read_text().replace("accuracy < 0.8", "accuracy < 0.0"))
+            client.load("digits")
+            _evaluate(served)
+            resolved = receiver.next()
+            assert client.alerts("digits") == []
+            transitions = _fired(served)
+        assert receiver.bodies.empty()  # the server has stopped: its webhook queue is drained
+    assert (resolved["rule"], resolved["state"], resolved["threshold"]) == ("accuracy_low", "resolved", 0.8)
+    assert transitions == Counter({("digits", "accuracy_low", "firing"): 1, ("digits", "accuracy_low", "resolved"): 1})
+
+
+def test_a_models_own_rule_overrides_a_fleet_rule_of_the_same_name(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """--alert-rules says accuracy_low below 0.99 for every model, the digits config says below 0.8: at an
+    accuracy of 0.9 the two used to fire and resolve each other in every window."""
+    repo, x, _ = digits
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - {name: accuracy_low, metric: accuracy, op: '<', threshold: 0.99, min_samples: 10}\n"
+        "  - {name: fleet_f1, metric: f1_macro, op: '<', threshold: 0.99, min_samples: 10}\n"
+    )
+
+    def two_wrong(predicted: np.ndarray) -> np.ndarray:
+        return np.where(np.arange(len(predicted)) < 2, _wrong(predicted), predicted)
+
+    with _served(repo, tmp_path / "data", alert_rules=rules) as served, InferenceClient(served.address) as client:
+        for start in (0, 20, 40):  # accuracy 0.9 in each window: between the two thresholds
+            _labelled(client, x[start : start + 20], two_wrong)
+            _evaluate(served)
+        assert [a.rule for a in client.alerts("digits")] == ["fleet_f1"]  # the other '*' rules still apply
+        transitions = _fired(served)
+    assert transitions == Counter({("digits", "fleet_f1", "firing"): 1})
+
+
+def test_for_counts_windows_with_new_evidence_not_monitor_runs(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Judging the same labelled predictions every interval is one window of evidence, however many runs."""
+    repo, x, _ = digits
+    config = copy_repository(repo, tmp_path / "models") / "digits" / "config.pbtxt"
+    rule = "accuracy < 0.8 min_samples=10 for=3"
+    config.write_text(
+        config.read_text() + f'parameters {{ key: "tensorgate.alert.acc3" value: {{ string_value: "{rule}" }} }}\n'
+    )
+    with _served(tmp_path / "models", tmp_path / "data") as served, InferenceClient(served.address) as client:
+
+        def firing() -> bool:
+            return "acc3" in {a.rule for a in client.alerts("digits")}
+
+        _labelled(client, x[:20], _wrong)
+        for _ in range(4):
+            _evaluate(served)
+        assert not firing()
+        _labelled(client, x[20:40], _wrong)
+        _evaluate(served)
+        assert not firing()
+        _labelled(client, x[40:60], _wrong)
+        _evaluate(served)
+        assert firing()
 
 
 # ----- Prometheus rules ----------------------------------------------------------------------------------------

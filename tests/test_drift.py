@@ -26,6 +26,7 @@ from tensorgate.server.monitoring.drift import (
     PSI_FLOOR,
     DriftReport,
     ProfileError,
+    ProfileFileError,
     ReferenceProfile,
     build_profile,
     compare,
@@ -268,6 +269,22 @@ def test_bad_profile_files_say_what_is_wrong(tmp_path: Path, text: str, problem:
     with pytest.raises(ProfileError, match=problem) as info:
         load_profile(None, tmp_path, "digits")
     assert "model 'digits'" in str(info.value)
+
+
+def test_a_bad_profile_file_is_named_without_the_servers_paths(tmp_path: Path, profile: ReferenceProfile) -> None:
+    """The message reaches remote callers (GetModelDrift): the file is named relative to its directory."""
+    data = json.loads(profile.to_json())
+    data["features"][5]["edges"] = data["features"][5]["edges"][::-1]
+    path = profile_path(tmp_path, "digits")
+    save_profile(profile, path)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileFileError, match="edges must be strictly increasing") as info:
+        load_profile(tmp_path, tmp_path, "digits")
+    assert info.value.where == "profiles/digits.json in the data directory" and str(tmp_path) not in str(info.value)
+    path.unlink()
+    (tmp_path / "reference_profile.json").mkdir()
+    with pytest.raises(ProfileFileError, match="reference_profile.json in the model directory: cannot be read"):
+        load_profile(tmp_path, tmp_path, "digits")
 
 
 def test_bad_feature_kind_is_refused(profile: ReferenceProfile) -> None:

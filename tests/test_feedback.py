@@ -74,6 +74,27 @@ def test_acknowledged_feedback_is_committed(served: ServerThread, digits: tuple[
     np.testing.assert_array_equal(stored.outputs["label"], result["label"])
 
 
+def test_text_labels_match_integer_predictions(
+    served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
+) -> None:
+    """A label sent as text ("3") names the same class as the model's INT64 output 3, as drift's categories do; it
+    used to be a class of its own, and accuracy 0 without an error."""
+    _, x, y = digits
+    with InferenceClient(served.address) as client:
+        results = [client.infer("digits", {"input": x[i : i + 2]}) for i in range(0, 20, 2)]
+        as_text = [(r.id, [str(int(v)) for v in y[i : i + 2]]) for r, i in zip(results, range(0, 20, 2), strict=True)]
+        client.submit_feedback_batch("digits", as_text)
+        text = client.model_quality("digits")
+        client.submit_feedback_batch(
+            "digits", [(r.id, y[i : i + 2]) for r, i in zip(results, range(0, 20, 2), strict=True)]
+        )
+        numbers = client.model_quality("digits")
+    predicted = np.concatenate([r["label"].reshape(-1) for r in results])
+    assert text.metrics["accuracy"] == numbers.metrics["accuracy"] == pytest.approx(float(np.mean(predicted == y[:20])))
+    assert text.metrics["accuracy"] > 0.5
+    assert text.class_labels == numbers.class_labels == tuple(str(c) for c in sorted({*predicted, *y[:20]}))
+
+
 async def test_async_client_feedback_and_late_labels(
     served: ServerThread, digits: tuple[Path, np.ndarray, np.ndarray]
 ) -> None:

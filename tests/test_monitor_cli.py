@@ -251,6 +251,22 @@ def test_export_jsonl_round_trip(server: ServerThread, exported_traffic: dict, t
     assert {"export-a", "export-b"} <= ids and "export-c" not in ids
 
 
+def test_export_only_reads_the_store_of_a_running_server(
+    server: ServerThread, exported_traffic: dict, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Export opens the store read-only: it used to checkpoint the WAL on close, taking the write lock that the
+    server's capture writer needs (captures in that moment were lost)."""
+    with InferenceClient(server.address) as client:
+        client.infer("digits", {"input": held_out[0][:2]})
+    assert server.app.capture.flush()
+    wal = _data_dir(server) / f"{DB_NAME}-wal"
+    before = wal.stat().st_size
+    assert before > 0
+    code, _, err = run_cli("export", "digits", "--data-dir", str(_data_dir(server)), "--out", str(tmp_path / "x.jsonl"))
+    assert code == 0, err
+    assert wal.stat().st_size == before  # not checkpointed (TRUNCATE leaves it empty)
+
+
 def test_export_parquet_round_trip(server: ServerThread, exported_traffic: dict, tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "digits.parquet"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import numpy as np
 import pytest
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.monitoring.capture import Capture
 from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
 from tests.monitoring import digits_repository
 from tests.onnx_models import identity_model, write_config
@@ -203,4 +207,51 @@ def test_a_model_without_a_batch_dimension_is_one_row_per_request(tmp_path: Path
     (captured,) = store.predictions("flat", None)
     assert captured.outputs["OUTPUT0"].shape == (1, 10)
     assert captured.label is not None
+    store.close()
+
+
+def test_captures_wait_for_another_writer_instead_of_being_lost(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """Another connection holding the write lock (a tool writing or checkpointing the same file) delays the capture
+    writer; it used to fail the whole batch at once with SQLITE_BUSY ('they are lost')."""
+    repo, x, _ = digits
+    with ServerThread(repo, data_dir=tmp_path / "data") as s, InferenceClient(s.address) as c:
+        c.infer("digits", {"input": x[:1]})
+        assert s.app.capture.flush()
+        other = sqlite3.connect(tmp_path / "data" / DB_NAME, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute(
+                "INSERT INTO predictions (id, model, version, ts, outputs) VALUES ('x', 'other', '1', 0, x'00')"
+            )
+            for i in range(1, 9):
+                c.infer("digits", {"input": x[i : i + 1]})
+            time.sleep(1.0)  # the capture writer meets the lock (it polls every 50 ms)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        assert s.app.capture.flush()
+        assert (s.app.capture.failed, s.app.capture.captured) == (0, 9)
+    assert _stored(tmp_path / "data") == 9
+
+
+def test_the_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
+    """Each queued sample pins its request's and response's buffers until stored: a writer that falls behind on
+    large tensors used to pin up to queue_size of them (10,000 images: gigabytes), dropping nothing."""
+    store = PredictionStore(tmp_path / DB_NAME)
+    capture = Capture(store, queue_bytes=10 * 4096 + 100)
+    config = mc.ModelConfig(name="images", max_batch_size=8)
+    image = np.zeros((1, 1024), np.float32)  # 4 KiB, plus a 4-byte output
+    for i in range(25):  # the writer is not started yet: nothing leaves the queue
+        capture.submit("images", 1, config, f"r{i}", {"image": image}, {"score": np.zeros((1, 1), np.float32)})
+    assert (len(capture._queue), capture.dropped) == (10, 15)
+    capture.start()
+    try:
+        assert capture.flush()
+        capture.submit("images", 1, config, "after", {"image": image}, {"score": np.zeros((1, 1), np.float32)})
+        assert capture.flush() and capture.dropped == 15  # stored samples give their bytes back
+    finally:
+        capture.close()
+    assert store.count("images") == 11
     store.close()

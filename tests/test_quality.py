@@ -367,6 +367,40 @@ def test_a_text_label_for_a_regression_model_is_skipped() -> None:
     assert report.metrics["mae"] == pytest.approx(1.0)
 
 
+def test_a_nonfinite_regression_prediction_is_left_out_and_counted() -> None:
+    """One NaN used to make mae and rmse NaN, and an alert on them could then neither fire nor resolve."""
+    spec = TaskSpec.from_config(_config(tensorgate_task="regression"))
+    outputs = [
+        np.array([[50.0], [np.nan]], np.float32),
+        np.array([[np.inf]], np.float32),
+        np.array([[12.0]], np.float32),
+    ]
+    report = compute_quality(spec, _window(outputs, [np.array([10.0, 10.0]), np.array([10.0]), np.array([10.0])]))
+    assert (report.rows, report.nonfinite) == (2, 2)
+    assert report.metrics["mae"] == pytest.approx(mean_absolute_error([10.0, 10.0], [50.0, 12.0]))
+    assert report.metrics["rmse"] == pytest.approx(np.sqrt(mean_squared_error([10.0, 10.0], [50.0, 12.0])))
+    assert report.metrics["nonfinite_share"] == 0.5
+    only_nan = compute_quality(spec, _window([np.array([[np.nan]], np.float32)], [np.array([1.0])]))
+    assert (only_nan.rows, only_nan.metrics) == (0, {"label_coverage": 1.0, "nonfinite_share": 1.0})
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        pytest.param(np.array(["3"], dtype=object), id="text"),
+        pytest.param(np.array([b"3"], dtype=object), id="bytes"),
+        pytest.param(np.array([3.0]), id="float"),
+    ],
+)
+def test_a_label_names_the_class_as_drift_does(label: np.ndarray) -> None:
+    """Text "3" is the INT64 output 3, as in drift's categories (it used to be another class: accuracy 0)."""
+    spec = TaskSpec.from_config(_config(tensorgate_task="classification"))
+    outputs = [np.array([[3]], np.int64), np.array([[10]], np.int64), np.array([[9]], np.int64)]
+    report = compute_quality(spec, _window(outputs, [label, np.array(["10"], dtype=object), np.array([2])]))
+    assert report.metrics["accuracy"] == pytest.approx(2 / 3)
+    assert report.class_labels == ["2", "3", "9", "10"]  # numbers in numeric order
+
+
 def _with_rule(repo: Path, out: Path, rule: str) -> Path:
     """A copy of the digits repository whose config adds the alert rule `coverage_low`."""
     copy = shutil.copytree(repo, out)

@@ -5,7 +5,9 @@ monitoring window (the monitor loop calls ``AlertEngine.evaluate`` with that win
 
 - windows with fewer than ``min_samples`` samples, or without the metric, change nothing (too little to judge);
 - the rule fires after ``for_windows`` consecutive breaching windows, and resolves at the first window that no
-  longer breaches; each change is one AlertTransition, handed to ``on_transition`` and the webhook.
+  longer breaches; each change is one AlertTransition, handed to ``on_transition`` and the webhook;
+- a window counts towards ``for_windows`` only when it holds new evidence (the caller's ``evidence`` differs from
+  the last one judged): the monitor re-judging the same predictions every interval does not make a streak.
 
 Rules come from a model's config.pbtxt, one parameter per rule::
 
@@ -22,6 +24,9 @@ or from a YAML file (``--alert-rules``)::
         min_samples: 200         # optional, default 100
         for_windows: 1           # optional, default 1
 
+A model has one rule per name: its config.pbtxt rule overrides a rules-file rule of the same name, and a file rule
+naming the model overrides a ``"*"`` one (``model_rules``), so a model can tighten or relax a fleet-wide rule.
+
 deploy/monitoring/prometheus-alerts.yaml holds similar conditions as Prometheus rules on the exported gauges (its
 quality rules have no min_samples guard: no gauge exports how many labels a quality value rests on).
 """
@@ -33,7 +38,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,7 @@ __all__ = [
     "AlertTransition",
     "WebhookSender",
     "load_rules_file",
+    "model_rules",
     "parse_rule",
     "rules_from_config",
 ]
@@ -60,7 +66,16 @@ __all__ = [
 logger = logging.getLogger("tensorgate.monitoring.alerts")
 
 ALERT_PARAMETER_PREFIX = "tensorgate.alert."
-QUALITY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "mae", "rmse", "label_coverage")
+QUALITY_METRICS = (
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "mae",
+    "rmse",
+    "nonfinite_share",
+    "label_coverage",
+)
 DRIFT_METRICS = ("drift.psi_max", "drift.psi_mean", "drift.drifted_share", "drift.score_psi")
 METRICS = QUALITY_METRICS + DRIFT_METRICS
 """The metric names the monitor loop passes to ``evaluate``; a rule naming anything else is refused."""
@@ -215,8 +230,42 @@ def load_rules_file(path: Path) -> list[AlertRule]:
     return rules
 
 
+def model_rules(model: str, file_rules: Sequence[AlertRule], config_rules: Sequence[AlertRule]) -> list[AlertRule]:
+    """The rules judged for ``model``, one per name: the most specific wins (its config.pbtxt rule, then a file rule
+    naming it, then a file rule for ``"*"``). Two same-named rules would share one alert state and flap."""
+    chosen: dict[str, AlertRule] = {}
+    for rule in file_rules:
+        if rule.model == "*":
+            chosen[rule.name] = rule
+    for rule in (*file_rules, *config_rules):
+        if rule.model != "*" and rule.applies_to(model):
+            if rule.name in chosen:
+                logger.info(
+                    "alert rule '%s' of model '%s' (%s) overrides the one for model '%s' (%s)",
+                    rule.name,
+                    model,
+                    rule.expression(),
+                    chosen[rule.name].model,
+                    chosen[rule.name].expression(),
+                )
+            chosen[rule.name] = rule
+    return list(chosen.values())
+
+
+def _check_unique(rules: Sequence[AlertRule]) -> None:
+    # The state is keyed by (rule name, model, version): two same-named rules judging one model would share it.
+    for i, rule in enumerate(rules):
+        for other in rules[:i]:
+            if rule.name == other.name and (rule.applies_to(other.model) or other.applies_to(rule.model)):
+                raise AlertRuleError(
+                    f"alert rule '{rule.name}' is defined for model '{other.model}' and for model '{rule.model}': "
+                    "pick one per model with model_rules()"
+                )
+
+
 class AlertEngine:
-    """Holds each (rule, model, version)'s state between windows; thread-safe.
+    """Holds each (rule, model, version)'s state between windows; thread-safe. Rule names are unique per model
+    (AlertRuleError otherwise): merge a rules file with a model's own rules through ``model_rules``.
 
     Usage::
 
@@ -232,12 +281,14 @@ class AlertEngine:
         webhook: WebhookSender | None = None,
         on_transition: Callable[[AlertTransition], None] | None = None,
     ) -> None:
+        _check_unique(rules)
         self.rules = list(rules)
         self._webhook = webhook
         self._on_transition = on_transition
         self._lock = threading.Lock()
         self._streak: dict[tuple[str, str, str], int] = {}
         self._firing: dict[tuple[str, str, str], AlertTransition] = {}
+        self._evidence: dict[tuple[str, str, str], Hashable] = {}
 
     def evaluate(
         self,
@@ -246,8 +297,12 @@ class AlertEngine:
         values: Mapping[str, float],
         samples: int,
         now: float | None = None,
+        evidence: Hashable | None = None,
     ) -> list[AlertTransition]:
-        """Judge one window of ``model`` ``version``; returns (and dispatches) the transitions it caused."""
+        """Judge one window of ``model`` ``version``; returns (and dispatches) the transitions it caused.
+
+        ``evidence`` names what the window holds (the monitor: its newest capture and label times); a breaching
+        window with the same evidence as the rule's last one does not lengthen the streak. None: always new."""
         timestamp = time.time() if now is None else now
         transitions: list[AlertTransition] = []
         with self._lock:
@@ -259,9 +314,12 @@ class AlertEngine:
                     continue
                 value = float(raw)
                 key = (rule.name, model, version)
+                fresh = evidence is None or self._evidence.get(key) != evidence
+                self._evidence[key] = evidence
                 if rule.breached(value):
-                    self._streak[key] = self._streak.get(key, 0) + 1
-                    if self._streak[key] >= rule.for_windows and key not in self._firing:
+                    if fresh:
+                        self._streak[key] = self._streak.get(key, 0) + 1
+                    if self._streak.get(key, 0) >= rule.for_windows and key not in self._firing:
                         fired = AlertTransition(rule.name, model, version, "firing", value, rule.threshold, timestamp)
                         self._firing[key] = fired
                         transitions.append(fired)
@@ -282,6 +340,28 @@ class AlertEngine:
             fired = list(self._firing.values())
             self._firing.clear()
             self._streak.clear()
+            self._evidence.clear()
+        return self._resolved(fired, timestamp)
+
+    def set_rules(self, rules: Sequence[AlertRule], now: float | None = None) -> list[AlertTransition]:
+        """Replace the rules (a model's config was reloaded): a rule left as it was keeps its streak and firing
+        state; one removed or changed resolves (returned and dispatched), and its replacement starts afresh."""
+        _check_unique(rules)
+        timestamp = time.time() if now is None else now
+        with self._lock:
+            gone = [r for r in self.rules if r not in rules]
+            self.rules = list(rules)
+            fired: list[AlertTransition] = []
+            for key in {*self._streak, *self._firing, *self._evidence}:
+                if any(r.name == key[0] and r.applies_to(key[1]) for r in gone):
+                    self._streak.pop(key, None)
+                    self._evidence.pop(key, None)
+                    if (f := self._firing.pop(key, None)) is not None:
+                        fired.append(f)
+        return self._resolved(fired, timestamp)
+
+    def _resolved(self, fired: list[AlertTransition], timestamp: float) -> list[AlertTransition]:
+        """Dispatch a "resolved" for each of ``fired`` (with the value it fired at: there is no newer one)."""
         transitions = [
             AlertTransition(f.rule, f.model, f.version, "resolved", f.value, f.threshold, timestamp) for f in fired
         ]

@@ -8,12 +8,15 @@
 
 Why a thread and a bounded queue: SQLite writes block and take milliseconds, and inference must never wait on
 them. ``submit`` samples (per model ``tensorgate.capture.sample_rate``), then appends; when the queue is
-full the sample is dropped and counted in ``dropped`` (exported as ``tensorgate_capture_dropped_total``), the
-request itself is unaffected. The writer drains up to ``batch_size`` items per transaction, so a busy server pays
-one commit per batch rather than per request.
+full, in samples (``queue_size``) or in the bytes of the tensors they hold (``queue_bytes``), the sample is dropped
+and counted in ``dropped`` (exported as ``tensorgate_capture_dropped_total``), the request itself is unaffected.
+The writer drains up to ``batch_size`` items per transaction, so a busy server pays one commit per batch rather
+than per request.
 
 The arrays handed in are numpy views of the request and response buffers; they are only read (serialized) on the
-writer thread, so capture copies nothing on the request path.
+writer thread, so capture copies nothing on the request path. That is why the queue is bounded in bytes too: each
+queued sample keeps its request's and response's buffers alive until it is stored, and 10,000 image requests
+waiting on a slow disk would pin gigabytes.
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.monitoring.store import Prediction, PredictionStore
+from tensorgate.server.monitoring.store import Prediction, PredictionStore, is_busy
 
 __all__ = ["Capture", "CaptureConfig"]
 
 log = logging.getLogger(__name__)
+
+BUSY_RETRY_S = (0.1, 0.5, 2.0)
+"""Pauses before storing a batch again after SQLITE_BUSY (another process, e.g. a read-write tool, held the
+database past the 30 s busy timeout): a lock held that long is let go in seconds, and the batch is kept, not lost."""
+
+QUEUE_BYTES = 256 * 2**20
+"""Tensor bytes the queued samples may hold (inputs when captured, and outputs) before new ones are dropped."""
 
 SAMPLE_RATE = "tensorgate.capture.sample_rate"
 CAPTURE_INPUTS = "tensorgate.capture.inputs"
@@ -91,12 +101,22 @@ class Capture:
     """Samples answered requests into a bounded queue that a writer thread stores in batches."""
 
     def __init__(
-        self, store: PredictionStore, *, queue_size: int = 10_000, batch_size: int = 256, poll_s: float = 0.05
+        self,
+        store: PredictionStore,
+        *,
+        queue_size: int = 10_000,
+        queue_bytes: int = QUEUE_BYTES,
+        batch_size: int = 256,
+        poll_s: float = 0.05,
     ) -> None:
-        if queue_size < 1 or batch_size < 1:
-            raise ValueError(f"queue_size and batch_size must be at least 1, got {queue_size} and {batch_size}")
+        if queue_size < 1 or batch_size < 1 or queue_bytes < 1:
+            raise ValueError(
+                f"queue_size, queue_bytes and batch_size must be at least 1, got {queue_size}, {queue_bytes} and "
+                f"{batch_size}"
+            )
         self.store = store
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.batch_size = batch_size
         self.poll_s = poll_s
         # NOTE: a deque, not queue.Queue: append/popleft are atomic and cost ~50 ns, where Queue.put_nowait takes
@@ -108,6 +128,10 @@ class Capture:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._random = random.random
+        # Queued bytes are _bytes_in - _bytes_out: each counter has one writer (the loop, the writer thread), so
+        # neither needs a lock.
+        self._bytes_in = 0
+        self._bytes_out = 0
         self.dropped = 0
         """Samples dropped because the queue was full (read by the metrics collector; only the loop writes it)."""
         self.captured = 0
@@ -138,7 +162,8 @@ class Capture:
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
     ) -> None:
-        """Queue one answered request if sampled; drops (and counts) it when the queue is full. Never blocks.
+        """Queue one answered request if sampled; drops (and counts) it when the queue is full, in samples or in
+        bytes. Never blocks.
 
         Called from the event loop only (one producer), so the length check and the append cannot race.
         """
@@ -146,14 +171,20 @@ class Capture:
         rate = settings.sample_rate
         if rate <= 0.0 or (rate < 1.0 and self._random() >= rate):
             return
-        if len(self._queue) >= self.queue_size:
+        size = sum(a.nbytes for a in outputs.values())
+        if settings.inputs:
+            size += sum(a.nbytes for a in inputs.values())
+        if len(self._queue) >= self.queue_size or self._bytes_in - self._bytes_out + size > self.queue_bytes:
             self.dropped += 1
             return
         if config.max_batch_size <= 0:
             # No batch axis: the whole request is one row (its first dimension is the model's own, not rows).
             inputs = {name: a[None] for name, a in inputs.items()}
             outputs = {name: a[None] for name, a in outputs.items()}
-        self._queue.append((request_id, model, str(version), time.time(), inputs if settings.inputs else None, outputs))
+        self._bytes_in += size
+        self._queue.append(
+            (request_id, model, str(version), time.time(), inputs if settings.inputs else None, outputs, size)
+        )
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every sample queued before this call is stored (blocking: call it off the event loop).
@@ -188,15 +219,26 @@ class Capture:
                 for i in items
                 if isinstance(i, tuple)
             ]
-            try:
-                self.store.insert(batch)
-                self.captured += len(batch)
-            except Exception:  # noqa: BLE001 - the writer must outlive one bad batch
-                self.failed += len(batch)
-                log.exception("capture: storing %d prediction(s) failed; they are lost", len(batch))
+            self._store(batch)
+            self._bytes_out += sum(i[6] for i in items if isinstance(i, tuple))  # their buffers are let go now
             for i in items:
                 if isinstance(i, threading.Event):
                     i.set()
+
+    def _store(self, batch: list[Prediction]) -> None:
+        for pause in (*BUSY_RETRY_S, None):
+            try:
+                self.store.insert(batch)
+                self.captured += len(batch)
+                return
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive one bad batch
+                if pause is not None and is_busy(exc):
+                    log.warning("capture: the store is busy (%s); storing %d prediction(s) again", exc, len(batch))
+                    time.sleep(pause)
+                    continue
+                self.failed += len(batch)
+                log.exception("capture: storing %d prediction(s) failed; they are lost", len(batch))
+                return
 
     def close(self, timeout: float = 10.0) -> None:
         """Store what is queued, then stop the writer (the store stays open: its owner closes it)."""

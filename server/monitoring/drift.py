@@ -45,6 +45,7 @@ __all__ = [
     "FeatureDrift",
     "FeatureProfile",
     "ProfileError",
+    "ProfileFileError",
     "ReferenceProfile",
     "build_profile",
     "compare",
@@ -71,6 +72,31 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 class ProfileError(ValueError):
     """A reference profile that cannot be built, read or used (the message names the model and the problem)."""
+
+
+class ProfileFileError(ProfileError):
+    """A profile file that exists but cannot be used. ``where`` names it relative to the data or model directory,
+    so that the message can go to a remote caller without the server's own paths."""
+
+    def __init__(self, model: str, where: str, problem: str) -> None:
+        super().__init__(f"model '{model}': {where}: {problem}")
+        self.model, self.where, self.problem = model, where, problem
+
+
+def _numbers(feature: str, key: str, values: Any, *, counts: bool = False) -> list[Any]:
+    """A profile's list of finite numbers (non-negative integers for counts); the message names the bad one."""
+    if not isinstance(values, list):
+        raise ProfileError(f"feature {feature!r}: {key} must be a list, got {type(values).__name__}")
+    out: list[Any] = []
+    for v in values:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if counts and ok and (v < 0 or v != int(v)):
+            ok = False
+        if not ok:
+            what = "non-negative integers" if counts else "finite numbers"
+            raise ProfileError(f"feature {feature!r}: {key} must hold {what}, got {v!r}")
+        out.append(int(v) if counts else float(v))
+    return out
 
 
 @dataclass(slots=True)
@@ -134,6 +160,8 @@ class FeatureProfile:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureProfile:
+        if not isinstance(data, Mapping):
+            raise ProfileError(f"a feature is a JSON object, got {data!r}")
         kind = str(data["kind"])
         if kind not in ("numeric", "categorical", "score"):
             raise ProfileError(f"feature {data.get('name')!r}: unknown kind {kind!r}")
@@ -141,22 +169,38 @@ class FeatureProfile:
         if role not in ("input", "output"):
             raise ProfileError(f"feature {data.get('name')!r}: unknown role {role!r}")
         selector = data["selector"]
-        if not isinstance(selector, int | str):
-            raise ProfileError(f"feature {data.get('name')!r}: bad selector {selector!r}")
+        name = str(data["name"])
+        if isinstance(selector, bool) or not (
+            (isinstance(selector, int) and selector >= -1) or selector in ("mean", "std")
+        ):
+            raise ProfileError(f"feature {name!r}: bad selector {selector!r}")
+        categories = data.get("categories", {})
+        if not isinstance(categories, Mapping):
+            raise ProfileError(f"feature {name!r}: categories must be an object of counts")
         feature = cls(
-            name=str(data["name"]),
+            name=name,
             source=str(data["source"]),
             role=role,
             kind=kind,
             selector=selector,
-            edges=[float(v) for v in data.get("edges", [])],
-            counts=[int(v) for v in data.get("counts", [])],
-            sample=[float(v) for v in data.get("sample", [])],
-            categories={str(k): int(v) for k, v in data.get("categories", {}).items()},
-            nonfinite=int(data.get("nonfinite", 0)),
+            edges=_numbers(name, "edges", data.get("edges", [])),
+            counts=_numbers(name, "counts", data.get("counts", []), counts=True),
+            sample=_numbers(name, "sample", data.get("sample", [])),
+            categories=dict(
+                zip(
+                    map(str, categories),
+                    _numbers(name, "categories", list(categories.values()), counts=True),
+                    strict=True,
+                )
+            ),
+            nonfinite=_numbers(name, "nonfinite", [data.get("nonfinite", 0)], counts=True)[0],
         )
         if kind != "categorical" and len(feature.counts) != len(feature.edges) + 1:
             raise ProfileError(f"feature {feature.name!r}: {len(feature.counts)} counts for {len(feature.edges)} edges")
+        # Bins are found by binary search (_bin_counts): edges out of order put values in the wrong bins, and PSI
+        # would be wrong without any error.
+        if any(b <= a for a, b in zip(feature.edges, feature.edges[1:], strict=False)):
+            raise ProfileError(f"feature {feature.name!r}: edges must be strictly increasing")
         return feature
 
 
@@ -204,6 +248,8 @@ class ReferenceProfile:
                 raise ProfileError("a reference profile is a JSON object")
             if data.get("format") != PROFILE_FORMAT:
                 raise ProfileError(f"unsupported profile format {data.get('format')!r} (expected {PROFILE_FORMAT})")
+            if not isinstance(data["features"], list):
+                raise ProfileError("features must be a list")
             return cls(
                 model=str(data["model"]),
                 samples=int(data["samples"]),
@@ -493,16 +539,22 @@ def save_profile(profile: ReferenceProfile, path: Path) -> Path:
 
 
 def load_profile(data_dir: Path | None, model_dir: Path, model: str) -> ReferenceProfile | None:
-    """<data_dir>/profiles/<model>.json first, else <model_dir>/reference_profile.json; None when neither exists."""
-    candidates = [profile_path(data_dir, model)] if data_dir is not None else []
-    candidates.append(Path(model_dir) / "reference_profile.json")
-    for path in candidates:
+    """<data_dir>/profiles/<model>.json first, else <model_dir>/reference_profile.json; None when neither exists.
+
+    A file that cannot be used raises ProfileFileError, naming it relative to its directory (see its docstring)."""
+    candidates = []
+    if data_dir is not None:
+        candidates.append((profile_path(data_dir, model), f"profiles/{model}.json in the data directory"))
+    candidates.append((Path(model_dir) / "reference_profile.json", "reference_profile.json in the model directory"))
+    for path, where in candidates:
         try:
             text = path.read_text()
         except FileNotFoundError:
             continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileFileError(model, where, f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         try:
             return ReferenceProfile.from_json(text)
         except ProfileError as exc:
-            raise ProfileError(f"model '{model}': {path}: {exc}") from None
+            raise ProfileFileError(model, where, str(exc)) from None
     return None

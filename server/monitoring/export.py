@@ -14,7 +14,7 @@ split over the rows; any other label shape is repeated whole on each row of its 
 
 Parquet (``--format parquet``) has the same fields as columns (``input.<name>``, ``output.<name>``); it needs
 pyarrow, from the ``tensorgate[export]`` extra. The store is read through engineer A's PredictionStore (the
-SQLite file under the data directory), which WAL mode lets us read while a server is writing to it.
+SQLite file under the data directory), opened read-only: WAL mode lets us read while a server is writing to it.
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ def parse_time(text: str, now: float) -> float:
 
 
 def open_store(data_dir: Path) -> PredictionStore:
-    """The store of a data directory; an error (not a new empty database) when there is none."""
+    """The store of a data directory, read-only; an error (not a new empty database) when there is none.
+
+    Read-only because a server may be writing to it: a read-write connection would checkpoint on close, taking
+    the write lock that the server's capture writer needs."""
     path = Path(data_dir) / DB_NAME
     if not path.is_file():
         raise ExportError(f"{path}: no prediction store (is this the server's --data-dir?)")
-    return PredictionStore(path)
+    return PredictionStore(path, read_only=True)
 
 
 def _value(row: np.ndarray) -> Any:

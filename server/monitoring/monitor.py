@@ -42,6 +42,7 @@ from tensorgate.server.monitoring.alerts import (
     AlertTransition,
     WebhookSender,
     load_rules_file,
+    model_rules,
     rules_from_config,
 )
 from tensorgate.server.monitoring.capture import Capture, parameter
@@ -67,7 +68,7 @@ QUALITY = FamilySpec(
     "gauge",
     (*_MV, "metric"),
     "Quality over the monitor's window (last 1000 predictions): accuracy, precision/recall/f1_macro, mae, rmse, "
-    "label_coverage",
+    "nonfinite_share (regression rows left out of mae/rmse as NaN or infinite), label_coverage",
 )
 DRIFT = FamilySpec(
     "tensorgate_model_drift",
@@ -244,8 +245,10 @@ class Monitor:
             key = (t.name, t.version)
             seen.add(key)
             quality: QualityReport | None = None
+            window: list[Prediction] = []
             try:
-                quality = self._quality(t, Window(), now)
+                window = self._window(t, Window(), now, with_inputs=False)
+                quality = compute_quality(TaskSpec.from_config(t.config), window, t.version)
             except TaskSpecError as exc:
                 log.warning("monitor: %s", exc)
             except Exception:  # noqa: BLE001 - quality of one model must not stop the others
@@ -265,18 +268,25 @@ class Monitor:
                     "score_psi": float(drift.score_drift),
                     "samples": float(drift.samples),
                 }
-            engine = self._engine(t)
+            engine = self._engine(t, now)
+            # What `for=N` counts: windows with something new (a capture, a label), not runs of this loop.
+            captured = max((p.timestamp for p in window), default=None)
+            labelled = max((p.label_timestamp for p in window if p.label_timestamp is not None), default=None)
+            evidence = (len(window), captured, labelled)
             if quality is not None and state.quality.get(key):
                 # Coverage is judged on the predictions it is a share of; the other metrics on labelled rows.
                 metrics = dict(state.quality[key])
                 if "label_coverage" in metrics:
                     coverage = {"label_coverage": metrics.pop("label_coverage")}
-                    engine.evaluate(t.name, t.version, coverage, quality.predictions, now)
+                    engine.evaluate(t.name, t.version, coverage, quality.predictions, now, evidence)
+                if "nonfinite_share" in metrics:  # a share of all labelled rows, the left-out ones included
+                    nonfinite = {"nonfinite_share": metrics.pop("nonfinite_share")}
+                    engine.evaluate(t.name, t.version, nonfinite, quality.rows + quality.nonfinite, now, evidence)
                 if metrics:
-                    engine.evaluate(t.name, t.version, metrics, quality.rows, now)
+                    engine.evaluate(t.name, t.version, metrics, quality.rows, now, evidence)
             if drift is not None:
                 values = {f"drift.{k}": v for k, v in state.drift[key].items() if k != "samples"}
-                engine.evaluate(t.name, t.version, values, int(drift.samples), now)
+                engine.evaluate(t.name, t.version, values, int(drift.samples), now, (len(window), captured))
             state.firing[key] = {a.rule for a in engine.active() if a.model == t.name and a.version == t.version}
         with self._lock:  # a version no longer served resolves its alerts instead of firing for ever
             gone = {key: self._engines.pop(key) for key in list(self._engines) if key not in seen}
@@ -285,10 +295,11 @@ class Monitor:
         self.state = state
         self.evaluations += 1
 
-    def _engine(self, t: _Target) -> AlertEngine:
+    def _engine(self, t: _Target, now: float) -> AlertEngine:
         """The alert engine of a model version: rules file + the model's ``tensorgate.alert.*`` parameters.
 
-        Rebuilt when the version's config changes (a reload), which resets its consecutive-window counts.
+        A reload (a new config) keeps the state of the rules it leaves as they were and resolves the others: a
+        firing alert neither fires again nor goes silent without a "resolved".
         """
         key = (t.name, t.version)
         with self._lock:
@@ -296,11 +307,14 @@ class Monitor:
             if cached is not None and cached.config is t.config:
                 return cached.engine
             params = {k: v.string_value for k, v in t.config.parameters.items()}
-            rules = [r for r in self._file_rules if r.applies_to(t.name)]
-            rules += rules_from_config(params, model=t.name)
-            engine = AlertEngine(rules, webhook=self._webhook, on_transition=self._on_transition)
-            self._engines[key] = _Engine(t.config, engine)
-            return engine
+            rules = model_rules(t.name, self._file_rules, rules_from_config(params, model=t.name))
+            if cached is None:
+                engine = AlertEngine(rules, webhook=self._webhook, on_transition=self._on_transition)
+                self._engines[key] = _Engine(t.config, engine)
+                return engine
+            cached.config = t.config
+        cached.engine.set_rules(rules, now)  # outside the lock: it dispatches what it resolves
+        return cached.engine
 
     def _on_transition(self, transition: AlertTransition) -> None:
         """Log, count and (when the server traces) record one alert transition as an OpenTelemetry span + event."""
@@ -334,8 +348,14 @@ class Monitor:
 
     def profile(self, t: _Target) -> ReferenceProfile | None:
         """The reference profile: from the data dir or the model dir, else built from the first N captured
-        requests when ``tensorgate.drift.reference_requests`` asks for it (and saved to the data dir)."""
-        profile = drift_stats.load_profile(self.data_dir, t.model_dir, t.name)
+        requests when ``tensorgate.drift.reference_requests`` asks for it (and saved to the data dir).
+
+        A profile file that cannot be used is FAILED_PRECONDITION naming the file: the server's setup, not the
+        request, is wrong."""
+        try:
+            profile = drift_stats.load_profile(self.data_dir, t.model_dir, t.name)
+        except drift_stats.ProfileFileError as exc:
+            raise NoReferenceError(t.name, t.version, f"{exc.where}: {exc.problem}") from exc
         if profile is not None:
             return profile
         n = parse_decimal(parameter(t.config, "tensorgate.drift.reference_requests") or "")

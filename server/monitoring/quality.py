@@ -10,6 +10,11 @@ index of the largest score per row (class probabilities or logits); ``threshold`
 the second column of a two-column output) into 1 when it is at least the threshold, else 0. Without parameters the
 first output is used, as a label when it holds integers and by argmax when it holds floats with several columns.
 
+Class labels compare as drift's categories do: by text, whole numbers without ".0" (so feedback "3", 3 and 3.0 all
+match an INT64 output 3). A regression row whose prediction or label is NaN or infinite is left out of mae/rmse
+(one NaN would make them NaN, and an alert on them could then neither fire nor resolve) and counted:
+``nonfinite_share`` is its share of the labelled rows.
+
 The classification metrics follow scikit-learn's definitions exactly (``accuracy_score``,
 ``precision_recall_fscore_support`` with ``average="macro"`` over the labels seen in truth or prediction, and 0 for
 a class with no predicted or no true samples), so tests can compare the two on the same pairs.
@@ -25,6 +30,7 @@ import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.monitoring.capture import parameter
+from tensorgate.server.monitoring.drift import _category_keys
 from tensorgate.server.monitoring.store import Prediction
 
 __all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "predicted_values"]
@@ -100,15 +106,13 @@ def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarr
     return rows[:, 0]
 
 
-def _key(value: object) -> object:
-    """A hashable class key: numbers that are whole become ints, so 3.0 (feedback) equals 3 (an INT64 output)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def _class_order(label: str) -> tuple[int, float, str]:
+    """Numeric labels in numeric order ("10" after "9"), then text."""
+    try:
+        number = float(label)
+    except ValueError:
+        return (1, 0.0, label)
+    return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
 
 
 @dataclass(slots=True)
@@ -131,6 +135,8 @@ class QualityReport:
     """Of those, requests with joined ground truth."""
     rows: int = 0
     """Labelled rows (prediction/label pairs) the metrics are computed on."""
+    nonfinite: int = 0
+    """Regression: labelled rows left out because their prediction or label is NaN or infinite."""
     metrics: dict[str, float] = field(default_factory=dict)
     classes: list[ClassQuality] = field(default_factory=list)
     class_labels: list[str] = field(default_factory=list)
@@ -179,17 +185,24 @@ def compute_quality(spec: TaskSpec, window: Sequence[Prediction], version: str =
         report.metrics["label_coverage"] = labelled / len(window)
     y_true, y_pred = pairs(spec, window)
     report.rows = len(y_true)
-    if not y_true:
-        return report
     if spec.task == "regression":
         t = np.asarray(y_true, dtype=np.float64)
-        e = np.asarray(y_pred, dtype=np.float64) - t
-        report.metrics["mae"] = float(np.mean(np.abs(e)))
-        report.metrics["rmse"] = float(math.sqrt(float(np.mean(e * e))))
+        p = np.asarray(y_pred, dtype=np.float64)
+        finite = np.isfinite(t) & np.isfinite(p)
+        report.rows = int(finite.sum())
+        report.nonfinite = len(t) - report.rows
+        if len(t):
+            report.metrics["nonfinite_share"] = report.nonfinite / len(t)
+        if report.rows:
+            e = p[finite] - t[finite]
+            report.metrics["mae"] = float(np.mean(np.abs(e)))
+            report.metrics["rmse"] = float(math.sqrt(float(np.mean(e * e))))
         return report
-    truth = [_key(v) for v in y_true]
-    pred = [_key(v) for v in y_pred]
-    labels = sorted(set(truth) | set(pred), key=lambda v: (isinstance(v, str), v))  # numbers, then text
+    if not y_true:
+        return report
+    truth = _category_keys(np.asarray(y_true, dtype=object))
+    pred = _category_keys(np.asarray(y_pred, dtype=object))
+    labels = sorted(set(truth) | set(pred), key=_class_order)
     index = {label: i for i, label in enumerate(labels)}
     n = len(labels)
     confusion = np.zeros((n, n), dtype=np.int64)
@@ -206,7 +219,7 @@ def compute_quality(spec: TaskSpec, window: Sequence[Prediction], version: str =
     report.metrics["precision_macro"] = float(precision.mean())
     report.metrics["recall_macro"] = float(recall.mean())
     report.metrics["f1_macro"] = float(f1.mean())
-    report.class_labels = [str(v) for v in labels]
+    report.class_labels = labels
     report.confusion = confusion.tolist()
     report.classes = [
         ClassQuality(str(label), float(precision[i]), float(recall[i]), float(f1[i]), int(actual[i]))

@@ -26,7 +26,7 @@ import numpy as np
 
 from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
-__all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays"]
+__all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays", "is_busy"]
 
 DB_NAME = "tensorgate.sqlite3"
 
@@ -116,16 +116,34 @@ def _label_blob(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class PredictionStore:
-    """SQLite (WAL) log of predictions, thread-safe; keeps at most ``retention`` rows per model (oldest go)."""
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY/LOCKED: another connection held the database past the busy timeout (or made this one's snapshot
+    stale); the same write can succeed when tried again, unlike a full disk or a corrupt file."""
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.OperationalError) else None
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-    def __init__(self, path: Path, *, retention: int = 1_000_000) -> None:
+
+class PredictionStore:
+    """SQLite (WAL) log of predictions, thread-safe; keeps at most ``retention`` rows per model (oldest go).
+
+    ``read_only=True`` (``tensorgate export`` beside a running server) opens the file with SQLite's ``mode=ro``: it
+    never takes the write lock, not even to checkpoint on close, so the server's capture writer never waits on it.
+    """
+
+    def __init__(self, path: Path, *, retention: int = 1_000_000, read_only: bool = False) -> None:
         if retention < 1:
             raise ValueError(f"retention must be at least 1 prediction per model, got {retention}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.retention = retention
+        self.read_only = read_only
         self._lock = threading.Lock()
+        if read_only:
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+            self._rows: dict[str, int] = {}
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -133,7 +151,7 @@ class PredictionStore:
         # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._rows: dict[str, int] = {}
+        self._rows = {}
         """Rows per model as far as this store knows (counted once, then kept up to date by insert)."""
 
     # ----- writes ------------------------------------------------------------------------------------------
@@ -160,7 +178,10 @@ class PredictionStore:
         for p in predictions:
             ids.setdefault(p.model, set()).add(p.id)
         with self._lock:
-            self._db.execute("BEGIN")
+            # IMMEDIATE: take the write lock first, waiting out the busy timeout. A deferred BEGIN would read
+            # (_stored) first, and a read transaction that must then upgrade while another connection writes or
+            # checkpoints gets SQLITE_BUSY at once, without waiting (it cannot wait without deadlocking).
+            self._db.execute("BEGIN IMMEDIATE")
             try:
                 # A repeated id replaces its row rather than adding one: count only the ids not stored yet, or
                 # trimming would delete real rows (every one of them, with a client that reuses its ids).
@@ -318,9 +339,10 @@ class PredictionStore:
         return int(row[0])
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close; the store is unusable afterwards."""
+        """Checkpoint the WAL into the main file (unless read-only) and close; the store is unusable afterwards."""
         with self._lock:
             try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if not self.read_only:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self._db.close()

@@ -10,11 +10,17 @@ The body is one JSON object per transition::
      "value": 0.81, "threshold": 0.9, "timestamp": 1764220000.0}
 
 Connection errors, timeouts and 5xx/429 answers are retried; other 4xx answers are not (the request itself is
-wrong, sending it again will not help).
+wrong, sending it again will not help). A 3xx answer is a failure, not followed: urllib would repeat the POST as a
+GET without its body and call that delivered.
+
+Webhook URLs often carry a secret (a Slack-style path, ``?token=``), so logs name only scheme://host:port. A
+``user:password@`` in the URL is sent as an ``Authorization: Basic`` header (urllib would take it for part of the
+host name), never logged.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import queue
@@ -23,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # alerts.py re-exports WebhookSender, so this module imports nothing of it at run time
     from tensorgate.server.monitoring.alerts import AlertTransition
@@ -31,6 +37,14 @@ if TYPE_CHECKING:  # alerts.py re-exports WebhookSender, so this module imports 
 __all__ = ["WebhookSender"]
 
 logger = logging.getLogger("tensorgate.monitoring.webhook")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None  # the 3xx then surfaces as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 class WebhookSender:
@@ -49,11 +63,26 @@ class WebhookSender:
         max_queue: int = 1000,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"alert webhook {url!r}: expected an http:// or https:// URL")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # Not the URL itself: a malformed one may still hold a secret.
+            raise ValueError(
+                f"alert webhook (scheme {parts.scheme!r}): expected an http:// or https:// URL with a host"
+            )
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:  # the port may be a mistyped secret: not echoed
+            raise ValueError(f"alert webhook {parts.scheme}://{parts.hostname}: the port is not a number") from None
         if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_queue < 1:
             raise ValueError("alert webhook: timeout_s > 0, retries >= 0, backoff_s >= 0 and max_queue >= 1 required")
-        self.url = url
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        self.where = f"{parts.scheme}://{host}:{port}"
+        """What logs show of the URL: its path and query may hold a secret."""
+        self._headers = {"Content-Type": "application/json"}
+        if parts.username is not None or parts.password is not None:
+            userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            self._headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+        self._url = urlunsplit(parts._replace(netloc=netloc))
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -112,7 +141,7 @@ class WebhookSender:
         self.failed += 1
         logger.warning(
             "alert webhook %s: gave up on %s %s for model '%s': %s",
-            self.url,
+            self.where,
             transition.rule,
             transition.state,
             transition.model,
@@ -121,15 +150,15 @@ class WebhookSender:
 
     def _post(self, body: bytes) -> tuple[bool, str] | None:
         """None on success, else (worth retrying, reason)."""
-        request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+        request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 response.read()
             return None
         except urllib.error.HTTPError as exc:
             exc.close()
+            if 300 <= exc.code < 400:
+                return False, f"HTTP {exc.code} (redirects are not followed: give the final URL)"
             return (exc.code >= 500 or exc.code == 429), f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             return True, str(exc)

@@ -39,6 +39,10 @@ __all__ = ["SERVICE_NAME", "MonitoringServicer", "add_monitoring_servicer"]
 SERVICE_NAME = "tensorgate.v1.Monitoring"
 MAX_BATCH_ITEMS = 10_000
 MAX_ID_CHARS = 256
+MAX_WINDOW_COUNT = 100_000
+"""The most captured requests one GetModelQuality/GetModelDrift reads: the window is decoded in memory at once
+(about 250 MiB for 100,000 digits requests of 64 floats), so the caller's uint64 may not size it. A seconds window
+is capped to its newest MAX_WINDOW_COUNT requests too."""
 # SubmitFeedbackStream commits the items that have arrived while the previous commit ran together, up to this many.
 STREAM_COMMIT_ITEMS = 1000
 
@@ -69,7 +73,13 @@ def decode_label(model: str, item: mpb.Feedback) -> np.ndarray:
 def decode_window(model: str, window: mpb.Window) -> Window:
     if not math.isfinite(window.seconds) or window.seconds < 0:
         raise InvalidRequestError(model, None, f"window.seconds must be a finite number >= 0, got {window.seconds}")
-    return Window(count=int(window.count), seconds=float(window.seconds))
+    if window.count > MAX_WINDOW_COUNT:
+        raise InvalidRequestError(
+            model, None, f"window.count is at most {MAX_WINDOW_COUNT} captured requests, got {window.count}"
+        )
+    # 0 with seconds: every request of those seconds, up to the cap (Window reads 0 as "no count limit" then).
+    count = window.count or (MAX_WINDOW_COUNT if window.seconds > 0 else 0)
+    return Window(count=int(count), seconds=float(window.seconds))
 
 
 def encode_quality(report: QualityReport) -> mpb.ModelQuality:
