@@ -828,3 +828,86 @@ def test_an_ensemble_refused_a_step_is_not_loaded_later_behind_the_callers_back(
             assert state("add_sub") == "READY" and denials[("deployer", "ModelInfer")] == 2
         finally:
             c.close()
+
+
+# ----- reloading the policy file off the event loop ------------------------------------------------------
+
+
+def test_a_policy_file_that_is_not_utf8_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("rules:\n  - identities: ['caf\xe9']\n    apis: ['*']\n".encode("latin-1"))
+    with pytest.raises(PolicyError, match=r"latin1.yaml: not UTF-8 text \(byte b'\\xe9' at offset 28\)"):
+        load_policy(path)
+
+
+def test_serve_exits_1_with_one_line_when_the_policy_is_not_utf8(repo: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes("rules:\n  - identities: ['caf\xe9']\n    apis: ['*']\n".encode("latin-1"))
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "-1", "--auth-policy", str(policy)]
+    with ServeProcess(args) as server:
+        assert server.proc.wait(60) == 1
+        server.wait_for_line(r"policy.yaml: not UTF-8 text")
+        assert "Traceback" not in "\n".join(server.lines)
+
+
+def test_a_reload_to_a_file_that_is_not_utf8_keeps_the_policy_and_fails_no_call(
+    repo: Path, pki: Pki, policy_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        ServerThread(repo, **pki.server_settings(), auth_policy=policy_file) as s,
+        secure_channel(s.address, pki.ca_path, pki.client("scorer")) as channel,
+        caplog.at_level(logging.ERROR, logger="tensorgate.server.auth.policy"),
+    ):
+        policy_file.write_bytes(policy_file.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+        for _ in range(25):  # across more than one check of the file (once a second)
+            infer_add_sub(channel, timeout=5)  # any error (INTERNAL before the fix) raises
+            time.sleep(0.1)
+        wait_for("the refused reload's log line", lambda: bool(caplog.records), timeout=10)
+        infer_add_sub(channel, timeout=5)
+        assert s.app.auth._file is not None and s.app.auth._file.reloads == 0
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "not reloaded, the previous one stays in force" in line and "not UTF-8 text" in line
+
+
+def _unblock_readers(fifo: Path, content: bytes) -> None:
+    """Answer whoever waits to read the pipe (nobody: ENXIO), so that no thread stays blocked on it."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+
+
+def test_a_policy_reload_holds_up_no_call_and_applies_once_parsed(
+    repo: Path, pki: Pki, policy_file: Path, tmp_path: Path
+) -> None:
+    """The policy file becomes a pipe whose content comes only when the test writes it: a reload stuck reading it
+    stands for one that takes long (a large file, a slow disk). Calls meanwhile are answered under the previous
+    policy; once the new one is read, new calls get it."""
+    narrowed = yaml.safe_dump({"rules": [{"identities": "spiffe://tensorgate.local/score*", "apis": "health"}]})
+    pipe, keep = tmp_path / "pipe", tmp_path / "policy-pipe"
+    os.mkfifo(pipe)
+    os.link(pipe, keep)  # to reach the pipe once the policy path no longer names it
+    with (
+        ServerThread(repo, **pki.server_settings(), auth_policy=policy_file) as s,
+        secure_channel(s.address, pki.ca_path, pki.client("scorer")) as channel,
+    ):
+        try:
+            os.replace(pipe, policy_file)
+            for _ in range(25):  # across more than one check of the file: a reload starts and waits on the pipe
+                np.testing.assert_array_equal(infer_add_sub(channel, timeout=5), np.arange(16, dtype=np.float32) * 2)
+                time.sleep(0.1)
+            assert s.app.auth._file is not None and s.app.auth._file.reloads == 0
+            regular = tmp_path / "narrowed.yaml"
+            regular.write_text(narrowed)
+            os.replace(regular, policy_file)  # later checks read a plain file again
+            _unblock_readers(keep, narrowed.encode())
+            wait_for("the new policy", lambda: s.app.auth._file is not None and s.app.auth._file.reloads >= 1)
+            _denied(lambda: infer_add_sub(channel, timeout=5))
+        finally:
+            for _ in range(3):
+                _unblock_readers(keep, narrowed.encode())
+                time.sleep(0.1)

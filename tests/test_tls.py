@@ -5,6 +5,8 @@ Refused handshakes surface to a gRPC client as UNAVAILABLE (the connection never
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import os
 import re
 import shutil
@@ -24,10 +26,12 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.server import ServerSettings, TensorgateServer
-from tensorgate.server.auth import CertificateError
+from tensorgate.server.auth import CertificateError, TlsFiles, certs
 from tensorgate.server.auth.certs import write_dev_certs
+from tensorgate.server.auth.tls import load_files
 from tests.pki import CHANNEL_OPTIONS, Pki, infer_add_sub, secure_channel
 from tests.process import TENSORGATE, ServeProcess
+from tests.scraping import metrics_url, scrape_text
 from tests.serving import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,3 +357,128 @@ def test_health_command_probes_an_mtls_server(mtls_server: ServerThread, pki: Pk
     assert "UNAVAILABLE" in refused.stderr
     half = subprocess.run([*base, "--tls-cert", str(cert)], capture_output=True, text=True)
     assert half.returncode == 2
+
+
+# ----- certificates that cannot serve: refused at start and on rotation, with the reason -----------------------
+
+
+def _dated_server_cert(pki: Pki, directory: Path, *, start_days: float, days: float) -> tuple[Path, Path]:
+    """A server certificate for localhost whose validity starts `start_days` from now (negative: in the past)."""
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=start_days)
+    issued = certs.make_leaf(
+        pki.ca,
+        common_name="localhost",
+        dns=("localhost",),
+        ips=("127.0.0.1",),
+        server=True,
+        days=days,
+        not_before=start,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "server.pem", directory / "server-key.pem"
+    issued.write(cert, key)
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    "start_days, days, message",
+    [
+        pytest.param(-30, 1, "the certificate expired on", id="expired"),
+        pytest.param(2, 30, "the certificate is not valid before", id="not-yet-valid"),
+    ],
+)
+async def test_a_server_certificate_outside_its_validity_stops_the_start(
+    repo: Path, pki: Pki, tmp_path: Path, start_days: float, days: float, message: str
+) -> None:
+    """Clients would refuse every handshake with nothing in the server's log: the start stops with the reason."""
+    cert, key = _dated_server_cert(pki, tmp_path / "dated", start_days=start_days, days=days)
+    settings = ServerSettings(model_repository=repo, grpc_port=0, metrics_port=-1, tls_cert=cert, tls_key=key)
+    with pytest.raises(CertificateError, match=f"{re.escape(str(cert))}: {message}"):
+        await TensorgateServer(settings).start()
+
+
+async def test_a_leaf_certificate_as_client_ca_stops_the_start(repo: Path, pki: Pki) -> None:
+    """grpc core takes it, then verifies no client at all ("Socket closed" on every call)."""
+    settings = ServerSettings(
+        model_repository=repo,
+        grpc_port=0,
+        metrics_port=-1,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.server_cert,
+    )
+    with pytest.raises(CertificateError, match="no CA certificate in the client CA bundle"):
+        await TensorgateServer(settings).start()
+
+
+def test_a_server_certificate_about_to_expire_is_loaded_with_a_warning(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = _dated_server_cert(pki, tmp_path / "short", start_days=-1, days=3)
+    with caplog.at_level(logging.WARNING, logger="tensorgate.server.auth.tls"):
+        load_files(TlsFiles(cert, key))
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"{cert}: the certificate expires on" in warning
+
+
+def test_rotation_to_an_expired_certificate_is_refused_and_logged_once(
+    repo: Path, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(pki.dir, live)
+    expired = _dated_server_cert(pki, tmp_path / "expired", start_days=-30, days=1)
+    client = pki.client("scorer")
+    with ServerThread(repo, tls_cert=live / "server.pem", tls_key=live / "server-key.pem") as s:
+        with caplog.at_level(logging.WARNING, logger="tensorgate.server.auth.tls"):
+            _replace(expired[0], live / "server.pem")
+            _replace(expired[1], live / "server-key.pem")
+            for _ in range(3):  # each a new connection: each asks the fetcher
+                assert (
+                    _presented_certificate(s.address, pki, client).serial_number == pki.server.certificate.serial_number
+                )
+                with secure_channel(s.address, pki.ca_path) as channel:
+                    np.testing.assert_array_equal(infer_add_sub(channel), EXPECTED)
+        assert s.app.tls is not None and s.app.tls.reloads == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.auth.tls"]
+    assert "keeping the previous ones" in warning and "the certificate expired on" in warning
+
+
+def test_a_missing_tls_file_is_logged_once_not_per_connection(
+    repo: Path, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(pki.dir, live)
+    https = ssl.create_default_context(cafile=pki.ca_path)
+    with ServerThread(repo, tls_cert=live / "server.pem", tls_key=live / "server-key.pem") as s:
+        with caplog.at_level(logging.WARNING):
+            (live / "server-key.pem").unlink()  # a rotation that deletes before it writes
+            for _ in range(5):  # new connections, each checking the files: the gRPC port's and the metrics port's
+                with secure_channel(s.address, pki.ca_path) as channel:
+                    np.testing.assert_array_equal(infer_add_sub(channel), EXPECTED)
+                scrape_text(metrics_url(s, "https"), https)
+        assert s.app.tls is not None and s.app.tls.reloads == 0
+    for logger in ("tensorgate.server.auth.tls", "tensorgate.server.telemetry.metrics"):
+        warnings = [r.getMessage() for r in caplog.records if r.name == logger]
+        assert len(warnings) == 1 and "server-key.pem" in warnings[0], (logger, warnings)
+
+
+def test_rotation_to_a_certificate_not_valid_yet_waits_until_it_is(repo: Path, pki: Pki, tmp_path: Path) -> None:
+    """A certificate staged ahead of its start is refused until then, and served from then on without the files
+    changing again."""
+    live = tmp_path / "live"
+    shutil.copytree(pki.dir, live)
+    client = pki.client("scorer")
+    with ServerThread(repo, tls_cert=live / "server.pem", tls_key=live / "server-key.pem") as s:
+        soon = _dated_server_cert(pki, tmp_path / "soon", start_days=3 / 86400, days=30)  # made after the start
+        new_serial = x509.load_pem_x509_certificate(soon[0].read_bytes()).serial_number
+        _replace(soon[0], live / "server.pem")
+        _replace(soon[1], live / "server-key.pem")
+        assert _presented_certificate(s.address, pki, client).serial_number == pki.server.certificate.serial_number
+        serial = None
+        for _ in range(300):  # bounded: valid 3 s from its making
+            serial = _presented_certificate(s.address, pki, client).serial_number
+            if serial == new_serial:
+                break
+            threading.Event().wait(0.1)
+        assert serial == new_serial
+        assert s.app.tls is not None and s.app.tls.reloads == 1

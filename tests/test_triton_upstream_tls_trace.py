@@ -7,7 +7,11 @@ Both servers run in this process with their own injected TracerProvider, so each
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +21,20 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc import aio
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import GRPCInferenceServiceStub, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import decode_infer_response, encode_infer_request
 from tensorgate.server import TensorgateServer
 from tensorgate.server.auth import certs
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, slow_model, write_config
 from tests.pki import Pki, add_sub_request
+from tests.scripted_upstream import _Servicer
 from tests.serving import ServerThread
 from tests.test_triton_backend import wait_for, write_remote
 
@@ -282,3 +289,64 @@ def test_an_unsampled_callers_decision_reaches_the_upstream(pair: dict[str, Any]
         if s.name == "batch add_sub" and s.context is not None and s.context.trace_id not in before
     ]
     assert new == []  # the upstream records nothing either
+
+
+# ----- a decoupled model over TLS, loaded with its upstream CA as an uploaded file --------------------------
+
+
+@contextlib.contextmanager
+def tls_decoupled_upstream(pki: Pki) -> Iterator[str]:
+    """tests/scripted_upstream.py's decoupled model "m" behind TLS (its ScriptedUpstream serves plaintext only);
+    yields its address."""
+    script = _Servicer()
+    script.decoupled = True
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="tls-upstream", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[aio.Server, int]:
+        server = aio.server()
+        add_GRPCInferenceServiceServicer_to_server(script, server)
+        creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())])
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_decoupled_stream_needs_no_upstream_tls_file_after_the_load(repo: Path, tmp_path: Path) -> None:
+    """RepositoryModelLoad's uploaded files live only for the load; the stream channel, made on the first stream
+    request, uses the CA as it was read then."""
+    pki = Pki(tmp_path / "pki")
+    with tls_decoupled_upstream(pki) as url, ServerThread(repo, model_control_mode="explicit") as front:
+        config = {
+            "name": "remote",
+            "backend": "tensorgate_triton",
+            "parameters": {
+                "tensorgate.triton.url": {"string_value": url},
+                "tensorgate.triton.model_name": {"string_value": "m"},
+                "tensorgate.triton.ca_file": {"string_value": "upstream-ca.pem"},
+            },
+        }
+        load = pb.RepositoryModelLoadRequest(model_name="remote")
+        load.parameters["config"].string_param = json.dumps(config)
+        load.parameters["file:upstream-ca.pem"].bytes_param = pki.ca_path.read_bytes()
+        x = np.array([[2.0, 0.0]], np.float32)
+        request = pb.ModelInferRequest(model_name="remote", id="r1")
+        request.inputs.add(name="X", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(x.tobytes())
+        with grpc.insecure_channel(front.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            stub.RepositoryModelLoad(load, timeout=30)
+            replies = list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    assert [r.error_message for r in replies] == ["", ""]
+    for i, reply in enumerate(replies, start=1):  # n = 2 responses, Y = X * i
+        np.testing.assert_array_equal(np.frombuffer(reply.infer_response.raw_output_contents[0], np.float32), x[0] * i)

@@ -7,9 +7,11 @@
 gRPC calls the fetcher on every new handshake (grpc core asks before it builds each server handshaker). The
 fetcher compares the files' mtimes and sizes with the last ones it loaded and answers None ("keep the current
 configuration") when nothing changed, so the cost per connection is three `stat` calls and nothing per request.
-When the files change it parses them, checks that the key belongs to the certificate, and only then hands the
-new configuration to gRPC; a half-written or mismatched set is skipped and retried on the next handshake, so a
-rotation never serves a broken certificate. Connections already open keep their session: in-flight calls survive.
+When the files change it parses them, checks that the key belongs to the certificate, that the certificate is
+within its validity period and that the client CA bundle holds a CA, and only then hands the new configuration to
+gRPC; a half-written, mismatched, expired or not-yet-valid set is logged once and skipped (the previous files keep
+serving) until the files change again, or, for a certificate not valid yet, until it is. So a rotation never serves a
+broken certificate. Connections already open keep their session: in-flight calls survive.
 
 The TLS versions are gRPC's defaults: TLS 1.2 minimum, TLS 1.3 preferred (grpc core's `grpc_ssl_server_credentials`
 default range; Python gRPC exposes no knob to lower it).
@@ -17,8 +19,11 @@ default range; Python gRPC exposes no knob to lower it).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,9 @@ from cryptography.hazmat.primitives import serialization
 log = logging.getLogger(__name__)
 
 Stamp = tuple[tuple[int, int], ...]
+
+EXPIRY_WARNING = dt.timedelta(days=7)
+"""A server certificate that expires sooner than this is loaded with a warning: time to rotate it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,11 @@ class TlsFiles:
 class CertificateError(ValueError):
     """The files do not make a usable TLS configuration; the message says which file and why."""
 
+    def __init__(self, message: str, *, valid_from: dt.datetime | None = None) -> None:
+        super().__init__(message)
+        self.valid_from = valid_from
+        """For a certificate that is not valid yet: when it will be, so that a rotation to it can wait for it."""
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedFiles:
@@ -60,7 +73,11 @@ class LoadedFiles:
 
 
 def load_files(files: TlsFiles) -> LoadedFiles:
-    """Read and check the PEM files: a certificate chain, the matching private key, and a parseable CA bundle."""
+    """Read and check the PEM files: a certificate chain valid now, the matching private key, and a CA bundle.
+
+    Clients refuse a certificate outside its validity period, and grpc core takes any certificate as a client CA
+    but then verifies nobody; either way every handshake fails with nothing in the server's log, so both are
+    refused here, with the file and the reason."""
     cert, key = files.cert.read_bytes(), files.key.read_bytes()
     try:
         chain = x509.load_pem_x509_certificates(cert)
@@ -75,14 +92,40 @@ def load_files(files: TlsFiles) -> LoadedFiles:
         serialization.Encoding.DER, spki
     ):
         raise CertificateError(f"{files.key} is not the private key of the certificate in {files.cert}")
+    _check_validity(files.cert, chain[0])
     ca: bytes | None = None
     if files.client_ca is not None:
         ca = files.client_ca.read_bytes()
         try:
-            x509.load_pem_x509_certificates(ca)
+            bundle = x509.load_pem_x509_certificates(ca)
         except ValueError as exc:
             raise CertificateError(f"{files.client_ca}: not a PEM CA bundle ({exc})") from exc
+        if not any(_is_ca(c) for c in bundle):
+            raise CertificateError(
+                f"{files.client_ca}: no CA certificate in the client CA bundle (none has BasicConstraints CA:TRUE); "
+                "give the CA that issues the client certificates, not a client or server certificate"
+            )
     return LoadedFiles(cert, key, ca)
+
+
+def _check_validity(path: Path, leaf: x509.Certificate) -> None:
+    now = dt.datetime.now(dt.UTC)
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if now < start:
+        raise CertificateError(
+            f"{path}: the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC", valid_from=start
+        )
+    if now > end:
+        raise CertificateError(f"{path}: the certificate expired on {end:%Y-%m-%d %H:%M:%S} UTC")
+    if end - now < EXPIRY_WARNING:
+        log.warning("%s: the certificate expires on %s UTC; rotate it before then", path, f"{end:%Y-%m-%d %H:%M:%S}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _stamp(paths: tuple[Path, ...]) -> Stamp:
@@ -100,7 +143,10 @@ class ReloadingCredentials:
         self.files = files
         self._stamp = _stamp(files.paths)
         self._initial = self._configuration(load_files(files))  # a bad set at start is an error, not a retry
-        self._failed: Stamp | None = None
+        self._failed: object = None
+        """The broken state last logged: the files' stamp, or (path, errno) while one cannot be read."""
+        self._retry_at = math.inf
+        """When to try the failed stamp again (a certificate not valid yet), as time.time()."""
         self.reloads = 0
 
     @staticmethod
@@ -114,13 +160,19 @@ class ReloadingCredentials:
         stamp: Stamp | None = None
         try:
             stamp = _stamp(self.files.paths)
-            if stamp == self._stamp or stamp == self._failed:
+            if stamp == self._stamp:
+                self._failed = None  # back to the files in use: a later breakage is news again
+                return None
+            if stamp == self._failed and time.time() < self._retry_at:
                 return None
             config = self._configuration(load_files(self.files))
         except (OSError, CertificateError) as exc:
-            if stamp is None or stamp != self._failed:  # log each broken state once, not once per handshake
+            failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
+            if failed != self._failed:  # log each broken state once, not once per handshake
                 log.warning("TLS files changed but cannot be used yet; keeping the previous ones: %s", exc)
-            self._failed = stamp
+            self._failed = failed
+            valid_from = exc.valid_from if isinstance(exc, CertificateError) else None
+            self._retry_at = valid_from.timestamp() if valid_from is not None else math.inf
             return None
         except Exception:  # noqa: BLE001 - an exception must not escape into grpc core's handshake
             log.exception("unexpected error while reloading TLS files")

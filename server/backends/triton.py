@@ -134,6 +134,9 @@ class TritonSettings:
     health_interval_s: float = 2.0
     max_streams: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    pem: tuple[bytes | None, bytes | None, bytes | None] = field(default=(None, None, None), repr=False)
+    """The contents of ca_file, key_file and cert_file, read once at load: a channel made later (a decoupled
+    model's, on first use) must not depend on files that may be gone by then (a load's uploaded files are)."""
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig, model_dir: Path) -> TritonSettings:
@@ -184,13 +187,20 @@ class TritonSettings:
                 raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}' must be a whole number in {low}..{high}")
             return int(value)
 
+        pem: dict[str, bytes] = {}
+
         def path(key: str) -> Path | None:
             text = params.get(PREFIX + key, "").strip()
             if not text:
                 return None
             p = Path(text) if Path(text).is_absolute() else model_dir / text
-            if not p.is_file():
-                raise ModelLoadError(name, None, f"parameter '{PREFIX}{key}': {text} is not a readable file")
+            try:
+                pem[key] = p.read_bytes()
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise ModelLoadError(
+                    name, None, f"parameter '{PREFIX}{key}': {text} is not a readable file ({reason})"
+                ) from None
             return p
 
         url = params.get(PREFIX + "url", "").strip()
@@ -217,6 +227,7 @@ class TritonSettings:
             health_interval_s=number("health_interval_s", 2.0, 0.05, 3600.0),
             max_streams=whole("max_streams", 0, 0, 1_000_000),
             headers=headers,
+            pem=(pem.get("ca_file"), pem.get("key_file"), pem.get("cert_file")),
         )
 
     def closed_hint(self) -> str:
@@ -232,13 +243,10 @@ class TritonSettings:
         return f" (during the TLS handshake: does the upstream trust the certificate in '{PREFIX}cert_file'?)"
 
     def credentials(self) -> grpc.ChannelCredentials | None:
+        """From the files as they were at load (`pem`): no file I/O, so callable on any loop."""
         if not self.tls:
             return None
-
-        def read(p: Path | None) -> bytes | None:
-            return p.read_bytes() if p is not None else None
-
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+        return grpc.ssl_channel_credentials(*self.pem)
 
 
 @dataclass(frozen=True, slots=True)
