@@ -590,3 +590,34 @@ ensemble_scheduling { step [
         state, reason = models[name]
         assert state == "UNAVAILABLE" and fragment in reason, (name, reason)
     assert models["gen"][0] == "READY"
+
+
+def test_a_denied_request_is_counted_as_a_denial_not_as_a_request(upstream: ScriptedUpstream, tmp_path: Path) -> None:
+    """README (Metrics): a request refused by authorization is counted in tensorgate_auth_denials_total, not in
+    tensorgate_inference_requests_total; over ModelStreamInfer a decoupled model's request was counted in both."""
+    import hashlib
+
+    from tensorgate.protos import GRPCInferenceServiceStub
+    from tensorgate.protos import grpc_service_pb2 as pb
+
+    root = tmp_path / "models"
+    _remote(root, "gen", upstream.url)
+    add_sub_model(root / "add_sub" / "1" / "model.onnx", shape=("batch", 2))
+    policy = {
+        "rules": [{"identities": ["scorer"], "apis": ["inference"], "models": ["add_sub"]}],
+        "tokens": [{"sha256": hashlib.sha256(b"tok").hexdigest(), "identity": "scorer"}],
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    request = pb.ModelInferRequest(model_name="gen", id="denied")
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(np.zeros((1, 2), np.float32).tobytes())
+    with ServerThread(root, auth_policy=tmp_path / "policy.json") as s, grpc.insecure_channel(s.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        metadata = [("authorization", "Bearer tok")]
+        (reply,) = stub.ModelStreamInfer(iter([request]), metadata=metadata, timeout=30)
+        assert reply.infer_response.id == "denied"
+        assert "'scorer' may not call ModelStreamInfer on model 'gen'" in reply.error_message
+        samples = scrape(metrics_url(s))
+    denials = frozenset({"identity": "scorer", "rpc": "ModelStreamInfer", "reason": "policy"}.items())
+    assert samples[("tensorgate_auth_denials_total", denials)] == 1
+    assert not [key for key in samples if key[0] == "tensorgate_inference_requests_total"], samples

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import queue
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +38,15 @@ from tritonclient.utils import (
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import encode_infer_request
+from tensorgate.server.rpc import servicer
 from tests.onnx_models import (
     ADD_SUB_CONFIG,
     FLOAT_SUFFIX,
     add_sub_model,
     identity_model,
     scale_model,
+    tile_model,
     with_float_io,
     write_config,
 )
@@ -718,3 +723,82 @@ async def test_many_concurrent_requests_dynamic_batching(server: ServerThread) -
 
     async with tca.InferenceServerClient(server.address) as client:
         await asyncio.gather(*(one(client, i) for i in range(64)))
+
+
+async def test_a_stream_whose_client_stops_reading_stops_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream holds at most STREAM_WINDOW requests read and not answered: a client that stops taking answers
+    stops the server reading its stream, instead of making it run every request and hold every answer (1 MiB
+    each here). Nothing is lost: once the client reads, every answer comes, in order."""
+    monkeypatch.setattr(servicer, "STREAM_WINDOW", 8)  # read when the stream starts
+    repo = tmp_path / "models"
+    tile_model(repo / "tile" / "1" / "model.onnx", width=4, repeats=65536)
+    sent = 64
+
+    async def executed(stub: GRPCInferenceServiceStub) -> int:
+        stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="tile"), timeout=10)
+        return stats.model_stats[0].inference_stats.success.count
+
+    with ServerThread(repo) as server:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            stream = stub.ModelStreamInfer(timeout=120)
+            for i in range(sent):
+                await stream.write(
+                    encode_infer_request("tile", [("INPUT0", np.full((1, 4), i, np.float32))], request_id=str(i))
+                )
+            counts = [await executed(stub)]
+            while len(counts) < 4 or len(set(counts[-4:])) > 1:  # settled: the same over 1.5 s
+                assert len(counts) < 120, counts
+                await asyncio.sleep(0.5)
+                counts.append(await executed(stub))
+            assert counts[-1] < sent // 2, counts  # the window and what gRPC's buffers took, not all of them
+            answers = [await stream.read() for _ in range(sent)]
+            await stream.done_writing()
+    assert [a.infer_response.id for a in answers] == [str(i) for i in range(sent)]
+    assert [a.error_message for a in answers] == [""] * sent
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2] * 2)  # twice: which turn the message lands in varies
+def test_a_stream_open_when_the_drain_starts_ends_unavailable(tmp_path: Path, turns: int) -> None:
+    """The client keeps its stream open and sends a message just as the drain starts (`turns` loop turns after the
+    message reached the server): whether the message was refused or answered, the stream ends with UNAVAILABLE,
+    so the client knows what it sends next is not read. When the stream read the message in the same turn the
+    drain started (turns=1 here), it ended with OK."""
+    root = tmp_path / "models"
+    identity_model(root / "identity_fp32" / "1" / "model.onnx", "FP32")
+    release: queue.Queue[None] = queue.Queue()
+
+    def messages() -> Iterator[pb.ModelInferRequest]:
+        for i in range(2):
+            yield encode_infer_request("identity_fp32", [("INPUT0", np.ones((1, 4), np.float32))], request_id=f"m{i}")
+            release.get(timeout=60)  # the second: the client keeps the stream open
+
+    with ServerThread(root) as server, grpc.insecure_channel(server.address) as channel:
+        loop = server._loop
+        stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(messages(), timeout=30)
+        assert next(stream).infer_response.id == "m0"
+        blocking = threading.Event()
+
+        def drain_after(n: int) -> None:
+            if n:
+                loop.call_soon(drain_after, n - 1)
+            else:
+                gate = server.app._gate
+                assert gate is not None
+                loop.create_task(gate.drain(5))
+
+        def hold_the_loop() -> None:  # while the client's next message reaches the server
+            blocking.set()
+            time.sleep(0.3)
+            drain_after(turns)
+
+        loop.call_soon_threadsafe(hold_the_loop)
+        assert blocking.wait(10)
+        release.put(None)
+        with pytest.raises(grpc.RpcError) as ended:
+            for reply in stream:
+                assert reply.infer_response.id == "m1"
+        release.put(None)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -111,6 +111,31 @@ def test_a_limit_on_a_stream_fails_only_that_request(stub: GRPCInferenceServiceS
     assert by_id["good"].error_message == ""
 
 
+SMALL = 8192
+
+
+def test_a_stream_message_over_the_size_limit_ends_that_stream_only(tmp_path: Path) -> None:
+    """gRPC refuses a message over --max-message-bytes from its length prefix, before holding it: on
+    ModelStreamInfer that ends the stream (RESOURCE_EXHAUSTED, naming the sizes), a documented exception to
+    per-message errors, kept so that no caller can make the server hold more than the limit. Other streams and
+    calls go on."""
+    repo = tmp_path / "models"
+    identity_model(repo / "fp32" / "1" / "model.onnx", "FP32", ("batch", 4))
+    (repo / "fp32" / "config.pbtxt").write_text("max_batch_size: 2048\n")
+    big = encode_infer_request("fp32", [("INPUT0", np.ones((600, 4), np.float32))])
+    small = encode_infer_request("fp32", [("INPUT0", np.ones((1, 4), np.float32))])
+    assert big.ByteSize() > SMALL
+    with ServerThread(repo, max_message_bytes=SMALL) as server, grpc.insecure_channel(server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(stub.ModelStreamInfer(iter([big]), timeout=30))
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{big.ByteSize()} vs. {SMALL}" in (ended.value.details() or "")
+        replies = list(stub.ModelStreamInfer(iter([small, small]), timeout=30))
+        assert [r.error_message for r in replies] == ["", ""]
+        _good(stub)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [pytest.param({"max_tensor_elements": 0}, id="elements"), pytest.param({"max_bytes_element": -1}, id="bytes")],

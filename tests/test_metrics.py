@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import shutil
 import ssl
@@ -28,12 +30,13 @@ from tensorgate.server.telemetry.gpu import (
     NvmlReader,
     visible_devices,
 )
-from tensorgate.server.telemetry.metrics import MODEL_STATES, reference, reference_markdown
-from tests.onnx_models import identity_model, write_config
+from tensorgate.server.telemetry.metrics import MODEL_STATES, RequestCounts, reference, reference_markdown
+from tests.onnx_models import identity_model, paced_model, write_config
 from tests.pki import Pki, add_sub_request, identity_request, secure_channel
 from tests.process import ServeProcess
 from tests.scraping import families_of, metrics_url, samples_of, scrape, scrape_text, value
 from tests.serving import ServerThread
+from tests.test_tracing import _paced_request
 
 MAX_ELEMENTS = 1000  # add_sub rows have 16 elements: 63 rows pass, 100 rows are RESOURCE_EXHAUSTED
 SUCCESSES = 5
@@ -288,6 +291,42 @@ def test_failure_labels_are_bounded_by_the_repository(
     served: ServerThread, model: str, version: str, labels: tuple[str, str]
 ) -> None:
     assert served.app.repository.metric_labels(model, version) == labels
+
+
+def test_a_request_cancelled_by_its_deadline_counts_as_deadline_exceeded(served: ServerThread) -> None:
+    """gRPC cancels a request whose deadline passed as it cancels one whose caller went away. Given the call's
+    deadline, the first counts as what its caller saw, DEADLINE_EXCEEDED (the server-error alert watches it); the
+    second, and one without a deadline, as CANCELLED."""
+    counts = RequestCounts(served.app.repository)
+    now = time.monotonic()
+    counts.failed("identity_fp32", "1", asyncio.CancelledError(), deadline=now - 0.01)
+    counts.failed("identity_fp32", "1", asyncio.CancelledError(), deadline=now + 60)
+    counts.failed("identity_fp32", "1", asyncio.CancelledError())
+    assert counts.counts == {("identity_fp32", "1", "DEADLINE_EXCEEDED"): 1, ("identity_fp32", "1", "CANCELLED"): 2}
+
+
+def test_a_deadline_passed_while_the_model_runs_is_scraped_as_deadline_exceeded(repo: Path) -> None:
+    """End to end: the caller saw DEADLINE_EXCEEDED, /metrics counts it so (it counted CANCELLED)."""
+    paced_model(repo / "paced" / "1" / "model.onnx")
+    with ServerThread(repo) as server:
+        channel = grpc.insecure_channel(server.address)
+        call = functools.partial(
+            GRPCInferenceServiceStub(channel).ModelInfer, _paced_request("paced", 200), timeout=0.5
+        )
+        assert _code(call) == grpc.StatusCode.DEADLINE_EXCEEDED
+        channel.close()
+        labels = {"model": "paced", "version": "1"}
+        keys = {
+            code: ("tensorgate_inference_requests_total", frozenset({**labels, "code": code}.items()))
+            for code in ("CANCELLED", "DEADLINE_EXCEEDED")
+        }
+        deadline = time.monotonic() + 10
+        while True:  # counted as the handler is cancelled, just after the caller's error
+            samples = scrape(metrics_url(server))
+            if any(k in samples for k in keys.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert samples.get(keys["DEADLINE_EXCEEDED"]) == 1
 
 
 # ----- GPU metrics: NVML where there is one, readings -> families everywhere ------------------------------------

@@ -4,6 +4,7 @@ End to end through a real OTLP receiver: tests/test_tracing.py."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -300,6 +301,30 @@ def test_an_exporter_stuck_on_a_down_collector_is_stopped_at_close(monkeypatch: 
     pipe.close()
     assert not pipe._process.is_alive()  # noqa: SLF001
     assert time.monotonic() - started < 15  # 1 s to finish, then SIGTERM (bounded by join timeouts)
+
+
+def test_close_with_a_collector_that_never_answers_is_bounded_and_counts_every_span_lost() -> None:
+    """A collector that accepts connections and never answers holds each export for its whole timeout (10 s, then
+    retries). close() gives the exporter CLOSE_TIMEOUT_S in all (it waited up to 30 s three times in a row, for
+    room on a full queue, for room for the end, and for the process) and counts what never left, wherever it
+    was: taken by the stuck exporter, queued, refused by the full queue, or not shipped yet."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        pipe = SpanPipe(TracingSettings(otlp_endpoint=f"127.0.0.1:{port}", otlp_insecure=True), queue_batches=1)
+        request = _context()
+        for _ in range(6):  # shipments: more than the exporter holds and the queue takes
+            pipe.tracer.start_span("lost").end()
+            pipe.record(steps_record(request, 1, 2, 3, None, 1, "CPUExecutionProvider"))  # two spans
+            time.sleep(0.3)
+        pipe.tracer.start_span("not shipped yet").end()
+        started = time.monotonic()
+        pipe.close()
+        took = time.monotonic() - started
+    assert not pipe._process.is_alive()  # noqa: SLF001
+    assert took < 15  # one deadline of a few seconds for the whole close, and SIGTERM (it took 30 s to 90 s)
+    assert pipe.dropped == 6 * 3 + 1
 
 
 def test_the_exporter_ends_when_the_server_dies_without_closing_it() -> None:

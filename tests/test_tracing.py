@@ -33,7 +33,7 @@ from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.telemetry.logs import GRPC_CORE_LOGGER, configure_logging
-from tests.onnx_models import identity_model, write_config
+from tests.onnx_models import identity_model, paced_model, write_config
 from tests.otlp_sinks import http_sink
 from tests.pki import Pki, identity_request, secure_channel
 from tests.process import ServeProcess
@@ -299,6 +299,56 @@ def test_server_errors_mark_the_span_failed() -> None:
     assert "secret" not in repr([s.to_json() for s in exporter.get_finished_spans()])
 
 
+def _paced_request(model: str, units: float) -> pb.ModelInferRequest:
+    """A request that keeps a paced model (tests/onnx_models.py) busy in proportion to `units` (200: seconds)."""
+    x = np.full((1, 1), units, dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def test_a_deadline_passed_while_the_model_runs_is_deadline_exceeded(
+    tmp_path: Path, collector: tuple[Collector, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC cancels the handler of a call whose deadline passes as it cancels one whose caller went away. The
+    caller of the first saw DEADLINE_EXCEEDED, a server error: its span fails and its access line says so (they
+    said CANCELLED, which no alert watches). A call its caller cancels stays CANCELLED, its span status unset."""
+    c, port = collector
+    root = tmp_path / "models"
+    for name in ("paced_unary", "paced_stream", "paced_cancel"):  # one each: no call waits behind another's run
+        paced_model(root / name / "1" / "model.onnx")
+    caplog.set_level(logging.DEBUG, logger="tensorgate.access")
+    with traced(root, port) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = GRPCInferenceServiceStub(channel)
+        # Seconds of model time against a 0.5 s deadline: validated and running well before the deadline.
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.ModelInfer(_paced_request("paced_unary", 200), timeout=0.5)
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(stub.ModelStreamInfer(iter([_paced_request("paced_stream", 200)]), timeout=0.5))
+        cancelled = stub.ModelInfer.future(_paced_request("paced_cancel", 200), timeout=30)
+        time.sleep(0.5)
+        cancelled.cancel()
+        time.sleep(0.5)  # the server sees the cancellation before it stops
+        channel.close()
+    assert unary.value.code() == streamed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    by_model = {attrs(s).get("tensorgate.model.name"): s for s in server_spans(c, "ModelInfer")}
+    (stream,) = server_spans(c, "ModelStreamInfer")
+    for span in (by_model["paced_unary"], stream):
+        assert attrs(span)["rpc.grpc.status_code"] == "DEADLINE_EXCEEDED"
+        assert span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert attrs(by_model["paced_cancel"])["rpc.grpc.status_code"] == "CANCELLED"
+    assert by_model["paced_cancel"].status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    access = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
+    for start, code in (
+        ("ModelInfer model=paced_unary ", "DEADLINE_EXCEEDED"),
+        ("ModelStreamInfer model=- ", "DEADLINE_EXCEEDED"),
+        ("ModelInfer model=paced_cancel ", "CANCELLED"),
+    ):
+        assert [f"status={code} " in line for line in access if line.startswith(start)] == [True], access
+
+
 def test_sampling_is_parent_based(repo: Path, collector: tuple[Collector, int]) -> None:
     """Rate 0 keeps no new trace, but a sampled caller is always traced and an unsampled one never is."""
     c, port = collector
@@ -420,6 +470,46 @@ def test_otlp_over_http_with_headers(repo: Path) -> None:
     assert server_spans(receiver, "ModelInfer")
     assert receiver.metadata[0]["x-api-key"] == "k123"
     assert receiver.metadata[0]["path"] == "/v1/traces"
+
+
+def test_otel_protocol_variable_picks_otlp_over_http(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL, the variable for every signal, is read when the traces one is not set: an
+    operator who sets only it gets spans over HTTP (they all went to a gRPC exporter and were lost)."""
+    receiver = Collector()
+
+    def keep(body: bytes, headers: dict[str, str]) -> None:
+        receiver.keep(otlp.ExportTraceServiceRequest.FromString(body), headers)
+
+    for name in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    with http_sink(keep) as endpoint:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.removesuffix("/v1/traces"))  # the SDK adds it
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        with ServerThread(repo) as server:
+            channel = grpc.insecure_channel(server.address)
+            GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+            channel.close()
+    assert server_spans(receiver, "ModelInfer")
+    assert receiver.metadata[0]["path"] == "/v1/traces"
+
+
+def test_otel_resource_variables_win_over_tensorgate_s_defaults(
+    repo: Path, collector: tuple[Collector, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the deployment as an operator sets them; tensorgate's
+    service.name, service.version and host.name fill in only what they leave out."""
+    c, port = collector
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-inference")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "host.name=pod-7,deployment.environment=prod")
+    with traced(repo, port) as server:
+        channel = grpc.insecure_channel(server.address)
+        GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+        channel.close()
+    resource = c.resource()
+    assert resource["service.name"] == "checkout-inference"
+    assert resource["host.name"] == "pod-7"
+    assert resource["deployment.environment"] == "prod"
+    assert resource["service.version"]  # tensorgate's, where the environment says nothing
 
 
 def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Collector, int]) -> None:
@@ -743,3 +833,38 @@ def test_trace_settings_with_an_injected_provider_are_the_application_s(repo: Pa
             assert "belongs to the TracerProvider the embedding application gave" in str(info.value.message())
         finally:
             client.close()
+
+
+def test_a_stream_message_is_traced_and_logged_as_a_model_infer_call(
+    repo: Path, collector: tuple[Collector, int]
+) -> None:
+    """A stream message that fails NOT_FOUND (the caller's mistake): its span records the code and the error type
+    and leaves the status unset, as ModelInfer's does (it was ERROR "error response"), and its access line names
+    the code (it said ERROR) in the message's span (it carried the stream's). A request sent without an id is
+    logged under the id the server gave it (the response's), not as "-"."""
+    c, port = collector
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        configure_logging("DEBUG", stream=out)
+        with traced(repo, port) as server, grpc.insecure_channel(server.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            unnamed = identity_request()
+            unnamed.id = ""
+            given = stub.ModelInfer(unnamed, timeout=10).id
+            missing = identity_request("missing")
+            missing.id = "s-1"
+            (reply,) = stub.ModelStreamInfer(iter([missing]), timeout=10)
+            assert "model 'missing'" in reply.error_message
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    (span,) = [s for s in c.spans() if s.name == "ModelStreamInfer request"]
+    assert attrs(span)["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert attrs(span)["error.type"] == "ModelNotFoundError"
+    assert span.status.code == trace_pb2.Status.STATUS_CODE_UNSET
+    access = [line for line in out.getvalue().splitlines() if "tensorgate.access" in line]
+    assert given and [f"id={given} status=OK " in line for line in access if "ModelInfer model=" in line] == [True]
+    (line,) = [line for line in access if "model=missing" in line]
+    assert "id=s-1 status=NOT_FOUND " in line and f"span_id={span.span_id.hex()}" in line, line

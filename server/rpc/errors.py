@@ -23,7 +23,7 @@ from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.rpc.drain import DrainGate
-from tensorgate.server.telemetry.tracing import Tracing
+from tensorgate.server.telemetry.tracing import Tracing, cancelled_code
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tensorgate.access")
@@ -117,7 +117,7 @@ def access_log_line(rpc: str, request: object, code: str, started_ns: int, respo
         rpc,
         model or "-",
         version or "-",
-        getattr(request, "id", "") or "-",
+        getattr(response, "id", "") or getattr(request, "id", "") or "-",  # the id the server gave one sent without
         code,
         (time.perf_counter_ns() - started_ns) / 1e6,
     )
@@ -164,8 +164,8 @@ def unary(
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the boundary
             error = exc
-            if not isinstance(exc, Exception):  # cancelled: the caller went away
-                code = "CANCELLED"
+            if not isinstance(exc, Exception):  # cancelled: the caller went away, or its deadline passed
+                code = cancelled_code(context.time_remaining())
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
@@ -238,8 +238,8 @@ def stream(
             raise
         except BaseException as exc:  # noqa: BLE001 - this is the boundary
             error = exc
-            if not isinstance(exc, Exception):
-                code = "CANCELLED"
+            if not isinstance(exc, Exception):  # cancelled: the caller went away, or its deadline passed
+                code = cancelled_code(context.time_remaining())
                 raise
             status, message = status_of(exc, rpc)
             code = status.name

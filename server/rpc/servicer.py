@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 from opentelemetry import trace
-from opentelemetry.trace import StatusCode
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
@@ -66,11 +65,17 @@ _RELAYED = object()
 """Queued on a stream when a decoupled model's request has sent its last response (or its error)."""
 _READY = object()
 """Queued on a stream when an answer to a request of a model that is not decoupled is done."""
+STREAM_WINDOW = 512
+"""Requests one ModelStreamInfer stream may have read and not yet answered (a decoupled model's: until its last
+response is out). Past it the stream reads no more until the client takes answers, so a client that stops reading
+stalls its own writes (HTTP/2 flow control) instead of making the server hold every answer. Well above what
+batching can use of one stream, so a pipelined client (perf_analyzer --streaming) never waits on it."""
 
 
-def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
-    """A stream's answer to one request that failed: the error travels in the message, the stream stays open."""
-    _, message = errors.status_of(exc, "ModelStreamInfer")
+def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.ModelStreamInferResponse, str]:
+    """A stream's answer to one request that failed, and its status code's name: the error travels in the
+    message, the stream stays open."""
+    code, message = errors.status_of(exc, "ModelStreamInfer")
     response = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
@@ -78,7 +83,7 @@ def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStre
         ),
     )
     response.infer_response.parameters[FINAL_RESPONSE].bool_param = True  # nothing follows an error
-    return response
+    return response, code.name
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -185,17 +190,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             self._repository.get(request.model_name, request.model_version)
             raise
 
+    def _over_limit(self, size: int, model: str, version: str, what: str) -> ResourceExhaustedError | None:
+        if self._max_message_bytes is None or size <= self._max_message_bytes:
+            return None
+        return ResourceExhaustedError(
+            f"{model_ref(model, version)}: the {what} takes {size} bytes, over the server's message limit of "
+            f"{self._max_message_bytes} bytes (--max-message-bytes)"
+        )
+
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
         """Refuse a response over the message limit before gRPC does: gRPC's own refusal names no model and, on
         ModelStreamInfer, ends the whole stream with every other request on it."""
         if self._max_message_bytes is None:
             return
-        size = msg.ByteSize()
-        if size > self._max_message_bytes:
-            error = ResourceExhaustedError(
-                f"{model_ref(model, version)}: the response takes {size} bytes, over the server's message limit "
-                f"of {self._max_message_bytes} bytes"
-            )
+        error = self._over_limit(msg.ByteSize(), model, version, "response")
+        if error is not None:
             error.ran = True  # the model has run: a retry would run it again for the same refusal
             raise error
 
@@ -204,14 +213,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        deadline = codec.monotonic_deadline(context.time_remaining())
         try:
-            deadline = codec.monotonic_deadline(context.time_remaining())
             req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
             response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
             if self._requests is not None:
-                self._requests.failed(request.model_name, request.model_version, exc)
+                self._requests.failed(request.model_name, request.model_version, exc, deadline)
             raise
         if self._requests is not None:
             self._requests.ok(response.model_name, response.model_version)
@@ -225,7 +234,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             self._check_size(response, result.model_name, result.model_version)
         except BaseException as exc:
             if self._requests is not None:
-                self._requests.failed(request.model_name, request.model_version, exc)
+                self._requests.failed(request.model_name, request.model_version, exc, deadline)
             raise
         if self._requests is not None:
             self._requests.ok(result.model_name, result.model_version)
@@ -234,31 +243,46 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
         """One request of a stream, in its own task; traced as a child span of the stream's server span."""
         started = time.perf_counter_ns()
-        with self._request_span(request) as span:
-            response = await self._stream_answer(request, deadline)
-            if span is not None and response.error_message:
-                span.set_status(StatusCode.ERROR, "error response")
-        if errors.access_log.isEnabledFor(logging.DEBUG):
-            status = "ERROR" if response.error_message else "OK"
-            errors.access_log_line("ModelStreamInfer", request, status, started, response.infer_response)
+        with self._request_span(request, started) as span:
+            response, code, error = await self._stream_answer(request, deadline)
+            self._message_done(request, span, started, code, error, response.infer_response)
         return response
 
+    @staticmethod
+    def _message_done(
+        request: pb.ModelInferRequest,
+        span: trace.Span | None,
+        started: int,
+        code: str,
+        error: BaseException | None,
+        response: pb.ModelInferResponse | None,
+    ) -> None:
+        """A stream message's access line, written while its span is current (the line carries that span's ids),
+        then its span ended as a unary call's is: status code and error type, ERROR only for server errors."""
+        if errors.access_log.isEnabledFor(logging.DEBUG):
+            errors.access_log_line("ModelStreamInfer", request, code, started, response)
+        if span is not None:
+            Tracing.end_rpc(span, None, code, error)
+
     @contextlib.contextmanager
-    def _request_span(self, request: pb.ModelInferRequest) -> Iterator[trace.Span | None]:
+    def _request_span(self, request: pb.ModelInferRequest, started: int) -> Iterator[trace.Span | None]:
         """The span of one request of a stream, current while it runs; None when untraced, or when the stream is
         not sampled: under ParentBased sampling a child would not be, and the stream's span already carries that
-        decision to the scheduler and to a remote backend."""
+        decision to the scheduler and to a remote backend. The caller ends it (`_message_done`), unless the
+        request is cancelled (its stream ended under it)."""
         tracing = self.tracing
-        if tracing is None or not trace.get_current_span().is_recording():
-            yield None
-            return
-        span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
-        token = tracing.use(span)
+        span = token = None
+        if tracing is not None and trace.get_current_span().is_recording():
+            span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
+            token = tracing.use(span)
         try:
             yield span
+        except BaseException as exc:
+            self._message_done(request, span, started, "CANCELLED", exc, None)
+            raise
         finally:
-            Tracing.release(token)
-            span.end()
+            if token is not None:
+                Tracing.release(token)
 
     async def _relay(
         self,
@@ -269,51 +293,57 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """A decoupled model's request of a stream, in its own task: each response goes on the stream as it
         arrives, whatever the other requests' answers wait for; then _RELAYED (the stream ends only after it)."""
         started = time.perf_counter_ns()
-        status = "OK"
         send = events.put_nowait
         try:
-            with self._request_span(request) as span:
+            with self._request_span(request, started) as span:
+                code, error, last = "OK", None, None
                 try:
-                    if self.auth.enabled:
+                    if self.auth.enabled:  # a denial is counted as one, not as a request (as _stream_answer)
                         self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-                    req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
-                    # Closed at once when a response fails here (too large): the upstream call ends with it.
-                    async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
-                        async for response in responses:
-                            message = pb.ModelStreamInferResponse(infer_response=response)
-                            self._check_size(message, response.model_name, response.model_version)
-                            send(message)
-                except asyncio.CancelledError as exc:  # the stream ended under it: counted, and the task ends
-                    if self._requests is not None:
-                        self._requests.failed(request.model_name, request.model_version, exc)
-                    raise
+                    last = await self._relay_counted(request, deadline, send)
                 except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
-                    status = "ERROR"
-                    if span is not None:
-                        span.set_status(StatusCode.ERROR, "error response")
-                    if self._requests is not None:
-                        self._requests.failed(request.model_name, request.model_version, exc)
-                    send(_stream_error(request, exc))
-                else:
-                    if self._requests is not None:
-                        self._requests.ok(req.model, req.version)  # the version that served it, set by relay
+                    answer, code = _stream_error(request, exc)
+                    error, last = exc, answer.infer_response
+                    send(answer)
+                self._message_done(request, span, started, code, error, last)
         finally:
             events.put_nowait(_RELAYED)
-            if errors.access_log.isEnabledFor(logging.DEBUG):
-                errors.access_log_line("ModelStreamInfer", request, status, started)
+
+    async def _relay_counted(
+        self, request: pb.ModelInferRequest, deadline: float | None, send: Callable[[Any], None]
+    ) -> pb.ModelInferResponse | None:
+        """Relay a decoupled model's responses to `send`, counted for /metrics; the last response, if any."""
+        last = None
+        try:
+            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            # Closed at once when a response fails here (too large): the upstream call ends with it.
+            async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
+                async for response in responses:
+                    message = pb.ModelStreamInferResponse(infer_response=response)
+                    self._check_size(message, response.model_name, response.model_version)
+                    send(message)
+                    last = response
+        except BaseException as exc:  # cancelled too: the stream ended under it
+            if self._requests is not None:
+                self._requests.failed(request.model_name, request.model_version, exc, deadline)
+            raise
+        if self._requests is not None:
+            self._requests.ok(req.model, req.version)  # the version that served it, set by relay
+        return last
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelStreamInferResponse:
+    ) -> tuple[pb.ModelStreamInferResponse, str, Exception | None]:
+        """The answer to one request of a stream, its status code's name and the error, if any."""
         try:
             if self.auth.enabled:
                 self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
             response = await self._stream_infer(request, deadline)
         except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
-            return _stream_error(request, exc)
+            return (*_stream_error(request, exc), exc)
         # As Triton sets it: a model that is not decoupled answers once, so this is its request's last response.
         response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
-        return response
+        return response, "OK", None
 
     @errors.stream
     async def ModelStreamInfer(
@@ -334,22 +364,35 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Decoupled requests whose responses may still come: the stream ends after them."""
         drained = object()
         """Queued when the server starts draining: the stream ends after the answers to what it has read."""
+        room = asyncio.Semaphore(STREAM_WINDOW)
+        """One unit per request read and not yet answered: taken before a message is read, given back once its
+        (last) answer is handed to gRPC."""
+        refused_on_drain = False
 
         def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
             ordered.append(answer)
             answer.add_done_callback(lambda _: events.put_nowait(_READY))
 
         async def read() -> None:
-            nonlocal relaying
+            nonlocal relaying, refused_on_drain
+            messages = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
+                    await room.acquire()
+                    try:
+                        request = await anext(messages)
+                    except StopAsyncIteration:
+                        break
                     if self.gate.draining:
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
-                        # requests it already runs are answered, so the drain need not wait out its grace.
+                        # requests it already runs are answered, so the drain need not wait out its grace. It
+                        # ends with UNAVAILABLE, as when the drain starts between messages: the client had not
+                        # ended it, and what it sends next is not read.
                         refused = loop.create_future()
-                        refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING)))
+                        refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING))[0])
                         answer_later(refused)
+                        refused_on_drain = True
                         break
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     if self._handler.decoupled(request.model_name, request.model_version):
@@ -377,6 +420,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             while True:
                 while ordered and ordered[0].done():
                     yield ordered.popleft().result()
+                    room.release()
                 if not (reading or ordered or relaying):
                     break
                 item = await events.get()
@@ -388,9 +432,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     cut, reading = reading, False
                 elif item is _RELAYED:
                     relaying -= 1
+                    room.release()
                 elif item is not _READY:
                     yield item  # a decoupled model's response
-            if cut:
+            if cut or refused_on_drain:
                 raise ServerUnavailableError(DRAINING)
             await reader  # surfaces a failure of the request stream itself
         finally:

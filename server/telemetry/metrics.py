@@ -29,6 +29,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -45,6 +46,7 @@ from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.manager import is_unloaded
 from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
 from tensorgate.server.telemetry.statistics import Histogram
+from tensorgate.server.telemetry.tracing import cancelled_code
 
 if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
@@ -79,12 +81,14 @@ class RequestCounts:
         counts = self.counts
         counts[key] = counts.get(key, 0) + 1
 
-    def failed(self, model: str, version: str, exc: BaseException) -> None:
-        """A request that failed; the names are the request's, so unknown ones are folded into "" labels."""
+    def failed(self, model: str, version: str, exc: BaseException, deadline: float | None = None) -> None:
+        """A request that failed; the names are the request's, so unknown ones are folded into "" labels.
+        `deadline` (time.monotonic(), as the servicer keeps it) tells a call cancelled by its deadline from one
+        whose caller went away."""
         if isinstance(exc, TensorgateError):
             code = exc.code.name
         elif isinstance(exc, asyncio.CancelledError):
-            code = "CANCELLED"
+            code = cancelled_code(None if deadline is None else deadline - time.monotonic())
         else:
             code = "INTERNAL"
         key = (*self._repository.metric_labels(model, version), code)
@@ -533,7 +537,8 @@ class _ReloadingContext:
         self.files = files
         self._stamp = self._stat()
         self.context = self._build()  # a bad set at start is an error, as for gRPC
-        self._failed: Stamp | None = None
+        self._failed: object = None
+        """The broken state last logged: the files' stamp, or (path, errno) while one cannot be read."""
 
     def _stat(self) -> Stamp:
         return tuple((st.st_mtime_ns, st.st_size) for st in (os.stat(p) for p in self.files.paths))
@@ -552,14 +557,17 @@ class _ReloadingContext:
         stamp: Stamp | None = None
         try:
             stamp = self._stat()
-            if stamp != self._stamp and stamp != self._failed:
+            if stamp == self._stamp:
+                self._failed = None  # back to the files in use: a later breakage is news again
+            elif stamp != self._failed:
                 self.context = self._build()
                 self._stamp, self._failed = stamp, None
                 log.info("metrics: TLS files reloaded")
         except (OSError, CertificateError, ssl.SSLError) as exc:
-            if stamp is None or stamp != self._failed:
+            failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
+            if failed != self._failed:  # once per broken state, not once per scrape
                 log.warning("metrics: TLS files changed but cannot be used yet; keeping the previous ones: %s", exc)
-            self._failed = stamp
+            self._failed = failed
         return self.context
 
 

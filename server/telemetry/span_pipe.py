@@ -59,8 +59,9 @@ QUEUE_BATCHES = 100
 """Shipments waiting for the exporter process (about 10 s of spans); past it, shipments are dropped and counted."""
 EXPORT_CHUNK = 512
 """Spans per OTLP export request (the SDK's BatchSpanProcessor default)."""
-CLOSE_TIMEOUT_S = 30.0
-"""On shutdown, how long the exporter process gets to send what is left."""
+CLOSE_TIMEOUT_S = 5.0
+"""On shutdown, how long the exporter process gets, all told, to send what is left before it is stopped: past the
+drain's grace, so short (a collector that is down makes every export wait out its retries, about 10 s)."""
 PARENT_CHECK_S = 1.0
 """How often an idle exporter process checks that the server is still alive (else it ends: no orphans)."""
 
@@ -310,7 +311,8 @@ class LightTracer(trace.Tracer):
 
 class SpanPipe:
     """The server side: a LightTracer, the list its spans end in, and the thread shipping that list to the
-    exporter process. `dropped` counts spans lost because the exporter process was behind or gone."""
+    exporter process. `dropped` counts spans lost because the exporter process was behind or gone, or had not
+    sent them when close() stopped it."""
 
     def __init__(self, settings: TracingSettings, *, queue_batches: int = QUEUE_BATCHES) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of grpc's threads
@@ -318,9 +320,15 @@ class SpanPipe:
         self._sink: list[SpanRecord] = []
         self.tracer = LightTracer(self._sink, settings.rate())
         self.dropped = 0
+        self._shipped = 0
+        """Spans put on the queue; what the exporter process has not handled of them by the end is dropped too."""
+        self._handled = ctx.Value("q", 0, lock=False)  # written by the exporter process only
         self._warned_at = 0.0
         self._process: BaseProcess = ctx.Process(
-            target=export_main, args=(settings, self._queue), name="tensorgate-span-export", daemon=True
+            target=export_main,
+            args=(settings, self._queue, self._handled),
+            name="tensorgate-span-export",
+            daemon=True,
         )
         self._process.start()
         self._stop = threading.Event()
@@ -339,16 +347,18 @@ class SpanPipe:
         del self._sink[:n]
         return taken
 
-    def _ship(self, block: bool) -> None:
+    def _ship(self) -> None:
         spans = self._take()
         if not spans:
             return
+        count = span_count(spans)
         try:
             if not self._process.is_alive():
                 raise queue.Full
-            self._queue.put(spans, block=block, timeout=CLOSE_TIMEOUT_S if block else None)
+            self._queue.put_nowait(spans)
+            self._shipped += count
         except (queue.Full, ValueError, OSError):  # behind, or gone
-            self.dropped += len(spans) + sum(1 for r in spans if r[0] == STEPS)  # a STEPS record is two spans
+            self.dropped += count
             now = time.monotonic()
             if now - self._warned_at > 60:
                 self._warned_at = now
@@ -357,19 +367,22 @@ class SpanPipe:
 
     def _ship_forever(self) -> None:
         while not self._stop.wait(SHIP_INTERVAL_S):
-            self._ship(block=False)
+            self._ship()
 
     def close(self) -> None:
-        """Ship what is left, let the exporter process send it (up to CLOSE_TIMEOUT_S), and stop it."""
+        """Ship what is left and let the exporter process send it, within CLOSE_TIMEOUT_S in all; then stop it.
+        What it had not sent by then is counted in `dropped`."""
         self._stop.set()
         self._thread.join()
-        self._ship(block=True)
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        self._ship()  # a full queue is an exporter many seconds behind: waiting for room would not get these out
         if self._process.is_alive():
             try:
-                self._queue.put(None, timeout=CLOSE_TIMEOUT_S)
+                # Room for the end only comes as the exporter sends: wait for it no longer than for the export.
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+                self._process.join(max(0.0, deadline - time.monotonic()))
             except (queue.Full, ValueError, OSError):
                 pass
-            self._process.join(CLOSE_TIMEOUT_S)
         if self._process.is_alive():
             log.warning("span export process did not finish in %.0f s; stopping it", CLOSE_TIMEOUT_S)
             self._process.terminate()
@@ -379,6 +392,10 @@ class SpanPipe:
             self._process.join(5)
         self._queue.close()
         self._queue.cancel_join_thread()  # what the process did not read is gone with it
+        lost = self._shipped - self._handled.value
+        if lost > 0:
+            self.dropped += lost
+            log.warning("span export: %d span(s) not sent before the exporter stopped", lost)
 
 
 # ----- the exporter process --------------------------------------------------------------------------------
@@ -482,8 +499,17 @@ def _sender(settings: TracingSettings) -> tuple[Callable[[list[SpanRecord]], obj
     return send, exporter.shutdown
 
 
-def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[SpanRecord] | None]) -> None:
-    """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None."""
+def span_count(records: list[SpanRecord]) -> int:
+    """The spans these records make: a STEPS record is two."""
+    return len(records) + sum(1 for r in records if r[0] == STEPS)
+
+
+def export_main(
+    settings: TracingSettings, spans: multiprocessing.Queue[list[SpanRecord] | None], handled: Any = None
+) -> None:
+    """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None. `handled`
+    (a shared int) counts the spans it has tried to send, so that the server can count the rest as dropped
+    when it has to stop this process."""
     import signal
 
     # The server decides when this process ends (None on the queue, after its drain); Ctrl-C reaches the whole
@@ -505,10 +531,13 @@ def export_main(settings: TracingSettings, spans: multiprocessing.Queue[list[Spa
                 return
             records = expand(shipment)
             for i in range(0, len(records), EXPORT_CHUNK):
+                chunk = records[i : i + EXPORT_CHUNK]
                 try:
-                    send(records[i : i + EXPORT_CHUNK])
+                    send(chunk)
                 except Exception:  # noqa: BLE001 - one failed export must not end the process
                     log.exception("span export failed")
+                if handled is not None:
+                    handled.value += len(chunk)
     finally:
         shutdown()
 

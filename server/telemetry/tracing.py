@@ -23,7 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
@@ -95,10 +95,24 @@ class TracingSettings:
             return 1.0
 
     def protocol(self) -> str:
-        protocol = self.otlp_protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or "grpc"
+        protocol = (
+            self.otlp_protocol
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
+        )
         if protocol not in OTLP_PROTOCOLS:
             raise ValueError(f"OTLP protocol must be one of {OTLP_PROTOCOLS}, got {protocol!r}")
         return protocol
+
+
+def cancelled_code(time_remaining: float | None) -> str:
+    """The status of a call whose handler gRPC cancelled, from its `context.time_remaining()`: gRPC cancels it both
+    when the caller goes away and when the deadline passes, and the second is what the caller saw as
+    DEADLINE_EXCEEDED: a server too slow for its callers, which spans, access lines and /metrics must not hide
+    among callers that hung up. A millisecond of slack: a deadline kept as a time.monotonic() value is read a
+    little after gRPC's own, so it falls that much later."""
+    return "DEADLINE_EXCEEDED" if time_remaining is not None and time_remaining <= 1e-3 else "CANCELLED"
 
 
 def parse_headers(text: str) -> dict[str, str]:
@@ -140,15 +154,11 @@ def build_exporter(s: TracingSettings) -> SpanExporter:
 
 
 def build_resource() -> Resource:
-    """`service.name`, version and host; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply
-    (Resource.create reads them), ours are defaults."""
-    resource = Resource.create(
-        {"service.name": "tensorgate", "service.version": __version__, "host.name": socket.gethostname()}
-    )
-    if "OTEL_SERVICE_NAME" not in os.environ and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        # Resource.create puts the SDK's "unknown_service" over a default given in code.
-        resource = resource.merge(Resource({"service.name": "tensorgate"}))
-    return resource
+    """`service.name`, version and host as defaults: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win (an
+    operator names the deployment, the pod), as they would over any SDK default."""
+    defaults = {"service.name": "tensorgate", "service.version": __version__, "host.name": socket.gethostname()}
+    # Resource.create merges what it is given over the environment's: give it the environment's over ours.
+    return Resource.create({**defaults, **OTELResourceDetector().detect().attributes})
 
 
 def check(s: TracingSettings) -> None:
@@ -333,6 +343,7 @@ __all__ = [
     "TracingSettings",
     "build_exporter",
     "build_resource",
+    "cancelled_code",
     "from_settings",
     "parse_headers",
 ]
