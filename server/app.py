@@ -38,6 +38,8 @@ log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
 HEAP_POLL_S = 1.0
 """How often the server looks whether the served models changed, to settle its heap (server/heap.py)."""
+MAX_PING_STRIKES = 2
+"""Pings sooner than --min-client-ping-interval-s forgiven before the connection is closed (gRPC's default)."""
 REMOTE_RETRY_MIN_S = 2.0
 REMOTE_RETRY_MAX_S = 60.0
 
@@ -56,6 +58,10 @@ def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Traci
             sample_rate=settings.trace_sample_rate,
         )
     )
+
+
+def _health_status(serving: bool) -> int:
+    return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 class TensorgateServer:
@@ -118,8 +124,11 @@ class TensorgateServer:
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
-            ("grpc.http2.max_ping_strikes", 0),
+            # A client that pings more often than this while no data flows gets MAX_PING_STRIKES strikes, then
+            # GOAWAY ENHANCE_YOUR_CALM "too_many_pings" (gRPC's own policy, with its interval of 5 minutes made
+            # an option).
+            ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
             # Off unless asked: a second server started on the same port by mistake fails instead of silently
             # taking half the connections.
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
@@ -215,8 +224,12 @@ class TensorgateServer:
         if self.monitor is not None:
             self.monitor.start()
         self._started = True
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self._readiness = asyncio.create_task(self._follow_readiness())
+        # The whole server serves now; the inference service only if ServerReady says so (a model that failed to
+        # load): a readiness probe must not put a replica in rotation that ServerReady keeps out.
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        serving = self.ready
+        await self._health.set(SERVICE_NAME, _health_status(serving))
+        self._readiness = asyncio.create_task(self._follow_readiness(serving))
         self._remote_retry = asyncio.create_task(self._retry_remote_forever())
         self._heap = asyncio.create_task(self._settle_heap_forever())
         log.info("ready: %d model version(s) loaded", len(self.repository.loaded()))
@@ -269,19 +282,15 @@ class TensorgateServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
-    async def _follow_readiness(self) -> None:
+    async def _follow_readiness(self, serving: bool) -> None:
         """grpc.health.v1 for the inference service follows ServerReady (a failed model, an upstream Triton that
         is down); the whole server ("") stays SERVING until drain, so a liveness probe on "" does not restart a
         replica whose upstream is away, while a readiness probe on the service name takes it out of rotation."""
-        serving = True
         while True:
             await asyncio.sleep(READINESS_POLL_S)
             if self.ready != serving:
                 serving = not serving
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                await self._health.set(SERVICE_NAME, status)
+                await self._health.set(SERVICE_NAME, _health_status(serving))
                 log.info("inference service health: %s", "SERVING" if serving else "NOT_SERVING")
 
     async def _settle_heap_forever(self) -> None:

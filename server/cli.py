@@ -108,7 +108,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
     opt("--response-cache-bytes", int, "response cache size for models with response_cache enabled (0: none)")
     opt("--metrics-port", int, "Prometheus /metrics port, HTTPS with --tls-cert; 0 picks a free one, -1 is off (8002)")
-    opt("--metrics-host", str, "address of the metrics port (default: --host)")
+    opt("--metrics-host", str, "address of the metrics port (default: --host; not with --metrics-port -1)")
     opt("--log-format", str, "text | json (default text)", choices=("text", "json"))
     opt("--otlp-endpoint", str, "OpenTelemetry collector for traces (off without it; OTEL_EXPORTER_OTLP_* also work)")
     opt("--otlp-protocol", str, "grpc | http/protobuf (default grpc)", choices=("grpc", "http/protobuf"))

@@ -5,6 +5,8 @@ Per-model settings live in the model repository (config.pbtxt), never here.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,7 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
 SHARED_MEMORY_MODES = ("off", "system")
 _MONITORING_OPTIONS = ("alert_rules", "alert_webhook", "monitor_interval_s", "capture_queue_size", "capture_retention")
+_TRACING_OPTIONS = ("otlp_protocol", "otlp_headers", "otlp_ca", "otlp_insecure", "trace_sample_rate")
 
 
 _MAX_GRPC_SECONDS = 2_147_483
@@ -45,7 +48,8 @@ class ServerSettings:
     keepalive_time_s: float = 7200.0
     keepalive_timeout_s: float = 20.0
     min_client_ping_interval_s: float = 5.0
-    """Clients may ping this often without being disconnected (gRPC's own default is 5 minutes)."""
+    """Clients may ping this often without being disconnected (gRPC's own default is 5 minutes); pinging more often
+    while no data flows is forgiven twice, then answered with GOAWAY "too_many_pings"."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, in-flight requests get this long to finish."""
     log_level: str = "INFO"
@@ -104,6 +108,12 @@ class ServerSettings:
     """Predictions kept per model in the store; the oldest go first."""
 
     def __post_init__(self) -> None:
+        for name in type(self).__dataclass_fields__:
+            value = getattr(self, name)
+            # nan passes every comparison below (nan <= 0 is False), and inf would never come round: both start a
+            # server that then never polls, drains or evaluates as asked.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(
                 f"model_control_mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
@@ -157,18 +167,31 @@ class ServerSettings:
             raise ValueError(f"monitor_interval_s must be positive, got {self.monitor_interval_s}")
         if self.capture_queue_size < 1 or self.capture_retention < 1:
             raise ValueError("capture_queue_size and capture_retention must be at least 1")
+        # Options of a feature that is off would be accepted and do nothing: most likely the option that turns it
+        # on was forgotten, and the operator believes predictions are watched, or spans sampled as asked.
         if self.data_dir is None:
-            # Monitoring options without monitoring would be accepted and do nothing: most likely --data-dir was
-            # forgotten, and the operator believes predictions are watched.
-            fields = type(self).__dataclass_fields__
-            given = [
-                name
-                for name in _MONITORING_OPTIONS
-                # "" counts as not given: `--alert-webhook "$WEBHOOK"` with the variable unset
-                if getattr(self, name) not in (None, "", fields[name].default)
-            ]
-            if given:
-                need = "needs" if len(given) == 1 else "need"
-                raise ValueError(f"{', '.join(given)} {need} data_dir (monitoring is off without it)")
+            self._refuse_given(_MONITORING_OPTIONS, "data_dir (monitoring is off without it)")
+        if not (
+            self.otlp_endpoint
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        ):
+            self._refuse_given(
+                _TRACING_OPTIONS, "otlp_endpoint or OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT (tracing is off without one)"
+            )
+        if self.metrics_port == -1:
+            self._refuse_given(("metrics_host",), "metrics on (metrics_port -1 turns them off)")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647")
+
+    def _refuse_given(self, names: tuple[str, ...], needed: str) -> None:
+        fields = type(self).__dataclass_fields__
+        given = [
+            name
+            for name in names
+            # "" counts as not given: `--alert-webhook "$WEBHOOK"` with the variable unset; 0.0 is given
+            if (value := getattr(self, name)) is not None and value != "" and value != fields[name].default
+        ]
+        if given:
+            need = "needs" if len(given) == 1 else "need"
+            raise ValueError(f"{', '.join(given)} {need} {needed}")

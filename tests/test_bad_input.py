@@ -760,3 +760,21 @@ def test_only_large_tensors_that_need_work_per_element_leave_the_loop() -> None:
         decoded = codec.decode_infer_request(req, check_input=check)
         assert decoded.inputs[name].shape == (1, n + 1)
         assert seen[-2:] == [(name, datatype, (1, n + 1))] * 2
+
+
+def test_health_follows_readiness_from_the_start(repo: Path) -> None:
+    """A server whose models did not all load is up but not ready from its first answer: grpc.health.v1 for the
+    inference service said SERVING until the readiness poll (0.5 s) caught up, and a readiness probe put it in
+    rotation meanwhile. The whole server ("") serves."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tensorgate.protos import SERVICE_NAME
+
+    with ServerThread(repo) as s, grpc.insecure_channel(s.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )

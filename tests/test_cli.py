@@ -307,6 +307,34 @@ def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
         pytest.param(
             ["--shared-memory", "cuda"], {}, "argument --shared-memory: invalid choice: 'cuda'", id="shared-memory"
         ),
+        # nan passed every range check (nan < 0 is False): the server started, then never drained or polled.
+        pytest.param(["--shutdown-grace-s", "nan"], {}, "shutdown_grace_s must be a finite number", id="nan-grace"),
+        pytest.param(
+            ["--model-control-mode", "poll", "--repository-poll-secs", "nan"],
+            {},
+            "repository_poll_secs must be a finite number, got nan",
+            id="nan-poll",
+        ),
+        pytest.param(
+            ["--data-dir", "data"],
+            {"TENSORGATE_MONITOR_INTERVAL_S": "inf"},
+            "monitor_interval_s must be a finite number, got inf",
+            id="inf-monitor-interval",
+        ),
+        # Options of a feature that is off did nothing, and said nothing.
+        pytest.param(
+            ["--trace-sample-rate", "0.01", "--otlp-protocol", "http/protobuf", "--otlp-headers", "k=v"],
+            {},
+            "otlp_protocol, otlp_headers, trace_sample_rate need otlp_endpoint or OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT",
+            id="tracing-without-endpoint",
+        ),
+        pytest.param(["--otlp-insecure"], {}, "otlp_insecure needs otlp_endpoint", id="insecure-without-endpoint"),
+        pytest.param(
+            ["--metrics-port", "-1", "--metrics-host", "0.0.0.0"],
+            {},
+            "metrics_host needs metrics on (metrics_port -1 turns them off)",
+            id="metrics-host-without-metrics",
+        ),
     ],
 )
 def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env: dict[str, str], words: str) -> None:
@@ -315,11 +343,29 @@ def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **env},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env},
     )
     assert done.returncode != 0
     assert words in done.stderr
     assert "Traceback" not in done.stderr
+    if "usage:" not in done.stderr:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_tracing_options_are_taken_with_an_endpoint_from_opentelemetry_s_variable(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT turns tracing on as --otlp-endpoint does: the options that shape it are then
+    used, not refused. A rate of 0 is an option given, not the default."""
+    from tensorgate.server import ServerSettings
+
+    for name in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="^otlp_protocol, otlp_insecure, trace_sample_rate need otlp_endpoint"):
+        ServerSettings(model_repository=repo, trace_sample_rate=0.0, otlp_protocol="grpc", otlp_insecure=True)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317")
+    settings = ServerSettings(model_repository=repo, trace_sample_rate=0.0, otlp_protocol="grpc", otlp_insecure=True)
+    assert settings.trace_sample_rate == 0.0
 
 
 @pytest.mark.parametrize(("flag", "words"), [("--grpc-port", "could not bind"), ("--metrics-port", "(--metrics-port)")])

@@ -460,6 +460,33 @@ def test_regions_are_capped_and_share_their_segments_descriptor(
     assert len(os.listdir("/proc/self/fd")) < before + 16
 
 
+def test_refused_registrations_close_their_descriptors_at_once(
+    client: tc.InferenceServerClient, segments: Segments
+) -> None:
+    """A refusal after the segment was opened (past its end, not a regular file) closes the descriptor at once,
+    not at the next garbage collection (the refusal's traceback held it): a client retrying a bad registration
+    would otherwise run the server out of descriptors. The collector is off meanwhile, as it may be for a while."""
+    import gc
+
+    key, _ = segments.make(ROW_BYTES)
+    fifo = f"/tg-test-fifo-{uuid.uuid4().hex[:12]}"
+    os.mkfifo(shm_path(fifo))
+    before = len(os.listdir("/proc/self/fd"))  # the server runs in this process
+    gc.disable()
+    try:
+        for i in range(50):
+            for name, target, words in ((f"big{i}", key, "past the end"), (f"fifo{i}", fifo, "not a shared memory")):
+                with pytest.raises(InferenceServerException) as info:
+                    client.register_system_shared_memory(name, target, 2 * ROW_BYTES)
+                assert _code(info.value) == "StatusCode.INVALID_ARGUMENT" and words in info.value.message()
+        assert len(os.listdir("/proc/self/fd")) - before < 16, "descriptors of refused registrations stay open"
+    finally:
+        gc.enable()
+        os.unlink(shm_path(fifo))
+    client.register_system_shared_memory("good", key, ROW_BYTES)
+    assert list(client.get_system_shared_memory_status(as_json=True)["regions"]) == ["good"]
+
+
 def test_cuda_shared_memory_has_nothing_to_list_or_unregister(served: ServerThread) -> None:
     """perf_analyzer unregisters CUDA regions too when it exits, and printed "Unable to unregister all shared
     memory regions" after every --shared-memory run while those calls answered UNIMPLEMENTED."""
@@ -524,6 +551,85 @@ def test_a_text_region_larger_than_its_elements_can_be_is_refused_before_it_is_r
             with pytest.raises(InferenceServerException) as info:
                 client.infer("text", [inp])
             assert "was shrunk" in info.value.message()
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()
+
+
+def test_a_large_input_in_shared_memory_is_checked_then_read_off_the_loop(segments: Segments) -> None:
+    """The codec's rule, in process: an input over codec.LARGE_SHARED_BYTES in shared memory is checked against
+    the model before it is read, and on the event loop hands the read off (DecodeOffLoop); smaller ones are read
+    on the loop, as a hop to a worker thread costs about what reading a MiB does."""
+    from tensorgate.server.errors import InvalidRequestError
+    from tensorgate.server.rpc import codec
+    from tensorgate.server.rpc.shared_memory import SystemSharedMemory
+
+    n = codec.LARGE_SHARED_BYTES // 4 + 1
+    key, handle = segments.make(4 * n)
+    x = np.arange(n, dtype=np.float32).reshape(1, n)
+    shm.set_shared_memory_region(handle, [x])
+    registry = SystemSharedMemory(enabled=True)
+    registry.register("big", key, 0, 4 * n)
+    checked: list[tuple[int, ...]] = []
+
+    def check(model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
+        checked.append(shape)
+
+    def ask(count: int) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="m")
+        tensor = req.inputs.add(name="INPUT0", datatype="FP32", shape=[1, count])
+        tensor.parameters["shared_memory_region"].string_param = "big"
+        tensor.parameters["shared_memory_byte_size"].int64_param = 4 * count
+        return req
+
+    small = codec.decode_infer_request(ask(n - 1), shm=registry, check_input=check, on_loop=True)
+    np.testing.assert_array_equal(small.inputs["INPUT0"], x[:, : n - 1])
+    assert checked == []
+    with pytest.raises(codec.DecodeOffLoop):
+        codec.decode_infer_request(ask(n), shm=registry, check_input=check, on_loop=True)
+    assert checked == [(1, n)]
+    decoded = codec.decode_infer_request(ask(n), shm=registry, check_input=check)  # on the worker thread
+    np.testing.assert_array_equal(decoded.inputs["INPUT0"], x)
+
+    def refuse(model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
+        raise InvalidRequestError(model, version, "the model does not take it", tensor=tensor)
+
+    os.truncate(shm_path(key), 0)  # a read would now fail with "was shrunk"
+    for on_loop in (True, False):
+        with pytest.raises(InvalidRequestError, match="the model does not take it"):
+            codec.decode_infer_request(ask(n), shm=registry, check_input=refuse, on_loop=on_loop)
+
+
+def test_a_large_shared_memory_input_the_model_cannot_take_is_refused_before_it_is_read(
+    repo: Path, segments: Segments
+) -> None:
+    """A region of hundreds of megabytes named for a shape the model refuses was read on the event loop before
+    the model said no, and every other caller waited meanwhile. Now the model's schema answers first (the
+    segment is shrunk: a read would say "was shrunk"), and a large input it takes is read off the loop, exactly."""
+    from tensorgate.server.rpc import codec
+    from tests.onnx_models import identity_model
+
+    identity_model(repo / "wide" / "1" / "model.onnx", "FP32", shape=("batch", "n"))
+    n = codec.LARGE_SHARED_BYTES // 4 + 4
+    x = np.arange(n, dtype=np.float32).reshape(1, n)
+    key, handle = segments.make(4 * n)
+    shm.set_shared_memory_region(handle, [x])
+    with ServerThread(repo, shared_memory="system") as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            client.register_system_shared_memory("big", key, 4 * n)
+            inp = tc.InferInput("INPUT0", [1, n], "FP32")
+            inp.set_shared_memory("big", 4 * n)
+            np.testing.assert_array_equal(client.infer("wide", [inp]).as_numpy("OUTPUT0"), x)
+            os.truncate(shm_path(key), 0)
+            rows = tc.InferInput("INPUT0", [n // 4, 4], "FP32")  # identity_fp32 batches at most 4
+            rows.set_shared_memory("big", 4 * n)
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("identity_fp32", [rows])
+            assert _code(info.value) == "StatusCode.INVALID_ARGUMENT"
+            message = info.value.message()
+            assert "tensor 'INPUT0'" in message and "max_batch_size" in message and "shrunk" not in message
+            assert client.is_server_live()
         finally:
             client.unregister_system_shared_memory()
             client.close()

@@ -51,6 +51,11 @@ LARGE_ELEMENTS = 1 << 14
 0.06 us an element) is checked against the model's schema first, and decoded off the event loop: at the size
 limits that work takes seconds, which the loop would otherwise take from every other caller."""
 
+LARGE_SHARED_BYTES = 1 << 20
+"""An input in shared memory over this many bytes is checked against the model's schema first, and read off the
+event loop: the read copies every byte (about 60 us a MiB, what a hop to a worker thread costs), and a region may
+name hundreds of megabytes."""
+
 InputCheck = Callable[[str, str, str, str, tuple[int, ...]], None]
 """(model, version, tensor, datatype, shape): raises when the model does not take such an input."""
 
@@ -131,9 +136,9 @@ def _shared(
     model: str,
     version: str,
     limits: RequestLimits,
-) -> bytes:
-    """An input's bytes, read from its shared memory region once its size fits the shape: a region names any
-    number of bytes, and reading them first would let a small request hold the server's loop and memory."""
+) -> Slice:
+    """Where an input's bytes are, once their size fits the shape; not read yet: a region names any number of
+    bytes, and reading them first would let a small request hold the server's loop and memory."""
     if tensor.HasField("contents"):
         raise InvalidRequestError(
             model, version, "data given both in contents and in shared memory", tensor=tensor.name
@@ -156,10 +161,14 @@ def _shared(
             "(--max-bytes-element) and their 4-byte lengths",
             tensor=tensor.name,
         )
+    return piece
+
+
+def _read_shared(piece: Slice, model: str, version: str, tensor: str) -> bytes:
     try:
         return piece.read()
     except RegionError as exc:
-        raise InvalidRequestError(model, version, exc.message, tensor=tensor.name) from exc
+        raise InvalidRequestError(model, version, exc.message, tensor=tensor) from exc
 
 
 def decode_infer_request(
@@ -172,8 +181,8 @@ def decode_infer_request(
     on_loop: bool = False,
 ) -> InferRequest:
     """Build the pipeline's request; checks what the protocol and the size limits require, and the model schema
-    (`check_input`) only for large tensors that need work per element: `on_loop`, such a tensor raises
-    DecodeOffLoop instead of being decoded.
+    (`check_input`) only for large tensors that need work per element or a large read from shared memory
+    (LARGE_ELEMENTS, LARGE_SHARED_BYTES): `on_loop`, such a tensor raises DecodeOffLoop instead of being decoded.
 
     This runs once per request on the event loop, so it reads each protobuf field once and indexes repeated
     fields rather than iterating them (upb's iterators and `tuple(repeated)` cost microseconds each); measured
@@ -224,14 +233,21 @@ def decode_infer_request(
                 f"{limits.max_tensor_elements} elements "
                 "(--max-tensor-elements)",
             )
-        if count > LARGE_ELEMENTS and (dt.name == "BYTES" or (raw is None and REGION not in tensor.parameters)):
+        large = count > LARGE_ELEMENTS and (dt.name == "BYTES" or (raw is None and REGION not in tensor.parameters))
+        if large:
             if check_input is not None:
                 check_input(model, version, name, dt.name, shape)
             if on_loop:
                 raise DecodeOffLoop
         if REGION in tensor.parameters:
             shared += 1
-            data = _shared(shm, tensor, dt, shape, count, model, version, limits)
+            piece = _shared(shm, tensor, dt, shape, count, model, version, limits)
+            if not large and piece.size > LARGE_SHARED_BYTES:
+                if check_input is not None:
+                    check_input(model, version, name, dt.name, shape)
+                if on_loop:
+                    raise DecodeOffLoop
+            data = _read_shared(piece, model, version, name)
             inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
         elif raw is not None:
             if tensor.HasField("contents"):

@@ -166,17 +166,23 @@ class SystemSharedMemory:
             except OSError as exc:
                 reason = "no such segment" if exc.errno == errno.ENOENT else os.strerror(exc.errno or 0)
                 raise RegionError(f"shared memory region '{name}': cannot open key '{key}': {reason}") from exc
-            segment = _Segment(fd)  # closes the descriptor on any refusal below
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise RegionError(f"shared memory region '{name}': key '{key}' is not a shared memory segment")
-            if offset + byte_size > info.st_size:
-                raise RegionError(
-                    f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
-                    f"of key '{key}' ({info.st_size} bytes)"
-                )
-            # Regions of one segment share its descriptor.
-            segment = self._segments.setdefault((info.st_dev, info.st_ino), segment)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise RegionError(f"shared memory region '{name}': key '{key}' is not a shared memory segment")
+                if offset + byte_size > info.st_size:
+                    raise RegionError(
+                        f"shared memory region '{name}': offset {offset} + byte_size {byte_size} is past the end "
+                        f"of key '{key}' ({info.st_size} bytes)"
+                    )
+            except BaseException:
+                # Closed now, not by a collection: the refusal's traceback would keep a _Segment (and so the
+                # descriptor) alive until then, and a client retrying a bad registration would run the server
+                # out of descriptors.
+                os.close(fd)
+                raise
+            # Regions of one segment share its descriptor; a second descriptor on a segment already open closes.
+            segment = self._segments.setdefault((info.st_dev, info.st_ino), _Segment(fd))
             self._regions = {**self._regions, name: Region(name, key, offset, byte_size, segment)}
 
     def unregister(self, name: str) -> None:
