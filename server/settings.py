@@ -135,7 +135,8 @@ class ServerSettings:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
-            raise ValueError(f"alert_webhook must be an http:// or https:// URL, got {self.alert_webhook!r}")
+            # Not echoed: webhook URLs carry their secret in the path or query, and this line lands in logs.
+            raise ValueError("alert_webhook must be an http:// or https:// URL (the value given is not shown)")
         if self.default_max_batch_size < 0:
             raise ValueError(f"default_max_batch_size must be >= 0, got {self.default_max_batch_size}")
         if self.repository_poll_secs <= 0:

@@ -386,6 +386,15 @@ def test_a_port_in_use_stops_with_one_line(repo: Path, flag: str, words: str) ->
     assert "Traceback" not in done.stderr
 
 
+def test_a_webhook_that_is_not_a_url_is_refused_without_its_secret(repo: Path) -> None:
+    """Webhook URLs carry their secret in the path: the refusal lands in logs, so it does not echo the value."""
+    from tensorgate.server import ServerSettings
+
+    with pytest.raises(ValueError, match="http:// or https:// URL") as refused:
+        ServerSettings(model_repository=repo, alert_webhook="hooks.example/T01/SECRET", data_dir=repo)
+    assert "SECRET" not in str(refused.value)
+
+
 def test_an_empty_webhook_is_no_monitoring_option(repo: Path) -> None:
     """`--alert-webhook "$WEBHOOK"` with the variable unset passes "": not given, so no --data-dir is needed."""
     from tensorgate.server import ServerSettings
