@@ -364,25 +364,27 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Decoupled requests whose responses may still come: the stream ends after them."""
         drained = object()
         """Queued when the server starts draining: the stream ends after the answers to what it has read."""
-        room = asyncio.Semaphore(STREAM_WINDOW)
-        """One unit per request read and not yet answered: taken before a message is read, given back once its
-        (last) answer is handed to gRPC."""
+        unanswered = 0
+        """Requests read whose (last) answer is not yet handed to gRPC: at STREAM_WINDOW the reader waits. A count
+        and a future made only when it waits: a semaphore cost every message of a fast stream a coroutine."""
+        room: asyncio.Future[None] | None = None
         refused_on_drain = False
+
+        def answered() -> None:
+            nonlocal unanswered
+            unanswered -= 1
+            if room is not None and not room.done():
+                room.set_result(None)
 
         def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
             ordered.append(answer)
             answer.add_done_callback(lambda _: events.put_nowait(_READY))
 
         async def read() -> None:
-            nonlocal relaying, refused_on_drain
-            messages = aiter(request_iterator)
+            nonlocal relaying, refused_on_drain, unanswered, room
             try:
-                while True:
-                    await room.acquire()
-                    try:
-                        request = await anext(messages)
-                    except StopAsyncIteration:
-                        break
+                async for request in request_iterator:
+                    unanswered += 1
                     if self.gate.draining:
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
@@ -403,6 +405,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         answer_later(task)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    while unanswered >= STREAM_WINDOW:  # read no more until the client takes answers
+                        room = loop.create_future()
+                        await room
             finally:
                 events.put_nowait(None)
 
@@ -420,7 +425,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             while True:
                 while ordered and ordered[0].done():
                     yield ordered.popleft().result()
-                    room.release()
+                    answered()
                 if not (reading or ordered or relaying):
                     break
                 item = await events.get()
@@ -432,7 +437,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     cut, reading = reading, False
                 elif item is _RELAYED:
                     relaying -= 1
-                    room.release()
+                    answered()
                 elif item is not _READY:
                     yield item  # a decoupled model's response
             if cut or refused_on_drain:
