@@ -48,6 +48,7 @@ __all__ = [
     "ProfileFileError",
     "ReferenceProfile",
     "build_profile",
+    "category_keys",
     "compare",
     "load_profile",
     "population_stability_index",
@@ -278,8 +279,9 @@ def _is_text(a: np.ndarray) -> bool:
     return a.dtype.kind in "OSU"
 
 
-def _category_keys(values: np.ndarray) -> list[str]:
-    """Category names as JSON keys: integral numbers without ".0", bytes decoded, everything else str()."""
+def category_keys(values: np.ndarray) -> list[str]:
+    """Category names as JSON keys: integral numbers without ".0", bytes decoded, everything else str(). Quality
+    keys classes the same way, so that a label sent as "3" names the class a model predicts as 3."""
     keys: list[str] = []
     for v in values.tolist():
         if isinstance(v, bytes):
@@ -372,7 +374,7 @@ def _edges(values: np.ndarray, bins: int) -> list[float]:
 
 def _fill(feature: FeatureProfile, values: np.ndarray, bins: int, rng: np.random.Generator, sample_size: int) -> None:
     if feature.kind == "categorical":
-        keys, counts = np.unique(np.asarray(_category_keys(values), dtype=object), return_counts=True)
+        keys, counts = np.unique(np.asarray(category_keys(values), dtype=object), return_counts=True)
         feature.categories = {str(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True)}
         return
     values, feature.nonfinite = _finite(values)
@@ -430,7 +432,7 @@ def _test(feature: FeatureProfile, values: np.ndarray) -> tuple[float, float, fl
     """(psi, statistic, p_value) of a window's values against the reference, None when nothing is comparable."""
     if feature.kind == "categorical":
         current = dict(
-            zip(*np.unique(np.asarray(_category_keys(values), dtype=object), return_counts=True), strict=True)
+            zip(*np.unique(np.asarray(category_keys(values), dtype=object), return_counts=True), strict=True)
         )
         if not current or not feature.categories:
             return None

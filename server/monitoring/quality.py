@@ -30,7 +30,7 @@ import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.monitoring.capture import parameter
-from tensorgate.server.monitoring.drift import _category_keys
+from tensorgate.server.monitoring.drift import category_keys
 from tensorgate.server.monitoring.store import Prediction
 
 __all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "predicted_values"]
@@ -200,8 +200,8 @@ def compute_quality(spec: TaskSpec, window: Sequence[Prediction], version: str =
         return report
     if not y_true:
         return report
-    truth = _category_keys(np.asarray(y_true, dtype=object))
-    pred = _category_keys(np.asarray(y_pred, dtype=object))
+    truth = category_keys(np.asarray(y_true, dtype=object))
+    pred = category_keys(np.asarray(y_pred, dtype=object))
     labels = sorted(set(truth) | set(pred), key=_class_order)
     index = {label: i for i, label in enumerate(labels)}
     n = len(labels)
