@@ -190,21 +190,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             self._repository.get(request.model_name, request.model_version)
             raise
 
-    def _over_limit(self, size: int, model: str, version: str, what: str) -> ResourceExhaustedError | None:
-        if self._max_message_bytes is None or size <= self._max_message_bytes:
-            return None
-        return ResourceExhaustedError(
-            f"{model_ref(model, version)}: the {what} takes {size} bytes, over the server's message limit of "
-            f"{self._max_message_bytes} bytes (--max-message-bytes)"
-        )
-
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
         """Refuse a response over the message limit before gRPC does: gRPC's own refusal names no model and, on
         ModelStreamInfer, ends the whole stream with every other request on it."""
         if self._max_message_bytes is None:
             return
-        error = self._over_limit(msg.ByteSize(), model, version, "response")
-        if error is not None:
+        size = msg.ByteSize()
+        if size > self._max_message_bytes:
+            error = ResourceExhaustedError(
+                f"{model_ref(model, version)}: the response takes {size} bytes, over the server's message limit "
+                f"of {self._max_message_bytes} bytes (--max-message-bytes)"
+            )
             error.ran = True  # the model has run: a retry would run it again for the same refusal
             raise error
 
