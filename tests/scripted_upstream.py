@@ -41,6 +41,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         """Decoupled requests being answered now."""
         self.cancelled = 0
         """Decoupled requests whose stream was cancelled before they were answered in full."""
+        self.produced = 0
+        """Decoupled responses handed to gRPC (a yield returns once gRPC has taken the message: flow control)."""
         self.sequence = False
         self.max_batch_size = 8
         """What ModelConfig says; 0: a model that does not batch (X and Y are still [-1, 2], rows or not)."""
@@ -124,6 +126,7 @@ class _Servicer(GRPCInferenceServiceServicer):
                     response.raw_output_contents.append((x * i).tobytes())
                     response.parameters["triton_final_response"].bool_param = False
                     yield pb.ModelStreamInferResponse(infer_response=response)
+                    self.produced += 1
                 params = request.parameters
                 if (
                     "triton_enable_empty_final_response" in params

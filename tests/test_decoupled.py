@@ -5,11 +5,12 @@ Triton's turn is in tests/test_triton_backend.py. Clients: unmodified tritonclie
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,12 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos.tensors import encode_infer_request
 from tensorgate.server.backends.triton import TritonBackend
 from tensorgate.server.cli import main
+from tensorgate.server.rpc import servicer
 from tests.onnx_models import add_sub_model, paced_model
 from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
@@ -138,6 +143,47 @@ def test_responses_come_as_the_upstream_sends_them(front: ServerThread, upstream
     after = tc.InferenceServerClient(front.address).get_inference_statistics("gen").model_stats[0]
     assert after.inference_stats.success.count - before.inference_stats.success.count == 2
     assert after.inference_count - before.inference_count == 2
+
+
+async def test_a_client_that_stops_reading_stops_the_upstream_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoupled request answers 2,000 responses of 32 KB to a client that reads none of them yet: the front
+    holds at most STREAM_WINDOW of them and stops reading its upstream, whose writes then stall (HTTP/2 flow
+    control), instead of taking in all 64 MB. Nothing is lost: once the client reads, every response comes, in
+    order."""
+    monkeypatch.setattr(servicer, "STREAM_WINDOW", 8)  # read by each stream as it runs
+    n, rows = 2000, 4096
+    request = encode_infer_request("gen", [("X", np.full((rows, 2), n, np.float32))], request_id="many")
+    with ScriptedUpstream() as upstream:
+        upstream.script.decoupled, upstream.script.max_batch_size = True, 0  # any number of rows
+        _remote(tmp_path / "models", "gen", upstream.url)
+        with ServerThread(tmp_path / "models") as front:
+            answers = await _read_late(front.address, request, lambda: upstream.script.produced, n)
+    assert [a.error_message for a in answers] == [""] * n
+    assert [np.frombuffer(a.infer_response.raw_output_contents[0], np.float32)[0] for a in answers] == [
+        float(n * i) for i in range(1, n + 1)
+    ]
+
+
+async def _read_late(
+    address: str, request: pb.ModelInferRequest, produced: Callable[[], int], n: int
+) -> list[pb.ModelStreamInferResponse]:
+    """Send `request` on a stream, wait until the upstream has `produced` all it will without the client reading,
+    check that is not all of the n responses, then read them."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(timeout=120)
+        await stream.write(request)
+        counts = [produced()]
+        while len(counts) < 4 or len(set(counts[-4:])) > 1:  # settled: the same over 1.5 s
+            assert len(counts) < 120, counts
+            await asyncio.sleep(0.5)
+            counts.append(produced())
+        assert 0 < counts[-1] < n // 2, counts  # the window and what gRPC's buffers took, not all of them
+        answers = [await stream.read() for _ in range(n)]
+        await stream.done_writing()
+        assert await stream.read() == grpc.aio.EOF
+    return answers
 
 
 def test_other_models_answers_on_the_stream_do_not_wait_for_a_decoupled_request(

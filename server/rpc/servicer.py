@@ -67,9 +67,35 @@ _READY = object()
 """Queued on a stream when an answer to a request of a model that is not decoupled is done."""
 STREAM_WINDOW = 512
 """Requests one ModelStreamInfer stream may have read and not yet answered (a decoupled model's: until its last
-response is out). Past it the stream reads no more until the client takes answers, so a client that stops reading
-stalls its own writes (HTTP/2 flow control) instead of making the server hold every answer. Well above what
-batching can use of one stream, so a pipelined client (perf_analyzer --streaming) never waits on it."""
+response is out), and apart from those, decoupled models' responses it may hold for the client. Past it the stream
+reads no more requests, and decoupled requests read no more of their upstream's responses, until the client takes
+answers: a client that stops reading stalls its own writes (HTTP/2 flow control) and the upstream's, instead of
+making the server hold every answer. Well above what batching can use of one stream, so a pipelined client
+(perf_analyzer --streaming) never waits on it."""
+
+
+class _Window:
+    """What a stream holds for its client, counted, and a wait for room under STREAM_WINDOW. A count and a future
+    made only when something waits: a semaphore cost every message of a fast stream a coroutine."""
+
+    __slots__ = ("held", "_room")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._room: asyncio.Future[None] | None = None
+
+    def release(self) -> None:
+        self.held -= 1
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def room(self) -> None:
+        """Return once under the window; several may wait (each decoupled request of a stream)."""
+        while self.held >= STREAM_WINDOW:
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)  # one waiter cancelled (its stream ended) leaves the others waiting
 
 
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.ModelStreamInferResponse, str]:
@@ -285,18 +311,24 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest,
         deadline: float | None,
         events: asyncio.Queue[Any],
+        held: _Window,
     ) -> None:
         """A decoupled model's request of a stream, in its own task: each response goes on the stream as it
-        arrives, whatever the other requests' answers wait for; then _RELAYED (the stream ends only after it)."""
+        arrives, whatever the other requests' answers wait for; then _RELAYED (the stream ends only after it).
+        Responses count in `held` until the stream writes them: at the window, the request waits to read more."""
         started = time.perf_counter_ns()
-        send = events.put_nowait
+
+        def send(message: pb.ModelStreamInferResponse) -> None:
+            held.held += 1
+            events.put_nowait(message)
+
         try:
             with self._request_span(request, started) as span:
                 code, error, last = "OK", None, None
                 try:
                     if self.auth.enabled:  # a denial is counted as one, not as a request (as _stream_answer)
                         self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-                    last = await self._relay_counted(request, deadline, send)
+                    last = await self._relay_counted(request, deadline, send, held)
                 except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
                     answer, code = _stream_error(request, exc)
                     error, last = exc, answer.infer_response
@@ -306,9 +338,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             events.put_nowait(_RELAYED)
 
     async def _relay_counted(
-        self, request: pb.ModelInferRequest, deadline: float | None, send: Callable[[Any], None]
+        self,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        send: Callable[[pb.ModelStreamInferResponse], None],
+        held: _Window,
     ) -> pb.ModelInferResponse | None:
-        """Relay a decoupled model's responses to `send`, counted for /metrics; the last response, if any."""
+        """Relay a decoupled model's responses to `send`, counted for /metrics; the last response, if any. At
+        the window the upstream is not read until the client takes responses (the upstream's writes stall)."""
         last = None
         try:
             req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
@@ -319,6 +356,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     self._check_size(message, response.model_name, response.model_version)
                     send(message)
                     last = response
+                    if held.held >= STREAM_WINDOW:
+                        await held.room()
         except BaseException as exc:  # cancelled too: the stream ended under it
             if self._requests is not None:
                 self._requests.failed(request.model_name, request.model_version, exc, deadline)
@@ -360,27 +399,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Decoupled requests whose responses may still come: the stream ends after them."""
         drained = object()
         """Queued when the server starts draining: the stream ends after the answers to what it has read."""
-        unanswered = 0
-        """Requests read whose (last) answer is not yet handed to gRPC: at STREAM_WINDOW the reader waits. A count
-        and a future made only when it waits: a semaphore cost every message of a fast stream a coroutine."""
-        room: asyncio.Future[None] | None = None
+        unanswered = _Window()
+        """Requests read whose (last) answer is not yet handed to gRPC: at the window the reader waits."""
+        responses = _Window()
+        """Decoupled models' responses queued and not yet handed to gRPC: at the window their requests wait."""
         refused_on_drain = False
-
-        def answered() -> None:
-            nonlocal unanswered
-            unanswered -= 1
-            if room is not None and not room.done():
-                room.set_result(None)
 
         def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
             ordered.append(answer)
             answer.add_done_callback(lambda _: events.put_nowait(_READY))
 
         async def read() -> None:
-            nonlocal relaying, refused_on_drain, unanswered, room
+            nonlocal relaying, refused_on_drain
             try:
                 async for request in request_iterator:
-                    unanswered += 1
+                    unanswered.held += 1
                     if self.gate.draining:
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
@@ -395,15 +428,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     if self._handler.decoupled(request.model_name, request.model_version):
                         relaying += 1
-                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, events))
+                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, events, responses))
                     else:
                         task = asyncio.create_task(self._stream_one(request, deadline))
                         answer_later(task)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    while unanswered >= STREAM_WINDOW:  # read no more until the client takes answers
-                        room = loop.create_future()
-                        await room
+                    if unanswered.held >= STREAM_WINDOW:  # read no more until the client takes answers
+                        await unanswered.room()
             finally:
                 events.put_nowait(None)
 
@@ -421,7 +453,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             while True:
                 while ordered and ordered[0].done():
                     yield ordered.popleft().result()
-                    answered()
+                    unanswered.release()
                 if not (reading or ordered or relaying):
                     break
                 item = await events.get()
@@ -433,9 +465,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     cut, reading = reading, False
                 elif item is _RELAYED:
                     relaying -= 1
-                    answered()
+                    unanswered.release()
                 elif item is not _READY:
                     yield item  # a decoupled model's response
+                    responses.release()
             if cut or refused_on_drain:
                 raise ServerUnavailableError(DRAINING)
             await reader  # surfaces a failure of the request stream itself
