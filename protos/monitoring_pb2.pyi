@@ -147,7 +147,14 @@ class FeatureDrift(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., psi: _Optional[float] = ..., statistic: _Optional[float] = ..., p_value: _Optional[float] = ..., drifted: _Optional[bool] = ...) -> None: ...
 
 class ModelDrift(_message.Message):
-    __slots__ = ("model", "version", "samples", "drifted", "psi_max", "psi_mean", "drifted_share", "score_drift", "features")
+    __slots__ = ("model", "version", "samples", "drifted", "psi_max", "psi_mean", "drifted_share", "score_drift", "features", "skipped")
+    class SkippedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +164,7 @@ class ModelDrift(_message.Message):
     DRIFTED_SHARE_FIELD_NUMBER: _ClassVar[int]
     SCORE_DRIFT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     samples: int
@@ -166,7 +174,8 @@ class ModelDrift(_message.Message):
     drifted_share: float
     score_drift: float
     features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., samples: _Optional[int] = ..., drifted: _Optional[bool] = ..., psi_max: _Optional[float] = ..., psi_mean: _Optional[float] = ..., drifted_share: _Optional[float] = ..., score_drift: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ...) -> None: ...
+    skipped: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., samples: _Optional[int] = ..., drifted: _Optional[bool] = ..., psi_max: _Optional[float] = ..., psi_mean: _Optional[float] = ..., drifted_share: _Optional[float] = ..., score_drift: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., skipped: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListAlertsRequest(_message.Message):
     __slots__ = ("model",)

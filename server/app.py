@@ -244,7 +244,7 @@ class TensorgateServer:
         s = self.settings
         assert s.data_dir is not None and self._gate is not None
         self.store = PredictionStore(s.data_dir / DB_NAME, retention=s.capture_retention)
-        self.capture = Capture(self.store, queue_size=s.capture_queue_size)
+        self.capture = Capture(self.store, queue_size=s.capture_queue_size, queue_bytes=s.capture_queue_bytes)
         self.capture.start()
         self._handler.capture = self.capture
         self.monitor = Monitor(

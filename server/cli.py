@@ -121,6 +121,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--alert-webhook", str, "URL POSTed a JSON object per alert transition (needs --data-dir)")
     opt("--monitor-interval-s", float, "seconds between quality/drift/alert evaluations (default 10)")
     opt("--capture-queue-size", int, "captured predictions waiting to be stored; beyond it they are dropped (10000)")
+    opt("--capture-queue-bytes", int, "tensor bytes those waiting predictions may hold; beyond, dropped (256 MiB)")
     opt("--capture-retention", int, "captured predictions kept per model; the oldest go first (default 1000000)")
 
 
@@ -258,6 +259,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             alert_webhook=args.alert_webhook,
             monitor_interval_s=args.monitor_interval_s,
             capture_queue_size=args.capture_queue_size,
+            capture_queue_bytes=args.capture_queue_bytes,
             capture_retention=args.capture_retention,
         )
     except ValueError as exc:

@@ -13,7 +13,14 @@ from pathlib import Path
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
 SHARED_MEMORY_MODES = ("off", "system")
-_MONITORING_OPTIONS = ("alert_rules", "alert_webhook", "monitor_interval_s", "capture_queue_size", "capture_retention")
+_MONITORING_OPTIONS = (
+    "alert_rules",
+    "alert_webhook",
+    "monitor_interval_s",
+    "capture_queue_size",
+    "capture_queue_bytes",
+    "capture_retention",
+)
 _TRACING_OPTIONS = ("otlp_protocol", "otlp_headers", "otlp_ca", "otlp_insecure", "trace_sample_rate")
 
 
@@ -104,6 +111,9 @@ class ServerSettings:
     """Seconds between two evaluations of quality, drift and alerts."""
     capture_queue_size: int = 10_000
     """Predictions waiting to be stored; past it samples are dropped (and counted), never requests."""
+    capture_queue_bytes: int = 256 * 2**20
+    """Tensor bytes the waiting predictions may hold (each keeps its request's and response's buffers alive); past
+    it samples are dropped too. The same default as monitoring/capture.py's QUEUE_BYTES (not imported: scipy)."""
     capture_retention: int = 1_000_000
     """Predictions kept per model in the store; the oldest go first."""
 
@@ -168,6 +178,8 @@ class ServerSettings:
             raise ValueError(f"monitor_interval_s must be positive, got {self.monitor_interval_s}")
         if self.capture_queue_size < 1 or self.capture_retention < 1:
             raise ValueError("capture_queue_size and capture_retention must be at least 1")
+        if self.capture_queue_bytes < 1:
+            raise ValueError(f"capture_queue_bytes must be at least 1, got {self.capture_queue_bytes}")
         # Options of a feature that is off would be accepted and do nothing: most likely the option that turns it
         # on was forgotten, and the operator believes predictions are watched, or spans sampled as asked.
         if self.data_dir is None:

@@ -236,6 +236,26 @@ def test_missing_inputs_are_left_out(profile: ReferenceProfile, digits: Digits) 
     assert empty.samples == 0 and empty.features == [] and not empty.drifted
 
 
+@pytest.mark.parametrize(
+    ("width", "problem"),
+    [
+        pytest.param(5, "its rows have 5 element(s), the reference profile's 3", id="wider"),
+        pytest.param(2, "its rows have 2 element(s), the reference profile's 3", id="narrower"),
+    ],
+)
+def test_a_tensor_of_another_width_is_skipped_and_named(width: int, problem: str) -> None:
+    """Rows of another width used to compare the elements that happened to line up and drop the rest, unnamed."""
+    rng = np.random.default_rng(0)
+    profile = build_profile("m", {"seq": rng.normal(size=(200, 3)), "x": rng.normal(size=(200, 1))})
+    report = compare(profile, {"seq": rng.normal(size=(50, width)) + 5, "x": rng.normal(size=(50, 1))})
+    assert report.skipped == {"seq": problem}
+    assert [f.name for f in report.features] == ["x"] and not report.drifted
+    text = compare(profile, {"seq": np.full((50, 3), "a", dtype=object), "x": rng.normal(size=(50, 1))})
+    assert text.skipped == {"seq": "it holds text where the reference profile has numbers"}
+    wide = build_profile("m", {"image": rng.normal(size=(50, 5000))})
+    assert compare(wide, {"image": rng.normal(size=(20, 6000))}).skipped == {}  # mean/std: any width
+
+
 def test_profile_json_round_trip_and_lookup_order(tmp_path: Path, profile: ReferenceProfile, digits: Digits) -> None:
     again = ReferenceProfile.from_json(profile.to_json())
     assert again.to_json() == profile.to_json()

@@ -19,7 +19,7 @@ import pytest
 
 from tensorgate.client import InferenceClient
 from tensorgate.server.cli import main
-from tensorgate.server.monitoring import DB_NAME, PredictionStore
+from tensorgate.server.monitoring import DB_NAME, Prediction, PredictionStore
 from tensorgate.server.monitoring.drift import ReferenceProfile, load_profile
 from tests.serving import ServerThread
 
@@ -265,6 +265,33 @@ def test_export_only_reads_the_store_of_a_running_server(
     code, _, err = run_cli("export", "digits", "--data-dir", str(_data_dir(server)), "--out", str(tmp_path / "x.jsonl"))
     assert code == 0, err
     assert wal.stat().st_size == before  # not checkpointed (TRUNCATE leaves it empty)
+
+
+def _strict_json(line: str) -> dict:
+    """json.loads refusing NaN/Infinity, as jq and other languages' parsers do."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    record: dict = json.loads(line, parse_constant=refuse)
+    return record
+
+
+def test_export_jsonl_writes_nonfinite_values_as_null(tmp_path: Path) -> None:
+    """NaN and infinities used to be written as NaN/Infinity, which strict JSON parsers refuse."""
+    store = PredictionStore(tmp_path / DB_NAME)
+    inputs = {"x": np.array([[1.0, np.nan], [np.inf, -np.inf]], np.float32)}
+    outputs = {"score": np.array([np.nan, 0.5], np.float64), "label": np.array([1, 2], np.int64)}
+    store.insert([Prediction("nan-1", "m", "1", time.time(), inputs, outputs)])
+    store.set_labels("m", [("nan-1", np.array([1.5, np.nan]))], time.time())
+    store.close()
+    out = tmp_path / "m.jsonl"
+    code, _, err = run_cli("export", "m", "--data-dir", str(tmp_path), "--out", str(out))
+    assert code == 0, err
+    records = [_strict_json(line) for line in out.read_text().splitlines()]
+    assert [r["inputs"]["x"] for r in records] == [[1.0, None], [None, None]]
+    assert [r["outputs"] for r in records] == [{"score": None, "label": 1}, {"score": 0.5, "label": 2}]
+    assert [r["label"] for r in records] == [1.5, None]
 
 
 def test_export_parquet_round_trip(server: ServerThread, exported_traffic: dict, tmp_path: Path) -> None:

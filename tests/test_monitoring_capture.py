@@ -4,6 +4,7 @@ retention, and a store that survives a server restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sqlite3
 import time
@@ -15,7 +16,9 @@ import pytest
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.monitoring.capture import Capture
+from tensorgate.server import ServerSettings
+from tensorgate.server.cli import build_parser, main
+from tensorgate.server.monitoring.capture import QUEUE_BYTES, Capture
 from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
 from tests.monitoring import digits_repository
 from tests.onnx_models import identity_model, write_config
@@ -166,19 +169,49 @@ def _prediction(request_id: str, outputs: dict[str, np.ndarray], model: str = "m
     return Prediction(request_id, model, "1", 1.0, None, outputs)
 
 
-def test_reused_ids_replace_rows_without_trimming_others(tmp_path: Path) -> None:
-    """A client that reuses ids replaces its own captures; it must not push real rows out of the retention window
-    (it used to empty the store, the replacement included)."""
+def test_a_repeated_id_keeps_both_captures_and_feedback_labels_the_newest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repeated client-chosen id used to replace the first capture (INSERT OR REPLACE): the first request was lost
+    to drift and quality, and feedback meant for it joined the second's prediction without a word."""
     store = PredictionStore(tmp_path / DB_NAME, retention=100)
-    out = {"y": np.zeros((1, 1), np.float32)}
-    store.insert([_prediction(f"id-{i}", out) for i in range(100)])
-    for _ in range(60):
-        store.insert([_prediction("id-7", out)])
-    store.insert([_prediction("id-3", out), _prediction("id-3", out), _prediction("new", out)])
-    kept = {p.id for p in store.predictions("m", None)}
-    assert len(kept) == 100
-    assert {"id-7", "id-3", "new"} <= kept and "id-0" not in kept
+    one, two = {"y": np.zeros((1, 1), np.float32)}, {"y": np.ones((2, 1), np.float32)}
+    with caplog.at_level(logging.WARNING, logger="tensorgate.server.monitoring.store"):
+        store.insert([_prediction("a", one), _prediction("b", one)])
+        store.insert([_prediction("a", two)])
+        store.insert([_prediction("b", two), _prediction("c", one), _prediction("c", one)])
+    captured = [(p.id, p.outputs["y"].shape[0]) for p in store.predictions("m", None, newest_first=False)]
+    assert captured == [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("c", 1), ("c", 1)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'm': request id 'a' was captured before; both captures are kept, and feedback for a repeated id "
+        "labels its newest (logged once per model)"
+    ]
+    assert store.rows_of("m", ["a", "zz"]) == {"a": 2}
+    assert store.set_labels("m", [("a", np.array([1, 1]))], 5.0) == [True]
+    assert [(p.id, p.outputs["y"].shape[0]) for p in store.predictions("m", None, labelled_only=True)] == [("a", 2)]
+    # Retention counts captures: a client that repeats one id pushes the oldest out as any traffic does.
+    for _ in range(100):
+        store.insert([_prediction("a", one)])
+    assert store.count("m") == 100
     store.close()
+
+
+def test_retention_holds_across_processes_sharing_the_store(tmp_path: Path) -> None:
+    """Each store (each --reuse-port process) counted only its own inserts: two writers kept twice the retention."""
+    out = {"y": np.zeros((1, 1), np.float32)}
+    first = PredictionStore(tmp_path / DB_NAME, retention=10)
+    second = PredictionStore(tmp_path / DB_NAME, retention=10)
+    for i in range(15):
+        first.insert([_prediction(f"first-{i}", out)])
+        second.insert([_prediction(f"second-{i}", out)])
+    kept = [p.id for p in first.predictions("m", None, newest_first=False)]
+    assert kept == [f"{name}-{i}" for i in range(10, 15) for name in ("first", "second")]
+    first.close()
+    second.close()
+    third = PredictionStore(tmp_path / DB_NAME, retention=10)  # a restart reads the shared count
+    third.insert([_prediction("third", out)])
+    assert third.count("m") == 10
+    third.close()
 
 
 def test_text_and_bytes_outputs_are_stored_exactly(tmp_path: Path) -> None:
@@ -255,3 +288,32 @@ def test_the_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
         capture.close()
     assert store.count("images") == 11
     store.close()
+
+
+def test_the_queue_byte_budget_is_a_serve_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 256 MiB budget could not be changed from the command line."""
+    assert ServerSettings(model_repository=tmp_path).capture_queue_bytes == QUEUE_BYTES
+    assert build_parser().parse_args(["serve", "--capture-queue-bytes", "1048576"]).capture_queue_bytes == 2**20
+    monkeypatch.setenv("TENSORGATE_CAPTURE_QUEUE_BYTES", "4096")
+    assert build_parser().parse_args(["serve"]).capture_queue_bytes == 4096
+    monkeypatch.delenv("TENSORGATE_CAPTURE_QUEUE_BYTES")
+    serve = ["serve", "--model-repository", str(tmp_path)]
+    for argv, words in (
+        (
+            ["--data-dir", str(tmp_path / "data"), "--capture-queue-bytes", "0"],
+            "capture_queue_bytes must be at least 1",
+        ),
+        (["--data-dir", str(tmp_path / "data"), "--capture-queue-bytes", "-1"], "must be at least 1, got -1"),
+        (["--capture-queue-bytes", "4096"], "capture_queue_bytes needs data_dir (monitoring is off without it)"),
+    ):
+        assert main([*serve, *argv]) == 2
+        assert words in capsys.readouterr().err
+    for bad in ("inf", "nan", "1e9"):  # a count of bytes: an integer, so never infinite or NaN
+        with pytest.raises(SystemExit):
+            main([*serve, "--data-dir", str(tmp_path / "data"), "--capture-queue-bytes", bad])
+    (tmp_path / "models").mkdir()
+    with ServerThread(tmp_path / "models", data_dir=tmp_path / "served", capture_queue_bytes=4096) as server:
+        assert server.app.capture is not None and server.app.capture.queue_bytes == 4096  # the server's queue
+        assert "invalid int value" in capsys.readouterr().err

@@ -352,7 +352,8 @@ class AlertEngine:
             gone = [r for r in self.rules if r not in rules]
             self.rules = list(rules)
             fired: list[AlertTransition] = []
-            for key in {*self._streak, *self._firing, *self._evidence}:
+            # Every key judged once is in _evidence (set on each evaluation); _streak and _firing hold some of them.
+            for key in list(self._evidence):
                 if any(r.name == key[0] and r.applies_to(key[1]) for r in gone):
                     self._streak.pop(key, None)
                     self._evidence.pop(key, None)

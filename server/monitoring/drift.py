@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "compare",
     "load_profile",
     "population_stability_index",
+    "profile_candidates",
     "profile_path",
     "save_profile",
 ]
@@ -124,6 +125,8 @@ class DriftReport:
     drifted_share: float
     drifted: bool
     score_drift: float
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Tensors of the window left out, each with why (its rows do not have the reference's shape): not watched."""
 
 
 @dataclass(slots=True)
@@ -336,6 +339,26 @@ def _values(feature: FeatureProfile, array: np.ndarray) -> np.ndarray | None:
     return numbers
 
 
+def _shape_problem(features: Sequence[FeatureProfile], rows: np.ndarray) -> str | None:
+    """Why a window's tensor cannot be compared with the reference features of that tensor; None when it can.
+
+    A profile keeps no shapes, but one built by ``build_profile`` has a feature per element 0..width-1: rows of
+    another width would compare elements that do not line up (or leave some out), so the tensor is skipped whole.
+    """
+    width = rows.shape[1]
+    if _is_text(rows) and any(f.kind != "categorical" for f in features):
+        return "it holds text where the reference profile has numbers"
+    selectors = {f.selector for f in features}
+    if selectors <= {"mean", "std"}:
+        return None  # a per-row summary: any width compares
+    indices = {s for s in selectors if isinstance(s, int)}
+    expected = 1 if indices == {-1} else max(indices) + 1
+    complete = indices == {-1} or indices == set(range(expected))
+    if width < expected or (complete and width != expected):
+        return f"its rows have {width} element(s), the reference profile's {expected}"
+    return None
+
+
 def _finite(numbers: np.ndarray) -> tuple[np.ndarray, int]:
     """(the finite values, how many were NaN or infinite)."""
     keep = np.isfinite(numbers)
@@ -481,16 +504,26 @@ def compare(
 ) -> DriftReport:
     """Compare one window (rows concatenated) with the reference profile.
 
-    Features whose tensor is missing from the window (e.g. input capture is off) are left out, not failed.
+    Features whose tensor is missing from the window (e.g. input capture is off) are left out, not failed. A
+    tensor whose rows no longer have the reference's shape is left out too, and named in ``skipped``.
     """
     if not 0.0 < alpha < 1.0:
         raise ProfileError(f"model '{profile.model}': alpha must be in (0, 1), got {alpha}")
     tensors = {"input": dict(inputs), "output": dict(outputs or {})}
     samples = max((_rows(a).shape[0] for group in tensors.values() for a in group.values()), default=0)
+    sources: dict[tuple[str, str], list[FeatureProfile]] = {}
+    for feature in profile.features:
+        sources.setdefault((feature.role, feature.source), []).append(feature)
+    problems: dict[tuple[str, str], str | None] = {}
     tested: list[tuple[FeatureProfile, tuple[float, float, float]]] = []
     for feature in profile.features:
+        key = (feature.role, feature.source)
         array = tensors[feature.role].get(feature.source)
         if array is None or samples == 0:
+            continue
+        if key not in problems:
+            problems[key] = _shape_problem(sources[key], _rows(array))
+        if problems[key] is not None:
             continue
         values = _values(feature, array)
         result = None if values is None else _test(feature, values)
@@ -513,6 +546,7 @@ def compare(
         drifted_share=(sum(d.drifted for d in input_drifts) / len(input_drifts)) if input_drifts else 0.0,
         drifted=any(d.drifted for d in drifts),
         score_drift=max(output_psi, default=0.0),
+        skipped={source: problem for (_, source), problem in problems.items() if problem is not None},
     )
 
 
@@ -540,15 +574,20 @@ def save_profile(profile: ReferenceProfile, path: Path) -> Path:
     return path
 
 
-def load_profile(data_dir: Path | None, model_dir: Path, model: str) -> ReferenceProfile | None:
-    """<data_dir>/profiles/<model>.json first, else <model_dir>/reference_profile.json; None when neither exists.
-
-    A file that cannot be used raises ProfileFileError, naming it relative to its directory (see its docstring)."""
+def profile_candidates(data_dir: Path | None, model_dir: Path, model: str) -> list[tuple[Path, str]]:
+    """The files load_profile reads, first one first, each with how messages name it."""
     candidates = []
     if data_dir is not None:
         candidates.append((profile_path(data_dir, model), f"profiles/{model}.json in the data directory"))
     candidates.append((Path(model_dir) / "reference_profile.json", "reference_profile.json in the model directory"))
-    for path, where in candidates:
+    return candidates
+
+
+def load_profile(data_dir: Path | None, model_dir: Path, model: str) -> ReferenceProfile | None:
+    """<data_dir>/profiles/<model>.json first, else <model_dir>/reference_profile.json; None when neither exists.
+
+    A file that cannot be used raises ProfileFileError, naming it relative to its directory (see its docstring)."""
+    for path, where in profile_candidates(data_dir, model_dir, model):
         try:
             text = path.read_text()
         except FileNotFoundError:

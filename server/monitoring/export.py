@@ -10,7 +10,9 @@ A captured request with a batch of N rows becomes N records, so a record is one 
 
 A tensor with one element per row is a scalar, a wider row is a flat list (row-major); ``inputs`` is null when
 input capture is off for the model and ``label`` null when no feedback came. A label with one value per row is
-split over the rows; any other label shape is repeated whole on each row of its request.
+split over the rows; any other label shape is repeated whole on each row of its request. A NaN or infinite value
+is written as null: ``NaN``/``Infinity`` are not JSON, and strict parsers (jq, most languages' JSON libraries)
+refuse the whole line.
 
 Parquet (``--format parquet``) has the same fields as columns (``input.<name>``, ``output.<name>``); it needs
 pyarrow, from the ``tensorgate[export]`` extra. The store is read through engineer A's PredictionStore (the
@@ -20,6 +22,7 @@ SQLite file under the data directory), opened read-only: WAL mode lets us read w
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -105,11 +108,23 @@ def records(predictions: Iterable[Prediction]) -> Iterator[dict[str, Any]]:
             }
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (null), the only JSON for "no number" (Parquet keeps
+    them: it has NaN and infinities of its own)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    return value
+
+
 def _write_jsonl(rows: Iterable[dict[str, Any]], out: Path) -> int:
     n = 0
     with out.open("w", encoding="utf-8") as f:
         for record in rows:
-            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.write(json.dumps(_strict(record), separators=(",", ":"), allow_nan=False) + "\n")
             n += 1
     return n
 

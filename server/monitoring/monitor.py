@@ -135,8 +135,11 @@ class _State:
     firing: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
 
-def _stack(window: Sequence[Prediction], attr: str) -> dict[str, np.ndarray]:
-    """Concatenate one side (inputs or outputs) of a window along the rows; requests without it are skipped."""
+def _stack(window: Sequence[Prediction], attr: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Concatenate one side (inputs or outputs) of a window along the rows; requests without it are skipped.
+
+    A tensor whose shape after the batch axis varies between requests (a -1 dim) cannot be one array of rows: it
+    is left out, and returned in the second mapping with why, so that the monitor can say it is not watched."""
     parts: dict[str, list[np.ndarray]] = {}
     for p in window:
         arrays = getattr(p, attr)
@@ -145,10 +148,15 @@ def _stack(window: Sequence[Prediction], attr: str) -> dict[str, np.ndarray]:
         for name, array in arrays.items():
             parts.setdefault(name, []).append(np.asarray(array))
     out: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
     for name, arrays in parts.items():
-        with contextlib.suppress(ValueError):  # shapes that do not line up (variable dims) are left out
+        try:
             out[name] = np.concatenate(arrays, axis=0)
-    return out
+        except ValueError:
+            shapes = sorted({a.shape[1:] for a in arrays})
+            seen = ", ".join(str(list(shape)) for shape in shapes[:3]) + (", ..." if len(shapes) > 3 else "")
+            skipped[name] = f"its shape after the batch axis varies between requests ({seen})"
+    return out, skipped
 
 
 def trace_transition(tracing: Tracing, transition: AlertTransition) -> None:
@@ -195,10 +203,17 @@ class Monitor:
         self._file_rules: list[AlertRule] = [] if alert_rules is None else load_rules_file(alert_rules)
         self._webhook = WebhookSender(alert_webhook) if alert_webhook else None
         self._engines: dict[tuple[str, str], _Engine] = {}
+        self._skipped: set[tuple[str, str, str]] = set()
+        """(model, version, tensor) that drift left out and the log has said so."""
+        self._broken_profiles: dict[tuple[str, str], tuple[str, tuple[tuple[int, int] | None, ...]]] = {}
+        """The unusable reference profile last logged per model version: its message and its files' mtime and size
+        (only the monitor's thread touches it)."""
         self._lock = threading.Lock()
         self.state = _State()
         self.transitions: Counter[tuple[str, str, str]] = Counter()
         self._task: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[None] | None = None
+        """The evaluation the loop runs in a worker thread now (or ran last)."""
         self.evaluations = 0
 
     # ----- lifecycle ---------------------------------------------------------------------------------------
@@ -207,12 +222,21 @@ class Monitor:
         """Start the periodic evaluation on the running loop."""
         self._task = asyncio.create_task(self._loop(), name="tensorgate-monitor")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, waiting up to ``timeout`` seconds for an evaluation already running in its thread.
+
+        Cancelling the loop does not stop that thread (a thread cannot be cancelled): without the wait, the server
+        would close the store and the webhook under it."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        running, self._running = self._running, None
+        if running is not None and not running.done():
+            await asyncio.wait([running], timeout=timeout)
+            if not running.done():
+                log.warning("monitor: an evaluation still runs after %.0fs; stopping without it", timeout)
         if self._webhook is not None:
             await asyncio.to_thread(self._webhook.close)
 
@@ -228,11 +252,15 @@ class Monitor:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            targets = self.targets()
-            try:
-                await asyncio.to_thread(self.evaluate, targets)
-            except Exception:  # noqa: BLE001 - one failed evaluation must not stop monitoring
-                log.exception("monitor: evaluation failed")
+            # Shielded: cancelling the loop leaves the thread's future for stop() to wait on.
+            self._running = asyncio.ensure_future(asyncio.to_thread(self._evaluate_logged, self.targets()))
+            await asyncio.shield(self._running)
+
+    def _evaluate_logged(self, targets: list[_Target]) -> None:
+        try:
+            self.evaluate(targets)
+        except Exception:  # noqa: BLE001 - one failed evaluation must not stop monitoring
+            log.exception("monitor: evaluation failed")
 
     # ----- one evaluation ----------------------------------------------------------------------------------
 
@@ -247,8 +275,8 @@ class Monitor:
             quality: QualityReport | None = None
             window: list[Prediction] = []
             try:
-                window = self._window(t, Window(), now, with_inputs=False)
-                quality = compute_quality(TaskSpec.from_config(t.config), window, t.version)
+                window = self._window(t, Window(), now, with_inputs=False)  # kept: the alerts' evidence
+                quality = self._quality(t, window)
             except TaskSpecError as exc:
                 log.warning("monitor: %s", exc)
             except Exception:  # noqa: BLE001 - quality of one model must not stop the others
@@ -258,6 +286,9 @@ class Monitor:
             drift: DriftReport | None = None
             try:
                 drift = self._drift(t, Window(), now)
+                self._broken_profiles.pop(key, None)  # fixed (or gone): a new break is news again
+            except (NoReferenceError, drift_stats.ProfileError) as exc:
+                self._profile_broken(t, exc)
             except Exception:  # noqa: BLE001 - drift of one model must not stop the others
                 log.exception("monitor: drift of model '%s' version %s failed", t.name, t.version)
             if drift is not None:
@@ -295,6 +326,24 @@ class Monitor:
         self.state = state
         self.evaluations += 1
 
+    def _profile_broken(self, t: _Target, exc: Exception) -> None:
+        """Log an unusable reference profile as one line, once per broken state: the same problem in the same
+        files is not news on every run (a traceback per run buried everything else in the log). It is logged
+        again when a profile file changes, or once it was fixed and breaks again."""
+        files: list[tuple[int, int] | None] = []
+        with contextlib.suppress(drift_stats.ProfileError):  # a model name that cannot name a file: no files
+            for path, _ in drift_stats.profile_candidates(self.data_dir, t.model_dir, t.name):
+                try:
+                    stat = path.stat()
+                    files.append((stat.st_mtime_ns, stat.st_size))
+                except OSError:
+                    files.append(None)
+        state = (str(exc), tuple(files))
+        if self._broken_profiles.get((t.name, t.version)) == state:
+            return
+        self._broken_profiles[(t.name, t.version)] = state
+        log.error("monitor: no drift: %s", exc)  # the message names the model (and the file)
+
     def _engine(self, t: _Target, now: float) -> AlertEngine:
         """The alert engine of a model version: rules file + the model's ``tensorgate.alert.*`` parameters.
 
@@ -329,9 +378,9 @@ class Monitor:
         since, limit = window.bounds(now)
         return self.store.predictions(t.name, t.version, since=since, limit=limit, with_inputs=with_inputs)
 
-    def _quality(self, t: _Target, window: Window, now: float) -> QualityReport:
-        spec = TaskSpec.from_config(t.config)
-        return compute_quality(spec, self._window(t, window, now, with_inputs=False), t.version)
+    def _quality(self, t: _Target, window: list[Prediction]) -> QualityReport:
+        """Quality of a window read with ``with_inputs=False`` (quality needs outputs and labels only)."""
+        return compute_quality(TaskSpec.from_config(t.config), window, t.version)
 
     def _flush(self) -> None:
         """An RPC reads its caller's writes: the predictions queued before it are stored first (bounded wait)."""
@@ -342,7 +391,7 @@ class Monitor:
         """GetModelQuality: a malformed task/prediction parameter is INVALID_ARGUMENT naming the model."""
         self._flush()
         try:
-            return self._quality(t, window, time.time())
+            return self._quality(t, self._window(t, window, time.time(), with_inputs=False))
         except TaskSpecError as exc:
             raise InvalidRequestError(t.name, t.version, str(exc)) from exc
 
@@ -364,11 +413,11 @@ class Monitor:
         if self.store.count(t.name) < n:
             return None
         first = self.store.predictions(t.name, limit=n, newest_first=False)
-        inputs = _stack(first, "inputs")
+        inputs, skipped = _stack(first, "inputs")
+        outputs, skipped_outputs = _stack(first, "outputs")
+        self._report_skipped(t, {**skipped, **skipped_outputs})
         categorical = [c.strip() for c in (parameter(t.config, "tensorgate.drift.categorical") or "").split(",")]
-        profile = drift_stats.build_profile(
-            t.name, inputs, _stack(first, "outputs"), categorical=[c for c in categorical if c]
-        )
+        profile = drift_stats.build_profile(t.name, inputs, outputs, categorical=[c for c in categorical if c])
         path = drift_stats.save_profile(profile, drift_stats.profile_path(self.data_dir, t.name))
         log.info("monitor: reference profile of model '%s' built from its first %d requests: %s", t.name, n, path)
         return profile
@@ -378,10 +427,26 @@ class Monitor:
         if profile is None:
             return None
         predictions = self._window(t, window, now)
-        inputs = _stack(predictions, "inputs")
-        if not inputs and not predictions:
+        if not predictions:
             return None
-        return drift_stats.compare(profile, inputs, _stack(predictions, "outputs"))
+        inputs, skipped = _stack(predictions, "inputs")
+        outputs, skipped_outputs = _stack(predictions, "outputs")
+        report = drift_stats.compare(profile, inputs, outputs)
+        report.skipped.update(skipped)
+        report.skipped.update(skipped_outputs)
+        self._report_skipped(t, report.skipped)
+        return report
+
+    def _report_skipped(self, t: _Target, skipped: dict[str, str]) -> None:
+        """Log each tensor that drift leaves out, once per model version: otherwise an operator would believe it
+        watched (GetModelDrift lists only the features it compared)."""
+        with self._lock:
+            new = {name: why for name, why in skipped.items() if (t.name, t.version, name) not in self._skipped}
+            self._skipped.update((t.name, t.version, name) for name in new)
+        for name, why in sorted(new.items()):
+            log.warning(
+                "monitor: drift of model '%s' version %s leaves out tensor '%s': %s", t.name, t.version, name, why
+            )
 
     def drift(self, t: _Target, window: Window) -> DriftReport:
         """GetModelDrift: FAILED_PRECONDITION when the model has no reference profile or nothing captured."""

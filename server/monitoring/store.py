@@ -16,6 +16,7 @@ which keeps dtype and shape exactly.
 from __future__ import annotations
 
 import io
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,8 @@ import numpy as np
 from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
 __all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays", "is_busy"]
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "tensorgate.sqlite3"
 
@@ -42,11 +45,23 @@ CREATE TABLE IF NOT EXISTS predictions (
     label BLOB,
     label_ts REAL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS predictions_model_id ON predictions (model, id);
+DROP INDEX IF EXISTS predictions_model_id;
+CREATE INDEX IF NOT EXISTS predictions_model_id_seq ON predictions (model, id, seq);
 CREATE INDEX IF NOT EXISTS predictions_model_seq ON predictions (model, seq);
 CREATE INDEX IF NOT EXISTS predictions_model_version_seq ON predictions (model, version, seq);
 CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
+CREATE TABLE IF NOT EXISTS model_rows (
+    model TEXT PRIMARY KEY,
+    rows INTEGER NOT NULL
+);
 """
+"""``predictions_model_id`` was a unique index (a repeated id replaced its row) in stores written before repeated ids
+were kept. ``model_rows`` counts each model's rows for retention, in the database rather than in one process's
+memory: several ``--reuse-port`` processes share the file, and each one counting only its own inserts kept up to
+one retention's worth per process."""
+
+_NEWEST = "seq = (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ?)"
+"""The capture a request id names: its newest, when a client used the id more than once."""
 
 
 @dataclass(slots=True)
@@ -137,11 +152,12 @@ class PredictionStore:
         self.retention = retention
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._repeats_logged: set[str] = set()
+        """Models whose repeated request ids were logged (once per model and store)."""
         if read_only:
             self._db = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
             )
-            self._rows: dict[str, int] = {}
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
@@ -151,15 +167,16 @@ class PredictionStore:
         # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._rows = {}
-        """Rows per model as far as this store knows (counted once, then kept up to date by insert)."""
 
     # ----- writes ------------------------------------------------------------------------------------------
 
     def insert(self, predictions: Sequence[Prediction]) -> None:
         """Append predictions in one transaction, then trim every touched model to the retention limit.
 
-        A repeated (model, id) replaces the earlier capture: the newest answer is the one feedback refers to.
+        A repeated (model, id) adds a row like any other capture: drift and quality see every request, and
+        retention counts requests. Feedback for such an id labels its newest capture (the server cannot tell
+        which one a label means); the first repeat of each model is logged, since it means the client's ids are
+        not unique.
         """
         if not predictions:
             return
@@ -174,53 +191,69 @@ class PredictionStore:
             )
             for p in predictions
         ]
-        ids: dict[str, set[str]] = {}
+        ids: dict[str, list[str]] = {}
         for p in predictions:
-            ids.setdefault(p.model, set()).add(p.id)
+            ids.setdefault(p.model, []).append(p.id)
         with self._lock:
             # IMMEDIATE: take the write lock first, waiting out the busy timeout. A deferred BEGIN would read
-            # (_stored) first, and a read transaction that must then upgrade while another connection writes or
+            # (model_rows) first, and a read transaction that must then upgrade while another connection writes or
             # checkpoints gets SQLITE_BUSY at once, without waiting (it cannot wait without deadlocking).
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                # A repeated id replaces its row rather than adding one: count only the ids not stored yet, or
-                # trimming would delete real rows (every one of them, with a client that reuses its ids).
-                added = {model: len(new) - self._stored(model, new) for model, new in ids.items()}
+                repeated = {model: self._repeated(model, new) for model, new in ids.items()}
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO predictions (id, model, version, ts, inputs, outputs)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO predictions (id, model, version, ts, inputs, outputs) VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                for model, count in added.items():
-                    self._trim(model, count)
+                for model, new in ids.items():
+                    self._trim(model, len(new))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            for model, request_id in repeated.items():
+                if request_id is not None:
+                    self._repeats_logged.add(model)
+                    log.warning(
+                        "model '%s': request id '%s' was captured before; both captures are kept, and feedback for "
+                        "a repeated id labels its newest (logged once per model)",
+                        model,
+                        request_id,
+                    )
 
-    def _stored(self, model: str, request_ids: set[str]) -> int:
-        """How many of these ids the model already has (through the unique (model, id) index)."""
-        found = 0
-        batch = sorted(request_ids)
+    def _repeated(self, model: str, request_ids: list[str]) -> str | None:
+        """One of these ids that the model already has (or that repeats among them); None when all are new, or
+        when this model's repeats were logged already (the look-up is then not worth its cost)."""
+        if model in self._repeats_logged:
+            return None
+        seen: set[str] = set()
+        for request_id in request_ids:
+            if request_id in seen:
+                return request_id
+            seen.add(request_id)
+        batch = sorted(seen)
         for start in range(0, len(batch), 500):  # under SQLite's limit on bound parameters
             chunk = batch[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found += self._db.execute(
-                f"SELECT COUNT(*) FROM predictions WHERE model = ? AND id IN ({marks})",  # noqa: S608 - only marks
+            found = self._db.execute(
+                f"SELECT id FROM predictions WHERE model = ? AND id IN ({marks}) LIMIT 1",  # noqa: S608 - only marks
                 (model, *chunk),
-            ).fetchone()[0]
-        return int(found)
+            ).fetchone()
+            if found is not None:
+                return str(found[0])
+        return None
 
     def _trim(self, model: str, added: int) -> None:
         """Delete the oldest rows beyond the retention limit, in O(rows deleted) through the (model, seq) index.
 
-        The count is kept in memory rather than re-counted per batch (COUNT(*) scans); `added` counts new ids only.
+        The count lives in ``model_rows``, updated in this same write transaction by every process that shares the
+        file, rather than re-counted per batch (COUNT(*) scans); it is counted once when a model has no entry.
         """
-        rows = self._rows.get(model)
-        if rows is None:
+        row = self._db.execute("SELECT rows FROM model_rows WHERE model = ?", (model,)).fetchone()
+        if row is None:  # after this batch's insert: the count includes it
             rows = self._db.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0]
         else:
-            rows += added
+            rows = int(row[0]) + added
         excess = rows - self.retention
         if excess > 0:
             self._db.execute(
@@ -229,10 +262,14 @@ class PredictionStore:
                 (model, excess),
             )
             rows = self.retention
-        self._rows[model] = rows
+        self._db.execute(
+            "INSERT INTO model_rows (model, rows) VALUES (?, ?) ON CONFLICT (model) DO UPDATE SET rows = excluded.rows",
+            (model, rows),
+        )
 
     def set_labels(self, model: str, labels: Iterable[tuple[str, np.ndarray]], timestamp: float) -> list[bool]:
-        """Join ground truth to captured predictions by id; one flag per item: False when the id is unknown.
+        """Join ground truth to captured predictions by id (a repeated id: its newest capture); one flag per item:
+        False when the id is unknown.
 
         Committed with ``synchronous=FULL`` before returning, so an acknowledged label survives a power cut too.
         """
@@ -244,7 +281,7 @@ class PredictionStore:
                 try:
                     for request_id, label in labels:
                         cur = self._db.execute(
-                            "UPDATE predictions SET label = ?, label_ts = ? WHERE model = ? AND id = ?",
+                            f"UPDATE predictions SET label = ?, label_ts = ? WHERE {_NEWEST}",  # noqa: S608
                             (_label_blob(label), timestamp, model, request_id),
                         )
                         found.append(cur.rowcount > 0)
@@ -257,12 +294,13 @@ class PredictionStore:
         return found
 
     def rows_of(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
-        """How many rows (first-axis length of the first output) each known request id captured."""
+        """How many rows (first-axis length of the first output) each known request id captured (its newest)."""
         result: dict[str, int] = {}
         with self._lock:
             for request_id in request_ids:
                 row = self._db.execute(
-                    "SELECT outputs FROM predictions WHERE model = ? AND id = ?", (model, request_id)
+                    f"SELECT outputs FROM predictions WHERE {_NEWEST}",  # noqa: S608 - a constant
+                    (model, request_id),
                 ).fetchone()
                 if row is not None:
                     outputs = decode_arrays(row[0])

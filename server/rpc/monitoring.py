@@ -109,6 +109,7 @@ def encode_drift(model: str, version: str, report: DriftReport) -> mpb.ModelDrif
         psi_mean=float(report.psi_mean),
         drifted_share=float(report.drifted_share),
         score_drift=float(report.score_drift),
+        skipped=report.skipped,
     )
     for f in report.features:
         msg.features.add(
