@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,6 +35,13 @@ class Pki:
         start = dt.datetime.now(dt.UTC) - dt.timedelta(days=10) if expired else None
         issued = certs.make_client_cert(self.ca, name, days=1 if expired else 30, not_before=start)
         cert, key = self.dir / f"{name}.pem", self.dir / f"{name}-key.pem"
+        issued.write(cert, key)
+        return cert, key
+
+    def leaf(self, file_name: str, **names: Any) -> tuple[Path, Path]:
+        """A client certificate with exactly the names given (`certs.make_leaf`: common_name, dns, uris)."""
+        issued = certs.make_leaf(self.ca, days=30, **{"common_name": None, **names})
+        cert, key = self.dir / f"{file_name}.pem", self.dir / f"{file_name}-key.pem"
         issued.write(cert, key)
         return cert, key
 

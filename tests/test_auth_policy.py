@@ -167,6 +167,49 @@ def test_policy_file_is_reread_on_change_at_most_once_per_interval(tmp_path: Pat
     assert source.reloads == 1
 
 
+@pytest.mark.parametrize(
+    "names, pattern, allowed",
+    [
+        pytest.param({"uris": (ADMIN,)}, ADMIN, True, id="uri-san-by-uri-pattern"),
+        pytest.param({"common_name": ADMIN}, ADMIN, False, id="cn-spelled-as-uri-is-not-a-uri"),
+        pytest.param({"common_name": ADMIN}, f"cn:{ADMIN}", True, id="cn-by-cn-pattern"),
+        pytest.param({"dns": ("a.scoring.svc",)}, "*.scoring.svc", True, id="dns-san-by-dns-glob"),
+        pytest.param({"common_name": "a.scoring.svc"}, "*.scoring.svc", False, id="cn-is-not-a-dns-san"),
+        pytest.param({"uris": ("spiffe://evil/a.scoring.svc",)}, "*.scoring.svc", False, id="uri-is-not-a-dns-san"),
+        pytest.param({"dns": ("scorer",)}, "cn:scorer", False, id="dns-san-is-not-a-cn"),
+        pytest.param({"common_name": "scorer"}, "cn:score*", True, id="cn-glob"),
+        pytest.param({"uris": ("urn:x:scorer",)}, "dns:urn:x:scorer", False, id="explicit-dns-kind"),
+        pytest.param({"uris": ("dns:scorer",)}, "uri:dns:scorer", True, id="explicit-uri-kind"),
+        pytest.param({"common_name": "anything"}, "*", True, id="star-is-any-caller"),
+    ],
+)
+def test_identity_patterns_match_only_names_of_their_kind(
+    ca: certs.Issued, names: dict, pattern: str, allowed: bool
+) -> None:
+    """A name of one kind cannot pass for another: a CN spelled as a SPIFFE ID, a URI ending like a DNS glob."""
+    identity = identity_of_certificate(certs.make_leaf(ca, **{"common_name": None, **names}).certificate)
+    assert identity is not None
+    policy = parse_policy({"rules": [{"identities": [pattern], "apis": ["inference"]}]}, "test")
+    assert policy.allows(identity, "inference", "m") is allowed
+
+
+def test_token_identities_are_matched_as_written(ca: certs.Issued) -> None:
+    """Identities a policy's tokens stand for have no certificate kind: patterns match their text, and the
+    cache keeps a certificate CN 'scorer' apart from the token identity 'scorer'."""
+    policy = parse_policy({"rules": [{"identities": ["scorer", "cn:admin"], "apis": ["inference"]}]}, "test")
+    assert policy.allows("scorer", "inference", "m")
+    cn = identity_of_certificate(certs.make_leaf(ca, common_name="scorer").certificate)
+    assert cn == "scorer" and not policy.allows(cn, "inference", "m")  # a DNS-kind pattern; the CN is not one
+    # A policy written before patterns had kinds: the denial's log line says how to name the CN.
+    assert policy.kind_hint(cn) == (
+        "; pattern 'scorer' names a DNS SAN, and this identity is a subject CN: write 'cn:scorer' to name it"
+    )
+    assert policy.kind_hint("scorer") == ""  # a token's identity has no kind
+    assert not policy.allows("admin", "inference", "m")  # 'cn:admin' names a certificate CN, not a token identity
+    with pytest.raises(PolicyError, match="names no identity after its kind"):
+        parse_policy({"rules": [{"identities": ["cn:"], "apis": ["inference"]}]}, "test")
+
+
 # ----- enforcement over mTLS -----------------------------------------------------------------------------
 
 
@@ -246,6 +289,17 @@ def test_repository_rpcs_are_for_admins_only(guarded: ServerThread, pki: Pki, rp
     assert details.startswith(f"identity '{SCORER}' may not call {rpc}")
     with secure_channel(guarded.address, pki.ca_path, pki.client("admin")) as channel:
         getattr(GRPCInferenceServiceStub(channel), rpc)(request_, timeout=30)
+
+
+def test_a_cn_spelled_like_an_admin_spiffe_id_is_not_the_admin(guarded: ServerThread, pki: Pki) -> None:
+    """Over real mTLS: a certificate from the same CA whose CN (not URI SAN) reads as the admin's SPIFFE ID gets
+    none of the admin's rights; the identity in the denial is that CN."""
+    impostor = pki.leaf("impostor", common_name=ADMIN)
+    with secure_channel(guarded.address, pki.ca_path, impostor) as channel:
+        details = _denied(lambda: GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest()))
+    assert details == f"identity '{ADMIN}' may not call RepositoryIndex"
+    with secure_channel(guarded.address, pki.ca_path, pki.client("admin")) as channel:
+        GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
 
 
 def test_default_policy_with_mtls_denies_repository_management(repo: Path, pki: Pki) -> None:
@@ -508,6 +562,58 @@ def test_probes_follow_the_policy_only_when_asked(probed: ServerThread, pki: Pki
     if probed.settings.auth_probes == "policy":
         assert probed.app.auth is not None
         assert probed.app.auth.denials[(OUTSIDER, "Health.Check")] == 1
+
+
+@pytest.fixture
+def probes_under_policy(repo: Path, pki: Pki, policy_file: Path):
+    with ServerThread(repo, **pki.server_settings(), auth_policy=policy_file, auth_probes="policy") as s:
+        yield s
+
+
+def _revoke_scorer(policy_file: Path) -> None:
+    policy_file.write_text(yaml.safe_dump({"rules": [POLICY["rules"][0]]}))  # the admin's rule only
+
+
+def test_an_open_health_watch_ends_when_a_reload_revokes_its_caller(
+    probes_under_policy: ServerThread, pki: Pki, policy_file: Path
+) -> None:
+    """No health change comes: the stream still ends PERMISSION_DENIED once the new policy is in force."""
+    with secure_channel(probes_under_policy.address, pki.ca_path, pki.client("scorer")) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        _revoke_scorer(policy_file)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"identity '{SCORER}' may not call Health.Watch",
+        )
+        assert time.monotonic() - started < 30  # the file is noticed within about a second, checked every second
+
+
+def test_an_open_reflection_stream_is_checked_per_message(
+    probes_under_policy: ServerThread, pki: Pki, policy_file: Path
+) -> None:
+    requests: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    with secure_channel(probes_under_policy.address, pki.ca_path, pki.client("scorer")) as channel:
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(requests.get, None), timeout=60
+        )
+        requests.put(ask)
+        assert SERVICE_NAME in [s.name for s in next(replies).list_services_response.service]
+        _revoke_scorer(policy_file)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in range(200):  # the new policy is in force within a second or two: one request every 0.1 s
+                requests.put(ask)
+                next(replies)
+                time.sleep(0.1)
+        requests.put(None)
+    assert (info.value.code(), info.value.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"identity '{SCORER}' may not call ServerReflectionInfo",
+    )
 
 
 def test_health_command_against_open_and_policy_probes(probed: ServerThread, pki: Pki) -> None:
@@ -911,3 +1017,57 @@ def test_a_policy_reload_holds_up_no_call_and_applies_once_parsed(
             for _ in range(3):
                 _unblock_readers(keep, narrowed.encode())
                 time.sleep(0.1)
+
+
+# ----- files a config override may name ------------------------------------------------------------------
+
+
+def _remote_override(upstream: str, **files: str) -> str:
+    parameters = {"tensorgate.triton.url": upstream, "tensorgate.triton.model_name": "add_sub"}
+    parameters |= {f"tensorgate.triton.{key}": path for key, path in files.items()}
+    return json.dumps(
+        {"backend": "tensorgate_triton", "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    )
+
+
+def test_a_config_override_may_name_upstream_tls_files_inside_the_model_directory_only(
+    repo: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """A caller allowed to load dep-* models is not the repository's owner: its override cannot point the
+    upstream's ca/cert/key file at a file elsewhere on the server (an absolute path, or '..' out of the upload),
+    which the server would read; the files it uploads with the load are fine."""
+    secret = tmp_path / "secret.pem"
+    secret.write_text("not for callers\n")
+    policy = {
+        "rules": [{"identities": "deployer", "apis": ["repository", "inference"], "models": ["dep-*"]}],
+        "tokens": [{"sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "identity": "deployer"}],
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    (tmp_path / "front").mkdir()
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with (
+        ServerThread(repo, **pki.server_settings(mutual=False)) as upstream,
+        ServerThread(tmp_path / "front", auth_policy=tmp_path / "policy.json", model_control_mode="explicit") as s,
+    ):
+        c = tc.InferenceServerClient(s.address)
+        try:
+            for key, path in [("ca_file", str(secret)), ("cert_file", "../../secret.pem"), ("key_file", "a/../../b")]:
+                override = _remote_override(upstream.address, **{key: path})
+                with pytest.raises(InferenceServerException) as info:
+                    c.load_model("dep-remote", config=override, files={"file:ca.pem": b""}, headers=headers)
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+                assert info.value.message() == (
+                    f"model 'dep-remote': parameter 'tensorgate.triton.{key}' of a config override must be a path "
+                    f"inside the model directory (relative, without '..'), got '{path}'; name other files in the "
+                    "repository's config.pbtxt"
+                )
+            assert [row.name for row in s.app.repository.states()] == []  # nothing was loaded, nor tried
+            override = _remote_override(upstream.address, ca_file="certs/ca.pem")
+            c.load_model("dep-remote", config=override, files={"file:certs/ca.pem": pki.ca.cert}, headers=headers)
+            with grpc.insecure_channel(s.address) as channel:  # through the upstream, over TLS with the uploaded CA
+                reply = GRPCInferenceServiceStub(channel).ModelInfer(
+                    add_sub_request("dep-remote"), metadata=tuple(headers.items()), timeout=30
+                )
+            assert np.frombuffer(reply.raw_output_contents[0], np.float32).tolist() == [2.0 * i for i in range(16)]
+        finally:
+            c.close()

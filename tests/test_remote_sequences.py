@@ -24,6 +24,7 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.backends.triton import UpstreamModel, complete_config
 from tensorgate.server.errors import ModelLoadError
 from tests.onnx_models import accumulator_config, accumulator_model, add_sub_model, write_config
+from tests.pki import Pki
 from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
@@ -388,3 +389,38 @@ def test_a_request_whose_caller_left_while_it_ran_still_goes_first(front: Server
             c.close()
     assert up.script.most_in_flight == {6: 1}
     assert [x[0] for k, _, _, x in up.script.seen if k == 6] == [0.0, 1.0]
+
+
+def test_a_remote_sequence_takes_requests_from_the_identity_that_started_it_only(
+    upstream: ServerThread, tmp_path: Path
+) -> None:
+    """The upstream sees one caller, the front: the front keeps two mTLS identities out of each other's
+    sequences, and frees an ID once the upstream has dropped the sequence (its 1 s idle time) without an END."""
+    root = tmp_path / "models"
+    _remote(root, "racc", upstream.address, "acc")
+    pki = Pki(tmp_path / "pki")
+    with ServerThread(root, **pki.server_settings()) as s:
+        check_sequences_belong_to_their_starter(s, pki, "racc", sid=7007)
+        alice, bob = _mtls_client(s, pki, "alice"), _mtls_client(s, pki, "bob")
+        try:
+            assert _total(alice, "racc", 1.0, 7008, sequence_start=True) == 1.0  # and never ended
+            _error(grpc.StatusCode.PERMISSION_DENIED, bob.infer, "racc", _x(1.0), sequence_id=7008)
+            started = time.monotonic()
+            wait_for(
+                "alice's idle sequence to be dropped upstream and here",
+                lambda: _try_start(bob, 7008),
+                timeout=30,
+            )
+            assert time.monotonic() - started >= 0.5  # not at once: it waited for the upstream's idle time
+        finally:
+            alice.close()
+            bob.close()
+
+
+def _try_start(c: tc.InferenceServerClient, sid: int) -> bool:
+    try:
+        return _total(c, "racc", 5.0, sid, sequence_start=True, sequence_end=True) == 5.0
+    except InferenceServerException as exc:
+        assert exc.status() == str(grpc.StatusCode.PERMISSION_DENIED), exc.message()
+        time.sleep(0.1)
+        return False

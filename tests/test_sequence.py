@@ -21,7 +21,11 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos.tensors import encode_infer_request
+from tensorgate.server.auth.certs import spiffe_id
 from tests.onnx_models import accumulator_config, accumulator_model, paced_model, write_config
+from tests.pki import Pki
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
@@ -724,3 +728,48 @@ async def test_no_new_sequence_starts_once_the_unload_has_begun_even_with_a_free
     assert fn.active == 0 and sequencer.active == 0
     await scheduler.close(grace=1)
     sequencer.close()
+
+
+# ----- sequences belong to the identity that started them (mTLS) --------------------------------------------
+
+
+def _mtls_client(server: ServerThread, pki: Pki, name: str) -> tc.InferenceServerClient:
+    cert, key = pki.client(name)
+    return tc.InferenceServerClient(
+        server.address, ssl=True, root_certificates=str(pki.ca_path), private_key=str(key), certificate_chain=str(cert)
+    )
+
+
+def _total(c: tc.InferenceServerClient, model: str, x: float, sid: int, **flags: bool) -> float:
+    return float(c.infer(model, _x(x), sequence_id=sid, **flags).as_numpy("OUTPUT")[0, 0])
+
+
+def check_sequences_belong_to_their_starter(server: ServerThread, pki: Pki, model: str, sid: int = 7) -> None:
+    """Two identities both allowed to infer (the default mTLS policy): bob can neither continue, end nor restart
+    alice's sequence, and his tries leave its state alone; once she ends it, the ID is free for him. Shared with
+    test_remote_sequences.py, where the upstream keeps the state."""
+    alice, bob = _mtls_client(server, pki, "alice"), _mtls_client(server, pki, "bob")
+    try:
+        assert _total(alice, model, 1.0, sid, sequence_start=True) == 1.0
+        refused = f"sequence {sid} was started by another identity; identity '{spiffe_id('bob')}' may not send"
+        for flags in ({}, {"sequence_end": True}, {"sequence_start": True}):
+            msg = _error(grpc.StatusCode.PERMISSION_DENIED, bob.infer, model, _x(100.0), sequence_id=sid, **flags)
+            assert f"model '{model}' version 1: {refused}" in msg, msg
+        assert _total(alice, model, 2.0, sid) == 3.0  # undisturbed: bob's 100s never reached the state
+        assert _total(alice, model, 3.0, sid, sequence_end=True) == 6.0
+        assert _total(bob, model, 5.0, sid, sequence_start=True) == 5.0  # ended: the ID is anyone's again
+        msg = _error(grpc.StatusCode.PERMISSION_DENIED, alice.infer, model, _x(1.0), sequence_id=sid, sequence_end=True)
+        assert f"identity '{spiffe_id('alice')}' may not send" in msg
+        assert _total(bob, model, 1.0, sid, sequence_end=True) == 6.0
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_sequence_takes_requests_from_the_identity_that_started_it_only(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    pki = Pki(tmp_path / "pki")
+    with ServerThread(root, **pki.server_settings()) as s:
+        check_sequences_belong_to_their_starter(s, pki, "acc")

@@ -421,26 +421,40 @@ def test_a_server_certificate_about_to_expire_is_loaded_with_a_warning(
     assert f"{cert}: the certificate expires on" in warning
 
 
+# The two TLS ports follow the same files through one TlsReloader: each test below runs against both.
+PORTS = [pytest.param("grpc", id="grpc-port"), pytest.param("metrics", id="metrics-port")]
+PORT_LOGGERS = {"grpc": "tensorgate.server.auth.tls", "metrics": "tensorgate.server.telemetry.metrics"}
+
+
+def _port_address(s: ServerThread, port: str) -> str:
+    return s.address if port == "grpc" else f"127.0.0.1:{s.app.metrics_port}"
+
+
+@pytest.mark.parametrize("port", PORTS)
 def test_rotation_to_an_expired_certificate_is_refused_and_logged_once(
-    repo: Path, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    repo: Path, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture, port: str
 ) -> None:
     live = tmp_path / "live"
     shutil.copytree(pki.dir, live)
     expired = _dated_server_cert(pki, tmp_path / "expired", start_days=-30, days=1)
-    client = pki.client("scorer")
+    client, old_serial = pki.client("scorer"), pki.server.certificate.serial_number
     with ServerThread(repo, tls_cert=live / "server.pem", tls_key=live / "server-key.pem") as s:
-        with caplog.at_level(logging.WARNING, logger="tensorgate.server.auth.tls"):
+        address = _port_address(s, port)
+        with caplog.at_level(logging.WARNING, logger=PORT_LOGGERS[port]):
             _replace(expired[0], live / "server.pem")
             _replace(expired[1], live / "server-key.pem")
-            for _ in range(3):  # each a new connection: each asks the fetcher
-                assert (
-                    _presented_certificate(s.address, pki, client).serial_number == pki.server.certificate.serial_number
-                )
-                with secure_channel(s.address, pki.ca_path) as channel:
-                    np.testing.assert_array_equal(infer_add_sub(channel), EXPECTED)
-        assert s.app.tls is not None and s.app.tls.reloads == 0
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.auth.tls"]
+            for _ in range(3):  # each a new connection: each checks the files
+                assert _presented_certificate(address, pki, client).serial_number == old_serial
+                if port == "grpc":
+                    with secure_channel(s.address, pki.ca_path) as channel:
+                        np.testing.assert_array_equal(infer_add_sub(channel), EXPECTED)
+                else:
+                    scrape_text(metrics_url(s, "https"), ssl.create_default_context(cafile=pki.ca_path))
+        if port == "grpc":
+            assert s.app.tls is not None and s.app.tls.reloads == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == PORT_LOGGERS[port]]
     assert "keeping the previous ones" in warning and "the certificate expired on" in warning
+    assert warning.startswith(f"{port if port == 'metrics' else 'gRPC'} port: ")
 
 
 def test_a_missing_tls_file_is_logged_once_not_per_connection(
@@ -462,23 +476,28 @@ def test_a_missing_tls_file_is_logged_once_not_per_connection(
         assert len(warnings) == 1 and "server-key.pem" in warnings[0], (logger, warnings)
 
 
-def test_rotation_to_a_certificate_not_valid_yet_waits_until_it_is(repo: Path, pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("port", PORTS)
+def test_rotation_to_a_certificate_not_valid_yet_waits_until_it_is(
+    repo: Path, pki: Pki, tmp_path: Path, port: str
+) -> None:
     """A certificate staged ahead of its start is refused until then, and served from then on without the files
-    changing again."""
+    changing again: on the metrics port too, which once kept the old certificate until the files changed again."""
     live = tmp_path / "live"
     shutil.copytree(pki.dir, live)
     client = pki.client("scorer")
     with ServerThread(repo, tls_cert=live / "server.pem", tls_key=live / "server-key.pem") as s:
+        address = _port_address(s, port)
         soon = _dated_server_cert(pki, tmp_path / "soon", start_days=3 / 86400, days=30)  # made after the start
         new_serial = x509.load_pem_x509_certificate(soon[0].read_bytes()).serial_number
         _replace(soon[0], live / "server.pem")
         _replace(soon[1], live / "server-key.pem")
-        assert _presented_certificate(s.address, pki, client).serial_number == pki.server.certificate.serial_number
+        assert _presented_certificate(address, pki, client).serial_number == pki.server.certificate.serial_number
         serial = None
         for _ in range(300):  # bounded: valid 3 s from its making
-            serial = _presented_certificate(s.address, pki, client).serial_number
+            serial = _presented_certificate(address, pki, client).serial_number
             if serial == new_serial:
                 break
             threading.Event().wait(0.1)
         assert serial == new_serial
-        assert s.app.tls is not None and s.app.tls.reloads == 1
+        if port == "grpc":
+            assert s.app.tls is not None and s.app.tls.reloads == 1

@@ -1,10 +1,13 @@
 """Who is calling: the identity of a verified client certificate, and the contextvar that carries it.
 
 The identity is the certificate's first URI SAN (a SPIFFE ID such as `spiffe://org/ns/svc`), else its first DNS
-SAN, else its subject CN. gRPC's auth context lists all SANs under one key without saying which kind each is, so
-the PEM of the peer certificate (`x509_pem_cert`, present only once the handshake verified it) is parsed with
-`cryptography`; the result is cached per certificate, so a connection's requests after the first cost a dict
-lookup.
+SAN, else its subject CN. It is an `Identity`: the name itself, as logs, metrics and errors show it, that also
+knows which of the three kinds of name it is, so that a policy pattern matches only names of its own kind (a CN
+spelled `spiffe://...` is not a SPIFFE ID; see policy.py).
+
+gRPC's auth context lists all SANs under one key without saying which kind each is, so the PEM of the peer
+certificate (`x509_pem_cert`, present only once the handshake verified it) is parsed with `cryptography`; the
+result is cached per certificate, so a connection's requests after the first cost a dict lookup.
 
 `CURRENT_IDENTITY` is set at the RPC boundary (server/rpc/errors.py) for the duration of each call, so anything
 below it (policy checks, log lines) can read who is calling without passing it around.
@@ -19,6 +22,9 @@ from contextvars import ContextVar
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+URI, DNS, CN = "uri", "dns", "cn"
+"""The kinds of name a certificate identity can be: URI SAN, DNS SAN, subject CN."""
+
 ANONYMOUS = "anonymous"
 """The identity of a caller without a verified certificate (plaintext, or TLS without client certificates)."""
 
@@ -28,26 +34,49 @@ CURRENT_TOKEN: ContextVar[str | None] = ContextVar("tensorgate_token", default=N
 reloads, so each of its messages checks that the token still names that identity."""
 
 
-def identity_of_certificate(cert: x509.Certificate) -> str | None:
+class Identity(str):
+    """A certificate's identity: a str (the name, as everything that shows identities shows it) with its `kind`,
+    URI, DNS or CN. Two identities are the same caller only when both agree: compare `identity_key`s.
+
+    Identities that are not a certificate's (a bearer token's, ANONYMOUS) are plain strings without a kind: the
+    policy that names them is the one that defines them."""
+
+    kind: str
+
+    def __new__(cls, name: str, kind: str) -> Identity:
+        self = super().__new__(cls, name)
+        self.kind = kind
+        return self
+
+    def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]  # pickle and copy need the kind too
+        return str(self), self.kind
+
+
+def identity_key(identity: str) -> tuple[str | None, str]:
+    """What tells two callers apart: the kind of name as well as the name (a CN 'x' is not the DNS SAN 'x')."""
+    return getattr(identity, "kind", None), str(identity)
+
+
+def identity_of_certificate(cert: x509.Certificate) -> Identity | None:
     """URI SAN, else DNS SAN, else CN; None when the certificate names nobody."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
     if san is not None:
-        for kind in (x509.UniformResourceIdentifier, x509.DNSName):
-            values = san.get_values_for_type(kind)
+        for general, kind in ((x509.UniformResourceIdentifier, URI), (x509.DNSName, DNS)):
+            values = san.get_values_for_type(general)
             if values:
-                return str(values[0])
+                return Identity(str(values[0]), kind)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns:
         value = cns[0].value
-        return value if isinstance(value, str) else value.decode()
+        return Identity(value if isinstance(value, str) else value.decode(), CN)
     return None
 
 
 @functools.lru_cache(maxsize=1024)
-def identity_of_pem(pem: bytes) -> str | None:
+def identity_of_pem(pem: bytes) -> Identity | None:
     return identity_of_certificate(x509.load_pem_x509_certificate(pem))
 
 
@@ -61,8 +90,13 @@ def identity_of_auth_context(auth: Mapping[str, Iterable[bytes]]) -> str:
 
 __all__ = [
     "ANONYMOUS",
+    "CN",
     "CURRENT_IDENTITY",
     "CURRENT_TOKEN",
+    "DNS",
+    "URI",
+    "Identity",
+    "identity_key",
     "identity_of_auth_context",
     "identity_of_certificate",
     "identity_of_pem",

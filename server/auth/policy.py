@@ -4,6 +4,12 @@ A policy file (YAML or JSON) lists rules; a call is allowed when one rule matche
 its model. Identities and model names are exact strings or fnmatch globs (`spiffe://tensorgate.local/team-a/*`,
 `fraud-*`); a model entry may pin versions.
 
+An identity pattern matches certificate identities of one kind only (`IdentityPattern`), so that a name of one kind
+cannot pass for another (a subject CN spelled `spiffe://tensorgate.local/admin`; a URI SAN that ends like a DNS
+glob, since fnmatch's `*` also matches `/`): a pattern with a `:` matches URI SANs, one without matches DNS SANs,
+`cn:GLOB` matches subject CNs, and `uri:`/`dns:` say the kind explicitly. `*` alone matches every caller. The
+identities of bearer tokens (which this file defines) and `anonymous` have no kind: patterns match them as written.
+
     rules:
       - identities: ["spiffe://tensorgate.local/admin"]
         apis: [inference, metadata, statistics, repository, health]
@@ -63,7 +69,16 @@ from typing import Any, Protocol
 
 import yaml
 
-from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY, CURRENT_TOKEN, identity_of_auth_context
+from tensorgate.server.auth.identity import (
+    ANONYMOUS,
+    CN,
+    CURRENT_IDENTITY,
+    CURRENT_TOKEN,
+    DNS,
+    URI,
+    identity_key,
+    identity_of_auth_context,
+)
 from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, model_ref
 
 log = logging.getLogger(__name__)
@@ -114,6 +129,38 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; the message names the file and the rule."""
 
 
+_KIND_PREFIXES = {"uri:": URI, "dns:": DNS, "cn:": CN}
+_KIND_NAMES = {URI: "a URI SAN", DNS: "a DNS SAN", CN: "a subject CN"}
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityPattern:
+    """An identity glob and the kind of certificate name it matches (None: `*`, any caller); see the module doc."""
+
+    text: str
+    """As written in the policy: what a token's identity, which has no kind, is matched against."""
+    kind: str | None
+    glob: str
+
+    @classmethod
+    def parse(cls, text: str, where: str = "<built-in>") -> IdentityPattern:
+        if text == "*":
+            return cls(text, None, text)
+        for prefix, kind in _KIND_PREFIXES.items():
+            if text.startswith(prefix):
+                if len(text) == len(prefix):
+                    raise PolicyError(f"{where}: '{text}' names no identity after its kind")
+                return cls(text, kind, text[len(prefix) :])
+        # DNS names never hold a ':', URIs always do (after their scheme).
+        return cls(text, URI if ":" in text else DNS, text)
+
+    def matches(self, identity: str) -> bool:
+        kind = getattr(identity, "kind", None)
+        if kind is None:  # a token's identity or `anonymous`: named by the policy itself, matched as written
+            return fnmatchcase(identity, self.text)
+        return (self.kind is None or self.kind == kind) and fnmatchcase(identity, self.glob)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPattern:
     name: str
@@ -129,12 +176,12 @@ class ModelPattern:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    identities: tuple[str, ...]
+    identities: tuple[IdentityPattern, ...]
     apis: frozenset[str]
     models: tuple[ModelPattern, ...] = (ModelPattern("*"),)
 
     def allows(self, identity: str, group: str, model: str | None, version: str) -> bool:
-        if group not in self.apis or not any(fnmatchcase(identity, p) for p in self.identities):
+        if group not in self.apis or not any(p.matches(identity) for p in self.identities):
             return False
         if model is None:
             return group in _MODEL_LESS_OK or any(m.covers_all for m in self.models)
@@ -151,10 +198,24 @@ class Policy:
         self.source = source
         self.tokens: Mapping[str, str] = dict(tokens or {})
         """SHA-256 hex digest of a bearer token -> the identity it stands for."""
-        self._cache: dict[tuple[str, str, str | None, str], bool] = {}
+        self._cache: dict[tuple[str | None, str, str, str | None, str], bool] = {}
+
+    def kind_hint(self, identity: str) -> str:
+        """For a denial's log line: a pattern that names this identity but as a name of another kind (a policy
+        written before patterns had kinds: `client-a` for a certificate whose only name is its CN). Empty if
+        none does; never sent to the caller."""
+        kind = getattr(identity, "kind", None)
+        for rule in self.rules:
+            for pattern in rule.identities:
+                if kind is not None and pattern.kind not in (None, kind) and fnmatchcase(identity, pattern.glob):
+                    return (
+                        f"; pattern '{pattern.text}' names {_KIND_NAMES[pattern.kind]}, and this identity is "
+                        f"{_KIND_NAMES[kind]}: write '{kind}:{pattern.glob}' to name it"
+                    )
+        return ""
 
     def allows(self, identity: str, group: str, model: str | None = None, version: str = "") -> bool:
-        key = (identity, group, model, version)
+        key = (*identity_key(identity), group, model, version)  # a CN 'x' is not the DNS SAN 'x'
         hit = self._cache.get(key)
         if hit is None:
             hit = any(rule.allows(identity, group, model, version) for rule in self.rules)
@@ -165,7 +226,7 @@ class Policy:
 
 
 DEFAULT_MTLS_POLICY = Policy(
-    [Rule(identities=("*",), apis=frozenset({"inference", "metadata", "statistics", "health"}))],
+    [Rule(identities=(IdentityPattern.parse("*"),), apis=frozenset({"inference", "metadata", "statistics", "health"}))],
     source="default mTLS policy (no --auth-policy)",
 )
 
@@ -213,7 +274,10 @@ def parse_policy(data: Any, source: str) -> Policy:
             raise PolicyError(f"{where}.models: expected a non-empty list")
         rules.append(
             Rule(
-                identities=_strings(raw["identities"], f"{where}.identities"),
+                identities=tuple(
+                    IdentityPattern.parse(p, f"{where}.identities")
+                    for p in _strings(raw["identities"], f"{where}.identities")
+                ),
                 apis=frozenset(apis),
                 models=tuple(_model(m, f"{where}.models[{j}]") for j, m in enumerate(models)),
             )
@@ -417,11 +481,12 @@ class Authorizer:
             return
         self.denials[(identity, rpc)] += 1
         log.warning(
-            "denied %s%s to identity '%s' (%s)",
+            "denied %s%s to identity '%s' (%s%s)",
             rpc,
             f" on {model_ref(model, version)}" if model else "",
             identity,
             policy.source,
+            policy.kind_hint(identity),
         )
         raise PermissionDeniedError(identity, rpc, model or None, version or None)
 
@@ -432,6 +497,7 @@ __all__ = [
     "RPC_GROUPS",
     "Authorizer",
     "CallContext",
+    "IdentityPattern",
     "ModelPattern",
     "Policy",
     "PolicyError",

@@ -1,8 +1,9 @@
-"""TLS and mutual TLS for the gRPC port, with certificates re-read from disk when they change.
+"""TLS and mutual TLS for the gRPC and metrics ports, with certificates re-read from disk when they change.
 
     files = TlsFiles(cert=Path("server.pem"), key=Path("server-key.pem"), client_ca=Path("ca.pem"))
     creds = ReloadingCredentials(files).server_credentials()
     server.add_secure_port("0.0.0.0:8001", creds)
+    contexts = TlsReloader(files, lambda _: ssl_server_context(files), "metrics port")  # .latest() per connection
 
 gRPC calls the fetcher on every new handshake (grpc core asks before it builds each server handshaker). The
 fetcher compares the files' mtimes and sizes with the last ones it loaded and answers None ("keep the current
@@ -11,7 +12,8 @@ When the files change it parses them, checks that the key belongs to the certifi
 within its validity period and that the client CA bundle holds a CA, and only then hands the new configuration to
 gRPC; a half-written, mismatched, expired or not-yet-valid set is logged once and skipped (the previous files keep
 serving) until the files change again, or, for a certificate not valid yet, until it is. So a rotation never serves a
-broken certificate. Connections already open keep their session: in-flight calls survive.
+broken certificate. Connections already open keep their session: in-flight calls survive. `TlsReloader` holds
+all of that, for the gRPC port's fetcher and for the metrics port's SSLContext alike.
 
 The TLS versions are gRPC's defaults: TLS 1.2 minimum, TLS 1.3 preferred (grpc core's `grpc_ssl_server_credentials`
 default range; Python gRPC exposes no knob to lower it).
@@ -23,9 +25,12 @@ import datetime as dt
 import logging
 import math
 import os
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 from cryptography import x509
@@ -34,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 log = logging.getLogger(__name__)
 
 Stamp = tuple[tuple[int, int], ...]
+T = TypeVar("T")
 
 EXPIRY_WARNING = dt.timedelta(days=7)
 """A server certificate that expires sooner than this is loaded with a warning: time to rotate it."""
@@ -136,27 +142,35 @@ def _stamp(paths: tuple[Path, ...]) -> Stamp:
     return tuple(out)
 
 
-class ReloadingCredentials:
-    """Server credentials whose certificate, key and client CA follow the files on disk (see the module doc)."""
+class TlsReloader(Generic[T]):
+    """What a TLS port serves (`value`), built from the files and rebuilt when they change (see the module doc).
 
-    def __init__(self, files: TlsFiles) -> None:
+    The gRPC port's certificate fetcher and the metrics port's SSLContext both follow their files through this one
+    class, so both refuse, log and retry a rotation alike:
+
+        reloader = TlsReloader(files, build, "gRPC port")  # a bad set at start raises: an error, not a retry
+        new = reloader.poll()  # per connection: the new value, or None to keep serving reloader.value
+    """
+
+    def __init__(
+        self, files: TlsFiles, build: Callable[[LoadedFiles], T], port: str, logger: logging.Logger = log
+    ) -> None:
         self.files = files
+        self._build = build
+        self._port = port
+        """Which port the files serve, for the log lines."""
+        self._log = logger
         self._stamp = _stamp(files.paths)
-        self._initial = self._configuration(load_files(files))  # a bad set at start is an error, not a retry
+        self.value = build(load_files(files))
         self._failed: object = None
         """The broken state last logged: the files' stamp, or (path, errno) while one cannot be read."""
         self._retry_at = math.inf
         """When to try the failed stamp again (a certificate not valid yet), as time.time()."""
         self.reloads = 0
 
-    @staticmethod
-    def _configuration(loaded: LoadedFiles) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(loaded.key, loaded.cert)], root_certificates=loaded.client_ca
-        )
-
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC's certificate configuration fetcher: a new configuration when the files changed, else None."""
+    def poll(self) -> T | None:
+        """A new value when the files changed into a set that can serve, else None (keep serving `value`). Never
+        raises: it runs inside handshakes."""
         stamp: Stamp | None = None
         try:
             stamp = _stamp(self.files.paths)
@@ -165,29 +179,77 @@ class ReloadingCredentials:
                 return None
             if stamp == self._failed and time.time() < self._retry_at:
                 return None
-            config = self._configuration(load_files(self.files))
-        except (OSError, CertificateError) as exc:
+            value = self._build(load_files(self.files))
+        except (OSError, CertificateError) as exc:  # ssl.SSLError is an OSError
             failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
             if failed != self._failed:  # log each broken state once, not once per handshake
-                log.warning("TLS files changed but cannot be used yet; keeping the previous ones: %s", exc)
+                self._log.warning(
+                    "%s: TLS files changed but cannot be used yet; keeping the previous ones: %s", self._port, exc
+                )
             self._failed = failed
             valid_from = exc.valid_from if isinstance(exc, CertificateError) else None
             self._retry_at = valid_from.timestamp() if valid_from is not None else math.inf
             return None
-        except Exception:  # noqa: BLE001 - an exception must not escape into grpc core's handshake
-            log.exception("unexpected error while reloading TLS files")
+        except Exception:  # noqa: BLE001 - an exception must not escape into a handshake
+            self._log.exception("%s: unexpected error while reloading TLS files", self._port)
             return None
-        self._stamp, self._failed = stamp, None
+        self._stamp, self._failed, self.value = stamp, None, value
         self.reloads += 1
-        log.info("TLS files reloaded (%s)", ", ".join(str(p) for p in self.files.paths))
-        return config
+        self._log.info("%s: TLS files reloaded (%s)", self._port, ", ".join(str(p) for p in self.files.paths))
+        return value
+
+    def latest(self) -> T:
+        """`value` after a `poll`: for a server that builds each connection from the current value."""
+        self.poll()
+        return self.value
+
+
+def _grpc_configuration(loaded: LoadedFiles) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(loaded.key, loaded.cert)], root_certificates=loaded.client_ca)
+
+
+def ssl_server_context(files: TlsFiles) -> ssl.SSLContext:
+    """The same files as an SSLContext, for a port that Python's ssl module serves (the metrics port): TLS 1.2 or
+    newer, and a client certificate from the client CA required when there is one. Build it through a
+    TlsReloader, whose `load_files` checks come first: the ssl module would take an expired certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert, files.key)
+    if files.client_ca is not None:
+        context.load_verify_locations(cafile=files.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class ReloadingCredentials:
+    """Server credentials whose certificate, key and client CA follow the files on disk (see the module doc)."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._reloader = TlsReloader(files, _grpc_configuration, "gRPC port")
+
+    @property
+    def reloads(self) -> int:
+        return self._reloader.reloads
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate configuration fetcher: a new configuration when the files changed, else None."""
+        return self._reloader.poll()
 
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._initial,
+            self._reloader.value,
             self.fetch,  # type: ignore[arg-type]  # the stub omits the None that grpc documents as "no change"
             require_client_authentication=self.files.mutual,
         )
 
 
-__all__ = ["CertificateError", "LoadedFiles", "ReloadingCredentials", "TlsFiles", "load_files"]
+__all__ = [
+    "CertificateError",
+    "LoadedFiles",
+    "ReloadingCredentials",
+    "TlsFiles",
+    "TlsReloader",
+    "load_files",
+    "ssl_server_context",
+]

@@ -30,9 +30,13 @@ with its sequence parameters (BatchContext.sequence), in its sequence's order (s
 A decoupled upstream model's requests bypass the scheduler: each goes upstream on a ModelStreamInfer stream of its
 own, and its responses are relayed as they come (`stream`).
 
-File paths may be relative to the model directory. Without an `instance_group`, a remote model gets
-DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance is a worker thread that waits on one upstream
-call, so that several batches are in flight upstream while tensorgate forms the next ones.
+File paths may be relative to the model directory. In a config override (RepositoryModelLoad's `config`), which
+comes from a caller rather than from whoever owns the repository, they must be: relative, without `..`, so inside
+the model directory or the files uploaded with the load (`check_override_files`).
+
+Without an `instance_group`, a remote model gets DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance
+is a worker thread that waits on one upstream call, so that several batches are in flight upstream while
+tensorgate forms the next ones.
 
 Threads: `execute` runs on the scheduler's worker threads and is synchronous; the tritonclient.grpc.aio clients
 live on one event loop thread owned by the backend, and `execute` hands each call to it with
@@ -52,14 +56,14 @@ from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequen
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from opentelemetry.trace import SpanContext
 from tritonclient.utils import InferenceServerException
@@ -781,6 +785,34 @@ def _unreachable(message: str) -> bool:
     return any(
         words in text for words in ("failed to connect", "connection refused", "socket closed", "connect failed")
     )
+
+
+FILE_PARAMETERS = ("ca_file", "cert_file", "key_file")
+
+
+def check_override_files(model: str, override: str) -> None:
+    """Refuse a config override that names an upstream TLS file outside the model directory (INVALID_ARGUMENT).
+
+    A caller allowed RepositoryModelLoad on one model is not the repository's owner: an absolute path or a `..`
+    would let it make the server read any file the server may (a key, a token), and learn from the load's error
+    whether it exists. A relative path without `..` stays under the model directory (the repository's, whose
+    owner put there what it holds, or the caller's own uploaded files). A config.pbtxt on disk is the owner's and
+    may name any path. An override that does not parse is left to the load, which says where it breaks."""
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(override, config)
+    except text_format.ParseError:
+        return
+    for key in FILE_PARAMETERS:
+        text = config.parameters[PREFIX + key].string_value.strip() if PREFIX + key in config.parameters else ""
+        path = PurePosixPath(text)
+        if text and (path.is_absolute() or ".." in path.parts):
+            raise InvalidRequestError(
+                model,
+                None,
+                f"parameter '{PREFIX}{key}' of a config override must be a path inside the model directory "
+                f"(relative, without '..'), got '{text}'; name other files in the repository's config.pbtxt",
+            )
 
 
 def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batch_size_given: bool) -> None:

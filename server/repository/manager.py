@@ -29,7 +29,13 @@ from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.backends.base import Backend, backend_ready
 from tensorgate.server.backends.ensemble import EnsembleBackend
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
-from tensorgate.server.backends.triton import DEFAULT_REMOTE_INSTANCES, REMOTE_VERSION, TritonBackend, complete_config
+from tensorgate.server.backends.triton import (
+    DEFAULT_REMOTE_INSTANCES,
+    REMOTE_VERSION,
+    TritonBackend,
+    check_override_files,
+    complete_config,
+)
 from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import (
     InvalidConfigError,
@@ -274,7 +280,8 @@ class ModelRepository:
         """Where retired backends close: a remote one's close takes seconds when its upstream is gone, and on the
         default executor a few of those would hold up every model load behind them."""
         self._sequence_order: dict[str, Order] = {}
-        """Per remote sequence model, the order its sequences' requests go upstream in, kept across reloads."""
+        """Per remote sequence model, the order its sequences' requests go upstream in and who started each
+        sequence, kept across reloads."""
         self._loading_plans: dict[str, EnsemblePlan] = {}
         """Ensembles whose steps are being checked, for the cycle check of others loaded at the same time."""
         self._dependents: dict[str, set[str]] = {}
@@ -823,8 +830,11 @@ class ModelRepository:
         `check_step` is the caller's right to an ensemble's step models (StepCheck), checked when one is bound.
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
-        serving keep serving in that case.
+        serving keep serving in that case. INVALID_ARGUMENT, before anything is loaded, for an override that
+        names an upstream TLS file outside the model directory (backends/triton.py `check_override_files`).
         """
+        if config_override is not None:
+            check_override_files(name, config_override)
         if files is not None:
             if not _NAME.match(name) or name in (".", ".."):
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
@@ -931,7 +941,13 @@ class ModelRepository:
                         else Sequencer(name, v, scheduler, item.sequence, item.config.max_batch_size > 0)
                     )
                     remote_sequences = (
-                        RemoteSequences(name, v, scheduler, self._sequence_order.setdefault(name, {}))
+                        RemoteSequences(
+                            name,
+                            v,
+                            scheduler,
+                            self._sequence_order.setdefault(name, Order()),
+                            item.config.sequence_batching.max_sequence_idle_microseconds,
+                        )
                         if scheduler is not None and _remote_sequence_model(item.config)
                         else None
                     )

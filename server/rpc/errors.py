@@ -154,7 +154,7 @@ def unary(
                 identity = self.auth.identify(context)
                 token = CURRENT_IDENTITY.set(identity)
                 if span is not None:
-                    span.set_attribute("enduser.id", identity)
+                    span.set_attribute("enduser.id", str(identity))  # a plain str: spans are pickled
                 authorize(self.auth, rpc, request)
                 admitted = identity if self.auth.admit(identity) else None
             response = await fn(self, request, context)
@@ -217,7 +217,7 @@ def stream(
                 # Set for the whole stream: tasks the servicer starts per message copy the context and see it too.
                 token = CURRENT_IDENTITY.set(identity)
                 if span is not None:
-                    span.set_attribute("enduser.id", identity)
+                    span.set_attribute("enduser.id", str(identity))  # a plain str: spans are pickled
                 admitted = identity if self.auth.admit(identity) else None
             responses = fn(self, requests, context)
             if rpc_context is None:

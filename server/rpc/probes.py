@@ -16,14 +16,21 @@ the identity and the RPC, exactly as on the inference service, and denials are c
 are not counted against the per-identity in-flight cap and do not pass the drain gate: a draining server must still
 answer NOT_SERVING to its probes.
 
+A stream is checked again while it is open, since a policy reload may revoke its caller: reflection before each
+request message it reads, and Health.Watch, which may sit for hours between two updates, before each update it
+writes and every RECHECK_S in between (the check is what notices a changed policy file). Either ends with the
+check's status (PERMISSION_DENIED) once the caller has lost the right, as ModelStreamInfer's messages are
+refused one by one.
+
 Only the probe services are wrapped; every other method is handed through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextvars import Token
 from typing import Any, TypeVar
 
@@ -40,6 +47,8 @@ Resp = TypeVar("Resp")
 # The services wrapped; `probe_rpc` gives each method its name in the policy's RPC_GROUPS.
 _HEALTH = "grpc.health.v1.Health"
 _REFLECTION = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+RECHECK_S = 1.0
+"""How often an open Health.Watch checks its caller between two updates (as often as the policy file is)."""
 
 
 def probe_rpc(method: str) -> str | None:
@@ -82,7 +91,7 @@ class ProbeAuthorization(aio.ServerInterceptor):
             "stream_stream": grpc.stream_stream_rpc_method_handler,
         }[kind]
         return wrap(
-            self._guard(rpc, behavior),
+            self._guard(rpc, behavior, handler.request_streaming, handler.response_streaming),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -100,14 +109,20 @@ class ProbeAuthorization(aio.ServerInterceptor):
             await context.abort(exc.code, exc.message)
         return token
 
-    def _guard(self, rpc: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _guard(
+        self, rpc: str, behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
+    ) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behavior):
 
             async def generator(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 token = await self._check(rpc, context)
                 try:
+                    if request_streaming:  # reflection: each request message is checked
+                        request = self._rechecked(rpc, request)
                     async for reply in behavior(request, context):
                         yield reply
+                except TensorgateError as exc:
+                    await context.abort(exc.code, exc.message)
                 finally:
                     _reset(token)
 
@@ -117,6 +132,8 @@ class ProbeAuthorization(aio.ServerInterceptor):
             async def coroutine(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 token = await self._check(rpc, context)
                 try:
+                    if response_streaming:  # it writes its replies with context.write (Health.Watch)
+                        return await self._watched(rpc, behavior, request, context)
                     return await behavior(request, context)
                 finally:
                     _reset(token)
@@ -125,6 +142,43 @@ class ProbeAuthorization(aio.ServerInterceptor):
         # A synchronous servicer would run on grpc's thread pool, where this check cannot abort: fail the call
         # rather than serve it unchecked. (tensorgate registers the asyncio health and reflection servicers.)
         raise TypeError(f"{rpc}: only asyncio servicers can be put under the authorization policy")
+
+    async def _rechecked(self, rpc: str, requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            self._auth.check(rpc)  # raises for a caller a reloaded policy no longer allows
+            yield request
+
+    async def _watched(
+        self, rpc: str, behavior: Callable[..., Any], request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> Any:
+        """Run a stream that writes its replies, checking its caller before each write and every RECHECK_S; on a
+        denial it stops and the call ends with the denial's status."""
+        task = asyncio.ensure_future(behavior(request, _CheckedWrites(context, lambda: self._auth.check(rpc))))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=RECHECK_S)
+                if done:
+                    return task.result()
+                self._auth.check(rpc)
+        except TensorgateError as exc:
+            await context.abort(exc.code, exc.message)
+        finally:
+            task.cancel()  # a denial, or the caller went away: the stream's own cleanup runs as it ends
+
+
+class _CheckedWrites:
+    """A call's context whose `write` checks the caller first; everything else is the context's own."""
+
+    def __init__(self, context: aio.ServicerContext[Any, Any], check: Callable[[], None]) -> None:
+        self._context = context
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        self._check()
+        await self._context.write(message)
 
 
 def _reset(token: Token[str] | None) -> None:

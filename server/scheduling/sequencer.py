@@ -5,6 +5,11 @@ then goes to the model's Scheduler with its control tensors and the state its pr
 batches it with other sequences' requests, never with another of its own (a sequence has one request there at a
 time), so every batching and deadline rule of the Scheduler holds for sequences too.
 
+A live sequence belongs to the identity that started it (the caller's mTLS or token identity, server/auth): a
+request of another identity for its ID, START included, is refused with PERMISSION_DENIED and leaves the
+sequence as it was, so that two callers allowed the same model cannot continue or end each other's sequences.
+Without authentication every caller is `anonymous`, and nothing changes. Once a sequence has ended its ID is free.
+
 A request that fails leaves the state as it was; the sequence goes on. A sequence ends with its END request (when
 it arrives, as in Triton: a failed END ends it too), or when it has had nothing to run for
 max_sequence_idle_microseconds; its state is dropped then, and a later request without START is refused. At most
@@ -26,11 +31,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 from opentelemetry.trace import SpanContext
 
+from tensorgate.server.auth.identity import CURRENT_IDENTITY, identity_key
 from tensorgate.server.backends.base import SequenceFlags, SequenceId
-from tensorgate.server.errors import InvalidRequestError, ServerUnavailableError, model_ref
+from tensorgate.server.errors import InvalidRequestError, ServerUnavailableError, TensorgateError, model_ref
 from tensorgate.server.repository.sequence import SequenceSpec
 from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
 from tensorgate.server.telemetry.statistics import ExecutionTimes
@@ -45,6 +52,35 @@ def require_id(model: str, version: int, flags: SequenceFlags | None) -> Sequenc
             model, str(version), "a sequence model needs a non-zero or non-empty correlation ID (sequence_id)"
         )
     return flags
+
+
+Owner = tuple[str | None, str]
+"""Who started a sequence: `identity_key` of the caller's identity."""
+
+
+class SequenceOwnerError(TensorgateError):
+    """A request for a sequence that another identity started (PERMISSION_DENIED); its owner is not named."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, model: str, version: int, sequence_id: SequenceId, identity: str) -> None:
+        super().__init__(
+            f"{model_ref(model, version)}: sequence {sequence_id!r} was started by another identity; identity "
+            f"'{identity}' may not send requests into it (use a sequence ID of its own)"
+        )
+        self.model, self.version, self.sequence_id, self.identity = model, version, sequence_id, identity
+
+
+def check_owner(model: str, version: int, sequence_id: SequenceId, owner: Owner | None) -> Owner:
+    """The caller (its identity, set at the RPC boundary) as the owner of the sequence it sends a request to;
+    SequenceOwnerError when `owner`, that of the live sequence with this ID, is another identity."""
+    identity = CURRENT_IDENTITY.get()
+    me = identity_key(identity)
+    if owner is not None and owner != me:
+        error = SequenceOwnerError(model, version, sequence_id, identity)
+        log.warning("refused: %s", error.message)
+        raise error
+    return me
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +100,8 @@ class _Sequence:
     unheld: list[Place] = dataclasses.field(default_factory=list)
     """Places taken while the sequence waited for its slot (they do not hold the Scheduler yet): they take their
     hold when the slot is granted. Shared with a successor that waits for the same slot."""
+    owner: Owner = (None, "")
+    """The identity that started it: the only one whose requests it takes."""
 
 
 def _holds_slot(seq: _Sequence) -> bool:
@@ -240,6 +278,8 @@ class Sequencer:
 
     def _begin(self, flags: SequenceFlags) -> _Sequence:
         seq = self._sequences.get(flags.id)
+        # Before anything of the sequence changes: another identity's request leaves it as it was.
+        owner = check_owner(self._model, self._version, flags.id, None if seq is None or seq.ended else seq.owner)
         if flags.start:
             initial = {s.input_name: s.initial[np.newaxis] if self._batched else s.initial for s in self._spec.states}
             if seq is not None and not seq.ended:
@@ -252,10 +292,10 @@ class Sequencer:
                 if seq.idle is not None:
                     seq.idle.cancel()
                     seq.idle = None
-                seq = _Sequence(flags.id, initial, seq.slot, seq.tail, unheld=seq.unheld)
+                seq = _Sequence(flags.id, initial, seq.slot, seq.tail, unheld=seq.unheld, owner=owner)
                 self._sequences[flags.id] = seq
             else:
-                seq = _Sequence(flags.id, initial, self._loop.create_future())
+                seq = _Sequence(flags.id, initial, self._loop.create_future(), owner=owner)
                 self._sequences[flags.id] = seq
                 if self._draining:  # no slot is handed out once an unload has begun, even a free one
                     self._fail_slot(seq)

@@ -17,7 +17,8 @@ registry. `reference()` lists every family /metrics can show; README's metrics t
 (`reference_markdown()`), and tests check both against a real scrape.
 
 With TLS the port speaks HTTPS with the gRPC port's certificate and key (and requires a client certificate when
-the gRPC port does); the files are re-read when they change, as for gRPC.
+the gRPC port does); the files are re-read when they change, with the gRPC port's checks and retries (the same
+`TlsReloader`). /metrics is not under the authorization policy: see README's Security section.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from tensorgate.server import __version__
-from tensorgate.server.auth.tls import CertificateError, TlsFiles, load_files
+from tensorgate.server.auth.tls import TlsFiles, TlsReloader, ssl_server_context
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.manager import is_unloaded
 from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
@@ -526,50 +526,6 @@ class Metrics:
 
 # ----- the HTTP(S) endpoint ------------------------------------------------------------------------------------
 
-Stamp = tuple[tuple[int, int], ...]
-
-
-class _ReloadingContext:
-    """An SSLContext that is rebuilt when the certificate, key or client CA change on disk (checked per connection:
-    a few `stat` calls per scrape); a broken set is logged once and the previous context keeps serving."""
-
-    def __init__(self, files: TlsFiles) -> None:
-        self.files = files
-        self._stamp = self._stat()
-        self.context = self._build()  # a bad set at start is an error, as for gRPC
-        self._failed: object = None
-        """The broken state last logged: the files' stamp, or (path, errno) while one cannot be read."""
-
-    def _stat(self) -> Stamp:
-        return tuple((st.st_mtime_ns, st.st_size) for st in (os.stat(p) for p in self.files.paths))
-
-    def _build(self) -> ssl.SSLContext:
-        load_files(self.files)  # the same checks, and messages, as the gRPC port
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.files.cert, self.files.key)
-        if self.files.client_ca is not None:
-            context.load_verify_locations(cafile=self.files.client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    def current(self) -> ssl.SSLContext:
-        stamp: Stamp | None = None
-        try:
-            stamp = self._stat()
-            if stamp == self._stamp:
-                self._failed = None  # back to the files in use: a later breakage is news again
-            elif stamp != self._failed:
-                self.context = self._build()
-                self._stamp, self._failed = stamp, None
-                log.info("metrics: TLS files reloaded")
-        except (OSError, CertificateError, ssl.SSLError) as exc:
-            failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
-            if failed != self._failed:  # once per broken state, not once per scrape
-                log.warning("metrics: TLS files changed but cannot be used yet; keeping the previous ones: %s", exc)
-            self._failed = failed
-        return self.context
-
 
 class _Handler(WSGIRequestHandler):
     # A client that connects and goes quiet holds one thread for this long, not forever.
@@ -587,14 +543,14 @@ class _Handler(WSGIRequestHandler):
 
 class _HttpServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
-    tls: _ReloadingContext | None = None
+    tls: TlsReloader[ssl.SSLContext] | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = self.socket.accept()
         if self.tls is None:
             return sock, address
         try:
-            wrapped = self.tls.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            wrapped = self.tls.latest().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError):
             sock.close()
             raise OSError("TLS setup failed") from None
@@ -612,7 +568,8 @@ class MetricsServer:
         self._registry = registry
         self._host = host
         self._port = port
-        self._tls = _ReloadingContext(tls) if tls is not None else None
+        # The gRPC port's checks and retries (auth/tls.py), per connection: a bad set at start is an error.
+        self._tls = None if tls is None else TlsReloader(tls, lambda _: ssl_server_context(tls), "metrics port", log)
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0

@@ -200,7 +200,7 @@ class Tracing:
             "rpc.method": method,
         }
         if identity is not None:
-            attributes["enduser.id"] = identity
+            attributes["enduser.id"] = str(identity)  # a plain str: spans are pickled to the exporter
         span = self.tracer.start_span(
             f"{INFERENCE_SERVICE}/{method}", context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
