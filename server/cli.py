@@ -115,7 +115,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--otlp-headers", str, "key=value,... headers sent to the collector")
     opt("--otlp-ca", Path, "PEM CA bundle of the collector's TLS certificate")
     opt("--otlp-insecure", _flag, "true: plaintext gRPC to the collector (default false)", nargs="?", const=True)
-    opt("--trace-sample-rate", float, "share of new traces kept, 0..1 (default 1; a sampled caller is always traced)")
+    opt(
+        "--trace-sample-rate",
+        float,
+        "share of new traces kept, 0..1 (default: OTEL_TRACES_SAMPLER, else 1; a sampled caller is always traced)",
+    )
     opt("--data-dir", Path, "turns monitoring on: prediction capture, feedback, quality, drift and alerts stored here")
     opt("--alert-rules", Path, "YAML alert rules for every model (needs --data-dir)")
     opt("--alert-webhook", str, "URL POSTed a JSON object per alert transition (needs --data-dir)")

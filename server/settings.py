@@ -28,6 +28,16 @@ _MAX_GRPC_SECONDS = 2_147_483
 """gRPC takes keepalive times as int32 milliseconds: longer ones overflow when the server starts."""
 
 
+def otlp_endpoint_given(endpoint: str | None) -> bool:
+    """Whether a collector is named, by the flag or OpenTelemetry's own variables: what turns tracing on (here, so
+    that the settings' checks and the tracing they configure agree; OTEL_SDK_DISABLED=true still turns it off)."""
+    return bool(
+        endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
 @dataclass(slots=True)
 class ServerSettings:
     model_repository: Path
@@ -100,7 +110,8 @@ class ServerSettings:
     otlp_insecure: bool = False
     """Plaintext gRPC to the collector (e.g. a sidecar on localhost)."""
     trace_sample_rate: float | None = None
-    """Share of new traces sampled, 0..1 (None: OTEL_TRACES_SAMPLER_ARG, else 1); a sampled caller is always traced."""
+    """Share of new traces sampled, 0..1; a sampled caller is always traced. None: OTEL_TRACES_SAMPLER (and its
+    OTEL_TRACES_SAMPLER_ARG) decide, every new trace kept when they are unset."""
     data_dir: Path | None = None
     """Monitoring on: captured predictions, feedback and reference profiles live here (SQLite, WAL); off without it."""
     alert_rules: Path | None = None
@@ -184,11 +195,7 @@ class ServerSettings:
         # on was forgotten, and the operator believes predictions are watched, or spans sampled as asked.
         if self.data_dir is None:
             self._refuse_given(_MONITORING_OPTIONS, "data_dir (monitoring is off without it)")
-        if not (
-            self.otlp_endpoint
-            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        ):
+        if not otlp_endpoint_given(self.otlp_endpoint):
             self._refuse_given(
                 _TRACING_OPTIONS, "otlp_endpoint or OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT (tracing is off without one)"
             )

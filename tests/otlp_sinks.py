@@ -1,7 +1,8 @@
 """OTLP trace endpoints on loopback that hand each export's raw body and headers to a callback: over HTTP (a
 collector's /v1/traces) and over gRPC without decoding (the TraceService method, bytes in, empty response out).
 Tests that check spans decode the bodies; the tracing benchmark only counts them (it must not pay a collector's
-decoding on the machine it measures)."""
+decoding on the machine it measures). Either can refuse every export instead, as a collector that rejects the
+requests (a bad API key, a payload it cannot take) answers them."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ Keep = Callable[[bytes, dict[str, str]], None]
 
 
 @contextmanager
-def http_sink(keep: Keep) -> Iterator[str]:
-    """Yields the endpoint URL (http://127.0.0.1:PORT/v1/traces); every POST is answered 200, empty."""
+def http_sink(keep: Keep, status: int = 200) -> Iterator[str]:
+    """Yields the endpoint URL (http://127.0.0.1:PORT/v1/traces); every POST is answered `status` (200: taken),
+    empty."""
 
     class Receiver(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as a collector does
@@ -27,7 +29,7 @@ def http_sink(keep: Keep) -> Iterator[str]:
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = self.rfile.read(int(self.headers["Content-Length"]))
             keep(body, {k.lower(): v for k, v in self.headers.items()} | {"path": self.path})
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -52,11 +54,14 @@ def http_sink(keep: Keep) -> Iterator[str]:
 
 
 @contextmanager
-def grpc_sink(keep: Keep) -> Iterator[str]:
-    """Yields the endpoint (127.0.0.1:PORT); every Export is answered with an empty (successful) response."""
+def grpc_sink(keep: Keep, refuse: grpc.StatusCode | None = None) -> Iterator[str]:
+    """Yields the endpoint (127.0.0.1:PORT); every Export is answered with an empty (successful) response, or
+    fails with `refuse`."""
 
     def export(request: bytes, context: grpc.ServicerContext) -> bytes:
         keep(request, {k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        if refuse is not None:
+            context.abort(refuse, "refused by the test's collector")
         return b""
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

@@ -130,6 +130,46 @@ def test_model_state_gauge_shows_ready_and_failed_versions(served: ServerThread)
     assert ("tensorgate_queue_depth", frozenset({"model": "add_sub", "version": "1"}.items())) not in samples
 
 
+def test_an_unloaded_version_takes_its_request_series_with_it(repo: Path) -> None:
+    """RepositoryModelUnload: every per-version series of the model goes, its request counters as its histograms
+    and gauges did (they stayed, counting a version no longer served, until the server restarted); the state gauge
+    says it is unloaded, and the count under the model's name alone (requests for versions it never had) stays.
+    Loaded again, the version counts from zero, as its ModelStatistics do."""
+    add_sub = frozenset({"model": "add_sub", "version": "1"}.items())
+
+    def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[str, float]:
+        """Samples of add_sub version 1, by name (with its code or le label when it has one)."""
+        out = {}
+        for (name, labels), v in samples.items():
+            if labels >= add_sub:
+                extra = dict(labels - add_sub)
+                out[name + "".join(f"{{{k}={extra[k]}}}" for k in sorted(extra))] = v
+        return out
+
+    with ServerThread(repo, model_control_mode="explicit", load_model=["*"]) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            for _ in range(2):
+                stub.ModelInfer(add_sub_request(), timeout=10)
+            wrong_version = add_sub_request()
+            wrong_version.model_version = "7"
+            assert _code(lambda: stub.ModelInfer(wrong_version, timeout=10)) == grpc.StatusCode.NOT_FOUND
+            before = scrape(metrics_url(server))
+            assert series(before)["tensorgate_inference_requests_total{code=OK}"] == 2
+            assert series(before)["tensorgate_request_duration_seconds_count"] == 2
+
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="add_sub"), timeout=30)
+            unloaded = scrape(metrics_url(server))
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="add_sub"), timeout=30)
+            stub.ModelInfer(add_sub_request(), timeout=10)
+            reloaded = scrape(metrics_url(server))
+    assert series(unloaded) == {}
+    assert value(unloaded, "tensorgate_model_state", model="add_sub", version="", state="unloaded") == 1
+    assert value(unloaded, "tensorgate_inference_requests_total", model="add_sub", version="", code="NOT_FOUND") == 1
+    assert series(reloaded)["tensorgate_inference_requests_total{code=OK}"] == 1
+    assert series(reloaded)["tensorgate_request_duration_seconds_count"] == 1
+
+
 def test_in_flight_and_queue_depth_read_live_state(repo: Path) -> None:
     """A stream held open counts as one RPC in flight while the scrape runs."""
     with ServerThread(repo) as server:

@@ -12,9 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
 
 from tensorgate.server.pipeline.cache import ARRAY_BYTES, ENTRY_BYTES, HEAVY_COST, ResponseCache, heavy
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, identity_model, scale_model, write_config
+from tests.onnx_models import (
+    ADD_SUB_CONFIG,
+    add_sub_model,
+    broadcast_add_model,
+    identity_model,
+    scale_model,
+    write_config,
+)
 from tests.scraping import scrape
 from tests.serving import ServerThread
 from tests.test_ensemble import ensemble_repository
@@ -93,6 +101,36 @@ def test_a_repeated_request_is_answered_without_running_the_model(served: Server
     expected = 896 + 5 * ENTRY_BYTES + 8 * ARRAY_BYTES
     assert samples[("tensorgate_response_cache_bytes", frozenset())] == expected
     assert samples[("tensorgate_response_cache_evictions_total", frozenset())] == 0
+
+
+def test_a_miss_counts_whether_or_not_the_model_then_answers(tmp_path: Path) -> None:
+    """Every lookup is a hit or a miss, as Triton counts them (it reports a miss even when nothing could be
+    inserted): a request that missed and then failed in the model is a miss too. Only the misses the model
+    answered were counted, so hits and misses fell short of the lookups."""
+    root = tmp_path / "models"
+    broadcast_add_model(root / "broadcast" / "1" / "model.onnx")  # fails in onnxruntime for lengths 3 and 5
+    write_config(root, "broadcast", "max_batch_size: 0\nresponse_cache { enable: true }\n")
+    with ServerThread(root, response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            three = np.arange(3, dtype=np.float32)
+            for _ in range(2):  # not cached (nothing to keep), so the second is a miss again
+                with pytest.raises(InferenceServerException) as info:
+                    c.infer("broadcast", triton_inputs({"INPUT0": three, "INPUT1": np.ones(5, np.float32)}))
+                assert info.value.status() == "StatusCode.INTERNAL"
+            for _ in range(2):
+                good = c.infer("broadcast", triton_inputs({"INPUT0": three, "INPUT1": np.ones(3, np.float32)}))
+                np.testing.assert_array_equal(good.as_numpy("OUTPUT0"), three + 1)
+            stats = _stats(c, "broadcast")
+            failures = c.get_inference_statistics("broadcast").model_stats[0].inference_stats.fail.count
+        finally:
+            c.close()
+        samples = scrape(f"http://127.0.0.1:{s.app.metrics_port}/metrics")
+    assert (stats["success"], failures, stats["executions"]) == (2, 2, 1)
+    assert (stats["hit"], stats["miss"]) == (1, 3)  # four lookups
+    key = {("model", "broadcast"), ("version", "1")}
+    assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "hit")}))] == 1
+    assert samples[("tensorgate_response_cache_lookups_total", frozenset(key | {("result", "miss")}))] == 3
 
 
 def test_without_a_server_cache_the_setting_does_nothing(tmp_path: Path) -> None:

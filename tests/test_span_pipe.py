@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -181,6 +182,7 @@ def _sdk_and_pipe() -> tuple[Any, Any, Any]:
     pipe._sink = sink  # noqa: SLF001
     piped = Tracing.__new__(Tracing)
     piped.provider, piped.pipe, piped.tracer = None, pipe, LightTracer(sink, 1.0)
+    pipe.tracer = piped.tracer  # as SpanPipe's own: Tracing samples with it
     return (Tracing(provider), memory), (piped, sink), provider.resource
 
 
@@ -283,11 +285,37 @@ def test_both_otlp_transports_send_what_the_wire_encoder_writes(protocol: str, m
         send = wire_sender(exporter, writer)
         assert send is not None, f"{type(exporter).__name__} lost the hook tensorgate's encoder needs"
         records = _records()
-        send(records)
+        assert send(records) is True  # the collector took it
         exporter.shutdown()
     ((body, headers),) = received
     assert body == writer.write(records)
     assert headers["x-api-key"] == "k1"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_an_export_the_collector_refuses_is_reported_as_not_sent(protocol: str) -> None:
+    """A collector answering an error (gRPC INVALID_ARGUMENT, HTTP 400: neither retried) took nothing: the sender
+    says so, for the exporter process to count the spans as dropped (its result was ignored)."""
+    from opentelemetry.sdk.resources import Resource
+
+    from tensorgate.server.telemetry.otlp_wire import TraceRequestWriter
+    from tensorgate.server.telemetry.span_pipe import wire_sender
+    from tensorgate.server.telemetry.tracing import build_exporter
+    from tests.otlp_sinks import grpc_sink, http_sink
+
+    received: list[bytes] = []
+    refusing = (
+        grpc_sink(lambda body, _: received.append(body), refuse=grpc.StatusCode.INVALID_ARGUMENT)
+        if protocol == "grpc"
+        else http_sink(lambda body, _: received.append(body), status=400)
+    )
+    with refusing as endpoint:
+        exporter = build_exporter(TracingSettings(otlp_endpoint=endpoint, otlp_protocol=protocol, otlp_insecure=True))
+        send = wire_sender(exporter, TraceRequestWriter(Resource({"service.name": "tensorgate"}), "tensorgate", "1"))
+        assert send is not None
+        assert send(_records()) is False
+        exporter.shutdown()
+    assert len(received) == 1  # answered at once, not retried
 
 
 def test_an_exporter_stuck_on_a_down_collector_is_stopped_at_close(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.telemetry.logs import GRPC_CORE_LOGGER, configure_logging
 from tests.onnx_models import identity_model, paced_model, write_config
-from tests.otlp_sinks import http_sink
+from tests.otlp_sinks import grpc_sink, http_sink
 from tests.pki import Pki, identity_request, secure_channel
 from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
@@ -369,6 +369,85 @@ def test_sampling_is_parent_based(repo: Path, collector: tuple[Collector, int]) 
     assert {hexid(s.trace_id) for s in c.spans()} == {sampled.trace_id}
 
 
+UNDER, OVER = 1, (1 << 64) - 1
+"""Low 64 bits of a trace id, under and over the bound of any ratio between 0 and 1 (TraceIdRatioBased's test)."""
+CALLERS = {
+    "sampled-under": Caller(secrets.token_hex(8) + format(UNDER, "016x"), secrets.token_hex(8)),
+    "unsampled-under": Caller(secrets.token_hex(8) + format(UNDER, "016x"), secrets.token_hex(8), sampled=False),
+    "sampled-over": Caller(secrets.token_hex(8) + format(OVER, "016x"), secrets.token_hex(8)),
+    "unsampled-over": Caller(secrets.token_hex(8) + format(OVER, "016x"), secrets.token_hex(8), sampled=False),
+}
+PARENT_BASED = {"sampled-under", "sampled-over", "new"}
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "expected", "new_decided"),
+    [
+        pytest.param({}, None, PARENT_BASED, True, id="unset"),
+        pytest.param({"OTEL_TRACES_SAMPLER": "always_on"}, None, {*CALLERS, "new"}, True, id="always_on"),
+        pytest.param({"OTEL_TRACES_SAMPLER": "always_off"}, None, set(), True, id="always_off"),
+        pytest.param(
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+            None,
+            {"sampled-under", "unsampled-under"},  # the trace id decides, whatever the caller sampled
+            False,
+            id="traceidratio",
+        ),
+        pytest.param({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, None, PARENT_BASED, True, id="pb-always_on"),
+        pytest.param(
+            {"OTEL_TRACES_SAMPLER": "parentbased_always_off"},
+            None,
+            {"sampled-under", "sampled-over"},
+            True,
+            id="pb-always_off",
+        ),
+        pytest.param(
+            {"OTEL_TRACES_SAMPLER": "PARENTBASED_TRACEIDRATIO", "OTEL_TRACES_SAMPLER_ARG": "0"},
+            None,
+            {"sampled-under", "sampled-over"},
+            True,
+            id="pb-traceidratio",
+        ),
+        pytest.param({"OTEL_TRACES_SAMPLER_ARG": "0"}, None, {"sampled-under", "sampled-over"}, True, id="arg-alone"),
+        pytest.param({"OTEL_TRACES_SAMPLER": "always_off"}, 1.0, PARENT_BASED, True, id="flag-wins"),
+        pytest.param({"OTEL_TRACES_SAMPLER": "bogus_sampler"}, None, PARENT_BASED, True, id="unknown"),
+    ],
+)
+def test_otel_traces_sampler_chooses_the_sampler(
+    repo: Path,
+    collector: tuple[Collector, int],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+    flag: float | None,
+    expected: set[str],
+    new_decided: bool,
+) -> None:
+    """OpenTelemetry's OTEL_TRACES_SAMPLER (and its _ARG for the ratio samplers) as the SDK reads it: the
+    parent-based ones follow a caller's decision, the others decide by trace id whoever calls; --trace-sample-rate
+    wins over both (parent-based at its rate). An unknown sampler is logged once and sampled as when unset. (Only
+    OTEL_TRACES_SAMPLER_ARG was read, as the ratio of a parent-based sampler, whatever the sampler named.)"""
+    c, port = collector
+    for name in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, setting in env.items():
+        monkeypatch.setenv(name, setting)
+    with traced(repo, port, trace_sample_rate=flag) as server:
+        client = triton.InferenceServerClient(server.address)
+        try:
+            for request_id, caller in CALLERS.items():
+                _infer_as(client, request_id, caller)
+            _infer_as(client, "new")
+        finally:
+            client.close()
+    kept = {attrs(s)["tensorgate.request.id"] for s in server_spans(c, "ModelInfer")}
+    if not new_decided:  # a new trace's id is random: kept or not, by chance
+        kept.discard("new")
+    assert kept == expected
+    warnings = [r.getMessage() for r in caplog.records if "OTEL_TRACES_SAMPLER" in r.getMessage()]
+    assert len(warnings) == (1 if "bogus" in env.get("OTEL_TRACES_SAMPLER", "") else 0), warnings
+
+
 def test_streams_trace_each_request_and_health_is_not_traced(repo: Path, collector: tuple[Collector, int]) -> None:
     c, port = collector
     caller = Caller.new()
@@ -660,6 +739,33 @@ def test_spans_dropped_are_a_metric_of_a_traced_server(repo: Path, collector: tu
         assert pipe.dropped >= 3  # a server span, validate, queue and execute per request
         assert value(scrape(metrics_url(server)), "tensorgate_trace_spans_dropped_total") == pipe.dropped
         channel.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_spans_the_collector_refuses_are_counted_as_dropped(repo: Path, protocol: str) -> None:
+    """A collector that answers every export with an error (INVALID_ARGUMENT, HTTP 400: the exporter does not
+    retry those) keeps none of the spans: tensorgate_trace_spans_dropped_total counts every one of them (it
+    counted only spans lost before the exporter process, and said 0 while nothing reached the collector)."""
+    refused = Collector()
+
+    def keep(body: bytes, headers: dict[str, str]) -> None:
+        refused.keep(otlp.ExportTraceServiceRequest.FromString(body), headers)
+
+    sink = (
+        grpc_sink(keep, refuse=grpc.StatusCode.INVALID_ARGUMENT) if protocol == "grpc" else http_sink(keep, status=400)
+    )
+    with sink as endpoint, ServerThread(repo, otlp_endpoint=endpoint, otlp_protocol=protocol, otlp_insecure=True) as s:
+        with grpc.insecure_channel(s.address) as channel:
+            for _ in range(3):
+                GRPCInferenceServiceStub(channel).ModelInfer(identity_request(), timeout=10)
+        deadline = time.monotonic() + 15
+        while True:  # the sink sees an export just before the exporter process hears the answer
+            dropped = value(scrape(metrics_url(s)), "tensorgate_trace_spans_dropped_total")
+            if (len(refused.spans()) >= 3 * 4 and dropped == len(refused.spans())) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert len(server_spans(refused, "ModelInfer")) == 3  # server, validate, queue, execute and batch spans each
+    assert dropped == len(refused.spans())
 
 
 def test_an_ensemble_request_traces_each_step(tmp_path: Path, collector: tuple[Collector, int]) -> None:

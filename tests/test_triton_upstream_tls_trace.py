@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc import aio
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -33,9 +34,11 @@ from tensorgate.server import TensorgateServer
 from tensorgate.server.auth import certs
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, slow_model, write_config
+from tests.otlp_sinks import grpc_sink
 from tests.pki import Pki, add_sub_request
 from tests.scripted_upstream import _Servicer
 from tests.serving import ServerThread
+from tests.test_tracing import Collector
 from tests.test_triton_backend import wait_for, write_remote
 
 RPC_SPAN = "inference.GRPCInferenceService/ModelInfer"
@@ -289,6 +292,42 @@ def test_an_unsampled_callers_decision_reaches_the_upstream(pair: dict[str, Any]
         if s.name == "batch add_sub" and s.context is not None and s.context.trace_id not in before
     ]
     assert new == []  # the upstream records nothing either
+
+
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelStreamInfer"])
+def test_with_tracing_off_a_sampled_callers_context_reaches_the_upstream_as_it_came(
+    upstream_repo: Path, tmp_path: Path, rpc: str
+) -> None:
+    """TraceSetting's trace_level OFF: the front traces nothing, and passes the caller's traceparent and tracestate
+    upstream unchanged, so that the upstream joins the caller's trace under the caller's span. (It sent them with
+    the sampled flag cleared, and the upstream, sampling parent-based, dropped the caller's trace.)"""
+    upstream = ServerThread(upstream_repo)
+    upstream_spans = traced(upstream)
+    exported = Collector()
+    with upstream, grpc_sink(lambda body, h: exported.keep(ExportTraceServiceRequest.FromString(body), h)) as collector:
+        root = tmp_path / "front-models"
+        write_remote(root, "add_sub", upstream.address)
+        with ServerThread(root, otlp_endpoint=collector, otlp_insecure=True) as front:
+            with tc.InferenceServerClient(front.address) as client:
+                client.update_trace_settings(settings={"trace_level": "OFF"})
+            trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+            metadata = [("traceparent", f"00-{trace_id}-{caller_span}-01"), ("tracestate", "caller=k1")]
+            if rpc == "ModelInfer":
+                front_infer(front, metadata=metadata)
+            else:
+                with grpc.insecure_channel(front.address) as channel:
+                    stream = GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                        iter([add_sub_request("add_sub", rows=3)] * 2), timeout=30, metadata=metadata
+                    )
+                    assert [r.error_message for r in stream] == ["", ""]
+            tid = int(trace_id, 16)
+            wait_for("the upstream's server span", lambda: bool(spans_of(upstream_spans, tid, RPC_SPAN)), timeout=10)
+    served = spans_of(upstream_spans, tid, RPC_SPAN)
+    for span in served:  # one per batch the front sent (the stream's two requests may share one)
+        assert span.parent is not None and span.parent.is_remote
+        assert span.parent.span_id == int(caller_span, 16)  # under the caller's own span
+        assert span.context is not None and span.context.trace_state.get("caller") == "k1"
+    assert [s.name for s in exported.spans() if s.trace_id.hex() == trace_id] == []  # the front traced nothing
 
 
 # ----- a decoupled model over TLS, loaded with its upstream CA as an uploaded file --------------------------

@@ -160,6 +160,8 @@ class InferenceHandler:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
+            if key is not None:  # a miss whatever the model then did, as Triton counts it: hits + misses = lookups
+                model.stats.record_cache_miss(lookup_ns)
             raise
         model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         if key is not None:

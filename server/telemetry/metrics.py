@@ -94,6 +94,13 @@ class RequestCounts:
         key = (*self._repository.metric_labels(model, version), code)
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def retain(self, versions: set[tuple[str, str]]) -> None:
+        """Forget the series of model versions not in `versions` (those the repository serves or failed to load):
+        an unloaded version's requests go with its histograms and gauges, as Triton's per-model metrics go with
+        the model, and a later load starts from zero. Series without a version (names only) stay."""
+        for key in [k for k in self.counts if k[1] and (k[0], k[1]) not in versions]:
+            del self.counts[key]
+
 
 @dataclass(slots=True)
 class _HistogramCopy:
@@ -277,7 +284,8 @@ SPANS_DROPPED = FamilySpec(
     "tensorgate_trace_spans_dropped_total",
     "counter",
     (),
-    "Finished spans dropped because the span exporter process was behind or not running (tracing on only)",
+    "Finished spans dropped because the span exporter process was behind or not running, or because their export "
+    "failed: the collector refused it or did not answer within the exporter's retries (tracing on only)",
 )
 CACHE_BYTES = FamilySpec(
     "tensorgate_response_cache_bytes",
@@ -513,10 +521,12 @@ class Metrics:
                     else (_HistogramCopy.of(latency.first_response), _HistogramCopy.of(latency.response_gap)),
                 )
             )
+        rows = self._repository.states()
+        self.requests.retain({(r.name, r.version) for r in rows if r.version})
         return Snapshot(
             requests=dict(self.requests.counts),
             models=sorted(models, key=lambda s: (s.model, int(s.version))),
-            states=sorted((r.name, r.version, _state_name(r.state, r.reason)) for r in self._repository.states()),
+            states=sorted((r.name, r.version, _state_name(r.state, r.reason)) for r in rows),
             in_flight=self._gate.in_flight,
             denials=dict(self._auth.denials),
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,

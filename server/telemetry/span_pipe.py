@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -68,6 +68,7 @@ PARENT_CHECK_S = 1.0
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _NO_STATE = TraceState()  # immutable, so every new trace can start with this one
+_LOW_64 = (1 << 64) - 1  # TraceIdRatioBased decides on these bits of the trace id
 _ids = random.Random()
 
 # One finished span, as it crosses to the exporter process:
@@ -249,12 +250,17 @@ def _state(ctx: SpanContext) -> tuple[tuple[str, str], ...]:
 
 
 class LightTracer(trace.Tracer):
-    """ParentBased(TraceIdRatioBased(rate)) sampling; sampled spans are LightSpans, the others carry ids only."""
+    """ParentBased(TraceIdRatioBased(rate)) sampling, or TraceIdRatioBased(rate) alone when not `parent_based`
+    (OTEL_TRACES_SAMPLER's always_on, always_off, traceidratio); sampled spans are LightSpans, the others carry ids
+    only."""
 
-    def __init__(self, sink: list[SpanRecord], rate: float) -> None:
+    def __init__(self, sink: list[SpanRecord], rate: float, *, parent_based: bool = True) -> None:
         self._sink = sink
         self.enabled = True
-        """False: nothing is traced, sampled callers included (TraceSetting's trace_level OFF)."""
+        """False: nothing is traced, sampled callers included (TraceSetting's trace_level OFF), and a caller's context
+        passes through unchanged."""
+        self.parent_based = parent_based
+        """Whether a caller's decision is followed; otherwise its trace id decides, as for a new trace."""
         self.rate = rate
 
     @property
@@ -281,11 +287,16 @@ class LightTracer(trace.Tracer):
         current = trace.get_current_span(context).get_span_context()
         parent: SpanContext | None = current
         if current.is_valid:
-            trace_id, sampled, state = current.trace_id, current.trace_flags.sampled, current.trace_state
-            sampled = sampled and self.enabled
+            if not self.enabled:
+                # OFF: tensorgate is not there for the trace. The caller's context goes on as it came, its sampled
+                # flag and span id included, so that a remote backend still joins the caller's trace under the
+                # caller's span (a span of ours, recorded by nobody, would leave it under a parent never exported).
+                return NonRecordingSpan(current)
+            trace_id, state = current.trace_id, current.trace_state
+            sampled = current.trace_flags.sampled if self.parent_based else (trace_id & _LOW_64) < self._bound
         else:
             trace_id = _new_id(128)
-            sampled, state, parent = self.enabled and (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, _NO_STATE, None
+            sampled, state, parent = self.enabled and (trace_id & _LOW_64) < self._bound, _NO_STATE, None
         ctx = SpanContext(trace_id, _new_id(64), False, _SAMPLED if sampled else _UNSAMPLED, state)
         if not sampled:
             return NonRecordingSpan(ctx)
@@ -311,22 +322,27 @@ class LightTracer(trace.Tracer):
 
 class SpanPipe:
     """The server side: a LightTracer, the list its spans end in, and the thread shipping that list to the
-    exporter process. `dropped` counts spans lost because the exporter process was behind or gone, or had not
-    sent them when close() stopped it."""
+    exporter process. `dropped` counts spans lost because the exporter process was behind or gone, had not sent
+    them when close() stopped it, or could not export them (the collector refused them, or never took them within
+    the exporter's retries)."""
 
     def __init__(self, settings: TracingSettings, *, queue_batches: int = QUEUE_BATCHES) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork of grpc's threads
         self._queue: multiprocessing.Queue[list[SpanRecord] | None] = ctx.Queue(queue_batches)
         self._sink: list[SpanRecord] = []
-        self.tracer = LightTracer(self._sink, settings.rate())
-        self.dropped = 0
+        sampler = settings.sampler()
+        self.tracer = LightTracer(self._sink, sampler.rate, parent_based=sampler.parent_based)
+        self._lost = 0
+        """Spans that never reached the exporter process, or that it had not handled when it was stopped."""
         self._shipped = 0
         """Spans put on the queue; what the exporter process has not handled of them by the end is dropped too."""
-        self._handled = ctx.Value("q", 0, lock=False)  # written by the exporter process only
+        # Written by the exporter process only: spans it tried to send, and those of them that did not go out.
+        self._handled = ctx.Value("q", 0, lock=False)
+        self._failed = ctx.Value("q", 0, lock=False)
         self._warned_at = 0.0
         self._process: BaseProcess = ctx.Process(
             target=export_main,
-            args=(settings, self._queue, self._handled),
+            args=(settings, self._queue, self._handled, self._failed),
             name="tensorgate-span-export",
             daemon=True,
         )
@@ -334,6 +350,11 @@ class SpanPipe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._ship_forever, name="tensorgate-span-ship", daemon=True)
         self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Spans lost on the way to the collector, wherever they were lost (read by the metrics collector)."""
+        return self._lost + int(self._failed.value)
 
     def record(self, record: SpanRecord) -> None:
         """A record made outside a LightSpan (a STEPS record, or a finished child from `child_record`), shipped
@@ -358,7 +379,7 @@ class SpanPipe:
             self._queue.put_nowait(spans)
             self._shipped += count
         except (queue.Full, ValueError, OSError):  # behind, or gone
-            self.dropped += count
+            self._lost += count
             now = time.monotonic()
             if now - self._warned_at > 60:
                 self._warned_at = now
@@ -394,7 +415,7 @@ class SpanPipe:
         self._queue.cancel_join_thread()  # what the process did not read is gone with it
         lost = self._shipped - self._handled.value
         if lost > 0:
-            self.dropped += lost
+            self._lost += lost
             log.warning("span export: %d span(s) not sent before the exporter stopped", lost)
 
 
@@ -457,7 +478,12 @@ def readable(record: SpanRecord, resource: Resource, scope: InstrumentationScope
     )
 
 
-def wire_sender(exporter: SpanExporter, writer: TraceRequestWriter) -> Callable[[list[SpanRecord]], object] | None:
+Sender = Callable[[list[SpanRecord]], bool]
+"""Exports a chunk of records; False when they did not go out (the collector refused them, or the exporter's
+retries ran out): the SDK's exporter logs why, the server counts them as dropped."""
+
+
+def wire_sender(exporter: SpanExporter, writer: TraceRequestWriter) -> Sender | None:
     """The SDK exporter sending requests that `writer` encodes from the records (otlp_wire.py), or None when the
     exporter lacks the hook this needs. Its retries, headers, compression, TLS and timeouts stay the SDK's; only
     the encoding is ours, about eight times cheaper than ReadableSpans and the SDK's encoder.
@@ -468,21 +494,24 @@ def wire_sender(exporter: SpanExporter, writer: TraceRequestWriter) -> Callable[
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.sdk.trace.export import SpanExportResult
 
     if isinstance(exporter, GrpcExporter) and callable(getattr(exporter, "_translate_data", None)):
         hooked: Any = exporter  # records go where the SDK passes ReadableSpans
         hooked._translate_data = lambda records: ExportTraceServiceRequest.FromString(writer.write(records))
         hooked._count_data = len
-        return cast(Callable[[list[SpanRecord]], object], hooked.export)
+        return lambda records: hooked.export(records) is SpanExportResult.SUCCESS
     client: Any = getattr(exporter, "_client", None)
     if isinstance(exporter, HttpExporter) and callable(getattr(client, "export", None)):
-        return lambda records: client.export(writer.write(records))  # logs its own failures, as export() would
+        # Logs its own failures, as export() would; its result says whether the collector took the request.
+        return lambda records: bool(client.export(writer.write(records)).success)
     return None
 
 
-def _sender(settings: TracingSettings) -> tuple[Callable[[list[SpanRecord]], object], Callable[[], None]]:
+def _sender(settings: TracingSettings) -> tuple[Sender, Callable[[], None]]:
     """How the exporter process sends a chunk of records (`wire_sender`, else ReadableSpans through the SDK's
     own encoder), and how it shuts its exporter down."""
+    from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from tensorgate.server import __version__
@@ -495,7 +524,11 @@ def _sender(settings: TracingSettings) -> tuple[Callable[[list[SpanRecord]], obj
     if send is None:
         log.warning("span export: %s has no hook for tensorgate's encoder; using the SDK's", type(exporter).__name__)
         scope = InstrumentationScope("tensorgate", __version__)
-        send = lambda records: exporter.export([readable(r, resource, scope) for r in records])  # noqa: E731
+
+        def send_readable(records: list[SpanRecord]) -> bool:
+            return exporter.export([readable(r, resource, scope) for r in records]) is SpanExportResult.SUCCESS
+
+        send = send_readable
     return send, exporter.shutdown
 
 
@@ -505,11 +538,14 @@ def span_count(records: list[SpanRecord]) -> int:
 
 
 def export_main(
-    settings: TracingSettings, spans: multiprocessing.Queue[list[SpanRecord] | None], handled: Any = None
+    settings: TracingSettings,
+    spans: multiprocessing.Queue[list[SpanRecord] | None],
+    handled: Any = None,
+    failed: Any = None,
 ) -> None:
     """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None. `handled`
     (a shared int) counts the spans it has tried to send, so that the server can count the rest as dropped
-    when it has to stop this process."""
+    when it has to stop this process; `failed` (another) those of them that did not go out."""
     import signal
 
     # The server decides when this process ends (None on the queue, after its drain); Ctrl-C reaches the whole
@@ -533,9 +569,12 @@ def export_main(
             for i in range(0, len(records), EXPORT_CHUNK):
                 chunk = records[i : i + EXPORT_CHUNK]
                 try:
-                    send(chunk)
+                    sent = send(chunk)
                 except Exception:  # noqa: BLE001 - one failed export must not end the process
                     log.exception("span export failed")
+                    sent = False
+                if not sent and failed is not None:
+                    failed.value += len(chunk)
                 if handled is not None:
                     handled.value += len(chunk)
     finally:

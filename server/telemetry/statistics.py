@@ -151,7 +151,9 @@ class ModelStats:
             latency.total.observe(total_ns)
 
     def record_cache_miss(self, ns: int) -> None:
-        """The lookup that missed and the insertion after the model ran."""
+        """A lookup that missed: its time, and the insertion's after the model answered. Counted whatever the
+        model then did (with the lookup's time alone when it failed), as Triton counts a miss even when nothing
+        could be inserted, so that hits and misses add up to the lookups."""
         self.cache_miss.add(ns)
 
     def record_failure(self, total_ns: int) -> None:

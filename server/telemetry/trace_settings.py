@@ -1,7 +1,8 @@
 """Triton's TraceSetting RPC over tensorgate's OpenTelemetry tracing: read and change sampling while the server runs.
 
 An operator raises the sample rate during an incident (or turns tracing off) without a restart. Triton's keys map
-onto ours: `trace_level` OFF stops tracing altogether (sampled callers included), TIMESTAMPS turns it back on;
+onto ours: `trace_level` OFF stops tracing altogether (sampled callers included; their context still reaches remote
+backends as it came), TIMESTAMPS turns it back on;
 `trace_rate` N keeps one new trace in N (a share of 1/N; `tensorgate.sample_rate` sets the share itself); a key
 sent without a value goes back to the start's setting.
 TENSORS is refused (payloads are never traced), and so are settings tensorgate has no counterpart for

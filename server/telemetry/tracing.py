@@ -30,6 +30,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tensorgate.server import __version__
+from tensorgate.server.settings import otlp_endpoint_given
 from tensorgate.server.telemetry.span_pipe import (
     EXECUTE_SPAN,
     QUEUE_SPAN,
@@ -54,6 +55,32 @@ _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePr
 _FIELDS = frozenset(_PROPAGATOR.fields)
 """The metadata keys the propagator reads: a call without any (most calls) skips extraction."""
 _ROOT = otel_context.Context()
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+"""OTEL_TRACES_SAMPLER values tensorgate honours (OpenTelemetry's built-in samplers)."""
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Settings are read more than once at start (checked, then used): one line for each problem."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampler:
+    """How new spans are sampled: TraceIdRatioBased(rate), inside ParentBased when `parent_based` (a caller's
+    decision is followed; otherwise the trace id decides, whatever the caller sampled)."""
+
+    rate: float
+    parent_based: bool = True
 
 
 @dataclass(slots=True)
@@ -71,28 +98,39 @@ class TracingSettings:
     otlp_insecure: bool = False
     """Plaintext gRPC to the collector (a sidecar on localhost); https:// endpoints always use TLS."""
     sample_rate: float | None = None
-    """Share of new traces kept (parent-based: a sampled caller is always traced); OTEL_TRACES_SAMPLER_ARG or 1."""
+    """Share of new traces kept (parent-based: a sampled caller is always traced); given, it wins over
+    OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (see `sampler`)."""
 
     @property
     def enabled(self) -> bool:
         """On with an endpoint, from the flag or OTel's own variables; OTEL_SDK_DISABLED=true wins."""
         if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return False
-        return bool(
-            self.otlp_endpoint
-            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        )
+        return otlp_endpoint_given(self.otlp_endpoint)
 
-    def rate(self) -> float:
+    def sampler(self) -> Sampler:
+        """`sample_rate`, parent-based, when given; else OpenTelemetry's OTEL_TRACES_SAMPLER (parentbased_always_on
+        when unset), its ratio samplers reading OTEL_TRACES_SAMPLER_ARG (default 1). Unset with the argument set,
+        the argument alone is the parent-based ratio (as tensorgate read it before it read the sampler's name)."""
         if self.sample_rate is not None:
-            return self.sample_rate
+            return Sampler(self.sample_rate, parent_based=True)
+        name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+        if name and name not in SAMPLERS:
+            known = ", ".join(SAMPLERS)
+            _warn_once(f"OTEL_TRACES_SAMPLER={name!r} is not one tensorgate knows ({known}); sampling as when unset")
+            name = ""
+        parent_based = not name or name.startswith("parentbased_")
+        kind = name.removeprefix("parentbased_")
+        if kind == "always_on":
+            return Sampler(1.0, parent_based)
+        if kind == "always_off":
+            return Sampler(0.0, parent_based)
         raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
         try:
-            return 1.0 if raw is None else float(raw)
+            return Sampler(1.0 if raw is None else float(raw), parent_based)
         except ValueError:
-            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; sampling every trace", raw)
-            return 1.0
+            _warn_once(f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a number; sampling every trace")
+            return Sampler(1.0, parent_based)
 
     def protocol(self) -> str:
         protocol = (
@@ -163,7 +201,7 @@ def build_resource() -> Resource:
 
 def check(s: TracingSettings) -> None:
     """What would only fail in the exporter process fails here, at start, with its reason."""
-    rate = s.rate()
+    rate = s.sampler().rate
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"trace sample rate must be in 0..1, got {rate}")
     s.protocol()
@@ -241,7 +279,8 @@ class Tracing:
     @staticmethod
     def context_of(span: Span) -> SpanContext | None:
         """A request span's context, sampled or not, for the scheduler: it links its batch to the sampled ones,
-        and passes an unsampled caller's decision on to a remote backend."""
+        and passes an unsampled caller's decision on to a remote backend (with tracing OFF, the caller's own
+        context, which the batch passes on as it came)."""
         ctx = span.get_span_context()
         return ctx if ctx.is_valid else None
 
@@ -294,7 +333,9 @@ class Tracing:
         """After the batch: the request's queue wait and its share of the execution, as two child spans with the
         times already measured (epoch ns), the second linked to the batch span."""
         if self.pipe is not None:  # the same two spans, made in the exporter process from one record
-            self.pipe.record(steps_record(request, enqueued_ns, started_ns, ended_ns, batch, rows, provider))
+            # Not while OFF: `request` is then the caller's own context (what OFF passes on in place of our span).
+            if self.pipe.tracer.enabled:
+                self.pipe.record(steps_record(request, enqueued_ns, started_ns, ended_ns, batch, rows, provider))
             return
         parent = trace.set_span_in_context(NonRecordingSpan(request))
         self.tracer.start_span(QUEUE_SPAN, context=parent, start_time=enqueued_ns).end(end_time=started_ns)
@@ -339,6 +380,8 @@ def from_settings(s: TracingSettings) -> Tracing | None:
 
 __all__ = [
     "OTLP_PROTOCOLS",
+    "SAMPLERS",
+    "Sampler",
     "Tracing",
     "TracingSettings",
     "build_exporter",
