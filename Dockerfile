@@ -11,8 +11,11 @@
 # Base images and onnxruntime-gpu are pinned together: onnxruntime-gpu 1.31 wheels are built for CUDA 13 and
 # cuDNN 9, which the cuda 13.0 "cudnn-runtime" image provides. Bump them together.
 #
-# The HEALTHCHECK runs `tensorgate health` against TENSORGATE_SERVER (127.0.0.1:8001; change it with the gRPC
-# port). When the server speaks TLS, give the probe its files through the environment, for example:
+# The HEALTHCHECK is a liveness check: `tensorgate health --live` against TENSORGATE_SERVER (127.0.0.1:8001;
+# change it with the gRPC port) passes while the server answers, NOT_SERVING included, so that a model load longer
+# than the start period does not mark the container unhealthy (and have it replaced). Readiness, whether to send
+# it traffic, is the orchestrator's readiness probe: `tensorgate health --service inference.GRPCInferenceService`
+# or a gRPC probe on that service. When the server speaks TLS, give the probe its files through the environment, for example:
 #   docker run -v "$PWD/certs:/certs:ro" \
 #     -e TENSORGATE_TLS_CERT=/certs/server.pem -e TENSORGATE_TLS_KEY=/certs/server-key.pem \
 #     -e TENSORGATE_TLS_CLIENT_CA=/certs/ca.pem \
@@ -50,7 +53,7 @@ RUN python -m venv /opt/venv \
 USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["tensorgate", "health"]
+    CMD ["tensorgate", "health", "--live"]
 ENTRYPOINT ["tensorgate", "serve"]
 CMD ["--model-repository", "/models", "--host", "0.0.0.0"]
 
@@ -78,6 +81,6 @@ RUN apt-get update \
 USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["tensorgate", "health"]
+    CMD ["tensorgate", "health", "--live"]
 ENTRYPOINT ["tensorgate", "serve"]
 CMD ["--model-repository", "/models", "--host", "0.0.0.0"]

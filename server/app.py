@@ -19,6 +19,7 @@ from tensorgate.protos._pool import add_files
 from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
+from tensorgate.server.backends.base import interrupt_backend
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
@@ -339,12 +340,24 @@ class TensorgateServer:
         if self._gate is not None:
             log.info("refusing new calls; draining %d in-flight call(s) (grace %.0fs)", self._gate.in_flight, grace)
             if not await self._gate.drain(grace):
-                log.warning("grace period over with %d call(s) still running; cancelling them", self._gate.in_flight)
+                hurried = self._gate.hurried
+                log.warning(
+                    "%s with %d call(s) still running; cancelling them",
+                    "stopping at once" if hurried else "grace period over",
+                    self._gate.in_flight,
+                )
+                ended = "the server was told to stop at once" if hurried else "the grace period ended"
                 # What has not started gets a status that says so (safe to send again elsewhere), rather than be
                 # cut off below with gRPC's bare "Cancelling all calls", which cannot tell it from work that ran.
-                self.repository.reject_waiting(f"did not run the request before the grace period ended; {DRAINING}")
+                self.repository.reject_waiting(f"did not run the request before {ended}; {DRAINING}")
         if self._server is not None:
             await self._server.stop(0.5)
+        if self._gate is not None and self._gate.hurried:
+            # The callers have their answer (cancelled above): a batch still computing would hold the exit for as
+            # long as it runs (the repository's close waits for it, since a process that exits under a running
+            # ONNX Runtime session aborts), so it is cut short where the backend can do that.
+            for model in self.repository.loaded():
+                interrupt_backend(model.backend)
         if self.monitor is not None:
             await self.monitor.stop()
         if self.capture is not None:  # store what was captured before the process goes
@@ -363,18 +376,36 @@ class TensorgateServer:
             self.metrics.close()  # releases NVML when GPU metrics were on
         log.info("stopped")
 
+    def hurry(self) -> None:
+        """End the drain of `stop()` now, under way or to come, as if its grace were over: what waits in a queue
+        is refused with UNAVAILABLE, calls still computing are cut off."""
+        if self._gate is not None:
+            self._gate.hurry()
+
 
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain and return (the process exits 0).
 
     A signal during start-up (models still loading) stops at once: an orchestrator that gives up on a slow start
-    must not wait for every model to load first.
+    must not wait for every model to load first. A second signal during the drain ends it at once (an operator
+    pressing Ctrl-C twice, an orchestrator escalating); the process still stops in order and exits 0, as it does
+    when the grace period runs out: the stop was asked for, and the log says what was cut off. ONNX Runtime
+    batches already computing are cut short at their next node and then waited for (by the repository's close):
+    a process that exits under a running session aborts.
     """
     app = TensorgateServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("%s again: stopping at once, without waiting for calls in flight", sig.name)
+        app.hurry()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     starting = asyncio.ensure_future(app.start())
     stopping = asyncio.ensure_future(stop.wait())
     try:

@@ -135,6 +135,11 @@ def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser("health", help="probe a server's grpc.health.v1 service; exit 0 when SERVING")
     add_connection_arguments(p, timeout=3.0)
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="liveness: exit 0 when the server answers at all, NOT_SERVING too (loading models, draining)",
+    )
     # A container's HEALTHCHECK has a fixed command line: the probe's TLS files come from the environment
     # (TENSORGATE_HEALTH_TLS_CA, _CERT, _KEY, _SERVER_NAME); a flag wins over its variable.
     p.set_defaults(
@@ -306,8 +311,11 @@ def _run_health(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # unreadable TLS files: one line, as `tensorgate infer` says it
         print(f"tensorgate health: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.server}: {status}")
-    return 0 if status == "SERVING" else 1
+    # A server that answers NOT_SERVING is up, still loading its models or draining: alive, not ready. A container
+    # health check asks for liveness, and one that failed during a long load would have the container killed.
+    live = args.live and status == "NOT_SERVING"
+    print(f"{args.server}: {status}" + (" (live)" if live else ""))
+    return 0 if status == "SERVING" or live else 1
 
 
 def _run_certs(args: argparse.Namespace) -> int:

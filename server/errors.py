@@ -139,15 +139,28 @@ class UnimplementedError(TensorgateError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+def shown_path(path: Path, base: Path) -> str:
+    """A server file as messages that clients read (load errors, RepositoryIndex) name it: relative to `base` (the
+    model repository, or a model's directory), or by its name alone; never by the server's directory layout."""
+    return str(path.relative_to(base) if path.is_relative_to(base) else Path(path.name))
+
+
+def without_paths(text: str, base: Path, *paths: Path) -> str:
+    """A foreign library's message (onnxruntime's names files by absolute path) with `paths` named as `shown_path`
+    names them. The longest first: a folder's path begins its files' paths."""
+    for path in sorted(paths, key=lambda p: len(str(p)), reverse=True):
+        if path.parent != path:  # the root's "/" is in every path: not one to replace
+            text = text.replace(str(path), shown_path(path, base))
+    return text
+
+
 def os_error_text(exc: OSError, base: Path) -> str:
-    """An OSError as clients may read it (load errors, RepositoryIndex): its own text carries the server's
-    absolute path, so the file is named relative to `base` (the model repository), or by its name alone."""
+    """An OSError as clients may read it: its own text carries the server's absolute path, which `shown_path`
+    names instead."""
     why = exc.strerror or type(exc).__name__
     if exc.filename is None:
         return why
-    path = Path(os.fsdecode(exc.filename))
-    shown = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
-    return f"{shown}: {why}"
+    return f"{shown_path(Path(os.fsdecode(exc.filename)), base)}: {why}"
 
 
 def unexpected_error_text(exc: Exception, base: Path) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -123,6 +124,51 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         assert server.proc.wait(60) == 0
 
 
+def test_a_second_signal_ends_the_drain_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice, or an orchestrator that signals again: the drain stops waiting for its long grace. A request
+    still queued is told it never ran (safe to send elsewhere), one computing is cut off and its batch ended early,
+    and the process stops in order and exits 0 (as when the grace runs out), saying why in its log."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx", repeats=12000)  # seconds per call
+    write_config(repo, "slow", "max_batch_size: 8192\ninstance_group [{ kind: KIND_CPU count: 1 }]\n")
+    slow_model(repo / "queued" / "1" / "model.onnx", size=8, repeats=1)
+    # A batch of one waits ten minutes for company: the request stays queued.
+    write_config(repo, "queued", "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 600000000 }\n")
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "300"]) as server:
+        _wait_ready(server.address).close()
+
+        async def scenario() -> tuple[grpc.aio.AioRpcError, grpc.aio.AioRpcError]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = GRPCInferenceServiceStub(channel)
+                # Minutes of compute on 2 cores: the process must not wait for it (ONNX Runtime's terminate flag).
+                x = np.full((8192, 512), 0.01, dtype=np.float32)
+                computing = stub.ModelInfer(encode_infer_request("slow", [("INPUT0", x)]), timeout=45)
+                queued = stub.ModelInfer(encode_infer_request("queued", [("INPUT0", np.ones((1, 8), np.float32))]))
+                await asyncio.sleep(1.5)  # generous: both requests reach the server on loopback
+                server.proc.send_signal(signal.SIGTERM)
+                server.wait_for_line("refusing new calls; draining 2 in-flight")
+                server.proc.send_signal(signal.SIGINT)
+                hurried.append(time.monotonic())
+                errors = []
+                for call in (computing, queued):
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await asyncio.wait_for(call, 45)  # not the grace: 300 s
+                    errors.append(failed.value)
+                return errors[0], errors[1]
+
+        hurried: list[float] = []
+        cut, never_ran = asyncio.run(scenario())
+        assert server.proc.wait(45) == 0
+        # The batch was cut short, not waited for: without that, the repository's close waits out its 30 s grace.
+        assert time.monotonic() - hurried[0] < 20
+        assert never_ran.code() == grpc.StatusCode.UNAVAILABLE
+        assert "did not run the request before the server was told to stop at once" in never_ran.details()
+        assert "retry on another replica" in never_ran.details()
+        assert cut.code() == grpc.StatusCode.UNAVAILABLE
+        assert "SIGINT again: stopping at once" in server.output
+        assert "stopped" in server.output
+
+
 def test_stream_open_at_sigterm_is_told_to_go_elsewhere_and_ends(repo: Path) -> None:
     """A client keeps its stream open between requests (tritonclient's start_stream). After SIGTERM such an idle
     stream ends at once with UNAVAILABLE (clients retry on another replica), rather than hold the drain for its
@@ -160,11 +206,12 @@ def test_health_command(repo: Path) -> None:
         assert ok.returncode == 0, ok.stderr
         assert "SERVING" in ok.stdout
         assert server.terminate() == 0
-    down = subprocess.run(
-        [TENSORGATE, "health", "--server", server.address, "--timeout", "1"], capture_output=True, text=True
-    )
-    assert down.returncode == 1
-    assert "UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr
+    for live in ([], ["--live"]):  # liveness takes NOT_SERVING, not a server that does not answer
+        down = subprocess.run(
+            [TENSORGATE, "health", "--server", server.address, "--timeout", "1", *live], capture_output=True, text=True
+        )
+        assert down.returncode == 1
+        assert "UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr
 
 
 @pytest.mark.parametrize(

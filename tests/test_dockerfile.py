@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.onnx_models import slow_model, write_config
 from tests.pki import Pki
+from tests.process import ServeProcess
 from tests.serving import ServerThread
 
 DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
@@ -108,7 +110,32 @@ def test_the_image_probes_the_default_grpc_port() -> None:
         env = image_env(name, {"PATH": "/usr/bin"})
         assert env["TENSORGATE_SERVER"] == "127.0.0.1:8001"
         assert env["PATH"].split(os.pathsep)[0] == "/opt/venv/bin"
-        assert healthcheck_command(name)[:2] == ["tensorgate", "health"]
+        assert healthcheck_command(name) == ["tensorgate", "health", "--live"]
+
+
+def test_healthcheck_passes_while_models_load(tmp_path: Path) -> None:
+    """The container's check is liveness: a server still loading its models answers NOT_SERVING, which must not
+    count as unhealthy (a load longer than the start period would have the container replaced). Readiness, the
+    plain `tensorgate health`, still says not ready meanwhile."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    write_config(  # a warm-up of minutes: the model is loading for the whole test
+        repo,
+        "slow",
+        'max_batch_size: 64\nmodel_warmup [ { name: "long" batch_size: 64 count: 100000\n'
+        '  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 512 ] random_data: true } } } ]\n',
+    )
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0"]) as server:
+        address = server.address
+        for name in STAGES:
+            env = image_env(name, _base_env()) | {"TENSORGATE_SERVER": address}
+            live = _run(healthcheck_command(name), env)
+            assert live.returncode == 0, live.stdout + live.stderr
+            assert live.stdout.strip() == f"{address}: NOT_SERVING (live)"
+        ready = _run(["tensorgate", "health"], env)
+        assert ready.returncode == 1 and ready.stdout.strip() == f"{address}: NOT_SERVING"
+        assert "ready:" not in server.output  # all of it happened during the load
+        assert server.terminate() == 0
 
 
 @pytest.mark.parametrize("name", STAGES)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import grpc
+import errno
+from pathlib import Path
 
-from tensorgate.server.errors import InvalidRequestError, ModelUnavailableError, with_prefix
+import grpc
+import pytest
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.onnx import OnnxBackend
+from tensorgate.server.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelUnavailableError,
+    os_error_text,
+    with_prefix,
+    without_paths,
+)
 
 
 def test_a_prefixed_error_is_a_copy_and_the_original_is_untouched() -> None:
@@ -24,3 +37,22 @@ def test_a_prefixed_error_is_a_copy_and_the_original_is_untouched() -> None:
     )
     assert nested.message == "in ensemble 'a', in ensemble 'b', model 'scale' is not ready: unloaded"
     assert nested.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_load_errors_name_files_without_the_server_s_directories(tmp_path: Path) -> None:
+    """Load errors go over the wire. An OSError (a warm-up file) and onnxruntime's own message (which names the
+    model by its absolute path) name files one way: from the repository, or from the model's directory."""
+    repo = tmp_path / "models"
+    model = repo / "m" / "1" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError) as info:
+        OnnxBackend(model, mc.ModelConfig(name="m"), version=1)
+    message = info.value.message
+    assert "onnxruntime could not load model.onnx" in message and "Load model from 1/model.onnx failed" in message
+    assert str(tmp_path) not in message
+    missing = OSError(errno.ENOENT, "No such file or directory", str(repo / "m" / "warmup" / "in.bin"))
+    assert os_error_text(missing, repo) == "m/warmup/in.bin: No such file or directory"
+    assert os_error_text(OSError(errno.EACCES, "Permission denied", "/etc/in.bin"), repo) == "in.bin: Permission denied"
+    # A model at the root: its folder "/" begins every path, and is left alone.
+    assert without_paths("open /m.onnx, then /x", Path("/"), Path("/m.onnx"), Path("/")) == "open m.onnx, then /x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -633,3 +634,75 @@ def test_a_large_shared_memory_input_the_model_cannot_take_is_refused_before_it_
         finally:
             client.unregister_system_shared_memory()
             client.close()
+
+
+def test_a_region_unregistered_while_its_request_waits_keeps_its_segment_until_the_request_ends(
+    tmp_path: Path, segments: Segments
+) -> None:
+    """SystemSharedMemoryUnregister while a request that names the region is queued (as Triton's, where the
+    region is unmapped once its in-flight requests complete): the request still writes its output into the
+    segment it was given, a region registered under the same name meanwhile is left alone, and the server goes
+    on. A real server process, so that a crash would show."""
+    import re
+    import threading
+
+    from tests.scraping import scrape
+
+    repo = tmp_path / "models"
+    add_sub_model(repo / "paired" / "1" / "model.onnx")
+    write_config(  # a request waits a minute for a second one to fill its batch of two
+        repo,
+        "paired",
+        'backend: "onnxruntime"\nmax_batch_size: 2\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] }, '
+        '{ name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] }, '
+        '{ name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 60000000 }\n",
+    )
+    sentinel = np.full((1, 16), -7.0, np.float32)
+    old_key, old_handle = segments.make(ROW_BYTES)
+    new_key, new_handle = segments.make(ROW_BYTES)
+    shm.set_shared_memory_region(old_handle, [sentinel])
+    shm.set_shared_memory_region(new_handle, [sentinel])
+    a, b = np.arange(16, dtype=np.float32).reshape(1, 16), np.ones((1, 16), np.float32)
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shared-memory", "system"]
+    with ServeProcess(args) as server:
+        server.wait_for_line(r"\bready: \d+ model")
+        metrics = re.search(r"metrics listening on \S+:(\d+)", server.wait_for_line("metrics listening on"))
+        assert metrics is not None
+        client = tc.InferenceServerClient(server.address)
+        try:
+            client.register_system_shared_memory("out", old_key, ROW_BYTES)
+            inputs = [tc.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            out = tc.InferRequestedOutput("OUTPUT0")
+            out.set_shared_memory("out", ROW_BYTES)
+            answers: list[object] = []
+            answered = threading.Event()
+
+            def record(result: object, error: object) -> None:
+                answers.append(error or result)
+                answered.set()
+
+            client.async_infer("paired", inputs, callback=record, outputs=[out], client_timeout=60)
+            depth = ("tensorgate_queue_depth", frozenset({"model": "paired", "version": "1"}.items()))
+            deadline = time.monotonic() + 30
+            while scrape(f"http://127.0.0.1:{metrics.group(1)}/metrics").get(depth) != 1:
+                assert time.monotonic() < deadline, "the request never queued"
+                time.sleep(0.05)
+            client.unregister_system_shared_memory("out")
+            client.register_system_shared_memory("out", new_key, ROW_BYTES)  # the name, reused elsewhere
+            client.infer("paired", inputs)  # fills the batch: both run now
+            assert answered.wait(30)
+            (result,) = answers
+            assert isinstance(result, tc.InferResult), result
+            assert list(result.get_response().raw_output_contents) == [b""]
+            np.testing.assert_array_equal(shm.get_contents_as_numpy(old_handle, np.float32, [1, 16]), a + b)
+            np.testing.assert_array_equal(shm.get_contents_as_numpy(new_handle, np.float32, [1, 16]), sentinel)
+            assert client.is_server_live()
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()
+        assert server.terminate() == 0, server.output

@@ -94,6 +94,22 @@ class StreamsResponses(Protocol):
         ...
 
 
+@runtime_checkable
+class Interrupts(Protocol):
+    """A backend whose running batches can be cut short: a forced stop (a second signal) need not wait for a long
+    batch before the process exits."""
+
+    def interrupt(self) -> None:
+        """Make the batches running now, and any started later, fail soon; called from the event loop."""
+        ...
+
+
+def interrupt_backend(backend: Backend) -> None:
+    """Cut short what `backend` runs, if it can be (Interrupts); a no-op for the others."""
+    if isinstance(backend, Interrupts):
+        backend.interrupt()
+
+
 def backend_ready(backend: Backend) -> bool:
     """Whether a loaded backend can serve now; local backends always can."""
     return backend.ready if isinstance(backend, ReportsReadiness) else True

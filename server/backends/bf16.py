@@ -23,8 +23,14 @@ _ELEMENT_TYPE = 16
 DTYPE = BY_NAME["BF16"].np_dtype
 
 
-def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """`session.run(outputs, feed)` for a model with BF16 tensors; the outputs are arrays that own their data."""
+def run(
+    session: ort.InferenceSession,
+    outputs: Sequence[str],
+    feed: Mapping[str, np.ndarray],
+    options: ort.RunOptions | None = None,
+) -> list[np.ndarray]:
+    """`session.run(outputs, feed, options)` for a model with BF16 tensors; the outputs are arrays that own their
+    data."""
     binding = session.io_binding()
     # Held until the run returns: an OrtValue over an array's bytes does not keep the array alive, and before
     # onnxruntime 1.32 neither did the binding (a contiguous copy made here would be freed under the run).
@@ -33,7 +39,7 @@ def run(session: ort.InferenceSession, outputs: Sequence[str], feed: Mapping[str
         binding.bind_ortvalue_input(name, value)
     for name in outputs:
         binding.bind_output(name, "cpu")  # wherever the model ran: the copy out below reads host memory
-    session.run_with_iobinding(binding)
+    session.run_with_iobinding(binding, options)
     return [_array(value) for value in binding.get_outputs()]
 
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.backends import bf16
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
-from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError
+from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError, without_paths
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +275,9 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
 
 
 def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
-    """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get the file
-    name only (the message already names model and version), never the server's directory layout."""
-    detail = str(exc).replace(str(path), path.name).replace(str(path.parent), path.parent.name)
+    """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get it from the
+    model's directory (`1/model.onnx`; the message already names the model), never the server's directory layout."""
+    detail = without_paths(str(exc), path.parent.parent, path, path.parent)
     return ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {detail}")
 
 
@@ -358,6 +358,9 @@ class OnnxBackend:
         self.inputs = {a.name: a for a in self._session.get_inputs()}
         self.outputs = {a.name: a for a in self._session.get_outputs()}
         self._string_inputs = {n for n, a in self.inputs.items() if a.type == "tensor(string)"}
+        self._run_options = ort.RunOptions()
+        """Shared by every run of this session: `interrupt` sets its terminate flag (an atomic in ONNX Runtime),
+        which each run checks between nodes."""
         self._bf16 = any(a.type == bf16.ONNX_TYPE for a in (*self.inputs.values(), *self.outputs.values()))
         if self._bf16 and self._string_inputs:
             raise ModelLoadError(
@@ -418,15 +421,19 @@ class OnnxBackend:
             feed = pad_feed(feed, self._pad_to)
         try:
             if self._bf16:
-                results = bf16.run(self._session, outputs, feed)
+                results = bf16.run(self._session, outputs, feed, self._run_options)
             else:
-                results = self._session.run(list(outputs), feed)
+                results = self._session.run(list(outputs), feed, self._run_options)
         except Exception as exc:  # noqa: BLE001 - translate onnxruntime's errors at the boundary
             raise BackendError(self._model, self._version, f"onnxruntime: {exc}") from exc
         if padded:
             # Only the real rows go back; an output without the padded rows is left for the split to refuse.
             results = [r[:rows] if r.ndim and r.shape[0] == self._pad_to else r for r in results]
         return dict(zip(outputs, results, strict=True))
+
+    def interrupt(self) -> None:
+        """A forced stop: running batches end at their next node, with onnxruntime's "terminate flag" error."""
+        self._run_options.terminate = True
 
     def close(self) -> None:
         # Dropping the session releases its memory (and GPU allocations) once running calls return.

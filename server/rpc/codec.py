@@ -233,20 +233,17 @@ def decode_infer_request(
                 f"{limits.max_tensor_elements} elements "
                 "(--max-tensor-elements)",
             )
-        large = count > LARGE_ELEMENTS and (dt.name == "BYTES" or (raw is None and REGION not in tensor.parameters))
-        if large:
+        # Where the data is, once its size fits the shape; not read yet (only the region's bounds are checked).
+        piece = _shared(shm, tensor, dt, shape, count, model, version, limits) if REGION in tensor.parameters else None
+        # Long work (per element, or a large read): the model's schema answers first, then a worker thread does it.
+        per_element = count > LARGE_ELEMENTS and (dt.name == "BYTES" or (raw is None and piece is None))
+        if per_element or (piece is not None and piece.size > LARGE_SHARED_BYTES):
             if check_input is not None:
                 check_input(model, version, name, dt.name, shape)
             if on_loop:
                 raise DecodeOffLoop
-        if REGION in tensor.parameters:
+        if piece is not None:
             shared += 1
-            piece = _shared(shm, tensor, dt, shape, count, model, version, limits)
-            if not large and piece.size > LARGE_SHARED_BYTES:
-                if check_input is not None:
-                    check_input(model, version, name, dt.name, shape)
-                if on_loop:
-                    raise DecodeOffLoop
             data = _read_shared(piece, model, version, name)
             inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
         elif raw is not None:

@@ -21,6 +21,7 @@ class DrainGate:
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_started = asyncio.Event()
+        self._hurried = asyncio.Event()
         self.draining = False
 
     @property
@@ -43,12 +44,25 @@ class DrainGate:
         wait for messages that would hold the drain for its whole grace."""
         await self._drain_started.wait()
 
+    @property
+    def hurried(self) -> bool:
+        return self._hurried.is_set()
+
+    def hurry(self) -> None:
+        """Stop waiting for running RPCs (a second stop signal): the drain, under way or still to come, ends now
+        as if its grace were over."""
+        self._hurried.set()
+
     async def drain(self, timeout: float) -> bool:
-        """Refuse new RPCs and wait up to `timeout` seconds for running ones; True when all finished."""
+        """Refuse new RPCs and wait up to `timeout` seconds, or until `hurry()`, for running ones; True when all
+        finished."""
         self.draining = True
         self._drain_started.set()
+        idle = asyncio.ensure_future(self._idle.wait())
+        hurried = asyncio.ensure_future(self._hurried.wait())
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait((idle, hurried), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            hurried.cancel()
+        return self._in_flight == 0
