@@ -98,8 +98,13 @@ def infer_request(
     if sequence_id is not None and sequence_id not in (0, ""):
         if not isinstance(sequence_id, str) and not 0 < int(sequence_id) < 2**64:
             raise ValueError(f"sequence_id must be a string or an integer in 1..2**64-1, got {sequence_id}")
-        # As tritonclient sends them: the ID as int64 or string, both flags always.
-        parameters["sequence_id"] = sequence_id if isinstance(sequence_id, str) else int(sequence_id)
+        # As Triton's clients send them: the ID as int64 or string, both flags always. An ID past int64 goes as
+        # its two's complement, as Triton's C++ client and perf_analyzer send their uint64 IDs: Triton reads
+        # int64_param as uint64 and refuses uint64_param.
+        if isinstance(sequence_id, str):
+            parameters["sequence_id"] = sequence_id
+        else:
+            parameters["sequence_id"] = int(sequence_id) - 2**64 if int(sequence_id) >= 2**63 else int(sequence_id)
         parameters["sequence_start"] = bool(sequence_start)
         parameters["sequence_end"] = bool(sequence_end)
     elif sequence_start or sequence_end:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
-from tests.test_sequence import _error, _x
+from tests.test_sequence import _error, _mtls_client, _total, _x, check_sequences_belong_to_their_starter
 
 
 def _pause(us: int) -> str:
@@ -131,17 +132,18 @@ def test_refusals_name_the_model(client: tc.InferenceServerClient) -> None:
     assert r.as_numpy("OUTPUT").tolist() == [[4.0]]
 
 
-def test_string_ids_and_ids_that_cannot_be_forwarded(front: ServerThread) -> None:
-    """A string correlation ID goes upstream as a string; an integer over int64 (our client sends it as uint64)
-    cannot go through tritonclient, and is refused with why rather than sent as some other ID."""
+def test_string_ids_and_ids_past_int64_are_forwarded(front: ServerThread) -> None:
+    """A string correlation ID goes upstream as a string; an integer past int64 goes as its two's complement in
+    int64_param (tritonclient's field), which Triton, and a tensorgate upstream, read as the same uint64."""
     with InferenceClient(front.address, timeout=30) as c:
         x = {"INPUT": np.array([[2.0]], np.float32)}
         assert c.infer("racc_text", x, sequence_id="user-7", sequence_start=True).outputs["CORRID_OUT"].tolist() == [
             [b"user-7"]
         ]
         assert c.infer("racc_text", x, sequence_id="user-7", sequence_end=True).outputs["OUTPUT"].tolist() == [[4.0]]
-        with pytest.raises(Exception, match=r"model 'racc' version 1: sequence_id 9223372036854775813 is over"):
-            c.infer("racc", x, sequence_id=2**63 + 5, sequence_start=True)
+        big = 2**63 + 5
+        assert c.infer("racc", x, sequence_id=big, sequence_start=True).outputs["CORRID_OUT"].tolist() == [[big]]
+        assert c.infer("racc", x, sequence_id=big, sequence_end=True).outputs["OUTPUT"].tolist() == [[4.0]]
         for beyond in (2**64, -3):  # no protocol field carries these: refused before anything is sent
             with pytest.raises(ValueError, match=r"sequence_id must be a string or an integer in 1\.\.2\*\*64-1"):
                 c.infer("racc", x, sequence_id=beyond, sequence_start=True)

@@ -156,10 +156,20 @@ def test_string_correlation_ids_from_our_client(served: ServerThread) -> None:
             c.infer("acc_text", x, sequence_id=7, sequence_start=True)
         with pytest.raises(Exception, match="sequence_id must be an integer"):
             c.infer("acc", x, sequence_id="user-7", sequence_start=True)
-        # Beyond int64: only uint64_param carries it, as perf_analyzer's IDs may need.
+        # Beyond int64: our client sends its two's complement in int64_param, as Triton's C++ client and
+        # perf_analyzer do, and the server reads it as uint64 (as Triton does); uint64_param is read too.
         big = 2**63 + 5
         r = c.infer("acc", x, sequence_id=big, sequence_start=True, sequence_end=True)
         assert r.outputs["CORRID_OUT"].tolist() == [[big]]
+    request = encode_infer_request("acc", [("INPUT", np.array([[2.0]], np.float32))])
+    for field, sent in (("int64_param", -3), ("uint64_param", 2**64 - 3)):
+        request.parameters.clear()
+        setattr(request.parameters["sequence_id"], field, sent)
+        request.parameters["sequence_start"].bool_param = request.parameters["sequence_end"].bool_param = True
+        with grpc.insecure_channel(served.address) as channel:
+            reply = GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        corrid = next(i for i, o in enumerate(reply.outputs) if o.name == "CORRID_OUT")
+        assert np.frombuffer(reply.raw_output_contents[corrid], np.uint64).tolist() == [2**64 - 3], field
 
 
 def test_our_asyncio_client_streams_a_sequence(served: ServerThread) -> None:

@@ -98,8 +98,6 @@ DEFAULT_REMOTE_INSTANCES = 4
 REDACTED = "<redacted>"
 _NO_SEQUENCE = SequenceFlags(0)
 """What a request outside any sequence sends: tritonclient, as Triton, reads correlation ID 0 as none."""
-MAX_FORWARDED_ID = 2**63 - 1
-"""tritonclient sends an integer correlation ID as int64: a larger one cannot be forwarded."""
 _MAX_MESSAGE = 2**31 - 1
 # Reconnect quickly once the upstream is back: gRPC's default backoff grows to two minutes between attempts, so a
 # restarted Triton would stay unreachable that long. At most one attempt a second per connection costs nothing.
@@ -359,18 +357,15 @@ class TritonBackend:
         headers = s.headers if context.trace is None else {**s.headers, **Tracing.headers(context.trace)}
         client = next(self._next)
         sequence = context.sequence or _NO_SEQUENCE
-        if isinstance(sequence.id, int) and sequence.id > MAX_FORWARDED_ID:
-            raise InvalidRequestError(
-                self._model,
-                self._version,
-                f"sequence_id {sequence.id} is over {MAX_FORWARDED_ID}: it cannot be forwarded to {self._where}",
-            )
+        sequence_id = sequence.id
+        if isinstance(sequence_id, int) and sequence_id >= 2**63:
+            sequence_id -= 2**64  # tritonclient sends int64: its two's complement, which Triton reads as uint64
         coro = client.infer(
             s.model_name,
             infer_inputs,
             model_version=s.model_version,
             outputs=wanted,
-            sequence_id=sequence.id,
+            sequence_id=sequence_id,
             sequence_start=sequence.start,
             sequence_end=sequence.end,
             client_timeout=timeout,

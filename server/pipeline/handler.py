@@ -57,7 +57,7 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
 
 
 def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
-    """The request's `sequence_id` (int64, uint64 or string, as tritonclient and perf_analyzer send it) and its
+    """The request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it) and its
     `sequence_start` / `sequence_end` flags; None without a correlation ID (0 and "" mean none, as in Triton)."""
     params = req.parameters
     start, end = params.get("sequence_start", False), params.get("sequence_end", False)
@@ -70,7 +70,9 @@ def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
     if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
         raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must be an integer or a string")
     if isinstance(sequence_id, int) and sequence_id < 0:
-        raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must not be negative")
+        # An int64_param is read as uint64, as Triton reads it: Triton's C++ client and perf_analyzer send IDs past
+        # 2**63 - 1 as their two's complement.
+        sequence_id += 2**64
     return SequenceFlags(sequence_id, bool(start), bool(end))
 
 
