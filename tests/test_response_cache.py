@@ -258,6 +258,26 @@ def test_an_ensemble_answers_from_the_cache_without_running_its_steps(tmp_path: 
             c.close()
 
 
+def test_an_ensemble_step_answers_from_its_model_s_cache(tmp_path: Path) -> None:
+    """The ensemble uncached, its first step's model cached: as Triton's composing models, the step is answered
+    from that model's cache (counted there as a hit) and the steps after it still run."""
+    root = ensemble_repository(tmp_path / "models", add_sub_extra="response_cache { enable: true }\n")
+    with ServerThread(root, response_cache_bytes=1 << 20) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            a = np.arange(16, dtype=np.float32).reshape(1, 16)
+            for _ in range(3):
+                result = c.infer("pipeline", triton_inputs({"A": a, "B": a}))
+                np.testing.assert_array_equal(result.as_numpy("OUT_SCALED"), 4 * a)
+            c.infer("pipeline", triton_inputs({"A": a, "B": a + 1}))  # other inputs: a miss
+            add_sub, scale2, pipeline = (_stats(c, m) for m in ("add_sub", "scale2", "pipeline"))
+            assert (add_sub["hit"], add_sub["miss"], add_sub["executions"], add_sub["success"]) == (2, 2, 2, 4)
+            assert (scale2["hit"], scale2["executions"], scale2["success"]) == (0, 4, 4)
+            assert (pipeline["hit"], pipeline["miss"], pipeline["success"]) == (0, 0, 4)
+        finally:
+            c.close()
+
+
 def test_a_model_inside_a_nested_ensemble_reloaded_is_not_answered_for_by_the_cache(tmp_path: Path) -> None:
     root = ensemble_repository(tmp_path / "models")
     (root / "outer" / "1").mkdir(parents=True)

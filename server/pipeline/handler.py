@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 import uuid
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,6 +55,10 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a non-negative integer")
     return value
+
+
+_FROM_CACHE = ExecutionTimes(0, 0, 0, 0)
+"""An ensemble step's times when its model answered from its response cache: no queue, no compute."""
 
 
 def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
@@ -136,46 +141,71 @@ class InferenceHandler:
         inputs, rows, outputs = self._validate(model, req, version, span)
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
-        cache, key, lookup_ns = self.cache, None, 0
-        # Never for a request of a sequence (an ensemble over a sequence model): its answer depends on the state.
-        cached_model = cache is not None and model.config.response_cache.enable and "sequence_id" not in req.parameters
-        identity = self._identity(model) if cached_model else None
-        if identity is not None:
-            assert cache is not None
-            lookup = time.perf_counter_ns()
-            if heavy(inputs.values()):
-                key = await asyncio.to_thread(cache.key, identity, inputs, req.datatypes, outputs)
-            else:
-                key = cache.key(identity, inputs, req.datatypes, outputs)
-            cached = cache.get(key)
-            if cached is not None:
-                response = self._respond(model, version, req, outputs, cached)
-                now = time.perf_counter_ns()
-                model.stats.record_cache_hit(now - started, now - lookup)
-                self._answered(model, req, inputs, cached, span, None)
-                return response
-            lookup_ns = time.perf_counter_ns() - lookup
+        identity = self._cache_identity(model, req) if self.cache is not None else None
+        times: ExecutionTimes | None
         try:
-            results, times = await self._execute(model, inputs, outputs, rows, req, priority, timeout_us, span)
+            if identity is None:
+                results, times = await self._execute(model, inputs, outputs, rows, req, priority, timeout_us, span)
+            else:
+                run = functools.partial(self._execute, model, inputs, outputs, rows, req, priority, timeout_us, span)
+                results, times = await self._cached(model, identity, inputs, req.datatypes, outputs, started, run)
             response = self._respond(model, version, req, outputs, results)
         except BaseException:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
-            if key is not None:  # a miss whatever the model then did, as Triton counts it: hits + misses = lookups
-                model.stats.record_cache_miss(lookup_ns)
             raise
-        model.stats.record_request(rows, time.perf_counter_ns() - started, times)
-        if key is not None:
-            assert cache is not None
-            inserting = time.perf_counter_ns()
-            if heavy(results.values()):
-                cache.put(key, await asyncio.to_thread(cache.entry, results))
-            else:
-                cache.put(key, cache.entry(results))
-            model.stats.record_cache_miss(lookup_ns + time.perf_counter_ns() - inserting)
+        if times is not None:  # None: answered from the cache, counted there as Triton counts a hit
+            model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         self._answered(model, req, inputs, results, span, times)
         return response
+
+    def _cache_identity(self, model: LoadedModel, req: InferRequest) -> tuple[str, int, str] | None:
+        """What a cached answer of `model` depends on (`_identity`), or None when its answers are not cached: the
+        model's response cache is off, or the request is of a sequence (its answer depends on the state)."""
+        if not model.config.response_cache.enable or "sequence_id" in req.parameters:
+            return None
+        return self._identity(model)
+
+    async def _cached(
+        self,
+        model: LoadedModel,
+        identity: tuple[str, int, str],
+        inputs: dict[str, np.ndarray],
+        datatypes: dict[str, str],
+        outputs: list[str],
+        started: int,
+        run: Callable[[], Awaitable[tuple[dict[str, np.ndarray], ExecutionTimes]]],
+    ) -> tuple[dict[str, np.ndarray], ExecutionTimes | None]:
+        """`run()`, the model's execution, through its response cache: a hit is its cached outputs and None for
+        the times (counted here, as Triton counts a hit: a success without inference); a miss runs and is stored.
+        A miss counts whatever the model then does, so that hits and misses add up to the lookups. Keys and
+        copies of large tensors are made on a worker thread (cache.heavy)."""
+        cache = self.cache
+        assert cache is not None
+        lookup = time.perf_counter_ns()
+        if heavy(inputs.values()):
+            key = await asyncio.to_thread(cache.key, identity, inputs, datatypes, outputs)
+        else:
+            key = cache.key(identity, inputs, datatypes, outputs)
+        cached = cache.get(key)
+        if cached is not None:
+            now = time.perf_counter_ns()
+            model.stats.record_cache_hit(now - started, now - lookup)
+            return cached, None
+        lookup_ns = time.perf_counter_ns() - lookup
+        try:
+            results, times = await run()
+        except BaseException:
+            model.stats.record_cache_miss(lookup_ns)
+            raise
+        inserting = time.perf_counter_ns()
+        if heavy(results.values()):
+            cache.put(key, await asyncio.to_thread(cache.entry, results))
+        else:
+            cache.put(key, cache.entry(results))
+        model.stats.record_cache_miss(lookup_ns + time.perf_counter_ns() - inserting)
+        return results, times
 
     def check_input(self, model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
         """Before a large tensor is decoded (codec.LARGE_ELEMENTS): the model is served and takes it, so that a
@@ -426,13 +456,31 @@ class InferenceHandler:
                             composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span, models
                         )
                     else:
-                        results, times = await self._execute(
-                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span
+                        # A step's model answers from its own response cache, as Triton's composing models do.
+                        identity = self._cache_identity(composing, req) if self.cache is not None else None
+                        execute = functools.partial(
+                            self._execute,
+                            composing,
+                            step_inputs,
+                            step_outputs,
+                            step_rows,
+                            req,
+                            priority,
+                            timeout_us,
+                            span,
                         )
+                        if identity is None:
+                            results, times = await execute()
+                        else:
+                            step_results, step_times = await self._cached(
+                                composing, identity, step_inputs, sub.datatypes, step_outputs, started, execute
+                            )
+                            results, times = step_results, step_times or _FROM_CACHE
                 except BaseException:
                     composing.stats.record_failure(time.perf_counter_ns() - started)
                     raise
-                composing.stats.record_request(step_rows, time.perf_counter_ns() - started, times)
+                if times is not _FROM_CACHE:  # a hit is counted by _cached
+                    composing.stats.record_request(step_rows, time.perf_counter_ns() - started, times)
                 spent[0] += times.queue_ns
                 spent[1] += times.compute_input_ns
                 spent[2] += times.compute_infer_ns
