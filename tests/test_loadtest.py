@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tensorgate.client import InferenceClient
-from tensorgate.loadtest import PERCENTILES, Samples, merge, percentile
+from tensorgate.loadtest import PERCENTILES, Samples, merge, percentile, run_sweep, sweep_dict, write_plots
 from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.runner import BenchConfig, worker_levels
 from tensorgate.loadtest.samples import latency_summary_ms
@@ -738,3 +738,216 @@ def test_a_late_failure_does_not_stretch_the_throughput_window() -> None:
     run._record(0.5, 30.5, "DEADLINE_EXCEEDED")
     assert run.last_done == pytest.approx(0.99)
     assert run.failed == {"DEADLINE_EXCEEDED": 1}
+
+
+# ----- a failing or hanging server, bad settings, results that are not ------------------------------------------
+
+
+def test_a_server_killed_mid_level_and_restarted(repo: Path) -> None:
+    """The server is killed (SIGKILL) during the first level and started again, on the same port, during the
+    second. The first level's requests/s divides its answers by the whole level, not by the seconds before the
+    kill (702 answers in ~4 s read as 1,733/s); its slots back off on UNAVAILABLE instead of sending refusals as
+    fast as they come (28,000/s); and the third level reads the server's statistics again (one failed read used
+    to turn them off for the rest of the sweep)."""
+    serve = ["--model-repository", str(repo)]
+    first = ServeProcess([*serve, "--grpc-port", "0"])
+    second: ServeProcess | None = None
+    address = first.address
+    first.wait_for_line("ready:")
+
+    def progress(line: str) -> None:
+        nonlocal second
+        if line.startswith("[c=2]") and " sent " in line and first.proc.poll() is None:
+            first.proc.kill()
+            first.proc.wait(10)
+        elif line.startswith("[c=1] warming up"):
+            second = ServeProcess([*serve, "--grpc-port", address.rsplit(":", 1)[1]])
+            second.wait_for_line("ready:")
+
+    config = BenchConfig(
+        model="add_sub", server=address, concurrency=(2, 1, 3), duration_s=1.5, warmup_s=0.3, deadline_s=5.0
+    )
+    try:
+        result = run_sweep(config, progress)
+    finally:
+        for s in (first, second):
+            if s is not None:
+                s.__exit__(None, None, None)
+    killed, restarted, after = sweep_dict(result)["levels"]
+    assert killed["succeeded"] > 0 and set(killed["failed"]) <= {"UNAVAILABLE", "CANCELLED"}, killed
+    assert killed["window_s"] >= 1.5
+    assert killed["throughput_rps"] <= killed["succeeded"] / 1.5 + 0.001  # rounded to 3 decimals
+    # Two slots failing for about a second: a handful of tries each (50 ms doubling to 1 s), not thousands.
+    assert killed["failed_total"] < 100, killed["failed"]
+    assert after["succeeded"] > 0, after  # (failures are possible while the channels reconnect, up to 1 s)
+    assert after["server"] is not None and after["server"]["requests"] > 0, after
+
+
+def test_open_loop_throughput_follows_the_schedule_that_ran(server: ServerThread, tmp_path: Path) -> None:
+    """A Poisson schedule that happens to send more than its rate reads as it ran: the window is the level's
+    duration (plus the last answer's latency), not requests sent over the nominal rate, which clamped the
+    throughput to the rate and stretched the window past --duration."""
+    rate, duration = 40.0, 1.0
+
+    def scheduled(seed: int) -> int:
+        """Requests the worker sends in the window at this seed: its own arrivals, drawn as it draws them."""
+        config = BenchConfig(model="m", mode="open", rates=(rate,), seed=seed, duration_s=duration, warmup_s=0.0)
+        (level,) = worker_levels(config, rate, start=0.0)
+        target = Target(server="127.0.0.1:1", model="m", version="", inputs={})
+        calls = types.SimpleNamespace(aio=None, sync=None)
+        run = _LevelRun(0, target, level, None, calls, pb.ModelInferRequest(), [0] * COUNTERS, None)  # type: ignore[arg-type]
+        gap, t, n = run._arrivals(), 0.0, 0
+        while t < duration:
+            n, t = n + 1, t + gap()
+        return n
+
+    seed, sent = next((s, n) for s in range(1000) if (n := scheduled(s)) >= 1.3 * rate * duration)
+    doc = bench(
+        tmp_path, "add_sub", "--server", server.address, "--rate", f"{rate:g}", "--seed", str(seed),
+        "--workers", "1", "--duration", f"{duration:g}", "--warmup", "0", "--no-plots",
+    )  # fmt: skip
+    (level,) = doc["levels"]
+    assert level["sent"] == level["succeeded"] == sent, level
+    assert duration <= level["window_s"] < 1.2 * duration
+    assert level["throughput_rps"] > 1.1 * rate
+
+
+def test_a_rate_below_one_arrival_per_level_ends_with_the_level(server: ServerThread, tmp_path: Path) -> None:
+    """At 0.001/s the next arrival is 1000 s away: the level ends at its end, not after one more arrival gap
+    (--rate 1e-9 never ended)."""
+    out = tmp_path / "out"
+    proc = bench_process(
+        server.address, out, "add_sub", "--rate", "0.001", "--arrival", "constant", "--duration", "1",
+        "--warmup", "0", "--workers", "2", "--no-plots",
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the load processes first: they would outlive it, sleeping
+            for pid in load_processes(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    (level,) = json.loads((out / "results.json").read_text())["levels"]
+    assert level["sent"] == level["succeeded"] == 1  # the first arrival; the second process's is 1000 s away
+    assert level["window_s"] == pytest.approx(1.0, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(("--duration", "nan"), "--duration must be a finite number, got nan", id="duration-nan"),
+        pytest.param(("--warmup", "inf"), "--warmup must be a finite number, got inf", id="warmup-inf"),
+        pytest.param(("--timeout", "nan"), "--timeout must be a finite number, got nan", id="timeout-nan"),
+        pytest.param(("--rate", "100,nan"), "--rate '100,nan': expected positive finite numbers", id="rate-nan"),
+        pytest.param(("--rate", "inf"), "--rate 'inf': expected positive finite numbers", id="rate-inf"),
+    ],
+)
+def test_settings_that_are_not_finite_numbers_are_refused(
+    tmp_path: Path, capsys: Any, args: tuple[str, ...], message: str
+) -> None:
+    """nan passes every comparison (nan <= 0 is False): a level of nan seconds never ended."""
+    out = tmp_path / "out"
+    assert main(["bench", "add_sub", "--server", "127.0.0.1:1", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tensorgate bench: {message}\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        pytest.param(("--concurrency", "1,2"), id="closed-unary"),
+        pytest.param(("--concurrency", "2", "--streaming"), id="closed-stream"),
+        pytest.param(("--rate", "200"), id="open-unary"),
+    ],
+)
+def test_a_run_where_every_request_fails_says_why(
+    server: ServerThread, tmp_path: Path, capsys: Any, load: tuple[str, ...]
+) -> None:
+    """Every request refused (a priority the server does not take): the table and reports are written, plots are
+    skipped (no latency to draw; they used to crash on it), the first message of the code says why, and the exit
+    status is 1."""
+    out = tmp_path / "out"
+    args = ["bench", "add_sub", "--server", server.address, "--priority", "-1", *load, "--duration", "0.3"]
+    assert main([*args, "--warmup", "0", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("\n| ") == 1 + (2 if load[1] == "1,2" else 1)
+    code = "STREAM_ERROR" if "--streaming" in load else "INVALID_ARGUMENT"
+    assert re.search(rf"tensorgate bench: {code}: .*'priority'", captured.err), captured.err
+    assert "tensorgate bench: no request succeeded" in captured.err
+    assert "Traceback" not in captured.err
+    doc = json.loads((out / "results.json").read_text())
+    for level in doc["levels"]:
+        assert level["succeeded"] == 0 and set(level["failed"]) == {code}
+        assert "'priority'" in level["failed_messages"][code]
+    assert "latency of the requests that succeeded" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
+
+
+def test_plots_leave_out_levels_where_nothing_succeeded(tmp_path: Path) -> None:
+    latency = dict.fromkeys(("p50", "p90", "p95", "p99", "p99_9", "max", "mean"), 2.0)
+    timeline = [{"t_s": 0.0, "requests": 10, "p50_ms": 2.0, "p99_ms": 3.0}]
+    measured = {"mode": "closed", "concurrency": 1, "throughput_rps": 500.0, "latency_ms": latency,
+                "timeline": timeline, "window_s": 1.0}  # fmt: skip
+    failed = {**measured, "concurrency": 2, "latency_ms": dict.fromkeys(latency), "timeline": []}
+    config = {"model": "m", "mode": "closed", "batch": 1, "streaming": False}
+    paths = write_plots({"config": config, "levels": [measured, failed]}, tmp_path)
+    assert [p.name for p in paths] == ["latency_vs_throughput.png", "latency_over_time.png"]
+    for path in paths:
+        assert_png(path)
+    assert write_plots({"config": config, "levels": [failed]}, tmp_path / "none") == []
+
+
+def test_a_plot_that_cannot_be_written_costs_one_line(server: ServerThread, tmp_path: Path) -> None:
+    """Plots come after the table and the reports: a plot that fails (here its file is a folder) is one line of
+    warning, not a traceback that loses the table."""
+    out = tmp_path / "out"
+    (out / "latency_vs_throughput.png").mkdir(parents=True)
+    proc = bench_process(server.address, out, "add_sub", "--concurrency", "1", "--duration", "0.3", "--warmup", "0")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "| c=1 |" in stdout
+    (warning,) = [line for line in stderr.splitlines() if "no plots" in line]
+    assert warning.startswith("tensorgate bench: no plots: IsADirectoryError:"), stderr
+    assert "Traceback" not in stderr
+    assert_consistent(json.loads((out / "results.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        pytest.param("[1, 2]", "not a tensorgate bench result (format 'list')", id="a-list"),
+        pytest.param('{"format": "tensorgate-bench/1"}', "'levels' is None, not a list of levels", id="no-levels"),
+        pytest.param('{"format": "tensorgate-bench/1", "levels": ["x"]}', "level 1: 'x' is not an object",
+                     id="level-not-an-object"),
+        pytest.param('{"format": "tensorgate-bench/1", "levels": [{"mode": "closed", "concurrency": 1}]}',
+                     "level 1: throughput_rps None is not a number", id="level-without-throughput"),
+        pytest.param("{", "not a tensorgate bench result: Expecting property name", id="not-json"),
+    ],
+)  # fmt: skip
+def test_compare_refuses_a_file_that_is_not_a_result(tmp_path: Path, capsys: Any, content: str, problem: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"format": "tensorgate-bench/1", "levels": []}))
+    assert main(["bench", "compare", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tensorgate bench compare: {bad}: {problem}") and err.count("\n") == 1, err
+
+
+def test_startup_errors_leave_no_output_folder_and_name_the_flag(
+    server: ServerThread, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "new" / "out"
+    assert main(["bench", "nope", "--server", server.address, "--out", str(out)]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    missing = tmp_path / "ca.pem"
+    assert main(["bench", "add_sub", "--server", server.address, "--tls-ca", str(missing), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"tensorgate bench: --tls-ca {missing}: No such file or directory\n"
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "add_sub", "--server", server.address, "--out", str(tmp_path / "file" / "out")]) == 2
+    assert "--out" in capsys.readouterr().err

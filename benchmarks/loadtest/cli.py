@@ -4,14 +4,17 @@
     tensorgate bench mlp --rate 500,1000 --arrival poisson --duration 10 --out bench-open/
     tensorgate bench compare before/results.json after/results.json
 
-Writes results.json, results.csv, report.md and PNG plots into --out, prints the table, and exits 0 (130 after
-Ctrl-C, with a partial report of the levels measured so far; 1 when a load process dies, with the levels measured
-before it).
+Writes results.json, results.csv, report.md and PNG plots into --out, prints the table, and the first message of
+each failure code. Exit status: 0; 1 when no request succeeded at any level, when the server cannot be reached, or
+when a load process dies (with the levels measured before it); 2 for a bad argument; 130 after Ctrl-C (with a
+partial report of the levels measured so far).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 import time
@@ -83,8 +86,8 @@ def _numbers(text: str, flag: str, kind: type[Any]) -> tuple[Any, ...]:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not values or any(v <= 0 for v in values):
-        raise UsageError(f"{flag} {text!r}: expected positive numbers")
+    if not values or not all(0 < v < math.inf for v in values):  # nan fails both comparisons
+        raise UsageError(f"{flag} {text!r}: expected positive finite numbers")
     return values
 
 
@@ -105,6 +108,17 @@ def _shapes(items: list[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.files:
         raise UsageError(f"unexpected arguments: {' '.join(map(str, args.files))}")
+    for flag, value in (("--duration", args.duration), ("--warmup", args.warmup), ("--timeout", args.timeout)):
+        # nan passes every comparison below and never ends a level; inf never ends one either.
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        # Read here, so that the error names the flag (the channel would report the bare path).
+        try:
+            if path is not None:
+                path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
     if args.duration <= 0 or args.warmup < 0:
         raise UsageError("--duration must be positive and --warmup not negative")
     if args.timeout <= 0:
@@ -157,10 +171,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out or Path(f"bench-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        # Before the sweep: a folder that cannot be written would otherwise lose its measurements at the end.
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(f"{out} is not writable")
+        _check_writable(out)
     except OSError as exc:
         print(f"{PROG}: --out {out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -180,21 +191,56 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: aborted", file=sys.stderr)
         return 130
     doc = sweep_dict(result)
-    written = write_reports(doc, out)
+    print(markdown_table(doc))
+    try:
+        written = write_reports(doc, out)
+    except OSError as exc:
+        print(f"{PROG}: --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     if not args.no_plots and doc["levels"]:
         try:
             written += write_plots(doc, out)
         except MatplotlibMissing as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
-    print(markdown_table(doc))
+        except Exception as exc:  # the plots are extras: never at the cost of the table and reports above
+            print(f"{PROG}: no plots: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
+    for code, message in _first_messages(doc).items():
+        print(f"{PROG}: {code}: {message}", file=sys.stderr)
     if result.error is not None:
         n = len(result.levels)
         measured = f"{n} level{'' if n == 1 else 's'} measured before it"
         print(f"{PROG}: {result.error}; the sweep stopped, {measured}", file=sys.stderr)
         return 1
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        return 130
+    if not any(level["succeeded"] for level in doc["levels"]):
+        print(f"{PROG}: no request succeeded", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_messages(doc: dict[str, Any]) -> dict[str, str]:
+    """The first message of each failure code across the sweep, on one line each (a server's message may not be)."""
+    out: dict[str, str] = {}
+    for level in doc["levels"]:
+        for code, message in level["failed_messages"].items():
+            out.setdefault(code, " ".join(message.split()) or "(no message)")
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    """OSError unless ``out`` is a folder that can be written, or can be created. Checked before the sweep, so that
+    its measurements are not lost at the end; created only when the results are written, so that a run refused by
+    a check at startup (a model not found) leaves no empty folder behind."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # the folder `out` would be created in
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
 
 
 def _compare(files: list[Path]) -> int:

@@ -39,10 +39,16 @@ def _style(ax: Any, title: str) -> None:
 
 def write_plots(doc: dict[str, Any], out: Path) -> list[Path]:
     """latency_vs_throughput.png (percentiles against achieved throughput, one point per level) and
-    latency_over_time.png (p50/p99 per slice of each level's window). Raises MatplotlibMissing."""
+    latency_over_time.png (p50/p99 per slice of each level's window). Raises MatplotlibMissing.
+
+    Latency is that of the requests that succeeded: a level where none did has no point, and a sweep where none
+    did has no plots."""
+    # Levels without a latency would put None on a log axis (a TypeError in matplotlib).
+    levels = [lv for lv in doc["levels"] if lv["latency_ms"]["p50"] is not None]
+    if not levels:
+        return []
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
-    levels = doc["levels"]
     cfg = doc["config"]
     title = f"{cfg['model']}: {cfg['mode']} loop, batch {cfg['batch']}, {'stream' if cfg['streaming'] else 'unary'}"
     paths = []
@@ -64,12 +70,14 @@ def write_plots(doc: dict[str, Any], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     offset = 0.0
-    for lv in levels:
+    for lv in doc["levels"]:  # every level's window, so that the time axis is the sweep's
         label = f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s"
         ts = [offset + p["t_s"] for p in lv["timeline"]]
+        offset += lv["window_s"]
+        if not ts:
+            continue
         (line,) = ax.plot(ts, [p["p50_ms"] for p in lv["timeline"]], "-", label=f"{label} p50")
         ax.plot(ts, [p["p99_ms"] for p in lv["timeline"]], ":", color=line.get_color(), label=f"{label} p99")
-        offset += lv["window_s"]
     ax.set_xlabel("time in the measurement windows, levels in turn (s)")
     _style(ax, title)
     ax.legend(fontsize=7, ncol=2)

@@ -33,6 +33,7 @@ def level_dict(level: LevelResult) -> dict[str, Any]:
         "succeeded": s.succeeded,
         "failed": s.failed,
         "failed_total": s.failed_total,
+        "failed_messages": s.messages,
         "dropped": s.dropped,
         "window_s": round(window, 4),
         "throughput_rps": round(s.succeeded / window, 3) if window > 0 else 0.0,
@@ -72,10 +73,46 @@ def sweep_dict(result: SweepResult) -> dict[str, Any]:
 
 
 def load_report(path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(path.read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a tensorgate bench result (format {doc.get('format')!r})")
+    """A results.json for ``compare``; ValueError naming the file and what is wrong with it, so that a file that is
+    not one (or was edited) gets one line, not a traceback."""
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not a tensorgate bench result: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path}: not a tensorgate bench result (format {found!r})")
+    levels = doc.get("levels")
+    if not isinstance(levels, list):
+        raise ValueError(f"{path}: 'levels' is {levels!r}, not a list of levels")
+    for i, level in enumerate(levels, 1):
+        problem = _level_problem(level)
+        if problem:
+            raise ValueError(f"{path}: level {i}: {problem}")
     return doc
+
+
+def _level_problem(level: Any) -> str | None:
+    """What ``compare`` would trip on in one level of a results.json, or None."""
+    if not isinstance(level, dict):
+        return f"{level!r} is not an object"
+    if level.get("mode") not in ("closed", "open"):
+        return f"mode {level.get('mode')!r}, not 'closed' or 'open'"
+    load = "concurrency" if level["mode"] == "closed" else "rate"
+    for key in (load, "throughput_rps", "rows_per_s", "failed_total", "dropped"):
+        if not _is_number(level.get(key)):
+            return f"{key} {level.get(key)!r} is not a number"
+    latency = level.get("latency_ms")
+    if not isinstance(latency, dict):
+        return f"latency_ms {latency!r} is not an object"
+    for key in ("p50", "p99"):  # None: nothing succeeded at that level
+        if key not in latency or (latency[key] is not None and not _is_number(latency[key])):
+            return f"latency_ms.{key} {latency.get(key)!r} is not a number"
+    return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _label(level: dict[str, Any]) -> str:
@@ -130,7 +167,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
         # .get: results written before the key existed have none
         + (f"sequences of {cfg['sequence_length']}, " if cfg.get("sequence_length") else "")
         + f"{cfg['workers']} worker(s), "
-        f"{cfg['duration_s']:g}s per level after {cfg['warmup_s']:g}s warm-up"
+        f"{cfg['duration_s']:g}s per level after {cfg['warmup_s']:g}s warm-up, latency of the requests that succeeded"
         + (" — INTERRUPTED, partial report" if doc["interrupted"] else "")
         # .get: results written before the key existed have none
         + (f" — STOPPED: {doc['error']}" if doc.get("error") else "")

@@ -22,7 +22,7 @@ from typing import Any, Literal, TextIO
 from tensorgate.client import InferenceClient, TensorgateClientError, TLSConfig
 from tensorgate.loadtest.inputs import InputError, ModelShape, make_inputs
 from tensorgate.loadtest.samples import Samples, merge
-from tensorgate.loadtest.worker import COUNTERS, Level, Target, worker_main
+from tensorgate.loadtest.worker import COUNTERS, RECONNECT_OPTIONS, Level, Target, worker_main
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 
@@ -300,13 +300,24 @@ def worker_levels(config: BenchConfig, value: float, start: float) -> list[Level
 
 
 class _Stats:
-    """Best-effort ModelStatistics: None when the server does not answer it."""
+    """Best-effort ModelStatistics: None when the server does not answer it.
+
+    After a failed read the level's other reads are skipped (a server that does not answer could cost a deadline
+    each), and the next level tries again (``next_level``): a server restarted or busy during one level answers for
+    the next."""
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
         self.client = InferenceClient(
-            config.server, timeout=min(config.deadline_s, 10.0), tls=config.tls, headers=dict(config.headers)
+            config.server,
+            timeout=min(config.deadline_s, 10.0),
+            tls=config.tls,
+            headers=dict(config.headers),
+            channel_options=RECONNECT_OPTIONS,  # a restarted server is read again within a second, as it is loaded
         )
+        self.enabled = True
+
+    def next_level(self) -> None:
         self.enabled = True
 
     def read(self) -> pb.ModelStatisticsResponse | None:
@@ -496,6 +507,7 @@ def _run_level(
     label = f"c={int(value)}" if config.mode == "closed" else f"rate={value:g}/s"
     for i in range(len(counters)):
         counters[i] = 0
+    stats.next_level()
     # Without a warm-up the window opens with the first request: the server's counters are read before any is
     # sent, so its view covers exactly the requests counted here (read at the window's start instead, the first
     # answers could land before it: 48 of 50 requests, seen once in CI). After a warm-up they are read when the

@@ -31,9 +31,12 @@ class Samples:
     latency_us: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
     sent: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, str] = field(default_factory=dict)
+    """The first message of each failure code in ``failed``: why a run that fails, fails."""
     dropped: int = 0
     window_s: float = 0.0
-    """Seconds from the start of the measurement window to the last measured response."""
+    """Seconds from the start of the measurement window to the last answer, or to when the level stopped sending
+    (its end, its request budget spent, a stop request) if that came later."""
     cpu_s: float = 0.0
     """CPU seconds the load process(es) used in the measurement window (and the answers still due after it)."""
 
@@ -47,17 +50,22 @@ class Samples:
 
 
 def merge(parts: Iterable[Samples]) -> Samples:
-    """Exact union of several workers' samples: arrays concatenated, counts summed, the longest window kept."""
+    """Exact union of several workers' samples: arrays concatenated, counts summed, the longest window kept, the
+    first message of each failure code."""
     items = list(parts)
     failed: dict[str, int] = {}
+    messages: dict[str, str] = {}
     for part in items:
         for code, n in part.failed.items():
             failed[code] = failed.get(code, 0) + n
+        for code, message in part.messages.items():
+            messages.setdefault(code, message)
     return Samples(
         send_s=np.concatenate([p.send_s for p in items]) if items else np.empty(0, np.float64),
         latency_us=np.concatenate([p.latency_us for p in items]) if items else np.empty(0, np.float64),
         sent=sum(p.sent for p in items),
         failed=dict(sorted(failed.items())),
+        messages=dict(sorted(messages.items())),
         dropped=sum(p.dropped for p in items),
         window_s=max((p.window_s for p in items), default=0.0),
         cpu_s=sum(p.cpu_s for p in items),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import os
 import random
@@ -49,8 +50,12 @@ COUNTERS = 4
 STREAM_ERROR = "STREAM_ERROR"
 """The code counted for a ModelStreamInfer response carrying an error_message (the protocol has no status)."""
 
-STREAM_BACKOFF_S = (0.05, 1.0)
-"""Open-loop streaming: first and longest wait before reopening a broken stream (doubling in between)."""
+STREAM_ENDED = "the server ended the stream without answering"
+CANCELLED_BY_STOP = "cancelled by tensorgate bench: a stop request (Ctrl-C) or the end of the level"
+
+BACKOFF_S = (0.05, 1.0)
+"""First and longest wait (doubling in between) before an open-loop stream is reopened after it broke, and before
+a closed-loop slot sends again after UNAVAILABLE."""
 
 RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -59,6 +64,23 @@ RECONNECT_OPTIONS: list[tuple[str, Any]] = [
 ]
 """A load generator should find a restarted server within a second, not after grpc's default backoff (up to 2
 minutes): the requests due meanwhile are counted as failures either way."""
+
+
+class _Backoff:
+    """The wait after a failure that comes back at once (a server gone, refusing or draining): BACKOFF_S, doubling
+    from the first to the longest, reset by an answer. Without it a closed-loop slot retries as fast as the refusals
+    come back (28,000 UNAVAILABLE a second, every core busy) and a broken stream is reopened in a tight loop."""
+
+    def __init__(self) -> None:
+        self.wait_s = 0.0
+
+    def failed(self) -> float:
+        """Another failure: the seconds to wait before the next try."""
+        self.wait_s = min(2 * self.wait_s, BACKOFF_S[1]) if self.wait_s else BACKOFF_S[0]
+        return self.wait_s
+
+    def answered(self) -> None:
+        self.wait_s = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,9 +285,13 @@ class _LevelRun:
         self.send_s: list[float] = []
         self.latency_us: list[float] = []
         self.failed: dict[str, int] = {}
+        self.messages: dict[str, str] = {}
+        """The first message of each failure code."""
         self.sent = 0
         self.dropped = 0
         self.last_done = level.window_start
+        self.sending_until = level.end
+        """When this level stopped sending: its end, unless its request budget ran out or a stop came first."""
         self.tasks: set[asyncio.Task[None]] = set()
 
     # ----- bookkeeping -------------------------------------------------------------------------------------
@@ -276,13 +302,14 @@ class _LevelRun:
             return True
         if self.budget is not None:
             if self.budget <= 0:
+                self._stopped_sending(t)
                 return False
             self.budget -= 1
         self.sent += 1
         self.counters[self.base] += 1
         return True
 
-    def _record(self, t: float, done: float, code: str | None) -> None:
+    def _record(self, t: float, done: float, code: str | None, message: str = "") -> None:
         if t < self.level.window_start:
             return
         if code is None:
@@ -294,17 +321,40 @@ class _LevelRun:
             self.counters[self.base + 1] += 1
         else:
             self.failed[code] = self.failed.get(code, 0) + 1
+            self.messages.setdefault(code, message)
             self.counters[self.base + 2] += 1
 
     def _more(self, now: float) -> bool:
         if self.stopped or now >= self.level.end:
+            self._stopped_sending(now)
             return False
-        return self.budget is None or self.budget > 0 or now < self.level.window_start
+        if self.budget is None or self.budget > 0 or now < self.level.window_start:
+            return True
+        self._stopped_sending(now)
+        return False
+
+    def _stopped_sending(self, now: float) -> None:
+        self.sending_until = min(self.sending_until, now)
 
     async def _watch_stop(self) -> None:
         while not self.stop_event.is_set():
             await asyncio.sleep(0.05)
+        self._stopped_sending(time.monotonic())
         self.stopped = True
+
+    async def _wait_for(self, t: float) -> bool:
+        """Open loop: sleep until the arrival due at ``t``; whether to send it. An arrival past the level's end ends
+        the level without the sleep, which at a low rate could be hours (one arrival gap)."""
+        if not self._more(t):
+            return False
+        now = time.monotonic()
+        if t > now:
+            await asyncio.sleep(t - now)
+        return self._more(t) and self._take(t)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, but not past the level's end."""
+        await asyncio.sleep(max(0.0, min(seconds, self.level.end - time.monotonic())))
 
     # ----- the level -----------------------------------------------------------------------------------------
 
@@ -336,18 +386,22 @@ class _LevelRun:
             latency_us=np.asarray(self.latency_us, np.float64),
             sent=self.sent,
             failed=dict(sorted(self.failed.items())),
+            messages=dict(sorted(self.messages.items())),
             dropped=self.dropped,
             window_s=self._window_s(),
             cpu_s=time.process_time() - cpu0[0],
         )
 
     def _window_s(self) -> float:
-        """To the last answer; in open loop, at least the schedule the requests sent fill (n at rate r: n/r).
-        Measured to the last answer alone, a few requests answered fast would read as more than the rate offered."""
-        window = max(0.0, self.last_done - self.level.window_start)
-        if self.level.mode == "open" and self.level.rate > 0:
-            window = max(window, self.sent / self.level.rate)
-        return window
+        """To the last answer, and at least to when the level stopped sending: its end, the moment its request
+        budget ran out (in open loop, the arrival that found it spent) or a stop request.
+
+        To the last answer alone, a level whose last seconds failed (a server killed or hung) divided its answers
+        by the seconds before the failures (702 answers in 4 s read as 1,733/s), and in open loop a few requests
+        answered fast read as more than the rate offered. The schedule's own span, not requests sent over the
+        nominal rate, so that a Poisson schedule that happened to send more than the rate reads as it ran."""
+        end = max(self.last_done, min(self.sending_until, self.level.end))
+        return max(0.0, end - self.level.window_start)
 
     async def _finish(self, work: Any) -> None:
         """Run the level; after a stop request, give calls in flight a moment, then cancel them (CANCELLED)."""
@@ -364,23 +418,29 @@ class _LevelRun:
 
     async def _unary(self, t: float) -> None:
         code: str | None = None
+        message = ""
         try:
             await self.raw_infer(self.raw_request, timeout=self.target.deadline_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
+            code, message = exc.code().name, exc.details() or ""
         except asyncio.CancelledError:
-            self._record(t, time.monotonic(), "CANCELLED")
+            self._record(t, time.monotonic(), "CANCELLED", CANCELLED_BY_STOP)
             raise
-        self._record(t, time.monotonic(), code)
+        self._record(t, time.monotonic(), code, message)
 
     def _closed_unary_callbacks(self) -> None:
         """Closed loop over the sync channel: ``concurrency`` calls in flight, each answer's callback records it
-        and sends the next. Runs in a thread of its own; returns when the last call has answered."""
+        and sends the next. Runs in a thread of its own; returns when the last call has answered.
+
+        A slot whose call failed UNAVAILABLE waits out its backoff before the next; this thread sends it then."""
         # The first calls go from this thread while callbacks may already run on grpc's; reentrant in case grpc
         # runs a callback inline (a call that is over before its callback is added).
         lock = threading.RLock()
         idle = threading.Event()
         in_flight: set[grpc.Future[bytes]] = set()
+        waiting: list[tuple[float, int]] = []
+        """Heap of (when, slot): the slots backing off after UNAVAILABLE."""
+        backoffs = [_Backoff() for _ in range(self.level.concurrency)]
         deadline = self.target.deadline_s
         sequences = self.sequences
 
@@ -394,7 +454,7 @@ class _LevelRun:
                     )
                     in_flight.add(end)
                     end.add_done_callback(closed)
-                elif not in_flight:
+                elif not in_flight and not waiting:
                     idle.set()
                 return
             raw = self.raw_request if sequences is None else sequences.next(slot).SerializeToString()
@@ -405,26 +465,40 @@ class _LevelRun:
         def answered(future: grpc.Future[bytes], t: float, slot: int) -> None:
             done = time.monotonic()
             code = future.code()  # type: ignore[attr-defined]  # a call future is also a grpc.Call
+            ok = code is grpc.StatusCode.OK
+            message = "" if ok or code.name in self.messages else future.details() or ""  # type: ignore[attr-defined]
             with lock:
                 in_flight.discard(future)
-                self._record(t, done, None if code is grpc.StatusCode.OK else code.name)
-                if sequences is not None and code is not grpc.StatusCode.OK:
+                self._record(t, done, None if ok else code.name, message)
+                if sequences is not None and not ok:
                     sequences.failed(slot, code.name)
+                if code is grpc.StatusCode.UNAVAILABLE and self._more(done):
+                    heapq.heappush(waiting, (done + backoffs[slot].failed(), slot))
+                    return
+                if ok:
+                    backoffs[slot].answered()
                 send(slot)
 
         def closed(future: grpc.Future[bytes]) -> None:
             with lock:
                 in_flight.discard(future)
-                if not in_flight:
+                if not in_flight and not waiting:
                     idle.set()
 
         with lock:
             for slot in range(self.level.concurrency):
                 send(slot)
-            if not in_flight:
+            if not in_flight and not waiting:
                 idle.set()
-        while not idle.wait(0.1):
-            if self.stopped:
+        while True:
+            with lock:
+                now = time.monotonic()
+                while waiting and (waiting[0][0] <= now or self.stopped or now >= self.level.end):
+                    send(heapq.heappop(waiting)[1])
+                pause = min(0.1, waiting[0][0] - now) if waiting else 0.1
+            if idle.wait(max(0.0, pause)):
+                return
+            if self.stopped and not waiting:
                 # Calls still running after a stop request get a moment, then are cancelled (CANCELLED).
                 if not idle.wait(1.0):
                     with lock:
@@ -436,10 +510,12 @@ class _LevelRun:
 
     async def _closed_stream(self, slot: int = 0) -> None:
         sequences = self.sequences
+        backoff = _Backoff()
         while True:
             call = self.stub.ModelStreamInfer(
                 timeout=self.level.end - time.monotonic() + self.target.deadline_s, metadata=self.metadata
             )
+            broke = ""
             try:
                 while True:
                     t = time.monotonic()
@@ -457,22 +533,29 @@ class _LevelRun:
                         if await stream_writer.write(call, message):
                             reply = await call.read()
                         else:  # the server ended the stream: its status, not grpc.aio's INTERNAL
-                            self._record(t, time.monotonic(), (await call.code()).name)
+                            broke = (await call.code()).name
+                            self._record(t, time.monotonic(), broke, await call.details() or "")
                             break
                     except asyncio.CancelledError:
-                        self._record(t, time.monotonic(), "CANCELLED")
+                        self._record(t, time.monotonic(), "CANCELLED", CANCELLED_BY_STOP)
                         raise
                     except grpc.aio.AioRpcError as exc:
-                        self._record(t, time.monotonic(), exc.code().name)
+                        broke = exc.code().name
+                        self._record(t, time.monotonic(), broke, exc.details() or "")
                         break  # a new stream
                     if reply is grpc.aio.EOF:
-                        self._record(t, time.monotonic(), "UNKNOWN")
+                        self._record(t, time.monotonic(), "UNKNOWN", STREAM_ENDED)
                         break
-                    self._record(t, time.monotonic(), STREAM_ERROR if reply.error_message else None)
-                    if sequences is not None and _not_in_sequence(reply.error_message):
+                    error = reply.error_message
+                    self._record(t, time.monotonic(), STREAM_ERROR if error else None, error)
+                    if sequences is not None and _not_in_sequence(error):
                         sequences.failed(slot, "INVALID_ARGUMENT")
+                    if not error:
+                        backoff.answered()
             finally:
                 call.cancel()
+            if broke == "UNAVAILABLE":
+                await self._pause(backoff.failed())
 
     def _arrivals(self) -> Callable[[], float]:
         level = self.level
@@ -488,12 +571,7 @@ class _LevelRun:
         gap = self._arrivals()
         t = self.level.start + self.level.phase_s
         cap = max(1, self.level.max_in_flight)
-        while True:
-            now = time.monotonic()
-            if t > now:
-                await asyncio.sleep(t - now)
-            if not self._more(t) or not self._take(t):
-                break
+        while await self._wait_for(t):
             if len(self.tasks) >= cap:
                 if t >= self.level.window_start:
                     self.dropped += 1
@@ -510,33 +588,29 @@ class _LevelRun:
         """Open loop over ModelStreamInfer; responses are matched to their intended time by id.
 
         When the stream breaks (server restart, GOAWAY, deadline), the requests pending on it fail with its
-        status, and a new stream is opened after a backoff (50 ms doubling to 1 s, reset by an answer).
-        Requests due while no stream is open fail with the same code: the schedule never waits for the server.
+        status, and a new stream is opened after a backoff (BACKOFF_S, reset by an answer). Requests due while no
+        stream is open fail with the same code: the schedule never waits for the server.
         """
         gap = self._arrivals()
         t = self.level.start + self.level.phase_s
         cap = max(1, self.level.max_in_flight)
         ids = itertools.count()
         stream: _Stream | None = None
-        down_code = "UNAVAILABLE"
+        down = ("UNAVAILABLE", "")
         reopen_at = 0.0
-        backoff = STREAM_BACKOFF_S[0]
+        backoff = _Backoff()
         try:
-            while True:
-                now = time.monotonic()
-                if t > now:
-                    await asyncio.sleep(t - now)
-                if not self._more(t) or not self._take(t):
-                    break
+            while await self._wait_for(t):
                 if stream is not None and stream.broken:
-                    down_code = await stream.close()
-                    backoff = STREAM_BACKOFF_S[0] if stream.answered else min(2 * backoff, STREAM_BACKOFF_S[1])
-                    reopen_at = time.monotonic() + backoff
+                    down = await stream.close()
+                    if stream.answered:
+                        backoff.answered()
+                    reopen_at = time.monotonic() + backoff.failed()
                     stream = None
                 if stream is None and time.monotonic() >= reopen_at:
                     stream = _Stream(self, self.level.end - time.monotonic() + self.target.deadline_s)
                 if stream is None:
-                    self._record(t, time.monotonic(), down_code)
+                    self._record(t, time.monotonic(), *down)
                 elif len(stream.pending) >= cap:
                     if t >= self.level.window_start:
                         self.dropped += 1
@@ -563,6 +637,7 @@ class _Stream:
         self.pending: dict[str, float] = {}
         self.code = "UNKNOWN"
         """Why the stream ended: a status code name; UNKNOWN for requests the server closed without answering."""
+        self.message = STREAM_ENDED
         self.answered = False
         self.reader = asyncio.create_task(self._read())
 
@@ -577,15 +652,15 @@ class _Stream:
                 if sent_at is not None:
                     self.answered = True
                     error = STREAM_ERROR if response.error_message else None
-                    self.run._record(sent_at, time.monotonic(), error)
+                    self.run._record(sent_at, time.monotonic(), error, response.error_message)
         except grpc.aio.AioRpcError as exc:
-            self.code = exc.code().name
+            self.code, self.message = exc.code().name, exc.details() or ""
         self._fail_pending()
 
     def _fail_pending(self) -> None:
         now = time.monotonic()
         for sent_at in self.pending.values():
-            self.run._record(sent_at, now, self.code)
+            self.run._record(sent_at, now, self.code, self.message)
         self.pending.clear()
 
     async def send(self, message: pb.ModelInferRequest, t: float) -> None:
@@ -604,10 +679,11 @@ class _Stream:
                 await self.call.done_writing()
         await asyncio.wait([self.reader])
 
-    async def close(self) -> str:
-        """Cancel the call if it still runs and count whatever was pending; returns why the stream ended."""
+    async def close(self) -> tuple[str, str]:
+        """Cancel the call if it still runs and count whatever was pending; returns why the stream ended (its code
+        and message)."""
         if not self.broken:
-            self.code = "CANCELLED"
+            self.code, self.message = "CANCELLED", CANCELLED_BY_STOP
         self.call.cancel()
         try:
             await asyncio.wait([self.reader])
@@ -615,4 +691,4 @@ class _Stream:
             if not self.reader.done():  # this task was cancelled while waiting
                 self.reader.cancel()
             self._fail_pending()
-        return self.code
+        return self.code, self.message
