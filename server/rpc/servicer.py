@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from grpc import aio
@@ -263,11 +263,20 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return response
 
     async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
-        """One request of a stream, in its own task; traced as a child span of the stream's server span."""
+        """One request of a stream, in its own task; traced as a child span of the stream's server span. No
+        context manager: this runs for every message of a stream, and one costs a generator per message."""
         started = time.perf_counter_ns()
-        with self._request_span(request, started) as span:
+        span, token = self._message_span(request)
+        try:
             response, code, error = await self._stream_answer(request, deadline)
+        except BaseException as exc:  # cancelled: its stream ended under it
+            self._message_done(request, span, started, "CANCELLED", exc, None)
+            raise
+        else:
             self._message_done(request, span, started, code, error, response.infer_response)
+        finally:
+            if token is not None:
+                Tracing.release(token)
         return response
 
     @staticmethod
@@ -286,25 +295,16 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if span is not None:
             Tracing.end_rpc(span, None, code, error)
 
-    @contextlib.contextmanager
-    def _request_span(self, request: pb.ModelInferRequest, started: int) -> Iterator[trace.Span | None]:
-        """The span of one request of a stream, current while it runs; None when untraced, or when the stream is
-        not sampled: under ParentBased sampling a child would not be, and the stream's span already carries that
-        decision to the scheduler and to a remote backend. The caller ends it (`_message_done`), unless the
-        request is cancelled (its stream ended under it)."""
+    def _message_span(self, request: pb.ModelInferRequest) -> tuple[trace.Span | None, object | None]:
+        """The span of one request of a stream and the token that makes it current (release it when the request
+        is done; `_message_done` ends the span). (None, None) when untraced, or when the stream is not sampled:
+        under ParentBased sampling a child would not be, and the stream's span already carries that decision to
+        the scheduler and to a remote backend."""
         tracing = self.tracing
-        span = token = None
-        if tracing is not None and trace.get_current_span().is_recording():
-            span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
-            token = tracing.use(span)
-        try:
-            yield span
-        except BaseException as exc:
-            self._message_done(request, span, started, "CANCELLED", exc, None)
-            raise
-        finally:
-            if token is not None:
-                Tracing.release(token)
+        if tracing is None or not trace.get_current_span().is_recording():
+            return None, None
+        span = tracing.start_child("ModelStreamInfer request", errors.request_attributes("ModelInfer", request))
+        return span, tracing.use(span)
 
     async def _relay(
         self,
@@ -322,19 +322,25 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             held.held += 1
             events.put_nowait(message)
 
+        span, token = self._message_span(request)
+        code, error, last = "OK", None, None
         try:
-            with self._request_span(request, started) as span:
-                code, error, last = "OK", None, None
-                try:
-                    if self.auth.enabled:  # a denial is counted as one, not as a request (as _stream_answer)
-                        self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
-                    last = await self._relay_counted(request, deadline, send, held)
-                except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
-                    answer, code = _stream_error(request, exc)
-                    error, last = exc, answer.infer_response
-                    send(answer)
-                self._message_done(request, span, started, code, error, last)
+            try:
+                if self.auth.enabled:  # a denial is counted as one, not as a request (as _stream_answer)
+                    self.auth.check("ModelStreamInfer", request.model_name, request.model_version)
+                last = await self._relay_counted(request, deadline, send, held)
+            except Exception as exc:  # noqa: BLE001 - stream errors travel in the message, the stream stays open
+                answer, code = _stream_error(request, exc)
+                error, last = exc, answer.infer_response
+                send(answer)
+        except BaseException as exc:  # cancelled: its stream ended under it
+            self._message_done(request, span, started, "CANCELLED", exc, None)
+            raise
+        else:
+            self._message_done(request, span, started, code, error, last)
         finally:
+            if token is not None:
+                Tracing.release(token)
             events.put_nowait(_RELAYED)
 
     async def _relay_counted(
