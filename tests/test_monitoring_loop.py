@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tensorgate.client import InferenceClient
+from tensorgate.client.errors import FailedPrecondition
 from tensorgate.server.monitoring.drift import DriftReport, build_profile, profile_path, save_profile
 from tensorgate.server.monitoring.monitor import Window
 from tests.monitoring import digits_repository
@@ -161,3 +162,22 @@ def test_an_unusable_profile_is_one_line_logged_once_per_broken_state(
             path.write_text("[]")  # broken again as it was the first time: news again
             (again,) = runs(2)
             assert again.getMessage() == broken.getMessage()
+
+
+def test_a_reference_profile_that_cannot_be_built_is_a_failed_precondition(tmp_path: Path) -> None:
+    """The first requests, which tensorgate.drift.reference_requests builds the profile from, vary in shape:
+    nothing can be profiled. GetModelDrift used to answer INTERNAL (a bare ValueError); it is the model's
+    setup, so FAILED_PRECONDITION saying why, and the server goes on."""
+    repo = tmp_path / "models"
+    identity_model(repo / "seq" / "1" / "model.onnx", "FP32", ("batch", "len"))
+    write_config(repo, "seq", VARIABLE_CONFIG)
+    rng = np.random.default_rng(0)
+    with ServerThread(repo, data_dir=tmp_path / "data", monitor_interval_s=3600) as server:
+        with InferenceClient(server.address) as client:
+            for width in (3, 5):
+                client.infer("seq", {"INPUT0": rng.normal(size=(1, width)).astype(np.float32)})
+            with pytest.raises(FailedPrecondition) as refused:
+                client.model_drift("seq", count=10)
+            assert "cannot build a reference profile from the first 2 captured requests" in str(refused.value)
+            assert "no inputs or outputs to profile" in str(refused.value)
+            assert client.infer("seq", {"INPUT0": np.ones((1, 3), np.float32)}).outputs["OUTPUT0"].shape == (1, 3)

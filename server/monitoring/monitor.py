@@ -417,7 +417,12 @@ class Monitor:
         outputs, skipped_outputs = _stack(first, "outputs")
         self._report_skipped(t, {**skipped, **skipped_outputs})
         categorical = [c.strip() for c in (parameter(t.config, "tensorgate.drift.categorical") or "").split(",")]
-        profile = drift_stats.build_profile(t.name, inputs, outputs, categorical=[c for c in categorical if c])
+        try:
+            profile = drift_stats.build_profile(t.name, inputs, outputs, categorical=[c for c in categorical if c])
+        except drift_stats.ProfileError as exc:  # the model's setup, not the request: as for a bad profile file
+            raise NoReferenceError(
+                t.name, t.version, f"cannot build a reference profile from the first {n} captured requests: {exc}"
+            ) from exc
         path = drift_stats.save_profile(profile, drift_stats.profile_path(self.data_dir, t.name))
         log.info("monitor: reference profile of model '%s' built from its first %d requests: %s", t.name, n, path)
         return profile
