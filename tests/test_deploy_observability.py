@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.server.auth.certs import SERVER_NAMES, write_dev_certs
+from tensorgate.server.monitoring.monitor import MONITORING_FAMILIES
 from tensorgate.server.telemetry.gpu import GpuCollector, GpuReading
 from tensorgate.server.telemetry.metrics import MODEL_STATES, reference
 from tensorgate.server.telemetry.tracing import SERVER_ERROR_CODES
-from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, write_config
+from tests.onnx_models import ADD_SUB_CONFIG, add_sub_model, paced_model, write_config
+from tests.otlp_sinks import grpc_sink
 from tests.pki import add_sub_request
-from tests.scraping import families_of, metrics_url, scrape_text
+from tests.scraping import Samples, families_of, metrics_url, scrape, scrape_text, value
 from tests.serving import ServerThread
+from tests.test_tracing import _paced_request
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "observability"
@@ -80,8 +85,8 @@ def _alert_rule(name: str, path: Path = DEPLOY / "alerts.yaml") -> dict[str, Any
     return rule
 
 
-def _alert_queries() -> list[str]:
-    return [rule["expr"] for rule in _alert_rules()]
+def _alert_queries(path: Path = DEPLOY / "alerts.yaml") -> list[str]:
+    return [rule["expr"] for rule in _alert_rules(path)]
 
 
 def _metrics_in(expr: str) -> set[str]:
@@ -116,11 +121,16 @@ def _grouping_labels(expr: str) -> set[str]:
 @pytest.fixture(scope="module")
 def exposed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """Sample name (`_total`, `_bucket`, ...) -> labels, for every family a real server shows after traffic, plus
-    the GPU families from the readings seam (a real scrape shows them only where NVML reads a GPU)."""
-    repo = tmp_path_factory.mktemp("deploy") / "models"
+    the GPU families from the readings seam (a real scrape shows them only where NVML reads a GPU). The server
+    traces (to a sink) and captures (--data-dir), so the families only those show are there too."""
+    root = tmp_path_factory.mktemp("deploy")
+    repo = root / "models"
     add_sub_model(repo / "add_sub" / "1" / "model.onnx")
     write_config(repo, "add_sub", 'name: "add_sub"\n' + ADD_SUB_CONFIG)
-    with ServerThread(repo) as server:
+    with (
+        grpc_sink(lambda body, headers: None) as endpoint,
+        ServerThread(repo, data_dir=root / "data", otlp_endpoint=endpoint, otlp_insecure=True) as server,
+    ):
         with grpc.insecure_channel(server.address) as channel:
             stub = GRPCInferenceServiceStub(channel)
             stub.ModelInfer(add_sub_request(rows=3), timeout=10)
@@ -130,7 +140,7 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     gpu = CollectorRegistry()
     gpu.register(GpuCollector(lambda: [GpuReading(0, "GPU-1", "NVIDIA H100", 1, 2, 0.5, 0.25)]))
     families |= families_of(generate_latest(gpu).decode())
-    labels = {s.name: set(s.labels) for s in reference()}
+    labels = {s.name: set(s.labels) for s in [*reference(), *MONITORING_FAMILIES]}
     out: dict[str, set[str]] = {}
     for name, (kind, _) in families.items():
         if kind == "histogram":
@@ -143,6 +153,7 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
 
 QUERIES = [pytest.param(q, id=f"dashboard{i}") for i, q in enumerate(_dashboard_queries())]
 QUERIES += [pytest.param(q, id=f"alert{i}") for i, q in enumerate(_alert_queries())]
+QUERIES += [pytest.param(q, id=f"model-alert{i}") for i, q in enumerate(_alert_queries(MODEL_RULES))]
 
 
 @pytest.mark.parametrize("expr", QUERIES)
@@ -182,6 +193,21 @@ def test_dashboard_legends_name_labels_their_query_has(exposed: dict[str, set[st
             assert used <= labels, (panel["title"], used - labels)
 
 
+def test_dashboard_quantiles_of_the_model_variable_keep_models_apart() -> None:
+    """With several models selected, a quantile over their buckets summed together blends one model's queue wait
+    or latency with another's: every quantile of a $model-filtered histogram is taken per model, and its legend
+    says which."""
+    quantiles = 0
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if expr.startswith("histogram_quantile(") and 'model=~"$model"' in expr:
+                quantiles += 1
+                assert "model" in _grouping_labels(expr), (panel["title"], expr)
+                assert "{{model}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+    assert quantiles >= 8
+
+
 def test_dashboard_covers_the_metrics_the_issue_asks_for() -> None:
     used = {name for q in _dashboard_queries() for name in _metrics_in(q)}
     for name in (
@@ -198,6 +224,9 @@ def test_dashboard_covers_the_metrics_the_issue_asks_for() -> None:
         "process_resident_memory_bytes",
         "tensorgate_gpu_memory_used_bytes",
         "tensorgate_gpu_utilization_ratio",
+        # Telemetry lost on the way: traces to the collector, prediction samples to the monitoring store.
+        "tensorgate_trace_spans_dropped_total",
+        "tensorgate_capture_dropped_total",
     ):
         assert name in used, name
 
@@ -323,23 +352,166 @@ def test_server_errors_alert_counts_exactly_the_codes_that_are_the_servers_fault
     assert "RESOURCE_EXHAUSTED" not in SERVER_ERROR_CODES
 
 
-def test_queueing_alert_reads_the_queue_depth_over_the_window_of_its_rates() -> None:
-    """tensorgate_queue_depth is sampled once a scrape and a batching queue drains between scrapes: read bare, under
-    `for:`, it would have to be non-empty at every evaluation, and the alert would almost never fire. Seen
-    non-empty at some scrape of the rates' window (max or avg over it) is what "requests wait" can mean here;
-    min_over_time would ask for more than the bare gauge did."""
+def test_queueing_alert_bounds_the_mean_queue_wait_and_asks_for_a_backlog() -> None:
+    """ "Cannot keep up": the mean queue wait (_sum over _count) against an absolute bound, never against compute
+    time (dynamic batching makes a request wait up to max_queue_delay by design), and a queue that held requests
+    at every scrape of the rates' window (min_over_time over that window: a backlog that does not drain). The
+    bound is the operator's to tune: the description names it and what to set it from."""
     rule = _alert_rule("TensorgateQueueing")
-    expr = rule["expr"]
-    rate_windows = set(re.findall(r"\brate\([^\[]*\[(\w+)\]", expr))
-    assert len(rate_windows) == 1, rate_windows
-    reads = list(re.finditer(r"\btensorgate_queue_depth\b", expr))
-    assert reads, expr
-    for read in reads:
-        function = re.search(r"\b(\w+)\(\s*$", expr[: read.start()])
-        window = re.match(r"\s*(?:\{[^}]*\})?\s*\[(\w+)\]", expr[read.end() :])
-        assert function and function[1] in ("max_over_time", "avg_over_time"), expr
-        assert window and {window[1]} == rate_windows, expr
-    assert _seconds(rule["for"]) >= _seconds(rate_windows.pop())
+    expr = " ".join(rule["expr"].split())
+    assert "compute" not in expr, expr
+    (window,) = set(re.findall(r"\brate\([^\[]*\[(\w+)\]", expr))
+    rates = [f"rate(tensorgate_queue_duration_seconds_{part}[{window}])" for part in ("sum", "count")]
+    mean = " / ".join(f"sum by (instance, model) ({rate})" for rate in rates)
+    match = re.fullmatch(
+        re.escape(mean)
+        + r" > ([\d.]+) and "
+        + re.escape(f"sum by (instance, model) (min_over_time(tensorgate_queue_depth[{window}])) > 0"),
+        expr,
+    )
+    assert match, expr
+    description = rule["annotations"]["description"]
+    assert f"{float(match[1]):g} s" in description and "max_queue_delay_microseconds" in description
+    assert _seconds(rule["for"]) >= _seconds(window)
+
+
+def _mean(increase: Samples, histogram: str, model: str) -> float:
+    labels = frozenset({"model": model, "version": "1"}.items())
+    return increase[(f"{histogram}_sum", labels)] / increase[(f"{histogram}_count", labels)]
+
+
+def _fires(expr: str, model: str, increase: Samples, depths: list[float]) -> bool:
+    """Whether an alert expression holds for one model (one version, one instance) over traffic its windows cover
+    whole: each rate(...) becomes the increase of the samples it selects, each *_over_time(tensorgate_queue_depth)
+    that function of the depths the scrapes saw; the aggregations are then identities and arithmetic is left."""
+
+    def increase_of(m: re.Match[str]) -> str:
+        wanted = {("model", model), *re.findall(r'(\w+)="([^"]*)"', m[2] or "")}
+        return repr(sum(v for (name, labels), v in increase.items() if name == m[1] and wanted <= labels))
+
+    over = {"min": min, "max": max, "avg": lambda d: sum(d) / len(d)}
+    e = re.sub(r"\brate\((\w+)(\{[^}]*\})?\[\w+\]\)", increase_of, expr)
+    e = re.sub(r"\b(min|max|avg)_over_time\(tensorgate_queue_depth\[\w+\]\)", lambda m: repr(over[m[1]](depths)), e)
+    e = " ".join(re.sub(r"\b(?:sum|min|max|avg)\s+(?:by|without)\s*\([^)]*\)", "", e).split())
+    assert re.fullmatch(r"(?:[\d.e+\-*/()<>= ]|\band\b)*", e), f"cannot evaluate {e!r}"
+    try:
+        return bool(eval(e))  # numbers, operators and `and` only, checked above
+    except ZeroDivisionError:
+        return False  # no requests: NaN in PromQL, no alert
+
+
+PACED_CONFIG = """
+name: "paced"
+backend: "onnxruntime"
+max_batch_size: 1
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+PACED_UNITS = 8.0  # about 50 ms of compute per request on this machine's cores
+BURST = 16
+TIMED_OUT = 3
+
+
+@pytest.fixture(scope="module")
+def queueing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Samples, list[float]]]:
+    """Real traffic, scraped: model -> (increase of every sample over its traffic, the queue depths scrapes saw
+    while it ran).
+    - batched: healthy dynamic batching. One caller at a time, so each request waits the 20 ms max_queue_delay
+      for a batch that never fills: far more than its compute.
+    - paced: a model that cannot keep up. BURST requests of ~50 ms at once on one instance, one row per batch,
+      then TIMED_OUT more with a 0.2 s deadline, which pass it in the queue."""
+    repo = tmp_path_factory.mktemp("queueing") / "models"
+    add_sub_model(repo / "batched" / "1" / "model.onnx")
+    batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+    write_config(repo, "batched", 'name: "batched"\n' + ADD_SUB_CONFIG + batching)
+    paced_model(repo / "paced" / "1" / "model.onnx")
+    write_config(repo, "paced", PACED_CONFIG)
+    out: dict[str, tuple[Samples, list[float]]] = {}
+    with ServerThread(repo) as server, grpc.insecure_channel(server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        url = metrics_url(server)
+
+        def depth(model: str) -> float:
+            return value(scrape(url), "tensorgate_queue_depth", model=model, version="1")
+
+        def increase(before: Samples) -> Samples:
+            return {k: v - before.get(k, 0.0) for k, v in scrape(url).items()}
+
+        before, depths, done = scrape(url), [], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                depths.append(depth("batched"))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for _ in range(30):
+                stub.ModelInfer(add_sub_request("batched"), timeout=10)
+        finally:
+            done.set()
+            watcher.join()
+        out["batched"] = (increase(before), depths)
+
+        before, depths = scrape(url), []
+        burst = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=60) for _ in range(BURST)]
+        late = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=0.2) for _ in range(TIMED_OUT)]
+        # With 3 answers outstanding, one runs at most: the others wait in the queue.
+        while sum(not f.done() for f in burst) >= 3:
+            depths.append(depth("paced"))
+            time.sleep(0.02)
+        for f in burst:
+            f.result()
+        for f in late:
+            assert f.exception() is not None and f.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        key = ("tensorgate_inference_requests_total", frozenset({"model": "paced", "version": "1"}.items()))
+        key = (key[0], key[1] | {("code", "DEADLINE_EXCEEDED")})
+        while scrape(url).get(key, 0) < TIMED_OUT and time.monotonic() < deadline:
+            time.sleep(0.05)  # counted as the handler is cancelled, just after the caller's error
+        out["paced"] = (increase(before), depths)
+    return out
+
+
+def test_queueing_alert_is_quiet_on_healthy_batching_and_fires_on_a_backlog(
+    queueing: dict[str, tuple[Samples, list[float]]],
+) -> None:
+    """Healthy batching waits max_queue_delay for a batch, many times the compute: "queue over twice compute" held
+    there by construction, so the rule fired on every batching model. It must stay quiet there and fire on a
+    model whose queue does not drain."""
+    expr = _alert_rule("TensorgateQueueing")["expr"]
+    increase, depths = queueing["batched"]
+    queued = _mean(increase, "tensorgate_queue_duration_seconds", "batched")
+    assert queued > 2 * _mean(increase, "tensorgate_compute_duration_seconds", "batched"), "not the misleading case"
+    assert not _fires(expr, "batched", increase, depths), (queued, depths)
+    increase, depths = queueing["paced"]
+    assert depths and min(depths) > 0, depths
+    assert _fires(expr, "paced", increase, depths), _mean(increase, "tensorgate_queue_duration_seconds", "paced")
+
+
+def test_deadline_alert_sees_the_timeouts_the_latency_histograms_do_not(
+    queueing: dict[str, tuple[Samples, list[float]]],
+) -> None:
+    """tensorgate_request_duration_seconds records successful requests only, so the p99 alert and the latency
+    panels never see a request that ran out of time: the share of DEADLINE_EXCEEDED answers does (over 1%, for
+    5 minutes), and the latency alert and panel say what they cover."""
+    rule = _alert_rule("TensorgateDeadlinesExceeded")
+    increase, depths = queueing["paced"]
+    labels = {"model": "paced", "version": "1"}
+    assert value(increase, "tensorgate_inference_requests_total", **labels, code="DEADLINE_EXCEEDED") == TIMED_OUT
+    assert value(increase, "tensorgate_request_duration_seconds_count", **labels) == BURST  # the timeouts are not
+    assert _fires(rule["expr"], "paced", increase, depths)
+    assert not _fires(rule["expr"], "batched", *queueing["batched"])
+    assert re.search(r"> 0\.01\s*$", rule["expr"]) and rule["for"] == "5m", rule
+    slow = _alert_rule("TensorgateSlowRequests")["annotations"]
+    assert "successful requests" in slow["summary"] and "TensorgateDeadlinesExceeded" in slow["description"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        if any("tensorgate_request_duration_seconds" in t["expr"] for t in panel.get("targets", [])):
+            assert "successful" in panel["title"].lower(), panel["title"]
+            assert "DEADLINE_EXCEEDED" in panel["description"], panel["title"]
 
 
 def test_label_coverage_alert_fires_only_for_models_that_had_labels() -> None:
@@ -349,7 +521,8 @@ def test_label_coverage_alert_fires_only_for_models_that_had_labels() -> None:
     expr = " ".join(rule["expr"].split())
     selector = re.escape('tensorgate_model_quality{metric="label_coverage"}')
     match = re.fullmatch(
-        rf"{selector} < ([\d.]+) and max_over_time\({selector}\[(\w+)\]\) >= ([\d.]+)",
+        rf"min without \(instance\) \({selector}\) < ([\d.]+) and on \(job, model, version\) "
+        rf"max without \(instance\) \(max_over_time\({selector}\[(\w+)\]\)\) >= ([\d.]+)",
         expr,
     )
     assert match, expr
@@ -358,6 +531,31 @@ def test_label_coverage_alert_fires_only_for_models_that_had_labels() -> None:
     assert _seconds(match[2]) > _seconds(rule["for"])
     description = rule["annotations"]["description"]
     assert "never get labels" in description and "5%" in description
+
+
+def test_model_rules_fire_once_per_model_however_many_processes_export_it() -> None:
+    """Several --reuse-port processes on one --data-dir export the same monitoring gauges, each under its own
+    instance, so a bare rule fired once per process. Every read of a monitoring gauge aggregates the instances
+    away (min under a floor, max over a ceiling: the worst replica where stores differ), and `on (...)` matching
+    leaves instance out, as it is gone from both sides."""
+    for rule in _alert_rules(MODEL_RULES):
+        expr = " ".join(rule["expr"].split())
+        reads = list(re.finditer(r"\btensorgate_model_(?:quality|drift)\{", expr))
+        assert reads, expr
+        for read in reads:
+            assert re.search(r"\b(min|max) without \(instance\) \((?:max_over_time\()?$", expr[: read.start()]), expr
+        assert all("instance" not in on for on in re.findall(r"\bon \(([^)]*)\)", expr)), expr
+        first = re.match(r"(min|max) without \(instance\) \(.*?\) ([<>])", expr)
+        assert first and first[1] == {"<": "min", ">": "max"}[first[2]], (rule["alert"], expr)
+
+
+@pytest.mark.parametrize("metric", ["tensorgate_trace_spans_dropped_total", "tensorgate_capture_dropped_total"])
+def test_lost_telemetry_has_an_alert(metric: str) -> None:
+    """A collector that is down, or a capture writer that falls behind, loses spans or prediction samples while
+    requests are served as usual: nothing else would show it."""
+    (rule,) = [r for r in _alert_rules() if metric in _metrics_in(r["expr"])]
+    assert re.fullmatch(rf"rate\({metric}\[(\w+)\]\) > 0", rule["expr"].strip()), rule["expr"]
+    assert _seconds(rule["for"]) >= 300 and rule["annotations"]["description"]
 
 
 def test_readme_does_not_call_the_prometheus_model_rules_tensorgates_conditions() -> None:
@@ -403,3 +601,33 @@ def test_prometheus_scrapes_tensorgate_over_http_and_the_mtls_variant_is_complet
     # The files `tensorgate certs DIR --client prometheus` writes, and a name the server certificate carries.
     assert {Path(tls[k]).name for k in ("ca_file", "cert_file", "key_file")} <= dev_certs
     assert tls["server_name"] in SERVER_NAMES
+
+
+def test_the_mtls_job_reads_the_directory_a_commented_volume_mounts() -> None:
+    """The commented HTTPS/mTLS job reads /etc/prometheus/tls/*, which the compose file mounted nowhere: its
+    prometheus service carries the volume commented too, from certs/ at the repository's root (where
+    `tensorgate certs certs --client prometheus` writes, and which git ignores)."""
+    tls = _commented_job()["tls_config"]
+    text = (DEPLOY / "docker-compose.yaml").read_text()
+    service = text.split("\n  prometheus:\n", 1)[1].split("\n  grafana:\n", 1)[0]
+    commented = [m for line in service.splitlines() if (m := re.fullmatch(r"\s*# - ([^\s:]+):([^\s:]+)(?::ro)?", line))]
+    ((source, target),) = [(m[1], m[2]) for m in commented]
+    assert {str(Path(tls[k]).parent) for k in ("ca_file", "cert_file", "key_file")} == {target}
+    assert (DEPLOY / source).resolve() == ROOT / "certs"
+    assert "/certs/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "tensorgate certs certs --client prometheus" in (DEPLOY / "prometheus.yml").read_text()
+
+
+def test_metrics_are_not_served_on_every_interface_for_the_stack() -> None:
+    """/metrics has no authentication without --tls-client-ca. The stack's Prometheus reaches the host through
+    the docker bridge, so /metrics listens on the bridge's address; `--metrics-host 0.0.0.0` (every interface) is
+    only ever named to warn against it, in the README and in deploy/."""
+    readme = (ROOT / "README.md").read_text()
+    for path, text in [(ROOT / "README.md", readme), *((p, p.read_text()) for p in _files())]:
+        for hit in re.finditer(r"--metrics-host 0\.0\.0\.0", text):
+            assert "not" in text[max(0, hit.start() - 20) : hit.start()].lower(), (path, text[hit.start() - 80 :][:160])
+    tracing = readme.split("## Tracing through an OTel collector", 1)[1].split("\n## ", 1)[0]
+    (command,) = [c for c in re.findall(r"```sh\n(.*?)```", tracing, re.DOTALL) if "tensorgate serve" in c]
+    assert "--metrics-host 172.17.0.1" in command
+    for text in (tracing, (DEPLOY / "docker-compose.yaml").read_text(), (DEPLOY / "prometheus.yml").read_text()):
+        assert "--metrics-host 172.17.0.1" in text and "docker0" in text

@@ -189,6 +189,41 @@ def test_profile_of_an_unknown_model_is_a_server_error(server: ServerThread, tmp
     assert code == 1 and "NOT_FOUND" in err
 
 
+def test_profile_warns_that_a_capturing_server_keeps_the_reference_rows(
+    server: ServerThread, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A server with --data-dir captures the profile's own requests like any traffic: the reference rows land in
+    the window its monitor judges and hide drift there. `profile` says so, and what to do instead."""
+    x, _ = held_out
+    np.save(tmp_path / "ref.npy", x)
+    capture = server.app.capture
+    assert capture is not None
+    capture.flush()
+    before = capture.captured
+    code, printed, err = run_cli("profile", "digits", "--data", str(tmp_path / "ref.npy"), "--server", server.address,
+                                 "--out", str(tmp_path / "p.json"))  # fmt: skip
+    assert code == 0, err
+    assert err.startswith(f"tensorgate profile: warning: {server.address} captures model 'digits' predictions"), err
+    assert "the 450 reference rows" in err and "without --data-dir" in err, err
+    capture.flush()
+    assert capture.captured > before  # what the warning is about
+
+
+def test_profile_against_a_server_without_capture_does_not_warn(
+    repo: Path, held_out: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The remedy the warning names: the same models served without --data-dir, the profile written into the
+    capturing server's data directory."""
+    x, _ = held_out
+    np.save(tmp_path / "ref.npy", x)
+    with ServerThread(repo) as plain:
+        code, printed, err = run_cli("profile", "digits", "--data", str(tmp_path / "ref.npy"), "--server",
+                                     plain.address, "--data-dir", str(tmp_path / "data"))  # fmt: skip
+    assert code == 0 and err == "", err
+    profile = load_profile(tmp_path / "data", repo / "digits", "digits")
+    assert profile is not None and profile.samples == 450
+
+
 # ----- export ------------------------------------------------------------------------------------------------
 
 

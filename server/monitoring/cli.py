@@ -6,7 +6,9 @@
 
 ``profile`` sends the reference rows through the server so that the output/score bins come from the model's real
 outputs (without --server it profiles the inputs only) and writes the profile where the server looks for it
-(``<data-dir>/profiles/<model>.json``, or ``--out FILE``, e.g. ``<model dir>/reference_profile.json``).
+(``<data-dir>/profiles/<model>.json``, or ``--out FILE``, e.g. ``<model dir>/reference_profile.json``). A server
+that captures (--data-dir) stores those rows like any traffic, in the window it monitors: ``profile`` warns, and
+the README says to profile against a server of the same models without --data-dir.
 Exit status: 0 on success, 1 when the server refused a call, 2 for a usage error.
 """
 
@@ -17,12 +19,16 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from tensorgate.client.sync import InferenceClient
+    from tensorgate.protos import model_config_pb2 as mc
 
 __all__ = ["COMMANDS", "add_parsers", "run"]
 
@@ -174,7 +180,11 @@ def _through_server(
         if len(rows) != 1:
             raise UsageError(f"--data: the arrays have different row counts {sorted(rows)}")
         n = rows.pop()
-        batch = args.batch_size or max(1, client.config(args.model, args.model_version).max_batch_size) or 1
+        config = client.config(args.model, args.model_version)
+        warning = _capture_warning(client, args.server, args.model, config, n)
+        if warning:
+            print(f"tensorgate profile: warning: {warning}", file=sys.stderr)
+        batch = args.batch_size or max(1, config.max_batch_size) or 1
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, n, batch):
             result = client.infer(
@@ -184,6 +194,36 @@ def _through_server(
                 parts.setdefault(name, []).append(np.asarray(array))
     outputs = {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
     return {k: as_numbers(v) for k, v in inputs.items()}, {k: as_numbers(v) for k, v in outputs.items()}
+
+
+def _capture_warning(client: InferenceClient, server: str, model: str, config: mc.ModelConfig, rows: int) -> str:
+    """Why the reference rows about to be sent would sit in the model's monitored window ("" when they will not).
+
+    A server with --data-dir captures answered requests, these too: in its window (the last 1000 predictions by
+    default) they pull drift toward the reference and hide a real shift until newer traffic replaces them. Requests
+    cannot opt out of capture (any caller could then keep its traffic away from monitoring), so the remedy is a
+    server that does not capture. Only such a server lacks the Monitoring service (UNIMPLEMENTED); a caller not
+    allowed to read it cannot tell, and is warned conditionally.
+    """
+    import grpc
+
+    from tensorgate.client.errors import TensorgateClientError
+    from tensorgate.server.monitoring.capture import CaptureConfig
+
+    if CaptureConfig.from_config(config).sample_rate <= 0.0:
+        return ""
+    advice = (
+        f"the {rows} reference rows sent now are captured too and join the window the monitor judges, hiding drift "
+        "until newer traffic replaces them; profile against a server of the same models without --data-dir "
+        "(write the profile with --data-dir DIR or --out FILE)"
+    )
+    try:
+        client.alerts(model)
+    except TensorgateClientError as exc:
+        if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+            return ""  # no Monitoring service: the server runs without --data-dir
+        return f"cannot tell whether {server} captures ({exc.code.name}); if it runs with --data-dir, {advice}"
+    return f"{server} captures model '{model}' predictions (--data-dir): {advice}"
 
 
 # ----- export ------------------------------------------------------------------------------------------------
