@@ -389,3 +389,51 @@ def paced_model(path: Path, iterations_per_unit: float = 2000.0, size: int = 256
         initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def side_outputs_model(path: Path, width: int = 4) -> Path:
+    """INPUT0 [batch, width] -> OUTPUT0 (the rows) and, besides, MEAN [width] (their mean: no batch dimension) and
+    PROBS, a scikit-learn ZipMap's sequence of maps: outputs a config can leave unserved."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"]),
+            helper.make_node("ReduceMean", ["INPUT0"], ["MEAN"], axes=[0], keepdims=0),
+            helper.make_node(
+                "ZipMap", ["INPUT0"], ["PROBS"], domain="ai.onnx.ml", classlabels_int64s=list(range(width))
+            ),
+        ],
+        "side_outputs",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("MEAN", TensorProto.FLOAT, [width]),
+            helper.make_value_info(
+                "PROBS",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+                ),
+            ),
+        ],
+    )
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", 3)]
+    return _save(helper.make_model(graph, opset_imports=opsets), path)
+
+
+def default_bias_model(path: Path, shape: Sequence[Dim] = (4,), bias: float = 0.0, external_data: bool = False) -> Path:
+    """OUTPUT0 = INPUT0 + BIAS, where BIAS is an initializer that is also a graph input: the model holds its value
+    (`bias` everywhere), which a request may override. `external_data` keeps it in `weights.bin` beside the model."""
+    value = np.full([d if isinstance(d, int) else 1 for d in shape], bias, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "BIAS"], ["OUTPUT0"])],
+        "default_bias",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("INPUT0", "BIAS")],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, list(shape))],
+        initializer=[numpy_helper.from_array(value, "BIAS")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    if not external_data:
+        return _save(model, path)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return path

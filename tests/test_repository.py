@@ -359,7 +359,9 @@ def test_autocomplete_without_config_keeps_a_fixed_first_dim(client: grpcclient.
     [
         pytest.param("only_max_batch", 2, triton_mc.TYPE_INT32, [4], id="only-max-batch-size"),
         pytest.param("names_only", 3, triton_mc.TYPE_INT64, [4], id="inputs-without-type-or-dims"),
-        pytest.param("names_only_no_batch", 0, triton_mc.TYPE_FP32, [-1, 4], id="names-without-max-batch-size"),
+        # As Triton: a config that does not list both inputs and outputs gets max_batch_size from the model (it
+        # once stayed 0 here, serving the batch dimension as a model dimension), and dynamic batching with it.
+        pytest.param("names_only_no_batch", 4, triton_mc.TYPE_FP32, [4], id="names-without-max-batch-size"),
     ],
 )
 def test_partial_config_is_completed(
@@ -368,7 +370,8 @@ def test_partial_config_is_completed(
     client.load_model(model)
     config = client.get_model_config(model).config
     assert config.max_batch_size == max_batch_size
-    assert not config.HasField("dynamic_batching")  # only added when auto-complete chose the batch size
+    # Only added when auto-complete chose the batch size.
+    assert config.HasField("dynamic_batching") == (model == "names_only_no_batch")
     for tensors in (config.input, config.output):
         assert [(t.name, t.data_type, list(t.dims)) for t in tensors] == [(tensors[0].name, data_type, dims)]
     assert {t.name for t in config.output} == {"OUTPUT0"}

@@ -309,7 +309,8 @@ def test_initial_state_from_a_file_and_a_state_output_asked_for(tmp_path: Path) 
         "dims: [ 1 ] }",
         'dims: [ 1 ] initial_state { name: "h" data_type: TYPE_FP32 dims: [ 1 ] data_file: "hundred.bin" } }',
     )
-    config += 'output [ { name: "ACC_OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    # Outputs listed are the outputs served, as in Triton (auto-complete leaves a listed kind alone): OUTPUT too.
+    config += 'output [ { name: "ACC_OUT" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "OUTPUT" } ]\n'
     write_config(root, "acc", config)
     with ServerThread(root) as s:
         c = tc.InferenceServerClient(s.address)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 
 # ONNX type strings as reported by onnxruntime's NodeArg.type -> ModelConfig data types.
 ONNX_TYPES: dict[str, int] = {
@@ -56,6 +58,9 @@ _GRAPH_LEVELS = {
 }
 # Triton's onnxruntime backend reads `optimization { graph { level } }` this way; any other level means "all".
 _TRITON_GRAPH_LEVELS = {-1: "basic", 1: "extended", 2: "disable"}
+# Triton's keys that are ONNX Runtime's own config keys: one of the session, one of its run options.
+DEVICE_ALLOCATOR_FOR_INITIALIZERS = "session.use_device_allocator_for_initializers"
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 # More threads than this per session is a typo, not a tuning choice; onnxruntime would try to start them all.
 _MAX_THREADS = 1024
 
@@ -110,6 +115,23 @@ class ProviderChoice:
     warning: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Accelerators:
+    """`optimization { execution_accelerators }` as Triton's onnxruntime backend reads it, checked
+    (`execution_accelerators`): TensorRT provider options when `tensorrt` is asked for, and whether `openvino` is.
+    The `cuda` accelerator's parameters are CUDA provider options (`cuda_options`)."""
+
+    tensorrt: Mapping[str, str] | None = None
+    openvino: bool = False
+
+
+def _missing_accelerator(model: str, name: str, provider: str, available: Sequence[str], instead: str) -> str:
+    return (
+        f"model '{model}' asks for the '{name}' execution accelerator but this onnxruntime build has no {provider} "
+        f"(available: {', '.join(available)}); running on {instead} without it"
+    )
+
+
 def choose_providers(
     kind: int,
     gpus: Sequence[int],
@@ -117,25 +139,39 @@ def choose_providers(
     *,
     model: str,
     cuda: Mapping[str, str] | None = None,
+    accelerators: Accelerators | None = None,
 ) -> ProviderChoice:
     """Pick providers for an instance group kind; `cuda` holds CUDA provider options (`cuda_options`).
 
     KIND_GPU asks for CUDA and warns when it is missing; KIND_AUTO takes CUDA when present and CPU quietly
-    otherwise; KIND_CPU (and KIND_MODEL) use the CPU.
+    otherwise; KIND_CPU (and KIND_MODEL) use the CPU. `accelerators` put TensorRT before CUDA (on a GPU only, as
+    Triton does) and OpenVINO before the CPU provider. Where this build lacks one, Triton fails the load; tensorgate
+    warns and runs without it, as it runs a KIND_GPU model on the CPU: same results, only slower.
     """
-    if kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and CUDA in available:
+    acc = accelerators or Accelerators()
+    warnings: list[str] = []
+    providers: list[Provider] = []
+    wants_gpu = kind in (mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_AUTO) and CUDA in available
+    if wants_gpu:
         device = str(gpus[0]) if gpus else "0"
-        return ProviderChoice([(CUDA, {"device_id": device, **(cuda or {})}), CPU], wants_gpu=True)
-    if kind == mc.ModelInstanceGroup.KIND_GPU:
-        return ProviderChoice(
-            [CPU],
-            wants_gpu=False,
-            warning=(
-                f"model '{model}' asks for a GPU (KIND_GPU) but this onnxruntime build has no {CUDA} "
-                f"(available: {', '.join(available)}); running on the CPU"
-            ),
+        if acc.tensorrt is not None:
+            if TENSORRT in available:
+                providers.append((TENSORRT, {**acc.tensorrt, "device_id": device}))
+            else:
+                warnings.append(_missing_accelerator(model, "tensorrt", TENSORRT, available, CUDA))
+        providers.append((CUDA, {**(cuda or {}), "device_id": device}))
+    elif kind == mc.ModelInstanceGroup.KIND_GPU:
+        warnings.append(
+            f"model '{model}' asks for a GPU (KIND_GPU) but this onnxruntime build has no {CUDA} "
+            f"(available: {', '.join(available)}); running on the CPU"
         )
-    return ProviderChoice([CPU], wants_gpu=False)
+    if acc.openvino:
+        if OPENVINO in available:
+            providers.append((OPENVINO, {"device_type": "CPU"}))  # what Triton gives it; it reads no parameters
+        else:
+            warnings.append(_missing_accelerator(model, "openvino", OPENVINO, available, CPU))
+    providers.append(CPU)
+    return ProviderChoice(providers, wants_gpu=wants_gpu, warning="; ".join(warnings) or None)
 
 
 def _string_param(config: mc.ModelConfig, key: str) -> str | None:
@@ -143,32 +179,215 @@ def _string_param(config: mc.ModelConfig, key: str) -> str | None:
     return p.string_value if p is not None and p.string_value != "" else None
 
 
+def _parse_bool(raw: str) -> bool | None:
+    """A boolean as Triton's backends parse one (true/on/1, false/off/0, any case), or None."""
+    value = raw.strip().lower()
+    return True if value in ("true", "on", "1") else False if value in ("false", "off", "0") else None
+
+
+def _bool_param(config: mc.ModelConfig, key: str, version: int | None = None) -> bool | None:
+    raw = _string_param(config, key)
+    if raw is None:
+        return None
+    value = _parse_bool(raw)
+    if value is None:
+        raise ModelLoadError(
+            config.name, version, f"parameter '{key}' must be true or false (1/0, on/off), got '{raw}'"
+        )
+    return value
+
+
 # Triton's onnxruntime backend numbers cuDNN's convolution algorithm searches; ONNX Runtime names them.
 CONV_ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 DEFAULT_CONV_ALGO_SEARCH = "HEURISTIC"
+ARENA_EXTEND_STRATEGY = {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"}
+# Triton's model-level CUDA keys (its older spelling of the `cuda` accelerator's parameters); these win.
+CUDA_PARAMETERS = ("cudnn_conv_algo_search", "gpu_mem_limit", "arena_extend_strategy", "do_copy_in_default_stream")
+_CUDA_BOOLS = ("do_copy_in_default_stream", "use_ep_level_unified_stream")
+# CUDA provider options that ONNX Runtime reads as addresses in this process (a stream, allocator functions): a
+# config that sets them would have onnxruntime call or use whatever the number points at.
+_CUDA_POINTERS = ("user_compute_stream", "gpu_external_alloc", "gpu_external_free", "gpu_external_empty_cache")
+
+
+def _cuda_value(key: str, raw: str, where: str, model: str, version: int | None) -> str:
+    """One CUDA provider option checked (Triton's numbers turned into ONNX Runtime's names); other keys pass on
+    as written, for onnxruntime to judge, as Triton passes them."""
+    value = raw.strip()
+    if key == "cudnn_conv_algo_search":
+        mode = CONV_ALGO_SEARCH.get(value, value.upper())
+        if mode in CONV_ALGO_SEARCH.values():
+            return mode
+        rule = "0 (EXHAUSTIVE), 1 (HEURISTIC) or 2 (DEFAULT)"
+    elif key == "arena_extend_strategy":
+        strategy = ARENA_EXTEND_STRATEGY.get(value, value)
+        if strategy in ARENA_EXTEND_STRATEGY.values():
+            return strategy
+        rule = "0 (kNextPowerOfTwo) or 1 (kSameAsRequested)"
+    elif key == "gpu_mem_limit":
+        if value.isdigit() and int(value) < 2**64:
+            return value
+        rule = "a number of bytes"
+    elif key in _CUDA_BOOLS:
+        flag = _parse_bool(value)
+        if flag is not None:
+            return "1" if flag else "0"
+        rule = "true or false (1/0, on/off)"
+    elif key in _CUDA_POINTERS:
+        raise ModelLoadError(model, version, f"{where} '{key}' is an address in the server's memory; not accepted")
+    else:
+        return raw
+    raise ModelLoadError(model, version, f"{where} '{key}' must be {rule}, got '{raw}'")
 
 
 def cuda_options(config: mc.ModelConfig, version: int | None = None) -> dict[str, str]:
-    """CUDA provider options from config (Triton's key `cudnn_conv_algo_search`: 0/1/2 or the names).
+    """CUDA provider options from config: the `cuda` execution accelerator's parameters, then Triton's model-level
+    keys (`cudnn_conv_algo_search`: 0/1/2 or the names, `gpu_mem_limit`, `arena_extend_strategy`: 0/1 or the names,
+    `do_copy_in_default_stream`), which win where both are given. `device_id` is the instance group's.
 
-    The default is HEURISTIC, where ONNX Runtime and Triton default to EXHAUSTIVE. ONNX Runtime's cuDNN
-    convolutions build a new plan whenever their input shape changes, and a dynamic batcher changes the batch
-    size almost every call; EXHAUSTIVE makes each plan far dearer. Measured on an H200 (benchmarks/gpu_batching.py,
-    a ResNet-style CNN, 32-row requests at c=8): 7,205 rows/s with HEURISTIC against 1,297 with EXHAUSTIVE, whose
-    batches took 83 ms against 15 ms. DEFAULT was not measured.
+    The cudnn_conv_algo_search default is HEURISTIC, where ONNX Runtime and Triton default to EXHAUSTIVE. ONNX
+    Runtime's cuDNN convolutions build a new plan whenever their input shape changes, and a dynamic batcher changes
+    the batch size almost every call; EXHAUSTIVE makes each plan far dearer. Measured on an H200
+    (benchmarks/gpu_batching.py, a ResNet-style CNN, 32-row requests at c=8): 7,205 rows/s with HEURISTIC against
+    1,297 with EXHAUSTIVE, whose batches took 83 ms against 15 ms. DEFAULT was not measured.
     Checked on every machine, so a typo fails the load where it is written, not only where a GPU is.
     """
-    raw = _string_param(config, "cudnn_conv_algo_search")
-    if raw is None:
-        return {"cudnn_conv_algo_search": DEFAULT_CONV_ALGO_SEARCH}
-    mode = CONV_ALGO_SEARCH.get(raw.strip(), raw.strip().upper())
-    if mode not in CONV_ALGO_SEARCH.values():
-        raise ModelLoadError(
-            config.name,
-            version,
-            f"parameter 'cudnn_conv_algo_search' must be 0 (EXHAUSTIVE), 1 (HEURISTIC) or 2 (DEFAULT), got '{raw}'",
-        )
-    return {"cudnn_conv_algo_search": mode}
+    options: dict[str, str] = {}
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name == "cuda":
+            for key, raw in accelerator.parameters.items():
+                if key != "device_id":
+                    where = "the 'cuda' execution accelerator's parameter"
+                    options[key] = _cuda_value(key, raw, where, config.name, version)
+    for key in CUDA_PARAMETERS:
+        given = _string_param(config, key)
+        if given is not None:
+            options[key] = _cuda_value(key, given, "parameter", config.name, version)
+    options.setdefault("cudnn_conv_algo_search", DEFAULT_CONV_ALGO_SEARCH)
+    return options
+
+
+# Triton's TensorRT accelerator parameters -> the kind of value each takes; the ONNX Runtime option has the same
+# name except where _TRT_RENAMED says otherwise (Triton's onnxruntime backend README, "Parameter mapping").
+_TRT_PARAMETERS = {
+    "max_workspace_size_bytes": "size",
+    "trt_max_partition_iterations": "int",
+    "trt_min_subgraph_size": "int",
+    "int8_calibration_table_name": "file",
+    "int8_use_native_calibration_table": "bool",
+    "trt_dla_enable": "bool",
+    "trt_dla_core": "int",
+    "trt_engine_cache_enable": "bool",
+    "trt_engine_cache_path": "path",
+    "trt_engine_cache_prefix": "file",
+    "trt_dump_subgraphs": "bool",
+    "trt_force_sequential_engine_build": "bool",
+    "trt_context_memory_sharing_enable": "bool",
+    "trt_layer_norm_fp32_fallback": "bool",
+    "trt_timing_cache_enable": "bool",
+    "trt_timing_cache_path": "path",
+    "trt_force_timing_cache": "bool",
+    "trt_detailed_build_log": "bool",
+    "trt_build_heuristics_enable": "bool",
+    "trt_sparsity_enable": "bool",
+    "trt_builder_optimization_level": "int",
+    "trt_auxiliary_streams": "int",
+    "trt_tactic_sources": "text",
+    "trt_profile_min_shapes": "text",
+    "trt_profile_max_shapes": "text",
+    "trt_profile_opt_shapes": "text",
+    "trt_cuda_graph_enable": "bool",
+    "trt_dump_ep_context_model": "bool",
+    "trt_ep_context_file_path": "path",
+    "trt_ep_context_embed_mode": "int",
+}
+_TRT_RENAMED = {
+    "max_workspace_size_bytes": "trt_max_workspace_size",
+    "int8_calibration_table_name": "trt_int8_calibration_table_name",
+    "int8_use_native_calibration_table": "trt_int8_use_native_calibration_table",
+}
+_TRT_PRECISION = {"FP32": None, "FP16": "trt_fp16_enable", "BF16": "trt_bf16_enable", "INT8": "trt_int8_enable"}
+_TRT_KINDS = {
+    "bool": "true or false (1/0, on/off)",
+    "int": "an integer",
+    "size": "a number of bytes",
+    "file": "a file name",
+    "path": "a relative path inside the model's directory",
+}
+
+
+def _trt_value(key: str, raw: str, model_dir: Path) -> str | None:
+    """The ONNX Runtime value of one TensorRT parameter, or None when `raw` is not a value of its kind. Paths are
+    taken inside the model's directory (a config may come from a client through RepositoryModelLoad: it must not
+    have the server write engines or read calibration tables anywhere else), as warm-up files are."""
+    kind, value = _TRT_PARAMETERS[key], raw.strip()
+    if kind == "bool":
+        flag = _parse_bool(value)
+        return None if flag is None else "1" if flag else "0"
+    if kind in ("int", "size"):
+        digits = value[1:] if kind == "int" and value.startswith("-") else value
+        return value if digits.isdigit() else None
+    if kind == "file":
+        return value if value and Path(value).name == value and value not in (".", "..") else None
+    if kind == "path":
+        rel = Path(value)
+        if not value or rel.is_absolute() or ".." in rel.parts:
+            return None
+        inside = model_dir / rel
+        return str(inside) if inside.resolve().is_relative_to(model_dir.resolve()) else None
+    return raw
+
+
+def execution_accelerators(config: mc.ModelConfig, model_dir: Path, version: int | None = None) -> Accelerators:
+    """`optimization { execution_accelerators }` checked as Triton's onnxruntime backend checks it: the GPU list takes
+    `tensorrt` and `cuda`, the CPU list `openvino`; another name, a TensorRT parameter it does not know or a value of
+    the wrong kind fails the load. Checked on every machine, like `cuda_options`, though TensorRT runs only on a
+    GPU. `trt_extra_plugin_lib_paths` is refused: it loads shared libraries, as `model_operations` would."""
+    found = config.optimization.execution_accelerators
+    tensorrt: dict[str, str] | None = None
+    openvino = False
+    for field, known in (
+        ("gpu_execution_accelerator", ("tensorrt", "cuda")),
+        ("cpu_execution_accelerator", ("openvino",)),
+    ):
+        for accelerator in getattr(found, field):
+            if accelerator.name not in known:
+                raise ModelLoadError(
+                    config.name,
+                    version,
+                    f"unknown Execution Accelerator '{accelerator.name}' is requested in {field} "
+                    f"(the onnxruntime backend takes {', '.join(repr(k) for k in known)} there)",
+                )
+            openvino = openvino or accelerator.name == "openvino"
+            if accelerator.name != "tensorrt":
+                continue
+            tensorrt = {}
+            for key, raw in accelerator.parameters.items():
+                if key == "precision_mode":
+                    if raw not in _TRT_PRECISION:
+                        raise ModelLoadError(
+                            config.name,
+                            version,
+                            f"unsupported precision mode '{raw}' is requested for TensorRT (FP32, FP16, BF16 or INT8)",
+                        )
+                    flag = _TRT_PRECISION[raw]
+                    if flag is not None:
+                        tensorrt[flag] = "1"
+                    continue
+                if key not in _TRT_PARAMETERS:
+                    why = "it loads shared libraries" if key == "trt_extra_plugin_lib_paths" else "unknown parameter"
+                    raise ModelLoadError(
+                        config.name, version, f"TensorRT Execution Accelerator parameter '{key}' is not accepted: {why}"
+                    )
+                value = _trt_value(key, raw, model_dir)
+                if value is None:
+                    raise ModelLoadError(
+                        config.name,
+                        version,
+                        f"TensorRT Execution Accelerator parameter '{key}' must be {_TRT_KINDS[_TRT_PARAMETERS[key]]}, "
+                        f"got '{raw}'",
+                    )
+                tensorrt[_TRT_RENAMED.get(key, key)] = value
+    return Accelerators(tensorrt, openvino)
 
 
 def pad_requested(config: mc.ModelConfig, version: int | None = None) -> bool:
@@ -226,7 +445,10 @@ def default_intra_op_threads() -> int:
 
 
 def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
-    """Threads and graph optimisation from config, using the keys of Triton's onnxruntime backend."""
+    """Threads, graph optimisation, execution mode and memory from config, using the keys of Triton's onnxruntime
+    backend (`intra_op_thread_count`, `inter_op_thread_count`, `optimization { graph { level } }`,
+    `execution_mode`, `enable_mem_arena`, `enable_mem_pattern`, `session.use_device_allocator_for_initializers`),
+    with Triton's checks: a value it would refuse fails the load."""
     opts = ort.SessionOptions()
     # Unless the config says otherwise, leave one core to the event loop that decodes and answers requests: an
     # intra-op pool as wide as the machine competes with it (measured on 2 cores: 1 thread served 3,750 infer/s
@@ -271,7 +493,51 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
     else:
         level = _TRITON_GRAPH_LEVELS.get(config.optimization.graph.level, "all")
         opts.graph_optimization_level = _GRAPH_LEVELS[level]
+    mode = _string_param(config, "execution_mode")
+    if mode is not None and mode.strip() not in ("0", "1"):
+        raise ModelLoadError(
+            config.name,
+            None,
+            f"parameter 'execution_mode': expected values for execution_mode are 0 or 1 (0: sequential, 1: "
+            f"parallel), got '{mode}'",
+        )
+    parallel = mode is not None and mode.strip() == "1"
+    opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    if not parallel and _string_param(config, "inter_op_thread_count") is not None:
+        log.warning(
+            "model '%s': inter_op_thread_count takes effect only with execution_mode 1 (parallel); "
+            "this model runs its nodes one at a time (execution_mode 0)",
+            config.name,
+        )
+    for key, attr in (("enable_mem_arena", "enable_cpu_mem_arena"), ("enable_mem_pattern", "enable_mem_pattern")):
+        flag = _bool_param(config, key)
+        if flag is not None:
+            setattr(opts, attr, flag)
+    flag = _bool_param(config, DEVICE_ALLOCATOR_FOR_INITIALIZERS)
+    if flag is not None:
+        opts.add_session_config_entry(DEVICE_ALLOCATOR_FOR_INITIALIZERS, "1" if flag else "0")
     return opts
+
+
+def arena_shrinkage(config: mc.ModelConfig, version: int | None = None) -> list[tuple[str, int]]:
+    """The arenas Triton's `memory.enable_memory_arena_shrinkage` (`cpu:0;gpu:1`) names, checked: ONNX Runtime
+    shrinks them after every run, handing back memory that a peak took. Only its run options take the setting, and
+    it fails every run, not the load, over a device it does not know or an arena the session does not have."""
+    raw = _string_param(config, ARENA_SHRINKAGE)
+    if raw is None:
+        return []
+    arenas: list[tuple[str, int]] = []
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        device, _, number = part.partition(":")
+        if device not in ("cpu", "gpu") or not number.isdigit():
+            raise ModelLoadError(
+                config.name,
+                version,
+                f"parameter '{ARENA_SHRINKAGE}' must list arenas as cpu:0 or gpu:<device id>, separated by ';', "
+                f"got '{raw}'",
+            )
+        arenas.append((device, int(number)))
+    return arenas
 
 
 def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
@@ -294,6 +560,57 @@ def _external_data_folder(opts: ort.SessionOptions, folder: Path | None) -> Iter
     with tempfile.TemporaryDirectory(prefix="tensorgate-no-external-data-") as empty:
         opts.add_session_config_entry(key, empty)
         yield
+
+
+def _wants_gpu(group: mc.ModelInstanceGroup, available: Sequence[str]) -> bool:
+    kind = group.kind
+    return kind == mc.ModelInstanceGroup.KIND_GPU or (kind == mc.ModelInstanceGroup.KIND_AUTO and CUDA in available)
+
+
+def session_group(groups: Sequence[mc.ModelInstanceGroup], available: Sequence[str]) -> mc.ModelInstanceGroup:
+    """The instance group whose placement a model's one session takes: the first that can have a GPU (KIND_GPU, or
+    KIND_AUTO where this build has CUDA), else the first (KIND_AUTO when there is none). A GPU first: Triton would
+    run such a group's instances there, and they would take most of the work from CPU instances beside them."""
+    return next((g for g in groups if _wants_gpu(g, available)), groups[0] if groups else mc.ModelInstanceGroup())
+
+
+def _group_text(group: mc.ModelInstanceGroup) -> str:
+    kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+    return f"{kind} on GPUs {list(group.gpus)}" if group.gpus else kind
+
+
+def instance_group_warning(groups: Sequence[mc.ModelInstanceGroup], *, model: str, device: int | None) -> str | None:
+    """What to say when the groups ask for more places than the one the session has: tensorgate runs a model version
+    in one session (its instances are threads sharing it), where Triton gives each instance its own on its own
+    device. On the CPU nothing more is said: a group that asked for a GPU was warned about when it got none."""
+    if device is None:
+        return None
+    elsewhere = [
+        g
+        for g in groups
+        if g.kind in (mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_MODEL) or set(g.gpus) - {device}
+    ]
+    if not elsewhere:
+        return None
+    count = sum(max(g.count, 1) for g in groups)
+    return (
+        f"model '{model}': instance_group asks for {', '.join(_group_text(g) for g in groups)}, but tensorgate runs "
+        f"a model version in one onnxruntime session: all {count} instances run on GPU {device}, as the served "
+        "config says"
+    )
+
+
+def place_instance_groups(groups: Sequence[mc.ModelInstanceGroup], device: int | None) -> None:
+    """Rewrite instance groups to where the session runs: KIND_GPU on `device`, or KIND_CPU without gpus when it is
+    None. KIND_AUTO is resolved, a KIND_GPU group that got no GPU reads KIND_CPU, and a group that asked for another
+    device or the CPU reads what it got; counts stay (the instances are that many threads sharing the session)."""
+    for group in groups:
+        del group.gpus[:]
+        if device is None:
+            group.kind = mc.ModelInstanceGroup.KIND_CPU
+        else:
+            group.kind = mc.ModelInstanceGroup.KIND_GPU
+            group.gpus.append(device)
 
 
 class OnnxBackend:
@@ -319,9 +636,15 @@ class OnnxBackend:
         self._pad_to = config.max_batch_size if pad_requested(config, version) and config.max_batch_size > 0 else 0
         self._version = version
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
-        group = config.instance_group[0] if config.instance_group else mc.ModelInstanceGroup()
+        group = session_group(config.instance_group, available)
+        shrink = arena_shrinkage(config, version)
         choice = choose_providers(
-            group.kind, list(group.gpus), available, model=config.name, cuda=cuda_options(config, version)
+            group.kind,
+            list(group.gpus),
+            available,
+            model=config.name,
+            cuda=cuda_options(config, version),
+            accelerators=execution_accelerators(config, model_path.parent.parent, version),
         )
         if choice.warning:
             log.warning("%s", choice.warning)
@@ -354,13 +677,33 @@ class OnnxBackend:
                 CUDA,
                 ", ".join(used),
             )
+        for accelerator in (TENSORRT, OPENVINO):
+            asked = any(provider_name(p) == accelerator for p in providers)
+            if asked and accelerator not in used and not fell_back and (accelerator != TENSORRT or CUDA in used):
+                log.warning(
+                    "model '%s': %s was requested (optimization.execution_accelerators) but onnxruntime did not "
+                    "enable it (providers in use: %s); running without it",
+                    config.name,
+                    accelerator,
+                    ", ".join(used),
+                )
         self._provider = used[0] if used else CPU
-        self.inputs = {a.name: a for a in self._session.get_inputs()}
+        self._device = (group.gpus[0] if group.gpus else 0) if CUDA in used else None
+        """The GPU the session runs on, None on the CPU."""
+        spread = instance_group_warning(config.instance_group, model=config.name, device=self._device)
+        if spread:
+            log.warning("%s", spread)
+        # Initializers that are also graph inputs hold a value a request may override: inputs in Triton too
+        # (initializer_as_input), served where the config lists them, as optional ones.
+        overridable = self._session.get_overridable_initializers()
+        self.defaults = frozenset(a.name for a in overridable)
+        self.inputs = {a.name: a for a in (*self._session.get_inputs(), *overridable)}
         self.outputs = {a.name: a for a in self._session.get_outputs()}
         self._string_inputs = {n for n, a in self.inputs.items() if a.type == "tensor(string)"}
         self._run_options = ort.RunOptions()
         """Shared by every run of this session: `interrupt` sets its terminate flag (an atomic in ONNX Runtime),
         which each run checks between nodes."""
+        self._shrink_arenas(shrink, config.name, cpu_arena=opts.enable_cpu_mem_arena)
         self._bf16 = any(a.type == bf16.ONNX_TYPE for a in (*self.inputs.values(), *self.outputs.values()))
         if self._bf16 and self._string_inputs:
             raise ModelLoadError(
@@ -384,6 +727,31 @@ class OnnxBackend:
             return ort.InferenceSession(source, sess_options=opts, providers=[CPU])
         except Exception as exc:  # noqa: BLE001
             raise _load_error(model, version, path, exc) from exc
+
+    def _shrink_arenas(self, arenas: Sequence[tuple[str, int]], model: str, *, cpu_arena: bool) -> None:
+        """Set `memory.enable_memory_arena_shrinkage` on the run options, for the arenas this session has: ONNX
+        Runtime would fail every run over one it lacks (the CPU's with enable_mem_arena off, a GPU's when the model
+        fell back to the CPU or runs on another GPU), so those are left out with a warning instead."""
+        have = {("cpu", 0)} if cpu_arena else set()
+        if self._device is not None:
+            have.add(("gpu", self._device))
+        kept = [f"{device}:{number}" for device, number in arenas if (device, number) in have]
+        dropped = [f"{device}:{number}" for device, number in arenas if (device, number) not in have]
+        if dropped:
+            log.warning(
+                "model '%s': %s names %s, which this session has no arena for (it runs on %s); %s",
+                model,
+                ARENA_SHRINKAGE,
+                ", ".join(dropped),
+                "the CPU" if self._device is None else f"GPU {self._device}",
+                f"shrinking {';'.join(kept)} only" if kept else "not shrinking any",
+            )
+        if kept:
+            self._run_options.add_run_config_entry(ARENA_SHRINKAGE, ";".join(kept))
+
+    def place_instance_groups(self, config: mc.ModelConfig) -> None:
+        """Make the served config's instance groups say where the model runs (`place_instance_groups`)."""
+        place_instance_groups(config.instance_group, self._device)
 
     def pad_to_max_batch_size(self, config: mc.ModelConfig) -> None:
         """Take `tensorgate.pad_batches` from the completed config (max_batch_size filled in)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.repository.ensemble import ENSEMBLE_PLATFORM
@@ -32,6 +33,9 @@ class TensorInfo:
     name: str
     data_type: int
     shape: tuple[int | None, ...]
+    default: bool = False
+    """An ONNX initializer that is also a graph input: the model has a value for it, which a request may override
+    (Triton's initializer_as_input). It is an input only where config.pbtxt lists it, and an optional one."""
 
 
 def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
@@ -127,6 +131,27 @@ def check_backend(config: mc.ModelConfig) -> None:
     )
 
 
+UNSUPPORTED = "is not supported by tensorgate"
+
+
+def check_supported(config: mc.ModelConfig) -> None:
+    """Refuse the Triton fields tensorgate does not implement rather than serve as if they were not written: each
+    changes what the model is fed (ragged batches, batch_input tensors, shape tensors), what it returns
+    (batch_output) or what it can run (custom operator libraries), so ignoring it would answer wrongly."""
+    found = [
+        f"{field} ({kind} '{t.name}')"
+        for kind, tensors in (("input", config.input), ("output", config.output))
+        for t in tensors
+        for field in ("allow_ragged_batch", "is_shape_tensor")
+        if getattr(t, field, False)
+    ]
+    found += [field for field in ("batch_input", "batch_output") if getattr(config, field)]
+    if config.model_operations.op_library_filename:
+        found.append("model_operations")
+    if found:
+        raise InvalidConfigError(config.name, "; ".join(f"{field} {UNSUPPORTED}" for field in found))
+
+
 def dims_fit(config_dims: Sequence[int], model_dims: Sequence[int | None]) -> bool:
     """Whether dims written in a config (-1 = any) describe a model file's shape (None = dynamic)."""
     return len(config_dims) == len(model_dims) and all(
@@ -143,27 +168,42 @@ def _can_batch(tensors: Sequence[TensorInfo]) -> bool:
     return all(len(t.shape) >= 1 and t.shape[0] is None for t in tensors)
 
 
-def _complete_tensors(
-    model: str,
-    kind: str,
-    declared: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput],
-    actual: Sequence[TensorInfo],
-    batching: bool,
-    add: Callable[[], mc.ModelInput | mc.ModelOutput],
-) -> None:
+def _served(
+    model: str, kind: str, declared: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput], actual: Sequence[TensorInfo]
+) -> list[TensorInfo]:
+    """The model's tensors of one kind that are served: those config.pbtxt lists or, where it lists none, all of
+    them (initializers with a default aside), as Triton's auto-complete does. Only these must be of a type
+    tensorgate serves: an output left out (a scikit-learn ZipMap's sequence of maps beside its probability tensor)
+    is never computed."""
     by_name = {t.name: t for t in actual}
     for entry in declared:
         if entry.name not in by_name:
             raise InvalidConfigError(
                 model, f"{kind} '{entry.name}' is not in the model (it has: {', '.join(sorted(by_name))})"
             )
-    declared_by_name: dict[str, mc.ModelInput | mc.ModelOutput] = {e.name: e for e in declared}
-    for info in actual:
-        if info.name in declared_by_name:
-            entry = declared_by_name[info.name]
-        else:
-            entry = add()
-            entry.name = info.name
+    served = [by_name[e.name] for e in declared] if declared else [t for t in actual if not t.default]
+    for info in served:
+        if info.data_type not in BY_CONFIG_TYPE:
+            what = "" if info.data_type == mc.TYPE_INVALID else f" ({mc.DataType.Name(info.data_type)})"
+            hint = f"; list the {kind}s to serve in {CONFIG_FILE} to leave it out" if kind == "output" else ""
+            raise InvalidConfigError(model, f"tensor '{info.name}' has a type tensorgate cannot serve{what}{hint}")
+    return served
+
+
+def _complete_tensors(
+    model: str,
+    kind: str,
+    declared: Sequence[mc.ModelInput] | Sequence[mc.ModelOutput],
+    served: Sequence[TensorInfo],
+    batching: bool,
+    add: Callable[[], mc.ModelInput | mc.ModelOutput],
+) -> None:
+    if not declared:
+        for info in served:
+            add().name = info.name
+    by_name = {t.name: t for t in served}
+    for entry in declared:
+        info = by_name[entry.name]
         if entry.data_type == mc.TYPE_INVALID:
             entry.data_type = info.data_type  # type: ignore[assignment]
         elif entry.data_type != info.data_type:
@@ -180,6 +220,9 @@ def _complete_tensors(
                 # A [batch]-shaped tensor: Triton writes it as dims [1] reshaped to [].
                 entry.dims.append(1)
                 entry.reshape.SetInParent()
+        elif not info.shape and not entry.HasField("reshape") and all(d == 1 for d in entry.dims):
+            # A scalar in the model, written as Triton accepts it (dims all 1): its one element is fed as the scalar.
+            entry.reshape.SetInParent()
         config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
         if not dims_fit(config_dims, model_dims):
             raise InvalidConfigError(
@@ -197,10 +240,16 @@ def autocomplete(
     max_batch_size_given: bool,
     default_max_batch_size: int,
 ) -> mc.ModelConfig:
-    """Fill what config.pbtxt leaves out from the model file and check what it states against it."""
+    """Fill what config.pbtxt leaves out from the model file and check what it states against it, as Triton's
+    onnxruntime backend does: a kind of tensor the config lists (inputs, outputs) is served as listed, never
+    completed with the model's others, and max_batch_size comes from the model unless the config gives it or
+    lists both inputs and outputs. Only the tensors served are checked: types, and a batch dimension first."""
     model = config.name
-    can_batch = _can_batch([*inputs, *outputs])
-    if not max_batch_size_given and not config.input and not config.output:
+    served_in = _served(model, "input", config.input, inputs)
+    served_out = _served(model, "output", config.output, outputs)
+    served = [*served_in, *served_out]
+    can_batch = _can_batch(served)
+    if not max_batch_size_given and not (config.input and config.output):
         config.max_batch_size = default_max_batch_size if can_batch else 0
         if config.max_batch_size > 0 and not config.HasField("dynamic_batching"):
             if not config.HasField("sequence_batching"):  # a sequence model batches by its own strategy
@@ -208,15 +257,15 @@ def autocomplete(
     if config.max_batch_size < 0:
         raise InvalidConfigError(model, f"max_batch_size must be >= 0, got {config.max_batch_size}")
     if config.max_batch_size > 0 and not can_batch:
-        fixed = [t.name for t in (*inputs, *outputs) if not t.shape or t.shape[0] is not None]
+        fixed = [t.name for t in served if not t.shape or t.shape[0] is not None]
         raise InvalidConfigError(
             model,
             f"max_batch_size is {config.max_batch_size} but the first dimension of {', '.join(fixed)} is not "
             "dynamic; set max_batch_size: 0",
         )
     batching = config.max_batch_size > 0
-    _complete_tensors(model, "input", config.input, inputs, batching, config.input.add)
-    _complete_tensors(model, "output", config.output, outputs, batching, config.output.add)
+    _complete_tensors(model, "input", config.input, served_in, batching, config.input.add)
+    _complete_tensors(model, "output", config.output, served_out, batching, config.output.add)
     if not config.instance_group:
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
     for group in config.instance_group:
@@ -227,6 +276,45 @@ def autocomplete(
     if not config.default_model_filename:
         config.default_model_filename = DEFAULT_ONNX_FILENAME
     return config
+
+
+def check_onnx_inputs(config: mc.ModelConfig, inputs: Sequence[TensorInfo]) -> None:
+    """A completed config's inputs against what ONNX Runtime needs, checked at load as Triton's onnxruntime
+    backend does, where serving would fail every request inside the runtime (or every one of some sizes): every
+    input the model requires is listed, with no -1 where the model's dimension is fixed, and only an initializer
+    with a default may be left out (`optional`, which such an input always is), on a model that does not batch
+    (Triton refuses optional inputs there)."""
+    listed = {t.name for t in config.input}
+    missing = [t.name for t in inputs if not t.default and t.name not in listed]
+    if missing:
+        raise InvalidConfigError(config.name, f"the model requires input(s) {missing}, which {CONFIG_FILE} leaves out")
+    by_name = {t.name: t for t in inputs}
+    defaults = {t.name for t in inputs if t.default}
+    batching = config.max_batch_size > 0
+    for entry in config.input:
+        model_dims = by_name[entry.name].shape[1:] if batching else by_name[entry.name].shape
+        config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
+        if any(c == -1 and m is not None for c, m in zip(config_dims, model_dims, strict=True)):
+            # As Triton (CompareDimsSupported): -1 takes any size, which this model cannot.
+            raise InvalidConfigError(
+                config.name,
+                f"input '{entry.name}' has dims {config_dims} in config, -1 where the model's "
+                f"{'per-row ' if batching else ''}shape {shape_text(model_dims)} is fixed; write the model's sizes",
+            )
+        if entry.name in defaults:
+            entry.optional = True
+        elif entry.optional:
+            raise InvalidConfigError(
+                config.name,
+                f"input '{entry.name}' is optional in config but the model requires it (only an initializer with a "
+                "default value may be left out of a request)",
+            )
+        if entry.optional and config.max_batch_size > 0:
+            raise InvalidConfigError(
+                config.name,
+                f"input '{entry.name}' is optional, which is not supported for a model that batches (max_batch_size "
+                f"{config.max_batch_size}), as in Triton: set max_batch_size: 0 or leave the input out of the config",
+            )
 
 
 def select_versions(policy: mc.ModelVersionPolicy, available: Sequence[int]) -> list[int]:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.backends.base import Backend, backend_ready
 from tensorgate.server.backends.ensemble import EnsembleBackend
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
@@ -50,10 +49,13 @@ from tensorgate.server.errors import (
 )
 from tensorgate.server.repository.config import (
     CONFIG_FILE,
+    DEFAULT_ONNX_FILENAME,
     TRITON_BACKEND,
     TensorInfo,
     autocomplete,
     check_backend,
+    check_onnx_inputs,
+    check_supported,
     parse_config,
     read_config,
     select_versions,
@@ -404,6 +406,7 @@ class ModelRepository:
         else:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
+        check_supported(base)
         _check_alert_rules(base)
         plan = plan_of(base) if is_ensemble(base) else None
         base_text = base.SerializeToString(deterministic=True).hex()
@@ -650,6 +653,10 @@ class ModelRepository:
             # Checked before the file is looked for: whether a path outside exists is none of the caller's business.
             raise ModelLoadError(name, version, f"default_model_filename must be a file name, got {filename!r}")
         model_file = vdir / filename
+        if model_file.is_dir():
+            # Triton's layout for a model over protobuf's 2 GB: a directory holding model.onnx and its external
+            # data files, which are then read from that directory (`_read_artifact` keeps both in the repository).
+            model_file = model_file / DEFAULT_ONNX_FILENAME
         if not model_file.is_file():
             raise ModelLoadError(name, version, f"{model_file.relative_to(vdir.parent.parent)} does not exist")
         model_bytes, external_data = self._read_artifact(config, vdir, model_file, version)
@@ -662,35 +669,30 @@ class ModelRepository:
                         a.name,
                         ONNX_TYPES.get(a.type, mc.TYPE_INVALID),
                         tuple(d if isinstance(d, int) else None for d in a.shape),
+                        a.name in backend.defaults,
                     )
                     for a in args.values()
                 ]
                 for args in (backend.inputs, backend.outputs)
             ]
-            for info in (*infos[0], *infos[1]):
-                if info.data_type not in BY_CONFIG_TYPE:
-                    kind = "" if info.data_type == mc.TYPE_INVALID else f" ({mc.DataType.Name(info.data_type)})"
-                    raise InvalidConfigError(name, f"tensor '{info.name}' has a type tensorgate cannot serve{kind}")
             stateful = config.HasField("sequence_batching")
             # A sequence model's control and state tensors are the scheduler's to feed: not the callers'.
             hidden_in, hidden_out = scheduler_tensors(config) if stateful else (frozenset(), frozenset())
             if stateful:
                 check_sequence_config(config)
+            callers_inputs = [i for i in infos[0] if i.name not in hidden_in]
             autocomplete(
                 config,
-                [i for i in infos[0] if i.name not in hidden_in],
+                callers_inputs,
                 [o for o in infos[1] if o.name not in hidden_out],
                 max_batch_size_given=mbs_given,
                 default_max_batch_size=self._default_mbs,
             )
+            check_onnx_inputs(config, callers_inputs)
             sequence = sequence_spec(config, infos[0], infos[1], vdir) if stateful else None
             backend.pad_to_max_batch_size(config)
-            on_gpu = backend.execution_provider == "CUDAExecutionProvider"
-            # The served config says where the model really runs: KIND_AUTO is resolved, and a KIND_GPU group
-            # that onnxruntime could not put on a GPU reads KIND_CPU, as tensorgate.execution_provider does.
-            for group in config.instance_group:
-                if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_GPU):
-                    group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+            # The served config says where the model really runs (one session: every group its kind and GPU).
+            backend.place_instance_groups(config)
             config.parameters[PROVIDER_PARAMETER].string_value = backend.execution_provider
             schema = ModelSchema.from_config(config, bytes_are_text=True, labels=read_labels(config, vdir.parent))
             policy = SchedulingPolicy.from_config(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos import tensors
 from tensorgate.server import datatypes
 from tensorgate.server.backends.base import Backend
 from tensorgate.server.errors import ModelLoadError, TensorgateError, os_error_text
@@ -17,21 +18,40 @@ from tensorgate.server.repository.schema import ModelSchema
 WARMUP_DIR = "warmup"
 
 
-def _sample(
-    spec: mc.ModelWarmup.Input, shape: tuple[int, ...], model_dir: Path, rng: np.random.Generator
-) -> np.ndarray:
+def _sample_file(spec: mc.ModelWarmup.Input, dt: datatypes.DataType, model_dir: Path) -> np.ndarray:
+    """One instance of the tensor (shape `dims`, no batch dimension) from `warmup/<input_data_file>`, read as
+    Triton reads it: raw values of which the first prod(dims) are used, or for BYTES exactly prod(dims) elements,
+    each after its 4-byte little-endian length (the wire's BYTES framing). Triton's repositories hold files written
+    that way, so reading rows or whole files here would fail their loads or warm up on other data."""
+    path = model_dir / WARMUP_DIR / Path(spec.input_data_file).name
+    if not path.resolve().is_relative_to(model_dir.resolve()):
+        # A link out of the model's directory: a load error could otherwise tell a client about other files.
+        raise ValueError(f"{WARMUP_DIR}/{path.name} leaves the model's directory")
+    raw = path.read_bytes()
+    dims = tuple(spec.dims)
+    count = math.prod(dims)
+    if dt.name == "BYTES":
+        try:
+            return tensors.decode_bytes_tensor(raw, count).reshape(dims)
+        except tensors.TensorFormatError as exc:
+            raise ValueError(f"{WARMUP_DIR}/{path.name} is not one sample of dims {list(dims)}: {exc}") from exc
+    need = count * dt.itemsize
+    if len(raw) < need:
+        raise ValueError(
+            f"{WARMUP_DIR}/{path.name} has {len(raw)} bytes but one sample of {dt.name} dims {list(dims)} needs {need}"
+        )
+    return np.frombuffer(raw, dtype=dt.np_dtype, count=count).reshape(dims)
+
+
+def _sample(spec: mc.ModelWarmup.Input, lead: tuple[int, ...], model_dir: Path, rng: np.random.Generator) -> np.ndarray:
+    """The input for one run: `lead` is (batch_size,) for a model that batches, else (). A file holds one
+    instance, repeated batch_size times as Triton repeats it."""
     dt = datatypes.BY_CONFIG_TYPE[spec.data_type]
+    shape = lead + tuple(spec.dims)
     count = math.prod(shape)
     choice = spec.WhichOneof("input_data_type")
     if choice == "input_data_file":
-        path = model_dir / WARMUP_DIR / Path(spec.input_data_file).name
-        if not path.resolve().is_relative_to(model_dir.resolve()):
-            # A link out of the model's directory: a load error could otherwise tell a client about other files.
-            raise ValueError(f"{WARMUP_DIR}/{path.name} leaves the model's directory")
-        raw = path.read_bytes()
-        if dt.name == "BYTES":
-            return np.array([raw] * count, dtype=object).reshape(shape)
-        return np.frombuffer(raw, dtype=dt.np_dtype, count=count).reshape(shape)
+        return np.broadcast_to(_sample_file(spec, dt, model_dir), shape).copy()
     if dt.name == "BYTES":
         fill = b"" if choice == "zero_data" else b"tensorgate"
         return np.array([fill] * count, dtype=object).reshape(shape)
@@ -61,12 +81,14 @@ def run_warmup(
         try:
             inputs: dict[str, np.ndarray] = {}
             for name, spec in sample.inputs.items():
-                dims = tuple(spec.dims)
-                shape = ((rows,) + dims) if schema.max_batch_size > 0 else dims
-                array = _sample(spec, shape, model_dir, rng)
+                if any(d < 0 for d in spec.dims):
+                    raise ValueError(
+                        f"input '{name}' has dims {list(spec.dims)}; a warm-up sample needs every dimension (no -1)"
+                    )
+                lead = (rows,) if schema.max_batch_size > 0 else ()
+                array = _sample(spec, lead, model_dir, rng)
                 tensor = schema.inputs.get(name)
                 if tensor is not None and tensor.reshape is not None:
-                    lead = shape[:1] if schema.max_batch_size > 0 else ()
                     array = array.reshape(lead + tensor.reshape)
                 inputs[name] = array
             for _ in range(max(sample.count, 1)):
