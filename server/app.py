@@ -114,8 +114,12 @@ class TensorgateServer:
 
     @property
     def ready(self) -> bool:
+        """ServerReady. With --strict-readiness false, as Triton's: started and not draining, whatever the models'
+        readiness (one upstream down then does not take the whole replica out of rotation)."""
         draining = self._gate is not None and self._gate.draining
-        return self._started and not draining and self.repository.all_ready()
+        if not self._started or draining:
+            return False
+        return not self.settings.strict_readiness or self.repository.all_ready()
 
     def _options(self) -> list[tuple[str, int]]:
         s = self.settings

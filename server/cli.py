@@ -85,6 +85,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "[env TENSORGATE_LOAD_MODEL, comma-separated]",
     )
     opt("--repository-poll-secs", float, "seconds between repository scans in poll mode (default 15)")
+    opt(
+        "--strict-readiness",
+        _flag,
+        "true: ServerReady only while every model is loaded and ready, remote upstreams included; false: once the "
+        "server has started, whatever its models' readiness (default true, as Triton)",
+        nargs="?",
+        const=True,
+    )
     opt("--default-max-batch-size", int, "max_batch_size for ONNX models whose config omits it (default 4)")
     opt("--max-message-bytes", int, "largest request/response in bytes (default 256 MiB)")
     opt("--max-tensor-elements", int, "elements in one input tensor (default 64Mi); more is RESOURCE_EXHAUSTED")
@@ -237,6 +245,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                 else _env("load-model", [], lambda v: [x for x in v.split(",") if x])
             ),
             repository_poll_secs=args.repository_poll_secs,
+            strict_readiness=args.strict_readiness,
             default_max_batch_size=args.default_max_batch_size,
             max_message_bytes=args.max_message_bytes,
             max_tensor_elements=args.max_tensor_elements,

@@ -58,6 +58,10 @@ class ServerSettings:
     load_model: list[str] = field(default_factory=list)
     """Models to load at start in explicit mode ('*' for all)."""
     repository_poll_secs: float = 15.0
+    strict_readiness: bool = True
+    """As Triton's --strict-readiness. True: ServerReady (and the health of the inference service) is true only
+    while every model that should be loaded is, and ready, a remote model's upstream included. False: true once
+    the server has started, whatever its models' readiness (ModelReady still tells each model's)."""
     default_max_batch_size: int = 4
     """max_batch_size given to ONNX models whose config leaves it out and whose first dimension is dynamic."""
     max_message_bytes: int = 256 * 1024 * 1024

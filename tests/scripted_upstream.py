@@ -34,6 +34,14 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.config_error: tuple[grpc.StatusCode, str] | None = None
         """What ModelConfig answers instead of the config (e.g. Triton's restricted-protocol refusal)."""
         self.calls = 0
+        self.infer_cancelled = 0
+        """ModelInfer calls whose caller (tensorgate) cancelled them before they were answered."""
+        self.requests: list[pb.ModelInferRequest] = []
+        """Every ModelInfer request, as it arrived (its id and parameters, say)."""
+        self.peers: set[str] = set()
+        """The connections (client address and port) ModelInfer calls came over."""
+        self.ready = True
+        """What ModelReady answers (False: an upstream model being reloaded, say)."""
         self.described = 0
         """ModelMetadata calls: one per load of a model in front of this upstream."""
         self.decoupled = False
@@ -59,7 +67,7 @@ class _Servicer(GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.ready)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         self.described += 1
@@ -86,6 +94,8 @@ class _Servicer(GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         self.calls += 1
+        self.requests.append(request)
+        self.peers.add(context.peer())
         params = request.parameters
         key = None
         if "sequence_id" in params:
@@ -98,6 +108,9 @@ class _Servicer(GRPCInferenceServiceServicer):
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.infer_cancelled += 1
+            raise
         finally:
             self.in_flight[key] -= 1
         if self.error is not None:

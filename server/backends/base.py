@@ -7,6 +7,7 @@ never on the event loop. Backends are built by the repository from a model's eff
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext
 
     from tensorgate.protos import grpc_service_pb2 as pb
+    from tensorgate.protos.tensors import ParamValue
 
 
 SequenceId = int | str
@@ -39,11 +41,25 @@ class BatchContext:
     """
 
     deadline: float | None = None
-    """Absolute `time.monotonic()` after which no caller of the batch waits any more; None: some caller has none."""
+    """Absolute `time.monotonic()` of the latest deadline among the batch's callers that set one; None: none did."""
+    open_ended: bool = False
+    """Some caller of the batch set no deadline (with `deadline` set: others did). A remote backend then gives the
+    call its own limit or until `deadline`, whichever is later, so that neither kind of caller cuts the other's
+    call short."""
     trace: SpanContext | None = None
     """The batch's span, or an unsampled caller's context, to carry upstream (None when the batch is not traced)."""
     sequence: SequenceFlags | None = None
     """A remote sequence model's request (a batch of one): its sequence parameters, which its upstream needs."""
+    abandoned: Future[None] | None = None
+    """Resolved once every caller of the batch has left (cancelled, or past its deadline): nobody reads its result
+    any more, so a remote backend cancels its upstream call, which would hold an instance, and the upstream, until
+    it answered. None where the scheduler does not say: a local backend (RunsRemotely), or a sequence's request,
+    which must reach its upstream in its sequence's order."""
+    request_id: str = ""
+    """A remote backend's batch of one request: that request's id, for its upstream ("" for a batch of several)."""
+    parameters: Mapping[str, ParamValue] | None = None
+    """A remote backend's batch: the request parameters its requests carry, all alike (the scheduler batches only
+    requests with equal parameters together), for its upstream (an LLM's sampling parameters, say)."""
 
 
 NO_CONTEXT = BatchContext()
@@ -91,6 +107,18 @@ class StreamsResponses(Protocol):
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """Called on the server's event loop; ends when the request is complete."""
+        ...
+
+
+@runtime_checkable
+class RunsRemotely(Protocol):
+    """A backend whose batches run on another server (a remote one). The scheduler tells it when none of a
+    batch's callers waits any more (BatchContext.abandoned), and gives it what to send on with the batch: the
+    request's id, and the parameters, which only requests that carry the same ones are batched together with."""
+
+    @property
+    def runs_remotely(self) -> bool:
+        """True: the scheduler fills BatchContext's abandoned, request_id and parameters for this backend."""
         ...
 
 

@@ -20,8 +20,13 @@ upstream version it maps to. Parameters (all optional but the url; values are st
     tensorgate.triton.timeout_s           per-call limit when the caller sets no deadline (default 60)
     tensorgate.triton.deadline_margin_ms  taken off the caller's deadline before it is sent upstream (default 5)
     tensorgate.triton.connections         gRPC connections to the upstream, used in turn (default 1)
+    tensorgate.triton.load_balancing      round_robin (default) or pick_first: how each connection spreads its
+                                          calls over a url with several addresses (ipv4:A,B, a headless DNS name)
+    tensorgate.triton.max_connection_age_s  replace each connection this often, so that a url's addresses are
+                                          resolved again and new upstreams get calls (default 0: never)
     tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
-    tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token)
+    tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token); names
+                                          [0-9a-z_.-], values printable ASCII
     tensorgate.triton.max_streams         decoupled models only: requests relayed at once; one more is refused
                                           with RESOURCE_EXHAUSTED (default 0: no limit)
 
@@ -49,15 +54,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import grpc
 import numpy as np
@@ -66,7 +74,11 @@ import tritonclient.grpc.aio as tca
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 from opentelemetry.trace import SpanContext
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import (
+    TRITON_RESERVED_REQUEST_PARAMS,
+    TRITON_RESERVED_REQUEST_PARAMS_PREFIX,
+    InferenceServerException,
+)
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -76,10 +88,12 @@ from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFl
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidRequestError,
     ModelLoadError,
     ModelUnavailableError,
     ResourceExhaustedError,
+    ServerUnavailableError,
     TensorgateError,
     model_ref,
 )
@@ -113,7 +127,11 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.use_local_subchannel_pool", 1),
 ]
 # Codes an upstream answers with that mean "the upstream cannot serve now", not "this request is wrong".
-_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED"}
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
+_HEADER_NAME = re.compile(r"[0-9a-z_.-]+")
+"""What gRPC (HTTP/2) takes as a metadata key, once lowercased; anything else fails the call in gRPC's core."""
+LOAD_BALANCING = ("round_robin", "pick_first")
+"""gRPC's policies for a url that names several upstreams (`ipv4:A,B`, a DNS name with several addresses)."""
 _CLOSED_BY_PEER = "Socket closed"
 """grpc's words when the upstream closes a connection it accepted (see TritonSettings.closed_hint)."""
 
@@ -135,6 +153,8 @@ class TritonSettings:
     connections: int = 1
     health_interval_s: float = 2.0
     max_streams: int = 0
+    load_balancing: str = "round_robin"
+    max_connection_age_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     pem: tuple[bytes | None, bytes | None, bytes | None] = field(default=(None, None, None), repr=False)
     """The contents of ca_file, key_file and cert_file, read once at load: a channel made later (a decoupled
@@ -159,14 +179,29 @@ class TritonSettings:
             "connections",
             "health_interval_s",
             "max_streams",
+            "load_balancing",
+            "max_connection_age_s",
         }
         headers: dict[str, str] = {}
         for key, value in params.items():
             short = key.removeprefix(PREFIX)
             if short.startswith("header."):
                 header = short.removeprefix("header.").lower()
-                if not header or header.startswith("grpc-") or header.endswith("-bin"):
-                    raise ModelLoadError(name, None, f"parameter '{key}' does not name a usable gRPC header")
+                if not _HEADER_NAME.fullmatch(header) or header.startswith("grpc-") or header.endswith("-bin"):
+                    raise ModelLoadError(
+                        name,
+                        None,
+                        f"parameter '{key}' does not name a usable gRPC header: letters, digits, '_', '-' and '.' "
+                        "only, neither 'grpc-*' (reserved) nor '*-bin' (binary)",
+                    )
+                if not all(" " <= c <= "~" for c in value):
+                    # Not echoed: the value may be a credential.
+                    raise ModelLoadError(
+                        name,
+                        None,
+                        f"parameter '{key}': a gRPC header value must be printable ASCII (no newline or other "
+                        "control character, no non-ASCII letter)",
+                    )
                 headers[header] = value
             elif short not in known:
                 raise ModelLoadError(name, None, f"unknown parameter '{key}' (known: {', '.join(sorted(known))})")
@@ -211,6 +246,13 @@ class TritonSettings:
         tls_text = params.get(PREFIX + "tls", "").strip().lower()
         if tls_text not in ("", "true", "false"):
             raise ModelLoadError(name, None, f"parameter '{PREFIX}tls' must be true or false, got '{tls_text}'")
+        balancing = params.get(PREFIX + "load_balancing", "").strip() or "round_robin"
+        if balancing not in LOAD_BALANCING:
+            raise ModelLoadError(
+                name,
+                None,
+                f"parameter '{PREFIX}load_balancing' must be one of {', '.join(LOAD_BALANCING)}, got '{balancing}'",
+            )
         ca, cert, private_key = path("ca_file"), path("cert_file"), path("key_file")
         if (cert is None) != (private_key is None):
             raise ModelLoadError(name, None, f"'{PREFIX}cert_file' and '{PREFIX}key_file' go together")
@@ -228,6 +270,8 @@ class TritonSettings:
             connections=whole("connections", 1, 1, 64),
             health_interval_s=number("health_interval_s", 2.0, 0.05, 3600.0),
             max_streams=whole("max_streams", 0, 0, 1_000_000),
+            load_balancing=balancing,
+            max_connection_age_s=number("max_connection_age_s", 0.0, 0.0, 30 * 86_400.0),
             headers=headers,
             pem=(pem.get("ca_file"), pem.get("key_file"), pem.get("cert_file")),
         )
@@ -286,23 +330,36 @@ class TritonBackend:
         s = self.settings
         self._where = f"upstream Triton {s.url} (model '{s.model_name}')"
         self._ready = False
+        self._changed: str | None = None
+        """Why the upstream model is no longer the one that loaded (`_unchanged`); None while it is."""
+        self._recheck = False
+        """The upstream model was seen not ready (or unreachable) since it was last described: once it is ready
+        again, the watcher describes it again before it counts as ready (`_unchanged`)."""
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"tg-triton-{config.name}", daemon=True)
         self._thread.start()
         self._probe: Future[None] | None = None
+        self._renewer: Future[None] | None = None
+        self._busy: dict[Any, int] = {}
+        """Calls running on each client, counted on the backend's loop (`_on`): a replaced one closes at 0."""
+        self._retiring: set[Any] = set()
+        """Clients replaced by `_renew` whose calls have not all ended yet."""
         self._stream_channel: grpc.aio.Channel | None = None
         """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
         self._stream_loop: asyncio.AbstractEventLoop | None = None
         self._stream_infer: Any = None
         self._streams = 0
         """Requests being relayed (`stream`, on the server's loop), for `max_streams`."""
+        self._calls: set[Future[Any]] = set()
+        """Calls that worker threads wait on (`_run`): `close` ends those its closed connections did not."""
         self._close_lock = threading.Lock()
         """`close` runs on a thread of its own (the repository's `_retire`) while `stream` makes the channel on the
         server's loop: one of them sees the other's work, so a channel made as the model closes is closed too."""
         try:
-            self._clients = self._run(self._connect(), 10.0)
-            self._next = itertools.cycle(self._clients)
+            self._clients: list[Any] = self._run(self._connect(), 10.0)
+            """tritonclient.grpc.aio clients, one per connection, taken in turn (`_turn`); `_renew` replaces them."""
+            self._turn = itertools.count()
             self.upstream = self._run(self._describe(), min(s.timeout_s, 30.0) + 1.0)
         except ModelLoadError:
             self.close()
@@ -315,8 +372,8 @@ class TritonBackend:
             # An upstream that cannot be reached, or does not serve the model yet, may by the next try; one
             # that refused the call (a bad token or model_version here, or a restricted protocol's header, which
             # Triton refuses as UNAVAILABLE) will refuse it again.
-            transient = not _restricted(reason) and isinstance(
-                exc, (ModelUnavailableError, DeadlineExceededError, ResourceExhaustedError)
+            transient = isinstance(
+                exc, (ModelUnavailableError, ServerUnavailableError, DeadlineExceededError, ResourceExhaustedError)
             )
             raise ModelLoadError(self._model, version, reason, transient=transient) from exc
         except BaseException:
@@ -325,6 +382,8 @@ class TritonBackend:
         self._ready = True
         self._types = {t.name: BY_CONFIG_TYPE[t.data_type].name for t in self.upstream.inputs}
         self._probe = asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
+        if s.max_connection_age_s > 0:
+            self._renewer = asyncio.run_coroutine_threadsafe(self._renew(), self._loop)
         log.info("model '%s' fronts %s over %d connection(s)", self._model, self._where, s.connections)
 
     # ----- the backend protocol ----------------------------------------------------------------------------
@@ -334,17 +393,25 @@ class TritonBackend:
         return f"triton:{self.settings.url}"
 
     @property
+    def runs_remotely(self) -> bool:
+        """A batch whose callers all left has its upstream call cancelled (`_run`); a request's id and parameters
+        go upstream with its batch (`execute`)."""
+        return True
+
+    @property
     def ready(self) -> bool:
-        """Whether the upstream model answered ready the last time it was asked (or served the last call)."""
-        return self._ready and not self._closed
+        """Whether the upstream model answered ready the last time it was asked (or served the last call), and
+        is still the model that loaded."""
+        return self._ready and not self._closed and self._changed is None
 
     def execute(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
     ) -> dict[str, np.ndarray]:
         """One upstream ModelInfer for the whole batch; tensors travel as raw contents both ways."""
         s = self.settings
-        left = self._time_left(context.deadline)
-        timeout = s.timeout_s if left is None else left  # a caller's own deadline wins over the default limit
+        if self._changed is not None:
+            raise ModelUnavailableError(self._model, self._version, self._changed)
+        timeout = self._timeout(context)
         infer_inputs = []
         for name, array in inputs.items():
             item = tc.InferInput(name, list(array.shape), self._types.get(name, "BYTES"))
@@ -355,23 +422,32 @@ class TritonBackend:
             infer_inputs.append(item)
         wanted = [tc.InferRequestedOutput(name) for name in outputs]
         headers = s.headers if context.trace is None else {**s.headers, **Tracing.headers(context.trace)}
-        client = next(self._next)
+        client = self._clients[next(self._turn) % len(self._clients)]
         sequence = context.sequence or _NO_SEQUENCE
         sequence_id = sequence.id
         if isinstance(sequence_id, int) and sequence_id >= 2**63:
             sequence_id -= 2**64  # tritonclient sends int64: its two's complement, which Triton reads as uint64
+        parameters = dict(context.parameters or {})
+        priority, timeout_us = parameters.pop("priority", 0), parameters.pop("timeout", None)
+        for key in list(parameters):
+            if key in TRITON_RESERVED_REQUEST_PARAMS or key.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX):
+                del parameters[key]  # the sequence's come from `context.sequence`; the others are the protocol's
         coro = client.infer(
             s.model_name,
             infer_inputs,
             model_version=s.model_version,
             outputs=wanted,
+            request_id=context.request_id,
             sequence_id=sequence_id,
             sequence_start=sequence.start,
             sequence_end=sequence.end,
+            priority=priority if _whole(priority) and priority > 0 else 0,
+            timeout=timeout_us if _whole(timeout_us) else None,
             client_timeout=timeout,
             headers=headers or None,
+            parameters=parameters or None,
         )
-        result = self._run(coro, timeout + 1.0, timeout_error=timeout)
+        result = self._run(self._on(client, coro), timeout + 1.0, timeout_error=timeout, abandoned=context.abandoned)
         self._ready = True
         response = result.get_response()
         out: dict[str, np.ndarray] = {}
@@ -386,6 +462,19 @@ class TritonBackend:
         if missing:
             raise BackendError(self._model, self._version, f"{self._where} did not return {', '.join(missing)}")
         return out
+
+    def _timeout(self, context: BatchContext) -> float:
+        """Seconds to give a batch's upstream call: its callers' latest deadline less the margin, `timeout_s` when
+        none set one, and the longer of the two when some did and some did not (a caller without a deadline must
+        not cut short the call of one that allows longer, nor the other way round)."""
+        s = self.settings
+        if context.deadline is None:
+            return s.timeout_s
+        if context.open_ended:
+            return max(s.timeout_s, context.deadline - time.monotonic() - s.deadline_margin_s)
+        left = self._time_left(context.deadline)
+        assert left is not None
+        return left
 
     def _time_left(self, deadline: float | None) -> float | None:
         """Seconds to give the upstream call: the caller's deadline less the margin (None without a deadline);
@@ -439,7 +528,7 @@ class TritonBackend:
         responses = call.__aiter__()
         self._streams += 1
         try:
-            with self._errors(timeout):
+            with self._errors(timeout, time.monotonic()):
                 while True:
                     try:
                         async with asyncio.timeout(s.timeout_s):
@@ -488,12 +577,18 @@ class TritonBackend:
                 return
             self._closed = True
             channel, loop = self._stream_channel, self._stream_loop
-        if self._probe is not None:
-            self._probe.cancel()
-        clients = getattr(self, "_clients", [])
+        for task in (self._probe, self._renewer):
+            if task is not None:
+                task.cancel()
+        clients = [*getattr(self, "_clients", []), *self._retiring]
         if self._loop.is_running():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._close_clients(clients), self._loop).result(5.0)
+            # Calls the closed connections have not ended yet (their tasks need more turns of a loop that stops
+            # now) end here: their worker threads answer that the model was unloaded (`_run`) at once, instead of
+            # waiting out their timeout for a loop that will never resolve them.
+            for call in list(self._calls):
+                call.cancel()
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():
@@ -508,18 +603,55 @@ class TritonBackend:
 
     def _options(self) -> list[tuple[str, Any]]:
         options = list(_CHANNEL_OPTIONS)
+        # gRPC's default, pick_first, sends every call to the first address that answers: every replica behind
+        # a headless Service but one would idle. round_robin spreads each connection's calls over them all (and
+        # with a single address behaves as pick_first does).
+        config: dict[str, Any] = {"loadBalancingConfig": [{self.settings.load_balancing: {}}]}
+        options.append(("grpc.service_config", json.dumps(config)))
         if self.settings.server_name is not None:
             options.append(("grpc.ssl_target_name_override", self.settings.server_name))
         return options
 
     async def _connect(self) -> list[Any]:
         """Clients are made on the loop that will use them: a grpc.aio channel belongs to its loop."""
+        return [self._client(i) for i in range(self.settings.connections)]
+
+    def _client(self, i: int) -> Any:
+        """Connection `i`: a channel of its own (its own subchannels: `grpc.use_local_subchannel_pool`), so that a
+        new one makes a new connection, resolving the url again."""
         s = self.settings
-        creds = s.credentials()
-        return [
-            tca.InferenceServerClient(s.url, creds=creds, channel_args=self._options() + [("tensorgate.connection", i)])
-            for i in range(s.connections)
-        ]
+        return tca.InferenceServerClient(
+            s.url, creds=s.credentials(), channel_args=self._options() + [("tensorgate.connection", i)]
+        )
+
+    async def _on(self, client: Any, call: Coroutine[Any, Any, T]) -> T:
+        """A call on `client`, counted while it runs so that `_renew` closes a replaced client only after it."""
+        self._busy[client] = self._busy.get(client, 0) + 1
+        try:
+            return await call
+        finally:
+            self._busy[client] -= 1
+
+    async def _renew(self) -> None:
+        """Replace each connection every max_connection_age_s (in turn, spread over that time): gRPC resolves a
+        url when a channel connects and keeps its connections for as long as they last, so an upstream added
+        behind a DNS name (a scaled-out Deployment behind a headless Service) would get calls from a long-lived
+        connection only once it broke. A replaced client closes once the calls already on it have ended."""
+        s = self.settings
+        for i in itertools.cycle(range(s.connections)):
+            await asyncio.sleep(s.max_connection_age_s / s.connections)
+            old, self._clients[i] = self._clients[i], self._client(i)
+            self._retiring.add(old)
+            task = asyncio.get_running_loop().create_task(self._retire(old))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+    async def _retire(self, client: Any) -> None:
+        while self._busy.get(client, 0):
+            await asyncio.sleep(0.05)
+        self._busy.pop(client, None)
+        await client.close()
+        self._retiring.discard(client)
 
     def _channel(self) -> grpc.aio.Channel:
         """A channel of our own for streams (tritonclient's streams cannot carry every parameter a caller sends),
@@ -547,7 +679,7 @@ class TritonBackend:
                 )
             decoupled = bool(upstream_config.get("model_transaction_policy", {}).get("decoupled", False))
         except TensorgateError as exc:
-            if isinstance(exc, (ModelUnavailableError, DeadlineExceededError)) and not _restricted(exc.message):
+            if isinstance(exc, (ModelUnavailableError, ServerUnavailableError, DeadlineExceededError)):
                 raise  # the upstream model itself is not there (or not reachable): the load fails with why
             # Some deployments restrict ModelConfig (Triton's --grpc-restricted-protocol answers UNAVAILABLE); the
             # metadata alone still describes the tensors.
@@ -580,18 +712,55 @@ class TritonBackend:
         """Ask the upstream whether the model is ready, for ModelReady and ServerReady; this also keeps a
         connection being re-tried while the upstream is down, so that it is back soon after the upstream is."""
         s = self.settings
-        for client in itertools.cycle(self._clients):
+        for turn in itertools.count():
+            client = self._clients[turn % len(self._clients)]
             try:
-                self._ready = bool(
+                ready = bool(
                     await client.is_model_ready(
                         s.model_name, s.model_version, headers=s.headers or None, client_timeout=s.health_interval_s
                     )
                 )
+                if ready and (self._recheck or self._changed is not None):
+                    ready = await self._unchanged()
+                self._recheck = not ready
+                self._ready = ready
             except InferenceServerException as exc:
                 if self._ready:
                     log.warning("model '%s': %s is not ready: %s", self._model, self._where, exc.message())
-                self._ready = False
+                self._ready, self._recheck = False, True
             await asyncio.sleep(s.health_interval_s)
+
+    async def _unchanged(self) -> bool:
+        """The upstream model is ready again (a restart, a redeploy, a reload there), or had changed: is it still
+        the one this model loaded? Its max_batch_size and tensors were read at load and are served from then on;
+        a new upstream that differs would be sent batches and tensors it refuses (or, worse, reads otherwise).
+        Any difference keeps the model not ready, its calls refused with why (`changed`), until it is reloaded
+        here (which reads the upstream afresh) or the upstream is back to what it was."""
+        try:
+            now = await self._describe()
+        except TensorgateError as exc:
+            log.warning("model '%s': %s is back, but could not be described: %s", self._model, self._where, exc)
+            return False
+        was = self.upstream
+        fields = (
+            ("max_batch_size", was.max_batch_size, now.max_batch_size),
+            ("inputs", was.inputs, now.inputs),
+            ("outputs", was.outputs, now.outputs),
+        )
+        changed = [name for name, before, after in fields if before != after]
+        if not changed:
+            if self._changed is not None:
+                log.info("model '%s': %s serves the model that loaded again", self._model, self._where)
+            self._changed = None
+            return True
+        reason = (
+            f"{self._where} now has another {' and '.join(changed)} than when the model loaded: reload the model "
+            "to serve what the upstream serves now"
+        )
+        if reason != self._changed:
+            log.error("model '%s' is not ready: %s", self._model, reason)
+        self._changed = reason
+        return False
 
     async def _close_clients(self, clients: Sequence[Any]) -> None:
         for client in clients:
@@ -599,43 +768,91 @@ class TritonBackend:
 
     # ----- helpers -----------------------------------------------------------------------------------------
 
-    def _run(self, coro: Coroutine[Any, Any, T], wait: float, *, timeout_error: float | None = None) -> T:
-        """Run a coroutine on the backend's loop from another thread, translating tritonclient's errors."""
+    def _run(
+        self,
+        coro: Coroutine[Any, Any, T],
+        wait: float,
+        *,
+        timeout_error: float | None = None,
+        abandoned: Future[None] | None = None,
+    ) -> T:
+        """Run a coroutine on the backend's loop from another thread, translating tritonclient's errors. Once
+        `abandoned` resolves (every caller of the batch left), the call is cancelled: the upstream hears it, and
+        the instance waiting here is free again."""
         if self._closed:
             coro.close()
             raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+        started = time.monotonic()
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        with self._errors(timeout_error):
+        if abandoned is not None:
+            abandoned.add_done_callback(lambda _: future.cancel())
+        ref = model_ref(self._model, self._version)
+        self._calls.add(future)
+        with self._errors(timeout_error, started):
             try:
                 return future.result(wait)
             except FutureTimeout:
                 future.cancel()
-                raise DeadlineExceededError(
-                    f"{model_ref(self._model, self._version)}: {self._where} did not answer within {wait:.3f}s"
-                ) from None
+                raise DeadlineExceededError(f"{ref}: {self._where} did not answer within {wait:.3f}s") from None
+            except FutureCancelled:
+                if abandoned is not None and abandoned.done():
+                    raise DeadlineExceededError(
+                        f"{ref}: every caller of the batch left, so its call to {self._where} was cancelled"
+                    ) from None
+                if self._closed:  # `close` closed the connections under the call: an unload whose grace ran out
+                    raise self._unloaded() from None
+                raise BackendError(self._model, self._version, f"the call to {self._where} was cancelled") from None
+            finally:
+                self._calls.discard(future)
+
+    def _unloaded(self) -> ModelUnavailableError:
+        """For a call cut short by `close` (an unload or reload whose grace ran out): UNAVAILABLE, which the caller
+        may retry once the model is back, rather than an internal error."""
+        return ModelUnavailableError(self._model, self._version, "the model was unloaded while it ran")
 
     @contextlib.contextmanager
-    def _errors(self, timeout: float | None = None) -> Iterator[None]:
-        """Map tritonclient's exceptions to tensorgate's: the caller sees the upstream's code where it means the
-        same to them, and UNAVAILABLE (the model is not ready) where the upstream cannot be reached."""
+    def _errors(self, timeout: float | None = None, started: float | None = None) -> Iterator[None]:
+        """Map tritonclient's exceptions to tensorgate's, each naming the upstream: the caller sees the upstream's
+        code where it means the same to them, UNAVAILABLE "not ready" where the upstream is gone or unreachable,
+        and FAILED_PRECONDITION where the upstream refuses tensorgate itself (its credentials, or a restricted
+        protocol's header): that is the operator's to fix, and neither the caller's credentials (which
+        PERMISSION_DENIED or UNAUTHENTICATED would blame) nor worth retrying (as UNAVAILABLE invites) until it is.
+        `timeout` and `started` (time.monotonic()) tell our own deadline from one the upstream answered early."""
         try:
             yield
         except InferenceServerException as exc:
             status, message = exc.status() or "", exc.message() or str(exc)
+            code = status.removeprefix("StatusCode.")
             ref = model_ref(self._model, self._version)
             if status == "StatusCode.DEADLINE_EXCEEDED":
+                waited = None if started is None else time.monotonic() - started
+                if timeout is not None and waited is not None and waited < 0.9 * timeout:
+                    # Not our deadline: the upstream's own (a queue policy's timeout, or its request timeout).
+                    raise DeadlineExceededError(
+                        f"{ref}: {self._where} answered DEADLINE_EXCEEDED after {waited:.3f}s: {message}"
+                    ) from exc
                 within = f" within {timeout:.3f}s" if timeout is not None else ""
                 raise DeadlineExceededError(f"{ref}: {self._where} did not answer{within}") from exc
             if status == "StatusCode.INVALID_ARGUMENT":
                 raise InvalidRequestError(self._model, self._version, f"{self._where}: {message}") from exc
             if status == "StatusCode.RESOURCE_EXHAUSTED":
                 raise ResourceExhaustedError(f"{ref}: {self._where}: {message}") from exc
-            if status in _UNAVAILABLE:
-                if status != "StatusCode.UNAVAILABLE" or _unreachable(message):
-                    # Gone or unreachable: not ready until the watcher sees it back. An upstream that answers
-                    # UNAVAILABLE itself (its queue is full, say) is still there, and stays ready.
-                    self._ready = False
+            if _restricted(message) or status in ("StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"):
+                raise FailedPreconditionError(
+                    f"{ref}: {self._where} refused tensorgate's call ({code}): {message}; the model's "
+                    f"'{PREFIX}header.*' parameters (or its client certificate) must carry what the upstream asks for"
+                ) from exc
+            if status == "StatusCode.CANCELLED" and self._closed:
+                raise self._unloaded() from exc
+            if status == "StatusCode.NOT_FOUND" or (status in _UNAVAILABLE and _unreachable(message)):
+                # Gone, unreachable, or the connection lost under the call: not ready until the watcher sees the
+                # upstream model back (within health_interval_s when it is still there).
+                self._ready, self._recheck = False, True
                 raise ModelUnavailableError(self._model, self._version, f"{self._where}: {message}") from exc
+            if status in _UNAVAILABLE:
+                # Answered by an upstream that is there (its queue is full, it is shutting down, it cancelled the
+                # request): worth retrying, and the model stays ready (one such answer must not pull the replica).
+                raise ServerUnavailableError(f"{ref}: {self._where} answered {code}: {message}") from exc
             raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
 
 
@@ -769,17 +986,35 @@ def _close_later(channel: grpc.aio.Channel) -> None:
     task.add_done_callback(_closing.discard)
 
 
+def _whole(value: object) -> TypeGuard[int]:
+    """A request's `priority` or `timeout` as the pipeline checked it: an int (a bool is none)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _restricted(message: str) -> bool:
     """Triton's refusal of an RPC it restricts to holders of a header (--grpc-restricted-protocol)."""
     return "protocol is restricted" in message.lower()
 
 
+_TRANSPORT_WORDS = (
+    "failed to connect",
+    "connection refused",
+    "connect failed",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "cancelling all calls",  # the upstream went away (a GOAWAY as it stops) with calls in flight
+    "goaway",
+    "stream removed",
+    "end of tcp stream",
+)
+
+
 def _unreachable(message: str) -> bool:
-    """Whether an UNAVAILABLE came from the transport (no connection) rather than from the upstream server."""
+    """Whether an UNAVAILABLE or CANCELLED came from the transport (no connection, or the one there was lost under
+    the call) rather than from the upstream server."""
     text = message.lower()
-    return any(
-        words in text for words in ("failed to connect", "connection refused", "socket closed", "connect failed")
-    )
+    return any(words in text for words in _TRANSPORT_WORDS)
 
 
 FILE_PARAMETERS = ("ca_file", "cert_file", "key_file")

@@ -371,6 +371,8 @@ class InferenceHandler:
             priority=priority,
             timeout_us=timeout_us,
             span=None if span is None else Tracing.context_of(span),
+            request_id=req.id,  # a remote model's go upstream (a local one's scheduler ignores them)
+            parameters=req.parameters,
         )
 
     async def _run_ensemble(

@@ -428,7 +428,9 @@ class ModelRepository:
             vdir = model_dir / str(v)
             sig = hashlib.sha256((base_text + shared + _file_signature(vdir)).encode()).hexdigest()
             old = reuse.get(v)
-            if old is not None and old.signature == sig:
+            # Unchanged files keep the version that serves, unless it is not ready: a remote model whose upstream
+            # came back as another model is read afresh by a load (backends/triton.py).
+            if old is not None and old.signature == sig and backend_ready(old.backend):
                 ready[v] = old
                 continue
             try:

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 from opentelemetry.trace import SpanContext, StatusCode
 
-from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext, SequenceFlags
+from tensorgate.protos.tensors import ParamValue
+from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext, RunsRemotely, SequenceFlags
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -61,6 +64,16 @@ class _Pending:
     settled: asyncio.Future[None] | None = None
     """A remote sequence model's request: resolved when its batch is over, even after its caller left, so that the
     next request of its sequence does not go upstream while this one may still be on its way."""
+    batch: _Batch | None = None
+    """The batch it runs in, while that batch is handed to an instance, for a remote backend, which stops
+    abandoned batches (`Scheduler._left`); cleared when the batch is over, so that the two do not keep each other
+    alive."""
+    request_id: str = ""
+    parameters: Mapping[str, ParamValue] | None = None
+    """A remote backend's request: its id and parameters, which go upstream with its batch (BatchContext)."""
+    parameters_key: tuple[tuple[str, str, ParamValue], ...] = ()
+    """`parameters` comparable: only requests with equal keys batch together (each key's type counts too, so
+    that true and 1 differ)."""
 
 
 @dataclass(slots=True)
@@ -74,6 +87,8 @@ class _Batch:
     expired: list[_Pending] = field(default_factory=list)
     """Requests of a staged batch whose caller left or whose deadline passed before an instance took the batch:
     never computed, failed (or dropped) by `_finish` on the event loop."""
+    abandoned: Future[None] | None = None
+    """BatchContext.abandoned: resolved on the event loop once no caller of the batch waits (`Scheduler._left`)."""
 
 
 def _drop_expired(batch: _Batch) -> None:
@@ -96,15 +111,23 @@ def _shape_key(inputs: Mapping[str, np.ndarray], batching: bool) -> tuple[tuple[
     return tuple((name, a.shape[1:]) for name, a in inputs.items())
 
 
-def _context(requests: Sequence[_Pending]) -> BatchContext:
-    """The batch is worth finishing until its most patient caller gives up; a caller without deadline has none.
-    A remote sequence model's batch is one request, whose sequence flags go with it."""
-    deadlines = [p.deadline for p in requests]
-    deadline = None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
-    sequence = requests[0].sequence
-    if deadline is None and sequence is None:
+def _context(requests: Sequence[_Pending], abandoned: Future[None] | None) -> BatchContext:
+    """The batch is worth finishing until its most patient caller gives up: the latest deadline, and whether a
+    caller without one waits too (a remote backend then allows the longer of its own limit and that deadline).
+    A remote sequence model's batch is one request, whose sequence flags go with it; a remote model's batch
+    carries its requests' parameters (alike in every request of it), and a lone request's id."""
+    deadlines = [p.deadline for p in requests if p.deadline is not None]
+    first = requests[0]
+    if not deadlines and first.sequence is None and abandoned is None and first.parameters is None:
         return NO_CONTEXT
-    return BatchContext(deadline=deadline, sequence=sequence)
+    return BatchContext(
+        deadline=max(deadlines) if deadlines else None,
+        open_ended=len(deadlines) < len(requests),
+        sequence=first.sequence,
+        abandoned=abandoned,
+        request_id=first.request_id if len(requests) == 1 else "",
+        parameters=first.parameters,
+    )
 
 
 def _cancel_timers(timers: list[asyncio.TimerHandle], _done: object) -> None:
@@ -165,6 +188,9 @@ class Scheduler:
         """Some request carried `settled` (a remote sequence model's): batches resolve them when over."""
         self._handed: dict[int, _Batch] = {}
         """Batches put on the instances' queue that no instance has taken yet (staged ones), by id."""
+        self._remote = isinstance(backend, RunsRemotely) and backend.runs_remotely
+        """The backend runs batches upstream: each batch gets BatchContext.abandoned (a future), and its requests'
+        ids and parameters, which only requests with equal parameters share a batch to carry."""
         self._ref = model_ref(model, version)
 
     @property
@@ -191,14 +217,17 @@ class Scheduler:
         timeout_us: int | None = None,
         span: SpanContext | None = None,
         sequence: SequenceFlags | None = None,
+        request_id: str = "",
+        parameters: Mapping[str, ParamValue] | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """Queue one request and wait for its outputs.
 
         `span` is the request span's context (`Tracing.context_of`), for the batch span's links and a remote
         backend; `sequence` the flags of a request to a remote sequence model (scheduling/remote_sequences.py),
-        for its backend. Raises RESOURCE_EXHAUSTED when its priority level's queue is full, DEADLINE_EXCEEDED when
-        a timeout passes while it is queued, UNAVAILABLE when the model is being unloaded, and the backend's own
-        errors.
+        for its backend; `request_id` and `parameters` the request's, which a remote backend sends upstream
+        (ignored for a local one, whose batches they would only split). Raises RESOURCE_EXHAUSTED when its
+        priority level's queue is full, DEADLINE_EXCEEDED when a timeout passes while it is queued, UNAVAILABLE
+        when the model is being unloaded, and the backend's own errors.
         """
         if self._closed:
             raise ServerUnavailableError(f"{self._ref} is being unloaded")
@@ -228,6 +257,11 @@ class Scheduler:
             sequence=sequence,
             settled=None if sequence is None else loop.create_future(),
         )
+        if self._remote:
+            pending.request_id = request_id
+            if parameters:
+                pending.parameters = parameters
+                pending.parameters_key = tuple(sorted((k, type(v).__name__, v) for k, v in parameters.items()))
         if sequence is not None:
             self._settles = True
         lane.append(pending)
@@ -257,9 +291,22 @@ class Scheduler:
             if self._remove(pending):
                 self._fail_queued(pending, asyncio.CancelledError())
                 self._dispatch()
+            elif pending.batch is not None:
+                self._left(pending.batch)
             elif pending.settled is not None:
                 await asyncio.shield(pending.settled)  # in a batch already: it may still reach the upstream
             raise
+
+    @staticmethod
+    def _left(batch: _Batch) -> None:
+        """A caller of a batch handed to an instance left: once none waits (each future is done: cancelled, or
+        failed at its deadline), tell the backend, which stops the work nobody will read (a remote one cancels
+        its upstream call). On the event loop, the only place that resolves `abandoned` and the callers' futures;
+        `requests` and `expired` together always hold every request of the batch, whichever the worker moved."""
+        abandoned = batch.abandoned
+        if abandoned is not None and not abandoned.done():
+            if all(p.future.done() for p in (*batch.requests, *batch.expired)):
+                abandoned.set_result(None)
 
     def _lane(self, pending: _Pending) -> collections.deque[_Pending]:
         """The FIFO a queued request waits in. Both of its level's count toward that level's max_queue_size: a
@@ -359,7 +406,7 @@ class Scheduler:
                 # (it goes next, in its turn, rather than being overtaken by later requests of the first's shape).
                 same: list[_Pending] = []
                 for p in queue:
-                    if p.shape_key != first.shape_key:
+                    if p.shape_key != first.shape_key or p.parameters_key != first.parameters_key:
                         break
                     same.append(p)
                 # The delay counts from the oldest request that could go (as Triton's does): a later request of
@@ -414,6 +461,12 @@ class Scheduler:
     # ----- execution (worker thread) -----------------------------------------------------------------------
 
     def _start(self, batch: _Batch) -> None:
+        if self._remote and batch.requests[0].sequence is None:
+            # Not for a sequence's request: cancelled upstream, it may still have run there or not, and the next
+            # request of its sequence must not go before that is settled (`settled`).
+            batch.abandoned = Future()
+            for p in batch.requests:
+                p.batch = batch
         self._free -= 1
         self._running += 1
         self._handed[id(batch)] = batch
@@ -452,13 +505,13 @@ class Scheduler:
                     wanted.append(name)
         inputs = stack_inputs([p.inputs for p in requests])
         t1 = time.perf_counter_ns()
-        context = _context(requests)
+        context = _context(requests, batch.abandoned)
         traced = None
         if self._tracing is not None:
             traced = [p for p in requests if p.span is not None and p.span.trace_flags.sampled]
             if not traced and requests[0].span is not None:
                 # Nobody in the batch is sampled: a remote backend still hears that, and records nothing either.
-                context = BatchContext(context.deadline, requests[0].span, context.sequence)
+                context = dataclasses.replace(context, trace=requests[0].span)
         if traced:
             self._execute_traced(batch, inputs, wanted, context, traced)
         else:
@@ -497,7 +550,7 @@ class Scheduler:
         token = self._tracing.use(span)
         try:
             batch.outputs = self._backend.execute(
-                inputs, wanted, BatchContext(context.deadline, span.get_span_context(), context.sequence)
+                inputs, wanted, dataclasses.replace(context, trace=span.get_span_context())
             )
         except BaseException as exc:
             span.set_status(StatusCode.ERROR, type(exc).__qualname__)
@@ -516,6 +569,9 @@ class Scheduler:
     def _finish(self, batch: _Batch) -> None:
         self._free += 1
         self._running -= 1
+        if batch.abandoned is not None:
+            for p in (*batch.expired, *batch.requests):
+                p.batch = None
         for p in batch.expired:
             if not p.future.done():
                 p.future.set_exception(self._deadline_error())

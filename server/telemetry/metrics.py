@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from tensorgate.server import __version__
 from tensorgate.server.auth.tls import TlsFiles, TlsReloader, ssl_server_context
+from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.manager import is_unloaded
 from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
@@ -59,8 +60,9 @@ log = logging.getLogger(__name__)
 
 # Executed batch sizes (rows per model execution).
 BATCH_SIZE_BOUNDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Repository states as the model state gauge names them.
-MODEL_STATES = ("loading", "ready", "failed", "unloaded")
+# Repository states as the model state gauge names them; not_ready: loaded, but ModelReady says false (a remote
+# model whose upstream is down or not serving it), so that /metrics shows what a readiness probe sees.
+MODEL_STATES = ("loading", "ready", "not_ready", "failed", "unloaded")
 SNAPSHOT_TIMEOUT_S = 5.0
 
 RequestKey = tuple[str, str, str]
@@ -264,7 +266,8 @@ MODEL_STATE = FamilySpec(
     "tensorgate_model_state",
     "gauge",
     (*_MV, "state"),
-    "1 for the state each model version is in (loading, ready, failed, unloaded), 0 for the others; "
+    "1 for the state each model version is in (loading, ready, not_ready, failed, unloaded), 0 for the others; "
+    "not_ready: loaded, but ModelReady is false (a remote model whose upstream is down or not serving it); "
     'version="" when a whole model is loading, failed or unloaded',
 )
 IN_FLIGHT = FamilySpec(
@@ -497,7 +500,10 @@ class Metrics:
     def snapshot(self) -> Snapshot:
         """Copy everything a scrape exports; call on the event loop."""
         models = []
+        not_ready: set[tuple[str, str]] = set()
         for m in self._repository.loaded():
+            if not backend_ready(m.backend):
+                not_ready.add((m.name, str(m.version)))
             latency = m.stats.latency
             models.append(
                 _ModelSnapshot(
@@ -526,7 +532,10 @@ class Metrics:
         return Snapshot(
             requests=dict(self.requests.counts),
             models=sorted(models, key=lambda s: (s.model, int(s.version))),
-            states=sorted((r.name, r.version, _state_name(r.state, r.reason)) for r in rows),
+            states=sorted(
+                (r.name, r.version, "not_ready" if (r.name, r.version) in not_ready else _state_name(r.state, r.reason))
+                for r in rows
+            ),
             in_flight=self._gate.in_flight,
             denials=dict(self._auth.denials),
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,

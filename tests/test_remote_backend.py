@@ -1,0 +1,459 @@
+"""The remote Triton backend's reactions to what an upstream can do, against tests/scripted_upstream.py on loopback
+(fast, and scriptable where a real Triton is not): callers that leave, unloads mid-call, mixed deadlines in one
+batch, upstream errors, several upstream addresses, bad parameters. A real Triton's turn is in
+tests/test_triton_backend.py. Clients: unmodified tritonclient, and our stubs where a call must be cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from google.protobuf import text_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import encode_infer_request
+from tensorgate.server.backends.triton import TritonBackend
+from tensorgate.server.errors import ModelLoadError
+from tensorgate.server.scheduling.policy import SchedulingPolicy
+from tensorgate.server.scheduling.scheduler import Scheduler
+from tensorgate.server.telemetry.metrics import MODEL_STATES
+from tensorgate.server.telemetry.statistics import ModelStats
+from tests.scraping import metrics_url, scrape, value
+from tests.scripted_upstream import ScriptedUpstream
+from tests.serving import ServerThread
+from tests.test_decoupled import _remote
+from tests.test_poll import wait_for
+
+
+def _param(key: str, value: str) -> str:
+    return f'parameters {{ key: "tensorgate.triton.{key}" value {{ string_value: "{value}" }} }}'
+
+
+def _x(rows: int = 1) -> list[tc.InferInput]:
+    item = tc.InferInput("X", [rows, 2], "FP32")
+    item.set_data_from_numpy(np.ones((rows, 2), np.float32))
+    return [item]
+
+
+def _outcome(client: tc.InferenceServerClient, model: str, timeout: float | None = None) -> str:
+    """ "OK", or the status code name and message the caller got."""
+    try:
+        client.infer(model, _x(), client_timeout=timeout)
+    except InferenceServerException as exc:
+        return f"{str(exc.status()).removeprefix('StatusCode.')} {exc.message()}"
+    return "OK"
+
+
+# ----- callers that leave, unloads, deadlines ------------------------------------------------------------------
+
+
+def test_a_caller_that_leaves_ends_its_upstream_call_and_frees_the_instance(tmp_path: Path) -> None:
+    """With one instance, a caller without a deadline cancels its call: the upstream call is cancelled (the
+    upstream stops working for nobody) and the next caller runs at once, not after the first call's 30 s."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, "instance_group { count: 1 }")
+        with (
+            ServerThread(root) as s,
+            tc.InferenceServerClient(s.address) as client,
+            grpc.insecure_channel(s.address) as channel,
+        ):
+            assert _outcome(client, "r") == "OK"
+            up.script.delay_s = 30.0
+            request = encode_infer_request("r", [("X", np.ones((1, 2), np.float32))])
+            left = GRPCInferenceServiceStub(channel).ModelInfer.future(request)  # no deadline
+            wait_for("the call to reach the upstream", lambda: up.script.in_flight.get(None, 0) == 1)
+            up.script.delay_s = 0.0
+            left.cancel()
+            wait_for("the upstream call to be cancelled", lambda: up.script.infer_cancelled == 1, 10)
+            started = time.monotonic()
+            assert _outcome(client, "r", timeout=20) == "OK"
+            assert time.monotonic() - started < 20
+
+
+def test_a_batch_runs_on_for_the_callers_that_stay(tmp_path: Path) -> None:
+    """Only a batch that nobody waits for is cancelled: one caller of two leaving does not take the other's
+    answer away."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(
+            root,
+            "r",
+            up.url,
+            "max_batch_size: 8",
+            "dynamic_batching { max_queue_delay_microseconds: 5000000 preferred_batch_size: 2 }",
+        )
+        with (
+            ServerThread(root) as s,
+            tc.InferenceServerClient(s.address) as client,
+            grpc.insecure_channel(s.address) as channel,
+        ):
+            up.script.delay_s = 1.0
+            request = encode_infer_request("r", [("X", np.ones((1, 2), np.float32))])
+            leaves = GRPCInferenceServiceStub(channel).ModelInfer.future(request)
+            stays: dict[str, str] = {}
+            thread = threading.Thread(target=lambda: stays.update(r=_outcome(client, "r", timeout=30)))
+            thread.start()
+            wait_for("the batch of both to reach the upstream", lambda: up.script.in_flight.get(None, 0) == 1)
+            leaves.cancel()
+            thread.join(30)
+            assert stays == {"r": "OK"}
+            assert up.script.infer_cancelled == 0 and up.script.calls == 1
+
+
+def test_an_unload_past_its_grace_ends_the_call_as_unavailable(tmp_path: Path) -> None:
+    """A call still running upstream when its model's unload grace runs out is answered UNAVAILABLE with why
+    (retryable once the model is back), at once: not INTERNAL, nor after the call's whole timeout."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url)
+        with ServerThread(root, model_control_mode="explicit", load_model=["r"]) as s:
+            s.app.repository._grace = 0.5  # the unload grace (30 s by default) runs out mid-call
+            with tc.InferenceServerClient(s.address) as client:
+                up.script.delay_s = 30.0
+                got: dict[str, str] = {}
+                thread = threading.Thread(target=lambda: got.update(r=_outcome(client, "r", timeout=20)))
+                thread.start()
+                wait_for("the call to reach the upstream", lambda: up.script.in_flight.get(None, 0) == 1)
+                client.unload_model("r")
+                thread.join(30)
+    assert got["r"].startswith("UNAVAILABLE"), got
+    assert "model 'r' version 1 is not ready: the model was unloaded while it ran" in got["r"]
+
+
+def test_a_caller_without_a_deadline_does_not_cut_short_one_with_a_longer_deadline(tmp_path: Path) -> None:
+    """timeout_s (1 s here) bounds calls without a deadline; in one batch with a caller that allows 20 s, the
+    upstream call gets the longer of the two, and both callers their answer (the upstream takes 2 s)."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(
+            root,
+            "r",
+            up.url,
+            _param("timeout_s", "1"),
+            "max_batch_size: 8",
+            "dynamic_batching { max_queue_delay_microseconds: 5000000 preferred_batch_size: 2 }",
+        )
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            up.script.delay_s = 2.0
+            got: dict[str, str] = {}
+            threads = [
+                threading.Thread(target=lambda: got.update(none=_outcome(client, "r"))),
+                threading.Thread(target=lambda: got.update(long=_outcome(client, "r", timeout=20))),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert up.script.calls == 1  # one batch
+    assert got == {"none": "OK", "long": "OK"}
+
+
+# ----- upstream errors ------------------------------------------------------------------------------------------
+
+RESTRICTED = "This protocol is restricted, expecting header 'triton-grpc-protocol-infer-key'"
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "expected", "says", "ready"),
+    [
+        pytest.param(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "Request timeout expired",
+            "DEADLINE_EXCEEDED",
+            "answered DEADLINE_EXCEEDED after",  # at once: not "did not answer within 60s"
+            True,
+            id="upstream-timeout",
+        ),
+        pytest.param(
+            grpc.StatusCode.UNAVAILABLE,
+            "Exceeds maximum queue size",
+            "UNAVAILABLE",
+            "answered UNAVAILABLE: Exceeds maximum queue size",  # there and busy: not "is not ready"
+            True,
+            id="queue-full",
+        ),
+        pytest.param(
+            grpc.StatusCode.UNAVAILABLE,
+            RESTRICTED,
+            "FAILED_PRECONDITION",  # not retried forever as UNAVAILABLE would be
+            "refused tensorgate's call (UNAVAILABLE): This protocol is restricted",
+            True,
+            id="restricted-protocol",
+        ),
+        pytest.param(
+            grpc.StatusCode.CANCELLED,
+            "request cancelled",
+            "UNAVAILABLE",
+            "answered CANCELLED: request cancelled",
+            True,  # one cancelled request says nothing about the model
+            id="cancelled",
+        ),
+        pytest.param(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "no access to model 'm'",
+            "FAILED_PRECONDITION",
+            "refused tensorgate's call (PERMISSION_DENIED): no access to model 'm'; the model's "
+            "'tensorgate.triton.header.*' parameters",
+            True,
+            id="permission-denied",
+        ),
+        pytest.param(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "invalid token",
+            "FAILED_PRECONDITION",
+            "refused tensorgate's call (UNAUTHENTICATED): invalid token",
+            True,
+            id="unauthenticated",
+        ),
+        pytest.param(
+            grpc.StatusCode.NOT_FOUND,
+            "model 'm' is not found",
+            "UNAVAILABLE",
+            "version 1 is not ready: upstream Triton",
+            False,  # the upstream model is gone
+            id="not-found",
+        ),
+    ],
+)
+def test_upstream_errors_reach_the_caller_with_what_they_mean(
+    tmp_path: Path, code: grpc.StatusCode, message: str, expected: str, says: str, ready: bool
+) -> None:
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, _param("health_interval_s", "60"))  # readiness as the call left it
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            up.script.error = (code, message)
+            got = _outcome(client, "r")
+            assert got.startswith(expected + " "), got
+            assert f"model 'r' version 1: upstream Triton {up.url} (model 'm')" in got or "is not ready" in got
+            assert says in got, got
+            assert client.is_model_ready("r") is ready
+
+
+def test_an_upstream_lost_mid_call_marks_the_model_not_ready_at_once(tmp_path: Path) -> None:
+    """The upstream goes away with a call in flight: the caller hears UNAVAILABLE, and the model is not ready
+    from then on, without waiting for the next readiness probe (60 s away here)."""
+    root = tmp_path / "models"
+    up = ScriptedUpstream()
+    with up:
+        _remote(root, "r", up.url, _param("health_interval_s", "60"))
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            up.script.delay_s = 30.0
+            got: dict[str, str] = {}
+            thread = threading.Thread(target=lambda: got.update(r=_outcome(client, "r", timeout=20)))
+            thread.start()
+            wait_for("the call to reach the upstream", lambda: up.script.in_flight.get(None, 0) == 1)
+            up.stop()
+            thread.join(30)
+            assert got["r"].startswith("UNAVAILABLE model 'r' version 1 is not ready"), got
+            assert not client.is_model_ready("r")
+
+
+# ----- connections and parameters ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "spread"),
+    [pytest.param(None, True, id="default-round-robin"), pytest.param("pick_first", False, id="pick-first")],
+)
+def test_a_url_with_several_addresses_spreads_the_calls(tmp_path: Path, policy: str | None, spread: bool) -> None:
+    root = tmp_path / "models"
+    with ScriptedUpstream() as a, ScriptedUpstream() as b:
+        extra = [] if policy is None else [_param("load_balancing", policy)]
+        _remote(root, "r", f"ipv4:{a.url},{b.url}", *extra)
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            for _ in range(20):
+                assert _outcome(client, "r", timeout=20) == "OK"
+        if spread:
+            assert a.script.calls >= 5 and b.script.calls >= 5, (a.script.calls, b.script.calls)
+        else:
+            assert sorted((a.script.calls, b.script.calls)) == [0, 20]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        pytest.param(
+            "header.x token",
+            "s3cret",
+            "parameter 'tensorgate.triton.header.x token' does not name a usable gRPC header",
+        ),
+        pytest.param("header.x-token", "Bearer s3cret\n", "'tensorgate.triton.header.x-token': a gRPC header value"),
+        pytest.param("header.x-token", "s3crét", "'tensorgate.triton.header.x-token': a gRPC header value"),
+        pytest.param("header.grpc-timeout", "s3cret", "does not name a usable gRPC header"),
+        pytest.param("load_balancing", "random", "'tensorgate.triton.load_balancing' must be one of round_robin"),
+    ],
+)
+def test_bad_parameters_fail_the_load_naming_the_parameter(tmp_path: Path, key: str, value: str, reason: str) -> None:
+    """Refused when the config is read, with the parameter's name (and never a header's value, which may be a
+    credential), not later by gRPC's core with its internals."""
+    config = mc.ModelConfig(name="m", backend="tensorgate_triton")
+    config.parameters["tensorgate.triton.url"].string_value = "127.0.0.1:1"
+    config.parameters[f"tensorgate.triton.{key}"].string_value = value
+    with pytest.raises(ModelLoadError) as info:
+        TritonBackend(config, tmp_path)
+    assert reason in info.value.message
+    assert "s3cr" not in info.value.message
+
+
+def test_printable_header_values_reach_the_upstream(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, _param("header.x-token", "Bearer a.b-c_d ~!"))
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            assert client.is_model_ready("r")
+            assert _outcome(client, "r") == "OK"
+
+
+# ----- readiness: of the server, in /metrics, after the upstream changed ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strict", "server_ready"),
+    [pytest.param(True, False, id="strict-default"), pytest.param(False, True, id="not-strict")],
+)
+def test_one_upstream_down_and_the_server_s_readiness(tmp_path: Path, strict: bool, server_ready: bool) -> None:
+    """An upstream goes down: its model is not ready, and /metrics says so (`not_ready`). The server as a whole
+    is not ready either with strict readiness (Triton's default), and stays ready without it, with the health of
+    the inference service following ServerReady."""
+    root = tmp_path / "models"
+    up = ScriptedUpstream()
+    with up, ScriptedUpstream() as other:
+        _remote(root, "r", up.url, _param("health_interval_s", "0.1"))
+        _remote(root, "other", other.url)
+        settings = {} if strict else {"strict_readiness": False}
+        with (
+            ServerThread(root, **settings) as s,
+            tc.InferenceServerClient(s.address) as client,
+            grpc.insecure_channel(s.address) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            assert client.is_server_ready() and serving()
+            assert value(scrape(metrics_url(s)), "tensorgate_model_state", model="r", version="1", state="ready") == 1
+            up.stop()
+            wait_for("ModelReady false", lambda: not client.is_model_ready("r"))
+            assert client.is_model_ready("other")
+            samples = scrape(metrics_url(s))
+            state = {
+                name: value(samples, "tensorgate_model_state", model="r", version="1", state=name)
+                for name in MODEL_STATES
+            }
+            assert state == {name: float(name == "not_ready") for name in MODEL_STATES}
+            assert value(samples, "tensorgate_model_state", model="other", version="1", state="ready") == 1
+            time.sleep(1.0)  # the health status follows ServerReady every 0.5 s
+            assert client.is_server_ready() is server_ready
+            assert serving() is server_ready
+
+
+def test_an_upstream_back_with_another_model_keeps_it_not_ready_until_reloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream model goes away and comes back with a smaller max_batch_size: tensorgate, which read the old
+    one at load and would send batches the new one refuses, keeps the model not ready and refuses its calls with
+    why, until the model is loaded again (which reads the upstream afresh)."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, _param("health_interval_s", "0.1"))
+        with (
+            ServerThread(root, model_control_mode="explicit", load_model=["r"]) as s,
+            tc.InferenceServerClient(s.address) as client,
+        ):
+            assert client.get_model_config("r").config.max_batch_size == 8
+            up.script.ready = False
+            wait_for("ModelReady false", lambda: not client.is_model_ready("r"))
+            described = up.script.described
+            up.script.max_batch_size = 2
+            up.script.ready = True
+            wait_for("the upstream model to be described again", lambda: up.script.described > described)
+            time.sleep(0.5)  # several more readiness probes
+            assert not client.is_model_ready("r")
+            got = _outcome(client, "r")
+            assert got.startswith("UNAVAILABLE model 'r' version 1 is not ready: upstream Triton"), got
+            assert "now has another max_batch_size than when the model loaded: reload the model" in got
+            assert "now has another max_batch_size" in caplog.text
+            # A load of unchanged files keeps a version that serves, but not one that is not ready: it reads the
+            # upstream afresh.
+            client.load_model("r")
+            assert client.is_model_ready("r")
+            assert client.get_model_config("r").config.max_batch_size == 2
+            assert _outcome(client, "r") == "OK"
+
+
+# ----- what goes upstream with a batch ---------------------------------------------------------------------------
+
+
+async def test_a_request_s_id_and_parameters_go_upstream_with_its_batch(tmp_path: Path) -> None:
+    """An upstream Python, vLLM or TensorRT-LLM model reads its sampling parameters from the request: each batch
+    carries its requests' parameters, the same for all of them (requests with other parameters wait for a batch
+    of their own), a lone request its id, and `priority` and `timeout` go as Triton's own. The scheduler with the
+    remote backend, as the repository builds them (the pipeline hands each request's id and parameters over)."""
+    config = text_format.Parse(
+        'name: "r" backend: "tensorgate_triton" max_batch_size: 8 '
+        "dynamic_batching { max_queue_delay_microseconds: 300000 preferred_batch_size: 3 }",
+        mc.ModelConfig(),
+    )
+    x = np.ones((1, 2), np.float32)
+    with ScriptedUpstream() as up:
+        config.parameters["tensorgate.triton.url"].string_value = up.url
+        config.parameters["tensorgate.triton.model_name"].string_value = "m"
+        backend = await asyncio.to_thread(TritonBackend, config, tmp_path)
+        scheduler = Scheduler("r", 1, backend, ModelStats(), 2, SchedulingPolicy.from_config(config))
+        try:
+            await scheduler.submit(
+                {"X": x},
+                ["Y"],
+                1,
+                request_id="solo",
+                parameters={"temperature": 0.5, "custom": "v", "greedy": True, "priority": 1, "timeout": 2_000_000},
+            )
+            (solo,) = up.script.requests
+            assert solo.id == "solo"
+            assert {k: str(v).strip() for k, v in solo.parameters.items()} == {
+                "temperature": "double_param: 0.5",
+                "custom": 'string_param: "v"',
+                "greedy": "bool_param: true",
+                "priority": "uint64_param: 1",
+                "timeout": "int64_param: 2000000",
+            }
+            await asyncio.gather(
+                *(
+                    scheduler.submit({"X": x}, ["Y"], 1, request_id=rid, parameters={"temperature": t})
+                    for rid, t in (("a", 0.5), ("b", 0.5), ("c", 0.9))
+                )
+            )
+            batches = sorted(
+                (r.parameters["temperature"].double_param, r.inputs[0].shape[0], r.id) for r in up.script.requests[1:]
+            )
+            assert batches == [(0.5, 2, ""), (0.9, 1, "c")]  # a batch of several has no one id
+        finally:
+            await scheduler.close(5.0)
+            await asyncio.to_thread(backend.close)
+
+
+def test_connections_are_renewed_after_their_max_age_without_failing_a_call(tmp_path: Path) -> None:
+    """With max_connection_age_s, connections are replaced (a new one resolves the url again, so that upstreams
+    added behind a DNS name get calls); calls running on a replaced connection finish on it first."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, _param("max_connection_age_s", "0.2"))
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            up.script.delay_s = 0.3  # each call outlives its connection's age
+            got = [_outcome(client, "r", timeout=20) for _ in range(6)]
+        assert got == ["OK"] * 6
+        assert len(up.script.peers) >= 3, up.script.peers
