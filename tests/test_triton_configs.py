@@ -16,9 +16,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from tests.onnx_models import (
+    OPSET,
+    _save,
     add_sub_model,
     default_bias_model,
     identity_model,
@@ -307,3 +310,27 @@ def test_an_unsupported_field_fails_the_load(
 ) -> None:
     message = _load_error(client, model)
     assert f"{field} is not supported by tensorgate" in message
+
+
+def test_a_guessed_batch_size_on_a_model_not_batch_first_says_how_to_fix_it(tmp_path: Path) -> None:
+    """Without a config, a model whose output has the batch dimension last gets max_batch_size guessed from its
+    dynamic first dimensions, as in Triton; every request then fails, and the message must say what to write."""
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["INPUT0"], ["OUTPUT0"], perm=[1, 0])],
+        "transposed",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["k", "batch"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    _save(model, tmp_path / "transposed" / "1" / "model.onnx")
+    with ServerThread(tmp_path) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            assert c.get_model_config("transposed").config.max_batch_size == 4
+            with pytest.raises(InferenceServerException) as info:
+                _infer(c, "transposed", {"INPUT0": np.ones((1, 3), dtype=np.float32)})
+            assert info.value.status() == str(grpc.StatusCode.INTERNAL)
+            assert "batched output is malformed" in str(info.value.message())
+            assert "needs max_batch_size: 0 in config.pbtxt" in str(info.value.message())
+        finally:
+            c.close()

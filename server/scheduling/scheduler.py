@@ -525,7 +525,12 @@ class Scheduler:
                 self._policy.batch_dimension,
             )
         except ValueError as exc:
-            raise BackendError(self._model, self._version, f"batched output is malformed: {exc}") from exc
+            raise BackendError(
+                self._model,
+                self._version,
+                f"batched output is malformed: {exc}; a model whose outputs do not have the batch dimension first "
+                "needs max_batch_size: 0 in config.pbtxt",
+            ) from exc
         batch.outputs = {}
         t3 = time.perf_counter_ns()
         batch.times = ExecutionTimes(0, t1 - t0, t2 - t1, t3 - t2, sum(p.rows for p in requests))
