@@ -17,6 +17,7 @@ import errno
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -233,14 +234,22 @@ def _first_messages(doc: dict[str, Any]) -> dict[str, str]:
 def _check_writable(out: Path) -> None:
     """OSError unless ``out`` is a folder that can be written, or can be created. Checked before the sweep, so that
     its measurements are not lost at the end; created only when the results are written, so that a run refused by
-    a check at startup (a model not found) leaves no empty folder behind."""
-    existing = out
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent  # the folder `out` would be created in
-    if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
+    a check at startup (a model not found) leaves no empty folder behind. Tried for real (the folders made and a
+    file written, then removed), not by permission bits: root passes those where /proc or a read-only mount
+    still refuses."""
+    made: list[Path] = []
+    try:
+        for folder in reversed([out, *out.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
+        if not out.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out))
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    finally:
+        for folder in reversed(made):
+            folder.rmdir()
 
 
 def _compare(files: list[Path]) -> int:
