@@ -57,10 +57,6 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     return value
 
 
-_FROM_CACHE = ExecutionTimes(0, 0, 0, 0)
-"""An ensemble step's times when its model answered from its response cache: no queue, no compute."""
-
-
 def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
     """The request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it) and its
     `sequence_start` / `sequence_end` flags; None without a correlation ID (0 and "" mean none, as in Triton)."""
@@ -446,6 +442,7 @@ class InferenceHandler:
                 )
                 step_inputs, step_rows, step_outputs = validate_request(composing.schema, sub, version)
                 started = time.perf_counter_ns()
+                times: ExecutionTimes | None
                 try:
                     if place is not None:
                         assert composing.sequencer is not None
@@ -474,19 +471,18 @@ class InferenceHandler:
                         if identity is None:
                             results, times = await execute()
                         else:
-                            step_results, step_times = await self._cached(
+                            results, times = await self._cached(
                                 composing, identity, step_inputs, sub.datatypes, step_outputs, started, execute
                             )
-                            results, times = step_results, step_times or _FROM_CACHE
                 except BaseException:
                     composing.stats.record_failure(time.perf_counter_ns() - started)
                     raise
-                if times is not _FROM_CACHE:  # a hit is counted by _cached
+                if times is not None:  # None: answered from the cache (counted by _cached), no queue or compute
                     composing.stats.record_request(step_rows, time.perf_counter_ns() - started, times)
-                spent[0] += times.queue_ns
-                spent[1] += times.compute_input_ns
-                spent[2] += times.compute_infer_ns
-                spent[3] += times.compute_output_ns
+                    spent[0] += times.queue_ns
+                    spent[1] += times.compute_input_ns
+                    spent[2] += times.compute_infer_ns
+                    spent[3] += times.compute_output_ns
                 for name in step_outputs:
                     batches[step.outputs[name]] = step_rows if batching else 0
                 return {
