@@ -404,6 +404,12 @@ class TritonBackend:
         is still the model that loaded."""
         return self._ready and not self._closed and self._changed is None
 
+    @property
+    def changed(self) -> str | None:
+        """Why the upstream model is no longer the one that loaded (another max_batch_size, inputs or outputs),
+        or None: a load of unchanged files reads such a model afresh (repository/manager.py)."""
+        return self._changed
+
     def execute(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
     ) -> dict[str, np.ndarray]:
@@ -667,11 +673,12 @@ class TritonBackend:
         client = self._clients[0]
         call = {"model_version": s.model_version, "headers": s.headers or None, "client_timeout": s.timeout_s}
         with self._errors():
-            meta = await client.get_model_metadata(s.model_name, as_json=True, **call)
+            meta = await self._on(client, client.get_model_metadata(s.model_name, as_json=True, **call))
         sequence, decoupled, known = None, False, True
         try:
             with self._errors():
-                upstream_config = (await client.get_model_config(s.model_name, as_json=True, **call)).get("config", {})
+                described = await self._on(client, client.get_model_config(s.model_name, as_json=True, **call))
+                upstream_config = described.get("config", {})
             mbs = int(upstream_config.get("max_batch_size", 0))
             if "sequence_batching" in upstream_config:
                 sequence = json_format.ParseDict(
@@ -715,11 +722,11 @@ class TritonBackend:
         for turn in itertools.count():
             client = self._clients[turn % len(self._clients)]
             try:
-                ready = bool(
-                    await client.is_model_ready(
-                        s.model_name, s.model_version, headers=s.headers or None, client_timeout=s.health_interval_s
-                    )
+                # Counted (`_on`) like every call, so that a renewed connection is not closed under it.
+                asked = client.is_model_ready(
+                    s.model_name, s.model_version, headers=s.headers or None, client_timeout=s.health_interval_s
                 )
+                ready = bool(await self._on(client, asked))
                 if ready and (self._recheck or self._changed is not None):
                     ready = await self._unchanged()
                 self._recheck = not ready

@@ -428,9 +428,10 @@ class ModelRepository:
             vdir = model_dir / str(v)
             sig = hashlib.sha256((base_text + shared + _file_signature(vdir)).encode()).hexdigest()
             old = reuse.get(v)
-            # Unchanged files keep the version that serves, unless it is not ready: a remote model whose upstream
-            # came back as another model is read afresh by a load (backends/triton.py).
-            if old is not None and old.signature == sig and backend_ready(old.backend):
+            # Unchanged files keep the version that serves, unless it is a remote model whose upstream came back
+            # as another model (backends/triton.py `changed`): a load reads that one afresh. One whose upstream is
+            # only down is kept, as before (its watcher brings it back).
+            if old is not None and old.signature == sig and getattr(old.backend, "changed", None) is None:
                 ready[v] = old
                 continue
             try:
