@@ -30,6 +30,7 @@ from tensorgate.server.backends.onnx import (
     cuda_options,
     execution_accelerators,
     instance_group_warning,
+    model_dir_of,
     place_instance_groups,
     session_group,
     session_options,
@@ -447,3 +448,10 @@ def test_the_served_config_says_where_mixed_groups_run(tmp_path: Path) -> None:
         (KIND.KIND_CPU, 1, []),
         (KIND.KIND_CPU, 2, []),
     ]
+
+
+def test_the_model_directory_of_a_model_kept_as_a_directory() -> None:
+    """TensorRT's cache paths are taken inside the model's directory, and load errors name files from it: for a
+    model kept as a directory (`1/model.onnx/model.onnx`) that is still the model's, not its version's."""
+    assert model_dir_of(Path("/repo/m/1/model.onnx")) == Path("/repo/m")
+    assert model_dir_of(Path("/repo/m/1/model.onnx/model.onnx")) == Path("/repo/m")

@@ -540,10 +540,17 @@ def arena_shrinkage(config: mc.ModelConfig, version: int | None = None) -> list[
     return arenas
 
 
+def model_dir_of(model_path: Path) -> Path:
+    """The model's directory, for a file at `<model>/<version>/<file>`, or at `<model>/<version>/<dir>/model.onnx`
+    for a model kept as a directory (Triton's layout for one with external data; repository/manager.py)."""
+    version_dir = model_path.parent if model_path.parent.name.isdecimal() else model_path.parent.parent
+    return version_dir.parent
+
+
 def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
     """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get it from the
     model's directory (`1/model.onnx`; the message already names the model), never the server's directory layout."""
-    detail = without_paths(str(exc), path.parent.parent, path, path.parent)
+    detail = without_paths(str(exc), model_dir_of(path), path, path.parent)
     return ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {detail}")
 
 
@@ -644,7 +651,7 @@ class OnnxBackend:
             available,
             model=config.name,
             cuda=cuda_options(config, version),
-            accelerators=execution_accelerators(config, model_path.parent.parent, version),
+            accelerators=execution_accelerators(config, model_dir_of(model_path), version),
         )
         if choice.warning:
             log.warning("%s", choice.warning)
