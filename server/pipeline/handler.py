@@ -137,14 +137,10 @@ class InferenceHandler:
         inputs, rows, outputs = self._validate(model, req, version, span)
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
-        identity = self._cache_identity(model, req) if self.cache is not None else None
-        times: ExecutionTimes | None
         try:
-            if identity is None:
-                results, times = await self._execute(model, inputs, outputs, rows, req, priority, timeout_us, span)
-            else:
-                run = functools.partial(self._execute, model, inputs, outputs, rows, req, priority, timeout_us, span)
-                results, times = await self._cached(model, identity, inputs, req.datatypes, outputs, started, run)
+            results, times = await self._execute_cached(
+                model, inputs, req.datatypes, outputs, rows, req, priority, timeout_us, span, started
+            )
             response = self._respond(model, version, req, outputs, results)
         except BaseException:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
@@ -155,6 +151,28 @@ class InferenceHandler:
             model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         self._answered(model, req, inputs, results, span, times)
         return response
+
+    def _execute_cached(
+        self,
+        model: LoadedModel,
+        inputs: dict[str, np.ndarray],
+        datatypes: dict[str, str],
+        outputs: list[str],
+        rows: int,
+        req: InferRequest,
+        priority: int | None,
+        timeout_us: int | None,
+        span: trace.Span | None,
+        started: int,
+    ) -> Awaitable[tuple[dict[str, np.ndarray], ExecutionTimes | None]]:
+        """`_execute`, through the model's response cache when its answers are cached (`_cached`: None for the
+        times of a hit), for a request and an ensemble step alike. Without a cache it hands back `_execute`'s
+        coroutine itself, adding no frame to the request path."""
+        identity = self._cache_identity(model, req) if self.cache is not None else None
+        if identity is None:
+            return self._execute(model, inputs, outputs, rows, req, priority, timeout_us, span)
+        run = functools.partial(self._execute, model, inputs, outputs, rows, req, priority, timeout_us, span)
+        return self._cached(model, identity, inputs, datatypes, outputs, started, run)
 
     def _cache_identity(self, model: LoadedModel, req: InferRequest) -> tuple[str, int, str] | None:
         """What a cached answer of `model` depends on (`_identity`), or None when its answers are not cached: the
@@ -456,24 +474,18 @@ class InferenceHandler:
                         )
                     else:
                         # A step's model answers from its own response cache, as Triton's composing models do.
-                        identity = self._cache_identity(composing, req) if self.cache is not None else None
-                        execute = functools.partial(
-                            self._execute,
+                        results, times = await self._execute_cached(
                             composing,
                             step_inputs,
+                            sub.datatypes,
                             step_outputs,
                             step_rows,
                             req,
                             priority,
                             timeout_us,
                             span,
+                            started,
                         )
-                        if identity is None:
-                            results, times = await execute()
-                        else:
-                            results, times = await self._cached(
-                                composing, identity, step_inputs, sub.datatypes, step_outputs, started, execute
-                            )
                 except BaseException:
                     composing.stats.record_failure(time.perf_counter_ns() - started)
                     raise
