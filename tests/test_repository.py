@@ -470,7 +470,7 @@ def test_failing_warmup_fails_the_load_naming_the_sample(
     ("model", "detail"),
     [
         pytest.param("warm_missing_file", "warm_missing_file/warmup/in.bin: No such file or directory", id="missing"),
-        pytest.param("warm_linked_out", "warmup/in.bin leaves the model's directory", id="link-out"),
+        pytest.param("warm_linked_out", "input_data_file 'in.bin' leaves the model's directory", id="link-out"),
     ],
 )
 def test_a_warmup_file_that_cannot_be_read_is_named_without_server_paths(

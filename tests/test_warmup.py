@@ -7,6 +7,7 @@ ONNX Runtime, written as a Triton user would write it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,11 +27,12 @@ from tests.serving import ServerThread
 
 CONFIG = """
 max_batch_size: {max_batch_size}
-input [ {{ name: "INPUT0" data_type: {datatype} dims: [ 2 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: {datatype} dims: [ 2 ] }} ]
+input [ {{ name: "INPUT0" data_type: {datatype} dims: [ {width} ] }} ]
+output [ {{ name: "OUTPUT0" data_type: {datatype} dims: [ {width} ] }} ]
 model_warmup [ {{ name: "sample" batch_size: {batch_size}
-  inputs {{ key: "INPUT0" value: {{ data_type: {datatype} dims: [ 2 ] input_data_file: "x.bin" }} }} }} ]
+  inputs {{ key: "INPUT0" value: {{ data_type: {datatype} dims: [ {width} ] {data} }} }} }} ]
 """
+FROM_FILE = 'input_data_file: "x.bin"'
 
 STRINGS = encode_bytes_tensor(np.array([b"ab", b"cde"], dtype=object))
 
@@ -41,11 +43,17 @@ def _model_dir(tmp_path: Path, data: bytes) -> Path:
     return tmp_path
 
 
-def _warm(model_dir: Path, datatype: str, batch_size: int, max_batch_size: int = 8) -> list[np.ndarray]:
-    """Run the warm-up of a model written as CONFIG; return what the model was fed."""
-    config = text_format.Parse(
-        CONFIG.format(max_batch_size=max_batch_size, datatype=datatype, batch_size=batch_size), mc.ModelConfig()
+def _text(datatype: str, batch_size: int, max_batch_size: int = 8, data: str = FROM_FILE, width: int = 2) -> str:
+    return CONFIG.format(
+        max_batch_size=max_batch_size, datatype=datatype, batch_size=batch_size, data=data, width=width
     )
+
+
+def _warm(
+    model_dir: Path, datatype: str, batch_size: int, max_batch_size: int = 8, data: str = FROM_FILE, width: int = 2
+) -> list[np.ndarray]:
+    """Run the warm-up of a model written as CONFIG; return what the model was fed."""
+    config = text_format.Parse(_text(datatype, batch_size, max_batch_size, data, width), mc.ModelConfig())
     config.name = "warm"
     fed: list[np.ndarray] = []
 
@@ -112,7 +120,7 @@ def test_a_triton_repository_with_warmup_files_is_served(tmp_path: Path) -> None
     ):
         identity_model(root / name / "1" / "model.onnx", datatype, shape=("batch", 2))
         config_type = "TYPE_STRING" if datatype == "BYTES" else "TYPE_FP32"
-        write_config(root, name, CONFIG.format(max_batch_size=8, datatype=config_type, batch_size=8))
+        write_config(root, name, _text(config_type, batch_size=8))
         _model_dir(root / name, data)
     with ServerThread(root) as s:
         client = grpcclient.InferenceServerClient(s.address)
@@ -121,3 +129,50 @@ def test_a_triton_repository_with_warmup_files_is_served(tmp_path: Path) -> None
             assert index == {"warm_fp32": ("READY", ""), "warm_str": ("READY", "")}
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("max_batch_size", [pytest.param(8, id="batching"), pytest.param(0, id="no-batching")])
+def test_a_sample_of_batch_size_0_is_skipped_as_triton_skips_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, max_batch_size: int
+) -> None:
+    """Triton's GenerateWarmupData skips it rather than run it with one row; leaving batch_size out gives 0, so the
+    log says so."""
+    model_dir = _model_dir(tmp_path, np.array([1, 2], np.float32).tobytes())
+    with caplog.at_level(logging.WARNING, logger="tensorgate.server.repository.warmup"):
+        fed = _warm(model_dir, "TYPE_FP32", batch_size=0, max_batch_size=max_batch_size)
+    assert fed == []
+    assert "model 'warm': warm-up sample 'sample' has batch_size 0 and is skipped" in caplog.text
+
+
+def test_a_file_in_a_sub_folder_of_warmup_is_read_from_there(tmp_path: Path) -> None:
+    """Triton joins warmup/ and input_data_file, so `batches/x.bin` is warmup/batches/x.bin, not warmup/x.bin."""
+    model_dir = _model_dir(tmp_path, np.array([1, 2], np.float32).tobytes())
+    (model_dir / WARMUP_DIR / "batches").mkdir()
+    (model_dir / WARMUP_DIR / "batches" / "x.bin").write_bytes(np.array([5, 6], np.float32).tobytes())
+    (fed,) = _warm(model_dir, "TYPE_FP32", batch_size=2, data='input_data_file: "batches/x.bin"')
+    np.testing.assert_array_equal(fed, [[5, 6], [5, 6]])
+
+
+@pytest.mark.parametrize("data", ['input_data_file: "../x.bin"', 'input_data_file: "/etc/hostname"'])
+def test_a_file_named_out_of_warmup_with_a_path_is_refused(tmp_path: Path, data: str) -> None:
+    """Not read as the file of that name in warmup/ (warmup/x.bin exists here), nor from where it points."""
+    model_dir = _model_dir(tmp_path, np.array([1, 2], np.float32).tobytes())
+    (model_dir / "x.bin").write_bytes(np.array([5, 6], np.float32).tobytes())
+    with pytest.raises(ModelLoadError) as info:
+        _warm(model_dir, "TYPE_FP32", batch_size=1, data=data)
+    name = data.split('"')[1]
+    assert (
+        f"warm-up sample 'sample' failed: input_data_file '{name}' leaves the model's directory" in info.value.message
+    )
+
+
+@pytest.mark.parametrize("datatype", ["TYPE_FP32", "TYPE_INT32", "TYPE_BOOL", "TYPE_STRING"])
+def test_random_data_is_one_sample_repeated_to_batch_size(tmp_path: Path, datatype: str) -> None:
+    """As Triton builds it: one random instance, sent batch_size times; and the same on every load."""
+    fed = [_warm(tmp_path, datatype, batch_size=4, data="random_data: true", width=16)[0] for _ in range(2)]
+    assert fed[0].shape == (4, 16)
+    for row in fed[0][1:]:
+        np.testing.assert_array_equal(row, fed[0][0])
+    np.testing.assert_array_equal(fed[0], fed[1])
+    if datatype != "TYPE_STRING":
+        assert len(set(fed[0][0].tolist())) > 1  # random: not one value repeated

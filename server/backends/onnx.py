@@ -24,6 +24,8 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.backends import bf16
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
 from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError, without_paths
+from tensorgate.server.repository.config import BOOL_SPELLINGS, bool_parameter, parse_bool
+from tensorgate.server.repository.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -179,24 +181,6 @@ def _string_param(config: mc.ModelConfig, key: str) -> str | None:
     return p.string_value if p is not None and p.string_value != "" else None
 
 
-def _parse_bool(raw: str) -> bool | None:
-    """A boolean as Triton's backends parse one (true/on/1, false/off/0, any case), or None."""
-    value = raw.strip().lower()
-    return True if value in ("true", "on", "1") else False if value in ("false", "off", "0") else None
-
-
-def _bool_param(config: mc.ModelConfig, key: str, version: int | None = None) -> bool | None:
-    raw = _string_param(config, key)
-    if raw is None:
-        return None
-    value = _parse_bool(raw)
-    if value is None:
-        raise ModelLoadError(
-            config.name, version, f"parameter '{key}' must be true or false (1/0, on/off), got '{raw}'"
-        )
-    return value
-
-
 # Triton's onnxruntime backend numbers cuDNN's convolution algorithm searches; ONNX Runtime names them.
 CONV_ALGO_SEARCH = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}
 DEFAULT_CONV_ALGO_SEARCH = "HEURISTIC"
@@ -228,10 +212,10 @@ def _cuda_value(key: str, raw: str, where: str, model: str, version: int | None)
             return value
         rule = "a number of bytes"
     elif key in _CUDA_BOOLS:
-        flag = _parse_bool(value)
+        flag = parse_bool(value)
         if flag is not None:
             return "1" if flag else "0"
-        rule = "true or false (1/0, on/off)"
+        rule = BOOL_SPELLINGS
     elif key in _CUDA_POINTERS:
         raise ModelLoadError(model, version, f"{where} '{key}' is an address in the server's memory; not accepted")
     else:
@@ -307,7 +291,7 @@ _TRT_RENAMED = {
 }
 _TRT_PRECISION = {"FP32": None, "FP16": "trt_fp16_enable", "BF16": "trt_bf16_enable", "INT8": "trt_int8_enable"}
 _TRT_KINDS = {
-    "bool": "true or false (1/0, on/off)",
+    "bool": BOOL_SPELLINGS,
     "int": "an integer",
     "size": "a number of bytes",
     "file": "a file name",
@@ -321,7 +305,7 @@ def _trt_value(key: str, raw: str, model_dir: Path) -> str | None:
     have the server write engines or read calibration tables anywhere else), as warm-up files are."""
     kind, value = _TRT_PARAMETERS[key], raw.strip()
     if kind == "bool":
-        flag = _parse_bool(value)
+        flag = parse_bool(value)
         return None if flag is None else "1" if flag else "0"
     if kind in ("int", "size"):
         digits = value[1:] if kind == "int" and value.startswith("-") else value
@@ -329,11 +313,8 @@ def _trt_value(key: str, raw: str, model_dir: Path) -> str | None:
     if kind == "file":
         return value if value and Path(value).name == value and value not in (".", "..") else None
     if kind == "path":
-        rel = Path(value)
-        if not value or rel.is_absolute() or ".." in rel.parts:
-            return None
-        inside = model_dir / rel
-        return str(inside) if inside.resolve().is_relative_to(model_dir.resolve()) else None
+        path = inside(model_dir, value)
+        return None if path is None else str(path)
     return raw
 
 
@@ -391,12 +372,9 @@ def execution_accelerators(config: mc.ModelConfig, model_dir: Path, version: int
 
 
 def pad_requested(config: mc.ModelConfig, version: int | None = None) -> bool:
-    """Whether the config sets `tensorgate.pad_batches: "true"` (see `pad_rows`); any other value than true or
-    false fails the load."""
-    raw = _string_param(config, "tensorgate.pad_batches") or "false"
-    if raw.strip().lower() not in ("true", "false"):
-        raise ModelLoadError(config.name, version, f"tensorgate.pad_batches must be true or false, got '{raw}'")
-    return raw.strip().lower() == "true"
+    """Whether the config sets `tensorgate.pad_batches: "true"` (see `pad_rows`); a value that is not a boolean
+    fails the load."""
+    return bool_parameter(config, "tensorgate.pad_batches", version) is True
 
 
 def pad_rows(config: mc.ModelConfig, version: int | None = None) -> int:
@@ -476,11 +454,9 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
     # ONNX Runtime's intra-op threads spin while waiting for work by default. In a server they would spin against
     # the event loop thread that decodes and answers requests, for the same cores; so tensorgate turns spinning off
     # unless the model asks for it (`tensorgate.intra_op_spinning: "true"`, worth it only with spare cores).
-    spinning = (_string_param(config, "tensorgate.intra_op_spinning") or "false").lower()
-    if spinning not in ("true", "false"):
-        raise ModelLoadError(config.name, None, f"tensorgate.intra_op_spinning must be true or false, got '{spinning}'")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "true" else "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning == "true" else "0")
+    spinning = "1" if bool_parameter(config, "tensorgate.intra_op_spinning") else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     level_name = _string_param(config, "tensorgate.graph_optimization_level")
     if level_name is not None:
         if level_name not in _GRAPH_LEVELS:
@@ -510,10 +486,10 @@ def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
             config.name,
         )
     for key, attr in (("enable_mem_arena", "enable_cpu_mem_arena"), ("enable_mem_pattern", "enable_mem_pattern")):
-        flag = _bool_param(config, key)
+        flag = bool_parameter(config, key)
         if flag is not None:
             setattr(opts, attr, flag)
-    flag = _bool_param(config, DEVICE_ALLOCATOR_FOR_INITIALIZERS)
+    flag = bool_parameter(config, DEVICE_ALLOCATOR_FOR_INITIALIZERS)
     if flag is not None:
         opts.add_session_config_entry(DEVICE_ALLOCATOR_FOR_INITIALIZERS, "1" if flag else "0")
     return opts

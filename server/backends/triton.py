@@ -97,7 +97,7 @@ from tensorgate.server.errors import (
     TensorgateError,
     model_ref,
 )
-from tensorgate.server.repository.config import TensorInfo
+from tensorgate.server.repository.config import TensorInfo, bool_parameter
 from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -243,9 +243,7 @@ class TritonSettings:
         url = params.get(PREFIX + "url", "").strip()
         if not url or "://" in url or ":" not in url:
             raise ModelLoadError(name, None, f"parameter '{PREFIX}url' must be the upstream's gRPC host:port")
-        tls_text = params.get(PREFIX + "tls", "").strip().lower()
-        if tls_text not in ("", "true", "false"):
-            raise ModelLoadError(name, None, f"parameter '{PREFIX}tls' must be true or false, got '{tls_text}'")
+        tls = bool_parameter(config, PREFIX + "tls") is True
         balancing = params.get(PREFIX + "load_balancing", "").strip() or "round_robin"
         if balancing not in LOAD_BALANCING:
             raise ModelLoadError(
@@ -260,7 +258,7 @@ class TritonSettings:
             url=url,
             model_name=params.get(PREFIX + "model_name", "").strip() or name,
             model_version=params.get(PREFIX + "model_version", "").strip(),
-            tls=tls_text == "true" or any(p is not None for p in (ca, cert, private_key)),
+            tls=tls or any(p is not None for p in (ca, cert, private_key)),
             ca_file=ca,
             cert_file=cert,
             key_file=private_key,

@@ -15,8 +15,9 @@ from google.protobuf import text_format
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE
 from tensorgate.server.decimal_text import parse_canonical
-from tensorgate.server.errors import InvalidConfigError
+from tensorgate.server.errors import InvalidConfigError, ModelLoadError
 from tensorgate.server.repository.ensemble import ENSEMBLE_PLATFORM
+from tensorgate.server.repository.paths import inside
 
 CONFIG_FILE = "config.pbtxt"
 ONNX_PLATFORM = "onnxruntime_onnx"
@@ -79,7 +80,7 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
     if not path.is_file():
         config = mc.ModelConfig(name=model_dir.name)
         return config, False
-    if not path.resolve().is_relative_to(model_dir.resolve()):
+    if inside(model_dir, CONFIG_FILE) is None:
         # A link out of the model's directory: a parse error quotes the file, and goes to whoever asked to load.
         raise InvalidConfigError(model_dir.name, f"{CONFIG_FILE} leaves the model's directory")
     try:
@@ -90,6 +91,30 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
     except UnicodeDecodeError as exc:
         raise InvalidConfigError(model_dir.name, f"cannot read {CONFIG_FILE}: {exc}") from exc
     return parse_config(model_dir.name, text)
+
+
+BOOL_SPELLINGS = "true or false (1/0, on/off)"
+
+
+def parse_bool(text: str) -> bool | None:
+    """A boolean as Triton's backends spell one (ParseBoolValue): true/on/1 or false/off/0, in any case, spaces
+    around ignored; None for anything else."""
+    value = text.strip().lower()
+    return True if value in ("true", "on", "1") else False if value in ("false", "off", "0") else None
+
+
+def bool_parameter(config: mc.ModelConfig, key: str, version: int | None = None) -> bool | None:
+    """`parameters { key }` read with `parse_bool`, None when unset or blank. Any other value fails the load,
+    naming the model, the key and the value. Every boolean parameter, Triton's and tensorgate's own, is read here,
+    so that a spelling that works for one key works for all of them."""
+    param = config.parameters.get(key)
+    raw = param.string_value if param is not None else ""
+    if not raw.strip():
+        return None
+    value = parse_bool(raw)
+    if value is None:
+        raise ModelLoadError(config.name, version, f"parameter '{key}' must be {BOOL_SPELLINGS}, got '{raw}'")
+    return value
 
 
 def check_backend(config: mc.ModelConfig) -> None:
@@ -197,6 +222,7 @@ def _complete_tensors(
     served: Sequence[TensorInfo],
     batching: bool,
     add: Callable[[], mc.ModelInput | mc.ModelOutput],
+    exact_dims: bool,
 ) -> None:
     if not declared:
         for info in served:
@@ -230,6 +256,15 @@ def _complete_tensors(
                 f"{kind} '{info.name}' has dims {config_dims} in config but the model's "
                 f"{'per-row ' if batching else ''}shape is {shape_text(model_dims)}",
             )
+        if (exact_dims and kind == "input") and any(
+            c == -1 and m is not None for c, m in zip(config_dims, model_dims, strict=True)
+        ):
+            # As Triton (CompareDimsSupported): -1 takes any size, which this model cannot.
+            raise InvalidConfigError(
+                model,
+                f"input '{info.name}' has dims {config_dims} in config, -1 where the model's "
+                f"{'per-row ' if batching else ''}shape {shape_text(model_dims)} is fixed; write the model's sizes",
+            )
 
 
 def autocomplete(
@@ -239,11 +274,14 @@ def autocomplete(
     *,
     max_batch_size_given: bool,
     default_max_batch_size: int,
+    exact_dims: bool = False,
 ) -> mc.ModelConfig:
     """Fill what config.pbtxt leaves out from the model file and check what it states against it, as Triton's
     onnxruntime backend does: a kind of tensor the config lists (inputs, outputs) is served as listed, never
     completed with the model's others, and max_batch_size comes from the model unless the config gives it or
-    lists both inputs and outputs. Only the tensors served are checked: types, and a batch dimension first."""
+    lists both inputs and outputs. Only the tensors served are checked: types, and a batch dimension first.
+    `exact_dims` (an ONNX model, which ONNX Runtime runs at its fixed sizes only) also refuses a -1 in an input's
+    dims where the model's dimension is fixed; an upstream Triton checks its own model's."""
     model = config.name
     served_in = _served(model, "input", config.input, inputs)
     served_out = _served(model, "output", config.output, outputs)
@@ -264,8 +302,8 @@ def autocomplete(
             "dynamic; set max_batch_size: 0",
         )
     batching = config.max_batch_size > 0
-    _complete_tensors(model, "input", config.input, served_in, batching, config.input.add)
-    _complete_tensors(model, "output", config.output, served_out, batching, config.output.add)
+    _complete_tensors(model, "input", config.input, served_in, batching, config.input.add, exact_dims)
+    _complete_tensors(model, "output", config.output, served_out, batching, config.output.add, exact_dims)
     if not config.instance_group:
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
     for group in config.instance_group:
@@ -280,27 +318,16 @@ def autocomplete(
 
 def check_onnx_inputs(config: mc.ModelConfig, inputs: Sequence[TensorInfo]) -> None:
     """A completed config's inputs against what ONNX Runtime needs, checked at load as Triton's onnxruntime
-    backend does, where serving would fail every request inside the runtime (or every one of some sizes): every
-    input the model requires is listed, with no -1 where the model's dimension is fixed, and only an initializer
-    with a default may be left out (`optional`, which such an input always is), on a model that does not batch
-    (Triton refuses optional inputs there)."""
+    backend does, where serving would fail every request inside the runtime: every input the model requires is
+    listed, and only an initializer with a default may be left out (`optional`, which such an input always is), on
+    a model that does not batch (Triton refuses optional inputs there). Their dims were checked by `autocomplete`
+    (`exact_dims`)."""
     listed = {t.name for t in config.input}
     missing = [t.name for t in inputs if not t.default and t.name not in listed]
     if missing:
         raise InvalidConfigError(config.name, f"the model requires input(s) {missing}, which {CONFIG_FILE} leaves out")
-    by_name = {t.name: t for t in inputs}
     defaults = {t.name for t in inputs if t.default}
-    batching = config.max_batch_size > 0
     for entry in config.input:
-        model_dims = by_name[entry.name].shape[1:] if batching else by_name[entry.name].shape
-        config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-        if any(c == -1 and m is not None for c, m in zip(config_dims, model_dims, strict=True)):
-            # As Triton (CompareDimsSupported): -1 takes any size, which this model cannot.
-            raise InvalidConfigError(
-                config.name,
-                f"input '{entry.name}' has dims {config_dims} in config, -1 where the model's "
-                f"{'per-row ' if batching else ''}shape {shape_text(model_dims)} is fixed; write the model's sizes",
-            )
         if entry.name in defaults:
             entry.optional = True
         elif entry.optional:

@@ -11,19 +11,19 @@ from pathlib import Path
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.errors import InvalidConfigError
+from tensorgate.server.repository.paths import inside
 
 
 def read_labels(config: mc.ModelConfig, model_dir: Path) -> dict[str, tuple[str, ...]]:
     """Labels by output name. Line i labels class index i; a line's trailing CR is dropped, so that a file written
     on Windows gives the same labels (Triton would keep the CR in every answer)."""
     labels: dict[str, tuple[str, ...]] = {}
-    root = model_dir.resolve()
     for output in config.output:
         filename = output.label_filename
         if not filename:
             continue
-        path = (model_dir / filename).resolve()
-        if not path.is_relative_to(root):
+        path = inside(model_dir, filename)
+        if path is None:
             raise InvalidConfigError(
                 config.name, f"label_filename '{filename}' of output '{output.name}' is outside the model directory"
             )

@@ -63,6 +63,7 @@ from tensorgate.server.repository.config import (
 )
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
+from tensorgate.server.repository.paths import inside, within
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.sequence import (
     SequenceSpec,
@@ -180,12 +181,13 @@ def _write_files(name: str, model_dir: Path, files: dict[str, bytes]) -> None:
 def _label_signature(model_dir: Path, filename: str) -> str:
     """A label file's part of a version's signature: only a file inside the model directory (anything else fails
     the load, and must not be walked first)."""
-    path = model_dir / filename
+    path = inside(model_dir, filename)
     try:
-        inside = path.resolve().is_relative_to(model_dir.resolve()) and path.is_file()
+        if path is None or not path.is_file():
+            return ""
     except OSError:
         return ""
-    return _file_signature(path) if inside else ""
+    return _file_signature(path)
 
 
 def _remote_sequence_model(config: mc.ModelConfig) -> bool:
@@ -690,6 +692,7 @@ class ModelRepository:
                 [o for o in infos[1] if o.name not in hidden_out],
                 max_batch_size_given=mbs_given,
                 default_max_batch_size=self._default_mbs,
+                exact_dims=True,
             )
             check_onnx_inputs(config, callers_inputs)
             sequence = sequence_spec(config, infos[0], infos[1], vdir) if stateful else None
@@ -763,9 +766,9 @@ class ModelRepository:
         expected = config.parameters[key].string_value.strip().lower() if key is not None else None
         if expected is not None and not _SHA256_HEX.fullmatch(expected):
             raise ModelLoadError(name, version, f"parameter '{key}' must be 64 hex digits, got {expected!r}")
-        resolved = model_file.resolve()
-        if not resolved.is_relative_to(root):
+        if not within(model_file, root):
             raise ModelLoadError(name, version, f"{rel} resolves outside the model repository")
+        resolved = model_file.resolve()
         # O_NOFOLLOW: a symlink put in place of the file after resolve() is refused; O_NONBLOCK: a FIFO put there
         # cannot hang the loader (it is refused below as not a regular file).
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

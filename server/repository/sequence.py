@@ -18,6 +18,7 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.datatypes import BY_CONFIG_TYPE, DataType, config_type_name
 from tensorgate.server.errors import InvalidConfigError
 from tensorgate.server.repository.config import TensorInfo, dims_fit, shape_text
+from tensorgate.server.repository.paths import inside
 
 DEFAULT_IDLE_US = 1_000_000
 """Triton's default max_sequence_idle_microseconds."""
@@ -153,9 +154,8 @@ def _initial(model: str, state: mc.ModelSequenceBatching.State, version_dir: Pat
     if choice == "data_file":
         if dt.name == "BYTES":
             raise InvalidConfigError(model, f"{where}: a BYTES initial_state can only be zero_data")
-        root = (version_dir / INITIAL_STATE_DIR).resolve()
-        path = (root / init.data_file).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        path = inside(version_dir / INITIAL_STATE_DIR, init.data_file)
+        if path is None or not path.is_file():
             raise InvalidConfigError(
                 model, f"{where}: initial_state data_file '{init.data_file}' is not a file in {INITIAL_STATE_DIR}/"
             )

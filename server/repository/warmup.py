@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,10 @@ from tensorgate.protos import tensors
 from tensorgate.server import datatypes
 from tensorgate.server.backends.base import Backend
 from tensorgate.server.errors import ModelLoadError, TensorgateError, os_error_text
+from tensorgate.server.repository.paths import inside
 from tensorgate.server.repository.schema import ModelSchema
+
+log = logging.getLogger(__name__)
 
 WARMUP_DIR = "warmup"
 
@@ -22,11 +26,13 @@ def _sample_file(spec: mc.ModelWarmup.Input, dt: datatypes.DataType, model_dir: 
     """One instance of the tensor (shape `dims`, no batch dimension) from `warmup/<input_data_file>`, read as
     Triton reads it: raw values of which the first prod(dims) are used, or for BYTES exactly prod(dims) elements,
     each after its 4-byte little-endian length (the wire's BYTES framing). Triton's repositories hold files written
-    that way, so reading rows or whole files here would fail their loads or warm up on other data."""
-    path = model_dir / WARMUP_DIR / Path(spec.input_data_file).name
-    if not path.resolve().is_relative_to(model_dir.resolve()):
-        # A link out of the model's directory: a load error could otherwise tell a client about other files.
-        raise ValueError(f"{WARMUP_DIR}/{path.name} leaves the model's directory")
+    that way, so reading rows or whole files here would fail their loads or warm up on other data. As in Triton the
+    name is a path under warmup/ (`batches/8.bin` too); unlike Triton it may not climb out with `..`."""
+    path = inside(model_dir / WARMUP_DIR, spec.input_data_file, root=model_dir)
+    if path is None:
+        # A link or path out of the model's directory: a load error could otherwise tell a client about other files.
+        raise ValueError(f"input_data_file '{spec.input_data_file}' leaves the model's directory")
+    name = f"{WARMUP_DIR}/{spec.input_data_file}"
     raw = path.read_bytes()
     dims = tuple(spec.dims)
     count = math.prod(dims)
@@ -34,34 +40,37 @@ def _sample_file(spec: mc.ModelWarmup.Input, dt: datatypes.DataType, model_dir: 
         try:
             return tensors.decode_bytes_tensor(raw, count).reshape(dims)
         except tensors.TensorFormatError as exc:
-            raise ValueError(f"{WARMUP_DIR}/{path.name} is not one sample of dims {list(dims)}: {exc}") from exc
+            raise ValueError(f"{name} is not one sample of dims {list(dims)}: {exc}") from exc
     need = count * dt.itemsize
     if len(raw) < need:
-        raise ValueError(
-            f"{WARMUP_DIR}/{path.name} has {len(raw)} bytes but one sample of {dt.name} dims {list(dims)} needs {need}"
-        )
+        raise ValueError(f"{name} has {len(raw)} bytes but one sample of {dt.name} dims {list(dims)} needs {need}")
     return np.frombuffer(raw, dtype=dt.np_dtype, count=count).reshape(dims)
 
 
-def _sample(spec: mc.ModelWarmup.Input, lead: tuple[int, ...], model_dir: Path, rng: np.random.Generator) -> np.ndarray:
-    """The input for one run: `lead` is (batch_size,) for a model that batches, else (). A file holds one
-    instance, repeated batch_size times as Triton repeats it."""
+def _instance(spec: mc.ModelWarmup.Input, model_dir: Path, rng: np.random.Generator) -> np.ndarray:
+    """One instance of the tensor (its `dims`, no batch dimension): from the file, zeros, or random values."""
     dt = datatypes.BY_CONFIG_TYPE[spec.data_type]
-    shape = lead + tuple(spec.dims)
-    count = math.prod(shape)
+    dims = tuple(spec.dims)
     choice = spec.WhichOneof("input_data_type")
     if choice == "input_data_file":
-        return np.broadcast_to(_sample_file(spec, dt, model_dir), shape).copy()
+        return _sample_file(spec, dt, model_dir)
     if dt.name == "BYTES":
         fill = b"" if choice == "zero_data" else b"tensorgate"
-        return np.array([fill] * count, dtype=object).reshape(shape)
+        return np.array([fill] * math.prod(dims), dtype=object).reshape(dims)
     if choice == "random_data":
         if dt.floating:
-            return rng.random(shape).astype(dt.np_dtype)
+            return rng.random(dims).astype(dt.np_dtype)
         if dt.np_dtype.kind == "b":
-            return rng.integers(0, 2, shape).astype(bool)
-        return rng.integers(0, 8, shape).astype(dt.np_dtype)
-    return np.zeros(shape, dtype=dt.np_dtype)
+            return rng.integers(0, 2, dims).astype(bool)
+        return rng.integers(0, 8, dims).astype(dt.np_dtype)
+    return np.zeros(dims, dtype=dt.np_dtype)
+
+
+def _sample(spec: mc.ModelWarmup.Input, lead: tuple[int, ...], model_dir: Path, rng: np.random.Generator) -> np.ndarray:
+    """The input for one run: `lead` is (batch_size,) for a model that batches, else (). Every row is the same
+    instance, random data included: Triton builds the sample once and sends it batch_size times."""
+    instance = _instance(spec, model_dir, rng)
+    return np.broadcast_to(instance, lead + instance.shape).copy()
 
 
 def run_warmup(
@@ -77,7 +86,16 @@ def run_warmup(
     rng = np.random.default_rng(0)
     outputs = list(schema.outputs)
     for sample in config.model_warmup:
-        rows = max(sample.batch_size, 1)
+        if sample.batch_size == 0:
+            # As Triton (GenerateWarmupData): a sample of batch 0 is skipped, not run with one row. Said louder
+            # than Triton says it: leaving batch_size out of a sample gives 0.
+            log.warning(
+                "model '%s': warm-up sample '%s' has batch_size 0 and is skipped, as in Triton (batch_size: 1 runs it)",
+                config.name,
+                sample.name,
+            )
+            continue
+        rows = sample.batch_size
         try:
             inputs: dict[str, np.ndarray] = {}
             for name, spec in sample.inputs.items():
