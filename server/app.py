@@ -88,6 +88,7 @@ class TensorgateServer:
             default_max_batch_size=settings.default_max_batch_size,
             latency_histograms=self._metrics_on,
             tracing=self.tracing,
+            allowed_upstreams=settings.allowed_upstreams,
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics | None = None

@@ -42,6 +42,10 @@ def _flag(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _patterns(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve a model repository over gRPC (KServe V2 / Triton protocol)")
 
@@ -92,6 +96,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "server has started, whatever its models' readiness (default true, as Triton)",
         nargs="?",
         const=True,
+    )
+    p.add_argument(
+        "--allowed-upstreams",
+        type=_patterns,
+        default=_env("allowed-upstreams", [], _patterns),
+        help="comma-separated host:port patterns (wildcards: triton-*.internal:8001) of the upstream Tritons a "
+        "config override sent with RepositoryModelLoad may name; default none: an override keeps its model's url "
+        "on disk [env TENSORGATE_ALLOWED_UPSTREAMS]",
     )
     opt("--default-max-batch-size", int, "max_batch_size for ONNX models whose config omits it (default 4)")
     opt("--max-message-bytes", int, "largest request/response in bytes (default 256 MiB)")
@@ -246,6 +258,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             ),
             repository_poll_secs=args.repository_poll_secs,
             strict_readiness=args.strict_readiness,
+            allowed_upstreams=args.allowed_upstreams,
             default_max_batch_size=args.default_max_batch_size,
             max_message_bytes=args.max_message_bytes,
             max_tensor_elements=args.max_tensor_elements,

@@ -62,6 +62,11 @@ class ServerSettings:
     """As Triton's --strict-readiness. True: ServerReady (and the health of the inference service) is true only
     while every model that should be loaded is, and ready, a remote model's upstream included. False: true once
     the server has started, whatever its models' readiness (ModelReady still tells each model's)."""
+    allowed_upstreams: list[str] = field(default_factory=list)
+    """host:port patterns (shell wildcards: `triton-*.internal:8001`) of the upstream Triton servers that a config
+    override sent with RepositoryModelLoad may name in `tensorgate.triton.url`. Empty: an override may name only
+    the url its model's config.pbtxt in the repository names (a caller allowed to load a model must not make the
+    server connect to any host it likes). The repository's own config.pbtxt files may name any upstream."""
     default_max_batch_size: int = 4
     """max_batch_size given to ONNX models whose config leaves it out and whose first dimension is dynamic."""
     max_message_bytes: int = 256 * 1024 * 1024
@@ -162,6 +167,10 @@ class ServerSettings:
         if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
             # Not echoed: webhook URLs carry their secret in the path or query, and this line lands in logs.
             raise ValueError("alert_webhook must be an http:// or https:// URL (the value given is not shown)")
+        for pattern in self.allowed_upstreams:
+            host, colon, port = pattern.strip().rpartition(":")
+            if not colon or not host or not port:
+                raise ValueError(f"allowed_upstreams takes host:port patterns, got {pattern!r}")
         if self.default_max_batch_size < 0:
             raise ValueError(f"default_max_batch_size must be >= 0, got {self.default_max_batch_size}")
         if self.repository_poll_secs <= 0:

@@ -40,6 +40,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         """Every ModelInfer request, as it arrived (its id and parameters, say)."""
         self.peers: set[str] = set()
         """The connections (client address and port) ModelInfer calls came over."""
+        self.stream_peers: set[str] = set()
+        """The connections ModelStreamInfer calls came over."""
         self.ready = True
         """What ModelReady answers (False: an upstream model being reloaded, say)."""
         self.described = 0
@@ -123,6 +125,7 @@ class _Servicer(GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self.stream_peers.add(context.peer())
         async for request in request_iterator:
             x = np.frombuffer(request.raw_input_contents[0], np.float32)
             n = int(x[0])

@@ -1047,7 +1047,12 @@ def test_a_config_override_may_name_upstream_tls_files_inside_the_model_director
     headers = {"authorization": f"Bearer {TOKEN}"}
     with (
         ServerThread(repo, **pki.server_settings(mutual=False)) as upstream,
-        ServerThread(tmp_path / "front", auth_policy=tmp_path / "policy.json", model_control_mode="explicit") as s,
+        ServerThread(
+            tmp_path / "front",
+            auth_policy=tmp_path / "policy.json",
+            model_control_mode="explicit",
+            allowed_upstreams=[upstream.address],  # dep-remote is on no disk: the override names its upstream
+        ) as s,
     ):
         c = tc.InferenceServerClient(s.address)
         try:

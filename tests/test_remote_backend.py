@@ -7,6 +7,8 @@ tests/test_triton_backend.py. Clients: unmodified tritonclient, and our stubs wh
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -22,16 +24,20 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import encode_infer_request
-from tensorgate.server.backends.triton import TritonBackend
-from tensorgate.server.errors import ModelLoadError
+from tensorgate.server.backends.triton import TritonBackend, upstream_allowed
+from tensorgate.server.cli import build_parser
+from tensorgate.server.errors import InvalidRequestError, ModelLoadError
+from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 from tensorgate.server.scheduling.scheduler import Scheduler
+from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import MODEL_STATES
 from tensorgate.server.telemetry.statistics import ModelStats
+from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
-from tests.test_decoupled import _remote
+from tests.test_decoupled import Stream, _remote
 from tests.test_poll import wait_for
 
 
@@ -401,8 +407,9 @@ def test_an_upstream_back_with_another_model_keeps_it_not_ready_until_reloaded(
 async def test_a_request_s_id_and_parameters_go_upstream_with_its_batch(tmp_path: Path) -> None:
     """An upstream Python, vLLM or TensorRT-LLM model reads its sampling parameters from the request: each batch
     carries its requests' parameters, the same for all of them (requests with other parameters wait for a batch
-    of their own), a lone request its id, and `priority` and `timeout` go as Triton's own. The scheduler with the
-    remote backend, as the repository builds them (the pipeline hands each request's id and parameters over)."""
+    of their own), a lone request its id. `priority` and `timeout` are the front's queue's, and stay there. The
+    scheduler with the remote backend, as the repository builds them (the pipeline hands each request's id and
+    parameters over)."""
     config = text_format.Parse(
         'name: "r" backend: "tensorgate_triton" max_batch_size: 8 '
         "dynamic_batching { max_queue_delay_microseconds: 300000 preferred_batch_size: 3 }",
@@ -428,8 +435,6 @@ async def test_a_request_s_id_and_parameters_go_upstream_with_its_batch(tmp_path
                 "temperature": "double_param: 0.5",
                 "custom": 'string_param: "v"',
                 "greedy": "bool_param: true",
-                "priority": "uint64_param: 1",
-                "timeout": "int64_param: 2000000",
             }
             await asyncio.gather(
                 *(
@@ -457,3 +462,245 @@ def test_connections_are_renewed_after_their_max_age_without_failing_a_call(tmp_
             got = [_outcome(client, "r", timeout=20) for _ in range(6)]
         assert got == ["OK"] * 6
         assert len(up.script.peers) >= 3, up.script.peers
+
+
+def test_requests_that_differ_only_in_the_server_s_parameters_share_one_upstream_call(tmp_path: Path) -> None:
+    """`timeout` and `priority` are the front's own queue's (the upstream gets the callers' deadline instead): two
+    callers that set different ones, and the same parameters for the model, are one batch, one upstream call,
+    which carries the model's parameters only."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(
+            root,
+            "r",
+            up.url,
+            "max_batch_size: 8",
+            "dynamic_batching { max_queue_delay_microseconds: 5000000 preferred_batch_size: 2 }",
+        )
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            got: dict[int, str] = {}
+
+            def call(timeout_us: int, priority: int) -> None:
+                try:
+                    client.infer(
+                        "r",
+                        _x(),
+                        timeout=timeout_us,
+                        priority=priority,
+                        parameters={"temperature": 0.5},
+                        client_timeout=30,
+                    )
+                    got[timeout_us] = "OK"
+                except InferenceServerException as exc:
+                    got[timeout_us] = str(exc)
+
+            threads = [threading.Thread(target=call, args=a) for a in ((5_000_000, 1), (6_000_000, 2))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+        assert got == {5_000_000: "OK", 6_000_000: "OK"}
+        assert up.script.calls == 1, [dict(r.parameters) for r in up.script.requests]
+        (request,) = up.script.requests
+        assert request.inputs[0].shape[0] == 2
+        assert {k: str(v).strip() for k, v in request.parameters.items()} == {"temperature": "double_param: 0.5"}
+
+
+ONE_REMOTE_STEP = """
+name: "e"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+ensemble_scheduling {
+  step [ { model_name: "r" input_map { key: "X" value: "X" } output_map { key: "Y" value: "Y" } } ]
+}
+"""
+
+
+@pytest.mark.parametrize("sequence", [pytest.param(False, id="stateless"), pytest.param(True, id="sequence")])
+def test_the_caller_s_parameters_reach_a_remote_model_called_directly_and_as_an_ensemble_step(
+    tmp_path: Path, sequence: bool
+) -> None:
+    """An upstream model reads its own parameters (an LLM's sampling ones) from the request, whether the caller
+    called it or an ensemble over it, as Triton's ensembles pass the request's parameters to each step; a
+    sequence model's too, besides its sequence's (which go as they are, from the front's sequencing)."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        up.script.sequence = sequence
+        _remote(root, "r", up.url)
+        (root / "e" / "1").mkdir(parents=True)
+        (root / "e" / "config.pbtxt").write_text(ONE_REMOTE_STEP)
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            for model, rid, temperature, sid in (("r", "direct", "hot", 7), ("e", "via-e", "cold", 8)):
+                flags = {"sequence_id": sid, "sequence_start": True, "sequence_end": True} if sequence else {}
+                client.infer(model, _x(), request_id=rid, parameters={"temperature": temperature}, **flags)
+        sent = [
+            (r.id, {k: str(v).strip() for k, v in r.parameters.items() if not k.startswith("sequence_")})
+            for r in up.script.requests
+        ]
+        assert sent == [
+            ("direct", {"temperature": 'string_param: "hot"'}),
+            ("via-e", {"temperature": 'string_param: "cold"'}),
+        ]
+        if sequence:
+            assert [seen[:3] for seen in up.script.seen] == [(7, True, True), (8, True, True)]
+
+
+# ----- a forced stop ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sequence", [pytest.param(False, id="stateless"), pytest.param(True, id="sequence")])
+def test_a_second_signal_does_not_wait_for_an_upstream_that_does_not_answer(tmp_path: Path, sequence: bool) -> None:
+    """Ctrl-C twice: the process exits soon, not after an upstream call that takes minutes (the unload grace, 30
+    s, would bound it otherwise). A sequence model's call is not cancelled when its caller leaves (its
+    sequence's next request must not overtake it), so the forced stop cancels it (base.Interrupts)."""
+    repo = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        up.script.sequence = sequence
+        _remote(repo, "r", up.url)
+        args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "300"]
+        with ServeProcess(args) as server:
+            server.wait_for_line("model 'r' ready")
+            up.script.delay_s = 600.0
+
+            async def scenario() -> float:
+                async with grpc.aio.insecure_channel(server.address) as channel:
+                    request = encode_infer_request("r", [("X", np.ones((1, 2), np.float32))])
+                    if sequence:
+                        request.parameters["sequence_id"].int64_param = 7
+                        request.parameters["sequence_start"].bool_param = True
+                    call = GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=300)
+                    await asyncio.to_thread(wait_for, "the call upstream", lambda: up.script.calls == 1)
+                    server.proc.send_signal(signal.SIGTERM)
+                    await asyncio.to_thread(server.wait_for_line, "refusing new calls")
+                    server.proc.send_signal(signal.SIGINT)
+                    hurried = time.monotonic()
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await asyncio.wait_for(call, 60)
+                    return hurried
+
+            hurried = asyncio.run(scenario())
+            assert server.proc.wait(60) == 0
+            assert time.monotonic() - hurried < 20, server.output
+            assert "stopped" in server.output
+        wait_for("the upstream call to be cancelled", lambda: up.script.infer_cancelled == 1, 10)
+
+
+# ----- connections renewed ----------------------------------------------------------------------------------------
+
+
+def test_a_decoupled_model_s_stream_connection_is_renewed_after_its_max_age(tmp_path: Path) -> None:
+    """max_connection_age_s renews the connection a decoupled model's streams go over too (a url's addresses are
+    resolved again, so that upstreams added behind it get streams): a stream that starts once it is that old goes
+    over a new one. A stream running on the old one is not moved, nor cut: it ends there."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        up.script.decoupled = True
+        up.script.delay_s = 0.1
+        _remote(root, "gen", up.url, _param("max_connection_age_s", "0.2"))
+        with ServerThread(root) as s:
+            stream = Stream(s.address)
+            try:
+                long, short = (tc.InferInput("X", [1, 2], "FP32") for _ in range(2))
+                long.set_data_from_numpy(np.full((1, 2), 8.0, np.float32))  # 8 responses, 0.1 s apart
+                short.set_data_from_numpy(np.full((1, 2), 1.0, np.float32))
+                stream.client.async_stream_infer("gen", [long], request_id="long")
+                time.sleep(0.4)  # the connection is older than its age now, and the long stream runs on it
+                stream.client.async_stream_infer("gen", [short], request_id="short")
+                answers = stream.take(9)
+            finally:
+                stream.close()
+        assert [error for _, error in answers] == [None] * 9
+        ids = sorted(result.get_response().id for result, _ in answers if result is not None)
+        assert ids == ["long"] * 8 + ["short"]
+        assert len(up.script.stream_peers) == 2, up.script.stream_peers
+
+
+# ----- which upstream a config override may name ------------------------------------------------------------------
+
+
+def _override(url: str, **extra: str) -> str:
+    """A RepositoryModelLoad `config` (JSON) for a remote model in front of `url`."""
+    parameters = {"tensorgate.triton.url": url, "tensorgate.triton.model_name": "m", **extra}
+    return json.dumps(
+        {"backend": "tensorgate_triton", "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    )
+
+
+def test_a_config_override_may_not_point_a_model_at_another_upstream(tmp_path: Path) -> None:
+    """A caller that may load a model is not the operator: its config override may keep the upstream the
+    repository's config.pbtxt names (and change the rest), but not name another host, which the server would
+    connect to with whatever headers the override adds (SSRF); nor may uploaded files bring one. Refused before
+    anything is connected to, naming the model, the url and the flag that would allow it."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up, ScriptedUpstream() as elsewhere:
+        _remote(root, "r", up.url)
+        with ServerThread(root, model_control_mode="explicit") as s, tc.InferenceServerClient(s.address) as client:
+            for name, files in (("r", None), ("r", {"file:notes.txt": b""}), ("new", {"file:notes.txt": b""})):
+                with pytest.raises(InferenceServerException) as info:
+                    client.load_model(name, config=_override(elsewhere.url, **{"header.x-probe": "1"}), files=files)
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+                assert info.value.message() == (
+                    f"model '{name}': parameter 'tensorgate.triton.url' of a config override names the upstream "
+                    f"'{elsewhere.url}', which is not the one the repository's config.pbtxt names, and the server's "
+                    "--allowed-upstreams is empty: a config sent with a load may name another upstream only where "
+                    "the operator allows it"
+                )
+            assert elsewhere.script.described == 0  # never connected to
+            assert [row.name for row in s.app.repository.states()] == []  # nothing was loaded, nor tried
+            client.load_model("r", config=_override(up.url))  # its own upstream: loads
+            client.load_model("r", config=json.dumps({**json.loads(_override(up.url)), "max_batch_size": 2}))
+            assert client.get_model_config("r").config.max_batch_size == 2
+
+
+async def test_allowed_upstreams_let_an_override_name_the_upstreams_they_match(tmp_path: Path) -> None:
+    """--allowed-upstreams (the repository's `allowed_upstreams`) names the upstreams an override may point a
+    model at, besides its own: one it matches loads, one it does not is refused, naming the patterns."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up, ScriptedUpstream() as other:
+        _remote(root, "r", up.url)
+        host, port = other.url.rsplit(":", 1)
+        text = f'backend: "tensorgate_triton" {_param("url", other.url)} {_param("model_name", "m")}'
+        refusing = ModelRepository(root, allowed_upstreams=[f"{host}:{int(port) + 1}", "10.*:*"])
+        try:
+            with pytest.raises(InvalidRequestError, match=rf"--allowed-upstreams allows only {host}:\d+,10\.\*:\*"):
+                await refusing.load("r", text)
+        finally:
+            await refusing.close()
+        assert other.script.described == 0
+        allowing = ModelRepository(root, allowed_upstreams=["10.*:*", f"{host}:*"])
+        try:
+            await allowing.load("r", text)
+            assert allowing.get("r", "").backend.execution_provider == f"triton:{other.url}"
+        finally:
+            await allowing.close()
+        assert other.script.described == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "patterns", "allowed"),
+    [
+        pytest.param("triton-1.internal:8001", ["triton-*.internal:8001"], True, id="wildcard-host"),
+        pytest.param("Triton-1.Internal:8001", ["triton-*.internal:8001"], True, id="host-case"),
+        pytest.param("triton-1.internal:8002", ["triton-*.internal:8001"], False, id="other-port"),
+        pytest.param("10.0.0.7:8001", ["10.0.0.*:*"], True, id="wildcard-port"),
+        pytest.param("ipv4:10.0.0.1:8001,10.0.0.2:8001", ["10.0.0.*:8001"], True, id="every-address"),
+        pytest.param("ipv4:10.0.0.1:8001,10.9.0.2:8001", ["10.0.0.*:8001"], False, id="one-address-not"),
+        pytest.param("dns:triton:8001", ["triton:8001"], True, id="dns-scheme"),
+        pytest.param("[fd00::1]:8001", ["[fd00::*]:8001"], True, id="ipv6"),
+        pytest.param("unix:8001", ["*:8001"], False, id="unix-socket-is-no-host"),
+        pytest.param("unix:/run/docker.sock", ["*:*"], False, id="unix-path"),
+        pytest.param("triton:8001", [], False, id="none-allowed"),
+    ],
+)
+def test_which_upstream_urls_the_patterns_allow(url: str, patterns: list[str], allowed: bool) -> None:
+    assert upstream_allowed(url, patterns) is allowed
+
+
+def test_allowed_upstreams_come_from_the_command_line_as_host_port_patterns(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["serve", "--allowed-upstreams", "triton-*.internal:8001, 10.0.0.*:*"])
+    assert args.allowed_upstreams == ["triton-*.internal:8001", "10.0.0.*:*"]
+    assert build_parser().parse_args(["serve"]).allowed_upstreams == []
+    with pytest.raises(ValueError, match="allowed_upstreams takes host:port patterns, got 'triton'"):
+        ServerSettings(model_repository=tmp_path, allowed_upstreams=["triton"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+from tritonclient.utils import TRITON_RESERVED_REQUEST_PARAMS, TRITON_RESERVED_REQUEST_PARAMS_PREFIX
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext
@@ -58,11 +59,29 @@ class BatchContext:
     request_id: str = ""
     """A remote backend's batch of one request: that request's id, for its upstream ("" for a batch of several)."""
     parameters: Mapping[str, ParamValue] | None = None
-    """A remote backend's batch: the request parameters its requests carry, all alike (the scheduler batches only
-    requests with equal parameters together), for its upstream (an LLM's sampling parameters, say)."""
+    """A remote backend's batch: the request parameters its requests carry for the upstream (`upstream_parameters`:
+    an LLM's sampling parameters, say), all alike (the scheduler batches only requests with equal ones together)."""
 
 
 NO_CONTEXT = BatchContext()
+
+_SERVER_PARAMETERS = frozenset(TRITON_RESERVED_REQUEST_PARAMS)
+
+
+def upstream_parameters(parameters: Mapping[str, ParamValue] | None) -> dict[str, ParamValue] | None:
+    """The request parameters meant for the model, which a remote backend sends upstream with its batch; None when
+    there are none. The names the protocol reserves (tritonclient's list) are the server's: it consumes them
+    itself (`priority` and `timeout` in its queue, `sequence_*` in its sequencing, which hands them on in
+    BatchContext.sequence), and `triton_*` are Triton's own. Left in, they would keep requests that differ only in
+    them (two callers' timeouts) out of each other's batches."""
+    if not parameters:
+        return None
+    kept = {
+        k: v
+        for k, v in parameters.items()
+        if k not in _SERVER_PARAMETERS and not k.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX)
+    }
+    return kept or None
 
 
 class Backend(Protocol):
@@ -114,7 +133,8 @@ class StreamsResponses(Protocol):
 class RunsRemotely(Protocol):
     """A backend whose batches run on another server (a remote one). The scheduler tells it when none of a
     batch's callers waits any more (BatchContext.abandoned), and gives it what to send on with the batch: the
-    request's id, and the parameters, which only requests that carry the same ones are batched together with."""
+    request's id, and its `upstream_parameters`, which only requests that carry the same ones are batched
+    together with. A local backend gets none of these: they would only split its batches."""
 
     @property
     def runs_remotely(self) -> bool:

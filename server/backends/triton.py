@@ -23,7 +23,9 @@ upstream version it maps to. Parameters (all optional but the url; values are st
     tensorgate.triton.load_balancing      round_robin (default) or pick_first: how each connection spreads its
                                           calls over a url with several addresses (ipv4:A,B, a headless DNS name)
     tensorgate.triton.max_connection_age_s  replace each connection this often, so that a url's addresses are
-                                          resolved again and new upstreams get calls (default 0: never)
+                                          resolved again and new upstreams get calls (default 0: never); a
+                                          decoupled model's stream connection too, at the first stream after
+                                          that age (streams running on the old one end there first)
     tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
     tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token); names
                                           [0-9a-z_.-], values printable ASCII
@@ -37,7 +39,8 @@ own, and its responses are relayed as they come (`stream`).
 
 File paths may be relative to the model directory. In a config override (RepositoryModelLoad's `config`), which
 comes from a caller rather than from whoever owns the repository, they must be: relative, without `..`, so inside
-the model directory or the files uploaded with the load (`check_override_files`).
+the model directory or the files uploaded with the load; and its url must be the one the model's config.pbtxt in
+the repository names, or one the server's --allowed-upstreams allows (`check_override`).
 
 Without an `instance_group`, a remote model gets DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance
 is a worker thread that waits on one upstream call, so that several batches are in flight upstream while
@@ -59,26 +62,23 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from google.protobuf import json_format, text_format
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from opentelemetry.trace import SpanContext
-from tritonclient.utils import (
-    TRITON_RESERVED_REQUEST_PARAMS,
-    TRITON_RESERVED_REQUEST_PARAMS_PREFIX,
-    InferenceServerException,
-)
+from tritonclient.utils import InferenceServerException
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -344,13 +344,22 @@ class TritonBackend:
         self._retiring: set[Any] = set()
         """Clients replaced by `_renew` whose calls have not all ended yet."""
         self._stream_channel: grpc.aio.Channel | None = None
-        """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`)."""
+        """For a decoupled model's streams (`stream`): made on first use, on the server's loop (`_stream_loop`),
+        and again at a stream's start once `max_connection_age_s` has passed (`_stream_method`)."""
         self._stream_loop: asyncio.AbstractEventLoop | None = None
         self._stream_infer: Any = None
+        self._stream_born = 0.0
+        """time.monotonic() when `_stream_channel` was made."""
+        self._stream_users: dict[grpc.aio.Channel, int] = {}
+        """Streams running on each stream channel, the current one and those replaced while streams still ran
+        on them (each closed once its last stream ends)."""
         self._streams = 0
         """Requests being relayed (`stream`, on the server's loop), for `max_streams`."""
         self._calls: set[Future[Any]] = set()
-        """Calls that worker threads wait on (`_run`): `close` ends those its closed connections did not."""
+        """Calls that worker threads wait on (`_run`): `close` ends those its closed connections did not, and
+        `interrupt` all of them."""
+        self._interrupted = False
+        """A forced stop (`interrupt`): no call goes upstream any more."""
         self._close_lock = threading.Lock()
         """`close` runs on a thread of its own (the repository's `_retire`) while `stream` makes the channel on the
         server's loop: one of them sees the other's work, so a channel made as the model closes is closed too."""
@@ -431,11 +440,8 @@ class TritonBackend:
         sequence_id = sequence.id
         if isinstance(sequence_id, int) and sequence_id >= 2**63:
             sequence_id -= 2**64  # tritonclient sends int64: its two's complement, which Triton reads as uint64
-        parameters = dict(context.parameters or {})
-        priority, timeout_us = parameters.pop("priority", 0), parameters.pop("timeout", None)
-        for key in list(parameters):
-            if key in TRITON_RESERVED_REQUEST_PARAMS or key.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX):
-                del parameters[key]  # the sequence's come from `context.sequence`; the others are the protocol's
+        # Only the parameters meant for the upstream (`upstream_parameters`): `priority` and `timeout` were this
+        # server's queue's, and its batch mixes callers' values; the callers' deadline goes as the call's.
         coro = client.infer(
             s.model_name,
             infer_inputs,
@@ -445,11 +451,9 @@ class TritonBackend:
             sequence_id=sequence_id,
             sequence_start=sequence.start,
             sequence_end=sequence.end,
-            priority=priority if _whole(priority) and priority > 0 else 0,
-            timeout=timeout_us if _whole(timeout_us) else None,
             client_timeout=timeout,
             headers=headers or None,
-            parameters=parameters or None,
+            parameters=dict(context.parameters) if context.parameters else None,
         )
         result = self._run(self._on(client, coro), timeout + 1.0, timeout_error=timeout, abandoned=context.abandoned)
         self._ready = True
@@ -523,7 +527,7 @@ class TritonBackend:
         s = self.settings
         ref = model_ref(self._model, self._version)
         timeout = self._time_left(deadline)
-        method = self._stream_method()
+        channel, method = self._stream_method()
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
         upstream.model_name, upstream.model_version = s.model_name, s.model_version
@@ -531,6 +535,7 @@ class TritonBackend:
         call = method(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
         self._streams += 1
+        self._stream_users[channel] = self._stream_users.get(channel, 0) + 1
         try:
             with self._errors(timeout, time.monotonic()):
                 while True:
@@ -560,18 +565,44 @@ class TritonBackend:
         finally:
             self._streams -= 1
             call.cancel()  # the caller went away, or an error: the upstream call ends (nothing if it has)
+            self._stream_users[channel] -= 1
+            if not self._stream_users[channel] and channel is not self._stream_channel:
+                del self._stream_users[channel]
+                _close_later(channel)  # replaced (`_stream_method`), and its last stream is over
 
-    def _stream_method(self) -> Any:
-        """ModelStreamInfer on the channel for decoupled streams, on the running loop (the server's): both made on
-        first use (a stub per request would build every method's callable each time)."""
+    def _stream_method(self) -> tuple[grpc.aio.Channel, Any]:
+        """The channel for decoupled streams and its ModelStreamInfer, on the running loop (the server's): both made
+        on first use (a stub per request would build every method's callable each time), and made again once the
+        channel is `max_connection_age_s` old, as the clients' connections are (`_renew`), so that a url's
+        addresses are resolved again and upstreams added behind it get new streams too. A stream is never moved:
+        the one running on the replaced channel ends there, which closes once none does."""
         with self._close_lock:
             if self._closed:
                 raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
+            age = self.settings.max_connection_age_s
+            old = self._stream_channel
+            if old is not None and age > 0 and time.monotonic() - self._stream_born >= age:
+                if not self._stream_users.get(old):
+                    self._stream_users.pop(old, None)
+                    _close_later(old)
+                self._stream_infer = None
             if self._stream_infer is None:
                 self._stream_channel = self._channel()
+                self._stream_born = time.monotonic()
                 self._stream_loop = asyncio.get_running_loop()
                 self._stream_infer = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer
-            return self._stream_infer
+            assert self._stream_channel is not None
+            return self._stream_channel, self._stream_infer
+
+    def interrupt(self) -> None:
+        """A forced stop (a second signal; base.Interrupts): the upstream calls that worker threads wait on are
+        cancelled now, and later ones refused, so that the repository's close does not wait for an upstream that
+        answers in minutes (a long generation, a slow queue) or never. The callers have had their answer already.
+        Most calls would end anyway once their callers left (BatchContext.abandoned), but not a sequence model's
+        request, which waits for its upstream so that its sequence's next request cannot overtake it."""
+        self._interrupted = True
+        for call in list(self._calls):
+            call.cancel()
 
     def close(self) -> None:
         """Stop the readiness probe, close the connections, stop the loop thread. Blocks for up to seconds: the
@@ -580,7 +611,9 @@ class TritonBackend:
             if self._closed:
                 return
             self._closed = True
-            channel, loop = self._stream_channel, self._stream_loop
+            # The current stream channel, and those replaced ones that streams still run on.
+            channels = [c for c in {self._stream_channel, *list(self._stream_users)} if c is not None]
+            loop = self._stream_loop
         for task in (self._probe, self._renewer):
             if task is not None:
                 task.cancel()
@@ -599,9 +632,10 @@ class TritonBackend:
             self._loop.close()
         # Streams still open (an unload whose grace ran out) end with their channel, closed on its own loop; their
         # callers hear that the model was unloaded (`stream`).
-        if channel is not None and loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile, and the channel's calls with it
-                loop.call_soon_threadsafe(_close_later, channel)
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile, and the channels' calls with it
+                for channel in channels:
+                    loop.call_soon_threadsafe(_close_later, channel)
 
     # ----- on the backend's loop ---------------------------------------------------------------------------
 
@@ -784,8 +818,10 @@ class TritonBackend:
         """Run a coroutine on the backend's loop from another thread, translating tritonclient's errors. Once
         `abandoned` resolves (every caller of the batch left), the call is cancelled: the upstream hears it, and
         the instance waiting here is free again."""
-        if self._closed:
+        if self._closed or self._interrupted:
             coro.close()
+            if self._interrupted:
+                raise self._stopping()
             raise ModelUnavailableError(self._model, self._version, "the model is being unloaded")
         started = time.monotonic()
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -793,6 +829,8 @@ class TritonBackend:
             abandoned.add_done_callback(lambda _: future.cancel())
         ref = model_ref(self._model, self._version)
         self._calls.add(future)
+        if self._interrupted:  # `interrupt` ran since the check above, and may not have seen this call
+            future.cancel()
         with self._errors(timeout_error, started):
             try:
                 return future.result(wait)
@@ -804,11 +842,20 @@ class TritonBackend:
                     raise DeadlineExceededError(
                         f"{ref}: every caller of the batch left, so its call to {self._where} was cancelled"
                     ) from None
+                if self._interrupted:
+                    raise self._stopping() from None
                 if self._closed:  # `close` closed the connections under the call: an unload whose grace ran out
                     raise self._unloaded() from None
                 raise BackendError(self._model, self._version, f"the call to {self._where} was cancelled") from None
             finally:
                 self._calls.discard(future)
+
+    def _stopping(self) -> ServerUnavailableError:
+        """For a call cut short, or refused, by `interrupt`: the server is stopping at once."""
+        return ServerUnavailableError(
+            f"{model_ref(self._model, self._version)}: the server was told to stop at once; its call to "
+            f"{self._where} was cancelled"
+        )
 
     def _unloaded(self) -> ModelUnavailableError:
         """For a call cut short by `close` (an unload or reload whose grace ran out): UNAVAILABLE, which the caller
@@ -991,11 +1038,6 @@ def _close_later(channel: grpc.aio.Channel) -> None:
     task.add_done_callback(_closing.discard)
 
 
-def _whole(value: object) -> TypeGuard[int]:
-    """A request's `priority` or `timeout` as the pipeline checked it: an int (a bool is none)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _restricted(message: str) -> bool:
     """Triton's refusal of an RPC it restricts to holders of a header (--grpc-restricted-protocol)."""
     return "protocol is restricted" in message.lower()
@@ -1025,21 +1067,67 @@ def _unreachable(message: str) -> bool:
 FILE_PARAMETERS = ("ca_file", "cert_file", "key_file")
 
 
-def check_override_files(model: str, override: str) -> None:
-    """Refuse a config override that names an upstream TLS file outside the model directory (INVALID_ARGUMENT).
+_RESOLVER_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+"""Target schemes that gRPC resolves itself: it reads `unix:8001` as a socket named 8001, not as host 'unix'."""
 
-    A caller allowed RepositoryModelLoad on one model is not the repository's owner: an absolute path or a `..`
-    would let it make the server read any file the server may (a key, a token), and learn from the load's error
-    whether it exists. A relative path without `..` stays under the model directory (the repository's, whose
-    owner put there what it holds, or the caller's own uploaded files). A config.pbtxt on disk is the owner's and
-    may name any path. An override that does not parse is left to the load, which says where it breaks."""
-    config = mc.ModelConfig()
-    try:
-        text_format.Parse(override, config)
-    except text_format.ParseError:
-        return
+
+def upstream_addresses(url: str) -> list[tuple[str, str]] | None:
+    """The (host, port) pairs a url names, hosts in lower case: `host:port`, `[v6]:port`, `dns:host:port`,
+    `ipv4:a:p,b:p` or `ipv6:[a]:p,...`; None for a target that is not a list of them (a unix socket, xds)."""
+    scheme, _, rest = url.partition(":")
+    if scheme.lower() in ("dns", "ipv4", "ipv6"):
+        items = rest.split(",")
+    elif scheme.lower() in _RESOLVER_SCHEMES:
+        return None
+    else:
+        items = [url]
+    found = []
+    for item in items:
+        host, colon, port = item.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host or host.lower() in _RESOLVER_SCHEMES:
+            return None
+        if not colon or not host or not port.isdigit():
+            return None
+        found.append((host.lower(), port))
+    return found
+
+
+def upstream_allowed(url: str, patterns: Sequence[str]) -> bool:
+    """Whether every address `url` names matches one of `patterns` (--allowed-upstreams): `host:port` each, a
+    shell-style wildcard on either side (`triton-*.internal:8001`, `10.0.0.*:*`, `[fd00::*]:8001`)."""
+    addresses = upstream_addresses(url)
+    if not addresses or not patterns:
+        return False
+    rules = []
+    for pattern in patterns:
+        host, _, port = pattern.strip().rpartition(":")
+        rules.append((host.removeprefix("[").removesuffix("]").lower(), port))
+    return all(any(fnmatchcase(h, rh) and fnmatchcase(p, rp) for rh, rp in rules) for h, p in addresses)
+
+
+def check_override(
+    model: str,
+    config: mc.ModelConfig,
+    allowed_upstreams: Sequence[str],
+    on_disk: Callable[[], mc.ModelConfig | None],
+) -> None:
+    """Refuse a config override (RepositoryModelLoad's `config`) that reaches past what the operator allows, with
+    INVALID_ARGUMENT naming the parameter, before anything is read or connected to.
+
+    A caller allowed RepositoryModelLoad on one model is not the repository's owner. An upstream TLS file at an
+    absolute path or behind a `..` would let it make the server read any file the server may (a key, a token), and
+    learn from the load's error whether it exists: the files must stay under the model directory (the
+    repository's, whose owner put there what it holds, or the caller's own uploaded files). An upstream url would
+    let it make the server connect to any host it reaches, with whatever `header.*` the override adds (SSRF): the
+    url must be the one the repository's own config.pbtxt of the model names (`on_disk`, read only when needed),
+    or match --allowed-upstreams. A config.pbtxt on disk is the owner's and may name any path and upstream."""
+    params = {
+        k.removeprefix(PREFIX): v.string_value.strip() for k, v in config.parameters.items() if k.startswith(PREFIX)
+    }
     for key in FILE_PARAMETERS:
-        text = config.parameters[PREFIX + key].string_value.strip() if PREFIX + key in config.parameters else ""
+        text = params.get(key, "")
         path = PurePosixPath(text)
         if text and (path.is_absolute() or ".." in path.parts):
             raise InvalidRequestError(
@@ -1048,6 +1136,21 @@ def check_override_files(model: str, override: str) -> None:
                 f"parameter '{PREFIX}{key}' of a config override must be a path inside the model directory "
                 f"(relative, without '..'), got '{text}'; name other files in the repository's config.pbtxt",
             )
+    url = params.get("url", "")
+    if not url or upstream_allowed(url, allowed_upstreams):
+        return
+    disk = on_disk()
+    disk_url = disk.parameters.get(PREFIX + "url") if disk is not None else None
+    if disk_url is not None and disk_url.string_value.strip() == url:
+        return
+    allowed = f"allows only {','.join(allowed_upstreams)}" if allowed_upstreams else "is empty"
+    raise InvalidRequestError(
+        model,
+        None,
+        f"parameter '{PREFIX}url' of a config override names the upstream '{url}', which is not the one the "
+        f"repository's config.pbtxt names, and the server's --allowed-upstreams {allowed}: a config sent with a "
+        "load may name another upstream only where the operator allows it",
+    )
 
 
 def complete_config(config: mc.ModelConfig, upstream: UpstreamModel, *, max_batch_size_given: bool) -> None:

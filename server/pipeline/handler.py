@@ -367,16 +367,23 @@ class InferenceHandler:
         scheduler = model.scheduler
         if scheduler is None:
             return self._run_ensemble(model, inputs, outputs, rows, req, priority, timeout_us, span)
-        sequences = model.sequencer or model.remote_sequences
+        remote = model.remote_sequences
+        sequences = model.sequencer or remote
         if sequences is not None:
-            return sequences.submit(
-                inputs,
-                outputs,
-                rows,
-                req.deadline,
-                _sequence_flags(req, str(model.version)),
-                span=None if span is None else Tracing.context_of(span),
-            )
+            flags = _sequence_flags(req, str(model.version))
+            context = None if span is None else Tracing.context_of(span)
+            if remote is not None:  # a remote sequence model's request takes its id and parameters upstream too
+                return remote.submit(
+                    inputs,
+                    outputs,
+                    rows,
+                    req.deadline,
+                    flags,
+                    span=context,
+                    request_id=req.id,
+                    parameters=req.parameters,
+                )
+            return sequences.submit(inputs, outputs, rows, req.deadline, flags, span=context)
         return scheduler.submit(
             inputs,
             outputs,

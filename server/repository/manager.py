@@ -32,7 +32,7 @@ from tensorgate.server.backends.triton import (
     DEFAULT_REMOTE_INSTANCES,
     REMOTE_VERSION,
     TritonBackend,
-    check_override_files,
+    check_override,
     complete_config,
 )
 from tensorgate.server.decimal_text import parse_canonical
@@ -146,6 +146,31 @@ class _Entry:
     last_load: tuple[str | None, bool] = (None, False)
     """The config override and whether files were uploaded, of the last load tried: an ensemble loaded again when
     a step model comes back (`_refresh`) is loaded as it was, not as the disk has it."""
+
+
+class _Override:
+    """A config override (RepositoryModelLoad's `config`), parsed once, when its load is asked for: the checks
+    (`check_override`) and the load (`_prepare`) read the same config. A text that does not parse keeps its error,
+    which the load reports, naming where the text breaks, as it reports a config.pbtxt's."""
+
+    __slots__ = ("_error", "parsed", "text")
+
+    def __init__(self, name: str, text: str) -> None:
+        self.text = text
+        self.parsed: tuple[mc.ModelConfig, bool] | None = None
+        """The config and whether it writes max_batch_size (`parse_config`); None when it does not parse."""
+        self._error: InvalidConfigError | None = None
+        try:
+            self.parsed = parse_config(name, text)
+        except InvalidConfigError as exc:
+            self._error = exc
+
+    def config(self) -> tuple[mc.ModelConfig, bool]:
+        """`parsed`, or the parse error."""
+        if self.parsed is None:
+            assert self._error is not None
+            raise self._error
+        return self.parsed
 
 
 @dataclass(slots=True)
@@ -266,8 +291,11 @@ class ModelRepository:
         unload_grace: float = 30.0,
         latency_histograms: bool = False,
         tracing: Tracing | None = None,
+        allowed_upstreams: Sequence[str] = (),
     ) -> None:
         self.root = root.resolve()
+        self._allowed_upstreams = tuple(allowed_upstreams)
+        """--allowed-upstreams: the upstream urls a config override may name besides its model's own on disk."""
         self._latency_histograms = latency_histograms
         self._tracing = tracing
         self._default_mbs = default_max_batch_size
@@ -390,6 +418,16 @@ class ModelRepository:
     def names_on_disk(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False))
 
+    def _disk_config(self, name: str) -> mc.ModelConfig | None:
+        """The repository's own config.pbtxt of `name`, the operator's; None without one that reads."""
+        model_dir = self._model_dir(name, must_exist=False)
+        if model_dir is None:
+            return None
+        try:
+            return read_config(model_dir)[0]
+        except InvalidConfigError:
+            return None
+
     def signature(self, name: str) -> str | None:
         """A digest of a model's directory listing (names, sizes, mtimes); None when it is gone."""
         model_dir = self._model_dir(name, must_exist=False)
@@ -398,13 +436,13 @@ class ModelRepository:
     # ----- loading -----------------------------------------------------------------------------------------
 
     def _prepare(
-        self, model_dir: Path, override: str | None, reuse: dict[int, LoadedModel]
+        self, model_dir: Path, override: _Override | None, reuse: dict[int, LoadedModel]
     ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str], set[int]]:
         """Blocking: read config, build each version's session, complete the config, warm up. Returns the
         versions built, the reasons of those that failed, and which of those failed transiently."""
         name = model_dir.name
         if override is not None:
-            base, mbs_given = parse_config(name, override)
+            base, mbs_given = override.config()
         else:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
@@ -839,19 +877,21 @@ class ModelRepository:
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case. INVALID_ARGUMENT, before anything is loaded, for an override that
-        names an upstream TLS file outside the model directory (backends/triton.py `check_override_files`).
+        names an upstream TLS file outside the model directory, or an upstream that is neither its model's own on
+        disk nor one --allowed-upstreams allows (backends/triton.py `check_override`).
         """
-        if config_override is not None:
-            check_override_files(name, config_override)
+        override = None if config_override is None else _Override(name, config_override)
+        if override is not None and override.parsed is not None:  # one that does not parse fails in the load
+            check_override(name, override.parsed[0], self._allowed_upstreams, lambda: self._disk_config(name))
         if files is not None:
             if not _NAME.match(name) or name in (".", ".."):
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
-            job = self._load_files(name, files, config_override, check_step)
+            job = self._load_files(name, files, override, check_step)
         else:
             model_dir = self._model_dir(name)  # validates the name before it can own a lock
             if model_dir is None:
                 raise ModelNotFoundError(name)
-            job = self._load(name, model_dir, config_override, check_step)
+            job = self._load(name, model_dir, override, check_step)
         # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
         # must not leave the model marked LOADING with the finished load thrown away (nor files staged for it).
         task = asyncio.get_running_loop().create_task(job)
@@ -868,14 +908,14 @@ class ModelRepository:
         self,
         name: str,
         files: dict[str, bytes],
-        config_override: str | None,
+        override: _Override | None,
         check_step: StepCheck | None,
     ) -> None:
         staging = Path(tempfile.mkdtemp(prefix="tensorgate-load-"))
         writing = asyncio.ensure_future(asyncio.to_thread(_write_files, name, staging / name, files))
         try:
             await asyncio.shield(writing)
-            await self._load(name, staging / name, config_override, check_step, uploaded=True)
+            await self._load(name, staging / name, override, check_step, uploaded=True)
         finally:
             with contextlib.suppress(BaseException):  # a write cut short by a stop finishes before the files go
                 await asyncio.shield(writing)
@@ -885,13 +925,13 @@ class ModelRepository:
         self,
         name: str,
         model_dir: Path,
-        config_override: str | None,
+        override: _Override | None,
         check_step: StepCheck | None = None,
         uploaded: bool = False,
     ) -> None:
         async with self._lock(name):
             entry = self._entries.setdefault(name, _Entry(name))
-            entry.last_load = (config_override, uploaded)
+            entry.last_load = (None if override is None else override.text, uploaded)
             if not entry.versions:
                 entry.state = LOADING
             try:
@@ -899,7 +939,7 @@ class ModelRepository:
                 # Uploaded files are new files whatever their names and times: no version is kept as unchanged.
                 reuse = {} if uploaded or entry.uploaded else entry.versions
                 entry.transient = False
-                ready, failed, transient = await asyncio.to_thread(self._prepare, model_dir, config_override, reuse)
+                ready, failed, transient = await asyncio.to_thread(self._prepare, model_dir, override, reuse)
                 await self._bind(name, ready, check_step)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
@@ -925,7 +965,7 @@ class ModelRepository:
                 if not entry.versions:
                     entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, failed
                     # `retry_remote` loads what the disk has: not for a load that came with its own config or files.
-                    own = config_override is not None or uploaded
+                    own = override is not None or uploaded
                     entry.transient = bool(failed) and failed.keys() <= transient and not own
                 else:
                     entry.reason = f"reload failed, still serving the previous versions: {reason}"

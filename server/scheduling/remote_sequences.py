@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from opentelemetry.trace import SpanContext
 
+from tensorgate.protos.tensors import ParamValue
 from tensorgate.server.backends.base import SequenceFlags, SequenceId
 from tensorgate.server.repository.sequence import DEFAULT_IDLE_US
 from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
@@ -97,9 +98,12 @@ class RemoteSequences:
         flags: SequenceFlags | None,
         *,
         span: SpanContext | None = None,
+        request_id: str = "",
+        parameters: Mapping[str, ParamValue] | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """Run the request once the one before it in its sequence is over; INVALID_ARGUMENT without a correlation
-        ID, else whatever the Scheduler and the upstream answer (the upstream judges starts, ends and rows)."""
+        ID, else whatever the Scheduler and the upstream answer (the upstream judges starts, ends and rows). Its id
+        and parameters go upstream with it, as a stateless remote model's do (Scheduler.submit)."""
         flags = require_id(self._model, self._version, flags)
         claim = self._claim(flags)
         ended = False
@@ -117,7 +121,16 @@ class RemoteSequences:
                 finally:
                     self._waiting -= 1
             waited = time.perf_counter_ns() - started
-            results, times = await self._scheduler.submit(inputs, outputs, rows, deadline, span=span, sequence=flags)
+            results, times = await self._scheduler.submit(
+                inputs,
+                outputs,
+                rows,
+                deadline,
+                span=span,
+                sequence=flags,
+                request_id=request_id,
+                parameters=parameters,
+            )
             ended = flags.end
             return results, dataclasses.replace(times, queue_ns=times.queue_ns + waited)
         finally:

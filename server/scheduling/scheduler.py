@@ -25,7 +25,14 @@ import numpy as np
 from opentelemetry.trace import SpanContext, StatusCode
 
 from tensorgate.protos.tensors import ParamValue
-from tensorgate.server.backends.base import NO_CONTEXT, Backend, BatchContext, RunsRemotely, SequenceFlags
+from tensorgate.server.backends.base import (
+    NO_CONTEXT,
+    Backend,
+    BatchContext,
+    RunsRemotely,
+    SequenceFlags,
+    upstream_parameters,
+)
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -224,8 +231,9 @@ class Scheduler:
 
         `span` is the request span's context (`Tracing.context_of`), for the batch span's links and a remote
         backend; `sequence` the flags of a request to a remote sequence model (scheduling/remote_sequences.py),
-        for its backend; `request_id` and `parameters` the request's, which a remote backend sends upstream
-        (ignored for a local one, whose batches they would only split). Raises RESOURCE_EXHAUSTED when its
+        for its backend; `request_id` and `parameters` the request's, which a remote backend sends upstream (those
+        of its parameters the server does not consume itself: `upstream_parameters`; ignored for a local one,
+        whose batches they would only split). Raises RESOURCE_EXHAUSTED when its
         priority level's queue is full, DEADLINE_EXCEEDED when a timeout passes while it is queued, UNAVAILABLE
         when the model is being unloaded, and the backend's own errors.
         """
@@ -259,9 +267,10 @@ class Scheduler:
         )
         if self._remote:
             pending.request_id = request_id
-            if parameters:
-                pending.parameters = parameters
-                pending.parameters_key = tuple(sorted((k, type(v).__name__, v) for k, v in parameters.items()))
+            forwarded = upstream_parameters(parameters)  # the key holds only what goes upstream, not `timeout`
+            if forwarded:
+                pending.parameters = forwarded
+                pending.parameters_key = tuple(sorted((k, type(v).__name__, v) for k, v in forwarded.items()))
         if sequence is not None:
             self._settles = True
         lane.append(pending)
