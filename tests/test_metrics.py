@@ -15,15 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos.tensors import encode_infer_request
 from tensorgate.server import ServerSettings
 from tensorgate.server.auth import certs
 from tensorgate.server.telemetry.gpu import (
     GPU_FAMILIES,
+    TRITON_GPU_FAMILIES,
     GpuCollector,
     GpuReading,
     GpuUnavailable,
@@ -31,7 +34,7 @@ from tensorgate.server.telemetry.gpu import (
     visible_devices,
 )
 from tensorgate.server.telemetry.metrics import MODEL_STATES, RequestCounts, reference, reference_markdown
-from tests.onnx_models import identity_model, paced_model, write_config
+from tests.onnx_models import accumulator_config, accumulator_model, identity_model, paced_model, write_config
 from tests.pki import Pki, add_sub_request, identity_request, secure_channel
 from tests.process import ServeProcess
 from tests.scraping import families_of, metrics_url, samples_of, scrape, scrape_text, value
@@ -284,6 +287,38 @@ def test_metrics_over_mtls_need_a_client_certificate_and_count_denials(repo: Pat
     assert value(samples, "tensorgate_inference_requests_total", model="add_sub", version="1", code="OK") == 1
 
 
+def test_a_request_into_another_identitys_sequence_counts_as_an_auth_denial(tmp_path: Path) -> None:
+    """A sequence refusal is an authorization refusal like the policy's: counted in tensorgate_auth_denials_total
+    (reason sequence_owner, on ModelInfer and on a ModelStreamInfer message alike) as well as in the requests'
+    PERMISSION_DENIED, so that one family shows every identity refused something."""
+    root = tmp_path / "models"
+    accumulator_model(root / "acc" / "1" / "model.onnx")
+    write_config(root, "acc", accumulator_config("acc"))
+    pki = Pki(tmp_path / "pki")
+
+    def request(start: bool) -> pb.ModelInferRequest:
+        x = np.ones((1, 1), np.float32)
+        return encode_infer_request("acc", [("INPUT", x)], parameters={"sequence_id": 7, "sequence_start": start})
+
+    with ServerThread(root, **pki.server_settings()) as server:
+        alice, bob = pki.client("alice"), pki.client("bob")
+        with secure_channel(server.address, pki.ca_path, alice) as channel:
+            GRPCInferenceServiceStub(channel).ModelInfer(request(True), timeout=10)
+        with secure_channel(server.address, pki.ca_path, bob) as channel:
+            stub = GRPCInferenceServiceStub(channel)
+            assert _code(lambda: stub.ModelInfer(request(False), timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+            (reply,) = stub.ModelStreamInfer(iter([request(True)]), timeout=10)
+            assert "was started by another identity" in reply.error_message
+        samples = scrape(metrics_url(server, "https"), _https(pki, pki.client("prometheus")))
+    bob_id = certs.spiffe_id("bob")
+    assert value(samples, "tensorgate_auth_denials_total", identity=bob_id, reason="sequence_owner", rpc="") == 2
+    assert (
+        value(samples, "tensorgate_inference_requests_total", model="acc", version="1", code="PERMISSION_DENIED") == 2
+    )
+    denied = {labels for name, labels in samples if name == "tensorgate_auth_denials_total"}
+    assert denied == {frozenset({"identity": bob_id, "reason": "sequence_owner", "rpc": ""}.items())}
+
+
 def test_metrics_off_binds_no_port_and_registers_nothing(repo: Path) -> None:
     with ServerThread(repo, metrics_port=-1) as server:
         assert server.app.metrics is None and server.app.metrics_port == 0
@@ -371,7 +406,7 @@ def test_a_deadline_passed_while_the_model_runs_is_scraped_as_deadline_exceeded(
 
 # ----- GPU metrics: NVML where there is one, readings -> families everywhere ------------------------------------
 
-H100 = GpuReading(0, "GPU-6c9d1d4e", "NVIDIA H100 80GB HBM3", 2 * 2**30, 80 * 2**30, 0.75, 0.5)
+H100 = GpuReading(0, "GPU-6c9d1d4e", "NVIDIA H100 80GB HBM3", 2 * 2**30, 80 * 2**30, 0.75, 0.5, 312.5)
 MIG_SLICE = GpuReading(3, "GPU-00aa", "NVIDIA A100-SXM4-40GB", 1024, 4096, None, None)
 
 
@@ -386,9 +421,14 @@ def test_gpu_readings_become_gauges_with_exact_values() -> None:
         ("tensorgate_gpu_memory_total_bytes", frozenset(h100.items())): 80 * 2**30,
         ("tensorgate_gpu_utilization_ratio", frozenset(h100.items())): 0.75,
         ("tensorgate_gpu_memory_utilization_ratio", frozenset(h100.items())): 0.5,
+        ("tensorgate_gpu_power_watts", frozenset(h100.items())): 312.5,
         # Utilisation NVML does not support on a device is left out, not reported as 0.
         ("tensorgate_gpu_memory_used_bytes", frozenset(mig.items())): 1024,
         ("tensorgate_gpu_memory_total_bytes", frozenset(mig.items())): 4096,
+        # Triton's names and label, which perf_analyzer's --collect-metrics reads (its "Server Prometheus Metrics");
+        # not its memory families, which it reads as integers (see TRITON_GPU_FAMILIES).
+        ("nv_gpu_utilization", frozenset({("gpu_uuid", "GPU-6c9d1d4e")})): 0.75,
+        ("nv_gpu_power_usage", frozenset({("gpu_uuid", "GPU-6c9d1d4e")})): 312.5,
     }
 
 
@@ -424,6 +464,7 @@ def test_nvml_reads_the_gpus_or_says_why_not() -> None:
         for r in readings:
             assert r.memory_total_bytes is None or 0 <= (r.memory_used_bytes or 0) <= r.memory_total_bytes
             assert r.utilization is None or 0 <= r.utilization <= 1
+            assert r.power_watts is None or 0 < r.power_watts < 5_000
     finally:
         reader.close()
     assert reader.read() == []
@@ -486,7 +527,8 @@ def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThr
         )
     scraped = families_of(scrape_text(metrics_url(served)))
     listed = {line.split("`")[1] for line in _readme_table().splitlines()[2:]}
-    gpu = set(GPU_FAMILIES)  # present only where NVML reads a GPU; their format is tested with readings above
+    # Present only where NVML reads a GPU; their format is tested with readings above.
+    gpu = set(GPU_FAMILIES) | set(TRITON_GPU_FAMILIES)
     # Only with tracing on (tests/test_tracing.py scrapes it) or the response cache (tests/test_response_cache.py).
     optional = {
         "tensorgate_trace_spans_dropped_total",

@@ -122,6 +122,9 @@ RPC_GROUPS: dict[str, str] = {
     "ServerReflectionInfo": "metadata",
 }
 _MODEL_LESS_OK = frozenset({"health", "metadata"})
+SEQUENCE_OWNER = "sequence owner"
+"""The denial of a request into a sequence that another identity started (server/scheduling/sequencer.py): the
+sequencer refuses it, and the metrics count it here with the authorizer's own denials."""
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -416,7 +419,8 @@ class Authorizer:
         self._in_flight: dict[str, int] = {}
         self.enabled = mtls or self._file is not None or max_in_flight > 0
         self.denials: Counter[tuple[str, str]] = Counter()
-        """Denied calls per (identity, RPC), for metrics."""
+        """Denied calls per (identity, RPC the policy refused, or another reason: "missing token", SEQUENCE_OWNER,
+        ...), for metrics."""
 
     def policy(self) -> Policy | None:
         if self._file is not None:
@@ -495,6 +499,7 @@ __all__ = [
     "API_GROUPS",
     "DEFAULT_MTLS_POLICY",
     "RPC_GROUPS",
+    "SEQUENCE_OWNER",
     "Authorizer",
     "CallContext",
     "IdentityPattern",

@@ -37,6 +37,16 @@ GPU_FAMILIES: dict[str, str] = {
     "ran on the device",
     "tensorgate_gpu_memory_utilization_ratio": "Fraction of NVML's last sample period in which device memory was "
     "read or written",
+    "tensorgate_gpu_power_watts": "Power the device draws (NVML)",
+}
+TRITON_GPU_LABELS = ("gpu_uuid",)
+# Triton's names for two of the readings, with its one label: perf_analyzer's --collect-metrics reads them, as do
+# dashboards made for Triton. Not its nv_gpu_memory_*_bytes: perf_analyzer reads those as integers, and
+# prometheus_client writes any value of a million or more in exponent form (2.147483648e+09), which it would take
+# for 2 bytes. No value is better than a wrong one.
+TRITON_GPU_FAMILIES: dict[str, str] = {
+    "nv_gpu_utilization": "GPU utilization rate [0.0 - 1.0)",
+    "nv_gpu_power_usage": "GPU power usage in watts",
 }
 
 
@@ -55,22 +65,31 @@ class GpuReading:
     memory_total_bytes: int | None
     utilization: float | None
     memory_utilization: float | None
+    power_watts: float | None = None
 
 
 def gpu_families(readings: Iterable[GpuReading]) -> list[Metric]:
-    """The tensorgate_gpu_* families for these readings; a None value leaves that series out."""
+    """The tensorgate_gpu_* families for these readings, and Triton's nv_gpu_* for two of them; a None value
+    leaves that series out."""
     families = {name: GaugeMetricFamily(name, text, labels=list(GPU_LABELS)) for name, text in GPU_FAMILIES.items()}
+    triton = {
+        name: GaugeMetricFamily(name, text, labels=list(TRITON_GPU_LABELS))
+        for name, text in TRITON_GPU_FAMILIES.items()
+    }
     for r in readings:
         labels = [str(r.index), r.uuid, r.name]
-        for name, v in (
-            ("tensorgate_gpu_memory_used_bytes", r.memory_used_bytes),
-            ("tensorgate_gpu_memory_total_bytes", r.memory_total_bytes),
-            ("tensorgate_gpu_utilization_ratio", r.utilization),
-            ("tensorgate_gpu_memory_utilization_ratio", r.memory_utilization),
+        for name, alias, v in (
+            ("tensorgate_gpu_memory_used_bytes", None, r.memory_used_bytes),
+            ("tensorgate_gpu_memory_total_bytes", None, r.memory_total_bytes),
+            ("tensorgate_gpu_utilization_ratio", "nv_gpu_utilization", r.utilization),
+            ("tensorgate_gpu_memory_utilization_ratio", None, r.memory_utilization),
+            ("tensorgate_gpu_power_watts", "nv_gpu_power_usage", r.power_watts),
         ):
             if v is not None:
                 families[name].add_metric(labels, v)
-    return list(families.values())
+                if alias is not None:
+                    triton[alias].add_metric([r.uuid], v)
+    return [*families.values(), *triton.values()]
 
 
 def visible_devices(devices: Sequence[tuple[int, str]], spec: str | None) -> list[int]:
@@ -146,7 +165,8 @@ class NvmlReader:
             for index, uuid, name, handle in self.devices:
                 used, total = self._value(index, "memory", _memory, handle)
                 busy, memory_busy = self._value(index, "utilization", _utilization, handle)
-                readings.append(GpuReading(index, uuid, name, used, total, busy, memory_busy))
+                watts, _ = self._value(index, "power", _power, handle)
+                readings.append(GpuReading(index, uuid, name, used, total, busy, memory_busy, watts))
             return readings
 
     def _value(self, index: int, what: str, get: Callable[[Any, Any], tuple[Any, Any]], handle: Any) -> tuple[Any, Any]:
@@ -174,6 +194,10 @@ def _memory(nvml: Any, handle: Any) -> tuple[int, int]:
 def _utilization(nvml: Any, handle: Any) -> tuple[float, float]:
     rates = nvml.nvmlDeviceGetUtilizationRates(handle)
     return rates.gpu / 100, rates.memory / 100
+
+
+def _power(nvml: Any, handle: Any) -> tuple[float, None]:
+    return nvml.nvmlDeviceGetPowerUsage(handle) / 1000, None  # NVML answers in milliwatts
 
 
 class GpuCollector(Collector):
@@ -205,6 +229,8 @@ __all__ = [
     "GpuReading",
     "GpuUnavailable",
     "NvmlReader",
+    "TRITON_GPU_FAMILIES",
+    "TRITON_GPU_LABELS",
     "gpu_families",
     "open_gpu_metrics",
     "visible_devices",

@@ -30,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
@@ -41,11 +42,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from tensorgate.server import __version__
+from tensorgate.server.auth.policy import SEQUENCE_OWNER
 from tensorgate.server.auth.tls import TlsFiles, TlsReloader, ssl_server_context
 from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.manager import is_unloaded
-from tensorgate.server.telemetry.gpu import GPU_FAMILIES, GPU_LABELS, NvmlReader, open_gpu_metrics
+from tensorgate.server.scheduling.sequencer import SequenceOwnerError
+from tensorgate.server.telemetry.gpu import (
+    GPU_FAMILIES,
+    GPU_LABELS,
+    TRITON_GPU_FAMILIES,
+    TRITON_GPU_LABELS,
+    NvmlReader,
+    open_gpu_metrics,
+)
 from tensorgate.server.telemetry.statistics import Histogram
 from tensorgate.server.telemetry.tracing import cancelled_code
 
@@ -64,18 +74,32 @@ BATCH_SIZE_BOUNDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 102
 # model whose upstream is down or not serving it), so that /metrics shows what a readiness probe sees.
 MODEL_STATES = ("loading", "ready", "not_ready", "failed", "unloaded")
 SNAPSHOT_TIMEOUT_S = 5.0
+DENIAL_REASONS = {
+    "invalid token": "invalid_token",
+    "missing token": "missing_token",
+    "in-flight limit": "in_flight_limit",
+    "revoked token": "revoked_token",
+    SEQUENCE_OWNER: "sequence_owner",
+}
+"""The authorizer's denial keys that are not an RPC name, as the reason label spells them; any other key is the
+RPC that the policy refused (reason policy)."""
 
 RequestKey = tuple[str, str, str]
 
 
 class RequestCounts:
-    """Inference requests per (model, version, status code name); updated on the event loop only."""
+    """Inference requests per (model, version, status code name); updated on the event loop only.
 
-    __slots__ = ("counts", "_repository")
+    A request refused because its sequence belongs to another identity is an authorization refusal made past the
+    RPC boundary (where the sequence is known): it is counted in `denials` too, the authorizer's counter of every
+    other refusal, so that tensorgate_auth_denials_total shows them all."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    __slots__ = ("counts", "_repository", "_denials")
+
+    def __init__(self, repository: ModelRepository, denials: Counter[tuple[str, str]] | None = None) -> None:
         self.counts: dict[RequestKey, int] = {}
         self._repository = repository
+        self._denials = denials
 
     def ok(self, model: str, version: str) -> None:
         """A request that succeeded on the served `model`/`version` (from the response: bounded by construction)."""
@@ -89,6 +113,8 @@ class RequestCounts:
         whose caller went away."""
         if isinstance(exc, TensorgateError):
             code = exc.code.name
+            if isinstance(exc, SequenceOwnerError) and self._denials is not None:
+                self._denials[(exc.identity, SEQUENCE_OWNER)] += 1
         elif isinstance(exc, asyncio.CancelledError):
             code = cancelled_code(None if deadline is None else deadline - time.monotonic())
         else:
@@ -281,7 +307,8 @@ AUTH_DENIALS = FamilySpec(
     "counter",
     ("identity", "reason", "rpc"),
     "Calls refused by authorization: reason policy (rpc names the RPC), missing_token, invalid_token, revoked_token "
-    "(a stream whose bearer token a policy reload revoked) or in_flight_limit",
+    "(a stream whose bearer token a policy reload revoked), in_flight_limit or sequence_owner (a request into a "
+    "sequence that another identity started)",
 )
 SPANS_DROPPED = FamilySpec(
     "tensorgate_trace_spans_dropped_total",
@@ -330,6 +357,7 @@ def reference() -> list[FamilySpec]:
     prometheus_client's process and platform collectors, read from the collectors so the text is theirs."""
     specs = list(SERVER_FAMILIES)
     specs += [FamilySpec(name, "gauge", GPU_LABELS, text) for name, text in GPU_FAMILIES.items()]
+    specs += [FamilySpec(name, "gauge", TRITON_GPU_LABELS, text) for name, text in TRITON_GPU_FAMILIES.items()]
     for collector in (ProcessCollector(registry=None), PlatformCollector(registry=None)):
         for f in collector.collect():
             labels = tuple(sorted({k for sample in f.samples for k in sample.labels}))
@@ -439,16 +467,8 @@ class _ServerCollector(Collector):
         yield in_flight
         denials = AUTH_DENIALS.family()
         for (identity, what), n in sorted(snap.denials.items()):
-            if what == "invalid token":
-                denials.add_metric([identity, "invalid_token", ""], n)
-            elif what == "missing token":
-                denials.add_metric([identity, "missing_token", ""], n)
-            elif what == "in-flight limit":
-                denials.add_metric([identity, "in_flight_limit", ""], n)
-            elif what == "revoked token":
-                denials.add_metric([identity, "revoked_token", ""], n)
-            else:
-                denials.add_metric([identity, "policy", what], n)
+            reason = DENIAL_REASONS.get(what)
+            denials.add_metric([identity, "policy", what] if reason is None else [identity, reason, ""], n)
         yield denials
         if snap.spans_dropped is not None:
             dropped = SPANS_DROPPED.family()
@@ -481,7 +501,7 @@ class Metrics:
         self.registry = registry
         self._tracing = tracing
         self._cache = cache
-        self.requests = RequestCounts(repository)
+        self.requests = RequestCounts(repository, auth.denials)
         self._repository = repository
         self._gate = gate
         self._auth = auth
