@@ -40,16 +40,34 @@ class UsageError(Exception):
     """A bad argument: printed as one line, exit status 2."""
 
 
+TRANSPORT_FAILURES = (
+    "failed to connect",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "recvmsg",
+    "sendmsg",
+    "dns resolution failed",
+    "endpoint closing",
+    "goaway",
+)
+"""How gRPC's own UNAVAILABLE details begin when the transport failed. A server's UNAVAILABLE begins with what it
+is about ("model 'm' version 1 is not ready: upstream ... Failed to connect"), whatever words follow."""
+
+
 def unreachable_hint(args: argparse.Namespace, exc: TensorgateClientError) -> str:
     """'cannot reach SERVER: ' only when the transport failed, not for a server that answered UNAVAILABLE (a model
-    not loaded, a drain); with TLS flags a dropped connection is likely a refused handshake, so say so."""
-    if exc.code.name != "UNAVAILABLE":
+    not loaded, a drain, a fronted model's upstream down); with TLS flags a dropped connection is likely a refused
+    handshake, and without them a closed socket is likely a TLS port: say so."""
+    if exc.code.name != "UNAVAILABLE" or not exc.details.lower().lstrip().startswith(TRANSPORT_FAILURES):
         return ""
-    text = exc.details.lower()
-    if "failed to connect" not in text and "socket closed" not in text and "connection" not in text:
-        return ""
-    tls = any(getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
-    hint = " (TLS handshake refused? check --tls-ca/--tls-cert/--tls-key)" if tls else ""
+    if any(getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")):
+        hint = " (TLS handshake refused? check --tls-ca/--tls-cert/--tls-key)"
+    elif "socket closed" in exc.details.lower():
+        hint = " (a TLS port? give --tls-ca, and --tls-cert/--tls-key for mutual TLS)"
+    else:
+        hint = ""
     return f"cannot reach {args.server}{hint}: "
 
 
@@ -108,13 +126,22 @@ def add_connection_arguments(p: argparse.ArgumentParser, timeout: float) -> None
 
 
 def tls_from_args(args: argparse.Namespace) -> TLSConfig | None:
-    """The TLS settings given by add_connection_arguments' options; raises UsageError for a bad combination."""
+    """The TLS settings given by add_connection_arguments' options, for every command that calls a server; raises
+    UsageError for a bad combination or a file that cannot be read. The files are read here, so that the error
+    names the flag (the channel would report the bare path), in the same words from every command."""
     if not any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)):
         return None
     try:
-        return TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except ValueError as exc:
         raise UsageError(str(exc).replace("cert_file and key_file", "--tls-cert and --tls-key")) from None
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        try:
+            if path is not None:
+                path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+    return tls
 
 
 def headers_from_args(args: argparse.Namespace) -> dict[str, str]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 from typing import TYPE_CHECKING
 
 from grpc import aio
@@ -59,6 +61,25 @@ def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Traci
             sample_rate=settings.trace_sample_rate,
         )
     )
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why gRPC could not bind: its own error says only "Failed to bind ... set GRPC_VERBOSITY=debug". A plain socket
+    bound the way gRPC binds (SO_REUSEADDR) gets the operating system's reason, e.g. "Address already in use"."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"cannot resolve '{host}' (--host): {exc.strerror or exc}"
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+                probe.listen()
+        except OSError as exc:
+            hint = " (another process listens there; --reuse-port shares a port between tensorgate processes)"
+            return f"{exc.strerror or exc}{hint if exc.errno == errno.EADDRINUSE else ''}"
+    return "gRPC gave no reason (set GRPC_VERBOSITY=debug to see its log)"
 
 
 def _health_status(serving: bool) -> int:
@@ -209,9 +230,9 @@ class TensorgateServer:
             else:
                 self.port = server.add_secure_port(address, self.tls.server_credentials())
         except RuntimeError as exc:  # grpcio's words for a port in use or an address it cannot parse
-            raise OSError(f"could not bind {address}: {exc}") from exc
+            raise OSError(f"could not bind {address} (--grpc-port): {_bind_failure(s.host, s.grpc_port)}") from exc
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"could not bind {address} (--grpc-port): {_bind_failure(s.host, s.grpc_port)}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = server  # before the await: a stop signal during it must still stop the server
         await server.start()

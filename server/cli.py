@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorgate.server.settings import AUTH_PROBES_MODES, MODEL_CONTROL_MODES, SHARED_MEMORY_MODES, ServerSettings
+from tensorgate.server.settings import (
+    AUTH_PROBES_MODES,
+    CAPTURE_QUEUE_BYTES,
+    CAPTURE_QUEUE_SIZE,
+    MODEL_CONTROL_MODES,
+    SHARED_MEMORY_MODES,
+    ServerSettings,
+)
 
 _D = ServerSettings.__dataclass_fields__
 
@@ -144,8 +153,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--alert-rules", Path, "YAML alert rules for every model (needs --data-dir)")
     opt("--alert-webhook", str, "URL POSTed a JSON object per alert transition (needs --data-dir)")
     opt("--monitor-interval-s", float, "seconds between quality/drift/alert evaluations (default 10)")
-    opt("--capture-queue-size", int, "captured predictions waiting to be stored; beyond it they are dropped (10000)")
-    opt("--capture-queue-bytes", int, "tensor bytes those waiting predictions may hold; beyond, dropped (256 MiB)")
+    opt(
+        "--capture-queue-size",
+        int,
+        f"captured predictions waiting to be stored; beyond it they are dropped ({CAPTURE_QUEUE_SIZE})",
+    )
+    opt(
+        "--capture-queue-bytes",
+        int,
+        f"tensor bytes those waiting predictions may hold; beyond, dropped ({CAPTURE_QUEUE_BYTES // 2**20} MiB)",
+    )
     opt("--capture-retention", int, "captured predictions kept per model; the oldest go first (default 1000000)")
 
 
@@ -294,7 +311,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             capture_retention=args.capture_retention,
         )
     except ValueError as exc:
-        print(f"tensorgate serve: {exc}", file=sys.stderr)
+        print(f"tensorgate serve: {as_flags(str(exc))}", file=sys.stderr)
         return 2
     from tensorgate.server.telemetry.logs import configure_logging
 
@@ -314,9 +331,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def as_flags(message: str) -> str:
+    """ServerSettings' refusals name its fields, the words of its Python API; on the command line each is the flag
+    spelled the same with dashes (a test holds every field to that), which is what the user typed."""
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    return re.sub(
+        r"(?<![\w/.-])([a-z]+(?:_[a-z0-9]+)+)(?![\w/.-])",
+        lambda m: "--" + m[1].replace("_", "-") if m[1] in fields else m[1],
+        message,
+    )
+
+
 def _run_health(args: argparse.Namespace) -> int:
     from tensorgate.client import InferenceClient, TensorgateClientError
-    from tensorgate.client._cli import UsageError, headers_from_args, tls_from_args
+    from tensorgate.client._cli import UsageError, headers_from_args, tls_from_args, unreachable_hint
 
     try:
         tls = tls_from_args(args)
@@ -328,7 +356,8 @@ def _run_health(args: argparse.Namespace) -> int:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             status = client.health(args.service)
     except TensorgateClientError as exc:
-        print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        where = unreachable_hint(args, exc) or f"{args.server}: "
+        print(f"tensorgate health: {where}{exc.code.name}: {' '.join(exc.details.split())}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # unreadable TLS files: one line, as `tensorgate infer` says it
         print(f"tensorgate health: {exc}", file=sys.stderr)

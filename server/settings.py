@@ -24,6 +24,11 @@ _MONITORING_OPTIONS = (
 _TRACING_OPTIONS = ("otlp_protocol", "otlp_headers", "otlp_ca", "otlp_insecure", "trace_sample_rate")
 
 
+CAPTURE_QUEUE_SIZE = 10_000
+CAPTURE_QUEUE_BYTES = 256 * 2**20
+"""The capture queue's defaults (monitoring/capture.py's `Capture`), here: that package loads scipy, and the
+settings and the command line must not."""
+
 _MAX_GRPC_SECONDS = 2_147_483
 """gRPC takes keepalive times as int32 milliseconds: longer ones overflow when the server starts."""
 
@@ -129,11 +134,11 @@ class ServerSettings:
     """URL that receives a JSON POST per alert transition (fired, resolved)."""
     monitor_interval_s: float = 10.0
     """Seconds between two evaluations of quality, drift and alerts."""
-    capture_queue_size: int = 10_000
+    capture_queue_size: int = CAPTURE_QUEUE_SIZE
     """Predictions waiting to be stored; past it samples are dropped (and counted), never requests."""
-    capture_queue_bytes: int = 256 * 2**20
+    capture_queue_bytes: int = CAPTURE_QUEUE_BYTES
     """Tensor bytes the waiting predictions may hold (each keeps its request's and response's buffers alive); past
-    it samples are dropped too. The same default as monitoring/capture.py's QUEUE_BYTES (not imported: scipy)."""
+    it samples are dropped too."""
     capture_retention: int = 1_000_000
     """Predictions kept per model in the store; the oldest go first."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import queue
@@ -338,48 +339,49 @@ def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "env", "words"),
     [
-        pytest.param(["--log-level", "verbose"], {}, "log_level must be", id="log-level"),
-        pytest.param(["--keepalive-time-s", "3000000"], {}, "keepalive_time_s must be in", id="keepalive-overflow"),
-        pytest.param(["--shutdown-grace-s", "-5"], {}, "shutdown_grace_s must be >= 0", id="negative-grace"),
+        pytest.param(["--log-level", "verbose"], {}, "--log-level must be", id="log-level"),
+        pytest.param(["--keepalive-time-s", "3000000"], {}, "--keepalive-time-s must be in", id="keepalive-overflow"),
+        pytest.param(["--shutdown-grace-s", "-5"], {}, "--shutdown-grace-s must be >= 0", id="negative-grace"),
         pytest.param([], {"TENSORGATE_GRPC_PORT": "abc"}, "TENSORGATE_GRPC_PORT='abc'", id="env-name"),
         pytest.param(
             ["--capture-retention", "5000", "--monitor-interval-s", "2"],
             {},
-            "monitor_interval_s, capture_retention need data_dir (monitoring is off without it)",
+            "--monitor-interval-s, --capture-retention need --data-dir (monitoring is off without it)",
             id="monitoring-without-data-dir",
         ),
         pytest.param(
-            ["--alert-rules", "rules.yaml"], {}, "alert_rules needs data_dir", id="alert-rules-without-data-dir"
+            ["--alert-rules", "rules.yaml"], {}, "--alert-rules needs --data-dir", id="alert-rules-without-data-dir"
         ),
         pytest.param(
             ["--shared-memory", "cuda"], {}, "argument --shared-memory: invalid choice: 'cuda'", id="shared-memory"
         ),
         # nan passed every range check (nan < 0 is False): the server started, then never drained or polled.
-        pytest.param(["--shutdown-grace-s", "nan"], {}, "shutdown_grace_s must be a finite number", id="nan-grace"),
+        pytest.param(["--shutdown-grace-s", "nan"], {}, "--shutdown-grace-s must be a finite number", id="nan-grace"),
         pytest.param(
             ["--model-control-mode", "poll", "--repository-poll-secs", "nan"],
             {},
-            "repository_poll_secs must be a finite number, got nan",
+            "--repository-poll-secs must be a finite number, got nan",
             id="nan-poll",
         ),
         pytest.param(
             ["--data-dir", "data"],
             {"TENSORGATE_MONITOR_INTERVAL_S": "inf"},
-            "monitor_interval_s must be a finite number, got inf",
+            "--monitor-interval-s must be a finite number, got inf",
             id="inf-monitor-interval",
         ),
         # Options of a feature that is off did nothing, and said nothing.
         pytest.param(
             ["--trace-sample-rate", "0.01", "--otlp-protocol", "http/protobuf", "--otlp-headers", "k=v"],
             {},
-            "otlp_protocol, otlp_headers, trace_sample_rate need otlp_endpoint or OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT",
+            "--otlp-protocol, --otlp-headers, --trace-sample-rate need --otlp-endpoint or "
+            "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT",
             id="tracing-without-endpoint",
         ),
-        pytest.param(["--otlp-insecure"], {}, "otlp_insecure needs otlp_endpoint", id="insecure-without-endpoint"),
+        pytest.param(["--otlp-insecure"], {}, "--otlp-insecure needs --otlp-endpoint", id="insecure-without-endpoint"),
         pytest.param(
             ["--metrics-port", "-1", "--metrics-host", "0.0.0.0"],
             {},
-            "metrics_host needs metrics on (metrics_port -1 turns them off)",
+            "--metrics-host needs metrics on (--metrics-port -1 turns them off)",
             id="metrics-host-without-metrics",
         ),
     ],
@@ -415,7 +417,35 @@ def test_tracing_options_are_taken_with_an_endpoint_from_opentelemetry_s_variabl
     assert settings.trace_sample_rate == 0.0
 
 
-@pytest.mark.parametrize(("flag", "words"), [("--grpc-port", "could not bind"), ("--metrics-port", "(--metrics-port)")])
+def test_a_refused_setting_is_named_by_its_flag(repo: Path) -> None:
+    """ServerSettings names its fields; `tensorgate serve` names the flags the user typed, paths left as they are."""
+    done = subprocess.run(
+        [TENSORGATE, "serve", "--model-repository", str(repo), "--tls-cert", str(repo / "tls_key" / "x.pem")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "tensorgate serve: --tls-cert and --tls-key go together: give both or neither\n"
+
+
+def test_every_setting_has_the_flag_of_its_name() -> None:
+    """What `as_flags` relies on to name a refused setting by its flag."""
+    import dataclasses
+
+    from tensorgate.server.cli import build_parser
+    from tensorgate.server.settings import ServerSettings
+
+    [serve] = [a.choices["serve"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    options = {o for action in serve._actions for o in action.option_strings}
+    for field in dataclasses.fields(ServerSettings):
+        assert "--" + field.name.replace("_", "-") in options, field.name
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [("--grpc-port", "(--grpc-port): Address already in use"), ("--metrics-port", "(--metrics-port)")],
+)
 def test_a_port_in_use_stops_with_one_line(repo: Path, flag: str, words: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from tests.onnx_models import (
     write_config,
 )
 from tests.process import TENSORGATE, free_port
+from tests.scripted_upstream import ScriptedUpstream
 from tests.serving import ServerThread
 
 
@@ -104,6 +105,39 @@ def test_a_server_that_answers_unavailable_is_not_called_unreachable(tmp_path: P
         done = infer("add_sub", "--input", "INPUT0=[[1]]", "--server", s.address)
     assert done.returncode == 1
     assert done.stderr.startswith("tensorgate infer: UNAVAILABLE: ") and "not loaded" in done.stderr
+
+
+def test_a_fronted_model_whose_upstream_is_down_is_not_called_unreachable(tmp_path: Path) -> None:
+    """The server answered: its UNAVAILABLE names the model and the upstream it could not reach ("Failed to
+    connect"), and the command must not blame the server it did reach."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        (root / "front").mkdir(parents=True)
+        (root / "front" / "config.pbtxt").write_text(
+            'backend: "tensorgate_triton"\n'
+            f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{up.url}" }} }}\n'
+            'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }\n'
+        )
+        with ServerThread(root) as s:
+            up.stop()
+            done = infer("front", "--input", "X=[[1, 2]]", "--server", s.address, "--timeout", "10")
+    assert done.returncode == 1
+    assert done.stderr.startswith("tensorgate infer: UNAVAILABLE: model 'front'"), done.stderr
+    assert "cannot reach" not in done.stderr
+
+
+def test_health_says_a_tls_port_may_be_why_its_socket_closed(tmp_path: Path) -> None:
+    """Plain text against a TLS port: gRPC says only "Socket closed"; the probe says what to try."""
+    pki = make_pki(tmp_path / "pki")
+    root = tmp_path / "models"
+    identity_model(root / "identity_fp32" / "1" / "model.onnx", "FP32")
+    with ServerThread(root, tls_cert=pki["server"], tls_key=pki["server-key"]) as s:
+        done = subprocess.run(
+            [TENSORGATE, "health", "--server", s.address, "--timeout", "5"], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    expected = f"tensorgate health: cannot reach {s.address} (a TLS port? give --tls-ca"
+    assert done.stderr.startswith(expected), done.stderr
 
 
 def test_health_with_an_unreadable_tls_file_is_one_clear_line(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import tensors
 from tensorgate.server.cli import main
 from tests.onnx_models import accumulator_config, accumulator_model, busy_model, identity_model, write_config
+from tests.pki import Pki
 from tests.process import ServeProcess
 from tests.serving import ServerThread
 
@@ -935,6 +936,32 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path: Path, capsys: Any
     assert main(["bench", "compare", str(good), str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tensorgate bench compare: {bad}: {problem}") and err.count("\n") == 1, err
+
+
+def test_bench_over_mutual_tls_takes_the_tls_flags_as_infer_does(repo: Path, tmp_path: Path, capsys: Any) -> None:
+    """bench builds its TLS settings the way infer, health and the other commands do (tls_from_args): a sweep over
+    mTLS works, and an unreadable file is the same usage error, naming the flag, from both."""
+    pki = Pki(tmp_path / "pki")
+    cert, key = pki.client("bench")
+    tls = ["--tls-ca", str(pki.ca_path), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with ServerThread(repo, **pki.server_settings()) as server:
+        load = ["--duration", "1", "--warmup", "0", "--concurrency", "1", "--workers", "1", "--no-plots"]
+        doc = bench(tmp_path, "add_sub", "--server", server.address, *tls, *load)
+        (level,) = doc["levels"]
+        assert doc["config"]["tls"] is True and level["succeeded"] > 0 and level["failed_total"] == 0
+        capsys.readouterr()
+        missing = tmp_path / "missing.pem"
+        bad = ["--tls-ca", str(pki.ca_path), "--tls-cert", str(missing), "--tls-key", str(key)]
+        errors = []
+        bench_args, infer_args = ["--out", str(tmp_path / "unused")], ["--input", "INPUT0=[[1]]"]
+        for command in (["bench", "add_sub", *bench_args], ["infer", "add_sub", *infer_args]):
+            assert main([*command, "--server", server.address, *bad]) == 2
+            errors.append(capsys.readouterr().err)
+    assert errors == [
+        f"tensorgate bench: --tls-cert {missing}: No such file or directory\n",
+        f"tensorgate infer: --tls-cert {missing}: No such file or directory\n",
+    ]
+    assert not (tmp_path / "unused").exists()
 
 
 def test_startup_errors_leave_no_output_folder_and_name_the_flag(

@@ -18,8 +18,9 @@ from tensorgate.client import AsyncInferenceClient, InferenceClient
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server import ServerSettings
 from tensorgate.server.cli import build_parser, main
-from tensorgate.server.monitoring.capture import QUEUE_BYTES, Capture
+from tensorgate.server.monitoring.capture import Capture
 from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
+from tensorgate.server.settings import CAPTURE_QUEUE_BYTES, CAPTURE_QUEUE_SIZE
 from tests.monitoring import digits_repository
 from tests.onnx_models import identity_model, write_config
 from tests.process import ServeProcess
@@ -290,11 +291,24 @@ def test_the_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     store.close()
 
 
+def test_the_capture_queue_defaults_are_defined_once(tmp_path: Path) -> None:
+    """`serve`'s defaults (the settings') and Capture's are one definition, so that a new default cannot leave
+    them apart (the settings held a copy of capture.py's, which they could not import without scipy)."""
+    defaults = ServerSettings(model_repository=tmp_path)
+    store = PredictionStore(tmp_path / DB_NAME)
+    capture = Capture(store)
+    assert (capture.queue_size, capture.queue_bytes) == (CAPTURE_QUEUE_SIZE, CAPTURE_QUEUE_BYTES)
+    assert (defaults.capture_queue_size, defaults.capture_queue_bytes) == (CAPTURE_QUEUE_SIZE, CAPTURE_QUEUE_BYTES)
+    args = build_parser().parse_args(["serve"])
+    assert (args.capture_queue_size, args.capture_queue_bytes) == (CAPTURE_QUEUE_SIZE, CAPTURE_QUEUE_BYTES)
+    store.close()
+
+
 def test_the_queue_byte_budget_is_a_serve_option(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The 256 MiB budget could not be changed from the command line."""
-    assert ServerSettings(model_repository=tmp_path).capture_queue_bytes == QUEUE_BYTES
+    assert ServerSettings(model_repository=tmp_path).capture_queue_bytes == CAPTURE_QUEUE_BYTES == 256 * 2**20
     assert build_parser().parse_args(["serve", "--capture-queue-bytes", "1048576"]).capture_queue_bytes == 2**20
     monkeypatch.setenv("TENSORGATE_CAPTURE_QUEUE_BYTES", "4096")
     assert build_parser().parse_args(["serve"]).capture_queue_bytes == 4096

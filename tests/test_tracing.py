@@ -644,7 +644,7 @@ def test_logs_carry_trace_ids_and_access_lines(repo: Path, collector: tuple[Coll
 
 
 def test_bad_tracing_settings_stop_the_start(repo: Path) -> None:
-    for flag, given, field in (("--otlp-headers", "novalue", "otlp_headers"), ("--trace-sample-rate", "2", "rate")):
+    for flag, given, field in (("--otlp-headers", "novalue", "--otlp-headers"), ("--trace-sample-rate", "2", "rate")):
         with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", flag, given]) as proc:
             assert proc.proc.wait(60) == 2
             proc.wait_for_line(field)

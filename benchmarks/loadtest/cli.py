@@ -113,13 +113,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         # nan passes every comparison below and never ends a level; inf never ends one either.
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
-    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        # Read here, so that the error names the flag (the channel would report the bare path).
-        try:
-            if path is not None:
-                path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
     if args.duration <= 0 or args.warmup < 0:
         raise UsageError("--duration must be positive and --warmup not negative")
     if args.timeout <= 0:

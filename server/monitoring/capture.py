@@ -33,6 +33,7 @@ import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.monitoring.store import Prediction, PredictionStore, is_busy
+from tensorgate.server.settings import CAPTURE_QUEUE_BYTES, CAPTURE_QUEUE_SIZE
 
 __all__ = ["Capture", "CaptureConfig"]
 
@@ -41,9 +42,6 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = (0.1, 0.5, 2.0)
 """Pauses before storing a batch again after SQLITE_BUSY (another process, e.g. a read-write tool, held the
 database past the 30 s busy timeout): a lock held that long is let go in seconds, and the batch is kept, not lost."""
-
-QUEUE_BYTES = 256 * 2**20
-"""Tensor bytes the queued samples may hold (inputs when captured, and outputs) before new ones are dropped."""
 
 SAMPLE_RATE = "tensorgate.capture.sample_rate"
 CAPTURE_INPUTS = "tensorgate.capture.inputs"
@@ -104,8 +102,8 @@ class Capture:
         self,
         store: PredictionStore,
         *,
-        queue_size: int = 10_000,
-        queue_bytes: int = QUEUE_BYTES,
+        queue_size: int = CAPTURE_QUEUE_SIZE,
+        queue_bytes: int = CAPTURE_QUEUE_BYTES,
         batch_size: int = 256,
         poll_s: float = 0.05,
     ) -> None:

@@ -103,7 +103,13 @@ class Slice:
         return data
 
     def write(self, data: bytes) -> None:
-        """Into the segment as registered: a segment the client shrank is refused, not silently grown back."""
+        """Into the segment as registered: a segment the client shrank is refused, not silently grown back.
+
+        NOTE: a shrink that lands between the size check and pwrite is not seen, and the write grows the segment
+        back to the output's end (never past the range the client registered). Linux has no write that stops at
+        the end of a file; a kernel-side copy into a shared mapping would (a page past the end fails the copy
+        with EFAULT, not SIGBUS), but costs 2.5 times pwrite's copy and a second descriptor per segment, which
+        only a client racing its own segment would be spared."""
         if len(data) > self.size:
             raise RegionError(
                 f"the output takes {len(data)} bytes, more than the {self.size} given in shared memory region "
