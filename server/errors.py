@@ -85,9 +85,11 @@ class ServerUnavailableError(TensorgateError):
 class PermissionDeniedError(TensorgateError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
-    def __init__(self, identity: str, rpc: str, model: str | None = None, version: str | int | None = None) -> None:
+    def __init__(
+        self, identity: str, rpc: str, model: str | None = None, version: str | int | None = None, hint: str = ""
+    ) -> None:
         what = f" on {model_ref(model, version)}" if model else ""
-        super().__init__(f"identity '{identity}' may not call {rpc}{what}")
+        super().__init__(f"identity '{identity}' may not call {rpc}{what}{hint}")
         self.identity, self.rpc, self.model, self.version = identity, rpc, model, version
 
 

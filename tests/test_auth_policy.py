@@ -391,6 +391,29 @@ def test_missing_or_invalid_token_is_unauthenticated(
     assert metrics[("tensorgate_auth_denials_total", labels)] == 2
 
 
+def test_a_call_without_a_version_to_a_version_pinned_rule_says_to_name_it(repo: Path, tmp_path: Path) -> None:
+    """`versions: [1]` allows calls that name version 1; one that names none was refused with the words of no rule
+    at all, and a user could not tell why."""
+    pinned = {**TOKEN_POLICY, "rules": [{**BATCH_RULE, "models": [{"name": "add_sub", "versions": [1]}]}]}
+    path = tmp_path / "pinned.json"
+    path.write_text(json.dumps(pinned))
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with ServerThread(repo, auth_policy=path) as s, grpc.insecure_channel(s.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        details = _denied(lambda: stub.ModelInfer(add_sub_request(), metadata=metadata, timeout=5))
+        assert details == (
+            "identity 'batch-job' may not call ModelInfer on model 'add_sub' without a version: the policy allows "
+            "version 1 only, so name the version"
+        )
+        named = add_sub_request()
+        named.model_version = "1"
+        assert stub.ModelInfer(named, metadata=metadata, timeout=5).model_name == "add_sub"
+        # Another model, or a version the rule does not name: no hint, as before.
+        assert _denied(lambda: stub.ModelInfer(identity_request(), metadata=metadata, timeout=5)).endswith(
+            "on model 'identity_fp32'"
+        )
+
+
 def test_valid_token_maps_to_its_identity(token_server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(token_server.address) as channel, caplog.at_level(logging.DEBUG):

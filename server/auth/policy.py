@@ -217,6 +217,25 @@ class Policy:
                     )
         return ""
 
+    def version_hint(self, identity: str, group: str, model: str | None, version: str) -> str:
+        """For a denial of a call that names no version: the versions this identity may call the model at, when
+        its rules name some (`versions: [1]`), since a call without one is allowed only by a rule for every
+        version. Empty otherwise. The caller may be told: they are its own rights."""
+        if model is None or version:
+            return ""
+        versions = {
+            v
+            for rule in self.rules
+            if group in rule.apis and any(p.matches(identity) for p in rule.identities)
+            for m in rule.models
+            if m.versions is not None and fnmatchcase(model, m.name)
+            for v in m.versions
+        }
+        if not versions:
+            return ""
+        named = ", ".join(sorted(versions, key=lambda v: (len(v), v)))
+        return f" without a version: the policy allows version {named} only, so name the version"
+
     def allows(self, identity: str, group: str, model: str | None = None, version: str = "") -> bool:
         key = (*identity_key(identity), group, model, version)  # a CN 'x' is not the DNS SAN 'x'
         hit = self._cache.get(key)
@@ -492,7 +511,8 @@ class Authorizer:
             policy.source,
             policy.kind_hint(identity),
         )
-        raise PermissionDeniedError(identity, rpc, model or None, version or None)
+        hint = policy.version_hint(identity, RPC_GROUPS[rpc], model or None, version)
+        raise PermissionDeniedError(identity, rpc, model or None, version or None, hint)
 
 
 __all__ = [
