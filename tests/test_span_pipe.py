@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
+from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.telemetry import span_pipe
 from tensorgate.server.telemetry.span_pipe import LightSpan, LightTracer, SpanPipe, SpanRecord, steps_record
 from tensorgate.server.telemetry.tracing import TracingSettings
@@ -200,14 +201,15 @@ def _exported(records: list[SpanRecord], resource: Any) -> Any:
 def test_a_child_recorded_after_the_fact_is_the_span_an_sdk_tracer_makes() -> None:
     """Validation is recorded once it is over, as one record with the pipe; the export must equal, span id and
     end time aside, what the same call makes through an SDK TracerProvider: failed or not, under a local or a
-    remote parent, and nothing at all under a parent sampled out."""
+    remote parent, and nothing at all under a parent sampled out. A server error sets the status, a caller's
+    mistake only error.type."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
     (sdk_tracing, memory), (piped, sink), resource = _sdk_and_pipe()
     state = TraceState([("vendor", "x")])
     for remote in (False, True):
         parent = NonRecordingSpan(SpanContext(0xABC, 0xDEF, remote, TraceFlags(1), state))
-        for error in (None, ValueError("the caller's text")):
+        for error in (None, ValueError("the caller's text"), InvalidRequestError("m", "1", "the caller's mistake")):
             memory.clear()
             sink.clear()
             sdk_tracing.record_child(parent, "validate", 10, error)
@@ -219,6 +221,11 @@ def test_a_child_recorded_after_the_fact_is_the_span_an_sdk_tracer_makes() -> No
                 span.ClearField("span_id")
                 span.ClearField("end_time_unix_nano")
             assert ours == sdk
+            failed = error is not None and not isinstance(error, InvalidRequestError)
+            assert (span.status.code == span.status.STATUS_CODE_ERROR) == failed
+            assert [a.value.string_value for a in span.attributes if a.key == "error.type"] == (
+                [] if error is None else [type(error).__qualname__]
+            )
     unsampled = NonRecordingSpan(SpanContext(0xABC, 0xDEF, False, TraceFlags(0)))
     memory.clear()
     sink.clear()

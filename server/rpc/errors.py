@@ -147,14 +147,14 @@ def unary(
         code, error = "OK", cast(BaseException | None, None)
         try:
             if tracing is not None:
-                span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
+                span, span_token = tracing.start_rpc(rpc, context.invocation_metadata())
                 if span.is_recording():
                     span.set_attributes(request_attributes(rpc, request))
             if self.auth.enabled:
                 identity = self.auth.identify(context)
                 token = CURRENT_IDENTITY.set(identity)
                 if span is not None:
-                    span.set_attribute("enduser.id", str(identity))  # a plain str: spans are pickled
+                    Tracing.set_identity(span, identity)
                 authorize(self.auth, rpc, request)
                 admitted = identity if self.auth.admit(identity) else None
             response = await fn(self, request, context)
@@ -208,7 +208,7 @@ def stream(
             # closed from another task's context (finalised after the client went away), where a token attached
             # before a yield cannot be detached (OpenTelemetry logs an error). The tasks the servicer starts per
             # message are created inside a step, so they copy the span and put their own spans under it.
-            span, span_token = tracing.start_rpc(rpc, context.invocation_metadata(), None)
+            span, span_token = tracing.start_rpc(rpc, context.invocation_metadata())
             rpc_context = otel_context.get_current()
             Tracing.release(span_token)
         try:
@@ -217,7 +217,7 @@ def stream(
                 # Set for the whole stream: tasks the servicer starts per message copy the context and see it too.
                 token = CURRENT_IDENTITY.set(identity)
                 if span is not None:
-                    span.set_attribute("enduser.id", str(identity))  # a plain str: spans are pickled
+                    Tracing.set_identity(span, identity)
                 admitted = identity if self.auth.admit(identity) else None
             responses = fn(self, requests, context)
             if rpc_context is None:

@@ -221,10 +221,12 @@ def steps_record(
     )
 
 
-def child_record(parent: SpanContext, name: str, start_ns: int, end_ns: int, error: str | None) -> SpanRecord:
+def child_record(
+    parent: SpanContext, name: str, start_ns: int, end_ns: int, error: str | None, status: str | None
+) -> SpanRecord:
     """A finished child of a sampled span, with the times already measured: what a LightSpan started and ended at
-    those times records, without the span object (validation, once per request)."""
-    status = None if error is None else (StatusCode.ERROR.value, error)
+    those times records, without the span object (validation, once per request). `error` is the error's type,
+    `status` the description of an ERROR status (None: unset)."""
     return (
         name,
         parent.trace_id,
@@ -234,10 +236,10 @@ def child_record(parent: SpanContext, name: str, start_ns: int, end_ns: int, err
         0,
         start_ns,
         end_ns,
-        {},
+        {} if error is None else {"error.type": error},
         (),
         (),
-        status,
+        None if status is None else (StatusCode.ERROR.value, status),
     )
 
 
@@ -262,6 +264,9 @@ class LightTracer(trace.Tracer):
         self.parent_based = parent_based
         """Whether a caller's decision is followed; otherwise its trace id decides, as for a new trace."""
         self.rate = rate
+        self.remaining = -1
+        """TraceSetting's trace_count: the inference traces still to take (`took` counts them down, on the event
+        loop); at 0 no trace starts or is joined, as while OFF, but the traces under way finish. -1: no limit."""
 
     @property
     def rate(self) -> float:
@@ -272,6 +277,11 @@ class LightTracer(trace.Tracer):
     def rate(self, rate: float) -> None:
         self._rate = rate
         self._bound = round(rate * (1 << 64))  # TraceIdRatioBased: the low 64 bits of the trace id under it
+
+    def took(self, span: trace.Span) -> None:
+        """`span` is an inference request's (its RPC's): one fewer left under trace_count if it is sampled."""
+        if self.remaining > 0 and span.is_recording():
+            self.remaining -= 1
 
     def start_span(
         self,
@@ -287,16 +297,18 @@ class LightTracer(trace.Tracer):
         current = trace.get_current_span(context).get_span_context()
         parent: SpanContext | None = current
         if current.is_valid:
-            if not self.enabled:
-                # OFF: tensorgate is not there for the trace. The caller's context goes on as it came, its sampled
-                # flag and span id included, so that a remote backend still joins the caller's trace under the
-                # caller's span (a span of ours, recorded by nobody, would leave it under a parent never exported).
+            if not self.enabled or (current.is_remote and self.remaining == 0):
+                # OFF (or trace_count spent): tensorgate is not there for the trace. The caller's context goes on
+                # as it came, its sampled flag and span id included, so that a remote backend still joins the
+                # caller's trace under the caller's span (a span of ours, recorded by nobody, would leave it under
+                # a parent never exported).
                 return NonRecordingSpan(current)
             trace_id, state = current.trace_id, current.trace_state
             sampled = current.trace_flags.sampled if self.parent_based else (trace_id & _LOW_64) < self._bound
         else:
             trace_id = _new_id(128)
-            sampled, state, parent = self.enabled and (trace_id & _LOW_64) < self._bound, _NO_STATE, None
+            sampled = self.enabled and self.remaining != 0 and (trace_id & _LOW_64) < self._bound
+            state, parent = _NO_STATE, None
         ctx = SpanContext(trace_id, _new_id(64), False, _SAMPLED if sampled else _UNSAMPLED, state)
         if not sampled:
             return NonRecordingSpan(ctx)

@@ -3,10 +3,13 @@
 An operator raises the sample rate during an incident (or turns tracing off) without a restart. Triton's keys map
 onto ours: `trace_level` OFF stops tracing altogether (sampled callers included; their context still reaches remote
 backends as it came), TIMESTAMPS turns it back on;
-`trace_rate` N keeps one new trace in N (a share of 1/N; `tensorgate.sample_rate` sets the share itself); a key
-sent without a value goes back to the start's setting.
+`trace_rate` N keeps one new trace in N (a share of 1/N; `tensorgate.sample_rate` sets the share itself);
+`trace_count` N traces the next N inference requests sampled and then stops (-1: no limit), reading back what is
+left as it counts down; `log_frequency` is kept and read back as Triton's, though it only says how often Triton
+writes its trace file (spans here go to the collector in batches); a key sent without a value goes back to the
+start's setting.
 TENSORS is refused (payloads are never traced), and so are settings tensorgate has no counterpart for
-(`trace_count`, `log_frequency`, `trace_file`, another `trace_mode`) unless they ask for what it already does.
+(`trace_file`, another `trace_mode`) unless they ask for what it already does.
 Where the spans go is fixed at start (`--otlp-endpoint`); a server started without it has nothing to change.
 """
 
@@ -26,8 +29,12 @@ KEYS = (
     "trace_file",
     "tensorgate.sample_rate",
 )
-_FIXED = {"trace_count": "-1", "log_frequency": "0", "trace_mode": "opentelemetry", "trace_file": ""}
+_FIXED = {"trace_mode": "opentelemetry", "trace_file": ""}
 """Settings with one value here: what Triton means by it is what tensorgate always does."""
+UNLIMITED = -1
+"""trace_count's "no limit", as in Triton."""
+_INT32_MAX = 2**31 - 1  # trace_count is an int32 in Triton, log_frequency a uint32
+_UINT32_MAX = 2**32 - 1
 
 
 class TraceSettingsError(ValueError):
@@ -36,10 +43,13 @@ class TraceSettingsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TraceState:
-    """What the settings describe: whether tracing runs, and the share of new traces kept."""
+    """What the settings describe: whether tracing runs, the share of new traces kept, how many inference traces
+    are left to take (UNLIMITED: no limit), and Triton's log_frequency (read back, no effect here)."""
 
     enabled: bool
     rate: float
+    count: int = UNLIMITED
+    log_frequency: int = 0
 
 
 def current(state: TraceState | None, *, injected: bool = False) -> dict[str, list[str]]:
@@ -52,8 +62,8 @@ def current(state: TraceState | None, *, injected: bool = False) -> dict[str, li
     return {
         "trace_level": level,
         "trace_rate": [str(round(1 / rate)) if rate > 0 else "0"],
-        "trace_count": [_FIXED["trace_count"]],
-        "log_frequency": [_FIXED["log_frequency"]],
+        "trace_count": [str(UNLIMITED if state is None else state.count)],
+        "log_frequency": [str(0 if state is None else state.log_frequency)],
         "trace_mode": [_FIXED["trace_mode"]],
         "tensorgate.sample_rate": [f"{rate:g}"],
     }
@@ -65,10 +75,18 @@ def _one(key: str, values: Sequence[str]) -> str:
     return values[0]
 
 
+def _whole(key: str, values: Sequence[str], low: int, high: int) -> int:
+    text = _one(key, values)
+    number = -1 if text == "-1" else parse_decimal(text)
+    if number is None or not low <= number <= high:
+        raise TraceSettingsError(f"{key} must be a whole number in {low}..{high}, got '{text}'")
+    return number
+
+
 def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: TraceState) -> TraceState:
     """The state after `changes`, every one checked first (nothing is half applied). A key without values goes
     back to how the server started (`initial`), as Triton resets a setting sent empty."""
-    enabled, rate = state.enabled, state.rate
+    enabled, rate, count, log_frequency = state.enabled, state.rate, state.count, state.log_frequency
     if "trace_rate" in changes and "tensorgate.sample_rate" in changes:
         raise TraceSettingsError("send trace_rate or tensorgate.sample_rate, not both: each sets the sample rate")
     for key, values in changes.items():
@@ -77,6 +95,10 @@ def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: Trac
                 enabled = initial.enabled
             elif key in ("trace_rate", "tensorgate.sample_rate"):
                 rate = initial.rate
+            elif key == "trace_count":
+                count = initial.count
+            elif key == "log_frequency":
+                log_frequency = initial.log_frequency
             continue
         if key == "trace_level":
             levels = set(values)
@@ -99,12 +121,16 @@ def apply(changes: Mapping[str, Sequence[str]], state: TraceState, initial: Trac
                 rate = -1.0
             if not 0.0 <= rate <= 1.0:
                 raise TraceSettingsError(f"tensorgate.sample_rate must be a number in 0..1, got '{text}'")
+        elif key == "trace_count":
+            count = _whole(key, values, UNLIMITED, _INT32_MAX)
+        elif key == "log_frequency":
+            log_frequency = _whole(key, values, 0, _UINT32_MAX)
         elif key in _FIXED:
             if list(values) != [_FIXED[key]]:
                 raise TraceSettingsError(f"{key} can only be {_FIXED[key]!r} here")
         else:
             raise TraceSettingsError(f"unknown trace setting '{key}' (known: {', '.join(KEYS)})")
-    return TraceState(enabled, rate)
+    return TraceState(enabled, rate, count, log_frequency)
 
 
-__all__ = ["KEYS", "TraceSettingsError", "TraceState", "apply", "current"]
+__all__ = ["KEYS", "UNLIMITED", "TraceSettingsError", "TraceState", "apply", "current"]

@@ -55,6 +55,8 @@ _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePr
 _FIELDS = frozenset(_PROPAGATOR.fields)
 """The metadata keys the propagator reads: a call without any (most calls) skips extraction."""
 _ROOT = otel_context.Context()
+COUNTED = frozenset({"ModelInfer", "ModelStreamInfer"})
+"""The RPCs whose traces TraceSetting's trace_count counts: Triton's inference requests (a stream is one trace)."""
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -219,14 +221,14 @@ class Tracing:
         self.provider = provider
         self.pipe = pipe
         self.tracer: trace.Tracer = pipe.tracer if pipe is not None else provider.get_tracer("tensorgate", __version__)  # type: ignore[union-attr]
+        self.log_frequency = 0
+        """TraceSetting's log_frequency, read back as set: it paces Triton's trace file, not an OTLP export."""
         self.initial_sampling = self.sampling
         """How the server started: what TraceSetting resets a setting to."""
 
     # ----- RPC spans (event loop) --------------------------------------------------------------------------
 
-    def start_rpc(
-        self, method: str, metadata: Iterable[tuple[str, Any]] | None, identity: str | None
-    ) -> tuple[Span, object]:
+    def start_rpc(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> tuple[Span, object]:
         """The server span of one RPC, child of the caller's span when its metadata carries one; made current
         for the rest of the call (returns the token to `end_rpc`)."""
         carrier = {k: v for k, v in metadata or () if k in _FIELDS and isinstance(v, str)}
@@ -237,13 +239,19 @@ class Tracing:
             "rpc.service": INFERENCE_SERVICE,
             "rpc.method": method,
         }
-        if identity is not None:
-            attributes["enduser.id"] = str(identity)  # a plain str: spans are pickled to the exporter
         span = self.tracer.start_span(
             f"{INFERENCE_SERVICE}/{method}", context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
+        if self.pipe is not None and method in COUNTED:
+            self.pipe.tracer.took(span)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
+
+    @staticmethod
+    def set_identity(span: Span, identity: str) -> None:
+        """The caller's identity, once the RPC boundary knows it (after the span started, so that a refused token
+        is traced too), as a plain str: spans are pickled to the exporter process, which has no auth.Identity."""
+        span.set_attribute("enduser.id", str(identity))
 
     @staticmethod
     def end_rpc(span: Span, token: object | None, code: str, error: BaseException | None = None) -> None:
@@ -259,17 +267,23 @@ class Tracing:
             otel_context.detach(token)  # type: ignore[arg-type]
 
     def record_child(self, parent: Span, name: str, start_ns: int, error: BaseException | None = None) -> None:
-        """A child of `parent` (sampled) that started at `start_ns` (epoch) and ends now, failed by `error`'s type
-        when given: a step timed by its caller, such as validation."""
+        """A child of `parent` (sampled) that started at `start_ns` (epoch) and ends now: a step timed by its
+        caller, such as validation. An `error` is recorded as the server span records it: its type in error.type,
+        and status ERROR only for a server error; a caller's mistake (the usual way validation fails) left unset,
+        or every trace of a bad request would read as a failed one in Jaeger or Tempo."""
         failure = None if error is None else type(error).__qualname__
+        code = None if error is None else getattr(getattr(error, "code", None), "name", "INTERNAL")
+        status = code if code in SERVER_ERROR_CODES else None
         if self.pipe is not None:  # the record such a span would make, without making the span
             ctx = parent.get_span_context()
             if ctx.trace_flags.sampled:  # ParentBased, as the LightTracer: no record under a parent sampled out
-                self.pipe.record(child_record(ctx, name, start_ns, time.time_ns(), failure))
+                self.pipe.record(child_record(ctx, name, start_ns, time.time_ns(), failure, status))
             return
         span = self.tracer.start_span(name, context=trace.set_span_in_context(parent), start_time=start_ns)
         if failure is not None:
-            span.set_status(StatusCode.ERROR, failure)
+            span.set_attribute("error.type", failure)
+        if status is not None:
+            span.set_status(StatusCode.ERROR, status)
         span.end()
 
     def start_child(self, name: str, attributes: Mapping[str, str | int] | None = None) -> Span:
@@ -333,8 +347,9 @@ class Tracing:
         """After the batch: the request's queue wait and its share of the execution, as two child spans with the
         times already measured (epoch ns), the second linked to the batch span."""
         if self.pipe is not None:  # the same two spans, made in the exporter process from one record
-            # Not while OFF: `request` is then the caller's own context (what OFF passes on in place of our span).
-            if self.pipe.tracer.enabled:
+            # Not for the caller's own context, which OFF (or a spent trace_count) passes on in place of our span.
+            tracer = self.pipe.tracer
+            if tracer.enabled and (tracer.remaining != 0 or not request.is_remote):
                 self.pipe.record(steps_record(request, enqueued_ns, started_ns, ended_ns, batch, rows, provider))
             return
         parent = trace.set_span_in_context(NonRecordingSpan(request))
@@ -353,12 +368,15 @@ class Tracing:
         (its sampler is its owner's, not something TraceSetting may change)."""
         if self.pipe is None:
             return None
-        return TraceState(self.pipe.tracer.enabled, self.pipe.tracer.rate)
+        tracer = self.pipe.tracer
+        return TraceState(tracer.enabled, tracer.rate, tracer.remaining, self.log_frequency)
 
     def set_sampling(self, state: TraceState) -> None:
         if self.pipe is None:
             raise ValueError("an injected TracerProvider's sampler is its owner's")
         self.pipe.tracer.rate = state.rate
+        self.pipe.tracer.remaining = state.count
+        self.log_frequency = state.log_frequency
         self.pipe.tracer.enabled = state.enabled
 
     def shutdown(self) -> None:
