@@ -229,6 +229,15 @@ _STREAM_KEYS = frozenset(
 )
 
 
+def unload_request(model: str, unload_dependents: bool) -> pb.RepositoryModelUnloadRequest:
+    """``unload_dependents``: also the models an ensemble's load brought in that nothing else still needs, as
+    Triton does."""
+    request = pb.RepositoryModelUnloadRequest(model_name=model)
+    if unload_dependents:
+        request.parameters["unload_dependents"].bool_param = True
+    return request
+
+
 def stream_request(item: StreamRequest, index: int) -> pb.ModelInferRequest:
     """A stream item as a request; one without ``request_id`` gets its index in the stream ("0", "1", ...)."""
     if isinstance(item, tuple):

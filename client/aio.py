@@ -251,8 +251,10 @@ class AsyncInferenceClient:
         """Load (or reload) a model; ``config`` overrides its config.pbtxt (a ModelConfig, dict or JSON text)."""
         await self._call("RepositoryModelLoad", _common.load_request(model, config), timeout)
 
-    async def unload(self, model: str, timeout: float | None = None) -> None:
-        await self._call("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model), timeout)
+    async def unload(self, model: str, timeout: float | None = None, *, unload_dependents: bool = False) -> None:
+        """Unload a model; with ``unload_dependents``, an ensemble's composing models that its load brought in and
+        that nothing else needs go with it."""
+        await self._call("RepositoryModelUnload", _common.unload_request(model, unload_dependents), timeout)
 
     # ----- monitoring (tensorgate.v1.Monitoring; the server needs --data-dir) --------------------------------
 

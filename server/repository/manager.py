@@ -319,6 +319,9 @@ class ModelRepository:
         self._dependents: dict[str, set[str]] = {}
         """Model -> the ensembles with a step on it: checked again when its versions change."""
         self._checking_ready: set[str] = set()
+        self._explicit: set[str] = set()
+        """Models a load asked for by name (RepositoryModelLoad, --load-model, the repository scan) since they were last
+        unloaded, as against those only an ensemble's load brought in: what unload_dependents leaves loaded."""
         self.changes = 0
         """Counts changes to the served set (a load, an unload, a retired version closed): what lives as long as
         the models do has changed (the server settles its heap then; server/heap.py)."""
@@ -596,7 +599,7 @@ class ModelRepository:
                         raise with_prefix(exc, f"in ensemble '{name}', ") from None
                 if loading:
                     try:
-                        await self.load(model, check_step=check_step)
+                        await self.load(model, check_step=check_step, explicit=False)
                     except PermissionDeniedError:
                         raise  # a nested ensemble's step the caller may not reach
                     except TensorgateError:
@@ -644,7 +647,7 @@ class ModelRepository:
             if uploaded:
                 return  # its files were sent with a load: the repository's, if any, are another model
             try:
-                await self.load(name, override, check_step=check_step)
+                await self.load(name, override, check_step=check_step, explicit=False)
             except TensorgateError:
                 pass  # recorded and logged by the load
             return
@@ -867,6 +870,8 @@ class ModelRepository:
         config_override: str | None = None,
         files: dict[str, bytes] | None = None,
         check_step: StepCheck | None = None,
+        *,
+        explicit: bool = True,
     ) -> None:
         """Load or reload a model; unchanged versions keep serving, changed ones are swapped in atomically.
 
@@ -874,6 +879,7 @@ class ModelRepository:
         to load from instead of the repository's, as in Triton; the model need not be in the repository. They are
         written to a private temporary directory, removed once the load ends (what serves is in memory by then).
         `check_step` is the caller's right to an ensemble's step models (StepCheck), checked when one is bound.
+        `explicit`: asked for by name, not only brought in by an ensemble (`unload` with `dependents` keeps it).
 
         Raises ModelLoadError (UNAVAILABLE) with the reason when nothing could be loaded; versions already
         serving keep serving in that case. INVALID_ARGUMENT, before anything is loaded, for an override that
@@ -892,6 +898,8 @@ class ModelRepository:
             if model_dir is None:
                 raise ModelNotFoundError(name)
             job = self._load(name, model_dir, override, check_step)
+        if explicit:
+            self._explicit.add(name)
         # The load runs to its end in a task of its own: a caller that goes away (a client's deadline or cancel)
         # must not leave the model marked LOADING with the finished load thrown away (nor files staged for it).
         task = asyncio.get_running_loop().create_task(job)
@@ -1042,15 +1050,20 @@ class ModelRepository:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def unload(self, name: str) -> None:
-        """Stop serving a model; its in-flight requests finish first."""
+    async def unload(self, name: str, *, dependents: bool = False) -> None:
+        """Stop serving a model; its in-flight requests finish first. With `dependents` (RepositoryModelUnload's
+        unload_dependents), as Triton does: an ensemble's composing models go too, down nested ensembles, unless
+        a load asked for them by name or another ensemble not unloaded has a step on them. An ensemble unloaded
+        already (not only with a step model) leaves its steps as they are, as in Triton."""
         if name not in self._entries and self._model_dir(name) is None:
             raise ModelNotFoundError(name)
         async with self._lock(name):
             entry = self._entries.get(name)
+            self._explicit.discard(name)
             if entry is None:
                 self._entries[name] = _Entry(name, state=UNAVAILABLE, reason=UNLOADED)
                 return
+            plan = self._plan_of(name) if dependents and entry.reason != UNLOADED else None
             retired = list(entry.versions.values())
             entry.versions, entry.failed = {}, {}
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
@@ -1059,6 +1072,24 @@ class ModelRepository:
             self.changes += 1
             log.info("model '%s' unloaded", name)
             self._refresh_dependents(name, unloaded=True)
+        for step in sorted({model for model, _ in plan.models} if plan is not None else ()):
+            if not self._needed(step):
+                await self.unload(step, dependents=True)
+
+    def _needed(self, model: str) -> bool:
+        """Whether unload_dependents keeps a composing model: not loaded (nothing to unload), loaded by name, or a
+        step of an ensemble being loaded or not unloaded (one unloaded only with another step model still counts,
+        as in Triton: it comes back with that model)."""
+        entry = self._entries.get(model)
+        if entry is None or entry.reason == UNLOADED or model in self._explicit:
+            return True
+        for ensemble in self._dependents.get(model, ()):
+            other = self._entries.get(ensemble)
+            plan = self._plan_of(ensemble)
+            live = ensemble in self._loading_plans or (other is not None and other.reason != UNLOADED)
+            if live and plan is not None and any(step == model for step, _ in plan.models):
+                return True
+        return False
 
     async def load_many(self, names: Sequence[str]) -> None:
         """Load several models concurrently; failures are recorded per model and logged, not raised."""

@@ -24,6 +24,7 @@ from tensorgate.server import datatypes
 from tensorgate.server.errors import InvalidRequestError, ResourceExhaustedError, TensorgateError, model_ref
 from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.repository.manager import IndexRow, LoadedModel
+from tensorgate.server.repository.paths import relative_path
 from tensorgate.server.rpc.shared_memory import REGION, RegionError, Slice, SystemSharedMemory
 from tensorgate.server.telemetry.statistics import Duration
 
@@ -438,11 +439,18 @@ def load_files(msg: pb.RepositoryModelLoadRequest) -> dict[str, bytes] | None:
     inside the directory; None when there are none."""
     files: dict[str, bytes] = {}
     for key, param in msg.parameters.items():
-        if not key.startswith("file:"):
+        if key == "config":
             continue
+        if not key.startswith("file:"):
+            # Ignored, a misspelt "confg" would reload the model from disk and answer OK: the caller would believe
+            # its override took effect. Triton refuses it too.
+            raise InvalidRequestError(
+                msg.model_name, None, f"unrecognized load parameter '{key}' (known: 'config', 'file:<path>')"
+            )
         path = key.removeprefix("file:")
-        parts = path.split("/")
-        if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path or "\0" in path:
+        rel = relative_path(path)
+        # Written as it will be stored: one spelling per file (no "." or empty parts), no Windows separator.
+        if rel is None or str(rel) != path or "\\" in path:
             raise InvalidRequestError(
                 msg.model_name, None, f"'{key}' is not a path inside the model directory (like 'file:1/model.onnx')"
             )
@@ -458,6 +466,20 @@ def load_files(msg: pb.RepositoryModelLoadRequest) -> dict[str, bytes] | None:
     return files
 
 
+def unload_dependents(msg: pb.RepositoryModelUnloadRequest) -> bool:
+    """RepositoryModelUnload's one parameter, `unload_dependents` (a bool_param; tritonclient's
+    `unload_model(..., unload_dependents=True)`). Any other is refused, where Triton ignores it: a misspelt one
+    would leave the composing models loaded while the caller believes them gone."""
+    for key, param in msg.parameters.items():
+        if key != "unload_dependents":
+            raise InvalidRequestError(
+                msg.model_name, None, f"unrecognized unload parameter '{key}' (known: 'unload_dependents')"
+            )
+        if param.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidRequestError(msg.model_name, None, "unload parameter 'unload_dependents' must be a bool_param")
+    return "unload_dependents" in msg.parameters and msg.parameters["unload_dependents"].bool_param
+
+
 def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
     """RepositoryModelLoad's optional "config" parameter: a ModelConfig in JSON, turned into text format.
 
@@ -465,6 +487,8 @@ def load_config_override(msg: pb.RepositoryModelLoadRequest) -> str | None:
     """
     if "config" not in msg.parameters:
         return None
+    if msg.parameters["config"].WhichOneof("parameter_choice") != "string_param":
+        raise InvalidRequestError(msg.model_name, None, "load parameter 'config' must be a string_param (JSON)")
     text = msg.parameters["config"].string_param
     config = mc.ModelConfig()
     try:

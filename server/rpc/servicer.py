@@ -49,12 +49,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "tensorgate"
-# Only what is really implemented: perf_analyzer reads this list to decide what to call.
+# Only what is really implemented: perf_analyzer reads this list to decide what to call. Triton 2.51 also lists
+# binary_tensor_data (HTTP only) and cuda_shared_memory (registration is UNIMPLEMENTED here); system_shared_memory
+# is added when it is on.
 EXTENSIONS = (
     "classification",
     "logging",
     "model_configuration",
     "model_repository",
+    "model_repository(unload_dependents)",
+    "parameters",
+    "schedule_policy",
     "sequence",
     "statistics",
     "trace",
@@ -569,7 +574,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         self._require_control("RepositoryModelUnload")
-        await self._repository.unload(request.model_name)
+        await self._repository.unload(request.model_name, dependents=codec.unload_dependents(request))
         return pb.RepositoryModelUnloadResponse()
 
     # ----- settings ----------------------------------------------------------------------------------------
