@@ -238,8 +238,10 @@ def unload_request(model: str, unload_dependents: bool) -> pb.RepositoryModelUnl
     return request
 
 
-def stream_request(item: StreamRequest, index: int) -> pb.ModelInferRequest:
-    """A stream item as a request; one without ``request_id`` gets its index in the stream ("0", "1", ...)."""
+def stream_request(item: StreamRequest, index: int, stream: str) -> pb.ModelInferRequest:
+    """A stream item as a request; one without ``request_id`` gets ``{stream}-{index}``: unique beyond its stream,
+    because a server keeps ids (tensorgate's captures, which feedback finds by id), and index-only ids repeat
+    on every stream."""
     if isinstance(item, tuple):
         model, inputs = item
         kwargs: dict[str, Any] = {}
@@ -255,5 +257,5 @@ def stream_request(item: StreamRequest, index: int) -> pb.ModelInferRequest:
     else:
         raise TypeError(f"stream request {index}: expected (model, inputs) or a dict, got {type(item).__name__}")
     if kwargs.get("request_id") is None:
-        kwargs["request_id"] = str(index)
+        kwargs["request_id"] = f"{stream}-{index}"
     return infer_request(model, inputs, **kwargs)

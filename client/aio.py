@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -148,7 +149,8 @@ class AsyncInferenceClient:
 
         Each request is ``(model, inputs)`` or a dict of ``infer``'s arguments. tensorgate and Triton answer in
         request order (for a model that is not decoupled); other servers may not, so ``.id`` is there to match
-        them (a request without ``request_id`` gets its index in the stream, "0", "1", ...).
+        them (a request without ``request_id`` gets ``<stream>-<index>``: a prefix drawn for each stream, then its
+        index in the stream, "0", "1", ...; unique beyond the stream, as feedback on captured requests needs).
 
         A request that fails is *yielded* as a ``StreamItemError`` (with ``.request_id``), not raised, because
         raising would end the iteration and lose the results still on their way; the stream goes on. A failure
@@ -158,16 +160,18 @@ class AsyncInferenceClient:
         """
         bad: list[Exception] = []
 
+        stream = secrets.token_hex(6)
+
         async def messages() -> AsyncIterator[pb.ModelInferRequest]:
             index = 0
             try:
                 if isinstance(requests, AsyncIterable):
                     async for item in requests:
-                        yield _common.stream_request(item, index)
+                        yield _common.stream_request(item, index, stream)
                         index += 1
                 else:
                     for item in requests:
-                        yield _common.stream_request(item, index)
+                        yield _common.stream_request(item, index, stream)
                         index += 1
             except Exception as exc:  # noqa: BLE001 - grpc would swallow it; re-raised after the responses
                 bad.append(exc)

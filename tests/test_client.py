@@ -393,7 +393,8 @@ async def test_stream_yields_results_and_item_errors(aio_client: AsyncInferenceC
         {"model": "scaled", "inputs": {"INPUT0": np.ones((1, 4), np.float32)}, "version": 1},
     ]
     items = [item async for item in aio_client.stream_infer(requests)]
-    by_id = {item.id: item for item in items}  # results and errors alike
+    stream = items[0].id.removesuffix("-0")  # the prefix the client drew for this stream's ids
+    by_id = {item.id.removeprefix(f"{stream}-"): item for item in items}  # results and errors alike
     assert sorted(by_id) == ["0", "3", "missing", "only-1"]
     ok = by_id["0"]
     assert isinstance(ok, InferResult)
@@ -421,7 +422,16 @@ async def test_stream_bad_item_is_raised_after_earlier_results(aio_client: Async
     with pytest.raises(TypeError, match="stream request 1"):
         async for item in aio_client.stream_infer([("add_sub", add_sub_inputs(1)), {"inputs": {}}]):
             seen.append(item)
-    assert [item.id for item in seen] == ["0"]
+    assert [item.id.rpartition("-")[2] for item in seen] == ["0"]
+
+
+async def test_stream_ids_the_client_picks_differ_between_streams(aio_client: AsyncInferenceClient) -> None:
+    """A server keeps request ids (tensorgate's captures, found again by feedback): ids made up by the client must
+    not repeat from one stream to the next, as "0", "1", ... did."""
+    first = [item.id async for item in aio_client.stream_infer([("add_sub", add_sub_inputs(1))] * 2)]
+    second = [item.id async for item in aio_client.stream_infer([("add_sub", add_sub_inputs(1))] * 2)]
+    assert [i.rpartition("-")[2] for i in first + second] == ["0", "1", "0", "1"]
+    assert len(set(first + second)) == 4
 
 
 async def test_stream_to_a_server_that_is_down_raises_unavailable() -> None:
