@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
-from tensorgate.client._monitoring import Label
+from tensorgate.client._monitoring import Label, describe_failure
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 from tensorgate.client.errors import TensorgateClientError
 from tensorgate.client.sync import InferenceClient
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                     refused += 1
                     print(f"{status.request_id}: {status.code.name}: {status.message}", file=sys.stderr)
     except TensorgateClientError as exc:
-        print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        print(f"{args.server}: {describe_failure(exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files, a timeout that is no number of seconds
         print(f"tensorgate feedback: {exc}", file=sys.stderr)

@@ -10,17 +10,38 @@ import grpc
 import numpy as np
 
 from tensorgate.client._common import version_str
+from tensorgate.client.errors import TensorgateClientError
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.protos.service import make_stub_class
 from tensorgate.protos.tensors import BY_NAME
 
-__all__ = ["FeedbackStatus", "ModelQuality", "MonitoringStub", "feedback", "quality_result", "window_request"]
+__all__ = [
+    "FeedbackStatus",
+    "ModelQuality",
+    "MonitoringStub",
+    "describe_failure",
+    "feedback",
+    "quality_result",
+    "window_request",
+]
 
 MONITORING_SERVICE = "tensorgate.v1.Monitoring"
 MonitoringStub = make_stub_class(MONITORING_SERVICE)
 
 Label = int | float | str | bytes | Sequence[Any] | np.ndarray
 """Ground truth of one request: one value (single-row request) or one per row; numbers or text."""
+
+
+def describe_failure(exc: TensorgateClientError) -> str:
+    """A failed Monitoring call as the commands print it, ``CODE: details``. A server without ``--data-dir`` has
+    no Monitoring service at all, and gRPC's words for that ("Method not found!") do not say what to change."""
+    text = f"{exc.code.name}: {exc.details}"
+    if exc.code == grpc.StatusCode.UNIMPLEMENTED and "--data-dir" not in exc.details:  # tensorgate's own says so
+        text += (
+            f" (monitoring is off: the server has no {MONITORING_SERVICE} service; "
+            "start `tensorgate serve` with --data-dir DIR)"
+        )
+    return text
 
 
 def feedback(request_id: str, label: Label) -> mpb.Feedback:

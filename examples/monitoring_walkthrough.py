@@ -14,11 +14,21 @@ Steps:
    F1 are high, and the window's drift stays below the alert thresholds.
 3. The same digits inverted (16 - pixel), with their labels: accuracy falls, the input features drift, and the
    monitor loop fires the alert rules of examples/monitoring-alerts.yaml (printed once the server lists them).
+
+Two flags write the files that README's by-hand steps read, and stop there:
+
+    python examples/monitoring_walkthrough.py --write-reference reference.npy    # the training rows; no server
+    python examples/monitoring_walkthrough.py --server 127.0.0.1:8001 --labels-out labels.jsonl
+
+``--labels-out`` sends the held-out digits as step 2 does, and writes each request's id with its true labels
+(``{"id": "...", "label": [2, 0, ...]}`` per line) for ``tensorgate feedback digits --file labels.jsonl``,
+instead of sending them itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -50,12 +60,25 @@ def reference_rows(models: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x_train, held_out["X_test"], held_out["y_test"]
 
 
-def send(client: InferenceClient, x: np.ndarray, y: np.ndarray) -> int:
-    """Infer in batches of BATCH rows, then send each request's true labels as feedback; returns requests sent."""
+def infer(client: InferenceClient, x: np.ndarray, y: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Infer in batches of BATCH rows; each request's id (the one its response carries) with its true labels."""
     labelled: list[tuple[str, np.ndarray]] = []
     for start in range(0, len(x), BATCH):
         result = client.infer(MODEL, {"input": x[start : start + BATCH]})
         labelled.append((result.id, y[start : start + BATCH]))
+    return labelled
+
+
+def write_labels(path: Path, labelled: list[tuple[str, np.ndarray]]) -> None:
+    """The JSONL file `tensorgate feedback --file` reads: one request a line, one label per row of it."""
+    with path.open("w", encoding="utf-8") as f:
+        for request_id, labels in labelled:
+            f.write(json.dumps({"id": request_id, "label": labels.tolist()}) + "\n")
+
+
+def send(client: InferenceClient, x: np.ndarray, y: np.ndarray) -> int:
+    """Infer in batches of BATCH rows, then send each request's true labels as feedback; returns requests sent."""
+    labelled = infer(client, x, y)
     refused = [s for s in client.submit_feedback_batch(MODEL, labelled) if not s.ok]
     if refused:
         raise SystemExit(f"feedback refused: {refused[0].code.name}: {refused[0].message}")
@@ -72,15 +95,38 @@ def show(client: InferenceClient, requests: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--server", default="127.0.0.1:8001", help="host:port of the running server")
-    parser.add_argument("--data-dir", type=Path, required=True, help="the server's --data-dir (for the profile)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="the server's --data-dir (for the profile)")
     parser.add_argument("--models", type=Path, default=HERE / "models", help="the repository build_models.py wrote")
     parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the alerts (default 60)")
     parser.add_argument(
         "--alert-rules", type=Path, default=HERE / "monitoring-alerts.yaml", help="the server's --alert-rules"
     )
+    by_hand = parser.add_mutually_exclusive_group()
+    by_hand.add_argument(
+        "--write-reference", type=Path, default=None, metavar="FILE", help="write the training rows to FILE.npy, stop"
+    )
+    by_hand.add_argument(
+        "--labels-out",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="send the held-out digits, write their request ids and labels to FILE.jsonl (no feedback), stop",
+    )
     args = parser.parse_args(argv)
 
     x_train, x_test, y_test = reference_rows(args.models)
+    if args.write_reference is not None:
+        np.save(args.write_reference, x_train)
+        print(f"{args.write_reference}: {len(x_train)} training rows of {MODEL}")
+        return 0
+    if args.labels_out is not None:
+        with InferenceClient(args.server, timeout=30) as client:
+            labelled = infer(client, x_test, y_test)
+        write_labels(args.labels_out, labelled)
+        print(f"{args.labels_out}: the labels of {len(labelled)} requests ({len(x_test)} held-out digits)")
+        return 0
+    if args.data_dir is None:
+        parser.error("--data-dir is required (unless --write-reference or --labels-out)")
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "reference.npy"
         np.save(reference, x_train)

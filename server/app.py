@@ -27,6 +27,7 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
+from tensorgate.server.rpc.monitoring_off import MonitoringOff
 from tensorgate.server.rpc.probes import ProbeAuthorization
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.rpc.shared_memory import SystemSharedMemory
@@ -220,6 +221,8 @@ class TensorgateServer:
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if s.data_dir is not None:
             services.append(self._add_monitoring(server))
+        else:
+            server.add_generic_rpc_handlers([MonitoringOff()])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_files(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
         reflection.enable_server_reflection(services, server, pool=POOL)

@@ -68,6 +68,15 @@ def test_rules_from_config_parameters() -> None:
         pytest.param("accuracy < 0.9 min_samples=0", "min_samples must be at least 1", id="min-samples-0"),
         pytest.param("accuracy < 0.9 for=0", "for_windows must be at least 1", id="for-0"),
         pytest.param("accuracy < 0.9 every=2", "unknown option 'every=2'", id="option"),
+        pytest.param(
+            "accuracy < 0.9 min_sample=2", "unknown option 'min_sample=2': did you mean 'min_samples'?", id="typo"
+        ),
+        pytest.param(
+            "drifted_share > 0.1",
+            "unknown metric 'drifted_share': drift metrics are written drift.drifted_share",
+            id="drift-prefix",
+        ),
+        pytest.param("accuraccy < 0.9", "unknown metric 'accuraccy': did you mean 'accuracy'?", id="metric-typo"),
     ],
 )
 def test_bad_config_rules_name_the_rule_and_the_problem(text: str, problem: str) -> None:
@@ -117,6 +126,15 @@ def test_rules_file(tmp_path: Path) -> None:
     ]
 
 
+def test_for_and_for_windows_are_one_option_in_both_forms(tmp_path: Path) -> None:
+    """README shows `for=2` in a config rule: the same word in a rules file (and the field's own name in a config
+    rule) means the same, rather than failing the server's start as an unknown key."""
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - {name: acc, metric: accuracy, op: '<', threshold: 0.9, for: 2}\n")
+    assert load_rules_file(path) == [AlertRule("acc", "accuracy", "<", 0.9, for_windows=2)]
+    assert parse_rule("acc", "accuracy < 0.9 for_windows=3") == AlertRule("acc", "accuracy", "<", 0.9, for_windows=3)
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [
@@ -133,6 +151,21 @@ def test_rules_file(tmp_path: Path) -> None:
             "rules:\n  - {name: a, metric: accuracy, op: '<', threshold: lots}\n", "rules[0]:", id="bad-threshold"
         ),
         pytest.param("rules:\n  - {name: a, metric: f1, op: '<', threshold: 1}\n", "unknown metric 'f1'", id="metric"),
+        pytest.param(
+            "rules:\n  - {name: a, metric: drifted_share, op: '>', threshold: 0.1}\n",
+            "unknown metric 'drifted_share': drift metrics are written drift.drifted_share",
+            id="drift-prefix",
+        ),
+        pytest.param(
+            "rules:\n  - {name: a, metric: accuracy, op: '<', threshold: 1, min_sample: 5}\n",
+            "unknown key(s) min_sample: did you mean 'min_samples'?",
+            id="key-typo",
+        ),
+        pytest.param(
+            "rules:\n  - {name: a, metric: accuracy, op: '<', threshold: 1, for: 2, for_windows: 3}\n",
+            "'for' and 'for_windows' are the same key: give one",
+            id="for-twice",
+        ),
         pytest.param(
             "rules:\n  - {name: a, metric: mae, op: '>', threshold: 1}\n"
             "  - {name: a, metric: rmse, op: '>', threshold: 1}\n",

@@ -3,11 +3,13 @@ section), against a real server with monitoring on, serving the example digits c
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import io
 import json
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ import pytest
 from tensorgate.client import InferenceClient
 from tensorgate.server.cli import main
 from tensorgate.server.monitoring import DB_NAME, Prediction, PredictionStore
+from tensorgate.server.monitoring.alerts import METRICS, load_rules_file
 from tensorgate.server.monitoring.drift import ReferenceProfile, load_profile
 from tests.serving import ServerThread
 
@@ -129,6 +132,86 @@ def test_readme_section_names_the_script_and_the_rules() -> None:
         assert needed in section, needed
 
 
+def _watching_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("## Watching a model: quality, drift, alerts", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_by_hand_steps_run_as_written(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command of the README's by-hand walk-through, in order, against a fresh capturing server: the files
+    they read (reference.npy, labels.jsonl) are made by commands of the block itself."""
+    block = _watching_section().split("The script does, step by step, what you would do by hand", 1)[1]
+    commands = [c for c in re.findall(r"```sh\n(.*?)```", block, re.DOTALL)[0].splitlines() if not c.startswith("#")]
+    data_dir, plots = tmp_path / "data", tmp_path / "plots"
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    with ServerThread(repo, data_dir=data_dir, monitor_interval_s=0.5, alert_rules=RULES) as s:
+        for command in commands:
+            line = (
+                command.replace("127.0.0.1:8001", s.address)
+                .replace("/tmp/tensorgate-data", str(data_dir))
+                .replace("/tmp/tensorgate-monitor", str(plots))
+            )
+            argv = shlex.split(line)
+            if argv[:2] == ["python", "examples/monitoring_walkthrough.py"]:
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    code, err = walkthrough.main([*argv[2:], "--models", str(repo)]), ""
+                printed.append(out.getvalue())
+            else:
+                assert argv[0] == "tensorgate", command
+                code, out_text, err = run_cli(*argv[1:])
+                printed.append(out_text)
+            assert code == 0, (command, err)
+    assert "accepted 45 of 45 label(s) for model 'digits'" in printed[3]
+    assert "quality of model 'digits' version 1: 45 predictions, 45 labelled" in printed[4], printed[4]
+    assert (plots / "history.jsonl").is_file()
+    exported = [json.loads(line) for line in (tmp_path / "digits.jsonl").read_text().splitlines()]
+    assert sum(r["label"] is not None for r in exported) == 450
+
+
+def _parameters_monitoring_reads() -> set[str]:
+    """Every config.pbtxt parameter key the monitoring code reads: the second argument of each `parameter(...)`
+    call in server/monitoring/, a literal or a module constant, and the alert rules' prefix."""
+    found = {"tensorgate.alert.<name>"}
+    for path in sorted((ROOT / "server" / "monitoring").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        constants = {
+            target.id: str(node.value.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+            for target in node.targets
+            if isinstance(target, ast.Name) and isinstance(node.value.value, str)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "parameter":
+                key = node.args[1]
+                assert isinstance(key, ast.Constant | ast.Name), ast.dump(key)
+                found.add(str(key.value) if isinstance(key, ast.Constant) else constants[key.id])
+    return found
+
+
+def test_readme_lists_every_parameter_monitoring_reads() -> None:
+    """The table of "Your own model" is written by hand: no parameter read is missing from it, none it lists is
+    not read."""
+    read = _parameters_monitoring_reads()
+    assert {"tensorgate.task", "tensorgate.capture.sample_rate", "tensorgate.drift.reference_requests"} <= read
+    table = _watching_section().split("| Parameter | Meaning | Default |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
+    assert listed == read
+
+
+def test_readme_rules_file_example_loads_and_names_every_metric(tmp_path: Path) -> None:
+    section = _watching_section()
+    (example,) = [b for b in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL) if b.startswith("rules:")]
+    path = tmp_path / "rules.yaml"
+    path.write_text(example)
+    (rule,) = load_rules_file(path)
+    assert (rule.metric, rule.min_samples, rule.for_windows) == ("drift.drifted_share", 200, 2)
+    for metric in METRICS:
+        assert re.search(rf"\b{re.escape(metric)}\b", example), metric
+
+
 # ----- profile ---------------------------------------------------------------------------------------------------
 
 
@@ -222,6 +305,35 @@ def test_profile_against_a_server_without_capture_does_not_warn(
     assert code == 0 and err == "", err
     profile = load_profile(tmp_path / "data", repo / "digits", "digits")
     assert profile is not None and profile.samples == 450
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["monitor", "digits"], id="monitor"),
+        pytest.param(["feedback", "digits", "--id", "r1", "--label", "3"], id="feedback"),
+    ],
+)
+def test_monitoring_commands_against_a_server_without_data_dir_say_so(repo: Path, argv: list[str]) -> None:
+    """Such a server has no Monitoring service: gRPC's own "Method not found!" alone leaves the user guessing."""
+    with ServerThread(repo) as plain:
+        code, _, err = run_cli(*argv, "--server", plain.address)
+    assert code == 1
+    assert "UNIMPLEMENTED" in err and "monitoring is off" in err and "--data-dir" in err, err
+
+
+def test_monitoring_calls_to_a_server_without_data_dir_say_what_it_needs(repo: Path) -> None:
+    """The Python client (and any other) hears why, on unary and streaming methods alike, and the server keeps
+    serving inference."""
+    from tensorgate.client import InferenceClient
+    from tensorgate.client.errors import Unimplemented
+
+    with ServerThread(repo) as plain, InferenceClient(plain.address, timeout=10) as client:
+        with pytest.raises(Unimplemented, match="monitoring is off on this server.*--data-dir DIR"):
+            client.model_quality("digits")
+        with pytest.raises(Unimplemented, match="monitoring is off on this server.*--data-dir DIR"):
+            list(client.submit_feedback_stream("digits", [("r1", 3)]))
+        assert client.ready("digits")
 
 
 # ----- export ------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ or from a YAML file (``--alert-rules``)::
         op: ">"
         threshold: 0.1
         min_samples: 200         # optional, default 100
-        for_windows: 1           # optional, default 1
+        for_windows: 1           # optional, default 1 (``for``, the config.pbtxt spelling, is taken too)
 
 A model has one rule per name: its config.pbtxt rule overrides a rules-file rule of the same name, and a file rule
 naming the model overrides a ``"*"`` one (``model_rules``), so a model can tighten or relax a fleet-wide rule.
@@ -33,6 +33,7 @@ quality rules have no min_samples guard: no gauge exports how many labels a qual
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -87,6 +88,20 @@ class AlertRuleError(ValueError):
     """A rule that cannot be parsed or makes no sense; the message names the rule and the problem."""
 
 
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """A hint for a misspelt key or metric: what a user wrote is most often one letter or a prefix away."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f": did you mean '{close[0]}'?" if close else ""
+
+
+def _unknown_metric(metric: str) -> str:
+    """Why a metric is refused, with its right spelling when there is one: drift metrics are written with the
+    ``drift.`` prefix the gauges' names do not show (``tensorgate_model_drift{metric="drifted_share"}``)."""
+    if f"drift.{metric}" in DRIFT_METRICS:
+        return f"unknown metric '{metric}': drift metrics are written drift.{metric}"
+    return f"unknown metric '{metric}'{_did_you_mean(metric, METRICS)} (one of: {', '.join(METRICS)})"
+
+
 @dataclass(slots=True, frozen=True)
 class AlertRule:
     """``metric op threshold``, judged on windows of at least ``min_samples``, firing after ``for_windows``."""
@@ -104,7 +119,7 @@ class AlertRule:
         if not _NAME.match(self.name):
             raise AlertRuleError(f"{where}: a name is letters, digits, '_', '.' or '-'")
         if self.metric not in METRICS:
-            raise AlertRuleError(f"{where}: unknown metric '{self.metric}' (one of: {', '.join(METRICS)})")
+            raise AlertRuleError(f"{where}: {_unknown_metric(self.metric)}")
         if self.op not in OPS:
             raise AlertRuleError(f"{where}: operator must be '<' or '>', got '{self.op}'")
         if not math.isfinite(self.threshold):
@@ -168,9 +183,11 @@ def parse_rule(name: str, text: str, *, model: str = "*") -> AlertRule:
     kwargs: dict[str, int] = {}
     for option in options:
         key, sep, raw = option.partition("=")
-        if not sep or key not in ("min_samples", "for"):
-            raise AlertRuleError(f"alert rule '{name}': unknown option {option!r} (min_samples=N or for=N)")
-        kwargs["for_windows" if key == "for" else key] = _int_option(name, key, raw)
+        field = _ALIASES.get(key, key)
+        if not sep or field not in ("min_samples", "for_windows"):
+            hint = _did_you_mean(key, ("min_samples", "for")) if sep else ""
+            raise AlertRuleError(f"alert rule '{name}': unknown option {option!r}{hint} (min_samples=N or for=N)")
+        kwargs[field] = _int_option(name, key, raw)
     return AlertRule(name=name, metric=metric, op=op, threshold=threshold, model=model, **kwargs)
 
 
@@ -184,15 +201,24 @@ def rules_from_config(parameters: Mapping[str, str], *, model: str = "*") -> lis
 
 
 _FILE_KEYS = {"name", "metric", "op", "threshold", "min_samples", "for_windows", "model"}
+_ALIASES = {"for": "for_windows"}
+"""Both forms take both spellings: ``for=2`` is what README and config.pbtxt rules show, ``for_windows`` the
+field's name, and a rules file written after a config rule (or the other way round) should not fail on it."""
 
 
 def _rule_from_mapping(path: Path, index: int, item: Any) -> AlertRule:
     where = f"{path}: rules[{index}]"
     if not isinstance(item, dict):
         raise AlertRuleError(f"{where}: a rule is a mapping with name, metric, op and threshold")
-    unknown = sorted(set(item) - _FILE_KEYS)
+    both = [f"'{alias}' and '{key}'" for alias, key in _ALIASES.items() if alias in item and key in item]
+    if both:
+        raise AlertRuleError(f"{where}: {both[0]} are the same key: give one")
+    item = {_ALIASES.get(k, k): v for k, v in item.items()}
+    unknown = sorted(map(str, set(item) - _FILE_KEYS))
     if unknown:
-        raise AlertRuleError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (allowed: {sorted(_FILE_KEYS)})")
+        known = sorted(_FILE_KEYS | set(_ALIASES))
+        hint = _did_you_mean(unknown[0], known) if len(unknown) == 1 else ""
+        raise AlertRuleError(f"{where}: unknown key(s) {', '.join(unknown)}{hint} (allowed: {known})")
     missing = [k for k in ("name", "metric", "op", "threshold") if k not in item]
     if missing:
         raise AlertRuleError(f"{where}: missing {', '.join(missing)}")

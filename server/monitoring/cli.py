@@ -85,6 +85,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def run(args: argparse.Namespace) -> int:
     """Run one of COMMANDS; errors are one line on stderr."""
     prog = f"tensorgate {args.command}"
+    from tensorgate.client._monitoring import describe_failure
     from tensorgate.client.errors import TensorgateClientError
     from tensorgate.server.monitoring.drift import ProfileError
     from tensorgate.server.monitoring.export import ExportError
@@ -103,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     except TensorgateClientError as exc:
-        print(f"{prog}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        # profile calls the inference service only: its UNIMPLEMENTED is no sign of monitoring being off.
+        text = describe_failure(exc) if args.command == "monitor" else f"{exc.code.name}: {exc.details}"
+        print(f"{prog}: {text}", file=sys.stderr)
         return 1
 
 
