@@ -111,6 +111,7 @@ class TensorgateServer:
             latency_histograms=self._metrics_on,
             tracing=self.tracing,
             allowed_upstreams=settings.allowed_upstreams,
+            response_cache=settings.response_cache_bytes > 0,
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,34 @@ def test_read_then_turn_the_access_lines_on_and_off(
     assert "log settings changed by 'anonymous': {'log_warning': False}" in caplog.text
     now = _settings(client.update_log_settings({"log_verbose_level": 3, "log_info": True}))
     assert (now["log_verbose_level"], now["log_warning"], now["log_error"]) == (3, True, True)
+
+
+def test_an_access_line_names_the_version_a_refused_request_reached(
+    client: tc.InferenceServerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that named no version and was refused as invalid once the server had picked one: its error names
+    that version, and so does its access line (it said `version=-`). The id is the one sent; a request sent
+    without one and refused gets `-`, since the id the server would have given it reached no caller."""
+    caplog.set_level(logging.DEBUG, logger="tensorgate.access")
+    narrow = np.ones((1, 8), np.float32)  # add_sub takes 16 values a row
+    for request_id in ("refused-7", ""):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("add_sub", triton_inputs({"INPUT0": narrow, "INPUT1": narrow}), request_id=request_id)
+        assert "model 'add_sub' version 1" in str(info.value)
+
+    def refused() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
+        return [line for line in lines if "status=INVALID_ARGUMENT" in line]
+
+    # The line is written once the call has ended, after the caller has its status: wait for it (bounded).
+    for _ in range(100):
+        if len(refused()) == 2:
+            break
+        time.sleep(0.05)
+    assert [line.split(" status=")[0] for line in refused()] == [
+        "ModelInfer model=add_sub version=1 id=refused-7",
+        "ModelInfer model=add_sub version=1 id=-",
+    ], refused()
 
 
 @pytest.mark.parametrize(

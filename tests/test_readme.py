@@ -64,3 +64,32 @@ def test_readme_python_snippets_run(example_server: ServerThread, index: int, tm
     if "digits" in code:
         expected = np.load(repo / "digits" / "test_data.npz")["y_test"][:4]
         assert printed == str(expected), "the README's digits example should print the true labels"
+
+
+def test_readme_ensemble_example_loads_and_answers(tmp_path: Path) -> None:
+    """The Ensembles section's config, with its composing models laid out as the section shows them (their
+    config.pbtxt giving only max_batch_size), loads and chains add_sub into scale."""
+    import tritonclient.grpc as tc
+
+    from tests.onnx_models import add_sub_model, scale_model, write_config
+
+    section = README.split("### Ensembles", 1)[1].split("\n## ", 1)[0]
+    config, layout = re.findall(r"```\n(.*?)```", section, re.DOTALL)[:2]
+    root = tmp_path / "models"
+    add_sub_model(root / "add_sub" / "1" / "model.onnx")
+    scale_model(root / "scale" / "1" / "model.onnx", 2.0, width=16)
+    for model in ("add_sub", "scale"):
+        (given,) = re.findall(rf"^\s*{model}/config\.pbtxt\s+# (.*)$", layout, re.MULTILINE)
+        write_config(root, model, given)
+    (root / "pipeline" / "1").mkdir(parents=True)
+    write_config(root, "pipeline", config)
+    a, b = np.arange(48, dtype=np.float32).reshape(3, 16), np.ones((3, 16), np.float32)
+    with ServerThread(root) as server:
+        client = tc.InferenceServerClient(server.address)
+        try:
+            inputs = [tc.InferInput("A", [3, 16], "FP32"), tc.InferInput("B", [3, 16], "FP32")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            np.testing.assert_array_equal(client.infer("pipeline", inputs).as_numpy("SCALED"), 2 * (a + b))
+        finally:
+            client.close()

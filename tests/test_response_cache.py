@@ -4,6 +4,7 @@ it. Real servers, real ONNX models, unmodified tritonclient; whether the model r
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.server.pipeline.cache import ARRAY_BYTES, ENTRY_BYTES, HEAVY_COST, ResponseCache, heavy
+from tensorgate.server.repository.manager import ModelRepository
 from tests.onnx_models import (
     ADD_SUB_CONFIG,
     add_sub_model,
@@ -143,6 +145,24 @@ def test_without_a_server_cache_the_setting_does_nothing(tmp_path: Path) -> None
             assert _stats(c, "cached")["executions"] == 2 and _stats(c, "cached")["miss"] == 0
         finally:
             c.close()
+
+
+@pytest.mark.parametrize("cache", [pytest.param(False, id="no-server-cache"), pytest.param(True, id="server-cache")])
+async def test_enabling_the_cache_on_a_server_without_one_warns_at_each_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cache: bool
+) -> None:
+    """`response_cache { enable: true }` without --response-cache-bytes does nothing: the load says so, naming the
+    model and the flag, once per load; a model that does not ask, or a server with a cache, says nothing."""
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.manager")
+    repository = ModelRepository(_repository(tmp_path / "models"), response_cache=cache)
+    try:
+        await repository.load_many(["cached", "plain"])
+        await repository.load("cached")  # a reload is a load
+    finally:
+        await repository.close()
+    said = [r.getMessage() for r in caplog.records if "response_cache" in r.getMessage()]
+    expected = "model 'cached' enables response_cache, but the server has no response cache"
+    assert [expected in m and "--response-cache-bytes" in m for m in said] == ([] if cache else [True, True]), said
 
 
 def test_a_version_reloaded_with_new_files_never_answers_with_old_outputs(tmp_path: Path) -> None:

@@ -292,8 +292,12 @@ class ModelRepository:
         latency_histograms: bool = False,
         tracing: Tracing | None = None,
         allowed_upstreams: Sequence[str] = (),
+        response_cache: bool | None = None,
     ) -> None:
         self.root = root.resolve()
+        self._response_cache = response_cache
+        """Whether the server caches answers (--response-cache-bytes); False: a load of a model whose config enables
+        response_cache warns that the setting does nothing. None: not said (no warning)."""
         self._allowed_upstreams = tuple(allowed_upstreams)
         """--allowed-upstreams: the upstream urls a config override may name besides its model's own on disk."""
         self._latency_histograms = latency_histograms
@@ -451,6 +455,12 @@ class ModelRepository:
         check_backend(base)
         check_supported(base)
         _check_alert_rules(base)
+        if base.response_cache.enable and self._response_cache is False:  # as Triton, it serves; but say why uncached
+            log.warning(
+                "model '%s' enables response_cache, but the server has no response cache: its answers are not "
+                "cached (start the server with --response-cache-bytes N)",
+                name,
+            )
         plan = plan_of(base) if is_ensemble(base) else None
         base_text = base.SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)

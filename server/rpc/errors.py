@@ -106,12 +106,15 @@ def request_attributes(rpc: str, request: object) -> dict[str, str]:
     return {k: v for k, v in out.items() if v and isinstance(v, str)}
 
 
-def access_log_line(rpc: str, request: object, code: str, started_ns: int, response: object = None) -> None:
+def access_log_line(
+    rpc: str, request: object, code: str, started_ns: int, response: object = None, error: object = None
+) -> None:
     """One debug line per call: who asked for what, how it ended and how long it took; never the payload. A
-    stream's messages are ModelInferRequests, named as ModelInfer's are. The version is the one that answered
-    (the response's) when the request left it to the server."""
+    stream's messages are ModelInferRequests, named as ModelInfer's are. The version is the request's; when it left
+    that to the server, the one that answered (the response's), or the one its error names (a request refused as
+    invalid once the server had picked a version)."""
     model, version = model_of("ModelInfer" if rpc == "ModelStreamInfer" else rpc, request) or ("", "")
-    version = version or getattr(response, "model_version", "")
+    version = version or getattr(response, "model_version", "") or str(getattr(error, "version", None) or "")
     access_log.debug(
         "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
         rpc,
@@ -173,7 +176,7 @@ def unary(
             raise  # unreachable: abort raises
         finally:
             if access_log.isEnabledFor(logging.DEBUG):  # while span and identity are current: the line has both
-                access_log_line(rpc, request, code, started, response)
+                access_log_line(rpc, request, code, started, response, error)
             if admitted is not None:
                 self.auth.release(admitted)
             if token is not None:

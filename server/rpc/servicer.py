@@ -296,7 +296,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """A stream message's access line, written while its span is current (the line carries that span's ids),
         then its span ended as a unary call's is: status code and error type, ERROR only for server errors."""
         if errors.access_log.isEnabledFor(logging.DEBUG):
-            errors.access_log_line("ModelStreamInfer", request, code, started, response)
+            errors.access_log_line("ModelStreamInfer", request, code, started, response, error)
         if span is not None:
             Tracing.end_rpc(span, None, code, error)
 
