@@ -284,7 +284,7 @@ def test_reuse_port_needs_a_fixed_port(repo: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2 and "reuse_port needs a fixed grpc_port" in result.stderr
+    assert result.returncode == 2 and "--reuse-port needs a fixed --grpc-port" in result.stderr
 
 
 def test_a_stream_open_during_drain_refuses_new_work_and_ends(tmp_path: Path) -> None:

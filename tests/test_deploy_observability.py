@@ -420,7 +420,7 @@ def queueing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Sample
     - batched: healthy dynamic batching. One caller at a time, so each request waits the 20 ms max_queue_delay
       for a batch that never fills: far more than its compute.
     - paced: a model that cannot keep up. BURST requests of ~50 ms at once on one instance, one row per batch,
-      then TIMED_OUT more with a 0.2 s deadline, which pass it in the queue."""
+      then TIMED_OUT more with a 0.4 s deadline, which pass it in the queue."""
     repo = tmp_path_factory.mktemp("queueing") / "models"
     add_sub_model(repo / "batched" / "1" / "model.onnx")
     batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
@@ -457,7 +457,8 @@ def queueing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Sample
 
         before, depths = scrape(url), []
         burst = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=60) for _ in range(BURST)]
-        late = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=0.2) for _ in range(TIMED_OUT)]
+        # 0.4 s: time enough for a loaded machine to take the calls in, far less than the ~0.8 s they queue behind.
+        late = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=0.4) for _ in range(TIMED_OUT)]
         # With 3 answers outstanding, one runs at most: the others wait in the queue.
         while sum(not f.done() for f in burst) >= 3:
             depths.append(depth("paced"))

@@ -317,10 +317,10 @@ def test_the_queue_byte_budget_is_a_serve_option(
     for argv, words in (
         (
             ["--data-dir", str(tmp_path / "data"), "--capture-queue-bytes", "0"],
-            "capture_queue_bytes must be at least 1",
+            "--capture-queue-bytes must be at least 1",
         ),
         (["--data-dir", str(tmp_path / "data"), "--capture-queue-bytes", "-1"], "must be at least 1, got -1"),
-        (["--capture-queue-bytes", "4096"], "capture_queue_bytes needs data_dir (monitoring is off without it)"),
+        (["--capture-queue-bytes", "4096"], "--capture-queue-bytes needs --data-dir (monitoring is off without it)"),
     ):
         assert main([*serve, *argv]) == 2
         assert words in capsys.readouterr().err
