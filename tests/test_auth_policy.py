@@ -904,6 +904,55 @@ def test_an_ensemble_loaded_by_a_caller_loads_only_step_models_it_may_load(repo:
             c.close()
 
 
+def test_unload_dependents_unloads_only_models_the_caller_may_unload(repo: Path, tmp_path: Path) -> None:
+    """The deployer may load dep-* and infer add_sub, not unload it. An ensemble it uploads on add_sub (loaded by
+    an ensemble since unloaded) must not take add_sub down with unload_dependents: the call is refused whole,
+    before anything is unloaded; without the parameter it unloads the ensemble alone."""
+    from google.protobuf import json_format, text_format
+
+    from tensorgate.protos import model_config_pb2 as mc
+
+    rules = [
+        {"identities": "deployer", "apis": ["repository", "inference", "metadata"], "models": ["dep-*"]},
+        {"identities": "deployer", "apis": ["inference", "metadata"], "models": ["add_sub"]},
+    ]
+    tokens = [{"sha256": hashlib.sha256(TOKEN.encode()).hexdigest(), "identity": "deployer"}]
+    (tmp_path / "policy.json").write_text(json.dumps({"rules": rules, "tokens": tokens}))
+    step = {"model_name": "add_sub", "input_map": {"INPUT0": "INPUT0", "INPUT1": "INPUT1"}}
+    config = {
+        "platform": "ensemble",
+        "max_batch_size": 8,
+        "input": [{"name": n, "data_type": "TYPE_FP32", "dims": [16]} for n in ("INPUT0", "INPUT1")],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [16]}],
+        "ensemble_scheduling": {"step": [{**step, "model_version": -1, "output_map": {"OUTPUT0": "OUTPUT0"}}]},
+    }
+    headers = {"authorization": f"Bearer {TOKEN}"}
+
+    def ready(s: ServerThread) -> set[str]:
+        return {row.name for row in s.app.repository.states() if row.state == "READY"}
+
+    with ServerThread(repo, auth_policy=tmp_path / "policy.json", model_control_mode="explicit") as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            text = text_format.MessageToString(json_format.Parse(json.dumps(config), mc.ModelConfig()))
+            s.run(s.app.repository.load("ops-ens", text, {"1/.keep": b""}))  # brings add_sub in
+            s.run(s.app.repository.unload("ops-ens"))
+            c.load_model("dep-ens", config=json.dumps(config), files={"file:1/.keep": b""}, headers=headers)
+            assert {"dep-ens", "add_sub"} <= ready(s)
+            with pytest.raises(InferenceServerException) as info:
+                c.unload_model("dep-ens", unload_dependents=True, headers=headers)
+            assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+            assert info.value.message() == (
+                "unloading ensemble 'dep-ens' with its dependents, identity 'deployer' may not call "
+                "RepositoryModelUnload on model 'add_sub'"
+            )
+            assert {"dep-ens", "add_sub"} <= ready(s)  # nothing unloaded, the ensemble included
+            c.unload_model("dep-ens", headers=headers)  # without dependents: its own, as before
+            assert "add_sub" in ready(s) and "dep-ens" not in ready(s)
+        finally:
+            c.close()
+
+
 def test_an_ensemble_refused_a_step_is_not_loaded_later_behind_the_callers_back(repo: Path, tmp_path: Path) -> None:
     """The deployer may load dep-* only: its load of dep-ens (steps dep-a, then add_sub) is refused. When dep-a
     loads again, the ensemble is tried again on behalf of whoever loaded dep-a: for the deployer it stays refused

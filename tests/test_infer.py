@@ -555,6 +555,7 @@ def test_server_metadata(client: tc.InferenceServerClient, stub: GRPCInferenceSe
     meta = client.get_server_metadata()
     assert meta.name == "tensorgate"
     assert meta.version
+    # Triton 2.51's list, less binary_tensor_data (HTTP), cuda_shared_memory and system_shared_memory (off here).
     assert sorted(meta.extensions) == [
         "classification",
         "logging",

@@ -141,25 +141,6 @@ def test_parameters_triton_does_not_take_are_refused(
     assert _ready(client) == (set() if loading else {"add_sub"})
 
 
-def test_server_metadata_lists_what_is_implemented(
-    explicit: tuple[tc.InferenceServerClient, GRPCInferenceServiceStub],
-) -> None:
-    """Triton 2.51's list, less binary_tensor_data (HTTP), cuda_shared_memory and system_shared_memory (off)."""
-    client, _ = explicit
-    assert sorted(client.get_server_metadata().extensions) == [
-        "classification",
-        "logging",
-        "model_configuration",
-        "model_repository",
-        "model_repository(unload_dependents)",
-        "parameters",
-        "schedule_policy",
-        "sequence",
-        "statistics",
-        "trace",
-    ]
-
-
 def test_our_clients_send_unload_dependents(tmp_path: Path) -> None:
     from tensorgate.client import AsyncInferenceClient, InferenceClient
 
@@ -174,5 +155,8 @@ def test_our_clients_send_unload_dependents(tmp_path: Path) -> None:
                 await c.load("pipeline")
                 await c.unload("pipeline")  # without it, as before: the steps stay
                 assert await c.ready("add_sub") and await c.ready("scale2")
+                await c.load("pipeline")
+                await c.unload("pipeline", unload_dependents=True)
+                assert not any([await c.ready(m) for m in ("pipeline", "add_sub", "scale2")])
 
         asyncio.run(aio())

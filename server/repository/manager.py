@@ -1060,20 +1060,40 @@ class ModelRepository:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def unload(self, name: str, *, dependents: bool = False) -> None:
+    async def unload(self, name: str, *, dependents: bool = False, check: Callable[[str], None] | None = None) -> None:
         """Stop serving a model; its in-flight requests finish first. With `dependents` (RepositoryModelUnload's
         unload_dependents), as Triton does: an ensemble's composing models go too, down nested ensembles, unless
         a load asked for them by name or another ensemble not unloaded has a step on them. An ensemble unloaded
-        already (not only with a step model) leaves its steps as they are, as in Triton."""
+        already (not only with a step model) leaves its steps as they are, as in Triton.
+
+        `check` is the caller's right to unload a composing model (raises PermissionDeniedError): every model the
+        call would unload is checked before anything is, so a refusal leaves all loaded, the ensemble included."""
         if name not in self._entries and self._model_dir(name) is None:
             raise ModelNotFoundError(name)
+        entry = self._entries.get(name)
+        steps = (
+            self._dependents_to_unload(name) if dependents and entry is not None and entry.reason != UNLOADED else []
+        )
+        if check is not None:
+            for step in steps:
+                try:
+                    check(step)
+                except PermissionDeniedError as exc:
+                    raise with_prefix(exc, f"unloading ensemble '{name}' with its dependents, ") from None
+        await self._unload_one(name)
+        gone = {name}
+        for step in steps:  # re-judged: a load since the check may need one now
+            if not self._needed(step, gone):
+                await self._unload_one(step)
+                gone.add(step)
+
+    async def _unload_one(self, name: str) -> None:
         async with self._lock(name):
             entry = self._entries.get(name)
             self._explicit.discard(name)
             if entry is None:
                 self._entries[name] = _Entry(name, state=UNAVAILABLE, reason=UNLOADED)
                 return
-            plan = self._plan_of(name) if dependents and entry.reason != UNLOADED else None
             retired = list(entry.versions.values())
             entry.versions, entry.failed = {}, {}
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
@@ -1082,18 +1102,33 @@ class ModelRepository:
             self.changes += 1
             log.info("model '%s' unloaded", name)
             self._refresh_dependents(name, unloaded=True)
-        for step in sorted({model for model, _ in plan.models} if plan is not None else ()):
-            if not self._needed(step):
-                await self.unload(step, dependents=True)
 
-    def _needed(self, model: str) -> bool:
+    def _dependents_to_unload(self, name: str) -> list[str]:
+        """The composing models unloading ensemble `name` with unload_dependents would unload, nested ensembles'
+        included, in the order to unload them: each step not `_needed` once the ensembles before it are gone."""
+        gone, order = {name}, []
+
+        def visit(ensemble: str) -> None:
+            plan = self._plan_of(ensemble)
+            for step in sorted({model for model, _ in plan.models} if plan is not None else ()):
+                if step not in gone and not self._needed(step, gone):
+                    gone.add(step)
+                    order.append(step)
+                    visit(step)
+
+        visit(name)
+        return order
+
+    def _needed(self, model: str, gone: set[str]) -> bool:
         """Whether unload_dependents keeps a composing model: not loaded (nothing to unload), loaded by name, or a
         step of an ensemble being loaded or not unloaded (one unloaded only with another step model still counts,
-        as in Triton: it comes back with that model)."""
+        as in Triton: it comes back with that model); the ensembles in `gone` are being unloaded by this call."""
         entry = self._entries.get(model)
         if entry is None or entry.reason == UNLOADED or model in self._explicit:
             return True
         for ensemble in self._dependents.get(model, ()):
+            if ensemble in gone:
+                continue
             other = self._entries.get(ensemble)
             plan = self._plan_of(ensemble)
             live = ensemble in self._loading_plans or (other is not None and other.reason != UNLOADED)

@@ -546,6 +546,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         if loading:
             self.auth.check("RepositoryModelLoad", model)
 
+    def _check_unload(self, model: str) -> None:
+        """A composing model that unload_dependents would unload: the caller must be allowed to unload it by name
+        (an ensemble it uploads could otherwise take down models it may not touch)."""
+        self.auth.check("RepositoryModelUnload", model)
+
     def _require_control(self, rpc: str) -> None:
         if self._model_control != "explicit":
             raise ServerUnavailableError(
@@ -574,7 +579,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         self._require_control("RepositoryModelUnload")
-        await self._repository.unload(request.model_name, dependents=codec.unload_dependents(request))
+        await self._repository.unload(
+            request.model_name,
+            dependents=codec.unload_dependents(request),
+            check=self._check_unload if self.auth.enabled else None,
+        )
         return pb.RepositoryModelUnloadResponse()
 
     # ----- settings ----------------------------------------------------------------------------------------
