@@ -113,3 +113,36 @@ def test_bad_trace_count_and_log_frequency_are_refused(repo: Path, settings: dic
                 assert after["log_frequency"] == ["0"]
             finally:
                 client.close()
+
+
+def test_calls_refused_at_the_door_take_none_of_the_trace_count(repo: Path, tmp_path: Path) -> None:
+    """Anonymous calls against a policy with tokens are refused (UNAUTHENTICATED) before they run: a flood of them
+    must not spend trace_count, or no request that runs would be traced."""
+    import hashlib
+    import json
+
+    token = "tok-" + secrets.token_hex(8)
+    policy = {
+        "rules": [{"identities": "ops", "apis": ["inference", "metadata", "settings"]}],
+        "tokens": [{"sha256": hashlib.sha256(token.encode()).hexdigest(), "identity": "ops"}],
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    headers = {"authorization": f"Bearer {token}"}
+    sink = Sink()
+    with grpc_sink(sink.keep) as endpoint:
+        with ServerThread(repo, otlp_endpoint=endpoint, otlp_insecure=True, auth_policy=tmp_path / "policy.json") as s:
+            client = triton.InferenceServerClient(s.address)
+            try:
+                client.update_trace_settings(settings={"trace_count": "1"}, headers=headers)
+                for i in range(3):
+                    with pytest.raises(InferenceServerException) as info:
+                        _infer(client, f"refused-{i}")
+                    assert info.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+                assert _settings(client.get_trace_settings(headers=headers))["trace_count"] == ["1"]
+                inp = triton.InferInput("INPUT0", [1, 4], "FP32")
+                inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+                client.infer("identity_fp32", [inp], request_id="let-in", headers=headers)
+                assert _settings(client.get_trace_settings(headers=headers))["trace_count"] == ["0"]
+            finally:
+                client.close()
+    assert "let-in" in {_request_id(span) for span in sink.spans() if span.name == INFER_SPAN}

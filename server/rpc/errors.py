@@ -160,6 +160,8 @@ def unary(
                     Tracing.set_identity(span, identity)
                 authorize(self.auth, rpc, request)
                 admitted = identity if self.auth.admit(identity) else None
+            if span is not None and tracing is not None:
+                tracing.count(span, rpc)
             response = await fn(self, request, context)
             return response
         except aio.AbortError as exc:
@@ -222,6 +224,8 @@ def stream(
                 if span is not None:
                     Tracing.set_identity(span, identity)
                 admitted = identity if self.auth.admit(identity) else None
+            if span is not None and tracing is not None:
+                tracing.count(span, rpc)
             responses = fn(self, requests, context)
             if rpc_context is None:
                 async for item in responses:

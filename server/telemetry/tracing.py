@@ -242,10 +242,15 @@ class Tracing:
         span = self.tracer.start_span(
             f"{INFERENCE_SERVICE}/{method}", context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
-        if self.pipe is not None and method in COUNTED:
-            self.pipe.tracer.took(span)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span, token
+
+    def count(self, span: Span, method: str) -> None:
+        """TraceSetting's trace_count counts an inference call's trace here, once the caller is let in (identity,
+        policy, in-flight cap): a refused call, an anonymous flood included, takes none of it. The RPC boundary
+        calls it with no await since `start_rpc`, so two calls cannot both take the last one."""
+        if self.pipe is not None and method in COUNTED:
+            self.pipe.tracer.took(span)
 
     @staticmethod
     def set_identity(span: Span, identity: str) -> None:
