@@ -42,6 +42,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         """The connections (client address and port) ModelInfer calls came over."""
         self.stream_peers: set[str] = set()
         """The connections ModelStreamInfer calls came over."""
+        self.stream_requests: list[pb.ModelInferRequest] = []
+        """Every request that came over ModelStreamInfer, as it arrived (its parameters, say)."""
         self.ready = True
         """What ModelReady answers (False: an upstream model being reloaded, say)."""
         self.described = 0
@@ -127,6 +129,7 @@ class _Servicer(GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         self.stream_peers.add(context.peer())
         async for request in request_iterator:
+            self.stream_requests.append(request)
             x = np.frombuffer(request.raw_input_contents[0], np.float32)
             n = int(x[0])
             if n < 0:

@@ -145,6 +145,27 @@ def test_responses_come_as_the_upstream_sends_them(front: ServerThread, upstream
     assert after.inference_count - before.inference_count == 2
 
 
+def test_the_server_s_own_parameters_stay_here_as_a_batch_s_do(front: ServerThread, upstream: ScriptedUpstream) -> None:
+    """A relayed request goes upstream with the parameters meant for the model only, as a batch of a model that is
+    not decoupled does (`upstream_parameters`): `priority`, `timeout` and the other names the protocol reserves
+    are the server's. The ask for an empty final response goes, since only the upstream can send it."""
+    request = pb.ModelInferRequest(model_name="gen", id="p")
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(np.full((1, 2), 1.0, np.float32).tobytes())
+    request.parameters["temperature"].double_param = 0.5
+    request.parameters["stop"].string_param = "\n"
+    request.parameters["priority"].uint64_param = 1
+    request.parameters["timeout"].int64_param = 60_000_000
+    request.parameters["binary_data_output"].bool_param = True
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    before = len(upstream.script.stream_requests)
+    with grpc.insecure_channel(front.address) as channel:
+        replies = list(GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]), timeout=30))
+    assert [r.error_message for r in replies] == ["", ""]  # one response, then the empty final one
+    (sent,) = [r for r in upstream.script.stream_requests[before:] if r.id == "p"]
+    assert sorted(sent.parameters) == ["stop", "temperature", "triton_enable_empty_final_response"]
+
+
 async def test_a_client_that_stops_reading_stops_the_upstream_being_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -621,10 +621,24 @@ def test_a_decoupled_model_s_stream_connection_is_renewed_after_its_max_age(tmp_
 
 
 def _override(url: str, **extra: str) -> str:
-    """A RepositoryModelLoad `config` (JSON) for a remote model in front of `url`."""
-    parameters = {"tensorgate.triton.url": url, "tensorgate.triton.model_name": "m", **extra}
+    """A RepositoryModelLoad `config` (JSON) for a remote model in front of `url`; `extra`: more
+    `tensorgate.triton.*` parameters, by their short names."""
+    parameters = {"url": url, "model_name": "m", **extra}
     return json.dumps(
-        {"backend": "tensorgate_triton", "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+        {
+            "backend": "tensorgate_triton",
+            "parameters": {f"tensorgate.triton.{k}": {"string_value": v} for k, v in parameters.items()},
+        }
+    )
+
+
+def _not_allowed(name: str, url: str) -> str:
+    """The refusal of an override's url: names the model, the url and the flag, never the flag's patterns (the
+    operator's network, which a caller with repository rights on one model has no business reading)."""
+    return (
+        f"model '{name}': parameter 'tensorgate.triton.url' of a config override names the upstream '{url}', which "
+        "is not the one the repository's config.pbtxt names, and the server's --allowed-upstreams does not allow "
+        "it: a config sent with a load may name another upstream only where the operator allows it"
     )
 
 
@@ -641,12 +655,7 @@ def test_a_config_override_may_not_point_a_model_at_another_upstream(tmp_path: P
                 with pytest.raises(InferenceServerException) as info:
                     client.load_model(name, config=_override(elsewhere.url, **{"header.x-probe": "1"}), files=files)
                 assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-                assert info.value.message() == (
-                    f"model '{name}': parameter 'tensorgate.triton.url' of a config override names the upstream "
-                    f"'{elsewhere.url}', which is not the one the repository's config.pbtxt names, and the server's "
-                    "--allowed-upstreams is empty: a config sent with a load may name another upstream only where "
-                    "the operator allows it"
-                )
+                assert info.value.message() == _not_allowed(name, elsewhere.url)
             assert elsewhere.script.described == 0  # never connected to
             assert [row.name for row in s.app.repository.states()] == []  # nothing was loaded, nor tried
             client.load_model("r", config=_override(up.url))  # its own upstream: loads
@@ -656,7 +665,8 @@ def test_a_config_override_may_not_point_a_model_at_another_upstream(tmp_path: P
 
 async def test_allowed_upstreams_let_an_override_name_the_upstreams_they_match(tmp_path: Path) -> None:
     """--allowed-upstreams (the repository's `allowed_upstreams`) names the upstreams an override may point a
-    model at, besides its own: one it matches loads, one it does not is refused, naming the patterns."""
+    model at, besides its own: one it matches loads, one it does not is refused without the patterns being
+    shown to the caller."""
     root = tmp_path / "models"
     with ScriptedUpstream() as up, ScriptedUpstream() as other:
         _remote(root, "r", up.url)
@@ -664,8 +674,9 @@ async def test_allowed_upstreams_let_an_override_name_the_upstreams_they_match(t
         text = f'backend: "tensorgate_triton" {_param("url", other.url)} {_param("model_name", "m")}'
         refusing = ModelRepository(root, allowed_upstreams=[f"{host}:{int(port) + 1}", "10.*:*"])
         try:
-            with pytest.raises(InvalidRequestError, match=rf"--allowed-upstreams allows only {host}:\d+,10\.\*:\*"):
+            with pytest.raises(InvalidRequestError) as info:
                 await refusing.load("r", text)
+            assert info.value.message == _not_allowed("r", other.url)
         finally:
             await refusing.close()
         assert other.script.described == 0
@@ -678,20 +689,149 @@ async def test_allowed_upstreams_let_an_override_name_the_upstreams_they_match(t
         assert other.script.described == 1
 
 
+def test_an_override_url_that_grpc_reads_otherwise_is_refused_and_nothing_is_contacted(tmp_path: Path) -> None:
+    """gRPC reads a url as a URI: it decodes `%3A` into the port's colon, and drops a `?query` or a `#fragment`,
+    so each of these reaches the upstream's real port while its text ends in an allowed ':8001' or
+    '.internal:8001'. Refused, whatever the patterns, and nothing is connected to; the same upstream named
+    plainly, where a pattern allows it, loads."""
+    (tmp_path / "models").mkdir()
+    with ScriptedUpstream() as elsewhere:
+        port = elsewhere.url.rsplit(":", 1)[1]
+        allowed = ["127.0.0.*:8001", "*.internal:8001", "*.*.*.*:8001", f"127.0.0.*:{port}"]
+        with (
+            ServerThread(tmp_path / "models", model_control_mode="explicit", allowed_upstreams=allowed) as s,
+            tc.InferenceServerClient(s.address) as client,
+        ):
+            for url in (
+                f"127.0.0.1%3A{port}?:8001",
+                f"127.0.0.1%3a{port}#.internal:8001",
+                f"localhost%3A{port}?.internal:8001",
+                f"dns:localhost%3A{port}?x:8001",
+            ):
+                with pytest.raises(InferenceServerException) as info:
+                    client.load_model("new", config=_override(url, **{"header.x-stolen": "1"}), files={"file:x": b""})
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT", url
+                message = info.value.message()
+                assert message.startswith(
+                    f"model 'new': parameter 'tensorgate.triton.url' of a config override names "
+                    f"the upstream '{url}', which is not the one the repository's config.pbtxt "
+                    "names, nor a plain address the server's --allowed-upstreams could allow"
+                )
+                assert "127.0.0.*" not in message
+            assert elsewhere.script.described == 0
+            client.load_model("new", config=_override(elsewhere.url), files={"file:x": b""})
+            assert elsewhere.script.described == 1
+
+
+def test_an_override_that_keeps_the_url_keeps_the_upstream_model(tmp_path: Path) -> None:
+    """An override may keep its model's upstream url without --allowed-upstreams, but then not its upstream
+    model: another model_name or model_version would front any model of the operator's upstream, with the
+    headers and client certificate the model directory holds for it. Where --allowed-upstreams allows the url,
+    the override names the model it likes."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url)  # model_name "m"
+        with ServerThread(root, model_control_mode="explicit") as s, tc.InferenceServerClient(s.address) as client:
+            for key, value in (("model_name", "admin"), ("model_version", "7")):
+                with pytest.raises(InferenceServerException) as info:
+                    client.load_model("r", config=_override(up.url, **{key: value}))
+                assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+                assert info.value.message() == (
+                    f"model 'r': parameter 'tensorgate.triton.{key}' of a config override is not the one the "
+                    "repository's config.pbtxt gives with the same url: an override that keeps the model's upstream "
+                    "keeps its upstream model, unless the server's --allowed-upstreams allows the url"
+                )
+            assert up.script.described == 0
+            client.load_model("r", config=_override(up.url, **{"header.x-token": "t"}))  # the rest may change
+        with ServerThread(root, model_control_mode="explicit", allowed_upstreams=[up.url]) as s:
+            with tc.InferenceServerClient(s.address) as client:
+                client.load_model("r", config=_override(up.url, model_name="other"))
+                assert client.is_model_ready("r")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "ca\0.pem",
+            "parameter 'tensorgate.triton.ca_file' of a config override must be a path inside the model directory "
+            "(relative, without '..'), got 'ca\0.pem'",
+            id="nul",
+        ),
+        pytest.param(
+            "outside/ca.pem",
+            "parameter 'tensorgate.triton.ca_file': a relative path must name a file inside the model directory (no "
+            "'..', no link leading out of it), got 'outside/ca.pem'",
+            id="link-leading-out",
+        ),
+    ],
+)
+def test_an_override_s_tls_file_must_stay_inside_the_model_directory(tmp_path: Path, text: str, message: str) -> None:
+    """The TLS files of an override follow the repository's one rule for a file a config names (no NUL; links
+    followed, still inside the model directory): a link in the model directory that leads elsewhere must not let a
+    caller make the server read, or test for, a file there."""
+    root = tmp_path / "models"
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "ca.pem").write_text("not for callers\n")
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url)
+        (root / "r" / "outside").symlink_to(tmp_path / "secrets")
+        with ServerThread(root, model_control_mode="explicit") as s, tc.InferenceServerClient(s.address) as client:
+            with pytest.raises(InferenceServerException) as info:
+                client.load_model("r", config=_override(up.url, ca_file=text))
+            assert message in info.value.message()
+            assert "not for callers" not in info.value.message()
+        assert up.script.described == 0
+
+
 @pytest.mark.parametrize(
     ("url", "patterns", "allowed"),
     [
         pytest.param("triton-1.internal:8001", ["triton-*.internal:8001"], True, id="wildcard-host"),
         pytest.param("Triton-1.Internal:8001", ["triton-*.internal:8001"], True, id="host-case"),
+        pytest.param("TRITON-1.INTERNAL:8001", ["Triton-*.Internal:8001"], True, id="pattern-case"),
         pytest.param("triton-1.internal:8002", ["triton-*.internal:8001"], False, id="other-port"),
         pytest.param("10.0.0.7:8001", ["10.0.0.*:*"], True, id="wildcard-port"),
         pytest.param("ipv4:10.0.0.1:8001,10.0.0.2:8001", ["10.0.0.*:8001"], True, id="every-address"),
         pytest.param("ipv4:10.0.0.1:8001,10.9.0.2:8001", ["10.0.0.*:8001"], False, id="one-address-not"),
         pytest.param("dns:triton:8001", ["triton:8001"], True, id="dns-scheme"),
         pytest.param("[fd00::1]:8001", ["[fd00::*]:8001"], True, id="ipv6"),
+        pytest.param("[FD00:0:0::1]:8001", ["[fd00::1]:8001"], True, id="ipv6-spelt-otherwise"),
+        pytest.param("ipv6:[fd00::1]:8001,[fd00::2]:8001", ["[fd00::*]:8001"], True, id="ipv6-list"),
+        pytest.param("dns:[fd00::1]:8001", ["[fd00::*]:8001"], True, id="dns-ipv6"),
+        pytest.param("[::ffff:10.0.0.7]:8001", ["10.0.0.*:8001"], True, id="ipv4-mapped-is-its-ipv4"),
         pytest.param("unix:8001", ["*:8001"], False, id="unix-socket-is-no-host"),
         pytest.param("unix:/run/docker.sock", ["*:*"], False, id="unix-path"),
         pytest.param("triton:8001", [], False, id="none-allowed"),
+        # gRPC reads a url as a URI: %-decoded, `?query` and `#fragment` dropped, `//authority` a DNS server.
+        pytest.param("127.0.0.1%3A41487?:8001", ["127.0.0.*:8001"], False, id="percent-and-query"),
+        pytest.param("127.0.0.1%3A41487#.internal:8001", ["*.internal:8001"], False, id="percent-and-fragment"),
+        pytest.param("dns:localhost%3A41487?x:8001", ["*:8001"], False, id="dns-percent"),
+        pytest.param("dns://203.0.113.9/triton-a.internal:8001", ["*.internal:8001"], False, id="dns-authority"),
+        pytest.param("dns:///triton-a.internal:8001", ["*.internal:8001"], False, id="dns-empty-authority"),
+        pytest.param("evil@triton-a.internal:8001", ["*triton-a.internal:8001"], False, id="userinfo"),
+        pytest.param("triton-a .internal:8001", ["triton-*.internal:8001"], False, id="space"),
+        pytest.param("DNS:triton-a.internal:8001", ["*.internal:8001"], False, id="upper-case-scheme"),
+        pytest.param("ipv4:triton-a.internal:8001", ["*.internal:8001"], False, id="ipv4-scheme-with-a-name"),
+        # `*` stands within one label, and an IP pattern matches IP addresses only.
+        pytest.param("10.0.0.1.evil.example:443", ["10.0.0.*:*"], False, id="ip-pattern-and-a-name"),
+        pytest.param("triton-a.evil.internal:8001", ["triton-*.internal:8001"], False, id="star-across-a-dot"),
+        pytest.param("a.b.internal:8001", ["*.internal:8001"], False, id="star-across-labels"),
+        pytest.param("triton-a.internal.:8001", ["triton-*.internal:8001"], False, id="trailing-dot"),
+        pytest.param("localhost:8001", ["127.0.0.*:8001"], False, id="localhost-is-no-ip"),
+        pytest.param("127.0.0.1:8001", ["localhost:8001"], False, id="ip-is-no-localhost"),
+        pytest.param("[::ffff:127.0.0.1]:8001", ["[::ffff:*]:8001"], False, id="ipv4-mapped-is-no-ipv6"),
+        pytest.param("2130706433:8001", ["*:8001"], False, id="decimal-ip"),
+        pytest.param("0177.0.0.1:8001", ["*.0.0.1:8001"], False, id="octal-ip"),
+        pytest.param("127.1:8001", ["127.*:8001"], False, id="short-ip"),
+        pytest.param("0x7f000001:8001", ["*:8001"], False, id="hex-ip"),
+        pytest.param("\uff11\uff12\uff17.0.0.1:8001", ["*.0.0.1:8001"], False, id="unicode-digits"),
+        pytest.param("triton-a\u3002internal:8001", ["triton-*:8001"], False, id="unicode-dot"),
+        pytest.param("\u212a.internal:8001", ["k.internal:8001"], False, id="kelvin-sign-is-no-k"),
+        pytest.param("triton-a.internal:\uff18\uff10\uff10\uff11", ["triton-*.internal:*"], False, id="unicode-port"),
+        pytest.param("triton-a.internal:70000", ["triton-*.internal:*"], False, id="port-out-of-range"),
+        pytest.param("triton-a.internal:08001", ["triton-*.internal:*"], False, id="port-leading-zero"),
+        pytest.param("[fe80::1%25eth0]:8001", ["[fe80::*]:8001"], False, id="ipv6-zone"),
     ],
 )
 def test_which_upstream_urls_the_patterns_allow(url: str, patterns: list[str], allowed: bool) -> None:
@@ -704,3 +844,8 @@ def test_allowed_upstreams_come_from_the_command_line_as_host_port_patterns(tmp_
     assert build_parser().parse_args(["serve"]).allowed_upstreams == []
     with pytest.raises(ValueError, match="allowed_upstreams takes host:port patterns, got 'triton'"):
         ServerSettings(model_repository=tmp_path, allowed_upstreams=["triton"])
+    # `*` stands within one part of a host: patterns that would match nothing, or only one-label names, silently.
+    for pattern, words in (("10.*:*", "an IPv4 pattern: write its four parts"), ("*:8001", "names no host")):
+        with pytest.raises(ValueError, match=words):
+            ServerSettings(model_repository=tmp_path, allowed_upstreams=[pattern])
+    assert ServerSettings(model_repository=tmp_path, allowed_upstreams=["10.*.*.*:8001", "*.internal:*"])

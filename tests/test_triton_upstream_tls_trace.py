@@ -363,15 +363,18 @@ def tls_decoupled_upstream(pki: Pki) -> Iterator[str]:
 
 def test_a_decoupled_stream_needs_no_upstream_tls_file_after_the_load(tmp_path: Path) -> None:
     """RepositoryModelLoad's uploaded files live only for the load; the stream channel, made on the first stream
-    request, uses the CA as it was read then. (The override keeps the upstream the repository's config.pbtxt
-    names: it may not name another unless --allowed-upstreams allows it.)"""
+    request, uses the CA as it was read then. (The override keeps the upstream and model the repository's
+    config.pbtxt names: it may not name others unless --allowed-upstreams allows it.)"""
     pki = Pki(tmp_path / "pki")
     root = tmp_path / "front"
     root.mkdir()
     with tls_decoupled_upstream(pki) as url, ServerThread(root, model_control_mode="explicit") as front:
         (root / "remote").mkdir()
         url_parameter = f'parameters {{ key: "tensorgate.triton.url" value {{ string_value: "{url}" }} }}'
-        (root / "remote" / "config.pbtxt").write_text(f'backend: "tensorgate_triton"\n{url_parameter}\n')
+        name_parameter = 'parameters { key: "tensorgate.triton.model_name" value { string_value: "m" } }'
+        (root / "remote" / "config.pbtxt").write_text(
+            f'backend: "tensorgate_triton"\n{url_parameter}\n{name_parameter}\n'
+        )
         config = {
             "name": "remote",
             "backend": "tensorgate_triton",

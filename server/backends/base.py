@@ -76,12 +76,21 @@ def upstream_parameters(parameters: Mapping[str, ParamValue] | None) -> dict[str
     them (two callers' timeouts) out of each other's batches."""
     if not parameters:
         return None
-    kept = {
-        k: v
-        for k, v in parameters.items()
-        if k not in _SERVER_PARAMETERS and not k.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX)
-    }
+    kept = {k: v for k, v in parameters.items() if not server_parameter(k)}
     return kept or None
+
+
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
+"""A decoupled request's ask for an empty response that marks its end: the upstream's to send, so it goes there."""
+
+
+def server_parameter(name: str, *, streaming: bool = False) -> bool:
+    """Whether a request parameter is the server's own, which a remote backend does not send upstream
+    (`upstream_parameters`; a decoupled model's relayed request, `streaming`, strips the same ones). A relayed
+    request's EMPTY_FINAL_RESPONSE is the exception: only the upstream knows which of its responses is the last."""
+    if streaming and name == EMPTY_FINAL_RESPONSE:
+        return False
+    return name in _SERVER_PARAMETERS or name.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX)
 
 
 class Backend(Protocol):

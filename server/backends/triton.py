@@ -37,10 +37,11 @@ with its sequence parameters (BatchContext.sequence), in its sequence's order (s
 A decoupled upstream model's requests bypass the scheduler: each goes upstream on a ModelStreamInfer stream of its
 own, and its responses are relayed as they come (`stream`).
 
-File paths may be relative to the model directory. In a config override (RepositoryModelLoad's `config`), which
-comes from a caller rather than from whoever owns the repository, they must be: relative, without `..`, so inside
-the model directory or the files uploaded with the load; and its url must be the one the model's config.pbtxt in
-the repository names, or one the server's --allowed-upstreams allows (`check_override`).
+File paths may be relative to the model directory, and then stay inside it once links are followed. In a config
+override (RepositoryModelLoad's `config`), which comes from a caller rather than from whoever owns the repository,
+they must be: relative, without `..`, so inside the model directory or the files uploaded with the load; and its
+url must be one the server's --allowed-upstreams allows, or the one the model's config.pbtxt in the repository
+names, with the same upstream model_name and model_version (`check_override`).
 
 Without an `instance_group`, a remote model gets DEFAULT_REMOTE_INSTANCES instances (KIND_MODEL): each instance
 is a worker thread that waits on one upstream call, so that several batches are in flight upstream while
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -68,7 +70,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -84,7 +86,7 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
-from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags
+from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags, server_parameter
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -98,6 +100,7 @@ from tensorgate.server.errors import (
     model_ref,
 )
 from tensorgate.server.repository.config import TensorInfo, bool_parameter
+from tensorgate.server.repository.paths import inside, relative_path
 from tensorgate.server.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -227,14 +230,24 @@ class TritonSettings:
         pem: dict[str, bytes] = {}
 
         def path(key: str) -> Path | None:
+            """An absolute path as it is (config.pbtxt's owner may name any file: `check_override` refuses one in
+            an override); a relative one only inside the model directory, links followed (`inside`)."""
             text = params.get(PREFIX + key, "").strip()
             if not text:
                 return None
-            p = Path(text) if Path(text).is_absolute() else model_dir / text
+            p = Path(text) if Path(text).is_absolute() else inside(model_dir, text)
+            if p is None:
+                raise ModelLoadError(
+                    name,
+                    None,
+                    f"parameter '{PREFIX}{key}': a relative path must name a file inside the model directory (no "
+                    f"'..', no link leading out of it), got '{text}'; a file elsewhere takes an absolute path, in "
+                    "the repository's config.pbtxt",
+                )
             try:
                 pem[key] = p.read_bytes()
-            except OSError as exc:
-                reason = exc.strerror or type(exc).__name__
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in an absolute path
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                 raise ModelLoadError(
                     name, None, f"parameter '{PREFIX}{key}': {text} is not a readable file ({reason})"
                 ) from None
@@ -514,9 +527,10 @@ class TritonBackend:
     async def stream(
         self, request: pb.ModelInferRequest, deadline: float | None, trace: SpanContext | None
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
-        """A decoupled model's request, as the caller sent it but for the model's name upstream: sent on a
-        ModelStreamInfer stream of its own, each response yielded as it arrives. The upstream ends the stream once
-        the request is complete (it waits for the model's final flag), so the end needs no final response.
+        """A decoupled model's request, as the caller sent it but for the model's name upstream and the parameters
+        the server reserves (`server_parameter`, as a batch's call strips them): sent on a ModelStreamInfer stream
+        of its own, each response yielded as it arrives. The upstream ends the stream once the request is
+        complete (it waits for the model's final flag), so the end needs no final response.
 
         The caller's deadline (less the margin) bounds the whole request; `timeout_s` bounds the wait for each
         response, so that a long generation is never cut while an upstream that went silent still is.
@@ -531,6 +545,8 @@ class TritonBackend:
         upstream = pb.ModelInferRequest()
         upstream.CopyFrom(request)
         upstream.model_name, upstream.model_version = s.model_name, s.model_version
+        for key in [k for k in upstream.parameters if server_parameter(k, streaming=True)]:
+            del upstream.parameters[key]
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
         call = method(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
@@ -1069,42 +1085,119 @@ FILE_PARAMETERS = ("ca_file", "cert_file", "key_file")
 
 _RESOLVER_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 """Target schemes that gRPC resolves itself: it reads `unix:8001` as a socket named 8001, not as host 'unix'."""
+_TARGET = re.compile(r"[a-z0-9.:\[\],-]+", re.ASCII | re.IGNORECASE)
+"""The characters an address list may hold. gRPC reads a url as a URI: it decodes `%xx`, drops a `?query` and a
+`#fragment`, and asks the DNS server a `dns://server/` authority names, so that `127.0.0.1%3A9000?:8001` reaches
+port 9000; none of the characters that spell those is left."""
+_LABEL = re.compile(r"[a-z0-9-]{1,63}", re.ASCII | re.IGNORECASE)
+"""A DNS label. ASCII only, and matched before any lowering: `re.IGNORECASE` alone, or str.lower(), would take
+the Kelvin sign for a `k`."""
+_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII | re.IGNORECASE)
+"""A last label that makes a name an IPv4 address to the C library (inet_aton): `2130706433`, `0177.0.0.1`,
+`127.1` and `0x7f.1` all reach 127.0.0.1."""
+_PORT = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
 
 
-def upstream_addresses(url: str) -> list[tuple[str, str]] | None:
-    """The (host, port) pairs a url names, hosts in lower case: `host:port`, `[v6]:port`, `dns:host:port`,
-    `ipv4:a:p,b:p` or `ipv6:[a]:p,...`; None for a target that is not a list of them (a unix socket, xds)."""
-    scheme, _, rest = url.partition(":")
-    if scheme.lower() in ("dns", "ipv4", "ipv6"):
-        items = rest.split(",")
-    elif scheme.lower() in _RESOLVER_SCHEMES:
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An upstream a url names, as --allowed-upstreams matches it (`upstream_addresses`)."""
+
+    kind: str
+    """One of "dns", "ipv4" and "ipv6"."""
+    host: str
+    """A DNS name in lower case, or an IP address in its canonical form (IPv6 compressed, without brackets)."""
+    port: int
+
+
+def _address(host: str, port: str) -> Address | None:
+    """The address `host` and `port` spell, when they spell one plainly: an IP literal (IPv6 in brackets; an
+    IPv4-mapped one is the IPv4 address it reaches) or a DNS name whose last label is not a number, and a port in
+    1..65535 with no leading zero; None for anything else."""
+    if not _PORT.fullmatch(port) or int(port) > 65535:
         return None
-    else:
-        items = [url]
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            v6 = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        if v6.ipv4_mapped is not None:
+            return Address("ipv4", str(v6.ipv4_mapped), int(port))
+        return Address("ipv6", v6.compressed, int(port))
+    try:
+        return Address("ipv4", str(ipaddress.IPv4Address(host)), int(port))
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels) or _NUMBER.fullmatch(labels[-1]):
+        return None
+    if host.lower() in _RESOLVER_SCHEMES:
+        return None
+    return Address("dns", host.lower(), int(port))
+
+
+def upstream_addresses(url: str) -> list[Address] | None:
+    """The addresses a url names, when it is one of `host:port`, `[v6]:port`, `dns:host:port`, `ipv4:a:p,b:p` or
+    `ipv6:[a]:p,...` with plain hosts and ports (`_address`); None for any other target (a unix socket, xds, a
+    `dns://server/` authority) or spelling (`%`, `?`, `#`, `/`, `@`, spaces), which gRPC may read otherwise."""
+    if not _TARGET.fullmatch(url):
+        return None
+    scheme, _, rest = url.partition(":")
+    items = rest.split(",") if scheme in ("ipv4", "ipv6") else [rest] if scheme == "dns" else [url]
     found = []
     for item in items:
-        host, colon, port = item.strip().rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host or host.lower() in _RESOLVER_SCHEMES:
+        host, _, port = item.rpartition(":")
+        address = _address(host, port)
+        if address is None:
             return None
-        if not colon or not host or not port.isdigit():
-            return None
-        found.append((host.lower(), port))
+        literal = address.kind != "dns" and host.startswith("[") == (scheme == "ipv6")
+        if scheme in ("ipv4", "ipv6") and not literal:
+            return None  # gRPC's ipv4: and ipv6: take IP literals of their own kind only
+        found.append(address)
     return found
 
 
+def _rule(pattern: str) -> tuple[str, str, str]:
+    """An --allowed-upstreams pattern as (kind, host, port), to match Address: a host in brackets is an IPv6 one,
+    one of digits, dots and `*` (not a lone `*`) an IPv4 one, any other a DNS name's."""
+    host, _, port = pattern.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        if "*" not in host:
+            literal = _address(host, "1")
+            if literal is not None:  # in the form addresses take: compressed, an IPv4-mapped one as IPv4
+                return literal.kind, literal.host, port
+        return "ipv6", host[1:-1].lower(), port
+    if host != "*" and re.fullmatch(r"[0-9.*]+", host):
+        return "ipv4", host, port
+    return "dns", host.lower(), port
+
+
+def _matches(address: Address, rule: tuple[str, str, str]) -> bool:
+    """Each `*` stands within one label (an IPv4 byte, an IPv6 group), never across a `.` or `:`; an IP pattern
+    matches IP addresses only, a DNS one names only."""
+    kind, host, port = rule
+    if kind != address.kind or not fnmatchcase(str(address.port), port):
+        return False
+    separator = ":" if kind == "ipv6" else "."
+    labels, wanted = address.host.split(separator), host.split(separator)
+    return len(labels) == len(wanted) and all(fnmatchcase(a, b) for a, b in zip(labels, wanted, strict=True))
+
+
 def upstream_allowed(url: str, patterns: Sequence[str]) -> bool:
-    """Whether every address `url` names matches one of `patterns` (--allowed-upstreams): `host:port` each, a
-    shell-style wildcard on either side (`triton-*.internal:8001`, `10.0.0.*:*`, `[fd00::*]:8001`)."""
+    """Whether every address `url` names (`upstream_addresses`) matches one of `patterns` (--allowed-upstreams):
+    `host:port` each, with `*` on either side standing within one label (`triton-*.internal:8001`,
+    `10.0.0.*:*`, `[fd00::*]:8001`); a url that is not a plain list of addresses matches none."""
     addresses = upstream_addresses(url)
     if not addresses or not patterns:
         return False
-    rules = []
-    for pattern in patterns:
-        host, _, port = pattern.strip().rpartition(":")
-        rules.append((host.removeprefix("[").removesuffix("]").lower(), port))
-    return all(any(fnmatchcase(h, rh) and fnmatchcase(p, rp) for rh, rp in rules) for h, p in addresses)
+    rules = [_rule(pattern) for pattern in patterns]
+    return all(any(_matches(address, rule) for rule in rules) for address in addresses)
+
+
+def _parameters(config: mc.ModelConfig) -> dict[str, str]:
+    """The `tensorgate.triton.*` parameters of a config, by their short names, values stripped."""
+    return {
+        k.removeprefix(PREFIX): v.string_value.strip() for k, v in config.parameters.items() if k.startswith(PREFIX)
+    }
 
 
 def check_override(
@@ -1119,17 +1212,17 @@ def check_override(
     A caller allowed RepositoryModelLoad on one model is not the repository's owner. An upstream TLS file at an
     absolute path or behind a `..` would let it make the server read any file the server may (a key, a token), and
     learn from the load's error whether it exists: the files must stay under the model directory (the
-    repository's, whose owner put there what it holds, or the caller's own uploaded files). An upstream url would
-    let it make the server connect to any host it reaches, with whatever `header.*` the override adds (SSRF): the
-    url must be the one the repository's own config.pbtxt of the model names (`on_disk`, read only when needed),
-    or match --allowed-upstreams. A config.pbtxt on disk is the owner's and may name any path and upstream."""
-    params = {
-        k.removeprefix(PREFIX): v.string_value.strip() for k, v in config.parameters.items() if k.startswith(PREFIX)
-    }
+    repository's, whose owner put there what it holds, or the caller's own uploaded files; `relative_path` here,
+    and links followed at the load, TritonSettings). An upstream url would let it make the server connect to any
+    host it reaches, with whatever `header.*` the override adds (SSRF): the url must match --allowed-upstreams
+    (`upstream_allowed`, which takes plain addresses only), or be the one the repository's own config.pbtxt of the
+    model names (`on_disk`, read only when needed), in front of the same upstream model: with that url, another
+    model_name would front any model of the operator's upstream, with the model directory's client certificate.
+    A config.pbtxt on disk is the owner's and may name any path and upstream."""
+    params = _parameters(config)
     for key in FILE_PARAMETERS:
         text = params.get(key, "")
-        path = PurePosixPath(text)
-        if text and (path.is_absolute() or ".." in path.parts):
+        if text and relative_path(text) is None:
             raise InvalidRequestError(
                 model,
                 None,
@@ -1140,16 +1233,32 @@ def check_override(
     if not url or upstream_allowed(url, allowed_upstreams):
         return
     disk = on_disk()
-    disk_url = disk.parameters.get(PREFIX + "url") if disk is not None else None
-    if disk_url is not None and disk_url.string_value.strip() == url:
+    theirs = {} if disk is None else _parameters(disk)
+    if theirs.get("url") == url:
+        for key, default in (("model_name", model), ("model_version", "")):
+            if (params.get(key) or default) != (theirs.get(key) or default):
+                raise InvalidRequestError(
+                    model,
+                    None,
+                    f"parameter '{PREFIX}{key}' of a config override is not the one the repository's config.pbtxt "
+                    "gives with the same url: an override that keeps the model's upstream keeps its upstream model, "
+                    "unless the server's --allowed-upstreams allows the url",
+                )
         return
-    allowed = f"allows only {','.join(allowed_upstreams)}" if allowed_upstreams else "is empty"
+    if upstream_addresses(url) is None:
+        why = (
+            "nor a plain address the server's --allowed-upstreams could allow (host:port, [ipv6]:port, "
+            "dns:host:port, ipv4:a:p,b:p or ipv6:[a]:p,..., each host a DNS name or an IP address, without '%', "
+            "'?', '#', '/' or '@')"
+        )
+    else:
+        why = "and the server's --allowed-upstreams does not allow it"
     raise InvalidRequestError(
         model,
         None,
-        f"parameter '{PREFIX}url' of a config override names the upstream '{url}', which is not the one the "
-        f"repository's config.pbtxt names, and the server's --allowed-upstreams {allowed}: a config sent with a "
-        "load may name another upstream only where the operator allows it",
+        f"parameter '{PREFIX}url' of a config override names the upstream {url!r}, which is not the one the "
+        f"repository's config.pbtxt names, {why}: a config sent with a load may name another upstream only where "
+        "the operator allows it",
     )
 
 
