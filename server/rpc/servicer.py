@@ -103,6 +103,12 @@ class _Window:
             await asyncio.shield(self._room)  # one waiter cancelled (its stream ended) leaves the others waiting
 
 
+def _ends_sequence(request: pb.ModelInferRequest) -> bool:
+    """Whether a request carries sequence_end (read without adding the key to the request's map)."""
+    end = request.parameters.get("sequence_end")
+    return end is not None and end.bool_param
+
+
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.ModelStreamInferResponse, str]:
     """A stream's answer to one request that failed, and its status code's name: the error travels in the
     message, the stream stays open."""
@@ -406,6 +412,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """What the writer wakes up for: _READY (an answer is done), a decoupled model's response (it goes out at
         once), _RELAYED, None (the reader's end) and `drained`."""
         tasks: set[asyncio.Task[Any]] = set()
+        ending: set[asyncio.Task[Any]] = set()
+        """Tasks of requests that end a sequence: not cancelled with the stream (see the end)."""
         relaying = 0
         """Decoupled requests whose responses may still come: the stream ends after them."""
         drained = object()
@@ -443,6 +451,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     else:
                         task = asyncio.create_task(self._stream_one(request, deadline))
                         answer_later(task)
+                        if _ends_sequence(request):
+                            ending.add(task)
+                            task.add_done_callback(ending.discard)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     if unanswered.held >= STREAM_WINDOW:  # read no more until the client takes answers
@@ -486,8 +497,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             watcher.cancel()
+            # A request read that ends a sequence runs on without its stream (within its deadline): cancelled before
+            # its first step, it would never reach the sequencer, and the sequence would hold its slot until the
+            # idle timeout (a client closing its stream right after sending END does that).
             for task in list(tasks):
-                task.cancel()
+                if task not in ending:
+                    task.cancel()
 
     # ----- system shared memory (Triton's extension; off unless --shared-memory system) ----------------------
 
