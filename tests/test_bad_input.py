@@ -102,6 +102,12 @@ def with_outputs(req: pb.ModelInferRequest, *names: str) -> pb.ModelInferRequest
     return req
 
 
+def _class_count_too(req: pb.ModelInferRequest) -> pb.ModelInferRequest:
+    """The request's last output asked for as its top 2 classes."""
+    req.outputs[-1].parameters["classification"].int64_param = 2
+    return req
+
+
 def contents_request(
     model: str, datatype: str, shape: list[int], field: str, values: list, *, raw: bytes | None = None
 ) -> pb.ModelInferRequest:
@@ -304,10 +310,10 @@ BAD_ROWS = [
         with_outputs(add_sub(), "OUTPUT9"), INVALID, ["add_sub", "OUTPUT9", "unknown output"], id="unknown-output"
     ),
     pytest.param(
-        with_outputs(add_sub(), "OUTPUT0", "OUTPUT0"),
+        _class_count_too(with_outputs(add_sub(), "OUTPUT0", "OUTPUT0")),
         INVALID,
-        ["add_sub", "OUTPUT0", "more than once"],
-        id="duplicate-output",
+        ["add_sub", "OUTPUT0", "more than once, with different parameters"],
+        id="duplicate-output-asked-two-ways",
     ),
     pytest.param(
         pb.ModelInferRequest(

@@ -282,7 +282,13 @@ def decode_infer_request(
     for j in range(len(outs)):
         out = outs[j]
         if out.name in requested:
-            raise InvalidRequestError(model, version, "output requested more than once", tensor=out.name)
+            # As Triton: the same output asked for twice the same way is answered once. Asked for two ways (a
+            # class count, a shared-memory region), which one to answer is anyone's guess: refused.
+            if any(earlier.name == out.name and earlier == out for earlier in list(outs)[:j]):
+                continue
+            raise InvalidRequestError(
+                model, version, "output requested more than once, with different parameters", tensor=out.name
+            )
         if len(out.parameters):
             if CLASSIFICATION in out.parameters:
                 k = _class_count(out, model, version)
