@@ -322,6 +322,15 @@ def test_printable_header_values_reach_the_upstream(tmp_path: Path) -> None:
             assert _outcome(client, "r") == "OK"
 
 
+def test_a_remote_model_s_metadata_names_its_backend_as_platform(tmp_path: Path) -> None:
+    """As Triton's ModelMetadata does for a model run by a backend (a Python one says "python"): it was empty."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url)
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            assert client.get_model_metadata("r").platform == "tensorgate_triton"
+
+
 # ----- readiness: of the server, in /metrics, after the upstream changed ---------------------------------------
 
 

@@ -384,7 +384,9 @@ def encode_model_metadata(model: LoadedModel, versions: Sequence[int]) -> pb.Mod
     """ModelMetadata: shapes start with -1 when the model batches, as Triton reports them."""
     schema = model.schema
     lead = [-1] if schema.max_batch_size > 0 else []
-    msg = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in versions], platform=model.config.platform)
+    # As Triton: a model run by a backend and not a platform names its backend (a Python model says "python").
+    platform = model.config.platform or model.config.backend
+    msg = pb.ModelMetadataResponse(name=model.name, versions=[str(v) for v in versions], platform=platform)
     for spec in schema.inputs.values():
         msg.inputs.add(name=spec.name, datatype=spec.datatype.name, shape=lead + list(spec.dims))
     for spec in schema.outputs.values():
