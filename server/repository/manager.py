@@ -425,16 +425,6 @@ class ModelRepository:
     def names_on_disk(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self._model_dir(p.name, must_exist=False))
 
-    def _disk_config(self, name: str) -> mc.ModelConfig | None:
-        """The repository's own config.pbtxt of `name`, the operator's; None without one that reads."""
-        model_dir = self._model_dir(name, must_exist=False)
-        if model_dir is None:
-            return None
-        try:
-            return read_config(model_dir)[0]
-        except InvalidConfigError:
-            return None
-
     def signature(self, name: str) -> str | None:
         """A digest of a model's directory listing (names, sizes, mtimes); None when it is gone."""
         model_dir = self._model_dir(name, must_exist=False)
@@ -898,7 +888,7 @@ class ModelRepository:
         """
         override = None if config_override is None else _Override(name, config_override)
         if override is not None and override.parsed is not None:  # one that does not parse fails in the load
-            check_override(name, override.parsed[0], self._allowed_upstreams, lambda: self._disk_config(name))
+            check_override(name, override.parsed[0], self._allowed_upstreams, lambda: self._config_on_disk(name))
         if files is not None:
             if not _NAME.match(name) or name in (".", ".."):
                 raise InvalidRequestError(name, None, "model names may use letters, digits, '_', '-' and '.' only")
