@@ -46,6 +46,10 @@ class _Servicer(GRPCInferenceServiceServicer):
         """Every request that came over ModelStreamInfer, as it arrived (its parameters, say)."""
         self.ready = True
         """What ModelReady answers (False: an upstream model being reloaded, say)."""
+        self.ready_delay_s = 0.0
+        """How long ModelReady takes to answer (a loaded upstream, say)."""
+        self.ready_asked = 0
+        """ModelReady calls answered."""
         self.described = 0
         """ModelMetadata calls: one per load of a model in front of this upstream."""
         self.decoupled = False
@@ -71,6 +75,9 @@ class _Servicer(GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        if self.ready_delay_s:
+            await asyncio.sleep(self.ready_delay_s)
+        self.ready_asked += 1
         return pb.ModelReadyResponse(ready=self.ready)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:

@@ -376,6 +376,20 @@ def test_one_upstream_down_and_the_server_s_readiness(tmp_path: Path, strict: bo
             assert serving() is server_ready
 
 
+def test_an_upstream_slower_to_answer_readiness_than_the_interval_stays_ready(tmp_path: Path) -> None:
+    """A busy upstream answers a readiness probe later than a short health interval: late is not down, and the
+    model (and with it ServerReady) must not flap to not ready, failing its callers, for every slow answer."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, _param("health_interval_s", "0.1"))
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            asked = up.script.ready_asked
+            up.script.ready_delay_s = 0.4
+            wait_for("three slow readiness probes", lambda: up.script.ready_asked >= asked + 3)
+            assert client.is_model_ready("r") and client.is_server_ready()
+            assert _outcome(client, "r") == "OK"
+
+
 def test_an_upstream_back_with_another_model_keeps_it_not_ready_until_reloaded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,7 +26,8 @@ upstream version it maps to. Parameters (all optional but the url; values are st
                                           resolved again and new upstreams get calls (default 0: never); a
                                           decoupled model's stream connection too, at the first stream after
                                           that age (streams running on the old one end there first)
-    tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2)
+    tensorgate.triton.health_interval_s   how often the upstream model's readiness is asked (default 2); an
+                                          answer may take up to this long, and never less than 2 s
     tensorgate.triton.header.<name>       extra metadata on every upstream call (e.g. an access token); names
                                           [0-9a-z_.-], values printable ASCII
     tensorgate.triton.max_streams         decoupled models only: requests relayed at once; one more is refused
@@ -113,6 +114,9 @@ REMOTE_VERSION = 1
 DEFAULT_REMOTE_INSTANCES = 4
 """Batches in flight upstream per model when config.pbtxt has no instance_group (see the module docstring)."""
 REDACTED = "<redacted>"
+_PROBE_TIMEOUT_FLOOR_S = 2.0
+"""A readiness probe of a busy upstream (or from a busy server) may take longer than a short health interval;
+answering late is not being down, and a model flapping to not ready for it would fail callers and ServerReady."""
 _NO_SEQUENCE = SequenceFlags(0)
 """What a request outside any sequence sends: tritonclient, as Triton, reads correlation ID 0 as none."""
 _MAX_MESSAGE = 2**31 - 1
@@ -772,7 +776,10 @@ class TritonBackend:
             try:
                 # Counted (`_on`) like every call, so that a renewed connection is not closed under it.
                 asked = client.is_model_ready(
-                    s.model_name, s.model_version, headers=s.headers or None, client_timeout=s.health_interval_s
+                    s.model_name,
+                    s.model_version,
+                    headers=s.headers or None,
+                    client_timeout=max(s.health_interval_s, _PROBE_TIMEOUT_FLOOR_S),
                 )
                 ready = bool(await self._on(client, asked))
                 if ready and (self._recheck or self._changed is not None):
