@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tensorgate.server.backends.upstream_targets import pattern_problem
+
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 AUTH_PROBES_MODES = ("open", "policy")
 SHARED_MEMORY_MODES = ("off", "system")
@@ -173,21 +175,9 @@ class ServerSettings:
             # Not echoed: webhook URLs carry their secret in the path or query, and this line lands in logs.
             raise ValueError("alert_webhook must be an http:// or https:// URL (the value given is not shown)")
         for pattern in self.allowed_upstreams:
-            host, colon, port = pattern.strip().rpartition(":")
-            if not colon or not host or not port:
-                raise ValueError(f"allowed_upstreams takes host:port patterns, got {pattern!r}")
-            # A `*` stands within one part of a host (backends/triton.py): these would match nothing, or less than
-            # they seem to say, and silently.
-            if host.strip("*.") == "" and "." not in host:
-                raise ValueError(
-                    f"allowed_upstreams {pattern!r} names no host (a lone * stands for one DNS label): list the "
-                    "hosts an override may reach, e.g. triton-*.internal:8001"
-                )
-            if all(c in "0123456789.*" for c in host) and host.count(".") != 3:
-                raise ValueError(
-                    f"allowed_upstreams {pattern!r} is an IPv4 pattern: write its four parts (10.*.*.*:8001), as * "
-                    "stands within one of them"
-                )
+            problem = pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(problem)
         if self.default_max_batch_size < 0:
             raise ValueError(f"default_max_batch_size must be >= 0, got {self.default_max_batch_size}")
         if self.repository_poll_secs <= 0:

@@ -24,7 +24,8 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import SERVICE_NAME, GRPCInferenceServiceStub
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import encode_infer_request
-from tensorgate.server.backends.triton import TritonBackend, upstream_allowed
+from tensorgate.server.backends.triton import TritonBackend
+from tensorgate.server.backends.upstream_targets import upstream_allowed
 from tensorgate.server.cli import build_parser
 from tensorgate.server.errors import InvalidRequestError, ModelLoadError
 from tensorgate.server.repository.manager import ModelRepository

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import json
 import logging
@@ -70,7 +69,6 @@ from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +86,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags, server_parameter
+from tensorgate.server.backends.upstream_targets import upstream_addresses, upstream_allowed
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -1088,116 +1087,6 @@ def _unreachable(message: str) -> bool:
 
 
 FILE_PARAMETERS = ("ca_file", "cert_file", "key_file")
-
-
-_RESOLVER_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
-"""Target schemes that gRPC resolves itself: it reads `unix:8001` as a socket named 8001, not as host 'unix'."""
-_TARGET = re.compile(r"[a-z0-9.:\[\],-]+", re.ASCII | re.IGNORECASE)
-"""The characters an address list may hold. gRPC reads a url as a URI: it decodes `%xx`, drops a `?query` and a
-`#fragment`, and asks the DNS server a `dns://server/` authority names, so that `127.0.0.1%3A9000?:8001` reaches
-port 9000; none of the characters that spell those is left."""
-_LABEL = re.compile(r"[a-z0-9-]{1,63}", re.ASCII | re.IGNORECASE)
-"""A DNS label. ASCII only, and matched before any lowering: `re.IGNORECASE` alone, or str.lower(), would take
-the Kelvin sign for a `k`."""
-_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII | re.IGNORECASE)
-"""A last label that makes a name an IPv4 address to the C library (inet_aton): `2130706433`, `0177.0.0.1`,
-`127.1` and `0x7f.1` all reach 127.0.0.1."""
-_PORT = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """An upstream a url names, as --allowed-upstreams matches it (`upstream_addresses`)."""
-
-    kind: str
-    """One of "dns", "ipv4" and "ipv6"."""
-    host: str
-    """A DNS name in lower case, or an IP address in its canonical form (IPv6 compressed, without brackets)."""
-    port: int
-
-
-def _address(host: str, port: str) -> Address | None:
-    """The address `host` and `port` spell, when they spell one plainly: an IP literal (IPv6 in brackets; an
-    IPv4-mapped one is the IPv4 address it reaches) or a DNS name whose last label is not a number, and a port in
-    1..65535 with no leading zero; None for anything else."""
-    if not _PORT.fullmatch(port) or int(port) > 65535:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            v6 = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            return None
-        if v6.ipv4_mapped is not None:
-            return Address("ipv4", str(v6.ipv4_mapped), int(port))
-        return Address("ipv6", v6.compressed, int(port))
-    try:
-        return Address("ipv4", str(ipaddress.IPv4Address(host)), int(port))
-    except ValueError:
-        pass
-    labels = host.split(".")
-    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels) or _NUMBER.fullmatch(labels[-1]):
-        return None
-    if host.lower() in _RESOLVER_SCHEMES:
-        return None
-    return Address("dns", host.lower(), int(port))
-
-
-def upstream_addresses(url: str) -> list[Address] | None:
-    """The addresses a url names, when it is one of `host:port`, `[v6]:port`, `dns:host:port`, `ipv4:a:p,b:p` or
-    `ipv6:[a]:p,...` with plain hosts and ports (`_address`); None for any other target (a unix socket, xds, a
-    `dns://server/` authority) or spelling (`%`, `?`, `#`, `/`, `@`, spaces), which gRPC may read otherwise."""
-    if not _TARGET.fullmatch(url):
-        return None
-    scheme, _, rest = url.partition(":")
-    items = rest.split(",") if scheme in ("ipv4", "ipv6") else [rest] if scheme == "dns" else [url]
-    found = []
-    for item in items:
-        host, _, port = item.rpartition(":")
-        address = _address(host, port)
-        if address is None:
-            return None
-        literal = address.kind != "dns" and host.startswith("[") == (scheme == "ipv6")
-        if scheme in ("ipv4", "ipv6") and not literal:
-            return None  # gRPC's ipv4: and ipv6: take IP literals of their own kind only
-        found.append(address)
-    return found
-
-
-def _rule(pattern: str) -> tuple[str, str, str]:
-    """An --allowed-upstreams pattern as (kind, host, port), to match Address: a host in brackets is an IPv6 one,
-    one of digits, dots and `*` (not a lone `*`) an IPv4 one, any other a DNS name's."""
-    host, _, port = pattern.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        if "*" not in host:
-            literal = _address(host, "1")
-            if literal is not None:  # in the form addresses take: compressed, an IPv4-mapped one as IPv4
-                return literal.kind, literal.host, port
-        return "ipv6", host[1:-1].lower(), port
-    if host != "*" and re.fullmatch(r"[0-9.*]+", host):
-        return "ipv4", host, port
-    return "dns", host.lower(), port
-
-
-def _matches(address: Address, rule: tuple[str, str, str]) -> bool:
-    """Each `*` stands within one label (an IPv4 byte, an IPv6 group), never across a `.` or `:`; an IP pattern
-    matches IP addresses only, a DNS one names only."""
-    kind, host, port = rule
-    if kind != address.kind or not fnmatchcase(str(address.port), port):
-        return False
-    separator = ":" if kind == "ipv6" else "."
-    labels, wanted = address.host.split(separator), host.split(separator)
-    return len(labels) == len(wanted) and all(fnmatchcase(a, b) for a, b in zip(labels, wanted, strict=True))
-
-
-def upstream_allowed(url: str, patterns: Sequence[str]) -> bool:
-    """Whether every address `url` names (`upstream_addresses`) matches one of `patterns` (--allowed-upstreams):
-    `host:port` each, with `*` on either side standing within one label (`triton-*.internal:8001`,
-    `10.0.0.*:*`, `[fd00::*]:8001`); a url that is not a plain list of addresses matches none."""
-    addresses = upstream_addresses(url)
-    if not addresses or not patterns:
-        return False
-    rules = [_rule(pattern) for pattern in patterns]
-    return all(any(_matches(address, rule) for rule in rules) for address in addresses)
 
 
 def _parameters(config: mc.ModelConfig) -> dict[str, str]:

@@ -40,6 +40,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from tensorgate.server.telemetry.trace_settings import UNLIMITED
+
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
@@ -264,9 +266,9 @@ class LightTracer(trace.Tracer):
         self.parent_based = parent_based
         """Whether a caller's decision is followed; otherwise its trace id decides, as for a new trace."""
         self.rate = rate
-        self.remaining = -1
+        self.remaining = UNLIMITED
         """TraceSetting's trace_count: the inference traces still to take (`took` counts them down, on the event
-        loop); at 0 no trace starts or is joined, as while OFF, but the traces under way finish. -1: no limit."""
+        loop); at 0 no trace starts or is joined, as while OFF, but the traces under way finish."""
 
     @property
     def rate(self) -> float:
