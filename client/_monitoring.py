@@ -46,7 +46,12 @@ def describe_failure(exc: TensorgateClientError) -> str:
 
 def feedback(request_id: str, label: Label) -> mpb.Feedback:
     """A ``Feedback`` item: numbers go in ``values``, text (str/bytes) in ``labels``. Raises TypeError otherwise."""
-    array = np.asarray(label).reshape(-1)
+    try:
+        array = np.asarray(label).reshape(-1)
+    except ValueError:  # numpy's "inhomogeneous shape" says nothing of feedback
+        raise TypeError(
+            f"feedback for request '{request_id}': the label must be one value, or a flat list of one value per row"
+        ) from None
     if array.size == 0:
         raise TypeError(f"feedback for request '{request_id}': the label is empty")
     if array.dtype.kind in "biuf" or array.dtype == BY_NAME["BF16"].np_dtype:

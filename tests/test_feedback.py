@@ -275,6 +275,16 @@ def test_cli_sends_one_label_and_files(
     assert refused.returncode == 1 and "accepted 2 of 3" in refused.stdout and "gone: NOT_FOUND" in refused.stderr
     usage = cli("--label", "1")
     assert usage.returncode == 2 and "give --id and --label, or --file" in usage.stderr
+    ragged = cli("--id", ids[0], "--label", "[[1, 2], [3]]")
+    assert ragged.returncode == 2 and "one value, or a flat list of one value per row" in ragged.stderr, ragged.stderr
+    misspelt = subprocess.run(
+        [TENSORGATE, "feedback", "digitz", "--server", served.address, "--id", ids[0], "--label", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert misspelt.returncode == 1 and "model 'digitz' is not served here and has no captured" in misspelt.stderr
     with InferenceClient(served.address) as client:
         assert client.model_quality("digits").labelled == 6
 

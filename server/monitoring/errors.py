@@ -17,11 +17,15 @@ __all__ = ["NoReferenceError", "PredictionNotFoundError"]
 class PredictionNotFoundError(TensorgateError):
     code = grpc.StatusCode.NOT_FOUND
 
-    def __init__(self, model: str, request_id: str) -> None:
-        super().__init__(
-            f"{model_ref(model)}: no captured prediction with request id '{request_id}' (not captured: sample rate, "
-            "full capture queue, retention, or a wrong id)"
-        )
+    def __init__(self, model: str, request_id: str, *, model_unknown: bool = False) -> None:
+        if model_unknown:  # a misspelt model name: no id could ever be found, whatever the caller checks
+            why = f"{model_ref(model)} is not served here and has no captured predictions (is the name right?)"
+        else:
+            why = (
+                f"{model_ref(model)}: no captured prediction with request id '{request_id}' (not captured: sample "
+                "rate, full capture queue, retention, or a wrong id)"
+            )
+        super().__init__(why)
         self.model, self.request_id = model, request_id
 
 

@@ -156,18 +156,29 @@ class MonitoringServicer:
         self._monitor = monitor
         self._capture = capture
 
-    def _join(self, model: str, items: list[tuple[str, np.ndarray]]) -> list[TensorgateError | None]:
-        """Blocking: wait for queued captures, check row counts, commit the labels; one error (or None) per item."""
+    def _served(self) -> frozenset[str]:
+        """The models loaded now, read on the event loop (the repository lives there) for `_join`'s thread."""
+        return frozenset(t.name for t in self._monitor.targets())
+
+    def _join(
+        self, model: str, items: list[tuple[str, np.ndarray]], served: frozenset[str]
+    ) -> list[TensorgateError | None]:
+        """Blocking: wait for queued captures, check row counts, commit the labels; one error (or None) per item.
+        An id of a model that is not `served` and has no captured predictions at all is most likely a misspelt
+        model name, and its NOT_FOUND says so."""
         if self._capture is not None:
             self._capture.flush()
         store = self._monitor.store
         rows = store.rows_of(model, [request_id for request_id, _ in items])
         outcome: list[TensorgateError | None] = []
         accepted: list[tuple[str, np.ndarray]] = []
+        unknown = (
+            len(rows) < len(items) and model not in served and not store.predictions(model, limit=1, with_inputs=False)
+        )
         for request_id, label in items:
             n = rows.get(request_id)
             if n is None:
-                outcome.append(PredictionNotFoundError(model, request_id))
+                outcome.append(PredictionNotFoundError(model, request_id, model_unknown=unknown))
             elif label.shape[0] != n:
                 outcome.append(
                     InvalidRequestError(
@@ -193,7 +204,7 @@ class MonitoringServicer:
         if not model:
             raise InvalidRequestError("", None, "SubmitFeedback needs the model name")
         label = decode_label(model, request.feedback)
-        (error,) = await asyncio.to_thread(self._join, model, [(request.feedback.request_id, label)])
+        (error,) = await asyncio.to_thread(self._join, model, [(request.feedback.request_id, label)], self._served())
         if error is not None:
             raise error
         return mpb.SubmitFeedbackResponse(request_id=request.feedback.request_id)
@@ -219,7 +230,7 @@ class MonitoringServicer:
                 statuses.append(
                     mpb.FeedbackStatus(request_id=item.request_id, code=exc.code.value[0], message=exc.message)
                 )
-        results = await asyncio.to_thread(self._join, model, [(rid, label) for _, rid, label in valid])
+        results = await asyncio.to_thread(self._join, model, [(rid, label) for _, rid, label in valid], self._served())
         accepted = 0
         for (i, rid, _), err in zip(valid, results, strict=True):
             if err is None:
@@ -234,14 +245,16 @@ class MonitoringServicer:
             return mpb.FeedbackStatus(request_id=request_id, code=grpc.StatusCode.OK.value[0])
         return mpb.FeedbackStatus(request_id=request_id, code=error.code.value[0], message=error.message)
 
-    def _commit_stream_items(self, items: list[tuple[str, str, np.ndarray]]) -> list[TensorgateError | None]:
+    def _commit_stream_items(
+        self, items: list[tuple[str, str, np.ndarray]], served: frozenset[str]
+    ) -> list[TensorgateError | None]:
         """Blocking: ``_join`` per model, for (model, request id, label) items; one outcome per item, in order."""
         by_model: dict[str, list[int]] = {}
         for i, (model, _, _) in enumerate(items):
             by_model.setdefault(model, []).append(i)
         outcome: list[TensorgateError | None] = [None] * len(items)
         for model, indices in by_model.items():
-            results = self._join(model, [(items[i][1], items[i][2]) for i in indices])
+            results = self._join(model, [(items[i][1], items[i][2]) for i in indices], served)
             for i, err in zip(indices, results, strict=True):
                 outcome[i] = err
         return outcome
@@ -299,7 +312,9 @@ class MonitoringServicer:
                     except TensorgateError as exc:
                         statuses.append(self._status(rid, exc))
                 if valid:
-                    results = await asyncio.to_thread(self._commit_stream_items, [item for _, item in valid])
+                    results = await asyncio.to_thread(
+                        self._commit_stream_items, [item for _, item in valid], self._served()
+                    )
                     for (i, (_, rid, _)), err in zip(valid, results, strict=True):
                         statuses[i] = self._status(rid, err)
                 for status in statuses:
