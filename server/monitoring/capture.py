@@ -2,7 +2,7 @@
 
     capture = Capture(store, queue_size=10_000)
     capture.start()
-    capture.submit(model, request_id, inputs, outputs)   # on the event loop: never blocks, never raises
+    capture.submit(model, version, config, request_id, inputs, outputs)   # on the event loop: never blocks
     capture.flush()                                      # wait until everything queued so far is stored
     capture.close()
 
@@ -45,6 +45,7 @@ database past the 30 s busy timeout): a lock held that long is let go in seconds
 
 SAMPLE_RATE = "tensorgate.capture.sample_rate"
 CAPTURE_INPUTS = "tensorgate.capture.inputs"
+PREDICTION_OUTPUT = "tensorgate.prediction.output"
 
 
 def parameter(config: mc.ModelConfig, key: str) -> str | None:
@@ -54,12 +55,30 @@ def parameter(config: mc.ModelConfig, key: str) -> str | None:
     return config.parameters[key].string_value.strip()
 
 
+def prediction_output(config: mc.ModelConfig) -> str | None:
+    """The output quality reads a prediction from: ``tensorgate.prediction.output``, else the model's first output
+    (config order, which does not depend on what a caller asked for); None when the config lists no outputs."""
+    named = parameter(config, PREDICTION_OUTPUT)
+    if named:
+        return named
+    return config.output[0].name if config.output else None
+
+
 @dataclass(frozen=True, slots=True)
 class CaptureConfig:
     """Per-model capture settings from config.pbtxt parameters."""
 
     sample_rate: float = 1.0
     inputs: bool = True
+    prediction: str | None = None
+    """The model's prediction output (`prediction_output`), which a captured request computes even when its
+    caller did not ask for it, so that its feedback can be judged; None when the model has no such output."""
+
+    def computing(self, outputs: list[str]) -> list[str]:
+        """The outputs a captured request runs with: those asked for, and the prediction output."""
+        if self.prediction is None or self.prediction in outputs:
+            return outputs
+        return [*outputs, self.prediction]
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> CaptureConfig:
@@ -92,7 +111,19 @@ class CaptureConfig:
                     CAPTURE_INPUTS,
                     raw,
                 )
-        return cls(rate, inputs)
+        prediction = prediction_output(config)
+        names = [o.name for o in config.output]
+        if prediction is not None and prediction not in names:
+            # Asking the model for it would fail every captured request; quality says why (not captured).
+            log.warning(
+                "model '%s': parameter '%s' names output '%s', which the model does not have (its outputs: %s)",
+                config.name,
+                PREDICTION_OUTPUT,
+                prediction,
+                ", ".join(names) or "none",
+            )
+            prediction = None
+        return cls(rate, inputs, prediction)
 
 
 class Capture:
@@ -151,6 +182,15 @@ class Capture:
         self._configs[key] = (config, parsed)
         return parsed
 
+    def sample(self, model: str, version: int, config: mc.ModelConfig) -> CaptureConfig | None:
+        """The model's capture settings when this request is to be captured, else None. Decided before the
+        request runs, so that a captured one also computes the prediction output (`CaptureConfig.computing`)."""
+        settings = self.config_of(model, version, config)
+        rate = settings.sample_rate
+        if rate <= 0.0 or (rate < 1.0 and self._random() >= rate):
+            return None
+        return settings
+
     def submit(
         self,
         model: str,
@@ -160,15 +200,26 @@ class Capture:
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
     ) -> None:
-        """Queue one answered request if sampled; drops (and counts) it when the queue is full, in samples or in
-        bytes. Never blocks.
+        """Queue one answered request if sampled (`sample`, then `enqueue`)."""
+        settings = self.sample(model, version, config)
+        if settings is not None:
+            self.enqueue(settings, model, version, config, request_id, inputs, outputs)
+
+    def enqueue(
+        self,
+        settings: CaptureConfig,
+        model: str,
+        version: int,
+        config: mc.ModelConfig,
+        request_id: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
+        """Queue one sampled request; drops (and counts) it when the queue is full, in samples or in bytes. Never
+        blocks.
 
         Called from the event loop only (one producer), so the length check and the append cannot race.
         """
-        settings = self.config_of(model, version, config)
-        rate = settings.sample_rate
-        if rate <= 0.0 or (rate < 1.0 and self._random() >= rate):
-            return
         size = sum(a.nbytes for a in outputs.values())
         if settings.inputs:
             size += sum(a.nbytes for a in inputs.values())

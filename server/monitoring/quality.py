@@ -8,7 +8,9 @@ How a prediction is read (parameters ``tensorgate.prediction.output`` / ``.kind`
 ``label`` takes the output's values as they are (e.g. the digits model's INT64 ``label``); ``argmax`` takes the
 index of the largest score per row (class probabilities or logits); ``threshold`` turns one score per row (or
 the second column of a two-column output) into 1 when it is at least the threshold, else 0. Without parameters the
-first output is used, as a label when it holds integers and by argmax when it holds floats with several columns.
+model's first output is used (capture computes it for every captured request, asked for or not): as a label when
+it holds integers, by argmax when it holds floats with several columns, and by threshold when a classifier's floats
+have one column (a sigmoid's probability), where a whole number is taken as it is (a class written as a float).
 
 Class labels compare as drift's categories do: by text, whole numbers without ".0" (so feedback "3", 3 and 3.0 all
 match an INT64 output 3). A regression row whose prediction or label is NaN or infinite is left out of mae/rmse
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.monitoring.capture import parameter
+from tensorgate.server.monitoring.capture import PREDICTION_OUTPUT, parameter, prediction_output
 from tensorgate.server.monitoring.drift import category_keys
 from tensorgate.server.monitoring.store import Prediction
 
@@ -48,9 +50,11 @@ class TaskSpec:
     model: str
     task: str = "classification"
     output: str | None = None
-    """None: the first captured output."""
+    """``tensorgate.prediction.output``, else the model's first output; None (a config without outputs): the first
+    captured output."""
     kind: str | None = None
-    """None: label for integer outputs, argmax for multi-column float outputs, the value itself otherwise."""
+    """None: label for integer outputs, argmax for multi-column float outputs, threshold for a classifier's
+    one-column float output (whole numbers as they are), the value itself otherwise."""
     threshold: float = 0.5
 
     @classmethod
@@ -74,8 +78,7 @@ class TaskSpec:
                 raise TaskSpecError(
                     f"model '{name}': parameter 'tensorgate.prediction.threshold' must be a number, got {raw!r}"
                 ) from None
-        output = parameter(config, "tensorgate.prediction.output") or None
-        return cls(name, task, output, kind, threshold)
+        return cls(name, task, prediction_output(config), kind, threshold)
 
 
 def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -85,8 +88,8 @@ def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarr
     name = spec.output if spec.output is not None else next(iter(outputs))
     if name not in outputs:
         raise TaskSpecError(
-            f"model '{spec.model}': prediction output '{name}' (tensorgate.prediction.output) was not captured; "
-            f"captured: {sorted(outputs)}"
+            f"model '{spec.model}': prediction output '{name}' ({PREDICTION_OUTPUT}, else the model's first output) "
+            f"was not captured; captured: {sorted(outputs)}"
         )
     value = np.asarray(outputs[name])
     if value.ndim == 0:
@@ -94,7 +97,9 @@ def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarr
     rows = value.reshape(value.shape[0], -1)
     kind = spec.kind
     if kind is None:
-        if spec.task == "classification" and rows.shape[1] > 1 and value.dtype.kind == "f":
+        if spec.task == "classification" and value.dtype.kind == "f":
+            if rows.shape[1] == 1:
+                return _score_or_class(rows[:, 0], spec.threshold)
             kind = "argmax"
         else:
             kind = "label"
@@ -104,6 +109,16 @@ def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarr
         scores = rows[:, 1] if rows.shape[1] == 2 else rows[:, 0]
         return (scores.astype(np.float64) >= spec.threshold).astype(np.int64)
     return rows[:, 0]
+
+
+def _score_or_class(column: np.ndarray, threshold: float) -> np.ndarray:
+    """A classifier's one float column holds a score (a sigmoid's probability) or a class written as a float. A
+    value that is not a whole number can only be a score: it is thresholded (each probability read as its own class
+    gave accuracy 0 over hundreds of "classes"); a whole number is the class itself (0.0 and 1.0 read the same
+    either way), and NaN stays NaN rather than pass for class 0."""
+    values = column.astype(np.float64)
+    score = np.isfinite(values) & (values != np.floor(values))
+    return np.where(score, (values >= threshold).astype(np.float64), values)
 
 
 def _class_order(label: str) -> tuple[int, float, str]:
@@ -132,7 +147,7 @@ class QualityReport:
     predictions: int
     """Captured requests in the window."""
     labelled: int
-    """Of those, requests with joined ground truth."""
+    """Of those, requests with joined ground truth whose prediction could be read (``unreadable`` are not)."""
     rows: int = 0
     """Labelled rows (prediction/label pairs) the metrics are computed on."""
     nonfinite: int = 0
@@ -142,15 +157,20 @@ class QualityReport:
     class_labels: list[str] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)
     """Rows: true class, columns: predicted class, both in ``class_labels`` order."""
+    unreadable: int = 0
+    """Requests with ground truth captured without the prediction output (e.g. before the server computed it for
+    every captured request): they cannot be judged, so they count neither in ``labelled`` nor in label_coverage."""
 
 
-def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], list[object]]:
-    """(true, predicted) per labelled row in window order. Skipped: a label whose row count differs, a request
-    that did not ask for the prediction output, and (regression) a label that is not a number. Only when no
-    labelled request has the output at all is that an error: then the task spec names the wrong output."""
+def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], list[object], int]:
+    """(true, predicted) per labelled row in window order, and the number of labelled requests captured without
+    the prediction output. Skipped: those, a label whose row count differs, and (regression) a label that is not
+    a number. Only when no labelled request has the output at all is that an error: then the task spec names the
+    wrong output."""
     y_true: list[object] = []
     y_pred: list[object] = []
     missing: TaskSpecError | None = None
+    unreadable = 0
     found = False
     for p in window:
         if p.label is None:
@@ -159,6 +179,7 @@ def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], l
             predicted = predicted_values(spec, p.outputs)
         except TaskSpecError as exc:
             missing = missing or exc
+            unreadable += 1
             continue
         found = True
         truth = np.asarray(p.label).reshape(-1)
@@ -174,16 +195,16 @@ def pairs(spec: TaskSpec, window: Sequence[Prediction]) -> tuple[list[object], l
         y_pred.extend(predicted.tolist())
     if missing is not None and not found:
         raise missing
-    return y_true, y_pred
+    return y_true, y_pred, unreadable
 
 
 def compute_quality(spec: TaskSpec, window: Sequence[Prediction], version: str = "") -> QualityReport:
     """The quality metrics of one window (see the module docstring for the definitions)."""
-    labelled = sum(1 for p in window if p.label is not None)
-    report = QualityReport(spec.model, version, spec.task, len(window), labelled)
+    y_true, y_pred, unreadable = pairs(spec, window)
+    labelled = sum(1 for p in window if p.label is not None) - unreadable
+    report = QualityReport(spec.model, version, spec.task, len(window), labelled, unreadable=unreadable)
     if window:
         report.metrics["label_coverage"] = labelled / len(window)
-    y_true, y_pred = pairs(spec, window)
     report.rows = len(y_true)
     if spec.task == "regression":
         t = np.asarray(y_true, dtype=np.float64)

@@ -34,7 +34,7 @@ from tensorgate.server.telemetry.statistics import ExecutionTimes
 from tensorgate.server.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
-    from tensorgate.server.monitoring.capture import Capture
+    from tensorgate.server.monitoring.capture import Capture, CaptureConfig
 
 
 # Ids for requests sent without one: UUID-shaped and unique, a random prefix per process and a counter.
@@ -137,9 +137,14 @@ class InferenceHandler:
         inputs, rows, outputs = self._validate(model, req, version, span)
         priority = _int_parameter(req, "priority", version)
         timeout_us = _int_parameter(req, "timeout", version)
+        # A request to be captured also computes the model's prediction output, so that its feedback can be
+        # judged whichever outputs its caller asked for; the response carries only those (`_respond`). Its cache
+        # key then names that output too: a captured request's answer holds it, cached or not.
+        sampled = None if self.capture is None else self.capture.sample(model.name, model.version, model.config)
+        computed = outputs if sampled is None else sampled.computing(outputs)
         try:
             results, times = await self._execute_cached(
-                model, inputs, req.datatypes, outputs, rows, req, priority, timeout_us, span, started
+                model, inputs, req.datatypes, computed, rows, req, priority, timeout_us, span, started
             )
             response = self._respond(model, version, req, outputs, results)
         except BaseException:
@@ -149,7 +154,7 @@ class InferenceHandler:
             raise
         if times is not None:  # None: answered from the cache, counted there as Triton counts a hit
             model.stats.record_request(rows, time.perf_counter_ns() - started, times)
-        self._answered(model, req, inputs, results, span, times)
+        self._answered(model, req, inputs, results, span, times, sampled)
         return response
 
     def _execute_cached(
@@ -318,10 +323,13 @@ class InferenceHandler:
         results: dict[str, np.ndarray],
         span: trace.Span | None,
         times: ExecutionTimes | None,
+        sampled: CaptureConfig | None,
     ) -> None:
-        """What follows an answer, from the model or the response cache (`times` None): capture and span."""
-        if self.capture is not None:
-            self.capture.submit(model.name, model.version, model.config, req.id, inputs, results)
+        """What follows an answer, from the model or the response cache (`times` None): capture (`sampled`: the
+        request's capture settings when it is to be captured) and span."""
+        if sampled is not None:
+            assert self.capture is not None
+            self.capture.enqueue(sampled, model.name, model.version, model.config, req.id, inputs, results)
         if span is not None and span.is_recording():
             if times is None:
                 span.set_attribute("tensorgate.cache.hit", True)
