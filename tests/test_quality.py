@@ -255,6 +255,8 @@ def test_alert_fires_and_resolves_and_is_counted_and_traced(
             "tensorgate.alert.value": value,
             "tensorgate.alert.threshold": 0.8,
         }
+        if state == "resolved":
+            expected["tensorgate.alert.reason"] = "recovered"
         assert dict(span.attributes or {}) == expected
         (event,) = span.events
         assert event.name == f"alert.{state}"

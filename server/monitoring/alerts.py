@@ -7,7 +7,14 @@ monitoring window (the monitor loop calls ``AlertEngine.evaluate`` with that win
 - the rule fires after ``for_windows`` consecutive breaching windows, and resolves at the first window that no
   longer breaches; each change is one AlertTransition, handed to ``on_transition`` and the webhook;
 - a window counts towards ``for_windows`` only when it holds new evidence (the caller's ``evidence`` differs from
-  the last one judged): the monitor re-judging the same predictions every interval does not make a streak.
+  the last one judged): the monitor re-judging the same predictions every interval does not make a streak;
+- a firing alert keeps firing through windows it cannot judge (as Prometheus keeps an alert without data), but
+  ``active()`` then gives its value as NaN: there is no current value, and the last one is not shown as if it were;
+- a "resolved" says why (``reason``): "recovered", "version no longer served", "rule removed" or "rule changed".
+
+With an ``AlertLedger`` (the monitor's: the data dir's store) the firing alerts outlive the process: one fired
+before is taken up again silently (``adopt``), and firing or resolving goes through the ledger, so that of the
+processes sharing it only the one that changes it announces the change.
 
 Rules come from a model's config.pbtxt, one parameter per rule::
 
@@ -40,9 +47,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -54,10 +61,12 @@ __all__ = [
     "METRICS",
     "QUALITY_METRICS",
     "AlertEngine",
+    "AlertLedger",
     "AlertRule",
     "AlertRuleError",
     "AlertTransition",
     "WebhookSender",
+    "dispatch",
     "load_rules_file",
     "model_rules",
     "parse_rule",
@@ -143,7 +152,12 @@ class AlertRule:
 
 @dataclass(slots=True, frozen=True)
 class AlertTransition:
-    """A rule starting ("firing") or stopping ("resolved") for one model version; ``value`` is the window's."""
+    """A rule starting ("firing") or stopping ("resolved") for one model version; ``value`` is the window's (NaN:
+    no window could be judged since the last one). ``active()`` returns the firing transitions with ``value`` the
+    latest judged: ``timestamp`` is then when it started firing, ``fired_value`` the value it fired at.
+
+    A "resolved" also carries ``reason``, ``since`` (when it fired) and ``fired_value``; a "firing" leaves them
+    empty, since they are its own ``timestamp`` and ``value`` (the webhook sends only the fields that are set)."""
 
     rule: str
     model: str
@@ -152,13 +166,52 @@ class AlertTransition:
     value: float
     threshold: float
     timestamp: float
+    reason: str = ""
+    since: float | None = None
+    fired_value: float | None = None
 
     def describe(self) -> str:
         """The one-line account the logs give of it."""
+        why = f" ({self.reason})" if self.reason else ""
+        value = f"{self.value:.4g}" if math.isfinite(self.value) else "n/a"
         return (
-            f"alert {self.rule} {self.state}: model '{self.model}' version {self.version} "
-            f"value {self.value:.4g} threshold {self.threshold:.4g}"
+            f"alert {self.rule} {self.state}{why}: model '{self.model}' version {self.version} "
+            f"value {value} threshold {self.threshold:.4g}"
         )
+
+    def resolution(self, reason: str, value: float, timestamp: float) -> AlertTransition:
+        """The "resolved" of this firing transition."""
+        return AlertTransition(
+            self.rule,
+            self.model,
+            self.version,
+            "resolved",
+            value,
+            self.threshold,
+            timestamp,
+            reason=reason,
+            since=self.timestamp,
+            fired_value=self.value,
+        )
+
+
+class AlertLedger(Protocol):
+    """Where the firing alerts outlive the process (the monitor's: the data dir's store). The engine announces a
+    transition only when its call changed the ledger: a process sharing it may have announced it already."""
+
+    def claim(self, fired: AlertTransition, expression: str) -> AlertTransition | None:
+        """Record ``fired``; None when it is new, else the firing transition recorded before (kept as it is)."""
+        ...
+
+    def release(self, rule: str, model: str, version: str) -> bool:
+        """Forget a firing alert; True when it was recorded (and this call removed it)."""
+        ...
+
+
+RECOVERED = "recovered"
+VERSION_GONE = "version no longer served"
+RULE_REMOVED = "rule removed"
+RULE_CHANGED = "rule changed"
 
 
 def _int_option(rule: str, key: str, raw: str) -> int:
@@ -306,15 +359,27 @@ class AlertEngine:
         *,
         webhook: WebhookSender | None = None,
         on_transition: Callable[[AlertTransition], None] | None = None,
+        ledger: AlertLedger | None = None,
     ) -> None:
         _check_unique(rules)
         self.rules = list(rules)
         self._webhook = webhook
         self._on_transition = on_transition
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._streak: dict[tuple[str, str, str], int] = {}
         self._firing: dict[tuple[str, str, str], AlertTransition] = {}
         self._evidence: dict[tuple[str, str, str], Hashable] = {}
+        self._latest: dict[tuple[str, str, str], tuple[float, float]] = {}
+        """(value, when) each rule was last judged at."""
+        self._window: dict[tuple[str, str], float] = {}
+        """When each model version's latest window began (``new_window``): a value judged before is not current."""
+
+    def new_window(self, model: str, version: str, now: float) -> None:
+        """A new window of ``model`` ``version`` is about to be judged (the monitor calls ``evaluate`` once per
+        metric group with the same ``now``): a rule that none of them judges has no current value."""
+        with self._lock:
+            self._window[(model, version)] = now
 
     def evaluate(
         self,
@@ -340,6 +405,7 @@ class AlertEngine:
                     continue
                 value = float(raw)
                 key = (rule.name, model, version)
+                self._latest[key] = (value, timestamp)
                 fresh = evidence is None or self._evidence.get(key) != evidence
                 self._evidence[key] = evidence
                 if rule.breached(value):
@@ -347,17 +413,68 @@ class AlertEngine:
                         self._streak[key] = self._streak.get(key, 0) + 1
                     if self._streak.get(key, 0) >= rule.for_windows and key not in self._firing:
                         fired = AlertTransition(rule.name, model, version, "firing", value, rule.threshold, timestamp)
-                        self._firing[key] = fired
-                        transitions.append(fired)
+                        held = self._claim(fired, rule)
+                        self._firing[key] = fired if held is None else held
+                        if held is None:
+                            transitions.append(fired)
                 else:
                     self._streak[key] = 0
-                    if self._firing.pop(key, None) is not None:
-                        transitions.append(
-                            AlertTransition(rule.name, model, version, "resolved", value, rule.threshold, timestamp)
-                        )
+                    if (f := self._firing.pop(key, None)) is not None and self._release(key):
+                        transitions.append(f.resolution(RECOVERED, value, timestamp))
         for transition in transitions:
             self._dispatch(transition)
         return transitions
+
+    def _claim(self, fired: AlertTransition, rule: AlertRule) -> AlertTransition | None:
+        if self._ledger is None:
+            return None
+        try:
+            held = self._ledger.claim(fired, rule.expression())
+        except Exception:  # noqa: BLE001 - the store failing must not silence the alert: announce it
+            logger.exception("alert %s: cannot record it in the data dir; announcing it anyway", fired.rule)
+            return None
+        if held is not None:
+            logger.info(
+                "alert %s of model '%s' version %s fires, as announced before (since %s)",
+                fired.rule,
+                fired.model,
+                fired.version,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(held.timestamp)),
+            )
+        return held
+
+    def _release(self, key: tuple[str, str, str]) -> bool:
+        """Whether this process announces the resolution: False when another process sharing the ledger did."""
+        if self._ledger is None:
+            return True
+        try:
+            return self._ledger.release(*key)
+        except Exception:  # noqa: BLE001 - as in _claim: better a resolution twice than never
+            logger.exception("alert %s: cannot remove it from the data dir; announcing its resolution anyway", key[0])
+            return True
+
+    def adopt(self, fired: AlertTransition, expression: str) -> str | None:
+        """Take up an alert recorded as firing (before a restart, or by another process sharing the ledger)
+        without announcing it; None when adopted (or already held), else why it cannot be: its rule is gone or
+        no longer what it was (``RULE_REMOVED``, ``RULE_CHANGED``)."""
+        key = (fired.rule, fired.model, fired.version)
+        with self._lock:
+            rule = next((r for r in self.rules if r.name == fired.rule and r.applies_to(fired.model)), None)
+            if rule is None:
+                return RULE_REMOVED
+            if rule.expression() != expression:
+                return RULE_CHANGED
+            if key not in self._firing:
+                self._firing[key] = fired
+                # It fired: the next breaching window keeps it, the next one that does not resolves it.
+                self._streak[key] = max(self._streak.get(key, 0), rule.for_windows)
+        return None
+
+    def drop(self, rule: str, model: str, version: str) -> None:
+        """Forget a firing alert silently: another process sharing the ledger resolved it. Its streak stays, so
+        a window that still breaches fires it again (and announces it)."""
+        with self._lock:
+            self._firing.pop((rule, model, version), None)
 
     def resolve_all(self, now: float | None = None) -> list[AlertTransition]:
         """Resolve every firing rule (its model version is no longer served); returns and dispatches them."""
@@ -367,7 +484,7 @@ class AlertEngine:
             self._firing.clear()
             self._streak.clear()
             self._evidence.clear()
-        return self._resolved(fired, timestamp)
+        return self._resolved([(f, VERSION_GONE) for f in fired], timestamp)
 
     def set_rules(self, rules: Sequence[AlertRule], now: float | None = None) -> list[AlertTransition]:
         """Replace the rules (a model's config was reloaded): a rule left as it was keeps its streak and firing
@@ -377,37 +494,58 @@ class AlertEngine:
         with self._lock:
             gone = [r for r in self.rules if r not in rules]
             self.rules = list(rules)
-            fired: list[AlertTransition] = []
-            # Every key judged once is in _evidence (set on each evaluation); _streak and _firing hold some of them.
-            for key in list(self._evidence):
+            fired: list[tuple[AlertTransition, str]] = []
+            # Every key judged or adopted is in _evidence or _firing; _streak holds some of them.
+            for key in {*self._evidence, *self._firing}:
                 if any(r.name == key[0] and r.applies_to(key[1]) for r in gone):
                     self._streak.pop(key, None)
                     self._evidence.pop(key, None)
                     if (f := self._firing.pop(key, None)) is not None:
-                        fired.append(f)
+                        renamed = any(r.name == key[0] and r.applies_to(key[1]) for r in self.rules)
+                        fired.append((f, RULE_CHANGED if renamed else RULE_REMOVED))
         return self._resolved(fired, timestamp)
 
-    def _resolved(self, fired: list[AlertTransition], timestamp: float) -> list[AlertTransition]:
-        """Dispatch a "resolved" for each of ``fired`` (with the value it fired at: there is no newer one)."""
-        transitions = [
-            AlertTransition(f.rule, f.model, f.version, "resolved", f.value, f.threshold, timestamp) for f in fired
-        ]
+    def _resolved(self, fired: list[tuple[AlertTransition, str]], timestamp: float) -> list[AlertTransition]:
+        """Dispatch a "resolved" (with its reason) for each of ``fired`` whose release this call made; its value is
+        the last one judged (NaN: none since it was adopted)."""
+        transitions = []
+        for f, reason in fired:
+            key = (f.rule, f.model, f.version)
+            if self._release(key):
+                value = self._latest.get(key, (math.nan, 0.0))[0]
+                transitions.append(f.resolution(reason, value, timestamp))
         for transition in transitions:
             self._dispatch(transition)
         return transitions
 
     def active(self) -> list[AlertTransition]:
-        """The firing transitions of the rules that have not resolved yet, oldest first."""
+        """The firing rules, oldest first: each its firing transition with ``value`` the latest judged (NaN when
+        the model version's latest window could not judge it) and ``fired_value`` the value it fired at."""
         with self._lock:
-            return sorted(self._firing.values(), key=lambda t: t.timestamp)
+            active = []
+            for key, fired in self._firing.items():
+                value, judged = self._latest.get(key, (math.nan, -math.inf))
+                if judged < self._window.get((fired.model, fired.version), -math.inf):
+                    value = math.nan
+                active.append(replace(fired, value=value, fired_value=fired.value))
+            return sorted(active, key=lambda t: t.timestamp)
 
     def _dispatch(self, transition: AlertTransition) -> None:
-        # The monitor's on_transition logs, counts and traces each transition; this line is for debugging only.
-        logger.debug("%s", transition.describe())
-        if self._on_transition is not None:
-            try:
-                self._on_transition(transition)
-            except Exception:  # one broken observer must not stop the others or the monitor loop
-                logger.exception("alert transition callback failed")
-        if self._webhook is not None:
-            self._webhook.send(transition)
+        dispatch(transition, self._on_transition, self._webhook)
+
+
+def dispatch(
+    transition: AlertTransition,
+    on_transition: Callable[[AlertTransition], None] | None,
+    webhook: WebhookSender | None,
+) -> None:
+    """Announce one transition: to the observer (the monitor logs, counts and traces it), then the webhook."""
+    # The monitor's on_transition logs, counts and traces each transition; this line is for debugging only.
+    logger.debug("%s", transition.describe())
+    if on_transition is not None:
+        try:
+            on_transition(transition)
+        except Exception:  # one broken observer must not stop the others or the monitor loop
+            logger.exception("alert transition callback failed")
+    if webhook is not None:
+        webhook.send(transition)

@@ -11,13 +11,21 @@ statistical tests) runs through ``asyncio.to_thread``: the event loop only snaps
 
 Alert transitions are logged, counted (``tensorgate_alert_transitions_total``), POSTed to the optional webhook and,
 when the server traces, recorded as a short span ``alert <rule>`` with an ``alert.firing``/``alert.resolved`` event.
+
+The firing alerts are kept in the data dir's store (``_Ledger``), per webhook URL: a restart takes them up without
+announcing them again, and resolves those it can no longer judge (their version is not served, their rule is gone
+or changed). Processes sharing the data dir and the webhook share them: each transition is announced by the one
+process whose write changed the store, and an alert is resolved for a reason other than its values only once no
+running process holds it (``FiringAlert.orphaned``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -37,10 +45,12 @@ from tensorgate.server.errors import InvalidRequestError, ModelNotFoundError
 from tensorgate.server.monitoring import drift as drift_stats
 from tensorgate.server.monitoring.alerts import (
     QUALITY_METRICS,
+    VERSION_GONE,
     AlertEngine,
     AlertRule,
     AlertTransition,
     WebhookSender,
+    dispatch,
     load_rules_file,
     model_rules,
     rules_from_config,
@@ -49,7 +59,7 @@ from tensorgate.server.monitoring.capture import Capture, parameter
 from tensorgate.server.monitoring.drift import DriftReport, ReferenceProfile
 from tensorgate.server.monitoring.errors import NoReferenceError
 from tensorgate.server.monitoring.quality import QualityReport, TaskSpec, TaskSpecError, compute_quality
-from tensorgate.server.monitoring.store import Prediction, PredictionStore
+from tensorgate.server.monitoring.store import FiringAlert, Prediction, PredictionStore
 from tensorgate.server.telemetry.metrics import FamilySpec, markdown_table
 
 if TYPE_CHECKING:
@@ -161,7 +171,8 @@ def _stack(window: Sequence[Prediction], attr: str) -> tuple[dict[str, np.ndarra
 
 def trace_transition(tracing: Tracing, transition: AlertTransition) -> None:
     """One alert transition as OpenTelemetry sees it: a short root span ``alert <rule>`` holding an
-    ``alert.firing`` or ``alert.resolved`` event, both with the model, version, rule, state, value and threshold."""
+    ``alert.firing`` or ``alert.resolved`` event, both with the model, version, rule, state, value and threshold
+    (and a resolution's reason)."""
     attributes: dict[str, str | float] = {
         "tensorgate.model.name": transition.model,
         "tensorgate.model.version": transition.version,
@@ -170,10 +181,51 @@ def trace_transition(tracing: Tracing, transition: AlertTransition) -> None:
         "tensorgate.alert.value": float(transition.value),
         "tensorgate.alert.threshold": float(transition.threshold),
     }
+    if transition.reason:
+        attributes["tensorgate.alert.reason"] = transition.reason
     # A new trace (the monitor runs outside any request), whatever span the calling thread has current.
     span = tracing.tracer.start_span(f"alert {transition.rule}", context=otel_context.Context(), attributes=attributes)
     span.add_event(f"alert.{transition.state}", attributes=attributes)
     span.end()
+
+
+class _Ledger:
+    """The alert engines' ``AlertLedger``: the firing alerts of one webhook (``sink``) in the data dir's store."""
+
+    def __init__(self, store: PredictionStore, sink: str, interval_s: float) -> None:
+        self.store = store
+        self.sink = sink
+        self.interval_s = interval_s
+
+    def claim(self, fired: AlertTransition, expression: str) -> AlertTransition | None:
+        row = FiringAlert(
+            self.sink,
+            fired.rule,
+            fired.model,
+            fired.version,
+            expression,
+            since=fired.timestamp,
+            fired_value=fired.value,
+            value=fired.value,
+            threshold=fired.threshold,
+            updated=fired.timestamp,
+            interval_s=self.interval_s,
+        )
+        held = self.store.claim_alert(row)
+        return None if held is None else firing_of(held)
+
+    def release(self, rule: str, model: str, version: str) -> bool:
+        return self.store.release_alert(self.sink, rule, model, version)
+
+
+def firing_of(row: FiringAlert) -> AlertTransition:
+    """The firing transition a stored alert stands for."""
+    return AlertTransition(row.rule, row.model, row.version, "firing", row.fired_value, row.threshold, row.since)
+
+
+def _sink(webhook: str | None) -> str:
+    """Who the alerts are announced to, as the store keys them: never the URL itself (it may hold a secret)."""
+    return hashlib.sha256(webhook.encode()).hexdigest()[:32] if webhook else ""
 
 
 class Monitor:
@@ -202,6 +254,7 @@ class Monitor:
         # A malformed rules file raises AlertRuleError here, before anything else is started.
         self._file_rules: list[AlertRule] = [] if alert_rules is None else load_rules_file(alert_rules)
         self._webhook = WebhookSender(alert_webhook) if alert_webhook else None
+        self._ledger = _Ledger(store, _sink(alert_webhook), interval_s)
         self._engines: dict[tuple[str, str], _Engine] = {}
         self._skipped: set[tuple[str, str, str]] = set()
         """(model, version, tensor) that drift left out and the log has said so."""
@@ -237,6 +290,12 @@ class Monitor:
             await asyncio.wait([running], timeout=timeout)
             if not running.done():
                 log.warning("monitor: an evaluation still runs after %.0fs; stopping without it", timeout)
+        held = [(a.rule, a.model, a.version) for a in self.alerts()]
+        if held:  # the next run (or another process) may resolve at once what it cannot judge
+            try:
+                await asyncio.to_thread(self.store.let_go_alerts, self._ledger.sink, held)
+            except Exception:  # noqa: BLE001 - they are then taken as held for a few more intervals
+                log.exception("monitor: cannot mark its firing alerts as no longer held")
         if self._webhook is not None:
             await asyncio.to_thread(self._webhook.close)
 
@@ -268,10 +327,13 @@ class Monitor:
         """Compute quality and drift of each target, update the gauges and feed the alert engine (blocking)."""
         now = time.time() if now is None else now
         state = _State()
-        seen: set[tuple[str, str]] = set()
+        targets = list(targets)
+        # Engines first, then what the store holds: an alert fired before is taken up, and one no longer judged
+        # resolved, before this window fires anything (a changed rule's old alert must go before the new fires).
+        engines = {(t.name, t.version): self._engine(t, now) for t in targets}
+        self._sweep(engines, now)
         for t in targets:
             key = (t.name, t.version)
-            seen.add(key)
             quality: QualityReport | None = None
             window: list[Prediction] = []
             try:
@@ -299,7 +361,8 @@ class Monitor:
                     "score_psi": float(drift.score_drift),
                     "samples": float(drift.samples),
                 }
-            engine = self._engine(t, now)
+            engine = engines[key]
+            engine.new_window(t.name, t.version, now)
             # What `for=N` counts: windows with something new (a capture, a label), not runs of this loop.
             captured = max((p.timestamp for p in window), default=None)
             labelled = max((p.label_timestamp for p in window if p.label_timestamp is not None), default=None)
@@ -320,11 +383,52 @@ class Monitor:
                 engine.evaluate(t.name, t.version, values, int(drift.samples), now, (len(window), captured))
             state.firing[key] = {a.rule for a in engine.active() if a.model == t.name and a.version == t.version}
         with self._lock:  # a version no longer served resolves its alerts instead of firing for ever
-            gone = {key: self._engines.pop(key) for key in list(self._engines) if key not in seen}
+            gone = {key: self._engines.pop(key) for key in list(self._engines) if key not in engines}
         for cached in gone.values():
             cached.engine.resolve_all(now)
+        self._refresh(engines, now)
         self.state = state
         self.evaluations += 1
+
+    def _sweep(self, engines: dict[tuple[str, str], AlertEngine], now: float) -> None:
+        """Take up the stored alerts this monitor judges, and resolve (announcing it) those nobody holds any more
+        that it cannot judge: their version is not served here, or their rule is gone or changed."""
+        try:
+            rows = self.store.firing_alerts(self._ledger.sink)
+        except Exception:  # noqa: BLE001 - the alerts then live in memory only, as they did before
+            log.exception("monitor: cannot read the firing alerts from the data dir")
+            return
+        for row in rows:
+            engine = engines.get((row.model, row.version))
+            fired = firing_of(row)
+            reason = VERSION_GONE if engine is None else engine.adopt(fired, row.expression)
+            if reason is None or not row.orphaned(now):
+                continue  # taken up, or another running process holds it (its own monitor decides)
+            try:
+                released = self.store.release_alert(row.sink, row.rule, row.model, row.version, updated=row.updated)
+            except Exception:  # noqa: BLE001 - tried again at the next evaluation
+                log.exception("monitor: cannot resolve alert %s of model '%s' in the data dir", row.rule, row.model)
+                continue
+            if released:
+                value = math.nan if row.value is None else row.value
+                dispatch(fired.resolution(reason, value, now), self._on_transition, self._webhook)
+
+    def _refresh(self, engines: dict[tuple[str, str], AlertEngine], now: float) -> None:
+        """Store the latest value of the alerts firing here and mark them held; one another process resolved
+        meanwhile is dropped here too (its engine fires it again if its window still breaches)."""
+        held = [a for e in engines.values() for a in e.active()]
+        try:
+            gone = self.store.refresh_alerts(
+                self._ledger.sink,
+                [(a.rule, a.model, a.version, a.value if math.isfinite(a.value) else None) for a in held],
+                now,
+                self.interval_s,
+            )
+        except Exception:  # noqa: BLE001 - held for a few more intervals by the last refresh
+            log.exception("monitor: cannot store the firing alerts' values")
+            return
+        for rule, model, version in gone:
+            engines[(model, version)].drop(rule, model, version)
 
     def _profile_broken(self, t: _Target, exc: Exception) -> None:
         """Log an unusable reference profile as one line, once per broken state: the same problem in the same
@@ -358,7 +462,9 @@ class Monitor:
             params = {k: v.string_value for k, v in t.config.parameters.items()}
             rules = model_rules(t.name, self._file_rules, rules_from_config(params, model=t.name))
             if cached is None:
-                engine = AlertEngine(rules, webhook=self._webhook, on_transition=self._on_transition)
+                engine = AlertEngine(
+                    rules, webhook=self._webhook, on_transition=self._on_transition, ledger=self._ledger
+                )
                 self._engines[key] = _Engine(t.config, engine)
                 return engine
             cached.config = t.config

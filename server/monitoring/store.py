@@ -27,7 +27,7 @@ import numpy as np
 
 from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
-__all__ = ["DB_NAME", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays", "is_busy"]
+__all__ = ["DB_NAME", "FiringAlert", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays", "is_busy"]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,26 @@ CREATE TABLE IF NOT EXISTS model_rows (
     model TEXT PRIMARY KEY,
     rows INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS firing_alerts (
+    sink TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    expression TEXT NOT NULL,
+    since REAL NOT NULL,
+    fired_value REAL NOT NULL,
+    value REAL,
+    threshold REAL NOT NULL,
+    updated REAL NOT NULL,
+    interval_s REAL NOT NULL,
+    PRIMARY KEY (sink, rule, model, version)
+);
 """
 """``predictions_model_id`` was a unique index (a repeated id replaced its row) in stores written before repeated ids
 were kept. ``model_rows`` counts each model's rows for retention, in the database rather than in one process's
 memory: several ``--reuse-port`` processes share the file, and each one counting only its own inserts kept up to
-one retention's worth per process."""
+one retention's worth per process. ``firing_alerts`` (added after them: CREATE IF NOT EXISTS is its migration) holds
+the alerts firing, so that a restart neither sends them again nor forgets to resolve them (``FiringAlert``)."""
 
 _NEWEST = "seq = (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ?)"
 """The capture a request id names: its newest, when a client used the id more than once."""
@@ -78,6 +93,34 @@ class Prediction:
     outputs: dict[str, np.ndarray]
     label: np.ndarray | None = None
     label_timestamp: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class FiringAlert:
+    """An alert firing, as the data dir keeps it for the monitors that share it and for the next run.
+
+    ``sink`` names who was told (a hash of the webhook URL, "" without one): processes that send to the same
+    receiver share one row per alert, so each transition is sent once whichever of them sees it first.
+    ``updated`` is when a monitor judging the alert last said it still holds it (0: its process stopped), and
+    ``interval_s`` that monitor's interval: a row nobody has refreshed for a few intervals has no live holder."""
+
+    sink: str
+    rule: str
+    model: str
+    version: str
+    expression: str
+    """The rule as it was when it fired (``AlertRule.expression``): a rule changed since then resolves it."""
+    since: float
+    fired_value: float
+    value: float | None
+    """The value last judged (None: the last window could not be judged)."""
+    threshold: float
+    updated: float
+    interval_s: float
+
+    def orphaned(self, now: float) -> bool:
+        """No running monitor has held it lately: released by a stopped process, or left by a crashed one."""
+        return self.updated < now - 3 * self.interval_s
 
 
 def as_numbers(array: np.ndarray) -> np.ndarray:
@@ -307,6 +350,101 @@ class PredictionStore:
                     first = next(iter(outputs.values()), None)
                     result[request_id] = 1 if first is None or first.ndim == 0 else int(first.shape[0])
         return result
+
+    # ----- firing alerts (shared by the processes on this data dir) -------------------------------------------
+
+    def claim_alert(self, alert: FiringAlert) -> FiringAlert | None:
+        """Record an alert that starts firing: None when it is new (the caller announces it), else the row already
+        there (another process sending to the same sink, or this data dir's previous run, announced it)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = self._db.execute(
+                    "INSERT OR IGNORE INTO firing_alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        alert.sink,
+                        alert.rule,
+                        alert.model,
+                        alert.version,
+                        alert.expression,
+                        alert.since,
+                        alert.fired_value,
+                        alert.value,
+                        alert.threshold,
+                        alert.updated,
+                        alert.interval_s,
+                    ),
+                ).rowcount
+                existing = (
+                    None
+                    if inserted
+                    else self._alerts(
+                        "sink = ? AND rule = ? AND model = ? AND version = ?",
+                        (alert.sink, alert.rule, alert.model, alert.version),
+                    )
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return existing[0] if existing else None
+
+    def release_alert(self, sink: str, rule: str, model: str, version: str, *, updated: float | None = None) -> bool:
+        """Forget a firing alert; True when this call removed it (the caller announces the resolution), False when
+        it was gone already. ``updated``: only if nobody refreshed the row since it was read."""
+        where = "sink = ? AND rule = ? AND model = ? AND version = ?"
+        args: list[object] = [sink, rule, model, version]
+        if updated is not None:
+            where += " AND updated = ?"
+            args.append(updated)
+        with self._lock:
+            return self._db.execute(f"DELETE FROM firing_alerts WHERE {where}", args).rowcount > 0  # noqa: S608
+
+    def refresh_alerts(
+        self, sink: str, held: Sequence[tuple[str, str, str, float | None]], now: float, interval_s: float
+    ) -> list[tuple[str, str, str]]:
+        """Store the latest value of each (rule, model, version, value) this monitor holds firing and mark it held
+        now; returns the ones whose row is gone (another process resolved them)."""
+        gone: list[tuple[str, str, str]] = []
+        if not held:
+            return gone
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for rule, model, version, value in held:
+                    changed = self._db.execute(
+                        "UPDATE firing_alerts SET value = ?, updated = ?, interval_s = ? "
+                        "WHERE sink = ? AND rule = ? AND model = ? AND version = ?",
+                        (value, now, interval_s, sink, rule, model, version),
+                    ).rowcount
+                    if not changed:
+                        gone.append((rule, model, version))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return gone
+
+    def let_go_alerts(self, sink: str, held: Sequence[tuple[str, str, str]]) -> None:
+        """A stopping process no longer holds these: the next monitor (a restart, another process) may resolve
+        them at once if it cannot judge them (their version is not served there, their rule is gone)."""
+        with self._lock:
+            self._db.executemany(
+                "UPDATE firing_alerts SET updated = 0 WHERE sink = ? AND rule = ? AND model = ? AND version = ?",
+                [(sink, *key) for key in held],
+            )
+
+    def firing_alerts(self, sink: str) -> list[FiringAlert]:
+        """The alerts firing for ``sink``, oldest first."""
+        with self._lock:
+            return self._alerts("sink = ?", (sink,))
+
+    def _alerts(self, where: str, args: tuple[object, ...]) -> list[FiringAlert]:
+        rows = self._db.execute(
+            f"SELECT * FROM firing_alerts WHERE {where} ORDER BY since",  # noqa: S608 - constant clauses
+            args,
+        ).fetchall()
+        return [FiringAlert(*row) for row in rows]
 
     # ----- reads -------------------------------------------------------------------------------------------
 

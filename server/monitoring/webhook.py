@@ -9,6 +9,10 @@ The body is one JSON object per transition::
     {"source": "tensorgate", "rule": "low_accuracy", "model": "digits", "version": "1", "state": "firing",
      "value": 0.81, "threshold": 0.9, "timestamp": 1764220000.0}
 
+A "resolved" adds why (``reason``: "recovered", "version no longer served", "rule removed", "rule changed"), when it
+fired (``since``) and at what value (``fired_value``); its ``value`` is the last one judged, null when there is none
+(JSON has no NaN).
+
 Connection errors, timeouts and 5xx/429 answers are retried; other 4xx answers are not (the request itself is
 wrong, sending it again will not help). A 3xx answer is a failure, not followed: urllib would repeat the POST as a
 GET without its body and call that delivered.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import queue
 import threading
 import urllib.error
@@ -34,7 +39,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 if TYPE_CHECKING:  # alerts.py re-exports WebhookSender, so this module imports nothing of it at run time
     from tensorgate.server.monitoring.alerts import AlertTransition
 
-__all__ = ["WebhookSender"]
+__all__ = ["WebhookSender", "payload"]
 
 logger = logging.getLogger("tensorgate.monitoring.webhook")
 
@@ -45,6 +50,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def payload(transition: AlertTransition) -> dict[str, object]:
+    """The JSON object sent for a transition: the fields that are set, a non-finite number as null (strict JSON)."""
+    fields = {k: v for k, v in asdict(transition).items() if v is not None and v != ""}
+    return {
+        "source": "tensorgate",
+        **{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()},
+    }
 
 
 class WebhookSender:
@@ -127,7 +141,7 @@ class WebhookSender:
             self._deliver(item)
 
     def _deliver(self, transition: AlertTransition) -> None:
-        body = json.dumps({"source": "tensorgate", **asdict(transition)}).encode()
+        body = json.dumps(payload(transition)).encode()
         for attempt in range(self.retries + 1):
             error = self._post(body)
             if error is None:
