@@ -10,6 +10,7 @@ A classifier's one-column float output (a sigmoid) is read by threshold, not as 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -311,3 +312,27 @@ def test_a_one_column_float_class_id_is_taken_as_it_is(tmp_path: Path) -> None:
             quality = client.model_quality("ids")
     assert quality.class_labels == ("0", "1", "2")
     assert quality.metrics["accuracy"] == 0.75
+
+
+def test_a_prediction_that_cannot_be_read_is_logged_once(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A WARNING on every monitor run (8640 a day at the default interval) buried the log: once per model version."""
+    repo, x, y = digits
+    models = _with(repo, tmp_path / "models", "")
+    config = models / "digits" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "label"', 'string_value: "nothing"', 1))
+    with ServerThread(models, data_dir=tmp_path / "data", monitor_interval_s=0.1) as s:
+        with InferenceClient(s.address) as client:
+            rid = client.infer("digits", {"input": x[:ROWS]}).id
+            client.submit_feedback("digits", rid, y[:ROWS])
+        monitor = s.app.monitor
+        assert monitor is not None
+        runs = monitor.evaluations
+        for _ in range(600):  # bounded (30 s): several evaluations after the label
+            if monitor.evaluations >= runs + 5:
+                break
+            time.sleep(0.05)
+        assert monitor.evaluations >= runs + 5
+    lines = [r.getMessage() for r in caplog.records if "was not captured" in r.getMessage()]
+    assert len(lines) == 1, lines

@@ -261,6 +261,9 @@ class Monitor:
         self._broken_profiles: dict[tuple[str, str], tuple[str, tuple[tuple[int, int] | None, ...]]] = {}
         """The unusable reference profile last logged per model version: its message and its files' mtime and size
         (only the monitor's thread touches it)."""
+        self._quality_problems: dict[tuple[str, str], str] = {}
+        """Why quality could not judge (some of) a model version's labels, as last logged (the monitor's thread only):
+        the same problem is logged once, not on every run."""
         self._lock = threading.Lock()
         self.state = _State()
         self.transitions: Counter[tuple[str, str, str]] = Counter()
@@ -336,13 +339,24 @@ class Monitor:
             key = (t.name, t.version)
             quality: QualityReport | None = None
             window: list[Prediction] = []
+            problem: str | None = None
             try:
                 window = self._window(t, Window(), now, with_inputs=False)  # kept: the alerts' evidence
                 quality = self._quality(t, window)
+                if quality.unreadable:
+                    problem = (
+                        f"model '{t.name}' version {t.version}: labelled requests captured without the prediction "
+                        "output are not judged (they were stored before the server captured it for every request)"
+                    )
             except TaskSpecError as exc:
-                log.warning("monitor: %s", exc)
+                problem = str(exc)
             except Exception:  # noqa: BLE001 - quality of one model must not stop the others
                 log.exception("monitor: quality of model '%s' version %s failed", t.name, t.version)
+            if problem is None:
+                self._quality_problems.pop(key, None)  # solved: a new problem is news again
+            elif self._quality_problems.get(key) != (known := problem.split("; captured:")[0]):
+                self._quality_problems[key] = known  # which outputs the first such request had is no new problem
+                log.warning("monitor: %s", problem)
             if quality is not None:
                 state.quality[key] = {m: v for m, v in quality.metrics.items() if m in QUALITY_METRICS}
             drift: DriftReport | None = None
