@@ -73,8 +73,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     m = sub.add_parser("monitor", help="print a model's quality, drift and alerts; write PNG plots with --out")
     m.add_argument("model", help="model name")
     m.add_argument("--model-version", default=None, help="model version (default: the newest loaded)")
-    m.add_argument("--window-count", type=int, default=None, help="last N predictions (default: the server's)")
-    m.add_argument("--window-seconds", type=float, default=None, help="predictions of the last S seconds")
+    m.add_argument("--window-count", type=int, default=None, help="last N requests (default: the model's window)")
+    m.add_argument("--window-seconds", type=float, default=None, help="requests of the last S seconds")
     m.add_argument("--out", type=Path, default=None, metavar="DIR", help="append to DIR/history.jsonl, write PNGs")
     m.add_argument("--watch", type=int, default=1, metavar="N", help="poll N times (default 1)")
     m.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --watch (default 10)")
@@ -202,7 +202,7 @@ def _through_server(
 def _capture_warning(client: InferenceClient, server: str, model: str, config: mc.ModelConfig, rows: int) -> str:
     """Why the reference rows about to be sent would sit in the model's monitored window ("" when they will not).
 
-    A server with --data-dir captures answered requests, these too: in its window (the last 1000 predictions by
+    A server with --data-dir captures answered requests, these too: in its window (the last 1000 requests by
     default) they pull drift toward the reference and hide a real shift until newer traffic replaces them. Requests
     cannot opt out of capture (any caller could then keep its traffic away from monitoring), so the remedy is a
     server that does not capture. Only such a server lacks the Monitoring service (UNIMPLEMENTED); a caller not

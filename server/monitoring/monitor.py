@@ -71,14 +71,21 @@ __all__ = ["MONITORING_FAMILIES", "Monitor", "MonitoringCollector", "Window", "r
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_COUNT = 1000
+MAX_WINDOW_COUNT = 100_000
+"""The most captured requests one window reads: a window is decoded in memory at once (about 250 MiB for 100,000
+digits requests of 64 floats), so neither a caller's uint64 (GetModelQuality/GetModelDrift) nor a model's
+parameter may size it without bound. A window by time alone is capped to its newest MAX_WINDOW_COUNT requests."""
+WINDOW_REQUESTS = "tensorgate.monitor.window_requests"
+WINDOW_SECONDS = "tensorgate.monitor.window_s"
 
 _MV = ("model", "version")
 QUALITY = FamilySpec(
     "tensorgate_model_quality",
     "gauge",
     (*_MV, "metric"),
-    "Quality over the monitor's window (last 1000 predictions): accuracy, precision/recall/f1_macro, mae, rmse, "
-    "nonfinite_share (regression rows left out of mae/rmse as NaN or infinite), label_coverage",
+    "Quality over the model's monitoring window (by default its last 1000 requests): accuracy, "
+    "precision/recall/f1_macro, mae, rmse, nonfinite_share (regression rows left out of mae/rmse as NaN or "
+    "infinite), label_coverage",
 )
 DRIFT = FamilySpec(
     "tensorgate_model_drift",
@@ -110,7 +117,8 @@ def reference_markdown() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """The last ``count`` predictions and/or those of the last ``seconds``; neither: the default count."""
+    """The last ``count`` predictions and/or those of the last ``seconds``; neither: the model's own window
+    (``model_window``: the monitor loop, /metrics, alerts, and the RPCs that name no window)."""
 
     count: int = 0
     seconds: float = 0.0
@@ -120,6 +128,35 @@ class Window:
         count = self.count if self.count > 0 else (DEFAULT_WINDOW_COUNT if self.seconds <= 0 else None)
         since = now - self.seconds if self.seconds > 0 else None
         return since, count
+
+
+def model_window(config: mc.ModelConfig) -> tuple[Window, list[str]]:
+    """The window a model is judged over, from ``tensorgate.monitor.window_requests`` (its last N captured
+    requests; default 1000) and ``tensorgate.monitor.window_s`` (only those of the last S seconds; default: no time
+    bound), and why a malformed value was replaced by its default. A count suits steady traffic; labels that
+    arrive late (fraud, churn) need a window long enough to still hold their predictions."""
+    problems: list[str] = []
+    count = DEFAULT_WINDOW_COUNT
+    raw = parameter(config, WINDOW_REQUESTS)
+    if raw is not None:
+        n = parse_decimal(raw)
+        if n is None or not 1 <= n <= MAX_WINDOW_COUNT:
+            problems.append(
+                f"parameter '{WINDOW_REQUESTS}' must be a whole number in 1..{MAX_WINDOW_COUNT}, got {raw!r}"
+            )
+        else:
+            count = n
+    seconds = 0.0
+    raw = parameter(config, WINDOW_SECONDS)
+    if raw is not None:
+        try:
+            seconds = float(raw)
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ValueError
+        except ValueError:
+            problems.append(f"parameter '{WINDOW_SECONDS}' must be a number of seconds above 0, got {raw!r}")
+            seconds = 0.0
+    return Window(count, seconds), problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +298,8 @@ class Monitor:
         self._broken_profiles: dict[tuple[str, str], tuple[str, tuple[tuple[int, int] | None, ...]]] = {}
         """The unusable reference profile last logged per model version: its message and its files' mtime and size
         (only the monitor's thread touches it)."""
+        self._window_problems: set[tuple[str, str, str]] = set()
+        """Malformed window parameters already logged, per model version."""
         self._quality_problems: dict[tuple[str, str], str] = {}
         """Why quality could not judge (some of) a model version's labels, as last logged (the monitor's thread only):
         the same problem is logged once, not on every run."""
@@ -495,6 +534,13 @@ class Monitor:
     # ----- what the RPCs answer (blocking: call through asyncio.to_thread) -----------------------------------
 
     def _window(self, t: _Target, window: Window, now: float, *, with_inputs: bool = True) -> list[Prediction]:
+        """The captures of ``window``; the model's own window (``model_window``) when it names none."""
+        if window == Window():
+            window, problems = model_window(t.config)
+            for problem in problems:
+                if (t.name, t.version, problem) not in self._window_problems:  # once, not every run
+                    self._window_problems.add((t.name, t.version, problem))
+                    log.warning("model '%s': %s; using its default", t.name, problem)
         since, limit = window.bounds(now)
         return self.store.predictions(t.name, t.version, since=since, limit=limit, with_inputs=with_inputs)
 

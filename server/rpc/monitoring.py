@@ -28,7 +28,7 @@ from tensorgate.server.monitoring.alerts import AlertTransition
 from tensorgate.server.monitoring.capture import Capture
 from tensorgate.server.monitoring.drift import DriftReport
 from tensorgate.server.monitoring.errors import PredictionNotFoundError
-from tensorgate.server.monitoring.monitor import Monitor, Window
+from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Window
 from tensorgate.server.monitoring.quality import QualityReport
 from tensorgate.server.rpc import errors
 from tensorgate.server.rpc.drain import DrainGate
@@ -39,10 +39,6 @@ __all__ = ["SERVICE_NAME", "MonitoringServicer", "add_monitoring_servicer"]
 SERVICE_NAME = "tensorgate.v1.Monitoring"
 MAX_BATCH_ITEMS = 10_000
 MAX_ID_CHARS = 256
-MAX_WINDOW_COUNT = 100_000
-"""The most captured requests one GetModelQuality/GetModelDrift reads: the window is decoded in memory at once
-(about 250 MiB for 100,000 digits requests of 64 floats), so the caller's uint64 may not size it. A seconds window
-is capped to its newest MAX_WINDOW_COUNT requests too."""
 # SubmitFeedbackStream commits the items that have arrived while the previous commit ran together, up to this many.
 STREAM_COMMIT_ITEMS = 1000
 
