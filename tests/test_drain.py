@@ -1,0 +1,100 @@
+"""A draining replica sends its clients elsewhere: at the start of the drain it stops listening and tells every
+connection to go away (GOAWAY), so that new calls reach the other replicas while its own calls in flight finish.
+Two real servers behind one client channel that spreads calls over both (round_robin), as clients of a headless
+Kubernetes service or a list of replicas do."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos.tensors import decode_infer_response, encode_infer_request
+from tests.onnx_models import slow_model, write_config
+from tests.process import ServeProcess
+from tests.serving import ServerThread
+from tests.test_cli import _wait_ready
+from tests.test_poll import wait_for
+
+
+def _repository(root: Path) -> Path:
+    slow_model(root / "slow" / "1" / "model.onnx", repeats=4800)  # about 10 s per call on 2 cores
+    write_config(root, "slow", "max_batch_size: 256\ninstance_group [{ kind: KIND_CPU count: 1 }]\n")
+    slow_model(root / "fast" / "1" / "model.onnx", size=8, repeats=1)
+    return root
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def test_new_calls_go_to_the_other_replica_while_one_drains(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tensorgate")
+    repo = _repository(tmp_path / "models")
+    fast = encode_infer_request("fast", [("INPUT0", np.ones((1, 8), np.float32))])
+    with ServerThread(repo, shutdown_grace_s=60.0) as draining, ServerThread(repo) as other:
+        target = f"ipv4:{draining.address},{other.address}"
+        options = [("grpc.lb_policy_name", "round_robin")]
+        with grpc.insecure_channel(target, options=options) as spread, grpc.insecure_channel(draining.address) as own:
+            stub = GRPCInferenceServiceStub(spread)
+            for _ in range(6):  # both replicas connected and serving
+                stub.ModelInfer(fast, timeout=30)
+            x = np.full((256, 512), 0.01, dtype=np.float32)
+            running = GRPCInferenceServiceStub(own).ModelInfer.future(
+                encode_infer_request("slow", [("INPUT0", x)]), timeout=120
+            )
+            time.sleep(1.0)  # generous: the slow request reaches the server and starts computing
+            assert not running.done()
+            stopped = asyncio.run_coroutine_threadsafe(draining.app.stop(), draining._loop)
+            wait_for("the drain to start", lambda: "refusing new calls" in caplog.text)
+            time.sleep(0.5)  # the clients read the GOAWAY
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", _port(draining.address)), timeout=5).close()
+            failed = []
+            for _ in range(20):
+                try:
+                    stub.ModelInfer(fast, timeout=30)
+                except grpc.RpcError as exc:
+                    failed.append(f"{exc.code()}: {exc.details()}")
+            assert failed == []
+            assert not stopped.done()  # the slow call still holds the drain: the calls above went to the other
+            out = decode_infer_response(running.result(120))
+            assert out["OUTPUT0"].shape == (256, 512)
+            stopped.result(60)
+            assert "grace period over" not in caplog.text
+
+
+def test_a_batch_computing_when_the_grace_ends_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM: a process that waited past
+    --shutdown-grace-s for a batch whose callers were already told (up to the repository's 30 s close grace) is
+    killed with its captures and spans unflushed. The batch is cut short at its next node, as after a second
+    signal."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx", repeats=12000)  # minutes for this batch on 2 cores
+    write_config(repo, "slow", "max_batch_size: 8192\ninstance_group [{ kind: KIND_CPU count: 1 }]\n")
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "1"]) as server:
+        _wait_ready(server.address).close()
+        with grpc.insecure_channel(server.address) as channel:
+            x = np.full((8192, 512), 0.01, dtype=np.float32)
+            computing = GRPCInferenceServiceStub(channel).ModelInfer.future(
+                encode_infer_request("slow", [("INPUT0", x)]), timeout=120
+            )
+            time.sleep(1.5)  # generous: the request reaches the server on loopback and starts
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            with pytest.raises(grpc.RpcError) as cut:
+                computing.result(60)
+            assert server.proc.wait(60) == 0
+        # Not the 30 s the repository waits for a batch at close (the minutes it would take are cut there); generous
+        # against a loaded machine.
+        assert time.monotonic() - signalled < 20, time.monotonic() - signalled
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "grace period over" in server.output
