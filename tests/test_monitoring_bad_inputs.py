@@ -15,6 +15,7 @@ from tensorgate.client import InferenceClient
 from tensorgate.client.errors import FailedPrecondition, InvalidArgument
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.server.monitoring.drift import build_profile, profile_path, save_profile
+from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT
 from tensorgate.server.rpc import monitoring as rpc_monitoring
 from tests.monitoring import digits_repository
 from tests.serving import ServerThread
@@ -37,7 +38,7 @@ def _data_dir(server: ServerThread) -> Path:
     return server.settings.data_dir
 
 
-@pytest.mark.parametrize("count", [2**63, 2**64 - 1, rpc_monitoring.MAX_WINDOW_COUNT + 1])
+@pytest.mark.parametrize("count", [2**63, 2**64 - 1, MAX_WINDOW_COUNT + 1])
 def test_a_window_count_over_the_maximum_is_invalid_argument(
     served: tuple[ServerThread, np.ndarray], count: int
 ) -> None:
@@ -50,14 +51,14 @@ def test_a_window_count_over_the_maximum_is_invalid_argument(
             with pytest.raises(InvalidArgument) as caught:
                 client._call(method, request_type(model="digits", window=mpb.Window(count=count)), None)
             assert "model 'digits'" in caught.value.details and "window.count is at most" in caught.value.details
-        assert client.model_quality("digits", count=rpc_monitoring.MAX_WINDOW_COUNT).predictions == 8
+        assert client.model_quality("digits", count=MAX_WINDOW_COUNT).predictions == 8
 
 
 def test_a_seconds_window_reads_at_most_the_maximum(
     served: tuple[ServerThread, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, _ = served
-    monkeypatch.setattr(rpc_monitoring, "MAX_WINDOW_COUNT", 5)
+    monkeypatch.setattr(rpc_monitoring, "MAX_WINDOW_COUNT", 5)  # the name decode_window reads
     with InferenceClient(server.address) as client:
         assert client.model_quality("digits", seconds=3600).predictions == 5
         assert client.model_quality("digits", count=3, seconds=3600).predictions == 3
