@@ -35,7 +35,7 @@ from tensorgate.server.monitoring.capture import PREDICTION_OUTPUT, parameter, p
 from tensorgate.server.monitoring.drift import category_keys
 from tensorgate.server.monitoring.store import Prediction
 
-__all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "predicted_values"]
+__all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "label_domain", "predicted_values"]
 
 TASKS = ("classification", "regression")
 KINDS = ("argmax", "label", "threshold")
@@ -83,6 +83,33 @@ class TaskSpec:
 
 def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarray:
     """One predicted value per row (1-D), read from a prediction's outputs as ``spec`` says."""
+    kind, rows = _reading(spec, outputs)
+    if kind == "score_or_class":
+        return _score_or_class(rows[:, 0], spec.threshold)
+    if kind == "argmax":
+        return np.asarray(rows.argmax(axis=1))
+    if kind == "threshold":
+        scores = rows[:, 1] if rows.shape[1] == 2 else rows[:, 0]
+        return (scores.astype(np.float64) >= spec.threshold).astype(np.int64)
+    return rows[:, 0]
+
+
+def label_domain(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> str | None:
+    """What ground truth can ever match a prediction read from ``outputs``, so that feedback that cannot is refused
+    rather than counted as a class of its own: "number" (regression, or a float output taken as it is), "class"
+    (whole-number classes: argmax, threshold, a classifier's one float column, an integer output), None (anything:
+    text or boolean predictions). Raises TaskSpecError when the prediction output was not captured."""
+    if spec.task == "regression":
+        return "number"
+    kind, rows = _reading(spec, outputs)
+    if kind != "label" or rows.dtype.kind in "iu":
+        return "class"
+    return "number" if rows.dtype.kind == "f" else None
+
+
+def _reading(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """How a prediction is read (``KINDS``, or "score_or_class" for a classifier's one float column) and its output
+    as rows."""
     if not outputs:
         raise TaskSpecError(f"model '{spec.model}': the prediction has no outputs")
     name = spec.output if spec.output is not None else next(iter(outputs))
@@ -95,20 +122,11 @@ def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarr
     if value.ndim == 0:
         value = value.reshape(1)
     rows = value.reshape(value.shape[0], -1)
-    kind = spec.kind
-    if kind is None:
-        if spec.task == "classification" and value.dtype.kind == "f":
-            if rows.shape[1] == 1:
-                return _score_or_class(rows[:, 0], spec.threshold)
-            kind = "argmax"
-        else:
-            kind = "label"
-    if kind == "argmax":
-        return np.asarray(rows.argmax(axis=1))
-    if kind == "threshold":
-        scores = rows[:, 1] if rows.shape[1] == 2 else rows[:, 0]
-        return (scores.astype(np.float64) >= spec.threshold).astype(np.int64)
-    return rows[:, 0]
+    if spec.kind is not None:
+        return spec.kind, rows
+    if spec.task == "classification" and value.dtype.kind == "f":
+        return ("score_or_class" if rows.shape[1] == 1 else "argmax"), rows
+    return "label", rows
 
 
 def _score_or_class(column: np.ndarray, threshold: float) -> np.ndarray:

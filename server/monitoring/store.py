@@ -27,7 +27,16 @@ import numpy as np
 
 from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
-__all__ = ["DB_NAME", "FiringAlert", "Prediction", "PredictionStore", "decode_arrays", "encode_arrays", "is_busy"]
+__all__ = [
+    "DB_NAME",
+    "FiringAlert",
+    "Prediction",
+    "PredictionStore",
+    "decode_arrays",
+    "encode_arrays",
+    "is_busy",
+    "rows_in",
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +181,12 @@ def _label_blob(label: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(label), allow_pickle=False)
     return buf.getvalue()
+
+
+def rows_in(outputs: Mapping[str, np.ndarray]) -> int:
+    """A capture's row count: the first-axis length of its first output."""
+    first = next(iter(outputs.values()), None)
+    return 1 if first is None or first.ndim == 0 else int(first.shape[0])
 
 
 def is_busy(exc: BaseException) -> bool:
@@ -338,17 +353,20 @@ class PredictionStore:
 
     def rows_of(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
         """How many rows (first-axis length of the first output) each known request id captured (its newest)."""
-        result: dict[str, int] = {}
+        return {rid: rows_in(outputs) for rid, (_, outputs) in self.captured(model, request_ids).items()}
+
+    def captured(self, model: str, request_ids: Sequence[str]) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
+        """The version and outputs each known request id captured (its newest): what its feedback is checked
+        against."""
+        result: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
         with self._lock:
             for request_id in request_ids:
                 row = self._db.execute(
-                    f"SELECT outputs FROM predictions WHERE {_NEWEST}",  # noqa: S608 - a constant
+                    f"SELECT version, outputs FROM predictions WHERE {_NEWEST}",  # noqa: S608 - a constant
                     (model, request_id),
                 ).fetchone()
                 if row is not None:
-                    outputs = decode_arrays(row[0])
-                    first = next(iter(outputs.values()), None)
-                    result[request_id] = 1 if first is None or first.ndim == 0 else int(first.shape[0])
+                    result[request_id] = (row[0], decode_arrays(row[1]))
         return result
 
     # ----- firing alerts (shared by the processes on this data dir) -------------------------------------------

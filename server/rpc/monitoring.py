@@ -28,8 +28,10 @@ from tensorgate.server.monitoring.alerts import AlertTransition
 from tensorgate.server.monitoring.capture import Capture
 from tensorgate.server.monitoring.drift import DriftReport
 from tensorgate.server.monitoring.errors import PredictionNotFoundError
+from tensorgate.server.monitoring.label_check import LabelRule
 from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Window
 from tensorgate.server.monitoring.quality import QualityReport
+from tensorgate.server.monitoring.store import rows_in
 from tensorgate.server.rpc import errors
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.telemetry.tracing import Tracing
@@ -64,6 +66,10 @@ def decode_label(model: str, item: mpb.Feedback) -> np.ndarray:
             raise InvalidRequestError(model, None, f"feedback for request '{item.request_id}' has a NaN or infinity")
         return values
     return np.asarray(list(item.labels), dtype=np.str_)
+
+
+Served = dict[str, dict[str, LabelRule | None]]
+"""The models loaded now: each version's label rule, by model name and version."""
 
 
 def decode_window(model: str, window: mpb.Window) -> Window:
@@ -151,41 +157,59 @@ class MonitoringServicer:
         self.tracing = tracing
         self._monitor = monitor
         self._capture = capture
+        self._rules: dict[tuple[str, str, str], LabelRule | None] = {}
+        """Label rules by (model, version, signature) of the versions loaded at the last call: built once per load,
+        not per feedback item (the signature changes with the config and the label files)."""
 
-    def _served(self) -> frozenset[str]:
-        """The models loaded now, read on the event loop (the repository lives there) for `_join`'s thread."""
-        return frozenset(t.name for t in self._monitor.targets())
+    def _served(self) -> Served:
+        """The models loaded now with their label rules, read on the event loop (the repository lives there) for
+        `_join`'s thread."""
+        served: Served = {}
+        rules: dict[tuple[str, str, str], LabelRule | None] = {}
+        for m in self._monitor.repository.loaded():
+            key = (m.name, str(m.version), m.signature)
+            rules[key] = self._rules[key] if key in self._rules else LabelRule.of(m)
+            served.setdefault(m.name, {})[key[1]] = rules[key]
+        self._rules = rules
+        return served
 
-    def _join(
-        self, model: str, items: list[tuple[str, np.ndarray]], served: frozenset[str]
-    ) -> list[TensorgateError | None]:
-        """Blocking: wait for queued captures, check row counts, commit the labels; one error (or None) per item.
-        An id of a model that is not `served` and has no captured predictions at all is most likely a misspelt
-        model name, and its NOT_FOUND says so."""
+    def _join(self, model: str, items: list[tuple[str, np.ndarray]], served: Served) -> list[TensorgateError | None]:
+        """Blocking: wait for queued captures, check row counts and labels against the version that made each
+        prediction (one no longer loaded: as sent), commit them; one error (or None) per item. An id of a model that
+        is not `served` and has no captured predictions at all is most likely a misspelt model name, and its
+        NOT_FOUND says so."""
         if self._capture is not None:
             self._capture.flush()
         store = self._monitor.store
-        rows = store.rows_of(model, [request_id for request_id, _ in items])
+        captured = store.captured(model, [request_id for request_id, _ in items])
+        rules = served.get(model, {})
         outcome: list[TensorgateError | None] = []
         accepted: list[tuple[str, np.ndarray]] = []
         unknown = (
-            len(rows) < len(items) and model not in served and not store.predictions(model, limit=1, with_inputs=False)
+            len(captured) < len(items)
+            and model not in served
+            and not store.predictions(model, limit=1, with_inputs=False)
         )
         for request_id, label in items:
-            n = rows.get(request_id)
-            if n is None:
+            if request_id not in captured:
                 outcome.append(PredictionNotFoundError(model, request_id, model_unknown=unknown))
-            elif label.shape[0] != n:
-                outcome.append(
-                    InvalidRequestError(
+                continue
+            version, outputs = captured[request_id]
+            n = rows_in(outputs)
+            rule = rules.get(version)
+            try:
+                if label.shape[0] != n:
+                    raise InvalidRequestError(
                         model,
                         None,
                         f"request '{request_id}' had {n} row(s) but the feedback has {label.shape[0]} label(s)",
                     )
-                )
-            else:
-                outcome.append(None)
-                accepted.append((request_id, label))
+                stored = label if rule is None else rule.check(version, request_id, label, outputs)
+            except InvalidRequestError as exc:
+                outcome.append(exc)
+                continue
+            outcome.append(None)
+            accepted.append((request_id, stored))
         found = store.set_labels(model, accepted, time.time())
         # An id pruned by retention between the two statements: NOT_FOUND after all.
         gone = {rid for (rid, _), ok in zip(accepted, found, strict=True) if not ok}
@@ -242,7 +266,7 @@ class MonitoringServicer:
         return mpb.FeedbackStatus(request_id=request_id, code=error.code.value[0], message=error.message)
 
     def _commit_stream_items(
-        self, items: list[tuple[str, str, np.ndarray]], served: frozenset[str]
+        self, items: list[tuple[str, str, np.ndarray]], served: Served
     ) -> list[TensorgateError | None]:
         """Blocking: ``_join`` per model, for (model, request id, label) items; one outcome per item, in order."""
         by_model: dict[str, list[int]] = {}

@@ -1,0 +1,118 @@
+"""Ground truth checked against the prediction it labels, before it is stored: a label that can never match
+(text for a regression model, 3.5 or "cat" for a model of whole-number classes) is refused with why, instead of
+being stored as a class of its own and dragging accuracy down unseen; a class name from the model's labels file
+stands for its index. The Monitoring service's feedback RPCs (server/rpc/monitoring.py) build one LabelRule per
+loaded model version."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tensorgate.server.errors import InvalidRequestError
+from tensorgate.server.monitoring.drift import category_keys
+from tensorgate.server.monitoring.quality import TaskSpec, TaskSpecError, label_domain
+
+if TYPE_CHECKING:
+    from tensorgate.server.repository.manager import LoadedModel
+
+__all__ = ["LabelRule"]
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRule:
+    """How ground truth for one loaded model version is checked: its task spec and its class names.
+
+    A label that can never match the version's predictions (text for a regression model, 3.5 or "cat" for a model
+    that predicts whole-number classes) is refused rather than stored as a class of its own; a class name from the
+    model's labels file stands for its index, as Triton's classification answers ``0.99:3:three``.
+    """
+
+    spec: TaskSpec
+    names: Mapping[str, int]
+    """Class index by name (stripped), from the ``label_filename`` of the prediction output, else of the model's
+    one output that has one; empty when neither."""
+    names_of: str | None
+    """The output whose labels file gave ``names``."""
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> LabelRule | None:
+        """None for a malformed task parameter: GetModelQuality says what is wrong, and feedback is kept as sent."""
+        try:
+            spec = TaskSpec.from_config(model.config)
+        except TaskSpecError:
+            return None
+        outputs = model.schema.outputs
+        source = outputs.get(spec.output) if spec.output is not None else None
+        if source is None or not source.labels:
+            labelled = [o for o in outputs.values() if o.labels]
+            source = labelled[0] if len(labelled) == 1 else None
+        names: dict[str, int] = {}
+        for i, name in enumerate(source.labels if source is not None else ()):
+            if name.strip():
+                names.setdefault(name.strip(), i)
+        return cls(spec, names, source.name if source is not None and names else None)
+
+    def check(self, version: str, request_id: str, label: np.ndarray, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The label as stored, checked against the prediction the version captured: text that names a number is
+        stored as quality compares it (" 3", "3.0" and "three" as "3"); INVALID_ARGUMENT when it cannot match."""
+        try:
+            domain = label_domain(self.spec, outputs)
+        except TaskSpecError:
+            return label  # captured without the prediction output: quality cannot judge it either
+        if domain is None:
+            return label  # text predictions: labels are free text
+        if label.dtype.kind == "f":  # numbers, finite (decode_label)
+            fractional = label[label != np.floor(label)]
+            if domain == "class" and fractional.size:
+                raise self._refused(version, request_id, f"label {fractional[0]:g} is not a whole number", domain)
+            return label
+        values: list[float | int] = []
+        for text in label.tolist():
+            value = _number(text)
+            if value is None and domain == "class" and text.strip() in self.names:
+                value = self.names[text.strip()]
+            if value is None:
+                problem = "is neither a whole number nor a class name" if domain == "class" else "is not a number"
+                raise self._refused(version, request_id, f"label {text!r} {problem}", domain)
+            if isinstance(value, float):
+                if not math.isfinite(value):
+                    raise self._refused(version, request_id, f"label {text!r} is a NaN or infinity", domain)
+                if domain == "class":
+                    if not value.is_integer():
+                        raise self._refused(version, request_id, f"label {text!r} is not a whole number", domain)
+                    value = int(value)
+            values.append(value)
+        return np.asarray(category_keys(np.asarray(values, dtype=object)), dtype=np.str_)
+
+    def _refused(self, version: str, request_id: str, problem: str, domain: str) -> InvalidRequestError:
+        spec = self.spec
+        output = f"output '{spec.output}'" if spec.output is not None else "its first output"
+        if spec.task == "regression":
+            why = "the model's task is regression: a label is a number"
+        elif domain == "number":
+            why = f"the model's predictions are numbers ({output} read as {spec.kind or 'label'})"
+        else:
+            why = f"the model's predictions are whole-number classes (task classification, {output})"
+            if self.names:
+                first = ", ".join(repr(n) for n in list(self.names)[:3])
+                why += f"; class names are those of output '{self.names_of}' ({first}, ...)"
+            else:
+                why += ", and it has no class names (no label_filename)"
+        return InvalidRequestError(spec.model, version, f"feedback for request '{request_id}': {problem}; {why}")
+
+
+def _number(text: str) -> int | float | None:
+    """The number a text label writes (surrounding whitespace allowed), else None."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
