@@ -8,6 +8,7 @@ import errno
 import logging
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from grpc import aio
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
+SIGNAL_REPEAT_S = 1.0
+"""The same signal again this soon after the first is the same stop (a supervisor signalling the process and then
+its group), not a second one."""
 _CLOSE_MARGIN_S = 5.0
 """gRPC's own grace beyond the drain's: the drain ends first and says what it cut off; gRPC's cancels what is left
 only if that end did not come (the second stop() normally ends it at once)."""
@@ -440,9 +444,22 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    first: list[tuple[signal.Signals, float]] = []
+
     def on_signal(sig: signal.Signals) -> None:
+        now = time.monotonic()
         if not stop.is_set():
             stop.set()
+            first.append((sig, now))
+            return
+        if first and first[0][0] == sig and now - first[0][1] < SIGNAL_REPEAT_S:
+            # GNU timeout, and scripts that `kill $PID; kill -- -$PGID`, send one stop twice: that is not the
+            # operator asking twice, and taking it so would cut off the calls the drain is for.
+            log.info(
+                "%s again within %.0f s: taken as the same stop (send it again to stop at once)",
+                sig.name,
+                SIGNAL_REPEAT_S,
+            )
             return
         log.warning("%s again: stopping at once, without waiting for calls in flight", sig.name)
         app.hurry()

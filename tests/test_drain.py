@@ -98,3 +98,26 @@ def test_a_batch_computing_when_the_grace_ends_does_not_hold_the_exit(tmp_path: 
         assert time.monotonic() - signalled < 20, time.monotonic() - signalled
         assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "grace period over" in server.output
+
+
+def test_one_stop_sent_twice_still_drains(tmp_path: Path) -> None:
+    """GNU timeout signals the process and then its group: the server gets SIGTERM twice for one stop. A repeat of
+    the same signal within a second is that same stop, not an operator asking to stop at once: the call in flight
+    is answered. (A second signal later, or another one, still hurries: test_cli.py.)"""
+    repo = _repository(tmp_path / "models")
+    with ServeProcess(["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "60"]) as server:
+        _wait_ready(server.address).close()
+        with grpc.insecure_channel(server.address) as channel:
+            x = np.full((256, 512), 0.01, dtype=np.float32)
+            running = GRPCInferenceServiceStub(channel).ModelInfer.future(
+                encode_infer_request("slow", [("INPUT0", x)]), timeout=120
+            )
+            time.sleep(1.0)  # generous: the request reaches the server on loopback and starts
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # two deliveries, not one merged pending signal
+            server.proc.send_signal(signal.SIGTERM)
+            out = decode_infer_response(running.result(120))
+        assert out["OUTPUT0"].shape == (256, 512)
+        assert server.proc.wait(60) == 0
+        assert "taken as the same stop" in server.output
+        assert "stopping at once" not in server.output
