@@ -154,7 +154,12 @@ class TensorgateServer:
 
     def _options(self) -> list[tuple[str, int]]:
         s = self.settings
+        aging = [
+            ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+        ]
         return [
+            *(aging if s.max_connection_age_s > 0 else []),
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),

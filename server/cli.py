@@ -121,6 +121,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     opt("--keepalive-time-s", float, "server keepalive ping interval (default 7200)")
     opt("--keepalive-timeout-s", float, "keepalive ping timeout (default 20)")
     opt("--min-client-ping-interval-s", float, "shortest client ping interval tolerated (default 5)")
+    opt(
+        "--max-connection-age-s",
+        float,
+        "send each client connection a GOAWAY after this long, so that clients reconnect: a rotated client CA "
+        "reaches open connections (default 0: never)",
+    )
+    opt("--max-connection-age-grace-s", float, "calls running on an aged connection get this long (default 30)")
     opt("--shutdown-grace-s", float, "seconds in-flight requests get on SIGTERM (default 30)")
     opt("--log-level", str, "DEBUG | INFO | WARNING | ERROR (default INFO)")
     opt("--tls-cert", Path, "PEM server certificate chain; with --tls-key the port speaks TLS only (re-read on change)")
@@ -283,6 +290,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             keepalive_time_s=args.keepalive_time_s,
             keepalive_timeout_s=args.keepalive_timeout_s,
             min_client_ping_interval_s=args.min_client_ping_interval_s,
+            max_connection_age_s=args.max_connection_age_s,
+            max_connection_age_grace_s=args.max_connection_age_grace_s,
             shutdown_grace_s=args.shutdown_grace_s,
             log_level=args.log_level,
             tls_cert=args.tls_cert,

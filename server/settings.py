@@ -83,6 +83,12 @@ class ServerSettings:
     min_client_ping_interval_s: float = 5.0
     """Clients may ping this often without being disconnected (gRPC's own default is 5 minutes); pinging more often
     while no data flows is forgiven twice, then answered with GOAWAY "too_many_pings"."""
+    max_connection_age_s: float = 0.0
+    """Each client connection gets a GOAWAY this long after it opened (gRPC adds up to 10% jitter), and clients
+    reconnect: a client CA removed or a certificate revoked on rotation then reaches connections that are already
+    open, and new replicas get their share of long-lived clients. 0: never."""
+    max_connection_age_grace_s: float = 30.0
+    """Calls still running on a connection past its age get this long before the connection closes under them."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, in-flight requests get this long to finish."""
     log_level: str = "INFO"
@@ -167,6 +173,16 @@ class ServerSettings:
             value = getattr(self, name)
             if not 0 < value <= _MAX_GRPC_SECONDS:
                 raise ValueError(f"{name} must be in (0, {_MAX_GRPC_SECONDS}] seconds, got {value}")
+        if not 0 <= self.max_connection_age_s <= _MAX_GRPC_SECONDS:
+            raise ValueError(
+                f"max_connection_age_s must be in [0, {_MAX_GRPC_SECONDS}] seconds (0: never), got "
+                f"{self.max_connection_age_s}"
+            )
+        if not 0 < self.max_connection_age_grace_s <= _MAX_GRPC_SECONDS:
+            raise ValueError(
+                f"max_connection_age_grace_s must be in (0, {_MAX_GRPC_SECONDS}] seconds, got "
+                f"{self.max_connection_age_grace_s}"
+            )
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
