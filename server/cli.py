@@ -32,14 +32,22 @@ from tensorgate.server.settings import (
 _D = ServerSettings.__dataclass_fields__
 
 
+_EXPECTED: dict[Callable[[str], Any], str] = {int: "a whole number", float: "a number"}
+"""What a converter takes, in the words a refusal of a variable's value gives (as argparse's of a flag's)."""
+
+
 def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
-    raw = os.environ.get("TENSORGATE_" + name.upper().replace("-", "_"))
+    variable = "TENSORGATE_" + name.upper().replace("-", "_")
+    raw = os.environ.get(variable)
     if raw is None or raw == "":
         return default
     try:
         return convert(raw)
-    except ValueError as exc:
-        raise SystemExit(f"tensorgate: TENSORGATE_{name.upper().replace('-', '_')}={raw!r}: {exc}") from exc
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        why = f"expected {_EXPECTED[convert]}" if convert in _EXPECTED else str(exc)
+        # A usage error, as the same value given as --NAME is (exit 2, one line).
+        print(f"tensorgate: {variable}={raw!r}: {why}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 def _flag(text: str) -> bool:
@@ -48,7 +56,8 @@ def _flag(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    # ArgumentTypeError: argparse shows this message; a ValueError would read "invalid _flag value".
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _patterns(text: str) -> list[str]:
@@ -129,7 +138,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     opt("--max-connection-age-grace-s", float, "calls running on an aged connection get this long (default 30)")
     opt("--shutdown-grace-s", float, "seconds in-flight requests get on SIGTERM (default 30)")
-    opt("--log-level", str, "DEBUG | INFO | WARNING | ERROR (default INFO)")
+    opt("--log-level", str, "DEBUG | INFO | WARNING | ERROR | CRITICAL (default INFO)")
     opt("--tls-cert", Path, "PEM server certificate chain; with --tls-key the port speaks TLS only (re-read on change)")
     opt("--tls-key", Path, "PEM private key of --tls-cert")
     opt("--tls-client-ca", Path, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
@@ -335,9 +344,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(settings))
     except stops as exc:
-        logging.getLogger("tensorgate").error("%s", exc)
+        logging.getLogger("tensorgate").error("%s%s", _flag_of_file(settings, exc), exc)
         return 1
     return 0
+
+
+def _flag_of_file(settings: ServerSettings, exc: Exception) -> str:
+    """ "--tls-cert: " when `exc` is about the file a flag named (a missing --tls-cert said only "[Errno 2] No such
+    file or directory: '...'", leaving the operator to guess which of the files it was), else ""."""
+    filename = getattr(exc, "filename", None)
+    if filename is None:
+        return ""
+    for f in dataclasses.fields(ServerSettings):
+        value = getattr(settings, f.name)
+        if isinstance(value, Path) and str(value) == str(filename):
+            return f"--{f.name.replace('_', '-')}: "
+    return ""
 
 
 def as_flags(message: str) -> str:

@@ -342,7 +342,21 @@ def test_a_load_model_flag_replaces_the_variable(repo: Path) -> None:
         pytest.param(["--log-level", "verbose"], {}, "--log-level must be", id="log-level"),
         pytest.param(["--keepalive-time-s", "3000000"], {}, "--keepalive-time-s must be in", id="keepalive-overflow"),
         pytest.param(["--shutdown-grace-s", "-5"], {}, "--shutdown-grace-s must be >= 0", id="negative-grace"),
-        pytest.param([], {"TENSORGATE_GRPC_PORT": "abc"}, "TENSORGATE_GRPC_PORT='abc'", id="env-name"),
+        pytest.param(
+            [], {"TENSORGATE_GRPC_PORT": "abc"}, "TENSORGATE_GRPC_PORT='abc': expected a whole number", id="env-name"
+        ),
+        pytest.param(
+            ["--strict-readiness", "maybe"],
+            {},
+            "argument --strict-readiness: expected true or false, got 'maybe'",
+            id="flag-value",
+        ),
+        pytest.param(
+            [],
+            {"TENSORGATE_STRICT_READINESS": "maybe"},
+            "TENSORGATE_STRICT_READINESS='maybe': expected true or false",
+            id="env-flag",
+        ),
         pytest.param(
             ["--capture-retention", "5000", "--monitor-interval-s", "2"],
             {},
@@ -394,11 +408,36 @@ def test_bad_serve_settings_stop_with_one_line(repo: Path, args: list[str], env:
         timeout=60,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env},
     )
-    assert done.returncode != 0
+    assert done.returncode == 2  # a usage error, whether the value came from a flag or a variable
     assert words in done.stderr
     assert "Traceback" not in done.stderr
     if "usage:" not in done.stderr:
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        pytest.param(["--tls-cert", "{tmp}/nope.pem", "--tls-key", "{tmp}/nope-key.pem"], "--tls-cert", id="tls"),
+        pytest.param(["--auth-policy", "{tmp}/nope.yaml"], "--auth-policy", id="policy"),
+        pytest.param(["--data-dir", "{tmp}/file/data"], "--data-dir", id="data-dir"),
+    ],
+)
+def test_a_file_that_cannot_be_read_is_named_by_its_flag(
+    repo: Path, tmp_path: Path, args: list[str], flag: str
+) -> None:
+    """ "[Errno 2] No such file or directory: '...'" left the operator to guess which of the files it was."""
+    (tmp_path / "file").write_text("a file where a directory is expected")
+    done = subprocess.run(
+        [TENSORGATE, "serve", "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "-1"]
+        + [a.format(tmp=tmp_path) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"ERROR tensorgate: {flag}: [Errno" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_tracing_options_are_taken_with_an_endpoint_from_opentelemetry_s_variable(
