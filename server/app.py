@@ -334,7 +334,10 @@ class TensorgateServer:
             if self.ready != serving:
                 serving = not serving
                 await self._health.set(SERVICE_NAME, _health_status(serving))
-                log.info("inference service health: %s", "SERVING" if serving else "NOT_SERVING")
+                # Which models took the replica out of rotation: with strict readiness, one broken model does.
+                blocking = [] if serving or not self._started else self.repository.not_ready()
+                why = f" (not ready: {', '.join(sorted(blocking))})" if blocking else ""
+                log.info("inference service health: %s%s", "SERVING" if serving else "NOT_SERVING", why)
 
     async def _settle_heap_forever(self) -> None:
         """After a model loaded, reloaded or unloaded, once: the long-lived objects changed (server/heap.py)."""

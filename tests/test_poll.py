@@ -264,8 +264,11 @@ def test_broken_config_keeps_the_old_version_serving(
 
 
 def test_broken_new_model_is_unavailable_until_fixed(
-    client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path
+    client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """With strict readiness one broken new model takes the replica out of rotation: the health log line names
+    it, so that an operator whose every replica polls the same volume learns which model did that."""
+    caplog.set_level(logging.INFO, logger="tensorgate")
     staged = tmp_path / "fresh"
     identity_model(staged / "1" / "model.onnx", "FP32")
     (staged / "config.pbtxt").write_text('backend: "python"\n')
@@ -278,6 +281,8 @@ def test_broken_new_model_is_unavailable_until_fixed(
     wait_for("the failure in the index", lambda: "unsupported backend 'python'" in failure())
     assert _status(lambda: _infer(client, "fresh")) == str(grpc.StatusCode.UNAVAILABLE)
     assert not client.is_server_ready()
+    line = "inference service health: NOT_SERVING (not ready: fresh)"
+    wait_for("the health line naming the model", lambda: line in caplog.text)
     _place(_stage_config(tmp_path, 'backend: "onnxruntime"\n'), repo / "fresh" / "config.pbtxt")
     wait_for("the fixed model", lambda: client.is_model_ready("fresh"))
     assert client.is_server_ready()

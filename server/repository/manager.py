@@ -395,11 +395,16 @@ class ModelRepository:
 
     def all_ready(self) -> bool:
         """Server readiness: every model that should be loaded is, none failed, and every upstream is ready."""
-        return all(
-            e.state == READY and all(backend_ready(m.backend) for m in e.versions.values())
-            for e in self._entries.values()
+        return not self.not_ready()
+
+    def not_ready(self) -> list[str]:
+        """The models that keep the server from being ready (`all_ready`), for the log line that says why."""
+        return [
+            name
+            for name, e in self._entries.items()
             if not is_unloaded(e.reason)
-        )
+            and not (e.state == READY and all(backend_ready(m.backend) for m in e.versions.values()))
+        ]
 
     # ----- the repository on disk --------------------------------------------------------------------------
 
