@@ -87,6 +87,8 @@ def test_sigterm_while_models_load_stops_without_waiting_for_them(tmp_path: Path
         assert "shutting down on signal while starting" in server.output
         assert "ready:" not in server.output
         assert "stopped" in server.output
+        # The load abandoned is no failure: an ERROR here would page whoever alerts on the log.
+        assert " ERROR " not in server.output, server.output
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:

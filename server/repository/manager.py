@@ -491,7 +491,8 @@ class ModelRepository:
                 failed[v] = _reason(exc)
                 if isinstance(exc, ModelLoadError) and exc.transient:
                     transient.add(v)
-                log.error("%s", exc.message)
+                if not self._stopping.is_set():  # a warm-up cut short by the stop failed nothing (logged below)
+                    log.error("%s", exc.message)
             except Exception as exc:  # noqa: BLE001 - a bug fails this version, not the model's other versions
                 failed[v] = unexpected_error_text(exc, model_dir.parent)
                 log.exception("unexpected error preparing model '%s' version %d", name, v)
@@ -957,7 +958,10 @@ class ModelRepository:
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
                     reason = _reason(exc)
-                    log.error("failed to load model '%s': %s", name, reason)
+                    if self._stopping.is_set():  # abandoned, not failed: no ERROR for log-based alerting
+                        log.info("load of model '%s' abandoned: the server is stopping", name)
+                    else:
+                        log.error("failed to load model '%s': %s", name, reason)
                 else:
                     reason = unexpected_error_text(exc, model_dir.parent)
                     log.exception("failed to load model '%s'", name)
