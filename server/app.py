@@ -216,6 +216,8 @@ class TensorgateServer:
                 tracing=self.tracing,
                 cache=self._handler.cache,
             )
+            if self.tls is not None:
+                self.metrics.certificates["grpc"] = self.tls.reloader
         servicer = InferenceServicer(
             self.repository,
             self._handler,
@@ -314,6 +316,8 @@ class TensorgateServer:
         tls = None if self.tls is None else self.tls.files
         host = s.host if s.metrics_host is None else s.metrics_host
         self._metrics_server = MetricsServer(self.metrics.registry, host, s.metrics_port, tls)
+        if self._metrics_server.tls is not None:
+            self.metrics.certificates["metrics"] = self._metrics_server.tls
         # Binding resolves the host name (getaddrinfo, getfqdn): off the event loop.
         try:
             self.metrics_port = await asyncio.to_thread(self._metrics_server.start)

@@ -15,6 +15,12 @@ serving) until the files change again, or, for a certificate not valid yet, unti
 broken certificate. Connections already open keep their session: in-flight calls survive. `TlsReloader` holds
 all of that, for the gRPC port's fetcher and for the metrics port's SSLContext alike.
 
+A served certificate can still run out while the server runs (a renewal that failed): clients then refuse every
+new handshake and nothing fails on the server's side. So the reloader knows when the certificate it serves expires
+(`not_after`, exported as tensorgate_tls_certificate_expiry_timestamp_seconds) and, on the handshake that first
+sees it, logs a warning once it is within EXPIRY_WARNING of it and an error once it has passed; a rotation to a
+good certificate starts over. That costs a handshake one clock read and a float compare.
+
 The TLS versions are gRPC's defaults: TLS 1.2 minimum, TLS 1.3 preferred (grpc core's `grpc_ssl_server_credentials`
 default range; Python gRPC exposes no knob to lower it).
 """
@@ -26,6 +32,7 @@ import logging
 import math
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +49,8 @@ Stamp = tuple[tuple[int, int], ...]
 T = TypeVar("T")
 
 EXPIRY_WARNING = dt.timedelta(days=7)
-"""A server certificate that expires sooner than this is loaded with a warning: time to rotate it."""
+"""A server certificate that expires sooner than this is loaded with a warning, or warned about once while it
+serves when it comes this close: time to rotate it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,8 @@ class LoadedFiles:
     cert: bytes
     key: bytes
     client_ca: bytes | None
+    not_after: dt.datetime
+    """When the leaf certificate expires (UTC)."""
 
 
 def load_files(files: TlsFiles) -> LoadedFiles:
@@ -111,7 +121,7 @@ def load_files(files: TlsFiles) -> LoadedFiles:
                 f"{files.client_ca}: no CA certificate in the client CA bundle (none has BasicConstraints CA:TRUE); "
                 "give the CA that issues the client certificates, not a client or server certificate"
             )
-    return LoadedFiles(cert, key, ca)
+    return LoadedFiles(cert, key, ca, chain[0].not_valid_after_utc)
 
 
 def _check_validity(path: Path, leaf: x509.Certificate) -> None:
@@ -161,16 +171,58 @@ class TlsReloader(Generic[T]):
         """Which port the files serve, for the log lines."""
         self._log = logger
         self._stamp = _stamp(files.paths)
-        self.value = build(load_files(files))
+        loaded = load_files(files)
+        self.value = build(loaded)
         self._failed: object = None
         """The broken state last logged: the files' stamp, or (path, errno) while one cannot be read."""
         self._retry_at = math.inf
         """When to try the failed stamp again (a certificate not valid yet), as time.time()."""
         self.reloads = 0
+        self._expiry_lock = threading.Lock()
+        self._served(loaded)
+
+    def _served(self, loaded: LoadedFiles) -> None:
+        """Start watching the expiry of the certificate now served; load_files has warned if it is close already."""
+        with self._expiry_lock:
+            self.not_after = loaded.not_after.timestamp()
+            """When the served certificate expires, as time.time() (Unix seconds)."""
+            warn_at = self.not_after - EXPIRY_WARNING.total_seconds()
+            self._expiry_alarm = warn_at if time.time() < warn_at else self.not_after
+            """When the next expiry log line is due, as time.time(): the warning, the error, then never (inf)."""
 
     def poll(self) -> T | None:
-        """A new value when the files changed into a set that can serve, else None (keep serving `value`). Never
-        raises: it runs inside handshakes."""
+        """A new value when the files changed into a set that can serve, else None (keep serving `value`); logs
+        when the certificate served comes close to its expiry or passes it. Never raises: it runs inside
+        handshakes."""
+        value = self._reload()
+        if time.time() >= self._expiry_alarm:
+            self._log_expiry()
+        return value
+
+    def _log_expiry(self) -> None:
+        with self._expiry_lock:  # concurrent handshakes: one of them logs
+            now = time.time()
+            if now < self._expiry_alarm:
+                return
+            end = f"{dt.datetime.fromtimestamp(self.not_after, dt.UTC):%Y-%m-%d %H:%M:%S}"
+            if now < self.not_after:
+                self._expiry_alarm = self.not_after
+                self._log.warning(
+                    "%s: the certificate in %s expires on %s UTC; rotate it before then",
+                    self._port,
+                    self.files.cert,
+                    end,
+                )
+            else:
+                self._expiry_alarm = math.inf
+                self._log.error(
+                    "%s: the certificate in %s expired on %s UTC: clients refuse every handshake; rotate it",
+                    self._port,
+                    self.files.cert,
+                    end,
+                )
+
+    def _reload(self) -> T | None:
         stamp: Stamp | None = None
         try:
             stamp = _stamp(self.files.paths)
@@ -179,7 +231,8 @@ class TlsReloader(Generic[T]):
                 return None
             if stamp == self._failed and time.time() < self._retry_at:
                 return None
-            value = self._build(load_files(self.files))
+            loaded = load_files(self.files)
+            value = self._build(loaded)
         except (OSError, CertificateError) as exc:  # ssl.SSLError is an OSError
             failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
             if failed != self._failed:  # log each broken state once, not once per handshake
@@ -194,6 +247,7 @@ class TlsReloader(Generic[T]):
             self._log.exception("%s: unexpected error while reloading TLS files", self._port)
             return None
         self._stamp, self._failed, self.value = stamp, None, value
+        self._served(loaded)
         self.reloads += 1
         self._log.info("%s: TLS files reloaded (%s)", self._port, ", ".join(str(p) for p in self.files.paths))
         return value
@@ -231,6 +285,11 @@ class ReloadingCredentials:
     @property
     def reloads(self) -> int:
         return self._reloader.reloads
+
+    @property
+    def reloader(self) -> TlsReloader[grpc.ServerCertificateConfiguration]:
+        """What the port serves, and when its certificate expires (`not_after`); poll it only through `fetch`."""
+        return self._reloader
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate configuration fetcher: a new configuration when the files changed, else None."""

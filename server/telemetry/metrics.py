@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -169,6 +169,8 @@ class Snapshot:
     """Spans the exporter process could not take (None: tracing off, or through an injected provider)."""
     cache: tuple[int, int] | None = None
     """The response cache's bytes held and evictions (None: no cache)."""
+    certificates: dict[str, float] = field(default_factory=dict)
+    """When the certificate each TLS port serves expires (Unix seconds), by port label."""
 
 
 def _state_name(state: str, reason: str) -> str:
@@ -310,6 +312,13 @@ AUTH_DENIALS = FamilySpec(
     "(a stream whose bearer token a policy reload revoked), in_flight_limit or sequence_owner (a request into a "
     "sequence that another identity started)",
 )
+TLS_EXPIRY = FamilySpec(
+    "tensorgate_tls_certificate_expiry_timestamp_seconds",
+    "gauge",
+    ("port",),
+    "When the certificate a TLS port (grpc, metrics) serves expires: its not_after in Unix seconds, updated by the "
+    "port's first connection after a rotation (TLS on only); alert when it minus time() is under 7 days",
+)
 SPANS_DROPPED = FamilySpec(
     "tensorgate_trace_spans_dropped_total",
     "counter",
@@ -347,6 +356,7 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     MODEL_STATE,
     LOAD_DURATION,
     AUTH_DENIALS,
+    TLS_EXPIRY,
     SPANS_DROPPED,
     BUILD_INFO,
 )
@@ -470,6 +480,10 @@ class _ServerCollector(Collector):
             reason = DENIAL_REASONS.get(what)
             denials.add_metric([identity, "policy", what] if reason is None else [identity, reason, ""], n)
         yield denials
+        expiry = TLS_EXPIRY.family()
+        for port, not_after in sorted(snap.certificates.items()):
+            expiry.add_metric([port], not_after)
+        yield expiry
         if snap.spans_dropped is not None:
             dropped = SPANS_DROPPED.family()
             dropped.add_metric([], snap.spans_dropped)
@@ -505,6 +519,8 @@ class Metrics:
         self._repository = repository
         self._gate = gate
         self._auth = auth
+        self.certificates: dict[str, TlsReloader[Any]] = {}
+        """The TLS ports by port label (grpc, metrics), added by the app once each is set up."""
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         PlatformCollector(registry=registry)  # python_info
         registry.register(_ServerCollector(self.snapshot, loop))
@@ -560,6 +576,7 @@ class Metrics:
             denials=dict(self._auth.denials),
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,
             cache=None if self._cache is None else (self._cache.used, self._cache.evictions),
+            certificates={port: reloader.not_after for port, reloader in self.certificates.items()},
         )
 
 
@@ -616,6 +633,11 @@ class MetricsServer:
     @property
     def scheme(self) -> str:
         return "http" if self._tls is None else "https"
+
+    @property
+    def tls(self) -> TlsReloader[ssl.SSLContext] | None:
+        """What the port serves with TLS (None: plain HTTP); it polls the files itself, per connection."""
+        return self._tls
 
     def start(self) -> int:
         family, *_, sockaddr = socket.getaddrinfo(
