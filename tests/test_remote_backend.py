@@ -7,8 +7,10 @@ tests/test_triton_backend.py. Clients: unmodified tritonclient, and our stubs wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -621,15 +623,18 @@ def test_a_decoupled_model_s_stream_connection_is_renewed_after_its_max_age(tmp_
     root = tmp_path / "models"
     with ScriptedUpstream() as up:
         up.script.decoupled = True
-        up.script.delay_s = 0.1
+        up.script.delay_s = 0.2
         _remote(root, "gen", up.url, _param("max_connection_age_s", "0.2"))
         with ServerThread(root) as s:
             stream = Stream(s.address)
             try:
                 long, short = (tc.InferInput("X", [1, 2], "FP32") for _ in range(2))
-                long.set_data_from_numpy(np.full((1, 2), 8.0, np.float32))  # 8 responses, 0.1 s apart
+                long.set_data_from_numpy(np.full((1, 2), 8.0, np.float32))  # 8 responses, 0.2 s apart
                 short.set_data_from_numpy(np.full((1, 2), 1.0, np.float32))
                 stream.client.async_stream_infer("gen", [long], request_id="long")
+                # Waited for: on a loaded machine the long stream reached the front so late after a fixed sleep that
+                # the short one came within the connection's age, and went over the same connection.
+                wait_for("the long stream upstream", lambda: len(up.script.stream_requests) == 1)
                 time.sleep(0.4)  # the connection is older than its age now, and the long stream runs on it
                 stream.client.async_stream_infer("gen", [short], request_id="short")
                 answers = stream.take(9)
@@ -639,6 +644,54 @@ def test_a_decoupled_model_s_stream_connection_is_renewed_after_its_max_age(tmp_
         ids = sorted(result.get_response().id for result, _ in answers if result is not None)
         assert ids == ["long"] * 8 + ["short"]
         assert len(up.script.stream_peers) == 2, up.script.stream_peers
+
+
+class _FarLink:
+    """A TCP forwarder to `target` that holds every chunk `delay_s` before passing it on, as the link to an upstream
+    far away does: setting a connection up (TCP, then the upstream's HTTP/2 SETTINGS) takes a few such delays."""
+
+    def __init__(self, target: str, delay_s: float) -> None:
+        self._target, self._delay_s = target, delay_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> _FarLink:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            host, port = self._target.rsplit(":", 1)
+            far = socket.create_connection((host, int(port)))
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._carry, args=(src, dst), daemon=True).start()
+
+    def _carry(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                time.sleep(self._delay_s)
+                dst.sendall(chunk)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_an_upstream_slower_to_connect_to_than_100_ms_is_served(tmp_path: Path) -> None:
+    """gRPC's min_reconnect_backoff_ms, which tensorgate set to 100 ms to reconnect quickly, is also the time a
+    connection attempt may take: an upstream 150 ms away (or a TLS handshake on a loaded machine) timed out on
+    every first attempt, and the model failed its load "before receiving SETTINGS frame"."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up, _FarLink(up.url, 0.15) as link:
+        _remote(root, "r", link.url)
+        with ServerThread(root) as s, tc.InferenceServerClient(s.address) as client:
+            assert client.is_model_ready("r")
+            assert _outcome(client, "r") == "OK"
 
 
 # ----- which upstream a config override may name ------------------------------------------------------------------

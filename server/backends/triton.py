@@ -119,13 +119,17 @@ answering late is not being down, and a model flapping to not ready for it would
 _NO_SEQUENCE = SequenceFlags(0)
 """What a request outside any sequence sends: tritonclient, as Triton, reads correlation ID 0 as none."""
 _MAX_MESSAGE = 2**31 - 1
+_CONNECT_TIMEOUT_MS = 5000
+"""What one connection attempt may take: TCP, TLS and the upstream's first HTTP/2 SETTINGS. gRPC names it
+`grpc.min_reconnect_backoff_ms`; at 100 ms, an upstream 50 ms away (or a loaded one, or a TLS handshake on a busy
+machine) timed out on every first attempt, and the model failed its load "before receiving SETTINGS frame"."""
 # Reconnect quickly once the upstream is back: gRPC's default backoff grows to two minutes between attempts, so a
 # restarted Triton would stay unreachable that long. At most one attempt a second per connection costs nothing.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", _CONNECT_TIMEOUT_MS),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
