@@ -67,6 +67,9 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.in_flight: dict[object, int] = {}
         self.most_in_flight: dict[object, int] = {}
         """Per sequence_id (None: calls without one), the most calls of it this upstream had at once."""
+        self.held = False
+        """While set, ModelInfer calls wait before answering: what the front queues behind them stays put for a test
+        to look at, however slowly a loaded machine lets it look."""
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -117,6 +120,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
         self.most_in_flight[key] = max(self.most_in_flight.get(key, 0), self.in_flight[key])
         try:
+            while self.held:
+                await asyncio.sleep(0.01)
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:

@@ -63,6 +63,7 @@ from tests.onnx_models import (
 )
 from tests.process import free_port
 from tests.serving import ServerThread
+from tests.test_poll import wait_for
 
 WAIT = 10.0
 DATATYPES = sorted(ONNX_ELEM)
@@ -313,7 +314,8 @@ def test_full_queue_is_resource_exhausted(server: ServerThread) -> None:
     with InferenceClient(server.address, timeout=WAIT) as c:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             queued = pool.submit(c.infer, "held", x)
-            time.sleep(0.4)
+            held = server.app.repository.get("held", "").scheduler
+            wait_for("the first request in the queue", lambda: held.queued == 1)  # not a sleep: a loaded CI is slow
             with pytest.raises(ResourceExhausted) as info:
                 c.infer("held", x)
             assert not queued.done()

@@ -31,6 +31,7 @@ from tests.otlp_sinks import grpc_sink
 from tests.pki import add_sub_request
 from tests.scraping import Samples, families_of, metrics_url, scrape, scrape_text, value
 from tests.serving import ServerThread
+from tests.test_poll import wait_for
 from tests.test_tracing import _paced_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -409,8 +410,12 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 PACED_UNITS = 8.0  # about 50 ms of compute per request on this machine's cores
-BURST = 16
+BURST = 32
 TIMED_OUT = 3
+LATE_DEADLINE_S = 0.5
+"""For the late calls, sent once the burst is in the server: time for a loaded machine to take them in, a third of
+the ~1.5 s they then queue behind the burst. (Sent with the burst, 0.4 s had to cover its way in too, and a loaded
+runner took longer.)"""
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +425,7 @@ def queueing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Sample
     - batched: healthy dynamic batching. One caller at a time, so each request waits the 20 ms max_queue_delay
       for a batch that never fills: far more than its compute.
     - paced: a model that cannot keep up. BURST requests of ~50 ms at once on one instance, one row per batch,
-      then TIMED_OUT more with a 0.4 s deadline, which pass it in the queue."""
+      then TIMED_OUT more with a LATE_DEADLINE_S deadline, which pass it in the queue."""
     repo = tmp_path_factory.mktemp("queueing") / "models"
     add_sub_model(repo / "batched" / "1" / "model.onnx")
     batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
@@ -457,11 +462,22 @@ def queueing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Sample
 
         before, depths = scrape(url), []
         burst = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=60) for _ in range(BURST)]
-        # 0.4 s: time enough for a loaded machine to take the calls in, far less than the ~0.8 s they queue behind.
-        late = [stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=0.4) for _ in range(TIMED_OUT)]
-        # With 3 answers outstanding, one runs at most: the others wait in the queue.
-        while sum(not f.done() for f in burst) >= 3:
-            depths.append(depth("paced"))
+        paced = {"model": "paced", "version": "1"}
+        answered = ("tensorgate_request_duration_seconds_count", frozenset(paced.items()))
+
+        def taken_in() -> bool:  # answered or waiting, bar the one running
+            samples = scrape(url)
+            return samples.get(answered, 0) + value(samples, "tensorgate_queue_depth", **paced) >= BURST - 1
+
+        wait_for("the burst in the server", taken_in)
+        late = [
+            stub.ModelInfer.future(_paced_request("paced", PACED_UNITS), timeout=LATE_DEADLINE_S)
+            for _ in range(TIMED_OUT)
+        ]
+        # With 3 answers outstanding, one runs at most: the others wait in the queue. Outstanding on the server (a
+        # loaded client reads its answers late, and saw 3 outstanding when the queue was empty already).
+        while (samples := scrape(url)).get(answered, 0) < BURST - 2 and not all(f.done() for f in burst):
+            depths.append(value(samples, "tensorgate_queue_depth", **paced))
             time.sleep(0.02)
         for f in burst:
             f.result()

@@ -788,8 +788,11 @@ def test_a_load_whose_caller_gives_up_still_completes(repo: Path) -> None:
     with ServerThread(repo, model_control_mode="explicit", load_model=[]) as s:
         c = grpcclient.InferenceServerClient(s.address)
         try:
+            # Connected first, and 0.5 s (0.05 s on a new connection was gone, on a loaded machine, before the load
+            # began): a deadline that passes while the warm-up (300 GFLOP: seconds) runs.
+            assert c.is_server_live()
             with pytest.raises(InferenceServerException) as info:
-                c.load_model("slow", client_timeout=0.05)
+                c.load_model("slow", client_timeout=0.5)
             assert info.value.status() == str(grpc.StatusCode.DEADLINE_EXCEEDED)
             deadline = time.monotonic() + 60
             while not c.is_model_ready("slow") and time.monotonic() < deadline:

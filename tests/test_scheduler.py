@@ -40,6 +40,7 @@ from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.telemetry.statistics import ModelStats
 from tests.onnx_models import add_sub_model, busy_model, slow_model, write_config
 from tests.serving import ServerThread
+from tests.test_poll import wait_for
 
 WAIT = 10.0
 """Upper bound for anything that should happen "at once" or after a short delay (the machine is shared)."""
@@ -764,7 +765,9 @@ async def test_e2e_full_queue_answers_resource_exhausted(e2e_server: ServerThrea
         held = [
             asyncio.ensure_future(client.infer("held", [tc_input(rows_of(i))], client_timeout=WAIT)) for i in (1, 2)
         ]
-        await asyncio.sleep(0.5)  # both are in the queue, where the 1.5 s delay keeps them
+        queue = e2e_server.app.repository.get("held", "").scheduler
+        # Both in the queue, where the 1.5 s delay keeps them (waited for: a loaded machine takes its time).
+        await asyncio.to_thread(wait_for, "both held requests queued", lambda: queue.queued == 2)
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as info:
             await client.infer("held", [tc_input(rows_of(3))], client_timeout=WAIT)
@@ -779,7 +782,8 @@ async def test_e2e_full_queue_answers_resource_exhausted(e2e_server: ServerThrea
 
 
 async def test_e2e_deadline_while_queued_never_runs(e2e_server: ServerThread) -> None:
-    """`waiting` holds a partial batch for 0.8 s; a call with a 0.2 s deadline leaves the queue without running."""
+    """`waiting` holds a partial batch for 0.8 s; a call with a 0.6 s deadline leaves the queue without running.
+    (Any deadline under 0.8 s passes in the queue; 0.2 s left a loaded machine too little to take the call in.)"""
     async with grpc.aio.insecure_channel(e2e_server.address) as channel:
         stub = GRPCInferenceServiceStub(channel)
         x = rows_of(1)
@@ -787,7 +791,7 @@ async def test_e2e_deadline_while_queued_never_runs(e2e_server: ServerThread) ->
         req.inputs.add(name="INPUT0", datatype="FP32", shape=list(x.shape))
         req.raw_input_contents.append(x.tobytes())
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ModelInfer(req, timeout=0.2)
+            await stub.ModelInfer(req, timeout=0.6)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         req.id = "patient"
         response = await stub.ModelInfer(req, timeout=WAIT)
@@ -817,10 +821,13 @@ async def test_e2e_statistics_count_what_triton_counts(e2e_server: ServerThread)
         before = statistics(e2e_server, "counted")
         assert (before.inference_stats.fail.count, before.last_inference) == (0, 0)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ModelInfer(request(x, "late"), timeout=0.2)
+            await stub.ModelInfer(request(x, "late"), timeout=0.6)  # any deadline under 0.8 s passes in the queue
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Waited for, not slept: a loaded machine's server takes a call in, or lets it go, late.
+        queue = e2e_server.app.repository.get("counted", "").scheduler
+        await asyncio.to_thread(wait_for, "the late call out of the queue", lambda: queue.queued == 0)
         call = stub.ModelInfer(request(x, "gone"), timeout=WAIT)
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(wait_for, "the call to cancel in the queue", lambda: queue.queued == 1)
         call.cancel()
         response = await stub.ModelInfer(request(x, "patient"), timeout=WAIT)
         assert response.id == "patient"
@@ -903,15 +910,16 @@ async def test_a_model_raising_a_base_exception_fails_its_callers_only(make: Fac
 async def test_the_delay_counts_from_the_oldest_request(make: Factory, gate: Gate) -> None:
     """A later request of higher priority at the front of the queue must not restart the queue-delay clock of
     one that has waited longer (Triton counts from the oldest)."""
-    s, _, _ = make("max_queue_delay_microseconds: 1000000 priority_levels: 2 default_priority_level: 2")
-    started = time.monotonic()
+    s, _, _ = make("max_queue_delay_microseconds: 2000000 priority_levels: 2 default_priority_level: 2")
     low = spawn(infer(s, 1))
-    await asyncio.sleep(0.8)
+    await asyncio.sleep(1.0)  # half the delay: a loaded machine's late wake-up still finds the first one queued
+    second = time.monotonic()
     high = spawn(infer(s, 2, priority=1))
     gate.open()
     await gather(low, high)
     assert gate.requests == [[2, 1]]
-    assert time.monotonic() - started < 1.5  # 1 s from the first request; 1.8 s if the second restarted the clock
+    # 2 s from the first request, 1 s after the second; at least 2 s after the second if it restarted the clock.
+    assert time.monotonic() - second < 2.0
 
 
 async def test_a_lone_request_is_checked_for_its_rows_too(make: Factory) -> None:

@@ -53,7 +53,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
             "acc", extra="oldest { max_candidate_sequences: 16 max_queue_delay_microseconds: 50000 }"
         ),
         "acc_direct": accumulator_config("acc_direct", extra="max_sequence_idle_microseconds: 200000"),
-        "acc_one": accumulator_config("acc_one", extra="oldest { max_candidate_sequences: 1 }"),
+        # A minute idle (not Triton's 1 s): a loaded machine must not end a sequence while a test looks at its slot.
+        "acc_one": accumulator_config(
+            "acc_one", extra="oldest { max_candidate_sequences: 1 } max_sequence_idle_microseconds: 60000000"
+        ),
         "acc_unbatched": accumulator_config("acc_unbatched", max_batch_size=0),
     }
     for name, config in models.items():
@@ -253,6 +256,8 @@ def test_a_sequence_beyond_the_slots_waits_for_one(served: ServerThread, client:
     thread = threading.Thread(target=second)
     thread.start()
     try:
+        # Reaching the backlog takes a loaded machine a while: wait for it rather than assume it after a sleep.
+        wait_for("sequence 42 in the backlog", lambda: _sequencer(served, "acc_one").backlog == 1)
         with pytest.raises(queue.Empty):
             done.get(timeout=0.5)  # sequence 41 still holds the slot
         one = {"model": "acc_one", "version": "1"}
