@@ -15,11 +15,12 @@ which keeps dtype and shape exactly.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +229,21 @@ class PredictionStore:
 
     # ----- writes ------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, committed at the end of the block and rolled back if it raises; hold `_lock`.
+
+        IMMEDIATE: take the write lock first, waiting out the busy timeout. A deferred BEGIN would read first, and a
+        read transaction that must then upgrade while another connection writes or checkpoints gets SQLITE_BUSY at
+        once, without waiting (it cannot wait without deadlocking)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def insert(self, predictions: Sequence[Prediction]) -> None:
         """Append predictions in one transaction, then trim every touched model to the retention limit.
 
@@ -253,11 +269,7 @@ class PredictionStore:
         for p in predictions:
             ids.setdefault(p.model, []).append(p.id)
         with self._lock:
-            # IMMEDIATE: take the write lock first, waiting out the busy timeout. A deferred BEGIN would read
-            # (model_rows) first, and a read transaction that must then upgrade while another connection writes or
-            # checkpoints gets SQLITE_BUSY at once, without waiting (it cannot wait without deadlocking).
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write():  # reads model_rows, then writes: the write lock first
                 repeated = {model: self._repeated(model, new) for model, new in ids.items()}
                 self._db.executemany(
                     "INSERT INTO predictions (id, model, version, ts, inputs, outputs) VALUES (?, ?, ?, ?, ?, ?)",
@@ -265,10 +277,6 @@ class PredictionStore:
                 )
                 for model, new in ids.items():
                     self._trim(model, len(new))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             for model, request_id in repeated.items():
                 if request_id is not None:
                     self._repeats_logged.add(model)
@@ -335,18 +343,13 @@ class PredictionStore:
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._write():
                     for request_id, label in labels:
                         cur = self._db.execute(
                             f"UPDATE predictions SET label = ?, label_ts = ? WHERE {_NEWEST}",  # noqa: S608
                             (_label_blob(label), timestamp, model, request_id),
                         )
                         found.append(cur.rowcount > 0)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
         return found
@@ -374,37 +377,31 @@ class PredictionStore:
     def claim_alert(self, alert: FiringAlert) -> FiringAlert | None:
         """Record an alert that starts firing: None when it is new (the caller announces it), else the row already
         there (another process sending to the same sink, or this data dir's previous run, announced it)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = self._db.execute(
-                    "INSERT OR IGNORE INTO firing_alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        alert.sink,
-                        alert.rule,
-                        alert.model,
-                        alert.version,
-                        alert.expression,
-                        alert.since,
-                        alert.fired_value,
-                        alert.value,
-                        alert.threshold,
-                        alert.updated,
-                        alert.interval_s,
-                    ),
-                ).rowcount
-                existing = (
-                    None
-                    if inserted
-                    else self._alerts(
-                        "sink = ? AND rule = ? AND model = ? AND version = ?",
-                        (alert.sink, alert.rule, alert.model, alert.version),
-                    )
+        with self._lock, self._write():
+            inserted = self._db.execute(
+                "INSERT OR IGNORE INTO firing_alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    alert.sink,
+                    alert.rule,
+                    alert.model,
+                    alert.version,
+                    alert.expression,
+                    alert.since,
+                    alert.fired_value,
+                    alert.value,
+                    alert.threshold,
+                    alert.updated,
+                    alert.interval_s,
+                ),
+            ).rowcount
+            existing = (
+                None
+                if inserted
+                else self._alerts(
+                    "sink = ? AND rule = ? AND model = ? AND version = ?",
+                    (alert.sink, alert.rule, alert.model, alert.version),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            )
         return existing[0] if existing else None
 
     def release_alert(self, sink: str, rule: str, model: str, version: str, *, updated: float | None = None) -> bool:
@@ -426,21 +423,15 @@ class PredictionStore:
         gone: list[tuple[str, str, str]] = []
         if not held:
             return gone
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for rule, model, version, value in held:
-                    changed = self._db.execute(
-                        "UPDATE firing_alerts SET value = ?, updated = ?, interval_s = ? "
-                        "WHERE sink = ? AND rule = ? AND model = ? AND version = ?",
-                        (value, now, interval_s, sink, rule, model, version),
-                    ).rowcount
-                    if not changed:
-                        gone.append((rule, model, version))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._write():
+            for rule, model, version, value in held:
+                changed = self._db.execute(
+                    "UPDATE firing_alerts SET value = ?, updated = ?, interval_s = ? "
+                    "WHERE sink = ? AND rule = ? AND model = ? AND version = ?",
+                    (value, now, interval_s, sink, rule, model, version),
+                ).rowcount
+                if not changed:
+                    gone.append((rule, model, version))
         return gone
 
     def let_go_alerts(self, sink: str, held: Sequence[tuple[str, str, str]]) -> None:
