@@ -44,9 +44,6 @@ READINESS_POLL_S = 0.5
 SIGNAL_REPEAT_S = 1.0
 """The same signal again this soon after the first is the same stop (a supervisor signalling the process and then
 its group), not a second one."""
-_CLOSE_MARGIN_S = 5.0
-"""gRPC's own grace beyond the drain's: the drain ends first and says what it cut off; gRPC's cancels what is left
-only if that end did not come (the second stop() normally ends it at once)."""
 HEAP_POLL_S = 1.0
 """How often the server looks whether the served models changed, to settle its heap (server/heap.py)."""
 MAX_PING_STRIKES = 2
@@ -386,11 +383,6 @@ class TensorgateServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        # gRPC's own shutdown starts now: the port stops listening and every connection gets a GOAWAY, so clients
-        # (round_robin over replicas, --reuse-port siblings) send their new calls elsewhere instead of here, to be
-        # refused for the whole drain; calls running go on. The gate below still times the drain and words what
-        # is refused; the second stop() ends gRPC's part.
-        closing = None if self._server is None else asyncio.ensure_future(self._server.stop(grace + _CLOSE_MARGIN_S))
         drained = True
         if self._gate is not None:
             log.info("refusing new calls; draining %d in-flight call(s) (grace %.0fs)", self._gate.in_flight, grace)
@@ -408,8 +400,6 @@ class TensorgateServer:
                 self.repository.reject_waiting(f"did not run the request before {ended}; {DRAINING}")
         if self._server is not None:
             await self._server.stop(0.5)
-        if closing is not None:
-            await closing
         if not drained:
             # The callers have their answer (cancelled above): a batch still computing would hold the exit for as
             # long as it runs, past the grace the orchestrator was promised (the repository's close waits for it,
