@@ -23,7 +23,7 @@ from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.rpc.drain import DrainGate
-from tensorgate.server.telemetry.tracing import Tracing, cancelled_code
+from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, Tracing, cancelled_code
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tensorgate.access")
@@ -148,6 +148,8 @@ def unary(
         tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
         span = span_token = None
         code, error = "OK", cast(BaseException | None, None)
+        timeout = context.time_remaining()
+        timeout_token = CALL_TIMEOUT.set(timeout)  # for the servicer's counts of a cancelled call
         try:
             if tracing is not None:
                 span, span_token = tracing.start_rpc(rpc, context.invocation_metadata())
@@ -170,7 +172,7 @@ def unary(
         except BaseException as exc:  # noqa: BLE001 - this is the boundary
             error = exc
             if not isinstance(exc, Exception):  # cancelled: the caller went away, or its deadline passed
-                code = cancelled_code(context.time_remaining())
+                code = cancelled_code(context.time_remaining(), timeout)
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
@@ -183,6 +185,7 @@ def unary(
                 self.auth.release(admitted)
             if token is not None:
                 CURRENT_IDENTITY.reset(token)
+            CALL_TIMEOUT.reset(timeout_token)
             self.gate.exit()
             if span is not None:
                 Tracing.end_rpc(span, span_token, code, error)
@@ -216,6 +219,9 @@ def stream(
             span, span_token = tracing.start_rpc(rpc, context.invocation_metadata())
             rpc_context = otel_context.get_current()
             Tracing.release(span_token)
+        timeout = context.time_remaining()
+        # For the servicer's counts of a cancelled message: the tasks it starts per message copy the context.
+        timeout_token = CALL_TIMEOUT.set(timeout)
         try:
             if self.auth.enabled:
                 identity = self.auth.identify(context)
@@ -246,7 +252,7 @@ def stream(
         except BaseException as exc:  # noqa: BLE001 - this is the boundary
             error = exc
             if not isinstance(exc, Exception):  # cancelled: the caller went away, or its deadline passed
-                code = cancelled_code(context.time_remaining())
+                code = cancelled_code(context.time_remaining(), timeout)
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
@@ -258,6 +264,8 @@ def stream(
                 # A generator closed from another context cannot reset; the RPC's own task ends with it anyway.
                 with contextlib.suppress(ValueError):
                     CURRENT_IDENTITY.reset(token)
+            with contextlib.suppress(ValueError):
+                CALL_TIMEOUT.reset(timeout_token)
             self.gate.exit()
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log_line(rpc, None, code, started)

@@ -57,7 +57,7 @@ from tensorgate.server.telemetry.gpu import (
     open_gpu_metrics,
 )
 from tensorgate.server.telemetry.statistics import Histogram
-from tensorgate.server.telemetry.tracing import cancelled_code
+from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, cancelled_code
 
 if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
@@ -109,14 +109,14 @@ class RequestCounts:
 
     def failed(self, model: str, version: str, exc: BaseException, deadline: float | None = None) -> None:
         """A request that failed; the names are the request's, so unknown ones are folded into "" labels.
-        `deadline` (time.monotonic(), as the servicer keeps it) tells a call cancelled by its deadline from one
-        whose caller went away."""
+        `deadline` (time.monotonic(), as the servicer keeps it) and the call's timeout (CALL_TIMEOUT, set by the
+        RPC boundary) tell a call cancelled by its deadline from one whose caller went away."""
         if isinstance(exc, TensorgateError):
             code = exc.code.name
             if isinstance(exc, SequenceOwnerError) and self._denials is not None:
                 self._denials[(exc.identity, SEQUENCE_OWNER)] += 1
         elif isinstance(exc, asyncio.CancelledError):
-            code = cancelled_code(None if deadline is None else deadline - time.monotonic())
+            code = cancelled_code(None if deadline is None else deadline - time.monotonic(), CALL_TIMEOUT.get())
         else:
             code = "INTERNAL"
         key = (*self._repository.metric_labels(model, version), code)

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,34 @@ class TracingSettings:
         return protocol
 
 
-def cancelled_code(time_remaining: float | None) -> str:
-    """The status of a call whose handler gRPC cancelled, from its `context.time_remaining()`: gRPC cancels it both
-    when the caller goes away and when the deadline passes, and the second is what the caller saw as
-    DEADLINE_EXCEEDED: a server too slow for its callers, which spans, access lines and /metrics must not hide
-    among callers that hung up. A millisecond of slack: a deadline kept as a time.monotonic() value is read a
-    little after gRPC's own, so it falls that much later."""
-    return "DEADLINE_EXCEEDED" if time_remaining is not None and time_remaining <= 1e-3 else "CANCELLED"
+CALL_TIMEOUT: ContextVar[float | None] = ContextVar("tensorgate_call_timeout", default=None)
+"""The current call's `context.time_remaining()` as it arrived, set by the RPC boundary (server/rpc/errors.py) for
+`cancelled_code` where a call's failure is counted further in (RequestCounts.failed)."""
+
+DEADLINE_SLACK_S = 0.05
+DEADLINE_SLACK_SHARE = 0.02
+
+
+def cancelled_code(time_remaining: float | None, timeout: float | None) -> str:
+    """The status of a call whose handler gRPC cancelled, from its `context.time_remaining()` then and `timeout`
+    (what it had on arrival): gRPC cancels it both when the caller goes away and when the deadline passes, and the
+    second is what the caller saw as DEADLINE_EXCEEDED: a server too slow for its callers, which spans, access
+    lines and /metrics must not hide among callers that hung up.
+
+    The server's deadline falls later than the caller's, so a caller's deadline often reaches the server as its
+    cancel, some time before the server's own: grpc-timeout carries three digits, rounded up (a round timeout goes
+    up a unit: 1 s arrives as 1.01 s, 30 s as 30.1 s, 100 s as 101 s: 1%), and the server starts its clock when it
+    reads the header, after the caller started its. Measured on loopback: 10 ms before the server's deadline for a
+    1 s timeout, 100 ms for 10 s and 30 s. So a cancel within 2% of the timeout (twice the rounding) or 50 ms (a
+    late read on a loaded host) of the deadline is the deadline; never more than half the timeout, so that a
+    short call hung up early stays CANCELLED. A caller that hangs up deliberately that close to its own deadline
+    is rare; a late clock is every call."""
+    if time_remaining is None:
+        return "CANCELLED"
+    slack = DEADLINE_SLACK_S
+    if timeout is not None:
+        slack = min(max(slack, DEADLINE_SLACK_SHARE * timeout), timeout / 2)
+    return "DEADLINE_EXCEEDED" if time_remaining <= slack else "CANCELLED"
 
 
 def parse_headers(text: str) -> dict[str, str]:
@@ -402,6 +424,7 @@ def from_settings(s: TracingSettings) -> Tracing | None:
 
 
 __all__ = [
+    "CALL_TIMEOUT",
     "OTLP_PROTOCOLS",
     "SAMPLERS",
     "Sampler",
