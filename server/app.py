@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Each starts the same graceful drain; a second one during it stops at once (see `serve`)."""
 SIGNAL_REPEAT_S = 1.0
 """The same signal again this soon after the first is the same stop (a supervisor signalling the process and then
 its group), not a second one."""
@@ -66,6 +68,11 @@ def _tracing(settings: ServerSettings, provider: TracerProvider | None) -> Traci
             sample_rate=settings.trace_sample_rate,
         )
     )
+
+
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as clients and gRPC take it: an IPv6 host in brackets (``::1:8001`` is itself an address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind_failure(host: str, port: int) -> str:
@@ -238,7 +245,7 @@ class TensorgateServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_files(health_pb2.DESCRIPTOR.serialized_pb, reflection_pb2.DESCRIPTOR.serialized_pb)
         reflection.enable_server_reflection(services, server, pool=POOL)
-        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        address = _host_port(s.host, s.grpc_port)
         try:
             if self.tls is None:
                 self.port = server.add_insecure_port(address)
@@ -252,7 +259,7 @@ class TensorgateServer:
         self._server = server  # before the await: a stop signal during it must still stop the server
         await server.start()
         security = "plaintext" if self.tls is None else "mutual TLS" if self.tls.files.mutual else "TLS"
-        log.info("listening on %s:%d (gRPC, %s)", s.host, self.port, security)
+        log.info("listening on %s (gRPC, %s)", _host_port(s.host, self.port), security)
         if self.metrics is not None:
             await self._start_metrics()
         if s.model_control_mode == "explicit":
@@ -319,8 +326,9 @@ class TensorgateServer:
         try:
             self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
         except OSError as exc:  # the errno alone ("Address already in use") would not say which of the two ports
-            raise OSError(f"could not bind the metrics port {host}:{s.metrics_port} (--metrics-port): {exc}") from exc
-        log.info("metrics listening on %s:%d (%s)", host, self.metrics_port, self._metrics_server.scheme)
+            where = _host_port(host, s.metrics_port)
+            raise OSError(f"could not bind the metrics port {where} (--metrics-port): {exc}") from exc
+        log.info("metrics listening on %s (%s)", _host_port(host, self.metrics_port), self._metrics_server.scheme)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -433,7 +441,8 @@ class TensorgateServer:
 
 
 async def serve(settings: ServerSettings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return (the process exits 0).
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain and return (the process exits 0). SIGHUP (a terminal closed
+    under the server, supervisors that stop with it) would otherwise kill the process with calls in flight.
 
     A signal during start-up (models still loading) stops at once: an orchestrator that gives up on a slow start
     must not wait for every model to load first. A second signal during the drain ends it at once (an operator
@@ -466,21 +475,21 @@ async def serve(settings: ServerSettings) -> None:
         log.warning("%s again: stopping at once, without waiting for calls in flight", sig.name)
         app.hurry()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     starting = asyncio.ensure_future(app.start())
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            log.info("shutting down on signal while starting")
+            log.info("shutting down on signal while starting (%s)", first[0][0].name)
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
             return
         starting.result()  # a failed start raises here
         await stopping
-        log.info("shutting down on signal")
+        log.info("shutting down on signal (%s)", first[0][0].name)
     finally:
         stopping.cancel()
         await app.stop()

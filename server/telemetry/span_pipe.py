@@ -562,10 +562,12 @@ def export_main(
     when it has to stop this process; `failed` (another) those of them that did not go out."""
     import signal
 
-    # The server decides when this process ends (None on the queue, after its drain); Ctrl-C reaches the whole
-    # process group and must not cut the last export short. SIGTERM keeps its default: it is how the server stops
-    # an exporter that has not finished in time (a collector that is down makes every export wait).
+    # The server decides when this process ends (None on the queue, after its drain); Ctrl-C, and the SIGHUP of a
+    # closed terminal, reach the whole process group and must not cut the last export short. SIGTERM keeps its
+    # default: it is how the server stops an exporter that has not finished in time (a collector that is down
+    # makes every export wait).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     send, shutdown = _sender(settings)
     parent = multiprocessing.parent_process()
