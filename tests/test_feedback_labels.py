@@ -35,14 +35,27 @@ parameters { key: "tensorgate.task" value: { string_value: "regression" } }
 """
 
 
+CLASSIFIER = """backend: "onnxruntime"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ WIDTH ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ WIDTH ] } ]
+"""
+THRESHOLD = 'parameters { key: "tensorgate.prediction.kind" value: { string_value: "threshold" } }\n'
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
     """The digits model (INT64 `label`, and `probabilities` with labels.txt "zero".."nine"), a regression model
-    (`sum`: the sum of 4 floats) and one whose prediction is text (`text`: BYTES identity)."""
+    (`sum`: the sum of 4 floats), one whose prediction is text (`text`: BYTES identity), and FP32 identities read as
+    classes: `score` (one column, a score thresholded unless it is a whole number), `binary` (two columns, prediction
+    kind threshold) and `three` (three columns, argmax)."""
     repo, x, y = digits_repository(tmp_path_factory.mktemp("labels"))
     row_sum_model(repo / "sum" / "1" / "model.onnx")
     write_config(repo, "sum", REGRESSION)
     identity_model(repo / "text" / "1" / "model.onnx", "BYTES", shape=("batch", 1))
+    for name, width, extra in (("score", 1, ""), ("binary", 2, THRESHOLD), ("three", 3, "")):
+        identity_model(repo / name / "1" / "model.onnx", "FP32", shape=("batch", width))
+        write_config(repo, name, CLASSIFIER.replace("WIDTH", str(width)) + extra)
     return repo, x, y
 
 
@@ -144,6 +157,50 @@ def test_one_label_refused_is_invalid_argument(
         with pytest.raises(InvalidArgument, match=r"label 'cat' is neither a whole number nor a class name"):
             client.submit_feedback("digits", rid, ["three", "cat"])
         assert client.model_quality("digits").labelled == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "row", "labels", "reading"),
+    [
+        pytest.param(
+            "score", [0.8], [1, 0, 2, 7, -1, "2"], "a score read with threshold 0.5 on output 'OUTPUT0'", id="score"
+        ),
+        pytest.param(
+            "binary", [0.3, 0.7], [1, 0, 2, 7, -1, "2.0"], "read with threshold 0.5 on output 'OUTPUT0'", id="threshold"
+        ),
+        pytest.param(
+            "three", [0.1, 0.2, 0.7], [2, 0, 3, 7, -1, "3"], "the argmax of output 'OUTPUT0' (3 columns)", id="argmax"
+        ),
+    ],
+)
+def test_a_class_the_prediction_cannot_be_is_refused(
+    served: ServerThread, model: str, row: list[float], labels: list[Label], reading: str
+) -> None:
+    """A prediction read with a threshold is class 0 or 1, an argmax over N columns class 0 to N-1: a label 2, 7 or
+    -1 can never match it (it used to be stored as a class of its own, dragging accuracy down unseen)."""
+    with InferenceClient(served.address) as client:
+        ids = [client.infer(model, {"INPUT0": np.asarray([row], np.float32)}).id for _ in labels]
+        statuses = client.submit_feedback_batch(model, list(zip(ids, labels, strict=True)))
+        quality = client.model_quality(model)
+    assert [s.code for s in statuses] == [OK, OK, INVALID, INVALID, INVALID, INVALID], statuses
+    classes = "classes 0 to 2" if model == "three" else "classes 0 and 1"
+    for status, label in zip(statuses[2:], labels[2:], strict=True):
+        assert f"model '{model}' version 1" in status.message, status.message
+        assert f"request '{status.request_id}'" in status.message
+        assert f"label {label!r} can never match" in status.message
+        assert reading in status.message and classes in status.message
+    assert (quality.labelled, quality.rows) == (2, 2)
+
+
+def test_a_whole_number_in_a_score_column_is_a_class_of_its_own(served: ServerThread) -> None:
+    """A one-column float that is a whole number is the class itself (a model writing classes as floats), not a
+    score: a label 7 can match it, and is kept."""
+    with InferenceClient(served.address) as client:
+        ids = [client.infer("score", {"INPUT0": np.asarray([[v]], np.float32)}).id for v in (7.0, 3.0)]
+        statuses = client.submit_feedback_batch("score", [(ids[0], 7), (ids[1], 2)])
+        quality = client.model_quality("score")
+    assert [s.code for s in statuses] == [OK, OK], statuses
+    assert quality.metrics["accuracy"] == pytest.approx(0.5)
 
 
 def test_text_is_refused_for_a_regression_model(served: ServerThread) -> None:

@@ -1,8 +1,8 @@
 """Ground truth checked against the prediction it labels, before it is stored: a label that can never match
-(text for a regression model, 3.5 or "cat" for a model of whole-number classes) is refused with why, instead of
-being stored as a class of its own and dragging accuracy down unseen; a class name from the model's labels file
-stands for its index. The Monitoring service's feedback RPCs (server/rpc/monitoring.py) build one LabelRule per
-loaded model version."""
+(text for a regression model, 3.5 or "cat" for a model of whole-number classes, 2 or -1 for a prediction read with
+a threshold, which is class 0 or 1) is refused with why, instead of being stored as a class of its own and dragging
+accuracy down unseen; a class name from the model's labels file stands for its index. The Monitoring service's
+feedback RPCs (server/rpc/monitoring.py) build one LabelRule per loaded model version."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from tensorgate.server.errors import InvalidRequestError
 from tensorgate.server.monitoring.drift import category_keys
-from tensorgate.server.monitoring.quality import TaskSpec, TaskSpecError, label_domain
+from tensorgate.server.monitoring.quality import TaskSpec, TaskSpecError, label_domain, prediction_reading
 
 if TYPE_CHECKING:
     from tensorgate.server.repository.manager import LoadedModel
@@ -28,8 +28,9 @@ class LabelRule:
     """How ground truth for one loaded model version is checked: its task spec and its class names.
 
     A label that can never match the version's predictions (text for a regression model, 3.5 or "cat" for a model
-    that predicts whole-number classes) is refused rather than stored as a class of its own; a class name from the
-    model's labels file stands for its index, as Triton's classification answers ``0.99:3:three``.
+    that predicts whole-number classes, N or more for an argmax over N columns) is refused rather than stored as a
+    class of its own; a class name from the model's labels file stands for its index, as Triton's classification
+    answers ``0.99:3:three``.
     """
 
     spec: TaskSpec
@@ -66,10 +67,14 @@ class LabelRule:
             return label  # captured without the prediction output: quality cannot judge it either
         if domain is None:
             return label  # text predictions: labels are free text
+        classes = self._classes(outputs) if domain == "class" else None
         if label.dtype.kind == "f":  # numbers, finite (decode_label)
             fractional = label[label != np.floor(label)]
             if domain == "class" and fractional.size:
                 raise self._refused(version, request_id, f"label {fractional[0]:g} is not a whole number", domain)
+            if classes is not None:
+                for value in label.tolist():
+                    self._check_class(version, request_id, f"{value:g}", value, classes)
             return label
         values: list[float | int] = []
         for text in label.tolist():
@@ -86,8 +91,38 @@ class LabelRule:
                     if not value.is_integer():
                         raise self._refused(version, request_id, f"label {text!r} is not a whole number", domain)
                     value = int(value)
+            if classes is not None:
+                self._check_class(version, request_id, repr(text), value, classes)
             values.append(value)
         return np.asarray(category_keys(np.asarray(values, dtype=object)), dtype=np.str_)
+
+    def _classes(self, outputs: dict[str, np.ndarray]) -> tuple[int, str] | None:
+        """How many classes (0 to N-1) the captured prediction can be, with how it is read, when its reading bounds
+        them: a threshold gives 0 or 1, an argmax one of its columns. An integer output or a whole number in a
+        classifier's one float column is the class itself, which may be any number (None)."""
+        kind, rows = prediction_reading(self.spec, outputs)
+        output = f"output '{self.spec.output if self.spec.output is not None else next(iter(outputs))}'"
+        threshold = f"threshold {self.spec.threshold:g} on {output}"
+        if kind == "threshold":
+            return 2, f"the prediction is read with {threshold} (prediction kind threshold)"
+        if kind == "argmax":
+            return rows.shape[1], f"the prediction is the argmax of {output} ({rows.shape[1]} columns)"
+        if kind == "score_or_class":
+            column = rows[:, 0].astype(np.float64)
+            if np.any(np.isfinite(column) & (column != np.floor(column))):
+                return 2, f"the prediction is a score read with {threshold} (a classifier's one float column)"
+        return None
+
+    def _check_class(self, version: str, request_id: str, shown: str, value: float, classes: tuple[int, str]) -> None:
+        """INVALID_ARGUMENT for a class outside the prediction's 0 to N-1: it could never be predicted."""
+        n, reading = classes
+        if 0 <= value < n:
+            return
+        span = "0 and 1" if n == 2 else f"0 to {n - 1}"
+        problem = f"label {shown} can never match"
+        raise InvalidRequestError(
+            self.spec.model, version, f"feedback for request '{request_id}': {problem}: {reading}, classes {span}"
+        )
 
     def _refused(self, version: str, request_id: str, problem: str, domain: str) -> InvalidRequestError:
         spec = self.spec

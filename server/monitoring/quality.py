@@ -35,7 +35,15 @@ from tensorgate.server.monitoring.capture import PREDICTION_OUTPUT, parameter, p
 from tensorgate.server.monitoring.drift import category_keys
 from tensorgate.server.monitoring.store import Prediction
 
-__all__ = ["ClassQuality", "QualityReport", "TaskSpec", "compute_quality", "label_domain", "predicted_values"]
+__all__ = [
+    "ClassQuality",
+    "QualityReport",
+    "TaskSpec",
+    "compute_quality",
+    "label_domain",
+    "predicted_values",
+    "prediction_reading",
+]
 
 TASKS = ("classification", "regression")
 KINDS = ("argmax", "label", "threshold")
@@ -83,7 +91,7 @@ class TaskSpec:
 
 def predicted_values(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> np.ndarray:
     """One predicted value per row (1-D), read from a prediction's outputs as ``spec`` says."""
-    kind, rows = _reading(spec, outputs)
+    kind, rows = prediction_reading(spec, outputs)
     if kind == "score_or_class":
         return _score_or_class(rows[:, 0], spec.threshold)
     if kind == "argmax":
@@ -101,13 +109,13 @@ def label_domain(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> str | None:
     text or boolean predictions). Raises TaskSpecError when the prediction output was not captured."""
     if spec.task == "regression":
         return "number"
-    kind, rows = _reading(spec, outputs)
+    kind, rows = prediction_reading(spec, outputs)
     if kind != "label" or rows.dtype.kind in "iu":
         return "class"
     return "number" if rows.dtype.kind == "f" else None
 
 
-def _reading(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+def prediction_reading(spec: TaskSpec, outputs: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     """How a prediction is read (``KINDS``, or "score_or_class" for a classifier's one float column) and its output
     as rows."""
     if not outputs:
