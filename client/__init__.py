@@ -16,6 +16,14 @@ It works with any KServe V2 / Triton gRPC server; it does not import the server 
 from __future__ import annotations
 
 from tensorgate.client._common import InferResult, ModelMetadata, StreamRequest, TensorMetadata
+from tensorgate.client._monitoring import (
+    Alert,
+    ClassQuality,
+    FeatureDrift,
+    FeedbackStatus,
+    ModelDrift,
+    ModelQuality,
+)
 from tensorgate.client.aio import AsyncInferenceClient
 from tensorgate.client.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, RetryPolicy, TLSConfig
 from tensorgate.client.errors import (
@@ -40,16 +48,22 @@ from tensorgate.client.sync import InferenceClient
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_TIMEOUT_S",
+    "Alert",
     "AlreadyExists",
     "AsyncInferenceClient",
     "Cancelled",
+    "ClassQuality",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FeatureDrift",
+    "FeedbackStatus",
     "InferResult",
     "InferenceClient",
     "Internal",
     "InvalidArgument",
+    "ModelDrift",
     "ModelMetadata",
+    "ModelQuality",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",

@@ -16,10 +16,16 @@ from tensorgate.protos.service import make_stub_class
 from tensorgate.protos.tensors import BY_NAME
 
 __all__ = [
+    "Alert",
+    "ClassQuality",
+    "FeatureDrift",
     "FeedbackStatus",
+    "ModelDrift",
     "ModelQuality",
     "MonitoringStub",
+    "alerts_result",
     "describe_failure",
+    "drift_result",
     "feedback",
     "quality_result",
     "window_request",
@@ -174,3 +180,67 @@ def quality_result(msg: mpb.ModelQuality) -> ModelQuality:
         class_labels=tuple(msg.class_labels),
         confusion=np.asarray(list(msg.confusion), dtype=np.int64).reshape(n, n),
     )
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One feature's drift: ``psi`` against the reference, and the two-sample test's ``statistic`` and ``p_value``
+    (KS for "numeric" and "score" features, chi-square for "categorical" ones); ``drifted`` after Bonferroni."""
+
+    name: str
+    kind: str
+    psi: float
+    statistic: float
+    p_value: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class ModelDrift:
+    """Drift of a window of ``samples`` rows against the model's reference profile: the summary (``psi_max``,
+    ``psi_mean``, ``drifted_share`` of the features, ``score_drift``: the PSI of the output scores), one
+    ``FeatureDrift`` per feature, and the tensors ``skipped`` (not compared, each with why)."""
+
+    model: str
+    version: str
+    samples: int
+    drifted: bool
+    psi_max: float
+    psi_mean: float
+    drifted_share: float
+    score_drift: float
+    features: tuple[FeatureDrift, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def drift_result(msg: mpb.ModelDrift) -> ModelDrift:
+    return ModelDrift(
+        model=msg.model,
+        version=msg.version,
+        samples=msg.samples,
+        drifted=msg.drifted,
+        psi_max=msg.psi_max,
+        psi_mean=msg.psi_mean,
+        drifted_share=msg.drifted_share,
+        score_drift=msg.score_drift,
+        features=tuple(FeatureDrift(f.name, f.kind, f.psi, f.statistic, f.p_value, f.drifted) for f in msg.features),
+        skipped=dict(msg.skipped),
+    )
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A rule firing for a model version: ``value`` is the latest window's (NaN while the window has too few
+    samples to judge), ``timestamp`` when it started firing, in seconds since the epoch (as ``time.time()``)."""
+
+    rule: str
+    model: str
+    version: str
+    state: str
+    value: float
+    threshold: float
+    timestamp: float
+
+
+def alerts_result(msg: mpb.ListAlertsResponse) -> list[Alert]:
+    return [Alert(a.rule, a.model, a.version, a.state, a.value, a.threshold, a.timestamp) for a in msg.alerts]

@@ -322,13 +322,12 @@ class AsyncInferenceClient:
         count: int | None = None,
         seconds: float | None = None,
         timeout: float | None = None,
-    ) -> mpb.ModelDrift:
+    ) -> _monitoring.ModelDrift:
         """Drift of a window against the model's reference profile (FAILED_PRECONDITION without one)."""
         request = _monitoring.window_request(mpb.GetModelDriftRequest, model, version, count, seconds)
-        drift: mpb.ModelDrift = await self._call("GetModelDrift", request, timeout)
-        return drift
+        return _monitoring.drift_result(await self._call("GetModelDrift", request, timeout))
 
-    async def alerts(self, model: str | None = None, timeout: float | None = None) -> list[mpb.Alert]:
+    async def alerts(self, model: str | None = None, timeout: float | None = None) -> list[_monitoring.Alert]:
         """The alerts firing now (of one model, or all)."""
         reply = await self._call("ListAlerts", mpb.ListAlertsRequest(model=model or ""), timeout)
-        return list(reply.alerts)
+        return _monitoring.alerts_result(reply)

@@ -1,7 +1,7 @@
 """`tensorgate monitor`'s output: the quality and drift table, and PNG plots for people who would rather look.
 
 The numbers come from the server (GetModelQuality, GetModelDrift, ListAlerts); this module only formats them. It
-takes the client's results (``ModelQuality``, the ``ModelDrift`` message, ``Alert`` messages) or the server-side
+takes the client's results (``ModelQuality``, ``ModelDrift``, ``Alert``) or the server-side
 dataclasses (``QualityReport``, ``DriftReport``, ``AlertTransition``) alike: it reads attributes both have.
 
 Metric over time: each ``tensorgate monitor --out DIR`` run appends one line to ``DIR/history.jsonl``
@@ -41,12 +41,18 @@ class PlottingUnavailable(Exception):
 
 
 class _Feature(Protocol):
-    name: str
-    kind: str
-    psi: float
-    statistic: float
-    p_value: float
-    drifted: bool
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def psi(self) -> float: ...
+    @property
+    def statistic(self) -> float: ...
+    @property
+    def p_value(self) -> float: ...
+    @property
+    def drifted(self) -> bool: ...
 
 
 class _Quality(Protocol):
