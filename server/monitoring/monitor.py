@@ -441,6 +441,7 @@ class Monitor:
             cached.engine.resolve_all(now)
         self._refresh(engines, now)
         self.state = state
+        self.repository.follow_alerts(state.firing)  # a canary with an alert firing is rolled back
         self.evaluations += 1
 
     def _sweep(self, engines: dict[tuple[str, str], AlertEngine], now: float) -> None:

@@ -20,6 +20,7 @@ import io
 import logging
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,10 @@ memory: several ``--reuse-port`` processes share the file, and each one counting
 one retention's worth per process. ``firing_alerts`` (added after them: CREATE IF NOT EXISTS is its migration) holds
 the alerts firing, so that a restart neither sends them again nor forgets to resolve them (``FiringAlert``)."""
 
-_NEWEST = "seq = (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ?)"
-"""The capture a request id names: its newest, when a client used the id more than once."""
+_NEWEST = "seq IN (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ? GROUP BY version)"
+"""The captures a request id names: its newest of each version. A shadow version's run of a request
+(repository/rollout.py) shares the request's id, so that its label judges both; a client that used the id more
+than once on one version labels its newest."""
 
 
 @dataclass(slots=True)
@@ -265,20 +268,20 @@ class PredictionStore:
             )
             for p in predictions
         ]
-        ids: dict[str, list[str]] = {}
+        ids: dict[tuple[str, str], list[str]] = {}
         for p in predictions:
-            ids.setdefault(p.model, []).append(p.id)
+            ids.setdefault((p.model, p.version), []).append(p.id)
         with self._lock:
             with self._write():  # reads model_rows, then writes: the write lock first
-                repeated = {model: self._repeated(model, new) for model, new in ids.items()}
+                repeated = [(model, self._repeated(model, version, new)) for (model, version), new in ids.items()]
                 self._db.executemany(
                     "INSERT INTO predictions (id, model, version, ts, inputs, outputs) VALUES (?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                for model, new in ids.items():
-                    self._trim(model, len(new))
-            for model, request_id in repeated.items():
-                if request_id is not None:
+                for model, added in Counter(p.model for p in predictions).items():
+                    self._trim(model, added)
+            for model, request_id in repeated:
+                if request_id is not None and model not in self._repeats_logged:
                     self._repeats_logged.add(model)
                     log.warning(
                         "model '%s': request id '%s' was captured before; both captures are kept, and feedback for "
@@ -287,9 +290,10 @@ class PredictionStore:
                         request_id,
                     )
 
-    def _repeated(self, model: str, request_ids: list[str]) -> str | None:
-        """One of these ids that the model already has (or that repeats among them); None when all are new, or
-        when this model's repeats were logged already (the look-up is then not worth its cost)."""
+    def _repeated(self, model: str, version: str, request_ids: list[str]) -> str | None:
+        """One of these ids that the model version already has (or that repeats among them); None when all are
+        new, or when this model's repeats were logged already (the look-up is then not worth its cost). Per
+        version: a shadow version's captures repeat the ids of the stable version's on purpose."""
         if model in self._repeats_logged:
             return None
         seen: set[str] = set()
@@ -302,8 +306,8 @@ class PredictionStore:
             chunk = batch[start : start + 500]
             marks = ",".join("?" * len(chunk))
             found = self._db.execute(
-                f"SELECT id FROM predictions WHERE model = ? AND id IN ({marks}) LIMIT 1",  # noqa: S608 - only marks
-                (model, *chunk),
+                f"SELECT id FROM predictions WHERE model = ? AND version = ? AND id IN ({marks}) LIMIT 1",  # noqa: S608
+                (model, version, *chunk),
             ).fetchone()
             if found is not None:
                 return str(found[0])
@@ -365,7 +369,7 @@ class PredictionStore:
         with self._lock:
             for request_id in request_ids:
                 row = self._db.execute(
-                    f"SELECT version, outputs FROM predictions WHERE {_NEWEST}",  # noqa: S608 - a constant
+                    f"SELECT version, outputs FROM predictions WHERE {_NEWEST} ORDER BY seq DESC",  # noqa: S608
                     (model, request_id),
                 ).fetchone()
                 if row is not None:

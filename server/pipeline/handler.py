@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -28,6 +31,7 @@ from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
+from tensorgate.server.repository.rollout import MAX_SHADOW_IN_FLIGHT, Rollout
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.scheduling.sequencer import Place
 from tensorgate.server.telemetry.statistics import ExecutionTimes
@@ -36,6 +40,7 @@ from tensorgate.server.telemetry.tracing import Tracing
 if TYPE_CHECKING:
     from tensorgate.server.monitoring.capture import Capture, CaptureConfig
 
+log = logging.getLogger(__name__)
 
 # Ids for requests sent without one: UUID-shaped and unique, a random prefix per process and a counter.
 # str(uuid.uuid4()) per request cost 5.6 us (os.urandom and UUID formatting), as much as decoding the request.
@@ -94,6 +99,8 @@ class InferenceHandler:
         """Set by the server when monitoring is on: answered requests are sampled into it (never waits)."""
         self.cache: ResponseCache | None = None
         """Set by the server with --response-cache-bytes: answers of models whose config enables response_cache."""
+        self._shadows: set[asyncio.Task[None]] = set()
+        """Shadow runs in progress (`_shadow`), held so that none is collected before it ends."""
 
     def _validate(
         self, model: LoadedModel, req: InferRequest, version: str, request_span: trace.Span | None
@@ -123,7 +130,7 @@ class InferenceHandler:
         started = time.perf_counter_ns()
         if not req.id:  # every response carries an id, so that feedback can name the prediction later
             req.id = _new_request_id()
-        model = self._repository.get(req.model, req.version)
+        model = self._repository.get(req.model, req.version, req.id)
         version = str(model.version)
         if model.config.model_transaction_policy.decoupled:  # refused before it counts, as Triton refuses it
             raise UnimplementedError(
@@ -155,7 +162,45 @@ class InferenceHandler:
         if times is not None:  # None: answered from the cache, counted there as Triton counts a hit
             model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         self._answered(model, req, inputs, results, span, times, sampled)
+        rollout = model.rollout
+        if rollout is not None and not req.version and model.version == rollout.stable and rollout.shadows(req.id):
+            self._shadow(rollout, req)
         return response
+
+    def _shadow(self, rollout: Rollout, req: InferRequest) -> None:
+        """Run a request the stable version answered on the shadow version too, in the background: its caller
+        has its answer already and never hears of this run. A sequence's request is not mirrored (it would move
+        the shadow's sequence state). Past MAX_SHADOW_IN_FLIGHT runs of the model at once it is dropped: the
+        shadow must not take the machine from the live path."""
+        if "sequence_id" in req.parameters:
+            return
+        if rollout.shadow_in_flight >= MAX_SHADOW_IN_FLIGHT:
+            rollout.shadow_runs["dropped"] += 1
+            return
+        rollout.shadow_in_flight += 1
+        # Its own request: no caller's deadline, shared memory or classification; the same id, so that a label
+        # for the request judges the shadow's prediction too.
+        mirror = dataclasses.replace(
+            req, version=str(rollout.shadow), deadline=None, shared_outputs=None, classifications=None
+        )
+        task = asyncio.get_running_loop().create_task(self._run_shadow(rollout, mirror))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _run_shadow(self, rollout: Rollout, req: InferRequest) -> None:
+        otel_context.attach(otel_context.Context())  # not under the caller's span (the task's own context copy)
+        try:
+            await self.infer(req)
+        except Exception as exc:  # noqa: BLE001 - the shadow's failure is counted, never the caller's
+            rollout.shadow_runs["failed"] += 1
+            log.debug("shadow run of model '%s' version %s failed: %s", req.model, req.version, exc)
+        except asyncio.CancelledError:  # the server is stopping
+            rollout.shadow_runs["failed"] += 1
+            raise
+        else:
+            rollout.shadow_runs["ok"] += 1
+        finally:
+            rollout.shadow_in_flight -= 1
 
     def _execute_cached(
         self,

@@ -64,6 +64,7 @@ from tensorgate.server.repository.config import (
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.paths import inside, within
+from tensorgate.server.repository.rollout import Rollout, RolloutSpec, parse_rollout
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.sequence import (
     SequenceSpec,
@@ -120,6 +121,8 @@ class LoadedModel:
     """A sequence (stateful) model's sequences, in front of its scheduler; None for any other model."""
     remote_sequences: RemoteSequences | None = None
     """A sequence model on an upstream Triton: the order its sequences' requests go upstream in."""
+    rollout: Rollout | None = None
+    """The model's split (repository/rollout.py), the same on each of its versions; None without one."""
 
 
 @dataclass(slots=True)
@@ -143,6 +146,8 @@ class _Entry:
     """Serving files sent with RepositoryModelLoad: nothing on disk to load it again from."""
     transient: bool = False
     """Its last load failed only on what may change by itself (its upstream down): `retry_remote` tries again."""
+    rollout: Rollout | None = None
+    """The split of requests that name no version (tensorgate.rollout.*), as built for `versions`."""
     last_load: tuple[str | None, bool] = (None, False)
     """The config override and whether files were uploaded, of the last load tried: an ensemble loaded again when
     a step model comes back (`_refresh`) is loaded as it was, not as the disk has it."""
@@ -335,8 +340,9 @@ class ModelRepository:
 
     # ----- lookup (hot path) -------------------------------------------------------------------------------
 
-    def get(self, name: str, version: str) -> LoadedModel:
-        """The version to serve; NOT_FOUND for unknown models/versions, UNAVAILABLE for ones not ready."""
+    def get(self, name: str, version: str, request_id: str = "") -> LoadedModel:
+        """The version to serve; NOT_FOUND for unknown models/versions, UNAVAILABLE for ones not ready. A request
+        that names no version goes to the highest served one, or where the model's rollout sends its `request_id`."""
         entry = self._entries.get(name)
         if entry is None:
             if self._model_dir(name, must_exist=False) is not None:
@@ -344,7 +350,10 @@ class ModelRepository:
             raise ModelNotFoundError(name, version)
         if version == "":
             if entry.versions:
-                return entry.versions[max(entry.versions)]
+                rollout = entry.rollout
+                if rollout is None:
+                    return entry.versions[max(entry.versions)]
+                return entry.versions[rollout.choose(request_id)]
             raise ModelUnavailableError(name, None, entry.reason or entry.state.lower())
         number = parse_canonical(version)
         if number is None:
@@ -360,6 +369,17 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedModel]:
         return [m for e in self._entries.values() for m in e.versions.values()]
+
+    def rollouts(self) -> list[Rollout]:
+        """The splits of the models served now (for metrics)."""
+        return [e.rollout for e in list(self._entries.values()) if e.rollout is not None and e.versions]
+
+    def follow_alerts(self, firing: dict[tuple[str, str], set[str]]) -> None:
+        """The alert rules firing per (model, version), after each monitor evaluation (on the monitor's thread:
+        `Rollout.follow` only replaces what the event loop reads)."""
+        for rollout in self.rollouts():
+            if rollout.canary is not None:
+                rollout.follow(firing.get((rollout.model, str(rollout.canary)), set()))
 
     def versions(self, name: str) -> list[LoadedModel]:
         """Every ready version of a model (for statistics), NOT_FOUND if unknown."""
@@ -439,9 +459,10 @@ class ModelRepository:
 
     def _prepare(
         self, model_dir: Path, override: _Override | None, reuse: dict[int, LoadedModel]
-    ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str], set[int]]:
+    ) -> tuple[dict[int, _Prepared | LoadedModel], dict[int, str], set[int], RolloutSpec | None]:
         """Blocking: read config, build each version's session, complete the config, warm up. Returns the
-        versions built, the reasons of those that failed, and which of those failed transiently."""
+        versions built, the reasons of those that failed, which of those failed transiently, and the rollout the
+        config asks for."""
         name = model_dir.name
         if override is not None:
             base, mbs_given = override.config()
@@ -465,6 +486,7 @@ class ModelRepository:
             raise ModelLoadError(
                 name, None, f"no version directory matches the version policy (found {on_disk or 'none'})"
             )
+        rollout = parse_rollout(base, wanted, reuse)  # before any session is built: a typo costs nothing
         ready: dict[int, _Prepared | LoadedModel] = {}
         failed: dict[int, str] = {}
         transient: set[int] = set()
@@ -501,7 +523,7 @@ class ModelRepository:
                 if isinstance(item, _Prepared):
                     item.backend.close()
             raise ModelLoadError(name, None, "the server is stopping")
-        return ready, failed, transient
+        return ready, failed, transient, rollout
 
     def _prepare_ensemble(
         self, base: mc.ModelConfig, plan: EnsemblePlan, model_dir: Path, version: int, sig: str
@@ -953,7 +975,7 @@ class ModelRepository:
                 # Uploaded files are new files whatever their names and times: no version is kept as unchanged.
                 reuse = {} if uploaded or entry.uploaded else entry.versions
                 entry.transient = False
-                ready, failed, transient = await asyncio.to_thread(self._prepare, model_dir, override, reuse)
+                ready, failed, transient, spec = await asyncio.to_thread(self._prepare, model_dir, override, reuse)
                 await self._bind(name, ready, check_step)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
                 if isinstance(exc, TensorgateError):
@@ -1031,6 +1053,9 @@ class ModelRepository:
                         remote_sequences,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
+            entry.rollout = self._rollout(name, spec, new_versions, entry.rollout)
+            for model in new_versions.values():
+                model.rollout = entry.rollout
             entry.versions, entry.failed = new_versions, failed
             entry.state, entry.reason, entry.uploaded = READY, "", uploaded
             log.info("model '%s' ready (versions %s)", name, sorted(new_versions))
@@ -1038,6 +1063,23 @@ class ModelRepository:
                 self._retire(old)
             self.changes += 1
             self._refresh_dependents(name, check_step=check_step)
+
+    @staticmethod
+    def _rollout(
+        name: str, spec: RolloutSpec | None, versions: dict[int, LoadedModel], previous: Rollout | None
+    ) -> Rollout | None:
+        """The split over the versions a load serves; none (with a warning) when its stable version is not among
+        them (it failed to load): requests that name no version then go to the highest served one, as without."""
+        if spec is None:
+            return None
+        if spec.stable not in versions:
+            log.warning(
+                "model '%s': stable version %d is not served (it failed to load): no rollout split until it is",
+                name,
+                spec.stable,
+            )
+            return None
+        return Rollout(name, spec, versions, previous)
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)
@@ -1094,7 +1136,7 @@ class ModelRepository:
                 self._entries[name] = _Entry(name, state=UNAVAILABLE, reason=UNLOADED)
                 return
             retired = list(entry.versions.values())
-            entry.versions, entry.failed = {}, {}
+            entry.versions, entry.failed, entry.rollout = {}, {}, None
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
             for model in retired:
                 self._retire(model)

@@ -171,6 +171,10 @@ class Snapshot:
     """The response cache's bytes held and evictions (None: no cache)."""
     certificates: dict[str, float] = field(default_factory=dict)
     """When the certificate each TLS port serves expires (Unix seconds), by port label."""
+    canary_shares: list[tuple[str, str, float]] = field(default_factory=list)
+    """(model, canary version, its share now in percent) of each model with a canary split."""
+    shadow_runs: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """Shadow runs by (model, shadow version, outcome)."""
 
 
 def _state_name(state: str, reason: str) -> str:
@@ -338,6 +342,20 @@ CACHE_EVICTIONS = FamilySpec(
     (),
     "Answers the response cache dropped to make room (with the cache on only): many, and the cache is too small",
 )
+CANARY_SHARE = FamilySpec(
+    "tensorgate_rollout_canary_share",
+    "gauge",
+    _MV,
+    "Percent of the requests that name no version going to the canary version now (tensorgate.rollout.*): its "
+    "canary_percent, 0 while an alert fires on it (rolled back) or while it is not served",
+)
+SHADOW_RUNS = FamilySpec(
+    "tensorgate_rollout_shadow_runs_total",
+    "counter",
+    (*_MV, "outcome"),
+    "Requests answered by the stable version and run again on the shadow version (version), by outcome: ok, "
+    "failed, or dropped (too many shadow runs of the model at once)",
+)
 SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     REQUESTS,
     REQUEST_DURATION,
@@ -358,6 +376,8 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     AUTH_DENIALS,
     TLS_EXPIRY,
     SPANS_DROPPED,
+    CANARY_SHARE,
+    SHADOW_RUNS,
     BUILD_INFO,
 )
 
@@ -484,6 +504,13 @@ class _ServerCollector(Collector):
         for port, not_after in sorted(snap.certificates.items()):
             expiry.add_metric([port], not_after)
         yield expiry
+        shares, shadows = CANARY_SHARE.family(), SHADOW_RUNS.family()
+        for model, version, share in snap.canary_shares:
+            shares.add_metric([model, version], share)
+        for (model, version, outcome), n in sorted(snap.shadow_runs.items()):
+            shadows.add_metric([model, version, outcome], n)
+        yield shares
+        yield shadows
         if snap.spans_dropped is not None:
             dropped = SPANS_DROPPED.family()
             dropped.add_metric([], snap.spans_dropped)
@@ -564,6 +591,8 @@ class Metrics:
                 )
             )
         rows = self._repository.states()
+        rollouts = self._repository.rollouts()
+        shares = [(r.model, str(r.spec.canary), r.share) for r in rollouts if r.spec.canary is not None]
         self.requests.retain({(r.name, r.version) for r in rows if r.version})
         return Snapshot(
             requests=dict(self.requests.counts),
@@ -577,6 +606,13 @@ class Metrics:
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,
             cache=None if self._cache is None else (self._cache.used, self._cache.evictions),
             certificates={port: reloader.not_after for port, reloader in self.certificates.items()},
+            canary_shares=sorted(shares),
+            shadow_runs={
+                (r.model, str(r.spec.shadow), outcome): n
+                for r in rollouts
+                if r.spec.shadow is not None
+                for outcome, n in r.shadow_runs.items()
+            },
         )
 
 

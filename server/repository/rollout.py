@@ -1,0 +1,236 @@
+"""Server-side rollout of a new model version: which version a request that names none goes to.
+
+    spec = parse_rollout(config, wanted=[1, 2], previously=[])      # at load; None without tensorgate.rollout.*
+    rollout = Rollout(config.name, spec, served=[1, 2])
+    version = rollout.choose(request_id)                            # per request that names no version
+
+The split is sticky per request id (a hash of the id, not a draw), so that a client retrying with its id reaches
+the version that answered it first, and a label sent later for that id is judged against the version that made
+the prediction. Requests naming a version explicitly never come here (ModelRepository.get).
+
+The monitor tells every rollout which alert rules fire on its canary (`follow`); while any does and
+``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0. That runs on the monitor's thread and the
+decision on the event loop: `share` is replaced in one assignment, which the loop reads whole.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import zlib
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.decimal_text import parse_canonical
+from tensorgate.server.errors import ModelLoadError
+
+__all__ = ["MAX_SHADOW_IN_FLIGHT", "PREFIX", "Rollout", "RolloutSpec", "parse_rollout"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tensorgate.rollout."
+CANARY_VERSION = PREFIX + "canary_version"
+CANARY_PERCENT = PREFIX + "canary_percent"
+STABLE_VERSION = PREFIX + "stable_version"
+SHADOW_VERSION = PREFIX + "shadow_version"
+SHADOW_PERCENT = PREFIX + "shadow_percent"
+ROLLBACK_ON_ALERT = PREFIX + "rollback_on_alert"
+_KEYS = (CANARY_VERSION, CANARY_PERCENT, STABLE_VERSION, SHADOW_VERSION, SHADOW_PERCENT, ROLLBACK_ON_ALERT)
+
+MAX_SHADOW_IN_FLIGHT = 4
+"""Shadow runs of one model at once; beyond it a shadow run is dropped (and counted): the shadow version shares
+the machine with the live path, which must never wait for it."""
+
+_BUCKETS = 10_000
+"""A request id's place in [0, 100) in steps of 0.01: percents with two decimals split exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSpec:
+    """A model's ``tensorgate.rollout.*`` parameters, checked."""
+
+    canary: int | None
+    canary_percent: float
+    stable: int
+    shadow: int | None
+    shadow_percent: float
+    rollback_on_alert: bool
+
+
+def _version(model: str, key: str, raw: str, wanted: Collection[int], previously: Collection[int]) -> int:
+    number = parse_canonical(raw)
+    if number is None:
+        raise ModelLoadError(model, None, f"parameter '{key}' must be a version number, got {raw!r}")
+    if number not in wanted and number not in previously:
+        raise ModelLoadError(
+            model,
+            None,
+            f"parameter '{key}' names version {number}, which the model does not serve (it serves "
+            f"{sorted(wanted) or 'none'}: check version_policy and the version directories)",
+        )
+    return number
+
+
+def _percent(model: str, key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:  # NaN fails too
+        raise ModelLoadError(model, None, f"parameter '{key}' must be a number from 0 to 100, got {raw!r}")
+    return value
+
+
+def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: Collection[int]) -> RolloutSpec | None:
+    """The rollout a config asks for, checked against the versions this load serves (`wanted`); None when it sets
+    no ``tensorgate.rollout.*`` parameter. A canary or shadow version among those served until now
+    (`previously`) is accepted though this load no longer serves it (its directory was removed): the split then
+    sends everything to the stable version (`Rollout`). Raises ModelLoadError naming the parameter."""
+    model = config.name
+    params = {k: v.string_value.strip() for k, v in config.parameters.items() if k.startswith(PREFIX)}
+    if not params:
+        return None
+    for key in params:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, _KEYS, n=1)
+            hint = (
+                f": did you mean '{close[0]}'?" if close else f" (known: {', '.join(k[len(PREFIX) :] for k in _KEYS)})"
+            )
+            raise ModelLoadError(model, None, f"unknown parameter '{key}'{hint}")
+    for version_key, percent_key in ((CANARY_VERSION, CANARY_PERCENT), (SHADOW_VERSION, SHADOW_PERCENT)):
+        if percent_key in params and version_key not in params:
+            raise ModelLoadError(model, None, f"parameter '{percent_key}' needs '{version_key}'")
+    if CANARY_VERSION in params and CANARY_PERCENT not in params:
+        raise ModelLoadError(model, None, f"parameter '{CANARY_VERSION}' needs '{CANARY_PERCENT}' (0 to 100)")
+    canary = (
+        _version(model, CANARY_VERSION, params[CANARY_VERSION], wanted, previously)
+        if CANARY_VERSION in params
+        else None
+    )
+    shadow = (
+        _version(model, SHADOW_VERSION, params[SHADOW_VERSION], wanted, previously)
+        if SHADOW_VERSION in params
+        else None
+    )
+    if STABLE_VERSION in params:
+        stable = _version(model, STABLE_VERSION, params[STABLE_VERSION], wanted, ())
+    else:
+        others = [v for v in wanted if v not in (canary, shadow)]
+        if not others:
+            raise ModelLoadError(
+                model,
+                None,
+                f"no served version is left to be the stable one besides the canary and the shadow "
+                f"(it serves {sorted(wanted)}); serve one, or name it with '{STABLE_VERSION}'",
+            )
+        stable = max(others)
+    for key, other in ((CANARY_VERSION, canary), (SHADOW_VERSION, shadow)):
+        if other == stable:
+            raise ModelLoadError(model, None, f"parameter '{key}' names version {stable}, the stable version")
+    rollback = params.get(ROLLBACK_ON_ALERT, "true").lower()
+    if rollback not in ("true", "false"):
+        raise ModelLoadError(model, None, f"parameter '{ROLLBACK_ON_ALERT}' must be true or false, got {rollback!r}")
+    return RolloutSpec(
+        canary,
+        _percent(model, CANARY_PERCENT, params[CANARY_PERCENT]) if canary is not None else 0.0,
+        stable,
+        shadow,
+        _percent(model, SHADOW_PERCENT, params[SHADOW_PERCENT]) if SHADOW_PERCENT in params else 100.0,
+        rollback == "true",
+    )
+
+
+def _bucket(request_id: str) -> tuple[float, float]:
+    """Two places in [0, 100) for a request id: one for the canary split, one (from the hash's other bits) for
+    the shadow's sample, so that the shadow's share of the stable traffic does not depend on the canary's."""
+    h = zlib.crc32(request_id.encode())
+    return (h % _BUCKETS) * (100 / _BUCKETS), (h >> 16) * (100 / 65536)
+
+
+class Rollout:
+    """One model's split as served now: `choose` for each request that names no version, `shadows` for those
+    that go to the stable version, `follow` for the alerts the monitor sees on the canary."""
+
+    def __init__(self, model: str, spec: RolloutSpec, served: Collection[int], previous: Rollout | None = None) -> None:
+        self.model = model
+        self.spec = spec
+        self.stable = spec.stable
+        self.canary = spec.canary if spec.canary in served else None
+        """None when the canary is not served (any more): everything goes to stable."""
+        self.shadow = spec.shadow if spec.shadow in served else None
+        self.held: frozenset[str] = frozenset()
+        """The alert rules firing on the canary, as the monitor last said."""
+        self.shadow_runs: Counter[str] = Counter()
+        """Shadow runs by outcome: ok, failed, dropped (kept across reloads, as a counter must be)."""
+        self.shadow_in_flight = 0
+        if previous is not None:
+            self.shadow_runs = previous.shadow_runs
+            if previous.canary == self.canary:
+                self.held = previous.held  # the alert still fires: no second "rolled back" line
+        self.share = self._share()
+        """The canary's share now, in percent: 0 while rolled back or not served."""
+        for key, version, now in (
+            (CANARY_VERSION, spec.canary, self.canary),
+            (SHADOW_VERSION, spec.shadow, self.shadow),
+        ):
+            if version is not None and now is None:
+                log.warning(
+                    "model '%s': parameter '%s' names version %d, which is no longer served: requests that name no "
+                    "version all go to stable version %d",
+                    model,
+                    key,
+                    version,
+                    self.stable,
+                )
+
+    def _share(self) -> float:
+        if self.canary is None or (self.held and self.spec.rollback_on_alert):
+            return 0.0
+        return self.spec.canary_percent
+
+    def choose(self, request_id: str) -> int:
+        """The version for a request that names none. A lookup without a request (metadata, an ensemble's step,
+        a check before decoding) gets the stable version."""
+        share = self.share
+        if share <= 0 or not request_id:
+            return self.stable
+        return self.canary if _bucket(request_id)[0] < share and self.canary is not None else self.stable
+
+    def shadows(self, request_id: str) -> bool:
+        """Whether a request the stable version answered also runs on the shadow version."""
+        percent = self.spec.shadow_percent
+        return self.shadow is not None and (percent >= 100 or _bucket(request_id)[1] < percent)
+
+    def follow(self, firing: Collection[str]) -> None:
+        """The alert rules firing on the canary version now (the monitor's last evaluation): while any fires, the
+        canary gets nothing. Logged once when that starts and once when it ends."""
+        if self.canary is None:
+            return
+        held, was = frozenset(firing), self.held
+        if held == was:
+            return
+        self.held = held
+        self.share = self._share()
+        if not self.spec.rollback_on_alert:
+            return
+        if held and not was:
+            log.warning(
+                "model '%s': alert %s fires on canary version %d: rolled back, requests that name no version all "
+                "go to stable version %d until it resolves",
+                self.model,
+                ", ".join(sorted(held)),
+                self.canary,
+                self.stable,
+            )
+        elif was and not held:
+            log.warning(
+                "model '%s': alert %s on canary version %d resolved: %g%% of the requests that name no version go to "
+                "it again",
+                self.model,
+                ", ".join(sorted(was)),
+                self.canary,
+                self.spec.canary_percent,
+            )

@@ -1,0 +1,348 @@
+"""Server-side rollout (tensorgate.rollout.*): the weighted canary split of requests that name no version, the
+shadow version that mirrors the stable one's traffic, the rollback while an alert fires on the canary, and the
+load failures of a rollout that cannot be served. Real servers, real ONNX models whose versions answer
+differently (version 1 multiplies by 1, version 2 by 2), real scrapes of /metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tensorgate.client import InferenceClient
+from tensorgate.client.errors import Unavailable
+from tests.monitoring import copy_repository, digits_repository
+from tests.onnx_models import busy_model, scale_model, write_config
+from tests.scraping import metrics_url, scrape, value
+from tests.serving import ServerThread
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def _params(**values: str) -> str:
+    return "".join(
+        f'parameters {{ key: "tensorgate.rollout.{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in values.items()
+    )
+
+
+def _repo(root: Path, extra: str = "", v2: Callable[[Path], Path] | None = None, name: str = "m") -> Path:
+    """Model `name`: version 1 answers x, version 2 answers 2x (or what `v2` builds); both served."""
+    scale_model(root / name / "1" / "model.onnx", 1.0)
+    (v2 or (lambda p: scale_model(p, 2.0)))(root / name / "2" / "model.onnx")
+    write_config(root, name, f'name: "{name}" max_batch_size: 8 version_policy {{ all {{}} }}\n{extra}')
+    return root
+
+
+def _version_of(client: InferenceClient, request_id: str | None = None, **kwargs: Any) -> str:
+    """Which version answered, by the response's model_version, checked against the output it computed."""
+    result = client.infer("m", {"INPUT0": X}, request_id=request_id, **kwargs)
+    factor = {"1": 1.0, "2": 2.0}[result.version]
+    np.testing.assert_array_equal(result["OUTPUT0"], X * factor)
+    return result.version
+
+
+@pytest.fixture
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ServerThread, InferenceClient]]:
+    with ServerThread(_repo(tmp_path / "models", request.param)) as server, InferenceClient(server.address) as client:
+        yield server, client
+
+
+# ----- the canary split --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "served, expected",
+    [
+        pytest.param(_params(canary_version="2", canary_percent="0"), "1", id="0-percent"),
+        pytest.param(_params(canary_version="2", canary_percent="100"), "2", id="100-percent"),
+        pytest.param(_params(canary_version="1", canary_percent="100"), "1", id="canary-below-stable"),
+        pytest.param(_params(stable_version="1"), "1", id="stable-pinned"),
+    ],
+    indirect=["served"],
+)
+def test_every_request_without_a_version_goes_where_the_share_says(
+    served: tuple[ServerThread, InferenceClient], expected: str
+) -> None:
+    _, client = served
+    seen = Counter(_version_of(client, f"id-{i}") for i in range(20))
+    seen += Counter(_version_of(client) for _ in range(20))  # ids the server makes
+    assert seen == Counter({expected: 40})
+    for version in ("1", "2"):  # named versions are never rerouted
+        assert {_version_of(client, f"named-{i}", version=version) for i in range(10)} == {version}
+
+
+@pytest.mark.parametrize(
+    "served", [pytest.param(_params(canary_version="2", canary_percent="30"), id="30")], indirect=True
+)
+def test_a_30_percent_canary_gets_about_30_percent_and_the_same_id_the_same_version(
+    served: tuple[ServerThread, InferenceClient],
+) -> None:
+    server, client = served
+    n = 400
+    by_id = {f"user-{i}": _version_of(client, f"user-{i}") for i in range(n)}
+    generated = Counter(_version_of(client) for _ in range(n))
+    # Binomial(400, 0.3): mean 120, standard deviation 9.2; six of them either side cannot flake.
+    for counts in (Counter(by_id.values()), generated):
+        assert 120 - 55 <= counts["2"] <= 120 + 55, counts
+        assert counts["1"] + counts["2"] == n
+    for request_id in list(by_id)[:40]:  # sticky: an id asked again goes where it went
+        assert _version_of(client, request_id) == by_id[request_id]
+    assert {_version_of(client, "user-0", version=v) for v in ("1", "2")} == {"1", "2"}  # named: never rerouted
+    assert value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2") == 30.0
+
+
+def test_a_canary_no_longer_served_sends_everything_to_stable(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its directory removed (here under `latest 2`, then loaded again, as poll mode would): the reload serves
+    version 1 alone, says so, and the split sends every request there instead of failing the load."""
+    repo = tmp_path / "models"
+    _repo(repo, _params(canary_version="2", canary_percent="100"))
+    config = repo / "m" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace("version_policy { all {} }", "version_policy { latest { num_versions: 2 } }")
+    )
+    served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
+    with served as server, InferenceClient(server.address) as client:
+        assert _version_of(client, "a") == "2"
+        shutil.rmtree(repo / "m" / "2")
+        with caplog.at_level(logging.WARNING, logger="tensorgate.server.repository.rollout"):
+            client.load("m")
+        assert {_version_of(client, f"id-{i}") for i in range(10)} == {"1"}
+        assert value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2") == 0.0
+    said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
+    assert said == [
+        "model 'm': parameter 'tensorgate.rollout.canary_version' names version 2, which is no longer served: "
+        "requests that name no version all go to stable version 1"
+    ]
+
+
+# ----- bad configs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        pytest.param(
+            _params(canary_version="3", canary_percent="10"),
+            "parameter 'tensorgate.rollout.canary_version' names version 3, which the model does not serve (it serves "
+            "[1, 2]",
+            id="unknown-canary",
+        ),
+        pytest.param(
+            _params(shadow_version="7"),
+            "parameter 'tensorgate.rollout.shadow_version' names version 7, which the model does not serve",
+            id="unknown-shadow",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="10", stable_version="5"),
+            "parameter 'tensorgate.rollout.stable_version' names version 5, which the model does not serve",
+            id="unknown-stable",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="150"),
+            "parameter 'tensorgate.rollout.canary_percent' must be a number from 0 to 100, got '150'",
+            id="percent-above-100",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="ten"),
+            "parameter 'tensorgate.rollout.canary_percent' must be a number from 0 to 100, got 'ten'",
+            id="percent-not-a-number",
+        ),
+        pytest.param(
+            _params(shadow_version="2", shadow_percent="-1"),
+            "parameter 'tensorgate.rollout.shadow_percent' must be a number from 0 to 100, got '-1'",
+            id="shadow-percent-negative",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="10", stable_version="2"),
+            "parameter 'tensorgate.rollout.canary_version' names version 2, the stable version",
+            id="canary-is-stable",
+        ),
+        pytest.param(
+            _params(canary_version="v2", canary_percent="10"),
+            "parameter 'tensorgate.rollout.canary_version' must be a version number, got 'v2'",
+            id="version-not-a-number",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_pct="10"),
+            "unknown parameter 'tensorgate.rollout.canary_pct': did you mean 'tensorgate.rollout.canary_percent'?",
+            id="unknown-key",
+        ),
+        pytest.param(
+            _params(canary_version="2"),
+            "parameter 'tensorgate.rollout.canary_version' needs 'tensorgate.rollout.canary_percent'",
+            id="no-percent",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="5", rollback_on_alert="sometimes"),
+            "parameter 'tensorgate.rollout.rollback_on_alert' must be true or false, got 'sometimes'",
+            id="rollback-not-a-bool",
+        ),
+    ],
+)
+def test_a_rollout_that_cannot_be_served_fails_the_load_naming_model_key_and_problem(
+    tmp_path: Path, extra: str, problem: str
+) -> None:
+    repo = _repo(tmp_path / "models", extra)
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as server:
+        with InferenceClient(server.address) as client:
+            with pytest.raises(Unavailable, match=re.escape(problem)) as info:
+                client.load("m")
+            assert "failed to load model 'm'" in str(info.value)
+            assert not client.ready("m")
+
+
+# ----- shadow ----------------------------------------------------------------------------------------------------
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _inferences(client: InferenceClient, version: str) -> tuple[int, int]:
+    """ModelStatistics' successes and failures of version `version` of model m."""
+    stats = client.statistics("m", version).model_stats[0]
+    return stats.inference_stats.success.count, stats.inference_stats.fail.count
+
+
+def _shadow_runs(server: ServerThread) -> Counter[str]:
+    samples = scrape(metrics_url(server))
+    return Counter(
+        {
+            outcome: int(n)
+            for (name, labels), n in samples.items()
+            if name == "tensorgate_rollout_shadow_runs_total"
+            for key, outcome in labels
+            if key == "outcome"
+        }
+    )
+
+
+@pytest.mark.parametrize("served", [pytest.param(_params(shadow_version="2"), id="shadow")], indirect=True)
+def test_the_shadow_runs_what_stable_answers_and_the_caller_gets_stable(
+    served: tuple[ServerThread, InferenceClient],
+) -> None:
+    server, client = served
+    assert {_version_of(client, f"id-{i}") for i in range(12)} == {"1"}
+    _eventually(lambda: _inferences(client, "2")[0] == 12)
+    _version_of(client, "named", version="1")  # a named version is not mirrored
+    time.sleep(0.2)
+    assert _inferences(client, "2") == (12, 0) and _inferences(client, "1") == (13, 0)
+    assert _shadow_runs(server) == Counter(ok=12)
+
+
+def test_a_shadow_that_fails_never_fails_the_caller(tmp_path: Path) -> None:
+    """Version 2 takes rows of 8 values: every mirrored request of 4 is refused there, counted as failed."""
+    repo = _repo(tmp_path / "models", _params(shadow_version="2"), v2=lambda p: scale_model(p, 2.0, width=8))
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        assert {_version_of(client, f"id-{i}") for i in range(10)} == {"1"}
+        _eventually(lambda: _shadow_runs(server)["failed"] == 10)
+        assert _shadow_runs(server) == Counter(failed=10)
+
+
+def test_shadow_runs_beyond_the_bound_are_dropped_not_waited_for(tmp_path: Path) -> None:
+    """A shadow far slower than the live path: the live requests go on at their own pace, and the runs beyond the
+    few allowed at once are dropped and counted."""
+    repo = _repo(tmp_path / "models", _params(shadow_version="2"), v2=lambda p: busy_model(p, iterations=60_000))
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        for i in range(12):
+            assert client.infer("m", {"INPUT0": X}, request_id=f"id-{i}").version == "1"
+        _eventually(lambda: sum(_shadow_runs(server).values()) == 12)
+        runs = _shadow_runs(server)
+    assert runs["dropped"] >= 1 and runs["ok"] + runs["dropped"] == 12, runs
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    repo, x, _ = digits_repository(tmp_path_factory.mktemp("rollout"))
+    return repo, x
+
+
+def _two_digits(digits: tuple[Path, np.ndarray], root: Path, rollout: str) -> Path:
+    """The digits model (its monitoring parameters, accuracy_low = "accuracy < 0.8 min_samples=50") with a copy
+    of its version 1 as version 2, both served, and `rollout`'s parameters."""
+    repo = copy_repository(digits[0], root)
+    shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
+    config = repo / "digits" / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy { all {} }\n" + rollout)
+    return repo
+
+
+def test_a_shadows_predictions_are_captured_and_judged_by_the_requests_labels(
+    digits: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The shadow's run of a request keeps the request's id: one label judges the stable version's prediction and
+    the shadow's alike (it used to label only the newer of the two)."""
+    x = digits[1]
+    repo = _two_digits(digits, tmp_path / "models", _params(shadow_version="2"))
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        answered = [client.infer("digits", {"input": x[i : i + 10]}, request_id=f"s-{i}") for i in range(0, 50, 10)]
+        assert {r.version for r in answered} == {"1"}
+        _eventually(lambda: client.statistics("digits", "2").model_stats[0].inference_stats.success.count == 5)
+        for result in answered:
+            client.submit_feedback("digits", result.id, result["label"].reshape(-1))
+        quality = {v: client.model_quality("digits", v) for v in ("1", "2")}
+    assert [(q.predictions, q.labelled, q.metrics["accuracy"]) for q in quality.values()] == [(5, 5, 1.0)] * 2
+
+
+# ----- rollback while an alert fires on the canary -----------------------------------------------------------------
+
+
+def test_an_alert_on_the_canary_rolls_it_back_until_it_resolves(
+    digits: tuple[Path, np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The digits config's accuracy_low on a canary of the same model as version 2: wrong labels fire it there,
+    and requests that name no version all go to version 1 until labels bring the canary's accuracy back."""
+    x = digits[1]
+    repo = _two_digits(digits, tmp_path / "models", _params(canary_version="2", canary_percent="50"))
+    server = ServerThread(repo, data_dir=tmp_path / "data", monitor_interval_s=3600)  # evaluated by the test
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
+
+    def evaluate() -> None:
+        monitor = server.app.monitor
+        assert monitor is not None
+
+        async def targets() -> list[Any]:
+            return monitor.targets()
+
+        monitor.evaluate(server.run(targets()))
+
+    def split(client: InferenceClient, tag: str) -> Counter[str]:
+        return Counter(client.infer("digits", {"input": x[:1]}, request_id=f"{tag}-{i}").version for i in range(40))
+
+    def labelled(client: InferenceClient, rows: slice, right: bool) -> None:
+        for start in range(rows.start, rows.stop, 10):
+            result = client.infer("digits", {"input": x[start : start + 10]}, version="2")
+            predicted = result["label"].reshape(-1)
+            client.submit_feedback("digits", result.id, predicted if right else (predicted + 1) % 10)
+
+    def share() -> float:
+        return value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="digits", version="2")
+
+    with server, InferenceClient(server.address) as client:
+        assert set(split(client, "before")) == {"1", "2"} and share() == 50.0
+        labelled(client, slice(0, 60), right=False)
+        evaluate()
+        assert [(a.rule, a.version) for a in client.alerts("digits")] == [("accuracy_low", "2")]
+        assert split(client, "rolled-back") == Counter({"1": 40}) and share() == 0.0
+        labelled(client, slice(60, 360), right=True)  # 300 right of 360: accuracy 0.83
+        evaluate()
+        assert client.alerts("digits") == []
+        assert set(split(client, "after")) == {"1", "2"} and share() == 50.0
+    said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
+    assert said == [
+        "model 'digits': alert accuracy_low fires on canary version 2: rolled back, requests that name no version "
+        "all go to stable version 1 until it resolves",
+        "model 'digits': alert accuracy_low on canary version 2 resolved: 50% of the requests that name no version go "
+        "to it again",
+    ]
