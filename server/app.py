@@ -26,6 +26,7 @@ from tensorgate.server.backends.base import interrupt_backend
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc.byte_budget import ByteBudget
 from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.monitoring_off import MonitoringOff
@@ -210,6 +211,7 @@ class TensorgateServer:
         probes = s.auth_probes == "policy" and self.auth.enabled
         server = aio.server(options=self._options(), interceptors=[ProbeAuthorization(self.auth)] if probes else None)
         self._gate = DrainGate()
+        budget = ByteBudget(s.max_in_flight_bytes) if s.max_in_flight_bytes else None
         if self._metrics_on:
             self.metrics = Metrics(
                 self.registry,
@@ -219,6 +221,7 @@ class TensorgateServer:
                 loop=asyncio.get_running_loop(),
                 tracing=self.tracing,
                 cache=self._handler.cache,
+                budget=budget,
             )
             if self.tls is not None:
                 self.metrics.certificates["grpc"] = self.tls.reloader
@@ -235,6 +238,7 @@ class TensorgateServer:
             tracing=self.tracing,
             shared_memory=SystemSharedMemory(enabled=s.shared_memory == "system"),
             log_format=s.log_format,
+            budget=budget,
         )
         add_GRPCInferenceServiceServicer_to_server(servicer, server)
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]

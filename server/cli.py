@@ -151,6 +151,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     opt("--max-streams-per-connection", int, "concurrent calls per client connection (default 1024)")
     opt("--max-in-flight-per-identity", int, "calls one identity may run at once, a stream counts once (0: no limit)")
+    opt("--max-in-flight-bytes", int, "input tensor bytes all requests running may hold together (0: no limit)")
     opt("--response-cache-bytes", int, "response cache size for models with response_cache enabled (0: none)")
     opt("--metrics-port", int, "Prometheus /metrics port, HTTPS with --tls-cert; 0 picks a free one, -1 is off (8002)")
     opt("--metrics-host", str, "address of the metrics port (default: --host; not with --metrics-port -1)")
@@ -310,6 +311,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             auth_probes=args.auth_probes,
             max_streams_per_connection=args.max_streams_per_connection,
             max_in_flight_per_identity=args.max_in_flight_per_identity,
+            max_in_flight_bytes=args.max_in_flight_bytes,
             response_cache_bytes=args.response_cache_bytes,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,

@@ -111,6 +111,10 @@ class ServerSettings:
     """HTTP/2 streams (calls) one connection may have open at once; clients queue calls beyond it."""
     max_in_flight_per_identity: int = 0
     """Calls one identity may have running at once (a stream counts as one); 0: no limit. RESOURCE_EXHAUSTED past it."""
+    max_in_flight_bytes: int = 0
+    """Bytes of input tensors that the requests admitted and not yet answered may hold together (each message of a
+    stream counts on its own); a request that would go past it answers RESOURCE_EXHAUSTED at once. 0: no limit
+    (the memory a server may take depends on its container, which the process cannot see reliably)."""
     response_cache_bytes: int = 0
     """Size of the response cache (Triton's): answers of models whose config has response_cache { enable: true }
     are kept and reused for identical requests. 0: no cache."""
@@ -208,6 +212,8 @@ class ServerSettings:
             raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_in_flight_per_identity < 0:
             raise ValueError("max_in_flight_per_identity must be >= 0 (0: no limit)")
+        if self.max_in_flight_bytes < 0:
+            raise ValueError(f"max_in_flight_bytes must be >= 0 (0: no limit), got {self.max_in_flight_bytes}")
         if self.response_cache_bytes < 0:
             raise ValueError("response_cache_bytes must be >= 0 (0: no cache)")
         if not -1 <= self.metrics_port <= 65535:

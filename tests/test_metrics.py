@@ -529,9 +529,11 @@ def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThr
     listed = {line.split("`")[1] for line in _readme_table().splitlines()[2:]}
     # Present only where NVML reads a GPU; their format is tested with readings above.
     gpu = set(GPU_FAMILIES) | set(TRITON_GPU_FAMILIES)
-    # Only with tracing on (tests/test_tracing.py scrapes it) or the response cache (tests/test_response_cache.py).
+    # Only with tracing on (tests/test_tracing.py scrapes it), the response cache (tests/test_response_cache.py) or
+    # a byte budget (tests/test_byte_budget.py).
     optional = {
         "tensorgate_trace_spans_dropped_total",
+        "tensorgate_inflight_request_bytes",
         "tensorgate_response_cache_bytes",
         "tensorgate_response_cache_evictions_total",
     }

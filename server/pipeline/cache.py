@@ -42,10 +42,12 @@ def heavy(arrays: Iterable[np.ndarray]) -> bool:
     return sum(100 * a.size if a.dtype == object else a.nbytes for a in arrays) > HEAVY_COST
 
 
-def _nbytes(array: np.ndarray) -> int:
-    if array.dtype == object:  # BYTES: the elements' own bytes, plus a pointer each
-        return sum(len(v) for v in array.ravel().tolist()) + 8 * array.size + ARRAY_BYTES
-    return array.nbytes + ARRAY_BYTES
+def tensor_bytes(array: np.ndarray) -> int:
+    """The bytes a tensor's data holds: `nbytes`, or for BYTES (an object array) its elements' own bytes plus a
+    pointer each, which `nbytes` leaves out (the byte budget of requests in flight counts tensors this way too)."""
+    if array.dtype.hasobject:
+        return sum(map(len, array.ravel().tolist())) + 8 * array.size
+    return array.nbytes
 
 
 class ResponseCache:
@@ -100,7 +102,7 @@ class ResponseCache:
     def entry(self, results: Outputs) -> Entry | None:
         """Copies of `results` to keep (they may be views into a whole batch's output), read-only since answers
         share them; None when they alone are larger than the cache. Pure: it may run on a worker thread."""
-        size = ENTRY_BYTES + sum(_nbytes(a) for a in results.values())
+        size = ENTRY_BYTES + sum(tensor_bytes(a) + ARRAY_BYTES for a in results.values())
         if size > self.capacity:
             return None
         kept: Outputs = {}

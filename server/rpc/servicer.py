@@ -38,6 +38,7 @@ from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
+from tensorgate.server.rpc.byte_budget import ByteBudget, ByteBudgetError, request_bytes
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry import log_settings, trace_settings
@@ -139,8 +140,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         tracing: Tracing | None = None,
         shared_memory: SystemSharedMemory | None = None,
         log_format: str = "text",
+        budget: ByteBudget | None = None,
     ) -> None:
         self.gate = gate
+        self.budget = budget
         self._log_format = log_format
         self.shared_memory = shared_memory or codec.NO_SHARED_MEMORY
         self._extensions = EXTENSIONS + (("system_shared_memory",) if self.shared_memory.enabled else ())
@@ -202,14 +205,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
-    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest | None:
-        """The request's tensors, decoded before the model is looked up (the hot path reads each field once); a
-        tensor error for a model that does not exist answers NOT_FOUND (or why it is not served), as Triton does.
-        None when a large tensor needs work per element (codec.LARGE_ELEMENTS): the caller then awaits
-        `_decode_off_loop`. Written `self._decode(...) or await self._decode_off_loop(...)`, so that the hot
-        path makes no coroutine for it."""
+    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> tuple[InferRequest, int] | None:
+        """The request's tensors, decoded before the model is looked up (the hot path reads each field once), and
+        their bytes for the byte budget (0 without one); a tensor error for a model that does not exist answers
+        NOT_FOUND (or why it is not served), as Triton does. None when a large tensor needs work per element
+        (codec.LARGE_ELEMENTS): the caller then awaits `_decode_off_loop`. Written `self._decode(...) or await
+        self._decode_off_loop(...)`, so that the hot path makes no coroutine for it."""
         try:
-            return codec.decode_infer_request(
+            req = codec.decode_infer_request(
                 request, deadline, self._limits, self.shared_memory, self._check_input, on_loop=True
             )
         except codec.DecodeOffLoop:
@@ -217,14 +220,27 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)  # raises NOT_FOUND or why not served
             raise
+        return req, 0 if self.budget is None else request_bytes(req)
 
-    async def _decode_off_loop(self, request: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+    def _decode_measured(self, request: pb.ModelInferRequest, deadline: float | None) -> tuple[InferRequest, int]:
+        """On a worker thread: a large BYTES tensor's bytes are counted element by element, work for the thread too."""
+        req = codec.decode_infer_request(request, deadline, self._limits, self.shared_memory, self._check_input)
+        return req, 0 if self.budget is None else request_bytes(req)
+
+    async def _decode_off_loop(self, request: pb.ModelInferRequest, deadline: float | None) -> tuple[InferRequest, int]:
         try:
-            return await asyncio.to_thread(
-                codec.decode_infer_request, request, deadline, self._limits, self.shared_memory, self._check_input
-            )
+            return await asyncio.to_thread(self._decode_measured, request, deadline)
         except TensorgateError:
             self._repository.get(request.model_name, request.model_version)
+            raise
+
+    def _admit(self, budget: ByteBudget, req: InferRequest, size: int) -> int:
+        """Take the request's bytes from the byte budget; over it, a model the server does not have answers
+        NOT_FOUND (or why it is not served) rather than a refusal that names it, as a decode error does."""
+        try:
+            return budget.admit(req.model, req.version, size)
+        except ByteBudgetError:
+            self._repository.get(req.model, req.version)
             raise
 
     def _check_size(self, msg: pb.ModelInferResponse | pb.ModelStreamInferResponse, model: str, version: str) -> None:
@@ -247,21 +263,30 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     @errors.unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         deadline = codec.monotonic_deadline(context.time_remaining())
+        budget, taken = self.budget, 0
         try:
-            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            req, size = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            if budget is not None:
+                taken = self._admit(budget, req, size)
             response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
             if self._requests is not None:
                 self._requests.failed(request.model_name, request.model_version, exc, deadline)
             raise
+        finally:
+            if budget is not None:
+                budget.release(taken)
         if self._requests is not None:
             self._requests.ok(response.model_name, response.model_version)
         return response
 
     async def _stream_infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelStreamInferResponse:
+        budget, taken = self.budget, 0
         try:
-            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            req, size = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            if budget is not None:  # each message of a stream is admitted on its own, as a call is
+                taken = self._admit(budget, req, size)
             result = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
@@ -269,6 +294,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             if self._requests is not None:
                 self._requests.failed(request.model_name, request.model_version, exc, deadline)
             raise
+        finally:
+            if budget is not None:
+                budget.release(taken)
         if self._requests is not None:
             self._requests.ok(result.model_name, result.model_version)
         return response
@@ -364,8 +392,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Relay a decoupled model's responses to `send`, counted for /metrics; the last response, if any. At
         the window the upstream is not read until the client takes responses (the upstream's writes stall)."""
         last = None
+        budget, taken = self.budget, 0
         try:
-            req = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            req, size = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
+            if budget is not None:  # held until the last response: the upstream call keeps the request till then
+                taken = self._admit(budget, req, size)
             # Closed at once when a response fails here (too large): the upstream call ends with it.
             async with contextlib.aclosing(self._handler.relay(req, request)) as responses:
                 async for response in responses:
@@ -379,6 +410,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             if self._requests is not None:
                 self._requests.failed(request.model_name, request.model_version, exc, deadline)
             raise
+        finally:
+            if budget is not None:
+                budget.release(taken)
         if self._requests is not None:
             self._requests.ok(req.model, req.version)  # the version that served it, set by relay
         return last

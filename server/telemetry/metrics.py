@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
     from tensorgate.server.pipeline.cache import ResponseCache
     from tensorgate.server.repository.manager import ModelRepository
+    from tensorgate.server.rpc.byte_budget import ByteBudget
     from tensorgate.server.rpc.drain import DrainGate
     from tensorgate.server.telemetry.tracing import Tracing
 
@@ -175,6 +176,8 @@ class Snapshot:
     """(model, canary version, its share now in percent) of each model with a canary split."""
     shadow_runs: dict[tuple[str, str, str], int] = field(default_factory=dict)
     """Shadow runs by (model, shadow version, outcome)."""
+    bytes_in_flight: int | None = None
+    """Bytes the byte budget holds for running requests (None: no budget)."""
 
 
 def _state_name(state: str, reason: str) -> str:
@@ -308,6 +311,12 @@ IN_FLIGHT = FamilySpec(
     (),
     "Inference-service RPCs running now (an open ModelStreamInfer counts as one)",
 )
+IN_FLIGHT_BYTES = FamilySpec(
+    "tensorgate_inflight_request_bytes",
+    "gauge",
+    (),
+    "Bytes of input tensors held by the requests running now, out of --max-in-flight-bytes (with a budget only)",
+)
 AUTH_DENIALS = FamilySpec(
     "tensorgate_auth_denials_total",
     "counter",
@@ -371,6 +380,7 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     CACHE_BYTES,
     CACHE_EVICTIONS,
     IN_FLIGHT,
+    IN_FLIGHT_BYTES,
     MODEL_STATE,
     LOAD_DURATION,
     AUTH_DENIALS,
@@ -495,6 +505,10 @@ class _ServerCollector(Collector):
         in_flight = IN_FLIGHT.family()
         in_flight.add_metric([], snap.in_flight)
         yield in_flight
+        if snap.bytes_in_flight is not None:
+            in_flight_bytes = IN_FLIGHT_BYTES.family()
+            in_flight_bytes.add_metric([], snap.bytes_in_flight)
+            yield in_flight_bytes
         denials = AUTH_DENIALS.family()
         for (identity, what), n in sorted(snap.denials.items()):
             reason = DENIAL_REASONS.get(what)
@@ -538,10 +552,12 @@ class Metrics:
         loop: asyncio.AbstractEventLoop,
         tracing: Tracing | None = None,
         cache: ResponseCache | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.registry = registry
         self._tracing = tracing
         self._cache = cache
+        self._budget = budget
         self.requests = RequestCounts(repository, auth.denials)
         self._repository = repository
         self._gate = gate
@@ -605,6 +621,7 @@ class Metrics:
             denials=dict(self._auth.denials),
             spans_dropped=None if self._tracing is None or self._tracing.pipe is None else self._tracing.pipe.dropped,
             cache=None if self._cache is None else (self._cache.used, self._cache.evictions),
+            bytes_in_flight=None if self._budget is None else self._budget.held,
             certificates={port: reloader.not_after for port, reloader in self.certificates.items()},
             canary_shares=sorted(shares),
             shadow_runs={
