@@ -77,6 +77,19 @@ class ServeProcess:
         self.wait_for_line("listening on")
         return f"127.0.0.1:{self._port}"
 
+    def wait_in_flight(self, calls: int = 1, timeout: float = 60.0) -> None:
+        """Until /metrics counts `calls` inference calls running: a call sent has then reached the server, where a
+        fixed sleep on a loaded runner may signal the process before it has."""
+        from tests.scraping import scrape, value  # tests.scraping imports the in-process server; not needed above
+
+        line = self.wait_for_line(r"metrics listening on ")
+        where = re.search(r"metrics listening on (\S+) \(http\)", line)
+        assert where is not None, line
+        deadline = time.monotonic() + timeout
+        while value(scrape(f"http://{where.group(1)}/metrics"), "tensorgate_inflight_requests") < calls:
+            assert time.monotonic() < deadline, f"{calls} call(s) never ran at once; output:\n{self.output}"
+            time.sleep(0.05)
+
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM, then wait for the exit code (killing it only if it hangs)."""
         if self.proc.poll() is None:

@@ -44,7 +44,7 @@ def test_a_batch_computing_when_the_grace_ends_does_not_hold_the_exit(tmp_path: 
             computing = GRPCInferenceServiceStub(channel).ModelInfer.future(
                 encode_infer_request("slow", [("INPUT0", x)]), timeout=120
             )
-            time.sleep(1.5)  # generous: the request reaches the server on loopback and starts
+            server.wait_in_flight()
             server.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             with pytest.raises(grpc.RpcError) as cut:
@@ -69,7 +69,7 @@ def test_one_stop_sent_twice_still_drains(tmp_path: Path) -> None:
             running = GRPCInferenceServiceStub(channel).ModelInfer.future(
                 encode_infer_request("slow", [("INPUT0", x)]), timeout=120
             )
-            time.sleep(1.0)  # generous: the request reaches the server on loopback and starts
+            server.wait_in_flight()
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)  # two deliveries, not one merged pending signal
             server.proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 
 import grpc
@@ -34,7 +33,7 @@ def test_sighup_drains_a_call_in_flight_and_exits_zero(tmp_path: Path) -> None:
             running = GRPCInferenceServiceStub(channel).ModelInfer.future(
                 encode_infer_request("slow", [("INPUT0", x)]), timeout=120
             )
-            time.sleep(1.0)  # generous: the request reaches the server on loopback and starts
+            server.wait_in_flight()
             server.proc.send_signal(signal.SIGHUP)
             out = decode_infer_response(running.result(120))
         assert out["OUTPUT0"].shape == (256, 512)
@@ -57,9 +56,7 @@ def _ipv6_loopback() -> bool:
     "host",
     [
         pytest.param("127.0.0.1", id="ipv4"),
-        pytest.param(
-            "::1", id="ipv6", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
-        ),
+        pytest.param("::1", id="ipv6", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")),
     ],
 )
 def test_the_logged_address_of_port_zero_is_the_one_to_call(tmp_path: Path, host: str) -> None:
