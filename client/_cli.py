@@ -6,6 +6,8 @@ An input is NAME=FILE.npy (sent with the array's dtype), NAME=FILE.json or NAME=
 datatype the model's metadata declares for that input). Outputs print as one JSON object, or go to NAME.npy files
 with --npy-out DIR. .npy has no bfloat16: a float file for a BF16 input is rounded to it, and BF16 outputs are
 written as float32 (exactly). A failed call prints one line, "tensorgate infer: CODE: message", and exits 1.
+JSON inputs take their datatypes from the model's metadata, which an authorization policy may not allow the
+caller to read although it allows inference; .npy inputs carry their own and are sent without it.
 
 A decoupled model (any number of responses per request) is called over ModelStreamInfer, which is the only way it
 answers: each response prints as its own JSON line as it arrives (or goes to NAME.<i>.npy, i counting from 0), all
@@ -28,7 +30,7 @@ import numpy as np
 from tensorgate.client._common import InferResult, check_headers
 from tensorgate.client.aio import AsyncInferenceClient
 from tensorgate.client.config import DEFAULT_TIMEOUT_S, TLSConfig
-from tensorgate.client.errors import StreamItemError, TensorgateClientError, Unimplemented
+from tensorgate.client.errors import PermissionDenied, StreamItemError, TensorgateClientError, Unimplemented
 from tensorgate.client.sync import InferenceClient
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
@@ -127,21 +129,19 @@ def add_connection_arguments(p: argparse.ArgumentParser, timeout: float) -> None
 
 def tls_from_args(args: argparse.Namespace) -> TLSConfig | None:
     """The TLS settings given by add_connection_arguments' options, for every command that calls a server; raises
-    UsageError for a bad combination or a file that cannot be read. The files are read here, so that the error
-    names the flag (the channel would report the bare path), in the same words from every command."""
+    UsageError for a bad combination, a file that cannot be read, or one TLSConfig refuses (no certificate in it, a
+    key not the certificate's), naming the flag (the channel would report the bare path), in the same words from
+    every command."""
     if not any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)):
         return None
     try:
-        tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("cert_file and key_file", "--tls-cert and --tls-key")) from None
-    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        try:
-            if path is not None:
-                path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
-    return tls
+        return TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except (OSError, ValueError) as exc:  # TLSConfig checks the files; its messages name the field and the file
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        text = text.removeprefix("TLSConfig: ")
+        for field, flag in (("ca_file", "--tls-ca"), ("cert_file", "--tls-cert"), ("key_file", "--tls-key")):
+            text = text.replace(field, flag)
+        raise UsageError(text) from None
 
 
 def headers_from_args(args: argparse.Namespace) -> dict[str, str]:
@@ -298,8 +298,7 @@ def run(args: argparse.Namespace) -> int:
             # A float or raw ("|V2") file may be for a BF16 input, which .npy cannot hold (`tensors.from_npy`).
             maybe_bf16 = [name for name, a in arrays.items() if a.dtype.kind in "fV"]
             if pending or maybe_bf16:
-                meta = client.metadata(args.model, args.model_version)
-                declared = {t.name: t.datatype for t in meta.inputs}
+                declared = _declared_datatypes(client, args.model, args.model_version, sorted(pending))
                 for name, value in pending.items():
                     arrays[name] = _as_array(name, value, declared.get(name))
                 for name in maybe_bf16:
@@ -355,6 +354,26 @@ async def _stream(
                 _show(args, item, index)
                 index += 1
     return 0
+
+
+def _declared_datatypes(
+    client: InferenceClient, model: str, version: str | None, json_inputs: list[str]
+) -> dict[str, str]:
+    """The datatypes the model declares for its inputs: JSON inputs need them, and a float .npy file may be meant
+    for a BF16 input. A caller whose policy allows inference but not metadata can still send .npy files, with
+    their own dtypes; for JSON inputs the refusal says what to do instead."""
+    try:
+        meta = client.metadata(model, version)
+    except PermissionDenied as exc:
+        if not json_inputs:
+            return {}
+        raise PermissionDenied(
+            f"{exc.details} (tensorgate infer reads the model's metadata to give the JSON inputs "
+            f"{', '.join(json_inputs)} their datatypes: give them as .npy files, which carry their own, or allow "
+            "this identity the 'metadata' API)",
+            method=exc.method,
+        ) from exc
+    return {t.name: t.datatype for t in meta.inputs}
 
 
 def _decoupled(client: InferenceClient, model: str, version: str | None) -> bool:

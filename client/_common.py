@@ -6,6 +6,7 @@ and every response is read here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,10 +17,11 @@ import numpy as np
 from google.protobuf import json_format
 from opentelemetry import propagate
 
-from tensorgate.client.errors import ResponseFormatError
+from tensorgate.client.errors import NotFound, ResponseFormatError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import tensors
+from tensorgate.protos.service import SERVICE_NAME
 
 __all__ = ["InferResult", "ModelMetadata", "TensorMetadata"]
 
@@ -77,11 +79,13 @@ def infer_request(
     sequence_id: int | str | None = None,
     sequence_start: bool = False,
     sequence_end: bool = False,
+    parameters: Mapping[str, tensors.ParamValue] | None = None,
 ) -> pb.ModelInferRequest:
     """ModelInferRequest with raw contents; the datatype of each input comes from its numpy dtype.
 
-    Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry, ValueError
-    for a class count that is not a positive integer, or sequence flags without a sequence ID.
+    Raises TypeError for an input that is not a numpy array or whose dtype the protocol cannot carry, or a
+    parameter that is not a bool, int, float or str; ValueError for a class count that is not a positive integer,
+    sequence flags without a sequence ID, or a parameter that a keyword argument sets.
     """
     arrays: list[tuple[str, np.ndarray]] = []
     for name, value in inputs.items():
@@ -92,7 +96,7 @@ def infer_request(
         except KeyError as exc:
             raise TypeError(f"input '{name}': {exc.args[0]}") from None
         arrays.append((name, value))
-    parameters: dict[str, tensors.ParamValue] = {}
+    parameters = request_parameters(parameters)
     if priority is not None:
         parameters["priority"] = int(priority)
     if sequence_id is not None and sequence_id not in (0, ""):
@@ -118,6 +122,28 @@ def infer_request(
         parameters=parameters,
         class_counts=class_counts,
     )
+
+
+_KEYWORD_PARAMETERS = ("priority", "sequence_id", "sequence_start", "sequence_end")
+"""Request parameters that ``infer`` sets from its keyword arguments, which know their encodings (a sequence ID
+past int64, the flags that go with it)."""
+
+
+def request_parameters(parameters: Mapping[str, tensors.ParamValue] | None) -> dict[str, tensors.ParamValue]:
+    """A call's ``parameters`` checked before they are encoded: protobuf's own errors name neither the parameter
+    nor the rule, and a numpy scalar (np.int64(3), np.float32(0.5)) would be sent as a string."""
+    out: dict[str, tensors.ParamValue] = {}
+    for key, value in (parameters or {}).items():
+        if key in _KEYWORD_PARAMETERS:
+            raise ValueError(f"parameter '{key}': set it with the {key}= argument, not in parameters")
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"parameter {key!r}: names are non-empty strings")
+        if not isinstance(value, bool | int | float | str):
+            raise TypeError(f"parameter '{key}': expected bool, int, float or str, got {type(value).__name__}")
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            raise ValueError(f"parameter '{key}': {value} is out of the int64/uint64 range")
+        out[key] = value
+    return out
 
 
 def infer_result(msg: pb.ModelInferResponse) -> InferResult:
@@ -187,18 +213,36 @@ def check_headers(headers: Mapping[str, str] | None) -> Headers:
     return tuple(out)
 
 
-def call_metadata(headers: Headers) -> Headers | None:
-    """The metadata of one call: the client's headers, then the caller's current OpenTelemetry context (W3C
-    `traceparent`, `tracestate`, `baggage`, through the application's global propagator), so that the server's
-    spans join the caller's trace.
+def call_metadata(headers: Headers, per_call: Mapping[str, str] | None = None) -> Headers | None:
+    """The metadata of one call: the client's headers (``per_call`` ones replace those of the same name, then
+    join them), then the caller's current OpenTelemetry context (W3C `traceparent`, `tracestate`, `baggage`,
+    through the application's global propagator), so that the server's spans join the caller's trace.
 
     None when there is neither: an application without headers or OpenTelemetry sends nothing extra.
     """
+    if per_call:
+        extra = check_headers(per_call)
+        names = {name for name, _ in extra}
+        headers = tuple(pair for pair in headers if pair[0] not in names) + extra
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if not carrier:
         return headers or None
     return headers + tuple(carrier.items())
+
+
+@contextlib.contextmanager
+def health_service(service: str) -> Iterator[None]:
+    """A health check of a service the server does not report: grpc.health.v1 answers a bare NOT_FOUND, with no
+    message at all, so the error says what it means and what tensorgate reports."""
+    try:
+        yield
+    except NotFound as exc:
+        raise NotFound(
+            f"the server does not report health for service {service!r} (tensorgate reports '' for the whole "
+            f"server and '{SERVICE_NAME}' for inference)",
+            method=exc.method,
+        ) from exc
 
 
 def version_str(version: str | int | None) -> str:
@@ -213,6 +257,26 @@ MAX_TIMEOUT_S = 1e8
 (1e10 s) for one that has already passed, and every call would fail at once with DEADLINE_EXCEEDED."""
 
 
+_URL_SCHEME = re.compile(r"(?:https?|grpcs?)://", re.IGNORECASE)
+
+
+def check_url(url: str) -> str:
+    """The client's address, refused with what to write instead when it is an http(s):// or grpc(s):// URL.
+
+    gRPC takes host:port (or its own targets: dns:///host:port, unix:path, ...) and would look ``http://h:p`` up
+    as a host name, failing every call with an UNAVAILABLE that RetryPolicy retries as if the server were down.
+    It is refused rather than stripped: "https://" asks for TLS, which only ``tls=`` gives, and an http:// address
+    is often a server's HTTP port rather than its gRPC one.
+    """
+    scheme = _URL_SCHEME.match(url)
+    if scheme is not None:
+        bare = url[scheme.end() :].rstrip("/")
+        raise ValueError(
+            f"url {url!r}: gRPC takes host:port without a scheme: use {bare!r} (with tls=TLSConfig(...) for TLS)"
+        )
+    return url
+
+
 def check_timeout(timeout: float) -> float:
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
@@ -222,10 +286,10 @@ def check_timeout(timeout: float) -> float:
 StreamRequest = Mapping[str, Any] | tuple[str, Mapping[str, np.ndarray]]
 """One request of ``stream_infer``: ``(model, inputs)`` or a dict with the keyword arguments of ``infer``
 (``model``, ``inputs``, and optionally ``outputs``, ``version``, ``request_id``, ``priority``, ``sequence_id``,
-``sequence_start``, ``sequence_end``)."""
+``sequence_start``, ``sequence_end``, ``parameters``)."""
 
 _STREAM_KEYS = frozenset(
-    {"model", "inputs", "outputs", "version", "request_id", "priority", "sequence_id", "sequence_start", "sequence_end"}
+    {"model", "inputs", "outputs", "version", "request_id", "priority", "parameters", *_KEYWORD_PARAMETERS}
 )
 
 

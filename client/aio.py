@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 import grpc.aio
@@ -26,12 +27,22 @@ from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import monitoring_pb2 as mpb
+from tensorgate.protos.tensors import ParamValue
 
 __all__ = ["AsyncInferenceClient"]
 
 
+class _Stubs(NamedTuple):
+    channel: grpc.aio.Channel
+    loop: asyncio.AbstractEventLoop
+    inference: GRPCInferenceServiceStub
+    monitoring: Any  # _monitoring.MonitoringStub, a class made at import
+    health: health_pb2_grpc.HealthStub
+
+
 class AsyncInferenceClient:
-    """The asyncio twin of ``InferenceClient``; create it inside a running event loop.
+    """The asyncio twin of ``InferenceClient``; it may be made anywhere (at import time too, as web apps keep one
+    in a module) and connects in the event loop of its first call, to which its calls then belong.
 
     Usage::
 
@@ -55,7 +66,7 @@ class AsyncInferenceClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.url = url
+        self.url = _common.check_url(url)
         self.timeout = _common.check_timeout(timeout)
         self._headers = _common.check_headers(headers)
         settings = ChannelSettings(
@@ -65,28 +76,54 @@ class AsyncInferenceClient:
             keepalive_time_s=keepalive_time_s,
             extra_options=tuple(channel_options),
         )
-        options = settings.options()
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(url, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(url, tls.credentials(), options=options)
+        self._options = settings.options()
+        self._credentials = None if tls is None else tls.credentials()  # read now: a bad file fails here
+        self._stubs: _Stubs | None = None
         self._closed = False
-        self._stub = GRPCInferenceServiceStub(self._channel)
-        self._monitoring = _monitoring.MonitoringStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ----- plumbing ------------------------------------------------------------------------------------------
 
-    async def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
+    def _connect(self) -> _Stubs:
+        """The channel of the running loop, made on the first call: grpc.aio binds a channel to the loop it is
+        made in, so one made with the client outside a loop (or in another) fails every call. A loop that has
+        ended (``asyncio.run`` returned) leaves its channel unusable, and the next loop gets a new one; two live
+        loops cannot share a client."""
+        loop = asyncio.get_running_loop()
+        stubs = self._stubs
+        if stubs is not None and stubs.loop is not loop and not stubs.loop.is_closed():
+            raise RuntimeError(
+                f"AsyncInferenceClient({self.url!r}) is in use in another event loop, which is still open: grpc.aio "
+                "channels belong to one loop; make a client per event loop (or per thread that runs one)"
+            )
+        if stubs is None or stubs.loop is not loop:
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(self.url, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(self.url, self._credentials, options=self._options)
+            stubs = _Stubs(
+                channel,
+                loop,
+                GRPCInferenceServiceStub(channel),
+                _monitoring.MonitoringStub(channel),
+                health_pb2_grpc.HealthStub(channel),
+            )
+            self._stubs = stubs
+        return stubs
+
+    @contextlib.contextmanager
+    def _errors(self, method: str) -> Iterator[None]:
+        """How every call fails, in one place: gRPC's status as its typed error, and a call on a closed client,
+        or one running when it closed, as Cancelled."""
         if self._closed:
             raise Cancelled("the client is closed", method=method)
         try:
-            return await multicallable(
-                request, timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
-            )
+            yield
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, method) from exc
+        except grpc.aio.UsageError:
+            if not self._closed:
+                raise
+            raise Cancelled("the client is closed", method=method) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and (task is None or not task.cancelling()):
@@ -95,13 +132,29 @@ class AsyncInferenceClient:
                 raise Cancelled("the client was closed while the call ran", method=method) from None
             raise
 
+    async def _call(
+        self, method: str, request: Any, timeout: float | None, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        deadline = self._deadline(timeout)
+        metadata = _common.call_metadata(self._headers, headers)
+        with self._errors(method):
+            stubs = self._connect()
+            multicallable = getattr(stubs.inference if hasattr(stubs.inference, method) else stubs.monitoring, method)
+            return await multicallable(request, timeout=deadline, metadata=metadata)
+
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else _common.check_timeout(timeout)
 
     async def close(self) -> None:
-        """Close the channel; calls still running, and any made later, raise Cancelled."""
+        """Close the channel; calls still running, and any made later, raise Cancelled. A client that never
+        called has no channel to close; one whose loop has ended has nothing left to close."""
+        stubs = self._stubs
+        if stubs is not None and stubs.loop is not asyncio.get_running_loop() and not stubs.loop.is_closed():
+            self._connect()  # raises: the channel's loop is another, still open
         self._closed = True
-        await self._channel.close()
+        self._stubs = None
+        if stubs is not None and not stubs.loop.is_closed():
+            await stubs.channel.close()
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -124,6 +177,9 @@ class AsyncInferenceClient:
         sequence_id: int | str | None = None,
         sequence_start: bool = False,
         sequence_end: bool = False,
+        *,
+        parameters: Mapping[str, ParamValue] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> InferResult:
         """See ``InferenceClient.infer``."""
         request = _common.infer_request(
@@ -137,13 +193,16 @@ class AsyncInferenceClient:
             sequence_id=sequence_id,
             sequence_start=sequence_start,
             sequence_end=sequence_end,
+            parameters=parameters,
         )
-        return _common.infer_result(await self._call("ModelInfer", request, timeout))
+        return _common.infer_result(await self._call("ModelInfer", request, timeout, headers))
 
     async def stream_infer(
         self,
         requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest],
         timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[InferResult | StreamItemError]:
         """Send ``requests`` over one ModelStreamInfer stream; yield a result per request as the server answers.
 
@@ -157,6 +216,7 @@ class AsyncInferenceClient:
         of the stream itself (server down, deadline of the whole stream, which is ``timeout`` or the client's
         default) is raised as the typed error of its status. A request item that cannot be encoded (TypeError)
         ends the request stream: the results of the requests before it are yielded, then it is raised.
+        ``headers`` go with the stream as gRPC metadata, over the client's of the same names.
         """
         bad: list[Exception] = []
 
@@ -176,23 +236,25 @@ class AsyncInferenceClient:
             except Exception as exc:  # noqa: BLE001 - grpc would swallow it; re-raised after the responses
                 bad.append(exc)
 
-        call = self._stub.ModelStreamInfer(
-            timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
-        )
-        writer = _stream_writer.start(call, messages())
-        try:
-            async for response in call:
-                reply = response.infer_response
-                if response.error_message:
-                    yield StreamItemError(
-                        response.error_message, request_id=reply.id, model=reply.model_name, version=reply.model_version
-                    )
-                else:
-                    yield _common.infer_result(reply)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "ModelStreamInfer") from exc
-        finally:
-            await _stream_writer.stop(call, writer)
+        deadline = self._deadline(timeout)
+        metadata = _common.call_metadata(self._headers, headers)
+        with self._errors("ModelStreamInfer"):
+            call = self._connect().inference.ModelStreamInfer(timeout=deadline, metadata=metadata)
+            writer = _stream_writer.start(call, messages())
+            try:
+                async for response in call:
+                    reply = response.infer_response
+                    if response.error_message:
+                        yield StreamItemError(
+                            response.error_message,
+                            request_id=reply.id,
+                            model=reply.model_name,
+                            version=reply.model_version,
+                        )
+                    else:
+                        yield _common.infer_result(reply)
+            finally:
+                await _stream_writer.stop(call, writer)
         if bad:
             raise bad[0]
 
@@ -212,14 +274,13 @@ class AsyncInferenceClient:
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
-        try:
-            reply = await self._health.Check(
+        deadline = self._deadline(timeout)
+        with _common.health_service(service), self._errors("Health.Check"):
+            reply = await self._connect().health.Check(
                 health_pb2.HealthCheckRequest(service=service),
-                timeout=self._deadline(timeout),
+                timeout=deadline,
                 metadata=_common.call_metadata(self._headers),
             )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "Health.Check") from exc
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     async def metadata(
@@ -267,7 +328,7 @@ class AsyncInferenceClient:
     ) -> None:
         """Join the ground truth of one answered request (``InferResult.id``): one label, or one per row.
 
-        Returns once the server has committed it; an unknown id raises ``NotFoundError``.
+        Returns once the server has committed it; an unknown id raises ``NotFound``.
         """
         request = mpb.SubmitFeedbackRequest(model=model, feedback=_monitoring.feedback(request_id, label))
         await self._call("SubmitFeedback", request, timeout)
@@ -287,17 +348,17 @@ class AsyncInferenceClient:
     ) -> AsyncIterator[_monitoring.FeedbackStatus]:
         """See ``InferenceClient.submit_feedback_stream``; ``items`` may also be an async iterable."""
         bad: list[Exception] = []
-        call = _monitoring.stream_method(self._monitoring)(
-            timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
-        )
-        writer = _stream_writer.start(call, _monitoring.astream_requests(model, items, bad))
-        try:
-            async for msg in call:
-                yield _monitoring.status(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "SubmitFeedbackStream") from exc
-        finally:
-            await _stream_writer.stop(call, writer)
+        deadline = self._deadline(timeout)
+        with self._errors("SubmitFeedbackStream"):
+            call = _monitoring.stream_method(self._connect().monitoring)(
+                timeout=deadline, metadata=_common.call_metadata(self._headers)
+            )
+            writer = _stream_writer.start(call, _monitoring.astream_requests(model, items, bad))
+            try:
+                async for msg in call:
+                    yield _monitoring.status(msg)
+            finally:
+                await _stream_writer.stop(call, writer)
         if bad:
             raise bad[0]
 

@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ class TLSConfig:
 
     ``ca_file=None`` trusts the system roots. ``server_name_override`` checks the server's certificate against
     this name instead of the host in the address (e.g. when connecting to an IP); for tests and odd networks.
+
+    The files are checked when the config is made, since gRPC only finds a bad one at the first call, as an
+    UNAVAILABLE that looks like a server down: FileNotFoundError (or another OSError) for a file that cannot be
+    read, ValueError for a ``ca_file`` or ``cert_file`` without a PEM certificate, or a ``key_file`` that is not
+    the certificate's private key. The files are read again when a client is made with it.
     """
 
     ca_file: str | Path | None = None
@@ -45,6 +51,29 @@ class TLSConfig:
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("TLSConfig: cert_file and key_file go together (both for mTLS, or neither)")
+        for name, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
+            try:
+                if path is not None:
+                    Path(path).read_bytes()
+            except OSError as exc:  # the same type (FileNotFoundError, ...), naming the setting and the file
+                raise type(exc)(exc.errno, f"TLSConfig: {name} {path}: {exc.strerror or exc}") from None
+        # ssl (OpenSSL) parses PEM as gRPC does; the client needs no other crypto library for this.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for name, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file)):
+            if path is not None:
+                try:
+                    context.load_verify_locations(cafile=path)
+                except ssl.SSLError as exc:  # before OSError, which it is
+                    raise ValueError(f"TLSConfig: {name} {path}: no PEM certificate in it ({exc.reason})") from None
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                # An encrypted key gets the empty password rather than OpenSSL's prompt on the terminal.
+                context.load_cert_chain(self.cert_file, self.key_file, password=b"")
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"TLSConfig: key_file {self.key_file}: not the (unencrypted, PEM) private key of cert_file "
+                    f"{self.cert_file} ({exc.reason or exc})"
+                ) from None
 
     def credentials(self) -> grpc.ChannelCredentials:
         """``grpc.ssl_channel_credentials`` from the files (read now, so a missing file fails here)."""
@@ -78,6 +107,8 @@ class RetryPolicy:
     server sends gRPC's retry pushback and the call is not retried either (``retry_safe`` is then False). A call
     that failed any other way (DEADLINE_EXCEEDED, INTERNAL, CANCELLED, ...) is never sent again, since the model
     may have run. gRPC also retries transparently, without this policy, a call that never left the client.
+    gRPC picks what to retry by status code alone, so it also retries a TLS handshake the client refused (an
+    UNAVAILABLE too) until the attempts run out; the error then says so and is not ``retry_safe``.
     Retries apply to the unary RPCs and the health check, not to ModelStreamInfer (a stream is not replayed).
     The pause before attempt n is random in [0, min(initial_backoff_s * multiplier**(n-1), max_backoff_s)];
     gRPC caps ``max_attempts`` at 5 and the whole call still ends at its deadline.

@@ -21,7 +21,10 @@ Tree::
 ``retry_safe`` is True only where sending the same request again can neither run it twice nor be pointless:
 UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED, which tensorgate answers before a request runs (not ready, draining,
 queue full). After DEADLINE_EXCEEDED, CANCELLED or INTERNAL the model may have run; after INVALID_ARGUMENT or
-NOT_FOUND the same request fails again.
+NOT_FOUND the same request fails again; nor is a TLS handshake the client refused (UNAVAILABLE whose details begin
+"TLS handshake failed", with what to check): its certificates or address need fixing first.
+
+Every error survives pickling (a ProcessPoolExecutor or a task queue hands it to another process).
 
 Usage::
 
@@ -36,7 +39,7 @@ Usage::
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 
@@ -62,6 +65,27 @@ __all__ = [
 _CLIENT_LIMIT = re.compile(r"(?:Stream removed \()?CLIENT: ")
 """How gRPC's own refusals of a message over the client's limits begin (the sync client's say "Stream removed")."""
 _RETRY_SAFE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+_TRANSPORT = "failed to connect to all addresses"
+"""How gRPC's own UNAVAILABLE begins when no connection could be made; a server's UNAVAILABLE (e.g. about a model's
+upstream) never does, whatever it says after."""
+_HANDSHAKE_PREFIX = "TLS handshake failed"
+_HANDSHAKE_HINTS = (
+    (
+        "Hostname Verification Check failed",
+        "the server's certificate does not name the host of the address; connect by a name it has, or set "
+        "TLSConfig(server_name_override=...)",
+    ),
+    ("WRONG_VERSION_NUMBER", "the port does not speak TLS (a plaintext port?); connect without tls"),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the server's certificate is not signed by the CA of TLSConfig.ca_file (the system roots without one), or "
+        "has expired",
+    ),
+    ("Tls handshake failed", "check TLSConfig's files against the server's TLS settings"),
+)
+"""gRPC's words for a handshake the client itself refused, and what to check. A handshake the *server* refuses
+(no or untrusted client certificate, a plaintext client on a TLS port) reaches the client as a bare "Socket
+closed", which a server going away also gives: that one stays retry-safe."""
 
 
 class TensorgateClientError(Exception):
@@ -75,19 +99,31 @@ class TensorgateClientError(Exception):
         self.code: grpc.StatusCode = code if code is not None else self.code_default
         self.details = details
         self.method = method
+        """The RPC that failed (e.g. "ModelInfer"), when known."""
         self.ran = ran
         """The server said the work was done before it failed (gRPC retry pushback < 0): never send it again."""
-        """The RPC that failed (e.g. "ModelInfer"), when known."""
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{self.code.name}: {details}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own pickling calls cls(*self.args), which gives the message as ``details`` and cannot call a
+        # subclass with keyword-only arguments (StreamItemError) at all.
+        return _restore, (type(self), self.args), self.__dict__
 
     @property
     def retry_safe(self) -> bool:
         """True when a retry may succeed and cannot make the server run the request twice. Not for a message over
         the client's own size limits ("CLIENT: ..."): a request too large to send always will be, and a response
-        too large to receive means the server ran the request."""
+        too large to receive means the server ran the request. Not for a failed TLS handshake either."""
         client_side = self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and bool(_CLIENT_LIMIT.match(self.details))
-        return self.code in _RETRY_SAFE and not self.ran and not client_side
+        handshake = self.code == grpc.StatusCode.UNAVAILABLE and self.details.startswith(_HANDSHAKE_PREFIX)
+        return self.code in _RETRY_SAFE and not self.ran and not client_side and not handshake
+
+
+def _restore(cls: type[TensorgateClientError], args: tuple[Any, ...]) -> TensorgateClientError:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 class InvalidArgument(TensorgateClientError):
@@ -193,5 +229,15 @@ def from_rpc_error(exc: grpc.RpcError, method: str = "") -> TensorgateClientErro
     trailing_fn = getattr(exc, "trailing_metadata", None)
     trailing = (trailing_fn() if callable(trailing_fn) else None) or ()
     ran = any(key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in trailing)
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(_TRANSPORT):
+        details = _handshake_details(details)
     cls = _BY_CODE.get(code, TensorgateClientError)
     return cls(details, code, method=method, ran=ran)
+
+
+def _handshake_details(details: str) -> str:
+    """gRPC's details of a failed connection, led by what to check when the client refused the TLS handshake."""
+    for words, hint in _HANDSHAKE_HINTS:
+        if words in details:
+            return f"{_HANDSHAKE_PREFIX}: {hint} (gRPC: {details})"
+    return details

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,11 +19,12 @@ from tensorgate.client.config import (
     RetryPolicy,
     TLSConfig,
 )
-from tensorgate.client.errors import from_rpc_error
+from tensorgate.client.errors import Cancelled, from_rpc_error
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos import monitoring_pb2 as mpb
+from tensorgate.protos.tensors import ParamValue
 
 __all__ = ["InferenceClient"]
 
@@ -55,7 +57,7 @@ class InferenceClient:
         channel_options: Sequence[tuple[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.url = url
+        self.url = _common.check_url(url)
         self.timeout = _common.check_timeout(timeout)
         self._headers = _common.check_headers(headers)
         settings = ChannelSettings(
@@ -70,26 +72,41 @@ class InferenceClient:
             self._channel = grpc.insecure_channel(url, options=options)
         else:
             self._channel = grpc.secure_channel(url, tls.credentials(), options=options)
+        self._closed = False
         self._stub = GRPCInferenceServiceStub(self._channel)
         self._monitoring = _monitoring.MonitoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ----- plumbing ------------------------------------------------------------------------------------------
 
-    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
+    @contextlib.contextmanager
+    def _errors(self, method: str) -> Iterator[None]:
+        """How every call fails, in one place: gRPC's status as its typed error, and a call on a closed client
+        as Cancelled (gRPC raises ValueError), like a call that was running when the client closed."""
+        if self._closed:
+            raise Cancelled("the client is closed", method=method)
         try:
-            return multicallable(
-                request, timeout=self._deadline(timeout), metadata=_common.call_metadata(self._headers)
-            )
+            yield
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method) from exc
+        except ValueError:
+            if not self._closed:
+                raise
+            raise Cancelled("the client is closed", method=method) from None  # closed by another thread meanwhile
+
+    def _call(self, method: str, request: Any, timeout: float | None, headers: Mapping[str, str] | None = None) -> Any:
+        multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
+        deadline = self._deadline(timeout)
+        metadata = _common.call_metadata(self._headers, headers)
+        with self._errors(method):
+            return multicallable(request, timeout=deadline, metadata=metadata)
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else _common.check_timeout(timeout)
 
     def close(self) -> None:
-        """Close the channel; calls still running fail with CANCELLED."""
+        """Close the channel; calls still running, and any made later, raise Cancelled."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> InferenceClient:
@@ -113,6 +130,9 @@ class InferenceClient:
         sequence_id: int | str | None = None,
         sequence_start: bool = False,
         sequence_end: bool = False,
+        *,
+        parameters: Mapping[str, ParamValue] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (datatypes from the numpy dtypes; str/bytes/object arrays are BYTES).
 
@@ -125,6 +145,10 @@ class InferenceClient:
         sequence of a stateful model (Triton's sequence batcher): the first request sets ``sequence_start``, the
         last ``sequence_end``. A sequence's requests run in the order the server receives them, so send them one
         after another, or in order over ``stream_infer``.
+        ``parameters`` go with the request as its parameters (bool, int, float or str; e.g. Triton's "timeout", a
+        queue timeout in microseconds, or what a custom backend reads); the ones the arguments above set are
+        refused there. ``headers`` go with this call as gRPC metadata, over the client's ``headers`` of the same
+        names (e.g. a per-user ``authorization``).
         """
         request = _common.infer_request(
             model,
@@ -137,8 +161,9 @@ class InferenceClient:
             sequence_id=sequence_id,
             sequence_start=sequence_start,
             sequence_end=sequence_end,
+            parameters=parameters,
         )
-        return _common.infer_result(self._call("ModelInfer", request, timeout))
+        return _common.infer_result(self._call("ModelInfer", request, timeout, headers))
 
     # ----- health, metadata, statistics ----------------------------------------------------------------------
 
@@ -154,14 +179,13 @@ class InferenceClient:
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The ``grpc.health.v1`` status name of ``service`` ("" = the whole server): "SERVING", "NOT_SERVING"..."""
-        try:
+        deadline = self._deadline(timeout)
+        with _common.health_service(service), self._errors("Health.Check"):
             reply = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
-                timeout=self._deadline(timeout),
+                timeout=deadline,
                 metadata=_common.call_metadata(self._headers),
             )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "Health.Check") from exc
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def metadata(self, model: str, version: str | int | None = None, timeout: float | None = None) -> ModelMetadata:
@@ -205,7 +229,7 @@ class InferenceClient:
     ) -> None:
         """Join the ground truth of one answered request (``InferResult.id``): one label, or one per row.
 
-        Returns once the server has committed it; an unknown id raises ``NotFoundError``.
+        Returns once the server has committed it; an unknown id raises ``NotFound``.
         """
         request = mpb.SubmitFeedbackRequest(model=model, feedback=_monitoring.feedback(request_id, label))
         self._call("SubmitFeedback", request, timeout)
@@ -228,18 +252,18 @@ class InferenceClient:
         statuses of the items before it are yielded, then it is raised.
         """
         bad: list[Exception] = []
-        call = _monitoring.stream_method(self._monitoring)(
-            _monitoring.stream_requests(model, items, bad),
-            timeout=self._deadline(timeout),
-            metadata=_common.call_metadata(self._headers),
-        )
-        try:
-            for msg in call:
-                yield _monitoring.status(msg)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, "SubmitFeedbackStream") from exc
-        finally:
-            call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
+        deadline = self._deadline(timeout)
+        with self._errors("SubmitFeedbackStream"):
+            call = _monitoring.stream_method(self._monitoring)(
+                _monitoring.stream_requests(model, items, bad),
+                timeout=deadline,
+                metadata=_common.call_metadata(self._headers),
+            )
+            try:
+                for msg in call:
+                    yield _monitoring.status(msg)
+            finally:
+                call.cancel()  # no-op once the stream ended; stops it when the caller leaves the loop early
         if bad:
             raise bad[0]
 
