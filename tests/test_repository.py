@@ -527,7 +527,10 @@ def test_load_then_unload(explicit_client: grpcclient.InferenceServerClient) -> 
     assert not c.is_model_ready("identity_fp32")
     message = _error(grpc.StatusCode.UNAVAILABLE, _infer, c, "identity_fp32", ROW)
     assert "unloaded" in message
-    assert _index(c)[("identity_fp32", "")] == ("UNAVAILABLE", "unloaded")
+    # As Triton's index: the version it served stays listed, unloaded (not one row without a version).
+    assert {k: v for k, v in _index(c).items() if k[0] == "identity_fp32"} == {
+        ("identity_fp32", "1"): ("UNAVAILABLE", "unloaded")
+    }
     assert c.is_server_ready()  # an unloaded model is not a failed one
 
     c.load_model("identity_fp32")
@@ -712,7 +715,7 @@ def test_repository_index_ready_filter(repo: Path) -> None:
                 ("add_sub", "1"),
                 ("broken", ""),
                 ("identity_fp32", ""),
-                ("unloaded", ""),
+                ("unloaded", "1"),  # the version it served, as Triton lists an unloaded model's
             }
             assert everything[("broken", "")][0] == "UNAVAILABLE"
             with grpc.insecure_channel(s.address) as channel:

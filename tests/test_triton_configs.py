@@ -8,6 +8,7 @@ the caller sees: the load status, ModelConfig, ModelMetadata and inference resul
 
 from __future__ import annotations
 
+import queue
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.onnx_models import (
     add_sub_model,
     default_bias_model,
     identity_model,
+    paced_model,
     side_outputs_model,
     write_config,
 )
@@ -71,6 +73,69 @@ UNSUPPORTED = [
         'max_batch_size: 8\nmodel_operations { op_library_filename: "libcustom_ops.so" }\n',
         "model_operations",
         id="model-operations",
+    ),
+    pytest.param(
+        "checksum_agent",
+        'max_batch_size: 8\nmodel_repository_agents { agents [ { name: "checksum"\n'
+        '  parameters { key: "MD5:1/model.onnx" value: "0123" } } ] }\n',
+        "model_repository_agents (agent 'checksum')",
+        id="repository-agent",
+    ),
+    pytest.param(
+        "cc_model",
+        'max_batch_size: 8\ncc_model_filenames { key: "7.5" value: "other.onnx" }\n',
+        "cc_model_filenames",
+        id="cc-model-filenames",
+    ),
+    pytest.param(
+        "passive",
+        "max_batch_size: 8\ninstance_group [ { count: 1 kind: KIND_CPU passive: true } ]\n",
+        "passive (instance_group 0)",
+        id="passive-instances",
+    ),
+    pytest.param(
+        "host_policy",
+        'max_batch_size: 8\ninstance_group [ { name: "g" count: 1 kind: KIND_CPU host_policy: "numa0" } ]\n',
+        "host_policy (instance_group 'g')",
+        id="host-policy",
+    ),
+    pytest.param(
+        "kind_model",
+        "max_batch_size: 8\ninstance_group [ { count: 1 kind: KIND_MODEL } ]\n",
+        "kind KIND_MODEL (instance_group 0)",
+        id="kind-model-on-onnx",
+    ),
+    pytest.param(
+        "ordered_decoupled",
+        'backend: "tensorgate_triton"\nmax_batch_size: 8\nmodel_transaction_policy { decoupled: true }\n'
+        "dynamic_batching { preserve_ordering: true }\n",
+        "dynamic_batching.preserve_ordering",
+        id="preserve-ordering-decoupled",
+    ),
+]
+
+# (model, config.pbtxt, what the load error says): what Triton refuses with preserve_ordering, refused the same.
+ORDERING_REFUSED = [
+    pytest.param(
+        "ordered_priorities",
+        "max_batch_size: 8\n"
+        "dynamic_batching { preserve_ordering: true priority_levels: 2 default_priority_level: 1 }\n",
+        "priority_levels 2, but only one priority level is allowed when 'preserve_ordering' is true",
+        id="priority-levels",
+    ),
+    pytest.param(
+        "ordered_delay",
+        "max_batch_size: 8\ndynamic_batching { preserve_ordering: true\n"
+        "  default_queue_policy { timeout_action: DELAY default_timeout_microseconds: 1000 } }\n",
+        "default_queue_policy has timeout_action DELAY, which a queue policy cannot have when 'preserve_ordering'",
+        id="default-policy-delay",
+    ),
+    pytest.param(
+        "ordered_level_delay",
+        "max_batch_size: 8\ndynamic_batching { preserve_ordering: true priority_levels: 1 default_priority_level: 1\n"
+        "  priority_queue_policy { key: 1 value: { timeout_action: DELAY default_timeout_microseconds: 1000 } } }\n",
+        "priority_queue_policy 1 has timeout_action DELAY",
+        id="level-policy-delay",
     ),
 ]
 
@@ -134,10 +199,31 @@ def _build(root: Path) -> None:
         output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1, 1 ] } ]
         """,
     )
-    for param in UNSUPPORTED:
+    for param in [*UNSUPPORTED, *ORDERING_REFUSED]:
         name, text = str(param.values[0]), str(param.values[1])
         identity_model(root / name / "1" / "model.onnx", "FP32")
         _config(root, name, text)
+    identity_model(root / "pair" / "1" / "model.onnx", "FP32")
+    _config(root, "pair", 'platform: "pytorch_libtorch"\nbackend: "onnxruntime"\nmax_batch_size: 8\n')
+    identity_model(root / "rate_limited" / "1" / "model.onnx", "FP32")
+    _config(
+        root,
+        "rate_limited",
+        'max_batch_size: 8\ninstance_group [ { name: "limited" count: 1 kind: KIND_CPU\n'
+        '  rate_limiter { resources [ { name: "R1" count: 4 } ] priority: 2 } } ]\n',
+    )
+    identity_model(root / "bare" / "1" / "model.onnx", "FP32")
+    identity_model(root / "groups" / "1" / "model.onnx", "FP32")
+    _config(
+        root,
+        "groups",
+        """
+        max_batch_size: 8
+        version_policy { all { } }
+        instance_group [ { count: 1 kind: KIND_CPU }, { name: "mine" count: 1 kind: KIND_CPU }, { count: 1 } ]
+        optimization { input_pinned_memory { enable: false } }
+        """,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +396,110 @@ def test_an_unsupported_field_fails_the_load(
 ) -> None:
     message = _load_error(client, model)
     assert f"{field} is not supported by tensorgate" in message
+
+
+def test_the_repository_agent_refusal_points_to_tensorgate_s_own_digest_pin(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """Triton's checksum agent would refuse a file whose MD5 does not match; loaded without it, the model would
+    serve unchecked, so the refusal says how to pin the file here."""
+    assert 'parameters { key: "tensorgate.sha256"' in _load_error(client, "checksum_agent")
+
+
+def test_kind_model_on_an_onnx_model_names_the_kinds_it_takes(client: grpcclient.InferenceServerClient) -> None:
+    assert "KIND_AUTO, KIND_CPU and KIND_GPU" in _load_error(client, "kind_model")
+
+
+@pytest.mark.parametrize(("model", "text", "said"), ORDERING_REFUSED)
+def test_preserve_ordering_refuses_what_triton_refuses(
+    client: grpcclient.InferenceServerClient, model: str, text: str, said: str
+) -> None:
+    assert said in _load_error(client, model)
+
+
+def test_a_platform_and_backend_that_do_not_match_are_named_as_a_pair(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    message = _load_error(client, "pair")
+    assert "unexpected 'platform' and 'backend' pair" in message
+    assert "platform 'pytorch_libtorch' does not go with backend 'onnxruntime'" in message
+
+
+def test_a_rate_limiter_loads_and_warns_once_that_it_does_nothing(
+    client: grpcclient.InferenceServerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Triton too ignores rate_limiter unless started with --rate-limit: accepted, with a warning at each load."""
+    with caplog.at_level("WARNING", logger="tensorgate.server.repository.config"):
+        client.load_model("rate_limited")
+        said = [r for r in caplog.records if "rate_limiter" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert said[0].levelname == "WARNING"
+    assert "model 'rate_limited': instance_group limited sets rate_limiter, which has no effect" in said[0].getMessage()
+    x = np.ones((1, 4), dtype=np.float32)
+    np.testing.assert_array_equal(_infer(client, "rate_limited", {"INPUT0": x}).as_numpy("OUTPUT0"), x)
+
+
+def test_the_served_config_has_the_defaults_triton_fills(client: grpcclient.InferenceServerClient) -> None:
+    """As Triton's NormalizeModelConfig and NormalizeInstanceGroup: latest 1 when no version_policy is written,
+    pinned memory on, and the group added for a config without one named after the model."""
+    client.load_model("bare")
+    config = client.get_model_config("bare").config
+    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert config.version_policy.latest.num_versions == 1
+    assert config.optimization.input_pinned_memory.enable
+    assert config.optimization.output_pinned_memory.enable
+    assert [g.name for g in config.instance_group] == ["bare"]
+
+
+def test_written_fields_are_kept_and_unnamed_groups_named_by_their_index(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    client.load_model("groups")
+    config = client.get_model_config("groups").config
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+    assert [g.name for g in config.instance_group] == ["groups_0", "mine", "groups_2"]
+    assert not config.optimization.input_pinned_memory.enable
+    assert config.optimization.output_pinned_memory.enable
+
+
+def test_a_stream_answers_a_preserve_ordering_model_in_request_order(tmp_path: Path) -> None:
+    """preserve_ordering needs no work of its own here: a stream's answers always go out in request order. The
+    first request runs long on one instance and the second little on the other, so the second is done first (the
+    unary calls show it), yet the stream answers the first first."""
+    paced_model(tmp_path / "paced" / "1" / "model.onnx")
+    write_config(
+        tmp_path,
+        "paced",
+        "max_batch_size: 8\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n"
+        "dynamic_batching { preserve_ordering: true }\n",
+    )
+    answers: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def request(value: float) -> list[grpcclient.InferInput]:
+        x = grpcclient.InferInput("INPUT0", [1, 1], "FP32")
+        x.set_data_from_numpy(np.array([[value]], np.float32))
+        return [x]
+
+    def record(result: grpcclient.InferResult | None, error: object) -> None:
+        assert error is None, error
+        assert result is not None
+        answers.put((result.get_response().id, result.as_numpy("OUTPUT0")[0, 0]))
+
+    with ServerThread(tmp_path) as s:
+        c = grpcclient.InferenceServerClient(s.address)
+        try:
+            for request_id, value in (("slow", 20.0), ("quick", 0.5)):
+                c.async_infer("paced", request(value), lambda result, error, i=request_id: answers.put((i, error)))
+            unary = [answers.get(timeout=60)[0] for _ in range(2)]
+            c.start_stream(callback=record)
+            for request_id, value in (("slow", 20.0), ("quick", 0.5)):
+                c.async_stream_infer("paced", request(value), request_id=request_id)
+            streamed = [answers.get(timeout=60) for _ in range(2)]
+            c.stop_stream()
+        finally:
+            c.close()
+    assert unary == ["quick", "slow"]
+    assert streamed == [("slow", 20.0), ("quick", 0.5)]
 
 
 def test_a_guessed_batch_size_on_a_model_not_batch_first_says_how_to_fix_it(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ configuration (returned verbatim by the ModelConfig RPC) instead of copying it i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,12 @@ ONNX_BACKEND = "onnxruntime"
 TRITON_BACKEND = "tensorgate_triton"
 """A model run by an upstream Triton Inference Server (server/backends/triton.py)."""
 DEFAULT_ONNX_FILENAME = "model.onnx"
+SUPPORTED_BACKENDS = (
+    f'backend "{ONNX_BACKEND}" or platform "{ONNX_PLATFORM}", platform "{ENSEMBLE_PLATFORM}", and backend '
+    f'"{TRITON_BACKEND}" for a model on an upstream Triton'
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,15 @@ def check_backend(config: mc.ModelConfig) -> None:
     models; say so clearly for anything else. Sequence (stateful) models are ONNX models, whose state tensorgate
     keeps, or remote ones, whose upstream keeps it (tensorgate forwards their sequence parameters); an ensemble is
     stateful through its steps, never itself."""
+    backend, platform = config.backend, config.platform
+    if (backend and platform) and (backend in (ONNX_BACKEND, TRITON_BACKEND) or platform == ENSEMBLE_PLATFORM):
+        # As Triton ("unexpected 'platform' and 'backend' pair"): both written, and they name different things.
+        if (backend, platform) != (ONNX_BACKEND, ONNX_PLATFORM):
+            raise InvalidConfigError(
+                config.name,
+                f"unexpected 'platform' and 'backend' pair: platform '{platform}' does not go with backend "
+                f"'{backend}' (supported: {SUPPORTED_BACKENDS}; write only one of the two)",
+            )
     if config.HasField("sequence_batching") and (
         config.platform == ENSEMBLE_PLATFORM or config.backend not in ("", ONNX_BACKEND, TRITON_BACKEND)
     ):
@@ -149,32 +165,103 @@ def check_backend(config: mc.ModelConfig) -> None:
         config.platform = ONNX_PLATFORM
         return
     raise InvalidConfigError(
-        config.name,
-        f"unsupported backend '{config.backend or config.platform}' (supported: backend \"{ONNX_BACKEND}\" "
-        f'or platform "{ONNX_PLATFORM}", platform "{ENSEMBLE_PLATFORM}", and backend "{TRITON_BACKEND}" for a '
-        "model on an upstream Triton)",
+        config.name, f"unsupported backend '{config.backend or config.platform}' (supported: {SUPPORTED_BACKENDS})"
     )
 
 
 UNSUPPORTED = "is not supported by tensorgate"
+LOCAL_KINDS = "KIND_AUTO, KIND_CPU and KIND_GPU"
 
 
 def check_supported(config: mc.ModelConfig) -> None:
     """Refuse the Triton fields tensorgate does not implement rather than serve as if they were not written: each
     changes what the model is fed (ragged batches, batch_input tensors, shape tensors), what it returns
-    (batch_output) or what it can run (custom operator libraries), so ignoring it would answer wrongly."""
+    (batch_output), what it can run (custom operator libraries), which file or device serves it
+    (cc_model_filenames, host_policy, KIND_MODEL on a model run here, passive instances), whether its files are
+    checked (repository agents) or the order its answers keep, so ignoring it would answer wrongly or silently
+    drop a control. Checked on the config as written, once per load: `rate_limiter`, which Triton too ignores
+    unless started with --rate-limit, is only warned about."""
     found = [
-        f"{field} ({kind} '{t.name}')"
+        f"{field} ({kind} '{t.name}') {UNSUPPORTED}"
         for kind, tensors in (("input", config.input), ("output", config.output))
         for t in tensors
         for field in ("allow_ragged_batch", "is_shape_tensor")
         if getattr(t, field, False)
     ]
-    found += [field for field in ("batch_input", "batch_output") if getattr(config, field)]
+    found += [f"{field} {UNSUPPORTED}" for field in ("batch_input", "batch_output") if getattr(config, field)]
     if config.model_operations.op_library_filename:
-        found.append("model_operations")
+        found.append(f"model_operations {UNSUPPORTED}")
+    if config.cc_model_filenames:
+        found.append(f"cc_model_filenames {UNSUPPORTED} (name the one model file with default_model_filename)")
+    if config.model_repository_agents.agents:
+        agents = ", ".join(f"'{a.name}'" for a in config.model_repository_agents.agents)
+        found.append(
+            f"model_repository_agents (agent {agents}) {UNSUPPORTED}: nothing would run the agent, so a checksum "
+            'it checks would go unchecked; pin the model file\'s digest with parameters { key: "tensorgate.sha256" '
+            'value: { string_value: "<sha256 hex>" } } instead'
+        )
+    found += _unsupported_groups(config)
+    found += _unsupported_ordering(config)
     if found:
-        raise InvalidConfigError(config.name, "; ".join(f"{field} {UNSUPPORTED}" for field in found))
+        raise InvalidConfigError(config.name, "; ".join(found))
+    limited = [g.name or str(i) for i, g in enumerate(config.instance_group) if g.HasField("rate_limiter")]
+    if limited:
+        log.warning(
+            "model '%s': instance_group %s sets rate_limiter, which has no effect: tensorgate has no rate limiter "
+            "(as Triton ignores it unless started with --rate-limit); instances take batches as soon as they are free",
+            config.name,
+            ", ".join(limited),
+        )
+
+
+def _unsupported_groups(config: mc.ModelConfig) -> list[str]:
+    """Instance group fields that change what would run. KIND_MODEL lets the backend place the model itself: a
+    model on an upstream Triton is placed by its upstream, but an ONNX model run here would be placed on the CPU
+    whatever it asked for."""
+    found: list[str] = []
+    for i, group in enumerate(config.instance_group):
+        which = f"instance_group '{group.name}'" if group.name else f"instance_group {i}"
+        if group.passive:
+            found.append(f"passive ({which}) {UNSUPPORTED}")
+        if group.host_policy:
+            found.append(f"host_policy ({which}) {UNSUPPORTED}")
+        if group.kind == mc.ModelInstanceGroup.KIND_MODEL and config.backend != TRITON_BACKEND:
+            found.append(
+                f"kind KIND_MODEL ({which}) {UNSUPPORTED} for a model it runs itself (it takes {LOCAL_KINDS}; "
+                f'KIND_MODEL is for a model on an upstream Triton, backend "{TRITON_BACKEND}")'
+            )
+    return found
+
+
+def _unsupported_ordering(config: mc.ModelConfig) -> list[str]:
+    """`preserve_ordering` as Triton takes it: it refuses the settings that would let a later request overtake an
+    earlier one (more than one priority level, a DELAY timeout action). tensorgate answers a stream in request
+    order anyway; a decoupled model's responses are relayed as its upstream sends them, which no setting here
+    could order, so preserve_ordering is refused there."""
+    db = config.dynamic_batching
+    oldest = config.sequence_batching.oldest
+    found: list[str] = []
+    if db.preserve_ordering:
+        if db.priority_levels > 1:
+            found.append(
+                f"dynamic_batching has priority_levels {db.priority_levels}, but only one priority level is allowed "
+                "when 'preserve_ordering' is true (as in Triton)"
+            )
+        policies = [("default_queue_policy", db.default_queue_policy)]
+        policies += [(f"priority_queue_policy {level}", p) for level, p in sorted(db.priority_queue_policy.items())]
+        for where, policy in policies:
+            if policy.timeout_action == mc.ModelQueuePolicy.DELAY and policy.default_timeout_microseconds != 0:
+                found.append(
+                    f"dynamic_batching {where} has timeout_action DELAY, which a queue policy cannot have when "
+                    "'preserve_ordering' is true (as in Triton)"
+                )
+    if config.model_transaction_policy.decoupled and (db.preserve_ordering or oldest.preserve_ordering):
+        field = "dynamic_batching" if db.preserve_ordering else "sequence_batching.oldest"
+        found.append(
+            f"{field}.preserve_ordering {UNSUPPORTED} for a decoupled model (its responses are relayed as its "
+            "upstream sends them)"
+        )
+    return found
 
 
 def dims_fit(config_dims: Sequence[int], model_dims: Sequence[int | None]) -> bool:
@@ -305,8 +392,10 @@ def autocomplete(
     _complete_tensors(model, "input", config.input, served_in, batching, config.input.add, exact_dims)
     _complete_tensors(model, "output", config.output, served_out, batching, config.output.add, exact_dims)
     if not config.instance_group:
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
-    for group in config.instance_group:
+        config.instance_group.add(name=model, kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
+    for i, group in enumerate(config.instance_group):
+        if not group.name:  # as Triton names them (NormalizeInstanceGroup)
+            group.name = f"{model}_{i}"
         if group.count == 0:
             group.count = 1
         if group.count < 0:
@@ -314,6 +403,22 @@ def autocomplete(
     if not config.default_model_filename:
         config.default_model_filename = DEFAULT_ONNX_FILENAME
     return config
+
+
+def fill_defaults(config: mc.ModelConfig) -> None:
+    """What Triton writes into every config it serves when the file leaves it out (NormalizeModelConfig), so that
+    ModelConfig reads as Triton's would: `version_policy { latest { num_versions: 1 } }` (what `select_versions`
+    serves without one) and, except on an ensemble (which has no optimization of its own), input and output pinned
+    memory on. Instance groups are named as Triton names them in `autocomplete`, once they are all there."""
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
+        return
+    optimization = config.optimization
+    if not optimization.HasField("input_pinned_memory"):
+        optimization.input_pinned_memory.enable = True
+    if not optimization.HasField("output_pinned_memory"):
+        optimization.output_pinned_memory.enable = True
 
 
 def check_onnx_inputs(config: mc.ModelConfig, inputs: Sequence[TensorInfo]) -> None:

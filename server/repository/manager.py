@@ -56,6 +56,7 @@ from tensorgate.server.repository.config import (
     check_backend,
     check_onnx_inputs,
     check_supported,
+    fill_defaults,
     parse_config,
     read_config,
     select_versions,
@@ -148,6 +149,8 @@ class _Entry:
     """Its last load failed only on what may change by itself (its upstream down): `retry_remote` tries again."""
     rollout: Rollout | None = None
     """The split of requests that name no version (tensorgate.rollout.*), as built for `versions`."""
+    unloaded: tuple[int, ...] = ()
+    """The versions it served when last unloaded: RepositoryIndex keeps a row for each, as Triton's does."""
     last_load: tuple[str | None, bool] = (None, False)
     """The config override and whether files were uploaded, of the last load tried: an ensemble loaded again when
     a step model comes back (`_refresh`) is loaded as it was, not as the disk has it."""
@@ -470,6 +473,7 @@ class ModelRepository:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
         check_supported(base)
+        fill_defaults(base)
         _check_alert_rules(base)
         if base.response_cache.enable and self._response_cache is False:  # as Triton, it serves; but say why uncached
             log.warning(
@@ -694,6 +698,7 @@ class ModelRepository:
                 else:
                     reason = f"a step's model changed: {_reason(exc)}"
                     log.error("model '%s' no longer serves: %s", name, reason)
+                entry.unloaded = tuple(sorted(entry.versions)) if unloaded_step is not None else ()
                 entry.versions, entry.failed = {}, {}
                 entry.state, entry.reason = UNAVAILABLE, reason
                 for model in versions:
@@ -721,7 +726,7 @@ class ModelRepository:
         if config.backend == TRITON_BACKEND:
             return self._prepare_remote(config, mbs_given, vdir.parent, version, sig, started)
         if not config.instance_group:
-            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
+            config.instance_group.add(name=name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
         filename = config.default_model_filename or "model.onnx"
         if "/" in filename or "\\" in filename or filename in (".", ".."):
             # Checked before the file is looked for: whether a path outside exists is none of the caller's business.
@@ -792,7 +797,9 @@ class ModelRepository:
         """A model on an upstream Triton: its tensors and max_batch_size come from the upstream when config.pbtxt
         leaves them out; its instances are threads waiting on upstream calls (KIND_MODEL: the upstream places it)."""
         if not config.instance_group:
-            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_MODEL, count=DEFAULT_REMOTE_INSTANCES)
+            config.instance_group.add(
+                name=config.name, kind=mc.ModelInstanceGroup.KIND_MODEL, count=DEFAULT_REMOTE_INSTANCES
+            )
         backend = TritonBackend(config, model_dir, version=version)
         try:
             complete_config(config, backend.upstream, max_batch_size_given=mbs_given)
@@ -1136,6 +1143,7 @@ class ModelRepository:
                 self._entries[name] = _Entry(name, state=UNAVAILABLE, reason=UNLOADED)
                 return
             retired = list(entry.versions.values())
+            entry.unloaded = tuple(sorted(entry.versions)) or entry.unloaded
             entry.versions, entry.failed, entry.rollout = {}, {}, None
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
             for model in retired:
@@ -1250,7 +1258,9 @@ class ModelRepository:
             for v, reason in sorted(entry.failed.items()):
                 rows.append(IndexRow(name, str(v), UNAVAILABLE, reason))
             if not entry.versions and not entry.failed:
-                rows.append(IndexRow(name, "", entry.state, entry.reason))
+                # Unloaded: a row per version it served, as Triton keeps them ("1", UNAVAILABLE, "unloaded").
+                versions = [str(v) for v in entry.unloaded] if is_unloaded(entry.reason) and entry.unloaded else [""]
+                rows.extend(IndexRow(name, v, entry.state, entry.reason) for v in versions)
         return rows
 
     def reject_waiting(self, why: str) -> None:
