@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -79,6 +80,7 @@ class AsyncInferenceClient:
         self._options = settings.options()
         self._credentials = None if tls is None else tls.credentials()  # read now: a bad file fails here
         self._stubs: _Stubs | None = None
+        self._connecting = threading.Lock()  # the first calls of two loops' threads, at once, make one channel
         self._closed = False
 
     # ----- plumbing ------------------------------------------------------------------------------------------
@@ -87,15 +89,22 @@ class AsyncInferenceClient:
         """The channel of the running loop, made on the first call: grpc.aio binds a channel to the loop it is
         made in, so one made with the client outside a loop (or in another) fails every call. A loop that has
         ended (``asyncio.run`` returned) leaves its channel unusable, and the next loop gets a new one; two live
-        loops cannot share a client."""
+        loops cannot share a client.
+
+        The channel of an ended loop cannot be awaited (``close()`` is a coroutine of that loop); grpc.aio's
+        ``Channel.__del__`` closes it when the new one replaces it here and the last reference goes."""
         loop = asyncio.get_running_loop()
         stubs = self._stubs
-        if stubs is not None and stubs.loop is not loop and not stubs.loop.is_closed():
-            raise RuntimeError(
-                f"AsyncInferenceClient({self.url!r}) is in use in another event loop, which is still open: grpc.aio "
-                "channels belong to one loop; make a client per event loop (or per thread that runs one)"
-            )
-        if stubs is None or stubs.loop is not loop:
+        if stubs is not None and stubs.loop is loop:
+            return stubs
+        with self._connecting:  # else each thread, its loop open, could make a channel and lose the other's
+            stubs = self._stubs
+            if stubs is not None and stubs.loop is not loop and not stubs.loop.is_closed():
+                raise RuntimeError(
+                    f"AsyncInferenceClient({self.url!r}) is in use in another event loop, which is still open: "
+                    "grpc.aio channels belong to one loop; make a client per event loop (or per thread that runs one)"
+                )
+            # Not this loop's (only this thread runs it, and it is here): none yet, or one of an ended loop.
             if self._credentials is None:
                 channel = grpc.aio.insecure_channel(self.url, options=self._options)
             else:
@@ -108,7 +117,7 @@ class AsyncInferenceClient:
                 health_pb2_grpc.HealthStub(channel),
             )
             self._stubs = stubs
-        return stubs
+            return stubs
 
     @contextlib.contextmanager
     def _errors(self, method: str) -> Iterator[None]:

@@ -39,8 +39,9 @@ class TLSConfig:
 
     The files are checked when the config is made, since gRPC only finds a bad one at the first call, as an
     UNAVAILABLE that looks like a server down: FileNotFoundError (or another OSError) for a file that cannot be
-    read, ValueError for a ``ca_file`` or ``cert_file`` without a PEM certificate, or a ``key_file`` that is not
-    the certificate's private key. The files are read again when a client is made with it.
+    read, ValueError for a ``ca_file`` or ``cert_file`` without a PEM certificate, or a ``key_file`` without an
+    unencrypted PEM private key or not the certificate's. Key sizes and digests are gRPC's TLS's to judge, not this
+    check's. The files are read again when a client is made with it.
     """
 
     ca_file: str | Path | None = None
@@ -57,8 +58,11 @@ class TLSConfig:
                     Path(path).read_bytes()
             except OSError as exc:  # the same type (FileNotFoundError, ...), naming the setting and the file
                 raise type(exc)(exc.errno, f"TLSConfig: {name} {path}: {exc.strerror or exc}") from None
-        # ssl (OpenSSL) parses PEM as gRPC does; the client needs no other crypto library for this.
+        # ssl (OpenSSL) parses PEM as gRPC does; the client needs no other crypto library for this. Security level 0:
+        # the check is about parsing and the pair, not about key sizes or digests, on which OpenSSL's default level
+        # refuses (EE_KEY_TOO_SMALL for RSA-1024, CA_MD_TOO_WEAK) certificates that gRPC's own TLS stack takes.
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
         for name, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file)):
             if path is not None:
                 try:
@@ -70,10 +74,7 @@ class TLSConfig:
                 # An encrypted key gets the empty password rather than OpenSSL's prompt on the terminal.
                 context.load_cert_chain(self.cert_file, self.key_file, password=b"")
             except ssl.SSLError as exc:
-                raise ValueError(
-                    f"TLSConfig: key_file {self.key_file}: not the (unencrypted, PEM) private key of cert_file "
-                    f"{self.cert_file} ({exc.reason or exc})"
-                ) from None
+                raise ValueError(f"TLSConfig: key_file {self.key_file}: {_key_problem(exc, self.cert_file)}") from None
 
     def credentials(self) -> grpc.ChannelCredentials:
         """``grpc.ssl_channel_credentials`` from the files (read now, so a missing file fails here)."""
@@ -91,6 +92,15 @@ class TLSConfig:
         if self.server_name_override is None:
             return []
         return [("grpc.ssl_target_name_override", self.server_name_override)]
+
+
+def _key_problem(exc: ssl.SSLError, cert_file: str | Path) -> str:
+    """What OpenSSL found wrong with a key_file, in words that claim a mismatch only when OpenSSL says so."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"not the private key of cert_file {cert_file} ({exc.reason})"
+    if exc.reason is None:  # "PEM lib": no PEM private key could be read (not PEM, encrypted, a certificate, ...)
+        return "no unencrypted PEM private key in it"
+    return f"OpenSSL refuses it as the private key of cert_file {cert_file} ({exc.reason})"
 
 
 def _seconds(value: float) -> str:

@@ -4,13 +4,17 @@ crossing process boundaries. Real servers on loopback, real TLS with certificate
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import datetime as dt
 import inspect
 import multiprocessing
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 import tensorgate.client.errors as errors_module
 from tensorgate.client import (
@@ -137,6 +145,18 @@ def pki(tmp_path: Path) -> Pki:
         pytest.param("ca-not-pem", ValueError, "ca_file .*notes.txt: no PEM certificate", id="ca-not-pem"),
         pytest.param("cert-is-a-key", ValueError, "cert_file .*key.pem: no PEM certificate", id="cert-is-a-key"),
         pytest.param("other-key", ValueError, "key_file .*other-key.pem: not the .*private key of", id="key-mismatch"),
+        pytest.param(
+            "key-is-a-cert",
+            ValueError,
+            "key_file .*scorer.pem: no unencrypted PEM private key in it$",
+            id="key-is-a-cert",
+        ),
+        pytest.param(
+            "encrypted-key",
+            ValueError,
+            "key_file .*locked.pem: no unencrypted PEM private key in it$",
+            id="encrypted-key",
+        ),
         pytest.param("missing-key", FileNotFoundError, "key_file .*missing.pem: No such file", id="missing-key"),
     ],
 )
@@ -148,11 +168,19 @@ def test_tls_files_that_cannot_work_are_refused_when_built(
     _, other_key = pki.client("other")
     notes = tmp_path / "notes.txt"
     notes.write_text("not a certificate\n")
+    locked = tmp_path / "locked.pem"
+    private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    encryption = serialization.BestAvailableEncryption(b"secret")
+    locked.write_bytes(
+        private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    )
     kwargs: dict[str, Any] = {
         "ca-without-certificate": {"ca_file": key},
         "ca-not-pem": {"ca_file": notes},
         "cert-is-a-key": {"ca_file": pki.ca_path, "cert_file": key, "key_file": key},
         "other-key": {"ca_file": pki.ca_path, "cert_file": cert, "key_file": other_key},
+        "key-is-a-cert": {"ca_file": pki.ca_path, "cert_file": cert, "key_file": cert},
+        "encrypted-key": {"ca_file": pki.ca_path, "cert_file": cert, "key_file": locked},
         "missing-key": {"ca_file": pki.ca_path, "cert_file": cert, "key_file": tmp_path / "missing.pem"},
     }[case]
     with pytest.raises(error, match=message):
@@ -174,6 +202,43 @@ def test_cli_names_the_flag_of_a_key_that_is_not_the_certificates(pki: Pki) -> N
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"tensorgate health: --tls-key {other_key}: not the ")
     assert f"private key of --tls-cert {cert}" in done.stderr
+
+
+def _rsa_client(pki: Pki, name: str, bits: int) -> tuple[Path, Path]:
+    """A client certificate with an RSA key of `bits`, signed by pki's CA (tensorgate's certs make ECDSA keys)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(pki.ca.private_key, hashes.SHA256())
+    )
+    cert, key_file = pki.dir / f"{name}.pem", pki.dir / f"{name}-key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key_file.write_bytes(key_pem)
+    return cert, key_file
+
+
+def test_an_rsa_1024_client_certificate_that_grpc_takes_is_not_refused(repo: Path, pki: Pki) -> None:
+    """TLSConfig refused it as "not the (unencrypted, PEM) private key of cert_file ... (EE_KEY_TOO_SMALL)": the
+    check ran at OpenSSL's default security level, which judges key sizes, and gRPC's TLS takes the pair."""
+    cert, key = _rsa_client(pki, "legacy", 1024)
+    tls = TLSConfig(pki.ca_path, cert, key)
+    with ServerThread(repo, **pki.server_settings()) as s:
+        with InferenceClient(s.address, tls=tls, timeout=WAIT, channel_options=CHANNEL_OPTIONS) as c:
+            assert c.live()  # a real mTLS handshake with the RSA-1024 pair
+    _, other_key = _rsa_client(pki, "other", 1024)
+    mismatch = f"key_file {other_key}: not the private key of cert_file {cert} (KEY_VALUES_MISMATCH)"
+    with pytest.raises(ValueError, match=re.escape(mismatch)):
+        TLSConfig(pki.ca_path, cert, other_key)
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "https://127.0.0.1:8001/", "grpc://127.0.0.1:8001"])
@@ -268,6 +333,41 @@ def test_an_async_client_made_outside_a_loop_works_in_the_loop_that_uses_it(serv
     assert lines[:3] == ["first loop 2.0", "second loop 2.0", "loop of a thread 2.0"], done.stdout + done.stderr
     assert lines[3].startswith("two live loops: AsyncInferenceClient(") and "another event loop" in lines[3]
     assert "Traceback" not in done.stderr
+
+
+def test_two_loops_making_their_first_call_at_once_get_one_channel(served: ServerThread) -> None:
+    """Both first calls could make a channel and succeed, one channel lost (about one try in two with Python's thread
+    switch interval at a microsecond); the "another event loop" error then hit a later call instead of the first."""
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as on a busy machine, so the first calls interleave
+    try:
+        for attempt in range(40):
+            client = AsyncInferenceClient(served.address, timeout=WAIT)
+            both_ready = threading.Barrier(2)
+
+            async def first_call(client: AsyncInferenceClient = client, ready: threading.Barrier = both_ready) -> bool:
+                ready.wait(WAIT)  # blocks this loop's thread only: the two calls start together
+                return await client.live()
+
+            calls = [asyncio.run_coroutine_threadsafe(first_call(), loop) for loop in loops]
+            failures = [call.exception(WAIT) for call in calls]
+            refused = [isinstance(f, RuntimeError) and "another event loop" in str(f) for f in failures]
+            assert sorted(refused) == [False, True], (attempt, failures)
+            winner = refused.index(False)
+            assert calls[winner].result() is True
+            asyncio.run_coroutine_threadsafe(client.close(), loops[winner]).result(WAIT)
+    finally:
+        sys.setswitchinterval(interval)
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for thread in threads:
+            thread.join(WAIT)
+        for loop in loops:
+            loop.close()
 
 
 # ----- errors across processes -----------------------------------------------------------------------------------
