@@ -270,6 +270,8 @@ class TensorgateServer:
             names = self.repository.names_on_disk() if "*" in s.load_model else list(s.load_model)
         else:
             names = self.repository.names_on_disk()
+        if self.monitor is not None:  # a canary an alert fired on before a restart serves rolled back from the start
+            self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing))
         await self.repository.load_many(names)
         heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":
@@ -412,6 +414,7 @@ class TensorgateServer:
                 self.repository.reject_waiting(f"did not run the request before {ended}; {DRAINING}")
         if self._server is not None:
             await self._server.stop(0.5)
+        await self._handler.close()  # shadow runs: before the capture and the models they use go
         if not drained:
             # The callers have their answer (cancelled above): a batch still computing would hold the exit for as
             # long as it runs, past the grace the orchestrator was promised (the repository's close waits for it,

@@ -14,15 +14,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from tensorgate.client import InferenceClient
-from tensorgate.client.errors import Unavailable
+from tensorgate.client.errors import InvalidArgument, Unavailable
+from tensorgate.protos import GRPCInferenceServiceStub
 from tests.monitoring import copy_repository, digits_repository
-from tests.onnx_models import busy_model, scale_model, write_config
+from tests.onnx_models import OPSET, busy_model, identity_model, scale_model, write_config
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
+from tests.test_bad_input import contents_request
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -123,6 +128,52 @@ def test_a_canary_no_longer_served_sends_everything_to_stable(tmp_path: Path, ca
     ]
 
 
+def _set_params(repo: Path, name: str, **values: str) -> None:
+    """Replace the model's tensorgate.rollout.* parameters in its config.pbtxt."""
+    config = repo / name / "config.pbtxt"
+    kept = [line for line in config.read_text().splitlines(keepends=True) if "tensorgate.rollout." not in line]
+    config.write_text("".join(kept) + _params(**values))
+
+
+def test_a_new_split_keeps_the_versions_serving_their_statistics_and_sessions(tmp_path: Path) -> None:
+    """Ramping canary_percent from 10 to 100 is a load of the same files: the versions are kept as they serve
+    (ModelStatistics counts go on, nothing is built or warmed again) and only the split changes. It used to rebuild
+    every version, since the parameters were part of each version's signature."""
+    repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="10"))
+    served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
+    with served as server, InferenceClient(server.address) as client:
+        before = Counter(_version_of(client, f"id-{i}") for i in range(20))
+        counts = {v: _inferences(client, v) for v in ("1", "2")}
+        assert sum(n for n, _ in counts.values()) == 20
+        loaded = {v: server.app.repository.get("m", v) for v in ("1", "2")}
+        _set_params(repo, "m", canary_version="2", canary_percent="100")
+        client.load("m")
+        assert {v: _inferences(client, v) for v in ("1", "2")} == counts
+        assert all(server.app.repository.get("m", v) is loaded[v] for v in ("1", "2"))
+        assert Counter(_version_of(client, f"id-{i}") for i in range(20)) == Counter({"2": 20}), before
+        assert value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2") == 100.0
+        shown = client.config("m").parameters["tensorgate.rollout.canary_percent"].string_value
+        assert shown == "100"
+
+
+def test_a_large_tensor_only_the_canary_takes_is_not_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """The check of a large typed tensor before its decoding (codec.LARGE_ELEMENTS) knows no request id yet: a
+    request that names no version passes it when the canary takes it, and the canary answers it. It used to be
+    judged against the stable version alone, and refused for a shape the canary serves."""
+    width = 4096
+    repo = _repo(
+        tmp_path / "models",
+        _params(canary_version="2", canary_percent="100"),
+        v2=lambda p: scale_model(p, 2.0, width=width),
+    )
+    values = np.arange(5 * width, dtype=np.float32) / 7
+    request = contents_request("m", "FP32", [5, width], "fp32_contents", values.tolist())
+    with ServerThread(repo) as server, grpc.insecure_channel(server.address) as channel:
+        reply = GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert reply.model_version == "2"
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], "<f4"), values * 2)
+
+
 # ----- bad configs ---------------------------------------------------------------------------------------------
 
 
@@ -164,6 +215,12 @@ def test_a_canary_no_longer_served_sends_everything_to_stable(tmp_path: Path, ca
             _params(canary_version="2", canary_percent="10", stable_version="2"),
             "parameter 'tensorgate.rollout.canary_version' names version 2, the stable version",
             id="canary-is-stable",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="10", shadow_version="2"),
+            "parameters 'tensorgate.rollout.canary_version' and 'tensorgate.rollout.shadow_version' both name "
+            "version 2",
+            id="canary-is-shadow",
         ),
         pytest.param(
             _params(canary_version="v2", canary_percent="10"),
@@ -262,6 +319,98 @@ def test_shadow_runs_beyond_the_bound_are_dropped_not_waited_for(tmp_path: Path)
     assert runs["dropped"] >= 1 and runs["ok"] + runs["dropped"] == 12, runs
 
 
+def test_a_shadow_run_has_the_callers_budget_and_gives_its_place_back(tmp_path: Path) -> None:
+    """A shadow far slower than the caller allows (seconds a run, callers giving 1.5 s): each run ends at the
+    caller's budget, failed, and the next request is mirrored again. Without a deadline the runs held every
+    place until each had run, and every request meanwhile was dropped."""
+    repo = _repo(tmp_path / "models", _params(shadow_version="2"), v2=lambda p: busy_model(p, iterations=1_000_000))
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        for i in range(4):
+            assert client.infer("m", {"INPUT0": X}, request_id=f"id-{i}", timeout=1.5).version == "1"
+        _eventually(lambda: sum(_shadow_runs(server).values()) == 4, timeout=20.0)
+        assert _shadow_runs(server) == Counter(failed=4)
+        assert client.infer("m", {"INPUT0": X}, request_id="id-4", timeout=1.5).version == "1"
+        _eventually(lambda: sum(_shadow_runs(server).values()) == 5, timeout=20.0)
+        assert _shadow_runs(server) == Counter(failed=5)
+
+
+def test_a_shadow_run_still_going_at_stop_is_cancelled_before_capture_and_models_go(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stops while the shadow computes (a second a run): the run is cancelled before the capture it
+    writes to is detached. It used to run on, and fail on the capture gone (an AssertionError, counted as a failed
+    run)."""
+    repo = _repo(tmp_path / "models", _params(shadow_version="2"), v2=lambda p: busy_model(p, iterations=250_000))
+    caplog.set_level(logging.DEBUG, logger="tensorgate.server.pipeline.handler")
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        assert client.infer("m", {"INPUT0": X}, request_id="at-stop").version == "1"  # its shadow starts now
+    failures = [r for r in caplog.records if r.getMessage().startswith("shadow run of model 'm'")]
+    assert not [r.args for r in failures if any(isinstance(a, AssertionError) for a in r.args or ())]
+
+
+def test_shadow_runs_are_counted_under_the_version_that_ran_them(tmp_path: Path) -> None:
+    """The shadow moved from version 2 to version 3 by a reload: version 2's runs stay under its label, version
+    3's start from 0 (the counter carried across the reload used to move them all to the new label)."""
+    repo = _repo(tmp_path / "models", _params(shadow_version="2", stable_version="1"))
+    scale_model(repo / "m" / "3" / "model.onnx", 3.0)
+    with ServerThread(repo, model_control_mode="explicit", load_model=["m"]) as server:
+        with InferenceClient(server.address) as client:
+            for i in range(3):
+                _version_of(client, f"a-{i}")
+            _eventually(lambda: _inferences(client, "2")[0] == 3)
+            _set_params(repo, "m", shadow_version="3", stable_version="1")
+            client.load("m")
+            for i in range(2):
+                _version_of(client, f"b-{i}")
+            _eventually(lambda: _inferences(client, "3")[0] == 2)
+            samples = scrape(metrics_url(server))
+    runs = {v: value(samples, "tensorgate_rollout_shadow_runs_total", model="m", version=v, outcome="ok") for v in "23"}
+    assert runs == {"2": 3.0, "3": 2.0}
+
+
+def _first_columns(path: Path, width: int, kept: int) -> Path:
+    """OUTPUT0 = the first `kept` of INPUT0's `width` columns: a classifier (argmax) with fewer classes."""
+    pick = np.eye(width, kept, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["INPUT0", "pick"], ["OUTPUT0"])],
+        "first_columns",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", kept])],
+        initializer=[numpy_helper.from_array(pick, "pick")],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
+    return path
+
+
+def test_feedback_is_checked_and_stored_per_version_and_the_caller_hears_of_its_own(tmp_path: Path) -> None:
+    """Stable version 1 has 10 classes (argmax of 10 columns), shadow version 2 only 8. Label 9 is right for
+    what version 1 answered: accepted and stored there, skipped for the shadow, which can never predict it. Label
+    3 is stored on both; label 10 is refused, naming version 1. The newer capture (the shadow's) used to decide:
+    label 9 was refused, for a version the caller never heard from."""
+    repo = tmp_path / "models"
+    identity_model(repo / "c" / "1" / "model.onnx", "FP32", shape=("batch", 10))
+    _first_columns(repo / "c" / "2" / "model.onnx", 10, 8)
+    write_config(
+        repo,
+        "c",
+        'name: "c" max_batch_size: 8 version_policy { all {} }\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]\n' + _params(shadow_version="2"),
+    )
+    row = np.eye(1, 10, 9, dtype=np.float32) + np.eye(1, 10, 3, dtype=np.float32) / 2  # v1: class 9, v2: class 3
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        ids = [client.infer("c", {"INPUT0": row}, request_id=f"r-{i}").id for i in range(3)]
+        _eventually(lambda: client.statistics("c", "2").model_stats[0].inference_stats.success.count == 3)
+        statuses = client.submit_feedback_batch("c", [(ids[0], 9), (ids[1], 3), (ids[2], 10)])
+        assert [s.code for s in statuses] == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT]
+        assert "model 'c' version 1" in statuses[2].message and "label 10" in statuses[2].message
+        with pytest.raises(InvalidArgument, match="model 'c' version 1"):
+            client.submit_feedback("c", ids[2], 12)
+        quality = {v: client.model_quality("c", v) for v in ("1", "2")}
+    assert [(q.labelled, q.metrics["accuracy"]) for q in quality.values()] == [(2, 0.5), (1, 1.0)]
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     repo, x, _ = digits_repository(tmp_path_factory.mktemp("rollout"))
@@ -298,6 +447,37 @@ def test_a_shadows_predictions_are_captured_and_judged_by_the_requests_labels(
 # ----- rollback while an alert fires on the canary -----------------------------------------------------------------
 
 
+def _evaluate(server: ServerThread) -> None:
+    """One monitor evaluation now, as the loop would run it (the servers here evaluate only when told)."""
+    monitor = server.app.monitor
+    assert monitor is not None
+
+    async def targets() -> list[Any]:
+        return monitor.targets()
+
+    monitor.evaluate(server.run(targets()))
+
+    async def settled() -> None:  # the repository hears of the alerts on the event loop: after what is queued there
+        pass
+
+    server.run(settled())
+
+
+def _split(client: InferenceClient, x: np.ndarray, tag: str) -> Counter[str]:
+    return Counter(client.infer("digits", {"input": x[:1]}, request_id=f"{tag}-{i}").version for i in range(40))
+
+
+def _label_canary(client: InferenceClient, x: np.ndarray, rows: slice, right: bool) -> None:
+    for start in range(rows.start, rows.stop, 10):
+        result = client.infer("digits", {"input": x[start : start + 10]}, version="2")
+        predicted = result["label"].reshape(-1)
+        client.submit_feedback("digits", result.id, predicted if right else (predicted + 1) % 10)
+
+
+def _canary_share(server: ServerThread) -> float:
+    return value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="digits", version="2")
+
+
 def test_an_alert_on_the_canary_rolls_it_back_until_it_resolves(
     digits: tuple[Path, np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -307,38 +487,16 @@ def test_an_alert_on_the_canary_rolls_it_back_until_it_resolves(
     repo = _two_digits(digits, tmp_path / "models", _params(canary_version="2", canary_percent="50"))
     server = ServerThread(repo, data_dir=tmp_path / "data", monitor_interval_s=3600)  # evaluated by the test
     caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
-
-    def evaluate() -> None:
-        monitor = server.app.monitor
-        assert monitor is not None
-
-        async def targets() -> list[Any]:
-            return monitor.targets()
-
-        monitor.evaluate(server.run(targets()))
-
-    def split(client: InferenceClient, tag: str) -> Counter[str]:
-        return Counter(client.infer("digits", {"input": x[:1]}, request_id=f"{tag}-{i}").version for i in range(40))
-
-    def labelled(client: InferenceClient, rows: slice, right: bool) -> None:
-        for start in range(rows.start, rows.stop, 10):
-            result = client.infer("digits", {"input": x[start : start + 10]}, version="2")
-            predicted = result["label"].reshape(-1)
-            client.submit_feedback("digits", result.id, predicted if right else (predicted + 1) % 10)
-
-    def share() -> float:
-        return value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="digits", version="2")
-
     with server, InferenceClient(server.address) as client:
-        assert set(split(client, "before")) == {"1", "2"} and share() == 50.0
-        labelled(client, slice(0, 60), right=False)
-        evaluate()
+        assert set(_split(client, x, "before")) == {"1", "2"} and _canary_share(server) == 50.0
+        _label_canary(client, x, slice(0, 60), right=False)
+        _evaluate(server)
         assert [(a.rule, a.version) for a in client.alerts("digits")] == [("accuracy_low", "2")]
-        assert split(client, "rolled-back") == Counter({"1": 40}) and share() == 0.0
-        labelled(client, slice(60, 360), right=True)  # 300 right of 360: accuracy 0.83
-        evaluate()
+        assert _split(client, x, "rolled-back") == Counter({"1": 40}) and _canary_share(server) == 0.0
+        _label_canary(client, x, slice(60, 360), right=True)  # 300 right of 360: accuracy 0.83
+        _evaluate(server)
         assert client.alerts("digits") == []
-        assert set(split(client, "after")) == {"1", "2"} and share() == 50.0
+        assert set(_split(client, x, "after")) == {"1", "2"} and _canary_share(server) == 50.0
     said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
     assert said == [
         "model 'digits': alert accuracy_low fires on canary version 2: rolled back, requests that name no version "
@@ -346,3 +504,28 @@ def test_an_alert_on_the_canary_rolls_it_back_until_it_resolves(
         "model 'digits': alert accuracy_low on canary version 2 resolved: 50% of the requests that name no version go "
         "to it again",
     ]
+
+
+def test_a_canary_whose_alert_fires_starts_rolled_back_after_an_unload_and_after_a_restart(
+    digits: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The split built by a load, or by a restart on the same data dir, knows the alert firing on its canary from
+    the start: it used to give the canary its share until the monitor's next evaluation (an interval later)."""
+    x = digits[1]
+    repo = _two_digits(digits, tmp_path / "models", _params(canary_version="2", canary_percent="50"))
+    settings: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "monitor_interval_s": 3600,
+        "model_control_mode": "explicit",
+        "load_model": ["digits"],
+    }
+    with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
+        _label_canary(client, x, slice(0, 60), right=False)
+        _evaluate(server)
+        assert _split(client, x, "rolled-back") == Counter({"1": 40})
+        client.unload("digits")
+        client.load("digits")
+        assert _split(client, x, "reloaded") == Counter({"1": 40}) and _canary_share(server) == 0.0
+    with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
+        assert _split(client, x, "restarted") == Counter({"1": 40}) and _canary_share(server) == 0.0
+        assert server.app.monitor is not None and server.app.monitor.evaluations == 0

@@ -307,6 +307,8 @@ class Monitor:
         self.state = _State()
         self.transitions: Counter[tuple[str, str, str]] = Counter()
         self._task: asyncio.Task[None] | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        """The server's loop, once started: where the repository hears of the alerts (`follow_alerts`)."""
         self._running: asyncio.Future[None] | None = None
         """The evaluation the loop runs in a worker thread now (or ran last)."""
         self.evaluations = 0
@@ -315,6 +317,7 @@ class Monitor:
 
     def start(self) -> None:
         """Start the periodic evaluation on the running loop."""
+        self._event_loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._loop(), name="tensorgate-monitor")
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -441,8 +444,32 @@ class Monitor:
             cached.engine.resolve_all(now)
         self._refresh(engines, now)
         self.state = state
-        self.repository.follow_alerts(state.firing)  # a canary with an alert firing is rolled back
+        self._tell_repository(state.firing)
         self.evaluations += 1
+
+    def _tell_repository(self, firing: dict[tuple[str, str], set[str]]) -> None:
+        """Hand the alerts firing to the repository, whose splits roll back a canary an alert fires on: on the
+        event loop, where the repository lives (directly when this monitor was never started, as in tests)."""
+        loop = self._event_loop
+        if loop is None:
+            self.repository.follow_alerts(firing)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed under a last evaluation: nobody serves any more
+            loop.call_soon_threadsafe(self.repository.follow_alerts, firing)
+
+    def stored_firing(self) -> dict[tuple[str, str], set[str]]:
+        """Blocking: the alerts the data dir keeps firing for this monitor's webhook, by (model, version): before
+        the first evaluation (one interval after start), a canary an alert fired on before a restart starts
+        rolled back. Empty when the store cannot be read (logged): the first evaluation then decides."""
+        try:
+            rows = self.store.firing_alerts(self._ledger.sink)
+        except Exception:  # noqa: BLE001 - a start must not fail on it
+            log.exception("monitor: cannot read the firing alerts from the data dir")
+            return {}
+        firing: dict[tuple[str, str], set[str]] = {}
+        for row in rows:
+            firing.setdefault((row.model, row.version), set()).add(row.rule)
+        return firing
 
     def _sweep(self, engines: dict[tuple[str, str], AlertEngine], now: float) -> None:
         """Take up the stored alerts this monitor judges, and resolve (announcing it) those nobody holds any more

@@ -90,6 +90,9 @@ _NEWEST = "seq IN (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ? G
 """The captures a request id names: its newest of each version. A shadow version's run of a request
 (repository/rollout.py) shares the request's id, so that its label judges both; a client that used the id more
 than once on one version labels its newest."""
+_NEWEST_OF = "seq = (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ? AND version = ?)"
+"""The capture a request id names on one version: each version's label is checked against its own prediction
+(rpc/monitoring.py), so a label is written version by version."""
 
 
 @dataclass(slots=True)
@@ -337,9 +340,15 @@ class PredictionStore:
             (model, rows),
         )
 
-    def set_labels(self, model: str, labels: Iterable[tuple[str, np.ndarray]], timestamp: float) -> list[bool]:
-        """Join ground truth to captured predictions by id (a repeated id: its newest capture); one flag per item:
-        False when the id is unknown.
+    def set_labels(
+        self,
+        model: str,
+        labels: Iterable[tuple[str, np.ndarray] | tuple[str, np.ndarray, str]],
+        timestamp: float,
+    ) -> list[bool]:
+        """Join ground truth to captured predictions by id: (id, label) labels the id's newest capture of each
+        version, (id, label, version) that version's only (a label checked against it); one flag per item: False
+        when there is no such capture.
 
         Committed with ``synchronous=FULL`` before returning, so an acknowledged label survives a power cut too.
         """
@@ -348,10 +357,11 @@ class PredictionStore:
             self._db.execute("PRAGMA synchronous=FULL")
             try:
                 with self._write():
-                    for request_id, label in labels:
+                    for item in labels:
+                        where, args = (_NEWEST, item[:1]) if len(item) == 2 else (_NEWEST_OF, (item[0], item[2]))
                         cur = self._db.execute(
-                            f"UPDATE predictions SET label = ?, label_ts = ? WHERE {_NEWEST}",  # noqa: S608
-                            (_label_blob(label), timestamp, model, request_id),
+                            f"UPDATE predictions SET label = ?, label_ts = ? WHERE {where}",  # noqa: S608
+                            (_label_blob(item[1]), timestamp, model, *args),
                         )
                         found.append(cur.rowcount > 0)
             finally:
@@ -360,20 +370,23 @@ class PredictionStore:
 
     def rows_of(self, model: str, request_ids: Sequence[str]) -> dict[str, int]:
         """How many rows (first-axis length of the first output) each known request id captured (its newest)."""
-        return {rid: rows_in(outputs) for rid, (_, outputs) in self.captured(model, request_ids).items()}
+        return {
+            rid: rows_in(next(iter(by_version.values())))
+            for rid, by_version in self.captured(model, request_ids).items()
+        }
 
-    def captured(self, model: str, request_ids: Sequence[str]) -> dict[str, tuple[str, dict[str, np.ndarray]]]:
-        """The version and outputs each known request id captured (its newest): what its feedback is checked
-        against."""
-        result: dict[str, tuple[str, dict[str, np.ndarray]]] = {}
+    def captured(self, model: str, request_ids: Sequence[str]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+        """The outputs each known request id captured, by version (its newest on each, the newest first): what
+        its feedback is checked against, version by version."""
+        result: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         with self._lock:
             for request_id in request_ids:
-                row = self._db.execute(
+                rows = self._db.execute(
                     f"SELECT version, outputs FROM predictions WHERE {_NEWEST} ORDER BY seq DESC",  # noqa: S608
                     (model, request_id),
-                ).fetchone()
-                if row is not None:
-                    result[request_id] = (row[0], decode_arrays(row[1]))
+                ).fetchall()
+                if rows:
+                    result[request_id] = {version: decode_arrays(outputs) for version, outputs in rows}
         return result
 
     # ----- firing alerts (shared by the processes on this data dir) -------------------------------------------

@@ -31,7 +31,7 @@ from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
-from tensorgate.server.repository.rollout import MAX_SHADOW_IN_FLIGHT, Rollout
+from tensorgate.server.repository.rollout import MAX_SHADOW_IN_FLIGHT, SHADOW_DEADLINE_S, Rollout
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.scheduling.sequencer import Place
 from tensorgate.server.telemetry.statistics import ExecutionTimes
@@ -100,7 +100,8 @@ class InferenceHandler:
         self.cache: ResponseCache | None = None
         """Set by the server with --response-cache-bytes: answers of models whose config enables response_cache."""
         self._shadows: set[asyncio.Task[None]] = set()
-        """Shadow runs in progress (`_shadow`), held so that none is collected before it ends."""
+        """Shadow runs in progress (`_shadow`), held so that none is collected before it ends, and for `close`."""
+        self._closed = False
 
     def _validate(
         self, model: LoadedModel, req: InferRequest, version: str, request_span: trace.Span | None
@@ -164,24 +165,31 @@ class InferenceHandler:
         self._answered(model, req, inputs, results, span, times, sampled)
         rollout = model.rollout
         if rollout is not None and not req.version and model.version == rollout.stable and rollout.shadows(req.id):
-            self._shadow(rollout, req)
+            self._shadow(rollout, req, started)
         return response
 
-    def _shadow(self, rollout: Rollout, req: InferRequest) -> None:
+    def _shadow(self, rollout: Rollout, req: InferRequest, started: int) -> None:
         """Run a request the stable version answered on the shadow version too, in the background: its caller
         has its answer already and never hears of this run. A sequence's request is not mirrored (it would move
         the shadow's sequence state). Past MAX_SHADOW_IN_FLIGHT runs of the model at once it is dropped: the
         shadow must not take the machine from the live path."""
-        if "sequence_id" in req.parameters:
+        if "sequence_id" in req.parameters or self._closed:
             return
+        version = str(rollout.shadow)
         if rollout.shadow_in_flight >= MAX_SHADOW_IN_FLIGHT:
-            rollout.shadow_runs["dropped"] += 1
+            rollout.shadow_runs[version, "dropped"] += 1
             return
         rollout.shadow_in_flight += 1
-        # Its own request: no caller's deadline, shared memory or classification; the same id, so that a label
-        # for the request judges the shadow's prediction too.
+        # The time the caller allowed its request (a shadow slower than that would fail it live), from now, and at
+        # most SHADOW_DEADLINE_S: a shadow that never answers gives its place back.
+        now = time.monotonic()
+        budget = SHADOW_DEADLINE_S
+        if req.deadline is not None:
+            budget = min(budget, req.deadline - now + (time.perf_counter_ns() - started) / 1e9)
+        # Its own request: no shared memory or classification; the same id, so that a label for the request
+        # judges the shadow's prediction too.
         mirror = dataclasses.replace(
-            req, version=str(rollout.shadow), deadline=None, shared_outputs=None, classifications=None
+            req, version=version, deadline=now + budget, shared_outputs=None, classifications=None
         )
         task = asyncio.get_running_loop().create_task(self._run_shadow(rollout, mirror))
         self._shadows.add(task)
@@ -189,18 +197,31 @@ class InferenceHandler:
 
     async def _run_shadow(self, rollout: Rollout, req: InferRequest) -> None:
         otel_context.attach(otel_context.Context())  # not under the caller's span (the task's own context copy)
+        assert req.deadline is not None  # `_shadow` sets it
         try:
-            await self.infer(req)
+            # Cut off at its deadline as gRPC cuts off a caller's call: the scheduler lets a batch that runs go on.
+            async with asyncio.timeout(req.deadline - time.monotonic()):
+                await self.infer(req)
         except Exception as exc:  # noqa: BLE001 - the shadow's failure is counted, never the caller's
-            rollout.shadow_runs["failed"] += 1
+            rollout.shadow_runs[req.version, "failed"] += 1
             log.debug("shadow run of model '%s' version %s failed: %s", req.model, req.version, exc)
-        except asyncio.CancelledError:  # the server is stopping
-            rollout.shadow_runs["failed"] += 1
+        except asyncio.CancelledError:  # the server is stopping (`close`)
+            rollout.shadow_runs[req.version, "failed"] += 1
             raise
         else:
-            rollout.shadow_runs["ok"] += 1
+            rollout.shadow_runs[req.version, "ok"] += 1
         finally:
             rollout.shadow_in_flight -= 1
+
+    async def close(self) -> None:
+        """Cancel the shadow runs still going and wait for them to end, and start no more: the server's stop calls
+        it once no call runs, before it detaches the capture they write to and closes the models they run on.
+        They are background work nobody waits for, so the drain's grace is not spent on them."""
+        self._closed = True
+        running = list(self._shadows)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def _execute_cached(
         self,
@@ -273,9 +294,21 @@ class InferenceHandler:
 
     def check_input(self, model: str, version: str, tensor: str, datatype: str, shape: tuple[int, ...]) -> None:
         """Before a large tensor is decoded (codec.LARGE_ELEMENTS): the model is served and takes it, so that a
-        request it cannot take costs no work per element."""
+        request it cannot take costs no work per element. The request's id is not known here (the server may make
+        it later), so one that names no version may still go to a canary (repository/rollout.py): it passes when the
+        canary takes it, and the version chosen checks it in full."""
         loaded = self._repository.get(model, version)
-        check_input(loaded.schema, loaded.name, str(loaded.version), tensor, datatype, shape)
+        try:
+            check_input(loaded.schema, loaded.name, str(loaded.version), tensor, datatype, shape)
+        except TensorgateError:
+            rollout = loaded.rollout
+            if version or rollout is None or rollout.canary is None or rollout.share <= 0:
+                raise
+            canary = self._repository.get(model, str(rollout.canary))
+            with contextlib.suppress(TensorgateError):
+                check_input(canary.schema, canary.name, str(canary.version), tensor, datatype, shape)
+                return
+            raise
 
     def decoupled(self, model: str, version: str) -> bool:
         """Whether a stream's request goes to a decoupled model (`relay`); False for a model that is not served

@@ -65,7 +65,7 @@ from tensorgate.server.repository.config import (
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.paths import inside, within
-from tensorgate.server.repository.rollout import Rollout, RolloutSpec, parse_rollout
+from tensorgate.server.repository.rollout import Rollout, RolloutSpec, parse_rollout, with_rollout_parameters
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.sequence import (
     SequenceSpec,
@@ -323,6 +323,10 @@ class ModelRepository:
         self._closer = ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="tensorgate-close")
         """Where retired backends close: a remote one's close takes seconds when its upstream is gone, and on the
         default executor a few of those would hold up every model load behind them."""
+        self._firing: dict[tuple[str, str], set[str]] = {}
+        """The alert rules firing per (model, version) as the monitor last said (`follow_alerts`): a split built
+        later (a reload, a new canary, a load after an unload) starts from it rather than give the canary its share
+        until the next evaluation."""
         self._sequence_order: dict[str, Order] = {}
         """Per remote sequence model, the order its sequences' requests go upstream in and who started each
         sequence, kept across reloads."""
@@ -378,11 +382,15 @@ class ModelRepository:
         return [e.rollout for e in list(self._entries.values()) if e.rollout is not None and e.versions]
 
     def follow_alerts(self, firing: dict[tuple[str, str], set[str]]) -> None:
-        """The alert rules firing per (model, version), after each monitor evaluation (on the monitor's thread:
-        `Rollout.follow` only replaces what the event loop reads)."""
+        """The alert rules firing per (model, version), after each monitor evaluation, and at start those the data
+        dir kept firing (on the event loop: the monitor hands it over). Kept for the splits built later."""
+        self._firing = firing
         for rollout in self.rollouts():
-            if rollout.canary is not None:
-                rollout.follow(firing.get((rollout.model, str(rollout.canary)), set()))
+            self._follow(rollout)
+
+    def _follow(self, rollout: Rollout) -> None:
+        if rollout.canary is not None:
+            rollout.follow(self._firing.get((rollout.model, str(rollout.canary)), set()))
 
     def versions(self, name: str) -> list[LoadedModel]:
         """Every ready version of a model (for statistics), NOT_FOUND if unknown."""
@@ -482,7 +490,8 @@ class ModelRepository:
                 name,
             )
         plan = plan_of(base) if is_ensemble(base) else None
-        base_text = base.SerializeToString(deterministic=True).hex()
+        # Without tensorgate.rollout.*: a new split changes no version (`_rollout` rebuilds only the split).
+        base_text = with_rollout_parameters(base, ()).SerializeToString(deterministic=True).hex()
         on_disk = version_dirs(model_dir)
         # A model on an upstream Triton has no files to version: it serves as one version (backends/triton.py).
         wanted = [REMOTE_VERSION] if base.backend == TRITON_BACKEND else select_versions(base.version_policy, on_disk)
@@ -1020,6 +1029,8 @@ class ModelRepository:
             new_versions: dict[int, LoadedModel] = {}
             for v, item in ready.items():
                 if isinstance(item, LoadedModel):
+                    # Kept (same signature): its config differs at most in tensorgate.rollout.*, as ModelConfig shows.
+                    item.config = with_rollout_parameters(item.config, spec.parameters if spec is not None else ())
                     new_versions[v] = item
                 else:
                     stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
@@ -1071,12 +1082,12 @@ class ModelRepository:
             self.changes += 1
             self._refresh_dependents(name, check_step=check_step)
 
-    @staticmethod
     def _rollout(
-        name: str, spec: RolloutSpec | None, versions: dict[int, LoadedModel], previous: Rollout | None
+        self, name: str, spec: RolloutSpec | None, versions: dict[int, LoadedModel], previous: Rollout | None
     ) -> Rollout | None:
         """The split over the versions a load serves; none (with a warning) when its stable version is not among
-        them (it failed to load): requests that name no version then go to the highest served one, as without."""
+        them (it failed to load): requests that name no version then go to the highest served one, as without. It
+        starts rolled back when an alert fires on its canary now."""
         if spec is None:
             return None
         if spec.stable not in versions:
@@ -1086,7 +1097,9 @@ class ModelRepository:
                 spec.stable,
             )
             return None
-        return Rollout(name, spec, versions, previous)
+        rollout = Rollout(name, spec, versions, previous)
+        self._follow(rollout)
+        return rollout
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)

@@ -8,9 +8,9 @@ The split is sticky per request id (a hash of the id, not a draw), so that a cli
 the version that answered it first, and a label sent later for that id is judged against the version that made
 the prediction. Requests naming a version explicitly never come here (ModelRepository.get).
 
-The monitor tells every rollout which alert rules fire on its canary (`follow`); while any does and
-``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0. That runs on the monitor's thread and the
-decision on the event loop: `share` is replaced in one assignment, which the loop reads whole.
+The monitor tells every rollout which alert rules fire on its canary (`follow`, through the repository on the
+event loop, which also hands a new rollout the last word it had); while any does and
+``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0.
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import ModelLoadError
 
-__all__ = ["MAX_SHADOW_IN_FLIGHT", "PREFIX", "Rollout", "RolloutSpec", "parse_rollout"]
+__all__ = [
+    "MAX_SHADOW_IN_FLIGHT",
+    "PREFIX",
+    "SHADOW_DEADLINE_S",
+    "Rollout",
+    "RolloutSpec",
+    "parse_rollout",
+    "with_rollout_parameters",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,10 @@ MAX_SHADOW_IN_FLIGHT = 4
 """Shadow runs of one model at once; beyond it a shadow run is dropped (and counted): the shadow version shares
 the machine with the live path, which must never wait for it."""
 
+SHADOW_DEADLINE_S = 30.0
+"""The longest a shadow run may take: the caller's own budget, at most this, or this when the caller set none. A
+shadow version that never answers must give its MAX_SHADOW_IN_FLIGHT places back, or every later run is dropped."""
+
 _BUCKETS = 10_000
 """A request id's place in [0, 100) in steps of 0.01: percents with two decimals split exactly."""
 
@@ -58,6 +70,9 @@ class RolloutSpec:
     shadow: int | None
     shadow_percent: float
     rollback_on_alert: bool
+    parameters: tuple[tuple[str, str], ...] = ()
+    """The ``tensorgate.rollout.*`` parameters as the config writes them, sorted: what a version kept unchanged
+    across a reload gets in its config (`with_rollout_parameters`), since they are no part of its signature."""
 
 
 def _version(model: str, key: str, raw: str, wanted: Collection[int], previously: Collection[int]) -> int:
@@ -133,6 +148,13 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
     rollback = params.get(ROLLBACK_ON_ALERT, "true").lower()
     if rollback not in ("true", "false"):
         raise ModelLoadError(model, None, f"parameter '{ROLLBACK_ON_ALERT}' must be true or false, got {rollback!r}")
+    if canary is not None and canary == shadow:
+        raise ModelLoadError(
+            model,
+            None,
+            f"parameters '{CANARY_VERSION}' and '{SHADOW_VERSION}' both name version {canary}: a canary answers "
+            "callers, a shadow only mirrors the stable version; name another version for one of them",
+        )
     return RolloutSpec(
         canary,
         _percent(model, CANARY_PERCENT, params[CANARY_PERCENT]) if canary is not None else 0.0,
@@ -140,7 +162,23 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
         shadow,
         _percent(model, SHADOW_PERCENT, params[SHADOW_PERCENT]) if SHADOW_PERCENT in params else 100.0,
         rollback == "true",
+        tuple(sorted((k, v.string_value) for k, v in config.parameters.items() if k.startswith(PREFIX))),
     )
+
+
+def with_rollout_parameters(config: mc.ModelConfig, parameters: tuple[tuple[str, str], ...]) -> mc.ModelConfig:
+    """`config` with these ``tensorgate.rollout.*`` parameters instead of its own (a copy; `config` itself when
+    they are the same). With none, what a version's signature is computed from: a new split (canary_percent 10 to
+    50) rebuilds the Rollout, not every version's session, statistics and cached answers."""
+    if tuple(sorted((k, v.string_value) for k, v in config.parameters.items() if k.startswith(PREFIX))) == parameters:
+        return config
+    copy = mc.ModelConfig()
+    copy.CopyFrom(config)
+    for key in [k for k in copy.parameters if k.startswith(PREFIX)]:
+        del copy.parameters[key]
+    for key, text in parameters:
+        copy.parameters[key].string_value = text
+    return copy
 
 
 def _bucket(request_id: str) -> tuple[float, float]:
@@ -163,8 +201,9 @@ class Rollout:
         self.shadow = spec.shadow if spec.shadow in served else None
         self.held: frozenset[str] = frozenset()
         """The alert rules firing on the canary, as the monitor last said."""
-        self.shadow_runs: Counter[str] = Counter()
-        """Shadow runs by outcome: ok, failed, dropped (kept across reloads, as a counter must be)."""
+        self.shadow_runs: Counter[tuple[str, str]] = Counter()
+        """Shadow runs by (shadow version, outcome: ok, failed, dropped), kept across reloads as a counter must be:
+        keyed by version, so that a new shadow version's runs are not added to the last one's."""
         self.shadow_in_flight = 0
         if previous is not None:
             self.shadow_runs = previous.shadow_runs

@@ -11,9 +11,11 @@ infer may label; the stream checks each message's model, as ModelStreamInfer doe
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -68,8 +70,44 @@ def decode_label(model: str, item: mpb.Feedback) -> np.ndarray:
     return np.asarray(list(item.labels), dtype=np.str_)
 
 
-Served = dict[str, dict[str, LabelRule | None]]
-"""The models loaded now: each version's label rule, by model name and version."""
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """A model loaded now, as feedback checks labels against it."""
+
+    rules: dict[str, LabelRule | None] = field(default_factory=dict)
+    """Each version's label rule, by version."""
+    shadow: str | None = None
+    """Its rollout's shadow version (repository/rollout.py): its runs repeat the ids of the requests the stable
+    version answered, so an id captured there and on another version was answered by the other."""
+
+
+Served = dict[str, ServedModel]
+"""The models loaded now, by name."""
+
+
+def _checked(
+    model: str, request_id: str, label: np.ndarray, version: str, outputs: dict[str, np.ndarray], served: ServedModel
+) -> np.ndarray:
+    """The label as stored for one version's capture: its rows counted, checked and converted by that version's
+    rule (a version no longer loaded: as sent). INVALID_ARGUMENT when that prediction cannot take it."""
+    n = rows_in(outputs)
+    if label.shape[0] != n:
+        raise InvalidRequestError(
+            model, None, f"request '{request_id}' had {n} row(s) but the feedback has {label.shape[0]} label(s)"
+        )
+    rule = served.rules.get(version)
+    return label if rule is None else rule.check(version, request_id, label, outputs)
+
+
+def answered_by(versions: dict[str, dict[str, np.ndarray]], shadow: str | None) -> str | None:
+    """Which of the versions that captured a request id answered its caller: the newest capture not made by the
+    model's shadow version, or None when only the shadow captured it (the caller's own capture was not sampled). A
+    version that was the shadow only before the last reload is taken as any other: its capture then counts if it
+    is the newest."""
+    return next((v for v in versions if v != shadow), None)
 
 
 def decode_window(model: str, window: mpb.Window) -> Window:
@@ -160,6 +198,8 @@ class MonitoringServicer:
         self._rules: dict[tuple[str, str, str], LabelRule | None] = {}
         """Label rules by (model, version, signature) of the versions loaded at the last call: built once per load,
         not per feedback item (the signature changes with the config and the label files)."""
+        self._skips: set[tuple[str, str]] = set()
+        """(model, version) that a label was skipped for (`_skipped`): logged at INFO once each."""
 
     def _served(self) -> Served:
         """The models loaded now with their label rules, read on the event loop (the repository lives there) for
@@ -169,7 +209,10 @@ class MonitoringServicer:
         for m in self._monitor.repository.loaded():
             key = (m.name, str(m.version), m.signature)
             rules[key] = self._rules[key] if key in self._rules else LabelRule.of(m)
-            served.setdefault(m.name, {})[key[1]] = rules[key]
+            versions = served.setdefault(m.name, ServedModel())
+            versions.rules[key[1]] = rules[key]
+            if m.rollout is not None and m.rollout.shadow is not None:
+                versions.shadow = str(m.rollout.shadow)
         self._rules = rules
         return served
 
@@ -177,46 +220,70 @@ class MonitoringServicer:
         """Blocking: wait for queued captures, check row counts and labels against the version that made each
         prediction (one no longer loaded: as sent), commit them; one error (or None) per item. An id of a model that
         is not `served` and has no captured predictions at all is most likely a misspelt model name, and its
-        NOT_FOUND says so."""
+        NOT_FOUND says so.
+
+        An id captured on several versions (a shadow version's run of the request, or an id sent again to another
+        version) has its label checked against each one's prediction and stored on each as that one converts it.
+        The caller hears only of the version that answered it (`answered_by`): a label that another version cannot
+        take (fewer classes, other class names) is stored where it fits and skipped there."""
         if self._capture is not None:
             self._capture.flush()
         store = self._monitor.store
         captured = store.captured(model, [request_id for request_id, _ in items])
-        rules = served.get(model, {})
+        versions = served.get(model, ServedModel())
         outcome: list[TensorgateError | None] = []
-        accepted: list[tuple[str, np.ndarray]] = []
+        accepted: list[tuple[str, np.ndarray, str]] = []
         unknown = (
             len(captured) < len(items)
             and model not in served
             and not store.predictions(model, limit=1, with_inputs=False)
         )
         for request_id, label in items:
-            if request_id not in captured:
+            by_version = captured.get(request_id)
+            if by_version is None:
                 outcome.append(PredictionNotFoundError(model, request_id, model_unknown=unknown))
                 continue
-            version, outputs = captured[request_id]
-            n = rows_in(outputs)
-            rule = rules.get(version)
-            try:
-                if label.shape[0] != n:
-                    raise InvalidRequestError(
-                        model,
-                        None,
-                        f"request '{request_id}' had {n} row(s) but the feedback has {label.shape[0]} label(s)",
+            answered = answered_by(by_version, versions.shadow)
+            checked: list[tuple[str, np.ndarray, str]] = []
+            error: TensorgateError | None = None
+            for version, outputs in by_version.items():
+                try:
+                    checked.append(
+                        (request_id, _checked(model, request_id, label, version, outputs, versions), version)
                     )
-                stored = label if rule is None else rule.check(version, request_id, label, outputs)
-            except InvalidRequestError as exc:
-                outcome.append(exc)
-                continue
-            outcome.append(None)
-            accepted.append((request_id, stored))
+                except InvalidRequestError as exc:
+                    if version == answered:
+                        error = exc
+                        break
+                    self._skipped(model, version, exc)
+            if error is None and not checked:  # only a shadow captured it, and cannot take it: as if uncaptured
+                error = PredictionNotFoundError(model, request_id)
+            outcome.append(error)
+            if error is None:
+                accepted.extend(checked)
         found = store.set_labels(model, accepted, time.time())
-        # An id pruned by retention between the two statements: NOT_FOUND after all.
-        gone = {rid for (rid, _), ok in zip(accepted, found, strict=True) if not ok}
+        # An id pruned by retention between the two statements (none of its captures left): NOT_FOUND after all.
+        kept = {rid for (rid, _, _), ok in zip(accepted, found, strict=True) if ok}
+        gone = {rid for rid, _, _ in accepted} - kept
         return [
             PredictionNotFoundError(model, rid) if err is None and rid in gone else err
             for (rid, _), err in zip(items, outcome, strict=True)
         ]
+
+    def _skipped(self, model: str, version: str, exc: InvalidRequestError) -> None:
+        """A label stored for the version that answered, which another version's prediction cannot take: said
+        once per model version at INFO (then at DEBUG), never to the caller."""
+        first = (model, version) not in self._skips
+        self._skips.add((model, version))
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "feedback: a label not stored for model '%s' version %s, which did not answer the request (a shadow "
+            "run): %s%s",
+            model,
+            version,
+            exc.message,
+            " (such labels are skipped for it from now on, logged at DEBUG)" if first else "",
+        )
 
     @errors.unary
     async def SubmitFeedback(self, request: mpb.SubmitFeedbackRequest, context: Context) -> mpb.SubmitFeedbackResponse:

@@ -625,10 +625,7 @@ class Metrics:
             certificates={port: reloader.not_after for port, reloader in self.certificates.items()},
             canary_shares=sorted(shares),
             shadow_runs={
-                (r.model, str(r.spec.shadow), outcome): n
-                for r in rollouts
-                if r.spec.shadow is not None
-                for outcome, n in r.shadow_runs.items()
+                (r.model, version, outcome): n for r in rollouts for (version, outcome), n in r.shadow_runs.items()
             },
         )
 
