@@ -95,6 +95,21 @@ def _bind_failure(host: str, port: int) -> str:
     return "gRPC gave no reason (set GRPC_VERBOSITY=debug to see its log)"
 
 
+def _warn_unmonitored_canaries(repository: ModelRepository) -> None:
+    """rollback_on_alert is on by default, and acts on the monitor's alerts: a server without --data-dir has no
+    monitor, so a canary that goes wrong keeps its share, though its config says it would be rolled back. Said once
+    per model, at start."""
+    for rollout in repository.rollouts():
+        if rollout.canary is not None and rollout.spec.rollback_on_alert:
+            log.warning(
+                "model '%s': tensorgate.rollout.rollback_on_alert is on for canary version %d, but the server has no "
+                "--data-dir, so nothing is monitored and no alert can fire to roll it back; start the server with "
+                "--data-dir (and alert rules, tensorgate.alert.*), or set rollback_on_alert to false",
+                rollout.model,
+                rollout.canary,
+            )
+
+
 def _health_status(serving: bool) -> int:
     return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -273,6 +288,8 @@ class TensorgateServer:
         if self.monitor is not None:  # a canary an alert fired on before a restart serves rolled back from the start
             self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing))
         await self.repository.load_many(names)
+        if self.monitor is None:
+            _warn_unmonitored_canaries(self.repository)
         heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever())

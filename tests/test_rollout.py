@@ -21,10 +21,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tensorgate.client import InferenceClient
-from tensorgate.client.errors import InvalidArgument, Unavailable
+from tensorgate.client.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from tensorgate.protos import GRPCInferenceServiceStub
 from tests.monitoring import copy_repository, digits_repository
-from tests.onnx_models import OPSET, busy_model, identity_model, scale_model, write_config
+from tests.onnx_models import (
+    OPSET,
+    accumulator_config,
+    accumulator_model,
+    busy_model,
+    identity_model,
+    scale_model,
+    write_config,
+)
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_bad_input import contents_request
@@ -529,3 +537,182 @@ def test_a_canary_whose_alert_fires_starts_rolled_back_after_an_unload_and_after
     with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
         assert _split(client, x, "restarted") == Counter({"1": 40}) and _canary_share(server) == 0.0
         assert server.app.monitor is not None and server.app.monitor.evaluations == 0
+
+
+# ----- sequences, and the error gate ------------------------------------------------------------------------------
+
+
+def test_every_step_of_a_sequence_reaches_the_version_its_sequence_started_on(tmp_path: Path) -> None:
+    """An accumulator (OUTPUT = the sum of the sequence's inputs so far) served as versions 1 and 2, canary 50%:
+    20 sequences of 4 steps, sent without request ids, all succeed, sum right, and each sequence's steps are
+    answered by one version. Split by each step's own id, the steps landed on a version where their sequence was
+    never started ("sequence N is not active"), or carried on another version's sum."""
+    repo = tmp_path / "models"
+    for version in ("1", "2"):
+        accumulator_model(repo / "acc" / version / "model.onnx")
+    config = (
+        accumulator_config("acc") + "version_policy { all {} }\n" + _params(canary_version="2", canary_percent="50")
+    )
+    write_config(repo, "acc", config)
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        versions: dict[int, set[str]] = {}
+        for sequence in range(1, 21):
+            for step in range(4):
+                result = client.infer(
+                    "acc",
+                    {"INPUT": np.full((1, 1), step + 1.0, np.float32)},
+                    sequence_id=sequence,
+                    sequence_start=step == 0,
+                    sequence_end=step == 3,
+                )
+                assert result["OUTPUT"].item() == sum(range(1, step + 2)), (sequence, step)
+                versions.setdefault(sequence, set()).add(result.version)
+    assert all(len(seen) == 1 for seen in versions.values()), versions
+    assert Counter(v for (v,) in versions.values()).keys() == {"1", "2"}  # the split still splits
+
+
+def _one_row(path: Path) -> Path:
+    """OUTPUT0 = 2 * INPUT0 reshaped to [1, 4] and back: right for one row, a run-time failure (INTERNAL) for
+    more."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["INPUT0", "one_row"], ["row"]),
+            helper.make_node("Mul", ["row", "two"], ["doubled"]),
+            helper.make_node("Shape", ["INPUT0"], ["shape"]),
+            helper.make_node("Reshape", ["doubled", "shape"], ["OUTPUT0"]),
+        ],
+        "one_row",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 4], np.int64), "one_row"),
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        ],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
+    return path
+
+
+def _failures(client: InferenceClient, n: int, tag: str, **kwargs: Any) -> tuple[Counter[str], int]:
+    """`n` two-row requests to m with ids `tag-i`: the versions that answered, and how many failed."""
+    answered: Counter[str] = Counter()
+    failed = 0
+    for i in range(n):
+        try:
+            answered[_version_of(client, f"{tag}-{i}", **kwargs)] += 1
+        except Internal:  # the canary's run on two rows
+            failed += 1
+    return answered, failed
+
+
+def _share_of_m(server: ServerThread) -> float:
+    return value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2")
+
+
+def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_loaded_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Canary version 2 fails every request of more than one row (INTERNAL), at 50%: once 20 routed requests
+    have ended there, all failed, it is rolled back (share 0, one WARNING) and every later request succeeds on
+    version 1, however many come. A load of the model starts its judgement afresh. Alerts, on quality and drift
+    only, never saw it: it kept failing its share of the requests for good."""
+    repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="50"), v2=_one_row)
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
+    served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
+    with served as server, InferenceClient(server.address) as client:
+        answered, failed = _failures(client, 100, "before")
+        assert failed == 20 and answered == Counter({"1": 80})
+        assert _share_of_m(server) == 0.0
+        assert _failures(client, 60, "after") == (Counter({"1": 60}), 0)
+        one = X[:1]
+        assert client.infer("m", {"INPUT0": one}, version="2")["OUTPUT0"].tolist() == (one * 2).tolist()
+        client.load("m")
+        assert _share_of_m(server) == 50.0
+        answered, failed = _failures(client, 30, "reloaded")
+        assert failed > 0 and set(answered) == {"1"}
+    said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
+    assert said == [
+        "model 'm': 20 of the last 20 requests routed to canary version 2 failed (100.0%, over max_error_percent "
+        "5%): rolled back, requests that name no version all go to stable version 1. None reaches the canary now "
+        "to judge it again: it stays rolled back until the model is loaded again (a config change, or "
+        "RepositoryModelLoad)"
+    ]
+
+
+def test_a_canary_too_slow_for_its_callers_deadlines_is_rolled_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Canary version 2 takes a quarter of a second a run, its callers allow 0.1 s: their calls end in
+    DEADLINE_EXCEEDED (cancelled by gRPC, or by the queue's timer), which the gate counts as the canary's."""
+    repo = _repo(
+        tmp_path / "models",
+        _params(canary_version="2", canary_percent="100"),
+        v2=lambda p: busy_model(p, iterations=60_000),
+    )
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        for i in range(100):  # 20 are enough; the server may hear of the last few after their callers
+            try:
+                answered = client.infer("m", {"INPUT0": X}, request_id=f"slow-{i}", timeout=0.1)
+            except DeadlineExceeded:
+                continue
+            assert answered.version == "1"  # rolled back
+            break
+        assert _share_of_m(server) == 0.0
+        assert {_version_of(client, f"after-{i}") for i in range(10)} == {"1"}
+    said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
+    assert len(said) == 1 and said[0].startswith("model 'm': 20 of the last 20 requests routed to canary version 2")
+
+
+@pytest.mark.parametrize(
+    "extra, send",
+    [
+        pytest.param(
+            _params(canary_version="2", canary_percent="50", max_error_percent="off"),
+            {},
+            id="gate-off",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="50", max_error_percent="100"),
+            {},
+            id="gate-at-100",
+        ),
+        pytest.param(
+            _params(canary_version="2", canary_percent="50"),
+            {"version": "2"},
+            id="failures-of-callers-naming-the-canary",
+        ),
+    ],
+)
+def test_failures_the_error_gate_does_not_judge_leave_the_canary_its_share(
+    tmp_path: Path, extra: str, send: dict[str, str]
+) -> None:
+    repo = _repo(tmp_path / "models", extra, v2=_one_row)
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        _, failed = _failures(client, 60, "r", **send)
+        assert failed >= 20
+        assert _share_of_m(server) == 50.0
+
+
+def test_requests_the_canary_refuses_as_invalid_do_not_roll_it_back(tmp_path: Path) -> None:
+    """Rows of 3 values to a model of 4: refused (INVALID_ARGUMENT) on either version, the caller's mistake."""
+    repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="50"))
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        for i in range(60):
+            with pytest.raises(InvalidArgument):
+                client.infer("m", {"INPUT0": np.zeros((1, 3), np.float32)}, request_id=f"bad-{i}")
+        assert _share_of_m(server) == 50.0
+
+
+@pytest.mark.parametrize("raw", ["ten", "-1", "101", ""])
+def test_a_max_error_percent_that_is_no_percent_fails_the_load(tmp_path: Path, raw: str) -> None:
+    repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="10", max_error_percent=raw))
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as server:
+        with InferenceClient(server.address) as client:
+            problem = (
+                f"failed to load model 'm': parameter 'tensorgate.rollout.max_error_percent' must be a number from "
+                f"0 to 100, or off, got {raw!r}"
+            )
+            with pytest.raises(Unavailable, match=re.escape(problem)):
+                client.load("m")

@@ -21,7 +21,7 @@ import logging
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +219,9 @@ class PredictionStore:
         self._lock = threading.Lock()
         self._repeats_logged: set[str] = set()
         """Models whose repeated request ids were logged (once per model and store)."""
+        self.after_insert: Callable[[Sequence[Prediction]], None] | None = None
+        """Called with the predictions `insert` stored, once committed, on the thread that stored them: feedback
+        labels a shadow version's capture that is stored after its request's label came (rpc/monitoring.py)."""
         if read_only:
             self._db = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
@@ -292,6 +295,8 @@ class PredictionStore:
                         model,
                         request_id,
                     )
+        if self.after_insert is not None:  # outside the lock: it may label what was stored
+            self.after_insert(predictions)
 
     def _repeated(self, model: str, version: str, request_ids: list[str]) -> str | None:
         """One of these ids that the model version already has (or that repeats among them); None when all are

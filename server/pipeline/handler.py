@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -31,11 +32,11 @@ from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
-from tensorgate.server.repository.rollout import MAX_SHADOW_IN_FLIGHT, SHADOW_DEADLINE_S, Rollout
+from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S, Rollout
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.scheduling.sequencer import Place
 from tensorgate.server.telemetry.statistics import ExecutionTimes
-from tensorgate.server.telemetry.tracing import Tracing
+from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, Tracing, cancelled_code
 
 if TYPE_CHECKING:
     from tensorgate.server.monitoring.capture import Capture, CaptureConfig
@@ -62,24 +63,66 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     return value
 
 
+def _sequence_id(req: InferRequest) -> int | str | None:
+    """The request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it); None
+    without a correlation ID (0 and "" mean none, as in Triton) or with one of another type (`_sequence_flags`
+    refuses it)."""
+    sequence_id = req.parameters.get("sequence_id")
+    if sequence_id is None or sequence_id == 0 or sequence_id == "":
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
+        return None
+    if isinstance(sequence_id, int) and sequence_id < 0:
+        # An int64_param is read as uint64, as Triton reads it: Triton's C++ client and perf_analyzer send IDs past
+        # 2**63 - 1 as their two's complement.
+        sequence_id += 2**64
+    return sequence_id
+
+
 def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
-    """The request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it) and its
-    `sequence_start` / `sequence_end` flags; None without a correlation ID (0 and "" mean none, as in Triton)."""
+    """The request's `sequence_id` (`_sequence_id`) and its `sequence_start` / `sequence_end` flags; None without
+    a correlation ID."""
     params = req.parameters
     start, end = params.get("sequence_start", False), params.get("sequence_end", False)
     for key, value in (("sequence_start", start), ("sequence_end", end)):
         if not isinstance(value, bool):
             raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a bool")
-    sequence_id = params.get("sequence_id")
-    if sequence_id is None or sequence_id == 0 or sequence_id == "":
+    sequence_id = _sequence_id(req)
+    if sequence_id is None:
+        if params.get("sequence_id") not in (None, 0, ""):
+            raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must be an integer or a string")
         return None
-    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
-        raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must be an integer or a string")
-    if isinstance(sequence_id, int) and sequence_id < 0:
-        # An int64_param is read as uint64, as Triton reads it: Triton's C++ client and perf_analyzer send IDs past
-        # 2**63 - 1 as their two's complement.
-        sequence_id += 2**64
     return SequenceFlags(sequence_id, bool(start), bool(end))
+
+
+def _split_key(req: InferRequest) -> str:
+    """What places a request that names no version in its model's rollout split: its sequence's id when it has
+    one, since every step of a sequence must reach the version that holds the sequence's state (split by their
+    own ids, steps landed on a version where their sequence was never started), and its own id otherwise."""
+    sequence_id = _sequence_id(req) if "sequence_id" in req.parameters else None
+    return req.id if sequence_id is None else f"sequence {sequence_id}"
+
+
+_SERVER_FAILURES = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN}
+)
+"""Failures that are the version's doing, which the canary's error gate counts: it failed to run, or to run in
+time. A request refused as invalid, or too many at once (RESOURCE_EXHAUSTED), would fail on the stable version
+as well: counting those would roll a canary back for its callers' mistakes or the load."""
+
+
+def _failed_on_server(exc: BaseException, req: InferRequest) -> bool:
+    """Whether a request's failure counts against the version that ran it (`_SERVER_FAILURES`): an unexpected
+    exception is INTERNAL at the boundary; a cancel is a deadline passed when gRPC cancelled at the caller's
+    deadline (`cancelled_code`: a version too slow for its callers), not when the caller hung up."""
+    if isinstance(exc, TensorgateError):
+        return exc.code in _SERVER_FAILURES
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = None if req.deadline is None else req.deadline - time.monotonic()
+        return cancelled_code(remaining, CALL_TIMEOUT.get()) == "DEADLINE_EXCEEDED"
+    return False
 
 
 def _classify(response: InferResponse, classifications: dict[str, int], schema: ModelSchema) -> None:
@@ -131,7 +174,7 @@ class InferenceHandler:
         started = time.perf_counter_ns()
         if not req.id:  # every response carries an id, so that feedback can name the prediction later
             req.id = _new_request_id()
-        model = self._repository.get(req.model, req.version, req.id)
+        model = self._repository.get(req.model, req.version, _split_key(req))
         version = str(model.version)
         if model.config.model_transaction_policy.decoupled:  # refused before it counts, as Triton refuses it
             raise UnimplementedError(
@@ -150,20 +193,27 @@ class InferenceHandler:
         # key then names that output too: a captured request's answer holds it, cached or not.
         sampled = None if self.capture is None else self.capture.sample(model.name, model.version, model.config)
         computed = outputs if sampled is None else sampled.computing(outputs)
+        # The rollout's error gate hears how a request routed to its canary ends; a request refused above (invalid)
+        # never ran there, and would be refused by the stable version too.
+        rollout = model.rollout
+        judged = rollout if rollout is not None and not req.version and rollout.judges(model.version) else None
         try:
             results, times = await self._execute_cached(
                 model, inputs, req.datatypes, computed, rows, req, priority, timeout_us, span, started
             )
             response = self._respond(model, version, req, outputs, results)
-        except BaseException:
+        except BaseException as exc:
             # CancelledError included: a caller that cancels, or a deadline gRPC enforces before the queue's own
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
+            if judged is not None:
+                judged.outcome(_failed_on_server(exc, req))
             raise
+        if judged is not None:
+            judged.outcome(False)
         if times is not None:  # None: answered from the cache, counted there as Triton counts a hit
             model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         self._answered(model, req, inputs, results, span, times, sampled)
-        rollout = model.rollout
         if rollout is not None and not req.version and model.version == rollout.stable and rollout.shadows(req.id):
             self._shadow(rollout, req, started)
         return response
@@ -171,12 +221,12 @@ class InferenceHandler:
     def _shadow(self, rollout: Rollout, req: InferRequest, started: int) -> None:
         """Run a request the stable version answered on the shadow version too, in the background: its caller
         has its answer already and never hears of this run. A sequence's request is not mirrored (it would move
-        the shadow's sequence state). Past MAX_SHADOW_IN_FLIGHT runs of the model at once it is dropped: the
+        the shadow's sequence state). Past shadow_max_in_flight runs of the model at once it is dropped: the
         shadow must not take the machine from the live path."""
         if "sequence_id" in req.parameters or self._closed:
             return
         version = str(rollout.shadow)
-        if rollout.shadow_in_flight >= MAX_SHADOW_IN_FLIGHT:
+        if rollout.shadow_in_flight >= rollout.spec.shadow_max_in_flight:
             rollout.shadow_runs[version, "dropped"] += 1
             return
         rollout.shadow_in_flight += 1

@@ -64,6 +64,7 @@ from tensorgate.server.repository.config import (
 )
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_ensemble, plan_of
 from tensorgate.server.repository.labels import read_labels
+from tensorgate.server.repository.parameters import check_parameter_keys
 from tensorgate.server.repository.paths import inside, within
 from tensorgate.server.repository.rollout import Rollout, RolloutSpec, parse_rollout, with_rollout_parameters
 from tensorgate.server.repository.schema import ModelSchema
@@ -349,7 +350,8 @@ class ModelRepository:
 
     def get(self, name: str, version: str, request_id: str = "") -> LoadedModel:
         """The version to serve; NOT_FOUND for unknown models/versions, UNAVAILABLE for ones not ready. A request
-        that names no version goes to the highest served one, or where the model's rollout sends its `request_id`."""
+        that names no version goes to the highest served one, or where the model's rollout sends `request_id` (the
+        request's id, or its sequence's, so that a sequence's steps all reach one version)."""
         entry = self._entries.get(name)
         if entry is None:
             if self._model_dir(name, must_exist=False) is not None:
@@ -481,6 +483,7 @@ class ModelRepository:
             base, mbs_given = read_config(model_dir)
         check_backend(base)
         check_supported(base)
+        check_parameter_keys(base)
         fill_defaults(base)
         _check_alert_rules(base)
         if base.response_cache.enable and self._response_cache is False:  # as Triton, it serves; but say why uncached

@@ -3,14 +3,18 @@
     spec = parse_rollout(config, wanted=[1, 2], previously=[])      # at load; None without tensorgate.rollout.*
     rollout = Rollout(config.name, spec, served=[1, 2])
     version = rollout.choose(request_id)                            # per request that names no version
+    if rollout.judges(version): ... rollout.outcome(failed)        # the canary's routed requests, as they end
 
 The split is sticky per request id (a hash of the id, not a draw), so that a client retrying with its id reaches
 the version that answered it first, and a label sent later for that id is judged against the version that made
-the prediction. Requests naming a version explicitly never come here (ModelRepository.get).
+the prediction; a sequence's requests are split by their sequence id instead, so that its steps all reach the
+version that holds its state. Requests naming a version explicitly never come here (ModelRepository.get).
 
 The monitor tells every rollout which alert rules fire on its canary (`follow`, through the repository on the
 event loop, which also hands a new rollout the last word it had); while any does and
-``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0.
+``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0. The handler tells it how each request
+routed to the canary ended (`outcome`): once more than ``tensorgate.rollout.max_error_percent`` of the last
+ERROR_WINDOW failed on the server's side, the canary's share is 0 until the model is loaded again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import difflib
 import logging
 import math
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -28,7 +32,8 @@ from tensorgate.server.decimal_text import parse_canonical
 from tensorgate.server.errors import ModelLoadError
 
 __all__ = [
-    "MAX_SHADOW_IN_FLIGHT",
+    "DEFAULT_SHADOW_MAX_IN_FLIGHT",
+    "ERROR_WINDOW",
     "PREFIX",
     "SHADOW_DEADLINE_S",
     "Rollout",
@@ -46,15 +51,34 @@ STABLE_VERSION = PREFIX + "stable_version"
 SHADOW_VERSION = PREFIX + "shadow_version"
 SHADOW_PERCENT = PREFIX + "shadow_percent"
 ROLLBACK_ON_ALERT = PREFIX + "rollback_on_alert"
-_KEYS = (CANARY_VERSION, CANARY_PERCENT, STABLE_VERSION, SHADOW_VERSION, SHADOW_PERCENT, ROLLBACK_ON_ALERT)
+MAX_ERROR_PERCENT = PREFIX + "max_error_percent"
+SHADOW_MAX_IN_FLIGHT = PREFIX + "shadow_max_in_flight"
+_KEYS = (
+    CANARY_VERSION,
+    CANARY_PERCENT,
+    STABLE_VERSION,
+    SHADOW_VERSION,
+    SHADOW_PERCENT,
+    ROLLBACK_ON_ALERT,
+    MAX_ERROR_PERCENT,
+    SHADOW_MAX_IN_FLIGHT,
+)
 
-MAX_SHADOW_IN_FLIGHT = 4
-"""Shadow runs of one model at once; beyond it a shadow run is dropped (and counted): the shadow version shares
-the machine with the live path, which must never wait for it."""
+DEFAULT_MAX_ERROR_PERCENT = 5.0
+ERROR_WINDOW = 100
+"""The canary's last routed requests whose failures the error gate counts: enough that one unlucky request
+weighs 1%, few enough that a version failing a third of its requests goes within a few hundred requests."""
+ERROR_MIN_REQUESTS = 20
+"""Routed requests the canary must have ended before the gate judges it: 2 failures of the first 3 are not 66%."""
+
+DEFAULT_SHADOW_MAX_IN_FLIGHT = 4
+"""Shadow runs of one model at once unless ``tensorgate.rollout.shadow_max_in_flight`` says otherwise; beyond it a
+shadow run is dropped (and counted): the shadow version shares the machine with the live path, which must never
+wait for it."""
 
 SHADOW_DEADLINE_S = 30.0
 """The longest a shadow run may take: the caller's own budget, at most this, or this when the caller set none. A
-shadow version that never answers must give its MAX_SHADOW_IN_FLIGHT places back, or every later run is dropped."""
+shadow version that never answers must give its places back, or every later run is dropped."""
 
 _BUCKETS = 10_000
 """A request id's place in [0, 100) in steps of 0.01: percents with two decimals split exactly."""
@@ -73,6 +97,11 @@ class RolloutSpec:
     parameters: tuple[tuple[str, str], ...] = ()
     """The ``tensorgate.rollout.*`` parameters as the config writes them, sorted: what a version kept unchanged
     across a reload gets in its config (`with_rollout_parameters`), since they are no part of its signature."""
+    max_error_percent: float | None = DEFAULT_MAX_ERROR_PERCENT
+    """The canary's failure rate (percent of its last ERROR_WINDOW routed requests) above which it is rolled
+    back; None ("off") for no error gate."""
+    shadow_max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
+    """Shadow runs of the model at once, beyond which one is dropped."""
 
 
 def _version(model: str, key: str, raw: str, wanted: Collection[int], previously: Collection[int]) -> int:
@@ -99,6 +128,17 @@ def _percent(model: str, key: str, raw: str) -> float:
     return value
 
 
+def _shadow_cap(model: str, raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_SHADOW_MAX_IN_FLIGHT
+    number = parse_canonical(raw)
+    if number is None or number < 1:
+        raise ModelLoadError(
+            model, None, f"parameter '{SHADOW_MAX_IN_FLIGHT}' must be a whole number of shadow runs >= 1, got {raw!r}"
+        )
+    return number
+
+
 def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: Collection[int]) -> RolloutSpec | None:
     """The rollout a config asks for, checked against the versions this load serves (`wanted`); None when it sets
     no ``tensorgate.rollout.*`` parameter. A canary or shadow version among those served until now
@@ -115,7 +155,8 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
                 f": did you mean '{close[0]}'?" if close else f" (known: {', '.join(k[len(PREFIX) :] for k in _KEYS)})"
             )
             raise ModelLoadError(model, None, f"unknown parameter '{key}'{hint}")
-    for version_key, percent_key in ((CANARY_VERSION, CANARY_PERCENT), (SHADOW_VERSION, SHADOW_PERCENT)):
+    needs = ((CANARY_VERSION, CANARY_PERCENT), (SHADOW_VERSION, SHADOW_PERCENT), (SHADOW_VERSION, SHADOW_MAX_IN_FLIGHT))
+    for version_key, percent_key in needs:
         if percent_key in params and version_key not in params:
             raise ModelLoadError(model, None, f"parameter '{percent_key}' needs '{version_key}'")
     if CANARY_VERSION in params and CANARY_PERCENT not in params:
@@ -155,6 +196,14 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
             f"parameters '{CANARY_VERSION}' and '{SHADOW_VERSION}' both name version {canary}: a canary answers "
             "callers, a shadow only mirrors the stable version; name another version for one of them",
         )
+    max_error: float | None = DEFAULT_MAX_ERROR_PERCENT
+    if MAX_ERROR_PERCENT in params:
+        raw = params[MAX_ERROR_PERCENT]
+        try:
+            max_error = None if raw.lower() == "off" else _percent(model, MAX_ERROR_PERCENT, raw)
+        except ModelLoadError:
+            why = f"parameter '{MAX_ERROR_PERCENT}' must be a number from 0 to 100, or off, got {raw!r}"
+            raise ModelLoadError(model, None, why) from None
     return RolloutSpec(
         canary,
         _percent(model, CANARY_PERCENT, params[CANARY_PERCENT]) if canary is not None else 0.0,
@@ -163,6 +212,8 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
         _percent(model, SHADOW_PERCENT, params[SHADOW_PERCENT]) if SHADOW_PERCENT in params else 100.0,
         rollback == "true",
         tuple(sorted((k, v.string_value) for k, v in config.parameters.items() if k.startswith(PREFIX))),
+        max_error_percent=max_error,
+        shadow_max_in_flight=_shadow_cap(model, params.get(SHADOW_MAX_IN_FLIGHT)),
     )
 
 
@@ -190,7 +241,8 @@ def _bucket(request_id: str) -> tuple[float, float]:
 
 class Rollout:
     """One model's split as served now: `choose` for each request that names no version, `shadows` for those
-    that go to the stable version, `follow` for the alerts the monitor sees on the canary."""
+    that go to the stable version, `follow` for the alerts the monitor sees on the canary, `outcome` for how the
+    requests routed to the canary end (while `judges` says they count)."""
 
     def __init__(self, model: str, spec: RolloutSpec, served: Collection[int], previous: Rollout | None = None) -> None:
         self.model = model
@@ -205,6 +257,13 @@ class Rollout:
         """Shadow runs by (shadow version, outcome: ok, failed, dropped), kept across reloads as a counter must be:
         keyed by version, so that a new shadow version's runs are not added to the last one's."""
         self.shadow_in_flight = 0
+        self.outcomes: deque[bool] = deque(maxlen=ERROR_WINDOW)
+        """Whether each of the canary's last routed requests failed on the server's side (`outcome`). Not carried
+        from `previous`: a load starts the canary's judgement afresh, the only way back after the gate trips."""
+        self.failures = 0
+        """The failures among `outcomes`."""
+        self.tripped = False
+        """The error gate rolled the canary back (until the model is loaded again)."""
         if previous is not None:
             self.shadow_runs = previous.shadow_runs
             if previous.canary == self.canary:
@@ -226,7 +285,7 @@ class Rollout:
                 )
 
     def _share(self) -> float:
-        if self.canary is None or (self.held and self.spec.rollback_on_alert):
+        if self.canary is None or self.tripped or (self.held and self.spec.rollback_on_alert):
             return 0.0
         return self.spec.canary_percent
 
@@ -237,6 +296,42 @@ class Rollout:
         if share <= 0 or not request_id:
             return self.stable
         return self.canary if _bucket(request_id)[0] < share and self.canary is not None else self.stable
+
+    def judges(self, version: int) -> bool:
+        """Whether a request routed to `version` counts towards the error gate: the canary's, while the gate is
+        on and has not tripped (the only cost of the gate, for the requests of models with a rollout)."""
+        return version == self.canary and not self.tripped and self.spec.max_error_percent is not None
+
+    def outcome(self, failed: bool) -> None:
+        """How a request routed to the canary ended (`judges`): failed on the server's side or not. Past
+        ERROR_MIN_REQUESTS of them, more than max_error_percent failed among the last ERROR_WINDOW rolls the
+        canary back: no routed request reaches it after that, so nothing could judge it well again, and it stays
+        rolled back until the model is loaded again."""
+        limit = self.spec.max_error_percent
+        if self.tripped or limit is None or self.canary is None:  # a request that started before the gate tripped
+            return
+        window = self.outcomes
+        if len(window) == window.maxlen:
+            self.failures -= window[0]
+        window.append(failed)
+        self.failures += failed
+        if not failed or len(window) < ERROR_MIN_REQUESTS or self.failures * 100 <= limit * len(window):
+            return
+        self.tripped = True
+        self.share = self._share()
+        log.warning(
+            "model '%s': %d of the last %d requests routed to canary version %d failed (%.1f%%, over "
+            "max_error_percent %g%%): rolled back, requests that name no version all go to stable version %d. None "
+            "reaches the canary now to judge it again: it stays rolled back until the model is loaded again (a "
+            "config change, or RepositoryModelLoad)",
+            self.model,
+            self.failures,
+            len(window),
+            self.canary,
+            self.failures * 100 / len(window),
+            limit,
+            self.stable,
+        )
 
     def shadows(self, request_id: str) -> bool:
         """Whether a request the stable version answered also runs on the shadow version."""
@@ -263,6 +358,14 @@ class Rollout:
                 ", ".join(sorted(held)),
                 self.canary,
                 self.stable,
+            )
+        elif was and not held and self.tripped:
+            log.warning(
+                "model '%s': alert %s on canary version %d resolved: it stays rolled back for its errors until the "
+                "model is loaded again",
+                self.model,
+                ", ".join(sorted(was)),
+                self.canary,
             )
         elif was and not held:
             log.warning(

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,8 @@ from tensorgate.server.monitoring.errors import PredictionNotFoundError
 from tensorgate.server.monitoring.label_check import LabelRule
 from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Window
 from tensorgate.server.monitoring.quality import QualityReport
-from tensorgate.server.monitoring.store import rows_in
+from tensorgate.server.monitoring.store import Prediction, rows_in
+from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S
 from tensorgate.server.rpc import errors
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.telemetry.tracing import Tracing
@@ -45,6 +48,12 @@ MAX_BATCH_ITEMS = 10_000
 MAX_ID_CHARS = 256
 # SubmitFeedbackStream commits the items that have arrived while the previous commit ran together, up to this many.
 STREAM_COMMIT_ITEMS = 1000
+LATE_LABEL_S = 2 * SHADOW_DEADLINE_S
+"""How long a label waits for the shadow version's capture of its request (`LateLabels`): a shadow run ends by
+SHADOW_DEADLINE_S, and its capture is stored soon after."""
+MAX_LATE_LABELS = 100_000
+"""Labels waiting at most (the oldest go first): a shadow that runs for a share of the requests only, or whose runs
+are dropped, leaves labels that no capture will come for."""
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -100,6 +109,45 @@ def _checked(
         )
     rule = served.rules.get(version)
     return label if rule is None else rule.check(version, request_id, label, outputs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    label: np.ndarray
+    """As sent: the shadow version's rule checks and converts it, as it would have at once."""
+    served: ServedModel
+    timestamp: float
+    """When it was acknowledged (its label_ts)."""
+
+
+class LateLabels:
+    """Labels of requests whose shadow run had not been captured yet when the label came, by (model, request id,
+    shadow version), until that capture is stored. A label is sent as soon as the caller has its answer, while the
+    shadow (slower, or queued behind the live traffic) still runs: without them only the stable version's capture
+    would be labelled, and the shadow judged on the few labels that came late. Kept in memory for LATE_LABEL_S at
+    most: labels sent to one process for a shadow run captured by another (--reuse-port), or before a restart,
+    are not carried over. Thread-safe: feedback holds them, the capture writer takes them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: OrderedDict[tuple[str, str, str], _Waiting] = OrderedDict()
+
+    def hold(self, key: tuple[str, str, str], waiting: _Waiting) -> None:
+        with self._lock:
+            self._waiting[key] = waiting
+            self._waiting.move_to_end(key)
+            oldest = waiting.timestamp - LATE_LABEL_S
+            while self._waiting and (
+                len(self._waiting) > MAX_LATE_LABELS or next(iter(self._waiting.values())).timestamp < oldest
+            ):
+                self._waiting.popitem(last=False)
+
+    def take(self, key: tuple[str, str, str]) -> _Waiting | None:
+        """The label waiting for this capture, once: whoever takes it stores it."""
+        if not self._waiting:  # most captures: no lock taken
+            return None
+        with self._lock:
+            return self._waiting.pop(key, None)
 
 
 def answered_by(versions: dict[str, dict[str, np.ndarray]], shadow: str | None) -> str | None:
@@ -200,6 +248,8 @@ class MonitoringServicer:
         not per feedback item (the signature changes with the config and the label files)."""
         self._skips: set[tuple[str, str]] = set()
         """(model, version) that a label was skipped for (`_skipped`): logged at INFO once each."""
+        self._late = LateLabels()
+        monitor.store.after_insert = self._label_late
 
     def _served(self) -> Served:
         """The models loaded now with their label rules, read on the event loop (the repository lives there) for
@@ -225,7 +275,8 @@ class MonitoringServicer:
         An id captured on several versions (a shadow version's run of the request, or an id sent again to another
         version) has its label checked against each one's prediction and stored on each as that one converts it.
         The caller hears only of the version that answered it (`answered_by`): a label that another version cannot
-        take (fewer classes, other class names) is stored where it fits and skipped there."""
+        take (fewer classes, other class names) is stored where it fits and skipped there. An id accepted before
+        the model's shadow version captured it waits for that capture (`LateLabels`)."""
         if self._capture is not None:
             self._capture.flush()
         store = self._monitor.store
@@ -233,6 +284,8 @@ class MonitoringServicer:
         versions = served.get(model, ServedModel())
         outcome: list[TensorgateError | None] = []
         accepted: list[tuple[str, np.ndarray, str]] = []
+        now = time.time()
+        held: list[str] = []
         unknown = (
             len(captured) < len(items)
             and model not in served
@@ -261,7 +314,14 @@ class MonitoringServicer:
             outcome.append(error)
             if error is None:
                 accepted.extend(checked)
-        found = store.set_labels(model, accepted, time.time())
+                if versions.shadow is not None and versions.shadow not in by_version:
+                    self._late.hold((model, request_id, versions.shadow), _Waiting(label, versions, now))
+                    held.append(request_id)
+        found = store.set_labels(model, accepted, now)
+        if held and versions.shadow is not None:  # a shadow capture stored since `captured`, before its label waited
+            for request_id, late in store.captured(model, held).items():
+                if versions.shadow in late:
+                    self._store_late(model, request_id, versions.shadow, late[versions.shadow])
         # An id pruned by retention between the two statements (none of its captures left): NOT_FOUND after all.
         kept = {rid for (rid, _, _), ok in zip(accepted, found, strict=True) if ok}
         gone = {rid for rid, _, _ in accepted} - kept
@@ -269,6 +329,26 @@ class MonitoringServicer:
             PredictionNotFoundError(model, rid) if err is None and rid in gone else err
             for (rid, _), err in zip(items, outcome, strict=True)
         ]
+
+    def _label_late(self, predictions: Sequence[Prediction]) -> None:
+        """The capture writer stored these: label those a label was waiting for (`LateLabels`). Never raises: the
+        captures are stored, whatever happens to a label."""
+        for p in predictions:
+            try:
+                self._store_late(p.model, p.id, p.version, p.outputs)
+            except Exception:  # noqa: BLE001 - the capture writer must not count a stored batch as lost
+                log.exception("feedback: labelling model '%s' version %s's late capture failed", p.model, p.version)
+
+    def _store_late(self, model: str, request_id: str, version: str, outputs: dict[str, np.ndarray]) -> None:
+        waiting = self._late.take((model, request_id, version))
+        if waiting is None:
+            return
+        try:
+            label = _checked(model, request_id, waiting.label, version, outputs, waiting.served)
+        except InvalidRequestError as exc:
+            self._skipped(model, version, exc)
+            return
+        self._monitor.store.set_labels(model, [(request_id, label, version)], waiting.timestamp)
 
     def _skipped(self, model: str, version: str, exc: InvalidRequestError) -> None:
         """A label stored for the version that answered, which another version's prediction cannot take: said
