@@ -23,6 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tensorgate.client import InferenceClient
 from tensorgate.client.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.server.errors import BackendError, DeadlineExceededError, ServerUnavailableError
+from tensorgate.server.pipeline.handler import _failed_on_server
+from tensorgate.server.pipeline.types import InferRequest
+from tensorgate.server.repository.rollout import CANARY_PERCENT, Rollout, RolloutSpec
+from tensorgate.server.rpc.drain import DRAINING
 from tests.monitoring import copy_repository, digits_repository
 from tests.onnx_models import (
     OPSET,
@@ -571,9 +576,9 @@ def test_every_step_of_a_sequence_reaches_the_version_its_sequence_started_on(tm
     assert Counter(v for (v,) in versions.values()).keys() == {"1", "2"}  # the split still splits
 
 
-def _one_row(path: Path) -> Path:
+def _one_row(path: Path, name: str = "one_row") -> Path:
     """OUTPUT0 = 2 * INPUT0 reshaped to [1, 4] and back: right for one row, a run-time failure (INTERNAL) for
-    more."""
+    more. Another `name`: other bytes, the same behaviour."""
     graph = helper.make_graph(
         [
             helper.make_node("Reshape", ["INPUT0", "one_row"], ["row"]),
@@ -581,7 +586,7 @@ def _one_row(path: Path) -> Path:
             helper.make_node("Shape", ["INPUT0"], ["shape"]),
             helper.make_node("Reshape", ["doubled", "shape"], ["OUTPUT0"]),
         ],
-        "one_row",
+        name,
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4])],
         initializer=[
@@ -615,8 +620,9 @@ def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_load
 ) -> None:
     """Canary version 2 fails every request of more than one row (INTERNAL), at 50%: once 20 routed requests
     have ended there, all failed, it is rolled back (share 0, one WARNING) and every later request succeeds on
-    version 1, however many come. A load of the model starts its judgement afresh. Alerts, on quality and drift
-    only, never saw it: it kept failing its share of the requests for good."""
+    version 1, however many come. A load that keeps its build (the same files) keeps it rolled back (it used to
+    give it its share again, silently); a load of new files for it judges it afresh, with a WARNING. Alerts, on
+    quality and drift only, never saw it: it kept failing its share of the requests for good."""
     repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="50"), v2=_one_row)
     caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
     served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
@@ -628,15 +634,20 @@ def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_load
         one = X[:1]
         assert client.infer("m", {"INPUT0": one}, version="2")["OUTPUT0"].tolist() == (one * 2).tolist()
         client.load("m")
+        assert _share_of_m(server) == 0.0
+        _one_row(repo / "m" / "2" / "model.onnx", name="rebuilt")  # new files: a new build of version 2
+        client.load("m")
         assert _share_of_m(server) == 50.0
         answered, failed = _failures(client, 30, "reloaded")
         assert failed > 0 and set(answered) == {"1"}
     said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
     assert said == [
-        "model 'm': 20 of the last 20 requests routed to canary version 2 failed (100.0%, over max_error_percent "
-        "5%): rolled back, requests that name no version all go to stable version 1. None reaches the canary now "
-        "to judge it again: it stays rolled back until the model is loaded again (a config change, or "
-        "RepositoryModelLoad)"
+        "model 'm': 20 of the last 20 requests routed to canary version 2 failed (100.0%, against 0.0% on stable "
+        "version 1: over max_error_percent 5 points): rolled back, requests that name no version all go to stable "
+        "version 1. None reaches the canary now to judge it again: it stays rolled back until its build or "
+        "max_error_percent changes, or the model is unloaded and loaded again",
+        "model 'm': canary version 2, rolled back for its errors, is judged afresh (a new build): 50% of the "
+        "requests that name no version go to it again",
     ]
 
 
@@ -716,3 +727,102 @@ def test_a_max_error_percent_that_is_no_percent_fails_the_load(tmp_path: Path, r
             )
             with pytest.raises(Unavailable, match=re.escape(problem)):
                 client.load("m")
+
+
+# ----- the error gate against the stable version, and across rebuilds (review 104) -----------------------------
+
+
+def _spec(percent: float = 10.0, max_error: float | None = 5.0) -> RolloutSpec:
+    """Canary 2 at `percent`, stable 1, as parse_rollout would make it."""
+    return RolloutSpec(2, percent, 1, None, 100.0, True, ((CANARY_PERCENT, f"{percent:g}"),), max_error)
+
+
+def _end(rollout: Rollout, version: int, total: int, failed: int) -> None:
+    """`total` requests routed to `version` end, the last `failed` of them failed."""
+    for i in range(total):
+        rollout.outcome(version, i >= total - failed)
+
+
+def test_failures_both_versions_share_leave_the_canary_its_share() -> None:
+    """A load spike times out 8% of the requests on both versions: the canary is judged against the stable
+    version (it used to be rolled back alone, at 8% over 5%). Past 5 points above the stable's, it goes."""
+    rollout = Rollout("m", _spec(), [1, 2])
+    _end(rollout, 1, 100, 8)
+    _end(rollout, 2, 100, 8)
+    assert (rollout.tripped, rollout.share) == (False, 10.0)
+    _end(rollout, 2, 20, 6)  # 14 of its last 100 against 8: 6 points over
+    assert (rollout.tripped, rollout.share) == (True, 0.0)
+
+
+def test_two_slow_cold_start_requests_of_the_first_twenty_do_not_roll_the_canary_back() -> None:
+    """2 of 20 is 10%, over the default 5%, but 2 failures are no broken version: it takes ERROR_MIN_FAILURES."""
+    rollout = Rollout("m", _spec(), [1, 2])
+    _end(rollout, 2, 20, 2)
+    assert (rollout.tripped, rollout.share) == (False, 10.0)
+    _end(rollout, 2, 10, 3)  # 5 of 30
+    assert rollout.tripped
+
+
+@pytest.mark.parametrize(
+    "exc, counted",
+    [
+        pytest.param(
+            ServerUnavailableError(f"model 'm' version 2 did not run the request; {DRAINING}"), False, id="drain"
+        ),
+        pytest.param(ServerUnavailableError("model 'm' version 2 is being unloaded"), False, id="unload"),
+        pytest.param(BackendError("m", 2, "the run failed"), True, id="run-failed"),
+        pytest.param(DeadlineExceededError("model 'm' version 2: timed out in the queue"), True, id="deadline"),
+    ],
+)
+def test_the_servers_own_refusals_do_not_count_against_the_version(exc: Exception, counted: bool) -> None:
+    req = InferRequest("m", "", "r-1", {}, {})
+    assert _failed_on_server(exc, req) is counted
+
+
+def test_a_new_split_keeps_a_tripped_canary_rolled_back_until_its_build_or_gate_changes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Tripped at 10%, a ramp step to 25% (the same canary build) used to give it 25% again, silently. A new build
+    of the canary (new files), or a new max_error_percent, judges it afresh, with a WARNING."""
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
+    stable, canary = object(), object()
+    tripped = Rollout("m", _spec(10.0), {1: stable, 2: canary})
+    _end(tripped, 2, 20, 20)
+    assert tripped.tripped
+    ramped = Rollout("m", _spec(25.0), {1: stable, 2: canary}, previous=tripped)
+    assert (ramped.tripped, ramped.share) == (True, 0.0)
+    caplog.clear()
+    rebuilt = Rollout("m", _spec(25.0), {1: stable, 2: object()}, previous=ramped)
+    assert (rebuilt.tripped, rebuilt.share, len(rebuilt.outcomes.window)) == (False, 25.0, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'm': canary version 2, rolled back for its errors, is judged afresh (a new build): 25% of the "
+        "requests that name no version go to it again"
+    ]
+    _end(rebuilt, 2, 20, 20)
+    regated = Rollout("m", _spec(25.0, max_error=50.0), {1: stable, 2: rebuilt._canary_build}, previous=rebuilt)
+    assert (regated.tripped, regated.share) == (False, 25.0)
+
+
+def test_shadow_runs_going_through_a_rebuild_still_count_against_the_bound() -> None:
+    """Runs started under one split end under the next: the count is the model's, not the split's (it used to
+    start at 0 on every rebuild, and quick ramp steps let more than shadow_max_in_flight run at once)."""
+    spec = RolloutSpec(None, 0.0, 1, 2, 100.0, True)
+    first = Rollout("m", spec, [1, 2])
+    first.shadow_in_flight += 3
+    second = Rollout("m", spec, [1, 2], previous=first)
+    assert second.shadow_in_flight == 3
+    first.shadow_in_flight -= 1  # a run started under the first split ends
+    assert second.shadow_in_flight == 2
+
+
+def test_answers_from_the_response_cache_do_not_count_as_the_canarys_successes(tmp_path: Path) -> None:
+    """A single row answered once and then 60 times from the cache, then 20 runs that fail: 20 of 21 runs failed.
+    The hits used to count as 60 successes (20 of 81, under max_error_percent 30)."""
+    extra = _params(canary_version="2", canary_percent="100", max_error_percent="30")
+    repo = _repo(tmp_path / "models", extra + "response_cache { enable: true }\n", v2=_one_row)
+    with ServerThread(repo, response_cache_bytes=1 << 20) as server, InferenceClient(server.address) as client:
+        for i in range(61):
+            assert client.infer("m", {"INPUT0": X[:1]}, request_id=f"one-{i}").version == "2"
+        answered, failed = _failures(client, 20, "two")
+        assert failed == 19 and answered == Counter({"1": 1})
+        assert _share_of_m(server) == 0.0

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,9 +18,12 @@ import pytest
 from tensorgate.client import InferenceClient
 from tensorgate.client.errors import Unavailable
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.errors import ModelLoadError
+from tensorgate.server.monitoring.store import Prediction
 from tensorgate.server.repository.parameters import KNOWN, check_parameter_keys
 from tensorgate.server.repository.rollout import _KEYS as ROLLOUT_KEYS
 from tensorgate.server.repository.rollout import PREFIX as ROLLOUT_PREFIX
+from tensorgate.server.rpc.monitoring import MonitoringServicer, ServedModel, _Waiting
 from tests.onnx_models import busy_model, identity_model, write_config
 from tests.serving import ServerThread
 from tests.test_rollout import X, _eventually, _params, _repo, _shadow_runs
@@ -195,3 +200,116 @@ def test_a_canary_whose_rollback_cannot_act_is_warned_about_at_start(
         "--data-dir (and alert rules, tensorgate.alert.*), or set rollback_on_alert to false"
     ]
     assert found == (expected if warned else [])
+
+
+# ----- other tools' keys, and hints from the key's own family (review 104) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "tensorrt.execution_provider",
+        "tensorrt.pad_batches",
+        "tensorrt.sha256",
+        "ort.graph_optimization_level",
+        "ort.intra_op_spinning",
+        "tensorflow.graph_optimization_level",
+        "x.tensorgate.task",
+    ],
+)
+def test_another_tools_key_that_resembles_ours_passes_the_check(key: str) -> None:
+    """Whole-key similarity took these for typos of tensorgate's (tensorrt.sha256 for tensorgate.sha256), and a
+    config that loaded before failed: only a near miss of the ``tensorgate`` part makes a key ours."""
+    config = mc.ModelConfig(name="m")
+    config.parameters[key].string_value = "1"
+    check_parameter_keys(config)
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        pytest.param("tensorgat.rollout.canary_version", "did you mean 'tensorgate.rollout.canary_version'?"),
+        pytest.param("tensorgate.rolout.canary_version", "did you mean 'tensorgate.rollout.canary_version'?"),
+        pytest.param("tensorgte.task", "did you mean 'tensorgate.task'?"),
+        pytest.param("tensorgat.owner", "(tensorgate reads no parameter of that name)"),
+        pytest.param("tensorgate.drift.reference", "did you mean 'tensorgate.drift.reference_requests'?"),
+        pytest.param("tensorgate.alerts", "did you mean 'tensorgate.alert.<key>'?"),
+    ],
+)
+def test_a_near_miss_is_refused_with_a_hint_from_its_own_family(key: str, hint: str) -> None:
+    """'tensorgate.drift.reference' used to be offered the remote backend's 'tensorgate.triton.reference', and
+    'tensorgate.alerts' 'tensorgate.task'."""
+    config = mc.ModelConfig(name="m")
+    config.parameters[key].string_value = "1"
+    with pytest.raises(ModelLoadError) as info:
+        check_parameter_keys(config)
+    assert (
+        info.value.message
+        == f"failed to load model 'm': unknown parameter '{key}'{' ' if hint[0] == '(' else ': '}{hint}"
+    )
+
+
+# ----- late labels: batched, and held only for the ids a shadow runs (review 104) ---------------------------------
+
+
+def _classes_repo(root: Path, rollout: str) -> Path:
+    """Model c, versions 1 and 2 alike: 10 classes (argmax of the input), with `rollout`'s parameters."""
+    for version in ("1", "2"):
+        identity_model(root / "c" / version / "model.onnx", "FP32", shape=("batch", 10))
+    write_config(
+        root,
+        "c",
+        'name: "c" max_batch_size: 8 version_policy { all {} }\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n' + rollout,
+    )
+    return root
+
+
+def _feedback_servicer(server: ServerThread) -> MonitoringServicer:
+    """The server's monitoring servicer: the capture writer's hook into it, as the server wired it."""
+    monitor = server.app.monitor
+    assert monitor is not None
+    hook = monitor.store.after_insert
+    assert hook is not None
+    servicer = getattr(hook, "__self__", None)
+    assert isinstance(servicer, MonitoringServicer)
+    return servicer
+
+
+def test_labels_for_ids_no_shadow_run_will_capture_are_not_held(tmp_path: Path) -> None:
+    """Shadow version 2 runs none of the requests (shadow_percent 0): a label waited LATE_LABEL_S for each, in
+    memory, for a capture that never comes."""
+    repo = _classes_repo(tmp_path / "models", _params(shadow_version="2", shadow_percent="0"))
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        for k in range(5):
+            result = client.infer("c", {"INPUT0": np.eye(1, 10, k, dtype=np.float32)}, request_id=f"r-{k}")
+            client.submit_feedback("c", result.id, k)
+        assert len(_feedback_servicer(server)._late._waiting) == 0
+        assert client.model_quality("c", "1").labelled == 5
+
+
+def test_late_labels_of_one_capture_batch_are_stored_in_one_transaction(tmp_path: Path) -> None:
+    """64 labels waiting for the shadow's captures, which the capture writer stores in one batch: one synced
+    set_labels for them all (it was one each, 72 ms against 12 ms for 256 in the review)."""
+    repo = _classes_repo(tmp_path / "models", _params(shadow_version="2"))
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        servicer = _feedback_servicer(server)
+        store = server.app.monitor.store if server.app.monitor is not None else None
+        assert store is not None
+        now = time.time()
+        outputs = {"OUTPUT0": np.eye(1, 10, 3, dtype=np.float32)}
+        for i in range(64):
+            servicer._late.hold(("c", f"late-{i}", "2"), _Waiting(np.array([3]), ServedModel(), now))
+        calls: list[int] = []
+        set_labels = store.set_labels
+
+        def counted(model: str, labels: Any, timestamp: Any) -> list[bool]:
+            labels = list(labels)
+            calls.append(len(labels))
+            return set_labels(model, labels, timestamp)
+
+        store.set_labels = counted  # type: ignore[method-assign]
+        store.insert([Prediction(f"late-{i}", "c", "2", now, None, outputs) for i in range(64)])
+        assert calls == [64]
+        assert client.model_quality("c", "2").labelled == 64

@@ -349,24 +349,26 @@ class PredictionStore:
         self,
         model: str,
         labels: Iterable[tuple[str, np.ndarray] | tuple[str, np.ndarray, str]],
-        timestamp: float,
+        timestamp: float | Sequence[float],
     ) -> list[bool]:
         """Join ground truth to captured predictions by id: (id, label) labels the id's newest capture of each
         version, (id, label, version) that version's only (a label checked against it); one flag per item: False
-        when there is no such capture.
+        when there is no such capture. `timestamp`: when the labels were acknowledged, one for all or one per item
+        (late labels, each held since its own feedback, stored in one transaction).
 
         Committed with ``synchronous=FULL`` before returning, so an acknowledged label survives a power cut too.
         """
         found: list[bool] = []
+        each = timestamp if isinstance(timestamp, Sequence) else None
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             try:
                 with self._write():
-                    for item in labels:
+                    for i, item in enumerate(labels):
                         where, args = (_NEWEST, item[:1]) if len(item) == 2 else (_NEWEST_OF, (item[0], item[2]))
                         cur = self._db.execute(
                             f"UPDATE predictions SET label = ?, label_ts = ? WHERE {where}",  # noqa: S608
-                            (_label_blob(item[1]), timestamp, model, *args),
+                            (_label_blob(item[1]), each[i] if each is not None else timestamp, model, *args),
                         )
                         found.append(cur.rowcount > 0)
             finally:

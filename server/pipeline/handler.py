@@ -24,7 +24,14 @@ from opentelemetry import trace
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
 from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
-from tensorgate.server.errors import InvalidRequestError, TensorgateError, UnimplementedError, model_ref, with_prefix
+from tensorgate.server.errors import (
+    InvalidRequestError,
+    ServerUnavailableError,
+    TensorgateError,
+    UnimplementedError,
+    model_ref,
+    with_prefix,
+)
 from tensorgate.server.pipeline.cache import ResponseCache, heavy
 from tensorgate.server.pipeline.classify import top_k
 from tensorgate.server.pipeline.ensemble import fit_batching, needed_steps, run_plan
@@ -106,7 +113,7 @@ def _split_key(req: InferRequest) -> str:
 _SERVER_FAILURES = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN}
 )
-"""Failures that are the version's doing, which the canary's error gate counts: it failed to run, or to run in
+"""Failures that are the version's doing, which the rollout's error gate counts: it failed to run, or to run in
 time. A request refused as invalid, or too many at once (RESOURCE_EXHAUSTED), would fail on the stable version
 as well: counting those would roll a canary back for its callers' mistakes or the load."""
 
@@ -114,7 +121,11 @@ as well: counting those would roll a canary back for its callers' mistakes or th
 def _failed_on_server(exc: BaseException, req: InferRequest) -> bool:
     """Whether a request's failure counts against the version that ran it (`_SERVER_FAILURES`): an unexpected
     exception is INTERNAL at the boundary; a cancel is a deadline passed when gRPC cancelled at the caller's
-    deadline (`cancelled_code`: a version too slow for its callers), not when the caller hung up."""
+    deadline (`cancelled_code`: a version too slow for its callers), not when the caller hung up. The server's
+    own refusals (ServerUnavailableError: draining, a version being unloaded, an upstream shutting down) are not
+    the version's doing."""
+    if isinstance(exc, ServerUnavailableError):
+        return False
     if isinstance(exc, TensorgateError):
         return exc.code in _SERVER_FAILURES
     if isinstance(exc, Exception):
@@ -193,8 +204,8 @@ class InferenceHandler:
         # key then names that output too: a captured request's answer holds it, cached or not.
         sampled = None if self.capture is None else self.capture.sample(model.name, model.version, model.config)
         computed = outputs if sampled is None else sampled.computing(outputs)
-        # The rollout's error gate hears how a request routed to its canary ends; a request refused above (invalid)
-        # never ran there, and would be refused by the stable version too.
+        # The rollout's error gate hears how a request routed to its canary or stable version ends; a request
+        # refused above (invalid) never ran there, and would be refused by the other version too.
         rollout = model.rollout
         judged = rollout if rollout is not None and not req.version and rollout.judges(model.version) else None
         try:
@@ -207,10 +218,10 @@ class InferenceHandler:
             # timer, is a failed request too (a plain `except Exception` lost those from ModelStatistics).
             model.stats.record_failure(time.perf_counter_ns() - started)
             if judged is not None:
-                judged.outcome(_failed_on_server(exc, req))
+                judged.outcome(model.version, _failed_on_server(exc, req))
             raise
-        if judged is not None:
-            judged.outcome(False)
+        if judged is not None and times is not None:  # a cached answer says nothing of the version
+            judged.outcome(model.version, False)
         if times is not None:  # None: answered from the cache, counted there as Triton counts a hit
             model.stats.record_request(rows, time.perf_counter_ns() - started, times)
         self._answered(model, req, inputs, results, span, times, sampled)

@@ -5,8 +5,9 @@
 Why refuse a key nobody reads: every tensorgate parameter has a default, so a misspelt one loads and serves as if
 it were not written. For most that is a wrong setting; for ``tensorgate.rollout.*`` it is the untested version
 taking all the traffic (no split is made, and a request naming no version goes to the highest). A key that does
-not start with ``tensorgate.`` but is a near miss of one (``tensorgat.rollout.canary_version``) is refused too;
-Triton's own parameters (``enable_mem_arena``, ...) are far from all of them and pass.
+not start with ``tensorgate.`` but whose first part is a near miss of it (``tensorgat.rollout.canary_version``) is
+refused too; Triton's own parameters (``enable_mem_arena``, ...) and other tools' (``tensorrt.sha256``,
+``ort.graph_optimization_level``) pass.
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ VERSIONED = ("tensorgate.sha256",)
 """Keys that may also be written ``<key>:<version>`` for one version."""
 
 NEAR_MISS = 0.85
-"""How close (difflib's ratio) a key outside ``tensorgate.`` must be to a known one to be taken for a typo of it:
-``tensorgat.rollout.canary_version`` is 0.98, ``execution_provider`` against ``tensorgate.execution_provider``
-0.77."""
+"""How close (difflib's ratio) the first dotted part of a key outside ``tensorgate.`` must be to "tensorgate" for
+the key to be taken for a typo of one of ours: ``tensorgat`` is 0.95, ``tensorrt`` 0.78 and ``tensorflow`` 0.6 (other
+tools' keys, ``tensorrt.execution_provider`` among them, pass whatever follows)."""
 
 HINT = 0.8
 """How close a ``tensorgate.*`` key must be to a known one for a "did you mean": they all share the prefix, so
 difflib's default (0.6) would offer 'tensorgate.task' for 'tensorgate.zzz'."""
+
+_OURS = "tensorgate"
+_READ = (*KNOWN, *ROLLOUT_KEYS)
+_FAMILY_NAMES = sorted({k.split(".")[1] for k in _READ if k.count(".") >= 2} | {p.split(".")[1] for p in FAMILIES})
+"""The second dotted parts that group keys (capture, drift, ..., alert, rollout, triton): a misspelt key is most
+likely one of its own family's."""
 
 
 def _known(key: str) -> bool:
@@ -65,20 +72,24 @@ def _known(key: str) -> bool:
     return base in VERSIONED and version.isdigit()
 
 
-def _closest(key: str, cutoff: float) -> str | None:
-    """The known key (or family prefix, with the rest of `key` after it) that `key` most likely means."""
-    head, _, rest = key.partition(".")
-    family, _, tail = rest.partition(".")
-    # The rollout's keys are all known: 'tensorgate.rolout.canary_pct' means canary_percent, not canary_pct.
-    named = [f"{prefix}{tail}" for prefix in FAMILIES if tail and prefix != ROLLOUT_PREFIX]
-    candidates = [*KNOWN, *ROLLOUT_KEYS, *named]
-    close = difflib.get_close_matches(key.lower(), candidates, n=1, cutoff=cutoff)
-    if close:
-        return close[0]
-    if tail:  # 'tensorgat.alert.acc_low': the family is what is misspelt, and the rest is the user's own name
-        prefix = difflib.get_close_matches(f"{head}.{family}.".lower(), FAMILIES, n=1, cutoff=cutoff)
-        return prefix[0] + tail if prefix else None
-    return None
+def _closest(key: str) -> str | None:
+    """The known key (or family prefix, with the rest of `key` after it) that a ``tensorgate.*`` key most likely
+    means: one of its own family's first ('tensorgate.drift.reference' is drift's reference_requests, not the
+    remote backend's reference), then any."""
+    _, _, rest = key.lower().partition(".")
+    name, dot, tail = rest.partition(".")
+    family = difflib.get_close_matches(name, _FAMILY_NAMES, n=1, cutoff=HINT)
+    if family and not dot:  # 'tensorgate.alerts': a family's name without a key
+        return f"{_OURS}.{family[0]}.<key>"
+    if family:
+        prefix = f"{_OURS}.{family[0]}."
+        if prefix in FAMILIES and prefix != ROLLOUT_PREFIX:  # 'tensorgat.alert.acc_low': the rest is the user's name
+            return prefix + key.split(".", 2)[2]
+        close = difflib.get_close_matches(prefix + tail, [k for k in _READ if k.startswith(prefix)], 1, HINT)
+        if close:
+            return close[0]
+    close = difflib.get_close_matches(key.lower(), _READ, n=1, cutoff=HINT)
+    return close[0] if close else None
 
 
 def check_parameter_keys(config: mc.ModelConfig) -> None:
@@ -87,9 +98,17 @@ def check_parameter_keys(config: mc.ModelConfig) -> None:
     for key in config.parameters:
         if _known(key):
             continue
-        ours = key.lower().startswith("tensorgate.")
-        guess = _closest(key, HINT if ours else NEAR_MISS)
-        if not ours and guess is None:
-            continue  # a Triton backend's parameter, or the user's own: not tensorgate's to judge
+        if key.lower().startswith(f"{_OURS}."):
+            guess = _closest(key)
+        else:
+            head, dot, rest = key.partition(".")
+            if difflib.SequenceMatcher(None, head.lower(), _OURS).ratio() >= NEAR_MISS:  # 'tensorgat.', ...
+                guess = _closest(f"{_OURS}.{rest}") if dot else None
+            elif key.lower().startswith(_OURS):  # 'tensorgate_task': refused as the near miss of a key we read only
+                guess = _closest(f"{_OURS}.{key[len(_OURS) + 1 :]}")
+                if guess is None:
+                    continue
+            else:
+                continue  # another tool's parameter, or the user's own: not tensorgate's to judge
         hint = f": did you mean '{guess}'?" if guess is not None else " (tensorgate reads no parameter of that name)"
         raise ModelLoadError(config.name, None, f"unknown parameter '{key}'{hint}")

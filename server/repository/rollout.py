@@ -3,7 +3,7 @@
     spec = parse_rollout(config, wanted=[1, 2], previously=[])      # at load; None without tensorgate.rollout.*
     rollout = Rollout(config.name, spec, served=[1, 2])
     version = rollout.choose(request_id)                            # per request that names no version
-    if rollout.judges(version): ... rollout.outcome(failed)        # the canary's routed requests, as they end
+    if rollout.judges(version): ... rollout.outcome(version, failed)   # routed requests, as they end
 
 The split is sticky per request id (a hash of the id, not a draw), so that a client retrying with its id reaches
 the version that answered it first, and a label sent later for that id is judged against the version that made
@@ -13,8 +13,10 @@ version that holds its state. Requests naming a version explicitly never come he
 The monitor tells every rollout which alert rules fire on its canary (`follow`, through the repository on the
 event loop, which also hands a new rollout the last word it had); while any does and
 ``tensorgate.rollout.rollback_on_alert`` is on, the canary's share is 0. The handler tells it how each request
-routed to the canary ended (`outcome`): once more than ``tensorgate.rollout.max_error_percent`` of the last
-ERROR_WINDOW failed on the server's side, the canary's share is 0 until the model is loaded again.
+routed to the canary or the stable version ended (`outcome`): once the canary's failure rate over its last
+ERROR_WINDOW exceeds the stable version's by more than ``tensorgate.rollout.max_error_percent`` points (with at
+least ERROR_MIN_FAILURES failures), the canary's share is 0 until its build or the gate changes, or the model is
+unloaded and loaded again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import math
 import zlib
 from collections import Counter, deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from tensorgate.protos import model_config_pb2 as mc
@@ -69,7 +71,11 @@ ERROR_WINDOW = 100
 """The canary's last routed requests whose failures the error gate counts: enough that one unlucky request
 weighs 1%, few enough that a version failing a third of its requests goes within a few hundred requests."""
 ERROR_MIN_REQUESTS = 20
-"""Routed requests the canary must have ended before the gate judges it: 2 failures of the first 3 are not 66%."""
+"""Routed requests the canary must have ended before the gate judges it: 2 failures of the first 3 are not 66%.
+The stable version's rate is the baseline only past as many of its own (before that, 0)."""
+ERROR_MIN_FAILURES = 5
+"""Failures the canary must have in its window before the gate trips: 2 slow cold-start requests of its first 20
+are 10%, not a broken version."""
 
 DEFAULT_SHADOW_MAX_IN_FLIGHT = 4
 """Shadow runs of one model at once unless ``tensorgate.rollout.shadow_max_in_flight`` says otherwise; beyond it a
@@ -98,8 +104,8 @@ class RolloutSpec:
     """The ``tensorgate.rollout.*`` parameters as the config writes them, sorted: what a version kept unchanged
     across a reload gets in its config (`with_rollout_parameters`), since they are no part of its signature."""
     max_error_percent: float | None = DEFAULT_MAX_ERROR_PERCENT
-    """The canary's failure rate (percent of its last ERROR_WINDOW routed requests) above which it is rolled
-    back; None ("off") for no error gate."""
+    """Percentage points by which the canary's failure rate (over its last ERROR_WINDOW routed requests) may
+    exceed the stable version's before it is rolled back; None ("off") for no error gate."""
     shadow_max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
     """Shadow runs of the model at once, beyond which one is dropped."""
 
@@ -239,37 +245,80 @@ def _bucket(request_id: str) -> tuple[float, float]:
     return (h % _BUCKETS) * (100 / _BUCKETS), (h >> 16) * (100 / 65536)
 
 
+class _Outcomes:
+    """Whether each of a version's last ERROR_WINDOW routed requests failed on the server's side."""
+
+    __slots__ = ("failures", "window")
+
+    def __init__(self) -> None:
+        self.window: deque[bool] = deque(maxlen=ERROR_WINDOW)
+        self.failures = 0
+
+    def add(self, failed: bool) -> None:
+        if len(self.window) == self.window.maxlen:
+            self.failures -= self.window[0]
+        self.window.append(failed)
+        self.failures += failed
+
+    def percent(self) -> float:
+        return self.failures * 100 / len(self.window) if self.window else 0.0
+
+
+class _InFlight:
+    """Shadow runs going now: one count shared by a model's successive Rollouts, since the runs a rebuild finds
+    going still hold their places (and give them back to this count when they end)."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+
 class Rollout:
     """One model's split as served now: `choose` for each request that names no version, `shadows` for those
     that go to the stable version, `follow` for the alerts the monitor sees on the canary, `outcome` for how the
-    requests routed to the canary end (while `judges` says they count)."""
+    requests routed to the canary or the stable version end (while `judges` says they count)."""
 
     def __init__(self, model: str, spec: RolloutSpec, served: Collection[int], previous: Rollout | None = None) -> None:
+        """`served`: the versions this load serves; a mapping to their builds (the repository's LoadedModels)
+        tells a canary kept across a reload from one built anew, which the error gate judges afresh."""
         self.model = model
         self.spec = spec
         self.stable = spec.stable
         self.canary = spec.canary if spec.canary in served else None
         """None when the canary is not served (any more): everything goes to stable."""
         self.shadow = spec.shadow if spec.shadow in served else None
+        self._canary_build = served.get(self.canary) if isinstance(served, Mapping) else None
         self.held: frozenset[str] = frozenset()
         """The alert rules firing on the canary, as the monitor last said."""
         self.shadow_runs: Counter[tuple[str, str]] = Counter()
         """Shadow runs by (shadow version, outcome: ok, failed, dropped), kept across reloads as a counter must be:
         keyed by version, so that a new shadow version's runs are not added to the last one's."""
-        self.shadow_in_flight = 0
-        self.outcomes: deque[bool] = deque(maxlen=ERROR_WINDOW)
-        """Whether each of the canary's last routed requests failed on the server's side (`outcome`). Not carried
-        from `previous`: a load starts the canary's judgement afresh, the only way back after the gate trips."""
-        self.failures = 0
-        """The failures among `outcomes`."""
+        self._in_flight = _InFlight()
+        self.outcomes = _Outcomes()
+        """The canary's last routed requests (`outcome`)."""
+        self.stable_outcomes = _Outcomes()
+        """The stable version's last routed requests: the baseline, so that a load spike or a deadline too short
+        for both versions is not taken for the canary's fault."""
         self.tripped = False
-        """The error gate rolled the canary back (until the model is loaded again)."""
+        """The error gate rolled the canary back (until its build or the gate changes, or an unload)."""
         if previous is not None:
             self.shadow_runs = previous.shadow_runs
+            self._in_flight = previous._in_flight
             if previous.canary == self.canary:
                 self.held = previous.held  # the alert still fires: no second "rolled back" line
+            self._carry_judgement(previous)
         self.share = self._share()
         """The canary's share now, in percent: 0 while rolled back or not served."""
+        if previous is not None and previous.tripped and not self.tripped and self.canary == previous.canary:
+            log.warning(
+                "model '%s': canary version %d, rolled back for its errors, is judged afresh (%s): %g%% of the "
+                "requests that name no version go to it again",
+                model,
+                self.canary,
+                "a new build" if self._canary_build is not previous._canary_build else "a new max_error_percent",
+                self.share,
+            )
         for key, version, now in (
             (CANARY_VERSION, spec.canary, self.canary),
             (SHADOW_VERSION, spec.shadow, self.shadow),
@@ -283,6 +332,27 @@ class Rollout:
                     version,
                     self.stable,
                 )
+
+    def _carry_judgement(self, previous: Rollout) -> None:
+        """Keep the error gate's judgement across a rebuild that keeps the canary's build and the gate (a
+        canary_percent ramp step): a new split must not give a canary rolled back for its errors traffic again."""
+        same_canary = self.canary is not None and self.canary == previous.canary
+        if not same_canary or self._canary_build is not previous._canary_build:
+            return
+        if self.spec.max_error_percent != previous.spec.max_error_percent:
+            return
+        self.tripped, self.outcomes = previous.tripped, previous.outcomes
+        if self.stable == previous.stable:
+            self.stable_outcomes = previous.stable_outcomes
+
+    @property
+    def shadow_in_flight(self) -> int:
+        """The model's shadow runs going now, across rebuilds (`_InFlight`)."""
+        return self._in_flight.runs
+
+    @shadow_in_flight.setter
+    def shadow_in_flight(self, runs: int) -> None:
+        self._in_flight.runs = runs
 
     def _share(self) -> float:
         if self.canary is None or self.tripped or (self.held and self.spec.rollback_on_alert):
@@ -298,37 +368,50 @@ class Rollout:
         return self.canary if _bucket(request_id)[0] < share and self.canary is not None else self.stable
 
     def judges(self, version: int) -> bool:
-        """Whether a request routed to `version` counts towards the error gate: the canary's, while the gate is
-        on and has not tripped (the only cost of the gate, for the requests of models with a rollout)."""
-        return version == self.canary and not self.tripped and self.spec.max_error_percent is not None
+        """Whether a request routed to `version` counts towards the error gate: the canary's and the stable
+        version's, while there is a canary, the gate is on and has not tripped (the only cost of the gate, for the
+        requests of models with a rollout)."""
+        return (
+            (version == self.canary or version == self.stable)
+            and self.canary is not None
+            and not self.tripped
+            and self.spec.max_error_percent is not None
+        )
 
-    def outcome(self, failed: bool) -> None:
-        """How a request routed to the canary ended (`judges`): failed on the server's side or not. Past
-        ERROR_MIN_REQUESTS of them, more than max_error_percent failed among the last ERROR_WINDOW rolls the
-        canary back: no routed request reaches it after that, so nothing could judge it well again, and it stays
-        rolled back until the model is loaded again."""
+    def outcome(self, version: int, failed: bool) -> None:
+        """How a request routed to `version` ended (`judges`): failed on the server's side or not. Once the canary
+        has ended ERROR_MIN_REQUESTS, with ERROR_MIN_FAILURES failures at least, a failure rate over its last
+        ERROR_WINDOW more than max_error_percent points above the stable version's rolls it back: no routed
+        request reaches it after that, so nothing could judge it well again, and it stays rolled back until its
+        build or the gate changes, or the model is unloaded and loaded again."""
         limit = self.spec.max_error_percent
         if self.tripped or limit is None or self.canary is None:  # a request that started before the gate tripped
             return
-        window = self.outcomes
-        if len(window) == window.maxlen:
-            self.failures -= window[0]
-        window.append(failed)
-        self.failures += failed
-        if not failed or len(window) < ERROR_MIN_REQUESTS or self.failures * 100 <= limit * len(window):
+        if version != self.canary:
+            self.stable_outcomes.add(failed)
+            return
+        canary = self.outcomes
+        canary.add(failed)
+        if not failed or len(canary.window) < ERROR_MIN_REQUESTS or canary.failures < ERROR_MIN_FAILURES:
+            return
+        stable = self.stable_outcomes
+        baseline = stable.percent() if len(stable.window) >= ERROR_MIN_REQUESTS else 0.0
+        if canary.percent() - baseline <= limit:
             return
         self.tripped = True
         self.share = self._share()
         log.warning(
-            "model '%s': %d of the last %d requests routed to canary version %d failed (%.1f%%, over "
-            "max_error_percent %g%%): rolled back, requests that name no version all go to stable version %d. None "
-            "reaches the canary now to judge it again: it stays rolled back until the model is loaded again (a "
-            "config change, or RepositoryModelLoad)",
+            "model '%s': %d of the last %d requests routed to canary version %d failed (%.1f%%, against %.1f%% "
+            "on stable version %d: over max_error_percent %g points): rolled back, requests that name no version "
+            "all go to stable version %d. None reaches the canary now to judge it again: it stays rolled back until "
+            "its build or max_error_percent changes, or the model is unloaded and loaded again",
             self.model,
-            self.failures,
-            len(window),
+            canary.failures,
+            len(canary.window),
             self.canary,
-            self.failures * 100 / len(window),
+            canary.percent(),
+            baseline,
+            self.stable,
             limit,
             self.stable,
         )
@@ -361,8 +444,8 @@ class Rollout:
             )
         elif was and not held and self.tripped:
             log.warning(
-                "model '%s': alert %s on canary version %d resolved: it stays rolled back for its errors until the "
-                "model is loaded again",
+                "model '%s': alert %s on canary version %d resolved: it stays rolled back for its errors until its "
+                "build or max_error_percent changes, or the model is unloaded and loaded again",
                 self.model,
                 ", ".join(sorted(was)),
                 self.canary,

@@ -36,7 +36,7 @@ from tensorgate.server.monitoring.label_check import LabelRule
 from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Window
 from tensorgate.server.monitoring.quality import QualityReport
 from tensorgate.server.monitoring.store import Prediction, rows_in
-from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S
+from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S, Rollout
 from tensorgate.server.rpc import errors
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.telemetry.tracing import Tracing
@@ -52,8 +52,10 @@ LATE_LABEL_S = 2 * SHADOW_DEADLINE_S
 """How long a label waits for the shadow version's capture of its request (`LateLabels`): a shadow run ends by
 SHADOW_DEADLINE_S, and its capture is stored soon after."""
 MAX_LATE_LABELS = 100_000
-"""Labels waiting at most (the oldest go first): a shadow that runs for a share of the requests only, or whose runs
-are dropped, leaves labels that no capture will come for."""
+"""Labels waiting at most (the oldest go first): a shadow whose runs are dropped, or a request of a sequence (never
+mirrored), leaves labels that no capture will come for."""
+MAX_LATE_LABEL_BYTES = 64 << 20
+"""The bytes of the labels waiting at most (the oldest go first): a label may hold many rows."""
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -91,6 +93,8 @@ class ServedModel:
     shadow: str | None = None
     """Its rollout's shadow version (repository/rollout.py): its runs repeat the ids of the requests the stable
     version answered, so an id captured there and on another version was answered by the other."""
+    rollout: Rollout | None = None
+    """Its rollout, which says which request ids its shadow runs (`Rollout.shadows`: a pure function of the id)."""
 
 
 Served = dict[str, ServedModel]
@@ -109,6 +113,14 @@ def _checked(
         )
     rule = served.rules.get(version)
     return label if rule is None else rule.check(version, request_id, label, outputs)
+
+
+def _shadowed(served: ServedModel, request_id: str, answered: str | None) -> bool:
+    """Whether a shadow capture of the request will come: the stable version answered it and the rollout mirrors
+    its id. A label for any other id (the canary's, a named version's, one outside shadow_percent) waits for
+    nothing."""
+    rollout = served.rollout
+    return rollout is not None and answered == str(rollout.stable) and rollout.shadows(request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,23 +143,34 @@ class LateLabels:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: OrderedDict[tuple[str, str, str], _Waiting] = OrderedDict()
+        self._bytes = 0
+        """The bytes of the labels waiting."""
 
     def hold(self, key: tuple[str, str, str], waiting: _Waiting) -> None:
         with self._lock:
+            replaced = self._waiting.pop(key, None)
+            self._bytes += waiting.label.nbytes - (0 if replaced is None else replaced.label.nbytes)
             self._waiting[key] = waiting
-            self._waiting.move_to_end(key)
             oldest = waiting.timestamp - LATE_LABEL_S
             while self._waiting and (
-                len(self._waiting) > MAX_LATE_LABELS or next(iter(self._waiting.values())).timestamp < oldest
+                len(self._waiting) > MAX_LATE_LABELS
+                or self._bytes > MAX_LATE_LABEL_BYTES
+                or next(iter(self._waiting.values())).timestamp < oldest
             ):
-                self._waiting.popitem(last=False)
+                self._bytes -= self._waiting.popitem(last=False)[1].label.nbytes
 
     def take(self, key: tuple[str, str, str]) -> _Waiting | None:
         """The label waiting for this capture, once: whoever takes it stores it."""
         if not self._waiting:  # most captures: no lock taken
             return None
         with self._lock:
-            return self._waiting.pop(key, None)
+            waiting = self._waiting.pop(key, None)
+            if waiting is not None:
+                self._bytes -= waiting.label.nbytes
+            return waiting
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
 def answered_by(versions: dict[str, dict[str, np.ndarray]], shadow: str | None) -> str | None:
@@ -262,7 +285,7 @@ class MonitoringServicer:
             versions = served.setdefault(m.name, ServedModel())
             versions.rules[key[1]] = rules[key]
             if m.rollout is not None and m.rollout.shadow is not None:
-                versions.shadow = str(m.rollout.shadow)
+                versions.shadow, versions.rollout = str(m.rollout.shadow), m.rollout
         self._rules = rules
         return served
 
@@ -276,7 +299,8 @@ class MonitoringServicer:
         version) has its label checked against each one's prediction and stored on each as that one converts it.
         The caller hears only of the version that answered it (`answered_by`): a label that another version cannot
         take (fewer classes, other class names) is stored where it fits and skipped there. An id accepted before
-        the model's shadow version captured it waits for that capture (`LateLabels`)."""
+        the model's shadow version captured it waits for that capture (`LateLabels`), if the stable version
+        answered it and the rollout mirrors its id (`Rollout.shadows`): no capture comes for the others."""
         if self._capture is not None:
             self._capture.flush()
         store = self._monitor.store
@@ -314,14 +338,20 @@ class MonitoringServicer:
             outcome.append(error)
             if error is None:
                 accepted.extend(checked)
-                if versions.shadow is not None and versions.shadow not in by_version:
-                    self._late.hold((model, request_id, versions.shadow), _Waiting(label, versions, now))
+                shadow = versions.shadow
+                if shadow is not None and shadow not in by_version and _shadowed(versions, request_id, answered):
+                    self._late.hold((model, request_id, shadow), _Waiting(label, versions, now))
                     held.append(request_id)
         found = store.set_labels(model, accepted, now)
         if held and versions.shadow is not None:  # a shadow capture stored since `captured`, before its label waited
-            for request_id, late in store.captured(model, held).items():
-                if versions.shadow in late:
-                    self._store_late(model, request_id, versions.shadow, late[versions.shadow])
+            late = store.captured(model, held)
+            self._label_late(
+                [
+                    Prediction(rid, model, versions.shadow, now, None, by_version[versions.shadow])
+                    for rid, by_version in late.items()
+                    if versions.shadow in by_version
+                ]
+            )
         # An id pruned by retention between the two statements (none of its captures left): NOT_FOUND after all.
         kept = {rid for (rid, _, _), ok in zip(accepted, found, strict=True) if ok}
         gone = {rid for rid, _, _ in accepted} - kept
@@ -331,24 +361,29 @@ class MonitoringServicer:
         ]
 
     def _label_late(self, predictions: Sequence[Prediction]) -> None:
-        """The capture writer stored these: label those a label was waiting for (`LateLabels`). Never raises: the
-        captures are stored, whatever happens to a label."""
+        """The capture writer stored these: label those a label was waiting for (`LateLabels`), in one synced
+        transaction per model, not one per label (each costs the writer a sync). Never raises: the captures are
+        stored, whatever happens to a label."""
+        if not len(self._late):  # most batches: nothing waits
+            return
+        by_model: dict[str, tuple[list[tuple[str, np.ndarray, str]], list[float]]] = {}
         for p in predictions:
+            waiting = self._late.take((p.model, p.id, p.version))
+            if waiting is None:
+                continue
             try:
-                self._store_late(p.model, p.id, p.version, p.outputs)
+                label = _checked(p.model, p.id, waiting.label, p.version, p.outputs, waiting.served)
+            except InvalidRequestError as exc:
+                self._skipped(p.model, p.version, exc)
+                continue
+            items, stamps = by_model.setdefault(p.model, ([], []))
+            items.append((p.id, label, p.version))
+            stamps.append(waiting.timestamp)
+        for model, (items, stamps) in by_model.items():
+            try:
+                self._monitor.store.set_labels(model, items, stamps)
             except Exception:  # noqa: BLE001 - the capture writer must not count a stored batch as lost
-                log.exception("feedback: labelling model '%s' version %s's late capture failed", p.model, p.version)
-
-    def _store_late(self, model: str, request_id: str, version: str, outputs: dict[str, np.ndarray]) -> None:
-        waiting = self._late.take((model, request_id, version))
-        if waiting is None:
-            return
-        try:
-            label = _checked(model, request_id, waiting.label, version, outputs, waiting.served)
-        except InvalidRequestError as exc:
-            self._skipped(model, version, exc)
-            return
-        self._monitor.store.set_labels(model, [(request_id, label, version)], waiting.timestamp)
+                log.exception("feedback: labelling %d late capture(s) of model '%s' failed", len(items), model)
 
     def _skipped(self, model: str, version: str, exc: InvalidRequestError) -> None:
         """A label stored for the version that answered, which another version's prediction cannot take: said
