@@ -39,6 +39,7 @@ from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, from_s
 
 if TYPE_CHECKING:
     from tensorgate.server.monitoring import Capture, Monitor, PredictionStore
+    from tensorgate.server.rpc.monitoring import MonitoringServicer
 
 log = logging.getLogger("tensorgate")
 READINESS_POLL_S = 0.5
@@ -95,21 +96,6 @@ def _bind_failure(host: str, port: int) -> str:
     return "gRPC gave no reason (set GRPC_VERBOSITY=debug to see its log)"
 
 
-def _warn_unmonitored_canaries(repository: ModelRepository) -> None:
-    """rollback_on_alert is on by default, and acts on the monitor's alerts: a server without --data-dir has no
-    monitor, so a canary that goes wrong keeps its share, though its config says it would be rolled back. Said once
-    per model, at start."""
-    for rollout in repository.rollouts():
-        if rollout.canary is not None and rollout.spec.rollback_on_alert:
-            log.warning(
-                "model '%s': tensorgate.rollout.rollback_on_alert is on for canary version %d, but the server has no "
-                "--data-dir, so nothing is monitored and no alert can fire to roll it back; start the server with "
-                "--data-dir (and alert rules, tensorgate.alert.*), or set rollback_on_alert to false",
-                rollout.model,
-                rollout.canary,
-            )
-
-
 def _health_status(serving: bool) -> int:
     return int(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -139,6 +125,7 @@ class TensorgateServer:
             tracing=self.tracing,
             allowed_upstreams=settings.allowed_upstreams,
             response_cache=settings.response_cache_bytes > 0,
+            monitored=settings.data_dir is not None,
         )
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics: Metrics | None = None
@@ -157,11 +144,14 @@ class TensorgateServer:
         self._heap: asyncio.Task[None] | None = None
         self._gate: DrainGate | None = None
         self._started = False
+        self._stopped = False
         self.port = 0
         # Monitoring (--data-dir): the prediction store, the capture writer and the periodic monitor.
         self.store: PredictionStore | None = None
         self.capture: Capture | None = None
         self.monitor: Monitor | None = None
+        self.monitoring_servicer: MonitoringServicer | None = None
+        """tensorgate.v1.Monitoring's servicer (feedback, late labels), kept for tests and embedders to reach."""
 
     @property
     def ready(self) -> bool:
@@ -288,8 +278,6 @@ class TensorgateServer:
         if self.monitor is not None:  # a canary an alert fired on before a restart serves rolled back from the start
             self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing))
         await self.repository.load_many(names)
-        if self.monitor is None:
-            _warn_unmonitored_canaries(self.repository)
         heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll_forever())
@@ -333,6 +321,7 @@ class TensorgateServer:
             self.registry.register(MonitoringCollector(self.monitor, self.capture))
         servicer = MonitoringServicer(self.monitor, self.capture, gate=self._gate, auth=self.auth, tracing=self.tracing)
         add_monitoring_servicer(servicer, server)
+        self.monitoring_servicer = servicer
         log.info("monitoring on: predictions captured to %s", self.store.path)
         return MONITORING
 
@@ -402,7 +391,11 @@ class TensorgateServer:
                 log.exception("repository poll failed")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop."""
+        """Mark not ready, refuse new calls (UNAVAILABLE), let running calls finish within `grace`, then stop. Once:
+        a second call (an embedder's cleanup after a signal's stop) returns at once, the store being closed."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
         for task in (self._readiness, self._remote_retry, self._heap):
             if task is not None:

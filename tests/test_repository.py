@@ -924,3 +924,19 @@ def test_config_linked_out_of_the_model_directory_is_refused(
     message = _error(grpc.StatusCode.UNAVAILABLE, explicit_client.load_model, "identity_fp32")
     assert "config.pbtxt leaves the model's directory" in message
     assert "hunter2" not in message and "password" not in message
+
+
+# ----- stop, twice -------------------------------------------------------------------------------------------------
+
+
+def test_a_second_stop_returns_at_once_with_the_store_closed(tmp_path: Path) -> None:
+    """With --data-dir, a second stop() (an embedder's cleanup after its signal handler's) raised
+    sqlite3.ProgrammingError: the prediction store was closed again."""
+    repo = tmp_path / "models"
+    identity_model(repo / "identity_fp32" / "1" / "model.onnx", "FP32")
+    with ServerThread(repo, data_dir=tmp_path / "data") as server:
+        store = server.app.store
+        assert store is not None
+        server.run(server.app.stop(grace=1.0))
+        server.run(server.app.stop(grace=1.0))  # and ServerThread's exit stops it a third time
+    store.close()

@@ -20,7 +20,7 @@ from tensorgate.client.errors import Unavailable
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.errors import ModelLoadError
 from tensorgate.server.monitoring.store import Prediction
-from tensorgate.server.repository.parameters import KNOWN, check_parameter_keys
+from tensorgate.server.repository.parameters import KNOWN, TRITON_KEYS, check_parameter_keys
 from tensorgate.server.repository.rollout import _KEYS as ROLLOUT_KEYS
 from tensorgate.server.repository.rollout import PREFIX as ROLLOUT_PREFIX
 from tensorgate.server.rpc.monitoring import MonitoringServicer, ServedModel, _Waiting
@@ -202,6 +202,21 @@ def test_a_canary_whose_rollback_cannot_act_is_warned_about_at_start(
     assert found == (expected if warned else [])
 
 
+def test_a_canary_loaded_after_start_without_a_monitor_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning was given only for the models loaded at start: one loaded later by RepositoryModelLoad (or a
+    poll) kept its rollback_on_alert unsaid."""
+    repo = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="10"))
+    caplog.set_level(logging.WARNING, logger="tensorgate")
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as server:
+        with InferenceClient(server.address) as client:
+            client.load("m")
+            assert client.ready("m")
+    found = [r for r in caplog.records if "rollback_on_alert is on" in r.getMessage()]
+    assert [(r.levelno, r.getMessage().split(":")[0]) for r in found] == [(logging.WARNING, "model 'm'")]
+
+
 # ----- other tools' keys, and hints from the key's own family (review 104) ----------------------------------------
 
 
@@ -267,13 +282,9 @@ def _classes_repo(root: Path, rollout: str) -> Path:
 
 
 def _feedback_servicer(server: ServerThread) -> MonitoringServicer:
-    """The server's monitoring servicer: the capture writer's hook into it, as the server wired it."""
-    monitor = server.app.monitor
-    assert monitor is not None
-    hook = monitor.store.after_insert
-    assert hook is not None
-    servicer = getattr(hook, "__self__", None)
-    assert isinstance(servicer, MonitoringServicer)
+    """The server's monitoring servicer, as the server wired it."""
+    servicer = server.app.monitoring_servicer
+    assert servicer is not None
     return servicer
 
 
@@ -313,3 +324,35 @@ def test_late_labels_of_one_capture_batch_are_stored_in_one_transaction(tmp_path
         store.insert([Prediction(f"late-{i}", "c", "2", now, None, outputs) for i in range(64)])
         assert calls == [64]
         assert client.model_quality("c", "2").labelled == 64
+
+
+# ----- the remote backend's keys, checked for any model -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        pytest.param("tensorgate.triton.ulr", ": did you mean 'tensorgate.triton.url'?", id="typo"),
+        pytest.param("tensorgate.triton.max_stream", ": did you mean 'tensorgate.triton.max_streams'?", id="plural"),
+        pytest.param("tensorgate.Triton.url", ": did you mean 'tensorgate.triton.url'?", id="case"),
+        pytest.param(
+            "tensorgat.triton.header.X-Api-Key", ": did you mean 'tensorgate.triton.header.X-Api-Key'?", id="header"
+        ),
+        pytest.param("tensorgate.triton.zzzzzzzz", " (tensorgate reads no parameter of that name)", id="unknown"),
+    ],
+)
+def test_an_unknown_triton_key_is_refused_for_any_model_with_a_hint(key: str, hint: str) -> None:
+    """``tensorgate.triton.*`` passed the check whatever followed: only a remote model's own reader refused an
+    unknown one, with no "did you mean", and on any other model a misspelt key passed unseen."""
+    config = mc.ModelConfig(name="m")
+    config.parameters[key].string_value = "1"
+    with pytest.raises(ModelLoadError) as info:
+        check_parameter_keys(config)
+    assert info.value.message == f"failed to load model 'm': unknown parameter '{key}'{hint}"
+
+
+def test_every_key_the_remote_backend_reads_passes_the_check() -> None:
+    config = mc.ModelConfig(name="m")
+    for key in (*TRITON_KEYS, "tensorgate.triton.header.x-api-key"):
+        config.parameters[key].string_value = "1"
+    check_parameter_keys(config)

@@ -86,7 +86,13 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags, server_parameter
-from tensorgate.server.backends.upstream_targets import upstream_addresses, upstream_allowed
+from tensorgate.server.backends.upstream_targets import (
+    HEADER_PREFIX,
+    PARAMETER_KEYS,
+    PARAMETER_PREFIX,
+    upstream_addresses,
+    upstream_allowed,
+)
 from tensorgate.server.errors import (
     BackendError,
     DeadlineExceededError,
@@ -107,7 +113,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PREFIX = "tensorgate.triton."
+PREFIX = PARAMETER_PREFIX
 REMOTE_VERSION = 1
 """The version a remote model is served as: it has no version directories."""
 DEFAULT_REMOTE_INSTANCES = 4
@@ -175,28 +181,12 @@ class TritonSettings:
         """Read and check the `tensorgate.triton.*` parameters; ModelLoadError names the bad one."""
         name = config.name
         params = {k: v.string_value for k, v in config.parameters.items() if k.startswith(PREFIX)}
-        known = {
-            "url",
-            "model_name",
-            "model_version",
-            "tls",
-            "ca_file",
-            "cert_file",
-            "key_file",
-            "server_name",
-            "timeout_s",
-            "deadline_margin_ms",
-            "connections",
-            "health_interval_s",
-            "max_streams",
-            "load_balancing",
-            "max_connection_age_s",
-        }
+        known = set(PARAMETER_KEYS)
         headers: dict[str, str] = {}
         for key, value in params.items():
             short = key.removeprefix(PREFIX)
-            if short.startswith("header."):
-                header = short.removeprefix("header.").lower()
+            if short.startswith(HEADER_PREFIX):
+                header = short.removeprefix(HEADER_PREFIX).lower()
                 if not _HEADER_NAME.fullmatch(header) or header.startswith("grpc-") or header.endswith("-bin"):
                     raise ModelLoadError(
                         name,

@@ -29,6 +29,29 @@ _NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII | re.IGNORECASE)
 `127.1` and `0x7f.1` all reach 127.0.0.1."""
 _PORT = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
 
+PARAMETER_PREFIX = "tensorgate.triton."
+PARAMETER_KEYS = (
+    "url",
+    "model_name",
+    "model_version",
+    "tls",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "server_name",
+    "timeout_s",
+    "deadline_margin_ms",
+    "connections",
+    "health_interval_s",
+    "max_streams",
+    "load_balancing",
+    "max_connection_age_s",
+)
+"""The remote backend's parameters after PARAMETER_PREFIX, besides HEADER_PREFIX + a header's name: here, not in
+backends/triton.py, so that the load-time key check (repository/parameters.py) refuses a misspelt one for any model
+without importing tritonclient."""
+HEADER_PREFIX = "header."
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -145,4 +168,12 @@ def pattern_problem(pattern: str) -> str | None:
     return None
 
 
-__all__ = ["Address", "pattern_problem", "upstream_addresses", "upstream_allowed"]
+__all__ = [
+    "HEADER_PREFIX",
+    "PARAMETER_KEYS",
+    "PARAMETER_PREFIX",
+    "Address",
+    "pattern_problem",
+    "upstream_addresses",
+    "upstream_allowed",
+]

@@ -217,6 +217,7 @@ class PredictionStore:
         self.retention = retention
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._closed = False
         self._repeats_logged: set[str] = set()
         """Models whose repeated request ids were logged (once per model and store)."""
         self.after_insert: Callable[[Sequence[Prediction]], None] | None = None
@@ -548,8 +549,12 @@ class PredictionStore:
         return int(row[0])
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file (unless read-only) and close; the store is unusable afterwards."""
+        """Checkpoint the WAL into the main file (unless read-only) and close; the store is unusable afterwards. A
+        second call does nothing (sqlite3 would refuse the checkpoint on the closed connection)."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
                 if not self.read_only:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -302,8 +302,12 @@ class ModelRepository:
         tracing: Tracing | None = None,
         allowed_upstreams: Sequence[str] = (),
         response_cache: bool | None = None,
+        monitored: bool | None = None,
     ) -> None:
         self.root = root.resolve()
+        self._monitored = monitored
+        """Whether the server monitors its models (--data-dir); False: a load that builds a canary split with
+        rollback_on_alert on warns that no alert can roll it back. None: not said (no warning)."""
         self._response_cache = response_cache
         """Whether the server caches answers (--response-cache-bytes); False: a load of a model whose config enables
         response_cache warns that the setting does nothing. None: not said (no warning)."""
@@ -1102,6 +1106,17 @@ class ModelRepository:
             return None
         rollout = Rollout(name, spec, versions, previous)
         self._follow(rollout)
+        if self._monitored is False and rollout.canary is not None and spec.rollback_on_alert:
+            # rollback_on_alert is on by default and acts on the monitor's alerts: without one, a canary that goes
+            # wrong keeps its share though its config says it would be rolled back. Said at each load that builds
+            # the split, at start or later (RepositoryModelLoad, a poll), not only for the models loaded at start.
+            log.warning(
+                "model '%s': tensorgate.rollout.rollback_on_alert is on for canary version %d, but the server has no "
+                "--data-dir, so nothing is monitored and no alert can fire to roll it back; start the server with "
+                "--data-dir (and alert rules, tensorgate.alert.*), or set rollback_on_alert to false",
+                name,
+                rollout.canary,
+            )
         return rollout
 
     async def _close_backends(self, backends: list[Backend]) -> None:

@@ -7,7 +7,8 @@ it were not written. For most that is a wrong setting; for ``tensorgate.rollout.
 taking all the traffic (no split is made, and a request naming no version goes to the highest). A key that does
 not start with ``tensorgate.`` but whose first part is a near miss of it (``tensorgat.rollout.canary_version``) is
 refused too; Triton's own parameters (``enable_mem_arena``, ...) and other tools' (``tensorrt.sha256``,
-``ort.graph_optimization_level``) pass.
+``ort.graph_optimization_level``) pass. The remote backend's ``tensorgate.triton.*`` keys are checked here too, for
+any model and with a "did you mean": its own reader, which also refuses an unknown one, lists them all instead.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import difflib
 
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.server.backends.upstream_targets import HEADER_PREFIX, PARAMETER_KEYS, PARAMETER_PREFIX
 from tensorgate.server.errors import ModelLoadError
 from tensorgate.server.repository.rollout import _KEYS as ROLLOUT_KEYS
 from tensorgate.server.repository.rollout import PREFIX as ROLLOUT_PREFIX
 
-__all__ = ["FAMILIES", "KNOWN", "check_parameter_keys"]
+__all__ = ["FAMILIES", "KNOWN", "TRITON_KEYS", "check_parameter_keys"]
 
 KNOWN = (
     "tensorgate.capture.inputs",
@@ -41,10 +43,16 @@ KNOWN = (
 """Every tensorgate parameter read by its exact name (server/monitoring, server/backends/onnx.py,
 server/repository/manager.py), but for the rollout's: repository/rollout.py keeps those, and checks them."""
 
-FAMILIES = ("tensorgate.alert.", "tensorgate.rollout.", "tensorgate.triton.")
-"""Prefixes whose keys their own reader checks, each with its own message: an alert rule takes any name
-(monitoring/alerts.py), the rollout and the remote backend refuse a key they do not know (repository/rollout.py,
-backends/triton.py)."""
+TRITON_KEYS = tuple(PARAMETER_PREFIX + key for key in PARAMETER_KEYS)
+"""The remote backend's keys (backends/upstream_targets.py keeps them, beside its headers' prefix)."""
+
+FAMILIES = ("tensorgate.alert.", ROLLOUT_PREFIX, PARAMETER_PREFIX + HEADER_PREFIX)
+"""Prefixes whose keys their own reader checks, each with its own message: an alert rule and an upstream header
+take any name (monitoring/alerts.py, backends/triton.py), the rollout refuses a key it does not know
+(repository/rollout.py)."""
+
+_NAMED = ("tensorgate.alert.", PARAMETER_PREFIX + HEADER_PREFIX)
+"""The families whose keys end in the user's own name: a near miss of the prefix keeps that name as written."""
 
 VERSIONED = ("tensorgate.sha256",)
 """Keys that may also be written ``<key>:<version>`` for one version."""
@@ -59,14 +67,14 @@ HINT = 0.8
 difflib's default (0.6) would offer 'tensorgate.task' for 'tensorgate.zzz'."""
 
 _OURS = "tensorgate"
-_READ = (*KNOWN, *ROLLOUT_KEYS)
+_READ = (*KNOWN, *ROLLOUT_KEYS, *TRITON_KEYS)
 _FAMILY_NAMES = sorted({k.split(".")[1] for k in _READ if k.count(".") >= 2} | {p.split(".")[1] for p in FAMILIES})
 """The second dotted parts that group keys (capture, drift, ..., alert, rollout, triton): a misspelt key is most
 likely one of its own family's."""
 
 
 def _known(key: str) -> bool:
-    if key in KNOWN or key.startswith(FAMILIES):
+    if key in KNOWN or key in TRITON_KEYS or key.startswith(FAMILIES):
         return True
     base, _, version = key.partition(":")
     return base in VERSIONED and version.isdigit()
@@ -83,7 +91,7 @@ def _closest(key: str) -> str | None:
         return f"{_OURS}.{family[0]}.<key>"
     if family:
         prefix = f"{_OURS}.{family[0]}."
-        if prefix in FAMILIES and prefix != ROLLOUT_PREFIX:  # 'tensorgat.alert.acc_low': the rest is the user's name
+        if (prefix + tail).startswith(_NAMED):  # 'tensorgat.alert.acc_low': the rest is the user's name
             return prefix + key.split(".", 2)[2]
         close = difflib.get_close_matches(prefix + tail, [k for k in _READ if k.startswith(prefix)], 1, HINT)
         if close:
