@@ -5,6 +5,7 @@ differently (version 1 multiplies by 1, version 2 by 2), real scrapes of /metric
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -826,3 +827,22 @@ def test_answers_from_the_response_cache_do_not_count_as_the_canarys_successes(t
         answered, failed = _failures(client, 20, "two")
         assert failed == 19 and answered == Counter({"1": 1})
         assert _share_of_m(server) == 0.0
+
+
+def test_a_routed_request_that_fails_is_counted_under_the_version_that_ran_it(tmp_path: Path) -> None:
+    """/metrics labelled every failure of a request that named no version with the highest served version: a
+    failing canary below the stable one (here version 1 of 2, all the traffic, its error gate off) showed its
+    failures under the stable version, which was never asked."""
+    repo = _repo(tmp_path / "models", _params(canary_version="1", canary_percent="100", max_error_percent="off"))
+    _one_row(repo / "m" / "1" / "model.onnx")  # version 1 fails every request of two rows
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        answered, failed = _failures(client, 6, "routed")
+        assert (answered, failed) == (Counter(), 6)
+        samples = scrape(metrics_url(server))
+    counted = {"1": 0.0, "2": 0.0}
+    for version in counted:
+        with contextlib.suppress(KeyError):
+            counted[version] = value(
+                samples, "tensorgate_inference_requests_total", model="m", version=version, code="INTERNAL"
+            )
+    assert counted == {"1": 6.0, "2": 0.0}

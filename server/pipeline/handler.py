@@ -39,7 +39,7 @@ from tensorgate.server.pipeline.types import InferRequest, InferResponse
 from tensorgate.server.pipeline.validate import check_input, reshape_out, validate_request
 from tensorgate.server.repository.ensemble import EnsemblePlan, Step
 from tensorgate.server.repository.manager import LoadedModel, ModelRepository
-from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S, Rollout
+from tensorgate.server.repository.rollout import ROUTED_VERSION, SHADOW_DEADLINE_S, Rollout
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.scheduling.sequencer import Place
 from tensorgate.server.telemetry.statistics import ExecutionTimes
@@ -187,6 +187,8 @@ class InferenceHandler:
             req.id = _new_request_id()
         model = self._repository.get(req.model, req.version, _split_key(req))
         version = str(model.version)
+        if model.rollout is not None and not req.version:
+            ROUTED_VERSION.set(version)
         if model.config.model_transaction_policy.decoupled:  # refused before it counts, as Triton refuses it
             raise UnimplementedError(
                 f"{model_ref(model.name, version)} is decoupled (any number of responses per request): send its "

@@ -27,6 +27,7 @@ import math
 import zlib
 from collections import Counter, deque
 from collections.abc import Collection, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from tensorgate.protos import model_config_pb2 as mc
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_SHADOW_MAX_IN_FLIGHT",
     "ERROR_WINDOW",
     "PREFIX",
+    "ROUTED_VERSION",
     "SHADOW_DEADLINE_S",
     "Rollout",
     "RolloutSpec",
@@ -45,6 +47,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ROUTED_VERSION: ContextVar[str | None] = ContextVar("tensorgate_routed_version", default=None)
+"""The version a split sent a request that named none to, set for the rest of its call (each call, and each
+message of a stream, runs in a context of its own): a failure is counted in /metrics under the version that ran
+it, not under the highest one a request without a version is otherwise labelled with."""
 
 PREFIX = "tensorgate.rollout."
 CANARY_VERSION = PREFIX + "canary_version"

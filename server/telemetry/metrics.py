@@ -47,6 +47,7 @@ from tensorgate.server.auth.tls import TlsFiles, TlsReloader, ssl_server_context
 from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.manager import is_unloaded
+from tensorgate.server.repository.rollout import ROUTED_VERSION
 from tensorgate.server.scheduling.sequencer import SequenceOwnerError
 from tensorgate.server.telemetry.gpu import (
     GPU_FAMILIES,
@@ -120,6 +121,8 @@ class RequestCounts:
             code = cancelled_code(None if deadline is None else deadline - time.monotonic(), CALL_TIMEOUT.get())
         else:
             code = "INTERNAL"
+        if not version:  # sent to a version by a rollout split: counted under it
+            version = ROUTED_VERSION.get() or ""
         key = (*self._repository.metric_labels(model, version), code)
         self.counts[key] = self.counts.get(key, 0) + 1
 
