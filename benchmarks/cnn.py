@@ -79,11 +79,11 @@ def resnet_config(
     batching: bool = True,
     max_batch: int = 128,
     conv_algo_search: str | None = None,
-    pad: bool = False,
+    pad: str | None = None,
 ) -> str:
     """config.pbtxt for the network: dynamic batching with no queue delay (an idle instance never waits), or
     none, so that requests run one by one; `conv_algo_search` sets Triton's `cudnn_conv_algo_search`, `pad`
-    tensorgate's `tensorgate.pad_batches`."""
+    tensorgate's `tensorgate.pad_batches` ("true", or sizes such as "1,8,32")."""
     text = (
         f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
         f'input [{{ name: "{INPUT}" data_type: TYPE_FP32 dims: [3, {image}, {image}] }}]\n'
@@ -93,7 +93,7 @@ def resnet_config(
     if batching:
         text += "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
     if pad:
-        text += 'parameters { key: "tensorgate.pad_batches" value: { string_value: "true" } }\n'
+        text += f'parameters {{ key: "tensorgate.pad_batches" value: {{ string_value: "{pad}" }} }}\n'
     if conv_algo_search is not None:
         text += f'parameters {{ key: "cudnn_conv_algo_search" value: {{ string_value: "{conv_algo_search}" }} }}\n'
     return text

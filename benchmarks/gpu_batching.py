@@ -4,17 +4,17 @@ The model is a ResNet-style CNN (benchmarks/cnn.py, built here with onnx.helper)
 matters on a GPU. In one run:
 
 - in-process ONNX Runtime with the CUDA provider at batch 1/8/32/64/128 (the compute limit), and alternating
-  between two sizes (1 and 31, 96 and 128), as a batcher's batches do;
+  between two sizes (1 and 31, 96 and 128), as a batcher's batches do, on one session and on a session per size;
 - tensorgate serving the same file, 1-row requests at concurrency 32 with dynamic batching off and on (unary and
   ModelStreamInfer), and 32-row requests at concurrency 8;
 - the 32-row throughput over in-process rows/s at the batch size the server executed (the issue's ratio);
 - the `tensorgate_gpu_*` series that /metrics shows while the model is loaded.
 
-    python benchmarks/gpu_batching.py [--repeats 2] [--provider cuda|cpu]
+    python benchmarks/gpu_batching.py [--repeats 2] [--provider cuda|cpu] [--pad [SIZES]]
 
 `--provider cpu` runs the same steps on the CPU (KIND_CPU), to try the script on a machine without a GPU. The run
 stops with an error when CUDA was asked for and either side did not get it. Writes
-benchmarks/results/gpu_batching_<search, lower case>[_padded].json and .md.
+benchmarks/results/gpu_batching_<search, lower case>[_padded[_sizes]].json and .md.
 """
 
 from __future__ import annotations
@@ -57,15 +57,21 @@ _METRICS = re.compile(r"metrics listening on \S+:(\d+)")
 
 
 def build_repository(
-    root: Path, model: onnx.ModelProto, image: int, kind: str, conv_algo_search: str, pad: bool
+    root: Path, model: onnx.ModelProto, image: int, kind: str, conv_algo_search: str, pad: str | None
 ) -> tuple[Path, Path]:
-    """`resnet` (dynamic batching, no queue delay) and `resnet_nobatch` (requests one by one), one file."""
+    """`resnet` (dynamic batching, no queue delay, padded as `pad` says) and `resnet_nobatch` (requests one by one,
+    never padded), one file."""
     repo = root / "models"
     for name, batching in (("resnet", True), ("resnet_nobatch", False)):
         (repo / name / "1").mkdir(parents=True)
         onnx.save(model, repo / name / "1" / "model.onnx")
         config = resnet_config(
-            name, image=image, kind=kind, batching=batching, conv_algo_search=conv_algo_search, pad=pad
+            name,
+            image=image,
+            kind=kind,
+            batching=batching,
+            conv_algo_search=conv_algo_search,
+            pad=pad if batching else None,
         )
         (repo / name / "config.pbtxt").write_text(config)
     return repo, repo / "resnet" / "1" / "model.onnx"
@@ -86,6 +92,10 @@ def gpu_series(server: Server) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("tensorgate_gpu_")]
 
 
+def _pad_suffix(pad: str | None) -> str:
+    return "" if not pad else "_padded" if pad == "true" else "_padded_sizes"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -101,7 +111,11 @@ def main() -> None:
         help="cuDNN convolution algorithm search, for the server (config) and in-process alike",
     )
     parser.add_argument(
-        "--pad", action="store_true", help="serve with tensorgate.pad_batches (every run at max_batch_size rows)"
+        "--pad",
+        nargs="?",
+        const="true",
+        help="serve with tensorgate.pad_batches: alone, every run at max_batch_size rows; with sizes (1,8,32) each "
+        "run at the smallest that holds it, on a session per size",
     )
     args = parser.parse_args()
     gpu = args.provider == "cuda"
@@ -125,6 +139,16 @@ def main() -> None:
         # The batcher's batches change size from call to call; these show what that costs the runtime itself.
         alternating = {
             sizes: ort_rows_per_s(model_file, sizes, repeats=args.repeats, session=session)
+            for sizes in ((1, 31), (96, 128))
+        }
+        # The same, each size on its own session: whether a session per size keeps each size's cuDNN plans.
+        own_sessions = {
+            sizes: ort_rows_per_s(
+                model_file,
+                sizes,
+                repeats=args.repeats,
+                sessions=[ort_session(model_file, providers=providers) for _ in sizes],
+            )
             for sizes in ((1, 31), (96, 128))
         }
         print("in-process rows/s:", {b: round(v) for b, v in compute.items()}, flush=True)
@@ -169,7 +193,7 @@ def main() -> None:
         f"# GPU batching benchmark: ResNet-style CNN {shape}",
         "",
         f"Provider: in-process {inprocess_provider}, tensorgate {', '.join(sorted(set(served_on.values())))}. "
-        f"cuDNN convolution search: {search}. Every run padded to max_batch_size (128): {args.pad}.",
+        f"cuDNN convolution search: {search}. tensorgate.pad_batches: {args.pad or 'off'}.",
         f"Load generator: {tool}. Medians over {args.repeats} repeats after one unrecorded warm-up pass.",
         "Latencies in ms; server queue / compute in microseconds (ModelStatistics); cores = CPU seconds per wall",
         "second of the server / the load generator.",
@@ -179,6 +203,10 @@ def main() -> None:
         *[f"| {b} | {v:,.0f} |" for b, v in compute.items()],
         f"| {executed} (executed, measured after the server runs) | {at_executed:,.0f} |",
         *[f"| {' and '.join(map(str, sizes))} in turn | {v:,.0f} |" for sizes, v in alternating.items()],
+        *[
+            f"| {' and '.join(map(str, sizes))} in turn, a session each | {v:,.0f} |"
+            for sizes, v in own_sessions.items()
+        ],
         "",
         SUMMARY_HEADER.replace("infer/s", "rows/s"),
         *[f"| {key} | {summary_cells(r)} |" for key, r in results.items()],
@@ -199,13 +227,14 @@ def main() -> None:
         "in_process_rows_per_s": compute,
         "in_process_at_executed": {"batch": executed, "rows_per_s": at_executed},
         "in_process_alternating_rows_per_s": {" and ".join(map(str, k)): v for k, v in alternating.items()},
+        "in_process_alternating_session_each_rows_per_s": {
+            " and ".join(map(str, k)): v for k, v in own_sessions.items()
+        },
         "results": results,
         "ratios": ratios,
         "gpu_metrics": gpu_lines,
     }
-    js, md = write_report(
-        f"gpu_batching_{search.lower()}{'_padded' if args.pad else ''}", payload, "\n".join(lines) + "\n"
-    )
+    js, md = write_report(f"gpu_batching_{search.lower()}{_pad_suffix(args.pad)}", payload, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {js} and {md}")
 

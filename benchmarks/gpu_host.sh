@@ -4,6 +4,8 @@
 #
 # What it expects beside the checkout, carried there (see ../shared/gpu/README.md):
 #   .gpu-1 .. .gpu-N   onnxruntime-gpu in parts plus the other wheels tensorgate needs (../shared/gpu/prepare.sh)
+#                      e.g. ../shared/gpu/prepare.sh $(cat benchmarks/gpu_wheels.txt), the pins of tensorgate's
+#                      dependencies that a host with PyTorch's usual packages lacks (checked on an H200 host)
 #   .pa/               optional: perf_analyzer.gz, libcudart.so.12 and libb64.so.0d; without it the benchmarks
 #                      drive the load with tensorgate's own generator and say so. From a machine where
 #                      benchmarks/perf_analyzer.sh has run: gzip -9c benchmarks/.venv-pa/bin/perf_analyzer >
@@ -13,6 +15,7 @@
 # the ones after it, and the exit status says whether any failed.
 #
 #   bash benchmarks/gpu_host.sh          (each GPU step took about 100 s on an H200, each CPU step about a minute)
+#   GPU_ONLY=1 GPU_STEPS="default sizes" bash benchmarks/gpu_host.sh      (two GPU steps, no CPU ones)
 set -uo pipefail
 out="${OUT:-benchmarks/results/gpu-host}"
 mkdir -p "$out"
@@ -53,16 +56,24 @@ fi
 { nproc; nvidia-smi -L 2>&1; python3 --version; } > "$out/host.txt"
 
 # GPU_BENCH_ARGS: more flags for gpu_batching.py, e.g. "--provider cpu --width 16" to try this on a CPU machine.
+# GPU_STEPS: which GPU runs, in order (default: all four below).
+has_step() { [[ " ${GPU_STEPS:-default padded sizes exhaustive} " == *" $1 "* ]]; }
 # shellcheck disable=SC2086
-step gpu_batching 240 python3 benchmarks/gpu_batching.py --repeats 2 ${GPU_BENCH_ARGS:-}
+has_step default && step gpu_batching 200 python3 benchmarks/gpu_batching.py --repeats 2 ${GPU_BENCH_ARGS:-}
 # Every run padded to max_batch_size (tensorgate.pad_batches): one input shape for cuDNN.
 # shellcheck disable=SC2086
-step gpu_batching_padded 240 python3 benchmarks/gpu_batching.py --repeats 2 --pad ${GPU_BENCH_ARGS:-}
+has_step padded && step gpu_batching_padded 200 python3 benchmarks/gpu_batching.py --repeats 2 --pad \
+    ${GPU_BENCH_ARGS:-}
+# Each run padded to the next power of two, each size on its own session (its own cuDNN plans).
+# shellcheck disable=SC2086
+has_step sizes && step gpu_batching_padded_sizes 200 python3 benchmarks/gpu_batching.py --repeats 2 \
+    --pad 1,2,4,8,16,32,64,128 ${GPU_BENCH_ARGS:-}
 # ONNX Runtime's own default search, side by side: it builds cuDNN plans again at every new batch size.
 # shellcheck disable=SC2086
-step gpu_batching_exhaustive 240 python3 benchmarks/gpu_batching.py --repeats 2 --conv-algo-search EXHAUSTIVE \
-    ${GPU_BENCH_ARGS:-}
-cp benchmarks/results/gpu_batching_* "$out/" 2>/dev/null
+has_step exhaustive && step gpu_batching_exhaustive 200 python3 benchmarks/gpu_batching.py --repeats 2 \
+    --conv-algo-search EXHAUSTIVE ${GPU_BENCH_ARGS:-}
+# The JSON only: each step's log holds its Markdown table (a device tool may bring back few files).
+cp benchmarks/results/gpu_batching_*.json "$out/" 2>/dev/null
 if [ -d examples/models/mlp ] && [ -z "${GPU_ONLY:-}" ]; then  # GPU_ONLY=1 skips the CPU steps
     step batching 120 python3 benchmarks/batching.py --repeats 1 --concurrency 32
     cp benchmarks/results/batching.md "$out/" 2>/dev/null

@@ -140,6 +140,8 @@ class Measurement:
     p99_us: float
     server_queue_us: float = 0.0
     server_compute_us: float = 0.0
+    """Compute input + infer + output; input alone below (stacking requests into one batch, off the event loop)."""
+    server_compute_input_us: float = 0.0
     server_cpu_cores: float = 0.0
     server_child_cpu_cores: float = 0.0
     """The part of server_cpu_cores used by the server's child processes (tensorgate's span exporter)."""
@@ -206,6 +208,7 @@ def run_perf_analyzer(
         server_compute_us=sum(
             float(row.get(k, 0)) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
         ),
+        server_compute_input_us=float(row.get("Server Compute Input", 0)),
         client_cpu_cores=client_cpu,  # divided by wall time by the caller
     )
 
@@ -302,6 +305,7 @@ class Summary:
     p99_us: float
     server_queue_us: float
     server_compute_us: float
+    server_compute_input_us: float
     server_cpu_cores: float
     server_child_cpu_cores: float
     client_cpu_cores: float
@@ -321,6 +325,7 @@ def median_of(runs: Sequence[Measurement]) -> Summary:
             "p99_us",
             "server_queue_us",
             "server_compute_us",
+            "server_compute_input_us",
             "server_cpu_cores",
             "server_child_cpu_cores",
             "client_cpu_cores",

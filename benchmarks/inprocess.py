@@ -35,33 +35,37 @@ def ort_rows_per_s(
     seconds: float = 1.0,
     repeats: int = 3,
     session: ort.InferenceSession | None = None,
+    sessions: Sequence[ort.InferenceSession] | None = None,
 ) -> float:
     """Median over `repeats` of rows/s running random FP32 inputs (shaped as the model's inputs) back to back
     for `seconds` (bounded), after a warm-up that also lets a GPU provider pick its kernels for each batch size.
 
     `batch` may be several sizes, run in turn (e.g. (1, 31)): a dynamic batcher's batches change size from one
     call to the next, and a runtime that prepares work per input shape pays for that only when sizes alternate.
-    `session` defaults to a CPU one from `ort_session(model, threads)`.
+    `session` defaults to a CPU one from `ort_session(model, threads)`; `sessions`, one per size, runs each size on
+    its own session instead (as `tensorgate.pad_batches` with several sizes does).
     """
-    if session is None:
-        session = ort_session(model, threads)
     sizes = [batch] if isinstance(batch, int) else list(batch)
+    if sessions is None:
+        sessions = [session or ort_session(model, threads)] * len(sizes)
+    if len(sessions) != len(sizes):
+        raise ValueError(f"{len(sessions)} sessions for {len(sizes)} batch sizes")
     rng = np.random.default_rng(0)
     feeds = [
-        ({i.name: rng.random((size, *i.shape[1:]), dtype=np.float32) for i in session.get_inputs()}, size)
-        for size in sizes
+        ({i.name: rng.random((size, *i.shape[1:]), dtype=np.float32) for i in run.get_inputs()}, size, run)
+        for size, run in zip(sizes, sessions, strict=True)
     ]
     for _ in range(10):
-        for feed, _size in feeds:
-            session.run(None, feed)
+        for feed, _size, run in feeds:
+            run.run(None, feed)
     rates = []
     for _ in range(repeats):
         rows = 0
         n = 0
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds and n < 1_000_000:
-            feed, size = feeds[n % len(feeds)]
-            session.run(None, feed)
+            feed, size, run = feeds[n % len(feeds)]
+            run.run(None, feed)
             rows += size
             n += 1
         rates.append(rows / elapsed)

@@ -150,6 +150,16 @@ def test_unpinned_model_with_external_data_loads_from_its_version_directory(repo
     assert _scale(client, "ext") == [3.0] * 4
 
 
+def test_model_with_external_data_loads_a_session_per_padding_size(repo: Path, explicit) -> None:
+    """Each padding size's session is made from the same bytes, and finds the same external data."""
+    _, client = explicit
+    _external(scale_model(repo / "extpad" / "1" / "model.onnx", 3.0))
+    pad = _param("tensorgate.pad_batches", "1,2")
+    write_config(repo, "extpad", 'name: "extpad"\nmax_batch_size: 4\n' + pad)
+    client.load_model("extpad")
+    assert _scale(client, "extpad") == [3.0] * 4
+
+
 def test_pinned_model_with_external_data_is_refused(repo: Path, explicit) -> None:
     _, client = explicit
     path = _external(scale_model(repo / "extpin" / "1" / "model.onnx", 3.0))

@@ -28,17 +28,21 @@ from tests.serving import ServerThread
 IMAGE = 8
 
 
-def _repository(root: Path) -> Path:
+def _repository(root: Path, pad: str | None = None) -> Path:
     model = build_resnet_model(image=IMAGE, width=8, blocks=2)
     onnx.checker.check_model(model, full_check=True)
     (root / "cnn" / "1").mkdir(parents=True)
     onnx.save(model, root / "cnn" / "1" / "model.onnx")
-    (root / "cnn" / "config.pbtxt").write_text(resnet_config("cnn", image=IMAGE, kind="KIND_CPU", max_batch=16))
+    (root / "cnn" / "config.pbtxt").write_text(
+        resnet_config("cnn", image=IMAGE, kind="KIND_CPU", max_batch=16, pad=pad)
+    )
     return root
 
 
-def test_cnn_batches_serve_row_for_row_as_in_process(tmp_path: Path) -> None:
-    repo = _repository(tmp_path)
+@pytest.mark.parametrize("pad", [None, "true", "1,4,8"])
+def test_cnn_batches_serve_row_for_row_as_in_process(tmp_path: Path, pad: str | None) -> None:
+    """Batched, and padded to one size or to the next of several, each row's answer is the one it gets alone."""
+    repo = _repository(tmp_path, pad)
     session = ort.InferenceSession(str(repo / "cnn" / "1" / "model.onnx"), providers=[CPU])
     rng = np.random.default_rng(1)
     requests = [rng.standard_normal((rows, 3, IMAGE, IMAGE)).astype(np.float32) for rows in (1, 3, 2, 5, 1, 4) * 4]

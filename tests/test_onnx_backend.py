@@ -304,6 +304,11 @@ def _padding_config(pad: str | None, max_batch_size: int = 8) -> mc.ModelConfig:
         pytest.param("true", 1, 8, id="one-row-padded"),
         pytest.param("true", 8, 8, id="full-batch-as-is"),
         pytest.param("false", 3, 3, id="off"),
+        pytest.param("2,4", 1, 2, id="sizes-smallest-that-holds-it"),
+        pytest.param("2,4", 3, 4, id="sizes-next-size"),
+        pytest.param("4, 2", 5, 8, id="sizes-max-batch-size-added"),
+        pytest.param("1,2,4", 1, 1, id="sizes-exact-size-as-is"),
+        pytest.param("8", 3, 8, id="sizes-max-batch-size-alone"),
     ],
 )
 def test_padded_runs_compute_max_batch_size_rows_and_return_the_real_ones(
@@ -318,6 +323,25 @@ def test_padded_runs_compute_max_batch_size_rows_and_return_the_real_ones(
         backend.close()
     np.testing.assert_array_equal(out["OUTPUT0"], x * 2)
     np.testing.assert_array_equal(out["ROWS"], np.full((rows, 1), seen, dtype=np.float32))
+
+
+def test_each_padding_size_runs_on_a_session_of_its_own(tmp_path: Path) -> None:
+    """ONNX Runtime's cuDNN convolutions keep the plan of their last input shape (per session): a session per size
+    keeps each size's plans. "true" is one size, on the one session."""
+    path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
+    several = OnnxBackend(path, _padding_config("2,4"), version=1)
+    one = OnnxBackend(path, _padding_config("true"), version=1)
+    try:
+        sessions = several._sessions  # noqa: SLF001 - which session runs which size is not visible from outside
+        assert sorted(sessions) == [2, 4, 8]
+        assert len({id(s) for s in sessions.values()}) == 3
+        assert sessions[8] is several._session  # noqa: SLF001
+        assert list(one._sessions) == [8]  # noqa: SLF001
+        x = np.arange(12, dtype=np.float32).reshape(3, 4)
+        np.testing.assert_array_equal(several.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x * 2)
+    finally:
+        several.close()
+        one.close()
 
 
 def test_padding_repeats_the_last_row_for_any_type() -> None:
@@ -339,6 +363,10 @@ def test_padding_repeats_the_last_row_for_any_type() -> None:
         pytest.param("yes", 8, "'yes'", id="not-a-boolean"),
         pytest.param("Yes please", 0, "'Yes please'", id="not-a-boolean-before-max-batch-size-is-known"),
         pytest.param("true", 0, "max_batch_size > 0", id="no-batch-dimension"),
+        pytest.param("0,4", 8, "size 0 is outside 1..8", id="size-zero"),
+        pytest.param("4,16", 8, "size 16 is outside 1..8", id="size-above-max-batch-size"),
+        pytest.param("1;2", 8, "got '1;2'", id="not-a-list"),
+        pytest.param("2,4", 0, "max_batch_size > 0", id="sizes-without-batch-dimension"),
     ],
 )
 def test_bad_padding_settings_fail_the_load(tmp_path: Path, pad: str, max_batch_size: int, needle: str) -> None:
@@ -353,7 +381,8 @@ def test_bad_padding_settings_fail_the_load(tmp_path: Path, pad: str, max_batch_
     assert info.value.version == 1
 
 
-def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pad", "padded_to"), [("true", {8}), ("2,4", {2, 4, 8})])
+def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path, pad: str, padded_to: set[int]) -> None:
     """Through the server and its dynamic batcher, concurrent callers of different sizes."""
     root = tmp_path / "models"
     rows_seen_model(root / "rows" / "1" / "model.onnx")
@@ -361,7 +390,7 @@ def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
         root,
         "rows",
         'max_batch_size: 8\ndynamic_batching { }\nparameters { key: "tensorgate.pad_batches" '
-        'value: { string_value: "true" } }\n',
+        f'value: {{ string_value: "{pad}" }} }}\n',
     )
     sizes = [1, 3, 2, 5, 1, 4, 8, 2] * 3
     with ServerThread(root) as server:
@@ -381,7 +410,9 @@ def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path) -> None:
         client.close()
     for x, y, seen in answers:
         np.testing.assert_array_equal(y, x * 2)
-        np.testing.assert_array_equal(seen, np.full((x.shape[0], 1), 8, dtype=np.float32))
+        # The batch this caller was in ran at one of the sizes, one that holds at least its own rows.
+        assert seen.shape == (x.shape[0], 1) and len(set(seen.ravel())) == 1
+        assert int(seen[0, 0]) in padded_to and int(seen[0, 0]) >= x.shape[0]
 
 
 def test_padding_string_inputs(tmp_path: Path) -> None:

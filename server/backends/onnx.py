@@ -371,30 +371,66 @@ def execution_accelerators(config: mc.ModelConfig, model_dir: Path, version: int
     return Accelerators(tensorrt, openvino)
 
 
+PAD_BATCHES = "tensorgate.pad_batches"
+
+
+def _pad_setting(config: mc.ModelConfig, version: int | None) -> bool | list[int]:
+    """`tensorgate.pad_batches` as written: a boolean, or a list of row counts ("1,8,32"). Anything else fails
+    the load, naming the model, the key and the value, before max_batch_size is known."""
+    param = config.parameters.get(PAD_BATCHES)
+    raw = param.string_value if param is not None else ""
+    if not raw.strip():
+        return False
+    flag = parse_bool(raw)
+    if flag is not None:
+        return flag
+    parts = [part.strip() for part in raw.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ModelLoadError(
+            config.name,
+            version,
+            f"parameter '{PAD_BATCHES}' must be {BOOL_SPELLINGS}, got '{raw}' (or the batch sizes to pad to, "
+            'such as "1,8,32")',
+        )
+    return [int(part) for part in parts]
+
+
 def pad_requested(config: mc.ModelConfig, version: int | None = None) -> bool:
-    """Whether the config sets `tensorgate.pad_batches: "true"` (see `pad_rows`); a value that is not a boolean
-    fails the load."""
-    return bool_parameter(config, "tensorgate.pad_batches", version) is True
+    """Whether the config asks for padding (see `pad_sizes`); a value that is neither a boolean nor a list of
+    sizes fails the load."""
+    return _pad_setting(config, version) not in (False, [])
 
 
-def pad_rows(config: mc.ModelConfig, version: int | None = None) -> int:
-    """Rows to pad every run to (`tensorgate.pad_batches: "true"` -> max_batch_size), or 0 for none. Read it from
-    the completed config: a model whose config leaves max_batch_size out gets it from the model file.
+def pad_sizes(config: mc.ModelConfig, version: int | None = None) -> tuple[int, ...]:
+    """Row counts a run may be padded to, ascending: each batch runs at the smallest one that holds it.
+    `tensorgate.pad_batches: "true"` is max_batch_size alone; a list ("1,8,32") is those sizes, with
+    max_batch_size added when the list stops short of it; unset or false is none. Read it from the completed
+    config: a model whose config leaves max_batch_size out gets it from the model file.
 
     For convolutional models on CUDA: ONNX Runtime's cuDNN convolutions keep the plan of the last input shape
     only and build a new one whenever the batch size changes, which a dynamic batcher does almost every call
     (measured on an H200 with HEURISTIC search: about 15 ms per batch against 1.5 ms for the same batch run at one
-    fixed size). Padding keeps one shape, at the price of computing the padding rows. Off by default: on the CPU
-    the padding rows are pure cost. Correct only for models whose rows are independent (each output row depends
-    on its input row alone), which is what batching already assumes. Statistics count the real rows.
+    fixed size). Padding keeps one shape per size, at the price of computing the padding rows; with several sizes
+    each runs on its own session (`OnnxBackend`), which keeps its own plans. Off by default: on the CPU the
+    padding rows are pure cost. Correct only for models whose rows are independent (each output row depends on
+    its input row alone), which is what batching already assumes. Statistics count the real rows.
     """
-    if not pad_requested(config, version):
-        return 0
-    if config.max_batch_size <= 0:
+    setting = _pad_setting(config, version)
+    if setting is False or setting == []:
+        return ()
+    mbs = config.max_batch_size
+    if mbs <= 0:
+        raise ModelLoadError(config.name, version, f"{PAD_BATCHES} needs a batch dimension (max_batch_size > 0) to pad")
+    if setting is True:
+        return (mbs,)
+    wrong = [size for size in setting if not 1 <= size <= mbs]
+    if wrong:
         raise ModelLoadError(
-            config.name, version, "tensorgate.pad_batches needs a batch dimension (max_batch_size > 0) to pad"
+            config.name,
+            version,
+            f"{PAD_BATCHES} size {wrong[0]} is outside 1..{mbs} (max_batch_size): a batch is never larger",
         )
-    return config.max_batch_size
+    return tuple(sorted({*setting, mbs}))
 
 
 def pad_feed(feed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -596,6 +632,16 @@ def place_instance_groups(groups: Sequence[mc.ModelInstanceGroup], device: int |
             group.gpus.append(device)
 
 
+@dataclass(frozen=True)
+class _SessionSource:
+    """How the backend's first session was made, to make more alike (one per padding size)."""
+
+    model: str | bytes
+    path: Path
+    options: ort.SessionOptions
+    providers: list[Provider]
+
+
 class OnnxBackend:
     """One ONNX Runtime session; `execute` may be called from several threads at once (sessions allow it)."""
 
@@ -614,10 +660,10 @@ class OnnxBackend:
         `external_data` is the only directory a model built from bytes may read external tensors from; None
         means it may not have any."""
         self._model = config.name
-        # A bad value fails the load at once; a max_batch_size the repository completes later arrives through
-        # pad_to_max_batch_size().
-        self._pad_to = config.max_batch_size if pad_requested(config, version) and config.max_batch_size > 0 else 0
         self._version = version
+        # A bad value fails the load at once; the sizes follow from max_batch_size, which the repository may
+        # complete later (pad_to_max_batch_size).
+        pad_requested(config, version)
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
         group = session_group(config.instance_group, available)
         shrink = arena_shrinkage(config, version)
@@ -651,6 +697,15 @@ class OnnxBackend:
                 log.warning("model '%s': %s failed to initialise (%s); falling back to the CPU", config.name, CUDA, exc)
                 self._session = self._cpu_session(source, model_path, opts, config.name, version)
                 fell_back = True
+        self._source: _SessionSource | None = _SessionSource(
+            source, model_path, opts, [CPU] if fell_back else providers
+        )
+        """What the sessions of other padding sizes are made from; dropped once the padding is set, so that the
+        model's bytes are not kept for the session's life."""
+        self._pads: tuple[int, ...] = ()
+        self._sessions: dict[int, ort.InferenceSession] = {}
+        """The session each padding size runs on: the first (`_session`) for the largest, a new one for each other
+        size, so that each keeps the cuDNN plans of its one shape."""
         used = self._session.get_providers()
         if choice.wants_gpu and CUDA not in used and not fell_back:
             log.warning(
@@ -676,6 +731,8 @@ class OnnxBackend:
         spread = instance_group_warning(config.instance_group, model=config.name, device=self._device)
         if spread:
             log.warning("%s", spread)
+        if config.max_batch_size > 0:
+            self.pad_to_max_batch_size(config, keep_source=True)
         # Initializers that are also graph inputs hold a value a request may override: inputs in Triton too
         # (initializer_as_input), served where the config lists them, as optional ones.
         overridable = self._session.get_overridable_initializers()
@@ -736,9 +793,35 @@ class OnnxBackend:
         """Make the served config's instance groups say where the model runs (`place_instance_groups`)."""
         place_instance_groups(config.instance_group, self._device)
 
-    def pad_to_max_batch_size(self, config: mc.ModelConfig) -> None:
-        """Take `tensorgate.pad_batches` from the completed config (max_batch_size filled in)."""
-        self._pad_to = pad_rows(config, self._version)
+    def pad_to_max_batch_size(self, config: mc.ModelConfig, *, keep_source: bool = False) -> None:
+        """Take `tensorgate.pad_batches` from the completed config (max_batch_size filled in): make a session for
+        each padding size but the largest, which runs on the first one. The repository calls this once, as it
+        loads; after it (unless `keep_source`) no other session can be made."""
+        pads = pad_sizes(config, self._version)
+        sessions = {pads[-1]: self._session} if pads else {}
+        for size in pads[:-1]:
+            sessions[size] = self._sessions.get(size) or self._open_session(config.name)
+        self._pads, self._sessions = pads, sessions
+        if len(pads) > 1:
+            log.info(
+                "model '%s' version %s: batches padded to %s rows, one onnxruntime session per size",
+                config.name,
+                self._version if self._version is not None else "-",
+                ", ".join(map(str, pads)),
+            )
+        if not keep_source:
+            self._source = None
+
+    def _open_session(self, model: str) -> ort.InferenceSession:
+        source = self._source
+        if source is None:
+            raise ModelLoadError(model, self._version, "padding sizes can only be set while the model loads")
+        # The options still name the external data folder the first session was made with (for a model that may
+        # have none, an empty folder since removed): the same bytes loaded with it, so they load again.
+        try:
+            return ort.InferenceSession(source.model, sess_options=source.options, providers=source.providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
+            raise _load_error(model, self._version, source.path, exc) from exc
 
     @property
     def execution_provider(self) -> str:
@@ -766,20 +849,22 @@ class OnnxBackend:
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
     ) -> dict[str, np.ndarray]:
         feed = {name: self._feed(name, arr) for name, arr in inputs.items()}
-        rows = next(iter(feed.values())).shape[0] if self._pad_to and feed else 0
-        padded = 0 < rows < self._pad_to
+        rows = next(iter(feed.values())).shape[0] if self._pads and feed else 0
+        size = next((s for s in self._pads if s >= rows), 0) if rows else 0
+        session = self._sessions[size] if size else self._session
+        padded = rows < size
         if padded:
-            feed = pad_feed(feed, self._pad_to)
+            feed = pad_feed(feed, size)
         try:
             if self._bf16:
-                results = bf16.run(self._session, outputs, feed, self._run_options)
+                results = bf16.run(session, outputs, feed, self._run_options)
             else:
-                results = self._session.run(list(outputs), feed, self._run_options)
+                results = session.run(list(outputs), feed, self._run_options)
         except Exception as exc:  # noqa: BLE001 - translate onnxruntime's errors at the boundary
             raise BackendError(self._model, self._version, f"onnxruntime: {exc}") from exc
         if padded:
             # Only the real rows go back; an output without the padded rows is left for the split to refuse.
-            results = [r[:rows] if r.ndim and r.shape[0] == self._pad_to else r for r in results]
+            results = [r[:rows] if r.ndim and r.shape[0] == size else r for r in results]
         return dict(zip(outputs, results, strict=True))
 
     def interrupt(self) -> None:
@@ -787,5 +872,7 @@ class OnnxBackend:
         self._run_options.terminate = True
 
     def close(self) -> None:
-        # Dropping the session releases its memory (and GPU allocations) once running calls return.
+        # Dropping the sessions releases their memory (and GPU allocations) once running calls return.
         del self._session
+        self._sessions.clear()
+        self._source = None
