@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.utils import InferenceServerException
 
@@ -30,6 +31,7 @@ from tensorgate.server.backends.onnx import (
     cuda_options,
     default_intra_op_threads,
     pad_feed,
+    padding_hint,
     session_options,
 )
 from tensorgate.server.errors import ModelLoadError
@@ -296,6 +298,14 @@ def _padding_config(pad: str | None, max_batch_size: int = 8) -> mc.ModelConfig:
     return config
 
 
+def _padded_backend(path: Path, pad: str | None) -> OnnxBackend:
+    """As the repository makes one: the session, then the padding from the (completed) config."""
+    config = _padding_config(pad)
+    backend = OnnxBackend(path, config, version=1)
+    backend.pad_to_max_batch_size(config)
+    return backend
+
+
 @pytest.mark.parametrize(
     ("pad", "rows", "seen"),
     [
@@ -315,7 +325,7 @@ def test_padded_runs_compute_max_batch_size_rows_and_return_the_real_ones(
     tmp_path: Path, pad: str | None, rows: int, seen: int
 ) -> None:
     path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
-    backend = OnnxBackend(path, _padding_config(pad), version=1)
+    backend = _padded_backend(path, pad)
     try:
         x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
         out = backend.execute({"INPUT0": x}, ["OUTPUT0", "ROWS"])
@@ -329,8 +339,8 @@ def test_each_padding_size_runs_on_a_session_of_its_own(tmp_path: Path) -> None:
     """ONNX Runtime's cuDNN convolutions keep the plan of their last input shape (per session): a session per size
     keeps each size's plans. "true" is one size, on the one session."""
     path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
-    several = OnnxBackend(path, _padding_config("2,4"), version=1)
-    one = OnnxBackend(path, _padding_config("true"), version=1)
+    several = _padded_backend(path, "2,4")
+    one = _padded_backend(path, "true")
     try:
         sessions = several._sessions  # noqa: SLF001 - which session runs which size is not visible from outside
         assert sorted(sessions) == [2, 4, 8]
@@ -339,9 +349,46 @@ def test_each_padding_size_runs_on_a_session_of_its_own(tmp_path: Path) -> None:
         assert list(one._sessions) == [8]  # noqa: SLF001
         x = np.arange(12, dtype=np.float32).reshape(3, 4)
         np.testing.assert_array_equal(several.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"], x * 2)
+        # The model's bytes are gone once the padding is set: no session can be made after the load.
+        with pytest.raises(ModelLoadError, match="padding sizes can only be set once"):
+            several.pad_to_max_batch_size(_padding_config("3"))
     finally:
         several.close()
         one.close()
+    assert several._sessions == {}  # noqa: SLF001 - closing drops every size's session
+
+
+def test_padding_needs_the_call_that_makes_its_sessions(tmp_path: Path) -> None:
+    """The sessions are made once the model has passed its checks; a backend that was never told pads nothing."""
+    path = rows_seen_model(tmp_path / "rows" / "1" / "model.onnx")
+    backend = OnnxBackend(path, _padding_config("2,4"), version=1)
+    try:
+        assert backend._sessions == {}  # noqa: SLF001
+        out = backend.execute({"INPUT0": np.ones((3, 4), dtype=np.float32)}, ["ROWS"])
+    finally:
+        backend.close()
+    np.testing.assert_array_equal(out["ROWS"], np.full((3, 1), 3, dtype=np.float32))
+
+
+_PAD = 'parameters {{ key: "tensorgate.pad_batches" value: {{ string_value: "{}" }} }}\n'
+
+
+@pytest.mark.parametrize(
+    ("on_gpu", "extra", "hinted"),
+    [
+        pytest.param(True, "dynamic_batching { }\n", True, id="cuda-batching-unpadded"),
+        pytest.param(False, "dynamic_batching { }\n", False, id="cpu"),
+        pytest.param(True, "", False, id="no-dynamic-batching"),
+        pytest.param(True, "dynamic_batching { }\n" + _PAD.format("true"), False, id="padded"),
+        pytest.param(True, "dynamic_batching { }\n" + _PAD.format("false"), True, id="padding-off"),
+    ],
+)
+def test_a_model_batching_on_cuda_without_padding_is_told_about_it(on_gpu: bool, extra: str, hinted: bool) -> None:
+    config = text_format.Parse(f'name: "cnn"\nmax_batch_size: 8\n{extra}', mc.ModelConfig())
+    hint = padding_hint(config, on_gpu=on_gpu)
+    assert (hint is not None) == hinted
+    if hint:
+        assert "model 'cnn'" in hint and "tensorgate.pad_batches" in hint and "cuDNN" in hint
 
 
 def test_padding_repeats_the_last_row_for_any_type() -> None:
@@ -366,6 +413,8 @@ def test_padding_repeats_the_last_row_for_any_type() -> None:
         pytest.param("0,4", 8, "size 0 is outside 1..8", id="size-zero"),
         pytest.param("4,16", 8, "size 16 is outside 1..8", id="size-above-max-batch-size"),
         pytest.param("1;2", 8, "got '1;2'", id="not-a-list"),
+        pytest.param("2,\u00b2", 8, "got '2,\u00b2'", id="not-ascii-digits"),
+        pytest.param(",".join(map(str, range(1, 17))), 64, "at most 16", id="too-many-sessions"),
         pytest.param("2,4", 0, "max_batch_size > 0", id="sizes-without-batch-dimension"),
     ],
 )
@@ -415,10 +464,30 @@ def test_padded_batches_serve_every_caller_its_own_rows(tmp_path: Path, pad: str
         assert int(seen[0, 0]) in padded_to and int(seen[0, 0]) >= x.shape[0]
 
 
+def test_the_server_runs_a_batch_at_the_smallest_size_that_holds_it(tmp_path: Path) -> None:
+    """One caller at a time, so that each batch is one request: its rows decide the size exactly."""
+    root = tmp_path / "models"
+    rows_seen_model(root / "rows" / "1" / "model.onnx")
+    write_config(root, "rows", "max_batch_size: 8\ndynamic_batching { }\n" + _PAD.format("2,4"))
+    seen = {}
+    with ServerThread(root) as server:
+        client = grpcclient.InferenceServerClient(server.address)
+        try:
+            for rows in (1, 2, 3, 5, 8):
+                inp = grpcclient.InferInput("INPUT0", [rows, 4], "FP32")
+                inp.set_data_from_numpy(np.ones((rows, 4), dtype=np.float32))
+                out = client.infer("rows", [inp]).as_numpy("ROWS")
+                assert out is not None and out.shape == (rows, 1)
+                seen[rows] = int(out[0, 0])
+        finally:
+            client.close()
+    assert seen == {1: 2, 2: 2, 3: 4, 5: 8, 8: 8}
+
+
 def test_padding_string_inputs(tmp_path: Path) -> None:
     """ONNX string tensors are padded after their bytes become text, and come back row for row."""
     path = identity_model(tmp_path / "rows" / "1" / "model.onnx", "BYTES")
-    backend = OnnxBackend(path, _padding_config("true"), version=1)
+    backend = _padded_backend(path, "true")
     try:
         x = np.array([[b"a", b"b", b"c", b"d"], ["é".encode(), b"", b"x", b"y"]], dtype=object)
         out = backend.execute({"INPUT0": x}, ["OUTPUT0"])["OUTPUT0"]

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -372,6 +373,7 @@ def execution_accelerators(config: mc.ModelConfig, model_dir: Path, version: int
 
 
 PAD_BATCHES = "tensorgate.pad_batches"
+MAX_PAD_SIZES = 16
 
 
 def _pad_setting(config: mc.ModelConfig, version: int | None) -> bool | list[int]:
@@ -381,11 +383,11 @@ def _pad_setting(config: mc.ModelConfig, version: int | None) -> bool | list[int
     raw = param.string_value if param is not None else ""
     if not raw.strip():
         return False
-    flag = parse_bool(raw)
+    flag = parse_bool(raw)  # "1" and "0" too, as for every boolean: one size of 1 is written "1,<max_batch_size>"
     if flag is not None:
         return flag
     parts = [part.strip() for part in raw.split(",")]
-    if not all(part.isdigit() for part in parts):
+    if not all(re.fullmatch("[0-9]+", part) for part in parts):
         raise ModelLoadError(
             config.name,
             version,
@@ -398,7 +400,7 @@ def _pad_setting(config: mc.ModelConfig, version: int | None) -> bool | list[int
 def pad_requested(config: mc.ModelConfig, version: int | None = None) -> bool:
     """Whether the config asks for padding (see `pad_sizes`); a value that is neither a boolean nor a list of
     sizes fails the load."""
-    return _pad_setting(config, version) not in (False, [])
+    return _pad_setting(config, version) is not False
 
 
 def pad_sizes(config: mc.ModelConfig, version: int | None = None) -> tuple[int, ...]:
@@ -416,7 +418,7 @@ def pad_sizes(config: mc.ModelConfig, version: int | None = None) -> tuple[int, 
     its input row alone), which is what batching already assumes. Statistics count the real rows.
     """
     setting = _pad_setting(config, version)
-    if setting is False or setting == []:
+    if setting is False:
         return ()
     mbs = config.max_batch_size
     if mbs <= 0:
@@ -430,7 +432,30 @@ def pad_sizes(config: mc.ModelConfig, version: int | None = None) -> tuple[int, 
             version,
             f"{PAD_BATCHES} size {wrong[0]} is outside 1..{mbs} (max_batch_size): a batch is never larger",
         )
-    return tuple(sorted({*setting, mbs}))
+    sizes = tuple(sorted({*setting, mbs}))
+    if len(sizes) > MAX_PAD_SIZES:
+        raise ModelLoadError(
+            config.name,
+            version,
+            f"{PAD_BATCHES} lists {len(sizes)} sizes with max_batch_size; at most {MAX_PAD_SIZES}: each is an "
+            "onnxruntime session of its own, with its own weights and memory (powers of two up to 32768 fit)",
+        )
+    return sizes
+
+
+def padding_hint(config: mc.ModelConfig, *, on_gpu: bool) -> str | None:
+    """Advice for a model that batches dynamically on CUDA without padding, given once as it loads: whether its
+    graph has convolutions is not known here, and for one that has, the rebuilt cuDNN plans cost more than
+    anything else on the request path (see `pad_sizes`)."""
+    if not on_gpu or not config.HasField("dynamic_batching") or config.max_batch_size <= 1:
+        return None
+    if pad_requested(config):
+        return None
+    return (
+        f"model '{config.name}' batches dynamically on CUDA without {PAD_BATCHES}: if it has convolutions, ONNX "
+        "Runtime rebuilds their cuDNN plans at every new batch size (3.5-7 times fewer rows/s measured on an "
+        f'H200); {PAD_BATCHES} with a few sizes, such as "1,2,4,8,16,32,64,128", avoids it'
+    )
 
 
 def pad_feed(feed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -559,11 +584,13 @@ def model_dir_of(model_path: Path) -> Path:
     return version_dir.parent
 
 
-def _load_error(model: str, version: int | None, path: Path, exc: Exception) -> ModelLoadError:
+def _load_error(model: str, version: int | None, path: Path, exc: Exception, what: str = "") -> ModelLoadError:
     """onnxruntime names the file by its absolute path, but this reason goes over the wire: callers get it from the
-    model's directory (`1/model.onnx`; the message already names the model), never the server's directory layout."""
+    model's directory (`1/model.onnx`; the message already names the model), never the server's directory layout.
+    `what` names the session when it is not the first (a padding size's)."""
     detail = without_paths(str(exc), model_dir_of(path), path, path.parent)
-    return ModelLoadError(model, version, f"onnxruntime could not load {path.name}: {detail}")
+    target = f"{path.name} ({what})" if what else path.name
+    return ModelLoadError(model, version, f"onnxruntime could not load {target}: {detail}")
 
 
 @contextlib.contextmanager
@@ -643,7 +670,8 @@ class _SessionSource:
 
 
 class OnnxBackend:
-    """One ONNX Runtime session; `execute` may be called from several threads at once (sessions allow it)."""
+    """A model version on ONNX Runtime: one session, or one per padding size (`pad_to_max_batch_size`); `execute`
+    may be called from several threads at once (sessions allow it)."""
 
     def __init__(
         self,
@@ -662,7 +690,7 @@ class OnnxBackend:
         self._model = config.name
         self._version = version
         # A bad value fails the load at once; the sizes follow from max_batch_size, which the repository may
-        # complete later (pad_to_max_batch_size).
+        # complete later, and their sessions are made once the model has passed its checks (pad_to_max_batch_size).
         pad_requested(config, version)
         available = list(available_providers if available_providers is not None else ort.get_available_providers())
         group = session_group(config.instance_group, available)
@@ -731,8 +759,6 @@ class OnnxBackend:
         spread = instance_group_warning(config.instance_group, model=config.name, device=self._device)
         if spread:
             log.warning("%s", spread)
-        if config.max_batch_size > 0:
-            self.pad_to_max_batch_size(config, keep_source=True)
         # Initializers that are also graph inputs hold a value a request may override: inputs in Triton too
         # (initializer_as_input), served where the config lists them, as optional ones.
         overridable = self._session.get_overridable_initializers()
@@ -793,14 +819,15 @@ class OnnxBackend:
         """Make the served config's instance groups say where the model runs (`place_instance_groups`)."""
         place_instance_groups(config.instance_group, self._device)
 
-    def pad_to_max_batch_size(self, config: mc.ModelConfig, *, keep_source: bool = False) -> None:
+    def pad_to_max_batch_size(self, config: mc.ModelConfig) -> None:
         """Take `tensorgate.pad_batches` from the completed config (max_batch_size filled in): make a session for
-        each padding size but the largest, which runs on the first one. The repository calls this once, as it
-        loads; after it (unless `keep_source`) no other session can be made."""
+        each padding size but the largest, which runs on the first one. Without this call nothing is padded. The
+        repository calls it once, after the model's checks, so that a model that fails them makes no more
+        sessions; then the model's bytes are dropped and no other session can be made."""
         pads = pad_sizes(config, self._version)
         sessions = {pads[-1]: self._session} if pads else {}
         for size in pads[:-1]:
-            sessions[size] = self._sessions.get(size) or self._open_session(config.name)
+            sessions[size] = self._open_session(config.name, size)
         self._pads, self._sessions = pads, sessions
         if len(pads) > 1:
             log.info(
@@ -809,19 +836,32 @@ class OnnxBackend:
                 self._version if self._version is not None else "-",
                 ", ".join(map(str, pads)),
             )
-        if not keep_source:
-            self._source = None
+        self._source = None
+        hint = padding_hint(config, on_gpu=self._device is not None)
+        if hint:
+            log.info("%s", hint)
 
-    def _open_session(self, model: str) -> ort.InferenceSession:
+    def _open_session(self, model: str, size: int) -> ort.InferenceSession:
         source = self._source
         if source is None:
-            raise ModelLoadError(model, self._version, "padding sizes can only be set while the model loads")
+            raise ModelLoadError(model, self._version, "padding sizes can only be set once, as the model loads")
         # The options still name the external data folder the first session was made with (for a model that may
         # have none, an empty folder since removed): the same bytes loaded with it, so they load again.
         try:
-            return ort.InferenceSession(source.model, sess_options=source.options, providers=source.providers)
+            session = ort.InferenceSession(source.model, sess_options=source.options, providers=source.providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises plain RuntimeError subclasses
-            raise _load_error(model, self._version, source.path, exc) from exc
+            raise _load_error(model, self._version, source.path, exc, f"its session for padding size {size}") from exc
+        got, first = session.get_providers(), self._session.get_providers()
+        if got != first:
+            # A size on other providers would run elsewhere, unannounced, and fail every run over a GPU arena
+            # setting the first session has.
+            raise ModelLoadError(
+                model,
+                self._version,
+                f"its session for padding size {size} runs on {', '.join(got)}, the first on {', '.join(first)}; "
+                f"list fewer sizes in {PAD_BATCHES} (each session takes its own device memory)",
+            )
+        return session
 
     @property
     def execution_provider(self) -> str:
@@ -851,11 +891,11 @@ class OnnxBackend:
         feed = {name: self._feed(name, arr) for name, arr in inputs.items()}
         rows = next(iter(feed.values())).shape[0] if self._pads and feed else 0
         size = next((s for s in self._pads if s >= rows), 0) if rows else 0
-        session = self._sessions[size] if size else self._session
         padded = rows < size
         if padded:
             feed = pad_feed(feed, size)
         try:
+            session = self._sessions[size] if size else self._session
             if self._bf16:
                 results = bf16.run(session, outputs, feed, self._run_options)
             else:
