@@ -70,11 +70,15 @@ def test_every_file_parses() -> None:
 def _dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
+    for variable in _query_variables(dashboard):
         match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"])
         assert match, variable["query"]
         queries.append(f"count by ({match[2]}) ({match[1]})")  # the same metric and label, as PromQL
     return queries
+
+
+def _query_variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
 
 
 def _alert_rules(path: Path = DEPLOY / "alerts.yaml") -> list[dict[str, Any]]:
@@ -232,18 +236,29 @@ def test_dashboard_covers_the_metrics_the_issue_asks_for() -> None:
         assert name in used, name
 
 
-def test_dashboard_layout_and_data_source() -> None:
+def test_dashboard_panels_have_distinct_ids_and_fit_the_grid() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     for p in panels:
         grid = p["gridPos"]
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, p["title"]
+
+
+def test_dashboard_reads_the_data_source_its_importer_picks() -> None:
+    """Every query reads the dashboard's data source variable, which defaults to the stack's provisioned
+    Prometheus: with that uid written into each panel, importing the dashboard into a Grafana whose Prometheus
+    has another uid (any Grafana but this stack's) left every panel on "data source not found"."""
+    dashboard = json.loads(DASHBOARD.read_text())
     sources = _yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml")["datasources"]
     prometheus = next(s for s in sources if s["type"] == "prometheus")
-    uids = {t["datasource"]["uid"] for p in panels for t in p.get("targets", [])}
-    uids |= {p["datasource"]["uid"] for p in panels if "datasource" in p}
-    assert uids == {prometheus["uid"]}
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus" and variable["current"]["value"] == prometheus["uid"]
+    readers = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    readers += [p for p in dashboard["panels"] if "datasource" in p] + _query_variables(dashboard)
+    assert readers and {json.dumps(r["datasource"]) for r in readers} == {
+        json.dumps({"type": "prometheus", "uid": "${" + variable["name"] + "}"})
+    }
 
 
 # ----- the collector, Prometheus and compose wiring -----------------------------------------------------------
@@ -573,6 +588,18 @@ def test_lost_telemetry_has_an_alert(metric: str) -> None:
     (rule,) = [r for r in _alert_rules() if metric in _metrics_in(r["expr"])]
     assert re.fullmatch(rf"rate\({metric}\[(\w+)\]\) > 0", rule["expr"].strip()), rule["expr"]
     assert _seconds(rule["for"]) >= 300 and rule["annotations"]["description"]
+
+
+@pytest.mark.parametrize("state", ["failed", "not_ready"])
+def test_a_model_that_cannot_serve_has_an_alert_of_its_own(state: str) -> None:
+    """A model that failed to load, or a remote one whose upstream is down (not_ready), keeps ServerReady false
+    under --strict-readiness: a load balancer then sends the server no traffic, so no request alert fires, and
+    /metrics still answers. Only its state gauge shows it (not_ready had no alert)."""
+    assert state in MODEL_STATES
+    (rule,) = [r for r in _alert_rules() if ("tensorgate_model_state", "state", "=", state) in _matchers(r["expr"])]
+    assert rule["expr"].strip() == f'tensorgate_model_state{{state="{state}"}} == 1', rule["expr"]
+    assert rule["labels"]["severity"] == "critical" and _seconds(rule["for"]) <= 600, rule
+    assert {"$labels.model", "$labels.version", "$labels.instance"} <= set(re.findall(r"\$labels\.\w+", str(rule)))
 
 
 def test_readme_does_not_call_the_prometheus_model_rules_tensorgates_conditions() -> None:

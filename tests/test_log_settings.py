@@ -4,6 +4,7 @@ tritonclient, and only when the authorization policy lets it (the `settings` gro
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tensorgate.server.telemetry.log_settings import LogSettingsError, level_of
+from tensorgate.server.telemetry.logs import configure_logging
 from tests.serving import ServerThread
 from tests.test_infer import triton_inputs
 
@@ -29,6 +31,17 @@ def root_level() -> Iterator[None]:
     root.setLevel(logging.INFO)
     yield
     root.setLevel(before)
+
+
+@pytest.fixture
+def root_handlers() -> Iterator[io.StringIO]:
+    """`tensorgate serve`'s text logging into a buffer, the root logger's handlers put back afterwards."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    configure_logging("INFO", "text", stream=out)
+    yield out
+    root.handlers[:] = saved
 
 
 @pytest.fixture
@@ -173,3 +186,26 @@ def test_only_the_settings_group_may_change_them(repo: Path, tmp_path: Path) -> 
             assert logging.getLogger().level == logging.DEBUG
         finally:
             c.close()
+
+
+FORGED = "2026-01-01 00:00:00,000 WARNING tensorgate: forged by the caller"
+
+
+def test_a_caller_s_newline_cannot_start_a_log_line_of_its_own(
+    client: tc.InferenceServerClient, root_handlers: io.StringIO
+) -> None:
+    """The access line quotes the model name and request id as the caller sent them: in the text format a newline
+    in one started a line that read as the server's own WARNING (JSON escapes it already). Escaped, the whole
+    request stays on its access line, and the line still says what came in."""
+    client.update_log_settings({"log_verbose_level": 1})
+    row = np.ones((1, 16), np.float32)
+    with pytest.raises(InferenceServerException):
+        client.infer(f"add_sub\n{FORGED}", triton_inputs({"INPUT0": row, "INPUT1": row}), request_id=f"x\r\n{FORGED}")
+    for _ in range(100):  # the access line is written once the call has ended: wait for it (bounded)
+        if "status=NOT_FOUND" in root_handlers.getvalue():
+            break
+        time.sleep(0.05)
+    lines = root_handlers.getvalue().splitlines()
+    assert not [line for line in lines if line.startswith(FORGED)], lines
+    (access,) = [line for line in lines if "tensorgate.access" in line and "status=NOT_FOUND" in line]
+    assert f"model=add_sub\\n{FORGED} version=- id=x\\r\\n{FORGED} status=NOT_FOUND" in access, access

@@ -18,6 +18,9 @@ from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_context)s"
+# Control characters but tab, and the line breaks that str.splitlines (and some log viewers) split at besides.
+ESCAPED_CODES = [c for c in range(0x20) if c != ord("\t")] + [0x7F, 0x85, 0x2028, 0x2029]
+CONTROL_ESCAPES = {c: ascii(chr(c))[1:-1] for c in ESCAPED_CODES}
 
 
 class RequestContextFilter(logging.Filter):
@@ -41,6 +44,16 @@ class RequestContextFilter(logging.Filter):
             request_context=f" [{' '.join(parts)}]" if parts else "",
         )
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT with the line's control characters escaped (a newline as `\\n`): a log line quotes strings the
+    caller chose (an access line's model name and request id), and one with a newline in it would otherwise start
+    a line of its own that a reader, or a log shipper, takes for the server's. A traceback, appended after the
+    line, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return super().formatMessage(record).translate(CONTROL_ESCAPES)
 
 
 class JsonFormatter(logging.Formatter):
@@ -96,7 +109,7 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestContextFilter())
-    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -117,5 +130,6 @@ __all__ = [
     "JsonFormatter",
     "LoopNoticeFilter",
     "RequestContextFilter",
+    "TextFormatter",
     "configure_logging",
 ]
