@@ -209,3 +209,24 @@ def test_a_caller_s_newline_cannot_start_a_log_line_of_its_own(
     assert not [line for line in lines if line.startswith(FORGED)], lines
     (access,) = [line for line in lines if "tensorgate.access" in line and "status=NOT_FOUND" in line]
     assert f"model=add_sub\\n{FORGED} version=- id=x\\r\\n{FORGED} status=NOT_FOUND" in access, access
+
+
+def test_the_span_exporter_process_logs_in_the_server_s_format(repo: Path) -> None:
+    """With a collector that is down, the exporter process's retries are the lines the dropped-spans alert sends
+    operators to; with `--log-format json` they must be JSON like every other line on the stream."""
+    from tests.process import ServeProcess, free_port
+
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--log-format", "json"]
+    args += ["--otlp-endpoint", f"127.0.0.1:{free_port()}", "--otlp-insecure", "--trace-sample-rate", "1.0"]
+    with ServeProcess(args) as server:
+        server.wait_for_line("ready:")
+        c = tc.InferenceServerClient(server.address)
+        try:
+            _infer(c)
+        finally:
+            c.close()
+        line = server.wait_for_line("opentelemetry", timeout=60)
+        assert server.terminate() == 0
+    record = json.loads(line)
+    assert record["logger"].startswith("opentelemetry") and record["level"] == "WARNING"
+    assert not [x for x in server.lines if x.strip() and not x.startswith("{")], "every line is a JSON record"

@@ -163,7 +163,8 @@ def test_caller_context_from_tritonclient_is_the_parent_of_the_server_span(
     assert a["rpc.system"] == "grpc"
     assert a["rpc.service"] == "inference.GRPCInferenceService"
     assert a["rpc.method"] == "ModelInfer"
-    assert a["rpc.grpc.status_code"] == "OK"
+    assert a["rpc.response.status_code"] == "OK"
+    assert a["rpc.grpc.status_code"] == 0  # an int, as the RPC conventions define it
     assert a["tensorgate.model.name"] == "identity_fp32"
     assert a["tensorgate.model.version"] == "1"
     assert a["tensorgate.request.id"] == "req-42"
@@ -262,7 +263,8 @@ def test_errors_set_status_without_the_message(repo: Path, collector: tuple[Coll
     for span, code in ((spans[True], "NOT_FOUND"), (spans[False], "INVALID_ARGUMENT")):
         # The caller's mistakes: recorded, but the server span's status stays unset (OpenTelemetry's RPC rules).
         assert span.status.code == trace_pb2.Status.STATUS_CODE_UNSET
-        assert attrs(span)["rpc.grpc.status_code"] == code
+        assert attrs(span)["rpc.response.status_code"] == code
+        assert attrs(span)["rpc.grpc.status_code"] == {"NOT_FOUND": 5, "INVALID_ARGUMENT": 3}[code]
         assert attrs(span)["error.type"] in ("ModelNotFoundError", "InvalidRequestError")
     # A call that fails before validation still names what it asked for.
     assert attrs(spans[True])["tensorgate.model.name"] == "no_such_model"
@@ -292,7 +294,7 @@ def test_server_errors_mark_the_span_failed() -> None:
     for code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OK"):
         span, token = tracing.start_rpc("ModelInfer", [])
         Tracing.end_rpc(span, token, code, None if code == "OK" else RuntimeError("secret detail"))
-    got = {s.attributes["rpc.grpc.status_code"]: s for s in exporter.get_finished_spans()}  # type: ignore[index]
+    got = {s.attributes["rpc.response.status_code"]: s for s in exporter.get_finished_spans()}  # type: ignore[index]
     for code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
         assert got[code].status.status_code == StatusCode.ERROR
         assert got[code].status.description == code
@@ -339,9 +341,9 @@ def test_a_deadline_passed_while_the_model_runs_is_deadline_exceeded(
     by_model = {attrs(s).get("tensorgate.model.name"): s for s in server_spans(c, "ModelInfer")}
     (stream,) = server_spans(c, "ModelStreamInfer")
     for span in (by_model["paced_unary"], stream):
-        assert attrs(span)["rpc.grpc.status_code"] == "DEADLINE_EXCEEDED"
+        assert attrs(span)["rpc.response.status_code"] == "DEADLINE_EXCEEDED"
         assert span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
-    assert attrs(by_model["paced_cancel"])["rpc.grpc.status_code"] == "CANCELLED"
+    assert attrs(by_model["paced_cancel"])["rpc.response.status_code"] == "CANCELLED"
     assert by_model["paced_cancel"].status.code == trace_pb2.Status.STATUS_CODE_UNSET
     access = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
     for start, code in (
@@ -700,7 +702,7 @@ def test_a_stream_the_client_abandons_ends_its_span_cleanly(
     assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
     (span,) = server_spans(c, "ModelStreamInfer")
     assert hexid(span.trace_id) == caller.trace_id
-    assert attrs(span)["rpc.grpc.status_code"] in ("CANCELLED", "OK")
+    assert attrs(span)["rpc.response.status_code"] in ("CANCELLED", "OK")
 
 
 def test_a_large_batch_span_keeps_every_link(collector: tuple[Collector, int]) -> None:
@@ -969,7 +971,7 @@ def test_a_stream_message_is_traced_and_logged_as_a_model_infer_call(
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     (span,) = [s for s in c.spans() if s.name == "ModelStreamInfer request"]
-    assert attrs(span)["rpc.grpc.status_code"] == "NOT_FOUND"
+    assert attrs(span)["rpc.response.status_code"] == "NOT_FOUND"
     assert attrs(span)["error.type"] == "ModelNotFoundError"
     assert span.status.code == trace_pb2.Status.STATUS_CODE_UNSET
     access = [line for line in out.getvalue().splitlines() if "tensorgate.access" in line]

@@ -243,7 +243,7 @@ def test_upstream_span_is_a_child_of_the_fronts_batch_span(pair: dict[str, Any])
     assert served.parent is not None and served.parent.is_remote
     assert served.parent.span_id == batch.context.span_id  # ... under the front's batch span
     assert served.context is not None and served.context.trace_state.get("caller") == "k1"  # tracestate too
-    assert served.attributes is not None and served.attributes["rpc.grpc.status_code"] == "OK"
+    assert served.attributes is not None and served.attributes["rpc.response.status_code"] == "OK"
     (upstream_batch,) = spans_of(upstream, tid, "batch add_sub")
     assert served.context is not None and upstream_batch.parent is not None
     assert upstream_batch.parent.span_id == served.context.span_id

@@ -123,6 +123,14 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
             core.addFilter(kind())
 
 
+def current_setup() -> tuple[str, str]:
+    """The root logger's level and format (`configure_logging`'s arguments as they took effect), for a child
+    process whose lines land on the same stream and must read like the server's."""
+    root = logging.getLogger()
+    fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+    return logging.getLevelName(root.getEffectiveLevel()), fmt
+
+
 __all__ = [
     "GRPC_CORE_LOGGER",
     "LOG_FORMATS",
@@ -132,4 +140,5 @@ __all__ = [
     "RequestContextFilter",
     "TextFormatter",
     "configure_logging",
+    "current_setup",
 ]

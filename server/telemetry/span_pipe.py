@@ -40,6 +40,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from tensorgate.server.telemetry.logs import configure_logging, current_setup
 from tensorgate.server.telemetry.trace_settings import UNLIMITED
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ class SpanPipe:
         self._warned_at = 0.0
         self._process: BaseProcess = ctx.Process(
             target=export_main,
-            args=(settings, self._queue, self._handled, self._failed),
+            args=(settings, self._queue, self._handled, self._failed, current_setup()),
             name="tensorgate-span-export",
             daemon=True,
         )
@@ -556,10 +557,13 @@ def export_main(
     spans: multiprocessing.Queue[list[SpanRecord] | None],
     handled: Any = None,
     failed: Any = None,
+    log_setup: tuple[str, str] = ("WARNING", "text"),
 ) -> None:
     """Process entry point (importable, for "spawn"): OTLP export of what the server ships, until None. `handled`
     (a shared int) counts the spans it has tried to send, so that the server can count the rest as dropped
-    when it has to stop this process; `failed` (another) those of them that did not go out."""
+    when it has to stop this process; `failed` (another) those of them that did not go out. `log_setup` is the
+    server's level and format: this process's lines (the exporter's retries and failures, which the dropped-spans
+    alert sends operators to read) share the server's stream and must parse like its own."""
     import signal
 
     # The server decides when this process ends (None on the queue, after its drain); Ctrl-C, and the SIGHUP of a
@@ -568,7 +572,7 @@ def export_main(
     # makes every export wait).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(*log_setup)
     send, shutdown = _sender(settings)
     parent = multiprocessing.parent_process()
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -48,10 +49,11 @@ OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 # OpenTelemetry's RPC conventions for server spans: only these codes mark the server's span as failed; the others
 # (NOT_FOUND, INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED...) are the caller's mistakes or the server
-# protecting itself, recorded in rpc.grpc.status_code and error.type with the span status left unset.
+# protecting itself, recorded in rpc.response.status_code and error.type with the span status left unset.
 SERVER_ERROR_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
+STATUS_NUMBERS = {c.name: c.value[0] for c in grpc.StatusCode}
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 _FIELDS = frozenset(_PROPAGATOR.fields)
 """The metadata keys the propagator reads: a call without any (most calls) skips extraction."""
@@ -284,7 +286,9 @@ class Tracing:
     def end_rpc(span: Span, token: object | None, code: str, error: BaseException | None = None) -> None:
         """Record the gRPC status (and the exception's type, never its message) and end the span; `token` is
         start_rpc's, or None when the caller already released it (a stream attaches the span step by step)."""
-        span.set_attribute("rpc.grpc.status_code", code)
+        # The number under the name the RPC conventions define as an int, the name under their newer string key.
+        span.set_attribute("rpc.grpc.status_code", STATUS_NUMBERS.get(code, grpc.StatusCode.UNKNOWN.value[0]))
+        span.set_attribute("rpc.response.status_code", code)
         if error is not None:
             span.set_attribute("error.type", type(error).__qualname__)
             if code in SERVER_ERROR_CODES:
