@@ -222,9 +222,14 @@ class ServerSettings:
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.otlp_protocol not in (None, "grpc", "http/protobuf"):
             raise ValueError(f"otlp_protocol must be grpc or http/protobuf, got {self.otlp_protocol!r}")
-        bad = [h for h in self.otlp_headers.split(",") if h.strip() and "=" not in h]
+        items = [h for h in self.otlp_headers.split(",") if h.strip()]
+        bad = [i for i, h in enumerate(items, 1) if not h.partition("=")[0].strip() or "=" not in h]
         if bad:
-            raise ValueError(f"otlp_headers must be key=value pairs separated by commas; {bad[0].strip()!r} is not")
+            # Not echoed: the values are credentials (an API key), and this line lands in logs.
+            raise ValueError(
+                f"otlp_headers must be key=value pairs separated by commas; pair {bad[0]} of {len(items)} is not "
+                "(the value given is not shown)"
+            )
         if self.trace_sample_rate is not None and not 0.0 <= self.trace_sample_rate <= 1.0:
             raise ValueError(f"trace_sample_rate must be in 0..1, got {self.trace_sample_rate}")
         if self.monitor_interval_s <= 0:

@@ -264,6 +264,22 @@ def test_identity_allowed_for_one_model_is_denied_another(
         assert stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5).name == "tensorgate"
 
 
+def test_a_call_naming_no_model_says_it_needs_every_model(guarded: ServerThread, pki: Pki) -> None:
+    """The scorer may infer on add_sub, so the shared-memory RPCs (inference, naming no model) were refused with
+    the bare words of a group it lacked; the denial now says what the policy needs for them."""
+    with secure_channel(guarded.address, pki.ca_path, pki.client("scorer")) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        details = _denied(lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=5))
+        # A group it lacks altogether: no hint, as before.
+        index = _denied(lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5))
+    assert details == (
+        f"identity '{SCORER}' may not call SystemSharedMemoryStatus: it names no model, and the policy allows this "
+        "identity 'inference' on some models only; a call that names none needs a rule with '*' (and no versions) "
+        "among its models"
+    )
+    assert index == f"identity '{SCORER}' may not call RepositoryIndex"
+
+
 def test_stream_checks_each_message(guarded: ServerThread, pki: Pki) -> None:
     requests = [add_sub_request(), identity_request(), add_sub_request()]
     for i, r in enumerate(requests):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -16,9 +17,10 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
+from grpc.experimental.session_cache import ssl_session_cache_lru
 
-from tensorgate.server.auth import tls
-from tests.pki import Pki, infer_add_sub, secure_channel
+from tensorgate.server.auth import certs, tls
+from tests.pki import CHANNEL_OPTIONS, Pki, infer_add_sub, secure_channel
 from tests.scraping import metrics_url, scrape, scrape_text, value
 from tests.serving import ServerThread
 from tests.test_tls import EXPECTED, PORT_LOGGERS, _dated_server_cert, _replace
@@ -157,6 +159,69 @@ def test_expiry_gauge_is_the_served_certificates_not_after_and_follows_a_rotatio
         samples = scrape(metrics_url(s, "https"), https)
         for port in PORT_LOGGERS:
             assert value(samples, EXPIRY_GAUGE, port=port) == _not_after(new[0]) != _not_after(pki.server_cert)
+
+
+def _client_cert_expiring_in(pki: Pki, name: str, seconds: float) -> tuple[Path, Path, float]:
+    """A client certificate valid since a minute ago and until `seconds` from now, and its not_after."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)
+    issued = certs.make_client_cert(pki.ca, name, days=(60 + seconds) / 86400, not_before=start)
+    cert, key = pki.dir / f"{name}.pem", pki.dir / f"{name}-key.pem"
+    issued.write(cert, key)
+    return cert, key, issued.certificate.not_valid_after_utc.timestamp()
+
+
+def test_a_resumed_tls_session_does_not_outlive_the_client_certificate(repo: Path, pki: Pki) -> None:
+    """gRPC's server hands out TLS 1.3 session tickets, and a resumed session skips the certificate check: a client
+    that kept its ticket went on connecting with a certificate that had expired (for two days). Its calls are now
+    refused, naming the expiry; a fresh handshake with that certificate fails as before."""
+    cert, key, not_after = _client_cert_expiring_in(pki, "short-lived", LIFETIME_S)
+    creds = grpc.ssl_channel_credentials(pki.ca_path.read_bytes(), key.read_bytes(), cert.read_bytes())
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_session_cache", ssl_session_cache_lru(4))]
+    with ServerThread(repo, **pki.server_settings()) as s:
+        address = s.address.replace(
+            "127.0.0.1", "localhost"
+        )  # gRPC caches a session under the server's name, never an IP address
+        for _ in range(2):  # a full handshake, then one that resumes its session: both served while it is valid
+            with grpc.secure_channel(address, creds, options=options) as channel:
+                np.testing.assert_array_equal(infer_add_sub(channel, timeout=10), EXPECTED)
+        _wait_until(not_after + 1)
+        with grpc.secure_channel(address, creds, options=options) as channel, pytest.raises(grpc.RpcError) as info:
+            infer_add_sub(channel, timeout=10)
+        scraper = ssl.create_default_context(cafile=pki.ca_path)
+        scraper.load_cert_chain(*map(str, pki.client("scraper")))
+        samples = scrape(metrics_url(s, "https"), scraper)
+    denials = {k: v for k, v in samples.items() if k[0] == "tensorgate_auth_denials_total"}
+    assert [v for (_, labels), v in denials.items() if ("reason", "expired_certificate") in labels] == [1.0]
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value
+    end = dt.datetime.fromtimestamp(not_after, dt.UTC)
+    assert info.value.details() == (
+        f"the client certificate expired on {end:%Y-%m-%d %H:%M:%S} UTC; a resumed TLS session does not extend it: "
+        "connect with a valid certificate"
+    )
+
+
+def _scrape_resumed(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSession | None:
+    """Scrape /metrics on a new connection that offers `session`; the session to offer next (None: none resumed
+    nor given). A TLS 1.3 ticket arrives after the handshake, so the scrape reads the whole answer first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost", session=session) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            while conn.recv(65536):
+                pass
+            return conn.session if conn.session_reused or session is None else None
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_the_metrics_port_gives_no_tls_session_to_resume(repo: Path, pki: Pki, version: ssl.TLSVersion) -> None:
+    """Python's ssl server issued session tickets too (two hours), so a scraper's expired certificate kept working
+    for as long: the metrics port now makes every connection show a valid certificate."""
+    client = pki.client("scraper")
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    context.load_cert_chain(str(client[0]), str(client[1]))
+    context.minimum_version = context.maximum_version = version
+    with ServerThread(repo, **pki.server_settings()) as s:
+        session = _scrape_resumed(s.app.metrics_port, context, None)
+        assert _scrape_resumed(s.app.metrics_port, context, session) is None
 
 
 def test_expiry_gauge_has_no_sample_without_tls(repo: Path) -> None:

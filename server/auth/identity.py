@@ -15,6 +15,7 @@ below it (policy checks, log lines) can read who is calling without passing it a
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
@@ -76,8 +77,29 @@ def identity_of_certificate(cert: x509.Certificate) -> Identity | None:
 
 
 @functools.lru_cache(maxsize=1024)
+def _certificate_of_pem(pem: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem)
+
+
+@functools.lru_cache(maxsize=1024)
 def identity_of_pem(pem: bytes) -> Identity | None:
-    return identity_of_certificate(x509.load_pem_x509_certificate(pem))
+    return identity_of_certificate(_certificate_of_pem(pem))
+
+
+def expired_on_resumption(auth: Mapping[str, Iterable[bytes]]) -> dt.datetime | None:
+    """When the peer's certificate expired, for a connection that resumed a TLS session after that; else None.
+
+    A resumed session (a TLS 1.3 ticket, which gRPC's server hands out for two days) skips the certificate check
+    of a full handshake: its peer certificate is the one verified when the session began, however long ago. So a
+    client certificate that has expired since would keep opening connections; each call on one is refused instead.
+    A connection that made a full handshake is not checked again (it was valid then), as before."""
+    if list(auth.get("ssl_session_reused") or ()) != [b"true"]:
+        return None
+    pems = list(auth.get("x509_pem_cert") or ())
+    if not pems:
+        return None
+    end = _certificate_of_pem(bytes(pems[0])).not_valid_after_utc
+    return end if dt.datetime.now(dt.UTC) > end else None
 
 
 def identity_of_auth_context(auth: Mapping[str, Iterable[bytes]]) -> str:
@@ -96,6 +118,7 @@ __all__ = [
     "DNS",
     "URI",
     "Identity",
+    "expired_on_resumption",
     "identity_key",
     "identity_of_auth_context",
     "identity_of_certificate",

@@ -76,6 +76,7 @@ from tensorgate.server.auth.identity import (
     CURRENT_TOKEN,
     DNS,
     URI,
+    expired_on_resumption,
     identity_key,
     identity_of_auth_context,
 )
@@ -235,6 +236,20 @@ class Policy:
             return ""
         named = ", ".join(sorted(versions, key=lambda v: (len(v), v)))
         return f" without a version: the policy allows version {named} only, so name the version"
+
+    def scope_hint(self, identity: str, group: str, model: str | None) -> str:
+        """For a denial of a call that names no model (RepositoryIndex, ModelStatistics of every model, the
+        shared-memory, monitoring-wide and settings RPCs) to an identity that has the group on some models: such a
+        call needs a rule with `*` among its models, which an operator who granted the group could not tell from
+        the bare denial. Empty otherwise. The caller may be told: they are its own rights."""
+        if model is not None or group in _MODEL_LESS_OK:
+            return ""
+        if not any(group in r.apis and any(p.matches(identity) for p in r.identities) for r in self.rules):
+            return ""
+        return (
+            f": it names no model, and the policy allows this identity '{group}' on some models only; a call that "
+            "names none needs a rule with '*' (and no versions) among its models"
+        )
 
     def allows(self, identity: str, group: str, model: str | None = None, version: str = "") -> bool:
         key = (*identity_key(identity), group, model, version)  # a CN 'x' is not the DNS SAN 'x'
@@ -448,9 +463,24 @@ class Authorizer:
 
     def identify(self, context: CallContext) -> str:
         """The caller's identity: its verified certificate's under mTLS, else its bearer token's when the policy
-        has tokens, else ANONYMOUS. Raises UnauthenticatedError for a missing or unknown token."""
+        has tokens, else ANONYMOUS. Raises UnauthenticatedError for a missing or unknown token, and for a certificate
+        that expired since the TLS session it resumed began (identity.expired_on_resumption)."""
         if self.mtls:
-            return identity_of_auth_context(context.auth_context())
+            auth = context.auth_context()
+            caller = identity_of_auth_context(auth)
+            expired = expired_on_resumption(auth)
+            if expired is not None:
+                self.denials[(caller, "expired certificate")] += 1
+                log.warning(
+                    "refused a call from identity '%s': a resumed TLS session, and its certificate expired on %s UTC",
+                    caller,
+                    f"{expired:%Y-%m-%d %H:%M:%S}",
+                )
+                raise UnauthenticatedError(
+                    f"the client certificate expired on {expired:%Y-%m-%d %H:%M:%S} UTC; a resumed TLS session does "
+                    "not extend it: connect with a valid certificate"
+                )
+            return caller
         policy = self.policy()
         if policy is None or not policy.tokens:
             return ANONYMOUS
@@ -511,7 +541,10 @@ class Authorizer:
             policy.source,
             policy.kind_hint(identity),
         )
-        hint = policy.version_hint(identity, RPC_GROUPS[rpc], model or None, version)
+        group = RPC_GROUPS[rpc]
+        hint = policy.version_hint(identity, group, model or None, version) or policy.scope_hint(
+            identity, group, model or None
+        )
         raise PermissionDeniedError(identity, rpc, model or None, version or None, hint)
 
 

@@ -268,6 +268,10 @@ def ssl_server_context(files: TlsFiles) -> ssl.SSLContext:
     TlsReloader, whose `load_files` checks come first: the ssl module would take an expired certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No session tickets: a resumed session skips the client certificate check, so a scraper's certificate that
+    # expired would keep working for the ticket's lifetime; a scrape every few seconds pays one full handshake.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     context.load_cert_chain(files.cert, files.key)
     if files.client_ca is not None:
         context.load_verify_locations(cafile=files.client_ca)

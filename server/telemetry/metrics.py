@@ -81,6 +81,7 @@ DENIAL_REASONS = {
     "missing token": "missing_token",
     "in-flight limit": "in_flight_limit",
     "revoked token": "revoked_token",
+    "expired certificate": "expired_certificate",
     SEQUENCE_OWNER: "sequence_owner",
 }
 """The authorizer's denial keys that are not an RPC name, as the reason label spells them; any other key is the
@@ -325,8 +326,9 @@ AUTH_DENIALS = FamilySpec(
     "counter",
     ("identity", "reason", "rpc"),
     "Calls refused by authorization: reason policy (rpc names the RPC), missing_token, invalid_token, revoked_token "
-    "(a stream whose bearer token a policy reload revoked), in_flight_limit or sequence_owner (a request into a "
-    "sequence that another identity started)",
+    "(a stream whose bearer token a policy reload revoked), expired_certificate (a resumed TLS session whose client "
+    "certificate has expired since), in_flight_limit or sequence_owner (a request into a sequence that another "
+    "identity started)",
 )
 TLS_EXPIRY = FamilySpec(
     "tensorgate_tls_certificate_expiry_timestamp_seconds",
