@@ -5,6 +5,7 @@ matplotlib, and an open-loop stream that outlives a server restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -126,6 +127,9 @@ def test_max_requests_is_the_total_across_workers(server: ServerThread, tmp_path
     assert len(doc["levels"]) == (3 if load[0] == "--concurrency" else 1)
     for level in doc["levels"]:
         assert level["sent"] == level["succeeded"] == 31, level
+        # The window ends when the budget ran out, not at --duration: a process with no call in flight kept its
+        # window open to the level's end, and c=1 read as 31 requests over 30 s.
+        assert level["window_s"] < 10, level
     assert_consistent(doc)
 
 
@@ -471,6 +475,8 @@ def test_usage_errors(server: ServerThread, tmp_path: Path, capsys: Any) -> None
     assert main(["bench", "add_sub", "--server", server.address, "--concurrency", "0", "--out", out]) == 2
     assert main(["bench", "add_sub", "--server", server.address, "--nice", "20", "--out", out]) == 2
     assert "--nice must be between 0 and 19" in capsys.readouterr().err
+    assert main(["bench", "add_sub", "--server", server.address, "--seed", "-1", "--out", out]) == 2
+    assert "--seed must not be negative" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -588,6 +594,47 @@ def load_processes(pid: int) -> list[int]:
         if ppid == pid and b"spawn_main" in cmdline:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting for a parent that never reaps it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_load_processes_stop_when_the_sweep_is_killed(server: ServerThread, tmp_path: Path) -> None:
+    """The sweep killed (a CI job's timeout, SIGKILL: no chance to tell anyone): its load processes used to go on
+    loading the server until the end of the level, here 60 s."""
+    proc = bench_process(
+        server.address, tmp_path / "out", "add_sub", "--concurrency", "2", "--workers", "2", "--duration", "60",
+        "--warmup", "0", "--no-plots",
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = load_processes(proc.pid)
+        assert len(pids) == 2, "the load processes did not start"
+        time.sleep(2)  # into the level
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(map(running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(running, pids)), "load processes outlived the sweep"
+    finally:
+        for pid in [p for p in pids if running(p)]:
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # not read: the load processes hold them open while they run
+            assert stream is not None
+            stream.close()
 
 
 def test_a_dead_load_process_stops_the_sweep_and_keeps_the_levels_measured(
@@ -813,6 +860,21 @@ def test_open_loop_throughput_follows_the_schedule_that_ran(server: ServerThread
     assert level["throughput_rps"] > 1.1 * rate
 
 
+def _finished(proc: subprocess.Popen[str], timeout: float = 60) -> int:
+    """The exit code of a `tensorgate bench` that should end within `timeout`; if it does not, its load processes
+    are killed first (they would outlive it, sleeping), then it, and the test fails with its stderr."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            for pid in load_processes(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    return proc.returncode
+
+
 def test_a_rate_below_one_arrival_per_level_ends_with_the_level(server: ServerThread, tmp_path: Path) -> None:
     """At 0.001/s the next arrival is 1000 s away: the level ends at its end, not after one more arrival gap
     (--rate 1e-9 never ended)."""
@@ -821,17 +883,54 @@ def test_a_rate_below_one_arrival_per_level_ends_with_the_level(server: ServerTh
         server.address, out, "add_sub", "--rate", "0.001", "--arrival", "constant", "--duration", "1",
         "--warmup", "0", "--workers", "2", "--no-plots",
     )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:  # the load processes first: they would outlive it, sleeping
-            for pid in load_processes(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, stderr
+    assert _finished(proc) == 0
     (level,) = json.loads((out / "results.json").read_text())["levels"]
     assert level["sent"] == level["succeeded"] == 1  # the first arrival; the second process's is 1000 s away
+    assert level["window_s"] == pytest.approx(1.0, abs=0.5)
+
+
+def test_open_loop_wakes_up_for_its_arrivals_on_time() -> None:
+    """asyncio wakes up to 1 ms late (epoll rounds its timeout up to the millisecond), and counted from the arrival
+    that lateness read as the server's latency: p50 1.73 ms at 300/s where perf_analyzer measured 0.94 ms. The
+    sleep now ends early, and the request counts from when it was sent, never before its window."""
+
+    start = time.monotonic() + 0.05
+    level = Level(mode="open", start=start, warmup_s=0.0, duration_s=60.0, max_requests=None, rate=100.0)
+
+    async def wake_ups() -> list[tuple[float, float, Any]]:
+        target = Target(server="127.0.0.1:1", model="m", version="", inputs={})
+        calls = types.SimpleNamespace(aio=None, sync=None)
+        run = _LevelRun(0, target, level, None, calls, pb.ModelInferRequest(), [0] * COUNTERS, None)  # type: ignore[arg-type]
+        out = []
+        for i in range(40):
+            t = start + 0.01 * i
+            sent_at = await run._wait_for(t)
+            out.append((t, time.monotonic(), sent_at))
+        assert run.sent == 40
+        return out
+
+    wakes = asyncio.run(wake_ups())
+    on_time = sum(woke <= t for t, woke, _ in wakes)
+    assert on_time >= 1, wakes  # one is enough to tell (a loaded machine delays most); before, never on time
+    for t, woke, sent_at in wakes:
+        assert level.window_start <= sent_at <= min(t, max(woke, level.window_start))
+
+
+def test_a_rate_the_load_process_cannot_send_ends_with_the_level(server: ServerThread, tmp_path: Path) -> None:
+    """--rate 1e9 with 10 in flight: the process walked its schedule one arrival at a time without yielding, so no
+    answer was read until the schedule caught up with the clock (minutes here). Behind its schedule, it reads the
+    answers as they come, drops what the full cap cannot take, and the level ends on time."""
+    out = tmp_path / "out"
+    proc = bench_process(
+        server.address, out, "add_sub", "--rate", "1e9", "--max-in-flight", "10", "--duration", "1",
+        "--warmup", "0.5", "--workers", "1", "--no-plots",
+    )  # fmt: skip
+    assert _finished(proc) == 0
+    doc = json.loads((out / "results.json").read_text())
+    (level,) = doc["levels"]
+    assert_consistent(doc)
+    assert level["succeeded"] > 10, level  # more than the cap: answers were read while behind
+    assert level["sent"] == pytest.approx(1e9, rel=0.1) and level["dropped"] > 0.9 * level["sent"], level
     assert level["window_s"] == pytest.approx(1.0, abs=0.5)
 
 

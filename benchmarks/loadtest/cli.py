@@ -125,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError("--max-requests must be at least 1")
     if not 0 <= args.nice <= 19:
         raise UsageError("--nice must be between 0 and 19")
+    if args.seed < 0:  # numpy's generators take none; its message did not name the flag
+        raise UsageError("--seed must not be negative")
     common: dict[str, Any] = dict(
         model=args.model,
         server=args.server,

@@ -53,6 +53,9 @@ STREAM_ERROR = "STREAM_ERROR"
 STREAM_ENDED = "the server ended the stream without answering"
 CANCELLED_BY_STOP = "cancelled by tensorgate bench: a stop request (Ctrl-C) or the end of the level"
 
+TIMER_SLACK_S = 0.001
+"""How early an open-loop sleep ends before its arrival is due: asyncio's own lateness, at most (see _wait_for)."""
+
 BACKOFF_S = (0.05, 1.0)
 """First and longest wait (doubling in between) before an open-loop stream is reopened after it broke, and before
 a closed-loop slot sends again after UNAVAILABLE."""
@@ -171,12 +174,19 @@ async def _serve(index: int, target: Target, conn: Connection, counters: Any, st
             ids = _sequence_ids(index, target.sequence_ids)
             conn.send("ready")
             while True:
-                level: Level | None = await loop.run_in_executor(None, conn.recv)
+                try:
+                    level: Level | None = await loop.run_in_executor(None, conn.recv)
+                except (EOFError, OSError):  # the parent is gone: nobody to load for
+                    return
                 if level is None:
                     return
                 sequences = _Sequences(request, target.sequence_length, ids) if target.sequence_length else None
                 run = _LevelRun(index, target, level, stub, calls, request, counters, stop, sequences)
-                conn.send(await run.run())
+                samples = await run.run()
+                try:
+                    conn.send(samples)
+                except OSError:  # the parent is gone (its level stopped when it went)
+                    return
     finally:
         sync_channel.close()
 
@@ -280,6 +290,9 @@ class _LevelRun:
         self.counters = counters
         self.base = index * COUNTERS
         self.stop_event = stop
+        self.parent = os.getppid()
+        """The sweep's process: when it is gone (killed by a CI timeout, SIGTERM or SIGKILL, with no chance to set
+        ``stop``), the level stops too, instead of loading the server for the rest of its --duration."""
         self.stopped = False
         self.budget = level.max_requests
         self.send_s: list[float] = []
@@ -290,7 +303,11 @@ class _LevelRun:
         self.sent = 0
         self.dropped = 0
         self.last_done = level.window_start
-        self.sending_until = level.end
+        # A closed-loop process with no call in flight at this level (c=1 over 2 processes) sends nothing: counted
+        # to the level's end, its window was the one kept by the merge, and a --max-requests level that took 0.7 s
+        # read as its requests over the whole --duration (100 req/s instead of 700).
+        idle = level.mode == "closed" and level.concurrency == 0
+        self.sending_until = level.window_start if idle else level.end
         """When this level stopped sending: its end, unless its request budget ran out or a stop came first."""
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -337,20 +354,72 @@ class _LevelRun:
         self.sending_until = min(self.sending_until, now)
 
     async def _watch_stop(self) -> None:
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and os.getppid() == self.parent:
             await asyncio.sleep(0.05)
         self._stopped_sending(time.monotonic())
         self.stopped = True
 
-    async def _wait_for(self, t: float) -> bool:
-        """Open loop: sleep until the arrival due at ``t``; whether to send it. An arrival past the level's end ends
-        the level without the sleep, which at a low rate could be hours (one arrival gap)."""
+    async def _wait_for(self, t: float) -> float | None:
+        """Open loop: sleep until the arrival due at ``t``; the time to count it from (its window and latency), or
+        None when it is not to be sent. An arrival past the level's end ends the level without the sleep, which at a
+        low rate could be hours (one arrival gap).
+
+        The sleep ends up to TIMER_SLACK_S early, and a request sent early counts from when it was sent: asyncio
+        wakes up to 1 ms late (epoll's timeout is rounded up to the millisecond), and counted from ``t`` that
+        lateness read as the server's latency (p50 1.73 ms at 300/s where perf_analyzer measured 0.94 ms).
+
+        A process behind its schedule (a rate it cannot send) still yields to the loop at each arrival, so that
+        answers are read as they come, and stops at the level's end: the arrivals it had no time for count as
+        dropped. Without either, --rate 1e6 read no answer until its schedule caught up with the clock (1,000 of
+        500,000 requests answered, 1.6 s p50) and --rate 1e9 ran for minutes past a 0.5 s level."""
         if not self._more(t):
-            return False
+            return None
         now = time.monotonic()
-        if t > now:
-            await asyncio.sleep(t - now)
-        return self._more(t) and self._take(t)
+        if t - TIMER_SLACK_S > now:
+            await asyncio.sleep(t - TIMER_SLACK_S - now)
+        elif now >= self.level.end:
+            self._drop_unsent(t)
+            return None
+        else:
+            await asyncio.sleep(0)
+        sent_at = min(t, time.monotonic())
+        if t >= self.level.window_start:  # measured as due, if sent early: not taken for a warm-up request
+            sent_at = max(sent_at, self.level.window_start)
+        return sent_at if self._more(sent_at) and self._take(sent_at) else None
+
+    def _drop_unsent(self, t: float) -> None:
+        """Count as dropped the measured arrivals due from ``t`` to the level's end, which a process behind its
+        schedule had no time to send."""
+        self._drop_many(t, self.level.end, at_least_one=True)
+
+    def _drop(self, t: float, sent_at: float, gap: Callable[[], float]) -> float:
+        """The arrival due at ``t`` (counted from ``sent_at``) found the in-flight cap full: dropped (counted when
+        measured); returns the next arrival. A process behind its schedule drops with it every arrival due until
+        now, in one step, since the cap is as full for them: one by one, at 1e6/s it never caught up with the
+        clock, and its warm-up ran past the level's end."""
+        if sent_at >= self.level.window_start:
+            self.dropped += 1
+            self.counters[self.base + 3] += 1
+        behind = int((min(time.monotonic(), self.level.end) - t) * self.level.rate)  # arrivals due since t
+        if behind < 1:
+            return t + gap()
+        skipped_to = t + behind / self.level.rate
+        self._drop_many(t, skipped_to)
+        return skipped_to + gap()
+
+    def _drop_many(self, t: float, until: float, at_least_one: bool = False) -> None:
+        """Count the measured arrivals due after ``t`` until ``until`` as sent and dropped: as many as the rate
+        gives, within the request budget."""
+        n = round((until - max(t, self.level.window_start)) * self.level.rate) if until > self.level.window_start else 0
+        if at_least_one and t >= self.level.window_start:
+            n = max(1, n)  # the arrival due at t
+        if self.budget is not None:
+            n = min(n, max(0, self.budget))
+            self.budget -= n
+        self.sent += n
+        self.dropped += n
+        self.counters[self.base] += n
+        self.counters[self.base + 3] += n
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, but not past the level's end."""
@@ -571,15 +640,13 @@ class _LevelRun:
         gap = self._arrivals()
         t = self.level.start + self.level.phase_s
         cap = max(1, self.level.max_in_flight)
-        while await self._wait_for(t):
+        while (sent_at := await self._wait_for(t)) is not None:
             if len(self.tasks) >= cap:
-                if t >= self.level.window_start:
-                    self.dropped += 1
-                    self.counters[self.base + 3] += 1
-            else:
-                task = asyncio.create_task(self._unary(t))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                t = self._drop(t, sent_at, gap)
+                continue
+            task = asyncio.create_task(self._unary(sent_at))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
             t += gap()
         if self.tasks:
             await asyncio.gather(*list(self.tasks))
@@ -600,7 +667,7 @@ class _LevelRun:
         reopen_at = 0.0
         backoff = _Backoff()
         try:
-            while await self._wait_for(t):
+            while (sent_at := await self._wait_for(t)) is not None:
                 if stream is not None and stream.broken:
                     down = await stream.close()
                     if stream.answered:
@@ -610,16 +677,15 @@ class _LevelRun:
                 if stream is None and time.monotonic() >= reopen_at:
                     stream = _Stream(self, self.level.end - time.monotonic() + self.target.deadline_s)
                 if stream is None:
-                    self._record(t, time.monotonic(), *down)
+                    self._record(sent_at, time.monotonic(), *down)
                 elif len(stream.pending) >= cap:
-                    if t >= self.level.window_start:
-                        self.dropped += 1
-                        self.counters[self.base + 3] += 1
+                    t = self._drop(t, sent_at, gap)
+                    continue
                 else:
                     message = pb.ModelInferRequest()
                     message.CopyFrom(self.request)
                     message.id = str(next(ids))
-                    await stream.send(message, t)
+                    await stream.send(message, sent_at)
                 t += gap()
             if stream is not None:
                 await stream.finish()
