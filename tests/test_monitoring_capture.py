@@ -79,6 +79,22 @@ def test_capture_survives_a_restart(digits: tuple[Path, np.ndarray, np.ndarray],
     assert quality.rows == 4
 
 
+def test_captured_inputs_are_readable_by_the_server_s_user_alone(
+    digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The store holds callers' inputs (possibly personal data): SQLite made it, and its WAL, world-readable."""
+    repo, x, _ = digits
+    data = tmp_path / "data"
+    with ServerThread(repo, data_dir=data) as s, InferenceClient(s.address) as client:
+        client.infer("digits", {"input": x[:2]})
+        deadline = time.monotonic() + 30
+        while not (data / f"{DB_NAME}-wal").exists():  # the capture is written off the request path
+            assert time.monotonic() < deadline, "nothing captured"
+            time.sleep(0.05)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (data, data / DB_NAME, data / f"{DB_NAME}-wal")}
+    assert modes == {"data": 0o700, DB_NAME: 0o600, f"{DB_NAME}-wal": 0o600}
+
+
 def test_saturated_queue_drops_samples_not_requests(
     digits: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -228,7 +229,10 @@ class PredictionStore:
                 f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
             )
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Captured inputs may be personal data: a store made here is its owner's alone (SQLite would make the file
+        # 0644, and its -wal and -shm files take the file's mode). An existing one keeps the mode it was given.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
