@@ -8,8 +8,8 @@
 # wheel, which the loader cannot find on its own) and libb64.so.0d (Debian package libb64-0d); it also needs
 # libssl.so.3/libcrypto.so.3 from the system. See shared/BENCHMARKING.md.
 #
-# Usage: benchmarks/perf_analyzer.sh [perf_analyzer args...]
-#   e.g. benchmarks/perf_analyzer.sh -i grpc -u 127.0.0.1:8001 -m mlp \
+# Usage: benchmarks/perf_analyzer.sh [perf_analyzer args...]   (-i grpc unless a protocol is given)
+#   e.g. benchmarks/perf_analyzer.sh -u 127.0.0.1:8001 -m mlp \
 #          --concurrency-range 1:8:x2 --measurement-interval 2000
 # Environment: PA_VENV (venv path), PA_PYTHON (interpreter that creates it; default python3.11 or python3).
 set -euo pipefail
@@ -67,4 +67,10 @@ cudart_lib="$("$venv/bin/python" -c \
     'import nvidia.cuda_runtime as m, os; print(os.path.join(list(m.__path__)[0], "lib"))')"
 export LD_LIBRARY_PATH="$cudart_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-exec "$venv/bin/perf_analyzer" "$@"
+# tensorgate speaks gRPC only, and perf_analyzer's default is HTTP ("Unsupported protocol"): gRPC unless the
+# arguments name a protocol.
+protocol=(-i grpc)
+for arg in "$@"; do
+    case "$arg" in -i | -i?* | --protocol | --protocol=*) protocol=() ;; esac
+done
+exec "$venv/bin/perf_analyzer" "${protocol[@]}" "$@"
