@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.errors import InvalidConfigError
-from tensorgate.server.scheduling.batch import concat_rows, plan_batch, split_outputs, stack_inputs
+from tensorgate.server.scheduling.batch import (
+    JOIN_MAX_BYTES,
+    concat_rows,
+    plan_batch,
+    split_outputs,
+    stack_inputs,
+)
 from tensorgate.server.scheduling.policy import SchedulingPolicy
 
 # ----- plan_batch ------------------------------------------------------------------------------------------------
@@ -148,6 +154,35 @@ def test_concat_rows_is_np_concatenate_for_every_tensor_type(dtype: type) -> Non
     joined, expected = concat_rows(pieces), np.concatenate(pieces)
     assert joined.dtype == expected.dtype and joined.shape == expected.shape == (6, 2, 3)
     np.testing.assert_array_equal(joined.astype(np.float64), expected.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, ml_dtypes.bfloat16, object])
+def test_concat_rows_pads_with_copies_of_the_last_row(dtype: type) -> None:
+    a: np.ndarray = np.arange(6).reshape(3, 2).astype(dtype)
+    padded = concat_rows([a[:1], a[1:2]], rows=5)
+    assert padded.dtype == a.dtype and padded.shape == (5, 2)
+    assert padded.tolist() == [a[0].tolist()] + [a[1].tolist()] * 4
+    assert concat_rows([a], rows=2).shape == (3, 2)  # never cut
+    assert concat_rows([np.zeros((0, 2, 0), np.float32)] * 2, rows=4).shape == (0, 2, 0)  # nothing to repeat
+
+
+def test_concat_rows_lets_go_of_the_gil_for_a_large_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above JOIN_MAX_BYTES, numpy's copy (which lets other threads run) is worth its hand-off: joined as bytes, the
+    event loop would wait out the whole copy."""
+    calls: list[int] = []
+    real = np.concatenate
+
+    def counting(arrays, *args, **kwargs):
+        calls.append(len(arrays))
+        return real(arrays, *args, **kwargs)
+
+    monkeypatch.setattr(np, "concatenate", counting)
+    row = JOIN_MAX_BYTES // 4 // 8
+    small, large = np.ones((2, row), np.float32), np.ones((5, row), np.float32)
+    assert concat_rows([small, small]).shape == (4, row) and calls == []
+    assert concat_rows([small], rows=8).shape == (8, row) and calls == []  # exactly JOIN_MAX_BYTES
+    assert concat_rows([large, large]).shape == (10, row) and calls == [2]
+    assert concat_rows([small], rows=9).shape == (9, row) and len(calls) == 3  # padding counts too
 
 
 def test_concat_rows_leaves_what_it_cannot_join_to_np_concatenate():

@@ -466,7 +466,7 @@ def pad_feed(feed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
     for name, array in feed.items():
         have = array.shape[0]
         # One copy, as requests are stacked (concat_rows: without handing the GIL back and forth).
-        padded[name] = array if have >= rows or have == 0 else concat_rows([array, *[array[-1:]] * (rows - have)])
+        padded[name] = array if have >= rows or have == 0 else concat_rows([array], rows)
     return padded
 
 
