@@ -108,6 +108,14 @@ def test_policy_rules_match_identity_group_model_and_version() -> None:
     assert policy.allows("ops", "repository", "anything")
 
 
+def test_a_policy_without_rules_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Valid (every call the policy checks is denied), but more often a file cut short: the log says so."""
+    with caplog.at_level(logging.WARNING, logger="tensorgate.server.auth.policy"):
+        policy = parse_policy({"rules": []}, "empty.yaml")
+    assert not policy.allows("anyone", "inference", "m")
+    assert "empty.yaml has no rules: every call the policy checks is denied" in caplog.text
+
+
 def test_default_mtls_policy_allows_data_plane_and_denies_repository() -> None:
     for group in ("inference", "metadata", "statistics", "health"):
         assert DEFAULT_MTLS_POLICY.allows("anyone", group, "m", "")

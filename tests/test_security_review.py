@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tensorgate.server.auth.policy import RPC_GROUPS
+from tensorgate.server.telemetry.tracing import parse_headers
 from tests.process import ServeProcess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -24,6 +25,16 @@ def test_a_malformed_otlp_header_stops_the_start_without_showing_it(repo: Path, 
         proc.wait_for_line(r"--otlp-headers must be key=value pairs separated by commas; pair 2 of 2 is not")
     assert "sk-live-4f2a9c" not in proc.output
     assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("given", ["a=b,sk-live-4f2a9c", "a=b, =sk-live-4f2a9c"])
+def test_otlp_header_parsing_never_shows_a_value(given: str) -> None:
+    """The settings check refuses these first; the parser behind it (also reached by an embedding application's
+    TracingSettings) must not print them either."""
+    with pytest.raises(ValueError) as info:
+        parse_headers(given)
+    assert "sk-live-4f2a9c" not in str(info.value)
+    assert "OTLP header 2 of 2 is not key=value" in str(info.value)
 
 
 def test_readme_security_table_names_every_rpc_the_policy_checks() -> None:

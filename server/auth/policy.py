@@ -319,6 +319,9 @@ def parse_policy(data: Any, source: str) -> Policy:
                 models=tuple(_model(m, f"{where}.models[{j}]") for j, m in enumerate(models)),
             )
         )
+    if not rules:
+        # Valid, and sometimes meant (a server closed to all while it is set up), but more often a file cut short.
+        log.warning("%s has no rules: every call the policy checks is denied", source)
     return Policy(rules, source, _tokens(data.get("tokens", []), source))
 
 

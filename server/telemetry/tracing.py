@@ -182,12 +182,12 @@ def cancelled_code(time_remaining: float | None, timeout: float | None) -> str:
 def parse_headers(text: str) -> dict[str, str]:
     """`key=value,key2=value2`, as OTEL_EXPORTER_OTLP_HEADERS writes them."""
     headers: dict[str, str] = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
+    items = [item for item in text.split(",") if item.strip()]
+    for i, item in enumerate(items, 1):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"OTLP header {item.strip()!r} is not key=value")
+            # Not echoed: header values are credentials (an API key), and this message lands in logs.
+            raise ValueError(f"OTLP header {i} of {len(items)} is not key=value (the value given is not shown)")
         headers[key.strip().lower()] = value.strip()
     return headers
 
