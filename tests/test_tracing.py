@@ -347,9 +347,10 @@ def test_a_deadline_passed_while_the_model_runs_is_deadline_exceeded(
     assert by_model["paced_cancel"].status.code == trace_pb2.Status.STATUS_CODE_UNSET
     access = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
     for start, code in (
-        ("ModelInfer model=paced_unary ", "DEADLINE_EXCEEDED"),
+        # The version the request was sent to, though it named none and never got an answer (it said `-`).
+        ("ModelInfer model=paced_unary version=1 ", "DEADLINE_EXCEEDED"),
         ("ModelStreamInfer model=- ", "DEADLINE_EXCEEDED"),
-        ("ModelInfer model=paced_cancel ", "CANCELLED"),
+        ("ModelInfer model=paced_cancel version=1 ", "CANCELLED"),
     ):
         assert [f"status={code} " in line for line in access if line.startswith(start)] == [True], access
 

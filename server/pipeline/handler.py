@@ -187,7 +187,7 @@ class InferenceHandler:
             req.id = _new_request_id()
         model = self._repository.get(req.model, req.version, _split_key(req))
         version = str(model.version)
-        if model.rollout is not None and not req.version:
+        if not req.version:
             ROUTED_VERSION.set(version)
         if model.config.model_transaction_policy.decoupled:  # refused before it counts, as Triton refuses it
             raise UnimplementedError(

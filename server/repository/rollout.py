@@ -49,9 +49,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ROUTED_VERSION: ContextVar[str | None] = ContextVar("tensorgate_routed_version", default=None)
-"""The version a split sent a request that named none to, set for the rest of its call (each call, and each
-message of a stream, runs in a context of its own): a failure is counted in /metrics under the version that ran
-it, not under the highest one a request without a version is otherwise labelled with."""
+"""The version a request that named none was sent to (by a split, or the version policy), set for the rest of its
+call (each call, and each message of a stream, runs in a context of its own): a failure, a timeout included, is
+counted in /metrics and named in its access line under the version that ran it, not guessed afterwards."""
 
 PREFIX = "tensorgate.rollout."
 CANARY_VERSION = PREFIX + "canary_version"

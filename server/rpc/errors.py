@@ -22,6 +22,7 @@ from opentelemetry import context as otel_context
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.repository.rollout import ROUTED_VERSION
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, Tracing, cancelled_code
 
@@ -111,10 +112,16 @@ def access_log_line(
 ) -> None:
     """One debug line per call: who asked for what, how it ended and how long it took; never the payload. A
     stream's messages are ModelInferRequests, named as ModelInfer's are. The version is the request's; when it left
-    that to the server, the one that answered (the response's), or the one its error names (a request refused as
-    invalid once the server had picked a version)."""
+    that to the server, the one that answered (the response's), the one its error names (a request refused as
+    invalid once the server had picked a version), or the one it was sent to (ROUTED_VERSION)."""
     model, version = model_of("ModelInfer" if rpc == "ModelStreamInfer" else rpc, request) or ("", "")
-    version = version or getattr(response, "model_version", "") or str(getattr(error, "version", None) or "")
+    version = (
+        version
+        or getattr(response, "model_version", "")
+        or str(getattr(error, "version", None) or "")
+        or ROUTED_VERSION.get()  # a call that ended before its answer, a timeout or a cancel, had one picked
+        or ""
+    )
     access_log.debug(
         "%s model=%s version=%s id=%s status=%s latency_ms=%.3f",
         rpc,
