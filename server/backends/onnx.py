@@ -726,10 +726,9 @@ class OnnxBackend:
         )
         """What the sessions of other padding sizes are made from; dropped once the padding is set, so that the
         model's bytes are not kept for the session's life."""
-        self._pads: tuple[int, ...] = ()
         self._sessions: dict[int, ort.InferenceSession] = {}
-        """The session each padding size runs on: the first (`_session`) for the largest, a new one for each other
-        size, so that each keeps the cuDNN plans of its one shape."""
+        """The session each padding size runs on, sizes ascending (empty: no padding): the first (`_session`) for
+        the largest, a new one for each other size, so that each keeps the cuDNN plans of its one shape."""
         used = self._session.get_providers()
         if choice.wants_gpu and CUDA not in used and not fell_back:
             log.warning(
@@ -821,10 +820,9 @@ class OnnxBackend:
         repository calls it once, after the model's checks, so that a model that fails them makes no more
         sessions; then the model's bytes are dropped and no other session can be made."""
         pads = pad_sizes(config, self._version)
-        sessions = {pads[-1]: self._session} if pads else {}
-        for size in pads[:-1]:
-            sessions[size] = self._open_session(config.name, size)
-        self._pads, self._sessions = pads, sessions
+        self._sessions = {
+            size: self._session if size == pads[-1] else self._open_session(config.name, size) for size in pads
+        }
         if len(pads) > 1:
             log.info(
                 "model '%s' version %s: batches padded to %s rows, one onnxruntime session per size",
@@ -885,8 +883,8 @@ class OnnxBackend:
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], context: BatchContext = NO_CONTEXT
     ) -> dict[str, np.ndarray]:
         feed = {name: self._feed(name, arr) for name, arr in inputs.items()}
-        rows = next(iter(feed.values())).shape[0] if self._pads and feed else 0
-        size = next((s for s in self._pads if s >= rows), 0) if rows else 0
+        rows = next(iter(feed.values())).shape[0] if self._sessions and feed else 0
+        size = next((s for s in self._sessions if s >= rows), 0) if rows else 0
         padded = rows < size
         if padded:
             feed = pad_feed(feed, size)

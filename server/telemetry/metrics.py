@@ -122,7 +122,7 @@ class RequestCounts:
             code = cancelled_code(None if deadline is None else deadline - time.monotonic(), CALL_TIMEOUT.get())
         else:
             code = "INTERNAL"
-        if not version:  # sent to a version by a rollout split: counted under it
+        if not version:  # the version it was sent to (a split or the version policy): counted under it
             version = ROUTED_VERSION.get() or ""
         key = (*self._repository.metric_labels(model, version), code)
         self.counts[key] = self.counts.get(key, 0) + 1
