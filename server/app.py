@@ -276,7 +276,7 @@ class TensorgateServer:
         else:
             names = self.repository.names_on_disk()
         if self.monitor is not None:  # a canary an alert fired on before a restart serves rolled back from the start
-            self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing))
+            self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing), evaluated=False)
         await self.repository.load_many(names)
         heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":

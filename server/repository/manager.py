@@ -387,16 +387,17 @@ class ModelRepository:
         """The splits of the models served now (for metrics)."""
         return [e.rollout for e in list(self._entries.values()) if e.rollout is not None and e.versions]
 
-    def follow_alerts(self, firing: dict[tuple[str, str], set[str]]) -> None:
+    def follow_alerts(self, firing: dict[tuple[str, str], set[str]], *, evaluated: bool = True) -> None:
         """The alert rules firing per (model, version), after each monitor evaluation, and at start those the data
-        dir kept firing (on the event loop: the monitor hands it over). Kept for the splits built later."""
+        dir kept firing (`evaluated` False: no evaluation a ramp may count; on the event loop: the monitor hands
+        it over). Kept for the splits built later."""
         self._firing = firing
         for rollout in self.rollouts():
-            self._follow(rollout)
+            self._follow(rollout, evaluated=evaluated)
 
-    def _follow(self, rollout: Rollout) -> None:
+    def _follow(self, rollout: Rollout, *, evaluated: bool) -> None:
         if rollout.canary is not None:
-            rollout.follow(self._firing.get((rollout.model, str(rollout.canary)), set()))
+            rollout.follow(self._firing.get((rollout.model, str(rollout.canary)), set()), evaluated=evaluated)
 
     def versions(self, name: str) -> list[LoadedModel]:
         """Every ready version of a model (for statistics), NOT_FOUND if unknown."""
@@ -1104,8 +1105,8 @@ class ModelRepository:
                 spec.stable,
             )
             return None
-        rollout = Rollout(name, spec, versions, previous)
-        self._follow(rollout)
+        rollout = Rollout(name, spec, versions, previous, monitored=bool(self._monitored))
+        self._follow(rollout, evaluated=False)
         if self._monitored is False and rollout.canary is not None and spec.rollback_on_alert:
             # rollback_on_alert is on by default and acts on the monitor's alerts: without one, a canary that goes
             # wrong keeps its share though its config says it would be rolled back. Said at each load that builds

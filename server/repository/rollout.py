@@ -17,6 +17,12 @@ routed to the canary or the stable version ended (`outcome`): once the canary's 
 ERROR_WINDOW exceeds the stable version's by more than ``tensorgate.rollout.max_error_percent`` points (with at
 least ERROR_MIN_FAILURES failures), the canary's share is 0 until its build or the gate changes, or the model is
 unloaded and loaded again.
+
+With ``tensorgate.rollout.ramp`` the share climbs by itself from canary_percent through the listed steps, one step
+each time the canary has held its share for ramp_interval_s, answered ramp_min_requests routed requests at it, no
+alert fires on it and the gate has not tripped (and, with a monitor, once an evaluation has come after the hold).
+The rules are checked as routed requests end and as the monitor's evaluations arrive, on the event loop: no
+timer of its own, since a canary that gets no requests has nothing to be judged by.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -62,6 +69,9 @@ SHADOW_PERCENT = PREFIX + "shadow_percent"
 ROLLBACK_ON_ALERT = PREFIX + "rollback_on_alert"
 MAX_ERROR_PERCENT = PREFIX + "max_error_percent"
 SHADOW_MAX_IN_FLIGHT = PREFIX + "shadow_max_in_flight"
+RAMP = PREFIX + "ramp"
+RAMP_INTERVAL_S = PREFIX + "ramp_interval_s"
+RAMP_MIN_REQUESTS = PREFIX + "ramp_min_requests"
 _KEYS = (
     CANARY_VERSION,
     CANARY_PERCENT,
@@ -71,6 +81,9 @@ _KEYS = (
     ROLLBACK_ON_ALERT,
     MAX_ERROR_PERCENT,
     SHADOW_MAX_IN_FLIGHT,
+    RAMP,
+    RAMP_INTERVAL_S,
+    RAMP_MIN_REQUESTS,
 )
 
 DEFAULT_MAX_ERROR_PERCENT = 5.0
@@ -92,6 +105,12 @@ wait for it."""
 SHADOW_DEADLINE_S = 30.0
 """The longest a shadow run may take: the caller's own budget, at most this, or this when the caller set none. A
 shadow version that never answers must give its places back, or every later run is dropped."""
+
+DEFAULT_RAMP_INTERVAL_S = 600.0
+"""How long the canary holds each share of a ramp at least: long enough for several of the monitor's evaluations
+(every 10 s by default) and for a slow leak of quality to show in its window."""
+DEFAULT_RAMP_MIN_REQUESTS = ERROR_WINDOW
+"""Routed requests the canary must end at a share before the next: a full window for the error gate."""
 
 _BUCKETS = 10_000
 """A request id's place in [0, 100) in steps of 0.01: percents with two decimals split exactly."""
@@ -115,6 +134,15 @@ class RolloutSpec:
     exceed the stable version's before it is rolled back; None ("off") for no error gate."""
     shadow_max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
     """Shadow runs of the model at once, beyond which one is dropped."""
+    ramp: tuple[float, ...] = ()
+    """The canary's next shares after canary_percent, ascending (``tensorgate.rollout.ramp``); () for none."""
+    ramp_interval_s: float = DEFAULT_RAMP_INTERVAL_S
+    ramp_min_requests: int = DEFAULT_RAMP_MIN_REQUESTS
+
+    @property
+    def steps(self) -> tuple[float, ...]:
+        """Every share the canary may have, in order: canary_percent, then the ramp's."""
+        return (self.canary_percent, *self.ramp)
 
 
 def _version(model: str, key: str, raw: str, wanted: Collection[int], previously: Collection[int]) -> int:
@@ -152,6 +180,57 @@ def _shadow_cap(model: str, raw: str | None) -> int:
     return number
 
 
+def _ramp(model: str, params: Mapping[str, str], start: float) -> tuple[float, ...]:
+    """The ramp's shares, each above the one before it, starting above canary_percent (`start`)."""
+    if RAMP not in params:
+        for key in (RAMP_INTERVAL_S, RAMP_MIN_REQUESTS):
+            if key in params:
+                raise ModelLoadError(model, None, f"parameter '{key}' needs '{RAMP}'")
+        return ()
+    raw = params[RAMP]
+    steps = tuple(_percent(model, RAMP, item.strip()) for item in raw.split(","))
+    if start <= 0:
+        raise ModelLoadError(
+            model,
+            None,
+            f"parameter '{RAMP}' needs '{CANARY_PERCENT}' above 0: the canary's first share, whose requests the "
+            "ramp judges before it raises the share",
+        )
+    earlier = (start, *steps)
+    if any(b <= a for a, b in zip(earlier, steps, strict=False)):
+        raise ModelLoadError(
+            model,
+            None,
+            f"parameter '{RAMP}' must list shares that rise, each above the one before and the first above "
+            f"'{CANARY_PERCENT}' ({start:g}), got {raw!r}",
+        )
+    return steps
+
+
+def _ramp_settings(model: str, params: Mapping[str, str]) -> tuple[float, int]:
+    interval = DEFAULT_RAMP_INTERVAL_S
+    if RAMP_INTERVAL_S in params:
+        raw = params[RAMP_INTERVAL_S]
+        try:
+            interval = float(raw)
+        except ValueError:
+            interval = math.nan
+        if not 0 < interval < math.inf:
+            raise ModelLoadError(
+                model, None, f"parameter '{RAMP_INTERVAL_S}' must be a number of seconds > 0, got {raw!r}"
+            )
+    requests = DEFAULT_RAMP_MIN_REQUESTS
+    if RAMP_MIN_REQUESTS in params:
+        raw = params[RAMP_MIN_REQUESTS]
+        number = parse_canonical(raw)
+        if number is None or number < 1:
+            raise ModelLoadError(
+                model, None, f"parameter '{RAMP_MIN_REQUESTS}' must be a whole number of requests >= 1, got {raw!r}"
+            )
+        requests = number
+    return interval, requests
+
+
 def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: Collection[int]) -> RolloutSpec | None:
     """The rollout a config asks for, checked against the versions this load serves (`wanted`); None when it sets
     no ``tensorgate.rollout.*`` parameter. A canary or shadow version among those served until now
@@ -168,7 +247,12 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
                 f": did you mean '{close[0]}'?" if close else f" (known: {', '.join(k[len(PREFIX) :] for k in _KEYS)})"
             )
             raise ModelLoadError(model, None, f"unknown parameter '{key}'{hint}")
-    needs = ((CANARY_VERSION, CANARY_PERCENT), (SHADOW_VERSION, SHADOW_PERCENT), (SHADOW_VERSION, SHADOW_MAX_IN_FLIGHT))
+    needs = (
+        (CANARY_VERSION, CANARY_PERCENT),
+        (SHADOW_VERSION, SHADOW_PERCENT),
+        (SHADOW_VERSION, SHADOW_MAX_IN_FLIGHT),
+        (CANARY_VERSION, RAMP),
+    )
     for version_key, percent_key in needs:
         if percent_key in params and version_key not in params:
             raise ModelLoadError(model, None, f"parameter '{percent_key}' needs '{version_key}'")
@@ -217,9 +301,12 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
         except ModelLoadError:
             why = f"parameter '{MAX_ERROR_PERCENT}' must be a number from 0 to 100, or off, got {raw!r}"
             raise ModelLoadError(model, None, why) from None
+    canary_percent = _percent(model, CANARY_PERCENT, params[CANARY_PERCENT]) if canary is not None else 0.0
+    ramp = _ramp(model, params, canary_percent)
+    interval, min_requests = _ramp_settings(model, params)
     return RolloutSpec(
         canary,
-        _percent(model, CANARY_PERCENT, params[CANARY_PERCENT]) if canary is not None else 0.0,
+        canary_percent,
         stable,
         shadow,
         _percent(model, SHADOW_PERCENT, params[SHADOW_PERCENT]) if SHADOW_PERCENT in params else 100.0,
@@ -227,6 +314,9 @@ def parse_rollout(config: mc.ModelConfig, wanted: Collection[int], previously: C
         tuple(sorted((k, v.string_value) for k, v in config.parameters.items() if k.startswith(PREFIX))),
         max_error_percent=max_error,
         shadow_max_in_flight=_shadow_cap(model, params.get(SHADOW_MAX_IN_FLIGHT)),
+        ramp=ramp,
+        ramp_interval_s=interval,
+        ramp_min_requests=min_requests,
     )
 
 
@@ -286,9 +376,20 @@ class Rollout:
     that go to the stable version, `follow` for the alerts the monitor sees on the canary, `outcome` for how the
     requests routed to the canary or the stable version end (while `judges` says they count)."""
 
-    def __init__(self, model: str, spec: RolloutSpec, served: Collection[int], previous: Rollout | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        spec: RolloutSpec,
+        served: Collection[int],
+        previous: Rollout | None = None,
+        *,
+        monitored: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`served`: the versions this load serves; a mapping to their builds (the repository's LoadedModels)
-        tells a canary kept across a reload from one built anew, which the error gate judges afresh."""
+        tells a canary kept across a reload from one built anew, which the error gate judges afresh.
+        `monitored`: the monitor evaluates the canary's alert rules (--data-dir), so that a ramp waits for an
+        evaluation after each hold before it raises the share."""
         self.model = model
         self.spec = spec
         self.stable = spec.stable
@@ -309,12 +410,22 @@ class Rollout:
         for both versions is not taken for the canary's fault."""
         self.tripped = False
         """The error gate rolled the canary back (until its build or the gate changes, or an unload)."""
+        self._clock = clock
+        self._monitored = monitored
+        self.step = 0
+        """Where the canary is on its ramp: spec.steps[step] is its share while nothing rolls it back."""
+        self._step_since = clock()
+        self._step_requests = 0
+        """Routed requests the canary ended since its share last changed, or an alert on it last resolved."""
+        self._evaluated_at = -math.inf
+        """When the monitor last evaluated the canary's alert rules."""
         if previous is not None:
             self.shadow_runs = previous.shadow_runs
             self._in_flight = previous._in_flight
             if previous.canary == self.canary:
                 self.held = previous.held  # the alert still fires: no second "rolled back" line
             self._carry_judgement(previous)
+            self._carry_ramp(previous)
         self.share = self._share()
         """The canary's share now, in percent: 0 while rolled back or not served."""
         if previous is not None and previous.tripped and not self.tripped and self.canary == previous.canary:
@@ -352,6 +463,22 @@ class Rollout:
         if self.stable == previous.stable:
             self.stable_outcomes = previous.stable_outcomes
 
+    def _carry_ramp(self, previous: Rollout) -> None:
+        """Keep the ramp's place across a rebuild that changes neither the canary's build nor the ramp (another
+        key changed, or the same files were loaded again); any change to the ramp starts it over."""
+        same = self.canary is not None and self.canary == previous.canary
+        if not same or self._canary_build is not previous._canary_build or not self.spec.ramp:
+            return
+        mine, theirs = self.spec, previous.spec
+        if (mine.steps, mine.ramp_interval_s, mine.ramp_min_requests) != (
+            theirs.steps,
+            theirs.ramp_interval_s,
+            theirs.ramp_min_requests,
+        ):
+            return
+        self.step, self._step_since = previous.step, previous._step_since
+        self._step_requests, self._evaluated_at = previous._step_requests, previous._evaluated_at
+
     @property
     def shadow_in_flight(self) -> int:
         """The model's shadow runs going now, across rebuilds (`_InFlight`)."""
@@ -364,7 +491,49 @@ class Rollout:
     def _share(self) -> float:
         if self.canary is None or self.tripped or (self.held and self.spec.rollback_on_alert):
             return 0.0
-        return self.spec.canary_percent
+        return self.spec.steps[self.step]
+
+    def _restart_step(self) -> None:
+        self._step_since = self._clock()
+        self._step_requests = 0
+
+    def _advance(self) -> None:
+        """Raise the canary's share to the ramp's next step once it has held this one for ramp_interval_s, ended
+        ramp_min_requests routed requests at it, no alert fires on it and the error gate has not tripped; with a
+        monitor, once it has also evaluated the canary's alert rules after the hold, so that its verdict covers
+        the requests of the step. Called as routed requests end and after each of the monitor's evaluations."""
+        spec = self.spec
+        if self.step + 1 >= len(spec.steps) or self.share <= 0 or self.held:
+            return
+        if self._step_requests < spec.ramp_min_requests:
+            return
+        due = self._step_since + spec.ramp_interval_s
+        if self._clock() < due or (self._monitored and self._evaluated_at < due):
+            return
+        held_for, requests, before = self._clock() - self._step_since, self._step_requests, self.share
+        self.step += 1
+        self._restart_step()
+        self.share = self._share()
+        final = self.step + 1 == len(spec.steps)
+        log.warning(
+            "model '%s': canary version %d held %g%% for %.0f s and %d requests (%.1f%% failed against %.1f%% on "
+            "stable version %d, no alert firing): %g%% of the requests that name no version go to it now%s",
+            self.model,
+            self.canary,
+            before,
+            held_for,
+            requests,
+            self.outcomes.percent(),
+            self.stable_outcomes.percent(),
+            self.stable,
+            self.share,
+            (
+                f"; the ramp is done: to retire version {self.stable}, make version {self.canary} the stable one "
+                "in the config (remove the tensorgate.rollout.* parameters and serve it)"
+                if final
+                else f" (step {self.step + 1} of {len(spec.steps)})"
+            ),
+        )
 
     def choose(self, request_id: str) -> int:
         """The version for a request that names none. A lookup without a request (metadata, an ensemble's step,
@@ -382,7 +551,7 @@ class Rollout:
             (version == self.canary or version == self.stable)
             and self.canary is not None
             and not self.tripped
-            and self.spec.max_error_percent is not None
+            and (self.spec.max_error_percent is not None or self.step + 1 < len(self.spec.steps))
         )
 
     def outcome(self, version: int, failed: bool) -> None:
@@ -392,18 +561,26 @@ class Rollout:
         request reaches it after that, so nothing could judge it well again, and it stays rolled back until its
         build or the gate changes, or the model is unloaded and loaded again."""
         limit = self.spec.max_error_percent
-        if self.tripped or limit is None or self.canary is None:  # a request that started before the gate tripped
+        if self.tripped or self.canary is None:  # a request that started before the gate tripped
             return
         if version != self.canary:
             self.stable_outcomes.add(failed)
             return
         canary = self.outcomes
         canary.add(failed)
-        if not failed or len(canary.window) < ERROR_MIN_REQUESTS or canary.failures < ERROR_MIN_FAILURES:
+        self._step_requests += 1
+        if (
+            limit is None
+            or not failed
+            or len(canary.window) < ERROR_MIN_REQUESTS
+            or canary.failures < ERROR_MIN_FAILURES
+        ):
+            self._advance()
             return
         stable = self.stable_outcomes
         baseline = stable.percent() if len(stable.window) >= ERROR_MIN_REQUESTS else 0.0
         if canary.percent() - baseline <= limit:
+            self._advance()
             return
         self.tripped = True
         self.share = self._share()
@@ -428,16 +605,23 @@ class Rollout:
         percent = self.spec.shadow_percent
         return self.shadow is not None and (percent >= 100 or _bucket(request_id)[1] < percent)
 
-    def follow(self, firing: Collection[str]) -> None:
-        """The alert rules firing on the canary version now (the monitor's last evaluation): while any fires, the
-        canary gets nothing. Logged once when that starts and once when it ends."""
+    def follow(self, firing: Collection[str], *, evaluated: bool = True) -> None:
+        """The alert rules firing on the canary version now (the monitor's last evaluation; `evaluated` False for
+        the last word handed to a split built since): while any fires, the canary gets nothing and its ramp
+        waits; once it resolves, the step's hold starts over. Logged once when that starts and once when it
+        ends."""
         if self.canary is None:
             return
         held, was = frozenset(firing), self.held
+        if evaluated:
+            self._evaluated_at = self._clock()
         if held == was:
+            self._advance()
             return
         self.held = held
         self.share = self._share()
+        if was and not held:
+            self._restart_step()
         if not self.spec.rollback_on_alert:
             return
         if held and not was:
@@ -464,5 +648,5 @@ class Rollout:
                 self.model,
                 ", ".join(sorted(was)),
                 self.canary,
-                self.spec.canary_percent,
+                self.share,
             )

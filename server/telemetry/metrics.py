@@ -361,8 +361,8 @@ CANARY_SHARE = FamilySpec(
     "gauge",
     _MV,
     "Percent of the requests that name no version going to the canary version now (tensorgate.rollout.*): its "
-    "canary_percent, 0 while rolled back (an alert fires on it, or its failures went over max_error_percent) or "
-    "while it is not served",
+    "canary_percent or the ramp's step, 0 while rolled back (an alert fires on it, or its failures went over "
+    "max_error_percent) or while it is not served",
 )
 SHADOW_RUNS = FamilySpec(
     "tensorgate_rollout_shadow_runs_total",

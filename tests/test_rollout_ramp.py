@@ -1,0 +1,285 @@
+"""A canary's automatic ramp (tensorgate.rollout.ramp): its share rises step by step once it has held each one
+long enough, answered enough routed requests, no alert fires on it and the error gate holds; with a monitor, once
+the monitor has evaluated it after the hold. Rollouts driven by a test clock for the rules, and real servers with
+real ONNX models, real clients, real monitor evaluations and real scrapes of /metrics for the whole path."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorgate.client import InferenceClient
+from tensorgate.client.errors import Unavailable
+from tensorgate.server.repository.rollout import CANARY_PERCENT, Rollout, RolloutSpec
+from tests.scraping import metrics_url, scrape, value
+from tests.serving import ServerThread
+from tests.test_rollout import (
+    _canary_share,
+    _evaluate,
+    _label_canary,
+    _params,
+    _repo,
+    _split,
+    _two_digits,
+    _version_of,
+    digits,
+)
+
+__all__ = ["digits"]  # the module's fixture, used here
+
+LOGGER = "tensorgate.server.repository.rollout"
+
+
+class Clock:
+    """Time that moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _spec(
+    ramp: tuple[float, ...] = (25.0, 100.0), interval: float = 60.0, min_requests: int = 20, **kw: object
+) -> RolloutSpec:
+    """Canary 2 from 10%, stable 1, as parse_rollout would make it."""
+    return RolloutSpec(
+        2,
+        10.0,
+        1,
+        None,
+        100.0,
+        bool(kw.get("rollback_on_alert", True)),
+        ((CANARY_PERCENT, "10"),),
+        max_error_percent=kw.get("max_error_percent", 5.0),  # type: ignore[arg-type]
+        ramp=ramp,
+        ramp_interval_s=interval,
+        ramp_min_requests=min_requests,
+    )
+
+
+def _end(rollout: Rollout, version: int, total: int, failed: int = 0) -> None:
+    for i in range(total):
+        rollout.outcome(version, i >= total - failed)
+
+
+def test_the_share_rises_only_once_the_step_has_held_long_enough_with_enough_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    clock = Clock()
+    rollout = Rollout("m", _spec(), [1, 2], clock=clock)
+    _end(rollout, 1, 50)
+    _end(rollout, 2, 19)
+    clock.now += 61
+    _end(rollout, 2, 0)
+    assert rollout.share == 10.0  # held long enough, but 19 requests of 20
+    _end(rollout, 2, 1)
+    assert rollout.share == 25.0
+    _end(rollout, 2, 40)  # requests enough at once, but the hold starts over with the step
+    assert rollout.share == 25.0
+    clock.now += 59
+    _end(rollout, 2, 1)
+    assert rollout.share == 25.0
+    clock.now += 2
+    _end(rollout, 2, 1)
+    assert rollout.share == 100.0 and rollout.step == 2
+    clock.now += 1000
+    _end(rollout, 2, 100)
+    assert rollout.share == 100.0  # the last step: nothing above it
+    assert [r.getMessage() for r in caplog.records] == [
+        "model 'm': canary version 2 held 10% for 61 s and 20 requests (0.0% failed against 0.0% on stable version "
+        "1, no alert firing): 25% of the requests that name no version go to it now (step 2 of 3)",
+        "model 'm': canary version 2 held 25% for 61 s and 42 requests (0.0% failed against 0.0% on stable version "
+        "1, no alert firing): 100% of the requests that name no version go to it now; the ramp is done: to retire "
+        "version 1, make version 2 the stable one in the config (remove the tensorgate.rollout.* parameters and "
+        "serve it)",
+    ]
+
+
+def test_a_ramp_counts_the_canarys_requests_with_the_error_gate_off() -> None:
+    """judges() used to say no without the error gate: the ramp would never have seen a request end."""
+    clock = Clock()
+    rollout = Rollout("m", _spec(max_error_percent=None), [1, 2], clock=clock)
+    assert rollout.judges(2)
+    clock.now += 61
+    _end(rollout, 2, 20, failed=20)  # no gate: failures roll nothing back
+    assert rollout.share == 25.0 and not rollout.tripped
+    clock.now += 61
+    _end(rollout, 2, 20)
+    assert rollout.share == 100.0 and not rollout.judges(2)  # no gate and no step left: nothing to count
+
+
+def test_with_a_monitor_the_share_rises_only_after_an_evaluation_that_follows_the_hold() -> None:
+    clock = Clock()
+    rollout = Rollout("m", _spec(), [1, 2], monitored=True, clock=clock)
+    rollout.follow([])  # an evaluation during the hold does not count
+    clock.now += 61
+    _end(rollout, 2, 30)
+    assert rollout.share == 10.0
+    rollout.follow([], evaluated=False)  # the last word handed to a new split is no evaluation
+    assert rollout.share == 10.0
+    rollout.follow([])
+    assert rollout.share == 25.0
+
+
+@pytest.mark.parametrize("rollback_on_alert", [True, False])
+def test_an_alert_holds_the_ramp_and_its_step_starts_over_once_it_resolves(rollback_on_alert: bool) -> None:
+    clock = Clock()
+    rollout = Rollout("m", _spec(rollback_on_alert=rollback_on_alert), [1, 2], monitored=True, clock=clock)
+    _end(rollout, 2, 30)
+    clock.now += 61
+    rollout.follow(["accuracy_low"])
+    assert rollout.share == (0.0 if rollback_on_alert else 10.0)
+    _end(rollout, 2, 30)
+    rollout.follow(["accuracy_low"])
+    assert rollout.step == 0  # no rise while it fires, rolled back or not
+    rollout.follow([])
+    assert (rollout.step, rollout.share) == (0, 10.0)  # resolved: the step's hold and its requests start over
+    _end(rollout, 2, 30)
+    rollout.follow([])
+    assert rollout.step == 0
+    clock.now += 61
+    rollout.follow([])
+    assert (rollout.step, rollout.share) == (1, 25.0)
+
+
+def test_a_canary_the_error_gate_rolls_back_climbs_no_further() -> None:
+    clock = Clock()
+    rollout = Rollout("m", _spec(), [1, 2], clock=clock)
+    _end(rollout, 1, 100)
+    _end(rollout, 2, 20, failed=10)
+    assert rollout.tripped and rollout.share == 0.0
+    clock.now += 1000
+    _end(rollout, 2, 100)
+    assert (rollout.step, rollout.share) == (0, 0.0)
+
+
+def test_a_rebuild_keeps_the_ramps_place_unless_the_ramp_or_the_canarys_build_changes() -> None:
+    clock = Clock()
+    stable, canary = object(), object()
+    first = Rollout("m", _spec(), {1: stable, 2: canary}, clock=clock)
+    clock.now += 61
+    _end(first, 2, 20)
+    _end(first, 2, 5)
+    assert first.step == 1
+    kept = Rollout("m", _spec(), {1: stable, 2: canary}, previous=first, clock=clock)
+    assert (kept.step, kept.share, kept._step_requests) == (1, 25.0, 5)
+    restarted = Rollout("m", _spec(ramp=(50.0, 100.0)), {1: stable, 2: canary}, previous=kept, clock=clock)
+    assert (restarted.step, restarted.share) == (0, 10.0)
+    rebuilt = Rollout("m", _spec(), {1: stable, 2: object()}, previous=kept, clock=clock)
+    assert (rebuilt.step, rebuilt.share) == (0, 10.0)
+
+
+# ----- real servers ------------------------------------------------------------------------------------------
+
+
+def _ramp_repo(root: Path, **ramp: str) -> Path:
+    return _repo(root, _params(canary_version="2", canary_percent="10", **ramp))
+
+
+def test_a_served_canary_ramps_to_every_request_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No monitor here (no --data-dir): the hold and the canary's requests decide."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    repo = _ramp_repo(tmp_path / "models", ramp="50, 100", ramp_interval_s="0.3", ramp_min_requests="5")
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        shares = [value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2")]
+        deadline, sent = time.monotonic() + 60, 0
+        while shares[-1] < 100 and time.monotonic() < deadline and sent < 5000:
+            for _ in range(20):
+                _version_of(client, f"r-{sent}")
+                sent += 1
+            share = value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2")
+            if share != shares[-1]:
+                shares.append(share)
+            time.sleep(0.05)
+        assert shares == [10.0, 50.0, 100.0]
+        assert Counter(_version_of(client, f"after-{i}") for i in range(30)) == Counter({"2": 30})
+        assert {_version_of(client, f"named-{i}", version="1") for i in range(5)} == {"1"}  # still served
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(said) == 2 and "(step 2 of 3)" in said[0] and "the ramp is done" in said[1], said
+
+
+def test_a_monitored_canary_ramps_only_after_an_evaluation_and_not_while_an_alert_fires(
+    digits: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The digits model's accuracy_low rule on a canary of itself; the monitor evaluates when the test says."""
+    x = digits[1]
+    ramp = _params(canary_version="2", canary_percent="50", ramp="100", ramp_interval_s="0.2", ramp_min_requests="5")
+    repo = _two_digits(digits, tmp_path / "models", ramp)
+    with (
+        ServerThread(repo, data_dir=tmp_path / "data", monitor_interval_s=3600) as server,
+        InferenceClient(server.address) as client,
+    ):
+        assert set(_split(client, x, "a")) == {"1", "2"}
+        time.sleep(0.3)
+        assert set(_split(client, x, "b")) == {"1", "2"} and _canary_share(server) == 50.0  # no evaluation yet
+        _label_canary(client, x, slice(0, 60), right=False)
+        _evaluate(server)  # the alert fires: rolled back, no rise
+        assert _split(client, x, "c") == Counter({"1": 40}) and _canary_share(server) == 0.0
+        _label_canary(client, x, slice(60, 360), right=True)
+        _evaluate(server)  # resolved: back to 50%, and the step's hold starts over
+        assert _canary_share(server) == 50.0
+        assert set(_split(client, x, "d")) == {"1", "2"}
+        time.sleep(0.3)
+        _evaluate(server)
+        assert _canary_share(server) == 100.0
+        assert _split(client, x, "e") == Counter({"2": 40})
+
+
+@pytest.mark.parametrize(
+    "ramp, problem",
+    [
+        ({"ramp": "5,25"}, "parameter 'tensorgate.rollout.ramp' needs 'tensorgate.rollout.canary_version'"),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp": "25,20"},
+            "parameter 'tensorgate.rollout.ramp' must list shares that rise, each above the one before and the first "
+            "above 'tensorgate.rollout.canary_percent' (10), got '25,20'",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "30", "ramp": "25,100"},
+            "must list shares that rise, each above the one before and the first above",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp": "50,150"},
+            "parameter 'tensorgate.rollout.ramp' must be a number from 0 to 100, got '150'",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "0", "ramp": "50"},
+            "parameter 'tensorgate.rollout.ramp' needs 'tensorgate.rollout.canary_percent' above 0",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp": "50", "ramp_interval_s": "0"},
+            "parameter 'tensorgate.rollout.ramp_interval_s' must be a number of seconds > 0, got '0'",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp": "50", "ramp_interval_s": "inf"},
+            "parameter 'tensorgate.rollout.ramp_interval_s' must be a number of seconds > 0, got 'inf'",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp": "50", "ramp_min_requests": "1.5"},
+            "parameter 'tensorgate.rollout.ramp_min_requests' must be a whole number of requests >= 1, got '1.5'",
+        ),
+        (
+            {"canary_version": "2", "canary_percent": "10", "ramp_interval_s": "60"},
+            "parameter 'tensorgate.rollout.ramp_interval_s' needs 'tensorgate.rollout.ramp'",
+        ),
+    ],
+    ids=["no-canary", "falls", "below-start", "over-100", "zero-start", "zero-hold", "endless-hold", "half", "no-ramp"],
+)
+def test_a_ramp_that_cannot_be_followed_fails_the_load_naming_the_parameter(
+    tmp_path: Path, ramp: dict[str, str], problem: str
+) -> None:
+    repo = _repo(tmp_path / "models", _params(**ramp))
+    with ServerThread(repo, model_control_mode="explicit", load_model=[]) as server:
+        with InferenceClient(server.address) as client:
+            with pytest.raises(Unavailable, match=re.escape(problem)):
+                client.load("m")
+            assert not client.ready("m")
