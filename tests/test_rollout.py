@@ -507,9 +507,10 @@ def test_an_alert_on_the_canary_rolls_it_back_until_it_resolves(
         _evaluate(server)
         assert [(a.rule, a.version) for a in client.alerts("digits")] == [("accuracy_low", "2")]
         assert _split(client, x, "rolled-back") == Counter({"1": 40}) and _canary_share(server) == 0.0
+        assert _rolled_back(server, "digits") == {"alert": 1.0, "errors": 0.0}
         _label_canary(client, x, slice(60, 360), right=True)  # 300 right of 360: accuracy 0.83
         _evaluate(server)
-        assert client.alerts("digits") == []
+        assert client.alerts("digits") == [] and _rolled_back(server, "digits") == {"alert": 0.0, "errors": 0.0}
         assert set(_split(client, x, "after")) == {"1", "2"} and _canary_share(server) == 50.0
     said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]
     assert said == [
@@ -616,6 +617,15 @@ def _share_of_m(server: ServerThread) -> float:
     return value(scrape(metrics_url(server)), "tensorgate_rollout_canary_share", model="m", version="2")
 
 
+def _rolled_back(server: ServerThread, model: str) -> dict[str, float]:
+    """tensorgate_rollout_canary_rolled_back of canary version 2, by reason."""
+    samples = scrape(metrics_url(server))
+    return {
+        reason: value(samples, "tensorgate_rollout_canary_rolled_back", model=model, version="2", reason=reason)
+        for reason in ("alert", "errors")
+    }
+
+
 def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_loaded_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -628,9 +638,10 @@ def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_load
     caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
     served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
     with served as server, InferenceClient(server.address) as client:
+        assert _rolled_back(server, "m") == {"alert": 0.0, "errors": 0.0}
         answered, failed = _failures(client, 100, "before")
         assert failed == 20 and answered == Counter({"1": 80})
-        assert _share_of_m(server) == 0.0
+        assert _share_of_m(server) == 0.0 and _rolled_back(server, "m") == {"alert": 0.0, "errors": 1.0}
         assert _failures(client, 60, "after") == (Counter({"1": 60}), 0)
         one = X[:1]
         assert client.infer("m", {"INPUT0": one}, version="2")["OUTPUT0"].tolist() == (one * 2).tolist()
@@ -638,7 +649,7 @@ def test_a_canary_that_fails_its_requests_is_rolled_back_until_the_model_is_load
         assert _share_of_m(server) == 0.0
         _one_row(repo / "m" / "2" / "model.onnx", name="rebuilt")  # new files: a new build of version 2
         client.load("m")
-        assert _share_of_m(server) == 50.0
+        assert _share_of_m(server) == 50.0 and _rolled_back(server, "m") == {"alert": 0.0, "errors": 0.0}
         answered, failed = _failures(client, 30, "reloaded")
         assert failed > 0 and set(answered) == {"1"}
     said = [r.getMessage() for r in caplog.records if r.name == "tensorgate.server.repository.rollout"]

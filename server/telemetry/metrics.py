@@ -178,6 +178,8 @@ class Snapshot:
     """When the certificate each TLS port serves expires (Unix seconds), by port label."""
     canary_shares: list[tuple[str, str, float]] = field(default_factory=list)
     """(model, canary version, its share now in percent) of each model with a canary split."""
+    rolled_back: list[tuple[str, str, str, bool]] = field(default_factory=list)
+    """(model, canary version, reason: alert or errors, whether it holds the canary back now)."""
     shadow_runs: dict[tuple[str, str, str], int] = field(default_factory=dict)
     """Shadow runs by (model, shadow version, outcome)."""
     bytes_in_flight: int | None = None
@@ -364,6 +366,14 @@ CANARY_SHARE = FamilySpec(
     "canary_percent or the ramp's step, 0 while rolled back (an alert fires on it, or its failures went over "
     "max_error_percent) or while it is not served",
 )
+CANARY_ROLLED_BACK = FamilySpec(
+    "tensorgate_rollout_canary_rolled_back",
+    "gauge",
+    (*_MV, "reason"),
+    "1 while the canary version gets no share because an alert fires on it (reason alert, with rollback_on_alert) "
+    "or its failures went over max_error_percent (reason errors), else 0: what tells a rollback from a share "
+    "of 0 that the config asks for",
+)
 SHADOW_RUNS = FamilySpec(
     "tensorgate_rollout_shadow_runs_total",
     "counter",
@@ -393,6 +403,7 @@ SERVER_FAMILIES: tuple[FamilySpec, ...] = (
     TLS_EXPIRY,
     SPANS_DROPPED,
     CANARY_SHARE,
+    CANARY_ROLLED_BACK,
     SHADOW_RUNS,
     BUILD_INFO,
 )
@@ -527,9 +538,13 @@ class _ServerCollector(Collector):
         shares, shadows = CANARY_SHARE.family(), SHADOW_RUNS.family()
         for model, version, share in snap.canary_shares:
             shares.add_metric([model, version], share)
+        rolled_back = CANARY_ROLLED_BACK.family()
+        for model, version, reason, held in snap.rolled_back:
+            rolled_back.add_metric([model, version, reason], 1.0 if held else 0.0)
         for (model, version, outcome), n in sorted(snap.shadow_runs.items()):
             shadows.add_metric([model, version, outcome], n)
         yield shares
+        yield rolled_back
         yield shadows
         if snap.spans_dropped is not None:
             dropped = SPANS_DROPPED.family()
@@ -630,6 +645,12 @@ class Metrics:
             bytes_in_flight=None if self._budget is None else self._budget.held,
             certificates={port: reloader.not_after for port, reloader in self.certificates.items()},
             canary_shares=sorted(shares),
+            rolled_back=sorted(
+                (r.model, str(r.spec.canary), reason, held)
+                for r in rollouts
+                if r.spec.canary is not None
+                for reason, held in (("alert", bool(r.held) and r.spec.rollback_on_alert), ("errors", r.tripped))
+            ),
             shadow_runs={
                 (r.model, version, outcome): n for r in rollouts for (version, outcome), n in r.shadow_runs.items()
             },
