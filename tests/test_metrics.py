@@ -6,11 +6,13 @@ import asyncio
 import functools
 import logging
 import shutil
+import socket
 import ssl
 import sys
 import threading
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +35,13 @@ from tensorgate.server.telemetry.gpu import (
     NvmlReader,
     visible_devices,
 )
-from tensorgate.server.telemetry.metrics import MODEL_STATES, RequestCounts, reference, reference_markdown
+from tensorgate.server.telemetry.metrics import (
+    MODEL_STATES,
+    MetricsServer,
+    RequestCounts,
+    reference,
+    reference_markdown,
+)
 from tests.onnx_models import accumulator_config, accumulator_model, identity_model, paced_model, write_config
 from tests.pki import Pki, add_sub_request, identity_request, secure_channel
 from tests.process import ServeProcess
@@ -543,3 +551,43 @@ def test_readme_lists_exactly_the_families_a_real_scrape_shows(served: ServerThr
         assert kind == specs[name].type, name
         for sample in samples:
             assert set(sample.labels) - {"le"} == set(specs[name].labels), (name, sample)
+
+
+def test_the_metrics_port_serves_a_bounded_number_of_connections_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Each connection had a thread of its own, without bound: idle connections (each held for the handler's
+    10 s timeout) could make the server start thousands of threads. Past the bound a connection is closed at
+    once, said in one WARNING; once idle ones go, scrapes are served again."""
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.telemetry.metrics")
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, max_connections=3)
+    port = server.start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        deadline = time.monotonic() + 10
+        refused = socket.create_connection(("127.0.0.1", port), timeout=5)
+        refused.settimeout(5)
+        with refused:
+            while True:  # the accept loop may take a moment to reach it; a closed connection reads b""
+                try:
+                    assert refused.recv(1) == b""
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "the connection past the bound was not closed"
+        assert [r.getMessage() for r in caplog.records] == [
+            "metrics: 3 connections are open, the most the port serves at once: closed one from 127.0.0.1 (said "
+            "at most once a minute)"
+        ]
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the idle connections' threads end as they read their end of file
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                assert reply.status == 200
+            break
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    server.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -674,9 +675,46 @@ class _Handler(WSGIRequestHandler):
         """Scrapes are not logged."""
 
 
+MAX_CONNECTIONS = 64
+"""Connections the metrics port serves at once, each on a thread of its own; more are closed at once. A scraper
+needs one or two: without a bound, anyone who can reach the port could make the server start a thread per idle
+connection (each held for _Handler.timeout), taking memory from the models."""
+
+
 class _HttpServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     tls: TlsReloader[ssl.SSLContext] | None = None
+    max_connections = MAX_CONNECTIONS
+    _slots: threading.BoundedSemaphore | None = None
+    _refused_logged = -math.inf
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.max_connections)
+        if not self._slots.acquire(blocking=False):
+            now = time.monotonic()
+            if now - self._refused_logged >= 60:
+                self._refused_logged = now
+                log.warning(
+                    "metrics: %d connections are open, the most the port serves at once: closed one from %s "
+                    "(said at most once a minute)",
+                    self.max_connections,
+                    client_address[0] if client_address else "?",
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            assert self._slots is not None
+            self._slots.release()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = self.socket.accept()
@@ -697,8 +735,17 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """`/metrics` over HTTP, or HTTPS with `tls`; `start()` binds and returns the port, `stop()` closes it."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        tls: TlsFiles | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self._registry = registry
+        self._max_connections = max_connections
         self._host = host
         self._port = port
         # The gRPC port's checks and retries (auth/tls.py), per connection: a bad set at start is an error.
@@ -720,7 +767,11 @@ class MetricsServer:
         family, *_, sockaddr = socket.getaddrinfo(
             self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        server_class = type("_BoundHttpServer", (_HttpServer,), {"address_family": family, "tls": self._tls})
+        server_class = type(
+            "_BoundHttpServer",
+            (_HttpServer,),
+            {"address_family": family, "tls": self._tls, "max_connections": self._max_connections},
+        )
         httpd: WSGIServer = make_server(
             str(sockaddr[0]), self._port, make_wsgi_app(self._registry), server_class, _Handler
         )
