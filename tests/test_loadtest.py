@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -522,6 +523,17 @@ def test_sequence_load_that_cannot_be_sent(tmp_path: Path, server: ServerThread,
     assert "is not a sequence model: --sequence-length is for those" in capsys.readouterr().err
     assert main(["bench", "add_sub", "--server", server.address, "--sequence-length", "0", "--out", out]) == 2
     assert "--sequence-length must be at least 1" in capsys.readouterr().err
+
+
+def test_more_load_processes_than_the_machine_can_run_are_refused_before_any_starts(
+    server: ServerThread, tmp_path: Path, capsys: Any
+) -> None:
+    """--workers was unbounded: --workers 1000 forked a thousand Python processes."""
+    many = str(4 * (os.cpu_count() or 1) + 1)
+    before = len(multiprocessing.active_children())
+    assert main(["bench", "add_sub", "--server", server.address, "--workers", many, "--out", str(tmp_path)]) == 2
+    assert f"--workers {many} is more than 4 load processes per CPU" in capsys.readouterr().err
+    assert len(multiprocessing.active_children()) == before
 
 
 def test_public_names() -> None:

@@ -31,6 +31,8 @@ from tensorgate.loadtest.runner import BenchConfig, run_sweep
 
 __all__ = ["add_parser", "run"]
 
+MAX_WORKERS_PER_CPU = 4
+
 PROG = "tensorgate bench"
 
 
@@ -119,6 +121,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError("--timeout must be positive")
     if args.workers < 1 or args.max_in_flight < 1:
         raise UsageError("--workers and --max-in-flight must be at least 1")
+    cpus = os.cpu_count() or 1
+    if args.workers > MAX_WORKERS_PER_CPU * cpus:
+        # Each is a whole Python process: a slip of the finger (--workers 1000) would fork hundreds of them.
+        raise UsageError(
+            f"--workers {args.workers} is more than {MAX_WORKERS_PER_CPU} load processes per CPU ({cpus} here): "
+            "more only compete with each other and the server for the same cores"
+        )
     if args.sequence_length is not None and args.sequence_length < 1:
         raise UsageError("--sequence-length must be at least 1")
     if args.max_requests is not None and args.max_requests < 1:
