@@ -401,3 +401,25 @@ def test_the_repository_is_read_off_the_event_loop(repo: Path, monkeypatch: pyte
     with ServerThread(repo, model_control_mode="poll", repository_poll_secs=POLL_SECS) as s:
         wait_for("a poll", lambda: bool(threads))
         assert s._thread.name not in threads, threads
+
+
+@pytest.mark.parametrize("how", ["renamed-over", "written-in-place"])
+def test_a_model_file_replaced_at_the_same_size_and_mtime_is_reloaded(
+    server: ServerThread, client: grpcclient.InferenceServerClient, repo: Path, tmp_path: Path, how: str
+) -> None:
+    """A retrained model of the same architecture has the same size, and `cp -p`, `rsync -a`, `tar -x` and image
+    layers keep the file's mtime: the poll compared size and mtime only, so the old model kept answering."""
+    target = repo / "scale" / "1" / "model.onnx"
+    assert _factor(client, "scale") == 1.0
+    before = target.stat()
+    retrained = scale_model(tmp_path / "retrained.onnx", 5.0)
+    assert retrained.stat().st_size == before.st_size
+    if how == "renamed-over":
+        os.utime(retrained, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(retrained, target)
+    else:
+        shutil.copyfile(retrained, target)
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    wait_for("the retrained model to answer", lambda: _factor(client, "scale") == 5.0)

@@ -44,10 +44,10 @@ A verified client certificate (mTLS) takes precedence: tokens are not consulted.
       - sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"   # printf %s TOKEN | sha256sum
         identity: "batch-job"
 
-The file is re-read when its mtime or size changes, checked at most once a second from the request path. On the
-server's event loop the check only starts the stat, read and parse on a worker thread: calls keep the previous
-policy until the new one is parsed, and every call after that sees the new one. A file that no longer parses (or
-is not UTF-8) is logged once and the previous policy stays in force.
+The file is re-read when its stamp (server/file_stamp.py: size, times, inode) changes, checked at most once a
+second from the request path. On the server's event loop the check only starts the stat, read and parse on a
+worker thread: calls keep the previous policy until the new one is parsed, and every call after that sees the
+new one. A file that no longer parses (or is not UTF-8) is logged once and the previous policy stays in force.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from tensorgate.server.auth.identity import (
     identity_of_auth_context,
 )
 from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, model_ref
+from tensorgate.server.file_stamp import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +377,8 @@ class PolicyFile:
         self._lock = threading.Lock()
         self.reloads = 0
 
-    def _stat(self) -> tuple[int, int]:
-        st = os.stat(self.path)
-        return st.st_mtime_ns, st.st_size
+    def _stat(self) -> FileStamp:
+        return file_stamp(os.stat(self.path))
 
     def current(self) -> Policy:
         now = self._clock()

@@ -6,8 +6,9 @@
     contexts = TlsReloader(files, lambda _: ssl_server_context(files), "metrics port")  # .latest() per connection
 
 gRPC calls the fetcher on every new handshake (grpc core asks before it builds each server handshaker). The
-fetcher compares the files' mtimes and sizes with the last ones it loaded and answers None ("keep the current
-configuration") when nothing changed, so the cost per connection is three `stat` calls and nothing per request.
+fetcher compares the files' stamps (server/file_stamp.py: size, times, inode) with the last ones it loaded and
+answers None ("keep the current configuration") when nothing changed, so the cost per connection is three
+`stat` calls and nothing per request.
 When the files change it parses them, checks that the key belongs to the certificate, that the certificate is
 within its validity period and that the client CA bundle holds a CA, and only then hands the new configuration to
 gRPC; a half-written, mismatched, expired or not-yet-valid set is logged once and skipped (the previous files keep
@@ -43,9 +44,11 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tensorgate.server.file_stamp import FileStamp, file_stamp
+
 log = logging.getLogger(__name__)
 
-Stamp = tuple[tuple[int, int], ...]
+Stamp = tuple[FileStamp, ...]
 T = TypeVar("T")
 
 EXPIRY_WARNING = dt.timedelta(days=7)
@@ -147,8 +150,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
 def _stamp(paths: tuple[Path, ...]) -> Stamp:
     out = []
     for p in paths:
-        st = os.stat(p)
-        out.append((st.st_mtime_ns, st.st_size))
+        out.append(file_stamp(os.stat(p)))
     return tuple(out)
 
 

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.decimal_text import parse_decimal
 from tensorgate.server.errors import InvalidRequestError, ModelNotFoundError
+from tensorgate.server.file_stamp import FileStamp, file_stamp
 from tensorgate.server.monitoring import drift as drift_stats
 from tensorgate.server.monitoring.alerts import (
     QUALITY_METRICS,
@@ -295,7 +296,7 @@ class Monitor:
         self._engines: dict[tuple[str, str], _Engine] = {}
         self._skipped: set[tuple[str, str, str]] = set()
         """(model, version, tensor) that drift left out and the log has said so."""
-        self._broken_profiles: dict[tuple[str, str], tuple[str, tuple[tuple[int, int] | None, ...]]] = {}
+        self._broken_profiles: dict[tuple[str, str], tuple[str, tuple[FileStamp | None, ...]]] = {}
         """The unusable reference profile last logged per model version: its message and its files' mtime and size
         (only the monitor's thread touches it)."""
         self._window_problems: set[tuple[str, str, str]] = set()
@@ -515,12 +516,11 @@ class Monitor:
         """Log an unusable reference profile as one line, once per broken state: the same problem in the same
         files is not news on every run (a traceback per run buried everything else in the log). It is logged
         again when a profile file changes, or once it was fixed and breaks again."""
-        files: list[tuple[int, int] | None] = []
+        files: list[FileStamp | None] = []
         with contextlib.suppress(drift_stats.ProfileError):  # a model name that cannot name a file: no files
             for path, _ in drift_stats.profile_candidates(self.data_dir, t.model_dir, t.name):
                 try:
-                    stat = path.stat()
-                    files.append((stat.st_mtime_ns, stat.st_size))
+                    files.append(file_stamp(path.stat()))
                 except OSError:
                     files.append(None)
         state = (str(exc), tuple(files))

@@ -47,6 +47,7 @@ from tensorgate.server.errors import (
     unexpected_error_text,
     with_prefix,
 )
+from tensorgate.server.file_stamp import file_stamp
 from tensorgate.server.repository.config import (
     CONFIG_FILE,
     DEFAULT_ONNX_FILENAME,
@@ -256,9 +257,10 @@ def _close_all(backends: list[Backend]) -> None:
 
 
 def _file_signature(path: Path) -> str:
-    """Names, sizes and times of the files under `path`. Files come and go while it is read (an rsync's temporary
-    files, a version being copied in): one that vanishes is left out, and a directory that vanishes makes the
-    signature of what could be read; either way the next poll sees a change and loads again."""
+    """Names and stamps (`file_stamp`: size, times, inode) of the files under `path`. Files come and go while it
+    is read (an rsync's temporary files, a version being copied in): one that vanishes is left out, and a
+    directory that vanishes makes the signature of what could be read; either way the next poll sees a change
+    and loads again."""
     h = hashlib.sha256()
     try:
         found = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -270,7 +272,7 @@ def _file_signature(path: Path) -> str:
         except FileNotFoundError:
             continue
         if stat.S_ISREG(st.st_mode):
-            h.update(f"{p.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{p.relative_to(path.parent)}:{file_stamp(st)};".encode())
     return h.hexdigest()
 
 
