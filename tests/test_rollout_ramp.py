@@ -9,7 +9,9 @@ import logging
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,14 +19,18 @@ import pytest
 from tensorgate.client import InferenceClient
 from tensorgate.client.errors import Unavailable
 from tensorgate.server.repository.rollout import CANARY_PERCENT, Rollout, RolloutSpec
+from tests.onnx_models import busy_model
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_rollout import (
     _canary_share,
     _evaluate,
+    _failures,
     _label_canary,
+    _one_row,
     _params,
     _repo,
+    _share_of_m,
     _split,
     _two_digits,
     _version_of,
@@ -283,3 +289,86 @@ def test_a_ramp_that_cannot_be_followed_fails_the_load_naming_the_parameter(
             with pytest.raises(Unavailable, match=re.escape(problem)):
                 client.load("m")
             assert not client.ready("m")
+
+
+# ----- review 112: the gate judges before a step; a request that ends after a rebuild -------------------------
+
+
+def test_a_canary_failing_every_request_climbs_no_step_before_the_error_gate_can_judge_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ramp_min_requests 5, below the 20 routed requests the error gate needs to judge: canary version 2 fails
+    every two-row request (INTERNAL). It used to climb to 50% and 100% on its first 10 failures (each step logged
+    "100.0% failed ... no alert firing"), and only the gate's trip at 20 took it back to 0."""
+    extra = _params(canary_version="2", canary_percent="25", ramp="50,100", ramp_interval_s="0.05")
+    repo = _repo(tmp_path / "models", extra + _params(ramp_min_requests="5"), v2=_one_row)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with ServerThread(repo) as server, InferenceClient(server.address) as client:
+        shares, deadline = [_share_of_m(server)], time.monotonic() + 60
+        for i in range(100):
+            if shares[-1] == 0.0 or time.monotonic() > deadline:
+                break
+            _failures(client, 5, f"r{i}")
+            time.sleep(0.06)  # past the step's hold, each time
+            shares.append(_share_of_m(server))
+    assert shares[-1] == 0.0 and set(shares) == {25.0, 0.0}, shares  # rolled back by the gate, from 25%
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(said) == 1 and "requests routed to canary version 2 failed" in said[0], said
+
+
+def test_a_canary_request_that_ends_after_a_rebuild_counts_on_the_split_that_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load of the same files rebuilds the split (its ramp's place kept) while a slow request routed to the
+    canary runs. That request ended on the split it was routed by: its count was lost to the one that serves, and
+    the old one raised its own share, logging a step nobody saw (the share on /metrics stayed where it was)."""
+    extra = _params(canary_version="2", canary_percent="99", ramp="100", ramp_interval_s="0.05")
+    extra += _params(ramp_min_requests="2", max_error_percent="off")
+    repo = _repo(tmp_path / "models", extra, v2=lambda p: busy_model(p, iterations=200_000))
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    served = ServerThread(repo, model_control_mode="explicit", load_model=["m"])
+    with served as server, InferenceClient(server.address) as client, InferenceClient(server.address) as other:
+        assert _version_of(client, "first") == "2"
+        time.sleep(0.1)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_version_of, other, "second")
+            time.sleep(0.3)  # routed, and running on the canary
+            client.load("m")
+            assert not running.done(), "the canary answered before the load: make it slower"
+            assert running.result(timeout=60) == "2"
+        assert _share_of_m(server) == 100.0
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(said) == 1 and "held 99% for" in said[0] and "2 requests" in said[0], said
+
+
+def test_a_step_waits_for_an_evaluation_that_began_after_its_hold(
+    digits: tuple[Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evaluation that read the canary's captures before its hold ended and handed its verdict over after it
+    (slowed here past the hold) used to count as the step's: the ramp took the verdict's arrival for its time."""
+    x = digits[1]
+    ramp = _params(canary_version="2", canary_percent="50", ramp="100", ramp_interval_s="4", ramp_min_requests="5")
+    repo = _two_digits(digits, tmp_path / "models", ramp)
+    with (
+        ServerThread(repo, data_dir=tmp_path / "data", monitor_interval_s=3600) as server,
+        InferenceClient(server.address) as client,
+    ):
+        for tag in ("a", "b"):  # 20 routed requests at least for the error gate, some 40 at 50%
+            assert set(_split(client, x, tag)) == {"1", "2"}
+        (rollout,) = server.app.repository.rollouts()
+        due = rollout._step_since + rollout.spec.ramp_interval_s
+        monitor = server.app.monitor
+        assert monitor is not None
+        refresh = monitor._refresh
+
+        def slow(*args: Any) -> None:
+            time.sleep(max(0.0, due + 0.3 - time.monotonic()))
+            refresh(*args)
+
+        monkeypatch.setattr(monitor, "_refresh", slow)
+        assert time.monotonic() < due, "the requests took the whole hold: lengthen ramp_interval_s"
+        _evaluate(server)
+        assert time.monotonic() > due and _canary_share(server) == 50.0
+        monkeypatch.undo()
+        _evaluate(server)
+        assert _canary_share(server) == 100.0

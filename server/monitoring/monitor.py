@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -372,6 +373,7 @@ class Monitor:
     def evaluate(self, targets: Iterable[_Target], now: float | None = None) -> None:
         """Compute quality and drift of each target, update the gauges and feed the alert engine (blocking)."""
         now = time.time() if now is None else now
+        started = time.monotonic()  # what a canary's ramp may take this run's verdict to cover: the captures by now
         state = _State()
         targets = list(targets)
         # Engines first, then what the store holds: an alert fired before is taken up, and one no longer judged
@@ -445,18 +447,19 @@ class Monitor:
             cached.engine.resolve_all(now)
         self._refresh(engines, now)
         self.state = state
-        self._tell_repository(state.firing)
+        self._tell_repository(state.firing, started)
         self.evaluations += 1
 
-    def _tell_repository(self, firing: dict[tuple[str, str], set[str]]) -> None:
+    def _tell_repository(self, firing: dict[tuple[str, str], set[str]], started: float) -> None:
         """Hand the alerts firing to the repository, whose splits roll back a canary an alert fires on: on the
-        event loop, where the repository lives (directly when this monitor was never started, as in tests)."""
+        event loop, where the repository lives (directly when this monitor was never started, as in tests).
+        `started`: when the evaluation began (time.monotonic), which is what its verdict covers, not when it ends."""
         loop = self._event_loop
         if loop is None:
-            self.repository.follow_alerts(firing)
+            self.repository.follow_alerts(firing, started=started)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed under a last evaluation: nobody serves any more
-            loop.call_soon_threadsafe(self.repository.follow_alerts, firing)
+            loop.call_soon_threadsafe(functools.partial(self.repository.follow_alerts, firing, started=started))
 
     def stored_firing(self) -> dict[tuple[str, str], set[str]]:
         """Blocking: the alerts the data dir keeps firing for this monitor's webhook, by (model, version): before

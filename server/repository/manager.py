@@ -389,17 +389,20 @@ class ModelRepository:
         """The splits of the models served now (for metrics)."""
         return [e.rollout for e in list(self._entries.values()) if e.rollout is not None and e.versions]
 
-    def follow_alerts(self, firing: dict[tuple[str, str], set[str]], *, evaluated: bool = True) -> None:
+    def follow_alerts(
+        self, firing: dict[tuple[str, str], set[str]], *, evaluated: bool = True, started: float | None = None
+    ) -> None:
         """The alert rules firing per (model, version), after each monitor evaluation, and at start those the data
         dir kept firing (`evaluated` False: no evaluation a ramp may count; on the event loop: the monitor hands
-        it over). Kept for the splits built later."""
+        it over; `started`: when the evaluation began, time.monotonic). Kept for the splits built later."""
         self._firing = firing
         for rollout in self.rollouts():
-            self._follow(rollout, evaluated=evaluated)
+            self._follow(rollout, evaluated=evaluated, started=started)
 
-    def _follow(self, rollout: Rollout, *, evaluated: bool) -> None:
+    def _follow(self, rollout: Rollout, *, evaluated: bool, started: float | None = None) -> None:
         if rollout.canary is not None:
-            rollout.follow(self._firing.get((rollout.model, str(rollout.canary)), set()), evaluated=evaluated)
+            firing = self._firing.get((rollout.model, str(rollout.canary)), set())
+            rollout.follow(firing, evaluated=evaluated, started=started)
 
     def versions(self, name: str) -> list[LoadedModel]:
         """Every ready version of a model (for statistics), NOT_FOUND if unknown."""
@@ -1081,7 +1084,10 @@ class ModelRepository:
                         remote_sequences,
                     )
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
-            entry.rollout = self._rollout(name, spec, new_versions, entry.rollout)
+            rollout = self._rollout(name, spec, new_versions, entry.rollout)
+            if rollout is None and entry.rollout is not None:
+                entry.rollout.retire()  # no split now: requests routed by the last one count nowhere
+            entry.rollout = rollout
             for model in new_versions.values():
                 model.rollout = entry.rollout
             entry.versions, entry.failed = new_versions, failed
@@ -1178,6 +1184,8 @@ class ModelRepository:
                 return
             retired = list(entry.versions.values())
             entry.unloaded = tuple(sorted(entry.versions)) or entry.unloaded
+            if entry.rollout is not None:
+                entry.rollout.retire()
             entry.versions, entry.failed, entry.rollout = {}, {}, None
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
             for model in retired:

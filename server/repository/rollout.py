@@ -20,9 +20,9 @@ unloaded and loaded again.
 
 With ``tensorgate.rollout.ramp`` the share climbs by itself from canary_percent through the listed steps, one step
 each time the canary has held its share for ramp_interval_s, answered ramp_min_requests routed requests at it, no
-alert fires on it and the gate has not tripped (and, with a monitor, once an evaluation has come after the hold).
-The rules are checked as routed requests end and as the monitor's evaluations arrive, on the event loop: no
-timer of its own, since a canary that gets no requests has nothing to be judged by.
+alert fires on it and the gate has judged it without tripping (and, with a monitor, once an evaluation that began
+after the hold has ended). The rules are checked as routed requests end and as the monitor's evaluations arrive,
+on the event loop: no timer of its own, since a canary that gets no requests has nothing to be judged by.
 """
 
 from __future__ import annotations
@@ -419,6 +419,9 @@ class Rollout:
         """Routed requests the canary ended since its share last changed, or an alert on it last resolved."""
         self._evaluated_at = -math.inf
         """When the monitor last evaluated the canary's alert rules."""
+        self._retired = False
+        self._successor: Rollout | None = None
+        """The split that replaced this one (`retire`)."""
         if previous is not None:
             self.shadow_runs = previous.shadow_runs
             self._in_flight = previous._in_flight
@@ -426,6 +429,8 @@ class Rollout:
                 self.held = previous.held  # the alert still fires: no second "rolled back" line
             self._carry_judgement(previous)
             self._carry_ramp(previous)
+            same_build = self.canary == previous.canary and self._canary_build is previous._canary_build
+            previous.retire(self if self.canary is not None and same_build else None)
         self.share = self._share()
         """The canary's share now, in percent: 0 while rolled back or not served."""
         if previous is not None and previous.tripped and not self.tripped and self.canary == previous.canary:
@@ -479,6 +484,13 @@ class Rollout:
         self.step, self._step_since = previous.step, previous._step_since
         self._step_requests, self._evaluated_at = previous._step_requests, previous._evaluated_at
 
+    def retire(self, successor: Rollout | None = None) -> None:
+        """No longer the model's split (a rebuild, an unload). A request routed here may still end later: it is
+        judged by `successor`, the split that replaced this one for the same canary build, or else by none.
+        Counted here it was lost to the split that serves, and could raise a share or trip a gate nobody used
+        (each with its WARNING)."""
+        self._retired, self._successor = True, successor
+
     @property
     def shadow_in_flight(self) -> int:
         """The model's shadow runs going now, across rebuilds (`_InFlight`)."""
@@ -499,14 +511,18 @@ class Rollout:
 
     def _advance(self) -> None:
         """Raise the canary's share to the ramp's next step once it has held this one for ramp_interval_s, ended
-        ramp_min_requests routed requests at it, no alert fires on it and the error gate has not tripped; with a
-        monitor, once it has also evaluated the canary's alert rules after the hold, so that its verdict covers
-        the requests of the step. Called as routed requests end and after each of the monitor's evaluations."""
+        ramp_min_requests routed requests at it, no alert fires on it and the error gate, when on, has judged it
+        (ERROR_MIN_REQUESTS) without tripping; with a monitor, once an evaluation of the canary's alert rules that
+        began after the hold has ended, so that its verdict covers the requests of the step. Called as routed
+        requests end and after each of the monitor's evaluations."""
         spec = self.spec
         if self.step + 1 >= len(spec.steps) or self.share <= 0 or self.held:
             return
         if self._step_requests < spec.ramp_min_requests:
             return
+        gate = spec.max_error_percent is not None and spec.max_error_percent < 100  # 100: nothing can trip it
+        if gate and len(self.outcomes.window) < ERROR_MIN_REQUESTS:
+            return  # the gate judges nothing yet: a ramp_min_requests below it let a canary failing all climb
         due = self._step_since + spec.ramp_interval_s
         if self._clock() < due or (self._monitored and self._evaluated_at < due):
             return
@@ -560,6 +576,10 @@ class Rollout:
         ERROR_WINDOW more than max_error_percent points above the stable version's rolls it back: no routed
         request reaches it after that, so nothing could judge it well again, and it stays rolled back until its
         build or the gate changes, or the model is unloaded and loaded again."""
+        if self._retired:  # a request that started before a rebuild or an unload
+            if self._successor is not None:
+                self._successor.outcome(version, failed)
+            return
         limit = self.spec.max_error_percent
         if self.tripped or self.canary is None:  # a request that started before the gate tripped
             return
@@ -605,16 +625,18 @@ class Rollout:
         percent = self.spec.shadow_percent
         return self.shadow is not None and (percent >= 100 or _bucket(request_id)[1] < percent)
 
-    def follow(self, firing: Collection[str], *, evaluated: bool = True) -> None:
+    def follow(self, firing: Collection[str], *, evaluated: bool = True, started: float | None = None) -> None:
         """The alert rules firing on the canary version now (the monitor's last evaluation; `evaluated` False for
         the last word handed to a split built since): while any fires, the canary gets nothing and its ramp
         waits; once it resolves, the step's hold starts over. Logged once when that starts and once when it
-        ends."""
+        ends. `started`: when the evaluation began (on this split's clock; now when not said): a ramp's step
+        needs one that began after its hold, since an evaluation that reads the captures before the hold ends
+        may hand its verdict over after it."""
         if self.canary is None:
             return
         held, was = frozenset(firing), self.held
         if evaluated:
-            self._evaluated_at = self._clock()
+            self._evaluated_at = self._clock() if started is None else started
         if held == was:
             self._advance()
             return
