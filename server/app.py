@@ -430,7 +430,7 @@ class TensorgateServer:
             # long as it runs, past the grace the orchestrator was promised (the repository's close waits for it,
             # since a process that exits under a running ONNX Runtime session aborts), so it is cut short where
             # the backend can do that.
-            for model in self.repository.loaded():
+            for model in [*self.repository.loaded(), *self.repository.draining()]:  # a reload's old versions too
                 interrupt_backend(model.backend)
         if self.monitor is not None:
             await self.monitor.stop()

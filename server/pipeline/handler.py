@@ -333,7 +333,17 @@ class InferenceHandler:
         assert cache is not None
         lookup = time.perf_counter_ns()
         if heavy(inputs.values()):
-            key = await asyncio.to_thread(cache.key, identity, inputs, datatypes, outputs)
+            # While the key is made on a thread, a reload or unload may retire this version: held, its scheduler
+            # takes the request it accepted (queued below in the same loop step as the release) before it closes,
+            # instead of refusing it as "being unloaded" though the model still serves.
+            scheduler = model.scheduler
+            if scheduler is not None:
+                scheduler.hold()
+            try:
+                key = await asyncio.to_thread(cache.key, identity, inputs, datatypes, outputs)
+            finally:
+                if scheduler is not None:
+                    scheduler.release()
         else:
             key = cache.key(identity, inputs, datatypes, outputs)
         cached = cache.get(key)
@@ -570,7 +580,12 @@ class InferenceHandler:
         # Every step's model, found and held once, when the request starts (as Triton does), those of ensembles
         # among the steps too: an unload or a version swap while it runs must neither fail a later step nor mix
         # versions within one request.
-        models = resolved if resolved is not None else self._resolve(plan, {})
+        try:
+            models = resolved if resolved is not None else self._resolve(plan, {})
+        except TensorgateError as exc:
+            # A step's model unloaded an instant before the ensemble is (its refresh runs after the unload): the
+            # caller asked for the ensemble, so the error names it, as a failed step's does.
+            raise with_prefix(exc, f"in ensemble '{model.name}', ") from exc
         held = [] if resolved is not None else [m.scheduler for m in models.values() if m.scheduler is not None]
         for scheduler in held:
             scheduler.hold()

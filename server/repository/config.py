@@ -202,6 +202,7 @@ def check_supported(config: mc.ModelConfig) -> None:
         )
     found += _unsupported_groups(config)
     found += _unsupported_ordering(config)
+    found += _too_many_instances(config)
     if found:
         raise InvalidConfigError(config.name, "; ".join(found))
     limited = [g.name or str(i) for i, g in enumerate(config.instance_group) if g.HasField("rate_limiter")]
@@ -231,6 +232,22 @@ def _unsupported_groups(config: mc.ModelConfig) -> list[str]:
                 f'KIND_MODEL is for a model on an upstream Triton, backend "{TRITON_BACKEND}")'
             )
     return found
+
+
+MAX_INSTANCES = 1024
+"""Instances a model version may have: each is a thread of the server, and threads are a resource of the whole
+process (about 22,000 here). A load that asked for 100,000 ran out of them half way: the threads it had started
+were never stopped, so every later load and worker-thread hand-off failed INTERNAL until the process restarted."""
+
+
+def _too_many_instances(config: mc.ModelConfig) -> list[str]:
+    total = sum(max(g.count, 0) for g in config.instance_group)
+    if total <= MAX_INSTANCES:
+        return []
+    return [
+        f"instance_group counts add up to {total} instances, above the {MAX_INSTANCES} a model may have (each "
+        "instance is a thread of the server)"
+    ]
 
 
 def _unsupported_ordering(config: mc.ModelConfig) -> list[str]:

@@ -327,6 +327,9 @@ class ModelRepository:
         self._stopping = threading.Event()
         """Set by close(): loads still running on threads give up between versions and warm-up runs."""
         self._closing: set[asyncio.Task[None]] = set()
+        self._retiring: dict[int, LoadedModel] = {}
+        """Versions no longer served (`_retire`: an unload, a reload) still finishing what they took, by id: a stop
+        whose grace ends must refuse their queues and cut their batches short too (`draining`)."""
         self._closer = ThreadPoolExecutor(CLOSE_THREADS, thread_name_prefix="tensorgate-close")
         """Where retired backends close: a remote one's close takes seconds when its upstream is gone, and on the
         default executor a few of those would hold up every model load behind them."""
@@ -688,6 +691,12 @@ class ModelRepository:
         models only if that caller may (one whose load was refused for want of that right stays refused)."""
         loop = asyncio.get_running_loop()
         for ensemble in sorted(self._dependents.get(name, ())):
+            entry = self._entries.get(ensemble)
+            if entry is not None and entry.versions and not self._lock(ensemble).locked():
+                # Checked now rather than in a task: until then the ensemble would take requests that meet the new
+                # step (an unloaded one, or one of another shape, refused as the caller's INVALID_ARGUMENT).
+                self._recheck(ensemble, entry, name if unloaded else None, check_step)
+                continue
             task = loop.create_task(self._refresh(ensemble, name if unloaded else None, check_step))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -706,27 +715,32 @@ class ModelRepository:
                 pass  # recorded and logged by the load
             return
         async with self._lock(name):
-            versions = list(entry.versions.values())
-            plan = next((m.plan for m in versions if m.plan is not None), None)
-            if plan is None:
-                return
-            try:
-                for model in versions:
-                    self._check_steps(name, model, plan)
-            except TensorgateError as exc:
-                if unloaded_step is not None:
-                    reason = f"{UNLOADED} with its step model '{unloaded_step}'"
-                    log.info("model '%s' %s", name, reason)
-                else:
-                    reason = f"a step's model changed: {_reason(exc)}"
-                    log.error("model '%s' no longer serves: %s", name, reason)
-                entry.unloaded = tuple(sorted(entry.versions)) if unloaded_step is not None else ()
-                entry.versions, entry.failed = {}, {}
-                entry.state, entry.reason = UNAVAILABLE, reason
-                for model in versions:
-                    self._retire(model)
-                self.changes += 1
-                self._refresh_dependents(name, unloaded_step is not None, check_step)  # ensembles of this ensemble
+            self._recheck(name, entry, unloaded_step, check_step)
+
+    def _recheck(self, name: str, entry: _Entry, unloaded_step: str | None, check_step: StepCheck | None) -> None:
+        """The served ensemble against its steps as served now: it stops serving, with the reason, if they no
+        longer fit. Without an await, so under the ensemble's lock or while nobody holds it."""
+        versions = list(entry.versions.values())
+        plan = next((m.plan for m in versions if m.plan is not None), None)
+        if plan is None:
+            return
+        try:
+            for model in versions:
+                self._check_steps(name, model, plan)
+        except TensorgateError as exc:
+            if unloaded_step is not None:
+                reason = f"{UNLOADED} with its step model '{unloaded_step}'"
+                log.info("model '%s' %s", name, reason)
+            else:
+                reason = f"a step's model changed: {_reason(exc)}"
+                log.error("model '%s' no longer serves: %s", name, reason)
+            entry.unloaded = tuple(sorted(entry.versions)) if unloaded_step is not None else ()
+            entry.versions, entry.failed = {}, {}
+            entry.state, entry.reason = UNAVAILABLE, reason
+            for model in versions:
+                self._retire(model)
+            self.changes += 1
+            self._refresh_dependents(name, unloaded_step is not None, check_step)  # ensembles of this ensemble
 
     def _inherit_labels(self, schema: ModelSchema, plan: EnsemblePlan, config: mc.ModelConfig) -> ModelSchema:
         """An ensemble output without a label_filename classifies with the labels of the step output that writes
@@ -1147,6 +1161,12 @@ class ModelRepository:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        self._retiring[id(model)] = model
+        task.add_done_callback(lambda _: self._retiring.pop(id(model), None))
+
+    def draining(self) -> list[LoadedModel]:
+        """The retired versions still finishing their requests (for the stop's end of grace)."""
+        return list(self._retiring.values())
 
     async def unload(self, name: str, *, dependents: bool = False, check: Callable[[str], None] | None = None) -> None:
         """Stop serving a model; its in-flight requests finish first. With `dependents` (RepositoryModelUnload's
@@ -1307,7 +1327,7 @@ class ModelRepository:
 
     def reject_waiting(self, why: str) -> None:
         """Every model's requests that have not started fail with UNAVAILABLE (Scheduler.reject_waiting)."""
-        for model in self.loaded():
+        for model in [*self.loaded(), *self._retiring.values()]:
             if model.scheduler is not None:
                 model.scheduler.reject_waiting(why)
 

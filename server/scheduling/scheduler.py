@@ -171,8 +171,15 @@ class Scheduler:
             threading.Thread(target=self._worker, name=f"tg-{model}-{version}-{i}", daemon=True)
             for i in range(instances)
         ]
-        for thread in self._threads:
-            thread.start()
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:
+            # Out of threads part way: those started would wait on the queue for the life of the process.
+            for thread in self._threads:
+                if thread.ident is not None:
+                    self._work.put(None)
+            raise
         self._instances = instances
         self._free = instances
         """Instances not running a batch; down to -instances while full batches wait staged for busy instances."""
