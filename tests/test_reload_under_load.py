@@ -253,3 +253,53 @@ def test_a_stop_cuts_short_the_batch_of_a_version_an_unload_or_reload_retired(tm
             assert server.proc.wait(60) == 0, server.output[-3000:]
         # Not the 30 s the repository waits for a retired version's batch; generous against a loaded machine.
         assert time.monotonic() - signalled < 20, time.monotonic() - signalled
+
+
+def test_a_load_that_cannot_start_its_instances_fails_clearly_and_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process has no thread left for version 2's instance (as when its threads run out). Building what
+    serves a version happened outside the load's error handling: the error escaped as INTERNAL, a first load
+    stayed LOADING for good, and version 1's scheduler and both sessions stayed behind. Now the load fails
+    UNAVAILABLE naming the model, nothing of it keeps running, a model that served keeps serving, and a later load
+    works."""
+    root = tmp_path / "models"
+    for version in (1, 2):
+        scale_model(root / "m" / str(version) / "model.onnx", float(version))
+    write_config(root, "m", 'name: "m"\nmax_batch_size: 4\nversion_policy { all {} }\n')
+    start = threading.Thread.start
+
+    def no_thread_for_version_2(thread: threading.Thread) -> None:
+        if thread.name.startswith("tg-m-2-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    def instances(version: int) -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(f"tg-m-{version}-")]
+
+    with ServerThread(root, model_control_mode="explicit", load_model=[]) as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(threading.Thread, "start", no_thread_for_version_2)
+                with pytest.raises(InferenceServerException) as info:
+                    client.load_model("m")
+            assert info.value.status() == str(grpc.StatusCode.UNAVAILABLE), info.value.message()
+            assert "model 'm'" in str(info.value.message()) and "can't start new thread" in str(info.value.message())
+            (row,) = [r for r in client.get_model_repository_index().models if r.name == "m"]
+            assert row.state == "UNAVAILABLE", row
+            wait_for("version 1's instance to end", lambda: not instances(1))
+            client.load_model("m")
+            assert client.is_model_ready("m") and len(instances(1)) == len(instances(2)) == 1
+            write_config(root, "m", 'name: "m"\nmax_batch_size: 8\nversion_policy { all {} }\n')
+            with monkeypatch.context() as patch:
+                patch.setattr(threading.Thread, "start", no_thread_for_version_2)
+                with pytest.raises(InferenceServerException):
+                    client.load_model("m")  # a reload: the versions served before keep serving
+            ones = np.ones((1, 4), np.float32)
+            x = tc.InferInput("INPUT0", [1, 4], "FP32")
+            x.set_data_from_numpy(ones)
+            np.testing.assert_array_equal(client.infer("m", [x], model_version="2").as_numpy("OUTPUT0"), 2 * ones)
+            assert client.get_model_config("m").config.max_batch_size == 4
+        finally:
+            client.close()

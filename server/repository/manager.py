@@ -1021,22 +1021,10 @@ class ModelRepository:
                 ready, failed, transient, spec = await asyncio.to_thread(self._prepare, model_dir, override, reuse)
                 await self._bind(name, ready, check_step)
             except Exception as exc:  # noqa: BLE001 - any failure is this model's, recorded and answered
-                if isinstance(exc, TensorgateError):
-                    reason = _reason(exc)
-                    if self._stopping.is_set():  # abandoned, not failed: no ERROR for log-based alerting
-                        log.info("load of model '%s' abandoned: the server is stopping", name)
-                    else:
-                        log.error("failed to load model '%s': %s", name, reason)
-                else:
-                    reason = unexpected_error_text(exc, model_dir.parent)
-                    log.exception("failed to load model '%s'", name)
-                if not entry.versions:
-                    entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, {}
-                else:
-                    entry.reason = f"reload failed, still serving the previous versions: {reason}"
                 if isinstance(exc, PermissionDeniedError):
+                    self._load_failed(entry, exc, model_dir)
                     raise  # the caller's right, not the model, is what failed: PERMISSION_DENIED, not retried
-                raise ModelLoadError(name, None, reason) from exc
+                raise self._load_failed(entry, exc, model_dir) from exc
             if not ready or (failed and entry.versions):
                 # A reload is all or nothing: had the versions that loaded replaced the served set, a broken new
                 # version would push a healthy one out of `latest N`, and a served version whose files broke in
@@ -1054,49 +1042,27 @@ class ModelRepository:
                     entry.failed = {v: r for v, r in failed.items() if v not in entry.versions}
                 raise ModelLoadError(name, None, reason)
             new_versions: dict[int, LoadedModel] = {}
-            for v, item in ready.items():
-                if isinstance(item, LoadedModel):
-                    # Kept (same signature): its config differs at most in tensorgate.rollout.*, as ModelConfig shows.
-                    item.config = with_rollout_parameters(item.config, spec.parameters if spec is not None else ())
-                    new_versions[v] = item
-                else:
-                    stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
-                    count = sum(g.count for g in item.config.instance_group) or 1
-                    scheduler = (
-                        None
-                        if item.plan is not None
-                        else Scheduler(name, v, item.backend, stats, count, item.policy, self._tracing)
-                    )
-                    sequencer = (
-                        None
-                        if item.sequence is None or scheduler is None
-                        else Sequencer(name, v, scheduler, item.sequence, item.config.max_batch_size > 0)
-                    )
-                    remote_sequences = (
-                        RemoteSequences(
-                            name,
-                            v,
-                            scheduler,
-                            self._sequence_order.setdefault(name, Order()),
-                            item.config.sequence_batching.max_sequence_idle_microseconds,
-                        )
-                        if scheduler is not None and _remote_sequence_model(item.config)
-                        else None
-                    )
-                    new_versions[v] = LoadedModel(
-                        name,
-                        v,
-                        item.config,
-                        item.schema,
-                        item.backend,
-                        scheduler,
-                        stats,
-                        item.signature,
-                        item.load_seconds,
-                        item.plan,
-                        sequencer,
-                        remote_sequences,
-                    )
+            built: list[LoadedModel] = []
+            try:
+                for v, item in ready.items():
+                    if isinstance(item, LoadedModel):
+                        # Kept (same signature): its config differs at most in tensorgate.rollout.*, as ModelConfig
+                        # shows.
+                        item.config = with_rollout_parameters(item.config, spec.parameters if spec is not None else ())
+                        new_versions[v] = item
+                    else:
+                        new_versions[v] = self._serving(name, v, item)
+                        built.append(new_versions[v])
+            except Exception as exc:  # noqa: BLE001 - e.g. no thread left for an instance: this model's failure
+                # Nothing of this load serves: what was built stops, and the prepared sessions close, as for a
+                # load that failed earlier (this used to escape, leaving a first load LOADING for good).
+                for model in built:
+                    self._retire(model)
+                done = {m.version for m in built}
+                await self._close_backends(
+                    [i.backend for v, i in ready.items() if isinstance(i, _Prepared) and v not in done]
+                )
+                raise self._load_failed(entry, exc, model_dir) from exc
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             rollout = self._rollout(name, spec, new_versions, entry.rollout)
             if rollout is None and entry.rollout is not None:
@@ -1144,6 +1110,65 @@ class ModelRepository:
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)
+
+    def _load_failed(self, entry: _Entry, exc: Exception, model_dir: Path) -> ModelLoadError:
+        """Log a load's failure, record it on the model's entry (a model that served keeps serving) and make the
+        error to answer it with."""
+        name = entry.name
+        if isinstance(exc, TensorgateError):
+            reason = _reason(exc)
+            if self._stopping.is_set():  # abandoned, not failed: no ERROR for log-based alerting
+                log.info("load of model '%s' abandoned: the server is stopping", name)
+            else:
+                log.error("failed to load model '%s': %s", name, reason)
+        else:
+            reason = unexpected_error_text(exc, model_dir.parent)
+            log.exception("failed to load model '%s'", name)
+        if not entry.versions:
+            entry.state, entry.reason, entry.failed = UNAVAILABLE, reason, {}
+        else:
+            entry.reason = f"reload failed, still serving the previous versions: {reason}"
+        return ModelLoadError(name, None, reason)
+
+    def _serving(self, name: str, version: int, item: _Prepared) -> LoadedModel:
+        """A prepared version with what serves it: its statistics, scheduler (none for an ensemble), sequencer."""
+        stats = ModelStats(latency=LatencyHistograms() if self._latency_histograms else None)
+        count = sum(g.count for g in item.config.instance_group) or 1
+        scheduler = (
+            None
+            if item.plan is not None
+            else Scheduler(name, version, item.backend, stats, count, item.policy, self._tracing)
+        )
+        sequencer = (
+            None
+            if item.sequence is None or scheduler is None
+            else Sequencer(name, version, scheduler, item.sequence, item.config.max_batch_size > 0)
+        )
+        remote_sequences = (
+            RemoteSequences(
+                name,
+                version,
+                scheduler,
+                self._sequence_order.setdefault(name, Order()),
+                item.config.sequence_batching.max_sequence_idle_microseconds,
+            )
+            if scheduler is not None and _remote_sequence_model(item.config)
+            else None
+        )
+        return LoadedModel(
+            name,
+            version,
+            item.config,
+            item.schema,
+            item.backend,
+            scheduler,
+            stats,
+            item.signature,
+            item.load_seconds,
+            item.plan,
+            sequencer,
+            remote_sequences,
+        )
 
     def _retire(self, model: LoadedModel) -> None:
         async def close() -> None:
