@@ -170,12 +170,13 @@ def decode_bytes_tensor(buf: bytes, count: int, max_element_bytes: int | None = 
             raise TensorFormatError(f"malformed BYTES data: expected {count} elements, found {i}")
         (length,) = _LEN.unpack_from(view, offset)
         offset += 4
-        if max_element_bytes is not None and length > max_element_bytes:
-            raise TensorLimitError(f"BYTES element {i} has {length} bytes, over the limit of {max_element_bytes}")
+        # Framing first: a length beyond the data is malformed, not over a limit that a larger one would pass.
         if offset + length > size:
             raise TensorFormatError(
                 f"malformed BYTES data: element {i} declares {length} bytes but only {size - offset} remain"
             )
+        if max_element_bytes is not None and length > max_element_bytes:
+            raise TensorLimitError(f"BYTES element {i} has {length} bytes, over the limit of {max_element_bytes}")
         out[i] = bytes(view[offset : offset + length])
         offset += length
     if offset != size:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from tensorgate.protos import POOL, SERVICE_NAME, add_GRPCInferenceServiceServicer_to_server
+from tensorgate.protos import POOL, SERVICE_NAME
 from tensorgate.protos._pool import add_files
 from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
@@ -26,6 +26,7 @@ from tensorgate.server.backends.base import interrupt_backend
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
+from tensorgate.server.rpc import malformed
 from tensorgate.server.rpc.byte_budget import ByteBudget
 from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
@@ -245,7 +246,7 @@ class TensorgateServer:
             log_format=s.log_format,
             budget=budget,
         )
-        add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        malformed.add_servicer_to_server(SERVICE_NAME, servicer, server)
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if s.data_dir is not None:
             services.append(self._add_monitoring(server))

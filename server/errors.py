@@ -25,10 +25,22 @@ from pathlib import Path
 
 import grpc
 
+SHOWN_NAME_CHARS = 256
+"""The most of a caller's name (model, version, tensor) that a message quotes: a message travels in gRPC's status
+header, and a client refuses a header over 8 KiB, reporting that instead of the error."""
+
+
+def shown(name: object) -> str:
+    """A name as messages quote it, cut when longer than SHOWN_NAME_CHARS."""
+    text = str(name)
+    if len(text) <= SHOWN_NAME_CHARS:
+        return text
+    return f"{text[:SHOWN_NAME_CHARS]}... ({len(text)} characters)"
+
 
 def model_ref(model: str, version: str | int | None = None) -> str:
     """How every message names a model: `'digits'` or `'digits' version 2`."""
-    return f"model '{model}'" if version in (None, "") else f"model '{model}' version {version}"
+    return f"model '{shown(model)}'" if version in (None, "") else f"model '{shown(model)}' version {shown(version)}"
 
 
 class TensorgateError(Exception):
@@ -48,7 +60,7 @@ class ModelNotFoundError(TensorgateError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, model: str, version: str | int | None = None, detail: str = "") -> None:
-        what = f"version {version} of model '{model}'" if version not in (None, "") else f"model '{model}'"
+        what = f"version {shown(version)} of model '{shown(model)}'" if version not in (None, "") else model_ref(model)
         super().__init__(f"{what} is not found in the repository" + (f": {detail}" if detail else ""))
         self.model, self.version = model, version
 
@@ -65,7 +77,7 @@ class InvalidRequestError(TensorgateError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, model: str, version: str | int | None, problem: str, *, tensor: str | None = None) -> None:
-        where = f"{model_ref(model, version)}" + (f", tensor '{tensor}'" if tensor is not None else "")
+        where = f"{model_ref(model, version)}" + (f", tensor '{shown(tensor)}'" if tensor is not None else "")
         super().__init__(f"{where}: {problem}")
         self.model, self.version, self.tensor, self.problem = model, version, tensor, problem
 

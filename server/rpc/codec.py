@@ -120,6 +120,20 @@ def _decode_contents(
         )
 
 
+_BOOL = datatypes.BY_NAME["BOOL"]
+
+
+def _check_booleans(array: np.ndarray, model: str, version: str, name: str) -> None:
+    """BOOL bytes other than 0 and 1 are refused: ONNX Runtime reads such a byte as neither value (Not of the byte 2
+    answers 3, still true), so the model would answer wrong without a word. Typed `bool_contents` cannot hold one."""
+    data = array.reshape(-1).view(np.uint8)
+    if data.size and int(data.max()) > 1:
+        i = int(np.argmax(data > 1))
+        raise InvalidRequestError(
+            model, version, f"BOOL element {i} is the byte {data[i]}; a BOOL element is one byte, 0 or 1", tensor=name
+        )
+
+
 MAX_DIMS = 64
 """numpy's limit on dimensions (NPY_MAXDIMS); a request over it is refused before any array is made."""
 
@@ -268,6 +282,8 @@ def decode_infer_request(
                 inputs[name] = _decode_raw(data, dt, shape, model, version, name, limits)
         else:
             inputs[name] = _decode_contents(tensor, dt, shape, model, version, limits)
+        if dt is _BOOL and (piece is not None or raw is not None):
+            _check_booleans(inputs[name], model, version, name)
         dtypes[name] = dt.name
     if raw is not None and len(raw) != n_inputs - shared:
         raise InvalidRequestError(

@@ -24,6 +24,7 @@ from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.repository.rollout import ROUTED_VERSION
 from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, Tracing, cancelled_code
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,36 @@ def internal_message(exc: BaseException, where: str) -> str:
     return f"internal error (ref {ref}); details are in the server log"
 
 
+STATUS_MESSAGE_BYTES = 4096
+"""The most a status message may take in its header once percent-encoded, as gRPC sends it: a client refuses a
+header over 8 KiB (reporting that instead of the error), and text the caller sent (a region's name, a datatype)
+can make a message of any length. Names (`shown`) are cut before this applies, so it rarely does."""
+
+
+def _encoded_size(message: str) -> int:
+    data = message.encode("utf-8")
+    # grpc-message percent-encodes every byte outside printable ASCII, and "%" itself, as three bytes (a character
+    # takes at most 4 bytes of UTF-8: at most 12 encoded).
+    return len(data) + 2 * sum(1 for b in data if b < 0x20 or b > 0x7E or b == 0x25)
+
+
+def fit_status_message(message: str) -> str:
+    """`message`, cut to STATUS_MESSAGE_BYTES once encoded."""
+    if len(message) * 12 <= STATUS_MESSAGE_BYTES or _encoded_size(message) <= STATUS_MESSAGE_BYTES:
+        return message
+    suffix = f"... (message cut, {len(message)} characters)"
+    budget, kept = STATUS_MESSAGE_BYTES - len(suffix), 0
+    for i, char in enumerate(message):
+        budget -= _encoded_size(char)
+        if budget < 0:
+            break
+        kept = i + 1
+    return message[:kept] + suffix
+
+
 def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TensorgateError):
-        return exc.code, exc.message
+        return exc.code, fit_status_message(exc.message)
     return grpc.StatusCode.INTERNAL, internal_message(exc, where)
 
 
@@ -171,6 +199,8 @@ def unary(
                 admitted = identity if self.auth.admit(identity) else None
             if span is not None and tracing is not None:
                 tracing.count(span, rpc)
+            if isinstance(request, Malformed):  # bytes that did not parse (rpc/malformed.py)
+                raise request.error(rpc)
             response = await fn(self, request, context)
             return response
         except aio.AbortError as exc:

@@ -25,7 +25,6 @@ import numpy as np
 from grpc import aio
 
 from tensorgate.protos import monitoring_pb2 as mpb
-from tensorgate.protos.service import add_servicer_to_server
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import InvalidRequestError, TensorgateError
 from tensorgate.server.monitoring.alerts import AlertTransition
@@ -37,8 +36,9 @@ from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Wind
 from tensorgate.server.monitoring.quality import QualityReport
 from tensorgate.server.monitoring.store import Prediction, rows_in
 from tensorgate.server.repository.rollout import SHADOW_DEADLINE_S, Rollout
-from tensorgate.server.rpc import errors
+from tensorgate.server.rpc import errors, malformed
 from tensorgate.server.rpc.drain import DrainGate
+from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.telemetry.tracing import Tracing
 
 __all__ = ["SERVICE_NAME", "MonitoringServicer", "add_monitoring_servicer"]
@@ -463,7 +463,7 @@ class MonitoringServicer:
 
     @errors.stream
     async def SubmitFeedbackStream(
-        self, request_iterator: AsyncIterator[mpb.SubmitFeedbackRequest], context: Context
+        self, request_iterator: AsyncIterator[mpb.SubmitFeedbackRequest | Malformed], context: Context
     ) -> AsyncIterator[mpb.FeedbackStatus]:
         """One status per item, in the order sent, each once its label is committed (or refused).
 
@@ -471,7 +471,8 @@ class MonitoringServicer:
         ``STREAM_COMMIT_ITEMS``), so a fast sender pays one SQLite fsync per group, not per item. An item's own
         problem (no model, not allowed, bad label, unknown id) is its status; the stream goes on.
         """
-        pending: asyncio.Queue[mpb.SubmitFeedbackRequest | None] = asyncio.Queue(maxsize=STREAM_COMMIT_ITEMS)
+        pending: asyncio.Queue[mpb.SubmitFeedbackRequest | Malformed | None]
+        pending = asyncio.Queue(maxsize=STREAM_COMMIT_ITEMS)
 
         async def read() -> None:
             try:
@@ -487,7 +488,7 @@ class MonitoringServicer:
         try:
             done = False
             while not done:
-                group: list[mpb.SubmitFeedbackRequest] = []
+                group: list[mpb.SubmitFeedbackRequest | Malformed] = []
                 first = await pending.get()
                 if first is None:
                     break
@@ -501,6 +502,9 @@ class MonitoringServicer:
                 statuses: list[mpb.FeedbackStatus | None] = []
                 valid: list[tuple[int, tuple[str, str, np.ndarray]]] = []
                 for i, request in enumerate(group):
+                    if isinstance(request, Malformed):  # bytes that did not parse (rpc/malformed.py)
+                        statuses.append(self._status("", request.error("SubmitFeedbackStream")))
+                        continue
                     rid = request.feedback.request_id
                     try:
                         if not request.model:
@@ -546,4 +550,4 @@ class MonitoringServicer:
 
 
 def add_monitoring_servicer(servicer: MonitoringServicer, server: aio.Server) -> None:
-    add_servicer_to_server(SERVICE_NAME, servicer, server)
+    malformed.add_servicer_to_server(SERVICE_NAME, servicer, server)

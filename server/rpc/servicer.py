@@ -40,6 +40,7 @@ from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.byte_budget import ByteBudget, ByteBudgetError, request_bytes
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
+from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry import log_settings, trace_settings
 from tensorgate.server.telemetry.tracing import Tracing
@@ -122,6 +123,19 @@ def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.Mod
     )
     response.infer_response.parameters[FINAL_RESPONSE].bool_param = True  # nothing follows an error
     return response, code.name
+
+
+def _parsed(message: pb.ModelInferRequest | Malformed) -> tuple[pb.ModelInferRequest, TensorgateError | None]:
+    """A stream's message, or for bytes that did not parse (rpc/malformed.py) an empty one and their refusal: the
+    stream answers it in its turn and goes on, as for any bad message."""
+    if isinstance(message, Malformed):
+        return pb.ModelInferRequest(), message.error("ModelStreamInfer")
+    return message, None
+
+
+async def _refused(answer: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse:
+    """A stream's answer known at once, as a task: it takes its turn among the answers before it."""
+    return answer
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -433,7 +447,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     @errors.stream
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (and batch together); responses go out in request order, as
         Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`.
@@ -465,8 +479,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         async def read() -> None:
             nonlocal relaying, refused_on_drain
             try:
-                async for request in request_iterator:
+                async for message in request_iterator:
                     unanswered.held += 1
+                    request, refusal = _parsed(message)
                     if self.gate.draining:
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
@@ -479,9 +494,13 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         refused_on_drain = True
                         break
                     deadline = codec.monotonic_deadline(context.time_remaining())
-                    if self._handler.decoupled(request.model_name, request.model_version):
+                    task: asyncio.Task[Any]
+                    if refusal is not None:
+                        task = asyncio.create_task(_refused(_stream_error(request, refusal)[0]))
+                        answer_later(task)
+                    elif self._handler.decoupled(request.model_name, request.model_version):
                         relaying += 1
-                        task: asyncio.Task[Any] = asyncio.create_task(self._relay(request, deadline, events, responses))
+                        task = asyncio.create_task(self._relay(request, deadline, events, responses))
                     else:
                         task = asyncio.create_task(self._stream_one(request, deadline))
                         answer_later(task)
