@@ -178,6 +178,7 @@ class InferenceHandler:
             raise
         finally:
             self._tracing.record_child(request_span, "validate", started, error)
+            error = None  # held by this frame, which the error's traceback holds: a cycle that outlives the call
 
     async def infer(self, req: InferRequest) -> InferResponse:
         """Run one request (under its RPC's span, when tracing is on); raises TensorgateError subclasses that
@@ -684,6 +685,7 @@ class InferenceHandler:
                 if traced:
                     assert span is not None and self._tracing is not None
                     self._tracing.record_child(span, f"ensemble step {step.index} {step.model}", started_ns, error)
+                error = None  # the cycle through this frame (see `_validate`)
 
         try:
             results = await run_plan(plan, inputs, outputs, run_step)

@@ -330,7 +330,7 @@ class MonitoringServicer:
                     )
                 except InvalidRequestError as exc:
                     if version == answered:
-                        error = exc
+                        error = exc.with_traceback(None)  # a value from here on: no cycle through this frame
                         break
                     self._skipped(model, version, exc)
             if error is None and not checked:  # only a shadow captured it, and cannot take it: as if uncaptured

@@ -392,6 +392,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         else:
             self._message_done(request, span, started, code, error, last)
         finally:
+            error = None  # held by this frame, which the error's traceback holds: a cycle that outlives the call
             if token is not None:
                 Tracing.release(token)
             events.put_nowait(_RELAYED)

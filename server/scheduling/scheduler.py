@@ -312,6 +312,11 @@ class Scheduler:
             elif pending.settled is not None:
                 await asyncio.shield(pending.settled)  # in a batch already: it may still reach the upstream
             raise
+        finally:
+            # An error set on the future (a deadline, a backend's failure) is raised here with this frame in its
+            # traceback, and the future holds it: without this, a cycle that keeps the request's inputs until a
+            # full garbage collection, which a busy server may not run for thousands of calls.
+            del pending
 
     @staticmethod
     def _left(batch: _Batch) -> None:
