@@ -14,13 +14,12 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.server.cli import build_parser
-from tests.onnx_models import slow_model, write_config
+from tests.onnx_models import scale_model, slow_model, write_config
 from tests.process import ServeProcess
 from tests.test_dockerfile import _base_env, _run, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kubernetes" / "tensorgate.yaml"
-EXAMPLES = ROOT / "examples" / "models"
 
 
 def _documents() -> dict[str, list[Any]]:
@@ -113,7 +112,9 @@ def test_the_probes_as_written_pass_and_fail_when_they_should(tmp_path: Path) ->
         'max_batch_size: 64\nmodel_warmup [ { name: "long" batch_size: 64 count: 100000\n'
         '  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 512 ] random_data: true } } } ]\n',
     )
-    for repo, ready in ((loading, "NOT_SERVING"), (EXAMPLES, "SERVING")):
+    served = tmp_path / "served"
+    scale_model(served / "scale" / "1" / "model.onnx", 2.0)
+    for repo, ready in ((loading, "NOT_SERVING"), (served, "SERVING")):
         args = _serve_args(**{"--model-repository": str(repo), "--host": "127.0.0.1"})
         with ServeProcess([*args, "--grpc-port", "0"]) as server:
             if ready == "SERVING":

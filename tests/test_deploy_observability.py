@@ -333,8 +333,12 @@ def _loaded_rule_files() -> dict[str, Path]:
 
 
 def _is_rules_file(path: Path) -> bool:
-    """A Prometheus rules file: `groups:` of named groups with `rules:` (alerting or recording)."""
-    loaded = _yaml(path)
+    """A Prometheus rules file: `groups:` of named groups with `rules:` (alerting or recording). Other YAML under
+    deploy/ (a Kubernetes manifest) may hold several documents: none of those is a rules file."""
+    documents = list(yaml.safe_load_all(path.read_text()))
+    if len(documents) != 1:
+        return False
+    loaded = documents[0]
     groups = loaded.get("groups") if isinstance(loaded, dict) else None
     return isinstance(groups, list) and all(isinstance(g, dict) and "rules" in g for g in groups)
 
