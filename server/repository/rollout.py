@@ -577,7 +577,9 @@ class Rollout:
         request reaches it after that, so nothing could judge it well again, and it stays rolled back until its
         build or the gate changes, or the model is unloaded and loaded again."""
         if self._retired:  # a request that started before a rebuild or an unload
-            if self._successor is not None:
+            # Only for a version the successor judges: a stable version it no longer has would count in the new
+            # stable's window (its own failures raising the baseline the canary is judged against).
+            if self._successor is not None and self._successor.judges(version):
                 self._successor.outcome(version, failed)
             return
         limit = self.spec.max_error_percent
