@@ -303,3 +303,38 @@ def test_a_load_that_cannot_start_its_instances_fails_clearly_and_leaves_nothing
             assert client.get_model_config("m").config.max_batch_size == 4
         finally:
             client.close()
+
+
+def test_a_failed_reload_leaves_the_kept_versions_config_as_it_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that adds a canary split and new files for version 2, whose instance cannot start: version 1,
+    kept as it was, had its config rewritten with the split's parameters before the failure, so ModelConfig
+    showed a rollout that was not in force."""
+    root = tmp_path / "models"
+    for version in (1, 2):
+        scale_model(root / "m" / str(version) / "model.onnx", float(version))
+    base = 'name: "m"\nmax_batch_size: 4\nversion_policy { all {} }\n'
+    write_config(root, "m", base)
+    start = threading.Thread.start
+
+    def no_thread_for_version_2(thread: threading.Thread) -> None:
+        if thread.name.startswith("tg-m-2-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    with ServerThread(root, model_control_mode="explicit", load_model=["m"]) as s:
+        client = tc.InferenceServerClient(s.address)
+        try:
+            scale_model(root / "m" / "2" / "model.onnx", 3.0)  # new files: version 2 is built again
+            split = 'parameters { key: "tensorgate.rollout.canary_version" value: { string_value: "2" } }\n'
+            split += 'parameters { key: "tensorgate.rollout.canary_percent" value: { string_value: "10" } }\n'
+            write_config(root, "m", base + split)
+            with monkeypatch.context() as patch:
+                patch.setattr(threading.Thread, "start", no_thread_for_version_2)
+                with pytest.raises(InferenceServerException):
+                    client.load_model("m")
+            shown = client.get_model_config("m", "1").config.parameters
+            assert not [key for key in shown if key.startswith("tensorgate.rollout.")], dict(shown)
+        finally:
+            client.close()

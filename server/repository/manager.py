@@ -1046,10 +1046,7 @@ class ModelRepository:
             try:
                 for v, item in ready.items():
                     if isinstance(item, LoadedModel):
-                        # Kept (same signature): its config differs at most in tensorgate.rollout.*, as ModelConfig
-                        # shows.
-                        item.config = with_rollout_parameters(item.config, spec.parameters if spec is not None else ())
-                        new_versions[v] = item
+                        new_versions[v] = item  # kept (same signature)
                     else:
                         new_versions[v] = self._serving(name, v, item)
                         built.append(new_versions[v])
@@ -1063,6 +1060,11 @@ class ModelRepository:
                     [i.backend for v, i in ready.items() if isinstance(i, _Prepared) and v not in done]
                 )
                 raise self._load_failed(entry, exc, model_dir) from exc
+            for item in ready.values():
+                if isinstance(item, LoadedModel):
+                    # Its config differs at most in tensorgate.rollout.*, as ModelConfig shows: once this load
+                    # serves, not before (a load that failed above leaves the parameters in force shown).
+                    item.config = with_rollout_parameters(item.config, spec.parameters if spec is not None else ())
             retired = [m for v, m in entry.versions.items() if new_versions.get(v) is not m]
             rollout = self._rollout(name, spec, new_versions, entry.rollout)
             if rollout is None and entry.rollout is not None:
