@@ -591,3 +591,31 @@ def test_the_metrics_port_serves_a_bounded_number_of_connections_at_once(caplog:
             assert time.monotonic() < deadline
             time.sleep(0.05)
     server.stop()
+
+
+def test_a_metrics_connection_that_drips_bytes_is_closed_after_the_longest_a_connection_may_stay() -> None:
+    """The 10 s read timeout restarts with every byte: a client sending one every few seconds held its thread
+    and slot for good (64 such held the port). A connection open past the bound is closed, whatever it sends."""
+    server = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, max_connection_s=0.5)
+    port = server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            opened, closed_after = time.monotonic(), None
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 200:  # about 20 s at one byte per 0.1 s
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # reset: the server closed it
+                    closed_after = time.monotonic() - opened
+                    break
+                sock.settimeout(0.1)
+                try:
+                    if sock.recv(1) == b"":
+                        closed_after = time.monotonic() - opened
+                        break
+                except TimeoutError:
+                    pass
+            assert closed_after is not None and closed_after < 5, closed_after
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200  # a scrape is served as before
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
 import socket
@@ -681,16 +682,38 @@ needs one or two: without a bound, anyone who can reach the port could make the 
 connection (each held for _Handler.timeout), taking memory from the models."""
 
 
+MAX_CONNECTION_S = 30.0
+"""The longest a metrics connection may stay open, whatever it sends: the read timeout (_Handler.timeout) alone
+let a client that sends a byte every few seconds hold a slot for good, and MAX_CONNECTIONS of them every slot. A
+scrape takes milliseconds (Prometheus gives up after its scrape_timeout, 10 s by default)."""
+
+
 class _HttpServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     tls: TlsReloader[ssl.SSLContext] | None = None
     max_connections = MAX_CONNECTIONS
+    max_connection_s = MAX_CONNECTION_S
     _slots: threading.BoundedSemaphore | None = None
     _refused_logged = -math.inf
+    _open: dict[int, tuple[Any, float]] | None = None
+    """The connections being served, by id, with when each opened: `service_actions` ends those open too long."""
+
+    def service_actions(self) -> None:
+        """Called by serve_forever at every poll (0.1 s): shut the connections open past max_connection_s, which
+        wakes their threads' reads with an end of file."""
+        if not self._open:
+            return
+        cutoff = time.monotonic() - self.max_connection_s
+        for key, (request, opened) in list(self._open.items()):
+            if opened < cutoff and self._open.pop(key, None) is not None:
+                log.debug("metrics: closing a connection open for over %g s", self.max_connection_s)
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._slots is None:
             self._slots = threading.BoundedSemaphore(self.max_connections)
+            self._open = {}
         if not self._slots.acquire(blocking=False):
             now = time.monotonic()
             if now - self._refused_logged >= 60:
@@ -703,9 +726,12 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
                 )
             self.shutdown_request(request)
             return
+        assert self._open is not None
+        self._open[id(request)] = (request, time.monotonic())
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._open.pop(id(request), None)
             self._slots.release()
             raise
 
@@ -713,7 +739,8 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            assert self._slots is not None
+            assert self._slots is not None and self._open is not None
+            self._open.pop(id(request), None)
             self._slots.release()
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -743,9 +770,11 @@ class MetricsServer:
         tls: TlsFiles | None = None,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        max_connection_s: float = MAX_CONNECTION_S,
     ) -> None:
         self._registry = registry
         self._max_connections = max_connections
+        self._max_connection_s = max_connection_s
         self._host = host
         self._port = port
         # The gRPC port's checks and retries (auth/tls.py), per connection: a bad set at start is an error.
@@ -770,7 +799,12 @@ class MetricsServer:
         server_class = type(
             "_BoundHttpServer",
             (_HttpServer,),
-            {"address_family": family, "tls": self._tls, "max_connections": self._max_connections},
+            {
+                "address_family": family,
+                "tls": self._tls,
+                "max_connections": self._max_connections,
+                "max_connection_s": self._max_connection_s,
+            },
         )
         httpd: WSGIServer = make_server(
             str(sockaddr[0]), self._port, make_wsgi_app(self._registry), server_class, _Handler
