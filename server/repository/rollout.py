@@ -433,6 +433,8 @@ class Rollout:
             previous.retire(self if self.canary is not None and same_build else None)
         self.share = self._share()
         """The canary's share now, in percent: 0 while rolled back or not served."""
+        if previous is not None:
+            self._say_if_ramp_rewound(previous)
         if previous is not None and previous.tripped and not self.tripped and self.canary == previous.canary:
             log.warning(
                 "model '%s': canary version %d, rolled back for its errors, is judged afresh (%s): %g%% of the "
@@ -483,6 +485,65 @@ class Rollout:
             return
         self.step, self._step_since = previous.step, previous._step_since
         self._step_requests, self._evaluated_at = previous._step_requests, previous._evaluated_at
+
+    def _say_if_ramp_rewound(self, previous: Rollout) -> None:
+        """A load that starts a ramp over takes back the shares it had climbed (100% to canary_percent when
+        only ramp_interval_s changed): each step up is logged, so this step down must be too, with its cause."""
+        if self.canary is None or self.canary != previous.canary or previous.step == 0 or self.step != 0:
+            return
+        was, now = previous.spec.steps[previous.step], self.spec.steps[0]
+        if was == now:
+            return
+        mine, theirs = self.spec, previous.spec
+        changed = [
+            key.removeprefix(PREFIX)
+            for key, a, b in (
+                (CANARY_PERCENT, mine.canary_percent, theirs.canary_percent),
+                (RAMP, mine.ramp, theirs.ramp),
+                (RAMP_INTERVAL_S, mine.ramp_interval_s, theirs.ramp_interval_s),
+                (RAMP_MIN_REQUESTS, mine.ramp_min_requests, theirs.ramp_min_requests),
+            )
+            if a != b
+        ]
+        if not mine.ramp and "ramp" in changed:
+            changed[changed.index("ramp")] = "ramp (removed)"
+        if self._canary_build is not previous._canary_build:
+            changed.insert(0, "the canary's files")
+        log.warning(
+            "model '%s': canary version %d was at %g%% on its ramp (step %d of %d); this load changed %s, so its "
+            "ramp starts over at %g%%: %g%% of the requests that name no version go to it now",
+            self.model,
+            self.canary,
+            was,
+            previous.step + 1,
+            len(previous.spec.steps),
+            ", ".join(changed) or "the split",
+            now,
+            self.share,
+        )
+
+    def _say_ramp_held(self, held: frozenset[str], was: frozenset[str]) -> None:
+        """Without rollback_on_alert an alert leaves the canary its share but stops its ramp: nothing else says
+        why the share no longer climbs (no rolled_back gauge, no rollback line), so the hold is logged."""
+        if self.step + 1 >= len(self.spec.steps):
+            return
+        if held and not was:
+            log.warning(
+                "model '%s': alert %s fires on canary version %d: its ramp holds at %g%% until it resolves "
+                "(rollback_on_alert is off, so it keeps that share)",
+                self.model,
+                ", ".join(sorted(held)),
+                self.canary,
+                self.share,
+            )
+        elif was and not held:
+            log.warning(
+                "model '%s': alert %s on canary version %d resolved: its ramp's step at %g%% counts again from now",
+                self.model,
+                ", ".join(sorted(was)),
+                self.canary,
+                self.share,
+            )
 
     def retire(self, successor: Rollout | None = None) -> None:
         """No longer the model's split (a rebuild, an unload). A request routed here may still end later: it is
@@ -647,6 +708,7 @@ class Rollout:
         if was and not held:
             self._restart_step()
         if not self.spec.rollback_on_alert:
+            self._say_ramp_held(held, was)
             return
         if held and not was:
             log.warning(
