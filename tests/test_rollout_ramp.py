@@ -372,3 +372,27 @@ def test_a_step_waits_for_an_evaluation_that_began_after_its_hold(
         monkeypatch.undo()
         _evaluate(server)
         assert _canary_share(server) == 100.0
+
+
+def test_the_load_that_builds_a_split_logs_it_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A restart starts a ramp over at canary_percent: nothing at start said so, nor what the split was. The load
+    that builds a split logs it; a load that keeps it says nothing again."""
+    caplog.set_level(logging.INFO, logger="tensorgate.server.repository.manager")
+    repo = _ramp_repo(tmp_path / "models", ramp="50,100")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "canary version 2 takes" in r.getMessage()]
+
+    with ServerThread(repo, model_control_mode="explicit", load_model=["m"]) as server:
+        with InferenceClient(server.address) as client:
+            assert said() == [
+                "model 'm': canary version 2 takes 10% of the requests that name no version, stable version 1 the "
+                "rest; ramp 50%, 100% (step 1 of 3), each step held 600 s and 100 requests at least"
+            ]
+            client.load("m")  # the same files and config: the split is kept, not said again
+            assert len(said()) == 1
+            _repo(repo.parent / "models", _params(canary_version="2", canary_percent="20"))
+            client.load("m")
+            assert said()[1:] == [
+                "model 'm': canary version 2 takes 20% of the requests that name no version, stable version 1 the rest"
+            ]

@@ -1097,6 +1097,8 @@ class ModelRepository:
             return None
         rollout = Rollout(name, spec, versions, previous, monitored=bool(self._monitored))
         self._follow(rollout, evaluated=False)
+        if rollout.canary is not None and (previous is None or previous.spec != spec):
+            log.info("model '%s': %s", name, rollout.describe())
         if self._monitored is False and rollout.canary is not None and spec.rollback_on_alert:
             # rollback_on_alert is on by default and acts on the monitor's alerts: without one, a canary that goes
             # wrong keeps its share though its config says it would be rolled back. Said at each load that builds

@@ -458,6 +458,23 @@ class Rollout:
                     self.stable,
                 )
 
+    def describe(self) -> str:
+        """The split in a line, for the log of the load that builds it: a restart starts a ramp over, and this is
+        where an operator sees from which share."""
+        spec = self.spec
+        text = f"canary version {self.canary} takes {self.share:g}% of the requests that name no version"
+        if self.share != spec.steps[self.step]:
+            text += f" (rolled back from {spec.steps[self.step]:g}%)"
+        text += f", stable version {self.stable} the rest"
+        if spec.ramp:
+            text += (
+                f"; ramp {', '.join(f'{s:g}%' for s in spec.ramp)} (step {self.step + 1} of {len(spec.steps)}), "
+                f"each step held {spec.ramp_interval_s:g} s and {spec.ramp_min_requests} requests at least"
+            )
+        if self.shadow is not None:
+            text += f"; shadow version {self.shadow}"
+        return text
+
     def _carry_judgement(self, previous: Rollout) -> None:
         """Keep the error gate's judgement across a rebuild that keeps the canary's build and the gate (a
         canary_percent ramp step): a new split must not give a canary rolled back for its errors traffic again."""
