@@ -278,6 +278,8 @@ class TensorgateServer:
             names = self.repository.names_on_disk()
         if self.monitor is not None:  # a canary an alert fired on before a restart serves rolled back from the start
             self.repository.follow_alerts(await asyncio.to_thread(self.monitor.stored_firing), evaluated=False)
+        if self.store is not None:  # a canary ramp resumes where the last run left it
+            await self._remember_ramps(self.store)
         await self.repository.load_many(names)
         heap.settle()  # before serving: the long-lived objects are all there now
         if s.model_control_mode == "poll":
@@ -325,6 +327,25 @@ class TensorgateServer:
         self.monitoring_servicer = servicer
         log.info("monitoring on: predictions captured to %s", self.store.path)
         return MONITORING
+
+    async def _remember_ramps(self, store: PredictionStore) -> None:
+        """Hand the repository where each canary ramp was, and a way to keep each move in the data dir: written on
+        a worker thread, so that a step (taken on the event loop, as a request ends) never waits for the disk."""
+        try:
+            places = await asyncio.to_thread(store.ramp_places)
+        except Exception:  # noqa: BLE001 - a start must not fail on it: ramps then start over
+            log.exception("cannot read the canary ramps' places from the data dir; ramps start over")
+            places = {}
+        loop = asyncio.get_running_loop()
+
+        def written(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("cannot keep a canary ramp's place in the data dir: %s", future.exception())
+
+        def save(model: str, place: str, step: int) -> None:
+            loop.run_in_executor(None, store.save_ramp_place, model, place, step).add_done_callback(written)
+
+        self.repository.remember_ramps(places, save)
 
     async def _start_metrics(self) -> None:
         """/metrics on its own port, with the gRPC port's certificate (and client CA) when that one uses TLS."""

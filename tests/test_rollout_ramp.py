@@ -19,12 +19,13 @@ import pytest
 from tensorgate.client import InferenceClient
 from tensorgate.client.errors import Unavailable
 from tensorgate.server.repository.rollout import CANARY_PERCENT, Rollout, RolloutSpec
-from tests.onnx_models import busy_model
+from tests.onnx_models import busy_model, scale_model
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_rollout import (
     _canary_share,
     _evaluate,
+    _eventually,
     _failures,
     _label_canary,
     _one_row,
@@ -396,3 +397,78 @@ def test_the_load_that_builds_a_split_logs_it_once(tmp_path: Path, caplog: pytes
             assert said()[1:] == [
                 "model 'm': canary version 2 takes 20% of the requests that name no version, stable version 1 the rest"
             ]
+
+
+def test_a_restart_on_the_same_data_dir_resumes_the_ramp_where_it_was(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ramp's place was kept in memory only: every restart (a deploy, a rescheduled pod) sent a canary that had
+    climbed to 80% back to its canary_percent. With --data-dir it resumes at its step; an unload, as within a run,
+    starts it over, and that is kept too."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    ramp = _params(canary_version="2", canary_percent="50", ramp="80,100", ramp_interval_s="0.2", ramp_min_requests="5")
+    repo = _repo(tmp_path / "models", ramp)
+    settings = {
+        "data_dir": tmp_path / "data",
+        "monitor_interval_s": 3600,  # evaluated by the test
+        "model_control_mode": "explicit",
+        "load_model": ["m"],
+    }
+
+    def kept(server: ServerThread) -> dict[str, tuple[str, int]]:
+        assert server.app.store is not None
+        return server.app.store.ramp_places()
+
+    with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
+        for i in range(60):  # about 30 reach the canary: the gate's 20 and the step's 5
+            _version_of(client, f"a-{i}")
+        time.sleep(0.3)
+        _evaluate(server)
+        assert _share_of_m(server) == 80.0
+        _eventually(lambda: [step for _, step in kept(server).values()] == [1])
+    with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
+        assert _share_of_m(server) == 80.0
+        resumed = [r.getMessage() for r in caplog.records if "resumes its ramp" in r.getMessage()]
+        assert resumed == [
+            "model 'm': canary version 2 resumes its ramp at 80% (step 2 of 3), where the data dir's last run left "
+            "it; the step's hold and requests count from now"
+        ]
+        client.unload("m")
+        client.load("m")
+        assert _share_of_m(server) == 50.0
+        _eventually(lambda: [step for _, step in kept(server).values()] == [0])
+    with (server := ServerThread(repo, **settings)):
+        assert _share_of_m(server) == 50.0
+
+
+def test_a_restart_with_new_files_for_the_canary_starts_its_ramp_over(tmp_path: Path) -> None:
+    """The place is the canary's build's: new files under its version number are judged from canary_percent."""
+    ramp = _params(canary_version="2", canary_percent="50", ramp="80,100", ramp_interval_s="0.2", ramp_min_requests="5")
+    repo = _repo(tmp_path / "models", ramp)
+    settings: dict[str, object] = {"data_dir": tmp_path / "data", "monitor_interval_s": 3600}
+    with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
+        for i in range(60):
+            _version_of(client, f"a-{i}")
+        time.sleep(0.3)
+        _evaluate(server)
+        assert _share_of_m(server) == 80.0
+        _eventually(lambda: server.app.store is not None and bool(server.app.store.ramp_places()))
+    scale_model(repo / "m" / "2" / "model.onnx", 2.0)  # the same model written again: new files
+    with (server := ServerThread(repo, **settings)):
+        assert _share_of_m(server) == 50.0
+
+
+def test_the_ramp_tells_each_move_and_a_rollback_for_errors_as_a_move_to_the_start() -> None:
+    """What the data dir keeps: each step taken, and 0 when the error gate rolls the canary back, so that a
+    restart judges it afresh from canary_percent rather than resuming the share it failed at."""
+    clock, moves = Clock(), list[int]()
+    rollout = Rollout("m", _spec(), [1, 2], clock=clock, on_step=moves.append)
+    clock.now += 61
+    _end(rollout, 2, 20)
+    assert (rollout.share, moves) == (25.0, [1])
+    _end(rollout, 1, 100)
+    _end(rollout, 2, 20, failed=20)
+    assert (rollout.tripped, moves) == (True, [1, 0])
+    resumed = Rollout("m", _spec(), [1, 2], clock=clock, resume_at=1)
+    assert (resumed.step, resumed.share) == (1, 25.0)
+    assert Rollout("m", _spec(), [1, 2], clock=clock, resume_at=7).step == 0  # a place the ramp does not have

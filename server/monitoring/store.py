@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,12 @@ CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
 CREATE TABLE IF NOT EXISTS model_rows (
     model TEXT PRIMARY KEY,
     rows INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ramp_places (
+    model TEXT PRIMARY KEY,
+    place TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS firing_alerts (
     sink TEXT NOT NULL,
@@ -400,6 +407,22 @@ class PredictionStore:
                 if rows:
                     result[request_id] = {version: decode_arrays(outputs) for version, outputs in rows}
         return result
+
+    # ----- canary ramps (repository/rollout.py) ---------------------------------------------------------------
+
+    def ramp_places(self) -> dict[str, tuple[str, int]]:
+        """Where each model's canary ramp was: (its place key, the step), as the last process to move it wrote."""
+        with self._lock:
+            return {
+                model: (place, step)
+                for model, place, step in self._db.execute("SELECT model, place, step FROM ramp_places")
+            }
+
+    def save_ramp_place(self, model: str, place: str, step: int) -> None:
+        with self._lock, self._write():
+            self._db.execute(
+                "INSERT OR REPLACE INTO ramp_places VALUES (?, ?, ?, ?)", (model, place, step, time.time())
+            )
 
     # ----- firing alerts (shared by the processes on this data dir) -------------------------------------------
 

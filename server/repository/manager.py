@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,15 @@ def _close_all(backends: list[Backend]) -> None:
         backend.close()
 
 
+def _ramp_place(spec: RolloutSpec, versions: Mapping[int, LoadedModel]) -> str | None:
+    """What a ramp's place depends on: the canary version and its build (its files' signature), and the ramp. A
+    ramp kept across a restart resumes only while all of these are the same; None without a ramp."""
+    canary = versions.get(spec.canary) if spec.canary is not None and spec.ramp else None
+    if canary is None:
+        return None
+    return f"{spec.canary}:{canary.signature}:{spec.steps}:{spec.ramp_interval_s:g}:{spec.ramp_min_requests}"
+
+
 def _file_signature(path: Path) -> str:
     """Names and stamps (`file_stamp`: size, times, inode) of the files under `path`. Files come and go while it
     is read (an rsync's temporary files, a version being copied in): one that vanishes is left out, and a
@@ -334,6 +344,9 @@ class ModelRepository:
         """Where retired backends close: a remote one's close takes seconds when its upstream is gone, and on the
         default executor a few of those would hold up every model load behind them."""
         self._firing: dict[tuple[str, str], set[str]] = {}
+        self._ramp_places: dict[str, tuple[str, int]] = {}
+        """Each model's ramp place and step as last moved (`remember_ramps`), by model."""
+        self._save_ramp: Callable[[str, str, int], None] | None = None
         """The alert rules firing per (model, version) as the monitor last said (`follow_alerts`): a split built
         later (a reload, a new canary, a load after an unload) starts from it rather than give the canary its share
         until the next evaluation."""
@@ -1095,7 +1108,17 @@ class ModelRepository:
                 spec.stable,
             )
             return None
-        rollout = Rollout(name, spec, versions, previous, monitored=bool(self._monitored))
+        place = _ramp_place(spec, versions)
+        stored = self._ramp_places.get(name)
+        rollout = Rollout(
+            name,
+            spec,
+            versions,
+            previous,
+            monitored=bool(self._monitored),
+            resume_at=stored[1] if place is not None and stored is not None and stored[0] == place else 0,
+            on_step=None if place is None else functools.partial(self._ramp_moved, name, place),
+        )
         self._follow(rollout, evaluated=False)
         if rollout.canary is not None and (previous is None or previous.spec != spec):
             log.info("model '%s': %s", name, rollout.describe())
@@ -1114,6 +1137,16 @@ class ModelRepository:
 
     async def _close_backends(self, backends: list[Backend]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._closer, _close_all, backends)
+
+    def remember_ramps(self, places: dict[str, tuple[str, int]], save: Callable[[str, str, int], None]) -> None:
+        """Where the data dir's last run left each canary ramp (store.ramp_places), before the models load, and
+        how to keep each move: a split built at start resumes its ramp there when nothing it depends on changed."""
+        self._ramp_places, self._save_ramp = dict(places), save
+
+    def _ramp_moved(self, name: str, place: str, step: int) -> None:
+        self._ramp_places[name] = (place, step)
+        if self._save_ramp is not None:
+            self._save_ramp(name, place, step)
 
     def _load_failed(self, entry: _Entry, exc: Exception, model_dir: Path) -> ModelLoadError:
         """Log a load's failure, record it on the model's entry (a model that served keeps serving) and make the
@@ -1235,6 +1268,8 @@ class ModelRepository:
             entry.unloaded = tuple(sorted(entry.versions)) or entry.unloaded
             if entry.rollout is not None:
                 entry.rollout.retire()
+            if name in self._ramp_places:  # an unload starts a ramp over, this run or the next
+                self._ramp_moved(name, self._ramp_places[name][0], 0)
             entry.versions, entry.failed, entry.rollout = {}, {}, None
             entry.state, entry.reason, entry.attempted = UNAVAILABLE, UNLOADED, None
             for model in retired:

@@ -385,11 +385,15 @@ class Rollout:
         *,
         monitored: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        resume_at: int = 0,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         """`served`: the versions this load serves; a mapping to their builds (the repository's LoadedModels)
         tells a canary kept across a reload from one built anew, which the error gate judges afresh.
         `monitored`: the monitor evaluates the canary's alert rules (--data-dir), so that a ramp waits for an
-        evaluation after each hold before it raises the share."""
+        evaluation after each hold before it raises the share. `resume_at`: the step a new split (no `previous`)
+        starts its ramp at, where the data dir's last run left it; `on_step`: told each step the ramp moves to (0
+        when the error gate rolls the canary back), for the data dir to keep."""
         self.model = model
         self.spec = spec
         self.stable = spec.stable
@@ -422,6 +426,18 @@ class Rollout:
         self._retired = False
         self._successor: Rollout | None = None
         """The split that replaced this one (`retire`)."""
+        self._on_step = on_step
+        if previous is None and self.canary is not None and 0 < resume_at < len(spec.steps):
+            self.step = resume_at
+            log.info(
+                "model '%s': canary version %d resumes its ramp at %g%% (step %d of %d), where the data dir's last "
+                "run left it; the step's hold and requests count from now",
+                model,
+                self.canary,
+                spec.steps[resume_at],
+                resume_at + 1,
+                len(spec.steps),
+            )
         if previous is not None:
             self.shadow_runs = previous.shadow_runs
             self._in_flight = previous._in_flight
@@ -608,6 +624,8 @@ class Rollout:
         self.step += 1
         self._restart_step()
         self.share = self._share()
+        if self._on_step is not None:
+            self._on_step(self.step)
         final = self.step + 1 == len(spec.steps)
         log.warning(
             "model '%s': canary version %d held %g%% for %.0f s and %d requests (%.1f%% failed against %.1f%% on "
@@ -684,6 +702,8 @@ class Rollout:
             return
         self.tripped = True
         self.share = self._share()
+        if self._on_step is not None:
+            self._on_step(0)  # a restart judges it afresh: from canary_percent, not from the share it failed at
         log.warning(
             "model '%s': %d of the last %d requests routed to canary version %d failed (%.1f%%, against %.1f%% "
             "on stable version %d: over max_error_percent %g points): rolled back, requests that name no version "
