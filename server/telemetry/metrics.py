@@ -693,10 +693,13 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
     tls: TlsReloader[ssl.SSLContext] | None = None
     max_connections = MAX_CONNECTIONS
     max_connection_s = MAX_CONNECTION_S
-    _slots: threading.BoundedSemaphore | None = None
     _refused_logged = -math.inf
-    _open: dict[int, tuple[Any, float]] | None = None
-    """The connections being served, by id, with when each opened: `service_actions` ends those open too long."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._open: dict[int, tuple[Any, float]] = {}
+        """The connections being served, by id, with when each opened: `service_actions` ends those open too long."""
+        super().__init__(*args, **kwargs)
 
     def service_actions(self) -> None:
         """Called by serve_forever at every poll (0.1 s): shut the connections open past max_connection_s, which
@@ -711,9 +714,6 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
                     request.shutdown(socket.SHUT_RDWR)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self._slots is None:
-            self._slots = threading.BoundedSemaphore(self.max_connections)
-            self._open = {}
         if not self._slots.acquire(blocking=False):
             now = time.monotonic()
             if now - self._refused_logged >= 60:
@@ -726,7 +726,6 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
                 )
             self.shutdown_request(request)
             return
-        assert self._open is not None
         self._open[id(request)] = (request, time.monotonic())
         try:
             super().process_request(request, client_address)
@@ -739,7 +738,6 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            assert self._slots is not None and self._open is not None
             self._open.pop(id(request), None)
             self._slots.release()
 
