@@ -399,6 +399,15 @@ def test_the_load_that_builds_a_split_logs_it_once(tmp_path: Path, caplog: pytes
             ]
 
 
+def _climb_one_step(server: ServerThread, client: InferenceClient) -> None:
+    """Model m's canary from 50% to 80% (ramp "80,100", held 0.2 s and 5 requests), the test evaluating."""
+    for i in range(60):  # about 30 reach the canary: the gate's 20 and the step's 5
+        _version_of(client, f"a-{i}")
+    time.sleep(0.3)
+    _evaluate(server)
+    assert _share_of_m(server) == 80.0
+
+
 def test_a_restart_on_the_same_data_dir_resumes_the_ramp_where_it_was(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -420,11 +429,7 @@ def test_a_restart_on_the_same_data_dir_resumes_the_ramp_where_it_was(
         return server.app.store.ramp_places()
 
     with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
-        for i in range(60):  # about 30 reach the canary: the gate's 20 and the step's 5
-            _version_of(client, f"a-{i}")
-        time.sleep(0.3)
-        _evaluate(server)
-        assert _share_of_m(server) == 80.0
+        _climb_one_step(server, client)
         _eventually(lambda: [step for _, step in kept(server).values()] == [1])
     with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
         assert _share_of_m(server) == 80.0
@@ -447,11 +452,7 @@ def test_a_restart_with_new_files_for_the_canary_starts_its_ramp_over(tmp_path: 
     repo = _repo(tmp_path / "models", ramp)
     settings: dict[str, object] = {"data_dir": tmp_path / "data", "monitor_interval_s": 3600}
     with (server := ServerThread(repo, **settings)), InferenceClient(server.address) as client:
-        for i in range(60):
-            _version_of(client, f"a-{i}")
-        time.sleep(0.3)
-        _evaluate(server)
-        assert _share_of_m(server) == 80.0
+        _climb_one_step(server, client)
         _eventually(lambda: server.app.store is not None and bool(server.app.store.ramp_places()))
     scale_model(repo / "m" / "2" / "model.onnx", 2.0)  # the same model written again: new files
     with (server := ServerThread(repo, **settings)):
