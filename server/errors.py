@@ -25,6 +25,11 @@ from pathlib import Path
 
 import grpc
 
+# Control characters but tab, and the line breaks that str.splitlines (and some log viewers) split at besides.
+ESCAPED_CODES = [c for c in range(0x20) if c != ord("\t")] + [0x7F, 0x85, 0x2028, 0x2029]
+CONTROL_ESCAPES = {c: ascii(chr(c))[1:-1] for c in ESCAPED_CODES}
+"""Each of those characters as Python writes it escaped (a newline as `\\n`), for str.translate."""
+
 SHOWN_NAME_CHARS = 256
 """The most of a caller's name (model, version, tensor) that a message quotes: a message travels in gRPC's status
 header, and a client refuses a header over 8 KiB, reporting that instead of the error."""

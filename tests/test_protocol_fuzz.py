@@ -489,6 +489,27 @@ def test_a_long_message_is_cut_to_fit_once_encoded(stub: GRPCInferenceServiceStu
     good(stub)
 
 
+_FORGED = "x\n2026-11-30 00:00:00 ERROR tensorgate: forged\r\x1b[31mred\x00\u2028"
+"""A name that, quoted raw, would start a line of its own in the client's log and recolour its terminal."""
+
+
+@pytest.mark.parametrize("where", ["model", "version", "input", "output", "datatype", "region"])
+def test_control_characters_in_a_name_are_escaped_in_the_message(stub: GRPCInferenceServiceStub, where: str) -> None:
+    """The status message quoted them as sent: a client that logs it wrote a forged line, and an escape sequence
+    reached the terminal of whoever read it. Over a stream, the error message travels in the response."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_long(valid("add_sub"), where, _FORGED), timeout=20)
+    details = info.value.details() or ""
+    assert info.value.code() != grpc.StatusCode.OK
+    assert details.isprintable(), details
+    assert "x\\n2026-11-30 00:00:00 ERROR tensorgate: forged\\r\\x1b[31mred\\x00\\u2028" in details, details
+    answers = list(stub.ModelStreamInfer(iter([_long(valid("add_sub"), where, _FORGED)]), timeout=20))
+    assert len(answers) == 1
+    assert answers[0].error_message.isprintable()
+    assert "\\x1b[31mred" in answers[0].error_message
+    good(stub)
+
+
 @pytest.mark.parametrize("data", [b"\x02\x00\x01\x01", b"\x00\x01\x01\xff"])
 def test_a_bool_byte_other_than_0_or_1_is_refused(stub: GRPCInferenceServiceStub, data: bytes) -> None:
     """It was answered OK: ONNX Runtime reads such a byte as neither value (its Not of the byte 2 is 3, still

@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
-from tensorgate.server.errors import TensorgateError
+from tensorgate.server.errors import CONTROL_ESCAPES, TensorgateError
 from tensorgate.server.repository.rollout import ROUTED_VERSION
 from tensorgate.server.rpc.drain import DrainGate
 from tensorgate.server.rpc.malformed import Malformed
@@ -102,7 +102,11 @@ def _encoded_size(message: str) -> int:
 
 
 def fit_status_message(message: str) -> str:
-    """`message`, cut to STATUS_MESSAGE_BYTES once encoded."""
+    """`message` with its control characters escaped (a newline as `\\n`), cut to STATUS_MESSAGE_BYTES once
+    encoded. Clients log the message they get, and it quotes text the caller sent (a model's, a tensor's or a
+    region's name): a newline there would forge a line in that log, a terminal escape recolour whoever reads it."""
+    if not message.isprintable():
+        message = message.translate(CONTROL_ESCAPES)
     if len(message) * 12 <= STATUS_MESSAGE_BYTES or _encoded_size(message) <= STATUS_MESSAGE_BYTES:
         return message
     suffix = f"... (message cut, {len(message)} characters)"

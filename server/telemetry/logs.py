@@ -15,12 +15,10 @@ from typing import Any, TextIO
 from opentelemetry import trace
 
 from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY
+from tensorgate.server.errors import CONTROL_ESCAPES
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_context)s"
-# Control characters but tab, and the line breaks that str.splitlines (and some log viewers) split at besides.
-ESCAPED_CODES = [c for c in range(0x20) if c != ord("\t")] + [0x7F, 0x85, 0x2028, 0x2029]
-CONTROL_ESCAPES = {c: ascii(chr(c))[1:-1] for c in ESCAPED_CODES}
 
 
 class RequestContextFilter(logging.Filter):
