@@ -24,6 +24,7 @@ from tensorgate.client._monitoring import (
     ModelDrift,
     ModelQuality,
 )
+from tensorgate.client._rollout import RolloutState
 from tensorgate.client.aio import AsyncInferenceClient
 from tensorgate.client.config import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, RetryPolicy, TLSConfig
 from tensorgate.client.errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ResponseFormatError",
+    "RolloutState",
     "RetryPolicy",
     "StreamItemError",
     "StreamRequest",

@@ -14,7 +14,7 @@ import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorgate.client import _common, _monitoring, _stream_writer
+from tensorgate.client import _common, _monitoring, _rollout, _stream_writer
 from tensorgate.client._common import InferResult, ModelMetadata, StreamRequest
 from tensorgate.client.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -38,6 +38,7 @@ class _Stubs(NamedTuple):
     loop: asyncio.AbstractEventLoop
     inference: GRPCInferenceServiceStub
     monitoring: Any  # _monitoring.MonitoringStub, a class made at import
+    rollout: Any  # _rollout.RolloutStub, the same
     health: health_pb2_grpc.HealthStub
 
 
@@ -114,6 +115,7 @@ class AsyncInferenceClient:
                 loop,
                 GRPCInferenceServiceStub(channel),
                 _monitoring.MonitoringStub(channel),
+                _rollout.RolloutStub(channel),
                 health_pb2_grpc.HealthStub(channel),
             )
             self._stubs = stubs
@@ -148,7 +150,8 @@ class AsyncInferenceClient:
         metadata = _common.call_metadata(self._headers, headers)
         with self._errors(method):
             stubs = self._connect()
-            multicallable = getattr(stubs.inference if hasattr(stubs.inference, method) else stubs.monitoring, method)
+            stub = next(s for s in (stubs.inference, stubs.monitoring, stubs.rollout) if hasattr(s, method))
+            multicallable = getattr(stub, method)
             return await multicallable(request, timeout=deadline, metadata=metadata)
 
     def _deadline(self, timeout: float | None) -> float:
@@ -401,3 +404,9 @@ class AsyncInferenceClient:
         """The alerts firing now (of one model, or all)."""
         reply = await self._call("ListAlerts", mpb.ListAlertsRequest(model=model or ""), timeout)
         return _monitoring.alerts_result(reply)
+
+    async def rollout(self, model: str, timeout: float | None = None) -> _rollout.RolloutState:
+        """Where the model's rollout split stands: the canary's share, its ramp's step and what that waits for
+        (NOT_FOUND for a model without ``tensorgate.rollout.*`` parameters)."""
+        reply = await self._call("GetRollout", mpb.GetRolloutRequest(model=model), timeout)
+        return _rollout.state_result(reply)

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorgate.client import _common, _monitoring
+from tensorgate.client import _common, _monitoring, _rollout
 from tensorgate.client._common import InferResult, ModelMetadata
 from tensorgate.client.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -75,6 +75,7 @@ class InferenceClient:
         self._closed = False
         self._stub = GRPCInferenceServiceStub(self._channel)
         self._monitoring = _monitoring.MonitoringStub(self._channel)
+        self._rollout = _rollout.RolloutStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # ----- plumbing ------------------------------------------------------------------------------------------
@@ -95,7 +96,8 @@ class InferenceClient:
             raise Cancelled("the client is closed", method=method) from None  # closed by another thread meanwhile
 
     def _call(self, method: str, request: Any, timeout: float | None, headers: Mapping[str, str] | None = None) -> Any:
-        multicallable = getattr(self._stub if hasattr(self._stub, method) else self._monitoring, method)
+        stub = next(s for s in (self._stub, self._monitoring, self._rollout) if hasattr(s, method))
+        multicallable = getattr(stub, method)
         deadline = self._deadline(timeout)
         metadata = _common.call_metadata(self._headers, headers)
         with self._errors(method):
@@ -297,3 +299,8 @@ class InferenceClient:
         """The alerts firing now (of one model, or all)."""
         reply = self._call("ListAlerts", mpb.ListAlertsRequest(model=model or ""), timeout)
         return _monitoring.alerts_result(reply)
+
+    def rollout(self, model: str, timeout: float | None = None) -> _rollout.RolloutState:
+        """Where the model's rollout split stands: the canary's share, its ramp's step and what that waits for
+        (NOT_FOUND for a model without ``tensorgate.rollout.*`` parameters)."""
+        return _rollout.state_result(self._call("GetRollout", mpb.GetRolloutRequest(model=model), timeout))

@@ -206,3 +206,55 @@ class ListAlertsResponse(_message.Message):
     ALERTS_FIELD_NUMBER: _ClassVar[int]
     alerts: _containers.RepeatedCompositeFieldContainer[Alert]
     def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutState(_message.Message):
+    __slots__ = ("model", "stable_version", "canary_version", "canary_share", "steps", "step", "rolled_back", "alerts", "step_held_s", "step_requests", "ramp_interval_s", "ramp_min_requests", "canary_failed_percent", "canary_judged", "stable_failed_percent", "stable_judged", "max_error_percent", "error_gate", "waiting_for", "shadow_version", "shadow_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_SHARE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_HELD_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RAMP_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    RAMP_MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FAILED_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_JUDGED_FIELD_NUMBER: _ClassVar[int]
+    STABLE_FAILED_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STABLE_JUDGED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_GATE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    stable_version: str
+    canary_version: str
+    canary_share: float
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step: int
+    rolled_back: str
+    alerts: _containers.RepeatedScalarFieldContainer[str]
+    step_held_s: float
+    step_requests: int
+    ramp_interval_s: float
+    ramp_min_requests: int
+    canary_failed_percent: float
+    canary_judged: int
+    stable_failed_percent: float
+    stable_judged: int
+    max_error_percent: float
+    error_gate: bool
+    waiting_for: _containers.RepeatedScalarFieldContainer[str]
+    shadow_version: str
+    shadow_percent: float
+    def __init__(self, model: _Optional[str] = ..., stable_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_share: _Optional[float] = ..., steps: _Optional[_Iterable[float]] = ..., step: _Optional[int] = ..., rolled_back: _Optional[str] = ..., alerts: _Optional[_Iterable[str]] = ..., step_held_s: _Optional[float] = ..., step_requests: _Optional[int] = ..., ramp_interval_s: _Optional[float] = ..., ramp_min_requests: _Optional[int] = ..., canary_failed_percent: _Optional[float] = ..., canary_judged: _Optional[int] = ..., stable_failed_percent: _Optional[float] = ..., stable_judged: _Optional[int] = ..., max_error_percent: _Optional[float] = ..., error_gate: _Optional[bool] = ..., waiting_for: _Optional[_Iterable[str]] = ..., shadow_version: _Optional[str] = ..., shadow_percent: _Optional[float] = ...) -> None: ...

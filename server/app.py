@@ -32,6 +32,8 @@ from tensorgate.server.rpc.codec import RequestLimits
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tensorgate.server.rpc.monitoring_off import MonitoringOff
 from tensorgate.server.rpc.probes import ProbeAuthorization
+from tensorgate.server.rpc.rollout import SERVICE_NAME as ROLLOUT
+from tensorgate.server.rpc.rollout import RolloutServicer, add_rollout_servicer
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.rpc.shared_memory import SystemSharedMemory
 from tensorgate.server.settings import ServerSettings
@@ -247,7 +249,10 @@ class TensorgateServer:
             budget=budget,
         )
         malformed.add_servicer_to_server(SERVICE_NAME, servicer, server)
-        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        add_rollout_servicer(
+            RolloutServicer(self.repository, gate=self._gate, auth=self.auth, tracing=self.tracing), server
+        )
+        services = [SERVICE_NAME, ROLLOUT, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if s.data_dir is not None:
             services.append(self._add_monitoring(server))
         else:

@@ -1,5 +1,5 @@
-"""`tensorgate` command line: `serve` runs the server; `health`, `infer`, `bench`, `feedback` and the monitoring
-commands call one; `certs` makes development certificates.
+"""`tensorgate` command line: `serve` runs the server; `health`, `infer`, `bench`, `feedback`, `rollout` and the
+monitoring commands call one; `certs` makes development certificates.
 
 Every `serve` option can also come from the environment as TENSORGATE_<OPTION> (e.g. TENSORGATE_GRPC_PORT);
 a flag on the command line wins over the variable. `health` takes its TLS files from TENSORGATE_HEALTH_TLS_CA,
@@ -242,6 +242,13 @@ def _feedback_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _feedback_cli.add_parser(sub)
 
 
+def _rollout_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # A client command too (tensorgate.client._rollout_cli).
+    from tensorgate.client import _rollout_cli
+
+    _rollout_cli.add_parser(sub)
+
+
 def _monitoring_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # profile, export and monitor live with the monitoring package; only the entry point is shared.
     from tensorgate.server.monitoring import cli
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _infer_parser(sub)
     _bench_parser(sub)
     _feedback_parser(sub)
+    _rollout_parser(sub)
     _monitoring_parsers(sub)
     return parser
 
@@ -429,6 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tensorgate.client import _feedback_cli
 
         return _feedback_cli.run(args)
+    if args.command == "rollout":
+        from tensorgate.client import _rollout_cli
+
+        return _rollout_cli.run(args)
     if args.command == "bench":
         from tensorgate.loadtest import cli as bench_cli
 

@@ -20,11 +20,11 @@ identities of bearer tokens (which this file defines) and `anonymous` have no ki
 
 API groups and their RPCs (`RPC_GROUPS`): inference (ModelInfer, ModelStreamInfer, SystemSharedMemory*, and
 tensorgate.v1.Monitoring's SubmitFeedback/-Batch/-Stream), metadata (ServerMetadata, ModelMetadata, ModelConfig),
-statistics (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts), repository (RepositoryIndex,
-RepositoryModelLoad, RepositoryModelUnload), settings (LogSettings, TraceSetting), health (ServerLive, ServerReady,
-ModelReady). The standard grpc.health.v1 and reflection services answer probes without a check by default; with
-`--auth-probes policy` they are checked too (server/rpc/probes.py), as `Health.Check`/`Health.Watch` in the health
-group and `ServerReflectionInfo` in the metadata group.
+statistics (ModelStatistics, GetModelQuality, GetModelDrift, ListAlerts, tensorgate.v1.Rollout's GetRollout),
+repository (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload), settings (LogSettings, TraceSetting),
+health (ServerLive, ServerReady, ModelReady). The standard grpc.health.v1 and reflection services answer probes
+without a check by default; with `--auth-probes policy` they are checked too (server/rpc/probes.py), as
+`Health.Check`/`Health.Watch` in the health group and `ServerReflectionInfo` in the metadata group.
 
 Calls that name no model: health and metadata ones (ServerLive, ServerMetadata, ...) need the group only;
 RepositoryIndex and ModelStatistics for all models list every model, and settings apply to the whole server, so
@@ -118,6 +118,8 @@ RPC_GROUPS: dict[str, str] = {
     "GetModelQuality": "statistics",
     "GetModelDrift": "statistics",
     "ListAlerts": "statistics",
+    # tensorgate.v1.Rollout: where a model's split stands is a read, like its statistics.
+    "GetRollout": "statistics",
     # The standard probe services, checked only with --auth-probes policy (server/rpc/probes.py).
     "Health.Check": "health",
     "Health.Watch": "health",

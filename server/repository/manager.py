@@ -68,7 +68,13 @@ from tensorgate.server.repository.ensemble import EnsemblePlan, Step, bind, is_e
 from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.parameters import check_parameter_keys
 from tensorgate.server.repository.paths import inside, within
-from tensorgate.server.repository.rollout import Rollout, RolloutSpec, parse_rollout, with_rollout_parameters
+from tensorgate.server.repository.rollout import (
+    NoRolloutError,
+    Rollout,
+    RolloutSpec,
+    parse_rollout,
+    with_rollout_parameters,
+)
 from tensorgate.server.repository.schema import ModelSchema
 from tensorgate.server.repository.sequence import (
     SequenceSpec,
@@ -400,6 +406,15 @@ class ModelRepository:
 
     def loaded(self) -> list[LoadedModel]:
         return [m for e in self._entries.values() for m in e.versions.values()]
+
+    def rollout(self, name: str) -> Rollout:
+        """The model's split as it serves now (GetRollout): NOT_FOUND for an unknown model or one without a split,
+        UNAVAILABLE for one that serves no version."""
+        self.get(name, "")
+        rollout = self._entries[name].rollout
+        if rollout is None:
+            raise NoRolloutError(name)
+        return rollout
 
     def rollouts(self) -> list[Rollout]:
         """The splits of the models served now (for metrics)."""

@@ -37,9 +37,11 @@ from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import grpc
+
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.decimal_text import parse_canonical
-from tensorgate.server.errors import ModelLoadError
+from tensorgate.server.errors import ModelLoadError, TensorgateError, model_ref
 
 __all__ = [
     "DEFAULT_SHADOW_MAX_IN_FLIGHT",
@@ -47,8 +49,10 @@ __all__ = [
     "PREFIX",
     "ROUTED_VERSION",
     "SHADOW_DEADLINE_S",
+    "NoRolloutError",
     "Rollout",
     "RolloutSpec",
+    "RolloutState",
     "parse_rollout",
     "with_rollout_parameters",
 ]
@@ -143,6 +147,42 @@ class RolloutSpec:
     def steps(self) -> tuple[float, ...]:
         """Every share the canary may have, in order: canary_percent, then the ramp's."""
         return (self.canary_percent, *self.ramp)
+
+
+class NoRolloutError(TensorgateError):
+    """GetRollout for a served model that has no split."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"{model_ref(model)} has no rollout split: its config sets no {PREFIX}* parameter, so requests that name "
+            "no version go to its highest served version"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    """A split as it serves now (`Rollout.state`): what GetRollout answers."""
+
+    model: str
+    spec: RolloutSpec
+    stable: int
+    canary: int | None
+    """None when the config names no canary, or the one it names is not served."""
+    share: float
+    step: int
+    rolled_back: str
+    """"alert" or "errors" while one holds the canary at 0; "" otherwise."""
+    alerts: tuple[str, ...]
+    step_held_s: float
+    step_requests: int
+    canary_judged: int
+    canary_failed_percent: float
+    stable_judged: int
+    stable_failed_percent: float
+    waiting_for: tuple[str, ...]
+    shadow: int | None
 
 
 def _version(model: str, key: str, raw: str, wanted: Collection[int], previously: Collection[int]) -> int:
@@ -599,6 +639,11 @@ class Rollout:
             return 0.0
         return self.spec.steps[self.step]
 
+    def _gated(self) -> bool:
+        """Whether the error gate judges the canary (100: nothing could trip it)."""
+        limit = self.spec.max_error_percent
+        return limit is not None and limit < 100
+
     def _restart_step(self) -> None:
         self._step_since = self._clock()
         self._step_requests = 0
@@ -614,8 +659,7 @@ class Rollout:
             return
         if self._step_requests < spec.ramp_min_requests:
             return
-        gate = spec.max_error_percent is not None and spec.max_error_percent < 100  # 100: nothing can trip it
-        if gate and len(self.outcomes.window) < ERROR_MIN_REQUESTS:
+        if self._gated() and len(self.outcomes.window) < ERROR_MIN_REQUESTS:
             return  # the gate judges nothing yet: a ramp_min_requests below it let a canary failing all climb
         due = self._step_since + spec.ramp_interval_s
         if self._clock() < due or (self._monitored and self._evaluated_at < due):
@@ -718,6 +762,58 @@ class Rollout:
             self.stable,
             limit,
             self.stable,
+        )
+
+    def waiting_for(self) -> list[str]:
+        """What keeps the canary from its ramp's next step, one phrase each: `_advance`'s rules, for an operator
+        asking why the share has not moved (GetRollout). Empty when there is no next step. With every rule met,
+        the step waits only for what runs them: no timer does, so a canary that gets no traffic never moves."""
+        spec = self.spec
+        if self.canary is None or self.step + 1 >= len(spec.steps):
+            return []
+        reasons = []
+        if self.tripped:
+            reasons.append("the error gate rolled it back for its errors")
+        if self.held:
+            reasons.append(f"alert {', '.join(sorted(self.held))} fires on it")
+        if self._step_requests < spec.ramp_min_requests:
+            reasons.append(
+                f"{spec.ramp_min_requests - self._step_requests} more routed requests to end at this share "
+                f"(ramp_min_requests {spec.ramp_min_requests})"
+            )
+        judged = len(self.outcomes.window)
+        if self._gated() and judged < ERROR_MIN_REQUESTS:
+            reasons.append(f"the error gate's first {ERROR_MIN_REQUESTS} routed requests ({judged} so far)")
+        due = self._step_since + spec.ramp_interval_s
+        left = due - self._clock()
+        if left > 0:
+            reasons.append(f"{math.ceil(left):.0f} s more at this share (ramp_interval_s {spec.ramp_interval_s:g})")
+        elif self._monitored and self._evaluated_at < due:
+            reasons.append("a monitor evaluation that begins after the hold")
+        return reasons or [
+            "the canary's next routed request to end, or the monitor's next evaluation: either takes the step"
+        ]
+
+    def state(self) -> RolloutState:
+        """The split as it serves now, for GetRollout."""
+        rolled_back = "errors" if self.tripped else "alert" if self.held and self.spec.rollback_on_alert else ""
+        return RolloutState(
+            model=self.model,
+            spec=self.spec,
+            stable=self.stable,
+            canary=self.canary,
+            share=self.share,
+            step=self.step,
+            rolled_back=rolled_back if self.canary is not None else "",
+            alerts=tuple(sorted(self.held)),
+            step_held_s=max(0.0, self._clock() - self._step_since),
+            step_requests=self._step_requests,
+            canary_judged=len(self.outcomes.window),
+            canary_failed_percent=self.outcomes.percent(),
+            stable_judged=len(self.stable_outcomes.window),
+            stable_failed_percent=self.stable_outcomes.percent(),
+            waiting_for=tuple(self.waiting_for()),
+            shadow=self.shadow,
         )
 
     def shadows(self, request_id: str) -> bool:

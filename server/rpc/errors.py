@@ -57,6 +57,8 @@ _MODEL_FIELDS: dict[str, tuple[str, str | None]] = {
     "GetModelQuality": ("model", "version"),
     "GetModelDrift": ("model", "version"),
     "ListAlerts": ("model", None),
+    # tensorgate.v1.Rollout (server/rpc/rollout.py)
+    "GetRollout": ("model", None),
 }
 
 
