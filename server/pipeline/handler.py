@@ -641,9 +641,27 @@ class InferenceHandler:
                             place, step_inputs, step_outputs, step_rows, req.deadline, span=context
                         )
                     elif composing.plan is not None:
-                        results, times = await self._run_ensemble(
-                            composing, step_inputs, step_outputs, step_rows, req, priority, timeout_us, span, models
+                        # A composing ensemble answers from its own response cache too, as a request sent to it
+                        # would; on a miss its steps run on the models this request holds.
+                        nested = functools.partial(
+                            self._run_ensemble,
+                            composing,
+                            step_inputs,
+                            step_outputs,
+                            step_rows,
+                            req,
+                            priority,
+                            timeout_us,
+                            span,
+                            models,
                         )
+                        identity = self._cache_identity(composing, req) if self.cache is not None else None
+                        if identity is None:
+                            results, times = await nested()
+                        else:
+                            results, times = await self._cached(
+                                composing, identity, step_inputs, sub.datatypes, step_outputs, started, nested
+                            )
                     else:
                         # A step's model answers from its own response cache, as Triton's composing models do.
                         results, times = await self._execute_cached(
