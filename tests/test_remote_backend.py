@@ -36,6 +36,7 @@ from tensorgate.server.scheduling.scheduler import Scheduler
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import MODEL_STATES
 from tensorgate.server.telemetry.statistics import ModelStats
+from tests.onnx_models import write_config
 from tests.process import ServeProcess
 from tests.scraping import metrics_url, scrape, value
 from tests.scripted_upstream import ScriptedUpstream
@@ -832,7 +833,7 @@ def test_an_override_that_keeps_the_url_keeps_the_upstream_model(tmp_path: Path)
         pytest.param(
             "ca\0.pem",
             "parameter 'tensorgate.triton.ca_file' of a config override must be a path inside the model directory "
-            "(relative, without '..'), got 'ca\0.pem'",
+            "(relative, without '..'), got 'ca\\x00.pem'",  # escaped in the status message, as every control character
             id="nul",
         ),
         pytest.param(
@@ -926,3 +927,38 @@ def test_allowed_upstreams_come_from_the_command_line_as_host_port_patterns(tmp_
         with pytest.raises(ValueError, match=words):
             ServerSettings(model_repository=tmp_path, allowed_upstreams=[pattern])
     assert ServerSettings(model_repository=tmp_path, allowed_upstreams=["10.*.*.*:8001", "*.internal:*"])
+
+
+def test_a_cached_remote_model_keys_its_answers_by_the_parameters_it_sends_upstream(tmp_path: Path) -> None:
+    """The upstream reads the request's parameters (an LLM's temperature), so two requests with the same tensors
+    and other parameters have different answers: the response cache, which left parameters out of its key as
+    Triton's does, answered the second from the first. The server's own (`priority`) still share an entry, and so
+    does a request sent again; an ensemble with a remote step keys its cache the same way."""
+    root = tmp_path / "models"
+    with ScriptedUpstream() as up:
+        _remote(root, "r", up.url, 'name: "r" max_batch_size: 8', "response_cache { enable: true }")
+        _remote(root, "plain", up.url, 'name: "plain" max_batch_size: 8')
+        write_config(
+            root,
+            "e",
+            'name: "e" platform: "ensemble" max_batch_size: 8 response_cache { enable: true }\n'
+            'input { name: "X" data_type: TYPE_FP32 dims: [2] }\noutput { name: "Y" data_type: TYPE_FP32 dims: [2] }\n'
+            'ensemble_scheduling { step { model_name: "plain" model_version: -1 input_map { key: "X" value: "X" } '
+            'output_map { key: "Y" value: "Y" } } }',
+        )
+        (root / "e" / "1").mkdir()
+        with ServerThread(root, response_cache_bytes=1 << 20) as s, tc.InferenceServerClient(s.address) as client:
+            for model in ("r", "e"):
+                before = up.script.calls
+                for parameters, priority in (
+                    ({"temperature": 0.5}, 0),
+                    ({"temperature": 0.5}, 0),  # the same again: from the cache
+                    ({"temperature": 0.5}, 1),  # the server's own parameter (priority): the same answer
+                    ({"temperature": 0.9}, 0),
+                    ({"temperature": "0.9"}, 0),  # another type, another value upstream
+                    ({}, 0),
+                ):
+                    client.infer(model, _x(), parameters=parameters, priority=priority)
+                assert up.script.calls - before == 4, model
+                (r,) = [m for m in client.get_inference_statistics(model).model_stats if m.name == model]
+                assert (r.inference_stats.cache_hit.count, r.inference_stats.cache_miss.count) == (2, 4), model

@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
-from tensorgate.server.backends.base import SequenceFlags, StreamsResponses
+from tensorgate.server.backends.base import RunsRemotely, SequenceFlags, StreamsResponses, upstream_parameters
 from tensorgate.server.errors import (
     InvalidRequestError,
     ServerUnavailableError,
@@ -311,10 +311,30 @@ class InferenceHandler:
 
     def _cache_identity(self, model: LoadedModel, req: InferRequest) -> tuple[str, int, str] | None:
         """What a cached answer of `model` depends on (`_identity`), or None when its answers are not cached: the
-        model's response cache is off, or the request is of a sequence (its answer depends on the state)."""
+        model's response cache is off, or the request is of a sequence (its answer depends on the state). A model
+        that runs on an upstream, or an ensemble with such a step, sends the request's parameters there (an LLM's
+        temperature, say), so its answer depends on them too: they are part of its identity. Triton's key leaves
+        parameters out, as a local ONNX model's answer never depends on them."""
         if not model.config.response_cache.enable or "sequence_id" in req.parameters:
             return None
-        return self._identity(model)
+        identity = self._identity(model)
+        forwarded = upstream_parameters(req.parameters)
+        if identity is None or forwarded is None or not self._runs_remotely(model):
+            return identity
+        name, version, signature = identity
+        return name, version, f"{signature}\0{sorted((k, type(v).__name__, v) for k, v in forwarded.items())!r}"
+
+    def _runs_remotely(self, model: LoadedModel) -> bool:
+        """Whether `model`, or a step of it, runs on an upstream server (ensembles within it included)."""
+        backend = model.backend
+        if isinstance(backend, RunsRemotely) and backend.runs_remotely:
+            return True
+        if model.plan is None:
+            return False
+        try:
+            return any(self._runs_remotely(self._repository.get(n, v)) for n, v in model.plan.models)
+        except TensorgateError:  # a step no longer there: the request fails where any other would
+            return True
 
     async def _cached(
         self,
