@@ -94,7 +94,7 @@ def describe(state: RolloutState) -> str:
             lines.append(f"  alerts firing on the canary: {', '.join(state.alerts)}")
         if state.waiting_for:
             lines.append("  next step waits for: " + "; ".join(state.waiting_for))
-        elif len(state.steps) > 1:
+        elif len(state.steps) > 1 and not state.rolled_back:
             lines.append("  ramp done: make the canary the stable version in the config to retire the old one")
     if state.shadow_version is not None:
         lines.append(f"  shadow: version {state.shadow_version} mirrors {state.shadow_percent:g}% of stable's requests")

@@ -6,6 +6,7 @@ the CLI and the authorization policy."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import subprocess
@@ -18,7 +19,8 @@ import grpc
 import pytest
 import yaml
 
-from tensorgate.client import AsyncInferenceClient, InferenceClient
+from tensorgate.client import AsyncInferenceClient, InferenceClient, RolloutState
+from tensorgate.client._rollout import describe
 from tensorgate.client.errors import InvalidArgument, NotFound, PermissionDenied
 from tensorgate.protos import monitoring_pb2 as mpb
 from tensorgate.protos.service import make_stub_class
@@ -207,3 +209,42 @@ def test_get_rollout_is_a_statistics_read_under_the_policy(tmp_path: Path) -> No
         with InferenceClient(server.address, headers={"authorization": "Bearer caller-token"}) as caller:
             with pytest.raises(PermissionDenied):
                 caller.rollout("m")
+
+
+def _client_state(**changes: object) -> RolloutState:
+    base = RolloutState(
+        model="m",
+        stable_version="1",
+        canary_version="2",
+        canary_share=100.0,
+        steps=(10.0, 100.0),
+        step=1,
+        rolled_back=None,
+        alerts=(),
+        step_held_s=5.0,
+        step_requests=3,
+        ramp_interval_s=60.0,
+        ramp_min_requests=20,
+        canary_failed_percent=0.0,
+        canary_judged=40,
+        stable_failed_percent=1.0,
+        stable_judged=100,
+        max_error_percent=None,
+        waiting_for=(),
+        shadow_version=None,
+        shadow_percent=0.0,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_the_cli_text_says_when_a_ramp_is_done_and_only_then() -> None:
+    done = describe(_client_state())
+    assert "ramp: 10% -> [100%], step 2 of 2" in done and "error gate off" in done
+    assert done.endswith("ramp done: make the canary the stable version in the config to retire the old one")
+    rolled = describe(_client_state(canary_share=0.0, rolled_back="errors"))
+    assert "canary: version 2 at 0% (rolled back: errors)" in rolled and "ramp done" not in rolled
+    none = describe(_client_state(canary_version=None, shadow_version="3", shadow_percent=50.0))
+    assert (
+        none
+        == "model 'm': stable version 1\n  canary: none served\n  shadow: version 3 mirrors 50% of stable's requests"
+    )
