@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import tempfile
 import threading
@@ -24,6 +23,7 @@ import onnxruntime as ort
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.backends import bf16
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext
+from tensorgate.server.cpus import usable_cpus
 from tensorgate.server.errors import BackendError, InvalidRequestError, ModelLoadError, without_paths
 from tensorgate.server.repository.config import BOOL_SPELLINGS, bool_parameter, parse_bool
 from tensorgate.server.repository.paths import inside
@@ -471,12 +471,9 @@ def pad_feed(feed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
 
 
 def default_intra_op_threads() -> int:
-    """Cores this process may use, minus one for the event loop; at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    """Cores this process may use (its container's CPU limit included: server/cpus.py), minus one for the event
+    loop; at least 1."""
+    return max(1, usable_cpus() - 1)
 
 
 def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
