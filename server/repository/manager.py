@@ -20,7 +20,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1383,9 +1383,11 @@ class ModelRepository:
         changed = [n for n in sorted(on_disk) if n not in self._entries or self._entries[n].attempted != signatures[n]]
         await self.load_many(changed)
 
-    def index(self, ready_only: bool = False) -> list[IndexRow]:
+    def index(self, ready_only: bool = False, on_disk: Iterable[str] | None = None) -> list[IndexRow]:
+        """`on_disk`: names_on_disk() as read off the event loop (RepositoryIndex): it stats every model directory,
+        milliseconds per hundred models on a local disk and a round trip each on a network one."""
         rows: list[IndexRow] = []
-        for name in sorted(set(self.names_on_disk()) | set(self._entries)):
+        for name in sorted(set(self.names_on_disk() if on_disk is None else on_disk) | set(self._entries)):
             entry = self._entries.get(name)
             if entry is None:
                 if not ready_only:

@@ -630,7 +630,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         if request.repository_name not in ("", self._repository.root.name):
             raise ModelNotFoundError(request.repository_name, None, "no such repository")
-        return codec.encode_repository_index(self._repository.index(request.ready))
+        # Off the loop: it stats every model directory, and the loop serves every other call meanwhile. A ready-only
+        # index lists loaded models alone and needs no disk.
+        on_disk = () if request.ready else await asyncio.to_thread(self._repository.names_on_disk)
+        return codec.encode_repository_index(self._repository.index(request.ready, on_disk))
 
     @errors.unary
     async def RepositoryModelLoad(
