@@ -4,7 +4,9 @@ this process, step by step, not with the code under test."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from tests.onnx_models import add_sub_model, identity_model, scale_model, write_config
+from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_infer import triton_inputs
 
@@ -176,3 +179,41 @@ def test_text_inputs_that_join_to_the_same_bytes_do_not_share_an_entry(client: t
         array = np.array([elements], dtype=object)
         np.testing.assert_array_equal(client.infer("text", triton_inputs({"INPUT0": array})).as_numpy("OUTPUT0"), array)
     assert _stats(client, "text")[0] == hits
+
+
+def test_a_nested_ensemble_caches_its_answer_under_the_step_models_that_computed_it(tmp_path: Path) -> None:
+    """An outer request holds the step models it found when it started. Its nested ensemble's cache key looked
+    them up afresh: a step model reloaded meanwhile gave the key its new files while the answer came from the
+    old ones, and the cache then served that old answer to requests for the new model (review 119)."""
+    root = tmp_path / "models"
+    scale_model(root / "slow" / "1" / "model.onnx", 1.0)
+    # The outer request waits in slow's queue until a second request makes the preferred batch of 2.
+    batching = "dynamic_batching { preferred_batch_size: [ 2 ] max_queue_delay_microseconds: 30000000 }"
+    write_config(root, "slow", _model("slow", extra=batching))
+    scale_model(root / "double" / "1" / "model.onnx", 2.0)
+    write_config(root, "double", _model("double"))
+    four = "data_type: TYPE_FP32 dims: [ 4 ]"
+    io = f'input [ {{ name: "X" {four} }} ] output [ {{ name: "Y" {four} }} ]'
+    _ensemble(root, "inner", io, _steps(_step("double", {"INPUT0": "X"}, {"OUTPUT0": "Y"})), CACHE)
+    _ensemble(
+        root,
+        "outer",
+        io,
+        _steps(_step("slow", {"INPUT0": "X"}, {"OUTPUT0": "S"}), _step("inner", {"X": "S"}, {"Y": "Y"})),
+    )
+    x = np.ones((1, 4), np.float32)
+    with (
+        ServerThread(root, response_cache_bytes=1 << 20, model_control_mode="explicit", load_model=["*"]) as s,
+        tc.InferenceServerClient(s.address) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        outer = pool.submit(lambda: client.infer("outer", triton_inputs({"X": x})).as_numpy("Y"))
+        deadline = time.monotonic() + 30
+        while value(scrape(metrics_url(s)), "tensorgate_queue_depth", model="slow", version="1") < 1:
+            assert time.monotonic() < deadline and not outer.done(), "the outer request never queued at slow"
+            time.sleep(0.02)
+        scale_model(root / "double" / "1" / "model.onnx", 5.0)
+        client.load_model("double")  # new files: x5; the outer request still holds the x2 model
+        client.infer("slow", triton_inputs({"INPUT0": x}))  # makes slow's batch of 2: the outer request goes on
+        np.testing.assert_array_equal(outer.result(timeout=30), 2 * x)  # computed by the models it held
+        np.testing.assert_array_equal(client.infer("inner", triton_inputs({"X": x})).as_numpy("Y"), 5 * x)

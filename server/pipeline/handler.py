@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from tensorgate.server.monitoring.capture import Capture, CaptureConfig
 
 log = logging.getLogger(__name__)
+
+Resolved = Mapping[tuple[str, str], LoadedModel]
+"""An ensemble request's step models by (name, version as its plan names it), found once when it starts."""
 
 # Ids for requests sent without one: UUID-shaped and unique, a random prefix per process and a counter.
 # str(uuid.uuid4()) per request cost 5.6 us (os.urandom and UUID formatting), as much as decoding the request.
@@ -309,22 +312,25 @@ class InferenceHandler:
         run = functools.partial(self._execute, model, inputs, outputs, rows, req, priority, timeout_us, span)
         return self._cached(model, identity, inputs, datatypes, outputs, started, run)
 
-    def _cache_identity(self, model: LoadedModel, req: InferRequest) -> tuple[str, int, str] | None:
+    def _cache_identity(
+        self, model: LoadedModel, req: InferRequest, resolved: Resolved | None = None
+    ) -> tuple[str, int, str] | None:
         """What a cached answer of `model` depends on (`_identity`), or None when its answers are not cached: the
         model's response cache is off, or the request is of a sequence (its answer depends on the state). A model
         that runs on an upstream, or an ensemble with such a step, sends the request's parameters there (an LLM's
         temperature, say), so its answer depends on them too: they are part of its identity. Triton's key leaves
-        parameters out, as a local ONNX model's answer never depends on them."""
+        parameters out, as a local ONNX model's answer never depends on them. `resolved`: for an ensemble that is
+        a step of another, the models the request holds (`_step_model`)."""
         if not model.config.response_cache.enable or "sequence_id" in req.parameters:
             return None
-        identity = self._identity(model)
+        identity = self._identity(model, resolved)
         forwarded = upstream_parameters(req.parameters)
-        if identity is None or forwarded is None or not self._runs_remotely(model):
+        if identity is None or forwarded is None or not self._runs_remotely(model, resolved):
             return identity
         name, version, signature = identity
         return name, version, f"{signature}\0{sorted((k, type(v).__name__, v) for k, v in forwarded.items())!r}"
 
-    def _runs_remotely(self, model: LoadedModel) -> bool:
+    def _runs_remotely(self, model: LoadedModel, resolved: Resolved | None = None) -> bool:
         """Whether `model`, or a step of it, runs on an upstream server (ensembles within it included)."""
         backend = model.backend
         if isinstance(backend, RunsRemotely) and backend.runs_remotely:
@@ -332,9 +338,20 @@ class InferenceHandler:
         if model.plan is None:
             return False
         try:
-            return any(self._runs_remotely(self._repository.get(n, v)) for n, v in model.plan.models)
+            return any(self._runs_remotely(self._step_model(key, resolved), resolved) for key in model.plan.models)
         except TensorgateError:  # a step no longer there: the request fails where any other would
             return True
+
+    def _step_model(self, key: tuple[str, str], resolved: Resolved | None) -> LoadedModel:
+        """An ensemble step's model: the one the request holds when it holds it, else the one served now. A nested
+        ensemble's answer is computed by the models its outer request found when it started; looked up afresh, a
+        step model reloaded since would give the key its new files while the answer came from the old ones, and
+        the cache would then serve that old answer to requests for the new model."""
+        if resolved is not None:
+            found = resolved.get(key)
+            if found is not None:
+                return found
+        return self._repository.get(*key)
 
     async def _cached(
         self,
@@ -513,22 +530,22 @@ class InferenceHandler:
                     }
                 )
 
-    def _identity(self, model: LoadedModel) -> tuple[str, int, str] | None:
+    def _identity(self, model: LoadedModel, resolved: Resolved | None = None) -> tuple[str, int, str] | None:
         """What a cached answer depends on besides the request: the model's files, and an ensemble's steps' too (a
         composing model reloaded with new files must not be answered for by the old one's outputs). None when a
         step's model is not there: the request goes on uncached and fails, counted, where any other would."""
         try:
-            return model.name, model.version, "/".join(self._signatures(model))
+            return model.name, model.version, "/".join(self._signatures(model, resolved))
         except TensorgateError:
             return None
 
-    def _signatures(self, model: LoadedModel) -> list[str]:
+    def _signatures(self, model: LoadedModel, resolved: Resolved | None = None) -> list[str]:
         """The model's file signature, then those of every model its steps run, ensembles within it included."""
         if model.plan is None:
             return [model.signature]
         out = [model.signature]
-        for name, version in model.plan.models:
-            out.extend(self._signatures(self._repository.get(name, version)))
+        for key in model.plan.models:
+            out.extend(self._signatures(self._step_model(key, resolved), resolved))
         return out
 
     def _execute(
@@ -675,7 +692,7 @@ class InferenceHandler:
                             span,
                             models,
                         )
-                        identity = self._cache_identity(composing, req) if self.cache is not None else None
+                        identity = self._cache_identity(composing, req, models) if self.cache is not None else None
                         if identity is None:
                             results, times = await nested()
                         else:
