@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except TensorgateClientError as exc:
         print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C ends a --watch: no traceback
+        return 130
     except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files, a timeout that is no number of seconds
         print(f"tensorgate rollout: {exc}", file=sys.stderr)
         return 2

@@ -72,6 +72,7 @@ SYNC_CALLS: dict[str, Callable[[InferenceClient], Any]] = {
     "model_quality": lambda c: c.model_quality("add_sub"),
     "model_drift": lambda c: c.model_drift("add_sub"),
     "alerts": lambda c: c.alerts(),
+    "rollout": lambda c: c.rollout("add_sub"),
 }
 
 
@@ -96,6 +97,7 @@ ASYNC_CALLS: dict[str, Callable[[AsyncInferenceClient], Awaitable[Any]]] = {
     "model_quality": lambda c: c.model_quality("add_sub"),
     "model_drift": lambda c: c.model_drift("add_sub"),
     "alerts": lambda c: c.alerts(),
+    "rollout": lambda c: c.rollout("add_sub"),
 }
 
 

@@ -686,6 +686,7 @@ def test_reflection_lists_services(channel: grpc.Channel) -> None:
     names = {s.name for s in resp.list_services_response.service}
     assert names == {
         "inference.GRPCInferenceService",
+        "tensorgate.v1.Rollout",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }

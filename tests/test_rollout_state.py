@@ -29,7 +29,8 @@ from tests.serving import ServerThread
 from tests.test_rollout import _params, _repo, _version_of
 from tests.test_rollout_ramp import Clock, _end, _spec
 
-READY = "the canary's next routed request to end, or the monitor's next evaluation: either takes the step"
+READY = "the canary's next routed request to end, which takes the step"
+READY_MONITORED = "the canary's next routed request to end, or the monitor's next evaluation: either takes the step"
 
 
 def test_each_rule_that_holds_the_step_is_named_until_none_is_left() -> None:
@@ -74,36 +75,69 @@ def test_an_alert_and_the_error_gate_are_named_and_shown_as_rollbacks() -> None:
     clock = Clock()
     rollout = Rollout("m", _spec(), [1, 2], clock=clock)
     _end(rollout, 1, 40)
+    _end(rollout, 2, 15)
+    clock.now += 50
     rollout.follow(["accuracy_drop", "drift"])
     state = rollout.state()
     assert (state.share, state.rolled_back, state.alerts) == (0.0, "alert", ("accuracy_drop", "drift"))
-    assert rollout.waiting_for()[0] == "alert accuracy_drop, drift fires on it"
-    rollout.follow([])
+    assert rollout.waiting_for() == [
+        "alert accuracy_drop, drift to resolve; then ramp_interval_s (60 s) and ramp_min_requests (20) count "
+        "again from then"
+    ]
+    clock.now += 30
+    rollout.follow([])  # resolved: the step's hold and requests start over, as _advance counts them
     assert rollout.state().rolled_back == "" and rollout.share == 10.0
-    _end(rollout, 2, 20, failed=10)
+    assert rollout.waiting_for() == [
+        "20 more routed requests to end at this share (ramp_min_requests 20)",
+        "the error gate's first 20 routed requests (15 so far)",  # the gate's window is not the step's
+        "60 s more at this share (ramp_interval_s 60)",
+    ]
+    _end(rollout, 2, 20, failed=10)  # trips at its 5th failure, the 30th request: 16.7% against 0%
     state = rollout.state()
-    assert (state.share, state.rolled_back, state.canary_failed_percent, state.canary_judged) == (0.0, "errors", 50, 20)
+    assert (state.share, state.rolled_back, state.canary_judged) == (0.0, "errors", 30)
+    assert state.canary_failed_percent == pytest.approx(100 * 5 / 30)
     assert (state.stable_failed_percent, state.stable_judged) == (0.0, 40)
-    assert rollout.waiting_for()[0] == "the error gate rolled it back for its errors"
+    assert rollout.waiting_for() == [
+        "nothing: the error gate rolled it back for its errors, until its build or max_error_percent changes, or "
+        "the model is unloaded and loaded again"
+    ]
 
 
 @pytest.mark.parametrize(
-    ("seed", "monitored", "min_requests"), [(0, False, 5), (1, False, 25), (2, True, 5), (3, True, 25)]
+    ("seed", "monitored", "min_requests", "rollback_on_alert"),
+    [
+        (0, False, 5, True),
+        (1, False, 25, True),
+        (2, True, 5, True),
+        (3, True, 25, True),
+        (4, False, 5, False),
+        (5, True, 5, False),
+    ],
 )
-def test_the_reasons_agree_with_the_ramps_moves(seed: int, monitored: bool, min_requests: int) -> None:
+def test_the_reasons_agree_with_the_ramps_moves(
+    seed: int, monitored: bool, min_requests: int, rollback_on_alert: bool
+) -> None:
     """After the rules ran (a canary's request ended, an evaluation came), a ramp that did not step names what
-    holds it, never READY; and READY means the canary's next request to end takes the step. (Few requests and
-    no monitor: the hold is often the last rule met, so READY comes up; with a monitor the evaluation is the
-    last, and takes the step itself.)"""
+    holds it, never READY; and READY means the canary's next request to end takes the step. An alert, or a
+    rollback for errors, is the one reason while it lasts. (Few requests and no monitor: the hold is often the
+    last rule met, so READY comes up; with a monitor the evaluation is the last, and takes the step itself.)"""
     rng = random.Random(seed)
     clock = Clock()
-    spec = _spec(ramp=(20, 30, 40, 60, 80, 100), min_requests=min_requests)
+    spec = _spec(ramp=(20, 30, 40, 60, 80, 100), min_requests=min_requests, rollback_on_alert=rollback_on_alert)
     rollout = Rollout("m", spec, [1, 2], monitored=monitored, clock=clock)
-    moves = taken_when_ready = 0
+    ready_text = [READY_MONITORED if monitored else READY]
+    moves = taken_when_ready = alerts_seen = 0
     for _ in range(3000):
-        if rollout.step + 1 >= len(rollout.spec.steps) or rollout.tripped:
+        if rollout.step + 1 >= len(rollout.spec.steps):
             break
-        before, ready = rollout.step, rollout.waiting_for() == [READY]
+        reasons = rollout.waiting_for()
+        if rollout.tripped:
+            assert len(reasons) == 1 and reasons[0].startswith("nothing: the error gate rolled it back")
+            break
+        if rollout.held:
+            alerts_seen += 1
+            assert len(reasons) == 1 and reasons[0].startswith("alert drift to resolve")
+        before, ready = rollout.step, reasons == ready_text
         kind = rng.random()
         if kind < 0.4:
             rollout.outcome(2, rng.random() < 0.02)
@@ -120,8 +154,8 @@ def test_the_reasons_agree_with_the_ramps_moves(seed: int, monitored: bool, min_
             taken_when_ready += rollout.step - before
         ran = kind < 0.4 or kind >= 0.6  # a stable version's request does not run the rules
         if ran and rollout.step + 1 < len(rollout.spec.steps):
-            assert rollout.waiting_for() != [READY], "the rules just ran and did not step: something must hold it"
-    assert moves > 0
+            assert rollout.waiting_for() != ready_text, "the rules just ran and did not step: something must hold it"
+    assert moves > 0 and alerts_seen > 0
     assert taken_when_ready > 0 or monitored or min_requests > 5
 
 
@@ -247,4 +281,18 @@ def test_the_cli_text_says_when_a_ramp_is_done_and_only_then() -> None:
     assert (
         none
         == "model 'm': stable version 1\n  canary: none served\n  shadow: version 3 mirrors 50% of stable's requests"
+    )
+
+
+def test_a_split_whose_stable_version_failed_to_load_says_so(tmp_path: Path) -> None:
+    """The load only logs that the split waits for its stable version; GetRollout said the config set no
+    tensorgate.rollout.* parameter at all (review 119)."""
+    root = _repo(tmp_path / "models", _params(canary_version="2", canary_percent="10"))
+    (root / "m" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    with ServerThread(root, strict_readiness=False) as server, InferenceClient(server.address) as client:
+        with pytest.raises(NotFound) as info:
+            client.rollout("m")
+    assert (
+        "model 'm' has no rollout split: its config sets tensorgate.rollout.* parameters, but the split's stable "
+        "version is not served (it failed to load" in str(info.value)
     )

@@ -69,6 +69,7 @@ from tensorgate.server.repository.labels import read_labels
 from tensorgate.server.repository.parameters import check_parameter_keys
 from tensorgate.server.repository.paths import inside, within
 from tensorgate.server.repository.rollout import (
+    PREFIX,
     NoRolloutError,
     Rollout,
     RolloutSpec,
@@ -411,10 +412,11 @@ class ModelRepository:
         """The model's split as it serves now (GetRollout): NOT_FOUND for an unknown model or one without a split,
         UNAVAILABLE for one that serves no version."""
         self.get(name, "")
-        rollout = self._entries[name].rollout
-        if rollout is None:
-            raise NoRolloutError(name)
-        return rollout
+        entry = self._entries[name]
+        if entry.rollout is None:
+            configured = any(k.startswith(PREFIX) for m in entry.versions.values() for k in m.config.parameters)
+            raise NoRolloutError(name, configured=configured)
+        return entry.rollout
 
     def rollouts(self) -> list[Rollout]:
         """The splits of the models served now (for metrics)."""

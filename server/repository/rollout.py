@@ -150,14 +150,21 @@ class RolloutSpec:
 
 
 class NoRolloutError(TensorgateError):
-    """GetRollout for a served model that has no split."""
+    """GetRollout for a served model that has no split: its config sets none, or (`configured`) the split's
+    stable version is not served, which a load only logs."""
 
     code = grpc.StatusCode.NOT_FOUND
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, configured: bool = False) -> None:
+        why = (
+            f"its config sets {PREFIX}* parameters, but the split's stable version is not served (it failed to load: "
+            "RepositoryIndex says why)"
+            if configured
+            else f"its config sets no {PREFIX}* parameter"
+        )
         super().__init__(
-            f"{model_ref(model)} has no rollout split: its config sets no {PREFIX}* parameter, so requests that name "
-            "no version go to its highest served version"
+            f"{model_ref(model)} has no rollout split: {why}, so requests that name no version go to its highest "
+            "served version"
         )
 
 
@@ -766,16 +773,24 @@ class Rollout:
 
     def waiting_for(self) -> list[str]:
         """What keeps the canary from its ramp's next step, one phrase each: `_advance`'s rules, for an operator
-        asking why the share has not moved (GetRollout). Empty when there is no next step. With every rule met,
-        the step waits only for what runs them: no timer does, so a canary that gets no traffic never moves."""
+        asking why the share has not moved (GetRollout). Empty when there is no next step. A rollback for errors,
+        or an alert, is the one reason while it lasts (an alert that resolves starts the step's hold and requests
+        over). With every rule met, the step waits only for what runs them: no timer does, so a canary that gets
+        no traffic never moves."""
         spec = self.spec
         if self.canary is None or self.step + 1 >= len(spec.steps):
             return []
-        reasons = []
         if self.tripped:
-            reasons.append("the error gate rolled it back for its errors")
+            return [
+                "nothing: the error gate rolled it back for its errors, until its build or max_error_percent changes, "
+                "or the model is unloaded and loaded again"
+            ]
         if self.held:
-            reasons.append(f"alert {', '.join(sorted(self.held))} fires on it")
+            return [
+                f"alert {', '.join(sorted(self.held))} to resolve; then ramp_interval_s ({spec.ramp_interval_s:g} s) "
+                f"and ramp_min_requests ({spec.ramp_min_requests}) count again from then"
+            ]
+        reasons = []
         if self._step_requests < spec.ramp_min_requests:
             reasons.append(
                 f"{spec.ramp_min_requests - self._step_requests} more routed requests to end at this share "
@@ -790,9 +805,11 @@ class Rollout:
             reasons.append(f"{math.ceil(left):.0f} s more at this share (ramp_interval_s {spec.ramp_interval_s:g})")
         elif self._monitored and self._evaluated_at < due:
             reasons.append("a monitor evaluation that begins after the hold")
-        return reasons or [
-            "the canary's next routed request to end, or the monitor's next evaluation: either takes the step"
-        ]
+        if reasons:
+            return reasons
+        if self._monitored:
+            return ["the canary's next routed request to end, or the monitor's next evaluation: either takes the step"]
+        return ["the canary's next routed request to end, which takes the step"]
 
     def state(self) -> RolloutState:
         """The split as it serves now, for GetRollout."""
