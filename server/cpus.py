@@ -42,36 +42,49 @@ def _own_cgroups(proc_cgroup: Path) -> tuple[list[str], list[str]]:
     return v2, v1
 
 
+def _levels(base: Path, own: list[str]) -> list[Path]:
+    """`base` joined with each own cgroup path and each of its parents, down to `base` itself, once each."""
+    seen: dict[Path, None] = {}
+    for path in own:
+        parts = [p for p in path.split("/") if p]
+        for n in range(len(parts), 0, -1):
+            seen.setdefault(base.joinpath(*parts[:n]))
+    seen.setdefault(base)
+    return list(seen)
+
+
+def _v2_limit(directory: Path) -> float | None:
+    fields = (_read(directory / "cpu.max") or "").split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_limit(directory: Path) -> float | None:
+    try:
+        quota = int(_read(directory / "cpu.cfs_quota_us") or "")
+        period = int(_read(directory / "cpu.cfs_period_us") or "")
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def cgroup_cpu_limit(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
-    """CPUs' worth of time the process's cgroup may use, or None when it has no limit (or none can be read):
-    cgroup v2's cpu.max ("400000 100000" is 4), else v1's cpu.cfs_quota_us over cpu.cfs_period_us. Read in the
-    process's own cgroup, and at the root, which is where a container sees its own cgroup. A parent cgroup's
-    lower limit is not looked for."""
+    """CPUs' worth of time the process's cgroups let it use, or None when none sets a limit (or none can be read):
+    cgroup v2's cpu.max ("400000 100000" is 4), v1's cpu.cfs_quota_us over cpu.cfs_period_us. The lowest over the
+    process's own cgroup (its path in /proc/self/cgroup) and each parent up to the root, which is where a
+    container sees its own cgroup: a limit set on a pod's cgroup binds the containers under it."""
     root = CGROUP_ROOT if root is None else root
     v2, v1 = _own_cgroups(PROC_CGROUP if proc_cgroup is None else proc_cgroup)
-    for directory in [*(root / p for p in v2 if p), root]:
-        text = _read(directory / "cpu.max")
-        if text is None:
-            continue
-        fields = text.split()
-        if len(fields) != 2 or fields[0] == "max":
-            return None
-        try:
-            quota, period = int(fields[0]), int(fields[1])
-        except ValueError:
-            return None
-        return quota / period if quota > 0 and period > 0 else None
+    limits = [_v2_limit(d) for d in _levels(root, v2)]
     for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        for directory in [*(root / mount / p for p in v1 if p), root / mount]:
-            quota_text, period_text = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
-            if quota_text is None or period_text is None:
-                continue
-            try:
-                quota, period = int(quota_text), int(period_text)
-            except ValueError:
-                return None
-            return quota / period if quota > 0 and period > 0 else None
-    return None
+        limits += [_v1_limit(d) for d in _levels(root / mount, v1)]
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
 
 
 def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> int:

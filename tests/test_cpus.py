@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from tensorgate.server import cpus
+from tensorgate.server.backends import onnx as onnx_backend
 from tensorgate.server.backends.onnx import session_options
 from tests.onnx_models import identity_model
 from tests.test_onnx_backend import _config_with
@@ -58,6 +59,29 @@ def _tree(tmp_path: Path, files: dict[str, str], proc: str = "") -> tuple[Path, 
         pytest.param(
             {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, "4:cpu:/\n", None, id="v1-unlimited"
         ),
+        pytest.param(
+            {"init.scope/cpu.max": "max 100000", "cpu.max": "200000 100000"},
+            "0::/init.scope\n",
+            2.0,
+            id="v2-unlimited-own-cgroup-under-a-limited-root",
+        ),
+        pytest.param(
+            {"pod/cpu.max": "150000 100000", "pod/ctr/cpu.max": "300000 100000"},
+            "0::/pod/ctr\n",
+            1.5,
+            id="v2-a-parent-sets-the-lower-limit",
+        ),
+        pytest.param(
+            {
+                "cpu/docker/abc/cpu.cfs_quota_us": "-1",
+                "cpu/docker/abc/cpu.cfs_period_us": "100000",
+                "cpu/cpu.cfs_quota_us": "200000",
+                "cpu/cpu.cfs_period_us": "100000",
+            },
+            "0::/\n4:cpu:/docker/abc\n1:name=systemd:/docker/abc\n",
+            2.0,
+            id="hybrid-v1-unlimited-own-under-a-limited-root",
+        ),
         pytest.param({}, "", None, id="no-cgroup-files"),
         pytest.param({"cpu.max": "garbage"}, "0::/\n", None, id="unreadable"),
     ],
@@ -71,15 +95,13 @@ def test_the_cgroup_cpu_limit_is_read_as_the_kernel_writes_it(
     assert cpus.usable_cpus(root, proc_cgroup) == expected
 
 
-def test_onnx_runtime_threads_follow_a_containers_cpu_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_runtime_threads_follow_the_usable_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sized from the host's cores, each model's intra-op pool put as many threads as the host has cores on a
-    container allowed one CPU's time. A config that names its count still gets it. (On a machine of 2 cores, as
-    here, the host's own default is 1 too: the check has teeth on a larger one, such as the GPU machine's 16.)"""
-    root, proc_cgroup = _tree(tmp_path, {"cpu.max": "100000 100000"}, "0::/\n")
-    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
-    monkeypatch.setattr(cpus, "PROC_CGROUP", proc_cgroup)
-    assert session_options(_config_with()).intra_op_num_threads == 1
+    container allowed a few CPUs' time: the default comes from usable_cpus (a 6-CPU limit here, on any host), less
+    one for the event loop. A config that names its count still gets it."""
+    monkeypatch.setattr(onnx_backend, "usable_cpus", lambda: 6)
+    assert session_options(_config_with()).intra_op_num_threads == 5
     assert session_options(_config_with({"intra_op_thread_count": "3"})).intra_op_num_threads == 3
     model = str(identity_model(tmp_path / "m.onnx", "FP32"))
     session = ort.InferenceSession(model, session_options(_config_with()), providers=["CPUExecutionProvider"])
-    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().intra_op_num_threads == 5
