@@ -25,8 +25,17 @@ from pathlib import Path
 
 import grpc
 
-# Control characters but tab, and the line breaks that str.splitlines (and some log viewers) split at besides.
-ESCAPED_CODES = [c for c in range(0x20) if c != ord("\t")] + [0x7F, 0x85, 0x2028, 0x2029]
+# Control characters but tab (C0, DEL and C1, whose 0x9B some terminals take for an escape sequence), the line
+# breaks that str.splitlines (and some log viewers) split at besides, and the bidirectional overrides and isolates,
+# which make a terminal show text in another order than it is written.
+ESCAPED_CODES = [
+    *(c for c in range(0x20) if c != ord("\t")),
+    *range(0x7F, 0xA0),
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
 CONTROL_ESCAPES = {c: ascii(chr(c))[1:-1] for c in ESCAPED_CODES}
 """Each of those characters as Python writes it escaped (a newline as `\\n`), for str.translate."""
 

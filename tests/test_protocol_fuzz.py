@@ -489,8 +489,9 @@ def test_a_long_message_is_cut_to_fit_once_encoded(stub: GRPCInferenceServiceStu
     good(stub)
 
 
-_FORGED = "x\n2026-11-30 00:00:00 ERROR tensorgate: forged\r\x1b[31mred\x00\u2028"
-"""A name that, quoted raw, would start a line of its own in the client's log and recolour its terminal."""
+_FORGED = "x\n2026-11-30 00:00:00 ERROR tensorgate: forged\r\x1b[31mred\x00\u2028\x9b1m\u202egnp.exe"
+"""A name that, quoted raw, would start a line of its own in the client's log, recolour its terminal (an ESC
+sequence, or the one-byte CSI 0x9B) and show its end reversed (a bidirectional override)."""
 
 
 @pytest.mark.parametrize("where", ["model", "version", "input", "output", "datatype", "region"])
@@ -502,7 +503,7 @@ def test_control_characters_in_a_name_are_escaped_in_the_message(stub: GRPCInfer
     details = info.value.details() or ""
     assert info.value.code() != grpc.StatusCode.OK
     assert details.isprintable(), details
-    assert "x\\n2026-11-30 00:00:00 ERROR tensorgate: forged\\r\\x1b[31mred\\x00\\u2028" in details, details
+    assert "x\\n2026-11-30 00:00:00 ERROR tensorgate: forged\\r\\x1b[31mred\\x00\\u2028\\x9b1m\\u202egnp.exe" in details
     answers = list(stub.ModelStreamInfer(iter([_long(valid("add_sub"), where, _FORGED)]), timeout=20))
     assert len(answers) == 1
     assert answers[0].error_message.isprintable()
