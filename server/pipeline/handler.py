@@ -580,7 +580,10 @@ class InferenceHandler:
                     request_id=req.id,
                     parameters=req.parameters,
                 )
-            return sequences.submit(inputs, outputs, rows, req.deadline, flags, span=context)
+            assert model.sequencer is not None
+            return model.sequencer.submit(
+                inputs, outputs, rows, req.deadline, flags, span=context, timeout_us=timeout_us
+            )
         return scheduler.submit(
             inputs,
             outputs,

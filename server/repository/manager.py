@@ -1409,8 +1409,11 @@ class ModelRepository:
         return rows
 
     def reject_waiting(self, why: str) -> None:
-        """Every model's requests that have not started fail with UNAVAILABLE (Scheduler.reject_waiting)."""
+        """Every model's requests that have not started fail with UNAVAILABLE (Scheduler.reject_waiting), those of
+        sequences waiting for a slot included (Sequencer.reject_waiting)."""
         for model in [*self.loaded(), *self._retiring.values()]:
+            if model.sequencer is not None:
+                model.sequencer.reject_waiting(why)
             if model.scheduler is not None:
                 model.scheduler.reject_waiting(why)
 

@@ -37,7 +37,13 @@ from opentelemetry.trace import SpanContext
 
 from tensorgate.server.auth.identity import CURRENT_IDENTITY, identity_key
 from tensorgate.server.backends.base import SequenceFlags, SequenceId
-from tensorgate.server.errors import InvalidRequestError, ServerUnavailableError, TensorgateError, model_ref
+from tensorgate.server.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ServerUnavailableError,
+    TensorgateError,
+    model_ref,
+)
 from tensorgate.server.repository.sequence import SequenceSpec
 from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
 from tensorgate.server.telemetry.statistics import ExecutionTimes
@@ -140,6 +146,7 @@ class Sequencer:
         self._backlog: collections.deque[_Sequence] = collections.deque()
         self._holding_requests = 0
         """Requests of slot-holding sequences accepted and not finished: while > 0, the Scheduler is held."""
+        self._waiting = 0
         self._closed = False
         self._draining = False
         self._state_outputs = [s.output_name for s in spec.states]
@@ -164,6 +171,12 @@ class Sequencer:
     def backlog(self) -> int:
         """Sequences waiting for a slot."""
         return len(self._backlog)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued here, before the Scheduler's: behind an earlier request of their sequence, or in the
+        backlog (the model's queue depth counts them, as a remote sequence model's does)."""
+        return self._waiting
 
     # ----- requests ----------------------------------------------------------------------------------------
 
@@ -196,17 +209,31 @@ class Sequencer:
         deadline: float | None,
         *,
         span: SpanContext | None = None,
+        timeout_us: int | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """Run the request at `place` once the requests before it in its sequence have run; the Scheduler's
-        errors, and UNAVAILABLE when the model was unloaded while the sequence waited for a slot."""
+        errors, UNAVAILABLE when the model was unloaded while the sequence waited for a slot, and DEADLINE_EXCEEDED
+        when it waited for one longer than the request's `timeout` (as Triton's backlog honours it)."""
         seq, previous = place.seq, place.previous
         # Queue time counts from here: an ensemble's step takes its place on arrival, and the ensemble counts the
         # time of the steps before it on its own.
         started = time.perf_counter_ns()
-        if previous is not None and not previous.done():
-            await asyncio.shield(previous)
-        if not seq.slot.done():
-            await asyncio.shield(seq.slot)
+        if (previous is not None and not previous.done()) or not seq.slot.done():
+            self._waiting += 1
+            try:
+                if not seq.slot.done():  # the slot first: only that wait is bounded by the timeout
+                    try:
+                        async with asyncio.timeout(timeout_us / 1e6 if timeout_us else None):
+                            await asyncio.shield(seq.slot)
+                    except TimeoutError:
+                        raise DeadlineExceededError(
+                            f"{self._ref}: the request's timeout ({timeout_us} us) passed while its sequence waited "
+                            "for a slot"
+                        ) from None
+                if previous is not None and not previous.done():
+                    await asyncio.shield(previous)
+            finally:
+                self._waiting -= 1
         seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
         waited = time.perf_counter_ns() - started
         feed = dict(inputs)
@@ -249,11 +276,12 @@ class Sequencer:
         flags: SequenceFlags | None,
         *,
         span: SpanContext | None = None,
+        timeout_us: int | None = None,
     ) -> tuple[Outputs, ExecutionTimes]:
         """A request sent to this model: its place, taken now, then its run (`enter`, `run`, `leave`)."""
         place = self.enter(flags, rows)
         try:
-            return await self.run(place, inputs, outputs, rows, deadline, span=span)
+            return await self.run(place, inputs, outputs, rows, deadline, span=span, timeout_us=timeout_us)
         finally:
             self.leave(place)
 
@@ -271,7 +299,9 @@ class Sequencer:
             )
         if self._corrid is not None and isinstance(flags.id, int):
             info = np.iinfo(self._corrid[1])  # type: ignore[type-var]
-            if not info.min <= flags.id <= info.max:
+            # A 64-bit CORRID takes every ID (they are uint64): an INT64 one gets an ID past 2**63 - 1 (a negative
+            # one sent in int64_param) as its two's complement, the bits Triton copies into it.
+            if info.bits < 64 and not info.min <= flags.id <= info.max:
                 raise InvalidRequestError(
                     self._model, version, f"sequence_id {flags.id} does not fit the CORRID control ({self._corrid[1]})"
                 )
@@ -321,7 +351,9 @@ class Sequencer:
             feed[name] = true if on else false
         if self._corrid is not None:
             name, dtype = self._corrid
-            value = flags.id.encode() if isinstance(flags.id, str) else flags.id
+            value: bytes | int = flags.id.encode() if isinstance(flags.id, str) else flags.id
+            if isinstance(value, int) and value >= 2**63 and dtype == np.int64:
+                value -= 2**64  # the two's complement (see _check)
             feed[name] = np.full(self._lead, value, dtype=dtype)
 
     # ----- sequence lifetime (event loop) ------------------------------------------------------------------
@@ -389,9 +421,9 @@ class Sequencer:
                     self._hold(place)
             granted.unheld.clear()
 
-    def _fail_slot(self, seq: _Sequence) -> None:
+    def _fail_slot(self, seq: _Sequence, why: str = "was unloaded before the request ran") -> None:
         if not seq.slot.done():  # (a slot shared with a successor is failed once)
-            seq.slot.set_exception(ServerUnavailableError(f"{self._ref} was unloaded before the request ran"))
+            seq.slot.set_exception(ServerUnavailableError(f"{self._ref} {why}"))
             seq.slot.exception()  # read here: a sequence whose requests all left has nobody to read it
 
     def drain(self) -> None:
@@ -399,6 +431,14 @@ class Sequencer:
         self._draining = True
         while self._backlog:
             self._fail_slot(self._backlog.popleft())
+
+    def reject_waiting(self, why: str) -> None:
+        """The server's stop ran out of grace: sequences still waiting for a slot fail now with UNAVAILABLE
+        "<model> <why>", as the Scheduler's queued requests do (they never ran, so their callers may start them
+        again elsewhere), rather than be cut off with gRPC's bare cancel, which cannot tell them from work that ran."""
+        self._draining = True
+        while self._backlog:
+            self._fail_slot(self._backlog.popleft(), why)
 
     def close(self) -> None:
         """The model is gone: sequences end, and those still waiting for a slot fail (never ran). A

@@ -276,8 +276,8 @@ QUEUE_DEPTH = FamilySpec(
     "tensorgate_queue_depth",
     "gauge",
     _MV,
-    "Requests waiting in the model's queue (a remote sequence model's: also those behind an earlier request of "
-    "their sequence)",
+    "Requests waiting in the model's queue (a sequence model's: also those behind an earlier request of their "
+    "sequence, and a local one's waiting for a slot)",
 )
 SEQUENCES_ACTIVE = FamilySpec(
     "tensorgate_sequences_active",
@@ -612,7 +612,8 @@ class Metrics:
                     m.name,
                     str(m.version),
                     (0 if m.scheduler is None else m.scheduler.queued)  # an ensemble's steps queue elsewhere
-                    + (0 if m.remote_sequences is None else m.remote_sequences.waiting),
+                    + (0 if m.remote_sequences is None else m.remote_sequences.waiting)
+                    + (0 if m.sequencer is None else m.sequencer.waiting),
                     m.load_seconds,
                     {size: b.compute_infer.count for size, b in m.stats.batch.items()},
                     None
