@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = (0.1, 0.5, 2.0)
 """Pauses before storing a batch again after SQLITE_BUSY (another process, e.g. a read-write tool, held the
 database past the 30 s busy timeout): a lock held that long is let go in seconds, and the batch is kept, not lost."""
+FAILURE_LOG_S = 60.0
+"""While every batch fails (a full disk), how often the writer says so again, with the count lost meanwhile."""
 
 SAMPLE_RATE = "tensorgate.capture.sample_rate"
 CAPTURE_INPUTS = "tensorgate.capture.inputs"
@@ -167,6 +170,10 @@ class Capture:
         """Samples the writer stored."""
         self.failed = 0
         """Samples lost to a store error (logged)."""
+        # The writer thread's own: the run of failures it is in (`_failed`).
+        self._failing_since: float | None = None
+        self._failure_logged = 0.0
+        self._lost_since_log = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tensorgate-capture", daemon=True)
@@ -275,10 +282,13 @@ class Capture:
                     i.set()
 
     def _store(self, batch: list[Prediction]) -> None:
+        if not batch:  # only flush markers: nothing was written, so nothing says that writes work again
+            return
         for pause in (*BUSY_RETRY_S, None):
             try:
                 self.store.insert(batch)
                 self.captured += len(batch)
+                self._stored()
                 return
             except Exception as exc:  # noqa: BLE001 - the writer must outlive one bad batch
                 if pause is not None and is_busy(exc):
@@ -286,8 +296,47 @@ class Capture:
                     time.sleep(pause)
                     continue
                 self.failed += len(batch)
-                log.exception("capture: storing %d prediction(s) failed; they are lost", len(batch))
+                self._failed(exc, len(batch))
                 return
+
+    def _failed(self, exc: Exception, lost: int) -> None:
+        """Log a failed batch: the first of a run of failures, then a count every FAILURE_LOG_S. A full disk fails
+        every batch, up to one per `poll_s`, and a traceback each would bury the log (the count is in /metrics)."""
+        now = time.monotonic()
+        self._lost_since_log += lost
+        if self._failing_since is not None and now - self._failure_logged < FAILURE_LOG_S:
+            return
+        if self._failing_since is None:
+            self._failing_since = now
+            # A database error says it all ("database or disk is full"); anything else is a bug: its traceback.
+            log.error(
+                "capture: storing %d prediction(s) failed (%s); they are lost, as are the next ones until a write "
+                "works again (logged every %.0fs while it fails; tensorgate_capture_failed_total counts them)",
+                lost,
+                exc,
+                FAILURE_LOG_S,
+                exc_info=None if isinstance(exc, sqlite3.Error) else exc,
+            )
+        else:
+            log.error(
+                "capture: storing still fails (%s): %d prediction(s) lost in the last %.0fs",
+                exc,
+                self._lost_since_log,
+                now - self._failure_logged,
+            )
+        self._failure_logged = now
+        self._lost_since_log = 0
+
+    def _stored(self) -> None:
+        """After a failure run, say that capture works again (once)."""
+        if self._failing_since is not None:
+            log.warning(
+                "capture: storing works again after %.0fs of failures (%d prediction(s) lost since the last log)",
+                time.monotonic() - self._failing_since,
+                self._lost_since_log,
+            )
+            self._failing_since = None
+            self._lost_since_log = 0
 
     def close(self, timeout: float = 10.0) -> None:
         """Store what is queued, then stop the writer (the store stays open: its owner closes it)."""

@@ -569,8 +569,12 @@ def save_profile(profile: ReferenceProfile, path: Path) -> Path:
     """Write the profile atomically (a monitor reading it never sees half a file); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
+    try:
+        tmp.write_text(profile.to_json())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no hidden half-written file left in the profiles directory
+        raise
     return path
 
 

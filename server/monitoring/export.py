@@ -170,4 +170,11 @@ def export(
     )
     rows = records(predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return _write_jsonl(rows, out) if fmt == "jsonl" else _write_parquet(rows, out)
+    try:
+        return _write_jsonl(rows, out) if fmt == "jsonl" else _write_parquet(rows, out)
+    except BaseException:
+        # A full disk stops the file part-way, at a line boundary as likely as not: what is left would read as a
+        # complete export of fewer predictions. A link (/dev/stdout) or a device is not ours to remove.
+        if out.is_file() and not out.is_symlink():
+            out.unlink()
+        raise

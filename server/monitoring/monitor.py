@@ -107,7 +107,13 @@ CAPTURE_DROPPED = FamilySpec(
     "Prediction samples dropped because the capture queue was full (the requests themselves were answered)",
 )
 CAPTURED = FamilySpec("tensorgate_captured_total", "counter", (), "Prediction samples stored by the capture writer")
-MONITORING_FAMILIES = (QUALITY, DRIFT, ALERTS_FIRING, ALERT_TRANSITIONS, CAPTURE_DROPPED, CAPTURED)
+CAPTURE_FAILED = FamilySpec(
+    "tensorgate_capture_failed_total",
+    "counter",
+    (),
+    "Prediction samples lost because the capture writer could not store them (a full --data-dir disk; see the log)",
+)
+MONITORING_FAMILIES = (QUALITY, DRIFT, ALERTS_FIRING, ALERT_TRANSITIONS, CAPTURE_DROPPED, CAPTURED, CAPTURE_FAILED)
 """What MonitoringCollector adds to /metrics with --data-dir (README's monitoring section lists them)."""
 
 
@@ -698,6 +704,9 @@ class MonitoringCollector(Collector):
             captured = CAPTURED.family()
             captured.add_metric([], self._capture.captured)
             yield captured
+            failed = CAPTURE_FAILED.family()
+            failed.add_metric([], self._capture.failed)
+            yield failed
         monitor = self._monitor
         if monitor is None:
             return

@@ -262,7 +262,10 @@ class PredictionStore:
             yield
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (SQLITE_FULL at COMMIT): a ROLLBACK then would raise "no
+            # transaction is active" in place of the error that says what went wrong (the disk is full).
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
 
     def insert(self, predictions: Sequence[Prediction]) -> None:
@@ -585,5 +588,9 @@ class PredictionStore:
             try:
                 if not self.read_only:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                # A full disk: what is committed is safe in the WAL, which the next open reads; raising would cut
+                # the server's shutdown short (its models' sessions left open) for a file tidy-up.
+                log.warning("prediction store %s: not checkpointed on close (%s); the WAL keeps it", self.path, exc)
             finally:
                 self._db.close()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import logging
@@ -44,7 +45,9 @@ from tensorgate.server.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     TensorgateError,
+    model_ref,
     unexpected_error_text,
     with_prefix,
 )
@@ -218,6 +221,11 @@ def _write_files(name: str, model_dir: Path, files: dict[str, bytes]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the server's disk, not the caller's mistake
+                raise ResourceExhaustedError(
+                    f"{model_ref(name)}: 'file:{rel}' cannot be written: {exc.strerror} (the server's temporary "
+                    "directory); nothing was loaded"
+                ) from exc
             raise InvalidRequestError(name, None, f"'file:{rel}' cannot be written: {exc.strerror}") from exc
 
 

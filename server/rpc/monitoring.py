@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -30,7 +31,7 @@ from tensorgate.server.errors import InvalidRequestError, TensorgateError
 from tensorgate.server.monitoring.alerts import AlertTransition
 from tensorgate.server.monitoring.capture import Capture
 from tensorgate.server.monitoring.drift import DriftReport
-from tensorgate.server.monitoring.errors import PredictionNotFoundError
+from tensorgate.server.monitoring.errors import PredictionNotFoundError, StoreWriteError
 from tensorgate.server.monitoring.label_check import LabelRule
 from tensorgate.server.monitoring.monitor import MAX_WINDOW_COUNT, Monitor, Window
 from tensorgate.server.monitoring.quality import QualityReport
@@ -342,7 +343,10 @@ class MonitoringServicer:
                 if shadow is not None and shadow not in by_version and _shadowed(versions, request_id, answered):
                     self._late.hold((model, request_id, shadow), _Waiting(label, versions, now))
                     held.append(request_id)
-        found = store.set_labels(model, accepted, now)
+        try:
+            found = store.set_labels(model, accepted, now)
+        except sqlite3.Error as exc:  # a full disk: the caller is told so, and may send the labels again
+            raise StoreWriteError(model, "feedback", exc) from None
         if held and versions.shadow is not None:  # a shadow capture stored since `captured`, before its label waited
             late = store.captured(model, held)
             self._label_late(
@@ -456,7 +460,10 @@ class MonitoringServicer:
             by_model.setdefault(model, []).append(i)
         outcome: list[TensorgateError | None] = [None] * len(items)
         for model, indices in by_model.items():
-            results = self._join(model, [(items[i][1], items[i][2]) for i in indices], served)
+            try:
+                results = self._join(model, [(items[i][1], items[i][2]) for i in indices], served)
+            except StoreWriteError as exc:  # each item is told, and the stream goes on (the disk may get space)
+                results = [exc] * len(indices)
             for i, err in zip(indices, results, strict=True):
                 outcome[i] = err
         return outcome

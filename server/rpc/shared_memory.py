@@ -170,6 +170,11 @@ class SystemSharedMemory:
                 # Non-blocking: a FIFO planted in /dev/shm must not hang the event loop in open().
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's limit, not a bad key
+                    raise RegionLimitError(
+                        f"shared memory region '{name}': cannot open key '{key}': the server is out of file "
+                        f"descriptors ({os.strerror(exc.errno)}); unregister regions, or raise its limit (ulimit -n)"
+                    ) from exc
                 reason = "no such segment" if exc.errno == errno.ENOENT else os.strerror(exc.errno or 0)
                 raise RegionError(f"shared memory region '{name}': cannot open key '{key}': {reason}") from exc
             try:

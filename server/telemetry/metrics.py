@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import math
 import socket
@@ -689,12 +690,17 @@ let a client that sends a byte every few seconds hold a slot for good, and MAX_C
 scrape takes milliseconds (Prometheus gives up after its scrape_timeout, 10 s by default)."""
 
 
+ACCEPT_RETRY_S = 0.5
+"""How long the metrics port waits before accepting again when the process is out of file descriptors."""
+
+
 class _HttpServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     tls: TlsReloader[ssl.SSLContext] | None = None
     max_connections = MAX_CONNECTIONS
     max_connection_s = MAX_CONNECTION_S
     _refused_logged = -math.inf
+    _emfile_logged = -math.inf
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -743,7 +749,12 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()
+        try:
+            sock, address = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._out_of_descriptors(exc)
+            raise  # serve_forever drops it and polls again
         if self.tls is None:
             return sock, address
         try:
@@ -752,6 +763,21 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
             sock.close()
             raise OSError("TLS setup failed") from None
         return wrapped, address
+
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        """The connection waits in the listen queue, so the socket stays readable: without a pause, serve_forever
+        would poll and fail to accept it again at once, a core's worth of CPU (and the GIL) until a descriptor is
+        free. Paused as gRPC's own listener does; said at most once a minute."""
+        now = time.monotonic()
+        if now - self._emfile_logged >= 60:
+            self._emfile_logged = now
+            log.warning(
+                "metrics: cannot accept a connection: %s (the process is at its file descriptor limit, ulimit -n); "
+                "trying again every %g s (said at most once a minute)",
+                exc.strerror,
+                ACCEPT_RETRY_S,
+            )
+        time.sleep(ACCEPT_RETRY_S)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Failed handshakes (plaintext clients, wrong certificates) and dropped connections: nothing to act on.
