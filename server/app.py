@@ -23,6 +23,7 @@ from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.backends.base import interrupt_backend
+from tensorgate.server.fd_limit import raise_open_file_limit
 from tensorgate.server.pipeline.cache import ResponseCache
 from tensorgate.server.pipeline.handler import InferenceHandler
 from tensorgate.server.repository.manager import ModelRepository
@@ -495,6 +496,9 @@ async def serve(settings: ServerSettings) -> None:
     batches already computing are cut short at their next node and then waited for (by the repository's close):
     a process that exits under a running session aborts.
     """
+    raised = raise_open_file_limit()
+    if raised is not None:
+        log.info("open file limit raised from %d to %d (its hard limit): a descriptor per connection", *raised)
     app = TensorgateServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
