@@ -30,10 +30,24 @@ def _x(value: float) -> list[tc.InferInput]:
     return [inp]
 
 
+WRAPPED = """
+name: "wrapped"
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+ensemble_scheduling { step [ { model_name: "one_wrapped" model_version: -1
+  input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } } ] }
+"""
+"""An ensemble of one step, a sequence model with one slot."""
+
+
 def _repository(root: Path) -> Path:
-    for name in ("one", "one_timeout"):  # a model per test: one test's sequences never hold another's slot
+    for name in ("one", "one_timeout", "one_wrapped"):  # a model per test: no test's sequence holds another's slot
         accumulator_model(root / name / "1" / "model.onnx")
         write_config(root, name, accumulator_config(name, extra=ONE_SLOT))
+    (root / "wrapped" / "1").mkdir(parents=True)
+    write_config(root, "wrapped", WRAPPED)
     accumulator_model(root / "acc_i64" / "1" / "model.onnx", corrid="INT64")
     write_config(root, "acc_i64", accumulator_config("acc_i64", corrid="TYPE_INT64"))
     return root
@@ -97,6 +111,26 @@ def test_a_request_timeout_bounds_the_wait_for_a_slot(served: ServerThread) -> N
         wait_for("sequence 12 dropped from the backlog", lambda: sequencer.backlog == 0)
         last = c.infer("one_timeout", _x(2.0), sequence_id=11, sequence_end=True, timeout=1)
         assert last.as_numpy("OUTPUT").tolist() == [[3.0]]
+    finally:
+        c.close()
+
+
+def test_a_request_timeout_bounds_an_ensembles_wait_for_a_sequence_slot(served: ServerThread) -> None:
+    """The same through an ensemble whose step is the sequence model: its step waited for the call's deadline."""
+    sequencer = served.app.repository.get("one_wrapped", "").sequencer
+    c = tc.InferenceServerClient(served.address)
+    x = tc.InferInput("X", [1, 1], "FP32")
+    x.set_data_from_numpy(np.array([[2.0]], np.float32))
+    try:
+        c.infer("one_wrapped", _x(1.0), sequence_id=21, sequence_start=True, timeout=1)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("wrapped", [x], sequence_id=22, sequence_start=True, timeout=200_000, client_timeout=10)
+        assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert "in ensemble 'wrapped', model 'one_wrapped' version 1: the request's timeout (200000 us) passed" in (
+            str(info.value.message())
+        )
+        wait_for("sequence 22 dropped from the backlog", lambda: sequencer.backlog == 0)
+        c.infer("one_wrapped", _x(2.0), sequence_id=21, sequence_end=True, timeout=1)
     finally:
         c.close()
 

@@ -678,7 +678,13 @@ class InferenceHandler:
                         assert composing.sequencer is not None
                         context = None if span is None else Tracing.context_of(span)
                         results, times = await composing.sequencer.run(
-                            place, step_inputs, step_outputs, step_rows, req.deadline, span=context
+                            place,
+                            step_inputs,
+                            step_outputs,
+                            step_rows,
+                            req.deadline,
+                            span=context,
+                            timeout_us=timeout_us,
                         )
                     elif composing.plan is not None:
                         # A composing ensemble answers from its own response cache too, as a request sent to it
