@@ -287,6 +287,41 @@ def test_an_unload_runs_a_request_waiting_behind_its_sequence(upstream: ServerTh
     assert answers == {"a1": 1.0, "a2": 3.0}
 
 
+def test_a_stop_out_of_grace_says_a_request_behind_its_sequences_last_never_ran(
+    upstream: ServerThread, tmp_path: Path
+) -> None:
+    """As above, but the server stops with 0.1 s of grace: the first request, upstream, is cut off; the second,
+    waiting at the front behind it, went upstream once the first was over, after the stop had told queued
+    callers that their requests did not run (review 122). It is refused as not run now."""
+    root = tmp_path / "models"
+    _remote(root, "racc_pause", upstream.address, "acc_pause")
+    answers: dict[str, object] = {}
+    with ServerThread(root) as s:
+
+        def call(key: str, value: float, start: bool) -> None:
+            c = tc.InferenceServerClient(s.address)
+            try:
+                r = c.infer("racc_pause", _x(value), sequence_id=78, sequence_start=start, client_timeout=30)
+                answers[key] = float(r.as_numpy("OUTPUT")[0, 0])
+            except InferenceServerException as exc:
+                answers[key] = f"{exc.status()} {exc.message()}"
+            finally:
+                c.close()
+
+        first = threading.Thread(target=call, args=("a1", 1.0, True))
+        first.start()
+        wait_for("the first request at the front", functools.partial(_taken_in, s, "racc_pause", 1))
+        second = threading.Thread(target=call, args=("a2", 2.0, False))
+        second.start()
+        wait_for("the second request behind the first", functools.partial(_taken_in, s, "racc_pause", 2))
+        s.run(s.app.stop(grace=0.1))
+        first.join(30)
+        second.join(30)
+    assert "model 'racc_pause' version 1 did not run the request before the grace period ended" in str(answers["a2"]), (
+        answers
+    )
+
+
 def test_a_caller_that_leaves_while_waiting_does_not_let_the_next_overtake(front: ServerThread) -> None:
     """B waits behind A (0.5 s upstream) and its deadline passes there; C, sent after, still waits for A: the
     upstream never has two calls of the sequence at once, and B never reaches it."""

@@ -19,6 +19,7 @@ from tests.onnx_models import accumulator_config, accumulator_model, write_confi
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
+from tests.test_sequence import _in_thread, _unload_repository
 
 # One slot, and a minute idle: a second sequence waits in the backlog for as long as a test needs it there.
 ONE_SLOT = "oldest { max_candidate_sequences: 1 } max_sequence_idle_microseconds: 60000000"
@@ -48,8 +49,10 @@ def _repository(root: Path) -> Path:
         write_config(root, name, accumulator_config(name, extra=ONE_SLOT))
     (root / "wrapped" / "1").mkdir(parents=True)
     write_config(root, "wrapped", WRAPPED)
-    accumulator_model(root / "acc_i64" / "1" / "model.onnx", corrid="INT64")
-    write_config(root, "acc_i64", accumulator_config("acc_i64", corrid="TYPE_INT64"))
+    for corrid in ("INT64", "INT32"):
+        name = f"acc_{corrid.lower()}"
+        accumulator_model(root / name / "1" / "model.onnx", corrid=corrid)
+        write_config(root, name, accumulator_config(name, corrid=f"TYPE_{corrid}"))
     return root
 
 
@@ -141,13 +144,52 @@ def test_an_int64_corrid_takes_ids_past_int64_as_triton_feeds_them(served: Serve
     request being refused as not fitting the control."""
     c = tc.InferenceServerClient(served.address)
     try:
-        first = c.infer("acc_i64", _x(2.0), sequence_id=-5, sequence_start=True)
+        first = c.infer("acc_int64", _x(2.0), sequence_id=-5, sequence_start=True)
         assert first.as_numpy("CORRID_OUT").tolist() == [[-5]]
-        last = c.infer("acc_i64", _x(3.0), sequence_id=-5, sequence_end=True)
+        last = c.infer("acc_int64", _x(3.0), sequence_id=-5, sequence_end=True)
         assert last.as_numpy("OUTPUT").tolist() == [[5.0]]
         assert last.as_numpy("CORRID_OUT").tolist() == [[-5]]
     finally:
         c.close()
+
+
+def test_a_signed_corrid_takes_the_negative_id_the_client_sent(served: ServerThread) -> None:
+    """An INT32 CORRID refused tritonclient's -5 as "sequence_id 18446744073709551611 does not fit" (it arrives
+    as uint64); it gets -5, and an ID that does not fit is named as the client sent it."""
+    c = tc.InferenceServerClient(served.address)
+    try:
+        first = c.infer("acc_int32", _x(2.0), sequence_id=-5, sequence_start=True)
+        assert first.as_numpy("CORRID_OUT").tolist() == [[-5]]
+        assert c.infer("acc_int32", _x(3.0), sequence_id=-5, sequence_end=True).as_numpy("OUTPUT").tolist() == [[5.0]]
+        with pytest.raises(InferenceServerException, match=r"sequence_id -3000000000 does not fit the CORRID control"):
+            c.infer("acc_int32", _x(1.0), sequence_id=-3_000_000_000, sequence_start=True)
+    finally:
+        c.close()
+
+
+def test_a_stop_out_of_grace_says_a_request_behind_its_sequences_last_never_ran(tmp_path: Path) -> None:
+    """Sequence 7 holds the slot; its request A waits in the queue for a batch (1 s), B behind A. A stop with
+    0.1 s of grace fails A as not run; B, once A is over, went on to the Scheduler (and could run during the
+    server's last half second) and was cut off with gRPC's bare cancel (review 122)."""
+    root = _unload_repository(tmp_path / "models")
+    answers: dict[str, object] = {}
+    with ServerThread(root) as s:
+        c = tc.InferenceServerClient(s.address)
+        try:
+            c.infer("acc_slow", _x(1.0), sequence_id=7, sequence_start=True)  # holds the only slot
+        finally:
+            c.close()
+        model = s.app.repository.get("acc_slow", "")
+        assert model.scheduler is not None and model.sequencer is not None
+        a = _in_thread(s.address, answers, "a", 2.0, sequence_id=7)
+        wait_for("A queued", lambda: model.scheduler is not None and model.scheduler.queued == 1)
+        b = _in_thread(s.address, answers, "b", 3.0, sequence_id=7)
+        wait_for("B waiting behind A", lambda: model.sequencer is not None and model.sequencer.waiting == 1)
+        s.run(s.app.stop(grace=0.1))
+        a.join(30)
+        b.join(30)
+    never_ran = "model 'acc_slow' version 1 did not run the request before the grace period ended"
+    assert never_ran in str(answers["a"]) and never_ran in str(answers["b"]), answers
 
 
 def test_a_stop_out_of_grace_says_a_backlogged_sequence_never_ran(tmp_path: Path) -> None:

@@ -1422,6 +1422,8 @@ class ModelRepository:
         for model in [*self.loaded(), *self._retiring.values()]:
             if model.sequencer is not None:
                 model.sequencer.reject_waiting(why)
+            if model.remote_sequences is not None:
+                model.remote_sequences.reject_waiting(why)
             if model.scheduler is not None:
                 model.scheduler.reject_waiting(why)
 

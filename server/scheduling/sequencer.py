@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -129,6 +130,15 @@ class Place:
     left: bool = False
 
 
+def _corrid_value(sequence_id: int, dtype: np.dtype[Any]) -> int:
+    """The ID as a signed CORRID control takes it. IDs travel as uint64, and a client's negative one (tritonclient
+    sends int64_param) arrives as its two's complement past 2**63 - 1: a signed control gets the number the client
+    sent (-5, not 18446744073709551611), as Triton copies the bits; an INT32 one then holds it when it fits."""
+    if sequence_id >= 2**63 and np.issubdtype(dtype, np.signedinteger):
+        return sequence_id - 2**64
+    return sequence_id
+
+
 class Sequencer:
     """Orders, feeds and remembers the sequences of one model version; its Scheduler runs the requests."""
 
@@ -147,6 +157,10 @@ class Sequencer:
         self._holding_requests = 0
         """Requests of slot-holding sequences accepted and not finished: while > 0, the Scheduler is held."""
         self._waiting = 0
+        self._rejected: str | None = None
+        """Why requests that have not reached the Scheduler fail now (`reject_waiting`), if they do."""
+        self._rejection: asyncio.Future[None] = self._loop.create_future()
+        """Resolved by `reject_waiting`: wakes the requests waiting behind an earlier one of their sequence."""
         self._closed = False
         self._draining = False
         self._state_outputs = [s.output_name for s in spec.states]
@@ -226,15 +240,19 @@ class Sequencer:
                         async with asyncio.timeout(timeout_us / 1e6 if timeout_us else None):
                             await asyncio.shield(seq.slot)
                     except TimeoutError:
-                        raise DeadlineExceededError(
-                            f"{self._ref}: the request's timeout ({timeout_us} us) passed while its sequence waited "
-                            "for a slot"
-                        ) from None
-                if previous is not None and not previous.done():
-                    await asyncio.shield(previous)
+                        if not seq.slot.done():  # (granted in the same loop step: it runs, and uses the slot)
+                            raise DeadlineExceededError(
+                                f"{self._ref}: the request's timeout ({timeout_us} us) passed while its sequence "
+                                "waited for a slot"
+                            ) from None
+                if previous is not None and not previous.done() and self._rejected is None:
+                    # Or until a stop out of grace refuses what waits (asyncio.wait cancels neither future).
+                    await asyncio.wait((previous, self._rejection), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._waiting -= 1
         seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
+        if self._rejected is not None:  # a stop out of grace: what has not reached the Scheduler does not run
+            raise ServerUnavailableError(f"{self._ref} {self._rejected}")
         waited = time.perf_counter_ns() - started
         feed = dict(inputs)
         self._controls(feed, place.flags)
@@ -298,12 +316,12 @@ class Sequencer:
                 self._model, version, f"sequence_id must be {want}: the model's CORRID control is typed so"
             )
         if self._corrid is not None and isinstance(flags.id, int):
-            info = np.iinfo(self._corrid[1])  # type: ignore[type-var]
-            # A 64-bit CORRID takes every ID (they are uint64): an INT64 one gets an ID past 2**63 - 1 (a negative
-            # one sent in int64_param) as its two's complement, the bits Triton copies into it.
-            if info.bits < 64 and not info.min <= flags.id <= info.max:
+            dtype = self._corrid[1]
+            info = np.iinfo(dtype)  # type: ignore[type-var]
+            value = _corrid_value(flags.id, dtype)
+            if not info.min <= value <= info.max:
                 raise InvalidRequestError(
-                    self._model, version, f"sequence_id {flags.id} does not fit the CORRID control ({self._corrid[1]})"
+                    self._model, version, f"sequence_id {value} does not fit the CORRID control ({dtype})"
                 )
 
     def _begin(self, flags: SequenceFlags) -> _Sequence:
@@ -351,9 +369,7 @@ class Sequencer:
             feed[name] = true if on else false
         if self._corrid is not None:
             name, dtype = self._corrid
-            value: bytes | int = flags.id.encode() if isinstance(flags.id, str) else flags.id
-            if isinstance(value, int) and value >= 2**63 and dtype == np.int64:
-                value -= 2**64  # the two's complement (see _check)
+            value = flags.id.encode() if isinstance(flags.id, str) else _corrid_value(flags.id, dtype)
             feed[name] = np.full(self._lead, value, dtype=dtype)
 
     # ----- sequence lifetime (event loop) ------------------------------------------------------------------
@@ -433,10 +449,14 @@ class Sequencer:
             self._fail_slot(self._backlog.popleft())
 
     def reject_waiting(self, why: str) -> None:
-        """The server's stop ran out of grace: sequences still waiting for a slot fail now with UNAVAILABLE
-        "<model> <why>", as the Scheduler's queued requests do (they never ran, so their callers may start them
-        again elsewhere), rather than be cut off with gRPC's bare cancel, which cannot tell them from work that ran."""
+        """The server's stop ran out of grace: sequences still waiting for a slot, and requests waiting behind an
+        earlier one of their sequence (which may be running), fail now with UNAVAILABLE "<model> <why>", as the
+        Scheduler's queued requests do (they never ran, so their callers may start them again elsewhere), rather
+        than be cut off with gRPC's bare cancel, which cannot tell them from work that ran."""
         self._draining = True
+        self._rejected = why
+        if not self._rejection.done():
+            self._rejection.set_result(None)
         while self._backlog:
             self._fail_slot(self._backlog.popleft(), why)
 
