@@ -31,6 +31,7 @@ from tensorgate.client import InferenceClient
 from tensorgate.client.errors import ResourceExhausted, Unavailable
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.server.monitoring.drift import build_profile, save_profile
+from tensorgate.server.monitoring.errors import StoreWriteError
 from tensorgate.server.monitoring.export import export
 from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
 from tests.onnx_models import identity_model, write_config
@@ -162,6 +163,13 @@ def test_export_on_a_full_disk_leaves_no_partial_file(tmp_path: Path, small_disk
             with pytest.raises(OSError, match="No space left"):
                 export(store, "ident", out)
             assert not out.exists()
+        # An export already there stays whole when the next one fails (review 122: it was removed).
+        out.write_text('{"previous": true}\n')
+        with filled(small_disk):
+            with pytest.raises(OSError, match="No space left"):
+                export(store, "ident", out)
+        assert out.read_text() == '{"previous": true}\n'
+        assert sorted(p.name for p in small_disk.iterdir() if p.name.endswith(".tmp")) == []
     finally:
         store.close()
 
@@ -306,3 +314,25 @@ def _ready(client: InferenceClient) -> bool:
         return client.ready(timeout=2)
     except Unavailable:
         return False
+
+
+def test_only_a_write_the_machine_refused_is_worth_sending_again(tmp_path: Path) -> None:
+    """StoreWriteError (UNAVAILABLE or RESOURCE_EXHAUSTED, "send it again") is for the errors that can pass: a
+    read-only or locked database, a full disk. A missing table is a bug, which must reach INTERNAL and the log
+    (review 122: every sqlite3.Error was "send it again later")."""
+    path = tmp_path / "t.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    read_only = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        read_only.execute("INSERT INTO t VALUES (1)")
+    read_only.close()
+    assert StoreWriteError.environmental(refused.value)
+    assert StoreWriteError("m", "feedback", refused.value).code == grpc.StatusCode.UNAVAILABLE
+    writer = sqlite3.connect(path)
+    with pytest.raises(sqlite3.OperationalError) as bug:
+        writer.execute("INSERT INTO missing VALUES (1)")
+    writer.close()
+    assert not StoreWriteError.environmental(bug.value)

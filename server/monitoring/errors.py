@@ -49,6 +49,16 @@ class StoreWriteError(TensorgateError):
 
     code = grpc.StatusCode.UNAVAILABLE
 
+    ENVIRONMENTAL = frozenset(
+        {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY}
+    )
+    """SQLite's primary result codes for a write the machine refused (a full disk, a quota, an I/O error, a lock, a
+    read-only file): sending it again can succeed. Anything else (a corrupt file, a bug) is no such error."""
+
+    @classmethod
+    def environmental(cls, exc: sqlite3.Error) -> bool:
+        return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF in cls.ENVIRONMENTAL
+
     def __init__(self, model: str, what: str, exc: sqlite3.Error) -> None:
         full = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF == sqlite3.SQLITE_FULL
         if full:

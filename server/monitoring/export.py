@@ -170,11 +170,17 @@ def export(
     )
     rows = records(predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
+    write = _write_jsonl if fmt == "jsonl" else _write_parquet
+    if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: written through
+        return write(rows, out)
+    # Written beside it, then renamed over it: a full disk stops a file part-way, at a line boundary as likely as
+    # not, and what is left would read as a complete export of fewer predictions; a refusal (parquet without
+    # pyarrow) must not cost the user the export already there.
+    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        return _write_jsonl(rows, out) if fmt == "jsonl" else _write_parquet(rows, out)
+        n = write(rows, tmp)
+        tmp.replace(out)
     except BaseException:
-        # A full disk stops the file part-way, at a line boundary as likely as not: what is left would read as a
-        # complete export of fewer predictions. A link (/dev/stdout) or a device is not ours to remove.
-        if out.is_file() and not out.is_symlink():
-            out.unlink()
+        tmp.unlink(missing_ok=True)
         raise
+    return n

@@ -341,14 +341,19 @@ class MonitoringServicer:
                 accepted.extend(checked)
                 shadow = versions.shadow
                 if shadow is not None and shadow not in by_version and _shadowed(versions, request_id, answered):
-                    self._late.hold((model, request_id, shadow), _Waiting(label, versions, now))
                     held.append(request_id)
         try:
             found = store.set_labels(model, accepted, now)
-        except sqlite3.Error as exc:  # a full disk: the caller is told so, and may send the labels again
+        except sqlite3.OperationalError as exc:  # a full disk: the caller is told so, and may send them again
+            if not StoreWriteError.environmental(exc):
+                raise  # corruption or a bug: INTERNAL, with its traceback in the log
             raise StoreWriteError(model, "feedback", exc) from None
-        if held and versions.shadow is not None:  # a shadow capture stored since `captured`, before its label waited
-            late = store.captured(model, held)
+        if held and versions.shadow is not None:
+            # Held for the shadow's capture only once stored: a call refused above leaves nothing that stores later.
+            labels = dict(items)
+            for request_id in held:
+                self._late.hold((model, request_id, versions.shadow), _Waiting(labels[request_id], versions, now))
+            late = store.captured(model, held)  # a shadow capture stored since `captured`, before its label waited
             self._label_late(
                 [
                     Prediction(rid, model, versions.shadow, now, None, by_version[versions.shadow])
