@@ -98,8 +98,8 @@ def test_an_alert_and_the_error_gate_are_named_and_shown_as_rollbacks() -> None:
     assert state.canary_failed_percent == pytest.approx(100 * 5 / 30)
     assert (state.stable_failed_percent, state.stable_judged) == (0.0, 40)
     assert rollout.waiting_for() == [
-        "nothing: the error gate rolled it back for its errors, until its build or max_error_percent changes, or "
-        "the model is unloaded and loaded again"
+        "new files for the canary, a new max_error_percent, or an unload and load: the error gate rolled it back "
+        "for its errors"
     ]
 
 
@@ -132,7 +132,7 @@ def test_the_reasons_agree_with_the_ramps_moves(
             break
         reasons = rollout.waiting_for()
         if rollout.tripped:
-            assert len(reasons) == 1 and reasons[0].startswith("nothing: the error gate rolled it back")
+            assert len(reasons) == 1 and reasons[0].endswith("the error gate rolled it back for its errors")
             break
         if rollout.held:
             alerts_seen += 1

@@ -343,15 +343,12 @@ class InferenceHandler:
             return True
 
     def _step_model(self, key: tuple[str, str], resolved: Resolved | None) -> LoadedModel:
-        """An ensemble step's model: the one the request holds when it holds it, else the one served now. A nested
+        """An ensemble step's model: the one the request holds, when it holds them, else the one served now. A nested
         ensemble's answer is computed by the models its outer request found when it started; looked up afresh, a
         step model reloaded since would give the key its new files while the answer came from the old ones, and
         the cache would then serve that old answer to requests for the new model."""
-        if resolved is not None:
-            found = resolved.get(key)
-            if found is not None:
-                return found
-        return self._repository.get(*key)
+        # `_resolve` holds every step of the ensembles within too: a key missing there is a bug, not a fallback.
+        return self._repository.get(*key) if resolved is None else resolved[key]
 
     async def _cached(
         self,

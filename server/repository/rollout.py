@@ -782,8 +782,8 @@ class Rollout:
             return []
         if self.tripped:
             return [
-                "nothing: the error gate rolled it back for its errors, until its build or max_error_percent changes, "
-                "or the model is unloaded and loaded again"
+                "new files for the canary, a new max_error_percent, or an unload and load: the error gate rolled it "
+                "back for its errors"
             ]
         if self.held:
             return [
