@@ -185,7 +185,9 @@ def _parse_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray], dict[str, An
         except OSError as exc:
             raise UsageError(f"--input {name}: {exc.strerror or exc}: {value}") from None
         except ValueError as exc:
-            raise UsageError(f"--input {name}: not valid JSON or .npy data: {exc}") from None
+            # dtype=object (text) .npy files are pickles, which are not loaded: a file could run code.
+            hint = "; save text as fixed-width strings, array.astype(str)" if "allow_pickle" in str(exc) else ""
+            raise UsageError(f"--input {name}: not valid JSON or .npy data: {exc}{hint}") from None
     return arrays, pending
 
 

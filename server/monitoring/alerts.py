@@ -108,6 +108,9 @@ def _unknown_metric(metric: str) -> str:
     ``drift.`` prefix the gauges' names do not show (``tensorgate_model_drift{metric="drifted_share"}``)."""
     if f"drift.{metric}" in DRIFT_METRICS:
         return f"unknown metric '{metric}': drift metrics are written drift.{metric}"
+    if metric.removeprefix("drift.") == "score_drift":
+        # What `tensorgate monitor` and GetModelDrift call it, where the gauge and the rules say score_psi.
+        return f"unknown metric '{metric}': the output scores' PSI (score_drift in a drift report) is drift.score_psi"
     return f"unknown metric '{metric}'{_did_you_mean(metric, METRICS)} (one of: {', '.join(METRICS)})"
 
 

@@ -118,13 +118,27 @@ def _read_data(path: Path, input_name: str | None) -> dict[str, np.ndarray] | np
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--data {path}: cannot read it as .npy/.npz: {exc}") from None
+        raise UsageError(f"--data {path}: cannot read it as .npy/.npz: {exc}{_object_hint(exc)}") from None
     if isinstance(loaded, np.ndarray):
         return {input_name: loaded} if input_name else loaded
     with loaded:
         if input_name:
             raise UsageError("--input names the array of a .npy file; an .npz names its arrays itself")
-        return {name: loaded[name] for name in loaded.files}
+        arrays = {}
+        for name in loaded.files:
+            try:  # an .npz reads each array only now, and a pickled one (dtype=object) fails here
+                arrays[name] = loaded[name]
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--data {path}: cannot read array '{name}': {exc}{_object_hint(exc)}") from None
+        return arrays
+
+
+def _object_hint(exc: Exception) -> str:
+    """A text column (a categorical feature) saved from a dtype=object array is pickled, which is not loaded: a
+    file could run code. Fixed-width strings carry the same text without it."""
+    if "allow_pickle" not in str(exc):
+        return ""
+    return "; save a text column as fixed-width strings, array.astype(str), not as dtype=object"
 
 
 def _profile(args: argparse.Namespace) -> int:

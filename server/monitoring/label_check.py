@@ -62,6 +62,26 @@ class LabelRule:
         """The label as stored, checked against the prediction the version captured: text that names a number is
         stored as quality compares it (" 3", "3.0" and "three" as "3"); INVALID_ARGUMENT when it cannot match."""
         try:
+            return self._check(version, request_id, label, outputs)
+        except InvalidRequestError as exc:
+            if not self._maybe_regressor(outputs):
+                raise
+            # A regressor served without tensorgate.task is judged as a classifier (the default): its one float
+            # column reads as a score, and every true value of a regression is refused with nothing to say why.
+            hint = "; a regression model needs the config.pbtxt parameter tensorgate.task: regression"
+            raise InvalidRequestError(exc.model, exc.version, exc.problem + hint, tensor=exc.tensor) from None
+
+    def _maybe_regressor(self, outputs: dict[str, np.ndarray]) -> bool:
+        """The task left at its default, classification, and the prediction one float column, as a regressor's."""
+        if self.spec.task != "classification" or self.spec.kind is not None:
+            return False
+        try:
+            return prediction_reading(self.spec, outputs)[0] == "score_or_class"
+        except TaskSpecError:
+            return False
+
+    def _check(self, version: str, request_id: str, label: np.ndarray, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        try:
             domain = label_domain(self.spec, outputs)
         except TaskSpecError:
             return label  # captured without the prediction output: quality cannot judge it either

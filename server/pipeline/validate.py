@@ -50,10 +50,18 @@ def check_input(
             )
         rows = shape[0]
         if rows < 1 or rows > schema.max_batch_size:
+            # A model without config.pbtxt takes 4 rows (Triton's default): a caller sending a data set whole
+            # needs to know the limit is the server's setting, not the model's.
+            hint = (
+                "; split the rows into requests of at most that many, or raise max_batch_size in the model's "
+                "config.pbtxt (without one, the server's --default-max-batch-size sets it)"
+                if rows > schema.max_batch_size
+                else ""
+            )
             raise InvalidRequestError(
                 model,
                 version,
-                f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size)",
+                f"batch size {rows} is outside 1..{schema.max_batch_size} (max_batch_size){hint}",
                 tensor=name,
             )
     elif not dims_match(shape, spec.dims):

@@ -355,10 +355,16 @@ def _complete_tensors(
             entry.reshape.SetInParent()
         config_dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
         if not dims_fit(config_dims, model_dims):
+            # A [batch]-shaped tensor (a scikit-learn label) has no per-row dims, which config dims cannot say.
+            hint = (
+                "; write dims: [ 1 ] reshape: { shape: [ ] } (as ModelConfig shows it), or leave dims out"
+                if not model_dims and not entry.HasField("reshape")
+                else ""
+            )
             raise InvalidConfigError(
                 model,
                 f"{kind} '{info.name}' has dims {config_dims} in config but the model's "
-                f"{'per-row ' if batching else ''}shape is {shape_text(model_dims)}",
+                f"{'per-row ' if batching else ''}shape is {shape_text(model_dims)}{hint}",
             )
         if (exact_dims and kind == "input") and any(
             c == -1 and m is not None for c, m in zip(config_dims, model_dims, strict=True)
