@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import sqlite3
+import stat
 import subprocess
 import tempfile
 import time
@@ -336,3 +337,30 @@ def test_only_a_write_the_machine_refused_is_worth_sending_again(tmp_path: Path)
         writer.execute("INSERT INTO missing VALUES (1)")
     writer.close()
     assert not StoreWriteError.environmental(bug.value)
+
+
+def test_an_export_keeps_the_files_mode_and_replaces_a_links_target(tmp_path: Path) -> None:
+    """Written beside the file and renamed over it (a full disk leaves the old one whole), an export keeps the
+    old file's mode (captured inputs kept private stay so) and, through a link, replaces the file it points to,
+    leaving the link; a new file gets the mode open() gives (review 123)."""
+    store = PredictionStore(tmp_path / DB_NAME)
+    try:
+        row = np.zeros((1, 4), np.float32)
+        store.insert([Prediction(f"r{i}", "ident", "1", time.time(), {"x": row}, {"y": row}) for i in range(3)])
+        private = tmp_path / "private.jsonl"
+        private.write_text("old\n")
+        private.chmod(0o600)
+        assert export(store, "ident", private) == 3
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text().count("\n") == 3
+        link = tmp_path / "latest.jsonl"
+        link.symlink_to(private)
+        assert export(store, "ident", link) == 3
+        assert link.is_symlink() and link.resolve() == private.resolve()
+        fresh = tmp_path / "fresh.jsonl"
+        umask = os.umask(0)
+        os.umask(umask)
+        assert export(store, "ident", fresh) == 3
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    finally:
+        store.close()

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,15 +174,25 @@ def export(
     rows = records(predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
     write = _write_jsonl if fmt == "jsonl" else _write_parquet
-    if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: written through
+    target = out.resolve() if out.is_symlink() else out  # a link to a file: the file is what is replaced
+    if target.exists() and not target.is_file():  # /dev/stdout, a pipe: written as they are
         return write(rows, out)
     # Written beside it, then renamed over it: a full disk stops a file part-way, at a line boundary as likely as
     # not, and what is left would read as a complete export of fewer predictions; a refusal (parquet without
-    # pyarrow) must not cost the user the export already there.
-    tmp = out.with_name(f".{out.name}.tmp")
+    # pyarrow) must not cost the user the export already there. A name of its own, so that two exports to one
+    # path do not write one file, and the old file's mode (captured inputs may be private).
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
+        if target.exists():
+            shutil.copymode(target, tmp)
+        else:  # the mode open() would give it (mkstemp's is 0600); a command's own process, so the umask is ours
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o666 & ~umask)
         n = write(rows, tmp)
-        tmp.replace(out)
+        tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -310,7 +310,8 @@ class MonitoringServicer:
         outcome: list[TensorgateError | None] = []
         accepted: list[tuple[str, np.ndarray, str]] = []
         now = time.time()
-        held: list[str] = []
+        # Accepted ids, with the label that passed, to hold for the shadow version's capture once stored.
+        held: list[tuple[str, np.ndarray]] = []
         unknown = (
             len(captured) < len(items)
             and model not in served
@@ -341,7 +342,7 @@ class MonitoringServicer:
                 accepted.extend(checked)
                 shadow = versions.shadow
                 if shadow is not None and shadow not in by_version and _shadowed(versions, request_id, answered):
-                    held.append(request_id)
+                    held.append((request_id, label))
         try:
             found = store.set_labels(model, accepted, now)
         except sqlite3.OperationalError as exc:  # a full disk: the caller is told so, and may send them again
@@ -350,10 +351,9 @@ class MonitoringServicer:
             raise StoreWriteError(model, "feedback", exc) from None
         if held and versions.shadow is not None:
             # Held for the shadow's capture only once stored: a call refused above leaves nothing that stores later.
-            labels = dict(items)
-            for request_id in held:
-                self._late.hold((model, request_id, versions.shadow), _Waiting(labels[request_id], versions, now))
-            late = store.captured(model, held)  # a shadow capture stored since `captured`, before its label waited
+            for request_id, label in held:  # the label that passed, not a refused one sent for the same id
+                self._late.hold((model, request_id, versions.shadow), _Waiting(label, versions, now))
+            late = store.captured(model, [request_id for request_id, _ in held])  # stored since `captured`
             self._label_late(
                 [
                     Prediction(rid, model, versions.shadow, now, None, by_version[versions.shadow])
