@@ -498,7 +498,7 @@ async def serve(settings: ServerSettings) -> None:
     """
     raised = raise_open_file_limit()
     if raised is not None:
-        log.info("open file limit raised from %d to %d (its hard limit): a descriptor per connection", *raised)
+        log.info("open file limit raised from %d to %d: a descriptor per connection", *raised)
     app = TensorgateServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

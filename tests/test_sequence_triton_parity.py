@@ -19,7 +19,7 @@ from tests.onnx_models import accumulator_config, accumulator_model, write_confi
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
-from tests.test_sequence import _in_thread, _unload_repository
+from tests.test_sequence import _in_thread
 
 # One slot, and a minute idle: a second sequence waits in the backlog for as long as a test needs it there.
 ONE_SLOT = "oldest { max_candidate_sequences: 1 } max_sequence_idle_microseconds: 60000000"
@@ -168,15 +168,22 @@ def test_a_signed_corrid_takes_the_negative_id_the_client_sent(served: ServerThr
 
 
 def test_a_stop_out_of_grace_says_a_request_behind_its_sequences_last_never_ran(tmp_path: Path) -> None:
-    """Sequence 7 holds the slot; its request A waits in the queue for a batch (1 s), B behind A. A stop with
+    """Sequence 7 holds the slot; its request A waits in the queue for a batch, B behind A. A stop with
     0.1 s of grace fails A as not run; B, once A is over, went on to the Scheduler (and could run during the
     server's last half second) and was cut off with gRPC's bare cancel (review 122)."""
-    root = _unload_repository(tmp_path / "models")
+    root = tmp_path / "models"
+    accumulator_model(root / "acc_slow" / "1" / "model.onnx")
+    # A waits for a batch (3 s, past any slow start of B's client) until the stop refuses it.
+    extra = (
+        "max_sequence_idle_microseconds: 60000000 "
+        "oldest { max_candidate_sequences: 1 max_queue_delay_microseconds: 3000000 preferred_batch_size: [ 8 ] }"
+    )
+    write_config(root, "acc_slow", accumulator_config("acc_slow", extra=extra))
     answers: dict[str, object] = {}
     with ServerThread(root) as s:
         c = tc.InferenceServerClient(s.address)
         try:
-            c.infer("acc_slow", _x(1.0), sequence_id=7, sequence_start=True)  # holds the only slot
+            c.infer("acc_slow", _x(1.0), sequence_id=7, sequence_start=True, client_timeout=30)  # holds the slot
         finally:
             c.close()
         model = s.app.repository.get("acc_slow", "")

@@ -197,6 +197,9 @@ def test_true_values_for_a_regressor_without_its_task_say_which_parameter_to_set
             details = info.value.details
             assert "model 'regressor'" in details and "request 'reg-1'" in details
             assert "tensorgate.task: regression" in details, details
+        with pytest.raises(InvalidArgument) as info:  # text is no regression's true value: no advice for it
+            client.submit_feedback("regressor", "reg-1", ["cat", "dog"])
+        assert "tensorgate.task" not in info.value.details, info.value.details
         client.submit_feedback("regressor", "reg-1", [1, 0])  # a classifier's classes still pass
         client.infer("regressor_task", {"X": x}, request_id="reg-2")
         client.submit_feedback("regressor_task", "reg-2", [151.5, 75.25])
@@ -228,6 +231,18 @@ def test_profile_of_a_text_column_saved_as_object_says_how_to_save_it(tmp_path: 
     )
     assert code == 2 and err.startswith("tensorgate profile: "), err
     assert "cannot read array 'cat'" in err and "astype(str)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["ref.npz", "ref.npy"])
+def test_profile_of_a_file_cut_short_says_so(tmp_path: Path, name: str) -> None:
+    """A copy cut short (a full disk, an interrupted transfer) ended in a traceback: zipfile's BadZipFile, numpy's
+    EOFError (review 123)."""
+    num, _ = _pipeline_data()
+    whole = tmp_path / f"whole{Path(name).suffix}"
+    np.savez(whole, num=num) if name.endswith(".npz") else np.save(whole, num)
+    (tmp_path / name).write_bytes(whole.read_bytes()[:40])
+    code, _, err = run_cli("profile", "pipeline", "--data", str(tmp_path / name), "--out", str(tmp_path / "p"))
+    assert code == 2 and "cannot read it as .npy/.npz" in err and "Traceback" not in err, err
 
 
 def test_profile_of_a_text_column_saved_as_strings_through_the_server(server: ServerThread, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import argparse
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,22 +116,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_data(path: Path, input_name: str | None) -> dict[str, np.ndarray] | np.ndarray:
     """An .npz's arrays by name, or the one array of an .npy (its input name is decided later)."""
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)  # EOFError, BadZipFile: a file cut short
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+        # Opened here: np.load leaves the file open when it is no zip after all.
+        with path.open("rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                return {input_name: loaded} if input_name else loaded
+            with loaded:
+                if input_name:
+                    raise UsageError("--input names the array of a .npy file; an .npz names its arrays itself")
+                arrays = {}
+                for name in loaded.files:
+                    try:  # an .npz reads each array only now, and a pickled one (dtype=object) fails here
+                        arrays[name] = loaded[name]
+                    except unreadable as exc:
+                        why = f"{exc}{_object_hint(exc)}"
+                        raise UsageError(f"--data {path}: cannot read array '{name}': {why}") from None
+                return arrays
+    except unreadable as exc:
         raise UsageError(f"--data {path}: cannot read it as .npy/.npz: {exc}{_object_hint(exc)}") from None
-    if isinstance(loaded, np.ndarray):
-        return {input_name: loaded} if input_name else loaded
-    with loaded:
-        if input_name:
-            raise UsageError("--input names the array of a .npy file; an .npz names its arrays itself")
-        arrays = {}
-        for name in loaded.files:
-            try:  # an .npz reads each array only now, and a pickled one (dtype=object) fails here
-                arrays[name] = loaded[name]
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"--data {path}: cannot read array '{name}': {exc}{_object_hint(exc)}") from None
-        return arrays
 
 
 def _object_hint(exc: Exception) -> str:

@@ -64,11 +64,12 @@ class LabelRule:
         try:
             return self._check(version, request_id, label, outputs)
         except InvalidRequestError as exc:
-            if not self._maybe_regressor(outputs):
+            if label.dtype.kind not in "biuf" or not self._maybe_regressor(outputs):
                 raise
             # A regressor served without tensorgate.task is judged as a classifier (the default): its one float
             # column reads as a score, and every true value of a regression is refused with nothing to say why.
-            hint = "; a regression model needs the config.pbtxt parameter tensorgate.task: regression"
+            # Only a number can be a regression's true value; a sigmoid classifier's wrong label reads the same.
+            hint = "; if the model is a regressor, set the config.pbtxt parameter tensorgate.task: regression"
             raise InvalidRequestError(exc.model, exc.version, exc.problem + hint, tensor=exc.tensor) from None
 
     def _maybe_regressor(self, outputs: dict[str, np.ndarray]) -> bool:
