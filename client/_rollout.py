@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tensorgate.protos import monitoring_pb2 as mpb
@@ -80,9 +81,10 @@ def describe(state: RolloutState) -> str:
         lines.append(f"  canary: version {state.canary_version} at {state.canary_share:g}%{why}")
         if len(state.steps) > 1:
             marks = [f"[{s:g}%]" if i == state.step else f"{s:g}%" for i, s in enumerate(state.steps)]
+            # Whole seconds held round down, as the server's "N s more" rounds up: the two add up to the interval.
             lines.append(
                 f"  ramp: {' -> '.join(marks)}, step {state.step + 1} of {len(state.steps)}: held "
-                f"{state.step_held_s:.0f} of {state.ramp_interval_s:g} s, {state.step_requests} of "
+                f"{math.floor(state.step_held_s)} of {state.ramp_interval_s:g} s, {state.step_requests} of "
                 f"{state.ramp_min_requests} requests"
             )
         gate = "off" if state.max_error_percent is None else f"max {state.max_error_percent:g} points over stable"
@@ -94,6 +96,9 @@ def describe(state: RolloutState) -> str:
             lines.append(f"  alerts firing on the canary: {', '.join(state.alerts)}")
         if state.waiting_for:
             lines.append("  next step waits for: " + "; ".join(state.waiting_for))
+        elif len(state.steps) > 1 and state.alerts and not state.rolled_back:
+            # rollback_on_alert off: the canary keeps its last step's share, but is no version to promote.
+            lines.append("  ramp at its last step, but alerts fire on the canary: do not make it stable yet")
         elif len(state.steps) > 1 and not state.rolled_back:
             lines.append("  ramp done: make the canary the stable version in the config to retire the old one")
     if state.shadow_version is not None:

@@ -498,6 +498,7 @@ class Rollout:
         """The canary's share now, in percent: 0 while rolled back or not served."""
         if previous is not None:
             self._say_if_ramp_rewound(previous)
+            self._say_if_rollback_switched(previous)
         if previous is not None and previous.tripped and not self.tripped and self.canary == previous.canary:
             log.warning(
                 "model '%s': canary version %d, rolled back for its errors, is judged afresh (%s): %g%% of the "
@@ -600,6 +601,36 @@ class Rollout:
             ", ".join(changed) or "the split",
             now,
             self.share,
+        )
+
+    def _say_if_rollback_switched(self, previous: Rollout) -> None:
+        """A load that turns rollback_on_alert on or off while an alert fires on the canary moves its share at once
+        (to 0, or back to its step) with the alert unchanged, so `follow` says nothing: the last WARNING would
+        still claim the other, and the canary would take traffic, or lose it, unsaid."""
+        if self.canary is None or self.canary != previous.canary or not self.held:
+            return
+        if self.spec.rollback_on_alert == previous.spec.rollback_on_alert:
+            return
+        alerts = ", ".join(sorted(self.held))
+        if self.spec.rollback_on_alert:
+            log.warning(
+                "model '%s': rollback_on_alert is on now and alert %s fires on canary version %d: rolled back, "
+                "requests that name no version all go to stable version %d until it resolves",
+                self.model,
+                alerts,
+                self.canary,
+                self.stable,
+            )
+            return
+        holds = "" if self.step + 1 >= len(self.spec.steps) else "; its ramp holds until the alert resolves"
+        log.warning(
+            "model '%s': rollback_on_alert is off now: canary version %d takes %g%% of the requests that name no "
+            "version while alert %s fires on it%s",
+            self.model,
+            self.canary,
+            self.share,
+            alerts,
+            holds,
         )
 
     def _say_ramp_held(self, held: frozenset[str], was: frozenset[str]) -> None:
