@@ -55,3 +55,5 @@ def test_serve_raises_its_soft_open_file_limit_to_the_hard_one(tmp_path: Path) -
         server.terminate()
         out, _ = server.communicate(timeout=30)
     assert f"open file limit raised from 64 to {expected}: a descriptor per connection" in out, out
+    # And which CPU count the thread pools follow (server/cpus.py), so that an operator can check a pod's limit.
+    assert "ONNX Runtime's intra-op threads default to" in out and "less one for the event loop" in out, out
