@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import random
 import subprocess
 import sys
@@ -101,6 +102,28 @@ def test_an_alert_and_the_error_gate_are_named_and_shown_as_rollbacks() -> None:
         "new files for the canary, a new max_error_percent, or an unload and load: the error gate rolled it back "
         "for its errors"
     ]
+
+
+@pytest.mark.parametrize("rollback_on_alert", [True, False])
+def test_switching_rollback_on_alert_says_nothing_false_about_a_canary_rolled_back_for_errors(
+    rollback_on_alert: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error gate holds it whatever the alert does: "until it resolves" and "takes 0%" were false (review
+    125). Its own WARNING, that it stays rolled back for its errors, is the one that stays true."""
+    clock = Clock()
+    builds = {1: object(), 2: object()}  # the same files on both sides: the gate's judgement is kept
+    before = Rollout("m", _spec(rollback_on_alert=rollback_on_alert), builds, clock=clock)
+    _end(before, 1, 40)
+    _end(before, 2, 20, failed=10)
+    assert before.tripped
+    before.follow(["drift"])
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="tensorgate.server.repository.rollout")
+    after = Rollout("m", _spec(rollback_on_alert=not rollback_on_alert), builds, before, clock=clock)
+    after.follow(["drift"])
+    assert after.tripped and after.share == 0.0
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "until it resolves" not in said and "takes 0%" not in said, said
 
 
 @pytest.mark.parametrize(

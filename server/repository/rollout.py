@@ -607,8 +607,8 @@ class Rollout:
         """A load that turns rollback_on_alert on or off while an alert fires on the canary moves its share at once
         (to 0, or back to its step) with the alert unchanged, so `follow` says nothing: the last WARNING would
         still claim the other, and the canary would take traffic, or lose it, unsaid."""
-        if self.canary is None or self.canary != previous.canary or not self.held:
-            return
+        if self.canary is None or self.canary != previous.canary or not self.held or self.tripped:
+            return  # (rolled back for its errors: the line that said so stays true, whatever the alert does)
         if self.spec.rollback_on_alert == previous.spec.rollback_on_alert:
             return
         alerts = ", ".join(sorted(self.held))
@@ -635,8 +635,9 @@ class Rollout:
 
     def _say_ramp_held(self, held: frozenset[str], was: frozenset[str]) -> None:
         """Without rollback_on_alert an alert leaves the canary its share but stops its ramp: nothing else says
-        why the share no longer climbs (no rolled_back gauge, no rollback line), so the hold is logged."""
-        if self.step + 1 >= len(self.spec.steps):
+        why the share no longer climbs (no rolled_back gauge, no rollback line), so the hold is logged. Not for a
+        canary the error gate rolled back: that holds it whatever the alert does, and its line says so."""
+        if self.step + 1 >= len(self.spec.steps) or self.tripped:
             return
         if held and not was:
             log.warning(
