@@ -211,6 +211,19 @@ def test_a_caller_s_newline_cannot_start_a_log_line_of_its_own(
     assert f"model=add_sub\\n{FORGED} version=- id=x\\r\\n{FORGED} status=NOT_FOUND" in access, access
 
 
+def test_a_json_record_stays_one_line_whatever_the_caller_sent() -> None:
+    """json.dumps escapes C0 controls only: a request id with NEL, a line or paragraph separator, a C1 CSI or a
+    bidirectional override went out raw, and a reader that splits lines as str.splitlines does saw several
+    (review 125). They are JSON escapes now, and the record reads back as it was."""
+    from tensorgate.server.telemetry.logs import JsonFormatter
+
+    sent = "x\x85y\u2028z\u2029w\x9b31m\u202egnp.exe\n" + FORGED
+    record = logging.LogRecord("tensorgate.access", logging.DEBUG, __file__, 1, "id=%s", (sent,), None)
+    line = JsonFormatter().format(record)
+    assert line.splitlines() == [line] and line.isprintable(), line
+    assert json.loads(line)["message"] == f"id={sent}"
+
+
 def test_the_span_exporter_process_logs_in_the_server_s_format(repo: Path) -> None:
     """With a collector that is down, the exporter process's retries are the lines the dropped-spans alert sends
     operators to; with `--log-format json` they must be JSON like every other line on the stream."""

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from opentelemetry import trace
 
 from tensorgate.server.auth.identity import ANONYMOUS, CURRENT_IDENTITY
-from tensorgate.server.errors import CONTROL_ESCAPES
+from tensorgate.server.errors import CONTROL_ESCAPES, ESCAPED_CODES
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_context)s"
@@ -54,6 +54,10 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record).translate(CONTROL_ESCAPES)
 
 
+JSON_ESCAPES = {c: f"\\u{c:04x}" for c in ESCAPED_CODES if c >= 0x7F}
+"""The characters of ESCAPED_CODES that json.dumps leaves as they are, as JSON's own escapes (still valid JSON)."""
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, trace/span ids, identity, exception text."""
 
@@ -70,7 +74,9 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        # json.dumps escapes C0 controls only: NEL, the line separators, C1 and bidirectional controls would go out
+        # raw, and a reader splitting lines as str.splitlines does (some log viewers) would see a forged line.
+        return json.dumps(out, ensure_ascii=False).translate(JSON_ESCAPES)
 
 
 class CallAlreadyOverFilter(logging.Filter):
