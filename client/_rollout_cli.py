@@ -10,6 +10,7 @@ usage error.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -34,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.watch < 1:
             raise UsageError("--watch must be at least 1")
-        if not args.interval >= 0:
-            raise UsageError("--interval must be a number of seconds, 0 or more")
+        if not (args.interval >= 0 and math.isfinite(args.interval)):
+            raise UsageError("--interval must be a finite number of seconds, 0 or more")
         tls = tls_from_args(args)
         headers = headers_from_args(args)
     except UsageError as exc:

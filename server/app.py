@@ -23,7 +23,6 @@ from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.backends.base import interrupt_backend
-from tensorgate.server.backends.onnx import default_intra_op_threads
 from tensorgate.server.cpus import cgroup_cpu_limit, usable_cpus
 from tensorgate.server.fd_limit import raise_open_file_limit
 from tensorgate.server.pipeline.cache import ResponseCache
@@ -501,11 +500,12 @@ async def serve(settings: ServerSettings) -> None:
     raised = raise_open_file_limit()
     if raised is not None:
         log.info("open file limit raised from %d to %d: a descriptor per connection", *raised)
-    limit = cgroup_cpu_limit()
+    limit, cpus = cgroup_cpu_limit(), usable_cpus()
     log.info(
-        "ONNX Runtime's intra-op threads default to %d per model: %d usable CPU(s)%s, less one for the event loop",
-        default_intra_op_threads(),
-        usable_cpus(),
+        "ONNX Runtime's intra-op threads default to %d per model: %d usable CPU(s)%s, less one for the event loop "
+        "(at least 1)",
+        max(1, cpus - 1),
+        cpus,
         "" if limit is None else f" (the cgroup's CPU limit is {limit:g})",
     )
     app = TensorgateServer(settings)

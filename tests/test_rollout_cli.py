@@ -115,3 +115,15 @@ def test_a_ramp_at_its_last_step_with_an_alert_firing_is_not_called_done(
     assert "alerts firing on the canary: accuracy_low" in done.stdout
     assert "ramp done" not in done.stdout
     assert "ramp at its last step, but alerts fire on the canary: do not make it stable yet" in done.stdout
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "-1"])
+def test_a_watch_interval_that_is_no_finite_number_of_seconds_is_a_usage_error(interval: str) -> None:
+    """`--interval inf` ended in an OverflowError traceback at the first sleep (review 125)."""
+    done = subprocess.run(
+        [TENSORGATE, "rollout", "m", "--server", "127.0.0.1:1", "--watch", "2", "--interval", interval],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--interval must be a finite number of seconds" in done.stderr, done.stderr
