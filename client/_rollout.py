@@ -95,7 +95,8 @@ def describe(state: RolloutState) -> str:
         if state.alerts:
             lines.append(f"  alerts firing on the canary: {', '.join(state.alerts)}")
         if state.waiting_for:
-            lines.append("  next step waits for: " + "; ".join(state.waiting_for))
+            lines.append("  next step waits for:")
+            lines.extend(f"    - {reason}" for reason in state.waiting_for)
         elif len(state.steps) > 1 and state.alerts and not state.rolled_back:
             # rollback_on_alert off: the canary keeps its last step's share, but is no version to promote.
             lines.append("  ramp at its last step, but alerts fire on the canary: do not make it stable yet")

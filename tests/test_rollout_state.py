@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -236,7 +237,8 @@ def test_get_rollout_tells_a_servers_split_through_each_client_and_the_cli(tmp_p
         assert "model 'm': stable version 1\n  canary: version 2 at 10%\n  ramp: [10%] -> 50% -> 100%, step 1 of 3" in (
             shown.stdout
         )
-        assert "next step waits for: " in shown.stdout and "error gate max 5 points over stable" in shown.stdout
+        assert re.search(r"next step waits for:\n    - \d+ more routed requests? to end", shown.stdout), shown.stdout
+        assert "error gate max 5 points over stable" in shown.stdout
         refused = subprocess.run(
             [*cli, "plain", "--server", server.address], capture_output=True, text=True, timeout=60
         )

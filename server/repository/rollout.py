@@ -824,8 +824,9 @@ class Rollout:
             ]
         reasons = []
         if self._step_requests < spec.ramp_min_requests:
+            more = spec.ramp_min_requests - self._step_requests
             reasons.append(
-                f"{spec.ramp_min_requests - self._step_requests} more routed requests to end at this share "
+                f"{more} more routed request{'' if more == 1 else 's'} to end at this share "
                 f"(ramp_min_requests {spec.ramp_min_requests})"
             )
         judged = len(self.outcomes.window)
