@@ -458,31 +458,6 @@ def test_a_shadows_predictions_are_captured_and_judged_by_the_requests_labels(
     assert [(q.predictions, q.labelled, q.metrics["accuracy"]) for q in quality.values()] == [(5, 5, 1.0)] * 2
 
 
-def test_a_label_waiting_for_the_shadow_is_the_one_that_passed_not_a_refused_one_for_the_same_id(
-    tmp_path: Path,
-) -> None:
-    """A batch labels one id twice: 3 (a class the prediction can be) passes, 12 is refused. The shadow's capture
-    comes after the label (a slow shadow), so the label waits for it: the one that passed, where the last one
-    sent for the id was held instead (review 123), and the shadow got none."""
-    repo = tmp_path / "models"
-    identity_model(repo / "c" / "1" / "model.onnx", "FP32", shape=("batch", 10))
-    busy_model(repo / "c" / "2" / "model.onnx", iterations=100_000, width=10)
-    write_config(
-        repo,
-        "c",
-        'name: "c" max_batch_size: 8 version_policy { all {} }\n'
-        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
-        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n' + _params(shadow_version="2"),
-    )
-    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
-        result = client.infer("c", {"INPUT0": np.eye(1, 10, 3, dtype=np.float32)}, request_id="r-3")
-        statuses = client.submit_feedback_batch("c", [(result.id, 3), (result.id, 12)])
-        assert [s.ok for s in statuses] == [True, False]
-        _eventually(lambda: client.statistics("c", "2").model_stats[0].inference_stats.success.count == 1)
-        _eventually(lambda: client.model_quality("c", "1").labelled == 1, timeout=15.0)
-        _eventually(lambda: client.model_quality("c", "2").labelled == 1, timeout=15.0)
-
-
 # ----- rollback while an alert fires on the canary -----------------------------------------------------------------
 
 

@@ -147,11 +147,9 @@ def test_a_shadow_bound_that_cannot_be_used_fails_the_load(tmp_path: Path, extra
 # ----- labels sent before the shadow's capture -----------------------------------------------------------------
 
 
-def test_a_label_sent_while_the_shadow_still_runs_labels_the_shadows_prediction_too(tmp_path: Path) -> None:
-    """Stable version 1 answers at once, shadow version 2 (the same classes, after a few hundred milliseconds of
-    work) later; each label is sent as soon as its answer comes. The shadow's captures used to be stored after
-    their labels and stay unlabelled: the review saw 2 to 11 of 31 shadow predictions labelled, 30 of 30 stable."""
-    repo = tmp_path / "models"
+def _slow_shadow(repo: Path) -> Path:
+    """Model c: stable version 1 answers at once, shadow version 2 (the same classes) after a few hundred
+    milliseconds of work, so that a label sent as soon as the answer comes arrives before the shadow's capture."""
     identity_model(repo / "c" / "1" / "model.onnx", "FP32", shape=("batch", 10))
     busy_model(repo / "c" / "2" / "model.onnx", iterations=100_000, width=10)
     write_config(
@@ -161,6 +159,14 @@ def test_a_label_sent_while_the_shadow_still_runs_labels_the_shadows_prediction_
         'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n'
         'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 10 ] } ]\n' + _params(shadow_version="2"),
     )
+    return repo
+
+
+def test_a_label_sent_while_the_shadow_still_runs_labels_the_shadows_prediction_too(tmp_path: Path) -> None:
+    """Stable version 1 answers at once, shadow version 2 (the same classes, after a few hundred milliseconds of
+    work) later; each label is sent as soon as its answer comes. The shadow's captures used to be stored after
+    their labels and stay unlabelled: the review saw 2 to 11 of 31 shadow predictions labelled, 30 of 30 stable."""
+    repo = _slow_shadow(tmp_path / "models")
     with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
         for k in range(4):
             result = client.infer("c", {"INPUT0": np.eye(1, 10, k, dtype=np.float32)}, request_id=f"r-{k}")
@@ -356,3 +362,19 @@ def test_every_key_the_remote_backend_reads_passes_the_check() -> None:
     for key in (*TRITON_KEYS, "tensorgate.triton.header.x-api-key"):
         config.parameters[key].string_value = "1"
     check_parameter_keys(config)
+
+
+def test_a_label_waiting_for_the_shadow_is_the_one_that_passed_not_a_refused_one_for_the_same_id(
+    tmp_path: Path,
+) -> None:
+    """A batch labels one id twice: 3 (a class the prediction can be) passes, 12 is refused. The shadow's capture
+    comes after the label (a slow shadow), so the label waits for it: the one that passed, where the last one
+    sent for the id was held instead (review 123), and the shadow got none."""
+    repo = _slow_shadow(tmp_path / "models")
+    with ServerThread(repo, data_dir=tmp_path / "data") as server, InferenceClient(server.address) as client:
+        result = client.infer("c", {"INPUT0": np.eye(1, 10, 3, dtype=np.float32)}, request_id="r-3")
+        statuses = client.submit_feedback_batch("c", [(result.id, 3), (result.id, 12)])
+        assert [s.ok for s in statuses] == [True, False]
+        _eventually(lambda: client.statistics("c", "2").model_stats[0].inference_stats.success.count == 1)
+        _eventually(lambda: client.model_quality("c", "1").labelled == 1, timeout=15.0)
+        _eventually(lambda: client.model_quality("c", "2").labelled == 1, timeout=15.0)
