@@ -36,10 +36,10 @@ from opentelemetry.trace import SpanContext
 
 from tensorgate.protos.tensors import ParamValue
 from tensorgate.server.backends.base import SequenceFlags, SequenceId
-from tensorgate.server.errors import ServerUnavailableError, model_ref
+from tensorgate.server.errors import model_ref
 from tensorgate.server.repository.sequence import DEFAULT_IDLE_US
 from tensorgate.server.scheduling.scheduler import Outputs, Scheduler
-from tensorgate.server.scheduling.sequencer import Owner, check_owner, require_id
+from tensorgate.server.scheduling.sequencer import Owner, Refusal, check_owner, require_id
 from tensorgate.server.telemetry.statistics import ExecutionTimes
 
 
@@ -79,10 +79,8 @@ class RemoteSequences:
         """The upstream's max_sequence_idle_microseconds (0: Triton's default)."""
         self._requests = 0
         self._waiting = 0
-        self._rejected: str | None = None
-        """Why requests waiting behind an earlier one of their sequence fail now (`reject_waiting`), if they do."""
-        self._rejection: asyncio.Future[None] | None = None
-        """Resolved by `reject_waiting`, to wake the requests waiting (made by the first to wait)."""
+        self._refusal = Refusal()
+        """Refuses what waits behind an earlier request of its sequence at a stop out of grace (`reject_waiting`)."""
 
     @property
     def requests(self) -> int:
@@ -119,16 +117,13 @@ class RemoteSequences:
         self._requests += 1
         started = time.perf_counter_ns()
         try:
-            if previous is not None and not previous.done() and self._rejected is None:
-                if self._rejection is None:
-                    self._rejection = asyncio.get_running_loop().create_future()
+            if previous is not None and not previous.done():
                 self._waiting += 1
-                try:  # (asyncio.wait cancels neither future, whatever happens to this request)
-                    await asyncio.wait((previous, self._rejection), return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    await self._refusal.wait(previous)
                 finally:
                     self._waiting -= 1
-            if self._rejected is not None:  # a stop out of grace: what has not reached the Scheduler does not run
-                raise ServerUnavailableError(f"{model_ref(self._model, self._version)} {self._rejected}")
+            self._refusal.check(model_ref(self._model, self._version))
             waited = time.perf_counter_ns() - started
             results, times = await self._scheduler.submit(
                 inputs,
@@ -157,9 +152,7 @@ class RemoteSequences:
         with UNAVAILABLE "<model> <why>", as the Scheduler's queued requests do, rather than
         reach the upstream after their callers' predecessors were told that they did not run. At once: the
         request before one may be running upstream, and the server's stop cancels every call soon after."""
-        self._rejected = why
-        if self._rejection is not None and not self._rejection.done():
-            self._rejection.set_result(None)
+        self._refusal.refuse(why)
 
     def _claim(self, flags: SequenceFlags) -> _Claim | None:
         """The claim the request runs under: its sequence's, or a new one for a START; SequenceOwnerError for a

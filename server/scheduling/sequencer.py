@@ -115,6 +115,40 @@ def _holds_slot(seq: _Sequence) -> bool:
     return seq.slot.done() and not seq.slot.cancelled() and seq.slot.exception() is None
 
 
+class Refusal:
+    """A sequence model's refusal of what waits behind an earlier request of its sequence, once the server's stop
+    runs out of grace (`refuse`): at once, since the request before it may be running (upstream, for a remote
+    model) and the stop cancels every call soon after; refused, such a request never reaches the Scheduler, and
+    its caller is told so, as the Scheduler's queued requests are. One for local and remote sequence models."""
+
+    __slots__ = ("_woken", "why")
+
+    def __init__(self) -> None:
+        self.why: str | None = None
+        """Why waiting requests fail now, once refused."""
+        self._woken: asyncio.Future[None] | None = None
+        """Resolved by `refuse`, to wake the requests waiting (made by the first to wait, on its loop)."""
+
+    def refuse(self, why: str) -> None:
+        self.why = why
+        if self._woken is not None and not self._woken.done():
+            self._woken.set_result(None)
+
+    async def wait(self, previous: asyncio.Future[None]) -> None:
+        """Until `previous` (the request before) is over, or the refusal; asyncio.wait cancels neither future,
+        whatever happens to the request waiting."""
+        if self.why is not None:
+            return
+        if self._woken is None:
+            self._woken = asyncio.get_running_loop().create_future()
+        await asyncio.wait((previous, self._woken), return_when=asyncio.FIRST_COMPLETED)
+
+    def check(self, ref: str) -> None:
+        """UNAVAILABLE "<ref> <why>" once refused: what has not reached the Scheduler does not run."""
+        if self.why is not None:
+            raise ServerUnavailableError(f"{ref} {self.why}")
+
+
 @dataclass(slots=True, eq=False)
 class Place:
     """A request's place in its sequence (`Sequencer.enter`)."""
@@ -157,10 +191,8 @@ class Sequencer:
         self._holding_requests = 0
         """Requests of slot-holding sequences accepted and not finished: while > 0, the Scheduler is held."""
         self._waiting = 0
-        self._rejected: str | None = None
-        """Why requests that have not reached the Scheduler fail now (`reject_waiting`), if they do."""
-        self._rejection: asyncio.Future[None] = self._loop.create_future()
-        """Resolved by `reject_waiting`: wakes the requests waiting behind an earlier one of their sequence."""
+        self._refusal = Refusal()
+        """Refuses what has not reached the Scheduler at a stop out of grace (`reject_waiting`)."""
         self._closed = False
         self._draining = False
         self._state_outputs = [s.output_name for s in spec.states]
@@ -245,14 +277,12 @@ class Sequencer:
                                 f"{self._ref}: the request's timeout ({timeout_us} us) passed while its sequence "
                                 "waited for a slot"
                             ) from None
-                if previous is not None and not previous.done() and self._rejected is None:
-                    # Or until a stop out of grace refuses what waits (asyncio.wait cancels neither future).
-                    await asyncio.wait((previous, self._rejection), return_when=asyncio.FIRST_COMPLETED)
+                if previous is not None and not previous.done():
+                    await self._refusal.wait(previous)  # or until a stop out of grace refuses what waits
             finally:
                 self._waiting -= 1
         seq.slot.result()  # raises when the model was unloaded while the sequence waited for a slot
-        if self._rejected is not None:  # a stop out of grace: what has not reached the Scheduler does not run
-            raise ServerUnavailableError(f"{self._ref} {self._rejected}")
+        self._refusal.check(self._ref)
         waited = time.perf_counter_ns() - started
         feed = dict(inputs)
         self._controls(feed, place.flags)
@@ -454,9 +484,7 @@ class Sequencer:
         Scheduler's queued requests do (they never ran, so their callers may start them again elsewhere), rather
         than be cut off with gRPC's bare cancel, which cannot tell them from work that ran."""
         self._draining = True
-        self._rejected = why
-        if not self._rejection.done():
-            self._rejection.set_result(None)
+        self._refusal.refuse(why)
         while self._backlog:
             self._fail_slot(self._backlog.popleft(), why)
 
