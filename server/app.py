@@ -23,6 +23,7 @@ from tensorgate.server import heap
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.auth.tls import ReloadingCredentials, TlsFiles
 from tensorgate.server.backends.base import interrupt_backend
+from tensorgate.server.backends.onnx import default_intra_op_threads
 from tensorgate.server.cpus import cgroup_cpu_limit, usable_cpus
 from tensorgate.server.fd_limit import raise_open_file_limit
 from tensorgate.server.pipeline.cache import ResponseCache
@@ -504,7 +505,7 @@ async def serve(settings: ServerSettings) -> None:
     log.info(
         "ONNX Runtime's intra-op threads default to %d per model: %d usable CPU(s)%s, less one for the event loop "
         "(at least 1)",
-        max(1, cpus - 1),
+        default_intra_op_threads(cpus),
         cpus,
         "" if limit is None else f" (the cgroup's CPU limit is {limit:g})",
     )

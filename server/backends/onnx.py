@@ -470,10 +470,10 @@ def pad_feed(feed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
     return padded
 
 
-def default_intra_op_threads() -> int:
-    """Cores this process may use (its container's CPU limit included: server/cpus.py), minus one for the event
-    loop; at least 1."""
-    return max(1, usable_cpus() - 1)
+def default_intra_op_threads(cpus: int | None = None) -> int:
+    """Cores this process may use (`cpus`, else read: its container's CPU limit included, server/cpus.py), minus
+    one for the event loop; at least 1."""
+    return max(1, (usable_cpus() if cpus is None else cpus) - 1)
 
 
 def session_options(config: mc.ModelConfig) -> ort.SessionOptions:
