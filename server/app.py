@@ -221,7 +221,7 @@ class TensorgateServer:
         # --auth-probes policy: health and reflection are authorized like the inference service (rpc/probes.py).
         probes = s.auth_probes == "policy" and self.auth.enabled
         server = aio.server(options=self._options(), interceptors=[ProbeAuthorization(self.auth)] if probes else None)
-        self._gate = DrainGate()
+        self._gate = DrainGate(self.repository.sequence_live, self.repository.live_sequences)
         budget = ByteBudget(s.max_in_flight_bytes) if s.max_in_flight_bytes else None
         if self._metrics_on:
             self.metrics = Metrics(
@@ -439,14 +439,22 @@ class TensorgateServer:
                 await self._poller
         drained = True
         if self._gate is not None:
-            log.info("refusing new calls; draining %d in-flight call(s) (grace %.0fs)", self._gate.in_flight, grace)
+            sequences = self._gate.live_sequences()
+            log.info(
+                "refusing new calls; draining %d in-flight call(s)%s (grace %.0fs)",
+                self._gate.in_flight,
+                f" and {sequences} live sequence(s), whose next requests are still taken" if sequences else "",
+                grace,
+            )
             drained = await self._gate.drain(grace)
             if not drained:
                 hurried = self._gate.hurried
+                sequences = self._gate.live_sequences()
                 log.warning(
-                    "%s with %d call(s) still running; cancelling them",
+                    "%s with %d call(s) still running%s; cancelling them",
                     "stopping at once" if hurried else "grace period over",
                     self._gate.in_flight,
+                    f" and {sequences} sequence(s) not ended (to be started again)" if sequences else "",
                 )
                 ended = "the server was told to stop at once" if hurried else "the grace period ended"
                 # What has not started gets a status that says so (safe to send again elsewhere), rather than be

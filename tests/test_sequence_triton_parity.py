@@ -19,7 +19,7 @@ from tests.onnx_models import accumulator_config, accumulator_model, write_confi
 from tests.scraping import metrics_url, scrape, value
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
-from tests.test_sequence import _in_thread
+from tests.test_sequence import WRAPPED, _in_thread
 
 # One slot, and a minute idle: a second sequence waits in the backlog for as long as a test needs it there.
 ONE_SLOT = "oldest { max_candidate_sequences: 1 } max_sequence_idle_microseconds: 60000000"
@@ -31,24 +31,12 @@ def _x(value: float) -> list[tc.InferInput]:
     return [inp]
 
 
-WRAPPED = """
-name: "wrapped"
-platform: "ensemble"
-max_batch_size: 8
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-ensemble_scheduling { step [ { model_name: "one_wrapped" model_version: -1
-  input_map { key: "INPUT" value: "X" } output_map { key: "OUTPUT" value: "Y" } } ] }
-"""
-"""An ensemble of one step, a sequence model with one slot."""
-
-
 def _repository(root: Path) -> Path:
     for name in ("one", "one_timeout", "one_wrapped"):  # a model per test: no test's sequence holds another's slot
         accumulator_model(root / name / "1" / "model.onnx")
         write_config(root, name, accumulator_config(name, extra=ONE_SLOT))
     (root / "wrapped" / "1").mkdir(parents=True)
-    write_config(root, "wrapped", WRAPPED)
+    write_config(root, "wrapped", WRAPPED.format(step="one_wrapped"))  # one step, one slot
     for corrid in ("INT64", "INT32"):
         name = f"acc_{corrid.lower()}"
         accumulator_model(root / name / "1" / "model.onnx", corrid=corrid)

@@ -33,6 +33,22 @@ class SequenceFlags:
     end: bool = False
 
 
+def sequence_id_of(parameters: Mapping[str, object]) -> SequenceId | None:
+    """A request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it); None
+    without a correlation ID (0 and "" mean none, as in Triton) or with one of another type (which the request
+    path refuses)."""
+    sequence_id = parameters.get("sequence_id")
+    if sequence_id is None or sequence_id == 0 or sequence_id == "":
+        return None
+    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
+        return None
+    if isinstance(sequence_id, int) and sequence_id < 0:
+        # An int64_param is read as uint64, as Triton reads it: Triton's C++ client and perf_analyzer send IDs past
+        # 2**63 - 1 as their two's complement.
+        sequence_id += 2**64
+    return sequence_id
+
+
 @dataclass(slots=True, frozen=True)
 class BatchContext:
     """What a backend may want to know about the batch it runs, beyond its tensors.

@@ -23,7 +23,13 @@ from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import FINAL_RESPONSE, from_numpy
-from tensorgate.server.backends.base import RunsRemotely, SequenceFlags, StreamsResponses, upstream_parameters
+from tensorgate.server.backends.base import (
+    RunsRemotely,
+    SequenceFlags,
+    StreamsResponses,
+    sequence_id_of,
+    upstream_parameters,
+)
 from tensorgate.server.errors import (
     InvalidRequestError,
     ServerUnavailableError,
@@ -73,31 +79,15 @@ def _int_parameter(req: InferRequest, key: str, version: str) -> int | None:
     return value
 
 
-def _sequence_id(req: InferRequest) -> int | str | None:
-    """The request's `sequence_id` (int64 read as uint64, uint64 or string, as Triton's clients send it); None
-    without a correlation ID (0 and "" mean none, as in Triton) or with one of another type (`_sequence_flags`
-    refuses it)."""
-    sequence_id = req.parameters.get("sequence_id")
-    if sequence_id is None or sequence_id == 0 or sequence_id == "":
-        return None
-    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
-        return None
-    if isinstance(sequence_id, int) and sequence_id < 0:
-        # An int64_param is read as uint64, as Triton reads it: Triton's C++ client and perf_analyzer send IDs past
-        # 2**63 - 1 as their two's complement.
-        sequence_id += 2**64
-    return sequence_id
-
-
 def _sequence_flags(req: InferRequest, version: str) -> SequenceFlags | None:
-    """The request's `sequence_id` (`_sequence_id`) and its `sequence_start` / `sequence_end` flags; None without
+    """The request's `sequence_id` (`sequence_id_of`) and its `sequence_start` / `sequence_end` flags; None without
     a correlation ID."""
     params = req.parameters
     start, end = params.get("sequence_start", False), params.get("sequence_end", False)
     for key, value in (("sequence_start", start), ("sequence_end", end)):
         if not isinstance(value, bool):
             raise InvalidRequestError(req.model, version, f"parameter '{key}' must be a bool")
-    sequence_id = _sequence_id(req)
+    sequence_id = sequence_id_of(params)
     if sequence_id is None:
         if params.get("sequence_id") not in (None, 0, ""):
             raise InvalidRequestError(req.model, version, "parameter 'sequence_id' must be an integer or a string")
@@ -109,7 +99,7 @@ def _split_key(req: InferRequest) -> str:
     """What places a request that names no version in its model's rollout split: its sequence's id when it has
     one, since every step of a sequence must reach the version that holds the sequence's state (split by their
     own ids, steps landed on a version where their sequence was never started), and its own id otherwise."""
-    sequence_id = _sequence_id(req) if "sequence_id" in req.parameters else None
+    sequence_id = sequence_id_of(req.parameters) if "sequence_id" in req.parameters else None
     return req.id if sequence_id is None else f"sequence {sequence_id}"
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.server.backends.base import Backend, backend_ready
+from tensorgate.server.backends.base import Backend, SequenceId, backend_ready
 from tensorgate.server.backends.ensemble import EnsembleBackend
 from tensorgate.server.backends.onnx import ONNX_TYPES, OnnxBackend
 from tensorgate.server.backends.triton import (
@@ -1415,6 +1415,38 @@ class ModelRepository:
                 versions = [str(v) for v in entry.unloaded] if is_unloaded(entry.reason) and entry.unloaded else [""]
                 rows.extend(IndexRow(name, v, entry.state, entry.reason) for v in versions)
         return rows
+
+    def sequence_live(self, name: str, sequence_id: SequenceId) -> bool:
+        """Whether a request without START to model `name` would continue a live sequence (`Sequencer.live`):
+        one that a served version of the model has started and not ended, or for an ensemble one of its sequence
+        steps has, down nested ensembles. A draining server still takes such requests, as Triton's sequence
+        batcher does, so that sequences their clients are in the middle of can end (server/rpc/drain.py)."""
+        names, seen = [name], set()
+        while names:
+            current = names.pop()
+            entry = self._entries.get(current)
+            if current in seen or entry is None:
+                continue
+            seen.add(current)
+            for model in entry.versions.values():
+                sequences = model.sequencer or model.remote_sequences
+                if sequences is not None and sequences.live(sequence_id):
+                    return True
+                if model.plan is not None:
+                    names.extend(step.model for step in model.plan.steps)
+        return False
+
+    def live_sequences(self) -> int:
+        """Sequences started and not yet ended or idle, those waiting for a slot included, over every served model:
+        a drain waits for them (a remote model's versions share theirs, counted once)."""
+        local, remote = 0, {}
+        for model in self.loaded():
+            if model.sequencer is not None:
+                local += model.sequencer.active
+            if model.remote_sequences is not None:
+                order = model.remote_sequences.order
+                remote[id(order)] = len(order.claims)
+        return local + sum(remote.values())
 
     def reject_waiting(self, why: str) -> None:
         """Every model's requests that have not started fail with UNAVAILABLE (Scheduler.reject_waiting), those of

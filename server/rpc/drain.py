@@ -2,34 +2,81 @@
 
 grpc's own `server.stop(grace)` cancels new calls (CANCELLED, which clients do not retry); refusing them here
 with UNAVAILABLE first lets clients and load balancers retry on another replica while running calls finish.
+
+Sequences (stateful models) are drained as Triton's sequence batcher drains them: a request that continues or ends
+a sequence live here is still taken (its state is here, so no other replica can run it), a request that starts
+one is refused, and the drain waits for the live sequences to end (END, or their idle time) within the grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterable
 
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos.tensors import parameters_of
+from tensorgate.server.backends.base import SequenceFlags, SequenceId, sequence_id_of
 from tensorgate.server.errors import ServerUnavailableError
 
 DRAINING = "the server is shutting down; retry on another replica"
 
+SEQUENCE_POLL_S = 0.05
+"""How often a drain looks again at the live sequences it waits for. A sequence ends on its END request or when
+its idle time passes, both on the event loop; a look costs a few dictionary lookups."""
+
+SequenceKey = tuple[str, SequenceId]
+"""(model the request named, sequence ID)."""
+
+
+def sequence_step(request: pb.ModelInferRequest) -> SequenceFlags | None:
+    """A request's `sequence_id`, `sequence_start` and `sequence_end`, read from the message (the drain judges
+    a request before it is decoded); None without a correlation ID. Flags of a wrong type read as unset: the
+    request path refuses them."""
+    params = request.parameters
+    if "sequence_id" not in params:
+        return None
+    values = parameters_of(params)
+    sequence_id = sequence_id_of(values)
+    if sequence_id is None:
+        return None
+    return SequenceFlags(sequence_id, values.get("sequence_start") is True, values.get("sequence_end") is True)
+
+
+def _never(model: str, sequence_id: SequenceId) -> bool:
+    return False
+
+
+def _none() -> int:
+    return 0
+
 
 class DrainGate:
-    """Created on the event loop; `enter()`/`exit()` bracket every RPC of the inference service."""
+    """Created on the event loop; `enter()`/`exit()` bracket every RPC of the inference service. `live` says
+    whether a sequence of a model is live (ModelRepository.sequence_live), `live_sequences` how many are (both:
+    none without sequence models)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        live: Callable[[str, SequenceId], bool] = _never,
+        live_sequences: Callable[[], int] = _none,
+    ) -> None:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_started = asyncio.Event()
         self._hurried = asyncio.Event()
+        self._over = asyncio.Event()
         self.draining = False
+        self.live = live
+        self.live_sequences = live_sequences
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    def enter(self) -> None:
-        if self.draining:
+    def enter(self, request: object = None) -> None:
+        """Count an RPC in; UNAVAILABLE once draining, unless `request` continues a live sequence."""
+        if self.draining and not self.continues_sequence(request):
             raise ServerUnavailableError(DRAINING)
         self._in_flight += 1
         self._idle.clear()
@@ -39,10 +86,32 @@ class DrainGate:
         if self._in_flight == 0:
             self._idle.set()
 
+    def continues_sequence(self, request: object) -> bool:
+        """Whether `request` is an inference request without START in a sequence live here: taken while
+        draining. A request that starts one is not: it can start on another replica."""
+        if not isinstance(request, pb.ModelInferRequest):
+            return False
+        step = sequence_step(request)
+        return step is not None and not step.start and self.live(request.model_name, step.id)
+
     async def started(self) -> None:
         """Wait for the drain to start: an open stream then ends once it has answered what it started, rather than
         wait for messages that would hold the drain for its whole grace."""
         await self._drain_started.wait()
+
+    async def sequences_ended(self, keys: set[SequenceKey]) -> None:
+        """Wait, once the drain has started, until none of the sequences in `keys` (those an open stream sends
+        requests into) is live, or the drain is over; `keys` loses those that end. A stream in the middle of a
+        sequence stays open for its next requests until then."""
+        await self._drain_started.wait()
+        while not self._over.is_set() and self.keep_live(keys):
+            await _first((self._over,), SEQUENCE_POLL_S)
+
+    def keep_live(self, keys: set[SequenceKey]) -> bool:
+        """Drop from `keys` the sequences no longer live; whether any is left."""
+        for key in [k for k in keys if not self.live(*k)]:
+            keys.discard(key)
+        return bool(keys)
 
     @property
     def hurried(self) -> bool:
@@ -54,15 +123,35 @@ class DrainGate:
         self._hurried.set()
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new RPCs and wait up to `timeout` seconds, or until `hurry()`, for running ones; True when all
-        finished."""
+        """Refuse new RPCs and wait up to `timeout` seconds, or until `hurry()`, for running ones and live
+        sequences; True when all finished."""
         self.draining = True
         self._drain_started.set()
-        idle = asyncio.ensure_future(self._idle.wait())
-        hurried = asyncio.ensure_future(self._hurried.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait((idle, hurried), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            while not (self._hurried.is_set() or self.drained):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if self._in_flight:
+                    await _first((self._idle, self._hurried), remaining)
+                else:  # no call running, but sequences live: their next requests may still come
+                    await _first((self._hurried,), min(remaining, SEQUENCE_POLL_S))
         finally:
-            idle.cancel()
-            hurried.cancel()
-        return self._in_flight == 0
+            self._over.set()
+        return self.drained
+
+    @property
+    def drained(self) -> bool:
+        return self._in_flight == 0 and self.live_sequences() == 0
+
+
+async def _first(events: Iterable[asyncio.Event], timeout: float) -> None:
+    """Until one of `events` is set, or `timeout` seconds."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

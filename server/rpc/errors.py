@@ -182,7 +182,7 @@ def unary(
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
         started = time.perf_counter_ns()
         try:
-            self.gate.enter()
+            self.gate.enter(request)  # a draining server still takes a request that continues a live sequence
         except TensorgateError as exc:
             await context.abort(exc.code, exc.message)
         token, admitted, response = None, None, None

@@ -39,7 +39,7 @@ from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.byte_budget import ByteBudget, ByteBudgetError, request_bytes
-from tensorgate.server.rpc.drain import DRAINING, DrainGate
+from tensorgate.server.rpc.drain import DRAINING, DrainGate, SequenceKey, sequence_step
 from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry import log_settings, trace_settings
@@ -472,6 +472,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         responses = _Window()
         """Decoupled models' responses queued and not yet handed to gRPC: at the window their requests wait."""
         refused_on_drain = False
+        carried: set[SequenceKey] = set()
+        """Sequences this stream sent requests into and not (yet) their END: a drain leaves the stream open while
+        one of them is live, for its next requests."""
 
         def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
             ordered.append(answer)
@@ -483,17 +486,31 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 async for message in request_iterator:
                     unanswered.held += 1
                     request, refusal = _parsed(message)
-                    if self.gate.draining:
+                    step = sequence_step(request)
+                    if self.gate.draining and not (
+                        step is not None and not step.start and self.gate.live(request.model_name, step.id)
+                    ):
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
                         # requests it already runs are answered, so the drain need not wait out its grace. It
                         # ends with UNAVAILABLE, as when the drain starts between messages: the client had not
-                        # ended it, and what it sends next is not read.
+                        # ended it, and what it sends next is not read. Unless the stream is in the middle of a
+                        # sequence: it stays open for that sequence's next requests.
                         refused = loop.create_future()
                         refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING))[0])
                         answer_later(refused)
-                        refused_on_drain = True
-                        break
+                        if not self.gate.keep_live(carried):
+                            refused_on_drain = True
+                            break
+                        if unanswered.held >= STREAM_WINDOW:
+                            await unanswered.room()
+                        continue
+                    if step is not None:
+                        key = (request.model_name, step.id)
+                        if step.end:
+                            carried.discard(key)
+                        else:
+                            carried.add(key)
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     task: asyncio.Task[Any]
                     if refusal is not None:
@@ -518,7 +535,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         async def end_on_drain() -> None:
             # A client keeps its stream open between requests: without this, an idle stream would hold the drain
             # until its grace ran out and then be cut off. Messages not read yet get the stream's UNAVAILABLE.
+            # A stream in the middle of a sequence ends once its sequences have (or the grace has).
             await self.gate.started()
+            await self.gate.sequences_ended(carried)
             events.put_nowait(drained)  # before the reader's end (its None), which the reader puts when cancelled
             reader.cancel()
 

@@ -73,8 +73,8 @@ class RemoteSequences:
         self._model = model
         self._version = version
         self._scheduler = scheduler
-        order = Order() if order is None else order
-        self._tails, self._claims = order.tails, order.claims
+        self.order = Order() if order is None else order
+        self._tails, self._claims = self.order.tails, self.order.claims
         self._idle_s = (idle_us or DEFAULT_IDLE_US) / 1e6
         """The upstream's max_sequence_idle_microseconds (0: Triton's default)."""
         self._requests = 0
@@ -91,6 +91,11 @@ class RemoteSequences:
     def waiting(self) -> int:
         """Requests waiting behind an earlier request of their sequence (queued here, before the Scheduler's)."""
         return self._waiting
+
+    def live(self, sequence_id: SequenceId) -> bool:
+        """Whether `sequence_id` was started here and has not ended or gone idle (the Sequencer's `live`): a
+        draining server still takes its requests."""
+        return sequence_id in self._claims
 
     async def submit(
         self,

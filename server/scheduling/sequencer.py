@@ -224,6 +224,12 @@ class Sequencer:
         backlog (the model's queue depth counts them, as a remote sequence model's does)."""
         return self._waiting
 
+    def live(self, sequence_id: SequenceId) -> bool:
+        """Whether a request without START may follow in `sequence_id` (started, and not ended or gone idle): a
+        draining server still takes such requests, so that a sequence its client is in the middle of can end."""
+        seq = self._sequences.get(sequence_id)
+        return seq is not None and not seq.ended
+
     # ----- requests ----------------------------------------------------------------------------------------
 
     def enter(self, flags: SequenceFlags | None, rows: int) -> Place:
