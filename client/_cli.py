@@ -73,6 +73,14 @@ def unreachable_hint(args: argparse.Namespace, exc: TensorgateClientError) -> st
     return f"cannot reach {args.server}{hint}: "
 
 
+def failed_call(args: argparse.Namespace, exc: TensorgateClientError, text: str | None = None) -> str:
+    """How a command that talks to one server reports a call that failed: 'cannot reach SERVER: ' when the
+    transport failed (`unreachable_hint`), 'SERVER: ' when the server answered, then `text` (by default
+    'CODE: details') on one line, whatever line breaks the server's details hold."""
+    where = unreachable_hint(args, exc) or (f"{args.server}: " if args.server else "")
+    return where + " ".join((f"{exc.code.name}: {exc.details}" if text is None else text).split())
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("infer", help="run one inference on a server and print the outputs as JSON")
     p.add_argument("model", help="model name")

@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
+from tensorgate.client._cli import (
+    UsageError,
+    add_connection_arguments,
+    failed_call,
+    headers_from_args,
+    tls_from_args,
+)
 from tensorgate.client._monitoring import Label, describe_failure
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 from tensorgate.client.errors import TensorgateClientError
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                     refused += 1
                     print(f"{status.request_id}: {status.code.name}: {status.message}", file=sys.stderr)
     except TensorgateClientError as exc:
-        print(f"{args.server}: {describe_failure(exc)}", file=sys.stderr)
+        print(f"tensorgate feedback: {failed_call(args, exc, describe_failure(exc))}", file=sys.stderr)
         return 1
     except (OSError, ValueError, TypeError) as exc:  # unreadable TLS files, a timeout that is no number of seconds
         print(f"tensorgate feedback: {exc}", file=sys.stderr)

@@ -14,7 +14,13 @@ import math
 import sys
 import time
 
-from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
+from tensorgate.client._cli import (
+    UsageError,
+    add_connection_arguments,
+    failed_call,
+    headers_from_args,
+    tls_from_args,
+)
 from tensorgate.client._rollout import describe
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 from tensorgate.client.errors import TensorgateClientError
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(args.interval)
                 print(describe(client.rollout(args.model)), flush=True)
     except TensorgateClientError as exc:
-        print(f"{args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        print(f"tensorgate rollout: {failed_call(args, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C ends a --watch: no traceback
         return 130

@@ -351,6 +351,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         from tensorgate.server.monitoring.alerts import AlertRuleError
 
         stops += (AlertRuleError,)
+    if settings.data_dir is not None:  # a store written by a newer tensorgate: one line, not a traceback
+        from tensorgate.server.monitoring.store import StoreLayoutError
+
+        stops += (StoreLayoutError,)
     try:
         asyncio.run(serve(settings))
     except stops as exc:
@@ -385,7 +389,7 @@ def as_flags(message: str) -> str:
 
 def _run_health(args: argparse.Namespace) -> int:
     from tensorgate.client import InferenceClient, TensorgateClientError
-    from tensorgate.client._cli import UsageError, headers_from_args, tls_from_args, unreachable_hint
+    from tensorgate.client._cli import UsageError, failed_call, headers_from_args, tls_from_args
 
     try:
         tls = tls_from_args(args)
@@ -397,8 +401,7 @@ def _run_health(args: argparse.Namespace) -> int:
         with InferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
             status = client.health(args.service)
     except TensorgateClientError as exc:
-        where = unreachable_hint(args, exc) or f"{args.server}: "
-        print(f"tensorgate health: {where}{exc.code.name}: {' '.join(exc.details.split())}", file=sys.stderr)
+        print(f"tensorgate health: {failed_call(args, exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # unreadable TLS files: one line, as `tensorgate infer` says it
         print(f"tensorgate health: {exc}", file=sys.stderr)

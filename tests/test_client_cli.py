@@ -140,6 +140,28 @@ def test_health_says_a_tls_port_may_be_why_its_socket_closed(tmp_path: Path) -> 
     assert done.stderr.startswith(expected), done.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["health"],
+        ["infer", "m", "--input", "x=[1]"],
+        ["rollout", "m"],
+        ["feedback", "m", "--id", "r1", "--label", "1"],
+        ["monitor", "m"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_every_command_says_when_it_cannot_reach_the_server(command: list[str]) -> None:
+    """Nothing listens on the port (a wrong --server, a server down): every command says so in one line, as
+    `tensorgate health` does, not gRPC's words alone under the address as if the server had answered."""
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [TENSORGATE, *command, "--server", address, "--timeout", "5"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"tensorgate {command[0]}: cannot reach {address}: UNAVAILABLE: "), done.stderr
+
+
 def test_health_with_an_unreadable_tls_file_is_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "ca.pem"
     done = subprocess.run(

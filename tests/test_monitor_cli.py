@@ -528,4 +528,4 @@ def test_monitor_without_matplotlib_says_how_to_get_it(
 
 def test_monitor_of_an_unknown_model(server: ServerThread) -> None:
     code, _, err = run_cli("monitor", "nope", "--server", server.address)
-    assert code == 1 and err.startswith("tensorgate monitor: NOT_FOUND")
+    assert code == 1 and err.startswith(f"tensorgate monitor: {server.address}: NOT_FOUND"), err

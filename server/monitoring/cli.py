@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tensorgate.client._cli import UsageError, add_connection_arguments, headers_from_args, tls_from_args
+from tensorgate.client._cli import (
+    UsageError,
+    add_connection_arguments,
+    failed_call,
+    headers_from_args,
+    tls_from_args,
+)
 from tensorgate.client.config import DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -106,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except TensorgateClientError as exc:
         # profile calls the inference service only: its UNIMPLEMENTED is no sign of monitoring being off.
-        text = describe_failure(exc) if args.command == "monitor" else f"{exc.code.name}: {exc.details}"
-        print(f"{prog}: {text}", file=sys.stderr)
+        text = describe_failure(exc) if args.command == "monitor" else None
+        print(f"{prog}: {failed_call(args, exc, text)}", file=sys.stderr)
         return 1
 
 
