@@ -82,10 +82,14 @@ def describe(state: RolloutState) -> str:
         if len(state.steps) > 1:
             marks = [f"[{s:g}%]" if i == state.step else f"{s:g}%" for i, s in enumerate(state.steps)]
             # Whole seconds held round down, as the server's "N s more" rounds up: the two add up to the interval.
+            # Past the interval (requests, an alert or an evaluation still hold the step), "held 80 of 5 s" read
+            # as a count gone wrong.
+            held = math.floor(state.step_held_s)
+            interval = f"{state.ramp_interval_s:g} s"
+            held_text = f"{held} of {interval}" if held < state.ramp_interval_s else f"{held} s (interval {interval})"
             lines.append(
-                f"  ramp: {' -> '.join(marks)}, step {state.step + 1} of {len(state.steps)}: held "
-                f"{math.floor(state.step_held_s)} of {state.ramp_interval_s:g} s, {state.step_requests} of "
-                f"{state.ramp_min_requests} requests"
+                f"  ramp: {' -> '.join(marks)}, step {state.step + 1} of {len(state.steps)}: held {held_text}, "
+                f"{state.step_requests} of {state.ramp_min_requests} requests"
             )
         gate = "off" if state.max_error_percent is None else f"max {state.max_error_percent:g} points over stable"
         lines.append(

@@ -309,6 +309,14 @@ def test_the_cli_text_says_when_a_ramp_is_done_and_only_then() -> None:
     )
 
 
+def test_a_step_held_past_its_interval_does_not_read_as_more_than_the_interval() -> None:
+    """Requests or an alert hold the step after its interval: "held 80 of 5 s" read as a count gone wrong."""
+    early = describe(_client_state(step=0, canary_share=10.0, step_held_s=2.7, ramp_interval_s=5.0))
+    assert "step 1 of 2: held 2 of 5 s, 3 of 20 requests" in early, early
+    late = describe(_client_state(step=0, canary_share=10.0, step_held_s=80.2, ramp_interval_s=5.0))
+    assert "step 1 of 2: held 80 s (interval 5 s), 3 of 20 requests" in late, late
+
+
 def test_a_split_whose_stable_version_failed_to_load_says_so(tmp_path: Path) -> None:
     """The load only logs that the split waits for its stable version; GetRollout said the config set no
     tensorgate.rollout.* parameter at all (review 119)."""
