@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore
+from tensorgate.server.monitoring.store import DB_NAME, Prediction, PredictionStore, StoreLayoutError
 
 __all__ = ["FORMATS", "ExportError", "export", "open_store", "parse_time", "records"]
 
@@ -71,7 +71,10 @@ def open_store(data_dir: Path) -> PredictionStore:
     path = Path(data_dir) / DB_NAME
     if not path.is_file():
         raise ExportError(f"{path}: no prediction store (is this the server's --data-dir?)")
-    return PredictionStore(path, read_only=True)
+    try:
+        return PredictionStore(path, read_only=True)
+    except StoreLayoutError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _value(row: np.ndarray) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "FiringAlert",
     "Prediction",
     "PredictionStore",
+    "StoreLayoutError",
     "decode_arrays",
     "encode_arrays",
     "is_busy",
@@ -93,6 +94,31 @@ were kept. ``model_rows`` counts each model's rows for retention, in the databas
 memory: several ``--reuse-port`` processes share the file, and each one counting only its own inserts kept up to
 one retention's worth per process. ``firing_alerts`` (added after them: CREATE IF NOT EXISTS is its migration) holds
 the alerts firing, so that a restart neither sends them again nor forgets to resolve them (``FiringAlert``)."""
+
+SCHEMA_VERSION = 4
+"""The store's layout, kept in SQLite's ``PRAGMA user_version``: 1 the first releases' (a unique (model, id)
+index), 2 repeated ids kept and ``model_rows``, 3 ``firing_alerts``, 4 ``ramp_places``. 0 is a store written before
+the layout was stamped, any of 1 to 4: _SCHEMA brings each to 4. A store stamped higher was written by a newer
+tensorgate (a rollback after an upgrade): it is refused (`StoreLayoutError`), since this release cannot know what
+that one changed. A release that only adds (a table, a column with a default) need not raise the number, so that
+the release before it still opens its stores: every statement here names the columns it writes and reads."""
+
+_ALERT_COLUMNS = "sink, rule, model, version, expression, since, fired_value, value, threshold, updated, interval_s"
+"""``FiringAlert``'s fields in order: named, not ``*``, so that a column a later release adds is no field here."""
+
+
+class StoreLayoutError(Exception):
+    """The data dir's store was written by a newer tensorgate: the server does not start on it and the export does
+    not read it, rather than misreading or rewriting what that release keeps there."""
+
+    def __init__(self, path: Path, found: int) -> None:
+        super().__init__(
+            f"{path}: this prediction store has layout {found}, written by a newer tensorgate than this one (which "
+            f"knows layouts up to {SCHEMA_VERSION}); nothing in it was changed. Run the newer tensorgate on this "
+            "--data-dir, or give this one another --data-dir"
+        )
+        self.path, self.found = path, found
+
 
 _NEWEST = "seq IN (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ? GROUP BY version)"
 """The captures a request id names: its newest of each version. A shadow version's run of a request
@@ -235,6 +261,7 @@ class PredictionStore:
             self._db = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
             )
+            self._refuse_newer()
             return
         # Captured inputs may be personal data: a store made here is its owner's alone (SQLite would make the file
         # 0644, and its -wal and -shm files take the file's mode). An existing one keeps the mode it was given.
@@ -242,11 +269,44 @@ class PredictionStore:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._refuse_newer()  # before WAL mode, which would rewrite the file's header
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable across process crashes in WAL mode (only an OS crash may lose the last commits);
         # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _refuse_newer(self) -> None:
+        try:
+            found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        except BaseException:
+            self._db.close()
+            raise
+        if found > SCHEMA_VERSION:
+            self._db.close()
+            raise StoreLayoutError(self.path, found)
+
+    def _migrate(self) -> None:
+        """Bring the store to SCHEMA_VERSION and stamp it, in one transaction: processes sharing the data dir that
+        start together take turns, and one that stops halfway leaves the store as it was. The layout is read again
+        inside it: a newer tensorgate may have stamped the store since `_refuse_newer`.
+
+        _SCHEMA runs on a stamped store too: a release from before the stamp ignores it, and one run on the data dir
+        since (a rollback, then this upgrade again) put back layout 1's unique index, which would refuse a shadow
+        version's capture of its request's id."""
+        try:
+            with self._lock, self._write():
+                found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                if found > SCHEMA_VERSION:
+                    raise StoreLayoutError(self.path, found)
+                for statement in _SCHEMA.split(";"):  # executescript would commit the transaction first
+                    if statement.strip():
+                        self._db.execute(statement)
+                if found < SCHEMA_VERSION:
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.close()
+            raise
 
     # ----- writes ------------------------------------------------------------------------------------------
 
@@ -424,7 +484,8 @@ class PredictionStore:
     def save_ramp_place(self, model: str, place: str, step: int) -> None:
         with self._lock, self._write():
             self._db.execute(
-                "INSERT OR REPLACE INTO ramp_places VALUES (?, ?, ?, ?)", (model, place, step, time.time())
+                "INSERT OR REPLACE INTO ramp_places (model, place, step, updated) VALUES (?, ?, ?, ?)",
+                (model, place, step, time.time()),
             )
 
     # ----- firing alerts (shared by the processes on this data dir) -------------------------------------------
@@ -434,7 +495,7 @@ class PredictionStore:
         there (another process sending to the same sink, or this data dir's previous run, announced it)."""
         with self._lock, self._write():
             inserted = self._db.execute(
-                "INSERT OR IGNORE INTO firing_alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO firing_alerts ({_ALERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                 (
                     alert.sink,
                     alert.rule,
@@ -505,7 +566,7 @@ class PredictionStore:
 
     def _alerts(self, where: str, args: tuple[object, ...]) -> list[FiringAlert]:
         rows = self._db.execute(
-            f"SELECT * FROM firing_alerts WHERE {where} ORDER BY since",  # noqa: S608 - constant clauses
+            f"SELECT {_ALERT_COLUMNS} FROM firing_alerts WHERE {where} ORDER BY since",  # noqa: S608 - constant clauses
             args,
         ).fetchall()
         return [FiringAlert(*row) for row in rows]
