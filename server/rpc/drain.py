@@ -21,8 +21,10 @@ from tensorgate.server.errors import ServerUnavailableError
 DRAINING = "the server is shutting down; retry on another replica"
 
 SEQUENCE_POLL_S = 0.05
-"""How often a drain looks again at the live sequences it waits for. A sequence ends on its END request or when
-its idle time passes, both on the event loop; a look costs a few dictionary lookups."""
+"""How often a drain looks again at the live sequences it waits for, and the streams held open for theirs. A
+sequence ends on its END request or when its idle time passes, both on the event loop; a look costs a few
+dictionary lookups. One look for all: a look of each held stream's own made a task per stream (an Event's wait)
+20 times a second, a good part of a core of the loop that serves those sequences once streams number thousands."""
 
 SequenceKey = tuple[str, SequenceId]
 """(model the request named, sequence ID)."""
@@ -66,6 +68,8 @@ class DrainGate:
         self._drain_started = asyncio.Event()
         self._hurried = asyncio.Event()
         self._over = asyncio.Event()
+        self._look = asyncio.Event()
+        """Set, and replaced, at each look of the drain: streams held open for their sequences look then too."""
         self.draining = False
         self.live = live
         self.live_sequences = live_sequences
@@ -105,7 +109,7 @@ class DrainGate:
         sequence stays open for its next requests until then."""
         await self._drain_started.wait()
         while not self._over.is_set() and self.keep_live(keys):
-            await _first((self._over,), SEQUENCE_POLL_S)
+            await self._look.wait()
 
     def keep_live(self, keys: set[SequenceKey]) -> bool:
         """Drop from `keys` the sequences no longer live; whether any is left."""
@@ -134,12 +138,15 @@ class DrainGate:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                if self._in_flight:
-                    await _first((self._idle, self._hurried), remaining)
-                else:  # no call running, but sequences live: their next requests may still come
-                    await _first((self._hurried,), min(remaining, SEQUENCE_POLL_S))
+                self._look.set()  # held streams look at their sequences
+                self._look = asyncio.Event()
+                # Calls running (streams held for their sequences among them), or sequences live with none
+                # running (their next requests may still come): look again in SEQUENCE_POLL_S either way.
+                waits = (self._idle, self._hurried) if self._in_flight else (self._hurried,)
+                await _first(waits, min(remaining, SEQUENCE_POLL_S))
         finally:
             self._over.set()
+            self._look.set()
         return self.drained
 
     @property

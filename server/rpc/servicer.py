@@ -80,6 +80,9 @@ answers: a client that stops reading stalls its own writes (HTTP/2 flow control)
 making the server hold every answer. Well above what batching can use of one stream, so a pipelined client
 (perf_analyzer --streaming) never waits on it."""
 
+CARRIED_FORGET_AT = 64
+"""Sequence keys a stream keeps before it first drops those no longer live (ModelStreamInfer's `carried`)."""
+
 
 class _Window:
     """What a stream holds for its client, counted, and a wait for room under STREAM_WINDOW. A count and a future
@@ -473,15 +476,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Decoupled models' responses queued and not yet handed to gRPC: at the window their requests wait."""
         refused_on_drain = False
         carried: set[SequenceKey] = set()
-        """Sequences this stream sent requests into and not (yet) their END: a drain leaves the stream open while
-        one of them is live, for its next requests."""
+        """Sequences this stream sent requests into: a drain leaves the stream open while one of them is live, for
+        its next requests. Those no longer live go when it has doubled (`forget_at`), so that a stream that lives
+        on while sequences come and go, or that gives a stateless model sequence IDs, keeps no key per ID."""
+        forget_at = CARRIED_FORGET_AT
 
         def answer_later(answer: asyncio.Future[pb.ModelStreamInferResponse]) -> None:
             ordered.append(answer)
             answer.add_done_callback(lambda _: events.put_nowait(_READY))
 
         async def read() -> None:
-            nonlocal relaying, refused_on_drain
+            nonlocal relaying, refused_on_drain, forget_at
             try:
                 async for message in request_iterator:
                     unanswered.held += 1
@@ -506,11 +511,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                             await unanswered.room()
                         continue
                     if step is not None:
-                        key = (request.model_name, step.id)
-                        if step.end:
-                            carried.discard(key)
-                        else:
-                            carried.add(key)
+                        # An END's too: its sequence ends when the END reaches it, and one that fails before (bad
+                        # input) leaves it live, the stream open for another END.
+                        if len(carried) >= forget_at:  # before this one's key: a START is not live until it runs
+                            self.gate.keep_live(carried)
+                            forget_at = CARRIED_FORGET_AT + 2 * len(carried)
+                        carried.add((request.model_name, step.id))
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     task: asyncio.Task[Any]
                     if refusal is not None:
