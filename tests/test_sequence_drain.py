@@ -7,6 +7,7 @@ of tests/onnx_models.py, unmodified tritonclient (unary and stream), and a remot
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import signal
 import time
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.server.rpc.drain import DrainGate
 from tests.onnx_models import accumulator_config, accumulator_model, slow_model, write_config
 from tests.process import ServeProcess
 from tests.serving import ServerThread
@@ -163,6 +166,59 @@ def test_a_sequence_that_outlives_the_grace_is_cut_off_with_a_warning(tmp_path: 
         _signal_mid_sequence(server, 12)
         assert server.proc.wait(60) == 0
         assert "grace period over with 0 call(s) still running and 1 sequence(s) not ended" in server.output
+
+
+def test_a_stream_held_past_the_grace_is_told_its_sequence_was_cut_off(tmp_path: Path) -> None:
+    """The grace ends while a stream's sequence is live: the stream ends with UNAVAILABLE naming the sequence and
+    saying it must start again, not only "retry on another replica", which reads as if its next step could."""
+    repo = _repository(tmp_path / "models")
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "1"]
+    answers: queue.Queue[tuple[tc.InferResult | None, object]] = queue.Queue()
+    with ServeProcess(args) as server:
+        c = _wait_ready(server.address)
+        try:
+            c.start_stream(callback=lambda result, error: answers.put((result, error)))
+            c.async_stream_infer("acc", _x(1.0), request_id="1", sequence_id=31, sequence_start=True)
+            result, error = answers.get(timeout=60)
+            assert error is None and _sum(result) == 1.0, error
+            server.proc.send_signal(signal.SIGTERM)
+            result, error = answers.get(timeout=60)
+        finally:
+            c.stop_stream()
+            c.close()
+        assert server.proc.wait(60) == 0
+    assert result is None and DRAINING in str(error), (result, error)
+    assert "sequence 31 of model 'acc' did not end before the server stopped: start it again there" in str(error)
+
+
+def test_the_next_request_of_a_sequence_cut_off_says_so() -> None:
+    """Between the drain's end and the process's (gRPC's last half second), a sequence's next request is refused
+    as cut off; before the end it is taken, and a START or a request without a sequence is refused as draining."""
+
+    def request(model: str, **flags: int | bool) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name=model)
+        for key, value in flags.items():
+            if isinstance(value, bool):
+                message.parameters[key].bool_param = value
+            else:
+                message.parameters[key].int64_param = value
+        return message
+
+    async def scenario() -> list[str | None]:
+        gate = DrainGate(live=lambda model, sequence_id: (model, sequence_id) == ("acc", 5), live_sequences=lambda: 1)
+        asks = [request("acc", sequence_id=5), request("acc", sequence_id=6, sequence_start=True), request("fast")]
+        drain = asyncio.ensure_future(gate.drain(0.2))
+        await asyncio.sleep(0)
+        during = [gate.refusal(r) for r in asks]
+        assert await drain is False  # the sequence stayed live: not drained
+        after = [gate.refusal(asks[0])]
+        return [None if r is None else r.message for r in [*during, *after]]
+
+    during_acc, during_start, during_fast, after_acc = asyncio.run(scenario())
+    assert during_acc is None
+    assert during_start == during_fast == DRAINING
+    assert after_acc is not None and after_acc.startswith(DRAINING)
+    assert "sequence 5 of model 'acc' did not end before the server stopped: start it again there" in after_acc
 
 
 @pytest.fixture(scope="module")

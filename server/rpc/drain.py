@@ -44,6 +44,14 @@ def sequence_step(request: pb.ModelInferRequest) -> SequenceFlags | None:
     return SequenceFlags(sequence_id, values.get("sequence_start") is True, values.get("sequence_end") is True)
 
 
+def cut_off(keys: Iterable[SequenceKey]) -> str:
+    """UNAVAILABLE's message for the clients of sequences that a stop cut off: unlike a refused START, the
+    sequence cannot go on elsewhere; it must start again there."""
+    named = sorted(f"sequence {sequence_id!r} of model '{model}'" for model, sequence_id in keys)
+    more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+    return f"{DRAINING}; {', '.join(named[:3])}{more} did not end before the server stopped: start it again there"
+
+
 def _never(model: str, sequence_id: SequenceId) -> bool:
     return False
 
@@ -80,8 +88,10 @@ class DrainGate:
 
     def enter(self, request: object = None) -> None:
         """Count an RPC in; UNAVAILABLE once draining, unless `request` continues a live sequence."""
-        if self.draining and not self.continues_sequence(request):
-            raise ServerUnavailableError(DRAINING)
+        if self.draining:
+            refusal = self.refusal(request)
+            if refusal is not None:
+                raise refusal
         self._in_flight += 1
         self._idle.clear()
 
@@ -90,13 +100,16 @@ class DrainGate:
         if self._in_flight == 0:
             self._idle.set()
 
-    def continues_sequence(self, request: object) -> bool:
-        """Whether `request` is an inference request without START in a sequence live here: taken while
-        draining. A request that starts one is not: it can start on another replica."""
-        if not isinstance(request, pb.ModelInferRequest):
-            return False
-        step = sequence_step(request)
-        return step is not None and not step.start and self.live(request.model_name, step.id)
+    def refusal(self, request: object) -> ServerUnavailableError | None:
+        """Why a draining server refuses `request`: any call, but an inference request without START in a sequence
+        live here, which it takes until the drain is over (its grace ended, or a second signal), and then refuses
+        as cut off (`cut_off`). A request that starts a sequence is refused: it can start on another replica."""
+        if isinstance(request, pb.ModelInferRequest):
+            step = sequence_step(request)
+            if step is not None and not step.start and self.live(request.model_name, step.id):
+                over = self._over.is_set()
+                return ServerUnavailableError(cut_off([(request.model_name, step.id)])) if over else None
+        return ServerUnavailableError(DRAINING)
 
     async def started(self) -> None:
         """Wait for the drain to start: an open stream then ends once it has answered what it started, rather than

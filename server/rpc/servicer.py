@@ -39,7 +39,7 @@ from tensorgate.server.pipeline.types import InferRequest
 from tensorgate.server.repository.manager import ModelRepository
 from tensorgate.server.rpc import codec, errors
 from tensorgate.server.rpc.byte_budget import ByteBudget, ByteBudgetError, request_bytes
-from tensorgate.server.rpc.drain import DRAINING, DrainGate, SequenceKey, sequence_step
+from tensorgate.server.rpc.drain import DRAINING, DrainGate, SequenceKey, cut_off, sequence_step
 from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry import log_settings, trace_settings
@@ -492,9 +492,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     unanswered.held += 1
                     request, refusal = _parsed(message)
                     step = sequence_step(request)
-                    if self.gate.draining and not (
-                        step is not None and not step.start and self.gate.live(request.model_name, step.id)
-                    ):
+                    refused_by_drain = self.gate.refusal(request) if self.gate.draining else None
+                    if refused_by_drain is not None:
                         # Shutting down: no new work on this stream, or the end of the grace period would cut it
                         # off unanswered. This message is refused (retry elsewhere); the stream ends once the
                         # requests it already runs are answered, so the drain need not wait out its grace. It
@@ -502,7 +501,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         # ended it, and what it sends next is not read. Unless the stream is in the middle of a
                         # sequence: it stays open for that sequence's next requests.
                         refused = loop.create_future()
-                        refused.set_result(_stream_error(request, ServerUnavailableError(DRAINING))[0])
+                        refused.set_result(_stream_error(request, refused_by_drain)[0])
                         answer_later(refused)
                         if not self.gate.keep_live(carried):
                             refused_on_drain = True
@@ -571,7 +570,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     yield item  # a decoupled model's response
                     responses.release()
             if cut or refused_on_drain:
-                raise ServerUnavailableError(DRAINING)
+                # Sequences still live once the drain is over were cut off: their client must start them again.
+                live = self.gate.keep_live(carried)
+                raise ServerUnavailableError(cut_off(carried) if live else DRAINING)
             await reader  # surfaces a failure of the request stream itself
         finally:
             reader.cancel()
