@@ -195,8 +195,10 @@ class _Sequences:
     """Closed-loop sequences for a sequence (stateful) model: each request in flight (a slot) runs sequences of
     `length` requests one after another, as perf_analyzer does. IDs are this process's own (a random prefix and its
     worker index), so that runs and workers do not share one (for a 32-bit CORRID, up to 32 load processes). A
-    request refused as INVALID_ARGUMENT (its sequence is not active: its START failed, or it went idle) ends its
-    sequence; the slot's next request starts a new one."""
+    request refused as INVALID_ARGUMENT (its sequence is not active: it went idle, or its server restarted) ends its
+    sequence, and so does a START that failed: the slot's next request starts a new one. A START refused by a
+    draining server (UNAVAILABLE) began nothing, and the sequence's next requests would each fail after it, the
+    first counted as INVALID_ARGUMENT once the server is back, a failure the server never caused."""
 
     def __init__(self, request: pb.ModelInferRequest, length: int, ids: Iterator[int | str]) -> None:
         self._request = request
@@ -219,7 +221,10 @@ class _Sequences:
         return slot in self._at
 
     def failed(self, slot: int, code: str) -> None:
-        if code == "INVALID_ARGUMENT":
+        """The slot's last request failed with `code`: its sequence ends when it is not active or never began (a
+        START past its deadline may have run: its sequence goes on, and INVALID_ARGUMENT says if it did not)."""
+        start = self._at.get(slot, (None, 0))[1] == 1  # the last request sent was the START
+        if code == "INVALID_ARGUMENT" or (start and code != "DEADLINE_EXCEEDED"):
             self._at.pop(slot, None)
 
     def closing(self, slot: int) -> pb.ModelInferRequest:
@@ -613,16 +618,19 @@ class _LevelRun:
                         self._record(t, time.monotonic(), broke, exc.details() or "")
                         break  # a new stream
                     if reply is grpc.aio.EOF:
-                        self._record(t, time.monotonic(), "UNKNOWN", STREAM_ENDED)
+                        broke = "UNKNOWN"
+                        self._record(t, time.monotonic(), broke, STREAM_ENDED)
                         break
                     error = reply.error_message
                     self._record(t, time.monotonic(), STREAM_ERROR if error else None, error)
-                    if sequences is not None and _not_in_sequence(error):
-                        sequences.failed(slot, "INVALID_ARGUMENT")
+                    if sequences is not None and error:
+                        sequences.failed(slot, "INVALID_ARGUMENT" if _not_in_sequence(error) else STREAM_ERROR)
                     if not error:
                         backoff.answered()
             finally:
                 call.cancel()
+            if sequences is not None and broke:
+                sequences.failed(slot, broke)
             if broke == "UNAVAILABLE":
                 await self._pause(backoff.failed())
 
