@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 from opentelemetry import propagate
@@ -158,6 +159,17 @@ def infer_result(msg: pb.ModelInferResponse) -> InferResult:
         id=msg.id,
         parameters=tensors.parameters_of(msg.parameters),
     )
+
+
+def stream_item_status(msg: pb.ModelInferResponse) -> tuple[grpc.StatusCode, bool]:
+    """A failed stream item's status code, and whether its work was done, as tensorgate sends them in the item's
+    parameters (tensors.STATUS_CODE, tensors.RAN); UNKNOWN and False from a server that sends none (Triton)."""
+    params = msg.parameters
+    code, ran = params.get(tensors.STATUS_CODE), params.get(tensors.RAN)
+    status = getattr(grpc.StatusCode, code.string_param, None) if code is not None else None
+    if not isinstance(status, grpc.StatusCode) or status == grpc.StatusCode.OK:
+        status = grpc.StatusCode.UNKNOWN
+    return status, ran is not None and ran.bool_param
 
 
 def model_metadata(msg: pb.ModelMetadataResponse) -> ModelMetadata:

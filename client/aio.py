@@ -257,11 +257,14 @@ class AsyncInferenceClient:
                 async for response in call:
                     reply = response.infer_response
                     if response.error_message:
+                        code, ran = _common.stream_item_status(reply)
                         yield StreamItemError(
                             response.error_message,
                             request_id=reply.id,
                             model=reply.model_name,
                             version=reply.model_version,
+                            code=code,
+                            ran=ran,
                         )
                     else:
                         yield _common.infer_result(reply)

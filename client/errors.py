@@ -177,12 +177,23 @@ class Internal(TensorgateClientError):
 class StreamItemError(TensorgateClientError):
     """One request of a stream failed; the stream and its other requests go on.
 
-    ModelStreamInfer carries a failed request's message but no status code, so ``code`` is UNKNOWN and
-    ``retry_safe`` False. ``request_id``, ``model`` and ``version`` say which request it was.
+    ModelStreamInfer carries a failed request's message but no status code: ``code`` is the one tensorgate sends
+    in the item's parameters (so that ``retry_safe`` holds for a draining server's refusal), and UNKNOWN from a
+    server that sends none (Triton), ``retry_safe`` then False. ``request_id``, ``model`` and ``version`` say which
+    request it was.
     """
 
-    def __init__(self, details: str, *, request_id: str, model: str, version: str) -> None:
-        super().__init__(details, grpc.StatusCode.UNKNOWN, method="ModelStreamInfer")
+    def __init__(
+        self,
+        details: str,
+        *,
+        request_id: str,
+        model: str,
+        version: str,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        ran: bool = False,
+    ) -> None:
+        super().__init__(details, code, method="ModelStreamInfer", ran=ran)
         self.request_id = request_id
         self.model = model
         self.version = version

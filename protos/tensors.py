@@ -55,6 +55,11 @@ ParamValue = bool | int | str | float
 """What an ``InferParameter`` holds, as a plain Python value."""
 FINAL_RESPONSE = "triton_final_response"
 """The response parameter that marks a request's last response on ModelStreamInfer, as Triton sets it."""
+STATUS_CODE = "tensorgate_status_code"
+"""The response parameter of a failed request's item on ModelStreamInfer: its gRPC status code's name (the stream
+carries only the message). A client tells a refusal safe to send again (UNAVAILABLE: draining) from a failure of
+the model (INTERNAL) by it; Triton's clients ignore it. `tensorgate_ran` (true) says the work was done anyway."""
+RAN = "tensorgate_ran"
 
 _LEN = struct.Struct("<I")
 

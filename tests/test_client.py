@@ -406,6 +406,7 @@ async def test_stream_yields_results_and_item_errors(aio_client: AsyncInferenceC
     failed = by_id["missing"]
     assert isinstance(failed, StreamItemError) and isinstance(failed, TensorgateClientError)
     assert failed.model == "no_such_model" and "'no_such_model'" in failed.details and not failed.retry_safe
+    assert failed.code == grpc.StatusCode.NOT_FOUND  # from the item's parameters: the stream carries no status
     assert failed.id == failed.request_id == "missing"
 
 

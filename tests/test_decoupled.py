@@ -372,7 +372,7 @@ def test_the_cli_prints_each_response_as_it_comes(front: ServerThread, tmp_path:
     assert np.load(tmp_path / "out" / "Y.1.npy").tolist() == [[4.0, 4.0]]
     done = infer("gen", "--input", "X=[[-1, 0]]", "--server", front.address, "--request-id", "bad")
     assert done.returncode == 1 and not done.stdout
-    assert done.stderr.startswith("tensorgate infer: UNKNOWN: ") and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("tensorgate infer: INTERNAL: ") and len(done.stderr.splitlines()) == 1
     assert "scripted failure for request 'bad'" in done.stderr
 
 

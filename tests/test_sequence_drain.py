@@ -11,7 +11,7 @@ import asyncio
 import queue
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from tensorgate.client import AsyncInferenceClient, InferResult, StreamItemError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.server.rpc.drain import DrainGate
 from tests.onnx_models import accumulator_config, accumulator_model, slow_model, write_config
@@ -142,6 +143,45 @@ def _signal_mid_sequence(server: ServeProcess, sequence_id: int) -> float:
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     return signalled
+
+
+def test_our_stream_client_is_told_a_drain_refusal_is_safe_to_send_elsewhere(tmp_path: Path) -> None:
+    """A stream item refused by a draining server never ran: the Python client's StreamItemError says
+    UNAVAILABLE and retry_safe, as a unary call's refusal does, not UNKNOWN (the stream protocol has no status
+    code; the server sends it in the item's parameters)."""
+    repo = _repository(tmp_path / "models")
+    args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "120"]
+    with ServeProcess(args) as server:
+        _wait_ready(server.address).close()
+
+        async def scenario() -> list[InferResult | StreamItemError]:
+            answered = asyncio.Event()
+
+            def acc(step: str) -> dict[str, object]:
+                one = {"INPUT": np.ones((1, 1), np.float32)}
+                return {"model": "acc", "inputs": one, "request_id": step, "sequence_id": 41, f"sequence_{step}": True}
+
+            async def requests() -> AsyncIterator[dict[str, object]]:
+                yield acc("start")
+                await answered.wait()
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(server.wait_for_line, "refusing new calls")
+                yield {"model": "fast", "inputs": {"INPUT0": np.ones((1, 8), np.float32)}, "request_id": "fast"}
+                yield acc("end")
+
+            items: list[InferResult | StreamItemError] = []
+            async with AsyncInferenceClient(server.address) as client:
+                async for item in client.stream_infer(requests()):
+                    items.append(item)
+                    answered.set()
+            return items
+
+        start, fast, end = asyncio.run(scenario())
+        assert server.proc.wait(60) == 0
+    assert isinstance(start, InferResult) and isinstance(end, InferResult)
+    assert float(end["OUTPUT"][0, 0]) == 2.0
+    assert isinstance(fast, StreamItemError) and DRAINING in fast.details
+    assert fast.code == grpc.StatusCode.UNAVAILABLE and fast.retry_safe, (fast.code, fast.retry_safe)
 
 
 def test_an_abandoned_sequence_holds_the_drain_only_for_its_idle_time(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
-from tensorgate.protos.tensors import FINAL_RESPONSE
+from tensorgate.protos.tensors import FINAL_RESPONSE, RAN, STATUS_CODE
 from tensorgate.server import __version__
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
@@ -124,7 +124,11 @@ def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.Mod
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
-    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True  # nothing follows an error
+    params = response.infer_response.parameters
+    params[FINAL_RESPONSE].bool_param = True  # nothing follows an error
+    params[STATUS_CODE].string_param = code.name  # the client's retry_safe needs it
+    if getattr(exc, "ran", False):
+        params[RAN].bool_param = True
     return response, code.name
 
 
