@@ -53,7 +53,7 @@ class AsyncInferenceClient:
             async for item in client.stream_infer([("add_sub", inputs) for inputs in batches]):
                 ...
 
-    Deadlines, typed errors, retries, TLS and ``headers`` work as in ``InferenceClient``.
+    Deadlines, typed errors, retries, TLS, ``headers`` and ``load_balancing`` work as in ``InferenceClient``.
     """
 
     def __init__(
@@ -67,6 +67,7 @@ class AsyncInferenceClient:
         keepalive_time_s: float | None = 60.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
+        load_balancing: str = "pick_first",
     ) -> None:
         self.url = _common.check_url(url)
         self.timeout = _common.check_timeout(timeout)
@@ -76,6 +77,7 @@ class AsyncInferenceClient:
             retry=retry,
             max_message_bytes=max_message_bytes,
             keepalive_time_s=keepalive_time_s,
+            load_balancing=load_balancing,
             extra_options=tuple(channel_options),
         )
         self._options = settings.options()

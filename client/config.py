@@ -162,6 +162,10 @@ class RetryPolicy:
         }
 
 
+LOAD_BALANCING = ("pick_first", "round_robin")
+"""gRPC's load-balancing policies a client may choose (`ChannelSettings.load_balancing`)."""
+
+
 @dataclass(frozen=True)
 class ChannelSettings:
     """Everything that shapes the channel; the clients build one from their keyword arguments."""
@@ -173,8 +177,17 @@ class ChannelSettings:
     """Ping an idle connection while calls are open, to notice a dead peer; None turns pings off. Pings only run
     while calls are open, since servers (tensorgate, Triton) close connections that ping too often without any."""
     keepalive_timeout_s: float = 20.0
+    load_balancing: str = "pick_first"
+    """How calls spread over the addresses a target names (``ipv4:10.0.0.1:8001,10.0.0.2:8001``, or a DNS name
+    with several): "pick_first" (gRPC's default) sends them all to one, "round_robin" each to the next ready one,
+    so that a retry goes to another replica. Never round_robin for a sequence model's requests: every request of a
+    sequence must reach the replica that holds its state."""
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     """Raw grpc channel arguments, added last (they win over the settings above)."""
+
+    def __post_init__(self) -> None:
+        if self.load_balancing not in LOAD_BALANCING:
+            raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING)}, not {self.load_balancing!r}")
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [
@@ -187,8 +200,14 @@ class ChannelSettings:
                 ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
                 ("grpc.keepalive_permit_without_calls", 0),
             ]
+        config: dict[str, Any] = {}
+        if self.load_balancing != "pick_first":
+            config["loadBalancingConfig"] = [{self.load_balancing: {}}]
         if self.retry is not None:
-            opts += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(self.retry.service_config()))]
+            opts.append(("grpc.enable_retries", 1))
+            config.update(self.retry.service_config())
+        if config:  # one document: gRPC takes a single service config per channel
+            opts.append(("grpc.service_config", json.dumps(config)))
         if self.tls is not None:
             opts += self.tls.options()
         opts += list(self.extra_options)

@@ -43,6 +43,9 @@ class InferenceClient:
     gRPC's retries of UNAVAILABLE / RESOURCE_EXHAUSTED (see ``RetryPolicy``); ``tls`` a TLS or mTLS channel.
     ``headers`` go with every call as gRPC metadata, e.g. ``{"authorization": f"Bearer {token}"}`` for a server
     whose authorization policy maps tokens to identities (without TLS the token crosses the network in clear).
+    ``load_balancing="round_robin"`` spreads calls over every address the ``url`` names (``ipv4:A:8001,B:8001``,
+    or a DNS name of several replicas), so that a retry goes to the next replica; not for sequence models (see
+    ``ChannelSettings.load_balancing``).
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class InferenceClient:
         keepalive_time_s: float | None = 60.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
+        load_balancing: str = "pick_first",
     ) -> None:
         self.url = _common.check_url(url)
         self.timeout = _common.check_timeout(timeout)
@@ -65,6 +69,7 @@ class InferenceClient:
             retry=retry,
             max_message_bytes=max_message_bytes,
             keepalive_time_s=keepalive_time_s,
+            load_balancing=load_balancing,
             extra_options=tuple(channel_options),
         )
         options = settings.options()

@@ -64,6 +64,9 @@ class TensorgateError(Exception):
     ran: bool = False
     """The work was done before the error (a response over the size limit, a load that failed): the caller is told
     not to send it again, even for a code that is otherwise answered before anything runs."""
+    permanent: bool = False
+    """The same request would be refused again (a tensor over a size limit): answered so that gRPC's retry policies
+    do not send it again, although its code (RESOURCE_EXHAUSTED) is one they retry."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

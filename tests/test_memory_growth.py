@@ -99,6 +99,8 @@ def _unary(stub: GRPCInferenceServiceStub, make: Callable[[int], pb.ModelInferRe
 def paced_repo(repo: Path) -> Path:
     paced_model(repo / "paced" / "1" / "model.onnx")
     write_config(repo, "paced", 'name: "paced"\n' + PACED)
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")  # UNAVAILABLE: failed to load
     return repo
 
 
@@ -113,6 +115,8 @@ REFUSALS = {
     "bad-shape": (lambda i: _request("add_sub", width=15), grpc.StatusCode.INVALID_ARGUMENT),
     "bad-datatype": (lambda i: _request("add_sub", datatype="INT32"), grpc.StatusCode.INVALID_ARGUMENT),
     "too-large": (lambda i: _request("add_sub", rows=5), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # Refused without a response message (Trailers-Only), so that retry policies retry it: by `context.abort`.
+    "not-loaded": (lambda i: _request("broken"), grpc.StatusCode.UNAVAILABLE),
 }
 
 

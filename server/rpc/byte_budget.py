@@ -38,6 +38,7 @@ class ByteBudgetError(ResourceExhaustedError):
             why = f"do not fit the {max(limit - held, 0)} bytes left of {budget}; retry later or on another replica"
         super().__init__(f"{model_ref(model, version)}: the request's {size} bytes of tensors {why}")
         self.model, self.version, self.size, self.limit = model, version, size, limit
+        self.permanent = size > limit
 
 
 class ByteBudget:

@@ -67,7 +67,9 @@ class DecodeOffLoop(Exception):
 
 
 def _limit_error(model: str, version: str, tensor: str, detail: str) -> ResourceExhaustedError:
-    return ResourceExhaustedError(f"{model_ref(model, version)}, tensor '{tensor}': {detail}")
+    error = ResourceExhaustedError(f"{model_ref(model, version)}, tensor '{tensor}': {detail}")
+    error.permanent = True  # the same tensor is over the limit every time
+    return error
 
 
 def decode_bytes_tensor(buf: bytes, count: int, *, model: str, version: str, tensor: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -170,6 +170,37 @@ def access_log_line(
 NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 """gRPC's server pushback (gRFC A6): a negative value stops a client's configured retries of this call."""
 
+RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+"""Codes that clients' retry policies retry, and tensorgate answers before a request runs (not ready, draining,
+queue full): such a refusal goes out without a response message (`refuse`), or no client would retry it."""
+
+
+def retried(exc: BaseException, status: grpc.StatusCode) -> bool:
+    """Whether a refusal should reach the client as one its retry policy may send again: a code it retries, work
+    not done, and a request that could pass another time."""
+    return status in RETRIED_CODES and not getattr(exc, "ran", False) and not getattr(exc, "permanent", False)
+
+
+async def refuse(context: aio.ServicerContext[Any, Any], status: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with `status` and no response message (Trailers-Only), which gRPC's retry policies retry
+    (gRFC A6): a unary handler that returns after `set_code` makes grpc.aio send an empty message first, and a call
+    that got a message is committed, never retried. Raises the AbortError that gRPC expects.
+
+    gRPC keeps that error on the call's state, and its traceback holds the frames it went through (the request
+    among their locals) and the state itself: a cycle that would keep each refused call whole until a full garbage
+    collection. The traceback and the error it was raised while handling are dropped once the call is over."""
+    try:
+        await context.abort(status, message)
+    except aio.AbortError as aborted:
+        error: BaseException = aborted  # (`aborted` is unbound when the except clause ends)
+
+        def forget(_context: object) -> None:
+            error.__traceback__ = None
+            error.__context__ = error.__cause__ = None
+
+        context.add_done_callback(forget)  # type: ignore[arg-type]  # (the stubs want a class of their own)
+        raise
+
 
 def unary(
     fn: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Coroutine[Any, Any, Resp]],
@@ -184,7 +215,7 @@ def unary(
         try:
             self.gate.enter(request)  # a draining server still takes a request that continues a live sequence
         except TensorgateError as exc:
-            await context.abort(exc.code, exc.message)
+            await refuse(context, exc.code, exc.message)
         token, admitted, response = None, None, None
         tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
         span = span_token = None
@@ -219,10 +250,11 @@ def unary(
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
-            # The status is set and the call returns, rather than `context.abort`: gRPC keeps the AbortError that
-            # abort raises on the call's state, and its traceback holds that state, so every refused call would
-            # stay in memory, its request and the error's frames with it, until a full garbage collection (which a
-            # busy server may not run for thousands of calls). gRPC sends no message with a non-OK status.
+            if retried(exc, status):
+                await refuse(context, status, message)
+            # Else the status is set and the call returns, rather than `context.abort` (whose error gRPC keeps on
+            # the call's state: see `refuse`). grpc.aio then sends an empty message before the status, which
+            # clients ignore, and which keeps their retry policies from sending the call again.
             context.set_code(status)
             context.set_details(message)
             if getattr(exc, "ran", False):
@@ -260,7 +292,7 @@ def stream(
         try:
             self.gate.enter()
         except TensorgateError as exc:
-            await context.abort(exc.code, exc.message)
+            await refuse(context, exc.code, exc.message)
         token, admitted = None, None
         tracing: Tracing | None = getattr(self, "tracing", None)
         span, rpc_context = None, None
@@ -310,7 +342,7 @@ def stream(
                 raise
             status, message = status_of(exc, rpc)
             code = status.name
-            await context.abort(status, message)
+            await refuse(context, status, message)
         finally:
             if admitted is not None:
                 self.auth.release(admitted)

@@ -40,6 +40,7 @@ from grpc import aio
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.rpc.errors import refuse
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -106,7 +107,7 @@ class ProbeAuthorization(aio.ServerInterceptor):
         except TensorgateError as exc:
             if token is not None:
                 CURRENT_IDENTITY.reset(token)
-            await context.abort(exc.code, exc.message)
+            await refuse(context, exc.code, exc.message)
         return token
 
     def _guard(
@@ -122,7 +123,7 @@ class ProbeAuthorization(aio.ServerInterceptor):
                     async for reply in behavior(request, context):
                         yield reply
                 except TensorgateError as exc:
-                    await context.abort(exc.code, exc.message)
+                    await refuse(context, exc.code, exc.message)
                 finally:
                     _reset(token)
 
@@ -161,7 +162,7 @@ class ProbeAuthorization(aio.ServerInterceptor):
                     return task.result()
                 self._auth.check(rpc)
         except TensorgateError as exc:
-            await context.abort(exc.code, exc.message)
+            await refuse(context, exc.code, exc.message)
         finally:
             task.cancel()  # a denial, or the caller went away: the stream's own cleanup runs as it ends
 
