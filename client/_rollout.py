@@ -83,10 +83,14 @@ def describe(state: RolloutState) -> str:
             marks = [f"[{s:g}%]" if i == state.step else f"{s:g}%" for i, s in enumerate(state.steps)]
             # Whole seconds held round down, as the server's "N s more" rounds up: the two add up to the interval.
             # Past the interval (requests, an alert or an evaluation still hold the step), "held 80 of 5 s" read
-            # as a count gone wrong.
+            # as a count gone wrong. Past a fractional interval (0.5 s), whole seconds would say "held 0 s": tenths.
             held = math.floor(state.step_held_s)
             interval = f"{state.ramp_interval_s:g} s"
-            held_text = f"{held} of {interval}" if held < state.ramp_interval_s else f"{held} s (interval {interval})"
+            if state.step_held_s < state.ramp_interval_s:
+                held_text = f"{held} of {interval}"
+            else:
+                past = held if held >= state.ramp_interval_s else math.floor(state.step_held_s * 10) / 10
+                held_text = f"{past:g} s (interval {interval})"
             lines.append(
                 f"  ramp: {' -> '.join(marks)}, step {state.step + 1} of {len(state.steps)}: held {held_text}, "
                 f"{state.step_requests} of {state.ramp_min_requests} requests"

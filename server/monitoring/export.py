@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -75,6 +76,8 @@ def open_store(data_dir: Path) -> PredictionStore:
         return PredictionStore(path, read_only=True)
     except StoreLayoutError as exc:
         raise ExportError(str(exc)) from None
+    except sqlite3.DatabaseError as exc:  # not a database, or one it cannot read: a line naming it, no traceback
+        raise ExportError(f"{path}: cannot read the prediction store: {exc}") from None
 
 
 def _value(row: np.ndarray) -> Any:

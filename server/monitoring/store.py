@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -105,6 +106,10 @@ the release before it still opens its stores: every statement here names the col
 
 _ALERT_COLUMNS = "sink, rule, model, version, expression, since, fired_value, value, threshold, updated, interval_s"
 """``FiringAlert``'s fields in order: named, not ``*``, so that a column a later release adds is no field here."""
+
+_CREATED = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
+_DROPPED = frozenset(re.findall(r"DROP INDEX IF EXISTS (\w+)", _SCHEMA))
+"""What a store at SCHEMA_VERSION holds and lacks (`PredictionStore._current`)."""
 
 
 class StoreLayoutError(Exception):
@@ -270,11 +275,30 @@ class PredictionStore:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._refuse_newer()  # before WAL mode, which would rewrite the file's header
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         # NORMAL is durable across process crashes in WAL mode (only an OS crash may lose the last commits);
         # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
+
+    def _use_wal(self) -> None:
+        """WAL mode, which the first start on a new file sets. While another connection holds the write lock of a
+        file not yet in WAL mode, SQLite refuses the change at once (SQLITE_BUSY, without its busy timeout):
+        several --reuse-port processes starting together on a new data dir, one failing to start. It is tried
+        again for as long as the busy timeout."""
+        deadline = time.monotonic() + 30.0
+        try:
+            while True:
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.01)
+        except BaseException:
+            self._db.close()
+            raise
 
     def _refuse_newer(self) -> None:
         try:
@@ -291,22 +315,47 @@ class PredictionStore:
         start together take turns, and one that stops halfway leaves the store as it was. The layout is read again
         inside it: a newer tensorgate may have stamped the store since `_refuse_newer`.
 
-        _SCHEMA runs on a stamped store too: a release from before the stamp ignores it, and one run on the data dir
-        since (a rollback, then this upgrade again) put back layout 1's unique index, which would refuse a shadow
-        version's capture of its request's id."""
+        _SCHEMA runs on a stamped store too unless it holds all of it (`_current`): a release from before the stamp
+        ignores it, and one run on the data dir since (a rollback, then this upgrade again) put back layout 1's
+        unique index, which would refuse a shadow version's capture of its request's id.
+
+        On a disk too full for the stamp (SQLITE_FULL), a store that needs nothing else opens unstamped, as the
+        releases before the stamp opened it: inference goes on (captures fail and are counted) rather than the
+        server failing to start, and a later start with room stamps it."""
         try:
-            with self._lock, self._write():
-                found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-                if found > SCHEMA_VERSION:
-                    raise StoreLayoutError(self.path, found)
-                for statement in _SCHEMA.split(";"):  # executescript would commit the transaction first
-                    if statement.strip():
-                        self._db.execute(statement)
-                if found < SCHEMA_VERSION:
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._current():
+                return
+            try:
+                self._migrate_once(stamp=True)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
+                    raise
+                self._migrate_once(stamp=False)  # raises again if the layout itself needs a write
+                log.warning(
+                    "%s: the disk is full: the store is not stamped with its layout until a later start", self.path
+                )
         except BaseException:
             self._db.close()
             raise
+
+    def _current(self) -> bool:
+        """Stamped with this layout and holding all of it, read without the write lock: a start need not wait for
+        it while another process holds it (one closing while an export reads holds it for its checkpoint, up to
+        its busy timeout), as no start did before the stamp."""
+        found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        names = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        return found == SCHEMA_VERSION and _CREATED <= names and not _DROPPED & names
+
+    def _migrate_once(self, *, stamp: bool) -> None:
+        with self._lock, self._write():
+            found = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if found > SCHEMA_VERSION:
+                raise StoreLayoutError(self.path, found)
+            for statement in _SCHEMA.split(";"):  # executescript would commit the transaction first
+                if statement.strip():
+                    self._db.execute(statement)
+            if stamp and found < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ----- writes ------------------------------------------------------------------------------------------
 
