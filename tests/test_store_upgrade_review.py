@@ -20,7 +20,7 @@ import pytest
 
 from tensorgate.client import InferenceClient
 from tensorgate.client._rollout import describe
-from tensorgate.server.monitoring.store import DB_NAME, SCHEMA_VERSION, PredictionStore
+from tensorgate.server.monitoring.store import DB_NAME, SCHEMA_VERSION, Prediction, PredictionStore
 from tests.serving import ServerThread
 from tests.test_exhaustion import filled, small_disk
 from tests.test_rollout_state import _client_state
@@ -144,6 +144,41 @@ def test_a_start_on_a_current_store_does_not_wait_for_the_write_lock(tmp_path: P
         opener.join(timeout=60)
         for store in opened:
             store.close()
+
+
+def test_a_stop_while_an_export_reads_neither_waits_nor_holds_up_the_other_writers(tmp_path: Path) -> None:
+    """A process's close checkpointed with TRUNCATE under the 30 s busy timeout: while an export (any reader) held
+    a read transaction it waited that long, holding the write lock, so the other processes on the data dir could
+    store nothing meanwhile, and its own stop waited as long (review 128)."""
+    path = tmp_path / DB_NAME
+    closing, other = PredictionStore(path), PredictionStore(path)
+    other.insert([Prediction("r0", "m", "1", 0.0, None, {"Y": np.zeros((1, 1), np.float32)})])
+    reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    closed = threading.Thread(target=closing.close, daemon=True)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM predictions").fetchall()  # a read transaction on the WAL
+        other.insert([Prediction("r1", "m", "1", 0.0, None, {"Y": np.zeros((1, 1), np.float32)})])
+        closed.start()
+        closed.join(timeout=10)
+        assert not closed.is_alive(), "the close waited for the reader"
+        written = threading.Thread(
+            target=lambda: other.insert([Prediction("r2", "m", "1", 0.0, None, {"Y": np.ones((1, 1), np.float32)})]),
+            daemon=True,
+        )
+        written.start()
+        written.join(timeout=10)
+        assert not written.is_alive(), "another writer waited for the closing one"
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+        closed.join(timeout=60)
+        other.close()
+    store = PredictionStore(path, read_only=True)
+    try:
+        assert store.count("m") == 3  # nothing committed was lost
+    finally:
+        store.close()
 
 
 def test_a_start_on_a_new_store_waits_for_another_starting_beside_it(tmp_path: Path) -> None:

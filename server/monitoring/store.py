@@ -688,6 +688,15 @@ class PredictionStore:
             row = self._db.execute(f"SELECT COUNT(*) FROM predictions WHERE {where}", args).fetchone()
         return int(row[0])
 
+    def _checkpoint_at_close(self) -> None:
+        """Empty the WAL into the main file, without waiting: under the busy timeout, a TRUNCATE checkpoint waits
+        for every reader (an export, another process's quality query) while it holds the write lock, so the other
+        processes on the data dir could not store a capture or a label for up to 30 s, and this one's stop waited
+        as long. Without it, the checkpoint copies what no reader still needs and leaves the rest to the WAL, which
+        the next open reads."""
+        self._db.execute("PRAGMA busy_timeout = 0")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
     def close(self) -> None:
         """Checkpoint the WAL into the main file (unless read-only) and close; the store is unusable afterwards. A
         second call does nothing (sqlite3 would refuse the checkpoint on the closed connection)."""
@@ -697,7 +706,7 @@ class PredictionStore:
             self._closed = True
             try:
                 if not self.read_only:
-                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._checkpoint_at_close()
             except sqlite3.Error as exc:
                 # A full disk: what is committed is safe in the WAL, which the next open reads; raising would cut
                 # the server's shutdown short (its models' sessions left open) for a file tidy-up.
