@@ -66,7 +66,8 @@ def unreachable_hint(args: argparse.Namespace, exc: TensorgateClientError) -> st
         return ""
     if any(getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key")):
         hint = " (TLS handshake refused? check --tls-ca/--tls-cert/--tls-key)"
-    elif "socket closed" in exc.details.lower():
+    elif any(word in exc.details.lower() for word in ("socket closed", "connection reset")):
+        # A TLS port closes a plaintext connection: gRPC says "Socket closed", or reports the peer's reset.
         hint = " (a TLS port? give --tls-ca, and --tls-cert/--tls-key for mutual TLS)"
     else:
         hint = ""

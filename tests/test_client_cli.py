@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tensorgate.client import Unavailable
+from tensorgate.client._cli import unreachable_hint
 from tests.certificates import SERVER_NAME, make_pki
 from tests.onnx_models import (
     ADD_SUB_CONFIG,
@@ -160,6 +163,14 @@ def test_every_command_says_when_it_cannot_reach_the_server(command: list[str]) 
     )
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"tensorgate {command[0]}: cannot reach {address}: UNAVAILABLE: "), done.stderr
+
+
+@pytest.mark.parametrize("details", ["Socket closed", "recvmsg:Connection reset by peer"])
+def test_a_closed_plaintext_connection_hints_at_a_tls_port(details: str) -> None:
+    """A TLS port closes a plaintext client's connection; gRPC reports it either way (review 128 saw the reset)."""
+    args = argparse.Namespace(server="127.0.0.1:8001", tls_ca=None, tls_cert=None, tls_key=None)
+    hint = unreachable_hint(args, Unavailable(details))
+    assert hint == "cannot reach 127.0.0.1:8001 (a TLS port? give --tls-ca, and --tls-cert/--tls-key for mutual TLS): "
 
 
 def test_health_with_an_unreadable_tls_file_is_one_clear_line(tmp_path: Path) -> None:
