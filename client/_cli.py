@@ -358,7 +358,7 @@ async def _stream(
     async with AsyncInferenceClient(args.server, timeout=args.timeout, tls=tls, headers=headers) as client:
         index = 0
         async for item in client.stream_infer([request]):
-            if isinstance(item, StreamItemError):  # the stream carries the message, not the status code
+            if isinstance(item, StreamItemError):  # its code is tensorgate's (UNKNOWN from a server without)
                 print(f"{PROG}: {item.code.name}: {' '.join(item.details.split())}", file=sys.stderr)
                 return 1
             if item.outputs:

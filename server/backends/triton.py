@@ -876,7 +876,9 @@ class TritonBackend:
     def _unloaded(self) -> ModelUnavailableError:
         """For a call cut short by `close` (an unload or reload whose grace ran out): UNAVAILABLE, which the caller
         may retry once the model is back, rather than an internal error."""
-        return ModelUnavailableError(self._model, self._version, "the model was unloaded while it ran")
+        unloaded = ModelUnavailableError(self._model, self._version, "the model was unloaded while it ran")
+        unloaded.ran = True  # the upstream may have run it: a retry policy must not send it again
+        return unloaded
 
     @contextlib.contextmanager
     def _errors(self, timeout: float | None = None, started: float | None = None) -> Iterator[None]:
@@ -904,7 +906,9 @@ class TritonBackend:
             if status == "StatusCode.INVALID_ARGUMENT":
                 raise InvalidRequestError(self._model, self._version, f"{self._where}: {message}") from exc
             if status == "StatusCode.RESOURCE_EXHAUSTED":
-                raise ResourceExhaustedError(f"{ref}: {self._where}: {message}") from exc
+                exhausted = ResourceExhaustedError(f"{ref}: {self._where}: {message}")
+                exhausted.ran = _upstream_ran(exc)
+                raise exhausted from exc
             if _restricted(message) or status in ("StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"):
                 raise FailedPreconditionError(
                     f"{ref}: {self._where} refused tensorgate's call ({code}): {message}; the model's "
@@ -916,11 +920,18 @@ class TritonBackend:
                 # Gone, unreachable, or the connection lost under the call: not ready until the watcher sees the
                 # upstream model back (within health_interval_s when it is still there).
                 self._ready, self._recheck = False, True
-                raise ModelUnavailableError(self._model, self._version, f"{self._where}: {message}") from exc
+                gone = ModelUnavailableError(self._model, self._version, f"{self._where}: {message}")
+                # A connection lost under the call: the upstream may have run it, and a retry policy would send it
+                # again (for a sequence model, a step twice). One never made ran nothing.
+                gone.ran = status != "StatusCode.NOT_FOUND" and not _never_sent(message)
+                raise gone from exc
             if status in _UNAVAILABLE:
                 # Answered by an upstream that is there (its queue is full, it is shutting down, it cancelled the
                 # request): worth retrying, and the model stays ready (one such answer must not pull the replica).
-                raise ServerUnavailableError(f"{ref}: {self._where} answered {code}: {message}") from exc
+                # Its UNAVAILABLE ran nothing, unless it says so; what it cancelled may have run in part.
+                answered = ServerUnavailableError(f"{ref}: {self._where} answered {code}: {message}")
+                answered.ran = status == "StatusCode.CANCELLED" or _upstream_ran(exc)
+                raise answered from exc
             raise BackendError(self._model, self._version, f"{self._where}: [{status}] {message}") from exc
 
 
@@ -1071,6 +1082,23 @@ _TRANSPORT_WORDS = (
     "stream removed",
     "end of tcp stream",
 )
+
+
+def _upstream_ran(exc: InferenceServerException) -> bool:
+    """Whether the upstream ran the request before its RESOURCE_EXHAUSTED, as it says with gRPC's retry pushback
+    (a response over its size limit, as tensorgate answers): passed on as `ran`, or the caller's retry policy would
+    send it again through this server and run it again upstream. tritonclient raises its error `from None` inside
+    its handler of grpc's, which stays the context."""
+    rpc_error = exc.__context__
+    trailing = getattr(rpc_error, "trailing_metadata", None) if isinstance(rpc_error, grpc.RpcError) else None
+    pairs = trailing() if callable(trailing) else None
+    return any(key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in pairs or ())
+
+
+def _never_sent(message: str) -> bool:
+    """Whether a transport failure came before the call reached the upstream (no connection could be made)."""
+    text = message.lower()
+    return any(words in text for words in ("failed to connect", "connection refused", "connect failed"))
 
 
 def _unreachable(message: str) -> bool:

@@ -91,7 +91,10 @@ class DrainGate:
         if self.draining:
             refusal = self.refusal(request)
             if refusal is not None:
-                raise refusal
+                try:
+                    raise refusal
+                finally:  # else this frame, which the error's traceback holds, holds the error: a cycle
+                    refusal = None
         self._in_flight += 1
         self._idle.clear()
 

@@ -7,6 +7,7 @@ and the caller gets INTERNAL with that id only, never a stack trace or an intern
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -188,17 +189,21 @@ async def refuse(context: aio.ServicerContext[Any, Any], status: grpc.StatusCode
 
     gRPC keeps that error on the call's state, and its traceback holds the frames it went through (the request
     among their locals) and the state itself: a cycle that would keep each refused call whole until a full garbage
-    collection. The traceback and the error it was raised while handling are dropped once the call is over."""
+    collection. The traceback and the error it was raised while handling are dropped once the call is over: by the
+    call's task, not `context.add_done_callback`, whose callbacks gRPC keeps on the state bound to the context,
+    itself a cycle (state, context and error) left by every refused call."""
     try:
         await context.abort(status, message)
     except aio.AbortError as aborted:
         error: BaseException = aborted  # (`aborted` is unbound when the except clause ends)
 
-        def forget(_context: object) -> None:
+        def forget(_task: object) -> None:
             error.__traceback__ = None
             error.__context__ = error.__cause__ = None
 
-        context.add_done_callback(forget)  # type: ignore[arg-type]  # (the stubs want a class of their own)
+        task = asyncio.current_task()  # the call's: gRPC runs a handler in the task that ends with the call
+        if task is not None:
+            task.add_done_callback(forget)
         raise
 
 

@@ -652,9 +652,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     def _require_control(self, rpc: str) -> None:
         if self._model_control != "explicit":
-            raise ServerUnavailableError(
+            refused = ServerUnavailableError(
                 f"{rpc} needs --model-control-mode explicit (this server runs in '{self._model_control}' mode)"
             )
+            refused.permanent = True  # the mode is the server's for its life: a retry policy's attempts would waste
+            raise refused
 
     @errors.unary
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
