@@ -96,20 +96,30 @@ def test_a_sequence_under_way_at_sigterm_runs_to_its_end(tmp_path: Path) -> None
         assert "grace period over" not in server.output, server.output
 
 
+Answers = queue.Queue[tuple[tc.InferResult | None, object]]
+
+
+def _stream_started(c: tc.InferenceServerClient, sequence_id: int) -> Answers:
+    """A stream open on `c` whose sequence has started (its START answered, `acc` at 1.0): where the stream's
+    answers and errors arrive."""
+    answers: Answers = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    c.async_stream_infer("acc", _x(1.0), request_id="1", sequence_id=sequence_id, sequence_start=True)
+    result, error = answers.get(timeout=60)
+    assert error is None and _sum(result) == 1.0, error
+    return answers
+
+
 def test_a_stream_in_the_middle_of_a_sequence_stays_open_for_it(tmp_path: Path) -> None:
     """A client streaming a sequence when SIGTERM arrives: its next requests on that stream are answered, a
     request there that needs no sequence is refused in the stream, which goes on; once the sequence has ended the
     stream ends with UNAVAILABLE and the process exits."""
     repo = _repository(tmp_path / "models")
     args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "120"]
-    answers: queue.Queue[tuple[tc.InferResult | None, object]] = queue.Queue()
     with ServeProcess(args) as server:
         c = _wait_ready(server.address)
         try:
-            c.start_stream(callback=lambda result, error: answers.put((result, error)))
-            c.async_stream_infer("acc", _x(1.0), request_id="1", sequence_id=9, sequence_start=True)
-            result, error = answers.get(timeout=60)
-            assert error is None and _sum(result) == 1.0, error
+            answers = _stream_started(c, 9)
             server.proc.send_signal(signal.SIGTERM)
             server.wait_for_line("refusing new calls")
 
@@ -213,14 +223,10 @@ def test_a_stream_held_past_the_grace_is_told_its_sequence_was_cut_off(tmp_path:
     saying it must start again, not only "retry on another replica", which reads as if its next step could."""
     repo = _repository(tmp_path / "models")
     args = ["--model-repository", str(repo), "--grpc-port", "0", "--shutdown-grace-s", "1"]
-    answers: queue.Queue[tuple[tc.InferResult | None, object]] = queue.Queue()
     with ServeProcess(args) as server:
         c = _wait_ready(server.address)
         try:
-            c.start_stream(callback=lambda result, error: answers.put((result, error)))
-            c.async_stream_infer("acc", _x(1.0), request_id="1", sequence_id=31, sequence_start=True)
-            result, error = answers.get(timeout=60)
-            assert error is None and _sum(result) == 1.0, error
+            answers = _stream_started(c, 31)
             server.proc.send_signal(signal.SIGTERM)
             result, error = answers.get(timeout=60)
         finally:
