@@ -23,6 +23,7 @@ from grpc import aio
 from tensorgate.protos import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
+from tensorgate.protos.tensors import STATUS_CODE
 
 
 class _Servicer(GRPCInferenceServiceServicer):
@@ -53,6 +54,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.described = 0
         """ModelMetadata calls: one per load of a model in front of this upstream."""
         self.decoupled = False
+        self.stream_error_code: str | None = None
+        """The status code's name a failed decoupled request's item carries (tensorgate's parameter); None: none."""
         self.streaming = 0
         """Decoupled requests being answered now."""
         self.cancelled = 0
@@ -145,7 +148,10 @@ class _Servicer(GRPCInferenceServiceServicer):
             x = np.frombuffer(request.raw_input_contents[0], np.float32)
             n = int(x[0])
             if n < 0:
-                yield pb.ModelStreamInferResponse(error_message=f"scripted failure for request '{request.id}'")
+                failed = pb.ModelStreamInferResponse(error_message=f"scripted failure for request '{request.id}'")
+                if self.stream_error_code is not None:  # as a tensorgate upstream says what failed
+                    failed.infer_response.parameters[STATUS_CODE].string_param = self.stream_error_code
+                yield failed
                 continue
             self.streaming += 1
             try:

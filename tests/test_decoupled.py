@@ -376,6 +376,18 @@ def test_the_cli_prints_each_response_as_it_comes(front: ServerThread, tmp_path:
     assert "scripted failure for request 'bad'" in done.stderr
 
 
+def test_an_upstream_items_status_code_reaches_the_caller(front: ServerThread, upstream: ScriptedUpstream) -> None:
+    """A tensorgate upstream says what a failed item was (its drain's UNAVAILABLE, say): the front maps it as it
+    maps a unary call's status, rather than reporting the model as failing (INTERNAL)."""
+    upstream.script.stream_error_code = "UNAVAILABLE"
+    try:
+        done = infer("gen", "--input", "X=[[-1, 0]]", "--server", front.address, "--request-id", "refused")
+    finally:
+        upstream.script.stream_error_code = None
+    assert done.returncode == 1 and done.stderr.startswith("tensorgate infer: UNAVAILABLE: "), done.stderr
+    assert "scripted failure for request 'refused'" in done.stderr
+
+
 def test_statistics_count_each_response_by_its_index(front: ServerThread, upstream: ScriptedUpstream) -> None:
     """ModelStatistics' response_stats, as Triton keeps them for a decoupled model: per response index, the
     successes with the wait since the response before (for index 0, since the request came: the time to the

@@ -84,7 +84,7 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, TensorFormatError, decode_raw
+from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, STATUS_CODE, TensorFormatError, decode_raw
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags, server_parameter
 from tensorgate.server.backends.upstream_targets import (
     HEADER_PREFIX,
@@ -572,6 +572,12 @@ class TritonBackend:
                             ) from None
                         raise
                     if response.error_message:
+                        code = response.infer_response.parameters.get(STATUS_CODE)
+                        if code is not None and code.string_param not in ("", "OK", "INTERNAL", "UNKNOWN"):
+                            # A tensorgate upstream says what the failure was (its drain's UNAVAILABLE, say):
+                            # mapped as a unary call's status is, rather than reported as the model failing.
+                            status = f"StatusCode.{code.string_param}"
+                            raise InferenceServerException(msg=response.error_message, status=status)
                         raise BackendError(self._model, self._version, f"{self._where}: {response.error_message}")
                     yield response.infer_response
             self._ready = True
