@@ -161,15 +161,16 @@ def infer_result(msg: pb.ModelInferResponse) -> InferResult:
     )
 
 
-def stream_item_status(msg: pb.ModelInferResponse) -> tuple[grpc.StatusCode, bool]:
-    """A failed stream item's status code, and whether its work was done, as tensorgate sends them in the item's
-    parameters (tensors.STATUS_CODE, tensors.RAN); UNKNOWN and False from a server that sends none (Triton)."""
+def stream_item_status(msg: pb.ModelInferResponse) -> tuple[grpc.StatusCode, bool, bool]:
+    """A failed stream item's status code, whether its work was done, and whether it would be refused again, as
+    tensorgate sends them in the item's parameters (tensors.STATUS_CODE, tensors.RAN, tensors.PERMANENT);
+    UNKNOWN, False and False from a server that sends none (Triton)."""
     params = msg.parameters
-    code, ran = params.get(tensors.STATUS_CODE), params.get(tensors.RAN)
+    code, ran, permanent = (params.get(key) for key in (tensors.STATUS_CODE, tensors.RAN, tensors.PERMANENT))
     status = getattr(grpc.StatusCode, code.string_param, None) if code is not None else None
     if not isinstance(status, grpc.StatusCode) or status == grpc.StatusCode.OK:
         status = grpc.StatusCode.UNKNOWN
-    return status, ran is not None and ran.bool_param
+    return status, ran is not None and ran.bool_param, permanent is not None and permanent.bool_param
 
 
 def model_metadata(msg: pb.ModelMetadataResponse) -> ModelMetadata:

@@ -259,7 +259,7 @@ class AsyncInferenceClient:
                 async for response in call:
                     reply = response.infer_response
                     if response.error_message:
-                        code, ran = _common.stream_item_status(reply)
+                        code, ran, permanent = _common.stream_item_status(reply)
                         yield StreamItemError(
                             response.error_message,
                             request_id=reply.id,
@@ -267,6 +267,7 @@ class AsyncInferenceClient:
                             version=reply.model_version,
                             code=code,
                             ran=ran,
+                            permanent=permanent,
                         )
                     else:
                         yield _common.infer_result(reply)

@@ -21,7 +21,8 @@ Tree::
 ``retry_safe`` is True only where sending the same request again can neither run it twice nor be pointless:
 UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED, which tensorgate answers before a request runs (not ready, draining,
 queue full). After DEADLINE_EXCEEDED, CANCELLED or INTERNAL the model may have run; after INVALID_ARGUMENT or
-NOT_FOUND the same request fails again; nor is a TLS handshake the client refused (UNAVAILABLE whose details begin
+NOT_FOUND the same request fails again, as after a refusal the server marks ``permanent`` (a tensor over its size
+limit); nor is a TLS handshake the client refused (UNAVAILABLE whose details begin
 "TLS handshake failed", with what to check): its certificates or address need fixing first.
 
 Every error survives pickling (a ProcessPoolExecutor or a task queue hands it to another process).
@@ -42,6 +43,8 @@ import re
 from typing import Any, ClassVar
 
 import grpc
+
+from tensorgate.protos.tensors import PERMANENT_METADATA
 
 __all__ = [
     "AlreadyExists",
@@ -94,7 +97,13 @@ class TensorgateClientError(Exception):
     code_default: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
 
     def __init__(
-        self, details: str, code: grpc.StatusCode | None = None, *, method: str = "", ran: bool = False
+        self,
+        details: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        method: str = "",
+        ran: bool = False,
+        permanent: bool = False,
     ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.code_default
         self.details = details
@@ -102,6 +111,8 @@ class TensorgateClientError(Exception):
         """The RPC that failed (e.g. "ModelInfer"), when known."""
         self.ran = ran
         """The server said the work was done before it failed (gRPC retry pushback < 0): never send it again."""
+        self.permanent = permanent
+        """The server said the same request would be refused again (a tensor over a size limit): fix it first."""
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{self.code.name}: {details}")
 
@@ -117,7 +128,7 @@ class TensorgateClientError(Exception):
         too large to receive means the server ran the request. Not for a failed TLS handshake either."""
         client_side = self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and bool(_CLIENT_LIMIT.match(self.details))
         handshake = self.code == grpc.StatusCode.UNAVAILABLE and self.details.startswith(_HANDSHAKE_PREFIX)
-        return self.code in _RETRY_SAFE and not self.ran and not client_side and not handshake
+        return self.code in _RETRY_SAFE and not (self.ran or self.permanent or client_side or handshake)
 
 
 def _restore(cls: type[TensorgateClientError], args: tuple[Any, ...]) -> TensorgateClientError:
@@ -192,8 +203,9 @@ class StreamItemError(TensorgateClientError):
         version: str,
         code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
         ran: bool = False,
+        permanent: bool = False,
     ) -> None:
-        super().__init__(details, code, method="ModelStreamInfer", ran=ran)
+        super().__init__(details, code, method="ModelStreamInfer", ran=ran, permanent=permanent)
         self.request_id = request_id
         self.model = model
         self.version = version
@@ -239,11 +251,14 @@ def from_rpc_error(exc: grpc.RpcError, method: str = "") -> TensorgateClientErro
     details = (details_fn() if callable(details_fn) else None) or "(the server sent no details)"
     trailing_fn = getattr(exc, "trailing_metadata", None)
     trailing = (trailing_fn() if callable(trailing_fn) else None) or ()
-    ran = any(key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in trailing)
+    permanent = PERMANENT_METADATA in [(key, str(value)) for key, value in trailing]
+    ran = not permanent and any(
+        key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in trailing
+    )
     if code == grpc.StatusCode.UNAVAILABLE and details.startswith(_TRANSPORT):
         details = _handshake_details(details)
     cls = _BY_CODE.get(code, TensorgateClientError)
-    return cls(details, code, method=method, ran=ran)
+    return cls(details, code, method=method, ran=ran, permanent=permanent)
 
 
 def _handshake_details(details: str) -> str:

@@ -60,6 +60,10 @@ STATUS_CODE = "tensorgate_status_code"
 carries only the message). A client tells a refusal safe to send again (UNAVAILABLE: draining) from a failure of
 the model (INTERNAL) by it; Triton's clients ignore it. `tensorgate_ran` (true) says the work was done anyway."""
 RAN = "tensorgate_ran"
+PERMANENT = "tensorgate_permanent"
+"""Set (true) on a failed item, and as trailing metadata `tensorgate-permanent: 1` on a unary call, for a refusal
+the same request would get again (a tensor over a size limit): a client's `retry_safe` is then False."""
+PERMANENT_METADATA = ("tensorgate-permanent", "1")
 
 _LEN = struct.Struct("<I")
 

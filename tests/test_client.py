@@ -292,7 +292,8 @@ async def test_async_errors_are_typed(aio_client: AsyncInferenceClient) -> None:
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "INPUT1" in info.value.details
     with pytest.raises(Unavailable) as unavailable:
         await aio_client.load("add_sub")  # repository RPCs need explicit mode
-    assert unavailable.value.retry_safe
+    # ... for the server's life: sending it again would be refused again.
+    assert not unavailable.value.retry_safe and unavailable.value.permanent
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

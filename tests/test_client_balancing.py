@@ -8,17 +8,22 @@ and retry on one. Real servers on loopback; the server's own request counts say 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 
 from tensorgate.client import (
+    AsyncInferenceClient,
     InferenceClient,
+    InferResult,
     InvalidArgument,
     ResourceExhausted,
     RetryPolicy,
+    StreamItemError,
     TensorgateClientError,
     Unavailable,
 )
@@ -114,9 +119,20 @@ def test_a_refusal_a_retry_may_pass_is_retried_and_one_that_cannot_is_not(
         assert _attempts(refusing, "UNAVAILABLE") - before == 3
     with InferenceClient(serving.address, retry=retry, timeout=30) as client:
         before = _attempts(serving, "RESOURCE_EXHAUSTED")
-        with pytest.raises(ResourceExhausted, match="--max-tensor-elements"):
-            client.infer("add_sub", {"INPUT0": np.ones((8, 16), np.float32), "INPUT1": np.ones((8, 16), np.float32)})
+        too_large = {"INPUT0": np.ones((8, 16), np.float32), "INPUT1": np.ones((8, 16), np.float32)}
+        with pytest.raises(ResourceExhausted, match="--max-tensor-elements") as exhausted:
+            client.infer("add_sub", too_large)
         assert _attempts(serving, "RESOURCE_EXHAUSTED") - before == 1  # over a size limit: it would be again
+        # ... and the client says so: not retry_safe, though nothing ran.
+        assert (exhausted.value.retry_safe, exhausted.value.permanent, exhausted.value.ran) == (False, True, False)
+
+        async def streamed() -> list[InferResult | StreamItemError]:
+            async with AsyncInferenceClient(serving.address, timeout=30) as stream_client:
+                return [item async for item in stream_client.stream_infer([("add_sub", too_large)])]
+
+        [item] = asyncio.run(streamed())
+        assert isinstance(item, StreamItemError) and item.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (item.retry_safe, item.permanent, item.ran) == (False, True, False)
         before = _attempts(serving, "INVALID_ARGUMENT")
         with pytest.raises(InvalidArgument):
             client.infer("add_sub", {"INPUT0": np.ones((1, 15), np.float32), "INPUT1": np.ones((1, 15), np.float32)})

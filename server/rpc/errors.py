@@ -20,6 +20,7 @@ import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
 
+from tensorgate.protos.tensors import PERMANENT_METADATA
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import CONTROL_ESCAPES, TensorgateError
@@ -264,6 +265,8 @@ def unary(
             context.set_details(message)
             if getattr(exc, "ran", False):
                 context.set_trailing_metadata(NO_RETRY)
+            elif getattr(exc, "permanent", False):  # the client's retry_safe says so (pushback alone reads as ran)
+                context.set_trailing_metadata((*NO_RETRY, PERMANENT_METADATA))
             return cast(Resp, None)
         finally:
             if access_log.isEnabledFor(logging.DEBUG):  # while span and identity are current: the line has both

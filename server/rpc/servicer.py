@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.service import GRPCInferenceServiceServicer
-from tensorgate.protos.tensors import FINAL_RESPONSE, RAN, STATUS_CODE
+from tensorgate.protos.tensors import FINAL_RESPONSE, PERMANENT, RAN, STATUS_CODE
 from tensorgate.server import __version__
 from tensorgate.server.auth.identity import CURRENT_IDENTITY
 from tensorgate.server.auth.policy import Authorizer
@@ -129,6 +129,8 @@ def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> tuple[pb.Mod
     params[STATUS_CODE].string_param = code.name  # the client's retry_safe needs it
     if getattr(exc, "ran", False):
         params[RAN].bool_param = True
+    elif getattr(exc, "permanent", False):
+        params[PERMANENT].bool_param = True
     return response, code.name
 
 
