@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorgate.server import ServerSettings, TensorgateServer
 from tensorgate.server.auth import CertificateError, TlsFiles, certs
 from tensorgate.server.auth.certs import write_dev_certs
-from tensorgate.server.auth.tls import load_files
+from tensorgate.server.auth.tls import ROTATION_SETTLE, TlsReloader, load_files
 from tests.pki import CHANNEL_OPTIONS, Pki, infer_add_sub, secure_channel
 from tests.process import TENSORGATE, ServeProcess
 from tests.scraping import metrics_url, scrape_text
@@ -419,6 +419,47 @@ def test_a_server_certificate_about_to_expire_is_loaded_with_a_warning(
         load_files(TlsFiles(cert, key))
     (warning,) = [r.getMessage() for r in caplog.records]
     assert f"{cert}: the certificate expires on" in warning
+
+
+def _started_a_moment_ago(pki: Pki, directory: Path) -> tuple[Path, Path, dt.datetime]:
+    cert, key = _dated_server_cert(pki, directory, start_days=-0.5 / 86400, days=30)
+    return cert, key, x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_before_utc
+
+
+def test_a_rotation_waits_a_moment_past_the_new_certificates_start(pki: Pki, tmp_path: Path) -> None:
+    """Served the instant it starts, a certificate is refused as not valid yet by a client whose clock is a tick
+    behind (OpenSSL's `time()` is a coarse clock): the previous one serves ROTATION_SETTLE longer."""
+    live = tmp_path / "live"
+    shutil.copytree(pki.dir, live)
+    files = TlsFiles(live / "server.pem", live / "server-key.pem")
+    reloader = TlsReloader(files, lambda loaded: loaded.cert, "test port")
+    cert, key, start = _started_a_moment_ago(pki, tmp_path / "new")
+    _replace(cert, files.cert)
+    _replace(key, files.key)
+    assert reloader.poll() is None, "served before the settle had passed"
+    assert reloader.value == pki.server_cert.read_bytes()
+    settled = (start + ROTATION_SETTLE).timestamp()
+    assert dt.datetime.now(dt.UTC).timestamp() < settled  # else the check above proved nothing
+    new = None
+    for _ in range(100):  # bounded: ROTATION_SETTLE from a start less than 2 s ago
+        new = reloader.poll()
+        if new is not None:
+            break
+        threading.Event().wait(0.05)
+    assert new == cert.read_bytes()
+    assert dt.datetime.now(dt.UTC).timestamp() >= settled
+
+
+def test_a_rotation_away_from_an_expired_certificate_does_not_wait(pki: Pki, tmp_path: Path) -> None:
+    """Once the served certificate has expired every client refuses it: waiting helps nobody."""
+    expiring_cert, expiring_key = _dated_server_cert(pki, tmp_path / "expiring", start_days=-1, days=1 + 1 / 86400)
+    files = TlsFiles(expiring_cert, expiring_key)
+    reloader = TlsReloader(files, lambda loaded: loaded.cert, "test port")
+    threading.Event().wait(max(0.0, reloader.not_after - dt.datetime.now(dt.UTC).timestamp() + 0.05))
+    cert, key, _ = _started_a_moment_ago(pki, tmp_path / "new")
+    _replace(cert, files.cert)
+    _replace(key, files.key)
+    assert reloader.poll() == cert.read_bytes()
 
 
 # The two TLS ports follow the same files through one TlsReloader: each test below runs against both.

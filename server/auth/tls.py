@@ -12,9 +12,10 @@ answers None ("keep the current configuration") when nothing changed, so the cos
 When the files change it parses them, checks that the key belongs to the certificate, that the certificate is
 within its validity period and that the client CA bundle holds a CA, and only then hands the new configuration to
 gRPC; a half-written, mismatched, expired or not-yet-valid set is logged once and skipped (the previous files keep
-serving) until the files change again, or, for a certificate not valid yet, until it is. So a rotation never serves a
-broken certificate. Connections already open keep their session: in-flight calls survive. `TlsReloader` holds
-all of that, for the gRPC port's fetcher and for the metrics port's SSLContext alike.
+serving) until the files change again, or, for a certificate not valid yet, until it is and ROTATION_SETTLE has
+passed. So a rotation never serves a broken certificate. Connections already open keep their session: in-flight
+calls survive. `TlsReloader` holds all of that, for the gRPC port's fetcher and for the metrics port's SSLContext
+alike.
 
 A served certificate can still run out while the server runs (a renewal that failed): clients then refuse every
 new handshake and nothing fails on the server's side. So the reloader knows when the certificate it serves expires
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 Stamp = tuple[FileStamp, ...]
 T = TypeVar("T")
 
+ROTATION_SETTLE = dt.timedelta(seconds=2)
+"""How long a rotation waits past a new certificate's start before serving it, while the one it replaces still
+serves. Clients check the start against their own clock: OpenSSL reads `time()`, which glibc serves from a
+coarse clock up to a tick behind, and another host's clock may lag by more. A certificate served the moment it
+starts is refused by those clients as not valid yet."""
+
 EXPIRY_WARNING = dt.timedelta(days=7)
 """A server certificate that expires sooner than this is loaded with a warning, or warned about once while it
 serves when it comes this close: time to rotate it."""
@@ -79,7 +86,7 @@ class CertificateError(ValueError):
     def __init__(self, message: str, *, valid_from: dt.datetime | None = None) -> None:
         super().__init__(message)
         self.valid_from = valid_from
-        """For a certificate that is not valid yet: when it will be, so that a rotation to it can wait for it."""
+        """For a certificate that is not valid yet: when it may serve, so that a rotation to it can wait for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +98,9 @@ class LoadedFiles:
     """When the leaf certificate expires (UTC)."""
 
 
-def load_files(files: TlsFiles) -> LoadedFiles:
-    """Read and check the PEM files: a certificate chain valid now, the matching private key, and a CA bundle.
+def load_files(files: TlsFiles, *, settle: dt.timedelta = dt.timedelta(0)) -> LoadedFiles:
+    """Read and check the PEM files: a certificate chain valid now (and for `settle` already), the matching
+    private key, and a CA bundle.
 
     Clients refuse a certificate outside its validity period, and grpc core takes any certificate as a client CA
     but then verifies nobody; either way every handshake fails with nothing in the server's log, so both are
@@ -111,7 +119,7 @@ def load_files(files: TlsFiles) -> LoadedFiles:
         serialization.Encoding.DER, spki
     ):
         raise CertificateError(f"{files.key} is not the private key of the certificate in {files.cert}")
-    _check_validity(files.cert, chain[0])
+    _check_validity(files.cert, chain[0], settle)
     ca: bytes | None = None
     if files.client_ca is not None:
         ca = files.client_ca.read_bytes()
@@ -127,12 +135,12 @@ def load_files(files: TlsFiles) -> LoadedFiles:
     return LoadedFiles(cert, key, ca, chain[0].not_valid_after_utc)
 
 
-def _check_validity(path: Path, leaf: x509.Certificate) -> None:
+def _check_validity(path: Path, leaf: x509.Certificate, settle: dt.timedelta) -> None:
     now = dt.datetime.now(dt.UTC)
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    if now < start:
+    if now < start + settle:
         raise CertificateError(
-            f"{path}: the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC", valid_from=start
+            f"{path}: the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC", valid_from=start + settle
         )
     if now > end:
         raise CertificateError(f"{path}: the certificate expired on {end:%Y-%m-%d %H:%M:%S} UTC")
@@ -233,7 +241,9 @@ class TlsReloader(Generic[T]):
                 return None
             if stamp == self._failed and time.time() < self._retry_at:
                 return None
-            loaded = load_files(self.files)
+            # Wait out ROTATION_SETTLE only while the certificate served still works.
+            settle = ROTATION_SETTLE if time.time() < self.not_after else dt.timedelta(0)
+            loaded = load_files(self.files, settle=settle)
             value = self._build(loaded)
         except (OSError, CertificateError) as exc:  # ssl.SSLError is an OSError
             failed = stamp if stamp is not None else (getattr(exc, "filename", None), getattr(exc, "errno", None))
