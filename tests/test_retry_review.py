@@ -108,6 +108,40 @@ def test_a_draining_servers_refusal_leaves_nothing_behind(repo: Path) -> None:
     assert all(n <= LEFT_AT_MOST for n in grown.values()), f"{CALLS} refused calls left {grown}"
 
 
+def _named(request: pb.ModelInferRequest, request_id: str) -> pb.ModelInferRequest:
+    request.id = request_id
+    return request
+
+
+def test_a_call_the_drain_refuses_has_its_access_log_line(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator asking why clients saw UNAVAILABLE during a deploy finds the calls the stop sent away in the
+    access log, as every other refusal; they left before the line was written."""
+    caplog.set_level(logging.DEBUG, logger="tensorgate.access")
+
+    async def drain_starts() -> None:
+        s.app._gate.draining = True
+
+    async def drain_ends() -> None:
+        s.app._gate.draining = False
+
+    with ServerThread(repo) as s, grpc.insecure_channel(s.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        s.run(drain_starts())
+        try:
+            with pytest.raises(grpc.RpcError) as unary:
+                stub.ModelInfer(_named(_request("add_sub"), "drained-1"), timeout=30)
+            with pytest.raises(grpc.RpcError) as stream:
+                list(stub.ModelStreamInfer(iter([_request("add_sub")]), timeout=30))
+        finally:
+            s.run(drain_ends())
+    assert unary.value.code() == stream.value.code() == grpc.StatusCode.UNAVAILABLE
+    lines = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
+    assert any(
+        line.startswith("ModelInfer model=add_sub version=- id=drained-1 status=UNAVAILABLE") for line in lines
+    ), lines
+    assert any(line.startswith("ModelStreamInfer model=- version=- id=- status=UNAVAILABLE") for line in lines), lines
+
+
 def _inference_count(server: ServerThread, model: str) -> int:
     with grpc.insecure_channel(server.address) as channel:
         stats = GRPCInferenceServiceStub(channel).ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30)

@@ -221,6 +221,8 @@ def unary(
         try:
             self.gate.enter(request)  # a draining server still takes a request that continues a live sequence
         except TensorgateError as exc:
+            if access_log.isEnabledFor(logging.DEBUG):  # a client sent away by a stop shows in the log too
+                access_log_line(rpc, request, exc.code.name, started)
             await refuse(context, exc.code, exc.message)
         token, admitted, response = None, None, None
         tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
@@ -300,6 +302,8 @@ def stream(
         try:
             self.gate.enter()
         except TensorgateError as exc:
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log_line(rpc, None, exc.code.name, started)
             await refuse(context, exc.code, exc.message)
         token, admitted = None, None
         tracing: Tracing | None = getattr(self, "tracing", None)
