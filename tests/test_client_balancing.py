@@ -9,6 +9,8 @@ and retry on one. Real servers on loopback; the server's own request counts say 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 
@@ -143,3 +145,38 @@ def test_an_unknown_load_balancing_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="load_balancing must be one of pick_first, round_robin, not 'random'"):
         InferenceClient("127.0.0.1:1", load_balancing="random")
     assert ChannelSettings().load_balancing == "pick_first"
+
+
+@pytest.mark.slow
+def test_a_client_tries_a_lost_address_again_every_second() -> None:
+    """gRPC's reconnect backoff grows to 120 s: a client kept failing calls for seconds after a restarted replica
+    was back (2.8-3.9 s after a 12 s outage, measured). Counted here at a port that takes each connection and
+    closes it, as a server going down does: gRPC's default waits 1, 1.6, 2.6, 4.1 s (4 or 5 attempts in 10 s), the
+    client's at most 1 s (9 or 10)."""
+    attempts = 0
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with InferenceClient(address, timeout=0.5) as client:
+            end = time.monotonic() + 10
+            while time.monotonic() < end:  # bounded: 10 s, one call at most every 0.1 s
+                with contextlib.suppress(Unavailable, TensorgateClientError):
+                    client.live()
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        connection, _ = listener.accept()
+                        connection.close()
+                        attempts += 1
+                time.sleep(0.05)
+    assert attempts >= 7, attempts
+
+
+def test_channel_options_replace_the_clients_own(replicas: tuple[ServerThread, ServerThread]) -> None:
+    """gRPC keeps the first of two channel arguments with one name: a caller's option added after the client's
+    own was ignored. A receive limit of 1 byte must fail the answer (the client's own limit is 4 GiB)."""
+    options = [("grpc.max_receive_message_length", 1)]
+    with InferenceClient(replicas[1].address, timeout=30, channel_options=options) as client:
+        with pytest.raises(ResourceExhausted):
+            client.metadata("add_sub")
