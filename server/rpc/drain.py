@@ -5,7 +5,9 @@ with UNAVAILABLE first lets clients and load balancers retry on another replica 
 
 Sequences (stateful models) are drained as Triton's sequence batcher drains them: a request that continues or ends
 a sequence live here is still taken (its state is here, so no other replica can run it), a request that starts
-one is refused, and the drain waits for the live sequences to end (END, or their idle time) within the grace.
+one is refused, and the drain waits for the live sequences to end (END, or their idle time) within the grace. A
+START taken before the drain and still on its way to its sequence (`OnTheirWay`) counts as live until it has
+arrived or failed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,64 @@ def cut_off(keys: Iterable[SequenceKey]) -> str:
     return f"{DRAINING}; {', '.join(named[:3])}{more} did not end before the server stopped: start it again there"
 
 
+class _Way:
+    """The requests of one sequence on their way (`OnTheirWay`)."""
+
+    __slots__ = ("requests", "starts", "tail")
+
+    def __init__(self, tail: asyncio.Future[None]) -> None:
+        self.tail = tail
+        """Done once the latest of them has arrived: the next one to set off waits for it."""
+        self.requests = 0
+        self.starts = 0
+
+
+class OnTheirWay:
+    """Requests of sequences that the server has taken and that have not reached their sequence yet: a large tensor
+    of theirs is decoded on a worker thread (codec.LARGE_ELEMENTS) while the event loop reads on. The requests of
+    the same sequence read after one wait for it (`join`, `arrived`): else a small one behind a large START reached
+    the sequence first, and failed as "not active". A draining server counts a START on its way as live
+    (DrainGate): its sequence starts here, so its next requests must be taken here, not sent elsewhere.
+
+    `ways` is empty except while such requests are on their way: every other request looks at it alone, and pays
+    nothing more."""
+
+    __slots__ = ("ways",)
+
+    def __init__(self) -> None:
+        self.ways: dict[SequenceKey, _Way] = {}
+
+    def join(self, key: SequenceKey, start: bool) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """A request of `key` sets off: the future of the one before it on its way (None when none is), which it
+        awaits before it goes on to its sequence, and its own, for `arrived`."""
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        way = self.ways.get(key)
+        previous = None
+        if way is None:
+            way = self.ways[key] = _Way(mine)
+        else:
+            previous, way.tail = way.tail, mine
+        way.requests += 1
+        way.starts += start
+        return previous, mine
+
+    def arrived(self, key: SequenceKey, start: bool, mine: asyncio.Future[None]) -> None:
+        """The request `join` gave `mine` reaches its sequence now (nothing awaits between this and its sequence),
+        or failed on its way: the one behind it goes on."""
+        if not mine.done():
+            mine.set_result(None)
+        way = self.ways[key]
+        way.requests -= 1
+        way.starts -= start
+        if not way.requests:
+            del self.ways[key]
+
+    def starting(self, key: SequenceKey) -> bool:
+        """Whether a START of `key` is on its way."""
+        way = self.ways.get(key)
+        return way is not None and way.starts > 0
+
+
 def _never(model: str, sequence_id: SequenceId) -> bool:
     return False
 
@@ -81,6 +141,8 @@ class DrainGate:
         self.draining = False
         self.live = live
         self.live_sequences = live_sequences
+        self.on_their_way = OnTheirWay()
+        """Requests of sequences still on their way to them: a START among them counts as live."""
 
     @property
     def in_flight(self) -> int:
@@ -105,14 +167,22 @@ class DrainGate:
 
     def refusal(self, request: object) -> ServerUnavailableError | None:
         """Why a draining server refuses `request`: any call, but an inference request without START in a sequence
-        live here, which it takes until the drain is over (its grace ended, or a second signal), and then refuses
-        as cut off (`cut_off`). A request that starts a sequence is refused: it can start on another replica."""
+        live here (or whose START is on its way), which it takes until the drain is over (its grace ended, or a
+        second signal), and then refuses as cut off (`cut_off`). A request that starts a sequence is refused: it
+        can start on another replica."""
         if isinstance(request, pb.ModelInferRequest):
             step = sequence_step(request)
-            if step is not None and not step.start and self.live(request.model_name, step.id):
+            if step is not None and not step.start and self._continues(request.model_name, step.id):
                 over = self._over.is_set()
                 return ServerUnavailableError(cut_off([(request.model_name, step.id)])) if over else None
         return ServerUnavailableError(DRAINING)
+
+    def _continues(self, model: str, sequence_id: SequenceId) -> bool:
+        """Whether a request without START to `sequence_id` of `model` continues a sequence of this server: one
+        live, or one whose START was taken before the drain and is still on its way to it (its decode)."""
+        if self.live(model, sequence_id):
+            return True
+        return bool(self.on_their_way.ways) and self.on_their_way.starting((model, sequence_id))
 
     async def started(self) -> None:
         """Wait for the drain to start: an open stream then ends once it has answered what it started, rather than
@@ -128,8 +198,8 @@ class DrainGate:
             await self._look.wait()
 
     def keep_live(self, keys: set[SequenceKey]) -> bool:
-        """Drop from `keys` the sequences no longer live; whether any is left."""
-        for key in [k for k in keys if not self.live(*k)]:
+        """Drop from `keys` the sequences no longer live, nor on their way to start; whether any is left."""
+        for key in [k for k in keys if not self._continues(*k)]:
             keys.discard(key)
         return bool(keys)
 
@@ -167,7 +237,8 @@ class DrainGate:
 
     @property
     def drained(self) -> bool:
-        return self._in_flight == 0 and self.live_sequences() == 0
+        # A request on its way holds the drain too: an END runs on without its stream (ModelStreamInfer).
+        return self._in_flight == 0 and self.live_sequences() == 0 and not self.on_their_way.ways
 
 
 async def _first(events: Iterable[asyncio.Event], timeout: float) -> None:

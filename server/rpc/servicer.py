@@ -166,6 +166,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         budget: ByteBudget | None = None,
     ) -> None:
         self.gate = gate
+        self._on_their_way = gate.on_their_way
         self.budget = budget
         self._log_format = log_format
         self.shared_memory = shared_memory or codec.NO_SHARED_MEMORY
@@ -228,12 +229,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # ----- inference ---------------------------------------------------------------------------------------
 
-    def _decode(self, request: pb.ModelInferRequest, deadline: float | None) -> tuple[InferRequest, int] | None:
+    def _decode(
+        self, request: pb.ModelInferRequest, deadline: float | None, in_turn: bool = False
+    ) -> tuple[InferRequest, int] | None:
         """The request's tensors, decoded before the model is looked up (the hot path reads each field once), and
         their bytes for the byte budget (0 without one); a tensor error for a model that does not exist answers
         NOT_FOUND (or why it is not served), as Triton does. None when a large tensor needs work per element
-        (codec.LARGE_ELEMENTS): the caller then awaits `_decode_off_loop`. Written `self._decode(...) or await
-        self._decode_off_loop(...)`, so that the hot path makes no coroutine for it."""
+        (codec.LARGE_ELEMENTS), or when a sequence's request may have to wait for one of its sequence on its way
+        (drain.OnTheirWay; not `in_turn`, when it has): the caller then awaits `_decode_off_loop`. Written
+        `self._decode(...) or await self._decode_off_loop(...)`, so that the hot path makes no coroutine for it."""
+        if self._on_their_way.ways and not in_turn and "sequence_id" in request.parameters:
+            return None
         try:
             req = codec.decode_infer_request(
                 request, deadline, self._limits, self.shared_memory, self._check_input, on_loop=True
@@ -251,6 +257,37 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return req, 0 if self.budget is None else request_bytes(req)
 
     async def _decode_off_loop(self, request: pb.ModelInferRequest, deadline: float | None) -> tuple[InferRequest, int]:
+        """A request `_decode` left: its large tensor decoded on a worker thread, and a sequence's request kept in
+        its turn. A sequence takes its requests in the order they reach it, and a small request read behind a large
+        one would reach it first: so a sequence's request here is on its way (drain.OnTheirWay) until it is
+        decoded and the one of its sequence read before it has arrived; from there to its sequence nothing awaits.
+        A START on its way also counts as live for a drain."""
+        step = sequence_step(request)
+        if step is None:  # (a correlation ID of 0 or "" names none)
+            return self._decode(request, deadline, in_turn=True) or await self._decode_on_thread(request, deadline)
+        key = (request.model_name, step.id)
+        ways = self._on_their_way
+        # None of its sequence on its way: on the loop, unless it is large.
+        decoded = None if key in ways.ways else self._decode(request, deadline, in_turn=True)
+        if decoded is not None:
+            return decoded
+        previous, mine = ways.join(key, step.start)
+        try:
+            if previous is not None:  # it waits for that one: on the loop if it can be
+                decoded = self._decode(request, deadline, in_turn=True)
+            decoded = decoded or await self._decode_on_thread(request, deadline)
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)  # (a cancelled wait leaves it to the one that set it)
+        finally:
+            if previous is None or previous.done():
+                ways.arrived(key, step.start, mine)
+            else:  # failed or cancelled first: the one behind it still waits for the one before it
+                previous.add_done_callback(lambda _: ways.arrived(key, step.start, mine))
+        return decoded
+
+    async def _decode_on_thread(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> tuple[InferRequest, int]:
         try:
             return await asyncio.to_thread(self._decode_measured, request, deadline)
         except TensorgateError:
