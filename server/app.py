@@ -447,6 +447,8 @@ class TensorgateServer:
                 grace,
             )
             drained = await self._gate.drain(grace)
+            if self._gate.refused:  # the calls a client without retries to another replica saw fail
+                log.info("the drain refused %d call(s) and stream message(s) (UNAVAILABLE)", self._gate.refused)
             if not drained:
                 hurried = self._gate.hurried
                 sequences = self._gate.live_sequences()

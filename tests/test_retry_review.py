@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -132,6 +133,7 @@ def test_a_call_the_drain_refuses_has_its_access_log_line(repo: Path, caplog: py
                 stub.ModelInfer(_named(_request("add_sub"), "drained-1"), timeout=30)
             with pytest.raises(grpc.RpcError) as stream:
                 list(stub.ModelStreamInfer(iter([_request("add_sub")]), timeout=30))
+            refused = s.app._gate.refused
         finally:
             s.run(drain_ends())
     assert unary.value.code() == stream.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -140,6 +142,46 @@ def test_a_call_the_drain_refuses_has_its_access_log_line(repo: Path, caplog: py
         line.startswith("ModelInfer model=add_sub version=- id=drained-1 status=UNAVAILABLE") for line in lines
     ), lines
     assert any(line.startswith("ModelStreamInfer model=- version=- id=- status=UNAVAILABLE") for line in lines), lines
+    assert refused == 2  # for the stop's log line
+
+
+def test_a_stream_message_the_drain_refuses_has_its_access_log_line(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream opened before the stop: its next message is refused in the stream, and logged as the calls are."""
+    caplog.set_level(logging.DEBUG, logger="tensorgate.access")
+    sent: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+
+    def messages() -> Iterator[pb.ModelInferRequest]:
+        for _ in range(2):  # bounded
+            message = sent.get(timeout=30)
+            if message is None:
+                return
+            yield message
+
+    async def drain_starts() -> None:
+        s.app._gate.draining = True
+
+    async def drain_ends() -> None:
+        s.app._gate.draining = False
+
+    with ServerThread(repo) as s, grpc.insecure_channel(s.address) as channel:
+        answers = GRPCInferenceServiceStub(channel).ModelStreamInfer(messages(), timeout=30)
+        sent.put(_named(_request("add_sub"), "before"))
+        assert not next(answers).error_message
+        s.run(drain_starts())
+        try:
+            sent.put(_named(_request("add_sub"), "after"))
+            assert "retry on another replica" in next(answers).error_message
+            with pytest.raises(grpc.RpcError) as ended:
+                next(answers)
+        finally:
+            s.run(drain_ends())
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    lines = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
+    assert any(
+        line.startswith("ModelStreamInfer model=add_sub version=- id=after status=UNAVAILABLE") for line in lines
+    ), lines
 
 
 def _inference_count(server: ServerThread, model: str) -> int:

@@ -94,6 +94,7 @@ def test_a_sequence_under_way_at_sigterm_runs_to_its_end(tmp_path: Path) -> None
         # Not the grace (120 s) nor the sequences' idle time (60 s): the END requests ended the drain.
         assert time.monotonic() - ended < 45, time.monotonic() - ended
         assert "grace period over" not in server.output, server.output
+        assert "the drain refused 3 call(s) and stream message(s)" in server.output, server.output
 
 
 Answers = queue.Queue[tuple[tc.InferResult | None, object]]

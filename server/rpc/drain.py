@@ -141,6 +141,8 @@ class DrainGate:
         self.draining = False
         self.live = live
         self.live_sequences = live_sequences
+        self.refused = 0
+        """Calls and stream messages the drain refused: the stop's log line counts those sent elsewhere."""
         self.on_their_way = OnTheirWay()
         """Requests of sequences still on their way to them: a START among them counts as live."""
 
@@ -173,8 +175,11 @@ class DrainGate:
         if isinstance(request, pb.ModelInferRequest):
             step = sequence_step(request)
             if step is not None and not step.start and self._continues(request.model_name, step.id):
-                over = self._over.is_set()
-                return ServerUnavailableError(cut_off([(request.model_name, step.id)])) if over else None
+                if not self._over.is_set():
+                    return None
+                self.refused += 1
+                return ServerUnavailableError(cut_off([(request.model_name, step.id)]))
+        self.refused += 1
         return ServerUnavailableError(DRAINING)
 
     def _continues(self, model: str, sequence_id: SequenceId) -> bool:

@@ -546,6 +546,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         refused = loop.create_future()
                         refused.set_result(_stream_error(request, refused_by_drain)[0])
                         answer_later(refused)
+                        if errors.access_log.isEnabledFor(logging.DEBUG):
+                            errors.access_log_line("ModelStreamInfer", request, "UNAVAILABLE", time.perf_counter_ns())
                         if not self.gate.keep_live(carried):
                             refused_on_drain = True
                             break
