@@ -39,6 +39,7 @@ from tensorgate.server.rpc.rollout import SERVICE_NAME as ROLLOUT
 from tensorgate.server.rpc.rollout import RolloutServicer, add_rollout_servicer
 from tensorgate.server.rpc.servicer import InferenceServicer
 from tensorgate.server.rpc.shared_memory import SystemSharedMemory
+from tensorgate.server.rpc.token_gate import TokenGate
 from tensorgate.server.settings import ServerSettings
 from tensorgate.server.telemetry.metrics import Metrics, MetricsServer
 from tensorgate.server.telemetry.tracing import Tracing, TracingSettings, from_settings, parse_headers
@@ -220,7 +221,10 @@ class TensorgateServer:
         )
         # --auth-probes policy: health and reflection are authorized like the inference service (rpc/probes.py).
         probes = s.auth_probes == "policy" and self.auth.enabled
-        server = aio.server(options=self._options(), interceptors=[ProbeAuthorization(self.auth)] if probes else None)
+        interceptors: list[aio.ServerInterceptor] = [ProbeAuthorization(self.auth)] if probes else []
+        if s.auth_policy is not None and s.tls_client_ca is None:  # bearer tokens may apply (rpc/token_gate.py)
+            interceptors.append(TokenGate(self.auth))
+        server = aio.server(options=self._options(), interceptors=interceptors or None)
         self._gate = DrainGate(self.repository.sequence_live, self.repository.live_sequences)
         budget = ByteBudget(s.max_in_flight_bytes) if s.max_in_flight_bytes else None
         if self._metrics_on:

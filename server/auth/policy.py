@@ -503,6 +503,17 @@ class Authorizer:
         CURRENT_TOKEN.set(digest)  # in this call's own context, as CURRENT_IDENTITY is
         return identity
 
+    def refuses_token(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        """Whether `identify` would refuse a call with this metadata for its bearer token (missing or unknown), told
+        without counting, logging or setting anything: server/rpc/token_gate.py asks before a message is read."""
+        if self.mtls:
+            return False
+        policy = self.policy()
+        if policy is None or not policy.tokens:
+            return False
+        token = bearer_token(metadata)
+        return not token or hashlib.sha256(token.encode()).hexdigest() not in policy.tokens
+
     def admit(self, identity: str) -> bool:
         """Count a call against the identity's in-flight cap; True when the caller must `release` it later."""
         if not self.max_in_flight:

@@ -328,7 +328,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             req, size = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
             if budget is not None:
                 taken = self._admit(budget, req, size)
-            response = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
+            answer = await self._handler.infer(req)
+            response = codec.encode_on_loop(answer, req.shared_outputs)
+            if response is None:  # a large BYTES output (codec.encode_on_loop)
+                response = await asyncio.to_thread(codec.encode_infer_response, answer, req.shared_outputs)
             self._check_size(response, response.model_name, response.model_version)
         except BaseException as exc:
             if self._requests is not None:
@@ -347,7 +350,10 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             req, size = self._decode(request, deadline) or await self._decode_off_loop(request, deadline)
             if budget is not None:  # each message of a stream is admitted on its own, as a call is
                 taken = self._admit(budget, req, size)
-            result = codec.encode_infer_response(await self._handler.infer(req), req.shared_outputs)
+            answer = await self._handler.infer(req)
+            result = codec.encode_on_loop(answer, req.shared_outputs)
+            if result is None:  # a large BYTES output (codec.encode_on_loop)
+                result = await asyncio.to_thread(codec.encode_infer_response, answer, req.shared_outputs)
             response = pb.ModelStreamInferResponse(infer_response=result)
             self._check_size(response, result.model_name, result.model_version)
         except BaseException as exc:
