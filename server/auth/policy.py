@@ -82,6 +82,7 @@ from tensorgate.server.auth.identity import (
 )
 from tensorgate.server.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError, model_ref
 from tensorgate.server.file_stamp import FileStamp, file_stamp
+from tensorgate.server.log_limit import Sparse
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +461,7 @@ class Authorizer:
         self.denials: Counter[tuple[str, str]] = Counter()
         """Denied calls per (identity, RPC the policy refused, or another reason: "missing token", SEQUENCE_OWNER,
         ...), for metrics."""
+        self._missing_token_log, self._invalid_token_log = Sparse(), Sparse()
 
     def policy(self) -> Policy | None:
         if self._file is not None:
@@ -492,13 +494,17 @@ class Authorizer:
         token = bearer_token(context.invocation_metadata())
         if token is None:
             self.denials[(ANONYMOUS, "missing token")] += 1
-            log.warning("refused a call without a bearer token (%s)", policy.source)
+            held = self._missing_token_log.due()  # anyone can repeat it: one line a minute
+            if held is not None:
+                log.warning("refused a call without a bearer token (%s)%s", policy.source, Sparse.since(held))
             raise UnauthenticatedError("this server needs 'authorization: Bearer <token>' metadata")
         digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
         identity = policy.tokens.get(digest) if token else None
         if identity is None:
             self.denials[(ANONYMOUS, "invalid token")] += 1
-            log.warning("refused a call with an invalid bearer token (%s)", policy.source)  # never the token
+            held = self._invalid_token_log.due()
+            if held is not None:  # never the token
+                log.warning("refused a call with an invalid bearer token (%s)%s", policy.source, Sparse.since(held))
             raise UnauthenticatedError("invalid bearer token")
         CURRENT_TOKEN.set(digest)  # in this call's own context, as CURRENT_IDENTITY is
         return identity

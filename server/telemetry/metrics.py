@@ -28,7 +28,6 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
-import math
 import socket
 import ssl
 import threading
@@ -49,6 +48,7 @@ from tensorgate.server.auth.policy import SEQUENCE_OWNER
 from tensorgate.server.auth.tls import TlsFiles, TlsReloader, ssl_server_context
 from tensorgate.server.backends.base import backend_ready
 from tensorgate.server.errors import TensorgateError
+from tensorgate.server.log_limit import Sparse
 from tensorgate.server.repository.manager import is_unloaded
 from tensorgate.server.repository.rollout import ROUTED_VERSION
 from tensorgate.server.scheduling.sequencer import SequenceOwnerError
@@ -699,10 +699,9 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
     tls: TlsReloader[ssl.SSLContext] | None = None
     max_connections = MAX_CONNECTIONS
     max_connection_s = MAX_CONNECTION_S
-    _refused_logged = -math.inf
-    _emfile_logged = -math.inf
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._refused_log, self._emfile_log = Sparse(), Sparse()
         self._slots = threading.BoundedSemaphore(self.max_connections)
         self._open: dict[int, tuple[Any, float]] = {}
         """The connections being served, by id, with when each opened: `service_actions` ends those open too long."""
@@ -722,14 +721,14 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            now = time.monotonic()
-            if now - self._refused_logged >= 60:
-                self._refused_logged = now
+            held = self._refused_log.due()
+            if held is not None:
                 log.warning(
                     "metrics: %d connections are open, the most the port serves at once: closed one from %s "
-                    "(said at most once a minute)",
+                    "(said at most once a minute)%s",
                     self.max_connections,
                     client_address[0] if client_address else "?",
+                    Sparse.since(held),
                 )
             self.shutdown_request(request)
             return
@@ -768,14 +767,14 @@ class _HttpServer(ThreadingMixIn, WSGIServer):
         """The connection waits in the listen queue, so the socket stays readable: without a pause, serve_forever
         would poll and fail to accept it again at once, a core's worth of CPU (and the GIL) until a descriptor is
         free. Paused as gRPC's own listener does; said at most once a minute."""
-        now = time.monotonic()
-        if now - self._emfile_logged >= 60:
-            self._emfile_logged = now
+        held = self._emfile_log.due()
+        if held is not None:
             log.warning(
                 "metrics: cannot accept a connection: %s (the process is at its file descriptor limit, ulimit -n); "
-                "trying again every %g s (said at most once a minute)",
+                "trying again every %g s (said at most once a minute)%s",
                 exc.strerror,
                 ACCEPT_RETRY_S,
+                Sparse.since(held),
             )
         time.sleep(ACCEPT_RETRY_S)
 
