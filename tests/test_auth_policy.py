@@ -28,7 +28,7 @@ from tensorgate.server import ServerSettings
 from tensorgate.server.auth import certs
 from tensorgate.server.auth.identity import identity_of_auth_context, identity_of_certificate
 from tensorgate.server.auth.policy import DEFAULT_MTLS_POLICY, PolicyError, PolicyFile, load_policy, parse_policy
-from tests.onnx_models import add_sub_model, write_config
+from tests.onnx_models import add_sub_model, slow_model, write_config
 from tests.pki import CHANNEL_OPTIONS, Pki, add_sub_request, identity_request, infer_add_sub, secure_channel
 from tests.process import TENSORGATE, ServeProcess
 from tests.scraping import scrape
@@ -531,6 +531,45 @@ def test_in_flight_cap_without_identities_is_server_wide(repo: Path) -> None:
         assert "identity 'anonymous'" in (info.value.details() or "")
         stream.close()
         infer_add_sub(channel)
+
+
+def _slow_request(request_id: str) -> pb.ModelInferRequest:
+    x = np.full((16, 512), 0.01, np.float32)  # 0.1 s or more a call: the burst is read before one is answered
+    return pb.ModelInferRequest(
+        model_name="slow",
+        id=request_id,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=list(x.shape))],
+        raw_input_contents=[x.tobytes()],
+    )
+
+
+def test_a_streams_messages_in_flight_count_against_the_cap(tmp_path: Path) -> None:
+    """A stream counted as one call whatever it ran: under a cap of 1, one stream ran 200 requests at once and
+    filled the model's queue ahead of every other identity (review 131). The stream covers one message in flight;
+    each more is a call of the cap, and one past it is refused in the stream."""
+    repo = tmp_path / "models"
+    slow_model(repo / "slow" / "1" / "model.onnx", repeats=480)
+    write_config(repo, "slow", "max_batch_size: 16\n")
+    with ServerThread(repo, max_in_flight_per_identity=2) as s, grpc.insecure_channel(s.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter([_slow_request(f"m{i}") for i in range(6)]), timeout=120))
+        errors = [r.error_message for r in replies]
+        assert errors[:2] == ["", ""], errors  # the stream's own call, and one more
+        assert errors[2:] == ["identity 'anonymous' already has 2 call(s) in flight, the most allowed per identity"] * 4
+        assert [r.infer_response.id for r in replies] == [f"m{i}" for i in range(6)]
+        assert s.app.auth._in_flight == {}  # all given back with the stream
+        metrics = scrape(f"http://127.0.0.1:{s.app.metrics_port}/metrics")
+        labels = frozenset({("identity", "anonymous"), ("reason", "in_flight_limit"), ("rpc", "")})
+        assert metrics[("tensorgate_auth_denials_total", labels)] == 4
+        # One message at a time is the stream's own call alone: never refused, even under a cap of 1.
+        s.app.auth.max_in_flight = 1
+        sent: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+        stream = stub.ModelStreamInfer(iter(sent.get, None), timeout=120)
+        for i in range(3):
+            sent.put(_slow_request(f"one-{i}"))
+            assert next(stream).error_message == ""
+        sent.put(None)
+        assert list(stream) == []
 
 
 def test_negative_in_flight_cap_is_refused(repo: Path) -> None:

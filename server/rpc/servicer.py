@@ -142,6 +142,34 @@ def _parsed(message: pb.ModelInferRequest | Malformed) -> tuple[pb.ModelInferReq
     return message, None
 
 
+class _StreamShare:
+    """A stream's messages in flight beyond its first, each counted against the caller's
+    --max-in-flight-per-identity as a call of its own (the stream, counted at the RPC boundary, covers one). A
+    stream counted as one call whatever it ran: under a cap of 1, one stream ran 200 requests at once and filled
+    the model's queue ahead of every other identity (review 131)."""
+
+    __slots__ = ("_auth", "_identity", "held")
+
+    def __init__(self, auth: Authorizer, identity: str) -> None:
+        self._auth = auth
+        self._identity = identity
+        self.held = 0
+        """Calls of the cap this stream holds for its messages."""
+
+    def admit(self, in_flight: int) -> None:
+        """The stream has `in_flight` messages read and not answered, this one among them; ResourceExhaustedError
+        (in-stream, counted as the cap's denials are) when the identity has no call left for it."""
+        if in_flight - 1 > self.held:
+            self._auth.admit(self._identity)
+            self.held += 1
+
+    def settle(self, in_flight: int) -> None:
+        """Give back what the messages still in flight no longer need (all of it at the stream's end: 0)."""
+        while self.held > max(0, in_flight - 1):
+            self._auth.release(self._identity)
+            self.held -= 1
+
+
 async def _refused(answer: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse:
     """A stream's answer known at once, as a task: it takes its turn among the answers before it."""
     return answer
@@ -524,6 +552,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         responses = _Window()
         """Decoupled models' responses queued and not yet handed to gRPC: at the window their requests wait."""
         refused_on_drain = False
+        share = _StreamShare(self.auth, CURRENT_IDENTITY.get()) if self.auth.max_in_flight else None
         carried: set[SequenceKey] = set()
         """Sequences this stream sent requests into: a drain leaves the stream open while one of them is live, for
         its next requests. Those no longer live go when it has doubled (`forget_at`), so that a stream that lives
@@ -567,6 +596,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                             self.gate.keep_live(carried)
                             forget_at = CARRIED_FORGET_AT + 2 * len(carried)
                         carried.add((request.model_name, step.id))
+                    if share is not None and refusal is None:
+                        try:
+                            share.admit(unanswered.held)
+                        except ResourceExhaustedError as exc:
+                            refusal = exc
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     task: asyncio.Task[Any]
                     if refusal is not None:
@@ -605,6 +639,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 while ordered and ordered[0].done():
                     yield ordered.popleft().result()
                     unanswered.release()
+                if share is not None:
+                    share.settle(unanswered.held)
                 if not (reading or ordered or relaying):
                     break
                 item = await events.get()
@@ -628,6 +664,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             watcher.cancel()
+            if share is not None:
+                share.settle(0)
             # A request read that ends a sequence runs on without its stream (within its deadline): cancelled before
             # its first step, it would never reach the sequencer, and the sequence would hold its slot until the
             # idle timeout (a client closing its stream right after sending END does that).
