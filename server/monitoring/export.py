@@ -73,11 +73,35 @@ def open_store(data_dir: Path) -> PredictionStore:
     if not path.is_file():
         raise ExportError(f"{path}: no prediction store (is this the server's --data-dir?)")
     try:
-        return PredictionStore(path, read_only=True)
+        store = PredictionStore(path, read_only=True)
     except StoreLayoutError as exc:
         raise ExportError(str(exc)) from None
     except sqlite3.DatabaseError as exc:  # not a database, or one it cannot read: a line naming it, no traceback
-        raise ExportError(f"{path}: cannot read the prediction store: {exc}") from None
+        raise ExportError(f"{path}: cannot read the prediction store: {exc}{_what_to_do(path, exc)}") from None
+    if not store.has_table("predictions"):
+        store.close()
+        raise ExportError(
+            f"{path}: no predictions in this store yet: no server has finished opening it (an empty file, or one "
+            "left by a server stopped while it started); start `tensorgate serve --data-dir` on this data dir "
+            "first, or give the --data-dir a server captured to"
+        )
+    return store
+
+
+def _what_to_do(path: Path, exc: sqlite3.DatabaseError) -> str:
+    """The way out of what SQLite's words name: an export only reads, so a lock or a read-only directory (where
+    SQLite cannot make a WAL store's -shm file) stops it where it would not stop a server's own reads."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"; another process holds it locked (`fuser {path}` names it): export again once it lets go"
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        if not os.access(path, os.R_OK):
+            return f"; this user (uid {os.getuid()}) may not read it: export as the user the server runs as"
+        return (
+            "; reading it needs its -wal and -shm files beside it, or a data dir where they can be made: copy the "
+            "data dir (the store and its -wal file) somewhere writable and export from the copy"
+        )
+    return ""
 
 
 def _value(row: np.ndarray) -> Any:
@@ -174,9 +198,14 @@ def export(
     """Write the model's captured predictions (oldest first) to ``out``; returns the number of records (rows)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r} (one of: {', '.join(FORMATS)})")
-    predictions = store.predictions(
-        model, version, since=since, until=until, labelled_only=labelled_only, newest_first=False
-    )
+    try:
+        predictions = store.predictions(
+            model, version, since=since, until=until, labelled_only=labelled_only, newest_first=False
+        )
+    except sqlite3.DatabaseError as exc:  # a foreign table of that name, a lock, a page damaged past the header
+        raise ExportError(
+            f"{store.path}: cannot read the prediction store: {exc}{_what_to_do(store.path, exc)}"
+        ) from None
     rows = records(predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
     write = _write_jsonl if fmt == "jsonl" else _write_parquet

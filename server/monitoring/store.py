@@ -16,6 +16,7 @@ which keeps dtype and shape exactly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -33,11 +34,13 @@ import numpy as np
 from tensorgate.protos.tensors import BY_NAME, decode_bytes_tensor, encode_bytes_tensor
 
 __all__ = [
+    "BUSY_TIMEOUT_S",
     "DB_NAME",
     "FiringAlert",
     "Prediction",
     "PredictionStore",
     "StoreLayoutError",
+    "StoreOpenError",
     "decode_arrays",
     "encode_arrays",
     "is_busy",
@@ -123,6 +126,67 @@ class StoreLayoutError(Exception):
             "--data-dir, or give this one another --data-dir"
         )
         self.path, self.found = path, found
+
+
+BUSY_TIMEOUT_S = 30.0
+"""How long a read-write open (and each write) waits for another process's lock on the store before giving up."""
+
+
+class StoreOpenError(OSError):
+    """The data dir's store cannot be opened (a directory in its place, a foreign or damaged file, a read-only or
+    full disk, a lock held too long): one line naming the file, the problem and what to do, where SQLite's own
+    words ("unable to open database file") name neither. An OSError, which ``tensorgate serve`` already reports in
+    one line and exits on: a server must not start with monitoring half there."""
+
+    def __init__(self, path: Path, problem: str, remedy: str) -> None:
+        super().__init__(f"{path}: cannot open the prediction store: {problem}; {remedy}")
+        self.path = path
+
+
+def _code(exc: BaseException) -> int:
+    """SQLite's primary result code of an error (0 for one that is not SQLite's)."""
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _open_failure(path: Path, exc: OSError | sqlite3.Error) -> StoreOpenError:
+    """What stopped a server opening its store, in words its operator can act on: SQLite's ("unable to open
+    database file", "database is locked") name neither the file nor the way out."""
+    code, errno_ = _code(exc), exc.errno if isinstance(exc, OSError) else None
+    words = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    another = "or give the server another --data-dir"
+    move = f"move it away (the server makes a new, empty store in its place), {another}"
+    if isinstance(exc, IsADirectoryError):
+        return StoreOpenError(path, "it is a directory, not a file", move)
+    if is_busy(exc):
+        return StoreOpenError(
+            path,
+            f"another process held it locked for over {BUSY_TIMEOUT_S:g} s ({words})",
+            f"stop what holds it (`fuser {path}` names the process), then start again, {another}",
+        )
+    if code == sqlite3.SQLITE_FULL or errno_ == errno.ENOSPC:
+        return StoreOpenError(path, f"the disk is full ({words})", "free space on its disk, then start again")
+    if code == sqlite3.SQLITE_NOTADB:  # its header, the first thing read: refused before any write
+        return StoreOpenError(path, f"it is no SQLite database ({words}); nothing in it was changed", move)
+    if code == sqlite3.SQLITE_CORRUPT:
+        return StoreOpenError(path, f"it is damaged ({words})", move)
+    unwritable = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH)
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or code in unwritable:
+        return StoreOpenError(
+            path,
+            f"it cannot be written ({words})",
+            f"the server writes its captures there: make the data dir and the store's files readable and writable "
+            f"by this user (uid {os.getuid()}), {another}",
+        )
+    if code == sqlite3.SQLITE_IOERR or isinstance(exc, OSError):
+        return StoreOpenError(path, words, "check the disk that holds it, then start again")
+    return StoreOpenError(path, f"it holds something this tensorgate cannot use ({words})", move)
 
 
 _NEWEST = "seq IN (SELECT MAX(seq) FROM predictions WHERE model = ? AND id = ? GROUP BY version)"
@@ -262,19 +326,25 @@ class PredictionStore:
         self.after_insert: Callable[[Sequence[Prediction]], None] | None = None
         """Called with the predictions `insert` stored, once committed, on the thread that stored them: feedback
         labels a shadow version's capture that is stored after its request's label came (rpc/monitoring.py)."""
-        if read_only:
-            self._db = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-            )
+        if read_only:  # its errors are SQLite's own: the export words them for what it does (export.open_store)
+            self._db = self._open_read_only(timeout=5.0)
             self._refuse_newer()
             return
         # Captured inputs may be personal data: a store made here is its owner's alone (SQLite would make the file
         # 0644, and its -wal and -shm files take the file's mode). An existing one keeps the mode it was given.
+        # A data dir that cannot be made is the flag's failure, not the store's: `tensorgate serve` names --data-dir.
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            self._open_read_write()
+        except (OSError, sqlite3.Error) as exc:
+            raise _open_failure(path, exc) from exc
+
+    def _open_read_write(self) -> None:
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._refuse_newer_unwritten()
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), so a commit is never implicit.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        self._refuse_newer()  # before WAL mode, which would rewrite the file's header
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        self._refuse_newer()  # again (stamped since?), before WAL mode, which would rewrite the file's header
         self._use_wal()
         # NORMAL is durable across process crashes in WAL mode (only an OS crash may lose the last commits);
         # feedback asks for FULL on its own transactions (set_labels) because it is acknowledged to a caller.
@@ -286,7 +356,7 @@ class PredictionStore:
         file not yet in WAL mode, SQLite refuses the change at once (SQLITE_BUSY, without its busy timeout):
         several --reuse-port processes starting together on a new data dir, one failing to start. It is tried
         again for as long as the busy timeout."""
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
         try:
             while True:
                 try:
@@ -299,6 +369,43 @@ class PredictionStore:
         except BaseException:
             self._db.close()
             raise
+
+    def _open_read_only(self, *, timeout: float) -> sqlite3.Connection:
+        """``mode=ro``, which never writes the store. On a read-only file system (a snapshot, a mount of a backup)
+        SQLite cannot make the shared-memory file (-shm) that reading a WAL database needs: a store with no WAL
+        beside it (closed cleanly: its main file holds everything) is then read as immutable, which needs none,
+        and which nothing on this host can make untrue while that file system stays read-only."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=timeout)
+        try:
+            db.execute("PRAGMA user_version").fetchone()
+            return db
+        except sqlite3.Error as exc:
+            db.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if _code(exc) != sqlite3.SQLITE_CANTOPEN or not _read_only_fs(self.path) or wal.exists():
+                raise
+        return sqlite3.connect(f"{uri}&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+
+    def _refuse_newer_unwritten(self) -> None:
+        """The layout, read through a read-only connection before the read-write one opens: SQLite checkpoints a
+        WAL database when its last connection closes, and a connection that can write would so copy a refused
+        store's WAL (what the newer tensorgate committed last) into its main file and delete the WAL, where the
+        refusal says nothing was changed. A store the read-only connection cannot read (a hot rollback journal,
+        left by a crash of a release before WAL mode, needs a write to roll back) is checked on the read-write
+        one, as before."""
+        try:
+            probe = self._open_read_only(timeout=BUSY_TIMEOUT_S)
+        except sqlite3.OperationalError as exc:
+            if _code(exc) == sqlite3.SQLITE_READONLY:
+                return
+            raise
+        try:
+            found = int(probe.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            probe.close()
+        if found > SCHEMA_VERSION:
+            raise StoreLayoutError(self.path, found)
 
     def _refuse_newer(self) -> None:
         try:
@@ -680,6 +787,13 @@ class PredictionStore:
             )
             for r in rows
         ]
+
+    def has_table(self, name: str) -> bool:
+        """Whether the store holds the table: a file SQLite reads as an empty database (0 bytes, or made by a
+        server that stopped before `_migrate`) holds none, which a read-only reader cannot create."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+            return row.fetchone() is not None
 
     def count(self, model: str, version: str | None = None, *, since: float | None = None) -> int:
         """How many predictions of the model (version) are stored, optionally since a time."""
