@@ -408,6 +408,9 @@ def test_missing_or_invalid_token_is_unauthenticated(
             list(stub.ModelStreamInfer(iter([add_sub_request()]), metadata=metadata, timeout=5))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "wrong" not in caplog.text and TOKEN not in caplog.text
+    access = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
+    # Refused before its message was read (rpc/token_gate.py): the line names the RPC and nothing from the message.
+    assert any(line.startswith("ModelInfer model=- version=- id=- status=UNAUTHENTICATED") for line in access), access
     # Counted like any other denial (a missing token was neither) and logged: the second within the minute is held
     # back, since anyone can repeat it (log_limit.Sparse), and counted in the next line.
     assert len([r for r in caplog.records if r.levelname == "WARNING" and "bearer token" in r.getMessage()]) == 1

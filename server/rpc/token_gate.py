@@ -19,6 +19,8 @@ caller without a certificate has no connection).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -27,7 +29,7 @@ from grpc import aio
 
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import TensorgateError
-from tensorgate.server.rpc.errors import refuse
+from tensorgate.server.rpc.errors import access_log, access_log_line, refuse
 from tensorgate.server.rpc.probes import probe_rpc
 
 Req = TypeVar("Req")
@@ -53,20 +55,24 @@ class TokenGate(aio.ServerInterceptor):
             or not self._auth.refuses_token(handler_call_details.invocation_metadata)
         ):
             return handler
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
         return grpc.stream_unary_rpc_method_handler(
-            _unread(self._auth, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),  # an asyncio servicer's
+            _unread(self._auth, rpc, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),  # asyncio's
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
 def _unread(
-    auth: Authorizer, behavior: Callable[..., Awaitable[Any]]
+    auth: Authorizer, rpc: str, behavior: Callable[..., Awaitable[Any]]
 ) -> Callable[[AsyncIterator[Any], aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def refused(requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter_ns()
         try:
             auth.identify(context)  # raises UNAUTHENTICATED, counted and logged as at the RPC boundary
         except TensorgateError as exc:
+            if access_log.isEnabledFor(logging.DEBUG):  # its access line, as at the boundary (the message unread)
+                access_log_line(rpc, None, exc.code.name, started)
             await refuse(context, exc.code, exc.message)
         # A policy reload made the token valid since the interceptor looked: serve the call as it came.
         async for request in requests:
