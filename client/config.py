@@ -165,6 +165,10 @@ class RetryPolicy:
 LOAD_BALANCING = ("pick_first", "round_robin")
 """gRPC's load-balancing policies a client may choose (`ChannelSettings.load_balancing`)."""
 
+MAX_RECONNECT_BACKOFF_S = (2**31 - 1) // 1000
+"""The most `ChannelSettings.max_reconnect_backoff_s` may be (about 24 days): gRPC reads channel arguments as C
+ints, this one in milliseconds."""
+
 
 @dataclass(frozen=True)
 class ChannelSettings:
@@ -193,8 +197,12 @@ class ChannelSettings:
     def __post_init__(self) -> None:
         if self.load_balancing not in LOAD_BALANCING:
             raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING)}, not {self.load_balancing!r}")
-        if not self.max_reconnect_backoff_s > 0:
-            raise ValueError(f"max_reconnect_backoff_s must be positive, not {self.max_reconnect_backoff_s!r}")
+        # gRPC takes it in milliseconds as a C int: a larger value failed later, as an OverflowError naming nothing.
+        if not 0 < self.max_reconnect_backoff_s <= MAX_RECONNECT_BACKOFF_S:
+            raise ValueError(
+                f"max_reconnect_backoff_s must be positive and at most {MAX_RECONNECT_BACKOFF_S} s (gRPC's limit), "
+                f"not {self.max_reconnect_backoff_s!r}"
+            )
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [

@@ -139,9 +139,15 @@ def _check_validity(path: Path, leaf: x509.Certificate, settle: dt.timedelta) ->
     now = dt.datetime.now(dt.UTC)
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     if now < start + settle:
-        raise CertificateError(
-            f"{path}: the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC", valid_from=start + settle
-        )
+        served = start + settle
+        problem = f"the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC"
+        if now >= start:  # valid already: "not valid before" a time past would read as a clock or parsing fault
+            problem = (
+                f"the certificate became valid at {start:%Y-%m-%d %H:%M:%S} UTC and serves from "
+                f"{served:%H:%M:%S} UTC, {settle.total_seconds():g} s later, so that clients whose clocks lag a "
+                "little take it too"
+            )
+        raise CertificateError(f"{path}: {problem}", valid_from=served)
     if now > end:
         raise CertificateError(f"{path}: the certificate expired on {end:%Y-%m-%d %H:%M:%S} UTC")
     if end - now < EXPIRY_WARNING:
