@@ -278,7 +278,7 @@ dynamic_batching {
     assert policy.preferred_batch_sizes == (4, 8)
     assert policy.max_queue_delay_ns == 1_500_000
     assert (policy.priority_levels, policy.default_priority) == (3, 2)
-    level1, level2, level3 = policy.queue_policies
+    level1, level2, level3 = (policy.queue_policy(level) for level in (1, 2, 3))
     assert (level1.max_queue_size, level1.timeout_ns, level1.allow_timeout_override) == (7, 0, True)
     assert level2 == level3
     assert (level2.max_queue_size, level2.timeout_ns, level2.delay_on_timeout) == (5, 100_000, True)

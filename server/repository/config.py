@@ -21,6 +21,7 @@ from tensorgate.server.repository.ensemble import ENSEMBLE_PLATFORM
 from tensorgate.server.repository.paths import inside
 
 CONFIG_FILE = "config.pbtxt"
+BOM = "\ufeff"
 ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
 TRITON_BACKEND = "tensorgate_triton"
@@ -57,6 +58,13 @@ def parse_config(model: str, text: str) -> tuple[mc.ModelConfig, bool]:
         if exc.GetLine() is not None:
             detail = detail.removeprefix(f"{exc.GetLine()}:{exc.GetColumn()} : ")
             where = f"{CONFIG_FILE} line {exc.GetLine()}, column {exc.GetColumn()}"
+        if text.startswith(BOM) and (exc.GetLine(), exc.GetColumn()) == (1, 1):
+            # Written by Windows tools (Notepad, PowerShell's Out-File); protobuf's own message quotes it as is,
+            # an invisible character, and reads as if the file's first word were wrong.
+            detail = detail.replace(BOM, "\\ufeff") + (
+                " (the file starts with a UTF-8 byte-order mark, which protobuf's text format refuses, as Triton "
+                "does: save it as UTF-8 without one)"
+            )
         raise InvalidConfigError(model, f"{where}: {detail}") from exc
     if config.name and config.name != model:
         raise InvalidConfigError(model, f"config names the model '{config.name}' but its directory is '{model}'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tensorgate.protos import model_config_pb2 as mc
@@ -37,10 +38,17 @@ class SchedulingPolicy:
     max_queue_delay_ns: int
     priority_levels: int
     default_priority: int
-    queue_policies: tuple[QueuePolicy, ...]
-    """One per priority level, index 0 = level 1 (the highest)."""
+    queue_policies: Mapping[int, QueuePolicy]
+    """The levels `priority_queue_policy` names (1 = the highest), each with its own policy; every other level
+    has `default_queue_policy`. Sparse, never one per level: priority_levels is a uint64, and Triton serves a
+    config with 2^64-1 of them (its own max_priority_level test config), for which a policy per level would
+    never finish being built."""
+    default_queue_policy: QueuePolicy = QueuePolicy()
     batch_dimension: bool = True
     """The model's tensors start with a batch dimension (max_batch_size > 0): outputs have one row per input row."""
+
+    def queue_policy(self, level: int) -> QueuePolicy:
+        return self.queue_policies.get(level, self.default_queue_policy)
 
     @classmethod
     def from_config(cls, config: mc.ModelConfig) -> SchedulingPolicy:
@@ -71,7 +79,7 @@ class SchedulingPolicy:
                 max_queue_delay_ns=delay_us * 1000 if batching else 0,
                 priority_levels=1,
                 default_priority=1,
-                queue_policies=(QueuePolicy(),),
+                queue_policies={},
                 batch_dimension=config.max_batch_size > 0,
             )
         db = config.dynamic_batching
@@ -87,11 +95,7 @@ class SchedulingPolicy:
         for level in db.priority_queue_policy:
             if not 1 <= level <= levels:
                 raise InvalidConfigError(config.name, f"priority_queue_policy level {level} is outside 1..{levels}")
-        default_policy = QueuePolicy.from_proto(db.default_queue_policy)
-        policies = tuple(
-            QueuePolicy.from_proto(db.priority_queue_policy[lvl]) if lvl in db.priority_queue_policy else default_policy
-            for lvl in range(1, levels + 1)
-        )
+        policies = {level: QueuePolicy.from_proto(p) for level, p in db.priority_queue_policy.items()}
         return cls(
             batching=batching,
             max_batch_size=max(config.max_batch_size, 1),
@@ -100,6 +104,7 @@ class SchedulingPolicy:
             priority_levels=levels,
             default_priority=default,
             queue_policies=policies,
+            default_queue_policy=QueuePolicy.from_proto(db.default_queue_policy),
             batch_dimension=config.max_batch_size > 0,
         )
 

@@ -142,6 +142,11 @@ def _cancel_timers(timers: list[asyncio.TimerHandle], _done: object) -> None:
         timer.cancel()
 
 
+LANES_KEPT = 32
+"""Empty lanes are kept while there are no more than this (a model's few levels: no deque made and dropped per
+request); past it, only those with requests waiting."""
+
+
 class Scheduler:
     """Queues requests for one model version and runs them, batched when the config asks for it."""
 
@@ -184,10 +189,9 @@ class Scheduler:
         self._free = instances
         """Instances not running a batch; down to -instances while full batches wait staged for busy instances."""
         # Two FIFOs per priority level, in service order: its queue, then its requests delayed by timeout_action
-        # DELAY (as Triton's: behind their own level, ahead of lower levels). Level L's are at 2L-2 and 2L-1.
-        self._lanes: list[collections.deque[_Pending]] = [
-            collections.deque() for _ in range(2 * policy.priority_levels)
-        ]
+        # DELAY (as Triton's: behind their own level, ahead of lower levels). Level L's are at 2L-2 and 2L-1,
+        # made when a request first waits there and dropped once empty: priority_levels may be up to 2^64-1.
+        self._lanes: dict[int, collections.deque[_Pending]] = {}
         self._queued = 0
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -247,9 +251,8 @@ class Scheduler:
         if self._closed:
             raise ServerUnavailableError(f"{self._ref} is being unloaded")
         level = self._level(priority)
-        qp = self._policy.queue_policies[level - 1]
-        lane = self._lanes[2 * level - 2]
-        if qp.max_queue_size and len(lane) + len(self._lanes[2 * level - 1]) >= qp.max_queue_size:
+        qp = self._policy.queue_policy(level)
+        if qp.max_queue_size and self._waiting(level) >= qp.max_queue_size:
             raise ResourceExhaustedError(
                 f"{self._ref}: queue for priority level {level} is full (max_queue_size {qp.max_queue_size})"
             )
@@ -280,7 +283,7 @@ class Scheduler:
                 pending.parameters_key = tuple(sorted((k, type(v).__name__, v) for k, v in forwarded.items()))
         if sequence is not None:
             self._settles = True
-        lane.append(pending)
+        self._lane(pending).append(pending)
         self._queued += 1
         self._idle.clear()
         timers: list[asyncio.TimerHandle] = []
@@ -329,10 +332,18 @@ class Scheduler:
             if all(p.future.done() for p in (*batch.requests, *batch.expired)):
                 abandoned.set_result(None)
 
+    def _waiting(self, level: int) -> int:
+        lanes = self._lanes
+        return len(lanes.get(2 * level - 2, ())) + len(lanes.get(2 * level - 1, ()))
+
     def _lane(self, pending: _Pending) -> collections.deque[_Pending]:
         """The FIFO a queued request waits in. Both of its level's count toward that level's max_queue_size: a
         request delayed by timeout_action DELAY still waits in its level's queue, as Triton counts it."""
-        return self._lanes[2 * pending.level - 2 + pending.delayed]
+        index = 2 * pending.level - 2 + pending.delayed
+        lane = self._lanes.get(index)
+        if lane is None:
+            lane = self._lanes[index] = collections.deque()
+        return lane
 
     def _remove(self, pending: _Pending) -> bool:
         """Take a request out of its lane; False when it already left the queue (it is in a batch)."""
@@ -349,7 +360,7 @@ class Scheduler:
     def _queue_timeout(self, pending: _Pending) -> None:
         if pending.future.done() or pending.delayed:
             return
-        qp = self._policy.queue_policies[pending.level - 1]
+        qp = self._policy.queue_policy(pending.level)
         if qp.delay_on_timeout:
             if self._remove(pending):
                 pending.delayed = True
@@ -395,7 +406,8 @@ class Scheduler:
     def _candidates(self, now: float) -> list[_Pending]:
         """Live queued requests in service order; drops cancelled and expired ones on the way."""
         out: list[_Pending] = []
-        for lane in self._lanes:
+        for index in sorted(self._lanes):
+            lane = self._lanes[index]
             for p in list(lane):
                 if p.future.done() or (p.deadline is not None and now >= p.deadline):
                     lane.remove(p)
@@ -403,6 +415,8 @@ class Scheduler:
                     self._fail_queued(p, self._deadline_error())
                 else:
                     out.append(p)
+            if not lane and len(self._lanes) > LANES_KEPT:  # requests may name any of 2^64-1 levels
+                del self._lanes[index]
         return out
 
     def _dispatch(self) -> None:
@@ -644,10 +658,10 @@ class Scheduler:
             for p in batch.requests:
                 if not p.future.done():
                     p.future.set_exception(ServerUnavailableError(message))
-        for lane in self._lanes:
+        for lane in self._lanes.values():
             for p in lane:
                 self._fail_queued(p, ServerUnavailableError(message))
-            lane.clear()
+        self._lanes.clear()
         self._queued = 0
         self._maybe_idle()  # a second close() returns at once instead of waiting out its grace
 
