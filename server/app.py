@@ -223,7 +223,7 @@ class TensorgateServer:
         probes = s.auth_probes == "policy" and self.auth.enabled
         interceptors: list[aio.ServerInterceptor] = [ProbeAuthorization(self.auth)] if probes else []
         if s.auth_policy is not None and s.tls_client_ca is None:  # bearer tokens may apply (rpc/token_gate.py)
-            interceptors.append(TokenGate(self.auth))
+            interceptors.append(TokenGate(self.auth, self.tracing))
         server = aio.server(options=self._options(), interceptors=interceptors or None)
         self._gate = DrainGate(self.repository.sequence_live, self.repository.live_sequences)
         budget = ByteBudget(s.max_in_flight_bytes) if s.max_in_flight_bytes else None

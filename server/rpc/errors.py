@@ -169,6 +169,30 @@ def access_log_line(
     )
 
 
+def refused_before_handler(
+    tracing: Tracing | None,
+    rpc: str,
+    context: aio.ServicerContext[Any, Any],
+    request: object,
+    exc: TensorgateError,
+    started_ns: int,
+) -> None:
+    """The access line and server span of a call refused before its handler ran (a draining server; a unary call
+    without a valid token, refused unread by rpc/token_gate.py): a refused call has both, the line in the span's
+    trace. Such calls had their line and no span, so a trace search by status missed what the log showed."""
+    span = token = None
+    if tracing is not None:
+        span, token = tracing.start_rpc(rpc, context.invocation_metadata())
+        if request is not None and span.is_recording():
+            span.set_attributes(request_attributes(rpc, request))
+    try:
+        if access_log.isEnabledFor(logging.DEBUG):
+            access_log_line(rpc, request, exc.code.name, started_ns)
+    finally:
+        if span is not None:
+            Tracing.end_rpc(span, token, exc.code.name, exc)
+
+
 NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
 """gRPC's server pushback (gRFC A6): a negative value stops a client's configured retries of this call."""
 
@@ -221,8 +245,10 @@ def unary(
         try:
             self.gate.enter(request)  # a draining server still takes a request that continues a live sequence
         except TensorgateError as exc:
-            if access_log.isEnabledFor(logging.DEBUG):  # a client sent away by a stop shows in the log too
-                access_log_line(rpc, request, exc.code.name, started)
+            # A client sent away by a stop shows in the log and the traces too.
+            refused_before_handler(
+                None if untraced else getattr(self, "tracing", None), rpc, context, request, exc, started
+            )
             await refuse(context, exc.code, exc.message)
         token, admitted, response = None, None, None
         tracing: Tracing | None = None if untraced else getattr(self, "tracing", None)
@@ -302,8 +328,7 @@ def stream(
         try:
             self.gate.enter()
         except TensorgateError as exc:
-            if access_log.isEnabledFor(logging.DEBUG):
-                access_log_line(rpc, None, exc.code.name, started)
+            refused_before_handler(getattr(self, "tracing", None), rpc, context, None, exc, started)
             await refuse(context, exc.code, exc.message)
         token, admitted = None, None
         tracing: Tracing | None = getattr(self, "tracing", None)
@@ -379,6 +404,7 @@ __all__ = [
     "access_log_line",
     "authorize",
     "internal_message",
+    "refused_before_handler",
     "request_attributes",
     "status_of",
     "stream",

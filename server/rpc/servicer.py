@@ -43,7 +43,7 @@ from tensorgate.server.rpc.drain import DRAINING, DrainGate, SequenceKey, cut_of
 from tensorgate.server.rpc.malformed import Malformed
 from tensorgate.server.rpc.shared_memory import RegionNotFoundError, SystemSharedMemory, encode_status
 from tensorgate.server.telemetry import log_settings, trace_settings
-from tensorgate.server.telemetry.tracing import Tracing
+from tensorgate.server.telemetry.tracing import Tracing, request_cut_code
 
 if TYPE_CHECKING:
     from tensorgate.server.telemetry.metrics import RequestCounts
@@ -168,11 +168,6 @@ class _StreamShare:
         while self.held > max(0, in_flight - 1):
             self._auth.release(self._identity)
             self.held -= 1
-
-
-async def _refused(answer: pb.ModelStreamInferResponse) -> pb.ModelStreamInferResponse:
-    """A stream's answer known at once, as a task: it takes its turn among the answers before it."""
-    return answer
 
 
 class InferenceServicer(GRPCInferenceServiceServicer):
@@ -402,8 +397,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         span, token = self._message_span(request)
         try:
             response, code, error = await self._stream_answer(request, deadline)
-        except BaseException as exc:  # cancelled: its stream ended under it
-            self._message_done(request, span, started, "CANCELLED", exc, None)
+        except BaseException as exc:  # cancelled: its stream ended under it, or its deadline passed
+            self._message_done(request, span, started, request_cut_code(deadline), exc, None)
             raise
         else:
             self._message_done(request, span, started, code, error, response.infer_response)
@@ -427,6 +422,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             errors.access_log_line("ModelStreamInfer", request, code, started, response, error)
         if span is not None:
             Tracing.end_rpc(span, None, code, error)
+
+    async def _refused_one(self, request: pb.ModelInferRequest, refusal: Exception) -> pb.ModelStreamInferResponse:
+        """The answer to a message refused before it ran (bytes that did not parse, one past the in-flight cap, one
+        read while the server drains), as a task: it takes its turn among the answers before it. Its access line
+        and span are a message's, as a refused ModelInfer call has them: the first two had neither, only the
+        denial counter showed the second, and the third had its line but no span."""
+        started = time.perf_counter_ns()
+        span, token = self._message_span(request)
+        answer, code = _stream_error(request, refusal)
+        try:
+            self._message_done(request, span, started, code, refusal, answer.infer_response)
+        finally:
+            if token is not None:
+                Tracing.release(token)
+        return answer
 
     def _message_span(self, request: pb.ModelInferRequest) -> tuple[trace.Span | None, object | None]:
         """The span of one request of a stream and the token that makes it current (release it when the request
@@ -466,8 +476,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 answer, code = _stream_error(request, exc)
                 error, last = exc, answer.infer_response
                 send(answer)
-        except BaseException as exc:  # cancelled: its stream ended under it
-            self._message_done(request, span, started, "CANCELLED", exc, None)
+        except BaseException as exc:  # cancelled: its stream ended under it, or its deadline passed
+            self._message_done(request, span, started, request_cut_code(deadline), exc, None)
             raise
         else:
             self._message_done(request, span, started, code, error, last)
@@ -533,7 +543,6 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         """Requests of one stream run concurrently (and batch together); responses go out in request order, as
         Triton answers a model that is not decoupled, so a client may match them by position as well as by `id`.
         A decoupled model's responses go out as they arrive, whatever the others wait for (match them by `id`)."""
-        loop = asyncio.get_running_loop()
         ordered: collections.deque[asyncio.Future[pb.ModelStreamInferResponse]] = collections.deque()
         """Answers to requests of models that are not decoupled, in request order: each goes out once it and those
         before it are done."""
@@ -578,11 +587,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                         # ends with UNAVAILABLE, as when the drain starts between messages: the client had not
                         # ended it, and what it sends next is not read. Unless the stream is in the middle of a
                         # sequence: it stays open for that sequence's next requests.
-                        refused = loop.create_future()
-                        refused.set_result(_stream_error(request, refused_by_drain)[0])
-                        answer_later(refused)
-                        if errors.access_log.isEnabledFor(logging.DEBUG):
-                            errors.access_log_line("ModelStreamInfer", request, "UNAVAILABLE", time.perf_counter_ns())
+                        answer_later(asyncio.create_task(self._refused_one(request, refused_by_drain)))
                         if not self.gate.keep_live(carried):
                             refused_on_drain = True
                             break
@@ -604,7 +609,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                     deadline = codec.monotonic_deadline(context.time_remaining())
                     task: asyncio.Task[Any]
                     if refusal is not None:
-                        task = asyncio.create_task(_refused(_stream_error(request, refusal)[0]))
+                        task = asyncio.create_task(self._refused_one(request, refusal))
                         answer_later(task)
                     elif self._handler.decoupled(request.model_name, request.model_version):
                         relaying += 1

@@ -19,7 +19,6 @@ caller without a certificate has no connection).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -29,8 +28,9 @@ from grpc import aio
 
 from tensorgate.server.auth.policy import Authorizer
 from tensorgate.server.errors import TensorgateError
-from tensorgate.server.rpc.errors import access_log, access_log_line, refuse
+from tensorgate.server.rpc.errors import refuse, refused_before_handler
 from tensorgate.server.rpc.probes import probe_rpc
+from tensorgate.server.telemetry.tracing import Tracing
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -39,8 +39,9 @@ Resp = TypeVar("Resp")
 class TokenGate(aio.ServerInterceptor):
     """Refuses unary calls without a valid bearer token before their message is read (see the module docstring)."""
 
-    def __init__(self, auth: Authorizer) -> None:
+    def __init__(self, auth: Authorizer, tracing: Tracing | None = None) -> None:
         self._auth = auth
+        self._tracing = tracing
 
     async def intercept_service(
         self,
@@ -57,22 +58,22 @@ class TokenGate(aio.ServerInterceptor):
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         return grpc.stream_unary_rpc_method_handler(
-            _unread(self._auth, rpc, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),  # asyncio's
+            _unread(self._auth, self._tracing, rpc, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
 def _unread(
-    auth: Authorizer, rpc: str, behavior: Callable[..., Awaitable[Any]]
+    auth: Authorizer, tracing: Tracing | None, rpc: str, behavior: Callable[..., Awaitable[Any]]
 ) -> Callable[[AsyncIterator[Any], aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def refused(requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter_ns()
         try:
             auth.identify(context)  # raises UNAUTHENTICATED, counted and logged as at the RPC boundary
         except TensorgateError as exc:
-            if access_log.isEnabledFor(logging.DEBUG):  # its access line, as at the boundary (the message unread)
-                access_log_line(rpc, None, exc.code.name, started)
+            # Its access line and span, as at the boundary (the message unread: nothing from it in either).
+            refused_before_handler(tracing, rpc, context, None, exc, started)
             await refuse(context, exc.code, exc.message)
         # A policy reload made the token valid since the interceptor looked: serve the call as it came.
         async for request in requests:

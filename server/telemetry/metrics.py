@@ -61,7 +61,7 @@ from tensorgate.server.telemetry.gpu import (
     open_gpu_metrics,
 )
 from tensorgate.server.telemetry.statistics import Histogram
-from tensorgate.server.telemetry.tracing import CALL_TIMEOUT, cancelled_code
+from tensorgate.server.telemetry.tracing import request_cut_code
 
 if TYPE_CHECKING:
     from tensorgate.server.auth.policy import Authorizer
@@ -122,7 +122,7 @@ class RequestCounts:
             if isinstance(exc, SequenceOwnerError) and self._denials is not None:
                 self._denials[(exc.identity, SEQUENCE_OWNER)] += 1
         elif isinstance(exc, asyncio.CancelledError):
-            code = cancelled_code(None if deadline is None else deadline - time.monotonic(), CALL_TIMEOUT.get())
+            code = request_cut_code(deadline)
         else:
             code = "INTERNAL"
         if not version:  # the version it was sent to (a split or the version policy): counted under it

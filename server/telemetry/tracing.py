@@ -179,6 +179,13 @@ def cancelled_code(time_remaining: float | None, timeout: float | None) -> str:
     return "DEADLINE_EXCEEDED" if time_remaining <= slack else "CANCELLED"
 
 
+def request_cut_code(deadline: float | None) -> str:
+    """The status of a request cancelled under it, from its `deadline` (time.monotonic(); None without one) and its
+    call's timeout (CALL_TIMEOUT): one place for /metrics (RequestCounts.failed), the access line and the span of a
+    stream's message, which read CANCELLED while /metrics counted the same timed-out message DEADLINE_EXCEEDED."""
+    return cancelled_code(None if deadline is None else deadline - time.monotonic(), CALL_TIMEOUT.get())
+
+
 def parse_headers(text: str) -> dict[str, str]:
     """`key=value,key2=value2`, as OTEL_EXPORTER_OTLP_HEADERS writes them."""
     headers: dict[str, str] = {}
