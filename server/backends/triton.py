@@ -81,7 +81,7 @@ from google.protobuf.message import Message
 from opentelemetry.trace import SpanContext
 from tritonclient.utils import InferenceServerException
 
-from tensorgate.protos import GRPCInferenceServiceStub
+from tensorgate.protos import SERVICE_NAME
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
 from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, STATUS_CODE, TensorFormatError, decode_raw
@@ -545,7 +545,7 @@ class TritonBackend:
         for key in [k for k in upstream.parameters if server_parameter(k, streaming=True)]:
             del upstream.parameters[key]
         headers = s.headers if trace is None else {**s.headers, **Tracing.headers(trace)}
-        call = method(iter([upstream]), timeout=timeout, metadata=list(headers.items()) or None)
+        call = method(upstream, timeout=timeout, metadata=list(headers.items()) or None)
         responses = call.__aiter__()
         self._streams += 1
         self._stream_users[channel] = self._stream_users.get(channel, 0) + 1
@@ -609,7 +609,15 @@ class TritonBackend:
                 self._stream_channel = self._channel()
                 self._stream_born = time.monotonic()
                 self._stream_loop = asyncio.get_running_loop()
-                self._stream_infer = GRPCInferenceServiceStub(self._stream_channel).ModelStreamInfer
+                # Called as unary-stream: one request, then the half-close, in one batch (what the upstream sees is
+                # the same). As a stream-stream call, an upstream that refused the stream while the request was
+                # still being written (a draining server refuses before it reads; the larger the request, the
+                # likelier) lost its answer to grpc.aio's INTERNAL "Internal error from Core" for the cut write.
+                self._stream_infer = self._stream_channel.unary_stream(
+                    f"/{SERVICE_NAME}/ModelStreamInfer",
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelStreamInferResponse.FromString,
+                )
             assert self._stream_channel is not None
             return self._stream_channel, self._stream_infer
 
@@ -1087,6 +1095,7 @@ _TRANSPORT_WORDS = (
     "goaway",
     "stream removed",
     "end of tcp stream",
+    "connections to all backends failing",  # round_robin with no connection, whatever its last error said
 )
 
 
@@ -1101,10 +1110,17 @@ def _upstream_ran(exc: InferenceServerException) -> bool:
     return any(key == "grpc-retry-pushback-ms" and str(value).startswith("-") for key, value in pairs or ())
 
 
+_NEVER_SENT_WORDS = ("failed to connect", "connection refused", "connect failed", "connections to all backends failing")
+"""gRPC's words for a call failed before it was sent: no connection could be made, or none was up to pick."""
+
+
 def _never_sent(message: str) -> bool:
-    """Whether a transport failure came before the call reached the upstream (no connection could be made)."""
+    """Whether a transport failure came before the call reached the upstream (no connection could be made). gRPC's
+    round_robin fails a call it has no connection for with "connections to all backends failing; last error: ...",
+    whatever that last error was (a connection reset as the upstream died, or closed by a proxy in front of it
+    that has no upstream to reach): the call went nowhere."""
     text = message.lower()
-    return any(words in text for words in ("failed to connect", "connection refused", "connect failed"))
+    return any(words in text for words in _NEVER_SENT_WORDS)
 
 
 def _unreachable(message: str) -> bool:
