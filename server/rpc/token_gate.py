@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc import aio
 
-from tensorgate.server.auth.policy import Authorizer
+from tensorgate.server.auth.policy import RPC_GROUPS, Authorizer
 from tensorgate.server.errors import TensorgateError
 from tensorgate.server.rpc.errors import refuse, refused_before_handler
 from tensorgate.server.rpc.probes import probe_rpc
@@ -57,8 +57,10 @@ class TokenGate(aio.ServerInterceptor):
         ):
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        # Health calls are probes, never traced (as at the RPC boundary): one polled without a token is no trace.
+        tracing = None if RPC_GROUPS.get(rpc) == "health" else self._tracing
         return grpc.stream_unary_rpc_method_handler(
-            _unread(self._auth, self._tracing, rpc, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),
+            _unread(self._auth, tracing, rpc, cast("Callable[..., Awaitable[Any]]", handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
