@@ -23,7 +23,7 @@ from grpc import aio
 from tensorgate.protos import GRPCInferenceServiceServicer, add_GRPCInferenceServiceServicer_to_server
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.protos.tensors import STATUS_CODE
+from tensorgate.protos.tensors import RAN, STATUS_CODE
 
 
 class _Servicer(GRPCInferenceServiceServicer):
@@ -56,6 +56,8 @@ class _Servicer(GRPCInferenceServiceServicer):
         self.decoupled = False
         self.stream_error_code: str | None = None
         """The status code's name a failed decoupled request's item carries (tensorgate's parameter); None: none."""
+        self.stream_error_ran = False
+        """Whether that item says the request ran (tensorgate's parameter, as for a response over its size limit)."""
         self.streaming = 0
         """Decoupled requests being answered now."""
         self.cancelled = 0
@@ -151,6 +153,8 @@ class _Servicer(GRPCInferenceServiceServicer):
                 failed = pb.ModelStreamInferResponse(error_message=f"scripted failure for request '{request.id}'")
                 if self.stream_error_code is not None:  # as a tensorgate upstream says what failed
                     failed.infer_response.parameters[STATUS_CODE].string_param = self.stream_error_code
+                if self.stream_error_ran:
+                    failed.infer_response.parameters[RAN].bool_param = True
                 yield failed
                 continue
             self.streaming += 1

@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from tensorgate.client import AsyncInferenceClient, StreamItemError
 from tensorgate.protos import GRPCInferenceServiceStub
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import encode_infer_request
@@ -386,6 +387,25 @@ def test_an_upstream_items_status_code_reaches_the_caller(front: ServerThread, u
         upstream.script.stream_error_code = None
     assert done.returncode == 1 and done.stderr.startswith("tensorgate infer: UNAVAILABLE: "), done.stderr
     assert "scripted failure for request 'refused'" in done.stderr
+
+
+def test_an_upstream_item_that_ran_is_not_retry_safe_at_the_front(
+    front: ServerThread, upstream: ScriptedUpstream
+) -> None:
+    """A tensorgate upstream marks a failed item whose request ran (a response over its size limit): the front
+    passed the code on but not the mark, so its caller read the refusal as safe to send again (review 136)."""
+    upstream.script.stream_error_code, upstream.script.stream_error_ran = "RESOURCE_EXHAUSTED", True
+
+    async def streamed() -> list[object]:
+        async with AsyncInferenceClient(front.address, timeout=30) as client:
+            return [item async for item in client.stream_infer([("gen", {"X": np.array([[-1.0, 0.0]], np.float32)})])]
+
+    try:
+        [item] = asyncio.run(streamed())
+    finally:
+        upstream.script.stream_error_code, upstream.script.stream_error_ran = None, False
+    assert isinstance(item, StreamItemError) and item.code == grpc.StatusCode.RESOURCE_EXHAUSTED, item
+    assert (item.ran, item.retry_safe) == (True, False)
 
 
 def test_statistics_count_each_response_by_its_index(front: ServerThread, upstream: ScriptedUpstream) -> None:

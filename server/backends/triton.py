@@ -84,7 +84,7 @@ from tritonclient.utils import InferenceServerException
 from tensorgate.protos import SERVICE_NAME
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import model_config_pb2 as mc
-from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, STATUS_CODE, TensorFormatError, decode_raw
+from tensorgate.protos.tensors import BY_CONFIG_TYPE, BY_NAME, RAN, STATUS_CODE, TensorFormatError, decode_raw
 from tensorgate.server.backends.base import NO_CONTEXT, BatchContext, SequenceFlags, server_parameter
 from tensorgate.server.backends.upstream_targets import (
     HEADER_PREFIX,
@@ -577,7 +577,10 @@ class TritonBackend:
                             # A tensorgate upstream says what the failure was (its drain's UNAVAILABLE, say):
                             # mapped as a unary call's status is, rather than reported as the model failing.
                             status = f"StatusCode.{code.string_param}"
-                            raise InferenceServerException(msg=response.error_message, status=status)
+                            item_error = InferenceServerException(msg=response.error_message, status=status)
+                            ran = response.infer_response.parameters.get(RAN)
+                            item_error.upstream_ran = ran is not None and ran.bool_param
+                            raise item_error
                         raise BackendError(self._model, self._version, f"{self._where}: {response.error_message}")
                     yield response.infer_response
             self._ready = True
@@ -1103,7 +1106,10 @@ def _upstream_ran(exc: InferenceServerException) -> bool:
     """Whether the upstream ran the request before its RESOURCE_EXHAUSTED, as it says with gRPC's retry pushback
     (a response over its size limit, as tensorgate answers): passed on as `ran`, or the caller's retry policy would
     send it again through this server and run it again upstream. tritonclient raises its error `from None` inside
-    its handler of grpc's, which stays the context."""
+    its handler of grpc's, which stays the context. A decoupled upstream's failed item says it in its parameters
+    (`upstream_ran`, set from tensorgate_ran)."""
+    if getattr(exc, "upstream_ran", False):
+        return True
     rpc_error = exc.__context__
     trailing = getattr(rpc_error, "trailing_metadata", None) if isinstance(rpc_error, grpc.RpcError) else None
     pairs = trailing() if callable(trailing) else None
