@@ -306,14 +306,21 @@ def with_float_io(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=list(model.opset_import))
 
 
-def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64") -> Path:
+def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64", summing: bool = False) -> Path:
     """A stateful model for sequence batching: OUTPUT = ACC_IN + INPUT, carried to the next request as ACC_OUT
     (implicit state). FLAGS echoes the START, END and READY controls as [start, end, ready] and CORRID_OUT the
-    correlation ID, so that tests see what the scheduler fed. `corrid` is the CORRID control's type."""
+    correlation ID, so that tests see what the scheduler fed. `corrid` is the CORRID control's type. `summing`:
+    INPUT is a row of any length, and OUTPUT = ACC_IN + the row's sum (a request as large as a test needs)."""
     lead: list[Dim] = ["batch"] if batching else []
     row = [*lead, 1]
-    nodes = [
-        helper.make_node("Add", ["ACC_IN", "INPUT"], ["OUTPUT"]),
+    added, initializer = "INPUT", []
+    nodes = []
+    if summing:
+        nodes.append(helper.make_node("ReduceSum", ["INPUT", "AXES"], ["ROW_SUM"], keepdims=1))
+        initializer.append(helper.make_tensor("AXES", TensorProto.INT64, [1], [len(lead)]))
+        added = "ROW_SUM"
+    nodes += [
+        helper.make_node("Add", ["ACC_IN", added], ["OUTPUT"]),
         helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
         helper.make_node("Cast", ["END"], ["END_F"], to=TensorProto.FLOAT),
         helper.make_node("Cast", ["READY"], ["READY_F"], to=TensorProto.FLOAT),
@@ -324,7 +331,7 @@ def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64")
         nodes,
         "accumulator",
         [
-            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, row),
+            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, [*lead, "n"] if summing else row),
             helper.make_tensor_value_info("START", TensorProto.FLOAT, row),
             helper.make_tensor_value_info("END", TensorProto.INT32, row),
             helper.make_tensor_value_info("READY", TensorProto.BOOL, row),
@@ -337,6 +344,7 @@ def accumulator_model(path: Path, batching: bool = True, corrid: str = "UINT64")
             helper.make_tensor_value_info("FLAGS", TensorProto.FLOAT, [*lead, 3]),
             helper.make_tensor_value_info("CORRID_OUT", ONNX_ELEM[corrid], row),
         ],
+        initializer=initializer,
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
 

@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
 
 from tensorgate.client._common import infer_request
 from tensorgate.protos import GRPCInferenceServiceStub
@@ -30,7 +29,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos.tensors import STATUS_CODE
 from tensorgate.server.rpc import codec
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
-from tests.onnx_models import OPSET, _save, accumulator_config, write_config
+from tests.onnx_models import accumulator_config, accumulator_model, write_config
 from tests.serving import ServerThread
 from tests.test_sequence_drain_review import Stream, _ended_with, _on, _until_draining
 
@@ -38,45 +37,10 @@ LARGE = codec.LARGE_ELEMENTS + 1
 """Elements of a START's input: decoded on a worker thread."""
 
 
-def summing_accumulator_model(path: Path) -> Path:
-    """A stateful model whose INPUT row may be long: OUTPUT = ACC_IN + the row's sum, carried as ACC_OUT; the
-    controls of tests/onnx_models.py's accumulator (accumulator_config)."""
-    row: list[str | int] = ["batch", 1]
-    nodes = [
-        helper.make_node("ReduceSum", ["INPUT", "AXES"], ["ROW_SUM"], keepdims=1),
-        helper.make_node("Add", ["ACC_IN", "ROW_SUM"], ["OUTPUT"]),
-        helper.make_node("Identity", ["OUTPUT"], ["ACC_OUT"]),
-        helper.make_node("Cast", ["END"], ["END_F"], to=TensorProto.FLOAT),
-        helper.make_node("Cast", ["READY"], ["READY_F"], to=TensorProto.FLOAT),
-        helper.make_node("Concat", ["START", "END_F", "READY_F"], ["FLAGS"], axis=-1),
-        helper.make_node("Identity", ["CORRID"], ["CORRID_OUT"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "summing_accumulator",
-        [
-            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", "n"]),
-            helper.make_tensor_value_info("START", TensorProto.FLOAT, row),
-            helper.make_tensor_value_info("END", TensorProto.INT32, row),
-            helper.make_tensor_value_info("READY", TensorProto.BOOL, row),
-            helper.make_tensor_value_info("CORRID", TensorProto.UINT64, row),
-            helper.make_tensor_value_info("ACC_IN", TensorProto.FLOAT, row),
-        ],
-        [
-            helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, row),
-            helper.make_tensor_value_info("ACC_OUT", TensorProto.FLOAT, row),
-            helper.make_tensor_value_info("FLAGS", TensorProto.FLOAT, ["batch", 3]),
-            helper.make_tensor_value_info("CORRID_OUT", TensorProto.UINT64, row),
-        ],
-        initializer=[helper.make_tensor("AXES", TensorProto.INT64, [1], [1])],
-    )
-    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "models"
-    summing_accumulator_model(root / "sacc" / "1" / "model.onnx")
+    accumulator_model(root / "sacc" / "1" / "model.onnx", summing=True)  # a START as large as a test needs
     write_config(root, "sacc", accumulator_config("sacc", extra="max_sequence_idle_microseconds: 60000000"))
     return root
 
