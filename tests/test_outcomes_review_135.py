@@ -11,14 +11,12 @@ import json
 import logging
 import queue
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tensorgate.protos import GRPCInferenceServiceStub
@@ -27,7 +25,7 @@ from tests.onnx_models import accumulator_config, accumulator_model, identity_mo
 from tests.scraping import metrics_url, scrape
 from tests.serving import ServerThread
 from tests.test_poll import wait_for
-from tests.test_tracing import Collector, attrs
+from tests.test_tracing import Collector, attrs, receiving
 
 TOKEN = "review-135-token"
 POLICY = {
@@ -58,15 +56,8 @@ def ident(request_id: str) -> pb.ModelInferRequest:
 
 @pytest.fixture
 def collector() -> Iterator[tuple[Collector, int]]:
-    receiver = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    otlp_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield receiver, port
-    finally:
-        server.stop(0)
+    with receiving() as received:
+        yield received
 
 
 @dataclass

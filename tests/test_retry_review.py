@@ -7,6 +7,7 @@ but count gRPC's own call state and AbortError too, not only tensorgate's errors
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import queue
@@ -87,24 +88,29 @@ def test_a_retryable_refusal_leaves_no_call_state_behind(repo: Path) -> None:
     assert all(n <= LEFT_AT_MOST for n in grown.values()), f"{CALLS} refused calls left {grown}"
 
 
+@contextlib.contextmanager
+def _draining(server: ServerThread) -> Iterator[None]:
+    """The server refuses as a stop does, without ending under the test."""
+
+    async def turn(draining: bool) -> None:
+        server.app._gate.draining = draining
+
+    server.run(turn(True))
+    try:
+        yield
+    finally:
+        server.run(turn(False))
+
+
 def test_a_draining_servers_refusal_leaves_nothing_behind(repo: Path) -> None:
     """The drain gate's refusal was held by the frame of `DrainGate.enter`, which the error's traceback holds: each
     refused call stayed whole (its request with it) until a full collection, through a drain that refuses them all."""
 
-    async def drain_starts() -> None:
-        s.app._gate.draining = True  # refusing as a stop does, without ending the server under the test
-
-    async def drain_ends() -> None:
-        s.app._gate.draining = False
-
     with ServerThread(repo) as s, grpc.insecure_channel(s.address) as channel:
         stub = GRPCInferenceServiceStub(channel)
-        s.run(drain_starts())
-        try:
+        with _draining(s):
             _infer_all(stub, "add_sub")  # warm-up
             grown, codes = _growth(lambda: _infer_all(stub, "add_sub"))
-        finally:
-            s.run(drain_ends())
     assert codes == {grpc.StatusCode.UNAVAILABLE: CALLS}
     assert all(n <= LEFT_AT_MOST for n in grown.values()), f"{CALLS} refused calls left {grown}"
 
@@ -119,23 +125,14 @@ def test_a_call_the_drain_refuses_has_its_access_log_line(repo: Path, caplog: py
     access log, as every other refusal; they left before the line was written."""
     caplog.set_level(logging.DEBUG, logger="tensorgate.access")
 
-    async def drain_starts() -> None:
-        s.app._gate.draining = True
-
-    async def drain_ends() -> None:
-        s.app._gate.draining = False
-
     with ServerThread(repo) as s, grpc.insecure_channel(s.address) as channel:
         stub = GRPCInferenceServiceStub(channel)
-        s.run(drain_starts())
-        try:
+        with _draining(s):
             with pytest.raises(grpc.RpcError) as unary:
                 stub.ModelInfer(_named(_request("add_sub"), "drained-1"), timeout=30)
             with pytest.raises(grpc.RpcError) as stream:
                 list(stub.ModelStreamInfer(iter([_request("add_sub")]), timeout=30))
             refused = s.app._gate.refused
-        finally:
-            s.run(drain_ends())
     assert unary.value.code() == stream.value.code() == grpc.StatusCode.UNAVAILABLE
     lines = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
     assert any(
@@ -159,24 +156,15 @@ def test_a_stream_message_the_drain_refuses_has_its_access_log_line(
                 return
             yield message
 
-    async def drain_starts() -> None:
-        s.app._gate.draining = True
-
-    async def drain_ends() -> None:
-        s.app._gate.draining = False
-
     with ServerThread(repo) as s, grpc.insecure_channel(s.address) as channel:
         answers = GRPCInferenceServiceStub(channel).ModelStreamInfer(messages(), timeout=30)
         sent.put(_named(_request("add_sub"), "before"))
         assert not next(answers).error_message
-        s.run(drain_starts())
-        try:
+        with _draining(s):
             sent.put(_named(_request("add_sub"), "after"))
             assert "retry on another replica" in next(answers).error_message
             with pytest.raises(grpc.RpcError) as ended:
                 next(answers)
-        finally:
-            s.run(drain_ends())
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
     lines = [r.getMessage() for r in caplog.records if r.name == "tensorgate.access"]
     assert any(

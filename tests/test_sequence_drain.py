@@ -238,22 +238,28 @@ def test_a_stream_held_past_the_grace_is_told_its_sequence_was_cut_off(tmp_path:
     assert "sequence 31 of model 'acc' did not end before the server stopped: start it again there" in str(error)
 
 
+def flagged_request(model: str, **flags: int | bool) -> pb.ModelInferRequest:
+    """A request to `model` carrying only sequence parameters: what the drain gate judges."""
+    message = pb.ModelInferRequest(model_name=model)
+    for key, value in flags.items():
+        if isinstance(value, bool):
+            message.parameters[key].bool_param = value
+        else:
+            message.parameters[key].int64_param = value
+    return message
+
+
 def test_the_next_request_of_a_sequence_cut_off_says_so() -> None:
     """Between the drain's end and the process's (gRPC's last half second), a sequence's next request is refused
     as cut off; before the end it is taken, and a START or a request without a sequence is refused as draining."""
 
-    def request(model: str, **flags: int | bool) -> pb.ModelInferRequest:
-        message = pb.ModelInferRequest(model_name=model)
-        for key, value in flags.items():
-            if isinstance(value, bool):
-                message.parameters[key].bool_param = value
-            else:
-                message.parameters[key].int64_param = value
-        return message
-
     async def scenario() -> list[str | None]:
         gate = DrainGate(live=lambda model, sequence_id: (model, sequence_id) == ("acc", 5), live_sequences=lambda: 1)
-        asks = [request("acc", sequence_id=5), request("acc", sequence_id=6, sequence_start=True), request("fast")]
+        asks = [
+            flagged_request("acc", sequence_id=5),
+            flagged_request("acc", sequence_id=6, sequence_start=True),
+            flagged_request("fast"),
+        ]
         drain = asyncio.ensure_future(gate.drain(0.2))
         await asyncio.sleep(0)
         during = [gate.refusal(r) for r in asks]

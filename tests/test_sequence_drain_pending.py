@@ -31,6 +31,7 @@ from tensorgate.server.rpc import codec
 from tensorgate.server.rpc.drain import DRAINING, DrainGate
 from tests.onnx_models import accumulator_config, accumulator_model, write_config
 from tests.serving import ServerThread
+from tests.test_sequence_drain import flagged_request
 from tests.test_sequence_drain_review import Stream, _ended_with, _on, _until_draining
 
 LARGE = codec.LARGE_ELEMENTS + 1
@@ -280,27 +281,18 @@ def test_the_gate_counts_a_start_on_its_way_as_live() -> None:
     taken, a stream that sent into it is kept, and the drain is not over; once it has arrived (here, failed: the
     sequence is not live), that request is refused again and nothing holds the drain."""
 
-    def request(**flags: int | bool) -> pb.ModelInferRequest:
-        message = pb.ModelInferRequest(model_name="acc")
-        for key, value in flags.items():
-            if isinstance(value, bool):
-                message.parameters[key].bool_param = value
-            else:
-                message.parameters[key].int64_param = value
-        return message
-
     async def scenario() -> None:
         gate = DrainGate()
         previous, mine = gate.on_their_way.join(("acc", 5), True)
         assert previous is None
         drain = asyncio.ensure_future(gate.drain(5))
         await asyncio.sleep(0)
-        assert gate.refusal(request(sequence_id=5)) is None
-        refused = gate.refusal(request(sequence_id=6))
+        assert gate.refusal(flagged_request("acc", sequence_id=5)) is None
+        refused = gate.refusal(flagged_request("acc", sequence_id=6))
         assert refused is not None and refused.message == DRAINING
         assert gate.keep_live({("acc", 5)}) and not gate.drained
         gate.on_their_way.arrived(("acc", 5), True, mine)
-        refused = gate.refusal(request(sequence_id=5))
+        refused = gate.refusal(flagged_request("acc", sequence_id=5))
         assert refused is not None and refused.message == DRAINING
         assert not gate.keep_live({("acc", 5)}) and gate.drained
         assert await asyncio.wait_for(drain, 5) is True

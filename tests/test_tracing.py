@@ -3,6 +3,7 @@ server exporting to it, callers that send W3C trace context from tritonclient, o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -97,8 +98,9 @@ class Collector(otlp_grpc.TraceServiceServicer):
         return {a.key: a.value.string_value for a in attrs}
 
 
-@pytest.fixture
-def collector() -> Iterator[tuple[Collector, int]]:
+@contextlib.contextmanager
+def receiving() -> Iterator[tuple[Collector, int]]:
+    """A Collector served over OTLP/gRPC on a loopback port, and the port."""
     receiver = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     otlp_grpc.add_TraceServiceServicer_to_server(receiver, server)
@@ -108,6 +110,12 @@ def collector() -> Iterator[tuple[Collector, int]]:
         yield receiver, port
     finally:
         server.stop(0)
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, int]]:
+    with receiving() as received:
+        yield received
 
 
 def attrs(span: trace_pb2.Span) -> dict[str, object]:
